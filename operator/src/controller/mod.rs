@@ -1,0 +1,3 @@
+//! The controllers (one module per kind): the only part that knows Kubernetes.
+
+pub mod cli;

@@ -1,0 +1,10 @@
+//! walt operator library.
+//!
+//! Modules with clear walls: only [`controller`] knows Kubernetes; [`oci`],
+//! [`overlay`], [`runtime`] and [`ssh`] work, and are tested, without it.
+
+pub mod controller;
+pub mod oci;
+pub mod overlay;
+pub mod runtime;
+pub mod ssh;

@@ -1,0 +1,51 @@
+//! `walt-operator`: the operator, and the tools its pods run (shell runtime,
+//! node save, virtual node), each usable on its own.
+
+use clap::{Parser, Subcommand};
+use walt_operator::{controller, oci, runtime, ssh};
+
+/// walt: the WalT testbed workflows on Kubernetes.
+#[derive(Debug, Parser)]
+#[command(name = "walt-operator", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the CustomResourceDefinitions (YAML) of the walt API.
+    Crd,
+    /// Run the operator (reconcile Image, Node, ShellSession, NodeSave).
+    Run(controller::cli::Args),
+    /// OCI layer engine: commit an overlay upper dir, unpack an image.
+    Oci(oci::cli::Args),
+    /// Open a root shell inside an OS image (any CPU, through qemu-user).
+    Shell(runtime::cli::Args),
+    /// Save the files changed on a running node as a new image.
+    Save(ssh::cli::SaveArgs),
+    /// Run an OS image as a virtual WalT node that serves SSH.
+    Vnode(ssh::cli::VnodeArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let outcome = match &cli.command {
+        Command::Crd => {
+            print!("{}", walt_crds::crds_yaml());
+            Ok(0)
+        }
+        Command::Run(args) => controller::cli::run(args),
+        Command::Oci(args) => oci::cli::run(args),
+        Command::Shell(args) => runtime::cli::run(args),
+        Command::Save(args) => ssh::cli::run_save(args),
+        Command::Vnode(args) => ssh::cli::run_vnode(args),
+    };
+    match outcome {
+        Ok(code) => std::process::exit(code),
+        Err(error) => {
+            eprintln!("walt-operator: {error}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! OCI registry client, layer writer and reader, manifests and configs.
+
+pub mod cli;

@@ -1,0 +1,1 @@
+//! Overlay upper dir ↔ OCI layer: whiteouts, opaque directories, exclusions.

@@ -1,0 +1,3 @@
+//! SSH: the node client, node save over SSH, the gateway, the virtual node server.
+
+pub mod cli;

@@ -17,7 +17,7 @@ enum Command {
     /// Print the CustomResourceDefinitions (YAML) of the walt API.
     Crd,
     /// Run the operator (reconcile Image, Node, ShellSession, NodeSave).
-    Run(controller::cli::Args),
+    Run(Box<controller::cli::Args>),
     /// OCI layer engine: commit an overlay upper dir, unpack an image.
     Oci(oci::cli::Args),
     /// Open a root shell inside an OS image (any CPU, through qemu-user).

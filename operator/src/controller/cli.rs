@@ -1,10 +1,124 @@
-//! `walt-operator run`: the operator.
+//! `walt-operator run`: the operator process. Startup order: logs → client →
+//! configuration (clear errors, exit 2) → `/metrics` `/healthz` `/readyz` →
+//! leader election → controllers. SIGTERM or SIGINT stops the controllers
+//! gracefully and releases the Lease so another replica takes over at once.
 
-/// Arguments of `walt-operator run`.
-#[derive(Debug, clap::Args)]
-pub struct Args {}
+use std::sync::Arc;
 
-/// Runs the operator.
-pub fn run(_args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>> {
-    Err("walt-operator run is not built yet".into())
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use super::config::{Config, LogFormat};
+use super::context::Context;
+use super::http::{Health, serve};
+use super::leader::{LeaderElector, LeaseTiming};
+use super::metrics::Metrics;
+
+pub use super::config::Args;
+
+/// Runs the operator; returns the process exit code.
+pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>> {
+    init_logs(args.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(run_async(args.clone()))
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second init (tests running the operator in-process) is harmless.
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Cancels `token` on SIGTERM or SIGINT.
+fn cancel_on_signals(token: CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        token.cancel();
+    });
+    Ok(())
+}
+
+async fn run_async(args: Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>> {
+    let shutdown = CancellationToken::new();
+    cancel_on_signals(shutdown.clone())?;
+    let client = kube::Client::try_default().await.map_err(|error| {
+        format!(
+            "cannot reach the Kubernetes API ({error}): run in a pod with a ServiceAccount, or set KUBECONFIG"
+        )
+    })?;
+    let config = match Config::load(args, client.clone()).await {
+        Ok(config) => Arc::new(config),
+        Err(error) => {
+            eprintln!("walt-operator run: {error}");
+            return Ok(2);
+        }
+    };
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::new(metrics.clone()));
+    let http_addr = serve(config.args.http_addr, health.clone(), shutdown.clone())
+        .await
+        .map_err(|error| format!("cannot listen on {} for /metrics: {error}", config.args.http_addr))?;
+    tracing::info!(%http_addr, identity = %config.identity, "serving /metrics, /healthz, /readyz");
+
+    let mut elector = config.args.leader_election.then(|| {
+        LeaderElector::new(
+            client.clone(),
+            &config.args.namespace,
+            &config.args.lease_name,
+            &config.identity,
+            LeaseTiming::default(),
+        )
+    });
+    if let Some(elector) = elector.as_mut() {
+        tracing::info!(lease = %config.args.lease_name, "waiting to become the leader");
+        if !elector.acquire(&shutdown).await {
+            return Ok(0);
+        }
+    }
+    metrics.leader.set(1);
+    health.set_ready(true);
+
+    let context = Arc::new(Context::new(client, config.clone(), metrics.clone()));
+    let controllers_stop = shutdown.child_token();
+    let controllers = tokio::spawn(super::run_controllers(context, controllers_stop.clone()));
+    let mut exit_code = 0;
+    if let Some(elector) = elector.as_mut() {
+        if let Err(error) = elector.keep(&shutdown).await {
+            // Another replica may lead now: stop at once, let the pod restart.
+            tracing::error!(%error, "lost leadership: stopping");
+            exit_code = 1;
+        }
+    } else {
+        shutdown.cancelled().await;
+    }
+    health.set_ready(false);
+    controllers_stop.cancel();
+    if let Err(error) = controllers.await {
+        tracing::error!(%error, "controllers panicked");
+        exit_code = 1;
+    }
+    metrics.leader.set(0);
+    if let Some(elector) = elector.as_mut()
+        && exit_code == 0
+        && let Err(error) = elector.release().await
+    {
+        tracing::warn!(%error, "could not release the leader Lease");
+    }
+    tracing::info!("stopped");
+    Ok(exit_code)
 }

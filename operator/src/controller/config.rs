@@ -1,0 +1,448 @@
+//! Configuration of `walt-operator run`: flags (each also read from an
+//! environment variable, for the chart), validated at startup with errors that
+//! say what is wrong and what to do, and the Secrets they point to.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use base64::Engine as _;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, Client};
+
+use super::error::{Error, Result};
+
+/// Where shell pods keep their content-addressed layer cache.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LayerCache {
+    /// A directory on the cluster node, shared by the shell pods of that node.
+    HostPath(String),
+    /// A per-pod emptyDir (no sharing between pods).
+    EmptyDir,
+}
+
+/// Whether shell pods run in a user namespace (`hostUsers: false`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum UserNamespaces {
+    /// Use them when the API server supports them (Kubernetes ≥ 1.33), else privileged.
+    Auto,
+    /// Always (`hostUsers: false`).
+    Always,
+    /// Never: shell pods run privileged.
+    Never,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Flags of `walt-operator run` (every one also has an environment variable).
+#[derive(Clone, Debug, clap::Args)]
+pub struct Args {
+    /// The operator's own namespace: its leader Lease and its Secrets live there.
+    #[arg(long, env = "WALT_NAMESPACE")]
+    pub namespace: String,
+    /// The lab registry, `HOST[:PORT][/PREFIX]`; images without an explicit
+    /// `reference` live at `<lab registry>/<namespace>/<name>:latest`.
+    #[arg(long, env = "WALT_LAB_REGISTRY")]
+    pub lab_registry: String,
+    /// Talk plain HTTP to the lab registry (a registry on loopback or inside the cluster).
+    #[arg(long, env = "WALT_REGISTRY_PLAIN_HTTP", default_value_t = false, action = clap::ArgAction::Set)]
+    pub registry_plain_http: bool,
+    /// Secret (type kubernetes.io/dockerconfigjson, in --namespace) with the lab registry's credentials.
+    #[arg(long, env = "WALT_REGISTRY_CREDENTIALS_SECRET")]
+    pub registry_credentials_secret: Option<String>,
+    /// Secret (in --namespace) whose `ssh-privatekey` is the lab's node key: the key the operator
+    /// and the gateway use to log in to nodes as root. Never shown to users.
+    #[arg(long, env = "WALT_NODE_KEY_SECRET")]
+    pub node_key_secret: String,
+    /// Container image of shell pods and virtual node pods (the walt-operator image).
+    #[arg(long, env = "WALT_SHELL_IMAGE")]
+    pub shell_image: String,
+    /// The read-only shared image catalog namespace (images every tenant may boot and shell from).
+    #[arg(long, env = "WALT_CATALOG_NAMESPACE", default_value = "walt-catalog")]
+    pub catalog_namespace: String,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "WALT_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+    /// Address of the SSH gateway (node shells).
+    #[arg(long, env = "WALT_GATEWAY_ADDR", default_value = "0.0.0.0:2222")]
+    pub gateway_addr: SocketAddr,
+    /// Name of the Service in front of the gateway, reported in ShellSession status.
+    #[arg(long, env = "WALT_GATEWAY_SERVICE", default_value = "walt-gateway")]
+    pub gateway_service: String,
+    /// Elect a leader through a Lease (turn off only for a single replica).
+    #[arg(long, env = "WALT_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+    /// Name of the leader Lease.
+    #[arg(long, env = "WALT_LEASE_NAME", default_value = "walt-operator")]
+    pub lease_name: String,
+    /// This replica's identity in the Lease (default: $POD_NAME, else the host name).
+    #[arg(long, env = "WALT_IDENTITY")]
+    pub identity: Option<String>,
+    /// How often Images are resolved again (tags move), e.g. `10m`.
+    #[arg(long, env = "WALT_RESOLVE_INTERVAL", default_value = "10m", value_parser = parse_duration)]
+    pub resolve_interval: Duration,
+    /// How often reachable physical nodes are probed over SSH, e.g. `1m`.
+    #[arg(long, env = "WALT_PROBE_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    pub probe_interval: Duration,
+    /// How long an image shell waits for the user's decision before keeping the digest and moving no tag.
+    #[arg(long, env = "WALT_DECISION_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
+    pub decision_timeout: Duration,
+    /// Reach physical nodes through this command (OpenSSH `ProxyCommand` syntax, `%h` and `%p`
+    /// replaced with the node's address and port), e.g. a jump host: `ssh -W %h:%p jump`.
+    #[arg(long, env = "WALT_NODE_PROXY_COMMAND")]
+    pub node_proxy_command: Option<String>,
+    /// Node saves running at once.
+    #[arg(long, env = "WALT_MAX_CONCURRENT_SAVES", default_value_t = 2)]
+    pub max_concurrent_saves: usize,
+    /// Layer cache of shell pods: `hostPath:/DIR` (shared per cluster node) or `emptyDir`.
+    #[arg(long, env = "WALT_SHELL_CACHE", default_value = "hostPath:/var/lib/walt/cache", value_parser = parse_layer_cache)]
+    pub shell_cache: LayerCache,
+    /// User-namespaced shell pods (`hostUsers: false`).
+    #[arg(long, env = "WALT_USER_NAMESPACES", value_enum, default_value = "auto")]
+    pub user_namespaces: UserNamespaces,
+    /// Log format.
+    #[arg(long, env = "WALT_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// Parses `90s`, `10m`, `1h`, `2d` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration: write e.g. 90s, 10m, 1h or 2d"))?;
+    let seconds = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("`{text}` has an unknown unit `{unit}`: use s, m, h or d")),
+    };
+    Ok(Duration::from_secs(number * seconds))
+}
+
+/// Parses `hostPath:/DIR` or `emptyDir`.
+pub fn parse_layer_cache(text: &str) -> std::result::Result<LayerCache, String> {
+    if text == "emptyDir" {
+        return Ok(LayerCache::EmptyDir);
+    }
+    match text.strip_prefix("hostPath:") {
+        Some(path) if path.starts_with('/') && path.len() > 1 => Ok(LayerCache::HostPath(path.to_owned())),
+        _ => Err(format!(
+            "`{text}` is not a layer cache: write `hostPath:/var/lib/walt/cache` or `emptyDir`"
+        )),
+    }
+}
+
+/// A user name and password for a registry.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RegistryCredentials {
+    /// User name.
+    pub username: String,
+    /// Password or token.
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryCredentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Finds the credentials for `host` in a `.dockerconfigjson` document
+/// (`{"auths": {"HOST": {"username", "password"} | {"auth": base64("u:p")}}}`).
+/// Returns `Ok(None)` when the document has no entry for `host`.
+pub fn credentials_from_docker_config(document: &[u8], host: &str) -> Result<Option<RegistryCredentials>> {
+    let config: serde_json::Value =
+        serde_json::from_slice(document).map_err(|source| Error::Serialization {
+            what: ".dockerconfigjson".into(),
+            source,
+        })?;
+    let Some(auths) = config.get("auths").and_then(serde_json::Value::as_object) else {
+        return Err(Error::Invalid(
+            ".dockerconfigjson has no `auths` object: create the Secret with `kubectl create secret docker-registry`"
+                .into(),
+        ));
+    };
+    let entry = auths.iter().find(|(key, _)| {
+        let key = key
+            .trim_start_matches("https://")
+            .trim_start_matches("http://")
+            .trim_end_matches('/');
+        key == host || key.split('/').next() == Some(host)
+    });
+    let Some((_, entry)) = entry else {
+        return Ok(None);
+    };
+    let field = |name: &str| {
+        entry
+            .get(name)
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned)
+    };
+    if let (Some(username), Some(password)) = (field("username"), field("password")) {
+        return Ok(Some(RegistryCredentials { username, password }));
+    }
+    if let Some(auth) = field("auth") {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(auth.trim())
+            .map_err(|error| Error::Invalid(format!("`auth` of registry {host} is not base64: {error}")))?;
+        let decoded = String::from_utf8(decoded)
+            .map_err(|_| Error::Invalid(format!("`auth` of registry {host} is not UTF-8")))?;
+        if let Some((username, password)) = decoded.split_once(':') {
+            return Ok(Some(RegistryCredentials {
+                username: username.to_owned(),
+                password: password.to_owned(),
+            }));
+        }
+    }
+    Err(Error::Invalid(format!(
+        "the entry for registry {host} has neither username+password nor a `user:password` auth"
+    )))
+}
+
+/// The operator's resolved configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The flags as given.
+    pub args: Args,
+    /// Host (and port) of the lab registry.
+    pub registry_host: String,
+    /// Path prefix under the lab registry (may be empty).
+    pub registry_prefix: String,
+    /// Lab registry credentials, if any.
+    pub registry_credentials: Option<RegistryCredentials>,
+    /// The lab's node private key (OpenSSH format).
+    pub node_key: String,
+    /// Its public half (`ssh-ed25519 AAAA…`), given to virtual nodes.
+    pub node_public_key: String,
+    /// This replica's identity in the Lease.
+    pub identity: String,
+}
+
+/// Splits `HOST[:PORT][/PREFIX]`, refusing a scheme or an empty host.
+pub fn split_registry(text: &str) -> Result<(String, String)> {
+    if text.contains("://") {
+        return Err(Error::Config(format!(
+            "--lab-registry `{text}` must not carry a scheme: write HOST[:PORT][/PREFIX] (plain HTTP is --registry-plain-http)"
+        )));
+    }
+    let (host, prefix) = text.split_once('/').unwrap_or((text, ""));
+    if host.is_empty() {
+        return Err(Error::Config(format!("--lab-registry `{text}` has no host")));
+    }
+    Ok((host.to_owned(), prefix.trim_matches('/').to_owned()))
+}
+
+impl Config {
+    /// Resolves the flags: reads the Secrets they name, with startup errors
+    /// that say which Secret or key is missing and how to create it.
+    pub async fn load(args: Args, client: Client) -> Result<Self> {
+        let (registry_host, registry_prefix) = split_registry(&args.lab_registry)?;
+        let secrets: Api<Secret> = Api::namespaced(client, &args.namespace);
+        let node_secret = read_secret(&secrets, &args.namespace, &args.node_key_secret, || {
+            format!(
+                "create it with `kubectl -n {} create secret generic {} --type=kubernetes.io/ssh-auth --from-file=ssh-privatekey=KEYFILE`",
+                args.namespace, args.node_key_secret
+            )
+        })
+        .await?;
+        let node_key_bytes = secret_key(&node_secret, "ssh-privatekey").ok_or_else(|| {
+            Error::Config(format!(
+                "Secret {}/{} has no `ssh-privatekey` key: it must hold the lab's node private key (OpenSSH format)",
+                args.namespace, args.node_key_secret
+            ))
+        })?;
+        let node_key = String::from_utf8(node_key_bytes).map_err(|_| {
+            Error::Config(format!(
+                "`ssh-privatekey` of Secret {}/{} is not text (expected an OpenSSH private key)",
+                args.namespace, args.node_key_secret
+            ))
+        })?;
+        let node_public_key = russh::keys::decode_secret_key(&node_key, None)
+            .map_err(|error| {
+                Error::Config(format!(
+                    "`ssh-privatekey` of Secret {}/{} is not a usable private key ({error}); it must be unencrypted",
+                    args.namespace, args.node_key_secret
+                ))
+            })?
+            .public_key()
+            .to_openssh()
+            .map_err(|error| Error::Config(format!("cannot encode the node public key: {error}")))?;
+        let registry_credentials = match &args.registry_credentials_secret {
+            None => None,
+            Some(name) => {
+                let secret = read_secret(&secrets, &args.namespace, name, || {
+                    format!(
+                        "create it with `kubectl -n {} create secret docker-registry {name} --docker-server={registry_host} --docker-username=… --docker-password=…`",
+                        args.namespace
+                    )
+                })
+                .await?;
+                let document = secret_key(&secret, ".dockerconfigjson").ok_or_else(|| {
+                    Error::Config(format!(
+                        "Secret {}/{name} has no `.dockerconfigjson` key (expected type kubernetes.io/dockerconfigjson)",
+                        args.namespace
+                    ))
+                })?;
+                let credentials = credentials_from_docker_config(&document, &registry_host)
+                    .map_err(|error| Error::Config(format!("Secret {}/{name}: {error}", args.namespace)))?;
+                Some(credentials.ok_or_else(|| {
+                    Error::Config(format!(
+                        "Secret {}/{name} has no credentials for the lab registry {registry_host}",
+                        args.namespace
+                    ))
+                })?)
+            }
+        };
+        let identity = args
+            .identity
+            .clone()
+            .or_else(|| std::env::var("POD_NAME").ok())
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_owned())
+            })
+            .unwrap_or_else(|| format!("walt-operator-{}", std::process::id()));
+        Ok(Self {
+            args,
+            registry_host,
+            registry_prefix,
+            registry_credentials,
+            node_key,
+            node_public_key,
+            identity,
+        })
+    }
+
+    /// The default lab reference of Image `namespace/name`:
+    /// `<registry>[/<prefix>]/<namespace>/<name>:latest`.
+    pub fn default_reference(&self, namespace: &str, name: &str) -> String {
+        if self.registry_prefix.is_empty() {
+            format!("{}/{namespace}/{name}:latest", self.registry_host)
+        } else {
+            format!(
+                "{}/{}/{namespace}/{name}:latest",
+                self.registry_host, self.registry_prefix
+            )
+        }
+    }
+}
+
+/// Reads a Secret, turning "not found" and "forbidden" into startup errors.
+async fn read_secret(
+    api: &Api<Secret>,
+    namespace: &str,
+    name: &str,
+    hint: impl FnOnce() -> String,
+) -> Result<Secret> {
+    match api.get_opt(name).await {
+        Ok(Some(secret)) => Ok(secret),
+        Ok(None) => Err(Error::Config(format!(
+            "Secret {namespace}/{name} not found: {}",
+            hint()
+        ))),
+        Err(kube::Error::Api(status)) if status.code == 403 => Err(Error::Config(format!(
+            "not allowed to read Secret {namespace}/{name} ({}): grant the operator's ServiceAccount `get` on secrets in {namespace}",
+            status.message
+        ))),
+        Err(source) => Err(Error::kube(format!("reading Secret {namespace}/{name}"), source)),
+    }
+}
+
+/// One key of a Secret's data, as bytes.
+pub fn secret_key(secret: &Secret, key: &str) -> Option<Vec<u8>> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|data| data.get(key))
+        .map(|bytes| bytes.0.clone())
+        .or_else(|| {
+            secret
+                .string_data
+                .as_ref()
+                .and_then(|data| data.get(key))
+                .map(|text| text.as_bytes().to_vec())
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_mins(10)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_hours(2)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert!(parse_duration("ten").unwrap_err().contains("not a duration"));
+        assert!(parse_duration("5y").unwrap_err().contains("unknown unit `y`"));
+    }
+
+    #[test]
+    fn layer_cache() {
+        assert_eq!(parse_layer_cache("emptyDir"), Ok(LayerCache::EmptyDir));
+        assert_eq!(
+            parse_layer_cache("hostPath:/var/cache/walt"),
+            Ok(LayerCache::HostPath("/var/cache/walt".into()))
+        );
+        assert!(parse_layer_cache("hostPath:relative").is_err());
+    }
+
+    #[test]
+    fn registry_split() {
+        assert_eq!(
+            split_registry("127.0.0.1:5000").expect("valid"),
+            ("127.0.0.1:5000".into(), String::new())
+        );
+        assert_eq!(
+            split_registry("reg.lab:443/walt/").expect("valid"),
+            ("reg.lab:443".into(), "walt".into())
+        );
+        let error = split_registry("http://x").unwrap_err().to_string();
+        assert!(error.contains("must not carry a scheme"), "{error}");
+    }
+
+    #[test]
+    fn docker_config_forms() {
+        let plain = br#"{"auths":{"reg.lab:5000":{"username":"u","password":"p"}}}"#;
+        let found = credentials_from_docker_config(plain, "reg.lab:5000").expect("parses");
+        assert_eq!(
+            found.map(|c| (c.username, c.password)),
+            Some(("u".into(), "p".into()))
+        );
+        let encoded = format!(
+            r#"{{"auths":{{"https://reg.lab":{{"auth":"{}"}}}}}}"#,
+            base64::engine::general_purpose::STANDARD.encode("alice:s3:cret")
+        );
+        let found = credentials_from_docker_config(encoded.as_bytes(), "reg.lab").expect("parses");
+        assert_eq!(found.map(|c| c.password), Some("s3:cret".into()));
+        assert_eq!(
+            credentials_from_docker_config(plain, "other").expect("parses"),
+            None
+        );
+        assert!(credentials_from_docker_config(b"{}", "x").is_err());
+    }
+
+    #[test]
+    fn credentials_debug_hides_the_password() {
+        let credentials = RegistryCredentials {
+            username: "u".into(),
+            password: "hunter2".into(),
+        };
+        assert!(!format!("{credentials:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,176 @@
+//! What every reconcile shares: the client, the configuration, metrics,
+//! the event recorder, per-object retry backoff, and the apply helpers
+//! (server-side apply with the operator's own field manager).
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::config::Config;
+use super::error::{Error, Result};
+use super::metrics::Metrics;
+
+/// Field manager of every server-side apply the operator makes.
+pub const FIELD_MANAGER: &str = "walt-operator";
+/// Label put on every object the operator creates.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// Value of [`MANAGED_BY_LABEL`].
+pub const MANAGED_BY: &str = "walt-operator";
+
+/// Shared state of all controllers.
+pub struct Context {
+    /// Kubernetes client.
+    pub client: Client,
+    /// Resolved configuration.
+    pub config: Arc<Config>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    recorder: Recorder,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").finish_non_exhaustive()
+    }
+}
+
+/// Retry delay after `failures` consecutive failures: 5 s doubling to 5 min
+/// (permanent errors start at 1 min, since only the user can fix them).
+pub fn backoff(failures: u32, permanent: bool) -> Duration {
+    let base: u64 = if permanent { 60 } else { 5 };
+    let exponent = failures.saturating_sub(1).min(10);
+    Duration::from_secs((base << exponent).min(300))
+}
+
+impl Context {
+    /// A context for `client` and `config`.
+    pub fn new(client: Client, config: Arc<Config>, metrics: Arc<Metrics>) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: MANAGED_BY.into(),
+                instance: Some(config.identity.clone()),
+            },
+        );
+        Self {
+            client,
+            config,
+            metrics,
+            recorder,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Publishes an Event about `object` (shown by `kubectl describe`).
+    /// Failing to publish is logged, never fatal.
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        object: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, &object.object_ref(&())).await {
+            tracing::warn!(%error, reason, "could not publish an Event");
+        }
+    }
+
+    /// Records a successful reconcile of `key` (resets its backoff).
+    pub fn succeeded(&self, key: &str) {
+        if let Ok(mut failures) = self.failures.lock() {
+            failures.remove(key);
+        }
+    }
+
+    /// Records a failed reconcile of `key` and returns when to retry.
+    pub fn failed(&self, kind: &'static str, key: &str, error: &Error) -> Action {
+        self.metrics.reconcile_failed(kind, error);
+        let count = self.failures.lock().map_or(1, |mut failures| {
+            let count = failures.entry(key.to_owned()).or_insert(0);
+            *count += 1;
+            *count
+        });
+        Action::requeue(backoff(count, error.is_permanent()))
+    }
+
+    /// Server-side applies `object` (our field manager, forced: the operator
+    /// owns what it builds).
+    pub async fn apply<K>(&self, api: &Api<K>, object: &K) -> Result<K>
+    where
+        K: Resource<DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug,
+    {
+        let name = object.name_any();
+        api.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(object),
+        )
+        .await
+        .map_err(|source| Error::kube(format!("applying {} {name}", K::kind(&())), source))
+    }
+
+    /// Server-side applies a status (`status` is the whole status object).
+    pub async fn apply_status<K>(&self, api: &Api<K>, name: &str, status: &impl Serialize) -> Result<()>
+    where
+        K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug,
+    {
+        let body = serde_json::json!({
+            "apiVersion": K::api_version(&()),
+            "kind": K::kind(&()),
+            "status": status,
+        });
+        api.patch_status(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|source| Error::kube(format!("updating the status of {} {name}", K::kind(&())), source))
+    }
+}
+
+/// The `namespace/name` key of an object (for logs and backoff).
+pub fn key_of<K: Resource<DynamicType = ()>>(object: &K) -> String {
+    format!(
+        "{}/{}/{}",
+        K::kind(&()),
+        object.namespace().unwrap_or_default(),
+        object.name_any()
+    )
+}
+
+/// Shared handle to the context.
+pub type Ctx = Arc<Context>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff(1, false), Duration::from_secs(5));
+        assert_eq!(backoff(2, false), Duration::from_secs(10));
+        assert_eq!(backoff(4, false), Duration::from_secs(40));
+        assert_eq!(backoff(30, false), Duration::from_mins(5));
+        assert_eq!(backoff(1, true), Duration::from_mins(1));
+        assert_eq!(backoff(9, true), Duration::from_mins(5));
+    }
+}

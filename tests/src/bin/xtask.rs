@@ -1,6 +1,317 @@
-//! `cargo xtask`: developer and CI tasks (real Kubernetes harness, local lab).
+//! `cargo xtask`: developer and CI tasks.
+//!
+//! - `cargo xtask test`: the project's single test command (fmt, clippy, Kubernetes binaries,
+//!   every test tier).
+//! - `cargo xtask cluster up [--tier control-plane|cluster]`, `cluster kubeconfig USER`,
+//!   `cluster down`: a real Kubernetes for development (see `walt_tests::k8s`).
+//! - `cargo xtask k8s-binaries`: builds (or finds) the Kubernetes binaries, prints their directory.
 
-fn main() {
-    eprintln!("cargo xtask: no tasks yet");
-    std::process::exit(2);
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use walt_tests::k8s::{
+    Cluster, ClusterOptions, DEFAULT_USERS, K8sBinaries, Running, Tier, binaries, images, node,
+};
+use walt_tests::process::Lifetime;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "walt developer and CI tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Run every check and test tier (the README's test command; CI runs it).
+    Test {
+        /// Extra arguments passed to `cargo test` after `--workspace` (e.g. `-p walt-crds`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// A real Kubernetes for development.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
+    /// Build (or find) the Kubernetes binaries and print their directory.
+    K8sBinaries,
+}
+
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// Start (or reuse) a cluster; prints `export KUBECONFIG=PATH` last.
+    Up {
+        /// control-plane (etcd + API server + controllers) or cluster (plus a node).
+        #[arg(long, default_value = "control-plane")]
+        tier: Tier,
+    },
+    /// Print the path of a kubeconfig for an ordinary user (client certificate).
+    Kubeconfig {
+        /// User name (alice and bob are known; others get the group walt-users).
+        user: String,
+        /// Groups (replace the defaults).
+        #[arg(long = "group")]
+        groups: Vec<String>,
+    },
+    /// Stop everything `cluster up` started and remove its state.
+    Down,
+}
+
+/// Where `cargo xtask cluster up` keeps its cluster (`WALT_CLUSTER_DIR`, default in the cache).
+fn cluster_dir() -> PathBuf {
+    std::env::var_os("WALT_CLUSTER_DIR")
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| images::cache_dir().join("cluster"), PathBuf::from)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Test { cargo_test_args } => test(&cargo_test_args),
+        Task::Cluster { action } => match action {
+            ClusterAction::Up { tier } => cluster_up(tier),
+            ClusterAction::Kubeconfig { user, groups } => cluster_kubeconfig(&user, &groups),
+            ClusterAction::Down => cluster_down(),
+        },
+        Task::K8sBinaries => K8sBinaries::ensure()
+            .map(|b| println!("{}", b.dir.display()))
+            .map_err(|e| e.to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("cargo xtask: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn cluster_up(tier: Tier) -> Result<(), String> {
+    let dir = cluster_dir();
+    if let Some(running) = Running::load(&dir).map_err(|e| e.to_string())? {
+        let dead = running.dead();
+        let wanted = running.state.tier == tier || tier == Tier::ControlPlane;
+        if dead.is_empty() && wanted {
+            eprintln!(
+                "cluster: reusing the {} tier running from {}",
+                running.state.tier,
+                dir.display()
+            );
+            println!("export KUBECONFIG={}", running.kubeconfig().display());
+            return Ok(());
+        }
+        if dead.is_empty() {
+            eprintln!("cluster: replacing the running {} tier", running.state.tier);
+        } else {
+            eprintln!("cluster: restarting, these stopped: {}", dead.join(", "));
+        }
+        running.down().map_err(|e| e.to_string())?;
+    } else if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| format!("remove stale {}: {e}", dir.display()))?;
+    }
+    let started = Instant::now();
+    let cluster = Cluster::start(ClusterOptions {
+        tier,
+        dir: Some(dir),
+        lifetime: Lifetime::Detached,
+        ready_timeout: Duration::from_mins(5),
+    })
+    .map_err(|e| e.to_string())?;
+    if let Some(registry) = cluster.registry() {
+        eprintln!("cluster: node registry (host and node): {registry}");
+    }
+    for (user, groups) in DEFAULT_USERS {
+        let path = cluster.user_kubeconfig(user, groups).map_err(|e| e.to_string())?;
+        eprintln!(
+            "cluster: kubeconfig for {user} ({}): {}",
+            groups.join(", "),
+            path.display()
+        );
+    }
+    let kubeconfig = cluster.kubeconfig();
+    let dir = cluster.detach();
+    eprintln!(
+        "cluster: ready in {:.1} s; state and logs in {}; stop with `cargo xtask cluster down`",
+        started.elapsed().as_secs_f64(),
+        dir.display()
+    );
+    println!("export KUBECONFIG={}", kubeconfig.display());
+    Ok(())
+}
+
+fn cluster_kubeconfig(user: &str, groups: &[String]) -> Result<(), String> {
+    let dir = cluster_dir();
+    let running = Running::load(&dir).map_err(|e| e.to_string())?.ok_or_else(|| {
+        format!(
+            "no cluster in {}: run `cargo xtask cluster up` first",
+            dir.display()
+        )
+    })?;
+    let default_groups: Vec<&str> = DEFAULT_USERS
+        .iter()
+        .find(|(name, _)| *name == user)
+        .map_or_else(|| vec!["walt-users"], |(_, g)| g.to_vec());
+    let groups: Vec<&str> = if groups.is_empty() {
+        default_groups
+    } else {
+        groups.iter().map(String::as_str).collect()
+    };
+    let path = running
+        .user_kubeconfig(user, &groups)
+        .map_err(|e| e.to_string())?;
+    println!("{}", path.display());
+    Ok(())
+}
+
+fn cluster_down() -> Result<(), String> {
+    let dir = cluster_dir();
+    match Running::load(&dir).map_err(|e| e.to_string())? {
+        Some(running) => {
+            running.down().map_err(|e| e.to_string())?;
+            eprintln!("cluster: stopped, {} removed", dir.display());
+        }
+        None => eprintln!("cluster: nothing runs ({} has no state)", dir.display()),
+    }
+    Ok(())
+}
+
+/// One stage of `cargo xtask test`: its name, what happened, how long it took.
+struct Stage {
+    name: String,
+    outcome: String,
+    elapsed: Duration,
+}
+
+fn banner(index: usize, total: usize, name: &str) {
+    eprintln!("\n==> [{index}/{total}] {name}");
+}
+
+fn run_stage(stages: &mut Vec<Stage>, total: usize, name: &str, command: &mut Command) -> bool {
+    banner(stages.len() + 1, total, name);
+    let started = Instant::now();
+    let status = command.status();
+    let elapsed = started.elapsed();
+    let (ok, outcome) = match status {
+        Ok(s) if s.success() => (true, "ok".to_string()),
+        Ok(s) => (false, format!("FAILED ({s})")),
+        Err(e) => (false, format!("FAILED (cannot run: {e})")),
+    };
+    eprintln!("<== {name}: {outcome} in {}", human(elapsed));
+    stages.push(Stage {
+        name: name.to_string(),
+        outcome,
+        elapsed,
+    });
+    ok
+}
+
+fn human(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s < 60.0 {
+        format!("{s:.1} s")
+    } else {
+        format!("{}m{:02}s", d.as_secs() / 60, d.as_secs() % 60)
+    }
+}
+
+fn summary(stages: &[Stage], started: Instant) {
+    eprintln!("\n==> summary");
+    for stage in stages {
+        eprintln!(
+            "    {:<44} {:<28} {:>9}",
+            stage.name,
+            stage.outcome,
+            human(stage.elapsed)
+        );
+    }
+    eprintln!("    {:<44} {:<28} {:>9}", "total", "", human(started.elapsed()));
+}
+
+fn test(cargo_test_args: &[String]) -> Result<(), String> {
+    let started = Instant::now();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let total = 5;
+    let mut stages = Vec::new();
+    let mut ok = run_stage(
+        &mut stages,
+        total,
+        "cargo fmt --all -- --check",
+        Command::new(&cargo).args(["fmt", "--all", "--", "--check"]),
+    );
+    ok &= run_stage(
+        &mut stages,
+        total,
+        "cargo clippy --workspace --all-targets",
+        Command::new(&cargo).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+    );
+
+    // Kubernetes binaries: prebuilt (WALT_K8S_BIN, KUBEBUILDER_ASSETS) or the pinned build.
+    banner(stages.len() + 1, total, "Kubernetes binaries");
+    let stage_start = Instant::now();
+    let k8s = K8sBinaries::ensure();
+    let outcome = match &k8s {
+        Ok(b) => format!("ok ({})", b.dir.display()),
+        Err(e) => {
+            eprintln!("{e}");
+            "FAILED".to_string()
+        }
+    };
+    eprintln!(
+        "<== Kubernetes binaries: {outcome} in {}",
+        human(stage_start.elapsed())
+    );
+    stages.push(Stage {
+        name: format!("Kubernetes binaries {}", binaries::PINNED_VERSION),
+        outcome: if k8s.is_ok() { "ok".into() } else { "FAILED".into() },
+        elapsed: stage_start.elapsed(),
+    });
+
+    // The cluster tier runs when the machine can run it; its tests read WALT_CLUSTER_TIER.
+    banner(stages.len() + 1, total, "cluster tier availability");
+    let stage_start = Instant::now();
+    // Only a machine that cannot run it skips it; a missing package makes its tests fail.
+    let availability = match (&k8s, node::check_available()) {
+        (Ok(b), Ok(())) if b.kubelet.is_none() => Err(format!("no kubelet in {}", b.dir.display())),
+        (_, Err(e @ walt_tests::k8s::Error::Unavailable(_))) => Err(e.to_string()),
+        _ => Ok(()),
+    };
+    let tier_env = match &availability {
+        Ok(()) => {
+            eprintln!("<== cluster tier: will run");
+            "run".to_string()
+        }
+        Err(reason) => {
+            eprintln!("<== cluster tier: SKIPPED: {reason}");
+            format!("skip: {reason}")
+        }
+    };
+    stages.push(Stage {
+        name: "cluster tier".into(),
+        outcome: if availability.is_ok() {
+            "runs".into()
+        } else {
+            "SKIPPED (see above)".into()
+        },
+        elapsed: stage_start.elapsed(),
+    });
+
+    let mut command = Command::new(&cargo);
+    command
+        .args(["test", "--workspace"])
+        .args(cargo_test_args)
+        .env("WALT_CLUSTER_TIER", &tier_env);
+    if let Ok(b) = &k8s {
+        command.env(binaries::WALT_K8S_BIN, &b.dir);
+    }
+    ok &= k8s.is_ok();
+    ok &= run_stage(&mut stages, total, "cargo test --workspace", &mut command);
+    summary(&stages, started);
+    if ok {
+        Ok(())
+    } else {
+        Err("some stages failed (see the summary above)".into())
+    }
 }

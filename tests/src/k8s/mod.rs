@@ -1,0 +1,876 @@
+//! A real Kubernetes on this machine, for tests and for `cargo xtask cluster …`.
+//!
+//! Two tiers ([`Tier`]):
+//! - **control plane**: etcd, kube-apiserver, kube-controller-manager and kube-scheduler on
+//!   127.0.0.1 (free ports), a CA and certificates generated here (rcgen), RBAC (and Node)
+//!   authorization, an admin kubeconfig and client-certificate kubeconfigs for ordinary users.
+//!   Ready in seconds once the binaries are built.
+//! - **cluster**: the same, plus one node: containerd + runc, the CNI bridge, host-local and
+//!   loopback plugins and a kubelet, all inside a network namespace created here (pod and node
+//!   addresses exist only there), a registry for the node's images inside that namespace, and
+//!   the pause image built locally. The API server and the registry are reachable from the host
+//!   on 127.0.0.1 through a bridge, at the same address as inside the namespace.
+//!
+//! # Using it in a test
+//! ```no_run
+//! use walt_tests::k8s::{Cluster, ClusterOptions};
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! // One control plane owned by this test: stopped (by PID) when `cluster` is dropped,
+//! // also when the test panics; its processes die with the test process in any case.
+//! let cluster = Cluster::start(ClusterOptions::control_plane())?;
+//! let admin: kube::Client = cluster.client().await?;
+//! let ns = cluster.create_namespace("demo")?; // a fresh namespace, unique name
+//! let alice = cluster.user_client("alice", &["walt-users"]).await?; // RBAC applies to her
+//! let out = cluster.kubectl().args(["get", "ns", &ns]).output()?; // kubectl with admin rights
+//! # Ok(()) }
+//! ```
+//! Many tests in one test binary can share one control plane with [`shared_control_plane`]
+//! (started once, stopped when the test binary exits); give each test its own namespace.
+//!
+//! # Binaries
+//! [`K8sBinaries::ensure`]: `WALT_K8S_BIN`, else `KUBEBUILDER_ASSETS`, else `tests/k8s/build.sh`
+//! (pinned release, cached in `${WALT_CACHE:-~/.cache/walt}/k8s/<version>/bin`).
+//!
+//! # Keeping state for debugging
+//! Each cluster lives in a directory (`ClusterOptions::dir`, default a fresh one under the
+//! temporary directory) with `pki/`, `kubeconfig/`, `logs/<component>.log` and `state.json`. It is
+//! removed when the cluster stops, unless the thread is panicking or `WALT_KEEP_CLUSTER=1` is
+//! set: then its path is printed.
+
+pub mod binaries;
+pub mod images;
+pub mod kubeconfig;
+pub mod node;
+pub mod pki;
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+pub use binaries::K8sBinaries;
+
+use crate::process::{Daemon, Lifetime, stop_pid};
+use pki::Ca;
+
+/// Errors of the Kubernetes harness. Every message says what failed and where to look.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The Kubernetes binaries could not be found or built.
+    #[error("Kubernetes binaries: {0}")]
+    Binaries(String),
+    /// Certificate generation failed.
+    #[error("certificates: {0}")]
+    Pki(String),
+    /// A file system or process operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// Underlying error.
+        source: io::Error,
+    },
+    /// A component did not start or did not become ready.
+    #[error("{component} did not become ready: {reason}\n--- last lines of {log} ---\n{tail}")]
+    NotReady {
+        /// Component name (etcd, kube-apiserver…).
+        component: String,
+        /// Why we gave up.
+        reason: String,
+        /// Its log file.
+        log: String,
+        /// The end of its log.
+        tail: String,
+    },
+    /// A helper process could not be started.
+    #[error(transparent)]
+    Process(#[from] crate::process::ProcessError),
+    /// A command the harness runs failed.
+    #[error("`{command}` failed: {message}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// Its stderr or the reason.
+        message: String,
+    },
+    /// A program or package the harness needs is missing (install it; CI installs everything).
+    #[error("missing prerequisite: {0}")]
+    Prerequisite(String),
+    /// The cluster tier cannot run on this machine.
+    #[error("the cluster tier cannot run here: {0}")]
+    Unavailable(String),
+    /// A Kubernetes client could not be built.
+    #[error("Kubernetes client for {kubeconfig}: {message}")]
+    Client {
+        /// The kubeconfig used.
+        kubeconfig: String,
+        /// The error.
+        message: String,
+    },
+    /// The state of a cluster started by `cargo xtask cluster up` is unusable.
+    #[error("cluster state in {dir}: {message}")]
+    State {
+        /// The state directory.
+        dir: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Error {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Which parts run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Tier {
+    /// etcd, kube-apiserver, kube-controller-manager, kube-scheduler.
+    ControlPlane,
+    /// The control plane plus one node (containerd, runc, CNI, kubelet) in a network namespace.
+    Cluster,
+}
+
+impl std::str::FromStr for Tier {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Tier, String> {
+        match s {
+            "control-plane" => Ok(Tier::ControlPlane),
+            "cluster" => Ok(Tier::Cluster),
+            other => Err(format!("unknown tier {other:?}: use control-plane or cluster")),
+        }
+    }
+}
+
+impl std::fmt::Display for Tier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Tier::ControlPlane => "control-plane",
+            Tier::Cluster => "cluster",
+        })
+    }
+}
+
+/// How to start a [`Cluster`].
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Which parts run.
+    pub tier: Tier,
+    /// State directory (created; must be empty or absent). Default: a fresh temporary directory.
+    pub dir: Option<PathBuf>,
+    /// Whether the processes belong to this test process or outlive it (`cargo xtask`).
+    pub lifetime: Lifetime,
+    /// How long to wait for readiness (default 180 s: the machine may be busy).
+    pub ready_timeout: Duration,
+}
+
+impl ClusterOptions {
+    /// The control plane tier, owned by the caller.
+    pub fn control_plane() -> ClusterOptions {
+        ClusterOptions {
+            tier: Tier::ControlPlane,
+            dir: None,
+            lifetime: Lifetime::Test,
+            ready_timeout: Duration::from_mins(3),
+        }
+    }
+
+    /// The cluster tier (control plane and a node), owned by the caller.
+    pub fn cluster() -> ClusterOptions {
+        ClusterOptions {
+            tier: Tier::Cluster,
+            ..ClusterOptions::control_plane()
+        }
+    }
+}
+
+/// What `cargo xtask cluster up` leaves behind in `<dir>/state.json` so that later commands find
+/// the running cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct State {
+    /// The tier that runs.
+    pub tier: Tier,
+    /// API server URL (same from the host and, for the cluster tier, inside the namespace).
+    pub server: String,
+    /// Processes, in start order: (name, PID).
+    pub pids: Vec<(String, u32)>,
+    /// The node's network namespace (cluster tier).
+    pub netns: Option<String>,
+    /// The registry (host:port) that serves the node's images (cluster tier).
+    pub registry: Option<String>,
+}
+
+/// A running Kubernetes (see the module docs). Stops what it started when dropped.
+pub struct Cluster {
+    dir: PathBuf,
+    remove_dir: bool,
+    tier: Tier,
+    binaries: K8sBinaries,
+    server: String,
+    daemons: Mutex<Vec<Daemon>>,
+    node: Option<node::Node>,
+    detached: bool,
+    namespace_counter: std::sync::atomic::AtomicU32,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("dir", &self.dir)
+            .field("tier", &self.tier)
+            .field("server", &self.server)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released; the kernel does not hand it out again
+/// right away).
+pub fn free_port() -> Result<u16, Error> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .map_err(|e| Error::io("bind a free port on 127.0.0.1", e))?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|e| Error::io("read a bound port", e))
+}
+
+const SERVICE_CIDR: &str = "10.96.0.0/16";
+const KUBERNETES_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
+
+/// Users the harness knows by default: `alice` and `bob`, both in `walt-users`, each with a
+/// team group of their own.
+pub const DEFAULT_USERS: [(&str, &[&str]); 2] = [
+    ("alice", &["walt-users", "team-alice"]),
+    ("bob", &["walt-users", "team-bob"]),
+];
+
+impl Cluster {
+    /// Starts a cluster and waits until it is ready (see [`ClusterOptions`]).
+    pub fn start(options: ClusterOptions) -> Result<Cluster, Error> {
+        let ClusterOptions {
+            tier,
+            dir,
+            lifetime,
+            ready_timeout,
+        } = options;
+        let started = Instant::now();
+        if tier == Tier::Cluster {
+            node::check_available()?;
+        }
+        let binaries = K8sBinaries::ensure()?;
+        let (dir, remove_dir) = if let Some(dir) = dir {
+            (dir, false)
+        } else {
+            let dir = tempfile::Builder::new()
+                .prefix("walt-k8s-")
+                .tempdir()
+                .map_err(|e| Error::io("create a temporary directory", e))?
+                .keep();
+            (dir, true)
+        };
+        for sub in ["pki", "kubeconfig", "logs", "etcd"] {
+            let path = dir.join(sub);
+            std::fs::create_dir_all(&path).map_err(|e| Error::io(format!("create {}", path.display()), e))?;
+        }
+        let apiserver_port = free_port()?;
+        let server = format!("https://127.0.0.1:{apiserver_port}");
+        let mut cluster = Cluster {
+            dir,
+            remove_dir,
+            tier,
+            binaries,
+            server,
+            daemons: Mutex::new(Vec::new()),
+            node: None,
+            detached: lifetime == Lifetime::Detached,
+            namespace_counter: std::sync::atomic::AtomicU32::new(0),
+        };
+        // From here on, a failure drops `cluster`, which stops whatever already runs.
+        if tier == Tier::Cluster {
+            cluster.node = Some(node::Node::prepare(&cluster.dir, lifetime)?);
+        }
+        cluster.start_control_plane(apiserver_port, lifetime, ready_timeout)?;
+        if tier == Tier::Cluster {
+            let mut node = cluster.node.take().expect("prepared above");
+            let result = node.start(&cluster, lifetime, ready_timeout);
+            cluster.node = Some(node);
+            result?;
+        }
+        cluster.write_state()?;
+        eprintln!(
+            "walt-tests: {} tier ready in {:.1} s ({})",
+            cluster.tier,
+            started.elapsed().as_secs_f64(),
+            cluster.dir.display()
+        );
+        Ok(cluster)
+    }
+
+    fn start_control_plane(
+        &self,
+        apiserver_port: u16,
+        lifetime: Lifetime,
+        timeout: Duration,
+    ) -> Result<(), Error> {
+        let deadline = Instant::now() + timeout;
+        let pki_dir = self.dir.join("pki");
+        let ca = Ca::create(&pki_dir)?;
+        let node_ip = self.node.as_ref().map(node::Node::ip);
+        let mut ips: Vec<IpAddr> = vec![IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V4(KUBERNETES_SERVICE_IP)];
+        ips.extend(node_ip.map(IpAddr::V4));
+        let serving = ca.issue(
+            "kube-apiserver",
+            "kube-apiserver",
+            &[],
+            &[
+                "localhost",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+            ],
+            &ips,
+        )?;
+        let kubelet_client = ca.issue(
+            "kube-apiserver-kubelet-client",
+            "kube-apiserver-kubelet-client",
+            &["system:masters"],
+            &[],
+            &[],
+        )?;
+        let (sa_key, sa_pub) = pki::service_account_key(&pki_dir)?;
+        let ca_pem = ca.cert_pem()?;
+        for (name, cn, orgs) in [
+            ("admin", "walt-admin", &["system:masters"][..]),
+            (
+                "kube-controller-manager",
+                "system:kube-controller-manager",
+                &[][..],
+            ),
+            ("kube-scheduler", "system:kube-scheduler", &[][..]),
+        ] {
+            let cert = ca.issue(name, cn, orgs, &[], &[])?;
+            kubeconfig::write(&self.kubeconfig_path(name), &self.server, &ca_pem, &cert, cn)?;
+        }
+
+        // etcd: plain HTTP on loopback (of the node's namespace, for the cluster tier).
+        let etcd_port = free_port()?;
+        let peer_port = free_port()?;
+        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let mut etcd = self.command(&self.binaries.etcd);
+        etcd.args(["--name", "walt", "--data-dir"])
+            .arg(self.dir.join("etcd"))
+            .args(["--listen-client-urls", &etcd_url])
+            .args(["--advertise-client-urls", &etcd_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("walt={peer_url}")])
+            .args(["--unsafe-no-fsync", "--log-level", "warn"]);
+        self.spawn("etcd", etcd, lifetime)?;
+
+        let ca_path = ca.cert_path();
+        let mut apiserver = self.command(&self.binaries.kube_apiserver);
+        apiserver
+            .arg(format!("--etcd-servers={etcd_url}"))
+            .arg(format!("--secure-port={apiserver_port}"))
+            .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
+            .arg("--authorization-mode=Node,RBAC")
+            .arg("--allow-privileged=true")
+            .arg(format!("--client-ca-file={}", ca_path.display()))
+            .arg(format!("--tls-cert-file={}", serving.cert.display()))
+            .arg(format!("--tls-private-key-file={}", serving.key.display()))
+            .arg(format!(
+                "--kubelet-client-certificate={}",
+                kubelet_client.cert.display()
+            ))
+            .arg(format!("--kubelet-client-key={}", kubelet_client.key.display()))
+            .arg(format!("--kubelet-certificate-authority={}", ca_path.display()))
+            .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
+            .arg(format!("--service-account-key-file={}", sa_pub.display()))
+            .arg(format!("--service-account-signing-key-file={}", sa_key.display()))
+            .arg(format!("--cert-dir={}", pki_dir.display()))
+            .arg("--profiling=false")
+            .arg("--v=1");
+        match node_ip {
+            // Inside the node's namespace: pods reach the API server at the node address.
+            Some(ip) => {
+                apiserver
+                    .arg("--bind-address=0.0.0.0")
+                    .arg(format!("--advertise-address={ip}"));
+            }
+            // Loopback only; the `kubernetes` Service cannot point at a loopback address.
+            None => {
+                apiserver
+                    .arg("--bind-address=127.0.0.1")
+                    .arg("--advertise-address=127.0.0.1")
+                    .arg("--endpoint-reconciler-type=none");
+            }
+        }
+        self.spawn("kube-apiserver", apiserver, lifetime)?;
+        if let Some(node) = &self.node {
+            node.bridge_to_host(self, "apiserver-bridge", apiserver_port, lifetime)?;
+        }
+        self.wait_ready("kube-apiserver", deadline)?;
+
+        if let Some(cm) = &self.binaries.kube_controller_manager {
+            let mut command = self.command(cm);
+            command
+                .arg(format!(
+                    "--kubeconfig={}",
+                    self.kubeconfig_path("kube-controller-manager").display()
+                ))
+                .arg("--leader-elect=false")
+                .arg("--secure-port=0")
+                .arg("--use-service-account-credentials=true")
+                .arg(format!("--root-ca-file={}", ca_path.display()))
+                .arg(format!("--service-account-private-key-file={}", sa_key.display()))
+                .arg(format!("--cluster-signing-cert-file={}", ca_path.display()))
+                .arg(format!(
+                    "--cluster-signing-key-file={}",
+                    pki_dir.join("ca.key").display()
+                ))
+                .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
+                .arg("--v=1");
+            self.spawn("kube-controller-manager", command, lifetime)?;
+        }
+        if let Some(scheduler) = &self.binaries.kube_scheduler {
+            let mut command = self.command(scheduler);
+            command
+                .arg(format!(
+                    "--kubeconfig={}",
+                    self.kubeconfig_path("kube-scheduler").display()
+                ))
+                .arg("--leader-elect=false")
+                .arg("--secure-port=0")
+                .arg("--v=1");
+            self.spawn("kube-scheduler", command, lifetime)?;
+        }
+        if self.binaries.kube_controller_manager.is_some() {
+            // Pods need the `default` ServiceAccount and the `kube-root-ca.crt` ConfigMap, which
+            // the controller manager creates.
+            self.wait_for(
+                "kube-controller-manager",
+                deadline,
+                &[
+                    "get",
+                    "-n",
+                    "default",
+                    "serviceaccount/default",
+                    "configmap/kube-root-ca.crt",
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// A command for `program`, run inside the node's network namespace for the cluster tier.
+    pub(crate) fn command(&self, program: &Path) -> Command {
+        match &self.node {
+            Some(node) => node.command(program),
+            None => Command::new(program),
+        }
+    }
+
+    pub(crate) fn spawn(&self, name: &str, command: Command, lifetime: Lifetime) -> Result<(), Error> {
+        let log = self.dir.join("logs").join(format!("{name}.log"));
+        let daemon = Daemon::spawn(name, command, &log, lifetime)?;
+        self.daemons
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(daemon);
+        Ok(())
+    }
+
+    /// Fails with the component's log if it has exited.
+    pub(crate) fn check_alive(&self, component: &str) -> Result<(), Error> {
+        let mut daemons = self
+            .daemons
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for daemon in daemons.iter_mut() {
+            if let Some(status) = daemon.exited() {
+                return Err(Error::NotReady {
+                    component: component.to_string(),
+                    reason: format!("{} exited ({status})", daemon.name()),
+                    log: daemon.log().display().to_string(),
+                    tail: daemon.log_tail(30),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn not_ready(&self, component: &str, reason: String) -> Error {
+        let log = self.dir.join("logs").join(format!("{component}.log"));
+        Error::NotReady {
+            component: component.to_string(),
+            tail: crate::process::log_tail(&log, 30),
+            log: log.display().to_string(),
+            reason,
+        }
+    }
+
+    fn wait_ready(&self, component: &str, deadline: Instant) -> Result<(), Error> {
+        self.wait_for(component, deadline, &["get", "--raw", "/readyz"])
+    }
+
+    /// Runs `kubectl ARGS` (admin) until it succeeds, failing if a process exits or at `deadline`.
+    pub(crate) fn wait_for(&self, component: &str, deadline: Instant, args: &[&str]) -> Result<(), Error> {
+        loop {
+            self.check_alive(component)?;
+            let output = self
+                .kubectl()
+                .args(args)
+                .arg("--request-timeout=5s")
+                .output()
+                .map_err(|e| Error::io("run kubectl", e))?;
+            if output.status.success() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(self.not_ready(
+                    component,
+                    format!(
+                        "`kubectl {}` still fails: {}",
+                        args.join(" "),
+                        String::from_utf8_lossy(&output.stderr).trim()
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn write_state(&self) -> Result<(), Error> {
+        let state = State {
+            tier: self.tier,
+            server: self.server.clone(),
+            pids: self
+                .daemons
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .iter()
+                .map(|d| (d.name().to_string(), d.pid()))
+                .collect(),
+            netns: self.node.as_ref().map(|n| n.netns().to_string()),
+            registry: self.node.as_ref().map(node::Node::registry),
+        };
+        let path = self.dir.join("state.json");
+        let text = serde_json::to_string_pretty(&state).expect("state serializes");
+        std::fs::write(&path, text).map_err(|e| Error::io(format!("write {}", path.display()), e))
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Which tier runs.
+    pub fn tier(&self) -> Tier {
+        self.tier
+    }
+
+    /// The API server URL, `https://127.0.0.1:PORT`.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// The binaries this cluster runs (kubectl among them).
+    pub fn binaries(&self) -> &K8sBinaries {
+        &self.binaries
+    }
+
+    /// The registry (`127.0.0.1:PORT`) from which the node pulls images (cluster tier only).
+    /// The same address works on the host (to push) and on the node (to pull).
+    pub fn registry(&self) -> Option<String> {
+        self.node.as_ref().map(node::Node::registry)
+    }
+
+    /// The name of the node (cluster tier only).
+    pub fn node_name(&self) -> Option<&str> {
+        self.node.as_ref().map(|_| node::NODE_NAME)
+    }
+
+    fn kubeconfig_path(&self, name: &str) -> PathBuf {
+        self.dir.join("kubeconfig").join(format!("{name}.kubeconfig"))
+    }
+
+    /// The admin kubeconfig (group `system:masters`).
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.kubeconfig_path("admin")
+    }
+
+    /// A kubeconfig for the ordinary user `user` in `groups` (a client certificate signed by
+    /// the cluster CA, at most 2 groups; RBAC decides what they may do). Written on first use;
+    /// later calls for the same user return that file whatever the groups.
+    pub fn user_kubeconfig(&self, user: &str, groups: &[&str]) -> Result<PathBuf, Error> {
+        user_kubeconfig(&self.dir, &self.server, user, groups)
+    }
+
+    /// `kubectl` with the admin kubeconfig.
+    pub fn kubectl(&self) -> Command {
+        let mut command = Command::new(&self.binaries.kubectl);
+        command.env("KUBECONFIG", self.kubeconfig());
+        command
+    }
+
+    /// `kubectl` as an ordinary user.
+    pub fn kubectl_as(&self, user: &str, groups: &[&str]) -> Result<Command, Error> {
+        let mut command = Command::new(&self.binaries.kubectl);
+        command.env("KUBECONFIG", self.user_kubeconfig(user, groups)?);
+        Ok(command)
+    }
+
+    /// Runs `kubectl ARGS` as admin and returns its stdout, or an error with its stderr.
+    pub fn kubectl_output(&self, args: &[&str]) -> Result<String, Error> {
+        run_kubectl(self.kubectl(), args)
+    }
+
+    /// A kube-rs client with admin rights.
+    pub async fn client(&self) -> Result<kube::Client, Error> {
+        client_from(&self.kubeconfig()).await
+    }
+
+    /// A kube-rs client as the ordinary user `user` in `groups`.
+    pub async fn user_client(&self, user: &str, groups: &[&str]) -> Result<kube::Client, Error> {
+        client_from(&self.user_kubeconfig(user, groups)?).await
+    }
+
+    /// Creates a namespace named `<prefix>-<n>` unique in this cluster, and returns its name.
+    pub fn create_namespace(&self, prefix: &str) -> Result<String, Error> {
+        let n = self
+            .namespace_counter
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let name = format!("{prefix}-{}-{n}", std::process::id());
+        self.kubectl_output(&["create", "namespace", &name])?;
+        Ok(name)
+    }
+
+    /// Leaves everything running (for `cargo xtask cluster up`) and returns the state directory.
+    pub fn detach(mut self) -> PathBuf {
+        self.detached = true;
+        let daemons = std::mem::take(
+            &mut *self
+                .daemons
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for daemon in daemons {
+            daemon.keep_running();
+        }
+        if let Some(node) = self.node.take() {
+            node.keep();
+        }
+        self.dir.clone()
+    }
+
+    /// Stops everything (reverse start order) and removes the state (see module docs).
+    pub fn stop(&self) {
+        if self.detached {
+            return;
+        }
+        let mut daemons = std::mem::take(
+            &mut *self
+                .daemons
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        while let Some(mut daemon) = daemons.pop() {
+            daemon.stop(Duration::from_secs(10));
+        }
+        if let Some(node) = &self.node {
+            node.cleanup();
+        }
+        let keep =
+            std::thread::panicking() || std::env::var_os("WALT_KEEP_CLUSTER").is_some_and(|v| v == "1");
+        if keep {
+            eprintln!(
+                "walt-tests: cluster state and logs kept in {}",
+                self.dir.display()
+            );
+        } else if self.remove_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn user_kubeconfig(dir: &Path, server: &str, user: &str, groups: &[&str]) -> Result<PathBuf, Error> {
+    let valid = !user.is_empty()
+        && user
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '@'));
+    if !valid {
+        return Err(Error::Pki(format!(
+            "user name {user:?}: use letters, digits, '-', '.', '_' or '@'"
+        )));
+    }
+    let path = dir.join("kubeconfig").join(format!("{user}.kubeconfig"));
+    if path.exists() {
+        return Ok(path);
+    }
+    let ca = Ca::load(&dir.join("pki"))?;
+    let cert = ca.issue(&format!("user-{user}"), user, groups, &[], &[])?;
+    kubeconfig::write(&path, server, &ca.cert_pem()?, &cert, user)?;
+    Ok(path)
+}
+
+/// Runs a prepared kubectl command with `args`, returning stdout or an error with stderr.
+pub fn run_kubectl(mut command: Command, args: &[&str]) -> Result<String, Error> {
+    let output = command
+        .args(args)
+        .output()
+        .map_err(|e| Error::io("run kubectl", e))?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(Error::Command {
+            command: format!("kubectl {}", args.join(" ")),
+            message: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        })
+    }
+}
+
+async fn client_from(path: &Path) -> Result<kube::Client, Error> {
+    let fail = |message: String| Error::Client {
+        kubeconfig: path.display().to_string(),
+        message,
+    };
+    let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| fail(e.to_string()))?;
+    let config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+    kube::Client::try_from(config).map_err(|e| fail(e.to_string()))
+}
+
+/// One control plane for the whole test process, started on first use and stopped when the
+/// process exits (its processes also die if the process is killed). Tests sharing it should
+/// work in their own namespaces ([`Cluster::create_namespace`]).
+pub fn shared_control_plane() -> Result<&'static Cluster, Error> {
+    static SHARED: OnceLock<Result<Cluster, String>> = OnceLock::new();
+    SHARED
+        .get_or_init(|| {
+            let cluster = Cluster::start(ClusterOptions::control_plane()).map_err(|e| e.to_string());
+            if cluster.is_ok() {
+                crate::process::at_exit(|| {
+                    if let Some(Ok(cluster)) = SHARED.get() {
+                        cluster.stop();
+                    }
+                });
+            }
+            cluster
+        })
+        .as_ref()
+        .map_err(|e| Error::NotReady {
+            component: "shared control plane".into(),
+            reason: e.clone(),
+            log: String::new(),
+            tail: String::new(),
+        })
+}
+
+/// Environment variable set by `cargo xtask test`: `run`, or `skip: <reason>` when this machine
+/// cannot run the cluster tier.
+pub const WALT_CLUSTER_TIER: &str = "WALT_CLUSTER_TIER";
+
+/// `Ok(Some(reason))` when cluster-tier tests must be skipped on this machine (printed by the
+/// caller), `Ok(None)` when they run, `Err` when a prerequisite is missing (tests then fail with
+/// what to install).
+pub fn cluster_tier_skip_reason() -> Result<Option<String>, Error> {
+    match std::env::var(WALT_CLUSTER_TIER) {
+        Ok(value) if value == "run" => return Ok(None),
+        Ok(value) if value.starts_with("skip") => {
+            return Ok(Some(
+                value
+                    .trim_start_matches("skip")
+                    .trim_start_matches(':')
+                    .trim()
+                    .to_string(),
+            ));
+        }
+        _ => {}
+    }
+    match node::check_available() {
+        Ok(()) => Ok(None),
+        Err(Error::Unavailable(reason)) => Ok(Some(reason)),
+        Err(other) => Err(other),
+    }
+}
+
+/// A cluster started earlier by `cargo xtask cluster up` (its state directory).
+#[derive(Debug)]
+pub struct Running {
+    /// The state directory.
+    pub dir: PathBuf,
+    /// What runs.
+    pub state: State,
+}
+
+impl Running {
+    /// Reads `<dir>/state.json`; `Ok(None)` when there is none.
+    pub fn load(dir: &Path) -> Result<Option<Running>, Error> {
+        let path = dir.join("state.json");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(format!("read {}", path.display()), e)),
+        };
+        let state = serde_json::from_str(&text).map_err(|e| Error::State {
+            dir: dir.display().to_string(),
+            message: format!("state.json is unreadable ({e}): run `cargo xtask cluster down`"),
+        })?;
+        Ok(Some(Running {
+            dir: dir.to_path_buf(),
+            state,
+        }))
+    }
+
+    /// Names of the recorded processes that no longer run.
+    pub fn dead(&self) -> Vec<String> {
+        self.state
+            .pids
+            .iter()
+            .filter(|(_, pid)| !crate::process::pid_alive(*pid))
+            .map(|(name, pid)| format!("{name} (PID {pid})"))
+            .collect()
+    }
+
+    /// The admin kubeconfig.
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfig/admin.kubeconfig")
+    }
+
+    /// A kubeconfig for an ordinary user (see [`Cluster::user_kubeconfig`]).
+    pub fn user_kubeconfig(&self, user: &str, groups: &[&str]) -> Result<PathBuf, Error> {
+        user_kubeconfig(&self.dir, &self.state.server, user, groups)
+    }
+
+    /// Stops every recorded process (reverse order), removes the node's namespace and mounts,
+    /// and deletes the state directory.
+    pub fn down(self) -> Result<(), Error> {
+        for (_, pid) in self.state.pids.iter().rev() {
+            stop_pid(*pid, Duration::from_secs(10));
+        }
+        if let Some(netns) = &self.state.netns {
+            node::cleanup_leftovers(&self.dir, netns);
+        }
+        std::fs::remove_dir_all(&self.dir).map_err(|e| Error::io(format!("remove {}", self.dir.display()), e))
+    }
+}

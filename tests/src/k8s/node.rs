@@ -1,0 +1,636 @@
+//! The cluster tier's node: containerd + runc, CNI (bridge, host-local, loopback), a registry and
+//! the kubelet, in a network namespace created here.
+//!
+//! Layout, and why:
+//! - `ip netns add walt-<pid>-<n>`: the node's network namespace. The control plane also runs in
+//!   it (the API server must reach the kubelet at the node address, pods must reach the API server).
+//!   The node address is 10.200.0.2 on a bridge device `walt0`, pods get 10.244.0.0/24 on `cni0`:
+//!   these addresses exist only inside the namespace. The API server and the registry listen on
+//!   127.0.0.1 inside it and are bridged to the same port on the host's 127.0.0.1 (socat through a
+//!   Unix socket), so one URL works from both sides.
+//! - containerd, the kubelet and the pods' sandboxes share a private mount namespace (held by a
+//!   `sleep` process): their mounts (overlay roots, volumes, pod network namespace files, on a
+//!   tmpfs over `/run/netns`) never appear on the host and vanish with it. In it, the six kernel
+//!   sysctls the kubelet insists on (`vm.overcommit_memory`, `kernel.panic`…) are shown with the
+//!   values it wants: otherwise it would rewrite these machine-wide settings of a shared machine.
+//! - Pods live under the cgroup `/walt-<pid>-<n>` of every cgroup v1 hierarchy (cgroupfs driver;
+//!   this machine has no systemd); cleanup kills what is left there.
+//! - Images: a registry (Debian `docker-registry`) inside the namespace; the pause image is built
+//!   here from Debian's busybox-static ([`super::images`]) and pushed there, never pulled from
+//!   the internet.
+
+use std::net::Ipv4Addr;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use super::{Cluster, Error, free_port, images};
+use crate::process::{Daemon, Lifetime, pid_alive, stop_pid};
+
+/// The node's name in Kubernetes.
+pub const NODE_NAME: &str = "walt-node";
+/// The node's address (inside its network namespace only).
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
+/// The pod network (inside the node's network namespace only).
+pub const POD_CIDR: &str = "10.244.0.0/24";
+/// Where Debian's containernetworking-plugins live.
+pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
+
+/// The sysctls the kubelet wants (see module docs), with their values.
+const KUBELET_SYSCTLS: [(&str, &str); 6] = [
+    ("vm/overcommit_memory", "1"),
+    ("vm/panic_on_oom", "0"),
+    ("kernel/panic", "10"),
+    ("kernel/panic_on_oops", "1"),
+    ("kernel/keys/root_maxkeys", "1000000"),
+    ("kernel/keys/root_maxbytes", "25000000"),
+];
+
+/// Checks that this machine can run the cluster tier; the error says what is missing.
+pub fn check_available() -> Result<(), Error> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Err(Error::Unavailable(
+            "the kubelet, containerd and network namespaces need root".into(),
+        ));
+    }
+    let mut missing = Vec::new();
+    for program in [
+        "/usr/bin/containerd",
+        "/usr/sbin/runc",
+        "/usr/bin/containerd-shim-runc-v2",
+        "/usr/bin/docker-registry",
+        "/usr/bin/skopeo",
+        "/usr/bin/socat",
+        "/usr/bin/nsenter",
+        "/usr/bin/unshare",
+        "/bin/busybox",
+    ] {
+        if !Path::new(program).exists() {
+            missing.push(program.to_string());
+        }
+    }
+    for plugin in ["bridge", "host-local", "loopback"] {
+        let path = Path::new(CNI_BIN_DIR).join(plugin);
+        if !path.exists() {
+            missing.push(path.display().to_string());
+        }
+    }
+    if !missing.is_empty() {
+        return Err(Error::Prerequisite(format!(
+            "{} not found: install the Debian packages containerd runc containernetworking-plugins \
+             docker-registry skopeo socat busybox-static (.ci/install-deps)",
+            missing.join(", ")
+        )));
+    }
+    for controller in ["cpu", "cpuacct", "cpuset", "memory", "pids"] {
+        if !cgroup_v1_dir(controller).exists() && !cgroup_v2_has(controller) {
+            return Err(Error::Unavailable(format!(
+                "the kubelet needs the {controller} cgroup controller, which is not mounted"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn cgroup_v1_dir(controller: &str) -> PathBuf {
+    Path::new("/sys/fs/cgroup").join(controller)
+}
+
+fn cgroup_v2_has(controller: &str) -> bool {
+    std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+        .is_ok_and(|c| c.split_whitespace().any(|x| x == controller))
+}
+
+fn run(program: &str, args: &[&str]) -> Result<String, Error> {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| Error::io(format!("run {program}"), e))?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(Error::Command {
+            command: format!("{program} {}", args.join(" ")),
+            message: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        })
+    }
+}
+
+fn write(path: &Path, contents: &str) -> Result<(), Error> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(format!("create {}", parent.display()), e))?;
+    }
+    std::fs::write(path, contents).map_err(|e| Error::io(format!("write {}", path.display()), e))
+}
+
+/// The node of a cluster-tier [`Cluster`].
+#[derive(Debug)]
+pub struct Node {
+    dir: PathBuf,
+    netns: String,
+    registry_port: u16,
+    /// Holds the node's mount namespace; stopped last.
+    holder: Option<Daemon>,
+    keep: bool,
+}
+
+impl Node {
+    /// Creates the network namespace and the mount namespace holder.
+    pub(crate) fn prepare(cluster_dir: &Path, lifetime: Lifetime) -> Result<Node, Error> {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let netns = format!("walt-{}-{n}", std::process::id());
+        let dir = cluster_dir.join("node");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        let mut node = Node {
+            dir,
+            netns: netns.clone(),
+            registry_port: free_port()?,
+            holder: None,
+            keep: false,
+        };
+        std::fs::write(cluster_dir.join("netns"), &netns)
+            .map_err(|e| Error::io("record the network namespace name", e))?;
+        run("ip", &["netns", "add", &netns])?;
+        let ip = format!("{NODE_IP}/24");
+        for args in [
+            &["link", "set", "lo", "up"][..],
+            &["link", "add", "walt0", "type", "bridge"],
+            &["addr", "add", &ip, "dev", "walt0"],
+            &["link", "set", "walt0", "up"],
+            &["route", "add", "default", "dev", "walt0"],
+        ] {
+            let mut full = vec!["-n", netns.as_str()];
+            full.extend_from_slice(args);
+            run("ip", &full)?;
+        }
+        // The mount namespace holder (see module docs): private mounts, its own /run/netns,
+        // and the sysctl values the kubelet checks.
+        let sysctl_dir = node.dir.join("sysctl");
+        let mut script = String::from("set -e; mount -t tmpfs -o mode=755 walt-netns /run/netns; ");
+        for (key, value) in KUBELET_SYSCTLS {
+            let file = sysctl_dir.join(key.replace('/', "."));
+            write(&file, &format!("{value}\n"))?;
+            script += &[
+                "mount --bind -o ro ",
+                &file.to_string_lossy(),
+                " /proc/sys/",
+                key,
+                "; ",
+            ]
+            .concat();
+        }
+        script.push_str("echo ready; exec sleep 2147483647");
+        let mut holder = Command::new("nsenter");
+        holder.arg(format!("--net=/run/netns/{netns}")).args([
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+        ]);
+        let log = cluster_dir.join("logs/node-namespace.log");
+        std::fs::create_dir_all(cluster_dir.join("logs"))
+            .map_err(|e| Error::io(format!("create {}/logs", cluster_dir.display()), e))?;
+        let daemon = Daemon::spawn("node-namespace", holder, &log, lifetime)?;
+        std::fs::write(node.dir.join("holder.pid"), daemon.pid().to_string())
+            .map_err(|e| Error::io("record the namespace holder PID", e))?;
+        node.holder = Some(daemon);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !crate::process::log_tail(&log, 5).contains("ready") {
+            if let Some(status) = node.holder.as_mut().and_then(Daemon::exited) {
+                return Err(Error::NotReady {
+                    component: "node mount namespace".into(),
+                    reason: format!("its holder exited ({status})"),
+                    log: log.display().to_string(),
+                    tail: crate::process::log_tail(&log, 20),
+                });
+            }
+            if Instant::now() > deadline {
+                return Err(Error::NotReady {
+                    component: "node mount namespace".into(),
+                    reason: "not set up after 10 s".into(),
+                    log: log.display().to_string(),
+                    tail: crate::process::log_tail(&log, 20),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(node)
+    }
+
+    /// The node address.
+    pub fn ip(&self) -> Ipv4Addr {
+        NODE_IP
+    }
+
+    /// The network namespace name.
+    pub fn netns(&self) -> &str {
+        &self.netns
+    }
+
+    /// `127.0.0.1:PORT` of the node's registry (host and node).
+    pub fn registry(&self) -> String {
+        format!("127.0.0.1:{}", self.registry_port)
+    }
+
+    fn holder_pid(&self) -> u32 {
+        self.holder.as_ref().map_or(0, Daemon::pid)
+    }
+
+    /// A command run in the node's network namespace (control plane, registry).
+    pub(crate) fn command(&self, program: &Path) -> Command {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/run/netns/{}", self.netns))
+            .arg("--")
+            .arg(program);
+        command
+    }
+
+    /// A command run in the node's network and mount namespaces (containerd, kubelet).
+    fn node_command(&self, program: &str) -> Command {
+        let pid = self.holder_pid();
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/proc/{pid}/ns/net"))
+            .arg(format!("--mount=/proc/{pid}/ns/mnt"))
+            .arg("--")
+            .arg(program);
+        command
+    }
+
+    /// Makes `port` on the node's 127.0.0.1 reachable at the same port on the host's 127.0.0.1.
+    pub(crate) fn bridge_to_host(
+        &self,
+        cluster: &Cluster,
+        name: &str,
+        port: u16,
+        lifetime: Lifetime,
+    ) -> Result<(), Error> {
+        let socket = self.dir.join(format!("{name}.sock"));
+        let mut inside = Command::new("nsenter");
+        inside
+            .arg(format!("--net=/run/netns/{}", self.netns))
+            .args(["--", "socat"])
+            .arg(format!("UNIX-LISTEN:{},fork,unlink-early", socket.display()))
+            .arg(format!("TCP:127.0.0.1:{port}"));
+        cluster.spawn(&format!("{name}-node"), inside, lifetime)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            if Instant::now() > deadline {
+                return Err(cluster.not_ready(
+                    &format!("{name}-node"),
+                    format!("{} did not appear", socket.display()),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut outside = Command::new("socat");
+        outside
+            .arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr"))
+            .arg(format!("UNIX-CONNECT:{}", socket.display()));
+        cluster.spawn(&format!("{name}-host"), outside, lifetime)
+    }
+
+    /// Starts the registry, pushes the pause image, starts containerd and the kubelet, and
+    /// waits for the node to be Ready.
+    pub(crate) fn start(
+        &mut self,
+        cluster: &Cluster,
+        lifetime: Lifetime,
+        timeout: Duration,
+    ) -> Result<(), Error> {
+        let deadline = Instant::now() + timeout;
+        // Registry, in the node's namespace, bridged to the host.
+        let registry_config = self.dir.join("registry.yml");
+        write(
+            &registry_config,
+            &format!(
+                "version: 0.1\nlog: {{level: warn}}\nstorage: {{filesystem: {{rootdirectory: {}}}, \
+                 delete: {{enabled: true}}}}\nhttp: {{addr: 127.0.0.1:{}}}\n",
+                self.dir.join("registry").display(),
+                self.registry_port
+            ),
+        )?;
+        let mut registry = self.command(Path::new("/usr/bin/docker-registry"));
+        registry.arg("serve").arg(&registry_config);
+        cluster.spawn("registry", registry, lifetime)?;
+        self.bridge_to_host(cluster, "registry-bridge", self.registry_port, lifetime)?;
+        let registry = self.registry();
+        images::wait_for_registry(&registry, deadline)?;
+        let pause = images::push_busybox(
+            &registry,
+            "walt/pause:1",
+            images::Arch::Amd64,
+            &["/bin/sleep", "2147483647"],
+            &self.dir.join("images"),
+        )?;
+
+        // containerd with its own root, state and socket; CRI with cgroupfs and our CNI config.
+        let containerd_dir = self.dir.join("containerd");
+        let socket = containerd_dir.join("containerd.sock");
+        let cni_conf_dir = self.dir.join("cni/net.d");
+        write(
+            &cni_conf_dir.join("10-walt.conflist"),
+            &format!(
+                r#"{{"cniVersion": "1.0.0", "name": "walt", "plugins": [
+  {{"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false, "hairpinMode": true,
+    "ipam": {{"type": "host-local", "ranges": [[{{"subnet": "{POD_CIDR}"}}]],
+              "routes": [{{"dst": "0.0.0.0/0"}}], "dataDir": "{}"}}}}
+]}}
+"#,
+                self.dir.join("cni/ipam").display()
+            ),
+        )?;
+        let config = containerd_dir.join("config.toml");
+        write(
+            &config,
+            &format!(
+                r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
+[grpc]
+  address = "{socket}"
+[ttrpc]
+  address = "{socket}.ttrpc"
+[debug]
+  address = ""
+  level = "info"
+[metrics]
+  address = ""
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{pause}"
+  restrict_oom_score_adj = true
+  enable_selinux = false
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+        BinaryName = "/usr/sbin/runc"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{cni_bin}"
+    conf_dir = "{cni_conf}"
+  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{registry}"]
+    endpoint = ["http://{registry}"]
+"#,
+                root = containerd_dir.join("root").display(),
+                state = containerd_dir.join("state").display(),
+                socket = socket.display(),
+                pause = pause,
+                cni_bin = CNI_BIN_DIR,
+                cni_conf = cni_conf_dir.display(),
+                registry = registry,
+            ),
+        )?;
+        let mut containerd = self.node_command("/usr/bin/containerd");
+        containerd.arg("--config").arg(&config);
+        cluster.spawn("containerd", containerd, lifetime)?;
+        while !socket.exists() {
+            cluster.check_alive("containerd")?;
+            if Instant::now() > deadline {
+                return Err(cluster.not_ready("containerd", format!("{} did not appear", socket.display())));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+
+        // kubelet: client certificate (Node authorizer), serving certificate from our CA.
+        let ca = super::pki::Ca::load(&cluster.dir().join("pki"))?;
+        let client = ca.issue(
+            "kubelet-client",
+            &format!("system:node:{NODE_NAME}"),
+            &["system:nodes"],
+            &[],
+            &[],
+        )?;
+        let serving = ca.issue(
+            "kubelet-serving",
+            NODE_NAME,
+            &[],
+            &[NODE_NAME],
+            &[std::net::IpAddr::V4(NODE_IP)],
+        )?;
+        let kubelet_dir = self.dir.join("kubelet");
+        let kubeconfig = kubelet_dir.join("kubelet.kubeconfig");
+        std::fs::create_dir_all(&kubelet_dir)
+            .map_err(|e| Error::io(format!("create {}", kubelet_dir.display()), e))?;
+        super::kubeconfig::write(
+            &kubeconfig,
+            cluster.server(),
+            &ca.cert_pem()?,
+            &client,
+            &format!("system:node:{NODE_NAME}"),
+        )?;
+        let kubelet_config = kubelet_dir.join("config.yaml");
+        write(
+            &kubelet_config,
+            &format!(
+                r#"apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: {NODE_IP}
+port: 10250
+readOnlyPort: 0
+healthzPort: 0
+authentication:
+  anonymous: {{enabled: false}}
+  webhook: {{enabled: true}}
+  x509: {{clientCAFile: {ca}}}
+authorization: {{mode: Webhook}}
+tlsCertFile: {tls_cert}
+tlsPrivateKeyFile: {tls_key}
+cgroupDriver: cgroupfs
+cgroupRoot: /{cgroup}
+cgroupsPerQOS: true
+enforceNodeAllocatable: [pods]
+failSwapOn: false
+failCgroupV1: false
+containerRuntimeEndpoint: unix://{socket}
+podCIDR: {POD_CIDR}
+podLogsDir: {pod_logs}
+clusterDomain: cluster.local
+resolvConf: ""
+oomScoreAdj: 0
+serializeImagePulls: false
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+evictionHard: {{memory.available: "50Mi", nodefs.available: "1%", nodefs.inodesFree: "1%", imagefs.available: "1%"}}
+maxPods: 50
+registerNode: true
+"#,
+                ca = ca.cert_path().display(),
+                tls_cert = serving.cert.display(),
+                tls_key = serving.key.display(),
+                cgroup = self.netns,
+                socket = socket.display(),
+                pod_logs = self.dir.join("pod-logs").display(),
+            ),
+        )?;
+        let kubelet_binary = cluster.binaries().kubelet.clone().ok_or_else(|| {
+            Error::Unavailable(format!(
+                "no kubelet in {}: build it with tests/k8s/build.sh or put it there",
+                cluster.binaries().dir.display()
+            ))
+        })?;
+        let mut kubelet = self.node_command(&kubelet_binary.to_string_lossy());
+        kubelet
+            .arg(format!("--config={}", kubelet_config.display()))
+            .arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .arg(format!("--root-dir={}", kubelet_dir.join("root").display()))
+            .arg(format!("--cert-dir={}", kubelet_dir.join("pki").display()))
+            .arg(format!("--hostname-override={NODE_NAME}"))
+            .arg(format!("--node-ip={NODE_IP}"))
+            .arg("--v=1");
+        cluster.spawn("kubelet", kubelet, lifetime)?;
+        cluster.wait_for(
+            "kubelet",
+            deadline,
+            &[
+                "wait",
+                "--for=condition=Ready",
+                &format!("node/{NODE_NAME}"),
+                "--timeout=5s",
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Leaves the node running (`cargo xtask cluster up`).
+    pub(crate) fn keep(mut self) {
+        self.keep = true;
+        if let Some(holder) = self.holder.take() {
+            holder.keep_running();
+        }
+    }
+
+    /// Kills what is left of the node (pods, shims) and removes its namespaces and cgroups.
+    /// Called after the daemons are stopped.
+    pub(crate) fn cleanup(&self) {
+        if self.keep {
+            return;
+        }
+        cleanup_leftovers(self.dir.parent().unwrap_or(&self.dir), &self.netns);
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+/// Kills every process left in the node's network namespace, mount namespace and cgroups, then
+/// removes the cgroups and the network namespace. Safe to call more than once.
+pub(crate) fn cleanup_leftovers(cluster_dir: &Path, netns: &str) {
+    let holder = std::fs::read_to_string(cluster_dir.join("node/holder.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        .filter(|p| pid_alive(*p));
+    let netns_inode = std::fs::metadata(format!("/run/netns/{netns}"))
+        .map(|m| m.ino())
+        .ok();
+    let mntns_inode = holder
+        .and_then(|pid| std::fs::metadata(format!("/proc/{pid}/ns/mnt")).ok())
+        .map(|m| m.ino());
+    let me = std::process::id();
+    // Pods first (their cgroups), then whatever shares the node's namespaces (shims, holder).
+    for round in 0..3 {
+        let mut pids = cgroup_pids(netns);
+        if let Ok(entries) = std::fs::read_dir("/proc") {
+            for entry in entries.flatten() {
+                let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                    continue;
+                };
+                if pid == me {
+                    continue;
+                }
+                let inode = |ns: &str| {
+                    std::fs::metadata(format!("/proc/{pid}/ns/{ns}"))
+                        .map(|m| m.ino())
+                        .ok()
+                };
+                let in_net = netns_inode.is_some() && inode("net") == netns_inode;
+                let in_mnt = mntns_inode.is_some() && inode("mnt") == mntns_inode;
+                if in_net || in_mnt {
+                    pids.push(pid);
+                }
+            }
+        }
+        if pids.is_empty() {
+            break;
+        }
+        let grace = if round == 0 {
+            Duration::from_secs(5)
+        } else {
+            Duration::ZERO
+        };
+        for pid in pids {
+            stop_pid(pid, grace);
+        }
+    }
+    remove_cgroups(netns);
+    let _ = Command::new("ip").args(["netns", "delete", netns]).output();
+}
+
+fn cgroup_dirs(name: &str) -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
+        for entry in entries.flatten() {
+            let dir = entry.path().join(name);
+            if dir.is_dir() {
+                dirs.push(dir);
+            }
+        }
+    }
+    let v2 = Path::new("/sys/fs/cgroup").join(name);
+    if v2.join("cgroup.procs").exists() {
+        dirs.push(v2);
+    }
+    dirs
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+    out.push(dir.to_path_buf());
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                walk(&entry.path(), out);
+            }
+        }
+    }
+}
+
+fn cgroup_pids(name: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for root in cgroup_dirs(name) {
+        let mut all = Vec::new();
+        walk(&root, &mut all);
+        for dir in all {
+            if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+                pids.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+            }
+        }
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+fn remove_cgroups(name: &str) {
+    for root in cgroup_dirs(name) {
+        let mut all = Vec::new();
+        walk(&root, &mut all);
+        // Children before parents.
+        for dir in all.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Control plane tier: a real etcd + kube-apiserver (+ controller manager, scheduler) started by
+//! the harness, checked with kubectl (an independent client) and kube-rs.
+
+use walt_tests::k8s::{Cluster, DEFAULT_USERS, run_kubectl, shared_control_plane};
+
+fn cluster() -> &'static Cluster {
+    match shared_control_plane() {
+        Ok(cluster) => cluster,
+        Err(e) => panic!("cannot start the control plane: {e}"),
+    }
+}
+
+fn groups(user: &str) -> &'static [&'static str] {
+    DEFAULT_USERS
+        .iter()
+        .find(|(name, _)| *name == user)
+        .map(|(_, groups)| *groups)
+        .expect("a default user")
+}
+
+#[test]
+fn readyz_is_ok() {
+    let out = cluster()
+        .kubectl_output(&["get", "--raw", "/readyz"])
+        .expect("kubectl get --raw /readyz");
+    assert_eq!(out.trim(), "ok");
+    let version = cluster()
+        .kubectl_output(&["version", "-o", "json"])
+        .expect("kubectl version");
+    let version: serde_json::Value = serde_json::from_str(&version).expect("version JSON");
+    assert_eq!(
+        version["serverVersion"]["gitVersion"],
+        walt_tests::k8s::binaries::PINNED_VERSION,
+        "the API server reports the pinned release"
+    );
+}
+
+#[test]
+fn controller_manager_creates_service_accounts() {
+    let cluster = cluster();
+    let ns = cluster.create_namespace("sa").expect("create namespace");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_mins(1);
+    loop {
+        match cluster.kubectl_output(&["get", "-n", &ns, "serviceaccount/default", "-o", "name"]) {
+            Ok(out) => {
+                assert_eq!(out.trim(), "serviceaccount/default");
+                break;
+            }
+            Err(e) if std::time::Instant::now() > deadline => {
+                panic!("no default service account in {ns} after 60 s: {e}")
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(200)),
+        }
+    }
+}
+
+#[test]
+fn alice_cannot_read_bobs_namespace() {
+    let cluster = cluster();
+    let alice_ns = cluster.create_namespace("alice").expect("create namespace");
+    let bob_ns = cluster.create_namespace("bob").expect("create namespace");
+    for (user, ns) in [("alice", &alice_ns), ("bob", &bob_ns)] {
+        cluster
+            .kubectl_output(&[
+                "create",
+                "rolebinding",
+                &format!("{user}-edit"),
+                "--clusterrole=edit",
+                &format!("--user={user}"),
+                "-n",
+                ns,
+            ])
+            .expect("bind the edit role");
+    }
+    cluster
+        .kubectl_output(&[
+            "create",
+            "configmap",
+            "secret-plans",
+            "-n",
+            &bob_ns,
+            "--from-literal=x=1",
+        ])
+        .expect("create bob's configmap");
+
+    let as_user = |user: &str| cluster.kubectl_as(user, groups(user)).expect("user kubeconfig");
+    // Bob reads his namespace; Alice reads hers but not Bob's: the API server says why.
+    let bobs = run_kubectl(
+        as_user("bob"),
+        &["get", "configmap", "secret-plans", "-n", &bob_ns, "-o", "name"],
+    )
+    .expect("bob reads his own namespace");
+    assert_eq!(bobs.trim(), "configmap/secret-plans");
+    run_kubectl(as_user("alice"), &["get", "configmaps", "-n", &alice_ns])
+        .expect("alice reads her own namespace");
+    let refused = run_kubectl(
+        as_user("alice"),
+        &["get", "configmap", "secret-plans", "-n", &bob_ns],
+    )
+    .expect_err("alice must not read bob's namespace");
+    let message = refused.to_string();
+    assert!(
+        message.contains("Forbidden") && message.contains(r#"User "alice" cannot get resource "configmaps""#),
+        "unexpected refusal: {message}"
+    );
+    let who = run_kubectl(
+        as_user("alice"),
+        &["auth", "whoami", "-o", "jsonpath={.status.userInfo.groups}"],
+    )
+    .expect("kubectl auth whoami");
+    assert!(
+        who.contains("walt-users") && who.contains("team-alice"),
+        "groups: {who}"
+    );
+
+    // The same through kube-rs, which the operator and plugin use.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        let alice = cluster
+            .user_client("alice", groups("alice"))
+            .await
+            .expect("alice client");
+        let api: kube::Api<k8s_openapi::api::core::v1::ConfigMap> = kube::Api::namespaced(alice, &bob_ns);
+        match api.get("secret-plans").await {
+            Err(kube::Error::Api(status)) => assert_eq!(status.code, 403, "{status:?}"),
+            other => panic!("alice read bob's configmap through kube-rs: {other:?}"),
+        }
+    });
+}
+
+#[test]
+fn owned_control_plane_stops_when_dropped() {
+    let cluster = Cluster::start(walt_tests::k8s::ClusterOptions::control_plane()).expect("start");
+    let state: walt_tests::k8s::State =
+        serde_json::from_str(&std::fs::read_to_string(cluster.dir().join("state.json")).expect("state.json"))
+            .expect("state");
+    let dir = cluster.dir().to_path_buf();
+    assert!(
+        state
+            .pids
+            .iter()
+            .all(|(_, pid)| walt_tests::process::pid_alive(*pid))
+    );
+    drop(cluster);
+    for (name, pid) in &state.pids {
+        assert!(
+            !walt_tests::process::pid_alive(*pid),
+            "{name} (PID {pid}) still runs"
+        );
+    }
+    assert!(!dir.exists(), "{} was not removed", dir.display());
+}

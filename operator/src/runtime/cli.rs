@@ -1,10 +1,168 @@
 //! `walt-operator shell …`: a root shell inside an OS image.
 
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::changes::ChangeSummary;
+use super::root::Network;
+use super::session::{self, ModeChoice, ShellRequest};
+
 /// Arguments of `walt-operator shell`.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Image to open (`registry/repository:tag` or `…@sha256:…`).
+    #[arg(long, required_unless_present = "rootfs")]
+    pub image: Option<String>,
+    /// Open unpacked layer directories instead of an image (repeat; top layer
+    /// first). Changes are summarized but cannot be committed.
+    #[arg(long, conflicts_with = "image")]
+    pub rootfs: Vec<PathBuf>,
+    /// init: the OS init as PID 1 (needs WalT's two scripts); basic: the shell
+    /// alone; auto: init when the image has the scripts.
+    #[arg(long, value_enum, default_value_t = ModeChoice::Auto)]
+    pub mode: ModeChoice,
+    /// On exit, push the changes as a new image by digest and tag it with
+    /// this reference.
+    #[arg(long, requires = "image")]
+    pub commit_to: Option<String>,
+    /// Registry host (`host:port`) spoken to over plain HTTP (repeat).
+    #[arg(long)]
+    pub insecure_registry: Vec<String>,
+    /// Pick this platform's image from a multi-arch index (`linux/arm64`).
+    #[arg(long)]
+    pub platform: Option<String>,
+    /// The image's CPU architecture, for `--rootfs` (default: read from its
+    /// `/bin/sh`).
+    #[arg(long)]
+    pub arch: Option<String>,
+    /// host: the network of the caller (the pod's, in a cluster); none: a new
+    /// network namespace with loopback only.
+    #[arg(long, value_enum, default_value_t = NetworkChoice::Host)]
+    pub network: NetworkChoice,
+    /// The walt cache: layer cache and session directories (on a real
+    /// filesystem, not an overlay).
+    #[arg(long, env = "WALT_CACHE", default_value_os_t = default_cache_dir())]
+    pub cache_dir: PathBuf,
+    /// Write PID 1's console (init mode) to this file.
+    #[arg(long)]
+    pub console_log: Option<PathBuf>,
+    /// Seconds the shutdown script, then init, may take before being killed.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_timeout: u64,
+}
+
+/// `--network` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NetworkChoice {
+    /// The caller's network.
+    Host,
+    /// Loopback only.
+    None,
+}
+
+/// `$HOME/.cache/walt`, else `/var/cache/walt` (`$WALT_CACHE` overrides it,
+/// like for the test fixtures).
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(home) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(home).join(".cache/walt");
+    }
+    PathBuf::from("/var/cache/walt")
+}
+
+/// The result line: the last line of stdout and `/dev/termination-log`.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShellResult {
+    /// Digest of the pushed manifest (`sha256:…`), when committed.
+    pub digest: Option<String>,
+    /// Reference tagged, when committed.
+    pub reference: Option<String>,
+    /// What changed.
+    pub summary: ChangeSummary,
+    /// Whether the image ran through qemu-user.
+    pub emulated: bool,
+    /// The image's architecture.
+    pub architecture: String,
+    /// `init` or `basic`.
+    pub mode: session::Mode,
+    /// The shell's exit code.
+    pub exit_code: i32,
+}
 
 /// Runs `walt-operator shell …`.
-pub fn run(_args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>> {
-    Err("walt-operator shell is not built yet".into())
+pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>> {
+    let session_dir = new_session_dir(&args.cache_dir)?;
+    let guard = RemoveOnDrop(session_dir.clone());
+    let (lower_dirs, architecture, os) = if args.rootfs.is_empty() {
+        let image = args.image.as_deref().ok_or("--image or --rootfs is required")?;
+        let pulled = super::image::pull(image, args)?;
+        (pulled.lower_dirs, Some(pulled.architecture), Some(pulled.os))
+    } else {
+        (args.rootfs.clone(), args.arch.clone(), None)
+    };
+    let request = ShellRequest {
+        lower_dirs,
+        session_dir: session_dir.clone(),
+        mode: args.mode,
+        architecture,
+        os,
+        network: match args.network {
+            NetworkChoice::Host => Network::Host,
+            NetworkChoice::None => Network::None,
+        },
+        console_log: args.console_log.clone(),
+        shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+    };
+    let inspection = session::inspect(&request)?;
+    let outcome = session::run(&request, &inspection)?;
+    let mut result = ShellResult {
+        digest: None,
+        reference: None,
+        summary: outcome.summary,
+        emulated: outcome.emulated,
+        architecture: outcome.architecture.clone(),
+        mode: outcome.mode,
+        exit_code: outcome.exit_code,
+    };
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "\r\nChanges: {}", outcome.summary)?;
+    if let (Some(target), Some(image)) = (&args.commit_to, &args.image) {
+        writeln!(stdout, "Committing to {target}...")?;
+        stdout.flush()?;
+        let committed = super::image::commit(image, target, &outcome, args)?;
+        writeln!(stdout, "Saved {target} ({})", committed)?;
+        result.digest = Some(committed);
+        result.reference = Some(target.clone());
+    }
+    let line = serde_json::to_string(&result)?;
+    writeln!(stdout, "{line}")?;
+    stdout.flush()?;
+    let termination_log = std::path::Path::new("/dev/termination-log");
+    if termination_log.exists() {
+        let _ = std::fs::write(termination_log, &line);
+    }
+    drop(guard);
+    Ok(outcome.exit_code)
+}
+
+fn new_session_dir(cache_dir: &std::path::Path) -> std::io::Result<PathBuf> {
+    let sessions = cache_dir.join("sessions");
+    std::fs::create_dir_all(&sessions)?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    let dir = sessions.join(format!("{}-{nanos:x}", std::process::id()));
+    std::fs::create_dir(&dir)?;
+    Ok(dir)
+}
+
+/// Removes the session directory (upper dir included) when the command ends.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

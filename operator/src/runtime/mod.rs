@@ -1,4 +1,21 @@
-//! Shell pod and virtual node runtime: layer cache, overlay mount, namespaces,
-//! emulation, PTY.
+//! Shell pod and virtual node runtime: overlay root, namespaces, emulation,
+//! PTY, WalT's init/basic shell modes, change summary and commit.
+//!
+//! Layers:
+//! - [`root`]: the reusable core (also used by the virtual node): prepare an
+//!   image root from layer directories and run processes in its namespaces
+//!   ([`root::Container::start`], [`root::Container::exec`]).
+//! - [`emulation`]: image vs host architecture, binfmt_misc checks.
+//! - [`session`]: an image shell session (checks, mode, PTY relay, shutdown).
+//! - [`terminal`]: raw mode and the PTY relay.
+//! - [`changes`]: the change summary of an upper dir.
+//! - [`image`]: pull through the layer cache, commit through the OCI engine.
 
+pub mod changes;
 pub mod cli;
+pub mod emulation;
+pub mod image;
+pub mod root;
+pub mod session;
+mod sys;
+pub mod terminal;

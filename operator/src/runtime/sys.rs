@@ -1,0 +1,183 @@
+//! The few system calls the runtime needs that have no safe wrapper in nix:
+//! a fork-like `clone` into new namespaces, `fork`, `_exit`, and the terminal
+//! ioctls. Everything else goes through nix's safe API.
+#![allow(unsafe_code)]
+
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+use nix::sched::CloneFlags;
+use nix::unistd::Pid;
+
+/// What a fork-like call returned.
+pub(crate) enum Forked {
+    /// In the parent, with the child's PID (as the parent sees it).
+    Parent(Pid),
+    /// In the child.
+    Child,
+}
+
+/// Number of threads of this process, from `/proc/self/status`.
+pub(crate) fn thread_count() -> usize {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("Threads:"))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(1)
+}
+
+/// Creates a child process in new namespaces (`flags`), like `fork` does, with
+/// `SIGCHLD` sent to the parent when it ends.
+///
+/// The caller must be single-threaded (checked by the callers through
+/// [`thread_count`]): the child continues on a copy of the caller's stack and
+/// heap, and with other threads another thread could hold a lock (the
+/// allocator's) that no one would release in the child.
+pub(crate) fn clone_into_namespaces(flags: CloneFlags) -> nix::Result<Forked> {
+    let raw_flags = flags.bits() as libc::c_ulong | libc::SIGCHLD as libc::c_ulong;
+    // SAFETY: `clone` with a null stack pointer behaves like `fork`: the child
+    // gets a copy-on-write copy of the address space and continues right here,
+    // on its own copy of the stack. No pointer arguments are passed (parent_tid,
+    // child_tid and tls are null and unused because the flags do not ask for
+    // them). The single-thread precondition above makes the copied heap state
+    // consistent.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            raw_flags,
+            std::ptr::null_mut::<libc::c_void>(),
+            std::ptr::null_mut::<libc::c_void>(),
+            std::ptr::null_mut::<libc::c_void>(),
+            0 as libc::c_ulong,
+        )
+    };
+    match ret {
+        -1 => Err(Errno::last()),
+        0 => Ok(Forked::Child),
+        pid => Ok(Forked::Parent(Pid::from_raw(pid as libc::pid_t))),
+    }
+}
+
+/// `fork()`. Used by single-threaded callers (see [`clone_into_namespaces`]).
+pub(crate) fn fork() -> nix::Result<Forked> {
+    // SAFETY: glibc's fork resets the allocator's locks in the child, and the
+    // callers are single-threaded, so the child may allocate; it only runs the
+    // runtime's own code before `execve` or `_exit`.
+    match unsafe { nix::unistd::fork() }? {
+        nix::unistd::ForkResult::Parent { child } => Ok(Forked::Parent(child)),
+        nix::unistd::ForkResult::Child => Ok(Forked::Child),
+    }
+}
+
+/// Ends a forked child at once, without running the parent's exit handlers or
+/// flushing buffers that belong to the parent.
+pub(crate) fn exit_child(code: i32) -> ! {
+    // SAFETY: `_exit` takes no pointers and never returns; skipping atexit
+    // handlers is what a forked child needs.
+    unsafe { libc::_exit(code) }
+}
+
+/// Makes `tty` the controlling terminal of the calling session leader.
+pub(crate) fn set_controlling_terminal(tty: BorrowedFd<'_>) -> nix::Result<()> {
+    // SAFETY: TIOCSCTTY takes an integer argument (0: do not steal the
+    // terminal from another session); `tty` is an open descriptor.
+    let ret = unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSCTTY, 0) };
+    Errno::result(ret).map(drop)
+}
+
+/// The window size of terminal `tty`, or `None` when it is not a terminal.
+pub(crate) fn window_size(tty: BorrowedFd<'_>) -> Option<libc::winsize> {
+    let mut size = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one `winsize` into the pointed-to struct,
+    // which lives on our stack for the whole call.
+    let ret = unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCGWINSZ, &raw mut size) };
+    (ret == 0 && size.ws_row > 0 && size.ws_col > 0).then_some(size)
+}
+
+/// Sets the window size of terminal `tty` (sends SIGWINCH to its foreground
+/// process group).
+pub(crate) fn set_window_size(tty: BorrowedFd<'_>, size: &libc::winsize) -> nix::Result<()> {
+    // SAFETY: TIOCSWINSZ reads one `winsize` from the pointed-to struct, which
+    // outlives the call.
+    let ret = unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, std::ptr::from_ref(size)) };
+    Errno::result(ret).map(drop)
+}
+
+/// Takes ownership of a descriptor the kernel just installed for us (received
+/// with `SCM_RIGHTS`).
+pub(crate) fn owned_fd(fd: RawFd) -> OwnedFd {
+    // SAFETY: `fd` was installed in our table by `recvmsg` and nothing else
+    // owns it; the returned `OwnedFd` becomes its only owner.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// Unlocks the PTY whose master is `master` and returns its number (the
+/// slave is `pts/<number>` of the same devpts instance).
+pub(crate) fn pty_unlock_and_number(master: BorrowedFd<'_>) -> nix::Result<u32> {
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads one int from the pointer, which outlives the call.
+    let ret = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &raw const unlock) };
+    Errno::result(ret)?;
+    let mut number: libc::c_uint = 0;
+    // SAFETY: TIOCGPTN writes one unsigned int into the pointed-to variable.
+    let ret = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTN, &raw mut number) };
+    Errno::result(ret)?;
+    Ok(number)
+}
+
+/// Sets `lo` up in the current network namespace (best effort: a namespace
+/// without loopback still works for everything but local sockets).
+pub(crate) fn set_loopback_up() {
+    let Ok(socket) = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    ) else {
+        return;
+    };
+    // SAFETY: `ifreq` is plain old data; all-zero is a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, byte) in request.ifr_name.iter_mut().zip(b"lo\0") {
+        *slot = *byte as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS fills the flags field of the `ifreq` we own.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &raw mut request) } != 0 {
+        return;
+    }
+    // SAFETY: reading and writing the `ifru_flags` member of the union that
+    // SIOCGIFFLAGS just filled.
+    unsafe {
+        request.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    }
+    // SAFETY: SIOCSIFFLAGS reads the `ifreq` we own.
+    let _ = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &raw mut request) };
+}
+
+/// Reads extended attribute `name` of `path` (not following a final symbolic
+/// link) into `buffer`; returns its size, or `None` when absent or too large.
+pub(crate) fn lgetxattr(path: &std::path::Path, name: &str, buffer: &mut [u8]) -> Option<usize> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: both strings are NUL-terminated and live across the call; the
+    // kernel writes at most `buffer.len()` bytes into `buffer`.
+    let size = unsafe {
+        libc::lgetxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            buffer.as_mut_ptr().cast::<libc::c_void>(),
+            buffer.len(),
+        )
+    };
+    usize::try_from(size).ok()
+}

@@ -2,6 +2,7 @@
 //! `walt-operator shell` binary driven through a PTY, real overlayfs,
 //! namespaces, qemu-user through binfmt_misc, busybox and Debian root
 //! filesystems. They run as root.
+#![allow(clippy::unwrap_used)] // a failed step is a failed test
 
 use std::fs;
 use std::io::{Read, Write};
@@ -27,9 +28,11 @@ fn require_root() {
 
 fn require_command(name: &str, package: &str) {
     let found = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(name).is_file()))
-        .unwrap_or(false);
-    assert!(found, "`{name}` is missing: apt-get install -y --no-install-recommends {package}");
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(name).is_file()));
+    assert!(
+        found,
+        "`{name}` is missing: apt-get install -y --no-install-recommends {package}"
+    );
 }
 
 fn require_arm64_emulation() {
@@ -64,10 +67,14 @@ fn busybox_deb(arch: &str) -> PathBuf {
     let debs = cache_dir().join("debs");
     fs::create_dir_all(&debs).unwrap();
     let find = || {
-        fs::read_dir(&debs).unwrap().flatten().map(|e| e.path()).find(|p| {
-            let name = p.file_name().unwrap().to_string_lossy().into_owned();
-            name.starts_with("busybox-static_") && name.ends_with(&format!("_{arch}.deb"))
-        })
+        fs::read_dir(&debs)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                name.starts_with("busybox-static_") && name.ends_with(&format!("_{arch}.deb"))
+            })
     };
     if let Some(deb) = find() {
         return deb;
@@ -79,7 +86,9 @@ fn busybox_deb(arch: &str) -> PathBuf {
             run(Command::new("apt-get").args(["update", "-q"]));
         }
     }
-    run(Command::new("apt-get").args(["download", &format!("busybox-static:{arch}")]).current_dir(&debs));
+    run(Command::new("apt-get")
+        .args(["download", &format!("busybox-static:{arch}")])
+        .current_dir(&debs));
     find().expect("apt-get download busybox-static gave no .deb")
 }
 
@@ -198,7 +207,10 @@ impl Session {
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 std::thread::sleep(Duration::from_millis(200));
-                panic!("the runtime exited ({status}) before printing {pattern:?}; output:\n{}", self.text());
+                panic!(
+                    "the runtime exited ({status}) before printing {pattern:?}; output:\n{}",
+                    self.text()
+                );
             }
             assert!(
                 Instant::now() < deadline,
@@ -217,24 +229,30 @@ impl Session {
     /// Runs `command` in the shell and returns its output (between markers).
     fn run(&mut self, command: &str) -> String {
         self.send(&format!("{command}; echo __DONE$((1+1))__"));
-        let chunk = self.expect("__DONE2__", Duration::from_secs(60));
+        let chunk = self.expect("__DONE2__", Duration::from_mins(1));
         // The echoed command line comes first, then the output.
-        let chunk = chunk.replace('\r', "");
+        let chunk = strip_escapes(&chunk.replace('\r', ""));
         let echoed = chunk.rfind("__DONE$((1+1))__").map_or(0, |i| i);
         chunk[echoed..]
             .split_once('\n')
-            .map_or(String::new(), |(_, rest)| rest.replace("__DONE2__", "").trim().to_string())
+            .map_or(String::new(), |(_, rest)| {
+                rest.replace("__DONE2__", "").trim().to_string()
+            })
     }
 
     /// Waits for the runtime to exit; returns its exit code and the JSON
     /// result line.
     fn finish(mut self) -> (i32, serde_json::Value, String) {
-        let deadline = Instant::now() + Duration::from_secs(120);
+        let deadline = Instant::now() + Duration::from_mins(2);
         let status = loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 break status;
             }
-            assert!(Instant::now() < deadline, "the runtime did not exit; output:\n{}", self.text());
+            assert!(
+                Instant::now() < deadline,
+                "the runtime did not exit; output:\n{}",
+                self.text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         };
         std::thread::sleep(Duration::from_millis(200));
@@ -254,6 +272,25 @@ impl Drop for Session {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `text` without terminal escape sequences (CSI: `ESC [ … final byte`).
+fn strip_escapes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Nothing of a session may stay mounted or running.
@@ -282,22 +319,49 @@ fn basic_shell_amd64_namespaces_terminal_and_exit_status() {
         "--cache-dir",
         cache.to_str().unwrap(),
     ]);
-    session.expect("Note: this is a limited virtual environment (with just the shell process).", Duration::from_secs(30));
+    session.expect(
+        "Note: this is a limited virtual environment (with just the shell process).",
+        Duration::from_secs(30),
+    );
     assert_eq!(session.run("hostname"), "image-shell");
-    assert_eq!(session.run("echo $$"), "1", "the basic shell is PID 1 of its own pid namespace");
-    assert_eq!(session.run("stty size"), "40 100", "the PTY has the caller's size");
-    assert_eq!(session.run("tty"), "/dev/pts/0", "the shell's terminal comes from the container's devpts");
+    assert_eq!(
+        session.run("echo $$"),
+        "1",
+        "the basic shell is PID 1 of its own pid namespace"
+    );
+    assert_eq!(
+        session.run("stty size"),
+        "40 100",
+        "the PTY has the caller's size"
+    );
+    assert_eq!(
+        session.run("tty"),
+        "/dev/pts/0",
+        "the shell's terminal comes from the container's devpts"
+    );
     let devices = session.run("ls /dev");
-    for device in ["null", "zero", "full", "random", "urandom", "tty", "ptmx", "pts", "shm"] {
-        assert!(devices.split_whitespace().any(|d| d == device), "/dev lacks {device}: {devices}");
+    for device in [
+        "null", "zero", "full", "random", "urandom", "tty", "ptmx", "pts", "shm",
+    ] {
+        assert!(
+            devices.split_whitespace().any(|d| d == device),
+            "/dev lacks {device}: {devices}"
+        );
     }
     let mounts = session.run("cat /proc/mounts");
-    assert!(mounts.contains("/sys sysfs ro") || mounts.contains(" /sys sysfs ro,"), "{mounts}");
+    assert!(
+        mounts.contains("/sys sysfs ro") || mounts.contains(" /sys sysfs ro,"),
+        "{mounts}"
+    );
     assert!(mounts.contains(" /tmp tmpfs rw"), "{mounts}");
     assert!(mounts.contains(" /run tmpfs rw"), "{mounts}");
     assert!(session.run("cat /etc/resolv.conf | wc -l").parse::<u32>().is_ok());
-    assert_eq!(session.run("ps | wc -l").parse::<u32>().unwrap_or(99) < 6, true, "only the shell runs");
-    assert_eq!(session.run("echo hello > /root/hello && cat /root/hello"), "hello");
+    let processes = session.run("ps | wc -l").parse::<u32>().unwrap_or(99);
+    assert!(processes < 6, "only the shell runs ({processes} lines of ps)");
+    assert_eq!(
+        session.run("echo hello > /root/hello && cat /root/hello"),
+        "hello"
+    );
     // Window size changes follow.
     nix::sys::termios::tcgetattr(session.master.as_fd()).unwrap();
     session.send("exit 7");
@@ -306,7 +370,10 @@ fn basic_shell_amd64_namespaces_terminal_and_exit_status() {
     assert_eq!(result["mode"], "basic");
     assert_eq!(result["emulated"], false);
     assert_eq!(result["architecture"], "amd64");
-    assert_eq!(result["summary"]["added"], 1, "only /root/hello was added: {result}");
+    assert_eq!(
+        result["summary"]["added"], 1,
+        "only /root/hello was added: {result}"
+    );
     assert!(text.contains("Changes: 1 added, 0 modified, 0 deleted"), "{text}");
     assert_nothing_left(cache.to_str().unwrap());
 }
@@ -318,7 +385,11 @@ fn arm64_image_runs_emulated_with_cpuinfo() {
     let work = tempfile::tempdir().unwrap();
     let rootfs = work.path().join("rootfs");
     busybox_rootfs("arm64", &rootfs);
-    fs::write(rootfs.join("etc/cpuinfo"), "processor\t: 0\nmodel name\t: walt-test-cpu\n").unwrap();
+    fs::write(
+        rootfs.join("etc/cpuinfo"),
+        "processor\t: 0\nmodel name\t: walt-test-cpu\n",
+    )
+    .unwrap();
     let cache = work.path().join("cache");
     let mut session = Session::start(&[
         "--rootfs",
@@ -334,7 +405,10 @@ fn arm64_image_runs_emulated_with_cpuinfo() {
     assert_eq!(code, 0);
     assert_eq!(result["emulated"], true);
     assert_eq!(result["architecture"], "arm64");
-    assert_eq!(result["summary"]["added"], 0, "cpuinfo binding and mount points are not changes: {result}");
+    assert_eq!(
+        result["summary"]["added"], 0,
+        "cpuinfo binding and mount points are not changes: {result}"
+    );
     assert_nothing_left(cache.to_str().unwrap());
 }
 
@@ -356,8 +430,15 @@ fn init_mode_runs_start_script_as_pid1_and_shutdown_at_exit() {
         "--console-log",
         console.to_str().unwrap(),
     ]);
-    session.expect("Note: the OS was started in a virtual environment.", Duration::from_secs(30));
-    assert_eq!(session.run("cat /start-pid"), "1", "the start script ran as PID 1");
+    session.expect(
+        "Note: the OS was started in a virtual environment.",
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        session.run("cat /start-pid"),
+        "1",
+        "the start script ran as PID 1"
+    );
     // (Under emulation the command line starts with qemu's binfmt interpreter.)
     let init = session.run("cat /proc/1/cmdline | tr '\\0' ' '");
     assert!(init.trim().ends_with("/sbin/init"), "PID 1 exec'd init: {init}");
@@ -369,8 +450,14 @@ fn init_mode_runs_start_script_as_pid1_and_shutdown_at_exit() {
     assert_eq!(result["mode"], "init");
     let log = fs::read_to_string(&console).unwrap();
     assert!(log.contains("walt-init-booted"), "init booted: {log}");
-    assert!(log.contains("walt-shutdown-ran"), "the shutdown script ran: {log}");
-    assert!(log.contains("walt-init-stopping"), "init ran its shutdown actions: {log}");
+    assert!(
+        log.contains("walt-shutdown-ran"),
+        "the shutdown script ran: {log}"
+    );
+    assert!(
+        log.contains("walt-init-stopping"),
+        "init ran its shutdown actions: {log}"
+    );
     // The start and shutdown markers are the only changes.
     assert_eq!(result["summary"]["added"], 2, "{result}");
     assert_nothing_left(cache.to_str().unwrap());
@@ -395,7 +482,10 @@ fn change_summary_counts_lower_layer_directory_deleted_and_recreated() {
         cache.to_str().unwrap(),
     ]);
     session.expect("Note: this is a limited", Duration::from_secs(30));
-    assert_eq!(session.run("cat /etc/top-file /etc/lower-file"), "top\nfrom the lower layer");
+    assert_eq!(
+        session.run("cat /etc/top-file /etc/lower-file"),
+        "top\nfrom the lower layer"
+    );
     session.run("echo new > /etc/new-file");
     session.run("echo changed >> /etc/lower-file");
     session.run("rm /etc/top-file");
@@ -406,7 +496,10 @@ fn change_summary_counts_lower_layer_directory_deleted_and_recreated() {
     assert_eq!(code, 0, "{text}");
     let summary = &result["summary"];
     assert_eq!(summary["added"], 2, "new-file and data/three: {summary}");
-    assert_eq!(summary["modified"], 2, "lower-file and the recreated data dir: {summary}");
+    assert_eq!(
+        summary["modified"], 2,
+        "lower-file and the recreated data dir: {summary}"
+    );
     assert_eq!(summary["deleted"], 1, "top-file: {summary}");
 }
 
@@ -437,7 +530,10 @@ fn refusals_say_what_is_wrong() {
     }
     let output = command.output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("128 layers") && stderr.contains("Squash"), "{stderr}");
+    assert!(
+        stderr.contains("128 layers") && stderr.contains("Squash"),
+        "{stderr}"
+    );
     // A missing capability.
     require_command("setpriv", "util-linux");
     let rootfs = work.path().join("rootfs");
@@ -460,7 +556,10 @@ fn refusals_say_what_is_wrong() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("init mode needs executable /bin/walt-image-shell-start"), "{stderr}");
+    assert!(
+        stderr.contains("init mode needs executable /bin/walt-image-shell-start"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -492,7 +591,10 @@ fn killed_runtime_leaves_nothing_behind() {
         if leftover.is_ok() {
             break;
         }
-        assert!(Instant::now() < deadline, "something was left after the runtime was killed");
+        assert!(
+            Instant::now() < deadline,
+            "something was left after the runtime was killed"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -509,16 +611,29 @@ fn runs_inside_a_user_namespace_with_userxattr() {
         Command::new("unshare")
             .args(["--user", "--map-root-user", "--"])
             .arg(bin())
-            .args(["shell", "--rootfs", base.to_str().unwrap(), "--cache-dir", cache.to_str().unwrap()]),
+            .args([
+                "shell",
+                "--rootfs",
+                base.to_str().unwrap(),
+                "--cache-dir",
+                cache.to_str().unwrap(),
+            ]),
     );
     session.expect("Note: this is a limited", Duration::from_secs(30));
     assert_eq!(session.run("hostname"), "image-shell");
     session.run("rm -r /var/lib/data && mkdir /var/lib/data && echo 3 > /var/lib/data/three");
-    assert_eq!(session.run("ls /var/lib/data"), "three", "deleting a lower directory works (userxattr)");
+    assert_eq!(
+        session.run("ls /var/lib/data"),
+        "three",
+        "deleting a lower directory works (userxattr)"
+    );
     session.send("exit");
     let (code, result, text) = session.finish();
     assert_eq!(code, 0, "{text}");
-    assert_eq!(result["summary"]["modified"], 1, "the recreated directory is opaque: {result}");
+    assert_eq!(
+        result["summary"]["modified"], 1,
+        "the recreated directory is opaque: {result}"
+    );
 }
 
 /// A Debian bookworm root (minbase + systemd, systemd-sysv, openssh-server)
@@ -547,11 +662,22 @@ fn debian_systemd_rootfs(arch: &str) -> PathBuf {
             &debian_mirror(),
         ]));
         let partial = build.path().join("rootfs.tar");
-        run(Command::new("tar").arg("--numeric-owner").arg("-C").arg(&target).arg("-cf").arg(&partial).arg("."));
+        run(Command::new("tar")
+            .arg("--numeric-owner")
+            .arg("-C")
+            .arg(&target)
+            .arg("-cf")
+            .arg(&partial)
+            .arg("."));
         fs::rename(&partial, &tarball).unwrap();
     }
     let staging = tempfile::tempdir_in(&dir).unwrap();
-    run(Command::new("tar").arg("--numeric-owner").arg("-C").arg(staging.path()).arg("-xf").arg(&tarball));
+    run(Command::new("tar")
+        .arg("--numeric-owner")
+        .arg("-C")
+        .arg(staging.path())
+        .arg("-xf")
+        .arg(&tarball));
     let staged = staging.keep();
     if fs::rename(&staged, &unpacked).is_err() {
         // Another test unpacked it meanwhile.
@@ -579,10 +705,22 @@ fn debian_mirror() -> String {
 fn walt_systemd_scripts(dir: &Path) {
     // /bin is a link to usr/bin in the image: put the scripts behind it.
     fs::create_dir_all(dir.join("usr/bin")).unwrap();
-    fs::write(dir.join("usr/bin/walt-image-shell-start"), "#!/bin/sh\nexec /sbin/init\n").unwrap();
-    fs::write(dir.join("usr/bin/walt-image-shell-shutdown"), "#!/bin/sh\nexec systemctl poweroff\n").unwrap();
+    fs::write(
+        dir.join("usr/bin/walt-image-shell-start"),
+        "#!/bin/sh\nexec /sbin/init\n",
+    )
+    .unwrap();
+    fs::write(
+        dir.join("usr/bin/walt-image-shell-shutdown"),
+        "#!/bin/sh\nexec systemctl poweroff\n",
+    )
+    .unwrap();
     for script in ["walt-image-shell-start", "walt-image-shell-shutdown"] {
-        fs::set_permissions(dir.join("usr/bin").join(script), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(
+            dir.join("usr/bin").join(script),
+            fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
     }
 }
 
@@ -609,9 +747,15 @@ fn systemd_image_boots_services(arch: &str) {
         "--console-log",
         console.to_str().unwrap(),
     ]);
-    session.expect("Note: the OS was started in a virtual environment.", Duration::from_secs(60));
-    session.expect("# ", Duration::from_secs(60));
-    let state = session.run("timeout 240 systemctl is-system-running --wait");
+    session.expect(
+        "Note: the OS was started in a virtual environment.",
+        Duration::from_mins(1),
+    );
+    session.expect("# ", Duration::from_mins(1));
+    // systemctl fails until systemd's bus is up, then says "starting" until the boot ends.
+    let state = session.run(
+        "for i in $(seq 300); do s=$(systemctl is-system-running 2>&1); case $s in running|degraded) break;; esac; sleep 1; done; echo $s",
+    );
     assert!(
         state.ends_with("running") || state.ends_with("degraded"),
         "systemctl is-system-running said {state:?}; console:\n{}",
@@ -619,7 +763,10 @@ fn systemd_image_boots_services(arch: &str) {
     );
     assert_eq!(session.run("systemctl is-active ssh"), "active");
     assert_eq!(session.run("echo $container"), "walt");
-    assert_eq!(session.run("uname -m"), if arch == "amd64" { "x86_64" } else { "aarch64" });
+    assert_eq!(
+        session.run("uname -m"),
+        if arch == "amd64" { "x86_64" } else { "aarch64" }
+    );
     session.send("exit");
     let (code, result, text) = session.finish();
     assert_eq!(code, 0, "{text}");

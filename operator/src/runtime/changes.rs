@@ -68,7 +68,9 @@ pub fn summarize(upper: &Path, lowers: &[PathBuf], user_xattr: bool) -> std::io:
 }
 
 fn in_lowers(lowers: &[PathBuf], relative: &Path) -> bool {
-    lowers.iter().any(|lower| fs::symlink_metadata(lower.join(relative)).is_ok())
+    lowers
+        .iter()
+        .any(|lower| fs::symlink_metadata(lower.join(relative)).is_ok())
 }
 
 fn walk(
@@ -130,6 +132,7 @@ fn rustix_getxattr(path: &Path, name: &str, buffer: &mut [u8]) -> Option<usize> 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -11,27 +11,14 @@ use super::session::{self, ModeChoice, ShellRequest};
 /// Arguments of `walt-operator shell`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Image to open (`registry/repository:tag` or `…@sha256:…`).
-    #[arg(long, required_unless_present = "rootfs")]
-    pub image: Option<String>,
-    /// Open unpacked layer directories instead of an image (repeat; top layer
-    /// first). Changes are summarized but cannot be committed.
-    #[arg(long, conflicts_with = "image")]
+    /// Unpacked layer directories of the image to open (repeat; top layer
+    /// first).
+    #[arg(long, required = true)]
     pub rootfs: Vec<PathBuf>,
     /// init: the OS init as PID 1 (needs WalT's two scripts); basic: the shell
     /// alone; auto: init when the image has the scripts.
     #[arg(long, value_enum, default_value_t = ModeChoice::Auto)]
     pub mode: ModeChoice,
-    /// On exit, push the changes as a new image by digest and tag it with
-    /// this reference.
-    #[arg(long, requires = "image")]
-    pub commit_to: Option<String>,
-    /// Registry host (`host:port`) spoken to over plain HTTP (repeat).
-    #[arg(long)]
-    pub insecure_registry: Vec<String>,
-    /// Pick this platform's image from a multi-arch index (`linux/arm64`).
-    #[arg(long)]
-    pub platform: Option<String>,
     /// The image's CPU architecture, for `--rootfs` (default: read from its
     /// `/bin/sh`).
     #[arg(long)]
@@ -94,13 +81,7 @@ pub struct ShellResult {
 pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>> {
     let session_dir = new_session_dir(&args.cache_dir)?;
     let guard = RemoveOnDrop(session_dir.clone());
-    let (lower_dirs, architecture, os) = if args.rootfs.is_empty() {
-        let image = args.image.as_deref().ok_or("--image or --rootfs is required")?;
-        let pulled = super::image::pull(image, args)?;
-        (pulled.lower_dirs, Some(pulled.architecture), Some(pulled.os))
-    } else {
-        (args.rootfs.clone(), args.arch.clone(), None)
-    };
+    let (lower_dirs, architecture, os) = (args.rootfs.clone(), args.arch.clone(), None);
     let request = ShellRequest {
         lower_dirs,
         session_dir: session_dir.clone(),
@@ -116,7 +97,7 @@ pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>>
     };
     let inspection = session::inspect(&request)?;
     let outcome = session::run(&request, &inspection)?;
-    let mut result = ShellResult {
+    let result = ShellResult {
         digest: None,
         reference: None,
         summary: outcome.summary,
@@ -127,14 +108,6 @@ pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>>
     };
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "\r\nChanges: {}", outcome.summary)?;
-    if let (Some(target), Some(image)) = (&args.commit_to, &args.image) {
-        writeln!(stdout, "Committing to {target}...")?;
-        stdout.flush()?;
-        let committed = super::image::commit(image, target, &outcome, args)?;
-        writeln!(stdout, "Saved {target} ({})", committed)?;
-        result.digest = Some(committed);
-        result.reference = Some(target.clone());
-    }
     let line = serde_json::to_string(&result)?;
     writeln!(stdout, "{line}")?;
     stdout.flush()?;

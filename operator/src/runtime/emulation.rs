@@ -63,9 +63,10 @@ pub enum EmulationError {
 
 /// The host's architecture as an OCI name (`amd64`, `arm64`, …).
 pub fn host_architecture() -> String {
-    let machine = nix::sys::utsname::uname()
-        .map(|u| u.machine().to_string_lossy().into_owned())
-        .unwrap_or_else(|_| std::env::consts::ARCH.to_string());
+    let machine = nix::sys::utsname::uname().map_or_else(
+        |_| std::env::consts::ARCH.to_string(),
+        |u| u.machine().to_string_lossy().into_owned(),
+    );
     oci_architecture(&machine).to_string()
 }
 
@@ -108,7 +109,8 @@ pub fn runs_natively(image_arch: &str, host_arch: &str) -> bool {
 fn arm32_supported() -> bool {
     // arm64 kernels built with COMPAT run armv7 binaries; /proc/cpuinfo lists
     // the 32-bit features then.
-    fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| info.contains("CPU architecture: 7") || info.contains("aarch32"))
+    fs::read_to_string("/proc/cpuinfo")
+        .is_ok_and(|info| info.contains("CPU architecture: 7") || info.contains("aarch32"))
 }
 
 /// Checks that binaries of `image_arch` can run here; returns `true` when they
@@ -196,24 +198,30 @@ pub fn elf_architecture(path: &Path) -> Option<String> {
 /// The architecture of an unpacked root (layers top first), from its shell
 /// or busybox binary.
 pub fn root_architecture(layers: &[PathBuf]) -> Option<String> {
-    ["/bin/sh", "/bin/bash", "/bin/busybox", "/usr/bin/env"].iter().find_map(|path| {
-        let resolved = super::root::resolve_in_root(layers, Path::new(path))?;
-        let relative = resolved.strip_prefix("/").ok()?.to_path_buf();
-        layers
-            .iter()
-            .map(|layer| layer.join(&relative))
-            .find(|p| p.is_file())
-            .and_then(|p| elf_architecture(&p))
-    })
+    ["/bin/sh", "/bin/bash", "/bin/busybox", "/usr/bin/env"]
+        .iter()
+        .find_map(|path| {
+            let resolved = super::root::resolve_in_root(layers, Path::new(path))?;
+            let relative = resolved.strip_prefix("/").ok()?.to_path_buf();
+            layers
+                .iter()
+                .map(|layer| layer.join(&relative))
+                .find(|p| p.is_file())
+                .and_then(|p| elf_architecture(&p))
+        })
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
     #[test]
     fn native_needs_no_handler() {
-        assert_eq!(check_with("amd64", "amd64", Path::new("/nonexistent")).ok(), Some(false));
+        assert_eq!(
+            check_with("amd64", "amd64", Path::new("/nonexistent")).ok(),
+            Some(false)
+        );
     }
 
     #[test]

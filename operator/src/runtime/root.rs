@@ -30,8 +30,8 @@ use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::{CloneFlags, setns, unshare};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
 use nix::sys::socket::{
-    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
-    sendmsg, socketpair,
+    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg, sendmsg,
+    socketpair,
 };
 use nix::sys::stat::Mode;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
@@ -158,12 +158,10 @@ impl RootSpec {
 /// Whether this process runs in a user namespace other than the initial one
 /// (where overlay needs the `userxattr` option).
 pub fn in_user_namespace() -> bool {
-    fs::read_to_string("/proc/self/uid_map")
-        .map(|map| {
-            let fields: Vec<&str> = map.split_whitespace().collect();
-            fields != ["0", "0", "4294967295"]
-        })
-        .unwrap_or(false)
+    fs::read_to_string("/proc/self/uid_map").is_ok_and(|map| {
+        let fields: Vec<&str> = map.split_whitespace().collect();
+        fields != ["0", "0", "4294967295"]
+    })
 }
 
 /// How a process's standard streams are connected.
@@ -272,14 +270,13 @@ impl Container {
             Forked::Child => {
                 drop(parent_sock);
                 let mut created = Vec::new();
-                let result = child_setup(spec, &plan, init, parent_pid, &mut created)
-                    .and_then(|console| {
-                        report(&child_sock, "created", Some(&encode_paths(&created)), None);
-                        let master = console.as_ref().map(|(master, _)| master.as_raw_fd());
-                        report(&child_sock, "ok", None, master);
-                        drop(console);
-                        exec(&program, &argv, &envp, &init.cwd)
-                    });
+                let result = child_setup(spec, &plan, init, parent_pid, &mut created).and_then(|console| {
+                    report(&child_sock, "created", Some(&encode_paths(&created)), None);
+                    let master = console.as_ref().map(|(master, _)| master.as_raw_fd());
+                    report(&child_sock, "ok", None, master);
+                    drop(console);
+                    exec(&program, &argv, &envp, &init.cwd)
+                });
                 if let Err(message) = result {
                     report(&child_sock, "error", Some(&message), None);
                 }
@@ -659,13 +656,20 @@ fn child_setup(
     created: &mut Vec<PathBuf>,
 ) -> ChildResult<Option<(OwnedFd, OwnedFd)>> {
     unblock_signals()?;
-    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(|e| format!("set the parent-death signal: {e}"))?;
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+        .map_err(|e| format!("set the parent-death signal: {e}"))?;
     if nix::unistd::getppid() != parent && nix::unistd::getppid().as_raw() != 0 {
         return Err("the runtime exited during setup".into());
     }
     let m = |what: String| move |e: nix::Error| format!("{what}: {e}");
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .map_err(m("make the mount tree private".into()))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(m("make the mount tree private".into()))?;
     if spec.network == Network::None {
         bring_loopback_up();
     }
@@ -698,18 +702,36 @@ fn child_setup(
     let at = |p: &str| root.join(p);
     let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
 
-    mount(Some("proc"), &at("proc"), Some("proc"), nosuid_nodev | MsFlags::MS_NOEXEC, None::<&str>)
-        .map_err(m("mount /proc".into()))?;
+    mount(
+        Some("proc"),
+        &at("proc"),
+        Some("proc"),
+        nosuid_nodev | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(m("mount /proc".into()))?;
 
     // /dev: a tmpfs with the host's harmless devices bound in.
-    mount(Some("tmpfs"), &at("dev"), Some("tmpfs"), MsFlags::MS_NOSUID, Some("mode=755,size=65536k"))
-        .map_err(m("mount a tmpfs on /dev".into()))?;
+    mount(
+        Some("tmpfs"),
+        &at("dev"),
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID,
+        Some("mode=755,size=65536k"),
+    )
+    .map_err(m("mount a tmpfs on /dev".into()))?;
     for device in DEVICES {
         let target = at("dev").join(device);
         fs::File::create(&target).map_err(|e| format!("create {}: {e}", target.display()))?;
         let source = Path::new("/dev").join(device);
-        mount(Some(&source), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .map_err(m(format!("bind {}", source.display())))?;
+        mount(
+            Some(&source),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(m(format!("bind {}", source.display())))?;
     }
     let pts = at("dev/pts");
     fs::create_dir(&pts).map_err(|e| format!("create /dev/pts: {e}"))?;
@@ -733,8 +755,14 @@ fn child_setup(
     }
     let shm = at("dev/shm");
     fs::create_dir(&shm).map_err(|e| format!("create /dev/shm: {e}"))?;
-    mount(Some("shm"), &shm, Some("tmpfs"), nosuid_nodev, Some("mode=1777,size=65536k"))
-        .map_err(m("mount /dev/shm".into()))?;
+    mount(
+        Some("shm"),
+        &shm,
+        Some("tmpfs"),
+        nosuid_nodev,
+        Some("mode=1777,size=65536k"),
+    )
+    .map_err(m("mount /dev/shm".into()))?;
     for (link, target) in [
         ("ptmx", "pts/ptmx"),
         ("fd", "/proc/self/fd"),
@@ -751,8 +779,14 @@ fn child_setup(
     if mount(Some("sysfs"), &at("sys"), Some("sysfs"), sys_flags, None::<&str>).is_err() {
         // A user namespace that does not own the network namespace cannot
         // mount sysfs: bind the caller's, read-only.
-        mount(Some("/sys"), &at("sys"), None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-            .map_err(m("bind /sys".into()))?;
+        mount(
+            Some("/sys"),
+            &at("sys"),
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(m("bind /sys".into()))?;
         mount(
             None::<&str>,
             &at("sys"),
@@ -764,24 +798,54 @@ fn child_setup(
     }
     if let Some((mount_dir, name)) = &plan.cgroup {
         let cgroup = at("sys/fs/cgroup");
-        mount(Some("tmpfs"), &cgroup, Some("tmpfs"), nosuid_nodev | MsFlags::MS_NOEXEC, Some("mode=755"))
-            .map_err(m("mount a tmpfs on /sys/fs/cgroup".into()))?;
+        mount(
+            Some("tmpfs"),
+            &cgroup,
+            Some("tmpfs"),
+            nosuid_nodev | MsFlags::MS_NOEXEC,
+            Some("mode=755"),
+        )
+        .map_err(m("mount a tmpfs on /sys/fs/cgroup".into()))?;
         let systemd = cgroup.join("systemd");
         fs::create_dir(&systemd).map_err(|e| format!("create /sys/fs/cgroup/systemd: {e}"))?;
-        mount(Some(&mount_dir.join(name)), &systemd, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .map_err(m("bind the container's name=systemd cgroup".into()))?;
+        mount(
+            Some(&mount_dir.join(name)),
+            &systemd,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(m("bind the container's name=systemd cgroup".into()))?;
         umount2(mount_dir, MntFlags::MNT_DETACH).map_err(m("unmount the cgroup staging mount".into()))?;
     }
 
-    mount(Some("tmpfs"), &at("tmp"), Some("tmpfs"), nosuid_nodev, Some("mode=1777"))
-        .map_err(m("mount a tmpfs on /tmp".into()))?;
-    mount(Some("tmpfs"), &at("run"), Some("tmpfs"), nosuid_nodev, Some("mode=755"))
-        .map_err(m("mount a tmpfs on /run".into()))?;
+    mount(
+        Some("tmpfs"),
+        &at("tmp"),
+        Some("tmpfs"),
+        nosuid_nodev,
+        Some("mode=1777"),
+    )
+    .map_err(m("mount a tmpfs on /tmp".into()))?;
+    mount(
+        Some("tmpfs"),
+        &at("run"),
+        Some("tmpfs"),
+        nosuid_nodev,
+        Some("mode=755"),
+    )
+    .map_err(m("mount a tmpfs on /run".into()))?;
 
     if let Some(resolv) = spec.resolv_conf.as_ref().filter(|p| p.exists()) {
         let target = bind_target(root, Path::new("/etc/resolv.conf"), false, created)?;
-        mount(Some(resolv), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .map_err(m("bind /etc/resolv.conf".into()))?;
+        mount(
+            Some(resolv),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(m("bind /etc/resolv.conf".into()))?;
         let _ = mount(
             None::<&str>,
             &target,
@@ -791,22 +855,44 @@ fn child_setup(
         );
     }
     if spec.bind_cpuinfo && at("etc/cpuinfo").is_file() {
-        mount(Some(&at("etc/cpuinfo")), &at("proc/cpuinfo"), None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .map_err(m("bind /etc/cpuinfo on /proc/cpuinfo".into()))?;
+        mount(
+            Some(&at("etc/cpuinfo")),
+            &at("proc/cpuinfo"),
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(m("bind /etc/cpuinfo on /proc/cpuinfo".into()))?;
     }
     if spec.init_conventions {
         let id = machine_id();
         let transient = at("run/machine-id");
         fs::write(&transient, format!("{id}\n")).map_err(|e| format!("write /run/machine-id: {e}"))?;
         let target = bind_target(root, Path::new("/etc/machine-id"), false, created)?;
-        mount(Some(&transient), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .map_err(m("bind a transient /etc/machine-id".into()))?;
+        mount(
+            Some(&transient),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(m("bind a transient /etc/machine-id".into()))?;
     }
     for bind in &spec.binds {
         let is_dir = bind.source.is_dir();
         let target = bind_target(root, &bind.target, is_dir, created)?;
-        mount(Some(&bind.source), &target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-            .map_err(m(format!("bind {} on {}", bind.source.display(), bind.target.display())))?;
+        mount(
+            Some(&bind.source),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(m(format!(
+            "bind {} on {}",
+            bind.source.display(),
+            bind.target.display()
+        )))?;
         if bind.read_only {
             mount(
                 None::<&str>,
@@ -825,8 +911,14 @@ fn child_setup(
             let (master, slave_path) = open_pty(&at("dev/pts/ptmx"), &pts, size)?;
             let console = at("dev/console");
             fs::File::create(&console).map_err(|e| format!("create /dev/console: {e}"))?;
-            mount(Some(&slave_path), &console, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-                .map_err(m("bind the console PTY on /dev/console".into()))?;
+            mount(
+                Some(&slave_path),
+                &console,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(m("bind the console PTY on /dev/console".into()))?;
             Some((master, slave_path))
         }
         _ => None,
@@ -838,16 +930,13 @@ fn child_setup(
     umount2(".", MntFlags::MNT_DETACH).map_err(m("detach the old root".into()))?;
     chdir("/").map_err(m("chdir /".into()))?;
 
-    match console {
-        Some((master, slave_path)) => {
-            let inside = Path::new("/dev/pts").join(slave_path.file_name().unwrap_or_default());
-            let slave = attach_terminal(&inside)?;
-            Ok(Some((master, slave)))
-        }
-        None => {
-            setup_stdio(init.stdio, Path::new("/dev/ptmx"))?;
-            Ok(None)
-        }
+    if let Some((master, slave_path)) = console {
+        let inside = Path::new("/dev/pts").join(slave_path.file_name().unwrap_or_default());
+        let slave = attach_terminal(&inside)?;
+        Ok(Some((master, slave)))
+    } else {
+        setup_stdio(init.stdio, Path::new("/dev/ptmx"))?;
+        Ok(None)
     }
 }
 
@@ -864,7 +953,9 @@ fn setup_stdio(stdio: Stdio, ptmx: &Path) -> ChildResult<Option<(OwnedFd, OwnedF
             Ok(None)
         }
         Stdio::Pty(size) => {
-            let pts = ptmx.parent().map_or_else(|| PathBuf::from("/dev/pts"), |p| p.join("pts"));
+            let pts = ptmx
+                .parent()
+                .map_or_else(|| PathBuf::from("/dev/pts"), |p| p.join("pts"));
             let (master, slave_path) = open_pty(ptmx, &pts, size)?;
             let slave = attach_terminal(&slave_path)?;
             Ok(Some((master, slave)))
@@ -882,8 +973,12 @@ fn dup_stdio(fd: &OwnedFd) -> ChildResult<()> {
 /// Opens a PTY master on `ptmx`, returns it with the slave's path (under
 /// `pts_dir`), sized as asked.
 fn open_pty(ptmx: &Path, pts_dir: &Path, size: Option<libc::winsize>) -> ChildResult<(OwnedFd, PathBuf)> {
-    let master = open(ptmx, OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(|e| format!("open {}: {e}", ptmx.display()))?;
+    let master = open(
+        ptmx,
+        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("open {}: {e}", ptmx.display()))?;
     let number = sys::pty_unlock_and_number(master.as_fd()).map_err(|e| format!("unlock the PTY: {e}"))?;
     if let Some(size) = size {
         sys::set_window_size(master.as_fd(), &size).map_err(|e| format!("size the PTY: {e}"))?;
@@ -895,7 +990,8 @@ fn open_pty(ptmx: &Path, pts_dir: &Path, size: Option<libc::winsize>) -> ChildRe
 /// session.
 fn attach_terminal(path: &Path) -> ChildResult<OwnedFd> {
     setsid().map_err(|e| format!("setsid: {e}"))?;
-    let slave = open(path, OFlag::O_RDWR, Mode::empty()).map_err(|e| format!("open {}: {e}", path.display()))?;
+    let slave =
+        open(path, OFlag::O_RDWR, Mode::empty()).map_err(|e| format!("open {}: {e}", path.display()))?;
     sys::set_controlling_terminal(slave.as_fd()).map_err(|e| format!("set the controlling terminal: {e}"))?;
     dup_stdio(&slave)?;
     Ok(slave)
@@ -922,7 +1018,12 @@ fn ensure_dir(root: &Path, relative: &Path, created: &mut Vec<PathBuf>) -> Child
 /// Resolves `path` (absolute, inside the image) to a host path under `root`,
 /// following symbolic links inside the root, and creates it (file or
 /// directory) when missing so something can be mounted on it.
-fn bind_target(root: &Path, path: &Path, directory: bool, created: &mut Vec<PathBuf>) -> ChildResult<PathBuf> {
+fn bind_target(
+    root: &Path,
+    path: &Path,
+    directory: bool,
+    created: &mut Vec<PathBuf>,
+) -> ChildResult<PathBuf> {
     let resolved = resolve_in_root(&[root.to_path_buf()], path).unwrap_or_else(|| path.to_path_buf());
     let host = root.join(resolved.strip_prefix("/").unwrap_or(&resolved));
     if fs::symlink_metadata(&host).is_err() {
@@ -957,8 +1058,7 @@ fn bind_target(root: &Path, path: &Path, directory: bool, created: &mut Vec<Path
 /// Returns the final path inside the image, or `None` when it (or a link on
 /// the way) is missing. Whiteouts are not interpreted.
 pub fn resolve_in_root(layers: &[PathBuf], path: &Path) -> Option<PathBuf> {
-    let mut pending: Vec<std::ffi::OsString> =
-        path.components().rev().filter_map(component_name).collect();
+    let mut pending: Vec<std::ffi::OsString> = path.components().rev().filter_map(component_name).collect();
     let mut current = PathBuf::from("/");
     let mut hops = 0;
     while let Some(name) = pending.pop() {
@@ -968,9 +1068,11 @@ pub fn resolve_in_root(layers: &[PathBuf], path: &Path) -> Option<PathBuf> {
         }
         let candidate = current.join(&name);
         let relative = candidate.strip_prefix("/").ok()?.to_path_buf();
-        let meta = layers
-            .iter()
-            .find_map(|layer| fs::symlink_metadata(layer.join(&relative)).ok().map(|m| (layer, m)));
+        let meta = layers.iter().find_map(|layer| {
+            fs::symlink_metadata(layer.join(&relative))
+                .ok()
+                .map(|m| (layer, m))
+        });
         let (layer, meta) = meta?;
         if meta.file_type().is_symlink() {
             hops += 1;
@@ -1011,7 +1113,8 @@ fn enter_systemd_cgroup(mount_dir: &Path, name: &str) -> ChildResult<()> {
     .map_err(|e| format!("mount the cgroup v1 name=systemd hierarchy: {e}"))?;
     let group = mount_dir.join(name);
     fs::create_dir_all(&group).map_err(|e| format!("create cgroup {}: {e}", group.display()))?;
-    fs::write(group.join("cgroup.procs"), "0").map_err(|e| format!("enter cgroup {}: {e}", group.display()))?;
+    fs::write(group.join("cgroup.procs"), "0")
+        .map_err(|e| format!("enter cgroup {}: {e}", group.display()))?;
     unshare(CloneFlags::CLONE_NEWCGROUP).map_err(|e| format!("create a cgroup namespace: {e}"))?;
     Ok(())
 }
@@ -1030,10 +1133,23 @@ fn remove_cgroup(name: &str) {
         Forked::Child => {
             let dir = std::env::temp_dir().join(format!("walt-cgroup-{}", std::process::id()));
             let ok = unshare(CloneFlags::CLONE_NEWNS).is_ok()
-                && mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-                    .is_ok()
+                && mount(
+                    None::<&str>,
+                    "/",
+                    None::<&str>,
+                    MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                    None::<&str>,
+                )
+                .is_ok()
                 && fs::create_dir_all(&dir).is_ok()
-                && mount(Some("cgroup"), &dir, Some("cgroup"), MsFlags::empty(), Some("none,name=systemd")).is_ok();
+                && mount(
+                    Some("cgroup"),
+                    &dir,
+                    Some("cgroup"),
+                    MsFlags::empty(),
+                    Some("none,name=systemd"),
+                )
+                .is_ok();
             if ok {
                 remove_cgroup_tree(&dir.join(name));
                 let _ = umount2(&dir, MntFlags::MNT_DETACH);

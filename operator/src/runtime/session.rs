@@ -22,10 +22,10 @@ pub const MAX_LAYERS: usize = 127;
 pub const CONTAINER_NAME: &str = "walt";
 
 /// The note printed when the OS init runs (WalT's wording).
-pub const INIT_NOTE: &str = "Note: the OS was started in a virtual environment.\nRun 'walt help show shells' for more info.\n";
+pub const INIT_NOTE: &str =
+    "Note: the OS was started in a virtual environment.\nRun 'walt help show shells' for more info.\n";
 /// The note printed for a shell alone (WalT's wording).
-pub const BASIC_NOTE: &str =
-    "Note: this is a limited virtual environment (with just the shell process).\nRun 'walt help show shells' for more info.\n";
+pub const BASIC_NOTE: &str = "Note: this is a limited virtual environment (with just the shell process).\nRun 'walt help show shells' for more info.\n";
 
 /// Errors of a shell session.
 #[derive(Debug, thiserror::Error)]
@@ -52,9 +52,7 @@ pub enum SessionError {
     )]
     NoInitScripts(&'static str),
     /// The architecture could not be told.
-    #[error(
-        "cannot tell the image's CPU architecture (no ELF /bin/sh); pass it with --arch"
-    )]
+    #[error("cannot tell the image's CPU architecture (no ELF /bin/sh); pass it with --arch")]
     UnknownArchitecture,
     /// The session directory is on an overlay.
     #[error(
@@ -157,7 +155,11 @@ pub fn inspect(request: &ShellRequest) -> Result<Inspection, SessionError> {
     if request.lower_dirs.len() > MAX_LAYERS {
         return Err(SessionError::TooManyLayers(request.lower_dirs.len()));
     }
-    if let Some(os) = request.os.as_deref().filter(|os| !os.is_empty() && *os != "linux") {
+    if let Some(os) = request
+        .os
+        .as_deref()
+        .filter(|os| !os.is_empty() && *os != "linux")
+    {
         return Err(SessionError::NotLinux(os.to_string()));
     }
     check_capabilities()?;
@@ -173,9 +175,8 @@ pub fn inspect(request: &ShellRequest) -> Result<Inspection, SessionError> {
     let has_start = executable(START_SCRIPT);
     let has_shutdown = executable(SHUTDOWN_SCRIPT);
     let mode = match request.mode {
-        ModeChoice::Basic => Mode::Basic,
         ModeChoice::Auto if has_start && has_shutdown => Mode::Init,
-        ModeChoice::Auto => Mode::Basic,
+        ModeChoice::Basic | ModeChoice::Auto => Mode::Basic,
         ModeChoice::Init if !has_start => return Err(SessionError::NoInitScripts(START_SCRIPT)),
         ModeChoice::Init if !has_shutdown => return Err(SessionError::NoInitScripts(SHUTDOWN_SCRIPT)),
         ModeChoice::Init => Mode::Init,
@@ -201,9 +202,10 @@ pub fn is_executable(layers: &[PathBuf], path: &str) -> bool {
     let Ok(relative) = resolved.strip_prefix("/") else {
         return false;
     };
-    layers.iter().find_map(|layer| fs::metadata(layer.join(relative)).ok()).is_some_and(|meta| {
-        meta.is_file() && meta.permissions().mode() & 0o111 != 0
-    })
+    layers
+        .iter()
+        .find_map(|layer| fs::metadata(layer.join(relative)).ok())
+        .is_some_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
 }
 
 fn check_capabilities() -> Result<(), SessionError> {
@@ -224,7 +226,7 @@ fn check_capabilities() -> Result<(), SessionError> {
 fn check_real_filesystem(dir: &Path) -> Result<(), SessionError> {
     const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
     if let Ok(stat) = nix::sys::statfs::statfs(dir)
-        && stat.filesystem_type().0 as i64 == OVERLAYFS_SUPER_MAGIC
+        && stat.filesystem_type().0 == OVERLAYFS_SUPER_MAGIC
     {
         return Err(SessionError::UpperOnOverlay(dir.to_path_buf()));
     }
@@ -243,13 +245,12 @@ pub fn run(request: &ShellRequest, inspection: &Inspection) -> Result<ShellOutco
     spec.network = request.network;
     spec.init_conventions = inspection.mode == Mode::Init;
     let signals = terminal::signal_fd().map_err(|e| SessionError::Sys("block signals", e))?;
-    nix::sys::prctl::set_child_subreaper(true).map_err(|e| SessionError::Sys("become a child subreaper", e))?;
+    nix::sys::prctl::set_child_subreaper(true)
+        .map_err(|e| SessionError::Sys("become a child subreaper", e))?;
     let size = terminal::caller_window_size();
     let mut stdout = std::io::stdout();
     let mut console_sink: Box<dyn Write> = match &request.console_log {
-        Some(path) => Box::new(
-            fs::File::create(path).map_err(|e| SessionError::Summary(path.clone(), e))?,
-        ),
+        Some(path) => Box::new(fs::File::create(path).map_err(|e| SessionError::Summary(path.clone(), e))?),
         None => Box::new(std::io::sink()),
     };
     let mut shell_command = Command::new(&inspection.shell, Stdio::Pty(size));
@@ -261,9 +262,11 @@ pub fn run(request: &ShellRequest, inspection: &Inspection) -> Result<ShellOutco
             let _ = stdout.flush();
             let pid = container.init.pid;
             let raw = terminal::RawMode::enable();
-            let master = container.init.pty.as_ref().ok_or_else(|| {
-                RootError::Setup("the shell's PTY was not received".into())
-            })?;
+            let master = container
+                .init
+                .pty
+                .as_ref()
+                .ok_or_else(|| RootError::Setup("the shell's PTY was not received".into()))?;
             let end = terminal::relay(master, pid, pid, None, &mut console_sink, &signals);
             drop(raw);
             (container, pid, end)

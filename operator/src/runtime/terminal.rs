@@ -143,13 +143,17 @@ pub fn relay(
         }
         let ready = |index: Option<usize>| {
             index.is_some_and(|i| {
-                fds[i]
-                    .revents()
-                    .is_some_and(|r| r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR))
+                fds[i].revents().is_some_and(|r| {
+                    r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR)
+                })
             })
         };
-        let (signals_ready, master_ready, console_ready, stdin_ready) =
-            (ready(Some(0)), ready(master_index), ready(console_index), ready(stdin_index));
+        let (signals_ready, master_ready, console_ready, stdin_ready) = (
+            ready(Some(0)),
+            ready(master_index),
+            ready(console_index),
+            ready(stdin_index),
+        );
         drop(fds);
         if master_ready {
             match read(master, &mut buffer) {
@@ -162,10 +166,11 @@ pub fn relay(
                 Err(_) => master_open = false,
             }
         }
-        if console_ready && let Some(console) = console {
-            if let Ok(n) = read(console, &mut buffer) {
-                let _ = console_sink.write_all(&buffer[..n]);
-            }
+        if console_ready
+            && let Some(console) = console
+            && let Ok(n) = read(console, &mut buffer)
+        {
+            let _ = console_sink.write_all(&buffer[..n]);
         }
         if stdin_ready {
             match read(stdin.as_fd(), &mut buffer) {
@@ -189,7 +194,8 @@ pub fn relay(
                             let _ = sys::set_window_size(master.as_fd(), &size);
                         }
                     }
-                    Ok(Signal::SIGCHLD) => {}
+                    // SIGCHLD: reaped below.
+                    Ok(Signal::SIGCHLD) | Err(_) => {}
                     Ok(Signal::SIGINT) => {
                         let _ = kill(shell, Signal::SIGINT);
                     }
@@ -199,7 +205,6 @@ pub fn relay(
                         let _ = kill(shell, Signal::SIGHUP);
                         let _ = kill(shell, Signal::SIGCONT);
                     }
-                    Err(_) => {}
                 }
             }
         }

@@ -1,0 +1,133 @@
+//! `Image`: an OS image the lab keeps in its OCI registry.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::SecretReference;
+
+/// The desired state of an Image: where it comes from and where the lab keeps it.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "walt.dev",
+    version = "v1alpha1",
+    kind = "Image",
+    plural = "images",
+    namespaced,
+    status = "ImageStatus",
+    derive = "PartialEq",
+    derive = "Default",
+    shortname = "wimg",
+    category = "walt",
+    doc = "An OS image of the lab: what nodes boot and image shells open. The object name is the image \
+           name (tag `v2` of `rpi-debian` is the Image `rpi-debian.v2`).",
+    printcolumn = r#"{"name": "Reference", "type": "string", "jsonPath": ".status.reference", "description": "Where the lab keeps the image"}"#,
+    printcolumn = r#"{"name": "Digest", "type": "string", "jsonPath": ".status.shortDigest", "description": "Manifest digest (short)"}"#,
+    printcolumn = r#"{"name": "Arch", "type": "string", "jsonPath": ".status.platform.architecture", "description": "CPU architecture"}"#,
+    printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status", "description": "The image is in the lab registry and usable"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageSpec {
+    /// Upstream image to clone from (an OCI reference such as
+    /// `docker.io/waltplatform/rpi-default:latest`). The operator copies it to
+    /// `reference` once. Unset for images made here (shell or node save results).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    pub source: Option<String>,
+    /// Where the lab keeps this image (an OCI reference, tag or digest). Defaults to
+    /// `<lab registry>/<namespace>/<name>:<tag>` (tag `latest` unless the object name
+    /// carries one, as in `rpi-debian.v2`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    pub reference: Option<String>,
+    /// Which image of a multi-architecture index to take (e.g. `arm64` for
+    /// Raspberry Pis). Unset: the index must hold one image, or the operator's
+    /// own platform is taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<Platform>,
+    /// Secret (type `kubernetes.io/dockerconfigjson`) with credentials for the
+    /// `source` registry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_secret_ref: Option<SecretReference>,
+}
+
+/// An OCI platform: operating system, CPU architecture and variant.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Platform {
+    /// Operating system, as OCI writes it.
+    #[serde(default = "default_os")]
+    #[schemars(length(max = 32))]
+    pub os: String,
+    /// CPU architecture as OCI writes it: `amd64`, `arm64`, `arm`, `386`, `riscv64`, …
+    #[schemars(length(min = 1, max = 32))]
+    pub architecture: String,
+    /// Architecture variant (`v7` for 32-bit Raspberry Pis, `v8` for arm64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    pub variant: Option<String>,
+}
+
+fn default_os() -> String {
+    "linux".to_owned()
+}
+
+impl Default for Platform {
+    fn default() -> Self {
+        Self {
+            os: default_os(),
+            architecture: "amd64".to_owned(),
+            variant: None,
+        }
+    }
+}
+
+/// How an image shell starts in this image (WalT's rule).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ImageShellMode {
+    /// The image has executable `/bin/walt-image-shell-start` and
+    /// `/bin/walt-image-shell-shutdown`: init runs as PID 1, the shell inside it.
+    Init,
+    /// The shell process alone.
+    Basic,
+}
+
+/// The observed state of an Image.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Where the image is (resolved `spec.reference`, or its default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    /// Manifest digest (`sha256:…`) of the image at `reference`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// The first 12 hex digits of `digest`, for display.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub short_digest: Option<String>,
+    /// The platform of the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<Platform>,
+    /// Node models the image boots (its `walt.node.models` label).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub node_models: Vec<String>,
+    /// How an image shell starts in this image: `Init` or `Basic`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shell_mode: Option<ImageShellMode>,
+    /// Number of layers (an image shell is refused at 128 or more: squash first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<u32>,
+    /// Size in bytes of the compressed layers and config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// Standard conditions; `Ready` says the image is in the lab registry and usable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::schema::conditions")]
+    pub conditions: Vec<Condition>,
+}

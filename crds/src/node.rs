@@ -1,0 +1,251 @@
+//! `Node`: a lab device (physical, reached over SSH) or a virtual node (a pod).
+
+use k8s_openapi::apimachinery::pkg::{
+    api::resource::Quantity,
+    apis::meta::v1::{Condition, Time},
+};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{ImageDigestRef, SecretReference};
+
+/// The SSH port of a node when none is given.
+pub const DEFAULT_SSH_PORT: i32 = 22;
+/// The overlay upper dir of a WalT node (tmpfs holding the node's changes).
+pub const DEFAULT_UPPER_DIR: &str = "/run/walt/rootfs/mnt/fs_rw";
+/// The file a WalT node writes once it has booted.
+pub const DEFAULT_READY_MARKER: &str = "/run/uptime-ready";
+
+/// The desired state of a Node: what device it is, how the operator reaches it, what it boots.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "walt.dev",
+    version = "v1alpha1",
+    kind = "Node",
+    plural = "nodes",
+    namespaced,
+    status = "NodeStatus",
+    derive = "PartialEq",
+    derive = "Default",
+    shortname = "wnode",
+    shortname = "wn",
+    category = "walt",
+    doc = "A lab node: a physical device reached over SSH (spec.address) or a virtual node run as a pod \
+           (spec.virtual). It boots spec.image.",
+    printcolumn = r#"{"name": "Model", "type": "string", "jsonPath": ".spec.model", "description": "Node model"}"#,
+    printcolumn = r#"{"name": "Image", "type": "string", "jsonPath": ".spec.image", "description": "Image the node boots (empty: the model's default)"}"#,
+    printcolumn = r#"{"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Pending, Booting, Ready, Unreachable or Rebooting"}"#,
+    printcolumn = r#"{"name": "Address", "type": "string", "jsonPath": ".status.address", "description": "Where the operator reaches the node"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!(has(self.address) && has(self.virtual))",
+        "message": "a Node is either physical (spec.address) or virtual (spec.virtual), not both"
+    },
+    {
+        "rule": "has(self.address) || has(self.virtual)",
+        "message": "a Node needs spec.address (a physical node reached over SSH) or spec.virtual (a virtual node run as a pod)"
+    },
+    {
+        "rule": "!has(self.virtual) || !has(self.hostKey)",
+        "message": "spec.hostKey is for physical nodes; a virtual node's host key is recorded by the operator"
+    },
+]))]
+pub struct NodeSpec {
+    /// Node model (WalT's name for the kind of device: `rpi-3-b`, `rpi-4-b`,
+    /// `pc-x86-64`, …). Images list the models they boot (label `walt.node.models`).
+    #[schemars(length(min = 1, max = 63))]
+    pub model: String,
+    /// Image the node boots: an image name (`name[:tag]`) of an Image in the same
+    /// namespace. Unset: the default image of the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::schema::image_name")]
+    pub image: Option<String>,
+    /// Host name or IP address of a physical node, as the operator reaches it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub address: Option<String>,
+    /// SSH port of a physical node.
+    #[serde(default = "default_ssh_port")]
+    #[schemars(schema_with = "crate::schema::tcp_port")]
+    pub ssh_port: i32,
+    /// Pinned SSH host key of the node (one OpenSSH public key line). Unset: the
+    /// first key seen is recorded in `status.hostKey` and enforced from then on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::schema::public_key")]
+    pub host_key: Option<String>,
+    /// Secret with the SSH private key (`ssh-privatekey`) the operator logs in
+    /// to the node with. Unset: the lab's node key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretReference>,
+    /// `volatile`: the node's changes live in RAM and vanish at reboot (WalT's
+    /// default); `persistent`: the node keeps them across reboots.
+    #[serde(default)]
+    pub boot_mode: BootMode,
+    /// Run this node as a virtual node (a pod that boots the image like a device).
+    #[serde(default, rename = "virtual", skip_serializing_if = "Option::is_none")]
+    pub virtual_node: Option<VirtualNode>,
+    /// Where the node keeps its changes (WalT's paths unless the image differs).
+    #[serde(default)]
+    pub overlay: NodeOverlay,
+}
+
+fn default_ssh_port() -> i32 {
+    DEFAULT_SSH_PORT
+}
+
+/// Whether a node keeps its changes across reboots.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BootMode {
+    /// Changes live in RAM (tmpfs upper dir) and vanish at reboot.
+    #[default]
+    Volatile,
+    /// Changes are kept across reboots.
+    Persistent,
+}
+
+/// CPU architecture of a virtual node (OCI names).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    /// x86-64.
+    #[default]
+    Amd64,
+    /// 64-bit ARM (Raspberry Pi 3/4/5 in 64-bit mode).
+    Arm64,
+    /// 32-bit ARM (older Raspberry Pis).
+    Arm,
+    /// 32-bit x86.
+    #[serde(rename = "386")]
+    I386,
+    /// 64-bit RISC-V.
+    Riscv64,
+}
+
+impl Architecture {
+    /// The OCI name (`amd64`, `arm64`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Amd64 => "amd64",
+            Self::Arm64 => "arm64",
+            Self::Arm => "arm",
+            Self::I386 => "386",
+            Self::Riscv64 => "riscv64",
+        }
+    }
+}
+
+/// A virtual node: a pod that runs the image like a device (overlay with a RAM
+/// upper dir, init, SSH), through qemu-user when the architecture differs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualNode {
+    /// CPU architecture of the node (emulated when it differs from the cluster node's).
+    #[serde(default)]
+    pub architecture: Architecture,
+    /// Memory of the node (the pod's memory limit; the RAM overlay counts in it).
+    #[serde(default = "default_memory")]
+    #[schemars(schema_with = "crate::schema::quantity")]
+    pub memory: Quantity,
+    /// CPUs of the node (the pod's CPU limit).
+    #[serde(default = "default_cpu")]
+    #[schemars(schema_with = "crate::schema::quantity")]
+    pub cpu: Quantity,
+}
+
+fn default_memory() -> Quantity {
+    Quantity("512Mi".to_owned())
+}
+
+fn default_cpu() -> Quantity {
+    Quantity("1".to_owned())
+}
+
+impl Default for VirtualNode {
+    fn default() -> Self {
+        Self {
+            architecture: Architecture::default(),
+            memory: default_memory(),
+            cpu: default_cpu(),
+        }
+    }
+}
+
+/// Where a node keeps its changes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeOverlay {
+    /// Writable upper dir of the node's overlay root (what a node save reads).
+    #[serde(default = "default_upper_dir")]
+    #[schemars(length(min = 1, max = 4096), regex(pattern = r"^/"))]
+    pub upper_dir: String,
+    /// File the node writes once booted.
+    #[serde(default = "default_ready_marker")]
+    #[schemars(length(min = 1, max = 4096), regex(pattern = r"^/"))]
+    pub ready_marker: String,
+}
+
+fn default_upper_dir() -> String {
+    DEFAULT_UPPER_DIR.to_owned()
+}
+
+fn default_ready_marker() -> String {
+    DEFAULT_READY_MARKER.to_owned()
+}
+
+impl Default for NodeOverlay {
+    fn default() -> Self {
+        Self {
+            upper_dir: default_upper_dir(),
+            ready_marker: default_ready_marker(),
+        }
+    }
+}
+
+/// Lifecycle of a node.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum NodePhase {
+    /// Not contacted yet.
+    #[default]
+    Pending,
+    /// Reachable, not booted yet (no ready marker).
+    Booting,
+    /// Booted and reachable.
+    Ready,
+    /// The operator cannot reach it.
+    Unreachable,
+    /// A reboot was requested (new image).
+    Rebooting,
+}
+
+/// The observed state of a Node.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Pending, Booting, Ready, Unreachable or Rebooting.
+    #[serde(default)]
+    pub phase: NodePhase,
+    /// Where the operator reaches the node (`spec.address`, or the virtual node's pod).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// The image the node booted, and its digest then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub booted_image: Option<ImageDigestRef>,
+    /// The node's SSH host key (pinned or first seen), enforced on every connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_key: Option<String>,
+    /// When the operator last reached the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<Time>,
+    /// Standard conditions: `Reachable`, `Booted`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::schema::conditions")]
+    pub conditions: Vec<Condition>,
+}

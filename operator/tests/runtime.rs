@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -140,6 +140,7 @@ fn add_busybox_init(dir: &Path) {
 /// The caller's side of a PTY with the runtime on the other side.
 struct Session {
     master: fs::File,
+    slave_path: PathBuf,
     output: Arc<Mutex<Vec<u8>>>,
     child: Child,
     seen: usize,
@@ -162,6 +163,7 @@ impl Session {
         )
         .expect("openpty");
         let slave: OwnedFd = pty.slave;
+        let slave_path = nix::unistd::ttyname(&slave).expect("ttyname of the test PTY");
         let child = command
             .stdin(Stdio::from(slave.try_clone().unwrap()))
             .stdout(Stdio::from(slave.try_clone().unwrap()))
@@ -184,6 +186,7 @@ impl Session {
         });
         Self {
             master,
+            slave_path,
             output,
             child,
             seen: 0,
@@ -362,8 +365,27 @@ fn basic_shell_amd64_namespaces_terminal_and_exit_status() {
         session.run("echo hello > /root/hello && cat /root/hello"),
         "hello"
     );
-    // Window size changes follow.
-    nix::sys::termios::tcgetattr(session.master.as_fd()).unwrap();
+    // Window size changes follow (what a terminal emulator does: resize, SIGWINCH).
+    run(Command::new("stty")
+        .arg("-F")
+        .arg(&session.slave_path)
+        .args(["rows", "50", "cols", "120"]));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(session.child.id() as i32),
+        nix::sys::signal::Signal::SIGWINCH,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        session.run("stty size"),
+        "50 120",
+        "the shell's PTY follows the caller's size"
+    );
+    // Ctrl-C reaches the shell's foreground job, not the runtime.
+    session.send("sleep 100");
+    std::thread::sleep(Duration::from_millis(300));
+    session.master.write_all(b"\x03").unwrap();
+    assert_eq!(session.run("echo still-here"), "still-here");
     session.send("exit 7");
     let (code, result, text) = session.finish();
     assert_eq!(code, 7, "the runtime exits with the shell's status:\n{text}");

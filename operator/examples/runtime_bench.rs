@@ -23,12 +23,11 @@ const RUNS: usize = 7;
 
 fn main() {
     let what = std::env::args().nth(1).unwrap_or_default();
-    match what.as_str() {
-        "warm-start" => warm_start(),
-        _ => {
-            eprintln!("usage: runtime_bench warm-start");
-            std::process::exit(2);
-        }
+    if what == "warm-start" {
+        warm_start();
+    } else {
+        eprintln!("usage: runtime_bench warm-start");
+        std::process::exit(2);
     }
 }
 
@@ -54,17 +53,25 @@ fn busybox_rootfs(arch: &str, dir: &Path) {
     let debs = cache_dir().join("debs");
     fs::create_dir_all(&debs).unwrap();
     let find = || {
-        fs::read_dir(&debs).unwrap().flatten().map(|e| e.path()).find(|p| {
-            let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
-            name.starts_with("busybox-static_") && name.ends_with(&format!("_{arch}.deb"))
-        })
+        fs::read_dir(&debs)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+                name.starts_with("busybox-static_") && name.ends_with(&format!("_{arch}.deb"))
+            })
     };
     let deb = find().unwrap_or_else(|| {
-        run(Command::new("apt-get").args(["download", &format!("busybox-static:{arch}")]).current_dir(&debs));
+        run(Command::new("apt-get")
+            .args(["download", &format!("busybox-static:{arch}")])
+            .current_dir(&debs));
         find().expect("busybox-static .deb")
     });
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(dir));
-    for sub in ["usr/bin", "usr/sbin", "sbin", "root", "etc", "proc", "sys", "dev", "tmp", "run"] {
+    for sub in [
+        "usr/bin", "usr/sbin", "sbin", "root", "etc", "proc", "sys", "dev", "tmp", "run",
+    ] {
         fs::create_dir_all(dir.join(sub)).unwrap();
     }
     for applet in run(Command::new("busybox").arg("--list-full")).lines() {
@@ -110,7 +117,10 @@ fn time_to_prompt(command: &mut Command, prompt: &str) -> Duration {
                 String::from_utf8_lossy(&output.lock().unwrap())
             );
         }
-        assert!(start.elapsed() < Duration::from_mins(1), "no prompt from {command:?}");
+        assert!(
+            start.elapsed() < Duration::from_mins(1),
+            "no prompt from {command:?}"
+        );
         std::thread::sleep(Duration::from_micros(500));
     };
     master.write_all(b"exit\r").unwrap();
@@ -181,7 +191,11 @@ fn walt_binary() -> PathBuf {
 fn warm_start() {
     let work = tempfile::tempdir().unwrap();
     let walt = walt_binary();
-    assert!(walt.is_file(), "{} is missing: cargo build --release -p walt-operator", walt.display());
+    assert!(
+        walt.is_file(),
+        "{} is missing: cargo build --release -p walt-operator",
+        walt.display()
+    );
     let podman = Podman::new();
     println!("warm start to first prompt, median of {RUNS} runs (busybox root, cache hot)");
     println!("{:<10} {:>12} {:>12} {:>8}", "image", "walt", "podman", "ratio");
@@ -201,7 +215,16 @@ fn warm_start() {
         let podman_command = || {
             let mut command = podman.command();
             command
-                .args(["run", "--rm", "-it", "--network", "none", "--arch", arch, "--rootfs"])
+                .args([
+                    "run",
+                    "--rm",
+                    "-it",
+                    "--network",
+                    "none",
+                    "--arch",
+                    arch,
+                    "--rootfs",
+                ])
                 .arg(format!("{}:O", rootfs.display()))
                 .arg("/bin/sh");
             command

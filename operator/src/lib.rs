@@ -3,6 +3,7 @@
 //! Modules with clear walls: only [`controller`] knows Kubernetes; [`oci`],
 //! [`overlay`], [`runtime`] and [`ssh`] work, and are tested, without it.
 
+pub mod binfmt;
 pub mod controller;
 pub mod oci;
 pub mod overlay;

@@ -2,7 +2,7 @@
 //! node save, virtual node), each usable on its own.
 
 use clap::{Parser, Subcommand};
-use walt_operator::{controller, oci, runtime, ssh};
+use walt_operator::{binfmt, controller, oci, runtime, ssh};
 
 /// walt: the WalT testbed workflows on Kubernetes.
 #[derive(Debug, Parser)]
@@ -26,6 +26,8 @@ enum Command {
     Save(ssh::cli::SaveArgs),
     /// Run an OS image as a virtual WalT node that serves SSH.
     Vnode(ssh::cli::VnodeArgs),
+    /// Register the image's qemu-user handlers in the kernel (binfmt_misc), once per cluster node.
+    Binfmt(binfmt::Args),
 }
 
 fn main() {
@@ -40,6 +42,7 @@ fn main() {
         Command::Shell(args) => runtime::cli::run(args),
         Command::Save(args) => ssh::cli::run_save(args),
         Command::Vnode(args) => ssh::cli::run_vnode(args),
+        Command::Binfmt(args) => binfmt::run(args),
     };
     match outcome {
         Ok(code) => std::process::exit(code),

@@ -8,3 +8,8 @@
 
 pub mod k8s;
 pub mod process;
+
+pub mod deploy;
+pub mod image_build;
+pub mod lab;
+pub mod ship;

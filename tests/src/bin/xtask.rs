@@ -5,6 +5,7 @@
 //! - `cargo xtask cluster up [--tier control-plane|cluster]`, `cluster kubeconfig USER`,
 //!   `cluster down`: a real Kubernetes for development (see `walt_tests::k8s`).
 //! - `cargo xtask k8s-binaries`: builds (or finds) the Kubernetes binaries, prints their directory.
+//! - `cargo xtask image build`, `deploy sync`, `lab up|down`: shipping (see `walt_tests::ship`).
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -38,6 +39,9 @@ enum Task {
     },
     /// Build (or find) the Kubernetes binaries and print their directory.
     K8sBinaries,
+    /// Shipping: `image build`, `deploy sync`, `lab up|down` (see `walt_tests::ship`).
+    #[command(flatten)]
+    Ship(walt_tests::ship::Task),
 }
 
 #[derive(Subcommand)]
@@ -79,6 +83,7 @@ fn main() -> ExitCode {
         Task::K8sBinaries => K8sBinaries::ensure()
             .map(|b| println!("{}", b.dir.display()))
             .map_err(|e| e.to_string()),
+        Task::Ship(task) => task.run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,132 @@
+//! The shipping tasks of `cargo xtask`: `image build`, `deploy sync`, `lab up|down`. The xtask binary
+//! flattens [`Task`] into its own subcommands.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+
+use crate::deploy;
+use crate::image_build::{self, Arch, BuildOptions};
+use crate::lab;
+
+/// Shipping subcommands of `cargo xtask`.
+#[derive(Debug, Subcommand)]
+pub enum Task {
+    /// The walt container image (operator, shell pods, virtual nodes, binfmt agent).
+    Image {
+        /// What to do.
+        #[command(subcommand)]
+        action: ImageAction,
+    },
+    /// The kustomize base generated from the chart.
+    Deploy {
+        /// What to do.
+        #[command(subcommand)]
+        action: DeployAction,
+    },
+    /// The local lab: a cluster, a registry, walt installed, demo images and a virtual node.
+    Lab {
+        /// What to do.
+        #[command(subcommand)]
+        action: LabAction,
+    },
+}
+
+/// `cargo xtask image …`.
+#[derive(Debug, Subcommand)]
+pub enum ImageAction {
+    /// Build the multi-arch image (static musl binaries, no Docker engine) and optionally push it.
+    Build {
+        /// Push the index to this reference, e.g. 127.0.0.1:5000/walt/operator:dev.
+        #[arg(long, value_name = "REGISTRY/REPOSITORY:TAG")]
+        push: Option<String>,
+        /// Architectures (comma-separated).
+        #[arg(long, default_value = "amd64,arm64", value_delimiter = ',')]
+        arch: Vec<String>,
+        /// Plain HTTP registry (default for loopback addresses).
+        #[arg(long)]
+        insecure: bool,
+        /// Where to write the OCI image layout (default: in the walt cache).
+        #[arg(long)]
+        layout: Option<PathBuf>,
+    },
+}
+
+/// `cargo xtask deploy …`.
+#[derive(Debug, Subcommand)]
+pub enum DeployAction {
+    /// Regenerate deploy/base from the chart's defaults (run after changing the chart).
+    Sync,
+}
+
+/// `cargo xtask lab …`.
+#[derive(Debug, Subcommand)]
+pub enum LabAction {
+    /// Bring the lab up (idempotent: a second run changes nothing).
+    Up(lab::UpOptions),
+    /// Remove everything `lab up` made.
+    Down,
+}
+
+impl Task {
+    /// Runs the task.
+    pub fn run(self) -> Result<(), String> {
+        match self {
+            Task::Image {
+                action:
+                    ImageAction::Build {
+                        push,
+                        arch,
+                        insecure,
+                        layout,
+                    },
+            } => image_build_command(push.as_deref(), &arch, insecure, layout),
+            Task::Deploy {
+                action: DeployAction::Sync,
+            } => deploy::sync_base().map_err(|e| e.to_string()),
+            Task::Lab {
+                action: LabAction::Up(options),
+            } => lab::up(&options).map_err(|e| e.to_string()),
+            Task::Lab {
+                action: LabAction::Down,
+            } => lab::down().map_err(|e| e.to_string()),
+        }
+    }
+}
+
+fn image_build_command(
+    push: Option<&str>,
+    arch: &[String],
+    insecure: bool,
+    layout: Option<PathBuf>,
+) -> Result<(), String> {
+    let arches = arch
+        .iter()
+        .map(|a| Arch::parse(a.trim()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let tag = push.map_or_else(|| "dev".to_owned(), image_build::tag_of);
+    let options = BuildOptions {
+        arches,
+        layout_dir: layout.unwrap_or_else(|| deploy::cache_dir().join("image").join("layout")),
+        tag,
+    };
+    let built = image_build::build(&options).map_err(|e| e.to_string())?;
+    for platform in &built.platforms {
+        println!(
+            "linux/{}: manifest {}  binary {}  download {}  unpacked {}",
+            platform.arch.name(),
+            platform.manifest_digest,
+            image_build::human(platform.binary_size),
+            image_build::human(platform.compressed_size),
+            image_build::human(platform.unpacked_size),
+        );
+    }
+    println!("index {} in {}", built.index_digest, built.layout_dir.display());
+    if let Some(reference) = push {
+        let insecure = insecure || image_build::is_loopback_registry(reference);
+        image_build::push(&built, reference, insecure).map_err(|e| e.to_string())?;
+        println!("pushed {reference}@{}", built.index_digest);
+    }
+    Ok(())
+}

@@ -1,0 +1,493 @@
+//! Shipping checks: the Helm chart lints and renders what an installation needs, its schema refuses bad
+//! values, the kustomize base and overlays render the same objects as the chart, and the container image
+//! is a multi-arch index that skopeo and umoci read.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use serde_yaml::Value;
+use walt_tests::deploy::{self, object_ids, render_chart};
+
+fn ids(list: &[(&str, &str, &str)]) -> BTreeSet<(String, String, String)> {
+    list.iter()
+        .map(|(k, ns, n)| ((*k).to_owned(), (*ns).to_owned(), (*n).to_owned()))
+        .collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|doc| {
+            let (k, _, n) = deploy::object_id(doc);
+            k == kind && n == name
+        })
+        .unwrap_or_else(|| panic!("the rendering has no {kind} {name}"))
+}
+
+fn helm_fails(args: &[&str]) -> String {
+    let helm = deploy::helm().expect("helm");
+    let output = Command::new(helm)
+        .args(["template", "walt"])
+        .arg(deploy::chart_dir())
+        .args(["-n", "walt-system"])
+        .args(args)
+        .output()
+        .expect("run helm");
+    assert!(
+        !output.status.success(),
+        "helm template {args:?} should have failed"
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn chart_lints_and_renders_a_complete_installation() {
+    let helm = deploy::helm().expect("helm");
+    let lint = Command::new(&helm)
+        .args(["lint", "--strict"])
+        .arg(deploy::chart_dir())
+        .output()
+        .expect("helm lint");
+    assert!(
+        lint.status.success(),
+        "helm lint --strict failed:\n{}{}",
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr)
+    );
+
+    let docs = render_chart(&[]).expect("helm template");
+    let got = object_ids(&docs);
+    let ns = "walt-system";
+    let expected = ids(&[
+        ("ServiceAccount", ns, "walt-operator"),
+        ("Deployment", ns, "walt-operator"),
+        ("Service", ns, "walt-gateway"),
+        ("Service", ns, "walt-operator-metrics"),
+        ("PodDisruptionBudget", ns, "walt-operator"),
+        ("ClusterRole", "", "walt-operator"),
+        ("ClusterRoleBinding", "", "walt-operator"),
+        ("Role", ns, "walt-operator"),
+        ("RoleBinding", ns, "walt-operator"),
+        ("ClusterRole", "", "walt-admin"),
+        ("ClusterRole", "", "walt-edit"),
+        ("ClusterRole", "", "walt-view"),
+        ("Secret", ns, "walt-node-key"),
+        ("Secret", ns, "walt-registry-credentials"),
+        ("Secret", ns, "walt-registry-htpasswd"),
+        ("ConfigMap", ns, "walt-registry"),
+        ("PersistentVolumeClaim", ns, "walt-registry"),
+        ("Deployment", ns, "walt-registry"),
+        ("Service", ns, "walt-registry"),
+        ("DaemonSet", ns, "walt-binfmt"),
+        ("NetworkPolicy", ns, "walt-operator"),
+        ("NetworkPolicy", ns, "walt-registry"),
+    ]);
+    let missing: Vec<_> = expected.difference(&got).collect();
+    assert!(
+        missing.is_empty(),
+        "the default rendering lacks {missing:?}; it has {got:?}"
+    );
+
+    // The operator: two replicas with leader election, probes, resources, locked-down security context.
+    let operator = find(&docs, "Deployment", "walt-operator");
+    assert_eq!(operator["spec"]["replicas"], Value::from(2));
+    let pod = &operator["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+        assert!(
+            container[probe]["httpGet"]["path"].is_string(),
+            "operator has no {probe}"
+        );
+    }
+    assert!(container["resources"]["requests"]["memory"].is_string());
+    assert_eq!(
+        container["securityContext"]["readOnlyRootFilesystem"],
+        Value::from(true)
+    );
+    assert_eq!(
+        container["securityContext"]["allowPrivilegeEscalation"],
+        Value::from(false)
+    );
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], Value::from(true));
+    let env: Vec<&str> = container["env"]
+        .as_sequence()
+        .expect("env")
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    for wanted in [
+        "WALT_REGISTRY",
+        "WALT_NODE_KEY_SECRET",
+        "WALT_REGISTRY_CREDENTIALS_SECRET",
+        "WALT_SHELL_IMAGE",
+        "WALT_LEADER_ELECTION",
+    ] {
+        assert!(env.contains(&wanted), "operator env lacks {wanted}: {env:?}");
+    }
+
+    // User roles aggregate into Kubernetes' own.
+    for (role, aggregate) in [
+        ("walt-view", "view"),
+        ("walt-edit", "edit"),
+        ("walt-admin", "admin"),
+    ] {
+        let labels = &find(&docs, "ClusterRole", role)["metadata"]["labels"];
+        assert_eq!(
+            labels[format!("rbac.authorization.k8s.io/aggregate-to-{aggregate}").as_str()],
+            Value::from("true")
+        );
+    }
+    // The operator's cluster-wide rights: no wildcard, no cluster-wide list of Secrets.
+    for rule in find(&docs, "ClusterRole", "walt-operator")["rules"]
+        .as_sequence()
+        .expect("rules")
+    {
+        let verbs: Vec<&str> = rule["verbs"]
+            .as_sequence()
+            .expect("verbs")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert!(!verbs.contains(&"*"), "wildcard verb in {rule:?}");
+        let resources: Vec<&str> = rule["resources"]
+            .as_sequence()
+            .expect("resources")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert!(!resources.contains(&"*"), "wildcard resource in {rule:?}");
+        if resources.contains(&"secrets") {
+            assert!(
+                !verbs.contains(&"list") && !verbs.contains(&"watch"),
+                "cluster-wide secret listing: {rule:?}"
+            );
+        }
+    }
+
+    // Generated secrets: a node key OpenSSH reads, registry credentials matching the htpasswd user.
+    let key = find(&docs, "Secret", "walt-node-key")["data"]["ssh-privatekey"]
+        .as_str()
+        .expect("key")
+        .to_owned();
+    use base64::Engine as _;
+    let pem = base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .expect("base64");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key_path = dir.path().join("key");
+    std::fs::write(&key_path, pem).expect("write key");
+    std::fs::set_permissions(&key_path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+    let public = Command::new("ssh-keygen")
+        .arg("-y")
+        .arg("-f")
+        .arg(&key_path)
+        .output()
+        .expect("ssh-keygen");
+    assert!(
+        public.status.success(),
+        "ssh-keygen cannot read the generated node key: {}",
+        String::from_utf8_lossy(&public.stderr)
+    );
+    let htpasswd = find(&docs, "Secret", "walt-registry-htpasswd")["data"]["htpasswd"]
+        .as_str()
+        .expect("htpasswd");
+    let htpasswd = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(htpasswd)
+            .expect("b64"),
+    )
+    .expect("utf8");
+    assert!(
+        htpasswd.starts_with("walt:$2"),
+        "htpasswd is not bcrypt: {htpasswd}"
+    );
+
+    // binfmt agent: privileged, from the same image, checks periodically.
+    let binfmt = &find(&docs, "DaemonSet", "walt-binfmt")["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(binfmt["securityContext"]["privileged"], Value::from(true));
+    assert_eq!(binfmt["image"], container["image"]);
+    assert_eq!(binfmt["args"][0], Value::from("binfmt"));
+}
+
+#[test]
+fn chart_options_change_what_is_rendered() {
+    // External registry: no embedded registry objects, the operator points at the external one.
+    let docs = render_chart(&[
+        "--set",
+        "registry.embedded.enabled=false",
+        "--set",
+        "registry.external=registry.example.org",
+        "--set",
+        "registry.insecure=false",
+        "--set",
+        "serviceMonitor.enabled=true",
+    ])
+    .expect("helm template");
+    let got = object_ids(&docs);
+    for gone in [
+        "walt-registry",
+        "walt-registry-htpasswd",
+        "walt-registry-credentials",
+    ] {
+        assert!(
+            !got.iter().any(|(_, _, name)| name == gone),
+            "{gone} rendered with an external registry"
+        );
+    }
+    assert!(got.contains(&(
+        "ServiceMonitor".into(),
+        "walt-system".into(),
+        "walt-operator".into()
+    )));
+    let operator = find(&docs, "Deployment", "walt-operator");
+    let env = operator["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_sequence()
+        .expect("env");
+    let registry = env
+        .iter()
+        .find(|e| e["name"] == "WALT_REGISTRY")
+        .expect("WALT_REGISTRY");
+    assert_eq!(registry["value"], Value::from("registry.example.org/walt"));
+
+    // Existing secrets are used, not generated.
+    let docs = render_chart(&[
+        "--set",
+        "nodeKey.existingSecret=my-key",
+        "--set",
+        "registry.credentials.existingSecret=my-creds",
+    ])
+    .expect("helm template");
+    let got = object_ids(&docs);
+    assert!(
+        !got.iter()
+            .any(|(k, _, n)| k == "Secret" && (n == "walt-node-key" || n == "walt-registry-credentials"))
+    );
+
+    // The schema refuses bad values with a message naming them.
+    let error = helm_fails(&["--set", "registry.embedded.enabled=false"]);
+    assert!(error.contains("external"), "{error}");
+    let error = helm_fails(&["--set", "operator.replicas=-1"]);
+    assert!(error.contains("replicas"), "{error}");
+    let error = helm_fails(&["--set", "operator.leaderElection.enabled=false"]);
+    assert!(error.contains("replicas") || error.contains("maximum"), "{error}");
+    let error = helm_fails(&["--set", "operator.logFormat=xml"]);
+    assert!(error.contains("logFormat"), "{error}");
+    let error = helm_fails(&["--set", "imageTypo=1"]);
+    assert!(error.contains("imageTypo"), "{error}");
+}
+
+#[test]
+fn kustomize_base_is_the_chart_defaults() {
+    // The checked-in base is exactly what `cargo xtask deploy sync` generates from the chart.
+    let chart = render_chart(&[]).expect("helm template");
+    let generated = deploy::generate_base(&chart).expect("generate");
+    let checked_in = deploy::read_base(&deploy::base_dir()).expect("read deploy/base");
+    assert!(
+        generated == checked_in,
+        "deploy/base is out of date with charts/walt: run `cargo xtask deploy sync` and commit the result"
+    );
+
+    // kubectl kustomize renders the same objects (kinds, namespaces, names) as helm template.
+    let copy = tempfile::tempdir().expect("tempdir");
+    deploy::copy_tree(&deploy::repo_root().join("deploy"), copy.path()).expect("copy deploy/");
+    deploy::write_placeholder_secrets(copy.path()).expect("secrets");
+    let base = deploy::kustomize(&copy.path().join("base")).expect("kubectl kustomize deploy/base");
+    assert_eq!(
+        object_ids(&base),
+        object_ids(&chart),
+        "kustomize base and chart defaults differ"
+    );
+
+    // Overlays render, and match the chart with the same options.
+    let external =
+        deploy::kustomize(&copy.path().join("overlays").join("external-registry")).expect("overlay");
+    let chart_external = render_chart(&[
+        "--set",
+        "registry.embedded.enabled=false",
+        "--set",
+        "registry.external=registry.example.org",
+        "--set",
+        "registry.credentials.existingSecret=walt-registry-credentials",
+    ])
+    .expect("helm template");
+    let mut expected = object_ids(&chart_external);
+    // The chart uses the existing Secret; the overlay still generates it from the files.
+    expected.insert((
+        "Secret".into(),
+        "walt-system".into(),
+        "walt-registry-credentials".into(),
+    ));
+    assert_eq!(object_ids(&external), expected, "external-registry overlay");
+    let monitoring = deploy::kustomize(&copy.path().join("overlays").join("monitoring")).expect("overlay");
+    let chart_monitoring = render_chart(&["--set", "serviceMonitor.enabled=true"]).expect("helm template");
+    assert_eq!(
+        object_ids(&monitoring),
+        object_ids(&chart_monitoring),
+        "monitoring overlay"
+    );
+}
+
+/// A loopback Distribution registry (Debian's docker-registry), stopped by PID when dropped.
+struct Registry {
+    child: std::process::Child,
+    address: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    fn start() -> Registry {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let address = format!("127.0.0.1:{port}");
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nstorage: {{filesystem: {{rootdirectory: {}}}, delete: {{enabled: true}}}}\nhttp: {{addr: {address}}}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .expect("config");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("docker-registry is missing: apt-get install docker-registry");
+        let registry = Registry {
+            child,
+            address,
+            _dir: dir,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(&registry.address).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "docker-registry did not listen on {}",
+                registry.address
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        registry
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// ELF machine (e_machine) of a binary, and whether it is static (no PT_INTERP program header).
+fn elf_machine_and_static(bytes: &[u8]) -> (u16, bool) {
+    assert_eq!(&bytes[..4], b"\x7fELF", "not an ELF file");
+    assert_eq!(bytes[4], 2, "not a 64-bit ELF");
+    let u16_at = |at: usize| u16::from_le_bytes([bytes[at], bytes[at + 1]]);
+    let u64_at = |at: usize| {
+        let mut raw = [0u8; 8];
+        raw.copy_from_slice(&bytes[at..at + 8]);
+        u64::from_le_bytes(raw)
+    };
+    let machine = u16_at(18);
+    let phoff = u64_at(32) as usize;
+    let phentsize = usize::from(u16_at(54));
+    let phnum = usize::from(u16_at(56));
+    let has_interp = (0..phnum).any(|i| {
+        let at = phoff + i * phentsize;
+        u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) == 3
+    });
+    (machine, !has_interp)
+}
+
+#[test]
+fn image_is_a_multi_arch_index_of_static_binaries() {
+    let registry = Registry::start();
+    let reference = format!("{}/walt/operator:test", registry.address);
+    let xtask = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(["xtask", "image", "build", "--push", &reference])
+        .current_dir(deploy::repo_root())
+        .output()
+        .expect("run cargo xtask image build");
+    let shown = String::from_utf8_lossy(&xtask.stdout).into_owned();
+    assert!(
+        xtask.status.success(),
+        "cargo xtask image build failed:\n{shown}{}",
+        String::from_utf8_lossy(&xtask.stderr)
+    );
+    assert!(shown.contains("pushed "), "{shown}");
+
+    // skopeo: one index with both platforms.
+    let raw = deploy::run(
+        Command::new("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false"])
+            .arg(format!("docker://{reference}")),
+    )
+    .expect("skopeo inspect");
+    let index: serde_json::Value = serde_json::from_str(&raw).expect("index JSON");
+    assert_eq!(index["mediaType"], "application/vnd.oci.image.index.v1+json");
+    let arches: BTreeSet<&str> = index["manifests"]
+        .as_array()
+        .expect("manifests")
+        .iter()
+        .filter_map(|m| m["platform"]["architecture"].as_str())
+        .collect();
+    assert_eq!(arches, BTreeSet::from(["amd64", "arm64"]));
+
+    // umoci: each platform unpacks to the static binary of its CPU, the interpreters and nothing to run besides.
+    for (arch, machine, interpreters) in [
+        ("amd64", 62u16, vec!["aarch64-binfmt-P", "arm-binfmt-P"]),
+        ("arm64", 183u16, vec!["x86_64-binfmt-P"]),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let layout = dir.path().join("oci");
+        deploy::run(
+            Command::new("skopeo")
+                .args([
+                    "copy",
+                    "--quiet",
+                    "--src-tls-verify=false",
+                    "--override-arch",
+                    arch,
+                ])
+                .arg(format!("docker://{reference}"))
+                .arg(format!("oci:{}:{arch}", layout.display())),
+        )
+        .expect("skopeo copy");
+        let bundle = dir.path().join("bundle");
+        deploy::run(
+            Command::new("umoci")
+                .args(["unpack", "--rootless", "--image"])
+                .arg(format!("{}:{arch}", layout.display()))
+                .arg(&bundle),
+        )
+        .expect("umoci unpack");
+        let rootfs = bundle.join("rootfs");
+        let binary =
+            std::fs::read(rootfs.join("usr/local/bin/walt-operator")).expect("walt-operator in the image");
+        assert_eq!(
+            elf_machine_and_static(&binary),
+            (machine, true),
+            "{arch}: walt-operator is not a static binary for its CPU"
+        );
+        for interpreter in interpreters {
+            let bytes = std::fs::read(rootfs.join("usr/libexec/qemu-binfmt").join(interpreter))
+                .expect("qemu interpreter");
+            assert_eq!(
+                elf_machine_and_static(&bytes).0,
+                machine,
+                "{arch}: {interpreter} is not built for the image's CPU"
+            );
+        }
+        for absent in ["bin/sh", "usr/bin/apt", "sbin/apk", "bin/busybox"] {
+            assert!(
+                !rootfs.join(absent).exists(),
+                "{arch}: the image carries {absent}"
+            );
+        }
+    }
+}

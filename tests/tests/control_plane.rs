@@ -133,7 +133,8 @@ fn alice_cannot_read_bobs_namespace() {
 
 #[test]
 fn owned_control_plane_stops_when_dropped() {
-    let cluster = Cluster::start(walt_tests::k8s::ClusterOptions::control_plane()).expect("start");
+    let cluster = Cluster::start(walt_tests::k8s::ClusterOptions::control_plane())
+        .unwrap_or_else(|e| panic!("cannot start a control plane: {e}"));
     let state: walt_tests::k8s::State =
         serde_json::from_str(&std::fs::read_to_string(cluster.dir().join("state.json")).expect("state.json"))
             .expect("state");

@@ -406,6 +406,7 @@ impl Cluster {
             // Inside the node's namespace: pods reach the API server at the node address.
             Some(ip) => {
                 apiserver
+                    .arg("--kubelet-preferred-address-types=InternalIP")
                     .arg("--bind-address=0.0.0.0")
                     .arg(format!("--advertise-address={ip}"));
             }

@@ -5,7 +5,8 @@
 //! - `ip netns add walt-<pid>-<n>`: the node's network namespace. The control plane also runs in
 //!   it (the API server must reach the kubelet at the node address, pods must reach the API server).
 //!   The node address is 10.200.0.2 on a bridge device `walt0`, pods get 10.244.0.0/24 on `cni0`:
-//!   these addresses exist only inside the namespace. The API server and the registry listen on
+//!   these addresses exist only inside the namespace, which has no default route: nothing in it
+//!   can send traffic elsewhere. The API server and the registry listen on
 //!   127.0.0.1 inside it and are bridged to the same port on the host's 127.0.0.1 (socat through a
 //!   Unix socket), so one URL works from both sides.
 //! - containerd, the kubelet and the pods' sandboxes share a private mount namespace (held by a
@@ -159,7 +160,6 @@ impl Node {
             &["link", "add", "walt0", "type", "bridge"],
             &["addr", "add", &ip, "dev", "walt0"],
             &["link", "set", "walt0", "up"],
-            &["route", "add", "default", "dev", "walt0"],
         ] {
             let mut full = vec!["-n", netns.as_str()];
             full.extend_from_slice(args);
@@ -489,6 +489,7 @@ registerNode: true
             .arg(format!("--hostname-override={NODE_NAME}"))
             .arg(format!("--node-ip={NODE_IP}"))
             .arg("--v=1");
+        create_cgroups(&self.netns)?;
         cluster.spawn("kubelet", kubelet, lifetime)?;
         cluster.wait_for(
             "kubelet",
@@ -578,6 +579,34 @@ pub(crate) fn cleanup_leftovers(cluster_dir: &Path, netns: &str) {
     }
     remove_cgroups(netns);
     let _ = Command::new("ip").args(["netns", "delete", netns]).output();
+}
+
+/// Creates the node's cgroup (`/<name>` in every hierarchy): the kubelet requires its cgroup
+/// root to exist. A new cpuset cgroup starts with no CPUs and memory nodes: copy the parent's.
+fn create_cgroups(name: &str) -> Result<(), Error> {
+    let root = Path::new("/sys/fs/cgroup");
+    let hierarchies: Vec<PathBuf> = if root.join("cgroup.controllers").exists() {
+        vec![root.to_path_buf()]
+    } else {
+        std::fs::read_dir(root)
+            .map_err(|e| Error::io("list /sys/fs/cgroup", e))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.join("cgroup.procs").exists())
+            .collect()
+    };
+    for hierarchy in hierarchies {
+        let dir = hierarchy.join(name);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("create the cgroup {}", dir.display()), e))?;
+        for file in ["cpuset.cpus", "cpuset.mems"] {
+            if let Ok(value) = std::fs::read_to_string(hierarchy.join(file)) {
+                std::fs::write(dir.join(file), value.trim())
+                    .map_err(|e| Error::io(format!("write {}", dir.join(file).display()), e))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn cgroup_dirs(name: &str) -> Vec<PathBuf> {

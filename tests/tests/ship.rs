@@ -115,13 +115,24 @@ fn chart_lints_and_renders_a_complete_installation() {
         .filter_map(|e| e["name"].as_str())
         .collect();
     for wanted in [
-        "WALT_REGISTRY",
+        "WALT_NAMESPACE",
+        "WALT_LAB_REGISTRY",
         "WALT_NODE_KEY_SECRET",
         "WALT_REGISTRY_CREDENTIALS_SECRET",
         "WALT_SHELL_IMAGE",
         "WALT_LEADER_ELECTION",
     ] {
         assert!(env.contains(&wanted), "operator env lacks {wanted}: {env:?}");
+    }
+    // Every WALT_ variable the chart sets is a flag `walt-operator run` really has.
+    let operator_binary = operator_binary();
+    let help = deploy::run(Command::new(&operator_binary).args(["run", "--help"]))
+        .expect("walt-operator run --help");
+    for name in env.iter().filter(|name| name.starts_with("WALT_")) {
+        assert!(
+            help.contains(&format!("[env: {name}")),
+            "the chart sets {name}, which `walt-operator run` does not read:\n{help}"
+        );
     }
 
     // User roles aggregate into Kubernetes' own.
@@ -206,6 +217,29 @@ fn chart_lints_and_renders_a_complete_installation() {
     assert_eq!(binfmt["securityContext"]["privileged"], Value::from(true));
     assert_eq!(binfmt["image"], container["image"]);
     assert_eq!(binfmt["args"][0], Value::from("binfmt"));
+    let args: Vec<&str> = binfmt["args"]
+        .as_sequence()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let binfmt_help = deploy::run(Command::new(&operator_binary).args(&args).arg("--help"))
+        .expect("walt-operator binfmt --help");
+    assert!(binfmt_help.contains("--watch"), "{binfmt_help}");
+}
+
+/// The walt-operator binary of this workspace (built when needed).
+fn operator_binary() -> std::path::PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "-p", "walt-operator", "--bin", "walt-operator"])
+        .current_dir(deploy::repo_root())
+        .status()
+        .expect("run cargo build -p walt-operator");
+    assert!(status.success(), "cargo build -p walt-operator failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| deploy::repo_root().join("target"), std::path::PathBuf::from);
+    target.join("debug").join("walt-operator")
 }
 
 #[test]
@@ -244,8 +278,8 @@ fn chart_options_change_what_is_rendered() {
         .expect("env");
     let registry = env
         .iter()
-        .find(|e| e["name"] == "WALT_REGISTRY")
-        .expect("WALT_REGISTRY");
+        .find(|e| e["name"] == "WALT_LAB_REGISTRY")
+        .expect("WALT_LAB_REGISTRY");
     assert_eq!(registry["value"], Value::from("registry.example.org/walt"));
 
     // Existing secrets are used, not generated.

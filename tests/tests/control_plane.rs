@@ -154,3 +154,112 @@ fn owned_control_plane_stops_when_dropped() {
     }
     assert!(!dir.exists(), "{} was not removed", dir.display());
 }
+
+/// `kubectl ARGS` with `input` on stdin, as admin.
+fn kubectl_stdin(cluster: &Cluster, args: &[&str], input: &str) -> Result<String, String> {
+    use std::io::Write as _;
+    let mut child = cluster
+        .kubectl()
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run kubectl");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write kubectl input");
+    let out = child.wait_with_output().expect("kubectl");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn walt_crds_apply_and_the_api_server_validates_the_examples() {
+    let cluster = cluster();
+    let crds = walt_crds::crds();
+    assert_eq!(crds.len(), 4, "Image, Node, ShellSession, NodeSave");
+    kubectl_stdin(
+        cluster,
+        &["apply", "--server-side", "-f", "-"],
+        &walt_crds::crds_yaml(),
+    )
+    .unwrap_or_else(|e| panic!("the API server refused the walt CRDs: {e}"));
+    for crd in &crds {
+        let name = crd.metadata.name.as_deref().expect("CRD name");
+        cluster
+            .kubectl_output(&[
+                "wait",
+                "--for=condition=Established",
+                &format!("crd/{name}"),
+                "--timeout=60s",
+            ])
+            .unwrap_or_else(|e| panic!("{name} is not Established: {e}"));
+    }
+
+    // Every valid example is accepted as it is.
+    let valid_ns = cluster.create_namespace("examples").expect("namespace");
+    let valid = walt_crds::examples::valid_examples().expect("list the valid examples");
+    assert!(!valid.is_empty(), "no valid examples in deploy/examples");
+    for path in &valid {
+        let file = path.to_string_lossy();
+        cluster
+            .kubectl_output(&["create", "-n", &valid_ns, "-f", &file])
+            .unwrap_or_else(|e| panic!("the API server refused the valid example {file}: {e}"));
+    }
+    let listed = cluster
+        .kubectl_output(&["get", "walt", "-n", &valid_ns, "-o", "name"])
+        .expect("kubectl get walt (the category)");
+    assert_eq!(listed.lines().count(), valid.len(), "kubectl get walt: {listed}");
+
+    // Every invalid example is refused by the API server, with the message it documents.
+    let invalid = walt_crds::examples::invalid_examples().expect("list the invalid examples");
+    assert!(
+        !invalid.is_empty(),
+        "no invalid examples in deploy/examples/invalid"
+    );
+    let mut failures = Vec::new();
+    for example in &invalid {
+        let file = example.path.to_string_lossy().into_owned();
+        let ns = cluster.create_namespace("invalid").expect("namespace");
+        let verb = if let Some(base) = &example.update_of {
+            let base = base.to_string_lossy();
+            if let Err(e) = cluster.kubectl_output(&["create", "-n", &ns, "-f", &base]) {
+                failures.push(format!("{file}: its base {base} was refused: {e}"));
+                continue;
+            }
+            "apply"
+        } else {
+            "create"
+        };
+        match cluster.kubectl_output(&[verb, "-n", &ns, "-f", &file]) {
+            Ok(out) => failures.push(format!("{file}: accepted ({})", out.trim())),
+            Err(e) => {
+                let message = e.to_string();
+                // kubectl words what the server answered: "The Node "x" is invalid: …" (422) or
+                // "Error from server (…)"; a client-side refusal would say neither.
+                let from_server = message.contains("is invalid") || message.contains("Error from server");
+                if !from_server || !message.contains(&example.expect) {
+                    failures.push(format!(
+                        "{file}: expected the API server to say {:?}, got: {message}",
+                        example.expect
+                    ));
+                }
+            }
+        }
+        let _ = cluster.kubectl_output(&["delete", "namespace", &ns, "--wait=false"]);
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} invalid examples misbehave:\n{}",
+        failures.len(),
+        invalid.len(),
+        failures.join("\n")
+    );
+}

@@ -32,7 +32,11 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             }
             None => Err(Error::Invalid(format!(
                 "no help topic {topic:?}; the topics are: {}",
-                topics::TOPICS.iter().map(|t| t.name).collect::<Vec<_>>().join(", ")
+                topics::TOPICS
+                    .iter()
+                    .map(|t| t.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))),
         },
         Command::Completion(args) => {
@@ -41,10 +45,27 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         }
         Command::Complete(args) => {
             let lookup = ClusterLookup::new(tokio::runtime::Handle::current());
-            let words = args.words;
-            let answer = tokio::task::spawn_blocking(move || complete::complete(&Cli::command(), &words, &lookup))
-                .await
-                .map_err(|e| Error::Failed(format!("completion failed: {e}")))?;
+            // clap takes global flags typed before the words (`__complete -n lab node …`) for
+            // itself: give them back to the engine, which reads them for its lookups.
+            let mut words = Vec::new();
+            for (flag, value) in [
+                (
+                    "--kubeconfig",
+                    cli.global.kubeconfig.as_ref().map(|p| p.display().to_string()),
+                ),
+                ("--context", cli.global.context.clone()),
+                ("--namespace", cli.global.namespace.clone()),
+            ] {
+                if let Some(value) = value {
+                    words.push(flag.to_string());
+                    words.push(value);
+                }
+            }
+            words.extend(args.words);
+            let answer =
+                tokio::task::spawn_blocking(move || complete::complete(&Cli::command(), &words, &lookup))
+                    .await
+                    .map_err(|e| Error::Failed(format!("completion failed: {e}")))?;
             print!("{}", answer.render());
             Ok(0)
         }
@@ -117,9 +138,11 @@ async fn node(ctx: &Ctx, cmd: NodeCommand) -> Result<i32> {
         .await
         .map(|()| 0),
         NodeCommand::Remove { nodes } => node_cmd::remove(ctx, &nodes).await.map(|()| 0),
-        NodeCommand::Proxy { node, public_key, login } => {
-            node_shell::proxy(ctx, &node, public_key.as_deref(), login.as_deref()).await
-        }
+        NodeCommand::Proxy {
+            node,
+            public_key,
+            login,
+        } => node_shell::proxy(ctx, &node, public_key.as_deref(), login.as_deref()).await,
         NodeCommand::Wait { nodes, timeout } => node_cmd::wait(ctx, &nodes, timeout).await.map(|()| 0),
     }
 }
@@ -148,7 +171,9 @@ async fn image(ctx: &Ctx, cmd: ImageCommand) -> Result<i32> {
         .map(|()| 0),
         ImageCommand::Shell { image, mode } => image_shell::run(ctx, &image, mode).await,
         ImageCommand::Rm { images } => image_cmd::rm(ctx, &images).await.map(|()| 0),
-        ImageCommand::Rename { image, new_name } => image_cmd::rename(ctx, &image, &new_name).await.map(|()| 0),
+        ImageCommand::Rename { image, new_name } => {
+            image_cmd::rename(ctx, &image, &new_name).await.map(|()| 0)
+        }
         ImageCommand::Duplicate { image, new_name } => {
             image_cmd::duplicate(ctx, &image, &new_name).await.map(|()| 0)
         }
@@ -189,7 +214,9 @@ impl ClusterLookup {
                     Err(_) => Vec::new(),
                 }
             };
-            tokio::time::timeout(LOOKUP_DEADLINE, work).await.unwrap_or_default()
+            tokio::time::timeout(LOOKUP_DEADLINE, work)
+                .await
+                .unwrap_or_default()
         })
     }
 }

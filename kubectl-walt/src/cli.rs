@@ -67,7 +67,13 @@ pub struct GlobalArgs {
     pub request_timeout: Duration,
     /// Connect straight to the SSH gateway at HOST:PORT instead of through a port-forward
     /// (for operators that run outside the cluster, e.g. in development).
-    #[arg(long, global = true, hide = true, env = "WALT_GATEWAY_ADDRESS", value_name = "HOST:PORT")]
+    #[arg(
+        long,
+        global = true,
+        hide = true,
+        env = "WALT_GATEWAY_ADDRESS",
+        value_name = "HOST:PORT"
+    )]
     pub gateway_address: Option<String>,
 }
 
@@ -149,11 +155,14 @@ pub struct OutputArgs {
 #[derive(Debug, Subcommand)]
 pub enum NodeCommand {
     /// List the nodes of the namespace.
-    #[command(visible_alias = "list", after_help = "\
+    #[command(
+        visible_alias = "list",
+        after_help = "\
 Examples:
   kubectl walt node ls
   kubectl walt node ls -o wide
-  kubectl walt node ls -o yaml")]
+  kubectl walt node ls -o yaml"
+    )]
     Ls {
         #[command(flatten)]
         output: OutputArgs,
@@ -171,7 +180,8 @@ Examples:
         output: OutputArgs,
     },
     /// Open a root shell on a node, through the walt SSH gateway.
-    #[command(long_about = "Open a root shell on a node, through the walt SSH gateway.\n\n\
+    #[command(
+        long_about = "Open a root shell on a node, through the walt SSH gateway.\n\n\
         The plugin makes a one-time key pair (kept in memory only), asks for a ShellSession that\n\
         authorizes it, and reaches the gateway through a port-forward. The node's filesystem is\n\
         volatile: changes outside /persist are lost on the next reboot; use `node save` to keep them.",
@@ -179,7 +189,8 @@ Examples:
 Examples:
   kubectl walt node shell rpi3-01
   # a one-off command instead of an interactive shell
-  kubectl walt node shell rpi3-01 -- cat /proc/cpuinfo")]
+  kubectl walt node shell rpi3-01 -- cat /proc/cpuinfo"
+    )]
     Shell {
         /// The node.
         #[arg(value_name = "NODE")]
@@ -288,16 +299,20 @@ Examples:
         cpu: Option<String>,
     },
     /// Remove nodes from the namespace (virtual nodes are stopped).
-    #[command(visible_alias = "rm", after_help = "\
+    #[command(
+        visible_alias = "rm",
+        after_help = "\
 Examples:
-  kubectl walt node remove vnode1")]
+  kubectl walt node remove vnode1"
+    )]
     Remove {
         /// The nodes: NODE, NODE1,NODE2,…
         #[arg(value_name = "NODES")]
         nodes: String,
     },
     /// Relay stdin/stdout to a node's SSH server, for OpenSSH's ProxyCommand (ssh, scp, rsync).
-    #[command(long_about = "Relay stdin/stdout to a node's SSH server through the walt gateway,\n\
+    #[command(
+        long_about = "Relay stdin/stdout to a node's SSH server through the walt gateway,\n\
         for OpenSSH's ProxyCommand. The session authorizes your own public key (ssh-agent's first\n\
         key, else ~/.ssh/id_ed25519.pub, id_ecdsa.pub, id_rsa.pub; or --public-key).",
         after_help = "\
@@ -309,7 +324,8 @@ Examples:
   # or once for all, in ~/.ssh/config (then: ssh walt-rpi3-01):
   Host walt-*
       ProxyCommand kubectl walt node proxy %n --login %r
-      User alice-walt")]
+      User alice-walt"
+    )]
     Proxy {
         /// The node (a `walt-` prefix is removed, for ~/.ssh/config patterns).
         #[arg(value_name = "NODE")]
@@ -380,10 +396,13 @@ pub enum ShellModeArg {
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
     /// List the images of the namespace.
-    #[command(visible_alias = "list", after_help = "\
+    #[command(
+        visible_alias = "list",
+        after_help = "\
 Examples:
   kubectl walt image ls
-  kubectl walt image ls -o wide")]
+  kubectl walt image ls -o wide"
+    )]
     Ls {
         #[command(flatten)]
         output: OutputArgs,
@@ -440,10 +459,13 @@ On exit you are asked for a name: type a new name, or press Enter to overwrite t
         mode: ShellModeArg,
     },
     /// Remove images (refused while nodes boot them).
-    #[command(visible_alias = "remove", after_help = "\
+    #[command(
+        visible_alias = "remove",
+        after_help = "\
 Examples:
   kubectl walt image rm rpi-debian-old
-  kubectl walt image rm test1,test2")]
+  kubectl walt image rm test1,test2"
+    )]
     Rm {
         /// The images: IMAGE or IMAGE1,IMAGE2,…
         #[arg(value_name = "IMAGES")]
@@ -588,7 +610,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         };
     }
     if !number.is_empty() {
-        return Err(format!("invalid duration {text:?}: the last number has no unit (s, m, h)"));
+        return Err(format!(
+            "invalid duration {text:?}: the last number has no unit (s, m, h)"
+        ));
     }
     Ok(Duration::from_secs(total))
 }
@@ -615,8 +639,8 @@ mod tests {
 
     #[test]
     fn run_takes_the_command_after_double_dash() {
-        let cli = Cli::try_parse_from(["kubectl-walt", "node", "run", "a,b", "--", "uname", "-a"])
-            .expect("parses");
+        let cli =
+            Cli::try_parse_from(["kubectl-walt", "node", "run", "a,b", "--", "uname", "-a"]).expect("parses");
         match cli.command {
             Command::Node(NodeCommand::Run { nodes, command }) => {
                 assert_eq!(nodes, "a,b");

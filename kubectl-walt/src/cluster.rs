@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec};
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+};
 use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::api::{ListParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -26,7 +28,9 @@ pub struct Ctx {
 
 impl std::fmt::Debug for Ctx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ctx").field("namespace", &self.namespace).finish_non_exhaustive()
+        f.debug_struct("Ctx")
+            .field("namespace", &self.namespace)
+            .finish_non_exhaustive()
     }
 }
 
@@ -48,7 +52,9 @@ pub async fn load_config(global: &GlobalArgs) -> Result<Config> {
             .await
             .map_err(|e| Error::Kubeconfig(e.to_string()))?
     } else {
-        Config::infer().await.map_err(|e| Error::Kubeconfig(e.to_string()))?
+        Config::infer()
+            .await
+            .map_err(|e| Error::Kubeconfig(e.to_string()))?
     };
     Ok(config)
 }
@@ -102,22 +108,34 @@ impl Ctx {
 
     /// Gets a node, with a useful message when it is missing or forbidden.
     pub async fn get_node(&self, name: &str) -> Result<Node> {
-        self.nodes()
-            .get(name)
-            .await
-            .map_err(|e| Error::api(Op::named("get", "node", "nodes.walt.dev", name, &self.namespace), e))
+        self.nodes().get(name).await.map_err(|e| {
+            Error::api(
+                Op::named("get", "node", "nodes.walt.dev", name, &self.namespace),
+                e,
+            )
+        })
     }
 
     /// Gets an Image object by object name.
     pub async fn get_image(&self, object_name: &str, display: &str) -> Result<Image> {
         self.images().get(object_name).await.map_err(|e| {
-            Error::api(Op::named("get", "image", "images.walt.dev", display, &self.namespace), e)
+            Error::api(
+                Op::named("get", "image", "images.walt.dev", display, &self.namespace),
+                e,
+            )
         })
     }
 
     /// Whether the current user may do `verb` on `resource` (`group`, optional `subresource`) here.
     /// Unknown (the review itself failed) counts as allowed: the real request will tell.
-    pub async fn can_i(&self, verb: &str, group: &str, resource: &str, subresource: Option<&str>, namespace: &str) -> bool {
+    pub async fn can_i(
+        &self,
+        verb: &str,
+        group: &str,
+        resource: &str,
+        subresource: Option<&str>,
+        namespace: &str,
+    ) -> bool {
         let review = SelfSubjectAccessReview {
             spec: SelfSubjectAccessReviewSpec {
                 resource_attributes: Some(ResourceAttributes {
@@ -141,7 +159,16 @@ impl Ctx {
 
     /// Checks permissions up front, so a workflow fails before it creates anything, naming the
     /// first permission missing. Each item: (verb, group, resource, subresource, namespace).
-    pub async fn require(&self, needs: &[(&'static str, &'static str, &'static str, Option<&'static str>, &str)]) -> Result<()> {
+    pub async fn require(
+        &self,
+        needs: &[(
+            &'static str,
+            &'static str,
+            &'static str,
+            Option<&'static str>,
+            &str,
+        )],
+    ) -> Result<()> {
         for (verb, group, resource, sub, namespace) in needs {
             if !self.can_i(verb, group, resource, *sub, namespace).await {
                 let mut full = if group.is_empty() {
@@ -166,7 +193,12 @@ impl Ctx {
     /// Recent events about an object (by uid), oldest first; empty when events cannot be read.
     pub async fn events_for(&self, uid: &str) -> Vec<Event> {
         let params = ListParams::default().fields(&format!("involvedObject.uid={uid}"));
-        let mut events = self.events().list(&params).await.map(|l| l.items).unwrap_or_default();
+        let mut events = self
+            .events()
+            .list(&params)
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default();
         events.sort_by_key(event_time);
         events
     }

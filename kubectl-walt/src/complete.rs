@@ -108,12 +108,13 @@ pub fn complete(root: &Command, words: &[String], lookup: &dyn Lookup) -> Comple
                 None => (flag, None),
             };
             if let Some(arg) = find_flag(cmd, name)
-                && takes_value(arg) {
-                    match inline {
-                        Some(value) => remember(&mut ctx, arg, value),
-                        None => pending_value = Some(arg),
-                    }
+                && takes_value(arg)
+            {
+                match inline {
+                    Some(value) => remember(&mut ctx, arg, value),
+                    None => pending_value = Some(arg),
                 }
+            }
             continue;
         }
         if let Some(sub) = cmd.find_subcommand(word) {
@@ -136,13 +137,14 @@ pub fn complete(root: &Command, words: &[String], lookup: &dyn Lookup) -> Comple
     }
     if current.starts_with('-') {
         if let Some((name, value)) = current.split_once('=')
-            && let Some(arg) = find_flag(cmd, name.strip_prefix('-').unwrap_or(name)) {
-                let mut inner = complete_value(arg, value, &ctx, lookup);
-                for c in &mut inner.candidates {
-                    c.value = format!("{name}={}", c.value);
-                }
-                return inner;
+            && let Some(arg) = find_flag(cmd, name.strip_prefix('-').unwrap_or(name))
+        {
+            let mut inner = complete_value(arg, value, &ctx, lookup);
+            for c in &mut inner.candidates {
+                c.value = format!("{name}={}", c.value);
             }
+            return inner;
+        }
         return Completion {
             candidates: filter(flags(cmd), current),
             directive: NO_FILE_COMP,
@@ -154,7 +156,10 @@ pub fn complete(root: &Command, words: &[String], lookup: &dyn Lookup) -> Comple
             .filter(|s| !s.is_hide_set())
             .map(|s| Candidate {
                 value: s.get_name().to_string(),
-                description: s.get_about().map(std::string::ToString::to_string).unwrap_or_default(),
+                description: s
+                    .get_about()
+                    .map(std::string::ToString::to_string)
+                    .unwrap_or_default(),
             })
             .collect();
         return Completion {
@@ -204,8 +209,14 @@ fn takes_value(arg: &Arg) -> bool {
 
 fn flags(cmd: &Command) -> Vec<Candidate> {
     let mut out = Vec::new();
-    for arg in cmd.get_arguments().filter(|a| !a.is_positional() && !a.is_hide_set()) {
-        let description = arg.get_help().map(|h| first_sentence(&h.to_string())).unwrap_or_default();
+    for arg in cmd
+        .get_arguments()
+        .filter(|a| !a.is_positional() && !a.is_hide_set())
+    {
+        let description = arg
+            .get_help()
+            .map(|h| first_sentence(&h.to_string()))
+            .unwrap_or_default();
         if let Some(long) = arg.get_long() {
             out.push(Candidate {
                 value: format!("--{long}"),
@@ -224,7 +235,11 @@ fn flags(cmd: &Command) -> Vec<Candidate> {
 
 fn first_sentence(text: &str) -> String {
     let line = text.lines().next().unwrap_or_default();
-    line.split(". ").next().unwrap_or(line).trim_end_matches('.').to_string()
+    line.split(". ")
+        .next()
+        .unwrap_or(line)
+        .trim_end_matches('.')
+        .to_string()
 }
 
 fn complete_value(arg: &Arg, current: &str, ctx: &LookupContext, lookup: &dyn Lookup) -> Completion {
@@ -298,7 +313,10 @@ fn complete_value(arg: &Arg, current: &str, ctx: &LookupContext, lookup: &dyn Lo
                 .filter(|p| !p.is_hide_set())
                 .map(|p| Candidate {
                     value: p.get_name().to_string(),
-                    description: p.get_help().map(std::string::ToString::to_string).unwrap_or_default(),
+                    description: p
+                        .get_help()
+                        .map(std::string::ToString::to_string)
+                        .unwrap_or_default(),
                 })
                 .collect();
             if !possible.is_empty() {
@@ -346,7 +364,10 @@ fn complete_set(all: Vec<Candidate>, current: &str) -> Completion {
 }
 
 fn filter(candidates: Vec<Candidate>, prefix: &str) -> Vec<Candidate> {
-    candidates.into_iter().filter(|c| c.value.starts_with(prefix)).collect()
+    candidates
+        .into_iter()
+        .filter(|c| c.value.starts_with(prefix))
+        .collect()
 }
 
 /// The completion script for `shell`.
@@ -489,20 +510,33 @@ mod tests {
         assert_eq!(values(&["node", "shell", "rpi"]).0, ["rpi3-01", "rpi3-02"]);
         assert_eq!(values(&["image", "shell", ""]).0, ["rpi-debian", "pc-base"]);
         assert_eq!(values(&["node", "save", "rpi3-01", "p"]).0, ["pc-base"]);
-        assert_eq!(values(&["node", "create-virtual", "x", "--image", "r"]).0, ["rpi-debian"]);
+        assert_eq!(
+            values(&["node", "create-virtual", "x", "--image", "r"]).0,
+            ["rpi-debian"]
+        );
         assert_eq!(values(&["help", "show", "node"]).0, ["node-save"]);
     }
 
     #[test]
     fn node_sets_complete_after_the_last_comma() {
-        assert_eq!(values(&["node", "run", "rpi3-01,"]).0, ["rpi3-01,rpi3-02", "rpi3-01,vnode"]);
-        assert!(values(&["node", "reboot", "a"]).0.contains(&"all-nodes".to_string()));
+        assert_eq!(
+            values(&["node", "run", "rpi3-01,"]).0,
+            ["rpi3-01,rpi3-02", "rpi3-01,vnode"]
+        );
+        assert!(
+            values(&["node", "reboot", "a"])
+                .0
+                .contains(&"all-nodes".to_string())
+        );
     }
 
     #[test]
     fn namespace_flag_is_used_for_lookups() {
         assert_eq!(values(&["-n", "other", "node", "shell", ""]).0, ["far-node"]);
-        assert_eq!(values(&["node", "shell", "--namespace=other", ""]).0, ["far-node"]);
+        assert_eq!(
+            values(&["node", "shell", "--namespace=other", ""]).0,
+            ["far-node"]
+        );
         assert_eq!(values(&["node", "ls", "-n", ""]).0, ["lab", "other"]);
         assert_eq!(values(&["node", "ls", "--context", ""]).0, ["kind-walt"]);
     }
@@ -512,8 +546,14 @@ mod tests {
         let (flags, _) = values(&["node", "ls", "--"]);
         assert!(flags.contains(&"--output".to_string()));
         assert!(flags.contains(&"--namespace".to_string()));
-        assert!(!flags.contains(&"--gateway-address".to_string()), "hidden flags stay hidden");
-        assert_eq!(values(&["image", "ls", "-o", ""]).0, ["table", "wide", "json", "yaml"]);
+        assert!(
+            !flags.contains(&"--gateway-address".to_string()),
+            "hidden flags stay hidden"
+        );
+        assert_eq!(
+            values(&["image", "ls", "-o", ""]).0,
+            ["table", "wide", "json", "yaml"]
+        );
         assert_eq!(values(&["image", "ls", "--output=j"]).0, ["--output=json"]);
         assert_eq!(values(&["completion", ""]).0, ["bash", "zsh", "fish", "kubectl"]);
     }

@@ -11,7 +11,9 @@ use crate::resolve::{display_image, name_of};
 
 /// The phase of a node as text.
 pub fn node_phase(node: &Node) -> String {
-    node.status.as_ref().map_or_else(|| "Pending".into(), |s| format!("{:?}", s.phase))
+    node.status
+        .as_ref()
+        .map_or_else(|| "Pending".into(), |s| format!("{:?}", s.phase))
 }
 
 /// Whether the node is booted and reachable.
@@ -43,7 +45,14 @@ fn booted(node: &Node) -> String {
 fn virtual_text(node: &Node) -> String {
     node.spec.virtual_node.as_ref().map_or_else(
         || "-".into(),
-        |v| format!("{}, {} memory, {} cpu", v.architecture.as_str(), v.memory.0, v.cpu.0),
+        |v| {
+            format!(
+                "{}, {} memory, {} cpu",
+                v.architecture.as_str(),
+                v.memory.0,
+                v.cpu.0
+            )
+        },
     )
 }
 
@@ -68,12 +77,22 @@ pub fn node_table(nodes: &[Node], format: OutputFormat) -> String {
                 node.status
                     .as_ref()
                     .and_then(|s| s.address.clone())
-                    .or_else(|| node.spec.address.as_ref().map(|a| format!("{a}:{}", node.spec.ssh_port)))
+                    .or_else(|| {
+                        node.spec
+                            .address
+                            .as_ref()
+                            .map(|a| format!("{a}:{}", node.spec.ssh_port))
+                    })
                     .unwrap_or_else(|| "-".into()),
             );
             row.push(booted(node));
             row.push(format!("{:?}", node.spec.boot_mode).to_lowercase());
-            row.push(node.spec.virtual_node.as_ref().map_or_else(|| "-".into(), |v| v.architecture.as_str().into()));
+            row.push(
+                node.spec
+                    .virtual_node
+                    .as_ref()
+                    .map_or_else(|| "-".into(), |v| v.architecture.as_str().into()),
+            );
         }
         table.row(row);
     }
@@ -88,7 +107,11 @@ pub fn node_page(node: &Node, events: &[Event]) -> String {
         let _ = writeln!(out, "{:<13}{value}", format!("{key}:"));
     };
     line(&mut out, "Name", name_of(node));
-    line(&mut out, "Namespace", node.metadata.namespace.clone().unwrap_or_default());
+    line(
+        &mut out,
+        "Namespace",
+        node.metadata.namespace.clone().unwrap_or_default(),
+    );
     line(&mut out, "Model", node.spec.model.clone());
     line(&mut out, "Image", node_image(node));
     line(&mut out, "Booted", booted(node));
@@ -99,10 +122,19 @@ pub fn node_page(node: &Node, events: &[Event]) -> String {
         status
             .address
             .clone()
-            .or_else(|| node.spec.address.as_ref().map(|a| format!("{a}:{}", node.spec.ssh_port)))
+            .or_else(|| {
+                node.spec
+                    .address
+                    .as_ref()
+                    .map(|a| format!("{a}:{}", node.spec.ssh_port))
+            })
             .unwrap_or_else(|| "-".into()),
     );
-    line(&mut out, "Boot mode", format!("{:?}", node.spec.boot_mode).to_lowercase());
+    line(
+        &mut out,
+        "Boot mode",
+        format!("{:?}", node.spec.boot_mode).to_lowercase(),
+    );
     line(&mut out, "Virtual", virtual_text(node));
     line(
         &mut out,
@@ -121,7 +153,11 @@ pub fn node_page(node: &Node, events: &[Event]) -> String {
             .as_ref()
             .map_or_else(|| "never".into(), |t| format!("{} ago", age_since(Some(t)))),
     );
-    line(&mut out, "Age", age_since(node.metadata.creation_timestamp.as_ref()));
+    line(
+        &mut out,
+        "Age",
+        age_since(node.metadata.creation_timestamp.as_ref()),
+    );
     conditions_section(&mut out, &status.conditions);
     events_section(&mut out, events);
     out
@@ -130,7 +166,9 @@ pub fn node_page(node: &Node, events: &[Event]) -> String {
 /// `image ls` as a table. `usage` gives the number of nodes booting each image.
 pub fn image_table(images: &[Image], usage: &dyn Fn(&Image) -> usize, format: OutputFormat) -> String {
     let wide = format == OutputFormat::Wide;
-    let mut headers = vec!["NAME", "READY", "ARCH", "MODELS", "SHELL", "LAYERS", "SIZE", "IN-USE", "AGE"];
+    let mut headers = vec![
+        "NAME", "READY", "ARCH", "MODELS", "SHELL", "LAYERS", "SIZE", "IN-USE", "AGE",
+    ];
     if wide {
         headers.extend(["DIGEST", "REFERENCE", "SOURCE"]);
     }
@@ -170,7 +208,11 @@ pub fn image_table(images: &[Image], usage: &dyn Fn(&Image) -> usize, format: Ou
 
 /// `True`, `False` (with the reason) or `Unknown` from the Ready condition.
 pub fn image_ready(image: &Image) -> String {
-    let conditions = image.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let conditions = image
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
     match walt_crds::find_condition(conditions, walt_crds::condition_types::READY) {
         Some(c) if c.status == "True" => "True".into(),
         Some(c) if c.status == "False" => format!("False ({})", c.reason),
@@ -194,10 +236,22 @@ pub fn image_page(image: &Image, booted_by: &[String], events: &[Event]) -> Stri
         let _ = writeln!(out, "{:<13}{value}", format!("{key}:"));
     };
     line(&mut out, "Name", display_image(&name_of(image)));
-    line(&mut out, "Namespace", image.metadata.namespace.clone().unwrap_or_default());
+    line(
+        &mut out,
+        "Namespace",
+        image.metadata.namespace.clone().unwrap_or_default(),
+    );
     line(&mut out, "Ready", image_ready(image));
-    line(&mut out, "Reference", status.reference.clone().unwrap_or_else(|| "-".into()));
-    line(&mut out, "Digest", status.digest.clone().unwrap_or_else(|| "-".into()));
+    line(
+        &mut out,
+        "Reference",
+        status.reference.clone().unwrap_or_else(|| "-".into()),
+    );
+    line(
+        &mut out,
+        "Digest",
+        status.digest.clone().unwrap_or_else(|| "-".into()),
+    );
     if let Some(source) = &image.spec.source {
         line(&mut out, "Source", source.clone());
     }
@@ -222,7 +276,11 @@ pub fn image_page(image: &Image, booted_by: &[String], events: &[Event]) -> Stri
         },
     );
     line(&mut out, "Shell mode", shell_mode(status.shell_mode));
-    line(&mut out, "Layers", status.layers.map_or_else(|| "-".into(), |l| l.to_string()));
+    line(
+        &mut out,
+        "Layers",
+        status.layers.map_or_else(|| "-".into(), |l| l.to_string()),
+    );
     line(&mut out, "Size", status.size.map_or_else(|| "-".into(), bytes));
     line(
         &mut out,
@@ -233,7 +291,11 @@ pub fn image_page(image: &Image, booted_by: &[String], events: &[Event]) -> Stri
             booted_by.join(", ")
         },
     );
-    line(&mut out, "Age", age_since(image.metadata.creation_timestamp.as_ref()));
+    line(
+        &mut out,
+        "Age",
+        age_since(image.metadata.creation_timestamp.as_ref()),
+    );
     conditions_section(&mut out, &status.conditions);
     events_section(&mut out, events);
     out
@@ -268,10 +330,8 @@ fn events_section(out: &mut String, events: &[Event]) {
     }
     let mut table = Table::new(["TYPE", "REASON", "AGE", "MESSAGE"]);
     for e in events.iter().rev().take(10).rev() {
-        let age = crate::cluster::event_time(e).map_or_else(
-            || "-".into(),
-            |t| crate::format::age(crate::format::since(t)),
-        );
+        let age = crate::cluster::event_time(e)
+            .map_or_else(|| "-".into(), |t| crate::format::age(crate::format::since(t)));
         table.row([
             e.type_.clone().unwrap_or_default(),
             e.reason.clone().unwrap_or_default(),
@@ -358,6 +418,11 @@ mod tests {
         });
         let table = image_table(&[image], &|_| 2, OutputFormat::Table);
         let row = table.lines().nth(1).expect("row");
-        assert!(row.starts_with("rpi:v2   Unknown   arm64   rpi-3-b,rpi-4-b   init    3        30.0MiB   2 nodes"), "{row}");
+        assert!(
+            row.starts_with(
+                "rpi:v2   Unknown   arm64   rpi-3-b,rpi-4-b   init    3        30.0MiB   2 nodes"
+            ),
+            "{row}"
+        );
     }
 }

@@ -42,13 +42,20 @@ where
     W: Write,
 {
     loop {
-        write!(output, "Save as a new image, or press Enter to overwrite {image}: ")?;
+        write!(
+            output,
+            "Save as a new image, or press Enter to overwrite {image}: "
+        )?;
         output.flush()?;
         let Some(answer) = read_line(input)? else {
             writeln!(output)?;
             return Ok(Decision::Discard);
         };
-        let name = if answer.is_empty() { image.to_string() } else { answer };
+        let name = if answer.is_empty() {
+            image.to_string()
+        } else {
+            answer
+        };
         if name != image
             && let Some(problem) = validate(&name)
         {
@@ -81,7 +88,11 @@ pub fn overwrite_question(image: &str, booted_by: &[String]) -> String {
         0 => format!("Overwrite {image}? (no node boots it)"),
         n => {
             let shown: Vec<&str> = booted_by.iter().take(5).map(String::as_str).collect();
-            let more = if n > 5 { format!(", and {} more", n - 5) } else { String::new() };
+            let more = if n > 5 {
+                format!(", and {} more", n - 5)
+            } else {
+                String::new()
+            };
             format!(
                 "Overwriting {image} will reboot {n} node{} that boot{} it ({}{more}). Continue?",
                 if n == 1 { "" } else { "s" },
@@ -122,16 +133,26 @@ mod tests {
         let validate = |name: &str| {
             if name == "default" {
                 Some("\"default\" is reserved: choose another name.".to_string())
-            } else if name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
+            } else if name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            {
                 None
             } else {
                 Some(format!("invalid image name {name:?}: use a-z, 0-9 and -"))
             }
         };
-        let table: Vec<(String, NameFacts)> = facts.iter().map(|(n, f)| ((*n).to_string(), f.clone())).collect();
-        let mut lookup =
-            |name: &str| table.iter().find(|(n, _)| n == name).map(|(_, f)| f.clone()).unwrap_or_default();
-        let decision = exit_dialogue("rpi-debian", &mut reader, &mut out, &validate, &mut lookup).expect("io");
+        let table: Vec<(String, NameFacts)> =
+            facts.iter().map(|(n, f)| ((*n).to_string(), f.clone())).collect();
+        let mut lookup = |name: &str| {
+            table
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, f)| f.clone())
+                .unwrap_or_default()
+        };
+        let decision =
+            exit_dialogue("rpi-debian", &mut reader, &mut out, &validate, &mut lookup).expect("io");
         (decision, String::from_utf8(out).expect("utf8"))
     }
 
@@ -146,7 +167,10 @@ mod tests {
     fn a_new_name_saves_without_question() {
         let (d, out) = run("rpi-tuned\n", &[("rpi-debian", booted(&["n1"]))]);
         assert_eq!(d, Decision::SaveAs("rpi-tuned".into()));
-        assert_eq!(out, "Save as a new image, or press Enter to overwrite rpi-debian: ");
+        assert_eq!(
+            out,
+            "Save as a new image, or press Enter to overwrite rpi-debian: "
+        );
     }
 
     #[test]
@@ -206,7 +230,13 @@ mod tests {
 
     #[test]
     fn confirm_accepts_only_yes() {
-        for (input, expected) in [("y\n", true), ("YES\n", true), ("n\n", false), ("\n", false), ("", false)] {
+        for (input, expected) in [
+            ("y\n", true),
+            ("YES\n", true),
+            ("n\n", false),
+            ("\n", false),
+            ("", false),
+        ] {
             let mut out = Vec::new();
             let got = confirm("Go?", &mut std::io::Cursor::new(input), &mut out).expect("io");
             assert_eq!(got, expected, "{input:?}");

@@ -20,7 +20,13 @@ pub struct Op {
 
 impl Op {
     /// An operation on a named object.
-    pub fn named(verb: &'static str, kind: &'static str, resource: &'static str, name: &str, namespace: &str) -> Self {
+    pub fn named(
+        verb: &'static str,
+        kind: &'static str,
+        resource: &'static str,
+        name: &str,
+        namespace: &str,
+    ) -> Self {
         Op {
             verb,
             kind,
@@ -31,7 +37,12 @@ impl Op {
     }
 
     /// An operation on a collection (list, watch, create without a name yet).
-    pub fn collection(verb: &'static str, kind: &'static str, resource: &'static str, namespace: &str) -> Self {
+    pub fn collection(
+        verb: &'static str,
+        kind: &'static str,
+        resource: &'static str,
+        namespace: &str,
+    ) -> Self {
         Op {
             verb,
             kind,
@@ -45,8 +56,16 @@ impl Op {
 impl fmt::Display for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.name {
-            Some(name) => write!(f, "cannot {} {} {name:?} in namespace {:?}", self.verb, self.kind, self.namespace),
-            None => write!(f, "cannot {} {}s in namespace {:?}", self.verb, self.kind, self.namespace),
+            Some(name) => write!(
+                f,
+                "cannot {} {} {name:?} in namespace {:?}",
+                self.verb, self.kind, self.namespace
+            ),
+            None => write!(
+                f,
+                "cannot {} {}s in namespace {:?}",
+                self.verb, self.kind, self.namespace
+            ),
         }
     }
 }
@@ -198,15 +217,17 @@ impl Error {
                 message: message.to_string(),
             };
         }
-        if code == 409 && reason == "AlreadyExists"
-            && let Some(name) = op.name.clone() {
-                return Error::AlreadyExists {
-                    kind: op.kind,
-                    name,
-                    namespace: op.namespace,
-                    hint: "choose another name, or remove it first".into(),
-                };
-            }
+        if code == 409
+            && reason == "AlreadyExists"
+            && let Some(name) = op.name.clone()
+        {
+            return Error::AlreadyExists {
+                kind: op.kind,
+                name,
+                namespace: op.namespace,
+                hint: "choose another name, or remove it first".into(),
+            };
+        }
         if code == 422 || reason == "Invalid" {
             return Error::Invalid(format!("{op}: the API server refused it: {message}"));
         }
@@ -224,7 +245,10 @@ impl Error {
 fn not_found_hint(kind: &str) -> String {
     match kind {
         "node" => "list the nodes with `kubectl walt node ls` (and check -n/--namespace)".into(),
-        "image" => "list the images with `kubectl walt image ls`, or clone one with `kubectl walt image clone`".into(),
+        "image" => {
+            "list the images with `kubectl walt image ls`, or clone one with `kubectl walt image clone`"
+                .into()
+        }
         other => format!("check the name and the namespace of the {other}"),
     }
 }
@@ -253,7 +277,9 @@ mod tests {
             "shellsessions.walt.dev is forbidden: User \"alice\" cannot create resource \"shellsessions\" in API group \"walt.dev\" in the namespace \"bob\"",
         );
         let text = e.to_string();
-        assert!(text.starts_with("forbidden: you may not create shellsessions.walt.dev in namespace \"bob\""));
+        assert!(
+            text.starts_with("forbidden: you may not create shellsessions.walt.dev in namespace \"bob\"")
+        );
         assert!(text.contains("User \"alice\" cannot create"));
         assert!(text.contains("kubectl auth can-i create shellsessions.walt.dev -n bob"));
     }
@@ -261,8 +287,16 @@ mod tests {
     #[test]
     fn missing_crds_are_explained() {
         let op = Op::collection("list", "node", "nodes.walt.dev", "default");
-        let e = Error::from_status(op, 404, "NotFound", "the server could not find the requested resource");
-        assert!(e.to_string().contains("the walt API (group walt.dev) is not installed"));
+        let e = Error::from_status(
+            op,
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        );
+        assert!(
+            e.to_string()
+                .contains("the walt API (group walt.dev) is not installed")
+        );
     }
 
     #[test]

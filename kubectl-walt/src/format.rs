@@ -100,12 +100,20 @@ pub fn age(elapsed: Duration) -> String {
         0..=119 => format!("{s}s"),
         120..=599 => {
             let (m, r) = (s / 60, s % 60);
-            if r == 0 { format!("{m}m") } else { format!("{m}m{r}s") }
+            if r == 0 {
+                format!("{m}m")
+            } else {
+                format!("{m}m{r}s")
+            }
         }
         600..=10_799 => format!("{}m", s / 60),
         10_800..=172_799 => {
             let (h, m) = (s / 3600, (s % 3600) / 60);
-            if h < 8 && m != 0 { format!("{h}h{m}m") } else { format!("{h}h") }
+            if h < 8 && m != 0 {
+                format!("{h}h{m}m")
+            } else {
+                format!("{h}h")
+            }
         }
         172_800..=31_535_999 => format!("{}d", s / 86_400),
         _ => format!("{}y", s / 31_536_000),
@@ -114,10 +122,7 @@ pub fn age(elapsed: Duration) -> String {
 
 /// The age of a resource from its creation timestamp.
 pub fn age_since(created: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>) -> String {
-    created.map_or_else(
-        || "<unknown>".into(),
-        |t| age(since(t.0)),
-    )
+    created.map_or_else(|| "<unknown>".into(), |t| age(since(t.0)))
 }
 
 /// Time elapsed since `t` (zero for times in the future: clocks differ).

@@ -33,7 +33,9 @@ pub struct Connection {
 
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Connection").field("via", &self.via).finish_non_exhaustive()
+        f.debug_struct("Connection")
+            .field("via", &self.via)
+            .finish_non_exhaustive()
     }
 }
 
@@ -79,10 +81,12 @@ fn operator_namespace() -> String {
 /// Opens a connection to the gateway a session points at.
 pub async fn connect(ctx: &Ctx, gateway: &Gateway) -> Result<Connection> {
     if let Some(address) = &ctx.global.gateway_address {
-        let stream = tokio::net::TcpStream::connect(address).await.map_err(|e| Error::Io {
-            context: format!("cannot reach the walt gateway at {address} (--gateway-address)"),
-            source: e,
-        })?;
+        let stream = tokio::net::TcpStream::connect(address)
+            .await
+            .map_err(|e| Error::Io {
+                context: format!("cannot reach the walt gateway at {address} (--gateway-address)"),
+                source: e,
+            })?;
         let _ = stream.set_nodelay(true);
         return Ok(Connection {
             stream: Box::pin(stream),
@@ -93,7 +97,10 @@ pub async fn connect(ctx: &Ctx, gateway: &Gateway) -> Result<Connection> {
     let (service_name, namespace) = service_location(&gateway.service);
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
     let service = services.get(&service_name).await.map_err(|e| {
-        Error::api(Op::named("get", "gateway service", "services", &service_name, &namespace), e)
+        Error::api(
+            Op::named("get", "gateway service", "services", &service_name, &namespace),
+            e,
+        )
     })?;
     let spec = service.spec.clone().unwrap_or_default();
     let port = spec
@@ -132,7 +139,9 @@ pub async fn connect(ctx: &Ctx, gateway: &Gateway) -> Result<Connection> {
     let target = match &port.target_port {
         Some(IntOrString::Int(p)) => *p,
         Some(IntOrString::String(name)) => named_port(&pod, name).ok_or_else(|| {
-            Error::Failed(format!("the gateway pod {namespace}/{pod_name} has no port named {name:?}"))
+            Error::Failed(format!(
+                "the gateway pod {namespace}/{pod_name} has no port named {name:?}"
+            ))
         })?,
         None => port.port,
     };
@@ -140,7 +149,13 @@ pub async fn connect(ctx: &Ctx, gateway: &Gateway) -> Result<Connection> {
         .map_err(|_| Error::Failed(format!("the gateway port {target} is not a TCP port")))?;
     let mut forwarder = pods.portforward(&pod_name, &[target]).await.map_err(|e| {
         Error::api(
-            Op::named("create", "port-forward to the gateway pod", "pods/portforward", &pod_name, &namespace),
+            Op::named(
+                "create",
+                "port-forward to the gateway pod",
+                "pods/portforward",
+                &pod_name,
+                &namespace,
+            ),
             e,
         )
     })?;

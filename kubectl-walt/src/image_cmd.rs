@@ -43,7 +43,9 @@ pub async fn show(ctx: &Ctx, image: &str, format: OutputFormat) -> Result<()> {
     match format {
         OutputFormat::Table | OutputFormat::Wide => {
             let nodes = list_nodes(ctx).await.unwrap_or_default();
-            let events = ctx.events_for(object.metadata.uid.as_deref().unwrap_or_default()).await;
+            let events = ctx
+                .events_for(object.metadata.uid.as_deref().unwrap_or_default())
+                .await;
             print!("{}", image_page(&object, &nodes_booting(&nodes, &name), &events));
         }
         _ => print!("{}", serialize_objects(&[object], format, true)?),
@@ -64,7 +66,13 @@ pub fn name_from_reference(reference: &str) -> Result<ImageName> {
         let mut out: String = s
             .to_ascii_lowercase()
             .chars()
-            .map(|c| if c.is_ascii_lowercase() || c.is_ascii_digit() { c } else { '-' })
+            .map(|c| {
+                if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                    c
+                } else {
+                    '-'
+                }
+            })
             .collect();
         while out.contains("--") {
             out = out.replace("--", "-");
@@ -87,7 +95,11 @@ pub fn name_from_reference(reference: &str) -> Result<ImageName> {
 /// Parses `--platform os/arch[/variant]` or `arch`.
 pub fn parse_platform(text: &str) -> Result<Platform> {
     let parts: Vec<&str> = text.split('/').collect();
-    let bad = || Error::Invalid(format!("invalid platform {text:?}: write OS/ARCH[/VARIANT], e.g. linux/arm64"));
+    let bad = || {
+        Error::Invalid(format!(
+            "invalid platform {text:?}: write OS/ARCH[/VARIANT], e.g. linux/arm64"
+        ))
+    };
     match parts.as_slice() {
         [arch] if !arch.is_empty() => Ok(Platform {
             architecture: (*arch).to_string(),
@@ -136,13 +148,20 @@ pub async fn clone(ctx: &Ctx, opts: &CloneOptions<'_>) -> Result<()> {
         ..ImageSpec::default()
     };
     create_image(ctx, &name, spec).await?;
-    println!("image.walt.dev/{} created from {}", name.object_name(), opts.reference);
+    println!(
+        "image.walt.dev/{} created from {}",
+        name.object_name(),
+        opts.reference
+    );
     if opts.no_wait {
         return Ok(());
     }
     let waited = interruptible(wait_ready(ctx, &name, &format!("cloning {name}"))).await;
     if matches!(waited, Err(Error::Interrupted)) {
-        let _ = ctx.images().delete(&name.object_name(), &DeleteParams::default()).await;
+        let _ = ctx
+            .images()
+            .delete(&name.object_name(), &DeleteParams::default())
+            .await;
         eprintln!("Interrupted: the clone was stopped and image {name} removed.");
     }
     let image = waited?;
@@ -152,17 +171,35 @@ pub async fn clone(ctx: &Ctx, opts: &CloneOptions<'_>) -> Result<()> {
 
 async fn create_image(ctx: &Ctx, name: &ImageName, spec: ImageSpec) -> Result<Image> {
     let image = Image::new(&name.object_name(), spec);
-    ctx.images().create(&PostParams::default(), &image).await.map_err(|e| {
-        Error::api(Op::named("create", "image", "images.walt.dev", &name.to_string(), &ctx.namespace), e)
-    })
+    ctx.images()
+        .create(&PostParams::default(), &image)
+        .await
+        .map_err(|e| {
+            Error::api(
+                Op::named(
+                    "create",
+                    "image",
+                    "images.walt.dev",
+                    &name.to_string(),
+                    &ctx.namespace,
+                ),
+                e,
+            )
+        })
 }
 
 fn print_ready(image: &Image, name: &ImageName) {
     let status = image.status.clone().unwrap_or_default();
     println!(
         "Image {name} is ready: {} ({}, {} layers, {})",
-        status.digest.as_deref().map_or_else(|| "?".into(), str::to_string),
-        status.platform.as_ref().map_or_else(|| "?".into(), |p| p.architecture.clone()),
+        status
+            .digest
+            .as_deref()
+            .map_or_else(|| "?".into(), str::to_string),
+        status
+            .platform
+            .as_ref()
+            .map_or_else(|| "?".into(), |p| p.architecture.clone()),
         status.layers.map_or_else(|| "?".into(), |l| l.to_string()),
         status.size.map_or_else(|| "?".into(), bytes),
     );
@@ -177,7 +214,11 @@ async fn wait_ready(ctx: &Ctx, name: &ImageName, label: &str) -> Result<Image> {
     let mut line = LiveLine::stderr();
     loop {
         let image = ctx.get_image(&name.object_name(), &name.to_string()).await?;
-        let conditions = image.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
+        let conditions = image
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default();
         match walt_crds::find_condition(&conditions, walt_crds::condition_types::READY) {
             Some(c) if c.status == "True" => {
                 line.finish();
@@ -190,8 +231,16 @@ async fn wait_ready(ctx: &Ctx, name: &ImageName, label: &str) -> Result<Image> {
                     c.message, c.reason
                 )));
             }
-            Some(c) => line.show(&format!("{label}: {} {}  elapsed {}", c.reason, c.message, clock(start.elapsed()))),
-            None => line.show(&format!("{label}: waiting for the operator…  elapsed {}", clock(start.elapsed()))),
+            Some(c) => line.show(&format!(
+                "{label}: {} {}  elapsed {}",
+                c.reason,
+                c.message,
+                clock(start.elapsed())
+            )),
+            None => line.show(&format!(
+                "{label}: waiting for the operator…  elapsed {}",
+                clock(start.elapsed())
+            )),
         }
         tick().await;
     }
@@ -199,14 +248,22 @@ async fn wait_ready(ctx: &Ctx, name: &ImageName, label: &str) -> Result<Image> {
 
 /// Ready=False reasons that are still in progress rather than failures.
 fn is_final_reason(reason: &str) -> bool {
-    !matches!(reason, "Cloning" | "Copying" | "Pending" | "Resolving" | "Progressing" | "InProgress")
+    !matches!(
+        reason,
+        "Cloning" | "Copying" | "Pending" | "Resolving" | "Progressing" | "InProgress"
+    )
 }
 
 /// `image rm IMAGES`
 pub async fn rm(ctx: &Ctx, set: &str) -> Result<()> {
-    let names: Vec<ImageName> = split_set(set).iter().map(|n| image_name(n)).collect::<Result<_>>()?;
+    let names: Vec<ImageName> = split_set(set)
+        .iter()
+        .map(|n| image_name(n))
+        .collect::<Result<_>>()?;
     if names.is_empty() {
-        return Err(Error::Invalid("no image given: write IMAGE or IMAGE1,IMAGE2".into()));
+        return Err(Error::Invalid(
+            "no image given: write IMAGE or IMAGE1,IMAGE2".into(),
+        ));
     }
     let nodes = list_nodes(ctx).await?;
     for name in &names {
@@ -217,7 +274,18 @@ pub async fn rm(ctx: &Ctx, set: &str) -> Result<()> {
         ctx.images()
             .delete(&name.object_name(), &DeleteParams::default())
             .await
-            .map_err(|e| Error::api(Op::named("delete", "image", "images.walt.dev", &name.to_string(), &ctx.namespace), e))?;
+            .map_err(|e| {
+                Error::api(
+                    Op::named(
+                        "delete",
+                        "image",
+                        "images.walt.dev",
+                        &name.to_string(),
+                        &ctx.namespace,
+                    ),
+                    e,
+                )
+            })?;
         println!("{name}: removed.");
     }
     Ok(())
@@ -248,7 +316,14 @@ async fn copy_image(ctx: &Ctx, image: &ImageName, new: &ImageName) -> Result<Ima
             "cannot copy image {image}: it has no digest yet; wait until `kubectl walt image show {image}` says Ready"
         )));
     };
-    if ctx.images().get_opt(&new.object_name()).await.ok().flatten().is_some() {
+    if ctx
+        .images()
+        .get_opt(&new.object_name())
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+    {
         return Err(Error::AlreadyExists {
             kind: "image",
             name: new.to_string(),
@@ -267,7 +342,10 @@ async fn copy_image(ctx: &Ctx, image: &ImageName, new: &ImageName) -> Result<Ima
     create_image(ctx, new, spec).await?;
     let waited = interruptible(wait_ready(ctx, new, &format!("copying {image} to {new}"))).await;
     if waited.is_err() {
-        let _ = ctx.images().delete(&new.object_name(), &DeleteParams::default()).await;
+        let _ = ctx
+            .images()
+            .delete(&new.object_name(), &DeleteParams::default())
+            .await;
     }
     waited
 }
@@ -286,7 +364,10 @@ pub async fn duplicate(ctx: &Ctx, image: &str, new: &str) -> Result<()> {
     let copy = copy_image(ctx, &image, &new).await?;
     println!(
         "Duplicated {image} as {new} ({}).",
-        copy.status.and_then(|s| s.digest).as_deref().map_or_else(|| "?".into(), short_digest)
+        copy.status
+            .and_then(|s| s.digest)
+            .as_deref()
+            .map_or_else(|| "?".into(), short_digest)
     );
     Ok(())
 }
@@ -301,7 +382,18 @@ pub async fn rename(ctx: &Ctx, image: &str, new: &str) -> Result<()> {
     ctx.images()
         .delete(&image.object_name(), &DeleteParams::default())
         .await
-        .map_err(|e| Error::api(Op::named("delete", "image", "images.walt.dev", &image.to_string(), &ctx.namespace), e))?;
+        .map_err(|e| {
+            Error::api(
+                Op::named(
+                    "delete",
+                    "image",
+                    "images.walt.dev",
+                    &image.to_string(),
+                    &ctx.namespace,
+                ),
+                e,
+            )
+        })?;
     println!("Renamed {image} to {new}.");
     Ok(())
 }
@@ -337,7 +429,10 @@ mod tests {
             ("library/default", "default-image"),
         ];
         for (reference, expected) in cases {
-            assert_eq!(name_from_reference(reference).expect(reference).to_string(), expected);
+            assert_eq!(
+                name_from_reference(reference).expect(reference).to_string(),
+                expected
+            );
         }
         assert!(name_from_reference("registry/___").is_err());
     }
@@ -345,7 +440,10 @@ mod tests {
     #[test]
     fn platforms_parse() {
         let p = parse_platform("linux/arm64/v8").expect("valid");
-        assert_eq!((p.os.as_str(), p.architecture.as_str(), p.variant.as_deref()), ("linux", "arm64", Some("v8")));
+        assert_eq!(
+            (p.os.as_str(), p.architecture.as_str(), p.variant.as_deref()),
+            ("linux", "arm64", Some("v8"))
+        );
         assert_eq!(parse_platform("arm64").expect("valid").os, "linux");
         assert!(parse_platform("linux//").is_err());
     }

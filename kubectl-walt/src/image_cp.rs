@@ -64,9 +64,18 @@ fn split_remote(path: &str) -> Result<(String, String)> {
     let trimmed = path.trim_end_matches('/');
     let (dir, base) = trimmed.rsplit_once('/').unwrap_or(("", trimmed));
     if base.is_empty() || base == "." || base == ".." {
-        return Err(Error::Invalid(format!("{path:?} does not name a file or directory to copy")));
+        return Err(Error::Invalid(format!(
+            "{path:?} does not name a file or directory to copy"
+        )));
     }
-    Ok((if dir.is_empty() { "/".into() } else { dir.to_string() }, base.to_string()))
+    Ok((
+        if dir.is_empty() {
+            "/".into()
+        } else {
+            dir.to_string()
+        },
+        base.to_string(),
+    ))
 }
 
 /// The shell script that sends `path` out as base64 tar between markers.
@@ -99,13 +108,18 @@ pub fn extract_payload(output: &str) -> Result<Vec<u8>> {
     let begin = lines
         .iter()
         .position(|l| l.trim() == "__WALT_BEGIN__")
-        .ok_or_else(|| Error::Failed("the image shell sent no data (is `tar` or `base64` missing in the image?)".into()))?;
+        .ok_or_else(|| {
+            Error::Failed("the image shell sent no data (is `tar` or `base64` missing in the image?)".into())
+        })?;
     let end = lines[begin..]
         .iter()
         .position(|l| l.trim() == "__WALT_END__")
         .map(|p| p + begin)
         .ok_or_else(|| Error::Failed("the transfer from the image was cut short".into()))?;
-    let text: String = lines[begin + 1..end].iter().flat_map(|l| l.trim().chars()).collect();
+    let text: String = lines[begin + 1..end]
+        .iter()
+        .flat_map(|l| l.trim().chars())
+        .collect();
     base64::engine::general_purpose::STANDARD
         .decode(text)
         .map_err(|e| Error::Failed(format!("the data from the image is damaged ({e})")))
@@ -114,8 +128,12 @@ pub fn extract_payload(output: &str) -> Result<Vec<u8>> {
 /// `image cp SRC DST`
 pub async fn run(ctx: &Ctx, src: &str, dst: &str, yes: bool) -> Result<i32> {
     match (parse_location(src)?, parse_location(dst)?) {
-        (Location::Image { image, path }, Location::Local(local)) => copy_out(ctx, &image, &path, &local).await,
-        (Location::Local(local), Location::Image { image, path }) => copy_in(ctx, &local, &image, &path, yes).await,
+        (Location::Image { image, path }, Location::Local(local)) => {
+            copy_out(ctx, &image, &path, &local).await
+        }
+        (Location::Local(local), Location::Image { image, path }) => {
+            copy_in(ctx, &local, &image, &path, yes).await
+        }
         (Location::Local(_), Location::Local(_)) => Err(Error::Invalid(
             "one side of `image cp` must be IMAGE:PATH (e.g. rpi-debian:/etc/hostname)".into(),
         )),
@@ -152,10 +170,23 @@ async fn start_session(ctx: &Ctx, image: &ImageName) -> Result<(Created, String)
 async fn converse(ctx: &Ctx, pod: &str, script: &str, payload: Option<&str>) -> Result<String> {
     let params = AttachParams::interactive_tty();
     let mut attached = ctx.pods().attach(pod, &params).await.map_err(|e| {
-        Error::api(Op::named("create", "attachment to the shell pod", "pods/attach", pod, &ctx.namespace), e)
+        Error::api(
+            Op::named(
+                "create",
+                "attachment to the shell pod",
+                "pods/attach",
+                pod,
+                &ctx.namespace,
+            ),
+            e,
+        )
     })?;
-    let mut stdin = attached.stdin().ok_or_else(|| Error::Failed("the shell pod gave no stdin".into()))?;
-    let mut stdout = attached.stdout().ok_or_else(|| Error::Failed("the shell pod gave no output".into()))?;
+    let mut stdin = attached
+        .stdin()
+        .ok_or_else(|| Error::Failed("the shell pod gave no stdin".into()))?;
+    let mut stdout = attached
+        .stdout()
+        .ok_or_else(|| Error::Failed("the shell pod gave no output".into()))?;
     let writer = async {
         stdin.write_all(script.as_bytes()).await?;
         if let Some(data) = payload {
@@ -194,7 +225,9 @@ async fn copy_out(ctx: &Ctx, image: &ImageName, path: &str, local: &Path) -> Res
         unpack_local(&tar, &base, local)
     })
     .await;
-    let _ = created.patch_spec(ctx, serde_json::json!({"discard": true})).await;
+    let _ = created
+        .patch_spec(ctx, serde_json::json!({"discard": true}))
+        .await;
     created.delete(ctx).await;
     outcome?;
     println!("Copied {image}:{path} to {}.", local.display());
@@ -207,7 +240,10 @@ fn unpack_local(tar_bytes: &[u8], base: &str, dest: &Path) -> Result<()> {
     let (target_dir, final_path) = if dest.is_dir() {
         (dest.to_path_buf(), dest.join(base))
     } else {
-        let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let parent = dest
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         (parent.to_path_buf(), dest.to_path_buf())
     };
     let staging = tempfile::Builder::new()
@@ -215,13 +251,18 @@ fn unpack_local(tar_bytes: &[u8], base: &str, dest: &Path) -> Result<()> {
         .tempdir_in(&target_dir)
         .map_err(Error::io(format!("cannot write in {}", target_dir.display())))?;
     let mut archive = tar::Archive::new(tar_bytes);
-    for entry in archive.entries().map_err(Error::io("reading the archive from the image"))? {
+    for entry in archive
+        .entries()
+        .map_err(Error::io("reading the archive from the image"))?
+    {
         let mut entry = entry.map_err(Error::io("reading the archive from the image"))?;
         let ok = entry
             .unpack_in(staging.path())
             .map_err(Error::io(format!("writing into {}", staging.path().display())))?;
         if !ok {
-            return Err(Error::Failed("the archive from the image holds a path that escapes; refused".into()));
+            return Err(Error::Failed(
+                "the archive from the image holds a path that escapes; refused".into(),
+            ));
         }
     }
     std::fs::rename(staging.path().join(base), &final_path)
@@ -231,7 +272,8 @@ fn unpack_local(tar_bytes: &[u8], base: &str, dest: &Path) -> Result<()> {
 
 /// Packs a local file or directory as a tar archive whose top entry is `base`.
 fn pack_local(local: &Path, base: &str) -> Result<Vec<u8>> {
-    let meta = std::fs::symlink_metadata(local).map_err(Error::io(format!("cannot read {}", local.display())))?;
+    let meta =
+        std::fs::symlink_metadata(local).map_err(Error::io(format!("cannot read {}", local.display())))?;
     let mut builder = tar::Builder::new(Vec::new());
     builder.follow_symlinks(false);
     if meta.is_dir() {
@@ -239,7 +281,8 @@ fn pack_local(local: &Path, base: &str) -> Result<Vec<u8>> {
             .append_dir_all(base, local)
             .map_err(Error::io(format!("cannot pack {}", local.display())))?;
     } else {
-        let mut file = std::fs::File::open(local).map_err(Error::io(format!("cannot read {}", local.display())))?;
+        let mut file =
+            std::fs::File::open(local).map_err(Error::io(format!("cannot read {}", local.display())))?;
         let mut data = Vec::new();
         file.read_to_end(&mut data)
             .map_err(Error::io(format!("cannot read {}", local.display())))?;
@@ -250,7 +293,9 @@ fn pack_local(local: &Path, base: &str) -> Result<Vec<u8>> {
             .append_data(&mut header, base, data.as_slice())
             .map_err(Error::io(format!("cannot pack {}", local.display())))?;
     }
-    builder.into_inner().map_err(Error::io("cannot finish the archive"))
+    builder
+        .into_inner()
+        .map_err(Error::io("cannot finish the archive"))
 }
 
 async fn copy_in(ctx: &Ctx, local: &Path, image: &ImageName, path: &str, yes: bool) -> Result<i32> {
@@ -272,10 +317,12 @@ async fn copy_in(ctx: &Ctx, local: &Path, image: &ImageName, path: &str, yes: bo
     if !booted_by.is_empty() && !yes {
         let question = overwrite_question(&image.to_string(), &booted_by);
         let ok = crate::terminal::interactive()
-            && tokio::task::spawn_blocking(move || confirm(&question, &mut std::io::stdin().lock(), &mut std::io::stderr()))
-                .await
-                .map_err(|e| Error::Failed(format!("the prompt failed: {e}")))?
-                .map_err(Error::io("cannot read the answer"))?;
+            && tokio::task::spawn_blocking(move || {
+                confirm(&question, &mut std::io::stdin().lock(), &mut std::io::stderr())
+            })
+            .await
+            .map_err(|e| Error::Failed(format!("the prompt failed: {e}")))?
+            .map_err(Error::io("cannot read the answer"))?;
         if !ok {
             return Err(Error::Failed(format!(
                 "not copied: image {image} is booted by {} (add --yes to overwrite it anyway)",
@@ -319,17 +366,25 @@ async fn copy_in(ctx: &Ctx, local: &Path, image: &ImageName, path: &str, yes: bo
     })
     .await;
     if outcome.is_err() {
-        let _ = created.patch_spec(ctx, serde_json::json!({"discard": true})).await;
+        let _ = created
+            .patch_spec(ctx, serde_json::json!({"discard": true}))
+            .await;
     }
     created.delete(ctx).await;
     let digest = outcome?;
     println!(
         "Copied {} to {image}:{path} ({}).",
         local.display(),
-        digest.as_deref().map_or_else(|| "?".into(), crate::format::short_digest)
+        digest
+            .as_deref()
+            .map_or_else(|| "?".into(), crate::format::short_digest)
     );
     if !booted_by.is_empty() {
-        println!("{} node(s) reboot on the new version: {}.", booted_by.len(), booted_by.join(", "));
+        println!(
+            "{} node(s) reboot on the new version: {}.",
+            booted_by.len(),
+            booted_by.join(", ")
+        );
     }
     Ok(0)
 }
@@ -347,9 +402,20 @@ mod tests {
                 path: "/etc/hostname".into()
             }
         );
-        assert_eq!(parse_location("./a:b").expect("valid"), Location::Local("./a:b".into()));
-        assert_eq!(parse_location("file.txt").expect("valid"), Location::Local("file.txt".into()));
-        assert!(parse_location("rpi:etc").expect_err("relative").to_string().contains("absolute"));
+        assert_eq!(
+            parse_location("./a:b").expect("valid"),
+            Location::Local("./a:b".into())
+        );
+        assert_eq!(
+            parse_location("file.txt").expect("valid"),
+            Location::Local("file.txt".into())
+        );
+        assert!(
+            parse_location("rpi:etc")
+                .expect_err("relative")
+                .to_string()
+                .contains("absolute")
+        );
         assert!(parse_location("Bad:/x").is_err());
     }
 
@@ -371,7 +437,8 @@ mod tests {
         std::fs::write(&src, b"hi there\n").expect("write");
         let archive = pack_local(&src, "hello.txt").expect("pack");
         let b64 = base64::engine::general_purpose::STANDARD.encode(&archive);
-        let mut tty = String::from("# stty -echo; if [ -e ... printf '%s%s\\n' __WALT_ BEGIN__\r\n__WALT_BEGIN__\r\n");
+        let mut tty =
+            String::from("# stty -echo; if [ -e ... printf '%s%s\\n' __WALT_ BEGIN__\r\n__WALT_BEGIN__\r\n");
         for chunk in b64.as_bytes().chunks(76) {
             tty.push_str(std::str::from_utf8(chunk).expect("ascii"));
             tty.push_str("\r\n");

@@ -53,7 +53,9 @@ pub async fn run(ctx: &Ctx, image: &str, mode: ShellModeArg) -> Result<i32> {
     let outcome = interruptible(shell_and_decide(ctx, &created, &name)).await;
     if matches!(outcome, Err(Error::Interrupted)) {
         // Ctrl-C anywhere outside the shell itself discards, as WalT does.
-        let _ = created.patch_spec(ctx, serde_json::json!({"discard": true})).await;
+        let _ = created
+            .patch_spec(ctx, serde_json::json!({"discard": true}))
+            .await;
         eprintln!("\nAborted: the changes were discarded.");
     }
     created.delete(ctx).await;
@@ -69,11 +71,17 @@ async fn shell_and_decide(ctx: &Ctx, created: &Created, name: &ImageName) -> Res
     let status = session.status.clone().unwrap_or_default();
     let pod = status.pod.clone().unwrap_or_default();
     if status.emulated == Some(true) {
-        eprintln!("Note: {name} is built for another CPU: it runs through qemu-user emulation (slower than native).");
+        eprintln!(
+            "Note: {name} is built for another CPU: it runs through qemu-user emulation (slower than native)."
+        );
     }
     match status.mode {
-        Some(ImageShellMode::Init) => eprintln!("Note: this is an init shell: the image's init runs as PID 1 and its services start."),
-        Some(ImageShellMode::Basic) => eprintln!("Note: this is a basic shell: only your shell process runs (no init, no services)."),
+        Some(ImageShellMode::Init) => {
+            eprintln!("Note: this is an init shell: the image's init runs as PID 1 and its services start.")
+        }
+        Some(ImageShellMode::Basic) => {
+            eprintln!("Note: this is a basic shell: only your shell process runs (no init, no services).")
+        }
         None => {}
     }
     eprintln!("Type `exit` or Ctrl-D to leave; you will then choose what to do with your changes.");
@@ -85,7 +93,9 @@ async fn shell_and_decide(ctx: &Ctx, created: &Created, name: &ImageName) -> Res
             s.status.as_ref().is_some_and(|st| {
                 matches!(
                     st.phase,
-                    ShellSessionPhase::AwaitingDecision | ShellSessionPhase::Discarded | ShellSessionPhase::Saved
+                    ShellSessionPhase::AwaitingDecision
+                        | ShellSessionPhase::Discarded
+                        | ShellSessionPhase::Saved
                 )
             })
         })
@@ -98,7 +108,9 @@ async fn shell_and_decide(ctx: &Ctx, created: &Created, name: &ImageName) -> Res
     let changes = status.changes.clone().unwrap_or_default();
     if status.phase == ShellSessionPhase::Discarded || changes.is_empty() {
         if status.phase == ShellSessionPhase::AwaitingDecision {
-            created.patch_spec(ctx, serde_json::json!({"discard": true})).await?;
+            created
+                .patch_spec(ctx, serde_json::json!({"discard": true}))
+                .await?;
         }
         println!("No changes: image {name} was left as it was.");
         return Ok(0);
@@ -113,15 +125,21 @@ async fn shell_and_decide(ctx: &Ctx, created: &Created, name: &ImageName) -> Res
     let decision = ask(ctx, name).await?;
     match decision {
         Decision::Discard => {
-            created.patch_spec(ctx, serde_json::json!({"discard": true})).await?;
+            created
+                .patch_spec(ctx, serde_json::json!({"discard": true}))
+                .await?;
             println!("Discarded: image {name} was left as it was.");
             Ok(0)
         }
         Decision::SaveAs(target) => {
-            created.patch_spec(ctx, serde_json::json!({"saveAs": target})).await?;
+            created
+                .patch_spec(ctx, serde_json::json!({"saveAs": target}))
+                .await?;
             let done = created
                 .follow(ctx, &format!("saving as {target}:"), &|s: &ShellSession| {
-                    s.status.as_ref().is_some_and(|st| st.phase == ShellSessionPhase::Saved)
+                    s.status
+                        .as_ref()
+                        .is_some_and(|st| st.phase == ShellSessionPhase::Saved)
                 })
                 .await?;
             let result = done.status.and_then(|s| s.result).unwrap_or_default();
@@ -157,7 +175,10 @@ async fn ensure_shell_ended(ctx: &Ctx, created: &Created) -> Result<()> {
 async fn ask(ctx: &Ctx, name: &ImageName) -> Result<Decision> {
     let nodes = list_nodes(ctx).await.unwrap_or_default();
     let images = crate::resolve::list_images(ctx).await.unwrap_or_default();
-    let existing: Vec<String> = images.iter().map(|i| i.metadata.name.clone().unwrap_or_default()).collect();
+    let existing: Vec<String> = images
+        .iter()
+        .map(|i| i.metadata.name.clone().unwrap_or_default())
+        .collect();
     let image = name.to_string();
     tokio::task::spawn_blocking(move || {
         let validate = |n: &str| ImageName::parse(n).err().map(|e| e.to_string());
@@ -168,7 +189,13 @@ async fn ask(ctx: &Ctx, name: &ImageName) -> Result<Decision> {
             },
             Err(_) => NameFacts::default(),
         };
-        exit_dialogue(&image, &mut std::io::stdin().lock(), &mut std::io::stdout(), &validate, &mut facts)
+        exit_dialogue(
+            &image,
+            &mut std::io::stdin().lock(),
+            &mut std::io::stdout(),
+            &validate,
+            &mut facts,
+        )
     })
     .await
     .map_err(|e| Error::Failed(format!("the dialogue failed: {e}")))?
@@ -179,7 +206,16 @@ async fn ask(ctx: &Ctx, name: &ImageName) -> Result<Decision> {
 async fn attach(ctx: &Ctx, pod: &str) -> Result<()> {
     let params = AttachParams::interactive_tty();
     let mut attached = ctx.pods().attach(pod, &params).await.map_err(|e| {
-        Error::api(Op::named("create", "attachment to the shell pod", "pods/attach", pod, &ctx.namespace), e)
+        Error::api(
+            Op::named(
+                "create",
+                "attachment to the shell pod",
+                "pods/attach",
+                pod,
+                &ctx.namespace,
+            ),
+            e,
+        )
     })?;
     let mut remote_in = attached
         .stdin()

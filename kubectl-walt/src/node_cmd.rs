@@ -68,10 +68,18 @@ pub async fn boot(ctx: &Ctx, set: &str, image: &str) -> Result<()> {
         ctx.nodes()
             .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
-            .map_err(|e| Error::api(Op::named("patch", "node", "nodes.walt.dev", &name, &ctx.namespace), e))?;
+            .map_err(|e| {
+                Error::api(
+                    Op::named("patch", "node", "nodes.walt.dev", &name, &ctx.namespace),
+                    e,
+                )
+            })?;
         match &spec_image {
             Some(img) => println!("{name}: will boot {img} (it reboots now)."),
-            None => println!("{name}: will boot the default image of model {} (it reboots now).", node.spec.model),
+            None => println!(
+                "{name}: will boot the default image of model {} (it reboots now).",
+                node.spec.model
+            ),
         }
     }
     println!("Follow with `kubectl walt node wait {set}`.");
@@ -88,7 +96,12 @@ pub async fn reboot(ctx: &Ctx, set: &str) -> Result<()> {
         ctx.nodes()
             .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
-            .map_err(|e| Error::api(Op::named("patch", "node", "nodes.walt.dev", &name, &ctx.namespace), e))?;
+            .map_err(|e| {
+                Error::api(
+                    Op::named("patch", "node", "nodes.walt.dev", &name, &ctx.namespace),
+                    e,
+                )
+            })?;
         println!("{name}: reboot requested.");
     }
     println!("Follow with `kubectl walt node wait {set}`.");
@@ -134,19 +147,22 @@ pub async fn create_virtual(ctx: &Ctx, opts: &VirtualOptions<'_>) -> Result<()> 
         (Some(Architecture::Arm64), _) | (None, Some("arm64")) => walt_crds::Architecture::Arm64,
         _ => walt_crds::Architecture::Amd64,
     };
-    let model = opts.model.map_or_else(|| {
-        image
-            .status
-            .as_ref()
-            .and_then(|s| s.node_models.first().cloned())
-            .unwrap_or_else(|| {
-                if architecture == walt_crds::Architecture::Arm64 {
-                    "qemu-arm64".into()
-                } else {
-                    "pc-x86-64".into()
-                }
-            })
-    }, str::to_string);
+    let model = opts.model.map_or_else(
+        || {
+            image
+                .status
+                .as_ref()
+                .and_then(|s| s.node_models.first().cloned())
+                .unwrap_or_else(|| {
+                    if architecture == walt_crds::Architecture::Arm64 {
+                        "qemu-arm64".into()
+                    } else {
+                        "pc-x86-64".into()
+                    }
+                })
+        },
+        str::to_string,
+    );
     let mut virtual_node = VirtualNode {
         architecture,
         ..VirtualNode::default()
@@ -168,13 +184,20 @@ pub async fn create_virtual(ctx: &Ctx, opts: &VirtualOptions<'_>) -> Result<()> 
                 BootMode::Volatile
             },
             virtual_node: Some(virtual_node),
+            // NodeSpec's Default has port 0, which the API refuses; serde's default is 22.
+            ssh_port: walt_crds::node::DEFAULT_SSH_PORT,
             ..NodeSpec::default()
         },
     );
     ctx.nodes()
         .create(&PostParams::default(), &node)
         .await
-        .map_err(|e| Error::api(Op::named("create", "node", "nodes.walt.dev", opts.name, &ctx.namespace), e))?;
+        .map_err(|e| {
+            Error::api(
+                Op::named("create", "node", "nodes.walt.dev", opts.name, &ctx.namespace),
+                e,
+            )
+        })?;
     println!(
         "Virtual node {} created ({model}, {}), booting {parsed}. Follow with `kubectl walt node wait {}`.",
         opts.name,
@@ -197,7 +220,12 @@ pub async fn remove(ctx: &Ctx, set: &str) -> Result<()> {
         ctx.nodes()
             .delete(&name, &DeleteParams::default())
             .await
-            .map_err(|e| Error::api(Op::named("delete", "node", "nodes.walt.dev", &name, &ctx.namespace), e))?;
+            .map_err(|e| {
+                Error::api(
+                    Op::named("delete", "node", "nodes.walt.dev", &name, &ctx.namespace),
+                    e,
+                )
+            })?;
         println!("{name}: removed.");
     }
     Ok(())
@@ -215,7 +243,9 @@ pub async fn wait(ctx: &Ctx, set: &str, timeout: Duration) -> Result<()> {
             for name in &wanted {
                 match nodes.iter().find(|n| &name_of(*n) == name) {
                     None => {
-                        return Err(Error::Failed(format!("node {name:?} was removed while waiting for it")));
+                        return Err(Error::Failed(format!(
+                            "node {name:?} was removed while waiting for it"
+                        )));
                     }
                     Some(node) if node_ready(node) => {
                         if !announced.contains(name) {
@@ -276,11 +306,22 @@ pub async fn save(ctx: &Ctx, opts: &SaveOptions<'_>) -> Result<()> {
         });
     }
     let mut overwrite = opts.overwrite;
-    if ctx.images().get_opt(&target.object_name()).await.ok().flatten().is_some() && !overwrite {
+    if ctx
+        .images()
+        .get_opt(&target.object_name())
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+        && !overwrite
+    {
         let nodes = list_nodes(ctx).await?;
         let booted_by = nodes_booting(&nodes, &target);
         if crate::terminal::interactive() {
-            let question = format!("Image {target} exists. {}", overwrite_question(&target.to_string(), &booted_by));
+            let question = format!(
+                "Image {target} exists. {}",
+                overwrite_question(&target.to_string(), &booted_by)
+            );
             let answer = tokio::task::spawn_blocking(move || {
                 confirm(&question, &mut std::io::stdin().lock(), &mut std::io::stderr())
             })
@@ -288,7 +329,9 @@ pub async fn save(ctx: &Ctx, opts: &SaveOptions<'_>) -> Result<()> {
             .map_err(|e| Error::Failed(format!("the confirmation prompt failed: {e}")))?
             .map_err(Error::io("cannot read the answer"))?;
             if !answer {
-                return Err(Error::Failed(format!("not saved: image {target} was left as it was")));
+                return Err(Error::Failed(format!(
+                    "not saved: image {target} was left as it was"
+                )));
             }
             overwrite = true;
         } else {
@@ -296,11 +339,15 @@ pub async fn save(ctx: &Ctx, opts: &SaveOptions<'_>) -> Result<()> {
                 kind: "image",
                 name: target.to_string(),
                 namespace: ctx.namespace.clone(),
-                hint: "add --overwrite to replace it (the nodes that boot it reboot), or choose another name".into(),
+                hint: "add --overwrite to replace it (the nodes that boot it reboot), or choose another name"
+                    .into(),
             });
         }
     }
-    let mut exclude: Vec<String> = walt_crds::node_save::DEFAULT_EXCLUDES.iter().map(|s| (*s).to_string()).collect();
+    let mut exclude: Vec<String> = walt_crds::node_save::DEFAULT_EXCLUDES
+        .iter()
+        .map(|s| (*s).to_string())
+        .collect();
     exclude.extend(opts.exclude.iter().cloned());
     let mut save = NodeSave::new(
         "",
@@ -322,7 +369,12 @@ pub async fn save(ctx: &Ctx, opts: &SaveOptions<'_>) -> Result<()> {
         .saves()
         .create(&PostParams::default(), &save)
         .await
-        .map_err(|e| Error::api(Op::collection("create", "node save", "nodesaves.walt.dev", &ctx.namespace), e))?;
+        .map_err(|e| {
+            Error::api(
+                Op::collection("create", "node save", "nodesaves.walt.dev", &ctx.namespace),
+                e,
+            )
+        })?;
     let save_name = name_of(&created);
     if opts.no_wait {
         println!("nodesave.walt.dev/{save_name} created: follow with `kubectl get nodesave {save_name} -w`.");
@@ -331,7 +383,9 @@ pub async fn save(ctx: &Ctx, opts: &SaveOptions<'_>) -> Result<()> {
     let result = interruptible(follow_save(ctx, &save_name, opts.node, &target.to_string())).await;
     if matches!(result, Err(Error::Interrupted)) {
         let _ = ctx.saves().delete(&save_name, &DeleteParams::default()).await;
-        eprintln!("Interrupted: the save {save_name} was cancelled and deleted; image {target} was not changed.");
+        eprintln!(
+            "Interrupted: the save {save_name} was cancelled and deleted; image {target} was not changed."
+        );
     }
     result
 }
@@ -343,7 +397,16 @@ async fn follow_save(ctx: &Ctx, save_name: &str, node: &str, image: &str) -> Res
     let mut last_phase = None;
     loop {
         let save = ctx.saves().get(save_name).await.map_err(|e| {
-            Error::api(Op::named("get", "node save", "nodesaves.walt.dev", save_name, &ctx.namespace), e)
+            Error::api(
+                Op::named(
+                    "get",
+                    "node save",
+                    "nodesaves.walt.dev",
+                    save_name,
+                    &ctx.namespace,
+                ),
+                e,
+            )
         })?;
         let status = save.status.clone().unwrap_or_default();
         if last_phase != Some(status.phase) {
@@ -359,9 +422,9 @@ async fn follow_save(ctx: &Ctx, save_name: &str, node: &str, image: &str) -> Res
                 bytes: p.bytes,
                 files: p.files,
             }) || status.phase == NodeSavePhase::Running)
-            {
-                line.show(&progress.render());
-            }
+        {
+            line.show(&progress.render());
+        }
         match status.phase {
             NodeSavePhase::Succeeded => {
                 line.finish();
@@ -369,7 +432,10 @@ async fn follow_save(ctx: &Ctx, save_name: &str, node: &str, image: &str) -> Res
                 let changes = status.changes.clone().unwrap_or_default();
                 println!(
                     "Saved {node} as {image}: {}",
-                    result.digest.as_deref().map_or_else(|| "?".into(), str::to_string)
+                    result
+                        .digest
+                        .as_deref()
+                        .map_or_else(|| "?".into(), str::to_string)
                 );
                 println!(
                     "  changes: {} added, {} modified, {} deleted ({}); layer {}{}",
@@ -387,7 +453,9 @@ async fn follow_save(ctx: &Ctx, save_name: &str, node: &str, image: &str) -> Res
                     println!(
                         "  on top of {}{}",
                         base.name.clone().unwrap_or_else(|| "?".into()),
-                        base.digest.as_deref().map_or_else(String::new, |d| format!("@{}", short_digest(d)))
+                        base.digest
+                            .as_deref()
+                            .map_or_else(String::new, |d| format!("@{}", short_digest(d)))
                     );
                 }
                 if let Some(d) = &status.duration {
@@ -401,7 +469,10 @@ async fn follow_save(ctx: &Ctx, save_name: &str, node: &str, image: &str) -> Res
                     .conditions
                     .iter()
                     .find(|c| c.type_ == walt_crds::condition_types::COMPLETE)
-                    .map_or_else(|| "no reason given".into(), |c| format!("{}: {}", c.reason, c.message));
+                    .map_or_else(
+                        || "no reason given".into(),
+                        |c| format!("{}: {}", c.reason, c.message),
+                    );
                 return Err(Error::Failed(format!(
                     "saving node {node:?} as {image} failed ({why}); nothing was tagged. `kubectl describe nodesave {save_name}` has the details."
                 )));

@@ -31,7 +31,11 @@ fn require_ready(node: &walt_crds::Node) -> Result<()> {
         ),
         _ => format!("wait until it has booted: `kubectl walt node wait {name}`"),
     };
-    Err(Error::NotReady { node: name, phase, hint })
+    Err(Error::NotReady {
+        node: name,
+        phase,
+        hint,
+    })
 }
 
 async fn permissions(ctx: &Ctx) -> Result<()> {
@@ -151,7 +155,9 @@ pub async fn run(ctx: &Ctx, set: &str, command: &[String]) -> Result<i32> {
 
 /// The public key OpenSSH will offer: `--public-key`, else the first of the usual files.
 pub fn user_public_key(explicit: Option<&Path>) -> Result<String> {
-    let candidates: Vec<PathBuf> = if let Some(p) = explicit { vec![p.to_path_buf()] } else {
+    let candidates: Vec<PathBuf> = if let Some(p) = explicit {
+        vec![p.to_path_buf()]
+    } else {
         let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
         ["id_ed25519.pub", "id_ecdsa.pub", "id_rsa.pub"]
             .iter()
@@ -160,7 +166,12 @@ pub fn user_public_key(explicit: Option<&Path>) -> Result<String> {
     };
     for path in &candidates {
         if let Ok(text) = std::fs::read_to_string(path) {
-            let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or_default().trim().to_string();
+            let line = text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or_default()
+                .trim()
+                .to_string();
             russh::keys::PublicKey::from_openssh(&line).map_err(|e| {
                 Error::Invalid(format!("{} is not an OpenSSH public key ({e})", path.display()))
             })?;
@@ -169,7 +180,11 @@ pub fn user_public_key(explicit: Option<&Path>) -> Result<String> {
     }
     Err(Error::Invalid(format!(
         "no public key found ({}): give one with --public-key FILE, or make one with `ssh-keygen -t ed25519`",
-        candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        candidates
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     )))
 }
 
@@ -190,11 +205,28 @@ pub async fn proxy(ctx: &Ctx, node_arg: &str, public_key: Option<&Path>, login: 
     let created = match login {
         Some(name) => {
             let mut s = ShellSession::new(name, spec);
-            s.metadata.labels =
-                Some([("app.kubernetes.io/created-by".to_string(), "kubectl-walt".to_string())].into());
-            ctx.sessions().create(&PostParams::default(), &s).await.map_err(|e| {
-                Error::api(Op::named("create", "shell session", "shellsessions.walt.dev", name, &ctx.namespace), e)
-            })?;
+            s.metadata.labels = Some(
+                [(
+                    "app.kubernetes.io/created-by".to_string(),
+                    "kubectl-walt".to_string(),
+                )]
+                .into(),
+            );
+            ctx.sessions()
+                .create(&PostParams::default(), &s)
+                .await
+                .map_err(|e| {
+                    Error::api(
+                        Op::named(
+                            "create",
+                            "shell session",
+                            "shellsessions.walt.dev",
+                            name,
+                            &ctx.namespace,
+                        ),
+                        e,
+                    )
+                })?;
             Created {
                 name: name.to_string(),
                 namespace: ctx.namespace.clone(),

@@ -28,7 +28,12 @@ pub async fn list_nodes(ctx: &Ctx) -> Result<Vec<Node>> {
         .nodes()
         .list(&ListParams::default())
         .await
-        .map_err(|e| Error::api(Op::collection("list", "node", "nodes.walt.dev", &ctx.namespace), e))?
+        .map_err(|e| {
+            Error::api(
+                Op::collection("list", "node", "nodes.walt.dev", &ctx.namespace),
+                e,
+            )
+        })?
         .items;
     nodes.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     Ok(nodes)
@@ -40,7 +45,12 @@ pub async fn list_images(ctx: &Ctx) -> Result<Vec<Image>> {
         .images()
         .list(&ListParams::default())
         .await
-        .map_err(|e| Error::api(Op::collection("list", "image", "images.walt.dev", &ctx.namespace), e))?
+        .map_err(|e| {
+            Error::api(
+                Op::collection("list", "image", "images.walt.dev", &ctx.namespace),
+                e,
+            )
+        })?
         .items;
     images.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     Ok(images)
@@ -57,7 +67,10 @@ pub async fn node_set(ctx: &Ctx, set: &str) -> Result<Vec<Node>> {
     let all = list_nodes(ctx).await?;
     if names.iter().any(|n| n == ALL_NODES) {
         if all.is_empty() {
-            return Err(Error::Invalid(format!("there is no node in namespace {:?}", ctx.namespace)));
+            return Err(Error::Invalid(format!(
+                "there is no node in namespace {:?}",
+                ctx.namespace
+            )));
         }
         return Ok(all);
     }

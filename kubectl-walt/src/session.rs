@@ -27,10 +27,28 @@ pub async fn create(ctx: &Ctx, target: &str, spec: ShellSessionSpec) -> Result<C
     let mut session = ShellSession::new("", spec);
     session.metadata.name = None;
     session.metadata.generate_name = Some(format!("{}-shell-", target.replace('.', "-")));
-    session.metadata.labels = Some([("app.kubernetes.io/created-by".to_string(), "kubectl-walt".to_string())].into());
-    let created = ctx.sessions().create(&PostParams::default(), &session).await.map_err(|e| {
-        Error::api(Op::collection("create", "shell session", "shellsessions.walt.dev", &ctx.namespace), e)
-    })?;
+    session.metadata.labels = Some(
+        [(
+            "app.kubernetes.io/created-by".to_string(),
+            "kubectl-walt".to_string(),
+        )]
+        .into(),
+    );
+    let created = ctx
+        .sessions()
+        .create(&PostParams::default(), &session)
+        .await
+        .map_err(|e| {
+            Error::api(
+                Op::collection(
+                    "create",
+                    "shell session",
+                    "shellsessions.walt.dev",
+                    &ctx.namespace,
+                ),
+                e,
+            )
+        })?;
     Ok(Created {
         name: name_of(&created),
         namespace: ctx.namespace.clone(),
@@ -41,18 +59,37 @@ impl Created {
     /// Reads the session.
     pub async fn get(&self, ctx: &Ctx) -> Result<ShellSession> {
         ctx.sessions().get(&self.name).await.map_err(|e| {
-            Error::api(Op::named("get", "shell session", "shellsessions.walt.dev", &self.name, &self.namespace), e)
+            Error::api(
+                Op::named(
+                    "get",
+                    "shell session",
+                    "shellsessions.walt.dev",
+                    &self.name,
+                    &self.namespace,
+                ),
+                e,
+            )
         })
     }
 
     /// Sets fields of the spec (`saveAs`, `discard`).
     pub async fn patch_spec(&self, ctx: &Ctx, spec: serde_json::Value) -> Result<()> {
         ctx.sessions()
-            .patch(&self.name, &PatchParams::default(), &Patch::Merge(&serde_json::json!({"spec": spec})))
+            .patch(
+                &self.name,
+                &PatchParams::default(),
+                &Patch::Merge(&serde_json::json!({"spec": spec})),
+            )
             .await
             .map_err(|e| {
                 Error::api(
-                    Op::named("patch", "shell session", "shellsessions.walt.dev", &self.name, &self.namespace),
+                    Op::named(
+                        "patch",
+                        "shell session",
+                        "shellsessions.walt.dev",
+                        &self.name,
+                        &self.namespace,
+                    ),
                     e,
                 )
             })?;
@@ -104,18 +141,21 @@ impl Created {
             // The operator's events (and the shell pod's) say what is happening right now.
             let mut uids = vec![session.metadata.uid.clone().unwrap_or_default()];
             if let Some(pod) = &status.pod
-                && let Ok(Some(p)) = ctx.pods().get_opt(pod).await {
-                    uids.push(p.metadata.uid.unwrap_or_default());
-                }
+                && let Ok(Some(p)) = ctx.pods().get_opt(pod).await
+            {
+                uids.push(p.metadata.uid.unwrap_or_default());
+            }
             for uid in uids.iter().filter(|u| !u.is_empty()) {
                 let mut events = ctx.events_for(uid).await;
                 events.sort_by_key(event_time);
                 for event in events {
-                    let key = event.metadata.name.clone().unwrap_or_default() + &event.count.unwrap_or(1).to_string();
+                    let key = event.metadata.name.clone().unwrap_or_default()
+                        + &event.count.unwrap_or(1).to_string();
                     if seen_events.insert(key)
-                        && let Some(message) = event.message.clone() {
-                            last_event = message;
-                        }
+                        && let Some(message) = event.message.clone()
+                    {
+                        last_event = message;
+                    }
                 }
             }
             let phase = format!("{:?}", status.phase);
@@ -135,7 +175,12 @@ pub fn failure_reason(session: &ShellSession) -> String {
     session
         .status
         .as_ref()
-        .and_then(|s| s.conditions.iter().rev().find(|c| c.status != "True" || c.type_ == "Complete"))
+        .and_then(|s| {
+            s.conditions
+                .iter()
+                .rev()
+                .find(|c| c.status != "True" || c.type_ == "Complete")
+        })
         .map_or_else(
             || format!("see `kubectl describe shellsession {}`", name_of(session)),
             |c| format!("{} ({})", c.message, c.reason),
@@ -152,7 +197,12 @@ pub fn running(session: &ShellSession) -> bool {
 
 /// Sessions made by the plugin for a target, oldest first (for messages about busy images).
 pub async fn sessions_on_image(ctx: &Ctx, image: &str) -> Vec<ShellSession> {
-    let list = ctx.sessions().list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
+    let list = ctx
+        .sessions()
+        .list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default();
     list.into_iter()
         .filter(|s| s.spec.image.as_deref() == Some(image))
         .filter(|s| s.status.as_ref().is_none_or(|st| !st.phase.is_finished()))

@@ -39,7 +39,10 @@ struct GatewayClient;
 impl client::Handler for GatewayClient {
     type Error = russh::Error;
 
-    async fn check_server_key(&mut self, _key: &russh::keys::PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+    async fn check_server_key(
+        &mut self,
+        _key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
         Ok(true)
     }
 }
@@ -88,7 +91,15 @@ impl Ssh {
             .map_err(|e| Error::Ssh(format!("cannot open a session channel: {e}")))?;
         let (cols, rows) = crate::terminal::size();
         channel
-            .request_pty(true, &crate::terminal::term(), u32::from(cols), u32::from(rows), 0, 0, &[])
+            .request_pty(
+                true,
+                &crate::terminal::term(),
+                u32::from(cols),
+                u32::from(rows),
+                0,
+                0,
+                &[],
+            )
             .await
             .map_err(|e| Error::Ssh(format!("cannot get a terminal on the node: {e}")))?;
         match command {
@@ -168,7 +179,9 @@ impl Ssh {
         while let Some(msg) = channel.wait().await {
             match msg {
                 ChannelMsg::Data { data } => emit(false, &prefix_lines(name, &mut out_pending, &data)),
-                ChannelMsg::ExtendedData { data, .. } => emit(true, &prefix_lines(name, &mut err_pending, &data)),
+                ChannelMsg::ExtendedData { data, .. } => {
+                    emit(true, &prefix_lines(name, &mut err_pending, &data))
+                }
                 ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
                 ChannelMsg::ExitSignal { signal_name, .. } => {
                     emit(true, &format!("{name}: killed by signal {signal_name:?}\n"));
@@ -179,7 +192,11 @@ impl Ssh {
         }
         emit(false, &flush_prefixed(name, &mut out_pending));
         emit(true, &flush_prefixed(name, &mut err_pending));
-        status.ok_or_else(|| Error::Ssh(format!("{name}: the connection was lost before the command ended")))
+        status.ok_or_else(|| {
+            Error::Ssh(format!(
+                "{name}: the connection was lost before the command ended"
+            ))
+        })
     }
 
     /// Says goodbye (best effort).
@@ -212,7 +229,10 @@ pub fn shell_join(args: &[String]) -> String {
     }
     args.iter()
         .map(|a| {
-            if !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
+            if !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
+            {
                 a.clone()
             } else {
                 format!("'{}'", a.replace('\'', "'\\''"))
@@ -240,7 +260,13 @@ mod tests {
     fn remote_commands_are_quoted() {
         let args = |v: &[&str]| v.iter().map(|s| (*s).to_string()).collect::<Vec<_>>();
         assert_eq!(shell_join(&args(&["uname", "-a"])), "uname -a");
-        assert_eq!(shell_join(&args(&["echo", "a b", "it's"])), "echo 'a b' 'it'\\''s'");
-        assert_eq!(shell_join(&args(&["cat /etc/os-release | head -1"])), "cat /etc/os-release | head -1");
+        assert_eq!(
+            shell_join(&args(&["echo", "a b", "it's"])),
+            "echo 'a b' 'it'\\''s'"
+        );
+        assert_eq!(
+            shell_join(&args(&["cat /etc/os-release | head -1"])),
+            "cat /etc/os-release | head -1"
+        );
     }
 }

@@ -67,7 +67,10 @@ pub fn size() -> (u16, u16) {
 
 /// The `TERM` to announce to remote PTYs.
 pub fn term() -> String {
-    std::env::var("TERM").ok().filter(|t| !t.is_empty()).unwrap_or_else(|| "xterm-256color".into())
+    std::env::var("TERM")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| "xterm-256color".into())
 }
 
 /// Whether stdin and stdout are both terminals (interactive use).

@@ -48,8 +48,14 @@ fn every_command_has_help_with_examples() {
         assert!(stdout.contains("Usage: kubectl walt"), "{args:?}:\n{stdout}");
         let leaf = !matches!(path.as_slice(), [one] if one == "node" || one == "image" || one == "help");
         if leaf && path[0] != "help" {
-            assert!(stdout.contains("Examples:"), "{args:?} has no examples:\n{stdout}");
-            assert!(stdout.contains("kubectl walt ") || stdout.contains("kubectl-walt "), "{args:?}");
+            assert!(
+                stdout.contains("Examples:"),
+                "{args:?} has no examples:\n{stdout}"
+            );
+            assert!(
+                stdout.contains("kubectl walt ") || stdout.contains("kubectl-walt "),
+                "{args:?}"
+            );
         }
         assert!(stdout.contains("--namespace"), "{args:?} lacks the global flags");
     }
@@ -61,7 +67,10 @@ fn root_help_and_version() {
     let stdout = text(&out.stdout);
     assert!(stdout.contains("The WalT testbed workflows on Kubernetes"));
     for group in ["node", "image", "help", "completion"] {
-        assert!(stdout.contains(&format!("  {group}")), "{group} missing:\n{stdout}");
+        assert!(
+            stdout.contains(&format!("  {group}")),
+            "{group} missing:\n{stdout}"
+        );
     }
     assert!(!stdout.contains("__complete"), "the completion engine is hidden");
     let version = walt(&["--version"]);
@@ -83,7 +92,14 @@ fn help_topics() {
     let list = walt(&["help", "list"]);
     assert!(list.status.success());
     let stdout = text(&list.stdout);
-    for topic in ["shells", "node-save", "boot-modes", "images", "virtual-nodes", "troubleshooting"] {
+    for topic in [
+        "shells",
+        "node-save",
+        "boot-modes",
+        "images",
+        "virtual-nodes",
+        "troubleshooting",
+    ] {
         assert!(stdout.contains(topic), "{topic} missing");
         let show = walt(&["help", "show", topic]);
         assert!(show.status.success(), "{topic}");
@@ -102,7 +118,10 @@ fn no_cluster_is_a_clear_error() {
     let out = walt(&["node", "ls"]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
-    assert!(stderr.starts_with("error: cannot connect to the cluster:"), "{stderr}");
+    assert!(
+        stderr.starts_with("error: cannot connect to the cluster:"),
+        "{stderr}"
+    );
     assert!(stderr.contains("KUBECONFIG or --kubeconfig"), "{stderr}");
 }
 
@@ -110,7 +129,11 @@ fn no_cluster_is_a_clear_error() {
 fn bad_image_names_are_refused_before_any_request() {
     let out = walt(&["image", "cp", "Bad_Name:/etc/x", "./x"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("invalid image name \"Bad_Name\""), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("invalid image name \"Bad_Name\""),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -141,7 +164,12 @@ fn completion_scripts() {
         assert!(text(&out.stdout).contains(marker), "{shell}");
     }
     let script = text(&walt(&["completion", "bash"]).stdout);
-    let check = Command::new("bash").arg("-n").arg("-c").arg(&script).output().expect("bash");
+    let check = Command::new("bash")
+        .arg("-n")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .expect("bash");
     assert!(check.status.success(), "bash -n: {}", text(&check.stderr));
 }
 
@@ -167,7 +195,11 @@ fn bash_complete(line: &str) -> Vec<String> {
         .output()
         .expect("bash");
     assert!(out.status.success(), "{}", text(&out.stderr));
-    text(&out.stdout).lines().filter(|l| !l.is_empty()).map(str::to_string).collect()
+    text(&out.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 #[test]

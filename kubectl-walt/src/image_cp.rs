@@ -148,7 +148,7 @@ async fn start_session(ctx: &Ctx, image: &ImageName) -> Result<(Created, String)
     let spec = ShellSessionSpec {
         image: Some(image.to_string()),
         mode: ShellMode::Basic,
-        ..ShellSessionSpec::default()
+        ..session::spec_defaults()
     };
     let created = session::create(ctx, &image.object_name(), spec).await?;
     let started = created

@@ -47,7 +47,7 @@ pub async fn run(ctx: &Ctx, image: &str, mode: ShellModeArg) -> Result<i32> {
             ShellModeArg::Init => ShellMode::Init,
             ShellModeArg::Basic => ShellMode::Basic,
         },
-        ..ShellSessionSpec::default()
+        ..session::spec_defaults()
     };
     let created = session::create(ctx, &name.object_name(), spec).await?;
     let outcome = interruptible(shell_and_decide(ctx, &created, &name)).await;
@@ -77,10 +77,10 @@ async fn shell_and_decide(ctx: &Ctx, created: &Created, name: &ImageName) -> Res
     }
     match status.mode {
         Some(ImageShellMode::Init) => {
-            eprintln!("Note: this is an init shell: the image's init runs as PID 1 and its services start.")
+            eprintln!("Note: this is an init shell: the image's init runs as PID 1 and its services start.");
         }
         Some(ImageShellMode::Basic) => {
-            eprintln!("Note: this is a basic shell: only your shell process runs (no init, no services).")
+            eprintln!("Note: this is a basic shell: only your shell process runs (no init, no services).");
         }
         None => {}
     }

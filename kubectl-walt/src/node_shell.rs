@@ -68,7 +68,7 @@ pub async fn shell(ctx: &Ctx, node_name: &str, command: &[String]) -> Result<i32
     let spec = ShellSessionSpec {
         node: Some(node_name.to_string()),
         public_key: Some(public_line(&key)?),
-        ..ShellSessionSpec::default()
+        ..session::spec_defaults()
     };
     let created = session::create(ctx, node_name, spec).await?;
     let outcome = interruptible(async {
@@ -106,7 +106,7 @@ pub async fn run(ctx: &Ctx, set: &str, command: &[String]) -> Result<i32> {
         let spec = ShellSessionSpec {
             node: Some(name.clone()),
             public_key: Some(line.clone()),
-            ..ShellSessionSpec::default()
+            ..session::spec_defaults()
         };
         match session::create(ctx, &name, spec).await {
             Ok(c) => created.push((name, c)),
@@ -200,7 +200,7 @@ pub async fn proxy(ctx: &Ctx, node_arg: &str, public_key: Option<&Path>, login: 
     let spec = ShellSessionSpec {
         node: Some(node_name.to_string()),
         public_key: Some(key_line),
-        ..ShellSessionSpec::default()
+        ..session::spec_defaults()
     };
     let created = match login {
         Some(name) => {

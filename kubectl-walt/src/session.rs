@@ -13,6 +13,16 @@ use crate::format::clock;
 use crate::resolve::name_of;
 use crate::watch::LiveLine;
 
+/// A spec with the API's defaults (`ShellSessionSpec::default()` has empty durations, which the
+/// API server refuses; serde's defaults are the API's).
+pub fn spec_defaults() -> ShellSessionSpec {
+    ShellSessionSpec {
+        idle_timeout: walt_crds::shell_session::DEFAULT_IDLE_TIMEOUT.to_string(),
+        ttl: walt_crds::shell_session::DEFAULT_TTL.to_string(),
+        ..ShellSessionSpec::default()
+    }
+}
+
 /// A ShellSession the plugin created, deleted by [`Created::delete`] on every path out.
 #[derive(Debug)]
 pub struct Created {

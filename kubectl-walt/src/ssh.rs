@@ -180,7 +180,7 @@ impl Ssh {
             match msg {
                 ChannelMsg::Data { data } => emit(false, &prefix_lines(name, &mut out_pending, &data)),
                 ChannelMsg::ExtendedData { data, .. } => {
-                    emit(true, &prefix_lines(name, &mut err_pending, &data))
+                    emit(true, &prefix_lines(name, &mut err_pending, &data));
                 }
                 ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
                 ChannelMsg::ExitSignal { signal_name, .. } => {

@@ -788,3 +788,87 @@ fn completion_lists_names_from_the_cluster() {
     );
     assert!(complete(&["node", "ls", "-n", "walt-comp"]).contains(&ns));
 }
+
+/// Waits for the plugin's ShellSession in `ns` and returns it.
+async fn wait_session(ns: &str) -> ShellSession {
+    let api: Api<ShellSession> = Api::namespaced(admin().await, ns);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(s) = api.list(&ListParams::default()).await.expect("list").items.pop() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "no ShellSession created");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn sessions_left(ns: &str) -> usize {
+    let api: Api<ShellSession> = Api::namespaced(admin().await, ns);
+    api.list(&ListParams::default()).await.expect("list").items.len()
+}
+
+#[test]
+fn image_shell_requests_and_cleanup() {
+    let (ns, walt) = setup("walt-ishell");
+    let rt = runtime();
+    rt.block_on(async {
+        create_image(&ns, "rpi-debian", true, "arm64").await;
+        create_image(&ns, "big", true, "amd64").await;
+        set_status::<Image>(&ns, "big", serde_json::json!({"layers": 130})).await;
+    });
+    let err = walt.fails(&["image", "shell", "big"]);
+    assert!(
+        err.contains("image big has 130 layers: an image shell needs fewer than 128; squash it first"),
+        "{err}"
+    );
+
+    // Ctrl-C while the pod starts: the session is discarded and deleted.
+    let child = walt.spawn(&["image", "shell", "rpi-debian", "--mode", "basic"]);
+    let session = rt.block_on(wait_session(&ns));
+    assert_eq!(session.spec.image.as_deref(), Some("rpi-debian"));
+    assert_eq!(session.spec.mode, walt_crds::ShellMode::Basic);
+    assert!(
+        session
+            .metadata
+            .name
+            .expect("name")
+            .starts_with("rpi-debian-shell-")
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid")),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT");
+    let out = child.wait_with_output().expect("shell");
+    assert_eq!(out.status.code(), Some(130));
+    assert!(
+        text(&out.stderr).contains("Aborted: the changes were discarded."),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(rt.block_on(sessions_left(&ns)), 0);
+
+    // A session the operator fails: its reason is shown, nothing is left behind.
+    let child = walt.spawn(&["image", "shell", "rpi-debian"]);
+    rt.block_on(async {
+        let session = wait_session(&ns).await;
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        set_status::<ShellSession>(
+            &ns,
+            &session.metadata.name.expect("name"),
+            serde_json::json!({"phase": "Failed",
+            "conditions": [{"type": "Complete", "status": "False", "reason": "PullFailed",
+                "message": "manifest unknown in the lab registry", "lastTransitionTime": now}]}),
+        )
+        .await;
+    });
+    let out = child.wait_with_output().expect("shell");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("ended (Failed): manifest unknown in the lab registry (PullFailed)"),
+        "{stderr}"
+    );
+    assert_eq!(rt.block_on(sessions_left(&ns)), 0);
+}

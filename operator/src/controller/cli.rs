@@ -19,6 +19,9 @@ pub use super::config::Args;
 /// Runs the operator; returns the process exit code.
 pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>> {
     init_logs(args.log_format);
+    // Several TLS backends are linked (kube uses ring, the registry client
+    // may bring another): pick ring for the process, once.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

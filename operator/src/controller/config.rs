@@ -63,6 +63,10 @@ pub struct Args {
     /// Container image of shell pods and virtual node pods (the walt-operator image).
     #[arg(long, env = "WALT_SHELL_IMAGE")]
     pub shell_image: String,
+    /// Reconcile only this namespace (default: all namespaces). For single-tenant installs,
+    /// and for tests that run several operators side by side.
+    #[arg(long, env = "WALT_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
     /// The read-only shared image catalog namespace (images every tenant may boot and shell from).
     #[arg(long, env = "WALT_CATALOG_NAMESPACE", default_value = "walt-catalog")]
     pub catalog_namespace: String,

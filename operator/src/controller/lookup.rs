@@ -1,0 +1,43 @@
+//! Finding the objects another one names, within the tenant's namespace
+//! (and the read-only shared image catalog).
+
+use kube::Api;
+
+use super::context::Context;
+use super::error::{Error, Result};
+
+/// Finds the Image an image name (`name[:tag]`) means for objects of
+/// `namespace`: that namespace's Image first, else the shared catalog's
+/// (read-only: the operator never writes catalog Images on a tenant's
+/// behalf). Returns the Image and whether it came from the catalog.
+pub async fn find_image(
+    context: &Context,
+    namespace: &str,
+    image_name: &str,
+) -> Result<Option<(walt_crds::Image, bool)>> {
+    let object = walt_crds::ImageName::parse(image_name)
+        .map_err(|error| Error::Invalid(error.to_string()))?
+        .object_name();
+    let local: Api<walt_crds::Image> = Api::namespaced(context.client.clone(), namespace);
+    if let Some(image) = local
+        .get_opt(&object)
+        .await
+        .map_err(|source| Error::kube(format!("reading Image {namespace}/{object}"), source))?
+    {
+        return Ok(Some((image, false)));
+    }
+    let catalog_namespace = &context.config.args.catalog_namespace;
+    if catalog_namespace == namespace {
+        return Ok(None);
+    }
+    let catalog: Api<walt_crds::Image> = Api::namespaced(context.client.clone(), catalog_namespace);
+    match catalog.get_opt(&object).await {
+        Ok(found) => Ok(found.map(|image| (image, true))),
+        // No catalog namespace, or no right to read it: simply not found.
+        Err(kube::Error::Api(status)) if status.code == 403 || status.code == 404 => Ok(None),
+        Err(source) => Err(Error::kube(
+            format!("reading Image {catalog_namespace}/{object}"),
+            source,
+        )),
+    }
+}

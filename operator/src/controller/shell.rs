@@ -1,0 +1,620 @@
+//! ShellSession controller.
+//!
+//! - **Image shells** (`spec.image`): a shell pod runs `walt-operator shell`
+//!   on the Image's exact digest (user-namespaced with `hostUsers: false`
+//!   where the cluster supports it, else privileged; its layer cache on the
+//!   cluster node). The plugin attaches to its TTY. On exit the runtime pushes
+//!   the changes **by digest** (under a session-scoped scratch tag
+//!   `shell-<uid>`, never the image's own tag) and writes its result to
+//!   `/dev/termination-log`. The operator reads it, deletes the pod, and waits
+//!   in `AwaitingDecision` for `spec.saveAs` or `spec.discard`; after the
+//!   decision timeout it keeps the digest in `status.result` and moves no tag
+//!   (phase `Expired`). On `saveAs` it tags the target, creates or updates the
+//!   Image, and the Node controller reboots the nodes that boot it.
+//! - **Node shells** (`spec.node`): the session's `publicKey` is authorized
+//!   at the operator's SSH gateway for that node while the session runs;
+//!   revoked when it ends, at `ttl`, or after `idleTimeout`.
+//!
+//! The pure part is here: pod building, result parsing and [`next_step`],
+//! the state machine, all unit-tested.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, EmptyDirVolumeSource, HostPathVolumeSource, Pod, PodSpec, SeccompProfile,
+    SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::ObjectMeta;
+use kube::{Resource, ResourceExt};
+use serde::Deserialize;
+use walt_crds::{Changes, ImageShellMode, ShellMode, ShellSession, ShellSessionPhase};
+
+use super::config::LayerCache;
+use super::context::{MANAGED_BY, MANAGED_BY_LABEL};
+use super::node::{registry_credentials_mount, registry_credentials_volume};
+
+/// Label naming the ShellSession a pod belongs to.
+pub const SESSION_LABEL: &str = "walt.dev/shell-session";
+/// Where the layer cache is mounted in shell pods.
+pub const CACHE_DIR: &str = "/var/cache/walt";
+
+/// Name of the shell pod of a session.
+pub fn shell_pod_name(session: &str) -> String {
+    format!("walt-shell-{session}")
+}
+
+/// The scratch tag a session's changes are pushed under (by digest; the
+/// image's own tags never move before the user decides).
+pub fn scratch_tag(session: &ShellSession) -> String {
+    let uid = session.uid().unwrap_or_default();
+    let short: String = uid.chars().filter(char::is_ascii_alphanumeric).take(12).collect();
+    format!("shell-{short}")
+}
+
+/// What a shell pod needs beyond the session.
+#[derive(Clone, Debug)]
+pub struct ShellPodInputs<'a> {
+    /// Image of the pod (the walt-operator image).
+    pub runtime_image: &'a str,
+    /// Exact image to open: `repository@sha256:…`.
+    pub image_reference: &'a str,
+    /// Where the changes are pushed: `repository:shell-…`.
+    pub commit_to: &'a str,
+    /// Registry host spoken to over plain HTTP, if any.
+    pub insecure_registry: Option<&'a str>,
+    /// Run in a user namespace (`hostUsers: false`) instead of privileged.
+    pub user_namespaces: bool,
+    /// Where the layer cache lives.
+    pub cache: &'a LayerCache,
+    /// Whether the namespace has the registry credentials Secret to mount.
+    pub registry_credentials: bool,
+}
+
+/// Builds the shell pod of an image shell (pure).
+pub fn build_shell_pod(session: &ShellSession, inputs: &ShellPodInputs<'_>) -> Pod {
+    let name = session.name_any();
+    let mode = match session.spec.mode {
+        ShellMode::Auto => "auto",
+        ShellMode::Init => "init",
+        ShellMode::Basic => "basic",
+    };
+    let mut args = vec![
+        "shell".to_owned(),
+        "--image".to_owned(),
+        inputs.image_reference.to_owned(),
+        "--mode".to_owned(),
+        mode.to_owned(),
+        "--commit-to".to_owned(),
+        inputs.commit_to.to_owned(),
+        "--cache-dir".to_owned(),
+        CACHE_DIR.to_owned(),
+    ];
+    if let Some(host) = inputs.insecure_registry {
+        args.extend(["--insecure-registry".to_owned(), host.to_owned()]);
+    }
+    let cache_volume = match inputs.cache {
+        LayerCache::HostPath(path) => Volume {
+            name: "cache".into(),
+            host_path: Some(HostPathVolumeSource {
+                path: path.clone(),
+                type_: Some("DirectoryOrCreate".into()),
+            }),
+            ..Volume::default()
+        },
+        LayerCache::EmptyDir => Volume {
+            name: "cache".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+    };
+    let mut volumes = vec![cache_volume];
+    let mut mounts = vec![VolumeMount {
+        name: "cache".into(),
+        mount_path: CACHE_DIR.into(),
+        ..VolumeMount::default()
+    }];
+    let mut env = Vec::new();
+    if inputs.registry_credentials {
+        volumes.push(registry_credentials_volume());
+        mounts.push(registry_credentials_mount());
+        env.push(k8s_openapi::api::core::v1::EnvVar {
+            name: "DOCKER_CONFIG".into(),
+            value: Some("/etc/walt/registry".into()),
+            ..Default::default()
+        });
+    }
+    // Mounting overlays and making namespaces needs CAP_SYS_ADMIN: inside a
+    // user namespace it only covers the pod's own namespaces.
+    let security_context = if inputs.user_namespaces {
+        SecurityContext {
+            capabilities: Some(Capabilities {
+                add: Some(
+                    ["SYS_ADMIN", "SYS_CHROOT", "SETUID", "SETGID", "MKNOD", "SETFCAP"]
+                        .map(str::to_owned)
+                        .to_vec(),
+                ),
+                ..Capabilities::default()
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "Unconfined".into(),
+                ..SeccompProfile::default()
+            }),
+            allow_privilege_escalation: Some(true),
+            ..SecurityContext::default()
+        }
+    } else {
+        SecurityContext {
+            privileged: Some(true),
+            ..SecurityContext::default()
+        }
+    };
+    let labels = BTreeMap::from([
+        (MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned()),
+        (SESSION_LABEL.to_owned(), name.clone()),
+    ]);
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(shell_pod_name(&name)),
+            namespace: session.namespace(),
+            labels: Some(labels),
+            owner_references: session.controller_owner_ref(&()).map(|owner| vec![owner]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            restart_policy: Some("Never".into()),
+            host_users: inputs.user_namespaces.then_some(false),
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            containers: vec![Container {
+                name: "shell".into(),
+                image: Some(inputs.runtime_image.to_owned()),
+                args: Some(args),
+                env: (!env.is_empty()).then_some(env),
+                stdin: Some(true),
+                stdin_once: Some(true),
+                tty: Some(true),
+                termination_message_path: Some("/dev/termination-log".into()),
+                termination_message_policy: Some("File".into()),
+                security_context: Some(security_context),
+                volume_mounts: Some(mounts),
+                ..Container::default()
+            }],
+            volumes: Some(volumes),
+            ..PodSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// The shell runtime's result (its termination message, JSON).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShellOutcome {
+    /// Digest of the pushed manifest, when there were changes to commit.
+    #[serde(default)]
+    pub digest: Option<String>,
+    /// Where it was pushed.
+    #[serde(default)]
+    pub reference: Option<String>,
+    /// What changed.
+    #[serde(default)]
+    pub summary: Changes,
+    /// Whether qemu-user ran the image.
+    #[serde(default)]
+    pub emulated: bool,
+    /// `init` or `basic`.
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// Exit code of the user's shell.
+    #[serde(default)]
+    pub exit_code: i32,
+}
+
+impl ShellOutcome {
+    /// The mode as the API writes it.
+    pub fn image_shell_mode(&self) -> Option<ImageShellMode> {
+        match self.mode.as_deref() {
+            Some("init") => Some(ImageShellMode::Init),
+            Some("basic") => Some(ImageShellMode::Basic),
+            _ => None,
+        }
+    }
+}
+
+/// How a shell pod ended, read from its status (pure).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodEnd {
+    /// Still starting (image pull, scheduling).
+    Starting,
+    /// The shell runs.
+    Running,
+    /// The runtime ended and reported its result.
+    Finished(ShellOutcome),
+    /// The pod failed without a usable result: why.
+    Failed(String),
+}
+
+/// Reads a shell pod's state (pure).
+pub fn pod_end(pod: &Pod) -> PodEnd {
+    let status = pod.status.clone().unwrap_or_default();
+    let container = status.container_statuses.as_ref().and_then(|all| all.first());
+    if let Some(terminated) = container
+        .and_then(|c| c.state.as_ref())
+        .and_then(|s| s.terminated.as_ref())
+    {
+        let message = terminated.message.clone().unwrap_or_default();
+        let last_line = message
+            .lines()
+            .rev()
+            .find(|line| line.trim_start().starts_with('{'));
+        return match last_line.map(serde_json::from_str::<ShellOutcome>) {
+            Some(Ok(outcome)) => PodEnd::Finished(outcome),
+            _ => PodEnd::Failed(format!(
+                "the shell pod ended (exit code {}, reason {}) without a result{}",
+                terminated.exit_code,
+                terminated.reason.clone().unwrap_or_else(|| "unknown".into()),
+                if message.trim().is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", message.trim())
+                }
+            )),
+        };
+    }
+    if let Some(waiting) = container
+        .and_then(|c| c.state.as_ref())
+        .and_then(|s| s.waiting.as_ref())
+    {
+        let reason = waiting.reason.clone().unwrap_or_default();
+        if matches!(
+            reason.as_str(),
+            "ErrImagePull"
+                | "ImagePullBackOff"
+                | "InvalidImageName"
+                | "CreateContainerConfigError"
+                | "CreateContainerError"
+        ) {
+            return PodEnd::Failed(format!(
+                "the shell pod cannot start: {reason}: {}",
+                waiting.message.clone().unwrap_or_default()
+            ));
+        }
+    }
+    match status.phase.as_deref() {
+        Some("Running") => PodEnd::Running,
+        Some("Failed") => PodEnd::Failed(format!(
+            "the shell pod failed: {}",
+            status
+                .message
+                .unwrap_or_else(|| status.reason.unwrap_or_default())
+        )),
+        _ => PodEnd::Starting,
+    }
+}
+
+/// What the image shell controller must do next (pure decision).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing to do until something changes (or `recheck` passes).
+    Wait {
+        /// When to look again.
+        recheck: Option<Duration>,
+    },
+    /// Another shell, copy or save runs on the image: wait for it.
+    WaitForImage {
+        /// Who holds the image.
+        holder: String,
+    },
+    /// Create the shell pod.
+    CreatePod,
+    /// The pod runs: report Running.
+    MarkRunning,
+    /// The shell ended: record the outcome, delete the pod, await the decision.
+    Record(ShellOutcome),
+    /// The shell ended with no change: Discarded, delete the pod.
+    NothingChanged(ShellOutcome),
+    /// The pod failed: Failed with this message, delete the pod.
+    Fail(String),
+    /// Save the pushed digest as this image name.
+    Save(String),
+    /// Drop the changes.
+    Discard,
+    /// TTL or decision timeout: end, keeping the digest and moving no tag.
+    Expire(String),
+    /// The session is over: make sure the pod is gone.
+    Cleanup,
+}
+
+/// Decides the next step of an image shell (pure).
+///
+/// `pod` is the session's pod if it exists, `holder` the other object that
+/// holds the image right now (see [`super::lock`]), `now` the current time.
+pub fn next_step(
+    session: &ShellSession,
+    pod: Option<&Pod>,
+    holder: Option<&str>,
+    ttl: Duration,
+    decision_timeout: Duration,
+    now: Timestamp,
+) -> Step {
+    let status = session.status.clone().unwrap_or_default();
+    if status.phase.is_finished() {
+        return Step::Cleanup;
+    }
+    let age = session
+        .creation_timestamp()
+        .map(|created| now.duration_since(created.0).unsigned_abs())
+        .unwrap_or_default();
+    if status.phase == ShellSessionPhase::AwaitingDecision {
+        if session.spec.discard {
+            return Step::Discard;
+        }
+        if let Some(name) = &session.spec.save_as {
+            return Step::Save(name.clone());
+        }
+        let waited = status
+            .completion_time
+            .map(|ended| now.duration_since(ended.0).unsigned_abs())
+            .unwrap_or_default();
+        if waited >= decision_timeout {
+            return Step::Expire(format!(
+                "no decision within {}: the changes stay at digest {} and no tag moved",
+                walt_crds::format_duration(decision_timeout),
+                status.result.and_then(|r| r.digest).unwrap_or_default()
+            ));
+        }
+        return Step::Wait {
+            recheck: Some(decision_timeout.saturating_sub(waited)),
+        };
+    }
+    if age >= ttl {
+        return Step::Expire(format!(
+            "the session reached its ttl ({})",
+            walt_crds::format_duration(ttl)
+        ));
+    }
+    let until_ttl = Some(ttl.saturating_sub(age));
+    match pod {
+        None => match status.phase {
+            ShellSessionPhase::Pending | ShellSessionPhase::Starting => match holder {
+                Some(holder) => Step::WaitForImage {
+                    holder: holder.to_owned(),
+                },
+                None => Step::CreatePod,
+            },
+            // The pod vanished under a running session (node lost, deleted by hand).
+            _ => Step::Fail("the shell pod disappeared before reporting a result".into()),
+        },
+        Some(pod) => match pod_end(pod) {
+            PodEnd::Starting => Step::Wait { recheck: until_ttl },
+            PodEnd::Running if status.phase == ShellSessionPhase::Running => {
+                Step::Wait { recheck: until_ttl }
+            }
+            PodEnd::Running => Step::MarkRunning,
+            PodEnd::Finished(outcome) if outcome.digest.is_none() => Step::NothingChanged(outcome),
+            PodEnd::Finished(outcome) => Step::Record(outcome),
+            PodEnd::Failed(message) => Step::Fail(message),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use walt_crds::{ShellResult, ShellSessionSpec, ShellSessionStatus};
+
+    const HOUR: Duration = Duration::from_hours(1);
+
+    fn session() -> ShellSession {
+        let mut session = ShellSession::new(
+            "s1",
+            ShellSessionSpec {
+                image: Some("debian".into()),
+                ..ShellSessionSpec::default()
+            },
+        );
+        session.metadata.namespace = Some("alice".into());
+        session.metadata.uid = Some("0a1b2c3d-4e5f-6789-abcd-ef0123456789".into());
+        session.metadata.creation_timestamp = Some(Time(Timestamp::from_second(1_000).expect("time")));
+        session
+    }
+
+    fn at(second: i64) -> Timestamp {
+        Timestamp::from_second(second).expect("time")
+    }
+
+    fn inputs(cache: &LayerCache, user_namespaces: bool) -> ShellPodInputs<'_> {
+        ShellPodInputs {
+            runtime_image: "reg.lab/walt/operator:1",
+            image_reference: "reg.lab/alice/debian@sha256:abc",
+            commit_to: "reg.lab/alice/debian:shell-0a1b2c3d4e5f",
+            insecure_registry: None,
+            user_namespaces,
+            cache,
+            registry_credentials: false,
+        }
+    }
+
+    fn pod_with(status: serde_json::Value) -> Pod {
+        let cache = LayerCache::EmptyDir;
+        let mut pod = build_shell_pod(&session(), &inputs(&cache, false));
+        pod.status = Some(serde_json::from_value(status).expect("pod status"));
+        pod
+    }
+
+    fn terminated(message: &str, exit_code: i32) -> Pod {
+        pod_with(serde_json::json!({
+            "phase": if exit_code == 0 { "Succeeded" } else { "Failed" },
+            "containerStatuses": [{"name": "shell", "ready": false, "restartCount": 0, "image": "x", "imageID": "y",
+                "state": {"terminated": {"exitCode": exit_code, "reason": "Completed", "message": message}}}]
+        }))
+    }
+
+    #[test]
+    fn user_namespaced_pod() {
+        let cache = LayerCache::HostPath("/var/lib/walt/cache".into());
+        let pod = build_shell_pod(&session(), &inputs(&cache, true));
+        assert_eq!(pod.name_any(), "walt-shell-s1");
+        assert_eq!(pod.owner_references()[0].kind, "ShellSession");
+        let spec = pod.spec.expect("spec");
+        assert_eq!(spec.host_users, Some(false));
+        assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+        let container = &spec.containers[0];
+        assert_eq!((container.tty, container.stdin), (Some(true), Some(true)));
+        let security = container.security_context.clone().expect("security context");
+        assert_eq!(security.privileged, None);
+        assert!(
+            security
+                .capabilities
+                .expect("caps")
+                .add
+                .expect("add")
+                .contains(&"SYS_ADMIN".to_owned())
+        );
+        assert_eq!(
+            container.args.clone().expect("args").join(" "),
+            "shell --image reg.lab/alice/debian@sha256:abc --mode auto --commit-to \
+             reg.lab/alice/debian:shell-0a1b2c3d4e5f --cache-dir /var/cache/walt"
+        );
+        let volume = &spec.volumes.expect("volumes")[0];
+        assert_eq!(
+            volume.host_path.clone().expect("hostPath").path,
+            "/var/lib/walt/cache"
+        );
+    }
+
+    #[test]
+    fn privileged_pod_when_no_user_namespaces() {
+        let cache = LayerCache::EmptyDir;
+        let pod = build_shell_pod(&session(), &inputs(&cache, false));
+        let spec = pod.spec.expect("spec");
+        assert_eq!(spec.host_users, None);
+        assert_eq!(
+            spec.containers[0]
+                .security_context
+                .clone()
+                .expect("sc")
+                .privileged,
+            Some(true)
+        );
+        assert!(spec.volumes.expect("volumes")[0].empty_dir.is_some());
+    }
+
+    #[test]
+    fn scratch_tag_comes_from_the_uid() {
+        assert_eq!(scratch_tag(&session()), "shell-0a1b2c3d4e5f");
+    }
+
+    #[test]
+    fn termination_message_is_parsed() {
+        let message = r#"{"digest":"sha256:d1","reference":"r:shell-x","summary":{"added":2,"modified":1,"deleted":3,"bytes":10},"emulated":true,"architecture":"arm64","mode":"init","exitCode":0}"#;
+        let PodEnd::Finished(outcome) = pod_end(&terminated(message, 0)) else {
+            panic!("not finished")
+        };
+        assert_eq!(outcome.digest.as_deref(), Some("sha256:d1"));
+        assert_eq!(outcome.summary.deleted, 3);
+        assert!(outcome.emulated);
+        assert_eq!(outcome.image_shell_mode(), Some(ImageShellMode::Init));
+        let PodEnd::Failed(why) = pod_end(&terminated("mount: permission denied", 1)) else {
+            panic!("not failed")
+        };
+        assert!(
+            why.contains("without a result: mount: permission denied"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn pull_errors_fail_the_session() {
+        let pod = pod_with(
+            serde_json::json!({"phase": "Pending", "containerStatuses": [{"name": "shell",
+            "ready": false, "restartCount": 0, "image": "x", "imageID": "",
+            "state": {"waiting": {"reason": "ImagePullBackOff", "message": "not found"}}}]}),
+        );
+        assert!(matches!(pod_end(&pod), PodEnd::Failed(why) if why.contains("ImagePullBackOff")));
+    }
+
+    #[test]
+    fn lifecycle() {
+        let mut s = session();
+        let now = at(1_100);
+        assert_eq!(next_step(&s, None, None, HOUR, HOUR, now), Step::CreatePod);
+        assert_eq!(
+            next_step(&s, None, Some("NodeSave/save1"), HOUR, HOUR, now),
+            Step::WaitForImage {
+                holder: "NodeSave/save1".into()
+            }
+        );
+        let running = pod_with(serde_json::json!({"phase": "Running"}));
+        assert_eq!(
+            next_step(&s, Some(&running), None, HOUR, HOUR, now),
+            Step::MarkRunning
+        );
+        s.status = Some(ShellSessionStatus {
+            phase: ShellSessionPhase::Running,
+            ..ShellSessionStatus::default()
+        });
+        assert!(matches!(
+            next_step(&s, Some(&running), None, HOUR, HOUR, now),
+            Step::Wait { .. }
+        ));
+        let done = terminated(
+            r#"{"digest":"sha256:d1","summary":{"added":1},"mode":"basic","exitCode":0}"#,
+            0,
+        );
+        assert!(
+            matches!(next_step(&s, Some(&done), None, HOUR, HOUR, now), Step::Record(o) if o.digest.is_some())
+        );
+        let unchanged = terminated(r#"{"digest":null,"mode":"basic","exitCode":0}"#, 0);
+        assert!(matches!(
+            next_step(&s, Some(&unchanged), None, HOUR, HOUR, now),
+            Step::NothingChanged(_)
+        ));
+        assert!(matches!(
+            next_step(&s, None, None, HOUR, HOUR, now),
+            Step::Fail(_)
+        ));
+        // Past the ttl.
+        assert!(matches!(
+            next_step(&s, Some(&running), None, HOUR, HOUR, at(1_000 + 3_600)),
+            Step::Expire(_)
+        ));
+    }
+
+    #[test]
+    fn decision() {
+        let mut s = session();
+        s.status = Some(ShellSessionStatus {
+            phase: ShellSessionPhase::AwaitingDecision,
+            completion_time: Some(Time(at(2_000))),
+            result: Some(ShellResult {
+                image: None,
+                digest: Some("sha256:d1".into()),
+            }),
+            ..ShellSessionStatus::default()
+        });
+        assert_eq!(
+            next_step(&s, None, None, HOUR, HOUR, at(2_100)),
+            Step::Wait {
+                recheck: Some(Duration::from_secs(3_500))
+            }
+        );
+        let Step::Expire(why) = next_step(&s, None, None, HOUR, HOUR, at(5_600)) else {
+            panic!("no expiry")
+        };
+        assert!(why.contains("sha256:d1") && why.contains("no tag moved"), "{why}");
+        s.spec.save_as = Some("debian:v2".into());
+        assert_eq!(
+            next_step(&s, None, None, HOUR, HOUR, at(2_100)),
+            Step::Save("debian:v2".into())
+        );
+        s.spec.save_as = None;
+        s.spec.discard = true;
+        assert_eq!(next_step(&s, None, None, HOUR, HOUR, at(2_100)), Step::Discard);
+        s.status.as_mut().expect("status").phase = ShellSessionPhase::Saved;
+        assert_eq!(next_step(&s, None, None, HOUR, HOUR, at(2_100)), Step::Cleanup);
+    }
+}

@@ -1,0 +1,569 @@
+//! The operator (`walt-operator run`) against a real control plane (etcd +
+//! kube-apiserver + controller-manager from the harness). Each test runs its
+//! own operator process restricted to its own namespace (`--watch-namespace`),
+//! with its own leader Lease, and checks what a user sees with kubectl.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use walt_tests::k8s::{Cluster, shared_control_plane};
+use walt_tests::process::{Daemon, Lifetime};
+
+fn cluster() -> &'static Cluster {
+    match shared_control_plane() {
+        Ok(cluster) => cluster,
+        Err(error) => panic!("cannot start the control plane: {error}"),
+    }
+}
+
+/// Installs the walt CRDs (idempotent) and waits until they are served.
+fn install_crds(cluster: &Cluster) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let path = std::env::temp_dir().join(format!("walt-crds-{}.yaml", std::process::id()));
+        std::fs::write(&path, walt_crds::crds_yaml()).expect("write CRDs");
+        cluster
+            .kubectl_output(&["apply", "--server-side", "-f", &path.display().to_string()])
+            .expect("apply the walt CRDs");
+        for crd in ["images", "nodes", "shellsessions", "nodesaves"] {
+            cluster
+                .kubectl_output(&[
+                    "wait",
+                    "--for=condition=Established",
+                    "--timeout=60s",
+                    &format!("crd/{crd}.walt.dev"),
+                ])
+                .expect("CRD established");
+        }
+    });
+}
+
+/// A throwaway OpenSSH key pair made with ssh-keygen (an independent tool).
+fn node_key(dir: &std::path::Path) -> PathBuf {
+    let key = dir.join("node_key");
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "walt-lab", "-f"])
+        .arg(&key)
+        .status()
+        .expect("ssh-keygen (apt-get install openssh-client)");
+    assert!(status.success(), "ssh-keygen failed");
+    key
+}
+
+/// One operator process for a test namespace.
+struct Operator {
+    daemon: Option<Daemon>,
+    log: PathBuf,
+    args: Vec<String>,
+    http: u16,
+}
+
+impl Operator {
+    fn command(cluster: &Cluster, args: &[String]) -> Command {
+        let mut command = Command::new(operator_binary());
+        command
+            .arg("run")
+            .args(args)
+            .env("KUBECONFIG", cluster.kubeconfig())
+            .env("RUST_LOG", "info,walt_operator=debug");
+        command
+    }
+
+    fn start(cluster: &Cluster, namespace: &str, identity: &str, extra: &[&str]) -> Operator {
+        let http = free_port();
+        let log = std::env::temp_dir().join(format!("walt-operator-{namespace}-{identity}.log"));
+        let mut args: Vec<String> = [
+            "--namespace",
+            namespace,
+            "--watch-namespace",
+            namespace,
+            "--lab-registry",
+            "127.0.0.1:1/lab",
+            "--registry-plain-http",
+            "true",
+            "--node-key-secret",
+            "walt-node-key",
+            "--shell-image",
+            "127.0.0.1:1/walt/operator:test",
+            "--identity",
+            identity,
+            "--catalog-namespace",
+            "walt-catalog-none",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        args.extend(["--http-addr".to_owned(), format!("127.0.0.1:{http}")]);
+        args.extend(["--gateway-addr".to_owned(), format!("127.0.0.1:{}", free_port())]);
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let daemon = Daemon::spawn(
+            "walt-operator",
+            Self::command(cluster, &args),
+            &log,
+            Lifetime::Test,
+        )
+        .expect("start walt-operator");
+        Operator {
+            daemon: Some(daemon),
+            log,
+            args,
+            http,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET on the operator's HTTP port: (status code, body).
+    fn get(&self, path: &str) -> Option<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.http)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).ok()?;
+        let code = answer.split_whitespace().nth(1)?.parse().ok()?;
+        let body = answer.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())?;
+        Some((code, body))
+    }
+
+    fn wait_ready(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if matches!(self.get("/readyz"), Some((200, _))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("operator not ready within {within:?}; log:\n{}", self.log());
+    }
+
+    /// Kills the process at once (SIGKILL: no cleanup, no Lease release).
+    fn kill(&mut self) {
+        if let Some(daemon) = self.daemon.take() {
+            walt_tests::process::stop_pid(daemon.pid(), Duration::ZERO);
+            drop(daemon);
+        }
+    }
+
+    fn restart(&mut self, cluster: &Cluster) {
+        self.kill();
+        self.daemon = Some(
+            Daemon::spawn(
+                "walt-operator",
+                Self::command(cluster, &self.args),
+                &self.log,
+                Lifetime::Test,
+            )
+            .expect("restart walt-operator"),
+        );
+    }
+}
+
+/// The operator binary: `$WALT_OPERATOR_BIN` when set (a private copy, for
+/// developers sharing one cargo target directory), else cargo's.
+fn operator_binary() -> PathBuf {
+    std::env::var_os("WALT_OPERATOR_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_walt-operator")),
+        PathBuf::from,
+    )
+}
+
+fn free_port() -> u16 {
+    walt_tests::k8s::free_port().expect("a free port")
+}
+
+/// A namespace with the node key Secret the operator needs.
+fn tenant(cluster: &Cluster, prefix: &str) -> (String, tempfile::TempDir) {
+    install_crds(cluster);
+    let namespace = cluster.create_namespace(prefix).expect("create namespace");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = node_key(dir.path());
+    cluster
+        .kubectl_output(&[
+            "-n",
+            &namespace,
+            "create",
+            "secret",
+            "generic",
+            "walt-node-key",
+            "--type=kubernetes.io/ssh-auth",
+            &format!("--from-file=ssh-privatekey={}", key.display()),
+        ])
+        .expect("create the node key Secret");
+    (namespace, dir)
+}
+
+fn kubectl(cluster: &Cluster, namespace: &str, args: &[&str]) -> String {
+    let mut all = vec!["-n", namespace];
+    all.extend_from_slice(args);
+    cluster
+        .kubectl_output(&all)
+        .unwrap_or_else(|error| panic!("kubectl {args:?}: {error}"))
+}
+
+fn apply(cluster: &Cluster, namespace: &str, yaml: &str) {
+    let path = std::env::temp_dir().join(format!("walt-apply-{}-{namespace}.yaml", std::process::id()));
+    std::fs::write(&path, yaml).expect("write manifest");
+    kubectl(cluster, namespace, &["apply", "-f", &path.display().to_string()]);
+}
+
+/// Polls `jsonpath` of an object until it equals `want`.
+fn wait_for(
+    cluster: &Cluster,
+    namespace: &str,
+    object: &str,
+    jsonpath: &str,
+    want: &str,
+    within: Duration,
+    operator: &Operator,
+) {
+    let deadline = Instant::now() + within;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        if let Ok(out) = cluster.kubectl_output(&[
+            "-n",
+            namespace,
+            "get",
+            object,
+            "-o",
+            &format!("jsonpath={jsonpath}"),
+        ]) {
+            out.trim().clone_into(&mut last);
+            if last == want {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    panic!(
+        "{object} {jsonpath} is {last:?}, not {want:?} after {within:?}; operator log:\n{}",
+        operator.log()
+    );
+}
+
+#[test]
+fn startup_errors_name_the_missing_secret_and_the_fix() {
+    let cluster = cluster();
+    install_crds(cluster);
+    let namespace = cluster.create_namespace("op-config").expect("create namespace");
+    let output = Operator::command(
+        cluster,
+        &[
+            "--namespace",
+            &namespace,
+            "--lab-registry",
+            "127.0.0.1:1",
+            "--node-key-secret",
+            "no-such-secret",
+            "--shell-image",
+            "x",
+            "--http-addr",
+            "127.0.0.1:0",
+        ]
+        .map(str::to_owned),
+    )
+    .output()
+    .expect("run walt-operator");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("Secret {namespace}/no-such-secret not found"))
+            && stderr.contains("kubectl -n")
+            && stderr.contains("create secret generic no-such-secret"),
+        "{stderr}"
+    );
+    let output = Command::new(operator_binary())
+        .args([
+            "run",
+            "--namespace",
+            "x",
+            "--lab-registry",
+            "r",
+            "--node-key-secret",
+            "k",
+        ])
+        .env_remove("WALT_SHELL_IMAGE")
+        .output()
+        .expect("run walt-operator");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("--shell-image"), "{stderr}");
+}
+
+#[test]
+fn two_replicas_one_leader_and_takeover_on_release() {
+    let cluster = cluster();
+    let (namespace, _dir) = tenant(cluster, "op-lease");
+    let first = Operator::start(cluster, &namespace, "replica-a", &[]);
+    first.wait_ready(Duration::from_mins(1));
+    let mut second = Operator::start(cluster, &namespace, "replica-b", &[]);
+    // The second replica serves /healthz but is not ready: it does not lead.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while second.get("/healthz").map(|(code, _)| code) != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "second replica never served /healthz:\n{}",
+            second.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(second.get("/readyz").map(|(code, _)| code), Some(503));
+    let holder = kubectl(
+        cluster,
+        &namespace,
+        &[
+            "get",
+            "lease",
+            "walt-operator",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ],
+    );
+    assert_eq!(holder.trim(), "replica-a");
+    let metrics = first.get("/metrics").expect("metrics").1;
+    assert!(metrics.contains("walt_leader 1"), "{metrics}");
+    // Graceful stop of the leader releases the Lease: the other takes over at once.
+    let mut first = first;
+    if let Some(mut daemon) = first.daemon.take() {
+        daemon.stop(Duration::from_secs(20));
+    }
+    second.wait_ready(Duration::from_secs(20));
+    let holder = kubectl(
+        cluster,
+        &namespace,
+        &[
+            "get",
+            "lease",
+            "walt-operator",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ],
+    );
+    assert_eq!(holder.trim(), "replica-b");
+    assert!(first.log().contains("stopped"), "{}", first.log());
+    // Killed without cleanup (SIGKILL) and restarted under the same identity
+    // (a StatefulSet pod): it leads again at once, no expiry wait.
+    let killed = Instant::now();
+    second.restart(cluster);
+    second.wait_ready(Duration::from_secs(10));
+    assert!(killed.elapsed() < Duration::from_secs(10));
+    second.kill();
+}
+
+const DIGEST_A: &str = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+const DIGEST_B: &str = "sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+/// Sets an Image's resolved facts as the Image controller would.
+fn set_image_digest(cluster: &Cluster, namespace: &str, name: &str, reference: &str, digest: &str) {
+    let patch = serde_json::json!({"status": {"reference": reference, "digest": digest}}).to_string();
+    kubectl(
+        cluster,
+        namespace,
+        &[
+            "patch",
+            &format!("image.walt.dev/{name}"),
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &patch,
+        ],
+    );
+}
+
+#[test]
+fn virtual_node_gets_pod_service_claim_and_is_recreated_when_its_image_moves() {
+    let cluster = cluster();
+    let (namespace, _dir) = tenant(cluster, "op-vnode");
+    let operator = Operator::start(cluster, &namespace, "vnode-test", &[]);
+    operator.wait_ready(Duration::from_mins(1));
+    let reference = format!("127.0.0.1:1/lab/{namespace}/debian:latest");
+    apply(
+        cluster,
+        &namespace,
+        "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {name: debian}\nspec: {}\n",
+    );
+    set_image_digest(cluster, &namespace, "debian", &reference, DIGEST_A);
+    apply(
+        cluster,
+        &namespace,
+        "apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {name: vn1}\n\
+         spec: {model: pc-x86-64, image: debian, bootMode: persistent, virtual: {architecture: amd64, memory: 256Mi}}\n",
+    );
+    let within = Duration::from_mins(1);
+    let pinned_a = format!("127.0.0.1:1/lab/{namespace}/debian@{DIGEST_A}");
+    wait_for(
+        cluster,
+        &namespace,
+        "pod/walt-node-vn1",
+        "{.metadata.annotations.walt\\.dev/boots}",
+        &pinned_a,
+        within,
+        &operator,
+    );
+    let args = kubectl(
+        cluster,
+        &namespace,
+        &[
+            "get",
+            "pod/walt-node-vn1",
+            "-o",
+            "jsonpath={.spec.containers[0].args}",
+        ],
+    );
+    assert!(
+        args.contains("\"vnode\"") && args.contains("\"--persist\",\"/persist\""),
+        "{args}"
+    );
+    let limit = kubectl(
+        cluster,
+        &namespace,
+        &[
+            "get",
+            "pod/walt-node-vn1",
+            "-o",
+            "jsonpath={.spec.containers[0].resources.limits.memory}",
+        ],
+    );
+    assert_eq!(limit.trim(), "256Mi");
+    let owner = kubectl(
+        cluster,
+        &namespace,
+        &[
+            "get",
+            "pod/walt-node-vn1",
+            "-o",
+            "jsonpath={.metadata.ownerReferences[0].kind}/{.metadata.ownerReferences[0].name}",
+        ],
+    );
+    assert_eq!(owner.trim(), "Node/vn1");
+    wait_for(
+        cluster,
+        &namespace,
+        "service/walt-node-vn1",
+        "{.spec.ports[0].port}",
+        "22",
+        within,
+        &operator,
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "pvc/walt-node-vn1-persist",
+        "{.spec.resources.requests.storage}",
+        "1Gi",
+        within,
+        &operator,
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "node.walt.dev/vn1",
+        "{.status.address}",
+        &format!("walt-node-vn1.{namespace}.svc"),
+        within,
+        &operator,
+    );
+    // No kubelet on this tier: the pod stays Pending, the node Booting.
+    wait_for(
+        cluster,
+        &namespace,
+        "node.walt.dev/vn1",
+        "{.status.phase}",
+        "Booting",
+        within,
+        &operator,
+    );
+    let events = kubectl(
+        cluster,
+        &namespace,
+        &[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=vn1",
+            "-o",
+            "jsonpath={.items[*].reason}",
+        ],
+    );
+    assert!(events.contains("Booting"), "events: {events}");
+
+    // The image is overwritten (its digest moves): the virtual node reboots on it.
+    let uid_before = kubectl(
+        cluster,
+        &namespace,
+        &["get", "pod/walt-node-vn1", "-o", "jsonpath={.metadata.uid}"],
+    );
+    set_image_digest(cluster, &namespace, "debian", &reference, DIGEST_B);
+    let pinned_b = format!("127.0.0.1:1/lab/{namespace}/debian@{DIGEST_B}");
+    wait_for(
+        cluster,
+        &namespace,
+        "pod/walt-node-vn1",
+        "{.metadata.annotations.walt\\.dev/boots}",
+        &pinned_b,
+        within,
+        &operator,
+    );
+    let uid_after = kubectl(
+        cluster,
+        &namespace,
+        &["get", "pod/walt-node-vn1", "-o", "jsonpath={.metadata.uid}"],
+    );
+    assert_ne!(uid_before.trim(), uid_after.trim(), "the pod was recreated");
+    let metrics = operator.get("/metrics").expect("metrics").1;
+    assert!(
+        metrics.contains("walt_reconciles_total{kind=\"Node\"}"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_node_pointing_to_a_missing_image_says_so() {
+    let cluster = cluster();
+    let (namespace, _dir) = tenant(cluster, "op-noimg");
+    let operator = Operator::start(cluster, &namespace, "noimg-test", &[]);
+    operator.wait_ready(Duration::from_mins(1));
+    apply(
+        cluster,
+        &namespace,
+        "apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {name: vn2}\n\
+         spec: {model: pc-x86-64, image: ghost, virtual: {}}\n",
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "node.walt.dev/vn2",
+        "{.status.conditions[?(@.type==\"Booted\")].reason}",
+        "ImageNotFound",
+        Duration::from_mins(1),
+        &operator,
+    );
+    let message = kubectl(
+        cluster,
+        &namespace,
+        &[
+            "get",
+            "node.walt.dev/vn2",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Booted\")].message}",
+        ],
+    );
+    assert!(
+        message.contains(&format!("Image {namespace}/ghost not found")),
+        "{message}"
+    );
+    assert!(
+        cluster
+            .kubectl_output(&["-n", &namespace, "get", "pod/walt-node-vn2"])
+            .is_err(),
+        "no pod without an image"
+    );
+}

@@ -24,6 +24,8 @@ enum Command {
     Shell(runtime::cli::Args),
     /// Save the files changed on a running node as a new image.
     Save(ssh::cli::SaveArgs),
+    /// Relay users' SSH sessions to a node (the SSH gateway, one session; for tests and standalone use).
+    Gateway(ssh::cli::GatewayArgs),
     /// Run an OS image as a virtual WalT node that serves SSH.
     Vnode(ssh::cli::VnodeArgs),
     /// Register the image's qemu-user handlers in the kernel (binfmt_misc), once per cluster node.
@@ -41,6 +43,7 @@ fn main() {
         Command::Oci(args) => oci::cli::run(args),
         Command::Shell(args) => runtime::cli::run(args),
         Command::Save(args) => ssh::cli::run_save(args),
+        Command::Gateway(args) => ssh::cli::run_gateway(args),
         Command::Vnode(args) => ssh::cli::run_vnode(args),
         Command::Binfmt(args) => binfmt::run(args),
     };

@@ -1,19 +1,306 @@
 //! `walt-operator save …`, `walt-operator gateway …` and `walt-operator vnode …`.
 
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::SshError;
+use super::client::{self, ClientConfig, HostKeyPolicy, NodeClient, NodeTarget, Transport};
+use super::export::{self, ExportOptions, Progress};
+use super::gateway::{Authorization, Authorizations, Gateway, GatewayConfig};
+
+type CliResult = Result<i32, Box<dyn std::error::Error + Send + Sync>>;
+
+/// How to reach a node (shared by `save` and `gateway`).
+#[derive(Debug, clap::Args)]
+pub struct NodeArgs {
+    /// The node: USER@HOST[:PORT].
+    #[arg(long, value_name = "USER@HOST[:PORT]")]
+    pub node: NodeTarget,
+    /// The private key to log in to the node with (unencrypted OpenSSH or PEM).
+    #[arg(long, value_name = "KEY")]
+    pub identity: PathBuf,
+    /// known_hosts-style file: the node's key is checked against it, or recorded there on first
+    /// contact. Without it (and without --host-key), the node's key is accepted and printed.
+    #[arg(long, value_name = "FILE")]
+    pub known_hosts: Option<PathBuf>,
+    /// The node's host public key (an OpenSSH line, or a file holding one): only this key is accepted.
+    #[arg(long, value_name = "KEY|FILE", conflicts_with = "known_hosts")]
+    pub host_key: Option<String>,
+    /// Reach the node through this command's stdin/stdout (like OpenSSH's ProxyCommand; %h and %p
+    /// are replaced by the host and port).
+    #[arg(long, value_name = "COMMAND")]
+    pub proxy_command: Option<String>,
+    /// Seconds to wait for the node's SSH session.
+    #[arg(long, default_value_t = 10)]
+    pub connect_timeout: u64,
+}
+
+impl NodeArgs {
+    fn host_key_policy(&self) -> Result<HostKeyPolicy, SshError> {
+        if let Some(key) = &self.host_key {
+            let line = if std::path::Path::new(key).is_file() {
+                std::fs::read_to_string(key).map_err(|source| SshError::Io {
+                    context: format!("reading host key file {key}"),
+                    source,
+                })?
+            } else {
+                key.clone()
+            };
+            return Ok(HostKeyPolicy::Pinned(client::parse_public_key(&line)?));
+        }
+        Ok(match &self.known_hosts {
+            Some(path) => HostKeyPolicy::KnownHostsFile(path.clone()),
+            None => HostKeyPolicy::TrustOnFirstUse,
+        })
+    }
+
+    fn client_config(&self) -> Result<ClientConfig, SshError> {
+        let mut config = ClientConfig::new(client::load_key_file(&self.identity)?, self.host_key_policy()?);
+        config.connect_timeout = Duration::from_secs(self.connect_timeout);
+        if let Some(command) = &self.proxy_command {
+            config.transport = Transport::ProxyCommand(command.clone());
+        }
+        Ok(config)
+    }
+}
+
 /// Arguments of `walt-operator save`.
 #[derive(Debug, clap::Args)]
-pub struct SaveArgs {}
+pub struct SaveArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    /// The image the node booted (the new image is this plus one layer).
+    #[arg(long, value_name = "REF", required_unless_present = "change_set")]
+    base: Option<String>,
+    /// Where to push the new image (the tag moves only once everything is pushed).
+    #[arg(long, value_name = "REF", required_unless_present = "change_set")]
+    to: Option<String>,
+    /// Registries reached over plain HTTP (repeatable).
+    #[arg(long, value_name = "HOST[:PORT]")]
+    insecure_registry: Vec<String>,
+    /// The node's overlay upper dir.
+    #[arg(long, default_value = export::WALT_UPPER_DIR)]
+    upper_dir: String,
+    /// Save every change in the upper dir, not only those made after the node booted
+    /// (persistent boot mode).
+    #[arg(long)]
+    all_changes: bool,
+    /// The file the node writes once booted (volatile mode saves only later changes).
+    #[arg(long, default_value = export::WALT_READY_MARKER)]
+    ready_marker: String,
+    /// Paths never saved (WalT's defaults when not given; `--exclude ''` for none). A pattern matches
+    /// anywhere in /PATH; `$` anchors at the end, `^` at the start.
+    #[arg(long, value_name = "PATTERN")]
+    exclude: Vec<String>,
+    /// Write the change set (an overlay-style tar) to this file instead of building an image
+    /// (`-` for stdout).
+    #[arg(long, value_name = "FILE")]
+    change_set: Option<PathBuf>,
+}
+
+/// Arguments of `walt-operator gateway`: one session, for standalone use and tests.
+#[derive(Debug, clap::Args)]
+pub struct GatewayArgs {
+    /// Where users connect.
+    #[arg(long, default_value = "127.0.0.1:2222")]
+    listen: String,
+    /// The gateway's host private key (e.g. made with `ssh-keygen -t ed25519 -N '' -f FILE`).
+    #[arg(long, value_name = "FILE")]
+    host_key_file: PathBuf,
+    /// The session id (the SSH user name at the gateway).
+    #[arg(long, default_value = "session")]
+    session: String,
+    /// The user's public key file (OpenSSH line) that may log in.
+    #[arg(long, value_name = "FILE")]
+    authorized_key: PathBuf,
+    /// How long the session stays authorized, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    ttl: u64,
+    /// Idle timeout in seconds.
+    #[arg(long, default_value_t = 1800)]
+    idle_timeout: u64,
+    #[command(flatten)]
+    node: NodeArgs,
+}
 
 /// Arguments of `walt-operator vnode`.
 #[derive(Debug, clap::Args)]
 pub struct VnodeArgs {}
 
+fn runtime() -> Result<tokio::runtime::Runtime, SshError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|source| SshError::Io {
+            context: "starting the async runtime".into(),
+            source,
+        })
+}
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 /// Runs `walt-operator save …`.
-pub fn run_save(_args: &SaveArgs) -> Result<i32, Box<dyn std::error::Error + Send + Sync>> {
-    Err("walt-operator save is not built yet".into())
+pub fn run_save(args: &SaveArgs) -> CliResult {
+    init_tracing();
+    runtime()?.block_on(save(args))
+}
+
+async fn save(args: &SaveArgs) -> CliResult {
+    let config = args.node.client_config()?;
+    let client = NodeClient::connect(&args.node.node, &config).await?;
+    if matches!(config.host_key, HostKeyPolicy::TrustOnFirstUse) {
+        eprintln!(
+            "node {} presented host key {} (not checked: pass --known-hosts or --host-key to enforce it)",
+            args.node.node,
+            client::fingerprint(client.host_key())
+        );
+    }
+    let exclude = if args.exclude.is_empty() {
+        export::WALT_EXCLUDES.iter().map(|&p| p.to_owned()).collect()
+    } else {
+        args.exclude.iter().filter(|p| !p.is_empty()).cloned().collect()
+    };
+    let options = ExportOptions {
+        upper_dir: args.upper_dir.clone(),
+        ready_marker: (!args.all_changes).then(|| args.ready_marker.clone()),
+        exclude,
+    };
+    let plan = export::plan(&client, &options).await?;
+    eprintln!(
+        "node {}: {} tar, {}",
+        args.node.node,
+        if plan.tar == export::NodeTar::Gnu {
+            "GNU"
+        } else {
+            "busybox"
+        },
+        if plan.changed_since.is_some() {
+            "changes made after boot"
+        } else {
+            "all changes"
+        }
+    );
+    let progress = Arc::new(Progress::default());
+    let reader = export::start(&client, &plan, progress.clone()).await?;
+    let started = Instant::now();
+    let reporter = tokio::spawn(report_progress(progress.clone(), started));
+    let target = args.node.node.clone();
+    let outcome = match &args.change_set {
+        Some(path) => {
+            let path = path.clone();
+            let plan = plan.clone();
+            let progress = progress.clone();
+            tokio::task::spawn_blocking(move || -> Result<export::ChangeSummary, SshError> {
+                let io_error = |context: String| move |source| SshError::Io { context, source };
+                let output: Box<dyn std::io::Write> = if path.as_os_str() == "-" {
+                    Box::new(std::io::stdout().lock())
+                } else {
+                    Box::new(
+                        std::fs::File::create(&path)
+                            .map_err(io_error(format!("creating {}", path.display())))?,
+                    )
+                };
+                let output = std::io::BufWriter::with_capacity(256 * 1024, output);
+                export::filter_change_set(reader, output, &plan, &target, &progress)
+                    .map_err(io_error(format!("saving the change set of node {target}")))
+            })
+            .await?
+        }
+        None => {
+            return Err(format!(
+                "building an image from node {} needs the OCI layer engine (module oci), which is not on this branch yet; \
+                 use --change-set FILE to get the change set",
+                args.node.node
+            )
+            .into());
+        }
+    };
+    reporter.abort();
+    client.close().await;
+    let summary = outcome?;
+    eprintln!(
+        "\rsaved node {}: {} changed, {} deleted, {} opaque dirs, {} skipped, {} bytes in {:.1} s",
+        args.node.node,
+        summary.changed,
+        summary.deleted,
+        summary.opaque_dirs,
+        summary.skipped,
+        summary.bytes,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(0)
+}
+
+async fn report_progress(progress: Arc<Progress>, started: Instant) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let bytes = progress.bytes.load(Ordering::Relaxed);
+        let files = progress.files.load(Ordering::Relaxed);
+        let mut stderr = std::io::stderr().lock();
+        let _ = write!(
+            stderr,
+            "\r{:.1} MiB, {files} files, {:.0} s   ",
+            bytes as f64 / 1_048_576.0,
+            started.elapsed().as_secs_f64()
+        );
+        let _ = stderr.flush();
+    }
+}
+
+/// Runs `walt-operator gateway …`.
+pub fn run_gateway(args: &GatewayArgs) -> CliResult {
+    init_tracing();
+    runtime()?.block_on(gateway(args))
+}
+
+async fn gateway(args: &GatewayArgs) -> CliResult {
+    let host_key = client::load_key_file(&args.host_key_file)?;
+    let node_config = args.node.client_config()?;
+    let user_key_text = std::fs::read_to_string(&args.authorized_key).map_err(|source| SshError::Io {
+        context: format!("reading {}", args.authorized_key.display()),
+        source,
+    })?;
+    let user_key = client::parse_public_key(&user_key_text)?;
+    let mut config = GatewayConfig::new(host_key.clone(), (*node_config.key).clone());
+    config.idle_timeout = Duration::from_secs(args.idle_timeout);
+    config.node_transport = node_config.transport.clone();
+    config.node_connect_timeout = node_config.connect_timeout;
+    let authorizations = Authorizations::new();
+    authorizations.add(Authorization {
+        session_id: args.session.clone(),
+        node: args.node.node.clone(),
+        node_host_key: node_config.host_key.clone(),
+        public_key: user_key,
+        expires_at: SystemTime::now() + Duration::from_secs(args.ttl),
+    });
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|source| SshError::Io {
+            context: format!("listening on {}", args.listen),
+            source,
+        })?;
+    let public = host_key
+        .public_key()
+        .to_openssh()
+        .map_err(|error| SshError::Gateway(error.to_string()))?;
+    println!("gateway listening on {} host key {public}", args.listen);
+    Gateway::new(config, authorizations).serve(listener).await?;
+    Ok(0)
 }
 
 /// Runs `walt-operator vnode …`.
-pub fn run_vnode(_args: &VnodeArgs) -> Result<i32, Box<dyn std::error::Error + Send + Sync>> {
+pub fn run_vnode(_args: &VnodeArgs) -> CliResult {
     Err("walt-operator vnode is not built yet".into())
 }

@@ -305,7 +305,7 @@ fn test(cargo_test_args: &[String]) -> Result<(), String> {
 
     let mut command = Command::new(&cargo);
     command
-        .args(["test", "--workspace"])
+        .args(["test", "--workspace", "--no-fail-fast"])
         .args(cargo_test_args)
         .env("WALT_CLUSTER_TIER", &tier_env);
     if let Ok(b) = &k8s {

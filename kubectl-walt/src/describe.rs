@@ -1,0 +1,428 @@
+//! Tables and `show` pages for nodes and images (pure: objects in, text out).
+
+use std::fmt::Write as _;
+
+use k8s_openapi::api::core::v1::Event;
+use walt_crds::{Condition, Image, ImageShellMode, Node, NodePhase};
+
+use crate::cli::OutputFormat;
+use crate::format::{Table, age_since, bytes, short_digest};
+use crate::resolve::{display_image, name_of};
+
+/// The phase of a node as text.
+pub fn node_phase(node: &Node) -> String {
+    node.status
+        .as_ref()
+        .map_or_else(|| "Pending".into(), |s| format!("{:?}", s.phase))
+}
+
+/// Whether the node is booted and reachable.
+pub fn node_ready(node: &Node) -> bool {
+    node.status.as_ref().is_some_and(|s| s.phase == NodePhase::Ready)
+}
+
+/// The node's image as the user reads it (`default` when the model's default).
+pub fn node_image(node: &Node) -> String {
+    node.spec.image.clone().unwrap_or_else(|| "default".into())
+}
+
+fn booted(node: &Node) -> String {
+    node.status
+        .as_ref()
+        .and_then(|s| s.booted_image.as_ref())
+        .map_or_else(
+            || "-".into(),
+            |b| {
+                let name = b.name.clone().unwrap_or_else(|| "?".into());
+                match &b.digest {
+                    Some(d) => format!("{name}@{}", short_digest(d)),
+                    None => name,
+                }
+            },
+        )
+}
+
+fn virtual_text(node: &Node) -> String {
+    node.spec.virtual_node.as_ref().map_or_else(
+        || "-".into(),
+        |v| {
+            format!(
+                "{}, {} memory, {} cpu",
+                v.architecture.as_str(),
+                v.memory.0,
+                v.cpu.0
+            )
+        },
+    )
+}
+
+/// `node ls` as a table.
+pub fn node_table(nodes: &[Node], format: OutputFormat) -> String {
+    let wide = format == OutputFormat::Wide;
+    let mut headers = vec!["NAME", "MODEL", "IMAGE", "PHASE", "AGE"];
+    if wide {
+        headers.extend(["ADDRESS", "BOOTED", "BOOT-MODE", "VIRTUAL"]);
+    }
+    let mut table = Table::new(headers);
+    for node in nodes {
+        let mut row = vec![
+            name_of(node),
+            node.spec.model.clone(),
+            node_image(node),
+            node_phase(node),
+            age_since(node.metadata.creation_timestamp.as_ref()),
+        ];
+        if wide {
+            row.push(
+                node.status
+                    .as_ref()
+                    .and_then(|s| s.address.clone())
+                    .or_else(|| {
+                        node.spec
+                            .address
+                            .as_ref()
+                            .map(|a| format!("{a}:{}", node.spec.ssh_port))
+                    })
+                    .unwrap_or_else(|| "-".into()),
+            );
+            row.push(booted(node));
+            row.push(format!("{:?}", node.spec.boot_mode).to_lowercase());
+            row.push(
+                node.spec
+                    .virtual_node
+                    .as_ref()
+                    .map_or_else(|| "-".into(), |v| v.architecture.as_str().into()),
+            );
+        }
+        table.row(row);
+    }
+    table.render()
+}
+
+/// `node show` as a page.
+pub fn node_page(node: &Node, events: &[Event]) -> String {
+    let mut out = String::new();
+    let status = node.status.clone().unwrap_or_default();
+    let line = |out: &mut String, key: &str, value: String| {
+        let _ = writeln!(out, "{:<13}{value}", format!("{key}:"));
+    };
+    line(&mut out, "Name", name_of(node));
+    line(
+        &mut out,
+        "Namespace",
+        node.metadata.namespace.clone().unwrap_or_default(),
+    );
+    line(&mut out, "Model", node.spec.model.clone());
+    line(&mut out, "Image", node_image(node));
+    line(&mut out, "Booted", booted(node));
+    line(&mut out, "Phase", node_phase(node));
+    line(
+        &mut out,
+        "Address",
+        status
+            .address
+            .clone()
+            .or_else(|| {
+                node.spec
+                    .address
+                    .as_ref()
+                    .map(|a| format!("{a}:{}", node.spec.ssh_port))
+            })
+            .unwrap_or_else(|| "-".into()),
+    );
+    line(
+        &mut out,
+        "Boot mode",
+        format!("{:?}", node.spec.boot_mode).to_lowercase(),
+    );
+    line(&mut out, "Virtual", virtual_text(node));
+    line(
+        &mut out,
+        "Host key",
+        status
+            .host_key
+            .as_deref()
+            .or(node.spec.host_key.as_deref())
+            .map_or_else(|| "-".into(), abbreviate_key),
+    );
+    line(
+        &mut out,
+        "Last seen",
+        status
+            .last_seen
+            .as_ref()
+            .map_or_else(|| "never".into(), |t| format!("{} ago", age_since(Some(t)))),
+    );
+    line(
+        &mut out,
+        "Age",
+        age_since(node.metadata.creation_timestamp.as_ref()),
+    );
+    conditions_section(&mut out, &status.conditions);
+    events_section(&mut out, events);
+    out
+}
+
+/// `image ls` as a table. `usage` gives the number of nodes booting each image.
+pub fn image_table(images: &[Image], usage: &dyn Fn(&Image) -> usize, format: OutputFormat) -> String {
+    let wide = format == OutputFormat::Wide;
+    let mut headers = vec![
+        "NAME", "READY", "ARCH", "MODELS", "SHELL", "LAYERS", "SIZE", "IN-USE", "AGE",
+    ];
+    if wide {
+        headers.extend(["DIGEST", "REFERENCE", "SOURCE"]);
+    }
+    let mut table = Table::new(headers);
+    for image in images {
+        let status = image.status.clone().unwrap_or_default();
+        let mut row = vec![
+            display_image(&name_of(image)),
+            image_ready(image),
+            status
+                .platform
+                .as_ref()
+                .map_or_else(|| "-".into(), |p| p.architecture.clone()),
+            if status.node_models.is_empty() {
+                "-".into()
+            } else {
+                status.node_models.join(",")
+            },
+            shell_mode(status.shell_mode),
+            status.layers.map_or_else(|| "-".into(), |l| l.to_string()),
+            status.size.map_or_else(|| "-".into(), bytes),
+            match usage(image) {
+                0 => "no".into(),
+                n => format!("{n} node{}", if n == 1 { "" } else { "s" }),
+            },
+            age_since(image.metadata.creation_timestamp.as_ref()),
+        ];
+        if wide {
+            row.push(status.digest.as_deref().map_or_else(|| "-".into(), short_digest));
+            row.push(status.reference.clone().unwrap_or_else(|| "-".into()));
+            row.push(image.spec.source.clone().unwrap_or_else(|| "-".into()));
+        }
+        table.row(row);
+    }
+    table.render()
+}
+
+/// `True`, `False` (with the reason) or `Unknown` from the Ready condition.
+pub fn image_ready(image: &Image) -> String {
+    let conditions = image
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    match walt_crds::find_condition(conditions, walt_crds::condition_types::READY) {
+        Some(c) if c.status == "True" => "True".into(),
+        Some(c) if c.status == "False" => format!("False ({})", c.reason),
+        _ => "Unknown".into(),
+    }
+}
+
+fn shell_mode(mode: Option<ImageShellMode>) -> String {
+    match mode {
+        Some(ImageShellMode::Init) => "init".into(),
+        Some(ImageShellMode::Basic) => "basic".into(),
+        None => "-".into(),
+    }
+}
+
+/// `image show` as a page.
+pub fn image_page(image: &Image, booted_by: &[String], events: &[Event]) -> String {
+    let mut out = String::new();
+    let status = image.status.clone().unwrap_or_default();
+    let line = |out: &mut String, key: &str, value: String| {
+        let _ = writeln!(out, "{:<13}{value}", format!("{key}:"));
+    };
+    line(&mut out, "Name", display_image(&name_of(image)));
+    line(
+        &mut out,
+        "Namespace",
+        image.metadata.namespace.clone().unwrap_or_default(),
+    );
+    line(&mut out, "Ready", image_ready(image));
+    line(
+        &mut out,
+        "Reference",
+        status.reference.clone().unwrap_or_else(|| "-".into()),
+    );
+    line(
+        &mut out,
+        "Digest",
+        status.digest.clone().unwrap_or_else(|| "-".into()),
+    );
+    if let Some(source) = &image.spec.source {
+        line(&mut out, "Source", source.clone());
+    }
+    line(
+        &mut out,
+        "Platform",
+        status.platform.as_ref().map_or_else(
+            || "-".into(),
+            |p| match &p.variant {
+                Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
+                None => format!("{}/{}", p.os, p.architecture),
+            },
+        ),
+    );
+    line(
+        &mut out,
+        "Node models",
+        if status.node_models.is_empty() {
+            "-".into()
+        } else {
+            status.node_models.join(", ")
+        },
+    );
+    line(&mut out, "Shell mode", shell_mode(status.shell_mode));
+    line(
+        &mut out,
+        "Layers",
+        status.layers.map_or_else(|| "-".into(), |l| l.to_string()),
+    );
+    line(&mut out, "Size", status.size.map_or_else(|| "-".into(), bytes));
+    line(
+        &mut out,
+        "Booted by",
+        if booted_by.is_empty() {
+            "no node".into()
+        } else {
+            booted_by.join(", ")
+        },
+    );
+    line(
+        &mut out,
+        "Age",
+        age_since(image.metadata.creation_timestamp.as_ref()),
+    );
+    conditions_section(&mut out, &status.conditions);
+    events_section(&mut out, events);
+    out
+}
+
+fn conditions_section(out: &mut String, conditions: &[Condition]) {
+    out.push_str("Conditions:\n");
+    if conditions.is_empty() {
+        out.push_str("  <none>\n");
+        return;
+    }
+    let mut table = Table::new(["TYPE", "STATUS", "REASON", "AGE", "MESSAGE"]);
+    for c in conditions {
+        table.row([
+            c.type_.clone(),
+            c.status.clone(),
+            c.reason.clone(),
+            age_since(Some(&c.last_transition_time)),
+            c.message.clone(),
+        ]);
+    }
+    for l in table.render().lines() {
+        let _ = writeln!(out, "  {l}");
+    }
+}
+
+fn events_section(out: &mut String, events: &[Event]) {
+    out.push_str("Events:\n");
+    if events.is_empty() {
+        out.push_str("  <none>\n");
+        return;
+    }
+    let mut table = Table::new(["TYPE", "REASON", "AGE", "MESSAGE"]);
+    for e in events.iter().rev().take(10).rev() {
+        let age = crate::cluster::event_time(e)
+            .map_or_else(|| "-".into(), |t| crate::format::age(crate::format::since(t)));
+        table.row([
+            e.type_.clone().unwrap_or_default(),
+            e.reason.clone().unwrap_or_default(),
+            age,
+            e.message.clone().unwrap_or_default(),
+        ]);
+    }
+    for l in table.render().lines() {
+        let _ = writeln!(out, "  {l}");
+    }
+}
+
+/// `ssh-ed25519 AAAAC3Nz…Qk9 comment` → type and the ends of the key.
+fn abbreviate_key(key: &str) -> String {
+    let mut parts = key.split_whitespace();
+    match (parts.next(), parts.next()) {
+        (Some(kind), Some(blob)) if blob.len() > 24 => {
+            format!("{kind} {}…{}", &blob[..12], &blob[blob.len() - 8..])
+        }
+        _ => key.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use walt_crds::{ImageDigestRef, ImageSpec, ImageStatus, NodeSpec, NodeStatus, Platform, VirtualNode};
+
+    fn node() -> Node {
+        let mut n = Node::new(
+            "vnode1",
+            NodeSpec {
+                model: "pc-x86-64".into(),
+                image: Some("pc-base".into()),
+                virtual_node: Some(VirtualNode::default()),
+                ..NodeSpec::default()
+            },
+        );
+        n.metadata.namespace = Some("lab".into());
+        n.status = Some(NodeStatus {
+            phase: NodePhase::Ready,
+            address: Some("10.1.2.3:22".into()),
+            booted_image: Some(ImageDigestRef {
+                name: Some("pc-base".into()),
+                digest: Some("sha256:0123456789abcdef0123456789".into()),
+            }),
+            ..NodeStatus::default()
+        });
+        n
+    }
+
+    #[test]
+    fn node_table_and_wide() {
+        let table = node_table(&[node()], OutputFormat::Table);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines[0], "NAME     MODEL       IMAGE     PHASE   AGE");
+        assert!(lines[1].starts_with("vnode1   pc-x86-64   pc-base   Ready   "));
+        let wide = node_table(&[node()], OutputFormat::Wide);
+        assert!(wide.contains("10.1.2.3:22   pc-base@sha256:0123456789ab   volatile    amd64"));
+    }
+
+    #[test]
+    fn node_page_has_everything() {
+        let page = node_page(&node(), &[]);
+        assert!(page.contains("Name:        vnode1\n"));
+        assert!(page.contains("Booted:      pc-base@sha256:0123456789ab\n"));
+        assert!(page.contains("Virtual:     amd64, 512Mi memory, 1 cpu\n"));
+        assert!(page.contains("Conditions:\n  <none>\nEvents:\n  <none>\n"));
+    }
+
+    #[test]
+    fn image_table_shows_usage() {
+        let mut image = Image::new("rpi.v2", ImageSpec::default());
+        image.status = Some(ImageStatus {
+            platform: Some(Platform {
+                architecture: "arm64".into(),
+                ..Platform::default()
+            }),
+            node_models: vec!["rpi-3-b".into(), "rpi-4-b".into()],
+            shell_mode: Some(ImageShellMode::Init),
+            layers: Some(3),
+            size: Some(30 * 1024 * 1024),
+            ..ImageStatus::default()
+        });
+        let table = image_table(&[image], &|_| 2, OutputFormat::Table);
+        let row = table.lines().nth(1).expect("row");
+        assert!(
+            row.starts_with(
+                "rpi:v2   Unknown   arm64   rpi-3-b,rpi-4-b   init    3        30.0MiB   2 nodes"
+            ),
+            "{row}"
+        );
+    }
+}

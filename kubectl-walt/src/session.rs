@@ -1,0 +1,220 @@
+//! Shell sessions the plugin creates: creation, following the status while the operator starts
+//! them (with the operator's events as progress), and cleanup on every exit path.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use walt_crds::{ShellSession, ShellSessionPhase, ShellSessionSpec};
+
+use crate::cluster::{Ctx, event_time, tick};
+use crate::error::{Error, Op, Result};
+use crate::format::clock;
+use crate::resolve::name_of;
+use crate::watch::LiveLine;
+
+/// A spec with the API's defaults (`ShellSessionSpec::default()` has empty durations, which the
+/// API server refuses; serde's defaults are the API's).
+pub fn spec_defaults() -> ShellSessionSpec {
+    ShellSessionSpec {
+        idle_timeout: walt_crds::shell_session::DEFAULT_IDLE_TIMEOUT.to_string(),
+        ttl: walt_crds::shell_session::DEFAULT_TTL.to_string(),
+        ..ShellSessionSpec::default()
+    }
+}
+
+/// A ShellSession the plugin created, deleted by [`Created::delete`] on every path out.
+#[derive(Debug)]
+pub struct Created {
+    /// The session's name.
+    pub name: String,
+    /// The namespace.
+    pub namespace: String,
+}
+
+/// Creates a ShellSession with a generated name (`<target>-shell-xxxxx`).
+pub async fn create(ctx: &Ctx, target: &str, spec: ShellSessionSpec) -> Result<Created> {
+    let mut session = ShellSession::new("", spec);
+    session.metadata.name = None;
+    session.metadata.generate_name = Some(format!("{}-shell-", target.replace('.', "-")));
+    session.metadata.labels = Some(
+        [(
+            "app.kubernetes.io/created-by".to_string(),
+            "kubectl-walt".to_string(),
+        )]
+        .into(),
+    );
+    let created = ctx
+        .sessions()
+        .create(&PostParams::default(), &session)
+        .await
+        .map_err(|e| {
+            Error::api(
+                Op::collection(
+                    "create",
+                    "shell session",
+                    "shellsessions.walt.dev",
+                    &ctx.namespace,
+                ),
+                e,
+            )
+        })?;
+    Ok(Created {
+        name: name_of(&created),
+        namespace: ctx.namespace.clone(),
+    })
+}
+
+impl Created {
+    /// Reads the session.
+    pub async fn get(&self, ctx: &Ctx) -> Result<ShellSession> {
+        ctx.sessions().get(&self.name).await.map_err(|e| {
+            Error::api(
+                Op::named(
+                    "get",
+                    "shell session",
+                    "shellsessions.walt.dev",
+                    &self.name,
+                    &self.namespace,
+                ),
+                e,
+            )
+        })
+    }
+
+    /// Sets fields of the spec (`saveAs`, `discard`).
+    pub async fn patch_spec(&self, ctx: &Ctx, spec: serde_json::Value) -> Result<()> {
+        ctx.sessions()
+            .patch(
+                &self.name,
+                &PatchParams::default(),
+                &Patch::Merge(&serde_json::json!({"spec": spec})),
+            )
+            .await
+            .map_err(|e| {
+                Error::api(
+                    Op::named(
+                        "patch",
+                        "shell session",
+                        "shellsessions.walt.dev",
+                        &self.name,
+                        &self.namespace,
+                    ),
+                    e,
+                )
+            })?;
+        Ok(())
+    }
+
+    /// Deletes the session (best effort: the operator's TTL is the safety net), saying so if
+    /// it fails.
+    pub async fn delete(&self, ctx: &Ctx) {
+        match ctx.sessions().delete(&self.name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => eprintln!(
+                "warning: could not delete shell session {}: {e}; the operator removes it when its TTL ends (or: kubectl delete shellsession {} -n {})",
+                self.name, self.name, self.namespace
+            ),
+        }
+    }
+
+    /// Follows the session until `done` says so, showing the phase and the operator's events
+    /// (pulls, unpacking, emulation) on a status line. A finished phase that `done` did not
+    /// accept is an error with the session's own reason.
+    pub async fn follow(
+        &self,
+        ctx: &Ctx,
+        what: &str,
+        done: &dyn Fn(&ShellSession) -> bool,
+    ) -> Result<ShellSession> {
+        let start = Instant::now();
+        let mut line = LiveLine::stderr();
+        let mut seen_events: HashSet<String> = HashSet::new();
+        let mut last_event = String::new();
+        loop {
+            let session = self.get(ctx).await?;
+            if done(&session) {
+                line.finish();
+                return Ok(session);
+            }
+            let status = session.status.clone().unwrap_or_default();
+            if status.phase.is_finished() {
+                line.finish();
+                return Err(Error::Failed(format!(
+                    "the shell session {} ended ({:?}): {}",
+                    self.name,
+                    status.phase,
+                    failure_reason(&session)
+                )));
+            }
+            // The operator's events (and the shell pod's) say what is happening right now.
+            let mut uids = vec![session.metadata.uid.clone().unwrap_or_default()];
+            if let Some(pod) = &status.pod
+                && let Ok(Some(p)) = ctx.pods().get_opt(pod).await
+            {
+                uids.push(p.metadata.uid.unwrap_or_default());
+            }
+            for uid in uids.iter().filter(|u| !u.is_empty()) {
+                let mut events = ctx.events_for(uid).await;
+                events.sort_by_key(event_time);
+                for event in events {
+                    let key = event.metadata.name.clone().unwrap_or_default()
+                        + &event.count.unwrap_or(1).to_string();
+                    if seen_events.insert(key)
+                        && let Some(message) = event.message.clone()
+                    {
+                        last_event = message;
+                    }
+                }
+            }
+            let phase = format!("{:?}", status.phase);
+            let detail = if last_event.is_empty() {
+                String::new()
+            } else {
+                format!(": {last_event}")
+            };
+            line.show(&format!("{what} {phase}{detail}  ({})", clock(start.elapsed())));
+            tick().await;
+        }
+    }
+}
+
+/// The message of the latest condition that is not True, for failed sessions.
+pub fn failure_reason(session: &ShellSession) -> String {
+    session
+        .status
+        .as_ref()
+        .and_then(|s| {
+            s.conditions
+                .iter()
+                .rev()
+                .find(|c| c.status != "True" || c.type_ == "Complete")
+        })
+        .map_or_else(
+            || format!("see `kubectl describe shellsession {}`", name_of(session)),
+            |c| format!("{} ({})", c.message, c.reason),
+        )
+}
+
+/// Whether the session is running (and, for image shells, has its pod).
+pub fn running(session: &ShellSession) -> bool {
+    session
+        .status
+        .as_ref()
+        .is_some_and(|s| s.phase == ShellSessionPhase::Running)
+}
+
+/// Sessions made by the plugin for a target, oldest first (for messages about busy images).
+pub async fn sessions_on_image(ctx: &Ctx, image: &str) -> Vec<ShellSession> {
+    let list = ctx
+        .sessions()
+        .list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default();
+    list.into_iter()
+        .filter(|s| s.spec.image.as_deref() == Some(image))
+        .filter(|s| s.status.as_ref().is_none_or(|st| !st.phase.is_finished()))
+        .collect()
+}

@@ -1,0 +1,251 @@
+//! `help list` / `help show TOPIC`: guides written for walt on Kubernetes, like WalT's own
+//! `walt help show`.
+
+use std::fmt::Write as _;
+
+/// One help topic.
+#[derive(Debug, Clone, Copy)]
+pub struct Topic {
+    /// The name given to `help show`.
+    pub name: &'static str,
+    /// One line for `help list`.
+    pub summary: &'static str,
+    /// The guide itself.
+    pub text: &'static str,
+}
+
+/// Every topic, in the order `help list` shows them.
+pub const TOPICS: &[Topic] = &[
+    Topic {
+        name: "shells",
+        summary: "image shells and node shells: what they are, how they end",
+        text: SHELLS,
+    },
+    Topic {
+        name: "node-save",
+        summary: "saving what changed on a running node as a new image",
+        text: NODE_SAVE,
+    },
+    Topic {
+        name: "boot-modes",
+        summary: "volatile and persistent nodes, /persist, reboots",
+        text: BOOT_MODES,
+    },
+    Topic {
+        name: "images",
+        summary: "images, names, registries, cloning, copying files, squashing",
+        text: IMAGES,
+    },
+    Topic {
+        name: "virtual-nodes",
+        summary: "nodes that run as pods, on any architecture",
+        text: VIRTUAL_NODES,
+    },
+    Topic {
+        name: "troubleshooting",
+        summary: "what the common errors mean and what to do",
+        text: TROUBLESHOOTING,
+    },
+];
+
+/// Finds a topic by name (case-insensitive; `node_save` works too).
+pub fn find(name: &str) -> Option<&'static Topic> {
+    let wanted = name.trim().to_ascii_lowercase().replace('_', "-");
+    TOPICS.iter().find(|t| t.name == wanted)
+}
+
+/// The text of `help list`.
+pub fn list() -> String {
+    let width = TOPICS.iter().map(|t| t.name.len()).max().unwrap_or(0);
+    let mut out = String::from("Help topics (show one with `kubectl walt help show TOPIC`):\n\n");
+    for topic in TOPICS {
+        let _ = writeln!(out, "  {:width$}   {}", topic.name, topic.summary);
+    }
+    out
+}
+
+const SHELLS: &str = "\
+SHELLS
+
+walt has two kinds of shells.
+
+Image shell: `kubectl walt image shell IMAGE`
+  You get a root shell inside the image itself, as if it were a container. It works for images
+  built for another CPU too (an arm64 image on an amd64 cluster runs through qemu-user emulation;
+  it is slower, and the plugin tells you when it is emulated).
+
+  If the image has /bin/walt-image-shell-start and /bin/walt-image-shell-shutdown, you get an
+  \"init\" shell: the image's init runs as PID 1 and services start as on a node. Otherwise you get
+  a \"basic\" shell: only your shell process runs. Force one with --mode init|basic.
+
+  When you leave the shell (exit or Ctrl-D), your changes are packed as one new layer and the
+  plugin asks:
+      save as a new image, or press Enter to overwrite IMAGE:
+  - type a new name: a new image is created, IMAGE is unchanged;
+  - press Enter: IMAGE is overwritten; the nodes that boot it reboot on the new version (you are
+    told how many, and asked y/n first);
+  - Ctrl-C: the changes are discarded.
+  Only one shell, copy or squash runs on an image at a time.
+
+Node shell: `kubectl walt node shell NODE`
+  You get a root shell on a lab node, which you could not reach directly: the plugin makes a
+  one-time key, a ShellSession authorizes it at the walt SSH gateway, and the gateway relays your
+  session to the node. Nothing is left behind when you exit.
+
+  Nodes boot a volatile filesystem: changes outside /persist will be lost on next node reboot.
+  To keep them, save them as an image: `kubectl walt node save NODE NEW_IMAGE`.
+
+  `kubectl walt node run NODES -- CMD` runs a command on several nodes at once, and
+  `kubectl walt node proxy` lets OpenSSH (ssh, scp, rsync) go through the gateway:
+      ssh -o ProxyCommand='kubectl walt node proxy %h' root@NODE
+
+Who may do what is Kubernetes RBAC: to open a shell you need `create` on shellsessions.walt.dev
+in the namespace (and `create` on pods/attach or pods/portforward); ask your lab admin.
+";
+
+const NODE_SAVE: &str = "\
+NODE SAVE
+
+`kubectl walt node save NODE IMAGE` saves what you changed on a running node as a new image,
+on top of the image the node booted.
+
+A node boots its image with a RAM overlay: every file you create, change or delete lands in the
+overlay's upper directory (/run/walt/rootfs/mnt/fs_rw). A save streams that directory from the node
+(no copy on the node, no temporary file), turns it into one OCI layer and pushes it to the lab
+registry next to the base image's layers. The plugin shows a progress bar (bytes, files, rate,
+time left), then the new digest and a summary (added, modified, deleted).
+
+Unlike WalT, deletions, opaque directories, empty directories, special files and extended
+attributes are all kept.
+
+Boot-time noise is left out: paths matching /log/, .lock$, machine-id, walt-env, _walt_internal_,
+README.nonlocal. Add your own with --exclude REGEX.
+
+Names:
+  - a new name creates a new image;
+  - an existing name needs --overwrite (or a y at the prompt); the nodes that boot it reboot,
+    unless --no-reboot.
+The new content is pushed by digest first; the name only moves once everything is in place, so an
+interrupted save never leaves a broken image behind a name.
+";
+
+const BOOT_MODES: &str = "\
+BOOT MODES
+
+A node boots an image in one of two modes (Node spec.bootMode):
+
+volatile (the default)
+  The image is the node's root filesystem, read-only, under a RAM overlay. Everything you change
+  is lost on the next reboot, except what you put in /persist. Every reboot starts clean: this is
+  what makes experiments reproducible.
+
+persistent
+  The overlay survives reboots (virtual nodes: a PersistentVolumeClaim holds /persist).
+
+Rebooting:
+  - `kubectl walt node reboot NODES` reboots nodes;
+  - `kubectl walt node boot NODES IMAGE` makes them boot another image (they reboot);
+  - overwriting an image (image shell + Enter, node save --overwrite, image cp into it) reboots
+    the nodes that boot it; you are told how many first.
+`kubectl walt node wait NODES` returns once they are booted and reachable again.
+";
+
+const IMAGES: &str = "\
+IMAGES
+
+An image is an OCI image in the lab registry, described by an Image resource in your namespace
+(`kubectl get images.walt.dev`). `kubectl walt image ls` lists them with their node models (from the
+label walt.node.models), shell mode, layers and size.
+
+Names are lowercase letters, digits and dashes, with an optional :tag (^[a-z0-9-]+$); `default` is
+reserved.
+
+  image clone REF [NAME]     copy an image from any registry into the lab (progress shown);
+                             --platform linux/arm64 picks one from a multi-platform index
+  image shell IMAGE          modify it in a shell (see `help show shells`)
+  image cp SRC DST           copy files in (IMAGE:PATH as DST; a new layer) or out (IMAGE:PATH as SRC)
+  image duplicate IMG NEW    the same content under another name
+  image rename IMG NEW       refused while nodes boot IMG
+  image rm IMG               refused while nodes boot IMG
+  image squash IMG           merge all layers into one; an image shell is refused at 128 layers
+
+WalT labels are kept: walt.node.models, walt.image.preferred-name, walt.server.minversion.
+";
+
+const VIRTUAL_NODES: &str = "\
+VIRTUAL NODES
+
+A virtual node is a Node resource with spec.virtual: the operator runs it as a pod that boots the
+image as a lab device would (RAM overlay at the WalT path, init, an SSH server), so any image can be
+tried without hardware, and arm64 images run on amd64 clusters through qemu-user.
+
+  kubectl walt node create-virtual vnode1 --image pc-x86-64-default
+  kubectl walt node create-virtual vpi --image rpi-debian --arch arm64 --persistent
+  kubectl walt node wait vnode1
+  kubectl walt node shell vnode1
+  kubectl walt node remove vnode1
+
+--persistent keeps /persist on a PersistentVolumeClaim; --memory and --cpu set the pod's limits.
+Everything else works as with physical nodes: node shell, run, save, boot, reboot.
+";
+
+const TROUBLESHOOTING: &str = "\
+TROUBLESHOOTING
+
+\"node X not found in namespace Y\"
+  Check the namespace (-n, or your context's) and `kubectl walt node ls`.
+
+\"... is forbidden: you may not VERB RESOURCE in namespace Y\"
+  Kubernetes RBAC refused it. The message names the permission; ask your lab admin for a Role that
+  grants it (`kubectl auth can-i VERB RESOURCE -n Y` checks it).
+
+\"node X is not ready (phase Unreachable)\"
+  The operator cannot reach the node over SSH. `kubectl walt node show X` shows the conditions and
+  recent events; `kubectl walt node reboot X` or a power cycle, then `kubectl walt node wait X`.
+
+\"the shell session failed\" / stuck at \"pulling\"
+  `kubectl describe shellsession NAME` shows the operator's events; the shell pod's events
+  (`kubectl get events`) tell about image pulls, scheduling and quotas.
+
+An arm64 image shell says \"No such file or directory\" for every command
+  qemu-user is not registered on that cluster node (binfmt_misc): the walt chart's binfmt
+  DaemonSet must run there.
+
+Sessions left behind
+  The plugin deletes what it created on Ctrl-C and on a lost connection; if it was killed, the
+  operator's TTL removes the session. List them with `kubectl get shellsessions`.
+
+The terminal looks broken after a crash
+  Type `reset` and Enter.
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_topic_the_issue_asks_for_exists() {
+        for name in [
+            "shells",
+            "node-save",
+            "boot-modes",
+            "images",
+            "virtual-nodes",
+            "troubleshooting",
+        ] {
+            let topic = find(name).expect(name);
+            assert!(topic.text.len() > 200, "{name} is too short");
+        }
+        assert!(find("NODE_SAVE").is_some());
+        assert!(find("nope").is_none());
+    }
+
+    #[test]
+    fn list_names_every_topic() {
+        let text = list();
+        for topic in TOPICS {
+            assert!(text.contains(topic.name));
+            assert!(text.contains(topic.summary));
+        }
+    }
+}

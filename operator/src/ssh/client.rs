@@ -1,0 +1,620 @@
+//! The node client: an SSH connection from walt to a lab node (russh).
+//!
+//! The node's host key is either pinned ([`HostKeyPolicy::Pinned`]) or checked against a
+//! known_hosts-style file where it is recorded on first contact and enforced afterwards
+//! ([`HostKeyPolicy::KnownHostsFile`]). Connection errors say what happened: unreachable, refused,
+//! authentication refused (with the key type offered), host key mismatch (with both fingerprints).
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use russh::client;
+use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
+use russh::{ChannelMsg, Disconnect};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::SshError;
+
+/// Any byte stream russh can run SSH over (a TCP stream, a proxy command's stdin/stdout…).
+pub trait SshStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> SshStream for T {}
+
+/// A boxed [`SshStream`].
+pub type BoxedStream = Box<dyn SshStream>;
+
+/// Opens the byte stream to a node's SSH port (`host`, `port`): used where the node is not reachable
+/// with a plain TCP connection from here (a network namespace, a tunnel).
+pub type Connector =
+    Arc<dyn Fn(String, u16) -> Pin<Box<dyn Future<Output = io::Result<BoxedStream>> + Send>> + Send + Sync>;
+
+/// How the client reaches the node's SSH port.
+#[derive(Clone, Default)]
+pub enum Transport {
+    /// A TCP connection to `host:port`.
+    #[default]
+    Tcp,
+    /// A command run with `sh -c` whose stdin/stdout carry the connection (OpenSSH's
+    /// `ProxyCommand`; `%h` and `%p` are replaced with the host and port).
+    ProxyCommand(String),
+    /// A custom connector.
+    Connector(Connector),
+}
+
+impl fmt::Debug for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp => f.write_str("Tcp"),
+            Self::ProxyCommand(command) => f.debug_tuple("ProxyCommand").field(command).finish(),
+            Self::Connector(_) => f.write_str("Connector(..)"),
+        }
+    }
+}
+
+/// Where a node's SSH server is, and as whom to log in: `USER@HOST[:PORT]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeTarget {
+    /// The user to log in as (`root` on WalT nodes).
+    pub user: String,
+    /// The node's host name or address.
+    pub host: String,
+    /// The node's SSH port.
+    pub port: u16,
+}
+
+impl NodeTarget {
+    /// The `host:port` (or `[host]:port`) name used in known_hosts files, like OpenSSH.
+    pub fn known_hosts_name(&self) -> String {
+        if self.port == 22 {
+            self.host.clone()
+        } else {
+            format!("[{}]:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Display for NodeTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}:{}", self.user, self.host, self.port)
+    }
+}
+
+impl FromStr for NodeTarget {
+    type Err = SshError;
+
+    fn from_str(text: &str) -> Result<Self, SshError> {
+        let invalid = |why: &str| SshError::InvalidTarget {
+            target: text.to_owned(),
+            reason: why.to_owned(),
+        };
+        let (user, rest) = text.split_once('@').ok_or_else(|| invalid("no `USER@` part"))?;
+        if user.is_empty() {
+            return Err(invalid("the user is empty"));
+        }
+        let (host, port) = if let Some(bracketed) = rest.strip_prefix('[') {
+            let (host, after) = bracketed.split_once(']').ok_or_else(|| invalid("unclosed `[`"))?;
+            match after.strip_prefix(':') {
+                Some(port) => (host, Some(port)),
+                None if after.is_empty() => (host, None),
+                None => return Err(invalid("unexpected text after `]`")),
+            }
+        } else {
+            match rest.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (rest, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(invalid("the host is empty"));
+        }
+        let port = match port {
+            Some(port) => port
+                .parse::<u16>()
+                .map_err(|_| invalid("the port is not a number between 1 and 65535"))?,
+            None => 22,
+        };
+        if port == 0 {
+            return Err(invalid("the port is not a number between 1 and 65535"));
+        }
+        Ok(Self {
+            user: user.to_owned(),
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+/// How the node's host key is checked.
+#[derive(Debug, Clone)]
+pub enum HostKeyPolicy {
+    /// Only this key is accepted.
+    Pinned(PublicKey),
+    /// A known_hosts-style file (`NAME KEYTYPE BASE64`, names as OpenSSH writes them, `[host]:port`
+    /// for ports other than 22; hashed names are not read): the key found there for the node is
+    /// enforced; when the node is not in the file, the key seen is accepted and appended to it.
+    KnownHostsFile(PathBuf),
+    /// Accept whatever key the node presents on first contact; [`NodeClient::host_key`] tells which
+    /// one it was, for the caller to record (the operator stores it in the Node's status).
+    TrustOnFirstUse,
+}
+
+/// Loads a private key (OpenSSH or PKCS#8 PEM, no passphrase) from a file.
+pub fn load_key_file(path: &Path) -> Result<PrivateKey, SshError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SshError::KeyFile {
+        path: path.to_owned(),
+        reason: source.to_string(),
+    })?;
+    decode_key(text.as_bytes()).map_err(|error| match error {
+        SshError::KeyBytes { reason } => SshError::KeyFile {
+            path: path.to_owned(),
+            reason,
+        },
+        other => other,
+    })
+}
+
+/// Decodes a private key from bytes (the content of a key file, e.g. a Kubernetes Secret's value).
+pub fn decode_key(bytes: &[u8]) -> Result<PrivateKey, SshError> {
+    let text = std::str::from_utf8(bytes).map_err(|_| SshError::KeyBytes {
+        reason: "not text (expected an OpenSSH or PEM private key)".into(),
+    })?;
+    russh::keys::decode_secret_key(text, None).map_err(|error| SshError::KeyBytes {
+        reason: error.to_string(),
+    })
+}
+
+/// Parses a public key written as an OpenSSH line (`ssh-ed25519 AAAA… [comment]`).
+pub fn parse_public_key(line: &str) -> Result<PublicKey, SshError> {
+    PublicKey::from_openssh(line.trim()).map_err(|error| SshError::PublicKey {
+        key: line.chars().take(60).collect(),
+        reason: error.to_string(),
+    })
+}
+
+/// The SHA-256 fingerprint of a public key, as OpenSSH prints it (`SHA256:…`).
+pub fn fingerprint(key: &PublicKey) -> String {
+    key.fingerprint(HashAlg::Sha256).to_string()
+}
+
+/// How to connect to a node.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The private key to log in with (the lab's node key).
+    pub key: Arc<PrivateKey>,
+    /// How the node's host key is checked.
+    pub host_key: HostKeyPolicy,
+    /// How long connecting, the SSH handshake and authentication may take together.
+    pub connect_timeout: Duration,
+    /// Send a keepalive when the node said nothing for this long; `keepalive_max` unanswered
+    /// keepalives close the connection (a node that died is noticed).
+    pub keepalive_interval: Duration,
+    /// How many unanswered keepalives end the connection.
+    pub keepalive_max: usize,
+    /// How the node's SSH port is reached.
+    pub transport: Transport,
+}
+
+impl ClientConfig {
+    /// A configuration with the key and host key policy, 10 s connect timeout, keepalive every 5 s
+    /// (3 unanswered end the connection), TCP transport.
+    pub fn new(key: PrivateKey, host_key: HostKeyPolicy) -> Self {
+        Self {
+            key: Arc::new(key),
+            host_key,
+            connect_timeout: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(5),
+            keepalive_max: 3,
+            transport: Transport::Tcp,
+        }
+    }
+}
+
+/// What the host key check found, kept for the error message (russh only says "unknown key").
+#[derive(Debug, Default)]
+struct HostKeyVerdict {
+    seen: Option<PublicKey>,
+    mismatch: Option<(String, String)>,
+    problem: Option<String>,
+}
+
+struct NodeHandler {
+    target: NodeTarget,
+    policy: HostKeyPolicy,
+    verdict: Arc<Mutex<HostKeyVerdict>>,
+}
+
+impl NodeHandler {
+    fn check(&self, presented: &PublicKey) -> Result<bool, String> {
+        match &self.policy {
+            HostKeyPolicy::Pinned(expected) => {
+                if same_key(expected, presented) {
+                    Ok(true)
+                } else {
+                    self.record_mismatch(expected, presented, "the pinned host key");
+                    Ok(false)
+                }
+            }
+            HostKeyPolicy::TrustOnFirstUse => Ok(true),
+            HostKeyPolicy::KnownHostsFile(path) => {
+                let name = self.target.known_hosts_name();
+                match known_host(path, &name)? {
+                    Some(expected) if same_key(&expected, presented) => Ok(true),
+                    Some(expected) => {
+                        self.record_mismatch(
+                            &expected,
+                            presented,
+                            &format!("the key recorded in {}", path.display()),
+                        );
+                        Ok(false)
+                    }
+                    None => {
+                        record_known_host(path, &name, presented)?;
+                        tracing::info!(node = %name, fingerprint = %fingerprint(presented), file = %path.display(), "recorded the node's host key on first contact");
+                        Ok(true)
+                    }
+                }
+            }
+        }
+    }
+
+    fn record_mismatch(&self, expected: &PublicKey, presented: &PublicKey, source: &str) {
+        if let Ok(mut verdict) = self.verdict.lock() {
+            verdict.mismatch = Some((
+                format!("{} ({source})", fingerprint(expected)),
+                fingerprint(presented),
+            ));
+        }
+    }
+}
+
+fn same_key(a: &PublicKey, b: &PublicKey) -> bool {
+    a.key_data() == b.key_data()
+}
+
+impl client::Handler for NodeHandler {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        server_public_key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let key = match server_public_key {
+            PublicKeyOrCertificate::PublicKey { key, .. } => key.clone(),
+            PublicKeyOrCertificate::Certificate(certificate) => {
+                PublicKey::from(certificate.public_key().clone())
+            }
+        };
+        let outcome = self.check(&key);
+        if let Ok(mut verdict) = self.verdict.lock() {
+            verdict.seen = Some(key);
+            if let Err(problem) = &outcome {
+                verdict.problem = Some(problem.clone());
+            }
+        }
+        Ok(outcome.unwrap_or(false))
+    }
+}
+
+/// Reads the key recorded for `name` in a known_hosts-style file (`None` when the file or the
+/// name is absent).
+fn known_host(path: &Path, name: &str) -> Result<Option<PublicKey>, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => {
+            return Err(format!(
+                "cannot read known hosts file {}: {error}",
+                path.display()
+            ));
+        }
+    };
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with('@') {
+            continue;
+        }
+        let Some((names, key)) = line.split_once(char::is_whitespace) else {
+            continue;
+        };
+        if names.split(',').any(|candidate| candidate == name) {
+            return PublicKey::from_openssh(key.trim())
+                .map(Some)
+                .map_err(|error| format!("{}:{}: not a public key: {error}", path.display(), number + 1));
+        }
+    }
+    Ok(None)
+}
+
+fn record_known_host(path: &Path, name: &str, key: &PublicKey) -> Result<(), String> {
+    use std::io::Write as _;
+    let line = key
+        .to_openssh()
+        .map_err(|error| format!("cannot encode the host key: {error}"))?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|error| format!("cannot write known hosts file {}: {error}", path.display()))?;
+    writeln!(file, "{name} {line}")
+        .map_err(|error| format!("cannot write known hosts file {}: {error}", path.display()))
+}
+
+async fn open_stream(target: &NodeTarget, transport: &Transport) -> io::Result<BoxedStream> {
+    match transport {
+        Transport::Tcp => {
+            let stream = tokio::net::TcpStream::connect((target.host.as_str(), target.port)).await?;
+            stream.set_nodelay(true)?;
+            Ok(Box::new(stream))
+        }
+        Transport::Connector(connector) => connector(target.host.clone(), target.port).await,
+        Transport::ProxyCommand(command) => {
+            let command = command
+                .replace("%h", &target.host)
+                .replace("%p", &target.port.to_string());
+            let mut child = tokio::process::Command::new("sh")
+                .args(["-c", &command])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()?;
+            let stdin = child
+                .stdin
+                .take()
+                .ok_or_else(|| io::Error::other("proxy command has no stdin"))?;
+            let stdout = child
+                .stdout
+                .take()
+                .ok_or_else(|| io::Error::other("proxy command has no stdout"))?;
+            Ok(Box::new(ProxyStream {
+                io: tokio::io::join(stdout, stdin),
+                _child: child,
+            }))
+        }
+    }
+}
+
+/// A proxy command's stdin/stdout as one stream; the command is killed when the stream is dropped.
+struct ProxyStream {
+    io: tokio::io::Join<tokio::process::ChildStdout, tokio::process::ChildStdin>,
+    _child: tokio::process::Child,
+}
+
+impl AsyncRead for ProxyStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ProxyStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// The output of a command run to completion on a node.
+#[derive(Debug, Clone, Default)]
+pub struct ExecOutput {
+    /// What the command wrote on stdout.
+    pub stdout: Vec<u8>,
+    /// What the command wrote on stderr.
+    pub stderr: Vec<u8>,
+    /// Its exit status (`None` if it was killed by a signal or the node said nothing).
+    pub exit_status: Option<u32>,
+    /// The signal that killed it, if any.
+    pub exit_signal: Option<String>,
+}
+
+/// An authenticated SSH connection to a node.
+pub struct NodeClient {
+    handle: client::Handle<NodeHandler>,
+    target: NodeTarget,
+    host_key: PublicKey,
+}
+
+impl fmt::Debug for NodeClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeClient")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeClient {
+    /// Connects to the node, checks its host key and logs in with the key.
+    pub async fn connect(target: &NodeTarget, config: &ClientConfig) -> Result<Self, SshError> {
+        let verdict = Arc::new(Mutex::new(HostKeyVerdict::default()));
+        let handler = NodeHandler {
+            target: target.clone(),
+            policy: config.host_key.clone(),
+            verdict: verdict.clone(),
+        };
+        let russh_config = Arc::new(client::Config {
+            keepalive_interval: Some(config.keepalive_interval),
+            keepalive_max: config.keepalive_max,
+            nodelay: true,
+            window_size: 8 * 1024 * 1024,
+            maximum_packet_size: 65535,
+            ..client::Config::default()
+        });
+        let timeout = config.connect_timeout;
+        let attempt = async {
+            let stream = open_stream(target, &config.transport).await.map_err(|source| {
+                if source.kind() == io::ErrorKind::ConnectionRefused {
+                    SshError::Refused {
+                        target: target.clone(),
+                    }
+                } else {
+                    SshError::Unreachable {
+                        target: target.clone(),
+                        reason: source.to_string(),
+                    }
+                }
+            })?;
+            let mut handle = client::connect_stream(russh_config, stream, handler)
+                .await
+                .map_err(|error| {
+                    let verdict = verdict
+                        .lock()
+                        .map(|v| (v.mismatch.clone(), v.problem.clone()))
+                        .unwrap_or_default();
+                    match verdict {
+                        (Some((expected, presented)), _) => SshError::HostKeyMismatch {
+                            target: target.clone(),
+                            expected,
+                            presented,
+                        },
+                        (None, Some(problem)) => SshError::HostKeyCheck {
+                            target: target.clone(),
+                            reason: problem,
+                        },
+                        (None, None) => SshError::Handshake {
+                            target: target.clone(),
+                            reason: error.to_string(),
+                        },
+                    }
+                })?;
+            let hash = handle.best_supported_rsa_hash().await.ok().flatten().flatten();
+            let auth = handle
+                .authenticate_publickey(&target.user, PrivateKeyWithHashAlg::new(config.key.clone(), hash))
+                .await
+                .map_err(|error| SshError::Handshake {
+                    target: target.clone(),
+                    reason: format!("during authentication: {error}"),
+                })?;
+            if !auth.success() {
+                return Err(SshError::AuthRefused {
+                    target: target.clone(),
+                    key_type: config.key.algorithm().to_string(),
+                    fingerprint: fingerprint(config.key.public_key()),
+                });
+            }
+            Ok(handle)
+        };
+        let handle = tokio::time::timeout(timeout, attempt)
+            .await
+            .map_err(|_| SshError::Unreachable {
+                target: target.clone(),
+                reason: format!("no SSH session within {} s", timeout.as_secs_f32()),
+            })??;
+        let host_key =
+            verdict
+                .lock()
+                .ok()
+                .and_then(|v| v.seen.clone())
+                .ok_or_else(|| SshError::Handshake {
+                    target: target.clone(),
+                    reason: "the node presented no host key".into(),
+                })?;
+        Ok(Self {
+            handle,
+            target: target.clone(),
+            host_key,
+        })
+    }
+
+    /// The node this client is connected to.
+    pub fn target(&self) -> &NodeTarget {
+        &self.target
+    }
+
+    /// The host key the node presented (to record it after a trust-on-first-use contact).
+    pub fn host_key(&self) -> &PublicKey {
+        &self.host_key
+    }
+
+    /// The russh handle, to open channels (session, direct-tcpip) directly.
+    pub fn handle(&self) -> &client::Handle<impl client::Handler> {
+        &self.handle
+    }
+
+    /// Opens a session channel.
+    pub async fn open_session(&self) -> Result<russh::Channel<client::Msg>, SshError> {
+        self.handle
+            .channel_open_session()
+            .await
+            .map_err(|error| self.lost(&error))
+    }
+
+    /// Opens a direct-tcpip channel from the node to `host:port` (a port forward).
+    pub async fn open_direct_tcpip(
+        &self,
+        host: &str,
+        port: u32,
+        originator: &str,
+        originator_port: u32,
+    ) -> Result<russh::Channel<client::Msg>, SshError> {
+        self.handle
+            .channel_open_direct_tcpip(host, port, originator, originator_port)
+            .await
+            .map_err(|error| self.lost(&error))
+    }
+
+    /// Runs a command to completion and collects its output (for short outputs).
+    pub async fn exec(&self, command: &str) -> Result<ExecOutput, SshError> {
+        let mut channel = self.open_session().await?;
+        channel
+            .exec(true, command)
+            .await
+            .map_err(|error| self.lost(&error))?;
+        let mut output = ExecOutput::default();
+        while let Some(message) = channel.wait().await {
+            match message {
+                ChannelMsg::Data { data } => output.stdout.extend_from_slice(&data),
+                ChannelMsg::ExtendedData { data, .. } => output.stderr.extend_from_slice(&data),
+                ChannelMsg::ExitStatus { exit_status } => output.exit_status = Some(exit_status),
+                ChannelMsg::ExitSignal { signal_name, .. } => {
+                    output.exit_signal = Some(format!("{signal_name:?}"));
+                }
+                ChannelMsg::Failure => {
+                    return Err(SshError::Remote {
+                        target: self.target.clone(),
+                        reason: format!("the node refused to run `{command}`"),
+                    });
+                }
+                _ => {}
+            }
+        }
+        Ok(output)
+    }
+
+    /// Whether the connection is closed.
+    pub fn is_closed(&self) -> bool {
+        self.handle.is_closed()
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(&self) {
+        let _ = self.handle.disconnect(Disconnect::ByApplication, "", "en").await;
+    }
+
+    pub(crate) fn lost(&self, error: &russh::Error) -> SshError {
+        SshError::ConnectionLost {
+            target: self.target.clone(),
+            reason: error.to_string(),
+        }
+    }
+}

@@ -1,0 +1,685 @@
+//! Overlay export for node save: the node's upper dir, streamed once over SSH, as a change-set tar.
+//!
+//! The node runs `tar` on its upper dir (no temp file there); its output goes through
+//! [`filter_change_set`] on its way to the layer engine (no temp file here either). The change set is
+//! an overlay-style tar: deletions are character devices 0:0 (whiteouts), opaque directories carry the
+//! PAX xattr `SCHILY.xattr.trusted.overlay.opaque=y`. The layer engine turns that into an OCI layer.
+//!
+//! What each kind of node preserves:
+//!
+//! | | GNU tar node | busybox-only node |
+//! |---|---|---|
+//! | files, dirs, symlinks, hard links, devices, fifos, modes, owners, mtimes | yes | yes |
+//! | deletions (whiteouts) | yes | yes |
+//! | opaque directories | yes (`--xattrs`: `trusted.overlay.opaque`) | yes, detected (see below) |
+//! | other xattrs (`security.capability`, `user.*`) | yes | no (busybox tar has no xattr support) |
+//! | "changed after `/run/uptime-ready`" | mtime or ctime newer | mtime newer (busybox tar has no ctime) |
+//!
+//! Opaque directories on busybox-only nodes: busybox has no `getfattr` and its tar drops xattrs, so a
+//! short busybox shell script lists them first: an upper directory is opaque-equivalent when the node's
+//! merged view of it (`ls -A /DIR`, whiteouts hidden) holds exactly the upper dir's own entries (no
+//! lower entry shows through). Marking such a directory opaque gives the same merged result, so the
+//! layer is right; a directory that is new on the node is marked opaque too (harmless: the base image
+//! has nothing there to hide).
+
+use std::collections::{BTreeSet, HashSet};
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use russh::ChannelMsg;
+
+use super::{NodeClient, NodeTarget, SshError};
+
+/// Where a WalT node keeps its overlay upper dir.
+pub const WALT_UPPER_DIR: &str = "/run/walt/rootfs/mnt/fs_rw";
+/// The file a WalT node writes once booted.
+pub const WALT_READY_MARKER: &str = "/run/uptime-ready";
+/// WalT's boot-time noise, never saved: a pattern matches anywhere in `/PATH` (a substring), `…$`
+/// anchors it at the end, `^…` at the start.
+pub const WALT_EXCLUDES: &[&str] = &[
+    "/log/",
+    ".lock$",
+    "machine-id",
+    "walt-env",
+    "_walt_internal_",
+    "README.nonlocal",
+];
+
+const OPAQUE_XATTR: &str = "SCHILY.xattr.trusted.overlay.opaque";
+
+/// What to export from the node.
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    /// The node's overlay upper dir.
+    pub upper_dir: String,
+    /// Only entries changed after this file's mtime are saved (volatile boot mode); `None` saves
+    /// everything in the upper dir (persistent mode).
+    pub ready_marker: Option<String>,
+    /// Paths never saved (see [`WALT_EXCLUDES`] for the syntax).
+    pub exclude: Vec<String>,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        Self {
+            upper_dir: WALT_UPPER_DIR.into(),
+            ready_marker: Some(WALT_READY_MARKER.into()),
+            exclude: WALT_EXCLUDES.iter().map(|&p| p.to_owned()).collect(),
+        }
+    }
+}
+
+/// Which tar the node has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeTar {
+    /// GNU tar: xattrs (so opaque dirs) and ctime kept.
+    Gnu,
+    /// busybox tar (or another tar without xattrs): opaque dirs detected by a script.
+    Busybox,
+}
+
+/// What the probe of the node found, and how the export will run.
+#[derive(Debug, Clone)]
+pub struct ExportPlan {
+    /// The node's tar.
+    pub tar: NodeTar,
+    /// The ready marker's mtime (seconds since the epoch), when filtering on it.
+    pub changed_since: Option<i64>,
+    /// Upper-dir directories (relative paths) found opaque-equivalent by the busybox script.
+    pub detected_opaque: HashSet<String>,
+    /// The command that streams the tar.
+    pub command: String,
+    /// Exclusion patterns.
+    pub exclude: Vec<String>,
+}
+
+fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+/// The busybox script listing the opaque-equivalent directories of an upper dir (see module docs).
+fn opaque_script(upper: &str) -> String {
+    format!(
+        r#"cd {upper} || exit 3
+rootdev=$(stat -c %d /)
+find . -mindepth 1 -type d | while IFS= read -r d; do
+  m="/${{d#./}}"
+  [ "$(stat -c %d "$m" 2>/dev/null)" = "$rootdev" ] || continue
+  a=$(find "$d" -mindepth 1 -maxdepth 1 ! -type c | sed 's|.*/||' | sort)
+  b=$(ls -A "$m" | sort)
+  [ "$a" = "$b" ] && printf '%s\n' "${{d#./}}"
+done
+exit 0"#,
+        upper = shell_quote(upper)
+    )
+}
+
+/// Probes the node: which tar, the ready marker's time, the upper dir's presence, and (busybox) the
+/// opaque directories.
+pub async fn plan(client: &NodeClient, options: &ExportOptions) -> Result<ExportPlan, SshError> {
+    let target = client.target().clone();
+    let marker = options
+        .ready_marker
+        .as_deref()
+        .map(shell_quote)
+        .unwrap_or_default();
+    let upper = shell_quote(&options.upper_dir);
+    let probe = format!(
+        "(tar --version 2>/dev/null | head -n 1); echo '::'; {stat}; echo '::'; [ -d {upper} ] && echo present",
+        stat = if marker.is_empty() {
+            "true".to_owned()
+        } else {
+            format!("stat -c %Y {marker} 2>/dev/null")
+        },
+    );
+    let output = client.exec(&probe).await?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut parts = text.split("::");
+    let version = parts.next().unwrap_or_default().trim().to_owned();
+    let marker_time = parts.next().unwrap_or_default().trim().to_owned();
+    let present = parts.next().unwrap_or_default().trim() == "present";
+    if !present {
+        return Err(SshError::Remote {
+            target,
+            reason: format!(
+                "the overlay upper dir {} does not exist: is the node booted with a WalT overlay root? \
+                 (set the upper dir if the node keeps it elsewhere)",
+                options.upper_dir
+            ),
+        });
+    }
+    let changed_since = match &options.ready_marker {
+        None => None,
+        Some(path) => Some(marker_time.parse::<i64>().map_err(|_| SshError::Remote {
+            target: target.clone(),
+            reason: format!(
+                "the ready marker {path} is missing, so the node has not finished booting (or is in persistent mode: \
+                 then save without the ready filter)"
+            ),
+        })?),
+    };
+    let tar = if version.contains("GNU tar") {
+        NodeTar::Gnu
+    } else {
+        NodeTar::Busybox
+    };
+    let mut detected_opaque = HashSet::new();
+    let command = match tar {
+        NodeTar::Gnu => format!(
+            "exec tar -C {upper} --xattrs --xattrs-include='*' --format=posix --numeric-owner -cf - ."
+        ),
+        NodeTar::Busybox => {
+            let listing = client.exec(&opaque_script(&options.upper_dir)).await?;
+            if listing.exit_status != Some(0) {
+                return Err(SshError::Remote {
+                    target,
+                    reason: format!(
+                        "listing opaque directories failed ({:?}): {}",
+                        listing.exit_status,
+                        String::from_utf8_lossy(&listing.stderr).trim()
+                    ),
+                });
+            }
+            detected_opaque = String::from_utf8_lossy(&listing.stdout)
+                .lines()
+                .filter(|line| !line.is_empty())
+                .map(str::to_owned)
+                .collect();
+            format!("exec tar -C {upper} -cf - .")
+        }
+    };
+    Ok(ExportPlan {
+        tar,
+        changed_since,
+        detected_opaque,
+        command,
+        exclude: options.exclude.clone(),
+    })
+}
+
+/// Counters shared with whoever shows progress.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Bytes received from the node.
+    pub bytes: AtomicU64,
+    /// Entries written to the change set.
+    pub files: AtomicU64,
+}
+
+enum Piece {
+    Data(Bytes),
+    End(Result<(), String>),
+}
+
+/// The node's tar stream as a blocking reader. It ends with an error (never a clean end of file) when
+/// the node's command failed or the connection dropped before it finished, so a consumer cannot
+/// mistake a cut stream for a complete one.
+pub struct RemoteTarReader {
+    receiver: tokio::sync::mpsc::Receiver<Piece>,
+    current: Bytes,
+    finished: Option<Result<(), String>>,
+    progress: Arc<Progress>,
+}
+
+impl std::fmt::Debug for RemoteTarReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteTarReader").finish_non_exhaustive()
+    }
+}
+
+impl Read for RemoteTarReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if !self.current.is_empty() {
+                let n = buf.len().min(self.current.len());
+                buf[..n].copy_from_slice(&self.current.split_to(n));
+                return Ok(n);
+            }
+            if let Some(outcome) = &self.finished {
+                return match outcome {
+                    Ok(()) => Ok(0),
+                    Err(reason) => Err(io::Error::new(io::ErrorKind::ConnectionAborted, reason.clone())),
+                };
+            }
+            match self.receiver.blocking_recv() {
+                Some(Piece::Data(data)) => {
+                    self.progress
+                        .bytes
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    self.current = data;
+                }
+                Some(Piece::End(outcome)) => self.finished = Some(outcome),
+                None => {
+                    self.finished = Some(Err("the transfer from the node was abandoned".into()));
+                }
+            }
+        }
+    }
+}
+
+/// Starts the node's tar; returns a blocking reader of its output (read it from a blocking thread).
+pub async fn start(
+    client: &NodeClient,
+    plan: &ExportPlan,
+    progress: Arc<Progress>,
+) -> Result<RemoteTarReader, SshError> {
+    let mut channel = client.open_session().await?;
+    channel
+        .exec(true, plan.command.as_bytes())
+        .await
+        .map_err(|error| client.lost(&error))?;
+    let (sender, receiver) = tokio::sync::mpsc::channel(32);
+    let target = client.target().clone();
+    let gnu = plan.tar == NodeTar::Gnu;
+    tokio::spawn(async move {
+        let mut stderr = Vec::new();
+        let mut exit: Option<u32> = None;
+        let mut signal: Option<String> = None;
+        while let Some(message) = channel.wait().await {
+            match message {
+                ChannelMsg::Data { data } => {
+                    let delivered = sender.send(Piece::Data(data)).await;
+                    if delivered.is_err() {
+                        // The consumer gave up: stop the node's tar.
+                        let _ = channel.close().await;
+                        return;
+                    }
+                }
+                ChannelMsg::ExtendedData { data, .. } if stderr.len() < 16 * 1024 => {
+                    stderr.extend_from_slice(&data);
+                }
+                ChannelMsg::ExitStatus { exit_status } => exit = Some(exit_status),
+                ChannelMsg::ExitSignal { signal_name, .. } => signal = Some(format!("{signal_name:?}")),
+                ChannelMsg::Failure => {
+                    exit = None;
+                    stderr.extend_from_slice(b"the node refused to run tar");
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let stderr = String::from_utf8_lossy(&stderr).trim().to_owned();
+        let outcome = match (exit, signal) {
+            (Some(0), _) => Ok(()),
+            // GNU tar: 1 means "some files changed while being read": saved as they were read.
+            (Some(1), _) if gnu => {
+                tracing::warn!(node = %target, "tar on the node: {stderr}");
+                Ok(())
+            }
+            (Some(code), _) => Err(format!(
+                "tar on node {target} failed with exit status {code}: {stderr}"
+            )),
+            (None, Some(signal)) => Err(format!(
+                "tar on node {target} was killed by signal {signal}: {stderr}"
+            )),
+            (None, None) => Err(format!(
+                "the connection to node {target} dropped before the node finished sending its changes \
+                 (node rebooted, crashed or unplugged?)"
+            )),
+        };
+        let _ = sender.send(Piece::End(outcome)).await;
+    });
+    Ok(RemoteTarReader {
+        receiver,
+        current: Bytes::new(),
+        finished: None,
+        progress,
+    })
+}
+
+/// What a change set holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChangeSummary {
+    /// Files, links, devices and directories written (not deletions).
+    pub changed: u64,
+    /// Deletions (whiteouts).
+    pub deleted: u64,
+    /// Opaque directories.
+    pub opaque_dirs: u64,
+    /// Entries left out (exclusions, or unchanged since the node booted).
+    pub skipped: u64,
+    /// Bytes of file content written.
+    pub bytes: u64,
+}
+
+/// Whether `/PATH` matches one of the exclusion patterns.
+pub fn excluded(path: &str, patterns: &[String]) -> bool {
+    let full = format!("/{path}");
+    patterns.iter().any(|pattern| {
+        let (start, rest) = match pattern.strip_prefix('^') {
+            Some(rest) => (true, rest),
+            None => (false, pattern.as_str()),
+        };
+        let (end, body) = match rest.strip_suffix('$') {
+            Some(body) => (true, body),
+            None => (false, rest),
+        };
+        match (start, end) {
+            (true, true) => full == body,
+            (true, false) => full.starts_with(body),
+            (false, true) => full.ends_with(body),
+            (false, false) => full.contains(body),
+        }
+    })
+}
+
+struct PendingDir {
+    path: String,
+    header: tar::Header,
+    pax: Vec<(String, Vec<u8>)>,
+}
+
+fn unsafe_entry(target: &NodeTarget, reason: String) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        SshError::UnsafeEntry {
+            target: target.clone(),
+            reason,
+        },
+    )
+}
+
+/// Normalizes a tar entry name (`./a/b/` → `a/b`), refusing absolute names and `..`.
+fn clean_name(raw: &[u8], target: &NodeTarget) -> io::Result<String> {
+    let text = std::str::from_utf8(raw)
+        .map_err(|_| unsafe_entry(target, format!("entry name {raw:?} is not UTF-8")))?;
+    if text.starts_with('/') {
+        return Err(unsafe_entry(
+            target,
+            format!("entry `{text}` has an absolute path"),
+        ));
+    }
+    let mut parts = Vec::new();
+    for part in text.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                return Err(unsafe_entry(
+                    target,
+                    format!("entry `{text}` climbs out with `..`"),
+                ));
+            }
+            other => parts.push(other),
+        }
+    }
+    Ok(parts.join("/"))
+}
+
+fn is_ancestor(dir: &str, path: &str) -> bool {
+    path.len() > dir.len() && path.starts_with(dir) && path.as_bytes()[dir.len()] == b'/'
+}
+
+/// Turns the node's tar of its upper dir into a clean change set, written to `output`:
+/// - entries excluded by pattern, or (with a ready time) not changed since then, are left out, but
+///   the directories leading to a kept entry are kept (with their own metadata);
+/// - unsafe entries (absolute, `..`, hard links out of the change set, unknown types) are refused;
+/// - whiteouts stay character devices 0:0 even when the node's tar made later ones hard links to
+///   the first (they share an inode);
+/// - opaque directories carry `trusted.overlay.opaque=y` (from the node's xattrs, or detected);
+///   other `trusted.overlay.*` xattrs are dropped.
+pub fn filter_change_set<R: Read, W: Write>(
+    input: R,
+    output: W,
+    plan: &ExportPlan,
+    target: &NodeTarget,
+    progress: &Progress,
+) -> io::Result<ChangeSummary> {
+    let mut archive = tar::Archive::new(input);
+    // busybox and GNU tar end with zero blocks; a stream cut short is caught by the reader's error.
+    archive.set_ignore_zeros(false);
+    let mut builder = tar::Builder::new(output);
+    builder.mode(tar::HeaderMode::Complete);
+    let mut summary = ChangeSummary::default();
+    let mut pending: Vec<PendingDir> = Vec::new();
+    let mut written: BTreeSet<String> = BTreeSet::new();
+    let mut whiteouts: HashSet<String> = HashSet::new();
+    let mut emitted_files: HashSet<String> = HashSet::new();
+    let mut excluded_dirs: Vec<String> = Vec::new();
+
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        let name = clean_name(&entry.path_bytes(), target)?;
+        if name.is_empty() {
+            continue; // the upper dir itself
+        }
+        let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut ctime: Option<i64> = None;
+        if let Some(extensions) = entry.pax_extensions()? {
+            for extension in extensions {
+                let extension = extension?;
+                let Ok(key) = extension.key() else { continue };
+                if key == "ctime" {
+                    ctime = std::str::from_utf8(extension.value_bytes())
+                        .ok()
+                        .and_then(|v| v.split('.').next())
+                        .and_then(|v| v.parse().ok());
+                } else if let Some(xattr) = key.strip_prefix("SCHILY.xattr.") {
+                    let overlay = xattr.starts_with("trusted.overlay.") || xattr.starts_with("user.overlay.");
+                    if xattr.ends_with("overlay.opaque") && extension.value_bytes() == b"y" {
+                        pax.push((OPAQUE_XATTR.into(), b"y".to_vec()));
+                    } else if !overlay {
+                        pax.push((key.to_owned(), extension.value_bytes().to_vec()));
+                    }
+                }
+            }
+        }
+        let header = entry.header().clone();
+        let kind = header.entry_type();
+        let mtime = header.mtime().unwrap_or(0) as i64;
+        let fresh = plan
+            .changed_since
+            .is_none_or(|since| mtime >= since || ctime.is_some_and(|c| c >= since));
+        // An excluded directory's content goes with it (`/log/` does that by itself; `^/x$` needs this).
+        let skip = excluded(&name, &plan.exclude) || excluded_dirs.iter().any(|dir| is_ancestor(dir, &name));
+
+        // Directories we leave: they can no longer gain a kept descendant.
+        while pending.last().is_some_and(|dir| !is_ancestor(&dir.path, &name)) {
+            pending.pop();
+        }
+
+        if kind.is_dir() {
+            let mut pax = pax;
+            let opaque = pax.iter().any(|(k, _)| k == OPAQUE_XATTR) || plan.detected_opaque.contains(&name);
+            // An opaque flag from before the node was ready is boot-time state: not saved.
+            pax.retain(|(k, _)| k != OPAQUE_XATTR);
+            if opaque && fresh && !skip {
+                pax.push((OPAQUE_XATTR.into(), b"y".to_vec()));
+                summary.opaque_dirs += 1;
+            }
+            if skip {
+                summary.skipped += 1;
+                excluded_dirs.push(name);
+                continue;
+            }
+            if fresh {
+                flush_pending(&mut builder, &mut pending, &mut written, &mut summary, progress)?;
+                write_entry(&mut builder, &header, &name, &pax, io::empty())?;
+                written.insert(name);
+                summary.changed += 1;
+                progress.files.fetch_add(1, Ordering::Relaxed);
+            } else {
+                pending.push(PendingDir {
+                    path: name,
+                    header,
+                    pax,
+                });
+                summary.skipped += 1;
+            }
+            continue;
+        }
+
+        if skip {
+            summary.skipped += 1;
+            continue;
+        }
+
+        match kind {
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                if !fresh {
+                    summary.skipped += 1;
+                    continue;
+                }
+                flush_pending(&mut builder, &mut pending, &mut written, &mut summary, progress)?;
+                summary.bytes += header.size().unwrap_or(0);
+                let mut clean = header.clone();
+                clean.set_entry_type(tar::EntryType::Regular);
+                write_entry(&mut builder, &clean, &name, &pax, &mut entry)?;
+                emitted_files.insert(name.clone());
+                written.insert(name);
+                summary.changed += 1;
+            }
+            tar::EntryType::Char
+                if header.device_major()?.unwrap_or(1) == 0 && header.device_minor()?.unwrap_or(1) == 0 =>
+            {
+                whiteouts.insert(name.clone());
+                if !fresh {
+                    summary.skipped += 1;
+                    continue;
+                }
+                flush_pending(&mut builder, &mut pending, &mut written, &mut summary, progress)?;
+                write_entry(&mut builder, &header, &name, &[], io::empty())?;
+                written.insert(name);
+                summary.deleted += 1;
+            }
+            tar::EntryType::Symlink | tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
+                if !fresh {
+                    summary.skipped += 1;
+                    continue;
+                }
+                flush_pending(&mut builder, &mut pending, &mut written, &mut summary, progress)?;
+                if kind == tar::EntryType::Symlink {
+                    let link = entry
+                        .link_name_bytes()
+                        .ok_or_else(|| unsafe_entry(target, format!("symlink `{name}` has no target")))?
+                        .into_owned();
+                    let mut clean = header.clone();
+                    clean.set_size(0);
+                    for (key, value) in &pax {
+                        builder.append_pax_extensions([(key.as_str(), value.as_slice())])?;
+                    }
+                    builder.append_link(
+                        &mut clean,
+                        &name,
+                        std::path::Path::new(std::str::from_utf8(&link).map_err(|_| {
+                            unsafe_entry(target, format!("symlink `{name}` has a non-UTF-8 target"))
+                        })?),
+                    )?;
+                } else {
+                    write_entry(&mut builder, &header, &name, &pax, io::empty())?;
+                }
+                written.insert(name);
+                summary.changed += 1;
+            }
+            tar::EntryType::Link => {
+                let link = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| unsafe_entry(target, format!("hard link `{name}` has no target")))?
+                    .into_owned();
+                let link = clean_name(&link, target)?;
+                if whiteouts.contains(&link) {
+                    // Whiteouts share one inode: the node's tar made this one a link. It is a
+                    // deletion of its own.
+                    if !fresh {
+                        summary.skipped += 1;
+                        continue;
+                    }
+                    flush_pending(&mut builder, &mut pending, &mut written, &mut summary, progress)?;
+                    let mut device = tar::Header::new_gnu();
+                    device.set_entry_type(tar::EntryType::Char);
+                    device.set_mode(0o644);
+                    device.set_size(0);
+                    device.set_device_major(0)?;
+                    device.set_device_minor(0)?;
+                    device.set_mtime(header.mtime().unwrap_or(0));
+                    write_entry(&mut builder, &device, &name, &[], io::empty())?;
+                    written.insert(name);
+                    summary.deleted += 1;
+                } else if emitted_files.contains(&link) {
+                    flush_pending(&mut builder, &mut pending, &mut written, &mut summary, progress)?;
+                    let mut clean = header.clone();
+                    clean.set_size(0);
+                    builder.append_link(&mut clean, &name, &link)?;
+                    written.insert(name);
+                    summary.changed += 1;
+                } else if written.contains(&link) || !fresh {
+                    summary.skipped += 1;
+                } else {
+                    tracing::warn!(node = %target, entry = %name, target = %link, "hard link to an entry left out of the change set: not saved");
+                    summary.skipped += 1;
+                }
+            }
+            other => {
+                return Err(unsafe_entry(
+                    target,
+                    format!("entry `{name}` has an unsupported type {other:?}"),
+                ));
+            }
+        }
+        progress.files.fetch_add(1, Ordering::Relaxed);
+    }
+    builder.finish()?;
+    Ok(summary)
+}
+
+fn flush_pending<W: Write>(
+    builder: &mut tar::Builder<W>,
+    pending: &mut Vec<PendingDir>,
+    written: &mut BTreeSet<String>,
+    summary: &mut ChangeSummary,
+    progress: &Progress,
+) -> io::Result<()> {
+    for dir in pending.drain(..) {
+        write_entry(builder, &dir.header, &dir.path, &dir.pax, io::empty())?;
+        written.insert(dir.path);
+        summary.skipped = summary.skipped.saturating_sub(1);
+        summary.changed += 1;
+        progress.files.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+fn write_entry<W: Write, R: Read>(
+    builder: &mut tar::Builder<W>,
+    header: &tar::Header,
+    name: &str,
+    pax: &[(String, Vec<u8>)],
+    data: R,
+) -> io::Result<()> {
+    if !pax.is_empty() {
+        builder.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
+    }
+    let mut header = header.clone();
+    if !matches!(header.entry_type(), tar::EntryType::Regular) {
+        header.set_size(0);
+    }
+    builder.append_data(&mut header, name, data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn walt_exclusions_match_like_walt() {
+        let patterns: Vec<String> = WALT_EXCLUDES.iter().map(|&p| p.into()).collect();
+        assert!(excluded("var/log/syslog", &patterns));
+        assert!(!excluded("var/log", &patterns));
+        assert!(excluded("run/x.lock", &patterns));
+        assert!(!excluded("run/x.locked", &patterns));
+        assert!(excluded("etc/machine-id", &patterns));
+        assert!(!excluded("etc/hostname", &patterns));
+        assert!(excluded("etc/x", &["^/etc/".into()]));
+        assert!(!excluded("usr/etc/x", &["^/etc/".into()]));
+    }
+
+    #[test]
+    fn names_are_cleaned_and_unsafe_ones_refused() {
+        let target: NodeTarget = "root@n".parse().unwrap();
+        assert_eq!(clean_name(b"./etc/passwd", &target).unwrap(), "etc/passwd");
+        assert_eq!(clean_name(b"./", &target).unwrap(), "");
+        assert!(clean_name(b"/etc/passwd", &target).is_err());
+        assert!(clean_name(b"./a/../../b", &target).is_err());
+    }
+}

@@ -1,0 +1,100 @@
+//! Errors of the OCI engine: each says which registry / repository / layer, and what went wrong.
+
+/// An error of the OCI engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The image reference cannot be parsed.
+    #[error("invalid image reference {reference:?}: {reason} (expected e.g. registry.example:5000/lab/image:tag)")]
+    BadReference {
+        /// The reference as given.
+        reference: String,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// The registry refused or failed a request.
+    #[error("registry {registry}, repository {repository}: {action} failed: {answer}")]
+    Registry {
+        /// Registry host.
+        registry: String,
+        /// Repository.
+        repository: String,
+        /// What was being done (`pulling manifest latest`, `uploading layer`, …).
+        action: String,
+        /// What the registry answered (status, message) or the transport error.
+        answer: String,
+    },
+    /// No image in an index for the wanted platform.
+    #[error("{reference}: no image for platform {wanted} (the index has: {available})")]
+    NoPlatform {
+        /// The image reference.
+        reference: String,
+        /// The platform asked for.
+        wanted: String,
+        /// The platforms present.
+        available: String,
+    },
+    /// Content whose media type we do not handle.
+    #[error("{reference}: unsupported media type {media_type:?} for {what}")]
+    UnsupportedMediaType {
+        /// The image reference.
+        reference: String,
+        /// What had that type (manifest, layer …).
+        what: String,
+        /// The media type.
+        media_type: String,
+    },
+    /// Downloaded content does not match its digest.
+    #[error("{reference}: {what} has digest {actual}, but {expected} was expected: refusing it (corrupt or tampered content)")]
+    DigestMismatch {
+        /// The image reference.
+        reference: String,
+        /// What was checked (`layer sha256:…`, `diff_id of layer 2`, `config`).
+        what: String,
+        /// Expected digest.
+        expected: String,
+        /// Actual digest.
+        actual: String,
+    },
+    /// A manifest or config that does not follow the spec.
+    #[error("{reference}: invalid {what}: {reason}")]
+    Invalid {
+        /// The image reference.
+        reference: String,
+        /// What is invalid.
+        what: String,
+        /// Why.
+        reason: String,
+    },
+    /// Invalid credentials input (Docker config JSON).
+    #[error("invalid registry credentials: {0}")]
+    Credentials(String),
+    /// Converting changes to a layer, or a layer to a directory, failed.
+    #[error("{context}: {source}")]
+    Layer {
+        /// Which image / layer.
+        context: String,
+        /// The conversion error.
+        #[source]
+        source: crate::overlay::Error,
+    },
+    /// Local I/O (layer cache, target directory).
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What was being done.
+        action: String,
+        /// The path concerned.
+        path: std::path::PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A worker task died (panic or cancellation).
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub(crate) fn io(action: impl Into<String>, path: impl Into<std::path::PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { action: action.into(), path: path.into(), source }
+    }
+}

@@ -1,0 +1,193 @@
+//! Registry access: credentials, plain-HTTP registries, and error messages that say who answered what.
+
+use std::collections::BTreeMap;
+use std::str::FromStr as _;
+
+use base64::Engine as _;
+use oci_client::errors::OciDistributionError;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Reference, RegistryOperation};
+
+use super::Error;
+
+/// Credentials per registry host. Hosts without an entry are accessed anonymously.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    by_host: BTreeMap<String, RegistryAuth>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print secrets: only which hosts have credentials.
+        f.debug_struct("Credentials").field("hosts", &self.by_host.keys().collect::<Vec<_>>()).finish()
+    }
+}
+
+/// Docker's aliases for Docker Hub, all mapped to the host oci-client talks to.
+fn normalize_host(host: &str) -> String {
+    let host = host.trim();
+    let host = host.strip_prefix("https://").or_else(|| host.strip_prefix("http://")).unwrap_or(host);
+    let host = host.split('/').next().unwrap_or(host);
+    match host {
+        "docker.io" | "index.docker.io" | "registry-1.docker.io" => "index.docker.io".to_owned(),
+        other => other.to_owned(),
+    }
+}
+
+impl Credentials {
+    /// No credentials: anonymous everywhere.
+    pub fn anonymous() -> Self {
+        Credentials::default()
+    }
+
+    /// Adds basic-auth credentials for `host` (e.g. `127.0.0.1:5000`).
+    #[must_use]
+    pub fn with_basic(mut self, host: &str, username: &str, password: &str) -> Self {
+        self.by_host.insert(normalize_host(host), RegistryAuth::Basic(username.to_owned(), password.to_owned()));
+        self
+    }
+
+    /// Adds a bearer token for `host` (sent as is).
+    #[must_use]
+    pub fn with_bearer(mut self, host: &str, token: &str) -> Self {
+        self.by_host.insert(normalize_host(host), RegistryAuth::Bearer(token.to_owned()));
+        self
+    }
+
+    /// Reads a Docker `config.json`, or the `.dockerconfigjson` bytes of a Kubernetes Secret:
+    /// `{"auths": {"host": {"auth": base64("user:password")}}}` or `{"username", "password"}`, or
+    /// `"registrytoken"` (bearer). Entries with none of these are ignored.
+    pub fn from_docker_config_json(bytes: &[u8]) -> Result<Self, Error> {
+        let value: serde_json::Value = serde_json::from_slice(bytes)
+            .map_err(|e| Error::Credentials(format!("not a Docker config JSON document: {e}")))?;
+        let auths = value
+            .get("auths")
+            .and_then(serde_json::Value::as_object)
+            .ok_or_else(|| Error::Credentials("no \"auths\" object in the Docker config JSON".into()))?;
+        let mut credentials = Credentials::default();
+        for (host, entry) in auths {
+            if let Some(token) = entry.get("registrytoken").and_then(serde_json::Value::as_str) {
+                credentials = credentials.with_bearer(host, token);
+            } else if let Some(auth) = entry.get("auth").and_then(serde_json::Value::as_str) {
+                let decoded = base64::engine::general_purpose::STANDARD
+                    .decode(auth.trim())
+                    .map_err(|e| Error::Credentials(format!("auths.{host}.auth is not base64: {e}")))?;
+                let decoded = String::from_utf8(decoded)
+                    .map_err(|_| Error::Credentials(format!("auths.{host}.auth is not UTF-8")))?;
+                let (user, password) = decoded
+                    .split_once(':')
+                    .ok_or_else(|| Error::Credentials(format!("auths.{host}.auth is not base64(\"user:password\")")))?;
+                credentials = credentials.with_basic(host, user, password);
+            } else if let (Some(user), Some(password)) = (
+                entry.get("username").and_then(serde_json::Value::as_str),
+                entry.get("password").and_then(serde_json::Value::as_str),
+            ) {
+                credentials = credentials.with_basic(host, user, password);
+            }
+        }
+        Ok(credentials)
+    }
+
+    /// The credentials used for `host` (anonymous when none).
+    pub fn for_host(&self, host: &str) -> RegistryAuth {
+        self.by_host.get(&normalize_host(host)).cloned().unwrap_or(RegistryAuth::Anonymous)
+    }
+}
+
+/// How a [`RegistryClient`] reaches registries.
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    /// Credentials per registry host.
+    pub credentials: Credentials,
+    /// Registry hosts (`host:port`) reached over plain HTTP; all others use HTTPS.
+    pub insecure_registries: Vec<String>,
+}
+
+impl ClientOptions {
+    /// Anonymous access, plain HTTP for these hosts.
+    pub fn insecure<I: IntoIterator<Item = S>, S: Into<String>>(hosts: I) -> Self {
+        ClientOptions { credentials: Credentials::default(), insecure_registries: hosts.into_iter().map(Into::into).collect() }
+    }
+}
+
+/// A registry client (oci-client underneath) with credentials and plain-HTTP hosts.
+#[derive(Clone)]
+pub struct RegistryClient {
+    pub(crate) inner: oci_client::Client,
+    pub(crate) credentials: Credentials,
+}
+
+impl std::fmt::Debug for RegistryClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryClient").field("credentials", &self.credentials).finish_non_exhaustive()
+    }
+}
+
+/// Parses an image reference, with an error that says what is expected.
+pub(crate) fn parse_reference(reference: &str) -> Result<Reference, Error> {
+    Reference::from_str(reference.trim())
+        .map_err(|e| Error::BadReference { reference: reference.to_owned(), reason: e.to_string() })
+}
+
+/// Turns an oci-client error into one that names the registry, the repository and what it answered.
+pub(crate) fn registry_error(reference: &Reference, action: impl Into<String>, error: &OciDistributionError) -> Error {
+    let answer = match error {
+        OciDistributionError::ServerError { code, message, url } => format!("HTTP {code} from {url}: {}", message.trim()),
+        OciDistributionError::RegistryError { envelope, url } => format!("{url}: {envelope}"),
+        OciDistributionError::AuthenticationFailure(message) => {
+            format!("authentication failed ({message}): check the credentials for {}", reference.resolve_registry())
+        }
+        OciDistributionError::UnauthorizedError { url } => {
+            format!("unauthorized at {url}: check the credentials for {}", reference.resolve_registry())
+        }
+        other => {
+            let mut text = other.to_string();
+            let mut source = std::error::Error::source(other);
+            while let Some(cause) = source {
+                text.push_str(": ");
+                text.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            text
+        }
+    };
+    Error::Registry {
+        registry: reference.resolve_registry().to_owned(),
+        repository: reference.repository().to_owned(),
+        action: action.into(),
+        answer,
+    }
+}
+
+impl RegistryClient {
+    /// A client; nothing is contacted until the first call.
+    pub fn new(options: ClientOptions) -> Result<Self, Error> {
+        let protocol = if options.insecure_registries.is_empty() {
+            oci_client::client::ClientProtocol::Https
+        } else {
+            oci_client::client::ClientProtocol::HttpsExcept(options.insecure_registries.clone())
+        };
+        let config = oci_client::client::ClientConfig {
+            protocol,
+            read_timeout: Some(std::time::Duration::from_secs(300)),
+            connect_timeout: Some(std::time::Duration::from_secs(30)),
+            ..Default::default()
+        };
+        Ok(RegistryClient { inner: oci_client::Client::new(config), credentials: options.credentials })
+    }
+
+    /// The credentials used for the registry of `reference`.
+    pub(crate) fn auth_for(&self, reference: &Reference) -> RegistryAuth {
+        self.credentials.for_host(reference.resolve_registry())
+    }
+
+    /// Authenticates for an operation on a repository (fetches a bearer token when the registry wants one).
+    pub(crate) async fn login(&self, reference: &Reference, operation: RegistryOperation) -> Result<(), Error> {
+        let auth = self.auth_for(reference);
+        self.inner
+            .auth(reference, &auth, operation)
+            .await
+            .map(|_| ())
+            .map_err(|e| registry_error(reference, format!("authenticating for {operation:?}"), &e))
+    }
+}

@@ -1,0 +1,243 @@
+//! A real OCI registry (Debian's `docker-registry`, i.e. Distribution) on 127.0.0.1.
+//!
+//! ```no_run
+//! let registry = walt_tests::registry::Registry::start().expect("registry");
+//! let reference = registry.reference("lab/busybox:latest"); // "127.0.0.1:PORT/lab/busybox:latest"
+//! // … push with skopeo (`--dest-tls-verify=false`) or with our engine (insecure host = registry.host()) …
+//! drop(registry); // stops the process by PID, removes its storage
+//! ```
+//!
+//! Each registry has its own config and storage in a temporary directory and a free port; it is plain HTTP.
+//! It is stopped (SIGTERM, then SIGKILL) by PID when the [`Registry`] is dropped, even on panic.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::FixtureError;
+
+/// Basic-auth credentials the registry requires (htpasswd, bcrypt).
+#[derive(Debug, Clone)]
+pub struct BasicAuth {
+    /// User name.
+    pub username: String,
+    /// Password.
+    pub password: String,
+}
+
+/// A running `docker-registry` on 127.0.0.1; stopped on drop.
+#[derive(Debug)]
+pub struct Registry {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+    auth: Option<BasicAuth>,
+}
+
+impl Registry {
+    /// Starts an anonymous (no auth) registry and waits until `GET /v2/` answers 200.
+    pub fn start() -> Result<Self, FixtureError> {
+        Self::launch(None)
+    }
+
+    /// Starts a registry that requires HTTP basic auth with these credentials; `GET /v2/` with
+    /// them answers 200 before this returns, without them 401.
+    pub fn start_with_basic_auth(username: &str, password: &str) -> Result<Self, FixtureError> {
+        Self::launch(Some(BasicAuth { username: username.to_owned(), password: password.to_owned() }))
+    }
+
+    fn launch(auth: Option<BasicAuth>) -> Result<Self, FixtureError> {
+        crate::require_tool("docker-registry", "docker-registry")?;
+        let dir = tempfile::Builder::new()
+            .prefix("walt-registry-")
+            .tempdir()
+            .map_err(|e| FixtureError::io("creating the registry's temporary directory", e))?;
+        let port = free_port()?;
+        let storage = dir.path().join("data");
+        std::fs::create_dir_all(&storage).map_err(|e| FixtureError::io("creating registry storage", e))?;
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            storage.display()
+        );
+        if let Some(auth) = &auth {
+            let hash = bcrypt::hash(&auth.password, 5)
+                .map_err(|e| FixtureError::Failed(format!("hashing the htpasswd password: {e}")))?;
+            let htpasswd = dir.path().join("htpasswd");
+            std::fs::write(&htpasswd, format!("{}:{hash}\n", auth.username))
+                .map_err(|e| FixtureError::io("writing htpasswd", e))?;
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: walt-test\n    path: {}\n",
+                htpasswd.display()
+            ));
+        }
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config).map_err(|e| FixtureError::io("writing registry config", e))?;
+        let log = std::fs::File::create(dir.path().join("registry.log"))
+            .map_err(|e| FixtureError::io("creating registry log", e))?;
+        let log_err = log.try_clone().map_err(|e| FixtureError::io("cloning registry log", e))?;
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .map_err(|e| FixtureError::io("starting docker-registry", e))?;
+        let mut registry = Registry { child: Some(child), port, dir, auth };
+        registry.wait_ready()?;
+        Ok(registry)
+    }
+
+    fn wait_ready(&mut self) -> Result<(), FixtureError> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                return Err(FixtureError::Failed(format!(
+                    "docker-registry exited with {status} before serving; its log:\n{}",
+                    self.log()
+                )));
+            }
+            if let Ok(200) = self.get_status("/v2/") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(FixtureError::Failed(format!(
+                    "docker-registry on {} did not answer GET /v2/ with 200 within 20 s; its log:\n{}",
+                    self.host(),
+                    self.log()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `127.0.0.1:PORT`: the registry host as it appears in image references.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The TCP port the registry listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `127.0.0.1:PORT/<repository_and_tag>`, e.g. `reference("lab/busybox:1")`.
+    pub fn reference(&self, repository_and_tag: &str) -> String {
+        format!("{}/{repository_and_tag}", self.host())
+    }
+
+    /// The credentials this registry requires, if any.
+    pub fn auth(&self) -> Option<&BasicAuth> {
+        self.auth.as_ref()
+    }
+
+    /// A Docker `config.json` (also the content of a `kubernetes.io/dockerconfigjson` Secret) with this
+    /// registry's credentials; `{"auths":{}}` for an anonymous registry.
+    pub fn docker_config_json(&self) -> String {
+        use base64::Engine as _;
+        match &self.auth {
+            None => "{\"auths\":{}}".to_owned(),
+            Some(auth) => {
+                let token = base64::engine::general_purpose::STANDARD
+                    .encode(format!("{}:{}", auth.username, auth.password));
+                serde_json::json!({"auths": {self.host(): {"auth": token}}}).to_string()
+            }
+        }
+    }
+
+    /// The `--creds user:password` / `--src-creds` / `--dest-creds` value for skopeo, if auth is on.
+    pub fn skopeo_creds(&self) -> Option<String> {
+        self.auth.as_ref().map(|a| format!("{}:{}", a.username, a.password))
+    }
+
+    /// Where the registry keeps its data (`docker/registry/v2/…`).
+    pub fn storage_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Path of a blob's data file in the registry's storage (`sha256:…` digest).
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        self.storage_dir()
+            .join("docker/registry/v2/blobs/sha256")
+            .join(&hex[..2.min(hex.len())])
+            .join(hex)
+            .join("data")
+    }
+
+    /// Overwrites a stored blob's bytes (same length, bytes flipped) so the registry serves content that
+    /// does not match its digest: for digest-verification tests. Distribution does not re-check on read.
+    pub fn corrupt_blob(&self, digest: &str) -> Result<(), FixtureError> {
+        let path = self.blob_path(digest);
+        let mut bytes = std::fs::read(&path).map_err(|e| FixtureError::io(&format!("reading {}", path.display()), e))?;
+        for byte in bytes.iter_mut().skip(bytes.len() / 2).take(64) {
+            *byte ^= 0x5a;
+        }
+        std::fs::write(&path, bytes).map_err(|e| FixtureError::io(&format!("writing {}", path.display()), e))
+    }
+
+    /// The registry's own log (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// Sends `GET path` (with the registry's credentials when it has some) and returns the HTTP status.
+    pub fn get_status(&self, path: &str) -> Result<u16, FixtureError> {
+        self.get_status_with(path, self.auth.as_ref())
+    }
+
+    /// Sends `GET path` with the given credentials (or none) and returns the HTTP status.
+    pub fn get_status_with(&self, path: &str, auth: Option<&BasicAuth>) -> Result<u16, FixtureError> {
+        use base64::Engine as _;
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port))
+            .map_err(|e| FixtureError::io("connecting to the registry", e))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| FixtureError::io("setting a read timeout", e))?;
+        let authorization = auth
+            .map(|a| {
+                format!(
+                    "Authorization: Basic {}\r\n",
+                    base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", a.username, a.password))
+                )
+            })
+            .unwrap_or_default();
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {}\r\n{authorization}\r\n", self.host())
+            .map_err(|e| FixtureError::io("sending a request to the registry", e))?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).map_err(|e| FixtureError::io("reading the registry's answer", e))?;
+        std::str::from_utf8(&head[9..12])
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| FixtureError::Failed(format!("bad HTTP status line {:?}", String::from_utf8_lossy(&head))))
+    }
+
+    /// Stops the registry now (also done on drop).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            crate::stop_child(&mut child);
+        }
+    }
+
+    /// The directory holding config, storage and log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> Result<u16, FixtureError> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| FixtureError::io("finding a free port", e))?;
+    let port = listener.local_addr().map_err(|e| FixtureError::io("finding a free port", e))?.port();
+    Ok(port)
+}

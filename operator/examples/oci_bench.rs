@@ -59,8 +59,9 @@ fn generate(dir: &Path, size_mib: u64) -> std::io::Result<(u64, u64)> {
     if marker.exists() {
         let (files, bytes) = std::fs::read_to_string(&marker)?
             .split_once(' ')
-            .map(|(a, b)| (a.trim().parse().unwrap_or(0), b.trim().parse().unwrap_or(0)))
-            .unwrap_or((0, 0));
+            .map_or((0, 0), |(a, b)| {
+                (a.trim().parse().unwrap_or(0), b.trim().parse().unwrap_or(0))
+            });
         return Ok((files, bytes));
     }
     if upper.exists() {
@@ -78,7 +79,7 @@ fn generate(dir: &Path, size_mib: u64) -> std::io::Result<(u64, u64)> {
             std::fs::create_dir_all(&d)?;
         }
         let len = 1024 + (rng.next() % (15 * 1024)) as usize;
-        let content = if files % 2 == 0 {
+        let content = if files.is_multiple_of(2) {
             text(&mut rng, len)
         } else {
             rng.fill(&mut random[..len]);
@@ -100,7 +101,7 @@ fn generate(dir: &Path, size_mib: u64) -> std::io::Result<(u64, u64)> {
         let mut block = 0u64;
         while written < per_file {
             let len = (per_file - written).min(1 << 20) as usize;
-            if block % 2 == 0 {
+            if block.is_multiple_of(2) {
                 rng.fill(&mut random[..len]);
                 file.write_all(&random[..len])?;
             } else {
@@ -120,7 +121,11 @@ fn generate(dir: &Path, size_mib: u64) -> std::io::Result<(u64, u64)> {
 fn peak_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l[6..].trim().trim_end_matches(" kB").trim().parse().unwrap_or(0)))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(|l| l[6..].trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
+        })
         .unwrap_or(0)
 }
 
@@ -133,7 +138,10 @@ fn reference(upper: &Path) -> f64 {
     let start = Instant::now();
     let status = std::process::Command::new("sh")
         .arg("-c")
-        .arg(format!("tar -C '{}' -cf - . | gzip -1 | sha256sum >/dev/null", upper.display()))
+        .arg(format!(
+            "tar -C '{}' -cf - . | gzip -1 | sha256sum >/dev/null",
+            upper.display()
+        ))
         .status()
         .expect("sh");
     assert!(status.success(), "the reference pipeline failed");
@@ -155,7 +163,9 @@ fn main() {
                     _ => Compression::Gzip,
                 }
             }
-            other => panic!("unknown argument {other}; usage: oci_bench [--size-mib N] [--dir DIR] [--compression gzip|zstd]"),
+            other => panic!(
+                "unknown argument {other}; usage: oci_bench [--size-mib N] [--dir DIR] [--compression gzip|zstd]"
+            ),
         }
     }
     std::fs::create_dir_all(&dir).expect("bench dir");
@@ -172,9 +182,14 @@ fn main() {
     let registry = Registry::start().expect("registry");
     let layout = OciLayout::busybox(Arch::Amd64).expect("base image");
     layout.push("base", &registry, "bench/base:1").expect("push base");
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let client = RegistryClient::new(ClientOptions::insecure([registry.host()])).expect("client");
-    let base = runtime.block_on(client.resolve(&registry.reference("bench/base:1"), None)).expect("resolve base");
+    let base = runtime
+        .block_on(client.resolve(&registry.reference("bench/base:1"), None))
+        .expect("resolve base");
 
     // Warm the page cache the same way for both (one read pass), then measure side by side.
     let _ = reference(&upper);
@@ -186,21 +201,35 @@ fn main() {
     let mut options = CommitOptions::new("walt bench");
     options.compression = compression;
     let pushed = runtime
-        .block_on(client.push_on_top(&base, &registry.reference("bench/result"), ChangeSource::UpperDir(upper.clone()), options))
+        .block_on(client.push_on_top(
+            &base,
+            &registry.reference("bench/result"),
+            ChangeSource::UpperDir(upper.clone()),
+            options,
+        ))
         .expect("push");
     let ours = start.elapsed().as_secs_f64();
     let peak = peak_rss_kib();
 
     let reference_second = reference(&upper);
     let reference_time = f64::midpoint(reference_first, reference_second);
-    println!("reference  tar | gzip -1 | sha256sum        : {reference_time:.2} s ({reference_first:.2} s, {reference_second:.2} s)");
+    println!(
+        "reference  tar | gzip -1 | sha256sum        : {reference_time:.2} s ({reference_first:.2} s, {reference_second:.2} s)"
+    );
     println!(
         "walt push  layer+{:?}+digests+chunked upload : {ours:.2} s (layer {:.0} MiB, {} entries)",
         compression,
         pushed.layer_size as f64 / f64::from(1u32 << 20),
         pushed.summary.entries
     );
-    println!("ratio ours/reference: {:.2} (budget <= 1.0)", ours / reference_time);
-    println!("peak RSS during the push: {} MiB (before: {} MiB; budget <= 64 MiB)", peak / 1024, before / 1024);
+    println!(
+        "ratio ours/reference: {:.2} (budget <= 1.0)",
+        ours / reference_time
+    );
+    println!(
+        "peak RSS during the push: {} MiB (before: {} MiB; budget <= 64 MiB)",
+        peak / 1024,
+        before / 1024
+    );
     println!("pushed {}", pushed.reference);
 }

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use walt_operator::oci::{
-    ChangeSource, ClientOptions, CommitOptions, Compression, Credentials, Error, LayerCache, Platform, RegistryClient,
+    ChangeSource, ClientOptions, CommitOptions, Compression, Credentials, Error, LayerCache, Platform,
+    RegistryClient,
 };
 use walt_operator::overlay::LayerOptions;
 use walt_tests::images::{self, Arch, OciLayout};
@@ -16,7 +17,10 @@ use walt_tests::registry::Registry;
 use walt_tests::tree::{Snapshot, SnapshotOptions, assert_same_tree};
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
 }
 
 fn client_for(registry: &Registry) -> RegistryClient {
@@ -43,10 +47,23 @@ impl Overlay {
         for d in [&upper, &work, &merged] {
             std::fs::create_dir_all(d).expect("mkdir");
         }
-        let options = format!("lowerdir={},upperdir={},workdir={}", lower.display(), upper.display(), work.display());
-        let status = Command::new("mount").args(["-t", "overlay", "overlay", "-o", &options]).arg(&merged).status().expect("mount");
+        let options = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.display(),
+            upper.display(),
+            work.display()
+        );
+        let status = Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o", &options])
+            .arg(&merged)
+            .status()
+            .expect("mount");
         assert!(status.success(), "mounting overlay failed (tests need root)");
-        Overlay { merged, upper, mounted: true }
+        Overlay {
+            merged,
+            upper,
+            mounted: true,
+        }
     }
 
     fn unmount(&mut self) {
@@ -67,7 +84,7 @@ impl Drop for Overlay {
 fn make_changes(merged: &Path) {
     let m = merged.display();
     sh(&format!(
-        r#"
+        r"
         cd {m}
         echo 'walt:x:1000:1000::/home/walt:/bin/sh' >> etc/passwd      # modified
         rm etc/group                                                    # deleted file
@@ -87,7 +104,7 @@ fn make_changes(merged: &Path) {
         dd if=/dev/urandom of=sparse bs=4096 count=1 seek=2560 2>/dev/null   # 10 MiB, mostly a hole
         dd if=/dev/urandom of=big bs=1M count=3 2>/dev/null
         rm bin/ls bin/cat                                               # two whiteouts (one shared inode)
-        "#
+        "
     ));
 }
 
@@ -102,11 +119,20 @@ fn fixture() -> Fixture {
     walt_tests::require_root().expect("root");
     let registry = Registry::start().expect("registry");
     let layout = OciLayout::walt_busybox(Arch::Amd64, "pc-x86-64,qemu-arm64").expect("busybox image");
-    layout.push("base", &registry, "lab/busybox:base").expect("push base");
+    layout
+        .push("base", &registry, "lab/busybox:base")
+        .expect("push base");
     let base_rootfs = tempfile::tempdir().expect("tempdir");
-    let rootfs = layout.umoci_unpack("base", base_rootfs.path()).expect("umoci unpack base");
+    let rootfs = layout
+        .umoci_unpack("base", base_rootfs.path())
+        .expect("umoci unpack base");
     assert!(rootfs.join("bin/busybox").is_file());
-    Fixture { registry, base_ref: "lab/busybox:base".into(), _base_layout: layout, base_rootfs }
+    Fixture {
+        registry,
+        base_ref: "lab/busybox:base".into(),
+        _base_layout: layout,
+        base_rootfs,
+    }
 }
 
 fn snapshot_options() -> SnapshotOptions {
@@ -134,45 +160,93 @@ fn commit_of_an_upper_dir_unpacks_with_umoci_to_the_merged_tree() {
     let expected = Snapshot::take(&overlay.merged, &snapshot_options()).expect("snapshot merged");
     overlay.unmount();
 
-    let base = rt.block_on(client.resolve(&fx.registry.reference(&fx.base_ref), None)).expect("resolve base");
-    assert_eq!(base.labels.get("walt.node.models").map(String::as_str), Some("pc-x86-64,qemu-arm64"));
+    let base = rt
+        .block_on(client.resolve(&fx.registry.reference(&fx.base_ref), None))
+        .expect("resolve base");
+    assert_eq!(
+        base.labels.get("walt.node.models").map(String::as_str),
+        Some("pc-x86-64,qemu-arm64")
+    );
     let mut options = CommitOptions::new("walt image shell");
     options.layer.lower_dirs = vec![lower.clone()];
     let target = fx.registry.reference("lab/result");
     let pushed = rt
-        .block_on(client.push_on_top(&base, &target, ChangeSource::UpperDir(overlay.upper.clone()), options))
+        .block_on(client.push_on_top(
+            &base,
+            &target,
+            ChangeSource::UpperDir(overlay.upper.clone()),
+            options,
+        ))
         .expect("push on top");
     assert!(pushed.summary.deleted >= 4, "summary: {:?}", pushed.summary);
-    assert!(pushed.summary.added > 10 && pushed.summary.modified >= 2, "summary: {:?}", pushed.summary);
+    assert!(
+        pushed.summary.added > 10 && pushed.summary.modified >= 2,
+        "summary: {:?}",
+        pushed.summary
+    );
 
     // Independent check: skopeo copy + umoci unpack of the pushed digest gives exactly the merged tree.
     let check = tempfile::tempdir().expect("tempdir");
-    let rootfs = images::skopeo_umoci_unpack(&fx.registry, &format!("lab/result@{}", pushed.manifest_digest), check.path())
-        .expect("skopeo + umoci unpack");
+    let rootfs = images::skopeo_umoci_unpack(
+        &fx.registry,
+        &format!("lab/result@{}", pushed.manifest_digest),
+        check.path(),
+    )
+    .expect("skopeo + umoci unpack");
     let actual = Snapshot::take(&rootfs, &snapshot_options()).expect("snapshot");
     expected.assert_same(&actual);
     let sparse = actual.get("sparse").expect("sparse file");
-    assert!(matches!(sparse.kind, walt_tests::tree::Kind::File { size: 10_489_856, .. }));
+    assert!(matches!(
+        sparse.kind,
+        walt_tests::tree::Kind::File { size: 10_489_856, .. }
+    ));
     assert!(actual.get("etc/group").is_none() && actual.get("var/log").is_none());
-    assert_eq!(actual.hard_link_groups, vec![vec![PathBuf::from("hard1"), PathBuf::from("hard2"), PathBuf::from("home/hard3")]]);
+    assert_eq!(
+        actual.hard_link_groups,
+        vec![vec![
+            PathBuf::from("hard1"),
+            PathBuf::from("hard2"),
+            PathBuf::from("home/hard3")
+        ]]
+    );
 
     // The config keeps the labels, appends the diff_id and a history entry.
-    let config = images::skopeo_inspect_config(&fx.registry, &format!("lab/result@{}", pushed.manifest_digest)).expect("config");
-    assert_eq!(config["config"]["Labels"]["walt.node.models"], "pc-x86-64,qemu-arm64");
+    let config =
+        images::skopeo_inspect_config(&fx.registry, &format!("lab/result@{}", pushed.manifest_digest))
+            .expect("config");
+    assert_eq!(
+        config["config"]["Labels"]["walt.node.models"],
+        "pc-x86-64,qemu-arm64"
+    );
     let diff_ids = config["rootfs"]["diff_ids"].as_array().expect("diff_ids");
     assert_eq!(diff_ids.len(), base.layers.len() + 1);
-    assert_eq!(diff_ids.last().and_then(|v| v.as_str()), Some(pushed.diff_id.as_str()));
+    assert_eq!(
+        diff_ids.last().and_then(|v| v.as_str()),
+        Some(pushed.diff_id.as_str())
+    );
     let history = config["history"].as_array().expect("history");
-    assert_eq!(history.last().expect("history entry")["created_by"], "walt image shell");
+    assert_eq!(
+        history.last().expect("history entry")["created_by"],
+        "walt image shell"
+    );
     // By digest only: no tag was created.
     assert!(images::skopeo_inspect_raw(&fx.registry, "lab/result:latest").is_err());
-    rt.block_on(client.tag(&target, &pushed.manifest_digest, "v1")).expect("tag");
+    rt.block_on(client.tag(&target, &pushed.manifest_digest, "v1"))
+        .expect("tag");
     let tagged = images::skopeo_inspect_raw(&fx.registry, "lab/result:v1").expect("tagged manifest");
-    assert_eq!(tagged["layers"].as_array().map(Vec::len), Some(base.layers.len() + 1));
+    assert_eq!(
+        tagged["layers"].as_array().map(Vec::len),
+        Some(base.layers.len() + 1)
+    );
 
     // The same change gives the same layer.
     let again = rt
-        .block_on(client.push_on_top(&base, &target, ChangeSource::UpperDir(overlay.upper.clone()), CommitOptions::new("walt image shell")))
+        .block_on(client.push_on_top(
+            &base,
+            &target,
+            ChangeSource::UpperDir(overlay.upper.clone()),
+            CommitOptions::new("walt image shell"),
+        ))
         .expect("second push");
     assert_eq!(again.layer_digest, pushed.layer_digest);
     assert_eq!(again.diff_id, pushed.diff_id);
@@ -187,28 +261,54 @@ fn commit_of_an_upper_dir_unpacks_with_umoci_to_the_merged_tree() {
         .expect("tar");
     let stream = child.stdout.take().expect("tar stdout");
     let from_stream = rt
-        .block_on(client.push_on_top(&base, &target, ChangeSource::TarStream(Box::new(stream)), CommitOptions::new("walt node save n1")))
+        .block_on(client.push_on_top(
+            &base,
+            &target,
+            ChangeSource::TarStream(Box::new(stream)),
+            CommitOptions::new("walt node save n1"),
+        ))
         .expect("push tar stream");
     assert!(child.wait().expect("tar").success());
     assert_eq!(from_stream.summary.deleted, pushed.summary.deleted);
     let check2 = tempfile::tempdir().expect("tempdir");
-    let rootfs2 = images::skopeo_umoci_unpack(&fx.registry, &format!("lab/result@{}", from_stream.manifest_digest), check2.path())
-        .expect("skopeo + umoci unpack");
+    let rootfs2 = images::skopeo_umoci_unpack(
+        &fx.registry,
+        &format!("lab/result@{}", from_stream.manifest_digest),
+        check2.path(),
+    )
+    .expect("skopeo + umoci unpack");
     expected.assert_same(&Snapshot::take(&rootfs2, &snapshot_options()).expect("snapshot"));
 
     // zstd: our own reader checks it (umoci 0.4 does not read zstd).
     let mut zstd_options = CommitOptions::new("walt image shell");
     zstd_options.compression = Compression::Zstd;
     let zstd = rt
-        .block_on(client.push_on_top(&base, &target, ChangeSource::UpperDir(overlay.upper.clone()), zstd_options))
+        .block_on(client.push_on_top(
+            &base,
+            &target,
+            ChangeSource::UpperDir(overlay.upper.clone()),
+            zstd_options,
+        ))
         .expect("zstd push");
     assert_eq!(zstd.diff_id, pushed.diff_id);
-    let manifest = images::skopeo_inspect_raw(&fx.registry, &format!("lab/result@{}", zstd.manifest_digest)).expect("manifest");
-    assert_eq!(manifest["layers"].as_array().and_then(|l| l.last()).map(|l| l["mediaType"].clone()), Some("application/vnd.oci.image.layer.v1.tar+zstd".into()));
+    let manifest = images::skopeo_inspect_raw(&fx.registry, &format!("lab/result@{}", zstd.manifest_digest))
+        .expect("manifest");
+    assert_eq!(
+        manifest["layers"]
+            .as_array()
+            .and_then(|l| l.last())
+            .map(|l| l["mediaType"].clone()),
+        Some("application/vnd.oci.image.layer.v1.tar+zstd".into())
+    );
     let ours = tempfile::tempdir().expect("tempdir");
-    rt.block_on(client.unpack_image(&format!("{target}@{}", zstd.manifest_digest), None, &ours.path().join("rootfs")))
-        .expect("our unpack of zstd image");
-    expected.assert_same(&Snapshot::take(&ours.path().join("rootfs"), &snapshot_options()).expect("snapshot"));
+    rt.block_on(client.unpack_image(
+        &format!("{target}@{}", zstd.manifest_digest),
+        None,
+        &ours.path().join("rootfs"),
+    ))
+    .expect("our unpack of zstd image");
+    expected
+        .assert_same(&Snapshot::take(&ours.path().join("rootfs"), &snapshot_options()).expect("snapshot"));
 }
 
 #[test]
@@ -222,22 +322,52 @@ fn node_save_exclusions_and_ready_marker_filter() {
         "cd {u} && mkdir -p var/log etc run/walt && echo x > var/log/syslog && echo x > etc/machine-id && touch run/x.lock \
          && echo keep > etc/hostname && touch -d '2001-01-01' etc/old-file && mkdir old-dir && touch -d '2001-01-01' old-dir/f old-dir"
     ));
-    let base = rt.block_on(client.resolve(&fx.registry.reference(&fx.base_ref), None)).expect("resolve");
+    let base = rt
+        .block_on(client.resolve(&fx.registry.reference(&fx.base_ref), None))
+        .expect("resolve");
     let mut options = CommitOptions::new("walt node save n1");
     options.layer = LayerOptions::node_save();
-    options.layer.changed_after = Some(std::time::SystemTime::now() - std::time::Duration::from_secs(3600));
+    options.layer.changed_after = Some(std::time::SystemTime::now() - std::time::Duration::from_hours(1));
     // ctime counts on disk: make the old entries really old by checking mtime via the tar stream instead.
-    let mut child = Command::new("tar").arg("-C").arg(upper.path()).args(["-cf", "-", "."]).stdout(std::process::Stdio::piped()).spawn().expect("tar");
+    let mut child = Command::new("tar")
+        .arg("-C")
+        .arg(upper.path())
+        .args(["-cf", "-", "."])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("tar");
     let stream = child.stdout.take().expect("stdout");
     let pushed = rt
-        .block_on(client.push_on_top(&base, &fx.registry.reference("lab/saved"), ChangeSource::TarStream(Box::new(stream)), options))
+        .block_on(client.push_on_top(
+            &base,
+            &fx.registry.reference("lab/saved"),
+            ChangeSource::TarStream(Box::new(stream)),
+            options,
+        ))
         .expect("push");
     assert!(child.wait().expect("tar").success());
     let check = tempfile::tempdir().expect("tempdir");
-    let rootfs = images::skopeo_umoci_unpack(&fx.registry, &format!("lab/saved@{}", pushed.manifest_digest), check.path()).expect("unpack");
-    assert_eq!(std::fs::read_to_string(rootfs.join("etc/hostname")).expect("hostname"), "keep\n");
-    for absent in ["var/log/syslog", "etc/machine-id", "run/x.lock", "etc/old-file", "old-dir"] {
-        assert!(rootfs.join(absent).symlink_metadata().is_err(), "{absent} should have been left out");
+    let rootfs = images::skopeo_umoci_unpack(
+        &fx.registry,
+        &format!("lab/saved@{}", pushed.manifest_digest),
+        check.path(),
+    )
+    .expect("unpack");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("etc/hostname")).expect("hostname"),
+        "keep\n"
+    );
+    for absent in [
+        "var/log/syslog",
+        "etc/machine-id",
+        "run/x.lock",
+        "etc/old-file",
+        "old-dir",
+    ] {
+        assert!(
+            rootfs.join(absent).symlink_metadata().is_err(),
+            "{absent} should have been left out"
+        );
     }
     assert!(rootfs.join("var/log").is_dir(), "the base's /var/log stays");
 }
@@ -266,7 +396,9 @@ fn multi_layer_layout() -> OciLayout {
             Ok(())
         })
         .expect("layer 3");
-    layout.set_label("l3", "walt.node.models", "rpi-b").expect("label");
+    layout
+        .set_label("l3", "walt.node.models", "rpi-b")
+        .expect("label");
     layout
 }
 
@@ -283,31 +415,56 @@ fn our_unpack_and_layer_cache_match_umoci_unpack() {
     let umoci = tempfile::tempdir().expect("tempdir");
     let expected = layout.umoci_unpack("l3", umoci.path()).expect("umoci unpack");
     let ours = tempfile::tempdir().expect("tempdir");
-    let image = rt.block_on(client.unpack_image(&reference, None, &ours.path().join("rootfs"))).expect("our unpack");
+    let image = rt
+        .block_on(client.unpack_image(&reference, None, &ours.path().join("rootfs")))
+        .expect("our unpack");
     assert_eq!(image.layers.len(), 3);
-    assert_eq!(image.labels.get("walt.node.models").map(String::as_str), Some("rpi-b"));
+    assert_eq!(
+        image.labels.get("walt.node.models").map(String::as_str),
+        Some("rpi-b")
+    );
     assert_same_tree(&expected, &ours.path().join("rootfs"), &snapshot_options());
 
     // Layer cache in overlay form: stacked with overlay it gives the same tree.
     let cache_dir = tempfile::tempdir().expect("tempdir");
     let cache = LayerCache::new(cache_dir.path()).expect("cache");
-    let pulled = rt.block_on(client.pull_image(&cache, &reference, None)).expect("pull");
+    let pulled = rt
+        .block_on(client.pull_image(&cache, &reference, None))
+        .expect("pull");
     assert_eq!(pulled.lower_dirs.len(), 3);
     assert_eq!(pulled.platform, Platform::parse("linux/amd64").expect("platform"));
-    let again = rt.block_on(client.pull_image(&cache, &reference, None)).expect("pull again (cached)");
+    let again = rt
+        .block_on(client.pull_image(&cache, &reference, None))
+        .expect("pull again (cached)");
     assert_eq!(again.lower_dirs, pulled.lower_dirs);
     let mnt = tempfile::tempdir().expect("tempdir");
-    let lowers = pulled.lower_dirs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":");
+    let lowers = pulled
+        .lower_dirs
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
     let merged = mnt.path().join("merged");
     std::fs::create_dir(&merged).expect("mkdir");
-    let status = Command::new("mount").args(["-t", "overlay", "overlay", "-o"]).arg(format!("lowerdir={lowers}")).arg(&merged).status().expect("mount");
+    let status = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o"])
+        .arg(format!("lowerdir={lowers}"))
+        .arg(&merged)
+        .status()
+        .expect("mount");
     assert!(status.success());
     let result = std::panic::catch_unwind(|| assert_same_tree(&expected, &merged, &snapshot_options()));
     let _ = Command::new("umount").arg(&merged).status();
     if let Err(panic) = result {
         std::panic::resume_unwind(panic);
     }
-    assert!(std::fs::read_dir(cache_dir.path().join("tmp")).expect("tmp").next().is_none(), "no leftovers in the cache");
+    assert!(
+        std::fs::read_dir(cache_dir.path().join("tmp"))
+            .expect("tmp")
+            .next()
+            .is_none(),
+        "no leftovers in the cache"
+    );
 }
 
 fn raw_layer(build: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
@@ -330,6 +487,9 @@ fn raw_header(name: &[u8], kind: tar::EntryType, size: u64, link: Option<&[u8]>)
     header.set_entry_type(kind);
     header.set_size(size);
     header.set_mode(0o644);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(0);
     header.set_cksum();
     header
 }
@@ -337,14 +497,29 @@ fn raw_header(name: &[u8], kind: tar::EntryType, size: u64, link: Option<&[u8]>)
 fn assert_refused(client: &RegistryClient, rt: &tokio::runtime::Runtime, reference: &str, expect: &str) {
     let cache_dir = tempfile::tempdir().expect("tempdir");
     let cache = LayerCache::new(cache_dir.path()).expect("cache");
-    let error = rt.block_on(client.pull_image(&cache, reference, None)).expect_err("malicious layer must be refused");
+    let error = rt
+        .block_on(client.pull_image(&cache, reference, None))
+        .expect_err("malicious layer must be refused");
     let message = error.to_string();
-    assert!(message.contains(expect), "error {message:?} should mention {expect:?}");
-    assert!(std::fs::read_dir(cache_dir.path().join("tmp")).expect("tmp").next().is_none(), "leftover in cache tmp");
-    let unpacked: Vec<_> = std::fs::read_dir(cache_dir.path().join("sha256")).expect("layers").collect();
+    assert!(
+        message.contains(expect),
+        "error {message:?} should mention {expect:?}"
+    );
+    assert!(
+        std::fs::read_dir(cache_dir.path().join("tmp"))
+            .expect("tmp")
+            .next()
+            .is_none(),
+        "leftover in cache tmp"
+    );
+    let unpacked: Vec<_> = std::fs::read_dir(cache_dir.path().join("sha256"))
+        .expect("layers")
+        .collect();
     assert_eq!(unpacked.len(), 1, "only the good base layer may be in the cache");
     let outside = tempfile::tempdir().expect("tempdir");
-    let error = rt.block_on(client.unpack_image(reference, None, &outside.path().join("rootfs"))).expect_err("refused");
+    let error = rt
+        .block_on(client.unpack_image(reference, None, &outside.path().join("rootfs")))
+        .expect_err("refused");
     assert!(error.to_string().contains(expect), "{error}");
 }
 
@@ -357,41 +532,113 @@ fn malicious_layers_and_corrupt_blobs_are_refused() {
     let layout = OciLayout::busybox(Arch::Amd64).expect("busybox");
 
     let traversal = raw_layer(|b| {
-        b.append(&raw_header(b"../../../tmp/walt-escaped", tar::EntryType::Regular, 4, None), &b"evil"[..]).expect("append");
+        b.append(
+            &raw_header(b"../../../tmp/walt-escaped", tar::EntryType::Regular, 4, None),
+            &b"evil"[..],
+        )
+        .expect("append");
     });
-    layout.append_raw_layer("base", "traversal", &traversal, true).expect("layer");
-    layout.push("traversal", &registry, "lab/evil:traversal").expect("push");
+    layout
+        .append_raw_layer("base", "traversal", &traversal, true)
+        .expect("layer");
+    layout
+        .push("traversal", &registry, "lab/evil:traversal")
+        .expect("push");
     assert_refused(&client, &rt, &registry.reference("lab/evil:traversal"), "`..`");
 
     let absolute = raw_layer(|b| {
-        b.append(&raw_header(b"/tmp/walt-absolute", tar::EntryType::Regular, 4, None), &b"evil"[..]).expect("append");
+        b.append(
+            &raw_header(b"/tmp/walt-absolute", tar::EntryType::Regular, 4, None),
+            &b"evil"[..],
+        )
+        .expect("append");
     });
-    layout.append_raw_layer("base", "absolute", &absolute, false).expect("layer");
-    layout.push("absolute", &registry, "lab/evil:absolute").expect("push");
-    assert_refused(&client, &rt, &registry.reference("lab/evil:absolute"), "absolute path");
+    layout
+        .append_raw_layer("base", "absolute", &absolute, false)
+        .expect("layer");
+    layout
+        .push("absolute", &registry, "lab/evil:absolute")
+        .expect("push");
+    assert_refused(
+        &client,
+        &rt,
+        &registry.reference("lab/evil:absolute"),
+        "absolute path",
+    );
 
     let through_link = raw_layer(|b| {
-        b.append(&raw_header(b"escape", tar::EntryType::Symlink, 0, Some(b"/tmp")), std::io::empty()).expect("append");
-        b.append(&raw_header(b"escape/walt-through-link", tar::EntryType::Regular, 4, None), &b"evil"[..]).expect("append");
+        b.append(
+            &raw_header(b"escape", tar::EntryType::Symlink, 0, Some(b"/tmp")),
+            std::io::empty(),
+        )
+        .expect("append");
+        b.append(
+            &raw_header(b"escape/walt-through-link", tar::EntryType::Regular, 4, None),
+            &b"evil"[..],
+        )
+        .expect("append");
     });
-    layout.append_raw_layer("base", "through-link", &through_link, true).expect("layer");
-    layout.push("through-link", &registry, "lab/evil:through-link").expect("push");
-    assert_refused(&client, &rt, &registry.reference("lab/evil:through-link"), "goes through the symlink");
+    layout
+        .append_raw_layer("base", "through-link", &through_link, true)
+        .expect("layer");
+    layout
+        .push("through-link", &registry, "lab/evil:through-link")
+        .expect("push");
+    assert_refused(
+        &client,
+        &rt,
+        &registry.reference("lab/evil:through-link"),
+        "goes through the symlink",
+    );
 
     let hard_link = raw_layer(|b| {
-        b.append(&raw_header(b"passwd", tar::EntryType::Link, 0, Some(b"../../../../etc/passwd")), std::io::empty()).expect("append");
+        b.append(
+            &raw_header(
+                b"passwd",
+                tar::EntryType::Link,
+                0,
+                Some(b"../../../../etc/passwd"),
+            ),
+            std::io::empty(),
+        )
+        .expect("append");
     });
-    layout.append_raw_layer("base", "hard-link", &hard_link, true).expect("layer");
-    layout.push("hard-link", &registry, "lab/evil:hard-link").expect("push");
-    assert_refused(&client, &rt, &registry.reference("lab/evil:hard-link"), "leaves the layer");
+    layout
+        .append_raw_layer("base", "hard-link", &hard_link, true)
+        .expect("layer");
+    layout
+        .push("hard-link", &registry, "lab/evil:hard-link")
+        .expect("push");
+    assert_refused(
+        &client,
+        &rt,
+        &registry.reference("lab/evil:hard-link"),
+        "leaves the layer",
+    );
 
     let climbing = raw_layer(|b| {
-        b.append(&raw_header(b"up", tar::EntryType::Symlink, 0, Some(b"../../../etc")), std::io::empty()).expect("append");
+        b.append(
+            &raw_header(b"up", tar::EntryType::Symlink, 0, Some(b"../../../etc")),
+            std::io::empty(),
+        )
+        .expect("append");
     });
-    layout.append_raw_layer("base", "climbing", &climbing, true).expect("layer");
-    layout.push("climbing", &registry, "lab/evil:climbing").expect("push");
-    assert_refused(&client, &rt, &registry.reference("lab/evil:climbing"), "climbs above the root");
-    assert!(Path::new("/tmp/walt-escaped").symlink_metadata().is_err() && Path::new("/tmp/walt-through-link").symlink_metadata().is_err());
+    layout
+        .append_raw_layer("base", "climbing", &climbing, true)
+        .expect("layer");
+    layout
+        .push("climbing", &registry, "lab/evil:climbing")
+        .expect("push");
+    assert_refused(
+        &client,
+        &rt,
+        &registry.reference("lab/evil:climbing"),
+        "climbs above the root",
+    );
+    assert!(
+        Path::new("/tmp/walt-escaped").symlink_metadata().is_err()
+            && Path::new("/tmp/walt-through-link").symlink_metadata().is_err()
+    );
 
     // A blob whose bytes do not match its digest (the registry serves it anyway).
     let good = raw_layer(|b| {
@@ -399,19 +646,46 @@ fn malicious_layers_and_corrupt_blobs_are_refused() {
         for i in 0..20_000 {
             writeln!(data, "line {i}").expect("write");
         }
-        b.append(&raw_header(b"data", tar::EntryType::Regular, data.len() as u64, None), &data[..]).expect("append");
+        b.append(
+            &raw_header(b"data", tar::EntryType::Regular, data.len() as u64, None),
+            &data[..],
+        )
+        .expect("append");
     });
-    layout.append_raw_layer("base", "corrupt", &good, true).expect("layer");
-    layout.push("corrupt", &registry, "lab/evil:corrupt").expect("push");
+    layout
+        .append_raw_layer("base", "corrupt", &good, true)
+        .expect("layer");
+    layout
+        .push("corrupt", &registry, "lab/evil:corrupt")
+        .expect("push");
     let manifest = images::skopeo_inspect_raw(&registry, "lab/evil:corrupt").expect("manifest");
-    let digest = manifest["layers"][1]["digest"].as_str().expect("digest").to_owned();
+    let digest = manifest["layers"][1]["digest"]
+        .as_str()
+        .expect("digest")
+        .to_owned();
     registry.corrupt_blob(&digest).expect("corrupt");
     let cache_dir = tempfile::tempdir().expect("tempdir");
     let cache = LayerCache::new(cache_dir.path()).expect("cache");
-    let error = rt.block_on(client.pull_image(&cache, &registry.reference("lab/evil:corrupt"), None)).expect_err("corrupt blob refused");
-    assert!(matches!(error, Error::DigestMismatch { .. } | Error::Layer { .. } | Error::Internal(_)), "{error}");
-    assert!(!cache.contains(&digest), "a corrupt layer must not enter the cache");
-    assert!(std::fs::read_dir(cache_dir.path().join("tmp")).expect("tmp").next().is_none());
+    let error = rt
+        .block_on(client.pull_image(&cache, &registry.reference("lab/evil:corrupt"), None))
+        .expect_err("corrupt blob refused");
+    assert!(
+        matches!(
+            error,
+            Error::DigestMismatch { .. } | Error::Layer { .. } | Error::Internal(_)
+        ),
+        "{error}"
+    );
+    assert!(
+        !cache.contains(&digest),
+        "a corrupt layer must not enter the cache"
+    );
+    assert!(
+        std::fs::read_dir(cache_dir.path().join("tmp"))
+            .expect("tmp")
+            .next()
+            .is_none()
+    );
 }
 
 #[test]
@@ -421,41 +695,77 @@ fn index_resolution_auth_and_errors_name_the_registry() {
     let rt = runtime();
     let layout = OciLayout::new().expect("layout");
     for arch in [Arch::Amd64, Arch::Arm64] {
-        layout.new_image(&format!("empty-{}", arch.name()), arch).expect("new");
+        layout
+            .new_image(&format!("empty-{}", arch.name()), arch)
+            .expect("new");
         layout
             .add_layer(&format!("empty-{}", arch.name()), arch.name(), |root| {
                 images::busybox_rootfs(arch, root).map_err(std::io::Error::other)
             })
             .expect("layer");
-        layout.set_label(arch.name(), "walt.node.models", &format!("model-{}", arch.name())).expect("label");
+        layout
+            .set_label(arch.name(), "walt.node.models", &format!("model-{}", arch.name()))
+            .expect("label");
     }
     layout.make_index(&["amd64", "arm64"], "multi").expect("index");
-    layout.push("multi", &registry, "lab/multi:latest").expect("push index");
+    layout
+        .push("multi", &registry, "lab/multi:latest")
+        .expect("push index");
 
     let anonymous = RegistryClient::new(ClientOptions::insecure([registry.host()])).expect("client");
-    let error = rt.block_on(anonymous.resolve(&registry.reference("lab/multi:latest"), None)).expect_err("needs auth");
+    let error = rt
+        .block_on(anonymous.resolve(&registry.reference("lab/multi:latest"), None))
+        .expect_err("needs auth");
     let message = error.to_string();
-    assert!(message.contains(&registry.host()) && message.contains("lab/multi"), "{message}");
+    assert!(
+        message.contains(&registry.host()) && message.contains("lab/multi"),
+        "{message}"
+    );
 
-    let credentials = Credentials::from_docker_config_json(registry.docker_config_json().as_bytes()).expect("credentials");
-    let client = RegistryClient::new(ClientOptions { credentials, insecure_registries: vec![registry.host()] }).expect("client");
+    let credentials =
+        Credentials::from_docker_config_json(registry.docker_config_json().as_bytes()).expect("credentials");
+    let client = RegistryClient::new(ClientOptions {
+        credentials,
+        insecure_registries: vec![registry.host()],
+    })
+    .expect("client");
     let arm = Platform::parse("linux/arm64").expect("platform");
-    let image = rt.block_on(client.resolve(&registry.reference("lab/multi:latest"), Some(&arm))).expect("resolve arm64");
+    let image = rt
+        .block_on(client.resolve(&registry.reference("lab/multi:latest"), Some(&arm)))
+        .expect("resolve arm64");
     assert_eq!(image.platform.architecture, "arm64");
     assert!(image.index_digest.is_some());
-    assert_eq!(image.labels.get("walt.node.models").map(String::as_str), Some("model-arm64"));
+    assert_eq!(
+        image.labels.get("walt.node.models").map(String::as_str),
+        Some("model-arm64")
+    );
     let riscv = Platform::parse("linux/riscv64").expect("platform");
-    let error = rt.block_on(client.resolve(&registry.reference("lab/multi:latest"), Some(&riscv))).expect_err("no riscv64");
-    assert!(error.to_string().contains("linux/amd64") && error.to_string().contains("linux/arm64"), "{error}");
+    let error = rt
+        .block_on(client.resolve(&registry.reference("lab/multi:latest"), Some(&riscv)))
+        .expect_err("no riscv64");
+    assert!(
+        error.to_string().contains("linux/amd64") && error.to_string().contains("linux/arm64"),
+        "{error}"
+    );
 
     // Push with credentials, to another repository (blobs mounted), and check with skopeo.
     let upper = tempfile::tempdir().expect("tempdir");
     std::fs::write(upper.path().join("added"), "x").expect("write");
     let pushed = rt
-        .block_on(client.push_on_top(&image, &registry.reference("other/arm"), ChangeSource::UpperDir(upper.path().into()), CommitOptions::new("walt image shell")))
+        .block_on(client.push_on_top(
+            &image,
+            &registry.reference("other/arm"),
+            ChangeSource::UpperDir(upper.path().into()),
+            CommitOptions::new("walt image shell"),
+        ))
         .expect("push with auth");
     let check = tempfile::tempdir().expect("tempdir");
-    let rootfs = images::skopeo_umoci_unpack(&registry, &format!("other/arm@{}", pushed.manifest_digest), check.path()).expect("unpack");
+    let rootfs = images::skopeo_umoci_unpack(
+        &registry,
+        &format!("other/arm@{}", pushed.manifest_digest),
+        check.path(),
+    )
+    .expect("unpack");
     assert_eq!(std::fs::read_to_string(rootfs.join("added")).expect("added"), "x");
     assert!(rootfs.join("bin/busybox").is_file());
     let _ = BTreeMap::<String, String>::new();
@@ -469,13 +779,27 @@ fn cli_commit_upper_and_unpack() {
     let output = Command::new(env!("CARGO_BIN_EXE_walt-operator"))
         .args(["oci", "commit-upper", "--upper"])
         .arg(upper.path())
-        .args(["--base", &fx.registry.reference(&fx.base_ref), "--to", &fx.registry.reference("lab/cli"), "--tag", "v1"])
+        .args([
+            "--base",
+            &fx.registry.reference(&fx.base_ref),
+            "--to",
+            &fx.registry.reference("lab/cli"),
+            "--tag",
+            "v1",
+        ])
         .args(["--insecure-registry", &fx.registry.host()])
         .output()
         .expect("walt-operator");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
-    assert!(stdout.contains("pushed ") && stdout.contains("changes: 1 added, 0 modified, 0 deleted, 4 bytes"), "{stdout}");
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("pushed ") && stdout.contains("changes: 1 added, 0 modified, 0 deleted, 4 bytes"),
+        "{stdout}"
+    );
     let dir = tempfile::tempdir().expect("tempdir");
     let output = Command::new(env!("CARGO_BIN_EXE_walt-operator"))
         .args(["oci", "unpack", &fx.registry.reference("lab/cli:v1")])
@@ -483,13 +807,24 @@ fn cli_commit_upper_and_unpack() {
         .args(["--insecure-registry", &fx.registry.host()])
         .output()
         .expect("walt-operator");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert_eq!(std::fs::read_to_string(dir.path().join("rootfs/from-cli")).expect("file"), "cli\n");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("rootfs/from-cli")).expect("file"),
+        "cli\n"
+    );
     let output = Command::new(env!("CARGO_BIN_EXE_walt-operator"))
         .args(["oci", "unpack", "127.0.0.1:1/none:x", "/tmp/walt-never"])
         .args(["--insecure-registry", "127.0.0.1:1"])
         .output()
         .expect("walt-operator");
     assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("registry 127.0.0.1:1, repository none"), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("registry 127.0.0.1:1, repository none"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

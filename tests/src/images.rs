@@ -80,20 +80,30 @@ pub fn busybox_deb(arch: Arch) -> Result<PathBuf, FixtureError> {
         .tempdir_in(&dir)
         .map_err(|e| FixtureError::io("creating a download dir", e))?;
     let package = format!("busybox-static:{}", arch.name());
-    if run(Command::new("apt-get").arg("download").arg(&package).current_dir(staging.path())).is_err() {
+    if run(Command::new("apt-get")
+        .arg("download")
+        .arg(&package)
+        .current_dir(staging.path()))
+    .is_err()
+    {
         run(Command::new("apt-get").args(["update", "-qq"]))?;
-        run(Command::new("apt-get").arg("download").arg(&package).current_dir(staging.path()))?;
+        run(Command::new("apt-get")
+            .arg("download")
+            .arg(&package)
+            .current_dir(staging.path()))?;
     }
     let downloaded = find_deb(staging.path(), arch)?
         .ok_or_else(|| FixtureError::Failed(format!("apt-get download {package} produced no .deb")))?;
     let target = dir.join(downloaded.file_name().unwrap_or_default());
-    std::fs::rename(&downloaded, &target).map_err(|e| FixtureError::io("placing the .deb in the cache", e))?;
+    std::fs::rename(&downloaded, &target)
+        .map_err(|e| FixtureError::io("placing the .deb in the cache", e))?;
     Ok(target)
 }
 
 fn find_deb(dir: &Path, arch: Arch) -> Result<Option<PathBuf>, FixtureError> {
     let suffix = format!("_{}.deb", arch.name());
-    let entries = std::fs::read_dir(dir).map_err(|e| FixtureError::io(&format!("listing {}", dir.display()), e))?;
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| FixtureError::io(&format!("listing {}", dir.display()), e))?;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with("busybox-static_") && name.ends_with(&suffix) {
@@ -110,11 +120,15 @@ pub fn busybox_rootfs(arch: Arch, dest: &Path) -> Result<(), FixtureError> {
     require_tool("dpkg-deb", "dpkg")?;
     require_tool("busybox", "busybox-static")?;
     let deb = busybox_deb(arch)?;
-    std::fs::create_dir_all(dest).map_err(|e| FixtureError::io(&format!("creating {}", dest.display()), e))?;
+    std::fs::create_dir_all(dest)
+        .map_err(|e| FixtureError::io(&format!("creating {}", dest.display()), e))?;
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(dest))?;
-    for dir in ["bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "root", "run", "var/log"] {
+    for dir in [
+        "bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "root", "run", "var/log",
+    ] {
         let path = dest.join(dir);
-        std::fs::create_dir_all(&path).map_err(|e| FixtureError::io(&format!("creating {}", path.display()), e))?;
+        std::fs::create_dir_all(&path)
+            .map_err(|e| FixtureError::io(&format!("creating {}", path.display()), e))?;
     }
     set_mode(&dest.join("tmp"), 0o1777)?;
     set_mode(&dest.join("root"), 0o700)?;
@@ -128,16 +142,28 @@ pub fn busybox_rootfs(arch: Arch, dest: &Path) -> Result<(), FixtureError> {
         std::os::unix::fs::symlink("/bin/busybox", &link)
             .map_err(|e| FixtureError::io(&format!("linking {}", link.display()), e))?;
     }
-    write_file(&dest.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n", 0o644)?;
+    write_file(
+        &dest.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+        0o644,
+    )?;
     write_file(&dest.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n", 0o644)?;
-    write_file(&dest.join("etc/inittab"), "::sysinit:/bin/mkdir -p /run/walt\n::shutdown:/bin/sync\n", 0o644)?;
+    write_file(
+        &dest.join("etc/inittab"),
+        "::sysinit:/bin/mkdir -p /run/walt\n::shutdown:/bin/sync\n",
+        0o644,
+    )?;
     Ok(())
 }
 
 /// Adds WalT's init ("advanced") image shell scripts to a root filesystem: executable
 /// `/bin/walt-image-shell-start` (execs `/sbin/init`, busybox init) and `/bin/walt-image-shell-shutdown`.
 pub fn install_walt_init_scripts(rootfs: &Path) -> Result<(), FixtureError> {
-    write_file(&rootfs.join("bin/walt-image-shell-start"), "#!/bin/sh\nexec /sbin/init\n", 0o755)?;
+    write_file(
+        &rootfs.join("bin/walt-image-shell-start"),
+        "#!/bin/sh\nexec /sbin/init\n",
+        0o755,
+    )?;
     write_file(
         &rootfs.join("bin/walt-image-shell-shutdown"),
         "#!/bin/sh\necho walt-image-shell-shutdown ran > /run/walt-image-shell-shutdown.done\nsync\n",
@@ -162,6 +188,7 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), FixtureError> {
 #[derive(Debug)]
 pub struct OciLayout {
     dir: tempfile::TempDir,
+    path: PathBuf,
 }
 
 impl OciLayout {
@@ -173,8 +200,12 @@ impl OciLayout {
             .prefix("walt-oci-layout-")
             .tempdir()
             .map_err(|e| FixtureError::io("creating a layout dir", e))?;
-        let layout = OciLayout { dir };
-        run(Command::new("umoci").arg("init").arg("--layout").arg(layout.path()))?;
+        let path = dir.path().join("layout");
+        let layout = OciLayout { dir, path };
+        run(Command::new("umoci")
+            .arg("init")
+            .arg("--layout")
+            .arg(layout.path()))?;
         Ok(layout)
     }
 
@@ -203,6 +234,11 @@ impl OciLayout {
 
     /// The layout directory (`oci:<path>:<tag>` for skopeo, `<path>:<tag>` for umoci).
     pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The temporary directory holding the layout (and scratch files).
+    pub fn scratch_dir(&self) -> &Path {
         self.dir.path()
     }
 
@@ -212,7 +248,10 @@ impl OciLayout {
 
     /// Creates an image with no layers under `tag`, for `linux/<arch>` (`umoci new` + `umoci config`).
     pub fn new_image(&self, tag: &str, arch: Arch) -> Result<(), FixtureError> {
-        run(Command::new("umoci").arg("new").arg("--image").arg(self.image(tag)))?;
+        run(Command::new("umoci")
+            .arg("new")
+            .arg("--image")
+            .arg(self.image(tag)))?;
         run(Command::new("umoci")
             .arg("config")
             .arg("--image")
@@ -234,16 +273,26 @@ impl OciLayout {
             .tempdir()
             .map_err(|e| FixtureError::io("creating a bundle dir", e))?;
         let bundle_path = bundle.path().join("bundle");
-        run(Command::new("umoci").arg("unpack").arg("--image").arg(self.image(from)).arg(&bundle_path))?;
+        run(Command::new("umoci")
+            .arg("unpack")
+            .arg("--image")
+            .arg(self.image(from))
+            .arg(&bundle_path))?;
         change(&bundle_path.join("rootfs"))
             .map_err(|e| FixtureError::io(&format!("changing the root filesystem of {from} for {to}"), e))?;
-        run(Command::new("umoci").arg("repack").arg("--image").arg(self.image(to)).arg(&bundle_path))?;
+        run(Command::new("umoci")
+            .arg("repack")
+            .arg("--image")
+            .arg(self.image(to))
+            .arg(&bundle_path))?;
         Ok(())
     }
 
     /// Adds a layer holding a copy of `source` (copied with `cp -a` over the root filesystem).
     pub fn add_layer_from_dir(&self, from: &str, to: &str, source: &Path) -> Result<(), FixtureError> {
-        self.add_layer(from, to, |root| crate::copy_tree(source, root).map_err(std::io::Error::other))
+        self.add_layer(from, to, |root| {
+            crate::copy_tree(source, root).map_err(std::io::Error::other)
+        })
     }
 
     /// Sets a label on the image `tag` (in place).
@@ -253,27 +302,45 @@ impl OciLayout {
 
     /// Runs `umoci config --image <layout>:<tag> <args…>` (in place), e.g. `["--config.cmd=/bin/sh"]`.
     pub fn configure(&self, tag: &str, args: &[&str]) -> Result<(), FixtureError> {
-        run(Command::new("umoci").arg("config").arg("--image").arg(self.image(tag)).args(args))?;
+        run(Command::new("umoci")
+            .arg("config")
+            .arg("--image")
+            .arg(self.image(tag))
+            .args(args))?;
         Ok(())
     }
 
     /// Appends a hand-made layer (the raw tar bytes, stored uncompressed with media type
     /// `application/vnd.oci.image.layer.v1.tar`, or gzip-compressed when `gzip`) on top of `from`, tagged
     /// `to`. For layers umoci would not make: malicious paths, escaping links, odd entries.
-    pub fn append_raw_layer(&self, from: &str, to: &str, layer_tar: &[u8], gzip: bool) -> Result<(), FixtureError> {
+    pub fn append_raw_layer(
+        &self,
+        from: &str,
+        to: &str,
+        layer_tar: &[u8],
+        gzip: bool,
+    ) -> Result<(), FixtureError> {
         let diff_id = sha256_digest(layer_tar);
         let (blob, media_type) = if gzip {
             use std::io::Write as _;
             let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            encoder.write_all(layer_tar).map_err(|e| FixtureError::io("gzip", e))?;
-            (encoder.finish().map_err(|e| FixtureError::io("gzip", e))?, "application/vnd.oci.image.layer.v1.tar+gzip")
+            encoder
+                .write_all(layer_tar)
+                .map_err(|e| FixtureError::io("gzip", e))?;
+            (
+                encoder.finish().map_err(|e| FixtureError::io("gzip", e))?,
+                "application/vnd.oci.image.layer.v1.tar+gzip",
+            )
         } else {
             (layer_tar.to_vec(), "application/vnd.oci.image.layer.v1.tar")
         };
         let layer_digest = self.write_blob(&blob)?;
         let manifest_desc = self.index_entry(from)?;
         let mut manifest = self.read_json_blob(desc_digest(&manifest_desc)?)?;
-        let config_digest = manifest["config"]["digest"].as_str().unwrap_or_default().to_owned();
+        let config_digest = manifest["config"]["digest"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         let mut config = self.read_json_blob(&config_digest)?;
         config["rootfs"]["diff_ids"]
             .as_array_mut()
@@ -290,7 +357,8 @@ impl OciLayout {
             .as_array_mut()
             .ok_or_else(|| FixtureError::Failed("manifest without layers".into()))?
             .push(json!({"mediaType": media_type, "digest": layer_digest, "size": blob.len()}));
-        let manifest_bytes = serde_json::to_vec(&manifest).map_err(|e| FixtureError::Failed(e.to_string()))?;
+        let manifest_bytes =
+            serde_json::to_vec(&manifest).map_err(|e| FixtureError::Failed(e.to_string()))?;
         let manifest_digest = self.write_blob(&manifest_bytes)?;
         self.set_index_entry(
             to,
@@ -325,10 +393,17 @@ impl OciLayout {
 
     /// Pushes `tag` to `registry` as `repository_and_tag` (`skopeo copy --all`, plain HTTP, with the
     /// registry's credentials if any); returns the pushed manifest (or index) digest.
-    pub fn push(&self, tag: &str, registry: &Registry, repository_and_tag: &str) -> Result<String, FixtureError> {
-        let digest_file = self.path().join(format!(".pushed-{}", std::process::id()));
+    pub fn push(
+        &self,
+        tag: &str,
+        registry: &Registry,
+        repository_and_tag: &str,
+    ) -> Result<String, FixtureError> {
+        let digest_file = self.scratch_dir().join(format!("pushed-{}", std::process::id()));
         let mut command = Command::new("skopeo");
-        command.args(["copy", "--all", "--dest-tls-verify=false", "--digestfile"]).arg(&digest_file);
+        command
+            .args(["copy", "--all", "--dest-tls-verify=false", "--digestfile"])
+            .arg(&digest_file);
         if let Some(creds) = registry.skopeo_creds() {
             command.arg("--dest-creds").arg(creds);
         }
@@ -336,7 +411,8 @@ impl OciLayout {
             .arg(format!("oci:{}", self.image(tag)))
             .arg(format!("docker://{}", registry.reference(repository_and_tag)));
         run(&mut command)?;
-        let digest = std::fs::read_to_string(&digest_file).map_err(|e| FixtureError::io("reading skopeo's digest file", e))?;
+        let digest = std::fs::read_to_string(&digest_file)
+            .map_err(|e| FixtureError::io("reading skopeo's digest file", e))?;
         let _ = std::fs::remove_file(&digest_file);
         Ok(digest.trim().to_owned())
     }
@@ -349,22 +425,34 @@ impl OciLayout {
     /// Unpacks `tag` with `umoci unpack` into `dest/bundle`; returns `dest/bundle/rootfs`.
     pub fn umoci_unpack(&self, tag: &str, dest: &Path) -> Result<PathBuf, FixtureError> {
         let bundle = dest.join("bundle");
-        run(Command::new("umoci").arg("unpack").arg("--image").arg(self.image(tag)).arg(&bundle))?;
+        run(Command::new("umoci")
+            .arg("unpack")
+            .arg("--image")
+            .arg(self.image(tag))
+            .arg(&bundle))?;
         Ok(bundle.join("rootfs"))
     }
 
     /// Writes a blob into `blobs/sha256/`; returns its digest.
     pub fn write_blob(&self, bytes: &[u8]) -> Result<String, FixtureError> {
         let digest = sha256_digest(bytes);
-        let path = self.path().join("blobs/sha256").join(digest.trim_start_matches("sha256:"));
-        std::fs::write(&path, bytes).map_err(|e| FixtureError::io(&format!("writing {}", path.display()), e))?;
+        let path = self
+            .path()
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"));
+        std::fs::write(&path, bytes)
+            .map_err(|e| FixtureError::io(&format!("writing {}", path.display()), e))?;
         Ok(digest)
     }
 
     /// Reads a JSON blob (manifest, config, index) by digest.
     pub fn read_json_blob(&self, digest: &str) -> Result<Value, FixtureError> {
-        let path = self.path().join("blobs/sha256").join(digest.trim_start_matches("sha256:"));
-        let bytes = std::fs::read(&path).map_err(|e| FixtureError::io(&format!("reading {}", path.display()), e))?;
+        let path = self
+            .path()
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"));
+        let bytes =
+            std::fs::read(&path).map_err(|e| FixtureError::io(&format!("reading {}", path.display()), e))?;
         serde_json::from_slice(&bytes).map_err(|e| FixtureError::Failed(format!("{}: {e}", path.display())))
     }
 
@@ -395,12 +483,15 @@ impl OciLayout {
         manifests.retain(|m| m["annotations"]["org.opencontainers.image.ref.name"] != tag);
         manifests.push(descriptor);
         let bytes = serde_json::to_vec(&index).map_err(|e| FixtureError::Failed(e.to_string()))?;
-        std::fs::write(self.path().join("index.json"), bytes).map_err(|e| FixtureError::io("writing index.json", e))
+        std::fs::write(self.path().join("index.json"), bytes)
+            .map_err(|e| FixtureError::io("writing index.json", e))
     }
 }
 
 fn desc_digest(desc: &Value) -> Result<&str, FixtureError> {
-    desc["digest"].as_str().ok_or_else(|| FixtureError::Failed(format!("descriptor without digest: {desc}")))
+    desc["digest"]
+        .as_str()
+        .ok_or_else(|| FixtureError::Failed(format!("descriptor without digest: {desc}")))
 }
 
 /// `sha256:<hex>` of bytes.
@@ -418,7 +509,11 @@ fn skopeo_src(command: &mut Command, registry: &Registry) {
 /// Independent checker: `skopeo copy docker://<registry>/<repository_and_tag_or_digest>` into a fresh OCI
 /// layout under `dest`, then `umoci unpack` it into `dest/bundle`; returns `dest/bundle/rootfs`.
 /// `repository_and_tag_or_digest` is `repo:tag` or `repo@sha256:…`.
-pub fn skopeo_umoci_unpack(registry: &Registry, repository_and_tag_or_digest: &str, dest: &Path) -> Result<PathBuf, FixtureError> {
+pub fn skopeo_umoci_unpack(
+    registry: &Registry,
+    repository_and_tag_or_digest: &str,
+    dest: &Path,
+) -> Result<PathBuf, FixtureError> {
     require_tool("skopeo", "skopeo")?;
     require_tool("umoci", "umoci")?;
     let layout = dest.join("layout");
@@ -426,21 +521,34 @@ pub fn skopeo_umoci_unpack(registry: &Registry, repository_and_tag_or_digest: &s
     command.arg("copy");
     skopeo_src(&mut command, registry);
     command
-        .arg(format!("docker://{}", registry.reference(repository_and_tag_or_digest)))
+        .arg(format!(
+            "docker://{}",
+            registry.reference(repository_and_tag_or_digest)
+        ))
         .arg(format!("oci:{}:checked", layout.display()));
     run(&mut command)?;
     let bundle = dest.join("bundle");
-    run(Command::new("umoci").arg("unpack").arg("--image").arg(format!("{}:checked", layout.display())).arg(&bundle))?;
+    run(Command::new("umoci")
+        .arg("unpack")
+        .arg("--image")
+        .arg(format!("{}:checked", layout.display()))
+        .arg(&bundle))?;
     Ok(bundle.join("rootfs"))
 }
 
 /// Independent checker: the raw manifest (or index) as the registry serves it (`skopeo inspect --raw`).
-pub fn skopeo_inspect_raw(registry: &Registry, repository_and_tag_or_digest: &str) -> Result<Value, FixtureError> {
+pub fn skopeo_inspect_raw(
+    registry: &Registry,
+    repository_and_tag_or_digest: &str,
+) -> Result<Value, FixtureError> {
     skopeo_inspect(registry, repository_and_tag_or_digest, "--raw")
 }
 
 /// Independent checker: the image config (`skopeo inspect --config`): labels, `rootfs.diff_ids`, history.
-pub fn skopeo_inspect_config(registry: &Registry, repository_and_tag_or_digest: &str) -> Result<Value, FixtureError> {
+pub fn skopeo_inspect_config(
+    registry: &Registry,
+    repository_and_tag_or_digest: &str,
+) -> Result<Value, FixtureError> {
     skopeo_inspect(registry, repository_and_tag_or_digest, "--config")
 }
 
@@ -453,5 +561,6 @@ fn skopeo_inspect(registry: &Registry, reference: &str, what: &str) -> Result<Va
     }
     command.arg(format!("docker://{}", registry.reference(reference)));
     let out = run_stdout(&mut command)?;
-    serde_json::from_str(&out).map_err(|e| FixtureError::Failed(format!("skopeo inspect {what} {reference}: {e}: {out}")))
+    serde_json::from_str(&out)
+        .map_err(|e| FixtureError::Failed(format!("skopeo inspect {what} {reference}: {e}: {out}")))
 }

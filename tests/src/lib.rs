@@ -35,7 +35,9 @@ use std::time::{Duration, Instant};
 #[derive(Debug, thiserror::Error)]
 pub enum FixtureError {
     /// A tool the fixture needs is not installed.
-    #[error("`{tool}` is not installed: run `apt-get install -y --no-install-recommends {package}` (see .ci/install-deps)")]
+    #[error(
+        "`{tool}` is not installed: run `apt-get install -y --no-install-recommends {package}` (see .ci/install-deps)"
+    )]
     MissingTool {
         /// The command that was looked for.
         tool: String,
@@ -68,7 +70,10 @@ pub enum FixtureError {
 
 impl FixtureError {
     pub(crate) fn io(what: &str, source: std::io::Error) -> Self {
-        FixtureError::Io { what: what.to_owned(), source }
+        FixtureError::Io {
+            what: what.to_owned(),
+            source,
+        }
     }
 }
 
@@ -79,14 +84,19 @@ pub fn require_tool(tool: &str, package: &str) -> Result<(), FixtureError> {
     if found {
         Ok(())
     } else {
-        Err(FixtureError::MissingTool { tool: tool.to_owned(), package: package.to_owned() })
+        Err(FixtureError::MissingTool {
+            tool: tool.to_owned(),
+            package: package.to_owned(),
+        })
     }
 }
 
 /// Runs a command to completion; fails with its stderr if it does not exit 0.
 pub fn run(command: &mut Command) -> Result<Output, FixtureError> {
     let line = format!("{command:?}");
-    let output = command.output().map_err(|e| FixtureError::io(&format!("running {line}"), e))?;
+    let output = command
+        .output()
+        .map_err(|e| FixtureError::io(&format!("running {line}"), e))?;
     if output.status.success() {
         Ok(output)
     } else {
@@ -141,6 +151,9 @@ pub fn require_root() -> Result<(), FixtureError> {
 /// Copies a tree with `cp -a` (keeps owners, modes, xattrs, hard links, devices).
 pub fn copy_tree(from: &Path, to: &Path) -> Result<(), FixtureError> {
     std::fs::create_dir_all(to).map_err(|e| FixtureError::io(&format!("creating {}", to.display()), e))?;
-    run(Command::new("cp").arg("-a").arg(format!("{}/.", from.display())).arg(to))?;
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", from.display()))
+        .arg(to))?;
     Ok(())
 }

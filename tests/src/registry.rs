@@ -10,6 +10,7 @@
 //! Each registry has its own config and storage in a temporary directory and a free port; it is plain HTTP.
 //! It is stopped (SIGTERM, then SIGKILL) by PID when the [`Registry`] is dropped, even on panic.
 
+use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -45,7 +46,10 @@ impl Registry {
     /// Starts a registry that requires HTTP basic auth with these credentials; `GET /v2/` with
     /// them answers 200 before this returns, without them 401.
     pub fn start_with_basic_auth(username: &str, password: &str) -> Result<Self, FixtureError> {
-        Self::launch(Some(BasicAuth { username: username.to_owned(), password: password.to_owned() }))
+        Self::launch(Some(BasicAuth {
+            username: username.to_owned(),
+            password: password.to_owned(),
+        }))
     }
 
     fn launch(auth: Option<BasicAuth>) -> Result<Self, FixtureError> {
@@ -67,16 +71,19 @@ impl Registry {
             let htpasswd = dir.path().join("htpasswd");
             std::fs::write(&htpasswd, format!("{}:{hash}\n", auth.username))
                 .map_err(|e| FixtureError::io("writing htpasswd", e))?;
-            config.push_str(&format!(
+            let _ = write!(
+                config,
                 "auth:\n  htpasswd:\n    realm: walt-test\n    path: {}\n",
                 htpasswd.display()
-            ));
+            );
         }
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config).map_err(|e| FixtureError::io("writing registry config", e))?;
         let log = std::fs::File::create(dir.path().join("registry.log"))
             .map_err(|e| FixtureError::io("creating registry log", e))?;
-        let log_err = log.try_clone().map_err(|e| FixtureError::io("cloning registry log", e))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| FixtureError::io("cloning registry log", e))?;
         let child = Command::new("docker-registry")
             .arg("serve")
             .arg(&config_path)
@@ -85,7 +92,12 @@ impl Registry {
             .stderr(log_err)
             .spawn()
             .map_err(|e| FixtureError::io("starting docker-registry", e))?;
-        let mut registry = Registry { child: Some(child), port, dir, auth };
+        let mut registry = Registry {
+            child: Some(child),
+            port,
+            dir,
+            auth,
+        };
         registry.wait_ready()?;
         Ok(registry)
     }
@@ -151,7 +163,9 @@ impl Registry {
 
     /// The `--creds user:password` / `--src-creds` / `--dest-creds` value for skopeo, if auth is on.
     pub fn skopeo_creds(&self) -> Option<String> {
-        self.auth.as_ref().map(|a| format!("{}:{}", a.username, a.password))
+        self.auth
+            .as_ref()
+            .map(|a| format!("{}:{}", a.username, a.password))
     }
 
     /// Where the registry keeps its data (`docker/registry/v2/…`).
@@ -173,8 +187,10 @@ impl Registry {
     /// does not match its digest: for digest-verification tests. Distribution does not re-check on read.
     pub fn corrupt_blob(&self, digest: &str) -> Result<(), FixtureError> {
         let path = self.blob_path(digest);
-        let mut bytes = std::fs::read(&path).map_err(|e| FixtureError::io(&format!("reading {}", path.display()), e))?;
-        for byte in bytes.iter_mut().skip(bytes.len() / 2).take(64) {
+        let mut bytes =
+            std::fs::read(&path).map_err(|e| FixtureError::io(&format!("reading {}", path.display()), e))?;
+        let middle = bytes.len() / 2;
+        for byte in bytes.iter_mut().skip(middle).take(64) {
             *byte ^= 0x5a;
         }
         std::fs::write(&path, bytes).map_err(|e| FixtureError::io(&format!("writing {}", path.display()), e))
@@ -202,18 +218,30 @@ impl Registry {
             .map(|a| {
                 format!(
                     "Authorization: Basic {}\r\n",
-                    base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", a.username, a.password))
+                    base64::engine::general_purpose::STANDARD
+                        .encode(format!("{}:{}", a.username, a.password))
                 )
             })
             .unwrap_or_default();
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: {}\r\n{authorization}\r\n", self.host())
-            .map_err(|e| FixtureError::io("sending a request to the registry", e))?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.0\r\nHost: {}\r\n{authorization}\r\n",
+            self.host()
+        )
+        .map_err(|e| FixtureError::io("sending a request to the registry", e))?;
         let mut head = [0u8; 12];
-        stream.read_exact(&mut head).map_err(|e| FixtureError::io("reading the registry's answer", e))?;
+        stream
+            .read_exact(&mut head)
+            .map_err(|e| FixtureError::io("reading the registry's answer", e))?;
         std::str::from_utf8(&head[9..12])
             .ok()
             .and_then(|s| s.parse().ok())
-            .ok_or_else(|| FixtureError::Failed(format!("bad HTTP status line {:?}", String::from_utf8_lossy(&head))))
+            .ok_or_else(|| {
+                FixtureError::Failed(format!(
+                    "bad HTTP status line {:?}",
+                    String::from_utf8_lossy(&head)
+                ))
+            })
     }
 
     /// Stops the registry now (also done on drop).
@@ -237,7 +265,11 @@ impl Drop for Registry {
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> Result<u16, FixtureError> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| FixtureError::io("finding a free port", e))?;
-    let port = listener.local_addr().map_err(|e| FixtureError::io("finding a free port", e))?.port();
+    let listener =
+        TcpListener::bind("127.0.0.1:0").map_err(|e| FixtureError::io("finding a free port", e))?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| FixtureError::io("finding a free port", e))?
+        .port();
     Ok(port)
 }

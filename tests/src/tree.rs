@@ -70,7 +70,11 @@ pub struct SnapshotOptions {
 
 impl Default for SnapshotOptions {
     fn default() -> Self {
-        SnapshotOptions { ignore_xattr_prefixes: vec!["security.".to_owned()], ignore_paths: Vec::new(), include_root: false }
+        SnapshotOptions {
+            ignore_xattr_prefixes: vec!["security.".to_owned()],
+            ignore_paths: Vec::new(),
+            include_root: false,
+        }
     }
 }
 
@@ -90,13 +94,19 @@ impl Snapshot {
         let mut entries = BTreeMap::new();
         let mut inodes: BTreeMap<(u64, u64), Vec<PathBuf>> = BTreeMap::new();
         walk(root, Path::new(""), options, &mut entries, &mut inodes)?;
-        let mut hard_link_groups: Vec<Vec<PathBuf>> =
-            inodes.into_values().filter(|paths| paths.len() > 1).map(|mut p| {
+        let mut hard_link_groups: Vec<Vec<PathBuf>> = inodes
+            .into_values()
+            .filter(|paths| paths.len() > 1)
+            .map(|mut p| {
                 p.sort();
                 p
-            }).collect();
+            })
+            .collect();
         hard_link_groups.sort();
-        Ok(Snapshot { entries, hard_link_groups })
+        Ok(Snapshot {
+            entries,
+            hard_link_groups,
+        })
     }
 
     /// The differences from `self` (expected) to `other` (actual), one readable line each; empty if same.
@@ -106,7 +116,10 @@ impl Snapshot {
             match other.entries.get(path) {
                 None => out.push(format!("missing: /{} ({:?})", path.display(), expected.kind)),
                 Some(actual) if actual != expected => {
-                    out.push(format!("differs: /{}\n    expected {expected:?}\n    actual   {actual:?}", path.display()));
+                    out.push(format!(
+                        "differs: /{}\n    expected {expected:?}\n    actual   {actual:?}",
+                        path.display()
+                    ));
                 }
                 Some(_) => {}
             }
@@ -128,7 +141,12 @@ impl Snapshot {
     /// Panics with every difference if `other` is not the same tree.
     pub fn assert_same(&self, other: &Snapshot) {
         let diff = self.diff(other);
-        assert!(diff.is_empty(), "trees differ ({} differences):\n{}", diff.len(), diff.join("\n"));
+        assert!(
+            diff.is_empty(),
+            "trees differ ({} differences):\n{}",
+            diff.len(),
+            diff.join("\n")
+        );
     }
 
     /// The entry at a relative path, if any.
@@ -139,8 +157,10 @@ impl Snapshot {
 
 /// Takes snapshots of two trees with the same options and panics with the differences if they differ.
 pub fn assert_same_tree(expected: &Path, actual: &Path, options: &SnapshotOptions) {
-    let a = Snapshot::take(expected, options).unwrap_or_else(|e| panic!("snapshot of {}: {e}", expected.display()));
-    let b = Snapshot::take(actual, options).unwrap_or_else(|e| panic!("snapshot of {}: {e}", actual.display()));
+    let a = Snapshot::take(expected, options)
+        .unwrap_or_else(|e| panic!("snapshot of {}: {e}", expected.display()));
+    let b =
+        Snapshot::take(actual, options).unwrap_or_else(|e| panic!("snapshot of {}: {e}", actual.display()));
     let diff = a.diff(&b);
     assert!(
         diff.is_empty(),
@@ -159,20 +179,31 @@ fn walk(
     entries: &mut BTreeMap<PathBuf, Entry>,
     inodes: &mut BTreeMap<(u64, u64), Vec<PathBuf>>,
 ) -> Result<(), FixtureError> {
-    if options.ignore_paths.iter().any(|p| relative.starts_with(p) && !p.as_os_str().is_empty()) {
+    if options
+        .ignore_paths
+        .iter()
+        .any(|p| relative.starts_with(p) && !p.as_os_str().is_empty())
+    {
         return Ok(());
     }
     let full = root.join(relative);
-    let meta = std::fs::symlink_metadata(&full).map_err(|e| FixtureError::io(&format!("lstat {}", full.display()), e))?;
+    let meta = std::fs::symlink_metadata(&full)
+        .map_err(|e| FixtureError::io(&format!("lstat {}", full.display()), e))?;
     let file_type = meta.file_type();
     let kind = if file_type.is_dir() {
         Kind::Dir
     } else if file_type.is_symlink() {
-        Kind::Symlink(std::fs::read_link(&full).map_err(|e| FixtureError::io(&format!("readlink {}", full.display()), e))?)
+        Kind::Symlink(
+            std::fs::read_link(&full)
+                .map_err(|e| FixtureError::io(&format!("readlink {}", full.display()), e))?,
+        )
     } else if file_type.is_file() {
         let (size, sha256) = hash_file(&full)?;
         if meta.nlink() > 1 {
-            inodes.entry((meta.dev(), meta.ino())).or_default().push(relative.to_path_buf());
+            inodes
+                .entry((meta.dev(), meta.ino()))
+                .or_default()
+                .push(relative.to_path_buf());
         }
         Kind::File { size, sha256 }
     } else if file_type.is_char_device() {
@@ -186,10 +217,15 @@ fn walk(
     };
     let mut xattrs = BTreeMap::new();
     if !file_type.is_symlink() {
-        let names = xattr::list(&full).map_err(|e| FixtureError::io(&format!("listxattr {}", full.display()), e))?;
+        let names =
+            xattr::list(&full).map_err(|e| FixtureError::io(&format!("listxattr {}", full.display()), e))?;
         for name in names {
             let name = name.to_string_lossy().into_owned();
-            if options.ignore_xattr_prefixes.iter().any(|p| name.starts_with(p.as_str())) {
+            if options
+                .ignore_xattr_prefixes
+                .iter()
+                .any(|p| name.starts_with(p.as_str()))
+            {
                 continue;
             }
             let value = xattr::get(&full, &name)
@@ -200,8 +236,21 @@ fn walk(
     }
     let is_root = relative.as_os_str().is_empty();
     if !is_root || options.include_root {
-        let mode = if file_type.is_symlink() { 0 } else { meta.mode() & 0o7777 };
-        entries.insert(relative.to_path_buf(), Entry { kind: kind.clone(), mode, uid: meta.uid(), gid: meta.gid(), xattrs });
+        let mode = if file_type.is_symlink() {
+            0
+        } else {
+            meta.mode() & 0o7777
+        };
+        entries.insert(
+            relative.to_path_buf(),
+            Entry {
+                kind: kind.clone(),
+                mode,
+                uid: meta.uid(),
+                gid: meta.gid(),
+                xattrs,
+            },
+        );
     }
     if kind == Kind::Dir {
         let mut children: Vec<_> = std::fs::read_dir(&full)
@@ -218,12 +267,15 @@ fn walk(
 }
 
 fn hash_file(path: &Path) -> Result<(u64, String), FixtureError> {
-    let mut file = std::fs::File::open(path).map_err(|e| FixtureError::io(&format!("opening {}", path.display()), e))?;
+    let mut file =
+        std::fs::File::open(path).map_err(|e| FixtureError::io(&format!("opening {}", path.display()), e))?;
     let mut hasher = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     let mut size = 0u64;
     loop {
-        let n = file.read(&mut buf).map_err(|e| FixtureError::io(&format!("reading {}", path.display()), e))?;
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| FixtureError::io(&format!("reading {}", path.display()), e))?;
         if n == 0 {
             break;
         }

@@ -14,7 +14,7 @@ use super::{ChangeSource, ClientOptions, CommitOptions, Compression, Credentials
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(subcommand)]
-    command: OciCommand,
+    command: Box<OciCommand>,
 }
 
 /// Registry access options shared by the subcommands.
@@ -37,7 +37,10 @@ impl Access {
             }
             None => Credentials::anonymous(),
         };
-        Ok(RegistryClient::new(ClientOptions { credentials, insecure_registries: self.insecure_registries.clone() })?)
+        Ok(RegistryClient::new(ClientOptions {
+            credentials,
+            insecure_registries: self.insecure_registries.clone(),
+        })?)
     }
 }
 
@@ -99,7 +102,7 @@ pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>>
 }
 
 async fn run_async(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>> {
-    match &args.command {
+    match args.command.as_ref() {
         OciCommand::CommitUpper {
             upper,
             base,
@@ -122,7 +125,9 @@ async fn run_async(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send 
                 options.layer = crate::overlay::LayerOptions::node_save();
             }
             options.layer.exclusions.extend(exclude.iter().cloned());
-            let pushed = client.push_on_top(&base_image, to, ChangeSource::UpperDir(upper.clone()), options).await?;
+            let pushed = client
+                .push_on_top(&base_image, to, ChangeSource::UpperDir(upper.clone()), options)
+                .await?;
             if let Some(tag) = tag {
                 client.tag(to, &pushed.manifest_digest, tag).await?;
             }
@@ -132,18 +137,32 @@ async fn run_async(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send 
                 let s = &pushed.summary;
                 println!("pushed {}", pushed.reference);
                 println!("layer {} ({} bytes)", pushed.layer_digest, pushed.layer_size);
-                println!("changes: {} added, {} modified, {} deleted, {} bytes", s.added, s.modified, s.deleted, s.bytes);
+                println!(
+                    "changes: {} added, {} modified, {} deleted, {} bytes",
+                    s.added, s.modified, s.deleted, s.bytes
+                );
                 if let Some(tag) = tag {
                     println!("tagged {to}:{tag}");
                 }
             }
             Ok(0)
         }
-        OciCommand::Unpack { reference, dir, platform, access } => {
+        OciCommand::Unpack {
+            reference,
+            dir,
+            platform,
+            access,
+        } => {
             let client = access.client()?;
             let platform = platform.as_deref().map(Platform::parse).transpose()?;
             let image = client.unpack_image(reference, platform.as_ref(), dir).await?;
-            println!("unpacked {} ({}, {} layers) into {}", image.pinned_reference(), image.platform, image.layers.len(), dir.display());
+            println!(
+                "unpacked {} ({}, {} layers) into {}",
+                image.pinned_reference(),
+                image.platform,
+                image.layers.len(),
+                dir.display()
+            );
             Ok(0)
         }
     }

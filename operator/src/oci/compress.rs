@@ -10,7 +10,9 @@ use std::thread::JoinHandle;
 use sha2::{Digest as _, Sha256};
 
 /// Layer compression.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Compression {
     /// gzip (`application/vnd.oci.image.layer.v1.tar+gzip`): readable by every tool. Level 1, in parallel
@@ -42,12 +44,20 @@ pub struct HashingWriter<W: Write> {
 impl<W: Write> HashingWriter<W> {
     /// Wraps `inner`.
     pub fn new(inner: W) -> Self {
-        HashingWriter { inner, hasher: Sha256::new(), written: 0 }
+        HashingWriter {
+            inner,
+            hasher: Sha256::new(),
+            written: 0,
+        }
     }
 
     /// Returns the inner writer, the `sha256:<hex>` digest and the byte count of what went through.
     pub fn finish(self) -> (W, String, u64) {
-        (self.inner, format!("sha256:{}", hex::encode(self.hasher.finalize())), self.written)
+        (
+            self.inner,
+            format!("sha256:{}", hex::encode(self.hasher.finalize())),
+            self.written,
+        )
     }
 
     /// The inner writer.
@@ -80,7 +90,11 @@ pub enum Compressor<W: Write> {
 impl<W: Write + Send + 'static> Compressor<W> {
     /// A compressor writing into `inner`, using `threads` threads (0: every core).
     pub fn new(compression: Compression, inner: W, threads: usize) -> io::Result<Self> {
-        let threads = if threads == 0 { std::thread::available_parallelism().map_or(1, usize::from) } else { threads };
+        let threads = if threads == 0 {
+            std::thread::available_parallelism().map_or(1, usize::from)
+        } else {
+            threads
+        };
         Ok(match compression {
             Compression::Gzip => Compressor::Gzip(ParallelGzip::new(inner, threads)),
             Compression::Zstd => {
@@ -120,9 +134,12 @@ impl<W: Write + Send + 'static> Write for Compressor<W> {
 /// the output depends only on the input, never on the number of threads.
 const GZIP_BLOCK: usize = 1 << 20;
 
+/// A compressed block, its CRC32 and its uncompressed length.
+type BlockResult = io::Result<(Vec<u8>, u32, u64)>;
+
 struct Job {
     data: Vec<u8>,
-    reply: mpsc::SyncSender<io::Result<(Vec<u8>, u32, u64)>>,
+    reply: mpsc::SyncSender<BlockResult>,
 }
 
 /// gzip in parallel blocks (one member; each block a raw deflate stream ended by a sync flush, CRCs
@@ -132,7 +149,7 @@ pub struct ParallelGzip<W: Write> {
     buffer: Vec<u8>,
     jobs: Option<mpsc::SyncSender<Job>>,
     workers: Vec<JoinHandle<()>>,
-    in_flight: VecDeque<mpsc::Receiver<io::Result<(Vec<u8>, u32, u64)>>>,
+    in_flight: VecDeque<mpsc::Receiver<BlockResult>>,
     max_in_flight: usize,
     crc: crc32fast::Hasher,
     total: u64,
@@ -177,13 +194,16 @@ impl<W: Write> ParallelGzip<W> {
     }
 
     fn inner_mut(&mut self) -> io::Result<&mut W> {
-        self.inner.as_mut().ok_or_else(|| io::Error::other("gzip writer already finished"))
+        self.inner
+            .as_mut()
+            .ok_or_else(|| io::Error::other("gzip writer already finished"))
     }
 
     fn write_header(&mut self) -> io::Result<()> {
         if !self.header_written {
             // magic, deflate, no flags, mtime 0 (reproducible), no extra flags, OS unknown.
-            self.inner_mut()?.write_all(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255])?;
+            self.inner_mut()?
+                .write_all(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255])?;
             self.header_written = true;
         }
         Ok(())
@@ -196,7 +216,8 @@ impl<W: Write> ParallelGzip<W> {
                 .map_err(|_| io::Error::other("a gzip worker thread stopped"))??;
             self.write_header()?;
             self.inner_mut()?.write_all(&compressed)?;
-            self.crc.combine(&crc32fast::Hasher::new_with_initial_len(crc, len));
+            self.crc
+                .combine(&crc32fast::Hasher::new_with_initial_len(crc, len));
         }
         Ok(())
     }
@@ -234,11 +255,13 @@ impl<W: Write> ParallelGzip<W> {
         inner.write_all(&crc.to_le_bytes())?;
         inner.write_all(&total.to_le_bytes())?;
         inner.flush()?;
-        self.inner.take().ok_or_else(|| io::Error::other("gzip writer already finished"))
+        self.inner
+            .take()
+            .ok_or_else(|| io::Error::other("gzip writer already finished"))
     }
 }
 
-fn deflate_block(data: &[u8]) -> io::Result<(Vec<u8>, u32, u64)> {
+fn deflate_block(data: &[u8]) -> BlockResult {
     let mut compressor = flate2::Compress::new(flate2::Compression::fast(), false);
     let mut out = Vec::with_capacity(data.len() / 2 + 1024);
     let mut input = data;

@@ -4,7 +4,9 @@
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The image reference cannot be parsed.
-    #[error("invalid image reference {reference:?}: {reason} (expected e.g. registry.example:5000/lab/image:tag)")]
+    #[error(
+        "invalid image reference {reference:?}: {reason} (expected e.g. registry.example:5000/lab/image:tag)"
+    )]
     BadReference {
         /// The reference as given.
         reference: String,
@@ -44,7 +46,9 @@ pub enum Error {
         media_type: String,
     },
     /// Downloaded content does not match its digest.
-    #[error("{reference}: {what} has digest {actual}, but {expected} was expected: refusing it (corrupt or tampered content)")]
+    #[error(
+        "{reference}: {what} has digest {actual}, but {expected} was expected: refusing it (corrupt or tampered content)"
+    )]
     DigestMismatch {
         /// The image reference.
         reference: String,
@@ -94,7 +98,15 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn io(action: impl Into<String>, path: impl Into<std::path::PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { action: action.into(), path: path.into(), source }
+    pub(crate) fn io(
+        action: impl Into<String>,
+        path: impl Into<std::path::PathBuf>,
+        source: std::io::Error,
+    ) -> Self {
+        Error::Io {
+            action: action.into(),
+            path: path.into(),
+            source,
+        }
     }
 }

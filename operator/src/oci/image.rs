@@ -8,21 +8,26 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 use oci_client::manifest::{
     IMAGE_CONFIG_MEDIA_TYPE, IMAGE_DOCKER_CONFIG_MEDIA_TYPE, IMAGE_DOCKER_LAYER_GZIP_MEDIA_TYPE,
-    IMAGE_DOCKER_LAYER_TAR_MEDIA_TYPE, IMAGE_LAYER_GZIP_MEDIA_TYPE, IMAGE_LAYER_MEDIA_TYPE, IMAGE_MANIFEST_LIST_MEDIA_TYPE,
-    IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE, OciDescriptor,
+    IMAGE_DOCKER_LAYER_TAR_MEDIA_TYPE, IMAGE_LAYER_GZIP_MEDIA_TYPE, IMAGE_LAYER_MEDIA_TYPE,
+    IMAGE_MANIFEST_LIST_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE,
+    OCI_IMAGE_MEDIA_TYPE, OciDescriptor,
 };
 use oci_client::{Reference, RegistryOperation};
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
+use super::Error;
 use super::compress::{Compression, Compressor, HashingWriter};
 use super::registry::{RegistryClient, parse_reference, registry_error};
-use super::Error;
 use crate::overlay::{self, ChangeSummary, LayerOptions, OpaqueXattr, UnpackOptions};
 
 const ZSTD_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
-const MANIFEST_TYPES: &[&str] =
-    &[OCI_IMAGE_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE, IMAGE_MANIFEST_LIST_MEDIA_TYPE];
+const MANIFEST_TYPES: &[&str] = &[
+    OCI_IMAGE_MEDIA_TYPE,
+    IMAGE_MANIFEST_MEDIA_TYPE,
+    OCI_IMAGE_INDEX_MEDIA_TYPE,
+    IMAGE_MANIFEST_LIST_MEDIA_TYPE,
+];
 /// Size of each upload chunk (one PATCH request each).
 const UPLOAD_CHUNK: usize = 4 << 20;
 /// Upload chunks buffered between the layer writer and the uploader (bounds memory).
@@ -50,7 +55,11 @@ impl Platform {
             "powerpc64" => "ppc64le",
             other => other,
         };
-        Platform { os: "linux".into(), architecture: architecture.into(), variant: None }
+        Platform {
+            os: "linux".into(),
+            architecture: architecture.into(),
+            variant: None,
+        }
     }
 
     /// Parses `os/architecture[/variant]`, e.g. `linux/arm64`.
@@ -61,11 +70,17 @@ impl Platform {
             reason: "a platform is os/architecture[/variant], e.g. linux/arm64".into(),
         };
         match parts.as_slice() {
-            [os, arch] if !os.is_empty() && !arch.is_empty() => {
-                Ok(Platform { os: (*os).into(), architecture: (*arch).into(), variant: None })
-            }
+            [os, arch] if !os.is_empty() && !arch.is_empty() => Ok(Platform {
+                os: (*os).into(),
+                architecture: (*arch).into(),
+                variant: None,
+            }),
             [os, arch, variant] if !os.is_empty() && !arch.is_empty() && !variant.is_empty() => {
-                Ok(Platform { os: (*os).into(), architecture: (*arch).into(), variant: Some((*variant).into()) })
+                Ok(Platform {
+                    os: (*os).into(),
+                    architecture: (*arch).into(),
+                    variant: Some((*variant).into()),
+                })
             }
             _ => Err(bad()),
         }
@@ -75,13 +90,26 @@ impl Platform {
         let field = |name: &str| candidate.get(name).and_then(Value::as_str);
         field("os") == Some(self.os.as_str())
             && field("architecture") == Some(self.architecture.as_str())
-            && self.variant.as_deref().is_none_or(|v| field("variant") == Some(v))
+            && self
+                .variant
+                .as_deref()
+                .is_none_or(|v| field("variant") == Some(v))
     }
 
     fn from_json(value: &Value) -> Self {
-        let field = |name: &str| value.get(name).and_then(Value::as_str).unwrap_or_default().to_owned();
+        let field = |name: &str| {
+            value
+                .get(name)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
         let variant = value.get("variant").and_then(Value::as_str).map(str::to_owned);
-        Platform { os: field("os"), architecture: field("architecture"), variant }
+        Platform {
+            os: field("os"),
+            architecture: field("architecture"),
+            variant,
+        }
     }
 }
 
@@ -97,6 +125,7 @@ impl std::fmt::Display for Platform {
 
 /// One layer of a manifest.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct LayerDescriptor {
     /// Media type (OCI or Docker; gzip, zstd or plain tar).
     pub media_type: String,
@@ -155,7 +184,11 @@ impl ResolvedImage {
     }
 
     fn repository_reference(&self) -> Reference {
-        Reference::with_digest(self.registry.clone(), self.repository.clone(), self.digest.clone())
+        Reference::with_digest(
+            self.registry.clone(),
+            self.repository.clone(),
+            self.digest.clone(),
+        )
     }
 }
 
@@ -261,7 +294,10 @@ impl LayerCache {
             let path = root.join(sub);
             std::fs::create_dir_all(&path).map_err(|e| Error::io("creating layer cache dir", &path, e))?;
         }
-        Ok(LayerCache { root, opaque_xattr: OpaqueXattr::Trusted })
+        Ok(LayerCache {
+            root,
+            opaque_xattr: OpaqueXattr::Trusted,
+        })
     }
 
     /// Use `user.overlay.opaque` for opaque directories (mounts with `userxattr`, in a user namespace).
@@ -325,7 +361,10 @@ impl ChannelWriter {
         if self.buffer.is_empty() {
             return Ok(());
         }
-        let chunk = Bytes::from(std::mem::replace(&mut self.buffer, Vec::with_capacity(UPLOAD_CHUNK)));
+        let chunk = Bytes::from(std::mem::replace(
+            &mut self.buffer,
+            Vec::with_capacity(UPLOAD_CHUNK),
+        ));
         self.sender
             .blocking_send(Ok(chunk))
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the upload stopped"))
@@ -363,13 +402,19 @@ impl<R: Read> Read for HashingReader<R> {
 
 impl<R: Read> HashingReader<R> {
     fn new(inner: R) -> Self {
-        HashingReader { inner, hasher: Sha256::new() }
+        HashingReader {
+            inner,
+            hasher: Sha256::new(),
+        }
     }
 
     /// Reads to the end (trailing padding counts too) and returns the inner reader and the digest.
     fn finish(mut self) -> std::io::Result<(R, String)> {
         std::io::copy(&mut self, &mut std::io::sink())?;
-        Ok((self.inner, format!("sha256:{}", hex::encode(self.hasher.finalize()))))
+        Ok((
+            self.inner,
+            format!("sha256:{}", hex::encode(self.hasher.finalize())),
+        ))
     }
 }
 
@@ -386,12 +431,17 @@ fn oci_layer_media_type(media_type: &str) -> String {
 }
 
 /// How to read a layer blob of this media type.
-fn decompressor<'r>(media_type: &str, input: Box<dyn Read + Send + 'r>) -> Option<std::io::Result<Box<dyn Read + Send + 'r>>> {
+fn decompressor<'r>(
+    media_type: &str,
+    input: Box<dyn Read + Send + 'r>,
+) -> Option<std::io::Result<Box<dyn Read + Send + 'r>>> {
     match media_type {
-        IMAGE_LAYER_GZIP_MEDIA_TYPE | IMAGE_DOCKER_LAYER_GZIP_MEDIA_TYPE => {
-            Some(Ok(Box::new(flate2::read::MultiGzDecoder::new(std::io::BufReader::with_capacity(1 << 16, input)))))
+        IMAGE_LAYER_GZIP_MEDIA_TYPE | IMAGE_DOCKER_LAYER_GZIP_MEDIA_TYPE => Some(Ok(Box::new(
+            flate2::read::MultiGzDecoder::new(std::io::BufReader::with_capacity(1 << 16, input)),
+        ))),
+        ZSTD_LAYER => {
+            Some(zstd::stream::read::Decoder::new(input).map(|d| Box::new(d) as Box<dyn Read + Send>))
         }
-        ZSTD_LAYER => Some(zstd::stream::read::Decoder::new(input).map(|d| Box::new(d) as Box<dyn Read + Send>)),
         IMAGE_LAYER_MEDIA_TYPE | IMAGE_DOCKER_LAYER_TAR_MEDIA_TYPE => Some(Ok(input)),
         _ => None,
     }
@@ -409,7 +459,11 @@ enum Placement {
 impl RegistryClient {
     /// Resolves `reference` (`registry/repo:tag` or `registry/repo@sha256:…`) to one image: follows an index
     /// or manifest list to `platform` (default: this machine's), reads the config, checks every digest.
-    pub async fn resolve(&self, reference: &str, platform: Option<&Platform>) -> Result<ResolvedImage, Error> {
+    pub async fn resolve(
+        &self,
+        reference: &str,
+        platform: Option<&Platform>,
+    ) -> Result<ResolvedImage, Error> {
         let parsed = parse_reference(reference)?;
         let auth = self.auth_for(&parsed);
         let wanted = platform.cloned().unwrap_or_else(Platform::host);
@@ -423,10 +477,18 @@ impl RegistryClient {
         if let Some(expected) = parsed.digest()
             && expected != actual
         {
-            return Err(Error::DigestMismatch { reference: shown, what: "manifest".into(), expected: expected.into(), actual });
+            return Err(Error::DigestMismatch {
+                reference: shown,
+                what: "manifest".into(),
+                expected: expected.into(),
+                actual,
+            });
         }
-        let mut manifest: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::Invalid { reference: shown.clone(), what: "manifest".into(), reason: e.to_string() })?;
+        let mut manifest: Value = serde_json::from_slice(&bytes).map_err(|e| Error::Invalid {
+            reference: shown.clone(),
+            what: "manifest".into(),
+            reason: e.to_string(),
+        })?;
         let mut manifest_digest = if digest.is_empty() { actual } else { digest };
         let mut index_digest = None;
         let mut image_ref = parsed.clone();
@@ -438,7 +500,8 @@ impl RegistryClient {
                 .or_else(|| {
                     // arm64 images often say variant v8; accept it when no variant was asked for.
                     entries.iter().find(|m| {
-                        m["platform"]["os"] == wanted.os.as_str() && m["platform"]["architecture"] == wanted.architecture.as_str()
+                        m["platform"]["os"] == wanted.os.as_str()
+                            && m["platform"]["architecture"] == wanted.architecture.as_str()
                     })
                 })
                 .ok_or_else(|| Error::NoPlatform {
@@ -461,23 +524,52 @@ impl RegistryClient {
                 .inner
                 .pull_manifest_raw(&image_ref, &auth, MANIFEST_TYPES)
                 .await
-                .map_err(|e| registry_error(&parsed, format!("fetching manifest {child_digest} for {wanted}"), &e))?;
+                .map_err(|e| {
+                    registry_error(
+                        &parsed,
+                        format!("fetching manifest {child_digest} for {wanted}"),
+                        &e,
+                    )
+                })?;
             let actual = sha256_digest(&child);
             if actual != child_digest {
-                return Err(Error::DigestMismatch { reference: shown, what: format!("manifest for {wanted}"), expected: child_digest, actual });
+                return Err(Error::DigestMismatch {
+                    reference: shown,
+                    what: format!("manifest for {wanted}"),
+                    expected: child_digest,
+                    actual,
+                });
             }
-            manifest = serde_json::from_slice(&child)
-                .map_err(|e| Error::Invalid { reference: shown.clone(), what: "manifest".into(), reason: e.to_string() })?;
+            manifest = serde_json::from_slice(&child).map_err(|e| Error::Invalid {
+                reference: shown.clone(),
+                what: "manifest".into(),
+                reason: e.to_string(),
+            })?;
             manifest_digest = child_digest;
         }
         if manifest["schemaVersion"].as_i64() != Some(2) || manifest.get("layers").is_none() {
-            let media_type = manifest["mediaType"].as_str().unwrap_or("Docker schema 1 or unknown").to_owned();
-            return Err(Error::UnsupportedMediaType { reference: shown, what: "manifest".into(), media_type });
+            let media_type = manifest["mediaType"]
+                .as_str()
+                .unwrap_or("Docker schema 1 or unknown")
+                .to_owned();
+            return Err(Error::UnsupportedMediaType {
+                reference: shown,
+                what: "manifest".into(),
+                media_type,
+            });
         }
-        let config_desc: LayerDescriptor = serde_json::from_value(manifest["config"].clone())
-            .map_err(|e| Error::Invalid { reference: shown.clone(), what: "manifest config descriptor".into(), reason: e.to_string() })?;
-        let layers: Vec<LayerDescriptor> = serde_json::from_value(manifest["layers"].clone())
-            .map_err(|e| Error::Invalid { reference: shown.clone(), what: "manifest layers".into(), reason: e.to_string() })?;
+        let config_desc: LayerDescriptor =
+            serde_json::from_value(manifest["config"].clone()).map_err(|e| Error::Invalid {
+                reference: shown.clone(),
+                what: "manifest config descriptor".into(),
+                reason: e.to_string(),
+            })?;
+        let layers: Vec<LayerDescriptor> =
+            serde_json::from_value(manifest["layers"].clone()).map_err(|e| Error::Invalid {
+                reference: shown.clone(),
+                what: "manifest layers".into(),
+                reason: e.to_string(),
+            })?;
         let mut config_bytes = Vec::new();
         self.inner
             .pull_blob(&image_ref, &config_desc.to_oci(), &mut config_bytes)
@@ -485,10 +577,18 @@ impl RegistryClient {
             .map_err(|e| registry_error(&parsed, format!("fetching config {}", config_desc.digest), &e))?;
         let actual = sha256_digest(&config_bytes);
         if actual != config_desc.digest {
-            return Err(Error::DigestMismatch { reference: shown, what: "config".into(), expected: config_desc.digest, actual });
+            return Err(Error::DigestMismatch {
+                reference: shown,
+                what: "config".into(),
+                expected: config_desc.digest,
+                actual,
+            });
         }
-        let config: Value = serde_json::from_slice(&config_bytes)
-            .map_err(|e| Error::Invalid { reference: shown.clone(), what: "config".into(), reason: e.to_string() })?;
+        let config: Value = serde_json::from_slice(&config_bytes).map_err(|e| Error::Invalid {
+            reference: shown.clone(),
+            what: "config".into(),
+            reason: e.to_string(),
+        })?;
         let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
             .as_array()
             .map(|ids| ids.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
@@ -502,7 +602,11 @@ impl RegistryClient {
         }
         let labels = config["config"]["Labels"]
             .as_object()
-            .map(|map| map.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned())).collect())
+            .map(|map| {
+                map.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                    .collect()
+            })
             .unwrap_or_default();
         let size = config_desc.size + layers.iter().map(|l| l.size).sum::<u64>();
         Ok(ResolvedImage {
@@ -546,14 +650,20 @@ impl RegistryClient {
         let expected = layer.digest.clone();
         let shown = image.pinned_reference();
         let worker = tokio::task::spawn_blocking(move || {
-            let mut hashing = HashingReader::new(ChannelReader { receiver, current: Bytes::new() });
+            let mut hashing = HashingReader::new(ChannelReader {
+                receiver,
+                current: Bytes::new(),
+            });
             let result = consume(&mut hashing);
             // Drain and check the digest even when `consume` stopped early: a tampered blob is reported as such.
             let digest = hashing.finish();
             match digest {
-                Ok((_, actual)) if actual != expected => {
-                    Err(Error::DigestMismatch { reference: shown, what: format!("layer blob {expected}"), expected, actual })
-                }
+                Ok((_, actual)) if actual != expected => Err(Error::DigestMismatch {
+                    reference: shown,
+                    what: format!("layer blob {expected}"),
+                    expected,
+                    actual,
+                }),
                 Ok(_) => result,
                 Err(e) => result.and(Err(Error::Internal(format!("reading layer {expected}: {e}")))),
             }
@@ -573,26 +683,42 @@ impl RegistryClient {
         let layer = image.layers[index].clone();
         let diff_id = image.diff_ids[index].clone();
         let shown = image.pinned_reference();
-        self.with_blob(image, &layer, move |blob| {
+        let descriptor = layer.clone();
+        self.with_blob(image, &descriptor, move |blob| {
             let context = format!("{shown}: layer {} ({})", index + 1, layer.digest);
-            let reader = decompressor(&layer.media_type, Box::new(blob)).ok_or_else(|| Error::UnsupportedMediaType {
-                reference: shown.clone(),
-                what: format!("layer {}", layer.digest),
-                media_type: layer.media_type.clone(),
+            let reader = decompressor(&layer.media_type, Box::new(blob)).ok_or_else(|| {
+                Error::UnsupportedMediaType {
+                    reference: shown.clone(),
+                    what: format!("layer {}", layer.digest),
+                    media_type: layer.media_type.clone(),
+                }
             })?;
             let reader = reader.map_err(|e| Error::io("opening compressed layer", &dest, e))?;
             let hashing = HashingReader::new(reader);
             let hashing = match placement {
                 Placement::Overlay(opaque_xattr) => {
-                    let options = UnpackOptions { opaque_xattr, ..UnpackOptions::default() };
-                    overlay::unpack_layer(hashing, &dest, &options).map(|(r, _)| r)
+                    let options = UnpackOptions {
+                        opaque_xattr,
+                        ..UnpackOptions::default()
+                    };
+                    overlay::unpack_layer(hashing, &dest, options).map(|(r, _)| r)
                 }
                 Placement::Flatten => overlay::apply_layer(hashing, &dest).map(|(r, _)| r),
             }
-            .map_err(|source| Error::Layer { context: context.clone(), source })?;
-            let (_, actual) = hashing.finish().map_err(|e| Error::io("reading layer", &dest, e))?;
+            .map_err(|source| Error::Layer {
+                context: context.clone(),
+                source,
+            })?;
+            let (_, actual) = hashing
+                .finish()
+                .map_err(|e| Error::io("reading layer", &dest, e))?;
             if actual != diff_id {
-                return Err(Error::DigestMismatch { reference: shown, what: format!("uncompressed layer {}", index + 1), expected: diff_id, actual });
+                return Err(Error::DigestMismatch {
+                    reference: shown,
+                    what: format!("uncompressed layer {}", index + 1),
+                    expected: diff_id,
+                    actual,
+                });
             }
             Ok(())
         })
@@ -600,7 +726,12 @@ impl RegistryClient {
     }
 
     /// Pulls an image into `cache` (layers already there are reused) and returns its lower dirs, top first.
-    pub async fn pull_image(&self, cache: &LayerCache, reference: &str, platform: Option<&Platform>) -> Result<PulledImage, Error> {
+    pub async fn pull_image(
+        &self,
+        cache: &LayerCache,
+        reference: &str,
+        platform: Option<&Platform>,
+    ) -> Result<PulledImage, Error> {
         let image = self.resolve(reference, platform).await?;
         let mut lower_dirs = Vec::with_capacity(image.layers.len());
         for (index, layer) in image.layers.iter().enumerate() {
@@ -612,7 +743,13 @@ impl RegistryClient {
                     .map_err(|e| Error::io("creating a staging dir in", cache.root(), e))?;
                 let unpacked = staging.path().join("root");
                 std::fs::create_dir(&unpacked).map_err(|e| Error::io("creating", &unpacked, e))?;
-                self.unpack_blob(&image, index, unpacked.clone(), Placement::Overlay(cache.opaque_xattr)).await?;
+                self.unpack_blob(
+                    &image,
+                    index,
+                    unpacked.clone(),
+                    Placement::Overlay(cache.opaque_xattr),
+                )
+                .await?;
                 match std::fs::rename(&unpacked, &target) {
                     Ok(()) => {}
                     // Another pull placed the same layer first: keep theirs, drop ours.
@@ -634,26 +771,40 @@ impl RegistryClient {
 
     /// Pulls an image and flattens it into `dest` (created; must be empty): the image's root filesystem, as
     /// `umoci unpack` would give it.
-    pub async fn unpack_image(&self, reference: &str, platform: Option<&Platform>, dest: &Path) -> Result<ResolvedImage, Error> {
+    pub async fn unpack_image(
+        &self,
+        reference: &str,
+        platform: Option<&Platform>,
+        dest: &Path,
+    ) -> Result<ResolvedImage, Error> {
         std::fs::create_dir_all(dest).map_err(|e| Error::io("creating", dest, e))?;
         let mut entries = std::fs::read_dir(dest).map_err(|e| Error::io("listing", dest, e))?;
         if entries.next().is_some() {
             return Err(Error::io(
                 "unpacking into",
                 dest,
-                std::io::Error::new(std::io::ErrorKind::DirectoryNotEmpty, "the target directory is not empty"),
+                std::io::Error::new(
+                    std::io::ErrorKind::DirectoryNotEmpty,
+                    "the target directory is not empty",
+                ),
             ));
         }
         let image = self.resolve(reference, platform).await?;
         for index in 0..image.layers.len() {
-            self.unpack_blob(&image, index, dest.to_path_buf(), Placement::Flatten).await?;
+            self.unpack_blob(&image, index, dest.to_path_buf(), Placement::Flatten)
+                .await?;
         }
         Ok(image)
     }
 
     /// Makes sure `layer` (a blob of `base`) is in `target`'s repository: already there, mounted across
     /// repositories, or copied (streamed) when the registry refuses the mount or is another registry.
-    async fn ensure_blob(&self, base: &ResolvedImage, target: &Reference, layer: &LayerDescriptor) -> Result<(), Error> {
+    async fn ensure_blob(
+        &self,
+        base: &ResolvedImage,
+        target: &Reference,
+        layer: &LayerDescriptor,
+    ) -> Result<(), Error> {
         let exists = self
             .inner
             .blob_exists(target, &layer.digest)
@@ -666,7 +817,9 @@ impl RegistryClient {
         if source.resolve_registry() == target.resolve_registry() {
             match self.inner.mount_blob(target, &source, &layer.digest).await {
                 Ok(()) => return Ok(()),
-                Err(e) => tracing::info!(digest = %layer.digest, error = %e, "blob mount refused; copying the blob"),
+                Err(e) => {
+                    tracing::info!(digest = %layer.digest, error = %e, "blob mount refused; copying the blob");
+                }
             }
         }
         let stream = self
@@ -674,7 +827,9 @@ impl RegistryClient {
             .pull_blob_stream(&source, &layer.to_oci())
             .await
             .map_err(|e| registry_error(&source, format!("fetching blob {} to copy it", layer.digest), &e))?;
-        let body = stream.stream.map(|chunk| chunk.map_err(oci_client::errors::OciDistributionError::from));
+        let body = stream
+            .stream
+            .map(|chunk| chunk.map_err(oci_client::errors::OciDistributionError::from));
         self.inner
             .push_blob_stream(target, body, &layer.digest, Some(layer.size))
             .await
@@ -698,15 +853,30 @@ impl RegistryClient {
         let threads = options.threads;
         let writer = tokio::task::spawn_blocking(move || -> Result<(String, ChangeSummary), Error> {
             let run = || -> Result<(String, ChangeSummary), Error> {
-                let sink = ChannelWriter { sender, buffer: Vec::with_capacity(UPLOAD_CHUNK) };
+                let sink = ChannelWriter {
+                    sender,
+                    buffer: Vec::with_capacity(UPLOAD_CHUNK),
+                };
                 let compressor = Compressor::new(compression, sink, threads)
                     .map_err(|e| Error::Internal(format!("starting the compressor: {e}")))?;
                 let hashing = HashingWriter::new(std::io::BufWriter::with_capacity(1 << 16, compressor));
                 let (hashing, summary) = match changes {
-                    ChangeSource::UpperDir(dir) => overlay::write_layer_from_dir(&dir, &layer_options, hashing)
-                        .map_err(|source| Error::Layer { context: format!("reading upper dir {}", dir.display()), source })?,
-                    ChangeSource::TarStream(stream) => overlay::write_layer_from_tar(stream, &layer_options, hashing)
-                        .map_err(|source| Error::Layer { context: "converting the change stream".into(), source })?,
+                    ChangeSource::UpperDir(dir) => {
+                        overlay::write_layer_from_dir(&dir, &layer_options, hashing).map_err(|source| {
+                            Error::Layer {
+                                context: format!("reading upper dir {}", dir.display()),
+                                source,
+                            }
+                        })?
+                    }
+                    ChangeSource::TarStream(stream) => {
+                        overlay::write_layer_from_tar(stream, &layer_options, hashing).map_err(|source| {
+                            Error::Layer {
+                                context: "converting the change stream".into(),
+                                source,
+                            }
+                        })?
+                    }
                 };
                 let (buffered, diff_id, _) = hashing.finish();
                 let compressor = buffered
@@ -715,25 +885,31 @@ impl RegistryClient {
                 let mut sink = compressor
                     .finish()
                     .map_err(|e| Error::Internal(format!("finishing compression: {e}")))?;
-                sink.send_buffer().map_err(|e| Error::Internal(format!("sending the last chunk: {e}")))?;
+                sink.send_buffer()
+                    .map_err(|e| Error::Internal(format!("sending the last chunk: {e}")))?;
                 Ok((diff_id, summary))
             };
             let outcome = run();
             if let Err(e) = &outcome {
                 // Abort the upload: the registry must not get a truncated blob.
-                let _ = error_sender.blocking_send(Err(oci_client::errors::OciDistributionError::GenericError(Some(e.to_string()))));
+                let _ = error_sender.blocking_send(Err(
+                    oci_client::errors::OciDistributionError::GenericError(Some(e.to_string())),
+                ));
             }
             outcome
         });
         let stream = futures::stream::poll_fn(move |cx| receiver.poll_recv(cx));
         let upload = self.inner.push_blob_stream_chunked(target, stream).await;
-        let written = writer.await.map_err(|e| Error::Internal(format!("layer writer task: {e}")))?;
+        let written = writer
+            .await
+            .map_err(|e| Error::Internal(format!("layer writer task: {e}")))?;
         match (written, upload) {
-            (Ok((diff_id, summary)), Ok(uploaded)) => Ok((uploaded.blob_digest, uploaded.size, diff_id, summary)),
+            (Ok((diff_id, summary)), Ok(uploaded)) => {
+                Ok((uploaded.blob_digest, uploaded.size, diff_id, summary))
+            }
             // A bad change set aborts the upload: report the cause, not the aborted upload.
-            (Err(error @ Error::Layer { .. }), _) => Err(error),
+            (Err(error @ Error::Layer { .. }), _) | (Err(error), Ok(_)) => Err(error),
             (_, Err(error)) => Err(registry_error(target, "uploading the new layer", &error)),
-            (Err(error), Ok(_)) => Err(error),
         }
     }
 
@@ -749,18 +925,31 @@ impl RegistryClient {
         options: CommitOptions,
     ) -> Result<PushedImage, Error> {
         let parsed = parse_reference(target_repository)?;
-        let target = Reference::with_tag(parsed.registry().to_owned(), parsed.repository().to_owned(), "latest".into());
+        let target = Reference::with_tag(
+            parsed.registry().to_owned(),
+            parsed.repository().to_owned(),
+            "latest".into(),
+        );
         self.login(&target, RegistryOperation::Push).await?;
         if base.registry != target.resolve_registry() || base.repository != target.repository() {
-            self.login(&base.repository_reference(), RegistryOperation::Pull).await?;
+            self.login(&base.repository_reference(), RegistryOperation::Pull)
+                .await?;
         }
-        let (layer_digest, layer_size, diff_id, summary) = self.push_layer(&target, changes, &options).await?;
+        let (layer_digest, layer_size, diff_id, summary) =
+            self.push_layer(&target, changes, &options).await?;
         for layer in &base.layers {
             self.ensure_blob(base, &target, layer).await?;
         }
-        let created = options.created.unwrap_or_else(chrono::Utc::now).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let created = options
+            .created
+            .unwrap_or_else(chrono::Utc::now)
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         let mut config = base.config.clone();
-        let invalid = |reason: &str| Error::Invalid { reference: base.pinned_reference(), what: "config".into(), reason: reason.into() };
+        let invalid = |reason: &str| Error::Invalid {
+            reference: base.pinned_reference(),
+            what: "config".into(),
+            reason: reason.into(),
+        };
         config
             .get_mut("rootfs")
             .and_then(|r| r.get_mut("diff_ids"))
@@ -787,7 +976,8 @@ impl RegistryClient {
                 config["config"]["Labels"][key] = json!(value);
             }
         }
-        let config_bytes = serde_json::to_vec(&config).map_err(|e| Error::Internal(format!("serializing config: {e}")))?;
+        let config_bytes =
+            serde_json::to_vec(&config).map_err(|e| Error::Internal(format!("serializing config: {e}")))?;
         let config_digest = sha256_digest(&config_bytes);
         self.inner
             .push_blob(&target, config_bytes.clone(), &config_digest)
@@ -809,15 +999,28 @@ impl RegistryClient {
             "config": {"mediaType": config_media_type, "digest": config_digest, "size": config_bytes.len()},
             "layers": layers,
         });
-        let manifest_bytes = serde_json::to_vec(&manifest).map_err(|e| Error::Internal(format!("serializing manifest: {e}")))?;
+        let manifest_bytes = serde_json::to_vec(&manifest)
+            .map_err(|e| Error::Internal(format!("serializing manifest: {e}")))?;
         let manifest_digest = sha256_digest(&manifest_bytes);
-        let by_digest = Reference::with_digest(target.registry().to_owned(), target.repository().to_owned(), manifest_digest.clone());
+        let by_digest = Reference::with_digest(
+            target.registry().to_owned(),
+            target.repository().to_owned(),
+            manifest_digest.clone(),
+        );
         self.inner
-            .push_manifest_raw(&by_digest, manifest_bytes, http::HeaderValue::from_static(OCI_IMAGE_MEDIA_TYPE))
+            .push_manifest_raw(
+                &by_digest,
+                manifest_bytes,
+                http::HeaderValue::from_static(OCI_IMAGE_MEDIA_TYPE),
+            )
             .await
             .map_err(|e| registry_error(&target, format!("pushing manifest {manifest_digest}"), &e))?;
         Ok(PushedImage {
-            reference: format!("{}/{}@{manifest_digest}", target.resolve_registry(), target.repository()),
+            reference: format!(
+                "{}/{}@{manifest_digest}",
+                target.resolve_registry(),
+                target.repository()
+            ),
             manifest_digest,
             config_digest,
             layer_digest,
@@ -830,25 +1033,43 @@ impl RegistryClient {
     /// Points `tag` of `repository` (`registry/repo`) at the manifest `digest` already in that repository.
     pub async fn tag(&self, repository: &str, digest: &str, tag: &str) -> Result<(), Error> {
         let parsed = parse_reference(repository)?;
-        let by_digest = Reference::with_digest(parsed.registry().to_owned(), parsed.repository().to_owned(), digest.to_owned());
-        let tagged = Reference::with_tag(parsed.registry().to_owned(), parsed.repository().to_owned(), tag.to_owned());
+        let by_digest = Reference::with_digest(
+            parsed.registry().to_owned(),
+            parsed.repository().to_owned(),
+            digest.to_owned(),
+        );
+        let tagged = Reference::with_tag(
+            parsed.registry().to_owned(),
+            parsed.repository().to_owned(),
+            tag.to_owned(),
+        );
         self.login(&tagged, RegistryOperation::Push).await?;
         let auth = self.auth_for(&parsed);
         let (bytes, _) = self
             .inner
             .pull_manifest_raw(&by_digest, &auth, MANIFEST_TYPES)
             .await
-            .map_err(|e| registry_error(&parsed, format!("fetching manifest {digest} to tag it {tag}"), &e))?;
+            .map_err(|e| {
+                registry_error(&parsed, format!("fetching manifest {digest} to tag it {tag}"), &e)
+            })?;
         let actual = sha256_digest(&bytes);
         if actual != digest {
-            return Err(Error::DigestMismatch { reference: by_digest.whole(), what: "manifest".into(), expected: digest.into(), actual });
+            return Err(Error::DigestMismatch {
+                reference: by_digest.whole(),
+                what: "manifest".into(),
+                expected: digest.into(),
+                actual,
+            });
         }
         let media_type = serde_json::from_slice::<Value>(&bytes)
             .ok()
             .and_then(|v| v["mediaType"].as_str().map(str::to_owned))
             .unwrap_or_else(|| OCI_IMAGE_MEDIA_TYPE.to_owned());
-        let content_type = http::HeaderValue::from_str(&media_type)
-            .map_err(|e| Error::Invalid { reference: by_digest.whole(), what: "manifest media type".into(), reason: e.to_string() })?;
+        let content_type = http::HeaderValue::from_str(&media_type).map_err(|e| Error::Invalid {
+            reference: by_digest.whole(),
+            what: "manifest media type".into(),
+            reason: e.to_string(),
+        })?;
         self.inner
             .push_manifest_raw(&tagged, bytes, content_type)
             .await

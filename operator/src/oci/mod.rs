@@ -47,6 +47,7 @@ mod registry;
 pub use compress::{Compression, Compressor, HashingWriter, ParallelGzip};
 pub use error::Error;
 pub use image::{
-    ChangeSource, CommitOptions, LayerCache, LayerDescriptor, Platform, PulledImage, PushedImage, ResolvedImage,
+    ChangeSource, CommitOptions, LayerCache, LayerDescriptor, Platform, PulledImage, PushedImage,
+    ResolvedImage,
 };
 pub use registry::{ClientOptions, Credentials, RegistryClient};

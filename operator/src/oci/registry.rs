@@ -19,14 +19,19 @@ pub struct Credentials {
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print secrets: only which hosts have credentials.
-        f.debug_struct("Credentials").field("hosts", &self.by_host.keys().collect::<Vec<_>>()).finish()
+        f.debug_struct("Credentials")
+            .field("hosts", &self.by_host.keys().collect::<Vec<_>>())
+            .finish()
     }
 }
 
 /// Docker's aliases for Docker Hub, all mapped to the host oci-client talks to.
 fn normalize_host(host: &str) -> String {
     let host = host.trim();
-    let host = host.strip_prefix("https://").or_else(|| host.strip_prefix("http://")).unwrap_or(host);
+    let host = host
+        .strip_prefix("https://")
+        .or_else(|| host.strip_prefix("http://"))
+        .unwrap_or(host);
     let host = host.split('/').next().unwrap_or(host);
     match host {
         "docker.io" | "index.docker.io" | "registry-1.docker.io" => "index.docker.io".to_owned(),
@@ -43,14 +48,18 @@ impl Credentials {
     /// Adds basic-auth credentials for `host` (e.g. `127.0.0.1:5000`).
     #[must_use]
     pub fn with_basic(mut self, host: &str, username: &str, password: &str) -> Self {
-        self.by_host.insert(normalize_host(host), RegistryAuth::Basic(username.to_owned(), password.to_owned()));
+        self.by_host.insert(
+            normalize_host(host),
+            RegistryAuth::Basic(username.to_owned(), password.to_owned()),
+        );
         self
     }
 
     /// Adds a bearer token for `host` (sent as is).
     #[must_use]
     pub fn with_bearer(mut self, host: &str, token: &str) -> Self {
-        self.by_host.insert(normalize_host(host), RegistryAuth::Bearer(token.to_owned()));
+        self.by_host
+            .insert(normalize_host(host), RegistryAuth::Bearer(token.to_owned()));
         self
     }
 
@@ -74,9 +83,9 @@ impl Credentials {
                     .map_err(|e| Error::Credentials(format!("auths.{host}.auth is not base64: {e}")))?;
                 let decoded = String::from_utf8(decoded)
                     .map_err(|_| Error::Credentials(format!("auths.{host}.auth is not UTF-8")))?;
-                let (user, password) = decoded
-                    .split_once(':')
-                    .ok_or_else(|| Error::Credentials(format!("auths.{host}.auth is not base64(\"user:password\")")))?;
+                let (user, password) = decoded.split_once(':').ok_or_else(|| {
+                    Error::Credentials(format!("auths.{host}.auth is not base64(\"user:password\")"))
+                })?;
                 credentials = credentials.with_basic(host, user, password);
             } else if let (Some(user), Some(password)) = (
                 entry.get("username").and_then(serde_json::Value::as_str),
@@ -90,7 +99,10 @@ impl Credentials {
 
     /// The credentials used for `host` (anonymous when none).
     pub fn for_host(&self, host: &str) -> RegistryAuth {
-        self.by_host.get(&normalize_host(host)).cloned().unwrap_or(RegistryAuth::Anonymous)
+        self.by_host
+            .get(&normalize_host(host))
+            .cloned()
+            .unwrap_or(RegistryAuth::Anonymous)
     }
 }
 
@@ -106,7 +118,10 @@ pub struct ClientOptions {
 impl ClientOptions {
     /// Anonymous access, plain HTTP for these hosts.
     pub fn insecure<I: IntoIterator<Item = S>, S: Into<String>>(hosts: I) -> Self {
-        ClientOptions { credentials: Credentials::default(), insecure_registries: hosts.into_iter().map(Into::into).collect() }
+        ClientOptions {
+            credentials: Credentials::default(),
+            insecure_registries: hosts.into_iter().map(Into::into).collect(),
+        }
     }
 }
 
@@ -119,26 +134,42 @@ pub struct RegistryClient {
 
 impl std::fmt::Debug for RegistryClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RegistryClient").field("credentials", &self.credentials).finish_non_exhaustive()
+        f.debug_struct("RegistryClient")
+            .field("credentials", &self.credentials)
+            .finish_non_exhaustive()
     }
 }
 
 /// Parses an image reference, with an error that says what is expected.
 pub(crate) fn parse_reference(reference: &str) -> Result<Reference, Error> {
-    Reference::from_str(reference.trim())
-        .map_err(|e| Error::BadReference { reference: reference.to_owned(), reason: e.to_string() })
+    Reference::from_str(reference.trim()).map_err(|e| Error::BadReference {
+        reference: reference.to_owned(),
+        reason: e.to_string(),
+    })
 }
 
 /// Turns an oci-client error into one that names the registry, the repository and what it answered.
-pub(crate) fn registry_error(reference: &Reference, action: impl Into<String>, error: &OciDistributionError) -> Error {
+pub(crate) fn registry_error(
+    reference: &Reference,
+    action: impl Into<String>,
+    error: &OciDistributionError,
+) -> Error {
     let answer = match error {
-        OciDistributionError::ServerError { code, message, url } => format!("HTTP {code} from {url}: {}", message.trim()),
+        OciDistributionError::ServerError { code, message, url } => {
+            format!("HTTP {code} from {url}: {}", message.trim())
+        }
         OciDistributionError::RegistryError { envelope, url } => format!("{url}: {envelope}"),
         OciDistributionError::AuthenticationFailure(message) => {
-            format!("authentication failed ({message}): check the credentials for {}", reference.resolve_registry())
+            format!(
+                "authentication failed ({message}): check the credentials for {}",
+                reference.resolve_registry()
+            )
         }
         OciDistributionError::UnauthorizedError { url } => {
-            format!("unauthorized at {url}: check the credentials for {}", reference.resolve_registry())
+            format!(
+                "unauthorized at {url}: check the credentials for {}",
+                reference.resolve_registry()
+            )
         }
         other => {
             let mut text = other.to_string();
@@ -169,11 +200,14 @@ impl RegistryClient {
         };
         let config = oci_client::client::ClientConfig {
             protocol,
-            read_timeout: Some(std::time::Duration::from_secs(300)),
+            read_timeout: Some(std::time::Duration::from_mins(5)),
             connect_timeout: Some(std::time::Duration::from_secs(30)),
             ..Default::default()
         };
-        Ok(RegistryClient { inner: oci_client::Client::new(config), credentials: options.credentials })
+        Ok(RegistryClient {
+            inner: oci_client::Client::new(config),
+            credentials: options.credentials,
+        })
     }
 
     /// The credentials used for the registry of `reference`.
@@ -182,7 +216,11 @@ impl RegistryClient {
     }
 
     /// Authenticates for an operation on a repository (fetches a bearer token when the registry wants one).
-    pub(crate) async fn login(&self, reference: &Reference, operation: RegistryOperation) -> Result<(), Error> {
+    pub(crate) async fn login(
+        &self,
+        reference: &Reference,
+        operation: RegistryOperation,
+    ) -> Result<(), Error> {
         let auth = self.auth_for(reference);
         self.inner
             .auth(reference, &auth, operation)

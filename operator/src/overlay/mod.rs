@@ -22,7 +22,14 @@ use std::path::PathBuf;
 
 /// WalT's default exclusions (regular expressions matched against `/`-rooted paths, directories with a
 /// trailing `/`): boot-time noise that a node save does not keep.
-pub const DEFAULT_EXCLUSIONS: &[&str] = &["/log/", r"\.lock$", "machine-id", "walt-env", "_walt_internal_", "README.nonlocal"];
+pub const DEFAULT_EXCLUSIONS: &[&str] = &[
+    "/log/",
+    r"\.lock$",
+    "machine-id",
+    "walt-env",
+    "_walt_internal_",
+    "README.nonlocal",
+];
 
 /// Prefix of a whiteout entry in an OCI layer.
 pub const WHITEOUT_PREFIX: &str = ".wh.";
@@ -78,7 +85,9 @@ pub enum Error {
         source: std::io::Error,
     },
     /// An entry that would write outside the target, or through a link: refused.
-    #[error("refusing unsafe layer entry {path:?}: {reason} (the layer or tar stream is malformed or malicious)")]
+    #[error(
+        "refusing unsafe layer entry {path:?}: {reason} (the layer or tar stream is malformed or malicious)"
+    )]
     UnsafeEntry {
         /// The entry's path as found in the archive.
         path: String,
@@ -98,7 +107,11 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { action, path: path.into(), source }
+        Error::Io {
+            action,
+            path: path.into(),
+            source,
+        }
     }
 }
 
@@ -107,14 +120,20 @@ impl Error {
 pub fn sanitize_entry_path(raw: &[u8]) -> Result<Vec<u8>, Error> {
     let text = String::from_utf8_lossy(raw);
     if raw.starts_with(b"/") {
-        return Err(Error::UnsafeEntry { path: text.into_owned(), reason: "absolute path".into() });
+        return Err(Error::UnsafeEntry {
+            path: text.into_owned(),
+            reason: "absolute path".into(),
+        });
     }
     let mut parts: Vec<&[u8]> = Vec::new();
     for part in raw.split(|b| *b == b'/') {
         match part {
             b"" | b"." => {}
             b".." => {
-                return Err(Error::UnsafeEntry { path: text.into_owned(), reason: "path contains `..`".into() });
+                return Err(Error::UnsafeEntry {
+                    path: text.into_owned(),
+                    reason: "path contains `..`".into(),
+                });
             }
             _ => parts.push(part),
         }

@@ -20,7 +20,10 @@ pub struct UnpackOptions {
 
 impl Default for UnpackOptions {
     fn default() -> Self {
-        UnpackOptions { opaque_xattr: OpaqueXattr::Trusted, preserve_owners: nix::unistd::geteuid().is_root() }
+        UnpackOptions {
+            opaque_xattr: OpaqueXattr::Trusted,
+            preserve_owners: nix::unistd::geteuid().is_root(),
+        }
     }
 }
 
@@ -36,7 +39,7 @@ struct DirTimes {
 /// symlink, hard links outside the layer, and relative symlinks that climb above the root (absolute symlink
 /// targets are fine: they resolve inside the root at run time). Overlay's own xattrs in a layer are dropped.
 /// Returns the input reader (so the caller can drain and hash it) and the number of entries.
-pub fn unpack_layer<R: Read>(input: R, dest: &Path, options: &UnpackOptions) -> Result<(R, u64), Error> {
+pub fn unpack_layer<R: Read>(input: R, dest: &Path, options: UnpackOptions) -> Result<(R, u64), Error> {
     unpack(input, dest, options, None)
 }
 
@@ -45,25 +48,29 @@ pub fn unpack_layer<R: Read>(input: R, dest: &Path, options: &UnpackOptions) -> 
 /// what the lower layers put there. Same safety checks as [`unpack_layer`]. Owners are kept when root.
 pub fn apply_layer<R: Read>(input: R, dest: &Path) -> Result<(R, u64), Error> {
     let mut created = HashSet::new();
-    unpack(input, dest, &UnpackOptions::default(), Some(&mut created))
+    unpack(input, dest, UnpackOptions::default(), Some(&mut created))
 }
 
 /// `flatten`: `None` for overlay form; `Some(paths written by this layer)` when applying onto lower layers.
 fn unpack<R: Read>(
     input: R,
     dest: &Path,
-    options: &UnpackOptions,
+    options: UnpackOptions,
     mut flatten: Option<&mut HashSet<Vec<u8>>>,
 ) -> Result<(R, u64), Error> {
     let mut archive = tar::Archive::new(input);
     let mut dirs: Vec<DirTimes> = Vec::new();
     let mut count = 0u64;
     {
-        let entries = archive
-            .entries()
-            .map_err(|source| Error::Tar { context: "reading the layer".into(), source })?;
+        let entries = archive.entries().map_err(|source| Error::Tar {
+            context: "reading the layer".into(),
+            source,
+        })?;
         for entry in entries {
-            let mut entry = entry.map_err(|source| Error::Tar { context: "reading the layer".into(), source })?;
+            let mut entry = entry.map_err(|source| Error::Tar {
+                context: "reading the layer".into(),
+                source,
+            })?;
             unpack_entry(&mut entry, dest, options, &mut dirs, flatten.as_deref_mut())?;
             count += 1;
         }
@@ -72,13 +79,17 @@ fn unpack<R: Read>(
     for dir in dirs.iter().rev() {
         set_mode(&dir.path, dir.mode)?;
         let time = filetime::FileTime::from_unix_time(dir.mtime, 0);
-        filetime::set_file_times(&dir.path, time, time).map_err(|e| Error::io("setting times of", &dir.path, e))?;
+        filetime::set_file_times(&dir.path, time, time)
+            .map_err(|e| Error::io("setting times of", &dir.path, e))?;
     }
     Ok((archive.into_inner(), count))
 }
 
 fn unsafe_entry(path: &[u8], reason: impl Into<String>) -> Error {
-    Error::UnsafeEntry { path: String::from_utf8_lossy(path).into_owned(), reason: reason.into() }
+    Error::UnsafeEntry {
+        path: String::from_utf8_lossy(path).into_owned(),
+        reason: reason.into(),
+    }
 }
 
 /// Makes sure every ancestor of `relative` is a real directory inside `dest` (creating missing ones),
@@ -91,10 +102,16 @@ fn prepare_parents(dest: &Path, relative: &[u8], raw: &[u8]) -> Result<(), Error
         match current.symlink_metadata() {
             Ok(meta) if meta.is_dir() => {}
             Ok(meta) if meta.file_type().is_symlink() => {
-                return Err(unsafe_entry(raw, format!("it goes through the symlink {}", current.display())));
+                return Err(unsafe_entry(
+                    raw,
+                    format!("it goes through the symlink {}", current.display()),
+                ));
             }
             Ok(_) => {
-                return Err(unsafe_entry(raw, format!("its parent {} is not a directory", current.display())));
+                return Err(unsafe_entry(
+                    raw,
+                    format!("its parent {} is not a directory", current.display()),
+                ));
             }
             Err(_) => {
                 std::fs::create_dir(&current).map_err(|e| Error::io("creating", &current, e))?;
@@ -106,7 +123,9 @@ fn prepare_parents(dest: &Path, relative: &[u8], raw: &[u8]) -> Result<(), Error
 
 fn remove_existing(path: &Path) -> Result<(), Error> {
     match path.symlink_metadata() {
-        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(path).map_err(|e| Error::io("removing", path, e)),
+        Ok(meta) if meta.is_dir() => {
+            std::fs::remove_dir_all(path).map_err(|e| Error::io("removing", path, e))
+        }
         Ok(_) => std::fs::remove_file(path).map_err(|e| Error::io("removing", path, e)),
         Err(_) => Ok(()),
     }
@@ -114,7 +133,8 @@ fn remove_existing(path: &Path) -> Result<(), Error> {
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), Error> {
     use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| Error::io("setting mode of", path, e))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| Error::io("setting mode of", path, e))
 }
 
 fn mknod(path: &Path, kind: nix::sys::stat::SFlag, mode: u32, major: u64, minor: u64) -> Result<(), Error> {
@@ -126,14 +146,17 @@ fn mknod(path: &Path, kind: nix::sys::stat::SFlag, mode: u32, major: u64, minor:
 fn unpack_entry<R: Read>(
     entry: &mut tar::Entry<'_, R>,
     dest: &Path,
-    options: &UnpackOptions,
+    options: UnpackOptions,
     dirs: &mut Vec<DirTimes>,
     flatten: Option<&mut HashSet<Vec<u8>>>,
 ) -> Result<(), Error> {
     let raw = entry.path_bytes().into_owned();
     let relative = sanitize_entry_path(&raw)?;
     let shown = String::from_utf8_lossy(&raw).into_owned();
-    let tar_err = |source| Error::Tar { context: format!("reading entry {shown}"), source };
+    let tar_err = |source| Error::Tar {
+        context: format!("reading entry {shown}"),
+        source,
+    };
     let header = entry.header().clone();
     let entry_type = header.entry_type();
     if relative.is_empty() {
@@ -147,7 +170,8 @@ fn unpack_entry<R: Read>(
     let parent_path = dest.join(OsStr::from_bytes(parent));
     if let Some(created) = flatten {
         if name == OPAQUE_MARKER.as_bytes() {
-            let children = std::fs::read_dir(&parent_path).map_err(|e| Error::io("listing", &parent_path, e))?;
+            let children =
+                std::fs::read_dir(&parent_path).map_err(|e| Error::io("listing", &parent_path, e))?;
             for child in children {
                 let child = child.map_err(|e| Error::io("listing", &parent_path, e))?;
                 let child_relative = join(parent, child.file_name().as_bytes());
@@ -174,7 +198,11 @@ fn unpack_entry<R: Read>(
         return Ok(());
     }
     if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX.as_bytes()) {
-        if hidden.is_empty() || hidden == b"." || hidden == b".." || hidden.starts_with(WHITEOUT_PREFIX.as_bytes()) {
+        if hidden.is_empty()
+            || hidden == b"."
+            || hidden == b".."
+            || hidden.starts_with(WHITEOUT_PREFIX.as_bytes())
+        {
             return Err(unsafe_entry(&raw, "malformed whiteout name"));
         }
         let target = parent_path.join(OsStr::from_bytes(hidden));
@@ -194,7 +222,11 @@ fn unpack_entry<R: Read>(
             }
             Err(_) => std::fs::create_dir(&path).map_err(|e| Error::io("creating", &path, e))?,
         }
-        dirs.push(DirTimes { path: path.clone(), mode, mtime });
+        dirs.push(DirTimes {
+            path: path.clone(),
+            mode,
+            mtime,
+        });
     } else {
         remove_existing(&path)?;
         match entry_type {
@@ -213,8 +245,15 @@ fn unpack_entry<R: Read>(
                     .link_name_bytes()
                     .map(std::borrow::Cow::into_owned)
                     .ok_or_else(|| unsafe_entry(&raw, "hard link without a target"))?;
-                let target = sanitize_entry_path(&target_raw)
-                    .map_err(|_| unsafe_entry(&raw, format!("hard link to {:?} leaves the layer", String::from_utf8_lossy(&target_raw))))?;
+                let target = sanitize_entry_path(&target_raw).map_err(|_| {
+                    unsafe_entry(
+                        &raw,
+                        format!(
+                            "hard link to {:?} leaves the layer",
+                            String::from_utf8_lossy(&target_raw)
+                        ),
+                    )
+                })?;
                 if target.is_empty() {
                     return Err(unsafe_entry(&raw, "hard link to the root"));
                 }
@@ -225,7 +264,10 @@ fn unpack_entry<R: Read>(
                     _ => {
                         return Err(unsafe_entry(
                             &raw,
-                            format!("hard link target {:?} is not a file of this layer", String::from_utf8_lossy(&target)),
+                            format!(
+                                "hard link target {:?} is not a file of this layer",
+                                String::from_utf8_lossy(&target)
+                            ),
                         ));
                     }
                 }
@@ -233,14 +275,21 @@ fn unpack_entry<R: Read>(
                 return Ok(()); // a link shares its target's metadata
             }
             tar::EntryType::Symlink => {
-                let target = entry.link_name_bytes().map(std::borrow::Cow::into_owned).unwrap_or_default();
+                let target = entry
+                    .link_name_bytes()
+                    .map(std::borrow::Cow::into_owned)
+                    .unwrap_or_default();
                 if symlink_escapes(parent, &target) {
                     return Err(unsafe_entry(
                         &raw,
-                        format!("symlink to {:?} climbs above the root", String::from_utf8_lossy(&target)),
+                        format!(
+                            "symlink to {:?} climbs above the root",
+                            String::from_utf8_lossy(&target)
+                        ),
                     ));
                 }
-                std::os::unix::fs::symlink(OsStr::from_bytes(&target), &path).map_err(|e| Error::io("creating symlink", &path, e))?;
+                std::os::unix::fs::symlink(OsStr::from_bytes(&target), &path)
+                    .map_err(|e| Error::io("creating symlink", &path, e))?;
             }
             tar::EntryType::Char | tar::EntryType::Block => {
                 let major = u64::from(header.device_major().map_err(tar_err)?.unwrap_or(0));
@@ -263,16 +312,20 @@ fn unpack_entry<R: Read>(
     if options.preserve_owners {
         let uid = u32::try_from(entry.header().uid().map_err(tar_err)?).unwrap_or(0);
         let gid = u32::try_from(entry.header().gid().map_err(tar_err)?).unwrap_or(0);
-        std::os::unix::fs::lchown(&path, Some(uid), Some(gid)).map_err(|e| Error::io("setting owner of", &path, e))?;
+        std::os::unix::fs::lchown(&path, Some(uid), Some(gid))
+            .map_err(|e| Error::io("setting owner of", &path, e))?;
     }
     if let Some(extensions) = entry.pax_extensions().map_err(tar_err)? {
         for extension in extensions {
             let extension = extension.map_err(tar_err)?;
-            let Some(name) = extension.key_bytes().strip_prefix(b"SCHILY.xattr.") else { continue };
+            let Some(name) = extension.key_bytes().strip_prefix(b"SCHILY.xattr.") else {
+                continue;
+            };
             if is_overlay_xattr(name) || is_symlink {
                 continue;
             }
-            xattr::set(&path, OsStr::from_bytes(name), extension.value_bytes()).map_err(|e| Error::io("setting xattrs of", &path, e))?;
+            xattr::set(&path, OsStr::from_bytes(name), extension.value_bytes())
+                .map_err(|e| Error::io("setting xattrs of", &path, e))?;
         }
     }
     if !is_symlink && !entry_type.is_dir() {
@@ -281,7 +334,8 @@ fn unpack_entry<R: Read>(
     }
     if !entry_type.is_dir() {
         let time = filetime::FileTime::from_unix_time(mtime, 0);
-        filetime::set_symlink_file_times(&path, time, time).map_err(|e| Error::io("setting times of", &path, e))?;
+        filetime::set_symlink_file_times(&path, time, time)
+            .map_err(|e| Error::io("setting times of", &path, e))?;
     }
     Ok(())
 }

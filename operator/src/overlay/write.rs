@@ -31,7 +31,10 @@ impl LayerOptions {
     /// Options of a WalT node save: the default exclusions, nothing else.
     pub fn node_save() -> Self {
         LayerOptions {
-            exclusions: super::DEFAULT_EXCLUSIONS.iter().map(|s| (*s).to_owned()).collect(),
+            exclusions: super::DEFAULT_EXCLUSIONS
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
             ..LayerOptions::default()
         }
     }
@@ -48,12 +51,20 @@ impl ChangeFilter {
     /// Compiles the exclusion patterns; a bad pattern is an error naming it.
     pub fn new(options: &LayerOptions) -> Result<Self, Error> {
         for pattern in &options.exclusions {
-            regex::bytes::Regex::new(pattern)
-                .map_err(|source| Error::BadPattern { pattern: pattern.clone(), source })?;
+            regex::bytes::Regex::new(pattern).map_err(|source| Error::BadPattern {
+                pattern: pattern.clone(),
+                source,
+            })?;
         }
-        let exclusions = regex::bytes::RegexSet::new(&options.exclusions)
-            .map_err(|source| Error::BadPattern { pattern: options.exclusions.join(" "), source })?;
-        Ok(ChangeFilter { exclusions, changed_after: options.changed_after })
+        let exclusions =
+            regex::bytes::RegexSet::new(&options.exclusions).map_err(|source| Error::BadPattern {
+                pattern: options.exclusions.join(" "),
+                source,
+            })?;
+        Ok(ChangeFilter {
+            exclusions,
+            changed_after: options.changed_after,
+        })
     }
 
     /// Whether a relative path (a directory if `is_dir`) is excluded.
@@ -102,7 +113,7 @@ struct Meta {
     uid: u64,
     gid: u64,
     mtime: u64,
-    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    xattrs: Xattrs,
 }
 
 enum Body<'a> {
@@ -139,7 +150,11 @@ impl<W: Write> Emitter<'_, W> {
             return None;
         }
         let relative = Path::new(OsStr::from_bytes(path));
-        Some(self.lowers.iter().any(|lower| lower.join(relative).symlink_metadata().is_ok()))
+        Some(
+            self.lowers
+                .iter()
+                .any(|lower| lower.join(relative).symlink_metadata().is_ok()),
+        )
     }
 
     /// Drops pending directories that are not ancestors of `path` (nothing kept below them).
@@ -168,7 +183,11 @@ impl<W: Write> Emitter<'_, W> {
             self.flush_pending()?;
             self.write_dir(path, &meta, opaque)?;
         } else {
-            self.pending.push(PendingDir { path: path.to_vec(), meta, opaque });
+            self.pending.push(PendingDir {
+                path: path.to_vec(),
+                meta,
+                opaque,
+            });
         }
         Ok(())
     }
@@ -177,8 +196,19 @@ impl<W: Write> Emitter<'_, W> {
         self.append(path, meta, Body::Dir)?;
         if opaque {
             let marker = join(path, OPAQUE_MARKER.as_bytes());
-            let marker_meta = Meta { mode: 0o644, mtime: meta.mtime, ..Meta::default() };
-            self.append(&marker, &marker_meta, Body::File { size: 0, content: &mut std::io::empty() })?;
+            let marker_meta = Meta {
+                mode: 0o644,
+                mtime: meta.mtime,
+                ..Meta::default()
+            };
+            self.append(
+                &marker,
+                &marker_meta,
+                Body::File {
+                    size: 0,
+                    content: &mut std::io::empty(),
+                },
+            )?;
             self.summary.modified += 1;
         } else if self.in_lower(path) == Some(false) {
             self.summary.added += 1;
@@ -193,7 +223,11 @@ impl<W: Write> Emitter<'_, W> {
             return Ok(false);
         }
         self.flush_pending()?;
-        let size = if let Body::File { size, .. } = &body { *size } else { 0 };
+        let size = if let Body::File { size, .. } = &body {
+            *size
+        } else {
+            0
+        };
         self.append(path, meta, body)?;
         self.summary.bytes += size;
         if self.in_lower(path) == Some(true) {
@@ -214,15 +248,29 @@ impl<W: Write> Emitter<'_, W> {
         let mut wh_name = WHITEOUT_PREFIX.as_bytes().to_vec();
         wh_name.extend_from_slice(name);
         let whiteout = join(parent, &wh_name);
-        let wh_meta = Meta { mode: 0o644, mtime: meta.mtime, ..Meta::default() };
-        self.append(&whiteout, &wh_meta, Body::File { size: 0, content: &mut std::io::empty() })?;
+        let wh_meta = Meta {
+            mode: 0o644,
+            mtime: meta.mtime,
+            ..Meta::default()
+        };
+        self.append(
+            &whiteout,
+            &wh_meta,
+            Body::File {
+                size: 0,
+                content: &mut std::io::empty(),
+            },
+        )?;
         self.summary.deleted += 1;
         Ok(true)
     }
 
     fn append(&mut self, path: &[u8], meta: &Meta, body: Body<'_>) -> Result<(), Error> {
         let shown = String::from_utf8_lossy(path).into_owned();
-        let tar_err = |source| Error::Tar { context: format!("writing {shown}"), source };
+        let tar_err = |source| Error::Tar {
+            context: format!("writing {shown}"),
+            source,
+        };
         let mut header = tar::Header::new_ustar();
         let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
         let mut name = path.to_vec();
@@ -246,7 +294,10 @@ impl<W: Write> Emitter<'_, W> {
             if is_overlay_xattr(key) {
                 continue;
             }
-            pax.push((format!("SCHILY.xattr.{}", String::from_utf8_lossy(key)), value.clone()));
+            pax.push((
+                format!("SCHILY.xattr.{}", String::from_utf8_lossy(key)),
+                value.clone(),
+            ));
         }
         let mut size = 0;
         match &body {
@@ -290,7 +341,11 @@ impl<W: Write> Emitter<'_, W> {
         }
         match body {
             Body::File { size, content } => {
-                let mut exact = ExactReader { inner: content, remaining: size, path: &shown };
+                let mut exact = ExactReader {
+                    inner: content,
+                    remaining: size,
+                    path: &shown,
+                };
                 self.builder.append(&header, &mut exact).map_err(tar_err)?;
             }
             _ => self.builder.append(&header, std::io::empty()).map_err(tar_err)?,
@@ -300,10 +355,10 @@ impl<W: Write> Emitter<'_, W> {
     }
 
     fn finish(self) -> Result<(W, ChangeSummary), Error> {
-        let inner = self
-            .builder
-            .into_inner()
-            .map_err(|source| Error::Tar { context: "finishing the layer".into(), source })?;
+        let inner = self.builder.into_inner().map_err(|source| Error::Tar {
+            context: "finishing the layer".into(),
+            source,
+        })?;
         Ok((inner, self.summary))
     }
 }
@@ -320,12 +375,17 @@ impl Read for ExactReader<'_> {
         if self.remaining == 0 {
             return Ok(0);
         }
-        let want = buf.len().min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+        let want = buf
+            .len()
+            .min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
         let n = self.inner.read(&mut buf[..want])?;
         if n == 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
-                format!("{} shrank while being read ({} bytes missing)", self.path, self.remaining),
+                format!(
+                    "{} shrank while being read ({} bytes missing)",
+                    self.path, self.remaining
+                ),
             ));
         }
         self.remaining -= n as u64;
@@ -371,7 +431,10 @@ fn split_parent(path: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
-fn read_xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+/// Extended attributes as (name, value) pairs, sorted by name.
+type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
+fn read_xattrs(path: &Path) -> Result<Xattrs, Error> {
     let mut out = Vec::new();
     let names = xattr::list(path).map_err(|e| Error::io("listing xattrs of", path, e))?;
     for name in names {
@@ -384,7 +447,7 @@ fn read_xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
     Ok(out)
 }
 
-fn meta_of(metadata: &std::fs::Metadata, xattrs: Vec<(Vec<u8>, Vec<u8>)>) -> Meta {
+fn meta_of(metadata: &std::fs::Metadata, xattrs: Xattrs) -> Meta {
     Meta {
         mode: metadata.mode() & 0o7777,
         uid: u64::from(metadata.uid()),
@@ -408,9 +471,15 @@ fn dev_minor(rdev: u64) -> u32 {
 
 /// Writes the OCI layer tar of an overlay upper dir to `out`, in a deterministic order (depth first, names
 /// sorted bytewise), and returns `out` and what the layer holds. Sockets are skipped (tar cannot hold them).
-pub fn write_layer_from_dir<W: Write>(upper: &Path, options: &LayerOptions, out: W) -> Result<(W, ChangeSummary), Error> {
+pub fn write_layer_from_dir<W: Write>(
+    upper: &Path,
+    options: &LayerOptions,
+    out: W,
+) -> Result<(W, ChangeSummary), Error> {
     let filter = ChangeFilter::new(options)?;
-    let meta = upper.symlink_metadata().map_err(|e| Error::io("reading", upper, e))?;
+    let meta = upper
+        .symlink_metadata()
+        .map_err(|e| Error::io("reading", upper, e))?;
     if !meta.is_dir() {
         return Err(Error::io(
             "reading upper dir",
@@ -447,7 +516,9 @@ fn walk_dir<W: Write>(
     for name in names {
         let relative = join(dir, &name);
         let full = root.join(OsStr::from_bytes(&relative));
-        let metadata = full.symlink_metadata().map_err(|e| Error::io("reading", &full, e))?;
+        let metadata = full
+            .symlink_metadata()
+            .map_err(|e| Error::io("reading", &full, e))?;
         let file_type = metadata.file_type();
         if filter.is_excluded(&relative, file_type.is_dir()) {
             continue;
@@ -457,7 +528,11 @@ fn walk_dir<W: Write>(
             emitter.whiteout(&relative, &meta_of(&metadata, Vec::new()), changed)?;
             continue;
         }
-        let xattrs = if file_type.is_symlink() { Vec::new() } else { read_xattrs(&full)? };
+        let xattrs = if file_type.is_symlink() {
+            Vec::new()
+        } else {
+            read_xattrs(&full)?
+        };
         if file_type.is_dir() {
             let opaque = xattrs
                 .iter()
@@ -477,19 +552,42 @@ fn walk_dir<W: Write>(
                 continue;
             }
             let mut file = std::fs::File::open(&full).map_err(|e| Error::io("opening", &full, e))?;
-            let written = emitter.entry(&relative, &meta, Body::File { size: metadata.len(), content: &mut file }, changed)?;
+            let written = emitter.entry(
+                &relative,
+                &meta,
+                Body::File {
+                    size: metadata.len(),
+                    content: &mut file,
+                },
+                changed,
+            )?;
             if written && metadata.nlink() > 1 {
                 links.insert(key, relative);
             }
         } else if file_type.is_symlink() {
             let target = std::fs::read_link(&full).map_err(|e| Error::io("reading link", &full, e))?;
-            emitter.entry(&relative, &meta, Body::Symlink(target.as_os_str().as_bytes().to_vec()), changed)?;
+            emitter.entry(
+                &relative,
+                &meta,
+                Body::Symlink(target.as_os_str().as_bytes().to_vec()),
+                changed,
+            )?;
         } else if file_type.is_char_device() {
             let rdev = metadata.rdev();
-            emitter.entry(&relative, &meta, Body::Char(dev_major(rdev), dev_minor(rdev)), changed)?;
+            emitter.entry(
+                &relative,
+                &meta,
+                Body::Char(dev_major(rdev), dev_minor(rdev)),
+                changed,
+            )?;
         } else if file_type.is_block_device() {
             let rdev = metadata.rdev();
-            emitter.entry(&relative, &meta, Body::Block(dev_major(rdev), dev_minor(rdev)), changed)?;
+            emitter.entry(
+                &relative,
+                &meta,
+                Body::Block(dev_major(rdev), dev_minor(rdev)),
+                changed,
+            )?;
         } else if file_type.is_fifo() {
             emitter.entry(&relative, &meta, Body::Fifo, changed)?;
         } else {
@@ -504,7 +602,11 @@ fn walk_dir<W: Write>(
 /// `trusted.overlay.opaque=y` or `user.overlay.opaque=y`) into an OCI layer tar written to `out`.
 /// Entries keep the stream's order (send it sorted, e.g. GNU tar `--sort=name`, for reproducible digests).
 /// Entries with `..` or absolute paths are refused.
-pub fn write_layer_from_tar<R: Read, W: Write>(input: R, options: &LayerOptions, out: W) -> Result<(W, ChangeSummary), Error> {
+pub fn write_layer_from_tar<R: Read, W: Write>(
+    input: R,
+    options: &LayerOptions,
+    out: W,
+) -> Result<(W, ChangeSummary), Error> {
     let filter = ChangeFilter::new(options)?;
     let mut emitter = Emitter {
         builder: tar::Builder::new(out),
@@ -514,18 +616,25 @@ pub fn write_layer_from_tar<R: Read, W: Write>(input: R, options: &LayerOptions,
         filter: &filter,
     };
     let mut archive = tar::Archive::new(input);
-    let entries = archive
-        .entries()
-        .map_err(|source| Error::Tar { context: "reading the change stream".into(), source })?;
+    let entries = archive.entries().map_err(|source| Error::Tar {
+        context: "reading the change stream".into(),
+        source,
+    })?;
     let mut whiteouts: HashSet<Vec<u8>> = HashSet::new();
     let mut written_files: HashSet<Vec<u8>> = HashSet::new();
     let mut excluded_dirs: Vec<Vec<u8>> = Vec::new();
     for entry in entries {
-        let mut entry = entry.map_err(|source| Error::Tar { context: "reading the change stream".into(), source })?;
+        let mut entry = entry.map_err(|source| Error::Tar {
+            context: "reading the change stream".into(),
+            source,
+        })?;
         let raw_path = entry.path_bytes().into_owned();
         let path = sanitize_entry_path(&raw_path)?;
         let shown = String::from_utf8_lossy(&raw_path).into_owned();
-        let tar_err = |source| Error::Tar { context: format!("reading entry {shown}"), source };
+        let tar_err = |source| Error::Tar {
+            context: format!("reading entry {shown}"),
+            source,
+        };
         if path.is_empty() {
             continue; // the root itself: a layer does not change it
         }
@@ -558,15 +667,22 @@ pub fn write_layer_from_tar<R: Read, W: Write>(input: R, options: &LayerOptions,
         };
         match entry_type {
             tar::EntryType::Directory => {
-                let opaque = meta
-                    .xattrs
-                    .iter()
-                    .any(|(k, v)| (k == b"trusted.overlay.opaque" || k == b"user.overlay.opaque") && v == b"y");
+                let opaque = meta.xattrs.iter().any(|(k, v)| {
+                    (k == b"trusted.overlay.opaque" || k == b"user.overlay.opaque") && v == b"y"
+                });
                 emitter.dir(&path, meta, opaque, mtime)?;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 let size = entry.size();
-                if emitter.entry(&path, &meta, Body::File { size, content: &mut entry }, mtime)? {
+                if emitter.entry(
+                    &path,
+                    &meta,
+                    Body::File {
+                        size,
+                        content: &mut entry,
+                    },
+                    mtime,
+                )? {
                     written_files.insert(path);
                 }
             }
@@ -575,7 +691,10 @@ pub fn write_layer_from_tar<R: Read, W: Write>(input: R, options: &LayerOptions,
                     .link_name_bytes()
                     .map(|t| sanitize_entry_path(&t))
                     .transpose()?
-                    .ok_or_else(|| Error::UnsafeEntry { path: shown.clone(), reason: "hard link without a target".into() })?;
+                    .ok_or_else(|| Error::UnsafeEntry {
+                        path: shown.clone(),
+                        reason: "hard link without a target".into(),
+                    })?;
                 if whiteouts.contains(&target) {
                     // Whiteouts share one inode in an upper dir: tar links them, a layer must not.
                     if emitter.whiteout(&path, &meta, mtime)? {
@@ -590,7 +709,10 @@ pub fn write_layer_from_tar<R: Read, W: Write>(input: R, options: &LayerOptions,
                 }
             }
             tar::EntryType::Symlink => {
-                let target = entry.link_name_bytes().map(std::borrow::Cow::into_owned).unwrap_or_default();
+                let target = entry
+                    .link_name_bytes()
+                    .map(std::borrow::Cow::into_owned)
+                    .unwrap_or_default();
                 emitter.entry(&path, &meta, Body::Symlink(target), mtime)?;
             }
             tar::EntryType::Char | tar::EntryType::Block => {
@@ -614,5 +736,12 @@ pub fn write_layer_from_tar<R: Read, W: Write>(input: R, options: &LayerOptions,
             }
         }
     }
+    // Read what follows the end-of-archive marker (tar pads to its record size): a sender that cannot
+    // finish writing would fail (EPIPE) although the stream was complete.
+    let mut rest = archive.into_inner();
+    std::io::copy(&mut rest, &mut std::io::sink()).map_err(|source| Error::Tar {
+        context: "reading the end of the change stream".into(),
+        source,
+    })?;
     emitter.finish()
 }

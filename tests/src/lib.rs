@@ -22,9 +22,9 @@ pub mod process;
 pub mod deploy;
 pub mod image_build;
 pub mod lab;
+pub mod registry;
 pub mod ship;
 pub mod sshnode;
-pub mod registry;
 pub mod tree;
 
 use std::path::Path;

@@ -226,7 +226,7 @@ fn check_capabilities() -> Result<(), SessionError> {
 fn check_real_filesystem(dir: &Path) -> Result<(), SessionError> {
     const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
     if let Ok(stat) = nix::sys::statfs::statfs(dir)
-        && stat.filesystem_type().0 == OVERLAYFS_SUPER_MAGIC
+        && i128::from(stat.filesystem_type().0) == i128::from(OVERLAYFS_SUPER_MAGIC)
     {
         return Err(SessionError::UpperOnOverlay(dir.to_path_buf()));
     }

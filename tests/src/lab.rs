@@ -384,13 +384,32 @@ fn manifest_matches(layout: &Path, remote: &str, manifest: &str) -> bool {
         .is_ok_and(|bytes| format!("sha256:{}", sha256_hex(&bytes)) == remote)
 }
 
-/// The values the lab (and the journey test) install the chart with.
-pub fn lab_values(registry: &str, persistence: bool) -> String {
-    format!(
+/// The values the lab (and the journey test) install the chart with; `api_server` (`HOST:PORT`) is where
+/// pods reach the API server when the cluster has no Service proxy (the harness's cluster).
+pub fn lab_values(registry: &str, persistence: bool, api_server: Option<&str>) -> String {
+    let mut values = format!(
         "image:\n  repository: {registry}/walt/operator\n  tag: lab\n  pullPolicy: Always\n\
          registry:\n  embedded:\n    image:\n      repository: {registry}/walt/registry\n      tag: lab\n      pullPolicy: Always\n    persistence:\n      enabled: {persistence}\n\
          operator:\n  logLevel: info,walt_operator=debug\n"
-    )
+    );
+    if let Some((host, port)) = api_server.and_then(|address| address.rsplit_once(':')) {
+        let _ = write!(
+            values,
+            "  extraEnv:\n    - {{name: KUBERNETES_SERVICE_HOST, value: \"{host}\"}}\n    - {{name: KUBERNETES_SERVICE_PORT, value: \"{port}\"}}\n"
+        );
+    }
+    values
+}
+
+/// For the harness's cluster (no kube-proxy, so the `kubernetes` Service address leads nowhere): the
+/// node address and API server port pods use instead, from the kubeconfig's server URL.
+pub fn harness_api_server(kubeconfig: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(kubeconfig).ok()?;
+    let server = text
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("server: "))?;
+    let port = server.trim().trim_end_matches('/').rsplit_once(':')?.1;
+    Some(format!("{}:{port}", crate::k8s::node::NODE_IP))
 }
 
 /// Hash of every chart file plus the values: the release is up to date when it matches.
@@ -441,7 +460,12 @@ pub fn has_default_storage_class(kube: &Kube) -> bool {
 
 /// Installs or upgrades the chart unless the same chart and values are already deployed.
 fn ensure_release(kube: &Kube, state: &mut State, registry: &str, image_digest: &str) -> Result<(), Error> {
-    let values = lab_values(registry, has_default_storage_class(kube));
+    let api_server = if state.started_cluster {
+        harness_api_server(&kube.kubeconfig)
+    } else {
+        None
+    };
+    let values = lab_values(registry, has_default_storage_class(kube), api_server.as_deref());
     let hash = release_hash(&values, image_digest)?;
     let deployed = run(kube
         .helm()?

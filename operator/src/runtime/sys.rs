@@ -151,7 +151,14 @@ pub(crate) fn set_loopback_up() {
         *slot = *byte as libc::c_char;
     }
     // SAFETY: SIOCGIFFLAGS fills the flags field of the `ifreq` we own.
-    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS as libc::Ioctl, &raw mut request) } != 0 {
+    if unsafe {
+        libc::ioctl(
+            socket.as_raw_fd(),
+            libc::SIOCGIFFLAGS as libc::Ioctl,
+            &raw mut request,
+        )
+    } != 0
+    {
         return;
     }
     // SAFETY: reading and writing the `ifru_flags` member of the union that
@@ -160,7 +167,13 @@ pub(crate) fn set_loopback_up() {
         request.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
     }
     // SAFETY: SIOCSIFFLAGS reads the `ifreq` we own.
-    let _ = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS as libc::Ioctl, &raw mut request) };
+    let _ = unsafe {
+        libc::ioctl(
+            socket.as_raw_fd(),
+            libc::SIOCSIFFLAGS as libc::Ioctl,
+            &raw mut request,
+        )
+    };
 }
 
 /// Reads extended attribute `name` of `path` (not following a final symbolic

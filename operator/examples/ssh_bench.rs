@@ -65,23 +65,27 @@ fn keystrokes(ssh: &Command) -> f64 {
     args.extend(ssh.get_args().map(|a| a.to_string_lossy().into_owned()));
     args.extend(["-tt".into(), "stty raw -echo; cat".into()]);
     let script = r#"
-import os, pty, sys, time, json
+import json, os, pty, select, sys, time
 args = json.loads(sys.argv[1])
 pid, fd = pty.fork()
 if pid == 0:
     os.execvp(args[0], args)
-import tty
-time.sleep(1.5)
-try:
-    while os.read(fd, 4096) and False: pass
-except OSError: pass
+def read_until(marker, timeout):
+    got, end = b"", time.time() + timeout
+    while marker not in got:
+        ready, _, _ = select.select([fd], [], [], max(0, end - time.time()))
+        if not ready:
+            raise SystemExit("timed out waiting for %r, got %r" % (marker, got))
+        got += os.read(fd, 4096)
+    return got
+time.sleep(2)
+while select.select([fd], [], [], 0.2)[0]:
+    os.read(fd, 4096)
 samples = []
 for i in range(300):
     t = time.perf_counter()
     os.write(fd, b"x")
-    got = b""
-    while b"x" not in got:
-        got += os.read(fd, 64)
+    read_until(b"x", 5)
     samples.append((time.perf_counter() - t) * 1000)
 samples.sort()
 print(samples[len(samples) // 2])

@@ -143,7 +143,7 @@ struct Job {
 }
 
 /// gzip in parallel blocks (one member; each block a raw deflate stream ended by a sync flush, CRCs
-/// combined), level 1. Memory: about `2 × threads` blocks in flight.
+/// combined), level 1. Memory: about `threads + 1` blocks in flight.
 pub struct ParallelGzip<W: Write> {
     inner: Option<W>,
     buffer: Vec<u8>,
@@ -186,7 +186,7 @@ impl<W: Write> ParallelGzip<W> {
             jobs: Some(jobs),
             workers,
             in_flight: VecDeque::new(),
-            max_in_flight: threads * 2,
+            max_in_flight: threads + 1,
             crc: crc32fast::Hasher::new(),
             total: 0,
             header_written: false,

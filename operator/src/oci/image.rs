@@ -29,9 +29,9 @@ const MANIFEST_TYPES: &[&str] = &[
     IMAGE_MANIFEST_LIST_MEDIA_TYPE,
 ];
 /// Size of each upload chunk (one PATCH request each).
-const UPLOAD_CHUNK: usize = 4 << 20;
+const UPLOAD_CHUNK: usize = 2 << 20;
 /// Upload chunks buffered between the layer writer and the uploader (bounds memory).
-const UPLOAD_QUEUE: usize = 2;
+const UPLOAD_QUEUE: usize = 1;
 
 /// An OS / CPU pair, as in an image index (`linux/arm64`, `linux/arm/v7`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

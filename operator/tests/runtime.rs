@@ -806,3 +806,193 @@ fn debian_systemd_amd64_init_mode_starts_services() {
 fn debian_systemd_arm64_init_mode_starts_services() {
     systemd_image_boots_services("arm64");
 }
+
+// ---------------------------------------------------------------------------
+// Images from a real registry (fixtures of walt-tests: Debian's docker-registry
+// on 127.0.0.1, images built with umoci and pushed with skopeo).
+
+use walt_tests::images::{self, Arch, OciLayout};
+use walt_tests::registry::Registry;
+
+/// An arm64 busybox image with a second layer that has a directory and files
+/// to change, pushed as `repository_and_tag`.
+fn push_arm64_test_image(registry: &Registry, repository_and_tag: &str) {
+    let layout = OciLayout::busybox(Arch::Arm64).unwrap();
+    layout
+        .add_layer("base", "v1", |root| {
+            fs::create_dir_all(root.join("var/lib/data"))?;
+            fs::write(root.join("var/lib/data/one"), "1\n")?;
+            fs::write(root.join("var/lib/data/two"), "2\n")?;
+            fs::write(root.join("etc/lower-file"), "from the lower layer\n")?;
+            fs::write(root.join("etc/to-delete"), "bye\n")?;
+            Ok(())
+        })
+        .unwrap();
+    layout.push("v1", registry, repository_and_tag).unwrap();
+}
+
+#[test]
+fn arm64_image_changes_are_committed_reopened_and_checked_by_skopeo_umoci() {
+    require_root();
+    require_arm64_emulation();
+    let registry = Registry::start().unwrap();
+    push_arm64_test_image(&registry, "lab/shell:1");
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let base = registry.reference("lab/shell:1");
+    let target = registry.reference("lab/shell:2");
+    let common = [
+        "--insecure-registry".to_string(),
+        registry.host(),
+        "--cache-dir".to_string(),
+        cache.to_str().unwrap().to_string(),
+    ];
+    let mut args = vec!["--image", &base, "--commit-to", &target];
+    args.extend(common.iter().map(String::as_str));
+    let mut session = Session::start(&args);
+    session.expect(
+        "Note: this is a limited virtual environment",
+        Duration::from_mins(1),
+    );
+    assert_eq!(session.run("uname -m"), "aarch64");
+    session.run("echo new > /etc/new-file");
+    session.run("echo changed >> /etc/lower-file");
+    session.run("rm /etc/to-delete");
+    session.run("rm -r /var/lib/data && mkdir /var/lib/data && echo 3 > /var/lib/data/three");
+    session.run("mkdir -p /opt/empty");
+    session.send("exit");
+    let (code, result, text) = session.finish();
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(result["emulated"], true);
+    assert_eq!(result["reference"], target.as_str());
+    let digest = result["digest"].as_str().expect("a digest").to_string();
+    assert!(digest.starts_with("sha256:"), "{result}");
+    assert!(text.contains("Saved "), "{text}");
+
+    // Reopen the committed image: exactly that state.
+    let mut args = vec!["--image", &target];
+    args.extend(common.iter().map(String::as_str));
+    let mut session = Session::start(&args);
+    session.expect("Note: this is a limited", Duration::from_mins(1));
+    assert_eq!(session.run("cat /etc/new-file"), "new");
+    assert_eq!(
+        session.run("cat /etc/lower-file"),
+        "from the lower layer\nchanged"
+    );
+    assert_eq!(
+        session.run("[ -e /etc/to-delete ] && echo present || echo absent"),
+        "absent"
+    );
+    assert_eq!(
+        session.run("ls /var/lib/data"),
+        "three",
+        "the recreated directory hides the lower one"
+    );
+    assert_eq!(
+        session.run("[ -d /opt/empty ] && echo dir"),
+        "dir",
+        "empty directories are kept"
+    );
+    session.send("exit");
+    let (code, result, _) = session.finish();
+    assert_eq!(code, 0);
+    assert_eq!(
+        result["summary"]["added"], 0,
+        "nothing changed this time: {result}"
+    );
+
+    // Independent checkers agree: skopeo + umoci see the same tree and digest.
+    let check = tempfile::tempdir().unwrap();
+    let rootfs = images::skopeo_umoci_unpack(&registry, "lab/shell:2", check.path()).unwrap();
+    assert_eq!(fs::read_to_string(rootfs.join("etc/new-file")).unwrap(), "new\n");
+    assert_eq!(
+        fs::read_to_string(rootfs.join("etc/lower-file")).unwrap(),
+        "from the lower layer\nchanged\n"
+    );
+    assert!(!rootfs.join("etc/to-delete").exists());
+    let data: Vec<String> = fs::read_dir(rootfs.join("var/lib/data"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(data, ["three"]);
+    assert!(rootfs.join("opt/empty").is_dir());
+    assert!(
+        rootfs.join("bin/busybox").is_file(),
+        "the base layers are there too"
+    );
+    let inspected = run(Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false"])
+        .arg(format!("docker://{target}")));
+    let inspected: serde_json::Value = serde_json::from_str(&inspected).unwrap();
+    assert_eq!(
+        inspected["Digest"].as_str(),
+        Some(digest.as_str()),
+        "the tag points at the pushed digest"
+    );
+    assert_eq!(inspected["Architecture"], "arm64");
+    assert_nothing_left(cache.to_str().unwrap());
+}
+
+#[test]
+fn init_mode_image_from_registry() {
+    require_root();
+    require_arm64_emulation();
+    let registry = Registry::start().unwrap();
+    let layout = OciLayout::walt_busybox(Arch::Arm64, "rpi-b").unwrap();
+    layout.push("base", &registry, "lab/walt-busybox:1").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let reference = registry.reference("lab/walt-busybox:1");
+    let host = registry.host();
+    let mut session = Session::start(&[
+        "--image",
+        &reference,
+        "--insecure-registry",
+        &host,
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ]);
+    session.expect(
+        "Note: the OS was started in a virtual environment.",
+        Duration::from_mins(1),
+    );
+    let init = session.run("cat /proc/1/cmdline | tr '\\0' ' '");
+    assert!(
+        init.trim().ends_with("/sbin/init"),
+        "PID 1 is the OS init: {init}"
+    );
+    assert_eq!(session.run("uname -m"), "aarch64");
+    session.send("exit");
+    let (code, result, text) = session.finish();
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(result["mode"], "init");
+    assert_nothing_left(cache.to_str().unwrap());
+}
+
+#[test]
+fn non_linux_image_is_refused() {
+    require_root();
+    let registry = Registry::start().unwrap();
+    let layout = OciLayout::busybox(Arch::Amd64).unwrap();
+    layout.configure("base", &["--os", "windows"]).unwrap();
+    layout.push("base", &registry, "lab/windows:1").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let output = Command::new(bin())
+        .args([
+            "shell",
+            "--image",
+            &registry.reference("lab/windows:1"),
+            "--insecure-registry",
+            &registry.host(),
+        ])
+        .arg("--cache-dir")
+        .arg(work.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("the image is for the windows operating system"),
+        "{stderr}"
+    );
+}

@@ -5,20 +5,40 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::changes::ChangeSummary;
-use super::root::Network;
+use super::image::{self, RegistryAccess};
+use super::root::{self, Network};
 use super::session::{self, ModeChoice, ShellRequest};
 
 /// Arguments of `walt-operator shell`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Unpacked layer directories of the image to open (repeat; top layer
-    /// first).
-    #[arg(long, required = true)]
+    /// Image to open (`registry/repository:tag` or `…@sha256:…`), pulled
+    /// through the layer cache.
+    #[arg(long, required_unless_present = "rootfs")]
+    pub image: Option<String>,
+    /// Open unpacked layer directories instead of an image (repeat; top layer
+    /// first). Changes are summarized but cannot be committed.
+    #[arg(long, conflicts_with = "image")]
     pub rootfs: Vec<PathBuf>,
     /// init: the OS init as PID 1 (needs WalT's two scripts); basic: the shell
     /// alone; auto: init when the image has the scripts.
     #[arg(long, value_enum, default_value_t = ModeChoice::Auto)]
     pub mode: ModeChoice,
+    /// On exit, push the changes as one layer on top of the image, by
+    /// digest, and tag this reference (`registry/repository[:tag]`).
+    #[arg(long, requires = "image")]
+    pub commit_to: Option<String>,
+    /// Registry host (`host:port`) spoken to over plain HTTP (repeat).
+    #[arg(long)]
+    pub insecure_registry: Vec<String>,
+    /// Docker `config.json` with registry credentials (default:
+    /// `$REGISTRY_AUTH_FILE`, `$DOCKER_CONFIG/config.json` or
+    /// `~/.docker/config.json` when present).
+    #[arg(long)]
+    pub registry_auth_file: Option<PathBuf>,
+    /// Pick this platform (`linux/arm64`) from a multi-arch image.
+    #[arg(long)]
+    pub platform: Option<String>,
     /// The image's CPU architecture, for `--rootfs` (default: read from its
     /// `/bin/sh`).
     #[arg(long)]
@@ -81,7 +101,28 @@ pub struct ShellResult {
 pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>> {
     let session_dir = new_session_dir(&args.cache_dir)?;
     let guard = RemoveOnDrop(session_dir.clone());
-    let (lower_dirs, architecture, os) = (args.rootfs.clone(), args.arch.clone(), None);
+    let access = RegistryAccess {
+        insecure_registries: args.insecure_registry.clone(),
+        auth_file: args.registry_auth_file.clone(),
+    };
+    let pulled = match &args.image {
+        Some(reference) => Some(image::pull(
+            reference,
+            args.platform.as_deref(),
+            &access,
+            &args.cache_dir,
+            root::in_user_namespace(),
+        )?),
+        None => None,
+    };
+    let (lower_dirs, architecture, os) = match &pulled {
+        Some(pulled) => (
+            pulled.lower_dirs.clone(),
+            Some(pulled.architecture.clone()),
+            Some(pulled.os.clone()),
+        ),
+        None => (args.rootfs.clone(), args.arch.clone(), None),
+    };
     let request = ShellRequest {
         lower_dirs,
         session_dir: session_dir.clone(),
@@ -97,7 +138,7 @@ pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>>
     };
     let inspection = session::inspect(&request)?;
     let outcome = session::run(&request, &inspection)?;
-    let result = ShellResult {
+    let mut result = ShellResult {
         digest: None,
         reference: None,
         summary: outcome.summary,
@@ -108,6 +149,14 @@ pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>>
     };
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "\r\nChanges: {}", outcome.summary)?;
+    if let (Some(target), Some(pulled)) = (&args.commit_to, &pulled) {
+        writeln!(stdout, "Committing to {target}...")?;
+        stdout.flush()?;
+        let committed = image::commit(pulled, &outcome.upper_dir, target, &access)?;
+        writeln!(stdout, "Saved {target} ({})", committed.pinned)?;
+        result.digest = Some(committed.digest);
+        result.reference = Some(target.clone());
+    }
     let line = serde_json::to_string(&result)?;
     writeln!(stdout, "{line}")?;
     stdout.flush()?;

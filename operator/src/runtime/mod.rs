@@ -9,10 +9,12 @@
 //! - [`session`]: an image shell session (checks, mode, PTY relay, shutdown).
 //! - [`terminal`]: raw mode and the PTY relay.
 //! - [`changes`]: the change summary of an upper dir.
+//! - [`image`]: pull through the layer cache, commit through the OCI engine.
 
 pub mod changes;
 pub mod cli;
 pub mod emulation;
+pub mod image;
 pub mod root;
 pub mod session;
 mod sys;

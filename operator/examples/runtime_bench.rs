@@ -5,10 +5,17 @@
 //! cargo run --release -p walt-operator --example runtime_bench -- warm-start
 //! ```
 //!
-//! `warm-start`: time from starting the command to the shell's first prompt,
-//! `walt-operator shell` vs `podman run --rm -it --network none` (runc) of the
-//! same busybox root, native (amd64) and emulated (arm64, qemu-user). Prints
-//! the median of several runs of each and the ratio walt / podman.
+//! - `warm-start`: time from starting the command to the shell's first prompt,
+//!   `walt-operator shell` vs `podman run --rm -it --network none` (runc) of
+//!   the same busybox root, native (amd64) and emulated (arm64, qemu-user).
+//! - `cold-start`: pull + unpack of a ~250 MB image (Debian with systemd and
+//!   openssh-server) from a loopback registry with an empty cache, to the
+//!   first prompt, vs `skopeo copy` + `umoci unpack` of the same image.
+//! - `commit`: pushing the same change (64 MiB file + 1000 small files) as a
+//!   new image to the loopback registry, vs `buildah commit` to it.
+//!
+//! Each prints the median of several runs of each side and the ratio
+//! walt / reference.
 #![allow(clippy::unwrap_used)] // a benchmark that cannot set up stops
 
 use std::fs;
@@ -23,11 +30,14 @@ const RUNS: usize = 7;
 
 fn main() {
     let what = std::env::args().nth(1).unwrap_or_default();
-    if what == "warm-start" {
-        warm_start();
-    } else {
-        eprintln!("usage: runtime_bench warm-start");
-        std::process::exit(2);
+    match what.as_str() {
+        "warm-start" => warm_start(),
+        "cold-start" => cold_start(),
+        "commit" => commit(),
+        _ => {
+            eprintln!("usage: runtime_bench warm-start|cold-start|commit");
+            std::process::exit(2);
+        }
     }
 }
 
@@ -86,6 +96,18 @@ fn busybox_rootfs(arch: &str, dir: &Path) {
 /// Starts `command` on a new PTY and returns the time until `prompt` shows,
 /// then ends the shell with `exit`.
 fn time_to_prompt(command: &mut Command, prompt: &str) -> Duration {
+    time_to_prompt_then(command, prompt, &[], None).0
+}
+
+/// Like [`time_to_prompt`], then types `lines` (each answered by a prompt)
+/// and `exit`; when `mark` is given, also returns the time from `mark`
+/// appearing in the output to the command's end.
+fn time_to_prompt_then(
+    command: &mut Command,
+    prompt: &str,
+    lines: &[&str],
+    mark: Option<&str>,
+) -> (Duration, Option<Duration>) {
     let pty = nix::pty::openpty(None, None).expect("openpty");
     let start = Instant::now();
     let mut child: Child = command
@@ -123,17 +145,46 @@ fn time_to_prompt(command: &mut Command, prompt: &str) -> Duration {
         );
         std::thread::sleep(Duration::from_micros(500));
     };
+    for (index, line) in lines.iter().enumerate() {
+        let marker = format!("__step{index}__");
+        master
+            .write_all(format!("{line}; echo {marker}\r").as_bytes())
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_mins(5);
+        while String::from_utf8_lossy(&output.lock().unwrap())
+            .matches(&marker)
+            .count()
+            < 2
+        {
+            assert!(Instant::now() < deadline, "{line} did not finish");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
     master.write_all(b"exit\r").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_mins(5);
+    let mut mark_seen: Option<Instant> = None;
     while child.try_wait().unwrap().is_none() {
+        if mark_seen.is_none()
+            && let Some(mark) = mark
+            && String::from_utf8_lossy(&output.lock().unwrap()).contains(mark)
+        {
+            mark_seen = Some(Instant::now());
+        }
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
             break;
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_micros(500));
     }
-    elapsed
+    if mark.is_some() && mark_seen.is_none() {
+        panic!(
+            "{:?} never printed {mark:?}: {}",
+            command,
+            String::from_utf8_lossy(&output.lock().unwrap())
+        );
+    }
+    (elapsed, mark_seen.map(|t| t.elapsed()))
 }
 
 fn median(mut values: Vec<Duration>) -> Duration {
@@ -247,4 +298,164 @@ fn warm_start() {
             w.as_secs_f64() / p.as_secs_f64()
         );
     }
+}
+
+fn report(title: &str, ours: Duration, theirs: Duration, reference: &str) {
+    println!(
+        "{title}: walt {:.2} s, {reference} {:.2} s, ratio {:.2}x",
+        ours.as_secs_f64(),
+        theirs.as_secs_f64(),
+        ours.as_secs_f64() / theirs.as_secs_f64()
+    );
+}
+
+fn timed(command: &mut Command) -> Duration {
+    let start = Instant::now();
+    run(command);
+    start.elapsed()
+}
+
+/// The cached Debian systemd root of the runtime tests (built by them).
+fn debian_rootfs() -> PathBuf {
+    let dir = cache_dir().join("rootfs/debian-bookworm-systemd-amd64");
+    assert!(
+        dir.join("usr/lib/systemd/systemd").exists(),
+        "{} is missing: run `cargo test -p walt-operator --test runtime debian_systemd_amd64` once (it builds it)",
+        dir.display()
+    );
+    dir
+}
+
+const COLD_RUNS: usize = 3;
+
+fn cold_start() {
+    use walt_tests::images::{Arch, OciLayout};
+    let walt = walt_binary();
+    let registry = walt_tests::registry::Registry::start().unwrap();
+    let layout = OciLayout::new().unwrap();
+    layout.new_image("empty", Arch::Amd64).unwrap();
+    layout
+        .add_layer_from_dir("empty", "base", &debian_rootfs())
+        .unwrap();
+    layout.push("base", &registry, "lab/debian:1").unwrap();
+    let reference = registry.reference("lab/debian:1");
+    let work = tempfile::tempdir().unwrap();
+    let mut ours = Vec::new();
+    let mut theirs = Vec::new();
+    for run_index in 0..COLD_RUNS {
+        let cache = work.path().join(format!("cache-{run_index}"));
+        let mut command = Command::new(&walt);
+        command
+            .args([
+                "shell",
+                "--mode",
+                "basic",
+                "--image",
+                &reference,
+                "--insecure-registry",
+                &registry.host(),
+            ])
+            .arg("--cache-dir")
+            .arg(&cache);
+        ours.push(time_to_prompt(&mut command, "# "));
+        let _ = fs::remove_dir_all(&cache);
+        let layout_dir = work.path().join(format!("layout-{run_index}"));
+        let bundle = work.path().join(format!("bundle-{run_index}"));
+        let copy = timed(
+            Command::new("skopeo")
+                .args(["copy", "--src-tls-verify=false"])
+                .arg(format!("docker://{reference}"))
+                .arg(format!("oci:{}:t", layout_dir.display())),
+        );
+        let unpack = timed(
+            Command::new("umoci")
+                .args(["unpack", "--image"])
+                .arg(format!("{}:t", layout_dir.display()))
+                .arg(&bundle),
+        );
+        theirs.push(copy + unpack);
+        let _ = fs::remove_dir_all(&layout_dir);
+        let _ = fs::remove_dir_all(&bundle);
+    }
+    println!(
+        "cold start, median of {COLD_RUNS} runs (Debian bookworm + systemd + openssh-server, amd64, loopback registry)"
+    );
+    report(
+        "pull + unpack (walt: to the first prompt)",
+        median(ours),
+        median(theirs),
+        "skopeo copy + umoci unpack",
+    );
+}
+
+const CHANGE: [&str; 3] = [
+    "dd if=/dev/urandom of=/root/big bs=1M count=64 2>/dev/null",
+    "mkdir -p /root/many",
+    "for i in $(seq 1000); do echo $i > /root/many/$i; done",
+];
+
+fn commit() {
+    use walt_tests::images::{Arch, OciLayout};
+    let walt = walt_binary();
+    let registry = walt_tests::registry::Registry::start().unwrap();
+    let layout = OciLayout::busybox(Arch::Amd64).unwrap();
+    layout.push("base", &registry, "lab/busybox:1").unwrap();
+    let reference = registry.reference("lab/busybox:1");
+    let work = tempfile::tempdir().unwrap();
+    let podman = Podman::new();
+    let mut ours = Vec::new();
+    let mut theirs = Vec::new();
+    for run_index in 0..COLD_RUNS {
+        let target = registry.reference(&format!("lab/walt-commit:{run_index}"));
+        let mut command = Command::new(&walt);
+        command
+            .args([
+                "shell",
+                "--mode",
+                "basic",
+                "--image",
+                &reference,
+                "--insecure-registry",
+                &registry.host(),
+            ])
+            .args(["--commit-to", &target])
+            .arg("--cache-dir")
+            .arg(work.path().join("cache"));
+        let (_, commit) = time_to_prompt_then(&mut command, "# ", &CHANGE, Some("Committing to"));
+        ours.push(commit.unwrap());
+
+        // buildah: the same change written into a working container, then
+        // `buildah commit` straight to the registry.
+        let buildah = || {
+            let mut command = Command::new("buildah");
+            command
+                .env("CONTAINERS_CONF", podman.dir.path().join("containers.conf"))
+                .arg("--root")
+                .arg(podman.dir.path().join("root"))
+                .arg("--runroot")
+                .arg(podman.dir.path().join("runroot"))
+                .args(["--storage-driver", "overlay"]);
+            command
+        };
+        let container = run(buildah().args(["from", "--tls-verify=false", &reference]))
+            .trim()
+            .to_string();
+        let mount = PathBuf::from(run(buildah().args(["mount", &container])).trim());
+        let script = CHANGE
+            .join("; ")
+            .replace("/root", &mount.join("root").display().to_string());
+        run(Command::new("sh").arg("-c").arg(&script));
+        run(buildah().args(["umount", &container]));
+        let target = registry.reference(&format!("lab/buildah-commit:{run_index}"));
+        theirs.push(timed(
+            buildah()
+                .args(["commit", "--tls-verify=false", &container])
+                .arg(format!("docker://{target}")),
+        ));
+        run(buildah().args(["rm", &container]));
+    }
+    println!(
+        "commit, median of {COLD_RUNS} runs (64 MiB file + 1000 small files on busybox, pushed to a loopback registry)"
+    );
+    report("commit + push", median(ours), median(theirs), "buildah commit");
 }

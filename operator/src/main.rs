@@ -21,7 +21,7 @@ enum Command {
     /// OCI layer engine: commit an overlay upper dir, unpack an image.
     Oci(oci::cli::Args),
     /// Open a root shell inside an OS image (any CPU, through qemu-user).
-    Shell(runtime::cli::Args),
+    Shell(Box<runtime::cli::Args>),
     /// Save the files changed on a running node as a new image.
     Save(ssh::cli::SaveArgs),
     /// Relay users' SSH sessions to a node (the SSH gateway, one session; for tests and standalone use).

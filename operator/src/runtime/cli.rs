@@ -171,6 +171,7 @@ pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>>
 fn new_session_dir(cache_dir: &std::path::Path) -> std::io::Result<PathBuf> {
     let sessions = cache_dir.join("sessions");
     std::fs::create_dir_all(&sessions)?;
+    remove_stale_sessions(&sessions);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
@@ -178,6 +179,24 @@ fn new_session_dir(cache_dir: &std::path::Path) -> std::io::Result<PathBuf> {
     let dir = sessions.join(format!("{}-{nanos:x}", std::process::id()));
     std::fs::create_dir(&dir)?;
     Ok(dir)
+}
+
+/// Removes session directories left by runtimes that were killed (named
+/// `<pid>-…`, that PID no longer running). Their mounts went with their mount
+/// namespace; only the directories remain.
+fn remove_stale_sessions(sessions: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(sessions) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.split('-').next().and_then(|pid| pid.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Removes the session directory (upper dir included) when the command ends.

@@ -458,7 +458,7 @@ fn init_mode_runs_start_script_as_pid1_and_shutdown_at_exit() {
     );
     assert_eq!(
         // The shell may be up before the (emulated) start script wrote its marker.
-        session.run("for i in $(seq 100); do [ -e /start-pid ] && break; sleep 0.1; done; cat /start-pid"),
+        session.run("until [ -e /start-pid ]; do sleep 0.1; done; cat /start-pid"),
         "1",
         "the start script ran as PID 1"
     );

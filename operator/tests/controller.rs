@@ -181,10 +181,15 @@ fn free_port() -> u16 {
 
 /// A namespace with the node key Secret the operator needs.
 fn tenant(cluster: &Cluster, prefix: &str) -> (String, tempfile::TempDir) {
-    install_crds(cluster);
-    let namespace = cluster.create_namespace(prefix).expect("create namespace");
     let dir = tempfile::tempdir().expect("temp dir");
     let key = node_key(dir.path());
+    (tenant_with_key(cluster, prefix, &key), dir)
+}
+
+/// A namespace whose node key Secret holds `key`.
+fn tenant_with_key(cluster: &Cluster, prefix: &str, key: &std::path::Path) -> String {
+    install_crds(cluster);
+    let namespace = cluster.create_namespace(prefix).expect("create namespace");
     cluster
         .kubectl_output(&[
             "-n",
@@ -197,7 +202,7 @@ fn tenant(cluster: &Cluster, prefix: &str) -> (String, tempfile::TempDir) {
             &format!("--from-file=ssh-privatekey={}", key.display()),
         ])
         .expect("create the node key Secret");
-    (namespace, dir)
+    namespace
 }
 
 fn kubectl(cluster: &Cluster, namespace: &str, args: &[&str]) -> String {
@@ -566,4 +571,138 @@ fn a_node_pointing_to_a_missing_image_says_so() {
             .is_err(),
         "no pod without an image"
     );
+}
+
+#[test]
+fn physical_node_is_probed_its_host_key_recorded_then_enforced_and_rebooted_when_its_image_moves() {
+    let cluster = cluster();
+    let node = walt_tests::sshnode::SshNode::busybox()
+        .expect("start an sshd node (needs root, openssh-server, socat, iproute2)");
+    let namespace = tenant_with_key(cluster, "op-phys", &node.client_key());
+    let operator = Operator::start(
+        cluster,
+        &namespace,
+        "phys-test",
+        &[
+            "--node-proxy-command",
+            &node.proxy_command(),
+            "--probe-interval",
+            "2s",
+        ],
+    );
+    operator.wait_ready(Duration::from_mins(1));
+    let reference = format!("127.0.0.1:1/lab/{namespace}/debian:latest");
+    apply(
+        cluster,
+        &namespace,
+        "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {name: debian}\nspec: {}\n",
+    );
+    set_image_digest(cluster, &namespace, "debian", &reference, DIGEST_A);
+    apply(
+        cluster,
+        &namespace,
+        &format!(
+            "apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {{name: rpi1}}\n\
+             spec: {{model: rpi-4-b, image: debian, address: \"{}\", sshPort: 22}}\n",
+            node.address()
+        ),
+    );
+    let within = Duration::from_mins(1);
+    wait_for(
+        cluster,
+        &namespace,
+        "node.walt.dev/rpi1",
+        "{.status.phase}",
+        "Ready",
+        within,
+        &operator,
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "node.walt.dev/rpi1",
+        "{.status.bootedImage.digest}",
+        DIGEST_A,
+        within,
+        &operator,
+    );
+    let recorded = kubectl(
+        cluster,
+        &namespace,
+        &["get", "node.walt.dev/rpi1", "-o", "jsonpath={.status.hostKey}"],
+    );
+    let expected: Vec<&str> = node.host_public_key().split_whitespace().take(2).collect();
+    let recorded: Vec<&str> = recorded.split_whitespace().take(2).collect();
+    assert_eq!(
+        recorded, expected,
+        "the host key the node presented (checked with its own sshd key file)"
+    );
+    let events = kubectl(
+        cluster,
+        &namespace,
+        &[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=rpi1",
+            "-o",
+            "jsonpath={.items[*].reason}",
+        ],
+    );
+    assert!(events.contains("HostKeyRecorded"), "events: {events}");
+
+    // A second Node on the same device with a wrong pinned host key is refused.
+    apply(
+        cluster,
+        &namespace,
+        &format!(
+            "apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {{name: impostor}}\n\
+             spec: {{model: rpi-4-b, image: debian, address: \"{}\", hostKey: \"{}\"}}\n",
+            node.address(),
+            node.client_public_key().trim()
+        ),
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "node.walt.dev/impostor",
+        "{.status.conditions[?(@.type==\"Reachable\")].reason}",
+        "HostKeyMismatch",
+        within,
+        &operator,
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "node.walt.dev/impostor",
+        "{.status.phase}",
+        "Unreachable",
+        within,
+        &operator,
+    );
+
+    // The image it boots is overwritten: the node is rebooted over SSH.
+    set_image_digest(cluster, &namespace, "debian", &reference, DIGEST_B);
+    wait_for(
+        cluster,
+        &namespace,
+        "node.walt.dev/rpi1",
+        "{.status.bootedImage.digest}",
+        DIGEST_B,
+        within,
+        &operator,
+    );
+    let events = kubectl(
+        cluster,
+        &namespace,
+        &[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=rpi1",
+            "-o",
+            "jsonpath={.items[*].reason}",
+        ],
+    );
+    assert!(events.contains("Rebooting"), "events: {events}");
 }

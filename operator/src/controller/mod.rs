@@ -23,6 +23,7 @@ pub mod lock;
 pub mod lookup;
 pub mod metrics;
 pub mod node;
+pub mod node_probe;
 pub mod node_reconcile;
 pub mod nodesave;
 pub mod shell;

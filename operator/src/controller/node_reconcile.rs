@@ -173,7 +173,7 @@ pub async fn reconcile(node: Arc<Node>, context: Arc<Context>) -> Result<Action>
     if node.spec.virtual_node.is_some() {
         reconcile_virtual(&node, &context, target, status).await
     } else {
-        reconcile_physical(&node, &context, target, status).await
+        super::node_probe::reconcile_physical(&node, &context, target, status).await
     }
 }
 
@@ -332,36 +332,6 @@ async fn reconcile_virtual(
     } else {
         Duration::from_secs(30)
     }))
-}
-
-/// Physical nodes in a build without the `ssh` node client: reported as
-/// not probed (condition `Reachable=Unknown`, reason `ProbeUnavailable`),
-/// never as reachable.
-async fn reconcile_physical(
-    node: &Node,
-    context: &Context,
-    _target: Option<BootTarget>,
-    mut status: NodeStatus,
-) -> Result<Action> {
-    let namespace = node.namespace().unwrap_or_default();
-    let name = node.name_any();
-    status.address.clone_from(&node.spec.address);
-    condition(
-        &mut status,
-        node,
-        condition_types::REACHABLE,
-        ConditionStatus::Unknown,
-        "ProbeUnavailable",
-        "this operator build has no SSH node client: physical nodes are not probed".into(),
-    );
-    context
-        .apply_status(
-            &Api::<Node>::namespaced(context.client.clone(), &namespace),
-            &name,
-            &status,
-        )
-        .await?;
-    Ok(Action::await_change())
 }
 
 #[cfg(test)]

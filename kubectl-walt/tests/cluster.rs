@@ -75,8 +75,8 @@ impl Walt {
     fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_kubectl-walt"));
         command
-            .args(args)
             .args(["-n", &self.namespace])
+            .args(args)
             .env("KUBECONFIG", &self.kubeconfig)
             .env_remove("WALT_GATEWAY_ADDRESS")
             .stdin(Stdio::null());

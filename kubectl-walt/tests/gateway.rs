@@ -61,10 +61,12 @@ fn connector(node: &SshNode) -> Connector {
     Arc::new(move |host: String, port: u16| {
         let lab = lab.clone();
         Box::pin(async move {
-            let address: std::net::SocketAddr = format!("{host}:{port}").parse().map_err(std::io::Error::other)?;
-            let stream = tokio::task::spawn_blocking(move || walt_tests::sshnode::connect_in_netns(&lab, address))
-                .await
-                .map_err(std::io::Error::other)??;
+            let address: std::net::SocketAddr =
+                format!("{host}:{port}").parse().map_err(std::io::Error::other)?;
+            let stream =
+                tokio::task::spawn_blocking(move || walt_tests::sshnode::connect_in_netns(&lab, address))
+                    .await
+                    .map_err(std::io::Error::other)??;
             stream.set_nonblocking(true)?;
             Ok(Box::new(tokio::net::TcpStream::from_std(stream)?) as BoxedStream)
         })
@@ -105,7 +107,11 @@ impl Lab {
         let namespace = cluster.create_namespace(prefix).unwrap();
         let work = tempfile::tempdir().unwrap();
         let node = SshNode::busybox().expect("sshd node (run as root)");
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
         let host_key = keygen(work.path(), "gateway_host");
         let target: NodeTarget = format!("root@{}:22", node.address()).parse().unwrap();
         let node_host_key = HostKeyPolicy::Pinned(client::parse_public_key(node.host_public_key()).unwrap());
@@ -128,7 +134,10 @@ impl Lab {
                 ssh_port: 22,
                 ..NodeSpec::default()
             };
-            nodes.create(&PostParams::default(), &Node::new("vnode", spec)).await.unwrap();
+            nodes
+                .create(&PostParams::default(), &Node::new("vnode", spec))
+                .await
+                .unwrap();
             nodes
                 .patch_status(
                     "vnode",
@@ -137,7 +146,13 @@ impl Lab {
                 )
                 .await
                 .unwrap();
-            tokio::spawn(session_controller(client, namespace.clone(), authorizations, target, node_host_key));
+            tokio::spawn(session_controller(
+                client,
+                namespace.clone(),
+                authorizations,
+                target,
+                node_host_key,
+            ));
             (address, cluster.kubeconfig())
         });
         Lab {
@@ -152,9 +167,15 @@ impl Lab {
 
     fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_kubectl-walt"));
+        // Global flags first: whatever follows `--` goes to the node.
         command
+            .args([
+                "-n",
+                &self.namespace,
+                "--gateway-address",
+                &self.gateway.to_string(),
+            ])
             .args(args)
-            .args(["-n", &self.namespace, "--gateway-address", &self.gateway.to_string()])
             .env("KUBECONFIG", &self.kubeconfig);
         command
     }
@@ -177,13 +198,17 @@ async fn session_controller(
     host_key: HostKeyPolicy,
 ) {
     let api: Api<ShellSession> = Api::namespaced(client, &namespace);
-    let mut events = watcher(api.clone(), watcher::Config::default()).applied_objects().boxed();
+    let mut events = watcher(api.clone(), watcher::Config::default())
+        .applied_objects()
+        .boxed();
     while let Some(Ok(session)) = events.next().await {
         let name = session.metadata.name.clone().unwrap();
         if session.metadata.deletion_timestamp.is_some() || session.status.is_some() {
             continue;
         }
-        let Some(key) = session.spec.public_key.clone() else { continue };
+        let Some(key) = session.spec.public_key.clone() else {
+            continue;
+        };
         authorizations.add(Authorization {
             session_id: name.clone(),
             node: target.clone(),
@@ -193,7 +218,9 @@ async fn session_controller(
         });
         let status = serde_json::json!({"status": {"phase": "Running",
             "gateway": {"service": "walt-gateway.walt-system", "port": 22, "user": name}}});
-        let _ = api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await;
+        let _ = api
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+            .await;
     }
 }
 
@@ -207,7 +234,12 @@ struct Pty {
 impl Pty {
     fn spawn(command: &Command) -> Pty {
         let pty = nix::pty::openpty(
-            Some(&nix::pty::Winsize { ws_row: 30, ws_col: 100, ws_xpixel: 0, ws_ypixel: 0 }),
+            Some(&nix::pty::Winsize {
+                ws_row: 30,
+                ws_col: 100,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            }),
             None,
         )
         .unwrap();
@@ -242,7 +274,11 @@ impl Pty {
                 sink.lock().unwrap().extend_from_slice(&buf[..n]);
             }
         });
-        Pty { master: pty.master, child, output }
+        Pty {
+            master: pty.master,
+            child,
+            output,
+        }
     }
 
     fn send(&self, text: &str) {
@@ -257,7 +293,11 @@ impl Pty {
     fn expect(&self, needle: &str) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !self.text().contains(needle) {
-            assert!(Instant::now() < deadline, "never saw {needle:?}; got:\n{}", self.text());
+            assert!(
+                Instant::now() < deadline,
+                "never saw {needle:?}; got:\n{}",
+                self.text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -269,7 +309,11 @@ impl Pty {
                 std::thread::sleep(Duration::from_millis(200));
                 return (status.code().unwrap_or(-1), self.text());
             }
-            assert!(Instant::now() < deadline, "the plugin did not exit:\n{}", self.text());
+            assert!(
+                Instant::now() < deadline,
+                "the plugin did not exit:\n{}",
+                self.text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -303,15 +347,29 @@ fn node_shell_through_a_pty_restores_the_terminal_and_cleans_up() {
 fn node_shell_runs_a_command_and_node_run_prefixes_lines() {
     let _serial = serial();
     let lab = Lab::start("walt-nrun");
-    let out = lab.command(&["node", "shell", "vnode", "--", "sh", "-c", "echo out; exit 3"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = lab
+        .command(&["node", "shell", "vnode", "--", "sh", "-c", "echo out; exit 3"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("out"));
 
-    let out = lab.command(&["node", "run", "vnode", "--", "printf 'a\\nb\\n'; echo err >&2"]).output().unwrap();
+    let out = lab
+        .command(&["node", "run", "vnode", "--", "printf 'a\\nb\\n'; echo err >&2"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "vnode: a\nvnode: b\n");
     assert!(String::from_utf8_lossy(&out.stderr).contains("vnode: err\n"));
-    let out = lab.command(&["node", "run", "vnode", "--", "false"]).output().unwrap();
+    let out = lab
+        .command(&["node", "run", "vnode", "--", "false"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(lab.sessions_left(), 0);
 }
@@ -329,8 +387,22 @@ fn node_proxy_serves_openssh() {
         lab.gateway
     );
     let out = Command::new("ssh")
-        .args(["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"])
-        .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"])
+        .args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+        ])
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+        ])
         .arg("-i")
         .arg(&key)
         .arg("-o")

@@ -523,7 +523,7 @@ impl PortForward {
                 "-n",
                 namespace,
                 &format!("svc/{service}"),
-                &format!("127.0.0.1::{port}"),
+                &format!(":{port}"),
             ])
             .args(["--address", "127.0.0.1"])
             .stdout(Stdio::piped())

@@ -1,0 +1,480 @@
+//! The whole walt journey on the cluster tier (issue 9's "Done when"):
+//! helm install → clone an arm64 image → `kubectl walt image shell` it (emulated), change files, save as
+//! a new image → a virtual node boots it → `kubectl walt node shell`, change and delete files →
+//! `kubectl walt node save` to a third image → a new virtual node boots it and shows every change,
+//! deletions included → skopeo + umoci agree with what the nodes show → `helm uninstall` leaves nothing.
+//!
+//! Every step drives the real product (chart, operator, plugin) and asserts what a user sees. A step
+//! whose command does not exist yet in the product (the plugin or operator says it is not built) ends
+//! the product part with a printed `JOURNEY STOPPED` line naming it; the install and uninstall checks
+//! still run and assert.
+
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use walt_tests::deploy::{self, run};
+use walt_tests::image_build::Arch;
+use walt_tests::k8s::{Cluster, ClusterOptions, cluster_tier_skip_reason};
+use walt_tests::lab::{self, Kube, PortForward};
+
+const NS: &str = "journey";
+
+/// Why the product part of the journey could not go on.
+#[derive(Debug)]
+struct Missing(String);
+
+/// The plugin binary (built from this workspace when missing).
+fn plugin() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| deploy::repo_root().join("target"), PathBuf::from);
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "-p", "kubectl-walt"])
+        .current_dir(deploy::repo_root())
+        .status()
+        .expect("run cargo build -p kubectl-walt");
+    assert!(status.success(), "cargo build -p kubectl-walt failed");
+    target.join("debug").join("kubectl-walt")
+}
+
+/// Whether the plugin has `words` as a command (its `--help` succeeds).
+fn plugin_has(plugin: &Path, words: &[&str]) -> Result<(), Missing> {
+    let output = Command::new(plugin)
+        .args(words)
+        .arg("--help")
+        .output()
+        .expect("run kubectl-walt");
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(Missing(format!(
+        "`kubectl walt {}` does not exist yet: {}{}",
+        words.join(" "),
+        String::from_utf8_lossy(&output.stdout).trim(),
+        String::from_utf8_lossy(&output.stderr).trim()
+    )))
+}
+
+struct Journey<'a> {
+    kube: &'a Kube,
+    plugin: PathBuf,
+}
+
+impl Journey<'_> {
+    fn walt(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(&self.plugin);
+        command
+            .arg("--kubeconfig")
+            .arg(&self.kube.kubeconfig)
+            .args(["-n", NS])
+            .args(args);
+        command
+    }
+
+    fn walt_ok(&self, args: &[&str]) -> String {
+        let output = self.walt(args).output().expect("run kubectl walt");
+        assert!(
+            output.status.success(),
+            "kubectl walt {args:?} failed ({}):\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Runs an interactive plugin command under a PTY (`script`), types `input`, returns everything shown.
+    fn walt_interactive(&self, args: &[&str], input: &str, timeout: Duration) -> String {
+        let mut line = shell_quote(&self.plugin.to_string_lossy());
+        for arg in ["--kubeconfig", &self.kube.kubeconfig.to_string_lossy(), "-n", NS]
+            .iter()
+            .chain(args)
+        {
+            line.push(' ');
+            line.push_str(&shell_quote(arg));
+        }
+        let mut child = Command::new("script")
+            .args(["-qfec", &line, "/dev/null"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run script (util-linux)");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let input = input.to_owned();
+        std::thread::spawn(move || {
+            // Type slowly, as a person does: the shell must be up before the first line matters.
+            for line in input.split_inclusive('\n') {
+                std::thread::sleep(Duration::from_millis(700));
+                if stdin.write_all(line.as_bytes()).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut stdout = child.stdout.take().expect("stdout");
+        let reader = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            let _ = stdout.read_to_end(&mut all);
+            all
+        });
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                let out = String::from_utf8_lossy(&reader.join().unwrap_or_default()).into_owned();
+                assert!(status.success(), "kubectl walt {args:?} exited {status}:\n{out}");
+                return out;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                let out = String::from_utf8_lossy(&reader.join().unwrap_or_default()).into_owned();
+                panic!("kubectl walt {args:?} did not finish in {timeout:?}:\n{out}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn wait_jsonpath(&self, resource: &str, path: &str, want: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            last =
+                run(self
+                    .kube
+                    .kubectl()
+                    .args(["get", resource, "-n", NS, "-o", &format!("jsonpath={path}")]))
+                .unwrap_or_else(|e| e.to_string());
+            if last == want {
+                return;
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        let describe = run(self.kube.kubectl().args(["describe", resource, "-n", NS])).unwrap_or_default();
+        panic!("{resource} {path} is {last:?}, not {want:?}, after {timeout:?}:\n{describe}");
+    }
+
+    /// The product part of the journey; Err when a piece of the product does not exist yet.
+    fn product(&self, upstream: &str) -> Result<(), Missing> {
+        // 1. Clone an arm64 image into the lab.
+        plugin_has(&self.plugin, &["image", "clone"])?;
+        self.walt_ok(&["image", "clone", upstream, "base"]);
+        self.wait_jsonpath(
+            "images.walt.dev/base",
+            "{.status.conditions[?(@.type==\"Ready\")].status}",
+            "True",
+            Duration::from_mins(3),
+        );
+        let platform = run(self.kube.kubectl().args([
+            "get",
+            "images.walt.dev/base",
+            "-n",
+            NS,
+            "-o",
+            "jsonpath={.status.platform}",
+        ]))
+        .expect("image platform");
+        assert!(
+            platform.contains("arm64"),
+            "cloned image platform is {platform:?}"
+        );
+
+        // 2. Image shell (emulated): change, create, delete; save as a new image.
+        plugin_has(&self.plugin, &["image", "shell"])?;
+        let shown = self.walt_interactive(
+            &["image", "shell", "base"],
+            "uname -m\necho shell-was-here > /etc/walt-journey\nrm /etc/motd\nmkdir -p /opt/journey && echo 1 > /opt/journey/one\nexit\nshelled\n",
+            Duration::from_mins(5),
+        );
+        assert!(
+            shown.contains("aarch64"),
+            "the image shell was not emulated arm64:\n{shown}"
+        );
+        self.wait_jsonpath(
+            "images.walt.dev/shelled",
+            "{.status.conditions[?(@.type==\"Ready\")].status}",
+            "True",
+            Duration::from_mins(2),
+        );
+
+        // 3. A virtual node boots it; node shell changes and deletes files.
+        plugin_has(&self.plugin, &["node", "create-virtual"])?;
+        self.walt_ok(&[
+            "node",
+            "create-virtual",
+            "vnode1",
+            "--image",
+            "shelled",
+            "--arch",
+            "arm64",
+        ]);
+        self.wait_jsonpath(
+            "nodes.walt.dev/vnode1",
+            "{.status.phase}",
+            "Ready",
+            Duration::from_mins(5),
+        );
+        plugin_has(&self.plugin, &["node", "shell"])?;
+        let shown = self.walt_interactive(
+            &["node", "shell", "vnode1"],
+            "cat /etc/walt-journey\necho node-was-here > /root/node-file\nrm -r /opt/journey\nrm /etc/hostname\nexit\n",
+            Duration::from_mins(3),
+        );
+        assert!(
+            shown.contains("shell-was-here"),
+            "the virtual node does not show the image shell's change:\n{shown}"
+        );
+
+        // 4. Node save to a third image.
+        plugin_has(&self.plugin, &["node", "save"])?;
+        self.walt_ok(&["node", "save", "vnode1", "saved"]);
+        self.wait_jsonpath(
+            "images.walt.dev/saved",
+            "{.status.conditions[?(@.type==\"Ready\")].status}",
+            "True",
+            Duration::from_mins(2),
+        );
+
+        // 5. A new virtual node boots it and shows every change, deletions included.
+        self.walt_ok(&[
+            "node",
+            "create-virtual",
+            "vnode2",
+            "--image",
+            "saved",
+            "--arch",
+            "arm64",
+        ]);
+        self.wait_jsonpath(
+            "nodes.walt.dev/vnode2",
+            "{.status.phase}",
+            "Ready",
+            Duration::from_mins(5),
+        );
+        plugin_has(&self.plugin, &["node", "run"])?;
+        let shown = self.walt_ok(&[
+            "node",
+            "run",
+            "vnode2",
+            "--",
+            "sh",
+            "-c",
+            "cat /etc/walt-journey /root/node-file; for f in /etc/motd /opt/journey /etc/hostname; do test -e $f && echo present:$f || echo absent:$f; done",
+        ]);
+        for want in [
+            "shell-was-here",
+            "node-was-here",
+            "absent:/etc/motd",
+            "absent:/opt/journey",
+            "absent:/etc/hostname",
+        ] {
+            assert!(shown.contains(want), "vnode2 does not show {want}:\n{shown}");
+        }
+        Ok(())
+    }
+}
+
+fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "'\\''"))
+}
+
+/// skopeo + umoci read the saved image and see the same files as the node.
+fn check_with_skopeo_and_umoci(kube: &Kube) {
+    let forward = PortForward::start(kube, lab::SYSTEM_NAMESPACE, "walt-registry", 5000)
+        .expect("port-forward registry");
+    let creds = lab::registry_creds(kube).expect("registry credentials");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let layout = dir.path().join("oci");
+    run(Command::new("skopeo")
+        .args(["copy", "--src-tls-verify=false", &format!("--src-creds={creds}")])
+        .arg(format!("docker://{}/walt/{NS}/saved:latest", forward.address))
+        .arg(format!("oci:{}:saved", layout.display())))
+    .expect("skopeo copy of the saved image");
+    let bundle = dir.path().join("bundle");
+    run(Command::new("umoci")
+        .args(["unpack", "--rootless", "--image"])
+        .arg(format!("{}:saved", layout.display()))
+        .arg(&bundle))
+    .expect("umoci unpack");
+    let rootfs = bundle.join("rootfs");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("etc/walt-journey")).expect("walt-journey"),
+        "shell-was-here\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("root/node-file")).expect("node-file"),
+        "node-was-here\n"
+    );
+    for gone in ["etc/motd", "opt/journey", "etc/hostname"] {
+        assert!(
+            !rootfs.join(gone).exists(),
+            "umoci shows {gone}, which was deleted"
+        );
+    }
+}
+
+/// Objects of the release that must be gone after `helm uninstall`.
+fn leftovers(kube: &Kube) -> Vec<String> {
+    let mut left = Vec::new();
+    let selector = "app.kubernetes.io/instance=walt";
+    for kinds in [
+        "deployments,daemonsets,services,configmaps,secrets,serviceaccounts,roles,rolebindings,networkpolicies,poddisruptionbudgets,persistentvolumeclaims,pods",
+        "clusterroles,clusterrolebindings",
+    ] {
+        let out = run(kube
+            .kubectl()
+            .args(["get", kinds, "-A", "-l", selector, "-o", "name"]))
+        .unwrap_or_else(|e| e.to_string());
+        left.extend(out.lines().filter(|l| !l.trim().is_empty()).map(str::to_owned));
+    }
+    // Pods, Services and claims the operator made for shells and nodes.
+    let out = run(kube.kubectl().args([
+        "get",
+        "pods,services,persistentvolumeclaims,secrets",
+        "-n",
+        NS,
+        "-o",
+        "name",
+    ]))
+    .unwrap_or_default();
+    left.extend(
+        out.lines()
+            .filter(|l| !l.trim().is_empty() && !l.contains("default-token") && !l.contains("kube-root-ca"))
+            .map(|l| format!("{NS}/{l}")),
+    );
+    left
+}
+
+#[test]
+fn journey() {
+    match cluster_tier_skip_reason() {
+        Ok(Some(reason)) => {
+            eprintln!("SKIPPED journey: the cluster tier cannot run on this machine: {reason}");
+            return;
+        }
+        Ok(None) => {}
+        Err(error) => panic!("cluster tier prerequisites: {error}"),
+    }
+    let cluster = Cluster::start(ClusterOptions::cluster()).expect("start the cluster tier");
+    let node_registry = cluster.registry().expect("the cluster tier has a node registry");
+    let kube = Kube::new(cluster.kubeconfig()).expect("kubectl");
+
+    // Install: the walt image and the registry image where the node pulls from, then the chart.
+    let started = Instant::now();
+    lab::ensure_walt_image(&node_registry, false).expect("build and push the walt image");
+    lab::ensure_registry_image(&node_registry).expect("build and push the registry image");
+    eprintln!(
+        "journey: images built and pushed in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    let values_dir = tempfile::tempdir().expect("tempdir");
+    let values = values_dir.path().join("values.yaml");
+    let api_server = lab::harness_api_server(&kube.kubeconfig);
+    std::fs::write(
+        &values,
+        lab::lab_values(
+            &node_registry,
+            lab::has_default_storage_class(&kube),
+            api_server.as_deref(),
+        ),
+    )
+    .expect("values");
+    // No --wait: each part is checked below, so a broken part is named instead of a bare timeout.
+    run(kube
+        .helm()
+        .expect("helm")
+        .args(["install", "walt"])
+        .arg(deploy::chart_dir())
+        .args(["-n", lab::SYSTEM_NAMESPACE, "--create-namespace", "-f"])
+        .arg(&values))
+    .expect("helm install");
+    for workload in ["deployment/walt-registry", "daemonset/walt-binfmt"] {
+        if let Err(error) = run(kube.kubectl().args([
+            "rollout",
+            "status",
+            workload,
+            "-n",
+            lab::SYSTEM_NAMESPACE,
+            "--timeout=300s",
+        ])) {
+            let pods = run(kube.kubectl().args(["get", "pods", "-A", "-o", "wide"])).unwrap_or_default();
+            panic!("{workload} did not become ready: {error}\n{pods}");
+        }
+    }
+    let operator_ready = run(kube.kubectl().args([
+        "rollout",
+        "status",
+        "deployment/walt-operator",
+        "-n",
+        lab::SYSTEM_NAMESPACE,
+        "--timeout=180s",
+    ]));
+    let stopped = operator_ready.err().map(|error| {
+        let logs = run(kube.kubectl().args([
+            "logs",
+            "deployment/walt-operator",
+            "-n",
+            lab::SYSTEM_NAMESPACE,
+            "--tail=20",
+            "--previous",
+        ]))
+        .unwrap_or_else(|e| e.to_string());
+        format!("the operator does not run in its image ({error}); its log:\n{logs}")
+    });
+
+    if let Some(reason) = stopped {
+        eprintln!("JOURNEY STOPPED: {reason}");
+    } else {
+        // An upstream arm64 image to clone, in the lab registry (the only registry the pods reach here).
+        let upstream = {
+            let forward = PortForward::start(&kube, lab::SYSTEM_NAMESPACE, "walt-registry", 5000)
+                .expect("port-forward");
+            let creds = lab::registry_creds(&kube).expect("creds");
+            lab::push_demo_image(
+                Arch::Arm64,
+                &format!("{}/upstream/busybox:arm64", forward.address),
+                Some(&creds),
+            )
+            .expect("push the upstream arm64 image");
+            format!("{}/upstream/busybox:arm64", lab::cluster_registry())
+        };
+        run(kube.kubectl().args(["create", "namespace", NS])).expect("namespace");
+        let journey = Journey {
+            kube: &kube,
+            plugin: plugin(),
+        };
+        match journey.product(&upstream) {
+            Ok(()) => check_with_skopeo_and_umoci(&kube),
+            Err(Missing(what)) => eprintln!("JOURNEY STOPPED: {what}"),
+        }
+    }
+
+    // Uninstall leaves nothing behind (Helm keeps the CRDs of crds/ by design; the test removes them).
+    run(kube.kubectl().args([
+        "delete",
+        "namespace",
+        NS,
+        "--ignore-not-found",
+        "--wait",
+        "--timeout=180s",
+    ]))
+    .expect("delete the journey namespace");
+    run(kube.helm().expect("helm").args([
+        "uninstall",
+        "walt",
+        "-n",
+        lab::SYSTEM_NAMESPACE,
+        "--wait",
+        "--timeout",
+        "5m",
+    ]))
+    .expect("helm uninstall");
+    let deadline = Instant::now() + Duration::from_mins(2);
+    let mut left = leftovers(&kube);
+    while !left.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_secs(2));
+        left = leftovers(&kube);
+    }
+    assert!(left.is_empty(), "helm uninstall left: {left:?}");
+}

@@ -422,6 +422,18 @@ fn journey() {
         .unwrap_or_else(|e| e.to_string());
         format!("the operator does not run in its image ({error}); its log:\n{logs}")
     });
+    // Shell pods and virtual nodes reach the lab registry by its Service name: without cluster DNS they
+    // cannot, so the product part cannot go on (the harness's cluster runs no kube-dns today).
+    let stopped = stopped.or_else(|| {
+        run(kube.kubectl().args(["get", "service", "kube-dns", "-n", "kube-system"]))
+            .err()
+            .map(|error| {
+                format!(
+                    "the cluster has no DNS (no kube-system/kube-dns Service: {error}): pods cannot resolve the lab registry {}",
+                    lab::cluster_registry()
+                )
+            })
+    });
 
     if let Some(reason) = stopped {
         eprintln!("JOURNEY STOPPED: {reason}");

@@ -560,3 +560,61 @@ fn save_command_writes_the_change_set_through_a_proxy_command() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("USER@HOST"));
 }
+
+#[test]
+fn save_command_pushes_the_node_changes_on_top_of_the_base_image() {
+    use walt_tests::images::{Arch, OciLayout, skopeo_umoci_unpack};
+    let registry = walt_tests::registry::Registry::start().expect("registry");
+    let layout = OciLayout::busybox(Arch::Amd64).expect("busybox image");
+    layout
+        .push("base", &registry, "lab/busybox:base")
+        .expect("push the base");
+    let node = SshNode::busybox().unwrap();
+    node.run(
+        "set -e
+mkdir -p /srv && echo created > /srv/created
+echo 'walt:x:1000:1000::/:/bin/sh' >> /etc/passwd
+rm /etc/group",
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_walt-operator"))
+        .args([
+            "save",
+            "--node",
+            &format!("root@{}", node.address()),
+            "--identity",
+        ])
+        .arg(node.client_key())
+        .arg("--known-hosts")
+        .arg(node.known_hosts())
+        .args(["--proxy-command", &node.proxy_command()])
+        .args(["--base", &registry.reference("lab/busybox:base")])
+        .args(["--to", &registry.reference("lab/saved:v1")])
+        .args(["--insecure-registry", &registry.host()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("1 deleted"), "{stderr}");
+    let digest = stdout.trim();
+    assert!(digest.starts_with("sha256:"), "stdout: {stdout}");
+    assert!(stderr.contains(digest), "{stderr}");
+
+    // Independent check: skopeo copies the tag, umoci unpacks it.
+    let work = tempfile::tempdir().unwrap();
+    let rootfs = skopeo_umoci_unpack(&registry, "lab/saved:v1", work.path()).expect("unpack");
+    assert_eq!(std::fs::read(rootfs.join("srv/created")).unwrap(), b"created\n");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap(),
+        "root:x:0:0:root:/root:/bin/sh\nwalt:x:1000:1000::/:/bin/sh\n"
+    );
+    assert!(!rootfs.join("etc/group").exists(), "deleted file is gone");
+    assert!(rootfs.join("etc/inittab").is_file(), "base files stay");
+    assert!(rootfs.join("bin/busybox").is_file(), "base files stay");
+    // The tag points at the digest the command printed.
+    let pinned_work = tempfile::tempdir().unwrap();
+    let pinned = skopeo_umoci_unpack(&registry, &format!("lab/saved@{digest}"), pinned_work.path())
+        .expect("unpack by digest");
+    assert!(pinned.join("srv/created").is_file());
+}

@@ -48,7 +48,8 @@ pub struct RegistryAccess {
 }
 
 impl RegistryAccess {
-    fn client(&self) -> Result<RegistryClient, ImageError> {
+    /// A registry client with these insecure registries and credentials (also used by node save).
+    pub(crate) fn client(&self) -> Result<RegistryClient, ImageError> {
         let mut options = ClientOptions::insecure(self.insecure_registries.clone());
         if let Some(path) = self.auth_file.clone().or_else(default_auth_file) {
             let bytes = std::fs::read(&path).map_err(|e| ImageError::Credentials(path.clone(), e))?;

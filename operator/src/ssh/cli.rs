@@ -10,8 +10,11 @@ use super::SshError;
 use super::client::{self, ClientConfig, HostKeyPolicy, NodeClient, NodeTarget, Transport};
 use super::export::{self, ExportOptions, Progress};
 use super::gateway::{Authorization, Authorizations, Gateway, GatewayConfig};
+use crate::oci::{ChangeSource, CommitOptions, PushedImage, RegistryClient, ResolvedImage};
+use crate::runtime::image::{RegistryAccess, split_target};
 
-type CliResult = Result<i32, Box<dyn std::error::Error + Send + Sync>>;
+type CliError = Box<dyn std::error::Error + Send + Sync>;
+type CliResult = Result<i32, CliError>;
 
 /// How to reach a node (shared by `save` and `gateway`).
 #[derive(Debug, clap::Args)]
@@ -192,46 +195,75 @@ async fn save(args: &SaveArgs) -> CliResult {
             "all changes"
         }
     );
+    // Resolve the base (and reach the registry) before the node starts sending anything.
+    let destination = match &args.change_set {
+        Some(_) => None,
+        None => Some(Destination::prepare(args).await?),
+    };
     let progress = Arc::new(Progress::default());
     let reader = export::start(&client, &plan, progress.clone()).await?;
     let started = Instant::now();
     let reporter = tokio::spawn(report_progress(progress.clone(), started));
     let target = args.node.node.clone();
-    let outcome = match &args.change_set {
-        Some(path) => {
-            let path = path.clone();
-            let plan = plan.clone();
-            let progress = progress.clone();
-            tokio::task::spawn_blocking(move || -> Result<export::ChangeSummary, SshError> {
-                let io_error = |context: String| move |source| SshError::Io { context, source };
-                let output: Box<dyn std::io::Write> = if path.as_os_str() == "-" {
-                    Box::new(std::io::stdout().lock())
-                } else {
-                    Box::new(
-                        std::fs::File::create(&path)
-                            .map_err(io_error(format!("creating {}", path.display())))?,
-                    )
-                };
-                let output = std::io::BufWriter::with_capacity(256 * 1024, output);
-                export::filter_change_set(reader, output, &plan, &target, &progress)
-                    .map_err(io_error(format!("saving the change set of node {target}")))
-            })
-            .await?
-        }
-        None => {
-            return Err(format!(
-                "building an image from node {} needs the OCI layer engine (module oci), which is not on this branch yet; \
-                 use --change-set FILE to get the change set",
+    let outcome: Result<(export::ChangeSummary, Option<PushedImage>), CliError> =
+        match (&args.change_set, &destination) {
+            (Some(path), _) => {
+                let path = path.clone();
+                let plan = plan.clone();
+                let progress = progress.clone();
+                tokio::task::spawn_blocking(move || -> Result<export::ChangeSummary, SshError> {
+                    let io_error = |context: String| move |source| SshError::Io { context, source };
+                    let output: Box<dyn std::io::Write> = if path.as_os_str() == "-" {
+                        Box::new(std::io::stdout().lock())
+                    } else {
+                        Box::new(
+                            std::fs::File::create(&path)
+                                .map_err(io_error(format!("creating {}", path.display())))?,
+                        )
+                    };
+                    let output = std::io::BufWriter::with_capacity(256 * 1024, output);
+                    export::filter_change_set(reader, output, &plan, &target, &progress)
+                        .map_err(io_error(format!("saving the change set of node {target}")))
+                })
+                .await
+                .map_err(CliError::from)
+                .and_then(|summary| Ok((summary?, None)))
+            }
+            (None, Some(destination)) => destination
+                .push(reader, plan.clone(), target, progress.clone())
+                .await
+                .map(|(summary, pushed)| (summary, Some(pushed))),
+            (None, None) => Err(format!(
+                "saving node {}: give --base and --to (or --change-set FILE)",
                 args.node.node
             )
-            .into());
-        }
-    };
+            .into()),
+        };
     reporter.abort();
     client.close().await;
-    let summary = outcome?;
+    let (summary, pushed) = outcome?;
+    let saved_as = match (&pushed, &destination) {
+        (Some(pushed), Some(destination)) => {
+            // Only now, with the image complete in the registry, does the tag move.
+            destination
+                .client
+                .tag(&destination.repository, &pushed.manifest_digest, &destination.tag)
+                .await
+                .map_err(|error| {
+                    format!(
+                        "node {} was saved as {} but tagging it {}:{} failed: {error}",
+                        args.node.node, pushed.reference, destination.repository, destination.tag
+                    )
+                })?;
+            format!(
+                " as {}:{} ({}, layer {} bytes)",
+                destination.repository, destination.tag, pushed.reference, pushed.layer_size
+            )
+        }
+        _ => String::new(),
+    };
     eprintln!(
-        "\rsaved node {}: {} changed, {} deleted, {} opaque dirs, {} skipped, {} bytes in {:.1} s",
+        "\rsaved node {}{saved_as}: {} changed, {} deleted, {} opaque dirs, {} skipped, {} bytes in {:.1} s",
         args.node.node,
         summary.changed,
         summary.deleted,
@@ -240,7 +272,95 @@ async fn save(args: &SaveArgs) -> CliResult {
         summary.bytes,
         started.elapsed().as_secs_f64()
     );
+    if let Some(pushed) = &pushed {
+        println!("{}", pushed.manifest_digest);
+    }
     Ok(0)
+}
+
+/// Where `save` pushes the new image: the registry client, the resolved base, and the target.
+struct Destination {
+    client: RegistryClient,
+    base: ResolvedImage,
+    repository: String,
+    tag: String,
+}
+
+impl Destination {
+    async fn prepare(args: &SaveArgs) -> Result<Self, CliError> {
+        let (Some(base), Some(to)) = (&args.base, &args.to) else {
+            return Err(format!(
+                "saving node {}: give --base REF and --to REF (or --change-set FILE)",
+                args.node.node
+            )
+            .into());
+        };
+        let (repository, tag) = split_target(to)?;
+        let access = RegistryAccess {
+            insecure_registries: args.insecure_registry.clone(),
+            auth_file: None,
+        };
+        let client = access.client()?;
+        let base = client.resolve(base, None).await?;
+        Ok(Self {
+            client,
+            base,
+            repository,
+            tag,
+        })
+    }
+
+    /// Streams the node's changes through [`export::filter_change_set`] into
+    /// [`RegistryClient::push_on_top`] (one pass, through an in-process pipe), by digest only. A node or
+    /// connection failure reaches the layer engine as an error, so nothing incomplete is pushed.
+    async fn push(
+        &self,
+        reader: export::RemoteTarReader,
+        plan: export::ExportPlan,
+        target: NodeTarget,
+        progress: Arc<Progress>,
+    ) -> Result<(export::ChangeSummary, PushedImage), CliError> {
+        let (mut writer, pipe) = export::change_set_pipe();
+        let created_by = format!("walt node save {target}");
+        let filtering = tokio::task::spawn_blocking(move || -> Result<export::ChangeSummary, SshError> {
+            let context = format!("saving the change set of node {target}");
+            match export::filter_change_set(reader, &mut writer, &plan, &target, &progress) {
+                Ok(summary) => {
+                    writer
+                        .finish(Ok(()))
+                        .map_err(|source| SshError::Io { context, source })?;
+                    Ok(summary)
+                }
+                Err(source) => {
+                    let _ = writer.finish(Err(format!("{context}: {source}")));
+                    Err(SshError::Io { context, source })
+                }
+            }
+        });
+        // The change set is already filtered (exclusions, ready time): the layer takes all of it.
+        let pushed = self
+            .client
+            .push_on_top(
+                &self.base,
+                &self.repository,
+                ChangeSource::TarStream(Box::new(pipe)),
+                CommitOptions::new(&created_by),
+            )
+            .await;
+        let filtered = filtering.await?;
+        match (filtered, pushed) {
+            (Ok(summary), Ok(pushed)) => Ok((summary, pushed)),
+            // The layer engine stopped reading: its error is the cause.
+            (Err(SshError::Io { source, .. }), Err(error))
+                if source.kind() == std::io::ErrorKind::BrokenPipe =>
+            {
+                Err(error.into())
+            }
+            // The node or the connection failed: that is the cause (the push was aborted).
+            (Err(error), _) => Err(error.into()),
+            (Ok(_), Err(error)) => Err(error.into()),
+        }
+    }
 }
 
 async fn report_progress(progress: Arc<Progress>, started: Instant) {

@@ -657,6 +657,135 @@ fn write_entry<W: Write, R: Read>(
     builder.append_data(&mut header, name, data)
 }
 
+/// The size of the chunks handed from [`filter_change_set`] to the layer engine.
+const PIPE_CHUNK: usize = 256 * 1024;
+
+enum PipePiece {
+    Data(Vec<u8>),
+    End(Result<(), String>),
+}
+
+/// The writing end of a [`change_set_pipe`]: a [`filter_change_set`] output.
+pub struct ChangeSetWriter {
+    sender: std::sync::mpsc::SyncSender<PipePiece>,
+    buffer: Vec<u8>,
+}
+
+/// The reading end of a [`change_set_pipe`]: a tar stream for the layer engine. Like
+/// [`RemoteTarReader`], it ends with an error (never a clean end of file) unless the writer called
+/// [`ChangeSetWriter::finish`] with success, so a cut change set can never become a layer.
+pub struct ChangeSetReader {
+    receiver: std::sync::mpsc::Receiver<PipePiece>,
+    current: Vec<u8>,
+    position: usize,
+    finished: Option<Result<(), String>>,
+}
+
+impl std::fmt::Debug for ChangeSetWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChangeSetWriter").finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for ChangeSetReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChangeSetReader").finish_non_exhaustive()
+    }
+}
+
+/// An in-process pipe between [`filter_change_set`] (on one blocking thread) and the layer engine
+/// (reading on another): bounded (a few chunks in flight), one pass, no temporary file, and the
+/// writer's failure reaches the reader as an error (an OS pipe would turn it into a clean end of file).
+pub fn change_set_pipe() -> (ChangeSetWriter, ChangeSetReader) {
+    let (sender, receiver) = std::sync::mpsc::sync_channel(4);
+    (
+        ChangeSetWriter {
+            sender,
+            buffer: Vec::with_capacity(PIPE_CHUNK),
+        },
+        ChangeSetReader {
+            receiver,
+            current: Vec::new(),
+            position: 0,
+            finished: None,
+        },
+    )
+}
+
+fn pipe_closed() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::BrokenPipe,
+        "the layer engine stopped reading the change set",
+    )
+}
+
+impl ChangeSetWriter {
+    fn send_buffer(&mut self) -> io::Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buffer, Vec::with_capacity(PIPE_CHUNK));
+        self.sender
+            .send(PipePiece::Data(chunk))
+            .map_err(|_| pipe_closed())
+    }
+
+    /// Ends the stream: with `Ok`, the reader sees a clean end of file; with `Err`, it sees the error.
+    pub fn finish(mut self, outcome: Result<(), String>) -> io::Result<()> {
+        if outcome.is_ok() {
+            self.send_buffer()?;
+        }
+        self.sender
+            .send(PipePiece::End(outcome))
+            .map_err(|_| pipe_closed())
+    }
+}
+
+impl Write for ChangeSetWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let room = PIPE_CHUNK - self.buffer.len();
+        let n = data.len().min(room);
+        self.buffer.extend_from_slice(&data[..n]);
+        if self.buffer.len() == PIPE_CHUNK {
+            self.send_buffer()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send_buffer()
+    }
+}
+
+impl Read for ChangeSetReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if self.position < self.current.len() {
+                let n = buf.len().min(self.current.len() - self.position);
+                buf[..n].copy_from_slice(&self.current[self.position..self.position + n]);
+                self.position += n;
+                return Ok(n);
+            }
+            if let Some(outcome) = &self.finished {
+                return match outcome {
+                    Ok(()) => Ok(0),
+                    Err(reason) => Err(io::Error::new(io::ErrorKind::ConnectionAborted, reason.clone())),
+                };
+            }
+            match self.receiver.recv() {
+                Ok(PipePiece::Data(data)) => {
+                    self.current = data;
+                    self.position = 0;
+                }
+                Ok(PipePiece::End(outcome)) => self.finished = Some(outcome),
+                Err(_) => {
+                    self.finished = Some(Err("the change set ended before it was complete".into()));
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -94,6 +94,12 @@ impl Operator {
         .iter()
         .map(|s| (*s).to_owned())
         .collect();
+        if extra.contains(&"--lab-registry") {
+            // The test brings its own lab registry: drop the unreachable default.
+            if let Some(at) = args.iter().position(|arg| arg == "--lab-registry") {
+                args.drain(at..at + 2);
+            }
+        }
         args.extend(["--http-addr".to_owned(), format!("127.0.0.1:{http}")]);
         args.extend(["--gateway-addr".to_owned(), format!("127.0.0.1:{}", free_port())]);
         args.extend(extra.iter().map(|s| (*s).to_owned()));
@@ -705,4 +711,117 @@ fn physical_node_is_probed_its_host_key_recorded_then_enforced_and_rebooted_when
         ],
     );
     assert!(events.contains("Rebooting"), "events: {events}");
+}
+
+/// An Image is resolved at a real registry: digest as skopeo pushed it, node
+/// models from the `walt.node.models` label; a missing repository gets
+/// `Ready=False` naming the registry, and a Warning Event.
+#[test]
+fn image_resolves_at_the_registry_and_failures_name_it() {
+    use walt_tests::images::{Arch, OciLayout};
+    use walt_tests::registry::Registry;
+    let cluster = cluster();
+    let (namespace, _dir) = tenant(cluster, "op-image");
+    let registry = Registry::start().expect("start a docker-registry on loopback");
+    let layout = OciLayout::walt_busybox(Arch::Amd64, "pc-x86-64,qemu-arm64").expect("busybox image");
+    let pushed = layout
+        .push("base", &registry, "lab/busybox:latest")
+        .expect("skopeo copy to the registry");
+    let reference = registry.reference("lab/busybox:latest");
+    let inspected = Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", "--format", "{{.Digest}}"])
+        .arg(format!("docker://{reference}"))
+        .output()
+        .expect("skopeo inspect (apt-get install skopeo)");
+    assert!(
+        inspected.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inspected.stderr)
+    );
+    let skopeo_digest = String::from_utf8_lossy(&inspected.stdout).trim().to_owned();
+    assert_eq!(skopeo_digest, pushed);
+    let lab = format!("{}/lab", registry.host());
+    let operator = Operator::start(cluster, &namespace, "image", &["--lab-registry", &lab]);
+    operator.wait_ready(Duration::from_mins(1));
+    apply(
+        cluster,
+        &namespace,
+        &format!(
+            "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata:\n  name: busybox\nspec:\n  reference: {reference}\n"
+        ),
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "image/busybox",
+        "{.status.conditions[?(@.type==\"Ready\")].status}",
+        "True",
+        Duration::from_mins(1),
+        &operator,
+    );
+    let digest = kubectl(
+        cluster,
+        &namespace,
+        &["get", "image/busybox", "-o", "jsonpath={.status.digest}"],
+    );
+    assert_eq!(digest.trim(), skopeo_digest);
+    let models = kubectl(
+        cluster,
+        &namespace,
+        &["get", "image/busybox", "-o", "jsonpath={.status.nodeModels[*]}"],
+    );
+    assert_eq!(models.trim(), "pc-x86-64 qemu-arm64");
+    let arch = kubectl(
+        cluster,
+        &namespace,
+        &[
+            "get",
+            "image/busybox",
+            "-o",
+            "jsonpath={.status.platform.architecture} {.status.layers}",
+        ],
+    );
+    assert_eq!(arch.trim(), "amd64 1");
+
+    let missing = registry.reference("lab/no-such-image:latest");
+    apply(
+        cluster,
+        &namespace,
+        &format!(
+            "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata:\n  name: missing\nspec:\n  reference: {missing}\n"
+        ),
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "image/missing",
+        "{.status.conditions[?(@.type==\"Ready\")].status}",
+        "False",
+        Duration::from_mins(1),
+        &operator,
+    );
+    let message = kubectl(
+        cluster,
+        &namespace,
+        &[
+            "get",
+            "image/missing",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].message}",
+        ],
+    );
+    assert!(
+        message.contains(&registry.host()),
+        "message does not name the registry: {message}"
+    );
+    assert!(message.contains("no-such-image"), "{message}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let events = kubectl(cluster, &namespace, &["get", "events", "-o", "wide"]);
+        if events.contains("ResolveFailed") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no ResolveFailed Event:\n{events}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }

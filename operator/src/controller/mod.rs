@@ -18,6 +18,7 @@ pub mod context;
 pub mod error;
 pub mod http;
 pub mod image;
+pub mod image_reconcile;
 pub mod leader;
 pub mod lock;
 pub mod lookup;
@@ -156,5 +157,12 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
             error_policy::<Node>("Node"),
             context.clone(),
         );
-    drain("Node", nodes).await;
+    let images = Controller::new(all::<Image>(&context), watcher::Config::default())
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+        .run(
+            |image, context| instrumented("Image", image, context, image_reconcile::reconcile),
+            error_policy::<Image>("Image"),
+            context.clone(),
+        );
+    futures::join!(drain("Node", nodes), drain("Image", images));
 }

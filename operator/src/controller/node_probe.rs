@@ -10,12 +10,11 @@ use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use walt_crds::{
     ConditionStatus, ImageDigestRef, Node, NodePhase, NodeStatus, condition_types, find_condition,
-    new_condition, set_condition,
 };
 
 use super::context::Context;
 use super::error::{Error, Result};
-use super::node_reconcile::{BootTarget, needs_reboot};
+use super::node_reconcile::{BootTarget, condition as set, needs_reboot};
 use crate::ssh::{ClientConfig, HostKeyPolicy, NodeClient, NodeTarget, SshError, Transport};
 
 /// How long to wait before probing again (pure): the probe interval while
@@ -62,27 +61,6 @@ pub fn target_of(node: &Node) -> Option<NodeTarget> {
         host: node.spec.address.clone()?,
         port: u16::try_from(node.spec.ssh_port).ok()?,
     })
-}
-
-fn set(
-    status: &mut NodeStatus,
-    node: &Node,
-    type_: &str,
-    state: ConditionStatus,
-    reason: &str,
-    message: String,
-) {
-    set_condition(
-        &mut status.conditions,
-        new_condition(
-            type_,
-            state,
-            reason,
-            message,
-            node.metadata.generation,
-            Time(Timestamp::now()),
-        ),
-    );
 }
 
 /// A short reason for an SSH failure.
@@ -243,6 +221,7 @@ pub async fn reconcile_physical(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use walt_crds::new_condition;
 
     #[test]
     fn unreachable_nodes_are_probed_less_and_less() {

@@ -123,7 +123,8 @@ pub async fn ensure_registry_secret(context: &Context, namespace: &str) -> Resul
     Ok(true)
 }
 
-fn condition(
+/// Sets one condition of a Node's status, stamped with the Node's generation and now.
+pub(super) fn condition(
     status: &mut NodeStatus,
     node: &Node,
     type_: &str,

@@ -614,24 +614,7 @@ fn physical_node_is_probed_its_host_key_recorded_then_enforced_and_rebooted_when
         ),
     );
     let within = Duration::from_mins(1);
-    wait_for(
-        cluster,
-        &namespace,
-        "node.walt.dev/rpi1",
-        "{.status.phase}",
-        "Ready",
-        within,
-        &operator,
-    );
-    wait_for(
-        cluster,
-        &namespace,
-        "node.walt.dev/rpi1",
-        "{.status.bootedImage.digest}",
-        DIGEST_A,
-        within,
-        &operator,
-    );
+    wait_node_booted(cluster, &namespace, "rpi1", DIGEST_A, &operator);
     let recorded = kubectl(
         cluster,
         &namespace,
@@ -643,18 +626,7 @@ fn physical_node_is_probed_its_host_key_recorded_then_enforced_and_rebooted_when
         recorded, expected,
         "the host key the node presented (checked with its own sshd key file)"
     );
-    let events = kubectl(
-        cluster,
-        &namespace,
-        &[
-            "get",
-            "events",
-            "--field-selector",
-            "involvedObject.name=rpi1",
-            "-o",
-            "jsonpath={.items[*].reason}",
-        ],
-    );
+    let events = event_reasons(cluster, &namespace, "rpi1");
     assert!(events.contains("HostKeyRecorded"), "events: {events}");
 
     // A second Node on the same device with a wrong pinned host key is refused.
@@ -698,18 +670,7 @@ fn physical_node_is_probed_its_host_key_recorded_then_enforced_and_rebooted_when
         within,
         &operator,
     );
-    let events = kubectl(
-        cluster,
-        &namespace,
-        &[
-            "get",
-            "events",
-            "--field-selector",
-            "involvedObject.name=rpi1",
-            "-o",
-            "jsonpath={.items[*].reason}",
-        ],
-    );
+    let events = event_reasons(cluster, &namespace, "rpi1");
     assert!(events.contains("Rebooting"), "events: {events}");
 }
 
@@ -824,4 +785,420 @@ fn image_resolves_at_the_registry_and_failures_name_it() {
         assert!(Instant::now() < deadline, "no ResolveFailed Event:\n{events}");
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// Waits until Node `name` is Ready and has booted `digest`.
+fn wait_node_booted(cluster: &Cluster, namespace: &str, name: &str, digest: &str, operator: &Operator) {
+    let node = format!("node.walt.dev/{name}");
+    let within = Duration::from_mins(1);
+    wait_for(
+        cluster,
+        namespace,
+        &node,
+        "{.status.phase}",
+        "Ready",
+        within,
+        operator,
+    );
+    wait_for(
+        cluster,
+        namespace,
+        &node,
+        "{.status.bootedImage.digest}",
+        digest,
+        within,
+        operator,
+    );
+}
+
+/// The manifest digest skopeo (an independent client) reads for `reference`,
+/// or its error when there is no such tag.
+fn skopeo_digest(reference: &str) -> Result<String, String> {
+    let output = Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", "--format", "{{.Digest}}"])
+        .arg(format!("docker://{reference}"))
+        .output()
+        .expect("skopeo inspect (apt-get install skopeo)");
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).trim().to_owned())
+    }
+}
+
+fn jsonpath(cluster: &Cluster, namespace: &str, object: &str, path: &str) -> String {
+    kubectl(
+        cluster,
+        namespace,
+        &["get", object, "-o", &format!("jsonpath={path}")],
+    )
+    .trim()
+    .to_owned()
+}
+
+fn event_reasons(cluster: &Cluster, namespace: &str, name: &str) -> String {
+    kubectl(
+        cluster,
+        namespace,
+        &[
+            "get",
+            "events",
+            "--field-selector",
+            &format!("involvedObject.name={name}"),
+            "-o",
+            "jsonpath={.items[*].reason}",
+        ],
+    )
+}
+
+/// A lab for node saves: a registry holding the base image `debian` of the
+/// tenant, an sshd node booted from it, an operator, the Image and the Node
+/// (Ready, booted digest recorded).
+struct SaveLab {
+    registry: walt_tests::registry::Registry,
+    node: walt_tests::sshnode::SshNode,
+    namespace: String,
+    operator: Operator,
+    base_digest: String,
+}
+
+impl SaveLab {
+    fn start(prefix: &str, node: walt_tests::sshnode::SshNode) -> SaveLab {
+        use walt_tests::images::{Arch, OciLayout};
+        let cluster = cluster();
+        let registry = walt_tests::registry::Registry::start().expect("start a docker-registry on loopback");
+        let namespace = tenant_with_key(cluster, prefix, &node.client_key());
+        let layout = OciLayout::busybox(Arch::Amd64).expect("busybox image");
+        let base_digest = layout
+            .push("base", &registry, &format!("lab/{namespace}/debian:latest"))
+            .expect("skopeo copy the base image to the registry");
+        let lab = format!("{}/lab", registry.host());
+        let operator = Operator::start(
+            cluster,
+            &namespace,
+            "save",
+            &[
+                "--lab-registry",
+                &lab,
+                "--node-proxy-command",
+                &node.proxy_command(),
+                "--probe-interval",
+                "2s",
+            ],
+        );
+        operator.wait_ready(Duration::from_mins(1));
+        apply(
+            cluster,
+            &namespace,
+            &format!(
+                "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: debian}}\nspec: {{}}\n---\n\
+                 apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {{name: rpi1}}\n\
+                 spec: {{model: rpi-4-b, image: debian, address: \"{}\", sshPort: 22}}\n",
+                node.address()
+            ),
+        );
+        let within = Duration::from_mins(1);
+        wait_for(
+            cluster,
+            &namespace,
+            "image/debian",
+            "{.status.digest}",
+            &base_digest,
+            within,
+            &operator,
+        );
+        wait_node_booted(cluster, &namespace, "rpi1", &base_digest, &operator);
+        SaveLab {
+            registry,
+            node,
+            namespace,
+            operator,
+            base_digest,
+        }
+    }
+
+    fn save(&self, name: &str, image: &str, extra: &str) {
+        apply(
+            cluster(),
+            &self.namespace,
+            &format!(
+                "apiVersion: walt.dev/v1alpha1\nkind: NodeSave\nmetadata: {{name: {name}}}\n\
+                 spec: {{node: rpi1, image: \"{image}\"{extra}}}\n"
+            ),
+        );
+    }
+
+    fn wait(&self, object: &str, path: &str, want: &str, within: Duration) {
+        wait_for(
+            cluster(),
+            &self.namespace,
+            object,
+            path,
+            want,
+            within,
+            &self.operator,
+        );
+    }
+
+    fn get(&self, object: &str, path: &str) -> String {
+        jsonpath(cluster(), &self.namespace, object, path)
+    }
+}
+
+/// A NodeSave against a real sshd node: the node's changes become a new image
+/// (created, modified and deleted files, checked with skopeo + umoci), the
+/// Image is created with the new digest; saving over an existing image is
+/// refused without `overwrite: true` and, with it, moves the tag and reboots
+/// the node that boots it.
+#[test]
+fn node_save_creates_an_image_refuses_to_overwrite_then_overwrites_and_reboots() {
+    use walt_tests::images::skopeo_umoci_unpack;
+    let node = walt_tests::sshnode::SshNode::busybox()
+        .expect("start an sshd node (needs root, openssh-server, socat, iproute2)");
+    let lab = SaveLab::start("op-save", node);
+    let cluster = cluster();
+    lab.node
+        .run(
+            "set -e
+mkdir -p /srv && echo created > /srv/created
+echo 'walt:x:1000:1000::/:/bin/sh' >> /etc/passwd
+rm /etc/group
+mkdir -p /var/log && echo noise > /var/log/messages",
+        )
+        .expect("change files on the node");
+    lab.save("save1", "debian:v2", "");
+    let within = Duration::from_mins(2);
+    lab.wait("nodesave/save1", "{.status.phase}", "Succeeded", within);
+    let digest = lab.get("nodesave/save1", "{.status.result.digest}");
+    assert!(digest.starts_with("sha256:"), "result digest: {digest:?}");
+    assert_eq!(
+        lab.get("nodesave/save1", "{.status.baseImage.digest}"),
+        lab.base_digest
+    );
+    let repository = format!("lab/{}/debian", lab.namespace);
+    assert_eq!(
+        skopeo_digest(&lab.registry.reference(&format!("{repository}:v2"))),
+        Ok(digest.clone()),
+        "the tag points at the saved digest"
+    );
+    // The Image was created for the new name, and resolves to the new digest.
+    lab.wait(
+        "image/debian.v2",
+        "{.status.digest}",
+        &digest,
+        Duration::from_mins(1),
+    );
+    let work = tempfile::tempdir().expect("temp dir");
+    let rootfs =
+        skopeo_umoci_unpack(&lab.registry, &format!("{repository}:v2"), work.path()).expect("unpack");
+    assert_eq!(
+        std::fs::read(rootfs.join("srv/created")).expect("created file"),
+        b"created\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("etc/passwd")).expect("modified file"),
+        "root:x:0:0:root:/root:/bin/sh\nwalt:x:1000:1000::/:/bin/sh\n"
+    );
+    assert!(!rootfs.join("etc/group").exists(), "deleted file is gone");
+    assert!(!rootfs.join("var/log/messages").exists(), "WalT exclusion /log/");
+    assert!(rootfs.join("bin/busybox").is_file(), "base files stay");
+    let reasons = event_reasons(cluster, &lab.namespace, "save1");
+    assert!(
+        reasons.contains("Started") && reasons.contains("Saved"),
+        "events: {reasons}"
+    );
+    let columns = kubectl(cluster, &lab.namespace, &["get", "nodesave/save1"]);
+    assert!(
+        columns.contains("Succeeded") && columns.contains("debian:v2"),
+        "{columns}"
+    );
+
+    // The base image exists: refused without overwrite, and no tag moved.
+    lab.save("save2", "debian", "");
+    lab.wait(
+        "nodesave/save2",
+        "{.status.phase}",
+        "Failed",
+        Duration::from_mins(1),
+    );
+    let reason = lab.get(
+        "nodesave/save2",
+        "{.status.conditions[?(@.type==\"Complete\")].reason}",
+    );
+    let message = lab.get(
+        "nodesave/save2",
+        "{.status.conditions[?(@.type==\"Complete\")].message}",
+    );
+    assert_eq!(reason, "ImageExists", "{message}");
+    assert!(message.contains("overwrite: true"), "{message}");
+    assert_eq!(
+        skopeo_digest(&lab.registry.reference(&format!("{repository}:latest"))),
+        Ok(lab.base_digest.clone())
+    );
+
+    // With overwrite: the tag moves, the Image follows, the node that boots it reboots.
+    lab.save("save3", "debian", ", overwrite: true");
+    lab.wait("nodesave/save3", "{.status.phase}", "Succeeded", within);
+    let overwritten = lab.get("nodesave/save3", "{.status.result.digest}");
+    assert_ne!(overwritten, lab.base_digest);
+    assert_eq!(
+        skopeo_digest(&lab.registry.reference(&format!("{repository}:latest"))),
+        Ok(overwritten.clone())
+    );
+    let message = lab.get(
+        "nodesave/save3",
+        "{.status.conditions[?(@.type==\"Complete\")].message}",
+    );
+    assert!(message.contains("rebooting 1 node(s)"), "{message}");
+    lab.wait(
+        "image/debian",
+        "{.status.digest}",
+        &overwritten,
+        Duration::from_mins(1),
+    );
+    lab.wait(
+        "node.walt.dev/rpi1",
+        "{.status.bootedImage.digest}",
+        &overwritten,
+        Duration::from_mins(1),
+    );
+    let reasons = event_reasons(cluster, &lab.namespace, "rpi1");
+    assert!(reasons.contains("Rebooting"), "events: {reasons}");
+}
+
+/// The operator is killed (SIGKILL) in the middle of a save: the tag has not
+/// moved (skopeo finds no such tag); restarted, it runs the save again from
+/// the start and finishes it.
+#[test]
+fn operator_killed_mid_save_moves_no_tag_and_finishes_after_restart() {
+    let node = walt_tests::sshnode::SshNode::busybox()
+        .expect("start an sshd node (needs root, openssh-server, socat, iproute2)");
+    let mut lab = SaveLab::start("op-savekill", node);
+    let cluster = cluster();
+    // Enough data that the save is still running when the operator is killed.
+    lab.node
+        .run("mkdir -p /srv && head -c 268435456 /dev/urandom > /srv/big && echo small > /srv/small")
+        .expect("write a big file on the node");
+    lab.save("big", "debian:big", "");
+    let tag = lab
+        .registry
+        .reference(&format!("lab/{}/debian:big", lab.namespace));
+    let deadline = Instant::now() + Duration::from_mins(1);
+    loop {
+        let phase = lab.get("nodesave/big", "{.status.phase}");
+        let bytes: u64 = lab
+            .get("nodesave/big", "{.status.progress.bytes}")
+            .parse()
+            .unwrap_or(0);
+        assert_ne!(
+            phase, "Succeeded",
+            "the save finished before the operator could be killed: make the file bigger"
+        );
+        if phase == "Running" && bytes > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the save did not report progress; operator log:\n{}",
+            lab.operator.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    lab.operator.kill();
+    assert!(
+        skopeo_digest(&tag).is_err(),
+        "a tag moved although the save was interrupted"
+    );
+    assert_eq!(lab.get("nodesave/big", "{.status.phase}"), "Running");
+    lab.operator.restart(cluster);
+    lab.wait(
+        "nodesave/big",
+        "{.status.phase}",
+        "Succeeded",
+        Duration::from_mins(4),
+    );
+    let digest = lab.get("nodesave/big", "{.status.result.digest}");
+    assert_eq!(skopeo_digest(&tag), Ok(digest));
+    let reasons = event_reasons(cluster, &lab.namespace, "big");
+    assert!(reasons.contains("Restarted"), "events: {reasons}");
+    let size: u64 = lab
+        .get("nodesave/big", "{.status.result.layerSize}")
+        .parse()
+        .expect("layer size");
+    assert!(size > 256 << 20, "random data does not compress: {size}");
+}
+
+/// Multi-tenancy is Kubernetes RBAC: alice, who may edit walt objects in her
+/// namespace only, cannot create a NodeSave in bob's namespace nor read his
+/// Nodes; the API server says so.
+#[test]
+fn alice_cannot_save_or_read_bobs_nodes() {
+    let cluster = cluster();
+    install_crds(cluster);
+    let role = "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {name: walt-test-edit}\n\
+                rules:\n- apiGroups: [walt.dev]\n  resources: [images, nodes, shellsessions, nodesaves]\n  \
+                verbs: [get, list, watch, create, update, patch, delete]\n";
+    let path = std::env::temp_dir().join(format!("walt-test-role-{}.yaml", std::process::id()));
+    std::fs::write(&path, role).expect("write role");
+    cluster
+        .kubectl_output(&["apply", "-f", &path.display().to_string()])
+        .expect("apply the role");
+    let alice_ns = cluster.create_namespace("alice").expect("create namespace");
+    let bob_ns = cluster.create_namespace("bob").expect("create namespace");
+    for (user, namespace) in [("alice", &alice_ns), ("bob", &bob_ns)] {
+        kubectl(
+            cluster,
+            namespace,
+            &[
+                "create",
+                "rolebinding",
+                &format!("{user}-walt"),
+                "--clusterrole=walt-test-edit",
+                &format!("--user={user}"),
+            ],
+        );
+    }
+    let manifest = std::env::temp_dir().join(format!("walt-test-save-{}.yaml", std::process::id()));
+    std::fs::write(
+        &manifest,
+        "apiVersion: walt.dev/v1alpha1\nkind: NodeSave\nmetadata: {name: steal}\nspec: {node: rpi1, image: mine}\n",
+    )
+    .expect("write manifest");
+    let manifest = manifest.display().to_string();
+    let as_user = |user: &str, groups: &[&str]| cluster.kubectl_as(user, groups).expect("user kubeconfig");
+    let alice_groups = ["walt-users", "team-alice"];
+    let bob_groups = ["walt-users", "team-bob"];
+    walt_tests::k8s::run_kubectl(
+        as_user("bob", &bob_groups),
+        &["-n", &bob_ns, "create", "--dry-run=server", "-f", &manifest],
+    )
+    .expect("bob may save in his namespace");
+    walt_tests::k8s::run_kubectl(
+        as_user("alice", &alice_groups),
+        &["-n", &alice_ns, "create", "--dry-run=server", "-f", &manifest],
+    )
+    .expect("alice may save in her namespace");
+    let refused = walt_tests::k8s::run_kubectl(
+        as_user("alice", &alice_groups),
+        &["-n", &bob_ns, "create", "-f", &manifest],
+    )
+    .expect_err("alice must not create a NodeSave in bob's namespace")
+    .to_string();
+    println!("alice creating a NodeSave in {bob_ns}: {refused}");
+    assert!(
+        refused.contains("Forbidden")
+            && refused.contains(r#"User "alice" cannot create resource "nodesaves" in API group "walt.dev""#),
+        "unexpected refusal: {refused}"
+    );
+    let refused = walt_tests::k8s::run_kubectl(
+        as_user("alice", &alice_groups),
+        &["-n", &bob_ns, "get", "nodes.walt.dev"],
+    )
+    .expect_err("alice must not list bob's Nodes")
+    .to_string();
+    println!("alice listing Nodes in {bob_ns}: {refused}");
+    assert!(
+        refused.contains(r#"User "alice" cannot list resource "nodes" in API group "walt.dev""#),
+        "unexpected refusal: {refused}"
+    );
 }

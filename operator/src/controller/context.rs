@@ -33,6 +33,8 @@ pub struct Context {
     pub config: Arc<Config>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Node saves running in this process (bounded by `--max-concurrent-saves`).
+    pub saves: super::nodesave_reconcile::SaveTasks,
     recorder: Recorder,
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -62,6 +64,7 @@ impl Context {
             },
         );
         Self {
+            saves: super::nodesave_reconcile::SaveTasks::new(config.args.max_concurrent_saves),
             client,
             config,
             metrics,

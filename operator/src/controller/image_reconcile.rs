@@ -24,7 +24,7 @@ const INVALID_RETRY: Duration = Duration::from_mins(10);
 
 /// The registry client for the lab registry: its credentials, plain HTTP
 /// when `--registry-plain-http`.
-fn registry_client(context: &Context) -> Result<RegistryClient> {
+pub(super) fn registry_client(context: &Context) -> Result<RegistryClient> {
     let host = &context.config.registry_host;
     let credentials = match &context.config.registry_credentials {
         Some(credentials) => {

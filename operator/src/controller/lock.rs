@@ -8,6 +8,11 @@
 //! the others wait, with a condition naming the holder.
 
 use k8s_openapi::jiff::Timestamp;
+use kube::{Api, ResourceExt};
+use walt_crds::{ImageName, NodeSave, ShellSession};
+
+use super::context::Context;
+use super::error::{KubeResultExt, Result};
 
 /// One object that wants an image.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,6 +47,60 @@ pub fn holder_other_than<'a>(
         .filter(|claim| claim.image == image)
         .min_by(|a, b| (a.created, a.kind, &a.name).cmp(&(b.created, b.kind, &b.name)))?;
     (first.kind != me_kind || first.name != me_name).then_some(first)
+}
+
+/// The Image object an image name (`name[:tag]`) lives in, if the name is valid.
+fn image_object(image_name: &str) -> Option<String> {
+    ImageName::parse(image_name).ok().map(|name| name.object_name())
+}
+
+/// The claims of unfinished NodeSaves (on the image they write) and image
+/// ShellSessions (on the image they open) among `saves` and `sessions`,
+/// pure. Objects without a creation time (not stored yet) claim nothing.
+pub fn claims_of(saves: &[NodeSave], sessions: &[ShellSession]) -> Vec<Claim> {
+    let saves = saves.iter().filter_map(|save| {
+        let finished = save
+            .status
+            .as_ref()
+            .is_some_and(|status| status.phase.is_finished());
+        (!finished).then_some(())?;
+        Some(Claim {
+            kind: "NodeSave",
+            name: save.name_any(),
+            image: image_object(&save.spec.image)?,
+            created: save.creation_timestamp()?.0,
+        })
+    });
+    let sessions = sessions.iter().filter_map(|session| {
+        let finished = session
+            .status
+            .as_ref()
+            .is_some_and(|status| status.phase.is_finished());
+        (!finished).then_some(())?;
+        Some(Claim {
+            kind: "ShellSession",
+            name: session.name_any(),
+            image: image_object(session.spec.image.as_deref()?)?,
+            created: session.creation_timestamp()?.0,
+        })
+    });
+    saves.chain(sessions).collect()
+}
+
+/// The current claims of `namespace` (lists its NodeSaves and ShellSessions).
+pub async fn claims_in(context: &Context, namespace: &str) -> Result<Vec<Claim>> {
+    let saves: Api<NodeSave> = Api::namespaced(context.client.clone(), namespace);
+    let sessions: Api<ShellSession> = Api::namespaced(context.client.clone(), namespace);
+    let params = kube::api::ListParams::default();
+    let saves = saves
+        .list(&params)
+        .await
+        .context(|| format!("listing the NodeSaves of {namespace}"))?;
+    let sessions = sessions
+        .list(&params)
+        .await
+        .context(|| format!("listing the ShellSessions of {namespace}"))?;
+    Ok(claims_of(&saves.items, &sessions.items))
 }
 
 #[cfg(test)]
@@ -82,6 +141,67 @@ mod tests {
         assert_eq!(
             holder_other_than(&claims, "i", "ShellSession", "b").map(Claim::label),
             Some("ShellSession/a".into())
+        );
+    }
+
+    #[test]
+    fn claims_from_objects() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        use walt_crds::{
+            NodeSavePhase, NodeSaveSpec, NodeSaveStatus, ShellSessionPhase, ShellSessionSpec,
+            ShellSessionStatus,
+        };
+        let created = Some(Time(Timestamp::from_second(7).expect("time")));
+        let save = |name: &str, image: &str, phase: NodeSavePhase| {
+            let mut save = NodeSave::new(
+                name,
+                NodeSaveSpec {
+                    node: "n".into(),
+                    image: image.into(),
+                    ..NodeSaveSpec::default()
+                },
+            );
+            save.metadata.creation_timestamp.clone_from(&created);
+            save.status = Some(NodeSaveStatus {
+                phase,
+                ..NodeSaveStatus::default()
+            });
+            save
+        };
+        let session = |name: &str, image: Option<&str>, phase: ShellSessionPhase| {
+            let mut session = ShellSession::new(
+                name,
+                ShellSessionSpec {
+                    image: image.map(str::to_owned),
+                    node: image.is_none().then(|| "n".to_owned()),
+                    ..ShellSessionSpec::default()
+                },
+            );
+            session.metadata.creation_timestamp.clone_from(&created);
+            session.status = Some(ShellSessionStatus {
+                phase,
+                ..ShellSessionStatus::default()
+            });
+            session
+        };
+        let claims = claims_of(
+            &[
+                save("s1", "debian:v2", NodeSavePhase::Running),
+                save("s2", "debian", NodeSavePhase::Succeeded),
+            ],
+            &[
+                session("sh1", Some("debian"), ShellSessionPhase::Running),
+                session("sh2", None, ShellSessionPhase::Running),
+                session("sh3", Some("debian"), ShellSessionPhase::Saved),
+            ],
+        );
+        let labels: Vec<_> = claims.iter().map(|c| (c.label(), c.image.clone())).collect();
+        assert_eq!(
+            labels,
+            [
+                ("NodeSave/s1".to_owned(), "debian.v2".to_owned()),
+                ("ShellSession/sh1".to_owned(), "debian".to_owned())
+            ]
         );
     }
 }

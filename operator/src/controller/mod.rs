@@ -27,6 +27,7 @@ pub mod node;
 pub mod node_probe;
 pub mod node_reconcile;
 pub mod nodesave;
+pub mod nodesave_reconcile;
 pub mod shell;
 
 use std::fmt::Debug;
@@ -41,7 +42,7 @@ use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
-use walt_crds::{Image, Node};
+use walt_crds::{Image, Node, NodeSave};
 
 use self::context::{Context, MANAGED_BY, MANAGED_BY_LABEL, key_of};
 use self::error::{Error, Result};
@@ -164,5 +165,16 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
             error_policy::<Image>("Image"),
             context.clone(),
         );
-    futures::join!(drain("Node", nodes), drain("Image", images));
+    let saves = Controller::new(all::<NodeSave>(&context), watcher::Config::default())
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+        .run(
+            |save, context| instrumented("NodeSave", save, context, nodesave_reconcile::reconcile),
+            error_policy::<NodeSave>("NodeSave"),
+            context.clone(),
+        );
+    futures::join!(
+        drain("Node", nodes),
+        drain("Image", images),
+        drain("NodeSave", saves)
+    );
 }

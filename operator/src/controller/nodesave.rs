@@ -199,6 +199,67 @@ pub fn succeeded_status(
     status
 }
 
+/// Status of a save whose layer is pushed (by digest) while the operator
+/// moves the tag and updates the Image, pure.
+pub fn pushing_status(save: &NodeSave, progress: Progress, now: Timestamp) -> NodeSaveStatus {
+    let mut status = save.status.clone().unwrap_or_default();
+    status.observed_generation = save.metadata.generation;
+    status.phase = NodeSavePhase::Pushing;
+    status.progress = Some(progress);
+    condition_complete(
+        &mut status,
+        save,
+        ConditionStatus::False,
+        "Tagging",
+        &format!(
+            "the new image is pushed by digest; tagging it {}",
+            save.spec.image
+        ),
+        now,
+    );
+    status
+}
+
+/// Bytes between two progress Events.
+pub const MILESTONE_BYTES: u64 = 256 * 1024 * 1024;
+
+/// The milestone (a multiple of [`MILESTONE_BYTES`]) crossed between two
+/// progress readings, if any, pure.
+pub fn milestone_crossed(before: u64, now: u64) -> Option<u64> {
+    let reached = now / MILESTONE_BYTES;
+    (reached > before / MILESTONE_BYTES).then_some(reached * MILESTONE_BYTES)
+}
+
+/// How many of `nodes` boot the Image object `image_object`, pure.
+pub fn nodes_booting(nodes: &[Node], image_object: &str) -> usize {
+    nodes
+        .iter()
+        .filter(|node| {
+            node.spec
+                .image
+                .as_deref()
+                .and_then(|name| ImageName::parse(name).ok())
+                .is_some_and(|name| name.object_name() == image_object)
+        })
+        .count()
+}
+
+/// Whether a status write can be skipped: same phase, same `Complete`
+/// condition (reason and message), pure. Keeps idle waits from writing.
+pub fn same_wait(old: Option<&NodeSaveStatus>, new: &NodeSaveStatus) -> bool {
+    let complete = |status: &NodeSaveStatus| {
+        walt_crds::find_condition(&status.conditions, condition_types::COMPLETE)
+            .map(|condition| (condition.reason.clone(), condition.message.clone()))
+    };
+    old.is_some_and(|old| old.phase == new.phase && complete(old) == complete(new))
+}
+
+/// Whether a validation failure may go away by itself (wait), rather than
+/// needing a new NodeSave (fail), pure.
+pub fn is_transient(reason: &str) -> bool {
+    matches!(reason, "NodeNotBooted" | "NodeNotReady")
+}
+
 /// Status of a failed save, pure: no tag moved.
 pub fn failed_status(save: &NodeSave, reason: &str, message: &str, now: Timestamp) -> NodeSaveStatus {
     let mut status = save.status.clone().unwrap_or_default();
@@ -279,6 +340,49 @@ mod tests {
                 .0,
             "InvalidImageName"
         );
+    }
+
+    #[test]
+    fn milestones_and_helpers() {
+        assert_eq!(milestone_crossed(0, 10), None);
+        assert_eq!(milestone_crossed(10, MILESTONE_BYTES), Some(MILESTONE_BYTES));
+        assert_eq!(
+            milestone_crossed(MILESTONE_BYTES - 1, 3 * MILESTONE_BYTES + 5),
+            Some(3 * MILESTONE_BYTES)
+        );
+        assert_eq!(milestone_crossed(MILESTONE_BYTES, MILESTONE_BYTES + 1), None);
+        let boots = |image: Option<&str>| {
+            Node::new(
+                "n",
+                NodeSpec {
+                    image: image.map(str::to_owned),
+                    ..NodeSpec::default()
+                },
+            )
+        };
+        let nodes = [
+            boots(Some("debian")),
+            boots(Some("debian:latest")),
+            boots(Some("debian:v2")),
+            boots(None),
+        ];
+        assert_eq!(nodes_booting(&nodes, "debian"), 2);
+        assert_eq!(nodes_booting(&nodes, "debian.v2"), 1);
+        assert!(is_transient("NodeNotReady") && !is_transient("ImageExists"));
+        let s = save("debian:v2", false);
+        let t = Timestamp::from_second(5).expect("time");
+        let waiting = pending_status(&s, "WaitingForSlot", "2 saves run", t);
+        assert!(same_wait(
+            Some(&waiting),
+            &pending_status(&s, "WaitingForSlot", "2 saves run", t)
+        ));
+        assert!(!same_wait(
+            Some(&waiting),
+            &pending_status(&s, "ImageBusy", "x", t)
+        ));
+        assert!(!same_wait(None, &waiting));
+        let pushing = pushing_status(&s, Progress { bytes: 1, files: 1 }, t);
+        assert_eq!(pushing.phase, NodeSavePhase::Pushing);
     }
 
     #[test]

@@ -3,14 +3,14 @@
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::SshError;
 use super::client::{self, ClientConfig, HostKeyPolicy, NodeClient, NodeTarget, Transport};
 use super::export::{self, ExportOptions, Progress};
 use super::gateway::{Authorization, Authorizations, Gateway, GatewayConfig};
-use crate::oci::{ChangeSource, CommitOptions, PushedImage, RegistryClient, ResolvedImage};
+use super::save::{SaveOptions, SaveProgress, push_node_changes};
+use crate::oci::{PushedImage, RegistryClient, ResolvedImage};
 use crate::runtime::image::{RegistryAccess, split_target};
 
 type CliError = Box<dyn std::error::Error + Send + Sync>;
@@ -200,46 +200,70 @@ async fn save(args: &SaveArgs) -> CliResult {
         Some(_) => None,
         None => Some(Destination::prepare(args).await?),
     };
-    let progress = Arc::new(Progress::default());
-    let reader = export::start(&client, &plan, progress.clone()).await?;
     let started = Instant::now();
-    let reporter = tokio::spawn(report_progress(progress.clone(), started));
     let target = args.node.node.clone();
     let outcome: Result<(export::ChangeSummary, Option<PushedImage>), CliError> =
         match (&args.change_set, &destination) {
             (Some(path), _) => {
+                let progress = Arc::new(Progress::default());
+                let reader = export::start(&client, &plan, progress.clone()).await?;
+                let reporter = {
+                    let progress = progress.clone();
+                    tokio::spawn(async move {
+                        loop {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            show_progress(SaveProgress::of(&progress), started);
+                        }
+                    })
+                };
                 let path = path.clone();
                 let plan = plan.clone();
-                let progress = progress.clone();
-                tokio::task::spawn_blocking(move || -> Result<export::ChangeSummary, SshError> {
-                    let io_error = |context: String| move |source| SshError::Io { context, source };
-                    let output: Box<dyn std::io::Write> = if path.as_os_str() == "-" {
-                        Box::new(std::io::stdout().lock())
-                    } else {
-                        Box::new(
-                            std::fs::File::create(&path)
-                                .map_err(io_error(format!("creating {}", path.display())))?,
-                        )
-                    };
-                    let output = std::io::BufWriter::with_capacity(256 * 1024, output);
-                    export::filter_change_set(reader, output, &plan, &target, &progress)
-                        .map_err(io_error(format!("saving the change set of node {target}")))
-                })
-                .await
-                .map_err(CliError::from)
-                .and_then(|summary| Ok((summary?, None)))
+                let written =
+                    tokio::task::spawn_blocking(move || -> Result<export::ChangeSummary, SshError> {
+                        let io_error = |context: String| move |source| SshError::Io { context, source };
+                        let output: Box<dyn std::io::Write> = if path.as_os_str() == "-" {
+                            Box::new(std::io::stdout().lock())
+                        } else {
+                            Box::new(
+                                std::fs::File::create(&path)
+                                    .map_err(io_error(format!("creating {}", path.display())))?,
+                            )
+                        };
+                        let output = std::io::BufWriter::with_capacity(256 * 1024, output);
+                        export::filter_change_set(reader, output, &plan, &target, &progress)
+                            .map_err(io_error(format!("saving the change set of node {target}")))
+                    })
+                    .await
+                    .map_err(CliError::from)
+                    .and_then(|summary| Ok((summary?, None)));
+                reporter.abort();
+                written
             }
-            (None, Some(destination)) => destination
-                .push(reader, plan.clone(), target, progress.clone())
+            (None, Some(destination)) => {
+                let options = SaveOptions {
+                    repository: destination.repository.clone(),
+                    compression: crate::oci::Compression::Gzip,
+                    created_by: format!("walt node save {target}"),
+                    progress_interval: Duration::from_secs(1),
+                };
+                push_node_changes(
+                    &client,
+                    &plan,
+                    &destination.client,
+                    &destination.base,
+                    &options,
+                    |progress| show_progress(progress, started),
+                )
                 .await
-                .map(|(summary, pushed)| (summary, Some(pushed))),
+                .map(|saved| (saved.summary, Some(saved.pushed)))
+                .map_err(CliError::from)
+            }
             (None, None) => Err(format!(
                 "saving node {}: give --base and --to (or --change-set FILE)",
                 args.node.node
             )
             .into()),
         };
-    reporter.abort();
     client.close().await;
     let (summary, pushed) = outcome?;
     let saved_as = match (&pushed, &destination) {
@@ -309,74 +333,18 @@ impl Destination {
             tag,
         })
     }
-
-    /// Streams the node's changes through [`export::filter_change_set`] into
-    /// [`RegistryClient::push_on_top`] (one pass, through an in-process pipe), by digest only. A node or
-    /// connection failure reaches the layer engine as an error, so nothing incomplete is pushed.
-    async fn push(
-        &self,
-        reader: export::RemoteTarReader,
-        plan: export::ExportPlan,
-        target: NodeTarget,
-        progress: Arc<Progress>,
-    ) -> Result<(export::ChangeSummary, PushedImage), CliError> {
-        let (mut writer, pipe) = export::change_set_pipe();
-        let created_by = format!("walt node save {target}");
-        let filtering = tokio::task::spawn_blocking(move || -> Result<export::ChangeSummary, SshError> {
-            let context = format!("saving the change set of node {target}");
-            match export::filter_change_set(reader, &mut writer, &plan, &target, &progress) {
-                Ok(summary) => {
-                    writer
-                        .finish(Ok(()))
-                        .map_err(|source| SshError::Io { context, source })?;
-                    Ok(summary)
-                }
-                Err(source) => {
-                    let _ = writer.finish(Err(format!("{context}: {source}")));
-                    Err(SshError::Io { context, source })
-                }
-            }
-        });
-        // The change set is already filtered (exclusions, ready time): the layer takes all of it.
-        let pushed = self
-            .client
-            .push_on_top(
-                &self.base,
-                &self.repository,
-                ChangeSource::TarStream(Box::new(pipe)),
-                CommitOptions::new(&created_by),
-            )
-            .await;
-        let filtered = filtering.await?;
-        match (filtered, pushed) {
-            (Ok(summary), Ok(pushed)) => Ok((summary, pushed)),
-            // The layer engine stopped reading: its error is the cause.
-            (Err(SshError::Io { source, .. }), Err(error))
-                if source.kind() == std::io::ErrorKind::BrokenPipe =>
-            {
-                Err(error.into())
-            }
-            // The node or the connection failed: that is the cause (the push was aborted).
-            (Err(error), _) => Err(error.into()),
-            (Ok(_), Err(error)) => Err(error.into()),
-        }
-    }
 }
 
-async fn report_progress(progress: Arc<Progress>, started: Instant) {
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let bytes = progress.bytes.load(Ordering::Relaxed);
-        let files = progress.files.load(Ordering::Relaxed);
-        let mut stderr = std::io::stderr().lock();
-        let _ = write!(
-            stderr,
-            "\r{:.1} MiB, {files} files, {:.0} s   ",
-            bytes as f64 / 1_048_576.0,
-            started.elapsed().as_secs_f64()
-        );
-        let _ = stderr.flush();
-    }
+fn show_progress(progress: SaveProgress, started: Instant) {
+    let mut stderr = std::io::stderr().lock();
+    let _ = write!(
+        stderr,
+        "\r{:.1} MiB, {} files, {:.0} s   ",
+        progress.bytes as f64 / 1_048_576.0,
+        progress.files,
+        started.elapsed().as_secs_f64()
+    );
+    let _ = stderr.flush();
 }
 
 /// Runs `walt-operator gateway …`.

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod export;
 pub mod gateway;
+pub mod save;
 
 pub use client::{ClientConfig, HostKeyPolicy, NodeClient, NodeTarget, Transport};
 

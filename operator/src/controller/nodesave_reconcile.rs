@@ -1,0 +1,706 @@
+//! NodeSave reconcile: dereference (the Node, the image it booted, the
+//! target Image) → validate (pure, in [`super::nodesave`]) → wait for the
+//! image (see [`super::lock`]) and a save slot → run the save as a tracked
+//! task → tag, create or update the Image, count the nodes that reboot.
+//!
+//! The task lives in this process only. A NodeSave found `Running` or
+//! `Pushing` with no task here (the operator restarted, or leadership moved)
+//! is simply run again from the start: the tag only moves at the very end,
+//! so an interrupted save never moved one, and pushing by digest is
+//! idempotent.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Api, ResourceExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use walt_crds::{BootMode, Changes, Image, ImageName, Node, NodePhase, NodeSave, NodeSavePhase, Progress};
+
+use super::context::{Context, FIELD_MANAGER};
+use super::error::{Error, KubeResultExt, Result};
+use super::image::{RESOLVE_ANNOTATION, lab_reference};
+use super::lookup::find_image;
+use super::node::{pinned_reference, vnode_object_name};
+use super::node_reconcile::NO_REBOOT_ANNOTATION;
+use super::nodesave::{
+    PROGRESS_INTERVAL, SaveOutcome, SaveTarget, failed_status, is_transient, milestone_crossed,
+    nodes_booting, pending_status, pushing_status, running_status, same_wait, succeeded_status, validate,
+};
+use crate::ssh::export::{self, ExportOptions};
+use crate::ssh::save::{SaveError, SaveOptions, SaveProgress, push_node_changes};
+use crate::ssh::{ClientConfig, HostKeyPolicy, NodeClient, NodeTarget, Transport};
+
+/// Annotation on an Image: the uid of the NodeSave that wrote its current
+/// content. A save restarted after the operator died between updating the
+/// Image and recording success recognizes its own Image (not "ImageExists").
+pub const SAVED_BY_ANNOTATION: &str = "walt.dev/saved-by";
+
+/// How soon a save that waits (slot, image, node) looks again.
+const WAIT_RETRY: Duration = Duration::from_secs(5);
+
+/// The node saves running in this process: bounded by a semaphore
+/// (`--max-concurrent-saves`), tracked by NodeSave uid.
+#[derive(Debug)]
+pub struct SaveTasks {
+    slots: Arc<Semaphore>,
+    limit: usize,
+    running: Arc<Mutex<HashSet<String>>>,
+}
+
+/// A save slot: holds one permit and the uid's place in [`SaveTasks`];
+/// dropping it (the task ended, however) frees both.
+#[derive(Debug)]
+pub struct SaveSlot {
+    _permit: OwnedSemaphorePermit,
+    uid: String,
+    running: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Drop for SaveSlot {
+    fn drop(&mut self) {
+        if let Ok(mut running) = self.running.lock() {
+            running.remove(&self.uid);
+        }
+    }
+}
+
+impl SaveTasks {
+    /// Room for `limit` saves at once (at least one).
+    pub fn new(limit: usize) -> Self {
+        let limit = limit.max(1);
+        Self {
+            slots: Arc::new(Semaphore::new(limit)),
+            limit,
+            running: Arc::new(Mutex::new(HashSet::new())),
+        }
+    }
+
+    /// Whether a save of NodeSave `uid` runs in this process.
+    pub fn is_running(&self, uid: &str) -> bool {
+        self.running.lock().is_ok_and(|running| running.contains(uid))
+    }
+
+    /// Takes a slot for `uid`, or `None` when all are busy (or it runs already).
+    pub fn try_start(&self, uid: &str) -> Option<SaveSlot> {
+        let mut running = self.running.lock().ok()?;
+        if running.contains(uid) {
+            return None;
+        }
+        let permit = self.slots.clone().try_acquire_owned().ok()?;
+        running.insert(uid.to_owned());
+        Some(SaveSlot {
+            _permit: permit,
+            uid: uid.to_owned(),
+            running: self.running.clone(),
+        })
+    }
+
+    /// The configured limit.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+}
+
+/// Everything a save task needs, found by the reconcile.
+struct SaveJob {
+    save: NodeSave,
+    target: SaveTarget,
+    /// `repository@digest` of the image the node booted.
+    base_reference: String,
+    /// Where the new image goes: repository and tag.
+    repository: String,
+    tag: String,
+    ssh_target: NodeTarget,
+    ssh_config: ClientConfig,
+    export: ExportOptions,
+    /// The nodes of the namespace (to count those that reboot).
+    nodes: Vec<Node>,
+}
+
+async fn write_status(context: &Context, save: &NodeSave, status: &walt_crds::NodeSaveStatus) -> Result<()> {
+    let api: Api<NodeSave> = Api::namespaced(context.client.clone(), &save.namespace().unwrap_or_default());
+    context.apply_status(&api, &save.name_any(), status).await
+}
+
+/// Writes a waiting status (only when it says something new).
+async fn wait(context: &Context, save: &NodeSave, reason: &str, message: &str) -> Result<Action> {
+    let status = pending_status(save, reason, message, Timestamp::now());
+    if !same_wait(save.status.as_ref(), &status) {
+        write_status(context, save, &status).await?;
+        context
+            .event(save, EventType::Normal, reason, "Wait", message.to_owned())
+            .await;
+    }
+    Ok(Action::requeue(WAIT_RETRY))
+}
+
+/// Fails the save for good (the spec cannot change: a new NodeSave is needed).
+async fn fail(context: &Context, save: &NodeSave, reason: &str, message: &str) -> Result<Action> {
+    let status = failed_status(save, reason, message, Timestamp::now());
+    write_status(context, save, &status).await?;
+    context
+        .event(
+            save,
+            EventType::Warning,
+            reason,
+            "Save",
+            format!("{message} (no tag was moved)"),
+        )
+        .await;
+    Ok(Action::await_change())
+}
+
+/// Reconciles one NodeSave.
+pub async fn reconcile(save: Arc<NodeSave>, context: Arc<Context>) -> Result<Action> {
+    let phase = save
+        .status
+        .as_ref()
+        .map(|status| status.phase)
+        .unwrap_or_default();
+    if phase.is_finished() {
+        return Ok(Action::await_change());
+    }
+    let uid = save.uid().unwrap_or_default();
+    if context.saves.is_running(&uid) {
+        // The task reports through the status; nothing to do here.
+        return Ok(Action::await_change());
+    }
+    let namespace = save.namespace().unwrap_or_default();
+    let nodes_api: Api<Node> = Api::namespaced(context.client.clone(), &namespace);
+    let images: Api<Image> = Api::namespaced(context.client.clone(), &namespace);
+    let node = nodes_api
+        .get_opt(&save.spec.node)
+        .await
+        .context(|| format!("reading Node {namespace}/{}", save.spec.node))?;
+    let target_object = ImageName::parse(&save.spec.image)
+        .ok()
+        .map(|name| name.object_name());
+    let existing = match &target_object {
+        Some(object) => images
+            .get_opt(object)
+            .await
+            .context(|| format!("reading Image {namespace}/{object}"))?,
+        None => None,
+    };
+    // An Image this very save wrote (before a restart) is not "another" image.
+    let written_by_me = existing
+        .as_ref()
+        .is_some_and(|image| image.annotations().get(SAVED_BY_ANNOTATION) == Some(&uid));
+    let other = existing.as_ref().filter(|_| !written_by_me);
+    let target = match validate(&save, node.as_ref(), other) {
+        Ok(target) => target,
+        Err((reason, message)) if is_transient(reason) => {
+            return wait(&context, &save, reason, &message).await;
+        }
+        Err((reason, message)) => return fail(&context, &save, reason, &message).await,
+    };
+    let Some(node) = node else {
+        return fail(&context, &save, "NodeNotFound", "the Node disappeared").await;
+    };
+    let node_phase = node
+        .status
+        .as_ref()
+        .map(|status| status.phase)
+        .unwrap_or_default();
+    if node_phase != NodePhase::Ready {
+        let message = format!(
+            "Node {namespace}/{} is {node_phase:?}, not Ready: the save starts once it is Ready",
+            save.spec.node
+        );
+        return wait(&context, &save, "NodeNotReady", &message).await;
+    }
+    let claims = super::lock::claims_in(&context, &namespace).await?;
+    if let Some(holder) =
+        super::lock::holder_other_than(&claims, &target.image_object, "NodeSave", &save.name_any())
+    {
+        let message = format!(
+            "image {} is busy: {} holds it (one shell or save at a time per image); this save starts after it",
+            save.spec.image,
+            holder.label()
+        );
+        return wait(&context, &save, "ImageBusy", &message).await;
+    }
+    let job = match prepare(&context, &save, &node, target, existing.as_ref()).await {
+        Ok(job) => job,
+        Err(Prepared::Wait(reason, message)) => return wait(&context, &save, reason, &message).await,
+        Err(Prepared::Fail(reason, message)) => return fail(&context, &save, reason, &message).await,
+        Err(Prepared::Error(error)) => return Err(error),
+    };
+    let Some(slot) = context.saves.try_start(&uid) else {
+        let message = format!(
+            "{} node saves are running (--max-concurrent-saves={}); this one starts when one ends",
+            context.saves.limit(),
+            context.saves.limit()
+        );
+        return wait(&context, &save, "WaitingForSlot", &message).await;
+    };
+    let restarted = matches!(phase, NodeSavePhase::Running | NodeSavePhase::Pushing);
+    let task_context = context.clone();
+    tokio::spawn(async move {
+        let _slot = slot;
+        task_context.metrics.running_saves.inc();
+        run(&task_context, job, restarted).await;
+        task_context.metrics.running_saves.dec();
+    });
+    Ok(Action::await_change())
+}
+
+/// Why a save cannot start now.
+enum Prepared {
+    /// Wait (reason, message).
+    Wait(&'static str, String),
+    /// Fail for good (reason, message).
+    Fail(&'static str, String),
+    /// Retry with backoff.
+    Error(Error),
+}
+
+impl From<Error> for Prepared {
+    fn from(error: Error) -> Self {
+        Prepared::Error(error)
+    }
+}
+
+/// Finds the base image, where the new image goes, and how to reach the node.
+async fn prepare(
+    context: &Context,
+    save: &NodeSave,
+    node: &Node,
+    target: SaveTarget,
+    existing: Option<&Image>,
+) -> std::result::Result<SaveJob, Prepared> {
+    let namespace = save.namespace().unwrap_or_default();
+    let base_name = target.base.name.clone().unwrap_or_default();
+    let base_digest = target.base.digest.clone().unwrap_or_default();
+    let Some((base_image, _)) = find_image(context, &namespace, &base_name).await? else {
+        return Err(Prepared::Fail(
+            "BaseImageNotFound",
+            format!(
+                "Node {} booted image {base_name}, which no Image holds any more",
+                node.name_any()
+            ),
+        ));
+    };
+    let base_lab_reference = base_image
+        .status
+        .as_ref()
+        .and_then(|status| status.reference.clone())
+        .map_or_else(
+            || lab_reference(&base_image, &context.config.args.lab_registry),
+            Ok,
+        )
+        .map_err(|error| Prepared::Fail("BaseImageInvalid", error.to_string()))?;
+    let base_reference = pinned_reference(&base_lab_reference, &base_digest);
+    let target_image = existing.cloned().unwrap_or_else(|| {
+        let mut image = Image::new(&target.image_object, walt_crds::ImageSpec::default());
+        image.metadata.namespace = Some(namespace.clone());
+        image
+    });
+    let reference = lab_reference(&target_image, &context.config.args.lab_registry)
+        .map_err(|error| Prepared::Fail("InvalidImageName", error.to_string()))?;
+    let (repository, tag) = crate::runtime::image::split_target(&reference).map_err(|error| {
+        Prepared::Fail(
+            "ImageReferencePinned",
+            format!(
+                "image {} is at {reference}, which cannot be tagged ({error}): save under another name",
+                save.spec.image
+            ),
+        )
+    })?;
+    let node_status = node.status.clone().unwrap_or_default();
+    let (ssh_target, ssh_config) = if node.spec.virtual_node.is_some() {
+        // The pod IP works in every cluster (no Service DNS, no kube-proxy needed).
+        let pods: Api<Pod> = Api::namespaced(context.client.clone(), &namespace);
+        let pod_name = vnode_object_name(&node.name_any());
+        let pod = pods
+            .get_opt(&pod_name)
+            .await
+            .context(|| format!("reading Pod {namespace}/{pod_name}"))?;
+        let Some(ip) = pod.and_then(|pod| pod.status).and_then(|status| status.pod_ip) else {
+            return Err(Prepared::Wait(
+                "NodeNotReady",
+                format!("virtual node pod {pod_name} has no IP yet"),
+            ));
+        };
+        let key = crate::ssh::client::decode_key(context.config.node_key.as_bytes())
+            .map_err(|error| Error::Config(error.to_string()))?;
+        let mut config = ClientConfig::new(key, HostKeyPolicy::TrustOnFirstUse);
+        config.connect_timeout = Duration::from_secs(10);
+        config.transport = Transport::Tcp;
+        (
+            NodeTarget {
+                user: "root".into(),
+                host: ip,
+                port: 22,
+            },
+            config,
+        )
+    } else {
+        let Some(ssh_target) = super::node_probe::target_of(node) else {
+            return Err(Prepared::Fail(
+                "NodeInvalid",
+                format!(
+                    "Node {} has neither spec.address nor spec.virtual",
+                    node.name_any()
+                ),
+            ));
+        };
+        (
+            ssh_target,
+            super::node_probe::client_config(context, node, &node_status)?,
+        )
+    };
+    let export = ExportOptions {
+        upper_dir: node.spec.overlay.upper_dir.clone(),
+        ready_marker: (node.spec.boot_mode == BootMode::Volatile)
+            .then(|| node.spec.overlay.ready_marker.clone()),
+        exclude: save.spec.exclude.clone(),
+    };
+    let nodes = Api::<Node>::namespaced(context.client.clone(), &namespace)
+        .list(&ListParams::default())
+        .await
+        .context(|| format!("listing the Nodes of {namespace}"))?
+        .items;
+    Ok(SaveJob {
+        save: save.clone(),
+        target,
+        base_reference,
+        repository,
+        tag,
+        ssh_target,
+        ssh_config,
+        export,
+        nodes,
+    })
+}
+
+/// A short, actionable reason for a failed save.
+pub fn failure_reason(error: &SaveError) -> &'static str {
+    match error {
+        SaveError::Node(error) => match super::node_probe::ssh_reason(error) {
+            "SshFailed" => "NodeFailed",
+            other => other,
+        },
+        SaveError::Registry(_) => "PushFailed",
+        SaveError::Internal(_) => "InternalError",
+    }
+}
+
+/// Runs one save to the end and records how it ended.
+async fn run(context: &Arc<Context>, job: SaveJob, restarted: bool) {
+    let mut save = job.save.clone();
+    let started = running_status(&save, &job.target, Progress::default(), Timestamp::now());
+    save.status = Some(started.clone());
+    if let Err(error) = write_status(context, &save, &started).await {
+        tracing::warn!(%error, "could not record that the save started");
+    }
+    let note = if restarted {
+        format!(
+            "saving node {} as {} again from the start: the operator restarted during the previous run (no tag had moved)",
+            save.spec.node, save.spec.image
+        )
+    } else {
+        format!(
+            "saving the changes of node {} as {} on top of {}",
+            save.spec.node, save.spec.image, job.base_reference
+        )
+    };
+    let reason = if restarted { "Restarted" } else { "Started" };
+    context
+        .event(&save, EventType::Normal, reason, "Save", note)
+        .await;
+    match execute(context, &job, &mut save).await {
+        Ok((outcome, rebooting)) => {
+            context.metrics.saved_bytes.inc_by(outcome.layer_size);
+            let status = succeeded_status(&save, &outcome, rebooting, Timestamp::now());
+            let message = format!(
+                "saved node {} as {} ({}, layer {} bytes){}",
+                save.spec.node,
+                save.spec.image,
+                outcome.digest,
+                outcome.layer_size,
+                if rebooting > 0 {
+                    format!("; {rebooting} node(s) that boot it reboot")
+                } else {
+                    String::new()
+                }
+            );
+            record_end(context, &save, &status).await;
+            context
+                .event(&save, EventType::Normal, "Saved", "Save", message)
+                .await;
+        }
+        Err((reason, message)) => {
+            tracing::warn!(reason, %message, "node save failed");
+            let status = failed_status(&save, reason, &message, Timestamp::now());
+            record_end(context, &save, &status).await;
+            context
+                .event(
+                    &save,
+                    EventType::Warning,
+                    reason,
+                    "Save",
+                    format!("{message} (no tag was moved)"),
+                )
+                .await;
+        }
+    }
+}
+
+/// Writes the final status, retrying a little (the API server may blink):
+/// a save left `Running` would run again.
+async fn record_end(context: &Context, save: &NodeSave, status: &walt_crds::NodeSaveStatus) {
+    for attempt in 1..=5_u32 {
+        match write_status(context, save, status).await {
+            Ok(()) => return,
+            Err(error) => {
+                tracing::warn!(%error, attempt, "could not record the end of the save");
+                tokio::time::sleep(Duration::from_secs(u64::from(attempt) * 2)).await;
+            }
+        }
+    }
+}
+
+type Failure = (&'static str, String);
+
+/// The save itself: connect, export, push by digest, tag, update the Image.
+async fn execute(
+    context: &Arc<Context>,
+    job: &SaveJob,
+    save: &mut NodeSave,
+) -> std::result::Result<(SaveOutcome, usize), Failure> {
+    let spec = save.spec.clone();
+    let client = NodeClient::connect(&job.ssh_target, &job.ssh_config)
+        .await
+        .map_err(|error| (super::node_probe::ssh_reason(&error), error.to_string()))?;
+    let plan = export::plan(&client, &job.export).await;
+    let plan = match plan {
+        Ok(plan) => plan,
+        Err(error) => {
+            client.close().await;
+            return Err(("NodeNotSaveable", error.to_string()));
+        }
+    };
+    let registry = super::image_reconcile::registry_client(context)
+        .map_err(|error| ("RegistryUnavailable", error.to_string()))?;
+    let base = match registry.resolve(&job.base_reference, None).await {
+        Ok(base) => base,
+        Err(error) => {
+            client.close().await;
+            return Err((
+                "BaseImageUnavailable",
+                format!(
+                    "the image the node booted ({}) cannot be read: {error}",
+                    job.base_reference
+                ),
+            ));
+        }
+    };
+    let options = SaveOptions {
+        repository: job.repository.clone(),
+        compression: match spec.compression {
+            walt_crds::Compression::Gzip => crate::oci::Compression::Gzip,
+            walt_crds::Compression::Zstd => crate::oci::Compression::Zstd,
+        },
+        created_by: format!("walt node save {}", spec.node),
+        progress_interval: Duration::from_secs(1),
+    };
+    // Progress goes through a watch channel to a reporter that writes the
+    // status at most every PROGRESS_INTERVAL (throttled patches).
+    let (sender, mut receiver) = tokio::sync::watch::channel(SaveProgress::default());
+    let reporter = {
+        let save = save.clone();
+        let target = job.target.clone();
+        let context = context.clone();
+        async move {
+            let mut last_bytes = 0;
+            while receiver.changed().await.is_ok() {
+                let now = *receiver.borrow_and_update();
+                let status = running_status(
+                    &save,
+                    &target,
+                    Progress {
+                        bytes: now.bytes,
+                        files: now.files,
+                    },
+                    Timestamp::now(),
+                );
+                if let Err(error) = write_status(&context, &save, &status).await {
+                    tracing::debug!(%error, "could not write the save's progress");
+                }
+                if let Some(milestone) = milestone_crossed(last_bytes, now.bytes) {
+                    context
+                        .event(
+                            &save,
+                            EventType::Normal,
+                            "Progress",
+                            "Save",
+                            format!(
+                                "{} MiB, {} entries read from the node",
+                                milestone >> 20,
+                                now.files
+                            ),
+                        )
+                        .await;
+                }
+                last_bytes = now.bytes;
+                tokio::time::sleep(PROGRESS_INTERVAL).await;
+            }
+        }
+    };
+    let reporter = tokio::spawn(reporter);
+    let pushed = push_node_changes(&client, &plan, &registry, &base, &options, |progress| {
+        sender.send_if_modified(|current| {
+            let changed = *current != progress;
+            *current = progress;
+            changed
+        });
+    })
+    .await;
+    reporter.abort();
+    client.close().await;
+    let saved = pushed.map_err(|error| (failure_reason(&error), error.to_string()))?;
+    let progress = Progress {
+        bytes: saved.progress.bytes,
+        files: saved.progress.files,
+    };
+    let pushing = pushing_status(save, progress, Timestamp::now());
+    save.status = Some(pushing.clone());
+    if let Err(error) = write_status(context, save, &pushing).await {
+        tracing::warn!(%error, "could not record the Pushing phase");
+    }
+    context
+        .event(
+            save,
+            EventType::Normal,
+            "Pushed",
+            "Save",
+            format!(
+                "read {} bytes, {} entries from the node; pushed {} by digest; moving tag {}",
+                saved.progress.bytes, saved.progress.files, saved.pushed.reference, job.tag
+            ),
+        )
+        .await;
+    // Only now, with the whole image in the registry, does the tag move.
+    registry
+        .tag(&job.repository, &saved.pushed.manifest_digest, &job.tag)
+        .await
+        .map_err(|error| {
+            (
+                "TagFailed",
+                format!("pushed {} but tagging it failed: {error}", saved.pushed.reference),
+            )
+        })?;
+    let rebooting = if job.target.exists && spec.reboot_nodes {
+        nodes_booting(&job.nodes, &job.target.image_object)
+    } else {
+        0
+    };
+    update_image(context, save, job, &saved.pushed.manifest_digest)
+        .await
+        .map_err(|error| {
+            (
+                "ImageUpdateFailed",
+                format!("the tag moved, but updating the Image failed: {error}"),
+            )
+        })?;
+    let summary = &saved.pushed.summary;
+    Ok((
+        SaveOutcome {
+            reference: format!("{}:{}", job.repository, job.tag),
+            digest: saved.pushed.manifest_digest.clone(),
+            layer_digest: saved.pushed.layer_digest.clone(),
+            layer_size: saved.pushed.layer_size,
+            changes: Changes {
+                added: summary.added,
+                modified: summary.modified,
+                deleted: summary.deleted,
+                bytes: summary.bytes,
+            },
+        },
+        rebooting,
+    ))
+}
+
+/// Creates the Image (new name) or marks it updated (overwrite): asks the
+/// Image controller to resolve it again now, records which save wrote it,
+/// and, with `rebootNodes: false`, tells the Node controller not to reboot
+/// for this digest.
+async fn update_image(context: &Context, save: &NodeSave, job: &SaveJob, digest: &str) -> Result<()> {
+    let namespace = save.namespace().unwrap_or_default();
+    let images: Api<Image> = Api::namespaced(context.client.clone(), &namespace);
+    let mut annotations = serde_json::Map::new();
+    annotations.insert(RESOLVE_ANNOTATION.into(), digest.into());
+    annotations.insert(SAVED_BY_ANNOTATION.into(), save.uid().unwrap_or_default().into());
+    if !save.spec.reboot_nodes {
+        annotations.insert(NO_REBOOT_ANNOTATION.into(), digest.into());
+    }
+    let body = serde_json::json!({
+        "apiVersion": "walt.dev/v1alpha1",
+        "kind": "Image",
+        "metadata": {"name": job.target.image_object, "annotations": annotations},
+        "spec": {},
+    });
+    images
+        .patch(
+            &job.target.image_object,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .context(|| format!("updating Image {namespace}/{}", job.target.image_object))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ssh::SshError;
+
+    #[test]
+    fn slots_are_bounded_and_freed() {
+        let tasks = SaveTasks::new(2);
+        let a = tasks.try_start("a").expect("slot a");
+        assert!(tasks.try_start("a").is_none(), "a runs already");
+        let b = tasks.try_start("b").expect("slot b");
+        assert!(tasks.try_start("c").is_none(), "only two at once");
+        assert!(tasks.is_running("a") && tasks.is_running("b"));
+        drop(a);
+        assert!(!tasks.is_running("a"));
+        let c = tasks.try_start("c").expect("a's slot is free again");
+        drop((b, c));
+        assert_eq!(SaveTasks::new(0).limit(), 1);
+    }
+
+    #[test]
+    fn failure_reasons() {
+        let target = NodeTarget {
+            user: "root".into(),
+            host: "127.0.0.1".into(),
+            port: 1,
+        };
+        assert_eq!(
+            failure_reason(&SaveError::Node(SshError::Refused {
+                target: target.clone()
+            })),
+            "ConnectionRefused"
+        );
+        assert_eq!(
+            failure_reason(&SaveError::Node(SshError::Unreachable {
+                target,
+                reason: "timeout".into()
+            })),
+            "Unreachable"
+        );
+        assert_eq!(
+            failure_reason(&SaveError::Registry(crate::oci::Error::Internal("x".into()))),
+            "PushFailed"
+        );
+    }
+}

@@ -94,6 +94,27 @@ pub enum ImageShellMode {
     Basic,
 }
 
+/// How far a clone of `spec.source` is: blobs (layers, then the config) are copied one after the other.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CloneProgress {
+    /// The source manifest digest being copied (the clone keeps it: same digest in the lab registry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_digest: Option<String>,
+    /// Bytes of the blobs already in the lab registry.
+    #[serde(default)]
+    pub copied_bytes: u64,
+    /// Bytes of all blobs to copy.
+    #[serde(default)]
+    pub total_bytes: u64,
+    /// Blobs already copied.
+    #[serde(default)]
+    pub copied_blobs: u32,
+    /// Blobs to copy (layers and the config).
+    #[serde(default)]
+    pub total_blobs: u32,
+}
+
 /// The observed state of an Image.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -126,6 +147,9 @@ pub struct ImageStatus {
     /// Size in bytes of the compressed layers and config.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
+    /// How far cloning `spec.source` into `reference` is (set while it copies, and when it stopped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone: Option<CloneProgress>,
     /// Standard conditions; `Ready` says the image is in the lab registry and usable.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::schema::conditions")]

@@ -10,6 +10,7 @@ use crate::cluster::{Ctx, tick};
 use crate::describe::{image_page, image_table};
 use crate::error::{Error, Op, Result};
 use crate::format::{bytes, clock, serialize_objects, short_digest, split_set};
+use crate::progress::{Progress, Sample};
 use crate::resolve::{image_name, list_images, list_nodes, name_of, nodes_booting};
 use crate::watch::{LiveLine, interruptible};
 
@@ -207,19 +208,16 @@ fn print_ready(image: &Image, name: &ImageName) {
 
 /// Waits for an image's Ready condition; `False` is an error with the operator's message.
 ///
-/// The Image status has no byte counter for a clone (walt-crds has none yet), so the line shows
-/// the elapsed time and the operator's latest word (condition reason and message).
+/// While the operator copies `spec.source`, the line is a progress bar (bytes, rate, ETA) drawn
+/// from `status.clone`; otherwise it shows the elapsed time and the operator's latest word.
 async fn wait_ready(ctx: &Ctx, name: &ImageName, label: &str) -> Result<Image> {
     let start = Instant::now();
     let mut line = LiveLine::stderr();
+    let mut bar = Progress::new(label, None);
     loop {
         let image = ctx.get_image(&name.object_name(), &name.to_string()).await?;
-        let conditions = image
-            .status
-            .as_ref()
-            .map(|s| s.conditions.clone())
-            .unwrap_or_default();
-        match walt_crds::find_condition(&conditions, walt_crds::condition_types::READY) {
+        let status = image.status.clone().unwrap_or_default();
+        match walt_crds::find_condition(&status.conditions, walt_crds::condition_types::READY) {
             Some(c) if c.status == "True" => {
                 line.finish();
                 return Ok(image);
@@ -230,6 +228,16 @@ async fn wait_ready(ctx: &Ctx, name: &ImageName, label: &str) -> Result<Image> {
                     "image {name} is not usable: {} ({}). `kubectl walt image show {name}` has the details; remove it with `kubectl walt image rm {name}`.",
                     c.message, c.reason
                 )));
+            }
+            Some(c) if c.reason == "Cloning" && status.clone.is_some() => {
+                let clone = status.clone.unwrap_or_default();
+                bar.set_total(Some(clone.total_bytes));
+                bar.observe(Sample {
+                    at: start.elapsed(),
+                    bytes: clone.copied_bytes,
+                    files: 0,
+                });
+                line.show(&bar.render());
             }
             Some(c) => line.show(&format!(
                 "{label}: {} {}  elapsed {}",

@@ -689,17 +689,7 @@ fn image_resolves_at_the_registry_and_failures_name_it() {
         .push("base", &registry, "lab/busybox:latest")
         .expect("skopeo copy to the registry");
     let reference = registry.reference("lab/busybox:latest");
-    let inspected = Command::new("skopeo")
-        .args(["inspect", "--tls-verify=false", "--format", "{{.Digest}}"])
-        .arg(format!("docker://{reference}"))
-        .output()
-        .expect("skopeo inspect (apt-get install skopeo)");
-    assert!(
-        inspected.status.success(),
-        "{}",
-        String::from_utf8_lossy(&inspected.stderr)
-    );
-    let skopeo_digest = String::from_utf8_lossy(&inspected.stdout).trim().to_owned();
+    let skopeo_digest = skopeo_digest(&reference).expect("skopeo inspect the pushed image");
     assert_eq!(skopeo_digest, pushed);
     let lab = format!("{}/lab", registry.host());
     let operator = Operator::start(cluster, &namespace, "image", &["--lab-registry", &lab]);
@@ -1200,5 +1190,154 @@ fn alice_cannot_save_or_read_bobs_nodes() {
     assert!(
         refused.contains(r#"User "alice" cannot list resource "nodes" in API group "walt.dev""#),
         "unexpected refusal: {refused}"
+    );
+}
+
+/// `spec.source` is copied into the lab registry (from another registry, with the Image's pull
+/// secret), keeping its digest, with progress in status and Events; the shell mode is read from the
+/// layers; a source that does not exist is reported with the registry's answer.
+#[test]
+fn image_source_is_cloned_into_the_lab_registry_with_its_digest_and_shell_mode() {
+    use walt_tests::images::{Arch, OciLayout, skopeo_inspect_raw};
+    use walt_tests::registry::Registry;
+    let cluster = cluster();
+    let (namespace, _dir) = tenant(cluster, "op-clone");
+    let upstream = Registry::start_with_basic_auth("puller", "s3cret").expect("start an upstream registry");
+    let lab_registry = Registry::start().expect("start the lab registry");
+    let with_init = OciLayout::walt_busybox(Arch::Arm64, "rpi-4-b").expect("arm64 busybox image");
+    let upstream_digest = with_init
+        .push("base", &upstream, "upstream/walt-busybox:arm64")
+        .expect("push to the upstream registry");
+    let basic = OciLayout::busybox(Arch::Amd64).expect("amd64 busybox image");
+    basic
+        .push("base", &upstream, "upstream/busybox:1")
+        .expect("push to the upstream registry");
+    let secret_file = std::env::temp_dir().join(format!("walt-pull-secret-{}.json", std::process::id()));
+    std::fs::write(&secret_file, upstream.docker_config_json()).expect("write the pull secret");
+    kubectl(
+        cluster,
+        &namespace,
+        &[
+            "create",
+            "secret",
+            "generic",
+            "upstream-pull",
+            "--type=kubernetes.io/dockerconfigjson",
+            &format!("--from-file=.dockerconfigjson={}", secret_file.display()),
+        ],
+    );
+    let lab = format!("{}/lab", lab_registry.host());
+    let operator = Operator::start(
+        cluster,
+        &namespace,
+        "clone",
+        &["--lab-registry", &lab, "--plain-http-sources", &upstream.host()],
+    );
+    operator.wait_ready(Duration::from_mins(1));
+    let image = |name: &str, source: &str, arch: &str| {
+        format!(
+            "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata:\n  name: {name}\nspec:\n  source: {source}\n  platform:\n    architecture: {arch}\n  pullSecretRef:\n    name: upstream-pull\n"
+        )
+    };
+    apply(
+        cluster,
+        &namespace,
+        &image(
+            "rpi-busybox",
+            &upstream.reference("upstream/walt-busybox:arm64"),
+            "arm64",
+        ),
+    );
+    apply(
+        cluster,
+        &namespace,
+        &image("busybox.v1", &upstream.reference("upstream/busybox:1"), "amd64"),
+    );
+    for name in ["rpi-busybox", "busybox.v1"] {
+        wait_for(
+            cluster,
+            &namespace,
+            &format!("image/{name}"),
+            "{.status.conditions[?(@.type==\"Ready\")].status}",
+            "True",
+            Duration::from_mins(2),
+            &operator,
+        );
+    }
+    let status = |name: &str, path: &str| {
+        kubectl(
+            cluster,
+            &namespace,
+            &["get", &format!("image/{name}"), "-o", &format!("jsonpath={path}")],
+        )
+        .trim()
+        .to_owned()
+    };
+    // skopeo, reading the lab registry, agrees with the digest the status reports and the upstream's.
+    let lab_reference = format!("{lab}/{namespace}/rpi-busybox:latest");
+    assert_eq!(status("rpi-busybox", "{.status.reference}"), lab_reference);
+    let inspected = walt_tests::images::skopeo_inspect_format(
+        &lab_registry,
+        &format!("lab/{namespace}/rpi-busybox:latest"),
+        "{{.Digest}} {{.Architecture}}",
+    )
+    .expect("skopeo inspect the clone");
+    let (lab_digest, lab_arch) = inspected.split_once(' ').expect("digest and architecture");
+    assert_eq!(lab_arch, "arm64");
+    let reported = status("rpi-busybox", "{.status.digest}");
+    // The upstream push may be an index (skopeo --all); the clone is the arm64 manifest inside it.
+    assert_eq!(reported, lab_digest);
+    assert_eq!(
+        status("rpi-busybox", "{.status.clone.sourceDigest}"),
+        lab_digest,
+        "the clone keeps the upstream manifest digest (upstream {upstream_digest})"
+    );
+    let copied = status(
+        "rpi-busybox",
+        "{.status.clone.copiedBytes} {.status.clone.totalBytes}",
+    );
+    let (copied, total) = copied.split_once(' ').expect("copied and total bytes");
+    assert_eq!(copied, total);
+    assert!(total.parse::<u64>().expect("a byte count") > 0);
+    assert_eq!(
+        status(
+            "rpi-busybox",
+            "{.status.platform.architecture} {.status.shellMode} {.status.nodeModels[*]}"
+        ),
+        "arm64 Init rpi-4-b"
+    );
+    assert_eq!(
+        status(
+            "busybox.v1",
+            "{.status.reference} {.status.platform.architecture} {.status.shellMode}"
+        ),
+        format!("{lab}/{namespace}/busybox:v1 amd64 Basic")
+    );
+    let events = kubectl(cluster, &namespace, &["get", "events", "-o", "wide"]);
+    assert!(
+        events.contains("Cloning") && events.contains("Cloned"),
+        "{events}"
+    );
+
+    // A source that is not there: Ready=False, the registry's answer, nothing tagged in the lab.
+    apply(
+        cluster,
+        &namespace,
+        &image("ghost", &upstream.reference("upstream/ghost:1"), "amd64"),
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "image/ghost",
+        "{.status.conditions[?(@.type==\"Ready\")].reason}",
+        "SourceFailed",
+        Duration::from_mins(1),
+        &operator,
+    );
+    let message = status("ghost", "{.status.conditions[?(@.type==\"Ready\")].message}");
+    assert!(message.contains("upstream/ghost"), "{message}");
+    assert!(
+        skopeo_inspect_raw(&lab_registry, &format!("lab/{namespace}/ghost:latest")).is_err(),
+        "nothing may be tagged for a failed clone"
     );
 }

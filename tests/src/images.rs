@@ -552,15 +552,32 @@ pub fn skopeo_inspect_config(
     skopeo_inspect(registry, repository_and_tag_or_digest, "--config")
 }
 
-fn skopeo_inspect(registry: &Registry, reference: &str, what: &str) -> Result<Value, FixtureError> {
+/// Independent checker: `skopeo inspect --format TEMPLATE` (e.g. `{{.Digest}} {{.Architecture}}`), trimmed.
+pub fn skopeo_inspect_format(
+    registry: &Registry,
+    repository_and_tag_or_digest: &str,
+    template: &str,
+) -> Result<String, FixtureError> {
+    Ok(
+        skopeo_inspect_text(registry, repository_and_tag_or_digest, &["--format", template])?
+            .trim()
+            .to_owned(),
+    )
+}
+
+fn skopeo_inspect_text(registry: &Registry, reference: &str, args: &[&str]) -> Result<String, FixtureError> {
     require_tool("skopeo", "skopeo")?;
     let mut command = Command::new("skopeo");
-    command.args(["inspect", what, "--tls-verify=false"]);
+    command.arg("inspect").args(args).arg("--tls-verify=false");
     if let Some(creds) = registry.skopeo_creds() {
         command.arg("--creds").arg(creds);
     }
     command.arg(format!("docker://{}", registry.reference(reference)));
-    let out = run_stdout(&mut command)?;
+    run_stdout(&mut command)
+}
+
+fn skopeo_inspect(registry: &Registry, reference: &str, what: &str) -> Result<Value, FixtureError> {
+    let out = skopeo_inspect_text(registry, reference, &[what])?;
     serde_json::from_str(&out)
         .map_err(|e| FixtureError::Failed(format!("skopeo inspect {what} {reference}: {e}: {out}")))
 }

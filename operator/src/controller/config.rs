@@ -53,6 +53,10 @@ pub struct Args {
     /// Talk plain HTTP to the lab registry (a registry on loopback or inside the cluster).
     #[arg(long, env = "WALT_REGISTRY_PLAIN_HTTP", default_value_t = false, action = clap::ArgAction::Set)]
     pub registry_plain_http: bool,
+    /// Registries (`HOST[:PORT]`, comma-separated) that Image `spec.source` references are cloned from
+    /// over plain HTTP (a mirror on loopback or inside the cluster). Others are reached over HTTPS.
+    #[arg(long, env = "WALT_PLAIN_HTTP_SOURCES", value_delimiter = ',')]
+    pub plain_http_sources: Vec<String>,
     /// Secret (type kubernetes.io/dockerconfigjson, in --namespace) with the lab registry's credentials.
     #[arg(long, env = "WALT_REGISTRY_CREDENTIALS_SECRET")]
     pub registry_credentials_secret: Option<String>,

@@ -17,11 +17,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use walt_crds::{
-    ConditionStatus, Image, ImageName, ImageShellMode, ImageStatus, Platform, condition_types, new_condition,
-    set_condition, short_digest,
+    CloneProgress, ConditionStatus, Image, ImageName, ImageShellMode, ImageStatus, Platform, condition_types,
+    new_condition, set_condition, short_digest,
 };
 
 use super::error::{Error, Result};
+use crate::runtime::changes::human_bytes;
 
 /// Label of the node models an image boots (WalT).
 pub const NODE_MODELS_LABEL: &str = "walt.node.models";
@@ -103,9 +104,35 @@ pub fn ready_status(image: &Image, reference: &str, facts: &ImageFacts, now: Tim
         shell_mode: facts.shell_mode,
         layers: Some(facts.layers),
         size: Some(facts.size),
+        // The record of the last clone stays: where the content came from.
+        clone: image.status.as_ref().and_then(|status| status.clone.clone()),
         conditions,
     }
 }
+
+/// The status of an Image while `spec.source` is copied into `reference` (pure): `Ready=False` with
+/// reason `Cloning` and how far the copy is, in the condition and in `clone`.
+pub fn cloning_status(
+    image: &Image,
+    reference: &str,
+    source: &str,
+    progress: &CloneProgress,
+    now: Timestamp,
+) -> ImageStatus {
+    let message = format!(
+        "copying {source} to {reference}: {} of {} blobs, {} of {}",
+        progress.copied_blobs,
+        progress.total_blobs,
+        human_bytes(progress.copied_bytes),
+        human_bytes(progress.total_bytes)
+    );
+    let mut status = failed_status(image, Some(reference), CLONING_REASON, &message, now);
+    status.clone = Some(progress.clone());
+    status
+}
+
+/// Ready=False reason while a clone runs (the plugin waits through it).
+pub const CLONING_REASON: &str = "Cloning";
 
 /// The status of an Image that could not be resolved (pure): the last known
 /// facts stay (nodes keep booting the last digest), `Ready=False` carries the

@@ -1,5 +1,7 @@
-//! Image reconcile: dereference (the lab reference) → resolve at the
-//! registry → status (pure, in [`super::image`]).
+//! Image reconcile: dereference (the lab reference) → clone `spec.source`
+//! into it when the lab registry does not have it → resolve at the registry
+//! (and, once per digest, the image-shell mode) → status (pure, in
+//! [`super::image`]).
 //!
 //! The registry is asked again every `--resolve-interval` (tags move); a
 //! failure keeps the last known facts and says why in `Ready=False`.
@@ -7,36 +9,50 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
-use walt_crds::{Image, ImageStatus, Platform, condition_types, find_condition};
+use walt_crds::{
+    CloneProgress, Image, ImageShellMode, ImageStatus, Platform, condition_types, find_condition,
+};
 
+use super::config::secret_key;
 use super::context::Context;
 use super::error::{Error, Result};
-use super::image::{ImageFacts, failed_status, lab_reference, ready_status};
-use crate::oci::{ClientOptions, Credentials, RegistryClient, ResolvedImage};
+use super::image::{ImageFacts, cloning_status, failed_status, lab_reference, ready_status};
+use crate::oci::{ClientOptions, CopyProgress, Credentials, RegistryClient, ResolvedImage};
+use crate::runtime::changes::human_bytes;
 
 /// How soon an Image whose reference is invalid is looked at again (the
 /// object changing wakes it earlier).
 const INVALID_RETRY: Duration = Duration::from_mins(10);
+/// How soon a failed clone is tried again (blobs already copied are not copied twice).
+const CLONE_RETRY: Duration = Duration::from_secs(30);
 
 /// The registry client for the lab registry: its credentials, plain HTTP
 /// when `--registry-plain-http`.
 pub(super) fn registry_client(context: &Context) -> Result<RegistryClient> {
+    registry_client_with(context, Credentials::default())
+}
+
+/// The registry client for the lab registry (its credentials, plain HTTP
+/// when `--registry-plain-http`) and for clone sources (`source_credentials`
+/// from the Image's pull secret, plain HTTP for `--plain-http-sources`).
+fn registry_client_with(context: &Context, source_credentials: Credentials) -> Result<RegistryClient> {
     let host = &context.config.registry_host;
     let credentials = match &context.config.registry_credentials {
         Some(credentials) => {
             Credentials::default().with_basic(host, &credentials.username, &credentials.password)
         }
         None => Credentials::default(),
-    };
-    let insecure_registries = if context.config.args.registry_plain_http {
-        vec![host.clone()]
-    } else {
-        Vec::new()
-    };
+    }
+    .merged(source_credentials);
+    let mut insecure_registries = context.config.args.plain_http_sources.clone();
+    if context.config.args.registry_plain_http {
+        insecure_registries.push(host.clone());
+    }
     RegistryClient::new(ClientOptions {
         credentials,
         insecure_registries,
@@ -89,6 +105,191 @@ fn same_status(old: Option<&ImageStatus>, new: &ImageStatus) -> bool {
     strip(old) == strip(new) && ready(old) == ready(new)
 }
 
+/// Why a clone did not happen: a reason for `Ready=False` and a message a person can act on.
+struct CloneFailure {
+    reason: &'static str,
+    message: String,
+}
+
+/// The credentials in the Image's `spec.pullSecretRef` (a `kubernetes.io/dockerconfigjson` Secret in the
+/// Image's namespace), or none.
+async fn source_credentials(
+    image: &Image,
+    context: &Context,
+) -> std::result::Result<Credentials, CloneFailure> {
+    let Some(secret_ref) = &image.spec.pull_secret_ref else {
+        return Ok(Credentials::default());
+    };
+    let namespace = image.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(context.client.clone(), &namespace);
+    let name = &secret_ref.name;
+    let secret = secrets.get_opt(name).await.map_err(|error| CloneFailure {
+        reason: "PullSecretUnreadable",
+        message: format!("reading Secret {namespace}/{name} (spec.pullSecretRef): {error}"),
+    })?;
+    let Some(secret) = secret else {
+        return Err(CloneFailure {
+            reason: "PullSecretNotFound",
+            message: format!(
+                "Secret {namespace}/{name} (spec.pullSecretRef) does not exist: create it with `kubectl -n {namespace} create secret docker-registry {name} --docker-server=… --docker-username=… --docker-password=…`"
+            ),
+        });
+    };
+    let document = secret_key(&secret, ".dockerconfigjson").ok_or_else(|| CloneFailure {
+        reason: "PullSecretInvalid",
+        message: format!(
+            "Secret {namespace}/{name} (spec.pullSecretRef) has no `.dockerconfigjson` key: it must be of type kubernetes.io/dockerconfigjson"
+        ),
+    })?;
+    Credentials::from_docker_config_json(&document).map_err(|error| CloneFailure {
+        reason: "PullSecretInvalid",
+        message: format!("Secret {namespace}/{name} (spec.pullSecretRef): {error}"),
+    })
+}
+
+/// How often the status of a running clone is written (at most).
+const CLONE_PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Copies `source` into `reference`, writing progress into the status while it runs.
+async fn clone_source(
+    image: &Image,
+    context: &Context,
+    client: &RegistryClient,
+    source: &str,
+    reference: &str,
+) -> std::result::Result<CloneProgress, CloneFailure> {
+    let namespace = image.namespace().unwrap_or_default();
+    let name = image.name_any();
+    let images: Api<Image> = Api::namespaced(context.client.clone(), &namespace);
+    let resolved = client
+        .resolve(source, wanted_platform(image).as_ref())
+        .await
+        .map_err(|error| CloneFailure {
+            reason: "SourceFailed",
+            message: format!("cloning spec.source {source}: {error}"),
+        })?;
+    context
+        .event(
+            image,
+            EventType::Normal,
+            "Cloning",
+            "Clone",
+            format!(
+                "copying {source} ({}, {}/{}, {} layers, {}) to {reference}",
+                resolved.digest,
+                resolved.platform.os,
+                resolved.platform.architecture,
+                resolved.layers.len(),
+                human_bytes(resolved.size)
+            ),
+        )
+        .await;
+    let started = std::time::Instant::now();
+    let (sender, mut receiver) = tokio::sync::watch::channel(CopyProgress::default());
+    let copy = client.copy_image(&resolved, reference, move |progress| {
+        sender.send_replace(progress);
+    });
+    tokio::pin!(copy);
+    let mut ticker = tokio::time::interval(CLONE_PROGRESS_INTERVAL);
+    let to_status = |progress: CopyProgress| CloneProgress {
+        source_digest: Some(resolved.digest.clone()),
+        copied_bytes: progress.copied_bytes,
+        total_bytes: progress.total_bytes,
+        copied_blobs: progress.copied_blobs,
+        total_blobs: progress.total_blobs,
+    };
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut copy => break outcome,
+            _ = ticker.tick() => {
+                if receiver.has_changed().unwrap_or(false) {
+                    let progress = to_status(*receiver.borrow_and_update());
+                    let status = cloning_status(image, reference, source, &progress, Timestamp::now());
+                    if let Err(error) = context.apply_status(&images, &name, &status).await {
+                        // Progress is informative: the copy goes on.
+                        tracing::info!(%error, "writing clone progress");
+                    }
+                }
+            }
+        }
+    };
+    let digest = outcome.map_err(|error| CloneFailure {
+        reason: "CloneFailed",
+        message: format!("copying {source} to {reference}: {error} (nothing was tagged; it is retried)"),
+    })?;
+    let total = to_status(*receiver.borrow());
+    context
+        .event(
+            image,
+            EventType::Normal,
+            "Cloned",
+            "Clone",
+            format!(
+                "{source} copied to {reference} as {digest}: {} in {:.1} s",
+                human_bytes(total.total_bytes),
+                started.elapsed().as_secs_f64()
+            ),
+        )
+        .await;
+    Ok(CloneProgress {
+        copied_bytes: total.total_bytes,
+        copied_blobs: total.total_blobs,
+        ..total
+    })
+}
+
+/// Writes a `Ready=False` status (with an Event the first time this message appears).
+async fn report_failure(
+    image: &Image,
+    context: &Context,
+    reference: &str,
+    reason: &str,
+    message: String,
+) -> Result<()> {
+    let namespace = image.namespace().unwrap_or_default();
+    let images: Api<Image> = Api::namespaced(context.client.clone(), &namespace);
+    let status = failed_status(image, Some(reference), reason, &message, Timestamp::now());
+    let was_failing = image
+        .status
+        .as_ref()
+        .and_then(|status| find_condition(&status.conditions, condition_types::READY))
+        .is_some_and(|ready| ready.status == "False" && ready.message == message);
+    if !was_failing {
+        context
+            .event(image, EventType::Warning, reason, "Resolve", message)
+            .await;
+    }
+    if !same_status(image.status.as_ref(), &status) {
+        context.apply_status(&images, &image.name_any(), &status).await?;
+    }
+    Ok(())
+}
+
+/// The image-shell mode of `resolved`: kept from the status when the digest did not change, else read
+/// from the layers (an unreadable answer leaves it unknown; the shell decides at start).
+async fn shell_mode(
+    image: &Image,
+    client: &RegistryClient,
+    resolved: &ResolvedImage,
+) -> Option<ImageShellMode> {
+    let known = image
+        .status
+        .as_ref()
+        .filter(|status| status.digest.as_deref() == Some(resolved.digest.as_str()))
+        .and_then(|status| status.shell_mode);
+    if known.is_some() {
+        return known;
+    }
+    match client.has_init_shell_mode(resolved).await {
+        Ok(true) => Some(ImageShellMode::Init),
+        Ok(false) => Some(ImageShellMode::Basic),
+        Err(error) => {
+            tracing::info!(%error, "image-shell mode left unknown");
+            None
+        }
+    }
+}
+
 /// Reconciles one Image.
 pub async fn reconcile(image: Arc<Image>, context: Arc<Context>) -> Result<Action> {
     let namespace = image.namespace().unwrap_or_default();
@@ -111,48 +312,60 @@ pub async fn reconcile(image: Arc<Image>, context: Arc<Context>) -> Result<Actio
             return Ok(Action::requeue(INVALID_RETRY));
         }
     };
-    let client = registry_client(&context)?;
-    let resolved = client.resolve(&reference, wanted_platform(&image).as_ref()).await;
-    let status = match resolved {
-        Ok(resolved) => ready_status(&image, &reference, &facts_of(resolved), Timestamp::now()),
-        Err(error) => {
-            let (reason, message) = match image.spec.source.as_deref() {
-                Some(source) => (
-                    "SourceNotSupported",
-                    format!(
-                        "{reference} cannot be resolved ({error}), and cloning spec.source {source} into it is not supported yet: copy it there yourself (e.g. `skopeo copy docker://{source} docker://{reference}`)"
-                    ),
-                ),
-                None => ("ResolveFailed", format!("resolving {reference}: {error}")),
-            };
-            let status = failed_status(&image, Some(&reference), reason, &message, Timestamp::now());
-            let was_failing = image
-                .status
-                .as_ref()
-                .and_then(|status| find_condition(&status.conditions, condition_types::READY))
-                .is_some_and(|ready| ready.status == "False" && ready.message == message);
-            if !was_failing {
-                context
-                    .event(&*image, EventType::Warning, reason, "Resolve", message)
-                    .await;
-            }
-            status
+    let source_credentials = match source_credentials(&image, &context).await {
+        Ok(credentials) => credentials,
+        Err(failure) => {
+            report_failure(&image, &context, &reference, failure.reason, failure.message).await?;
+            return Ok(Action::requeue(INVALID_RETRY));
         }
     };
+    let client = registry_client_with(&context, source_credentials)?;
+    let platform = wanted_platform(&image);
+    let mut resolved = client.resolve(&reference, platform.as_ref()).await;
+    let mut cloned = None;
+    if let (Err(error), Some(source)) = (&resolved, image.spec.source.as_deref())
+        && error.is_not_found()
+    {
+        match clone_source(&image, &context, &client, source, &reference).await {
+            Ok(record) => cloned = Some(record),
+            Err(failure) => {
+                report_failure(&image, &context, &reference, failure.reason, failure.message).await?;
+                return Ok(Action::requeue(CLONE_RETRY));
+            }
+        }
+        resolved = client.resolve(&reference, platform.as_ref()).await;
+    }
+    let resolved = match resolved {
+        Ok(resolved) => resolved,
+        Err(error) => {
+            report_failure(
+                &image,
+                &context,
+                &reference,
+                "ResolveFailed",
+                format!("resolving {reference}: {error}"),
+            )
+            .await?;
+            return Ok(Action::requeue(interval));
+        }
+    };
+    let mut facts = facts_of(resolved.clone());
+    facts.shell_mode = shell_mode(&image, &client, &resolved).await;
+    let mut status = ready_status(&image, &reference, &facts, Timestamp::now());
+    if cloned.is_some() {
+        // The record of this clone stays in the status (ready_status keeps the previous one).
+        status.clone = cloned;
+    }
     if !same_status(image.status.as_ref(), &status) {
         context.apply_status(&images, &name, &status).await?;
-        if let Some(digest) = status.digest.as_deref()
-            && image.status.as_ref().and_then(|old| old.digest.as_deref()) != Some(digest)
-            && find_condition(&status.conditions, condition_types::READY)
-                .is_some_and(|ready| ready.status == "True")
-        {
+        if image.status.as_ref().and_then(|old| old.digest.as_deref()) != Some(facts.digest.as_str()) {
             context
                 .event(
                     &*image,
                     EventType::Normal,
                     "Resolved",
                     "Resolve",
-                    format!("{reference} is {digest}"),
+                    format!("{reference} is {}", facts.digest),
                 )
                 .await;
         }

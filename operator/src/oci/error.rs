@@ -24,6 +24,9 @@ pub enum Error {
         action: String,
         /// What the registry answered (status, message) or the transport error.
         answer: String,
+        /// The registry said the manifest, blob or repository does not exist (HTTP 404, `MANIFEST_UNKNOWN`,
+        /// `NAME_UNKNOWN`), as opposed to a refusal or a transport failure.
+        not_found: bool,
     },
     /// No image in an index for the wanted platform.
     #[error("{reference}: no image for platform {wanted} (the index has: {available})")]
@@ -98,6 +101,12 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether the registry answered that what was asked for does not exist (a tag not pushed yet, a
+    /// repository never created), which callers may fix by creating it.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Error::Registry { not_found: true, .. })
+    }
+
     pub(crate) fn io(
         action: impl Into<String>,
         path: impl Into<std::path::PathBuf>,

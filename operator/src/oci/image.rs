@@ -22,7 +22,7 @@ use super::registry::{RegistryClient, parse_reference, registry_error};
 use crate::overlay::{self, ChangeSummary, LayerOptions, OpaqueXattr, UnpackOptions};
 
 const ZSTD_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
-const MANIFEST_TYPES: &[&str] = &[
+pub(super) const MANIFEST_TYPES: &[&str] = &[
     OCI_IMAGE_MEDIA_TYPE,
     IMAGE_MANIFEST_MEDIA_TYPE,
     OCI_IMAGE_INDEX_MEDIA_TYPE,
@@ -183,7 +183,7 @@ impl ResolvedImage {
         format!("{}/{}@{}", self.registry, self.repository, self.digest)
     }
 
-    fn repository_reference(&self) -> Reference {
+    pub(super) fn repository_reference(&self) -> Reference {
         Reference::with_digest(
             self.registry.clone(),
             self.repository.clone(),
@@ -418,7 +418,7 @@ impl<R: Read> HashingReader<R> {
     }
 }
 
-fn sha256_digest(bytes: &[u8]) -> String {
+pub(super) fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
@@ -431,7 +431,7 @@ fn oci_layer_media_type(media_type: &str) -> String {
 }
 
 /// How to read a layer blob of this media type.
-fn decompressor<'r>(
+pub(super) fn decompressor<'r>(
     media_type: &str,
     input: Box<dyn Read + Send + 'r>,
 ) -> Option<std::io::Result<Box<dyn Read + Send + 'r>>> {
@@ -626,7 +626,7 @@ impl RegistryClient {
     }
 
     /// Streams a blob through `consume` (run on a blocking thread) while checking its digest.
-    async fn with_blob<T: Send + 'static>(
+    pub(super) async fn with_blob<T: Send + 'static>(
         &self,
         image: &ResolvedImage,
         layer: &LayerDescriptor,
@@ -799,7 +799,7 @@ impl RegistryClient {
 
     /// Makes sure `layer` (a blob of `base`) is in `target`'s repository: already there, mounted across
     /// repositories, or copied (streamed) when the registry refuses the mount or is another registry.
-    async fn ensure_blob(
+    pub(super) async fn ensure_blob(
         &self,
         base: &ResolvedImage,
         target: &Reference,
@@ -1033,43 +1033,15 @@ impl RegistryClient {
     /// Points `tag` of `repository` (`registry/repo`) at the manifest `digest` already in that repository.
     pub async fn tag(&self, repository: &str, digest: &str, tag: &str) -> Result<(), Error> {
         let parsed = parse_reference(repository)?;
-        let by_digest = Reference::with_digest(
-            parsed.registry().to_owned(),
-            parsed.repository().to_owned(),
-            digest.to_owned(),
-        );
         let tagged = Reference::with_tag(
             parsed.registry().to_owned(),
             parsed.repository().to_owned(),
             tag.to_owned(),
         );
         self.login(&tagged, RegistryOperation::Push).await?;
-        let auth = self.auth_for(&parsed);
-        let (bytes, _) = self
-            .inner
-            .pull_manifest_raw(&by_digest, &auth, MANIFEST_TYPES)
-            .await
-            .map_err(|e| {
-                registry_error(&parsed, format!("fetching manifest {digest} to tag it {tag}"), &e)
-            })?;
-        let actual = sha256_digest(&bytes);
-        if actual != digest {
-            return Err(Error::DigestMismatch {
-                reference: by_digest.whole(),
-                what: "manifest".into(),
-                expected: digest.into(),
-                actual,
-            });
-        }
-        let media_type = serde_json::from_slice::<Value>(&bytes)
-            .ok()
-            .and_then(|v| v["mediaType"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| OCI_IMAGE_MEDIA_TYPE.to_owned());
-        let content_type = http::HeaderValue::from_str(&media_type).map_err(|e| Error::Invalid {
-            reference: by_digest.whole(),
-            what: "manifest media type".into(),
-            reason: e.to_string(),
-        })?;
+        let (bytes, content_type) = self
+            .fetch_manifest_verified(&parsed, digest, &format!("to tag it {tag}"))
+            .await?;
         self.inner
             .push_manifest_raw(&tagged, bytes, content_type)
             .await

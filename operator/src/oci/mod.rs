@@ -40,11 +40,13 @@
 
 pub mod cli;
 mod compress;
+mod copy;
 mod error;
 mod image;
 mod registry;
 
 pub use compress::{Compression, Compressor, HashingWriter, ParallelGzip};
+pub use copy::CopyProgress;
 pub use error::Error;
 pub use image::{
     ChangeSource, CommitOptions, LayerCache, LayerDescriptor, Platform, PulledImage, PushedImage,

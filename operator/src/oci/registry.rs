@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::str::FromStr as _;
 
 use base64::Engine as _;
-use oci_client::errors::OciDistributionError;
+use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Reference, RegistryOperation};
 
@@ -97,6 +97,13 @@ impl Credentials {
         Ok(credentials)
     }
 
+    /// These credentials plus `other`'s; for a host both have, `other`'s win.
+    #[must_use]
+    pub fn merged(mut self, other: Credentials) -> Self {
+        self.by_host.extend(other.by_host);
+        self
+    }
+
     /// The credentials used for `host` (anonymous when none).
     pub fn for_host(&self, host: &str) -> RegistryAuth {
         self.by_host
@@ -182,11 +189,23 @@ pub(crate) fn registry_error(
             text
         }
     };
+    let not_found = match error {
+        OciDistributionError::ServerError { code, .. } => *code == 404,
+        OciDistributionError::RegistryError { envelope, .. } => envelope.errors.iter().any(|e| {
+            matches!(
+                e.code,
+                OciErrorCode::ManifestUnknown | OciErrorCode::NameUnknown | OciErrorCode::NotFound
+            )
+        }),
+        OciDistributionError::ImageManifestNotFoundError(_) => true,
+        _ => false,
+    };
     Error::Registry {
         registry: reference.resolve_registry().to_owned(),
         repository: reference.repository().to_owned(),
         action: action.into(),
         answer,
+        not_found,
     }
 }
 

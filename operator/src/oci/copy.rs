@@ -1,0 +1,297 @@
+//! Copying an image between repositories (cloning into the lab registry) and
+//! finding which image-shell mode an image supports, without unpacking it.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+
+use oci_client::manifest::OCI_IMAGE_MEDIA_TYPE;
+use oci_client::{Reference, RegistryOperation};
+use serde_json::Value;
+
+use super::Error;
+use super::image::{LayerDescriptor, MANIFEST_TYPES, ResolvedImage, decompressor, sha256_digest};
+use super::registry::{RegistryClient, parse_reference, registry_error};
+
+/// How far an image copy is (blobs are copied one after the other, bottom layer first, config last).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CopyProgress {
+    /// Bytes of the blobs already in the target.
+    pub copied_bytes: u64,
+    /// Bytes of all blobs (layers and config).
+    pub total_bytes: u64,
+    /// Blobs already in the target.
+    pub copied_blobs: u32,
+    /// Blobs to copy (layers and config).
+    pub total_blobs: u32,
+}
+
+/// The image-shell helpers WalT looks for (the `init` mode contract).
+pub const SHELL_START: &str = "walt-image-shell-start";
+/// See [`SHELL_START`].
+pub const SHELL_SHUTDOWN: &str = "walt-image-shell-shutdown";
+
+/// Where an image keeps the helpers: `/bin`, or `/usr/bin` behind a merged-usr `/bin` symlink.
+const SHELL_HELPER_DIRS: [&str; 2] = ["bin", "usr/bin"];
+
+/// The last word a layer says about a path, read top layer first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    /// An executable file (or a symlink, which the shell resolves at run time).
+    Executable,
+    /// A file that is not executable, or deleted by a whiteout.
+    Unusable,
+}
+
+/// Normalizes a tar entry path (`./bin/x`, `/bin/x`, `bin/x`) to `bin/x`.
+fn normalized(path: &str) -> &str {
+    path.trim_start_matches("./").trim_start_matches('/')
+}
+
+/// Records what one layer's tar says about the helper paths still undecided (pure over the entries).
+fn scan_layer(tar: impl Read, seen: &mut BTreeMap<String, Seen>) -> std::io::Result<()> {
+    let mut archive = tar::Archive::new(tar);
+    let mut in_this_layer = BTreeMap::new();
+    for entry in archive.entries()? {
+        let entry = entry?;
+        let path = entry.path()?.to_string_lossy().into_owned();
+        let path = normalized(&path);
+        let (dir, file) = path.rsplit_once('/').unwrap_or(("", path));
+        let (file, whiteout) = match file.strip_prefix(".wh.") {
+            Some(deleted) => (deleted, true),
+            None => (file, false),
+        };
+        if !SHELL_HELPER_DIRS.contains(&dir) || !(file == SHELL_START || file == SHELL_SHUTDOWN) {
+            continue;
+        }
+        let key = format!("{dir}/{file}");
+        if seen.contains_key(&key) {
+            continue;
+        }
+        let header = entry.header();
+        let state = if whiteout {
+            Seen::Unusable
+        } else if header.entry_type().is_symlink()
+            || header.entry_type().is_hard_link()
+            || header.mode().is_ok_and(|mode| mode & 0o111 != 0)
+        {
+            Seen::Executable
+        } else {
+            Seen::Unusable
+        };
+        in_this_layer.insert(key, state);
+    }
+    // Entries of one layer do not shadow each other; layers above shadow layers below.
+    for (key, state) in in_this_layer {
+        seen.entry(key).or_insert(state);
+    }
+    Ok(())
+}
+
+/// Whether the paths seen (top layer first) give WalT's init mode: both helpers executable in the same
+/// directory (pure).
+fn has_init_helpers(seen: &BTreeMap<String, Seen>) -> bool {
+    SHELL_HELPER_DIRS.iter().any(|dir| {
+        [SHELL_START, SHELL_SHUTDOWN]
+            .iter()
+            .all(|file| seen.get(&format!("{dir}/{file}")) == Some(&Seen::Executable))
+    })
+}
+
+impl RegistryClient {
+    /// Fetches the manifest `digest` of `repository` as stored, checks its digest and returns its bytes
+    /// with its media type (to push it elsewhere unchanged).
+    pub(super) async fn fetch_manifest_verified(
+        &self,
+        repository: &Reference,
+        digest: &str,
+        action: &str,
+    ) -> Result<(bytes::Bytes, http::HeaderValue), Error> {
+        let by_digest = Reference::with_digest(
+            repository.registry().to_owned(),
+            repository.repository().to_owned(),
+            digest.to_owned(),
+        );
+        let auth = self.auth_for(repository);
+        let (bytes, _) = self
+            .inner
+            .pull_manifest_raw(&by_digest, &auth, MANIFEST_TYPES)
+            .await
+            .map_err(|e| registry_error(repository, format!("fetching manifest {digest} {action}"), &e))?;
+        let actual = sha256_digest(&bytes);
+        if actual != digest {
+            return Err(Error::DigestMismatch {
+                reference: by_digest.whole(),
+                what: "manifest".into(),
+                expected: digest.into(),
+                actual,
+            });
+        }
+        let media_type = serde_json::from_slice::<Value>(&bytes)
+            .ok()
+            .and_then(|v| v["mediaType"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| OCI_IMAGE_MEDIA_TYPE.to_owned());
+        let content_type = http::HeaderValue::from_str(&media_type).map_err(|e| Error::Invalid {
+            reference: by_digest.whole(),
+            what: "manifest media type".into(),
+            reason: e.to_string(),
+        })?;
+        Ok((bytes, content_type))
+    }
+
+    /// Copies the image `source` (one platform, as resolved) to `target` (`registry/repo:tag`): every
+    /// blob first (mounted when both are in the same registry, else streamed), `progress` called after
+    /// each, then the manifest unchanged (same digest), under the tag. Nothing is tagged until every blob
+    /// is there, so an interrupted copy leaves the tag where it was. Returns the manifest digest.
+    pub async fn copy_image(
+        &self,
+        source: &ResolvedImage,
+        target: &str,
+        mut progress: impl FnMut(CopyProgress) + Send,
+    ) -> Result<String, Error> {
+        let target = parse_reference(target)?;
+        let source_repository = source.repository_reference();
+        self.login(&target, RegistryOperation::Push).await?;
+        self.login(&source_repository, RegistryOperation::Pull).await?;
+        let config = LayerDescriptor {
+            media_type: source.manifest["config"]["mediaType"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            digest: source.config_digest.clone(),
+            size: source.manifest["config"]["size"].as_u64().unwrap_or_default(),
+        };
+        let blobs: Vec<&LayerDescriptor> = source.layers.iter().chain(std::iter::once(&config)).collect();
+        let mut state = CopyProgress {
+            total_bytes: blobs.iter().map(|blob| blob.size).sum(),
+            total_blobs: u32::try_from(blobs.len()).unwrap_or(u32::MAX),
+            ..CopyProgress::default()
+        };
+        progress(state);
+        for blob in blobs {
+            self.ensure_blob(source, &target, blob).await?;
+            state.copied_bytes += blob.size;
+            state.copied_blobs += 1;
+            progress(state);
+        }
+        let (manifest, content_type) = self
+            .fetch_manifest_verified(&source_repository, &source.digest, "to copy it")
+            .await?;
+        self.inner
+            .push_manifest_raw(&target, manifest, content_type)
+            .await
+            .map_err(|e| {
+                registry_error(
+                    &target,
+                    format!("pushing manifest {} as {}", source.digest, target.whole()),
+                    &e,
+                )
+            })?;
+        Ok(source.digest.clone())
+    }
+
+    /// Whether `image` supports WalT's init image-shell mode: executable
+    /// `/bin/walt-image-shell-start` and `/bin/walt-image-shell-shutdown` (or in `/usr/bin` behind a
+    /// merged-usr `/bin`). Reads the layers' tar headers top layer first (digests checked), stopping as
+    /// soon as both are decided; nothing is written to disk.
+    pub async fn has_init_shell_mode(&self, image: &ResolvedImage) -> Result<bool, Error> {
+        let mut seen = BTreeMap::new();
+        for layer in image.layers.iter().rev() {
+            let decided = SHELL_HELPER_DIRS.len() * 2;
+            if seen.len() == decided {
+                break;
+            }
+            let shown = image.pinned_reference();
+            let descriptor = layer.clone();
+            let media_type = layer.media_type.clone();
+            let mut layer_seen = seen.clone();
+            seen = self
+                .with_blob(image, &descriptor, move |blob| {
+                    let reader = decompressor(&media_type, Box::new(blob)).ok_or_else(|| {
+                        Error::UnsupportedMediaType {
+                            reference: shown.clone(),
+                            what: "layer".into(),
+                            media_type: media_type.clone(),
+                        }
+                    })?;
+                    let reader =
+                        reader.map_err(|e| Error::Internal(format!("{shown}: opening a layer: {e}")))?;
+                    scan_layer(reader, &mut layer_seen)
+                        .map_err(|e| Error::Internal(format!("{shown}: reading a layer's tar: {e}")))?;
+                    Ok(layer_seen)
+                })
+                .await?;
+        }
+        Ok(has_init_helpers(&seen))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(entries: &[(&str, u32)]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (path, mode) in entries {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(0);
+            header.set_mode(*mode);
+            header.set_entry_type(tar::EntryType::Regular);
+            builder
+                .append_data(&mut header, path, std::io::empty())
+                .expect("append");
+        }
+        builder.into_inner().expect("finish")
+    }
+
+    fn scan(layers_top_first: &[Vec<u8>]) -> bool {
+        let mut seen = BTreeMap::new();
+        for tar in layers_top_first {
+            scan_layer(tar.as_slice(), &mut seen).expect("scan");
+        }
+        has_init_helpers(&seen)
+    }
+
+    #[test]
+    fn both_helpers_executable_is_init() {
+        let base = layer(&[
+            ("bin/walt-image-shell-start", 0o755),
+            ("./bin/walt-image-shell-shutdown", 0o755),
+        ]);
+        assert!(scan(&[base]));
+    }
+
+    #[test]
+    fn merged_usr_helpers_are_found() {
+        let base = layer(&[
+            ("usr/bin/walt-image-shell-start", 0o755),
+            ("usr/bin/walt-image-shell-shutdown", 0o700),
+        ]);
+        assert!(scan(&[base]));
+    }
+
+    #[test]
+    fn one_missing_or_not_executable_is_basic() {
+        assert!(!scan(&[layer(&[("bin/walt-image-shell-start", 0o755)])]));
+        assert!(!scan(&[layer(&[
+            ("bin/walt-image-shell-start", 0o755),
+            ("bin/walt-image-shell-shutdown", 0o644),
+        ])]));
+    }
+
+    #[test]
+    fn a_whiteout_above_hides_a_helper_below() {
+        let base = layer(&[
+            ("bin/walt-image-shell-start", 0o755),
+            ("bin/walt-image-shell-shutdown", 0o755),
+        ]);
+        let top = layer(&[("bin/.wh.walt-image-shell-start", 0o644)]);
+        assert!(!scan(&[top, base]));
+    }
+
+    #[test]
+    fn a_helper_added_above_completes_init() {
+        let base = layer(&[("bin/walt-image-shell-start", 0o755)]);
+        let top = layer(&[("bin/walt-image-shell-shutdown", 0o755)]);
+        assert!(scan(&[top, base]));
+    }
+}

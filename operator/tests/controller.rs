@@ -118,6 +118,23 @@ impl Operator {
         }
     }
 
+    /// An operator that reaches the sshd `node` (its proxy command), probes
+    /// every 2 s, and is ready.
+    fn for_node(
+        cluster: &Cluster,
+        namespace: &str,
+        identity: &str,
+        node: &walt_tests::sshnode::SshNode,
+        extra: &[&str],
+    ) -> Operator {
+        let proxy = node.proxy_command();
+        let mut args = vec!["--node-proxy-command", proxy.as_str(), "--probe-interval", "2s"];
+        args.extend_from_slice(extra);
+        let operator = Operator::start(cluster, namespace, identity, &args);
+        operator.wait_ready(Duration::from_mins(1));
+        operator
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -492,18 +509,7 @@ fn virtual_node_gets_pod_service_claim_and_is_recreated_when_its_image_moves() {
         within,
         &operator,
     );
-    let events = kubectl(
-        cluster,
-        &namespace,
-        &[
-            "get",
-            "events",
-            "--field-selector",
-            "involvedObject.name=vn1",
-            "-o",
-            "jsonpath={.items[*].reason}",
-        ],
-    );
+    let events = event_reasons(cluster, &namespace, "vn1");
     assert!(events.contains("Booting"), "events: {events}");
 
     // The image is overwritten (its digest moves): the virtual node reboots on it.
@@ -529,6 +535,47 @@ fn virtual_node_gets_pod_service_claim_and_is_recreated_when_its_image_moves() {
         &["get", "pod/walt-node-vn1", "-o", "jsonpath={.metadata.uid}"],
     );
     assert_ne!(uid_before.trim(), uid_after.trim(), "the pod was recreated");
+
+    // `kubectl walt node reboot` sets the request annotation: the pod is recreated once.
+    let requested = "2026-11-22T10:00:00Z";
+    kubectl(
+        cluster,
+        &namespace,
+        &[
+            "annotate",
+            "node.walt.dev/vn1",
+            &format!("walt.dev/reboot-requested-at={requested}"),
+        ],
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "node.walt.dev/vn1",
+        "{.metadata.annotations.walt\\.dev/reboot-handled-at}",
+        requested,
+        within,
+        &operator,
+    );
+    let deadline = Instant::now() + within;
+    let uid_rebooted = loop {
+        let uid = jsonpath(cluster, &namespace, "pod/walt-node-vn1", "{.metadata.uid}");
+        if !uid.is_empty() && uid != uid_after.trim() {
+            break uid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pod was not recreated; log:\n{}",
+            operator.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    // Handled once: further reconciles keep this pod.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        jsonpath(cluster, &namespace, "pod/walt-node-vn1", "{.metadata.uid}"),
+        uid_rebooted,
+        "one reboot per request"
+    );
     let metrics = operator.get("/metrics").expect("metrics").1;
     assert!(
         metrics.contains("walt_reconciles_total{kind=\"Node\"}"),
@@ -585,18 +632,7 @@ fn physical_node_is_probed_its_host_key_recorded_then_enforced_and_rebooted_when
     let node = walt_tests::sshnode::SshNode::busybox()
         .expect("start an sshd node (needs root, openssh-server, socat, iproute2)");
     let namespace = tenant_with_key(cluster, "op-phys", &node.client_key());
-    let operator = Operator::start(
-        cluster,
-        &namespace,
-        "phys-test",
-        &[
-            "--node-proxy-command",
-            &node.proxy_command(),
-            "--probe-interval",
-            "2s",
-        ],
-    );
-    operator.wait_ready(Duration::from_mins(1));
+    let operator = Operator::for_node(cluster, &namespace, "phys-test", &node, &[]);
     let reference = format!("127.0.0.1:1/lab/{namespace}/debian:latest");
     apply(
         cluster,
@@ -672,6 +708,74 @@ fn physical_node_is_probed_its_host_key_recorded_then_enforced_and_rebooted_when
     );
     let events = event_reasons(cluster, &namespace, "rpi1");
     assert!(events.contains("Rebooting"), "events: {events}");
+}
+
+/// `kubectl walt node reboot` on a physical node: the operator reboots it
+/// over SSH once (the fixture's sshd, PID 1 of the node, is gone), records
+/// the request as handled and says so in an Event.
+#[test]
+fn physical_node_reboots_once_when_asked() {
+    let cluster = cluster();
+    let mut node = walt_tests::sshnode::SshNode::busybox()
+        .expect("start an sshd node (needs root, openssh-server, socat, iproute2)");
+    let namespace = tenant_with_key(cluster, "op-reboot", &node.client_key());
+    let operator = Operator::for_node(cluster, &namespace, "reboot-test", &node, &[]);
+    apply(
+        cluster,
+        &namespace,
+        &format!(
+            "apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {{name: rpi1}}\n\
+             spec: {{model: rpi-4-b, address: \"{}\", sshPort: 22}}\n",
+            node.address()
+        ),
+    );
+    let within = Duration::from_mins(1);
+    wait_for(
+        cluster,
+        &namespace,
+        "node.walt.dev/rpi1",
+        "{.status.phase}",
+        "Ready",
+        within,
+        &operator,
+    );
+    assert!(node.is_running());
+    let requested = "2026-11-22T10:00:00Z";
+    kubectl(
+        cluster,
+        &namespace,
+        &[
+            "annotate",
+            "node.walt.dev/rpi1",
+            &format!("walt.dev/reboot-requested-at={requested}"),
+        ],
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "node.walt.dev/rpi1",
+        "{.metadata.annotations.walt\\.dev/reboot-handled-at}",
+        requested,
+        within,
+        &operator,
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while node.is_running() {
+        assert!(
+            Instant::now() < deadline,
+            "the node did not reboot; log:\n{}",
+            operator.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_event(
+        cluster,
+        &namespace,
+        "rpi1",
+        "Rebooting",
+        &format!("reboot requested at {requested}"),
+        &operator,
+    );
 }
 
 /// An Image is resolved at a real registry: digest as skopeo pushed it, node
@@ -841,6 +945,34 @@ fn event_reasons(cluster: &Cluster, namespace: &str, name: &str) -> String {
     )
 }
 
+/// Waits for an Event about object `name` with `reason` whose message contains `text`.
+fn wait_event(cluster: &Cluster, namespace: &str, name: &str, reason: &str, text: &str, operator: &Operator) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let messages = kubectl(
+            cluster,
+            namespace,
+            &[
+                "get",
+                "events",
+                "--field-selector",
+                &format!("involvedObject.name={name},reason={reason}"),
+                "-o",
+                "jsonpath={.items[*].message}",
+            ],
+        );
+        if messages.contains(text) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {reason} Event about {name} saying {text:?} (have: {messages:?}); log:\n{}",
+            operator.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 /// A lab for node saves: a registry holding the base image `debian` of the
 /// tenant, an sshd node booted from it, an operator, the Image and the Node
 /// (Ready, booted digest recorded).
@@ -863,20 +995,7 @@ impl SaveLab {
             .push("base", &registry, &format!("lab/{namespace}/debian:latest"))
             .expect("skopeo copy the base image to the registry");
         let lab = format!("{}/lab", registry.host());
-        let operator = Operator::start(
-            cluster,
-            &namespace,
-            "save",
-            &[
-                "--lab-registry",
-                &lab,
-                "--node-proxy-command",
-                &node.proxy_command(),
-                "--probe-interval",
-                "2s",
-            ],
-        );
-        operator.wait_ready(Duration::from_mins(1));
+        let operator = Operator::for_node(cluster, &namespace, "save", &node, &["--lab-registry", &lab]);
         apply(
             cluster,
             &namespace,

@@ -14,8 +14,19 @@ use walt_crds::{
 
 use super::context::Context;
 use super::error::{Error, Result};
-use super::node_reconcile::{BootTarget, condition as set, needs_reboot};
+use super::node_reconcile::{
+    BootTarget, condition as set, mark_reboot_handled, needs_reboot, pending_reboot_request, rebooting_event,
+};
 use crate::ssh::{ClientConfig, HostKeyPolicy, NodeClient, NodeTarget, SshError, Transport};
+
+/// Reboots a node over SSH, detached, so the session ends cleanly first.
+async fn reboot(client: &NodeClient, ssh_target: &NodeTarget) -> Result<()> {
+    client
+        .exec("(sleep 1; reboot) >/dev/null 2>&1 </dev/null &")
+        .await
+        .map(|_| ())
+        .map_err(|error| Error::Ssh(format!("cannot reboot {ssh_target}: {error}")))
+}
 
 /// How long to wait before probing again (pure): the probe interval while
 /// the node answers; growing with the time it has been unreachable (a
@@ -148,6 +159,21 @@ pub async fn reconcile_physical(
         format!("reached {ssh_target}"),
     );
     status.last_seen = Some(Time(Timestamp::now()));
+    if let Some(requested) = pending_reboot_request(node) {
+        let rebooted = reboot(&client, &ssh_target).await;
+        client.close().await;
+        rebooted?;
+        mark_reboot_handled(context, node, &requested).await?;
+        rebooting_event(
+            context,
+            node,
+            format!("reboot requested at {requested}: rebooting over SSH"),
+        )
+        .await;
+        status.phase = NodePhase::Rebooting;
+        context.apply_status(&nodes, &name, &status).await?;
+        return Ok(Action::requeue(Duration::from_secs(10)));
+    }
     let marker = &node.spec.overlay.ready_marker;
     let booted = client
         .exec(&format!("test -e '{}'", marker.replace('\'', "")))
@@ -178,22 +204,16 @@ pub async fn reconcile_physical(
     let mut delay = interval;
     match &target {
         Some(target) if needs_reboot(status.booted_image.as_ref(), target) => {
-            let reboot = client
-                .exec("(sleep 1; reboot) >/dev/null 2>&1 </dev/null &")
-                .await;
-            if let Err(error) = reboot {
+            if let Err(error) = reboot(&client, &ssh_target).await {
                 client.close().await;
-                return Err(Error::Ssh(format!("cannot reboot {ssh_target}: {error}")));
+                return Err(error);
             }
-            context
-                .event(
-                    node,
-                    EventType::Normal,
-                    "Rebooting",
-                    "Reboot",
-                    format!("rebooting to boot {} ({})", target.name, target.digest),
-                )
-                .await;
+            rebooting_event(
+                context,
+                node,
+                format!("rebooting to boot {} ({})", target.name, target.digest),
+            )
+            .await;
             status.phase = NodePhase::Rebooting;
             status.booted_image = Some(ImageDigestRef {
                 name: Some(target.name.clone()),

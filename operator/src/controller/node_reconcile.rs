@@ -30,6 +30,48 @@ use super::node::{
 /// reboot the nodes that boot it (a NodeSave with `rebootNodes: false`).
 pub const NO_REBOOT_ANNOTATION: &str = "walt.dev/no-reboot-digest";
 
+/// Annotation a user (`kubectl walt node reboot`) sets to ask for a reboot;
+/// its value (when it was asked, RFC 3339) changes with each request.
+pub const REBOOT_REQUESTED_ANNOTATION: &str = "walt.dev/reboot-requested-at";
+/// Annotation the operator sets to the [`REBOOT_REQUESTED_ANNOTATION`] value
+/// it has handled, so each request reboots the node once.
+pub const REBOOT_HANDLED_ANNOTATION: &str = "walt.dev/reboot-handled-at";
+
+/// The reboot request not handled yet, if any (pure): a new value of
+/// [`REBOOT_REQUESTED_ANNOTATION`] that [`REBOOT_HANDLED_ANNOTATION`] does not hold.
+pub fn pending_reboot_request(node: &Node) -> Option<String> {
+    let annotations = node.annotations();
+    let requested = annotations.get(REBOOT_REQUESTED_ANNOTATION)?.trim();
+    let handled = annotations
+        .get(REBOOT_HANDLED_ANNOTATION)
+        .map(|value| value.trim());
+    (!requested.is_empty() && handled != Some(requested)).then(|| requested.to_owned())
+}
+
+/// Records that the reboot request `value` was handled (a merge patch of one
+/// annotation: the user's own annotation is left as it is).
+pub async fn mark_reboot_handled(context: &Context, node: &Node, value: &str) -> Result<()> {
+    let namespace = node.namespace().unwrap_or_default();
+    let name = node.name_any();
+    let patch = serde_json::json!({"metadata": {"annotations": {REBOOT_HANDLED_ANNOTATION: value}}});
+    Api::<Node>::namespaced(context.client.clone(), &namespace)
+        .patch(
+            &name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .context(|| format!("recording the handled reboot request of Node {namespace}/{name}"))?;
+    Ok(())
+}
+
+/// Publishes the `Rebooting` Event of a node.
+pub async fn rebooting_event(context: &Context, node: &Node, note: String) {
+    context
+        .event(node, EventType::Normal, "Rebooting", "Reboot", note)
+        .await;
+}
+
 /// The image a node should boot now: its name and exact digest.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BootTarget {
@@ -250,30 +292,37 @@ async fn reconcile_virtual(
             .registry_plain_http
             .then_some(registry_host.as_str()),
     };
-    let pod = match existing {
-        Some(pod) if pod_needs_recreate(&pod, &target.pinned) && needs_reboot(booted.as_ref(), &target) => {
+    let requested = pending_reboot_request(node);
+    let reboot_note = match (&existing, &requested) {
+        (Some(_), Some(requested)) => Some(format!(
+            "reboot requested at {requested}: recreating the virtual node pod"
+        )),
+        (Some(pod), None)
+            if pod_needs_recreate(pod, &target.pinned) && needs_reboot(booted.as_ref(), &target) =>
+        {
+            Some(format!(
+                "recreating the virtual node pod to boot {} ({})",
+                target.name, target.digest
+            ))
+        }
+        _ => None,
+    };
+    let pod = match (existing, reboot_note) {
+        (Some(pod), Some(note)) => {
             if pod.metadata.deletion_timestamp.is_none() {
                 pods.delete(&pod_name, &DeleteParams::default())
                     .await
-                    .context(|| format!("deleting Pod {pod_name} to boot {}", target.pinned))?;
-                context
-                    .event(
-                        node,
-                        EventType::Normal,
-                        "Rebooting",
-                        "Reboot",
-                        format!(
-                            "recreating the virtual node pod to boot {} ({})",
-                            target.name, target.digest
-                        ),
-                    )
-                    .await;
+                    .context(|| format!("deleting Pod {pod_name} to reboot the virtual node"))?;
+                rebooting_event(context, node, note).await;
+            }
+            if let Some(requested) = &requested {
+                mark_reboot_handled(context, node, requested).await?;
             }
             status.phase = NodePhase::Rebooting;
             None
         }
-        Some(pod) => Some(pod),
-        None => {
+        (Some(pod), None) => Some(pod),
+        (None, _) => {
             let created = context.apply(&pods, &build_vnode_pod(node, &inputs)).await?;
             context
                 .event(
@@ -353,6 +402,31 @@ mod tests {
             name: Some(name.into()),
             digest: Some(digest.into()),
         }
+    }
+
+    #[test]
+    fn reboot_requests_are_handled_once_per_value() {
+        let mut node = Node::new("rpi1", walt_crds::NodeSpec::default());
+        assert_eq!(pending_reboot_request(&node), None);
+        node.annotations_mut()
+            .insert(REBOOT_REQUESTED_ANNOTATION.into(), "2026-11-22T10:00:00Z".into());
+        assert_eq!(
+            pending_reboot_request(&node).as_deref(),
+            Some("2026-11-22T10:00:00Z")
+        );
+        node.annotations_mut()
+            .insert(REBOOT_HANDLED_ANNOTATION.into(), "2026-11-22T10:00:00Z".into());
+        assert_eq!(pending_reboot_request(&node), None, "handled: no second reboot");
+        node.annotations_mut()
+            .insert(REBOOT_REQUESTED_ANNOTATION.into(), "2026-11-22T10:05:00Z".into());
+        assert_eq!(
+            pending_reboot_request(&node).as_deref(),
+            Some("2026-11-22T10:05:00Z"),
+            "a new request reboots again"
+        );
+        node.annotations_mut()
+            .insert(REBOOT_REQUESTED_ANNOTATION.into(), "  ".into());
+        assert_eq!(pending_reboot_request(&node), None);
     }
 
     #[test]

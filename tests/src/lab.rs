@@ -386,11 +386,16 @@ fn manifest_matches(layout: &Path, remote: &str, manifest: &str) -> bool {
 
 /// The values the lab (and the journey test) install the chart with; `api_server` (`HOST:PORT`) is where
 /// pods reach the API server when the cluster has no Service proxy (the harness's cluster).
-pub fn lab_values(registry: &str, persistence: bool, api_server: Option<&str>) -> String {
+pub fn lab_values(
+    registry: &str,
+    lab_registry: &LabRegistry,
+    persistence: bool,
+    api_server: Option<&str>,
+) -> String {
     let mut values = format!(
-        "image:\n  repository: {registry}/walt/operator\n  tag: lab\n  pullPolicy: Always\n\
-         registry:\n  embedded:\n    image:\n      repository: {registry}/walt/registry\n      tag: lab\n      pullPolicy: Always\n    persistence:\n      enabled: {persistence}\n\
-         operator:\n  logLevel: info,walt_operator=debug\n"
+        "image:\n  repository: {registry}/walt/operator\n  tag: lab\n  pullPolicy: Always\n{}\
+         operator:\n  logLevel: info,walt_operator=debug\n",
+        lab_registry.values(registry, persistence)
     );
     if let Some((host, port)) = api_server.and_then(|address| address.rsplit_once(':')) {
         let _ = write!(
@@ -459,13 +464,24 @@ pub fn has_default_storage_class(kube: &Kube) -> bool {
 }
 
 /// Installs or upgrades the chart unless the same chart and values are already deployed.
-fn ensure_release(kube: &Kube, state: &mut State, registry: &str, image_digest: &str) -> Result<(), Error> {
+fn ensure_release(
+    kube: &Kube,
+    state: &mut State,
+    registry: &str,
+    lab_registry: &LabRegistry,
+    image_digest: &str,
+) -> Result<(), Error> {
     let api_server = if state.started_cluster {
         harness_api_server(&kube.kubeconfig)
     } else {
         None
     };
-    let values = lab_values(registry, has_default_storage_class(kube), api_server.as_deref());
+    let values = lab_values(
+        registry,
+        lab_registry,
+        has_default_storage_class(kube),
+        api_server.as_deref(),
+    );
     let hash = release_hash(&values, image_digest)?;
     let deployed = run(kube
         .helm()?
@@ -718,13 +734,13 @@ pub fn push_demo_image(arch: Arch, reference: &str, creds: Option<&str>) -> Resu
 }
 
 /// Builds and pushes the demo images into the lab registry through a port-forward, when missing.
-fn ensure_demo_images(kube: &Kube) -> Result<(), Error> {
-    let forward = PortForward::start(kube, SYSTEM_NAMESPACE, &format!("{RELEASE}-registry"), 5000)?;
-    let creds = registry_creds(kube)?;
-    for arch in Arch::ALL {
-        push_demo_image(arch, &demo_reference(&forward.address, arch), Some(&creds))?;
-    }
-    Ok(())
+fn ensure_demo_images(kube: &Kube, lab_registry: &LabRegistry) -> Result<(), Error> {
+    lab_registry.with_access(kube, |address, creds| {
+        for arch in Arch::ALL {
+            push_demo_image(arch, &demo_reference(address, arch), creds)?;
+        }
+        Ok(())
+    })
 }
 
 /// The lab's walt objects: two Images and one virtual Node.
@@ -745,9 +761,67 @@ pub fn lab_objects(cluster_registry: &str) -> String {
     yaml
 }
 
-/// The in-cluster address of the lab registry.
-pub fn cluster_registry() -> String {
-    format!("{RELEASE}-registry.{SYSTEM_NAMESPACE}.svc:5000")
+/// Where the lab keeps its OS images, as pods and as this machine reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LabRegistry {
+    /// The chart's embedded registry: pods use its Service name (cluster DNS), this machine a
+    /// port-forward and the generated credentials.
+    Embedded,
+    /// The harness cluster's node registry, anonymous: pods reach it at the node address (the harness
+    /// runs no cluster DNS), this machine on loopback.
+    HarnessNode {
+        /// `NODE_IP:PORT`.
+        for_pods: String,
+        /// `127.0.0.1:PORT`.
+        from_here: String,
+    },
+}
+
+impl LabRegistry {
+    /// The harness cluster's node registry (`127.0.0.1:PORT`, as `cargo xtask cluster up` prints it).
+    pub fn harness(node_registry: &str) -> Self {
+        LabRegistry::HarnessNode {
+            for_pods: crate::k8s::node::registry_for_pods(node_registry),
+            from_here: node_registry.to_owned(),
+        }
+    }
+
+    /// `HOST:PORT` of the lab registry as pods (the operator, shells, nodes) reach it.
+    pub fn for_pods(&self) -> String {
+        match self {
+            LabRegistry::Embedded => format!("{RELEASE}-registry.{SYSTEM_NAMESPACE}.svc:5000"),
+            LabRegistry::HarnessNode { for_pods, .. } => for_pods.clone(),
+        }
+    }
+
+    /// The chart values that point walt at this registry.
+    fn values(&self, image_registry: &str, persistence: bool) -> String {
+        match self {
+            LabRegistry::Embedded => format!(
+                "registry:\n  embedded:\n    image:\n      repository: {image_registry}/walt/registry\n      tag: lab\n      pullPolicy: Always\n    persistence:\n      enabled: {persistence}\n"
+            ),
+            LabRegistry::HarnessNode { for_pods, .. } => format!(
+                "registry:\n  embedded:\n    enabled: false\n  external: \"{for_pods}\"\n  insecure: true\n"
+            ),
+        }
+    }
+
+    /// Runs `push(registry address from here, credentials)` against the lab registry.
+    pub fn with_access<T>(
+        &self,
+        kube: &Kube,
+        push: impl FnOnce(&str, Option<&str>) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        match self {
+            LabRegistry::Embedded => {
+                let forward =
+                    PortForward::start(kube, SYSTEM_NAMESPACE, &format!("{RELEASE}-registry"), 5000)?;
+                let creds = registry_creds(kube)?;
+                push(&forward.address, Some(&creds))
+            }
+            LabRegistry::HarnessNode { from_here, .. } => push(from_here, None),
+        }
+    }
 }
 
 /// `cargo xtask lab up`.
@@ -786,10 +860,15 @@ pub fn up(options: &UpOptions) -> Result<(), Error> {
     let image_digest = ensure_walt_image(&image_registry, options.all_arches)?;
     ensure_registry_image(&image_registry)?;
     // 3. The chart.
-    ensure_release(&kube, &mut state, &image_registry, &image_digest)?;
+    let lab_registry = if state.started_cluster {
+        LabRegistry::harness(&image_registry)
+    } else {
+        LabRegistry::Embedded
+    };
+    ensure_release(&kube, &mut state, &image_registry, &lab_registry, &image_digest)?;
     // 4. Demo images in the lab registry, Images and a virtual node.
-    ensure_demo_images(&kube)?;
-    let applied = kube.apply(&lab_objects(&cluster_registry()))?;
+    ensure_demo_images(&kube, &lab_registry)?;
+    let applied = kube.apply(&lab_objects(&lab_registry.for_pods()))?;
     for line in applied.lines() {
         eprintln!("lab: {line}");
     }

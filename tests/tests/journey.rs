@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use walt_tests::deploy::{self, run};
 use walt_tests::image_build::Arch;
 use walt_tests::k8s::{Cluster, ClusterOptions, cluster_tier_skip_reason};
-use walt_tests::lab::{self, Kube, PortForward};
+use walt_tests::lab::{self, Kube, LabRegistry};
 
 const NS: &str = "journey";
 
@@ -280,17 +280,22 @@ fn shell_quote(text: &str) -> String {
 }
 
 /// skopeo + umoci read the saved image and see the same files as the node.
-fn check_with_skopeo_and_umoci(kube: &Kube) {
-    let forward = PortForward::start(kube, lab::SYSTEM_NAMESPACE, "walt-registry", 5000)
-        .expect("port-forward registry");
-    let creds = lab::registry_creds(kube).expect("registry credentials");
+fn check_with_skopeo_and_umoci(kube: &Kube, lab_registry: &LabRegistry) {
     let dir = tempfile::tempdir().expect("tempdir");
     let layout = dir.path().join("oci");
-    run(Command::new("skopeo")
-        .args(["copy", "--src-tls-verify=false", &format!("--src-creds={creds}")])
-        .arg(format!("docker://{}/walt/{NS}/saved:latest", forward.address))
-        .arg(format!("oci:{}:saved", layout.display())))
-    .expect("skopeo copy of the saved image");
+    lab_registry
+        .with_access(kube, |address, creds| {
+            let mut copy = Command::new("skopeo");
+            copy.args(["copy", "--src-tls-verify=false"]);
+            if let Some(creds) = creds {
+                copy.arg(format!("--src-creds={creds}"));
+            }
+            run(copy
+                .arg(format!("docker://{address}/walt/{NS}/saved:latest"))
+                .arg(format!("oci:{}:saved", layout.display())))
+            .map_err(lab::Error::from)
+        })
+        .expect("skopeo copy of the saved image");
     let bundle = dir.path().join("bundle");
     run(Command::new("umoci")
         .args(["unpack", "--rootless", "--image"])
@@ -360,10 +365,12 @@ fn journey() {
     let node_registry = cluster.registry().expect("the cluster tier has a node registry");
     let kube = Kube::new(cluster.kubeconfig()).expect("kubectl");
 
-    // Install: the walt image and the registry image where the node pulls from, then the chart.
+    // The lab registry is the node's registry (pods reach it at the node address: the harness runs no
+    // cluster DNS for the embedded registry's Service name).
+    let lab_registry = LabRegistry::harness(&node_registry);
+    // Install: the walt image where the node pulls from, then the chart.
     let started = Instant::now();
     lab::ensure_walt_image(&node_registry, false).expect("build and push the walt image");
-    lab::ensure_registry_image(&node_registry).expect("build and push the registry image");
     eprintln!(
         "journey: images built and pushed in {:.0} s",
         started.elapsed().as_secs_f64()
@@ -375,6 +382,7 @@ fn journey() {
         &values,
         lab::lab_values(
             &node_registry,
+            &lab_registry,
             lab::has_default_storage_class(&kube),
             api_server.as_deref(),
         ),
@@ -389,7 +397,7 @@ fn journey() {
         .args(["-n", lab::SYSTEM_NAMESPACE, "--create-namespace", "-f"])
         .arg(&values))
     .expect("helm install");
-    for workload in ["deployment/walt-registry", "daemonset/walt-binfmt"] {
+    for workload in ["daemonset/walt-binfmt"] {
         if let Err(error) = run(kube.kubectl().args([
             "rollout",
             "status",
@@ -422,42 +430,23 @@ fn journey() {
         .unwrap_or_else(|e| e.to_string());
         format!("the operator does not run in its image ({error}); its log:\n{logs}")
     });
-    // Shell pods and virtual nodes reach the lab registry by its Service name: without cluster DNS they
-    // cannot, so the product part cannot go on (the harness's cluster runs no kube-dns today).
-    let stopped = stopped.or_else(|| {
-        run(kube.kubectl().args(["get", "service", "kube-dns", "-n", "kube-system"]))
-            .err()
-            .map(|error| {
-                format!(
-                    "the cluster has no DNS (no kube-system/kube-dns Service: {error}): pods cannot resolve the lab registry {}",
-                    lab::cluster_registry()
-                )
-            })
-    });
-
     if let Some(reason) = stopped {
         eprintln!("JOURNEY STOPPED: {reason}");
     } else {
         // An upstream arm64 image to clone, in the lab registry (the only registry the pods reach here).
-        let upstream = {
-            let forward = PortForward::start(&kube, lab::SYSTEM_NAMESPACE, "walt-registry", 5000)
-                .expect("port-forward");
-            let creds = lab::registry_creds(&kube).expect("creds");
-            lab::push_demo_image(
-                Arch::Arm64,
-                &format!("{}/upstream/busybox:arm64", forward.address),
-                Some(&creds),
-            )
+        let upstream = lab_registry
+            .with_access(&kube, |address, creds| {
+                lab::push_demo_image(Arch::Arm64, &format!("{address}/upstream/busybox:arm64"), creds)
+            })
+            .map(|()| format!("{}/upstream/busybox:arm64", lab_registry.for_pods()))
             .expect("push the upstream arm64 image");
-            format!("{}/upstream/busybox:arm64", lab::cluster_registry())
-        };
         run(kube.kubectl().args(["create", "namespace", NS])).expect("namespace");
         let journey = Journey {
             kube: &kube,
             plugin: plugin(),
         };
         match journey.product(&upstream) {
-            Ok(()) => check_with_skopeo_and_umoci(&kube),
+            Ok(()) => check_with_skopeo_and_umoci(&kube, &lab_registry),
             Err(Missing(what)) => eprintln!("JOURNEY STOPPED: {what}"),
         }
     }

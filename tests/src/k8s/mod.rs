@@ -598,6 +598,11 @@ impl Cluster {
         self.node.as_ref().map(node::Node::registry)
     }
 
+    /// The same registry as pods reach it (`NODE_IP:PORT`; cluster tier only).
+    pub fn registry_for_pods(&self) -> Option<String> {
+        self.node.as_ref().map(node::Node::registry_for_pods)
+    }
+
     /// The name of the node (cluster tier only).
     pub fn node_name(&self) -> Option<&str> {
         self.node.as_ref().map(|_| node::NODE_NAME)

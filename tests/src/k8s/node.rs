@@ -6,9 +6,10 @@
 //!   it (the API server must reach the kubelet at the node address, pods must reach the API server).
 //!   The node address is 10.200.0.2 on a bridge device `walt0`, pods get 10.244.0.0/24 on `cni0`:
 //!   these addresses exist only inside the namespace, which has no default route: nothing in it
-//!   can send traffic elsewhere. The API server and the registry listen on
-//!   127.0.0.1 inside it and are bridged to the same port on the host's 127.0.0.1 (socat through a
-//!   Unix socket), so one URL works from both sides.
+//!   can send traffic elsewhere. The API server and the registry listen inside it (the registry on
+//!   every address of the namespace, so pods reach it at the node address: the harness runs no
+//!   cluster DNS) and are bridged to the same port on the host's 127.0.0.1 (socat through a Unix
+//!   socket), so one URL works from the host and the node.
 //! - containerd, the kubelet and the pods' sandboxes share a private mount namespace (held by a
 //!   `sleep` process): their mounts (overlay roots, volumes, pod network namespace files, on a
 //!   tmpfs over `/run/netns`) never appear on the host and vanish with it. In it, the six kernel
@@ -47,6 +48,12 @@ const KUBELET_SYSCTLS: [(&str, &str); 6] = [
     ("kernel/keys/root_maxkeys", "1000000"),
     ("kernel/keys/root_maxbytes", "25000000"),
 ];
+
+/// The node registry `127.0.0.1:PORT` (as the host and the node see it) as pods see it: `NODE_IP:PORT`.
+pub fn registry_for_pods(registry: &str) -> String {
+    let port = registry.rsplit_once(':').map_or(registry, |(_, port)| port);
+    format!("{NODE_IP}:{port}")
+}
 
 /// Checks that this machine can run the cluster tier; the error says what is missing.
 pub fn check_available() -> Result<(), Error> {
@@ -237,6 +244,12 @@ impl Node {
         format!("127.0.0.1:{}", self.registry_port)
     }
 
+    /// `NODE_IP:PORT`: the same registry as pods reach it (it listens on every address of the node's
+    /// namespace, which exist only there). The harness runs no cluster DNS, so pods use the address.
+    pub fn registry_for_pods(&self) -> String {
+        registry_for_pods(&self.registry())
+    }
+
     fn holder_pid(&self) -> u32 {
         self.holder.as_ref().map_or(0, Daemon::pid)
     }
@@ -311,7 +324,7 @@ impl Node {
             &registry_config,
             &format!(
                 "version: 0.1\nlog: {{level: warn}}\nstorage: {{filesystem: {{rootdirectory: {}}}, \
-                 delete: {{enabled: true}}}}\nhttp: {{addr: 127.0.0.1:{}}}\n",
+                 delete: {{enabled: true}}}}\nhttp: {{addr: 0.0.0.0:{}}}\n",
                 self.dir.join("registry").display(),
                 self.registry_port
             ),

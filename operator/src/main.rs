@@ -27,7 +27,7 @@ enum Command {
     /// Relay users' SSH sessions to a node (the SSH gateway, one session; for tests and standalone use).
     Gateway(ssh::cli::GatewayArgs),
     /// Run an OS image as a virtual WalT node that serves SSH.
-    Vnode(ssh::cli::VnodeArgs),
+    Vnode(Box<ssh::vnode::Args>),
     /// Register the image's qemu-user handlers in the kernel (binfmt_misc), once per cluster node.
     Binfmt(binfmt::Args),
 }
@@ -44,7 +44,7 @@ fn main() {
         Command::Shell(args) => runtime::cli::run(args),
         Command::Save(args) => ssh::cli::run_save(args),
         Command::Gateway(args) => ssh::cli::run_gateway(args),
-        Command::Vnode(args) => ssh::cli::run_vnode(args),
+        Command::Vnode(args) => ssh::vnode::run(args),
         Command::Binfmt(args) => binfmt::run(args),
     };
     match outcome {

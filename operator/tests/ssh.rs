@@ -175,26 +175,30 @@ async fn start_gateway(node: &SshNode, work: &Path, ttl: Duration) -> GatewayUnd
 
 impl GatewayUnderTest {
     fn ssh(&self, user: &str) -> Command {
-        let mut command = Command::new("ssh");
-        command
-            .args([
-                "-F",
-                "/dev/null",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-                "-o",
-                "StrictHostKeyChecking=yes",
-            ])
-            .args(["-o", "LogLevel=ERROR", "-i"])
-            .arg(&self.user_key)
-            .arg("-o")
-            .arg(format!("UserKnownHostsFile={}", self.known_hosts.display()))
-            .args(["-p", &self.address.port().to_string()])
-            .arg(format!("{user}@127.0.0.1"));
-        command
+        openssh(&self.user_key, &self.known_hosts, self.address.port(), user)
     }
+}
+
+/// OpenSSH's `ssh` to `user@127.0.0.1:port` with one identity, the host key checked against
+/// `known_hosts`, no user configuration.
+fn openssh(identity: &Path, known_hosts: &Path, port: u16, user: &str) -> Command {
+    let mut command = Command::new("ssh");
+    command
+        .args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+        ])
+        .args(["-o", "StrictHostKeyChecking=yes", "-o", "LogLevel=ERROR", "-i"])
+        .arg(identity)
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+        .args(["-p", &port.to_string()])
+        .arg(format!("{user}@127.0.0.1"));
+    command
 }
 
 fn run(mut command: Command) -> std::process::Output {
@@ -617,4 +621,474 @@ rm /etc/group",
     let pinned = skopeo_umoci_unpack(&registry, &format!("lab/saved@{digest}"), pinned_work.path())
         .expect("unpack by digest");
     assert!(pinned.join("srv/created").is_file());
+}
+
+// ---------------------------------------------------------------------------
+// Virtual nodes (`walt-operator vnode`).
+
+/// The binary under test (`WALT_OPERATOR_BIN` overrides Cargo's, e.g. to a private copy).
+fn walt_operator() -> String {
+    std::env::var("WALT_OPERATOR_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_walt-operator").to_string())
+}
+
+/// A running `walt-operator vnode`, stopped with SIGTERM (then SIGKILL) when dropped.
+struct Vnode {
+    child: std::process::Child,
+    port: u16,
+    host_key: String,
+    log: PathBuf,
+}
+
+impl Vnode {
+    fn start(image: &str, name: &str, registry: &str, work: &Path, persist: Option<&Path>) -> Vnode {
+        let log = work.join(format!("vnode-{name}.log"));
+        let mut command = Command::new(walt_operator());
+        command
+            .args(["vnode", "--image", image, "--name", name, "--authorized-keys"])
+            .arg(work.join("authorized_keys"))
+            .args(["--listen", "127.0.0.1:0", "--insecure-registry", registry])
+            .arg("--cache-dir")
+            .arg(work.join("cache"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap());
+        if let Some(persist) = persist {
+            command.arg("--persist").arg(persist);
+        }
+        let mut child = command.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (lines, ready) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = lines.send(line);
+            }
+        });
+        let line = ready.recv_timeout(Duration::from_mins(2)).unwrap_or_else(|_| {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "vnode {name} did not get ready; its log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
+        assert!(line.starts_with("vnode ready:"), "{line}");
+        let address = line
+            .split(" listening on ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap();
+        let port = address.rsplit(':').next().unwrap().parse().unwrap();
+        let host_key = line.split(" host key ").nth(1).unwrap().trim().to_owned();
+        Vnode {
+            child,
+            port,
+            host_key,
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn target(&self) -> String {
+        format!("root@127.0.0.1:{}", self.port)
+    }
+
+    /// OpenSSH's `ssh` to the node, host key checked.
+    fn ssh(&self, work: &Path) -> Command {
+        let known_hosts = work.join(format!("known_hosts-{}", self.port));
+        std::fs::write(
+            &known_hosts,
+            format!("[127.0.0.1]:{} {}\n", self.port, self.host_key),
+        )
+        .unwrap();
+        openssh(&work.join("user"), &known_hosts, self.port, "root")
+    }
+
+    /// Runs `script` in the node over OpenSSH; returns the output (panics on failure).
+    fn run(&self, work: &Path, script: &str) -> String {
+        let output = run({
+            let mut command = self.ssh(work);
+            command.arg(script);
+            command
+        });
+        assert!(
+            output.status.success(),
+            "`{script}` failed on the vnode: {}\n{}\nvnode log:\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr),
+            self.log()
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// SIGTERM, then waits (SIGKILL after 60 s); returns the exit status.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        for _ in 0..600 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Vnode {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.stop();
+        }
+    }
+}
+
+/// A user key pair in `work` (`user`, `user.pub`) authorized in `work/authorized_keys`.
+fn authorize_user(work: &Path) -> PathBuf {
+    let key = keygen(work, "user");
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    std::fs::write(work.join("authorized_keys"), format!("# the lab\n{public}")).unwrap();
+    key
+}
+
+/// Mount points in the host's mount table under `dir` (nothing of a node may stay mounted).
+fn mounts_under(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .filter(|mount_point| mount_point.starts_with(&*dir.to_string_lossy()))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `walt-operator save` of a vnode with the defaults (upper dir, ready marker, exclusions).
+fn save_vnode(node: &Vnode, work: &Path, base: &str, to: &str, registry: &str) -> std::process::Output {
+    let mut command = Command::new(walt_operator());
+    command
+        .args(["save", "--node", &node.target(), "--identity"])
+        .arg(work.join("user"))
+        .args(["--host-key", &node.host_key, "--base", base, "--to", to])
+        .args(["--insecure-registry", registry]);
+    run(command)
+}
+
+#[test]
+fn arm64_vnode_serves_ssh_and_its_changes_save_into_a_new_image() {
+    use walt_tests::images::{Arch, OciLayout, skopeo_inspect_config, skopeo_umoci_unpack};
+    let registry = walt_tests::registry::Registry::start().expect("registry");
+    let layout = OciLayout::busybox(Arch::Arm64).expect("arm64 busybox image");
+    layout
+        .push("base", &registry, "lab/busybox-arm64:base")
+        .expect("push the base");
+    let base = registry.reference("lab/busybox-arm64:base");
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path();
+    authorize_user(work);
+    let persist = work.join("persist");
+    let mut node = Vnode::start(&base, "vn-arm", &registry.host(), work, Some(&persist));
+    assert!(node.log().contains("through qemu-user"), "{}", node.log());
+
+    // Commands, output and exit codes, through OpenSSH.
+    assert_eq!(node.run(work, "uname -m; hostname").trim(), "aarch64\nvn-arm");
+    let output = run({
+        let mut command = node.ssh(work);
+        command.arg("echo out; echo err >&2; exit 3");
+        command
+    });
+    assert_eq!(output.status.code(), Some(3));
+    assert_eq!(output.stdout, b"out\n");
+    assert_eq!(output.stderr, b"err\n");
+    // Like a WalT node: booted marker, upper dir at WalT's path, /persist.
+    assert_eq!(
+        node.run(
+            work,
+            "test -s /run/uptime-ready && test -d /run/walt/rootfs/mnt/fs_rw && echo ok"
+        )
+        .trim(),
+        "ok"
+    );
+    // Large output and input through pipes.
+    let big = node.run(work, "head -c 3000000 /dev/zero | tr '\\0' x");
+    assert_eq!(big.len(), 3_000_000);
+    let mut counting = node.ssh(work);
+    counting.arg("wc -c").stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut child = counting.spawn().unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&vec![b'y'; 1_000_000]).unwrap();
+    }
+    let counted = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&counted.stdout).trim(), "1000000");
+
+    // Changes: created, modified, deleted, a directory deleted and recreated; /persist.
+    node.run(
+        work,
+        "set -e
+mkdir -p /srv && echo created > /srv/created
+echo 'walt:x:1000:1000::/:/bin/sh' >> /etc/passwd
+rm /etc/group
+rm -r /usr/sbin && mkdir /usr/sbin && echo only > /usr/sbin/only
+echo kept > /persist/file",
+    );
+    assert_eq!(std::fs::read(persist.join("file")).unwrap(), b"kept\n");
+
+    // Node save with the defaults finds the changes at WalT's upper dir path.
+    let saved = registry.reference("lab/busybox-arm64:saved");
+    let output = save_vnode(&node, work, &base, &saved, &registry.host());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}\nvnode log:\n{}", node.log());
+    assert!(stderr.contains("busybox tar"), "{stderr}");
+    let digest = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    assert!(digest.starts_with("sha256:"), "{digest}");
+
+    // Independent check: skopeo + umoci.
+    let check = tempfile::tempdir().unwrap();
+    let rootfs = skopeo_umoci_unpack(&registry, "lab/busybox-arm64:saved", check.path()).expect("unpack");
+    assert_eq!(std::fs::read(rootfs.join("srv/created")).unwrap(), b"created\n");
+    assert!(
+        std::fs::read_to_string(rootfs.join("etc/passwd"))
+            .unwrap()
+            .ends_with("walt:x:1000:1000::/:/bin/sh\n")
+    );
+    assert!(!rootfs.join("etc/group").exists(), "deleted file is gone");
+    let sbin: Vec<_> = std::fs::read_dir(rootfs.join("usr/sbin"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(sbin, ["only"], "the recreated directory hides the base's entries");
+    assert!(rootfs.join("bin/busybox").is_file(), "base files stay");
+    assert!(
+        !rootfs.join("persist/file").exists(),
+        "/persist is not part of the image"
+    );
+    let config = skopeo_inspect_config(&registry, "lab/busybox-arm64:saved").expect("config");
+    assert_eq!(config["architecture"], "arm64");
+
+    // A second node boots the saved image and finds every change, deletions included.
+    let second = Vnode::start(&saved, "vn-arm2", &registry.host(), work, None);
+    assert_eq!(
+        second.run(
+            work,
+            "cat /srv/created; tail -n 1 /etc/passwd; test -e /etc/group || echo group-gone; ls /usr/sbin; hostname"
+        ),
+        "created\nwalt:x:1000:1000::/:/bin/sh\ngroup-gone\nonly\nvn-arm2\n"
+    );
+    drop(second);
+
+    // A PTY through OpenSSH, then window changes and signals through our client.
+    let output = run({
+        let mut command = node.ssh(work);
+        command.args(["-tt", "tty; echo term=$TERM; exit 7"]);
+        command
+    });
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(7), "{text}");
+    assert!(text.contains("/dev/pts/") && text.contains("term="), "{text}");
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(pty_window_changes_and_signals(&node, work));
+
+    // SIGTERM: a clean stop, nothing left mounted or running.
+    let init: i32 = node
+        .log()
+        .split("PID 1 is ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap();
+    let status = node.stop();
+    assert!(
+        !Path::new(&format!("/proc/{init}")).exists(),
+        "the node's PID 1 is gone"
+    );
+    assert!(status.success(), "{status}\n{}", node.log());
+    assert!(mounts_under(work).is_empty(), "{:?}", mounts_under(work));
+    let sessions = work.join("cache/sessions");
+    let left: Vec<_> = std::fs::read_dir(&sessions)
+        .map(Iterator::count)
+        .into_iter()
+        .collect();
+    assert_eq!(left, [0], "state directories removed");
+}
+
+async fn pty_window_changes_and_signals(node: &Vnode, work: &Path) {
+    use russh::{ChannelMsg, Sig};
+    let config = ClientConfig::new(
+        client::load_key_file(&work.join("user")).unwrap(),
+        HostKeyPolicy::Pinned(client::parse_public_key(&node.host_key).unwrap()),
+    );
+    let client = NodeClient::connect(&node.target().parse().unwrap(), &config)
+        .await
+        .unwrap();
+    let mut channel = client.open_session().await.unwrap();
+    channel
+        .request_pty(true, "xterm", 80, 24, 0, 0, &[])
+        .await
+        .unwrap();
+    channel.request_shell(true).await.unwrap();
+    channel.data(&b"stty size\n"[..]).await.unwrap();
+    let mut seen = String::new();
+    let mut exit = None;
+    let mut read_until =
+        async |channel: &mut russh::Channel<russh::client::Msg>, needle: &str, seen: &mut String| {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while !seen.contains(needle) {
+                let message = tokio::time::timeout_at(deadline, channel.wait())
+                    .await
+                    .unwrap_or_else(|_| panic!("no {needle:?} from the node; got {seen:?}"));
+                match message {
+                    Some(ChannelMsg::Data { data }) => seen.push_str(&String::from_utf8_lossy(&data)),
+                    Some(ChannelMsg::ExitStatus { exit_status }) => exit = Some(exit_status),
+                    Some(_) => {}
+                    None => panic!("channel closed before {needle:?}; got {seen:?}"),
+                }
+            }
+        };
+    read_until(&mut channel, "24 80", &mut seen).await;
+    channel.window_change(100, 40, 0, 0).await.unwrap();
+    channel.data(&b"stty size\n"[..]).await.unwrap();
+    read_until(&mut channel, "40 100", &mut seen).await;
+    channel.data(&b"exit 5\n"[..]).await.unwrap();
+    while exit.is_none() {
+        match tokio::time::timeout(Duration::from_secs(30), channel.wait())
+            .await
+            .unwrap()
+        {
+            Some(ChannelMsg::ExitStatus { exit_status }) => exit = Some(exit_status),
+            Some(_) => {}
+            None => break,
+        }
+    }
+    assert_eq!(exit, Some(5), "{seen}");
+
+    // A signal ends the process; the client learns which one.
+    let mut channel = client.open_session().await.unwrap();
+    channel.exec(true, "echo started; exec sleep 60").await.unwrap();
+    let mut started = String::new();
+    while !started.contains("started") {
+        if let Some(ChannelMsg::Data { data }) = channel.wait().await {
+            started.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+    channel.signal(Sig::TERM).await.unwrap();
+    let mut signal = None;
+    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_secs(30), channel.wait()).await {
+        if let ChannelMsg::ExitSignal { signal_name, .. } = message {
+            signal = Some(signal_name);
+        }
+    }
+    assert!(matches!(signal, Some(Sig::TERM)), "{signal:?}");
+    client.close().await;
+}
+
+/// The manifest digest a tag points at, as skopeo sees it.
+fn skopeo_digest(reference: &str) -> String {
+    let output = Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", "--format", "{{.Digest}}"])
+        .arg(format!("docker://{reference}"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+#[test]
+fn vnode_killed_mid_save_fails_the_save_and_leaves_the_tag_alone() {
+    use walt_tests::images::{Arch, OciLayout};
+    let registry = walt_tests::registry::Registry::start().expect("registry");
+    let layout = OciLayout::busybox(Arch::Amd64).expect("busybox image");
+    layout
+        .push("base", &registry, "lab/busybox:base")
+        .expect("push the base");
+    layout
+        .push("base", &registry, "lab/busybox:target")
+        .expect("push the target");
+    let base = registry.reference("lab/busybox:base");
+    let target = registry.reference("lab/busybox:target");
+    let before = skopeo_digest(&target);
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path();
+    authorize_user(work);
+    let mut node = Vnode::start(&base, "vn-doomed", &registry.host(), work, None);
+    node.run(work, "head -c 300000000 /dev/urandom > /root/big");
+    let init: i32 = node
+        .log()
+        .split("PID 1 is ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap();
+
+    let mut save = Command::new(walt_operator())
+        .args(["save", "--node", &node.target(), "--identity"])
+        .arg(work.join("user"))
+        .args(["--host-key", &node.host_key, "--base", &base, "--to", &target])
+        .args(["--insecure-registry", &registry.host()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = save.stderr.take().unwrap();
+    let (progress, mebibytes) = std::sync::mpsc::channel::<String>();
+    let collected = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut buffer = [0u8; 4096];
+        while let Ok(n) = stderr.read(&mut buffer) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buffer[..n]);
+            let _ = progress.send(String::from_utf8_lossy(&all).into_owned());
+        }
+        String::from_utf8_lossy(&all).into_owned()
+    });
+    // Wait until the save is well under way (its progress line), then kill the node.
+    let deadline = std::time::Instant::now() + Duration::from_mins(2);
+    loop {
+        let text = mebibytes
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .expect("the save reports progress");
+        let moved = text
+            .rsplit('\r')
+            .find_map(|line| line.split(" MiB,").next()?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if moved >= 20.0 {
+            break;
+        }
+    }
+    node.child.kill().unwrap();
+    node.child.wait().unwrap();
+
+    let status = save.wait().unwrap();
+    let stderr = collected.join().unwrap();
+    assert!(!status.success(), "the save must fail: {stderr}");
+    assert!(
+        stderr.contains("dropped"),
+        "the error says the node dropped: {stderr}"
+    );
+    assert_eq!(skopeo_digest(&target), before, "the target tag did not move");
+    // The killed runtime's node went with it.
+    for _ in 0..100 {
+        if !Path::new(&format!("/proc/{init}")).exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !Path::new(&format!("/proc/{init}")).exists(),
+        "the node's PID 1 is gone"
+    );
 }

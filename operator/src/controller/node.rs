@@ -19,8 +19,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, DownwardAPIVolumeFile, DownwardAPIVolumeSource,
     EmptyDirVolumeSource, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PersistentVolumeClaimVolumeSource, Pod, PodSpec, ResourceRequirements, SecretVolumeSource,
-    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+    PersistentVolumeClaimVolumeSource, Pod, PodSpec, Probe, ResourceRequirements, SecretVolumeSource,
+    SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -44,6 +45,9 @@ pub const AUTHORIZED_KEYS_ANNOTATION: &str = "walt.dev/authorized-keys";
 pub const REGISTRY_SECRET: &str = "walt-registry-credentials";
 /// Size of a persistent virtual node's `/persist` claim.
 pub const PERSIST_SIZE: &str = "1Gi";
+
+/// Where a virtual node pod keeps its SSH host key (in its cache volume).
+pub const VNODE_HOST_KEY: &str = "/var/cache/walt/ssh_host_ed25519_key";
 
 /// Name of a virtual node's pod and Service.
 pub fn vnode_object_name(node: &str) -> String {
@@ -112,6 +116,9 @@ pub fn build_vnode_pod(node: &Node, inputs: &VnodeInputs<'_>) -> Pod {
         "/etc/walt/node/authorized_keys".to_owned(),
         "--listen".to_owned(),
         "0.0.0.0:22".to_owned(),
+        // Kept in the cache volume: the same host key across container restarts.
+        "--host-key".to_owned(),
+        VNODE_HOST_KEY.to_owned(),
     ];
     if let Some(host) = inputs.insecure_registry {
         args.extend(["--insecure-registry".to_owned(), host.to_owned()]);
@@ -215,6 +222,16 @@ pub fn build_vnode_pod(node: &Node, inputs: &VnodeInputs<'_>) -> Pod {
                 }),
                 resources,
                 volume_mounts: Some(volume_mounts),
+                // `walt-operator vnode` listens only once the node is booted
+                // (and `/run/uptime-ready` written): an open port means Ready.
+                readiness_probe: Some(Probe {
+                    tcp_socket: Some(TCPSocketAction {
+                        port: IntOrString::Int(22),
+                        ..TCPSocketAction::default()
+                    }),
+                    period_seconds: Some(2),
+                    ..Probe::default()
+                }),
                 ..Container::default()
             }],
             volumes: Some(volumes),
@@ -398,8 +415,11 @@ mod tests {
         assert_eq!(
             args,
             "vnode --image reg.lab/alice/debian@sha256:abc --name vn1 --authorized-keys \
-             /etc/walt/node/authorized_keys --listen 0.0.0.0:22 --insecure-registry reg.lab"
+             /etc/walt/node/authorized_keys --listen 0.0.0.0:22 --host-key \
+             /var/cache/walt/ssh_host_ed25519_key --insecure-registry reg.lab"
         );
+        let probe = container.readiness_probe.clone().expect("readiness probe");
+        assert_eq!(probe.tcp_socket.expect("tcp probe").port, IntOrString::Int(22));
         assert!(!args.contains("--persist"));
         let limits = container
             .resources

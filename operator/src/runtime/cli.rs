@@ -168,7 +168,7 @@ pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>>
     Ok(outcome.exit_code)
 }
 
-fn new_session_dir(cache_dir: &std::path::Path) -> std::io::Result<PathBuf> {
+pub(crate) fn new_session_dir(cache_dir: &std::path::Path) -> std::io::Result<PathBuf> {
     let sessions = cache_dir.join("sessions");
     std::fs::create_dir_all(&sessions)?;
     remove_stale_sessions(&sessions);
@@ -200,7 +200,7 @@ fn remove_stale_sessions(sessions: &std::path::Path) {
 }
 
 /// Removes the session directory (upper dir included) when the command ends.
-struct RemoveOnDrop(PathBuf);
+pub(crate) struct RemoveOnDrop(pub(crate) PathBuf);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {

@@ -10,11 +10,14 @@
 //! - [`terminal`]: raw mode and the PTY relay.
 //! - [`changes`]: the change summary of an upper dir.
 //! - [`image`]: pull through the layer cache, commit through the OCI engine.
+//! - [`node`]: run an image like a WalT node (the virtual node), with a
+//!   supervisor that starts processes in it for the SSH server.
 
 pub mod changes;
 pub mod cli;
 pub mod emulation;
 pub mod image;
+pub mod node;
 pub mod root;
 pub mod session;
 mod sys;

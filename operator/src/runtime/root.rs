@@ -130,8 +130,14 @@ pub struct RootSpec {
     pub bind_cpuinfo: bool,
     /// Host file bound (read-only) on `/etc/resolv.conf`, when it exists.
     pub resolv_conf: Option<PathBuf>,
-    /// More bind mounts (e.g. a `/persist` volume).
+    /// More bind mounts (e.g. a `/persist` volume). Made after the overlay,
+    /// `/run` and `/tmp` are mounted, so a source may be the upper dir itself.
     pub binds: Vec<BindMount>,
+    /// A directory on which a tmpfs is mounted, in the container's mount
+    /// namespace only, before the overlay; `upper_dir` and `work_dir` (which
+    /// must be inside it) are made there. The changes then live in RAM, like
+    /// a WalT node's, and vanish with the container.
+    pub ram_dir: Option<PathBuf>,
 }
 
 impl RootSpec {
@@ -151,6 +157,7 @@ impl RootSpec {
             bind_cpuinfo: true,
             resolv_conf: Some(PathBuf::from("/etc/resolv.conf")),
             binds: Vec::new(),
+            ram_dir: None,
         }
     }
 }
@@ -165,7 +172,7 @@ pub fn in_user_namespace() -> bool {
 }
 
 /// How a process's standard streams are connected.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Stdio {
     /// A new PTY from the container's own devpts; the process gets the slave
     /// as stdin/stdout/stderr and controlling terminal, the caller gets the
@@ -175,6 +182,9 @@ pub enum Stdio {
     Null,
     /// The caller's own stdin, stdout and stderr.
     Inherit,
+    /// These descriptors as stdin, stdout and stderr (pipes of an SSH
+    /// session, for instance), in a new session without a terminal.
+    Fds(std::sync::Arc<[OwnedFd; 3]>),
 }
 
 /// A process to run in the container.
@@ -345,7 +355,7 @@ impl Container {
                             sys::exit_child(0);
                         }
                         Forked::Child => {
-                            let pty = setup_stdio(command.stdio, Path::new("/dev/ptmx"))?;
+                            let pty = setup_stdio(&command.stdio, Path::new("/dev/ptmx"))?;
                             let master = pty.as_ref().map(|(master, _)| master.as_raw_fd());
                             report(&child_sock, "ok", None, master);
                             drop(pty);
@@ -470,7 +480,8 @@ fn cstrings(values: &[String], what: &str) -> Result<Vec<CString>> {
     values.iter().map(|value| cstring(value, what)).collect()
 }
 
-fn seqpacket_pair() -> Result<(OwnedFd, OwnedFd)> {
+/// A close-on-exec `SOCK_SEQPACKET` socket pair (also the node supervisor's channel).
+pub(super) fn seqpacket_pair() -> Result<(OwnedFd, OwnedFd)> {
     socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -675,6 +686,20 @@ fn child_setup(
     }
     if let Some((mount_dir, name)) = &plan.cgroup {
         enter_systemd_cgroup(mount_dir, name)?;
+    }
+
+    if let Some(ram) = &spec.ram_dir {
+        mount(
+            Some("tmpfs"),
+            ram,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=755"),
+        )
+        .map_err(m(format!("mount a tmpfs on {}", ram.display())))?;
+        for dir in [&spec.upper_dir, &spec.work_dir] {
+            fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        }
     }
 
     // The overlay.
@@ -906,8 +931,9 @@ fn child_setup(
     }
 
     // PID 1's console, from the container's own devpts.
-    let console = match init.stdio {
+    let console = match &init.stdio {
         Stdio::Pty(size) => {
+            let size = *size;
             let (master, slave_path) = open_pty(&at("dev/pts/ptmx"), &pts, size)?;
             let console = at("dev/console");
             fs::File::create(&console).map_err(|e| format!("create /dev/console: {e}"))?;
@@ -935,15 +961,30 @@ fn child_setup(
         let slave = attach_terminal(&inside)?;
         Ok(Some((master, slave)))
     } else {
-        setup_stdio(init.stdio, Path::new("/dev/ptmx"))?;
+        setup_stdio(&init.stdio, Path::new("/dev/ptmx"))?;
         Ok(None)
     }
 }
 
 /// Connects stdio as asked. For [`Stdio::Pty`], opens a PTY from `ptmx` and
 /// returns (master, slave).
-fn setup_stdio(stdio: Stdio, ptmx: &Path) -> ChildResult<Option<(OwnedFd, OwnedFd)>> {
+fn setup_stdio(stdio: &Stdio, ptmx: &Path) -> ChildResult<Option<(OwnedFd, OwnedFd)>> {
     match stdio {
+        Stdio::Fds(fds) => {
+            // Move them above 2 first: dup2 onto 0..=2 must not overwrite one
+            // of the others.
+            let mut moved = Vec::with_capacity(3);
+            for fd in fds.iter() {
+                let raw = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3))
+                    .map_err(|e| format!("duplicate a standard stream: {e}"))?;
+                moved.push(sys::owned_fd(raw));
+            }
+            dup2_stdin(&moved[0]).map_err(|e| format!("dup2 stdin: {e}"))?;
+            dup2_stdout(&moved[1]).map_err(|e| format!("dup2 stdout: {e}"))?;
+            dup2_stderr(&moved[2]).map_err(|e| format!("dup2 stderr: {e}"))?;
+            setsid().map_err(|e| format!("setsid: {e}"))?;
+            Ok(None)
+        }
         Stdio::Inherit => Ok(None),
         Stdio::Null => {
             let null = open("/dev/null", OFlag::O_RDWR, Mode::empty())
@@ -953,6 +994,7 @@ fn setup_stdio(stdio: Stdio, ptmx: &Path) -> ChildResult<Option<(OwnedFd, OwnedF
             Ok(None)
         }
         Stdio::Pty(size) => {
+            let size = *size;
             let pts = ptmx
                 .parent()
                 .map_or_else(|| PathBuf::from("/dev/pts"), |p| p.join("pts"));

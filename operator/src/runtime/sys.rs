@@ -120,6 +120,16 @@ pub(crate) fn owned_fd(fd: RawFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
+/// Registers an owned descriptor with the Tokio runtime.
+pub(crate) fn register_async_fd(fd: OwnedFd) -> std::io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: `AsyncFd::register` requires that the descriptor stays open and
+    // is not replaced while registered. The `AsyncFd` takes the `OwnedFd` by
+    // value, so it is its only owner: nothing else can close or `dup2` over
+    // it, and it is closed only after being deregistered, when the `AsyncFd`
+    // drops.
+    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(std::io::Error::from)
+}
+
 /// Unlocks the PTY whose master is `master` and returns its number (the
 /// slave is `pts/<number>` of the same devpts instance).
 pub(crate) fn pty_unlock_and_number(master: BorrowedFd<'_>) -> nix::Result<u32> {

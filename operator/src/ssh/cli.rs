@@ -1,4 +1,4 @@
-//! `walt-operator save …`, `walt-operator gateway …` and `walt-operator vnode …`.
+//! `walt-operator save …` and `walt-operator gateway …` (`vnode` lives in [`super::vnode`]).
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -129,10 +129,6 @@ pub struct GatewayArgs {
     node: NodeArgs,
 }
 
-/// Arguments of `walt-operator vnode`.
-#[derive(Debug, clap::Args)]
-pub struct VnodeArgs {}
-
 fn runtime() -> Result<tokio::runtime::Runtime, SshError> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -144,7 +140,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, SshError> {
         })
 }
 
-fn init_tracing() {
+pub(crate) fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -386,9 +382,4 @@ async fn gateway(args: &GatewayArgs) -> CliResult {
     println!("gateway listening on {} host key {public}", args.listen);
     Gateway::new(config, authorizations).serve(listener).await?;
     Ok(0)
-}
-
-/// Runs `walt-operator vnode …`.
-pub fn run_vnode(_args: &VnodeArgs) -> CliResult {
-    Err("walt-operator vnode is not built yet".into())
 }

@@ -57,6 +57,7 @@ struct Operator {
     log: PathBuf,
     args: Vec<String>,
     http: u16,
+    gateway: u16,
 }
 
 impl Operator {
@@ -101,7 +102,8 @@ impl Operator {
             }
         }
         args.extend(["--http-addr".to_owned(), format!("127.0.0.1:{http}")]);
-        args.extend(["--gateway-addr".to_owned(), format!("127.0.0.1:{}", free_port())]);
+        let gateway = free_port();
+        args.extend(["--gateway-addr".to_owned(), format!("127.0.0.1:{gateway}")]);
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let daemon = Daemon::spawn(
             "walt-operator",
@@ -115,6 +117,7 @@ impl Operator {
             log,
             args,
             http,
+            gateway,
         }
     }
 
@@ -1458,5 +1461,238 @@ fn image_source_is_cloned_into_the_lab_registry_with_its_digest_and_shell_mode()
     assert!(
         skopeo_inspect_raw(&lab_registry, &format!("lab/{namespace}/ghost:latest")).is_err(),
         "nothing may be tagged for a failed clone"
+    );
+}
+
+/// OpenSSH's `ssh` to the operator's gateway on loopback, as `user` with `key`
+/// (an independent client: what users run with `kubectl walt node proxy`).
+fn gateway_ssh(operator: &Operator, user: &str, key: &std::path::Path, command: &str) -> Command {
+    let mut ssh = Command::new("ssh");
+    ssh.args([
+        "-F",
+        "/dev/null",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "IdentitiesOnly=yes",
+    ])
+    .args([
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+    ])
+    .args(["-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"])
+    .arg("-i")
+    .arg(key)
+    .args(["-p", &operator.gateway.to_string()])
+    .arg(format!("{user}@127.0.0.1"))
+    .arg(command);
+    ssh
+}
+
+fn shell_session_yaml(name: &str, node: &str, public_key: &str, ttl: &str) -> String {
+    format!(
+        "apiVersion: walt.dev/v1alpha1\nkind: ShellSession\nmetadata: {{name: {name}}}\n\
+         spec: {{node: {node}, publicKey: \"{}\", ttl: {ttl}}}\n",
+        public_key.trim()
+    )
+}
+
+/// A node shell through the operator's own gateway, with OpenSSH: the
+/// session's key reaches its node while the session runs; at its ttl it is
+/// Expired and the key is refused; deleting a session closes its open
+/// connection and refuses new ones; a session on a missing Node fails saying so.
+#[test]
+fn node_shell_through_the_operator_gateway_until_ttl_or_deletion() {
+    let cluster = cluster();
+    let node = walt_tests::sshnode::SshNode::busybox()
+        .expect("start an sshd node (needs root, openssh-server, socat, iproute2)");
+    let namespace = tenant_with_key(cluster, "op-nshell", &node.client_key());
+    let operator = Operator::for_node(
+        cluster,
+        &namespace,
+        "nshell-test",
+        &node,
+        &["--gateway-service-port", "2022"],
+    );
+    apply(
+        cluster,
+        &namespace,
+        &format!(
+            "apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {{name: rpi1}}\n\
+             spec: {{model: rpi-4-b, address: \"{}\", sshPort: 22, hostKey: \"{}\"}}\n",
+            node.address(),
+            node.host_public_key().trim()
+        ),
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let user_key = dir.path().join("user");
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&user_key)
+        .status()
+        .expect("ssh-keygen");
+    assert!(status.success());
+    let public_key = std::fs::read_to_string(user_key.with_extension("pub")).expect("public key");
+    let within = Duration::from_mins(1);
+
+    // A short ttl: Running, usable, then Expired and refused.
+    apply(
+        cluster,
+        &namespace,
+        &shell_session_yaml("short", "rpi1", &public_key, "25s"),
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "shellsession/short",
+        "{.status.phase}",
+        "Running",
+        within,
+        &operator,
+    );
+    let gateway = kubectl(
+        cluster,
+        &namespace,
+        &[
+            "get",
+            "shellsession/short",
+            "-o",
+            "jsonpath={.status.gateway.service} {.status.gateway.port} {.status.gateway.user}",
+        ],
+    );
+    assert_eq!(gateway, format!("walt-gateway.{namespace} 2022 short"));
+    let out = gateway_ssh(
+        &operator,
+        "short",
+        &user_key,
+        "echo walt-$((6*7)); cat /etc/hostname >/dev/null; id -u",
+    )
+    .output()
+    .expect("run ssh");
+    assert!(
+        out.status.success(),
+        "ssh through the gateway: {}\noperator log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        operator.log()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "walt-42\n0\n");
+    // Another key, or another session's name, is refused.
+    let out = gateway_ssh(&operator, "nosuch", &user_key, "true")
+        .output()
+        .expect("run ssh");
+    assert_eq!(out.status.code(), Some(255), "unknown session refused");
+    wait_for(
+        cluster,
+        &namespace,
+        "shellsession/short",
+        "{.status.phase}",
+        "Expired",
+        within,
+        &operator,
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "shellsession/short",
+        "{.status.conditions[?(@.type==\"Complete\")].reason}",
+        "TTLExpired",
+        within,
+        &operator,
+    );
+    let out = gateway_ssh(&operator, "short", &user_key, "true")
+        .output()
+        .expect("run ssh");
+    assert_eq!(
+        out.status.code(),
+        Some(255),
+        "an expired session's key is refused: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"));
+
+    // Deleting a session closes its open connection and refuses new ones.
+    apply(
+        cluster,
+        &namespace,
+        &shell_session_yaml("long", "rpi1", &public_key, "1h"),
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "shellsession/long",
+        "{.status.phase}",
+        "Running",
+        within,
+        &operator,
+    );
+    let mut open = gateway_ssh(&operator, "long", &user_key, "echo connected; sleep 120")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run ssh");
+    let mut first_line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(open.stdout.as_mut().expect("stdout")),
+        &mut first_line,
+    )
+    .expect("read");
+    assert_eq!(first_line, "connected\n");
+    let started = Instant::now();
+    kubectl(
+        cluster,
+        &namespace,
+        &["delete", "shellsession/long", "--wait=true", "--timeout=60s"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if open.try_wait().expect("wait ssh").is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = open.kill();
+            panic!("the open connection survived the session's deletion");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "open connection closed {:?} after the delete started",
+        started.elapsed()
+    );
+    let out = gateway_ssh(&operator, "long", &user_key, "true")
+        .output()
+        .expect("run ssh");
+    assert_eq!(out.status.code(), Some(255), "a deleted session's key is refused");
+
+    // A session on a Node that does not exist fails, saying so.
+    apply(
+        cluster,
+        &namespace,
+        &shell_session_yaml("lost", "nosuchnode", &public_key, "1h"),
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "shellsession/lost",
+        "{.status.phase}",
+        "Failed",
+        within,
+        &operator,
+    );
+    let message = kubectl(
+        cluster,
+        &namespace,
+        &[
+            "get",
+            "shellsession/lost",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Complete\")].message}",
+        ],
+    );
+    assert!(message.contains("nosuchnode not found"), "{message}");
+    let audit = operator.log();
+    assert!(
+        audit.contains("gateway session ended"),
+        "audit line missing:\n{audit}"
     );
 }

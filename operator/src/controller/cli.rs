@@ -78,6 +78,12 @@ async fn run_async(args: Args) -> Result<i32, Box<dyn std::error::Error + Send +
         .map_err(|error| format!("cannot listen on {} for /metrics: {error}", config.args.http_addr))?;
     tracing::info!(%http_addr, identity = %config.identity, "serving /metrics, /healthz, /readyz");
 
+    // Every replica serves the gateway (its Service may route to any of them).
+    let gateway_stop = shutdown.child_token();
+    let (gateway_addr, _authorizations) =
+        super::gateway::start(client.clone(), config.clone(), gateway_stop.clone()).await?;
+    tracing::info!(%gateway_addr, "SSH gateway ready");
+
     let mut elector = config.args.leader_election.then(|| {
         LeaderElector::new(
             client.clone(),
@@ -116,6 +122,7 @@ async fn run_async(args: Args) -> Result<i32, Box<dyn std::error::Error + Send +
         exit_code = 1;
     }
     metrics.leader.set(0);
+    gateway_stop.cancel();
     if let Some(elector) = elector.as_mut()
         && exit_code == 0
         && let Err(error) = elector.release().await

@@ -80,9 +80,17 @@ pub struct Args {
     /// Address of the SSH gateway (node shells).
     #[arg(long, env = "WALT_GATEWAY_ADDR", default_value = "0.0.0.0:2222")]
     pub gateway_addr: SocketAddr,
-    /// Name of the Service in front of the gateway, reported in ShellSession status.
+    /// Name of the Service in front of the gateway (in --namespace), reported in ShellSession status.
     #[arg(long, env = "WALT_GATEWAY_SERVICE", default_value = "walt-gateway")]
     pub gateway_service: String,
+    /// Port of that Service (what the plugin port-forwards to), reported in ShellSession status.
+    #[arg(long, env = "WALT_GATEWAY_SERVICE_PORT", default_value_t = 22)]
+    pub gateway_service_port: u16,
+    /// Secret (in --namespace) whose `ssh-privatekey` is the gateway's SSH host key, the same in
+    /// every replica. Without it each replica makes its own at startup (OpenSSH users then see
+    /// a different host key per replica).
+    #[arg(long, env = "WALT_GATEWAY_HOST_KEY_SECRET")]
+    pub gateway_host_key_secret: Option<String>,
     /// Elect a leader through a Lease (turn off only for a single replica).
     #[arg(long, env = "WALT_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub leader_election: bool,
@@ -237,6 +245,8 @@ pub struct Config {
     pub node_public_key: String,
     /// This replica's identity in the Lease.
     pub identity: String,
+    /// The gateway's host private key (OpenSSH format), when --gateway-host-key-secret names one.
+    pub gateway_host_key: Option<String>,
 }
 
 /// Splits `HOST[:PORT][/PREFIX]`, refusing a scheme or an empty host.
@@ -314,6 +324,37 @@ impl Config {
                 })?)
             }
         };
+        let gateway_host_key = match &args.gateway_host_key_secret {
+            None => None,
+            Some(name) => {
+                let secret = read_secret(&secrets, &args.namespace, name, || {
+                    format!(
+                        "create it with `ssh-keygen -t ed25519 -N '' -f gateway_host_key && kubectl -n {} create secret generic {name} --type=kubernetes.io/ssh-auth --from-file=ssh-privatekey=gateway_host_key`",
+                        args.namespace
+                    )
+                })
+                .await?;
+                let bytes = secret_key(&secret, "ssh-privatekey").ok_or_else(|| {
+                    Error::Config(format!(
+                        "Secret {}/{name} has no `ssh-privatekey` key: it must hold the gateway's host private key",
+                        args.namespace
+                    ))
+                })?;
+                let text = String::from_utf8(bytes).map_err(|_| {
+                    Error::Config(format!(
+                        "`ssh-privatekey` of Secret {}/{name} is not text",
+                        args.namespace
+                    ))
+                })?;
+                russh::keys::decode_secret_key(&text, None).map_err(|error| {
+                    Error::Config(format!(
+                        "`ssh-privatekey` of Secret {}/{name} is not a usable private key ({error}); it must be unencrypted",
+                        args.namespace
+                    ))
+                })?;
+                Some(text)
+            }
+        };
         let identity = args
             .identity
             .clone()
@@ -332,6 +373,7 @@ impl Config {
             node_key,
             node_public_key,
             identity,
+            gateway_host_key,
         })
     }
 

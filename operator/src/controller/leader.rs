@@ -1,5 +1,6 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease, so two replicas of the
-//! operator are safe: only the holder runs controllers and the SSH gateway.
+//! operator are safe: only the holder runs controllers (every replica serves
+//! the SSH gateway, from the ShellSessions the leader marks Running).
 //!
 //! Expiry is judged like client-go does, on this process's own clock: a
 //! candidate takes the Lease over only after it has seen the holder's record

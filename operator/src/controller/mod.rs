@@ -16,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod context;
 pub mod error;
+pub mod gateway;
 pub mod http;
 pub mod image;
 pub mod image_reconcile;
@@ -29,6 +30,7 @@ pub mod node_reconcile;
 pub mod nodesave;
 pub mod nodesave_reconcile;
 pub mod shell;
+pub mod shell_reconcile;
 
 use std::fmt::Debug;
 use std::future::Future;
@@ -42,7 +44,7 @@ use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
-use walt_crds::{Image, Node, NodeSave};
+use walt_crds::{Image, Node, NodeSave, ShellSession};
 
 use self::context::{Context, MANAGED_BY, MANAGED_BY_LABEL, key_of};
 use self::error::{Error, Result};
@@ -172,9 +174,18 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
             error_policy::<NodeSave>("NodeSave"),
             context.clone(),
         );
+    let shells = Controller::new(all::<ShellSession>(&context), watcher::Config::default())
+        .owns(all::<Pod>(&context), owned_objects())
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+        .run(
+            |session, context| instrumented("ShellSession", session, context, shell_reconcile::reconcile),
+            error_policy::<ShellSession>("ShellSession"),
+            context.clone(),
+        );
     futures::join!(
         drain("Node", nodes),
         drain("Image", images),
-        drain("NodeSave", saves)
+        drain("NodeSave", saves),
+        drain("ShellSession", shells)
     );
 }

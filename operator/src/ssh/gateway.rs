@@ -26,7 +26,8 @@
 //! authorizations.remove("alice-shell-x7k2"); // live connections of that session are closed too
 //! # Ok(()) }
 //! ```
-//! The SSH user name at the gateway is the session id. A connection is accepted only with the
+//! The SSH user name at the gateway is the session id (or, for ids `namespace/name`, the name:
+//! see [`Authorizations::find`]). A connection is accepted only with the
 //! session's public key, before its expiry; it is closed when the authorization is removed or
 //! expires. Each connection's channels are relayed to that session's node only: session channels
 //! (pty-req, shell, exec, the `sftp` subsystem, env vars from [`SAFE_ENV`], window-change, signals,
@@ -112,6 +113,26 @@ impl Authorizations {
             .ok()
             .and_then(|map| map.get(session_id).cloned())
             .filter(|a| a.expires_at > now)
+    }
+
+    /// The authorization a user logging in as `user` with `key` gets: the session whose id is
+    /// `user`, or whose id ends with `/user` (the operator keys sessions as `namespace/name`
+    /// and users log in with the name), holding `key`, not expired. When two such sessions
+    /// exist (same name and key in two namespaces) none is chosen: the gateway cannot tell
+    /// which node is meant, and refuses rather than guess.
+    pub fn find(&self, user: &str, key: &PublicKey) -> Option<Authorization> {
+        let now = SystemTime::now();
+        let map = self.inner.read().ok()?;
+        if let Some(exact) = map.get(user) {
+            return (exact.expires_at > now && exact.public_key.key_data() == key.key_data())
+                .then(|| exact.clone());
+        }
+        let suffix = format!("/{user}");
+        let mut found = map.values().filter(|a| {
+            a.session_id.ends_with(&suffix) && a.expires_at > now && a.public_key.key_data() == key.key_data()
+        });
+        let first = found.next()?;
+        found.next().is_none().then(|| first.clone())
     }
 
     /// The session ids present (expired ones included).
@@ -290,10 +311,7 @@ impl Drop for ConnectionHandler {
 
 impl ConnectionHandler {
     fn matching(&self, user: &str, key: &PublicKey) -> Option<Authorization> {
-        self.gateway
-            .authorizations
-            .get(user)
-            .filter(|authorization| authorization.public_key.key_data() == key.key_data())
+        self.gateway.authorizations.find(user, key)
     }
 
     async fn node(&mut self) -> Result<Arc<NodeClient>, SshError> {
@@ -618,4 +636,46 @@ async fn relay_bytes(user: Channel<Msg>, node: Channel<client::Msg>, stats: Arc<
         let _ = user_tx.close().await;
     };
     tokio::join!(up, down);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use russh::keys::ssh_key::private::Ed25519Keypair;
+
+    fn key(seed: u8) -> PublicKey {
+        PrivateKey::from(Ed25519Keypair::from_seed(&[seed; 32]))
+            .public_key()
+            .clone()
+    }
+
+    fn authorization(id: &str, seed: u8, node: &str) -> Authorization {
+        Authorization {
+            session_id: id.into(),
+            node: node.parse().expect("node target"),
+            node_host_key: HostKeyPolicy::TrustOnFirstUse,
+            public_key: key(seed),
+            expires_at: SystemTime::now() + Duration::from_mins(1),
+        }
+    }
+
+    #[test]
+    fn users_log_in_with_the_session_name_and_its_key_only() {
+        let set = Authorizations::new();
+        set.add(authorization("alice/s1", 1, "root@10.0.0.1:22"));
+        set.add(authorization("plain", 2, "root@10.0.0.2:22"));
+        let found = set.find("s1", &key(1)).expect("alice's session");
+        assert_eq!(found.node.host, "10.0.0.1");
+        assert!(set.find("s1", &key(2)).is_none(), "another key is refused");
+        assert!(set.find("plain", &key(2)).is_some(), "an exact id works too");
+        assert!(set.find("alice/s1", &key(1)).is_some());
+        // The same name and key in two namespaces: which node is meant is unknown, refuse.
+        set.add(authorization("bob/s1", 1, "root@10.0.0.3:22"));
+        assert!(set.find("s1", &key(1)).is_none());
+        set.remove("bob/s1");
+        let mut expired = authorization("carol/s9", 3, "root@10.0.0.4:22");
+        expired.expires_at = SystemTime::now() - Duration::from_secs(1);
+        set.add(expired);
+        assert!(set.find("s9", &key(3)).is_none(), "expired");
+    }
 }

@@ -1,0 +1,396 @@
+//! The SSH gateway inside the operator.
+//!
+//! Every replica serves the gateway on `--gateway-addr` (the gateway Service
+//! may route a user to any of them), and every replica keeps its own
+//! [`Authorizations`] in step with a watch of ShellSessions: a node shell
+//! that is `Running`, not being deleted, with a `publicKey`, is authorized
+//! for its node until `creationTimestamp + ttl`; anything else (ended,
+//! expired, deleted) is removed, which also closes its open connections.
+//! This is a read of the API only: no leader is needed, and the leader's
+//! ShellSession controller alone decides the phases.
+//!
+//! The SSH user name at the gateway is the session's name (the gateway keys
+//! sessions as `namespace/name`, see [`Authorizations::find`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use russh::keys::PrivateKey;
+use tokio_util::sync::CancellationToken;
+use walt_crds::{Node, ShellSession, ShellSessionPhase};
+
+use super::config::Config;
+use super::node::vnode_object_name;
+use crate::ssh::gateway::{Authorization, Authorizations, Gateway, GatewayConfig};
+use crate::ssh::{HostKeyPolicy, NodeTarget, Transport};
+
+/// SSH port of virtual node pods.
+pub const VNODE_SSH_PORT: u16 = 22;
+
+/// The key of a session in the gateway's authorization set: `namespace/name`.
+pub fn session_key(session: &ShellSession) -> String {
+    format!(
+        "{}/{}",
+        session.namespace().unwrap_or_default(),
+        session.name_any()
+    )
+}
+
+/// Whether the gateway should admit a session now (pure): a node shell,
+/// `Running`, not being deleted, with a public key.
+pub fn admits(session: &ShellSession) -> bool {
+    session.spec.node.is_some()
+        && session.spec.public_key.is_some()
+        && session.metadata.deletion_timestamp.is_none()
+        && session
+            .status
+            .as_ref()
+            .is_some_and(|status| status.phase == ShellSessionPhase::Running)
+}
+
+/// Where the gateway reaches a node (pure): a physical node at
+/// `spec.address:spec.sshPort`; a virtual node at its pod's IP, port 22
+/// (pod IPs work in every cluster, with or without DNS and kube-proxy).
+pub fn node_target(node: &Node, vnode_pod: Option<&Pod>) -> Result<NodeTarget, String> {
+    let name = node.name_any();
+    if node.spec.virtual_node.is_some() {
+        let ip = vnode_pod
+            .and_then(|pod| pod.status.as_ref())
+            .and_then(|status| status.pod_ip.clone())
+            .ok_or_else(|| format!("virtual node {name} has no running pod with an IP yet"))?;
+        return Ok(NodeTarget {
+            user: "root".into(),
+            host: ip,
+            port: VNODE_SSH_PORT,
+        });
+    }
+    let host = node
+        .spec
+        .address
+        .clone()
+        .ok_or_else(|| format!("Node {name} has neither spec.address nor spec.virtual"))?;
+    let port = u16::try_from(node.spec.ssh_port).map_err(|_| {
+        format!(
+            "spec.sshPort {} of Node {name} is not a TCP port",
+            node.spec.ssh_port
+        )
+    })?;
+    Ok(NodeTarget {
+        user: "root".into(),
+        host,
+        port,
+    })
+}
+
+/// How the gateway checks a node's host key (pure): pinned by the spec, else
+/// the one the operator recorded, else trust on first use.
+pub fn host_key_policy(node: &Node) -> Result<HostKeyPolicy, String> {
+    let pinned = node
+        .spec
+        .host_key
+        .as_deref()
+        .or_else(|| node.status.as_ref().and_then(|status| status.host_key.as_deref()));
+    match pinned {
+        Some(line) => crate::ssh::client::parse_public_key(line)
+            .map(HostKeyPolicy::Pinned)
+            .map_err(|error| format!("host key of Node {}: {error}", node.name_any())),
+        None => Ok(HostKeyPolicy::TrustOnFirstUse),
+    }
+}
+
+/// When a session's authorization ends (pure): its creation time plus its ttl.
+pub fn expiry(session: &ShellSession) -> Result<SystemTime, String> {
+    let ttl = super::shell::session_duration(&session.spec.ttl)
+        .map_err(|error| format!("spec.ttl of ShellSession {}: {error}", session.name_any()))?;
+    let created = session
+        .creation_timestamp()
+        .map_or_else(SystemTime::now, |time| SystemTime::from(time.0));
+    Ok(created + ttl)
+}
+
+/// The authorization of a session, given its node and (virtual nodes) the
+/// node's pod (pure).
+pub fn authorization_of(
+    session: &ShellSession,
+    node: &Node,
+    vnode_pod: Option<&Pod>,
+) -> Result<Authorization, String> {
+    let key_line = session
+        .spec
+        .public_key
+        .as_deref()
+        .ok_or_else(|| format!("ShellSession {} has no spec.publicKey", session.name_any()))?;
+    let public_key = crate::ssh::client::parse_public_key(key_line)
+        .map_err(|error| format!("spec.publicKey of ShellSession {}: {error}", session.name_any()))?;
+    Ok(Authorization {
+        session_id: session_key(session),
+        node: node_target(node, vnode_pod)?,
+        node_host_key: host_key_policy(node)?,
+        public_key,
+        expires_at: expiry(session)?,
+    })
+}
+
+/// Reads the Node (and its pod, for a virtual node) a session targets and
+/// builds its authorization.
+pub async fn resolve_authorization(client: &Client, session: &ShellSession) -> Result<Authorization, String> {
+    let namespace = session.namespace().unwrap_or_default();
+    let node_name = session.spec.node.clone().unwrap_or_default();
+    let nodes: Api<Node> = Api::namespaced(client.clone(), &namespace);
+    let node = nodes
+        .get_opt(&node_name)
+        .await
+        .map_err(|error| format!("reading Node {namespace}/{node_name}: {error}"))?
+        .ok_or_else(|| format!("Node {namespace}/{node_name} not found"))?;
+    let pod = if node.spec.virtual_node.is_some() {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+        pods.get_opt(&vnode_object_name(&node_name))
+            .await
+            .map_err(|error| format!("reading the pod of virtual node {namespace}/{node_name}: {error}"))?
+    } else {
+        None
+    };
+    authorization_of(session, &node, pod.as_ref())
+}
+
+/// The gateway's host key: the configured one, else a fresh Ed25519 key.
+pub fn host_key(config: &Config) -> Result<PrivateKey, String> {
+    if let Some(text) = &config.gateway_host_key {
+        return russh::keys::decode_secret_key(text, None)
+            .map_err(|error| format!("the gateway host key is not usable: {error}"));
+    }
+    let mut seed = [0_u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut random| std::io::Read::read_exact(&mut random, &mut seed))
+        .map_err(|error| format!("reading /dev/urandom for the gateway host key: {error}"))?;
+    let pair = russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&seed);
+    Ok(PrivateKey::from(pair))
+}
+
+/// Starts the gateway on `--gateway-addr` and keeps its authorizations in
+/// step with the ShellSessions, until `shutdown`. Returns the bound address.
+pub async fn start(
+    client: Client,
+    config: Arc<Config>,
+    shutdown: CancellationToken,
+) -> Result<(SocketAddr, Authorizations), String> {
+    let node_key =
+        crate::ssh::client::decode_key(config.node_key.as_bytes()).map_err(|error| error.to_string())?;
+    let mut gateway_config = GatewayConfig::new(host_key(&config)?, node_key);
+    if let Some(command) = &config.args.node_proxy_command {
+        gateway_config.node_transport = Transport::ProxyCommand(command.clone());
+    }
+    let fingerprint = crate::ssh::client::fingerprint(gateway_config.host_key.public_key());
+    let listener = tokio::net::TcpListener::bind(config.args.gateway_addr)
+        .await
+        .map_err(|error| {
+            format!(
+                "cannot listen on {} for the SSH gateway: {error}",
+                config.args.gateway_addr
+            )
+        })?;
+    let address = listener
+        .local_addr()
+        .map_err(|error| format!("the gateway listener has no address: {error}"))?;
+    let authorizations = Authorizations::new();
+    let gateway = Gateway::new(gateway_config, authorizations.clone());
+    let serve_stop = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            outcome = gateway.serve(listener) => {
+                if let Err(error) = outcome {
+                    tracing::error!(%error, "the SSH gateway stopped");
+                }
+            }
+            () = serve_stop.cancelled() => {}
+        }
+    });
+    tokio::spawn(sync(client, config, authorizations.clone(), shutdown));
+    tracing::info!(%address, host_key = %fingerprint, "serving the SSH gateway");
+    Ok((address, authorizations))
+}
+
+/// Keeps `authorizations` equal to the admitted sessions.
+async fn sync(
+    client: Client,
+    config: Arc<Config>,
+    authorizations: Authorizations,
+    shutdown: CancellationToken,
+) {
+    let sessions: Api<ShellSession> = match &config.args.watch_namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    };
+    let mut events = watcher(sessions, watcher::Config::default()).boxed();
+    // Sessions seen during a relist, to drop those that vanished meanwhile.
+    let mut relisted: Option<std::collections::HashSet<String>> = None;
+    loop {
+        let event = tokio::select! {
+            event = events.next() => event,
+            () = shutdown.cancelled() => return,
+        };
+        let Some(event) = event else { return };
+        match event {
+            Ok(watcher::Event::Apply(session) | watcher::Event::InitApply(session)) => {
+                if let Some(seen) = relisted.as_mut() {
+                    seen.insert(session_key(&session));
+                }
+                update(&client, &authorizations, &session).await;
+            }
+            Ok(watcher::Event::Delete(session)) => {
+                revoke(&authorizations, &session_key(&session), "the session was deleted");
+            }
+            Ok(watcher::Event::Init) => relisted = Some(std::collections::HashSet::new()),
+            Ok(watcher::Event::InitDone) => {
+                if let Some(seen) = relisted.take() {
+                    for id in authorizations.session_ids() {
+                        if !seen.contains(&id) {
+                            revoke(&authorizations, &id, "the session is gone");
+                        }
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "watching ShellSessions for the gateway");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+async fn update(client: &Client, authorizations: &Authorizations, session: &ShellSession) {
+    let id = session_key(session);
+    if !admits(session) {
+        revoke(authorizations, &id, "the session is not running");
+        return;
+    }
+    match resolve_authorization(client, session).await {
+        Ok(authorization) => {
+            if authorizations.get(&id).is_none() {
+                tracing::info!(session = %id, node = %authorization.node, "gateway: session authorized");
+            }
+            authorizations.add(authorization);
+        }
+        Err(error) => {
+            tracing::warn!(session = %id, %error, "gateway: cannot authorize the session");
+            revoke(authorizations, &id, "its node cannot be reached");
+        }
+    }
+}
+
+fn revoke(authorizations: &Authorizations, id: &str, why: &str) {
+    if authorizations.remove(id).is_some() {
+        tracing::info!(session = %id, why, "gateway: session revoked");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::jiff::Timestamp;
+    use walt_crds::{NodeSpec, ShellSessionSpec, ShellSessionStatus, VirtualNode};
+
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl user";
+
+    fn session(phase: ShellSessionPhase) -> ShellSession {
+        let mut session = ShellSession::new(
+            "s1",
+            ShellSessionSpec {
+                node: Some("rpi1".into()),
+                public_key: Some(KEY.into()),
+                ttl: "1h30m".into(),
+                idle_timeout: "30m".into(),
+                ..ShellSessionSpec::default()
+            },
+        );
+        session.metadata.namespace = Some("alice".into());
+        session.metadata.creation_timestamp = Some(Time(Timestamp::from_second(1_000).expect("time")));
+        session.status = Some(ShellSessionStatus {
+            phase,
+            ..ShellSessionStatus::default()
+        });
+        session
+    }
+
+    fn physical() -> Node {
+        let mut node = Node::new(
+            "rpi1",
+            NodeSpec {
+                model: "rpi-4-b".into(),
+                address: Some("192.168.152.10".into()),
+                ssh_port: 2022,
+                ..NodeSpec::default()
+            },
+        );
+        node.metadata.namespace = Some("alice".into());
+        node
+    }
+
+    #[test]
+    fn only_running_node_sessions_with_a_key_are_admitted() {
+        assert!(admits(&session(ShellSessionPhase::Running)));
+        assert!(!admits(&session(ShellSessionPhase::Starting)));
+        assert!(!admits(&session(ShellSessionPhase::Expired)));
+        let mut deleting = session(ShellSessionPhase::Running);
+        deleting.metadata.deletion_timestamp = Some(Time(Timestamp::from_second(2_000).expect("time")));
+        assert!(!admits(&deleting));
+        let mut image = session(ShellSessionPhase::Running);
+        image.spec.node = None;
+        image.spec.image = Some("debian".into());
+        assert!(!admits(&image));
+    }
+
+    #[test]
+    fn physical_and_virtual_targets() {
+        let authorization =
+            authorization_of(&session(ShellSessionPhase::Running), &physical(), None).expect("authorized");
+        assert_eq!(authorization.session_id, "alice/s1");
+        assert_eq!(authorization.node.to_string(), "root@192.168.152.10:2022");
+        assert!(matches!(
+            authorization.node_host_key,
+            HostKeyPolicy::TrustOnFirstUse
+        ));
+        assert_eq!(
+            authorization.expires_at,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_000 + 5_400)
+        );
+
+        let mut virtual_node = physical();
+        virtual_node.spec.address = None;
+        virtual_node.spec.virtual_node = Some(VirtualNode::default());
+        let error = node_target(&virtual_node, None).unwrap_err();
+        assert!(error.contains("no running pod"), "{error}");
+        let pod = Pod {
+            status: Some(k8s_openapi::api::core::v1::PodStatus {
+                pod_ip: Some("10.88.0.7".into()),
+                ..Default::default()
+            }),
+            ..Pod::default()
+        };
+        assert_eq!(
+            node_target(&virtual_node, Some(&pod))
+                .expect("target")
+                .to_string(),
+            "root@10.88.0.7:22"
+        );
+    }
+
+    #[test]
+    fn a_pinned_or_recorded_host_key_is_enforced() {
+        let mut node = physical();
+        node.spec.host_key = Some(KEY.into());
+        assert!(matches!(host_key_policy(&node), Ok(HostKeyPolicy::Pinned(_))));
+        node.spec.host_key = Some("not a key".into());
+        assert!(
+            host_key_policy(&node)
+                .unwrap_err()
+                .contains("host key of Node rpi1")
+        );
+    }
+}

@@ -1,0 +1,856 @@
+//! ShellSession reconcile (leader only), through a finalizer so the shell
+//! pod is gone whatever happens, deletion included. The gateway side of node
+//! shells (authorizing the key) is in [`super::gateway`], run by every
+//! replica from the phase written here.
+//!
+//! - Image shells: dereference the Image (tenant's, else the catalog's) →
+//!   validate (resolved, fewer than 128 layers) → wait for the image (one
+//!   shell, copy or save at a time, [`super::lock`]) → the pure state
+//!   machine [`next_step`] → apply (pod, status, Events).
+//! - Node shells: dereference the Node → validate (`publicKey`, an address)
+//!   → `Running` with `status.gateway` until `ttl` (then `Expired`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Api, ResourceExt};
+use walt_crds::{
+    ConditionStatus, Gateway, Image, ImageName, ImageSpec, Node, NodeSave, ShellResult, ShellSession,
+    ShellSessionPhase, ShellSessionStatus, condition_types, new_condition, set_condition, short_digest,
+};
+
+use super::context::{Context, FIELD_MANAGER};
+use super::error::{Error, KubeResultExt, Result};
+use super::image::{RESOLVE_ANNOTATION, lab_reference, pinned_reference_of};
+use super::lock::{Claim, holder_other_than};
+use super::lookup::find_image;
+use super::node::repository_of;
+use super::shell::{
+    ShellOutcome, ShellPodInputs, Step, build_shell_pod, next_step, scratch_tag, session_duration,
+    shell_pod_name,
+};
+
+/// Finalizer of ShellSessions: the shell pod is deleted before the session goes.
+pub const FINALIZER: &str = "walt.dev/shell-session-cleanup";
+/// Images with this many layers or more are refused (WalT's limit: squash first).
+pub const MAX_LAYERS: u32 = 128;
+/// How often a waiting session looks again (its holder ending does not wake it).
+const WAIT_RETRY: Duration = Duration::from_secs(5);
+
+/// Condition type: the session is usable (the shell runs, or the gateway admits the key).
+pub const READY: &str = condition_types::READY;
+
+/// Reconciles one ShellSession.
+pub async fn reconcile(session: Arc<ShellSession>, context: Arc<Context>) -> Result<Action> {
+    let namespace = session.namespace().unwrap_or_default();
+    let api: Api<ShellSession> = Api::namespaced(context.client.clone(), &namespace);
+    finalizer(&api, FINALIZER, session, |event| async {
+        match event {
+            Finalizer::Apply(session) => apply(&session, &context).await,
+            Finalizer::Cleanup(session) => cleanup(&session, &context).await,
+        }
+    })
+    .await
+    .map_err(|error| match error {
+        kube::runtime::finalizer::Error::ApplyFailed(error)
+        | kube::runtime::finalizer::Error::CleanupFailed(error) => error,
+        other => Error::Finalizer(other.to_string()),
+    })
+}
+
+/// The session is being deleted: its pod goes first (the gateway's watch
+/// revokes a node shell as soon as the deletion starts).
+async fn cleanup(session: &ShellSession, context: &Context) -> Result<Action> {
+    if session.spec.image.is_some() {
+        delete_pod(context, session).await?;
+    }
+    Ok(Action::await_change())
+}
+
+async fn apply(session: &ShellSession, context: &Context) -> Result<Action> {
+    let status = session.status.clone().unwrap_or_default();
+    if status.phase.is_finished() {
+        if session.spec.image.is_some() {
+            delete_pod(context, session).await?;
+        }
+        return Ok(Action::await_change());
+    }
+    let ttl = match session_duration(&session.spec.ttl) {
+        Ok(ttl) => ttl,
+        Err(error) => {
+            return end(
+                context,
+                session,
+                status,
+                ShellSessionPhase::Failed,
+                "InvalidTTL",
+                format!("spec.ttl: {error}"),
+            )
+            .await;
+        }
+    };
+    if session.spec.node.is_some() {
+        node_shell(session, context, status, ttl).await
+    } else {
+        image_shell(session, context, status, ttl).await
+    }
+}
+
+/// Sets a condition, stamped with the session's generation and now.
+fn condition(
+    status: &mut ShellSessionStatus,
+    session: &ShellSession,
+    type_: &str,
+    state: ConditionStatus,
+    reason: &str,
+    message: impl Into<String>,
+) {
+    set_condition(
+        &mut status.conditions,
+        new_condition(
+            type_,
+            state,
+            reason,
+            message,
+            session.metadata.generation,
+            Time(Timestamp::now()),
+        ),
+    );
+}
+
+/// Moves a status to a finished phase (pure): `Complete=True` with the
+/// reason, `Ready=False`, the completion time.
+pub fn finish(
+    status: &mut ShellSessionStatus,
+    session: &ShellSession,
+    phase: ShellSessionPhase,
+    reason: &str,
+    message: &str,
+) {
+    status.phase = phase;
+    if status.completion_time.is_none() || phase != ShellSessionPhase::Expired {
+        status.completion_time = Some(Time(Timestamp::now()));
+    }
+    condition(status, session, READY, ConditionStatus::False, reason, message);
+    condition(
+        status,
+        session,
+        condition_types::COMPLETE,
+        ConditionStatus::True,
+        reason,
+        message,
+    );
+}
+
+async fn write_status(
+    context: &Context,
+    session: &ShellSession,
+    mut status: ShellSessionStatus,
+) -> Result<()> {
+    status.observed_generation = session.metadata.generation;
+    if session.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let api: Api<ShellSession> =
+        Api::namespaced(context.client.clone(), &session.namespace().unwrap_or_default());
+    context.apply_status(&api, &session.name_any(), &status).await
+}
+
+/// Ends a session: status, then an Event.
+async fn end(
+    context: &Context,
+    session: &ShellSession,
+    mut status: ShellSessionStatus,
+    phase: ShellSessionPhase,
+    reason: &str,
+    message: String,
+) -> Result<Action> {
+    finish(&mut status, session, phase, reason, &message);
+    write_status(context, session, status).await?;
+    let kind = if phase == ShellSessionPhase::Failed {
+        EventType::Warning
+    } else {
+        EventType::Normal
+    };
+    context.event(session, kind, reason, "End", message).await;
+    Ok(Action::await_change())
+}
+
+// ---------------------------------------------------------------- node shells
+
+async fn node_shell(
+    session: &ShellSession,
+    context: &Context,
+    mut status: ShellSessionStatus,
+    ttl: Duration,
+) -> Result<Action> {
+    let namespace = session.namespace().unwrap_or_default();
+    let name = session.name_any();
+    let node_name = session.spec.node.clone().unwrap_or_default();
+    let age = session
+        .creation_timestamp()
+        .map(|created| Timestamp::now().duration_since(created.0).unsigned_abs())
+        .unwrap_or_default();
+    if age >= ttl {
+        return end(
+            context,
+            session,
+            status,
+            ShellSessionPhase::Expired,
+            "TTLExpired",
+            format!(
+                "the session reached its ttl ({}): the gateway no longer admits its key; open a new session",
+                walt_crds::format_duration(ttl)
+            ),
+        )
+        .await;
+    }
+    let Some(key) = session.spec.public_key.as_deref() else {
+        return end(
+            context,
+            session,
+            status,
+            ShellSessionPhase::Failed,
+            "NoPublicKey",
+            "a node shell needs spec.publicKey: the OpenSSH public key that may log in through the gateway (`kubectl walt node shell` makes one)".into(),
+        )
+        .await;
+    };
+    if let Err(error) = crate::ssh::client::parse_public_key(key) {
+        return end(
+            context,
+            session,
+            status,
+            ShellSessionPhase::Failed,
+            "InvalidPublicKey",
+            format!("spec.publicKey: {error}"),
+        )
+        .await;
+    }
+    let nodes: Api<Node> = Api::namespaced(context.client.clone(), &namespace);
+    let Some(node) = nodes
+        .get_opt(&node_name)
+        .await
+        .context(|| format!("reading Node {namespace}/{node_name}"))?
+    else {
+        return end(
+            context,
+            session,
+            status,
+            ShellSessionPhase::Failed,
+            "NodeNotFound",
+            format!("Node {namespace}/{node_name} not found: a node shell opens a Node of its own namespace (`kubectl walt node ls`)"),
+        )
+        .await;
+    };
+    let until_ttl = ttl.saturating_sub(age);
+    let pod = if node.spec.virtual_node.is_some() {
+        let pods: Api<Pod> = Api::namespaced(context.client.clone(), &namespace);
+        pods.get_opt(&super::node::vnode_object_name(&node_name))
+            .await
+            .context(|| format!("reading the pod of virtual node {node_name}"))?
+    } else {
+        None
+    };
+    if let Err(why) = super::gateway::node_target(&node, pod.as_ref()) {
+        status.phase = ShellSessionPhase::Starting;
+        condition(
+            &mut status,
+            session,
+            READY,
+            ConditionStatus::False,
+            "NodeNotReachable",
+            format!("{why}; the session starts once it has one"),
+        );
+        write_status(context, session, status).await?;
+        return Ok(Action::requeue(WAIT_RETRY.min(until_ttl)));
+    }
+    if let Err(why) = super::gateway::host_key_policy(&node) {
+        return end(
+            context,
+            session,
+            status,
+            ShellSessionPhase::Failed,
+            "InvalidHostKey",
+            why,
+        )
+        .await;
+    }
+    let was_running = status.phase == ShellSessionPhase::Running;
+    status.phase = ShellSessionPhase::Running;
+    status.start_time = status.start_time.or_else(|| Some(Time(Timestamp::now())));
+    status.gateway = Some(Gateway {
+        service: format!(
+            "{}.{}",
+            context.config.args.gateway_service, context.config.args.namespace
+        ),
+        port: i32::from(context.config.args.gateway_service_port),
+        user: name.clone(),
+    });
+    let message = format!(
+        "the gateway admits spec.publicKey as SSH user {name} for Node {node_name} for {}",
+        walt_crds::format_duration(Duration::from_secs(until_ttl.as_secs()))
+    );
+    condition(
+        &mut status,
+        session,
+        READY,
+        ConditionStatus::True,
+        "Authorized",
+        message.clone(),
+    );
+    write_status(context, session, status).await?;
+    if !was_running {
+        context
+            .event(session, EventType::Normal, "Authorized", "Authorize", message)
+            .await;
+    }
+    Ok(Action::requeue(until_ttl + Duration::from_secs(1)))
+}
+
+// --------------------------------------------------------------- image shells
+
+async fn delete_pod(context: &Context, session: &ShellSession) -> Result<()> {
+    let namespace = session.namespace().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(context.client.clone(), &namespace);
+    let name = shell_pod_name(&session.name_any());
+    match pods.delete(&name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(source) => Err(Error::kube(
+            format!("deleting the shell pod {namespace}/{name}"),
+            source,
+        )),
+    }
+}
+
+/// The unfinished ShellSessions and NodeSaves of a namespace, as claims on images.
+async fn claims(context: &Context, namespace: &str) -> Result<Vec<Claim>> {
+    let sessions: Api<ShellSession> = Api::namespaced(context.client.clone(), namespace);
+    let saves: Api<NodeSave> = Api::namespaced(context.client.clone(), namespace);
+    let object_of = |image: &str| ImageName::parse(image).ok().map(|name| name.object_name());
+    let created = |meta: &ObjectMeta| {
+        meta.creation_timestamp
+            .as_ref()
+            .map_or(Timestamp::UNIX_EPOCH, |t| t.0)
+    };
+    let mut claims = Vec::new();
+    for session in sessions
+        .list(&ListParams::default())
+        .await
+        .context(|| format!("listing ShellSessions of {namespace}"))?
+    {
+        let finished = session.status.as_ref().is_some_and(|s| s.phase.is_finished());
+        if let (false, Some(image)) = (finished, session.spec.image.as_deref().and_then(object_of)) {
+            claims.push(Claim {
+                kind: "ShellSession",
+                name: session.name_any(),
+                image,
+                created: created(&session.metadata),
+            });
+        }
+    }
+    match saves.list(&ListParams::default()).await {
+        Ok(list) => {
+            for save in list {
+                let finished = save.status.as_ref().is_some_and(|s| s.phase.is_finished());
+                if let (false, Some(image)) = (finished, object_of(&save.spec.image)) {
+                    claims.push(Claim {
+                        kind: "NodeSave",
+                        name: save.name_any(),
+                        image,
+                        created: created(&save.metadata),
+                    });
+                }
+            }
+        }
+        Err(source) => return Err(Error::kube(format!("listing NodeSaves of {namespace}"), source)),
+    }
+    Ok(claims)
+}
+
+/// Whether shell pods run user-namespaced here.
+async fn user_namespaces(context: &Context) -> bool {
+    use super::config::UserNamespaces;
+    match context.config.args.user_namespaces {
+        UserNamespaces::Always => true,
+        UserNamespaces::Never => false,
+        UserNamespaces::Auto => context.client.apiserver_version().await.is_ok_and(|info| {
+            info.major == "1"
+                && info
+                    .minor
+                    .trim_end_matches('+')
+                    .parse::<u32>()
+                    .is_ok_and(|minor| minor >= 33)
+        }),
+    }
+}
+
+async fn image_shell(
+    session: &ShellSession,
+    context: &Context,
+    mut status: ShellSessionStatus,
+    ttl: Duration,
+) -> Result<Action> {
+    let namespace = session.namespace().unwrap_or_default();
+    let name = session.name_any();
+    let image_name = session.spec.image.clone().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(context.client.clone(), &namespace);
+    let pod = pods
+        .get_opt(&shell_pod_name(&name))
+        .await
+        .context(|| format!("reading the shell pod of {name}"))?;
+    let claims = claims(context, &namespace).await?;
+    let object = ImageName::parse(&image_name)
+        .map(|n| n.object_name())
+        .unwrap_or_default();
+    let holder = holder_other_than(&claims, &object, "ShellSession", &name).map(Claim::label);
+    let step = next_step(
+        session,
+        pod.as_ref(),
+        holder.as_deref(),
+        ttl,
+        context.config.args.decision_timeout,
+        Timestamp::now(),
+    );
+    tracing::debug!(?step, "image shell step");
+    match step {
+        Step::Wait { recheck } => Ok(recheck.map_or_else(Action::await_change, |after| {
+            Action::requeue(after + Duration::from_secs(1))
+        })),
+        Step::WaitForImage { holder } => {
+            status.phase = ShellSessionPhase::Pending;
+            condition(
+                &mut status,
+                session,
+                READY,
+                ConditionStatus::False,
+                "WaitingForImage",
+                format!(
+                    "{holder} works on image {image_name} (one shell, copy or save at a time per image): this shell starts when it ends"
+                ),
+            );
+            write_status(context, session, status).await?;
+            Ok(Action::requeue(WAIT_RETRY))
+        }
+        Step::CreatePod => create_pod(session, context, status, &image_name).await,
+        Step::MarkRunning => {
+            status.phase = ShellSessionPhase::Running;
+            status.start_time = Some(Time(Timestamp::now()));
+            let message = format!(
+                "the shell runs in pod {}: attach with `kubectl walt image shell` or `kubectl attach -it`",
+                shell_pod_name(&name)
+            );
+            condition(
+                &mut status,
+                session,
+                READY,
+                ConditionStatus::True,
+                "ShellRunning",
+                message.clone(),
+            );
+            write_status(context, session, status).await?;
+            context
+                .event(session, EventType::Normal, "ShellRunning", "Start", message)
+                .await;
+            Ok(Action::requeue(Duration::from_mins(1)))
+        }
+        Step::Record(outcome) => record(session, context, status, &outcome).await,
+        Step::NothingChanged(outcome) => {
+            apply_outcome(&mut status, &outcome);
+            delete_pod(context, session).await?;
+            end(
+                context,
+                session,
+                status,
+                ShellSessionPhase::Discarded,
+                "NoChanges",
+                format!(
+                    "the shell ended (exit code {}) without changing image {image_name}",
+                    outcome.exit_code
+                ),
+            )
+            .await
+        }
+        Step::Fail(message) => {
+            delete_pod(context, session).await?;
+            end(
+                context,
+                session,
+                status,
+                ShellSessionPhase::Failed,
+                "ShellFailed",
+                message,
+            )
+            .await
+        }
+        Step::Save(target) => save(session, context, status, &target).await,
+        Step::Discard => {
+            delete_pod(context, session).await?;
+            end(
+                context,
+                session,
+                status,
+                ShellSessionPhase::Discarded,
+                "Discarded",
+                format!("the changes were discarded; image {image_name} was left as it was"),
+            )
+            .await
+        }
+        Step::Expire(message) => {
+            delete_pod(context, session).await?;
+            end(
+                context,
+                session,
+                status,
+                ShellSessionPhase::Expired,
+                "Expired",
+                message,
+            )
+            .await
+        }
+        Step::Cleanup => {
+            delete_pod(context, session).await?;
+            Ok(Action::await_change())
+        }
+    }
+}
+
+/// Copies what the shell runtime reported into the status (pure).
+pub fn apply_outcome(status: &mut ShellSessionStatus, outcome: &ShellOutcome) {
+    status.changes = Some(outcome.summary.clone());
+    status.emulated = Some(outcome.emulated);
+    if let Some(mode) = outcome.image_shell_mode() {
+        status.mode = Some(mode);
+    }
+    if let Some(digest) = &outcome.digest {
+        status.result = Some(ShellResult {
+            image: None,
+            digest: Some(digest.clone()),
+        });
+    }
+}
+
+async fn create_pod(
+    session: &ShellSession,
+    context: &Context,
+    mut status: ShellSessionStatus,
+    image_name: &str,
+) -> Result<Action> {
+    let namespace = session.namespace().unwrap_or_default();
+    let Some((image, from_catalog)) = find_image(context, &namespace, image_name).await? else {
+        return end(
+            context,
+            session,
+            status,
+            ShellSessionPhase::Failed,
+            "ImageNotFound",
+            format!("image {image_name} not found in {namespace} nor in the shared catalog: clone it first (`kubectl walt image clone REF {image_name}`)"),
+        )
+        .await;
+    };
+    let image_status = image.status.clone().unwrap_or_default();
+    if let Some(layers) = image_status.layers.filter(|layers| *layers >= MAX_LAYERS) {
+        return end(
+            context,
+            session,
+            status,
+            ShellSessionPhase::Failed,
+            "TooManyLayers",
+            format!("image {image_name} has {layers} layers: a shell needs fewer than {MAX_LAYERS}; squash it first (`kubectl walt image squash {image_name}`)"),
+        )
+        .await;
+    }
+    let Some(pinned) = pinned_reference_of(&image) else {
+        status.phase = ShellSessionPhase::Pending;
+        condition(
+            &mut status,
+            session,
+            READY,
+            ConditionStatus::False,
+            "ImageNotReady",
+            format!(
+                "image {image_name} is not resolved yet (see its Ready condition): the shell starts once it is"
+            ),
+        );
+        write_status(context, session, status).await?;
+        return Ok(Action::requeue(WAIT_RETRY));
+    };
+    // Changes are pushed into the tenant's own repository of that image.
+    let own_repository = if from_catalog {
+        let parsed = ImageName::parse(image_name).map_err(|error| Error::Invalid(error.to_string()))?;
+        repository_of(&parsed.default_reference(&context.config.args.lab_registry, &namespace)).to_owned()
+    } else {
+        repository_of(&pinned).to_owned()
+    };
+    let commit_to = format!("{own_repository}:{}", scratch_tag(session));
+    let registry_credentials = super::node_reconcile::ensure_registry_secret(context, &namespace).await?;
+    let registry_host = context.config.registry_host.clone();
+    let inputs = ShellPodInputs {
+        runtime_image: &context.config.args.shell_image,
+        image_reference: &pinned,
+        commit_to: &commit_to,
+        insecure_registry: context
+            .config
+            .args
+            .registry_plain_http
+            .then_some(registry_host.as_str()),
+        user_namespaces: user_namespaces(context).await,
+        cache: &context.config.args.shell_cache,
+        registry_credentials,
+    };
+    let pod = build_shell_pod(session, &inputs);
+    let pods: Api<Pod> = Api::namespaced(context.client.clone(), &namespace);
+    context.apply(&pods, &pod).await?;
+    let pod_name = pod.name_any();
+    status.phase = ShellSessionPhase::Starting;
+    status.pod = Some(pod_name.clone());
+    let message = format!(
+        "starting shell pod {pod_name} on {image_name} ({}, {})",
+        short_digest(image_status.digest.as_deref().unwrap_or_default()),
+        if inputs.user_namespaces {
+            "user-namespaced"
+        } else {
+            "privileged"
+        }
+    );
+    condition(
+        &mut status,
+        session,
+        READY,
+        ConditionStatus::False,
+        "PodStarting",
+        message.clone(),
+    );
+    write_status(context, session, status).await?;
+    context
+        .event(session, EventType::Normal, "PodCreated", "Start", message)
+        .await;
+    Ok(Action::requeue(Duration::from_secs(30)))
+}
+
+async fn record(
+    session: &ShellSession,
+    context: &Context,
+    mut status: ShellSessionStatus,
+    outcome: &ShellOutcome,
+) -> Result<Action> {
+    apply_outcome(&mut status, outcome);
+    status.phase = ShellSessionPhase::AwaitingDecision;
+    status.completion_time = Some(Time(Timestamp::now()));
+    let changes = &outcome.summary;
+    let message = format!(
+        "{} added, {} modified, {} deleted ({} bytes), pushed as {}; set spec.saveAs (an image name) or spec.discard: true (no decision within {}: the digest is kept, no tag moves)",
+        changes.added,
+        changes.modified,
+        changes.deleted,
+        changes.bytes,
+        outcome.digest.as_deref().unwrap_or_default(),
+        walt_crds::format_duration(context.config.args.decision_timeout)
+    );
+    condition(
+        &mut status,
+        session,
+        READY,
+        ConditionStatus::False,
+        "AwaitingDecision",
+        message.clone(),
+    );
+    write_status(context, session, status).await?;
+    delete_pod(context, session).await?;
+    context
+        .event(session, EventType::Normal, "AwaitingDecision", "Commit", message)
+        .await;
+    Ok(Action::requeue(context.config.args.decision_timeout))
+}
+
+async fn save(
+    session: &ShellSession,
+    context: &Context,
+    status: ShellSessionStatus,
+    target: &str,
+) -> Result<Action> {
+    let namespace = session.namespace().unwrap_or_default();
+    let Some(digest) = status.result.as_ref().and_then(|result| result.digest.clone()) else {
+        return end(
+            context,
+            session,
+            status,
+            ShellSessionPhase::Failed,
+            "NoDigest",
+            "the session has no pushed digest to save".into(),
+        )
+        .await;
+    };
+    let target_name = match ImageName::parse(target) {
+        Ok(name) => name,
+        Err(error) => {
+            return end(
+                context,
+                session,
+                status,
+                ShellSessionPhase::Failed,
+                "InvalidImageName",
+                format!("spec.saveAs: {error}"),
+            )
+            .await;
+        }
+    };
+    // Where the runtime pushed: the repository of the scratch tag.
+    let source_name = session.spec.image.clone().unwrap_or_default();
+    let source_repository = match find_image(context, &namespace, &source_name).await? {
+        Some((image, false)) => pinned_reference_of(&image).map(|pinned| repository_of(&pinned).to_owned()),
+        _ => None,
+    }
+    .or_else(|| {
+        ImageName::parse(&source_name).ok().map(|name| {
+            repository_of(&name.default_reference(&context.config.args.lab_registry, &namespace)).to_owned()
+        })
+    })
+    .unwrap_or_default();
+    let images: Api<Image> = Api::namespaced(context.client.clone(), &namespace);
+    let object = target_name.object_name();
+    let existing = images
+        .get_opt(&object)
+        .await
+        .context(|| format!("reading Image {namespace}/{object}"))?;
+    let target_reference = match &existing {
+        Some(image) => lab_reference(image, &context.config.args.lab_registry)?,
+        None => target_name.default_reference(&context.config.args.lab_registry, &namespace),
+    };
+    // Same registry: the blobs are mounted, the manifest is pushed unchanged (same digest).
+    let registry = super::image_reconcile::registry_client(context)?;
+    let pushed = format!("{source_repository}@{digest}");
+    let resolved = registry
+        .resolve(&pushed, None)
+        .await
+        .map_err(|error| Error::Registry(format!("reading the pushed changes {pushed}: {error}")))?;
+    registry
+        .copy_image(&resolved, &target_reference, |_| {})
+        .await
+        .map_err(|error| Error::Registry(format!("saving {digest} as {target_reference}: {error}")))?;
+    let now = Timestamp::now().to_string();
+    if existing.is_some() {
+        // The Image controller resolves it again at once; the Node controller
+        // then reboots the nodes that boot it (their image's digest moved).
+        let patch = serde_json::json!({"metadata": {"annotations": {RESOLVE_ANNOTATION: now}}});
+        images
+            .patch(&object, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .context(|| format!("asking Image {namespace}/{object} to be resolved again"))?;
+    } else {
+        let mut image = Image::new(&object, ImageSpec::default());
+        image.metadata.namespace = Some(namespace.clone());
+        image.metadata.annotations = Some([(RESOLVE_ANNOTATION.to_owned(), now)].into());
+        images
+            .create(
+                &kube::api::PostParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..Default::default()
+                },
+                &image,
+            )
+            .await
+            .context(|| format!("creating Image {namespace}/{object}"))?;
+    }
+    let nodes: Api<Node> = Api::namespaced(context.client.clone(), &namespace);
+    let rebooting: Vec<String> = nodes
+        .list(&ListParams::default())
+        .await
+        .context(|| format!("listing Nodes of {namespace}"))?
+        .into_iter()
+        .filter(|node| {
+            node.spec
+                .image
+                .as_deref()
+                .and_then(|i| ImageName::parse(i).ok())
+                .as_ref()
+                == Some(&target_name)
+        })
+        .map(|node| node.name_any())
+        .collect();
+    let mut status = status;
+    status.result = Some(ShellResult {
+        image: Some(target_name.to_string()),
+        digest: Some(digest.clone()),
+    });
+    let message = if rebooting.is_empty() {
+        format!("the changes are saved as image {target_name} ({digest})")
+    } else {
+        format!(
+            "the changes are saved as image {target_name} ({digest}); the {} node(s) that boot it reboot: {}",
+            rebooting.len(),
+            rebooting.join(", ")
+        )
+    };
+    end(
+        context,
+        session,
+        status,
+        ShellSessionPhase::Saved,
+        "Saved",
+        message,
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use walt_crds::{Changes, ShellSessionSpec};
+
+    #[test]
+    fn finishing_sets_complete_and_clears_ready() {
+        let session = ShellSession::new("s", ShellSessionSpec::default());
+        let mut status = ShellSessionStatus {
+            phase: ShellSessionPhase::Running,
+            ..ShellSessionStatus::default()
+        };
+        finish(
+            &mut status,
+            &session,
+            ShellSessionPhase::Expired,
+            "TTLExpired",
+            "the session reached its ttl",
+        );
+        assert_eq!(status.phase, ShellSessionPhase::Expired);
+        assert!(status.completion_time.is_some());
+        let complete =
+            walt_crds::find_condition(&status.conditions, condition_types::COMPLETE).expect("Complete");
+        assert_eq!(
+            (complete.status.as_str(), complete.reason.as_str()),
+            ("True", "TTLExpired")
+        );
+        let ready = walt_crds::find_condition(&status.conditions, READY).expect("Ready");
+        assert_eq!(ready.status, "False");
+    }
+
+    #[test]
+    fn outcome_goes_to_status() {
+        let mut status = ShellSessionStatus::default();
+        apply_outcome(
+            &mut status,
+            &ShellOutcome {
+                digest: Some("sha256:d1".into()),
+                summary: Changes {
+                    added: 2,
+                    ..Changes::default()
+                },
+                emulated: true,
+                mode: Some("init".into()),
+                ..ShellOutcome::default()
+            },
+        );
+        assert_eq!(status.changes.map(|c| c.added), Some(2));
+        assert_eq!(status.emulated, Some(true));
+        assert_eq!(status.mode, Some(walt_crds::ImageShellMode::Init));
+        assert_eq!(status.result.and_then(|r| r.digest), Some("sha256:d1".into()));
+    }
+}

@@ -16,14 +16,14 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Api, ResourceExt};
 use walt_crds::{
-    ConditionStatus, Gateway, Image, ImageName, ImageSpec, Node, NodeSave, ShellResult, ShellSession,
-    ShellSessionPhase, ShellSessionStatus, condition_types, new_condition, set_condition, short_digest,
+    ConditionStatus, Gateway, Image, ImageName, Node, ShellResult, ShellSession, ShellSessionPhase,
+    ShellSessionStatus, condition_types, new_condition, set_condition, short_digest,
 };
 
 use super::context::{Context, FIELD_MANAGER};
@@ -43,6 +43,9 @@ pub const FINALIZER: &str = "walt.dev/shell-session-cleanup";
 pub const MAX_LAYERS: u32 = 128;
 /// How often a waiting session looks again (its holder ending does not wake it).
 const WAIT_RETRY: Duration = Duration::from_secs(5);
+
+/// Annotation of an Image saved by a ShellSession: the session's uid.
+pub const SAVED_BY_ANNOTATION: &str = "walt.dev/saved-by-shell-session";
 
 /// Condition type: the session is usable (the shell runs, or the gateway admits the key).
 pub const READY: &str = condition_types::READY;
@@ -331,51 +334,6 @@ async fn delete_pod(context: &Context, session: &ShellSession) -> Result<()> {
     }
 }
 
-/// The unfinished ShellSessions and NodeSaves of a namespace, as claims on images.
-async fn claims(context: &Context, namespace: &str) -> Result<Vec<Claim>> {
-    let sessions: Api<ShellSession> = Api::namespaced(context.client.clone(), namespace);
-    let saves: Api<NodeSave> = Api::namespaced(context.client.clone(), namespace);
-    let object_of = |image: &str| ImageName::parse(image).ok().map(|name| name.object_name());
-    let created = |meta: &ObjectMeta| {
-        meta.creation_timestamp
-            .as_ref()
-            .map_or(Timestamp::UNIX_EPOCH, |t| t.0)
-    };
-    let mut claims = Vec::new();
-    for session in sessions
-        .list(&ListParams::default())
-        .await
-        .context(|| format!("listing ShellSessions of {namespace}"))?
-    {
-        let finished = session.status.as_ref().is_some_and(|s| s.phase.is_finished());
-        if let (false, Some(image)) = (finished, session.spec.image.as_deref().and_then(object_of)) {
-            claims.push(Claim {
-                kind: "ShellSession",
-                name: session.name_any(),
-                image,
-                created: created(&session.metadata),
-            });
-        }
-    }
-    match saves.list(&ListParams::default()).await {
-        Ok(list) => {
-            for save in list {
-                let finished = save.status.as_ref().is_some_and(|s| s.phase.is_finished());
-                if let (false, Some(image)) = (finished, object_of(&save.spec.image)) {
-                    claims.push(Claim {
-                        kind: "NodeSave",
-                        name: save.name_any(),
-                        image,
-                        created: created(&save.metadata),
-                    });
-                }
-            }
-        }
-        Err(source) => return Err(Error::kube(format!("listing NodeSaves of {namespace}"), source)),
-    }
-    Ok(claims)
-}
-
 /// Whether shell pods run user-namespaced here.
 async fn user_namespaces(context: &Context) -> bool {
     use super::config::UserNamespaces;
@@ -407,7 +365,7 @@ async fn image_shell(
         .get_opt(&shell_pod_name(&name))
         .await
         .context(|| format!("reading the shell pod of {name}"))?;
-    let claims = claims(context, &namespace).await?;
+    let claims = super::lock::claims_in(context, &namespace).await?;
     let object = ImageName::parse(&image_name)
         .map(|n| n.object_name())
         .unwrap_or_default();
@@ -736,30 +694,26 @@ async fn save(
         .copy_image(&resolved, &target_reference, |_| {})
         .await
         .map_err(|error| Error::Registry(format!("saving {digest} as {target_reference}: {error}")))?;
-    let now = Timestamp::now().to_string();
-    if existing.is_some() {
-        // The Image controller resolves it again at once; the Node controller
-        // then reboots the nodes that boot it (their image's digest moved).
-        let patch = serde_json::json!({"metadata": {"annotations": {RESOLVE_ANNOTATION: now}}});
-        images
-            .patch(&object, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .context(|| format!("asking Image {namespace}/{object} to be resolved again"))?;
-    } else {
-        let mut image = Image::new(&object, ImageSpec::default());
-        image.metadata.namespace = Some(namespace.clone());
-        image.metadata.annotations = Some([(RESOLVE_ANNOTATION.to_owned(), now)].into());
-        images
-            .create(
-                &kube::api::PostParams {
-                    field_manager: Some(FIELD_MANAGER.into()),
-                    ..Default::default()
-                },
-                &image,
-            )
-            .await
-            .context(|| format!("creating Image {namespace}/{object}"))?;
-    }
+    // Created, or marked updated: the Image controller resolves it again at
+    // once, and the Node controller then reboots the nodes that boot it
+    // (their image's digest moved).
+    let body = serde_json::json!({
+        "apiVersion": "walt.dev/v1alpha1",
+        "kind": "Image",
+        "metadata": {"name": object, "annotations": {
+            RESOLVE_ANNOTATION: digest,
+            SAVED_BY_ANNOTATION: session.uid().unwrap_or_default(),
+        }},
+        "spec": {},
+    });
+    images
+        .patch(
+            &object,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .context(|| format!("updating Image {namespace}/{object}"))?;
     let nodes: Api<Node> = Api::namespaced(context.client.clone(), &namespace);
     let rebooting: Vec<String> = nodes
         .list(&ListParams::default())

@@ -2,12 +2,14 @@
 
 use std::time::Instant;
 
-use kube::api::{DeleteParams, PostParams};
+use kube::ResourceExt as _;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use walt_crds::{Image, ImageName, ImageSpec, Platform, SecretReference};
 
 use crate::cli::OutputFormat;
 use crate::cluster::{Ctx, tick};
 use crate::describe::{image_page, image_table};
+use crate::dialogue::{confirm, overwrite_question};
 use crate::error::{Error, Op, Result};
 use crate::format::{bytes, clock, serialize_objects, short_digest, split_set};
 use crate::progress::{Progress, Sample};
@@ -409,17 +411,108 @@ pub async fn rename(ctx: &Ctx, image: &str, new: &str) -> Result<()> {
 /// Whether an image has too many layers for a shell.
 pub const MAX_SHELL_LAYERS: u32 = 128;
 
-/// `image squash IMAGE`: the walt API has no squash operation yet (no field or kind asks the
-/// operator to rewrite an image as one layer), so this says so, with the layer count.
-pub async fn squash(ctx: &Ctx, image: &str, _yes: bool) -> Result<()> {
+/// Annotation that asks the operator to squash an image (its value: when, RFC 3339).
+pub const SQUASH_ANNOTATION: &str = "walt.dev/squash-requested-at";
+/// Annotation the operator sets to the request it handled.
+pub const SQUASH_HANDLED_ANNOTATION: &str = "walt.dev/squash-handled-at";
+
+/// Asks before rewriting an image that nodes boot (they reboot on it); `--yes` skips the question, and
+/// without a terminal to ask on, the answer is no. Returns the nodes that boot it.
+pub async fn confirm_overwrite(
+    ctx: &Ctx,
+    image: &ImageName,
+    yes: bool,
+    refused: &str,
+) -> Result<Vec<String>> {
+    let booted_by = nodes_booting(&list_nodes(ctx).await?, image);
+    if booted_by.is_empty() || yes {
+        return Ok(booted_by);
+    }
+    let question = overwrite_question(&image.to_string(), &booted_by);
+    let ok = crate::terminal::interactive()
+        && tokio::task::spawn_blocking(move || {
+            confirm(&question, &mut std::io::stdin().lock(), &mut std::io::stderr())
+        })
+        .await
+        .map_err(|e| Error::Failed(format!("the prompt failed: {e}")))?
+        .map_err(Error::io("cannot read the answer"))?;
+    if ok {
+        return Ok(booted_by);
+    }
+    Err(Error::Failed(format!(
+        "{refused}: image {image} is booted by {} (add --yes to overwrite it anyway)",
+        booted_by.join(", ")
+    )))
+}
+
+/// `image squash IMAGE`: asks the operator (annotation [`SQUASH_ANNOTATION`]) to rewrite the image as one
+/// layer under the same name, waits until it has, and prints what it did.
+pub async fn squash(ctx: &Ctx, image: &str, yes: bool) -> Result<()> {
     let name = image_name(image)?;
     let object = ctx.get_image(&name.object_name(), &name.to_string()).await?;
-    let layers = object.status.and_then(|s| s.layers);
-    Err(Error::Failed(format!(
-        "cannot squash image {name} ({} layers): this walt operator has no squash operation yet (the walt.dev API has no field or kind for it). \
-         Meanwhile, `kubectl walt image shell` works on images below {MAX_SHELL_LAYERS} layers.",
-        layers.map_or_else(|| "?".into(), |l| l.to_string())
-    )))
+    let layers = object.status.as_ref().and_then(|s| s.layers);
+    if layers.is_some_and(|l| l <= 1) {
+        println!("Image {name} already has one layer: nothing to squash.");
+        return Ok(());
+    }
+    confirm_overwrite(ctx, &name, yes, "not squashed").await?;
+    let requested = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let patch = serde_json::json!({"metadata": {"annotations": {SQUASH_ANNOTATION: requested}}});
+    ctx.images()
+        .patch(
+            &name.object_name(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .map_err(|e| {
+            Error::api(
+                Op::named(
+                    "patch",
+                    "image",
+                    "images.walt.dev",
+                    &name.to_string(),
+                    &ctx.namespace,
+                ),
+                e,
+            )
+        })?;
+    let start = Instant::now();
+    let mut line = LiveLine::stderr();
+    let handled = loop {
+        let object = ctx.get_image(&name.object_name(), &name.to_string()).await?;
+        if object.annotations().get(SQUASH_HANDLED_ANNOTATION) == Some(&requested) {
+            break object;
+        }
+        line.show(&format!(
+            "squashing {name} ({} layers)…  elapsed {}",
+            layers.map_or_else(|| "?".into(), |l| l.to_string()),
+            clock(start.elapsed())
+        ));
+        tick().await;
+    };
+    line.finish();
+    let uid = handled.metadata.uid.clone().unwrap_or_default();
+    let outcome = ctx
+        .events_for(&uid)
+        .await
+        .into_iter()
+        .rev()
+        .find(|e| matches!(e.reason.as_deref(), Some("Squashed" | "SquashFailed")));
+    match outcome {
+        Some(event) if event.reason.as_deref() == Some("SquashFailed") => Err(Error::Failed(format!(
+            "image {name} was not squashed: {}",
+            event.message.unwrap_or_default()
+        ))),
+        Some(event) => {
+            println!("{}", event.message.unwrap_or_default());
+            Ok(())
+        }
+        None => {
+            println!("Image {name} squashed (see `kubectl walt image show {name}`).");
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]

@@ -15,9 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use walt_crds::{ImageName, ShellMode, ShellSessionPhase, ShellSessionSpec};
 
 use crate::cluster::Ctx;
-use crate::dialogue::{confirm, overwrite_question};
 use crate::error::{Error, Op, Result};
-use crate::resolve::{image_name, list_nodes, nodes_booting};
+use crate::resolve::image_name;
 use crate::session::{self, Created};
 use crate::watch::interruptible;
 
@@ -313,23 +312,7 @@ async fn copy_in(ctx: &Ctx, local: &Path, image: &ImageName, path: &str, yes: bo
     } else {
         path.to_string()
     };
-    let booted_by = nodes_booting(&list_nodes(ctx).await?, image);
-    if !booted_by.is_empty() && !yes {
-        let question = overwrite_question(&image.to_string(), &booted_by);
-        let ok = crate::terminal::interactive()
-            && tokio::task::spawn_blocking(move || {
-                confirm(&question, &mut std::io::stdin().lock(), &mut std::io::stderr())
-            })
-            .await
-            .map_err(|e| Error::Failed(format!("the prompt failed: {e}")))?
-            .map_err(Error::io("cannot read the answer"))?;
-        if !ok {
-            return Err(Error::Failed(format!(
-                "not copied: image {image} is booted by {} (add --yes to overwrite it anyway)",
-                booted_by.join(", ")
-            )));
-        }
-    }
+    let booted_by = crate::image_cmd::confirm_overwrite(ctx, image, yes, "not copied").await?;
     let script = import_script(&base, &dest);
     let (created, pod) = start_session(ctx, image).await?;
     let outcome = interruptible(async {

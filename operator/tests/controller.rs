@@ -1696,3 +1696,104 @@ fn node_shell_through_the_operator_gateway_until_ttl_or_deletion() {
         "audit line missing:\n{audit}"
     );
 }
+
+/// `walt.dev/squash-requested-at` on an Image: the operator rewrites it as one layer under the same
+/// tag; umoci sees exactly the files of the layered original (deletions and a recreated directory
+/// included), the status says one layer, and an Event says what happened, once per request.
+#[test]
+fn image_squash_request_rewrites_the_image_as_one_layer_with_the_same_files() {
+    use walt_tests::images::{Arch, OciLayout, skopeo_umoci_unpack};
+    use walt_tests::registry::Registry;
+    use walt_tests::tree::{SnapshotOptions, assert_same_tree};
+    let cluster = cluster();
+    let (namespace, _dir) = tenant(cluster, "op-squash");
+    let registry = Registry::start().expect("start a docker-registry on loopback");
+    let layout = OciLayout::busybox(Arch::Amd64).expect("busybox image");
+    layout
+        .add_layer("base", "v2", |root| {
+            std::fs::write(root.join("etc/walt-note"), "first\n")?;
+            std::fs::create_dir_all(root.join("opt/data"))?;
+            std::fs::write(root.join("opt/data/old"), "old\n")?;
+            std::fs::write(root.join("bin/extra"), "extra\n")
+        })
+        .expect("second layer");
+    layout
+        .add_layer("v2", "v3", |root| {
+            std::fs::write(root.join("etc/walt-note"), "second\n")?;
+            std::fs::remove_dir_all(root.join("opt/data"))?;
+            std::fs::create_dir_all(root.join("opt/data"))?;
+            std::fs::write(root.join("opt/data/new"), "new\n")?;
+            std::fs::remove_file(root.join("bin/extra"))
+        })
+        .expect("third layer");
+    layout
+        .push("v3", &registry, "lab/layered:latest")
+        .expect("push the layered image");
+    let expected_dir = tempfile::tempdir().expect("tempdir");
+    let expected = layout
+        .umoci_unpack("v3", expected_dir.path())
+        .expect("umoci unpack the original");
+    let lab = format!("{}/lab", registry.host());
+    let operator = Operator::start(cluster, &namespace, "squash", &["--lab-registry", &lab]);
+    operator.wait_ready(Duration::from_mins(1));
+    apply(
+        cluster,
+        &namespace,
+        &format!(
+            "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata:\n  name: layered\nspec:\n  reference: {}\n",
+            registry.reference("lab/layered:latest")
+        ),
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "image/layered",
+        "{.status.layers}",
+        "3",
+        Duration::from_mins(1),
+        &operator,
+    );
+    let before = jsonpath(cluster, &namespace, "image/layered", "{.status.digest}");
+    kubectl(
+        cluster,
+        &namespace,
+        &[
+            "annotate",
+            "image/layered",
+            "walt.dev/squash-requested-at=2026-11-22T10:00:00Z",
+        ],
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "image/layered",
+        "{.metadata.annotations.walt\\.dev/squash-handled-at}",
+        "2026-11-22T10:00:00Z",
+        Duration::from_mins(2),
+        &operator,
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "image/layered",
+        "{.status.layers}",
+        "1",
+        Duration::from_mins(1),
+        &operator,
+    );
+    let after = jsonpath(cluster, &namespace, "image/layered", "{.status.digest}");
+    assert_ne!(before, after, "the tag must point to the squashed image");
+    assert_eq!(
+        skopeo_digest(&registry.reference("lab/layered:latest")).expect("skopeo inspect"),
+        after
+    );
+    let actual_dir = tempfile::tempdir().expect("tempdir");
+    let actual = skopeo_umoci_unpack(&registry, "lab/layered:latest", actual_dir.path())
+        .expect("skopeo + umoci unpack the squashed image");
+    assert_same_tree(&expected, &actual, &SnapshotOptions::default());
+    let events = kubectl(cluster, &namespace, &["get", "events", "-o", "wide"]);
+    assert!(
+        events.contains("Squashed") && events.contains("3 layers squashed into one"),
+        "{events}"
+    );
+}

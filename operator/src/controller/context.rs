@@ -163,6 +163,15 @@ pub fn key_of<K: Resource<DynamicType = ()>>(object: &K) -> String {
 /// Shared handle to the context.
 pub type Ctx = Arc<Context>;
 
+/// A request a user made through an annotation (`…-requested-at`, a new value each time) that the
+/// operator has not handled yet (its `…-handled-at` annotation holds another value), pure.
+pub fn pending_request<K: kube::ResourceExt>(object: &K, requested: &str, handled: &str) -> Option<String> {
+    let annotations = object.annotations();
+    let asked = annotations.get(requested)?.trim();
+    let done = annotations.get(handled).map(|value| value.trim());
+    (!asked.is_empty() && done != Some(asked)).then(|| asked.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

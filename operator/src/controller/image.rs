@@ -30,6 +30,23 @@ pub const NODE_MODELS_LABEL: &str = "walt.node.models";
 /// each time; the operator sets it after moving the image's tag).
 pub const RESOLVE_ANNOTATION: &str = "walt.dev/resolve-requested";
 
+/// Annotation a user (`kubectl walt image squash`) sets to ask for the image's layers to be squashed
+/// into one; its value (when it was asked, RFC 3339) changes with each request.
+pub const SQUASH_REQUESTED_ANNOTATION: &str = "walt.dev/squash-requested-at";
+/// Annotation the operator sets to the [`SQUASH_REQUESTED_ANNOTATION`] value it has handled (done or
+/// refused: the Events say which), so each request runs once.
+pub const SQUASH_HANDLED_ANNOTATION: &str = "walt.dev/squash-handled-at";
+
+/// The squash request not handled yet, if any (pure).
+pub fn pending_squash_request(image: &Image) -> Option<String> {
+    let annotations = image.annotations();
+    let requested = annotations.get(SQUASH_REQUESTED_ANNOTATION)?.trim();
+    let handled = annotations
+        .get(SQUASH_HANDLED_ANNOTATION)
+        .map(|value| value.trim());
+    (!requested.is_empty() && handled != Some(requested)).then(|| requested.to_owned())
+}
+
 /// What the registry says about an image.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ImageFacts {
@@ -210,6 +227,30 @@ mod tests {
             size: 1234,
             shell_mode: Some(ImageShellMode::Init),
         }
+    }
+
+    #[test]
+    fn a_squash_request_is_pending_until_its_value_is_handled() {
+        let mut image = image("rpi", None);
+        assert_eq!(pending_squash_request(&image), None);
+        image
+            .annotations_mut()
+            .insert(SQUASH_REQUESTED_ANNOTATION.into(), "2026-11-22T10:00:00Z".into());
+        assert_eq!(
+            pending_squash_request(&image).as_deref(),
+            Some("2026-11-22T10:00:00Z")
+        );
+        image
+            .annotations_mut()
+            .insert(SQUASH_HANDLED_ANNOTATION.into(), "2026-11-22T10:00:00Z".into());
+        assert_eq!(pending_squash_request(&image), None);
+        image
+            .annotations_mut()
+            .insert(SQUASH_REQUESTED_ANNOTATION.into(), "2026-11-22T11:00:00Z".into());
+        assert_eq!(
+            pending_squash_request(&image).as_deref(),
+            Some("2026-11-22T11:00:00Z")
+        );
     }
 
     #[test]

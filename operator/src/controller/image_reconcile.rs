@@ -11,18 +11,24 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use walt_crds::{
-    CloneProgress, Image, ImageShellMode, ImageStatus, Platform, condition_types, find_condition,
+    CloneProgress, Image, ImageShellMode, ImageStatus, NodeSave, Platform, ShellSession, condition_types,
+    find_condition,
 };
 
 use super::config::secret_key;
 use super::context::Context;
 use super::error::{Error, Result};
-use super::image::{ImageFacts, cloning_status, failed_status, lab_reference, ready_status};
-use crate::oci::{ClientOptions, CopyProgress, Credentials, RegistryClient, ResolvedImage};
+use super::image::{
+    ImageFacts, SQUASH_HANDLED_ANNOTATION, cloning_status, failed_status, lab_reference,
+    pending_squash_request, ready_status,
+};
+use super::lock::claims_of;
+use crate::oci::{ClientOptions, CommitOptions, CopyProgress, Credentials, RegistryClient, ResolvedImage};
 use crate::runtime::changes::human_bytes;
 
 /// How soon an Image whose reference is invalid is looked at again (the
@@ -290,6 +296,116 @@ async fn shell_mode(
     }
 }
 
+/// How soon a squash waiting for a shell or save on the image looks again.
+const SQUASH_WAIT: Duration = Duration::from_secs(10);
+
+/// Records that the squash request `value` was handled (a merge patch of one annotation).
+async fn mark_squash_handled(context: &Context, image: &Image, value: &str) -> Result<()> {
+    let patch = serde_json::json!({"metadata": {"annotations": {SQUASH_HANDLED_ANNOTATION: value}}});
+    Api::<Image>::namespaced(context.client.clone(), &image.namespace().unwrap_or_default())
+        .patch(&image.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(|_| ())
+        .map_err(|source| Error::Kube {
+            action: format!("recording the squash request of Image {}", image.name_any()),
+            source,
+        })
+}
+
+/// The shell or save working on this Image right now, if any (`Kind/name`).
+async fn busy_with(context: &Context, image: &Image) -> Result<Option<String>> {
+    let namespace = image.namespace().unwrap_or_default();
+    let list = kube::api::ListParams::default();
+    let saves = Api::<NodeSave>::namespaced(context.client.clone(), &namespace)
+        .list(&list)
+        .await
+        .map_err(|source| Error::Kube {
+            action: format!("listing NodeSaves in {namespace}"),
+            source,
+        })?;
+    let sessions = Api::<ShellSession>::namespaced(context.client.clone(), &namespace)
+        .list(&list)
+        .await
+        .map_err(|source| Error::Kube {
+            action: format!("listing ShellSessions in {namespace}"),
+            source,
+        })?;
+    let name = image.name_any();
+    Ok(claims_of(&saves.items, &sessions.items)
+        .into_iter()
+        .find(|claim| claim.image == name)
+        .map(|claim| claim.label()))
+}
+
+/// Squashes the image into one layer and moves its tag, once per request; Events say what happened.
+/// Returns when to look again if it must wait for a shell or a save.
+async fn squash(
+    image: &Image,
+    context: &Context,
+    client: &RegistryClient,
+    resolved: &ResolvedImage,
+    reference: &str,
+    request: &str,
+) -> Result<Option<Duration>> {
+    if let Some(holder) = busy_with(context, image).await? {
+        context
+            .event(
+                image,
+                EventType::Normal,
+                "SquashWaiting",
+                "Squash",
+                format!(
+                    "waiting for {holder} to finish before squashing (one shell, save or squash per image)"
+                ),
+            )
+            .await;
+        return Ok(Some(SQUASH_WAIT));
+    }
+    let layers = resolved.layers.len();
+    let outcome = if layers <= 1 {
+        Ok(format!("{reference} has {layers} layer: nothing to squash"))
+    } else {
+        match crate::runtime::image::split_target(reference) {
+            Err(error) => Err(format!("{reference} cannot be squashed in place: {error}")),
+            Ok((repository, tag)) => {
+                let mut options = CommitOptions::new("walt image squash");
+                options.comment = Some(format!(
+                    "{layers} layers of {} squashed into one",
+                    resolved.digest
+                ));
+                match client.squash(resolved, &repository, options).await {
+                    Err(error) => Err(format!("squashing {reference}: {error} (the tag was not moved)")),
+                    Ok(pushed) => match client.tag(&repository, &pushed.manifest_digest, &tag).await {
+                        Err(error) => Err(format!(
+                            "squashed into {}, but moving tag {tag} failed: {error}",
+                            pushed.reference
+                        )),
+                        Ok(()) => Ok(format!(
+                            "{layers} layers squashed into one: {reference} is now {} ({})",
+                            pushed.manifest_digest,
+                            human_bytes(pushed.layer_size)
+                        )),
+                    },
+                }
+            }
+        }
+    };
+    match outcome {
+        Ok(message) => {
+            context
+                .event(image, EventType::Normal, "Squashed", "Squash", message)
+                .await;
+        }
+        Err(message) => {
+            context
+                .event(image, EventType::Warning, "SquashFailed", "Squash", message)
+                .await;
+        }
+    }
+    mark_squash_handled(context, image, request).await?;
+    Ok(None)
+}
+
 /// Reconciles one Image.
 pub async fn reconcile(image: Arc<Image>, context: Arc<Context>) -> Result<Action> {
     let namespace = image.namespace().unwrap_or_default();
@@ -349,6 +465,13 @@ pub async fn reconcile(image: Arc<Image>, context: Arc<Context>) -> Result<Actio
             return Ok(Action::requeue(interval));
         }
     };
+    if let Some(request) = pending_squash_request(&image) {
+        if let Some(wait) = squash(&image, &context, &client, &resolved, &reference, &request).await? {
+            return Ok(Action::requeue(wait));
+        }
+        // The tag moved (or not): the handled annotation wakes this Image again to resolve it.
+        return Ok(Action::requeue(interval));
+    }
     let mut facts = facts_of(resolved.clone());
     facts.shell_mode = shell_mode(&image, &client, &resolved).await;
     let mut status = ready_status(&image, &reference, &facts, Timestamp::now());

@@ -40,12 +40,7 @@ pub const REBOOT_HANDLED_ANNOTATION: &str = "walt.dev/reboot-handled-at";
 /// The reboot request not handled yet, if any (pure): a new value of
 /// [`REBOOT_REQUESTED_ANNOTATION`] that [`REBOOT_HANDLED_ANNOTATION`] does not hold.
 pub fn pending_reboot_request(node: &Node) -> Option<String> {
-    let annotations = node.annotations();
-    let requested = annotations.get(REBOOT_REQUESTED_ANNOTATION)?.trim();
-    let handled = annotations
-        .get(REBOOT_HANDLED_ANNOTATION)
-        .map(|value| value.trim());
-    (!requested.is_empty() && handled != Some(requested)).then(|| requested.to_owned())
+    super::context::pending_request(node, REBOOT_REQUESTED_ANNOTATION, REBOOT_HANDLED_ANNOTATION)
 }
 
 /// Records that the reboot request `value` was handled (a merge patch of one

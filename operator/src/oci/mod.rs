@@ -44,6 +44,7 @@ mod copy;
 mod error;
 mod image;
 mod registry;
+mod squash;
 
 pub use compress::{Compression, Compressor, HashingWriter, ParallelGzip};
 pub use copy::CopyProgress;

@@ -1,0 +1,349 @@
+//! Operator at scale (issue 7's benchmark; figures, not pass/fail): N physical Nodes and M Images on
+//! a real control plane (etcd + kube-apiserver of the harness), then the operator binary is started
+//! and measured:
+//!
+//! - time from its start until every Node has a phase and every Image is `Ready=True`;
+//! - its peak RSS (`VmHWM` of `/proc/PID/status`; budget ≤ 150 MiB);
+//! - reconciles per minute once idle (from `/metrics`), next to what the requeue intervals predict
+//!   (Nodes every `--probe-interval`, Images every `--resolve-interval`): more would be a hot loop.
+//!
+//! ```text
+//! cargo build -p walt-operator --bin walt-operator --example operator_scale
+//! cargo run -p walt-operator --example operator_scale -- --nodes 2000 --images 2000
+//! ```
+//! Traffic stays on loopback: the Images point to a `docker-registry` on 127.0.0.1, the Nodes to
+//! `127.0.0.X` on a port where nothing listens (every probe is refused at once: the Nodes end up
+//! `Unreachable`, which exercises the probe back-off).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures::StreamExt as _;
+use kube::Api;
+use kube::api::{ListParams, PostParams};
+use walt_crds::{Image, ImageSpec, Node, NodeSpec, condition_types, find_condition};
+use walt_tests::k8s::{Cluster, ClusterOptions};
+use walt_tests::process::{Daemon, Lifetime};
+
+/// A port on 127.0.0.X where nothing listens (checked before use).
+const DEAD_PORT: u16 = 9;
+
+#[derive(Parser, Debug)]
+#[command(about = "walt operator at scale: Nodes and Images on a real API server")]
+struct Args {
+    /// Nodes to create.
+    #[arg(long, default_value_t = 2000)]
+    nodes: usize,
+    /// Images to create.
+    #[arg(long, default_value_t = 2000)]
+    images: usize,
+    /// Seconds of idle time measured after everything is reconciled.
+    #[arg(long, default_value_t = 120)]
+    idle: u64,
+    /// The operator binary (default: `walt-operator` next to this example's directory).
+    #[arg(long)]
+    operator: Option<PathBuf>,
+    /// Creations in flight at once.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+}
+
+fn operator_binary(args: &Args) -> PathBuf {
+    args.operator.clone().unwrap_or_else(|| {
+        let exe = std::env::current_exe().expect("current exe");
+        // target/<profile>/examples/operator_scale → target/<profile>/walt-operator
+        exe.parent()
+            .and_then(std::path::Path::parent)
+            .map(|dir| dir.join("walt-operator"))
+            .expect("target directory")
+    })
+}
+
+fn kubectl(cluster: &Cluster, args: &[&str]) -> String {
+    cluster
+        .kubectl_output(args)
+        .unwrap_or_else(|error| panic!("kubectl {args:?}: {error}"))
+}
+
+fn metrics(port: u16) -> BTreeMap<String, f64> {
+    use std::io::{Read as _, Write as _};
+    let mut values = BTreeMap::new();
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return values;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut body = String::new();
+    let _ = stream.read_to_string(&mut body);
+    for line in body
+        .lines()
+        .filter(|line| line.starts_with("walt_reconciles_total"))
+    {
+        if let Some((name, value)) = line.rsplit_once(' ') {
+            values.insert(name.to_owned(), value.parse().unwrap_or(0.0));
+        }
+    }
+    values
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    let args = Args::parse();
+    let operator_bin = operator_binary(&args);
+    assert!(
+        operator_bin.is_file(),
+        "{} not found: build it first (cargo build -p walt-operator --bin walt-operator) or pass --operator",
+        operator_bin.display()
+    );
+    for x in [2, 3] {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.".to_owned() + &x.to_string(), DEAD_PORT)).is_err(),
+            "something listens on 127.0.0.{x}:{DEAD_PORT}; the benchmark needs a dead port"
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let cluster = Cluster::start(ClusterOptions::control_plane()).expect("start the control plane tier");
+    let crds = std::env::temp_dir().join(format!("walt-scale-crds-{}.yaml", std::process::id()));
+    std::fs::write(&crds, walt_crds::crds_yaml()).expect("write CRDs");
+    kubectl(
+        &cluster,
+        &["apply", "--server-side", "-f", &crds.display().to_string()],
+    );
+    for crd in ["images", "nodes", "shellsessions", "nodesaves"] {
+        kubectl(
+            &cluster,
+            &[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                &format!("crd/{crd}.walt.dev"),
+            ],
+        );
+    }
+    let namespace = cluster.create_namespace("scale").expect("namespace");
+    let keys = tempfile::tempdir().expect("temp dir");
+    let key = keys.path().join("node_key");
+    let keygen = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status()
+        .expect("ssh-keygen");
+    assert!(keygen.success());
+    kubectl(
+        &cluster,
+        &[
+            "-n",
+            &namespace,
+            "create",
+            "secret",
+            "generic",
+            "walt-node-key",
+            "--type=kubernetes.io/ssh-auth",
+            &format!("--from-file=ssh-privatekey={}", key.display()),
+        ],
+    );
+    let registry = walt_tests::registry::Registry::start().expect("start a docker-registry on loopback");
+    let layout =
+        walt_tests::images::OciLayout::busybox(walt_tests::images::Arch::Amd64).expect("busybox image");
+    let digest = layout
+        .push("base", &registry, "lab/scale/base:latest")
+        .expect("push the image");
+    let reference = registry.reference("lab/scale/base:latest");
+    println!(
+        "control plane up; registry {} serves {reference} ({digest})",
+        registry.host()
+    );
+
+    let client = runtime.block_on(cluster.client()).expect("kube client");
+    let images: Api<Image> = Api::namespaced(client.clone(), &namespace);
+    let nodes: Api<Node> = Api::namespaced(client, &namespace);
+    let created = Instant::now();
+    runtime.block_on(async {
+        let image_creations = (0..args.images).map(|i| {
+            let images = images.clone();
+            let mut image = Image::new(
+                &format!("img-{i}"),
+                ImageSpec {
+                    reference: Some(reference.clone()),
+                    ..ImageSpec::default()
+                },
+            );
+            image.metadata.namespace = Some(namespace.clone());
+            async move { images.create(&PostParams::default(), &image).await.map(|_| ()) }
+        });
+        let node_creations = (0..args.nodes).map(|i| {
+            let nodes = nodes.clone();
+            let mut node = Node::new(
+                &format!("n-{i}"),
+                NodeSpec {
+                    model: "pc-x86-64".into(),
+                    image: (args.images > 0).then(|| format!("img-{}", i % args.images)),
+                    address: Some(format!("127.0.0.{}", 2 + i % 250)),
+                    ssh_port: i32::from(DEAD_PORT),
+                    ..NodeSpec::default()
+                },
+            );
+            node.metadata.namespace = Some(namespace.clone());
+            async move { nodes.create(&PostParams::default(), &node).await.map(|_| ()) }
+        });
+        let mut results = futures::stream::iter(image_creations)
+            .buffer_unordered(args.concurrency)
+            .chain(futures::stream::iter(node_creations).buffer_unordered(args.concurrency));
+        while let Some(result) = results.next().await {
+            result.expect("create an object");
+        }
+    });
+    println!(
+        "created {} Images and {} Nodes in {:.1} s",
+        args.images,
+        args.nodes,
+        created.elapsed().as_secs_f64()
+    );
+
+    let http = walt_tests::k8s::free_port().expect("port");
+    let gateway = walt_tests::k8s::free_port().expect("port");
+    let log = std::env::temp_dir().join(format!("walt-operator-scale-{}.log", std::process::id()));
+    let mut command = Command::new(&operator_bin);
+    command
+        .arg("run")
+        .args(["--namespace", &namespace, "--watch-namespace", &namespace])
+        .args(["--lab-registry", &format!("{}/lab", registry.host())])
+        .args([
+            "--registry-plain-http",
+            "true",
+            "--node-key-secret",
+            "walt-node-key",
+        ])
+        .args([
+            "--shell-image",
+            "127.0.0.1:1/walt/operator:scale",
+            "--identity",
+            "scale",
+        ])
+        .args(["--catalog-namespace", "walt-catalog-none"])
+        .args(["--http-addr", &format!("127.0.0.1:{http}")])
+        .args(["--gateway-addr", &format!("127.0.0.1:{gateway}")])
+        .env("KUBECONFIG", cluster.kubeconfig())
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        );
+    println!("operator log: {}", log.display());
+    let started = Instant::now();
+    let operator = Daemon::spawn("walt-operator", command, &log, Lifetime::Test).expect("start the operator");
+    let pid = operator.pid();
+    let mut peak_sampled = 0;
+    let all_reconciled = loop {
+        peak_sampled = peak_sampled.max(proc_status_kib(pid, "VmRSS:"));
+        let (nodes_done, images_done) = runtime.block_on(async {
+            let node_list = nodes.list(&ListParams::default()).await.expect("list Nodes");
+            let image_list = images.list(&ListParams::default()).await.expect("list Images");
+            let nodes_done = node_list
+                .items
+                .iter()
+                .filter(|node| {
+                    node.status
+                        .as_ref()
+                        .is_some_and(|status| !status.conditions.is_empty())
+                })
+                .count();
+            let images_done = image_list
+                .items
+                .iter()
+                .filter(|image| {
+                    image.status.as_ref().is_some_and(|status| {
+                        find_condition(&status.conditions, condition_types::READY)
+                            .is_some_and(|ready| ready.status == "True")
+                    })
+                })
+                .count();
+            (nodes_done, images_done)
+        });
+        let elapsed = started.elapsed();
+        println!(
+            "  {:>5.1} s: {nodes_done}/{} Nodes, {images_done}/{} Images, RSS {} MiB",
+            elapsed.as_secs_f64(),
+            args.nodes,
+            args.images,
+            proc_status_kib(pid, "VmRSS:") / 1024
+        );
+        if nodes_done == args.nodes && images_done == args.images {
+            break elapsed;
+        }
+        assert!(
+            elapsed < Duration::from_mins(30),
+            "not all reconciled after 30 minutes; operator log: {}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    // Idle: reconciles per window, so a slow tail of startup work shows apart from the steady state.
+    let sum = |values: &BTreeMap<String, f64>| values.values().sum::<f64>();
+    let first = metrics(http);
+    let mut previous = first.clone();
+    let window = Duration::from_secs(30).min(Duration::from_secs(args.idle.max(1)));
+    let idle_start = Instant::now();
+    while idle_start.elapsed() < Duration::from_secs(args.idle) {
+        std::thread::sleep(window);
+        let now = metrics(http);
+        println!(
+            "  idle +{:>4.0} s: {:.0} reconciles/min in the last {} s",
+            idle_start.elapsed().as_secs_f64(),
+            (sum(&now) - sum(&previous)) * 60.0 / window.as_secs_f64(),
+            window.as_secs()
+        );
+        previous = now;
+    }
+    let before = first;
+    let after = previous;
+    let minutes = idle_start.elapsed().as_secs_f64() / 60.0;
+    let peak = proc_status_kib(pid, "VmHWM:").max(peak_sampled);
+    println!(
+        "\nRESULTS ({} Nodes, {} Images, operator {})",
+        args.nodes,
+        args.images,
+        operator_bin.display()
+    );
+    println!(
+        "  time until all reconciled: {:.1} s (from the operator's start)",
+        all_reconciled.as_secs_f64()
+    );
+    println!(
+        "  operator peak RSS: {:.1} MiB (budget 150 MiB)",
+        peak as f64 / 1024.0
+    );
+    let mut total = 0.0;
+    for (name, value) in &after {
+        let rate = (value - before.get(name).copied().unwrap_or(0.0)) / minutes;
+        total += rate;
+        println!("  idle reconciles/min {name}: {rate:.0}");
+    }
+    println!(
+        "  idle reconciles/min total: {total:.0} over {:.0} s (expected from the intervals: {} Nodes / 1 min probe + {} Images / 10 min resolve = {})",
+        minutes * 60.0,
+        args.nodes,
+        args.images,
+        args.nodes + args.images / 10
+    );
+    drop(operator);
+    drop(registry);
+    cluster.stop();
+}

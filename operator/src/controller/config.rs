@@ -116,6 +116,9 @@ pub struct Args {
     /// Node saves running at once.
     #[arg(long, env = "WALT_MAX_CONCURRENT_SAVES", default_value_t = 2)]
     pub max_concurrent_saves: usize,
+    /// Reconciles running at once, per kind (bounds memory and API load with thousands of objects).
+    #[arg(long, env = "WALT_MAX_CONCURRENT_RECONCILES", default_value_t = 32)]
+    pub max_concurrent_reconciles: u16,
     /// Layer cache of shell pods: `hostPath:/DIR` (shared per cluster node) or `emptyDir`.
     #[arg(long, env = "WALT_SHELL_CACHE", default_value = "hostPath:/var/lib/walt/cache", value_parser = parse_layer_cache)]
     pub shell_cache: LayerCache,

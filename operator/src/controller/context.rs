@@ -35,6 +35,9 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Node saves running in this process (bounded by `--max-concurrent-saves`).
     pub saves: super::nodesave_reconcile::SaveTasks,
+    /// The one lab registry client (connection pool, TLS roots and tokens
+    /// shared by every reconcile), made on first use.
+    pub lab_registry: std::sync::OnceLock<crate::oci::RegistryClient>,
     recorder: Recorder,
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -65,6 +68,7 @@ impl Context {
         );
         Self {
             saves: super::nodesave_reconcile::SaveTasks::new(config.args.max_concurrent_saves),
+            lab_registry: std::sync::OnceLock::new(),
             client,
             config,
             metrics,

@@ -38,9 +38,15 @@ const INVALID_RETRY: Duration = Duration::from_mins(10);
 const CLONE_RETRY: Duration = Duration::from_secs(30);
 
 /// The registry client for the lab registry: its credentials, plain HTTP
-/// when `--registry-plain-http`.
+/// when `--registry-plain-http`. One client for the whole process (a client
+/// per reconcile cost its own connection pool and TLS roots: hundreds of
+/// MiB with thousands of Images).
 pub(super) fn registry_client(context: &Context) -> Result<RegistryClient> {
-    registry_client_with(context, Credentials::default())
+    if let Some(client) = context.lab_registry.get() {
+        return Ok(client.clone());
+    }
+    let client = registry_client_with(context, Credentials::default())?;
+    Ok(context.lab_registry.get_or_init(|| client).clone())
 }
 
 /// The registry client for the lab registry (its credentials, plain HTTP
@@ -435,7 +441,11 @@ pub async fn reconcile(image: Arc<Image>, context: Arc<Context>) -> Result<Actio
             return Ok(Action::requeue(INVALID_RETRY));
         }
     };
-    let client = registry_client_with(&context, source_credentials)?;
+    let client = if image.spec.pull_secret_ref.is_none() {
+        registry_client(&context)?
+    } else {
+        registry_client_with(&context, source_credentials)?
+    };
     let platform = wanted_platform(&image);
     let mut resolved = client.resolve(&reference, platform.as_ref()).await;
     let mut cloned = None;

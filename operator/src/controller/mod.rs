@@ -123,6 +123,13 @@ where
     }
 }
 
+/// Controller settings: at most `--max-concurrent-reconciles` reconciles of
+/// one kind at once.
+fn controller_config(context: &Context) -> kube::runtime::controller::Config {
+    kube::runtime::controller::Config::default()
+        .concurrency(context.config.args.max_concurrent_reconciles.max(1))
+}
+
 /// Runs every controller until `shutdown` is cancelled, then lets running
 /// reconciles finish.
 pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken) {
@@ -154,6 +161,7 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
                     .collect::<Vec<_>>()
             },
         )
+        .with_config(controller_config(&context))
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(
             |node, context| instrumented("Node", node, context, node_reconcile::reconcile),
@@ -161,6 +169,7 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
             context.clone(),
         );
     let images = Controller::new(all::<Image>(&context), watcher::Config::default())
+        .with_config(controller_config(&context))
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(
             |image, context| instrumented("Image", image, context, image_reconcile::reconcile),
@@ -168,6 +177,7 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
             context.clone(),
         );
     let saves = Controller::new(all::<NodeSave>(&context), watcher::Config::default())
+        .with_config(controller_config(&context))
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(
             |save, context| instrumented("NodeSave", save, context, nodesave_reconcile::reconcile),

@@ -989,6 +989,10 @@ struct SaveLab {
 
 impl SaveLab {
     fn start(prefix: &str, node: walt_tests::sshnode::SshNode) -> SaveLab {
+        Self::start_with(prefix, node, &[])
+    }
+
+    fn start_with(prefix: &str, node: walt_tests::sshnode::SshNode, extra: &[&str]) -> SaveLab {
         use walt_tests::images::{Arch, OciLayout};
         let cluster = cluster();
         let registry = walt_tests::registry::Registry::start().expect("start a docker-registry on loopback");
@@ -998,7 +1002,9 @@ impl SaveLab {
             .push("base", &registry, &format!("lab/{namespace}/debian:latest"))
             .expect("skopeo copy the base image to the registry");
         let lab = format!("{}/lab", registry.host());
-        let operator = Operator::for_node(cluster, &namespace, "save", &node, &["--lab-registry", &lab]);
+        let mut args = vec!["--lab-registry", lab.as_str()];
+        args.extend_from_slice(extra);
+        let operator = Operator::for_node(cluster, &namespace, "save", &node, &args);
         apply(
             cluster,
             &namespace,
@@ -1796,4 +1802,58 @@ fn image_squash_request_rewrites_the_image_as_one_layer_with_the_same_files() {
         events.contains("Squashed") && events.contains("3 layers squashed into one"),
         "{events}"
     );
+}
+
+/// Saves wait their turn: with `--max-concurrent-saves 1` a second save
+/// waits for the slot (`WaitingForSlot`), and a save writing the image another
+/// save writes waits for it (`ImageBusy`, WalT's one-at-a-time rule); all
+/// three end Succeeded, and the overwrite lands last.
+#[test]
+fn saves_wait_for_a_slot_and_for_their_image() {
+    let node = walt_tests::sshnode::SshNode::busybox()
+        .expect("start an sshd node (needs root, openssh-server, socat, iproute2)");
+    let lab = SaveLab::start_with("op-savewait", node, &["--max-concurrent-saves", "1"]);
+    lab.node
+        .run("mkdir -p /srv && head -c 33554432 /dev/urandom > /srv/blob")
+        .expect("write a file on the node");
+    lab.save("first", "x", "");
+    lab.wait(
+        "nodesave/first",
+        "{.status.phase}",
+        "Running",
+        Duration::from_mins(1),
+    );
+    // Created while "first" runs, in the same second maybe, with a smaller name: it still waits.
+    lab.save("again", "x", ", overwrite: true");
+    lab.save("other", "y", "");
+    let within = Duration::from_mins(3);
+    for save in ["first", "other", "again"] {
+        lab.wait(
+            &format!("nodesave/{save}"),
+            "{.status.phase}",
+            "Succeeded",
+            within,
+        );
+    }
+    let waits: String = ["first", "other", "again"]
+        .iter()
+        .map(|save| event_reasons(cluster(), &lab.namespace, save))
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(waits.contains("WaitingForSlot"), "events: {waits}");
+    wait_event(
+        cluster(),
+        &lab.namespace,
+        "again",
+        "ImageBusy",
+        "NodeSave/first holds it",
+        &lab.operator,
+    );
+    let finished = |save: &str| lab.get(&format!("nodesave/{save}"), "{.status.completionTime}");
+    assert!(
+        finished("first") <= finished("again"),
+        "the overwrite ran after the first save of x"
+    );
+    let digest = lab.get("nodesave/again", "{.status.result.digest}");
+    lab.wait("image/x", "{.status.digest}", &digest, Duration::from_mins(1));
 }

@@ -4,12 +4,15 @@
 //!
 //! Among the unfinished ShellSessions (on `spec.image`) and NodeSaves (on
 //! `spec.image`, the image they write) of one namespace that name the same
-//! image, the oldest (creation time, then kind, then name) holds the image;
-//! the others wait, with a condition naming the holder.
+//! image, one that has already started holds the image, else the oldest
+//! (creation time, then kind, then name); the others wait, with a condition
+//! naming the holder. (Creation times have one-second steps: without the
+//! "started first" rule, an object created in the same second as a running
+//! one but with a smaller name would take the image from it.)
 
 use k8s_openapi::jiff::Timestamp;
 use kube::{Api, ResourceExt};
-use walt_crds::{ImageName, NodeSave, ShellSession};
+use walt_crds::{ImageName, NodeSave, NodeSavePhase, ShellSession, ShellSessionPhase};
 
 use super::context::Context;
 use super::error::{KubeResultExt, Result};
@@ -25,6 +28,9 @@ pub struct Claim {
     pub image: String,
     /// Its creation time.
     pub created: Timestamp,
+    /// Whether it has started working on the image (a NodeSave Running or
+    /// Pushing, a ShellSession past Pending): it keeps the image until it ends.
+    pub started: bool,
 }
 
 impl Claim {
@@ -45,7 +51,9 @@ pub fn holder_other_than<'a>(
     let first = claims
         .iter()
         .filter(|claim| claim.image == image)
-        .min_by(|a, b| (a.created, a.kind, &a.name).cmp(&(b.created, b.kind, &b.name)))?;
+        .min_by(|a, b| {
+            (!a.started, a.created, a.kind, &a.name).cmp(&(!b.started, b.created, b.kind, &b.name))
+        })?;
     (first.kind != me_kind || first.name != me_name).then_some(first)
 }
 
@@ -69,6 +77,9 @@ pub fn claims_of(saves: &[NodeSave], sessions: &[ShellSession]) -> Vec<Claim> {
             name: save.name_any(),
             image: image_object(&save.spec.image)?,
             created: save.creation_timestamp()?.0,
+            started: save.status.as_ref().is_some_and(|status| {
+                matches!(status.phase, NodeSavePhase::Running | NodeSavePhase::Pushing)
+            }),
         })
     });
     let sessions = sessions.iter().filter_map(|session| {
@@ -82,6 +93,10 @@ pub fn claims_of(saves: &[NodeSave], sessions: &[ShellSession]) -> Vec<Claim> {
             name: session.name_any(),
             image: image_object(session.spec.image.as_deref()?)?,
             created: session.creation_timestamp()?.0,
+            started: session
+                .status
+                .as_ref()
+                .is_some_and(|status| status.phase != ShellSessionPhase::Pending),
         })
     });
     saves.chain(sessions).collect()
@@ -113,7 +128,24 @@ mod tests {
             name: name.into(),
             image: image.into(),
             created: Timestamp::from_second(second).expect("time"),
+            started: false,
         }
+    }
+
+    #[test]
+    fn a_started_claim_keeps_the_image_from_older_or_smaller_ones() {
+        let mut running = claim("NodeSave", "first", "x", 5);
+        running.started = true;
+        let claims = [
+            claim("NodeSave", "again", "x", 5),
+            running,
+            claim("ShellSession", "s", "x", 1),
+        ];
+        assert_eq!(
+            holder_other_than(&claims, "x", "NodeSave", "again").map(Claim::label),
+            Some("NodeSave/first".into())
+        );
+        assert_eq!(holder_other_than(&claims, "x", "NodeSave", "first"), None);
     }
 
     #[test]
@@ -147,10 +179,7 @@ mod tests {
     #[test]
     fn claims_from_objects() {
         use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-        use walt_crds::{
-            NodeSavePhase, NodeSaveSpec, NodeSaveStatus, ShellSessionPhase, ShellSessionSpec,
-            ShellSessionStatus,
-        };
+        use walt_crds::{NodeSaveSpec, NodeSaveStatus, ShellSessionSpec, ShellSessionStatus};
         let created = Some(Time(Timestamp::from_second(7).expect("time")));
         let save = |name: &str, image: &str, phase: NodeSavePhase| {
             let mut save = NodeSave::new(

@@ -241,6 +241,12 @@ pub async fn reconcile(save: Arc<NodeSave>, context: Arc<Context>) -> Result<Act
         return wait(&context, &save, "WaitingForSlot", &message).await;
     };
     let restarted = matches!(phase, NodeSavePhase::Running | NodeSavePhase::Pushing);
+    // Running is recorded before the task starts: from now on this save holds
+    // its image (see lock.rs), whatever other saves are reconciled meanwhile.
+    let mut job = job;
+    let started = running_status(&save, &job.target, Progress::default(), Timestamp::now());
+    write_status(&context, &save, &started).await?;
+    job.save.status = Some(started);
     let task_context = context.clone();
     tokio::spawn(async move {
         let _slot = slot;
@@ -395,11 +401,6 @@ pub fn failure_reason(error: &SaveError) -> &'static str {
 /// Runs one save to the end and records how it ended.
 async fn run(context: &Arc<Context>, job: SaveJob, restarted: bool) {
     let mut save = job.save.clone();
-    let started = running_status(&save, &job.target, Progress::default(), Timestamp::now());
-    save.status = Some(started.clone());
-    if let Err(error) = write_status(context, &save, &started).await {
-        tracing::warn!(%error, "could not record that the save started");
-    }
     let note = if restarted {
         format!(
             "saving node {} as {} again from the start: the operator restarted during the previous run (no tag had moved)",

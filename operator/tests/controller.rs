@@ -1061,6 +1061,28 @@ impl SaveLab {
     fn get(&self, object: &str, path: &str) -> String {
         jsonpath(cluster(), &self.namespace, object, path)
     }
+
+    /// Waits until a save runs and has read bytes from the node (fails if it finished first).
+    fn wait_progress(&self, save: &str) {
+        let deadline = Instant::now() + Duration::from_mins(1);
+        loop {
+            let phase = self.get(save, "{.status.phase}");
+            let bytes: u64 = self.get(save, "{.status.progress.bytes}").parse().unwrap_or(0);
+            assert_ne!(
+                phase, "Succeeded",
+                "{save} finished before the test could interrupt it: make the file bigger"
+            );
+            if phase == "Running" && bytes > 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{save} did not report progress; operator log:\n{}",
+                self.operator.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
 /// A NodeSave against a real sshd node: the node's changes become a new image
@@ -1186,7 +1208,7 @@ mkdir -p /var/log && echo noise > /var/log/messages",
 
 /// The operator is killed (SIGKILL) in the middle of a save: the tag has not
 /// moved (skopeo finds no such tag); restarted, it runs the save again from
-/// the start and finishes it.
+/// the start and finishes it. A save deleted while it runs stops and moves no tag either.
 #[test]
 fn operator_killed_mid_save_moves_no_tag_and_finishes_after_restart() {
     let node = walt_tests::sshnode::SshNode::busybox()
@@ -1201,27 +1223,7 @@ fn operator_killed_mid_save_moves_no_tag_and_finishes_after_restart() {
     let tag = lab
         .registry
         .reference(&format!("lab/{}/debian:big", lab.namespace));
-    let deadline = Instant::now() + Duration::from_mins(1);
-    loop {
-        let phase = lab.get("nodesave/big", "{.status.phase}");
-        let bytes: u64 = lab
-            .get("nodesave/big", "{.status.progress.bytes}")
-            .parse()
-            .unwrap_or(0);
-        assert_ne!(
-            phase, "Succeeded",
-            "the save finished before the operator could be killed: make the file bigger"
-        );
-        if phase == "Running" && bytes > 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the save did not report progress; operator log:\n{}",
-            lab.operator.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    lab.wait_progress("nodesave/big");
     lab.operator.kill();
     assert!(
         skopeo_digest(&tag).is_err(),
@@ -1244,6 +1246,30 @@ fn operator_killed_mid_save_moves_no_tag_and_finishes_after_restart() {
         .parse()
         .expect("layer size");
     assert!(size > 256 << 20, "random data does not compress: {size}");
+
+    // A NodeSave deleted while it runs (an interrupted `kubectl walt node save`) stops, and moves no tag.
+    lab.save("gone", "debian:gone", "");
+    lab.wait_progress("nodesave/gone");
+    kubectl(
+        cluster,
+        &lab.namespace,
+        &["delete", "nodesave/gone", "--wait=false"],
+    );
+    let deadline = Instant::now() + Duration::from_mins(2);
+    while !lab.operator.log().contains("node save cancelled") {
+        assert!(
+            Instant::now() < deadline,
+            "the save was not cancelled; log:\n{}",
+            lab.operator.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let gone = lab
+        .registry
+        .reference(&format!("lab/{}/debian:gone", lab.namespace));
+    assert!(skopeo_digest(&gone).is_err(), "a deleted save moved a tag");
+    let images = kubectl(cluster, &lab.namespace, &["get", "images", "-o", "name"]);
+    assert!(!images.contains("debian.gone"), "{images}");
 }
 
 /// Multi-tenancy is Kubernetes RBAC: alice, who may edit walt objects in her

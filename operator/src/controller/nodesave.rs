@@ -43,6 +43,7 @@ pub fn validate(
 ) -> Result<SaveTarget, (&'static str, String)> {
     let namespace = save.metadata.namespace.clone().unwrap_or_default();
     let name = ImageName::parse(&save.spec.image).map_err(|error| ("InvalidImageName", error.to_string()))?;
+    crate::ssh::export::Exclusions::new(&save.spec.exclude).map_err(|message| ("InvalidExclude", message))?;
     let Some(node) = node else {
         return Err((
             "NodeNotFound",
@@ -333,6 +334,12 @@ mod tests {
         assert_eq!(
             validate(&save("x", false), Some(&fresh), None).unwrap_err().0,
             "NodeNotBooted"
+        );
+        let mut bad_pattern = save("x", false);
+        bad_pattern.spec.exclude = vec!["[".into()];
+        assert_eq!(
+            validate(&bad_pattern, Some(&node), None).unwrap_err().0,
+            "InvalidExclude"
         );
         assert_eq!(
             validate(&save("Bad_Name", false), Some(&node), None)

@@ -437,6 +437,9 @@ async fn run(context: &Arc<Context>, job: SaveJob, restarted: bool) {
                 .event(&save, EventType::Normal, "Saved", "Save", message)
                 .await;
         }
+        Err((CANCELLED, message)) => {
+            tracing::info!(%message, "node save cancelled");
+        }
         Err((reason, message)) => {
             tracing::warn!(reason, %message, "node save failed");
             let status = failed_status(&save, reason, &message, Timestamp::now());
@@ -460,6 +463,7 @@ async fn record_end(context: &Context, save: &NodeSave, status: &walt_crds::Node
     for attempt in 1..=5_u32 {
         match write_status(context, save, status).await {
             Ok(()) => return,
+            Err(error) if is_gone(&error) => return,
             Err(error) => {
                 tracing::warn!(%error, attempt, "could not record the end of the save");
                 tokio::time::sleep(Duration::from_secs(u64::from(attempt) * 2)).await;
@@ -469,6 +473,25 @@ async fn record_end(context: &Context, save: &NodeSave, status: &walt_crds::Node
 }
 
 type Failure = (&'static str, String);
+
+/// Reason of a save whose NodeSave was deleted while it ran.
+const CANCELLED: &str = "Cancelled";
+
+/// Whether an API error says the NodeSave is gone.
+fn is_gone(error: &Error) -> bool {
+    matches!(error, Error::Kube { source: kube::Error::Api(status), .. } if status.code == 404)
+}
+
+/// Whether this very NodeSave (same uid) still exists and is not being deleted.
+async fn still_wanted(context: &Context, save: &NodeSave) -> bool {
+    let api: Api<NodeSave> = Api::namespaced(context.client.clone(), &save.namespace().unwrap_or_default());
+    match api.get_opt(&save.name_any()).await {
+        Ok(Some(current)) => current.uid() == save.uid() && current.metadata.deletion_timestamp.is_none(),
+        Ok(None) => false,
+        // Cannot tell: go on (the tag is what the user asked for).
+        Err(_) => true,
+    }
+}
 
 /// The save itself: connect, export, push by digest, tag, update the Image.
 async fn execute(
@@ -515,10 +538,12 @@ async fn execute(
     // Progress goes through a watch channel to a reporter that writes the
     // status at most every PROGRESS_INTERVAL (throttled patches).
     let (sender, mut receiver) = tokio::sync::watch::channel(SaveProgress::default());
+    let deleted = tokio_util::sync::CancellationToken::new();
     let reporter = {
         let save = save.clone();
         let target = job.target.clone();
         let context = context.clone();
+        let deleted = deleted.clone();
         async move {
             let mut last_bytes = 0;
             while receiver.changed().await.is_ok() {
@@ -532,8 +557,13 @@ async fn execute(
                     },
                     Timestamp::now(),
                 );
-                if let Err(error) = write_status(&context, &save, &status).await {
-                    tracing::debug!(%error, "could not write the save's progress");
+                match write_status(&context, &save, &status).await {
+                    Err(error) if is_gone(&error) => {
+                        deleted.cancel();
+                        return;
+                    }
+                    Err(error) => tracing::debug!(%error, "could not write the save's progress"),
+                    Ok(()) => {}
                 }
                 if let Some(milestone) = milestone_crossed(last_bytes, now.bytes) {
                     context
@@ -556,16 +586,24 @@ async fn execute(
         }
     };
     let reporter = tokio::spawn(reporter);
-    let pushed = push_node_changes(&client, &plan, &registry, &base, &options, |progress| {
+    let push = push_node_changes(&client, &plan, &registry, &base, &options, |progress| {
         sender.send_if_modified(|current| {
             let changed = *current != progress;
             *current = progress;
             changed
         });
-    })
-    .await;
+    });
+    // A NodeSave deleted while it runs (`kubectl walt node save` interrupted)
+    // stops the transfer: dropping the push abandons the upload.
+    let pushed = tokio::select! {
+        pushed = push => Some(pushed),
+        () = deleted.cancelled() => None,
+    };
     reporter.abort();
     client.close().await;
+    let Some(pushed) = pushed else {
+        return Err((CANCELLED, "the NodeSave was deleted while it ran".into()));
+    };
     let saved = pushed.map_err(|error| (failure_reason(&error), error.to_string()))?;
     let progress = Progress {
         bytes: saved.progress.bytes,
@@ -588,6 +626,15 @@ async fn execute(
             ),
         )
         .await;
+    if !still_wanted(context, save).await {
+        return Err((
+            CANCELLED,
+            format!(
+                "the NodeSave was deleted before the tag moved: {} stays untagged",
+                saved.pushed.reference
+            ),
+        ));
+    }
     // Only now, with the whole image in the registry, does the tag move.
     registry
         .tag(&job.repository, &saved.pushed.manifest_digest, &job.tag)

@@ -94,8 +94,8 @@ pub struct SaveArgs {
     /// The file the node writes once booted (volatile mode saves only later changes).
     #[arg(long, default_value = export::WALT_READY_MARKER)]
     ready_marker: String,
-    /// Paths never saved (WalT's defaults when not given; `--exclude ''` for none). A pattern matches
-    /// anywhere in /PATH; `$` anchors at the end, `^` at the start.
+    /// Paths never saved (WalT's defaults when not given; `--exclude ''` for none): regular
+    /// expressions searched in /PATH; `$` anchors at the end, `^` at the start.
     #[arg(long, value_name = "PATTERN")]
     exclude: Vec<String>,
     /// Write the change set (an overlay-style tar) to this file instead of building an image

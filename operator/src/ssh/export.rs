@@ -36,8 +36,8 @@ use super::{NodeClient, NodeTarget, SshError};
 pub const WALT_UPPER_DIR: &str = "/run/walt/rootfs/mnt/fs_rw";
 /// The file a WalT node writes once booted.
 pub const WALT_READY_MARKER: &str = "/run/uptime-ready";
-/// WalT's boot-time noise, never saved: a pattern matches anywhere in `/PATH` (a substring), `…$`
-/// anchors it at the end, `^…` at the start.
+/// WalT's boot-time noise, never saved. Patterns are regular expressions searched in `/PATH`
+/// (like WalT's): unanchored, `…$` anchors at the end, `^…` at the start.
 pub const WALT_EXCLUDES: &[&str] = &[
     "/log/",
     ".lock$",
@@ -344,25 +344,32 @@ pub struct ChangeSummary {
     pub bytes: u64,
 }
 
-/// Whether `/PATH` matches one of the exclusion patterns.
-pub fn excluded(path: &str, patterns: &[String]) -> bool {
-    let full = format!("/{path}");
-    patterns.iter().any(|pattern| {
-        let (start, rest) = match pattern.strip_prefix('^') {
-            Some(rest) => (true, rest),
-            None => (false, pattern.as_str()),
-        };
-        let (end, body) = match rest.strip_suffix('$') {
-            Some(body) => (true, body),
-            None => (false, rest),
-        };
-        match (start, end) {
-            (true, true) => full == body,
-            (true, false) => full.starts_with(body),
-            (false, true) => full.ends_with(body),
-            (false, false) => full.contains(body),
+/// Compiled exclusion patterns: regular expressions searched in `/PATH`.
+#[derive(Debug, Clone)]
+pub struct Exclusions(regex::RegexSet);
+
+impl Exclusions {
+    /// Compiles `patterns`; the error names the pattern that is not a regular expression.
+    pub fn new(patterns: &[String]) -> Result<Self, String> {
+        for pattern in patterns {
+            regex::Regex::new(pattern).map_err(|error| {
+                format!("exclude pattern {pattern:?} is not a regular expression: {error}")
+            })?;
         }
-    })
+        regex::RegexSet::new(patterns)
+            .map(Self)
+            .map_err(|error| format!("exclude patterns: {error}"))
+    }
+
+    /// Whether `path` (relative, without the leading `/`) is excluded.
+    pub fn matches(&self, path: &str) -> bool {
+        self.0.is_match(&format!("/{path}"))
+    }
+}
+
+/// Whether `/PATH` matches one of the exclusion patterns (an invalid pattern matches nothing).
+pub fn excluded(path: &str, patterns: &[String]) -> bool {
+    Exclusions::new(patterns).is_ok_and(|exclusions| exclusions.matches(path))
 }
 
 struct PendingDir {
@@ -437,6 +444,8 @@ pub fn filter_change_set<R: Read, W: Write>(
     let mut whiteouts: HashSet<String> = HashSet::new();
     let mut emitted_files: HashSet<String> = HashSet::new();
     let mut excluded_dirs: Vec<String> = Vec::new();
+    let exclusions = Exclusions::new(&plan.exclude)
+        .map_err(|reason| io::Error::new(io::ErrorKind::InvalidInput, reason))?;
 
     for entry in archive.entries()? {
         let mut entry = entry?;
@@ -472,7 +481,7 @@ pub fn filter_change_set<R: Read, W: Write>(
             .changed_since
             .is_none_or(|since| mtime >= since || ctime.is_some_and(|c| c >= since));
         // An excluded directory's content goes with it (`/log/` does that by itself; `^/x$` needs this).
-        let skip = excluded(&name, &plan.exclude) || excluded_dirs.iter().any(|dir| is_ancestor(dir, &name));
+        let skip = exclusions.matches(&name) || excluded_dirs.iter().any(|dir| is_ancestor(dir, &name));
 
         // Directories we leave: they can no longer gain a kept descendant.
         while pending.last().is_some_and(|dir| !is_ancestor(&dir.path, &name)) {
@@ -801,6 +810,17 @@ mod tests {
         assert!(!excluded("etc/hostname", &patterns));
         assert!(excluded("etc/x", &["^/etc/".into()]));
         assert!(!excluded("usr/etc/x", &["^/etc/".into()]));
+        // The API's defaults are written as regular expressions (escaped dots).
+        let api: Vec<String> = walt_crds::node_save::DEFAULT_EXCLUDES
+            .iter()
+            .map(|&p| p.into())
+            .collect();
+        assert!(excluded("run/x.lock", &api));
+        assert!(!excluded("run/x.locked", &api));
+        assert!(excluded("etc/README.nonlocal", &api));
+        assert!(!excluded("etc/READMEXnonlocal", &api));
+        assert!(excluded("var/log/syslog", &api));
+        assert!(Exclusions::new(&["(".into()]).unwrap_err().contains("\"(\""));
     }
 
     #[test]

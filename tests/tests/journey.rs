@@ -1,8 +1,8 @@
 //! The whole walt journey on the cluster tier (issue 9's "Done when"):
 //! helm install → clone an arm64 image → `kubectl walt image shell` it (emulated), change files, save as
 //! a new image → a virtual node boots it → `kubectl walt node shell`, change and delete files →
-//! `kubectl walt node save` to a third image → a new virtual node boots it and shows every change,
-//! deletions included → skopeo + umoci agree with what the nodes show → `helm uninstall` leaves nothing.
+//! `kubectl walt node save` to a third image → `kubectl walt image squash` it → a new virtual node boots
+//! it and shows every change, deletions included → skopeo + umoci agree with what the nodes show → `helm uninstall` leaves nothing.
 //!
 //! Every step drives the real product (chart, operator, plugin) and asserts what a user sees. A step
 //! whose command does not exist yet in the product (the plugin or operator says it is not built) ends
@@ -234,6 +234,20 @@ impl Journey<'_> {
             "{.status.conditions[?(@.type==\"Ready\")].status}",
             "True",
             Duration::from_mins(2),
+        );
+
+        // 4b. Squash it (three layers: the base, the image shell's, the node save's) into one, same name.
+        plugin_has(&self.plugin, &["image", "squash"])?;
+        let squashed = self.walt_ok(&["image", "squash", "saved", "--yes"]);
+        assert!(
+            squashed.contains("3 layers squashed into one"),
+            "image squash said:\n{squashed}"
+        );
+        self.wait_jsonpath(
+            "images.walt.dev/saved",
+            "{.status.layers}",
+            "1",
+            Duration::from_mins(1),
         );
 
         // 5. A new virtual node boots it and shows every change, deletions included.

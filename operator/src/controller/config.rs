@@ -23,7 +23,8 @@ pub enum LayerCache {
 /// Whether shell pods run in a user namespace (`hostUsers: false`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum UserNamespaces {
-    /// Use them when the API server supports them (Kubernetes ≥ 1.33), else privileged.
+    /// Use them when the API server (Kubernetes ≥ 1.33) and every node's container runtime support them
+    /// (`status.runtimeHandlers[].features.userNamespaces`), else privileged.
     Auto,
     /// Always (`hostUsers: false`).
     Always,

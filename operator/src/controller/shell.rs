@@ -436,6 +436,27 @@ pub fn next_step(
     }
 }
 
+/// Whether the cluster's container runtimes run user-namespaced pods (pure): every Node reports a runtime
+/// handler with `features.userNamespaces: true` (kubelet 1.32+ publishes what the runtime says; containerd
+/// 1.x says nothing and cannot, so `hostUsers: false` pods would never start there).
+pub fn runtimes_support_user_namespaces(nodes: &[k8s_openapi::api::core::v1::Node]) -> bool {
+    !nodes.is_empty()
+        && nodes.iter().all(|node| {
+            node.status
+                .as_ref()
+                .and_then(|status| status.runtime_handlers.as_ref())
+                .is_some_and(|handlers| {
+                    handlers.iter().any(|handler| {
+                        handler
+                            .features
+                            .as_ref()
+                            .and_then(|features| features.user_namespaces)
+                            .unwrap_or(false)
+                    })
+                })
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -664,5 +685,32 @@ mod tests {
         assert_eq!(next_step(&s, None, None, HOUR, HOUR, at(2_100)), Step::Discard);
         s.status.as_mut().expect("status").phase = ShellSessionPhase::Saved;
         assert_eq!(next_step(&s, None, None, HOUR, HOUR, at(2_100)), Step::Cleanup);
+    }
+
+    #[test]
+    fn user_namespaces_need_every_runtime_to_say_so() {
+        use k8s_openapi::api::core::v1::{Node, NodeRuntimeHandler, NodeRuntimeHandlerFeatures, NodeStatus};
+        let node = |user_namespaces: Option<bool>| Node {
+            status: Some(NodeStatus {
+                runtime_handlers: user_namespaces.map(|supported| {
+                    vec![NodeRuntimeHandler {
+                        name: Some(String::new()),
+                        features: Some(NodeRuntimeHandlerFeatures {
+                            user_namespaces: Some(supported),
+                            ..NodeRuntimeHandlerFeatures::default()
+                        }),
+                    }]
+                }),
+                ..NodeStatus::default()
+            }),
+            ..Node::default()
+        };
+        assert!(runtimes_support_user_namespaces(&[
+            node(Some(true)),
+            node(Some(true))
+        ]));
+        assert!(!runtimes_support_user_namespaces(&[node(Some(true)), node(None)]));
+        assert!(!runtimes_support_user_namespaces(&[node(Some(false))]));
+        assert!(!runtimes_support_user_namespaces(&[]));
     }
 }

@@ -334,20 +334,34 @@ async fn delete_pod(context: &Context, session: &ShellSession) -> Result<()> {
     }
 }
 
-/// Whether shell pods run user-namespaced here.
+/// Whether shell pods run user-namespaced here. `Auto`: when the API server (1.33+) and every cluster
+/// node's container runtime support it; otherwise privileged, which every runtime runs.
 async fn user_namespaces(context: &Context) -> bool {
     use super::config::UserNamespaces;
     match context.config.args.user_namespaces {
         UserNamespaces::Always => true,
         UserNamespaces::Never => false,
-        UserNamespaces::Auto => context.client.apiserver_version().await.is_ok_and(|info| {
-            info.major == "1"
-                && info
-                    .minor
-                    .trim_end_matches('+')
-                    .parse::<u32>()
-                    .is_ok_and(|minor| minor >= 33)
-        }),
+        UserNamespaces::Auto => {
+            let api_supports = context.client.apiserver_version().await.is_ok_and(|info| {
+                info.major == "1"
+                    && info
+                        .minor
+                        .trim_end_matches('+')
+                        .parse::<u32>()
+                        .is_ok_and(|minor| minor >= 33)
+            });
+            if !api_supports {
+                return false;
+            }
+            let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(context.client.clone());
+            match nodes.list(&kube::api::ListParams::default()).await {
+                Ok(list) => super::shell::runtimes_support_user_namespaces(&list.items),
+                Err(error) => {
+                    tracing::info!(%error, "cannot list cluster nodes to see whether their runtime supports user namespaces; shell pods run privileged");
+                    false
+                }
+            }
+        }
     }
 }
 

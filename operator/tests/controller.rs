@@ -1883,3 +1883,135 @@ fn saves_wait_for_a_slot_and_for_their_image() {
     let digest = lab.get("nodesave/again", "{.status.result.digest}");
     lab.wait("image/x", "{.status.digest}", &digest, Duration::from_mins(1));
 }
+
+/// A save of a **virtual** node reaches its pod by the pod IP (no Service DNS,
+/// no kube-proxy). This tier has no kubelet, so the test plays it: it runs
+/// the pod's command (`walt-operator vnode`, the real runtime) on a loopback
+/// address and reports that address as the pod's IP in the pod status.
+#[test]
+fn virtual_node_save_reaches_the_pod_by_its_ip() {
+    use walt_tests::images::{Arch, OciLayout, skopeo_umoci_unpack};
+    let cluster = cluster();
+    let (namespace, keys) = tenant(cluster, "op-vsave");
+    let registry = walt_tests::registry::Registry::start().expect("start a docker-registry on loopback");
+    let base_digest = OciLayout::busybox(Arch::Amd64)
+        .expect("busybox image")
+        .push("base", &registry, &format!("lab/{namespace}/debian:latest"))
+        .expect("push the base image");
+    let lab = format!("{}/lab", registry.host());
+    let operator = Operator::start(cluster, &namespace, "vsave", &["--lab-registry", &lab]);
+    operator.wait_ready(Duration::from_mins(1));
+    apply(
+        cluster,
+        &namespace,
+        "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {name: debian}\nspec: {}\n---\n\
+         apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {name: vn1}\n\
+         spec: {model: pc-x86-64, image: debian, virtual: {architecture: amd64}}\n",
+    );
+    let within = Duration::from_mins(1);
+    let pinned = format!("{}/lab/{namespace}/debian@{base_digest}", registry.host());
+    wait_for(
+        cluster,
+        &namespace,
+        "pod/walt-node-vn1",
+        "{.metadata.annotations.walt\\.dev/boots}",
+        &pinned,
+        within,
+        &operator,
+    );
+
+    // The "kubelet": run the pod's runtime on 127.X.Y.22, port 22 like in the pod.
+    let pid = std::process::id();
+    let ip = format!("127.{}.{}.22", 100 + pid % 100, (pid / 100) % 250);
+    let work = keys.path();
+    let public = std::fs::read_to_string(work.join("node_key.pub")).expect("node public key");
+    std::fs::write(work.join("authorized_keys"), public).expect("authorized_keys");
+    let mut vnode = Command::new(operator_binary());
+    vnode
+        .args(["vnode", "--image", &pinned, "--name", "vn1", "--authorized-keys"])
+        .arg(work.join("authorized_keys"))
+        .args([
+            "--listen",
+            &format!("{ip}:22"),
+            "--insecure-registry",
+            &registry.host(),
+        ])
+        .arg("--cache-dir")
+        .arg(work.join("cache"));
+    let vnode_log = work.join("vnode.log");
+    let _vnode =
+        Daemon::spawn("walt-operator vnode", vnode, &vnode_log, Lifetime::Test).expect("start the vnode");
+    let deadline = Instant::now() + Duration::from_mins(2);
+    while !std::fs::read_to_string(&vnode_log)
+        .unwrap_or_default()
+        .contains("vnode ready")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the vnode did not start:\n{}",
+            std::fs::read_to_string(&vnode_log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = serde_json::json!({"status": {
+        "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+        "containerStatuses": [{"name": "node", "ready": true, "restartCount": 0, "image": "walt", "imageID": "walt",
+                               "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}]}})
+    .to_string();
+    kubectl(
+        cluster,
+        &namespace,
+        &[
+            "patch",
+            "pod/walt-node-vn1",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status,
+        ],
+    );
+    wait_node_booted(cluster, &namespace, "vn1", &base_digest, &operator);
+
+    // A change made on the node over OpenSSH (the lab's node key), then saved.
+    let changed = Command::new("ssh")
+        .args(["-i", &work.join("node_key").display().to_string()])
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+        ])
+        .arg(format!("root@{ip}"))
+        .arg("mkdir -p /srv && echo virtual > /srv/vfile")
+        .output()
+        .expect("ssh (apt-get install openssh-client)");
+    assert!(
+        changed.status.success(),
+        "ssh to the vnode: {}\n{}",
+        String::from_utf8_lossy(&changed.stderr),
+        std::fs::read_to_string(&vnode_log).unwrap_or_default()
+    );
+    apply(
+        cluster,
+        &namespace,
+        "apiVersion: walt.dev/v1alpha1\nkind: NodeSave\nmetadata: {name: vsave}\nspec: {node: vn1, image: \"debian:v\"}\n",
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "nodesave/vsave",
+        "{.status.phase}",
+        "Succeeded",
+        Duration::from_mins(2),
+        &operator,
+    );
+    let unpacked = tempfile::tempdir().expect("temp dir");
+    let rootfs = skopeo_umoci_unpack(&registry, &format!("lab/{namespace}/debian:v"), unpacked.path())
+        .expect("unpack");
+    assert_eq!(
+        std::fs::read(rootfs.join("srv/vfile")).expect("saved file"),
+        b"virtual\n"
+    );
+}

@@ -38,6 +38,9 @@ pub struct Context {
     /// The one lab registry client (connection pool, TLS roots and tokens
     /// shared by every reconcile), made on first use.
     pub lab_registry: std::sync::OnceLock<crate::oci::RegistryClient>,
+    /// Image-shell mode per manifest digest (a digest's layers never change, and many Images share
+    /// one digest: their layers are read once).
+    pub shell_modes: Mutex<HashMap<String, walt_crds::ImageShellMode>>,
     recorder: Recorder,
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -69,6 +72,7 @@ impl Context {
         Self {
             saves: super::nodesave_reconcile::SaveTasks::new(config.args.max_concurrent_saves),
             lab_registry: std::sync::OnceLock::new(),
+            shell_modes: Mutex::new(HashMap::new()),
             client,
             config,
             metrics,

@@ -277,10 +277,15 @@ async fn report_failure(
     Ok(())
 }
 
-/// The image-shell mode of `resolved`: kept from the status when the digest did not change, else read
-/// from the layers (an unreadable answer leaves it unknown; the shell decides at start).
+/// How many digests' shell modes the operator remembers (a few hundred bytes each).
+const SHELL_MODE_CACHE: usize = 20_000;
+
+/// The image-shell mode of `resolved`: kept from the status when the digest did not change, else
+/// remembered for the digest, else read from the layers (an unreadable answer leaves it unknown; the
+/// shell decides at start).
 async fn shell_mode(
     image: &Image,
+    context: &Context,
     client: &RegistryClient,
     resolved: &ResolvedImage,
 ) -> Option<ImageShellMode> {
@@ -292,14 +297,29 @@ async fn shell_mode(
     if known.is_some() {
         return known;
     }
-    match client.has_init_shell_mode(resolved).await {
-        Ok(true) => Some(ImageShellMode::Init),
-        Ok(false) => Some(ImageShellMode::Basic),
+    let remembered = context
+        .shell_modes
+        .lock()
+        .ok()
+        .and_then(|modes| modes.get(&resolved.digest).copied());
+    if remembered.is_some() {
+        return remembered;
+    }
+    let mode = match client.has_init_shell_mode(resolved).await {
+        Ok(true) => ImageShellMode::Init,
+        Ok(false) => ImageShellMode::Basic,
         Err(error) => {
             tracing::info!(%error, "image-shell mode left unknown");
-            None
+            return None;
         }
+    };
+    if let Ok(mut modes) = context.shell_modes.lock() {
+        if modes.len() >= SHELL_MODE_CACHE {
+            modes.clear();
+        }
+        modes.insert(resolved.digest.clone(), mode);
     }
+    Some(mode)
 }
 
 /// How soon a squash waiting for a shell or save on the image looks again.
@@ -483,7 +503,7 @@ pub async fn reconcile(image: Arc<Image>, context: Arc<Context>) -> Result<Actio
         return Ok(Action::requeue(interval));
     }
     let mut facts = facts_of(resolved.clone());
-    facts.shell_mode = shell_mode(&image, &client, &resolved).await;
+    facts.shell_mode = shell_mode(&image, &context, &client, &resolved).await;
     let mut status = ready_status(&image, &reference, &facts, Timestamp::now());
     if cloned.is_some() {
         // The record of this clone stays in the status (ready_status keeps the previous one).

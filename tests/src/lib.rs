@@ -6,6 +6,8 @@
 //!   namespace), started by a test and stopped when it ends. Read its module docs first.
 //! - [`process`]: helper processes stopped by PID on drop, even when a test panics.
 //! - [`sshnode`]: real OpenSSH `sshd` nodes in network namespaces, with a WalT overlay root.
+//! - [`operator`]: `walt-operator run` as a test process (also inside the cluster tier's node
+//!   namespace), and the product binaries; [`pty`]: driving interactive programs through a PTY.
 //!
 //! Fixtures for OCI work (all real parts, no code from `walt-operator`):
 //! - [`registry::Registry`]: a real `docker-registry` on 127.0.0.1 (optionally with basic auth), stopped on drop.
@@ -22,6 +24,8 @@ pub mod process;
 pub mod deploy;
 pub mod image_build;
 pub mod lab;
+pub mod operator;
+pub mod pty;
 pub mod registry;
 pub mod ship;
 pub mod sshnode;

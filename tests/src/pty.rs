@@ -1,0 +1,172 @@
+//! Driving an interactive program through a pseudo-terminal, as a person at a terminal does: type
+//! lines, wait for output, read the exit status, and check the terminal was restored.
+
+use std::io::{Read as _, Write as _};
+use std::os::fd::OwnedFd;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A child process on a pseudo-terminal (its controlling terminal, through `setsid -c`), sized
+/// 30 rows × 100 columns.
+pub struct Pty {
+    master: OwnedFd,
+    child: Child,
+    output: Arc<Mutex<Vec<u8>>>,
+}
+
+impl std::fmt::Debug for Pty {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pty")
+            .field("pid", &self.child.id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pty {
+    /// Starts `command` (program, arguments and environment are taken from it) on a new PTY.
+    ///
+    /// # Panics
+    /// When the PTY or the process cannot be created (test helper).
+    pub fn spawn(command: &Command) -> Pty {
+        let pty = nix::pty::openpty(
+            Some(&nix::pty::Winsize {
+                ws_row: 30,
+                ws_col: 100,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            }),
+            None,
+        )
+        .expect("openpty");
+        let program = command.get_program().to_owned();
+        let args: Vec<_> = command.get_args().map(ToOwned::to_owned).collect();
+        let envs: Vec<_> = command
+            .get_envs()
+            .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v.to_owned())))
+            .collect();
+        let slave = pty.slave;
+        let mut wrapper = Command::new("setsid");
+        wrapper
+            .arg("-c")
+            .arg(program)
+            .args(args)
+            .envs(envs)
+            .env("TERM", "xterm")
+            .stdin(Stdio::from(slave.try_clone().expect("dup pty")))
+            .stdout(Stdio::from(slave.try_clone().expect("dup pty")))
+            .stderr(Stdio::from(slave));
+        if let Some(dir) = command.get_current_dir() {
+            wrapper.current_dir(dir);
+        }
+        let child = wrapper.spawn().expect("start setsid (util-linux)");
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let reader_fd = pty.master.try_clone().expect("dup pty");
+        let sink = output.clone();
+        std::thread::spawn(move || {
+            let mut file = std::fs::File::from(reader_fd);
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = file.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .extend_from_slice(&buf[..n]);
+            }
+        });
+        Pty {
+            master: pty.master,
+            child,
+            output,
+        }
+    }
+
+    /// Types `text` (use `\n` for Enter, `\x03` for Ctrl-C, `\x04` for Ctrl-D).
+    ///
+    /// # Panics
+    /// When the PTY cannot be written.
+    pub fn send(&self, text: &str) {
+        let mut file = std::fs::File::from(self.master.try_clone().expect("dup pty"));
+        file.write_all(text.as_bytes()).expect("write to the pty");
+    }
+
+    /// Everything shown so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(
+            &self
+                .output
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+        .into_owned()
+    }
+
+    /// Waits until `needle` has been shown (30 s).
+    ///
+    /// # Panics
+    /// When it is not shown in time, with everything shown.
+    pub fn expect(&self, needle: &str) {
+        self.expect_within(needle, Duration::from_secs(30));
+    }
+
+    /// Waits until `needle` has been shown, at most `within`.
+    ///
+    /// # Panics
+    /// When it is not shown in time, with everything shown.
+    pub fn expect_within(&self, needle: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.text().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "never saw {needle:?} within {within:?}; got:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the program to exit (at most `within`): its exit code and everything shown.
+    ///
+    /// # Panics
+    /// When it does not exit in time (it is killed then).
+    pub fn wait_within(&mut self, within: Duration) -> (i32, String) {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                std::thread::sleep(Duration::from_millis(200));
+                return (status.code().unwrap_or(-1), self.text());
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("the program did not exit within {within:?}:\n{}", self.text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// [`Pty::wait_within`] 30 s.
+    pub fn wait(&mut self) -> (i32, String) {
+        self.wait_within(Duration::from_secs(30))
+    }
+
+    /// Whether the terminal is back in canonical (cooked) mode with echo.
+    ///
+    /// # Panics
+    /// When the terminal attributes cannot be read.
+    pub fn cooked(&self) -> bool {
+        let attrs = nix::sys::termios::tcgetattr(&self.master).expect("tcgetattr");
+        attrs.local_flags.contains(nix::sys::termios::LocalFlags::ICANON)
+            && attrs.local_flags.contains(nix::sys::termios::LocalFlags::ECHO)
+    }
+}
+
+impl Drop for Pty {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

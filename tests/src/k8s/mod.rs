@@ -603,6 +603,12 @@ impl Cluster {
         self.node.as_ref().map(node::Node::registry_for_pods)
     }
 
+    /// The node's network namespace (`/run/netns/NAME`; cluster tier only): a process started in
+    /// it (`nsenter --net=/run/netns/NAME`) reaches the node and pod addresses, like a pod.
+    pub fn node_netns(&self) -> Option<&str> {
+        self.node.as_ref().map(node::Node::netns)
+    }
+
     /// The name of the node (cluster tier only).
     pub fn node_name(&self) -> Option<&str> {
         self.node.as_ref().map(|_| node::NODE_NAME)

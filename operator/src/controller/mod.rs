@@ -186,6 +186,7 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
         );
     let shells = Controller::new(all::<ShellSession>(&context), watcher::Config::default())
         .owns(all::<Pod>(&context), owned_objects())
+        .with_config(controller_config(&context))
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(
             |session, context| instrumented("ShellSession", session, context, shell_reconcile::reconcile),

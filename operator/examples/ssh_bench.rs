@@ -3,7 +3,8 @@
 //! ```text
 //! cargo build -p walt-operator --bins --examples
 //! cargo run -p walt-operator --example ssh_bench -- gateway   # 1 GiB relay + keystroke round-trip
-//! cargo run -p walt-operator --example ssh_bench -- save      # node save of a 1 GiB upper dir
+//! cargo run -p walt-operator --example ssh_bench -- save      # node save of a 1 GiB upper dir, pushed
+//! cargo run -p walt-operator --example ssh_bench -- vnode     # keystroke round-trip: vnode vs sshd
 //! ```
 //! Each measures walt and its reference side by side, in the same run, and prints the ratio.
 
@@ -211,32 +212,35 @@ fn save_bench() {
     )
     .expect("fill the upper dir");
     // target/debug/examples/ssh_bench → target/debug/walt-operator (built by `cargo build --bins`).
-    let binary = std::env::current_exe()
-        .expect("current exe")
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("walt-operator");
-    assert!(
-        binary.exists(),
-        "build it first: cargo build -p walt-operator --bins"
-    );
+    let binary = walt_operator_binary();
     let binary = binary.display();
+    // The loopback registry the save pushes to, with a base image to push on top of.
+    let registry = walt_tests::registry::Registry::start().expect("registry");
+    let layout = walt_tests::images::OciLayout::busybox(walt_tests::images::Arch::Amd64).expect("base image");
+    layout
+        .push("base", &registry, "bench/base:1")
+        .expect("push the base");
+    let base = registry.reference("bench/base:1");
     let reference = format!(
         "{} 'tar -C /run/walt/rootfs/mnt/fs_rw -cf - .' | gzip -1 | sha256sum",
         shell_words(&node.ssh())
     );
-    let walt = format!(
-        "/usr/bin/time -f 'walt peak RSS %M KiB' {binary} save --node root@{} --identity {} --known-hosts {} \
-         --proxy-command '{}' --all-changes --change-set - | gzip -1 | sha256sum",
-        node.address(),
-        node.client_key().display(),
-        node.known_hosts().display(),
-        node.proxy_command()
-    );
+    // The whole save: stream, layer (gzip -1 like the reference), push by digest, tag.
+    let walt = |run: usize| {
+        format!(
+            "/usr/bin/time -f 'walt peak RSS %M KiB' {binary} save --node root@{} --identity {} --known-hosts {} \
+             --proxy-command '{}' --all-changes --base {base} --to {} --insecure-registry {}",
+            node.address(),
+            node.client_key().display(),
+            node.known_hosts().display(),
+            node.proxy_command(),
+            registry.reference(&format!("bench/saved:{run}")),
+            registry.host()
+        )
+    };
     let mut reference_times = Vec::new();
     let mut walt_times = Vec::new();
-    for _ in 0..2 {
+    for run in 0..2 {
         reference_times.push(timed({
             let mut c = Command::new("bash");
             c.args(["-c", &format!("set -o pipefail; {reference}")]);
@@ -244,7 +248,7 @@ fn save_bench() {
         }));
         let start = Instant::now();
         let output = Command::new("bash")
-            .args(["-c", &format!("set -o pipefail; {walt}")])
+            .args(["-c", &format!("set -o pipefail; {}", walt(run))])
             .output()
             .expect("walt save");
         assert!(
@@ -261,9 +265,103 @@ fn save_bench() {
     let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
     let (r, w) = (best(&reference_times), best(&walt_times));
     println!(
-        "node save 1 GiB upper dir: reference (ssh tar | gzip -1 | sha256sum) {r:.2} s, walt save {w:.2} s: {:.2}x the time",
+        "node save 1 GiB upper dir: reference (ssh tar | gzip -1 | sha256sum) {r:.2} s, walt save (pushed to the loopback registry) {w:.2} s: {:.2}x the time",
         w / r
     );
+}
+
+/// Keystroke round-trip through a virtual node's own SSH server (`walt-operator vnode`, amd64
+/// busybox image) next to an OpenSSH sshd node's.
+fn vnode_bench() {
+    let registry = walt_tests::registry::Registry::start().expect("registry");
+    let layout = walt_tests::images::OciLayout::busybox(walt_tests::images::Arch::Amd64).expect("image");
+    layout
+        .push("base", &registry, "bench/node:1")
+        .expect("push the image");
+    let work = tempfile::tempdir().expect("tempdir");
+    let user_key = keygen(work.path(), "user");
+    std::fs::copy(
+        user_key.with_extension("pub"),
+        work.path().join("authorized_keys"),
+    )
+    .expect("keys");
+    let mut vnode = Command::new(walt_operator_binary())
+        .args([
+            "vnode",
+            "--image",
+            &registry.reference("bench/node:1"),
+            "--name",
+            "bench",
+        ])
+        .arg("--authorized-keys")
+        .arg(work.path().join("authorized_keys"))
+        .args(["--listen", "127.0.0.1:0", "--insecure-registry", &registry.host()])
+        .arg("--cache-dir")
+        .arg(work.path().join("cache"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the vnode");
+    let mut ready = String::new();
+    io::BufRead::read_line(
+        &mut io::BufReader::new(vnode.stdout.take().expect("stdout")),
+        &mut ready,
+    )
+    .expect("ready line");
+    let port = ready
+        .split(" listening on 127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .expect("port in the ready line")
+        .to_owned();
+    let host_key = ready
+        .split(" host key ")
+        .nth(1)
+        .expect("host key")
+        .trim()
+        .to_owned();
+    let known = work.path().join("known_hosts");
+    std::fs::write(&known, format!("[127.0.0.1]:{port} {host_key}\n")).expect("known_hosts");
+    let mut ssh = Command::new("ssh");
+    ssh.args([
+        "-F",
+        "/dev/null",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "IdentitiesOnly=yes",
+    ])
+    .args(["-o", "LogLevel=ERROR", "-i"])
+    .arg(&user_key)
+    .arg("-o")
+    .arg(format!("UserKnownHostsFile={}", known.display()))
+    .args(["-p", &port, "root@127.0.0.1"]);
+    let vnode_rtt = keystrokes(&ssh);
+    let node = SshNode::busybox().expect("node");
+    let sshd_rtt = keystrokes(&node.ssh());
+    println!(
+        "keystroke round-trip p50: OpenSSH sshd node (through its socat ProxyCommand) {sshd_rtt:.3} ms, \
+         walt vnode (loopback) {vnode_rtt:.3} ms"
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &vnode.id().to_string()])
+        .status();
+    let _ = vnode.wait();
+}
+
+/// `target/<profile>/walt-operator`, next to this example's directory.
+fn walt_operator_binary() -> std::path::PathBuf {
+    let binary = std::env::current_exe()
+        .expect("current exe")
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("walt-operator");
+    assert!(
+        binary.exists(),
+        "build it first: cargo build -p walt-operator --bins"
+    );
+    binary
 }
 
 fn shell_words(command: &Command) -> String {
@@ -280,8 +378,9 @@ fn main() {
     match std::env::args().nth(1).as_deref() {
         Some("gateway") => gateway_bench(),
         Some("save") => save_bench(),
+        Some("vnode") => vnode_bench(),
         _ => {
-            eprintln!("usage: ssh_bench gateway|save");
+            eprintln!("usage: ssh_bench gateway|save|vnode");
             std::process::exit(2);
         }
     }

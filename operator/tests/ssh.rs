@@ -647,6 +647,7 @@ impl Vnode {
             .args(["vnode", "--image", image, "--name", name, "--authorized-keys"])
             .arg(work.join("authorized_keys"))
             .args(["--listen", "127.0.0.1:0", "--insecure-registry", registry])
+            .args(["--shutdown-timeout", "5"])
             .arg("--cache-dir")
             .arg(work.join("cache"))
             .stdin(Stdio::null())
@@ -1091,4 +1092,33 @@ fn vnode_killed_mid_save_fails_the_save_and_leaves_the_tag_alone() {
         !Path::new(&format!("/proc/{init}")).exists(),
         "the node's PID 1 is gone"
     );
+}
+
+#[test]
+fn vnode_of_an_image_with_walt_init_scripts_runs_its_init() {
+    use walt_tests::images::{Arch, OciLayout};
+    let registry = walt_tests::registry::Registry::start().expect("registry");
+    let layout = OciLayout::walt_busybox(Arch::Amd64, "pc-x86-64").expect("walt busybox image");
+    layout
+        .push("base", &registry, "lab/walt-busybox:base")
+        .expect("push the image");
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path();
+    authorize_user(work);
+    let mut node = Vnode::start(
+        &registry.reference("lab/walt-busybox:base"),
+        "vn-init",
+        &registry.host(),
+        work,
+        None,
+    );
+    assert!(node.log().contains("init mode"), "{}", node.log());
+    // The start script exec'd busybox init (it renames itself `init`), PID 1 of the node.
+    assert_eq!(
+        node.run(work, "tr '\\0' ' ' < /proc/1/cmdline | cut -d ' ' -f 1; hostname"),
+        "init\nvn-init\n"
+    );
+    let status = node.stop();
+    assert!(status.success(), "{status}\n{}", node.log());
+    assert!(mounts_under(work).is_empty(), "{:?}", mounts_under(work));
 }

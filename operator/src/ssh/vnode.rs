@@ -56,8 +56,8 @@ pub struct Args {
     /// Registry host (`host:port`) spoken to over plain HTTP (repeat).
     #[arg(long, value_name = "HOST")]
     pub insecure_registry: Vec<String>,
-    /// The SSH host private key (OpenSSH format). Created (ed25519) when the file does not exist;
-    /// without this option, a new key is made at every boot. Its public key is printed.
+    /// The SSH host private key (OpenSSH format). Created (ed25519, with FILE.pub) when the file does
+    /// not exist; without this option, a new key is made at every boot. Its public key is printed.
     #[arg(long, value_name = "FILE")]
     pub host_key: Option<PathBuf>,
     /// Pick this platform (`linux/arm64`) from a multi-arch image.
@@ -272,6 +272,14 @@ pub fn host_key(path: Option<&Path>) -> Result<PrivateKey, CliError> {
             .map_err(|error| format!("encoding the new host key: {error}"))?;
         write_private(path, text.as_bytes())
             .map_err(|error| format!("writing the new host key to {}: {error}", path.display()))?;
+        // And the public key next to it, as ssh-keygen does (`--host-key FILE.pub` for `save`).
+        let public = key
+            .public_key()
+            .to_openssh()
+            .map_err(|error| format!("encoding the new host key: {error}"))?;
+        let public_path = PathBuf::from(format!("{}.pub", path.display()));
+        std::fs::write(&public_path, format!("{public}\n"))
+            .map_err(|error| format!("writing {}: {error}", public_path.display()))?;
     }
     Ok(key)
 }
@@ -925,6 +933,11 @@ mod tests {
         let first = host_key(Some(&path)).unwrap();
         let again = host_key(Some(&path)).unwrap();
         assert_eq!(first.public_key().key_data(), again.public_key().key_data());
+        let public = std::fs::read_to_string(dir.path().join("keys/host_ed25519.pub")).unwrap();
+        assert_eq!(
+            client::parse_public_key(&public).unwrap().key_data(),
+            first.public_key().key_data()
+        );
         let ephemeral = host_key(None).unwrap();
         assert_ne!(first.public_key().key_data(), ephemeral.public_key().key_data());
         use std::os::unix::fs::PermissionsExt as _;

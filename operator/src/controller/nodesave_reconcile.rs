@@ -168,8 +168,10 @@ pub async fn reconcile(save: Arc<NodeSave>, context: Arc<Context>) -> Result<Act
     }
     let uid = save.uid().unwrap_or_default();
     if context.saves.is_running(&uid) {
-        // The task reports through the status; nothing to do here.
-        return Ok(Action::await_change());
+        // The task reports through the status; look again now and then in
+        // case it died without a word (a panic frees its slot, and the next
+        // look runs the save again).
+        return Ok(Action::requeue(Duration::from_mins(1)));
     }
     let namespace = save.namespace().unwrap_or_default();
     let nodes_api: Api<Node> = Api::namespaced(context.client.clone(), &namespace);

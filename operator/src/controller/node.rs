@@ -18,10 +18,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, DownwardAPIVolumeFile, DownwardAPIVolumeSource,
-    EmptyDirVolumeSource, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PersistentVolumeClaimVolumeSource, Pod, PodSpec, Probe, ResourceRequirements, SecretVolumeSource,
-    SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    EmptyDirVolumeSource, HostPathVolumeSource, ObjectFieldSelector, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, Pod, PodSpec, Probe, ResourceRequirements,
+    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction, Volume,
+    VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -178,6 +178,8 @@ pub fn build_vnode_pod(node: &Node, inputs: &VnodeInputs<'_>) -> Pod {
         volume_mounts.push(registry_credentials_mount());
         volumes.push(registry_credentials_volume());
     }
+    volume_mounts.push(binfmt_mount());
+    volumes.push(binfmt_volume());
     let resources = node.spec.virtual_node.as_ref().map(|virtual_node| {
         let limits = BTreeMap::from([
             ("memory".to_owned(), virtual_node.memory.clone()),
@@ -264,6 +266,30 @@ pub fn registry_credentials_mount() -> VolumeMount {
     VolumeMount {
         name: "registry".into(),
         mount_path: "/etc/walt/registry".into(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    }
+}
+
+/// The cluster node's binfmt_misc table (read-only): a container's `/proc/sys/fs` does not show it, and
+/// the shell runtime checks there that the qemu handler of a foreign image is registered (the handlers
+/// themselves are kernel-wide, so emulation works without this view; the check needs it).
+pub fn binfmt_volume() -> Volume {
+    Volume {
+        name: "binfmt".into(),
+        host_path: Some(HostPathVolumeSource {
+            path: "/proc/sys/fs/binfmt_misc".into(),
+            type_: Some("Directory".into()),
+        }),
+        ..Volume::default()
+    }
+}
+
+/// Where [`binfmt_volume`] is mounted ([`crate::runtime::emulation::POD_BINFMT_DIR`]).
+pub fn binfmt_mount() -> VolumeMount {
+    VolumeMount {
+        name: "binfmt".into(),
+        mount_path: crate::runtime::emulation::POD_BINFMT_DIR.into(),
         read_only: Some(true),
         ..VolumeMount::default()
     }

@@ -33,7 +33,7 @@ use walt_crds::{Changes, ImageShellMode, ShellMode, ShellSession, ShellSessionPh
 
 use super::config::LayerCache;
 use super::context::{MANAGED_BY, MANAGED_BY_LABEL};
-use super::node::{registry_credentials_mount, registry_credentials_volume};
+use super::node::{binfmt_mount, binfmt_volume, registry_credentials_mount, registry_credentials_volume};
 
 /// Label naming the ShellSession a pod belongs to.
 pub const SESSION_LABEL: &str = "walt.dev/shell-session";
@@ -145,12 +145,15 @@ pub fn build_shell_pod(session: &ShellSession, inputs: &ShellPodInputs<'_>) -> P
             ..Volume::default()
         },
     };
-    let mut volumes = vec![cache_volume];
-    let mut mounts = vec![VolumeMount {
-        name: "cache".into(),
-        mount_path: CACHE_DIR.into(),
-        ..VolumeMount::default()
-    }];
+    let mut volumes = vec![cache_volume, binfmt_volume()];
+    let mut mounts = vec![
+        VolumeMount {
+            name: "cache".into(),
+            mount_path: CACHE_DIR.into(),
+            ..VolumeMount::default()
+        },
+        binfmt_mount(),
+    ];
     let mut env = Vec::new();
     if inputs.registry_credentials {
         volumes.push(registry_credentials_volume());

@@ -113,11 +113,20 @@ fn arm32_supported() -> bool {
         .is_ok_and(|info| info.contains("CPU architecture: 7") || info.contains("aarch32"))
 }
 
+/// Where walt's pods see the cluster node's binfmt_misc table (a read-only hostPath volume): inside a
+/// container, `/proc/sys/fs/binfmt_misc` is not mounted.
+pub const POD_BINFMT_DIR: &str = "/run/walt/binfmt_misc";
+
 /// Checks that binaries of `image_arch` can run here; returns `true` when they
-/// run through emulation.
+/// run through emulation. The binfmt_misc table is read where it is mounted: the
+/// usual place on a host, else [`POD_BINFMT_DIR`] in a walt pod.
 pub fn check(image_arch: &str) -> Result<bool, EmulationError> {
     let host = host_architecture();
-    check_with(image_arch, &host, Path::new("/proc/sys/fs/binfmt_misc"))
+    let binfmt = [Path::new("/proc/sys/fs/binfmt_misc"), Path::new(POD_BINFMT_DIR)]
+        .into_iter()
+        .find(|dir| dir.join("status").exists())
+        .unwrap_or(Path::new("/proc/sys/fs/binfmt_misc"));
+    check_with(image_arch, &host, binfmt)
 }
 
 /// [`check`] with an explicit host architecture and binfmt_misc directory.

@@ -460,7 +460,7 @@ mod tests {
             .into_iter()
             .map(|v| v.name)
             .collect();
-        assert_eq!(volumes, ["authorized-keys", "cache", "registry"]);
+        assert_eq!(volumes, ["authorized-keys", "cache", "registry", "binfmt"]);
         assert_eq!(spec.automount_service_account_token, Some(false));
     }
 

@@ -1696,6 +1696,58 @@ fn node_shell_through_the_operator_gateway_until_ttl_or_deletion() {
         .expect("run ssh");
     assert_eq!(out.status.code(), Some(255), "a deleted session's key is refused");
 
+    // A session with no traffic for its idleTimeout is Expired, and its key refused.
+    apply(
+        cluster,
+        &namespace,
+        &shell_session_yaml("idle", "rpi1", &public_key, "1h")
+            .replace("ttl: 1h", "ttl: 1h, idleTimeout: 20s"),
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "shellsession/idle",
+        "{.status.phase}",
+        "Running",
+        within,
+        &operator,
+    );
+    let out = gateway_ssh(&operator, "idle", &user_key, "echo active")
+        .output()
+        .expect("run ssh");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for(
+        cluster,
+        &namespace,
+        "shellsession/idle",
+        "{.status.conditions[?(@.type==\"Complete\")].reason}",
+        "IdleTimeout",
+        within,
+        &operator,
+    );
+    let activity = kubectl(
+        cluster,
+        &namespace,
+        &[
+            "get",
+            "shellsession/idle",
+            "-o",
+            "jsonpath={.metadata.annotations.walt\\.dev/last-activity}",
+        ],
+    );
+    assert!(
+        !activity.is_empty(),
+        "the gateway recorded the session's activity"
+    );
+    let out = gateway_ssh(&operator, "idle", &user_key, "true")
+        .output()
+        .expect("run ssh");
+    assert_eq!(
+        out.status.code(),
+        Some(255),
+        "an idle-expired session's key is refused"
+    );
+
     // A session on a Node that does not exist fails, saying so.
     apply(
         cluster,

@@ -9,15 +9,23 @@
 //! This is a read of the API only: no leader is needed, and the leader's
 //! ShellSession controller alone decides the phases.
 //!
+//! Activity: each replica notes when bytes last went through a session's
+//! connections, and writes it to the session's [`ACTIVITY_ANNOTATION`] (at
+//! most every [`ACTIVITY_PUBLISH_INTERVAL`]), so the leader can end sessions
+//! idle for their `idleTimeout` whichever replica serves them.
+//!
 //! The SSH user name at the gateway is the session's name (the gateway keys
 //! sessions as `namespace/name`, see [`Authorizations::find`]).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use russh::keys::PrivateKey;
@@ -28,6 +36,12 @@ use super::config::Config;
 use super::node::vnode_object_name;
 use crate::ssh::gateway::{Authorization, Authorizations, Gateway, GatewayConfig};
 use crate::ssh::{HostKeyPolicy, NodeTarget, Transport};
+
+/// Annotation of a ShellSession: when bytes last went through its gateway
+/// connections (RFC 3339), written by the replica that serves them.
+pub const ACTIVITY_ANNOTATION: &str = "walt.dev/last-activity";
+/// How often a session's activity is written at most.
+pub const ACTIVITY_PUBLISH_INTERVAL: Duration = Duration::from_secs(15);
 
 /// SSH port of virtual node pods.
 pub const VNODE_SSH_PORT: u16 = 22;
@@ -229,9 +243,16 @@ async fn sync(
     let mut events = watcher(sessions, watcher::Config::default()).boxed();
     // Sessions seen during a relist, to drop those that vanished meanwhile.
     let mut relisted: Option<std::collections::HashSet<String>> = None;
+    let mut published: HashMap<String, SystemTime> = HashMap::new();
+    let mut publish = tokio::time::interval(Duration::from_secs(5));
+    publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let event = tokio::select! {
             event = events.next() => event,
+            _ = publish.tick() => {
+                publish_activity(&client, &authorizations, &mut published).await;
+                continue;
+            }
             () = shutdown.cancelled() => return,
         };
         let Some(event) = event else { return };
@@ -259,6 +280,49 @@ async fn sync(
                 tracing::warn!(%error, "watching ShellSessions for the gateway");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
+        }
+    }
+}
+
+/// Whether activity seen at `seen` must be written, given what was written last (pure).
+pub fn activity_to_publish(seen: SystemTime, last_published: Option<SystemTime>) -> bool {
+    last_published.is_none_or(|last| {
+        seen.duration_since(last)
+            .is_ok_and(|newer_by| newer_by >= ACTIVITY_PUBLISH_INTERVAL)
+    })
+}
+
+/// Writes the activity of the sessions served here to their annotation.
+async fn publish_activity(
+    client: &Client,
+    authorizations: &Authorizations,
+    published: &mut HashMap<String, SystemTime>,
+) {
+    let ids = authorizations.session_ids();
+    published.retain(|id, _| ids.contains(id));
+    for id in ids {
+        let Some(seen) = authorizations.last_activity(&id) else {
+            continue;
+        };
+        if !activity_to_publish(seen, published.get(&id).copied()) {
+            continue;
+        }
+        let Some((namespace, name)) = id.split_once('/') else {
+            continue;
+        };
+        let Ok(when) = Timestamp::try_from(seen) else {
+            continue;
+        };
+        let sessions: Api<ShellSession> = Api::namespaced(client.clone(), namespace);
+        let patch = serde_json::json!({"metadata": {"annotations": {ACTIVITY_ANNOTATION: when.to_string()}}});
+        match sessions
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                published.insert(id, seen);
+            }
+            Err(error) => tracing::debug!(session = %id, %error, "gateway: cannot record activity"),
         }
     }
 }
@@ -379,6 +443,15 @@ mod tests {
                 .to_string(),
             "root@10.88.0.7:22"
         );
+    }
+
+    #[test]
+    fn activity_is_written_at_most_every_interval() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        assert!(activity_to_publish(t0, None));
+        assert!(!activity_to_publish(t0 + Duration::from_secs(3), Some(t0)));
+        assert!(activity_to_publish(t0 + ACTIVITY_PUBLISH_INTERVAL, Some(t0)));
+        assert!(!activity_to_publish(t0, Some(t0 + Duration::from_secs(1))));
     }
 
     #[test]

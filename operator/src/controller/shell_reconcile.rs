@@ -215,6 +215,34 @@ async fn node_shell(
         )
         .await;
     }
+    let idle_left = match session_duration(&session.spec.idle_timeout) {
+        Ok(idle) => idle_left(session, idle, Timestamp::now()),
+        Err(error) => {
+            return end(
+                context,
+                session,
+                status,
+                ShellSessionPhase::Failed,
+                "InvalidIdleTimeout",
+                format!("spec.idleTimeout: {error}"),
+            )
+            .await;
+        }
+    };
+    if idle_left.is_zero() {
+        return end(
+            context,
+            session,
+            status,
+            ShellSessionPhase::Expired,
+            "IdleTimeout",
+            format!(
+                "no input or output through the gateway for {} (spec.idleTimeout): the gateway no longer admits its key; open a new session",
+                session.spec.idle_timeout
+            ),
+        )
+        .await;
+    }
     let Some(key) = session.spec.public_key.as_deref() else {
         return end(
             context,
@@ -315,7 +343,28 @@ async fn node_shell(
             .event(session, EventType::Normal, "Authorized", "Authorize", message)
             .await;
     }
-    Ok(Action::requeue(until_ttl + Duration::from_secs(1)))
+    Ok(Action::requeue(until_ttl.min(idle_left) + Duration::from_secs(1)))
+}
+
+/// How long a node shell may still stay idle (pure): `idle` after the
+/// latest of its start, its creation, and the activity the gateway recorded
+/// ([`super::gateway::ACTIVITY_ANNOTATION`]); zero when that is past.
+pub fn idle_left(session: &ShellSession, idle: Duration, now: Timestamp) -> Duration {
+    let activity = session
+        .annotations()
+        .get(super::gateway::ACTIVITY_ANNOTATION)
+        .and_then(|text| text.parse::<Timestamp>().ok());
+    let started = session
+        .status
+        .as_ref()
+        .and_then(|status| status.start_time.as_ref())
+        .map(|time| time.0);
+    let created = session.creation_timestamp().map(|time| time.0);
+    let Some(since) = [activity, started, created].into_iter().flatten().max() else {
+        return idle;
+    };
+    let quiet = now.duration_since(since).unsigned_abs();
+    idle.saturating_sub(quiet)
 }
 
 // --------------------------------------------------------------- image shells
@@ -798,6 +847,29 @@ mod tests {
         );
         let ready = walt_crds::find_condition(&status.conditions, READY).expect("Ready");
         assert_eq!(ready.status, "False");
+    }
+
+    #[test]
+    fn idle_time_counts_from_the_latest_activity() {
+        let at = |second: i64| Timestamp::from_second(second).expect("time");
+        let mut session = ShellSession::new("s", ShellSessionSpec::default());
+        session.metadata.creation_timestamp = Some(Time(at(1_000)));
+        let idle = Duration::from_mins(10);
+        assert_eq!(idle_left(&session, idle, at(1_060)), Duration::from_mins(9));
+        session.status = Some(ShellSessionStatus {
+            start_time: Some(Time(at(1_100))),
+            ..ShellSessionStatus::default()
+        });
+        assert_eq!(idle_left(&session, idle, at(1_160)), Duration::from_mins(9));
+        session.metadata.annotations = Some(
+            [(
+                super::super::gateway::ACTIVITY_ANNOTATION.to_owned(),
+                at(1_500).to_string(),
+            )]
+            .into(),
+        );
+        assert_eq!(idle_left(&session, idle, at(1_560)), Duration::from_mins(9));
+        assert_eq!(idle_left(&session, idle, at(2_200)), Duration::ZERO);
     }
 
     #[test]

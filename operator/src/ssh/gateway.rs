@@ -85,6 +85,7 @@ pub struct Authorization {
 #[derive(Debug, Clone, Default)]
 pub struct Authorizations {
     inner: Arc<RwLock<HashMap<String, Authorization>>>,
+    activity: Arc<Mutex<HashMap<String, SystemTime>>>,
 }
 
 impl Authorizations {
@@ -102,7 +103,28 @@ impl Authorizations {
 
     /// Removes a session's authorization; its live connections are closed within a second.
     pub fn remove(&self, session_id: &str) -> Option<Authorization> {
+        if let Ok(mut activity) = self.activity.lock() {
+            activity.remove(session_id);
+        }
         self.inner.write().ok().and_then(|mut map| map.remove(session_id))
+    }
+
+    /// Records that bytes went through a connection of the session just now (ignored once the
+    /// session is removed).
+    pub fn touch(&self, session_id: &str) {
+        let present = self.inner.read().is_ok_and(|map| map.contains_key(session_id));
+        if let (true, Ok(mut activity)) = (present, self.activity.lock()) {
+            activity.insert(session_id.to_owned(), SystemTime::now());
+        }
+    }
+
+    /// When bytes last went through a connection of the session here (within half a second), if
+    /// ever since it was authorized.
+    pub fn last_activity(&self, session_id: &str) -> Option<SystemTime> {
+        self.activity
+            .lock()
+            .ok()
+            .and_then(|activity| activity.get(session_id).copied())
     }
 
     /// The authorization of a session, if present and not expired.
@@ -238,11 +260,19 @@ impl Gateway {
         let handle = running.handle();
         let authorizations = self.authorizations.clone();
         let watched = stats.clone();
-        // Close the connection when its authorization goes away or expires.
+        // Close the connection when its authorization goes away or expires; record activity.
         let watcher = tokio::spawn(async move {
+            let mut bytes_seen = 0;
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let session = watched.session.lock().ok().and_then(|s| s.clone());
+                let bytes = watched.up.load(Ordering::Relaxed) + watched.down.load(Ordering::Relaxed);
+                if let Some(session) = &session
+                    && bytes != bytes_seen
+                {
+                    bytes_seen = bytes;
+                    authorizations.touch(session);
+                }
                 if let Some(session) = session
                     && authorizations.get(&session).is_none()
                 {
@@ -259,6 +289,13 @@ impl Gateway {
         });
         let _ = running.await;
         watcher.abort();
+        // A connection shorter than the watcher's period still counts as activity.
+        let session = stats.session.lock().ok().and_then(|s| s.clone());
+        if let Some(session) = session
+            && stats.up.load(Ordering::Relaxed) + stats.down.load(Ordering::Relaxed) > 0
+        {
+            self.authorizations.touch(&session);
+        }
     }
 }
 
@@ -677,5 +714,16 @@ mod tests {
         expired.expires_at = SystemTime::now() - Duration::from_secs(1);
         set.add(expired);
         assert!(set.find("s9", &key(3)).is_none(), "expired");
+        assert_eq!(set.last_activity("alice/s1"), None);
+        set.touch("alice/s1");
+        assert!(set.last_activity("alice/s1").is_some());
+        set.remove("alice/s1");
+        assert_eq!(set.last_activity("alice/s1"), None, "forgotten with the session");
+        set.touch("alice/s1");
+        assert_eq!(
+            set.last_activity("alice/s1"),
+            None,
+            "not recorded for a removed session"
+        );
     }
 }

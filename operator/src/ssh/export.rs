@@ -602,6 +602,9 @@ pub fn filter_change_set<R: Read, W: Write>(
                     device.set_device_major(0)?;
                     device.set_device_minor(0)?;
                     device.set_mtime(header.mtime().unwrap_or(0));
+                    // A fresh header has empty owner fields, which no tar reader accepts.
+                    device.set_uid(header.uid().unwrap_or(0));
+                    device.set_gid(header.gid().unwrap_or(0));
                     write_entry(&mut builder, &device, &name, &[], io::empty())?;
                     written.insert(name);
                     summary.deleted += 1;
@@ -821,6 +824,83 @@ mod tests {
         assert!(!excluded("etc/READMEXnonlocal", &api));
         assert!(excluded("var/log/syslog", &api));
         assert!(Exclusions::new(&["(".into()]).unwrap_err().contains("\"(\""));
+    }
+
+    /// Overlay shares one whiteout inode between deletions, so the node's tar makes the second
+    /// deletion a hard link to the first: it must come out as a whiteout of its own that a tar reader
+    /// (our layer writer) accepts.
+    #[test]
+    fn linked_whiteouts_become_whiteouts_of_their_own() {
+        let mut node_tar = tar::Builder::new(Vec::new());
+        let mut root = tar::Header::new_ustar();
+        root.set_entry_type(tar::EntryType::Directory);
+        root.set_mode(0o755);
+        root.set_uid(0);
+        root.set_gid(0);
+        root.set_size(0);
+        node_tar.append_data(&mut root, "./", io::empty()).unwrap();
+        let mut etc = root.clone();
+        node_tar.append_data(&mut etc, "./etc/", io::empty()).unwrap();
+        let mut whiteout = tar::Header::new_ustar();
+        whiteout.set_entry_type(tar::EntryType::Char);
+        whiteout.set_mode(0o600);
+        whiteout.set_uid(0);
+        whiteout.set_gid(0);
+        whiteout.set_size(0);
+        whiteout.set_device_major(0).unwrap();
+        whiteout.set_device_minor(0).unwrap();
+        node_tar
+            .append_data(&mut whiteout, "./etc/motd", io::empty())
+            .unwrap();
+        let mut link = tar::Header::new_ustar();
+        link.set_entry_type(tar::EntryType::Link);
+        link.set_mode(0o600);
+        link.set_uid(0);
+        link.set_gid(0);
+        link.set_size(0);
+        node_tar
+            .append_link(&mut link, "./etc/hostname", "./etc/motd")
+            .unwrap();
+        let node_tar = node_tar.into_inner().unwrap();
+        let plan = ExportPlan {
+            tar: NodeTar::Busybox,
+            changed_since: None,
+            detected_opaque: HashSet::new(),
+            command: String::new(),
+            exclude: Vec::new(),
+        };
+        let target: NodeTarget = "root@n".parse().unwrap();
+        let mut change_set = Vec::new();
+        let summary = filter_change_set(
+            node_tar.as_slice(),
+            &mut change_set,
+            &plan,
+            &target,
+            &Progress::default(),
+        )
+        .unwrap();
+        assert_eq!(summary.deleted, 2);
+        let mut archive = tar::Archive::new(change_set.as_slice());
+        let mut whiteouts = Vec::new();
+        for entry in archive.entries().unwrap() {
+            let entry = entry.unwrap();
+            let header = entry.header();
+            if header.entry_type() == tar::EntryType::Char {
+                whiteouts.push((
+                    entry.path().unwrap().display().to_string(),
+                    header.uid().unwrap(),
+                    header.gid().unwrap(),
+                    header.device_major().unwrap(),
+                ));
+            }
+        }
+        assert_eq!(
+            whiteouts,
+            [
+                ("etc/motd".to_owned(), 0, 0, Some(0)),
+                ("etc/hostname".to_owned(), 0, 0, Some(0))
+            ]
+        );
     }
 
     #[test]

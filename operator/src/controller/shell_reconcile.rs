@@ -369,6 +369,28 @@ pub fn idle_left(session: &ShellSession, idle: Duration, now: Timestamp) -> Dura
 
 // --------------------------------------------------------------- image shells
 
+/// The last lines the shell pod wrote (its runtime's errors), before it is
+/// deleted; None when there are none or they cannot be read.
+async fn pod_log_tail(context: &Context, session: &ShellSession) -> Option<String> {
+    let namespace = session.namespace().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(context.client.clone(), &namespace);
+    let params = kube::api::LogParams {
+        tail_lines: Some(5),
+        limit_bytes: Some(2048),
+        ..kube::api::LogParams::default()
+    };
+    let log = pods
+        .logs(&shell_pod_name(&session.name_any()), &params)
+        .await
+        .ok()?;
+    let lines: Vec<&str> = log
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect();
+    (!lines.is_empty()).then(|| lines.join(" | "))
+}
+
 async fn delete_pod(context: &Context, session: &ShellSession) -> Result<()> {
     let namespace = session.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(context.client.clone(), &namespace);
@@ -501,6 +523,10 @@ async fn image_shell(
             .await
         }
         Step::Fail(message) => {
+            let message = match pod_log_tail(context, session).await {
+                Some(tail) => format!("{message}; its last words: {tail}"),
+                None => message,
+            };
             delete_pod(context, session).await?;
             end(
                 context,

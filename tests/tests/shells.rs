@@ -1,0 +1,444 @@
+//! Image shells on the cluster tier: real shell pods (kubelet + containerd + runc) running the walt
+//! image, started by the real operator, used through the real plugin in a PTY.
+//!
+//! The operator runs on this machine inside the node's network namespace (where the pods' addresses
+//! and the lab registry at the node address exist), with the harness's admin kubeconfig. One test,
+//! because one cluster start serves every step:
+//! 1. `kubectl walt image shell demo` (amd64): type commands, exit, answer the dialogue with a new
+//!    name → the operator saves it (blobs mounted across repositories) → the new Image is Ready,
+//!    `skopeo` + `umoci` show the change, the shell pod is gone, the session is deleted.
+//! 2. Ctrl-D at the dialogue discards → the Image keeps its digest, the pod is gone.
+//! 3. Enter at the dialogue overwrites the image itself → its digest moves to the saved one.
+//! 4. Without the plugin: a ShellSession made with kubectl whose pod is deleted under it → Failed,
+//!    saying so; deleting a running session leaves no pod (finalizer).
+//! 5. An arm64 image on this amd64 node (qemu-user through binfmt_misc): `uname -m` says aarch64,
+//!    Ctrl-D discards.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use walt_tests::image_build::Arch;
+use walt_tests::k8s::{Cluster, ClusterOptions, cluster_tier_skip_reason};
+use walt_tests::operator::{OperatorProcess, plugin_binary};
+use walt_tests::pty::Pty;
+
+fn kubectl(cluster: &Cluster, args: &[&str]) -> String {
+    cluster
+        .kubectl_output(args)
+        .unwrap_or_else(|error| panic!("kubectl {args:?}: {error}"))
+}
+
+fn jsonpath(cluster: &Cluster, ns: &str, object: &str, path: &str) -> String {
+    cluster
+        .kubectl_output(&["-n", ns, "get", object, "-o", &format!("jsonpath={path}")])
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+fn wait_jsonpath(
+    cluster: &Cluster,
+    ns: &str,
+    object: &str,
+    path: &str,
+    want: &str,
+    operator: &OperatorProcess,
+) {
+    let deadline = Instant::now() + Duration::from_mins(3);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        last = jsonpath(cluster, ns, object, path);
+        if last == want {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let describe = cluster
+        .kubectl_output(&["-n", ns, "describe", object])
+        .unwrap_or_default();
+    panic!(
+        "{object} {path} is {last:?}, not {want:?}:\n{describe}\noperator log (end):\n{}",
+        tail(&operator.log(), 60)
+    );
+}
+
+/// Waits (1 minute at most) until `done` says so.
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_mins(1);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not after a minute");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn apply(cluster: &Cluster, ns: &str, yaml: &str, dir: &Path) {
+    let path = dir.join("manifest.yaml");
+    std::fs::write(&path, yaml).expect("write manifest");
+    kubectl(cluster, &["-n", ns, "apply", "-f", &path.display().to_string()]);
+}
+
+fn pods_of_sessions(cluster: &Cluster, ns: &str) -> String {
+    kubectl(
+        cluster,
+        &[
+            "-n",
+            ns,
+            "get",
+            "pods",
+            "-l",
+            "walt.dev/shell-session",
+            "-o",
+            "name",
+        ],
+    )
+}
+
+/// Unpacks `reference` (on this machine's side of the node registry) with skopeo + umoci and
+/// returns the root filesystem's directory.
+fn unpack(reference: &str, dir: &Path) -> std::path::PathBuf {
+    let layout = dir.join(format!("oci-{}", reference.replace(['/', ':', '.'], "_")));
+    let out = Command::new("skopeo")
+        .args(["copy", "--src-tls-verify=false"])
+        .arg(format!("docker://{reference}"))
+        .arg(format!("oci:{}:x", layout.display()))
+        .output()
+        .expect("run skopeo");
+    assert!(
+        out.status.success(),
+        "skopeo copy {reference}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bundle = dir.join(format!("bundle-{}", reference.replace(['/', ':', '.'], "_")));
+    let out = Command::new("umoci")
+        .args(["unpack", "--rootless", "--image"])
+        .arg(format!("{}:x", layout.display()))
+        .arg(&bundle)
+        .output()
+        .expect("run umoci");
+    assert!(
+        out.status.success(),
+        "umoci unpack: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    bundle.join("rootfs")
+}
+
+fn digest_of(reference: &str) -> String {
+    walt_tests::lab::remote_digest(reference, None).unwrap_or_default()
+}
+
+#[test]
+fn image_shells_on_the_cluster_tier() {
+    match cluster_tier_skip_reason() {
+        Ok(Some(reason)) => {
+            eprintln!("SKIPPED image shells: the cluster tier cannot run on this machine: {reason}");
+            return;
+        }
+        Ok(None) => {}
+        Err(error) => panic!("cluster tier prerequisites: {error}"),
+    }
+    walt_tests::k8s::images::ensure_arm64_emulation()
+        .unwrap_or_else(|e| panic!("cannot register qemu-aarch64 with binfmt_misc: {e}"));
+    let cluster = Cluster::start(ClusterOptions::cluster()).expect("start the cluster tier");
+    let registry = cluster.registry().expect("node registry");
+    let for_pods = cluster.registry_for_pods().expect("node registry for pods");
+    let netns = cluster.node_netns().expect("node network namespace").to_owned();
+    let started = Instant::now();
+    walt_tests::lab::ensure_walt_image(&registry, false).expect("build and push the walt image");
+    eprintln!("walt image ready in {:.0} s", started.elapsed().as_secs_f64());
+    let work = tempfile::tempdir().expect("tempdir");
+
+    // The walt API, a tenant namespace with the node key, two images in the lab registry.
+    let crds = work.path().join("crds.yaml");
+    std::fs::write(&crds, walt_crds::crds_yaml()).expect("write CRDs");
+    kubectl(
+        &cluster,
+        &["apply", "--server-side", "-f", &crds.display().to_string()],
+    );
+    kubectl(
+        &cluster,
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/shellsessions.walt.dev",
+            "crd/images.walt.dev",
+        ],
+    );
+    let ns = cluster.create_namespace("shells").expect("namespace");
+    let key = work.path().join("node_key");
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status()
+        .expect("ssh-keygen");
+    assert!(status.success());
+    kubectl(
+        &cluster,
+        &[
+            "-n",
+            &ns,
+            "create",
+            "secret",
+            "generic",
+            "walt-node-key",
+            "--type=kubernetes.io/ssh-auth",
+            &format!("--from-file=ssh-privatekey={}", key.display()),
+        ],
+    );
+    for (name, arch) in [("demo", Arch::Amd64), ("demo-arm", Arch::Arm64)] {
+        walt_tests::lab::push_demo_image(arch, &format!("{registry}/lab/{ns}/{name}:latest"), None)
+            .expect("push a demo image");
+    }
+
+    let args: Vec<String> = [
+        "--namespace",
+        &ns,
+        "--watch-namespace",
+        &ns,
+        "--leader-election",
+        "false",
+        "--lab-registry",
+        &format!("{for_pods}/lab"),
+        "--registry-plain-http",
+        "true",
+        "--node-key-secret",
+        "walt-node-key",
+        "--shell-image",
+        &format!("{registry}/walt/operator:lab"),
+        "--user-namespaces",
+        "never",
+        "--shell-cache",
+        "emptyDir",
+        "--catalog-namespace",
+        "walt-catalog-none",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let operator = OperatorProcess::start(
+        &cluster.kubeconfig(),
+        Some(&netns),
+        &args,
+        &work.path().join("operator.log"),
+    )
+    .expect("start walt-operator");
+    operator.wait_started(Duration::from_mins(1));
+    for name in ["demo", "demo-arm"] {
+        apply(
+            &cluster,
+            &ns,
+            &format!("apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: {name}}}\nspec: {{}}\n"),
+            work.path(),
+        );
+        wait_jsonpath(
+            &cluster,
+            &ns,
+            &format!("image.walt.dev/{name}"),
+            "{.status.conditions[?(@.type==\"Ready\")].status}",
+            "True",
+            &operator,
+        );
+    }
+    let plugin = plugin_binary();
+    let walt = |args: &[&str]| {
+        let mut command = Command::new(&plugin);
+        command
+            .args(["-n", &ns])
+            .args(args)
+            .env("KUBECONFIG", cluster.kubeconfig());
+        command
+    };
+
+    // 1. A change saved under a new name.
+    let mut pty = Pty::spawn(&walt(&["image", "shell", "demo"]));
+    pty.expect_within("Type `exit` or Ctrl-D", Duration::from_mins(4));
+    std::thread::sleep(Duration::from_secs(2));
+    pty.send("echo shell-was-here > /etc/walt-shell; rm /etc/motd; echo in-$(uname -m)\n");
+    pty.expect_within("in-x86_64", Duration::from_mins(1));
+    pty.send("exit\n");
+    pty.expect_within("Your changes: ", Duration::from_mins(2));
+    pty.expect("Save as a new image, or press Enter to overwrite demo:");
+    pty.send("demo-v2\n");
+    let (code, shown) = pty.wait_within(Duration::from_mins(2));
+    assert_eq!(code, 0, "image shell exit status:\n{shown}");
+    assert!(shown.contains("Saved as demo-v2: "), "{shown}");
+    assert!(pty.cooked(), "the terminal is restored");
+    wait_jsonpath(
+        &cluster,
+        &ns,
+        "image.walt.dev/demo-v2",
+        "{.status.conditions[?(@.type==\"Ready\")].status}",
+        "True",
+        &operator,
+    );
+    let saved = format!("{registry}/lab/{ns}/demo-v2:latest");
+    assert_eq!(
+        jsonpath(&cluster, &ns, "image.walt.dev/demo-v2", "{.status.digest}"),
+        digest_of(&saved),
+        "the Image reports what the registry holds"
+    );
+    let rootfs = unpack(&saved, work.path());
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("etc/walt-shell")).expect("the new file"),
+        "shell-was-here\n"
+    );
+    assert!(
+        !rootfs.join("etc/motd").exists(),
+        "the deleted file is gone in the saved image"
+    );
+    assert!(rootfs.join("bin/busybox").exists(), "the base layer is there");
+    wait_until("the shell pod is deleted", || {
+        pods_of_sessions(&cluster, &ns).is_empty()
+    });
+    wait_until("the session is deleted", || {
+        kubectl(&cluster, &["-n", &ns, "get", "shellsessions", "-o", "name"]).is_empty()
+    });
+
+    // 2. Discarded with Ctrl-D at the dialogue.
+    let before = digest_of(&format!("{registry}/lab/{ns}/demo:latest"));
+    let mut pty = Pty::spawn(&walt(&["image", "shell", "demo"]));
+    pty.expect_within("Type `exit` or Ctrl-D", Duration::from_mins(4));
+    std::thread::sleep(Duration::from_secs(2));
+    pty.send("touch /root/scratch; echo on-$(uname -m)\n");
+    pty.expect_within("on-x86_64", Duration::from_mins(1));
+    pty.send("exit\n");
+    pty.expect_within("Save as a new image", Duration::from_mins(2));
+    pty.send("\x04");
+    let (code, shown) = pty.wait_within(Duration::from_mins(1));
+    assert_eq!(code, 0, "{shown}");
+    assert!(
+        shown.contains("Discarded: image demo was left as it was"),
+        "{shown}"
+    );
+    assert_eq!(
+        digest_of(&format!("{registry}/lab/{ns}/demo:latest")),
+        before,
+        "no tag moved"
+    );
+    wait_until("the discarded shell's pod is deleted", || {
+        pods_of_sessions(&cluster, &ns).is_empty()
+    });
+
+    // 3. Enter overwrites the image itself: its digest moves to the saved one.
+    let before = jsonpath(&cluster, &ns, "image.walt.dev/demo", "{.status.digest}");
+    let mut pty = Pty::spawn(&walt(&["image", "shell", "demo"]));
+    pty.expect_within("Type `exit` or Ctrl-D", Duration::from_mins(4));
+    std::thread::sleep(Duration::from_secs(2));
+    pty.send("echo overwritten > /etc/walt-overwrite; echo done-$((40+2))\n");
+    pty.expect_within("done-42", Duration::from_mins(1));
+    pty.send("exit\n");
+    pty.expect_within(
+        "Save as a new image, or press Enter to overwrite demo:",
+        Duration::from_mins(2),
+    );
+    pty.send("\n");
+    let (code, shown) = pty.wait_within(Duration::from_mins(2));
+    assert_eq!(code, 0, "{shown}");
+    assert!(shown.contains("Saved as demo: "), "{shown}");
+    let deadline = Instant::now() + Duration::from_mins(1);
+    let mut after = before.clone();
+    while after == before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        after = jsonpath(&cluster, &ns, "image.walt.dev/demo", "{.status.digest}");
+    }
+    assert_ne!(after, before, "the Image was resolved again after the overwrite");
+    assert_eq!(after, digest_of(&format!("{registry}/lab/{ns}/demo:latest")));
+    let rootfs = unpack(&format!("{registry}/lab/{ns}/demo:latest"), work.path());
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("etc/walt-overwrite")).expect("file"),
+        "overwritten\n"
+    );
+
+    // 4. The operator alone: a pod deleted under a running session fails it, saying so; deleting
+    //    the session leaves nothing (its finalizer deletes the pod first).
+    apply(
+        &cluster,
+        &ns,
+        "apiVersion: walt.dev/v1alpha1\nkind: ShellSession\nmetadata: {name: lost}\nspec: {image: demo-v2}\n",
+        work.path(),
+    );
+    wait_jsonpath(
+        &cluster,
+        &ns,
+        "shellsession/lost",
+        "{.status.phase}",
+        "Running",
+        &operator,
+    );
+    assert_eq!(
+        jsonpath(&cluster, &ns, "shellsession/lost", "{.status.pod}"),
+        "walt-shell-lost"
+    );
+    kubectl(
+        &cluster,
+        &["-n", &ns, "delete", "pod", "walt-shell-lost", "--wait=false"],
+    );
+    wait_jsonpath(
+        &cluster,
+        &ns,
+        "shellsession/lost",
+        "{.status.phase}",
+        "Failed",
+        &operator,
+    );
+    let why = jsonpath(
+        &cluster,
+        &ns,
+        "shellsession/lost",
+        "{.status.conditions[?(@.type==\"Complete\")].message}",
+    );
+    assert!(why.contains("shell pod"), "{why}");
+    apply(
+        &cluster,
+        &ns,
+        "apiVersion: walt.dev/v1alpha1\nkind: ShellSession\nmetadata: {name: gone}\nspec: {image: demo-v2}\n",
+        work.path(),
+    );
+    wait_jsonpath(
+        &cluster,
+        &ns,
+        "shellsession/gone",
+        "{.status.phase}",
+        "Running",
+        &operator,
+    );
+    kubectl(
+        &cluster,
+        &["-n", &ns, "delete", "shellsession/gone", "--timeout=120s"],
+    );
+    wait_until("no shell pod is left", || {
+        pods_of_sessions(&cluster, &ns).is_empty()
+    });
+
+    // 5. Emulated arm64 (qemu-user through binfmt_misc), discarded with Ctrl-D at the dialogue.
+    let before = digest_of(&format!("{registry}/lab/{ns}/demo-arm:latest"));
+    let mut pty = Pty::spawn(&walt(&["image", "shell", "demo-arm"]));
+    pty.expect_within("Type `exit` or Ctrl-D", Duration::from_mins(4));
+    std::thread::sleep(Duration::from_secs(2));
+    pty.send("touch /root/scratch; echo on-$(uname -m)\n");
+    pty.expect_within("on-aarch64", Duration::from_mins(1));
+    pty.send("exit\n");
+    pty.expect_within("Save as a new image", Duration::from_mins(2));
+    pty.send("\x04");
+    let (code, shown) = pty.wait_within(Duration::from_mins(1));
+    assert_eq!(code, 0, "{shown}");
+    assert!(
+        shown.contains("Discarded: image demo-arm was left as it was"),
+        "{shown}"
+    );
+    assert_eq!(
+        digest_of(&format!("{registry}/lab/{ns}/demo-arm:latest")),
+        before,
+        "no tag moved"
+    );
+    wait_until("the discarded shell's pod is deleted", || {
+        pods_of_sessions(&cluster, &ns).is_empty()
+    });
+}

@@ -413,6 +413,9 @@ pub const MAX_SHELL_LAYERS: u32 = 128;
 
 /// Annotation that asks the operator to squash an image (its value: when, RFC 3339).
 pub const SQUASH_ANNOTATION: &str = "walt.dev/squash-requested-at";
+/// How long `image squash` waits for the operator (a big image takes minutes; a stopped operator, forever).
+const SQUASH_WAIT_LIMIT: std::time::Duration = std::time::Duration::from_mins(30);
+
 /// Annotation the operator sets to the request it handled.
 pub const SQUASH_HANDLED_ANNOTATION: &str = "walt.dev/squash-handled-at";
 
@@ -483,6 +486,14 @@ pub async fn squash(ctx: &Ctx, image: &str, yes: bool) -> Result<()> {
         let object = ctx.get_image(&name.object_name(), &name.to_string()).await?;
         if object.annotations().get(SQUASH_HANDLED_ANNOTATION) == Some(&requested) {
             break object;
+        }
+        if start.elapsed() > SQUASH_WAIT_LIMIT {
+            line.finish();
+            return Err(Error::Failed(format!(
+                "the operator has not squashed image {name} after {}: is it running (`kubectl get pods -A -l app.kubernetes.io/name=walt`)? \
+                 The request stays on the Image and runs when it starts; `kubectl walt image show {name}` shows its events.",
+                clock(SQUASH_WAIT_LIMIT)
+            )));
         }
         line.show(&format!(
             "squashing {name} ({} layers)…  elapsed {}",

@@ -208,6 +208,10 @@ impl Journey<'_> {
             "shelled",
             "--arch",
             "arm64",
+            // Two virtual nodes and the operator share the harness's 2-CPU node: a whole CPU each
+            // (the default) leaves the second one unschedulable.
+            "--cpu",
+            "400m",
         ]);
         self.wait_jsonpath(
             "nodes.walt.dev/vnode1",
@@ -259,6 +263,10 @@ impl Journey<'_> {
             "saved",
             "--arch",
             "arm64",
+            // Two virtual nodes and the operator share the harness's 2-CPU node: a whole CPU each
+            // (the default) leaves the second one unschedulable.
+            "--cpu",
+            "400m",
         ]);
         self.wait_jsonpath(
             "nodes.walt.dev/vnode2",

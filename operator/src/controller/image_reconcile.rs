@@ -16,8 +16,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use walt_crds::{
-    CloneProgress, Image, ImageShellMode, ImageStatus, NodeSave, Platform, ShellSession, condition_types,
-    find_condition,
+    CloneProgress, Image, ImageShellMode, ImageStatus, Platform, condition_types, find_condition,
 };
 
 use super::config::secret_key;
@@ -27,7 +26,7 @@ use super::image::{
     ImageFacts, SQUASH_HANDLED_ANNOTATION, cloning_status, failed_status, lab_reference,
     pending_squash_request, ready_status,
 };
-use super::lock::claims_of;
+use super::lock::claims_in;
 use crate::oci::{ClientOptions, CommitOptions, CopyProgress, Credentials, RegistryClient, ResolvedImage};
 use crate::runtime::changes::human_bytes;
 
@@ -338,29 +337,42 @@ async fn mark_squash_handled(context: &Context, image: &Image, value: &str) -> R
         })
 }
 
-/// The shell or save working on this Image right now, if any (`Kind/name`).
-async fn busy_with(context: &Context, image: &Image) -> Result<Option<String>> {
-    let namespace = image.namespace().unwrap_or_default();
-    let list = kube::api::ListParams::default();
-    let saves = Api::<NodeSave>::namespaced(context.client.clone(), &namespace)
-        .list(&list)
+/// Squashes `resolved` into one layer and moves the tag of `reference` to it; the message says what
+/// happened (Ok) or what went wrong and that the tag did not move (Err).
+async fn squash_and_tag(
+    client: &RegistryClient,
+    resolved: &ResolvedImage,
+    reference: &str,
+) -> std::result::Result<String, String> {
+    let layers = resolved.layers.len();
+    if layers <= 1 {
+        return Ok(format!("{reference} has {layers} layer: nothing to squash"));
+    }
+    let (repository, tag) = crate::runtime::image::split_target(reference)
+        .map_err(|error| format!("{reference} cannot be squashed in place: {error}"))?;
+    let mut options = CommitOptions::new("walt image squash");
+    options.comment = Some(format!(
+        "{layers} layers of {} squashed into one",
+        resolved.digest
+    ));
+    let pushed = client
+        .squash(resolved, &repository, options)
         .await
-        .map_err(|source| Error::Kube {
-            action: format!("listing NodeSaves in {namespace}"),
-            source,
-        })?;
-    let sessions = Api::<ShellSession>::namespaced(context.client.clone(), &namespace)
-        .list(&list)
+        .map_err(|error| format!("squashing {reference}: {error} (the tag was not moved)"))?;
+    client
+        .tag(&repository, &pushed.manifest_digest, &tag)
         .await
-        .map_err(|source| Error::Kube {
-            action: format!("listing ShellSessions in {namespace}"),
-            source,
+        .map_err(|error| {
+            format!(
+                "squashed into {}, but moving tag {tag} failed: {error}",
+                pushed.reference
+            )
         })?;
-    let name = image.name_any();
-    Ok(claims_of(&saves.items, &sessions.items)
-        .into_iter()
-        .find(|claim| claim.image == name)
-        .map(|claim| claim.label()))
+    Ok(format!(
+        "{layers} layers squashed into one: {reference} is now {} ({})",
+        pushed.manifest_digest,
+        human_bytes(pushed.layer_size)
+    ))
 }
 
 /// Squashes the image into one layer and moves its tag, once per request; Events say what happened.
@@ -373,7 +385,12 @@ async fn squash(
     reference: &str,
     request: &str,
 ) -> Result<Option<Duration>> {
-    if let Some(holder) = busy_with(context, image).await? {
+    let name = image.name_any();
+    let holder = claims_in(context, &image.namespace().unwrap_or_default())
+        .await?
+        .into_iter()
+        .find(|claim| claim.image == name);
+    if let Some(holder) = holder {
         context
             .event(
                 image,
@@ -381,53 +398,18 @@ async fn squash(
                 "SquashWaiting",
                 "Squash",
                 format!(
-                    "waiting for {holder} to finish before squashing (one shell, save or squash per image)"
+                    "waiting for {} to finish before squashing (one shell, save or squash per image)",
+                    holder.label()
                 ),
             )
             .await;
         return Ok(Some(SQUASH_WAIT));
     }
-    let layers = resolved.layers.len();
-    let outcome = if layers <= 1 {
-        Ok(format!("{reference} has {layers} layer: nothing to squash"))
-    } else {
-        match crate::runtime::image::split_target(reference) {
-            Err(error) => Err(format!("{reference} cannot be squashed in place: {error}")),
-            Ok((repository, tag)) => {
-                let mut options = CommitOptions::new("walt image squash");
-                options.comment = Some(format!(
-                    "{layers} layers of {} squashed into one",
-                    resolved.digest
-                ));
-                match client.squash(resolved, &repository, options).await {
-                    Err(error) => Err(format!("squashing {reference}: {error} (the tag was not moved)")),
-                    Ok(pushed) => match client.tag(&repository, &pushed.manifest_digest, &tag).await {
-                        Err(error) => Err(format!(
-                            "squashed into {}, but moving tag {tag} failed: {error}",
-                            pushed.reference
-                        )),
-                        Ok(()) => Ok(format!(
-                            "{layers} layers squashed into one: {reference} is now {} ({})",
-                            pushed.manifest_digest,
-                            human_bytes(pushed.layer_size)
-                        )),
-                    },
-                }
-            }
-        }
+    let (event_type, reason, message) = match squash_and_tag(client, resolved, reference).await {
+        Ok(message) => (EventType::Normal, "Squashed", message),
+        Err(message) => (EventType::Warning, "SquashFailed", message),
     };
-    match outcome {
-        Ok(message) => {
-            context
-                .event(image, EventType::Normal, "Squashed", "Squash", message)
-                .await;
-        }
-        Err(message) => {
-            context
-                .event(image, EventType::Warning, "SquashFailed", "Squash", message)
-                .await;
-        }
-    }
+    context.event(image, event_type, reason, "Squash", message).await;
     mark_squash_handled(context, image, request).await?;
     Ok(None)
 }

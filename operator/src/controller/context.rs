@@ -180,6 +180,29 @@ pub fn pending_request<K: kube::ResourceExt>(object: &K, requested: &str, handle
     (!asked.is_empty() && done != Some(asked)).then(|| asked.to_owned())
 }
 
+/// Sets one condition in `conditions`, stamped with `object`'s generation and now (the shared body of
+/// each controller's condition setter).
+pub fn set_condition_now<K: kube::Resource>(
+    conditions: &mut Vec<walt_crds::Condition>,
+    object: &K,
+    type_: &str,
+    state: walt_crds::ConditionStatus,
+    reason: &str,
+    message: impl Into<String>,
+) {
+    walt_crds::set_condition(
+        conditions,
+        walt_crds::new_condition(
+            type_,
+            state,
+            reason,
+            message,
+            object.meta().generation,
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
+        ),
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

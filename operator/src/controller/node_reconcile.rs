@@ -11,10 +11,7 @@ use kube::api::{DeleteParams, ObjectMeta};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
-use walt_crds::{
-    ConditionStatus, Image, ImageDigestRef, Node, NodePhase, NodeStatus, condition_types, new_condition,
-    set_condition,
-};
+use walt_crds::{ConditionStatus, Image, ImageDigestRef, Node, NodePhase, NodeStatus, condition_types};
 
 use super::context::Context;
 use super::error::KubeResultExt;
@@ -169,17 +166,7 @@ pub(super) fn condition(
     reason: &str,
     message: String,
 ) {
-    set_condition(
-        &mut status.conditions,
-        new_condition(
-            type_,
-            state,
-            reason,
-            message,
-            node.metadata.generation,
-            Time(Timestamp::now()),
-        ),
-    );
+    super::context::set_condition_now(&mut status.conditions, node, type_, state, reason, message);
 }
 
 /// Reconciles one Node.

@@ -23,7 +23,7 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Api, ResourceExt};
 use walt_crds::{
     ConditionStatus, Gateway, Image, ImageName, Node, ShellResult, ShellSession, ShellSessionPhase,
-    ShellSessionStatus, condition_types, new_condition, set_condition, short_digest,
+    ShellSessionStatus, condition_types, short_digest,
 };
 
 use super::context::{Context, FIELD_MANAGER};
@@ -115,17 +115,7 @@ fn condition(
     reason: &str,
     message: impl Into<String>,
 ) {
-    set_condition(
-        &mut status.conditions,
-        new_condition(
-            type_,
-            state,
-            reason,
-            message,
-            session.metadata.generation,
-            Time(Timestamp::now()),
-        ),
-    );
+    super::context::set_condition_now(&mut status.conditions, session, type_, state, reason, message);
 }
 
 /// Moves a status to a finished phase (pure): `Complete=True` with the

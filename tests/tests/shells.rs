@@ -256,6 +256,34 @@ fn image_shells_on_the_cluster_tier() {
         command
     };
 
+    // A shell on `image` (whose `uname -m` says `machine`) that changes a file, then Ctrl-D at the
+    // dialogue: nothing is saved, no tag moves, the pod goes.
+    let discard_shell = |image: &str, machine: &str| {
+        let before = digest_of(&format!("{registry}/lab/{ns}/{image}:latest"));
+        let mut pty = Pty::spawn(&walt(&["image", "shell", image]));
+        pty.expect_within("Type `exit` or Ctrl-D", Duration::from_mins(4));
+        std::thread::sleep(Duration::from_secs(2));
+        pty.send("touch /root/scratch; echo on-$(uname -m)\n");
+        pty.expect_within(&format!("on-{machine}"), Duration::from_mins(1));
+        pty.send("exit\n");
+        pty.expect_within("Save as a new image", Duration::from_mins(2));
+        pty.send("\x04");
+        let (code, shown) = pty.wait_within(Duration::from_mins(1));
+        assert_eq!(code, 0, "{shown}");
+        assert!(
+            shown.contains(&format!("Discarded: image {image} was left as it was")),
+            "{shown}"
+        );
+        assert_eq!(
+            digest_of(&format!("{registry}/lab/{ns}/{image}:latest")),
+            before,
+            "no tag moved"
+        );
+        wait_until("the discarded shell's pod is deleted", || {
+            pods_of_sessions(&cluster, &ns).is_empty()
+        });
+    };
+
     // 1. A change saved under a new name.
     let mut pty = Pty::spawn(&walt(&["image", "shell", "demo"]));
     pty.expect_within("Type `exit` or Ctrl-D", Duration::from_mins(4));
@@ -302,29 +330,7 @@ fn image_shells_on_the_cluster_tier() {
     });
 
     // 2. Discarded with Ctrl-D at the dialogue.
-    let before = digest_of(&format!("{registry}/lab/{ns}/demo:latest"));
-    let mut pty = Pty::spawn(&walt(&["image", "shell", "demo"]));
-    pty.expect_within("Type `exit` or Ctrl-D", Duration::from_mins(4));
-    std::thread::sleep(Duration::from_secs(2));
-    pty.send("touch /root/scratch; echo on-$(uname -m)\n");
-    pty.expect_within("on-x86_64", Duration::from_mins(1));
-    pty.send("exit\n");
-    pty.expect_within("Save as a new image", Duration::from_mins(2));
-    pty.send("\x04");
-    let (code, shown) = pty.wait_within(Duration::from_mins(1));
-    assert_eq!(code, 0, "{shown}");
-    assert!(
-        shown.contains("Discarded: image demo was left as it was"),
-        "{shown}"
-    );
-    assert_eq!(
-        digest_of(&format!("{registry}/lab/{ns}/demo:latest")),
-        before,
-        "no tag moved"
-    );
-    wait_until("the discarded shell's pod is deleted", || {
-        pods_of_sessions(&cluster, &ns).is_empty()
-    });
+    discard_shell("demo", "x86_64");
 
     // 3. Enter overwrites the image itself: its digest moves to the saved one.
     let before = jsonpath(&cluster, &ns, "image.walt.dev/demo", "{.status.digest}");
@@ -418,27 +424,5 @@ fn image_shells_on_the_cluster_tier() {
     });
 
     // 5. Emulated arm64 (qemu-user through binfmt_misc), discarded with Ctrl-D at the dialogue.
-    let before = digest_of(&format!("{registry}/lab/{ns}/demo-arm:latest"));
-    let mut pty = Pty::spawn(&walt(&["image", "shell", "demo-arm"]));
-    pty.expect_within("Type `exit` or Ctrl-D", Duration::from_mins(4));
-    std::thread::sleep(Duration::from_secs(2));
-    pty.send("touch /root/scratch; echo on-$(uname -m)\n");
-    pty.expect_within("on-aarch64", Duration::from_mins(1));
-    pty.send("exit\n");
-    pty.expect_within("Save as a new image", Duration::from_mins(2));
-    pty.send("\x04");
-    let (code, shown) = pty.wait_within(Duration::from_mins(1));
-    assert_eq!(code, 0, "{shown}");
-    assert!(
-        shown.contains("Discarded: image demo-arm was left as it was"),
-        "{shown}"
-    );
-    assert_eq!(
-        digest_of(&format!("{registry}/lab/{ns}/demo-arm:latest")),
-        before,
-        "no tag moved"
-    );
-    wait_until("the discarded shell's pod is deleted", || {
-        pods_of_sessions(&cluster, &ns).is_empty()
-    });
+    discard_shell("demo-arm", "aarch64");
 }

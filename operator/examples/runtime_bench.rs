@@ -99,15 +99,30 @@ fn time_to_prompt(command: &mut Command, prompt: &str) -> Duration {
     time_to_prompt_then(command, prompt, &[], None).0
 }
 
+/// Times from one output line to another, and to the command's end.
+struct Marks<'m> {
+    /// Where timing starts (`Committing to`).
+    start: &'m str,
+    /// The result the user waits for (`Saved `).
+    result: &'m str,
+}
+
+/// From [`Marks::start`] to [`Marks::result`] and to the command's end.
+#[derive(Clone, Copy)]
+struct MarkTimes {
+    to_result: Duration,
+    to_exit: Duration,
+}
+
 /// Like [`time_to_prompt`], then types `lines` (each answered by a prompt)
-/// and `exit`; when `mark` is given, also returns the time from `mark`
-/// appearing in the output to the command's end.
+/// and `exit`; when `marks` are given, also returns the times from the start
+/// mark appearing in the output to the result mark and to the command's end.
 fn time_to_prompt_then(
     command: &mut Command,
     prompt: &str,
     lines: &[&str],
-    mark: Option<&str>,
-) -> (Duration, Option<Duration>) {
+    marks: Option<&Marks>,
+) -> (Duration, Option<MarkTimes>) {
     let pty = nix::pty::openpty(None, None).expect("openpty");
     let start = Instant::now();
     let mut child: Child = command
@@ -162,13 +177,17 @@ fn time_to_prompt_then(
     }
     master.write_all(b"exit\r").unwrap();
     let deadline = Instant::now() + Duration::from_mins(5);
-    let mut mark_seen: Option<Instant> = None;
+    let mut start_seen: Option<Instant> = None;
+    let mut result_seen: Option<Instant> = None;
     while child.try_wait().unwrap().is_none() {
-        if mark_seen.is_none()
-            && let Some(mark) = mark
-            && String::from_utf8_lossy(&output.lock().unwrap()).contains(mark)
-        {
-            mark_seen = Some(Instant::now());
+        if let Some(marks) = marks {
+            let text = String::from_utf8_lossy(&output.lock().unwrap()).into_owned();
+            if start_seen.is_none() && text.contains(marks.start) {
+                start_seen = Some(Instant::now());
+            }
+            if start_seen.is_some() && result_seen.is_none() && text.contains(marks.result) {
+                result_seen = Some(Instant::now());
+            }
         }
         if Instant::now() > deadline {
             let _ = child.kill();
@@ -177,12 +196,23 @@ fn time_to_prompt_then(
         }
         std::thread::sleep(Duration::from_micros(500));
     }
-    assert!(
-        mark.is_none() || mark_seen.is_some(),
-        "{command:?} never printed {mark:?}: {}",
-        String::from_utf8_lossy(&output.lock().unwrap())
-    );
-    (elapsed, mark_seen.map(|t| t.elapsed()))
+    let exited = Instant::now();
+    // The last output may arrive together with the exit.
+    std::thread::sleep(Duration::from_millis(50));
+    let times = marks.map(|marks| {
+        let text = String::from_utf8_lossy(&output.lock().unwrap()).into_owned();
+        let (Some(start), true) = (start_seen, text.contains(marks.result)) else {
+            panic!(
+                "{command:?} did not print {:?} then {:?}: {text}",
+                marks.start, marks.result
+            );
+        };
+        MarkTimes {
+            to_result: result_seen.unwrap_or(exited) - start,
+            to_exit: exited - start,
+        }
+    });
+    (elapsed, times)
 }
 
 fn median(mut values: Vec<Duration>) -> Duration {
@@ -419,7 +449,11 @@ fn commit() {
             .args(["--commit-to", &target])
             .arg("--cache-dir")
             .arg(work.path().join("cache"));
-        let (_, commit) = time_to_prompt_then(&mut command, "# ", &CHANGE, Some("Committing to"));
+        let marks = Marks {
+            start: "Committing to",
+            result: "Saved ",
+        };
+        let (_, commit) = time_to_prompt_then(&mut command, "# ", &CHANGE, Some(&marks));
         ours.push(commit.unwrap());
 
         // buildah: the same change written into a working container, then
@@ -445,7 +479,7 @@ fn commit() {
         run(Command::new("sh").arg("-c").arg(&script));
         run(buildah().args(["umount", &container]));
         let target = registry.reference(&format!("lab/buildah-commit:{run_index}"));
-        theirs.push(timed(
+        theirs.push(timed_to_last_line(
             buildah()
                 .args(["commit", "--tls-verify=false", &container])
                 .arg(format!("docker://{target}")),
@@ -455,5 +489,49 @@ fn commit() {
     println!(
         "commit, median of {COLD_RUNS} runs (64 MiB file + 1000 small files on busybox, pushed to a loopback registry)"
     );
-    report("commit + push", median(ours), median(theirs), "buildah commit");
+    let pick =
+        |times: &[MarkTimes], field: fn(&MarkTimes) -> Duration| median(times.iter().map(field).collect());
+    report(
+        "commit + push, to the result (walt: `Committing to` -> `Saved` line; buildah: start -> image ID line)",
+        pick(&ours, |t| t.to_result),
+        pick(&theirs, |t| t.to_result),
+        "buildah commit",
+    );
+    report(
+        "commit + push, to exit (walt also removes its session directory after `Saved`)",
+        pick(&ours, |t| t.to_exit),
+        pick(&theirs, |t| t.to_exit),
+        "buildah commit",
+    );
+}
+
+/// Runs `command` and times from its start to its last stdout line (what it
+/// reports) and to its exit.
+fn timed_to_last_line(command: &mut Command) -> MarkTimes {
+    use std::io::BufRead as _;
+    let start = Instant::now();
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    let stderr = child.stderr.take().unwrap();
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::BufReader::new(stderr).read_to_string(&mut text);
+        text
+    });
+    let mut last_line_at = start;
+    for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+        if !line.unwrap().trim().is_empty() {
+            last_line_at = Instant::now();
+        }
+    }
+    let status = child.wait().unwrap();
+    let exited = Instant::now();
+    assert!(status.success(), "{command:?} failed: {}", errors.join().unwrap());
+    MarkTimes {
+        to_result: last_line_at - start,
+        to_exit: exited - start,
+    }
 }

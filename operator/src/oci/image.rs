@@ -28,7 +28,7 @@ pub(super) const MANIFEST_TYPES: &[&str] = &[
     OCI_IMAGE_INDEX_MEDIA_TYPE,
     IMAGE_MANIFEST_LIST_MEDIA_TYPE,
 ];
-/// Size of each upload chunk (one PATCH request each).
+/// Size of each upload chunk (the unit handed to the uploader, which streams them in one request).
 const UPLOAD_CHUNK: usize = 2 << 20;
 /// Upload chunks buffered between the layer writer and the uploader (bounds memory).
 const UPLOAD_QUEUE: usize = 1;
@@ -899,14 +899,12 @@ impl RegistryClient {
             outcome
         });
         let stream = futures::stream::poll_fn(move |cx| receiver.poll_recv(cx));
-        let upload = self.inner.push_blob_stream_chunked(target, stream).await;
+        let upload = self.push_blob_streamed(target, stream).await;
         let written = writer
             .await
             .map_err(|e| Error::Internal(format!("layer writer task: {e}")))?;
         match (written, upload) {
-            (Ok((diff_id, summary)), Ok(uploaded)) => {
-                Ok((uploaded.blob_digest, uploaded.size, diff_id, summary))
-            }
+            (Ok((diff_id, summary)), Ok(uploaded)) => Ok((uploaded.digest, uploaded.size, diff_id, summary)),
             // A bad change set aborts the upload: report the cause, not the aborted upload.
             (Err(error @ Error::Layer { .. }), _) | (Err(error), Ok(_)) => Err(error),
             (_, Err(error)) => Err(registry_error(target, "uploading the new layer", &error)),

@@ -20,8 +20,8 @@
 //!   (an overlay upper dir on disk, or a tar stream of one as a node sends it) into one layer — see
 //!   [`crate::overlay`] for the conversion rules and [`crate::overlay::LayerOptions`] for WalT's exclusions
 //!   and the "changed after ready" filter — compresses it ([`Compression`]: gzip on every core, or zstd) and
-//!   hashes it (diff_id and blob digest) in the same single pass that uploads it in chunks (flat memory, no
-//!   temporary file), reuses the base's blobs by cross-repository mount (copy when refused), and pushes the
+//!   hashes it (diff_id and blob digest) in the same single pass that uploads it as one streamed request
+//!   (flat memory, no temporary file), reuses the base's blobs by cross-repository mount (copy when refused), and pushes the
 //!   config (labels kept, history entry appended) and the manifest **by digest only**.
 //! - [`RegistryClient::tag`]`(repository, digest, tag)`: moving a tag is a separate, explicit step.
 //!
@@ -45,6 +45,7 @@ mod error;
 mod image;
 mod registry;
 mod squash;
+mod upload;
 
 pub use compress::{Compression, Compressor, HashingWriter, ParallelGzip};
 pub use copy::CopyProgress;

@@ -137,6 +137,10 @@ impl ClientOptions {
 pub struct RegistryClient {
     pub(crate) inner: oci_client::Client,
     pub(crate) credentials: Credentials,
+    /// For the requests oci-client cannot make (a layer upload in one streamed request, see `upload.rs`).
+    pub(crate) http: reqwest::Client,
+    /// Registry hosts reached over plain HTTP.
+    pub(crate) insecure_registries: Vec<String>,
 }
 
 impl std::fmt::Debug for RegistryClient {
@@ -217,15 +221,25 @@ impl RegistryClient {
         } else {
             oci_client::client::ClientProtocol::HttpsExcept(options.insecure_registries.clone())
         };
+        let read_timeout = std::time::Duration::from_mins(5);
+        let connect_timeout = std::time::Duration::from_secs(30);
         let config = oci_client::client::ClientConfig {
             protocol,
-            read_timeout: Some(std::time::Duration::from_mins(5)),
-            connect_timeout: Some(std::time::Duration::from_secs(30)),
+            read_timeout: Some(read_timeout),
+            connect_timeout: Some(connect_timeout),
             ..Default::default()
         };
+        let http = reqwest::Client::builder()
+            .read_timeout(read_timeout)
+            .connect_timeout(connect_timeout)
+            .user_agent(concat!("walt-operator/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| Error::Internal(format!("building the HTTP client: {e}")))?;
         Ok(RegistryClient {
             inner: oci_client::Client::new(config),
             credentials: options.credentials,
+            http,
+            insecure_registries: options.insecure_registries,
         })
     }
 

@@ -12,7 +12,13 @@
 //!   openssh-server) from a loopback registry with an empty cache, to the
 //!   first prompt, vs `skopeo copy` + `umoci unpack` of the same image.
 //! - `commit`: pushing the same change (64 MiB file + 1000 small files) as a
-//!   new image to the loopback registry, vs `buildah commit` to it.
+//!   new image to the loopback registry, vs `buildah commit` to it. Timed to
+//!   the result each prints: walt from its `Committing to` line (the shell
+//!   has exited) to its `Saved` line; buildah from its start to the last line
+//!   it prints (its progress ends with writing the manifest). Also timed, to
+//!   exit with cleanup: walt removes its session directory (upper dir
+//!   included) after printing the result; buildah's counterpart is
+//!   `buildah rm` of its working container.
 //!
 //! Each prints the median of several runs of each side and the ratio
 //! walt / reference.
@@ -479,12 +485,14 @@ fn commit() {
         run(Command::new("sh").arg("-c").arg(&script));
         run(buildah().args(["umount", &container]));
         let target = registry.reference(&format!("lab/buildah-commit:{run_index}"));
-        theirs.push(timed_to_last_line(
+        let mut times = timed_to_last_line(
             buildah()
                 .args(["commit", "--tls-verify=false", &container])
                 .arg(format!("docker://{target}")),
-        ));
-        run(buildah().args(["rm", &container]));
+        );
+        // Its cleanup, the counterpart of walt removing its session directory.
+        times.to_exit += timed(buildah().args(["rm", &container]));
+        theirs.push(times);
     }
     println!(
         "commit, median of {COLD_RUNS} runs (64 MiB file + 1000 small files on busybox, pushed to a loopback registry)"
@@ -492,46 +500,57 @@ fn commit() {
     let pick =
         |times: &[MarkTimes], field: fn(&MarkTimes) -> Duration| median(times.iter().map(field).collect());
     report(
-        "commit + push, to the result (walt: `Committing to` -> `Saved` line; buildah: start -> image ID line)",
+        "commit + push, to the result (walt: `Committing to` -> `Saved` line; buildah: start -> its last output line)",
         pick(&ours, |t| t.to_result),
         pick(&theirs, |t| t.to_result),
         "buildah commit",
     );
     report(
-        "commit + push, to exit (walt also removes its session directory after `Saved`)",
+        "commit + push + cleanup, to exit (walt removes its session directory after `Saved`; buildah: + `buildah rm`)",
         pick(&ours, |t| t.to_exit),
         pick(&theirs, |t| t.to_exit),
         "buildah commit",
     );
 }
 
-/// Runs `command` and times from its start to its last stdout line (what it
-/// reports) and to its exit.
+/// Runs `command` and times from its start to its last output line (what it
+/// reports, on stdout or stderr) and to its exit.
 fn timed_to_last_line(command: &mut Command) -> MarkTimes {
     use std::io::BufRead as _;
+    fn last_line<R: Read + Send + 'static>(
+        stream: R,
+        start: Instant,
+    ) -> std::thread::JoinHandle<(String, Instant)> {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let mut at = start;
+            for line in std::io::BufReader::new(stream).lines().map_while(Result::ok) {
+                if !line.trim().is_empty() {
+                    at = Instant::now();
+                }
+                text.push_str(&line);
+                text.push('\n');
+            }
+            (text, at)
+        })
+    }
     let start = Instant::now();
     let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("{command:?}: {e}"));
-    let stderr = child.stderr.take().unwrap();
-    let errors = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = std::io::BufReader::new(stderr).read_to_string(&mut text);
-        text
-    });
-    let mut last_line_at = start;
-    for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
-        if !line.unwrap().trim().is_empty() {
-            last_line_at = Instant::now();
-        }
-    }
+    let stdout = last_line(child.stdout.take().unwrap(), start);
+    let stderr = last_line(child.stderr.take().unwrap(), start);
     let status = child.wait().unwrap();
     let exited = Instant::now();
-    assert!(status.success(), "{command:?} failed: {}", errors.join().unwrap());
+    let (out, out_at) = stdout.join().unwrap();
+    let (err, err_at) = stderr.join().unwrap();
+    assert!(status.success(), "{command:?} failed: {out}{err}");
+    let last_at = out_at.max(err_at);
+    assert!(last_at > start, "{command:?} printed nothing");
     MarkTimes {
-        to_result: last_line_at - start,
+        to_result: last_at - start,
         to_exit: exited - start,
     }
 }

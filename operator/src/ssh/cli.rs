@@ -153,6 +153,8 @@ pub(crate) fn init_tracing() {
 /// Runs `walt-operator save …`.
 pub fn run_save(args: &SaveArgs) -> CliResult {
     init_tracing();
+    // Before the pipeline's threads exist: its 1–2 MiB buffers must not pile up in per-thread arenas.
+    super::heap::return_freed_memory_promptly();
     runtime()?.block_on(save(args))
 }
 

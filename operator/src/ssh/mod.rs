@@ -4,6 +4,7 @@
 //!   contact, timeouts, keepalive, errors that say what happened).
 //! - [`export`]: stream a node's overlay upper dir in one pass as an overlay change-set tar stream.
 //! - [`gateway`]: the SSH gateway that relays users' sessions to nodes with the lab's node key.
+//! - [`heap`]: glibc malloc tuning that keeps a save's resident memory close to its live heap.
 //! - [`vnode`]: the virtual node (`walt-operator vnode`): an image booted like a node, serving SSH.
 
 use std::path::PathBuf;
@@ -12,6 +13,7 @@ pub mod cli;
 pub mod client;
 pub mod export;
 pub mod gateway;
+pub mod heap;
 pub mod save;
 pub mod vnode;
 

@@ -20,6 +20,21 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::SshError;
 
+/// Ciphers offered to nodes, best first: AES-GCM before ChaCha20-Poly1305 (russh's first choice), since
+/// bulk transfers (node save, the gateway's relay) spend their CPU in the cipher and AES-GCM is the
+/// faster of the two with the AES instructions of today's CPUs (`openssl speed` here: 4.3 vs 3.4 GB/s);
+/// nodes without it (old dropbear) still get the others.
+const NODE_CIPHERS: &[russh::cipher::Name] = &[
+    russh::cipher::AES_256_GCM,
+    russh::cipher::CHACHA20_POLY1305,
+    russh::cipher::AES_256_CTR,
+    russh::cipher::AES_192_CTR,
+    russh::cipher::AES_128_CTR,
+];
+
+/// Read buffer put under russh's transport (client and gateway): it reads packet by packet, unbuffered.
+pub(crate) const SSH_READ_BUFFER: usize = 64 * 1024;
+
 /// Any byte stream russh can run SSH over (a TCP stream, a proxy command's stdin/stdout…).
 pub trait SshStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> SshStream for T {}
@@ -458,6 +473,10 @@ impl NodeClient {
             nodelay: true,
             window_size: 8 * 1024 * 1024,
             maximum_packet_size: 65535,
+            preferred: russh::Preferred {
+                cipher: std::borrow::Cow::Borrowed(NODE_CIPHERS),
+                ..russh::Preferred::default()
+            },
             ..client::Config::default()
         });
         let timeout = config.connect_timeout;
@@ -474,6 +493,9 @@ impl NodeClient {
                     }
                 }
             })?;
+            // russh reads each packet with two unbuffered reads (length, then the rest): a read buffer
+            // turns ~2 syscalls per 32 KiB packet into one per 64 KiB of stream.
+            let stream = tokio::io::BufReader::with_capacity(SSH_READ_BUFFER, stream);
             let mut handle = client::connect_stream(russh_config, stream, handler)
                 .await
                 .map_err(|error| {

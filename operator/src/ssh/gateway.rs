@@ -48,7 +48,9 @@ use russh::server::{self, Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session,
 use russh::{Channel, ChannelMsg, ChannelOpenFailure, client};
 
 use super::SshError;
-use super::client::{ClientConfig, HostKeyPolicy, NodeClient, NodeTarget, Transport, fingerprint};
+use super::client::{
+    ClientConfig, HostKeyPolicy, NodeClient, NodeTarget, SSH_READ_BUFFER, Transport, fingerprint,
+};
 
 /// Environment variables a user may pass to the node (`SendEnv`); others are refused.
 pub const SAFE_ENV: &[&str] = &[
@@ -250,6 +252,8 @@ impl Gateway {
             stats: stats.clone(),
             start: SystemTime::now(),
         };
+        // Buffered reads: russh reads each packet with two unbuffered reads (see SSH_READ_BUFFER).
+        let stream = tokio::io::BufReader::with_capacity(SSH_READ_BUFFER, stream);
         let running = match server::run_stream(self.russh.clone(), stream, handler).await {
             Ok(running) => running,
             Err(error) => {

@@ -137,8 +137,9 @@ impl ClientOptions {
 pub struct RegistryClient {
     pub(crate) inner: oci_client::Client,
     pub(crate) credentials: Credentials,
-    /// For the requests oci-client cannot make (a layer upload in one streamed request, see `upload.rs`).
-    pub(crate) http: reqwest::Client,
+    /// For the requests oci-client cannot make (a layer upload in one streamed request, see `upload.rs`);
+    /// built on first use (loading the TLS roots costs milliseconds that a pull does not need).
+    pub(crate) http: std::sync::OnceLock<reqwest::Client>,
     /// Registry hosts reached over plain HTTP.
     pub(crate) insecure_registries: Vec<String>,
 }
@@ -213,6 +214,11 @@ pub(crate) fn registry_error(
     }
 }
 
+/// How long a registry may stay silent in the middle of an answer.
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_mins(5);
+/// How long connecting to a registry may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl RegistryClient {
     /// A client; nothing is contacted until the first call.
     pub fn new(options: ClientOptions) -> Result<Self, Error> {
@@ -221,26 +227,31 @@ impl RegistryClient {
         } else {
             oci_client::client::ClientProtocol::HttpsExcept(options.insecure_registries.clone())
         };
-        let read_timeout = std::time::Duration::from_mins(5);
-        let connect_timeout = std::time::Duration::from_secs(30);
         let config = oci_client::client::ClientConfig {
             protocol,
-            read_timeout: Some(read_timeout),
-            connect_timeout: Some(connect_timeout),
+            read_timeout: Some(READ_TIMEOUT),
+            connect_timeout: Some(CONNECT_TIMEOUT),
             ..Default::default()
         };
-        let http = reqwest::Client::builder()
-            .read_timeout(read_timeout)
-            .connect_timeout(connect_timeout)
-            .user_agent(concat!("walt-operator/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| Error::Internal(format!("building the HTTP client: {e}")))?;
         Ok(RegistryClient {
             inner: oci_client::Client::new(config),
             credentials: options.credentials,
-            http,
+            http: std::sync::OnceLock::new(),
             insecure_registries: options.insecure_registries,
         })
+    }
+
+    /// The HTTP client for our own requests (same timeouts as oci-client's).
+    pub(crate) fn http(&self) -> Result<&reqwest::Client, reqwest::Error> {
+        if let Some(client) = self.http.get() {
+            return Ok(client);
+        }
+        let client = reqwest::Client::builder()
+            .read_timeout(READ_TIMEOUT)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .user_agent(concat!("walt-operator/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(self.http.get_or_init(|| client))
     }
 
     /// The credentials used for the registry of `reference`.

@@ -53,6 +53,7 @@ impl RegistryClient {
             "{scheme}://{registry}/v2/{}/blobs/uploads/",
             target.repository()
         ))?;
+        let http = self.http()?;
         let authorization = self.authorization(target).await?;
         let authorized = |request: reqwest::RequestBuilder| match &authorization {
             Authorization::Bearer(token) => request.bearer_auth(token),
@@ -60,7 +61,7 @@ impl RegistryClient {
             Authorization::Anonymous => request,
         };
 
-        let opened = authorized(self.http.post(start.clone()))
+        let opened = authorized(http.post(start))
             .header(reqwest::header::CONTENT_LENGTH, 0)
             .send()
             .await?;
@@ -77,7 +78,7 @@ impl RegistryClient {
             }
             chunk
         });
-        let sent = authorized(self.http.patch(location))
+        let sent = authorized(http.patch(location))
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
             .body(reqwest::Body::wrap_stream(body))
             .send()
@@ -94,7 +95,7 @@ impl RegistryClient {
         }
         let digest = format!("sha256:{}", hex::encode(hasher.finalize()));
         location.query_pairs_mut().append_pair("digest", &digest);
-        let closed = authorized(self.http.put(location))
+        let closed = authorized(http.put(location))
             .header(reqwest::header::CONTENT_LENGTH, 0)
             .send()
             .await?;

@@ -512,6 +512,7 @@ Examples:
 Examples:
   # into an image (a new layer; the image is overwritten)
   kubectl walt image cp ./config.txt rpi-debian:/boot/config.txt
+  # a trailing / copies into that directory, created when missing: /opt/my-tools
   kubectl walt image cp ./my-tools rpi-debian:/opt/
   # out of an image
   kubectl walt image cp rpi-debian:/etc/os-release ./os-release")]

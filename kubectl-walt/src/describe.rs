@@ -16,9 +16,27 @@ pub fn node_phase(node: &Node) -> String {
         .map_or_else(|| "Pending".into(), |s| format!("{:?}", s.phase))
 }
 
-/// Whether the node is booted and reachable.
+/// What a node still waits for, as `node wait` says it: its phase, or the request the operator has
+/// not acted on yet.
+pub fn node_waiting_for(node: &Node) -> String {
+    if walt_crds::node::reboot_pending(node) {
+        "reboot requested".into()
+    } else if node_phase(node) == "Ready" {
+        "Ready, the operator has not seen the latest change yet".into()
+    } else {
+        node_phase(node)
+    }
+}
+
+/// Whether the node is booted and reachable, and the operator has acted on everything asked of it:
+/// a `Ready` written before a `node boot` (a new generation) or before a `node reboot` (a request
+/// not handled yet) is not the node's answer to it.
 pub fn node_ready(node: &Node) -> bool {
-    node.status.as_ref().is_some_and(|s| s.phase == NodePhase::Ready)
+    node.status.as_ref().is_some_and(|s| {
+        s.phase == NodePhase::Ready
+            && s.observed_generation
+                .is_none_or(|seen| seen >= node.metadata.generation.unwrap_or(0))
+    }) && !walt_crds::node::reboot_pending(node)
 }
 
 /// The node's image as the user reads it (`default` when the model's default).
@@ -359,6 +377,36 @@ fn abbreviate_key(key: &str) -> String {
 mod tests {
     use super::*;
     use walt_crds::{ImageDigestRef, ImageSpec, ImageStatus, NodeSpec, NodeStatus, Platform, VirtualNode};
+
+    #[test]
+    fn a_node_is_ready_once_the_operator_acted_on_what_was_asked() {
+        let mut n = node();
+        n.metadata.generation = Some(2);
+        n.status = Some(NodeStatus {
+            phase: NodePhase::Ready,
+            observed_generation: Some(2),
+            ..NodeStatus::default()
+        });
+        assert!(node_ready(&n));
+        // `node boot` moved spec.image: generation 3, not observed yet.
+        n.metadata.generation = Some(3);
+        assert!(!node_ready(&n));
+        n.status.as_mut().expect("status").observed_generation = Some(3);
+        assert!(node_ready(&n));
+        // `node reboot`: asked, not handled yet; then handled.
+        let annotations = n.metadata.annotations.get_or_insert_default();
+        annotations.insert(
+            walt_crds::node::REBOOT_REQUESTED_ANNOTATION.into(),
+            "2026-11-22T10:00:00Z".into(),
+        );
+        assert!(!node_ready(&n));
+        assert_eq!(node_waiting_for(&n), "reboot requested");
+        n.metadata.annotations.get_or_insert_default().insert(
+            walt_crds::node::REBOOT_HANDLED_ANNOTATION.into(),
+            "2026-11-22T10:00:00Z".into(),
+        );
+        assert!(node_ready(&n));
+    }
 
     fn node() -> Node {
         let mut n = Node::new(

@@ -88,13 +88,27 @@ pub fn export_script(path: &str) -> Result<String> {
     ))
 }
 
+/// Where `image cp` puts what it copies into an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    /// `IMAGE:/opt/`: inside that directory, created when missing (like `cp -r x /opt/` with the
+    /// directory made first).
+    IntoDirectory,
+    /// `IMAGE:/opt/name`: that new name, or inside it when it is a directory that exists.
+    NameOrDirectory,
+}
+
 /// The shell script that receives base64 tar lines (ended by EOF) holding `base` and puts it at
-/// `dest` (inside `dest` when it is a directory).
-pub fn import_script(base: &str, dest: &str) -> String {
+/// `dest` as [`Destination`] says.
+pub fn import_script(base: &str, dest: &str, destination: Destination) -> String {
+    let place = match destination {
+        Destination::IntoDirectory => "mkdir -p {d} && mv \"$t\"/{b} {d}/",
+        Destination::NameOrDirectory => "if [ -d {d} ]; then mv \"$t\"/{b} {d}/; else mv \"$t\"/{b} {d}; fi",
+    }
+    .replace("{d}", &quote(dest))
+    .replace("{b}", &quote(base));
     format!(
-        "stty -echo 2>/dev/null; t=$(mktemp -d) && base64 -d | tar -x -C \"$t\" && if [ -d {d} ]; then mv \"$t\"/{b} {d}/; else mv \"$t\"/{b} {d}; fi; printf '%s%s %s\\n' __WALT_ DONE__ $?; rm -rf \"$t\"; exit\n",
-        d = quote(dest),
-        b = quote(base),
+        "stty -echo 2>/dev/null; t=$(mktemp -d) && base64 -d | tar -x -C \"$t\" && {place}; printf '%s%s %s\\n' __WALT_ DONE__ $?; rm -rf \"$t\"; exit\n"
     )
 }
 
@@ -305,15 +319,15 @@ async fn copy_in(ctx: &Ctx, local: &Path, image: &ImageName, path: &str, yes: bo
         .to_string();
     let archive = pack_local(local, &base)?;
     let payload = base64::engine::general_purpose::STANDARD.encode(&archive);
-    // `/opt/` means "into /opt"; a path without the slash is the new name (or a directory
-    // that exists in the image, decided there).
-    let dest = if path.ends_with('/') && path.len() > 1 {
-        path.trim_end_matches('/').to_string()
+    // `/opt/` means "into /opt" (made when missing); a path without the slash is the new name
+    // (or a directory that exists in the image, decided there).
+    let (dest, destination) = if path.ends_with('/') && path.len() > 1 {
+        (path.trim_end_matches('/').to_string(), Destination::IntoDirectory)
     } else {
-        path.to_string()
+        (path.to_string(), Destination::NameOrDirectory)
     };
     let booted_by = crate::image_cmd::confirm_overwrite(ctx, image, yes, "not copied").await?;
-    let script = import_script(&base, &dest);
+    let script = import_script(&base, &dest, destination);
     let (created, pod) = start_session(ctx, image).await?;
     let outcome = interruptible(async {
         let output = converse(ctx, &pod, &script, Some(&payload)).await?;
@@ -407,10 +421,72 @@ mod tests {
         let out = export_script("/etc/os-release").expect("valid");
         assert!(!out.contains("__WALT_BEGIN__") && !out.contains("__WALT_END__"));
         assert!(out.contains("tar -c -C '/etc' 'os-release'"));
-        let inn = import_script("conf d", "/boot/it's");
+        let inn = import_script("conf d", "/boot/it's", Destination::NameOrDirectory);
         assert!(!inn.contains("__WALT_DONE__"));
-        assert!(inn.contains("'/boot/it'\\''s'"));
+        assert!(inn.contains("if [ -d '/boot/it'\\''s' ]; then mv \"$t\"/'conf d' '/boot/it'\\''s'/;"));
+        let into = import_script("conf d", "/opt", Destination::IntoDirectory);
+        assert!(
+            into.contains("mkdir -p '/opt' && mv \"$t\"/'conf d' '/opt'/;"),
+            "{into}"
+        );
         assert!(export_script("/").is_err());
+    }
+
+    /// Runs the import script in `sh` (as the image's shell would) with `archive` on its input.
+    fn run_import(archive: &[u8], base: &str, dest: &Path, destination: Destination) {
+        use std::io::Write as _;
+        let script = import_script(base, &dest.to_string_lossy(), destination);
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("sh");
+        let payload = base64::engine::general_purpose::STANDARD.encode(archive);
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(payload.as_bytes())
+            .expect("send the payload");
+        let out = child.wait_with_output().expect("sh ran");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("__WALT_DONE__ 0"),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
+    #[test]
+    fn import_script_puts_files_where_cp_would() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let tools = dir.path().join("tools");
+        std::fs::create_dir_all(tools.join("bin")).expect("mkdir");
+        std::fs::write(tools.join("bin/run"), b"#!/bin/sh\n").expect("write");
+        let archive = pack_local(&tools, "tools").expect("pack");
+        let image = dir.path().join("image");
+        std::fs::create_dir_all(&image).expect("mkdir");
+        // A trailing slash: into that directory, made when missing.
+        run_import(&archive, "tools", &image.join("opt"), Destination::IntoDirectory);
+        assert!(image.join("opt/tools/bin/run").is_file());
+        // No slash, an existing directory: inside it.
+        std::fs::create_dir_all(image.join("usr")).expect("mkdir");
+        run_import(
+            &archive,
+            "tools",
+            &image.join("usr"),
+            Destination::NameOrDirectory,
+        );
+        assert!(image.join("usr/tools/bin/run").is_file());
+        // No slash, a new path: that name.
+        run_import(
+            &archive,
+            "tools",
+            &image.join("srv"),
+            Destination::NameOrDirectory,
+        );
+        assert!(image.join("srv/bin/run").is_file());
     }
 
     #[test]

@@ -8,16 +8,13 @@ use walt_crds::{BootMode, NodeSave, NodeSavePhase, NodeSaveSpec, NodeSpec, Virtu
 
 use crate::cli::{Architecture, Compression, OutputFormat};
 use crate::cluster::{Ctx, tick};
-use crate::describe::{node_page, node_phase, node_ready, node_table};
+use crate::describe::{node_page, node_phase, node_ready, node_table, node_waiting_for};
 use crate::dialogue::{confirm, overwrite_question};
 use crate::error::{Error, Op, Result};
 use crate::format::{bytes, serialize_objects, short_digest};
 use crate::progress::{Progress, Sample};
 use crate::resolve::{ALL_NODES, image_name, list_nodes, name_of, node_set, nodes_booting};
 use crate::watch::{LiveLine, interruptible};
-
-/// Annotation that asks the operator to reboot a node (its value: when it was asked, RFC 3339).
-pub const REBOOT_ANNOTATION: &str = "walt.dev/reboot-requested-at";
 
 /// `node ls`
 pub async fn ls(ctx: &Ctx, format: OutputFormat) -> Result<()> {
@@ -92,7 +89,7 @@ pub async fn reboot(ctx: &Ctx, set: &str) -> Result<()> {
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     for node in &nodes {
         let name = name_of(node);
-        let patch = serde_json::json!({"metadata": {"annotations": {REBOOT_ANNOTATION: now}}});
+        let patch = serde_json::json!({"metadata": {"annotations": {walt_crds::node::REBOOT_REQUESTED_ANNOTATION: now}}});
         ctx.nodes()
             .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
@@ -253,7 +250,7 @@ pub async fn wait(ctx: &Ctx, set: &str, timeout: Duration) -> Result<()> {
                             announced.push(name.clone());
                         }
                     }
-                    Some(node) => pending.push(format!("{name} ({})", node_phase(node))),
+                    Some(node) => pending.push(format!("{name} ({})", node_waiting_for(node))),
                 }
             }
             if pending.is_empty() {

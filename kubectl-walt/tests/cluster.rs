@@ -2,10 +2,10 @@
 //! CRDs installed: every command's requests and output, RBAC refusals for an ordinary user, and
 //! completion with names from the cluster.
 //!
-//! Where a workflow needs the operator's answer (a node becoming Ready, a save's progress and
-//! result, a session's gateway), the test writes that status itself through the status
-//! subresource, exactly as the operator does, and checks what the plugin shows and what it
-//! writes back (spec fields, deletions).
+//! Here the test writes the operator's answers itself through the status subresource (a save
+//! failing mid-way, each progress state, a session's gateway), to check what the plugin shows for
+//! answers that are hard to provoke from a real operator, and what it writes back (spec fields,
+//! deletions). The same commands against the real operator: `tests/operator.rs`.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};

@@ -11,8 +11,11 @@
 //! 3. Enter at the dialogue overwrites the image itself → its digest moves to the saved one.
 //! 4. Without the plugin: a ShellSession made with kubectl whose pod is deleted under it → Failed,
 //!    saying so; deleting a running session leaves no pod (finalizer).
-//! 5. An arm64 image on this amd64 node (qemu-user through binfmt_misc): `uname -m` says aarch64,
+//! 5. An arm64 image on this amd64 node (qemu-user through binfmt_misc): the plugin says it is
+//!    emulated before the prompt, `uname -m` says aarch64,
 //!    Ctrl-D discards.
+//! 6. `image cp` of a local directory into an image (new layer, tag moved, bytes checked with
+//!    skopeo + umoci) and of a file out of it.
 
 use std::path::Path;
 use std::process::Command;
@@ -258,10 +261,19 @@ fn image_shells_on_the_cluster_tier() {
 
     // A shell on `image` (whose `uname -m` says `machine`) that changes a file, then Ctrl-D at the
     // dialogue: nothing is saved, no tag moves, the pod goes.
+    let emulation_note =
+        |image: &str| format!("Note: {image} is built for another CPU: it runs through qemu-user emulation");
     let discard_shell = |image: &str, machine: &str| {
         let before = digest_of(&format!("{registry}/lab/{ns}/{image}:latest"));
         let mut pty = Pty::spawn(&walt(&["image", "shell", image]));
         pty.expect_within("Type `exit` or Ctrl-D", Duration::from_mins(4));
+        // Told before the prompt, from the cluster node's CPU and the image's platform.
+        assert_eq!(
+            pty.text().contains(&emulation_note(image)),
+            machine != "x86_64",
+            "the emulation note is shown exactly when the image's CPU differs:\n{}",
+            pty.text()
+        );
         std::thread::sleep(Duration::from_secs(2));
         pty.send("touch /root/scratch; echo on-$(uname -m)\n");
         pty.expect_within(&format!("on-{machine}"), Duration::from_mins(1));
@@ -425,4 +437,76 @@ fn image_shells_on_the_cluster_tier() {
 
     // 5. Emulated arm64 (qemu-user through binfmt_misc), discarded with Ctrl-D at the dialogue.
     discard_shell("demo-arm", "aarch64");
+
+    // 6. `image cp`: a local directory into an image (a new layer on top, the tag moves), and a
+    //    file out of it; the copied bytes are checked in the registry with skopeo + umoci.
+    let local = work.path().join("payload");
+    std::fs::create_dir_all(local.join("sub")).expect("payload dir");
+    std::fs::write(local.join("sub/data.txt"), "copied-in\n").expect("payload file");
+    let binary: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+    std::fs::write(local.join("blob.bin"), &binary).expect("payload binary");
+    let before = digest_of(&format!("{registry}/lab/{ns}/demo-v2:latest"));
+    let out = walt(&[
+        "image",
+        "cp",
+        &local.display().to_string(),
+        "demo-v2:/opt/",
+        "--yes",
+    ])
+    .output()
+    .expect("run kubectl walt image cp");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "image cp into demo-v2: {said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains(&format!("Copied {} to demo-v2:/opt/ (", local.display())),
+        "{said}"
+    );
+    let after = digest_of(&format!("{registry}/lab/{ns}/demo-v2:latest"));
+    assert_ne!(after, before, "the tag moved to the image with the copied files");
+    let after_cp = work.path().join("after-cp");
+    std::fs::create_dir_all(&after_cp).expect("dir");
+    let rootfs = unpack(&format!("{registry}/lab/{ns}/demo-v2:latest"), &after_cp);
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("opt/payload/sub/data.txt")).expect("copied file"),
+        "copied-in\n"
+    );
+    assert_eq!(
+        std::fs::read(rootfs.join("opt/payload/blob.bin")).expect("copied binary"),
+        binary,
+        "binary content survives the TTY transfer"
+    );
+    assert!(
+        rootfs.join("etc/walt-shell").exists(),
+        "what the image held stays"
+    );
+    let copied_out = work.path().join("walt-shell.out");
+    let out = walt(&[
+        "image",
+        "cp",
+        "demo-v2:/etc/walt-shell",
+        &copied_out.display().to_string(),
+    ])
+    .output()
+    .expect("run kubectl walt image cp");
+    assert!(
+        out.status.success(),
+        "image cp out of demo-v2: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&copied_out).expect("the file copied out"),
+        "shell-was-here\n"
+    );
+    assert_eq!(
+        digest_of(&format!("{registry}/lab/{ns}/demo-v2:latest")),
+        after,
+        "copying out moves no tag"
+    );
+    wait_until("the copy sessions' pods are deleted", || {
+        pods_of_sessions(&cluster, &ns).is_empty()
+    });
 }

@@ -28,6 +28,45 @@ async fn reboot(client: &NodeClient, ssh_target: &NodeTarget) -> Result<()> {
         .map_err(|error| Error::Ssh(format!("cannot reboot {ssh_target}: {error}")))
 }
 
+/// Reason of the `Booted=False` condition set when the operator reboots a node: its
+/// `lastTransitionTime` is when the reboot was sent.
+pub const REBOOTING_REASON: &str = "Rebooting";
+
+/// How long a rebooted node may keep answering from the boot before the reboot: past this, the
+/// reboot is reported as not having happened.
+pub const REBOOT_DEADLINE: Duration = Duration::from_mins(5);
+
+/// Marks the node rebooting: phase `Rebooting`, `Booted=False` since now (the time the restart is
+/// measured against: [`restarted_since`]).
+fn mark_rebooting(status: &mut NodeStatus, node: &Node, what: String) {
+    status.phase = NodePhase::Rebooting;
+    set(
+        status,
+        node,
+        condition_types::BOOTED,
+        ConditionStatus::False,
+        REBOOTING_REASON,
+        what,
+    );
+}
+
+/// When the operator sent the reboot it waits for, if it waits for one (pure).
+pub fn reboot_sent_at(status: &NodeStatus) -> Option<Timestamp> {
+    if status.phase != NodePhase::Rebooting {
+        return None;
+    }
+    find_condition(&status.conditions, condition_types::BOOTED)
+        .filter(|condition| condition.status == "False" && condition.reason == REBOOTING_REASON)
+        .map(|condition| condition.last_transition_time.0)
+}
+
+/// Whether a node that has been up for `uptime` (its `/proc/uptime`) restarted after a reboot sent
+/// `since` ago (pure). A node answering right after the command, before it went down, has been up
+/// for longer than that. An unreadable uptime cannot tell: the node is taken as restarted.
+pub fn restarted_since(uptime: Option<Duration>, since: Duration) -> bool {
+    uptime.is_none_or(|uptime| uptime < since)
+}
+
 /// How long to wait before probing again (pure): the probe interval while
 /// the node answers; growing with the time it has been unreachable (a
 /// quarter of it), up to 10 minutes, so thousands of dead nodes cost little.
@@ -163,6 +202,14 @@ pub async fn reconcile_physical(
         let rebooted = reboot(&client, &ssh_target).await;
         client.close().await;
         rebooted?;
+        // The phase first: a client that sees the request handled (`node wait`) must not read the
+        // `Ready` of before the reboot.
+        mark_rebooting(
+            &mut status,
+            node,
+            format!("rebooted over SSH (requested at {requested}); waiting for it to come back"),
+        );
+        context.apply_status(&nodes, &name, &status).await?;
         mark_reboot_handled(context, node, &requested).await?;
         rebooting_event(
             context,
@@ -170,15 +217,57 @@ pub async fn reconcile_physical(
             format!("reboot requested at {requested}: rebooting over SSH"),
         )
         .await;
-        status.phase = NodePhase::Rebooting;
-        context.apply_status(&nodes, &name, &status).await?;
         return Ok(Action::requeue(Duration::from_secs(10)));
     }
     let marker = &node.spec.overlay.ready_marker;
-    let booted = client
-        .exec(&format!("test -e '{}'", marker.replace('\'', "")))
-        .await
-        .is_ok_and(|output| output.exit_status == Some(0));
+    // One command for both: the uptime (did a reboot happen?) and the ready marker (booted?).
+    let answer = client
+        .exec(&format!(
+            "cat /proc/uptime 2>/dev/null; test -e '{}'",
+            marker.replace('\'', "")
+        ))
+        .await;
+    let booted = answer.as_ref().is_ok_and(|output| output.exit_status == Some(0));
+    if let Some(sent) = reboot_sent_at(&status) {
+        let uptime = answer.as_ref().ok().and_then(|output| {
+            let text = String::from_utf8_lossy(&output.stdout);
+            let seconds: f64 = text.split_whitespace().next()?.parse().ok()?;
+            Duration::try_from_secs_f64(seconds).ok()
+        });
+        let since = Timestamp::now().duration_since(sent).unsigned_abs();
+        if !restarted_since(uptime, since) {
+            client.close().await;
+            if since > REBOOT_DEADLINE {
+                let message = format!(
+                    "the node still runs the boot from before the reboot sent {} s ago: check its console, or reboot it by hand",
+                    since.as_secs()
+                );
+                context
+                    .event(
+                        node,
+                        EventType::Warning,
+                        "RebootNotHappened",
+                        "Reboot",
+                        message.clone(),
+                    )
+                    .await;
+                status.phase = NodePhase::Unreachable;
+                set(
+                    &mut status,
+                    node,
+                    condition_types::BOOTED,
+                    ConditionStatus::False,
+                    "RebootNotHappened",
+                    message,
+                );
+                context.apply_status(&nodes, &name, &status).await?;
+                return Ok(Action::requeue(interval));
+            }
+            // Still going down: the answer came from the boot before the reboot.
+            context.apply_status(&nodes, &name, &status).await?;
+            return Ok(Action::requeue(Duration::from_secs(2)));
+        }
+    }
     if !booted {
         status.phase = NodePhase::Booting;
         set(
@@ -208,13 +297,9 @@ pub async fn reconcile_physical(
                 client.close().await;
                 return Err(error);
             }
-            rebooting_event(
-                context,
-                node,
-                format!("rebooting to boot {} ({})", target.name, target.digest),
-            )
-            .await;
-            status.phase = NodePhase::Rebooting;
+            let note = format!("rebooting to boot {} ({})", target.name, target.digest);
+            rebooting_event(context, node, note.clone()).await;
+            mark_rebooting(&mut status, node, note);
             status.booted_image = Some(ImageDigestRef {
                 name: Some(target.name.clone()),
                 digest: Some(target.digest.clone()),
@@ -242,6 +327,43 @@ pub async fn reconcile_physical(
 mod tests {
     use super::*;
     use walt_crds::new_condition;
+
+    #[test]
+    fn a_reboot_counts_once_the_node_has_been_up_for_less_than_since_it_was_sent() {
+        let second = Duration::from_secs(1);
+        // Answering 1 s after the command, up for hours: the boot before the reboot.
+        assert!(!restarted_since(Some(3 * 3600 * second), second));
+        // Up 20 s, the reboot sent 45 s ago: it restarted.
+        assert!(restarted_since(Some(20 * second), 45 * second));
+        assert!(
+            restarted_since(None, second),
+            "no uptime: cannot tell, taken as restarted"
+        );
+    }
+
+    #[test]
+    fn the_reboot_time_is_the_rebooting_condition_of_a_rebooting_node() {
+        let sent = Timestamp::from_second(100_000).expect("time");
+        let mut status = NodeStatus {
+            phase: NodePhase::Rebooting,
+            ..NodeStatus::default()
+        };
+        assert_eq!(reboot_sent_at(&status), None, "no condition");
+        walt_crds::set_condition(
+            &mut status.conditions,
+            new_condition(
+                condition_types::BOOTED,
+                ConditionStatus::False,
+                REBOOTING_REASON,
+                "rebooted over SSH",
+                None,
+                Time(sent),
+            ),
+        );
+        assert_eq!(reboot_sent_at(&status), Some(sent));
+        status.phase = NodePhase::Ready;
+        assert_eq!(reboot_sent_at(&status), None, "not waiting for a reboot");
+    }
 
     #[test]
     fn unreachable_nodes_are_probed_less_and_less() {

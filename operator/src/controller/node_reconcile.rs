@@ -27,12 +27,7 @@ use super::node::{
 /// reboot the nodes that boot it (a NodeSave with `rebootNodes: false`).
 pub const NO_REBOOT_ANNOTATION: &str = "walt.dev/no-reboot-digest";
 
-/// Annotation a user (`kubectl walt node reboot`) sets to ask for a reboot;
-/// its value (when it was asked, RFC 3339) changes with each request.
-pub const REBOOT_REQUESTED_ANNOTATION: &str = "walt.dev/reboot-requested-at";
-/// Annotation the operator sets to the [`REBOOT_REQUESTED_ANNOTATION`] value
-/// it has handled, so each request reboots the node once.
-pub const REBOOT_HANDLED_ANNOTATION: &str = "walt.dev/reboot-handled-at";
+pub use walt_crds::node::{REBOOT_HANDLED_ANNOTATION, REBOOT_REQUESTED_ANNOTATION};
 
 /// The reboot request not handled yet, if any (pure): a new value of
 /// [`REBOOT_REQUESTED_ANNOTATION`] that [`REBOOT_HANDLED_ANNOTATION`] does not hold.

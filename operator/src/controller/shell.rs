@@ -460,6 +460,44 @@ pub fn runtimes_support_user_namespaces(nodes: &[k8s_openapi::api::core::v1::Nod
         })
 }
 
+/// What a user is told when an image shell starts (pure): whether it runs emulated and which shell it is.
+/// Known as soon as the pod is scheduled, long before the runtime reports it at the end of the shell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShellAtStart {
+    /// `Some(true)` when the image's CPU differs from the cluster node's (qemu-user runs it);
+    /// `None` when either architecture is unknown.
+    pub emulated: Option<bool>,
+    /// `Init` or `Basic`: the session's explicit choice, else what the image's layers say.
+    pub mode: Option<ImageShellMode>,
+}
+
+/// Compares the Image's platform with the architecture of the cluster node the shell pod runs on
+/// (`status.nodeInfo.architecture`, GOARCH names like OCI platforms) and resolves `mode: Auto`.
+pub fn shell_at_start(
+    session_mode: &ShellMode,
+    image: Option<&walt_crds::ImageStatus>,
+    cluster_node: Option<&k8s_openapi::api::core::v1::Node>,
+) -> ShellAtStart {
+    let image_architecture = image
+        .and_then(|status| status.platform.as_ref())
+        .map(|platform| platform.architecture.as_str())
+        .filter(|architecture| !architecture.is_empty());
+    let node_architecture = cluster_node
+        .and_then(|node| node.status.as_ref())
+        .and_then(|status| status.node_info.as_ref())
+        .map(|info| info.architecture.as_str())
+        .filter(|architecture| !architecture.is_empty());
+    let emulated = image_architecture
+        .zip(node_architecture)
+        .map(|(image, node)| image != node);
+    let mode = match session_mode {
+        ShellMode::Init => Some(ImageShellMode::Init),
+        ShellMode::Basic => Some(ImageShellMode::Basic),
+        ShellMode::Auto => image.and_then(|status| status.shell_mode),
+    };
+    ShellAtStart { emulated, mode }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -467,6 +505,60 @@ mod tests {
     use walt_crds::{ShellResult, ShellSessionSpec, ShellSessionStatus};
 
     const HOUR: Duration = Duration::from_hours(1);
+
+    fn cluster_node(architecture: &str) -> k8s_openapi::api::core::v1::Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1"},
+            "status": {"nodeInfo": {
+                "architecture": architecture, "bootID": "", "containerRuntimeVersion": "",
+                "kernelVersion": "", "kubeProxyVersion": "", "kubeletVersion": "", "machineID": "",
+                "operatingSystem": "linux", "osImage": "", "systemUUID": ""
+            }}
+        }))
+        .expect("node JSON")
+    }
+
+    fn image_status(architecture: &str, mode: Option<ImageShellMode>) -> walt_crds::ImageStatus {
+        walt_crds::ImageStatus {
+            platform: Some(walt_crds::Platform {
+                os: "linux".into(),
+                architecture: architecture.into(),
+                variant: None,
+            }),
+            shell_mode: mode,
+            ..walt_crds::ImageStatus::default()
+        }
+    }
+
+    #[test]
+    fn the_start_of_a_shell_says_whether_it_is_emulated_and_which_shell() {
+        let arm = image_status("arm64", Some(ImageShellMode::Init));
+        let amd = cluster_node("amd64");
+        assert_eq!(
+            shell_at_start(&ShellMode::Auto, Some(&arm), Some(&amd)),
+            ShellAtStart {
+                emulated: Some(true),
+                mode: Some(ImageShellMode::Init)
+            }
+        );
+        let native = image_status("amd64", Some(ImageShellMode::Init));
+        assert_eq!(
+            shell_at_start(&ShellMode::Basic, Some(&native), Some(&amd)),
+            ShellAtStart {
+                emulated: Some(false),
+                mode: Some(ImageShellMode::Basic)
+            }
+        );
+        // Unknown either side: no claim either way.
+        assert_eq!(shell_at_start(&ShellMode::Auto, Some(&arm), None).emulated, None);
+        assert_eq!(
+            shell_at_start(&ShellMode::Auto, None, Some(&amd)),
+            ShellAtStart {
+                emulated: None,
+                mode: None
+            }
+        );
+    }
 
     fn session() -> ShellSession {
         let mut session = ShellSession::new(

@@ -34,7 +34,7 @@ use super::lookup::find_image;
 use super::node::repository_of;
 use super::shell::{
     ShellOutcome, ShellPodInputs, Step, build_shell_pod, next_step, scratch_tag, session_duration,
-    shell_pod_name,
+    shell_at_start, shell_pod_name,
 };
 
 /// Finalizer of ShellSessions: the shell pod is deleted before the session goes.
@@ -395,6 +395,20 @@ async fn delete_pod(context: &Context, session: &ShellSession) -> Result<()> {
     }
 }
 
+/// The cluster node a pod was scheduled on, for its architecture (`None` when unknown or unreadable:
+/// the shell still runs, the user is just not told up front whether it is emulated).
+async fn scheduled_on(context: &Context, pod: Option<&Pod>) -> Option<k8s_openapi::api::core::v1::Node> {
+    let node_name = pod?.spec.as_ref()?.node_name.clone()?;
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(context.client.clone());
+    match nodes.get_opt(&node_name).await {
+        Ok(node) => node,
+        Err(error) => {
+            tracing::info!(%error, node = %node_name, "cannot read the cluster node of a shell pod: its architecture is unknown");
+            None
+        }
+    }
+}
+
 /// Whether shell pods run user-namespaced here. `Auto`: when the API server (1.33+) and every cluster
 /// node's container runtime support it; otherwise privileged, which every runtime runs.
 async fn user_namespaces(context: &Context) -> bool {
@@ -475,11 +489,26 @@ async fn image_shell(
         }
         Step::CreatePod => create_pod(session, context, status, &image_name).await,
         Step::MarkRunning => {
+            let start = shell_at_start(
+                &session.spec.mode,
+                find_image(context, &namespace, &image_name)
+                    .await?
+                    .and_then(|(image, _)| image.status)
+                    .as_ref(),
+                scheduled_on(context, pod.as_ref()).await.as_ref(),
+            );
             status.phase = ShellSessionPhase::Running;
             status.start_time = Some(Time(Timestamp::now()));
+            status.emulated = start.emulated;
+            status.mode = start.mode;
             let message = format!(
-                "the shell runs in pod {}: attach with `kubectl walt image shell` or `kubectl attach -it`",
-                shell_pod_name(&name)
+                "the shell runs in pod {}{}: attach with `kubectl walt image shell` or `kubectl attach -it`",
+                shell_pod_name(&name),
+                if start.emulated == Some(true) {
+                    " (emulated: the image is built for another CPU)"
+                } else {
+                    ""
+                }
             );
             condition(
                 &mut status,

@@ -19,6 +19,9 @@ pub use super::config::Args;
 /// Runs the operator; returns the process exit code.
 pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>> {
     init_logs(args.log_format);
+    // Before any thread exists: node saves run in this process too, and their 1–2 MiB buffers must
+    // not pile up in per-thread arenas (see `ssh::heap`).
+    crate::ssh::heap::return_freed_memory_promptly();
     // Several TLS backends are linked (kube uses ring, the registry client
     // may bring another): pick ring for the process, once.
     let _ = rustls::crypto::ring::default_provider().install_default();

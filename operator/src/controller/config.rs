@@ -5,7 +5,6 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use base64::Engine as _;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 
@@ -181,55 +180,23 @@ impl std::fmt::Debug for RegistryCredentials {
 }
 
 /// Finds the credentials for `host` in a `.dockerconfigjson` document
-/// (`{"auths": {"HOST": {"username", "password"} | {"auth": base64("u:p")}}}`).
-/// Returns `Ok(None)` when the document has no entry for `host`.
+/// (`{"auths": {"HOST": {"username", "password"} | {"auth": base64("u:p")}}}`), read by the OCI
+/// module's parser. Returns `Ok(None)` when the document has no usable entry for `host`.
 pub fn credentials_from_docker_config(document: &[u8], host: &str) -> Result<Option<RegistryCredentials>> {
-    let config: serde_json::Value =
-        serde_json::from_slice(document).map_err(|source| Error::Serialization {
-            what: ".dockerconfigjson".into(),
-            source,
-        })?;
-    let Some(auths) = config.get("auths").and_then(serde_json::Value::as_object) else {
-        return Err(Error::Invalid(
-            ".dockerconfigjson has no `auths` object: create the Secret with `kubectl create secret docker-registry`"
-                .into(),
-        ));
-    };
-    let entry = auths.iter().find(|(key, _)| {
-        let key = key
-            .trim_start_matches("https://")
-            .trim_start_matches("http://")
-            .trim_end_matches('/');
-        key == host || key.split('/').next() == Some(host)
-    });
-    let Some((_, entry)) = entry else {
-        return Ok(None);
-    };
-    let field = |name: &str| {
-        entry
-            .get(name)
-            .and_then(serde_json::Value::as_str)
-            .map(str::to_owned)
-    };
-    if let (Some(username), Some(password)) = (field("username"), field("password")) {
-        return Ok(Some(RegistryCredentials { username, password }));
-    }
-    if let Some(auth) = field("auth") {
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(auth.trim())
-            .map_err(|error| Error::Invalid(format!("`auth` of registry {host} is not base64: {error}")))?;
-        let decoded = String::from_utf8(decoded)
-            .map_err(|_| Error::Invalid(format!("`auth` of registry {host} is not UTF-8")))?;
-        if let Some((username, password)) = decoded.split_once(':') {
-            return Ok(Some(RegistryCredentials {
-                username: username.to_owned(),
-                password: password.to_owned(),
-            }));
+    let all = crate::oci::Credentials::from_docker_config_json(document).map_err(|error| {
+        Error::Invalid(format!(
+            ".dockerconfigjson: {error}: create the Secret with `kubectl create secret docker-registry`"
+        ))
+    })?;
+    match all.for_host(host) {
+        oci_client::secrets::RegistryAuth::Basic(username, password) => {
+            Ok(Some(RegistryCredentials { username, password }))
         }
+        oci_client::secrets::RegistryAuth::Anonymous => Ok(None),
+        oci_client::secrets::RegistryAuth::Bearer(_) => Err(Error::Invalid(format!(
+            "the entry for registry {host} holds a token: shell and virtual node pods log in to the lab registry with a username and password"
+        ))),
     }
-    Err(Error::Invalid(format!(
-        "the entry for registry {host} has neither username+password nor a `user:password` auth"
-    )))
 }
 
 /// The operator's resolved configuration.
@@ -435,6 +402,7 @@ pub fn secret_key(secret: &Secret, key: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
 
     #[test]
     fn durations() {

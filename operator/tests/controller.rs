@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use walt_tests::k8s::{Cluster, shared_control_plane};
+use walt_tests::operator::OperatorProcess as Operator;
 use walt_tests::process::{Daemon, Lifetime};
 
 fn cluster() -> &'static Cluster {
@@ -51,145 +52,67 @@ fn node_key(dir: &std::path::Path) -> PathBuf {
     key
 }
 
-/// One operator process for a test namespace.
-struct Operator {
-    daemon: Option<Daemon>,
-    log: PathBuf,
-    args: Vec<String>,
-    http: u16,
-    gateway: u16,
+/// The operator's command line for a test namespace (lab registry unreachable unless `extra`
+/// brings one, node key Secret `walt-node-key`), `extra` last.
+fn operator_args(namespace: &str, identity: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--namespace",
+        namespace,
+        "--watch-namespace",
+        namespace,
+        "--lab-registry",
+        "127.0.0.1:1/lab",
+        "--registry-plain-http",
+        "true",
+        "--node-key-secret",
+        "walt-node-key",
+        "--shell-image",
+        "127.0.0.1:1/walt/operator:test",
+        "--identity",
+        identity,
+        "--catalog-namespace",
+        "walt-catalog-none",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    if extra.contains(&"--lab-registry") {
+        // The test brings its own lab registry: drop the unreachable default.
+        if let Some(at) = args.iter().position(|arg| arg == "--lab-registry") {
+            args.drain(at..at + 2);
+        }
+    }
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    args
 }
 
-impl Operator {
-    fn command(cluster: &Cluster, args: &[String]) -> Command {
-        let mut command = Command::new(operator_binary());
-        command
-            .arg("run")
-            .args(args)
-            .env("KUBECONFIG", cluster.kubeconfig())
-            .env("RUST_LOG", "info,walt_operator=debug");
-        command
-    }
+/// One operator process for a test namespace (this crate's binary, see [`operator_binary`]).
+fn start_operator(cluster: &Cluster, namespace: &str, identity: &str, extra: &[&str]) -> Operator {
+    let log = std::env::temp_dir().join(format!("walt-operator-{namespace}-{identity}.log"));
+    Operator::start_binary(
+        &operator_binary(),
+        &cluster.kubeconfig(),
+        None,
+        &operator_args(namespace, identity, extra),
+        &log,
+    )
+    .expect("start walt-operator")
+}
 
-    fn start(cluster: &Cluster, namespace: &str, identity: &str, extra: &[&str]) -> Operator {
-        let http = free_port();
-        let log = std::env::temp_dir().join(format!("walt-operator-{namespace}-{identity}.log"));
-        let mut args: Vec<String> = [
-            "--namespace",
-            namespace,
-            "--watch-namespace",
-            namespace,
-            "--lab-registry",
-            "127.0.0.1:1/lab",
-            "--registry-plain-http",
-            "true",
-            "--node-key-secret",
-            "walt-node-key",
-            "--shell-image",
-            "127.0.0.1:1/walt/operator:test",
-            "--identity",
-            identity,
-            "--catalog-namespace",
-            "walt-catalog-none",
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
-        if extra.contains(&"--lab-registry") {
-            // The test brings its own lab registry: drop the unreachable default.
-            if let Some(at) = args.iter().position(|arg| arg == "--lab-registry") {
-                args.drain(at..at + 2);
-            }
-        }
-        args.extend(["--http-addr".to_owned(), format!("127.0.0.1:{http}")]);
-        let gateway = free_port();
-        args.extend(["--gateway-addr".to_owned(), format!("127.0.0.1:{gateway}")]);
-        args.extend(extra.iter().map(|s| (*s).to_owned()));
-        let daemon = Daemon::spawn(
-            "walt-operator",
-            Self::command(cluster, &args),
-            &log,
-            Lifetime::Test,
-        )
-        .expect("start walt-operator");
-        Operator {
-            daemon: Some(daemon),
-            log,
-            args,
-            http,
-            gateway,
-        }
-    }
-
-    /// An operator that reaches the sshd `node` (its proxy command), probes
-    /// every 2 s, and is ready.
-    fn for_node(
-        cluster: &Cluster,
-        namespace: &str,
-        identity: &str,
-        node: &walt_tests::sshnode::SshNode,
-        extra: &[&str],
-    ) -> Operator {
-        let proxy = node.proxy_command();
-        let mut args = vec!["--node-proxy-command", proxy.as_str(), "--probe-interval", "2s"];
-        args.extend_from_slice(extra);
-        let operator = Operator::start(cluster, namespace, identity, &args);
-        operator.wait_ready(Duration::from_mins(1));
-        operator
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// GET on the operator's HTTP port: (status code, body).
-    fn get(&self, path: &str) -> Option<(u16, String)> {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.http)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer).ok()?;
-        let code = answer.split_whitespace().nth(1)?.parse().ok()?;
-        let body = answer.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())?;
-        Some((code, body))
-    }
-
-    fn wait_ready(&self, within: Duration) {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if matches!(self.get("/readyz"), Some((200, _))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        panic!("operator not ready within {within:?}; log:\n{}", self.log());
-    }
-
-    /// Kills the process at once (SIGKILL: no cleanup, no Lease release).
-    fn kill(&mut self) {
-        if let Some(daemon) = self.daemon.take() {
-            walt_tests::process::stop_pid(daemon.pid(), Duration::ZERO);
-            drop(daemon);
-        }
-    }
-
-    fn restart(&mut self, cluster: &Cluster) {
-        self.kill();
-        self.daemon = Some(
-            Daemon::spawn(
-                "walt-operator",
-                Self::command(cluster, &self.args),
-                &self.log,
-                Lifetime::Test,
-            )
-            .expect("restart walt-operator"),
-        );
-    }
+/// An operator that reaches the sshd `node` (its proxy command), probes every 2 s, and is ready.
+fn operator_for_node(
+    cluster: &Cluster,
+    namespace: &str,
+    identity: &str,
+    node: &walt_tests::sshnode::SshNode,
+    extra: &[&str],
+) -> Operator {
+    let proxy = node.proxy_command();
+    let mut args = vec!["--node-proxy-command", proxy.as_str(), "--probe-interval", "2s"];
+    args.extend_from_slice(extra);
+    let operator = start_operator(cluster, namespace, identity, &args);
+    operator.wait_ready(Duration::from_mins(1));
+    operator
 }
 
 /// The operator binary: `$WALT_OPERATOR_BIN` when set (a private copy, for
@@ -199,10 +122,6 @@ fn operator_binary() -> PathBuf {
         || PathBuf::from(env!("CARGO_BIN_EXE_walt-operator")),
         PathBuf::from,
     )
-}
-
-fn free_port() -> u16 {
-    walt_tests::k8s::free_port().expect("a free port")
 }
 
 /// A namespace with the node key Secret the operator needs.
@@ -285,7 +204,9 @@ fn startup_errors_name_the_missing_secret_and_the_fix() {
     install_crds(cluster);
     let namespace = cluster.create_namespace("op-config").expect("create namespace");
     let output = Operator::command(
-        cluster,
+        &operator_binary(),
+        &cluster.kubeconfig(),
+        None,
         &[
             "--namespace",
             &namespace,
@@ -332,9 +253,9 @@ fn startup_errors_name_the_missing_secret_and_the_fix() {
 fn two_replicas_one_leader_and_takeover_on_release() {
     let cluster = cluster();
     let (namespace, _dir) = tenant(cluster, "op-lease");
-    let first = Operator::start(cluster, &namespace, "replica-a", &[]);
+    let first = start_operator(cluster, &namespace, "replica-a", &[]);
     first.wait_ready(Duration::from_mins(1));
-    let mut second = Operator::start(cluster, &namespace, "replica-b", &[]);
+    let mut second = start_operator(cluster, &namespace, "replica-b", &[]);
     // The second replica serves /healthz but is not ready: it does not lead.
     let deadline = Instant::now() + Duration::from_secs(30);
     while second.get("/healthz").map(|(code, _)| code) != Some(200) {
@@ -363,9 +284,7 @@ fn two_replicas_one_leader_and_takeover_on_release() {
     assert!(metrics.contains("walt_leader 1"), "{metrics}");
     // Graceful stop of the leader releases the Lease: the other takes over at once.
     let mut first = first;
-    if let Some(mut daemon) = first.daemon.take() {
-        daemon.stop(Duration::from_secs(20));
-    }
+    first.stop(Duration::from_secs(20));
     second.wait_ready(Duration::from_secs(20));
     let holder = kubectl(
         cluster,
@@ -383,7 +302,7 @@ fn two_replicas_one_leader_and_takeover_on_release() {
     // Killed without cleanup (SIGKILL) and restarted under the same identity
     // (a StatefulSet pod): it leads again at once, no expiry wait.
     let killed = Instant::now();
-    second.restart(cluster);
+    second.restart();
     second.wait_ready(Duration::from_secs(10));
     assert!(killed.elapsed() < Duration::from_secs(10));
     second.kill();
@@ -413,7 +332,7 @@ fn set_image_digest(cluster: &Cluster, namespace: &str, name: &str, reference: &
 fn virtual_node_gets_pod_service_claim_and_is_recreated_when_its_image_moves() {
     let cluster = cluster();
     let (namespace, _dir) = tenant(cluster, "op-vnode");
-    let operator = Operator::start(cluster, &namespace, "vnode-test", &[]);
+    let operator = start_operator(cluster, &namespace, "vnode-test", &[]);
     operator.wait_ready(Duration::from_mins(1));
     let reference = format!("127.0.0.1:1/lab/{namespace}/debian:latest");
     apply(
@@ -590,7 +509,7 @@ fn virtual_node_gets_pod_service_claim_and_is_recreated_when_its_image_moves() {
 fn a_node_pointing_to_a_missing_image_says_so() {
     let cluster = cluster();
     let (namespace, _dir) = tenant(cluster, "op-noimg");
-    let operator = Operator::start(cluster, &namespace, "noimg-test", &[]);
+    let operator = start_operator(cluster, &namespace, "noimg-test", &[]);
     operator.wait_ready(Duration::from_mins(1));
     apply(
         cluster,
@@ -635,7 +554,7 @@ fn physical_node_is_probed_its_host_key_recorded_then_enforced_and_rebooted_when
     let node = walt_tests::sshnode::SshNode::busybox()
         .expect("start an sshd node (needs root, openssh-server, socat, iproute2)");
     let namespace = tenant_with_key(cluster, "op-phys", &node.client_key());
-    let operator = Operator::for_node(cluster, &namespace, "phys-test", &node, &[]);
+    let operator = operator_for_node(cluster, &namespace, "phys-test", &node, &[]);
     let reference = format!("127.0.0.1:1/lab/{namespace}/debian:latest");
     apply(
         cluster,
@@ -722,7 +641,7 @@ fn physical_node_reboots_once_when_asked() {
     let mut node = walt_tests::sshnode::SshNode::busybox()
         .expect("start an sshd node (needs root, openssh-server, socat, iproute2)");
     let namespace = tenant_with_key(cluster, "op-reboot", &node.client_key());
-    let operator = Operator::for_node(cluster, &namespace, "reboot-test", &node, &[]);
+    let operator = operator_for_node(cluster, &namespace, "reboot-test", &node, &[]);
     apply(
         cluster,
         &namespace,
@@ -799,7 +718,7 @@ fn image_resolves_at_the_registry_and_failures_name_it() {
     let skopeo_digest = skopeo_digest(&reference).expect("skopeo inspect the pushed image");
     assert_eq!(skopeo_digest, pushed);
     let lab = format!("{}/lab", registry.host());
-    let operator = Operator::start(cluster, &namespace, "image", &["--lab-registry", &lab]);
+    let operator = start_operator(cluster, &namespace, "image", &["--lab-registry", &lab]);
     operator.wait_ready(Duration::from_mins(1));
     apply(
         cluster,
@@ -1004,7 +923,7 @@ impl SaveLab {
         let lab = format!("{}/lab", registry.host());
         let mut args = vec!["--lab-registry", lab.as_str()];
         args.extend_from_slice(extra);
-        let operator = Operator::for_node(cluster, &namespace, "save", &node, &args);
+        let operator = operator_for_node(cluster, &namespace, "save", &node, &args);
         apply(
             cluster,
             &namespace,
@@ -1230,7 +1149,7 @@ fn operator_killed_mid_save_moves_no_tag_and_finishes_after_restart() {
         "a tag moved although the save was interrupted"
     );
     assert_eq!(lab.get("nodesave/big", "{.status.phase}"), "Running");
-    lab.operator.restart(cluster);
+    lab.operator.restart();
     lab.wait(
         "nodesave/big",
         "{.status.phase}",
@@ -1381,7 +1300,7 @@ fn image_source_is_cloned_into_the_lab_registry_with_its_digest_and_shell_mode()
         ],
     );
     let lab = format!("{}/lab", lab_registry.host());
-    let operator = Operator::start(
+    let operator = start_operator(
         cluster,
         &namespace,
         "clone",
@@ -1517,7 +1436,7 @@ fn gateway_ssh(operator: &Operator, user: &str, key: &std::path::Path, command: 
     .args(["-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"])
     .arg("-i")
     .arg(key)
-    .args(["-p", &operator.gateway.to_string()])
+    .args(["-p", &operator.gateway.port().to_string()])
     .arg(format!("{user}@127.0.0.1"))
     .arg(command);
     ssh
@@ -1541,7 +1460,7 @@ fn node_shell_through_the_operator_gateway_until_ttl_or_deletion() {
     let node = walt_tests::sshnode::SshNode::busybox()
         .expect("start an sshd node (needs root, openssh-server, socat, iproute2)");
     let namespace = tenant_with_key(cluster, "op-nshell", &node.client_key());
-    let operator = Operator::for_node(
+    let operator = operator_for_node(
         cluster,
         &namespace,
         "nshell-test",
@@ -1818,7 +1737,7 @@ fn image_squash_request_rewrites_the_image_as_one_layer_with_the_same_files() {
         .umoci_unpack("v3", expected_dir.path())
         .expect("umoci unpack the original");
     let lab = format!("{}/lab", registry.host());
-    let operator = Operator::start(cluster, &namespace, "squash", &["--lab-registry", &lab]);
+    let operator = start_operator(cluster, &namespace, "squash", &["--lab-registry", &lab]);
     operator.wait_ready(Duration::from_mins(1));
     apply(
         cluster,
@@ -1951,7 +1870,7 @@ fn virtual_node_save_reaches_the_pod_by_its_ip() {
         .push("base", &registry, &format!("lab/{namespace}/debian:latest"))
         .expect("push the base image");
     let lab = format!("{}/lab", registry.host());
-    let operator = Operator::start(cluster, &namespace, "vsave", &["--lab-registry", &lab]);
+    let operator = start_operator(cluster, &namespace, "vsave", &["--lab-registry", &lab]);
     operator.wait_ready(Duration::from_mins(1));
     apply(
         cluster,

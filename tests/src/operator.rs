@@ -45,7 +45,12 @@ pub fn plugin_binary() -> PathBuf {
 /// A running `walt-operator run`, stopped when dropped.
 #[derive(Debug)]
 pub struct OperatorProcess {
-    _daemon: Daemon,
+    daemon: Option<Daemon>,
+    /// How it was started, to start it again ([`Self::restart`]).
+    binary: PathBuf,
+    netns: Option<String>,
+    args: Vec<String>,
+    kubeconfig: PathBuf,
     log: PathBuf,
     /// Its SSH gateway (loopback, or the node namespace's loopback).
     pub gateway: SocketAddr,
@@ -54,9 +59,9 @@ pub struct OperatorProcess {
 }
 
 impl OperatorProcess {
-    /// Starts `walt-operator run ARGS` with `kubeconfig`, on free loopback ports for the gateway
-    /// and HTTP (added to `args`), inside network namespace `netns` when given (`nsenter`), logging
-    /// to `log`.
+    /// Starts `walt-operator run ARGS` ([`operator_binary`]) with `kubeconfig`, on free loopback
+    /// ports for the gateway and HTTP (added to `args`), inside network namespace `netns` when given
+    /// (`nsenter`), logging to `log`.
     ///
     /// # Errors
     /// When no free port is found or the process cannot start.
@@ -66,39 +71,108 @@ impl OperatorProcess {
         args: &[String],
         log: &Path,
     ) -> Result<Self, FixtureError> {
+        Self::start_binary(&operator_binary(), kubeconfig, netns, args, log)
+    }
+
+    /// [`Self::start`] with a given `walt-operator` binary (the operator's own tests pass cargo's).
+    ///
+    /// # Errors
+    /// When no free port is found or the process cannot start.
+    pub fn start_binary(
+        binary: &Path,
+        kubeconfig: &Path,
+        netns: Option<&str>,
+        args: &[String],
+        log: &Path,
+    ) -> Result<Self, FixtureError> {
         let port = || crate::k8s::free_port().map_err(|e| FixtureError::Failed(format!("no free port: {e}")));
         let (http, gateway) = (port()?, port()?);
+        let mut args = args.to_vec();
+        args.extend([
+            "--http-addr".to_owned(),
+            format!("127.0.0.1:{http}"),
+            "--gateway-addr".to_owned(),
+            format!("127.0.0.1:{gateway}"),
+        ]);
+        let mut process = Self {
+            daemon: None,
+            binary: binary.to_owned(),
+            netns: netns.map(str::to_owned),
+            args,
+            kubeconfig: kubeconfig.to_owned(),
+            log: log.to_owned(),
+            gateway: SocketAddr::from(([127, 0, 0, 1], gateway)),
+            http,
+        };
+        process.spawn()?;
+        Ok(process)
+    }
+
+    /// `walt-operator run ARGS` as started (for a run to be checked by its exit: see
+    /// [`Self::start`] for one that keeps running).
+    pub fn command(binary: &Path, kubeconfig: &Path, netns: Option<&str>, args: &[String]) -> Command {
         let mut command = match netns {
             Some(netns) => {
                 let mut command = Command::new("nsenter");
                 command
                     .arg(format!("--net=/run/netns/{netns}"))
                     .arg("--")
-                    .arg(operator_binary());
+                    .arg(binary);
                 command
             }
-            None => Command::new(operator_binary()),
+            None => Command::new(binary),
         };
         command
             .arg("run")
             .args(args)
-            .args(["--http-addr", &format!("127.0.0.1:{http}")])
-            .args(["--gateway-addr", &format!("127.0.0.1:{gateway}")])
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,walt_operator=debug");
-        let daemon = Daemon::spawn("walt-operator", command, log, Lifetime::Test)
-            .map_err(|e| FixtureError::Failed(format!("cannot start walt-operator: {e}")))?;
-        Ok(Self {
-            _daemon: daemon,
-            log: log.to_owned(),
-            gateway: SocketAddr::from(([127, 0, 0, 1], gateway)),
-            http,
-        })
+        command
     }
 
-    /// What it logged so far.
+    fn spawn(&mut self) -> Result<(), FixtureError> {
+        let command = Self::command(&self.binary, &self.kubeconfig, self.netns.as_deref(), &self.args);
+        let daemon = Daemon::spawn("walt-operator", command, &self.log, Lifetime::Test)
+            .map_err(|e| FixtureError::Failed(format!("cannot start walt-operator: {e}")))?;
+        self.daemon = Some(daemon);
+        Ok(())
+    }
+
+    /// What it logged so far (every run of it, restarts included).
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A GET on its HTTP port: (status code, body), or `None` when it does not answer.
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.http)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).ok()?;
+        let code = answer.split_whitespace().nth(1)?.parse().ok()?;
+        let body = answer.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())?;
+        Some((code, body))
+    }
+
+    /// Waits until `/readyz` answers 200 (it leads and its controllers run), at most `within`.
+    ///
+    /// # Panics
+    /// When it does not, with its log.
+    pub fn wait_ready(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if matches!(self.get("/readyz"), Some((200, _))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("walt-operator not ready within {within:?}; log:\n{}", self.log());
     }
 
     /// Waits until its gateway listens (its configuration was accepted; with
@@ -119,5 +193,28 @@ impl OperatorProcess {
 {}",
             self.log()
         );
+    }
+
+    /// Stops it gracefully (SIGTERM, then SIGKILL after `grace`): it releases its Lease.
+    pub fn stop(&mut self, grace: Duration) {
+        if let Some(mut daemon) = self.daemon.take() {
+            daemon.stop(grace);
+        }
+    }
+
+    /// Kills it at once (SIGKILL: no cleanup, no Lease release).
+    pub fn kill(&mut self) {
+        if let Some(mut daemon) = self.daemon.take() {
+            daemon.kill();
+        }
+    }
+
+    /// Kills it, then starts it again with the same arguments, ports and log.
+    ///
+    /// # Panics
+    /// When it cannot start again.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn().expect("restart walt-operator");
     }
 }

@@ -199,6 +199,14 @@ impl Daemon {
         self.pid
     }
 
+    /// Kills the process at once (`SIGKILL`: it cleans up nothing) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Stops the process now: `SIGTERM`, then `SIGKILL` after `grace`.
     pub fn stop(&mut self, grace: Duration) {
         if let Some(mut child) = self.child.take() {

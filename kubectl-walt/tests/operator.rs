@@ -11,7 +11,7 @@
 // Test helpers panic on failure, like the tests themselves.
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -25,7 +25,7 @@ use walt_tests::k8s::{Cluster, shared_control_plane};
 use walt_tests::operator::OperatorProcess;
 use walt_tests::pty::Pty;
 use walt_tests::registry::Registry;
-use walt_tests::sshnode::SshNode;
+use walt_tests::sshnode::{SshNode, keygen};
 
 fn cluster() -> &'static Cluster {
     static READY: OnceLock<()> = OnceLock::new();
@@ -52,17 +52,6 @@ fn cluster() -> &'static Cluster {
         });
     });
     cluster
-}
-
-fn keygen(dir: &Path, name: &str) -> PathBuf {
-    let path = dir.join(name);
-    let status = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&path)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    path
 }
 
 /// The operator (controllers and gateway), a registry holding image `debian` (busybox, amd64), a

@@ -140,13 +140,7 @@ fn main() {
     }
     let namespace = cluster.create_namespace("scale").expect("namespace");
     let keys = tempfile::tempdir().expect("temp dir");
-    let key = keys.path().join("node_key");
-    let keygen = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&key)
-        .status()
-        .expect("ssh-keygen");
-    assert!(keygen.success());
+    let key = walt_tests::sshnode::keygen(keys.path(), "node_key");
     kubectl(
         &cluster,
         &[

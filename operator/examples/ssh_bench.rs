@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use walt_operator::ssh::client::{self, BoxedStream, Connector, HostKeyPolicy, NodeTarget, Transport};
 use walt_operator::ssh::gateway::{Authorization, Authorizations, Gateway, GatewayConfig};
-use walt_tests::sshnode::{NodeRoot, SshNode, SshNodeBuilder};
+use walt_tests::sshnode::{NodeRoot, SshNode, SshNodeBuilder, keygen};
 
 const GIB: u64 = 1 << 30;
 
@@ -36,17 +36,6 @@ fn connector(node: &SshNode) -> Connector {
             Ok(Box::new(tokio::net::TcpStream::from_std(stream)?) as BoxedStream)
         })
     })
-}
-
-fn keygen(dir: &Path, name: &str) -> std::path::PathBuf {
-    let path = dir.join(name);
-    let status = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&path)
-        .status()
-        .expect("ssh-keygen");
-    assert!(status.success());
-    path
 }
 
 fn timed(mut command: Command) -> f64 {

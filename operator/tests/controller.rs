@@ -42,14 +42,7 @@ fn install_crds(cluster: &Cluster) {
 
 /// A throwaway OpenSSH key pair made with ssh-keygen (an independent tool).
 fn node_key(dir: &std::path::Path) -> PathBuf {
-    let key = dir.join("node_key");
-    let status = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "walt-lab", "-f"])
-        .arg(&key)
-        .status()
-        .expect("ssh-keygen (apt-get install openssh-client)");
-    assert!(status.success(), "ssh-keygen failed");
-    key
+    walt_tests::sshnode::keygen(dir, "node_key")
 }
 
 /// The operator's command line for a test namespace (lab registry unreachable unless `extra`
@@ -1478,13 +1471,7 @@ fn node_shell_through_the_operator_gateway_until_ttl_or_deletion() {
         ),
     );
     let dir = tempfile::tempdir().expect("temp dir");
-    let user_key = dir.path().join("user");
-    let status = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&user_key)
-        .status()
-        .expect("ssh-keygen");
-    assert!(status.success());
+    let user_key = walt_tests::sshnode::keygen(dir.path(), "user");
     let public_key = std::fs::read_to_string(user_key.with_extension("pub")).expect("public key");
     let within = Duration::from_mins(1);
 

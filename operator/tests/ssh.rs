@@ -18,7 +18,7 @@ use walt_operator::ssh::client::{
 };
 use walt_operator::ssh::export::{self, ExportOptions, Progress};
 use walt_operator::ssh::gateway::{Authorization, Authorizations, Gateway, GatewayConfig};
-use walt_tests::sshnode::{NodeRoot, SshNode, SshNodeBuilder};
+use walt_tests::sshnode::{NodeRoot, SshNode, SshNodeBuilder, keygen};
 
 fn connector(node: &SshNode) -> Connector {
     let lab = node.lab_netns().to_owned();
@@ -48,17 +48,6 @@ fn config(node: &SshNode, policy: HostKeyPolicy) -> ClientConfig {
 
 fn pinned(node: &SshNode) -> HostKeyPolicy {
     HostKeyPolicy::Pinned(client::parse_public_key(node.host_public_key()).unwrap())
-}
-
-fn keygen(dir: &Path, name: &str) -> PathBuf {
-    let path = dir.join(name);
-    let status = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&path)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    path
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -258,12 +258,7 @@ impl SshNode {
             ("host_ed25519", "walt-test-node"),
             ("client_ed25519", "walt-test-client"),
         ] {
-            run(
-                "generate an ed25519 key",
-                Command::new("ssh-keygen")
-                    .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
-                    .arg(keys.join(file)),
-            )?;
+            generate_key(&keys.join(file), comment)?;
         }
         self.host_public_key = read_trimmed(&keys.join("host_ed25519.pub"))?;
         self.client_public_key = read_trimmed(&keys.join("client_ed25519.pub"))?;
@@ -647,6 +642,31 @@ fn make_busybox_rootfs(root: &Path) -> Result<()> {
     fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777))
         .map_err(|e| setup_error("chmod /tmp", e))?;
     Ok(())
+}
+
+/// Makes an ed25519 key pair without passphrase at `path` (and `path.pub`) with OpenSSH's
+/// `ssh-keygen`, an independent tool.
+///
+/// # Errors
+/// When `ssh-keygen` is missing or fails.
+pub fn generate_key(path: &Path, comment: &str) -> Result<()> {
+    run(
+        "generate an ed25519 key",
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
+            .arg(path),
+    )
+    .map(drop)
+}
+
+/// [`generate_key`] as `dir/name` for tests and benchmarks: returns the private key's path.
+///
+/// # Panics
+/// When `ssh-keygen` fails (install openssh-client).
+pub fn keygen(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    generate_key(&path, name).unwrap_or_else(|e| panic!("{e}"));
+    path
 }
 
 fn run(step: &str, command: &mut Command) -> Result<Output> {

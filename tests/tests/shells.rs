@@ -175,13 +175,7 @@ fn image_shells_on_the_cluster_tier() {
         ],
     );
     let ns = cluster.create_namespace("shells").expect("namespace");
-    let key = work.path().join("node_key");
-    let status = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&key)
-        .status()
-        .expect("ssh-keygen");
-    assert!(status.success());
+    let key = walt_tests::sshnode::keygen(work.path(), "node_key");
     kubectl(
         &cluster,
         &[

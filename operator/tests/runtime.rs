@@ -173,15 +173,26 @@ impl Session {
         let master = fs::File::from(pty.master);
         let output = Arc::new(Mutex::new(Vec::new()));
         let reader = master.try_clone().unwrap();
+        let mut terminal = master.try_clone().unwrap();
         let sink = Arc::clone(&output);
         std::thread::spawn(move || {
             let mut reader = reader;
             let mut buffer = [0u8; 8192];
+            let mut answered = 0;
             while let Ok(n) = reader.read(&mut buffer) {
                 if n == 0 {
                     break;
                 }
-                sink.lock().unwrap().extend_from_slice(&buffer[..n]);
+                let mut output = sink.lock().unwrap();
+                output.extend_from_slice(&buffer[..n]);
+                // Answer cursor position queries (ESC [ 6 n, which busybox's line editor sends
+                // after each prompt) as a real terminal does: a shell left waiting for the answer
+                // can take the next typed line for it.
+                let asked = output.windows(4).filter(|w| w == b"\x1b[6n").count();
+                for _ in answered..asked {
+                    let _ = terminal.write_all(b"\x1b[1;1R");
+                }
+                answered = asked;
             }
         });
         Self {

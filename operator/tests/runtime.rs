@@ -137,6 +137,35 @@ fn add_busybox_init(dir: &Path) {
     .unwrap();
 }
 
+/// Whether a process named `name` runs among the descendants of `ancestor` (read from `/proc`).
+fn runs_below(ancestor: u32, name: &str) -> bool {
+    let parent_of = |pid: u32| -> Option<u32> {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // `pid (comm) state ppid …`: comm may hold spaces, so read after its closing parenthesis.
+        stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+    };
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|entry| {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            return false;
+        };
+        if !fs::read_to_string(entry.path().join("comm")).is_ok_and(|c| c.trim() == name) {
+            return false;
+        }
+        let mut current = pid;
+        for _ in 0..16 {
+            match parent_of(current) {
+                Some(parent) if parent == ancestor => return true,
+                Some(parent) if parent > 1 => current = parent,
+                _ => return false,
+            }
+        }
+        false
+    })
+}
+
 /// The caller's side of a PTY with the runtime on the other side.
 struct Session {
     master: fs::File,
@@ -392,9 +421,19 @@ fn basic_shell_amd64_namespaces_terminal_and_exit_status() {
         "50 120",
         "the shell's PTY follows the caller's size"
     );
-    // Ctrl-C reaches the shell's foreground job, not the runtime.
+    // Ctrl-C reaches the shell's foreground job, not the runtime. It becomes SIGINT only once the
+    // shell has run the line (its line editor turns ISIG off and reads Ctrl-C as a byte until then,
+    // on the inner PTY the runtime relays to): wait until `sleep` runs under the runtime.
     session.send("sleep 100");
-    std::thread::sleep(Duration::from_millis(300));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !runs_below(session.child.id(), "sleep") {
+        assert!(
+            Instant::now() < deadline,
+            "the shell never ran `sleep 100`:\n{}",
+            session.text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     session.master.write_all(b"\x03").unwrap();
     assert_eq!(session.run("echo still-here"), "still-here");
     session.send("exit 7");

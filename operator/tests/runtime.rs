@@ -451,6 +451,9 @@ fn basic_shell_amd64_namespaces_terminal_and_exit_status() {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+    if presses > 1 {
+        eprintln!("note: `sleep` stopped after {presses} Ctrl-C presses");
+    }
     assert_eq!(session.run("echo still-here"), "still-here");
     session.send("exit 7");
     let (code, result, text) = session.finish();

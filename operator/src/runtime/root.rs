@@ -652,9 +652,11 @@ fn collect_replies(sock: &OwnedFd) -> Result<Replies> {
     }
 }
 
+/// A clean signal state for the image's programs: nothing blocked, every action the default.
 fn unblock_signals() -> ChildResult<()> {
     sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
-        .map_err(|e| format!("reset the signal mask: {e}"))
+        .map_err(|e| format!("reset the signal mask: {e}"))?;
+    sys::default_signal_actions().map_err(|e| format!("reset the signal actions: {e}"))
 }
 
 /// Builds the root and returns the console PTY (master, slave) of PID 1 when

@@ -81,6 +81,20 @@ pub(crate) fn exit_child(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
+/// Puts every signal back to its default action in a process about to run the image's programs: an
+/// ignored signal survives `execve`, so a runtime started with SIGINT ignored (a background job of a
+/// script, `nohup`) would otherwise hand its shell a Ctrl-C that kills nothing.
+pub(crate) fn default_signal_actions() -> nix::Result<()> {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    for signal in Signal::iterator().filter(|s| !matches!(s, Signal::SIGKILL | Signal::SIGSTOP)) {
+        // SAFETY: installing SIG_DFL runs no code of ours in a signal context; the previous action
+        // is dropped, not called.
+        unsafe { sigaction(signal, &default) }?;
+    }
+    Ok(())
+}
+
 /// Makes `tty` the controlling terminal of the calling session leader.
 pub(crate) fn set_controlling_terminal(tty: BorrowedFd<'_>) -> nix::Result<()> {
     // SAFETY: TIOCSCTTY takes an integer argument (0: do not steal the

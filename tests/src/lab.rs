@@ -873,9 +873,11 @@ pub fn up(options: &UpOptions) -> Result<(), Error> {
         eprintln!("lab: {line}");
     }
     wait_node_ready(&kube, "vnode1", Duration::from_mins(3));
+    let bin = install_client_tools(&kube.kubectl)?;
     println!(
-        "\nwalt lab is up ({:.0} s). Try:\n\
+        "\nwalt lab is up ({:.0} s). Try (kubectl and kubectl-walt are in {bin}):\n\
          \x20 export KUBECONFIG={kubeconfig}\n\
+         \x20 export PATH={bin}:$PATH\n\
          \x20 kubectl get walt -n {LAB_NAMESPACE}\n\
          \x20 kubectl walt -n {LAB_NAMESPACE} image shell demo-arm64      # an arm64 shell, emulated\n\
          \x20 kubectl walt -n {LAB_NAMESPACE} node shell vnode1\n\
@@ -883,8 +885,35 @@ pub fn up(options: &UpOptions) -> Result<(), Error> {
          Remove it all: cargo xtask lab down",
         started.elapsed().as_secs_f64(),
         kubeconfig = kube.kubeconfig.display(),
+        bin = bin.display(),
     );
     Ok(())
+}
+
+/// Builds `kubectl-walt` and links it and the lab's kubectl into one directory (in the walt cache) that the
+/// printed `export PATH=…` line puts first, so `kubectl walt …` works in the user's shell as printed.
+fn install_client_tools(kubectl: &Path) -> Result<PathBuf, Error> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("lab: building kubectl-walt (cargo build -p kubectl-walt)");
+    run(Command::new(cargo).current_dir(deploy::repo_root()).args([
+        "build",
+        "--quiet",
+        "-p",
+        "kubectl-walt",
+    ]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| deploy::repo_root().join("target"), PathBuf::from);
+    let plugin = target.join("debug").join("kubectl-walt");
+    let bin = cache_dir().join("bin");
+    std::fs::create_dir_all(&bin).map_err(|e| Error::Step(format!("creating {}: {e}", bin.display())))?;
+    for (name, to) in [("kubectl", kubectl), ("kubectl-walt", plugin.as_path())] {
+        let link = bin.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(to, &link)
+            .map_err(|e| Error::Step(format!("linking {} to {}: {e}", link.display(), to.display())))?;
+    }
+    Ok(bin)
 }
 
 fn wait_node_ready(kube: &Kube, node: &str, timeout: Duration) {

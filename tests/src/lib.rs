@@ -24,6 +24,7 @@ pub mod process;
 pub mod deploy;
 pub mod image_build;
 pub mod lab;
+pub mod machine;
 pub mod operator;
 pub mod pty;
 pub mod registry;

@@ -69,6 +69,17 @@ pub enum LabAction {
 }
 
 impl Task {
+    /// Whether the task builds, starts or tests something, so the machine's dependencies must be there first.
+    pub fn needs_machine(&self) -> bool {
+        matches!(
+            self,
+            Task::Image { .. }
+                | Task::Lab {
+                    action: LabAction::Up(_)
+                }
+        )
+    }
+
     /// Runs the task.
     pub fn run(self) -> Result<(), String> {
         match self {

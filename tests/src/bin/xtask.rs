@@ -73,6 +73,19 @@ fn cluster_dir() -> PathBuf {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Every task that builds images, starts a cluster or runs tests first makes sure the machine is set up.
+    let needs_machine = match &cli.task {
+        Task::Test { .. }
+        | Task::Cluster {
+            action: ClusterAction::Up { .. },
+        } => true,
+        Task::Ship(task) => task.needs_machine(),
+        _ => false,
+    };
+    if needs_machine && let Err(message) = walt_tests::machine::ensure() {
+        eprintln!("cargo xtask: {message}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.task {
         Task::Test { cargo_test_args } => test(&cargo_test_args),
         Task::Cluster { action } => match action {

@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::SecretReference;
 
+/// An image shell is refused on an image with this many layers or more (WalT's limit: squash first).
+pub const MAX_SHELL_LAYERS: u32 = 128;
+
 /// The desired state of an Image: where it comes from and where the lab keeps it.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(

@@ -11,6 +11,7 @@ pub mod image;
 pub mod image_name;
 pub mod node;
 pub mod node_save;
+pub mod request;
 pub mod schema;
 pub mod shell_session;
 
@@ -25,6 +26,7 @@ pub use node::{Architecture, BootMode, Node, NodeOverlay, NodePhase, NodeSpec, N
 pub use node_save::{
     Compression, NodeSave, NodeSavePhase, NodeSaveResult, NodeSaveSpec, NodeSaveStatus, Progress,
 };
+pub use request::RequestAnnotation;
 pub use shell_session::{
     Gateway, ShellMode, ShellResult, ShellSession, ShellSessionPhase, ShellSessionSpec, ShellSessionStatus,
 };

@@ -10,19 +10,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::{ImageDigestRef, SecretReference};
 
-/// Annotation a user (`kubectl walt node reboot`) sets on a Node to ask for a reboot; its value
-/// (when it was asked, RFC 3339) changes with each request.
-pub const REBOOT_REQUESTED_ANNOTATION: &str = "walt.dev/reboot-requested-at";
-/// Annotation the operator sets to the [`REBOOT_REQUESTED_ANNOTATION`] value it has handled, so each
-/// request reboots the node once; until both match, the reboot is still to come.
-pub const REBOOT_HANDLED_ANNOTATION: &str = "walt.dev/reboot-handled-at";
+/// Annotation a user (`kubectl walt node reboot`) sets on a Node to ask for a reboot (see [`crate::request::REBOOT`]).
+pub const REBOOT_REQUESTED_ANNOTATION: &str = crate::request::REBOOT.requested;
+/// Annotation the operator sets to the reboot request it has handled (see [`crate::request::REBOOT`]).
+pub const REBOOT_HANDLED_ANNOTATION: &str = crate::request::REBOOT.handled;
 
 /// Whether a reboot was asked for and the operator has not handled it yet.
 pub fn reboot_pending(node: &Node) -> bool {
-    let annotations = node.metadata.annotations.as_ref();
-    let value = |key: &str| annotations.and_then(|a| a.get(key));
-    value(REBOOT_REQUESTED_ANNOTATION)
-        .is_some_and(|requested| value(REBOOT_HANDLED_ANNOTATION) != Some(requested))
+    crate::request::REBOOT.pending(&node.metadata).is_some()
 }
 
 /// The SSH port of a node when none is given.

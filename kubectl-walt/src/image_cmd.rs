@@ -2,7 +2,6 @@
 
 use std::time::Instant;
 
-use kube::ResourceExt as _;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use walt_crds::{Image, ImageName, ImageSpec, Platform, SecretReference};
 
@@ -408,16 +407,8 @@ pub async fn rename(ctx: &Ctx, image: &str, new: &str) -> Result<()> {
     Ok(())
 }
 
-/// Whether an image has too many layers for a shell.
-pub const MAX_SHELL_LAYERS: u32 = 128;
-
-/// Annotation that asks the operator to squash an image (its value: when, RFC 3339).
-pub const SQUASH_ANNOTATION: &str = "walt.dev/squash-requested-at";
 /// How long `image squash` waits for the operator (a big image takes minutes; a stopped operator, forever).
 const SQUASH_WAIT_LIMIT: std::time::Duration = std::time::Duration::from_mins(30);
-
-/// Annotation the operator sets to the request it handled.
-pub const SQUASH_HANDLED_ANNOTATION: &str = "walt.dev/squash-handled-at";
 
 /// Asks before rewriting an image that nodes boot (they reboot on it); `--yes` skips the question, and
 /// without a terminal to ask on, the answer is no. Returns the nodes that boot it.
@@ -448,7 +439,7 @@ pub async fn confirm_overwrite(
     )))
 }
 
-/// `image squash IMAGE`: asks the operator (annotation [`SQUASH_ANNOTATION`]) to rewrite the image as one
+/// `image squash IMAGE`: asks the operator (annotation [`walt_crds::request::SQUASH`]) to rewrite the image as one
 /// layer under the same name, waits until it has, and prints what it did.
 pub async fn squash(ctx: &Ctx, image: &str, yes: bool) -> Result<()> {
     let name = image_name(image)?;
@@ -460,7 +451,7 @@ pub async fn squash(ctx: &Ctx, image: &str, yes: bool) -> Result<()> {
     }
     confirm_overwrite(ctx, &name, yes, "not squashed").await?;
     let requested = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    let patch = serde_json::json!({"metadata": {"annotations": {SQUASH_ANNOTATION: requested}}});
+    let patch = walt_crds::request::SQUASH.request_patch(&requested);
     ctx.images()
         .patch(
             &name.object_name(),
@@ -484,7 +475,7 @@ pub async fn squash(ctx: &Ctx, image: &str, yes: bool) -> Result<()> {
     let mut line = LiveLine::stderr();
     let handled = loop {
         let object = ctx.get_image(&name.object_name(), &name.to_string()).await?;
-        if object.annotations().get(SQUASH_HANDLED_ANNOTATION) == Some(&requested) {
+        if walt_crds::request::SQUASH.is_handled(&object.metadata, &requested) {
             break object;
         }
         if start.elapsed() > SQUASH_WAIT_LIMIT {

@@ -11,11 +11,11 @@ use crate::cluster::Ctx;
 use crate::dialogue::{Decision, NameFacts, exit_dialogue};
 use crate::error::{Error, Op, Result};
 use crate::format::{bytes, short_digest};
-use crate::image_cmd::MAX_SHELL_LAYERS;
 use crate::resolve::{image_name, list_nodes, nodes_booting};
 use crate::session::{self, Created};
 use crate::terminal::{RawMode, StdinPump};
 use crate::watch::interruptible;
+use walt_crds::image::MAX_SHELL_LAYERS;
 
 /// `image shell IMAGE`
 pub async fn run(ctx: &Ctx, image: &str, mode: ShellModeArg) -> Result<i32> {

@@ -89,7 +89,7 @@ pub async fn reboot(ctx: &Ctx, set: &str) -> Result<()> {
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     for node in &nodes {
         let name = name_of(node);
-        let patch = serde_json::json!({"metadata": {"annotations": {walt_crds::node::REBOOT_REQUESTED_ANNOTATION: now}}});
+        let patch = walt_crds::request::REBOOT.request_patch(&now);
         ctx.nodes()
             .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await

@@ -9,10 +9,10 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use super::config::{Config, LogFormat};
-use super::context::Context;
 use super::http::{Health, serve};
 use super::leader::{LeaderElector, LeaseTiming};
 use super::metrics::Metrics;
+use super::shared::context::Context;
 
 pub use super::config::Args;
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 
-use super::error::{Error, Result};
+use super::shared::error::{Error, Result};
 
 /// Where shell pods keep their content-addressed layer cache.
 #[derive(Clone, Debug, PartialEq, Eq)]

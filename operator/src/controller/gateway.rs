@@ -33,18 +33,10 @@ use tokio_util::sync::CancellationToken;
 use walt_crds::{Node, ShellSession, ShellSessionPhase};
 
 use super::config::Config;
-use super::node::vnode_object_name;
+use super::shared::node_access::{host_key_policy, node_target, vnode_pod};
+use super::shared::session::{ACTIVITY_ANNOTATION, ACTIVITY_PUBLISH_INTERVAL, session_duration};
+use crate::ssh::Transport;
 use crate::ssh::gateway::{Authorization, Authorizations, Gateway, GatewayConfig};
-use crate::ssh::{HostKeyPolicy, NodeTarget, Transport};
-
-/// Annotation of a ShellSession: when bytes last went through its gateway
-/// connections (RFC 3339), written by the replica that serves them.
-pub const ACTIVITY_ANNOTATION: &str = "walt.dev/last-activity";
-/// How often a session's activity is written at most.
-pub const ACTIVITY_PUBLISH_INTERVAL: Duration = Duration::from_secs(15);
-
-/// SSH port of virtual node pods.
-pub const VNODE_SSH_PORT: u16 = 22;
 
 /// The key of a session in the gateway's authorization set: `namespace/name`.
 pub fn session_key(session: &ShellSession) -> String {
@@ -67,59 +59,9 @@ pub fn admits(session: &ShellSession) -> bool {
             .is_some_and(|status| status.phase == ShellSessionPhase::Running)
 }
 
-/// Where the gateway reaches a node (pure): a physical node at
-/// `spec.address:spec.sshPort`; a virtual node at its pod's IP, port 22
-/// (pod IPs work in every cluster, with or without DNS and kube-proxy).
-pub fn node_target(node: &Node, vnode_pod: Option<&Pod>) -> Result<NodeTarget, String> {
-    let name = node.name_any();
-    if node.spec.virtual_node.is_some() {
-        let ip = vnode_pod
-            .and_then(|pod| pod.status.as_ref())
-            .and_then(|status| status.pod_ip.clone())
-            .ok_or_else(|| format!("virtual node {name} has no running pod with an IP yet"))?;
-        return Ok(NodeTarget {
-            user: "root".into(),
-            host: ip,
-            port: VNODE_SSH_PORT,
-        });
-    }
-    let host = node
-        .spec
-        .address
-        .clone()
-        .ok_or_else(|| format!("Node {name} has neither spec.address nor spec.virtual"))?;
-    let port = u16::try_from(node.spec.ssh_port).map_err(|_| {
-        format!(
-            "spec.sshPort {} of Node {name} is not a TCP port",
-            node.spec.ssh_port
-        )
-    })?;
-    Ok(NodeTarget {
-        user: "root".into(),
-        host,
-        port,
-    })
-}
-
-/// How the gateway checks a node's host key (pure): pinned by the spec, else
-/// the one the operator recorded, else trust on first use.
-pub fn host_key_policy(node: &Node) -> Result<HostKeyPolicy, String> {
-    let pinned = node
-        .spec
-        .host_key
-        .as_deref()
-        .or_else(|| node.status.as_ref().and_then(|status| status.host_key.as_deref()));
-    match pinned {
-        Some(line) => crate::ssh::client::parse_public_key(line)
-            .map(HostKeyPolicy::Pinned)
-            .map_err(|error| format!("host key of Node {}: {error}", node.name_any())),
-        None => Ok(HostKeyPolicy::TrustOnFirstUse),
-    }
-}
-
 /// When a session's authorization ends (pure): its creation time plus its ttl.
 pub fn expiry(session: &ShellSession) -> Result<SystemTime, String> {
-    let ttl = super::shell::session_duration(&session.spec.ttl)
+    let ttl = session_duration(&session.spec.ttl)
         .map_err(|error| format!("spec.ttl of ShellSession {}: {error}", session.name_any()))?;
     let created = session
         .creation_timestamp()
@@ -143,7 +85,7 @@ pub fn authorization_of(
         .map_err(|error| format!("spec.publicKey of ShellSession {}: {error}", session.name_any()))?;
     Ok(Authorization {
         session_id: session_key(session),
-        node: node_target(node, vnode_pod)?,
+        node: node_target(node, vnode_pod).map_err(|no_route| no_route.to_string())?,
         node_host_key: host_key_policy(node)?,
         public_key,
         expires_at: expiry(session)?,
@@ -161,14 +103,9 @@ pub async fn resolve_authorization(client: &Client, session: &ShellSession) -> R
         .await
         .map_err(|error| format!("reading Node {namespace}/{node_name}: {error}"))?
         .ok_or_else(|| format!("Node {namespace}/{node_name} not found"))?;
-    let pod = if node.spec.virtual_node.is_some() {
-        let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-        pods.get_opt(&vnode_object_name(&node_name))
-            .await
-            .map_err(|error| format!("reading the pod of virtual node {namespace}/{node_name}: {error}"))?
-    } else {
-        None
-    };
+    let pod = vnode_pod(client, &node)
+        .await
+        .map_err(|error| error.to_string())?;
     authorization_of(session, &node, pod.as_ref())
 }
 
@@ -356,6 +293,7 @@ fn revoke(authorizations: &Authorizations, id: &str, why: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ssh::HostKeyPolicy;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use k8s_openapi::jiff::Timestamp;
     use walt_crds::{NodeSpec, ShellSessionSpec, ShellSessionStatus, VirtualNode};
@@ -429,7 +367,7 @@ mod tests {
         virtual_node.spec.address = None;
         virtual_node.spec.virtual_node = Some(VirtualNode::default());
         let error = node_target(&virtual_node, None).unwrap_err();
-        assert!(error.contains("no running pod"), "{error}");
+        assert!(error.to_string().contains("no running pod"), "{error}");
         let pod = Pod {
             status: Some(k8s_openapi::api::core::v1::PodStatus {
                 pod_ip: Some("10.88.0.7".into()),

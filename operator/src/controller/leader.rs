@@ -18,7 +18,7 @@ use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
 
-use super::error::{Error, Result};
+use super::shared::error::{Error, Result};
 
 /// Timing of the election.
 #[derive(Clone, Debug)]

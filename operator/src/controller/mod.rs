@@ -5,8 +5,16 @@
 //! update status**: `build` functions are pure (no API calls) and unit-tested;
 //! apply is server-side apply with the field manager [`context::FIELD_MANAGER`];
 //! failures are retried with per-object backoff and counted in metrics by
-//! [`error::Error::metric_label`]; an object that cannot even be decoded is
-//! logged and skipped, it never stops a watch.
+//! [`shared::error::Error::metric_label`]; an object that cannot even be decoded
+//! is watched through [`DeserializeGuard`], gets a Warning Event saying why and
+//! is skipped: it never stops the watch of the others.
+//!
+//! Layout: one folder per kind ([`node`], [`image`], [`node_save`],
+//! [`shell_session`]), each with the same shape: `mod.rs` holds the thin
+//! `reconcile` (dereference → decide → apply → one status write), a pure
+//! `decide` (or `build`'s pure status/object builders) with unit tests, and
+//! the I/O helpers beside it. What kinds share lives in [`shared`]; kind
+//! folders import `shared`, never each other.
 //!
 //! Operations: [`config`] (flags/env and the Secrets they name), [`leader`]
 //! (Lease-based election), [`http`] (`/metrics`, `/healthz`, `/readyz`),
@@ -14,23 +22,15 @@
 
 pub mod cli;
 pub mod config;
-pub mod context;
-pub mod error;
 pub mod gateway;
 pub mod http;
 pub mod image;
-pub mod image_reconcile;
 pub mod leader;
-pub mod lock;
-pub mod lookup;
 pub mod metrics;
 pub mod node;
-pub mod node_probe;
-pub mod node_reconcile;
-pub mod nodesave;
-pub mod nodesave_reconcile;
-pub mod shell;
-pub mod shell_reconcile;
+pub mod node_save;
+pub mod shared;
+pub mod shell_session;
 
 use std::fmt::Debug;
 use std::future::Future;
@@ -38,6 +38,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
+use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -46,22 +47,29 @@ use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 use walt_crds::{Image, Node, NodeSave, ShellSession};
 
-use self::context::{Context, MANAGED_BY, MANAGED_BY_LABEL, key_of};
-use self::error::{Error, Result};
+use self::shared::context::{Context, MANAGED_BY, MANAGED_BY_LABEL, key_of};
+use self::shared::error::{Error, Result};
 
 /// Wraps a reconcile with metrics, structured logs (kind, namespace, name)
 /// and per-object backoff.
 async fn instrumented<K, F, Fut>(
     kind: &'static str,
-    object: Arc<K>,
+    guarded: Arc<DeserializeGuard<K>>,
     context: Arc<Context>,
     reconcile: F,
 ) -> Result<Action>
 where
-    K: Resource<DynamicType = ()>,
+    K: Resource<DynamicType = ()> + Clone,
     F: FnOnce(Arc<K>, Arc<Context>) -> Fut,
     Fut: Future<Output = Result<Action>>,
 {
+    let object = match &guarded.0 {
+        Ok(object) => Arc::new(object.clone()),
+        Err(invalid) => {
+            skip_invalid(kind, &*guarded, &invalid.error, &context).await;
+            return Ok(Action::await_change());
+        }
+    };
     let key = key_of(&*object);
     let span = tracing::info_span!("reconcile", kind, namespace = %object.namespace().unwrap_or_default(), name = %object.name_any());
     let _timer = context.metrics.reconcile_started(kind);
@@ -76,10 +84,31 @@ where
     outcome
 }
 
+/// An object that does not decode (written before a CRD change, or by hand past the schema): said
+/// once in a Warning Event on it and in the log, then left alone until it changes.
+async fn skip_invalid<K: Resource<DynamicType = ()>>(
+    kind: &'static str,
+    object: &DeserializeGuard<K>,
+    error: &str,
+    context: &Context,
+) {
+    let (namespace, name) = (object.namespace().unwrap_or_default(), object.name_any());
+    tracing::warn!(kind, %namespace, %name, %error, "skipping an object that cannot be decoded");
+    context
+        .event(
+            object,
+            kube::runtime::events::EventType::Warning,
+            "InvalidObject",
+            "Decode",
+            format!("the operator cannot read this {kind}: {error}; fix or recreate it"),
+        )
+        .await;
+}
+
 /// The error policy shared by every controller: count, log, back off.
 fn error_policy<K: Resource<DynamicType = ()>>(
     kind: &'static str,
-) -> impl Fn(Arc<K>, &Error, Arc<Context>) -> Action {
+) -> impl Fn(Arc<DeserializeGuard<K>>, &Error, Arc<Context>) -> Action {
     move |object, error, context| context.failed(kind, &key_of(&*object), error)
 }
 
@@ -133,21 +162,25 @@ fn controller_config(context: &Context) -> kube::runtime::controller::Config {
 /// Runs every controller until `shutdown` is cancelled, then lets running
 /// reconciles finish.
 pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken) {
-    let nodes = Controller::new(all::<Node>(&context), watcher::Config::default())
-        .owns(all::<Pod>(&context), owned_objects());
+    let nodes = Controller::new(
+        all::<DeserializeGuard<Node>>(&context),
+        watcher::Config::default(),
+    )
+    .owns(all::<Pod>(&context), owned_objects());
     let node_store = nodes.store();
     let nodes = nodes
         // An Image moved: wake the Nodes that boot it (any namespace: the catalog is shared).
         .watches(
-            all::<Image>(&context),
+            all::<DeserializeGuard<Image>>(&context),
             watcher::Config::default(),
-            move |image: Image| {
+            move |image: DeserializeGuard<Image>| {
                 let image_name = walt_crds::ImageName::from_object_name(&image.name_any()).ok();
                 let namespace = image.namespace();
                 node_store
                     .state()
                     .into_iter()
                     .filter(move |node| {
+                        let Ok(node) = &node.0 else { return false };
                         let boots = node
                             .spec
                             .image
@@ -164,35 +197,44 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
         .with_config(controller_config(&context))
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(
-            |node, context| instrumented("Node", node, context, node_reconcile::reconcile),
+            |node, context| instrumented("Node", node, context, node::reconcile),
             error_policy::<Node>("Node"),
             context.clone(),
         );
-    let images = Controller::new(all::<Image>(&context), watcher::Config::default())
-        .with_config(controller_config(&context))
-        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
-        .run(
-            |image, context| instrumented("Image", image, context, image_reconcile::reconcile),
-            error_policy::<Image>("Image"),
-            context.clone(),
-        );
-    let saves = Controller::new(all::<NodeSave>(&context), watcher::Config::default())
-        .with_config(controller_config(&context))
-        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
-        .run(
-            |save, context| instrumented("NodeSave", save, context, nodesave_reconcile::reconcile),
-            error_policy::<NodeSave>("NodeSave"),
-            context.clone(),
-        );
-    let shells = Controller::new(all::<ShellSession>(&context), watcher::Config::default())
-        .owns(all::<Pod>(&context), owned_objects())
-        .with_config(controller_config(&context))
-        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
-        .run(
-            |session, context| instrumented("ShellSession", session, context, shell_reconcile::reconcile),
-            error_policy::<ShellSession>("ShellSession"),
-            context.clone(),
-        );
+    let images = Controller::new(
+        all::<DeserializeGuard<Image>>(&context),
+        watcher::Config::default(),
+    )
+    .with_config(controller_config(&context))
+    .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+    .run(
+        |image, context| instrumented("Image", image, context, image::reconcile),
+        error_policy::<Image>("Image"),
+        context.clone(),
+    );
+    let saves = Controller::new(
+        all::<DeserializeGuard<NodeSave>>(&context),
+        watcher::Config::default(),
+    )
+    .with_config(controller_config(&context))
+    .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+    .run(
+        |save, context| instrumented("NodeSave", save, context, node_save::reconcile),
+        error_policy::<NodeSave>("NodeSave"),
+        context.clone(),
+    );
+    let shells = Controller::new(
+        all::<DeserializeGuard<ShellSession>>(&context),
+        watcher::Config::default(),
+    )
+    .owns(all::<Pod>(&context), owned_objects())
+    .with_config(controller_config(&context))
+    .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+    .run(
+        |session, context| instrumented("ShellSession", session, context, shell_session::reconcile),
+        error_policy::<ShellSession>("ShellSession"),
+        context.clone(),
+    );
     futures::join!(
         drain("Node", nodes),
         drain("Image", images),

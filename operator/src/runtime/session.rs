@@ -16,8 +16,9 @@ use super::terminal;
 pub const START_SCRIPT: &str = "/bin/walt-image-shell-start";
 /// WalT's shutdown script: undoes the start script's tuning and halts init.
 pub const SHUTDOWN_SCRIPT: &str = "/bin/walt-image-shell-shutdown";
-/// The most layers an image may have to be opened (overlay's practical limit).
-pub const MAX_LAYERS: usize = 127;
+/// The most layers an image may have to be opened (overlay's practical limit; the API's
+/// [`walt_crds::image::MAX_SHELL_LAYERS`] is the first count refused).
+pub const MAX_LAYERS: usize = walt_crds::image::MAX_SHELL_LAYERS as usize - 1;
 /// What `container=` says to systemd and friends inside the shell.
 pub const CONTAINER_NAME: &str = "walt";
 

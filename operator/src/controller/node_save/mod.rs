@@ -1,6 +1,6 @@
 //! NodeSave reconcile: dereference (the Node, the image it booted, the
-//! target Image) → validate (pure, in [`super::nodesave`]) → wait for the
-//! image (see [`super::lock`]) and a save slot → run the save as a tracked
+//! target Image) → validate (pure, in [`build`]) → wait for the
+//! image (see [`crate::controller::shared::lock`]) and a save slot → run the save as a tracked
 //! task → tag, create or update the Image, count the nodes that reboot.
 //!
 //! The task lives in this process only. A NodeSave found `Running` or
@@ -9,32 +9,32 @@
 //! so an interrupted save never moved one, and pushing by digest is
 //! idempotent.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use walt_crds::{BootMode, Changes, Image, ImageName, Node, NodePhase, NodeSave, NodeSavePhase, Progress};
 
-use super::context::{Context, FIELD_MANAGER};
-use super::error::{Error, KubeResultExt, Result};
-use super::image::{RESOLVE_ANNOTATION, lab_reference};
-use super::lookup::find_image;
-use super::node::{pinned_reference, vnode_object_name};
-use super::node_reconcile::NO_REBOOT_ANNOTATION;
-use super::nodesave::{
+pub mod build;
+
+use self::build::{
     PROGRESS_INTERVAL, SaveOutcome, SaveTarget, failed_status, is_transient, milestone_crossed,
     nodes_booting, pending_status, pushing_status, running_status, same_wait, succeeded_status, validate,
 };
+use crate::controller::shared::context::{Context, FIELD_MANAGER};
+use crate::controller::shared::error::{Error, KubeResultExt, Result};
+use crate::controller::shared::lookup::find_image;
+use crate::controller::shared::node_access::{client_config, node_target, ssh_reason, vnode_pod};
+use crate::controller::shared::registry::{
+    NO_REBOOT_ANNOTATION, RESOLVE_ANNOTATION, lab_reference, pinned_reference, registry_client,
+};
 use crate::ssh::export::{self, ExportOptions};
 use crate::ssh::save::{SaveError, SaveOptions, SaveProgress, push_node_changes};
-use crate::ssh::{ClientConfig, HostKeyPolicy, NodeClient, NodeTarget, Transport};
+use crate::ssh::{ClientConfig, NodeClient, NodeTarget};
 
 /// Annotation on an Image: the uid of the NodeSave that wrote its current
 /// content. A save restarted after the operator died between updating the
@@ -43,69 +43,6 @@ pub const SAVED_BY_ANNOTATION: &str = "walt.dev/saved-by";
 
 /// How soon a save that waits (slot, image, node) looks again.
 const WAIT_RETRY: Duration = Duration::from_secs(5);
-
-/// The node saves running in this process: bounded by a semaphore
-/// (`--max-concurrent-saves`), tracked by NodeSave uid.
-#[derive(Debug)]
-pub struct SaveTasks {
-    slots: Arc<Semaphore>,
-    limit: usize,
-    running: Arc<Mutex<HashSet<String>>>,
-}
-
-/// A save slot: holds one permit and the uid's place in [`SaveTasks`];
-/// dropping it (the task ended, however) frees both.
-#[derive(Debug)]
-pub struct SaveSlot {
-    _permit: OwnedSemaphorePermit,
-    uid: String,
-    running: Arc<Mutex<HashSet<String>>>,
-}
-
-impl Drop for SaveSlot {
-    fn drop(&mut self) {
-        if let Ok(mut running) = self.running.lock() {
-            running.remove(&self.uid);
-        }
-    }
-}
-
-impl SaveTasks {
-    /// Room for `limit` saves at once (at least one).
-    pub fn new(limit: usize) -> Self {
-        let limit = limit.max(1);
-        Self {
-            slots: Arc::new(Semaphore::new(limit)),
-            limit,
-            running: Arc::new(Mutex::new(HashSet::new())),
-        }
-    }
-
-    /// Whether a save of NodeSave `uid` runs in this process.
-    pub fn is_running(&self, uid: &str) -> bool {
-        self.running.lock().is_ok_and(|running| running.contains(uid))
-    }
-
-    /// Takes a slot for `uid`, or `None` when all are busy (or it runs already).
-    pub fn try_start(&self, uid: &str) -> Option<SaveSlot> {
-        let mut running = self.running.lock().ok()?;
-        if running.contains(uid) {
-            return None;
-        }
-        let permit = self.slots.clone().try_acquire_owned().ok()?;
-        running.insert(uid.to_owned());
-        Some(SaveSlot {
-            _permit: permit,
-            uid: uid.to_owned(),
-            running: self.running.clone(),
-        })
-    }
-
-    /// The configured limit.
-    pub fn limit(&self) -> usize {
-        self.limit
-    }
-}
 
 /// Everything a save task needs, found by the reconcile.
 struct SaveJob {
@@ -217,10 +154,13 @@ pub async fn reconcile(save: Arc<NodeSave>, context: Arc<Context>) -> Result<Act
         );
         return wait(&context, &save, "NodeNotReady", &message).await;
     }
-    let claims = super::lock::claims_in(&context, &namespace).await?;
-    if let Some(holder) =
-        super::lock::holder_other_than(&claims, &target.image_object, "NodeSave", &save.name_any())
-    {
+    let claims = crate::controller::shared::lock::claims_in(&context, &namespace).await?;
+    if let Some(holder) = crate::controller::shared::lock::holder_other_than(
+        &claims,
+        &target.image_object,
+        "NodeSave",
+        &save.name_any(),
+    ) {
         let message = format!(
             "image {} is busy: {} holds it (one shell or save at a time per image); this save starts after it",
             save.spec.image,
@@ -321,49 +261,15 @@ async fn prepare(
             ),
         )
     })?;
-    let node_status = node.status.clone().unwrap_or_default();
-    let (ssh_target, ssh_config) = if node.spec.virtual_node.is_some() {
-        // The pod IP works in every cluster (no Service DNS, no kube-proxy needed).
-        let pods: Api<Pod> = Api::namespaced(context.client.clone(), &namespace);
-        let pod_name = vnode_object_name(&node.name_any());
-        let pod = pods
-            .get_opt(&pod_name)
-            .await
-            .context(|| format!("reading Pod {namespace}/{pod_name}"))?;
-        let Some(ip) = pod.and_then(|pod| pod.status).and_then(|status| status.pod_ip) else {
-            return Err(Prepared::Wait(
-                "NodeNotReady",
-                format!("virtual node pod {pod_name} has no IP yet"),
-            ));
-        };
-        let key = crate::ssh::client::decode_key(context.config.node_key.as_bytes())
-            .map_err(|error| Error::Config(error.to_string()))?;
-        let mut config = ClientConfig::new(key, HostKeyPolicy::TrustOnFirstUse);
-        config.connect_timeout = Duration::from_secs(10);
-        config.transport = Transport::Tcp;
-        (
-            NodeTarget {
-                user: "root".into(),
-                host: ip,
-                port: 22,
-            },
-            config,
-        )
-    } else {
-        let Some(ssh_target) = super::node_probe::target_of(node) else {
-            return Err(Prepared::Fail(
-                "NodeInvalid",
-                format!(
-                    "Node {} has neither spec.address nor spec.virtual",
-                    node.name_any()
-                ),
-            ));
-        };
-        (
-            ssh_target,
-            super::node_probe::client_config(context, node, &node_status)?,
-        )
-    };
+    let pod = vnode_pod(&context.client, node).await?;
+    let ssh_target = node_target(node, pod.as_ref()).map_err(|no_route| {
+        if no_route.is_transient() {
+            Prepared::Wait("NodeNotReady", no_route.to_string())
+        } else {
+            Prepared::Fail("NodeInvalid", no_route.to_string())
+        }
+    })?;
+    let ssh_config = client_config(context, node)?;
     let export = ExportOptions {
         upper_dir: node.spec.overlay.upper_dir.clone(),
         ready_marker: (node.spec.boot_mode == BootMode::Volatile)
@@ -391,7 +297,7 @@ async fn prepare(
 /// A short, actionable reason for a failed save.
 pub fn failure_reason(error: &SaveError) -> &'static str {
     match error {
-        SaveError::Node(error) => match super::node_probe::ssh_reason(error) {
+        SaveError::Node(error) => match ssh_reason(error) {
             "SshFailed" => "NodeFailed",
             other => other,
         },
@@ -504,7 +410,7 @@ async fn execute(
     let spec = save.spec.clone();
     let client = NodeClient::connect(&job.ssh_target, &job.ssh_config)
         .await
-        .map_err(|error| (super::node_probe::ssh_reason(&error), error.to_string()))?;
+        .map_err(|error| (ssh_reason(&error), error.to_string()))?;
     let plan = export::plan(&client, &job.export).await;
     let plan = match plan {
         Ok(plan) => plan,
@@ -513,8 +419,7 @@ async fn execute(
             return Err(("NodeNotSaveable", error.to_string()));
         }
     };
-    let registry = super::image_reconcile::registry_client(context)
-        .map_err(|error| ("RegistryUnavailable", error.to_string()))?;
+    let registry = registry_client(context).map_err(|error| ("RegistryUnavailable", error.to_string()))?;
     let base = match registry.resolve(&job.base_reference, None).await {
         Ok(base) => base,
         Err(error) => {
@@ -712,21 +617,6 @@ async fn update_image(context: &Context, save: &NodeSave, job: &SaveJob, digest:
 mod tests {
     use super::*;
     use crate::ssh::SshError;
-
-    #[test]
-    fn slots_are_bounded_and_freed() {
-        let tasks = SaveTasks::new(2);
-        let a = tasks.try_start("a").expect("slot a");
-        assert!(tasks.try_start("a").is_none(), "a runs already");
-        let b = tasks.try_start("b").expect("slot b");
-        assert!(tasks.try_start("c").is_none(), "only two at once");
-        assert!(tasks.is_running("a") && tasks.is_running("b"));
-        drop(a);
-        assert!(!tasks.is_running("a"));
-        let c = tasks.try_start("c").expect("a's slot is free again");
-        drop((b, c));
-        assert_eq!(SaveTasks::new(0).limit(), 1);
-    }
 
     #[test]
     fn failure_reasons() {

@@ -14,9 +14,9 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::config::Config;
 use super::error::{Error, Result};
-use super::metrics::Metrics;
+use crate::controller::config::Config;
+use crate::controller::metrics::Metrics;
 
 /// Field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "walt-operator";
@@ -34,7 +34,7 @@ pub struct Context {
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Node saves running in this process (bounded by `--max-concurrent-saves`).
-    pub saves: super::nodesave_reconcile::SaveTasks,
+    pub saves: super::save_tasks::SaveTasks,
     /// The one lab registry client (connection pool, TLS roots and tokens
     /// shared by every reconcile), made on first use.
     pub lab_registry: std::sync::OnceLock<crate::oci::RegistryClient>,
@@ -70,7 +70,7 @@ impl Context {
             },
         );
         Self {
-            saves: super::nodesave_reconcile::SaveTasks::new(config.args.max_concurrent_saves),
+            saves: super::save_tasks::SaveTasks::new(config.args.max_concurrent_saves),
             lab_registry: std::sync::OnceLock::new(),
             shell_modes: Mutex::new(HashMap::new()),
             client,
@@ -168,17 +168,46 @@ pub fn key_of<K: Resource<DynamicType = ()>>(object: &K) -> String {
     )
 }
 
+impl Context {
+    /// Records that `request`'s value `value` was handled on `object` (a merge patch of one
+    /// annotation: the user's own request annotation is left as it is).
+    pub async fn mark_handled<K>(
+        &self,
+        object: &K,
+        request: walt_crds::RequestAnnotation,
+        value: &str,
+    ) -> Result<()>
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + DeserializeOwned
+            + Debug,
+    {
+        let namespace = object.namespace().unwrap_or_default();
+        let name = object.name_any();
+        Api::<K>::namespaced(self.client.clone(), &namespace)
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(&request.handled_patch(value)),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|source| {
+                Error::kube(
+                    format!(
+                        "recording {} as handled on {} {namespace}/{name}",
+                        request.requested,
+                        K::kind(&())
+                    ),
+                    source,
+                )
+            })
+    }
+}
+
 /// Shared handle to the context.
 pub type Ctx = Arc<Context>;
-
-/// A request a user made through an annotation (`…-requested-at`, a new value each time) that the
-/// operator has not handled yet (its `…-handled-at` annotation holds another value), pure.
-pub fn pending_request<K: kube::ResourceExt>(object: &K, requested: &str, handled: &str) -> Option<String> {
-    let annotations = object.annotations();
-    let asked = annotations.get(requested)?.trim();
-    let done = annotations.get(handled).map(|value| value.trim());
-    (!asked.is_empty() && done != Some(asked)).then(|| asked.to_owned())
-}
 
 /// Sets one condition in `conditions`, stamped with `object`'s generation and now (the shared body of
 /// each controller's condition setter).

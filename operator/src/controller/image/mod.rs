@@ -1,7 +1,7 @@
 //! Image reconcile: dereference (the lab reference) → clone `spec.source`
 //! into it when the lab registry does not have it → resolve at the registry
 //! (and, once per digest, the image-shell mode) → status (pure, in
-//! [`super::image`]).
+//! [`build`]).
 //!
 //! The registry is asked again every `--resolve-interval` (tags move); a
 //! failure keeps the last known facts and says why in `Ready=False`.
@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
@@ -19,15 +18,15 @@ use walt_crds::{
     CloneProgress, Image, ImageShellMode, ImageStatus, Platform, condition_types, find_condition,
 };
 
-use super::config::secret_key;
-use super::context::Context;
-use super::error::{Error, Result};
-use super::image::{
-    ImageFacts, SQUASH_HANDLED_ANNOTATION, cloning_status, failed_status, lab_reference,
-    pending_squash_request, ready_status,
-};
-use super::lock::claims_in;
-use crate::oci::{ClientOptions, CommitOptions, CopyProgress, Credentials, RegistryClient, ResolvedImage};
+pub mod build;
+
+use self::build::{ImageFacts, cloning_status, failed_status, pending_squash_request, ready_status};
+use crate::controller::config::secret_key;
+use crate::controller::shared::context::Context;
+use crate::controller::shared::error::Result;
+use crate::controller::shared::lock::claims_in;
+use crate::controller::shared::registry::{lab_reference, registry_client, registry_client_with};
+use crate::oci::{CommitOptions, CopyProgress, Credentials, RegistryClient, ResolvedImage};
 use crate::runtime::changes::human_bytes;
 
 /// How soon an Image whose reference is invalid is looked at again (the
@@ -35,41 +34,6 @@ use crate::runtime::changes::human_bytes;
 const INVALID_RETRY: Duration = Duration::from_mins(10);
 /// How soon a failed clone is tried again (blobs already copied are not copied twice).
 const CLONE_RETRY: Duration = Duration::from_secs(30);
-
-/// The registry client for the lab registry: its credentials, plain HTTP
-/// when `--registry-plain-http`. One client for the whole process (a client
-/// per reconcile cost its own connection pool and TLS roots: hundreds of
-/// MiB with thousands of Images).
-pub(super) fn registry_client(context: &Context) -> Result<RegistryClient> {
-    if let Some(client) = context.lab_registry.get() {
-        return Ok(client.clone());
-    }
-    let client = registry_client_with(context, Credentials::default())?;
-    Ok(context.lab_registry.get_or_init(|| client).clone())
-}
-
-/// The registry client for the lab registry (its credentials, plain HTTP
-/// when `--registry-plain-http`) and for clone sources (`source_credentials`
-/// from the Image's pull secret, plain HTTP for `--plain-http-sources`).
-fn registry_client_with(context: &Context, source_credentials: Credentials) -> Result<RegistryClient> {
-    let host = &context.config.registry_host;
-    let credentials = match &context.config.registry_credentials {
-        Some(credentials) => {
-            Credentials::default().with_basic(host, &credentials.username, &credentials.password)
-        }
-        None => Credentials::default(),
-    }
-    .merged(source_credentials);
-    let mut insecure_registries = context.config.args.plain_http_sources.clone();
-    if context.config.args.registry_plain_http {
-        insecure_registries.push(host.clone());
-    }
-    RegistryClient::new(ClientOptions {
-        credentials,
-        insecure_registries,
-    })
-    .map_err(|error| Error::Registry(format!("creating the client of the lab registry {host}: {error}")))
-}
 
 /// The facts the status needs, from what the registry answered (pure).
 pub fn facts_of(resolved: ResolvedImage) -> ImageFacts {
@@ -324,19 +288,6 @@ async fn shell_mode(
 /// How soon a squash waiting for a shell or save on the image looks again.
 const SQUASH_WAIT: Duration = Duration::from_secs(10);
 
-/// Records that the squash request `value` was handled (a merge patch of one annotation).
-async fn mark_squash_handled(context: &Context, image: &Image, value: &str) -> Result<()> {
-    let patch = serde_json::json!({"metadata": {"annotations": {SQUASH_HANDLED_ANNOTATION: value}}});
-    Api::<Image>::namespaced(context.client.clone(), &image.namespace().unwrap_or_default())
-        .patch(&image.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map(|_| ())
-        .map_err(|source| Error::Kube {
-            action: format!("recording the squash request of Image {}", image.name_any()),
-            source,
-        })
-}
-
 /// Squashes `resolved` into one layer and moves the tag of `reference` to it; the message says what
 /// happened (Ok) or what went wrong and that the tag did not move (Err).
 async fn squash_and_tag(
@@ -410,7 +361,9 @@ async fn squash(
         Err(message) => (EventType::Warning, "SquashFailed", message),
     };
     context.event(image, event_type, reason, "Squash", message).await;
-    mark_squash_handled(context, image, request).await?;
+    context
+        .mark_handled(image, walt_crds::request::SQUASH, request)
+        .await?;
     Ok(None)
 }
 

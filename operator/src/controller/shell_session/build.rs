@@ -31,9 +31,10 @@ use kube::{Resource, ResourceExt};
 use serde::Deserialize;
 use walt_crds::{Changes, ImageShellMode, ShellMode, ShellSession, ShellSessionPhase};
 
-use super::config::LayerCache;
-use super::context::{MANAGED_BY, MANAGED_BY_LABEL};
-use super::node::{binfmt_mount, binfmt_volume, registry_credentials_mount, registry_credentials_volume};
+use crate::controller::config::LayerCache;
+use crate::controller::shared::context::{MANAGED_BY, MANAGED_BY_LABEL};
+use crate::controller::shared::pods::{binfmt_mount, binfmt_volume};
+use crate::controller::shared::registry::{registry_credentials_mount, registry_credentials_volume};
 
 /// Label naming the ShellSession a pod belongs to.
 pub const SESSION_LABEL: &str = "walt.dev/shell-session";
@@ -51,42 +52,6 @@ pub fn scratch_tag(session: &ShellSession) -> String {
     let uid = session.uid().unwrap_or_default();
     let short: String = uid.chars().filter(char::is_ascii_alphanumeric).take(12).collect();
     format!("shell-{short}")
-}
-
-/// Parses a session duration as Go writes it (`90s`, `30m`, `1h30m`, `1.5h`,
-/// `500ms`), the form the API accepts for `ttl` and `idleTimeout` (pure).
-pub fn session_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    if text == "0" {
-        return Ok(Duration::ZERO);
-    }
-    let invalid = || format!("`{text}` is not a duration: write e.g. 90s, 30m, 8h or 1h30m");
-    let mut rest = text;
-    let mut total = 0.0_f64;
-    if rest.is_empty() {
-        return Err(invalid());
-    }
-    while !rest.is_empty() {
-        let number_end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(invalid)?;
-        let (number, after) = rest.split_at(number_end);
-        let value: f64 = number.parse().map_err(|_| invalid())?;
-        let unit_end = after.find(|c: char| c.is_ascii_digit()).unwrap_or(after.len());
-        let (unit, next) = after.split_at(unit_end);
-        let seconds = match unit {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return Err(invalid()),
-        };
-        total += value * seconds;
-        rest = next;
-    }
-    Duration::try_from_secs_f64(total).map_err(|_| invalid())
 }
 
 /// What a shell pod needs beyond the session.
@@ -369,7 +334,7 @@ pub enum Step {
 /// Decides the next step of an image shell (pure).
 ///
 /// `pod` is the session's pod if it exists, `holder` the other object that
-/// holds the image right now (see [`super::lock`]), `now` the current time.
+/// holds the image right now (see [`crate::controller::shared::lock`]), `now` the current time.
 pub fn next_step(
     session: &ShellSession,
     pod: Option<&Pod>,
@@ -653,18 +618,6 @@ mod tests {
             Some(true)
         );
         assert!(spec.volumes.expect("volumes")[0].empty_dir.is_some());
-    }
-
-    #[test]
-    fn go_durations() {
-        assert_eq!(session_duration("90s"), Ok(Duration::from_secs(90)));
-        assert_eq!(session_duration("1h30m"), Ok(Duration::from_mins(90)));
-        assert_eq!(session_duration("1.5h"), Ok(Duration::from_mins(90)));
-        assert_eq!(session_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(session_duration("0"), Ok(Duration::ZERO));
-        assert!(session_duration("").is_err());
-        assert!(session_duration("10").is_err());
-        assert!(session_duration("5y").unwrap_err().contains("not a duration"));
     }
 
     #[test]

@@ -1,61 +1,44 @@
 //! Node reconcile: dereference (the Image it boots) → validate → build
-//! (pure, in [`super::node`]) → apply → status.
+//! (pure, in [`build`]) → apply → status.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ObjectMeta};
+use kube::api::DeleteParams;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use walt_crds::{ConditionStatus, Image, ImageDigestRef, Node, NodePhase, NodeStatus, condition_types};
 
-use super::context::Context;
-use super::error::KubeResultExt;
-use super::error::{Error, Result};
-use super::image::pinned_reference_of;
-use super::lookup::find_image;
-use super::node::{
-    REGISTRY_SECRET, VnodeInputs, build_persist_claim, build_vnode_pod, build_vnode_service,
-    pod_needs_recreate, vnode_object_name, vnode_phase,
+pub mod build;
+pub mod decide;
+pub mod probe;
+pub mod reasons;
+
+use self::build::{
+    VnodeInputs, build_persist_claim, build_vnode_pod, build_vnode_service, pod_needs_recreate, vnode_phase,
+};
+use crate::controller::shared::context::Context;
+use crate::controller::shared::error::KubeResultExt;
+use crate::controller::shared::error::{Error, Result};
+use crate::controller::shared::lookup::find_image;
+use crate::controller::shared::pods::vnode_object_name;
+use crate::controller::shared::registry::{
+    NO_REBOOT_ANNOTATION, ensure_registry_secret, pinned_reference_of,
 };
 
-/// Annotation an operator puts on an Image when its new digest must not
-/// reboot the nodes that boot it (a NodeSave with `rebootNodes: false`).
-pub const NO_REBOOT_ANNOTATION: &str = "walt.dev/no-reboot-digest";
-
-pub use walt_crds::node::{REBOOT_HANDLED_ANNOTATION, REBOOT_REQUESTED_ANNOTATION};
-
-/// The reboot request not handled yet, if any (pure): a new value of
-/// [`REBOOT_REQUESTED_ANNOTATION`] that [`REBOOT_HANDLED_ANNOTATION`] does not hold.
+/// The reboot request not handled yet, if any (pure).
 pub fn pending_reboot_request(node: &Node) -> Option<String> {
-    super::context::pending_request(node, REBOOT_REQUESTED_ANNOTATION, REBOOT_HANDLED_ANNOTATION)
-}
-
-/// Records that the reboot request `value` was handled (a merge patch of one
-/// annotation: the user's own annotation is left as it is).
-pub async fn mark_reboot_handled(context: &Context, node: &Node, value: &str) -> Result<()> {
-    let namespace = node.namespace().unwrap_or_default();
-    let name = node.name_any();
-    let patch = serde_json::json!({"metadata": {"annotations": {REBOOT_HANDLED_ANNOTATION: value}}});
-    Api::<Node>::namespaced(context.client.clone(), &namespace)
-        .patch(
-            &name,
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(&patch),
-        )
-        .await
-        .context(|| format!("recording the handled reboot request of Node {namespace}/{name}"))?;
-    Ok(())
+    walt_crds::request::REBOOT.pending(&node.metadata)
 }
 
 /// Publishes the `Rebooting` Event of a node.
 pub async fn rebooting_event(context: &Context, node: &Node, note: String) {
     context
-        .event(node, EventType::Normal, "Rebooting", "Reboot", note)
+        .event(node, EventType::Normal, reasons::REBOOTING, "Reboot", note)
         .await;
 }
 
@@ -114,44 +97,6 @@ pub fn target_of(name: &str, image: &Image) -> Option<BootTarget> {
     })
 }
 
-/// Copies the lab registry credentials into `namespace` as
-/// [`REGISTRY_SECRET`], for the pods there that pull from the lab registry.
-/// Returns whether the namespace has credentials to mount.
-pub async fn ensure_registry_secret(context: &Context, namespace: &str) -> Result<bool> {
-    let Some(credentials) = &context.config.registry_credentials else {
-        return Ok(false);
-    };
-    let auth = base64::Engine::encode(
-        &base64::engine::general_purpose::STANDARD,
-        format!("{}:{}", credentials.username, credentials.password),
-    );
-    let document = serde_json::json!({"auths": {context.config.registry_host.clone(): {"auth": auth}}});
-    let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some(REGISTRY_SECRET.into()),
-            namespace: Some(namespace.into()),
-            labels: Some(
-                [(
-                    super::context::MANAGED_BY_LABEL.to_owned(),
-                    super::context::MANAGED_BY.to_owned(),
-                )]
-                .into(),
-            ),
-            ..ObjectMeta::default()
-        },
-        type_: Some("kubernetes.io/dockerconfigjson".into()),
-        string_data: Some([(".dockerconfigjson".to_owned(), document.to_string())].into()),
-        ..Secret::default()
-    };
-    context
-        .apply(
-            &Api::<Secret>::namespaced(context.client.clone(), namespace),
-            &secret,
-        )
-        .await?;
-    Ok(true)
-}
-
 /// Sets one condition of a Node's status, stamped with the Node's generation and now.
 pub(super) fn condition(
     status: &mut NodeStatus,
@@ -161,7 +106,14 @@ pub(super) fn condition(
     reason: &str,
     message: String,
 ) {
-    super::context::set_condition_now(&mut status.conditions, node, type_, state, reason, message);
+    crate::controller::shared::context::set_condition_now(
+        &mut status.conditions,
+        node,
+        type_,
+        state,
+        reason,
+        message,
+    );
 }
 
 /// Reconciles one Node.
@@ -179,7 +131,7 @@ pub async fn reconcile(node: Arc<Node>, context: Arc<Context>) -> Result<Action>
                 &node,
                 condition_types::BOOTED,
                 ConditionStatus::False,
-                "ImageNotFound",
+                reasons::IMAGE_NOT_FOUND,
                 error.to_string(),
             );
             if status.phase == NodePhase::Pending || node.spec.virtual_node.is_some() {
@@ -193,7 +145,7 @@ pub async fn reconcile(node: Arc<Node>, context: Arc<Context>) -> Result<Action>
     if node.spec.virtual_node.is_some() {
         reconcile_virtual(&node, &context, target, status).await
     } else {
-        super::node_probe::reconcile_physical(&node, &context, target, status).await
+        probe::reconcile_physical(&node, &context, target, status).await
     }
 }
 
@@ -214,7 +166,7 @@ async fn reconcile_virtual(
             node,
             condition_types::BOOTED,
             ConditionStatus::False,
-            "ImageNotReady",
+            reasons::IMAGE_NOT_READY,
             format!(
                 "image {} is not resolved yet (see its Ready condition); a virtual node needs spec.image",
                 node.spec.image.as_deref().unwrap_or("(none)")
@@ -245,12 +197,9 @@ async fn reconcile_virtual(
         .context(|| format!("reading Pod {pod_name}"))?;
     let current_boot = existing
         .as_ref()
-        .and_then(|pod| pod.annotations().get(super::node::BOOTS_ANNOTATION).cloned());
+        .and_then(|pod| pod.annotations().get(build::BOOTS_ANNOTATION).cloned());
     let booted = existing.as_ref().map(|pod| ImageDigestRef {
-        name: pod
-            .annotations()
-            .get(super::node::BOOTS_IMAGE_ANNOTATION)
-            .cloned(),
+        name: pod.annotations().get(build::BOOTS_IMAGE_ANNOTATION).cloned(),
         digest: current_boot
             .as_deref()
             .and_then(|pinned| pinned.split('@').nth(1))
@@ -293,7 +242,9 @@ async fn reconcile_virtual(
                 rebooting_event(context, node, note).await;
             }
             if let Some(requested) = &requested {
-                mark_reboot_handled(context, node, requested).await?;
+                context
+                    .mark_handled(node, walt_crds::request::REBOOT, requested)
+                    .await?;
             }
             status.phase = NodePhase::Rebooting;
             None
@@ -305,7 +256,7 @@ async fn reconcile_virtual(
                 .event(
                     node,
                     EventType::Normal,
-                    "Booting",
+                    reasons::BOOTING,
                     "Boot",
                     format!(
                         "started virtual node pod {pod_name} booting {} ({})",
@@ -320,13 +271,10 @@ async fn reconcile_virtual(
         status.phase = vnode_phase(Some(pod));
         status.address = Some(format!("{}.{namespace}.svc", vnode_object_name(&name)));
         status.booted_image = Some(ImageDigestRef {
-            name: pod
-                .annotations()
-                .get(super::node::BOOTS_IMAGE_ANNOTATION)
-                .cloned(),
+            name: pod.annotations().get(build::BOOTS_IMAGE_ANNOTATION).cloned(),
             digest: pod
                 .annotations()
-                .get(super::node::BOOTS_ANNOTATION)
+                .get(build::BOOTS_ANNOTATION)
                 .and_then(|pinned| pinned.split('@').nth(1))
                 .map(str::to_owned),
         });
@@ -338,7 +286,11 @@ async fn reconcile_virtual(
         node,
         condition_types::BOOTED,
         ready.into(),
-        if ready { "PodRunning" } else { "PodStarting" },
+        if ready {
+            reasons::POD_RUNNING
+        } else {
+            reasons::POD_STARTING
+        },
         format!("virtual node pod {pod_name}: {phase:?}"),
     );
     condition(
@@ -346,7 +298,11 @@ async fn reconcile_virtual(
         node,
         condition_types::REACHABLE,
         ready.into(),
-        if ready { "PodRunning" } else { "PodStarting" },
+        if ready {
+            reasons::POD_RUNNING
+        } else {
+            reasons::POD_STARTING
+        },
         format!("SSH through Service {}", vnode_object_name(&name)),
     );
     if ready {
@@ -379,31 +335,6 @@ mod tests {
             name: Some(name.into()),
             digest: Some(digest.into()),
         }
-    }
-
-    #[test]
-    fn reboot_requests_are_handled_once_per_value() {
-        let mut node = Node::new("rpi1", walt_crds::NodeSpec::default());
-        assert_eq!(pending_reboot_request(&node), None);
-        node.annotations_mut()
-            .insert(REBOOT_REQUESTED_ANNOTATION.into(), "2026-11-22T10:00:00Z".into());
-        assert_eq!(
-            pending_reboot_request(&node).as_deref(),
-            Some("2026-11-22T10:00:00Z")
-        );
-        node.annotations_mut()
-            .insert(REBOOT_HANDLED_ANNOTATION.into(), "2026-11-22T10:00:00Z".into());
-        assert_eq!(pending_reboot_request(&node), None, "handled: no second reboot");
-        node.annotations_mut()
-            .insert(REBOOT_REQUESTED_ANNOTATION.into(), "2026-11-22T10:05:00Z".into());
-        assert_eq!(
-            pending_reboot_request(&node).as_deref(),
-            Some("2026-11-22T10:05:00Z"),
-            "a new request reboots again"
-        );
-        node.annotations_mut()
-            .insert(REBOOT_REQUESTED_ANNOTATION.into(), "  ".into());
-        assert_eq!(pending_reboot_request(&node), None);
     }
 
     #[test]

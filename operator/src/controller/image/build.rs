@@ -15,36 +15,18 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::ResourceExt;
 use walt_crds::{
-    CloneProgress, ConditionStatus, Image, ImageName, ImageShellMode, ImageStatus, Platform, condition_types,
+    CloneProgress, ConditionStatus, Image, ImageShellMode, ImageStatus, Platform, condition_types,
     new_condition, set_condition, short_digest,
 };
 
-use super::error::{Error, Result};
 use crate::runtime::changes::human_bytes;
 
 /// Label of the node models an image boots (WalT).
 pub const NODE_MODELS_LABEL: &str = "walt.node.models";
-/// Annotation that asks for an immediate re-resolve (its value changes
-/// each time; the operator sets it after moving the image's tag).
-pub const RESOLVE_ANNOTATION: &str = "walt.dev/resolve-requested";
-
-/// Annotation a user (`kubectl walt image squash`) sets to ask for the image's layers to be squashed
-/// into one; its value (when it was asked, RFC 3339) changes with each request.
-pub const SQUASH_REQUESTED_ANNOTATION: &str = "walt.dev/squash-requested-at";
-/// Annotation the operator sets to the [`SQUASH_REQUESTED_ANNOTATION`] value it has handled (done or
-/// refused: the Events say which), so each request runs once.
-pub const SQUASH_HANDLED_ANNOTATION: &str = "walt.dev/squash-handled-at";
-
 /// The squash request not handled yet, if any (pure).
 pub fn pending_squash_request(image: &Image) -> Option<String> {
-    let annotations = image.annotations();
-    let requested = annotations.get(SQUASH_REQUESTED_ANNOTATION)?.trim();
-    let handled = annotations
-        .get(SQUASH_HANDLED_ANNOTATION)
-        .map(|value| value.trim());
-    (!requested.is_empty() && handled != Some(requested)).then(|| requested.to_owned())
+    walt_crds::request::SQUASH.pending(&image.metadata)
 }
 
 /// What the registry says about an image.
@@ -62,20 +44,6 @@ pub struct ImageFacts {
     pub size: u64,
     /// Init or basic, when known.
     pub shell_mode: Option<ImageShellMode>,
-}
-
-/// The lab reference of an Image: `spec.reference`, else the default
-/// `<lab registry>/<namespace>/<name>:<tag>` (pure).
-pub fn lab_reference(image: &Image, lab_registry: &str) -> Result<String> {
-    if let Some(reference) = image.spec.reference.as_deref().filter(|r| !r.trim().is_empty()) {
-        return Ok(reference.trim().to_owned());
-    }
-    let name = ImageName::from_object_name(&image.name_any()).map_err(|error| {
-        Error::Invalid(format!(
-            "{error}; the Image object name must be an image name (`name`, or `name.tag` for `name:tag`), or set spec.reference"
-        ))
-    })?;
-    Ok(name.default_reference(lab_registry, &image.namespace().unwrap_or_default()))
 }
 
 /// Node models from the `walt.node.models` label (comma list, pure).
@@ -188,14 +156,6 @@ pub fn failed_status(
     status
 }
 
-/// `repository@digest` of a resolved Image, from its status (pure).
-pub fn pinned_reference_of(image: &Image) -> Option<String> {
-    let status = image.status.as_ref()?;
-    let digest = status.digest.as_deref()?;
-    let reference = status.reference.as_deref()?;
-    Some(super::node::pinned_reference(reference, digest))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,48 +187,6 @@ mod tests {
             size: 1234,
             shell_mode: Some(ImageShellMode::Init),
         }
-    }
-
-    #[test]
-    fn a_squash_request_is_pending_until_its_value_is_handled() {
-        let mut image = image("rpi", None);
-        assert_eq!(pending_squash_request(&image), None);
-        image
-            .annotations_mut()
-            .insert(SQUASH_REQUESTED_ANNOTATION.into(), "2026-11-22T10:00:00Z".into());
-        assert_eq!(
-            pending_squash_request(&image).as_deref(),
-            Some("2026-11-22T10:00:00Z")
-        );
-        image
-            .annotations_mut()
-            .insert(SQUASH_HANDLED_ANNOTATION.into(), "2026-11-22T10:00:00Z".into());
-        assert_eq!(pending_squash_request(&image), None);
-        image
-            .annotations_mut()
-            .insert(SQUASH_REQUESTED_ANNOTATION.into(), "2026-11-22T11:00:00Z".into());
-        assert_eq!(
-            pending_squash_request(&image).as_deref(),
-            Some("2026-11-22T11:00:00Z")
-        );
-    }
-
-    #[test]
-    fn default_and_explicit_references() {
-        assert_eq!(
-            lab_reference(&image("debian", None), "127.0.0.1:5000").expect("valid"),
-            "127.0.0.1:5000/alice/debian:latest"
-        );
-        assert_eq!(
-            lab_reference(&image("debian.v2", None), "reg.lab/walt").expect("valid"),
-            "reg.lab/walt/alice/debian:v2"
-        );
-        assert_eq!(
-            lab_reference(&image("x", Some("other.lab/y:1")), "reg").expect("valid"),
-            "other.lab/y:1"
-        );
-        let error = lab_reference(&image("default", None), "reg").unwrap_err();
-        assert!(matches!(error, Error::Invalid(_)));
     }
 
     #[test]

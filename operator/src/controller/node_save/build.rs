@@ -2,7 +2,7 @@
 //!
 //! Validate (the Node exists in the same namespace and has booted an image;
 //! the target image is new, or `overwrite: true`), wait for the image to be
-//! free (one shell, copy or save at a time per image, see [`super::lock`]),
+//! free (one shell, copy or save at a time per image, see [`crate::controller::shared::lock`]),
 //! then run the node save pipeline of the `ssh` module as a tracked task:
 //! bounded concurrency (`--max-concurrent-saves`), progress written to
 //! status every few seconds. The pipeline pushes **by digest**; only when it

@@ -18,10 +18,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, DownwardAPIVolumeFile, DownwardAPIVolumeSource,
-    EmptyDirVolumeSource, HostPathVolumeSource, ObjectFieldSelector, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, Pod, PodSpec, Probe, ResourceRequirements,
-    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction, Volume,
-    VolumeMount, VolumeResourceRequirements,
+    EmptyDirVolumeSource, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PersistentVolumeClaimVolumeSource, Pod, PodSpec, Probe, ResourceRequirements, SecurityContext, Service,
+    ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -29,7 +28,9 @@ use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
 use walt_crds::{BootMode, Node, NodePhase};
 
-use super::context::{MANAGED_BY, MANAGED_BY_LABEL};
+use crate::controller::shared::context::{MANAGED_BY, MANAGED_BY_LABEL};
+use crate::controller::shared::pods::{binfmt_mount, binfmt_volume, vnode_object_name};
+use crate::controller::shared::registry::{registry_credentials_mount, registry_credentials_volume};
 
 /// Label naming the Node a pod, Service or claim belongs to.
 pub const NODE_LABEL: &str = "walt.dev/node";
@@ -40,19 +41,11 @@ pub const BOOTS_IMAGE_ANNOTATION: &str = "walt.dev/boots-image";
 /// Annotation holding the node public key, projected into the pod as its
 /// `authorized_keys` file through the downward API (no extra object needed).
 pub const AUTHORIZED_KEYS_ANNOTATION: &str = "walt.dev/authorized-keys";
-/// Name of the per-namespace Secret with the lab registry credentials that
-/// pods of that namespace mount (a copy the operator keeps in sync).
-pub const REGISTRY_SECRET: &str = "walt-registry-credentials";
 /// Size of a persistent virtual node's `/persist` claim.
 pub const PERSIST_SIZE: &str = "1Gi";
 
 /// Where a virtual node pod keeps its SSH host key (in its cache volume).
 pub const VNODE_HOST_KEY: &str = "/var/cache/walt/ssh_host_ed25519_key";
-
-/// Name of a virtual node's pod and Service.
-pub fn vnode_object_name(node: &str) -> String {
-    format!("walt-node-{node}")
-}
 
 /// Name of a persistent virtual node's claim.
 pub fn persist_claim_name(node: &str) -> String {
@@ -243,58 +236,6 @@ pub fn build_vnode_pod(node: &Node, inputs: &VnodeInputs<'_>) -> Pod {
     }
 }
 
-/// The registry credentials volume (the namespace's copy of the lab Secret,
-/// projected as `config.json` so OCI clients find it through `DOCKER_CONFIG`).
-pub fn registry_credentials_volume() -> Volume {
-    Volume {
-        name: "registry".into(),
-        secret: Some(SecretVolumeSource {
-            secret_name: Some(REGISTRY_SECRET.into()),
-            items: Some(vec![k8s_openapi::api::core::v1::KeyToPath {
-                key: ".dockerconfigjson".into(),
-                path: "config.json".into(),
-                ..Default::default()
-            }]),
-            ..SecretVolumeSource::default()
-        }),
-        ..Volume::default()
-    }
-}
-
-/// Where [`registry_credentials_volume`] is mounted.
-pub fn registry_credentials_mount() -> VolumeMount {
-    VolumeMount {
-        name: "registry".into(),
-        mount_path: "/etc/walt/registry".into(),
-        read_only: Some(true),
-        ..VolumeMount::default()
-    }
-}
-
-/// The cluster node's binfmt_misc table (read-only): a container's `/proc/sys/fs` does not show it, and
-/// the shell runtime checks there that the qemu handler of a foreign image is registered (the handlers
-/// themselves are kernel-wide, so emulation works without this view; the check needs it).
-pub fn binfmt_volume() -> Volume {
-    Volume {
-        name: "binfmt".into(),
-        host_path: Some(HostPathVolumeSource {
-            path: "/proc/sys/fs/binfmt_misc".into(),
-            type_: Some("Directory".into()),
-        }),
-        ..Volume::default()
-    }
-}
-
-/// Where [`binfmt_volume`] is mounted ([`crate::runtime::emulation::POD_BINFMT_DIR`]).
-pub fn binfmt_mount() -> VolumeMount {
-    VolumeMount {
-        name: "binfmt".into(),
-        mount_path: crate::runtime::emulation::POD_BINFMT_DIR.into(),
-        read_only: Some(true),
-        ..VolumeMount::default()
-    }
-}
-
 /// Builds the Service in front of a virtual node's SSH server (pure).
 pub fn build_vnode_service(node: &Node) -> Service {
     let name = node.name_any();
@@ -368,20 +309,6 @@ pub fn vnode_phase(pod: Option<&Pod>) -> NodePhase {
         "Failed" | "Unknown" => NodePhase::Unreachable,
         _ => NodePhase::Booting,
     }
-}
-
-/// Repository part of a reference (`host/path:tag` or `…@sha256:…` → `host/path`).
-pub fn repository_of(reference: &str) -> &str {
-    let without_digest = reference.split('@').next().unwrap_or(reference);
-    match without_digest.rfind(':') {
-        Some(colon) if !without_digest[colon..].contains('/') => &without_digest[..colon],
-        _ => without_digest,
-    }
-}
-
-/// `repository@digest` of a reference and a digest.
-pub fn pinned_reference(reference: &str, digest: &str) -> String {
-    format!("{}@{digest}", repository_of(reference))
 }
 
 #[cfg(test)]
@@ -525,16 +452,5 @@ mod tests {
         assert_eq!(vnode_phase(Some(&pod)), NodePhase::Ready);
         pod.status = Some(serde_json::from_value(serde_json::json!({"phase": "Failed"})).expect("status"));
         assert_eq!(vnode_phase(Some(&pod)), NodePhase::Unreachable);
-    }
-
-    #[test]
-    fn references() {
-        assert_eq!(repository_of("reg.lab:5000/a/b:latest"), "reg.lab:5000/a/b");
-        assert_eq!(repository_of("reg.lab:5000/a/b"), "reg.lab:5000/a/b");
-        assert_eq!(repository_of("reg.lab/a/b@sha256:1"), "reg.lab/a/b");
-        assert_eq!(
-            pinned_reference("reg.lab:5000/a/b:v2", "sha256:9"),
-            "reg.lab:5000/a/b@sha256:9"
-        );
     }
 }

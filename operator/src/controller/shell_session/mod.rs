@@ -1,11 +1,11 @@
 //! ShellSession reconcile (leader only), through a finalizer so the shell
 //! pod is gone whatever happens, deletion included. The gateway side of node
-//! shells (authorizing the key) is in [`super::gateway`], run by every
+//! shells (authorizing the key) is in [`crate::controller::gateway`], run by every
 //! replica from the phase written here.
 //!
 //! - Image shells: dereference the Image (tenant's, else the catalog's) →
 //!   validate (resolved, fewer than 128 layers) → wait for the image (one
-//!   shell, copy or save at a time, [`super::lock`]) → the pure state
+//!   shell, copy or save at a time, [`crate::controller::shared::lock`]) → the pure state
 //!   machine [`next_step`] → apply (pod, status, Events).
 //! - Node shells: dereference the Node → validate (`publicKey`, an address)
 //!   → `Running` with `status.gateway` until `ttl` (then `Expired`).
@@ -22,25 +22,30 @@ use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Api, ResourceExt};
 use walt_crds::{
-    ConditionStatus, Gateway, Image, ImageName, Node, ShellResult, ShellSession, ShellSessionPhase,
+    ConditionStatus, Image, ImageName, Node, ShellResult, ShellSession, ShellSessionPhase,
     ShellSessionStatus, condition_types, short_digest,
 };
 
-use super::context::{Context, FIELD_MANAGER};
-use super::error::{Error, KubeResultExt, Result};
-use super::image::{RESOLVE_ANNOTATION, lab_reference, pinned_reference_of};
-use super::lock::{Claim, holder_other_than};
-use super::lookup::find_image;
-use super::node::repository_of;
-use super::shell::{
-    ShellOutcome, ShellPodInputs, Step, build_shell_pod, next_step, scratch_tag, session_duration,
-    shell_at_start, shell_pod_name,
+pub mod build;
+pub mod node_shell;
+
+use self::build::{
+    ShellOutcome, ShellPodInputs, Step, build_shell_pod, next_step, scratch_tag, shell_at_start,
+    shell_pod_name,
 };
+use crate::controller::shared::context::{Context, FIELD_MANAGER};
+use crate::controller::shared::error::{Error, KubeResultExt, Result};
+use crate::controller::shared::lock::{Claim, holder_other_than};
+use crate::controller::shared::lookup::find_image;
+use crate::controller::shared::registry::{
+    RESOLVE_ANNOTATION, ensure_registry_secret, lab_reference, pinned_reference_of, registry_client,
+    repository_of,
+};
+use crate::controller::shared::session::session_duration;
+use walt_crds::image::MAX_SHELL_LAYERS;
 
 /// Finalizer of ShellSessions: the shell pod is deleted before the session goes.
 pub const FINALIZER: &str = "walt.dev/shell-session-cleanup";
-/// Images with this many layers or more are refused (WalT's limit: squash first).
-pub const MAX_LAYERS: u32 = 128;
 /// How often a waiting session looks again (its holder ending does not wake it).
 const WAIT_RETRY: Duration = Duration::from_secs(5);
 
@@ -100,7 +105,7 @@ async fn apply(session: &ShellSession, context: &Context) -> Result<Action> {
         }
     };
     if session.spec.node.is_some() {
-        node_shell(session, context, status, ttl).await
+        node_shell::reconcile(session, context, status, ttl).await
     } else {
         image_shell(session, context, status, ttl).await
     }
@@ -115,7 +120,14 @@ fn condition(
     reason: &str,
     message: impl Into<String>,
 ) {
-    super::context::set_condition_now(&mut status.conditions, session, type_, state, reason, message);
+    crate::controller::shared::context::set_condition_now(
+        &mut status.conditions,
+        session,
+        type_,
+        state,
+        reason,
+        message,
+    );
 }
 
 /// Moves a status to a finished phase (pure): `Complete=True` with the
@@ -176,187 +188,6 @@ async fn end(
     Ok(Action::await_change())
 }
 
-// ---------------------------------------------------------------- node shells
-
-async fn node_shell(
-    session: &ShellSession,
-    context: &Context,
-    mut status: ShellSessionStatus,
-    ttl: Duration,
-) -> Result<Action> {
-    let namespace = session.namespace().unwrap_or_default();
-    let name = session.name_any();
-    let node_name = session.spec.node.clone().unwrap_or_default();
-    let age = session
-        .creation_timestamp()
-        .map(|created| Timestamp::now().duration_since(created.0).unsigned_abs())
-        .unwrap_or_default();
-    if age >= ttl {
-        return end(
-            context,
-            session,
-            status,
-            ShellSessionPhase::Expired,
-            "TTLExpired",
-            format!(
-                "the session reached its ttl ({}): the gateway no longer admits its key; open a new session",
-                walt_crds::format_duration(ttl)
-            ),
-        )
-        .await;
-    }
-    let idle_left = match session_duration(&session.spec.idle_timeout) {
-        Ok(idle) => idle_left(session, idle, Timestamp::now()),
-        Err(error) => {
-            return end(
-                context,
-                session,
-                status,
-                ShellSessionPhase::Failed,
-                "InvalidIdleTimeout",
-                format!("spec.idleTimeout: {error}"),
-            )
-            .await;
-        }
-    };
-    if idle_left.is_zero() {
-        return end(
-            context,
-            session,
-            status,
-            ShellSessionPhase::Expired,
-            "IdleTimeout",
-            format!(
-                "no input or output through the gateway for {} (spec.idleTimeout): the gateway no longer admits its key; open a new session",
-                session.spec.idle_timeout
-            ),
-        )
-        .await;
-    }
-    let Some(key) = session.spec.public_key.as_deref() else {
-        return end(
-            context,
-            session,
-            status,
-            ShellSessionPhase::Failed,
-            "NoPublicKey",
-            "a node shell needs spec.publicKey: the OpenSSH public key that may log in through the gateway (`kubectl walt node shell` makes one)".into(),
-        )
-        .await;
-    };
-    if let Err(error) = crate::ssh::client::parse_public_key(key) {
-        return end(
-            context,
-            session,
-            status,
-            ShellSessionPhase::Failed,
-            "InvalidPublicKey",
-            format!("spec.publicKey: {error}"),
-        )
-        .await;
-    }
-    let nodes: Api<Node> = Api::namespaced(context.client.clone(), &namespace);
-    let Some(node) = nodes
-        .get_opt(&node_name)
-        .await
-        .context(|| format!("reading Node {namespace}/{node_name}"))?
-    else {
-        return end(
-            context,
-            session,
-            status,
-            ShellSessionPhase::Failed,
-            "NodeNotFound",
-            format!("Node {namespace}/{node_name} not found: a node shell opens a Node of its own namespace (`kubectl walt node ls`)"),
-        )
-        .await;
-    };
-    let until_ttl = ttl.saturating_sub(age);
-    let pod = if node.spec.virtual_node.is_some() {
-        let pods: Api<Pod> = Api::namespaced(context.client.clone(), &namespace);
-        pods.get_opt(&super::node::vnode_object_name(&node_name))
-            .await
-            .context(|| format!("reading the pod of virtual node {node_name}"))?
-    } else {
-        None
-    };
-    if let Err(why) = super::gateway::node_target(&node, pod.as_ref()) {
-        status.phase = ShellSessionPhase::Starting;
-        condition(
-            &mut status,
-            session,
-            READY,
-            ConditionStatus::False,
-            "NodeNotReachable",
-            format!("{why}; the session starts once it has one"),
-        );
-        write_status(context, session, status).await?;
-        return Ok(Action::requeue(WAIT_RETRY.min(until_ttl)));
-    }
-    if let Err(why) = super::gateway::host_key_policy(&node) {
-        return end(
-            context,
-            session,
-            status,
-            ShellSessionPhase::Failed,
-            "InvalidHostKey",
-            why,
-        )
-        .await;
-    }
-    let was_running = status.phase == ShellSessionPhase::Running;
-    status.phase = ShellSessionPhase::Running;
-    status.start_time = status.start_time.or_else(|| Some(Time(Timestamp::now())));
-    status.gateway = Some(Gateway {
-        service: format!(
-            "{}.{}",
-            context.config.args.gateway_service, context.config.args.namespace
-        ),
-        port: i32::from(context.config.args.gateway_service_port),
-        user: name.clone(),
-    });
-    let message = format!(
-        "the gateway admits spec.publicKey as SSH user {name} for Node {node_name} for {}",
-        walt_crds::format_duration(Duration::from_secs(until_ttl.as_secs()))
-    );
-    condition(
-        &mut status,
-        session,
-        READY,
-        ConditionStatus::True,
-        "Authorized",
-        message.clone(),
-    );
-    write_status(context, session, status).await?;
-    if !was_running {
-        context
-            .event(session, EventType::Normal, "Authorized", "Authorize", message)
-            .await;
-    }
-    Ok(Action::requeue(until_ttl.min(idle_left) + Duration::from_secs(1)))
-}
-
-/// How long a node shell may still stay idle (pure): `idle` after the
-/// latest of its start, its creation, and the activity the gateway recorded
-/// ([`super::gateway::ACTIVITY_ANNOTATION`]); zero when that is past.
-pub fn idle_left(session: &ShellSession, idle: Duration, now: Timestamp) -> Duration {
-    let activity = session
-        .annotations()
-        .get(super::gateway::ACTIVITY_ANNOTATION)
-        .and_then(|text| text.parse::<Timestamp>().ok());
-    let started = session
-        .status
-        .as_ref()
-        .and_then(|status| status.start_time.as_ref())
-        .map(|time| time.0);
-    let created = session.creation_timestamp().map(|time| time.0);
-    let Some(since) = [activity, started, created].into_iter().flatten().max() else {
-        return idle;
-    };
-    let quiet = now.duration_since(since).unsigned_abs();
-    idle.saturating_sub(quiet)
-}
-
 // --------------------------------------------------------------- image shells
 
 /// The last lines the shell pod wrote (its runtime's errors), before it is
@@ -412,7 +243,7 @@ async fn scheduled_on(context: &Context, pod: Option<&Pod>) -> Option<k8s_openap
 /// Whether shell pods run user-namespaced here. `Auto`: when the API server (1.33+) and every cluster
 /// node's container runtime support it; otherwise privileged, which every runtime runs.
 async fn user_namespaces(context: &Context) -> bool {
-    use super::config::UserNamespaces;
+    use crate::controller::config::UserNamespaces;
     match context.config.args.user_namespaces {
         UserNamespaces::Always => true,
         UserNamespaces::Never => false,
@@ -430,7 +261,7 @@ async fn user_namespaces(context: &Context) -> bool {
             }
             let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(context.client.clone());
             match nodes.list(&kube::api::ListParams::default()).await {
-                Ok(list) => super::shell::runtimes_support_user_namespaces(&list.items),
+                Ok(list) => build::runtimes_support_user_namespaces(&list.items),
                 Err(error) => {
                     tracing::info!(%error, "cannot list cluster nodes to see whether their runtime supports user namespaces; shell pods run privileged");
                     false
@@ -454,7 +285,7 @@ async fn image_shell(
         .get_opt(&shell_pod_name(&name))
         .await
         .context(|| format!("reading the shell pod of {name}"))?;
-    let claims = super::lock::claims_in(context, &namespace).await?;
+    let claims = crate::controller::shared::lock::claims_in(context, &namespace).await?;
     let object = ImageName::parse(&image_name)
         .map(|n| n.object_name())
         .unwrap_or_default();
@@ -623,14 +454,14 @@ async fn create_pod(
         .await;
     };
     let image_status = image.status.clone().unwrap_or_default();
-    if let Some(layers) = image_status.layers.filter(|layers| *layers >= MAX_LAYERS) {
+    if let Some(layers) = image_status.layers.filter(|layers| *layers >= MAX_SHELL_LAYERS) {
         return end(
             context,
             session,
             status,
             ShellSessionPhase::Failed,
             "TooManyLayers",
-            format!("image {image_name} has {layers} layers: a shell needs fewer than {MAX_LAYERS}; squash it first (`kubectl walt image squash {image_name}`)"),
+            format!("image {image_name} has {layers} layers: a shell needs fewer than {MAX_SHELL_LAYERS}; squash it first (`kubectl walt image squash {image_name}`)"),
         )
         .await;
     }
@@ -657,7 +488,7 @@ async fn create_pod(
         repository_of(&pinned).to_owned()
     };
     let commit_to = format!("{own_repository}:{}", scratch_tag(session));
-    let registry_credentials = super::node_reconcile::ensure_registry_secret(context, &namespace).await?;
+    let registry_credentials = ensure_registry_secret(context, &namespace).await?;
     let registry_host = context.config.registry_host.clone();
     let inputs = ShellPodInputs {
         runtime_image: &context.config.args.shell_image,
@@ -792,7 +623,7 @@ async fn save(
         None => target_name.default_reference(&context.config.args.lab_registry, &namespace),
     };
     // Same registry: the blobs are mounted, the manifest is pushed unchanged (same digest).
-    let registry = super::image_reconcile::registry_client(context)?;
+    let registry = registry_client(context)?;
     let pushed = format!("{source_repository}@{digest}");
     let resolved = registry
         .resolve(&pushed, None)
@@ -892,29 +723,6 @@ mod tests {
         );
         let ready = walt_crds::find_condition(&status.conditions, READY).expect("Ready");
         assert_eq!(ready.status, "False");
-    }
-
-    #[test]
-    fn idle_time_counts_from_the_latest_activity() {
-        let at = |second: i64| Timestamp::from_second(second).expect("time");
-        let mut session = ShellSession::new("s", ShellSessionSpec::default());
-        session.metadata.creation_timestamp = Some(Time(at(1_000)));
-        let idle = Duration::from_mins(10);
-        assert_eq!(idle_left(&session, idle, at(1_060)), Duration::from_mins(9));
-        session.status = Some(ShellSessionStatus {
-            start_time: Some(Time(at(1_100))),
-            ..ShellSessionStatus::default()
-        });
-        assert_eq!(idle_left(&session, idle, at(1_160)), Duration::from_mins(9));
-        session.metadata.annotations = Some(
-            [(
-                super::super::gateway::ACTIVITY_ANNOTATION.to_owned(),
-                at(1_500).to_string(),
-            )]
-            .into(),
-        );
-        assert_eq!(idle_left(&session, idle, at(1_560)), Duration::from_mins(9));
-        assert_eq!(idle_left(&session, idle, at(2_200)), Duration::ZERO);
     }
 
     #[test]

@@ -1,0 +1,171 @@
+//! Physical nodes, the I/O half: connect over SSH (through the `ssh` module's node client: the
+//! operator never speaks SSH itself), read the uptime and the ready marker in one command, let
+//! [`decide`](super::decide::decide) judge, then carry out its effects: the reboot, one status
+//! write, the handled request, the Events.
+
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::controller::Action;
+use kube::{Api, ResourceExt};
+use walt_crds::{Node, NodeStatus};
+
+use super::BootTarget;
+use super::decide::{Decision, Effect, Probe, Reached, SshFailure, decide};
+use crate::controller::shared::context::Context;
+use crate::controller::shared::error::{Error, Result};
+use crate::controller::shared::node_access::{client_config, node_target, ssh_reason};
+use crate::ssh::{NodeClient, NodeTarget, SshError};
+
+/// Reboots a node over SSH, detached, so the session ends cleanly first.
+async fn reboot(client: &NodeClient, ssh_target: &NodeTarget) -> Result<()> {
+    client
+        .exec("(sleep 1; reboot) >/dev/null 2>&1 </dev/null &")
+        .await
+        .map(|_| ())
+        .map_err(|error| Error::Ssh(format!("cannot reboot {ssh_target}: {error}")))
+}
+
+/// The probe command: the uptime (did a reboot happen?) and whether the ready marker exists
+/// (booted?), in one round trip.
+fn probe_command(ready_marker: &str) -> String {
+    format!(
+        "cat /proc/uptime 2>/dev/null; test -e '{}'",
+        ready_marker.replace('\'', "")
+    )
+}
+
+/// The uptime in the probe command's output (its first number), if any (pure).
+fn parse_uptime(stdout: &[u8]) -> Option<Duration> {
+    let text = String::from_utf8_lossy(stdout);
+    let seconds: f64 = text.split_whitespace().next()?.parse().ok()?;
+    Duration::try_from_secs_f64(seconds).ok()
+}
+
+fn failure_of(error: &SshError) -> SshFailure {
+    SshFailure {
+        reason: ssh_reason(error),
+        message: error.to_string(),
+        host_key_mismatch: matches!(error, SshError::HostKeyMismatch { .. }),
+    }
+}
+
+/// Runs the probe command on a connected node and gathers what it says.
+async fn observe(client: &NodeClient, ssh_target: &NodeTarget, ready_marker: &str) -> Result<Reached> {
+    let host_key = client
+        .host_key()
+        .to_openssh()
+        .map_err(|error| Error::Ssh(format!("cannot encode the host key of {ssh_target}: {error}")))?;
+    let answer = client.exec(&probe_command(ready_marker)).await;
+    Ok(Reached {
+        target: ssh_target.to_string(),
+        host_key,
+        fingerprint: crate::ssh::client::fingerprint(client.host_key()),
+        uptime: answer
+            .as_ref()
+            .ok()
+            .and_then(|output| parse_uptime(&output.stdout)),
+        booted: answer.as_ref().is_ok_and(|output| output.exit_status == Some(0)),
+    })
+}
+
+/// Probes a physical node, records what it found, reboots it when it must boot another image.
+pub async fn reconcile_physical(
+    node: &Node,
+    context: &Context,
+    target: Option<BootTarget>,
+    mut status: NodeStatus,
+) -> Result<Action> {
+    let namespace = node.namespace().unwrap_or_default();
+    let ssh_target =
+        node_target(node, None).map_err(|no_route| Error::Invalid(format!("{namespace}: {no_route}")))?;
+    status.address = Some(ssh_target.host.clone());
+    let config = client_config(context, node)?;
+    let interval = context.config.args.probe_interval;
+    let client = match NodeClient::connect(&ssh_target, &config).await {
+        Ok(client) => client,
+        Err(error) => {
+            let probe = Probe::Failed(failure_of(&error));
+            let decision = decide(node, status, target.as_ref(), &probe, Timestamp::now(), interval);
+            return apply(context, node, None, decision).await;
+        }
+    };
+    let observed = observe(&client, &ssh_target, &node.spec.overlay.ready_marker).await;
+    let decision = match observed {
+        Ok(reached) => decide(
+            node,
+            status,
+            target.as_ref(),
+            &Probe::Reached(reached),
+            Timestamp::now(),
+            interval,
+        ),
+        Err(error) => {
+            client.close().await;
+            return Err(error);
+        }
+    };
+    // The one place the connection ends, whatever the decision.
+    let applied = apply(context, node, Some((&client, &ssh_target)), decision).await;
+    client.close().await;
+    applied
+}
+
+/// Carries out a decision: the reboot first (nothing is recorded if it fails), then the one status
+/// write, then the handled request and the Events.
+async fn apply(
+    context: &Context,
+    node: &Node,
+    connection: Option<(&NodeClient, &NodeTarget)>,
+    decision: Decision,
+) -> Result<Action> {
+    if decision.effects.contains(&Effect::Reboot) {
+        let (client, ssh_target) =
+            connection.ok_or_else(|| Error::Ssh("a reboot was decided without a connection".into()))?;
+        reboot(client, ssh_target).await?;
+    }
+    let nodes: Api<Node> = Api::namespaced(context.client.clone(), &node.namespace().unwrap_or_default());
+    context
+        .apply_status(&nodes, &node.name_any(), &decision.status)
+        .await?;
+    for effect in decision.effects {
+        match effect {
+            Effect::Reboot => {}
+            Effect::MarkRebootHandled(value) => {
+                context
+                    .mark_handled(node, walt_crds::request::REBOOT, &value)
+                    .await?;
+            }
+            Effect::Event {
+                type_,
+                reason,
+                action,
+                note,
+            } => context.event(node, type_, reason, action, note).await,
+        }
+    }
+    Ok(Action::requeue(decision.requeue))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_uptime_is_the_first_number_the_node_prints() {
+        assert_eq!(
+            parse_uptime(b"123.45 400.00\n"),
+            Some(Duration::from_secs_f64(123.45))
+        );
+        assert_eq!(parse_uptime(b""), None);
+        assert_eq!(parse_uptime(b"cat: /proc/uptime: No such file"), None);
+    }
+
+    #[test]
+    fn the_probe_command_cannot_be_broken_out_of_by_the_marker_path() {
+        assert_eq!(
+            probe_command("/run/x'; reboot; '"),
+            "cat /proc/uptime 2>/dev/null; test -e '/run/x; reboot; '"
+        );
+    }
+}

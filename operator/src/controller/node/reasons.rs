@@ -1,0 +1,26 @@
+//! The reasons a Node's conditions and Events give (one place; logic compares these constants,
+//! never message text).
+
+/// `Reachable=True`: SSH reached the node.
+pub const SSH_OK: &str = "SshOk";
+/// `Booted=False` since the operator sent a reboot (its time is when the reboot was sent); also the
+/// Event of a reboot.
+pub const REBOOTING: &str = "Rebooting";
+/// The node still ran the boot from before a reboot past the deadline.
+pub const REBOOT_NOT_HAPPENED: &str = "RebootNotHappened";
+/// `Booted=False`: the ready marker does not exist yet.
+pub const NOT_BOOTED: &str = "NotBooted";
+/// `Booted=True`: the ready marker exists.
+pub const READY_MARKER: &str = "ReadyMarker";
+/// Event: the host key seen on first contact was recorded.
+pub const HOST_KEY_RECORDED: &str = "HostKeyRecorded";
+/// `Booted=False`: the Image of `spec.image` does not exist or is invalid.
+pub const IMAGE_NOT_FOUND: &str = "ImageNotFound";
+/// `Booted=False`: the Image of a virtual node is not resolved yet.
+pub const IMAGE_NOT_READY: &str = "ImageNotReady";
+/// A virtual node's pod runs and is ready.
+pub const POD_RUNNING: &str = "PodRunning";
+/// A virtual node's pod is starting.
+pub const POD_STARTING: &str = "PodStarting";
+/// Event: a virtual node pod was started.
+pub const BOOTING: &str = "Booting";

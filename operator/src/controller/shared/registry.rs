@@ -1,0 +1,202 @@
+//! The lab registry as every kind sees it: the one client, where an Image lives in it, pinned
+//! references, and the credentials Secret pods of a namespace mount.
+
+use k8s_openapi::api::core::v1::{Secret, SecretVolumeSource, Volume, VolumeMount};
+use kube::api::ObjectMeta;
+use kube::{Api, ResourceExt};
+use walt_crds::{Image, ImageName};
+
+use super::context::{Context, MANAGED_BY, MANAGED_BY_LABEL};
+use super::error::{Error, Result};
+use crate::oci::{ClientOptions, Credentials, RegistryClient};
+
+/// Annotation that asks for an immediate re-resolve (its value changes
+/// each time; the operator sets it after moving the image's tag).
+pub const RESOLVE_ANNOTATION: &str = "walt.dev/resolve-requested";
+
+/// The lab reference of an Image: `spec.reference`, else the default
+/// `<lab registry>/<namespace>/<name>:<tag>` (pure).
+pub fn lab_reference(image: &Image, lab_registry: &str) -> Result<String> {
+    if let Some(reference) = image.spec.reference.as_deref().filter(|r| !r.trim().is_empty()) {
+        return Ok(reference.trim().to_owned());
+    }
+    let name = ImageName::from_object_name(&image.name_any()).map_err(|error| {
+        Error::Invalid(format!(
+            "{error}; the Image object name must be an image name (`name`, or `name.tag` for `name:tag`), or set spec.reference"
+        ))
+    })?;
+    Ok(name.default_reference(lab_registry, &image.namespace().unwrap_or_default()))
+}
+
+/// `repository@digest` of a resolved Image, from its status (pure).
+pub fn pinned_reference_of(image: &Image) -> Option<String> {
+    let status = image.status.as_ref()?;
+    let digest = status.digest.as_deref()?;
+    let reference = status.reference.as_deref()?;
+    Some(pinned_reference(reference, digest))
+}
+
+/// Name of the per-namespace Secret with the lab registry credentials that
+/// pods of that namespace mount (a copy the operator keeps in sync).
+pub const REGISTRY_SECRET: &str = "walt-registry-credentials";
+
+/// The registry credentials volume (the namespace's copy of the lab Secret,
+/// projected as `config.json` so OCI clients find it through `DOCKER_CONFIG`).
+pub fn registry_credentials_volume() -> Volume {
+    Volume {
+        name: "registry".into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(REGISTRY_SECRET.into()),
+            items: Some(vec![k8s_openapi::api::core::v1::KeyToPath {
+                key: ".dockerconfigjson".into(),
+                path: "config.json".into(),
+                ..Default::default()
+            }]),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
+/// Where [`registry_credentials_volume`] is mounted.
+pub fn registry_credentials_mount() -> VolumeMount {
+    VolumeMount {
+        name: "registry".into(),
+        mount_path: "/etc/walt/registry".into(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    }
+}
+
+/// Repository part of a reference (`host/path:tag` or `…@sha256:…` → `host/path`).
+pub fn repository_of(reference: &str) -> &str {
+    let without_digest = reference.split('@').next().unwrap_or(reference);
+    match without_digest.rfind(':') {
+        Some(colon) if !without_digest[colon..].contains('/') => &without_digest[..colon],
+        _ => without_digest,
+    }
+}
+
+/// `repository@digest` of a reference and a digest.
+pub fn pinned_reference(reference: &str, digest: &str) -> String {
+    format!("{}@{digest}", repository_of(reference))
+}
+
+/// Annotation an operator puts on an Image when its new digest must not
+/// reboot the nodes that boot it (a NodeSave with `rebootNodes: false`).
+pub const NO_REBOOT_ANNOTATION: &str = "walt.dev/no-reboot-digest";
+
+/// Copies the lab registry credentials into `namespace` as
+/// [`REGISTRY_SECRET`], for the pods there that pull from the lab registry.
+/// Returns whether the namespace has credentials to mount.
+pub async fn ensure_registry_secret(context: &Context, namespace: &str) -> Result<bool> {
+    let Some(credentials) = &context.config.registry_credentials else {
+        return Ok(false);
+    };
+    let auth = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        format!("{}:{}", credentials.username, credentials.password),
+    );
+    let document = serde_json::json!({"auths": {context.config.registry_host.clone(): {"auth": auth}}});
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(REGISTRY_SECRET.into()),
+            namespace: Some(namespace.into()),
+            labels: Some([(MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned())].into()),
+            ..ObjectMeta::default()
+        },
+        type_: Some("kubernetes.io/dockerconfigjson".into()),
+        string_data: Some([(".dockerconfigjson".to_owned(), document.to_string())].into()),
+        ..Secret::default()
+    };
+    context
+        .apply(
+            &Api::<Secret>::namespaced(context.client.clone(), namespace),
+            &secret,
+        )
+        .await?;
+    Ok(true)
+}
+
+/// The registry client for the lab registry: its credentials, plain HTTP
+/// when `--registry-plain-http`. One client for the whole process (a client
+/// per reconcile cost its own connection pool and TLS roots: hundreds of
+/// MiB with thousands of Images).
+pub fn registry_client(context: &Context) -> Result<RegistryClient> {
+    if let Some(client) = context.lab_registry.get() {
+        return Ok(client.clone());
+    }
+    let client = registry_client_with(context, Credentials::default())?;
+    Ok(context.lab_registry.get_or_init(|| client).clone())
+}
+
+/// The registry client for the lab registry (its credentials, plain HTTP
+/// when `--registry-plain-http`) and for clone sources (`source_credentials`
+/// from the Image's pull secret, plain HTTP for `--plain-http-sources`).
+pub fn registry_client_with(context: &Context, source_credentials: Credentials) -> Result<RegistryClient> {
+    let host = &context.config.registry_host;
+    let credentials = match &context.config.registry_credentials {
+        Some(credentials) => {
+            Credentials::default().with_basic(host, &credentials.username, &credentials.password)
+        }
+        None => Credentials::default(),
+    }
+    .merged(source_credentials);
+    let mut insecure_registries = context.config.args.plain_http_sources.clone();
+    if context.config.args.registry_plain_http {
+        insecure_registries.push(host.clone());
+    }
+    RegistryClient::new(ClientOptions {
+        credentials,
+        insecure_registries,
+    })
+    .map_err(|error| Error::Registry(format!("creating the client of the lab registry {host}: {error}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use walt_crds::ImageSpec;
+
+    fn image(name: &str, reference: Option<&str>) -> Image {
+        let mut image = Image::new(
+            name,
+            ImageSpec {
+                reference: reference.map(str::to_owned),
+                ..ImageSpec::default()
+            },
+        );
+        image.metadata.namespace = Some("alice".into());
+        image.metadata.generation = Some(3);
+        image
+    }
+
+    #[test]
+    fn default_and_explicit_references() {
+        assert_eq!(
+            lab_reference(&image("debian", None), "127.0.0.1:5000").expect("valid"),
+            "127.0.0.1:5000/alice/debian:latest"
+        );
+        assert_eq!(
+            lab_reference(&image("debian.v2", None), "reg.lab/walt").expect("valid"),
+            "reg.lab/walt/alice/debian:v2"
+        );
+        assert_eq!(
+            lab_reference(&image("x", Some("other.lab/y:1")), "reg").expect("valid"),
+            "other.lab/y:1"
+        );
+        let error = lab_reference(&image("default", None), "reg").unwrap_err();
+        assert!(matches!(error, Error::Invalid(_)));
+    }
+
+    #[test]
+    fn references() {
+        assert_eq!(repository_of("reg.lab:5000/a/b:latest"), "reg.lab:5000/a/b");
+        assert_eq!(repository_of("reg.lab:5000/a/b"), "reg.lab:5000/a/b");
+        assert_eq!(repository_of("reg.lab/a/b@sha256:1"), "reg.lab/a/b");
+        assert_eq!(
+            pinned_reference("reg.lab:5000/a/b:v2", "sha256:9"),
+            "reg.lab:5000/a/b@sha256:9"
+        );
+    }
+}

@@ -1,0 +1,421 @@
+//! Node shells: dereference the Node (and a virtual node's pod) → the pure [`decide`] (ttl, idle
+//! time, public key, where the node is, its host key) → one status write and an Event. The gateway
+//! ([`crate::controller::gateway`]) admits the session's key while this writes it `Running`.
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Api, ResourceExt};
+use walt_crds::{ConditionStatus, Gateway, Node, ShellSession, ShellSessionPhase, ShellSessionStatus};
+
+use super::{READY, condition, end, write_status};
+use crate::controller::shared::context::Context;
+use crate::controller::shared::error::{KubeResultExt, Result};
+use crate::controller::shared::node_access::{host_key_policy, node_target, vnode_pod};
+use crate::controller::shared::session::{ACTIVITY_ANNOTATION, session_duration};
+
+/// How often a session waiting for its node to have an address looks again.
+const ROUTE_RETRY: Duration = Duration::from_secs(5);
+
+/// The reasons a node shell's conditions and Events give.
+pub mod reasons {
+    /// The session reached its `ttl`.
+    pub const TTL_EXPIRED: &str = "TTLExpired";
+    /// No traffic through the gateway for `idleTimeout`.
+    pub const IDLE_TIMEOUT: &str = "IdleTimeout";
+    /// `idleTimeout` is not a duration.
+    pub const INVALID_IDLE_TIMEOUT: &str = "InvalidIdleTimeout";
+    /// No `publicKey`.
+    pub const NO_PUBLIC_KEY: &str = "NoPublicKey";
+    /// `publicKey` is not an OpenSSH public key.
+    pub const INVALID_PUBLIC_KEY: &str = "InvalidPublicKey";
+    /// The Node does not exist in the session's namespace.
+    pub const NODE_NOT_FOUND: &str = "NodeNotFound";
+    /// The node has no SSH address yet.
+    pub const NODE_NOT_REACHABLE: &str = "NodeNotReachable";
+    /// The Node's host key is not usable.
+    pub const INVALID_HOST_KEY: &str = "InvalidHostKey";
+    /// The gateway admits the key.
+    pub const AUTHORIZED: &str = "Authorized";
+}
+
+/// What a node shell's reconcile does next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// End the session in `phase` (Expired or Failed).
+    End {
+        /// Expired or Failed.
+        phase: ShellSessionPhase,
+        /// Condition and Event reason.
+        reason: &'static str,
+        /// What the user reads.
+        message: String,
+    },
+    /// The node has no address yet: `Starting`, look again in `retry`.
+    WaitForRoute {
+        /// Why.
+        message: String,
+        /// When to look again.
+        retry: Duration,
+    },
+    /// `Running`: the gateway admits the key for `until_ttl`, unless idle for `idle_left`.
+    Authorize {
+        /// Time left before the ttl.
+        until_ttl: Duration,
+        /// Idle time left.
+        idle_left: Duration,
+    },
+}
+
+/// How long a node shell may still stay idle (pure): `idle` after the latest of its start, its
+/// creation, and the activity the gateway recorded ([`ACTIVITY_ANNOTATION`]); zero when that is past.
+pub fn idle_left(session: &ShellSession, idle: Duration, now: Timestamp) -> Duration {
+    let activity = session
+        .annotations()
+        .get(ACTIVITY_ANNOTATION)
+        .and_then(|text| text.parse::<Timestamp>().ok());
+    let started = session
+        .status
+        .as_ref()
+        .and_then(|status| status.start_time.as_ref())
+        .map(|time| time.0);
+    let created = session.creation_timestamp().map(|time| time.0);
+    let Some(since) = [activity, started, created].into_iter().flatten().max() else {
+        return idle;
+    };
+    let idle_for = now.duration_since(since).unsigned_abs();
+    idle.saturating_sub(idle_for)
+}
+
+fn ended(phase: ShellSessionPhase, reason: &'static str, message: String) -> Step {
+    Step::End {
+        phase,
+        reason,
+        message,
+    }
+}
+
+/// Decides a node shell's next step (pure) from the session, its Node (if found), the Node's
+/// virtual node pod (if any), the session's `ttl` and now.
+pub fn decide(
+    session: &ShellSession,
+    node: Option<&Node>,
+    vnode_pod: Option<&k8s_openapi::api::core::v1::Pod>,
+    ttl: Duration,
+    now: Timestamp,
+) -> Step {
+    let age = session
+        .creation_timestamp()
+        .map(|created| now.duration_since(created.0).unsigned_abs())
+        .unwrap_or_default();
+    if age >= ttl {
+        return ended(
+            ShellSessionPhase::Expired,
+            reasons::TTL_EXPIRED,
+            format!(
+                "the session reached its ttl ({}): the gateway no longer admits its key; open a new session",
+                walt_crds::format_duration(ttl)
+            ),
+        );
+    }
+    let idle_left = match session_duration(&session.spec.idle_timeout) {
+        Ok(idle) => idle_left(session, idle, now),
+        Err(error) => {
+            return ended(
+                ShellSessionPhase::Failed,
+                reasons::INVALID_IDLE_TIMEOUT,
+                format!("spec.idleTimeout: {error}"),
+            );
+        }
+    };
+    if idle_left.is_zero() {
+        return ended(
+            ShellSessionPhase::Expired,
+            reasons::IDLE_TIMEOUT,
+            format!(
+                "no input or output through the gateway for {} (spec.idleTimeout): the gateway no longer admits its key; open a new session",
+                session.spec.idle_timeout
+            ),
+        );
+    }
+    let Some(key) = session.spec.public_key.as_deref() else {
+        return ended(
+            ShellSessionPhase::Failed,
+            reasons::NO_PUBLIC_KEY,
+            "a node shell needs spec.publicKey: the OpenSSH public key that may log in through the gateway (`kubectl walt node shell` makes one)".into(),
+        );
+    };
+    if let Err(error) = crate::ssh::client::parse_public_key(key) {
+        return ended(
+            ShellSessionPhase::Failed,
+            reasons::INVALID_PUBLIC_KEY,
+            format!("spec.publicKey: {error}"),
+        );
+    }
+    let Some(node) = node else {
+        let namespace = session.namespace().unwrap_or_default();
+        let node_name = session.spec.node.clone().unwrap_or_default();
+        return ended(
+            ShellSessionPhase::Failed,
+            reasons::NODE_NOT_FOUND,
+            format!(
+                "Node {namespace}/{node_name} not found: a node shell opens a Node of its own namespace (`kubectl walt node ls`)"
+            ),
+        );
+    };
+    let until_ttl = ttl.saturating_sub(age);
+    if let Err(why) = node_target(node, vnode_pod) {
+        return Step::WaitForRoute {
+            message: format!("{why}; the session starts once it has one"),
+            retry: ROUTE_RETRY.min(until_ttl),
+        };
+    }
+    if let Err(why) = host_key_policy(node) {
+        return ended(ShellSessionPhase::Failed, reasons::INVALID_HOST_KEY, why);
+    }
+    Step::Authorize { until_ttl, idle_left }
+}
+
+/// Reconciles a node shell: reads the Node and its pod, decides, writes the status once.
+pub async fn reconcile(
+    session: &ShellSession,
+    context: &Context,
+    mut status: ShellSessionStatus,
+    ttl: Duration,
+) -> Result<Action> {
+    let namespace = session.namespace().unwrap_or_default();
+    let node_name = session.spec.node.clone().unwrap_or_default();
+    let node = Api::<Node>::namespaced(context.client.clone(), &namespace)
+        .get_opt(&node_name)
+        .await
+        .context(|| format!("reading Node {namespace}/{node_name}"))?;
+    let pod = match &node {
+        Some(node) => vnode_pod(&context.client, node).await?,
+        None => None,
+    };
+    match decide(session, node.as_ref(), pod.as_ref(), ttl, Timestamp::now()) {
+        Step::End {
+            phase,
+            reason,
+            message,
+        } => end(context, session, status, phase, reason, message).await,
+        Step::WaitForRoute { message, retry } => {
+            status.phase = ShellSessionPhase::Starting;
+            condition(
+                &mut status,
+                session,
+                READY,
+                ConditionStatus::False,
+                reasons::NODE_NOT_REACHABLE,
+                message,
+            );
+            write_status(context, session, status).await?;
+            Ok(Action::requeue(retry))
+        }
+        Step::Authorize { until_ttl, idle_left } => {
+            authorize(session, context, status, until_ttl, idle_left).await
+        }
+    }
+}
+
+/// Writes the session `Running` with where the gateway is; an Event the first time.
+async fn authorize(
+    session: &ShellSession,
+    context: &Context,
+    mut status: ShellSessionStatus,
+    until_ttl: Duration,
+    idle_left: Duration,
+) -> Result<Action> {
+    let name = session.name_any();
+    let node_name = session.spec.node.clone().unwrap_or_default();
+    let was_running = status.phase == ShellSessionPhase::Running;
+    status.phase = ShellSessionPhase::Running;
+    status.start_time = status.start_time.or_else(|| Some(Time(Timestamp::now())));
+    status.gateway = Some(Gateway {
+        service: format!(
+            "{}.{}",
+            context.config.args.gateway_service, context.config.args.namespace
+        ),
+        port: i32::from(context.config.args.gateway_service_port),
+        user: name.clone(),
+    });
+    let message = format!(
+        "the gateway admits spec.publicKey as SSH user {name} for Node {node_name} for {}",
+        walt_crds::format_duration(Duration::from_secs(until_ttl.as_secs()))
+    );
+    condition(
+        &mut status,
+        session,
+        READY,
+        ConditionStatus::True,
+        reasons::AUTHORIZED,
+        message.clone(),
+    );
+    write_status(context, session, status).await?;
+    if !was_running {
+        context
+            .event(
+                session,
+                EventType::Normal,
+                reasons::AUTHORIZED,
+                "Authorize",
+                message,
+            )
+            .await;
+    }
+    Ok(Action::requeue(until_ttl.min(idle_left) + Duration::from_secs(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use walt_crds::{NodeSpec, ShellSessionSpec};
+
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINmSuQ/gQGDMIEuOaUKquLGqbQDj1Arq8ZriXb9X8SgB walt";
+
+    fn at(second: i64) -> Timestamp {
+        Timestamp::from_second(second).expect("time")
+    }
+
+    fn session(public_key: Option<&str>) -> ShellSession {
+        let mut session = ShellSession::new(
+            "s",
+            ShellSessionSpec {
+                node: Some("rpi1".into()),
+                public_key: public_key.map(str::to_owned),
+                idle_timeout: "30m".into(),
+                ..ShellSessionSpec::default()
+            },
+        );
+        session.metadata.creation_timestamp = Some(Time(at(1_000)));
+        session
+    }
+
+    fn node(address: Option<&str>) -> Node {
+        Node::new(
+            "rpi1",
+            NodeSpec {
+                address: address.map(str::to_owned),
+                ..NodeSpec::default()
+            },
+        )
+    }
+
+    fn reason(step: &Step) -> &'static str {
+        match step {
+            Step::End { reason, .. } => reason,
+            Step::WaitForRoute { .. } => reasons::NODE_NOT_REACHABLE,
+            Step::Authorize { .. } => reasons::AUTHORIZED,
+        }
+    }
+
+    #[test]
+    fn a_valid_session_on_a_reachable_node_is_authorized_until_its_ttl() {
+        let hour = Duration::from_hours(1);
+        let step = decide(
+            &session(Some(KEY)),
+            Some(&node(Some("10.0.0.5"))),
+            None,
+            hour,
+            at(1_600),
+        );
+        assert_eq!(
+            step,
+            Step::Authorize {
+                until_ttl: Duration::from_mins(50),
+                idle_left: Duration::from_mins(20),
+            }
+        );
+    }
+
+    #[test]
+    fn each_refusal_has_its_reason() {
+        let hour = Duration::from_hours(1);
+        let reachable = node(Some("10.0.0.5"));
+        assert_eq!(
+            reason(&decide(
+                &session(Some(KEY)),
+                Some(&reachable),
+                None,
+                hour,
+                at(5_000)
+            )),
+            reasons::TTL_EXPIRED
+        );
+        assert_eq!(
+            reason(&decide(
+                &session(Some(KEY)),
+                Some(&reachable),
+                None,
+                hour,
+                at(3_000)
+            )),
+            reasons::IDLE_TIMEOUT
+        );
+        assert_eq!(
+            reason(&decide(&session(None), Some(&reachable), None, hour, at(1_010))),
+            reasons::NO_PUBLIC_KEY
+        );
+        assert_eq!(
+            reason(&decide(
+                &session(Some("ssh-rsa nope")),
+                Some(&reachable),
+                None,
+                hour,
+                at(1_010)
+            )),
+            reasons::INVALID_PUBLIC_KEY
+        );
+        assert_eq!(
+            reason(&decide(&session(Some(KEY)), None, None, hour, at(1_010))),
+            reasons::NODE_NOT_FOUND
+        );
+        assert_eq!(
+            reason(&decide(
+                &session(Some(KEY)),
+                Some(&node(None)),
+                None,
+                hour,
+                at(1_010)
+            )),
+            reasons::NODE_NOT_REACHABLE
+        );
+        let mut bad_key = reachable.clone();
+        bad_key.spec.host_key = Some("not a key".into());
+        assert_eq!(
+            reason(&decide(
+                &session(Some(KEY)),
+                Some(&bad_key),
+                None,
+                hour,
+                at(1_010)
+            )),
+            reasons::INVALID_HOST_KEY
+        );
+        let mut bad_idle = session(Some(KEY));
+        bad_idle.spec.idle_timeout = "soon".into();
+        assert_eq!(
+            reason(&decide(&bad_idle, Some(&reachable), None, hour, at(1_010))),
+            reasons::INVALID_IDLE_TIMEOUT
+        );
+    }
+
+    #[test]
+    fn idle_time_counts_from_the_latest_activity() {
+        let mut session = ShellSession::new("s", ShellSessionSpec::default());
+        session.metadata.creation_timestamp = Some(Time(at(1_000)));
+        let idle = Duration::from_mins(10);
+        assert_eq!(idle_left(&session, idle, at(1_060)), Duration::from_mins(9));
+        session.status = Some(ShellSessionStatus {
+            start_time: Some(Time(at(1_100))),
+            ..ShellSessionStatus::default()
+        });
+        assert_eq!(idle_left(&session, idle, at(1_160)), Duration::from_mins(9));
+        session.metadata.annotations = Some([(ACTIVITY_ANNOTATION.to_owned(), at(1_500).to_string())].into());
+        assert_eq!(idle_left(&session, idle, at(1_560)), Duration::from_mins(9));
+        assert_eq!(idle_left(&session, idle, at(2_200)), Duration::ZERO);
+    }
+}

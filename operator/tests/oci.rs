@@ -828,3 +828,84 @@ fn cli_commit_upper_and_unpack() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// `walt-operator oci unpack REF DIR` as a user runs it: (success, stdout + stderr).
+fn cli_unpack(registry: &Registry, reference: &str, dir: &Path) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_walt-operator"))
+        .args(["oci", "unpack", &registry.reference(reference)])
+        .arg(dir)
+        .args(["--insecure-registry", &registry.host()])
+        .output()
+        .expect("walt-operator");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+/// (mode, mtime) of a path, not following a symlink.
+fn mode_and_mtime(path: &Path) -> (u32, i64) {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = path.symlink_metadata().expect("metadata");
+    (meta.mode() & 0o7777, meta.mtime())
+}
+
+#[test]
+fn a_directory_replaced_by_a_symlink_to_the_host_leaves_the_host_untouched() {
+    walt_tests::require_root().expect("root");
+    let registry = Registry::start().expect("registry");
+    let rt = runtime();
+    let client = client_for(&registry);
+    let layout = OciLayout::busybox(Arch::Amd64).expect("busybox");
+    let host = tempfile::tempdir().expect("tempdir");
+    let victim = host.path().join("host-dir");
+    std::fs::create_dir(&victim).expect("mkdir");
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let time = filetime::FileTime::from_unix_time(1_700_000_000, 0);
+    filetime::set_file_times(&victim, time, time).expect("utimes");
+    let before = mode_and_mtime(&victim);
+
+    let victim_bytes = victim.as_os_str().as_encoded_bytes();
+    let layer = raw_layer(|b| {
+        let mut dir = raw_header(b"etc/evil/", tar::EntryType::Directory, 0, None);
+        dir.set_mode(0o777);
+        dir.set_cksum();
+        b.append(&dir, std::io::empty()).expect("append");
+        b.append(
+            &raw_header(b"etc/evil", tar::EntryType::Symlink, 0, Some(victim_bytes)),
+            std::io::empty(),
+        )
+        .expect("append");
+    });
+    layout
+        .append_raw_layer("base", "dir-then-symlink", &layer, true)
+        .expect("layer");
+    layout
+        .push("dir-then-symlink", &registry, "lab/evil:dir-then-symlink")
+        .expect("push");
+    let expect = r#"refusing unsafe layer entry "etc/evil/": a later entry of the layer replaced the directory "etc/evil" by a symlink"#;
+    assert_refused(
+        &client,
+        &rt,
+        &registry.reference("lab/evil:dir-then-symlink"),
+        expect,
+    );
+    assert_eq!(
+        mode_and_mtime(&victim),
+        before,
+        "pull and unpack_image left the host dir alone"
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (success, output) = cli_unpack(&registry, "lab/evil:dir-then-symlink", &dir.path().join("rootfs"));
+    assert!(!success, "the CLI must fail: {output}");
+    assert!(output.contains(expect), "{output}");
+    assert_eq!(
+        mode_and_mtime(&victim),
+        before,
+        "walt-operator oci unpack changed the host directory {}",
+        victim.display()
+    );
+}

@@ -909,3 +909,39 @@ fn a_directory_replaced_by_a_symlink_to_the_host_leaves_the_host_untouched() {
         victim.display()
     );
 }
+
+#[test]
+fn a_hard_link_to_a_whiteout_is_refused() {
+    walt_tests::require_root().expect("root");
+    let registry = Registry::start().expect("registry");
+    let rt = runtime();
+    let client = client_for(&registry);
+    let layout = OciLayout::busybox(Arch::Amd64).expect("busybox");
+
+    // A hard link to a deleted file: unpacked in overlay form, it would itself become a deletion.
+    let whiteout_link = raw_layer(|b| {
+        b.append(
+            &raw_header(b"etc/.wh.passwd", tar::EntryType::Regular, 0, None),
+            std::io::empty(),
+        )
+        .expect("append");
+        b.append(
+            &raw_header(b"etc/group", tar::EntryType::Link, 0, Some(b"etc/passwd")),
+            std::io::empty(),
+        )
+        .expect("append");
+    });
+    layout
+        .append_raw_layer("base", "whiteout-link", &whiteout_link, true)
+        .expect("layer");
+    layout
+        .push("whiteout-link", &registry, "lab/evil:whiteout-link")
+        .expect("push");
+    assert_refused(
+        &client,
+        &rt,
+        &registry.reference("lab/evil:whiteout-link"),
+        // Overlay form says "is a whiteout", flattening "is not a file of this layer" (it is gone).
+        r#"refusing unsafe layer entry "etc/group": hard link target "etc/passwd" is "#,
+    );
+}

@@ -38,7 +38,7 @@ struct DirTimes {
 /// Unpacks an (uncompressed) OCI layer tar into `dest` (an existing, normally empty directory) in overlay
 /// form: `.wh.<name>` becomes a char device 0:0 `<name>`, `.wh..wh..opq` sets the opaque xattr on its
 /// directory. Refuses (with [`Error::UnsafeEntry`]) absolute paths, `..`, entries reached through a
-/// symlink, hard links outside the layer, and relative symlinks that climb above the root (absolute symlink
+/// symlink, hard links outside the layer or to a whiteout, and relative symlinks that climb above the root (absolute symlink
 /// targets are fine: they resolve inside the root at run time), directory entries that a later entry
 /// replaced by a symlink or non-directory.
 /// Overlay's own xattrs in a layer are dropped.
@@ -360,9 +360,14 @@ fn unpack_entry<R: Read>(
                 if target.is_empty() {
                     return Err(unsafe_entry(&raw, "hard link to the root"));
                 }
+                let target_name = target.rsplit(|b| *b == b'/').next().unwrap_or_default();
+                if target_name.starts_with(WHITEOUT_PREFIX.as_bytes()) {
+                    return Err(hard_link_to_whiteout(&raw, &target));
+                }
                 prepare_parents(dest, &target, &raw)?;
                 let target_path = dest.join(OsStr::from_bytes(&target));
                 match target_path.symlink_metadata() {
+                    Ok(meta) if is_whiteout(&meta) => return Err(hard_link_to_whiteout(&raw, &target)),
                     Ok(meta) if !meta.is_dir() => {}
                     _ => {
                         return Err(unsafe_entry(
@@ -441,6 +446,24 @@ fn unpack_entry<R: Read>(
             .map_err(|e| Error::io("setting times of", &path, e))?;
     }
     Ok(())
+}
+
+/// Whether a file is a whiteout in overlay form (a char device 0:0).
+fn is_whiteout(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+    meta.file_type().is_char_device() && meta.rdev() == 0
+}
+
+/// The error for a hard link whose target is a deletion (`.wh.<name>`, or what one turned into a char
+/// device 0:0): linking it would make the link a deletion too.
+fn hard_link_to_whiteout(raw: &[u8], target: &[u8]) -> Error {
+    unsafe_entry(
+        raw,
+        format!(
+            "hard link target {:?} is a whiteout (a deletion), not a file",
+            String::from_utf8_lossy(target)
+        ),
+    )
 }
 
 fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
@@ -576,6 +599,29 @@ mod tests {
             assert!(
                 error.to_string().contains(r#"directory "d" by a regular file"#),
                 "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_hard_link_to_a_whiteout_is_refused() {
+        for target in [".wh.gone", "gone"] {
+            let mut builder = tar::Builder::new(Vec::new());
+            entry(&mut builder, ".wh.gone", tar::EntryType::Regular, 0o644, "");
+            entry(&mut builder, "link", tar::EntryType::Link, 0o644, target);
+            let layer = builder.into_inner().expect("tar");
+            let dest = tempfile::tempdir().expect("tempdir");
+            let error = unpack_layer(&layer[..], dest.path(), UnpackOptions::default())
+                .expect_err("a link to a deletion is refused");
+            assert!(
+                error
+                    .to_string()
+                    .contains(&format!("hard link target {target:?} is a whiteout")),
+                "{error}"
+            );
+            assert!(
+                dest.path().join("link").symlink_metadata().is_err(),
+                "no link made"
             );
         }
     }

@@ -911,7 +911,7 @@ fn a_directory_replaced_by_a_symlink_to_the_host_leaves_the_host_untouched() {
 }
 
 #[test]
-fn a_hard_link_to_a_whiteout_is_refused() {
+fn hostile_links_and_headers_are_refused_with_the_path_named() {
     walt_tests::require_root().expect("root");
     let registry = Registry::start().expect("registry");
     let rt = runtime();
@@ -943,5 +943,36 @@ fn a_hard_link_to_a_whiteout_is_refused() {
         &registry.reference("lab/evil:whiteout-link"),
         // Overlay form says "is a whiteout", flattening "is not a file of this layer" (it is gone).
         r#"refusing unsafe layer entry "etc/group": hard link target "etc/passwd" is "#,
+    );
+
+    // A GNU long name claiming 8 GiB (the gzip blob is small: the stream ends early). Nothing of it is
+    // read into memory: the header itself is refused.
+    let mut long_name = raw_header(b"././@LongLink", tar::EntryType::GNULongName, 0, None);
+    long_name.set_size(8 << 30);
+    long_name.set_cksum();
+    let mut huge = long_name.as_bytes().to_vec();
+    huge.extend(std::iter::repeat_n(b'n', 1 << 20));
+    let (success, output) = {
+        layout
+            .append_raw_layer("base", "huge-name", &huge, true)
+            .expect("layer");
+        layout
+            .push("huge-name", &registry, "lab/evil:huge-name")
+            .expect("push");
+        let dir = tempfile::tempdir().expect("tempdir");
+        cli_unpack(&registry, "lab/evil:huge-name", &dir.path().join("rootfs"))
+    };
+    assert!(!success, "{output}");
+    assert!(
+        output.contains(
+            r#"GNU long name header "././@LongLink" claims 8589934592 bytes, more than the 1048576 accepted"#
+        ),
+        "{output}"
+    );
+    assert_refused(
+        &client,
+        &rt,
+        &registry.reference("lab/evil:huge-name"),
+        "claims 8589934592 bytes",
     );
 }

@@ -7,7 +7,9 @@ use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 
-use super::{Error, OPAQUE_MARKER, OpaqueXattr, WHITEOUT_PREFIX, is_overlay_xattr, sanitize_entry_path};
+use super::{
+    Error, HeaderLimit, OPAQUE_MARKER, OpaqueXattr, WHITEOUT_PREFIX, is_overlay_xattr, sanitize_entry_path,
+};
 
 /// How [`unpack_layer`] writes overlay form.
 #[derive(Debug, Clone, Copy)]
@@ -40,7 +42,7 @@ struct DirTimes {
 /// directory. Refuses (with [`Error::UnsafeEntry`]) absolute paths, `..`, entries reached through a
 /// symlink, hard links outside the layer or to a whiteout, and relative symlinks that climb above the root (absolute symlink
 /// targets are fine: they resolve inside the root at run time), directory entries that a later entry
-/// replaced by a symlink or non-directory.
+/// replaced by a symlink or non-directory, and long-name or PAX headers over [`super::MAX_EXTENSION_SIZE`].
 /// Overlay's own xattrs in a layer are dropped.
 /// Returns the input reader (so the caller can drain and hash it) and the number of entries.
 pub fn unpack_layer<R: Read>(input: R, dest: &Path, options: UnpackOptions) -> Result<(R, u64), Error> {
@@ -62,7 +64,7 @@ fn unpack<R: Read>(
     options: UnpackOptions,
     mut flatten: Option<&mut HashSet<Vec<u8>>>,
 ) -> Result<(R, u64), Error> {
-    let mut archive = tar::Archive::new(input);
+    let mut archive = tar::Archive::new(HeaderLimit::new(input));
     let mut dirs: Vec<DirTimes> = Vec::new();
     let mut count = 0u64;
     {
@@ -80,7 +82,7 @@ fn unpack<R: Read>(
         }
     }
     apply_dir_metadata(dest, &dirs)?;
-    Ok((archive.into_inner(), count))
+    Ok((archive.into_inner().into_inner(), count))
 }
 
 /// Applies the deferred modes and times of the layer's directories, in reverse order of their entries

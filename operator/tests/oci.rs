@@ -976,3 +976,33 @@ fn hostile_links_and_headers_are_refused_with_the_path_named() {
         "claims 8589934592 bytes",
     );
 }
+
+#[test]
+fn cli_commit_upper_refuses_a_tag_or_digest_in_to() {
+    let upper = tempfile::tempdir().expect("tempdir");
+    for (to, expect) in [
+        (
+            "127.0.0.1:1/lab/repo:1",
+            r#"--to "127.0.0.1:1/lab/repo:1" carries the tag "1", but --to takes a repository only (the image is pushed by digest, the tag would be dropped): use --to 127.0.0.1:1/lab/repo --tag 1"#,
+        ),
+        (
+            "127.0.0.1:1/lab/repo@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "use --to 127.0.0.1:1/lab/repo, and --tag TAG to name the new image",
+        ),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_walt-operator"))
+            .args(["oci", "commit-upper", "--upper"])
+            .arg(upper.path())
+            .args(["--base", "127.0.0.1:1/lab/base:1", "--to", to])
+            .args(["--insecure-registry", "127.0.0.1:1"])
+            .output()
+            .expect("walt-operator");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        assert!(stderr.contains(expect), "{stderr}");
+        assert!(
+            !stderr.contains("registry 127.0.0.1:1"),
+            "refused before any registry access: {stderr}"
+        );
+    }
+}

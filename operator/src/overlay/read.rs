@@ -629,6 +629,48 @@ mod tests {
     }
 
     #[test]
+    fn nothing_is_written_through_an_absolute_symlink() {
+        use tar::EntryType::{Directory, Link, Regular};
+        let (host, victim) = host_dir();
+        std::fs::write(victim.join("keep"), "host file").expect("write");
+        let time = filetime::FileTime::from_unix_time(1_700_000_000, 0);
+        filetime::set_file_times(&victim, time, time).expect("utimes");
+        let target = host.path().to_str().expect("utf-8 path");
+        // (entry through `escape/`, its kind, link target): each must be refused, in both forms.
+        let cases: [(&str, tar::EntryType, &str); 6] = [
+            ("escape/victim/new", Regular, ""),
+            ("escape/victim/new-dir/", Directory, ""),
+            ("escape/victim/.wh.keep", Regular, ""),
+            ("escape/victim/.wh..wh..opq", Regular, ""),
+            ("escape/victim/link", Link, "file"),
+            ("stolen", Link, "escape/victim/keep"),
+        ];
+        for (path, kind, link) in cases {
+            let mut builder = tar::Builder::new(Vec::new());
+            entry(&mut builder, "file", Regular, 0o644, "");
+            entry(&mut builder, "escape", tar::EntryType::Symlink, 0o777, target);
+            entry(&mut builder, path, kind, 0o644, link);
+            let layer = builder.into_inner().expect("tar");
+            for error in unpack_both_ways(&layer) {
+                assert!(
+                    error.to_string().contains("goes through the symlink"),
+                    "{path}: {error}"
+                );
+            }
+            let names: Vec<_> = std::fs::read_dir(&victim)
+                .expect("host dir")
+                .map(|e| e.expect("entry").file_name())
+                .collect();
+            assert_eq!(names, ["keep"], "{path} changed the host directory");
+            assert_eq!(
+                std::fs::read_to_string(victim.join("keep")).expect("keep"),
+                "host file"
+            );
+            assert_untouched(&victim);
+        }
+    }
+
+    #[test]
     fn directory_modes_and_times_are_applied_after_their_content() {
         let mut builder = tar::Builder::new(Vec::new());
         entry(&mut builder, "d/", tar::EntryType::Directory, 0o555, "");

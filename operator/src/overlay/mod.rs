@@ -7,7 +7,7 @@
 //! - [`unpack_layer`]: an OCI layer tar → a directory in overlay form (whiteouts back to char 0:0, opaque
 //!   directories as `trusted.overlay.opaque=y` or `user.overlay.opaque=y`), refusing unsafe entries.
 //! - [`HeaderLimit`]: bounds the memory a tar stream's long-name and PAX headers may take (both readers
-//!   above use it).
+//!   above use it, and so do every other reader of layers and node change sets: squash, copy, export).
 //!
 //! Layer conventions (OCI image spec): a deletion is an empty file `.wh.<name>`; a directory whose lower
 //! content is hidden holds `.wh..wh..opq`. Entries are PAX tar (long and non-ASCII names, xattrs as

@@ -109,19 +109,22 @@ impl<R> HeaderLimit<R> {
         let Ok(size) = header.entry_size() else {
             return Ok(State::Done);
         };
-        let is_extension = kind.is_gnu_longname()
-            || kind.is_gnu_longlink()
-            || kind.is_pax_local_extensions()
-            || kind.is_pax_global_extensions();
-        let size = if recognized && (is_extension && !kind.is_pax_global_extensions()) {
-            // Read whole into memory by the `tar` crate: bounded here.
-            if size > MAX_EXTENSION_SIZE {
-                return Err(too_large(header, kind, size));
-            }
+        // What the `tar` crate reads whole into memory: bounded here.
+        let buffered = recognized
+            && (kind.is_gnu_longname() || kind.is_gnu_longlink() || kind.is_pax_local_extensions());
+        if buffered && size > MAX_EXTENSION_SIZE {
+            return Err(too_large(header, kind, size));
+        }
+        let size = if buffered {
             size
         } else {
-            // An entry handed to the caller: a pending PAX `size` applies (not to a `g` header).
+            // An entry handed to the caller: a pending PAX `size` overrides its header's, unless it is
+            // itself an extension header (as the `tar` crate does); either way the PAX records are used up.
             let pax_size = self.pax_size.take();
+            let is_extension = kind.is_gnu_longname()
+                || kind.is_gnu_longlink()
+                || kind.is_pax_local_extensions()
+                || kind.is_pax_global_extensions();
             if is_extension {
                 size
             } else {
@@ -137,7 +140,7 @@ impl<R> HeaderLimit<R> {
         Ok(if sparse_extension {
             State::SparseExtension
         } else {
-            data_state(padded, recognized && kind.is_pax_local_extensions())
+            data_state(padded, buffered && kind.is_pax_local_extensions())
         })
     }
 
@@ -212,7 +215,7 @@ mod tests {
     use super::{HeaderLimit, MAX_EXTENSION_SIZE};
 
     /// A raw header block of `kind` named `name` claiming `size` bytes.
-    fn header(name: &str, kind: tar::EntryType, size: u64) -> Vec<u8> {
+    fn header_block(name: &str, kind: tar::EntryType, size: u64) -> Vec<u8> {
         let mut header = tar::Header::new_gnu();
         header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
         header.set_entry_type(kind);
@@ -293,15 +296,51 @@ mod tests {
         builder
             .append_pax_extensions([("size", &b"600"[..])])
             .expect("pax");
-        let mut data = header("././@LongLink", tar::EntryType::GNULongName, 1 << 40);
+        let mut data = header_block("././@LongLink", tar::EntryType::GNULongName, 1 << 40);
         data.resize(600, 0);
         let mut bytes = builder.get_ref().clone(); // without the end-of-archive blocks
-        bytes.extend(header("file", tar::EntryType::Regular, 0));
+        bytes.extend(header_block("file", tar::EntryType::Regular, 0));
         bytes.extend(&data);
         bytes.resize(bytes.len().next_multiple_of(512) + 1024, 0);
         let entries = read_all(HeaderLimit::new(&bytes[..])).expect("data is not a header");
         assert_eq!(entries.len(), 1);
         assert_eq!(entries[0].1, data);
+    }
+
+    #[test]
+    fn gnu_sparse_extension_blocks_are_followed() {
+        // 5 chunks of 512 bytes at offsets 0, 1024, … 4096: 4 described in the header, 1 in an extension
+        // block. The last chunk looks like a huge long-name header: it is data, and must pass (a reader
+        // that forgot the extension block would take it for a header).
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::GNUSparse);
+        header.as_old_mut().name[..6].copy_from_slice(b"sparse");
+        header.set_mode(0o644);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(0);
+        header.set_size(5 * 512);
+        let gnu = header.as_gnu_mut().expect("GNU header");
+        for (i, chunk) in gnu.sparse.iter_mut().take(4).enumerate() {
+            chunk.set_offset(i as u64 * 1024);
+            chunk.set_length(512);
+        }
+        gnu.set_real_size(4096 + 512);
+        gnu.set_is_extended(true);
+        header.set_cksum();
+        let mut extension = tar::GnuExtSparseHeader::new();
+        extension.sparse[0].set_offset(4096);
+        extension.sparse[0].set_length(512);
+        let fake = header_block("././@LongLink", tar::EntryType::GNULongName, 1 << 40);
+        let mut bytes = header.as_bytes().to_vec();
+        bytes.extend_from_slice(extension.as_bytes());
+        bytes.extend(std::iter::repeat_n(b's', 4 * 512));
+        bytes.extend(&fake);
+        bytes.resize(bytes.len() + 1024, 0);
+        let entries = read_all(HeaderLimit::new(&bytes[..])).expect("sparse entry passes");
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].1.len(), 4096 + 512);
+        assert_eq!(&entries[0].1[4096..], &fake[..]);
     }
 
     /// A reader that counts what was taken from it.
@@ -331,7 +370,7 @@ mod tests {
             let claimed = 8u64 << 30;
             let taken = std::rc::Rc::new(std::cell::Cell::new(0));
             // 64 MiB of a long name follow (as a gzip bomb would inflate to); only the header may be read.
-            let stream = std::io::Cursor::new(header("././@LongLink", kind, claimed))
+            let stream = std::io::Cursor::new(header_block("././@LongLink", kind, claimed))
                 .chain(std::io::repeat(b'n').take(64 << 20));
             let error = read_all(HeaderLimit::new(Counting(stream, taken.clone()))).expect_err("refused");
             assert_eq!(error.kind(), std::io::ErrorKind::InvalidData);
@@ -352,10 +391,10 @@ mod tests {
     #[test]
     fn a_long_name_at_the_limit_passes() {
         let name_len = usize::try_from(MAX_EXTENSION_SIZE).expect("usize");
-        let mut bytes = header("././@LongLink", tar::EntryType::GNULongName, MAX_EXTENSION_SIZE);
+        let mut bytes = header_block("././@LongLink", tar::EntryType::GNULongName, MAX_EXTENSION_SIZE);
         bytes.extend(std::iter::repeat_n(b'n', name_len - 1));
         bytes.push(0);
-        bytes.extend(header("short", tar::EntryType::Regular, 0));
+        bytes.extend(header_block("short", tar::EntryType::Regular, 0));
         bytes.resize(bytes.len() + 1024, 0);
         let entries = read_all(HeaderLimit::new(&bytes[..])).expect("at the limit");
         assert_eq!(entries.len(), 1);

@@ -828,3 +828,181 @@ fn cli_commit_upper_and_unpack() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// `walt-operator oci unpack REF DIR` as a user runs it: (success, stdout + stderr).
+fn cli_unpack(registry: &Registry, reference: &str, dir: &Path) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_walt-operator"))
+        .args(["oci", "unpack", &registry.reference(reference)])
+        .arg(dir)
+        .args(["--insecure-registry", &registry.host()])
+        .output()
+        .expect("walt-operator");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+/// (mode, mtime) of a path, not following a symlink.
+fn mode_and_mtime(path: &Path) -> (u32, i64) {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = path.symlink_metadata().expect("metadata");
+    (meta.mode() & 0o7777, meta.mtime())
+}
+
+#[test]
+fn a_directory_replaced_by_a_symlink_to_the_host_leaves_the_host_untouched() {
+    walt_tests::require_root().expect("root");
+    let registry = Registry::start().expect("registry");
+    let rt = runtime();
+    let client = client_for(&registry);
+    let layout = OciLayout::busybox(Arch::Amd64).expect("busybox");
+    let host = tempfile::tempdir().expect("tempdir");
+    let victim = host.path().join("host-dir");
+    std::fs::create_dir(&victim).expect("mkdir");
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let time = filetime::FileTime::from_unix_time(1_700_000_000, 0);
+    filetime::set_file_times(&victim, time, time).expect("utimes");
+    let before = mode_and_mtime(&victim);
+
+    let victim_bytes = victim.as_os_str().as_encoded_bytes();
+    let layer = raw_layer(|b| {
+        let mut dir = raw_header(b"etc/evil/", tar::EntryType::Directory, 0, None);
+        dir.set_mode(0o777);
+        dir.set_cksum();
+        b.append(&dir, std::io::empty()).expect("append");
+        b.append(
+            &raw_header(b"etc/evil", tar::EntryType::Symlink, 0, Some(victim_bytes)),
+            std::io::empty(),
+        )
+        .expect("append");
+    });
+    layout
+        .append_raw_layer("base", "dir-then-symlink", &layer, true)
+        .expect("layer");
+    layout
+        .push("dir-then-symlink", &registry, "lab/evil:dir-then-symlink")
+        .expect("push");
+    let expect = r#"refusing unsafe layer entry "etc/evil/": a later entry of the layer replaced the directory "etc/evil" by a symlink"#;
+    assert_refused(
+        &client,
+        &rt,
+        &registry.reference("lab/evil:dir-then-symlink"),
+        expect,
+    );
+    assert_eq!(
+        mode_and_mtime(&victim),
+        before,
+        "pull and unpack_image left the host dir alone"
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (success, output) = cli_unpack(&registry, "lab/evil:dir-then-symlink", &dir.path().join("rootfs"));
+    assert!(!success, "the CLI must fail: {output}");
+    assert!(output.contains(expect), "{output}");
+    assert_eq!(
+        mode_and_mtime(&victim),
+        before,
+        "walt-operator oci unpack changed the host directory {}",
+        victim.display()
+    );
+}
+
+#[test]
+fn hostile_links_and_headers_are_refused_with_the_path_named() {
+    walt_tests::require_root().expect("root");
+    let registry = Registry::start().expect("registry");
+    let rt = runtime();
+    let client = client_for(&registry);
+    let layout = OciLayout::busybox(Arch::Amd64).expect("busybox");
+
+    // A hard link to a deleted file: unpacked in overlay form, it would itself become a deletion.
+    let whiteout_link = raw_layer(|b| {
+        b.append(
+            &raw_header(b"etc/.wh.passwd", tar::EntryType::Regular, 0, None),
+            std::io::empty(),
+        )
+        .expect("append");
+        b.append(
+            &raw_header(b"etc/group", tar::EntryType::Link, 0, Some(b"etc/passwd")),
+            std::io::empty(),
+        )
+        .expect("append");
+    });
+    layout
+        .append_raw_layer("base", "whiteout-link", &whiteout_link, true)
+        .expect("layer");
+    layout
+        .push("whiteout-link", &registry, "lab/evil:whiteout-link")
+        .expect("push");
+    assert_refused(
+        &client,
+        &rt,
+        &registry.reference("lab/evil:whiteout-link"),
+        // Overlay form says "is a whiteout", flattening "is not a file of this layer" (it is gone).
+        r#"refusing unsafe layer entry "etc/group": hard link target "etc/passwd" is "#,
+    );
+
+    // A GNU long name claiming 8 GiB (the gzip blob is small: the stream ends early). Nothing of it is
+    // read into memory: the header itself is refused.
+    let mut long_name = raw_header(b"././@LongLink", tar::EntryType::GNULongName, 0, None);
+    long_name.set_size(8 << 30);
+    long_name.set_cksum();
+    let mut huge = long_name.as_bytes().to_vec();
+    huge.extend(std::iter::repeat_n(b'n', 1 << 20));
+    let (success, output) = {
+        layout
+            .append_raw_layer("base", "huge-name", &huge, true)
+            .expect("layer");
+        layout
+            .push("huge-name", &registry, "lab/evil:huge-name")
+            .expect("push");
+        let dir = tempfile::tempdir().expect("tempdir");
+        cli_unpack(&registry, "lab/evil:huge-name", &dir.path().join("rootfs"))
+    };
+    assert!(!success, "{output}");
+    assert!(
+        output.contains(
+            r#"GNU long name header "././@LongLink" claims 8589934592 bytes, more than the 1048576 accepted"#
+        ),
+        "{output}"
+    );
+    assert_refused(
+        &client,
+        &rt,
+        &registry.reference("lab/evil:huge-name"),
+        "claims 8589934592 bytes",
+    );
+}
+
+#[test]
+fn cli_commit_upper_refuses_a_tag_or_digest_in_to() {
+    let upper = tempfile::tempdir().expect("tempdir");
+    for (to, expect) in [
+        (
+            "127.0.0.1:1/lab/repo:1",
+            r#"--to "127.0.0.1:1/lab/repo:1" carries the tag "1", but --to takes a repository only (the image is pushed by digest, the tag would be dropped): use --to 127.0.0.1:1/lab/repo --tag 1"#,
+        ),
+        (
+            "127.0.0.1:1/lab/repo@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "use --to 127.0.0.1:1/lab/repo, and --tag TAG to name the new image",
+        ),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_walt-operator"))
+            .args(["oci", "commit-upper", "--upper"])
+            .arg(upper.path())
+            .args(["--base", "127.0.0.1:1/lab/base:1", "--to", to])
+            .args(["--insecure-registry", "127.0.0.1:1"])
+            .output()
+            .expect("walt-operator");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        assert!(stderr.contains(expect), "{stderr}");
+        assert!(
+            !stderr.contains("registry 127.0.0.1:1"),
+            "refused before any registry access: {stderr}"
+        );
+    }
+}

@@ -54,7 +54,8 @@ enum OciCommand {
         /// The image the upper dir was made on (`registry/repo:tag` or `@sha256:…`).
         #[arg(long, value_name = "REF")]
         base: String,
-        /// Target repository (`registry/repo`); the image is pushed by digest.
+        /// Target repository (`registry/repo`, no tag or digest: the image is pushed by digest; name it with
+        /// `--tag`).
         #[arg(long, value_name = "REPO")]
         to: String,
         /// Also point this tag at the new image.
@@ -116,6 +117,7 @@ async fn run_async(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send 
             json,
             access,
         } => {
+            let to = target_repository(to)?;
             let client = access.client()?;
             let platform = platform.as_deref().map(Platform::parse).transpose()?;
             let base_image = client.resolve(base, platform.as_ref()).await?;
@@ -165,5 +167,96 @@ async fn run_async(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send 
             );
             Ok(0)
         }
+    }
+}
+
+/// A `--to` of `commit-upper` that is more than a repository: the tag or digest would be silently dropped
+/// (the image is pushed by digest only).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TargetError {
+    /// `--to registry/repo:tag`.
+    #[error(
+        "--to {to:?} carries the tag {tag:?}, but --to takes a repository only (the image is pushed by \
+         digest, the tag would be dropped): use --to {repository} --tag {tag}"
+    )]
+    Tag {
+        /// `--to` as given.
+        to: String,
+        /// The repository part.
+        repository: String,
+        /// The tag part.
+        tag: String,
+    },
+    /// `--to registry/repo@sha256:…`.
+    #[error(
+        "--to {to:?} carries the digest {digest:?}, but --to takes a repository only (the new image gets \
+         its own digest): use --to {repository}, and --tag TAG to name the new image"
+    )]
+    Digest {
+        /// `--to` as given.
+        to: String,
+        /// The repository part.
+        repository: String,
+        /// The digest part.
+        digest: String,
+    },
+}
+
+/// Checks that `--to` names a repository only (`registry[:port]/path`, no `:tag`, no `@digest`): returns it.
+pub fn target_repository(to: &str) -> Result<&str, TargetError> {
+    if let Some((repository, digest)) = to.split_once('@') {
+        return Err(TargetError::Digest {
+            to: to.to_owned(),
+            repository: repository.to_owned(),
+            digest: digest.to_owned(),
+        });
+    }
+    let name_start = to.rfind('/').map_or(0, |slash| slash + 1);
+    if let Some(colon) = to[name_start..].find(':') {
+        let (repository, tag) = to.split_at(name_start + colon);
+        return Err(TargetError::Tag {
+            to: to.to_owned(),
+            repository: repository.to_owned(),
+            tag: tag[1..].to_owned(),
+        });
+    }
+    Ok(to)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{TargetError, target_repository};
+
+    #[test]
+    fn to_takes_a_repository_only() {
+        for repository in ["127.0.0.1:5000/lab/repo", "registry.example/a/b-c_d.e", "repo"] {
+            assert_eq!(target_repository(repository), Ok(repository));
+        }
+        let error = target_repository("127.0.0.1:5000/lab/repo:1").expect_err("tag refused");
+        assert_eq!(
+            error,
+            TargetError::Tag {
+                to: "127.0.0.1:5000/lab/repo:1".into(),
+                repository: "127.0.0.1:5000/lab/repo".into(),
+                tag: "1".into(),
+            }
+        );
+        assert!(
+            error
+                .to_string()
+                .contains("use --to 127.0.0.1:5000/lab/repo --tag 1"),
+            "{error}"
+        );
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let error = target_repository(&format!("reg:5000/repo@{digest}")).expect_err("digest refused");
+        assert!(
+            matches!(&error, TargetError::Digest { repository, digest: d, .. } if repository == "reg:5000/repo" && *d == digest),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("--tag TAG"), "{error}");
+        assert!(matches!(
+            target_repository("reg:5000/repo:v1@sha256:00"),
+            Err(TargetError::Digest { .. })
+        ));
     }
 }

@@ -49,7 +49,7 @@ fn normalized(path: &str) -> &str {
 
 /// Records what one layer's tar says about the helper paths still undecided (pure over the entries).
 fn scan_layer(tar: impl Read, seen: &mut BTreeMap<String, Seen>) -> std::io::Result<()> {
-    let mut archive = tar::Archive::new(tar);
+    let mut archive = tar::Archive::new(crate::overlay::HeaderLimit::new(tar));
     let mut in_this_layer = BTreeMap::new();
     for entry in archive.entries()? {
         let entry = entry?;

@@ -149,7 +149,7 @@ fn survivors(layers: &[Vec<Seen>]) -> Result<Vec<Vec<bool>>, String> {
 
 /// Reads the headers of one layer's tar.
 fn read_headers(tar: impl Read) -> std::io::Result<Vec<Seen>> {
-    let mut archive = tar::Archive::new(tar);
+    let mut archive = tar::Archive::new(crate::overlay::HeaderLimit::new(tar));
     let mut seen = Vec::new();
     for entry in archive.entries()? {
         let entry = entry?;
@@ -165,7 +165,7 @@ fn read_headers(tar: impl Read) -> std::io::Result<Vec<Seen>> {
 
 /// Copies the surviving entries of one layer's tar to `out` (headers, extended attributes, content).
 fn copy_survivors<W: Write>(tar: impl Read, keep: &[bool], out: &mut tar::Builder<W>) -> std::io::Result<()> {
-    let mut archive = tar::Archive::new(tar);
+    let mut archive = tar::Archive::new(crate::overlay::HeaderLimit::new(tar));
     for (at, entry) in archive.entries()?.enumerate() {
         let mut entry = entry?;
         if !keep.get(at).copied().unwrap_or(false) {

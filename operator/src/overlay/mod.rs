@@ -6,15 +6,19 @@
 //!   tar with `--xattrs`; whiteouts appear as char 0:0 entries) → the same OCI layer tar.
 //! - [`unpack_layer`]: an OCI layer tar → a directory in overlay form (whiteouts back to char 0:0, opaque
 //!   directories as `trusted.overlay.opaque=y` or `user.overlay.opaque=y`), refusing unsafe entries.
+//! - [`HeaderLimit`]: bounds the memory a tar stream's long-name and PAX headers may take (both readers
+//!   above use it, and so do every other reader of layers and node change sets: squash, copy, export).
 //!
 //! Layer conventions (OCI image spec): a deletion is an empty file `.wh.<name>`; a directory whose lower
 //! content is hidden holds `.wh..wh..opq`. Entries are PAX tar (long and non-ASCII names, xattrs as
 //! `SCHILY.xattr.*`), hard links are real tar links (never for whiteouts, which share one inode in an
 //! overlay upper dir), overlay's own xattrs (`trusted.overlay.*`, `user.overlay.*`) are never copied.
 
+mod limit;
 mod read;
 mod write;
 
+pub use limit::{HeaderLimit, MAX_EXTENSION_SIZE};
 pub use read::{UnpackOptions, apply_layer, unpack_layer};
 pub use write::{ChangeFilter, ChangeSummary, LayerOptions, write_layer_from_dir, write_layer_from_tar};
 

@@ -5,9 +5,11 @@ use std::ffi::OsStr;
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::fs::OpenOptionsExt as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use super::{Error, OPAQUE_MARKER, OpaqueXattr, WHITEOUT_PREFIX, is_overlay_xattr, sanitize_entry_path};
+use super::{
+    Error, HeaderLimit, OPAQUE_MARKER, OpaqueXattr, WHITEOUT_PREFIX, is_overlay_xattr, sanitize_entry_path,
+};
 
 /// How [`unpack_layer`] writes overlay form.
 #[derive(Debug, Clone, Copy)]
@@ -27,8 +29,10 @@ impl Default for UnpackOptions {
     }
 }
 
+/// A directory entry whose mode and times are applied after every entry is written.
 struct DirTimes {
-    path: PathBuf,
+    /// Its path relative to the root (sanitized: no `..`, no `.`, no empty component).
+    relative: Vec<u8>,
     mode: u32,
     mtime: i64,
 }
@@ -36,8 +40,10 @@ struct DirTimes {
 /// Unpacks an (uncompressed) OCI layer tar into `dest` (an existing, normally empty directory) in overlay
 /// form: `.wh.<name>` becomes a char device 0:0 `<name>`, `.wh..wh..opq` sets the opaque xattr on its
 /// directory. Refuses (with [`Error::UnsafeEntry`]) absolute paths, `..`, entries reached through a
-/// symlink, hard links outside the layer, and relative symlinks that climb above the root (absolute symlink
-/// targets are fine: they resolve inside the root at run time). Overlay's own xattrs in a layer are dropped.
+/// symlink, hard links outside the layer or to a whiteout, and relative symlinks that climb above the root (absolute symlink
+/// targets are fine: they resolve inside the root at run time), directory entries that a later entry
+/// replaced by a symlink or non-directory, and long-name or PAX headers over [`super::MAX_EXTENSION_SIZE`].
+/// Overlay's own xattrs in a layer are dropped.
 /// Returns the input reader (so the caller can drain and hash it) and the number of entries.
 pub fn unpack_layer<R: Read>(input: R, dest: &Path, options: UnpackOptions) -> Result<(R, u64), Error> {
     unpack(input, dest, options, None)
@@ -58,7 +64,7 @@ fn unpack<R: Read>(
     options: UnpackOptions,
     mut flatten: Option<&mut HashSet<Vec<u8>>>,
 ) -> Result<(R, u64), Error> {
-    let mut archive = tar::Archive::new(input);
+    let mut archive = tar::Archive::new(HeaderLimit::new(input));
     let mut dirs: Vec<DirTimes> = Vec::new();
     let mut count = 0u64;
     {
@@ -75,14 +81,113 @@ fn unpack<R: Read>(
             count += 1;
         }
     }
-    // Directory modes and times last: writing children would change them, and a read-only dir would block.
-    for dir in dirs.iter().rev() {
-        set_mode(&dir.path, dir.mode)?;
-        let time = filetime::FileTime::from_unix_time(dir.mtime, 0);
-        filetime::set_file_times(&dir.path, time, time)
-            .map_err(|e| Error::io("setting times of", &dir.path, e))?;
+    apply_dir_metadata(dest, &dirs)?;
+    Ok((archive.into_inner().into_inner(), count))
+}
+
+/// Applies the deferred modes and times of the layer's directories, in reverse order of their entries
+/// (writing children would change them, and a read-only dir would block). Each directory is opened component by
+/// component from `dest` without following any symlink, and changed through that descriptor
+/// (`fchmod`, `futimens`): a later entry of the layer that replaced a directory (or one of its parents) by
+/// a symlink cannot redirect the change outside the root; such a layer is refused.
+fn apply_dir_metadata(dest: &Path, dirs: &[DirTimes]) -> Result<(), Error> {
+    use nix::fcntl::OFlag;
+    use nix::sys::stat::Mode;
+    if dirs.is_empty() {
+        return Ok(());
     }
-    Ok((archive.into_inner(), count))
+    let root = nix::fcntl::open(
+        dest,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::io("opening", dest, e.into()))?;
+    for dir in dirs.iter().rev() {
+        let shown = || dest.join(OsStr::from_bytes(&dir.relative));
+        let fd = open_dir_beneath(dest, &root, &dir.relative)?;
+        nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(dir.mode))
+            .map_err(|e| Error::io("setting mode of", shown(), e.into()))?;
+        let time = nix::sys::time::TimeSpec::new(dir.mtime, 0);
+        nix::sys::stat::futimens(&fd, &time, &time)
+            .map_err(|e| Error::io("setting times of", shown(), e.into()))?;
+    }
+    Ok(())
+}
+
+/// Opens the directory `relative` (sanitized) under `root` (the descriptor of `dest`) for
+/// `fchmod`/`futimens`, one component at a time with `O_NOFOLLOW | O_DIRECTORY` relative to its parent's
+/// descriptor: no symlink is ever followed, so the result is inside the root. A component that is not a
+/// directory any more (a later entry replaced it) is an [`Error::UnsafeEntry`] naming the directory entry
+/// and what replaced what.
+fn open_dir_beneath(
+    dest: &Path,
+    root: &std::os::fd::OwnedFd,
+    relative: &[u8],
+) -> Result<std::os::fd::OwnedFd, Error> {
+    use nix::errno::Errno;
+    use nix::fcntl::OFlag;
+    use nix::sys::stat::Mode;
+    let mut current = root
+        .try_clone()
+        .map_err(|e| Error::io("duplicating the descriptor of", dest, e))?;
+    let mut end = 0;
+    let mut parts = relative.split(|b| *b == b'/').peekable();
+    while let Some(part) = parts.next() {
+        end += if end == 0 { part.len() } else { part.len() + 1 };
+        let access = if parts.peek().is_none() {
+            OFlag::O_RDONLY
+        } else {
+            OFlag::O_PATH
+        };
+        let name = OsStr::from_bytes(part);
+        let opened = nix::fcntl::openat(
+            &current,
+            name,
+            access | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        );
+        current = opened.map_err(|errno| match errno {
+            Errno::ELOOP | Errno::ENOTDIR | Errno::ENOENT => {
+                replaced_dir_error(relative, &relative[..end], describe_at(&current, name), errno)
+            }
+            other => Error::io(
+                "opening",
+                dest.join(OsStr::from_bytes(&relative[..end])),
+                other.into(),
+            ),
+        })?;
+    }
+    Ok(current)
+}
+
+/// What is at `name` in the directory `parent` (not following a symlink), for error messages.
+fn describe_at(parent: &std::os::fd::OwnedFd, name: &OsStr) -> &'static str {
+    use nix::sys::stat::SFlag;
+    match nix::sys::stat::fstatat(parent, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Err(nix::errno::Errno::ENOENT) => "nothing (it was removed)",
+        Err(_) => "something that cannot be examined",
+        Ok(stat) => match SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT {
+            SFlag::S_IFLNK => "a symlink",
+            SFlag::S_IFDIR => "a directory (that cannot be opened)",
+            SFlag::S_IFREG => "a regular file",
+            _ => "a device, fifo or socket",
+        },
+    }
+}
+
+/// The error for a directory entry whose path (`prefix`: the directory itself or a parent) no longer leads
+/// to a directory when its mode and times are applied.
+fn replaced_dir_error(relative: &[u8], prefix: &[u8], now: &str, errno: nix::errno::Errno) -> Error {
+    let mut shown = relative.to_vec();
+    shown.push(b'/');
+    let prefix = String::from_utf8_lossy(prefix);
+    unsafe_entry(
+        &shown,
+        format!(
+            "a later entry of the layer replaced the directory {prefix:?} by {now} ({errno}); its mode and \
+             times are not applied through it"
+        ),
+    )
 }
 
 fn unsafe_entry(path: &[u8], reason: impl Into<String>) -> Error {
@@ -223,7 +328,7 @@ fn unpack_entry<R: Read>(
             Err(_) => std::fs::create_dir(&path).map_err(|e| Error::io("creating", &path, e))?,
         }
         dirs.push(DirTimes {
-            path: path.clone(),
+            relative: relative.clone(),
             mode,
             mtime,
         });
@@ -257,9 +362,14 @@ fn unpack_entry<R: Read>(
                 if target.is_empty() {
                     return Err(unsafe_entry(&raw, "hard link to the root"));
                 }
+                let target_name = target.rsplit(|b| *b == b'/').next().unwrap_or_default();
+                if target_name.starts_with(WHITEOUT_PREFIX.as_bytes()) {
+                    return Err(hard_link_to_whiteout(&raw, &target));
+                }
                 prepare_parents(dest, &target, &raw)?;
                 let target_path = dest.join(OsStr::from_bytes(&target));
                 match target_path.symlink_metadata() {
+                    Ok(meta) if is_whiteout(&meta) => return Err(hard_link_to_whiteout(&raw, &target)),
                     Ok(meta) if !meta.is_dir() => {}
                     _ => {
                         return Err(unsafe_entry(
@@ -340,6 +450,24 @@ fn unpack_entry<R: Read>(
     Ok(())
 }
 
+/// Whether a file is a whiteout in overlay form (a char device 0:0).
+fn is_whiteout(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+    meta.file_type().is_char_device() && meta.rdev() == 0
+}
+
+/// The error for a hard link whose target is a deletion (`.wh.<name>`, or what one turned into a char
+/// device 0:0): linking it would make the link a deletion too.
+fn hard_link_to_whiteout(raw: &[u8], target: &[u8]) -> Error {
+    unsafe_entry(
+        raw,
+        format!(
+            "hard link target {:?} is a whiteout (a deletion), not a file",
+            String::from_utf8_lossy(target)
+        ),
+    )
+}
+
 fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
     if parent.is_empty() {
         return name.to_vec();
@@ -374,7 +502,189 @@ fn symlink_escapes(parent: &[u8], target: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::symlink_escapes;
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    use std::path::Path;
+
+    use super::{UnpackOptions, apply_layer, symlink_escapes, unpack_layer};
+    use crate::overlay::Error;
+
+    /// A tar entry of a hand-made layer: path, kind, mode, link target.
+    fn entry(builder: &mut tar::Builder<Vec<u8>>, path: &str, kind: tar::EntryType, mode: u32, link: &str) {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(kind);
+        header.set_mode(mode);
+        header.set_mtime(0);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_size(0);
+        if !link.is_empty() {
+            header.set_link_name(link).expect("link name");
+        }
+        builder
+            .append_data(&mut header, path, std::io::empty())
+            .expect("append");
+    }
+
+    /// A directory outside the unpack root, with a known mode and mtime; returns (its tempdir, the dir).
+    fn host_dir() -> (tempfile::TempDir, std::path::PathBuf) {
+        let host = tempfile::tempdir().expect("tempdir");
+        let dir = host.path().join("victim");
+        std::fs::create_dir(&dir).expect("mkdir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let time = filetime::FileTime::from_unix_time(1_700_000_000, 0);
+        filetime::set_file_times(&dir, time, time).expect("utimes");
+        (host, dir)
+    }
+
+    fn assert_untouched(dir: &Path) {
+        let meta = dir.metadata().expect("host dir");
+        assert_eq!(meta.mode() & 0o7777, 0o700, "mode of {} changed", dir.display());
+        assert_eq!(meta.mtime(), 1_700_000_000, "mtime of {} changed", dir.display());
+    }
+
+    fn unpack_both_ways(layer: &[u8]) -> Vec<Error> {
+        let overlay = tempfile::tempdir().expect("tempdir");
+        let flat = tempfile::tempdir().expect("tempdir");
+        vec![
+            unpack_layer(layer, overlay.path(), UnpackOptions::default()).expect_err("overlay form: refused"),
+            apply_layer(layer, flat.path()).expect_err("flattening: refused"),
+        ]
+    }
+
+    #[test]
+    fn a_directory_replaced_by_a_symlink_is_refused_and_the_host_is_untouched() {
+        let (_host, victim) = host_dir();
+        let mut builder = tar::Builder::new(Vec::new());
+        entry(&mut builder, "etc/", tar::EntryType::Directory, 0o755, "");
+        entry(&mut builder, "etc/evil/", tar::EntryType::Directory, 0o777, "");
+        let target = victim.to_str().expect("utf-8 path");
+        entry(&mut builder, "etc/evil", tar::EntryType::Symlink, 0o777, target);
+        let layer = builder.into_inner().expect("tar");
+        for error in unpack_both_ways(&layer) {
+            let message = error.to_string();
+            assert!(matches!(error, Error::UnsafeEntry { .. }), "{message}");
+            assert!(
+                message.contains(r#""etc/evil/""#)
+                    && message.contains(r#"directory "etc/evil" by a symlink"#),
+                "{message}"
+            );
+            assert_untouched(&victim);
+        }
+    }
+
+    #[test]
+    fn a_parent_replaced_by_a_symlink_is_refused_and_the_host_is_untouched() {
+        let (host, victim) = host_dir();
+        let mut builder = tar::Builder::new(Vec::new());
+        entry(&mut builder, "a/", tar::EntryType::Directory, 0o755, "");
+        entry(&mut builder, "a/victim/", tar::EntryType::Directory, 0o777, "");
+        let target = host.path().to_str().expect("utf-8 path");
+        entry(&mut builder, "a", tar::EntryType::Symlink, 0o777, target);
+        let layer = builder.into_inner().expect("tar");
+        for error in unpack_both_ways(&layer) {
+            let message = error.to_string();
+            assert!(
+                message.contains(r#""a/victim/""#) && message.contains(r#"directory "a" by a symlink"#),
+                "{message}"
+            );
+            assert_untouched(&victim);
+        }
+    }
+
+    #[test]
+    fn a_directory_replaced_by_a_file_is_refused() {
+        let mut builder = tar::Builder::new(Vec::new());
+        entry(&mut builder, "d/", tar::EntryType::Directory, 0o4777, "");
+        entry(&mut builder, "d", tar::EntryType::Regular, 0o644, "");
+        let layer = builder.into_inner().expect("tar");
+        for error in unpack_both_ways(&layer) {
+            assert!(
+                error.to_string().contains(r#"directory "d" by a regular file"#),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_hard_link_to_a_whiteout_is_refused() {
+        for target in [".wh.gone", "gone"] {
+            let mut builder = tar::Builder::new(Vec::new());
+            entry(&mut builder, ".wh.gone", tar::EntryType::Regular, 0o644, "");
+            entry(&mut builder, "link", tar::EntryType::Link, 0o644, target);
+            let layer = builder.into_inner().expect("tar");
+            let dest = tempfile::tempdir().expect("tempdir");
+            let error = unpack_layer(&layer[..], dest.path(), UnpackOptions::default())
+                .expect_err("a link to a deletion is refused");
+            assert!(
+                error
+                    .to_string()
+                    .contains(&format!("hard link target {target:?} is a whiteout")),
+                "{error}"
+            );
+            assert!(
+                dest.path().join("link").symlink_metadata().is_err(),
+                "no link made"
+            );
+        }
+    }
+
+    #[test]
+    fn nothing_is_written_through_an_absolute_symlink() {
+        use tar::EntryType::{Directory, Link, Regular};
+        let (host, victim) = host_dir();
+        std::fs::write(victim.join("keep"), "host file").expect("write");
+        let time = filetime::FileTime::from_unix_time(1_700_000_000, 0);
+        filetime::set_file_times(&victim, time, time).expect("utimes");
+        let target = host.path().to_str().expect("utf-8 path");
+        // (entry through `escape/`, its kind, link target): each must be refused, in both forms.
+        let cases: [(&str, tar::EntryType, &str); 6] = [
+            ("escape/victim/new", Regular, ""),
+            ("escape/victim/new-dir/", Directory, ""),
+            ("escape/victim/.wh.keep", Regular, ""),
+            ("escape/victim/.wh..wh..opq", Regular, ""),
+            ("escape/victim/link", Link, "file"),
+            ("stolen", Link, "escape/victim/keep"),
+        ];
+        for (path, kind, link) in cases {
+            let mut builder = tar::Builder::new(Vec::new());
+            entry(&mut builder, "file", Regular, 0o644, "");
+            entry(&mut builder, "escape", tar::EntryType::Symlink, 0o777, target);
+            entry(&mut builder, path, kind, 0o644, link);
+            let layer = builder.into_inner().expect("tar");
+            for error in unpack_both_ways(&layer) {
+                assert!(
+                    error.to_string().contains("goes through the symlink"),
+                    "{path}: {error}"
+                );
+            }
+            let names: Vec<_> = std::fs::read_dir(&victim)
+                .expect("host dir")
+                .map(|e| e.expect("entry").file_name())
+                .collect();
+            assert_eq!(names, ["keep"], "{path} changed the host directory");
+            assert_eq!(
+                std::fs::read_to_string(victim.join("keep")).expect("keep"),
+                "host file"
+            );
+            assert_untouched(&victim);
+        }
+    }
+
+    #[test]
+    fn directory_modes_and_times_are_applied_after_their_content() {
+        let mut builder = tar::Builder::new(Vec::new());
+        entry(&mut builder, "d/", tar::EntryType::Directory, 0o555, "");
+        entry(&mut builder, "d/e/", tar::EntryType::Directory, 0o705, "");
+        entry(&mut builder, "d/e/f", tar::EntryType::Regular, 0o644, "");
+        let layer = builder.into_inner().expect("tar");
+        let dest = tempfile::tempdir().expect("tempdir");
+        unpack_layer(&layer[..], dest.path(), UnpackOptions::default()).expect("unpack");
+        for (path, mode) in [("d", 0o555), ("d/e", 0o705)] {
+            let meta = dest.path().join(path).symlink_metadata().expect("dir");
+            assert!(meta.is_dir());
+            assert_eq!((meta.mode() & 0o7777, meta.mtime()), (mode, 0), "{path}");
+        }
+    }
 
     #[test]
     fn symlinks_that_climb_above_the_root_are_detected() {

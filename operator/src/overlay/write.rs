@@ -615,7 +615,7 @@ pub fn write_layer_from_tar<R: Read, W: Write>(
         lowers: options.lower_dirs.clone(),
         filter: &filter,
     };
-    let mut archive = tar::Archive::new(input);
+    let mut archive = tar::Archive::new(super::HeaderLimit::new(input));
     let entries = archive.entries().map_err(|source| Error::Tar {
         context: "reading the change stream".into(),
         source,
@@ -738,7 +738,7 @@ pub fn write_layer_from_tar<R: Read, W: Write>(
     }
     // Read what follows the end-of-archive marker (tar pads to its record size): a sender that cannot
     // finish writing would fail (EPIPE) although the stream was complete.
-    let mut rest = archive.into_inner();
+    let mut rest = archive.into_inner().into_inner();
     std::io::copy(&mut rest, &mut std::io::sink()).map_err(|source| Error::Tar {
         context: "reading the end of the change stream".into(),
         source,

@@ -433,7 +433,7 @@ pub fn filter_change_set<R: Read, W: Write>(
     target: &NodeTarget,
     progress: &Progress,
 ) -> io::Result<ChangeSummary> {
-    let mut archive = tar::Archive::new(input);
+    let mut archive = tar::Archive::new(crate::overlay::HeaderLimit::new(input));
     // busybox and GNU tar end with zero blocks; a stream cut short is caught by the reader's error.
     archive.set_ignore_zeros(false);
     let mut builder = tar::Builder::new(output);

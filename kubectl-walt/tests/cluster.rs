@@ -10,13 +10,14 @@
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use walt_crds::{Image, ImageSpec, Node, NodeSave, NodeSpec, ShellSession, VirtualNode};
 use walt_tests::k8s::{Cluster, shared_control_plane};
+use walt_tests::wait::{Poll, Wait, wait_for_async};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -41,24 +42,36 @@ fn cluster() -> &'static Cluster {
                     Err(e) => panic!("install CRD: {e}"),
                 }
             }
-            let deadline = Instant::now() + Duration::from_mins(1);
-            for crd in walt_crds::crds() {
-                let name = crd.metadata.name.clone().expect("crd name");
-                loop {
-                    let got = crds.get(&name).await.expect("get crd");
-                    let established = got
-                        .status
-                        .and_then(|s| s.conditions)
-                        .unwrap_or_default()
-                        .iter()
-                        .any(|c| c.type_ == "Established" && c.status == "True");
-                    if established {
-                        break;
+            let names: Vec<String> = walt_crds::crds()
+                .into_iter()
+                .map(|crd| crd.metadata.name.expect("crd name"))
+                .collect();
+            wait_for_async(
+                "the walt CRDs to be established",
+                Duration::from_mins(1),
+                async || {
+                    let mut waiting = Vec::new();
+                    for name in &names {
+                        let got = crds.get(name).await.expect("get crd");
+                        let established = got
+                            .status
+                            .and_then(|s| s.conditions)
+                            .unwrap_or_default()
+                            .iter()
+                            .any(|c| c.type_ == "Established" && c.status == "True");
+                        if !established {
+                            waiting.push(name.as_str());
+                        }
                     }
-                    assert!(Instant::now() < deadline, "CRD {name} not established");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
+                    if waiting.is_empty() {
+                        Poll::Ready(())
+                    } else {
+                        Poll::Pending(format!("not established: {}", waiting.join(", ")))
+                    }
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         });
     });
     cluster
@@ -431,23 +444,16 @@ fn image_clone_creates_the_image_and_waits_for_ready() {
         "--platform",
         "linux/amd64",
     ]);
-    let deadline = Instant::now() + Duration::from_secs(30);
     rt.block_on(async {
         let api: Api<Image> = Api::namespaced(admin().await, &ns);
-        while api.get_opt("pc.v3").await.expect("get").is_none() {
-            assert!(Instant::now() < deadline, "the plugin never created the Image");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        assert_eq!(
-            api.get("pc.v3")
-                .await
-                .expect("get")
-                .spec
-                .platform
-                .expect("platform")
-                .architecture,
-            "amd64"
-        );
+        let image = wait_for_async(
+            "the plugin to create the Image",
+            Duration::from_secs(30),
+            async || api.get_opt("pc.v3").await.expect("get"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(image.spec.platform.expect("platform").architecture, "amd64");
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
         set_status::<Image>(
             &ns,
@@ -503,18 +509,15 @@ fn image_duplicate_and_rename() {
         std::thread::spawn(move || {
             runtime().block_on(async move {
                 let api: Api<Image> = Api::namespaced(admin().await, &ns);
-                let deadline = Instant::now() + Duration::from_secs(30);
-                loop {
-                    if let Some(image) = api.get_opt(name).await.expect("get") {
-                        assert_eq!(
-                            image.spec.source.as_deref(),
-                            Some(format!("registry.lab/{ns}/rpi-debian@sha256:1111111111111111111111111111111111111111111111111111111111111111").as_str())
-                        );
-                        break;
-                    }
-                    assert!(Instant::now() < deadline, "no copy created");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
+                let image = wait_for_async(&format!("the copy {name} to be created"), Duration::from_secs(30), async || {
+                    api.get_opt(name).await.expect("get")
+                })
+                .await
+                .unwrap();
+                assert_eq!(
+                    image.spec.source.as_deref(),
+                    Some(format!("registry.lab/{ns}/rpi-debian@sha256:1111111111111111111111111111111111111111111111111111111111111111").as_str())
+                );
                 create_image_status_ready(&ns, name).await;
             });
         })
@@ -539,20 +542,19 @@ fn image_duplicate_and_rename() {
     let operator = std::thread::spawn(move || {
         runtime().block_on(async move {
             let api: Api<Image> = Api::namespaced(admin().await, &ns_for_operator);
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let requested = loop {
-                let image = api.get("rpi-v2").await.expect("get");
-                if let Some(value) = image
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get("walt.dev/squash-requested-at"))
-                {
-                    break value.clone();
-                }
-                assert!(Instant::now() < deadline, "the plugin never asked for the squash");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            };
+            let requested = wait_for_async(
+                "the plugin to ask for the squash",
+                Duration::from_secs(30),
+                async || {
+                    let image = api.get("rpi-v2").await.expect("get");
+                    image
+                        .metadata
+                        .annotations
+                        .and_then(|mut a| a.remove("walt.dev/squash-requested-at"))
+                },
+            )
+            .await
+            .unwrap();
             let patch =
                 serde_json::json!({"metadata": {"annotations": {"walt.dev/squash-handled-at": requested}}});
             api.patch(
@@ -592,14 +594,11 @@ fn node_save_shows_progress_digest_and_summary() {
     let child = walt.spawn(&["node", "save", "rpi3-01", "tuned", "--exclude", "/var/cache/"]);
     let save_name = rt.block_on(async {
         let api: Api<NodeSave> = Api::namespaced(admin().await, &ns);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let save = loop {
-            if let Some(s) = api.list(&ListParams::default()).await.expect("list").items.pop() {
-                break s;
-            }
-            assert!(Instant::now() < deadline, "no NodeSave created");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
+        let save = wait_for_async("a NodeSave to be created", Duration::from_secs(30), async || {
+            api.list(&ListParams::default()).await.expect("list").items.pop()
+        })
+        .await
+        .unwrap();
         assert_eq!(save.spec.node, "rpi3-01");
         assert_eq!(save.spec.image, "tuned");
         assert!(!save.spec.overwrite);
@@ -644,15 +643,15 @@ fn node_save_shows_progress_digest_and_summary() {
     let child = walt.spawn(&["node", "save", "rpi3-01", "other"]);
     rt.block_on(async {
         let api: Api<NodeSave> = Api::namespaced(admin().await, &ns);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let name = loop {
+        let name = wait_for_async("a NodeSave of image other to be created", Duration::from_secs(30), async || {
             let items = api.list(&ListParams::default()).await.expect("list").items;
-            if let Some(s) = items.into_iter().find(|s| s.spec.image == "other") {
-                break s.metadata.name.expect("name");
-            }
-            assert!(Instant::now() < deadline, "no NodeSave created");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
+            items.into_iter().find(|s| s.spec.image == "other")
+        })
+        .await
+        .unwrap()
+        .metadata
+        .name
+        .expect("name");
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
         set_status::<NodeSave>(&ns, &name, serde_json::json!({"phase": "Failed", "conditions": [{"type": "Complete",
             "status": "False", "reason": "NodeUnreachable", "message": "ssh: connection refused", "lastTransitionTime": now}]}))
@@ -676,11 +675,16 @@ fn interrupted_save_deletes_what_it_created() {
     let api_wait = |want: usize| {
         rt.block_on(async {
             let api: Api<NodeSave> = Api::namespaced(admin().await, &ns);
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while api.list(&ListParams::default()).await.expect("list").items.len() != want {
-                assert!(Instant::now() < deadline, "expected {want} NodeSave");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            wait_for_async(
+                &format!("{want} NodeSave"),
+                Duration::from_secs(30),
+                async || match api.list(&ListParams::default()).await.expect("list").items.len() {
+                    n if n == want => Poll::Ready(()),
+                    n => Poll::Pending(format!("{n} NodeSave")),
+                },
+            )
+            .await
+            .unwrap();
         });
     };
     api_wait(1);
@@ -755,11 +759,20 @@ fn rbac_refusals_name_the_permission() {
         create_node(&ns, &node("rpi3-01", None)).await;
         set_status::<Node>(&ns, "rpi3-01", ready_status()).await;
     });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !alice.run(&["node", "ls"]).status.success() {
-        assert!(Instant::now() < deadline, "the Role never applied");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    Wait::new(
+        "the Role to apply (alice may list nodes)",
+        Duration::from_secs(20),
+    )
+    .every(Duration::from_millis(300))
+    .until(|| {
+        let out = alice.run(&["node", "ls"]);
+        if out.status.success() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+        }
+    })
+    .unwrap();
     assert!(alice.ok(&["node", "ls"]).contains("rpi3-01"));
     let err = alice.fails(&["node", "shell", "rpi3-01"]);
     assert!(
@@ -824,14 +837,13 @@ fn completion_lists_names_from_the_cluster() {
 /// Waits for the plugin's ShellSession in `ns` and returns it.
 async fn wait_session(ns: &str) -> ShellSession {
     let api: Api<ShellSession> = Api::namespaced(admin().await, ns);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(s) = api.list(&ListParams::default()).await.expect("list").items.pop() {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "no ShellSession created");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_async(
+        "a ShellSession to be created",
+        Duration::from_secs(30),
+        async || api.list(&ListParams::default()).await.expect("list").items.pop(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 async fn sessions_left(ns: &str) -> usize {

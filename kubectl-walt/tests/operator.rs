@@ -14,7 +14,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Api;
@@ -26,6 +26,7 @@ use walt_tests::operator::OperatorProcess;
 use walt_tests::pty::Pty;
 use walt_tests::registry::Registry;
 use walt_tests::sshnode::{SshNode, keygen};
+use walt_tests::wait::{Poll, Wait, wait_for, wait_for_async};
 
 fn cluster() -> &'static Cluster {
     static READY: OnceLock<()> = OnceLock::new();
@@ -42,13 +43,18 @@ fn cluster() -> &'static Cluster {
                 }
             }
             // Wait until the API serves the kinds.
-            let deadline = Instant::now() + Duration::from_mins(1);
             let client = cluster.client().await.unwrap();
             let sessions: Api<ShellSession> = Api::namespaced(client, "default");
-            while sessions.list(&ListParams::default()).await.is_err() {
-                assert!(Instant::now() < deadline, "CRDs not served");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            wait_for_async(
+                "the walt CRDs to be served",
+                Duration::from_mins(1),
+                async || match sessions.list(&ListParams::default()).await {
+                    Ok(_) => Poll::Ready(()),
+                    Err(e) => Poll::Pending(e.to_string()),
+                },
+            )
+            .await
+            .unwrap();
         });
     });
     cluster
@@ -167,21 +173,23 @@ impl Lab {
                 .unwrap();
             // The operator resolves the image and probes the node over SSH: Ready once it answers
             // with its ready marker, booted on the image's digest.
-            let deadline = Instant::now() + Duration::from_mins(1);
-            loop {
+            Wait::new(
+                &format!("the node to be Ready on {base_digest}"),
+                Duration::from_mins(1),
+            )
+            .every(Duration::from_millis(250))
+            .until_async(async || {
                 let status = nodes.get("vnode").await.unwrap().status.unwrap_or_default();
                 let phase = format!("{:?}", status.phase);
                 let booted = status.booted_image.and_then(|b| b.digest);
                 if phase == "Ready" && booted.as_deref() == Some(base_digest.as_str()) {
-                    break;
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending(format!("{phase}, booted {booted:?}"))
                 }
-                assert!(
-                    Instant::now() < deadline,
-                    "node not Ready on {base_digest} ({phase}, booted {booted:?}); operator log:\n{}",
-                    operator.log()
-                );
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}; operator log:\n{}", operator.log()));
         });
         Lab {
             namespace,
@@ -240,19 +248,19 @@ impl Lab {
 
     /// Waits until `object`'s `path` reads `want`.
     fn wait_jsonpath(&self, object: &str, path: &str, want: &str) {
-        let deadline = Instant::now() + Duration::from_mins(1);
-        loop {
-            let got = self.jsonpath(object, path);
-            if got == want {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{object} {path} is {got:?}, not {want:?}; operator log:\n{}",
-                self.operator.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_for(
+            &format!("{object} {path} to be {want:?}"),
+            Duration::from_mins(1),
+            || {
+                let got = self.jsonpath(object, path);
+                if got == want {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending(format!("{got:?}"))
+                }
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}; operator log:\n{}", self.operator.log()));
     }
 
     /// The digest skopeo (an independent client) reads for `repository:tag` in the lab registry.
@@ -285,15 +293,13 @@ impl Lab {
     }
 
     fn wait_no_sessions(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.sessions_left() != 0 {
-            assert!(
-                Instant::now() < deadline,
-                "sessions were left behind; operator log:\n{}",
-                self.operator.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        Wait::new("no session to be left", Duration::from_secs(20))
+            .every(Duration::from_millis(100))
+            .until(|| match self.sessions_left() {
+                0 => Poll::Ready(()),
+                left => Poll::Pending(format!("{left} sessions")),
+            })
+            .unwrap_or_else(|e| panic!("{e}; operator log:\n{}", self.operator.log()));
     }
 }
 
@@ -466,15 +472,12 @@ fn node_commands_show_what_the_operator_does() {
             && (refused.contains("reboot requested") || refused.contains("Rebooting")),
         "{refused}"
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while lab.node.is_running() {
-        assert!(
-            Instant::now() < deadline,
-            "the operator did not reboot the node; log:\n{}",
-            lab.operator.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for(
+        "the operator to reboot the node (its processes to stop)",
+        Duration::from_secs(30),
+        || !lab.node.is_running(),
+    )
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", lab.operator.log()));
     let requested = lab.jsonpath(
         "node.walt.dev/vnode",
         "{.metadata.annotations.walt\\.dev/reboot-requested-at}",
@@ -498,11 +501,10 @@ fn node_commands_show_what_the_operator_does() {
     // node remove: gone for the operator too (its finalizer, if any, ran).
     let removed = lab.ok(&["node", "remove", "vnode"]);
     assert!(removed.contains("vnode: removed."), "{removed}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !lab.jsonpath("node.walt.dev/vnode", "{.metadata.name}").is_empty() {
-        assert!(Instant::now() < deadline, "the Node was not deleted");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for("the Node to be deleted", Duration::from_secs(30), || {
+        lab.jsonpath("node.walt.dev/vnode", "{.metadata.name}").is_empty()
+    })
+    .unwrap();
     let out = lab.command(&["node", "ls"]).output().unwrap();
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("No nodes in namespace"),

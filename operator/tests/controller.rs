@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use walt_tests::k8s::{Cluster, shared_control_plane};
 use walt_tests::operator::OperatorProcess as Operator;
 use walt_tests::process::{Daemon, Lifetime};
+use walt_tests::wait::{Poll, Wait};
 
 fn cluster() -> &'static Cluster {
     match shared_control_plane() {
@@ -167,28 +168,23 @@ fn wait_for(
     within: Duration,
     operator: &Operator,
 ) {
-    let deadline = Instant::now() + within;
-    let mut last = String::new();
-    while Instant::now() < deadline {
-        if let Ok(out) = cluster.kubectl_output(&[
-            "-n",
-            namespace,
-            "get",
-            object,
-            "-o",
-            &format!("jsonpath={jsonpath}"),
-        ]) {
-            out.trim().clone_into(&mut last);
-            if last == want {
-                return;
+    Wait::new(&format!("{object} {jsonpath} to be {want:?}"), within)
+        .every(Duration::from_millis(250))
+        .until(|| {
+            match cluster.kubectl_output(&[
+                "-n",
+                namespace,
+                "get",
+                object,
+                "-o",
+                &format!("jsonpath={jsonpath}"),
+            ]) {
+                Ok(out) if out.trim() == want => Poll::Ready(()),
+                Ok(out) => Poll::Pending(format!("{:?}", out.trim())),
+                Err(error) => Poll::Pending(error.to_string()),
             }
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    panic!(
-        "{object} {jsonpath} is {last:?}, not {want:?} after {within:?}; operator log:\n{}",
-        operator.log()
-    );
+        })
+        .unwrap_or_else(|e| panic!("{e}; operator log:\n{}", operator.log()));
 }
 
 #[test]
@@ -250,15 +246,9 @@ fn two_replicas_one_leader_and_takeover_on_release() {
     first.wait_ready(Duration::from_mins(1));
     let mut second = start_operator(cluster, &namespace, "replica-b", &[]);
     // The second replica serves /healthz but is not ready: it does not lead.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while second.get("/healthz").map(|(code, _)| code) != Some(200) {
-        assert!(
-            Instant::now() < deadline,
-            "second replica never served /healthz:\n{}",
-            second.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    Wait::new("the second replica to serve /healthz", Duration::from_secs(30))
+        .until(|| second.get("/healthz").map(|(code, _)| code) == Some(200))
+        .unwrap_or_else(|e| panic!("{e}:\n{}", second.log()));
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(second.get("/readyz").map(|(code, _)| code), Some(503));
     let holder = kubectl(
@@ -471,19 +461,17 @@ fn virtual_node_gets_pod_service_claim_and_is_recreated_when_its_image_moves() {
         within,
         &operator,
     );
-    let deadline = Instant::now() + within;
-    let uid_rebooted = loop {
-        let uid = jsonpath(cluster, &namespace, "pod/walt-node-vn1", "{.metadata.uid}");
-        if !uid.is_empty() && uid != uid_after.trim() {
-            break uid;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the pod was not recreated; log:\n{}",
-            operator.log()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    };
+    let uid_rebooted = Wait::new("the pod to be recreated (a new uid)", within)
+        .every(Duration::from_millis(250))
+        .until(|| {
+            let uid = jsonpath(cluster, &namespace, "pod/walt-node-vn1", "{.metadata.uid}");
+            if !uid.is_empty() && uid != uid_after.trim() {
+                Poll::Ready(uid)
+            } else {
+                Poll::Pending(format!("uid {uid:?}"))
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", operator.log()));
     // Handled once: further reconciles keep this pod.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
@@ -674,15 +662,12 @@ fn physical_node_reboots_once_when_asked() {
         within,
         &operator,
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while node.is_running() {
-        assert!(
-            Instant::now() < deadline,
-            "the node did not reboot; log:\n{}",
-            operator.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    Wait::new(
+        "the node to reboot (its processes to stop)",
+        Duration::from_secs(20),
+    )
+    .until(|| !node.is_running())
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", operator.log()));
     wait_event(
         cluster,
         &namespace,
@@ -785,15 +770,17 @@ fn image_resolves_at_the_registry_and_failures_name_it() {
         "message does not name the registry: {message}"
     );
     assert!(message.contains("no-such-image"), "{message}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let events = kubectl(cluster, &namespace, &["get", "events", "-o", "wide"]);
-        if events.contains("ResolveFailed") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no ResolveFailed Event:\n{events}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    Wait::new("a ResolveFailed Event", Duration::from_secs(30))
+        .every(Duration::from_millis(500))
+        .until(|| {
+            let events = kubectl(cluster, &namespace, &["get", "events", "-o", "wide"]);
+            if events.contains("ResolveFailed") {
+                Poll::Ready(())
+            } else {
+                Poll::Pending(format!("\n{events}"))
+            }
+        })
+        .unwrap();
 }
 
 /// Waits until Node `name` is Ready and has booted `digest`.
@@ -862,8 +849,12 @@ fn event_reasons(cluster: &Cluster, namespace: &str, name: &str) -> String {
 
 /// Waits for an Event about object `name` with `reason` whose message contains `text`.
 fn wait_event(cluster: &Cluster, namespace: &str, name: &str, reason: &str, text: &str, operator: &Operator) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    Wait::new(
+        &format!("a {reason} Event about {name} saying {text:?}"),
+        Duration::from_secs(30),
+    )
+    .every(Duration::from_millis(250))
+    .until(|| {
         let messages = kubectl(
             cluster,
             namespace,
@@ -877,15 +868,12 @@ fn wait_event(cluster: &Cluster, namespace: &str, name: &str, reason: &str, text
             ],
         );
         if messages.contains(text) {
-            return;
+            Poll::Ready(())
+        } else {
+            Poll::Pending(format!("messages {messages:?}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "no {reason} Event about {name} saying {text:?} (have: {messages:?}); log:\n{}",
-            operator.log()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    })
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", operator.log()));
 }
 
 /// A lab for node saves: a registry holding the base image `debian` of the
@@ -976,24 +964,21 @@ impl SaveLab {
 
     /// Waits until a save runs and has read bytes from the node (fails if it finished first).
     fn wait_progress(&self, save: &str) {
-        let deadline = Instant::now() + Duration::from_mins(1);
-        loop {
-            let phase = self.get(save, "{.status.phase}");
-            let bytes: u64 = self.get(save, "{.status.progress.bytes}").parse().unwrap_or(0);
-            assert_ne!(
-                phase, "Succeeded",
-                "{save} finished before the test could interrupt it: make the file bigger"
-            );
-            if phase == "Running" && bytes > 0 {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{save} did not report progress; operator log:\n{}",
-                self.operator.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        Wait::new(&format!("{save} to report progress"), Duration::from_mins(1))
+            .every(Duration::from_millis(100))
+            .until(|| {
+                let phase = self.get(save, "{.status.phase}");
+                let bytes: u64 = self.get(save, "{.status.progress.bytes}").parse().unwrap_or(0);
+                if phase == "Succeeded" {
+                    return Err("it finished before the test could interrupt it: make the file bigger");
+                }
+                Ok(if phase == "Running" && bytes > 0 {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending(format!("phase {phase:?}, {bytes} bytes"))
+                })
+            })
+            .unwrap_or_else(|e| panic!("{e}; operator log:\n{}", self.operator.log()));
     }
 }
 
@@ -1167,15 +1152,10 @@ fn operator_killed_mid_save_moves_no_tag_and_finishes_after_restart() {
         &lab.namespace,
         &["delete", "nodesave/gone", "--wait=false"],
     );
-    let deadline = Instant::now() + Duration::from_mins(2);
-    while !lab.operator.log().contains("node save cancelled") {
-        assert!(
-            Instant::now() < deadline,
-            "the save was not cancelled; log:\n{}",
-            lab.operator.log()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    Wait::new("the save to be cancelled", Duration::from_mins(2))
+        .every(Duration::from_millis(250))
+        .until(|| lab.operator.log().contains("node save cancelled"))
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", lab.operator.log()));
     let gone = lab
         .registry
         .reference(&format!("lab/{}/debian:gone", lab.namespace));
@@ -1582,16 +1562,15 @@ fn node_shell_through_the_operator_gateway_until_ttl_or_deletion() {
         &namespace,
         &["delete", "shellsession/long", "--wait=true", "--timeout=60s"],
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if open.try_wait().expect("wait ssh").is_some() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = open.kill();
-            panic!("the open connection survived the session's deletion");
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    let closed = Wait::new(
+        "the open connection to close after the session's deletion",
+        Duration::from_secs(20),
+    )
+    .every(Duration::from_millis(100))
+    .until(|| open.try_wait().expect("wait ssh"));
+    if let Err(e) = closed {
+        let _ = open.kill();
+        panic!("{e}");
     }
     eprintln!(
         "open connection closed {:?} after the delete started",
@@ -1899,18 +1878,18 @@ fn virtual_node_save_reaches_the_pod_by_its_ip() {
     let vnode_log = work.join("vnode.log");
     let _vnode =
         Daemon::spawn("walt-operator vnode", vnode, &vnode_log, Lifetime::Test).expect("start the vnode");
-    let deadline = Instant::now() + Duration::from_mins(2);
-    while !std::fs::read_to_string(&vnode_log)
-        .unwrap_or_default()
-        .contains("vnode ready")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the vnode did not start:\n{}",
-            std::fs::read_to_string(&vnode_log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    Wait::new("the vnode to start", Duration::from_mins(2))
+        .until(|| {
+            std::fs::read_to_string(&vnode_log)
+                .unwrap_or_default()
+                .contains("vnode ready")
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}:\n{}",
+                std::fs::read_to_string(&vnode_log).unwrap_or_default()
+            )
+        });
     let status = serde_json::json!({"status": {
         "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
         "containerStatuses": [{"name": "node", "ready": true, "restartCount": 0, "image": "walt", "imageID": "walt",

@@ -11,7 +11,9 @@ use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use walt_tests::wait::{Wait, WaitError};
 
 /// The binary under test (`WALT_OPERATOR_BIN` overrides Cargo's, e.g. to
 /// test a copy while others rebuild the shared target dir).
@@ -239,29 +241,28 @@ impl Session {
 
     /// Waits until `pattern` appears after what earlier expects consumed.
     fn expect(&mut self, pattern: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let text = self.text();
-            if let Some(found) = text[self.seen.min(text.len())..].find(pattern) {
-                let end = self.seen + found + pattern.len();
-                let chunk = text[self.seen..end].to_string();
-                self.seen = end;
-                return chunk;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
+        let found = Wait::new(&format!("{pattern:?} to be printed"), timeout)
+            .every(Duration::from_millis(20))
+            .until(|| {
+                let text = self.text();
+                if let Some(found) = text[self.seen.min(text.len())..].find(pattern) {
+                    let end = self.seen + found + pattern.len();
+                    let chunk = text[self.seen..end].to_string();
+                    self.seen = end;
+                    return Ok(Some(chunk));
+                }
+                match self.child.try_wait() {
+                    Ok(Some(status)) => Err(format!("the runtime exited ({status})")),
+                    _ => Ok(None),
+                }
+            });
+        found.unwrap_or_else(|e| {
+            if matches!(e, WaitError::Stopped { .. }) {
+                // Its last words.
                 std::thread::sleep(Duration::from_millis(200));
-                panic!(
-                    "the runtime exited ({status}) before printing {pattern:?}; output:\n{}",
-                    self.text()
-                );
             }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {pattern:?}; output so far:\n{}",
-                self.text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            panic!("{e}; output:\n{}", self.text())
+        })
     }
 
     fn send(&mut self, line: &str) {
@@ -286,18 +287,10 @@ impl Session {
     /// Waits for the runtime to exit; returns its exit code and the JSON
     /// result line.
     fn finish(mut self) -> (i32, serde_json::Value, String) {
-        let deadline = Instant::now() + Duration::from_mins(2);
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the runtime did not exit; output:\n{}",
-                self.text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let status = Wait::new("the runtime to exit", Duration::from_mins(2))
+            .every(Duration::from_millis(50))
+            .until(|| self.child.try_wait().unwrap())
+            .unwrap_or_else(|e| panic!("{e}; output:\n{}", self.text()));
         std::thread::sleep(Duration::from_millis(200));
         let text = self.text();
         let line = text
@@ -425,27 +418,17 @@ fn basic_shell_amd64_namespaces_terminal_and_exit_status() {
     // shell has run the line (its line editor turns ISIG off and reads Ctrl-C as a byte until then,
     // on the inner PTY the runtime relays to): wait until `sleep` runs under the runtime.
     session.send("sleep 100");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !runs_below(session.child.id(), "sleep") {
-        assert!(
-            Instant::now() < deadline,
-            "the shell never ran `sleep 100`:\n{}",
-            session.text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    Wait::new("the shell to run `sleep 100`", Duration::from_secs(30))
+        .every(Duration::from_millis(20))
+        .until(|| runs_below(session.child.id(), "sleep"))
+        .unwrap_or_else(|e| panic!("{e}:\n{}", session.text()));
     // Whatever the test itself was started with (a background job of a script ignores SIGINT), the
     // image's shell has default signal actions: one Ctrl-C stops the job.
     session.master.write_all(b"\x03").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while runs_below(session.child.id(), "sleep") {
-        assert!(
-            Instant::now() < deadline,
-            "Ctrl-C did not stop `sleep`:\n{}",
-            session.text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    Wait::new("Ctrl-C to stop `sleep`", Duration::from_secs(10))
+        .every(Duration::from_millis(20))
+        .until(|| !runs_below(session.child.id(), "sleep"))
+        .unwrap_or_else(|e| panic!("{e}:\n{}", session.text()));
     assert_eq!(session.run("echo still-here"), "still-here");
     session.send("exit 7");
     let (code, result, text) = session.finish();
@@ -669,18 +652,13 @@ fn killed_runtime_leaves_nothing_behind() {
     )
     .unwrap();
     let _ = session.child.wait();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let leftover = std::panic::catch_unwind(|| assert_nothing_left(cache.to_str().unwrap()));
-        if leftover.is_ok() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "something was left after the runtime was killed"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    Wait::new(
+        "nothing to be left after the runtime was killed",
+        Duration::from_secs(10),
+    )
+    .every(Duration::from_millis(100))
+    .until(|| std::panic::catch_unwind(|| assert_nothing_left(cache.to_str().unwrap())).is_ok())
+    .unwrap();
 }
 
 #[test]

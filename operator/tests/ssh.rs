@@ -19,6 +19,7 @@ use walt_operator::ssh::client::{
 use walt_operator::ssh::export::{self, ExportOptions, Progress};
 use walt_operator::ssh::gateway::{Authorization, Authorizations, Gateway, GatewayConfig};
 use walt_tests::sshnode::{NodeRoot, SshNode, SshNodeBuilder, keygen};
+use walt_tests::wait::Wait;
 
 fn connector(node: &SshNode) -> Connector {
     let lab = node.lab_netns().to_owned();
@@ -720,14 +721,13 @@ impl Vnode {
     fn stop(&mut self) -> std::process::ExitStatus {
         let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        for _ in 0..600 {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        self.child.wait().unwrap()
+        let exited = Wait::new("the vnode to exit after SIGTERM", Duration::from_mins(1))
+            .every(Duration::from_millis(100))
+            .until(|| self.child.try_wait().unwrap());
+        exited.unwrap_or_else(|_| {
+            let _ = self.child.kill();
+            self.child.wait().unwrap()
+        })
     }
 }
 
@@ -1071,16 +1071,10 @@ fn vnode_killed_mid_save_fails_the_save_and_leaves_the_tag_alone() {
     );
     assert_eq!(skopeo_digest(&target), before, "the target tag did not move");
     // The killed runtime's node went with it.
-    for _ in 0..100 {
-        if !Path::new(&format!("/proc/{init}")).exists() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(
-        !Path::new(&format!("/proc/{init}")).exists(),
-        "the node's PID 1 is gone"
-    );
+    Wait::new("the node's PID 1 to be gone", Duration::from_secs(10))
+        .every(Duration::from_millis(100))
+        .until(|| !Path::new(&format!("/proc/{init}")).exists())
+        .unwrap();
 }
 
 #[test]

@@ -18,6 +18,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::deploy::{self, cache_dir, chart_dir, run};
 use crate::image_build::{self, Arch, BuildOptions, Entry};
+use crate::wait::{Poll, Wait};
 
 /// Helm release and namespaces of the lab.
 pub const RELEASE: &str = "walt";
@@ -917,28 +918,31 @@ fn install_client_tools(kubectl: &Path) -> Result<PathBuf, Error> {
 }
 
 fn wait_node_ready(kube: &Kube, node: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    let mut phase = String::new();
-    while Instant::now() < deadline {
-        phase = run(kube.kubectl().args([
-            "get",
-            "nodes.walt.dev",
-            node,
-            "-n",
-            LAB_NAMESPACE,
-            "-o",
-            "jsonpath={.status.phase}",
-        ]))
-        .unwrap_or_default();
-        if phase == "Ready" {
-            eprintln!("lab: virtual node {node} is Ready");
-            return;
-        }
-        std::thread::sleep(Duration::from_secs(2));
+    let ready = Wait::new(&format!("virtual node {node} to be Ready"), timeout)
+        .every(Duration::from_secs(2))
+        .until(|| {
+            let phase = run(kube.kubectl().args([
+                "get",
+                "nodes.walt.dev",
+                node,
+                "-n",
+                LAB_NAMESPACE,
+                "-o",
+                "jsonpath={.status.phase}",
+            ]))
+            .unwrap_or_default();
+            if phase == "Ready" {
+                Poll::Ready(())
+            } else {
+                Poll::Pending(format!("phase {phase:?}"))
+            }
+        });
+    match ready {
+        Ok(()) => eprintln!("lab: virtual node {node} is Ready"),
+        Err(e) => eprintln!(
+            "lab: {e}; it may still become Ready: see kubectl describe nodes.walt.dev {node} -n {LAB_NAMESPACE}"
+        ),
     }
-    eprintln!(
-        "lab: virtual node {node} is not Ready yet (phase {phase:?}); see kubectl describe nodes.walt.dev {node} -n {LAB_NAMESPACE}"
-    );
 }
 
 /// `cargo xtask lab down`.

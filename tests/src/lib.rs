@@ -5,6 +5,8 @@
 //!   kube-scheduler) or a single-node cluster (plus containerd, runc, CNI, kubelet in a network
 //!   namespace), started by a test and stopped when it ends. Read its module docs first.
 //! - [`process`]: helper processes stopped by PID on drop, even when a test panics.
+//! - [`wait`]: the one polling loop ([`wait::wait_for`], [`wait::wait_for_async`]): every wait
+//!   for a condition, with a timeout that says what it waited for and what it saw last.
 //! - [`sshnode`]: real OpenSSH `sshd` nodes in network namespaces, with a WalT overlay root.
 //! - [`operator`]: `walt-operator run` as a test process (also inside the cluster tier's node
 //!   namespace), and the product binaries; [`pty`]: driving interactive programs through a PTY.
@@ -31,10 +33,11 @@ pub mod registry;
 pub mod ship;
 pub mod sshnode;
 pub mod tree;
+pub mod wait;
 
 use std::path::Path;
 use std::process::{Child, Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// What went wrong in a fixture: always says what was being done, and what to install when a tool is missing.
 #[derive(Debug, thiserror::Error)]
@@ -131,15 +134,13 @@ pub fn stop_child(child: &mut Child) {
     if let Ok(pid) = i32::try_from(child.id()) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let exited = wait::Wait::new("the child to exit after SIGTERM", Duration::from_secs(5))
+        .every(Duration::from_millis(20))
+        .until(|| matches!(child.try_wait(), Ok(Some(_))));
+    if exited.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
     }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// Fails unless the tests run as root (needed for owners, devices, xattrs in `trusted.*`, `umoci unpack`).

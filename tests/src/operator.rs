@@ -7,9 +7,10 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::process::{Daemon, Lifetime};
+use crate::wait::{Poll, wait_for};
 use crate::{FixtureError, deploy};
 
 /// A binary of this workspace: `$ENV` when set, else `cargo build -p PACKAGE` and the built file.
@@ -165,14 +166,14 @@ impl OperatorProcess {
     /// # Panics
     /// When it does not, with its log.
     pub fn wait_ready(&self, within: Duration) {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if matches!(self.get("/readyz"), Some((200, _))) {
-                return;
+        wait_for("walt-operator's /readyz to answer 200", within, || {
+            match self.get("/readyz") {
+                Some((200, _)) => Poll::Ready(()),
+                Some((code, body)) => Poll::Pending(format!("{code} {}", body.trim())),
+                None => Poll::Pending("no answer".to_owned()),
             }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        panic!("walt-operator not ready within {within:?}; log:\n{}", self.log());
+        })
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", self.log()));
     }
 
     /// Waits until its gateway listens (its configuration was accepted; with
@@ -181,18 +182,10 @@ impl OperatorProcess {
     /// # Panics
     /// When it does not, with its log.
     pub fn wait_started(&self, within: Duration) {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if self.log().contains("SSH gateway ready") {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        panic!(
-            "walt-operator did not start within {within:?}; log:
-{}",
-            self.log()
-        );
+        wait_for("walt-operator's SSH gateway to be ready", within, || {
+            self.log().contains("SSH gateway ready")
+        })
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", self.log()));
     }
 
     /// Stops it gracefully (SIGTERM, then SIGKILL after `grace`): it releases its Lease.

@@ -17,10 +17,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+
+use crate::wait::Wait;
 
 /// How long a started process may outlive the code that started it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,17 +213,12 @@ impl Daemon {
     pub fn stop(&mut self, grace: Duration) {
         if let Some(mut child) = self.child.take() {
             let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGTERM);
-            let deadline = Instant::now() + grace;
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) | Err(_) => return,
-                    Ok(None) if Instant::now() >= deadline => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        return;
-                    }
-                    Ok(None) => thread::sleep(Duration::from_millis(20)),
-                }
+            let exited = Wait::new(&format!("{} to exit after SIGTERM", self.name), grace)
+                .every(Duration::from_millis(20))
+                .until(|| !matches!(child.try_wait(), Ok(None)));
+            if exited.is_err() {
+                let _ = child.kill();
+                let _ = child.wait();
             }
         }
     }
@@ -254,17 +251,14 @@ pub fn stop_pid(pid: u32, grace: Duration) {
     }
     let target = Pid::from_raw(pid as i32);
     let _ = kill(target, Signal::SIGTERM);
-    let deadline = Instant::now() + grace;
-    while pid_alive(pid) {
-        if Instant::now() >= deadline {
-            let _ = kill(target, Signal::SIGKILL);
-            let hard_deadline = Instant::now() + Duration::from_secs(5);
-            while pid_alive(pid) && Instant::now() < hard_deadline {
-                thread::sleep(Duration::from_millis(20));
-            }
-            return;
-        }
-        thread::sleep(Duration::from_millis(20));
+    let gone = |signal: &str, within: Duration| {
+        Wait::new(&format!("process {pid} to exit after {signal}"), within)
+            .every(Duration::from_millis(20))
+            .until(|| !pid_alive(pid))
+    };
+    if gone("SIGTERM", grace).is_err() {
+        let _ = kill(target, Signal::SIGKILL);
+        let _ = gone("SIGKILL", Duration::from_secs(5));
     }
 }
 

@@ -5,7 +5,9 @@ use std::io::{Read as _, Write as _};
 use std::os::fd::OwnedFd;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::wait::Wait;
 
 /// A child process on a pseudo-terminal (its controlling terminal, through `setsid -c`), sized
 /// 30 rows × 100 columns.
@@ -115,15 +117,10 @@ impl Pty {
     /// # Panics
     /// When it is not shown in time, with everything shown.
     pub fn expect_within(&self, needle: &str, within: Duration) {
-        let deadline = Instant::now() + within;
-        while !self.text().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "never saw {needle:?} within {within:?}; got:\n{}",
-                self.text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        Wait::new(&format!("{needle:?} to be shown"), within)
+            .every(Duration::from_millis(50))
+            .until(|| self.text().contains(needle))
+            .unwrap_or_else(|e| panic!("{e}; got:\n{}", self.text()));
     }
 
     /// Waits for the program to exit (at most `within`): its exit code and everything shown.
@@ -131,18 +128,19 @@ impl Pty {
     /// # Panics
     /// When it does not exit in time (it is killed then).
     pub fn wait_within(&mut self, within: Duration) -> (i32, String) {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
+        let exited = Wait::new("the program to exit", within)
+            .every(Duration::from_millis(50))
+            .until(|| self.child.try_wait().expect("wait"));
+        match exited {
+            Ok(status) => {
                 std::thread::sleep(Duration::from_millis(200));
-                return (status.code().unwrap_or(-1), self.text());
+                (status.code().unwrap_or(-1), self.text())
             }
-            if Instant::now() >= deadline {
+            Err(e) => {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                panic!("the program did not exit within {within:?}:\n{}", self.text());
+                panic!("{e} (killed it):\n{}", self.text());
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
     }
 

@@ -15,9 +15,10 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::FixtureError;
+use crate::wait::{Poll, Wait};
 
 /// Basic-auth credentials the registry requires (htpasswd, bcrypt).
 #[derive(Debug, Clone)]
@@ -103,28 +104,26 @@ impl Registry {
     }
 
     fn wait_ready(&mut self) -> Result<(), FixtureError> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(child) = self.child.as_mut()
+        let mut child = self.child.take();
+        let serving = Wait::new(
+            &format!("docker-registry on {} to answer GET /v2/ with 200", self.host()),
+            Duration::from_secs(20),
+        )
+        .every(Duration::from_millis(50))
+        .until(|| {
+            if let Some(child) = child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
-                return Err(FixtureError::Failed(format!(
-                    "docker-registry exited with {status} before serving; its log:\n{}",
-                    self.log()
-                )));
+                return Err(format!("docker-registry exited with {status} before serving"));
             }
-            if let Ok(200) = self.get_status("/v2/") {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(FixtureError::Failed(format!(
-                    "docker-registry on {} did not answer GET /v2/ with 200 within 20 s; its log:\n{}",
-                    self.host(),
-                    self.log()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            Ok(match self.get_status("/v2/") {
+                Ok(200) => Poll::Ready(()),
+                Ok(status) => Poll::Pending(format!("GET /v2/ answered {status}")),
+                Err(e) => Poll::Pending(format!("GET /v2/: {e}")),
+            })
+        });
+        self.child = child;
+        serving.map_err(|e| FixtureError::Failed(format!("{e}; its log:\n{}", self.log())))
     }
 
     /// `127.0.0.1:PORT`: the registry host as it appears in image references.

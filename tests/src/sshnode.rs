@@ -26,7 +26,9 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::wait::Wait;
 
 /// Where a WalT node keeps the writable upper dir of its root overlay.
 pub const WALT_UPPER_DIR: &str = "/run/walt/rootfs/mnt/fs_rw";
@@ -321,7 +323,7 @@ impl SshNode {
         );
         let log =
             fs::File::create(self.dir.join("boot.log")).map_err(|e| setup_error("create boot.log", e))?;
-        let child = Command::new("ip")
+        let mut child = Command::new("ip")
             .args(["netns", "exec", &self.node_netns.name])
             .args([
                 "unshare",
@@ -338,28 +340,16 @@ impl SshNode {
             .stderr(log)
             .spawn()
             .map_err(|e| setup_error("start the node (ip netns exec … unshare … sshd)", e))?;
+        let booted = Wait::new("the node to accept SSH connections", Duration::from_secs(20))
+            .every(Duration::from_millis(50))
+            .until(|| {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(format!("the node exited while booting ({status})"));
+                }
+                Ok(self.log().contains("Server listening") && self.connect().is_ok())
+            });
         self.sshd = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(child) = self.sshd.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                return Err(setup_error(
-                    format!("the node exited while booting ({status})"),
-                    self.log(),
-                ));
-            }
-            if self.log().contains("Server listening") && self.connect().is_ok() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(setup_error(
-                    "the node did not accept SSH connections within 20 s",
-                    self.log(),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        booted.map_err(|e| setup_error(e.to_string(), self.log()))
     }
 
     /// The node's name (unique on this machine while it runs).
@@ -514,10 +504,12 @@ impl SshNode {
             let _ = child.kill();
             let _ = child.wait();
             if let Some(pid) = init {
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
+                let _ = Wait::new(
+                    &format!("the node's init ({pid}) to be gone"),
+                    Duration::from_secs(5),
+                )
+                .every(Duration::from_millis(10))
+                .until(|| !Path::new(&format!("/proc/{pid}")).exists());
             }
         }
     }
@@ -535,12 +527,9 @@ impl Drop for SshNode {
         self.kill();
         // The mounts lived in the node's private mount namespace: they went with its last process.
         // Give the kernel a moment to release them before removing the mount points.
-        for _ in 0..50 {
-            if fs::remove_dir_all(&self.dir).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let _ = Wait::new("the node's directory to be removed", Duration::from_secs(1))
+            .every(Duration::from_millis(20))
+            .until(|| fs::remove_dir_all(&self.dir).is_ok());
         // The Netns fields delete both namespaces when they drop, after this.
     }
 }

@@ -2,6 +2,7 @@
 //! the harness, checked with kubectl (an independent client) and kube-rs.
 
 use walt_tests::k8s::{Cluster, DEFAULT_USERS, run_kubectl, shared_control_plane};
+use walt_tests::wait::{Poll, wait_for};
 
 fn cluster() -> &'static Cluster {
     match shared_control_plane() {
@@ -39,19 +40,16 @@ fn readyz_is_ok() {
 fn controller_manager_creates_service_accounts() {
     let cluster = cluster();
     let ns = cluster.create_namespace("sa").expect("create namespace");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_mins(1);
-    loop {
-        match cluster.kubectl_output(&["get", "-n", &ns, "serviceaccount/default", "-o", "name"]) {
-            Ok(out) => {
-                assert_eq!(out.trim(), "serviceaccount/default");
-                break;
-            }
-            Err(e) if std::time::Instant::now() > deadline => {
-                panic!("no default service account in {ns} after 60 s: {e}")
-            }
-            Err(_) => std::thread::sleep(std::time::Duration::from_millis(200)),
-        }
-    }
+    let out = wait_for(
+        &format!("the default service account in {ns}"),
+        std::time::Duration::from_mins(1),
+        || match cluster.kubectl_output(&["get", "-n", &ns, "serviceaccount/default", "-o", "name"]) {
+            Ok(out) => Poll::Ready(out),
+            Err(e) => Poll::Pending(e.to_string()),
+        },
+    )
+    .unwrap();
+    assert_eq!(out.trim(), "serviceaccount/default");
 }
 
 #[test]

@@ -18,6 +18,7 @@ use walt_tests::deploy::{self, run};
 use walt_tests::image_build::Arch;
 use walt_tests::k8s::{Cluster, ClusterOptions, cluster_tier_skip_reason};
 use walt_tests::lab::{self, Kube, LabRegistry};
+use walt_tests::wait::{Poll, Wait, wait_for};
 
 const NS: &str = "journey";
 
@@ -119,40 +120,45 @@ impl Journey<'_> {
             let _ = stdout.read_to_end(&mut all);
             all
         });
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                let out = String::from_utf8_lossy(&reader.join().unwrap_or_default()).into_owned();
-                assert!(status.success(), "kubectl walt {args:?} exited {status}:\n{out}");
-                return out;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                let out = String::from_utf8_lossy(&reader.join().unwrap_or_default()).into_owned();
-                panic!("kubectl walt {args:?} did not finish in {timeout:?}:\n{out}");
-            }
-            std::thread::sleep(Duration::from_millis(200));
+        let finished = wait_for(&format!("kubectl walt {args:?} to finish"), timeout, || {
+            child.try_wait().expect("wait")
+        });
+        if finished.is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
+        let out = String::from_utf8_lossy(&reader.join().unwrap_or_default()).into_owned();
+        match finished {
+            Ok(status) => assert!(status.success(), "kubectl walt {args:?} exited {status}:\n{out}"),
+            Err(e) => panic!("{e}:\n{out}"),
+        }
+        out
     }
 
     fn wait_jsonpath(&self, resource: &str, path: &str, want: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let mut last = String::new();
-        while Instant::now() < deadline {
-            last =
-                run(self
-                    .kube
-                    .kubectl()
-                    .args(["get", resource, "-n", NS, "-o", &format!("jsonpath={path}")]))
+        Wait::new(&format!("{resource} {path} to be {want:?}"), timeout)
+            .every(Duration::from_secs(2))
+            .until(|| {
+                let last = run(self.kube.kubectl().args([
+                    "get",
+                    resource,
+                    "-n",
+                    NS,
+                    "-o",
+                    &format!("jsonpath={path}"),
+                ]))
                 .unwrap_or_else(|e| e.to_string());
-            if last == want {
-                return;
-            }
-            std::thread::sleep(Duration::from_secs(2));
-        }
-        let describe = run(self.kube.kubectl().args(["describe", resource, "-n", NS])).unwrap_or_default();
-        panic!("{resource} {path} is {last:?}, not {want:?}, after {timeout:?}:\n{describe}");
+                if last == want {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending(format!("{last:?}"))
+                }
+            })
+            .unwrap_or_else(|e| {
+                let describe =
+                    run(self.kube.kubectl().args(["describe", resource, "-n", NS])).unwrap_or_default();
+                panic!("{e}:\n{describe}")
+            });
     }
 
     /// The product part of the journey; Err when a piece of the product does not exist yet.
@@ -493,11 +499,15 @@ fn journey() {
         "5m",
     ]))
     .expect("helm uninstall");
-    let deadline = Instant::now() + Duration::from_mins(2);
-    let mut left = leftovers(&kube);
-    while !left.is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_secs(2));
-        left = leftovers(&kube);
-    }
-    assert!(left.is_empty(), "helm uninstall left: {left:?}");
+    Wait::new("helm uninstall to leave nothing", Duration::from_mins(2))
+        .every(Duration::from_secs(2))
+        .until(|| {
+            let left = leftovers(&kube);
+            if left.is_empty() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending(format!("{left:?}"))
+            }
+        })
+        .unwrap();
 }

@@ -25,6 +25,7 @@ use walt_tests::image_build::Arch;
 use walt_tests::k8s::{Cluster, ClusterOptions, cluster_tier_skip_reason};
 use walt_tests::operator::{OperatorProcess, plugin_binary};
 use walt_tests::pty::Pty;
+use walt_tests::wait::{Poll, Wait};
 
 fn kubectl(cluster: &Cluster, args: &[&str]) -> String {
     cluster
@@ -48,31 +49,33 @@ fn wait_jsonpath(
     want: &str,
     operator: &OperatorProcess,
 ) {
-    let deadline = Instant::now() + Duration::from_mins(3);
-    let mut last = String::new();
-    while Instant::now() < deadline {
-        last = jsonpath(cluster, ns, object, path);
-        if last == want {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    let describe = cluster
-        .kubectl_output(&["-n", ns, "describe", object])
-        .unwrap_or_default();
-    panic!(
-        "{object} {path} is {last:?}, not {want:?}:\n{describe}\noperator log (end):\n{}",
-        tail(&operator.log(), 60)
-    );
+    Wait::new(&format!("{object} {path} to be {want:?}"), Duration::from_mins(3))
+        .every(Duration::from_millis(500))
+        .until(|| {
+            let last = jsonpath(cluster, ns, object, path);
+            if last == want {
+                Poll::Ready(())
+            } else {
+                Poll::Pending(format!("{last:?}"))
+            }
+        })
+        .unwrap_or_else(|e| {
+            let describe = cluster
+                .kubectl_output(&["-n", ns, "describe", object])
+                .unwrap_or_default();
+            panic!(
+                "{e}:\n{describe}\noperator log (end):\n{}",
+                tail(&operator.log(), 60)
+            )
+        });
 }
 
 /// Waits (1 minute at most) until `done` says so.
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_mins(1);
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}: not after a minute");
-        std::thread::sleep(Duration::from_millis(500));
-    }
+fn wait_until(what: &str, done: impl FnMut() -> bool) {
+    Wait::new(what, Duration::from_mins(1))
+        .every(Duration::from_millis(500))
+        .until(done)
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 fn tail(text: &str, lines: usize) -> String {
@@ -354,13 +357,20 @@ fn image_shells_on_the_cluster_tier() {
     let (code, shown) = pty.wait_within(Duration::from_mins(2));
     assert_eq!(code, 0, "{shown}");
     assert!(shown.contains("Saved as demo: "), "{shown}");
-    let deadline = Instant::now() + Duration::from_mins(1);
-    let mut after = before.clone();
-    while after == before && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(500));
-        after = jsonpath(&cluster, &ns, "image.walt.dev/demo", "{.status.digest}");
-    }
-    assert_ne!(after, before, "the Image was resolved again after the overwrite");
+    let after = Wait::new(
+        "the Image to be resolved again after the overwrite (a new digest)",
+        Duration::from_mins(1),
+    )
+    .every(Duration::from_millis(500))
+    .until(|| {
+        let after = jsonpath(&cluster, &ns, "image.walt.dev/demo", "{.status.digest}");
+        if after == before {
+            Poll::Pending(format!("still {before}"))
+        } else {
+            Poll::Ready(after)
+        }
+    })
+    .unwrap();
     assert_eq!(after, digest_of(&format!("{registry}/lab/{ns}/demo:latest")));
     let rootfs = unpack(&format!("{registry}/lab/{ns}/demo:latest"), work.path());
     assert_eq!(

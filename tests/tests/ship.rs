@@ -397,15 +397,16 @@ impl Registry {
             address,
             _dir: dir,
         };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while std::net::TcpStream::connect(&registry.address).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "docker-registry did not listen on {}",
-                registry.address
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+        walt_tests::wait::Wait::new(
+            &format!("docker-registry to listen on {}", registry.address),
+            std::time::Duration::from_secs(20),
+        )
+        .every(std::time::Duration::from_millis(100))
+        .until(|| match std::net::TcpStream::connect(&registry.address) {
+            Ok(_) => walt_tests::wait::Poll::Ready(()),
+            Err(e) => walt_tests::wait::Poll::Pending(e.to_string()),
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
         registry
     }
 }

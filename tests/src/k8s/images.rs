@@ -13,6 +13,7 @@ use flate2::write::GzEncoder;
 use sha2::{Digest as _, Sha256};
 
 use super::Error;
+use crate::wait::{Poll, Wait};
 
 /// CPU architecture of an image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,22 +228,22 @@ pub fn push_busybox(
 
 /// Waits until the registry at `registry` (`host:port`) answers `GET /v2/` with 200.
 pub fn wait_for_registry(registry: &str, deadline: Instant) -> Result<(), Error> {
-    loop {
-        let last = match probe(registry) {
-            Ok(true) => return Ok(()),
-            Ok(false) => "GET /v2/ did not answer 200".to_string(),
-            Err(e) => e.to_string(),
-        };
-        if Instant::now() >= deadline {
-            return Err(Error::NotReady {
-                component: "registry".into(),
-                reason: format!("{registry}: {last}"),
-                log: "logs/registry.log".into(),
-                tail: String::new(),
-            });
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    Wait::new(
+        &format!("{registry} to answer GET /v2/ with 200"),
+        deadline.saturating_duration_since(Instant::now()),
+    )
+    .every(Duration::from_millis(50))
+    .until(|| match probe(registry) {
+        Ok(true) => Poll::Ready(()),
+        Ok(false) => Poll::Pending("GET /v2/ did not answer 200".to_string()),
+        Err(e) => Poll::Pending(e.to_string()),
+    })
+    .map_err(|e| Error::NotReady {
+        component: "registry".into(),
+        reason: e.to_string(),
+        log: "logs/registry.log".into(),
+        tail: String::new(),
+    })
 }
 
 fn probe(registry: &str) -> std::io::Result<bool> {

@@ -56,6 +56,7 @@ use serde::{Deserialize, Serialize};
 pub use binaries::K8sBinaries;
 
 use crate::process::{Daemon, Lifetime, stop_pid};
+use crate::wait::{Poll, Wait};
 use pki::Ca;
 
 /// Errors of the Kubernetes harness. Every message says what failed and where to look.
@@ -528,7 +529,12 @@ impl Cluster {
 
     /// Runs `kubectl ARGS` (admin) until it succeeds, failing if a process exits or at `deadline`.
     pub(crate) fn wait_for(&self, component: &str, deadline: Instant, args: &[&str]) -> Result<(), Error> {
-        loop {
+        Wait::new(
+            &format!("`kubectl {}` to succeed", args.join(" ")),
+            deadline.saturating_duration_since(Instant::now()),
+        )
+        .every(Duration::from_millis(250))
+        .until(|| -> Result<_, Error> {
             self.check_alive(component)?;
             let output = self
                 .kubectl()
@@ -536,21 +542,13 @@ impl Cluster {
                 .arg("--request-timeout=5s")
                 .output()
                 .map_err(|e| Error::io("run kubectl", e))?;
-            if output.status.success() {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(self.not_ready(
-                    component,
-                    format!(
-                        "`kubectl {}` still fails: {}",
-                        args.join(" "),
-                        String::from_utf8_lossy(&output.stderr).trim()
-                    ),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
+            Ok(if output.status.success() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending(String::from_utf8_lossy(&output.stderr).trim().to_owned())
+            })
+        })
+        .map_err(|e| e.or_timed_out(|message| self.not_ready(component, message)))
     }
 
     fn write_state(&self) -> Result<(), Error> {

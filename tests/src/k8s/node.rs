@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use super::{Cluster, Error, free_port, images};
 use crate::process::{Daemon, Lifetime, pid_alive, stop_pid};
+use crate::wait::Wait;
 
 /// The node's name in Kubernetes.
 pub const NODE_NAME: &str = "walt-node";
@@ -206,26 +207,23 @@ impl Node {
         std::fs::write(node.dir.join("holder.pid"), daemon.pid().to_string())
             .map_err(|e| Error::io("record the namespace holder PID", e))?;
         node.holder = Some(daemon);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !crate::process::log_tail(&log, 5).contains("ready") {
-            if let Some(status) = node.holder.as_mut().and_then(Daemon::exited) {
-                return Err(Error::NotReady {
-                    component: "node mount namespace".into(),
-                    reason: format!("its holder exited ({status})"),
-                    log: log.display().to_string(),
-                    tail: crate::process::log_tail(&log, 20),
-                });
-            }
-            if Instant::now() > deadline {
-                return Err(Error::NotReady {
-                    component: "node mount namespace".into(),
-                    reason: "not set up after 10 s".into(),
-                    log: log.display().to_string(),
-                    tail: crate::process::log_tail(&log, 20),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        Wait::new("the node mount namespace to be set up", Duration::from_secs(10))
+            .every(Duration::from_millis(20))
+            .until(|| {
+                if crate::process::log_tail(&log, 5).contains("ready") {
+                    return Ok(true);
+                }
+                match node.holder.as_mut().and_then(Daemon::exited) {
+                    Some(status) => Err(format!("its holder exited ({status})")),
+                    None => Ok(false),
+                }
+            })
+            .map_err(|e| Error::NotReady {
+                component: "node mount namespace".into(),
+                reason: e.or_timed_out(|message| message),
+                log: log.display().to_string(),
+                tail: crate::process::log_tail(&log, 20),
+            })?;
         Ok(node)
     }
 
@@ -292,16 +290,13 @@ impl Node {
             .arg(format!("UNIX-LISTEN:{},fork,unlink-early", socket.display()))
             .arg(format!("TCP:127.0.0.1:{port}"));
         cluster.spawn(&format!("{name}-node"), inside, lifetime)?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            if Instant::now() > deadline {
-                return Err(cluster.not_ready(
-                    &format!("{name}-node"),
-                    format!("{} did not appear", socket.display()),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        Wait::new(
+            &format!("{} to appear", socket.display()),
+            Duration::from_secs(10),
+        )
+        .every(Duration::from_millis(10))
+        .until(|| socket.exists())
+        .map_err(|e| cluster.not_ready(&format!("{name}-node"), e.to_string()))?;
         let mut outside = Command::new("socat");
         outside
             .arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr"))
@@ -408,13 +403,19 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         let mut containerd = self.node_command("/usr/bin/containerd");
         containerd.arg("--config").arg(&config);
         cluster.spawn("containerd", containerd, lifetime)?;
-        while !socket.exists() {
-            cluster.check_alive("containerd")?;
-            if Instant::now() > deadline {
-                return Err(cluster.not_ready("containerd", format!("{} did not appear", socket.display())));
+        Wait::new(
+            &format!("{} to appear", socket.display()),
+            deadline.saturating_duration_since(Instant::now()),
+        )
+        .every(Duration::from_millis(50))
+        .until(|| -> Result<bool, Error> {
+            if socket.exists() {
+                return Ok(true);
             }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            cluster.check_alive("containerd")?;
+            Ok(false)
+        })
+        .map_err(|e| e.or_timed_out(|message| cluster.not_ready("containerd", message)))?;
 
         // kubelet: client certificate (Node authorizer), serving certificate from our CA.
         let ca = super::pki::Ca::load(&cluster.dir().join("pki"))?;

@@ -17,23 +17,27 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
-use walt_crds::{BootMode, Changes, Image, ImageName, Node, NodePhase, NodeSave, NodeSavePhase, Progress};
+use walt_crds::{BootMode, Changes, Image, ImageName, Node, NodeSave, NodeSavePhase, Progress};
 
 pub mod build;
+pub mod decide;
 
 use self::build::{
-    PROGRESS_INTERVAL, SaveOutcome, SaveTarget, failed_status, is_transient, milestone_crossed,
-    nodes_booting, pending_status, pushing_status, running_status, same_wait, succeeded_status, validate,
+    PROGRESS_INTERVAL, SaveOutcome, SaveTarget, failed_status, milestone_crossed, nodes_booting,
+    pending_status, pushing_status, running_status, same_wait, succeeded_status,
 };
+use self::decide::{Step, decide};
 use crate::controller::shared::context::{Context, FIELD_MANAGER};
 use crate::controller::shared::error::{Error, KubeResultExt, Result};
+use crate::controller::shared::lock::{Claim, claims_in};
 use crate::controller::shared::lookup::find_image;
 use crate::controller::shared::node_access::{client_config, node_target, ssh_reason, vnode_pod};
 use crate::controller::shared::registry::{
     NO_REBOOT_ANNOTATION, RESOLVE_ANNOTATION, lab_reference, pinned_reference, registry_client,
 };
+use crate::oci::RegistryClient;
 use crate::ssh::export::{self, ExportOptions};
-use crate::ssh::save::{SaveError, SaveOptions, SaveProgress, push_node_changes};
+use crate::ssh::save::{NodeSaved, SaveError, SaveOptions, SaveProgress, push_node_changes};
 use crate::ssh::{ClientConfig, NodeClient, NodeTarget};
 
 /// Annotation on an Image: the uid of the NodeSave that wrote its current
@@ -93,7 +97,8 @@ async fn fail(context: &Context, save: &NodeSave, reason: &str, message: &str) -
     Ok(Action::await_change())
 }
 
-/// Reconciles one NodeSave.
+/// Reconciles one NodeSave: dereference → [`decide`] → prepare and start the save task (its
+/// status is written by [`wait`], [`fail`] or [`start`]; the task writes the rest).
 pub async fn reconcile(save: Arc<NodeSave>, context: Arc<Context>) -> Result<Action> {
     let phase = save
         .status
@@ -103,91 +108,102 @@ pub async fn reconcile(save: Arc<NodeSave>, context: Arc<Context>) -> Result<Act
     if phase.is_finished() {
         return Ok(Action::await_change());
     }
-    let uid = save.uid().unwrap_or_default();
-    if context.saves.is_running(&uid) {
+    if context.saves.is_running(&save.uid().unwrap_or_default()) {
         // The task reports through the status; look again now and then in
         // case it died without a word (a panic frees its slot, and the next
         // look runs the save again).
         return Ok(Action::requeue(Duration::from_mins(1)));
     }
-    let namespace = save.namespace().unwrap_or_default();
-    let nodes_api: Api<Node> = Api::namespaced(context.client.clone(), &namespace);
-    let images: Api<Image> = Api::namespaced(context.client.clone(), &namespace);
-    let node = nodes_api
-        .get_opt(&save.spec.node)
-        .await
-        .context(|| format!("reading Node {namespace}/{}", save.spec.node))?;
-    let target_object = ImageName::parse(&save.spec.image)
-        .ok()
-        .map(|name| name.object_name());
-    let existing = match &target_object {
-        Some(object) => images
-            .get_opt(object)
-            .await
-            .context(|| format!("reading Image {namespace}/{object}"))?,
-        None => None,
-    };
-    // An Image this very save wrote (before a restart) is not "another" image.
-    let written_by_me = existing
-        .as_ref()
-        .is_some_and(|image| image.annotations().get(SAVED_BY_ANNOTATION) == Some(&uid));
-    let other = existing.as_ref().filter(|_| !written_by_me);
-    let target = match validate(&save, node.as_ref(), other) {
-        Ok(target) => target,
-        Err((reason, message)) if is_transient(reason) => {
-            return wait(&context, &save, reason, &message).await;
-        }
-        Err((reason, message)) => return fail(&context, &save, reason, &message).await,
-    };
-    let Some(node) = node else {
-        return fail(&context, &save, "NodeNotFound", "the Node disappeared").await;
-    };
-    let node_phase = node
-        .status
-        .as_ref()
-        .map(|status| status.phase)
-        .unwrap_or_default();
-    if node_phase != NodePhase::Ready {
-        let message = format!(
-            "Node {namespace}/{} is {node_phase:?}, not Ready: the save starts once it is Ready",
-            save.spec.node
-        );
-        return wait(&context, &save, "NodeNotReady", &message).await;
-    }
-    let claims = crate::controller::shared::lock::claims_in(&context, &namespace).await?;
-    if let Some(holder) = crate::controller::shared::lock::holder_other_than(
-        &claims,
-        &target.image_object,
-        "NodeSave",
-        &save.name_any(),
+    let facts = Facts::read(&context, &save).await?;
+    match decide(
+        &save,
+        facts.node.as_ref(),
+        facts.other_image(&save),
+        &facts.claims,
     ) {
-        let message = format!(
-            "image {} is busy: {} holds it (one shell or save at a time per image); this save starts after it",
-            save.spec.image,
-            holder.label()
-        );
-        return wait(&context, &save, "ImageBusy", &message).await;
+        Step::Wait(reason, message) => wait(&context, &save, reason, &message).await,
+        Step::Fail(reason, message) => fail(&context, &save, reason, &message).await,
+        Step::Start(target) => {
+            let Some(node) = &facts.node else {
+                return fail(&context, &save, "NodeNotFound", "the Node disappeared").await;
+            };
+            let restarted = matches!(phase, NodeSavePhase::Running | NodeSavePhase::Pushing);
+            start(&context, &save, node, target, facts.existing.as_ref(), restarted).await
+        }
     }
-    let job = match prepare(&context, &save, &node, target, existing.as_ref()).await {
+}
+
+/// What the decision needs to know, read from the API server.
+struct Facts {
+    node: Option<Node>,
+    /// The Image the save would write, if it exists.
+    existing: Option<Image>,
+    /// The unfinished shells and saves of the namespace (who holds which image).
+    claims: Vec<Claim>,
+}
+
+impl Facts {
+    async fn read(context: &Context, save: &NodeSave) -> Result<Self> {
+        let namespace = save.namespace().unwrap_or_default();
+        let node = Api::<Node>::namespaced(context.client.clone(), &namespace)
+            .get_opt(&save.spec.node)
+            .await
+            .context(|| format!("reading Node {namespace}/{}", save.spec.node))?;
+        let existing = match ImageName::parse(&save.spec.image)
+            .ok()
+            .map(|name| name.object_name())
+        {
+            Some(object) => Api::<Image>::namespaced(context.client.clone(), &namespace)
+                .get_opt(&object)
+                .await
+                .context(|| format!("reading Image {namespace}/{object}"))?,
+            None => None,
+        };
+        let claims = claims_in(context, &namespace).await?;
+        Ok(Self {
+            node,
+            existing,
+            claims,
+        })
+    }
+
+    /// The existing Image, unless this very save wrote it (before a restart): then it is not
+    /// "another" image.
+    fn other_image(&self, save: &NodeSave) -> Option<&Image> {
+        let uid = save.uid().unwrap_or_default();
+        self.existing
+            .as_ref()
+            .filter(|image| image.annotations().get(SAVED_BY_ANNOTATION) != Some(&uid))
+    }
+}
+
+/// Prepares the job, takes a save slot, records `Running` and starts the task.
+async fn start(
+    context: &Arc<Context>,
+    save: &NodeSave,
+    node: &Node,
+    target: SaveTarget,
+    existing: Option<&Image>,
+    restarted: bool,
+) -> Result<Action> {
+    let mut job = match prepare(context, save, node, target, existing).await {
         Ok(job) => job,
-        Err(Prepared::Wait(reason, message)) => return wait(&context, &save, reason, &message).await,
-        Err(Prepared::Fail(reason, message)) => return fail(&context, &save, reason, &message).await,
+        Err(Prepared::Wait(reason, message)) => return wait(context, save, reason, &message).await,
+        Err(Prepared::Fail(reason, message)) => return fail(context, save, reason, &message).await,
         Err(Prepared::Error(error)) => return Err(error),
     };
-    let Some(slot) = context.saves.try_start(&uid) else {
+    let Some(slot) = context.saves.try_start(&save.uid().unwrap_or_default()) else {
         let message = format!(
             "{} node saves are running (--max-concurrent-saves={}); this one starts when one ends",
             context.saves.limit(),
             context.saves.limit()
         );
-        return wait(&context, &save, "WaitingForSlot", &message).await;
+        return wait(context, save, "WaitingForSlot", &message).await;
     };
-    let restarted = matches!(phase, NodeSavePhase::Running | NodeSavePhase::Pushing);
     // Running is recorded before the task starts: from now on this save holds
     // its image (see lock.rs), whatever other saves are reconciled meanwhile.
-    let mut job = job;
-    let started = running_status(&save, &job.target, Progress::default(), Timestamp::now());
-    write_status(&context, &save, &started).await?;
+    let started = running_status(save, &job.target, Progress::default(), Timestamp::now());
+    write_status(context, save, &started).await?;
     job.save.status = Some(started);
     let task_context = context.clone();
     tokio::spawn(async move {
@@ -401,99 +417,60 @@ async fn still_wanted(context: &Context, save: &NodeSave) -> bool {
     }
 }
 
-/// The save itself: connect, export, push by digest, tag, update the Image.
+/// The save itself: connect, export, push by digest ([`transfer`]), then tag and update the Image
+/// ([`publish`]).
 async fn execute(
     context: &Arc<Context>,
     job: &SaveJob,
     save: &mut NodeSave,
 ) -> std::result::Result<(SaveOutcome, usize), Failure> {
-    let spec = save.spec.clone();
     let client = NodeClient::connect(&job.ssh_target, &job.ssh_config)
         .await
         .map_err(|error| (ssh_reason(&error), error.to_string()))?;
-    let plan = export::plan(&client, &job.export).await;
-    let plan = match plan {
-        Ok(plan) => plan,
-        Err(error) => {
-            client.close().await;
-            return Err(("NodeNotSaveable", error.to_string()));
-        }
-    };
+    let transferred = transfer(context, job, save, &client).await;
+    // The one place the connection ends, whatever the transfer did.
+    client.close().await;
+    let (registry, saved) = transferred?;
+    publish(context, job, save, &registry, &saved).await
+}
+
+/// Plans the export, reads the base image, and streams the node's changes into the registry by
+/// digest, reporting progress; stops early when the NodeSave is deleted meanwhile.
+async fn transfer(
+    context: &Arc<Context>,
+    job: &SaveJob,
+    save: &NodeSave,
+    client: &NodeClient,
+) -> std::result::Result<(RegistryClient, NodeSaved), Failure> {
+    let plan = export::plan(client, &job.export)
+        .await
+        .map_err(|error| ("NodeNotSaveable", error.to_string()))?;
     let registry = registry_client(context).map_err(|error| ("RegistryUnavailable", error.to_string()))?;
-    let base = match registry.resolve(&job.base_reference, None).await {
-        Ok(base) => base,
-        Err(error) => {
-            client.close().await;
-            return Err((
+    let base = registry
+        .resolve(&job.base_reference, None)
+        .await
+        .map_err(|error| {
+            (
                 "BaseImageUnavailable",
                 format!(
                     "the image the node booted ({}) cannot be read: {error}",
                     job.base_reference
                 ),
-            ));
-        }
-    };
-    let options = SaveOptions {
-        repository: job.repository.clone(),
-        compression: match spec.compression {
-            walt_crds::Compression::Gzip => crate::oci::Compression::Gzip,
-            walt_crds::Compression::Zstd => crate::oci::Compression::Zstd,
-        },
-        created_by: format!("walt node save {}", spec.node),
-        progress_interval: Duration::from_secs(1),
-    };
+            )
+        })?;
+    let options = save_options(&save.spec, &job.repository);
     // Progress goes through a watch channel to a reporter that writes the
     // status at most every PROGRESS_INTERVAL (throttled patches).
-    let (sender, mut receiver) = tokio::sync::watch::channel(SaveProgress::default());
+    let (sender, receiver) = tokio::sync::watch::channel(SaveProgress::default());
     let deleted = tokio_util::sync::CancellationToken::new();
-    let reporter = {
-        let save = save.clone();
-        let target = job.target.clone();
-        let context = context.clone();
-        let deleted = deleted.clone();
-        async move {
-            let mut last_bytes = 0;
-            while receiver.changed().await.is_ok() {
-                let now = *receiver.borrow_and_update();
-                let status = running_status(
-                    &save,
-                    &target,
-                    Progress {
-                        bytes: now.bytes,
-                        files: now.files,
-                    },
-                    Timestamp::now(),
-                );
-                match write_status(&context, &save, &status).await {
-                    Err(error) if is_gone(&error) => {
-                        deleted.cancel();
-                        return;
-                    }
-                    Err(error) => tracing::debug!(%error, "could not write the save's progress"),
-                    Ok(()) => {}
-                }
-                if let Some(milestone) = milestone_crossed(last_bytes, now.bytes) {
-                    context
-                        .event(
-                            &save,
-                            EventType::Normal,
-                            "Progress",
-                            "Save",
-                            format!(
-                                "{} MiB, {} entries read from the node",
-                                milestone >> 20,
-                                now.files
-                            ),
-                        )
-                        .await;
-                }
-                last_bytes = now.bytes;
-                tokio::time::sleep(PROGRESS_INTERVAL).await;
-            }
-        }
-    };
-    let reporter = tokio::spawn(reporter);
-    let push = push_node_changes(&client, &plan, &registry, &base, &options, |progress| {
+    let reporter = tokio::spawn(report_progress(
+        context.clone(),
+        save.clone(),
+        job.target.clone(),
+        receiver,
+        deleted.clone(),
+    ));
+    let push = push_node_changes(client, &plan, &registry, &base, &options, |progress| {
         sender.send_if_modified(|current| {
             let changed = *current != progress;
             *current = progress;
@@ -507,11 +484,75 @@ async fn execute(
         () = deleted.cancelled() => None,
     };
     reporter.abort();
-    client.close().await;
     let Some(pushed) = pushed else {
         return Err((CANCELLED, "the NodeSave was deleted while it ran".into()));
     };
     let saved = pushed.map_err(|error| (failure_reason(&error), error.to_string()))?;
+    Ok((registry, saved))
+}
+
+/// How the layer is written and pushed (pure).
+fn save_options(spec: &walt_crds::NodeSaveSpec, repository: &str) -> SaveOptions {
+    SaveOptions {
+        repository: repository.to_owned(),
+        compression: match spec.compression {
+            walt_crds::Compression::Gzip => crate::oci::Compression::Gzip,
+            walt_crds::Compression::Zstd => crate::oci::Compression::Zstd,
+        },
+        created_by: format!("walt node save {}", spec.node),
+        progress_interval: Duration::from_secs(1),
+    }
+}
+
+/// Writes the save's progress to its status (throttled) and an Event at each milestone; cancels
+/// `deleted` when the NodeSave is gone.
+async fn report_progress(
+    context: Arc<Context>,
+    save: NodeSave,
+    target: SaveTarget,
+    mut receiver: tokio::sync::watch::Receiver<SaveProgress>,
+    deleted: tokio_util::sync::CancellationToken,
+) {
+    let mut last_bytes = 0;
+    while receiver.changed().await.is_ok() {
+        let now = *receiver.borrow_and_update();
+        let progress = Progress {
+            bytes: now.bytes,
+            files: now.files,
+        };
+        let status = running_status(&save, &target, progress, Timestamp::now());
+        match write_status(&context, &save, &status).await {
+            Err(error) if is_gone(&error) => {
+                deleted.cancel();
+                return;
+            }
+            Err(error) => tracing::debug!(%error, "could not write the save's progress"),
+            Ok(()) => {}
+        }
+        if let Some(milestone) = milestone_crossed(last_bytes, now.bytes) {
+            let note = format!(
+                "{} MiB, {} entries read from the node",
+                milestone >> 20,
+                now.files
+            );
+            context
+                .event(&save, EventType::Normal, "Progress", "Save", note)
+                .await;
+        }
+        last_bytes = now.bytes;
+        tokio::time::sleep(PROGRESS_INTERVAL).await;
+    }
+}
+
+/// With the whole image in the registry: records `Pushing`, moves the tag (only now), updates the
+/// Image and counts the nodes that reboot.
+async fn publish(
+    context: &Arc<Context>,
+    job: &SaveJob,
+    save: &mut NodeSave,
+    registry: &RegistryClient,
+    saved: &NodeSaved,
+) -> std::result::Result<(SaveOutcome, usize), Failure> {
     let progress = Progress {
         bytes: saved.progress.bytes,
         files: saved.progress.files,
@@ -521,17 +562,12 @@ async fn execute(
     if let Err(error) = write_status(context, save, &pushing).await {
         tracing::warn!(%error, "could not record the Pushing phase");
     }
+    let note = format!(
+        "read {} bytes, {} entries from the node; pushed {} by digest; moving tag {}",
+        saved.progress.bytes, saved.progress.files, saved.pushed.reference, job.tag
+    );
     context
-        .event(
-            save,
-            EventType::Normal,
-            "Pushed",
-            "Save",
-            format!(
-                "read {} bytes, {} entries from the node; pushed {} by digest; moving tag {}",
-                saved.progress.bytes, saved.progress.files, saved.pushed.reference, job.tag
-            ),
-        )
+        .event(save, EventType::Normal, "Pushed", "Save", note)
         .await;
     if !still_wanted(context, save).await {
         return Err((
@@ -542,7 +578,6 @@ async fn execute(
             ),
         ));
     }
-    // Only now, with the whole image in the registry, does the tag move.
     registry
         .tag(&job.repository, &saved.pushed.manifest_digest, &job.tag)
         .await
@@ -552,7 +587,7 @@ async fn execute(
                 format!("pushed {} but tagging it failed: {error}", saved.pushed.reference),
             )
         })?;
-    let rebooting = if job.target.exists && spec.reboot_nodes {
+    let rebooting = if job.target.exists && save.spec.reboot_nodes {
         nodes_booting(&job.nodes, &job.target.image_object)
     } else {
         0
@@ -565,22 +600,24 @@ async fn execute(
                 format!("the tag moved, but updating the Image failed: {error}"),
             )
         })?;
+    Ok((outcome_of(job, saved), rebooting))
+}
+
+/// What the status reports of a saved node (pure).
+fn outcome_of(job: &SaveJob, saved: &NodeSaved) -> SaveOutcome {
     let summary = &saved.pushed.summary;
-    Ok((
-        SaveOutcome {
-            reference: format!("{}:{}", job.repository, job.tag),
-            digest: saved.pushed.manifest_digest.clone(),
-            layer_digest: saved.pushed.layer_digest.clone(),
-            layer_size: saved.pushed.layer_size,
-            changes: Changes {
-                added: summary.added,
-                modified: summary.modified,
-                deleted: summary.deleted,
-                bytes: summary.bytes,
-            },
+    SaveOutcome {
+        reference: format!("{}:{}", job.repository, job.tag),
+        digest: saved.pushed.manifest_digest.clone(),
+        layer_digest: saved.pushed.layer_digest.clone(),
+        layer_size: saved.pushed.layer_size,
+        changes: Changes {
+            added: summary.added,
+            modified: summary.modified,
+            deleted: summary.deleted,
+            bytes: summary.bytes,
         },
-        rebooting,
-    ))
+    }
 }
 
 /// Creates the Image (new name) or marks it updated (overwrite): asks the

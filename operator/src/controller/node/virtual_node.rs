@@ -1,0 +1,354 @@
+//! Virtual nodes: dereference the node's pod → the pure [`decide`] (keep, create or recreate the
+//! pod, for a reboot request or a new digest) and [`status_of`] (phase, booted image and conditions
+//! from the pod) → apply (claim, Service, pod) → one status write.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::DeleteParams;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Api, ResourceExt};
+use walt_crds::{ConditionStatus, ImageDigestRef, Node, NodePhase, NodeStatus, condition_types};
+
+use super::build::{
+    BOOTS_ANNOTATION, BOOTS_IMAGE_ANNOTATION, VnodeInputs, build_persist_claim, build_vnode_pod,
+    build_vnode_service, pod_needs_recreate, vnode_phase,
+};
+use super::{BootTarget, needs_reboot, pending_reboot_request, reasons};
+use crate::controller::shared::context::Context;
+use crate::controller::shared::error::{KubeResultExt, Result};
+use crate::controller::shared::pods::vnode_object_name;
+use crate::controller::shared::registry::ensure_registry_secret;
+
+/// What to do with a virtual node's pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodStep {
+    /// It boots what it should: keep it.
+    Keep,
+    /// There is none: create it.
+    Create,
+    /// Delete it so it is created again (a reboot): `note` says why, `handled` is the reboot
+    /// request to record as handled, if one asked for it.
+    Recreate {
+        /// Why (the Event's note).
+        note: String,
+        /// The reboot request this handles.
+        handled: Option<String>,
+    },
+}
+
+/// The image a pod boots, from its annotations (pure).
+pub fn booted_by(pod: &Pod) -> ImageDigestRef {
+    ImageDigestRef {
+        name: pod.annotations().get(BOOTS_IMAGE_ANNOTATION).cloned(),
+        digest: pod
+            .annotations()
+            .get(BOOTS_ANNOTATION)
+            .and_then(|pinned| pinned.split('@').nth(1))
+            .map(str::to_owned),
+    }
+}
+
+/// Decides what happens to a virtual node's pod (pure): a pending reboot request recreates it; so
+/// does a moved digest or another image, unless the Image asked not to reboot for it.
+pub fn decide(node: &Node, target: &BootTarget, existing: Option<&Pod>) -> PodStep {
+    let Some(pod) = existing else {
+        return PodStep::Create;
+    };
+    if let Some(requested) = pending_reboot_request(node) {
+        return PodStep::Recreate {
+            note: format!("reboot requested at {requested}: recreating the virtual node pod"),
+            handled: Some(requested),
+        };
+    }
+    if pod_needs_recreate(pod, &target.pinned) && needs_reboot(Some(&booted_by(pod)), target) {
+        return PodStep::Recreate {
+            note: format!(
+                "recreating the virtual node pod to boot {} ({})",
+                target.name, target.digest
+            ),
+            handled: None,
+        };
+    }
+    PodStep::Keep
+}
+
+/// The status of a virtual node given its pod after this reconcile (none while it is recreated),
+/// and when to look again (pure).
+pub fn status_of(
+    node: &Node,
+    mut status: NodeStatus,
+    pod: Option<&Pod>,
+    now: Timestamp,
+) -> (NodeStatus, Duration) {
+    let name = node.name_any();
+    let namespace = node.namespace().unwrap_or_default();
+    let service = vnode_object_name(&name);
+    match pod {
+        Some(pod) => {
+            status.phase = vnode_phase(Some(pod));
+            status.address = Some(format!("{service}.{namespace}.svc"));
+            status.booted_image = Some(booted_by(pod));
+        }
+        None => status.phase = NodePhase::Rebooting,
+    }
+    let ready = status.phase == NodePhase::Ready;
+    let reason = if ready {
+        reasons::POD_RUNNING
+    } else {
+        reasons::POD_STARTING
+    };
+    let phase = status.phase;
+    for (type_, message) in [
+        (
+            condition_types::BOOTED,
+            format!("virtual node pod {service}: {phase:?}"),
+        ),
+        (
+            condition_types::REACHABLE,
+            format!("SSH through Service {service}"),
+        ),
+    ] {
+        walt_crds::set_condition(
+            &mut status.conditions,
+            walt_crds::new_condition(
+                type_,
+                ready.into(),
+                reason,
+                message,
+                node.metadata.generation,
+                Time(now),
+            ),
+        );
+    }
+    if ready {
+        status.last_seen = Some(Time(now));
+    }
+    // Pod changes wake us through the owned-pod watch; this is a safety net.
+    let requeue = if ready {
+        Duration::from_mins(10)
+    } else {
+        Duration::from_secs(30)
+    };
+    (status, requeue)
+}
+
+/// The status of a virtual node whose Image is not resolved yet (pure).
+pub fn waiting_for_image(node: &Node, mut status: NodeStatus, now: Timestamp) -> NodeStatus {
+    status.phase = NodePhase::Pending;
+    let message = format!(
+        "image {} is not resolved yet (see its Ready condition); a virtual node needs spec.image",
+        node.spec.image.as_deref().unwrap_or("(none)")
+    );
+    walt_crds::set_condition(
+        &mut status.conditions,
+        walt_crds::new_condition(
+            condition_types::BOOTED,
+            ConditionStatus::False,
+            reasons::IMAGE_NOT_READY,
+            message,
+            node.metadata.generation,
+            Time(now),
+        ),
+    );
+    status
+}
+
+/// Reconciles a virtual node.
+pub async fn reconcile(
+    node: &Node,
+    context: &Context,
+    target: Option<BootTarget>,
+    status: NodeStatus,
+) -> Result<Action> {
+    let namespace = node.namespace().unwrap_or_default();
+    let nodes: Api<Node> = Api::namespaced(context.client.clone(), &namespace);
+    let Some(target) = target else {
+        let status = waiting_for_image(node, status, Timestamp::now());
+        context.apply_status(&nodes, &node.name_any(), &status).await?;
+        return Ok(Action::requeue(Duration::from_mins(1)));
+    };
+    let has_credentials = ensure_registry_secret(context, &namespace).await?;
+    apply_claim_and_service(context, node).await?;
+    let pods: Api<Pod> = Api::namespaced(context.client.clone(), &namespace);
+    let pod_name = vnode_object_name(&node.name_any());
+    let existing = pods
+        .get_opt(&pod_name)
+        .await
+        .context(|| format!("reading Pod {pod_name}"))?;
+    let pod = match decide(node, &target, existing.as_ref()) {
+        PodStep::Keep => existing,
+        PodStep::Create => Some(create_pod(context, node, &target, has_credentials).await?),
+        PodStep::Recreate { note, handled } => {
+            if existing.is_some_and(|pod| pod.metadata.deletion_timestamp.is_none()) {
+                pods.delete(&pod_name, &DeleteParams::default())
+                    .await
+                    .context(|| format!("deleting Pod {pod_name} to reboot the virtual node"))?;
+                context
+                    .event(node, EventType::Normal, reasons::REBOOTING, "Reboot", note)
+                    .await;
+            }
+            if let Some(requested) = &handled {
+                context
+                    .mark_handled(node, walt_crds::request::REBOOT, requested)
+                    .await?;
+            }
+            None
+        }
+    };
+    let (status, requeue) = status_of(node, status, pod.as_ref(), Timestamp::now());
+    context.apply_status(&nodes, &node.name_any(), &status).await?;
+    Ok(Action::requeue(requeue))
+}
+
+/// The node's `/persist` claim (persistent boot mode) and its SSH Service.
+async fn apply_claim_and_service(context: &Context, node: &Node) -> Result<()> {
+    let namespace = node.namespace().unwrap_or_default();
+    if node.spec.boot_mode == walt_crds::BootMode::Persistent {
+        context
+            .apply(
+                &Api::<PersistentVolumeClaim>::namespaced(context.client.clone(), &namespace),
+                &build_persist_claim(node),
+            )
+            .await?;
+    }
+    context
+        .apply(
+            &Api::<Service>::namespaced(context.client.clone(), &namespace),
+            &build_vnode_service(node),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Creates the node's pod booting `target` (mounting the namespace's registry credentials when it
+/// has them), with an Event.
+async fn create_pod(
+    context: &Context,
+    node: &Node,
+    target: &BootTarget,
+    has_credentials: bool,
+) -> Result<Pod> {
+    let namespace = node.namespace().unwrap_or_default();
+    let registry_host = context.config.registry_host.clone();
+    let inputs = VnodeInputs {
+        runtime_image: &context.config.args.shell_image,
+        image_name: &target.name,
+        boot_reference: &target.pinned,
+        node_public_key: &context.config.node_public_key,
+        registry_credentials: has_credentials,
+        insecure_registry: context
+            .config
+            .args
+            .registry_plain_http
+            .then_some(registry_host.as_str()),
+    };
+    let pods: Api<Pod> = Api::namespaced(context.client.clone(), &namespace);
+    let created = context.apply(&pods, &build_vnode_pod(node, &inputs)).await?;
+    let note = format!(
+        "started virtual node pod {} booting {} ({})",
+        vnode_object_name(&node.name_any()),
+        target.name,
+        target.digest
+    );
+    context
+        .event(node, EventType::Normal, reasons::BOOTING, "Boot", note)
+        .await;
+    Ok(created)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use walt_crds::{NodeSpec, VirtualNode};
+
+    fn node() -> Node {
+        let mut node = Node::new(
+            "v1",
+            NodeSpec {
+                virtual_node: Some(VirtualNode::default()),
+                image: Some("debian".into()),
+                ..NodeSpec::default()
+            },
+        );
+        node.metadata.namespace = Some("lab".into());
+        node
+    }
+
+    fn target(digest: &str) -> BootTarget {
+        BootTarget {
+            name: "debian".into(),
+            digest: digest.into(),
+            pinned: format!("r/debian@{digest}"),
+            no_reboot: false,
+        }
+    }
+
+    fn pod_booting(digest: &str) -> Pod {
+        let mut pod = Pod::default();
+        pod.metadata.annotations = Some(BTreeMap::from([
+            (BOOTS_ANNOTATION.to_owned(), format!("r/debian@{digest}")),
+            (BOOTS_IMAGE_ANNOTATION.to_owned(), "debian".to_owned()),
+        ]));
+        pod
+    }
+
+    #[test]
+    fn a_missing_pod_is_created_and_a_current_one_kept() {
+        assert_eq!(decide(&node(), &target("sha256:a"), None), PodStep::Create);
+        assert_eq!(
+            decide(&node(), &target("sha256:a"), Some(&pod_booting("sha256:a"))),
+            PodStep::Keep
+        );
+    }
+
+    #[test]
+    fn a_new_digest_or_a_reboot_request_recreates_the_pod() {
+        let step = decide(&node(), &target("sha256:b"), Some(&pod_booting("sha256:a")));
+        assert!(
+            matches!(step, PodStep::Recreate { handled: None, .. }),
+            "{step:?}"
+        );
+        let mut quiet = target("sha256:b");
+        quiet.no_reboot = true;
+        assert_eq!(
+            decide(&node(), &quiet, Some(&pod_booting("sha256:a"))),
+            PodStep::Keep
+        );
+        let mut asked = node();
+        asked.metadata.annotations = Some(BTreeMap::from([(
+            walt_crds::request::REBOOT.requested.to_owned(),
+            "t1".to_owned(),
+        )]));
+        let step = decide(&asked, &target("sha256:a"), Some(&pod_booting("sha256:a")));
+        assert!(
+            matches!(step, PodStep::Recreate { handled: Some(ref t), .. } if t == "t1"),
+            "{step:?}"
+        );
+    }
+
+    #[test]
+    fn the_status_follows_the_pod() {
+        let now = Timestamp::from_second(1_000).expect("time");
+        let (status, requeue) = status_of(&node(), NodeStatus::default(), None, now);
+        assert_eq!(status.phase, NodePhase::Rebooting);
+        assert_eq!(requeue, Duration::from_secs(30));
+        let (status, _) = status_of(
+            &node(),
+            NodeStatus::default(),
+            Some(&pod_booting("sha256:a")),
+            now,
+        );
+        assert_eq!(status.address.as_deref(), Some("walt-node-v1.lab.svc"));
+        assert_eq!(
+            status.booted_image.and_then(|booted| booted.digest).as_deref(),
+            Some("sha256:a")
+        );
+        let waiting = waiting_for_image(&node(), NodeStatus::default(), now);
+        assert_eq!(waiting.phase, NodePhase::Pending);
+    }
+}

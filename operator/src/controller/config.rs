@@ -235,6 +235,8 @@ pub fn split_registry(text: &str) -> Result<(String, String)> {
 }
 
 impl Config {
+    // Long by design: each setting and Secret read once, in the order `--help` lists them, each
+    // with its own error message naming the flag and the fix.
     /// Resolves the flags: reads the Secrets they name, with startup errors
     /// that say which Secret or key is missing and how to create it.
     pub async fn load(args: Args, client: Client) -> Result<Self> {

@@ -159,6 +159,8 @@ fn controller_config(context: &Context) -> kube::runtime::controller::Config {
         .concurrency(context.config.args.max_concurrent_reconciles.max(1))
 }
 
+// Long by design: the wiring of the four controllers side by side (what each watches), so one
+// screen shows every watch the operator opens.
 /// Runs every controller until `shutdown` is cancelled, then lets running
 /// reconciles finish.
 pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken) {

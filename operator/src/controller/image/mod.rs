@@ -125,6 +125,8 @@ async fn source_credentials(
 /// How often the status of a running clone is written (at most).
 const CLONE_PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
 
+// A little long: one clone, its progress reporter and its Events, kept together so the order
+// of what the user sees (Cloning, progress, Cloned or the failure) reads in one place.
 /// Copies `source` into `reference`, writing progress into the status while it runs.
 async fn clone_source(
     image: &Image,
@@ -401,34 +403,9 @@ pub async fn reconcile(image: Arc<Image>, context: Arc<Context>) -> Result<Actio
     } else {
         registry_client_with(&context, source_credentials)?
     };
-    let platform = wanted_platform(&image);
-    let mut resolved = client.resolve(&reference, platform.as_ref()).await;
-    let mut cloned = None;
-    if let (Err(error), Some(source)) = (&resolved, image.spec.source.as_deref())
-        && error.is_not_found()
-    {
-        match clone_source(&image, &context, &client, source, &reference).await {
-            Ok(record) => cloned = Some(record),
-            Err(failure) => {
-                report_failure(&image, &context, &reference, failure.reason, failure.message).await?;
-                return Ok(Action::requeue(CLONE_RETRY));
-            }
-        }
-        resolved = client.resolve(&reference, platform.as_ref()).await;
-    }
-    let resolved = match resolved {
-        Ok(resolved) => resolved,
-        Err(error) => {
-            report_failure(
-                &image,
-                &context,
-                &reference,
-                "ResolveFailed",
-                format!("resolving {reference}: {error}"),
-            )
-            .await?;
-            return Ok(Action::requeue(interval));
-        }
+    let (resolved, cloned) = match resolve_or_clone(&image, &context, &client, &reference).await? {
+        Ok(found) => found,
+        Err(retry) => return Ok(Action::requeue(retry)),
     };
     if let Some(request) = pending_squash_request(&image) {
         if let Some(wait) = squash(&image, &context, &client, &resolved, &reference, &request).await? {
@@ -437,26 +414,70 @@ pub async fn reconcile(image: Arc<Image>, context: Arc<Context>) -> Result<Actio
         // The tag moved (or not): the handled annotation wakes this Image again to resolve it.
         return Ok(Action::requeue(interval));
     }
+    record_ready(&image, &context, &client, &resolved, &reference, cloned).await?;
+    Ok(Action::requeue(interval))
+}
+
+/// Resolves the Image at the lab registry; when it is not there and it has a `source`, clones it
+/// first. A failure is reported on the Image; `Err` then says when to try again.
+async fn resolve_or_clone(
+    image: &Image,
+    context: &Context,
+    client: &RegistryClient,
+    reference: &str,
+) -> Result<std::result::Result<(ResolvedImage, Option<CloneProgress>), Duration>> {
+    let platform = wanted_platform(image);
+    let mut resolved = client.resolve(reference, platform.as_ref()).await;
+    let mut cloned = None;
+    if let (Err(error), Some(source)) = (&resolved, image.spec.source.as_deref())
+        && error.is_not_found()
+    {
+        match clone_source(image, context, client, source, reference).await {
+            Ok(record) => cloned = Some(record),
+            Err(failure) => {
+                report_failure(image, context, reference, failure.reason, failure.message).await?;
+                return Ok(Err(CLONE_RETRY));
+            }
+        }
+        resolved = client.resolve(reference, platform.as_ref()).await;
+    }
+    match resolved {
+        Ok(resolved) => Ok(Ok((resolved, cloned))),
+        Err(error) => {
+            let message = format!("resolving {reference}: {error}");
+            report_failure(image, context, reference, "ResolveFailed", message).await?;
+            Ok(Err(context.config.args.resolve_interval))
+        }
+    }
+}
+
+/// Writes the `Ready` status of a resolved Image (its facts, its shell mode, the record of a clone
+/// just made) when it says something new, with a `Resolved` Event when the digest moved.
+async fn record_ready(
+    image: &Image,
+    context: &Context,
+    client: &RegistryClient,
+    resolved: &ResolvedImage,
+    reference: &str,
+    cloned: Option<CloneProgress>,
+) -> Result<()> {
     let mut facts = facts_of(resolved.clone());
-    facts.shell_mode = shell_mode(&image, &context, &client, &resolved).await;
-    let mut status = ready_status(&image, &reference, &facts, Timestamp::now());
+    facts.shell_mode = shell_mode(image, context, client, resolved).await;
+    let mut status = ready_status(image, reference, &facts, Timestamp::now());
     if cloned.is_some() {
         // The record of this clone stays in the status (ready_status keeps the previous one).
         status.clone = cloned;
     }
-    if !same_status(image.status.as_ref(), &status) {
-        context.apply_status(&images, &name, &status).await?;
-        if image.status.as_ref().and_then(|old| old.digest.as_deref()) != Some(facts.digest.as_str()) {
-            context
-                .event(
-                    &*image,
-                    EventType::Normal,
-                    "Resolved",
-                    "Resolve",
-                    format!("{reference} is {}", facts.digest),
-                )
-                .await;
-        }
+    if same_status(image.status.as_ref(), &status) {
+        return Ok(());
     }
-    Ok(Action::requeue(interval))
+    let images: Api<Image> = Api::namespaced(context.client.clone(), &image.namespace().unwrap_or_default());
+    context.apply_status(&images, &image.name_any(), &status).await?;
+    if image.status.as_ref().and_then(|old| old.digest.as_deref()) != Some(facts.digest.as_str()) {
+        let note = format!("{reference} is {}", facts.digest);
+        context
+            .event(image, EventType::Normal, "Resolved", "Resolve", note)
+            .await;
+    }
+    Ok(())
 }

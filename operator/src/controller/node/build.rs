@@ -87,6 +87,8 @@ pub struct VnodeInputs<'a> {
     pub insecure_registry: Option<&'a str>,
 }
 
+// Long by design: one Pod literal, read top to bottom as the pod is (args, volumes, security,
+// probe); splitting it would scatter one object over helpers that each build a fragment.
 /// Builds the pod of a virtual node (pure).
 pub fn build_vnode_pod(node: &Node, inputs: &VnodeInputs<'_>) -> Pod {
     let name = node.name_any();

@@ -73,6 +73,8 @@ pub struct ShellPodInputs<'a> {
     pub registry_credentials: bool,
 }
 
+// Long by design: one Pod literal, read top to bottom as the pod is; splitting it would scatter
+// one object over helpers that each build a fragment.
 /// Builds the shell pod of an image shell (pure).
 pub fn build_shell_pod(session: &ShellSession, inputs: &ShellPodInputs<'_>) -> Pod {
     let name = session.name_any();

@@ -28,6 +28,7 @@ use walt_crds::{
 
 pub mod build;
 pub mod node_shell;
+pub mod reasons;
 
 use self::build::{
     ShellOutcome, ShellPodInputs, Step, build_shell_pod, next_step, scratch_tag, shell_at_start,
@@ -98,7 +99,7 @@ async fn apply(session: &ShellSession, context: &Context) -> Result<Action> {
                 session,
                 status,
                 ShellSessionPhase::Failed,
-                "InvalidTTL",
+                reasons::INVALID_TTL,
                 format!("spec.ttl: {error}"),
             )
             .await;
@@ -271,6 +272,8 @@ async fn user_namespaces(context: &Context) -> bool {
     }
 }
 
+// Long by design: a dispatcher, one short arm per [`Step`] of the pure `next_step`; the decision
+// itself lives there.
 async fn image_shell(
     session: &ShellSession,
     context: &Context,
@@ -305,70 +308,36 @@ async fn image_shell(
         })),
         Step::WaitForImage { holder } => {
             status.phase = ShellSessionPhase::Pending;
+            let message = format!(
+                "{holder} works on image {image_name} (one shell, copy or save at a time per image): this shell starts when it ends"
+            );
             condition(
                 &mut status,
                 session,
                 READY,
                 ConditionStatus::False,
-                "WaitingForImage",
-                format!(
-                    "{holder} works on image {image_name} (one shell, copy or save at a time per image): this shell starts when it ends"
-                ),
+                reasons::WAITING_FOR_IMAGE,
+                message,
             );
             write_status(context, session, status).await?;
             Ok(Action::requeue(WAIT_RETRY))
         }
         Step::CreatePod => create_pod(session, context, status, &image_name).await,
-        Step::MarkRunning => {
-            let start = shell_at_start(
-                &session.spec.mode,
-                find_image(context, &namespace, &image_name)
-                    .await?
-                    .and_then(|(image, _)| image.status)
-                    .as_ref(),
-                scheduled_on(context, pod.as_ref()).await.as_ref(),
-            );
-            status.phase = ShellSessionPhase::Running;
-            status.start_time = Some(Time(Timestamp::now()));
-            status.emulated = start.emulated;
-            status.mode = start.mode;
-            let message = format!(
-                "the shell runs in pod {}{}: attach with `kubectl walt image shell` or `kubectl attach -it`",
-                shell_pod_name(&name),
-                if start.emulated == Some(true) {
-                    " (emulated: the image is built for another CPU)"
-                } else {
-                    ""
-                }
-            );
-            condition(
-                &mut status,
-                session,
-                READY,
-                ConditionStatus::True,
-                "ShellRunning",
-                message.clone(),
-            );
-            write_status(context, session, status).await?;
-            context
-                .event(session, EventType::Normal, "ShellRunning", "Start", message)
-                .await;
-            Ok(Action::requeue(Duration::from_mins(1)))
-        }
+        Step::MarkRunning => mark_running(session, context, status, pod.as_ref()).await,
         Step::Record(outcome) => record(session, context, status, &outcome).await,
         Step::NothingChanged(outcome) => {
             apply_outcome(&mut status, &outcome);
-            delete_pod(context, session).await?;
-            end(
+            let message = format!(
+                "the shell ended (exit code {}) without changing image {image_name}",
+                outcome.exit_code
+            );
+            end_with_pod(
                 context,
                 session,
                 status,
                 ShellSessionPhase::Discarded,
-                "NoChanges",
-                format!(
-                    "the shell ended (exit code {}) without changing image {image_name}",
-                    outcome.exit_code
-                ),
+                reasons::NO_CHANGES,
+                message,
             )
             .await
         }
@@ -377,38 +346,36 @@ async fn image_shell(
                 Some(tail) => format!("{message}; its last words: {tail}"),
                 None => message,
             };
-            delete_pod(context, session).await?;
-            end(
+            end_with_pod(
                 context,
                 session,
                 status,
                 ShellSessionPhase::Failed,
-                "ShellFailed",
+                reasons::SHELL_FAILED,
                 message,
             )
             .await
         }
         Step::Save(target) => save(session, context, status, &target).await,
         Step::Discard => {
-            delete_pod(context, session).await?;
-            end(
+            let message = format!("the changes were discarded; image {image_name} was left as it was");
+            end_with_pod(
                 context,
                 session,
                 status,
                 ShellSessionPhase::Discarded,
-                "Discarded",
-                format!("the changes were discarded; image {image_name} was left as it was"),
+                reasons::DISCARDED,
+                message,
             )
             .await
         }
         Step::Expire(message) => {
-            delete_pod(context, session).await?;
-            end(
+            end_with_pod(
                 context,
                 session,
                 status,
                 ShellSessionPhase::Expired,
-                "Expired",
+                reasons::EXPIRED,
                 message,
             )
             .await
@@ -418,6 +385,70 @@ async fn image_shell(
             Ok(Action::await_change())
         }
     }
+}
+
+/// Ends a session whose pod is done: the pod goes first, then the status and the Event.
+async fn end_with_pod(
+    context: &Context,
+    session: &ShellSession,
+    status: ShellSessionStatus,
+    phase: ShellSessionPhase,
+    reason: &str,
+    message: String,
+) -> Result<Action> {
+    delete_pod(context, session).await?;
+    end(context, session, status, phase, reason, message).await
+}
+
+/// The shell pod runs: `Running`, with the mode the user got and whether it is emulated.
+async fn mark_running(
+    session: &ShellSession,
+    context: &Context,
+    mut status: ShellSessionStatus,
+    pod: Option<&Pod>,
+) -> Result<Action> {
+    let namespace = session.namespace().unwrap_or_default();
+    let image_name = session.spec.image.clone().unwrap_or_default();
+    let image_status = find_image(context, &namespace, &image_name)
+        .await?
+        .and_then(|(image, _)| image.status);
+    let start = shell_at_start(
+        &session.spec.mode,
+        image_status.as_ref(),
+        scheduled_on(context, pod).await.as_ref(),
+    );
+    status.phase = ShellSessionPhase::Running;
+    status.start_time = Some(Time(Timestamp::now()));
+    status.emulated = start.emulated;
+    status.mode = start.mode;
+    let message = format!(
+        "the shell runs in pod {}{}: attach with `kubectl walt image shell` or `kubectl attach -it`",
+        shell_pod_name(&session.name_any()),
+        if start.emulated == Some(true) {
+            " (emulated: the image is built for another CPU)"
+        } else {
+            ""
+        }
+    );
+    condition(
+        &mut status,
+        session,
+        READY,
+        ConditionStatus::True,
+        reasons::SHELL_RUNNING,
+        message.clone(),
+    );
+    write_status(context, session, status).await?;
+    context
+        .event(
+            session,
+            EventType::Normal,
+            reasons::SHELL_RUNNING,
+            "Start",
+            message,
+        )
+        .await;
+    Ok(Action::requeue(Duration::from_mins(1)))
 }
 
 /// Copies what the shell runtime reported into the status (pure).
@@ -435,6 +466,8 @@ pub fn apply_outcome(status: &mut ShellSessionStatus, outcome: &ShellOutcome) {
     }
 }
 
+// A little long: the pod's inputs (registry credentials, user namespaces, the layer cache) are
+// each gathered once here, right before the one apply.
 async fn create_pod(
     session: &ShellSession,
     context: &Context,
@@ -448,7 +481,7 @@ async fn create_pod(
             session,
             status,
             ShellSessionPhase::Failed,
-            "ImageNotFound",
+            reasons::IMAGE_NOT_FOUND,
             format!("image {image_name} not found in {namespace} nor in the shared catalog: clone it first (`kubectl walt image clone REF {image_name}`)"),
         )
         .await;
@@ -460,7 +493,7 @@ async fn create_pod(
             session,
             status,
             ShellSessionPhase::Failed,
-            "TooManyLayers",
+            reasons::TOO_MANY_LAYERS,
             format!("image {image_name} has {layers} layers: a shell needs fewer than {MAX_SHELL_LAYERS}; squash it first (`kubectl walt image squash {image_name}`)"),
         )
         .await;
@@ -472,7 +505,7 @@ async fn create_pod(
             session,
             READY,
             ConditionStatus::False,
-            "ImageNotReady",
+            reasons::IMAGE_NOT_READY,
             format!(
                 "image {image_name} is not resolved yet (see its Ready condition): the shell starts once it is"
             ),
@@ -523,12 +556,12 @@ async fn create_pod(
         session,
         READY,
         ConditionStatus::False,
-        "PodStarting",
+        reasons::POD_STARTING,
         message.clone(),
     );
     write_status(context, session, status).await?;
     context
-        .event(session, EventType::Normal, "PodCreated", "Start", message)
+        .event(session, EventType::Normal, reasons::POD_CREATED, "Start", message)
         .await;
     Ok(Action::requeue(Duration::from_secs(30)))
 }
@@ -557,119 +590,63 @@ async fn record(
         session,
         READY,
         ConditionStatus::False,
-        "AwaitingDecision",
+        reasons::AWAITING_DECISION,
         message.clone(),
     );
     write_status(context, session, status).await?;
     delete_pod(context, session).await?;
     context
-        .event(session, EventType::Normal, "AwaitingDecision", "Commit", message)
+        .event(
+            session,
+            EventType::Normal,
+            reasons::AWAITING_DECISION,
+            "Commit",
+            message,
+        )
         .await;
     Ok(Action::requeue(context.config.args.decision_timeout))
 }
 
+/// Saves the pushed changes as image `target`: copies the manifest there (same registry: blobs
+/// mounted, same digest), marks the Image saved (the Image controller resolves it again and the
+/// Node controller reboots the nodes that boot it), and ends the session `Saved`.
 async fn save(
     session: &ShellSession,
     context: &Context,
-    status: ShellSessionStatus,
+    mut status: ShellSessionStatus,
     target: &str,
 ) -> Result<Action> {
     let namespace = session.namespace().unwrap_or_default();
     let Some(digest) = status.result.as_ref().and_then(|result| result.digest.clone()) else {
+        let message = "the session has no pushed digest to save".to_owned();
         return end(
             context,
             session,
             status,
             ShellSessionPhase::Failed,
-            "NoDigest",
-            "the session has no pushed digest to save".into(),
+            reasons::NO_DIGEST,
+            message,
         )
         .await;
     };
     let target_name = match ImageName::parse(target) {
         Ok(name) => name,
         Err(error) => {
+            let message = format!("spec.saveAs: {error}");
             return end(
                 context,
                 session,
                 status,
                 ShellSessionPhase::Failed,
-                "InvalidImageName",
-                format!("spec.saveAs: {error}"),
+                reasons::INVALID_IMAGE_NAME,
+                message,
             )
             .await;
         }
     };
-    // Where the runtime pushed: the repository of the scratch tag.
-    let source_name = session.spec.image.clone().unwrap_or_default();
-    let source_repository = match find_image(context, &namespace, &source_name).await? {
-        Some((image, false)) => pinned_reference_of(&image).map(|pinned| repository_of(&pinned).to_owned()),
-        _ => None,
-    }
-    .or_else(|| {
-        ImageName::parse(&source_name).ok().map(|name| {
-            repository_of(&name.default_reference(&context.config.args.lab_registry, &namespace)).to_owned()
-        })
-    })
-    .unwrap_or_default();
-    let images: Api<Image> = Api::namespaced(context.client.clone(), &namespace);
-    let object = target_name.object_name();
-    let existing = images
-        .get_opt(&object)
-        .await
-        .context(|| format!("reading Image {namespace}/{object}"))?;
-    let target_reference = match &existing {
-        Some(image) => lab_reference(image, &context.config.args.lab_registry)?,
-        None => target_name.default_reference(&context.config.args.lab_registry, &namespace),
-    };
-    // Same registry: the blobs are mounted, the manifest is pushed unchanged (same digest).
-    let registry = registry_client(context)?;
-    let pushed = format!("{source_repository}@{digest}");
-    let resolved = registry
-        .resolve(&pushed, None)
-        .await
-        .map_err(|error| Error::Registry(format!("reading the pushed changes {pushed}: {error}")))?;
-    registry
-        .copy_image(&resolved, &target_reference, |_| {})
-        .await
-        .map_err(|error| Error::Registry(format!("saving {digest} as {target_reference}: {error}")))?;
-    // Created, or marked updated: the Image controller resolves it again at
-    // once, and the Node controller then reboots the nodes that boot it
-    // (their image's digest moved).
-    let body = serde_json::json!({
-        "apiVersion": "walt.dev/v1alpha1",
-        "kind": "Image",
-        "metadata": {"name": object, "annotations": {
-            RESOLVE_ANNOTATION: digest,
-            SAVED_BY_ANNOTATION: session.uid().unwrap_or_default(),
-        }},
-        "spec": {},
-    });
-    images
-        .patch(
-            &object,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&body),
-        )
-        .await
-        .context(|| format!("updating Image {namespace}/{object}"))?;
-    let nodes: Api<Node> = Api::namespaced(context.client.clone(), &namespace);
-    let rebooting: Vec<String> = nodes
-        .list(&ListParams::default())
-        .await
-        .context(|| format!("listing Nodes of {namespace}"))?
-        .into_iter()
-        .filter(|node| {
-            node.spec
-                .image
-                .as_deref()
-                .and_then(|i| ImageName::parse(i).ok())
-                .as_ref()
-                == Some(&target_name)
-        })
-        .map(|node| node.name_any())
-        .collect();
-    let mut status = status;
+    copy_to_target(session, context, &digest, &target_name).await?;
+    mark_image_saved(session, context, &digest, &target_name.object_name()).await?;
+    let rebooting = nodes_booting(context, &namespace, &target_name).await?;
     status.result = Some(ShellResult {
         image: Some(target_name.to_string()),
         digest: Some(digest.clone()),
@@ -688,10 +665,107 @@ async fn save(
         session,
         status,
         ShellSessionPhase::Saved,
-        "Saved",
+        reasons::SAVED,
         message,
     )
     .await
+}
+
+/// Where the shell runtime pushed: the repository of the session's image.
+async fn source_repository(session: &ShellSession, context: &Context) -> Result<String> {
+    let namespace = session.namespace().unwrap_or_default();
+    let source_name = session.spec.image.clone().unwrap_or_default();
+    let found = match find_image(context, &namespace, &source_name).await? {
+        Some((image, false)) => pinned_reference_of(&image).map(|pinned| repository_of(&pinned).to_owned()),
+        _ => None,
+    };
+    Ok(found
+        .or_else(|| {
+            ImageName::parse(&source_name).ok().map(|name| {
+                repository_of(&name.default_reference(&context.config.args.lab_registry, &namespace))
+                    .to_owned()
+            })
+        })
+        .unwrap_or_default())
+}
+
+/// Copies the pushed manifest `digest` to where image `target` lives.
+async fn copy_to_target(
+    session: &ShellSession,
+    context: &Context,
+    digest: &str,
+    target: &ImageName,
+) -> Result<()> {
+    let namespace = session.namespace().unwrap_or_default();
+    let object = target.object_name();
+    let existing = Api::<Image>::namespaced(context.client.clone(), &namespace)
+        .get_opt(&object)
+        .await
+        .context(|| format!("reading Image {namespace}/{object}"))?;
+    let target_reference = match &existing {
+        Some(image) => lab_reference(image, &context.config.args.lab_registry)?,
+        None => target.default_reference(&context.config.args.lab_registry, &namespace),
+    };
+    let registry = registry_client(context)?;
+    let pushed = format!("{}@{digest}", source_repository(session, context).await?);
+    let resolved = registry
+        .resolve(&pushed, None)
+        .await
+        .map_err(|error| Error::Registry(format!("reading the pushed changes {pushed}: {error}")))?;
+    registry
+        .copy_image(&resolved, &target_reference, |_| {})
+        .await
+        .map(|_| ())
+        .map_err(|error| Error::Registry(format!("saving {digest} as {target_reference}: {error}")))
+}
+
+/// Creates the Image `object`, or marks it updated: the Image controller resolves it again at
+/// once, and the Node controller then reboots the nodes that boot it (their image's digest moved).
+async fn mark_image_saved(
+    session: &ShellSession,
+    context: &Context,
+    digest: &str,
+    object: &str,
+) -> Result<()> {
+    let namespace = session.namespace().unwrap_or_default();
+    let body = serde_json::json!({
+        "apiVersion": "walt.dev/v1alpha1",
+        "kind": "Image",
+        "metadata": {"name": object, "annotations": {
+            RESOLVE_ANNOTATION: digest,
+            SAVED_BY_ANNOTATION: session.uid().unwrap_or_default(),
+        }},
+        "spec": {},
+    });
+    Api::<Image>::namespaced(context.client.clone(), &namespace)
+        .patch(
+            object,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .context(|| format!("updating Image {namespace}/{object}"))?;
+    Ok(())
+}
+
+/// The Nodes of `namespace` that boot image `name`.
+async fn nodes_booting(context: &Context, namespace: &str, name: &ImageName) -> Result<Vec<String>> {
+    let nodes = Api::<Node>::namespaced(context.client.clone(), namespace)
+        .list(&ListParams::default())
+        .await
+        .context(|| format!("listing Nodes of {namespace}"))?;
+    Ok(nodes
+        .into_iter()
+        .filter(|node| {
+            node.spec
+                .image
+                .as_deref()
+                .and_then(|i| ImageName::parse(i).ok())
+                .as_ref()
+                == Some(name)
+        })
+        .map(|node| node.name_any())
+        .collect())
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use walt_crds::{ConditionStatus, Gateway, Node, ShellSession, ShellSessionPhase, ShellSessionStatus};
 
+use super::reasons;
 use super::{READY, condition, end, write_status};
 use crate::controller::shared::context::Context;
 use crate::controller::shared::error::{KubeResultExt, Result};
@@ -19,28 +20,6 @@ use crate::controller::shared::session::{ACTIVITY_ANNOTATION, session_duration};
 
 /// How often a session waiting for its node to have an address looks again.
 const ROUTE_RETRY: Duration = Duration::from_secs(5);
-
-/// The reasons a node shell's conditions and Events give.
-pub mod reasons {
-    /// The session reached its `ttl`.
-    pub const TTL_EXPIRED: &str = "TTLExpired";
-    /// No traffic through the gateway for `idleTimeout`.
-    pub const IDLE_TIMEOUT: &str = "IdleTimeout";
-    /// `idleTimeout` is not a duration.
-    pub const INVALID_IDLE_TIMEOUT: &str = "InvalidIdleTimeout";
-    /// No `publicKey`.
-    pub const NO_PUBLIC_KEY: &str = "NoPublicKey";
-    /// `publicKey` is not an OpenSSH public key.
-    pub const INVALID_PUBLIC_KEY: &str = "InvalidPublicKey";
-    /// The Node does not exist in the session's namespace.
-    pub const NODE_NOT_FOUND: &str = "NodeNotFound";
-    /// The node has no SSH address yet.
-    pub const NODE_NOT_REACHABLE: &str = "NodeNotReachable";
-    /// The Node's host key is not usable.
-    pub const INVALID_HOST_KEY: &str = "InvalidHostKey";
-    /// The gateway admits the key.
-    pub const AUTHORIZED: &str = "Authorized";
-}
 
 /// What a node shell's reconcile does next.
 #[derive(Clone, Debug, PartialEq, Eq)]

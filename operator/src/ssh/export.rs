@@ -436,220 +436,355 @@ pub fn filter_change_set<R: Read, W: Write>(
     let mut archive = tar::Archive::new(crate::overlay::HeaderLimit::new(input));
     // busybox and GNU tar end with zero blocks; a stream cut short is caught by the reader's error.
     archive.set_ignore_zeros(false);
-    let mut builder = tar::Builder::new(output);
-    builder.mode(tar::HeaderMode::Complete);
-    let mut summary = ChangeSummary::default();
-    let mut pending: Vec<PendingDir> = Vec::new();
-    let mut written: BTreeSet<String> = BTreeSet::new();
-    let mut whiteouts: HashSet<String> = HashSet::new();
-    let mut emitted_files: HashSet<String> = HashSet::new();
-    let mut excluded_dirs: Vec<String> = Vec::new();
-    let exclusions = Exclusions::new(&plan.exclude)
-        .map_err(|reason| io::Error::new(io::ErrorKind::InvalidInput, reason))?;
-
+    let mut filter = ChangeSetFilter::new(output, plan, target, progress)?;
     for entry in archive.entries()? {
-        let mut entry = entry?;
-        let name = clean_name(&entry.path_bytes(), target)?;
+        filter.entry(&mut entry?)?;
+    }
+    filter.finish()
+}
+
+/// What one node tar entry says besides its header: its kept PAX records (xattrs, the opaque
+/// flag normalized to [`OPAQUE_XATTR`]) and its ctime.
+struct EntryExtras {
+    pax: Vec<(String, Vec<u8>)>,
+    ctime: Option<i64>,
+}
+
+fn entry_extras<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<EntryExtras> {
+    let mut extras = EntryExtras {
+        pax: Vec::new(),
+        ctime: None,
+    };
+    let Some(extensions) = entry.pax_extensions()? else {
+        return Ok(extras);
+    };
+    for extension in extensions {
+        let extension = extension?;
+        let Ok(key) = extension.key() else { continue };
+        if key == "ctime" {
+            extras.ctime = std::str::from_utf8(extension.value_bytes())
+                .ok()
+                .and_then(|v| v.split('.').next())
+                .and_then(|v| v.parse().ok());
+        } else if let Some(xattr) = key.strip_prefix("SCHILY.xattr.") {
+            let overlay = xattr.starts_with("trusted.overlay.") || xattr.starts_with("user.overlay.");
+            if xattr.ends_with("overlay.opaque") && extension.value_bytes() == b"y" {
+                extras.pax.push((OPAQUE_XATTR.into(), b"y".to_vec()));
+            } else if !overlay {
+                extras
+                    .pax
+                    .push((key.to_owned(), extension.value_bytes().to_vec()));
+            }
+        }
+    }
+    Ok(extras)
+}
+
+/// The change-set writer of [`filter_change_set`]: it owns what it has to remember across
+/// entries (directories held back until a kept entry needs them, what was written, the
+/// whiteouts and files a later hard link may name, the excluded directories).
+struct ChangeSetFilter<'a, W: Write> {
+    builder: tar::Builder<W>,
+    plan: &'a ExportPlan,
+    target: &'a NodeTarget,
+    progress: &'a Progress,
+    exclusions: Exclusions,
+    summary: ChangeSummary,
+    /// Unchanged directories, outermost first, written only if a kept entry lies beneath.
+    pending: Vec<PendingDir>,
+    written: BTreeSet<String>,
+    whiteouts: HashSet<String>,
+    emitted_files: HashSet<String>,
+    excluded_dirs: Vec<String>,
+}
+
+/// One entry being filtered: its clean name, header, kept PAX records, and whether it changed
+/// since the node was ready.
+struct Current {
+    name: String,
+    header: tar::Header,
+    pax: Vec<(String, Vec<u8>)>,
+    fresh: bool,
+}
+
+impl<'a, W: Write> ChangeSetFilter<'a, W> {
+    fn new(
+        output: W,
+        plan: &'a ExportPlan,
+        target: &'a NodeTarget,
+        progress: &'a Progress,
+    ) -> io::Result<Self> {
+        let exclusions = Exclusions::new(&plan.exclude)
+            .map_err(|reason| io::Error::new(io::ErrorKind::InvalidInput, reason))?;
+        let mut builder = tar::Builder::new(output);
+        builder.mode(tar::HeaderMode::Complete);
+        Ok(Self {
+            builder,
+            plan,
+            target,
+            progress,
+            exclusions,
+            summary: ChangeSummary::default(),
+            pending: Vec::new(),
+            written: BTreeSet::new(),
+            whiteouts: HashSet::new(),
+            emitted_files: HashSet::new(),
+            excluded_dirs: Vec::new(),
+        })
+    }
+
+    fn finish(mut self) -> io::Result<ChangeSummary> {
+        self.builder.finish()?;
+        Ok(self.summary)
+    }
+
+    /// Filters one entry of the node's tar.
+    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> io::Result<()> {
+        let name = clean_name(&entry.path_bytes(), self.target)?;
         if name.is_empty() {
-            continue; // the upper dir itself
+            return Ok(()); // the upper dir itself
         }
-        let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
-        let mut ctime: Option<i64> = None;
-        if let Some(extensions) = entry.pax_extensions()? {
-            for extension in extensions {
-                let extension = extension?;
-                let Ok(key) = extension.key() else { continue };
-                if key == "ctime" {
-                    ctime = std::str::from_utf8(extension.value_bytes())
-                        .ok()
-                        .and_then(|v| v.split('.').next())
-                        .and_then(|v| v.parse().ok());
-                } else if let Some(xattr) = key.strip_prefix("SCHILY.xattr.") {
-                    let overlay = xattr.starts_with("trusted.overlay.") || xattr.starts_with("user.overlay.");
-                    if xattr.ends_with("overlay.opaque") && extension.value_bytes() == b"y" {
-                        pax.push((OPAQUE_XATTR.into(), b"y".to_vec()));
-                    } else if !overlay {
-                        pax.push((key.to_owned(), extension.value_bytes().to_vec()));
-                    }
-                }
-            }
-        }
+        let extras = entry_extras(entry)?;
         let header = entry.header().clone();
-        let kind = header.entry_type();
         let mtime = header.mtime().unwrap_or(0) as i64;
-        let fresh = plan
+        let fresh = self
+            .plan
             .changed_since
-            .is_none_or(|since| mtime >= since || ctime.is_some_and(|c| c >= since));
+            .is_none_or(|since| mtime >= since || extras.ctime.is_some_and(|c| c >= since));
         // An excluded directory's content goes with it (`/log/` does that by itself; `^/x$` needs this).
-        let skip = exclusions.matches(&name) || excluded_dirs.iter().any(|dir| is_ancestor(dir, &name));
-
+        let skip =
+            self.exclusions.matches(&name) || self.excluded_dirs.iter().any(|dir| is_ancestor(dir, &name));
         // Directories we leave: they can no longer gain a kept descendant.
-        while pending.last().is_some_and(|dir| !is_ancestor(&dir.path, &name)) {
-            pending.pop();
+        while self
+            .pending
+            .last()
+            .is_some_and(|dir| !is_ancestor(&dir.path, &name))
+        {
+            self.pending.pop();
         }
-
+        let current = Current {
+            name,
+            header,
+            pax: extras.pax,
+            fresh,
+        };
+        let kind = current.header.entry_type();
         if kind.is_dir() {
-            let mut pax = pax;
-            let opaque = pax.iter().any(|(k, _)| k == OPAQUE_XATTR) || plan.detected_opaque.contains(&name);
-            // An opaque flag from before the node was ready is boot-time state: not saved.
-            pax.retain(|(k, _)| k != OPAQUE_XATTR);
-            if opaque && fresh && !skip {
-                pax.push((OPAQUE_XATTR.into(), b"y".to_vec()));
-                summary.opaque_dirs += 1;
-            }
-            if skip {
-                summary.skipped += 1;
-                excluded_dirs.push(name);
-                continue;
-            }
-            if fresh {
-                flush_pending(&mut builder, &mut pending, &mut written, &mut summary, progress)?;
-                write_entry(&mut builder, &header, &name, &pax, io::empty())?;
-                written.insert(name);
-                summary.changed += 1;
-                progress.files.fetch_add(1, Ordering::Relaxed);
-            } else {
-                pending.push(PendingDir {
-                    path: name,
-                    header,
-                    pax,
-                });
-                summary.skipped += 1;
-            }
-            continue;
+            return self.directory(current, skip);
         }
-
         if skip {
-            summary.skipped += 1;
-            continue;
+            self.summary.skipped += 1;
+            return Ok(());
         }
-
         match kind {
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
-                if !fresh {
-                    summary.skipped += 1;
-                    continue;
-                }
-                flush_pending(&mut builder, &mut pending, &mut written, &mut summary, progress)?;
-                summary.bytes += header.size().unwrap_or(0);
-                let mut clean = header.clone();
-                clean.set_entry_type(tar::EntryType::Regular);
-                write_entry(&mut builder, &clean, &name, &pax, &mut entry)?;
-                emitted_files.insert(name.clone());
-                written.insert(name);
-                summary.changed += 1;
+                self.regular(current, entry)?;
             }
-            tar::EntryType::Char
-                if header.device_major()?.unwrap_or(1) == 0 && header.device_minor()?.unwrap_or(1) == 0 =>
-            {
-                whiteouts.insert(name.clone());
-                if !fresh {
-                    summary.skipped += 1;
-                    continue;
-                }
-                flush_pending(&mut builder, &mut pending, &mut written, &mut summary, progress)?;
-                write_entry(&mut builder, &header, &name, &[], io::empty())?;
-                written.insert(name);
-                summary.deleted += 1;
-            }
-            tar::EntryType::Symlink | tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
-                if !fresh {
-                    summary.skipped += 1;
-                    continue;
-                }
-                flush_pending(&mut builder, &mut pending, &mut written, &mut summary, progress)?;
-                if kind == tar::EntryType::Symlink {
-                    let link = entry
-                        .link_name_bytes()
-                        .ok_or_else(|| unsafe_entry(target, format!("symlink `{name}` has no target")))?
-                        .into_owned();
-                    let mut clean = header.clone();
-                    clean.set_size(0);
-                    for (key, value) in &pax {
-                        builder.append_pax_extensions([(key.as_str(), value.as_slice())])?;
-                    }
-                    builder.append_link(
-                        &mut clean,
-                        &name,
-                        std::path::Path::new(std::str::from_utf8(&link).map_err(|_| {
-                            unsafe_entry(target, format!("symlink `{name}` has a non-UTF-8 target"))
-                        })?),
-                    )?;
-                } else {
-                    write_entry(&mut builder, &header, &name, &pax, io::empty())?;
-                }
-                written.insert(name);
-                summary.changed += 1;
-            }
-            tar::EntryType::Link => {
-                let link = entry
-                    .link_name_bytes()
-                    .ok_or_else(|| unsafe_entry(target, format!("hard link `{name}` has no target")))?
-                    .into_owned();
-                let link = clean_name(&link, target)?;
-                if whiteouts.contains(&link) {
-                    // Whiteouts share one inode: the node's tar made this one a link. It is a
-                    // deletion of its own.
-                    if !fresh {
-                        summary.skipped += 1;
-                        continue;
-                    }
-                    flush_pending(&mut builder, &mut pending, &mut written, &mut summary, progress)?;
-                    let mut device = tar::Header::new_gnu();
-                    device.set_entry_type(tar::EntryType::Char);
-                    device.set_mode(0o644);
-                    device.set_size(0);
-                    device.set_device_major(0)?;
-                    device.set_device_minor(0)?;
-                    device.set_mtime(header.mtime().unwrap_or(0));
-                    // A fresh header has empty owner fields, which no tar reader accepts.
-                    device.set_uid(header.uid().unwrap_or(0));
-                    device.set_gid(header.gid().unwrap_or(0));
-                    write_entry(&mut builder, &device, &name, &[], io::empty())?;
-                    written.insert(name);
-                    summary.deleted += 1;
-                } else if emitted_files.contains(&link) {
-                    flush_pending(&mut builder, &mut pending, &mut written, &mut summary, progress)?;
-                    let mut clean = header.clone();
-                    clean.set_size(0);
-                    builder.append_link(&mut clean, &name, &link)?;
-                    written.insert(name);
-                    summary.changed += 1;
-                } else if written.contains(&link) || !fresh {
-                    summary.skipped += 1;
-                } else {
-                    tracing::warn!(node = %target, entry = %name, target = %link, "hard link to an entry left out of the change set: not saved");
-                    summary.skipped += 1;
-                }
-            }
+            tar::EntryType::Char if is_whiteout_device(&current.header)? => self.whiteout(current)?,
+            tar::EntryType::Symlink => self.symlink(current, entry)?,
+            tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => self.special(current)?,
+            tar::EntryType::Link => self.hard_link(&current, entry)?,
             other => {
                 return Err(unsafe_entry(
-                    target,
-                    format!("entry `{name}` has an unsupported type {other:?}"),
+                    self.target,
+                    format!("entry `{}` has an unsupported type {other:?}", current.name),
                 ));
             }
         }
-        progress.files.fetch_add(1, Ordering::Relaxed);
+        self.progress.files.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
-    builder.finish()?;
-    Ok(summary)
+
+    /// Counts an entry left out (unchanged since the node was ready); true when it is.
+    fn left_out(&mut self, current: &Current) -> bool {
+        if !current.fresh {
+            self.summary.skipped += 1;
+        }
+        !current.fresh
+    }
+
+    fn directory(&mut self, current: Current, skip: bool) -> io::Result<()> {
+        let Current {
+            name,
+            header,
+            mut pax,
+            fresh,
+        } = current;
+        let opaque = pax.iter().any(|(k, _)| k == OPAQUE_XATTR) || self.plan.detected_opaque.contains(&name);
+        // An opaque flag from before the node was ready is boot-time state: not saved.
+        pax.retain(|(k, _)| k != OPAQUE_XATTR);
+        if opaque && fresh && !skip {
+            pax.push((OPAQUE_XATTR.into(), b"y".to_vec()));
+            self.summary.opaque_dirs += 1;
+        }
+        if skip {
+            self.summary.skipped += 1;
+            self.excluded_dirs.push(name);
+            return Ok(());
+        }
+        if fresh {
+            self.flush_pending()?;
+            write_entry(&mut self.builder, &header, &name, &pax, io::empty())?;
+            self.written.insert(name);
+            self.summary.changed += 1;
+            self.progress.files.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.pending.push(PendingDir {
+                path: name,
+                header,
+                pax,
+            });
+            self.summary.skipped += 1;
+        }
+        Ok(())
+    }
+
+    fn regular<R: Read>(&mut self, current: Current, content: &mut tar::Entry<'_, R>) -> io::Result<()> {
+        if self.left_out(&current) {
+            return Ok(());
+        }
+        self.flush_pending()?;
+        self.summary.bytes += current.header.size().unwrap_or(0);
+        let mut clean = current.header.clone();
+        clean.set_entry_type(tar::EntryType::Regular);
+        write_entry(&mut self.builder, &clean, &current.name, &current.pax, content)?;
+        self.emitted_files.insert(current.name.clone());
+        self.written.insert(current.name);
+        self.summary.changed += 1;
+        Ok(())
+    }
+
+    fn whiteout(&mut self, current: Current) -> io::Result<()> {
+        self.whiteouts.insert(current.name.clone());
+        if self.left_out(&current) {
+            return Ok(());
+        }
+        self.flush_pending()?;
+        write_entry(
+            &mut self.builder,
+            &current.header,
+            &current.name,
+            &[],
+            io::empty(),
+        )?;
+        self.written.insert(current.name);
+        self.summary.deleted += 1;
+        Ok(())
+    }
+
+    fn symlink<R: Read>(&mut self, current: Current, entry: &tar::Entry<'_, R>) -> io::Result<()> {
+        if self.left_out(&current) {
+            return Ok(());
+        }
+        self.flush_pending()?;
+        let name = &current.name;
+        let link = entry
+            .link_name_bytes()
+            .ok_or_else(|| unsafe_entry(self.target, format!("symlink `{name}` has no target")))?
+            .into_owned();
+        let link = std::str::from_utf8(&link)
+            .map_err(|_| unsafe_entry(self.target, format!("symlink `{name}` has a non-UTF-8 target")))?;
+        let mut clean = current.header.clone();
+        clean.set_size(0);
+        for (key, value) in &current.pax {
+            self.builder
+                .append_pax_extensions([(key.as_str(), value.as_slice())])?;
+        }
+        self.builder
+            .append_link(&mut clean, name, std::path::Path::new(link))?;
+        self.written.insert(current.name);
+        self.summary.changed += 1;
+        Ok(())
+    }
+
+    /// Devices (other than whiteouts) and FIFOs.
+    fn special(&mut self, current: Current) -> io::Result<()> {
+        if self.left_out(&current) {
+            return Ok(());
+        }
+        self.flush_pending()?;
+        write_entry(
+            &mut self.builder,
+            &current.header,
+            &current.name,
+            &current.pax,
+            io::empty(),
+        )?;
+        self.written.insert(current.name);
+        self.summary.changed += 1;
+        Ok(())
+    }
+
+    fn hard_link<R: Read>(&mut self, current: &Current, entry: &tar::Entry<'_, R>) -> io::Result<()> {
+        let name = current.name.clone();
+        let link = entry
+            .link_name_bytes()
+            .ok_or_else(|| unsafe_entry(self.target, format!("hard link `{name}` has no target")))?
+            .into_owned();
+        let link = clean_name(&link, self.target)?;
+        if self.whiteouts.contains(&link) {
+            // Whiteouts share one inode: the node's tar made this one a link. It is a deletion of
+            // its own.
+            if self.left_out(current) {
+                return Ok(());
+            }
+            self.flush_pending()?;
+            write_entry(
+                &mut self.builder,
+                &whiteout_like(&current.header)?,
+                &name,
+                &[],
+                io::empty(),
+            )?;
+            self.written.insert(name);
+            self.summary.deleted += 1;
+        } else if self.emitted_files.contains(&link) {
+            self.flush_pending()?;
+            let mut clean = current.header.clone();
+            clean.set_size(0);
+            self.builder.append_link(&mut clean, &name, &link)?;
+            self.written.insert(name);
+            self.summary.changed += 1;
+        } else if self.written.contains(&link) || !current.fresh {
+            self.summary.skipped += 1;
+        } else {
+            tracing::warn!(node = %self.target, entry = %name, target = %link, "hard link to an entry left out of the change set: not saved");
+            self.summary.skipped += 1;
+        }
+        Ok(())
+    }
+
+    /// Writes the held-back directories a kept entry needs (its ancestors).
+    fn flush_pending(&mut self) -> io::Result<()> {
+        for dir in self.pending.drain(..) {
+            write_entry(&mut self.builder, &dir.header, &dir.path, &dir.pax, io::empty())?;
+            self.written.insert(dir.path);
+            self.summary.skipped = self.summary.skipped.saturating_sub(1);
+            self.summary.changed += 1;
+            self.progress.files.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
 }
 
-fn flush_pending<W: Write>(
-    builder: &mut tar::Builder<W>,
-    pending: &mut Vec<PendingDir>,
-    written: &mut BTreeSet<String>,
-    summary: &mut ChangeSummary,
-    progress: &Progress,
-) -> io::Result<()> {
-    for dir in pending.drain(..) {
-        write_entry(builder, &dir.header, &dir.path, &dir.pax, io::empty())?;
-        written.insert(dir.path);
-        summary.skipped = summary.skipped.saturating_sub(1);
-        summary.changed += 1;
-        progress.files.fetch_add(1, Ordering::Relaxed);
-    }
-    Ok(())
+/// Whether a character device header is an overlay whiteout (0:0).
+fn is_whiteout_device(header: &tar::Header) -> io::Result<bool> {
+    Ok(header.device_major()?.unwrap_or(1) == 0 && header.device_minor()?.unwrap_or(1) == 0)
+}
+
+/// A whiteout (char device 0:0) header with the owner and time of `header`.
+fn whiteout_like(header: &tar::Header) -> io::Result<tar::Header> {
+    let mut device = tar::Header::new_gnu();
+    device.set_entry_type(tar::EntryType::Char);
+    device.set_mode(0o644);
+    device.set_size(0);
+    device.set_device_major(0)?;
+    device.set_device_minor(0)?;
+    device.set_mtime(header.mtime().unwrap_or(0));
+    // A fresh header has empty owner fields, which no tar reader accepts.
+    device.set_uid(header.uid().unwrap_or(0));
+    device.set_gid(header.gid().unwrap_or(0));
+    Ok(device)
 }
 
 fn write_entry<W: Write, R: Read>(

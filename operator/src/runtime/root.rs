@@ -660,7 +660,8 @@ fn unblock_signals() -> ChildResult<()> {
 }
 
 /// Builds the root and returns the console PTY (master, slave) of PID 1 when
-/// its stdio is a PTY.
+/// its stdio is a PTY. Each step is named; they run in this order because each needs the one
+/// before (the overlay before what is mounted in it, everything before `pivot_root`).
 fn child_setup(
     spec: &RootSpec,
     plan: &Plan,
@@ -668,12 +669,44 @@ fn child_setup(
     parent: Pid,
     created: &mut Vec<PathBuf>,
 ) -> ChildResult<Option<(OwnedFd, OwnedFd)>> {
+    prepare_process(parent)?;
+    private_mount_tree(spec, plan)?;
+    mount_ram_dir(spec)?;
+    mount_overlay(plan)?;
+    let root = &plan.root;
+    for dir in BASE_DIRS {
+        ensure_dir(root, Path::new(dir), created)?;
+    }
+    mount_proc(root)?;
+    let pts = mount_dev(root)?;
+    mount_sys(root, plan)?;
+    mount_tmp_and_run(root)?;
+    bind_files(spec, root, created)?;
+    let console = console_of(init, root, &pts)?;
+    enter_root(spec, root)?;
+    if let Some((master, slave_path)) = console {
+        let inside = Path::new("/dev/pts").join(slave_path.file_name().unwrap_or_default());
+        let slave = attach_terminal(&inside)?;
+        Ok(Some((master, slave)))
+    } else {
+        setup_stdio(&init.stdio, Path::new("/dev/ptmx"))?;
+        Ok(None)
+    }
+}
+
+/// The child's process state: clean signals, killed with its parent, and the parent still there.
+fn prepare_process(parent: Pid) -> ChildResult<()> {
     unblock_signals()?;
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
         .map_err(|e| format!("set the parent-death signal: {e}"))?;
     if nix::unistd::getppid() != parent && nix::unistd::getppid().as_raw() != 0 {
         return Err("the runtime exited during setup".into());
     }
+    Ok(())
+}
+
+/// A private mount tree (nothing propagates to the host), loopback up, the systemd cgroup entered.
+fn private_mount_tree(spec: &RootSpec, plan: &Plan) -> ChildResult<()> {
     let m = |what: String| move |e: nix::Error| format!("{what}: {e}");
     mount(
         None::<&str>,
@@ -690,6 +723,12 @@ fn child_setup(
         enter_systemd_cgroup(mount_dir, name)?;
     }
 
+    Ok(())
+}
+
+/// The RAM dir holding the upper and work dirs, when asked for.
+fn mount_ram_dir(spec: &RootSpec) -> ChildResult<()> {
+    let m = |what: String| move |e: nix::Error| format!("{what}: {e}");
     if let Some(ram) = &spec.ram_dir {
         mount(
             Some("tmpfs"),
@@ -704,6 +743,12 @@ fn child_setup(
         }
     }
 
+    Ok(())
+}
+
+/// The overlay root (mounted from the links dir, so long lower dir lists fit the options).
+fn mount_overlay(plan: &Plan) -> ChildResult<()> {
+    let m = |what: String| move |e: nix::Error| format!("{what}: {e}");
     // The overlay.
     let root = &plan.root;
     chdir(&plan.links_dir).map_err(m(format!("chdir {}", plan.links_dir.display())))?;
@@ -723,12 +768,14 @@ fn child_setup(
     })?;
     chdir("/").map_err(m("chdir /".into()))?;
 
-    for dir in BASE_DIRS {
-        ensure_dir(root, Path::new(dir), created)?;
-    }
+    Ok(())
+}
+
+/// `/proc`.
+fn mount_proc(root: &Path) -> ChildResult<()> {
+    let m = |what: String| move |e: nix::Error| format!("{what}: {e}");
     let at = |p: &str| root.join(p);
     let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-
     mount(
         Some("proc"),
         &at("proc"),
@@ -738,6 +785,15 @@ fn child_setup(
     )
     .map_err(m("mount /proc".into()))?;
 
+    Ok(())
+}
+
+/// `/dev`: a tmpfs with the host's harmless devices, a new devpts and `/dev/shm`; returns the
+/// devpts mount point.
+fn mount_dev(root: &Path) -> ChildResult<PathBuf> {
+    let m = |what: String| move |e: nix::Error| format!("{what}: {e}");
+    let at = |p: &str| root.join(p);
+    let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     // /dev: a tmpfs with the host's harmless devices bound in.
     mount(
         Some("tmpfs"),
@@ -801,6 +857,14 @@ fn child_setup(
         symlink(target, at("dev").join(link)).map_err(|e| format!("link /dev/{link}: {e}"))?;
     }
 
+    Ok(pts)
+}
+
+/// `/sys` read-only, and the systemd cgroup when init runs.
+fn mount_sys(root: &Path, plan: &Plan) -> ChildResult<()> {
+    let m = |what: String| move |e: nix::Error| format!("{what}: {e}");
+    let at = |p: &str| root.join(p);
+    let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     // /sys, read-only.
     let sys_flags = MsFlags::MS_RDONLY | nosuid_nodev | MsFlags::MS_NOEXEC;
     if mount(Some("sysfs"), &at("sys"), Some("sysfs"), sys_flags, None::<&str>).is_err() {
@@ -846,6 +910,14 @@ fn child_setup(
         umount2(mount_dir, MntFlags::MNT_DETACH).map_err(m("unmount the cgroup staging mount".into()))?;
     }
 
+    Ok(())
+}
+
+/// Fresh tmpfs on `/tmp` and `/run`.
+fn mount_tmp_and_run(root: &Path) -> ChildResult<()> {
+    let m = |what: String| move |e: nix::Error| format!("{what}: {e}");
+    let at = |p: &str| root.join(p);
+    let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     mount(
         Some("tmpfs"),
         &at("tmp"),
@@ -863,6 +935,14 @@ fn child_setup(
     )
     .map_err(m("mount a tmpfs on /run".into()))?;
 
+    Ok(())
+}
+
+/// Files bound in: resolv.conf, `/etc/cpuinfo` as `/proc/cpuinfo`, a transient machine-id, and
+/// the caller's binds.
+fn bind_files(spec: &RootSpec, root: &Path, created: &mut Vec<PathBuf>) -> ChildResult<()> {
+    let m = |what: String| move |e: nix::Error| format!("{what}: {e}");
+    let at = |p: &str| root.join(p);
     if let Some(resolv) = spec.resolv_conf.as_ref().filter(|p| p.exists()) {
         let target = bind_target(root, Path::new("/etc/resolv.conf"), false, created)?;
         mount(
@@ -932,11 +1012,18 @@ fn child_setup(
         }
     }
 
+    Ok(())
+}
+
+/// PID 1's console, from the container's own devpts (when its stdio is a PTY).
+fn console_of(init: &Command, root: &Path, pts: &Path) -> ChildResult<Option<(OwnedFd, PathBuf)>> {
+    let m = |what: String| move |e: nix::Error| format!("{what}: {e}");
+    let at = |p: &str| root.join(p);
     // PID 1's console, from the container's own devpts.
     let console = match &init.stdio {
         Stdio::Pty(size) => {
             let size = *size;
-            let (master, slave_path) = open_pty(&at("dev/pts/ptmx"), &pts, size)?;
+            let (master, slave_path) = open_pty(&at("dev/pts/ptmx"), pts, size)?;
             let console = at("dev/console");
             fs::File::create(&console).map_err(|e| format!("create /dev/console: {e}"))?;
             mount(
@@ -952,20 +1039,19 @@ fn child_setup(
         _ => None,
     };
 
+    Ok(console)
+}
+
+/// The hostname, then `pivot_root` into the new root and the old one detached.
+fn enter_root(spec: &RootSpec, root: &Path) -> ChildResult<()> {
+    let m = |what: String| move |e: nix::Error| format!("{what}: {e}");
     nix::unistd::sethostname(&spec.hostname).map_err(m("set the hostname".into()))?;
     chdir(root).map_err(m(format!("chdir {}", root.display())))?;
     nix::unistd::pivot_root(".", ".").map_err(m("pivot_root".into()))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(m("detach the old root".into()))?;
     chdir("/").map_err(m("chdir /".into()))?;
 
-    if let Some((master, slave_path)) = console {
-        let inside = Path::new("/dev/pts").join(slave_path.file_name().unwrap_or_default());
-        let slave = attach_terminal(&inside)?;
-        Ok(Some((master, slave)))
-    } else {
-        setup_stdio(&init.stdio, Path::new("/dev/ptmx"))?;
-        Ok(None)
-    }
+    Ok(())
 }
 
 /// Connects stdio as asked. For [`Stdio::Pty`], opens a PTY from `ptmx` and

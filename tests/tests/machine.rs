@@ -53,6 +53,14 @@ fn programs_in_sources() -> BTreeSet<(String, String)> {
                 let rest = &text[at + marker.len()..];
                 let Some(end) = rest.find('"') else { continue };
                 let program = rest[..end].rsplit('/').next().unwrap_or_default().to_owned();
+                // Only program names (this file's own docs quote the patterns with `…`).
+                let is_name = !program.is_empty()
+                    && program
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '+' | '-'));
+                if !is_name {
+                    continue;
+                }
                 let shown = file
                     .strip_prefix(repo_root())
                     .unwrap_or(&file)

@@ -1164,6 +1164,75 @@ fn operator_killed_mid_save_moves_no_tag_and_finishes_after_restart() {
     assert!(!images.contains("debian.gone"), "{images}");
 }
 
+/// The registry killed mid-push and restarted: the save is tried again (a `Retrying` Event) and
+/// succeeds, the tag moved once to the whole image. A registry gone for longer than the retries
+/// fails the save with the registry's words, and moves no tag.
+#[test]
+fn registry_killed_mid_save_is_retried_and_a_registry_gone_fails_cleanly() {
+    let node = walt_tests::sshnode::SshNode::busybox()
+        .expect("start an sshd node (needs root, openssh-server, socat, iproute2)");
+    let mut lab = SaveLab::start_with(
+        "op-regkill",
+        node,
+        &["--save-retries", "3", "--save-retry-delay", "2s"],
+    );
+    let cluster = cluster();
+    lab.node
+        .run("mkdir -p /srv && head -c 134217728 /dev/urandom > /srv/big")
+        .expect("write a big file on the node");
+    lab.save("big", "debian:big", "");
+    lab.wait_progress("nodesave/big");
+    lab.registry.kill();
+    std::thread::sleep(Duration::from_secs(1));
+    lab.registry
+        .restart()
+        .expect("restart the registry on its port and storage");
+    lab.wait(
+        "nodesave/big",
+        "{.status.phase}",
+        "Succeeded",
+        Duration::from_mins(4),
+    );
+    let reasons = event_reasons(cluster, &lab.namespace, "big");
+    assert!(reasons.contains("Retrying"), "events: {reasons}");
+    let tag = lab
+        .registry
+        .reference(&format!("lab/{}/debian:big", lab.namespace));
+    assert_eq!(
+        skopeo_digest(&tag),
+        Ok(lab.get("nodesave/big", "{.status.result.digest}"))
+    );
+
+    // Gone for good: 3 retries (2, 4, 8 s), then Failed with what the registry (not) said.
+    lab.registry.kill();
+    lab.save("late", "debian:late", "");
+    lab.wait(
+        "nodesave/late",
+        "{.status.phase}",
+        "Failed",
+        Duration::from_mins(2),
+    );
+    let message = kubectl(
+        cluster,
+        &lab.namespace,
+        &[
+            "get",
+            "nodesave/late",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type=='Complete')].message}",
+        ],
+    );
+    assert!(
+        message.contains("gave up after 4 attempts") && message.contains("127.0.0.1"),
+        "the failure names the registry and the attempts: {message}"
+    );
+    lab.registry.restart().expect("restart the registry");
+    let late = lab
+        .registry
+        .reference(&format!("lab/{}/debian:late", lab.namespace));
+    assert!(skopeo_digest(&late).is_err(), "a failed save moved a tag");
+}
+
 /// Multi-tenancy is Kubernetes RBAC: alice, who may edit walt objects in her
 /// namespace only, cannot create a NodeSave in bob's namespace nor read his
 /// Nodes; the API server says so.

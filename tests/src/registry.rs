@@ -80,19 +80,7 @@ impl Registry {
         }
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config).map_err(|e| FixtureError::io("writing registry config", e))?;
-        let log = std::fs::File::create(dir.path().join("registry.log"))
-            .map_err(|e| FixtureError::io("creating registry log", e))?;
-        let log_err = log
-            .try_clone()
-            .map_err(|e| FixtureError::io("cloning registry log", e))?;
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .spawn()
-            .map_err(|e| FixtureError::io("starting docker-registry", e))?;
+        let child = spawn(dir.path())?;
         let mut registry = Registry {
             child: Some(child),
             port,
@@ -243,6 +231,22 @@ impl Registry {
             })
     }
 
+    /// Kills the registry at once (SIGKILL), as a crash would: uploads in flight are cut. Its storage
+    /// stays; [`Registry::restart`] serves it again on the same port.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the registry again (same config, port and storage) and waits until it serves.
+    pub fn restart(&mut self) -> Result<(), FixtureError> {
+        self.stop();
+        self.child = Some(spawn(self.dir.path())?);
+        self.wait_ready()
+    }
+
     /// Stops the registry now (also done on drop).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -260,6 +264,26 @@ impl Drop for Registry {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Starts `docker-registry serve DIR/config.yml`, logging (appending) to `DIR/registry.log`.
+fn spawn(dir: &Path) -> Result<Child, FixtureError> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("registry.log"))
+        .map_err(|e| FixtureError::io("opening the registry log", e))?;
+    let log_err = log
+        .try_clone()
+        .map_err(|e| FixtureError::io("cloning registry log", e))?;
+    Command::new("docker-registry")
+        .arg("serve")
+        .arg(dir.join("config.yml"))
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .spawn()
+        .map_err(|e| FixtureError::io("starting docker-registry", e))
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.

@@ -116,6 +116,14 @@ pub struct Args {
     /// Node saves running at once.
     #[arg(long, env = "WALT_MAX_CONCURRENT_SAVES", default_value_t = 2)]
     pub max_concurrent_saves: usize,
+    /// How many times a node save is tried again after the registry failed in a way that may pass
+    /// (unreachable, 5xx, 429, an upload it lost when it restarted); 0 fails at once.
+    #[arg(long, env = "WALT_SAVE_RETRIES", default_value_t = 5)]
+    pub save_retries: u32,
+    /// The wait before the first retry of a node save; it doubles with each retry (5s: 5, 10, 20,
+    /// 40, 80 s, about 2.5 minutes in all with the default 5 retries).
+    #[arg(long, env = "WALT_SAVE_RETRY_DELAY", default_value = "5s", value_parser = parse_duration)]
+    pub save_retry_delay: Duration,
     /// Reconciles running at once, per kind (bounds memory and API load with thousands of objects).
     #[arg(long, env = "WALT_MAX_CONCURRENT_RECONCILES", default_value_t = 32)]
     pub max_concurrent_reconciles: u16,

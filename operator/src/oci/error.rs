@@ -27,6 +27,9 @@ pub enum Error {
         /// The registry said the manifest, blob or repository does not exist (HTTP 404, `MANIFEST_UNKNOWN`,
         /// `NAME_UNKNOWN`), as opposed to a refusal or a transport failure.
         not_found: bool,
+        /// Trying again later may succeed: the registry could not be reached, answered 5xx or 429,
+        /// or lost an upload session (restarted), as opposed to a refusal the request itself caused.
+        transient: bool,
     },
     /// No image in an index for the wanted platform.
     #[error("{reference}: no image for platform {wanted} (the index has: {available})")]
@@ -105,6 +108,11 @@ impl Error {
     /// repository never created), which callers may fix by creating it.
     pub fn is_not_found(&self) -> bool {
         matches!(self, Error::Registry { not_found: true, .. })
+    }
+
+    /// Whether trying again later may succeed (see the `transient` field of [`Error::Registry`]).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Registry { transient: true, .. })
     }
 
     pub(crate) fn io(

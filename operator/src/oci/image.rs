@@ -356,6 +356,30 @@ struct ChannelWriter {
     buffer: Vec<u8>,
 }
 
+/// What the layer writer sees when the upload it feeds has ended (failed): the upload's own error
+/// is the one to report.
+#[derive(Debug, thiserror::Error)]
+#[error("the upload stopped")]
+struct UploadStopped;
+
+/// Whether `error` only says that the upload stopped under the writer (pure): an [`UploadStopped`]
+/// anywhere in its chain of sources.
+fn stopped_by_upload(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(current) = next {
+        if current.is::<UploadStopped>() {
+            return true;
+        }
+        if let Some(io) = current.downcast_ref::<std::io::Error>()
+            && io.get_ref().is_some_and(|inner| stopped_by_upload(inner))
+        {
+            return true;
+        }
+        next = current.source();
+    }
+    false
+}
+
 impl ChannelWriter {
     fn send_buffer(&mut self) -> std::io::Result<()> {
         if self.buffer.is_empty() {
@@ -367,7 +391,7 @@ impl ChannelWriter {
         ));
         self.sender
             .blocking_send(Ok(chunk))
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the upload stopped"))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, UploadStopped))
     }
 }
 
@@ -905,6 +929,10 @@ impl RegistryClient {
             .map_err(|e| Error::Internal(format!("layer writer task: {e}")))?;
         match (written, upload) {
             (Ok((diff_id, summary)), Ok(uploaded)) => Ok((uploaded.digest, uploaded.size, diff_id, summary)),
+            // The upload failed first (the registry went away): the writer only saw it stop.
+            (Err(error), Err(upload)) if stopped_by_upload(&error) => {
+                Err(registry_error(target, "uploading the new layer", &upload))
+            }
             // A bad change set aborts the upload: report the cause, not the aborted upload.
             (Err(error @ Error::Layer { .. }), _) | (Err(error), Ok(_)) => Err(error),
             (_, Err(error)) => Err(registry_error(target, "uploading the new layer", &error)),
@@ -1045,5 +1073,28 @@ impl RegistryClient {
             .await
             .map_err(|e| registry_error(&parsed, format!("setting tag {tag} to {digest}"), &e))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer_error(source: std::io::Error) -> Error {
+        Error::Layer {
+            context: "converting the change stream".into(),
+            source: crate::overlay::Error::Tar {
+                context: "writing srv/big".into(),
+                source,
+            },
+        }
+    }
+
+    #[test]
+    fn an_upload_that_stopped_is_told_apart_from_a_bad_change_set() {
+        let stopped = layer_error(std::io::Error::new(std::io::ErrorKind::BrokenPipe, UploadStopped));
+        assert!(stopped_by_upload(&stopped));
+        let full = layer_error(std::io::Error::other("No space left on device"));
+        assert!(!stopped_by_upload(&full));
     }
 }

@@ -211,6 +211,23 @@ pub(crate) fn registry_error(
         action: action.into(),
         answer,
         not_found,
+        transient: is_transient(error),
+    }
+}
+
+/// Whether a registry error may go away by itself (pure): no connection, a cut transfer, a 5xx
+/// or 429 answer, or an upload session the registry no longer knows (it restarted).
+pub(crate) fn is_transient(error: &OciDistributionError) -> bool {
+    match error {
+        OciDistributionError::ServerError { code, .. } => *code >= 500 || *code == 429,
+        OciDistributionError::RegistryError { envelope, .. } => envelope.errors.iter().any(|e| {
+            matches!(
+                e.code,
+                OciErrorCode::Toomanyrequests | OciErrorCode::BlobUploadUnknown
+            )
+        }),
+        OciDistributionError::RequestError(_) | OciDistributionError::IoError(_) => true,
+        _ => false,
     }
 }
 

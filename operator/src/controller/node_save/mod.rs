@@ -340,7 +340,7 @@ async fn run(context: &Arc<Context>, job: SaveJob, restarted: bool) {
     context
         .event(&save, EventType::Normal, reason, "Save", note)
         .await;
-    match execute(context, &job, &mut save).await {
+    match execute_with_retries(context, &job, &mut save).await {
         Ok((outcome, rebooting)) => {
             context.metrics.saved_bytes.inc_by(outcome.layer_size);
             let status = succeeded_status(&save, &outcome, rebooting, Timestamp::now());
@@ -361,10 +361,14 @@ async fn run(context: &Arc<Context>, job: SaveJob, restarted: bool) {
                 .event(&save, EventType::Normal, "Saved", "Save", message)
                 .await;
         }
-        Err((CANCELLED, message)) => {
+        Err(Failure {
+            reason: CANCELLED,
+            message,
+            ..
+        }) => {
             tracing::info!(%message, "node save cancelled");
         }
-        Err((reason, message)) => {
+        Err(Failure { reason, message, .. }) => {
             tracing::warn!(reason, %message, "node save failed");
             let status = failed_status(&save, reason, &message, Timestamp::now());
             record_end(context, &save, &status).await;
@@ -378,6 +382,48 @@ async fn run(context: &Arc<Context>, job: SaveJob, restarted: bool) {
                 )
                 .await;
         }
+    }
+}
+
+/// Runs the save, and runs it again from the start (after [`retry_delay`]) while it fails in a
+/// way that may pass, up to `--save-retries`; each retry is an Event saying why. Blobs the
+/// registry already has are not sent again (the base's are mounted; the layer is pushed by
+/// digest). When the retries are used up, the failure names the registry's words and the attempts.
+async fn execute_with_retries(
+    context: &Arc<Context>,
+    job: &SaveJob,
+    save: &mut NodeSave,
+) -> std::result::Result<(SaveOutcome, usize), Failure> {
+    let retries = context.config.args.save_retries;
+    let first = context.config.args.save_retry_delay;
+    let mut retry = 1;
+    loop {
+        let failure = match execute(context, job, save).await {
+            Err(failure) if failure.retryable => failure,
+            other => return other,
+        };
+        let Some(delay) = retry_delay(retry, retries, first) else {
+            let message = format!("{} (gave up after {} attempts)", failure.message, retry);
+            return Err(Failure { message, ..failure });
+        };
+        let note = format!(
+            "{}: {}; trying again in {} s (retry {retry} of {retries})",
+            failure.reason,
+            failure.message,
+            delay.as_secs()
+        );
+        tracing::warn!(%note, "node save will be retried");
+        context
+            .event(save, EventType::Warning, "Retrying", "Save", note)
+            .await;
+        tokio::time::sleep(delay).await;
+        if !still_wanted(context, save).await {
+            return Err(Failure::from((
+                CANCELLED,
+                "the NodeSave was deleted while it waited to retry".into(),
+            )));
+        }
+        retry += 1;
     }
 }
 
@@ -396,7 +442,44 @@ async fn record_end(context: &Context, save: &NodeSave, status: &walt_crds::Node
     }
 }
 
-type Failure = (&'static str, String);
+/// Why a save run ended without a result: the reason (condition and Event), the message, and
+/// whether trying again later may succeed (the registry failed in a way that may pass).
+struct Failure {
+    reason: &'static str,
+    message: String,
+    retryable: bool,
+}
+
+impl From<(&'static str, String)> for Failure {
+    fn from((reason, message): (&'static str, String)) -> Self {
+        Self {
+            reason,
+            message,
+            retryable: false,
+        }
+    }
+}
+
+impl Failure {
+    /// A failure caused by the registry: retryable when its error is transient.
+    fn registry(reason: &'static str, error: &crate::oci::Error, message: String) -> Self {
+        Self {
+            reason,
+            message,
+            retryable: error.is_transient(),
+        }
+    }
+}
+
+/// How long to wait before retry number `retry` (1-based) of a save, or `None` when the retries
+/// are used up (pure): `first`, doubling each time, at most 5 minutes.
+pub fn retry_delay(retry: u32, retries: u32, first: Duration) -> Option<Duration> {
+    (retry >= 1 && retry <= retries).then(|| {
+        first
+            .saturating_mul(1_u32 << (retry - 1).min(16))
+            .min(Duration::from_mins(5))
+    })
+}
 
 /// Reason of a save whose NodeSave was deleted while it ran.
 const CANCELLED: &str = "Cancelled";
@@ -426,7 +509,7 @@ async fn execute(
 ) -> std::result::Result<(SaveOutcome, usize), Failure> {
     let client = NodeClient::connect(&job.ssh_target, &job.ssh_config)
         .await
-        .map_err(|error| (ssh_reason(&error), error.to_string()))?;
+        .map_err(|error| Failure::from((ssh_reason(&error), error.to_string())))?;
     let transferred = transfer(context, job, save, &client).await;
     // The one place the connection ends, whatever the transfer did.
     client.close().await;
@@ -444,19 +527,18 @@ async fn transfer(
 ) -> std::result::Result<(RegistryClient, NodeSaved), Failure> {
     let plan = export::plan(client, &job.export)
         .await
-        .map_err(|error| ("NodeNotSaveable", error.to_string()))?;
-    let registry = registry_client(context).map_err(|error| ("RegistryUnavailable", error.to_string()))?;
+        .map_err(|error| Failure::from(("NodeNotSaveable", error.to_string())))?;
+    let registry = registry_client(context)
+        .map_err(|error| Failure::from(("RegistryUnavailable", error.to_string())))?;
     let base = registry
         .resolve(&job.base_reference, None)
         .await
         .map_err(|error| {
-            (
-                "BaseImageUnavailable",
-                format!(
-                    "the image the node booted ({}) cannot be read: {error}",
-                    job.base_reference
-                ),
-            )
+            let message = format!(
+                "the image the node booted ({}) cannot be read: {error}",
+                job.base_reference
+            );
+            Failure::registry("BaseImageUnavailable", &error, message)
         })?;
     let options = save_options(&save.spec, &job.repository);
     // Progress goes through a watch channel to a reporter that writes the
@@ -485,9 +567,16 @@ async fn transfer(
     };
     reporter.abort();
     let Some(pushed) = pushed else {
-        return Err((CANCELLED, "the NodeSave was deleted while it ran".into()));
+        return Err(Failure::from((
+            CANCELLED,
+            "the NodeSave was deleted while it ran".into(),
+        )));
     };
-    let saved = pushed.map_err(|error| (failure_reason(&error), error.to_string()))?;
+    let saved = pushed.map_err(|error| Failure {
+        reason: failure_reason(&error),
+        message: error.to_string(),
+        retryable: matches!(&error, SaveError::Registry(registry) if registry.is_transient()),
+    })?;
     Ok((registry, saved))
 }
 
@@ -570,22 +659,18 @@ async fn publish(
         .event(save, EventType::Normal, "Pushed", "Save", note)
         .await;
     if !still_wanted(context, save).await {
-        return Err((
-            CANCELLED,
-            format!(
-                "the NodeSave was deleted before the tag moved: {} stays untagged",
-                saved.pushed.reference
-            ),
-        ));
+        let message = format!(
+            "the NodeSave was deleted before the tag moved: {} stays untagged",
+            saved.pushed.reference
+        );
+        return Err(Failure::from((CANCELLED, message)));
     }
     registry
         .tag(&job.repository, &saved.pushed.manifest_digest, &job.tag)
         .await
         .map_err(|error| {
-            (
-                "TagFailed",
-                format!("pushed {} but tagging it failed: {error}", saved.pushed.reference),
-            )
+            let message = format!("pushed {} but tagging it failed: {error}", saved.pushed.reference);
+            Failure::registry("TagFailed", &error, message)
         })?;
     let rebooting = if job.target.exists && save.spec.reboot_nodes {
         nodes_booting(&job.nodes, &job.target.image_object)
@@ -595,10 +680,10 @@ async fn publish(
     update_image(context, save, job, &saved.pushed.manifest_digest)
         .await
         .map_err(|error| {
-            (
+            Failure::from((
                 "ImageUpdateFailed",
                 format!("the tag moved, but updating the Image failed: {error}"),
-            )
+            ))
         })?;
     Ok((outcome_of(job, saved), rebooting))
 }
@@ -654,6 +739,17 @@ async fn update_image(context: &Context, save: &NodeSave, job: &SaveJob, digest:
 mod tests {
     use super::*;
     use crate::ssh::SshError;
+
+    #[test]
+    fn retries_wait_longer_each_time_and_stop_at_the_budget() {
+        let five = Duration::from_secs(5);
+        assert_eq!(retry_delay(1, 5, five), Some(five));
+        assert_eq!(retry_delay(2, 5, five), Some(Duration::from_secs(10)));
+        assert_eq!(retry_delay(5, 5, five), Some(Duration::from_secs(80)));
+        assert_eq!(retry_delay(6, 5, five), None, "budget used up");
+        assert_eq!(retry_delay(1, 0, five), None, "no retries");
+        assert_eq!(retry_delay(12, 20, five), Some(Duration::from_mins(5)), "capped");
+    }
 
     #[test]
     fn failure_reasons() {

@@ -19,7 +19,7 @@ use std::time::Duration;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Api;
 use kube::api::{ListParams, PostParams};
-use walt_crds::{Image, ImageSpec, Node, NodeSpec, ShellSession};
+use walt_crds::{Device, DeviceLoan, DeviceSpec, Image, ImageSpec, Node, NodeSpec, ShellSession};
 use walt_tests::images::{Arch, OciLayout, skopeo_inspect_format};
 use walt_tests::k8s::{Cluster, shared_control_plane};
 use walt_tests::operator::OperatorProcess;
@@ -158,13 +158,32 @@ impl Lab {
                 )
                 .await
                 .unwrap();
+            // The lab registers the sshd node as a Device and lends it to the namespace.
+            let device_name = format!("{namespace}-pc");
+            Api::<Device>::all(client.clone())
+                .create(
+                    &PostParams::default(),
+                    &Device::new(
+                        &device_name,
+                        DeviceSpec {
+                            address: node.address().to_string(),
+                            ssh_port: 22,
+                            model: "pc-x86-64".into(),
+                            host_key: Some(node.host_public_key().trim().to_owned()),
+                            lent_to: Some(DeviceLoan {
+                                namespace: namespace.clone(),
+                            }),
+                            ..DeviceSpec::default()
+                        },
+                    ),
+                )
+                .await
+                .unwrap();
             let nodes: Api<Node> = Api::namespaced(client.clone(), &namespace);
             let spec = NodeSpec {
                 model: "pc-x86-64".into(),
                 image: Some("debian".into()),
-                address: Some(node.address().to_string()),
-                ssh_port: 22,
-                host_key: Some(node.host_public_key().trim().to_owned()),
+                device: Some(device_name),
                 ..NodeSpec::default()
             };
             nodes

@@ -28,7 +28,9 @@ use self::build::{
 use crate::controller::shared::context::{Context, FIELD_MANAGER};
 use crate::controller::shared::error::{Error, KubeResultExt, Result};
 use crate::controller::shared::lookup::find_image;
-use crate::controller::shared::node_access::{client_config, node_target, ssh_reason, vnode_pod};
+use crate::controller::shared::node_access::{
+    client_config, node_device, node_target, ssh_reason, vnode_pod,
+};
 use crate::controller::shared::registry::{
     NO_REBOOT_ANNOTATION, RESOLVE_ANNOTATION, lab_reference, pinned_reference, registry_client,
 };
@@ -262,14 +264,15 @@ async fn prepare(
         )
     })?;
     let pod = vnode_pod(&context.client, node).await?;
-    let ssh_target = node_target(node, pod.as_ref()).map_err(|no_route| {
+    let device = node_device(&context.client, node).await?;
+    let ssh_target = node_target(node, pod.as_ref(), device.as_ref()).map_err(|no_route| {
         if no_route.is_transient() {
             Prepared::Wait("NodeNotReady", no_route.to_string())
         } else {
-            Prepared::Fail("NodeInvalid", no_route.to_string())
+            Prepared::Fail(no_route.reason(), no_route.to_string())
         }
     })?;
-    let ssh_config = client_config(context, node)?;
+    let ssh_config = client_config(context, node, device.as_ref())?;
     let export = ExportOptions {
         upper_dir: node.spec.overlay.upper_dir.clone(),
         ready_marker: (node.spec.boot_mode == BootMode::Volatile)

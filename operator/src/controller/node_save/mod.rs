@@ -29,7 +29,7 @@ use crate::controller::shared::context::{Context, FIELD_MANAGER};
 use crate::controller::shared::error::{Error, KubeResultExt, Result};
 use crate::controller::shared::lookup::find_image;
 use crate::controller::shared::node_access::{
-    client_config, node_device, node_target, ssh_reason, vnode_pod,
+    client_config, lent_device, node_device, node_target, ssh_reason, vnode_pod,
 };
 use crate::controller::shared::registry::{
     NO_REBOOT_ANNOTATION, RESOLVE_ANNOTATION, lab_reference, pinned_reference, registry_client,
@@ -134,6 +134,15 @@ pub async fn reconcile(save: Arc<NodeSave>, context: Arc<Context>) -> Result<Act
         .as_ref()
         .is_some_and(|image| image.annotations().get(SAVED_BY_ANNOTATION) == Some(&uid));
     let other = existing.as_ref().filter(|_| !written_by_me);
+    // A physical node whose Device is not this namespace's (any more): refused before anything else.
+    if let Some(node) = node.as_ref().filter(|node| node.spec.device.is_some()) {
+        let device = node_device(&context.client, node).await?;
+        if let Err(refused) = lent_device(node, device.as_ref())
+            && !refused.is_transient()
+        {
+            return fail(&context, &save, refused.reason(), &refused.to_string()).await;
+        }
+    }
     let target = match validate(&save, node.as_ref(), other) {
         Ok(target) => target,
         Err((reason, message)) if is_transient(reason) => {

@@ -594,3 +594,43 @@ fn image_commands_show_what_the_operator_does() {
         "the refused image is still there"
     );
 }
+
+/// WalT's `node acquire` / `node release` on a device the lab lent to the namespace (the Lab's sshd
+/// node, held by the node `vnode`): one node per device; released, another node acquires it and the
+/// operator reaches the real node through it.
+#[test]
+fn device_ls_acquire_and_release() {
+    let _serial = serial();
+    let lab = Lab::start("walt-devices");
+    let device = format!("{}-pc", lab.namespace);
+    let listed = lab.ok(&["device", "ls"]);
+    let row = listed
+        .lines()
+        .find(|line| line.starts_with(&device))
+        .unwrap_or_else(|| panic!("no {device} row:\n{listed}"));
+    assert!(
+        row.contains(&format!("{}:22", lab.node.address())) && row.contains("vnode"),
+        "the device, its address and the node holding it:\n{listed}"
+    );
+    let held = lab.refused(&["node", "acquire", &device, "--as", "second"]);
+    assert!(held.contains("kubectl walt node release vnode"), "{held}");
+    let released = lab.ok(&["node", "release", "vnode"]);
+    assert!(
+        released.contains(&format!("released the device {device}")),
+        "{released}"
+    );
+    lab.wait_jsonpath("node.walt.dev/vnode", "{.metadata.name}", "");
+    let acquired = lab.ok(&["node", "acquire", &device, "--as", "second", "--image", "debian"]);
+    assert!(
+        acquired.contains("Node second created on the device"),
+        "{acquired}"
+    );
+    let waited = lab.ok(&["node", "wait", "second", "--timeout", "60s"]);
+    assert!(waited.contains("second: Ready"), "{waited}");
+    assert_eq!(lab.jsonpath("node.walt.dev/second", "{.status.device}"), device);
+    let listed = lab.ok(&["device", "ls"]);
+    assert!(
+        listed.contains("second"),
+        "the device is held by the new node:\n{listed}"
+    );
+}

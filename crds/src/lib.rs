@@ -1,11 +1,13 @@
 //! The walt API: custom resources of group `walt.dev`, version `v1alpha1`.
 //!
-//! Four namespaced kinds: [`Image`], [`Node`], [`ShellSession`], [`NodeSave`].
+//! Four namespaced kinds: [`Image`], [`Node`], [`ShellSession`], [`NodeSave`]; and one
+//! cluster-scoped kind written by lab admins only: [`Device`] (a physical device lent to a namespace).
 //! This crate holds the API types only (serde + schemars + kube derive), the CRD
 //! generation, and small pure helpers clients need to speak the API correctly
 //! ([`ImageName`], condition helpers, [`short_digest`]). No runtime code lives here.
 
 pub mod common;
+pub mod device;
 pub mod examples;
 pub mod image;
 pub mod image_name;
@@ -19,6 +21,7 @@ pub use common::{
     Changes, ConditionStatus, ImageDigestRef, SecretReference, condition_types, find_condition,
     format_duration, is_condition_true, new_condition, remove_condition, set_condition, short_digest,
 };
+pub use device::{Device, DeviceBinding, DeviceLoan, DeviceSpec, DeviceStatus};
 pub use image::{CloneProgress, Image, ImageShellMode, ImageSpec, ImageStatus, Platform};
 pub use image_name::{ImageName, ImageNameError};
 pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -41,7 +44,7 @@ pub const GROUP: &str = "walt.dev";
 /// The API version of every walt resource.
 pub const VERSION: &str = "v1alpha1";
 
-/// The four walt CustomResourceDefinitions (Image, Node, ShellSession, NodeSave),
+/// The five walt CustomResourceDefinitions (Image, Node, ShellSession, NodeSave, Device),
 /// as the API server should get them.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     let mut image = Image::crd();
@@ -53,7 +56,13 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
             ..ValidationRule::default()
         },
     );
-    vec![image, Node::crd(), ShellSession::crd(), NodeSave::crd()]
+    vec![
+        image,
+        Node::crd(),
+        ShellSession::crd(),
+        NodeSave::crd(),
+        Device::crd(),
+    ]
 }
 
 /// Adds a CEL rule on the root of every version's schema (where `self.metadata.name` is visible).

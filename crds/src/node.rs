@@ -8,7 +8,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{ImageDigestRef, SecretReference};
+use crate::common::ImageDigestRef;
 
 /// Annotation a user (`kubectl walt node reboot`) sets on a Node to ask for a reboot (see [`crate::request::REBOOT`]).
 pub const REBOOT_REQUESTED_ANNOTATION: &str = crate::request::REBOOT.requested;
@@ -41,9 +41,10 @@ pub const DEFAULT_READY_MARKER: &str = "/run/uptime-ready";
     shortname = "wnode",
     shortname = "wn",
     category = "walt",
-    doc = "A lab node: a physical device reached over SSH (spec.address) or a virtual node run as a pod \
-           (spec.virtual). It boots spec.image.",
+    doc = "A lab node: a physical Device of the lab lent to this namespace (spec.device), reached over SSH, \
+           or a virtual node run as a pod (spec.virtual). It boots spec.image.",
     printcolumn = r#"{"name": "Model", "type": "string", "jsonPath": ".spec.model", "description": "Node model"}"#,
+    printcolumn = r#"{"name": "Device", "type": "string", "jsonPath": ".spec.device", "description": "The lab Device this node is (empty: a virtual node)"}"#,
     printcolumn = r#"{"name": "Image", "type": "string", "jsonPath": ".spec.image", "description": "Image the node boots (empty: the model's default)"}"#,
     printcolumn = r#"{"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Pending, Booting, Ready, Unreachable or Rebooting"}"#,
     printcolumn = r#"{"name": "Address", "type": "string", "jsonPath": ".status.address", "description": "Where the operator reaches the node"}"#,
@@ -52,16 +53,16 @@ pub const DEFAULT_READY_MARKER: &str = "/run/uptime-ready";
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {
-        "rule": "!(has(self.address) && has(self.virtual))",
-        "message": "a Node is either physical (spec.address) or virtual (spec.virtual), not both"
+        "rule": "!(has(self.device) && has(self.virtual))",
+        "message": "a Node is either physical (spec.device) or virtual (spec.virtual), not both"
     },
     {
-        "rule": "has(self.address) || has(self.virtual)",
-        "message": "a Node needs spec.address (a physical node reached over SSH) or spec.virtual (a virtual node run as a pod)"
+        "rule": "has(self.device) || has(self.virtual)",
+        "message": "a Node needs spec.device (a Device lent to your namespace: `kubectl walt device ls`, then `kubectl walt node acquire DEVICE`) or spec.virtual (a virtual node run as a pod); a Node has no spec.address: lab admins register devices"
     },
     {
-        "rule": "!has(self.virtual) || !has(self.hostKey)",
-        "message": "spec.hostKey is for physical nodes; a virtual node's host key is recorded by the operator"
+        "rule": "has(oldSelf.device) == has(self.device) && (!has(self.device) || self.device == oldSelf.device)",
+        "message": "spec.device cannot change: release the node (`kubectl walt node release NODE`) and acquire the other device"
     },
 ]))]
 pub struct NodeSpec {
@@ -74,23 +75,14 @@ pub struct NodeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "crate::schema::image_name")]
     pub image: Option<String>,
-    /// Host name or IP address of a physical node, as the operator reaches it.
+    /// The Device this physical node is (its name: `kubectl walt device ls`). The Device must be
+    /// lent to this namespace and bound to no other Node; the operator binds it to this Node
+    /// (`Device.status.boundTo`) and reaches it only then. Set at creation, never changed
+    /// (`kubectl walt node acquire DEVICE`; `kubectl walt node release NODE` deletes the Node and
+    /// frees the device). A Node has no address of its own: tenants never say where a device is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253))]
-    pub address: Option<String>,
-    /// SSH port of a physical node.
-    #[serde(default = "default_ssh_port")]
-    #[schemars(schema_with = "crate::schema::tcp_port")]
-    pub ssh_port: i32,
-    /// Pinned SSH host key of the node (one OpenSSH public key line). Unset: the
-    /// first key seen is recorded in `status.hostKey` and enforced from then on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "crate::schema::public_key")]
-    pub host_key: Option<String>,
-    /// Secret with the SSH private key (`ssh-privatekey`) the operator logs in
-    /// to the node with. Unset: the lab's node key.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub credentials_secret_ref: Option<SecretReference>,
+    #[schemars(schema_with = "crate::schema::object_name")]
+    pub device: Option<String>,
     /// `volatile`: the node's changes live in RAM and vanish at reboot (WalT's
     /// default); `persistent`: the node keeps them across reboots.
     #[serde(default)]
@@ -101,10 +93,6 @@ pub struct NodeSpec {
     /// Where the node keeps its changes (WalT's paths unless the image differs).
     #[serde(default)]
     pub overlay: NodeOverlay,
-}
-
-fn default_ssh_port() -> i32 {
-    DEFAULT_SSH_PORT
 }
 
 /// Whether a node keeps its changes across reboots.
@@ -242,7 +230,11 @@ pub struct NodeStatus {
     /// Pending, Booting, Ready, Unreachable or Rebooting.
     #[serde(default)]
     pub phase: NodePhase,
-    /// Where the operator reaches the node (`spec.address`, or the virtual node's pod).
+    /// The Device this node is bound to (set by the operator once `Device.status.boundTo` names this
+    /// Node; cleared when the device is not lent to the namespace or taken by another Node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Where the operator reaches the node (its Device's address, or the virtual node's pod).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
     /// The image the node booted, and its digest then.

@@ -149,3 +149,55 @@ pub(crate) fn conditions(generator: &mut SchemaGenerator) -> Schema {
 pub(crate) fn quantity(_: &mut SchemaGenerator) -> Schema {
     json_schema!({ "x-kubernetes-int-or-string": true, "nullable": false })
 }
+
+/// Longest device address (a DNS name).
+pub const HOST_MAX_LENGTH: usize = 253;
+
+/// CEL regular expression of a host name or IPv4 address (RFC 1123 labels joined by dots): no port,
+/// no space, no shell character.
+pub const HOST_NAME_CEL_PATTERN: &str =
+    "^[a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?([.][a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?)*$";
+
+/// CEL regular expression of an IPv6 address (hex groups and at least two colons, an embedded
+/// IPv4 allowed; no brackets, zone or port).
+pub const IPV6_CEL_PATTERN: &str = "^[0-9a-fA-F]*:[0-9a-fA-F]*:[0-9a-fA-F:.]*$";
+
+/// Message of the host rule.
+pub const HOST_MESSAGE: &str = "must be a host name or an IP address, without port \
+     (the port is spec.sshPort), spaces or other characters, e.g. 'rpi-01.lab', '192.0.2.11' or '2001:db8::11'";
+
+/// CEL regular expression of a MAC address (lower-case, colon-separated).
+pub const MAC_CEL_PATTERN: &str = "^[0-9a-f]{2}(:[0-9a-f]{2}){5}$";
+
+/// Message of the MAC address rule.
+pub const MAC_MESSAGE: &str = "must be a MAC address in lower case with colons, e.g. 'dc:a6:32:01:02:03'";
+
+/// A host name or IP address (no port).
+pub(crate) fn host(_: &mut SchemaGenerator) -> Schema {
+    with_rules(
+        json_schema!({ "type": "string", "minLength": 1, "maxLength": HOST_MAX_LENGTH }),
+        vec![rule(
+            &format!("self.matches('{HOST_NAME_CEL_PATTERN}') || self.matches('{IPV6_CEL_PATTERN}')"),
+            HOST_MESSAGE,
+        )],
+    )
+}
+
+/// A MAC address.
+pub(crate) fn mac(_: &mut SchemaGenerator) -> Schema {
+    with_rules(
+        json_schema!({ "type": "string", "maxLength": 17 }),
+        vec![rule(&format!("self.matches('{MAC_CEL_PATTERN}')"), MAC_MESSAGE)],
+    )
+}
+
+/// The name of a namespace (RFC 1123 label).
+pub(crate) fn namespace_name(_: &mut SchemaGenerator) -> Schema {
+    with_rules(
+        json_schema!({ "type": "string", "maxLength": 63 }),
+        vec![rule(
+            "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
+            "must be a namespace name: lower-case letters, digits and '-', starting and ending with a letter or digit",
+        )],
+    )
+}

@@ -56,7 +56,7 @@ fn schema_of(kind: &str) -> Value {
 }
 
 #[test]
-fn four_namespaced_kinds_with_names_columns_and_status() {
+fn five_kinds_with_names_columns_and_status() {
     let expected = [
         (
             "Image",
@@ -68,7 +68,7 @@ fn four_namespaced_kinds_with_names_columns_and_status() {
             "Node",
             "nodes",
             vec!["wnode", "wn"],
-            vec!["Model", "Image", "Phase", "Address", "Age"],
+            vec!["Model", "Device", "Image", "Phase", "Address", "Age"],
         ),
         (
             "ShellSession",
@@ -82,6 +82,12 @@ fn four_namespaced_kinds_with_names_columns_and_status() {
             vec!["wsave"],
             vec!["Node", "Image", "Phase", "Layer Size", "Duration", "Age"],
         ),
+        (
+            "Device",
+            "devices",
+            vec!["wdev"],
+            vec!["Model", "Address", "Lent To", "Bound To", "Age"],
+        ),
     ];
     let crds = crds_by_kind();
     assert_eq!(crds.len(), expected.len());
@@ -90,7 +96,9 @@ fn four_namespaced_kinds_with_names_columns_and_status() {
         let spec = &crd["spec"];
         assert_eq!(crd["metadata"]["name"], format!("{plural}.walt.dev"));
         assert_eq!(spec["group"], "walt.dev");
-        assert_eq!(spec["scope"], "Namespaced");
+        // Devices are the lab's (cluster-scoped, written by lab admins); the rest are tenants'.
+        let scope = if kind == "Device" { "Cluster" } else { "Namespaced" };
+        assert_eq!(spec["scope"], scope, "{kind}: scope");
         assert_eq!(spec["names"]["shortNames"], json!(short_names));
         assert_eq!(spec["names"]["categories"], json!(["walt"]));
         let version = &spec["versions"][0];
@@ -110,6 +118,10 @@ fn four_namespaced_kinds_with_names_columns_and_status() {
             .collect();
         assert_eq!(names, columns, "{kind}: printer columns");
         let status = &version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"];
+        if kind == "Device" {
+            assert!(status["boundTo"].is_object(), "Device: status.boundTo");
+            continue;
+        }
         assert!(
             status["observedGeneration"].is_object(),
             "{kind}: status.observedGeneration"
@@ -302,6 +314,7 @@ fn through_types(kind: &str, manifest: &Value) -> Value {
         "Node" => round_trip::<walt_crds::Node>(manifest),
         "ShellSession" => round_trip::<walt_crds::ShellSession>(manifest),
         "NodeSave" => round_trip::<walt_crds::NodeSave>(manifest),
+        "Device" => round_trip::<walt_crds::Device>(manifest),
         other => panic!("unknown kind {other}"),
     }
 }
@@ -312,7 +325,7 @@ fn every_valid_example_is_accepted() {
     let kinds: BTreeSet<String> = valid.iter().map(|path| kind_of(&load(path), path)).collect();
     assert_eq!(
         kinds.into_iter().collect::<Vec<_>>(),
-        ["Image", "Node", "NodeSave", "ShellSession"]
+        ["Device", "Image", "Node", "NodeSave", "ShellSession"]
     );
     assert!(
         valid.len() >= 5,

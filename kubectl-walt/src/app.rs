@@ -2,11 +2,11 @@
 
 use clap::CommandFactory;
 
-use crate::cli::{Cli, Command, HelpCommand, ImageCommand, NodeCommand};
+use crate::cli::{Cli, Command, DeviceCommand, HelpCommand, ImageCommand, NodeCommand};
 use crate::cluster::Ctx;
 use crate::complete::{self, Lookup, LookupContext};
 use crate::error::{Error, Result};
-use crate::{image_cmd, image_cp, image_shell, node_cmd, node_shell, topics};
+use crate::{device_cmd, image_cmd, image_cp, image_shell, node_cmd, node_shell, topics};
 
 /// Runs the command; returns the process exit status (errors are printed here).
 pub async fn run(cli: Cli) -> i32 {
@@ -73,6 +73,10 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             let ctx = Ctx::connect(&cli.global).await?;
             node(&ctx, cmd).await
         }
+        Command::Device(DeviceCommand::Ls { all, output }) => {
+            let ctx = Ctx::connect(&cli.global).await?;
+            device_cmd::ls(&ctx, all, output.format).await.map(|()| 0)
+        }
         Command::Image(cmd) => {
             if let ImageCommand::Cp { src, dst, .. } = &cmd {
                 // Refuse bad input before talking to the cluster.
@@ -138,6 +142,14 @@ async fn node(ctx: &Ctx, cmd: NodeCommand) -> Result<i32> {
         .await
         .map(|()| 0),
         NodeCommand::Remove { nodes } => node_cmd::remove(ctx, &nodes).await.map(|()| 0),
+        NodeCommand::Acquire {
+            device,
+            as_name,
+            image,
+        } => device_cmd::acquire(ctx, &device, as_name.as_deref(), image.as_deref())
+            .await
+            .map(|()| 0),
+        NodeCommand::Release { node } => device_cmd::release(ctx, &node).await.map(|()| 0),
         NodeCommand::Proxy {
             node,
             public_key,

@@ -86,6 +86,9 @@ pub enum Command {
     /// Manage OS images: list, clone, shell, copy files, rename, remove.
     #[command(subcommand, after_help = EXAMPLES_IMAGE)]
     Image(ImageCommand),
+    /// The lab's devices lent to your namespace (acquire one with `node acquire`).
+    #[command(subcommand, after_help = EXAMPLES_DEVICE)]
+    Device(DeviceCommand),
     /// Read the guides: `help list`, `help show TOPIC`.
     #[command(subcommand, after_help = EXAMPLES_HELP)]
     Help(HelpCommand),
@@ -111,6 +114,37 @@ Examples:
   kubectl walt image clone docker.io/waltplatform/rpi-debian:latest
   kubectl walt image shell rpi-debian
   kubectl walt image cp ./config.txt rpi-debian:/boot/config.txt";
+
+const EXAMPLES_DEVICE: &str = "\
+Examples:
+  kubectl walt device ls
+  kubectl walt node acquire rpi-07
+  kubectl walt help show devices";
+
+/// `device …`: the lab's physical devices.
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// List the devices lent to the namespace, and the node holding each.
+    #[command(
+        visible_alias = "list",
+        long_about = "List the devices the lab lent to your namespace: name, model, address and the node of\n\
+                      your namespace that holds it, or (available). Devices are the lab's: lab admins register\n\
+                      them and lend each to one namespace at a time; you use one by acquiring it\n\
+                      (`kubectl walt node acquire DEVICE`).",
+        after_help = "\
+Examples:
+  kubectl walt device ls
+  kubectl walt device ls --all      # every device of the lab, and whom it is lent to
+  kubectl walt device ls -o yaml"
+    )]
+    Ls {
+        /// Every device of the lab, with the namespace it is lent to.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+}
 
 const EXAMPLES_HELP: &str = "\
 Examples:
@@ -297,6 +331,43 @@ Examples:
         /// CPU limit, as a Kubernetes quantity (e.g. 1, 500m).
         #[arg(long, value_name = "QUANTITY")]
         cpu: Option<String>,
+    },
+    /// Make a node of a device lent to the namespace (WalT's `node acquire`).
+    #[command(
+        long_about = "Create a Node bound to DEVICE, a device the lab lent to your namespace\n\
+                      (`kubectl walt device ls`). The node gets the device's model; it is yours until you\n\
+                      release it (`kubectl walt node release NODE`) or the lab takes the device back. One node\n\
+                      per device: a device held by another node of the namespace is refused.",
+        after_help = "\
+Examples:
+  kubectl walt node acquire rpi-07
+  kubectl walt node acquire rpi-07 --as my-pi --image rpi-debian
+  kubectl walt node wait my-pi"
+    )]
+    Acquire {
+        /// The device (`kubectl walt device ls`).
+        #[arg(value_name = "DEVICE")]
+        device: String,
+        /// The node's name (default: the device's).
+        #[arg(long = "as", value_name = "NODE")]
+        as_name: Option<String>,
+        /// The image the node boots (default: the model's default image).
+        #[arg(long, value_name = "IMAGE")]
+        image: Option<String>,
+    },
+    /// Give a device back: delete the node that holds it (WalT's `node release`).
+    #[command(
+        long_about = "Delete NODE, a node made with `node acquire`, so its device is free again for the\n\
+                      namespace. What the node had not saved is lost (`kubectl walt node save` first).\n\
+                      Virtual nodes hold no device: remove them with `kubectl walt node remove`.",
+        after_help = "\
+Examples:
+  kubectl walt node release my-pi"
+    )]
+    Release {
+        /// The node.
+        #[arg(value_name = "NODE")]
+        node: String,
     },
     /// Remove nodes from the namespace (virtual nodes are stopped).
     #[command(

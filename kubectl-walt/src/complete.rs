@@ -498,7 +498,7 @@ mod tests {
 
     #[test]
     fn top_level_and_subcommands() {
-        assert_eq!(values(&[""]).0, ["node", "image", "help", "completion"]);
+        assert_eq!(values(&[""]).0, ["node", "image", "device", "help", "completion"]);
         assert_eq!(values(&["im"]).0, ["image"]);
         let (subs, directive) = values(&["node", "s"]);
         assert_eq!(subs, ["show", "shell", "save"]);

@@ -95,12 +95,6 @@ pub fn node_table(nodes: &[Node], format: OutputFormat) -> String {
                 node.status
                     .as_ref()
                     .and_then(|s| s.address.clone())
-                    .or_else(|| {
-                        node.spec
-                            .address
-                            .as_ref()
-                            .map(|a| format!("{a}:{}", node.spec.ssh_port))
-                    })
                     .unwrap_or_else(|| "-".into()),
             );
             row.push(booted(node));
@@ -137,16 +131,12 @@ pub fn node_page(node: &Node, events: &[Event]) -> String {
     line(
         &mut out,
         "Address",
-        status
-            .address
-            .clone()
-            .or_else(|| {
-                node.spec
-                    .address
-                    .as_ref()
-                    .map(|a| format!("{a}:{}", node.spec.ssh_port))
-            })
-            .unwrap_or_else(|| "-".into()),
+        status.address.clone().unwrap_or_else(|| "-".into()),
+    );
+    line(
+        &mut out,
+        "Device",
+        node.spec.device.clone().unwrap_or_else(|| "-".into()),
     );
     line(
         &mut out,
@@ -160,7 +150,6 @@ pub fn node_page(node: &Node, events: &[Event]) -> String {
         status
             .host_key
             .as_deref()
-            .or(node.spec.host_key.as_deref())
             .map_or_else(|| "-".into(), abbreviate_key),
     );
     line(

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod cluster;
 pub mod complete;
 pub mod describe;
+pub mod device_cmd;
 pub mod dialogue;
 pub mod error;
 pub mod format;

@@ -181,8 +181,6 @@ pub async fn create_virtual(ctx: &Ctx, opts: &VirtualOptions<'_>) -> Result<()> 
                 BootMode::Volatile
             },
             virtual_node: Some(virtual_node),
-            // NodeSpec's Default has port 0, which the API refuses; serde's default is 22.
-            ssh_port: walt_crds::node::DEFAULT_SSH_PORT,
             ..NodeSpec::default()
         },
     );

@@ -37,6 +37,11 @@ pub const TOPICS: &[Topic] = &[
         text: IMAGES,
     },
     Topic {
+        name: "devices",
+        summary: "the lab's devices: lent to your namespace, acquire and release",
+        text: DEVICES,
+    },
+    Topic {
         name: "virtual-nodes",
         summary: "nodes that run as pods, on any architecture",
         text: VIRTUAL_NODES,
@@ -189,6 +194,28 @@ tried without hardware, and arm64 images run on amd64 clusters through qemu-user
 Everything else works as with physical nodes: node shell, run, save, boot, reboot.
 ";
 
+const DEVICES: &str = "\
+DEVICES
+
+The physical devices (Raspberry Pis, PCs…) are the lab's. Lab admins register each one as a Device
+(cluster-wide: its address, model and host key) and lend it to one namespace at a time. You never
+type an address: you use a device lent to your namespace by acquiring it, which makes a node of it.
+
+  kubectl walt device ls                      # the devices lent to your namespace, and who holds each
+  kubectl walt node acquire rpi-07            # a node named rpi-07 on the device rpi-07
+  kubectl walt node acquire rpi-07 --as my-pi --image rpi-debian
+  kubectl walt node wait my-pi
+  kubectl walt node release my-pi             # give the device back (unsaved changes are lost)
+
+One node per device. A device held by another node of your namespace is refused until that node is
+released. When the lab takes a device back (lends it elsewhere), your node stays but the operator no
+longer reaches it: its Reachable condition says DeviceNotLent, and shells, runs and saves on it are
+refused with the same words.
+
+With plain kubectl: a Node with spec.device names the device (spec.address does not exist); the API
+server refuses a Node naming a device not lent to your namespace.
+";
+
 const TROUBLESHOOTING: &str = "\
 TROUBLESHOOTING
 
@@ -198,6 +225,11 @@ TROUBLESHOOTING
 \"... is forbidden: you may not VERB RESOURCE in namespace Y\"
   Kubernetes RBAC refused it. The message names the permission; ask your lab admin for a Role that
   grants it (`kubectl auth can-i VERB RESOURCE -n Y` checks it).
+
+\"the Device D is not lent to the namespace Y\" (reason DeviceNotLent)
+  Your node names a device the lab did not lend to your namespace, or took back. `kubectl walt device
+  ls` lists yours; ask a lab admin to lend it. \"bound to the Node N\" (DeviceTaken): one node per
+  device, release N first (`kubectl walt node release N`).
 
 \"node X is not ready (phase Unreachable)\"
   The operator cannot reach the node over SSH. `kubectl walt node show X` shows the conditions and
@@ -231,6 +263,7 @@ mod tests {
             "boot-modes",
             "images",
             "virtual-nodes",
+            "devices",
             "troubleshooting",
         ] {
             let topic = find(name).expect(name);

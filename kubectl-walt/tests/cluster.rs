@@ -160,8 +160,7 @@ fn node(name: &str, image: Option<&str>) -> Node {
         NodeSpec {
             model: "rpi-3-b".into(),
             image: image.map(str::to_string),
-            address: Some("192.0.2.10".into()),
-            ssh_port: 22,
+            device: Some(format!("{name}-device")),
             ..NodeSpec::default()
         },
     )

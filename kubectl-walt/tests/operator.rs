@@ -19,7 +19,7 @@ use std::time::Duration;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Api;
 use kube::api::{ListParams, PostParams};
-use walt_crds::{Image, ImageSpec, Node, NodeSpec, ShellSession};
+use walt_crds::{Device, DeviceLoan, DeviceSpec, Image, ImageSpec, Node, NodeSpec, ShellSession};
 use walt_tests::images::{Arch, OciLayout, skopeo_inspect_format};
 use walt_tests::k8s::{Cluster, shared_control_plane};
 use walt_tests::operator::OperatorProcess;
@@ -158,13 +158,32 @@ impl Lab {
                 )
                 .await
                 .unwrap();
+            // The lab registers the sshd node as a Device and lends it to the namespace.
+            let device_name = format!("{namespace}-pc");
+            Api::<Device>::all(client.clone())
+                .create(
+                    &PostParams::default(),
+                    &Device::new(
+                        &device_name,
+                        DeviceSpec {
+                            address: node.address().to_string(),
+                            ssh_port: 22,
+                            model: "pc-x86-64".into(),
+                            host_key: Some(node.host_public_key().trim().to_owned()),
+                            lent_to: Some(DeviceLoan {
+                                namespace: namespace.clone(),
+                            }),
+                            ..DeviceSpec::default()
+                        },
+                    ),
+                )
+                .await
+                .unwrap();
             let nodes: Api<Node> = Api::namespaced(client.clone(), &namespace);
             let spec = NodeSpec {
                 model: "pc-x86-64".into(),
                 image: Some("debian".into()),
-                address: Some(node.address().to_string()),
-                ssh_port: 22,
-                host_key: Some(node.host_public_key().trim().to_owned()),
+                device: Some(device_name),
                 ..NodeSpec::default()
             };
             nodes
@@ -573,5 +592,45 @@ fn image_commands_show_what_the_operator_does() {
         !lab.jsonpath("image.walt.dev/debian", "{.metadata.name}")
             .is_empty(),
         "the refused image is still there"
+    );
+}
+
+/// WalT's `node acquire` / `node release` on a device the lab lent to the namespace (the Lab's sshd
+/// node, held by the node `vnode`): one node per device; released, another node acquires it and the
+/// operator reaches the real node through it.
+#[test]
+fn device_ls_acquire_and_release() {
+    let _serial = serial();
+    let lab = Lab::start("walt-devices");
+    let device = format!("{}-pc", lab.namespace);
+    let listed = lab.ok(&["device", "ls"]);
+    let row = listed
+        .lines()
+        .find(|line| line.starts_with(&device))
+        .unwrap_or_else(|| panic!("no {device} row:\n{listed}"));
+    assert!(
+        row.contains(&format!("{}:22", lab.node.address())) && row.contains("vnode"),
+        "the device, its address and the node holding it:\n{listed}"
+    );
+    let held = lab.refused(&["node", "acquire", &device, "--as", "second"]);
+    assert!(held.contains("kubectl walt node release vnode"), "{held}");
+    let released = lab.ok(&["node", "release", "vnode"]);
+    assert!(
+        released.contains(&format!("released the device {device}")),
+        "{released}"
+    );
+    lab.wait_jsonpath("node.walt.dev/vnode", "{.metadata.name}", "");
+    let acquired = lab.ok(&["node", "acquire", &device, "--as", "second", "--image", "debian"]);
+    assert!(
+        acquired.contains("Node second created on the device"),
+        "{acquired}"
+    );
+    let waited = lab.ok(&["node", "wait", "second", "--timeout", "60s"]);
+    assert!(waited.contains("second: Ready"), "{waited}");
+    assert_eq!(lab.jsonpath("node.walt.dev/second", "{.status.device}"), device);
+    let listed = lab.ok(&["device", "ls"]);
+    assert!(
+        listed.contains("second"),
+        "the device is held by the new node:\n{listed}"
     );
 }

@@ -24,7 +24,9 @@ use clap::Parser;
 use futures::StreamExt as _;
 use kube::Api;
 use kube::api::{ListParams, PostParams};
-use walt_crds::{Image, ImageSpec, Node, NodeSpec, condition_types, find_condition};
+use walt_crds::{
+    Device, DeviceLoan, DeviceSpec, Image, ImageSpec, Node, NodeSpec, condition_types, find_condition,
+};
 use walt_tests::k8s::{Cluster, ClusterOptions};
 use walt_tests::process::{Daemon, Lifetime};
 
@@ -168,7 +170,7 @@ fn main() {
 
     let client = runtime.block_on(cluster.client()).expect("kube client");
     let images: Api<Image> = Api::namespaced(client.clone(), &namespace);
-    let nodes: Api<Node> = Api::namespaced(client, &namespace);
+    let nodes: Api<Node> = Api::namespaced(client.clone(), &namespace);
     let created = Instant::now();
     runtime.block_on(async {
         let image_creations = (0..args.images).map(|i| {
@@ -183,6 +185,24 @@ fn main() {
             image.metadata.namespace = Some(namespace.clone());
             async move { images.create(&PostParams::default(), &image).await.map(|_| ()) }
         });
+        // Each node is a Device of the lab, lent to the namespace, at a dead port.
+        let devices: Api<Device> = Api::all(client.clone());
+        let device_creations = (0..args.nodes).map(|i| {
+            let devices = devices.clone();
+            let device = Device::new(
+                &format!("{namespace}-d-{i}"),
+                DeviceSpec {
+                    address: format!("127.0.0.{}", 2 + i % 250),
+                    ssh_port: i32::from(DEAD_PORT),
+                    model: "pc-x86-64".into(),
+                    lent_to: Some(DeviceLoan {
+                        namespace: namespace.clone(),
+                    }),
+                    ..DeviceSpec::default()
+                },
+            );
+            async move { devices.create(&PostParams::default(), &device).await.map(|_| ()) }
+        });
         let node_creations = (0..args.nodes).map(|i| {
             let nodes = nodes.clone();
             let mut node = Node::new(
@@ -190,8 +210,7 @@ fn main() {
                 NodeSpec {
                     model: "pc-x86-64".into(),
                     image: (args.images > 0).then(|| format!("img-{}", i % args.images)),
-                    address: Some(format!("127.0.0.{}", 2 + i % 250)),
-                    ssh_port: i32::from(DEAD_PORT),
+                    device: Some(format!("{namespace}-d-{i}")),
                     ..NodeSpec::default()
                 },
             );
@@ -200,6 +219,7 @@ fn main() {
         });
         let mut results = futures::stream::iter(image_creations)
             .buffer_unordered(args.concurrency)
+            .chain(futures::stream::iter(device_creations).buffer_unordered(args.concurrency))
             .chain(futures::stream::iter(node_creations).buffer_unordered(args.concurrency));
         while let Some(result) = results.next().await {
             result.expect("create an object");

@@ -28,7 +28,7 @@ fn install_crds(cluster: &Cluster) {
         cluster
             .kubectl_output(&["apply", "--server-side", "-f", &path.display().to_string()])
             .expect("apply the walt CRDs");
-        for crd in ["images", "nodes", "shellsessions", "nodesaves"] {
+        for crd in ["images", "nodes", "shellsessions", "nodesaves", "devices"] {
             cluster
                 .kubectl_output(&[
                     "wait",
@@ -156,6 +156,28 @@ fn apply(cluster: &Cluster, namespace: &str, yaml: &str) {
     let path = std::env::temp_dir().join(format!("walt-apply-{}-{namespace}.yaml", std::process::id()));
     std::fs::write(&path, yaml).expect("write manifest");
     kubectl(cluster, namespace, &["apply", "-f", &path.display().to_string()]);
+}
+
+/// Registers the Device `{namespace}-{suffix}` (cluster-scoped, as a lab admin does) at `address`,
+/// port 22, its host key pinned when given, lent to `namespace`; returns its name.
+fn lend_device(
+    cluster: &Cluster,
+    namespace: &str,
+    suffix: &str,
+    address: &str,
+    host_key: Option<&str>,
+) -> String {
+    let name = format!("{namespace}-{suffix}");
+    let pinned = host_key.map_or_else(String::new, |key| format!(", hostKey: \"{}\"", key.trim()));
+    apply(
+        cluster,
+        namespace,
+        &format!(
+            "apiVersion: walt.dev/v1alpha1\nkind: Device\nmetadata: {{name: {name}}}\n\
+             spec: {{model: rpi-4-b, address: \"{address}\", sshPort: 22, lentTo: {{namespace: {namespace}}}{pinned}}}\n"
+        ),
+    );
+    name
 }
 
 /// Polls `jsonpath` of an object until it equals `want`.
@@ -543,13 +565,13 @@ fn physical_node_is_probed_its_host_key_recorded_then_enforced_and_rebooted_when
         "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {name: debian}\nspec: {}\n",
     );
     set_image_digest(cluster, &namespace, "debian", &reference, DIGEST_A);
+    let device = lend_device(cluster, &namespace, "rpi", &node.address().to_string(), None);
     apply(
         cluster,
         &namespace,
         &format!(
             "apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {{name: rpi1}}\n\
-             spec: {{model: rpi-4-b, image: debian, address: \"{}\", sshPort: 22}}\n",
-            node.address()
+             spec: {{model: rpi-4-b, image: debian, device: {device}}}\n"
         ),
     );
     let within = Duration::from_mins(1);
@@ -568,15 +590,35 @@ fn physical_node_is_probed_its_host_key_recorded_then_enforced_and_rebooted_when
     let events = event_reasons(cluster, &namespace, "rpi1");
     assert!(events.contains("HostKeyRecorded"), "events: {events}");
 
-    // A second Node on the same device with a wrong pinned host key is refused.
+    assert_eq!(
+        jsonpath(cluster, &namespace, "node.walt.dev/rpi1", "{.status.device}"),
+        device,
+        "the Node shows its Device"
+    );
+    let bound = cluster
+        .kubectl_output(&[
+            "get",
+            &format!("device/{device}"),
+            "-o",
+            "jsonpath={.status.boundTo.namespace}/{.status.boundTo.node}",
+        ])
+        .expect("read the Device");
+    assert_eq!(bound, format!("{namespace}/rpi1"), "the Device shows its Node");
+
+    // A second Device at the same address with a wrong pinned host key: its Node is refused.
+    let impostor = lend_device(
+        cluster,
+        &namespace,
+        "impostor",
+        &node.address().to_string(),
+        Some(node.client_public_key().trim()),
+    );
     apply(
         cluster,
         &namespace,
         &format!(
             "apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {{name: impostor}}\n\
-             spec: {{model: rpi-4-b, image: debian, address: \"{}\", hostKey: \"{}\"}}\n",
-            node.address(),
-            node.client_public_key().trim()
+             spec: {{model: rpi-4-b, image: debian, device: {impostor}}}\n"
         ),
     );
     wait_for(
@@ -623,13 +665,13 @@ fn physical_node_reboots_once_when_asked() {
         .expect("start an sshd node (needs root, openssh-server, socat, iproute2)");
     let namespace = tenant_with_key(cluster, "op-reboot", &node.client_key());
     let operator = operator_for_node(cluster, &namespace, "reboot-test", &node, &[]);
+    let device = lend_device(cluster, &namespace, "rpi", &node.address().to_string(), None);
     apply(
         cluster,
         &namespace,
         &format!(
             "apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {{name: rpi1}}\n\
-             spec: {{model: rpi-4-b, address: \"{}\", sshPort: 22}}\n",
-            node.address()
+             spec: {{model: rpi-4-b, device: {device}}}\n"
         ),
     );
     let within = Duration::from_mins(1);
@@ -905,14 +947,14 @@ impl SaveLab {
         let mut args = vec!["--lab-registry", lab.as_str()];
         args.extend_from_slice(extra);
         let operator = operator_for_node(cluster, &namespace, "save", &node, &args);
+        let device = lend_device(cluster, &namespace, "rpi", &node.address().to_string(), None);
         apply(
             cluster,
             &namespace,
             &format!(
                 "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: debian}}\nspec: {{}}\n---\n\
                  apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {{name: rpi1}}\n\
-                 spec: {{model: rpi-4-b, image: debian, address: \"{}\", sshPort: 22}}\n",
-                node.address()
+                 spec: {{model: rpi-4-b, image: debian, device: {device}}}\n"
             ),
         );
         let within = Duration::from_mins(1);
@@ -1509,14 +1551,19 @@ fn node_shell_through_the_operator_gateway_until_ttl_or_deletion() {
         &node,
         &["--gateway-service-port", "2022"],
     );
+    let device = lend_device(
+        cluster,
+        &namespace,
+        "rpi",
+        &node.address().to_string(),
+        Some(node.host_public_key().trim()),
+    );
     apply(
         cluster,
         &namespace,
         &format!(
             "apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {{name: rpi1}}\n\
-             spec: {{model: rpi-4-b, address: \"{}\", sshPort: 22, hostKey: \"{}\"}}\n",
-            node.address(),
-            node.host_public_key().trim()
+             spec: {{model: rpi-4-b, device: {device}}}\n"
         ),
     );
     let dir = tempfile::tempdir().expect("temp dir");
@@ -2019,5 +2066,265 @@ fn virtual_node_save_reaches_the_pod_by_its_ip() {
     assert_eq!(
         std::fs::read(rootfs.join("srv/vfile")).expect("saved file"),
         b"virtual\n"
+    );
+}
+
+/// Counts the TCP connections made to a listener on `ip` (a port chosen by the system).
+struct ConnectionRecorder {
+    address: std::net::SocketAddr,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl ConnectionRecorder {
+    fn start(ip: &str) -> Self {
+        let listener = std::net::TcpListener::bind((ip, 0)).expect("bind the recording listener");
+        let address = listener.local_addr().expect("listener address");
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(stream);
+            }
+        });
+        Self { address, accepted }
+    }
+
+    fn connections(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// The chart's admission policies (charts/walt/files/admission.yaml, what templates/admission.yaml
+/// ships), applied as they are (idempotent).
+fn install_admission_policies(cluster: &Cluster) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../charts/walt/files/admission.yaml");
+    cluster
+        .kubectl_output(&["apply", "-f", &path.display().to_string()])
+        .expect("apply the chart's admission policies");
+}
+
+/// Devices are the lab's: a Device lent to bob and then taken back from alice is never reached for
+/// alice's Node (no TCP connection at all: probe, shell, save), her Node and objects say why; with the
+/// chart's admission policy, the API server refuses alice's Node naming bob's device, and a Node with
+/// an address of its own is refused by the schema.
+#[test]
+fn alice_cannot_reach_a_device_lent_to_bob() {
+    let cluster = cluster();
+    let (alice_ns, _alice_key) = tenant(cluster, "alice-dev");
+    let bob_ns = cluster.create_namespace("bob-dev").expect("create namespace");
+    let recorder = ConnectionRecorder::start("127.0.0.23");
+    let device = format!("{bob_ns}-pi");
+    let device_yaml = |lent_to: &str| {
+        format!(
+            "apiVersion: walt.dev/v1alpha1\nkind: Device\nmetadata: {{name: {device}}}\n\
+             spec: {{model: rpi-4-b, address: \"{}\", sshPort: {}, lentTo: {{namespace: {lent_to}}}}}\n",
+            recorder.address.ip(),
+            recorder.address.port()
+        )
+    };
+    // The device was lent to alice, who made a Node on it; the lab took it back and lent it to bob
+    // before any operator ran: alice's Node names a device that is not hers (admission saw a valid
+    // Node; the operator must refuse on its own).
+    apply(cluster, &alice_ns, &device_yaml(&alice_ns));
+    apply(
+        cluster,
+        &alice_ns,
+        &format!(
+            "apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {{name: stolen}}\nspec: {{model: rpi-4-b, device: {device}}}\n"
+        ),
+    );
+    apply(cluster, &alice_ns, &device_yaml(&bob_ns));
+    let operator = start_operator(cluster, &alice_ns, "device-test", &["--probe-interval", "2s"]);
+    operator.wait_ready(Duration::from_mins(1));
+    let within = Duration::from_mins(1);
+    wait_for(
+        cluster,
+        &alice_ns,
+        "node.walt.dev/stolen",
+        "{.status.conditions[?(@.type==\"Reachable\")].reason}",
+        "DeviceNotLent",
+        within,
+        &operator,
+    );
+    wait_event(
+        cluster,
+        &alice_ns,
+        "stolen",
+        "DeviceNotLent",
+        "ask a lab admin to lend it",
+        &operator,
+    );
+    let message = jsonpath(
+        cluster,
+        &alice_ns,
+        "node.walt.dev/stolen",
+        "{.status.conditions[?(@.type==\"Reachable\")].message}",
+    );
+    assert!(
+        message.contains(&format!("not lent to the namespace {alice_ns}")),
+        "{message}"
+    );
+    // A shell and a save on it are refused too, saying why.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let user_key = walt_tests::sshnode::keygen(dir.path(), "user");
+    let public_key = std::fs::read_to_string(user_key.with_extension("pub")).expect("public key");
+    apply(
+        cluster,
+        &alice_ns,
+        &shell_session_yaml("peek", "stolen", &public_key, "10m"),
+    );
+    apply(
+        cluster,
+        &alice_ns,
+        "apiVersion: walt.dev/v1alpha1\nkind: NodeSave\nmetadata: {name: copy}\nspec: {node: stolen, image: loot}\n",
+    );
+    wait_for(
+        cluster,
+        &alice_ns,
+        "shellsession/peek",
+        "{.status.phase}",
+        "Failed",
+        within,
+        &operator,
+    );
+    let shell_message = jsonpath(
+        cluster,
+        &alice_ns,
+        "shellsession/peek",
+        "{.status.conditions[*].message}",
+    );
+    assert!(shell_message.contains("not lent"), "{shell_message}");
+    wait_for(
+        cluster,
+        &alice_ns,
+        "nodesave/copy",
+        "{.status.phase}",
+        "Failed",
+        within,
+        &operator,
+    );
+    let save_message = jsonpath(
+        cluster,
+        &alice_ns,
+        "nodesave/copy",
+        "{.status.conditions[*].message}",
+    );
+    assert!(save_message.contains("not lent"), "{save_message}");
+    // Several probe intervals later: not one connection reached the device.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        recorder.connections(),
+        0,
+        "the operator connected to bob's device"
+    );
+    let bound = cluster
+        .kubectl_output(&[
+            "get",
+            &format!("device/{device}"),
+            "-o",
+            "jsonpath={.status.boundTo}",
+        ])
+        .expect("read the Device");
+    assert!(
+        bound.trim().is_empty(),
+        "bob's device was bound for alice: {bound}"
+    );
+
+    // Admission: alice (editing walt objects in her namespace) cannot name bob's device.
+    install_admission_policies(cluster);
+    let role = "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {name: walt-test-edit}\n\
+                rules:\n- apiGroups: [walt.dev]\n  resources: [images, nodes, shellsessions, nodesaves]\n  \
+                verbs: [get, list, watch, create, update, patch, delete]\n";
+    let role_path = dir.path().join("role.yaml");
+    std::fs::write(&role_path, role).expect("write role");
+    cluster
+        .kubectl_output(&["apply", "-f", &role_path.display().to_string()])
+        .expect("apply the role");
+    kubectl(
+        cluster,
+        &alice_ns,
+        &[
+            "create",
+            "rolebinding",
+            "alice-walt",
+            "--clusterrole=walt-test-edit",
+            "--user=alice",
+        ],
+    );
+    let alice = || {
+        cluster
+            .kubectl_as("alice", &["walt-users"])
+            .expect("alice's kubeconfig")
+    };
+    let manifest = dir.path().join("node.yaml");
+    std::fs::write(
+        &manifest,
+        format!("apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {{name: grab}}\nspec: {{model: rpi-4-b, device: {device}}}\n"),
+    )
+    .expect("write manifest");
+    let manifest = manifest.display().to_string();
+    // The policy takes effect within seconds of its creation.
+    let refused = Wait::new(
+        "the admission policy to refuse alice's Node",
+        Duration::from_secs(30),
+    )
+    .every(Duration::from_millis(500))
+    .until(|| {
+        match walt_tests::k8s::run_kubectl(
+            alice(),
+            &["-n", &alice_ns, "create", "--dry-run=server", "-f", &manifest],
+        ) {
+            Ok(_) => Poll::Pending("admitted".to_owned()),
+            Err(error) => Poll::Ready(error.to_string()),
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        refused.contains(&format!(
+            "the Device {device} is not lent to the namespace {alice_ns}"
+        )) && refused.contains("kubectl walt device ls"),
+        "unexpected refusal: {refused}"
+    );
+    // Alice cannot write Devices at all (lend one to herself, or point one elsewhere).
+    let take = walt_tests::k8s::run_kubectl(
+        alice(),
+        &[
+            "patch",
+            &format!("device/{device}"),
+            "--type=merge",
+            "-p",
+            &format!("{{\"spec\":{{\"lentTo\":{{\"namespace\":\"{alice_ns}\"}}}}}}"),
+        ],
+    )
+    .expect_err("alice must not write a Device")
+    .to_string();
+    assert!(take.contains("Forbidden"), "{take}");
+    // A Node with an address of its own: there is no such field, and no Node without a device.
+    std::fs::write(
+        dir.path().join("address.yaml"),
+        "apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {name: direct}\nspec: {model: rpi-4-b, address: 127.0.0.23}\n",
+    )
+    .expect("write manifest");
+    let refused = walt_tests::k8s::run_kubectl(
+        alice(),
+        &[
+            "-n",
+            &alice_ns,
+            "create",
+            "-f",
+            &dir.path().join("address.yaml").display().to_string(),
+        ],
+    )
+    .expect_err("a Node with spec.address must be refused")
+    .to_string();
+    assert!(
+        refused.contains("spec.address") || refused.contains("a Node needs spec.device"),
+        "{refused}"
+    );
+    assert_eq!(
+        recorder.connections(),
+        0,
+        "the operator connected to bob's device"
     );
 }

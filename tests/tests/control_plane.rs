@@ -182,7 +182,7 @@ fn kubectl_stdin(cluster: &Cluster, args: &[&str], input: &str) -> Result<String
 fn walt_crds_apply_and_the_api_server_validates_the_examples() {
     let cluster = cluster();
     let crds = walt_crds::crds();
-    assert_eq!(crds.len(), 4, "Image, Node, ShellSession, NodeSave");
+    assert_eq!(crds.len(), 5, "Image, Node, ShellSession, NodeSave, Device");
     kubectl_stdin(
         cluster,
         &["apply", "--server-side", "-f", "-"],
@@ -214,7 +214,19 @@ fn walt_crds_apply_and_the_api_server_validates_the_examples() {
     let listed = cluster
         .kubectl_output(&["get", "walt", "-n", &valid_ns, "-o", "name"])
         .expect("kubectl get walt (the category)");
-    assert_eq!(listed.lines().count(), valid.len(), "kubectl get walt: {listed}");
+    // Devices are cluster-scoped: `get walt -n` lists every Device of the cluster besides the namespace's.
+    let namespaced = listed
+        .lines()
+        .filter(|line| !line.starts_with("device.walt.dev/"))
+        .count();
+    let devices = valid
+        .iter()
+        .filter(|path| {
+            path.file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with("device-"))
+        })
+        .count();
+    assert_eq!(namespaced, valid.len() - devices, "kubectl get walt: {listed}");
 
     // Every invalid example is refused by the API server, with the message it documents.
     let invalid = walt_crds::examples::invalid_examples().expect("list the invalid examples");

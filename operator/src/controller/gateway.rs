@@ -30,10 +30,10 @@ use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use russh::keys::PrivateKey;
 use tokio_util::sync::CancellationToken;
-use walt_crds::{Node, ShellSession, ShellSessionPhase};
+use walt_crds::{Device, Node, ShellSession, ShellSessionPhase};
 
 use super::config::Config;
-use super::shared::node_access::{host_key_policy, node_target, vnode_pod};
+use super::shared::node_access::{host_key_policy, node_device, node_target, vnode_pod};
 use super::shared::session::{ACTIVITY_ANNOTATION, ACTIVITY_PUBLISH_INTERVAL, session_duration};
 use crate::ssh::Transport;
 use crate::ssh::gateway::{Authorization, Authorizations, Gateway, GatewayConfig};
@@ -75,6 +75,7 @@ pub fn authorization_of(
     session: &ShellSession,
     node: &Node,
     vnode_pod: Option<&Pod>,
+    device: Option<&Device>,
 ) -> Result<Authorization, String> {
     let key_line = session
         .spec
@@ -85,8 +86,8 @@ pub fn authorization_of(
         .map_err(|error| format!("spec.publicKey of ShellSession {}: {error}", session.name_any()))?;
     Ok(Authorization {
         session_id: session_key(session),
-        node: node_target(node, vnode_pod).map_err(|no_route| no_route.to_string())?,
-        node_host_key: host_key_policy(node)?,
+        node: node_target(node, vnode_pod, device).map_err(|no_route| no_route.to_string())?,
+        node_host_key: host_key_policy(node, device)?,
         public_key,
         expires_at: expiry(session)?,
     })
@@ -106,7 +107,10 @@ pub async fn resolve_authorization(client: &Client, session: &ShellSession) -> R
     let pod = vnode_pod(client, &node)
         .await
         .map_err(|error| error.to_string())?;
-    authorization_of(session, &node, pod.as_ref())
+    let device = node_device(client, &node)
+        .await
+        .map_err(|error| error.to_string())?;
+    authorization_of(session, &node, pod.as_ref(), device.as_ref())
 }
 
 /// The gateway's host key: the configured one, else a fresh Ed25519 key.
@@ -293,10 +297,14 @@ fn revoke(authorizations: &Authorizations, id: &str, why: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::shared::node_access::binding_of;
     use crate::ssh::HostKeyPolicy;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use k8s_openapi::jiff::Timestamp;
-    use walt_crds::{NodeSpec, ShellSessionSpec, ShellSessionStatus, VirtualNode};
+    use kube::Resource;
+    use walt_crds::{
+        DeviceLoan, DeviceSpec, DeviceStatus, NodeSpec, ShellSessionSpec, ShellSessionStatus, VirtualNode,
+    };
 
     const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl user";
 
@@ -325,13 +333,49 @@ mod tests {
             "rpi1",
             NodeSpec {
                 model: "rpi-4-b".into(),
-                address: Some("192.168.152.10".into()),
-                ssh_port: 2022,
+                device: Some("pi".into()),
                 ..NodeSpec::default()
             },
         );
         node.metadata.namespace = Some("alice".into());
+        node.metadata.uid = Some("uid-rpi1".into());
         node
+    }
+
+    /// The Device `pi`, lent to `lent_to` and bound to `node`.
+    fn device(lent_to: &str, node: &Node) -> Device {
+        let mut device = Device::new(
+            "pi",
+            DeviceSpec {
+                address: "192.168.152.10".into(),
+                ssh_port: 2022,
+                model: "rpi-4-b".into(),
+                lent_to: Some(DeviceLoan {
+                    namespace: lent_to.into(),
+                }),
+                ..DeviceSpec::default()
+            },
+        );
+        device.status = Some(DeviceStatus {
+            bound_to: Some(binding_of(node)),
+        });
+        device
+    }
+
+    #[test]
+    fn no_authorization_for_a_device_not_lent_to_the_namespace() {
+        let node = physical();
+        let refused = authorization_of(
+            &session(ShellSessionPhase::Running),
+            &node,
+            None,
+            Some(&device("bob", &node)),
+        )
+        .expect_err("not lent");
+        assert!(refused.contains("not lent to the namespace alice"), "{refused}");
+        let refused =
+            authorization_of(&session(ShellSessionPhase::Running), &node, None, None).expect_err("no device");
+        assert!(refused.contains("does not exist"), "{refused}");
     }
 
     #[test]
@@ -350,8 +394,14 @@ mod tests {
 
     #[test]
     fn physical_and_virtual_targets() {
-        let authorization =
-            authorization_of(&session(ShellSessionPhase::Running), &physical(), None).expect("authorized");
+        let node = physical();
+        let authorization = authorization_of(
+            &session(ShellSessionPhase::Running),
+            &node,
+            None,
+            Some(&device("alice", &node)),
+        )
+        .expect("authorized");
         assert_eq!(authorization.session_id, "alice/s1");
         assert_eq!(authorization.node.to_string(), "root@192.168.152.10:2022");
         assert!(matches!(
@@ -364,11 +414,15 @@ mod tests {
         );
 
         let mut virtual_node = physical();
-        virtual_node.spec.address = None;
+        virtual_node.spec.device = None;
         virtual_node.spec.virtual_node = Some(VirtualNode::default());
-        let error = node_target(&virtual_node, None).unwrap_err();
+        let error = node_target(&virtual_node, None, None).unwrap_err();
         assert!(error.to_string().contains("no running pod"), "{error}");
         let pod = Pod {
+            metadata: kube::api::ObjectMeta {
+                owner_references: virtual_node.controller_owner_ref(&()).map(|owner| vec![owner]),
+                ..Default::default()
+            },
             status: Some(k8s_openapi::api::core::v1::PodStatus {
                 pod_ip: Some("10.88.0.7".into()),
                 ..Default::default()
@@ -376,7 +430,7 @@ mod tests {
             ..Pod::default()
         };
         assert_eq!(
-            node_target(&virtual_node, Some(&pod))
+            node_target(&virtual_node, Some(&pod), None)
                 .expect("target")
                 .to_string(),
             "root@10.88.0.7:22"
@@ -394,12 +448,16 @@ mod tests {
 
     #[test]
     fn a_pinned_or_recorded_host_key_is_enforced() {
-        let mut node = physical();
-        node.spec.host_key = Some(KEY.into());
-        assert!(matches!(host_key_policy(&node), Ok(HostKeyPolicy::Pinned(_))));
-        node.spec.host_key = Some("not a key".into());
+        let node = physical();
+        let mut pi = device("alice", &node);
+        pi.spec.host_key = Some(KEY.into());
+        assert!(matches!(
+            host_key_policy(&node, Some(&pi)),
+            Ok(HostKeyPolicy::Pinned(_))
+        ));
+        pi.spec.host_key = Some("not a key".into());
         assert!(
-            host_key_policy(&node)
+            host_key_policy(&node, Some(&pi))
                 .unwrap_err()
                 .contains("host key of Node rpi1")
         );

@@ -45,7 +45,7 @@ use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
-use walt_crds::{Image, Node, NodeSave, ShellSession};
+use walt_crds::{Device, Image, Node, NodeSave, ShellSession};
 
 use self::shared::context::{Context, MANAGED_BY, MANAGED_BY_LABEL, key_of};
 use self::shared::error::{Error, Result};
@@ -170,7 +170,26 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
     )
     .owns(all::<Pod>(&context), owned_objects());
     let node_store = nodes.store();
+    let device_store = node_store.clone();
     let nodes = nodes
+        // A Device changed (lent, taken back, bound, unbound): wake the Nodes that name it.
+        .watches(
+            Api::<DeserializeGuard<Device>>::all(context.client.clone()),
+            watcher::Config::default(),
+            move |device: DeserializeGuard<Device>| {
+                let name = device.name_any();
+                device_store
+                    .state()
+                    .into_iter()
+                    .filter(move |node| {
+                        node.0
+                            .as_ref()
+                            .is_ok_and(|node| node.spec.device.as_deref() == Some(name.as_str()))
+                    })
+                    .map(|node| ObjectRef::from_obj(&*node))
+                    .collect::<Vec<_>>()
+            },
+        )
         // An Image moved: wake the Nodes that boot it (any namespace: the catalog is shared).
         .watches(
             all::<DeserializeGuard<Image>>(&context),

@@ -1,7 +1,9 @@
 //! Node controller.
 //!
-//! - **Physical** nodes (`spec.address`): an SSH probe with the lab's node key
-//!   (host key pinned by `spec.hostKey`, else recorded in `status.hostKey` on
+//! - **Physical** nodes (`spec.device`): once the Device is lent to the Node's
+//!   namespace and bound to it (see `shared::node_access::claim`), an SSH probe
+//!   with the lab's node key (host key pinned by the Device's `hostKey`, else
+//!   recorded in `status.hostKey` on
 //!   first contact and enforced from then on) sets `Reachable`, `Booted` (the
 //!   ready marker exists), `lastSeen` and `bootedImage`. When `spec.image`
 //!   changes, or the Image it boots is overwritten (its digest moves), the node

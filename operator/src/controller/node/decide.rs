@@ -201,7 +201,7 @@ fn reached_node(
     now: Timestamp,
     interval: Duration,
 ) {
-    record_host_key(node, decision, reached);
+    record_host_key(decision, reached);
     let status = &mut decision.status;
     set(
         status,
@@ -276,11 +276,10 @@ fn reached_node(
     }
 }
 
-/// Records the host key seen on first contact (enforced from then on), or keeps the pinned one.
-fn record_host_key(node: &Node, decision: &mut Decision, reached: &Reached) {
-    if let Some(pinned) = &node.spec.host_key {
-        decision.status.host_key = Some(pinned.clone());
-    } else if decision.status.host_key.is_none() {
+/// Records the host key seen on first contact (enforced from then on); a key the Device pins is in
+/// the status already (set by the probe before deciding).
+fn record_host_key(decision: &mut Decision, reached: &Reached) {
+    if decision.status.host_key.is_none() {
         decision.status.host_key = Some(reached.host_key.clone());
         decision.effects.push(Effect::Event {
             type_: EventType::Normal,
@@ -372,7 +371,7 @@ mod tests {
         Node::new(
             "rpi1",
             NodeSpec {
-                address: Some("10.0.0.5".into()),
+                device: Some("rpi1".into()),
                 ..NodeSpec::default()
             },
         )

@@ -6,15 +6,19 @@
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
+use kube::api::PostParams;
 use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
-use walt_crds::{Node, NodeStatus};
+use walt_crds::{ConditionStatus, Device, DeviceBinding, Node, NodePhase, NodeStatus, condition_types};
 
-use super::BootTarget;
 use super::decide::{Decision, Effect, Probe, Reached, SshFailure, decide};
+use super::{BootTarget, reasons};
 use crate::controller::shared::context::Context;
 use crate::controller::shared::error::{Error, Result};
-use crate::controller::shared::node_access::{client_config, node_target, ssh_reason};
+use crate::controller::shared::node_access::{
+    Claim, NoRoute, binds, claim, client_config, node_device, node_target, ssh_reason,
+};
 use crate::ssh::{NodeClient, NodeTarget, SshError};
 
 /// Reboots a node over SSH, detached, so the session ends cleanly first.
@@ -76,11 +80,20 @@ pub async fn reconcile_physical(
     target: Option<BootTarget>,
     mut status: NodeStatus,
 ) -> Result<Action> {
-    let namespace = node.namespace().unwrap_or_default();
-    let ssh_target =
-        node_target(node, None).map_err(|no_route| Error::Invalid(format!("{namespace}: {no_route}")))?;
+    let device = match claim_device(context, node).await? {
+        Ok(device) => device,
+        Err(refused) => return refuse(context, node, status, &refused).await,
+    };
+    let ssh_target = match node_target(node, None, Some(&device)) {
+        Ok(ssh_target) => ssh_target,
+        Err(refused) => return refuse(context, node, status, &refused).await,
+    };
+    status.device = Some(device.name_any());
     status.address = Some(ssh_target.host.clone());
-    let config = client_config(context, node)?;
+    if let Some(pinned) = &device.spec.host_key {
+        status.host_key = Some(pinned.clone());
+    }
+    let config = client_config(context, node, Some(&device))?;
     let interval = context.config.args.probe_interval;
     let client = match NodeClient::connect(&ssh_target, &config).await {
         Ok(client) => client,
@@ -109,6 +122,106 @@ pub async fn reconcile_physical(
     let applied = apply(context, node, Some((&client, &ssh_target)), decision).await;
     client.close().await;
     applied
+}
+
+/// How soon a Node whose Device the operator may not reach is looked at again (a Device change
+/// wakes it sooner).
+const REFUSED_RETRY: Duration = Duration::from_secs(30);
+
+/// Whether the Node a Device is bound to still exists with the bound uid.
+async fn holder_alive(context: &Context, binding: &DeviceBinding) -> Result<bool> {
+    let holder = Api::<Node>::namespaced(context.client.clone(), &binding.namespace)
+        .get_opt(&binding.node)
+        .await
+        .map_err(|source| {
+            Error::kube(
+                format!(
+                    "reading Node {}/{}, bound to a Device",
+                    binding.namespace, binding.node
+                ),
+                source,
+            )
+        })?;
+    Ok(holder.is_some_and(|holder| holder.uid().as_deref() == Some(binding.uid.as_str())))
+}
+
+/// The Device of a physical Node, bound to it now if [`claim`] allows (the binding is written with
+/// the Device's resourceVersion: of two Nodes claiming at once, one wins, the other retries and is
+/// refused); or why the operator must not reach it for this Node.
+async fn claim_device(context: &Context, node: &Node) -> Result<Result<Device, NoRoute>> {
+    let device = node_device(&context.client, node).await?;
+    let holder_alive = match device.as_ref().and_then(Device::bound_to) {
+        Some(binding) if !binds(binding, node) => holder_alive(context, binding).await?,
+        _ => false,
+    };
+    let binding = match claim(node, device.as_ref(), holder_alive) {
+        Claim::Refused(refused) => return Ok(Err(refused)),
+        Claim::Bound => None,
+        Claim::Bind(binding) => Some(binding),
+    };
+    let Some(mut device) = device else {
+        return Err(Error::Invalid(format!(
+            "Node {}: claimed a Device that was not read",
+            node.name_any()
+        )));
+    };
+    if let Some(binding) = binding {
+        let name = device.name_any();
+        device.status.get_or_insert_with(Default::default).bound_to = Some(binding);
+        device = Api::<Device>::all(context.client.clone())
+            .replace_status(&name, &PostParams::default(), &device)
+            .await
+            .map_err(|source| {
+                Error::kube(
+                    format!("binding the Device {name} to Node {}", node.name_any()),
+                    source,
+                )
+            })?;
+        context
+            .event(
+                node,
+                EventType::Normal,
+                reasons::DEVICE_BOUND,
+                "Bind",
+                format!("bound to the Device {name} ({})", device.spec.address),
+            )
+            .await;
+    }
+    Ok(Ok(device))
+}
+
+/// A physical Node the operator does not reach (its Device is missing, not lent to its namespace or
+/// bound to another Node): no connection; `Reachable=False` with the reason and a Warning Event say
+/// why and what to do.
+async fn refuse(context: &Context, node: &Node, mut status: NodeStatus, refused: &NoRoute) -> Result<Action> {
+    status.device = None;
+    status.address = None;
+    status.phase = NodePhase::Unreachable;
+    super::condition(
+        &mut status,
+        node,
+        condition_types::REACHABLE,
+        ConditionStatus::False,
+        refused.reason(),
+        refused.to_string(),
+    );
+    let nodes: Api<Node> = Api::namespaced(context.client.clone(), &node.namespace().unwrap_or_default());
+    context.apply_status(&nodes, &node.name_any(), &status).await?;
+    context
+        .event(
+            node,
+            EventType::Warning,
+            refused.reason(),
+            "Probe",
+            refused.to_string(),
+        )
+        .await;
+    let retry = if refused.is_transient() {
+        Duration::from_secs(2)
+    } else {
+        REFUSED_RETRY
+    };
+    Ok(Action::requeue(retry))
 }
 
 /// Carries out a decision: the reboot first (nothing is recorded if it fails), then the one status

@@ -24,3 +24,5 @@ pub const POD_RUNNING: &str = "PodRunning";
 pub const POD_STARTING: &str = "PodStarting";
 /// Event: a virtual node pod was started.
 pub const BOOTING: &str = "Booting";
+/// Event: the Node's Device was bound to it (`Device.status.boundTo`).
+pub const DEVICE_BOUND: &str = "DeviceBound";

@@ -31,7 +31,9 @@ use crate::controller::shared::context::{Context, FIELD_MANAGER};
 use crate::controller::shared::error::{Error, KubeResultExt, Result};
 use crate::controller::shared::lock::{Claim, claims_in};
 use crate::controller::shared::lookup::find_image;
-use crate::controller::shared::node_access::{client_config, node_target, ssh_reason, vnode_pod};
+use crate::controller::shared::node_access::{
+    client_config, lent_device, node_device, node_target, ssh_reason, vnode_pod,
+};
 use crate::controller::shared::registry::{
     NO_REBOOT_ANNOTATION, RESOLVE_ANNOTATION, lab_reference, pinned_reference, registry_client,
 };
@@ -115,6 +117,10 @@ pub async fn reconcile(save: Arc<NodeSave>, context: Arc<Context>) -> Result<Act
         return Ok(Action::requeue(Duration::from_mins(1)));
     }
     let facts = Facts::read(&context, &save).await?;
+    if let Some((reason, message)) = &facts.device_refused {
+        // A physical node whose Device is not this namespace's (any more): refused before anything else.
+        return fail(&context, &save, reason, message).await;
+    }
     match decide(
         &save,
         facts.node.as_ref(),
@@ -140,6 +146,8 @@ struct Facts {
     existing: Option<Image>,
     /// The unfinished shells and saves of the namespace (who holds which image).
     claims: Vec<Claim>,
+    /// Why the node's Device may not be used from this namespace, if so (reason, message).
+    device_refused: Option<(&'static str, String)>,
 }
 
 impl Facts {
@@ -160,10 +168,21 @@ impl Facts {
             None => None,
         };
         let claims = claims_in(context, &namespace).await?;
+        let device_refused = match node.as_ref().filter(|node| node.spec.device.is_some()) {
+            Some(node) => {
+                let device = node_device(&context.client, node).await?;
+                lent_device(node, device.as_ref())
+                    .err()
+                    .filter(|refused| !refused.is_transient())
+                    .map(|refused| (refused.reason(), refused.to_string()))
+            }
+            None => None,
+        };
         Ok(Self {
             node,
             existing,
             claims,
+            device_refused,
         })
     }
 
@@ -278,14 +297,15 @@ async fn prepare(
         )
     })?;
     let pod = vnode_pod(&context.client, node).await?;
-    let ssh_target = node_target(node, pod.as_ref()).map_err(|no_route| {
+    let device = node_device(&context.client, node).await?;
+    let ssh_target = node_target(node, pod.as_ref(), device.as_ref()).map_err(|no_route| {
         if no_route.is_transient() {
             Prepared::Wait("NodeNotReady", no_route.to_string())
         } else {
-            Prepared::Fail("NodeInvalid", no_route.to_string())
+            Prepared::Fail(no_route.reason(), no_route.to_string())
         }
     })?;
-    let ssh_config = client_config(context, node)?;
+    let ssh_config = client_config(context, node, device.as_ref())?;
     let export = ExportOptions {
         upper_dir: node.spec.overlay.upper_dir.clone(),
         ready_marker: (node.spec.boot_mode == BootMode::Volatile)

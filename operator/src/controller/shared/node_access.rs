@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, Client, ResourceExt};
-use walt_crds::Node;
+use walt_crds::{Device, DeviceBinding, Node};
 
 use super::context::Context;
 use super::error::{Error, Result};
@@ -27,35 +27,183 @@ pub enum NoRoute {
         /// The Node's name.
         node: String,
     },
-    /// A physical node without an address: the spec must change.
-    #[error("Node {node} has neither spec.address nor spec.virtual")]
-    NoAddress {
+    /// A Node that is neither physical nor virtual (written past the schema).
+    #[error("Node {node} has neither spec.device nor spec.virtual")]
+    NoDevice {
         /// The Node's name.
         node: String,
     },
-    /// `spec.sshPort` is not a TCP port: the spec must change.
-    #[error("spec.sshPort {port} of Node {node} is not a TCP port")]
-    BadPort {
+    /// `spec.device` names no Device.
+    #[error(
+        "Node {node} names the Device {device}, which does not exist: `kubectl walt device ls` lists the devices lent to your namespace"
+    )]
+    DeviceNotFound {
         /// The Node's name.
         node: String,
+        /// The Device it names.
+        device: String,
+    },
+    /// The Device is not lent to the Node's namespace: the operator does not reach it for this Node.
+    #[error(
+        "the Device {device} is not lent to the namespace {namespace}: the operator does not reach it for Node {node}; ask a lab admin to lend it (`kubectl walt device ls` lists the devices lent to you)"
+    )]
+    DeviceNotLent {
+        /// The Node's name.
+        node: String,
+        /// The Device it names.
+        device: String,
+        /// The Node's namespace.
+        namespace: String,
+    },
+    /// The Device is bound to another Node (one Node per Device).
+    #[error(
+        "the Device {device} is bound to the Node {holder}: one Node per device; release that Node first (`kubectl walt node release {holder}`)"
+    )]
+    DeviceTaken {
+        /// The Node's name.
+        node: String,
+        /// The Device it names.
+        device: String,
+        /// `namespace/name` of the Node bound to it.
+        holder: String,
+    },
+    /// The Device is lent to the namespace but not bound to the Node yet: the operator binds it.
+    #[error("the Device {device} is not bound to Node {node} yet")]
+    DeviceNotBound {
+        /// The Node's name.
+        node: String,
+        /// The Device it names.
+        device: String,
+    },
+    /// The Device's `spec.sshPort` is not a TCP port.
+    #[error("spec.sshPort {port} of Device {device} is not a TCP port")]
+    BadPort {
+        /// The Device's name.
+        device: String,
         /// The port it names.
         port: i32,
     },
 }
 
 impl NoRoute {
-    /// Whether waiting can help (a virtual node's pod starting), as opposed to a spec to fix.
+    /// Whether waiting can help (a virtual node's pod starting, a binding being written), as
+    /// opposed to a spec or a loan to change.
     pub fn is_transient(&self) -> bool {
-        matches!(self, NoRoute::PodNotReady { .. })
+        matches!(self, NoRoute::PodNotReady { .. } | NoRoute::DeviceNotBound { .. })
+    }
+
+    /// The short reason (condition and Event reason).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            NoRoute::PodNotReady { .. } => "PodNotReady",
+            NoRoute::NoDevice { .. } => "NoDevice",
+            NoRoute::DeviceNotFound { .. } => "DeviceNotFound",
+            NoRoute::DeviceNotLent { .. } => "DeviceNotLent",
+            NoRoute::DeviceTaken { .. } => "DeviceTaken",
+            NoRoute::DeviceNotBound { .. } => "DeviceNotBound",
+            NoRoute::BadPort { .. } => "BadPort",
+        }
     }
 }
 
-/// Where a node is reached (pure): a physical node at `spec.address:spec.sshPort`; a virtual node
-/// at its pod's IP, port 22 (pod IPs work in every cluster, with or without DNS and kube-proxy).
-pub fn node_target(node: &Node, vnode_pod: Option<&Pod>) -> Result<NodeTarget, NoRoute> {
+/// Whether `binding` names this very Node (namespace, name and uid) (pure).
+pub fn binds(binding: &DeviceBinding, node: &Node) -> bool {
+    Some(binding.namespace.as_str()) == node.namespace().as_deref()
+        && binding.node == node.name_any()
+        && Some(binding.uid.as_str()) == node.uid().as_deref()
+}
+
+/// The Device of a physical Node, if the operator may reach it for this Node (pure): it exists, is
+/// lent to the Node's namespace and is bound to this Node. This is the check made before every
+/// connection to a device (probe, gateway authorization, save).
+pub fn lent_device<'a>(node: &Node, device: Option<&'a Device>) -> Result<&'a Device, NoRoute> {
+    let name = node.name_any();
+    let Some(wanted) = node.spec.device.clone() else {
+        return Err(NoRoute::NoDevice { node: name });
+    };
+    let Some(device) = device.filter(|device| device.name_any() == wanted) else {
+        return Err(NoRoute::DeviceNotFound {
+            node: name,
+            device: wanted,
+        });
+    };
+    let namespace = node.namespace().unwrap_or_default();
+    if device.lent_to() != Some(namespace.as_str()) {
+        return Err(NoRoute::DeviceNotLent {
+            node: name,
+            device: wanted,
+            namespace,
+        });
+    }
+    match device.bound_to() {
+        Some(binding) if binds(binding, node) => Ok(device),
+        Some(binding) => Err(NoRoute::DeviceTaken {
+            node: name,
+            device: wanted,
+            holder: format!("{}/{}", binding.namespace, binding.node),
+        }),
+        None => Err(NoRoute::DeviceNotBound {
+            node: name,
+            device: wanted,
+        }),
+    }
+}
+
+/// What the Node controller does about a physical Node's Device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Bound to this Node already: reach it.
+    Bound,
+    /// Lent to the Node's namespace, free (or its binding is stale): bind it to this Node.
+    Bind(DeviceBinding),
+    /// Not for this Node: no connection.
+    Refused(NoRoute),
+}
+
+/// Whether a Node may have the Device it names (pure; the PersistentVolumeClaim rule): lent to its
+/// namespace and bound to no other live Node. `holder_alive` says whether the Node the Device is
+/// bound to (another one) still exists with the bound uid; a binding in a namespace the device is
+/// no longer lent to is stale too.
+pub fn claim(node: &Node, device: Option<&Device>, holder_alive: bool) -> Claim {
+    match lent_device(node, device) {
+        Ok(_) => Claim::Bound,
+        Err(NoRoute::DeviceNotBound { .. }) => Claim::Bind(binding_of(node)),
+        Err(taken @ NoRoute::DeviceTaken { .. }) => {
+            let stale_namespace = device
+                .and_then(Device::bound_to)
+                .is_some_and(|binding| device.and_then(Device::lent_to) != Some(binding.namespace.as_str()));
+            if holder_alive && !stale_namespace {
+                Claim::Refused(taken)
+            } else {
+                Claim::Bind(binding_of(node))
+            }
+        }
+        Err(refused) => Claim::Refused(refused),
+    }
+}
+
+/// The binding of a Device to this Node (pure).
+pub fn binding_of(node: &Node) -> DeviceBinding {
+    DeviceBinding {
+        namespace: node.namespace().unwrap_or_default(),
+        node: node.name_any(),
+        uid: node.uid().unwrap_or_default(),
+    }
+}
+
+/// Where a node is reached (pure): a physical node at its Device's `address:sshPort`, only when
+/// [`lent_device`] allows it; a virtual node at its own pod's IP, port 22 (pod IPs work in every
+/// cluster, with or without DNS and kube-proxy). `vnode_pod` must come from [`vnode_pod`], which
+/// returns only the pod this Node owns.
+pub fn node_target(
+    node: &Node,
+    vnode_pod: Option<&Pod>,
+    device: Option<&Device>,
+) -> Result<NodeTarget, NoRoute> {
     let name = node.name_any();
     if node.spec.virtual_node.is_some() {
         let ip = vnode_pod
+            .filter(|pod| owned_by(pod, node))
             .and_then(|pod| pod.status.as_ref())
             .and_then(|status| status.pod_ip.clone())
             .ok_or(NoRoute::PodNotReady { node: name })?;
@@ -65,29 +213,32 @@ pub fn node_target(node: &Node, vnode_pod: Option<&Pod>) -> Result<NodeTarget, N
             port: VNODE_SSH_PORT,
         });
     }
-    let host = node
-        .spec
-        .address
-        .clone()
-        .ok_or_else(|| NoRoute::NoAddress { node: name.clone() })?;
-    let port = u16::try_from(node.spec.ssh_port).map_err(|_| NoRoute::BadPort {
-        node: name,
-        port: node.spec.ssh_port,
+    let device = lent_device(node, device)?;
+    let port = u16::try_from(device.spec.ssh_port).map_err(|_| NoRoute::BadPort {
+        device: device.name_any(),
+        port: device.spec.ssh_port,
     })?;
     Ok(NodeTarget {
         user: "root".into(),
-        host,
+        host: device.spec.address.clone(),
         port,
     })
 }
 
-/// How a node's host key is checked (pure): pinned by the spec, else the one the operator
-/// recorded in the status, else trust on first use.
-pub fn host_key_policy(node: &Node) -> Result<HostKeyPolicy, String> {
-    let pinned = node
-        .spec
-        .host_key
-        .as_deref()
+/// Whether a pod is this virtual Node's own (pure): its controller owner reference is this Node
+/// (by uid). A pod of the same name made by anyone else is never reached.
+pub fn owned_by(pod: &Pod, node: &Node) -> bool {
+    let Some(uid) = node.uid() else { return false };
+    pod.owner_references()
+        .iter()
+        .any(|owner| owner.controller == Some(true) && owner.kind == "Node" && owner.uid == uid)
+}
+
+/// How a node's host key is checked (pure): pinned by its Device, else the one the operator
+/// recorded in the Node's status, else trust on first use.
+pub fn host_key_policy(node: &Node, device: Option<&Device>) -> Result<HostKeyPolicy, String> {
+    let pinned = device
+        .and_then(|device| device.spec.host_key.as_deref())
         .or_else(|| node.status.as_ref().and_then(|status| status.host_key.as_deref()));
     match pinned {
         Some(line) => crate::ssh::client::parse_public_key(line)
@@ -100,10 +251,10 @@ pub fn host_key_policy(node: &Node) -> Result<HostKeyPolicy, String> {
 /// The SSH client configuration for a node: the lab's node key, [`host_key_policy`], and the
 /// transport (virtual nodes over TCP to their pod; physical ones through `--node-proxy-command`
 /// when the lab set one).
-pub fn client_config(context: &Context, node: &Node) -> Result<ClientConfig> {
+pub fn client_config(context: &Context, node: &Node, device: Option<&Device>) -> Result<ClientConfig> {
     let key = crate::ssh::client::decode_key(context.config.node_key.as_bytes())
         .map_err(|e| Error::Config(e.to_string()))?;
-    let policy = host_key_policy(node).map_err(Error::Invalid)?;
+    let policy = host_key_policy(node, device).map_err(Error::Invalid)?;
     let mut config = ClientConfig::new(key, policy);
     config.connect_timeout = CONNECT_TIMEOUT;
     config.transport = match (&node.spec.virtual_node, &context.config.args.node_proxy_command) {
@@ -113,7 +264,20 @@ pub fn client_config(context: &Context, node: &Node) -> Result<ClientConfig> {
     Ok(config)
 }
 
-/// The pod of a virtual node (none for a physical node, or while it does not exist).
+/// The Device a physical Node names (none for a virtual node, or when it does not exist). Whether
+/// the operator may reach it is [`lent_device`]'s call.
+pub async fn node_device(client: &Client, node: &Node) -> Result<Option<Device>> {
+    let Some(name) = node.spec.device.as_deref() else {
+        return Ok(None);
+    };
+    Api::<Device>::all(client.clone())
+        .get_opt(name)
+        .await
+        .map_err(|source| Error::kube(format!("reading the Device {name}"), source))
+}
+
+/// The pod of a virtual node: only the one this Node owns (see [`owned_by`]); none for a physical
+/// node, or while it does not exist.
 pub async fn vnode_pod(client: &Client, node: &Node) -> Result<Option<Pod>> {
     if node.spec.virtual_node.is_none() {
         return Ok(None);
@@ -129,6 +293,7 @@ pub async fn vnode_pod(client: &Client, node: &Node) -> Result<Option<Pod>> {
                 source,
             )
         })
+        .map(|pod| pod.filter(|pod| owned_by(pod, node)))
 }
 
 /// A short reason for an SSH failure (a condition reason and Event reason).
@@ -144,57 +309,205 @@ pub fn ssh_reason(error: &SshError) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use walt_crds::{NodeSpec, VirtualNode};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+    use walt_crds::{DeviceLoan, DeviceSpec, DeviceStatus, NodeSpec, VirtualNode};
 
-    fn physical(address: Option<&str>, port: i32) -> Node {
-        Node::new(
-            "rpi1",
+    fn physical(namespace: &str, name: &str, device: &str) -> Node {
+        let mut node = Node::new(
+            name,
             NodeSpec {
-                address: address.map(str::to_owned),
-                ssh_port: port,
+                device: Some(device.into()),
                 ..NodeSpec::default()
             },
-        )
+        );
+        node.metadata.namespace = Some(namespace.into());
+        node.metadata.uid = Some(format!("uid-{namespace}-{name}"));
+        node
+    }
+
+    fn device(lent_to: Option<&str>, bound: Option<&Node>) -> Device {
+        let mut device = Device::new(
+            "rpi1",
+            DeviceSpec {
+                address: "10.0.0.5".into(),
+                ssh_port: 2222,
+                model: "rpi-4-b".into(),
+                lent_to: lent_to.map(|namespace| DeviceLoan {
+                    namespace: namespace.into(),
+                }),
+                ..DeviceSpec::default()
+            },
+        );
+        device.status = Some(DeviceStatus {
+            bound_to: bound.map(binding_of),
+        });
+        device
     }
 
     #[test]
-    fn a_physical_node_is_reached_at_its_address_and_port() {
-        let target = node_target(&physical(Some("10.0.0.5"), 2222), None).expect("target");
+    fn a_physical_node_is_reached_at_its_device_only_when_lent_and_bound_to_it() {
+        let alice = physical("alice", "n1", "rpi1");
+        let lent = device(Some("alice"), Some(&alice));
+        let target = node_target(&alice, None, Some(&lent)).expect("target");
         assert_eq!((target.host.as_str(), target.port), ("10.0.0.5", 2222));
-        assert_eq!(
-            node_target(&physical(None, 22), None),
-            Err(NoRoute::NoAddress { node: "rpi1".into() })
+        let not_found = node_target(&alice, None, None).expect_err("no device");
+        assert_eq!(not_found.reason(), "DeviceNotFound");
+        let bob = physical("bob", "n1", "rpi1");
+        let to_bob = device(Some("bob"), Some(&bob));
+        let refused = node_target(&alice, None, Some(&to_bob)).expect_err("lent to bob");
+        assert_eq!(refused.reason(), "DeviceNotLent");
+        assert!(!refused.is_transient());
+        assert!(
+            refused.to_string().contains("not lent to the namespace alice"),
+            "{refused}"
         );
-        let bad = node_target(&physical(Some("h"), 70_000), None).expect_err("port");
-        assert!(!bad.is_transient());
+        let unlent = device(None, None);
         assert_eq!(
-            bad.to_string(),
-            "spec.sshPort 70000 of Node rpi1 is not a TCP port"
+            node_target(&alice, None, Some(&unlent))
+                .expect_err("unlent")
+                .reason(),
+            "DeviceNotLent"
+        );
+        let unbound = device(Some("alice"), None);
+        let waiting = node_target(&alice, None, Some(&unbound)).expect_err("unbound");
+        assert!(waiting.is_transient());
+        let other = physical("alice", "n2", "rpi1");
+        let taken = device(Some("alice"), Some(&other));
+        let refused = node_target(&alice, None, Some(&taken)).expect_err("taken");
+        assert_eq!(refused.reason(), "DeviceTaken");
+        assert!(refused.to_string().contains("alice/n2"), "{refused}");
+    }
+
+    #[test]
+    fn a_node_recreated_under_the_same_name_is_another_claim() {
+        let old = physical("alice", "n1", "rpi1");
+        let lent = device(Some("alice"), Some(&old));
+        let mut new = old.clone();
+        new.metadata.uid = Some("another".into());
+        assert_eq!(
+            node_target(&new, None, Some(&lent))
+                .expect_err("old uid")
+                .reason(),
+            "DeviceTaken"
         );
     }
 
     #[test]
-    fn a_virtual_node_is_reached_at_its_pod_ip_once_it_has_one() {
-        let node = Node::new(
+    fn claims_follow_the_loan_and_one_live_node_per_device() {
+        let alice = physical("alice", "n1", "rpi1");
+        assert_eq!(
+            claim(&alice, Some(&device(Some("alice"), Some(&alice))), true),
+            Claim::Bound
+        );
+        assert_eq!(
+            claim(&alice, Some(&device(Some("alice"), None)), false),
+            Claim::Bind(binding_of(&alice))
+        );
+        let other = physical("alice", "n2", "rpi1");
+        let taken = device(Some("alice"), Some(&other));
+        assert!(matches!(
+            claim(&alice, Some(&taken), true),
+            Claim::Refused(NoRoute::DeviceTaken { .. })
+        ));
+        // Its holder is gone (released): the device is free again.
+        assert_eq!(
+            claim(&alice, Some(&taken), false),
+            Claim::Bind(binding_of(&alice))
+        );
+        // Taken back from bob and lent to alice: bob's binding is stale, alive or not.
+        let bob = physical("bob", "n1", "rpi1");
+        let moved = device(Some("alice"), Some(&bob));
+        assert_eq!(claim(&alice, Some(&moved), true), Claim::Bind(binding_of(&alice)));
+        // Never for a namespace it is not lent to, free or not.
+        for device in [
+            device(Some("bob"), None),
+            device(None, None),
+            device(Some("bob"), Some(&bob)),
+        ] {
+            assert!(matches!(
+                claim(&alice, Some(&device), false),
+                Claim::Refused(NoRoute::DeviceNotLent { .. })
+            ));
+        }
+        assert!(matches!(
+            claim(&alice, None, false),
+            Claim::Refused(NoRoute::DeviceNotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn a_device_pins_the_host_key() {
+        let alice = physical("alice", "n1", "rpi1");
+        let mut lent = device(Some("alice"), Some(&alice));
+        assert!(matches!(
+            host_key_policy(&alice, Some(&lent)),
+            Ok(HostKeyPolicy::TrustOnFirstUse)
+        ));
+        lent.spec.host_key =
+            Some("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3aLq454yWBdwLWbieU1ebz9/cu7/QEXn9OIeZJ".into());
+        assert!(matches!(
+            host_key_policy(&alice, Some(&lent)),
+            Ok(HostKeyPolicy::Pinned(_))
+        ));
+    }
+
+    fn vnode() -> Node {
+        let mut node = Node::new(
             "v1",
             NodeSpec {
                 virtual_node: Some(VirtualNode::default()),
                 ..NodeSpec::default()
             },
         );
-        let waiting = node_target(&node, None).expect_err("no pod");
-        assert!(waiting.is_transient());
-        let pod = Pod {
+        node.metadata.namespace = Some("alice".into());
+        node.metadata.uid = Some("uid-v1".into());
+        node
+    }
+
+    fn pod_owned_by(uid: &str) -> Pod {
+        Pod {
+            metadata: kube::api::ObjectMeta {
+                owner_references: Some(vec![OwnerReference {
+                    api_version: "walt.dev/v1alpha1".into(),
+                    kind: "Node".into(),
+                    name: "v1".into(),
+                    uid: uid.into(),
+                    controller: Some(true),
+                    ..OwnerReference::default()
+                }]),
+                ..Default::default()
+            },
             status: Some(k8s_openapi::api::core::v1::PodStatus {
                 pod_ip: Some("10.244.0.9".into()),
                 ..Default::default()
             }),
             ..Pod::default()
-        };
-        let target = node_target(&node, Some(&pod)).expect("target");
+        }
+    }
+
+    #[test]
+    fn a_virtual_node_is_reached_at_its_own_pod_ip_once_it_has_one() {
+        let node = vnode();
+        let waiting = node_target(&node, None, None).expect_err("no pod");
+        assert!(waiting.is_transient());
+        let target = node_target(&node, Some(&pod_owned_by("uid-v1")), None).expect("target");
         assert_eq!(
             (target.host.as_str(), target.port),
             ("10.244.0.9", VNODE_SSH_PORT)
         );
+    }
+
+    #[test]
+    fn a_pod_the_node_does_not_own_is_never_reached() {
+        let node = vnode();
+        for pod in [pod_owned_by("uid-of-bobs-node"), Pod::default()] {
+            assert!(!owned_by(&pod, &node));
+            assert_eq!(
+                node_target(&node, Some(&pod), None)
+                    .expect_err("not its pod")
+                    .reason(),
+                "PodNotReady"
+            );
+        }
     }
 }

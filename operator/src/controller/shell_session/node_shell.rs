@@ -9,13 +9,15 @@ use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
-use walt_crds::{ConditionStatus, Gateway, Node, ShellSession, ShellSessionPhase, ShellSessionStatus};
+use walt_crds::{
+    ConditionStatus, Device, Gateway, Node, ShellSession, ShellSessionPhase, ShellSessionStatus,
+};
 
 use super::reasons;
 use super::{READY, condition, end, write_status};
 use crate::controller::shared::context::Context;
 use crate::controller::shared::error::{KubeResultExt, Result};
-use crate::controller::shared::node_access::{host_key_policy, node_target, vnode_pod};
+use crate::controller::shared::node_access::{host_key_policy, node_device, node_target, vnode_pod};
 use crate::controller::shared::session::{ACTIVITY_ANNOTATION, session_duration};
 
 /// How often a session waiting for its node to have an address looks again.
@@ -83,6 +85,7 @@ pub fn decide(
     session: &ShellSession,
     node: Option<&Node>,
     vnode_pod: Option<&k8s_openapi::api::core::v1::Pod>,
+    device: Option<&Device>,
     ttl: Duration,
     now: Timestamp,
 ) -> Step {
@@ -146,13 +149,16 @@ pub fn decide(
         );
     };
     let until_ttl = ttl.saturating_sub(age);
-    if let Err(why) = node_target(node, vnode_pod) {
+    if let Err(why) = node_target(node, vnode_pod, device) {
+        if !why.is_transient() {
+            return ended(ShellSessionPhase::Failed, why.reason(), why.to_string());
+        }
         return Step::WaitForRoute {
             message: format!("{why}; the session starts once it has one"),
             retry: ROUTE_RETRY.min(until_ttl),
         };
     }
-    if let Err(why) = host_key_policy(node) {
+    if let Err(why) = host_key_policy(node, device) {
         return ended(ShellSessionPhase::Failed, reasons::INVALID_HOST_KEY, why);
     }
     Step::Authorize { until_ttl, idle_left }
@@ -171,11 +177,21 @@ pub async fn reconcile(
         .get_opt(&node_name)
         .await
         .context(|| format!("reading Node {namespace}/{node_name}"))?;
-    let pod = match &node {
-        Some(node) => vnode_pod(&context.client, node).await?,
-        None => None,
+    let (pod, device) = match &node {
+        Some(node) => (
+            vnode_pod(&context.client, node).await?,
+            node_device(&context.client, node).await?,
+        ),
+        None => (None, None),
     };
-    match decide(session, node.as_ref(), pod.as_ref(), ttl, Timestamp::now()) {
+    match decide(
+        session,
+        node.as_ref(),
+        pod.as_ref(),
+        device.as_ref(),
+        ttl,
+        Timestamp::now(),
+    ) {
         Step::End {
             phase,
             reason,
@@ -251,7 +267,8 @@ async fn authorize(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use walt_crds::{NodeSpec, ShellSessionSpec};
+    use crate::controller::shared::node_access::binding_of;
+    use walt_crds::{DeviceLoan, DeviceSpec, DeviceStatus, NodeSpec, ShellSessionSpec};
 
     const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINmSuQ/gQGDMIEuOaUKquLGqbQDj1Arq8ZriXb9X8SgB walt";
 
@@ -273,14 +290,37 @@ mod tests {
         session
     }
 
-    fn node(address: Option<&str>) -> Node {
-        Node::new(
+    fn node() -> Node {
+        let mut node = Node::new(
             "rpi1",
             NodeSpec {
-                address: address.map(str::to_owned),
+                device: Some("pi".into()),
                 ..NodeSpec::default()
             },
-        )
+        );
+        node.metadata.namespace = Some("alice".into());
+        node.metadata.uid = Some("uid-rpi1".into());
+        node
+    }
+
+    /// The Device `pi`, lent to `lent_to`, bound to `node` when given.
+    fn device(lent_to: &str, bound: Option<&Node>) -> Device {
+        let mut device = Device::new(
+            "pi",
+            DeviceSpec {
+                address: "10.0.0.5".into(),
+                ssh_port: 22,
+                model: "rpi-4-b".into(),
+                lent_to: Some(DeviceLoan {
+                    namespace: lent_to.into(),
+                }),
+                ..DeviceSpec::default()
+            },
+        );
+        device.status = Some(DeviceStatus {
+            bound_to: bound.map(binding_of),
+        });
+        device
     }
 
     fn reason(step: &Step) -> &'static str {
@@ -294,10 +334,13 @@ mod tests {
     #[test]
     fn a_valid_session_on_a_reachable_node_is_authorized_until_its_ttl() {
         let hour = Duration::from_hours(1);
+        let reachable = node();
+        let pi = device("alice", Some(&reachable));
         let step = decide(
             &session(Some(KEY)),
-            Some(&node(Some("10.0.0.5"))),
+            Some(&reachable),
             None,
+            Some(&pi),
             hour,
             at(1_600),
         );
@@ -313,12 +356,14 @@ mod tests {
     #[test]
     fn each_refusal_has_its_reason() {
         let hour = Duration::from_hours(1);
-        let reachable = node(Some("10.0.0.5"));
+        let reachable = node();
+        let pi = device("alice", Some(&reachable));
         assert_eq!(
             reason(&decide(
                 &session(Some(KEY)),
                 Some(&reachable),
                 None,
+                Some(&pi),
                 hour,
                 at(5_000)
             )),
@@ -329,13 +374,21 @@ mod tests {
                 &session(Some(KEY)),
                 Some(&reachable),
                 None,
+                Some(&pi),
                 hour,
                 at(3_000)
             )),
             reasons::IDLE_TIMEOUT
         );
         assert_eq!(
-            reason(&decide(&session(None), Some(&reachable), None, hour, at(1_010))),
+            reason(&decide(
+                &session(None),
+                Some(&reachable),
+                None,
+                Some(&pi),
+                hour,
+                at(1_010)
+            )),
             reasons::NO_PUBLIC_KEY
         );
         assert_eq!(
@@ -343,32 +396,46 @@ mod tests {
                 &session(Some("ssh-rsa nope")),
                 Some(&reachable),
                 None,
+                Some(&pi),
                 hour,
                 at(1_010)
             )),
             reasons::INVALID_PUBLIC_KEY
         );
         assert_eq!(
-            reason(&decide(&session(Some(KEY)), None, None, hour, at(1_010))),
+            reason(&decide(&session(Some(KEY)), None, None, None, hour, at(1_010))),
             reasons::NODE_NOT_FOUND
         );
         assert_eq!(
             reason(&decide(
                 &session(Some(KEY)),
-                Some(&node(None)),
+                Some(&reachable),
                 None,
+                Some(&device("alice", None)),
                 hour,
                 at(1_010)
             )),
             reasons::NODE_NOT_REACHABLE
         );
-        let mut bad_key = reachable.clone();
+        assert_eq!(
+            reason(&decide(
+                &session(Some(KEY)),
+                Some(&reachable),
+                None,
+                Some(&device("bob", Some(&reachable))),
+                hour,
+                at(1_010)
+            )),
+            "DeviceNotLent"
+        );
+        let mut bad_key = pi.clone();
         bad_key.spec.host_key = Some("not a key".into());
         assert_eq!(
             reason(&decide(
                 &session(Some(KEY)),
-                Some(&bad_key),
+                Some(&reachable),
                 None,
+                Some(&bad_key),
                 hour,
                 at(1_010)
             )),
@@ -377,7 +444,14 @@ mod tests {
         let mut bad_idle = session(Some(KEY));
         bad_idle.spec.idle_timeout = "soon".into();
         assert_eq!(
-            reason(&decide(&bad_idle, Some(&reachable), None, hour, at(1_010))),
+            reason(&decide(
+                &bad_idle,
+                Some(&reachable),
+                None,
+                Some(&pi),
+                hour,
+                at(1_010)
+            )),
             reasons::INVALID_IDLE_TIMEOUT
         );
     }

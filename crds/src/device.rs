@@ -1,0 +1,117 @@
+//! `Device`: a physical device of the lab (cluster-scoped), registered by a lab admin and lent to
+//! one namespace at a time; a tenant's Node claims it by name (`Node.spec.device`), like a
+//! PersistentVolumeClaim binds a PersistentVolume.
+//!
+//! Tenants never type a network address: only a Device says where a physical node is, and only lab
+//! admins write Devices (RBAC). The operator reaches a device only for the one Node bound to it, in
+//! the namespace it is lent to (`Device.status.boundTo`).
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::node::DEFAULT_SSH_PORT;
+
+/// A device of the lab: where it is, what it is, how its identity is checked, and whom it is lent
+/// to.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "walt.dev",
+    version = "v1alpha1",
+    kind = "Device",
+    plural = "devices",
+    status = "DeviceStatus",
+    derive = "PartialEq",
+    derive = "Default",
+    shortname = "wdev",
+    category = "walt",
+    doc = "A physical device of the lab (cluster-scoped, written by lab admins only): its address, model \
+           and host key. spec.lentTo lends it to one namespace; a Node of that namespace naming it in \
+           spec.device is bound to it (status.boundTo), one Node at a time.",
+    printcolumn = r#"{"name": "Model", "type": "string", "jsonPath": ".spec.model", "description": "Node model"}"#,
+    printcolumn = r#"{"name": "Address", "type": "string", "jsonPath": ".spec.address", "description": "Where the operator reaches the device"}"#,
+    printcolumn = r#"{"name": "Lent To", "type": "string", "jsonPath": ".spec.lentTo.namespace", "description": "The namespace the device is lent to"}"#,
+    printcolumn = r#"{"name": "Bound To", "type": "string", "jsonPath": ".status.boundTo.node", "description": "The Node bound to the device"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceSpec {
+    /// Host name or IP address the operator reaches the device at (no port: see `sshPort`).
+    #[schemars(schema_with = "crate::schema::host")]
+    pub address: String,
+    /// SSH port of the device.
+    #[serde(default = "default_ssh_port")]
+    #[schemars(schema_with = "crate::schema::tcp_port")]
+    pub ssh_port: i32,
+    /// Node model (WalT's name for the kind of device: `rpi-3-b`, `rpi-4-b`, `pc-x86-64`, …); a Node
+    /// bound to the device gets this model.
+    #[schemars(length(min = 1, max = 63))]
+    pub model: String,
+    /// Pinned SSH host key of the device (one OpenSSH public key line), enforced on every connection.
+    /// Unset: the first key seen by the Node bound to it is recorded in that Node's `status.hostKey`
+    /// and enforced from then on (pin it: a device changes hands).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::schema::public_key")]
+    pub host_key: Option<String>,
+    /// MAC address of the device's boot interface. Recorded for network boot: that work extends this
+    /// record with the firmware kind and the boot network; nothing reads it yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::schema::mac")]
+    pub mac: Option<String>,
+    /// The namespace the device is lent to (one at a time). Unset: the device is the lab's and no
+    /// Node can use it. Changing it takes the device back: the operator stops reaching it for the
+    /// Node of the former namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lent_to: Option<DeviceLoan>,
+}
+
+fn default_ssh_port() -> i32 {
+    DEFAULT_SSH_PORT
+}
+
+/// Whom a device is lent to.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceLoan {
+    /// The namespace (tenant) whose Nodes may claim the device.
+    #[schemars(schema_with = "crate::schema::namespace_name")]
+    pub namespace: String,
+}
+
+/// The observed state of a Device: the Node bound to it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceStatus {
+    /// The Node bound to the device (written by the operator, in the namespace it is lent to). A
+    /// binding whose Node is gone, or whose namespace is no longer the one lent to, is stale: the
+    /// operator clears it, and a Node of the lent namespace may take it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bound_to: Option<DeviceBinding>,
+}
+
+/// The Node bound to a device.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceBinding {
+    /// The Node's namespace.
+    #[schemars(length(max = 63))]
+    pub namespace: String,
+    /// The Node's name.
+    #[schemars(length(max = 253))]
+    pub node: String,
+    /// The Node's uid (a Node deleted and created again under the same name is another claim).
+    #[schemars(length(max = 64))]
+    pub uid: String,
+}
+
+impl Device {
+    /// The namespace the device is lent to, if any.
+    pub fn lent_to(&self) -> Option<&str> {
+        self.spec.lent_to.as_ref().map(|loan| loan.namespace.as_str())
+    }
+
+    /// The Node bound to the device, if any (stale or not).
+    pub fn bound_to(&self) -> Option<&DeviceBinding> {
+        self.status.as_ref().and_then(|status| status.bound_to.as_ref())
+    }
+}

@@ -7,6 +7,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, Client, ResourceExt};
 use walt_crds::Node;
 
+use super::address::{BadAddress, validate_address};
 use super::context::Context;
 use super::error::{Error, Result};
 use super::pods::vnode_object_name;
@@ -33,6 +34,15 @@ pub enum NoRoute {
         /// The Node's name.
         node: String,
     },
+    /// `spec.address` (or a virtual node's pod IP) is not a host name or an IP address: the spec
+    /// must change; nothing connects to it.
+    #[error("the address of Node {node}: {error}")]
+    BadAddress {
+        /// The Node's name.
+        node: String,
+        /// What is wrong with it.
+        error: BadAddress,
+    },
     /// `spec.sshPort` is not a TCP port: the spec must change.
     #[error("spec.sshPort {port} of Node {node} is not a TCP port")]
     BadPort {
@@ -52,7 +62,18 @@ impl NoRoute {
 
 /// Where a node is reached (pure): a physical node at `spec.address:spec.sshPort`; a virtual node
 /// at its pod's IP, port 22 (pod IPs work in every cluster, with or without DNS and kube-proxy).
+/// The address is checked with [`validate_address`] first: nothing connects to anything else.
 pub fn node_target(node: &Node, vnode_pod: Option<&Pod>) -> Result<NodeTarget, NoRoute> {
+    let target = unchecked_node_target(node, vnode_pod)?;
+    validate_address(&target.host).map_err(|error| NoRoute::BadAddress {
+        node: node.name_any(),
+        error,
+    })?;
+    Ok(target)
+}
+
+/// [`node_target`] before the address is checked (pure).
+fn unchecked_node_target(node: &Node, vnode_pod: Option<&Pod>) -> Result<NodeTarget, NoRoute> {
     let name = node.name_any();
     if node.spec.virtual_node.is_some() {
         let ip = vnode_pod
@@ -170,6 +191,19 @@ mod tests {
         assert_eq!(
             bad.to_string(),
             "spec.sshPort 70000 of Node rpi1 is not a TCP port"
+        );
+    }
+
+    /// Issue 15: an address that is a command never becomes a target (probe, gateway, save).
+    #[test]
+    fn a_node_whose_address_is_not_a_host_or_ip_is_not_reached() {
+        let refused = node_target(&physical(Some("x; touch /tmp/pwned"), 22), None).expect_err("refused");
+        assert!(!refused.is_transient());
+        assert!(
+            refused.to_string().starts_with(
+                "the address of Node rpi1: `x; touch /tmp/pwned` is neither a host name nor an IP address"
+            ),
+            "{refused}"
         );
     }
 

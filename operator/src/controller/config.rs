@@ -115,6 +115,14 @@ pub struct Args {
     /// port inside the argument that holds them. A command that cannot be split stops the operator.
     #[arg(long, env = "WALT_NODE_PROXY_COMMAND", value_parser = crate::ssh::ProxyCommand::parse)]
     pub node_proxy_command: Option<crate::ssh::ProxyCommand>,
+    /// Longest `ttl` of a ShellSession, e.g. `12h`: a longer one is clamped to it, and its Ready
+    /// condition says so (the chart's admission policy refuses it first).
+    #[arg(long, env = "WALT_MAX_SESSION_TTL", default_value = "12h", value_parser = parse_duration)]
+    pub max_session_ttl: Duration,
+    /// Longest `idleTimeout` of a ShellSession, e.g. `1h`: a longer one is clamped to it, and its
+    /// Ready condition says so (the chart's admission policy refuses it first).
+    #[arg(long, env = "WALT_MAX_SESSION_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
+    pub max_session_idle_timeout: Duration,
     /// Node saves running at once.
     #[arg(long, env = "WALT_MAX_CONCURRENT_SAVES", default_value_t = 2)]
     pub max_concurrent_saves: usize,
@@ -348,6 +356,14 @@ impl Config {
             identity,
             gateway_host_key,
         })
+    }
+
+    /// The lab's ceilings on session lifetimes.
+    pub fn session_limits(&self) -> super::shared::session::SessionLimits {
+        super::shared::session::SessionLimits {
+            max_ttl: self.args.max_session_ttl,
+            max_idle_timeout: self.args.max_session_idle_timeout,
+        }
     }
 
     /// The default lab reference of Image `namespace/name`:

@@ -1617,7 +1617,7 @@ fn node_shell_through_the_operator_gateway_until_ttl_or_deletion() {
             "get",
             "shellsession/idle",
             "-o",
-            "jsonpath={.metadata.annotations.walt\\.dev/last-activity}",
+            "jsonpath={.status.lastActivity}",
         ],
     );
     assert!(

@@ -343,8 +343,7 @@ fn operator_egress_and_session_ceilings_are_what_the_lab_lists() {
     let value = |name: &str| {
         env.iter()
             .find(|e| e["name"] == name)
-            .map(|e| e["value"].clone())
-            .unwrap_or_else(|| panic!("no {name}"))
+            .map_or_else(|| panic!("no {name}"), |e| e["value"].clone())
     };
     assert_eq!(value("WALT_MAX_SESSION_TTL"), Value::from("4h"));
     assert_eq!(value("WALT_MAX_SESSION_IDLE_TIMEOUT"), Value::from("30m"));

@@ -126,12 +126,12 @@ fn substitute(argument: &str, host: &str, port: &str) -> String {
         match chars.next() {
             Some('h') => out.push_str(host),
             Some('p') => out.push_str(port),
-            Some('%') => out.push('%'),
-            Some(other) => {
+            Some(other) if other != '%' => {
                 out.push('%');
                 out.push(other);
             }
-            None => out.push('%'),
+            // `%%`, or a `%` that ends the argument.
+            Some(_) | None => out.push('%'),
         }
     }
     out

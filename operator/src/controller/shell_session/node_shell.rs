@@ -397,8 +397,8 @@ mod tests {
         else {
             panic!("authorized with a note");
         };
-        assert_eq!(until_ttl, Duration::from_secs(12 * 3600 - 60));
-        assert_eq!(idle_left, Duration::from_secs(3600 - 60));
+        assert_eq!(until_ttl, Duration::from_mins(12 * 60 - 1));
+        assert_eq!(idle_left, Duration::from_mins(59));
         assert!(
             note.contains("spec.ttl 1000h0m0s is over the lab's ceiling 12h0m0s (--max-session-ttl)"),
             "{note}"

@@ -210,6 +210,11 @@ pub struct ShellSessionStatus {
     /// When the session ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<Time>,
+    /// Node shells: when bytes last went through the session's gateway connections, written by the
+    /// gateway (the operator's ServiceAccount, field manager `walt-gateway`); the idle timer
+    /// (`idleTimeout`) counts from it. Status only the operator may write: tenants cannot move it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_activity: Option<Time>,
     /// Standard conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::schema::conditions")]

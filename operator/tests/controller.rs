@@ -1733,7 +1733,7 @@ fn node_shell_through_the_operator_gateway_until_ttl_or_deletion() {
             "get",
             "shellsession/idle",
             "-o",
-            "jsonpath={.metadata.annotations.walt\\.dev/last-activity}",
+            "jsonpath={.status.lastActivity}",
         ],
     );
     assert!(
@@ -2327,4 +2327,306 @@ fn alice_cannot_reach_a_device_lent_to_bob() {
         0,
         "the operator connected to bob's device"
     );
+}
+
+/// The objects of a `helm template` of the chart of these `kinds`, as one YAML stream.
+fn chart_objects(args: &[&str], kinds: &[&str], keep: impl Fn(&serde_yaml::Value) -> bool) -> String {
+    let docs = walt_tests::deploy::render_chart(args).expect("helm template");
+    docs.iter()
+        .filter(|doc| kinds.iter().any(|kind| doc["kind"].as_str() == Some(kind)) && keep(doc))
+        .map(|doc| serde_yaml::to_string(doc).expect("yaml"))
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+/// Applies the chart's user roles (walt-view, walt-edit, walt-admin) as the chart renders them.
+fn install_user_roles(cluster: &Cluster) {
+    let roles = chart_objects(&[], &["ClusterRole"], |doc| {
+        doc["metadata"]["name"]
+            .as_str()
+            .is_some_and(|name| ["walt-view", "walt-edit", "walt-admin"].contains(&name))
+    });
+    let path = std::env::temp_dir().join(format!("walt-user-roles-{}.yaml", std::process::id()));
+    std::fs::write(&path, roles).expect("write roles");
+    cluster
+        .kubectl_output(&["apply", "--server-side", "-f", &path.display().to_string()])
+        .expect("apply the chart's user roles");
+}
+
+/// Runs kubectl as alice (a tenant of the default users) in `namespace`.
+fn as_alice(cluster: &Cluster, namespace: &str, args: &[&str]) -> Result<String, String> {
+    let mut all = vec!["-n", namespace];
+    all.extend_from_slice(args);
+    walt_tests::k8s::run_kubectl(
+        cluster
+            .kubectl_as("alice", &["walt-users", "team-alice"])
+            .expect("alice's kubeconfig"),
+        &all,
+    )
+    .map_err(|error| error.to_string())
+}
+
+/// Issue 15, state only the operator writes. Alice holds the chart's strongest tenant role
+/// (walt-admin) in her namespace: the API server refuses her every status write (403), so she can
+/// neither forge a `Running` session the gateway would admit nor move its activity record; the
+/// annotation the gateway once wrote, which she can write, no longer extends the idle time; a ttl or
+/// idleTimeout over the lab's ceiling is clamped by the operator and its condition says so.
+#[test]
+fn a_tenant_cannot_write_status_forge_running_or_extend_idle_time() {
+    let cluster = cluster();
+    install_user_roles(cluster);
+    let (namespace, _dir) = tenant(cluster, "op-tenancy");
+    // walt-admin and walt-view, as aggregated into Kubernetes' admin role.
+    for role in ["walt-admin", "walt-view"] {
+        kubectl(
+            cluster,
+            &namespace,
+            &[
+                "create",
+                "rolebinding",
+                &format!("alice-{role}"),
+                &format!("--clusterrole={role}"),
+                "--user=alice",
+            ],
+        );
+    }
+    let operator = start_operator(
+        cluster,
+        &namespace,
+        "tenancy-test",
+        &["--max-session-ttl", "2h", "--max-session-idle-timeout", "30m"],
+    );
+    operator.wait_ready(Duration::from_mins(1));
+    let within = Duration::from_mins(1);
+    apply(
+        cluster,
+        &namespace,
+        "apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {name: rpi1}\n\
+         spec: {model: rpi-4-b, address: 192.0.2.1, sshPort: 22}\n",
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let user_key = walt_tests::sshnode::keygen(dir.path(), "user");
+    let public_key = std::fs::read_to_string(user_key.with_extension("pub")).expect("public key");
+
+    // A session on a missing node, created with a forged status: the API server drops it, the
+    // operator fails the session, alice cannot patch it Running, the gateway refuses its key.
+    let forged = shell_session_yaml("forged", "nosuchnode", &public_key, "1h") + "status: {phase: Running}\n";
+    let path = dir.path().join("forged.yaml");
+    std::fs::write(&path, forged).expect("write manifest");
+    as_alice(
+        cluster,
+        &namespace,
+        &["create", "-f", &path.display().to_string()],
+    )
+    .expect("alice creates a session");
+    wait_for(
+        cluster,
+        &namespace,
+        "shellsession/forged",
+        "{.status.phase}",
+        "Failed",
+        within,
+        &operator,
+    );
+    for patch in [
+        r#"{"status":{"phase":"Running"}}"#,
+        r#"{"status":{"lastActivity":"2100-01-01T00:00:00Z"}}"#,
+    ] {
+        let refused = as_alice(
+            cluster,
+            &namespace,
+            &[
+                "patch",
+                "shellsession/forged",
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                patch,
+            ],
+        )
+        .expect_err("a tenant must not write status");
+        assert!(
+            refused.contains("Forbidden")
+                && refused
+                    .contains(r#"cannot patch resource "shellsessions/status" in API group "walt.dev""#),
+            "unexpected refusal: {refused}"
+        );
+    }
+    let out = gateway_ssh(&operator, "forged", &user_key, "true")
+        .output()
+        .expect("run ssh");
+    assert_eq!(out.status.code(), Some(255), "a forged session's key is refused");
+    assert_eq!(
+        jsonpath(cluster, &namespace, "shellsession/forged", "{.status.phase}"),
+        "Failed"
+    );
+
+    // Over the lab's ceilings: Running for the ceiling, and the condition says so.
+    apply(
+        cluster,
+        &namespace,
+        &shell_session_yaml("greedy", "rpi1", &public_key, "100h")
+            .replace("ttl: 100h", "ttl: 100h, idleTimeout: 5h"),
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "shellsession/greedy",
+        "{.status.phase}",
+        "Running",
+        within,
+        &operator,
+    );
+    let ready = jsonpath(
+        cluster,
+        &namespace,
+        "shellsession/greedy",
+        "{.status.conditions[?(@.type==\"Ready\")].message}",
+    );
+    assert!(
+        ready.contains("spec.ttl 100h0m0s is over the lab's ceiling 2h0m0s (--max-session-ttl)")
+            && ready.contains("spec.idleTimeout 5h0m0s is over the lab's ceiling 30m0s"),
+        "{ready}"
+    );
+
+    // Idle for 20 s while alice keeps writing the old activity annotation: still IdleTimeout.
+    apply(
+        cluster,
+        &namespace,
+        &shell_session_yaml("idle", "rpi1", &public_key, "1h")
+            .replace("ttl: 1h", "ttl: 1h, idleTimeout: 20s"),
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "shellsession/idle",
+        "{.status.phase}",
+        "Running",
+        within,
+        &operator,
+    );
+    let running_at = Instant::now();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            // Bounded, so a failed wait below cannot leave this thread (and the scope) running.
+            for _ in 0..40 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let now = k8s_openapi::jiff::Timestamp::now().to_string();
+                as_alice(
+                    cluster,
+                    &namespace,
+                    &[
+                        "annotate",
+                        "--overwrite",
+                        "shellsession/idle",
+                        &format!("walt.dev/last-activity={now}"),
+                    ],
+                )
+                .expect("alice may annotate her session");
+                std::thread::sleep(Duration::from_secs(2));
+            }
+        });
+        wait_for(
+            cluster,
+            &namespace,
+            "shellsession/idle",
+            "{.status.conditions[?(@.type==\"Complete\")].reason}",
+            "IdleTimeout",
+            within,
+            &operator,
+        );
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    assert!(
+        running_at.elapsed() < Duration::from_secs(45),
+        "the annotation extended the idle time: {:?}",
+        running_at.elapsed()
+    );
+}
+
+/// Issue 15, ceilings at admission: the chart's ValidatingAdmissionPolicy (bound here to one
+/// namespace only, the control plane is shared) refuses a ShellSession over the ceilings of its
+/// ConfigMap parameter, saying the ceiling; one within them is accepted.
+#[test]
+fn the_chart_refuses_sessions_over_the_lab_ceilings_at_admission() {
+    let cluster = cluster();
+    install_user_roles(cluster);
+    let (namespace, _dir) = tenant(cluster, "op-ceilings");
+    kubectl(
+        cluster,
+        &namespace,
+        &[
+            "create",
+            "rolebinding",
+            "alice",
+            "--clusterrole=walt-edit",
+            "--user=alice",
+        ],
+    );
+    let args = [
+        "--namespace",
+        namespace.as_str(),
+        "--set",
+        &format!("fullnameOverride={namespace}"),
+        "--set",
+        "sessionLimits.maxTtl=2h",
+        "--set",
+        "sessionLimits.maxIdleTimeout=30m",
+    ];
+    let mut objects = chart_objects(
+        &args,
+        &["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"],
+        |_| true,
+    );
+    objects = objects.replace(
+        "  validationActions:",
+        &format!(
+            "  matchResources:\n    namespaceSelector:\n      matchLabels:\n        kubernetes.io/metadata.name: {namespace}\n  validationActions:"
+        ),
+    );
+    objects.push_str("---\n");
+    objects.push_str(&chart_objects(&args, &["ConfigMap"], |doc| {
+        doc["metadata"]["name"].as_str() == Some(&format!("{namespace}-session-limits"))
+    }));
+    let path = std::env::temp_dir().join(format!("walt-limits-{namespace}.yaml"));
+    std::fs::write(&path, &objects).expect("write policy");
+    cluster
+        .kubectl_output(&["apply", "-f", &path.display().to_string()])
+        .expect("apply the policy");
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINmSuQ/gQGDMIEuOaUKquLGqbQDj1Arq8ZriXb9X8SgB walt";
+    let create = |name: &str, ttl: &str, idle: &str| {
+        let manifest = shell_session_yaml(name, "rpi1", key, ttl).replace(
+            &format!("ttl: {ttl}"),
+            &format!("ttl: {ttl}, idleTimeout: {idle}"),
+        );
+        let path = std::env::temp_dir().join(format!("walt-limits-{namespace}-{name}.yaml"));
+        std::fs::write(&path, manifest).expect("write manifest");
+        as_alice(
+            cluster,
+            &namespace,
+            &["create", "--dry-run=server", "-f", &path.display().to_string()],
+        )
+    };
+    // The policy takes a moment to be in force.
+    let refused = Wait::new("the admission policy to refuse a 5h ttl", Duration::from_mins(1))
+        .every(Duration::from_millis(500))
+        .until(|| match create("long", "5h", "10m") {
+            Err(refused) => Poll::Ready(refused),
+            Ok(out) => Poll::Pending(out),
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        refused.contains("spec.ttl 5h is over the lab's ceiling 2h (sessionLimits.maxTtl)"),
+        "{refused}"
+    );
+    let refused = create("idle", "1h", "90m").expect_err("idle over the ceiling");
+    assert!(
+        refused.contains("spec.idleTimeout 90m is over the lab's ceiling 30m"),
+        "{refused}"
+    );
+    create("fine", "1h30m", "30m").expect("within the ceilings");
+    let _ = cluster.kubectl_output(&["delete", "-f", &path.display().to_string()]);
 }

@@ -80,6 +80,9 @@ fn chart_lints_and_renders_a_complete_installation() {
         ("DaemonSet", ns, "walt-binfmt"),
         ("NetworkPolicy", ns, "walt-operator"),
         ("NetworkPolicy", ns, "walt-registry"),
+        ("ConfigMap", ns, "walt-session-limits"),
+        ("ValidatingAdmissionPolicy", "", "walt-session-limits"),
+        ("ValidatingAdmissionPolicyBinding", "", "walt-session-limits"),
     ]);
     let missing: Vec<_> = expected.difference(&got).collect();
     assert!(
@@ -240,6 +243,121 @@ fn operator_binary() -> std::path::PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| deploy::repo_root().join("target"), std::path::PathBuf::from);
     target.join("debug").join("walt-operator")
+}
+
+/// Issue 15: no user role writes status (only the operator does, so the gateway can trust it).
+#[test]
+fn no_user_role_writes_status() {
+    let docs = render_chart(&[]).expect("helm template");
+    for role in ["walt-view", "walt-edit", "walt-admin"] {
+        let rules = find(&docs, "ClusterRole", role)["rules"]
+            .as_sequence()
+            .expect("rules");
+        for rule in rules {
+            let status = rule["resources"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .any(|resource| resource.ends_with("/status") || resource == "*");
+            let writes = rule["verbs"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .any(|verb| !matches!(verb, "get" | "list" | "watch"));
+            assert!(!(status && writes), "{role} writes status: {rule:?}");
+        }
+    }
+}
+
+/// The operator's egress is the API server, DNS, the embedded registry, virtual node pods (22), and
+/// only the registries and device networks the lab lists; the session ceilings reach the operator
+/// and the admission policy's parameter.
+#[test]
+fn operator_egress_and_session_ceilings_are_what_the_lab_lists() {
+    let docs = render_chart(&[
+        "--set",
+        "networkPolicy.egress.apiServerCIDRs={10.0.0.10/32}",
+        "--set",
+        "networkPolicy.egress.deviceNetworks[0].cidr=192.168.152.0/24",
+        "--set",
+        "networkPolicy.egress.deviceNetworks[0].ports={22,2222}",
+        "--set",
+        "networkPolicy.egress.registries[0].cidr=198.51.100.7/32",
+        "--set",
+        "networkPolicy.egress.registries[0].ports={443}",
+        "--set",
+        "sessionLimits.maxTtl=4h",
+        "--set",
+        "sessionLimits.maxIdleTimeout=30m",
+    ])
+    .expect("helm template");
+    let policy = &find(&docs, "NetworkPolicy", "walt-operator")["spec"];
+    assert_eq!(
+        policy["policyTypes"],
+        serde_yaml::from_str::<Value>("[Ingress, Egress]").expect("yaml")
+    );
+    let egress = policy["egress"].as_sequence().expect("egress rules");
+    let blocks: Vec<(String, Vec<u64>)> = egress
+        .iter()
+        .flat_map(|rule| {
+            let ports: Vec<u64> = rule["ports"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .filter_map(|port| port["port"].as_u64())
+                .collect();
+            rule["to"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .filter_map(|to| to["ipBlock"]["cidr"].as_str())
+                .map(move |cidr| (cidr.to_owned(), ports.clone()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(
+        blocks,
+        [
+            ("10.0.0.10/32".to_owned(), vec![443, 6443]),
+            ("198.51.100.7/32".to_owned(), vec![443]),
+            ("192.168.152.0/24".to_owned(), vec![22, 2222]),
+        ]
+    );
+    assert!(
+        egress.iter().all(|rule| !rule["to"].is_null()),
+        "an egress rule open to every address: {egress:?}"
+    );
+    let dns = serde_yaml::to_string(egress).expect("yaml");
+    assert!(dns.contains("kube-system") && dns.contains("port: 53"), "{dns}");
+    assert!(dns.contains("walt.dev/node"), "virtual node pods: {dns}");
+
+    let limits = find(&docs, "ConfigMap", "walt-session-limits");
+    assert_eq!(limits["data"]["maxTtl"], Value::from("4h"));
+    assert_eq!(limits["data"]["maxIdleTimeout"], Value::from("30m"));
+    let env = find(&docs, "Deployment", "walt-operator")["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_sequence()
+        .expect("env")
+        .clone();
+    let value = |name: &str| {
+        env.iter()
+            .find(|e| e["name"] == name)
+            .map_or_else(|| panic!("no {name}"), |e| e["value"].clone())
+    };
+    assert_eq!(value("WALT_MAX_SESSION_TTL"), Value::from("4h"));
+    assert_eq!(value("WALT_MAX_SESSION_IDLE_TIMEOUT"), Value::from("30m"));
+    let binding = find(&docs, "ValidatingAdmissionPolicyBinding", "walt-session-limits");
+    assert_eq!(
+        binding["spec"]["paramRef"]["name"],
+        Value::from("walt-session-limits")
+    );
+    assert_eq!(binding["spec"]["validationActions"][0], Value::from("Deny"));
+
+    let error = helm_fails(&["--set", "sessionLimits.maxTtl=forever"]);
+    assert!(error.contains("maxTtl"), "{error}");
+    let error = helm_fails(&["--set", "networkPolicy.egress.deviceNetworks[0].cidr=lab"]);
+    assert!(error.contains("deviceNetworks"), "{error}");
 }
 
 #[test]

@@ -109,10 +109,20 @@ pub struct Args {
     /// How long an image shell waits for the user's decision before keeping the digest and moving no tag.
     #[arg(long, env = "WALT_DECISION_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
     pub decision_timeout: Duration,
-    /// Reach physical nodes through this command (OpenSSH `ProxyCommand` syntax, `%h` and `%p`
-    /// replaced with the node's address and port), e.g. a jump host: `ssh -W %h:%p jump`.
-    #[arg(long, env = "WALT_NODE_PROXY_COMMAND")]
-    pub node_proxy_command: Option<String>,
+    /// Reach physical nodes through this command, e.g. a jump host: `ssh -W %h:%p jump`. It is split
+    /// once, at startup, into a program and its arguments like a shell splits words (quotes work; `;`,
+    /// pipes and `$` do not), and run without a shell; `%h` and `%p` become the node's address and
+    /// port inside the argument that holds them. A command that cannot be split stops the operator.
+    #[arg(long, env = "WALT_NODE_PROXY_COMMAND", value_parser = crate::ssh::ProxyCommand::parse)]
+    pub node_proxy_command: Option<crate::ssh::ProxyCommand>,
+    /// Longest `ttl` of a ShellSession, e.g. `12h`: a longer one is clamped to it, and its Ready
+    /// condition says so (the chart's admission policy refuses it first).
+    #[arg(long, env = "WALT_MAX_SESSION_TTL", default_value = "12h", value_parser = parse_duration)]
+    pub max_session_ttl: Duration,
+    /// Longest `idleTimeout` of a ShellSession, e.g. `1h`: a longer one is clamped to it, and its
+    /// Ready condition says so (the chart's admission policy refuses it first).
+    #[arg(long, env = "WALT_MAX_SESSION_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
+    pub max_session_idle_timeout: Duration,
     /// Node saves running at once.
     #[arg(long, env = "WALT_MAX_CONCURRENT_SAVES", default_value_t = 2)]
     pub max_concurrent_saves: usize,
@@ -356,6 +366,14 @@ impl Config {
             identity,
             gateway_host_key,
         })
+    }
+
+    /// The lab's ceilings on session lifetimes.
+    pub fn session_limits(&self) -> super::shared::session::SessionLimits {
+        super::shared::session::SessionLimits {
+            max_ttl: self.args.max_session_ttl,
+            max_idle_timeout: self.args.max_session_idle_timeout,
+        }
     }
 
     /// The default lab reference of Image `namespace/name`:

@@ -10,9 +10,12 @@
 //! ShellSession controller alone decides the phases.
 //!
 //! Activity: each replica notes when bytes last went through a session's
-//! connections, and writes it to the session's [`ACTIVITY_ANNOTATION`] (at
-//! most every [`ACTIVITY_PUBLISH_INTERVAL`]), so the leader can end sessions
-//! idle for their `idleTimeout` whichever replica serves them.
+//! connections, and writes it to the session's `status.lastActivity` (at
+//! most every [`ACTIVITY_PUBLISH_INTERVAL`], field manager
+//! [`GATEWAY_FIELD_MANAGER`]), so the leader can end sessions idle for their
+//! `idleTimeout` whichever replica serves them. Status is written only with
+//! the operator's ServiceAccount: a tenant cannot keep a session alive by
+//! writing it, nor forge a `Running` phase the gateway would admit.
 //!
 //! The SSH user name at the gateway is the session's name (the gateway keys
 //! sessions as `namespace/name`, see [`Authorizations::find`]).
@@ -34,7 +37,7 @@ use walt_crds::{Device, Node, ShellSession, ShellSessionPhase};
 
 use super::config::Config;
 use super::shared::node_access::{host_key_policy, node_device, node_target, vnode_pod};
-use super::shared::session::{ACTIVITY_ANNOTATION, ACTIVITY_PUBLISH_INTERVAL, session_duration};
+use super::shared::session::{ACTIVITY_PUBLISH_INTERVAL, GATEWAY_FIELD_MANAGER, session_duration};
 use crate::ssh::Transport;
 use crate::ssh::gateway::{Authorization, Authorizations, Gateway, GatewayConfig};
 
@@ -233,7 +236,16 @@ pub fn activity_to_publish(seen: SystemTime, last_published: Option<SystemTime>)
     })
 }
 
-/// Writes the activity of the sessions served here to their annotation.
+/// The server-side apply body that records a session's activity in its status (pure).
+pub fn activity_patch(when: Timestamp) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "walt.dev/v1alpha1",
+        "kind": "ShellSession",
+        "status": {"lastActivity": when.to_string()},
+    })
+}
+
+/// Writes the activity of the sessions served here to their `status.lastActivity`.
 async fn publish_activity(
     client: &Client,
     authorizations: &Authorizations,
@@ -255,9 +267,13 @@ async fn publish_activity(
             continue;
         };
         let sessions: Api<ShellSession> = Api::namespaced(client.clone(), namespace);
-        let patch = serde_json::json!({"metadata": {"annotations": {ACTIVITY_ANNOTATION: when.to_string()}}});
+        let patch = activity_patch(when);
         match sessions
-            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch_status(
+                name,
+                &PatchParams::apply(GATEWAY_FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
             .await
         {
             Ok(_) => {
@@ -376,6 +392,33 @@ mod tests {
         let refused =
             authorization_of(&session(ShellSessionPhase::Running), &node, None, None).expect_err("no device");
         assert!(refused.contains("does not exist"), "{refused}");
+    }
+
+    #[test]
+    fn activity_is_recorded_in_status_not_in_an_annotation() {
+        let patch = activity_patch(Timestamp::from_second(1_000).expect("time"));
+        assert_eq!(patch["status"]["lastActivity"], "1970-01-01T00:16:40Z");
+        assert!(patch.get("metadata").is_none(), "{patch}");
+    }
+
+    /// Issue 15: a session a tenant created with `status.phase: Running` in the body, or patched
+    /// so, is admitted only if the operator wrote that status (the API server drops status on
+    /// create, and no tenant role may write `shellsessions/status`: see the control-plane test
+    /// `a_tenant_cannot_write_status_forge_running_or_extend_idle_time`); what the gateway reads
+    /// is the phase alone, so anything short of `Running` is refused.
+    #[test]
+    fn only_the_running_phase_is_admitted() {
+        for phase in [
+            ShellSessionPhase::Pending,
+            ShellSessionPhase::Starting,
+            ShellSessionPhase::Failed,
+            ShellSessionPhase::Expired,
+        ] {
+            assert!(!admits(&session(phase)), "{phase:?}");
+        }
+        let mut no_status = session(ShellSessionPhase::Running);
+        no_status.status = None;
+        assert!(!admits(&no_status));
     }
 
     #[test]

@@ -32,10 +32,11 @@ pub struct NodeArgs {
     /// The node's host public key (an OpenSSH line, or a file holding one): only this key is accepted.
     #[arg(long, value_name = "KEY|FILE", conflicts_with = "known_hosts")]
     pub host_key: Option<String>,
-    /// Reach the node through this command's stdin/stdout (like OpenSSH's ProxyCommand; %h and %p
-    /// are replaced by the host and port).
-    #[arg(long, value_name = "COMMAND")]
-    pub proxy_command: Option<String>,
+    /// Reach the node through this command's stdin/stdout (like OpenSSH's ProxyCommand): split into
+    /// a program and its arguments like a shell splits words, run without a shell; %h and %p are
+    /// replaced by the host and port inside each argument.
+    #[arg(long, value_name = "COMMAND", value_parser = client::ProxyCommand::parse)]
+    pub proxy_command: Option<client::ProxyCommand>,
     /// Seconds to wait for the node's SSH session.
     #[arg(long, default_value_t = 10)]
     pub connect_timeout: u64,

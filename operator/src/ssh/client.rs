@@ -53,11 +53,88 @@ pub enum Transport {
     /// A TCP connection to `host:port`.
     #[default]
     Tcp,
-    /// A command run with `sh -c` whose stdin/stdout carry the connection (OpenSSH's
-    /// `ProxyCommand`; `%h` and `%p` are replaced with the host and port).
-    ProxyCommand(String),
+    /// A command whose stdin/stdout carry the connection (OpenSSH's `ProxyCommand`), run as an
+    /// argument list, never through a shell (see [`ProxyCommand`]).
+    ProxyCommand(ProxyCommand),
     /// A custom connector.
     Connector(Connector),
+}
+
+/// Why a proxy command cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyCommandError {
+    /// The text does not split into arguments the way a POSIX shell would (an unclosed quote, a
+    /// trailing backslash).
+    #[error(
+        "the proxy command `{0}` cannot be split into arguments (an unclosed quote or a trailing backslash?): \
+         write it as a program and its arguments, e.g. `ssh -W %h:%p jump`"
+    )]
+    Unsplittable(String),
+    /// No program at all.
+    #[error("the proxy command is empty: write a program and its arguments, e.g. `ssh -W %h:%p jump`")]
+    Empty,
+}
+
+/// A proxy command (OpenSSH's `ProxyCommand`), split once into a program and its arguments the way
+/// a POSIX shell splits words (quotes and backslashes; no expansion, no `;`, pipes or redirections:
+/// those are plain characters of an argument). At connect time `%h` and `%p` are replaced with the
+/// node's host and port inside each argument, so a host name is always data: it lands in the
+/// argument that held `%h`, whatever characters it has, and no shell ever reads it. `%%` is a `%`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyCommand {
+    argv: Vec<String>,
+}
+
+impl ProxyCommand {
+    /// Splits `text` into a program and its arguments (pure).
+    pub fn parse(text: &str) -> Result<Self, ProxyCommandError> {
+        let argv = shlex::split(text).ok_or_else(|| ProxyCommandError::Unsplittable(text.to_owned()))?;
+        if argv.is_empty() {
+            return Err(ProxyCommandError::Empty);
+        }
+        Ok(Self { argv })
+    }
+
+    /// The program and its arguments for `host` and `port` (pure): `%h`, `%p` and `%%` replaced in
+    /// each argument, never a new argument.
+    pub fn argv_for(&self, host: &str, port: u16) -> Vec<String> {
+        let port = port.to_string();
+        self.argv
+            .iter()
+            .map(|argument| substitute(argument, host, &port))
+            .collect()
+    }
+}
+
+impl FromStr for ProxyCommand {
+    type Err = ProxyCommandError;
+
+    fn from_str(text: &str) -> Result<Self, ProxyCommandError> {
+        Self::parse(text)
+    }
+}
+
+/// `%h` → host, `%p` → port, `%%` → `%` in one argument; any other `%` stays (pure).
+fn substitute(argument: &str, host: &str, port: &str) -> String {
+    let mut out = String::with_capacity(argument.len());
+    let mut chars = argument.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('h') => out.push_str(host),
+            Some('p') => out.push_str(port),
+            Some(other) if other != '%' => {
+                out.push('%');
+                out.push(other);
+            }
+            // `%%`, or a `%` that ends the argument.
+            Some(_) | None => out.push('%'),
+        }
+    }
+    out
 }
 
 impl fmt::Debug for Transport {
@@ -367,11 +444,12 @@ async fn open_stream(target: &NodeTarget, transport: &Transport) -> io::Result<B
         }
         Transport::Connector(connector) => connector(target.host.clone(), target.port).await,
         Transport::ProxyCommand(command) => {
-            let command = command
-                .replace("%h", &target.host)
-                .replace("%p", &target.port.to_string());
-            let mut child = tokio::process::Command::new("sh")
-                .args(["-c", &command])
+            let argv = command.argv_for(&target.host, target.port);
+            let (program, arguments) = argv
+                .split_first()
+                .ok_or_else(|| io::Error::other("the proxy command is empty"))?;
+            let mut child = tokio::process::Command::new(program)
+                .args(arguments)
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped())
                 .kill_on_drop(true)
@@ -638,5 +716,76 @@ impl NodeClient {
             target: self.target.clone(),
             reason: error.to_string(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt as _;
+
+    #[test]
+    fn a_proxy_command_is_split_once_and_the_host_fills_one_argument() {
+        let command = ProxyCommand::parse("ip netns exec 'lab one' socat - TCP:%h:%p").expect("splits");
+        assert_eq!(
+            command.argv_for("10.0.0.5", 2222),
+            [
+                "ip",
+                "netns",
+                "exec",
+                "lab one",
+                "socat",
+                "-",
+                "TCP:10.0.0.5:2222"
+            ]
+        );
+        let hostile = "x; touch /tmp/pwned $(id) `id` \"'";
+        assert_eq!(
+            ProxyCommand::parse("ssh -W %h:%p jump")
+                .expect("splits")
+                .argv_for(hostile, 22),
+            ["ssh", "-W", &format!("{hostile}:22"), "jump"]
+        );
+        assert_eq!(
+            ProxyCommand::parse("echo 100%% %x %")
+                .expect("splits")
+                .argv_for("h", 1),
+            ["echo", "100%", "%x", "%"]
+        );
+    }
+
+    #[test]
+    fn a_proxy_command_that_cannot_be_split_is_refused_saying_so() {
+        let error = ProxyCommand::parse("ssh -W '%h:%p jump").expect_err("unclosed quote");
+        assert!(
+            error.to_string().contains("cannot be split into arguments"),
+            "{error}"
+        );
+        assert_eq!(ProxyCommand::parse("  "), Err(ProxyCommandError::Empty));
+        assert!("ssh \"x".parse::<ProxyCommand>().is_err());
+    }
+
+    /// The attack of issue 15: a node address that is a shell command. The proxy command runs as an
+    /// argument list: the address reaches it as one argument, and nothing it says is executed.
+    #[tokio::test]
+    async fn a_hostile_host_reaches_the_proxy_command_as_one_argument_and_runs_nothing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pwned = dir.path().join("pwned");
+        let host = format!("x; touch {} #", pwned.display());
+        let command =
+            ProxyCommand::parse(r#"sh -c 'for a in "$@"; do printf "[%s]\n" "$a"; done' proxy %h %p"#)
+                .expect("splits");
+        let target = NodeTarget {
+            user: "root".into(),
+            host: host.clone(),
+            port: 22,
+        };
+        let mut stream = open_stream(&target, &Transport::ProxyCommand(command))
+            .await
+            .expect("the proxy command starts");
+        let mut seen = String::new();
+        stream.read_to_string(&mut seen).await.expect("read its output");
+        assert_eq!(seen, format!("[{host}]\n[22]\n"));
+        assert!(!pwned.exists(), "the host name was executed");
     }
 }

@@ -17,7 +17,9 @@ pub mod heap;
 pub mod save;
 pub mod vnode;
 
-pub use client::{ClientConfig, HostKeyPolicy, NodeClient, NodeTarget, Transport};
+pub use client::{
+    ClientConfig, HostKeyPolicy, NodeClient, NodeTarget, ProxyCommand, ProxyCommandError, Transport,
+};
 
 /// Everything that can go wrong talking SSH to nodes and users.
 #[derive(Debug, thiserror::Error)]

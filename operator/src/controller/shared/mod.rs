@@ -1,9 +1,10 @@
 //! What every kind folder shares, and the only module they import from each other's neighbourhood:
 //! the [`context::Context`] (client, config, events, apply helpers), the one [`error::Error`], status
-//! conditions, how to reach a node ([`node_access`]), the lab registry ([`registry`]), the image lock
+//! conditions, which node addresses are acceptable ([`address`]), how to reach a node ([`node_access`]), the lab registry ([`registry`]), the image lock
 //! ([`lock`]), lookups ([`lookup`]), the running saves ([`save_tasks`]), session lifetimes
 //! ([`session`]) and pod pieces ([`pods`]). Nothing here imports a kind folder.
 
+pub mod address;
 pub mod context;
 pub mod error;
 pub mod lock;

@@ -7,6 +7,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, Client, ResourceExt};
 use walt_crds::{Device, DeviceBinding, Node};
 
+use super::address::{BadAddress, validate_address};
 use super::context::Context;
 use super::error::{Error, Result};
 use super::pods::vnode_object_name;
@@ -32,6 +33,15 @@ pub enum NoRoute {
     NoDevice {
         /// The Node's name.
         node: String,
+    },
+    /// The address (a Device's, or a virtual node's pod IP) is not a host name or an IP address:
+    /// nothing connects to it.
+    #[error("the address of Node {node}: {error}")]
+    BadAddress {
+        /// The Node's name.
+        node: String,
+        /// What is wrong with it.
+        error: BadAddress,
     },
     /// `spec.device` names no Device.
     #[error(
@@ -102,6 +112,7 @@ impl NoRoute {
             NoRoute::DeviceTaken { .. } => "DeviceTaken",
             NoRoute::DeviceNotBound { .. } => "DeviceNotBound",
             NoRoute::BadPort { .. } => "BadPort",
+            NoRoute::BadAddress { .. } => "BadAddress",
         }
     }
 }
@@ -195,7 +206,22 @@ pub fn binding_of(node: &Node) -> DeviceBinding {
 /// [`lent_device`] allows it; a virtual node at its own pod's IP, port 22 (pod IPs work in every
 /// cluster, with or without DNS and kube-proxy). `vnode_pod` must come from [`vnode_pod`], which
 /// returns only the pod this Node owns.
+/// The address is checked with [`validate_address`] first: nothing connects to anything else.
 pub fn node_target(
+    node: &Node,
+    vnode_pod: Option<&Pod>,
+    device: Option<&Device>,
+) -> Result<NodeTarget, NoRoute> {
+    let target = unchecked_node_target(node, vnode_pod, device)?;
+    validate_address(&target.host).map_err(|error| NoRoute::BadAddress {
+        node: node.name_any(),
+        error,
+    })?;
+    Ok(target)
+}
+
+/// [`node_target`] before the address is checked (pure).
+fn unchecked_node_target(
     node: &Node,
     vnode_pod: Option<&Pod>,
     device: Option<&Device>,
@@ -389,6 +415,23 @@ mod tests {
                 .expect_err("old uid")
                 .reason(),
             "DeviceTaken"
+        );
+    }
+
+    /// Issue 15: an address that is a command never becomes a target (probe, gateway, save).
+    #[test]
+    fn a_node_whose_address_is_not_a_host_or_ip_is_not_reached() {
+        // A Device written past its schema (its CEL rule refuses this address at admission).
+        let node = physical("alice", "n1", "rpi1");
+        let mut hostile = device(Some("alice"), Some(&node));
+        hostile.spec.address = "x; touch /tmp/pwned".into();
+        let refused = node_target(&node, None, Some(&hostile)).expect_err("refused");
+        assert!(!refused.is_transient());
+        assert!(
+            refused.to_string().starts_with(
+                "the address of Node n1: `x; touch /tmp/pwned` is neither a host name nor an IP address"
+            ),
+            "{refused}"
         );
     }
 

@@ -1,11 +1,59 @@
 //! Session lifetimes shared by the ShellSession controller and the gateway: the duration syntax of
-//! `ttl`/`idleTimeout`, and the activity annotation the gateway writes.
+//! `ttl`/`idleTimeout`, and the activity record the gateway writes (`status.lastActivity`, status
+//! a tenant cannot write; the old `walt.dev/last-activity` annotation, which they could, is ignored).
 
 use std::time::Duration;
 
-/// Annotation of a ShellSession: when bytes last went through its gateway
-/// connections (RFC 3339), written by the replica that serves them.
-pub const ACTIVITY_ANNOTATION: &str = "walt.dev/last-activity";
+/// Field manager of the gateway's writes of `status.lastActivity` (server-side apply): the
+/// controller's own status writes leave that field to it.
+pub const GATEWAY_FIELD_MANAGER: &str = "walt-gateway";
+
+/// The lab's ceilings on session lifetimes (`--max-session-ttl`, `--max-session-idle-timeout`): the
+/// chart's admission policy refuses a longer request; the operator clamps one that got past it (a
+/// cluster without the policy, a session created before the ceiling was lowered).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// Longest `ttl`.
+    pub max_ttl: Duration,
+    /// Longest `idleTimeout`.
+    pub max_idle_timeout: Duration,
+}
+
+/// A requested duration under its ceiling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bounded {
+    /// What the session gets: the request, or the ceiling when the request is longer.
+    pub value: Duration,
+    /// What the session asked for.
+    pub requested: Duration,
+}
+
+impl Bounded {
+    /// `requested`, at most `ceiling` (pure).
+    pub fn new(requested: Duration, ceiling: Duration) -> Self {
+        Self {
+            value: requested.min(ceiling),
+            requested,
+        }
+    }
+
+    /// Whether the request was over the ceiling.
+    pub fn is_clamped(&self) -> bool {
+        self.value < self.requested
+    }
+
+    /// What a condition says when the request was over the ceiling (pure): the field, the request,
+    /// the ceiling and the flag that sets it.
+    pub fn note(&self, field: &str, flag: &str) -> Option<String> {
+        self.is_clamped().then(|| {
+            format!(
+                "{field} {} is over the lab's ceiling {} ({flag}): the session gets the ceiling",
+                walt_crds::format_duration(self.requested),
+                walt_crds::format_duration(self.value)
+            )
+        })
+    }
+}
 
 /// How often a session's activity is written at most.
 pub const ACTIVITY_PUBLISH_INTERVAL: Duration = Duration::from_secs(15);
@@ -49,6 +97,22 @@ pub fn session_duration(text: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_over_the_ceiling_gets_the_ceiling_and_says_so() {
+        let hour = Duration::from_hours(1);
+        let asked = Bounded::new(Duration::from_hours(24), Duration::from_hours(12));
+        assert_eq!(asked.value, Duration::from_hours(12));
+        assert!(asked.is_clamped());
+        let note = asked.note("spec.ttl", "--max-session-ttl").expect("a note");
+        assert!(
+            note.contains("24h0m0s is over the lab's ceiling 12h0m0s"),
+            "{note}"
+        );
+        let within = Bounded::new(hour, hour);
+        assert_eq!((within.value, within.is_clamped()), (hour, false));
+        assert_eq!(within.note("spec.ttl", "--max-session-ttl"), None);
+    }
 
     #[test]
     fn go_durations() {

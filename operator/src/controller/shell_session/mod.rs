@@ -42,7 +42,7 @@ use crate::controller::shared::registry::{
     RESOLVE_ANNOTATION, ensure_registry_secret, lab_reference, pinned_reference_of, registry_client,
     repository_of,
 };
-use crate::controller::shared::session::session_duration;
+use crate::controller::shared::session::{Bounded, session_duration};
 use walt_crds::image::MAX_SHELL_LAYERS;
 
 /// Finalizer of ShellSessions: the shell pod is deleted before the session goes.
@@ -91,8 +91,9 @@ async fn apply(session: &ShellSession, context: &Context) -> Result<Action> {
         }
         return Ok(Action::await_change());
     }
+    let limits = context.config.session_limits();
     let ttl = match session_duration(&session.spec.ttl) {
-        Ok(ttl) => ttl,
+        Ok(ttl) => Bounded::new(ttl, limits.max_ttl),
         Err(error) => {
             return end(
                 context,
@@ -106,9 +107,13 @@ async fn apply(session: &ShellSession, context: &Context) -> Result<Action> {
         }
     };
     if session.spec.node.is_some() {
-        node_shell::reconcile(session, context, status, ttl).await
+        let lifetime = node_shell::Lifetime {
+            ttl,
+            max_idle_timeout: limits.max_idle_timeout,
+        };
+        node_shell::reconcile(session, context, status, lifetime).await
     } else {
-        image_shell(session, context, status, ttl).await
+        image_shell(session, context, status, ttl.value).await
     }
 }
 
@@ -155,18 +160,26 @@ pub fn finish(
     );
 }
 
-async fn write_status(
-    context: &Context,
-    session: &ShellSession,
-    mut status: ShellSessionStatus,
-) -> Result<()> {
-    status.observed_generation = session.metadata.generation;
-    if session.status.as_ref() == Some(&status) {
+async fn write_status(context: &Context, session: &ShellSession, status: ShellSessionStatus) -> Result<()> {
+    let Some(status) = status_to_apply(session, status) else {
         return Ok(());
-    }
+    };
     let api: Api<ShellSession> =
         Api::namespaced(context.client.clone(), &session.namespace().unwrap_or_default());
     context.apply_status(&api, &session.name_any(), &status).await
+}
+
+/// The status the controller applies, or `None` when nothing changed (pure): stamped with the
+/// generation, without `lastActivity`, which the gateway owns (its own field manager), so a
+/// controller write never moves it back to what it read.
+pub fn status_to_apply(session: &ShellSession, mut status: ShellSessionStatus) -> Option<ShellSessionStatus> {
+    status.observed_generation = session.metadata.generation;
+    status.last_activity = None;
+    let mut current = session.status.clone();
+    if let Some(current) = current.as_mut() {
+        current.last_activity = None;
+    }
+    (current.as_ref() != Some(&status)).then_some(status)
 }
 
 /// Ends a session: status, then an Event.
@@ -772,6 +785,28 @@ async fn nodes_booting(context: &Context, namespace: &str, name: &ImageName) -> 
 mod tests {
     use super::*;
     use walt_crds::{Changes, ShellSessionSpec};
+
+    #[test]
+    fn the_controller_never_writes_the_gateways_activity_record() {
+        let mut session = ShellSession::new("s", ShellSessionSpec::default());
+        session.metadata.generation = Some(3);
+        let activity = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::from_second(1_000).expect("time"),
+        ));
+        session.status = Some(ShellSessionStatus {
+            phase: ShellSessionPhase::Running,
+            observed_generation: Some(3),
+            last_activity: activity.clone(),
+            ..ShellSessionStatus::default()
+        });
+        let read = session.status.clone().unwrap_or_default();
+        assert_eq!(status_to_apply(&session, read.clone()), None, "unchanged");
+        let mut ended = read;
+        ended.phase = ShellSessionPhase::Expired;
+        let applied = status_to_apply(&session, ended).expect("changed");
+        assert_eq!(applied.last_activity, None, "left to the gateway's field manager");
+        assert_eq!(applied.observed_generation, Some(3));
+    }
 
     #[test]
     fn finishing_sets_complete_and_clears_ready() {

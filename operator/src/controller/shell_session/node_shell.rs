@@ -18,10 +18,19 @@ use super::{READY, condition, end, write_status};
 use crate::controller::shared::context::Context;
 use crate::controller::shared::error::{KubeResultExt, Result};
 use crate::controller::shared::node_access::{host_key_policy, node_device, node_target, vnode_pod};
-use crate::controller::shared::session::{ACTIVITY_ANNOTATION, session_duration};
+use crate::controller::shared::session::{Bounded, session_duration};
 
 /// How often a session waiting for its node to have an address looks again.
 const ROUTE_RETRY: Duration = Duration::from_secs(5);
+
+/// A node shell's lifetime: its `ttl` under the lab's ceiling, and the ceiling of its `idleTimeout`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lifetime {
+    /// `spec.ttl`, at most `--max-session-ttl`.
+    pub ttl: Bounded,
+    /// `--max-session-idle-timeout`.
+    pub max_idle_timeout: Duration,
+}
 
 /// What a node shell's reconcile does next.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,19 +57,20 @@ pub enum Step {
         until_ttl: Duration,
         /// Idle time left.
         idle_left: Duration,
+        /// What was over the lab's ceilings (said in the Ready condition), if anything.
+        clamped: Option<String>,
     },
 }
 
 /// How long a node shell may still stay idle (pure): `idle` after the latest of its start, its
-/// creation, and the activity the gateway recorded ([`ACTIVITY_ANNOTATION`]); zero when that is past.
+/// creation, and the activity the gateway recorded (`status.lastActivity`); zero when that is past.
+/// Only status counts, which only the operator writes: annotations (the tenant's) are not read.
 pub fn idle_left(session: &ShellSession, idle: Duration, now: Timestamp) -> Duration {
-    let activity = session
-        .annotations()
-        .get(ACTIVITY_ANNOTATION)
-        .and_then(|text| text.parse::<Timestamp>().ok());
-    let started = session
-        .status
-        .as_ref()
+    let status = session.status.as_ref();
+    let activity = status
+        .and_then(|status| status.last_activity.as_ref())
+        .map(|time| time.0);
+    let started = status
         .and_then(|status| status.start_time.as_ref())
         .map(|time| time.0);
     let created = session.creation_timestamp().map(|time| time.0);
@@ -79,16 +89,29 @@ fn ended(phase: ShellSessionPhase, reason: &'static str, message: String) -> Ste
     }
 }
 
+/// What a condition says about requests over the lab's ceilings (pure).
+fn ceiling_notes(ttl: Bounded, idle: Bounded) -> Option<String> {
+    let notes: Vec<String> = [
+        ttl.note("spec.ttl", "--max-session-ttl"),
+        idle.note("spec.idleTimeout", "--max-session-idle-timeout"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    (!notes.is_empty()).then(|| notes.join("; "))
+}
+
 /// Decides a node shell's next step (pure) from the session, its Node (if found), the Node's
-/// virtual node pod (if any), the session's `ttl` and now.
+/// virtual node pod (if any), its lifetime under the lab's ceilings and now.
 pub fn decide(
     session: &ShellSession,
     node: Option<&Node>,
     vnode_pod: Option<&k8s_openapi::api::core::v1::Pod>,
     device: Option<&Device>,
-    ttl: Duration,
+    lifetime: Lifetime,
     now: Timestamp,
 ) -> Step {
+    let ttl = lifetime.ttl.value;
     let age = session
         .creation_timestamp()
         .map(|created| now.duration_since(created.0).unsigned_abs())
@@ -103,8 +126,8 @@ pub fn decide(
             ),
         );
     }
-    let idle_left = match session_duration(&session.spec.idle_timeout) {
-        Ok(idle) => idle_left(session, idle, now),
+    let idle = match session_duration(&session.spec.idle_timeout) {
+        Ok(idle) => Bounded::new(idle, lifetime.max_idle_timeout),
         Err(error) => {
             return ended(
                 ShellSessionPhase::Failed,
@@ -113,13 +136,19 @@ pub fn decide(
             );
         }
     };
+    let idle_left = idle_left(session, idle.value, now);
     if idle_left.is_zero() {
         return ended(
             ShellSessionPhase::Expired,
             reasons::IDLE_TIMEOUT,
             format!(
-                "no input or output through the gateway for {} (spec.idleTimeout): the gateway no longer admits its key; open a new session",
-                session.spec.idle_timeout
+                "no input or output through the gateway for {} (spec.idleTimeout{}): the gateway no longer admits its key; open a new session",
+                walt_crds::format_duration(idle.value),
+                if idle.is_clamped() {
+                    ", at most the lab's ceiling"
+                } else {
+                    ""
+                }
             ),
         );
     }
@@ -161,7 +190,11 @@ pub fn decide(
     if let Err(why) = host_key_policy(node, device) {
         return ended(ShellSessionPhase::Failed, reasons::INVALID_HOST_KEY, why);
     }
-    Step::Authorize { until_ttl, idle_left }
+    Step::Authorize {
+        until_ttl,
+        idle_left,
+        clamped: ceiling_notes(lifetime.ttl, idle),
+    }
 }
 
 /// Reconciles a node shell: reads the Node and its pod, decides, writes the status once.
@@ -169,7 +202,7 @@ pub async fn reconcile(
     session: &ShellSession,
     context: &Context,
     mut status: ShellSessionStatus,
-    ttl: Duration,
+    lifetime: Lifetime,
 ) -> Result<Action> {
     let namespace = session.namespace().unwrap_or_default();
     let node_name = session.spec.node.clone().unwrap_or_default();
@@ -189,7 +222,7 @@ pub async fn reconcile(
         node.as_ref(),
         pod.as_ref(),
         device.as_ref(),
-        ttl,
+        lifetime,
         Timestamp::now(),
     ) {
         Step::End {
@@ -210,9 +243,11 @@ pub async fn reconcile(
             write_status(context, session, status).await?;
             Ok(Action::requeue(retry))
         }
-        Step::Authorize { until_ttl, idle_left } => {
-            authorize(session, context, status, until_ttl, idle_left).await
-        }
+        Step::Authorize {
+            until_ttl,
+            idle_left,
+            clamped,
+        } => authorize(session, context, status, (until_ttl, idle_left), clamped).await,
     }
 }
 
@@ -221,8 +256,8 @@ async fn authorize(
     session: &ShellSession,
     context: &Context,
     mut status: ShellSessionStatus,
-    until_ttl: Duration,
-    idle_left: Duration,
+    (until_ttl, idle_left): (Duration, Duration),
+    clamped: Option<String>,
 ) -> Result<Action> {
     let name = session.name_any();
     let node_name = session.spec.node.clone().unwrap_or_default();
@@ -237,10 +272,13 @@ async fn authorize(
         port: i32::from(context.config.args.gateway_service_port),
         user: name.clone(),
     });
-    let message = format!(
+    let mut message = format!(
         "the gateway admits spec.publicKey as SSH user {name} for Node {node_name} for {}",
         walt_crds::format_duration(Duration::from_secs(until_ttl.as_secs()))
     );
+    if let Some(clamped) = clamped {
+        message = format!("{message}; {clamped}");
+    }
     condition(
         &mut status,
         session,
@@ -323,6 +361,14 @@ mod tests {
         device
     }
 
+    /// A lifetime of `ttl` under ceilings of a day and an hour of idle time.
+    fn lifetime(ttl: Duration) -> Lifetime {
+        Lifetime {
+            ttl: Bounded::new(ttl, Duration::from_hours(24)),
+            max_idle_timeout: Duration::from_hours(1),
+        }
+    }
+
     fn reason(step: &Step) -> &'static str {
         match step {
             Step::End { reason, .. } => reason,
@@ -341,7 +387,7 @@ mod tests {
             Some(&reachable),
             None,
             Some(&pi),
-            hour,
+            lifetime(hour),
             at(1_600),
         );
         assert_eq!(
@@ -349,8 +395,59 @@ mod tests {
             Step::Authorize {
                 until_ttl: Duration::from_mins(50),
                 idle_left: Duration::from_mins(20),
+                clamped: None,
             }
         );
+    }
+
+    /// Issue 15: a session asking for more than the lab's ceilings gets the ceilings, and its
+    /// condition says so; past the ceiling (not its request) it is over.
+    #[test]
+    fn requests_over_the_lab_ceilings_are_clamped_and_said() {
+        let mut greedy = session(Some(KEY));
+        greedy.spec.idle_timeout = "240h".into();
+        let ceilings = Lifetime {
+            ttl: Bounded::new(Duration::from_hours(1000), Duration::from_hours(12)),
+            max_idle_timeout: Duration::from_hours(1),
+        };
+        let reachable = node();
+        let pi = device("alice", Some(&reachable));
+        let Step::Authorize {
+            until_ttl,
+            idle_left,
+            clamped: Some(note),
+        } = decide(&greedy, Some(&reachable), None, Some(&pi), ceilings, at(1_060))
+        else {
+            panic!("authorized with a note");
+        };
+        assert_eq!(until_ttl, Duration::from_mins(12 * 60 - 1));
+        assert_eq!(idle_left, Duration::from_mins(59));
+        assert!(
+            note.contains("spec.ttl 1000h0m0s is over the lab's ceiling 12h0m0s (--max-session-ttl)"),
+            "{note}"
+        );
+        assert!(
+            note.contains("spec.idleTimeout 240h0m0s is over the lab's ceiling 1h0m0s"),
+            "{note}"
+        );
+        let idle = decide(
+            &greedy,
+            Some(&reachable),
+            None,
+            Some(&pi),
+            ceilings,
+            at(1_000 + 3_600),
+        );
+        assert_eq!(reason(&idle), reasons::IDLE_TIMEOUT);
+        let old = decide(
+            &greedy,
+            Some(&reachable),
+            None,
+            Some(&pi),
+            ceilings,
+            at(1_000 + 12 * 3600),
+        );
+        assert_eq!(reason(&old), reasons::TTL_EXPIRED);
     }
 
     #[test]
@@ -364,7 +461,7 @@ mod tests {
                 Some(&reachable),
                 None,
                 Some(&pi),
-                hour,
+                lifetime(hour),
                 at(5_000)
             )),
             reasons::TTL_EXPIRED
@@ -375,7 +472,7 @@ mod tests {
                 Some(&reachable),
                 None,
                 Some(&pi),
-                hour,
+                lifetime(hour),
                 at(3_000)
             )),
             reasons::IDLE_TIMEOUT
@@ -386,7 +483,7 @@ mod tests {
                 Some(&reachable),
                 None,
                 Some(&pi),
-                hour,
+                lifetime(hour),
                 at(1_010)
             )),
             reasons::NO_PUBLIC_KEY
@@ -397,13 +494,20 @@ mod tests {
                 Some(&reachable),
                 None,
                 Some(&pi),
-                hour,
+                lifetime(hour),
                 at(1_010)
             )),
             reasons::INVALID_PUBLIC_KEY
         );
         assert_eq!(
-            reason(&decide(&session(Some(KEY)), None, None, None, hour, at(1_010))),
+            reason(&decide(
+                &session(Some(KEY)),
+                None,
+                None,
+                None,
+                lifetime(hour),
+                at(1_010)
+            )),
             reasons::NODE_NOT_FOUND
         );
         assert_eq!(
@@ -412,7 +516,7 @@ mod tests {
                 Some(&reachable),
                 None,
                 Some(&device("alice", None)),
-                hour,
+                lifetime(hour),
                 at(1_010)
             )),
             reasons::NODE_NOT_REACHABLE
@@ -423,7 +527,7 @@ mod tests {
                 Some(&reachable),
                 None,
                 Some(&device("bob", Some(&reachable))),
-                hour,
+                lifetime(hour),
                 at(1_010)
             )),
             "DeviceNotLent"
@@ -436,7 +540,7 @@ mod tests {
                 Some(&reachable),
                 None,
                 Some(&bad_key),
-                hour,
+                lifetime(hour),
                 at(1_010)
             )),
             reasons::INVALID_HOST_KEY
@@ -449,7 +553,7 @@ mod tests {
                 Some(&reachable),
                 None,
                 Some(&pi),
-                hour,
+                lifetime(hour),
                 at(1_010)
             )),
             reasons::INVALID_IDLE_TIMEOUT
@@ -467,8 +571,32 @@ mod tests {
             ..ShellSessionStatus::default()
         });
         assert_eq!(idle_left(&session, idle, at(1_160)), Duration::from_mins(9));
-        session.metadata.annotations = Some([(ACTIVITY_ANNOTATION.to_owned(), at(1_500).to_string())].into());
+        if let Some(status) = session.status.as_mut() {
+            status.last_activity = Some(Time(at(1_500)));
+        }
         assert_eq!(idle_left(&session, idle, at(1_560)), Duration::from_mins(9));
         assert_eq!(idle_left(&session, idle, at(2_200)), Duration::ZERO);
+    }
+
+    /// Issue 15: the tenant writes the annotation the gateway once used, far in the future; the idle
+    /// timer does not read it.
+    #[test]
+    fn a_tenant_written_activity_annotation_does_not_extend_the_idle_time() {
+        let mut session = session(Some(KEY));
+        session.metadata.annotations =
+            Some([("walt.dev/last-activity".to_owned(), at(1_000_000).to_string())].into());
+        let idle = Duration::from_mins(30);
+        assert_eq!(idle_left(&session, idle, at(1_000 + 1_800)), Duration::ZERO);
+        let reachable = node();
+        let pi = device("alice", Some(&reachable));
+        let step = decide(
+            &session,
+            Some(&reachable),
+            None,
+            Some(&pi),
+            lifetime(Duration::from_hours(1)),
+            at(1_000 + 1_800),
+        );
+        assert_eq!(reason(&step), reasons::IDLE_TIMEOUT);
     }
 }

@@ -2398,11 +2398,15 @@ fn a_tenant_cannot_write_status_forge_running_or_extend_idle_time() {
     );
     operator.wait_ready(Duration::from_mins(1));
     let within = Duration::from_mins(1);
+    // A device on loopback (nothing listens there: the probe is refused, no traffic leaves).
+    let device = lend_device(cluster, &namespace, "pi", "127.0.0.9", None);
     apply(
         cluster,
         &namespace,
-        "apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {name: rpi1}\n\
-         spec: {model: rpi-4-b, address: 192.0.2.1, sshPort: 22}\n",
+        &format!(
+            "apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {{name: rpi1}}\n\
+             spec: {{model: rpi-4-b, device: {device}}}\n"
+        ),
     );
     let dir = tempfile::tempdir().expect("temp dir");
     let user_key = walt_tests::sshnode::keygen(dir.path(), "user");

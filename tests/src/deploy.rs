@@ -226,12 +226,21 @@ pub fn kustomize(dir: &Path) -> Result<Vec<Value>, Error> {
 pub fn object_id(doc: &Value) -> (String, String, String) {
     let text = |value: Option<&Value>| value.and_then(Value::as_str).unwrap_or_default().to_owned();
     let metadata = doc.get("metadata");
-    (
-        text(doc.get("kind")),
-        text(metadata.and_then(|m| m.get("namespace"))),
-        text(metadata.and_then(|m| m.get("name"))),
-    )
+    let kind = text(doc.get("kind"));
+    // kubectl's kustomize does not know these kinds are cluster-scoped and stamps the base's
+    // namespace on them; the API server drops a namespace on a cluster-scoped object, so what is
+    // created is the same.
+    let namespace = if CLUSTER_SCOPED_UNKNOWN_TO_KUSTOMIZE.contains(&kind.as_str()) {
+        String::new()
+    } else {
+        text(metadata.and_then(|m| m.get("namespace")))
+    };
+    (kind, namespace, text(metadata.and_then(|m| m.get("name"))))
 }
+
+/// Cluster-scoped kinds the kustomize of kubectl takes for namespaced ones.
+const CLUSTER_SCOPED_UNKNOWN_TO_KUSTOMIZE: &[&str] =
+    &["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"];
 
 /// The set of (kind, namespace, name) of a rendering.
 pub fn object_ids(docs: &[Value]) -> BTreeSet<(String, String, String)> {

@@ -205,7 +205,10 @@ fn bash_complete(line: &str) -> Vec<String> {
 #[test]
 fn bash_completion_completes_subcommands_and_flags() {
     assert_eq!(bash_complete("kubectl-walt im"), ["image"]);
-    assert_eq!(bash_complete("kubectl-walt node re"), ["reboot", "release", "remove"]);
+    assert_eq!(
+        bash_complete("kubectl-walt node re"),
+        ["reboot", "release", "remove"]
+    );
     assert_eq!(bash_complete("kubectl-walt image ls -o y"), ["yaml"]);
     assert!(bash_complete("kubectl-walt node ls --").contains(&"--output".to_string()));
 }

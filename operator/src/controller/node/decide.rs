@@ -14,6 +14,7 @@ use walt_crds::{
 
 use super::reasons;
 use super::{BootTarget, needs_reboot, pending_reboot_request};
+use crate::controller::shared::context::set_condition_at;
 
 /// How long a rebooted node may keep answering from the boot before the reboot: past this, the
 /// reboot is reported as not having happened.
@@ -154,10 +155,7 @@ fn set(
     message: String,
     now: Timestamp,
 ) {
-    walt_crds::set_condition(
-        &mut status.conditions,
-        walt_crds::new_condition(type_, state, reason, message, node.metadata.generation, Time(now)),
-    );
+    set_condition_at(&mut status.conditions, node, type_, state, reason, message, now);
 }
 
 fn unreachable(

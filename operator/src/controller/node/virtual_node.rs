@@ -18,7 +18,7 @@ use super::build::{
     build_vnode_service, pod_needs_recreate, vnode_phase,
 };
 use super::{BootTarget, needs_reboot, pending_reboot_request, reasons};
-use crate::controller::shared::context::Context;
+use crate::controller::shared::context::{Context, set_condition_at};
 use crate::controller::shared::error::{KubeResultExt, Result};
 use crate::controller::shared::pods::vnode_object_name;
 use crate::controller::shared::registry::ensure_registry_secret;
@@ -112,16 +112,14 @@ pub fn status_of(
             format!("SSH through Service {service}"),
         ),
     ] {
-        walt_crds::set_condition(
+        set_condition_at(
             &mut status.conditions,
-            walt_crds::new_condition(
-                type_,
-                ready.into(),
-                reason,
-                message,
-                node.metadata.generation,
-                Time(now),
-            ),
+            node,
+            type_,
+            ready.into(),
+            reason,
+            message,
+            now,
         );
     }
     if ready {
@@ -143,16 +141,14 @@ pub fn waiting_for_image(node: &Node, mut status: NodeStatus, now: Timestamp) ->
         "image {} is not resolved yet (see its Ready condition); a virtual node needs spec.image",
         node.spec.image.as_deref().unwrap_or("(none)")
     );
-    walt_crds::set_condition(
+    set_condition_at(
         &mut status.conditions,
-        walt_crds::new_condition(
-            condition_types::BOOTED,
-            ConditionStatus::False,
-            reasons::IMAGE_NOT_READY,
-            message,
-            node.metadata.generation,
-            Time(now),
-        ),
+        node,
+        condition_types::BOOTED,
+        ConditionStatus::False,
+        reasons::IMAGE_NOT_READY,
+        message,
+        now,
     );
     status
 }

@@ -219,6 +219,21 @@ pub fn set_condition_now<K: kube::Resource>(
     reason: &str,
     message: impl Into<String>,
 ) {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    set_condition_at(conditions, object, type_, state, reason, message, now);
+}
+
+/// Sets one condition in `conditions`, stamped with `object`'s generation and `now` (pure: what the
+/// `decide` functions use, so their tests choose the time).
+pub fn set_condition_at<K: kube::Resource>(
+    conditions: &mut Vec<walt_crds::Condition>,
+    object: &K,
+    type_: &str,
+    state: walt_crds::ConditionStatus,
+    reason: &str,
+    message: impl Into<String>,
+    now: k8s_openapi::jiff::Timestamp,
+) {
     walt_crds::set_condition(
         conditions,
         walt_crds::new_condition(
@@ -227,7 +242,7 @@ pub fn set_condition_now<K: kube::Resource>(
             reason,
             message,
             object.meta().generation,
-            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now),
         ),
     );
 }

@@ -10,6 +10,38 @@ use crate::common::SecretReference;
 /// An image shell is refused on an image with this many layers or more (WalT's limit: squash first).
 pub const MAX_SHELL_LAYERS: u32 = 128;
 
+/// The reasons an Image's `Ready` condition and Events give, read alike by the operator (which
+/// writes them) and `kubectl walt` (which waits on them): one place, compared as constants, never
+/// as message text.
+pub mod reasons {
+    /// `Ready=True`: the reference resolved; also the Event when its digest moved.
+    pub const RESOLVED: &str = "Resolved";
+    /// `Ready=False` while `spec.source` is copied into the lab registry (progress in `status.clone`).
+    pub const CLONING: &str = "Cloning";
+    /// Event: the clone finished.
+    pub const CLONED: &str = "Cloned";
+    /// `Ready=False`: `spec.reference` (or the name) does not make a usable reference.
+    pub const INVALID_REFERENCE: &str = "InvalidReference";
+    /// `Ready=False`: the Secret of `spec.pullSecretRef` could not be read.
+    pub const PULL_SECRET_UNREADABLE: &str = "PullSecretUnreadable";
+    /// `Ready=False`: the Secret of `spec.pullSecretRef` does not exist.
+    pub const PULL_SECRET_NOT_FOUND: &str = "PullSecretNotFound";
+    /// `Ready=False`: the Secret of `spec.pullSecretRef` is not a usable Docker config.
+    pub const PULL_SECRET_INVALID: &str = "PullSecretInvalid";
+    /// `Ready=False`: `spec.source` could not be read.
+    pub const SOURCE_FAILED: &str = "SourceFailed";
+    /// `Ready=False`: copying `spec.source` failed (nothing was tagged; retried).
+    pub const CLONE_FAILED: &str = "CloneFailed";
+    /// `Ready=False`: the registry did not resolve the reference.
+    pub const RESOLVE_FAILED: &str = "ResolveFailed";
+    /// Event: a squash waits for a shell, copy or save on the image.
+    pub const SQUASH_WAITING: &str = "SquashWaiting";
+    /// Event: the image was squashed and its tag moved.
+    pub const SQUASHED: &str = "Squashed";
+    /// Event: the squash failed; the tag did not move.
+    pub const SQUASH_FAILED: &str = "SquashFailed";
+}
+
 /// The desired state of an Image: where it comes from and where the lab keeps it.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(

@@ -3,6 +3,7 @@
 use std::time::Instant;
 
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use walt_crds::image::reasons;
 use walt_crds::{Image, ImageName, ImageSpec, Platform, SecretReference};
 
 use crate::cli::OutputFormat;
@@ -230,7 +231,7 @@ async fn wait_ready(ctx: &Ctx, name: &ImageName, label: &str) -> Result<Image> {
                     c.message, c.reason
                 )));
             }
-            Some(c) if c.reason == "Cloning" && status.clone.is_some() => {
+            Some(c) if c.reason == reasons::CLONING && status.clone.is_some() => {
                 let clone = status.clone.unwrap_or_default();
                 bar.set_total(Some(clone.total_bytes));
                 bar.observe(Sample {
@@ -259,7 +260,7 @@ async fn wait_ready(ctx: &Ctx, name: &ImageName, label: &str) -> Result<Image> {
 fn is_final_reason(reason: &str) -> bool {
     !matches!(
         reason,
-        "Cloning" | "Copying" | "Pending" | "Resolving" | "Progressing" | "InProgress"
+        reasons::CLONING | "Copying" | "Pending" | "Resolving" | "Progressing" | "InProgress"
     )
 }
 
@@ -495,17 +496,19 @@ pub async fn squash(ctx: &Ctx, image: &str, yes: bool) -> Result<()> {
     };
     line.finish();
     let uid = handled.metadata.uid.clone().unwrap_or_default();
-    let outcome = ctx
-        .events_for(&uid)
-        .await
-        .into_iter()
-        .rev()
-        .find(|e| matches!(e.reason.as_deref(), Some("Squashed" | "SquashFailed")));
+    let outcome = ctx.events_for(&uid).await.into_iter().rev().find(|e| {
+        matches!(
+            e.reason.as_deref(),
+            Some(reasons::SQUASHED | reasons::SQUASH_FAILED)
+        )
+    });
     match outcome {
-        Some(event) if event.reason.as_deref() == Some("SquashFailed") => Err(Error::Failed(format!(
-            "image {name} was not squashed: {}",
-            event.message.unwrap_or_default()
-        ))),
+        Some(event) if event.reason.as_deref() == Some(reasons::SQUASH_FAILED) => {
+            Err(Error::Failed(format!(
+                "image {name} was not squashed: {}",
+                event.message.unwrap_or_default()
+            )))
+        }
         Some(event) => {
             println!("{}", event.message.unwrap_or_default());
             Ok(())

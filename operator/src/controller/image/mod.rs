@@ -14,13 +14,18 @@ use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
+use walt_crds::image::reasons;
 use walt_crds::{
     CloneProgress, Image, ImageShellMode, ImageStatus, Platform, condition_types, find_condition,
 };
 
 pub mod build;
+pub mod decide;
+pub mod failure;
 
-use self::build::{ImageFacts, cloning_status, failed_status, pending_squash_request, ready_status};
+use self::build::{ImageFacts, cloning_status, failed_status, ready_status};
+use self::decide::{Observed, Step, decide};
+use self::failure::Failure;
 use crate::controller::config::secret_key;
 use crate::controller::shared::context::Context;
 use crate::controller::shared::error::Result;
@@ -28,12 +33,6 @@ use crate::controller::shared::lock::claims_in;
 use crate::controller::shared::registry::{lab_reference, registry_client, registry_client_with};
 use crate::oci::{CommitOptions, CopyProgress, Credentials, RegistryClient, ResolvedImage};
 use crate::runtime::changes::human_bytes;
-
-/// How soon an Image whose reference is invalid is looked at again (the
-/// object changing wakes it earlier).
-const INVALID_RETRY: Duration = Duration::from_mins(10);
-/// How soon a failed clone is tried again (blobs already copied are not copied twice).
-const CLONE_RETRY: Duration = Duration::from_secs(30);
 
 /// The facts the status needs, from what the registry answered (pure).
 pub fn facts_of(resolved: ResolvedImage) -> ImageFacts {
@@ -80,45 +79,33 @@ fn same_status(old: Option<&ImageStatus>, new: &ImageStatus) -> bool {
     strip(old) == strip(new) && ready(old) == ready(new)
 }
 
-/// Why a clone did not happen: a reason for `Ready=False` and a message a person can act on.
-struct CloneFailure {
-    reason: &'static str,
-    message: String,
-}
-
 /// The credentials in the Image's `spec.pullSecretRef` (a `kubernetes.io/dockerconfigjson` Secret in the
 /// Image's namespace), or none.
-async fn source_credentials(
-    image: &Image,
-    context: &Context,
-) -> std::result::Result<Credentials, CloneFailure> {
+async fn source_credentials(image: &Image, context: &Context) -> std::result::Result<Credentials, Failure> {
     let Some(secret_ref) = &image.spec.pull_secret_ref else {
         return Ok(Credentials::default());
     };
     let namespace = image.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(context.client.clone(), &namespace);
-    let name = &secret_ref.name;
-    let secret = secrets.get_opt(name).await.map_err(|error| CloneFailure {
-        reason: "PullSecretUnreadable",
-        message: format!("reading Secret {namespace}/{name} (spec.pullSecretRef): {error}"),
-    })?;
-    let Some(secret) = secret else {
-        return Err(CloneFailure {
-            reason: "PullSecretNotFound",
-            message: format!(
-                "Secret {namespace}/{name} (spec.pullSecretRef) does not exist: create it with `kubectl -n {namespace} create secret docker-registry {name} --docker-server=… --docker-username=… --docker-password=…`"
-            ),
-        });
+    let name = secret_ref.name.clone();
+    let secret = match secrets.get_opt(&name).await {
+        Ok(Some(secret)) => secret,
+        Ok(None) => return Err(Failure::PullSecretNotFound { namespace, name }),
+        Err(source) => {
+            return Err(Failure::PullSecretUnreadable {
+                namespace,
+                name,
+                source,
+            });
+        }
     };
-    let document = secret_key(&secret, ".dockerconfigjson").ok_or_else(|| CloneFailure {
-        reason: "PullSecretInvalid",
-        message: format!(
-            "Secret {namespace}/{name} (spec.pullSecretRef) has no `.dockerconfigjson` key: it must be of type kubernetes.io/dockerconfigjson"
-        ),
-    })?;
-    Credentials::from_docker_config_json(&document).map_err(|error| CloneFailure {
-        reason: "PullSecretInvalid",
-        message: format!("Secret {namespace}/{name} (spec.pullSecretRef): {error}"),
+    let Some(document) = secret_key(&secret, ".dockerconfigjson") else {
+        return Err(Failure::PullSecretWithoutConfig { namespace, name });
+    };
+    Credentials::from_docker_config_json(&document).map_err(|source| Failure::PullSecretInvalid {
+        namespace,
+        name,
+        source,
     })
 }
 
@@ -134,22 +121,22 @@ async fn clone_source(
     client: &RegistryClient,
     source: &str,
     reference: &str,
-) -> std::result::Result<CloneProgress, CloneFailure> {
+) -> std::result::Result<CloneProgress, Failure> {
     let namespace = image.namespace().unwrap_or_default();
     let name = image.name_any();
     let images: Api<Image> = Api::namespaced(context.client.clone(), &namespace);
     let resolved = client
         .resolve(source, wanted_platform(image).as_ref())
         .await
-        .map_err(|error| CloneFailure {
-            reason: "SourceFailed",
-            message: format!("cloning spec.source {source}: {error}"),
+        .map_err(|error| Failure::SourceFailed {
+            upstream: source.to_owned(),
+            source: error,
         })?;
     context
         .event(
             image,
             EventType::Normal,
-            "Cloning",
+            reasons::CLONING,
             "Clone",
             format!(
                 "copying {source} ({}, {}/{}, {} layers, {}) to {reference}",
@@ -190,16 +177,17 @@ async fn clone_source(
             }
         }
     };
-    let digest = outcome.map_err(|error| CloneFailure {
-        reason: "CloneFailed",
-        message: format!("copying {source} to {reference}: {error} (nothing was tagged; it is retried)"),
+    let digest = outcome.map_err(|error| Failure::CloneFailed {
+        upstream: source.to_owned(),
+        reference: reference.to_owned(),
+        source: error,
     })?;
     let total = to_status(*receiver.borrow());
     context
         .event(
             image,
             EventType::Normal,
-            "Cloned",
+            reasons::CLONED,
             "Clone",
             format!(
                 "{source} copied to {reference} as {digest}: {} in {:.1} s",
@@ -215,17 +203,19 @@ async fn clone_source(
     })
 }
 
-/// Writes a `Ready=False` status (with an Event the first time this message appears).
+/// Writes the `Ready=False` status of `failure` (with a Warning Event the first time this message
+/// appears) and says when to look again. `reference` is the lab reference, when there is one.
 async fn report_failure(
     image: &Image,
     context: &Context,
-    reference: &str,
-    reason: &str,
-    message: String,
-) -> Result<()> {
+    reference: Option<&str>,
+    failure: &Failure,
+) -> Result<Action> {
     let namespace = image.namespace().unwrap_or_default();
     let images: Api<Image> = Api::namespaced(context.client.clone(), &namespace);
-    let status = failed_status(image, Some(reference), reason, &message, Timestamp::now());
+    let message = failure.to_string();
+    let reason = failure.reason();
+    let status = failed_status(image, reference, reason, &message, Timestamp::now());
     let was_failing = image
         .status
         .as_ref()
@@ -239,7 +229,9 @@ async fn report_failure(
     if !same_status(image.status.as_ref(), &status) {
         context.apply_status(&images, &image.name_any(), &status).await?;
     }
-    Ok(())
+    Ok(Action::requeue(
+        failure.retry(context.config.args.resolve_interval),
+    ))
 }
 
 /// How many digests' shell modes the operator remembers (a few hundred bytes each).
@@ -291,18 +283,21 @@ async fn shell_mode(
 const SQUASH_WAIT: Duration = Duration::from_secs(10);
 
 /// Squashes `resolved` into one layer and moves the tag of `reference` to it; the message says what
-/// happened (Ok) or what went wrong and that the tag did not move (Err).
+/// happened. On failure the tag did not move.
 async fn squash_and_tag(
     client: &RegistryClient,
     resolved: &ResolvedImage,
     reference: &str,
-) -> std::result::Result<String, String> {
+) -> std::result::Result<String, Failure> {
     let layers = resolved.layers.len();
     if layers <= 1 {
         return Ok(format!("{reference} has {layers} layer: nothing to squash"));
     }
-    let (repository, tag) = crate::runtime::image::split_target(reference)
-        .map_err(|error| format!("{reference} cannot be squashed in place: {error}"))?;
+    let (repository, tag) =
+        crate::runtime::image::split_target(reference).map_err(|source| Failure::SquashPinned {
+            reference: reference.to_owned(),
+            source,
+        })?;
     let mut options = CommitOptions::new("walt image squash");
     options.comment = Some(format!(
         "{layers} layers of {} squashed into one",
@@ -311,15 +306,17 @@ async fn squash_and_tag(
     let pushed = client
         .squash(resolved, &repository, options)
         .await
-        .map_err(|error| format!("squashing {reference}: {error} (the tag was not moved)"))?;
+        .map_err(|source| Failure::SquashFailed {
+            reference: reference.to_owned(),
+            source,
+        })?;
     client
         .tag(&repository, &pushed.manifest_digest, &tag)
         .await
-        .map_err(|error| {
-            format!(
-                "squashed into {}, but moving tag {tag} failed: {error}",
-                pushed.reference
-            )
+        .map_err(|source| Failure::SquashTagFailed {
+            pushed: pushed.reference.clone(),
+            tag: tag.clone(),
+            source,
         })?;
     Ok(format!(
         "{layers} layers squashed into one: {reference} is now {} ({})",
@@ -328,8 +325,8 @@ async fn squash_and_tag(
     ))
 }
 
-/// Squashes the image into one layer and moves its tag, once per request; Events say what happened.
-/// Returns when to look again if it must wait for a shell or a save.
+/// Squashes the image into one layer and moves its tag, once per request (the request is marked
+/// handled whatever happened); Events say what happened.
 async fn squash(
     image: &Image,
     context: &Context,
@@ -337,116 +334,90 @@ async fn squash(
     resolved: &ResolvedImage,
     reference: &str,
     request: &str,
-) -> Result<Option<Duration>> {
-    let name = image.name_any();
-    let holder = claims_in(context, &image.namespace().unwrap_or_default())
-        .await?
-        .into_iter()
-        .find(|claim| claim.image == name);
-    if let Some(holder) = holder {
-        context
-            .event(
-                image,
-                EventType::Normal,
-                "SquashWaiting",
-                "Squash",
-                format!(
-                    "waiting for {} to finish before squashing (one shell, save or squash per image)",
-                    holder.label()
-                ),
-            )
-            .await;
-        return Ok(Some(SQUASH_WAIT));
-    }
+) -> Result<()> {
     let (event_type, reason, message) = match squash_and_tag(client, resolved, reference).await {
-        Ok(message) => (EventType::Normal, "Squashed", message),
-        Err(message) => (EventType::Warning, "SquashFailed", message),
+        Ok(message) => (EventType::Normal, reasons::SQUASHED, message),
+        Err(failure) => (EventType::Warning, failure.reason(), failure.to_string()),
     };
     context.event(image, event_type, reason, "Squash", message).await;
     context
         .mark_handled(image, walt_crds::request::SQUASH, request)
-        .await?;
-    Ok(None)
+        .await
 }
 
-/// Reconciles one Image.
-pub async fn reconcile(image: Arc<Image>, context: Arc<Context>) -> Result<Action> {
-    let namespace = image.namespace().unwrap_or_default();
+/// Who holds the image (a shell, copy or save of its namespace), if anyone.
+async fn holder_of(image: &Image, context: &Context) -> Result<Option<String>> {
     let name = image.name_any();
-    let images: Api<Image> = Api::namespaced(context.client.clone(), &namespace);
-    let interval = context.config.args.resolve_interval;
+    let claims = claims_in(context, &image.namespace().unwrap_or_default()).await?;
+    Ok(claims
+        .into_iter()
+        .find(|claim| claim.image == name)
+        .map(|claim| claim.label()))
+}
+
+/// Says (an Event) that a squash waits for `holder`, and when to look again.
+async fn wait_for_holder(image: &Image, context: &Context, holder: &str) -> Action {
+    context
+        .event(
+            image,
+            EventType::Normal,
+            reasons::SQUASH_WAITING,
+            "Squash",
+            format!("waiting for {holder} to finish before squashing (one shell, save or squash per image)"),
+        )
+        .await;
+    Action::requeue(SQUASH_WAIT)
+}
+
+/// Reconciles one Image: dereference (the lab reference, the pull credentials) → [`decide`] →
+/// perform the step, until a step ends the reconcile with its one status write.
+pub async fn reconcile(image: Arc<Image>, context: Arc<Context>) -> Result<Action> {
     let reference = match lab_reference(&image, &context.config.args.lab_registry) {
         Ok(reference) => reference,
-        Err(error) => {
-            let status = failed_status(
-                &image,
-                None,
-                "InvalidReference",
-                &error.to_string(),
-                Timestamp::now(),
-            );
-            if !same_status(image.status.as_ref(), &status) {
-                context.apply_status(&images, &name, &status).await?;
-            }
-            return Ok(Action::requeue(INVALID_RETRY));
-        }
+        Err(error) => return report_failure(&image, &context, None, &Failure::InvalidReference(error)).await,
     };
-    let source_credentials = match source_credentials(&image, &context).await {
-        Ok(credentials) => credentials,
-        Err(failure) => {
-            report_failure(&image, &context, &reference, failure.reason, failure.message).await?;
-            return Ok(Action::requeue(INVALID_RETRY));
-        }
+    let client = match source_credentials(&image, &context).await {
+        Ok(_) if image.spec.pull_secret_ref.is_none() => registry_client(&context)?,
+        Ok(credentials) => registry_client_with(&context, credentials)?,
+        Err(failure) => return report_failure(&image, &context, Some(&reference), &failure).await,
     };
-    let client = if image.spec.pull_secret_ref.is_none() {
-        registry_client(&context)?
-    } else {
-        registry_client_with(&context, source_credentials)?
-    };
-    let (resolved, cloned) = match resolve_or_clone(&image, &context, &client, &reference).await? {
-        Ok(found) => found,
-        Err(retry) => return Ok(Action::requeue(retry)),
-    };
-    if let Some(request) = pending_squash_request(&image) {
-        if let Some(wait) = squash(&image, &context, &client, &resolved, &reference, &request).await? {
-            return Ok(Action::requeue(wait));
-        }
-        // The tag moved (or not): the handled annotation wakes this Image again to resolve it.
-        return Ok(Action::requeue(interval));
-    }
-    record_ready(&image, &context, &client, &resolved, &reference, cloned).await?;
-    Ok(Action::requeue(interval))
-}
-
-/// Resolves the Image at the lab registry; when it is not there and it has a `source`, clones it
-/// first. A failure is reported on the Image; `Err` then says when to try again.
-async fn resolve_or_clone(
-    image: &Image,
-    context: &Context,
-    client: &RegistryClient,
-    reference: &str,
-) -> Result<std::result::Result<(ResolvedImage, Option<CloneProgress>), Duration>> {
-    let platform = wanted_platform(image);
-    let mut resolved = client.resolve(reference, platform.as_ref()).await;
+    let interval = context.config.args.resolve_interval;
+    let platform = wanted_platform(&image);
+    let mut observed = Observed::default();
     let mut cloned = None;
-    if let (Err(error), Some(source)) = (&resolved, image.spec.source.as_deref())
-        && error.is_not_found()
-    {
-        match clone_source(image, context, client, source, reference).await {
-            Ok(record) => cloned = Some(record),
-            Err(failure) => {
-                report_failure(image, context, reference, failure.reason, failure.message).await?;
-                return Ok(Err(CLONE_RETRY));
+    loop {
+        match decide(&image, &observed) {
+            Step::Resolve => {
+                observed.lookup = Some(client.resolve(&reference, platform.as_ref()).await.into());
             }
-        }
-        resolved = client.resolve(reference, platform.as_ref()).await;
-    }
-    match resolved {
-        Ok(resolved) => Ok(Ok((resolved, cloned))),
-        Err(error) => {
-            let message = format!("resolving {reference}: {error}");
-            report_failure(image, context, reference, "ResolveFailed", message).await?;
-            Ok(Err(context.config.args.resolve_interval))
+            Step::Clone(source) => {
+                match clone_source(&image, &context, &client, source, &reference).await {
+                    Ok(record) => cloned = Some(record),
+                    Err(failure) => {
+                        return report_failure(&image, &context, Some(&reference), &failure).await;
+                    }
+                }
+                observed.clone_tried = true;
+                observed.lookup = None;
+            }
+            Step::ReportResolveFailure(error) => {
+                let failure = Failure::ResolveFailed {
+                    reference: reference.clone(),
+                    source: Arc::clone(error),
+                };
+                return report_failure(&image, &context, Some(&reference), &failure).await;
+            }
+            Step::FindHolder => observed.holder = Some(holder_of(&image, &context).await?),
+            Step::WaitForHolder(holder) => return Ok(wait_for_holder(&image, &context, holder).await),
+            Step::Squash { resolved, request } => {
+                squash(&image, &context, &client, resolved, &reference, &request).await?;
+                // The tag moved (or not): the handled annotation wakes this Image again to resolve it.
+                return Ok(Action::requeue(interval));
+            }
+            Step::RecordReady(resolved) => {
+                record_ready(&image, &context, &client, resolved, &reference, cloned).await?;
+                return Ok(Action::requeue(interval));
+            }
         }
     }
 }
@@ -476,7 +447,7 @@ async fn record_ready(
     if image.status.as_ref().and_then(|old| old.digest.as_deref()) != Some(facts.digest.as_str()) {
         let note = format!("{reference} is {}", facts.digest);
         context
-            .event(image, EventType::Normal, "Resolved", "Resolve", note)
+            .event(image, EventType::Normal, reasons::RESOLVED, "Resolve", note)
             .await;
     }
     Ok(())

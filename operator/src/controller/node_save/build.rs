@@ -21,6 +21,9 @@ use walt_crds::{
     NodeSaveResult, NodeSaveStatus, Progress, condition_types, format_duration, new_condition, set_condition,
 };
 
+use super::failure::Failure;
+use super::reasons;
+
 /// How often a running save's progress is written to its status.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(3);
 
@@ -35,32 +38,21 @@ pub struct SaveTarget {
     pub base: ImageDigestRef,
 }
 
-/// Why a NodeSave cannot run (reason, message), pure.
-pub fn validate(
-    save: &NodeSave,
-    node: Option<&Node>,
-    target: Option<&Image>,
-) -> Result<SaveTarget, (&'static str, String)> {
+/// What a NodeSave works on, or why it cannot run (pure).
+pub fn validate(save: &NodeSave, node: Option<&Node>, target: Option<&Image>) -> Result<SaveTarget, Failure> {
     let namespace = save.metadata.namespace.clone().unwrap_or_default();
-    let name = ImageName::parse(&save.spec.image).map_err(|error| ("InvalidImageName", error.to_string()))?;
-    crate::ssh::export::Exclusions::new(&save.spec.exclude).map_err(|message| ("InvalidExclude", message))?;
+    let name = ImageName::parse(&save.spec.image).map_err(Failure::InvalidImageName)?;
+    crate::ssh::export::Exclusions::new(&save.spec.exclude).map_err(Failure::InvalidExclude)?;
     let Some(node) = node else {
-        return Err((
-            "NodeNotFound",
-            format!(
-                "Node {namespace}/{} not found: a save reads a Node of its own namespace",
-                save.spec.node
-            ),
-        ));
+        return Err(Failure::NodeNotFound {
+            namespace,
+            node: save.spec.node.clone(),
+        });
     };
     if target.is_some() && !save.spec.overwrite {
-        return Err((
-            "ImageExists",
-            format!(
-                "image {} exists: set spec.overwrite: true to replace it, or save under another name",
-                save.spec.image
-            ),
-        ));
+        return Err(Failure::ImageExists {
+            image: save.spec.image.clone(),
+        });
     }
     let booted = node
         .status
@@ -69,13 +61,10 @@ pub fn validate(
     let base = match booted {
         Some(base) if base.digest.is_some() => base,
         _ => {
-            return Err((
-                "NodeNotBooted",
-                format!(
-                    "Node {namespace}/{} has not booted a known image yet (status.bootedImage is empty): wait until it is Ready",
-                    save.spec.node
-                ),
-            ));
+            return Err(Failure::NodeNotBooted {
+                namespace,
+                node: save.spec.node.clone(),
+            });
         }
     };
     Ok(SaveTarget {
@@ -134,7 +123,7 @@ pub fn running_status(
         &mut status,
         save,
         ConditionStatus::False,
-        "Running",
+        reasons::RUNNING,
         &format!(
             "saving the changes of node {} as {}",
             save.spec.node, save.spec.image
@@ -193,7 +182,7 @@ pub fn succeeded_status(
         &mut status,
         save,
         ConditionStatus::True,
-        "Saved",
+        reasons::SAVED,
         &format!("saved as {} ({}){reboot_note}", save.spec.image, outcome.digest),
         now,
     );
@@ -211,7 +200,7 @@ pub fn pushing_status(save: &NodeSave, progress: Progress, now: Timestamp) -> No
         &mut status,
         save,
         ConditionStatus::False,
-        "Tagging",
+        reasons::TAGGING,
         &format!(
             "the new image is pushed by digest; tagging it {}",
             save.spec.image
@@ -253,12 +242,6 @@ pub fn same_wait(old: Option<&NodeSaveStatus>, new: &NodeSaveStatus) -> bool {
             .map(|condition| (condition.reason.clone(), condition.message.clone()))
     };
     old.is_some_and(|old| old.phase == new.phase && complete(old) == complete(new))
-}
-
-/// Whether a validation failure may go away by itself (wait), rather than
-/// needing a new NodeSave (fail), pure.
-pub fn is_transient(reason: &str) -> bool {
-    matches!(reason, "NodeNotBooted" | "NodeNotReady")
 }
 
 /// Status of a failed save, pure: no tag moved.
@@ -317,14 +300,14 @@ mod tests {
         assert_eq!(ok.image_object, "debian.v2");
         assert_eq!(ok.base.digest.as_deref(), Some("sha256:base"));
         assert!(!ok.exists);
+        let reason = |result: Result<SaveTarget, Failure>| result.map_err(|failure| failure.reason()).err();
         assert_eq!(
-            validate(&save("debian:v2", false), None, None).unwrap_err().0,
-            "NodeNotFound"
+            reason(validate(&save("debian:v2", false), None, None)),
+            Some(reasons::NODE_NOT_FOUND)
         );
-        let (reason, message) =
-            validate(&save("debian:v2", false), Some(&node), Some(&existing)).unwrap_err();
-        assert_eq!(reason, "ImageExists");
-        assert!(message.contains("overwrite: true"), "{message}");
+        let exists = validate(&save("debian:v2", false), Some(&node), Some(&existing)).unwrap_err();
+        assert_eq!(exists.reason(), reasons::IMAGE_EXISTS);
+        assert!(exists.to_string().contains("overwrite: true"), "{exists}");
         assert!(
             validate(&save("debian:v2", true), Some(&node), Some(&existing))
                 .expect("valid")
@@ -332,20 +315,18 @@ mod tests {
         );
         let fresh = Node::new("rpi1", NodeSpec::default());
         assert_eq!(
-            validate(&save("x", false), Some(&fresh), None).unwrap_err().0,
-            "NodeNotBooted"
+            reason(validate(&save("x", false), Some(&fresh), None)),
+            Some(reasons::NODE_NOT_BOOTED)
         );
         let mut bad_pattern = save("x", false);
         bad_pattern.spec.exclude = vec!["[".into()];
         assert_eq!(
-            validate(&bad_pattern, Some(&node), None).unwrap_err().0,
-            "InvalidExclude"
+            reason(validate(&bad_pattern, Some(&node), None)),
+            Some(reasons::INVALID_EXCLUDE)
         );
         assert_eq!(
-            validate(&save("Bad_Name", false), Some(&node), None)
-                .unwrap_err()
-                .0,
-            "InvalidImageName"
+            reason(validate(&save("Bad_Name", false), Some(&node), None)),
+            Some(reasons::INVALID_IMAGE_NAME)
         );
     }
 
@@ -375,7 +356,6 @@ mod tests {
         ];
         assert_eq!(nodes_booting(&nodes, "debian"), 2);
         assert_eq!(nodes_booting(&nodes, "debian.v2"), 1);
-        assert!(is_transient("NodeNotReady") && !is_transient("ImageExists"));
         let s = save("debian:v2", false);
         let t = Timestamp::from_second(5).expect("time");
         let waiting = pending_status(&s, "WaitingForSlot", "2 saves run", t);

@@ -4,16 +4,17 @@
 
 use walt_crds::{Image, Node, NodePhase, NodeSave};
 
-use super::build::{SaveTarget, is_transient, validate};
+use super::build::{SaveTarget, validate};
+use super::failure::Failure;
 use crate::controller::shared::lock::{Claim, holder_other_than};
 
 /// What the reconcile does next.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug)]
 pub enum Step {
-    /// Look again soon: (reason, message).
-    Wait(&'static str, String),
-    /// Fail for good (only a new NodeSave can help): (reason, message).
-    Fail(&'static str, String),
+    /// Look again soon: why it waits.
+    Wait(Failure),
+    /// Fail for good (only a new NodeSave can help): why.
+    Fail(Failure),
     /// Prepare and run the save.
     Start(SaveTarget),
 }
@@ -22,8 +23,8 @@ pub enum Step {
 pub fn decide(save: &NodeSave, node: Option<&Node>, other: Option<&Image>, claims: &[Claim]) -> Step {
     let target = match validate(save, node, other) {
         Ok(target) => target,
-        Err((reason, message)) if is_transient(reason) => return Step::Wait(reason, message),
-        Err((reason, message)) => return Step::Fail(reason, message),
+        Err(failure) if failure.is_transient() => return Step::Wait(failure),
+        Err(failure) => return Step::Fail(failure),
     };
     let namespace = save.metadata.namespace.clone().unwrap_or_default();
     let node_phase = node
@@ -31,24 +32,18 @@ pub fn decide(save: &NodeSave, node: Option<&Node>, other: Option<&Image>, claim
         .map(|status| status.phase)
         .unwrap_or_default();
     if node_phase != NodePhase::Ready {
-        return Step::Wait(
-            "NodeNotReady",
-            format!(
-                "Node {namespace}/{} is {node_phase:?}, not Ready: the save starts once it is Ready",
-                save.spec.node
-            ),
-        );
+        return Step::Wait(Failure::NodeNotReady {
+            namespace,
+            node: save.spec.node.clone(),
+            phase: node_phase,
+        });
     }
     let me = save.metadata.name.clone().unwrap_or_default();
     if let Some(holder) = holder_other_than(claims, &target.image_object, "NodeSave", &me) {
-        return Step::Wait(
-            "ImageBusy",
-            format!(
-                "image {} is busy: {} holds it (one shell or save at a time per image); this save starts after it",
-                save.spec.image,
-                holder.label()
-            ),
-        );
+        return Step::Wait(Failure::ImageBusy {
+            image: save.spec.image.clone(),
+            holder: holder.label(),
+        });
     }
     Step::Start(target)
 }
@@ -110,11 +105,14 @@ mod tests {
     #[test]
     fn a_node_not_ready_or_a_busy_image_waits() {
         let step = decide(&save(), Some(&node(NodePhase::Rebooting)), None, &[]);
-        assert!(matches!(step, Step::Wait("NodeNotReady", _)), "{step:?}");
+        assert!(
+            matches!(step, Step::Wait(Failure::NodeNotReady { .. })),
+            "{step:?}"
+        );
         let busy = [claim("ShellSession", "sh", "mine")];
         let step = decide(&save(), Some(&node(NodePhase::Ready)), None, &busy);
         assert!(
-            matches!(step, Step::Wait("ImageBusy", ref m) if m.contains("sh")),
+            matches!(step, Step::Wait(Failure::ImageBusy { ref holder, .. }) if holder.contains("sh")),
             "{step:?}"
         );
     }
@@ -123,6 +121,9 @@ mod tests {
     fn an_existing_image_without_overwrite_fails() {
         let existing = Image::new("mine", walt_crds::ImageSpec::default());
         let step = decide(&save(), Some(&node(NodePhase::Ready)), Some(&existing), &[]);
-        assert!(matches!(step, Step::Fail("ImageExists", _)), "{step:?}");
+        assert!(
+            matches!(step, Step::Fail(Failure::ImageExists { .. })),
+            "{step:?}"
+        );
     }
 }

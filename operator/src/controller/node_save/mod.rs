@@ -21,25 +21,28 @@ use walt_crds::{BootMode, Changes, Image, ImageName, Node, NodeSave, NodeSavePha
 
 pub mod build;
 pub mod decide;
+pub mod failure;
+pub mod reasons;
 
 use self::build::{
     PROGRESS_INTERVAL, SaveOutcome, SaveTarget, failed_status, milestone_crossed, nodes_booting,
     pending_status, pushing_status, running_status, same_wait, succeeded_status,
 };
 use self::decide::{Step, decide};
+use self::failure::Failure;
 use crate::controller::shared::context::{Context, FIELD_MANAGER};
 use crate::controller::shared::error::{Error, KubeResultExt, Result};
 use crate::controller::shared::lock::{Claim, claims_in};
 use crate::controller::shared::lookup::find_image;
 use crate::controller::shared::node_access::{
-    client_config, lent_device, node_device, node_target, ssh_reason, vnode_pod,
+    NoRoute, client_config, lent_device, node_device, node_target, vnode_pod,
 };
 use crate::controller::shared::registry::{
     NO_REBOOT_ANNOTATION, RESOLVE_ANNOTATION, lab_reference, pinned_reference, registry_client,
 };
 use crate::oci::RegistryClient;
 use crate::ssh::export::{self, ExportOptions};
-use crate::ssh::save::{NodeSaved, SaveError, SaveOptions, SaveProgress, push_node_changes};
+use crate::ssh::save::{NodeSaved, SaveOptions, SaveProgress, push_node_changes};
 use crate::ssh::{ClientConfig, NodeClient, NodeTarget};
 
 /// Annotation on an Image: the uid of the NodeSave that wrote its current
@@ -84,8 +87,9 @@ async fn wait(context: &Context, save: &NodeSave, reason: &str, message: &str) -
 }
 
 /// Fails the save for good (the spec cannot change: a new NodeSave is needed).
-async fn fail(context: &Context, save: &NodeSave, reason: &str, message: &str) -> Result<Action> {
-    let status = failed_status(save, reason, message, Timestamp::now());
+async fn fail(context: &Context, save: &NodeSave, failure: &Failure) -> Result<Action> {
+    let (reason, message) = (failure.reason(), failure.to_string());
+    let status = failed_status(save, reason, &message, Timestamp::now());
     write_status(context, save, &status).await?;
     context
         .event(
@@ -117,9 +121,9 @@ pub async fn reconcile(save: Arc<NodeSave>, context: Arc<Context>) -> Result<Act
         return Ok(Action::requeue(Duration::from_mins(1)));
     }
     let facts = Facts::read(&context, &save).await?;
-    if let Some((reason, message)) = &facts.device_refused {
+    if let Some(refused) = facts.device_refused {
         // A physical node whose Device is not this namespace's (any more): refused before anything else.
-        return fail(&context, &save, reason, message).await;
+        return fail(&context, &save, &Failure::NoRoute(refused)).await;
     }
     match decide(
         &save,
@@ -127,11 +131,15 @@ pub async fn reconcile(save: Arc<NodeSave>, context: Arc<Context>) -> Result<Act
         facts.other_image(&save),
         &facts.claims,
     ) {
-        Step::Wait(reason, message) => wait(&context, &save, reason, &message).await,
-        Step::Fail(reason, message) => fail(&context, &save, reason, &message).await,
+        Step::Wait(failure) => wait(&context, &save, failure.reason(), &failure.to_string()).await,
+        Step::Fail(failure) => fail(&context, &save, &failure).await,
         Step::Start(target) => {
             let Some(node) = &facts.node else {
-                return fail(&context, &save, "NodeNotFound", "the Node disappeared").await;
+                let gone = Failure::NodeNotFound {
+                    namespace: save.namespace().unwrap_or_default(),
+                    node: save.spec.node.clone(),
+                };
+                return fail(&context, &save, &gone).await;
             };
             let restarted = matches!(phase, NodeSavePhase::Running | NodeSavePhase::Pushing);
             start(&context, &save, node, target, facts.existing.as_ref(), restarted).await
@@ -146,8 +154,8 @@ struct Facts {
     existing: Option<Image>,
     /// The unfinished shells and saves of the namespace (who holds which image).
     claims: Vec<Claim>,
-    /// Why the node's Device may not be used from this namespace, if so (reason, message).
-    device_refused: Option<(&'static str, String)>,
+    /// Why the node's Device may not be used from this namespace, if so.
+    device_refused: Option<NoRoute>,
 }
 
 impl Facts {
@@ -174,7 +182,6 @@ impl Facts {
                 lent_device(node, device.as_ref())
                     .err()
                     .filter(|refused| !refused.is_transient())
-                    .map(|refused| (refused.reason(), refused.to_string()))
             }
             None => None,
         };
@@ -207,9 +214,11 @@ async fn start(
 ) -> Result<Action> {
     let mut job = match prepare(context, save, node, target, existing).await {
         Ok(job) => job,
-        Err(Prepared::Wait(reason, message)) => return wait(context, save, reason, &message).await,
-        Err(Prepared::Fail(reason, message)) => return fail(context, save, reason, &message).await,
-        Err(Prepared::Error(error)) => return Err(error),
+        Err(Failure::Api(error)) => return Err(error),
+        Err(failure) if failure.is_transient() => {
+            return wait(context, save, failure.reason(), &failure.to_string()).await;
+        }
+        Err(failure) => return fail(context, save, &failure).await,
     };
     let Some(slot) = context.saves.try_start(&save.uid().unwrap_or_default()) else {
         let message = format!(
@@ -217,7 +226,7 @@ async fn start(
             context.saves.limit(),
             context.saves.limit()
         );
-        return wait(context, save, "WaitingForSlot", &message).await;
+        return wait(context, save, reasons::WAITING_FOR_SLOT, &message).await;
     };
     // Running is recorded before the task starts: from now on this save holds
     // its image (see lock.rs), whatever other saves are reconciled meanwhile.
@@ -234,22 +243,6 @@ async fn start(
     Ok(Action::await_change())
 }
 
-/// Why a save cannot start now.
-enum Prepared {
-    /// Wait (reason, message).
-    Wait(&'static str, String),
-    /// Fail for good (reason, message).
-    Fail(&'static str, String),
-    /// Retry with backoff.
-    Error(Error),
-}
-
-impl From<Error> for Prepared {
-    fn from(error: Error) -> Self {
-        Prepared::Error(error)
-    }
-}
-
 /// Finds the base image, where the new image goes, and how to reach the node.
 async fn prepare(
     context: &Context,
@@ -257,18 +250,15 @@ async fn prepare(
     node: &Node,
     target: SaveTarget,
     existing: Option<&Image>,
-) -> std::result::Result<SaveJob, Prepared> {
+) -> std::result::Result<SaveJob, Failure> {
     let namespace = save.namespace().unwrap_or_default();
     let base_name = target.base.name.clone().unwrap_or_default();
     let base_digest = target.base.digest.clone().unwrap_or_default();
     let Some((base_image, _)) = find_image(context, &namespace, &base_name).await? else {
-        return Err(Prepared::Fail(
-            "BaseImageNotFound",
-            format!(
-                "Node {} booted image {base_name}, which no Image holds any more",
-                node.name_any()
-            ),
-        ));
+        return Err(Failure::BaseImageNotFound {
+            node: node.name_any(),
+            base: base_name,
+        });
     };
     let base_lab_reference = base_image
         .status
@@ -278,33 +268,24 @@ async fn prepare(
             || lab_reference(&base_image, &context.config.args.lab_registry),
             Ok,
         )
-        .map_err(|error| Prepared::Fail("BaseImageInvalid", error.to_string()))?;
+        .map_err(Failure::BaseImageInvalid)?;
     let base_reference = pinned_reference(&base_lab_reference, &base_digest);
     let target_image = existing.cloned().unwrap_or_else(|| {
         let mut image = Image::new(&target.image_object, walt_crds::ImageSpec::default());
         image.metadata.namespace = Some(namespace.clone());
         image
     });
-    let reference = lab_reference(&target_image, &context.config.args.lab_registry)
-        .map_err(|error| Prepared::Fail("InvalidImageName", error.to_string()))?;
-    let (repository, tag) = crate::runtime::image::split_target(&reference).map_err(|error| {
-        Prepared::Fail(
-            "ImageReferencePinned",
-            format!(
-                "image {} is at {reference}, which cannot be tagged ({error}): save under another name",
-                save.spec.image
-            ),
-        )
-    })?;
+    let reference =
+        lab_reference(&target_image, &context.config.args.lab_registry).map_err(Failure::TargetInvalid)?;
+    let (repository, tag) =
+        crate::runtime::image::split_target(&reference).map_err(|source| Failure::ImageReferencePinned {
+            image: save.spec.image.clone(),
+            reference: reference.clone(),
+            source,
+        })?;
     let pod = vnode_pod(&context.client, node).await?;
     let device = node_device(&context.client, node).await?;
-    let ssh_target = node_target(node, pod.as_ref(), device.as_ref()).map_err(|no_route| {
-        if no_route.is_transient() {
-            Prepared::Wait("NodeNotReady", no_route.to_string())
-        } else {
-            Prepared::Fail(no_route.reason(), no_route.to_string())
-        }
-    })?;
+    let ssh_target = node_target(node, pod.as_ref(), device.as_ref()).map_err(Failure::NoRoute)?;
     let ssh_config = client_config(context, node, device.as_ref())?;
     let export = ExportOptions {
         upper_dir: node.spec.overlay.upper_dir.clone(),
@@ -330,18 +311,6 @@ async fn prepare(
     })
 }
 
-/// A short, actionable reason for a failed save.
-pub fn failure_reason(error: &SaveError) -> &'static str {
-    match error {
-        SaveError::Node(error) => match ssh_reason(error) {
-            "SshFailed" => "NodeFailed",
-            other => other,
-        },
-        SaveError::Registry(_) => "PushFailed",
-        SaveError::Internal(_) => "InternalError",
-    }
-}
-
 /// Runs one save to the end and records how it ended.
 async fn run(context: &Arc<Context>, job: SaveJob, restarted: bool) {
     let mut save = job.save.clone();
@@ -356,7 +325,11 @@ async fn run(context: &Arc<Context>, job: SaveJob, restarted: bool) {
             save.spec.node, save.spec.image, job.base_reference
         )
     };
-    let reason = if restarted { "Restarted" } else { "Started" };
+    let reason = if restarted {
+        reasons::RESTARTED
+    } else {
+        reasons::STARTED
+    };
     context
         .event(&save, EventType::Normal, reason, "Save", note)
         .await;
@@ -378,17 +351,14 @@ async fn run(context: &Arc<Context>, job: SaveJob, restarted: bool) {
             );
             record_end(context, &save, &status).await;
             context
-                .event(&save, EventType::Normal, "Saved", "Save", message)
+                .event(&save, EventType::Normal, reasons::SAVED, "Save", message)
                 .await;
         }
-        Err(Failure {
-            reason: CANCELLED,
-            message,
-            ..
-        }) => {
-            tracing::info!(%message, "node save cancelled");
+        Err(cancelled @ Failure::Cancelled(_)) => {
+            tracing::info!(message = %cancelled, "node save cancelled");
         }
-        Err(Failure { reason, message, .. }) => {
+        Err(failure) => {
+            let (reason, message) = (failure.reason(), failure.to_string());
             tracing::warn!(reason, %message, "node save failed");
             let status = failed_status(&save, reason, &message, Timestamp::now());
             record_end(context, &save, &status).await;
@@ -419,29 +389,27 @@ async fn execute_with_retries(
     let mut retry = 1;
     loop {
         let failure = match execute(context, job, save).await {
-            Err(failure) if failure.retryable => failure,
+            Err(failure) if failure.is_retryable() => failure,
             other => return other,
         };
         let Some(delay) = retry_delay(retry, retries, first) else {
-            let message = format!("{} (gave up after {} attempts)", failure.message, retry);
-            return Err(Failure { message, ..failure });
+            return Err(Failure::GaveUp {
+                attempts: retry,
+                last: Box::new(failure),
+            });
         };
         let note = format!(
-            "{}: {}; trying again in {} s (retry {retry} of {retries})",
-            failure.reason,
-            failure.message,
+            "{}: {failure}; trying again in {} s (retry {retry} of {retries})",
+            failure.reason(),
             delay.as_secs()
         );
         tracing::warn!(%note, "node save will be retried");
         context
-            .event(save, EventType::Warning, "Retrying", "Save", note)
+            .event(save, EventType::Warning, reasons::RETRYING, "Save", note)
             .await;
         tokio::time::sleep(delay).await;
         if !still_wanted(context, save).await {
-            return Err(Failure::from((
-                CANCELLED,
-                "the NodeSave was deleted while it waited to retry".into(),
-            )));
+            return Err(Failure::Cancelled("while it waited to retry".into()));
         }
         retry += 1;
     }
@@ -462,35 +430,6 @@ async fn record_end(context: &Context, save: &NodeSave, status: &walt_crds::Node
     }
 }
 
-/// Why a save run ended without a result: the reason (condition and Event), the message, and
-/// whether trying again later may succeed (the registry failed in a way that may pass).
-struct Failure {
-    reason: &'static str,
-    message: String,
-    retryable: bool,
-}
-
-impl From<(&'static str, String)> for Failure {
-    fn from((reason, message): (&'static str, String)) -> Self {
-        Self {
-            reason,
-            message,
-            retryable: false,
-        }
-    }
-}
-
-impl Failure {
-    /// A failure caused by the registry: retryable when its error is transient.
-    fn registry(reason: &'static str, error: &crate::oci::Error, message: String) -> Self {
-        Self {
-            reason,
-            message,
-            retryable: error.is_transient(),
-        }
-    }
-}
-
 /// How long to wait before retry number `retry` (1-based) of a save, or `None` when the retries
 /// are used up (pure): `first`, doubling each time, at most 5 minutes.
 pub fn retry_delay(retry: u32, retries: u32, first: Duration) -> Option<Duration> {
@@ -500,9 +439,6 @@ pub fn retry_delay(retry: u32, retries: u32, first: Duration) -> Option<Duration
             .min(Duration::from_mins(5))
     })
 }
-
-/// Reason of a save whose NodeSave was deleted while it ran.
-const CANCELLED: &str = "Cancelled";
 
 /// Whether an API error says the NodeSave is gone.
 fn is_gone(error: &Error) -> bool {
@@ -529,7 +465,7 @@ async fn execute(
 ) -> std::result::Result<(SaveOutcome, usize), Failure> {
     let client = NodeClient::connect(&job.ssh_target, &job.ssh_config)
         .await
-        .map_err(|error| Failure::from((ssh_reason(&error), error.to_string())))?;
+        .map_err(Failure::Connect)?;
     let transferred = transfer(context, job, save, &client).await;
     // The one place the connection ends, whatever the transfer did.
     client.close().await;
@@ -547,18 +483,14 @@ async fn transfer(
 ) -> std::result::Result<(RegistryClient, NodeSaved), Failure> {
     let plan = export::plan(client, &job.export)
         .await
-        .map_err(|error| Failure::from(("NodeNotSaveable", error.to_string())))?;
-    let registry = registry_client(context)
-        .map_err(|error| Failure::from(("RegistryUnavailable", error.to_string())))?;
+        .map_err(Failure::NotSaveable)?;
+    let registry = registry_client(context).map_err(Failure::RegistryUnavailable)?;
     let base = registry
         .resolve(&job.base_reference, None)
         .await
-        .map_err(|error| {
-            let message = format!(
-                "the image the node booted ({}) cannot be read: {error}",
-                job.base_reference
-            );
-            Failure::registry("BaseImageUnavailable", &error, message)
+        .map_err(|source| Failure::BaseImageUnavailable {
+            reference: job.base_reference.clone(),
+            source,
         })?;
     let options = save_options(&save.spec, &job.repository);
     // Progress goes through a watch channel to a reporter that writes the
@@ -587,16 +519,9 @@ async fn transfer(
     };
     reporter.abort();
     let Some(pushed) = pushed else {
-        return Err(Failure::from((
-            CANCELLED,
-            "the NodeSave was deleted while it ran".into(),
-        )));
+        return Err(Failure::Cancelled("while it ran".into()));
     };
-    let saved = pushed.map_err(|error| Failure {
-        reason: failure_reason(&error),
-        message: error.to_string(),
-        retryable: matches!(&error, SaveError::Registry(registry) if registry.is_transient()),
-    })?;
+    let saved = pushed.map_err(Failure::Transfer)?;
     Ok((registry, saved))
 }
 
@@ -645,7 +570,7 @@ async fn report_progress(
                 now.files
             );
             context
-                .event(&save, EventType::Normal, "Progress", "Save", note)
+                .event(&save, EventType::Normal, reasons::PROGRESS, "Save", note)
                 .await;
         }
         last_bytes = now.bytes;
@@ -676,21 +601,20 @@ async fn publish(
         saved.progress.bytes, saved.progress.files, saved.pushed.reference, job.tag
     );
     context
-        .event(save, EventType::Normal, "Pushed", "Save", note)
+        .event(save, EventType::Normal, reasons::PUSHED, "Save", note)
         .await;
     if !still_wanted(context, save).await {
-        let message = format!(
-            "the NodeSave was deleted before the tag moved: {} stays untagged",
+        return Err(Failure::Cancelled(format!(
+            "before the tag moved: {} stays untagged",
             saved.pushed.reference
-        );
-        return Err(Failure::from((CANCELLED, message)));
+        )));
     }
     registry
         .tag(&job.repository, &saved.pushed.manifest_digest, &job.tag)
         .await
-        .map_err(|error| {
-            let message = format!("pushed {} but tagging it failed: {error}", saved.pushed.reference);
-            Failure::registry("TagFailed", &error, message)
+        .map_err(|source| Failure::TagFailed {
+            pushed: saved.pushed.reference.clone(),
+            source,
         })?;
     let rebooting = if job.target.exists && save.spec.reboot_nodes {
         nodes_booting(&job.nodes, &job.target.image_object)
@@ -699,12 +623,7 @@ async fn publish(
     };
     update_image(context, save, job, &saved.pushed.manifest_digest)
         .await
-        .map_err(|error| {
-            Failure::from((
-                "ImageUpdateFailed",
-                format!("the tag moved, but updating the Image failed: {error}"),
-            ))
-        })?;
+        .map_err(Failure::ImageUpdateFailed)?;
     Ok((outcome_of(job, saved), rebooting))
 }
 
@@ -758,7 +677,6 @@ async fn update_image(context: &Context, save: &NodeSave, job: &SaveJob, digest:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ssh::SshError;
 
     #[test]
     fn retries_wait_longer_each_time_and_stop_at_the_budget() {
@@ -769,31 +687,5 @@ mod tests {
         assert_eq!(retry_delay(6, 5, five), None, "budget used up");
         assert_eq!(retry_delay(1, 0, five), None, "no retries");
         assert_eq!(retry_delay(12, 20, five), Some(Duration::from_mins(5)), "capped");
-    }
-
-    #[test]
-    fn failure_reasons() {
-        let target = NodeTarget {
-            user: "root".into(),
-            host: "127.0.0.1".into(),
-            port: 1,
-        };
-        assert_eq!(
-            failure_reason(&SaveError::Node(SshError::Refused {
-                target: target.clone()
-            })),
-            "ConnectionRefused"
-        );
-        assert_eq!(
-            failure_reason(&SaveError::Node(SshError::Unreachable {
-                target,
-                reason: "timeout".into()
-            })),
-            "Unreachable"
-        );
-        assert_eq!(
-            failure_reason(&SaveError::Registry(crate::oci::Error::Internal("x".into()))),
-            "PushFailed"
-        );
     }
 }

@@ -322,13 +322,28 @@ pub async fn vnode_pod(client: &Client, node: &Node) -> Result<Option<Pod>> {
         .map(|pod| pod.filter(|pod| owned_by(pod, node)))
 }
 
+/// Reason: the node refused the SSH connection.
+pub const CONNECTION_REFUSED: &str = "ConnectionRefused";
+/// Reason: the node's host key is not the one recorded.
+pub const HOST_KEY_MISMATCH: &str = "HostKeyMismatch";
+/// Reason: the node did not answer.
+pub const UNREACHABLE: &str = "Unreachable";
+/// Reason: any other SSH failure.
+pub const SSH_FAILED: &str = "SshFailed";
+
 /// A short reason for an SSH failure (a condition reason and Event reason).
 pub fn ssh_reason(error: &SshError) -> &'static str {
+    ssh_reason_or(error, SSH_FAILED)
+}
+
+/// The reason of an SSH failure that says what happened (refused, host key, unreachable), else
+/// `other` (the caller's word for a failure during its work).
+pub fn ssh_reason_or(error: &SshError, other: &'static str) -> &'static str {
     match error {
-        SshError::Refused { .. } => "ConnectionRefused",
-        SshError::HostKeyMismatch { .. } => "HostKeyMismatch",
-        SshError::Unreachable { .. } => "Unreachable",
-        _ => "SshFailed",
+        SshError::Refused { .. } => CONNECTION_REFUSED,
+        SshError::HostKeyMismatch { .. } => HOST_KEY_MISMATCH,
+        SshError::Unreachable { .. } => UNREACHABLE,
+        _ => other,
     }
 }
 

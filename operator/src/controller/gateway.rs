@@ -36,10 +36,77 @@ use tokio_util::sync::CancellationToken;
 use walt_crds::{Device, Node, ShellSession, ShellSessionPhase};
 
 use super::config::Config;
-use super::shared::node_access::{host_key_policy, node_device, node_target, vnode_pod};
+use super::shared::error::{Error, KubeResultExt};
+use super::shared::node_access::{
+    HostKeyError, NoRoute, host_key_policy, node_device, node_target, vnode_pod,
+};
 use super::shared::session::{ACTIVITY_PUBLISH_INTERVAL, GATEWAY_FIELD_MANAGER, session_duration};
 use crate::ssh::Transport;
 use crate::ssh::gateway::{Authorization, Authorizations, Gateway, GatewayConfig};
+
+/// Why the gateway cannot start, or cannot authorize a session.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The session's `ttl` is not a duration (the parser's words).
+    #[error("spec.ttl of ShellSession {session}: {reason}")]
+    Ttl {
+        /// The session's name.
+        session: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The session carries no public key.
+    #[error("ShellSession {session} has no spec.publicKey")]
+    NoPublicKey {
+        /// The session's name.
+        session: String,
+    },
+    /// The session's public key does not parse.
+    #[error("spec.publicKey of ShellSession {session}: {source}")]
+    PublicKey {
+        /// The session's name.
+        session: String,
+        /// The parser's error.
+        source: Box<crate::ssh::SshError>,
+    },
+    /// The node has no route the operator may use (not lent, not bound, pod not running…).
+    #[error(transparent)]
+    NoRoute(#[from] NoRoute),
+    /// The node's recorded or pinned host key does not parse.
+    #[error(transparent)]
+    HostKey(#[from] HostKeyError),
+    /// The Node of the session does not exist.
+    #[error("Node {namespace}/{node} not found")]
+    NodeNotFound {
+        /// The session's namespace.
+        namespace: String,
+        /// `spec.node`.
+        node: String,
+    },
+    /// The API server failed.
+    #[error(transparent)]
+    Api(#[from] Error),
+    /// The configured gateway host key is not usable.
+    #[error("the gateway host key is not usable: {0}")]
+    GatewayHostKey(#[source] russh::keys::Error),
+    /// No randomness for a fresh gateway host key.
+    #[error("reading /dev/urandom for the gateway host key: {0}")]
+    Random(#[source] std::io::Error),
+    /// The lab's node key is not usable.
+    #[error("the lab node key: {0}")]
+    NodeKey(#[source] Box<crate::ssh::SshError>),
+    /// The gateway address cannot be listened on.
+    #[error("cannot listen on {address} for the SSH gateway: {source}")]
+    Listen {
+        /// `--gateway-addr`.
+        address: SocketAddr,
+        /// The socket error.
+        source: std::io::Error,
+    },
+    /// The listener has no local address.
+    #[error("the gateway listener has no address: {0}")]
+    NoAddress(#[source] std::io::Error),
+}
 
 /// The key of a session in the gateway's authorization set: `namespace/name`.
 pub fn session_key(session: &ShellSession) -> String {
@@ -63,9 +130,11 @@ pub fn admits(session: &ShellSession) -> bool {
 }
 
 /// When a session's authorization ends (pure): its creation time plus its ttl.
-pub fn expiry(session: &ShellSession) -> Result<SystemTime, String> {
-    let ttl = session_duration(&session.spec.ttl)
-        .map_err(|error| format!("spec.ttl of ShellSession {}: {error}", session.name_any()))?;
+pub fn expiry(session: &ShellSession) -> Result<SystemTime, GatewayError> {
+    let ttl = session_duration(&session.spec.ttl).map_err(|reason| GatewayError::Ttl {
+        session: session.name_any(),
+        reason,
+    })?;
     let created = session
         .creation_timestamp()
         .map_or_else(SystemTime::now, |time| SystemTime::from(time.0));
@@ -79,17 +148,22 @@ pub fn authorization_of(
     node: &Node,
     vnode_pod: Option<&Pod>,
     device: Option<&Device>,
-) -> Result<Authorization, String> {
+) -> Result<Authorization, GatewayError> {
     let key_line = session
         .spec
         .public_key
         .as_deref()
-        .ok_or_else(|| format!("ShellSession {} has no spec.publicKey", session.name_any()))?;
-    let public_key = crate::ssh::client::parse_public_key(key_line)
-        .map_err(|error| format!("spec.publicKey of ShellSession {}: {error}", session.name_any()))?;
+        .ok_or_else(|| GatewayError::NoPublicKey {
+            session: session.name_any(),
+        })?;
+    let public_key =
+        crate::ssh::client::parse_public_key(key_line).map_err(|source| GatewayError::PublicKey {
+            session: session.name_any(),
+            source: Box::new(source),
+        })?;
     Ok(Authorization {
         session_id: session_key(session),
-        node: node_target(node, vnode_pod, device).map_err(|no_route| no_route.to_string())?,
+        node: node_target(node, vnode_pod, device)?,
         node_host_key: host_key_policy(node, device)?,
         public_key,
         expires_at: expiry(session)?,
@@ -98,34 +172,35 @@ pub fn authorization_of(
 
 /// Reads the Node (and its pod, for a virtual node) a session targets and
 /// builds its authorization.
-pub async fn resolve_authorization(client: &Client, session: &ShellSession) -> Result<Authorization, String> {
+pub async fn resolve_authorization(
+    client: &Client,
+    session: &ShellSession,
+) -> Result<Authorization, GatewayError> {
     let namespace = session.namespace().unwrap_or_default();
     let node_name = session.spec.node.clone().unwrap_or_default();
     let nodes: Api<Node> = Api::namespaced(client.clone(), &namespace);
     let node = nodes
         .get_opt(&node_name)
         .await
-        .map_err(|error| format!("reading Node {namespace}/{node_name}: {error}"))?
-        .ok_or_else(|| format!("Node {namespace}/{node_name} not found"))?;
-    let pod = vnode_pod(client, &node)
-        .await
-        .map_err(|error| error.to_string())?;
-    let device = node_device(client, &node)
-        .await
-        .map_err(|error| error.to_string())?;
+        .context(|| format!("reading Node {namespace}/{node_name}"))?
+        .ok_or_else(|| GatewayError::NodeNotFound {
+            namespace: namespace.clone(),
+            node: node_name.clone(),
+        })?;
+    let pod = vnode_pod(client, &node).await?;
+    let device = node_device(client, &node).await?;
     authorization_of(session, &node, pod.as_ref(), device.as_ref())
 }
 
 /// The gateway's host key: the configured one, else a fresh Ed25519 key.
-pub fn host_key(config: &Config) -> Result<PrivateKey, String> {
+pub fn host_key(config: &Config) -> Result<PrivateKey, GatewayError> {
     if let Some(text) = &config.gateway_host_key {
-        return russh::keys::decode_secret_key(text, None)
-            .map_err(|error| format!("the gateway host key is not usable: {error}"));
+        return russh::keys::decode_secret_key(text, None).map_err(GatewayError::GatewayHostKey);
     }
     let mut seed = [0_u8; 32];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut random| std::io::Read::read_exact(&mut random, &mut seed))
-        .map_err(|error| format!("reading /dev/urandom for the gateway host key: {error}"))?;
+        .map_err(GatewayError::Random)?;
     let pair = russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&seed);
     Ok(PrivateKey::from(pair))
 }
@@ -136,9 +211,9 @@ pub async fn start(
     client: Client,
     config: Arc<Config>,
     shutdown: CancellationToken,
-) -> Result<(SocketAddr, Authorizations), String> {
-    let node_key =
-        crate::ssh::client::decode_key(config.node_key.as_bytes()).map_err(|error| error.to_string())?;
+) -> Result<(SocketAddr, Authorizations), GatewayError> {
+    let node_key = crate::ssh::client::decode_key(config.node_key.as_bytes())
+        .map_err(|error| GatewayError::NodeKey(Box::new(error)))?;
     let mut gateway_config = GatewayConfig::new(host_key(&config)?, node_key);
     if let Some(command) = &config.args.node_proxy_command {
         gateway_config.node_transport = Transport::ProxyCommand(command.clone());
@@ -146,15 +221,11 @@ pub async fn start(
     let fingerprint = crate::ssh::client::fingerprint(gateway_config.host_key.public_key());
     let listener = tokio::net::TcpListener::bind(config.args.gateway_addr)
         .await
-        .map_err(|error| {
-            format!(
-                "cannot listen on {} for the SSH gateway: {error}",
-                config.args.gateway_addr
-            )
+        .map_err(|source| GatewayError::Listen {
+            address: config.args.gateway_addr,
+            source,
         })?;
-    let address = listener
-        .local_addr()
-        .map_err(|error| format!("the gateway listener has no address: {error}"))?;
+    let address = listener.local_addr().map_err(GatewayError::NoAddress)?;
     let authorizations = Authorizations::new();
     let gateway = Gateway::new(gateway_config, authorizations.clone());
     let serve_stop = shutdown.clone();
@@ -388,10 +459,21 @@ mod tests {
             Some(&device("bob", &node)),
         )
         .expect_err("not lent");
-        assert!(refused.contains("not lent to the namespace alice"), "{refused}");
+        assert!(
+            matches!(refused, GatewayError::NoRoute(NoRoute::DeviceNotLent { .. })),
+            "{refused}"
+        );
+        assert!(
+            refused.to_string().contains("not lent to the namespace alice"),
+            "{refused}"
+        );
         let refused =
             authorization_of(&session(ShellSessionPhase::Running), &node, None, None).expect_err("no device");
-        assert!(refused.contains("does not exist"), "{refused}");
+        assert!(
+            matches!(refused, GatewayError::NoRoute(NoRoute::DeviceNotFound { .. })),
+            "{refused}"
+        );
+        assert!(refused.to_string().contains("does not exist"), "{refused}");
     }
 
     #[test]
@@ -502,6 +584,7 @@ mod tests {
         assert!(
             host_key_policy(&node, Some(&pi))
                 .unwrap_err()
+                .to_string()
                 .contains("host key of Node rpi1")
         );
     }

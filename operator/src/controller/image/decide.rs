@@ -132,14 +132,12 @@ mod tests {
         }
     }
 
-    fn found() -> Option<Lookup> {
-        Some(Lookup::Found(Box::new(resolved())))
+    fn found() -> Lookup {
+        Lookup::Found(Box::new(resolved()))
     }
 
-    fn not_found() -> Option<Lookup> {
-        Some(Lookup::NotFound(Arc::new(crate::oci::Error::Internal(
-            "404".into(),
-        ))))
+    fn not_found() -> Lookup {
+        Lookup::NotFound(Arc::new(crate::oci::Error::Internal("404".into())))
     }
 
     #[test]
@@ -154,7 +152,7 @@ mod tests {
     fn a_missing_image_with_a_source_is_cloned_once_then_reported() {
         let with_source = image(Some("docker.io/library/debian:12"), None);
         let missing = Observed {
-            lookup: not_found(),
+            lookup: Some(not_found()),
             ..Observed::default()
         };
         assert!(matches!(
@@ -170,7 +168,7 @@ mod tests {
             Step::ReportResolveFailure(_)
         ));
         let without_source = Observed {
-            lookup: not_found(),
+            lookup: Some(not_found()),
             ..Observed::default()
         };
         assert!(matches!(
@@ -196,7 +194,7 @@ mod tests {
     #[test]
     fn a_resolved_image_is_recorded_ready() {
         let observed = Observed {
-            lookup: found(),
+            lookup: Some(found()),
             ..Observed::default()
         };
         assert!(matches!(
@@ -209,7 +207,7 @@ mod tests {
     fn a_squash_waits_for_the_holder_then_runs() {
         let requested = image(None, Some("2026-12-05T10:00:00Z"));
         let mut observed = Observed {
-            lookup: found(),
+            lookup: Some(found()),
             ..Observed::default()
         };
         assert!(matches!(decide(&requested, &observed), Step::FindHolder));

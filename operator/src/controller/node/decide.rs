@@ -191,6 +191,9 @@ fn unreachable(
     decision.requeue = probe_delay(status, interval, now);
 }
 
+// A little long: the states of a reached node in the order they are checked (reboot requested,
+// reboot not happened yet, not booted, booted on the wrong image, ready), each a short early return.
+/// Decides what a node that answered over SSH needs.
 fn reached_node(
     node: &Node,
     decision: &mut Decision,

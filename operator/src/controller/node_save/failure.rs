@@ -88,17 +88,17 @@ pub enum Failure {
         /// Its reference.
         reference: String,
         /// Why it has no tag.
-        source: crate::runtime::image::ImageError,
+        source: Box<crate::runtime::image::ImageError>,
     },
     /// The API server failed: the reconcile is retried with backoff.
     #[error(transparent)]
     Api(#[from] Error),
     /// Connecting to the node failed.
     #[error("{0}")]
-    Connect(#[source] SshError),
+    Connect(#[source] Box<SshError>),
     /// The node's files cannot be saved as they are.
     #[error("{0}")]
-    NotSaveable(#[source] SshError),
+    NotSaveable(#[source] Box<SshError>),
     /// The operator has no usable registry client.
     #[error("{0}")]
     RegistryUnavailable(#[source] Error),
@@ -108,18 +108,18 @@ pub enum Failure {
         /// Its pinned reference.
         reference: String,
         /// The registry's answer.
-        source: crate::oci::Error,
+        source: Box<crate::oci::Error>,
     },
     /// Reading the node or pushing the layer failed.
     #[error("{0}")]
-    Transfer(#[source] SaveError),
+    Transfer(#[source] Box<SaveError>),
     /// Pushed by digest, but the tag did not move.
     #[error("pushed {pushed} but tagging it failed: {source}")]
     TagFailed {
         /// The pushed image, by digest.
         pushed: String,
         /// The registry's answer.
-        source: crate::oci::Error,
+        source: Box<crate::oci::Error>,
     },
     /// The tag moved, but the Image object could not be updated.
     #[error("the tag moved, but updating the Image failed: {0}")]
@@ -158,9 +158,11 @@ impl Failure {
             Failure::NotSaveable(_) => reasons::NODE_NOT_SAVEABLE,
             Failure::RegistryUnavailable(_) => reasons::REGISTRY_UNAVAILABLE,
             Failure::BaseImageUnavailable { .. } => reasons::BASE_IMAGE_UNAVAILABLE,
-            Failure::Transfer(SaveError::Node(error)) => ssh_reason_or(error, reasons::NODE_FAILED),
-            Failure::Transfer(SaveError::Registry(_)) => reasons::PUSH_FAILED,
-            Failure::Transfer(SaveError::Internal(_)) => reasons::INTERNAL_ERROR,
+            Failure::Transfer(error) => match error.as_ref() {
+                SaveError::Node(error) => ssh_reason_or(error, reasons::NODE_FAILED),
+                SaveError::Registry(_) => reasons::PUSH_FAILED,
+                SaveError::Internal(_) => reasons::INTERNAL_ERROR,
+            },
             Failure::TagFailed { .. } => reasons::TAG_FAILED,
             Failure::ImageUpdateFailed(_) => reasons::IMAGE_UPDATE_FAILED,
             Failure::Cancelled(_) => reasons::CANCELLED,
@@ -184,7 +186,9 @@ impl Failure {
             Failure::BaseImageUnavailable { source, .. } | Failure::TagFailed { source, .. } => {
                 source.is_transient()
             }
-            Failure::Transfer(SaveError::Registry(error)) => error.is_transient(),
+            Failure::Transfer(error) => {
+                matches!(error.as_ref(), SaveError::Registry(error) if error.is_transient())
+            }
             _ => false,
         }
     }
@@ -205,14 +209,16 @@ mod tests {
 
     #[test]
     fn node_failures_are_named_by_what_happened() {
-        let refused = Failure::Transfer(SaveError::Node(SshError::Refused { target: target() }));
+        let refused = Failure::Transfer(Box::new(SaveError::Node(SshError::Refused { target: target() })));
         assert_eq!(refused.reason(), "ConnectionRefused");
-        let unreachable = Failure::Connect(SshError::Unreachable {
+        let unreachable = Failure::Connect(Box::new(SshError::Unreachable {
             target: target(),
             reason: "timeout".into(),
-        });
+        }));
         assert_eq!(unreachable.reason(), "Unreachable");
-        let push = Failure::Transfer(SaveError::Registry(crate::oci::Error::Internal("x".into())));
+        let push = Failure::Transfer(Box::new(SaveError::Registry(crate::oci::Error::Internal(
+            "x".into(),
+        ))));
         assert_eq!(push.reason(), reasons::PUSH_FAILED);
         assert!(!push.is_retryable(), "an internal error does not pass by itself");
     }
@@ -237,7 +243,7 @@ mod tests {
     fn giving_up_keeps_the_last_reason_and_counts_the_attempts() {
         let last = Failure::TagFailed {
             pushed: "lab/alice/x@sha256:a".into(),
-            source: crate::oci::Error::Internal("503".into()),
+            source: Box::new(crate::oci::Error::Internal("503".into())),
         };
         let gave_up = Failure::GaveUp {
             attempts: 6,

@@ -281,7 +281,7 @@ async fn prepare(
         crate::runtime::image::split_target(&reference).map_err(|source| Failure::ImageReferencePinned {
             image: save.spec.image.clone(),
             reference: reference.clone(),
-            source,
+            source: Box::new(source),
         })?;
     let pod = vnode_pod(&context.client, node).await?;
     let device = node_device(&context.client, node).await?;
@@ -465,7 +465,7 @@ async fn execute(
 ) -> std::result::Result<(SaveOutcome, usize), Failure> {
     let client = NodeClient::connect(&job.ssh_target, &job.ssh_config)
         .await
-        .map_err(Failure::Connect)?;
+        .map_err(|error| Failure::Connect(Box::new(error)))?;
     let transferred = transfer(context, job, save, &client).await;
     // The one place the connection ends, whatever the transfer did.
     client.close().await;
@@ -483,14 +483,14 @@ async fn transfer(
 ) -> std::result::Result<(RegistryClient, NodeSaved), Failure> {
     let plan = export::plan(client, &job.export)
         .await
-        .map_err(Failure::NotSaveable)?;
+        .map_err(|error| Failure::NotSaveable(Box::new(error)))?;
     let registry = registry_client(context).map_err(Failure::RegistryUnavailable)?;
     let base = registry
         .resolve(&job.base_reference, None)
         .await
         .map_err(|source| Failure::BaseImageUnavailable {
             reference: job.base_reference.clone(),
-            source,
+            source: Box::new(source),
         })?;
     let options = save_options(&save.spec, &job.repository);
     // Progress goes through a watch channel to a reporter that writes the
@@ -521,7 +521,7 @@ async fn transfer(
     let Some(pushed) = pushed else {
         return Err(Failure::Cancelled("while it ran".into()));
     };
-    let saved = pushed.map_err(Failure::Transfer)?;
+    let saved = pushed.map_err(|error| Failure::Transfer(Box::new(error)))?;
     Ok((registry, saved))
 }
 
@@ -614,7 +614,7 @@ async fn publish(
         .await
         .map_err(|source| Failure::TagFailed {
             pushed: saved.pushed.reference.clone(),
-            source,
+            source: Box::new(source),
         })?;
     let rebooting = if job.target.exists && save.spec.reboot_nodes {
         nodes_booting(&job.nodes, &job.target.image_object)

@@ -260,16 +260,29 @@ pub fn owned_by(pod: &Pod, node: &Node) -> bool {
         .any(|owner| owner.controller == Some(true) && owner.kind == "Node" && owner.uid == uid)
 }
 
+/// A node's pinned or recorded host key does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("host key of Node {node}: {source}")]
+pub struct HostKeyError {
+    /// The Node's name.
+    pub node: String,
+    /// The parser's error.
+    pub source: Box<SshError>,
+}
+
 /// How a node's host key is checked (pure): pinned by its Device, else the one the operator
 /// recorded in the Node's status, else trust on first use.
-pub fn host_key_policy(node: &Node, device: Option<&Device>) -> Result<HostKeyPolicy, String> {
+pub fn host_key_policy(node: &Node, device: Option<&Device>) -> Result<HostKeyPolicy, HostKeyError> {
     let pinned = device
         .and_then(|device| device.spec.host_key.as_deref())
         .or_else(|| node.status.as_ref().and_then(|status| status.host_key.as_deref()));
     match pinned {
         Some(line) => crate::ssh::client::parse_public_key(line)
             .map(HostKeyPolicy::Pinned)
-            .map_err(|error| format!("host key of Node {}: {error}", node.name_any())),
+            .map_err(|source| HostKeyError {
+                node: node.name_any(),
+                source: Box::new(source),
+            }),
         None => Ok(HostKeyPolicy::TrustOnFirstUse),
     }
 }
@@ -280,7 +293,7 @@ pub fn host_key_policy(node: &Node, device: Option<&Device>) -> Result<HostKeyPo
 pub fn client_config(context: &Context, node: &Node, device: Option<&Device>) -> Result<ClientConfig> {
     let key = crate::ssh::client::decode_key(context.config.node_key.as_bytes())
         .map_err(|e| Error::Config(e.to_string()))?;
-    let policy = host_key_policy(node, device).map_err(Error::Invalid)?;
+    let policy = host_key_policy(node, device).map_err(|error| Error::Invalid(error.to_string()))?;
     let mut config = ClientConfig::new(key, policy);
     config.connect_timeout = CONNECT_TIMEOUT;
     config.transport = match (&node.spec.virtual_node, &context.config.args.node_proxy_command) {

@@ -101,6 +101,8 @@ fn ceiling_notes(ttl: Bounded, idle: Bounded) -> Option<String> {
     (!notes.is_empty()).then(|| notes.join("; "))
 }
 
+// A little long: one guard per way a node shell ends or waits, in the order the user should hear
+// about them (ttl, idle, key, node, route, host key); each guard is a few lines and returns.
 /// Decides a node shell's next step (pure) from the session, its Node (if found), the Node's
 /// virtual node pod (if any), its lifetime under the lab's ceilings and now.
 pub fn decide(
@@ -188,7 +190,11 @@ pub fn decide(
         };
     }
     if let Err(why) = host_key_policy(node, device) {
-        return ended(ShellSessionPhase::Failed, reasons::INVALID_HOST_KEY, why);
+        return ended(
+            ShellSessionPhase::Failed,
+            reasons::INVALID_HOST_KEY,
+            why.to_string(),
+        );
     }
     Step::Authorize {
         until_ttl,
@@ -450,6 +456,7 @@ mod tests {
         assert_eq!(reason(&old), reasons::TTL_EXPIRED);
     }
 
+    // Long: one table of every refusal and its reason, read in one place.
     #[test]
     fn each_refusal_has_its_reason() {
         let hour = Duration::from_hours(1);

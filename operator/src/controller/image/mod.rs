@@ -1,7 +1,8 @@
-//! Image reconcile: dereference (the lab reference) → clone `spec.source`
-//! into it when the lab registry does not have it → resolve at the registry
-//! (and, once per digest, the image-shell mode) → status (pure, in
-//! [`build`]).
+//! Image reconcile: dereference (the lab reference, the pull credentials) → the pure [`decide`]
+//! (resolve; clone `spec.source` when the lab registry does not have it; squash on request, once
+//! no shell, copy or save holds the image; record the facts) → perform the step → one status write
+//! (the statuses are pure, in [`build`]). Failures are [`Failure`]s: each names its reason and how
+//! soon to look again.
 //!
 //! The registry is asked again every `--resolve-interval` (tags move); a
 //! failure keeps the last known facts and says why in `Ready=False`.

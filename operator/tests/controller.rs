@@ -1782,6 +1782,115 @@ fn node_shell_through_the_operator_gateway_until_ttl_or_deletion() {
     );
 }
 
+/// The lab takes a Device back while a tenant's node shell on it is open: within the recheck
+/// interval the gateway closes the open connection (it checks on its own, whatever the
+/// ShellSession says), refuses new ones, and the session ends `Failed` saying the device is no
+/// longer lent; nothing a tenant writes is needed for it.
+#[test]
+fn a_device_taken_back_closes_its_open_shell_and_ends_the_session() {
+    let cluster = cluster();
+    let node = walt_tests::sshnode::SshNode::busybox()
+        .expect("start an sshd node (needs root, openssh-server, socat, iproute2)");
+    let namespace = tenant_with_key(cluster, "op-revoke", &node.client_key());
+    let operator = operator_for_node(cluster, &namespace, "revoke-test", &node, &[]);
+    let device = lend_device(
+        cluster,
+        &namespace,
+        "rpi",
+        &node.address().to_string(),
+        Some(node.host_public_key().trim()),
+    );
+    apply(
+        cluster,
+        &namespace,
+        &format!(
+            "apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {{name: rpi1}}\n\
+             spec: {{model: rpi-4-b, device: {device}}}\n"
+        ),
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let user_key = walt_tests::sshnode::keygen(dir.path(), "user");
+    let public_key = std::fs::read_to_string(user_key.with_extension("pub")).expect("public key");
+    apply(
+        cluster,
+        &namespace,
+        &shell_session_yaml("work", "rpi1", &public_key, "1h"),
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "shellsession/work",
+        "{.status.phase}",
+        "Running",
+        Duration::from_mins(1),
+        &operator,
+    );
+    let mut open = gateway_ssh(&operator, "work", &user_key, "echo connected; sleep 300")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run ssh");
+    let mut first_line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(open.stdout.as_mut().expect("stdout")),
+        &mut first_line,
+    )
+    .expect("read");
+    assert_eq!(first_line, "connected\n");
+
+    // The lab lends the device to another namespace.
+    let started = Instant::now();
+    cluster
+        .kubectl_output(&[
+            "patch",
+            &format!("device/{device}"),
+            "--type=merge",
+            "-p",
+            "{\"spec\":{\"lentTo\":{\"namespace\":\"somebody-else\"}}}",
+        ])
+        .expect("take the device back");
+    let closed = Wait::new(
+        "the open connection to close after the device was taken back",
+        Duration::from_mins(1),
+    )
+    .every(Duration::from_millis(200))
+    .until(|| open.try_wait().expect("wait ssh"));
+    if let Err(e) = closed {
+        let _ = open.kill();
+        panic!("{e}\noperator log:\n{}", operator.log());
+    }
+    eprintln!(
+        "open connection closed {:?} after the device was taken back",
+        started.elapsed()
+    );
+    let out = gateway_ssh(&operator, "work", &user_key, "true")
+        .output()
+        .expect("run ssh");
+    assert_eq!(
+        out.status.code(),
+        Some(255),
+        "the key is refused once the device is taken back"
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "shellsession/work",
+        "{.status.phase}",
+        "Failed",
+        Duration::from_mins(1),
+        &operator,
+    );
+    let message = jsonpath(
+        cluster,
+        &namespace,
+        "shellsession/work",
+        "{.status.conditions[*].message}",
+    );
+    assert!(
+        message.contains(&format!("not lent to the namespace {namespace}")),
+        "{message}"
+    );
+}
+
 /// `walt.dev/squash-requested-at` on an Image: the operator rewrites it as one layer under the same
 /// tag; umoci sees exactly the files of the layered original (deletions and a recreated directory
 /// included), the status says one layer, and an Event says what happened, once per request.

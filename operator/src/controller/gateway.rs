@@ -40,7 +40,9 @@ use super::shared::error::{Error, KubeResultExt};
 use super::shared::node_access::{
     HostKeyError, NoRoute, host_key_policy, node_device, node_target, vnode_pod,
 };
-use super::shared::session::{ACTIVITY_PUBLISH_INTERVAL, GATEWAY_FIELD_MANAGER, session_duration};
+use super::shared::session::{
+    ACCESS_RECHECK, ACTIVITY_PUBLISH_INTERVAL, GATEWAY_FIELD_MANAGER, session_duration,
+};
 use crate::ssh::Transport;
 use crate::ssh::gateway::{Authorization, Authorizations, Gateway, GatewayConfig};
 
@@ -261,6 +263,10 @@ async fn sync(
     let mut published: HashMap<String, SystemTime> = HashMap::new();
     let mut publish = tokio::time::interval(Duration::from_secs(5));
     publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The sessions as last seen, to check again that their nodes may still be reached.
+    let mut seen: HashMap<String, ShellSession> = HashMap::new();
+    let mut recheck = tokio::time::interval(ACCESS_RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let event = tokio::select! {
             event = events.next() => event,
@@ -268,24 +274,39 @@ async fn sync(
                 publish_activity(&client, &authorizations, &mut published).await;
                 continue;
             }
+            _ = recheck.tick() => {
+                // A Device taken back (or its binding moved) changes no ShellSession: look again
+                // at every admitted one, and revoke (closing its connections) what may no longer go.
+                for session in seen.values() {
+                    update(&client, &authorizations, session).await;
+                }
+                continue;
+            }
             () = shutdown.cancelled() => return,
         };
         let Some(event) = event else { return };
         match event {
             Ok(watcher::Event::Apply(session) | watcher::Event::InitApply(session)) => {
-                if let Some(seen) = relisted.as_mut() {
-                    seen.insert(session_key(&session));
+                if let Some(relisted) = relisted.as_mut() {
+                    relisted.insert(session_key(&session));
                 }
                 update(&client, &authorizations, &session).await;
+                if admits(&session) {
+                    seen.insert(session_key(&session), session);
+                } else {
+                    seen.remove(&session_key(&session));
+                }
             }
             Ok(watcher::Event::Delete(session)) => {
+                seen.remove(&session_key(&session));
                 revoke(&authorizations, &session_key(&session), "the session was deleted");
             }
             Ok(watcher::Event::Init) => relisted = Some(std::collections::HashSet::new()),
             Ok(watcher::Event::InitDone) => {
-                if let Some(seen) = relisted.take() {
+                if let Some(relisted) = relisted.take() {
+                    seen.retain(|id, _| relisted.contains(id));
                     for id in authorizations.session_ids() {
-                        if !seen.contains(&id) {
+                        if !relisted.contains(&id) {
                             revoke(&authorizations, &id, "the session is gone");
                         }
                     }
@@ -370,7 +391,7 @@ async fn update(client: &Client, authorizations: &Authorizations, session: &Shel
         }
         Err(error) => {
             tracing::warn!(session = %id, %error, "gateway: cannot authorize the session");
-            revoke(authorizations, &id, "its node cannot be reached");
+            revoke(authorizations, &id, &error.to_string());
         }
     }
 }

@@ -55,6 +55,11 @@ impl Bounded {
     }
 }
 
+/// How often a running node shell checks again that its node may still be reached (the lab may
+/// take its Device back, or lend it elsewhere): the session then ends `Failed` saying why, and the
+/// gateway, which checks on its own as often, closes its connections.
+pub const ACCESS_RECHECK: Duration = Duration::from_secs(15);
+
 /// How often a session's activity is written at most.
 pub const ACTIVITY_PUBLISH_INTERVAL: Duration = Duration::from_secs(15);
 

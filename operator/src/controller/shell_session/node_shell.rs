@@ -18,7 +18,7 @@ use super::{READY, condition, end, write_status};
 use crate::controller::shared::context::Context;
 use crate::controller::shared::error::{KubeResultExt, Result};
 use crate::controller::shared::node_access::{host_key_policy, node_device, node_target, vnode_pod};
-use crate::controller::shared::session::{Bounded, session_duration};
+use crate::controller::shared::session::{ACCESS_RECHECK, Bounded, session_duration};
 
 /// How often a session waiting for its node to have an address looks again.
 const ROUTE_RETRY: Duration = Duration::from_secs(5);
@@ -253,7 +253,13 @@ pub async fn reconcile(
             until_ttl,
             idle_left,
             clamped,
-        } => authorize(session, context, status, (until_ttl, idle_left), clamped).await,
+        } => {
+            let created = session
+                .creation_timestamp()
+                .map_or_else(Timestamp::now, |created| created.0);
+            let expires = created.checked_add(lifetime.ttl.value).unwrap_or(created);
+            authorize(session, context, status, expires, (until_ttl, idle_left), clamped).await
+        }
     }
 }
 
@@ -262,6 +268,7 @@ async fn authorize(
     session: &ShellSession,
     context: &Context,
     mut status: ShellSessionStatus,
+    expires: Timestamp,
     (until_ttl, idle_left): (Duration, Duration),
     clamped: Option<String>,
 ) -> Result<Action> {
@@ -278,10 +285,10 @@ async fn authorize(
         port: i32::from(context.config.args.gateway_service_port),
         user: name.clone(),
     });
-    let mut message = format!(
-        "the gateway admits spec.publicKey as SSH user {name} for Node {node_name} for {}",
-        walt_crds::format_duration(Duration::from_secs(until_ttl.as_secs()))
-    );
+    // The expiry, not the time left: the message stays the same from one check to the next, so
+    // an unchanged session writes nothing.
+    let mut message =
+        format!("the gateway admits spec.publicKey as SSH user {name} for Node {node_name} until {expires}");
     if let Some(clamped) = clamped {
         message = format!("{message}; {clamped}");
     }
@@ -305,7 +312,9 @@ async fn authorize(
             )
             .await;
     }
-    Ok(Action::requeue(until_ttl.min(idle_left) + Duration::from_secs(1)))
+    Ok(Action::requeue(
+        until_ttl.min(idle_left).min(ACCESS_RECHECK) + Duration::from_secs(1),
+    ))
 }
 
 #[cfg(test)]

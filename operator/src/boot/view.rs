@@ -541,4 +541,101 @@ mod tests {
         assert_eq!(by_name[&b"o".to_vec()], vec![0]);
         assert_eq!(by_name[&b"f".to_vec()], vec![0]);
     }
+
+    /// Two layers in overlay form, as the layer cache unpacks them (needs root: whiteouts are device
+    /// nodes, opacity a `trusted.` xattr).
+    fn layers() -> (tempfile::TempDir, Vec<PathBuf>) {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (lower, upper) = (dir.path().join("lower"), dir.path().join("upper"));
+        for d in ["etc", "opaque/old", "boot/rpi-3-b", "usr/lib"] {
+            std::fs::create_dir_all(lower.join(d)).expect("mkdir");
+        }
+        std::fs::write(lower.join("etc/gone"), "deleted above").expect("write");
+        std::fs::write(lower.join("etc/kept"), "kept").expect("write");
+        std::fs::write(lower.join("opaque/old/file"), "hidden").expect("write");
+        std::fs::write(lower.join("usr/lib/kernel.img"), "KERNEL").expect("write");
+        std::fs::hard_link(lower.join("etc/kept"), lower.join("etc/kept-link")).expect("link");
+        symlink("../../usr/lib/kernel.img", lower.join("boot/rpi-3-b/kernel.img")).expect("symlink");
+        symlink("rpi-3-b", lower.join("boot/rpi-3-b-plus")).expect("symlink");
+        symlink("/../../../etc/kept", lower.join("boot/escape")).expect("symlink");
+        symlink("loop", lower.join("boot/loop")).expect("symlink");
+        for d in ["etc", "opaque"] {
+            std::fs::create_dir_all(upper.join(d)).expect("mkdir");
+        }
+        nix::sys::stat::mknod(
+            &upper.join("etc/gone"),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::empty(),
+            0,
+        )
+        .expect("whiteout (run the tests as root)");
+        xattr::set(upper.join("opaque"), "trusted.overlay.opaque", b"y").expect("opaque xattr (root)");
+        std::fs::write(upper.join("opaque/new"), "new").expect("write");
+        (dir, vec![upper, lower])
+    }
+
+    #[test]
+    fn a_view_merges_layers_like_overlayfs() {
+        let (_dir, dirs) = layers();
+        let view = ImageView::build(&dirs, "sha256:abc", OpaqueXattr::Trusted).expect("view");
+        assert_eq!(
+            view.resolve(b"/etc/gone"),
+            Err(ResolveError::NotFound),
+            "whiteout hides"
+        );
+        assert_eq!(
+            view.resolve(b"/opaque/old"),
+            Err(ResolveError::NotFound),
+            "opaque hides"
+        );
+        let new = view.resolve(b"/opaque/new").expect("upper file");
+        assert_eq!(view.read(new, 0, 100).expect("read").0, b"new");
+        let kept = view.resolve(b"/etc/kept").expect("kept");
+        assert_eq!(
+            view.resolve(b"/etc/kept-link"),
+            Ok(kept),
+            "hard links share an inode"
+        );
+        assert_eq!(view.inode(kept).map(|i| i.attr.nlink), Some(2));
+        let etc = view.resolve(b"/etc").expect("etc");
+        let Some(Inode {
+            kind: Kind::Dir(children),
+            ..
+        }) = view.inode(etc)
+        else {
+            panic!("etc is a directory");
+        };
+        let names: Vec<&[u8]> = children.iter().map(|(n, _)| n.as_slice()).collect();
+        assert_eq!(names, [&b"kept"[..], b"kept-link"]);
+        let again = ImageView::build(&dirs, "sha256:abc", OpaqueXattr::Trusted).expect("view");
+        assert_eq!(again.key(), view.key(), "same layers, same handle key");
+        assert_eq!(
+            again.resolve(b"/opaque/new"),
+            Ok(new),
+            "same layers, same inode numbers"
+        );
+    }
+
+    #[test]
+    fn symlink_chains_resolve_inside_the_image_root() {
+        let (_dir, dirs) = layers();
+        let view = ImageView::build(&dirs, "sha256:abc", OpaqueXattr::Trusted).expect("view");
+        let kernel = view.resolve(b"/usr/lib/kernel.img").expect("kernel");
+        assert_eq!(
+            view.resolve(b"/boot/rpi-3-b-plus/kernel.img"),
+            Ok(kernel),
+            "a chain of two links"
+        );
+        assert_eq!(view.read(kernel, 2, 100).expect("read"), (b"RNEL".to_vec(), true));
+        let kept = view.resolve(b"/etc/kept").expect("kept");
+        assert_eq!(
+            view.resolve(b"/boot/escape"),
+            Ok(kept),
+            "`..` stops at the image root"
+        );
+        assert_eq!(view.resolve(b"/../../etc/kept"), Ok(kept));
+        assert_eq!(view.resolve(b"/boot/loop"), Err(ResolveError::Loop));
+        assert_eq!(view.resolve(b"/etc/kept/x"), Err(ResolveError::NotDir));
+    }
 }

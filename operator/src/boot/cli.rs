@@ -64,6 +64,11 @@ pub struct Args {
     /// Docker `config.json` with registry credentials.
     #[arg(long)]
     pub registry_auth_file: Option<PathBuf>,
+    /// Enter this network namespace (a name under `/run/netns/`, or a path) once the images are
+    /// pulled, before listening: images come over the host's network, devices are served on the lab
+    /// network.
+    #[arg(long)]
+    pub netns: Option<PathBuf>,
     /// The walt cache (layer cache).
     #[arg(long, env = "WALT_CACHE", default_value_os_t = default_cache_dir())]
     pub cache_dir: PathBuf,
@@ -208,8 +213,8 @@ fn dhcp_socket(interface: &str, port: u16) -> Result<UdpSocket, BootError> {
     UdpSocket::from_std(socket).map_err(listen)
 }
 
-/// Starts every server; returns once they listen (the tasks keep running on the runtime).
-pub async fn start(args: &Args) -> Result<Arc<BootState>, BootError> {
+/// Pulls and indexes the devices' images.
+pub async fn load_bindings(args: &Args) -> Result<Vec<Binding>, BootError> {
     let devices: Vec<DeviceArg> = args
         .devices
         .iter()
@@ -227,6 +232,25 @@ pub async fn start(args: &Args) -> Result<Arc<BootState>, BootError> {
             view,
         });
     }
+    Ok(bindings)
+}
+
+/// Enters a network namespace (this thread, and the threads it starts from now on).
+pub fn enter_netns(netns: &std::path::Path) -> Result<(), BootError> {
+    let path = if netns.is_absolute() {
+        netns.to_path_buf()
+    } else {
+        PathBuf::from("/run/netns").join(netns)
+    };
+    let shown = format!("network namespace {}", path.display());
+    let file = std::fs::File::open(&path).map_err(|e| BootError::Listen(shown.clone(), e))?;
+    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| BootError::Listen(shown, e.into()))
+}
+
+/// Starts every server for `bindings`; returns once they listen (the tasks keep running on the
+/// runtime).
+pub async fn start(args: &Args, bindings: Vec<Binding>) -> Result<Arc<BootState>, BootError> {
     let state = Arc::new(
         BootState::new(bindings, args.journal.clone())
             .map_err(|e| BootError::Listen("the journal".into(), e))?,
@@ -287,9 +311,18 @@ pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>>
         )
         .with_writer(std::io::stderr)
         .try_init();
+    let loader = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(BootError::Runtime)?;
+    let bindings = loader.block_on(load_bindings(args))?;
+    drop(loader);
+    if let Some(netns) = &args.netns {
+        enter_netns(netns)?;
+    }
     let runtime = tokio::runtime::Runtime::new().map_err(BootError::Runtime)?;
     runtime.block_on(async {
-        let state = start(args).await?;
+        let state = start(args, bindings).await?;
         println!(
             "walt boot server ready: {} device(s) on {}",
             state.bindings().len(),

@@ -1,0 +1,333 @@
+//! Network boot on the component tier: `walt-operator boot-server` serving OCI images pulled from a
+//! real registry, inside network namespaces this test creates.
+//!
+//! 1. Without a VM: an image of two layers (a deletion, a replaced directory, a hard link, a symlink
+//!    chain into `/boot/<model>/`) served over NFSv3 (checked with libnfs's `nfs-ls`/`nfs-cat`, a
+//!    client independent of ours, through the portmapper), TFTP (busybox `tftp` with `blksize`) and
+//!    HTTP (busybox `wget`), under the three export keys (MAC, address, host name); an unknown key is
+//!    refused; the journal records the image digest served at MOUNT, TFTP and HTTP time.
+//! 2. A VM node (`qemu-system-x86_64 -accel tcg`, iPXE ROM) on a bridge in a lab namespace powers on,
+//!    gets its address and boot file from our authoritative DHCP, loads `start.ipxe`, the Debian
+//!    kernel and an initramfs over HTTP, mounts its root read-only over NFSv3 from our server,
+//!    `walt-init` stacks the RAM overlay, and init prints the booted marker on the serial console. The
+//!    figures (power-on → DHCP → kernel → NFS mount → booted) are printed. A VM whose MAC is not
+//!    registered gets no image.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use walt_tests::images::{Arch, OciLayout};
+use walt_tests::netboot::{BOOTED_MARKER, LabNetwork, MODEL, VmNode, debian_kernel, vm_image_root};
+use walt_tests::operator::operator_binary;
+use walt_tests::process::{Daemon, Lifetime};
+use walt_tests::registry::Registry;
+use walt_tests::{require_root, run};
+
+/// A running boot server, stopped on drop.
+struct BootServer {
+    daemon: Daemon,
+    journal: PathBuf,
+}
+
+impl BootServer {
+    fn start(net: &LabNetwork, dir: &Path, registry: &Registry, extra: &[String]) -> BootServer {
+        let journal = dir.join("journal.jsonl");
+        let mut command = Command::new(operator_binary());
+        command
+            .arg("boot-server")
+            .arg("--netns")
+            .arg(&net.netns)
+            .arg("--journal")
+            .arg(&journal)
+            .arg("--cache-dir")
+            .arg(dir.join("cache"))
+            .arg("--insecure-registry")
+            .arg(registry.host())
+            .args(extra);
+        let log = dir.join("boot-server.log");
+        let mut daemon =
+            Daemon::spawn("boot-server", command, &log, Lifetime::Test).expect("start the boot server");
+        let ready = walt_tests::wait::Wait::new("the boot server to listen", Duration::from_secs(60))
+            .every(Duration::from_millis(50))
+            .until(|| {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .contains("walt boot server ready")
+            });
+        if let Some(status) = daemon.exited() {
+            panic!("the boot server exited ({status}): {}", daemon.log_tail(30));
+        }
+        ready.unwrap_or_else(|e| panic!("{e}: {}", daemon.log_tail(30)));
+        BootServer { daemon, journal }
+    }
+
+    /// The journal entries (JSON lines).
+    fn journal(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.journal)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for BootServer {
+    fn drop(&mut self) {
+        self.daemon.stop(Duration::from_secs(5));
+    }
+}
+
+fn in_netns(net: &LabNetwork, program: &str) -> Command {
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", &net.netns, program]);
+    command
+}
+
+fn output(command: &mut Command) -> (bool, String) {
+    let out = command.output().expect("run a client");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn entries<'a>(journal: &'a [serde_json::Value], protocol: &str) -> Vec<&'a serde_json::Value> {
+    journal.iter().filter(|e| e["protocol"] == protocol).collect()
+}
+
+const MAC: &str = "52:54:00:aa:00:01";
+
+#[test]
+fn boot_service_serves_an_oci_image_over_nfs_tftp_and_http() {
+    require_root().expect("root");
+    let scratch = tempfile::tempdir().expect("scratch dir");
+    let registry = Registry::start().expect("registry");
+    let layout = OciLayout::new().expect("layout");
+    layout.new_image("empty", Arch::Amd64).expect("new image");
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let kernel = big.clone();
+    layout
+        .add_layer("empty", "base", |root| {
+            use std::os::unix::fs::symlink;
+            for dir in ["etc", "replaced/old", &format!("boot/{MODEL}"), "usr/lib"] {
+                std::fs::create_dir_all(root.join(dir))?;
+            }
+            std::fs::write(root.join("etc/hostname"), "base\n")?;
+            std::fs::write(root.join("etc/deleted"), "gone in the next layer\n")?;
+            std::fs::write(root.join("replaced/old/file"), "hidden by the next layer\n")?;
+            std::fs::write(root.join("usr/lib/kernel.img"), &kernel)?;
+            std::fs::hard_link(root.join("etc/hostname"), root.join("etc/hostname-link"))?;
+            symlink(
+                "../../usr/lib/kernel.img",
+                root.join(format!("boot/{MODEL}/kernel.img")),
+            )?;
+            symlink(MODEL, root.join("boot/pc-alias"))?;
+            Ok(())
+        })
+        .expect("base layer");
+    layout
+        .add_layer("base", "v2", |root| {
+            std::fs::remove_file(root.join("etc/deleted"))?;
+            std::fs::remove_dir_all(root.join("replaced"))?;
+            std::fs::create_dir_all(root.join("replaced"))?;
+            std::fs::write(root.join("replaced/new"), "new\n")
+        })
+        .expect("second layer");
+    let digest = layout.push("v2", &registry, "netboot/files:v2").expect("push");
+    let net = LabNetwork::create(201).expect("lab network");
+    let device = format!(
+        "mac={MAC},ip=127.0.0.1,name=node1,model={MODEL},image={}",
+        registry.reference("netboot/files:v2")
+    );
+    let server = BootServer::start(&net, scratch.path(), &registry, &["--device".into(), device]);
+
+    // NFS, through the portmapper, with libnfs (not our code).
+    let (ok, listing) =
+        output(in_netns(&net, "nfs-ls").arg("nfs://127.0.0.1/var/lib/walt/nodes/node1/fs/etc"));
+    assert!(ok, "nfs-ls: {listing}");
+    assert!(
+        listing.contains("hostname-link") && listing.contains(" hostname"),
+        "{listing}"
+    );
+    assert!(
+        !listing.contains("deleted"),
+        "the whiteout hides etc/deleted: {listing}"
+    );
+    let (ok, listing) =
+        output(in_netns(&net, "nfs-ls").arg(format!("nfs://127.0.0.1/var/lib/walt/nodes/{MAC}/fs/replaced")));
+    assert!(ok, "nfs-ls: {listing}");
+    assert!(listing.contains("new") && !listing.contains("old"), "{listing}");
+    let copy = scratch.path().join("kernel.nfs");
+    let out = in_netns(&net, "nfs-cat")
+        .arg("nfs://127.0.0.1/var/lib/walt/nodes/127.0.0.1/fs/usr/lib/kernel.img")
+        .output()
+        .expect("nfs-cat");
+    std::fs::write(&copy, &out.stdout).expect("save");
+    assert!(
+        out.status.success() && out.stdout == big,
+        "nfs-cat of a 3 MB file: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ok, refused) =
+        output(in_netns(&net, "nfs-ls").arg("nfs://127.0.0.1/var/lib/walt/nodes/someone-else/fs/"));
+    assert!(
+        !ok && refused.contains("MNT3ERR_NOENT"),
+        "an unknown export is refused: {refused}"
+    );
+
+    // TFTP with blksize, through the model dir's symlink chain.
+    let tftp_copy = scratch.path().join("kernel.tftp");
+    run(in_netns(&net, "busybox")
+        .args(["tftp", "-g", "-b", "1468", "-r", "kernel.img", "-l"])
+        .arg(&tftp_copy)
+        .arg("127.0.0.1"))
+    .expect("busybox tftp");
+    assert_eq!(std::fs::read(&tftp_copy).expect("read"), big, "TFTP content");
+    let (ok, missing) =
+        output(in_netns(&net, "busybox").args(["tftp", "-g", "-r", "nope", "-l", "/dev/null", "127.0.0.1"]));
+    assert!(
+        !ok && missing.contains("no such file"),
+        "a missing file is an error: {missing}"
+    );
+
+    // HTTP.
+    let http_copy = scratch.path().join("kernel.http");
+    run(in_netns(&net, "busybox")
+        .args(["wget", "-q", "-O"])
+        .arg(&http_copy)
+        .arg("http://127.0.0.1/boot/kernel.img"))
+    .expect("busybox wget");
+    assert_eq!(std::fs::read(&http_copy).expect("read"), big, "HTTP content");
+
+    let journal = server.journal();
+    for protocol in ["nfs-mount", "tftp", "http"] {
+        let served = entries(&journal, protocol);
+        assert!(
+            served
+                .iter()
+                .any(|e| e["digest"] == digest.as_str() && e["mac"] == MAC),
+            "{protocol}: the journal records digest {digest} served to {MAC}: {journal:?}"
+        );
+    }
+    assert!(
+        entries(&journal, "nfs-mount")
+            .iter()
+            .any(|e| e["refused"].as_str().is_some_and(|r| r.contains("no device"))),
+        "the refused MOUNT is recorded: {journal:?}"
+    );
+}
+
+#[test]
+fn vm_node_network_boots_its_image() {
+    require_root().expect("root");
+    let scratch = tempfile::tempdir().expect("scratch dir");
+    let kernel = debian_kernel().expect("Debian kernel");
+    let root = scratch.path().join("image-root");
+    vm_image_root(&root, &kernel).expect("image root");
+    let registry = Registry::start().expect("registry");
+    let layout = OciLayout::new().expect("layout");
+    layout.new_image("empty", Arch::Amd64).expect("new image");
+    layout
+        .add_layer_from_dir("empty", "vm", &root)
+        .expect("image layer");
+    layout.set_label("vm", "walt.node.models", MODEL).expect("label");
+    let digest = layout.push("vm", &registry, "netboot/vm:latest").expect("push");
+    let mut net = LabNetwork::create(202).expect("lab network");
+    let device = format!(
+        "mac={MAC},ip={},name=vm1,model={MODEL},image={}",
+        net.device_ip(0),
+        registry.reference("netboot/vm:latest")
+    );
+    let server = BootServer::start(
+        &net,
+        scratch.path(),
+        &registry,
+        &[
+            "--device".into(),
+            device,
+            "--listen".into(),
+            net.server.to_string(),
+            "--dhcp".into(),
+            "authoritative".into(),
+            "--dhcp-interface".into(),
+            "br0".into(),
+        ],
+    );
+
+    let mut vm = VmNode::power_on(&mut net, MAC, scratch.path()).expect("power on");
+    let booted = vm
+        .wait_console(BOOTED_MARKER, Duration::from_secs(300))
+        .expect("the VM boots");
+    let console = vm.console();
+    let marker = console
+        .lines()
+        .find(|l| l.contains(BOOTED_MARKER))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        marker.contains("vm1"),
+        "the host name is the node name from DHCP: {marker}"
+    );
+
+    let journal = server.journal();
+    let first = |protocol: &str, path: &str| {
+        journal
+            .iter()
+            .find(|e| e["protocol"] == protocol && e["path"].as_str().is_some_and(|p| p.contains(path)))
+            .unwrap_or_else(|| panic!("no {protocol} {path} in the journal: {journal:?}"))
+    };
+    for (protocol, path) in [
+        ("dhcp", "ack"),
+        ("http", "start.ipxe"),
+        ("http", "vmlinuz"),
+        ("http", "initrd.img"),
+        ("nfs-mount", MAC),
+    ] {
+        let entry = first(protocol, path);
+        assert_eq!(
+            entry["digest"],
+            digest.as_str(),
+            "{protocol} {path} served the pushed image: {entry}"
+        );
+        assert_eq!(entry["mac"], MAC, "{entry}");
+    }
+    let at = |protocol: &str, path: &str| first(protocol, path)["at_ms"].as_u64().unwrap_or_default();
+    let dhcp = at("dhcp", "offer");
+    let kernel_at = at("http", "vmlinuz");
+    let mount = at("nfs-mount", MAC);
+    println!(
+        "figures: power-on → booted marker {:.1} s; DHCP offer → kernel request {:.1} s; kernel request → NFS mount {:.1} s; \
+         console marker: {marker}",
+        booted.as_secs_f64(),
+        (kernel_at.saturating_sub(dhcp)) as f64 / 1000.0,
+        (mount.saturating_sub(kernel_at)) as f64 / 1000.0,
+    );
+    drop(vm);
+
+    // A device nobody registered: DHCP records it and serves nothing.
+    let stranger = "52:54:00:aa:00:99";
+    let _vm2 = VmNode::power_on(&mut net, stranger, scratch.path()).expect("power on");
+    let refused = walt_tests::wait::Wait::new("the unknown device's DHCP request", Duration::from_secs(90))
+        .every(Duration::from_millis(200))
+        .until(|| {
+            server.journal().iter().any(|e| {
+                e["mac"] == stranger
+                    && e["refused"]
+                        .as_str()
+                        .is_some_and(|r| r.contains("unknown device"))
+            })
+        });
+    refused.unwrap_or_else(|e| panic!("{e}: {:?}", server.journal()));
+    assert!(
+        !server
+            .journal()
+            .iter()
+            .any(|e| e["mac"] == stranger && e["digest"].is_string()),
+        "nothing is served to an unknown device"
+    );
+}

@@ -152,7 +152,7 @@ impl Cpio {
     }
 
     fn pad(&mut self) {
-        while self.bytes.len() % 4 != 0 {
+        while !self.bytes.len().is_multiple_of(4) {
             self.bytes.push(0);
         }
     }
@@ -238,7 +238,7 @@ pub fn initramfs(kernel: &DebianKernel) -> Result<Vec<u8>, FixtureError> {
 
 /// WalT's `walt-init` as the image runs it: a RAM overlay (upper dir at the WalT path
 /// `/run/walt/rootfs/mnt/fs_rw`) over the read-only NFS root, then `/sbin/init`.
-const WALT_INIT: &str = r#"#!/bin/sh
+const WALT_INIT: &str = r"#!/bin/sh
 mount -t proc proc /proc
 mount -t tmpfs -o mode=755 tmpfs /run
 mkdir -p /run/walt/rootfs/mnt/fs_rw /run/walt/rootfs/mnt/fs_work
@@ -249,7 +249,7 @@ umount /proc
 cd /mnt
 pivot_root . mnt
 exec chroot . /sbin/init
-"#;
+";
 
 /// The image's boot script (iPXE fills in the variables from its DHCP lease).
 const START_IPXE: &str = "#!ipxe\n\
@@ -259,7 +259,8 @@ initrd initrd.img\n\
 boot\n";
 
 /// Makes a WalT image root for VM nodes in `dest`: busybox, `walt-init`, an init that prints
-/// [`BOOTED_MARKER`] and writes `/run/uptime-ready`, and `/boot/<MODEL>/` with the kernel, the
+/// [`BOOTED_MARKER`] and writes `/run/uptime-ready` (the read-only NFS root stays visible at
+/// `/mnt`, under the overlay), and `/boot/<MODEL>/` with the kernel, the
 /// initramfs and `start.ipxe` (the kernel reached through a relative symlink, as WalT images do).
 pub fn vm_image_root(dest: &Path, kernel: &DebianKernel) -> Result<(), FixtureError> {
     busybox_rootfs(Arch::Amd64, dest)?;
@@ -289,7 +290,9 @@ pub fn vm_image_root(dest: &Path, kernel: &DebianKernel) -> Result<(), FixtureEr
         0o644,
     )?;
     let rcs = format!(
-        "#!/bin/sh\nmount -t proc proc /proc\nmount -t sysfs sys /sys\numount -l /mnt 2>/dev/null\n\
+        "#!/bin/sh\nmount -t proc proc /proc\nmount -t sysfs sys /sys\n\
+         mkdir -p /run/sshd /var/log\n\
+         [ -x /usr/sbin/sshd ] && /usr/sbin/sshd -f /etc/ssh/sshd_config -E /run/sshd.log\n\
          echo booted > /run/uptime-ready\n\
          echo \"{BOOTED_MARKER} $(hostname) $(cut -d' ' -f1 /proc/uptime) $(cat /etc/walt-image-id 2>/dev/null)\"\n"
     );
@@ -427,4 +430,57 @@ impl VmNode {
     pub fn since_power_on(&self) -> Duration {
         self.powered_on.elapsed()
     }
+}
+
+/// Copies the host's OpenSSH server (Debian's `openssh-server`) and the libraries it links into an
+/// image root, with a host key, a configuration for root logins by key and `authorized_key` for
+/// root: the VM node serves SSH like a WalT node.
+pub fn install_host_sshd(dest: &Path, authorized_key: &str) -> Result<(), FixtureError> {
+    require_tool("sshd", "openssh-server")?;
+    require_tool("ssh-keygen", "openssh-client")?;
+    require_tool("ldd", "libc-bin")?;
+    let sshd = PathBuf::from("/usr/sbin/sshd");
+    let libraries = run_stdout(Command::new("ldd").arg(&sshd))?;
+    let mut files = vec![sshd];
+    for line in libraries.lines() {
+        let path = line
+            .split("=>")
+            .nth(1)
+            .unwrap_or(line)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default();
+        if path.starts_with('/') {
+            files.push(PathBuf::from(path));
+        }
+    }
+    for file in files {
+        let target = dest.join(file.strip_prefix("/").unwrap_or(&file));
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(io("creating a library dir"))?;
+        }
+        std::fs::copy(&file, &target).map_err(io("copying sshd or a library"))?;
+    }
+    for dir in ["etc/ssh", "root/.ssh", "var/empty", "lib64"] {
+        std::fs::create_dir_all(dest.join(dir)).map_err(io("creating ssh dirs"))?;
+    }
+    let key = dest.join("etc/ssh/ssh_host_ed25519_key");
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key))?;
+    std::fs::write(
+        dest.join("etc/ssh/sshd_config"),
+        "HostKey /etc/ssh/ssh_host_ed25519_key\nPermitRootLogin prohibit-password\nUsePAM no\n\
+         StrictModes no\nPidFile /run/sshd.pid\nAuthorizedKeysFile /root/.ssh/authorized_keys\n",
+    )
+    .map_err(io("writing sshd_config"))?;
+    std::fs::write(
+        dest.join("root/.ssh/authorized_keys"),
+        format!("{authorized_key}\n"),
+    )
+    .map_err(io("writing authorized_keys"))?;
+    let passwd = dest.join("etc/passwd");
+    let mut users = std::fs::read_to_string(&passwd).map_err(io("reading passwd"))?;
+    users.push_str("sshd:x:100:65534::/run/sshd:/usr/sbin/nologin\n");
+    std::fs::write(&passwd, users).map_err(io("writing passwd"))
 }

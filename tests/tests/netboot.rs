@@ -18,7 +18,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use walt_tests::images::{Arch, OciLayout};
-use walt_tests::netboot::{BOOTED_MARKER, LabNetwork, MODEL, VmNode, debian_kernel, vm_image_root};
+use walt_tests::netboot::{
+    BOOTED_MARKER, LabNetwork, MODEL, VmNode, debian_kernel, install_host_sshd, vm_image_root,
+};
 use walt_tests::operator::operator_binary;
 use walt_tests::process::{Daemon, Lifetime};
 use walt_tests::registry::Registry;
@@ -48,7 +50,7 @@ impl BootServer {
         let log = dir.join("boot-server.log");
         let mut daemon =
             Daemon::spawn("boot-server", command, &log, Lifetime::Test).expect("start the boot server");
-        let ready = walt_tests::wait::Wait::new("the boot server to listen", Duration::from_secs(60))
+        let ready = walt_tests::wait::Wait::new("the boot server to listen", Duration::from_mins(1))
             .every(Duration::from_millis(50))
             .until(|| {
                 std::fs::read_to_string(&log)
@@ -229,6 +231,13 @@ fn vm_node_network_boots_its_image() {
     let kernel = debian_kernel().expect("Debian kernel");
     let root = scratch.path().join("image-root");
     vm_image_root(&root, &kernel).expect("image root");
+    let client_key = scratch.path().join("id_ed25519");
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&client_key))
+    .expect("client key");
+    let public = std::fs::read_to_string(client_key.with_extension("pub")).expect("public key");
+    install_host_sshd(&root, public.trim()).expect("sshd in the image");
     let registry = Registry::start().expect("registry");
     let layout = OciLayout::new().expect("layout");
     layout.new_image("empty", Arch::Amd64).expect("new image");
@@ -261,7 +270,7 @@ fn vm_node_network_boots_its_image() {
 
     let mut vm = VmNode::power_on(&mut net, MAC, scratch.path()).expect("power on");
     let booted = vm
-        .wait_console(BOOTED_MARKER, Duration::from_secs(300))
+        .wait_console(BOOTED_MARKER, Duration::from_mins(5))
         .expect("the VM boots");
     let console = vm.console();
     let marker = console
@@ -272,6 +281,48 @@ fn vm_node_network_boots_its_image() {
     assert!(
         marker.contains("vm1"),
         "the host name is the node name from DHCP: {marker}"
+    );
+
+    // SSH into the node: its root is the image over NFS, read-only, under a RAM overlay whose upper
+    // dir is at the WalT path.
+    let ssh = |command: &str| {
+        output(
+            in_netns(&net, "ssh")
+                .arg("-i")
+                .arg(&client_key)
+                .args([
+                    "-o",
+                    "StrictHostKeyChecking=no",
+                    "-o",
+                    "UserKnownHostsFile=/dev/null",
+                    "-o",
+                    "BatchMode=yes",
+                ])
+                .args(["-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR"])
+                .arg(format!("root@{}", net.device_ip(0)))
+                .arg(command),
+        )
+    };
+    let ssh_ready = walt_tests::wait::Wait::new("sshd on the VM node", Duration::from_mins(2))
+        .every(Duration::from_millis(250))
+        .until(|| ssh("true").0);
+    ssh_ready.unwrap_or_else(|e| panic!("{e}: {}", vm.console()));
+    let ssh_at = vm.since_power_on();
+    let (ok, mounts) = ssh(
+        "cat /proc/mounts; echo changed > /root/note; ls /run/walt/rootfs/mnt/fs_rw/root; cat /run/uptime-ready",
+    );
+    assert!(ok, "ssh: {mounts}");
+    assert!(
+        mounts.contains("overlay / overlay"),
+        "the root is the RAM overlay: {mounts}"
+    );
+    assert!(
+        mounts.contains(&format!("/var/lib/walt/nodes/{MAC}/fs")) && mounts.contains(" nfs ro,"),
+        "the image root is mounted read-only over NFS: {mounts}"
+    );
+    assert!(
+        mounts.contains("\nnote\n") && mounts.contains("booted"),
+        "changes land in the upper dir at the WalT path: {mounts}"
     );
 
     let journal = server.journal();
@@ -301,9 +352,10 @@ fn vm_node_network_boots_its_image() {
     let kernel_at = at("http", "vmlinuz");
     let mount = at("nfs-mount", MAC);
     println!(
-        "figures: power-on → booted marker {:.1} s; DHCP offer → kernel request {:.1} s; kernel request → NFS mount {:.1} s; \
+        "figures: power-on → booted marker {:.1} s, → SSH ready {:.1} s; DHCP offer → kernel request {:.1} s; kernel request → NFS mount {:.1} s; \
          console marker: {marker}",
         booted.as_secs_f64(),
+        ssh_at.as_secs_f64(),
         (kernel_at.saturating_sub(dhcp)) as f64 / 1000.0,
         (mount.saturating_sub(kernel_at)) as f64 / 1000.0,
     );

@@ -13,7 +13,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::images::{Arch, busybox_rootfs, cache_dir};
+use crate::operator::operator_binary;
 use crate::process::{Daemon, Lifetime};
+use crate::registry::Registry;
 use crate::{FixtureError, require_tool, run, run_stdout};
 
 /// The model of the VM nodes (WalT's name for PCs).
@@ -483,4 +485,178 @@ pub fn install_host_sshd(dest: &Path, authorized_key: &str) -> Result<(), Fixtur
     let mut users = std::fs::read_to_string(&passwd).map_err(io("reading passwd"))?;
     users.push_str("sshd:x:100:65534::/run/sshd:/usr/sbin/nologin\n");
     std::fs::write(&passwd, users).map_err(io("writing passwd"))
+}
+
+/// A running boot server, stopped on drop.
+pub struct BootServer {
+    daemon: Daemon,
+    journal: PathBuf,
+}
+
+impl BootServer {
+    /// Starts `walt-operator boot-server` in `net`'s namespace (images pulled over the host network
+    /// from `registry`), with its journal and cache in `dir`, and waits until it listens.
+    ///
+    /// # Panics
+    /// When it does not start (test helper).
+    pub fn start(net: &LabNetwork, dir: &Path, registry: Option<&Registry>, extra: &[String]) -> BootServer {
+        let journal = dir.join("journal.jsonl");
+        let mut command = Command::new(operator_binary());
+        command
+            .arg("boot-server")
+            .arg("--netns")
+            .arg(&net.netns)
+            .arg("--journal")
+            .arg(&journal)
+            .arg("--cache-dir")
+            .arg(dir.join("cache"))
+            .args(extra);
+        if let Some(registry) = registry {
+            command.arg("--insecure-registry").arg(registry.host());
+        }
+        let log = dir.join("boot-server.log");
+        let mut daemon =
+            Daemon::spawn("boot-server", command, &log, Lifetime::Test).expect("start the boot server");
+        let ready = crate::wait::Wait::new("the boot server to listen", Duration::from_mins(1))
+            .every(Duration::from_millis(50))
+            .until(|| {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .contains("walt boot server ready")
+            });
+        if let Some(status) = daemon.exited() {
+            panic!("the boot server exited ({status}): {}", daemon.log_tail(30));
+        }
+        ready.unwrap_or_else(|e| panic!("{e}: {}", daemon.log_tail(30)));
+        BootServer { daemon, journal }
+    }
+
+    /// The journal entries (JSON lines).
+    pub fn journal(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.journal)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for BootServer {
+    fn drop(&mut self) {
+        self.daemon.stop(Duration::from_secs(5));
+    }
+}
+
+/// A command run inside `net`'s namespace.
+pub fn in_netns(net: &LabNetwork, program: &str) -> Command {
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", &net.netns, program]);
+    command
+}
+
+/// Runs a command: (success, stdout + stderr).
+///
+/// # Panics
+/// When it cannot start (test helper).
+pub fn output(command: &mut Command) -> (bool, String) {
+    let out = command.output().expect("run a client");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The reference boot servers from Debian, for benchmarks: `dnsmasq` (DHCP + TFTP) and
+/// `nfs-ganesha` (a userspace NFSv3 server, VFS backend) with `rpcbind`, in `net`'s namespace.
+/// Stopped on drop.
+#[derive(Debug)]
+pub struct ReferenceServers {
+    daemons: Vec<Daemon>,
+}
+
+impl ReferenceServers {
+    /// Serves `export` (an unpacked root) read-only over NFSv3/TCP at its own path, and, when
+    /// `tftp_root` is given, DHCP for `(mac, ip, name)` with iPXE pointed at `start.ipxe` of
+    /// `tftp_root`.
+    pub fn start(
+        net: &LabNetwork,
+        dir: &Path,
+        export: &Path,
+        dhcp: Option<(&str, std::net::Ipv4Addr, &str, &Path)>,
+    ) -> Result<Self, FixtureError> {
+        require_tool("rpcbind", "rpcbind")?;
+        require_tool("ganesha.nfsd", "nfs-ganesha")?;
+        let spawn = |name: &str, program: &str, args: &[String]| -> Result<Daemon, FixtureError> {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", &net.netns, program]).args(args);
+            Daemon::spawn(name, command, &dir.join(format!("{name}.log")), Lifetime::Test)
+                .map_err(|e| FixtureError::Failed(e.to_string()))
+        };
+        let mut daemons = vec![spawn("rpcbind", "rpcbind", &["-f".into(), "-w".into()])?];
+        std::thread::sleep(Duration::from_millis(300));
+        let config = dir.join("ganesha.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "NFS_CORE_PARAM {{ Protocols = 3; Enable_NLM = false; Enable_RQUOTA = false; NFS_Port = 2049; }}\n\
+                 NFS_KRB5 {{ Active_krb5 = false; }}\n\
+                 EXPORT {{ Export_Id = 1; Path = {0}; Pseudo = {0}; Access_Type = RO; Squash = No_Root_Squash;\n\
+                 Protocols = 3; Transports = TCP; SecType = sys; FSAL {{ Name = VFS; }} }}\n\
+                 LOG {{ Default_Log_Level = WARN; }}\n",
+                export.display()
+            ),
+        )
+        .map_err(io("writing ganesha.conf"))?;
+        daemons.push(spawn(
+            "ganesha",
+            "ganesha.nfsd",
+            &[
+                "-F".into(),
+                "-f".into(),
+                config.display().to_string(),
+                "-L".into(),
+                dir.join("ganesha-own.log").display().to_string(),
+                "-p".into(),
+                dir.join("ganesha.pid").display().to_string(),
+            ],
+        )?);
+        if let Some((mac, ip, name, tftp_root)) = dhcp {
+            require_tool("dnsmasq", "dnsmasq-base")?;
+            daemons.push(spawn(
+                "dnsmasq",
+                "dnsmasq",
+                &[
+                    "--no-daemon".into(),
+                    "--conf-file=/dev/null".into(),
+                    "--port=0".into(),
+                    "--interface=br0".into(),
+                    "--bind-interfaces".into(),
+                    format!("--dhcp-range={ip},{ip},255.255.255.0,1h"),
+                    format!("--dhcp-host={mac},{ip},{name}"),
+                    "--enable-tftp".into(),
+                    format!("--tftp-root={}", tftp_root.display()),
+                    "--dhcp-match=set:ipxe,175".into(),
+                    "--dhcp-boot=tag:ipxe,start.ipxe".into(),
+                    "--dhcp-option=encap:175,176,1".into(),
+                    format!("--dhcp-leasefile={}", dir.join("dnsmasq.leases").display()),
+                    format!("--pid-file={}", dir.join("dnsmasq.pid").display()),
+                ],
+            )?);
+        }
+        // ganesha takes a few seconds to register with rpcbind and leave its grace period.
+        std::thread::sleep(Duration::from_secs(3));
+        Ok(ReferenceServers { daemons })
+    }
+}
+
+impl Drop for ReferenceServers {
+    fn drop(&mut self) {
+        for daemon in self.daemons.iter_mut().rev() {
+            daemon.stop(Duration::from_secs(5));
+        }
+    }
 }

@@ -13,90 +13,16 @@
 //!    figures (power-on → DHCP → kernel → NFS mount → booted) are printed. A VM whose MAC is not
 //!    registered gets no image.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use walt_tests::images::{Arch, OciLayout};
 use walt_tests::netboot::{
-    BOOTED_MARKER, LabNetwork, MODEL, VmNode, debian_kernel, install_host_sshd, vm_image_root,
+    BOOTED_MARKER, BootServer, LabNetwork, MODEL, ReferenceServers, VmNode, debian_kernel, in_netns,
+    install_host_sshd, output, vm_image_root,
 };
-use walt_tests::operator::operator_binary;
-use walt_tests::process::{Daemon, Lifetime};
 use walt_tests::registry::Registry;
 use walt_tests::{require_root, run};
-
-/// A running boot server, stopped on drop.
-struct BootServer {
-    daemon: Daemon,
-    journal: PathBuf,
-}
-
-impl BootServer {
-    fn start(net: &LabNetwork, dir: &Path, registry: &Registry, extra: &[String]) -> BootServer {
-        let journal = dir.join("journal.jsonl");
-        let mut command = Command::new(operator_binary());
-        command
-            .arg("boot-server")
-            .arg("--netns")
-            .arg(&net.netns)
-            .arg("--journal")
-            .arg(&journal)
-            .arg("--cache-dir")
-            .arg(dir.join("cache"))
-            .arg("--insecure-registry")
-            .arg(registry.host())
-            .args(extra);
-        let log = dir.join("boot-server.log");
-        let mut daemon =
-            Daemon::spawn("boot-server", command, &log, Lifetime::Test).expect("start the boot server");
-        let ready = walt_tests::wait::Wait::new("the boot server to listen", Duration::from_mins(1))
-            .every(Duration::from_millis(50))
-            .until(|| {
-                std::fs::read_to_string(&log)
-                    .unwrap_or_default()
-                    .contains("walt boot server ready")
-            });
-        if let Some(status) = daemon.exited() {
-            panic!("the boot server exited ({status}): {}", daemon.log_tail(30));
-        }
-        ready.unwrap_or_else(|e| panic!("{e}: {}", daemon.log_tail(30)));
-        BootServer { daemon, journal }
-    }
-
-    /// The journal entries (JSON lines).
-    fn journal(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.journal)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-}
-
-impl Drop for BootServer {
-    fn drop(&mut self) {
-        self.daemon.stop(Duration::from_secs(5));
-    }
-}
-
-fn in_netns(net: &LabNetwork, program: &str) -> Command {
-    let mut command = Command::new("ip");
-    command.args(["netns", "exec", &net.netns, program]);
-    command
-}
-
-fn output(command: &mut Command) -> (bool, String) {
-    let out = command.output().expect("run a client");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
 
 fn entries<'a>(journal: &'a [serde_json::Value], protocol: &str) -> Vec<&'a serde_json::Value> {
     journal.iter().filter(|e| e["protocol"] == protocol).collect()
@@ -146,7 +72,12 @@ fn boot_service_serves_an_oci_image_over_nfs_tftp_and_http() {
         "mac={MAC},ip=127.0.0.1,name=node1,model={MODEL},image={}",
         registry.reference("netboot/files:v2")
     );
-    let server = BootServer::start(&net, scratch.path(), &registry, &["--device".into(), device]);
+    let server = BootServer::start(
+        &net,
+        scratch.path(),
+        Some(&registry),
+        &["--device".into(), device],
+    );
 
     // NFS, through the portmapper, with libnfs (not our code).
     let (ok, listing) =
@@ -255,7 +186,7 @@ fn vm_node_network_boots_its_image() {
     let server = BootServer::start(
         &net,
         scratch.path(),
-        &registry,
+        Some(&registry),
         &[
             "--device".into(),
             device,
@@ -381,5 +312,204 @@ fn vm_node_network_boots_its_image() {
             .iter()
             .any(|e| e["mac"] == stranger && e["digest"].is_string()),
         "nothing is served to an unknown device"
+    );
+}
+
+/// Side by side, in one run (`cargo test -p walt-tests --test netboot bench -- --ignored --nocapture`):
+/// power-on → booted marker → SSH ready of the same VM node booted by walt's boot service vs Debian's
+/// `dnsmasq` (DHCP + TFTP) + `nfs-ganesha` serving the unpacked image (alternated, 2 rounds each); then
+/// NFS reads with libnfs's `nfs-cat` of a 1 GiB file and a walk (`nfs-ls -R`) of 10,000 small files,
+/// from each server.
+#[test]
+#[ignore = "benchmark: run with --ignored"]
+fn bench_vm_boot_and_nfs_reads_vs_dnsmasq_and_ganesha() {
+    use std::time::Instant;
+    require_root().expect("root");
+    let scratch = tempfile::tempdir().expect("scratch dir");
+    let kernel = debian_kernel().expect("Debian kernel");
+    let root = scratch.path().join("image-root");
+    vm_image_root(&root, &kernel).expect("image root");
+    let client_key = scratch.path().join("id_ed25519");
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&client_key))
+    .expect("client key");
+    let public = std::fs::read_to_string(client_key.with_extension("pub")).expect("public key");
+    install_host_sshd(&root, public.trim()).expect("sshd in the image");
+    let registry = Registry::start().expect("registry");
+    let layout = OciLayout::new().expect("layout");
+    layout.new_image("empty", Arch::Amd64).expect("new image");
+    layout
+        .add_layer_from_dir("empty", "vm", &root)
+        .expect("image layer");
+    layout.push("vm", &registry, "netboot/vm:latest").expect("push");
+    // The reference's TFTP root: the same boot files, with the NFS root at the export's own path.
+    let tftp = scratch.path().join("tftp");
+    std::fs::create_dir_all(&tftp).expect("tftp root");
+    let boot = root.join("boot").join(MODEL);
+    for file in ["vmlinuz", "initrd.img"] {
+        std::fs::copy(boot.join(file), tftp.join(file)).expect("copy a boot file");
+    }
+    let script = std::fs::read_to_string(boot.join("start.ipxe")).expect("start.ipxe");
+    let script = script.replace("/var/lib/walt/nodes/${mac}/fs", &root.display().to_string());
+    std::fs::write(tftp.join("start.ipxe"), script).expect("reference start.ipxe");
+
+    let mut net = LabNetwork::create(203).expect("lab network");
+    let ip = net.device_ip(0);
+    let ssh_ok = |net: &LabNetwork| {
+        output(
+            in_netns(net, "ssh")
+                .arg("-i")
+                .arg(&client_key)
+                .args([
+                    "-o",
+                    "StrictHostKeyChecking=no",
+                    "-o",
+                    "UserKnownHostsFile=/dev/null",
+                    "-o",
+                    "BatchMode=yes",
+                ])
+                .args(["-o", "ConnectTimeout=3", "-o", "LogLevel=ERROR"])
+                .arg(format!("root@{ip}"))
+                .arg("cat /run/uptime-ready"),
+        )
+        .0
+    };
+    let boot_once = |net: &mut LabNetwork, label: &str| {
+        let mut vm = VmNode::power_on(net, MAC, scratch.path()).expect("power on");
+        let booted = vm
+            .wait_console(BOOTED_MARKER, Duration::from_mins(5))
+            .expect("boots");
+        walt_tests::wait::Wait::new("SSH", Duration::from_mins(2))
+            .every(Duration::from_millis(200))
+            .until(|| ssh_ok(net))
+            .expect("SSH ready");
+        let ssh = vm.since_power_on();
+        println!(
+            "bench boot {label}: power-on → booted {:.1} s, → SSH ready {:.1} s",
+            booted.as_secs_f64(),
+            ssh.as_secs_f64()
+        );
+        (booted, ssh)
+    };
+    let mut walt = Vec::new();
+    let mut reference = Vec::new();
+    for _ in 0..2 {
+        {
+            let device = format!(
+                "mac={MAC},ip={ip},name=vm1,model={MODEL},image={}",
+                registry.reference("netboot/vm:latest")
+            );
+            let _server = BootServer::start(
+                &net,
+                scratch.path(),
+                Some(&registry),
+                &[
+                    "--device".into(),
+                    device,
+                    "--listen".into(),
+                    net.server.to_string(),
+                    "--dhcp".into(),
+                    "authoritative".into(),
+                    "--dhcp-interface".into(),
+                    "br0".into(),
+                ],
+            );
+            walt.push(boot_once(&mut net, "walt"));
+        }
+        {
+            let _reference =
+                ReferenceServers::start(&net, scratch.path(), &root, Some((MAC, ip, "vm1", &tftp)))
+                    .expect("dnsmasq + ganesha");
+            reference.push(boot_once(&mut net, "dnsmasq+ganesha"));
+        }
+    }
+    let best = |runs: &[(Duration, Duration)]| {
+        let booted = runs.iter().map(|r| r.0).min().unwrap_or_default();
+        let ssh = runs.iter().map(|r| r.1).min().unwrap_or_default();
+        (booted.as_secs_f64(), ssh.as_secs_f64())
+    };
+    let (w, r) = (best(&walt), best(&reference));
+    println!(
+        "figures: VM boot (best of 2) walt booted {:.1} s / SSH {:.1} s; dnsmasq+ganesha booted {:.1} s / SSH {:.1} s; ratio (SSH) {:.2}×",
+        w.0,
+        w.1,
+        r.0,
+        r.1,
+        w.1 / r.1
+    );
+
+    // NFS reads: a 1 GiB file and 10,000 small files, the same directory served by each.
+    let data = scratch.path().join("nfs-data");
+    std::fs::create_dir_all(data.join("small")).expect("mkdir");
+    {
+        use std::io::Write as _;
+        let mut big = std::fs::File::create(data.join("big")).expect("big file");
+        let chunk: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 31 % 253) as u8).collect();
+        for _ in 0..1024 {
+            big.write_all(&chunk).expect("write");
+        }
+    }
+    for i in 0..10_000 {
+        std::fs::write(
+            data.join(format!("small/f{i:05}")),
+            format!("file {i}\n").repeat(20),
+        )
+        .expect("small file");
+    }
+    let read_all = |net: &LabNetwork, export: &str| {
+        let started = Instant::now();
+        let out = in_netns(net, "nfs-cat")
+            .arg(format!("nfs://127.0.0.1{export}/big"))
+            .output()
+            .expect("nfs-cat");
+        assert!(
+            out.status.success() && out.stdout.len() == 1 << 30,
+            "nfs-cat read {} bytes",
+            out.stdout.len()
+        );
+        let big = started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        let (ok, listing) = output(
+            in_netns(net, "nfs-ls")
+                .arg("-R")
+                .arg(format!("nfs://127.0.0.1{export}/small")),
+        );
+        assert!(
+            ok && listing.lines().count() >= 10_000,
+            "nfs-ls -R: {} lines",
+            listing.lines().count()
+        );
+        (big, started.elapsed().as_secs_f64())
+    };
+    let ours = {
+        let _server = BootServer::start(
+            &net,
+            scratch.path(),
+            None,
+            &[
+                "--device".into(),
+                format!(
+                    "mac={MAC},ip=127.0.0.1,name=data,model={MODEL},rootfs={}",
+                    data.display()
+                ),
+            ],
+        );
+        read_all(&net, "/var/lib/walt/nodes/data/fs")
+    };
+    let theirs = {
+        let _reference = ReferenceServers::start(&net, scratch.path(), &data, None).expect("ganesha");
+        read_all(&net, &data.display().to_string())
+    };
+    println!(
+        "figures: NFS 1 GiB read walt {:.2} s ({:.0} MiB/s) vs ganesha {:.2} s ({:.0} MiB/s) = {:.2}× the throughput; \
+         10,000 small files walk (nfs-ls -R) walt {:.2} s vs ganesha {:.2} s",
+        ours.0,
+        1024.0 / ours.0,
+        theirs.0,
+        1024.0 / theirs.0,
+        theirs.0 / ours.0,
+        ours.1,
+        theirs.1
     );
 }

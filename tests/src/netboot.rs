@@ -373,6 +373,8 @@ impl VmNode {
         require_tool("qemu-system-x86_64", "qemu-system-x86")?;
         let tap = net.add_tap()?;
         let console = dir.join(format!("console-{}.log", mac.replace(':', "")));
+        // A new console for every power-on: an old marker must not count.
+        let _ = std::fs::remove_file(&console);
         let mut command = Command::new("ip");
         command
             .args(["netns", "exec", &net.netns, "qemu-system-x86_64"])

@@ -315,15 +315,12 @@ fn vm_node_network_boots_its_image() {
     );
 }
 
-/// Side by side, in one run (`cargo test -p walt-tests --test netboot bench -- --ignored --nocapture`):
+/// Side by side, in one run (`cargo test -p walt-tests --test netboot bench_vm -- --ignored --nocapture`):
 /// power-on → booted marker → SSH ready of the same VM node booted by walt's boot service vs Debian's
-/// `dnsmasq` (DHCP + TFTP) + `nfs-ganesha` serving the unpacked image (alternated, 2 rounds each); then
-/// NFS reads with libnfs's `nfs-cat` of a 1 GiB file and a walk (`nfs-ls -R`) of 10,000 small files,
-/// from each server.
+/// `dnsmasq` (DHCP + TFTP) + `nfs-ganesha` serving the unpacked image (alternated, 2 rounds each).
 #[test]
 #[ignore = "benchmark: run with --ignored"]
-fn bench_vm_boot_and_nfs_reads_vs_dnsmasq_and_ganesha() {
-    use std::time::Instant;
+fn bench_vm_boot_vs_dnsmasq_and_ganesha() {
     require_root().expect("root");
     let scratch = tempfile::tempdir().expect("scratch dir");
     let kernel = debian_kernel().expect("Debian kernel");
@@ -438,8 +435,17 @@ fn bench_vm_boot_and_nfs_reads_vs_dnsmasq_and_ganesha() {
         r.1,
         w.1 / r.1
     );
+}
 
-    // NFS reads: a 1 GiB file and 10,000 small files, the same directory served by each.
+/// NFS reads with libnfs's `nfs-cat` of a 1 GiB file and a walk (`nfs-ls -R`) of 10,000 small files,
+/// the same directory served by walt's boot service and by `nfs-ganesha`, each in a fresh namespace
+/// (`cargo test -p walt-tests --test netboot bench_nfs -- --ignored --nocapture`).
+#[test]
+#[ignore = "benchmark: run with --ignored"]
+fn bench_nfs_reads_vs_ganesha() {
+    use std::time::Instant;
+    require_root().expect("root");
+    let scratch = tempfile::tempdir().expect("scratch dir");
     let data = scratch.path().join("nfs-data");
     std::fs::create_dir_all(data.join("small")).expect("mkdir");
     {
@@ -465,8 +471,10 @@ fn bench_vm_boot_and_nfs_reads_vs_dnsmasq_and_ganesha() {
             .expect("nfs-cat");
         assert!(
             out.status.success() && out.stdout.len() == 1 << 30,
-            "nfs-cat read {} bytes",
-            out.stdout.len()
+            "nfs-cat nfs://127.0.0.1{export}/big read {} bytes ({}): {}",
+            out.stdout.len(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
         );
         let big = started.elapsed().as_secs_f64();
         let started = Instant::now();
@@ -483,6 +491,7 @@ fn bench_vm_boot_and_nfs_reads_vs_dnsmasq_and_ganesha() {
         (big, started.elapsed().as_secs_f64())
     };
     let ours = {
+        let net = LabNetwork::create(204).expect("lab network");
         let _server = BootServer::start(
             &net,
             scratch.path(),
@@ -498,6 +507,7 @@ fn bench_vm_boot_and_nfs_reads_vs_dnsmasq_and_ganesha() {
         read_all(&net, "/var/lib/walt/nodes/data/fs")
     };
     let theirs = {
+        let net = LabNetwork::create(205).expect("lab network");
         let _reference = ReferenceServers::start(&net, scratch.path(), &data, None).expect("ganesha");
         read_all(&net, &data.display().to_string())
     };

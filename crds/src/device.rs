@@ -35,6 +35,12 @@ use crate::node::DEFAULT_SSH_PORT;
     printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.firmware) || has(self.mac)",
+        "message": "spec.firmware needs spec.mac: the boot service knows a device by the MAC address of its boot interface"
+    }
+]))]
 pub struct DeviceSpec {
     /// Host name or IP address the operator reaches the device at (no port: see `sshPort`).
     #[schemars(schema_with = "crate::schema::host")]
@@ -53,16 +59,43 @@ pub struct DeviceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "crate::schema::public_key")]
     pub host_key: Option<String>,
-    /// MAC address of the device's boot interface. Recorded for network boot: that work extends this
-    /// record with the firmware kind and the boot network; nothing reads it yet.
+    /// MAC address of the device's boot interface: the boot service (`walt-operator boot-server`)
+    /// knows the device by it at DHCP time and serves its image under
+    /// `/var/lib/walt/nodes/<mac>/fs`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "crate::schema::mac")]
     pub mac: Option<String>,
+    /// The firmware that network-boots the device (see [`Firmware`]). Unset: walt does not
+    /// network-boot the device. Needs `mac`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<Firmware>,
+    /// The lab network the device boots on (the name of a boot service's network, one active boot
+    /// service per network). Unset: the lab's default boot network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub boot_network: Option<String>,
     /// The namespace the device is lent to (one at a time). Unset: the device is the lab's and no
     /// Node can use it. Changing it takes the device back: the operator stops reaching it for the
     /// Node of the former namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lent_to: Option<DeviceLoan>,
+}
+
+/// The firmware that network-boots the device: `ipxe` (PCs and VM nodes: DHCP, then
+/// `http://SERVER/boot/start.ipxe` and the kernel over HTTP), `rpi` (the Raspberry Pi boot ROM:
+/// DHCP option 43 "Raspberry Pi Boot", then TFTP) or `u-boot` (`start.uboot` over TFTP). Unset: walt
+/// does not network-boot the device. Needs `mac`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Firmware {
+    /// iPXE (PCs, VM nodes): DHCP, then `start.ipxe` and the kernel over HTTP.
+    #[serde(rename = "ipxe")]
+    Ipxe,
+    /// The Raspberry Pi boot ROM: DHCP with option 43 "Raspberry Pi Boot", then TFTP.
+    #[serde(rename = "rpi")]
+    Rpi,
+    /// U-Boot: DHCP, then `start.uboot` over TFTP.
+    #[serde(rename = "u-boot")]
+    UBoot,
 }
 
 fn default_ssh_port() -> i32 {

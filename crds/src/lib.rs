@@ -21,7 +21,7 @@ pub use common::{
     Changes, ConditionStatus, ImageDigestRef, SecretReference, condition_types, find_condition,
     format_duration, is_condition_true, new_condition, remove_condition, set_condition, short_digest,
 };
-pub use device::{Device, DeviceBinding, DeviceLoan, DeviceSpec, DeviceStatus};
+pub use device::{Device, DeviceBinding, DeviceLoan, DeviceSpec, DeviceStatus, Firmware};
 pub use image::{CloneProgress, Image, ImageShellMode, ImageSpec, ImageStatus, Platform};
 pub use image_name::{ImageName, ImageNameError};
 pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;

@@ -2,7 +2,7 @@
 //! node save, virtual node), each usable on its own.
 
 use clap::{Parser, Subcommand};
-use walt_operator::{binfmt, controller, oci, runtime, ssh};
+use walt_operator::{binfmt, boot, controller, oci, runtime, ssh};
 
 /// walt: the WalT testbed workflows on Kubernetes.
 #[derive(Debug, Parser)]
@@ -30,6 +30,8 @@ enum Command {
     Vnode(Box<ssh::vnode::Args>),
     /// Register the image's qemu-user handlers in the kernel (binfmt_misc), once per cluster node.
     Binfmt(binfmt::Args),
+    /// Serve network boot (DHCP, TFTP, HTTP, read-only NFSv3) to lab devices and VM nodes.
+    BootServer(Box<boot::cli::Args>),
 }
 
 fn main() {
@@ -46,6 +48,7 @@ fn main() {
         Command::Gateway(args) => ssh::cli::run_gateway(args),
         Command::Vnode(args) => ssh::vnode::run(args),
         Command::Binfmt(args) => binfmt::run(args),
+        Command::BootServer(args) => boot::cli::run(args),
     };
     match outcome {
         Ok(code) => std::process::exit(code),

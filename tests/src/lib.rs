@@ -27,6 +27,7 @@ pub mod deploy;
 pub mod image_build;
 pub mod lab;
 pub mod machine;
+pub mod netboot;
 pub mod operator;
 pub mod pty;
 pub mod registry;

@@ -1,0 +1,242 @@
+//! What the boot service serves: which device (by MAC) boots which image view, under which address
+//! and host name; and the journal of what it served to whom.
+
+use std::fmt;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use super::view::ImageView;
+
+/// Where WalT images look for their NFS root: `/var/lib/walt/nodes/<mac|ip|hostname>/fs`.
+pub const NODES_DIR: &str = "/var/lib/walt/nodes/";
+
+/// A MAC address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Mac(pub [u8; 6]);
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+/// A MAC address that is not six hex pairs separated by `:` or `-`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a MAC address (expected six hex pairs such as 52:54:00:12:34:56)")]
+pub struct BadMac(pub String);
+
+impl std::str::FromStr for Mac {
+    type Err = BadMac;
+    fn from_str(text: &str) -> Result<Self, BadMac> {
+        let parts: Vec<&str> = text.split([':', '-']).collect();
+        if parts.len() != 6 {
+            return Err(BadMac(text.to_string()));
+        }
+        let mut mac = [0; 6];
+        for (byte, part) in mac.iter_mut().zip(parts) {
+            if part.len() != 2 {
+                return Err(BadMac(text.to_string()));
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(|_| BadMac(text.to_string()))?;
+        }
+        Ok(Mac(mac))
+    }
+}
+
+/// One device the service boots.
+#[derive(Debug, Clone)]
+pub struct Binding {
+    /// The device's boot interface.
+    pub mac: Mac,
+    /// The address it gets (authoritative DHCP) or has.
+    pub ip: Ipv4Addr,
+    /// Its host name (the node name).
+    pub hostname: String,
+    /// Its model: boot files come from the image's `/boot/<model>/`.
+    pub model: String,
+    /// The image it boots.
+    pub view: Arc<ImageView>,
+}
+
+/// One thing served, for the journal.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Served {
+    /// Unix time in milliseconds.
+    pub at_ms: u64,
+    /// `dhcp`, `tftp`, `http` or `nfs-mount`.
+    pub protocol: &'static str,
+    /// The device's MAC, when known.
+    pub mac: Option<String>,
+    /// The client's address.
+    pub client: String,
+    /// What was asked (boot file path, export path; the offered address for DHCP).
+    pub path: String,
+    /// The digest of the image served (absent: refused, with `refused` saying why).
+    pub digest: Option<String>,
+    /// Why nothing was served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+}
+
+/// The bindings and the journal, shared by all the protocols.
+#[derive(Debug)]
+pub struct BootState {
+    bindings: Vec<Binding>,
+    journal: Mutex<Journal>,
+}
+
+#[derive(Debug)]
+struct Journal {
+    file: Option<std::fs::File>,
+    entries: Vec<Served>,
+}
+
+/// Entries kept in memory (the file keeps them all).
+const JOURNAL_MEMORY: usize = 10_000;
+
+impl BootState {
+    /// A state serving `bindings`; the journal is also appended to `journal` (JSON lines) when set.
+    pub fn new(bindings: Vec<Binding>, journal: Option<PathBuf>) -> std::io::Result<Self> {
+        let file = journal
+            .map(|path| std::fs::OpenOptions::new().create(true).append(true).open(path))
+            .transpose()?;
+        Ok(BootState {
+            bindings,
+            journal: Mutex::new(Journal {
+                file,
+                entries: Vec::new(),
+            }),
+        })
+    }
+
+    /// All bindings.
+    pub fn bindings(&self) -> &[Binding] {
+        &self.bindings
+    }
+
+    /// The binding of a MAC.
+    pub fn by_mac(&self, mac: Mac) -> Option<&Binding> {
+        self.bindings.iter().find(|b| b.mac == mac)
+    }
+
+    /// The binding of an address.
+    pub fn by_ip(&self, ip: IpAddr) -> Option<&Binding> {
+        let IpAddr::V4(ip) = ip else { return None };
+        self.bindings.iter().find(|b| b.ip == ip)
+    }
+
+    /// The binding an export path names (`/var/lib/walt/nodes/<mac|ip|hostname>/fs`), and the path
+    /// inside the image it asks for.
+    pub fn by_export<'a>(&self, path: &'a str) -> Option<(&Binding, &'a str)> {
+        let (key, inside) = export_key(path)?;
+        self.by_key(key).map(|b| (b, inside))
+    }
+
+    fn by_key(&self, key: &str) -> Option<&Binding> {
+        if let Ok(mac) = key.parse::<Mac>() {
+            return self.by_mac(mac);
+        }
+        if let Ok(ip) = key.parse::<Ipv4Addr>() {
+            return self.by_ip(IpAddr::V4(ip));
+        }
+        self.bindings.iter().find(|b| b.hostname == key)
+    }
+
+    /// The view whose handle key is `key`.
+    pub fn view(&self, key: [u8; 8]) -> Option<&Arc<ImageView>> {
+        self.bindings.iter().map(|b| &b.view).find(|v| v.key() == key)
+    }
+
+    /// Records what was served (or refused).
+    pub fn record(&self, mut served: Served) {
+        served.at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        tracing::info!(
+            protocol = served.protocol,
+            mac = served.mac.as_deref().unwrap_or("-"),
+            client = %served.client,
+            path = %served.path,
+            digest = served.digest.as_deref().unwrap_or("-"),
+            refused = served.refused.as_deref().unwrap_or(""),
+            "served"
+        );
+        let Ok(mut journal) = self.journal.lock() else {
+            return;
+        };
+        if let (Some(file), Ok(line)) = (journal.file.as_mut(), serde_json::to_string(&served)) {
+            let _ = writeln!(file, "{line}");
+        }
+        if journal.entries.len() >= JOURNAL_MEMORY {
+            journal.entries.remove(0);
+        }
+        journal.entries.push(served);
+    }
+
+    /// The journal entries kept in memory.
+    pub fn journal(&self) -> Vec<Served> {
+        self.journal.lock().map(|j| j.entries.clone()).unwrap_or_default()
+    }
+}
+
+/// The `<key>` of `/var/lib/walt/nodes/<key>/fs[/<path inside>]`, and the path inside (`/` for the
+/// export itself).
+pub fn export_key(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix(NODES_DIR)?;
+    let (key, rest) = rest.split_once('/')?;
+    let inside = rest.strip_prefix("fs")?;
+    if key.is_empty() || !(inside.is_empty() || inside.starts_with('/')) {
+        return None;
+    }
+    Some((key, if inside.is_empty() { "/" } else { inside }))
+}
+
+/// A journal entry (time filled in by [`BootState::record`]).
+pub fn served(protocol: &'static str, binding: Option<&Binding>, client: IpAddr, path: &str) -> Served {
+    Served {
+        at_ms: 0,
+        protocol,
+        mac: binding.map(|b| b.mac.to_string()),
+        client: client.to_string(),
+        path: path.to_string(),
+        digest: binding.map(|b| b.view.digest().to_string()),
+        refused: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_parse_with_colons_or_dashes_and_print_lowercase() {
+        let mac: Mac = "52-54-00-AB-cd-01".parse().expect("mac");
+        assert_eq!(mac.to_string(), "52:54:00:ab:cd:01");
+        assert!("52:54:00:ab:cd".parse::<Mac>().is_err());
+        assert!("52:54:00:ab:cd:0g".parse::<Mac>().is_err());
+    }
+
+    #[test]
+    fn export_paths_name_a_key() {
+        assert_eq!(
+            export_key("/var/lib/walt/nodes/52:54:00:ab:cd:01/fs"),
+            Some(("52:54:00:ab:cd:01", "/"))
+        );
+        assert_eq!(export_key("/var/lib/walt/nodes/vm1/fs/"), Some(("vm1", "/")));
+        assert_eq!(
+            export_key("/var/lib/walt/nodes/vm1/fs/etc"),
+            Some(("vm1", "/etc"))
+        );
+        assert_eq!(export_key("/var/lib/walt/nodes/vm1/fsx"), None);
+        assert_eq!(export_key("/var/lib/walt/nodes/vm1"), None);
+        assert_eq!(export_key("/var/lib/walt/nodes//fs"), None);
+        assert_eq!(export_key("/srv/vm1/fs"), None);
+    }
+}

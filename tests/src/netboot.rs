@@ -1,0 +1,664 @@
+//! Network boot fixtures: a Debian kernel and an initramfs that mounts its root over NFSv3, a WalT
+//! image with the boot layout (`/boot/<model>/` with `start.ipxe`, the kernel and the initramfs;
+//! `/bin/walt-init` stacking the RAM overlay at the WalT path), a lab network (a bridge and a tap in a
+//! network namespace the test creates) and VM nodes (`qemu-system-x86_64 -accel tcg`) whose iPXE
+//! ROM boots from the network like a real device.
+//!
+//! Nothing here uses walt's code: the image is built with `umoci` ([`crate::images::OciLayout`]),
+//! the kernel is Debian's (`apt-get download`), the initramfs is a `newc` cpio written here.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::images::{Arch, busybox_rootfs, cache_dir};
+use crate::operator::operator_binary;
+use crate::process::{Daemon, Lifetime};
+use crate::registry::Registry;
+use crate::{FixtureError, require_tool, run, run_stdout};
+
+/// The model of the VM nodes (WalT's name for PCs).
+pub const MODEL: &str = "pc-x86-64";
+
+/// What the image prints on the serial console once it has booted (then the host name, the
+/// kernel's uptime).
+pub const BOOTED_MARKER: &str = "WALT-NODE-BOOTED";
+
+/// Kernel modules the initramfs loads (with their dependencies): the NIC, the NFS client, overlay.
+const MODULES: [&str; 4] = ["virtio_pci", "virtio_net", "nfsv3", "overlay"];
+
+fn io(what: &str) -> impl FnOnce(std::io::Error) -> FixtureError + '_ {
+    move |e| FixtureError::io(what, e)
+}
+
+/// A Debian kernel package, unpacked (cached under [`cache_dir`]`/netboot/`).
+#[derive(Debug, Clone)]
+pub struct DebianKernel {
+    /// The kernel release (`6.1.0-57-amd64`).
+    pub release: String,
+    /// The unpacked package.
+    pub root: PathBuf,
+}
+
+impl DebianKernel {
+    /// The `vmlinuz`.
+    pub fn vmlinuz(&self) -> PathBuf {
+        self.root.join(format!("boot/vmlinuz-{}", self.release))
+    }
+
+    /// The module files to load, dependencies first (`modprobe --show-depends` on the package).
+    pub fn modules(&self, names: &[&str]) -> Result<Vec<PathBuf>, FixtureError> {
+        let mut out: Vec<PathBuf> = Vec::new();
+        for name in names {
+            let listing = run_stdout(Command::new("modprobe").arg("-d").arg(&self.root).args([
+                "-S",
+                &self.release,
+                "--show-depends",
+                name,
+            ]))?;
+            for line in listing.lines() {
+                let Some(path) = line.trim().strip_prefix("insmod ") else {
+                    continue;
+                };
+                let path = PathBuf::from(path.split_whitespace().next().unwrap_or_default());
+                if !out.contains(&path) {
+                    out.push(path);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Debian's current amd64 kernel (`linux-image-amd64`'s dependency), downloaded and unpacked once;
+/// `depmod` is run on it so that the module dependencies are known.
+pub fn debian_kernel() -> Result<DebianKernel, FixtureError> {
+    require_tool("apt-get", "apt")?;
+    require_tool("dpkg-deb", "dpkg")?;
+    require_tool("depmod", "kmod")?;
+    let depends = run_stdout(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))?;
+    let package = depends
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|p| p.starts_with("linux-image-"))
+        .ok_or_else(|| {
+            FixtureError::Failed(format!(
+                "apt-cache depends linux-image-amd64 names no kernel: {depends}"
+            ))
+        })?
+        .to_string();
+    let release = package.trim_start_matches("linux-image-").to_string();
+    let dir = cache_dir().join("netboot").join(&package);
+    let root = dir.join("root");
+    if !root
+        .join("lib/modules")
+        .join(&release)
+        .join("modules.dep")
+        .is_file()
+    {
+        std::fs::create_dir_all(&dir).map_err(io("creating the kernel cache dir"))?;
+        run(Command::new("apt-get")
+            .args(["download", &package])
+            .current_dir(&dir))?;
+        let deb = std::fs::read_dir(&dir)
+            .map_err(io("listing the kernel cache dir"))?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "deb"))
+            .ok_or_else(|| FixtureError::Failed(format!("apt-get download {package} left no .deb")))?;
+        let staging = dir.join("staging");
+        let _ = std::fs::remove_dir_all(&staging);
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&staging))?;
+        run(Command::new("depmod").arg("-b").arg(&staging).arg(&release))?;
+        let _ = std::fs::remove_file(&deb);
+        std::fs::rename(&staging, &root).map_err(io("placing the unpacked kernel"))?;
+    }
+    Ok(DebianKernel { release, root })
+}
+
+/// A `newc` cpio archive (the initramfs format), written entry by entry.
+#[derive(Debug, Default)]
+pub struct Cpio {
+    bytes: Vec<u8>,
+    ino: u32,
+}
+
+impl Cpio {
+    fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
+        self.ino += 1;
+        let fields = [
+            self.ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            data.len() as u32,
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            name.len() as u32 + 1,
+            0,
+        ];
+        let _ = write!(self.bytes, "070701");
+        for field in fields {
+            let _ = write!(self.bytes, "{field:08x}");
+        }
+        self.bytes.extend_from_slice(name.as_bytes());
+        self.bytes.push(0);
+        self.pad();
+        self.bytes.extend_from_slice(data);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        while !self.bytes.len().is_multiple_of(4) {
+            self.bytes.push(0);
+        }
+    }
+
+    /// A directory.
+    pub fn dir(&mut self, name: &str) {
+        self.entry(name, 0o040_755, (0, 0), &[]);
+    }
+
+    /// A regular file.
+    pub fn file(&mut self, name: &str, mode: u32, data: &[u8]) {
+        self.entry(name, 0o100_000 | mode, (0, 0), data);
+    }
+
+    /// A character device.
+    pub fn char_device(&mut self, name: &str, major: u32, minor: u32) {
+        self.entry(name, 0o020_600, (major, minor), &[]);
+    }
+
+    /// The archive, gzip-compressed, with its trailer.
+    pub fn finish(mut self) -> Result<Vec<u8>, FixtureError> {
+        self.entry("TRAILER!!!", 0, (0, 0), &[]);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&self.bytes)
+            .map_err(io("compressing the initramfs"))?;
+        gz.finish().map_err(io("compressing the initramfs"))
+    }
+}
+
+/// The initramfs `/init`: loads the modules, configures `eth0` from the kernel's `ip=` (iPXE fills
+/// it from its DHCP lease), mounts `nfsroot=` read-only over NFSv3/TCP (through the server's
+/// portmapper, like WalT nodes do) and hands over to the image's `/bin/walt-init`.
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in $(cat /modules.order); do insmod /lib/modules/$m || echo "walt-initrd: insmod $m failed"; done
+ipcfg=""; nfsroot=""
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in ip=*) ipcfg="${arg#ip=}";; nfsroot=*) nfsroot="${arg#nfsroot=}";; esac
+done
+client=$(echo "$ipcfg" | cut -d: -f1); server=$(echo "$ipcfg" | cut -d: -f2)
+mask=$(echo "$ipcfg" | cut -d: -f4); host=$(echo "$ipcfg" | cut -d: -f5)
+for i in $(seq 1 50); do [ -e /sys/class/net/eth0 ] && break; sleep 0.1; done
+ifconfig lo 127.0.0.1 up
+ifconfig eth0 "$client" netmask "$mask" up
+hostname "$host"
+echo "walt-initrd: mounting $nfsroot"
+if ! mount -t nfs -o ro,vers=3,proto=tcp,mountproto=tcp,nolock,addr=$server,mountaddr=$server "$nfsroot" /newroot; then
+  echo "walt-initrd: NFS mount of $nfsroot failed"; exec sh
+fi
+mount --move /dev /newroot/dev
+umount /proc /sys
+exec switch_root /newroot /bin/walt-init
+"#;
+
+/// Builds the initramfs of [`INIT`] with the host's static busybox and the kernel's modules.
+pub fn initramfs(kernel: &DebianKernel) -> Result<Vec<u8>, FixtureError> {
+    require_tool("busybox", "busybox-static")?;
+    let busybox = std::fs::read("/bin/busybox").map_err(io("reading /bin/busybox"))?;
+    let mut cpio = Cpio::default();
+    for dir in ["bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules"] {
+        cpio.dir(dir);
+    }
+    cpio.char_device("dev/console", 5, 1);
+    cpio.file("bin/busybox", 0o755, &busybox);
+    cpio.file("init", 0o755, INIT.as_bytes());
+    let mut order = String::new();
+    for module in kernel.modules(&MODULES)? {
+        let name = module
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| FixtureError::Failed(format!("module path {} has no name", module.display())))?;
+        let data = std::fs::read(&module).map_err(io("reading a kernel module"))?;
+        cpio.file(&format!("lib/modules/{name}"), 0o644, &data);
+        order.push_str(&name);
+        order.push('\n');
+    }
+    cpio.file("modules.order", 0o644, order.as_bytes());
+    cpio.finish()
+}
+
+/// WalT's `walt-init` as the image runs it: a RAM overlay (upper dir at the WalT path
+/// `/run/walt/rootfs/mnt/fs_rw`) over the read-only NFS root, then `/sbin/init`.
+const WALT_INIT: &str = r"#!/bin/sh
+mount -t proc proc /proc
+mount -t tmpfs -o mode=755 tmpfs /run
+mkdir -p /run/walt/rootfs/mnt/fs_rw /run/walt/rootfs/mnt/fs_work
+mount -t overlay overlay -o lowerdir=/,upperdir=/run/walt/rootfs/mnt/fs_rw,workdir=/run/walt/rootfs/mnt/fs_work /mnt
+mount --move /run /mnt/run
+mount --move /dev /mnt/dev
+umount /proc
+cd /mnt
+pivot_root . mnt
+exec chroot . /sbin/init
+";
+
+/// The image's boot script (iPXE fills in the variables from its DHCP lease).
+const START_IPXE: &str = "#!ipxe\n\
+kernel vmlinuz console=ttyS0 quiet ip=${ip}:${next-server}:${gateway}:${netmask}:${hostname}:eth0:off \
+nfsroot=${next-server}:/var/lib/walt/nodes/${mac}/fs\n\
+initrd initrd.img\n\
+boot\n";
+
+/// Makes a WalT image root for VM nodes in `dest`: busybox, `walt-init`, an init that prints
+/// [`BOOTED_MARKER`] and writes `/run/uptime-ready` (the read-only NFS root stays visible at
+/// `/mnt`, under the overlay), and `/boot/<MODEL>/` with the kernel, the
+/// initramfs and `start.ipxe` (the kernel reached through a relative symlink, as WalT images do).
+pub fn vm_image_root(dest: &Path, kernel: &DebianKernel) -> Result<(), FixtureError> {
+    busybox_rootfs(Arch::Amd64, dest)?;
+    let boot = dest.join("boot").join(MODEL);
+    for dir in [boot.as_path(), &dest.join("mnt"), &dest.join("etc/init.d")] {
+        std::fs::create_dir_all(dir).map_err(io("creating image dirs"))?;
+    }
+    let write = |path: PathBuf, data: &[u8], mode: u32| -> Result<(), FixtureError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::write(&path, data).map_err(io("writing an image file"))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(io("chmod"))
+    };
+    let vmlinuz = std::fs::read(kernel.vmlinuz()).map_err(io("reading the kernel"))?;
+    write(
+        dest.join(format!("boot/vmlinuz-{}", kernel.release)),
+        &vmlinuz,
+        0o644,
+    )?;
+    std::os::unix::fs::symlink(format!("../vmlinuz-{}", kernel.release), boot.join("vmlinuz"))
+        .map_err(io("linking the kernel"))?;
+    write(boot.join("initrd.img"), &initramfs(kernel)?, 0o644)?;
+    write(boot.join("start.ipxe"), START_IPXE.as_bytes(), 0o644)?;
+    write(dest.join("bin/walt-init"), WALT_INIT.as_bytes(), 0o755)?;
+    write(
+        dest.join("etc/inittab"),
+        b"::sysinit:/etc/init.d/rcS\nttyS0::respawn:/bin/sh\n",
+        0o644,
+    )?;
+    let rcs = format!(
+        "#!/bin/sh\nmount -t proc proc /proc\nmount -t sysfs sys /sys\n\
+         mkdir -p /run/sshd /var/log\n\
+         [ -x /usr/sbin/sshd ] && /usr/sbin/sshd -f /etc/ssh/sshd_config -E /run/sshd.log\n\
+         echo booted > /run/uptime-ready\n\
+         echo \"{BOOTED_MARKER} $(hostname) $(cut -d' ' -f1 /proc/uptime) $(cat /etc/walt-image-id 2>/dev/null)\"\n"
+    );
+    write(dest.join("etc/init.d/rcS"), rcs.as_bytes(), 0o755)
+}
+
+/// A lab network: a network namespace the test creates, holding a bridge (`br0`, `10.123.N.1/24`,
+/// where the boot service listens) and taps for VM nodes. Deleted on drop.
+#[derive(Debug)]
+pub struct LabNetwork {
+    /// The namespace name.
+    pub netns: String,
+    /// The boot server's address on the bridge.
+    pub server: std::net::Ipv4Addr,
+    taps: usize,
+}
+
+impl LabNetwork {
+    /// Creates the namespace, the bridge and loopback.
+    pub fn create(index: u8) -> Result<Self, FixtureError> {
+        require_tool("ip", "iproute2")?;
+        let netns = format!("wnb-{}-{index}", std::process::id());
+        let server = std::net::Ipv4Addr::new(10, 123, index, 1);
+        run(Command::new("ip").args(["netns", "add", &netns]))?;
+        let net = LabNetwork {
+            netns,
+            server,
+            taps: 0,
+        };
+        net.ip(&["link", "set", "lo", "up"])?;
+        net.ip(&["link", "add", "br0", "type", "bridge"])?;
+        net.ip(&["addr", "add", &format!("{server}/24"), "dev", "br0"])?;
+        net.ip(&["link", "set", "br0", "up"])?;
+        Ok(net)
+    }
+
+    fn ip(&self, args: &[&str]) -> Result<(), FixtureError> {
+        run(Command::new("ip").args(["-n", &self.netns]).args(args)).map(|_| ())
+    }
+
+    /// The address of the `n`-th device of this network (`10.123.N.(10+n)`).
+    pub fn device_ip(&self, n: u8) -> std::net::Ipv4Addr {
+        let o = self.server.octets();
+        std::net::Ipv4Addr::new(o[0], o[1], o[2], 10 + n)
+    }
+
+    /// A new tap on the bridge, for a VM.
+    pub fn add_tap(&mut self) -> Result<String, FixtureError> {
+        let tap = format!("tap{}", self.taps);
+        self.taps += 1;
+        self.ip(&["tuntap", "add", &tap, "mode", "tap"])?;
+        self.ip(&["link", "set", &tap, "master", "br0"])?;
+        self.ip(&["link", "set", &tap, "up"])?;
+        Ok(tap)
+    }
+}
+
+impl Drop for LabNetwork {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
+    }
+}
+
+/// A VM node on a lab network: `qemu-system-x86_64 -accel tcg`, powered on to network boot (its
+/// NIC's iPXE ROM), serial console in a file. Powered off on drop.
+#[derive(Debug)]
+pub struct VmNode {
+    daemon: Daemon,
+    console: PathBuf,
+    powered_on: Instant,
+}
+
+impl VmNode {
+    /// Powers on a VM with `mac` on a new tap of `net`; its console goes to `dir/console-<mac>.log`.
+    pub fn power_on(net: &mut LabNetwork, mac: &str, dir: &Path) -> Result<Self, FixtureError> {
+        require_tool("qemu-system-x86_64", "qemu-system-x86")?;
+        let tap = net.add_tap()?;
+        let console = dir.join(format!("console-{}.log", mac.replace(':', "")));
+        // A new console for every power-on: an old marker must not count.
+        let _ = std::fs::remove_file(&console);
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &net.netns, "qemu-system-x86_64"])
+            .args(["-machine", "q35", "-accel", "tcg", "-m", "512", "-smp", "1"])
+            .args(["-display", "none", "-monitor", "none", "-no-reboot", "-boot", "n"])
+            .arg("-serial")
+            .arg(format!("file:{}", console.display()))
+            .arg("-netdev")
+            .arg(format!("tap,id=n0,ifname={tap},script=no,downscript=no"))
+            .arg("-device")
+            .arg(format!("virtio-net-pci,netdev=n0,mac={mac}"));
+        let powered_on = Instant::now();
+        let daemon = Daemon::spawn(
+            &format!("vm {mac}"),
+            command,
+            &dir.join(format!("qemu-{}.log", mac.replace(':', ""))),
+            Lifetime::Test,
+        )
+        .map_err(|e| FixtureError::Failed(e.to_string()))?;
+        Ok(VmNode {
+            daemon,
+            console,
+            powered_on,
+        })
+    }
+
+    /// The serial console so far.
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    /// Waits for `text` on the console; returns the time since power-on.
+    pub fn wait_console(&mut self, text: &str, within: Duration) -> Result<Duration, FixtureError> {
+        let deadline = Instant::now() + within;
+        loop {
+            if self.console().contains(text) {
+                return Ok(self.powered_on.elapsed());
+            }
+            if let Some(status) = self.daemon.exited() {
+                return Err(FixtureError::Failed(format!(
+                    "qemu exited ({status}) before {text:?}; console:\n{}\nqemu: {}",
+                    self.console(),
+                    self.daemon.log_tail(20)
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(FixtureError::Failed(format!(
+                    "{text:?} not on the console within {within:?}; console:\n{}",
+                    self.console()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The time since power-on.
+    pub fn since_power_on(&self) -> Duration {
+        self.powered_on.elapsed()
+    }
+}
+
+/// Copies the host's OpenSSH server (Debian's `openssh-server`) and the libraries it links into an
+/// image root, with a host key, a configuration for root logins by key and `authorized_key` for
+/// root: the VM node serves SSH like a WalT node.
+pub fn install_host_sshd(dest: &Path, authorized_key: &str) -> Result<(), FixtureError> {
+    require_tool("sshd", "openssh-server")?;
+    require_tool("ssh-keygen", "openssh-client")?;
+    require_tool("ldd", "libc-bin")?;
+    let sshd = PathBuf::from("/usr/sbin/sshd");
+    let libraries = run_stdout(Command::new("ldd").arg(&sshd))?;
+    let mut files = vec![sshd];
+    for line in libraries.lines() {
+        let path = line
+            .split("=>")
+            .nth(1)
+            .unwrap_or(line)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default();
+        if path.starts_with('/') {
+            files.push(PathBuf::from(path));
+        }
+    }
+    for file in files {
+        let target = dest.join(file.strip_prefix("/").unwrap_or(&file));
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(io("creating a library dir"))?;
+        }
+        std::fs::copy(&file, &target).map_err(io("copying sshd or a library"))?;
+    }
+    for dir in ["etc/ssh", "root/.ssh", "var/empty", "lib64"] {
+        std::fs::create_dir_all(dest.join(dir)).map_err(io("creating ssh dirs"))?;
+    }
+    let key = dest.join("etc/ssh/ssh_host_ed25519_key");
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key))?;
+    std::fs::write(
+        dest.join("etc/ssh/sshd_config"),
+        "HostKey /etc/ssh/ssh_host_ed25519_key\nPermitRootLogin prohibit-password\nUsePAM no\n\
+         StrictModes no\nPidFile /run/sshd.pid\nAuthorizedKeysFile /root/.ssh/authorized_keys\n",
+    )
+    .map_err(io("writing sshd_config"))?;
+    std::fs::write(
+        dest.join("root/.ssh/authorized_keys"),
+        format!("{authorized_key}\n"),
+    )
+    .map_err(io("writing authorized_keys"))?;
+    let passwd = dest.join("etc/passwd");
+    let mut users = std::fs::read_to_string(&passwd).map_err(io("reading passwd"))?;
+    users.push_str("sshd:x:100:65534::/run/sshd:/usr/sbin/nologin\n");
+    std::fs::write(&passwd, users).map_err(io("writing passwd"))
+}
+
+/// A running boot server, stopped on drop.
+pub struct BootServer {
+    daemon: Daemon,
+    journal: PathBuf,
+}
+
+impl BootServer {
+    /// Starts `walt-operator boot-server` in `net`'s namespace (images pulled over the host network
+    /// from `registry`), with its journal and cache in `dir`, and waits until it listens.
+    ///
+    /// # Panics
+    /// When it does not start (test helper).
+    pub fn start(net: &LabNetwork, dir: &Path, registry: Option<&Registry>, extra: &[String]) -> BootServer {
+        let journal = dir.join("journal.jsonl");
+        let mut command = Command::new(operator_binary());
+        command
+            .arg("boot-server")
+            .arg("--netns")
+            .arg(&net.netns)
+            .arg("--journal")
+            .arg(&journal)
+            .arg("--cache-dir")
+            .arg(dir.join("cache"))
+            .args(extra);
+        if let Some(registry) = registry {
+            command.arg("--insecure-registry").arg(registry.host());
+        }
+        let log = dir.join("boot-server.log");
+        let mut daemon =
+            Daemon::spawn("boot-server", command, &log, Lifetime::Test).expect("start the boot server");
+        let ready = crate::wait::Wait::new("the boot server to listen", Duration::from_mins(1))
+            .every(Duration::from_millis(50))
+            .until(|| {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .contains("walt boot server ready")
+            });
+        if let Some(status) = daemon.exited() {
+            panic!("the boot server exited ({status}): {}", daemon.log_tail(30));
+        }
+        ready.unwrap_or_else(|e| panic!("{e}: {}", daemon.log_tail(30)));
+        BootServer { daemon, journal }
+    }
+
+    /// The journal entries (JSON lines).
+    pub fn journal(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.journal)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for BootServer {
+    fn drop(&mut self) {
+        self.daemon.stop(Duration::from_secs(5));
+    }
+}
+
+/// A command run inside `net`'s namespace.
+pub fn in_netns(net: &LabNetwork, program: &str) -> Command {
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", &net.netns, program]);
+    command
+}
+
+/// Runs a command: (success, stdout + stderr).
+///
+/// # Panics
+/// When it cannot start (test helper).
+pub fn output(command: &mut Command) -> (bool, String) {
+    let out = command.output().expect("run a client");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The reference boot servers from Debian, for benchmarks: `dnsmasq` (DHCP + TFTP) and
+/// `nfs-ganesha` (a userspace NFSv3 server, VFS backend) with `rpcbind`, in `net`'s namespace.
+/// Stopped on drop.
+#[derive(Debug)]
+pub struct ReferenceServers {
+    daemons: Vec<Daemon>,
+}
+
+impl ReferenceServers {
+    /// Serves `export` (an unpacked root) read-only over NFSv3/TCP at its own path, and, when
+    /// `tftp_root` is given, DHCP for `(mac, ip, name)` with iPXE pointed at `start.ipxe` of
+    /// `tftp_root`.
+    pub fn start(
+        net: &LabNetwork,
+        dir: &Path,
+        export: &Path,
+        dhcp: Option<(&str, std::net::Ipv4Addr, &str, &Path)>,
+    ) -> Result<Self, FixtureError> {
+        require_tool("rpcbind", "rpcbind")?;
+        require_tool("ganesha.nfsd", "nfs-ganesha")?;
+        let spawn = |name: &str, program: &str, args: &[String]| -> Result<Daemon, FixtureError> {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", &net.netns, program]).args(args);
+            Daemon::spawn(name, command, &dir.join(format!("{name}.log")), Lifetime::Test)
+                .map_err(|e| FixtureError::Failed(e.to_string()))
+        };
+        let mut daemons = vec![spawn("rpcbind", "rpcbind", &["-f".into(), "-w".into()])?];
+        std::thread::sleep(Duration::from_millis(300));
+        let config = dir.join("ganesha.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "NFS_CORE_PARAM {{ Protocols = 3; Enable_NLM = false; Enable_RQUOTA = false; NFS_Port = 2049; }}\n\
+                 NFS_KRB5 {{ Active_krb5 = false; }}\n\
+                 EXPORT {{ Export_Id = 1; Path = {0}; Pseudo = {0}; Access_Type = RO; Squash = No_Root_Squash;\n\
+                 Protocols = 3; Transports = TCP; SecType = sys; FSAL {{ Name = VFS; }} }}\n\
+                 LOG {{ Default_Log_Level = WARN; }}\n",
+                export.display()
+            ),
+        )
+        .map_err(io("writing ganesha.conf"))?;
+        daemons.push(spawn(
+            "ganesha",
+            "ganesha.nfsd",
+            &[
+                "-F".into(),
+                "-f".into(),
+                config.display().to_string(),
+                "-L".into(),
+                dir.join("ganesha-own.log").display().to_string(),
+                "-p".into(),
+                dir.join("ganesha.pid").display().to_string(),
+            ],
+        )?);
+        if let Some((mac, ip, name, tftp_root)) = dhcp {
+            require_tool("dnsmasq", "dnsmasq-base")?;
+            daemons.push(spawn(
+                "dnsmasq",
+                "dnsmasq",
+                &[
+                    "--no-daemon".into(),
+                    "--conf-file=/dev/null".into(),
+                    "--port=0".into(),
+                    "--interface=br0".into(),
+                    "--bind-interfaces".into(),
+                    format!("--dhcp-range={ip},{ip},255.255.255.0,1h"),
+                    format!("--dhcp-host={mac},{ip},{name}"),
+                    "--enable-tftp".into(),
+                    format!("--tftp-root={}", tftp_root.display()),
+                    "--dhcp-match=set:ipxe,175".into(),
+                    "--dhcp-boot=tag:ipxe,start.ipxe".into(),
+                    "--dhcp-option=encap:175,176,1".into(),
+                    format!("--dhcp-leasefile={}", dir.join("dnsmasq.leases").display()),
+                    format!("--pid-file={}", dir.join("dnsmasq.pid").display()),
+                ],
+            )?);
+        }
+        // ganesha takes a few seconds to register with rpcbind and leave its grace period.
+        std::thread::sleep(Duration::from_secs(3));
+        Ok(ReferenceServers { daemons })
+    }
+}
+
+impl Drop for ReferenceServers {
+    fn drop(&mut self) {
+        for daemon in self.daemons.iter_mut().rev() {
+            daemon.stop(Duration::from_secs(5));
+        }
+    }
+}

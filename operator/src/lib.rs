@@ -4,6 +4,7 @@
 //! [`overlay`], [`runtime`] and [`ssh`] work, and are tested, without it.
 
 pub mod binfmt;
+pub mod build;
 pub mod controller;
 pub mod oci;
 pub mod overlay;

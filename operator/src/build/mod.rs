@@ -4,6 +4,13 @@
 //!
 //! - [`dockerfile`]: the parser (pure).
 //! - [`context`]: the build context: `.dockerignore` and source globs (pure matching, then a directory walk).
+//! - [`config`]: the image config as steps change it, users from `/etc/passwd` (pure).
+//! - [`copy`]: `COPY`/`ADD` into a mounted root.
+//! - [`executor`]: the build (`walt-operator build`, [`cli`]).
 
-// context: next
+pub mod cli;
+pub mod config;
+pub mod context;
+pub mod copy;
 pub mod dockerfile;
+pub mod executor;

@@ -410,3 +410,70 @@ fn a_failing_run_fails_the_build_with_its_output_and_moves_no_tag() {
         "the tag did not move"
     );
 }
+
+/// Whether a process runs `sleep <seconds>` (its command line).
+fn sleeping(seconds: &str) -> bool {
+    fs::read_dir("/proc").unwrap().flatten().any(|entry| {
+        let expected = format!("sleep\0{seconds}\0");
+        fs::read(entry.path().join("cmdline")).is_ok_and(|cmdline| cmdline.ends_with(expected.as_bytes()))
+    })
+}
+
+#[test]
+fn an_interrupted_build_moves_no_tag_and_leaves_nothing_running() {
+    use std::io::BufRead as _;
+    require_root();
+    let registry = registry_with_base(Arch::Amd64);
+    let work = tempfile::tempdir().unwrap();
+    let context = work.path().join("context");
+    let cache = work.path().join("cache");
+    let base = registry.reference("lab/base:1");
+    write(
+        &context.join("Dockerfile"),
+        &format!("FROM {base}\nRUN echo good > /good\n"),
+        0o644,
+    );
+    let good = build(&registry, &context, &cache, "lab/app:1", &[]).result();
+    write(
+        &context.join("Dockerfile"),
+        &format!("FROM {base}\nRUN echo good > /good\nRUN echo step-started && sleep 271\n"),
+        0o644,
+    );
+    let mut child = Command::new(bin())
+        .arg("build")
+        .arg("--context")
+        .arg(&context)
+        .arg("--to")
+        .arg(registry.reference("lab/app:1"))
+        .arg("--insecure-registry")
+        .arg(registry.host())
+        .arg("--cache-dir")
+        .arg(&cache)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let started = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .any(|line| line == "step-started");
+    assert!(started, "the RUN step started");
+    assert!(sleeping("271"), "the step runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "Ctrl-C stops the build");
+    walt_tests::wait::Wait::new("the step's processes to end", std::time::Duration::from_secs(10))
+        .until(|| !sleeping("271"))
+        .unwrap();
+    let digest = images::skopeo_inspect_format(&registry, "lab/app:1", "{{.Digest}}").unwrap();
+    assert_eq!(
+        Some(digest.as_str()),
+        good["digest"].as_str(),
+        "the tag did not move"
+    );
+}

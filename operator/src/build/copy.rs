@@ -110,7 +110,10 @@ fn mount_layers(lower_dirs: &[PathBuf], at: &Path) -> Result<(), String> {
         }
         many => {
             let lower: Vec<String> = many.iter().map(|d| d.display().to_string()).collect();
-            let options = format!("lowerdir={}", lower.join(":"));
+            let mut options = format!("lowerdir={}", lower.join(":"));
+            if crate::runtime::root::in_user_namespace() {
+                options.push_str(",userxattr");
+            }
             mount(
                 Some("overlay"),
                 at,

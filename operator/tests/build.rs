@@ -459,7 +459,9 @@ fn an_interrupted_build_moves_no_tag_and_leaves_nothing_running() {
         .map_while(Result::ok)
         .any(|line| line == "step-started");
     assert!(started, "the RUN step started");
-    assert!(sleeping("271"), "the step runs");
+    walt_tests::wait::Wait::new("the step's sleep to start", std::time::Duration::from_secs(20))
+        .until(|| sleeping("271"))
+        .unwrap();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
         nix::sys::signal::Signal::SIGINT,

@@ -20,6 +20,11 @@
 //!   included) after printing the result; buildah's counterpart is
 //!   `buildah rm` of its working container.
 //!
+//! - `build`: `walt-operator build` vs `buildah bud --layers` + `buildah push` of the same Dockerfile (a
+//!   Debian base, `dpkg -i` of a .deb from the context, `COPY` of 10,000 files, two `RUN`s), amd64 and
+//!   arm64 (emulated), cold (empty caches) and warm (unchanged rebuild), one run each, with the size of
+//!   the result (compressed layers).
+//!
 //! Each prints the median of several runs of each side and the ratio
 //! walt / reference.
 #![allow(clippy::unwrap_used)] // a benchmark that cannot set up stops
@@ -40,8 +45,9 @@ fn main() {
         "warm-start" => warm_start(),
         "cold-start" => cold_start(),
         "commit" => commit(),
+        "build" => build(),
         _ => {
-            eprintln!("usage: runtime_bench warm-start|cold-start|commit");
+            eprintln!("usage: runtime_bench warm-start|cold-start|commit|build");
             std::process::exit(2);
         }
     }
@@ -552,5 +558,165 @@ fn timed_to_last_line(command: &mut Command) -> MarkTimes {
     MarkTimes {
         to_result: last_at - start,
         to_exit: exited - start,
+    }
+}
+
+/// The cached Debian systemd root of the runtime tests for `arch` (built by them).
+fn debian_rootfs_of(arch: &str) -> PathBuf {
+    let dir = cache_dir().join(format!("rootfs/debian-bookworm-systemd-{arch}"));
+    assert!(
+        dir.join("usr/lib/systemd/systemd").exists(),
+        "{} is missing: run `cargo test -p walt-operator --test runtime debian_systemd_{arch}` once (it builds it)",
+        dir.display()
+    );
+    dir
+}
+
+/// A build context: a Dockerfile on `base`, a small .deb, 10,000 files.
+fn build_context(dir: &Path, base: &str) {
+    let package = dir.join("pkg");
+    fs::create_dir_all(package.join("DEBIAN")).unwrap();
+    fs::create_dir_all(package.join("usr/share/walt-bench")).unwrap();
+    fs::write(
+        package.join("DEBIAN/control"),
+        "Package: walt-bench\nVersion: 1.0\nArchitecture: all\nMaintainer: walt <walt@example.org>\nDescription: walt build benchmark\n",
+    )
+    .unwrap();
+    fs::write(package.join("usr/share/walt-bench/hello.txt"), "hello\n").unwrap();
+    run(Command::new("dpkg-deb")
+        .args(["--build", "--root-owner-group"])
+        .arg(&package)
+        .arg(dir.join("walt-bench.deb")));
+    fs::remove_dir_all(&package).unwrap();
+    for d in 0..100 {
+        let sub = dir.join(format!("files/{d:03}"));
+        fs::create_dir_all(&sub).unwrap();
+        for f in 0..100 {
+            fs::write(sub.join(format!("{f:03}.txt")), format!("file {d} {f}\n")).unwrap();
+        }
+    }
+    fs::write(
+        dir.join("Dockerfile"),
+        format!(
+            "FROM {base}\nCOPY walt-bench.deb /tmp/\nRUN dpkg -i /tmp/walt-bench.deb && rm /tmp/walt-bench.deb\n\
+             COPY files/ /opt/files/\nRUN echo built > /etc/walt-bench && find /opt/files -type f | wc -l > /opt/count\n"
+        ),
+    )
+    .unwrap();
+}
+
+/// Compressed size of an image's layers (from its manifest).
+fn layers_size(reference: &str) -> u64 {
+    let raw = run(Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{reference}")));
+    let manifest: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["size"].as_u64())
+        .sum()
+}
+
+fn build() {
+    use walt_tests::images::{Arch, OciLayout};
+    let walt = walt_binary();
+    let registry = walt_tests::registry::Registry::start().unwrap();
+    for (arch, name) in [(Arch::Amd64, "amd64"), (Arch::Arm64, "arm64")] {
+        let layout = OciLayout::new().unwrap();
+        layout.new_image("empty", arch).unwrap();
+        layout
+            .add_layer_from_dir("empty", "base", &debian_rootfs_of(name))
+            .unwrap();
+        layout
+            .push("base", &registry, &format!("lab/debian-{name}:1"))
+            .unwrap();
+        let base = registry.reference(&format!("lab/debian-{name}:1"));
+        let work = tempfile::tempdir().unwrap();
+        let context = work.path().join("context");
+        build_context(&context, &base);
+        let cache = work.path().join("cache");
+        let walt_target = registry.reference(&format!("lab/walt-{name}:1"));
+        let walt_build = || {
+            let mut command = Command::new(&walt);
+            command
+                .args([
+                    "build",
+                    "--network",
+                    "none",
+                    "--insecure-registry",
+                    &registry.host(),
+                    "--to",
+                    &walt_target,
+                ])
+                .arg("--context")
+                .arg(&context)
+                .arg("--cache-dir")
+                .arg(&cache);
+            timed(&mut command)
+        };
+        let walt_cold = walt_build();
+        let walt_warm = walt_build();
+        let podman = Podman::new();
+        let buildah_target = registry.reference(&format!("lab/buildah-{name}:1"));
+        let buildah = || {
+            let mut command = Command::new("buildah");
+            command
+                .env("CONTAINERS_CONF", podman.dir.path().join("containers.conf"))
+                .arg("--root")
+                .arg(podman.dir.path().join("root"))
+                .arg("--runroot")
+                .arg(podman.dir.path().join("runroot"))
+                .args(["--storage-driver", "overlay"]);
+            command
+        };
+        let buildah_build = || {
+            let bud = timed(
+                buildah()
+                    .args([
+                        "bud",
+                        "--layers",
+                        "--network",
+                        "none",
+                        "--tls-verify=false",
+                        "--platform",
+                    ])
+                    .arg(format!("linux/{name}"))
+                    .args(["-t", "walt-bench"])
+                    .arg(&context),
+            );
+            let push = timed(
+                buildah()
+                    .args(["push", "--tls-verify=false", "walt-bench"])
+                    .arg(format!("docker://{buildah_target}")),
+            );
+            bud + push
+        };
+        let buildah_cold = buildah_build();
+        let buildah_warm = buildah_build();
+        println!(
+            "build, {name}{} (Debian bookworm base, dpkg -i, COPY of 10,000 files, 2 RUN):",
+            if name == "arm64" { ", emulated" } else { "" }
+        );
+        report(
+            "  cold (empty caches)",
+            walt_cold,
+            buildah_cold,
+            "buildah bud + push",
+        );
+        report(
+            "  warm (unchanged rebuild)",
+            walt_warm,
+            buildah_warm,
+            "buildah bud + push",
+        );
+        println!(
+            "  result size (compressed layers): walt {} bytes, buildah {} bytes",
+            layers_size(&walt_target),
+            layers_size(&buildah_target)
+        );
+        let _ = buildah().args(["rm", "--all"]).output();
+        let _ = buildah().args(["rmi", "--all", "--force"]).output();
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod binfmt;
 pub mod boot;
+pub mod build;
 pub mod controller;
 pub mod oci;
 pub mod overlay;

@@ -2,7 +2,7 @@
 //! node save, virtual node), each usable on its own.
 
 use clap::{Parser, Subcommand};
-use walt_operator::{binfmt, boot, controller, oci, runtime, ssh};
+use walt_operator::{binfmt, boot, build, controller, oci, runtime, ssh};
 
 /// walt: the WalT testbed workflows on Kubernetes.
 #[derive(Debug, Parser)]
@@ -22,6 +22,9 @@ enum Command {
     Oci(oci::cli::Args),
     /// Open a root shell inside an OS image (any CPU, through qemu-user).
     Shell(Box<runtime::cli::Args>),
+    /// Build an image from a Dockerfile (RUN steps in the image's CPU, through qemu-user when foreign),
+    /// push it by digest and tag it.
+    Build(Box<build::cli::Args>),
     /// Save the files changed on a running node as a new image.
     Save(ssh::cli::SaveArgs),
     /// Relay users' SSH sessions to a node (the SSH gateway, one session; for tests and standalone use).
@@ -44,6 +47,7 @@ fn main() {
         Command::Run(args) => controller::cli::run(args),
         Command::Oci(args) => oci::cli::run(args),
         Command::Shell(args) => runtime::cli::run(args),
+        Command::Build(args) => build::cli::run(args),
         Command::Save(args) => ssh::cli::run_save(args),
         Command::Gateway(args) => ssh::cli::run_gateway(args),
         Command::Vnode(args) => ssh::vnode::run(args),

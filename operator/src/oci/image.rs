@@ -446,7 +446,7 @@ pub(super) fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
-fn oci_layer_media_type(media_type: &str) -> String {
+pub(super) fn oci_layer_media_type(media_type: &str) -> String {
     match media_type {
         IMAGE_DOCKER_LAYER_GZIP_MEDIA_TYPE => IMAGE_LAYER_GZIP_MEDIA_TYPE.to_owned(),
         IMAGE_DOCKER_LAYER_TAR_MEDIA_TYPE => IMAGE_LAYER_MEDIA_TYPE.to_owned(),
@@ -864,7 +864,7 @@ impl RegistryClient {
     /// Turns `changes` into one layer and uploads it to `target` in a single pass (layer writer, diff_id
     /// hash, compression and upload all streaming; memory stays flat). Returns (blob digest, blob size,
     /// diff_id, summary).
-    async fn push_layer(
+    pub(super) async fn push_layer(
         &self,
         target: &Reference,
         changes: ChangeSource,
@@ -1002,19 +1002,47 @@ impl RegistryClient {
                 config["config"]["Labels"][key] = json!(value);
             }
         }
-        let config_bytes =
-            serde_json::to_vec(&config).map_err(|e| Error::Internal(format!("serializing config: {e}")))?;
-        let config_digest = sha256_digest(&config_bytes);
-        self.inner
-            .push_blob(&target, config_bytes.clone(), &config_digest)
-            .await
-            .map_err(|e| registry_error(&target, "uploading the new config", &e))?;
         let mut layers: Vec<Value> = base
             .layers
             .iter()
             .map(|l| json!({"mediaType": oci_layer_media_type(&l.media_type), "digest": l.digest, "size": l.size}))
             .collect();
         layers.push(json!({"mediaType": options.compression.media_type(), "digest": layer_digest, "size": layer_size}));
+        let (manifest_digest, config_digest) = self
+            .push_config_and_manifest(base, &target, layers, &config)
+            .await?;
+        Ok(PushedImage {
+            reference: format!(
+                "{}/{}@{manifest_digest}",
+                target.resolve_registry(),
+                target.repository()
+            ),
+            manifest_digest,
+            config_digest,
+            layer_digest,
+            diff_id,
+            layer_size,
+            summary,
+        })
+    }
+
+    /// Pushes `config` and an OCI manifest of `layers` (JSON descriptors, bottom first, all already in
+    /// `target`'s repository) **by digest**; `base` only decides the config's media type. Returns the
+    /// manifest and config digests.
+    pub(super) async fn push_config_and_manifest(
+        &self,
+        base: &ResolvedImage,
+        target: &Reference,
+        layers: Vec<Value>,
+        config: &Value,
+    ) -> Result<(String, String), Error> {
+        let config_bytes =
+            serde_json::to_vec(config).map_err(|e| Error::Internal(format!("serializing config: {e}")))?;
+        let config_digest = sha256_digest(&config_bytes);
+        self.inner
+            .push_blob(target, config_bytes.clone(), &config_digest)
+            .await
+            .map_err(|e| registry_error(target, "uploading the new config", &e))?;
         let config_media_type = match base.manifest["config"]["mediaType"].as_str() {
             Some(IMAGE_DOCKER_CONFIG_MEDIA_TYPE) | None => IMAGE_CONFIG_MEDIA_TYPE,
             Some(other) => other,
@@ -1040,20 +1068,8 @@ impl RegistryClient {
                 http::HeaderValue::from_static(OCI_IMAGE_MEDIA_TYPE),
             )
             .await
-            .map_err(|e| registry_error(&target, format!("pushing manifest {manifest_digest}"), &e))?;
-        Ok(PushedImage {
-            reference: format!(
-                "{}/{}@{manifest_digest}",
-                target.resolve_registry(),
-                target.repository()
-            ),
-            manifest_digest,
-            config_digest,
-            layer_digest,
-            diff_id,
-            layer_size,
-            summary,
-        })
+            .map_err(|e| registry_error(target, format!("pushing manifest {manifest_digest}"), &e))?;
+        Ok((manifest_digest, config_digest))
     }
 
     /// Points `tag` of `repository` (`registry/repo`) at the manifest `digest` already in that repository.

@@ -38,6 +38,7 @@
 //! # Ok(()) }
 //! ```
 
+mod build;
 pub mod cli;
 mod compress;
 mod copy;
@@ -47,6 +48,7 @@ mod registry;
 mod squash;
 mod upload;
 
+pub use build::UploadedLayer;
 pub use compress::{Compression, Compressor, HashingWriter, ParallelGzip};
 pub use copy::CopyProgress;
 pub use error::Error;

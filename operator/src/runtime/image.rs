@@ -83,7 +83,9 @@ pub struct Pulled {
 
 /// Runs `work` on a current-thread runtime, then waits until the runtime's
 /// threads are gone.
-fn block_on<T>(work: impl std::future::Future<Output = Result<T, ImageError>>) -> Result<T, ImageError> {
+pub(crate) fn block_on<T>(
+    work: impl std::future::Future<Output = Result<T, ImageError>>,
+) -> Result<T, ImageError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

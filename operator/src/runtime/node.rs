@@ -627,6 +627,7 @@ fn exec(
         env: request.env,
         cwd: request.cwd,
         stdio,
+        identity: None,
     };
     // The received descriptors are closed when `command` drops: only the
     // started process keeps them, so its pipes end when it does.

@@ -138,6 +138,10 @@ pub struct RootSpec {
     /// must be inside it) are made there. The changes then live in RAM, like
     /// a WalT node's, and vanish with the container.
     pub ram_dir: Option<PathBuf>,
+    /// Mount fresh tmpfs on `/tmp` and `/run` (an interactive shell's
+    /// scratch space). Off for image builds, where what a step writes there
+    /// belongs to the image, as with Docker.
+    pub scratch_tmpfs: bool,
 }
 
 impl RootSpec {
@@ -158,6 +162,7 @@ impl RootSpec {
             resolv_conf: Some(PathBuf::from("/etc/resolv.conf")),
             binds: Vec::new(),
             ram_dir: None,
+            scratch_tmpfs: true,
         }
     }
 }
@@ -200,6 +205,19 @@ pub struct Command {
     pub cwd: String,
     /// Standard streams.
     pub stdio: Stdio,
+    /// Run as this user instead of root.
+    pub identity: Option<Identity>,
+}
+
+/// A user to run a process as (from the image's `/etc/passwd` and `/etc/group`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+    /// Supplementary group ids.
+    pub groups: Vec<u32>,
 }
 
 impl Command {
@@ -217,6 +235,7 @@ impl Command {
             ],
             cwd: "/root".into(),
             stdio,
+            identity: None,
         }
     }
 }
@@ -285,7 +304,7 @@ impl Container {
                     let master = console.as_ref().map(|(master, _)| master.as_raw_fd());
                     report(&child_sock, "ok", None, master);
                     drop(console);
-                    exec(&program, &argv, &envp, &init.cwd)
+                    exec(&program, &argv, &envp, &init.cwd, init.identity.as_ref())
                 });
                 if let Err(message) = result {
                     report(&child_sock, "error", Some(&message), None);
@@ -359,7 +378,7 @@ impl Container {
                             let master = pty.as_ref().map(|(master, _)| master.as_raw_fd());
                             report(&child_sock, "ok", None, master);
                             drop(pty);
-                            exec(&program, &argv, &envp, &command.cwd)
+                            exec(&program, &argv, &envp, &command.cwd, command.identity.as_ref())
                         }
                     }
                 })();
@@ -445,6 +464,50 @@ impl Drop for Container {
     fn drop(&mut self) {
         self.kill();
         self.cleanup();
+    }
+}
+
+/// Mounts the overlay of `spec` (no namespaces other than a private mount
+/// namespace, nothing else mounted in it) in a short-lived child process and
+/// runs `work` there with the merged root's path; the changes land in
+/// `spec.upper_dir`. Used by image builds to copy files in with the kernel's
+/// own copy-up, whiteout and opaque-directory rules.
+pub fn with_mounted_root(spec: &RootSpec, work: impl FnOnce(&Path) -> ChildResult<()>) -> Result<()> {
+    check_single_threaded()?;
+    let plan = plan(spec)?;
+    let (parent_sock, child_sock) = seqpacket_pair()?;
+    let parent_pid = nix::unistd::getpid();
+    match sys::fork().map_err(sys_err("fork"))? {
+        Forked::Child => {
+            drop(parent_sock);
+            let result = (|| -> ChildResult<()> {
+                prepare_process(parent_pid)?;
+                unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("create a mount namespace: {e}"))?;
+                private_mount_tree(spec, &plan)?;
+                mount_overlay(&plan)?;
+                work(&plan.root)
+            })();
+            let code = match result {
+                Ok(()) => 0,
+                Err(message) => {
+                    report(&child_sock, "error", Some(&message), None);
+                    1
+                }
+            };
+            sys::exit_child(code);
+        }
+        Forked::Parent(pid) => {
+            drop(child_sock);
+            let reply = collect_replies(&parent_sock);
+            let status = waitpid(pid, None).map_err(sys_err("wait for the copy process"))?;
+            if let Some(error) = reply?.error {
+                return Err(RootError::Setup(error));
+            }
+            match status {
+                WaitStatus::Exited(_, 0) => Ok(()),
+                other => Err(RootError::Setup(format!("the copy process ended with {other:?}"))),
+            }
+        }
     }
 }
 
@@ -560,7 +623,8 @@ fn plan(spec: &RootSpec) -> Result<Plan> {
 // ---------------------------------------------------------------------------
 // Child side. Errors are strings sent back to the parent.
 
-type ChildResult<T> = std::result::Result<T, String>;
+/// Results of the child side: errors are messages for the parent.
+pub type ChildResult<T> = std::result::Result<T, String>;
 
 fn report(sock: &OwnedFd, kind: &str, text: Option<&str>, fd: Option<RawFd>) {
     let message = match text {
@@ -680,7 +744,9 @@ fn child_setup(
     mount_proc(root)?;
     let pts = mount_dev(root)?;
     mount_sys(root, plan)?;
-    mount_tmp_and_run(root)?;
+    if spec.scratch_tmpfs {
+        mount_tmp_and_run(root)?;
+    }
     bind_files(spec, root, created)?;
     let console = console_of(init, root, &pts)?;
     enter_root(spec, root)?;
@@ -1127,7 +1193,25 @@ fn attach_terminal(path: &Path) -> ChildResult<OwnedFd> {
     Ok(slave)
 }
 
-fn exec(program: &CString, argv: &[CString], envp: &[CString], cwd: &str) -> ChildResult<()> {
+fn exec(
+    program: &CString,
+    argv: &[CString],
+    envp: &[CString],
+    cwd: &str,
+    identity: Option<&Identity>,
+) -> ChildResult<()> {
+    if let Some(identity) = identity {
+        let groups: Vec<nix::unistd::Gid> = identity
+            .groups
+            .iter()
+            .map(|g| nix::unistd::Gid::from_raw(*g))
+            .collect();
+        nix::unistd::setgroups(&groups).map_err(|e| format!("setgroups {:?}: {e}", identity.groups))?;
+        nix::unistd::setgid(nix::unistd::Gid::from_raw(identity.gid))
+            .map_err(|e| format!("setgid {}: {e}", identity.gid))?;
+        nix::unistd::setuid(nix::unistd::Uid::from_raw(identity.uid))
+            .map_err(|e| format!("setuid {}: {e}", identity.uid))?;
+    }
     if chdir(cwd).is_err() {
         let _ = chdir("/");
     }

@@ -454,8 +454,8 @@ pub(super) fn oci_layer_media_type(media_type: &str) -> String {
     }
 }
 
-/// How to read a layer blob of this media type.
-pub(super) fn decompressor<'r>(
+/// How to read a layer blob of this media type (gzip, zstd or plain tar; None for another media type).
+pub fn decompressor<'r>(
     media_type: &str,
     input: Box<dyn Read + Send + 'r>,
 ) -> Option<std::io::Result<Box<dyn Read + Send + 'r>>> {
@@ -469,6 +469,96 @@ pub(super) fn decompressor<'r>(
         IMAGE_LAYER_MEDIA_TYPE | IMAGE_DOCKER_LAYER_TAR_MEDIA_TYPE => Some(Ok(input)),
         _ => None,
     }
+}
+
+/// The child manifest digest an image index (or Docker manifest list) names for `wanted` (pure): an
+/// exact match, else the same OS and architecture with any variant (arm64 images often say v8).
+pub fn index_child(index: &Value, wanted: &Platform, shown: &str) -> Result<String, Error> {
+    let entries = index["manifests"].as_array().cloned().unwrap_or_default();
+    let chosen = entries
+        .iter()
+        .find(|m| wanted.matches(&m["platform"]))
+        .or_else(|| {
+            entries.iter().find(|m| {
+                m["platform"]["os"] == wanted.os.as_str()
+                    && m["platform"]["architecture"] == wanted.architecture.as_str()
+            })
+        })
+        .ok_or_else(|| Error::NoPlatform {
+            reference: shown.to_owned(),
+            wanted: wanted.to_string(),
+            available: entries
+                .iter()
+                .map(|m| Platform::from_json(&m["platform"]).to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
+    Ok(chosen["digest"].as_str().unwrap_or_default().to_owned())
+}
+
+/// The config descriptor and the layers of an image manifest (pure); schema 1 and unknown documents are
+/// refused.
+pub fn image_manifest_parts(
+    manifest: &Value,
+    shown: &str,
+) -> Result<(LayerDescriptor, Vec<LayerDescriptor>), Error> {
+    if manifest["schemaVersion"].as_i64() != Some(2) || manifest.get("layers").is_none() {
+        let media_type = manifest["mediaType"]
+            .as_str()
+            .unwrap_or("Docker schema 1 or unknown")
+            .to_owned();
+        return Err(Error::UnsupportedMediaType {
+            reference: shown.to_owned(),
+            what: "manifest".into(),
+            media_type,
+        });
+    }
+    let config_desc: LayerDescriptor =
+        serde_json::from_value(manifest["config"].clone()).map_err(|e| Error::Invalid {
+            reference: shown.to_owned(),
+            what: "manifest config descriptor".into(),
+            reason: e.to_string(),
+        })?;
+    let layers: Vec<LayerDescriptor> =
+        serde_json::from_value(manifest["layers"].clone()).map_err(|e| Error::Invalid {
+            reference: shown.to_owned(),
+            what: "manifest layers".into(),
+            reason: e.to_string(),
+        })?;
+    Ok((config_desc, layers))
+}
+
+/// What [`config_parts`] reads from a config: its JSON, its diff_ids, its labels.
+pub type ConfigParts = (Value, Vec<String>, BTreeMap<String, String>);
+
+/// An image config's JSON, its `rootfs.diff_ids` (one per layer of the manifest, else refused) and its
+/// labels (pure).
+pub fn config_parts(config_bytes: &[u8], layer_count: usize, shown: &str) -> Result<ConfigParts, Error> {
+    let config: Value = serde_json::from_slice(config_bytes).map_err(|e| Error::Invalid {
+        reference: shown.to_owned(),
+        what: "config".into(),
+        reason: e.to_string(),
+    })?;
+    let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
+        .as_array()
+        .map(|ids| ids.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default();
+    if diff_ids.len() != layer_count {
+        return Err(Error::Invalid {
+            reference: shown.to_owned(),
+            what: "config".into(),
+            reason: format!("{layer_count} layers but {} rootfs.diff_ids", diff_ids.len()),
+        });
+    }
+    let labels = config["config"]["Labels"]
+        .as_object()
+        .map(|map| {
+            map.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok((config, diff_ids, labels))
 }
 
 /// How a layer is laid out on disk.
@@ -517,27 +607,7 @@ impl RegistryClient {
         let mut index_digest = None;
         let mut image_ref = parsed.clone();
         if manifest.get("manifests").is_some() {
-            let entries = manifest["manifests"].as_array().cloned().unwrap_or_default();
-            let chosen = entries
-                .iter()
-                .find(|m| wanted.matches(&m["platform"]))
-                .or_else(|| {
-                    // arm64 images often say variant v8; accept it when no variant was asked for.
-                    entries.iter().find(|m| {
-                        m["platform"]["os"] == wanted.os.as_str()
-                            && m["platform"]["architecture"] == wanted.architecture.as_str()
-                    })
-                })
-                .ok_or_else(|| Error::NoPlatform {
-                    reference: shown.clone(),
-                    wanted: wanted.to_string(),
-                    available: entries
-                        .iter()
-                        .map(|m| Platform::from_json(&m["platform"]).to_string())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                })?;
-            let child_digest = chosen["digest"].as_str().unwrap_or_default().to_owned();
+            let child_digest = index_child(&manifest, &wanted, &shown)?;
             index_digest = Some(manifest_digest);
             image_ref = Reference::with_digest(
                 parsed.registry().to_owned(),
@@ -571,29 +641,7 @@ impl RegistryClient {
             })?;
             manifest_digest = child_digest;
         }
-        if manifest["schemaVersion"].as_i64() != Some(2) || manifest.get("layers").is_none() {
-            let media_type = manifest["mediaType"]
-                .as_str()
-                .unwrap_or("Docker schema 1 or unknown")
-                .to_owned();
-            return Err(Error::UnsupportedMediaType {
-                reference: shown,
-                what: "manifest".into(),
-                media_type,
-            });
-        }
-        let config_desc: LayerDescriptor =
-            serde_json::from_value(manifest["config"].clone()).map_err(|e| Error::Invalid {
-                reference: shown.clone(),
-                what: "manifest config descriptor".into(),
-                reason: e.to_string(),
-            })?;
-        let layers: Vec<LayerDescriptor> =
-            serde_json::from_value(manifest["layers"].clone()).map_err(|e| Error::Invalid {
-                reference: shown.clone(),
-                what: "manifest layers".into(),
-                reason: e.to_string(),
-            })?;
+        let (config_desc, layers) = image_manifest_parts(&manifest, &shown)?;
         let mut config_bytes = Vec::new();
         self.inner
             .pull_blob(&image_ref, &config_desc.to_oci(), &mut config_bytes)
@@ -608,30 +656,7 @@ impl RegistryClient {
                 actual,
             });
         }
-        let config: Value = serde_json::from_slice(&config_bytes).map_err(|e| Error::Invalid {
-            reference: shown.clone(),
-            what: "config".into(),
-            reason: e.to_string(),
-        })?;
-        let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
-            .as_array()
-            .map(|ids| ids.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
-            .unwrap_or_default();
-        if diff_ids.len() != layers.len() {
-            return Err(Error::Invalid {
-                reference: shown,
-                what: "config".into(),
-                reason: format!("{} layers but {} rootfs.diff_ids", layers.len(), diff_ids.len()),
-            });
-        }
-        let labels = config["config"]["Labels"]
-            .as_object()
-            .map(|map| {
-                map.iter()
-                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let (config, diff_ids, labels) = config_parts(&config_bytes, layers.len(), &shown)?;
         let size = config_desc.size + layers.iter().map(|l| l.size).sum::<u64>();
         Ok(ResolvedImage {
             registry: parsed.resolve_registry().to_owned(),

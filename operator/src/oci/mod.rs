@@ -53,7 +53,8 @@ pub use compress::{Compression, Compressor, HashingWriter, ParallelGzip};
 pub use copy::CopyProgress;
 pub use error::Error;
 pub use image::{
-    ChangeSource, CommitOptions, LayerCache, LayerDescriptor, Platform, PulledImage, PushedImage,
-    ResolvedImage,
+    ChangeSource, CommitOptions, ConfigParts, LayerCache, LayerDescriptor, Platform, PulledImage,
+    PushedImage, ResolvedImage, config_parts, decompressor, image_manifest_parts, index_child,
 };
 pub use registry::{ClientOptions, Credentials, RegistryClient};
+pub use squash::squash_tars;

@@ -219,6 +219,24 @@ fn copy_survivors<W: Write>(tar: impl Read, keep: &[bool], out: &mut tar::Builde
     Ok(())
 }
 
+/// Squashes layer tars given in memory (uncompressed, bottom first) into one layer tar written to `out`
+/// (pure: what [`RegistryClient::squash`] does between the registry reads and the push). Fails on a
+/// malformed tar or a hard link a layer above broke.
+pub fn squash_tars<W: Write>(layers: &[&[u8]], out: W) -> Result<W, String> {
+    let seen = layers
+        .iter()
+        .map(|tar| read_headers(*tar).map_err(|e| format!("reading a layer's tar: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let keep = survivors(&seen)?;
+    let mut builder = tar::Builder::new(out);
+    for (tar, keep) in layers.iter().zip(keep) {
+        copy_survivors(*tar, &keep, &mut builder).map_err(|e| format!("writing the squashed layer: {e}"))?;
+    }
+    builder
+        .into_inner()
+        .map_err(|e| format!("finishing the squashed layer: {e}"))
+}
+
 /// The read end of the squashed stream: its end is an error unless the writer finished, so a writer
 /// that failed half way can never turn into a short, valid-looking layer.
 struct GuardedReader {
@@ -450,6 +468,33 @@ mod tests {
             error.contains("/bin/sh is a hard link to /bin/busybox"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn squash_tars_merges_in_memory_layers() {
+        let layer = |entries: &[(&str, &[u8])]| {
+            let mut builder = tar::Builder::new(Vec::new());
+            for (path, data) in entries {
+                let mut header = tar::Header::new_gnu();
+                header.set_mode(0o644);
+                header.set_size(data.len() as u64);
+                builder.append_data(&mut header, path, *data).expect("entry");
+            }
+            builder.into_inner().expect("tar")
+        };
+        let lower = layer(&[("a", b"old"), ("b", b"b")]);
+        let upper = layer(&[("a", b"new"), (".wh.b", b"")]);
+        let squashed = squash_tars(&[&lower, &upper], Vec::new()).expect("squash");
+        let mut archive = tar::Archive::new(squashed.as_slice());
+        let mut seen = Vec::new();
+        for entry in archive.entries().expect("entries") {
+            let mut entry = entry.expect("entry");
+            let mut content = String::new();
+            entry.read_to_string(&mut content).expect("content");
+            seen.push(format!("{}={content}", entry.path().expect("path").display()));
+        }
+        assert_eq!(seen, ["a=new"]);
+        assert!(squash_tars(&[b"not a tar at all".as_slice()], Vec::new()).is_err());
     }
 
     #[test]

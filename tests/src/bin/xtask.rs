@@ -1,11 +1,12 @@
 //! `cargo xtask`: developer and CI tasks.
 //!
 //! - `cargo xtask test`: the project's single test command (fmt, clippy, Kubernetes binaries,
-//!   every test tier).
+//!   every test tier, then every fuzz target for a short bounded time when the fuzz toolchain is here).
 //! - `cargo xtask cluster up [--tier control-plane|cluster]`, `cluster kubeconfig USER`,
 //!   `cluster down`: a real Kubernetes for development (see `walt_tests::k8s`).
 //! - `cargo xtask k8s-binaries`: builds (or finds) the Kubernetes binaries, prints their directory.
 //! - `cargo xtask image build`, `deploy sync`, `lab up|down`: shipping (see `walt_tests::ship`).
+//! - `cargo xtask fuzz [--seconds N] [TARGET…]`: the fuzz targets of `operator/fuzz` (see `walt_tests::fuzz`).
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -39,6 +40,16 @@ enum Task {
     },
     /// Build (or find) the Kubernetes binaries and print their directory.
     K8sBinaries,
+    /// Run the coverage-guided fuzz targets (operator/fuzz; cargo-fuzz on nightly), each for a bounded
+    /// time from its committed seeds and the corpus it grew before; fails on any crash (the input is saved
+    /// under operator/fuzz/artifacts/TARGET/). Prints execs, execs/s, edges and features per target.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Targets to run (default: all of them; `cargo fuzz list --fuzz-dir operator/fuzz`).
+        targets: Vec<String>,
+    },
     /// Shipping: `image build`, `deploy sync`, `lab up|down` (see `walt_tests::ship`).
     #[command(flatten)]
     Ship(walt_tests::ship::Task),
@@ -93,6 +104,7 @@ fn main() -> ExitCode {
             ClusterAction::Kubeconfig { user, groups } => cluster_kubeconfig(&user, &groups),
             ClusterAction::Down => cluster_down(),
         },
+        Task::Fuzz { seconds, targets } => walt_tests::fuzz::run_all(seconds, &targets).map(|_| ()),
         Task::K8sBinaries => K8sBinaries::ensure()
             .map(|b| println!("{}", b.dir.display()))
             .map_err(|e| e.to_string()),
@@ -248,10 +260,13 @@ fn summary(stages: &[Stage], started: Instant) {
     eprintln!("    {:<44} {:<28} {:>9}", "total", "", human(started.elapsed()));
 }
 
+/// Seconds each fuzz target runs in `cargo xtask test`.
+const CI_FUZZ_SECONDS: u64 = 15;
+
 fn test(cargo_test_args: &[String]) -> Result<(), String> {
     let started = Instant::now();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let total = 5;
+    let total = 6;
     let mut stages = Vec::new();
     let mut ok = run_stage(
         &mut stages,
@@ -326,6 +341,30 @@ fn test(cargo_test_args: &[String]) -> Result<(), String> {
     }
     ok &= k8s.is_ok();
     ok &= run_stage(&mut stages, total, "cargo test --workspace", &mut command);
+
+    // Fuzzing: every target for a short bounded time, when the fuzz toolchain is here.
+    banner(stages.len() + 1, total, "fuzz targets");
+    let stage_start = Instant::now();
+    let outcome = match walt_tests::fuzz::available() {
+        Err(reason) => {
+            eprintln!("<== fuzz targets: SKIPPED: {reason}");
+            "SKIPPED (no fuzz toolchain)".to_string()
+        }
+        Ok(()) => match walt_tests::fuzz::run_all(CI_FUZZ_SECONDS, &[]) {
+            Ok(_) => "ok".to_string(),
+            Err(e) => {
+                eprintln!("{e}");
+                ok = false;
+                "FAILED".to_string()
+            }
+        },
+    };
+    eprintln!("<== fuzz targets: {outcome} in {}", human(stage_start.elapsed()));
+    stages.push(Stage {
+        name: format!("fuzz targets ({CI_FUZZ_SECONDS} s each)"),
+        outcome,
+        elapsed: stage_start.elapsed(),
+    });
     summary(&stages, started);
     if ok {
         Ok(())

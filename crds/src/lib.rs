@@ -9,6 +9,7 @@
 pub mod common;
 pub mod device;
 pub mod examples;
+pub mod fuzzing;
 pub mod image;
 pub mod image_name;
 pub mod node;

@@ -12,6 +12,7 @@ pub mod device_cmd;
 pub mod dialogue;
 pub mod error;
 pub mod format;
+pub mod fuzzing;
 pub mod gateway;
 pub mod image_cmd;
 pub mod image_cp;

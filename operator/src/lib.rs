@@ -7,6 +7,7 @@ pub mod binfmt;
 pub mod boot;
 pub mod build;
 pub mod controller;
+pub mod fuzzing;
 pub mod oci;
 pub mod overlay;
 pub mod runtime;

@@ -1,0 +1,5 @@
+//! The node tar-stream parser and change-set filter: the body is [`walt_operator::fuzzing::filter_change_set_target`] (its docs say what
+//! the input means and which invariants are checked), also replayed over the committed seeds by `cargo test`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| walt_operator::fuzzing::filter_change_set_target(data));

@@ -1,0 +1,5 @@
+//! The layer reader and unpacker: the body is [`walt_operator::fuzzing::unpack_layer_target`] (its docs say what
+//! the input means and which invariants are checked), also replayed over the committed seeds by `cargo test`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| walt_operator::fuzzing::unpack_layer_target(data));

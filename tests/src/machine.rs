@@ -15,9 +15,15 @@ pub fn install_script() -> PathBuf {
 
 /// What `.ci/install-deps --check` says is missing (empty when the machine is ready).
 pub fn missing() -> Result<Vec<String>, String> {
+    missing_of(&[])
+}
+
+/// What `.ci/install-deps --check EXTRA…` says is missing (`--fuzz`: the fuzz toolchain too).
+fn missing_of(extra: &[&str]) -> Result<Vec<String>, String> {
     let script = install_script();
     let output = Command::new(&script)
         .arg("--check")
+        .args(extra)
         .output()
         .map_err(|e| format!("running {} --check: {e}", script.display()))?;
     if output.status.success() {
@@ -39,7 +45,17 @@ pub fn missing() -> Result<Vec<String>, String> {
 /// Makes sure the machine has what walt's build, tests and lab need: runs `.ci/install-deps` when its
 /// check finds something missing, and says so.
 pub fn ensure() -> Result<(), String> {
-    let missing = missing()?;
+    ensure_with(&[])
+}
+
+/// [`ensure`], the fuzz toolchain included (`.ci/install-deps --fuzz`: nightly Rust and cargo-fuzz), for
+/// `cargo xtask fuzz` only.
+pub fn ensure_fuzz() -> Result<(), String> {
+    ensure_with(&["--fuzz"])
+}
+
+fn ensure_with(extra: &[&str]) -> Result<(), String> {
+    let missing = missing_of(extra)?;
     if missing.is_empty() {
         return Ok(());
     }
@@ -49,10 +65,12 @@ pub fn ensure() -> Result<(), String> {
         eprintln!("    {line}");
     }
     eprintln!(
-        "cargo xtask: running {} (once; it is idempotent)",
-        script.display()
+        "cargo xtask: running {} {} (once; it is idempotent)",
+        script.display(),
+        extra.join(" ")
     );
     let status = Command::new(&script)
+        .args(extra)
         .status()
         .map_err(|e| format!("running {}: {e}", script.display()))?;
     if status.success() {

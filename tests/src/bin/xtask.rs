@@ -1,12 +1,13 @@
 //! `cargo xtask`: developer and CI tasks.
 //!
 //! - `cargo xtask test`: the project's single test command (fmt, clippy, Kubernetes binaries,
-//!   every test tier, then every fuzz target for a short bounded time when the fuzz toolchain is here).
+//!   every test tier; the committed fuzz inputs are replayed by stable `cargo test`).
 //! - `cargo xtask cluster up [--tier control-plane|cluster]`, `cluster kubeconfig USER`,
 //!   `cluster down`: a real Kubernetes for development (see `walt_tests::k8s`).
 //! - `cargo xtask k8s-binaries`: builds (or finds) the Kubernetes binaries, prints their directory.
 //! - `cargo xtask image build`, `deploy sync`, `lab up|down`: shipping (see `walt_tests::ship`).
-//! - `cargo xtask fuzz [--seconds N] [TARGET…]`: the fuzz targets of `operator/fuzz` (see `walt_tests::fuzz`).
+//! - `cargo xtask fuzz [--seconds N] [TARGET…]`: the coverage-guided fuzz targets of `fuzz/` (see
+//!   `walt_tests::fuzz`; installs nightly Rust and cargo-fuzz with `.ci/install-deps --fuzz` when missing).
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -40,14 +41,15 @@ enum Task {
     },
     /// Build (or find) the Kubernetes binaries and print their directory.
     K8sBinaries,
-    /// Run the coverage-guided fuzz targets (operator/fuzz; cargo-fuzz on nightly), each for a bounded
-    /// time from its committed seeds and the corpus it grew before; fails on any crash (the input is saved
-    /// under operator/fuzz/artifacts/TARGET/). Prints execs, execs/s, edges and features per target.
+    /// Run the coverage-guided fuzz targets (fuzz/; cargo-fuzz on nightly, installed by
+    /// `.ci/install-deps --fuzz` when missing), each for a bounded time from its committed seeds and
+    /// regressions and the corpus it grew before; fails on any crash (the input is saved under
+    /// fuzz/artifacts/TARGET/). Prints execs, execs/s, edges, features, corpus, peak RSS and seconds.
     Fuzz {
         /// Seconds per target.
         #[arg(long, default_value_t = 30)]
         seconds: u64,
-        /// Targets to run (default: all of them; `cargo fuzz list --fuzz-dir operator/fuzz`).
+        /// Targets to run (default: all of them, the `[[bin]]`s of fuzz/Cargo.toml).
         targets: Vec<String>,
     },
     /// Shipping: `image build`, `deploy sync`, `lab up|down` (see `walt_tests::ship`).
@@ -260,13 +262,10 @@ fn summary(stages: &[Stage], started: Instant) {
     eprintln!("    {:<44} {:<28} {:>9}", "total", "", human(started.elapsed()));
 }
 
-/// Seconds each fuzz target runs in `cargo xtask test`.
-const CI_FUZZ_SECONDS: u64 = 15;
-
 fn test(cargo_test_args: &[String]) -> Result<(), String> {
     let started = Instant::now();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let total = 6;
+    let total = 5;
     let mut stages = Vec::new();
     let mut ok = run_stage(
         &mut stages,
@@ -341,30 +340,6 @@ fn test(cargo_test_args: &[String]) -> Result<(), String> {
     }
     ok &= k8s.is_ok();
     ok &= run_stage(&mut stages, total, "cargo test --workspace", &mut command);
-
-    // Fuzzing: every target for a short bounded time, when the fuzz toolchain is here.
-    banner(stages.len() + 1, total, "fuzz targets");
-    let stage_start = Instant::now();
-    let outcome = match walt_tests::fuzz::available() {
-        Err(reason) => {
-            eprintln!("<== fuzz targets: SKIPPED: {reason}");
-            "SKIPPED (no fuzz toolchain)".to_string()
-        }
-        Ok(()) => match walt_tests::fuzz::run_all(CI_FUZZ_SECONDS, &[]) {
-            Ok(_) => "ok".to_string(),
-            Err(e) => {
-                eprintln!("{e}");
-                ok = false;
-                "FAILED".to_string()
-            }
-        },
-    };
-    eprintln!("<== fuzz targets: {outcome} in {}", human(stage_start.elapsed()));
-    stages.push(Stage {
-        name: format!("fuzz targets ({CI_FUZZ_SECONDS} s each)"),
-        outcome,
-        elapsed: stage_start.elapsed(),
-    });
     summary(&stages, started);
     if ok {
         Ok(())

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Writes the committed seed corpus (small hand-made valid inputs) of every fuzz target under seeds/.
-Run from operator/fuzz: python3 make-seeds.py (needs the zstd program)."""
+Run from fuzz/: python3 make-seeds.py (needs the zstd program)."""
 import gzip, io, json, os, subprocess, tarfile
 
 def tar(entries, fmt=tarfile.PAX_FORMAT):

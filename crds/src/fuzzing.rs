@@ -5,8 +5,11 @@
 
 use crate::ImageName;
 
+/// A fuzz target: its name and its body (which panics when an invariant is broken).
+pub type Target = (&'static str, fn(&[u8]));
+
 /// The crate's fuzz targets: name (as in `fuzz/Cargo.toml` and `fuzz/seeds/`) and body.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[("image_name", image_name_target)];
+pub const TARGETS: &[Target] = &[("image_name", image_name_target)];
 
 /// `ImageName::parse`, what every image name typed by a user or read from an object goes through.
 ///

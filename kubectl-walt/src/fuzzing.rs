@@ -10,8 +10,11 @@ use walt_crds::ImageName;
 use crate::dialogue::{Decision, NameFacts, confirm, exit_dialogue};
 use crate::format::split_set;
 
+/// A fuzz target: its name and its body (which panics when an invariant is broken).
+pub type Target = (&'static str, fn(&[u8]));
+
 /// The plugin's fuzz targets: name (as in `fuzz/Cargo.toml` and `fuzz/seeds/`) and body.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[("node_set", node_set_target), ("dialogue", dialogue_target)];
+pub const TARGETS: &[Target] = &[("node_set", node_set_target), ("dialogue", dialogue_target)];
 
 /// The node-set parser (`kubectl walt node … NODE1,NODE2`): `format::split_set`.
 ///
@@ -42,7 +45,7 @@ pub fn node_set_target(data: &[u8]) {
 pub fn dialogue_target(data: &[u8]) {
     let validate = |name: &str| ImageName::parse(name).err().map(|e| e.to_string());
     let mut facts = |name: &str| NameFacts {
-        exists: name.len() % 2 == 0,
+        exists: name.len().is_multiple_of(2),
         booted_by: if name.contains('b') {
             vec!["rpi3-01".into()]
         } else {

@@ -16,8 +16,11 @@ use crate::overlay::{DEFAULT_EXCLUSIONS, OpaqueXattr, UnpackOptions, apply_layer
 use crate::ssh::client::NodeTarget;
 use crate::ssh::export::{ExportPlan, NodeTar, Progress, excluded, filter_change_set};
 
+/// A fuzz target: its name and its body (which panics when an invariant is broken).
+pub type Target = (&'static str, fn(&[u8]));
+
 /// The operator's fuzz targets: name (as in `fuzz/Cargo.toml` and `fuzz/seeds/`) and body.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[Target] = &[
     ("unpack_layer", unpack_layer_target),
     ("filter_change_set", filter_change_set_target),
     ("squash", squash_target),

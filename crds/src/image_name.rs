@@ -204,6 +204,21 @@ mod tests {
     }
 
     #[test]
+    fn the_length_limit_counts_the_name_as_written() {
+        // Found by the image_name fuzz target (fuzz/regressions/image_name/latest-over-the-limit): a name
+        // that fits, written again with `:latest`, does not. Like the API server's maxLength, the limit is
+        // on the text as written, so the plugin never accepts what the server refuses.
+        let name = "x".repeat(IMAGE_NAME_MAX_LENGTH - 6);
+        let parsed = ImageName::parse(&name).expect("a name at the limit");
+        assert_eq!((parsed.tag(), parsed.to_string()), ("latest", name.clone()));
+        let error = ImageName::parse(&format!("{name}:latest")).expect_err("over the limit");
+        assert_eq!(
+            error.to_string(),
+            format!("invalid image name \"{name}:latest\": longer than 128 characters")
+        );
+    }
+
+    #[test]
     fn maps_to_image_objects_and_back() {
         let cases = [
             ("rpi", "rpi", "rpi"),

@@ -24,16 +24,29 @@ pub fn fuzz_dir() -> PathBuf {
     crate::deploy::repo_root().join("fuzz")
 }
 
-/// `rustup run nightly cargo …` (cargo-fuzz needs nightly; the workspace builds on stable).
+/// Whether the nightly cargo must not inherit `key`: `cargo xtask` runs under cargo, which sets variables
+/// (its own `CARGO*`, `RUSTUP_TOOLCHAIN`, `RUSTC`, `LD_LIBRARY_PATH`…) that would make the fuzz build
+/// differ from a plain `cargo fuzz build` in a shell (pure).
+pub fn dropped_env(key: &str) -> bool {
+    (key.starts_with("CARGO") && key != "CARGO_HOME")
+        || key.starts_with("RUSTC")
+        || key.starts_with("RUSTDOC")
+        || matches!(
+            key,
+            "RUSTUP_TOOLCHAIN" | "RUSTFLAGS" | "LD_LIBRARY_PATH" | "OUT_DIR"
+        )
+}
+
+/// `rustup run nightly cargo …` (cargo-fuzz needs nightly; the workspace builds on stable), in the
+/// environment a shell would give it.
 fn nightly_cargo(args: &[&str]) -> Command {
     let mut command = Command::new("rustup");
     command.args(["run", "nightly", "cargo"]).args(args);
-    // cargo-fuzz finds its binaries in its own target dir, and sets its own flags.
-    command
-        .env_remove("CARGO_TARGET_DIR")
-        .env_remove("RUSTC")
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO");
+    for (key, _) in std::env::vars() {
+        if dropped_env(&key) {
+            command.env_remove(key);
+        }
+    }
     command.current_dir(crate::deploy::repo_root());
     command
 }
@@ -286,10 +299,19 @@ pub fn row(f: &Figures) -> String {
 }
 
 /// Runs `wanted` (all when empty) for `seconds` each and prints a table; fails when one crashed.
-pub fn run_all(seconds: u64, wanted: &[String]) -> Result<Vec<Figures>, String> {
+/// `build` false runs the fuzzers as they were last built (each must be there).
+pub fn run_all(seconds: u64, wanted: &[String], build_first: bool) -> Result<Vec<Figures>, String> {
     let chosen = choose(&targets()?, wanted)?;
-    crate::machine::ensure_fuzz()?;
-    build()?;
+    if build_first {
+        crate::machine::ensure_fuzz()?;
+        build()?;
+    }
+    if let Some(missing) = chosen.iter().find(|t| !binary(t).is_file()) {
+        return Err(format!(
+            "the fuzzer of {missing} is not built ({}): run cargo xtask fuzz without --no-build",
+            binary(missing).display()
+        ));
+    }
     let mut results = Vec::new();
     for target in &chosen {
         eprintln!("fuzz: {target} for {seconds} s (log: fuzz/logs/{target}.log)");
@@ -343,6 +365,29 @@ mod tests {
             Some("thread '<unnamed>' panicked at operator/src/fuzzing.rs:10:5: (input: a/crash-1)")
         );
         assert_eq!(f.runs, 300);
+    }
+
+    #[test]
+    fn the_fuzz_build_gets_a_shell_environment() {
+        for dropped in [
+            "CARGO",
+            "CARGO_MANIFEST_DIR",
+            "CARGO_TARGET_DIR",
+            "RUSTC_WRAPPER",
+            "RUSTUP_TOOLCHAIN",
+        ] {
+            assert!(dropped_env(dropped), "{dropped}");
+        }
+        for kept in [
+            "CARGO_HOME",
+            "RUSTUP_HOME",
+            "PATH",
+            "HOME",
+            "SSL_CERT_FILE",
+            "RUST_BACKTRACE",
+        ] {
+            assert!(!dropped_env(kept), "{kept}");
+        }
     }
 
     #[test]

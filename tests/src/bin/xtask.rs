@@ -49,6 +49,9 @@ enum Task {
         /// Seconds per target.
         #[arg(long, default_value_t = 30)]
         seconds: u64,
+        /// Run the fuzzers as they were last built (no toolchain check, no `cargo fuzz build`).
+        #[arg(long)]
+        no_build: bool,
         /// Targets to run (default: all of them, the `[[bin]]`s of fuzz/Cargo.toml).
         targets: Vec<String>,
     },
@@ -106,7 +109,11 @@ fn main() -> ExitCode {
             ClusterAction::Kubeconfig { user, groups } => cluster_kubeconfig(&user, &groups),
             ClusterAction::Down => cluster_down(),
         },
-        Task::Fuzz { seconds, targets } => walt_tests::fuzz::run_all(seconds, &targets).map(|_| ()),
+        Task::Fuzz {
+            seconds,
+            no_build,
+            targets,
+        } => walt_tests::fuzz::run_all(seconds, &targets, !no_build).map(|_| ()),
         Task::K8sBinaries => K8sBinaries::ensure()
             .map(|b| println!("{}", b.dir.display()))
             .map_err(|e| e.to_string()),

@@ -376,6 +376,15 @@ impl Config {
         }
     }
 
+    /// The lab registry's per-tenant layout (who may read and write which path).
+    pub fn lab_paths(&self) -> super::shared::registry_paths::LabPaths {
+        super::shared::registry_paths::LabPaths::new(
+            &self.registry_host,
+            &self.registry_prefix,
+            &self.args.catalog_namespace,
+        )
+    }
+
     /// The default lab reference of Image `namespace/name`:
     /// `<registry>[/<prefix>]/<namespace>/<name>:latest`.
     pub fn default_reference(&self, namespace: &str, name: &str) -> String {

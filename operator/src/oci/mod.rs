@@ -45,6 +45,7 @@ mod error;
 mod image;
 mod registry;
 mod squash;
+pub mod token_issuer;
 mod upload;
 
 pub use compress::{Compression, Compressor, HashingWriter, ParallelGzip};

@@ -2924,3 +2924,168 @@ fn alice_cannot_read_or_overwrite_bobs_images_or_the_catalog() {
         "the catalog's tag moved"
     );
 }
+
+/// Issue 15, no lab-wide credential in tenant namespaces: the operator, given the token Secret,
+/// serves the registry's tokens (a real registry with token authentication trusts only them): it
+/// resolves Images with its own lab credential through them, and the Secret it writes into a
+/// namespace with a virtual node holds that namespace's credential (`tenant/<ns>`), not the lab's —
+/// with it skopeo reads the namespace's own path and the registry refuses another namespace's.
+#[test]
+fn the_operator_issues_registry_tokens_and_a_namespace_gets_only_its_own_credential() {
+    use base64::Engine as _;
+    use walt_tests::images::{Arch, OciLayout};
+    use walt_tests::registry::{Registry, TokenAuth, free_port, token_signing_key};
+    let cluster = cluster();
+    let (namespace, _dir) = tenant(cluster, "op-tokens");
+    let (key_pem, cert_pem) = token_signing_key().expect("a token signing key");
+    let token_port = free_port().expect("a free port");
+    let registry = Registry::start_with_token_auth(&TokenAuth {
+        realm: format!("http://127.0.0.1:{token_port}/token"),
+        service: "walt-registry".into(),
+        issuer: "walt-operator".into(),
+        root_cert_pem: cert_pem,
+    })
+    .expect("docker-registry with token auth");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key_path = dir.path().join("tls.key");
+    std::fs::write(&key_path, &key_pem).expect("write key");
+    kubectl(
+        cluster,
+        &namespace,
+        &[
+            "create",
+            "secret",
+            "generic",
+            "walt-registry-token",
+            &format!("--from-file=tls.key={}", key_path.display()),
+            "--from-literal=tls.crt=unused-by-the-operator",
+            "--from-literal=tenant-secret=a-tenant-secret-for-this-test",
+        ],
+    );
+    kubectl(
+        cluster,
+        &namespace,
+        &[
+            "create",
+            "secret",
+            "docker-registry",
+            "walt-lab-registry",
+            &format!("--docker-server={}", registry.host()),
+            "--docker-username=walt",
+            "--docker-password=lab-password",
+        ],
+    );
+    let lab = format!("{}/lab", registry.host());
+    let token_addr = format!("127.0.0.1:{token_port}");
+    let operator = start_operator(
+        cluster,
+        &namespace,
+        "tokens",
+        &[
+            "--lab-registry",
+            &lab,
+            "--registry-credentials-secret",
+            "walt-lab-registry",
+            "--registry-token-secret",
+            "walt-registry-token",
+            "--registry-token-addr",
+            &token_addr,
+        ],
+    );
+    operator.wait_ready(Duration::from_mins(1));
+    // The lab pushes with its own credential: through a token of the operator's.
+    let layout = OciLayout::busybox(Arch::Amd64).expect("busybox image");
+    let push = |repository: &str| {
+        let out = Command::new("skopeo")
+            .args([
+                "copy",
+                "--dest-tls-verify=false",
+                "--dest-creds",
+                "walt:lab-password",
+            ])
+            .arg(format!("oci:{}:base", layout.path().display()))
+            .arg(format!("docker://{}", registry.reference(repository)))
+            .output()
+            .expect("skopeo");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    push(&format!("lab/{namespace}/debian:latest"));
+    push("lab/bob-tokens/secret:latest");
+    apply(
+        cluster,
+        &namespace,
+        "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {name: debian}\nspec: {}\n---\n\
+         apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {name: vn1}\n\
+         spec: {model: pc-x86-64, image: debian, virtual: {architecture: amd64}}\n",
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "image/debian",
+        "{.status.conditions[?(@.type==\"Ready\")].status}",
+        "True",
+        Duration::from_mins(1),
+        &operator,
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "secret/walt-registry-credentials",
+        "{.type}",
+        "kubernetes.io/dockerconfigjson",
+        Duration::from_mins(1),
+        &operator,
+    );
+    let document = kubectl(
+        cluster,
+        &namespace,
+        &[
+            "get",
+            "secret/walt-registry-credentials",
+            "-o",
+            "jsonpath={.data.\\.dockerconfigjson}",
+        ],
+    );
+    let document: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD
+            .decode(document.trim())
+            .expect("base64"),
+    )
+    .expect("json");
+    let auth = document["auths"][registry.host()]["auth"]
+        .as_str()
+        .expect("an auth for the lab registry");
+    let creds = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(auth)
+            .expect("base64"),
+    )
+    .expect("utf8");
+    assert!(creds.starts_with(&format!("tenant/{namespace}:")), "{creds}");
+    assert!(
+        !creds.contains("lab-password"),
+        "the lab credential was copied into the namespace"
+    );
+    let inspect = |repository: &str| {
+        Command::new("skopeo")
+            .args([
+                "inspect",
+                "--tls-verify=false",
+                "--creds",
+                &creds,
+                "--format",
+                "{{.Digest}}",
+            ])
+            .arg(format!("docker://{}", registry.reference(repository)))
+            .output()
+            .expect("skopeo")
+    };
+    let own = inspect(&format!("lab/{namespace}/debian:latest"));
+    assert!(own.status.success(), "{}", String::from_utf8_lossy(&own.stderr));
+    let other = inspect("lab/bob-tokens/secret:latest");
+    let refused = String::from_utf8_lossy(&other.stderr);
+    assert!(
+        !other.status.success() && (refused.contains("unauthorized") || refused.contains("401")),
+        "the namespace's credential read bob's image: {refused}"
+    );
+}

@@ -58,6 +58,9 @@ pub mod condition_types {
     pub const REACHABLE: &str = "Reachable";
     /// Node: the node has booted its image (the ready marker exists).
     pub const BOOTED: &str = "Booted";
+    /// Image: the last squash request (`kubectl walt image squash`) was carried out; `False` says why
+    /// not (`SquashFailed`, `RegistryPathForbidden`: the image's reference is not the namespace's to write).
+    pub const SQUASHED: &str = "Squashed";
     /// ShellSession / NodeSave: the work is finished (successfully or not; see the reason).
     pub const COMPLETE: &str = "Complete";
 }

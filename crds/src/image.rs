@@ -40,6 +40,9 @@ pub mod reasons {
     pub const SQUASHED: &str = "Squashed";
     /// Event: the squash failed; the tag did not move.
     pub const SQUASH_FAILED: &str = "SquashFailed";
+    /// A reference outside what the Image's namespace may read or write in the lab registry (its own
+    /// path; the catalog's for reading): refused at admission and by the operator.
+    pub const REGISTRY_PATH_FORBIDDEN: &str = "RegistryPathForbidden";
 }
 
 /// The desired state of an Image: where it comes from and where the lab keeps it.

@@ -495,6 +495,16 @@ pub async fn squash(ctx: &Ctx, image: &str, yes: bool) -> Result<()> {
         tick().await;
     };
     line.finish();
+    // The operator writes the Squashed condition before it marks the request handled.
+    let squashed = handled.status.as_ref().and_then(|status| {
+        walt_crds::find_condition(&status.conditions, walt_crds::condition_types::SQUASHED)
+    });
+    if let Some(condition) = squashed.filter(|c| c.status == "False") {
+        return Err(Error::Failed(format!(
+            "image {name} was not squashed: {} ({})",
+            condition.message, condition.reason
+        )));
+    }
     let uid = handled.metadata.uid.clone().unwrap_or_default();
     let outcome = ctx.events_for(&uid).await.into_iter().rev().find(|e| {
         matches!(

@@ -732,9 +732,9 @@ fn image_resolves_at_the_registry_and_failures_name_it() {
     let registry = Registry::start().expect("start a docker-registry on loopback");
     let layout = OciLayout::walt_busybox(Arch::Amd64, "pc-x86-64,qemu-arm64").expect("busybox image");
     let pushed = layout
-        .push("base", &registry, "lab/busybox:latest")
+        .push("base", &registry, &format!("lab/{namespace}/busybox:latest"))
         .expect("skopeo copy to the registry");
-    let reference = registry.reference("lab/busybox:latest");
+    let reference = registry.reference(&format!("lab/{namespace}/busybox:latest"));
     let skopeo_digest = skopeo_digest(&reference).expect("skopeo inspect the pushed image");
     assert_eq!(skopeo_digest, pushed);
     let lab = format!("{}/lab", registry.host());
@@ -780,7 +780,7 @@ fn image_resolves_at_the_registry_and_failures_name_it() {
     );
     assert_eq!(arch.trim(), "amd64 1");
 
-    let missing = registry.reference("lab/no-such-image:latest");
+    let missing = registry.reference(&format!("lab/{namespace}/no-such-image:latest"));
     apply(
         cluster,
         &namespace,
@@ -935,9 +935,19 @@ impl SaveLab {
     }
 
     fn start_with(prefix: &str, node: walt_tests::sshnode::SshNode, extra: &[&str]) -> SaveLab {
+        let registry = walt_tests::registry::Registry::start().expect("start a docker-registry on loopback");
+        Self::start_on(registry, prefix, node, extra)
+    }
+
+    /// A save lab on this registry (one that records requests, say).
+    fn start_on(
+        registry: walt_tests::registry::Registry,
+        prefix: &str,
+        node: walt_tests::sshnode::SshNode,
+        extra: &[&str],
+    ) -> SaveLab {
         use walt_tests::images::{Arch, OciLayout};
         let cluster = cluster();
-        let registry = walt_tests::registry::Registry::start().expect("start a docker-registry on loopback");
         let namespace = tenant_with_key(cluster, prefix, &node.client_key());
         let layout = OciLayout::busybox(Arch::Amd64).expect("busybox image");
         let base_digest = layout
@@ -1901,6 +1911,7 @@ fn image_squash_request_rewrites_the_image_as_one_layer_with_the_same_files() {
     use walt_tests::tree::{SnapshotOptions, assert_same_tree};
     let cluster = cluster();
     let (namespace, _dir) = tenant(cluster, "op-squash");
+    let layered = format!("lab/{namespace}/layered:latest");
     let registry = Registry::start().expect("start a docker-registry on loopback");
     let layout = OciLayout::busybox(Arch::Amd64).expect("busybox image");
     layout
@@ -1921,7 +1932,7 @@ fn image_squash_request_rewrites_the_image_as_one_layer_with_the_same_files() {
         })
         .expect("third layer");
     layout
-        .push("v3", &registry, "lab/layered:latest")
+        .push("v3", &registry, &layered)
         .expect("push the layered image");
     let expected_dir = tempfile::tempdir().expect("tempdir");
     let expected = layout
@@ -1935,7 +1946,7 @@ fn image_squash_request_rewrites_the_image_as_one_layer_with_the_same_files() {
         &namespace,
         &format!(
             "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata:\n  name: layered\nspec:\n  reference: {}\n",
-            registry.reference("lab/layered:latest")
+            registry.reference(&layered)
         ),
     );
     wait_for(
@@ -1978,11 +1989,11 @@ fn image_squash_request_rewrites_the_image_as_one_layer_with_the_same_files() {
     let after = jsonpath(cluster, &namespace, "image/layered", "{.status.digest}");
     assert_ne!(before, after, "the tag must point to the squashed image");
     assert_eq!(
-        skopeo_digest(&registry.reference("lab/layered:latest")).expect("skopeo inspect"),
+        skopeo_digest(&registry.reference(&layered)).expect("skopeo inspect"),
         after
     );
     let actual_dir = tempfile::tempdir().expect("tempdir");
-    let actual = skopeo_umoci_unpack(&registry, "lab/layered:latest", actual_dir.path())
+    let actual = skopeo_umoci_unpack(&registry, &layered, actual_dir.path())
         .expect("skopeo + umoci unpack the squashed image");
     assert_same_tree(&expected, &actual, &SnapshotOptions::default());
     let events = kubectl(cluster, &namespace, &["get", "events", "-o", "wide"]);
@@ -2742,4 +2753,339 @@ fn the_chart_refuses_sessions_over_the_lab_ceilings_at_admission() {
     );
     create("fine", "1h30m", "30m").expect("within the ceilings");
     let _ = cluster.kubectl_output(&["delete", "-f", &path.display().to_string()]);
+}
+
+/// The Warning Events of an object with this reason, their messages one per line.
+fn warnings(cluster: &Cluster, namespace: &str, name: &str, reason: &str) -> String {
+    kubectl(
+        cluster,
+        namespace,
+        &[
+            "get",
+            "events",
+            "--field-selector",
+            &format!("involvedObject.name={name},type=Warning,reason={reason}"),
+            "-o",
+            "jsonpath={range .items[*]}{.message}{\"\\n\"}{end}",
+        ],
+    )
+}
+
+/// Issue 15, registry paths confined, in the operator (admission bypassed: no policy on this
+/// namespace). Alice's Images that read bob's path of the lab registry, clone from it or clone into
+/// it are refused before any registry call (`Ready=False RegistryPathForbidden` and a Warning Event
+/// saying what to do); the catalog resolves for her but a squash or a NodeSave overwrite of it is
+/// refused (`Squashed=False`, the save `Failed`), without a write. The registry's own access log
+/// proves no request went to bob's path and none but reads to the catalog; bob's and the catalog's
+/// tags are where they were.
+#[test]
+fn alice_cannot_read_or_overwrite_bobs_images_or_the_catalog() {
+    use walt_tests::images::{Arch, OciLayout};
+    let node = walt_tests::sshnode::SshNode::busybox()
+        .expect("start an sshd node (needs root, openssh-server, socat, iproute2)");
+    let registry = walt_tests::registry::Registry::start_recording_requests()
+        .expect("start a docker-registry on loopback");
+    let layout = OciLayout::busybox(Arch::Amd64).expect("busybox image");
+    let bob = "bob-reg";
+    let bobs = format!("lab/{bob}/secret:latest");
+    let bob_digest = layout.push("base", &registry, &bobs).expect("push bob's image");
+    // operator_args' catalog namespace, under the lab prefix.
+    let catalog = "lab/walt-catalog-none/base:latest";
+    let catalog_digest = layout
+        .add_layer("base", "cat", |root| {
+            std::fs::write(root.join("etc/catalog"), "shared\n")
+        })
+        .and_then(|()| layout.push("cat", &registry, catalog))
+        .expect("push the catalog's image");
+    let mark = registry.log_mark();
+    let lab = SaveLab::start_on(registry, "op-paths", node, &[]);
+    let cluster = cluster();
+    let namespace = &lab.namespace;
+    let own = format!("{}/lab/{namespace}/debian:latest", lab.registry.host());
+    let bobs_reference = lab.registry.reference(&bobs);
+    apply(
+        cluster,
+        namespace,
+        &format!(
+            "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: peek}}\nspec: {{reference: \"{bobs_reference}\"}}\n---\n\
+             apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: grab}}\nspec: {{source: \"{bobs_reference}\"}}\n---\n\
+             apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: plant}}\nspec: {{source: \"{own}\", reference: \"{bobs_reference}\"}}\n---\n\
+             apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: shared}}\nspec: {{reference: \"{}\"}}\n",
+            lab.registry.reference(catalog)
+        ),
+    );
+    let ready = "{.status.conditions[?(@.type==\"Ready\")].reason}";
+    for (name, field) in [
+        ("peek", "spec.reference"),
+        ("grab", "spec.source"),
+        ("plant", "spec.reference"),
+    ] {
+        lab.wait(
+            &format!("image/{name}"),
+            ready,
+            "RegistryPathForbidden",
+            Duration::from_mins(1),
+        );
+        let message = lab.get(
+            &format!("image/{name}"),
+            "{.status.conditions[?(@.type==\"Ready\")].message}",
+        );
+        assert!(
+            message.starts_with(&format!("{field} {bobs_reference}"))
+                && message.contains(&format!("outside the registry path of namespace {namespace}"))
+                && message.contains(&format!("{}/lab/{namespace}/", lab.registry.host())),
+            "{name}: {message}"
+        );
+        assert_eq!(
+            lab.get(&format!("image/{name}"), "{.status.digest}"),
+            "",
+            "{name} learned a digest"
+        );
+        let events = warnings(cluster, namespace, name, "RegistryPathForbidden");
+        assert!(
+            events.contains("outside the registry path"),
+            "{name}: events {events:?}"
+        );
+    }
+    // The catalog is hers to read …
+    lab.wait(
+        "image/shared",
+        "{.status.digest}",
+        &catalog_digest,
+        Duration::from_mins(1),
+    );
+    // … not to write: a squash request is refused and said so.
+    kubectl(
+        cluster,
+        namespace,
+        &[
+            "annotate",
+            "image/shared",
+            "walt.dev/squash-requested-at=2026-12-05T10:00:00Z",
+        ],
+    );
+    lab.wait(
+        "image/shared",
+        "{.status.conditions[?(@.type==\"Squashed\")].reason}",
+        "RegistryPathForbidden",
+        Duration::from_mins(1),
+    );
+    let message = lab.get(
+        "image/shared",
+        "{.status.conditions[?(@.type==\"Squashed\")].message}",
+    );
+    assert!(
+        message.contains("shared catalog, read-only to tenants"),
+        "{message}"
+    );
+    assert!(
+        warnings(cluster, namespace, "shared", "RegistryPathForbidden").contains("read-only to tenants"),
+        "no Warning Event for the refused squash"
+    );
+    // Nor by a node save over it.
+    lab.save("over-catalog", "shared", ", overwrite: true");
+    lab.wait(
+        "nodesave/over-catalog",
+        "{.status.phase}",
+        "Failed",
+        Duration::from_mins(1),
+    );
+    let complete = "{.status.conditions[?(@.type==\"Complete\")]}";
+    let condition = lab.get("nodesave/over-catalog", complete);
+    assert!(
+        condition.contains("RegistryPathForbidden") && condition.contains("read-only to tenants"),
+        "{condition}"
+    );
+    assert!(
+        warnings(cluster, namespace, "over-catalog", "RegistryPathForbidden").contains("spec.image"),
+        "no Warning Event for the refused save"
+    );
+    // Nothing reached bob's path; the catalog was only read.
+    let to_bob = lab.registry.requests_to(&format!("lab/{bob}/"), mark);
+    assert!(to_bob.is_empty(), "requests to bob's path: {to_bob:#?}");
+    let to_catalog = lab.registry.requests_to("lab/walt-catalog-none/", mark);
+    assert!(
+        !to_catalog.is_empty(),
+        "the catalog was never read: is the access log on?"
+    );
+    let writes: Vec<_> = to_catalog
+        .iter()
+        .filter(|line| {
+            ["\"PUT ", "\"POST ", "\"PATCH ", "\"DELETE "]
+                .iter()
+                .any(|verb| line.contains(verb))
+        })
+        .collect();
+    assert!(writes.is_empty(), "writes to the catalog: {writes:#?}");
+    assert_eq!(skopeo_digest(&bobs_reference), Ok(bob_digest), "bob's tag moved");
+    assert_eq!(
+        skopeo_digest(&lab.registry.reference(catalog)),
+        Ok(catalog_digest),
+        "the catalog's tag moved"
+    );
+}
+
+/// Issue 15, no lab-wide credential in tenant namespaces: the operator, given the token Secret,
+/// serves the registry's tokens (a real registry with token authentication trusts only them): it
+/// resolves Images with its own lab credential through them, and the Secret it writes into a
+/// namespace with a virtual node holds that namespace's credential (`tenant/<ns>`), not the lab's —
+/// with it skopeo reads the namespace's own path and the registry refuses another namespace's.
+#[test]
+fn the_operator_issues_registry_tokens_and_a_namespace_gets_only_its_own_credential() {
+    use base64::Engine as _;
+    use walt_tests::images::{Arch, OciLayout};
+    use walt_tests::registry::{Registry, TokenAuth, free_port, token_signing_key};
+    let cluster = cluster();
+    let (namespace, _dir) = tenant(cluster, "op-tokens");
+    let (key_pem, cert_pem) = token_signing_key().expect("a token signing key");
+    let token_port = free_port().expect("a free port");
+    let registry = Registry::start_with_token_auth(&TokenAuth {
+        realm: format!("http://127.0.0.1:{token_port}/token"),
+        service: "walt-registry".into(),
+        issuer: "walt-operator".into(),
+        root_cert_pem: cert_pem,
+    })
+    .expect("docker-registry with token auth");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key_path = dir.path().join("tls.key");
+    std::fs::write(&key_path, &key_pem).expect("write key");
+    kubectl(
+        cluster,
+        &namespace,
+        &[
+            "create",
+            "secret",
+            "generic",
+            "walt-registry-token",
+            &format!("--from-file=tls.key={}", key_path.display()),
+            "--from-literal=tls.crt=unused-by-the-operator",
+            "--from-literal=tenant-secret=a-tenant-secret-for-this-test",
+        ],
+    );
+    kubectl(
+        cluster,
+        &namespace,
+        &[
+            "create",
+            "secret",
+            "docker-registry",
+            "walt-lab-registry",
+            &format!("--docker-server={}", registry.host()),
+            "--docker-username=walt",
+            "--docker-password=lab-password",
+        ],
+    );
+    let lab = format!("{}/lab", registry.host());
+    let token_addr = format!("127.0.0.1:{token_port}");
+    let operator = start_operator(
+        cluster,
+        &namespace,
+        "tokens",
+        &[
+            "--lab-registry",
+            &lab,
+            "--registry-credentials-secret",
+            "walt-lab-registry",
+            "--registry-token-secret",
+            "walt-registry-token",
+            "--registry-token-addr",
+            &token_addr,
+        ],
+    );
+    operator.wait_ready(Duration::from_mins(1));
+    // The lab pushes with its own credential: through a token of the operator's.
+    let layout = OciLayout::busybox(Arch::Amd64).expect("busybox image");
+    let push = |repository: &str| {
+        let out = Command::new("skopeo")
+            .args([
+                "copy",
+                "--dest-tls-verify=false",
+                "--dest-creds",
+                "walt:lab-password",
+            ])
+            .arg(format!("oci:{}:base", layout.path().display()))
+            .arg(format!("docker://{}", registry.reference(repository)))
+            .output()
+            .expect("skopeo");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    push(&format!("lab/{namespace}/debian:latest"));
+    push("lab/bob-tokens/secret:latest");
+    apply(
+        cluster,
+        &namespace,
+        "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {name: debian}\nspec: {}\n---\n\
+         apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {name: vn1}\n\
+         spec: {model: pc-x86-64, image: debian, virtual: {architecture: amd64}}\n",
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "image/debian",
+        "{.status.conditions[?(@.type==\"Ready\")].status}",
+        "True",
+        Duration::from_mins(1),
+        &operator,
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "secret/walt-registry-credentials",
+        "{.type}",
+        "kubernetes.io/dockerconfigjson",
+        Duration::from_mins(1),
+        &operator,
+    );
+    let document = kubectl(
+        cluster,
+        &namespace,
+        &[
+            "get",
+            "secret/walt-registry-credentials",
+            "-o",
+            "jsonpath={.data.\\.dockerconfigjson}",
+        ],
+    );
+    let document: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD
+            .decode(document.trim())
+            .expect("base64"),
+    )
+    .expect("json");
+    let auth = document["auths"][registry.host()]["auth"]
+        .as_str()
+        .expect("an auth for the lab registry");
+    let creds = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(auth)
+            .expect("base64"),
+    )
+    .expect("utf8");
+    assert!(creds.starts_with(&format!("tenant/{namespace}:")), "{creds}");
+    assert!(
+        !creds.contains("lab-password"),
+        "the lab credential was copied into the namespace"
+    );
+    let inspect = |repository: &str| {
+        Command::new("skopeo")
+            .args([
+                "inspect",
+                "--tls-verify=false",
+                "--creds",
+                &creds,
+                "--format",
+                "{{.Digest}}",
+            ])
+            .arg(format!("docker://{}", registry.reference(repository)))
+            .output()
+            .expect("skopeo")
+    };
+    let own = inspect(&format!("lab/{namespace}/debian:latest"));
+    assert!(own.status.success(), "{}", String::from_utf8_lossy(&own.stderr));
+    let other = inspect("lab/bob-tokens/secret:latest");
+    let refused = String::from_utf8_lossy(&other.stderr);
+    assert!(
+        !other.status.success() && (refused.contains("unauthorized") || refused.contains("401")),
+        "the namespace's credential read bob's image: {refused}"
+    );
 }

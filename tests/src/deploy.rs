@@ -344,6 +344,9 @@ pub fn generate_base(chart: &[Value]) -> Result<GeneratedBase, Error> {
             "registry-credentials" => format!(
                 "  - name: {name}\n    type: kubernetes.io/dockerconfigjson\n    files:\n      - .dockerconfigjson=secrets/dockerconfig.json\n      - username=secrets/registry-username\n      - password=secrets/registry-password\n"
             ),
+            "registry-token" => format!(
+                "  - name: {name}\n    files:\n      - tls.key=secrets/registry-token.key\n      - tls.crt=secrets/registry-token.crt\n      - tenant-secret=secrets/registry-tenant-secret\n"
+            ),
             "registry-htpasswd" => {
                 format!("  - name: {name}\n    files:\n      - htpasswd=secrets/htpasswd\n")
             }
@@ -422,6 +425,9 @@ pub fn write_placeholder_secrets(deploy_copy: &Path) -> Result<(), Error> {
         ("registry-username", "walt"),
         ("registry-password", "placeholder"),
         ("htpasswd", "walt:placeholder"),
+        ("registry-token.key", "placeholder"),
+        ("registry-token.crt", "placeholder"),
+        ("registry-tenant-secret", "placeholder"),
     ] {
         let path = secrets.join(name);
         std::fs::write(&path, content).map_err(io("writing", &path))?;

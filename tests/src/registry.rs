@@ -36,24 +36,93 @@ pub struct Registry {
     port: u16,
     dir: tempfile::TempDir,
     auth: Option<BasicAuth>,
+    token_auth: bool,
+}
+
+/// Distribution's token authentication: the registry trusts JWTs signed by the key of `root_cert_pem`
+/// and sends clients to `realm` for them.
+#[derive(Debug, Clone)]
+pub struct TokenAuth {
+    /// The token endpoint's URL (`http://127.0.0.1:PORT/token`).
+    pub realm: String,
+    /// The `service` (token audience).
+    pub service: String,
+    /// The `issuer` the tokens must name.
+    pub issuer: String,
+    /// PEM certificate of the signing key (the registry's `rootcertbundle`).
+    pub root_cert_pem: String,
+}
+
+/// A fresh ECDSA P-256 signing key and a self-signed certificate of it: (key PEM (PKCS#8), cert PEM).
+pub fn token_signing_key() -> Result<(String, String), FixtureError> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| FixtureError::Failed(format!("generating a P-256 key: {e}")))?;
+    let params = rcgen::CertificateParams::new(vec!["walt-registry-token".to_owned()])
+        .map_err(|e| FixtureError::Failed(format!("certificate parameters: {e}")))?;
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| FixtureError::Failed(format!("self-signing the token certificate: {e}")))?;
+    Ok((key.serialize_pem(), cert.pem()))
 }
 
 impl Registry {
     /// Starts an anonymous (no auth) registry and waits until `GET /v2/` answers 200.
     pub fn start() -> Result<Self, FixtureError> {
-        Self::launch(None)
+        Self::launch(None, false)
+    }
+
+    /// Starts a registry with token authentication (and its access log on): `GET /v2/` without a
+    /// token answers 401 with a Bearer challenge naming `auth.realm`.
+    pub fn start_with_token_auth(auth: &TokenAuth) -> Result<Self, FixtureError> {
+        Self::launch_with(None, true, Some(auth))
+    }
+
+    /// Starts an anonymous registry that logs every request it serves (its access log, read with
+    /// [`Registry::requests_to`]): to prove what was never asked of it.
+    pub fn start_recording_requests() -> Result<Self, FixtureError> {
+        Self::launch(None, true)
+    }
+
+    /// Where the registry's log ends now: pass it to [`Registry::requests_to`] to see only what came after.
+    pub fn log_mark(&self) -> usize {
+        self.log().len()
+    }
+
+    /// The request lines (`GET /v2/REPOSITORY/manifests/latest`…) the registry served for paths
+    /// under `/v2/<repository_prefix>` after `mark` ([`Registry::log_mark`]), from its access log
+    /// ([`Registry::start_recording_requests`]).
+    pub fn requests_to(&self, repository_prefix: &str, mark: usize) -> Vec<String> {
+        let needle = format!(" /v2/{repository_prefix}");
+        self.log()
+            .get(mark..)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains(&needle))
+            .map(str::to_owned)
+            .collect()
     }
 
     /// Starts a registry that requires HTTP basic auth with these credentials; `GET /v2/` with
     /// them answers 200 before this returns, without them 401.
     pub fn start_with_basic_auth(username: &str, password: &str) -> Result<Self, FixtureError> {
-        Self::launch(Some(BasicAuth {
-            username: username.to_owned(),
-            password: password.to_owned(),
-        }))
+        Self::launch(
+            Some(BasicAuth {
+                username: username.to_owned(),
+                password: password.to_owned(),
+            }),
+            false,
+        )
     }
 
-    fn launch(auth: Option<BasicAuth>) -> Result<Self, FixtureError> {
+    fn launch(auth: Option<BasicAuth>, access_log: bool) -> Result<Self, FixtureError> {
+        Self::launch_with(auth, access_log, None)
+    }
+
+    fn launch_with(
+        auth: Option<BasicAuth>,
+        access_log: bool,
+        token: Option<&TokenAuth>,
+    ) -> Result<Self, FixtureError> {
         crate::require_tool("docker-registry", "docker-registry")?;
         let dir = tempfile::Builder::new()
             .prefix("walt-registry-")
@@ -63,7 +132,8 @@ impl Registry {
         let storage = dir.path().join("data");
         std::fs::create_dir_all(&storage).map_err(|e| FixtureError::io("creating registry storage", e))?;
         let mut config = format!(
-            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: {}\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            !access_log,
             storage.display()
         );
         if let Some(auth) = &auth {
@@ -78,6 +148,19 @@ impl Registry {
                 htpasswd.display()
             );
         }
+        if let Some(token) = token {
+            let bundle = dir.path().join("token-root.pem");
+            std::fs::write(&bundle, &token.root_cert_pem)
+                .map_err(|e| FixtureError::io("writing the token root certificate", e))?;
+            let _ = write!(
+                config,
+                "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                token.realm,
+                token.service,
+                token.issuer,
+                bundle.display()
+            );
+        }
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config).map_err(|e| FixtureError::io("writing registry config", e))?;
         let child = spawn(dir.path())?;
@@ -86,6 +169,7 @@ impl Registry {
             port,
             dir,
             auth,
+            token_auth: token.is_some(),
         };
         registry.wait_ready()?;
         Ok(registry)
@@ -104,8 +188,9 @@ impl Registry {
             {
                 return Err(format!("docker-registry exited with {status} before serving"));
             }
+            let ready = if self.token_auth { 401 } else { 200 };
             Ok(match self.get_status("/v2/") {
-                Ok(200) => Poll::Ready(()),
+                Ok(status) if status == ready => Poll::Ready(()),
                 Ok(status) => Poll::Pending(format!("GET /v2/ answered {status}")),
                 Err(e) => Poll::Pending(format!("GET /v2/: {e}")),
             })

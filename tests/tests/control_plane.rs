@@ -273,3 +273,269 @@ fn walt_crds_apply_and_the_api_server_validates_the_examples() {
         failures.join("\n")
     );
 }
+
+/// The chart's objects of these `kinds` (`helm template` with `args`), as one YAML stream.
+fn chart_objects(args: &[&str], kinds: &[&str], keep: impl Fn(&serde_yaml::Value) -> bool) -> String {
+    walt_tests::deploy::render_chart(args)
+        .expect("helm template")
+        .iter()
+        .filter(|doc| kinds.iter().any(|kind| doc["kind"].as_str() == Some(kind)) && keep(doc))
+        .map(|doc| serde_yaml::to_string(doc).expect("yaml"))
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+/// `kubectl ARGS` as `user` (a default user of the harness) with `input` on stdin.
+fn kubectl_as_stdin(cluster: &Cluster, user: &str, args: &[&str], input: &str) -> Result<String, String> {
+    use std::io::Write as _;
+    let mut child = cluster
+        .kubectl_as(user, groups(user))
+        .expect("a user's kubeconfig")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run kubectl");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write kubectl input");
+    let out = child.wait_with_output().expect("kubectl");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Issue 15, registry paths confined, at admission: with the chart's ValidatingAdmissionPolicy
+/// `…-registry-paths` on the real API server, alice (walt-edit in her namespace) cannot make an Image
+/// that reads bob's path of the lab registry, clones from it, clones into it or into the catalog, or
+/// sneaks out of her path with `..`; nor move an Image of hers there later. Each attempt is refused
+/// with a message that says what to do and leaves no object behind; her own path, the catalog (read)
+/// and registries outside the lab stay usable.
+#[test]
+fn alice_cannot_point_an_image_at_bobs_registry_path_or_write_the_catalog() {
+    let cluster = cluster();
+    kubectl_stdin(
+        cluster,
+        &["apply", "--server-side", "-f", "-"],
+        &walt_crds::crds_yaml(),
+    )
+    .unwrap_or_else(|e| panic!("the API server refused the walt CRDs: {e}"));
+    cluster
+        .kubectl_output(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/images.walt.dev",
+            "--timeout=60s",
+        ])
+        .expect("the Image CRD is served");
+    let alice = cluster.create_namespace("alice-reg").expect("namespace");
+    let bob = cluster.create_namespace("bob-reg").expect("namespace");
+    let catalog = cluster.create_namespace("catalog-reg").expect("namespace");
+    let lab = "registry.lab.test:5000";
+    let args = [
+        "--namespace",
+        alice.as_str(),
+        "--set",
+        &format!("fullnameOverride={alice}"),
+        "--set",
+        "registry.embedded.enabled=false",
+        "--set",
+        &format!("registry.external={lab}"),
+        "--set",
+        &format!("operator.catalogNamespace={catalog}"),
+    ];
+    let roles = chart_objects(&[], &["ClusterRole"], |doc| {
+        doc["metadata"]["name"]
+            .as_str()
+            .is_some_and(|name| ["walt-view", "walt-edit", "walt-admin"].contains(&name))
+    });
+    kubectl_stdin(cluster, &["apply", "--server-side", "-f", "-"], &roles).expect("the chart's user roles");
+    cluster
+        .kubectl_output(&[
+            "-n",
+            &alice,
+            "create",
+            "rolebinding",
+            "alice",
+            "--clusterrole=walt-edit",
+            "--user=alice",
+        ])
+        .expect("alice edits her namespace");
+    // The policy as the chart ships it, bound to alice's namespace only (other tests share the API server).
+    let mut policy = chart_objects(
+        &args,
+        &["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"],
+        |doc| doc["metadata"]["name"].as_str() == Some(&format!("{alice}-registry-paths")),
+    );
+    assert!(
+        policy.contains("kind: ValidatingAdmissionPolicyBinding"),
+        "{policy}"
+    );
+    policy = policy.replace(
+        "  validationActions:",
+        &format!(
+            "  matchResources:\n    namespaceSelector:\n      matchLabels:\n        kubernetes.io/metadata.name: {alice}\n  validationActions:"
+        ),
+    );
+    policy.push_str("---\n");
+    policy.push_str(&chart_objects(&args, &["ConfigMap"], |doc| {
+        doc["metadata"]["name"].as_str() == Some(&format!("{alice}-registry-paths"))
+    }));
+    kubectl_stdin(cluster, &["apply", "-f", "-"], &policy).expect("apply the registry paths policy");
+
+    let image = |name: &str, spec: &str| {
+        format!(
+            "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: {name}, namespace: {alice}}}\nspec: {spec}\n"
+        )
+    };
+    let create = |name: &str, spec: &str| {
+        kubectl_as_stdin(cluster, "alice", &["create", "-f", "-"], &image(name, spec))
+    };
+    // The policy takes a moment to be in force.
+    let bobs = format!("{lab}/walt/{bob}/secret:latest");
+    let refused = wait_for(
+        "the admission policy to refuse alice's Image on bob's path",
+        std::time::Duration::from_mins(1),
+        || match create("peek", &format!("{{reference: {bobs}}}")) {
+            Err(refused) => Poll::Ready(refused),
+            Ok(out) => {
+                let _ = cluster.kubectl_output(&["-n", &alice, "delete", "image", "peek"]);
+                Poll::Pending(out)
+            }
+        },
+    )
+    .unwrap();
+    let own = format!("{lab}/walt/{alice}/");
+    assert!(
+        refused.contains(&format!(
+            "spec.reference {bobs} is outside the registry path of namespace {alice}"
+        )) && refused.contains(&format!("reads only its own images under {own}"))
+            && refused.contains(&format!(
+                "leave spec.reference empty for the default {own}NAME:TAG"
+            )),
+        "{refused}"
+    );
+    let attacks = [
+        (
+            "clone-bob",
+            format!("{{source: {bobs}}}"),
+            format!("spec.source {bobs} is outside the registry path of namespace {alice}"),
+        ),
+        (
+            "into-bob",
+            format!("{{source: docker.io/library/busybox:1, reference: {bobs}}}"),
+            format!("spec.reference {bobs} is outside the registry path"),
+        ),
+        (
+            "into-catalog",
+            format!("{{source: docker.io/library/busybox:1, reference: {lab}/walt/{catalog}/busybox:1}}"),
+            "is the lab's shared catalog, read-only to tenants".to_owned(),
+        ),
+        (
+            "dot-dot",
+            format!("{{reference: {own}../{bob}/secret:latest}}"),
+            "is outside the registry path".to_owned(),
+        ),
+        (
+            "other-prefix",
+            format!("{{reference: {lab}/{alice}/x:1}}"),
+            "is outside the registry path".to_owned(),
+        ),
+        (
+            "host-in-capitals",
+            format!("{{reference: REGISTRY.LAB.TEST:5000/walt/{bob}/secret:latest}}"),
+            "is outside the registry path".to_owned(),
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, spec, expect) in &attacks {
+        match create(name, spec) {
+            Ok(out) => failures.push(format!("{name} ({spec}) was admitted: {out}")),
+            Err(refused) if !refused.contains(expect.as_str()) => {
+                failures.push(format!("{name} ({spec}): expected {expect:?}, got {refused}"));
+            }
+            Err(_) => {}
+        }
+    }
+    // What stays hers to do: her own path, reading the catalog, cloning from it, registries outside the lab.
+    for (name, spec) in [
+        ("mine", format!("{{reference: {own}debian:12}}")),
+        ("defaulted", "{}".to_owned()),
+        (
+            "from-catalog",
+            format!("{{reference: {lab}/walt/{catalog}/debian:12}}"),
+        ),
+        (
+            "clone-catalog",
+            format!("{{source: {lab}/walt/{catalog}/debian:12}}"),
+        ),
+        ("upstream", "{reference: docker.io/library/debian:12}".to_owned()),
+    ] {
+        if let Err(refused) = create(name, &spec) {
+            failures.push(format!("{name} ({spec}) was refused: {refused}"));
+        }
+    }
+    // Moving an admitted Image onto bob's path later is refused too.
+    match kubectl_as_stdin(
+        cluster,
+        "alice",
+        &[
+            "-n",
+            &alice,
+            "patch",
+            "image",
+            "mine",
+            "--type=merge",
+            "-p",
+            &format!("{{\"spec\":{{\"reference\":\"{bobs}\"}}}}"),
+        ],
+        "",
+    ) {
+        Ok(out) => failures.push(format!("moving mine to bob's path was admitted: {out}")),
+        Err(refused) if !refused.contains("is outside the registry path") => {
+            failures.push(format!("moving mine to bob's path: {refused}"));
+        }
+        Err(_) => {}
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Nothing left behind: only the Images she may have, unchanged.
+    let left = cluster
+        .kubectl_output(&[
+            "-n",
+            &alice,
+            "get",
+            "images",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name}={.spec.reference} {end}",
+        ])
+        .expect("list alice's Images");
+    let mut left: Vec<&str> = left.split_whitespace().collect();
+    left.sort_unstable();
+    assert_eq!(
+        left,
+        [
+            "clone-catalog=".to_owned(),
+            "defaulted=".to_owned(),
+            format!("from-catalog={lab}/walt/{catalog}/debian:12"),
+            format!("mine={own}debian:12"),
+            "upstream=docker.io/library/debian:12".to_owned(),
+        ],
+        "alice's Images after the attacks"
+    );
+    let bobs_objects = cluster
+        .kubectl_output(&["-n", &bob, "get", "walt", "-o", "name"])
+        .expect("list bob's objects");
+    assert!(
+        bobs_objects
+            .lines()
+            .all(|line| line.starts_with("device.walt.dev/")),
+        "{bobs_objects}"
+    );
+    let _ = kubectl_stdin(cluster, &["delete", "-f", "-"], &policy);
+}

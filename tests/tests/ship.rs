@@ -72,7 +72,8 @@ fn chart_lints_and_renders_a_complete_installation() {
         ("ClusterRole", "", "walt-view"),
         ("Secret", ns, "walt-node-key"),
         ("Secret", ns, "walt-registry-credentials"),
-        ("Secret", ns, "walt-registry-htpasswd"),
+        ("Secret", ns, "walt-registry-token"),
+        ("Service", ns, "walt-registry-token"),
         ("ConfigMap", ns, "walt-registry"),
         ("PersistentVolumeClaim", ns, "walt-registry"),
         ("Deployment", ns, "walt-registry"),
@@ -83,6 +84,9 @@ fn chart_lints_and_renders_a_complete_installation() {
         ("ConfigMap", ns, "walt-session-limits"),
         ("ValidatingAdmissionPolicy", "", "walt-session-limits"),
         ("ValidatingAdmissionPolicyBinding", "", "walt-session-limits"),
+        ("ConfigMap", ns, "walt-registry-paths"),
+        ("ValidatingAdmissionPolicy", "", "walt-registry-paths"),
+        ("ValidatingAdmissionPolicyBinding", "", "walt-registry-paths"),
     ]);
     let missing: Vec<_> = expected.difference(&got).collect();
     assert!(
@@ -201,19 +205,43 @@ fn chart_lints_and_renders_a_complete_installation() {
         "ssh-keygen cannot read the generated node key: {}",
         String::from_utf8_lossy(&public.stderr)
     );
-    let htpasswd = find(&docs, "Secret", "walt-registry-htpasswd")["data"]["htpasswd"]
-        .as_str()
-        .expect("htpasswd");
-    let htpasswd = String::from_utf8(
-        base64::engine::general_purpose::STANDARD
-            .decode(htpasswd)
-            .expect("b64"),
-    )
-    .expect("utf8");
+    // The registry trusts only the operator's tokens: token auth with the certificate of the operator's
+    // token key (no htpasswd: no password the registry itself accepts), realm = the operator's Service.
     assert!(
-        htpasswd.starts_with("walt:$2"),
-        "htpasswd is not bcrypt: {htpasswd}"
+        !object_ids(&docs)
+            .iter()
+            .any(|(_, _, name)| name == "walt-registry-htpasswd"),
+        "an htpasswd Secret is rendered with token auth"
     );
+    let registry_config: Value = serde_yaml::from_str(
+        find(&docs, "ConfigMap", "walt-registry")["data"]["config.yml"]
+            .as_str()
+            .expect("config.yml"),
+    )
+    .expect("registry config");
+    let token = &registry_config["auth"]["token"];
+    assert_eq!(
+        token["realm"],
+        Value::from("http://walt-registry-token.walt-system.svc:5002/token")
+    );
+    assert_eq!(token["service"], Value::from("walt-registry"));
+    assert_eq!(token["issuer"], Value::from("walt-operator"));
+    assert!(
+        registry_config["auth"]["htpasswd"].is_null(),
+        "{registry_config:?}"
+    );
+    let token_secret = &find(&docs, "Secret", "walt-registry-token")["data"];
+    let decode = |key: &str| {
+        String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(token_secret[key].as_str().expect("key"))
+                .expect("b64"),
+        )
+        .expect("utf8")
+    };
+    assert!(decode("tls.key").starts_with("-----BEGIN EC PRIVATE KEY-----"));
+    assert!(decode("tls.crt").starts_with("-----BEGIN CERTIFICATE-----"));
+    assert!(decode("tenant-secret").len() >= 32);
 
     // binfmt agent: privileged, from the same image, checks periodically.
     let binfmt = &find(&docs, "DaemonSet", "walt-binfmt")["spec"]["template"]["spec"]["containers"][0];
@@ -375,11 +403,7 @@ fn chart_options_change_what_is_rendered() {
     ])
     .expect("helm template");
     let got = object_ids(&docs);
-    for gone in [
-        "walt-registry",
-        "walt-registry-htpasswd",
-        "walt-registry-credentials",
-    ] {
+    for gone in ["walt-registry", "walt-registry-credentials"] {
         assert!(
             !got.iter().any(|(_, _, name)| name == gone),
             "{gone} rendered with an external registry"

@@ -95,9 +95,17 @@ storage:
   delete:
     enabled: true
 auth:
+{{- if .Values.registry.tokenAuth.enabled }}
+  token:
+    realm: {{ include "walt.registryTokenRealm" . }}
+    service: walt-registry
+    issuer: walt-operator
+    rootcertbundle: /auth/token.crt
+{{- else }}
   htpasswd:
     realm: walt
     path: /auth/htpasswd
+{{- end }}
 http:
   addr: :{{ .Values.registry.embedded.service.port }}
   debug:
@@ -107,4 +115,9 @@ health:
     enabled: true
     interval: 10s
     threshold: 3
+{{- end -}}
+
+{{/* URL of the operator's registry token endpoint (the registry's auth.token.realm). */}}
+{{- define "walt.registryTokenRealm" -}}
+{{- printf "http://%s-registry-token.%s.svc:%v/token" (include "walt.fullname" .) .Release.Namespace .Values.registry.tokenAuth.port -}}
 {{- end -}}

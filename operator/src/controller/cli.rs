@@ -81,6 +81,15 @@ async fn run_async(args: Args) -> Result<i32, Box<dyn std::error::Error + Send +
         .map_err(|error| format!("cannot listen on {} for /metrics: {error}", config.args.http_addr))?;
     tracing::info!(%http_addr, identity = %config.identity, "serving /metrics, /healthz, /readyz");
 
+    // Every replica signs registry tokens (the key is shared).
+    if let Some(issuer) = &config.token_issuer {
+        let addr = config.args.registry_token_addr;
+        let bound = crate::oci::token_issuer::serve(addr, issuer.clone(), shutdown.clone())
+            .await
+            .map_err(|error| format!("cannot listen on {addr} for registry tokens: {error}"))?;
+        tracing::info!(%bound, key_id = %issuer.key_id(), "serving registry tokens on GET /token");
+    }
+
     // Every replica serves the gateway (its Service may route to any of them).
     let gateway_stop = shutdown.child_token();
     let (gateway_addr, _authorizations) =

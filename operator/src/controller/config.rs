@@ -60,6 +60,18 @@ pub struct Args {
     /// Secret (type kubernetes.io/dockerconfigjson, in --namespace) with the lab registry's credentials.
     #[arg(long, env = "WALT_REGISTRY_CREDENTIALS_SECRET")]
     pub registry_credentials_secret: Option<String>,
+    /// Secret (in --namespace) of the lab registry's token issuer: `tls.key` (ECDSA P-256 private key
+    /// whose certificate is the registry's `auth.token.rootcertbundle`) and `tenant-secret` (namespace
+    /// credentials are derived from it). When set, every replica serves `GET /token` on
+    /// --registry-token-addr and tenant namespaces get a credential of their own namespace only.
+    #[arg(long, env = "WALT_REGISTRY_TOKEN_SECRET")]
+    pub registry_token_secret: Option<String>,
+    /// Where the registry token endpoint listens (with --registry-token-secret).
+    #[arg(long, env = "WALT_REGISTRY_TOKEN_ADDR", default_value = "0.0.0.0:5002")]
+    pub registry_token_addr: SocketAddr,
+    /// How long a registry token lives.
+    #[arg(long, env = "WALT_REGISTRY_TOKEN_LIFETIME", default_value = "5m", value_parser = parse_duration)]
+    pub registry_token_lifetime: Duration,
     /// Secret (in --namespace) whose `ssh-privatekey` is the lab's node key: the key the operator
     /// and the gateway use to log in to nodes as root. Never shown to users.
     #[arg(long, env = "WALT_NODE_KEY_SECRET")]
@@ -228,6 +240,8 @@ pub struct Config {
     pub registry_prefix: String,
     /// Lab registry credentials, if any.
     pub registry_credentials: Option<RegistryCredentials>,
+    /// The registry token issuer (with --registry-token-secret).
+    pub token_issuer: Option<std::sync::Arc<crate::oci::token_issuer::TokenIssuer>>,
     /// The lab's node private key (OpenSSH format).
     pub node_key: String,
     /// Its public half (`ssh-ed25519 AAAA…`), given to virtual nodes.
@@ -346,6 +360,8 @@ impl Config {
                 Some(text)
             }
         };
+        let token_issuer =
+            load_token_issuer(&secrets, &args, &registry_prefix, registry_credentials.as_ref()).await?;
         let identity = args
             .identity
             .clone()
@@ -361,6 +377,7 @@ impl Config {
             registry_host,
             registry_prefix,
             registry_credentials,
+            token_issuer,
             node_key,
             node_public_key,
             identity,
@@ -376,6 +393,15 @@ impl Config {
         }
     }
 
+    /// The lab registry's per-tenant layout (who may read and write which path).
+    pub fn lab_paths(&self) -> super::shared::registry_paths::LabPaths {
+        super::shared::registry_paths::LabPaths::new(
+            &self.registry_host,
+            &self.registry_prefix,
+            &self.args.catalog_namespace,
+        )
+    }
+
     /// The default lab reference of Image `namespace/name`:
     /// `<registry>[/<prefix>]/<namespace>/<name>:latest`.
     pub fn default_reference(&self, namespace: &str, name: &str) -> String {
@@ -388,6 +414,47 @@ impl Config {
             )
         }
     }
+}
+
+/// The audience (`service`) of registry tokens: the registry's `auth.token.service`.
+pub const REGISTRY_TOKEN_SERVICE: &str = "walt-registry";
+/// The issuer of registry tokens: the registry's `auth.token.issuer`.
+pub const REGISTRY_TOKEN_ISSUER: &str = "walt-operator";
+
+/// The registry token issuer of `--registry-token-secret`, if set.
+async fn load_token_issuer(
+    secrets: &Api<Secret>,
+    args: &Args,
+    registry_prefix: &str,
+    lab: Option<&RegistryCredentials>,
+) -> Result<Option<std::sync::Arc<crate::oci::token_issuer::TokenIssuer>>> {
+    let Some(name) = &args.registry_token_secret else {
+        return Ok(None);
+    };
+    let namespace = &args.namespace;
+    let secret = read_secret(secrets, namespace, name, || {
+        format!(
+            "create it with `openssl ecparam -name prime256v1 -genkey -noout -out tls.key && openssl req -x509 -new -key tls.key -subj /CN=walt-registry-token -days 3650 -out tls.crt && kubectl -n {namespace} create secret generic {name} --from-file=tls.key --from-file=tls.crt --from-literal=tenant-secret=$(openssl rand -hex 24)`"
+        )
+    })
+    .await?;
+    let text = |key: &str| {
+        secret_key(&secret, key)
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+            .ok_or_else(|| Error::Config(format!("Secret {namespace}/{name} has no text key `{key}`")))
+    };
+    let issuer = crate::oci::token_issuer::TokenIssuer::new(crate::oci::token_issuer::IssuerConfig {
+        key_pem: text("tls.key")?,
+        tenant_secret: text("tenant-secret")?.trim().as_bytes().to_vec(),
+        issuer: REGISTRY_TOKEN_ISSUER.to_owned(),
+        service: REGISTRY_TOKEN_SERVICE.to_owned(),
+        lab_credential: lab.map(|lab| (lab.username.clone(), lab.password.clone())),
+        prefix: registry_prefix.to_owned(),
+        catalog_namespace: args.catalog_namespace.clone(),
+        lifetime: args.registry_token_lifetime,
+    })
+    .map_err(|error| Error::Config(format!("Secret {namespace}/{name}: {error}")))?;
+    Ok(Some(std::sync::Arc::new(issuer)))
 }
 
 /// Reads a Secret, turning "not found" and "forbidden" into startup errors.

@@ -46,6 +46,7 @@ mod error;
 mod image;
 mod registry;
 mod squash;
+pub mod token_issuer;
 mod upload;
 
 pub use build::UploadedLayer;

@@ -20,6 +20,9 @@ use walt_crds::{
     new_condition, set_condition, short_digest,
 };
 
+use kube::ResourceExt;
+
+use crate::controller::shared::registry_paths::{Access, LabPaths, Refusal};
 use crate::runtime::changes::human_bytes;
 
 /// Label of the node models an image boots (WalT).
@@ -154,6 +157,54 @@ pub fn failed_status(
         ),
     );
     status
+}
+
+/// The status after a squash request was handled (pure): the `Squashed` condition says whether it
+/// was carried out, and why not.
+pub fn squashed_status(
+    image: &Image,
+    done: bool,
+    reason: &str,
+    message: &str,
+    now: Timestamp,
+) -> ImageStatus {
+    let mut status = image.status.clone().unwrap_or_default();
+    let state = if done {
+        ConditionStatus::True
+    } else {
+        ConditionStatus::False
+    };
+    set_condition(
+        &mut status.conditions,
+        new_condition(
+            condition_types::SQUASHED,
+            state,
+            reason,
+            message,
+            image.metadata.generation,
+            Time(now),
+        ),
+    );
+    status
+}
+
+/// Whether the Image's registry paths are its namespace's to use (pure): `spec.reference` is read
+/// (resolved, booted, shelled from); with `spec.source` the reference is also written (the clone
+/// lands there) and the source is read. The refusal names the field and what to do.
+pub fn path_refusal(image: &Image, reference: &str, paths: &LabPaths) -> Option<Refusal> {
+    let namespace = image.namespace().unwrap_or_default();
+    let mut checks = vec![(reference, Access::Read, "spec.reference")];
+    if let Some(source) = image.spec.source.as_deref() {
+        checks.push((source, Access::Read, "spec.source"));
+        checks.push((
+            reference,
+            Access::Write,
+            "spec.reference (where spec.source is cloned to)",
+        ));
+    }
+    checks
+        .into_iter()
+        .find_map(|(reference, access, what)| paths.check(&namespace, reference, access, what).err())
 }
 
 #[cfg(test)]

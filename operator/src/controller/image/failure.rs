@@ -111,6 +111,9 @@ pub enum Failure {
         /// The registry's answer.
         source: crate::oci::Error,
     },
+    /// The reference or source is outside what the Image's namespace may use in the lab registry.
+    #[error("{}", .0.message)]
+    RegistryPathForbidden(crate::controller::shared::registry_paths::Refusal),
 }
 
 impl Failure {
@@ -126,6 +129,7 @@ impl Failure {
             Failure::SourceFailed { .. } => reasons::SOURCE_FAILED,
             Failure::CloneFailed { .. } => reasons::CLONE_FAILED,
             Failure::ResolveFailed { .. } => reasons::RESOLVE_FAILED,
+            Failure::RegistryPathForbidden(_) => reasons::REGISTRY_PATH_FORBIDDEN,
             Failure::SquashPinned { .. } | Failure::SquashFailed { .. } | Failure::SquashTagFailed { .. } => {
                 reasons::SQUASH_FAILED
             }
@@ -140,7 +144,8 @@ impl Failure {
             | Failure::PullSecretUnreadable { .. }
             | Failure::PullSecretNotFound { .. }
             | Failure::PullSecretWithoutConfig { .. }
-            | Failure::PullSecretInvalid { .. } => INVALID_RETRY,
+            | Failure::PullSecretInvalid { .. }
+            | Failure::RegistryPathForbidden(_) => INVALID_RETRY,
             Failure::SourceFailed { .. } | Failure::CloneFailed { .. } => CLONE_RETRY,
             Failure::ResolveFailed { .. }
             | Failure::SquashPinned { .. }

@@ -24,7 +24,7 @@ pub mod build;
 pub mod decide;
 pub mod failure;
 
-use self::build::{ImageFacts, cloning_status, failed_status, ready_status};
+use self::build::{ImageFacts, cloning_status, failed_status, path_refusal, ready_status, squashed_status};
 use self::decide::{Observed, Step, decide};
 use self::failure::Failure;
 use crate::controller::config::secret_key;
@@ -32,6 +32,7 @@ use crate::controller::shared::context::Context;
 use crate::controller::shared::error::Result;
 use crate::controller::shared::lock::claims_in;
 use crate::controller::shared::registry::{lab_reference, registry_client, registry_client_with};
+use crate::controller::shared::registry_paths::{Access, REGISTRY_PATH_FORBIDDEN};
 use crate::oci::{CommitOptions, CopyProgress, Credentials, RegistryClient, ResolvedImage};
 use crate::runtime::changes::human_bytes;
 
@@ -336,10 +337,29 @@ async fn squash(
     reference: &str,
     request: &str,
 ) -> Result<()> {
-    let (event_type, reason, message) = match squash_and_tag(client, resolved, reference).await {
-        Ok(message) => (EventType::Normal, reasons::SQUASHED, message),
-        Err(failure) => (EventType::Warning, failure.reason(), failure.to_string()),
+    let name = image.name_any();
+    let namespace = image.namespace().unwrap_or_default();
+    let allowed =
+        context
+            .config
+            .lab_paths()
+            .check(&namespace, reference, Access::Write, "squashing spec.reference");
+    let (event_type, reason, message) = match allowed {
+        Err(refusal) => (EventType::Warning, REGISTRY_PATH_FORBIDDEN, refusal.message),
+        Ok(()) => match squash_and_tag(client, resolved, reference).await {
+            Ok(message) => (EventType::Normal, reasons::SQUASHED, message),
+            Err(failure) => (EventType::Warning, failure.reason(), failure.to_string()),
+        },
     };
+    let status = squashed_status(
+        image,
+        event_type == EventType::Normal,
+        reason,
+        &message,
+        Timestamp::now(),
+    );
+    let images: Api<Image> = Api::namespaced(context.client.clone(), &namespace);
+    context.apply_status(&images, &name, &status).await?;
     context.event(image, event_type, reason, "Squash", message).await;
     context
         .mark_handled(image, walt_crds::request::SQUASH, request)
@@ -377,6 +397,12 @@ pub async fn reconcile(image: Arc<Image>, context: Arc<Context>) -> Result<Actio
         Ok(reference) => reference,
         Err(error) => return report_failure(&image, &context, None, &Failure::InvalidReference(error)).await,
     };
+    // Registry paths are per tenant: refused before any registry call (the admission policy
+    // refuses them first; this holds when it was bypassed or the lab's layout changed).
+    if let Some(refusal) = path_refusal(&image, &reference, &context.config.lab_paths()) {
+        let failure = Failure::RegistryPathForbidden(refusal);
+        return report_failure(&image, &context, Some(&reference), &failure).await;
+    }
     let client = match source_credentials(&image, &context).await {
         Ok(_) if image.spec.pull_secret_ref.is_none() => registry_client(&context)?,
         Ok(credentials) => registry_client_with(&context, credentials)?,

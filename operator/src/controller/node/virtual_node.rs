@@ -22,6 +22,7 @@ use crate::controller::shared::context::{Context, set_condition_at};
 use crate::controller::shared::error::{KubeResultExt, Result};
 use crate::controller::shared::pods::vnode_object_name;
 use crate::controller::shared::registry::ensure_registry_secret;
+use crate::controller::shared::registry_paths::{Access, REGISTRY_PATH_FORBIDDEN};
 
 /// What to do with a virtual node's pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -134,6 +135,21 @@ pub fn status_of(
     (status, requeue)
 }
 
+/// The status of a virtual node whose image is in a registry path its namespace may not read (pure).
+pub fn path_forbidden(node: &Node, mut status: NodeStatus, message: String, now: Timestamp) -> NodeStatus {
+    status.phase = NodePhase::Pending;
+    set_condition_at(
+        &mut status.conditions,
+        node,
+        condition_types::BOOTED,
+        ConditionStatus::False,
+        REGISTRY_PATH_FORBIDDEN,
+        message,
+        now,
+    );
+    status
+}
+
 /// The status of a virtual node whose Image is not resolved yet (pure).
 pub fn waiting_for_image(node: &Node, mut status: NodeStatus, now: Timestamp) -> NodeStatus {
     status.phase = NodePhase::Pending;
@@ -167,6 +183,32 @@ pub async fn reconcile(
         context.apply_status(&nodes, &node.name_any(), &status).await?;
         return Ok(Action::requeue(Duration::from_mins(1)));
     };
+    // Registry paths are per tenant: the pod pulls only the namespace's own or the catalog's images.
+    if let Err(refusal) = context.config.lab_paths().check(
+        &namespace,
+        &target.pinned,
+        Access::Read,
+        &format!("image {}", target.name),
+    ) {
+        let status = path_forbidden(node, status, refusal.message.clone(), Timestamp::now());
+        let told = node
+            .status
+            .as_ref()
+            .is_some_and(|old| old.conditions == status.conditions);
+        context.apply_status(&nodes, &node.name_any(), &status).await?;
+        if !told {
+            context
+                .event(
+                    node,
+                    EventType::Warning,
+                    REGISTRY_PATH_FORBIDDEN,
+                    "Boot",
+                    refusal.message,
+                )
+                .await;
+        }
+        return Ok(Action::requeue(Duration::from_mins(10)));
+    }
     let has_credentials = ensure_registry_secret(context, &namespace).await?;
     apply_claim_and_service(context, node).await?;
     let pods: Api<Pod> = Api::namespaced(context.client.clone(), &namespace);

@@ -80,6 +80,10 @@ pub enum Failure {
     /// The target Image has no usable reference.
     #[error("{0}")]
     TargetInvalid(#[source] Error),
+    /// The base is outside what the namespace may read, or the target outside what it may write, in
+    /// the lab registry.
+    #[error("{}", .0.message)]
+    RegistryPathForbidden(crate::controller::shared::registry_paths::Refusal),
     /// The target image is pinned by digest: there is no tag to move.
     #[error("image {image} is at {reference}, which cannot be tagged ({source}): save under another name")]
     ImageReferencePinned {
@@ -153,6 +157,9 @@ impl Failure {
             Failure::BaseImageNotFound { .. } => reasons::BASE_IMAGE_NOT_FOUND,
             Failure::BaseImageInvalid(_) => reasons::BASE_IMAGE_INVALID,
             Failure::ImageReferencePinned { .. } => reasons::IMAGE_REFERENCE_PINNED,
+            Failure::RegistryPathForbidden(_) => {
+                crate::controller::shared::registry_paths::REGISTRY_PATH_FORBIDDEN
+            }
             Failure::Api(error) => error.metric_label(),
             Failure::Connect(error) => ssh_reason(error),
             Failure::NotSaveable(_) => reasons::NODE_NOT_SAVEABLE,

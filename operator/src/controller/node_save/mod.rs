@@ -40,6 +40,7 @@ use crate::controller::shared::node_access::{
 use crate::controller::shared::registry::{
     NO_REBOOT_ANNOTATION, RESOLVE_ANNOTATION, lab_reference, pinned_reference, registry_client,
 };
+use crate::controller::shared::registry_paths::Access;
 use crate::oci::RegistryClient;
 use crate::ssh::export::{self, ExportOptions};
 use crate::ssh::save::{NodeSaved, SaveOptions, SaveProgress, push_node_changes};
@@ -277,6 +278,17 @@ async fn prepare(
     });
     let reference =
         lab_reference(&target_image, &context.config.args.lab_registry).map_err(Failure::TargetInvalid)?;
+    // Registry paths are per tenant: the base is read (its blobs mounted), the target written.
+    let paths = context.config.lab_paths();
+    paths
+        .check(
+            &namespace,
+            &base_reference,
+            Access::Read,
+            &format!("the base image {base_name}"),
+        )
+        .and_then(|()| paths.check(&namespace, &reference, Access::Write, "spec.image"))
+        .map_err(Failure::RegistryPathForbidden)?;
     let (repository, tag) =
         crate::runtime::image::split_target(&reference).map_err(|source| Failure::ImageReferencePinned {
             image: save.spec.image.clone(),

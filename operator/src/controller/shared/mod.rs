@@ -12,5 +12,6 @@ pub mod lookup;
 pub mod node_access;
 pub mod pods;
 pub mod registry;
+pub mod registry_paths;
 pub mod save_tasks;
 pub mod session;

@@ -8,6 +8,7 @@ use walt_crds::{Image, ImageName};
 
 use super::context::{Context, MANAGED_BY, MANAGED_BY_LABEL};
 use super::error::{Error, Result};
+use crate::oci::token_issuer::TENANT_USER_PREFIX;
 use crate::oci::{ClientOptions, Credentials, RegistryClient};
 
 /// Annotation that asks for an immediate re-resolve (its value changes
@@ -36,8 +37,8 @@ pub fn pinned_reference_of(image: &Image) -> Option<String> {
     Some(pinned_reference(reference, digest))
 }
 
-/// Name of the per-namespace Secret with the lab registry credentials that
-/// pods of that namespace mount (a copy the operator keeps in sync).
+/// Name of the per-namespace Secret with that namespace's registry credential, which pods of the
+/// namespace mount (never the lab's: see [`ensure_registry_secret`]).
 pub const REGISTRY_SECRET: &str = "walt-registry-credentials";
 
 /// The registry credentials volume (the namespace's copy of the lab Secret,
@@ -86,19 +87,36 @@ pub fn pinned_reference(reference: &str, digest: &str) -> String {
 /// reboot the nodes that boot it (a NodeSave with `rebootNodes: false`).
 pub const NO_REBOOT_ANNOTATION: &str = "walt.dev/no-reboot-digest";
 
-/// Copies the lab registry credentials into `namespace` as
-/// [`REGISTRY_SECRET`], for the pods there that pull from the lab registry.
-/// Returns whether the namespace has credentials to mount.
+/// Writes the registry credential of `namespace` into it as [`REGISTRY_SECRET`], for its pods that
+/// pull from and push to the lab registry: user `tenant/<namespace>` and the password the token
+/// issuer derives for it, which gets tokens for `<prefix>/<namespace>/…` (pull, push) and the
+/// catalog (pull) only. Without a token issuer nothing is written (the lab credential never leaves
+/// the operator's namespace) and pods use the registry anonymously. Returns whether the namespace
+/// has a credential to mount.
 pub async fn ensure_registry_secret(context: &Context, namespace: &str) -> Result<bool> {
-    let Some(credentials) = &context.config.registry_credentials else {
+    let Some(issuer) = &context.config.token_issuer else {
         return Ok(false);
     };
+    let user = format!("{TENANT_USER_PREFIX}{namespace}");
+    let password = issuer.tenant_password(namespace);
+    let secret = tenant_registry_secret(&context.config.registry_host, namespace, &user, &password);
+    context
+        .apply(
+            &Api::<Secret>::namespaced(context.client.clone(), namespace),
+            &secret,
+        )
+        .await?;
+    Ok(true)
+}
+
+/// The [`REGISTRY_SECRET`] of `namespace` (pure): a `kubernetes.io/dockerconfigjson` for `host`.
+pub fn tenant_registry_secret(host: &str, namespace: &str, user: &str, password: &str) -> Secret {
     let auth = base64::Engine::encode(
         &base64::engine::general_purpose::STANDARD,
-        format!("{}:{}", credentials.username, credentials.password),
+        format!("{user}:{password}"),
     );
-    let document = serde_json::json!({"auths": {context.config.registry_host.clone(): {"auth": auth}}});
-    let secret = Secret {
+    let document = serde_json::json!({"auths": {host: {"auth": auth}}});
+    Secret {
         metadata: ObjectMeta {
             name: Some(REGISTRY_SECRET.into()),
             namespace: Some(namespace.into()),
@@ -108,14 +126,7 @@ pub async fn ensure_registry_secret(context: &Context, namespace: &str) -> Resul
         type_: Some("kubernetes.io/dockerconfigjson".into()),
         string_data: Some([(".dockerconfigjson".to_owned(), document.to_string())].into()),
         ..Secret::default()
-    };
-    context
-        .apply(
-            &Api::<Secret>::namespaced(context.client.clone(), namespace),
-            &secret,
-        )
-        .await?;
-    Ok(true)
+    }
 }
 
 /// The registry client for the lab registry: its credentials, plain HTTP
@@ -187,6 +198,25 @@ mod tests {
         );
         let error = lab_reference(&image("default", None), "reg").unwrap_err();
         assert!(matches!(error, Error::Invalid(_)));
+    }
+
+    #[test]
+    fn a_namespace_secret_holds_its_own_credential_for_the_lab_host() {
+        let secret = tenant_registry_secret("reg.lab:5000", "alice", "tenant/alice", "p4ss");
+        assert_eq!(secret.metadata.namespace.as_deref(), Some("alice"));
+        let document = secret
+            .string_data
+            .as_ref()
+            .and_then(|data| data.get(".dockerconfigjson"))
+            .expect("a docker config");
+        let document: serde_json::Value = serde_json::from_str(document).expect("json");
+        let auth = document["auths"]["reg.lab:5000"]["auth"]
+            .as_str()
+            .expect("an auth for the lab host");
+        let decoded =
+            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, auth).expect("base64");
+        assert_eq!(decoded, b"tenant/alice:p4ss");
+        assert_eq!(document["auths"].as_object().map(serde_json::Map::len), Some(1));
     }
 
     #[test]

@@ -42,6 +42,7 @@ use crate::controller::shared::registry::{
     RESOLVE_ANNOTATION, ensure_registry_secret, lab_reference, pinned_reference_of, registry_client,
     repository_of,
 };
+use crate::controller::shared::registry_paths::{Access, REGISTRY_PATH_FORBIDDEN};
 use crate::controller::shared::session::{Bounded, session_duration};
 use walt_crds::image::MAX_SHELL_LAYERS;
 
@@ -526,14 +527,30 @@ async fn create_pod(
         write_status(context, session, status).await?;
         return Ok(Action::requeue(WAIT_RETRY));
     };
-    // Changes are pushed into the tenant's own repository of that image.
-    let own_repository = if from_catalog {
-        let parsed = ImageName::parse(image_name).map_err(|error| Error::Invalid(error.to_string()))?;
-        repository_of(&parsed.default_reference(&context.config.args.lab_registry, &namespace)).to_owned()
-    } else {
-        repository_of(&pinned).to_owned()
-    };
+    // Registry paths are per tenant: the pod reads the image (its namespace's or the catalog's)
+    // and pushes into the namespace's own path, nowhere else.
+    let paths = context.config.lab_paths();
+    let own_repository = scratch_repository(
+        context,
+        &namespace,
+        image_name,
+        (!from_catalog).then_some(pinned.as_str()),
+    )?;
     let commit_to = format!("{own_repository}:{}", scratch_tag(session));
+    let allowed = paths
+        .check(&namespace, &pinned, Access::Read, &format!("image {image_name}"))
+        .and_then(|()| paths.check(&namespace, &commit_to, Access::Write, "the shell's changes"));
+    if let Err(refusal) = allowed {
+        return end(
+            context,
+            session,
+            status,
+            ShellSessionPhase::Failed,
+            REGISTRY_PATH_FORBIDDEN,
+            refusal.message,
+        )
+        .await;
+    }
     let registry_credentials = ensure_registry_secret(context, &namespace).await?;
     let registry_host = context.config.registry_host.clone();
     let inputs = ShellPodInputs {
@@ -657,7 +674,20 @@ async fn save(
             .await;
         }
     };
-    copy_to_target(session, context, &digest, &target_name).await?;
+    let target_reference = target_reference(session, context, &target_name).await?;
+    let namespace_paths = context.config.lab_paths();
+    if let Err(refusal) = namespace_paths.check(&namespace, &target_reference, Access::Write, "spec.saveAs") {
+        return end(
+            context,
+            session,
+            status,
+            ShellSessionPhase::Failed,
+            REGISTRY_PATH_FORBIDDEN,
+            refusal.message,
+        )
+        .await;
+    }
+    copy_to_target(session, context, &digest, &target_reference).await?;
     mark_image_saved(session, context, &digest, &target_name.object_name()).await?;
     let rebooting = nodes_booting(context, &namespace, &target_name).await?;
     status.result = Some(ShellResult {
@@ -684,41 +714,57 @@ async fn save(
     .await
 }
 
-/// Where the shell runtime pushed: the repository of the session's image.
+/// Where the shell's changes are pushed: the repository of the namespace's own image
+/// (`own_pinned`) when the namespace may write it, else the default lab repository of the image
+/// name in the namespace's own path (a catalog image, or a reference outside the lab registry).
+fn scratch_repository(
+    context: &Context,
+    namespace: &str,
+    image_name: &str,
+    own_pinned: Option<&str>,
+) -> Result<String> {
+    let paths = context.config.lab_paths();
+    if let Some(pinned) = own_pinned
+        && paths.check(namespace, pinned, Access::Write, "").is_ok()
+    {
+        return Ok(repository_of(pinned).to_owned());
+    }
+    let parsed = ImageName::parse(image_name).map_err(|error| Error::Invalid(error.to_string()))?;
+    Ok(repository_of(&parsed.default_reference(&context.config.args.lab_registry, namespace)).to_owned())
+}
+
+/// Where the shell runtime pushed (see [`scratch_repository`]).
 async fn source_repository(session: &ShellSession, context: &Context) -> Result<String> {
     let namespace = session.namespace().unwrap_or_default();
     let source_name = session.spec.image.clone().unwrap_or_default();
-    let found = match find_image(context, &namespace, &source_name).await? {
-        Some((image, false)) => pinned_reference_of(&image).map(|pinned| repository_of(&pinned).to_owned()),
+    let own_pinned = match find_image(context, &namespace, &source_name).await? {
+        Some((image, false)) => pinned_reference_of(&image),
         _ => None,
     };
-    Ok(found
-        .or_else(|| {
-            ImageName::parse(&source_name).ok().map(|name| {
-                repository_of(&name.default_reference(&context.config.args.lab_registry, &namespace))
-                    .to_owned()
-            })
-        })
-        .unwrap_or_default())
+    scratch_repository(context, &namespace, &source_name, own_pinned.as_deref())
 }
 
-/// Copies the pushed manifest `digest` to where image `target` lives.
-async fn copy_to_target(
-    session: &ShellSession,
-    context: &Context,
-    digest: &str,
-    target: &ImageName,
-) -> Result<()> {
+/// Where image `target` of the session's namespace lives: its Image's reference, else the default.
+async fn target_reference(session: &ShellSession, context: &Context, target: &ImageName) -> Result<String> {
     let namespace = session.namespace().unwrap_or_default();
     let object = target.object_name();
     let existing = Api::<Image>::namespaced(context.client.clone(), &namespace)
         .get_opt(&object)
         .await
         .context(|| format!("reading Image {namespace}/{object}"))?;
-    let target_reference = match &existing {
-        Some(image) => lab_reference(image, &context.config.args.lab_registry)?,
-        None => target.default_reference(&context.config.args.lab_registry, &namespace),
-    };
+    match &existing {
+        Some(image) => lab_reference(image, &context.config.args.lab_registry),
+        None => Ok(target.default_reference(&context.config.args.lab_registry, &namespace)),
+    }
+}
+
+/// Copies the pushed manifest `digest` to `target_reference`.
+async fn copy_to_target(
+    session: &ShellSession,
+    context: &Context,
+    digest: &str,
+    target_reference: &str,
+) -> Result<()> {
     let registry = registry_client(context)?;
     let pushed = format!("{}@{digest}", source_repository(session, context).await?);
     let resolved = registry
@@ -726,7 +772,7 @@ async fn copy_to_target(
         .await
         .map_err(|error| Error::Registry(format!("reading the pushed changes {pushed}: {error}")))?;
     registry
-        .copy_image(&resolved, &target_reference, |_| {})
+        .copy_image(&resolved, target_reference, |_| {})
         .await
         .map(|_| ())
         .map_err(|error| Error::Registry(format!("saving {digest} as {target_reference}: {error}")))

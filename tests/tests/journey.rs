@@ -461,13 +461,16 @@ fn journey() {
     if let Some(reason) = stopped {
         eprintln!("JOURNEY STOPPED: {reason}");
     } else {
-        // An upstream arm64 image to clone, in the lab registry (the only registry the pods reach here).
+        // An arm64 image to clone, in the lab's catalog (`<prefix>/<catalogNamespace>/`, the chart's
+        // defaults): in the lab registry a tenant clones only from its own path and the catalog, and
+        // the lab registry is the only one the pods reach here.
+        let catalog_image = "walt/walt-catalog/busybox:arm64";
         let upstream = lab_registry
             .with_access(&kube, |address, creds| {
-                lab::push_demo_image(Arch::Arm64, &format!("{address}/upstream/busybox:arm64"), creds)
+                lab::push_demo_image(Arch::Arm64, &format!("{address}/{catalog_image}"), creds)
             })
-            .map(|()| format!("{}/upstream/busybox:arm64", lab_registry.for_pods()))
-            .expect("push the upstream arm64 image");
+            .map(|()| format!("{}/{catalog_image}", lab_registry.for_pods()))
+            .expect("push the catalog's arm64 image");
         run(kube.kubectl().args(["create", "namespace", NS])).expect("namespace");
         let journey = Journey {
             kube: &kube,

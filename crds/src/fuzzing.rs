@@ -45,38 +45,36 @@ pub fn image_name_target(data: &[u8]) {
     assert_eq!(back.object_name(), object);
 }
 
-#[cfg(test)]
-mod tests {
-    use std::path::{Path, PathBuf};
-
-    use super::TARGETS;
-
-    /// The committed inputs of `target`: its seeds and the crashes fuzzing found (regressions).
-    fn corpus(target: &str) -> Vec<PathBuf> {
-        let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+/// Runs every committed input of each of `targets` (the seeds under `fuzz/seeds/<target>/` and the
+/// crashes fuzzing found, `fuzz/regressions/<target>/`) through its body: what each crate's replay
+/// test calls on the stable toolchain. Panics when a target has fewer than two seeds, or when an
+/// input breaks an invariant (the file is named on stderr first).
+pub fn replay_committed_inputs(targets: &[Target]) {
+    let fuzz = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+    for (target, body) in targets {
         let mut files = Vec::new();
         for dir in ["seeds", "regressions"] {
             if let Ok(entries) = std::fs::read_dir(fuzz.join(dir).join(target)) {
-                files.extend(entries.flatten().map(|e| e.path()));
+                files.extend(entries.flatten().map(|entry| entry.path()));
             }
         }
         files.sort();
-        files
+        assert!(
+            files.len() >= 2,
+            "{target}: no committed seeds under fuzz/seeds/{target}"
+        );
+        for file in files {
+            eprintln!("{target}: {}", file.display());
+            let data = std::fs::read(&file).unwrap_or_else(|error| panic!("{}: {error}", file.display()));
+            body(&data);
+        }
     }
+}
 
+#[cfg(test)]
+mod tests {
     #[test]
     fn seeds_and_regressions_replay_through_every_target() {
-        for (target, body) in TARGETS {
-            let files = corpus(target);
-            assert!(
-                files.len() >= 2,
-                "{target}: no committed seeds under fuzz/seeds/{target}"
-            );
-            for file in files {
-                let data = std::fs::read(&file).expect("a corpus file");
-                eprintln!("{target}: {}", file.display());
-                body(&data);
-            }
-        }
+        super::replay_committed_inputs(super::TARGETS);
     }
 }

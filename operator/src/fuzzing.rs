@@ -17,7 +17,7 @@ use crate::ssh::client::NodeTarget;
 use crate::ssh::export::{ExportPlan, NodeTar, Progress, excluded, filter_change_set};
 
 /// A fuzz target: its name and its body (which panics when an invariant is broken).
-pub type Target = (&'static str, fn(&[u8]));
+pub use walt_crds::fuzzing::Target;
 
 /// The operator's fuzz targets: name (as in `fuzz/Cargo.toml` and `fuzz/seeds/`) and body.
 pub const TARGETS: &[Target] = &[
@@ -237,36 +237,8 @@ pub fn oci_manifest_target(data: &[u8]) {
 
 #[cfg(test)]
 mod tests {
-    use std::path::{Path, PathBuf};
-
-    use super::TARGETS;
-
-    /// The committed inputs of `target`: its seeds and the crashes fuzzing found (regressions).
-    fn corpus(target: &str) -> Vec<PathBuf> {
-        let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
-        let mut files = Vec::new();
-        for dir in ["seeds", "regressions"] {
-            if let Ok(entries) = std::fs::read_dir(fuzz.join(dir).join(target)) {
-                files.extend(entries.flatten().map(|e| e.path()));
-            }
-        }
-        files.sort();
-        files
-    }
-
     #[test]
     fn seeds_and_regressions_replay_through_every_target() {
-        for (target, body) in TARGETS {
-            let files = corpus(target);
-            assert!(
-                files.len() >= 2,
-                "{target}: no committed seeds under fuzz/seeds/{target}"
-            );
-            for file in files {
-                let data = std::fs::read(&file).expect("a corpus file");
-                eprintln!("{target}: {}", file.display());
-                body(&data);
-            }
-        }
+        walt_crds::fuzzing::replay_committed_inputs(super::TARGETS);
     }
 }

@@ -532,6 +532,10 @@ fn node_commands_show_what_the_operator_does() {
     );
 }
 
+/// The upstream image `image clone` copies, kept in the lab's catalog (`<prefix>/<--catalog-namespace>/`):
+/// in the lab registry a tenant clones only from its own path and the catalog.
+const CATALOG_IMAGE: &str = "lab/walt-catalog-none/busybox:arm64";
+
 /// Every image command, answered by the operator: `image clone` waits while the operator copies the
 /// image into the lab registry (skopeo reads the source's digest there), `image ls`/`show` show
 /// what it resolved, `duplicate` and `rename` make the operator copy the image under a new name,
@@ -542,9 +546,9 @@ fn image_commands_show_what_the_operator_does() {
     let lab = Lab::start("walt-images");
     let upstream = OciLayout::busybox(Arch::Arm64)
         .expect("arm64 busybox image")
-        .push("base", &lab.registry, "upstream/busybox:arm64")
+        .push("base", &lab.registry, CATALOG_IMAGE)
         .expect("push the upstream image");
-    let source = lab.registry.reference("upstream/busybox:arm64");
+    let source = lab.registry.reference(CATALOG_IMAGE);
 
     let cloned = lab.ok(&["image", "clone", &source, "rpi-busybox"]);
     assert!(

@@ -217,9 +217,19 @@ fn cross_cc(arch: Arch) -> Result<PathBuf, Error> {
             std::os::unix::fs::symlink(&target, &path).map_err(io("linking", &path))?;
         }
     }
+    if which("mold").is_none() {
+        return Err(Error::Missing {
+            what: "mold",
+            path: "PATH".into(),
+            hint: "apt-get install mold",
+        });
+    }
     let wrapper = dir.join(format!("{gnu}-linux-musl-cc"));
+    // The host's GNU ld links only the host's architecture; mold links any, so the wrapper
+    // picks it itself instead of relying on the caller's RUSTFLAGS. The flag is unused when
+    // the wrapper only compiles C (the cc crate), hence the silenced warning.
     let script = format!(
-        "#!/bin/sh\nexec clang --target={gnu}-linux-musl --sysroot={} \"$@\"\n",
+        "#!/bin/sh\nexec clang --target={gnu}-linux-musl --sysroot={} -fuse-ld=mold -Wno-unused-command-line-argument \"$@\"\n",
         sysroot.display()
     );
     if std::fs::read_to_string(&wrapper).ok().as_deref() != Some(script.as_str()) {

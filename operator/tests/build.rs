@@ -439,7 +439,8 @@ fn an_interrupted_build_moves_no_tag_and_leaves_nothing_running() {
         &format!("FROM {base}\nRUN echo good > /good\nRUN echo step-started && sleep 271\n"),
         0o644,
     );
-    let mut child = Command::new(bin())
+    let mut command = Command::new(bin());
+    command
         .arg("build")
         .arg("--context")
         .arg(&context)
@@ -449,9 +450,11 @@ fn an_interrupted_build_moves_no_tag_and_leaves_nothing_running() {
         .arg(registry.host())
         .arg("--cache-dir")
         .arg(&cache)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stdout(std::process::Stdio::piped());
+    // A user's Ctrl-C reaches a foreground build whose SIGINT has its default action, whatever
+    // this test was started with.
+    walt_tests::process::default_sigint_in_child(&mut command);
+    let mut child = command.spawn().unwrap();
     let stdout = child.stdout.take().unwrap();
     let mut lines = std::io::BufReader::new(stdout).lines();
     let started = lines

@@ -551,6 +551,106 @@ fn a_node_pointing_to_a_missing_image_says_so() {
     );
 }
 
+/// What the chart's alerts and dashboard read is what the operator serves: the census counts the
+/// namespace's Node by its phase, and every `walt_…` series the chart's PrometheusRule and Grafana
+/// dashboard read is a metric family of the real operator's `/metrics`.
+#[test]
+fn the_census_counts_nodes_by_phase_and_the_charts_alerts_read_served_metrics() {
+    let cluster = cluster();
+    let (namespace, _dir) = tenant(cluster, "op-census");
+    let operator = start_operator(cluster, &namespace, "census-test", &[]);
+    operator.wait_ready(Duration::from_mins(1));
+    apply(
+        cluster,
+        &namespace,
+        "apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {name: counted}\n\
+         spec: {model: pc-x86-64, image: ghost, virtual: {}}\n",
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "node.walt.dev/counted",
+        "{.status.conditions[?(@.type==\"Booted\")].reason}",
+        "ImageNotFound",
+        Duration::from_mins(1),
+        &operator,
+    );
+    let phase = jsonpath(cluster, &namespace, "node.walt.dev/counted", "{.status.phase}");
+    let counted = format!("walt_objects{{kind=\"Node\",phase=\"{}\"}} 1", phase.trim());
+    // The census runs every 15 s.
+    let metrics = Wait::new(&format!("{counted} on /metrics"), Duration::from_secs(40))
+        .every(Duration::from_millis(500))
+        .until(|| {
+            let metrics = operator.get("/metrics").map(|(_, body)| body).unwrap_or_default();
+            if metrics.contains(&counted) {
+                Poll::Ready(metrics)
+            } else {
+                Poll::Pending(metrics)
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", operator.log()));
+    let served: std::collections::BTreeSet<&str> = metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|line| line.split_whitespace().next())
+        .collect();
+    let read = chart_monitoring_series();
+    assert!(read.len() >= 8, "the chart's alerts and dashboard read {read:?}");
+    let unserved: Vec<&String> = read
+        .iter()
+        .filter(|series| {
+            let family = ["_total", "_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|suffix| series.strip_suffix(suffix))
+                .unwrap_or(series);
+            !served.contains(family)
+        })
+        .collect();
+    assert!(
+        unserved.is_empty(),
+        "the chart reads series the operator does not serve: {unserved:?}\nserved families: {served:?}"
+    );
+}
+
+/// Every `walt_…` series the chart's PrometheusRule and Grafana dashboard read.
+fn chart_monitoring_series() -> std::collections::BTreeSet<String> {
+    let docs = walt_tests::deploy::render_chart(&[
+        "--set",
+        "prometheusRule.enabled=true",
+        "--set",
+        "grafanaDashboard.enabled=true",
+    ])
+    .expect("helm template");
+    let mut exprs = Vec::new();
+    for doc in &docs {
+        match doc["kind"].as_str() {
+            Some("PrometheusRule") => {
+                for group in doc["spec"]["groups"].as_sequence().into_iter().flatten() {
+                    for rule in group["rules"].as_sequence().into_iter().flatten() {
+                        exprs.extend(rule["expr"].as_str().map(str::to_owned));
+                    }
+                }
+            }
+            Some("ConfigMap") if doc["metadata"]["name"].as_str() == Some("walt-dashboard") => {
+                let json = doc["data"]["walt-overview.json"]
+                    .as_str()
+                    .expect("the dashboard JSON");
+                let dashboard: serde_json::Value = serde_json::from_str(json).expect("the dashboard is JSON");
+                for panel in dashboard["panels"].as_array().into_iter().flatten() {
+                    for target in panel["targets"].as_array().into_iter().flatten() {
+                        exprs.extend(target["expr"].as_str().map(str::to_owned));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    exprs
+        .iter()
+        .flat_map(|expr| walt_tests::monitoring::metric_names(expr))
+        .collect()
+}
+
 #[test]
 fn physical_node_is_probed_its_host_key_recorded_then_enforced_and_rebooted_when_its_image_moves() {
     let cluster = cluster();

@@ -110,7 +110,8 @@ pub fn run(command: &mut Command) -> Result<String, Error> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-fn go_binary() -> Option<PathBuf> {
+/// The Go tool: `$GO`, else on `PATH`, else `/usr/local/go/bin/go`.
+pub fn go_binary() -> Option<PathBuf> {
     if let Some(go) = std::env::var_os("GO").filter(|v| !v.is_empty()) {
         return Some(PathBuf::from(go));
     }

@@ -58,12 +58,17 @@ pub fn cache_dir() -> PathBuf {
     home.join(".cache/walt")
 }
 
-/// The cached `busybox-static_*_<arch>.deb` (downloaded with `apt-get download` on first use; for arm64 the
-/// architecture is added with `dpkg --add-architecture arm64` and `apt-get update` when missing).
+/// The cached `busybox-static_*_<arch>.deb` (see [`debian_deb`]).
 pub fn busybox_deb(arch: Arch) -> Result<PathBuf, FixtureError> {
+    debian_deb("busybox-static", arch)
+}
+
+/// The cached `<package>_*_<arch>.deb` (downloaded with `apt-get download` on first use; for arm64 the
+/// architecture is added with `dpkg --add-architecture arm64` and `apt-get update` when missing).
+pub fn debian_deb(package: &str, arch: Arch) -> Result<PathBuf, FixtureError> {
     let dir = cache_dir().join("debs");
     std::fs::create_dir_all(&dir).map_err(|e| FixtureError::io(&format!("creating {}", dir.display()), e))?;
-    if let Some(found) = find_deb(&dir, arch)? {
+    if let Some(found) = find_deb(&dir, package, arch)? {
         return Ok(found);
     }
     require_tool("apt-get", "apt")?;
@@ -79,34 +84,34 @@ pub fn busybox_deb(arch: Arch) -> Result<PathBuf, FixtureError> {
         .prefix(".download-")
         .tempdir_in(&dir)
         .map_err(|e| FixtureError::io("creating a download dir", e))?;
-    let package = format!("busybox-static:{}", arch.name());
+    let wanted = format!("{package}:{}", arch.name());
     if run(Command::new("apt-get")
         .arg("download")
-        .arg(&package)
+        .arg(&wanted)
         .current_dir(staging.path()))
     .is_err()
     {
         run(Command::new("apt-get").args(["update", "-qq"]))?;
         run(Command::new("apt-get")
             .arg("download")
-            .arg(&package)
+            .arg(&wanted)
             .current_dir(staging.path()))?;
     }
-    let downloaded = find_deb(staging.path(), arch)?
-        .ok_or_else(|| FixtureError::Failed(format!("apt-get download {package} produced no .deb")))?;
+    let downloaded = find_deb(staging.path(), package, arch)?
+        .ok_or_else(|| FixtureError::Failed(format!("apt-get download {wanted} produced no .deb")))?;
     let target = dir.join(downloaded.file_name().unwrap_or_default());
     std::fs::rename(&downloaded, &target)
         .map_err(|e| FixtureError::io("placing the .deb in the cache", e))?;
     Ok(target)
 }
 
-fn find_deb(dir: &Path, arch: Arch) -> Result<Option<PathBuf>, FixtureError> {
-    let suffix = format!("_{}.deb", arch.name());
+fn find_deb(dir: &Path, package: &str, arch: Arch) -> Result<Option<PathBuf>, FixtureError> {
+    let (prefix, suffix) = (format!("{package}_"), format!("_{}.deb", arch.name()));
     let entries =
         std::fs::read_dir(dir).map_err(|e| FixtureError::io(&format!("listing {}", dir.display()), e))?;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("busybox-static_") && name.ends_with(&suffix) {
+        if name.starts_with(&prefix) && name.ends_with(&suffix) {
             return Ok(Some(entry.path()));
         }
     }

@@ -28,6 +28,7 @@ pub mod fuzz;
 pub mod image_build;
 pub mod lab;
 pub mod machine;
+pub mod monitoring;
 pub mod netboot;
 pub mod operator;
 pub mod pty;

@@ -305,3 +305,20 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+/// Gives the process `command` starts SIGINT's default action, as a foreground program on a
+/// terminal has: a test may itself run with SIGINT ignored (a background job of a script, as a CI
+/// runner may start it), and an ignored signal survives `exec`, so a test of Ctrl-C would
+/// otherwise prove nothing.
+pub fn default_sigint_in_child(command: &mut Command) {
+    // SAFETY: the closure runs between fork and exec and only calls signal(2), which is
+    // async-signal-safe, and touches no memory shared with other threads.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::signal(libc::SIGINT, libc::SIG_DFL) == libc::SIG_ERR {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

@@ -539,3 +539,124 @@ fn alice_cannot_point_an_image_at_bobs_registry_path_or_write_the_catalog() {
     );
     let _ = kubectl_stdin(cluster, &["delete", "-f", "-"], &policy);
 }
+
+/// The chart's monitoring objects, checked by the Prometheus Operator's own CRDs on the real API
+/// server (a rule with a malformed `for` is refused: the check can fail) and by Prometheus's
+/// `promtool`; every metric they read is documented in the README.
+#[test]
+fn the_charts_servicemonitor_alerts_and_dashboard_are_valid_for_the_prometheus_operator_and_promtool() {
+    let cluster = cluster();
+    let crds = walt_tests::monitoring::prometheus_operator_crds().expect("the Prometheus Operator's CRDs");
+    for crd in &crds {
+        let path = crd.to_str().expect("a UTF-8 module path");
+        cluster
+            .kubectl_output(&["apply", "--server-side", "-f", path])
+            .unwrap_or_else(|e| panic!("applying {path}: {e}"));
+    }
+    cluster
+        .kubectl_output(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/servicemonitors.monitoring.coreos.com",
+            "crd/prometheusrules.monitoring.coreos.com",
+            "--timeout=60s",
+        ])
+        .expect("the monitoring CRDs are established");
+    let namespace = "monitoring-check";
+    let _ = cluster.kubectl_output(&["create", "namespace", namespace]);
+    let mut docs = walt_tests::deploy::render_chart(&[
+        "--set",
+        "serviceMonitor.enabled=true",
+        "--set",
+        "prometheusRule.enabled=true",
+        "--set",
+        "grafanaDashboard.enabled=true",
+    ])
+    .expect("helm template");
+    docs.retain(|doc| {
+        matches!(doc["kind"].as_str(), Some("ServiceMonitor" | "PrometheusRule"))
+            || doc["metadata"]["name"].as_str() == Some("walt-dashboard")
+    });
+    assert_eq!(
+        docs.len(),
+        3,
+        "a ServiceMonitor, a PrometheusRule and the dashboard ConfigMap"
+    );
+    for doc in &mut docs {
+        doc["metadata"]["namespace"] = namespace.into();
+    }
+    let stream = |docs: &[serde_yaml::Value]| {
+        docs.iter()
+            .map(|doc| serde_yaml::to_string(doc).expect("yaml"))
+            .collect::<Vec<_>>()
+            .join("---\n")
+    };
+    let applied = kubectl_stdin(cluster, &["apply", "--dry-run=server", "-f", "-"], &stream(&docs))
+        .unwrap_or_else(|e| panic!("the API server refused the chart's monitoring objects: {e}"));
+    assert!(
+        applied.contains("prometheusrule.monitoring.coreos.com/walt"),
+        "{applied}"
+    );
+    let rule = docs
+        .iter()
+        .find(|doc| doc["kind"].as_str() == Some("PrometheusRule"))
+        .expect("the PrometheusRule")
+        .clone();
+    let mut broken = rule.clone();
+    broken["spec"]["groups"][0]["rules"][0]["for"] = "soon".into();
+    let refused = kubectl_stdin(
+        cluster,
+        &["apply", "--dry-run=server", "-f", "-"],
+        &stream(&[broken]),
+    )
+    .expect_err("a rule whose `for` is not a duration is refused");
+    assert!(refused.contains("for"), "{refused}");
+
+    let promtool = walt_tests::monitoring::promtool().expect("promtool");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rules = dir.path().join("walt-rules.yaml");
+    std::fs::write(&rules, serde_yaml::to_string(&rule["spec"]).expect("yaml")).expect("write the rules");
+    let checked = std::process::Command::new(&promtool)
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .expect("run promtool");
+    let said = String::from_utf8_lossy(&checked.stdout);
+    assert!(
+        checked.status.success(),
+        "promtool refused the chart's alerts: {said}{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert!(said.contains("SUCCESS: 5 rules found"), "{said}");
+
+    let readme = std::fs::read_to_string(walt_tests::deploy::repo_root().join("README.md")).expect("README");
+    let dashboard: serde_json::Value = serde_json::from_str(
+        docs.iter()
+            .find_map(|doc| doc["data"]["walt-overview.json"].as_str())
+            .expect("the dashboard JSON"),
+    )
+    .expect("the dashboard is JSON");
+    let exprs = rule["spec"]["groups"][0]["rules"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(|rule| rule["expr"].as_str().map(str::to_owned))
+        .chain(
+            dashboard["panels"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|panel| panel["targets"].as_array().into_iter().flatten())
+                .filter_map(|target| target["expr"].as_str().map(str::to_owned)),
+        );
+    let undocumented: Vec<String> = exprs
+        .flat_map(|expr| walt_tests::monitoring::metric_names(&expr))
+        .map(|series| series.trim_end_matches("_bucket").to_owned())
+        .filter(|family| !readme.contains(&format!("`{family}")))
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "metrics missing from the README: {undocumented:?}"
+    );
+    let _ = cluster.kubectl_output(&["delete", "namespace", namespace, "--wait=false"]);
+}

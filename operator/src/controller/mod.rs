@@ -20,6 +20,7 @@
 //! (Lease-based election), [`http`] (`/metrics`, `/healthz`, `/readyz`),
 //! [`metrics`].
 
+pub mod census;
 pub mod cli;
 pub mod config;
 pub mod gateway;
@@ -171,6 +172,7 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
     .owns(all::<Pod>(&context), owned_objects());
     let node_store = nodes.store();
     let device_store = node_store.clone();
+    let census_nodes = node_store.clone();
     let nodes = nodes
         // A Device changed (lent, taken back, bound, unbound): wake the Nodes that name it.
         .watches(
@@ -236,27 +238,41 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
     let saves = Controller::new(
         all::<DeserializeGuard<NodeSave>>(&context),
         watcher::Config::default(),
-    )
-    .with_config(controller_config(&context))
-    .graceful_shutdown_on(shutdown.clone().cancelled_owned())
-    .run(
-        |save, context| instrumented("NodeSave", save, context, node_save::reconcile),
-        error_policy::<NodeSave>("NodeSave"),
-        context.clone(),
     );
+    let census_saves = saves.store();
+    let saves = saves
+        .with_config(controller_config(&context))
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+        .run(
+            |save, context| instrumented("NodeSave", save, context, node_save::reconcile),
+            error_policy::<NodeSave>("NodeSave"),
+            context.clone(),
+        );
     let shells = Controller::new(
         all::<DeserializeGuard<ShellSession>>(&context),
         watcher::Config::default(),
-    )
-    .owns(all::<Pod>(&context), owned_objects())
-    .with_config(controller_config(&context))
-    .graceful_shutdown_on(shutdown.clone().cancelled_owned())
-    .run(
-        |session, context| instrumented("ShellSession", session, context, shell_session::reconcile),
-        error_policy::<ShellSession>("ShellSession"),
-        context.clone(),
+    );
+    let census_sessions = shells.store();
+    let shells = shells
+        .owns(all::<Pod>(&context), owned_objects())
+        .with_config(controller_config(&context))
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+        .run(
+            |session, context| instrumented("ShellSession", session, context, shell_session::reconcile),
+            error_policy::<ShellSession>("ShellSession"),
+            context.clone(),
+        );
+    let census = census::run(
+        census::Caches {
+            nodes: census_nodes,
+            sessions: census_sessions,
+            saves: census_saves,
+        },
+        context.metrics.clone(),
+        shutdown,
     );
     futures::join!(
+        census,
         drain("Node", nodes),
         drain("Image", images),
         drain("NodeSave", saves),

@@ -348,6 +348,7 @@ async fn run(context: &Arc<Context>, job: SaveJob, restarted: bool) {
     match execute_with_retries(context, &job, &mut save).await {
         Ok((outcome, rebooting)) => {
             context.metrics.saved_bytes.inc_by(outcome.layer_size);
+            context.metrics.node_save_ended("succeeded");
             let status = succeeded_status(&save, &outcome, rebooting, Timestamp::now());
             let message = format!(
                 "saved node {} as {} ({}, layer {} bytes){}",
@@ -368,10 +369,12 @@ async fn run(context: &Arc<Context>, job: SaveJob, restarted: bool) {
         }
         Err(cancelled @ Failure::Cancelled(_)) => {
             tracing::info!(message = %cancelled, "node save cancelled");
+            context.metrics.node_save_ended("cancelled");
         }
         Err(failure) => {
             let (reason, message) = (failure.reason(), failure.to_string());
             tracing::warn!(reason, %message, "node save failed");
+            context.metrics.node_save_ended("failed");
             let status = failed_status(&save, reason, &message, Timestamp::now());
             record_end(context, &save, &status).await;
             context

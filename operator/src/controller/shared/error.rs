@@ -56,6 +56,20 @@ pub enum Error {
 }
 
 impl Error {
+    /// Every value of [`Self::metric_label`], so the error counter starts at 0 for each instead
+    /// of appearing at the first error (alerts on `rate()` then see the first one).
+    pub const METRIC_LABELS: [&'static str; 9] = [
+        "kube",
+        "invalid",
+        "missing",
+        "registry",
+        "ssh",
+        "finalizer",
+        "serialization",
+        "config",
+        "leadership",
+    ];
+
     /// Short, stable label of this error for metrics (`error="…"`).
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -123,6 +137,10 @@ mod tests {
         ];
         let labels: std::collections::BTreeSet<_> = errors.iter().map(Error::metric_label).collect();
         assert_eq!(labels.len(), errors.len());
+        assert!(
+            labels.iter().all(|label| Error::METRIC_LABELS.contains(label)),
+            "{labels:?} are all pre-created"
+        );
         assert!(Error::Invalid("x".into()).is_permanent());
         assert!(!Error::Registry("x".into()).is_permanent());
     }

@@ -445,6 +445,41 @@ async fn node_save_change_set_from_a_busybox_node() {
     check_change_set(&entries);
 }
 
+/// Clock skew between node and operator: the ready filter compares the node's file times with the
+/// node's own ready marker, never with the operator's clock. On a node whose clock runs 10 minutes
+/// ahead of the operator's, then 10 minutes behind, what changed before the marker is left out and what
+/// changed after it is saved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_clock_minutes_off_keeps_the_ready_filter_right() {
+    let node = SshNode::busybox().unwrap();
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let now = i64::try_from(now).unwrap();
+    for skew in [600_i64, -600] {
+        let at = |offset: i64| now + skew + offset;
+        node.run(&format!(
+            "set -e\nmkdir -p /srv\necho noise > /srv/noise{skew}\ntouch -d @{} /srv/noise{skew}\n\
+             touch -d @{} /run/uptime-ready\necho work > /srv/work{skew}\ntouch -d @{} /srv/work{skew}",
+            at(-10),
+            at(0),
+            at(10)
+        ))
+        .unwrap();
+        let entries = change_set(&save_change_set(&node).await);
+        let names: Vec<&String> = entries.keys().collect();
+        assert!(
+            entries.contains_key(&format!("srv/work{skew}")),
+            "skew {skew} s: a change after the ready marker is saved: {names:?}"
+        );
+        assert!(
+            !entries.contains_key(&format!("srv/noise{skew}")),
+            "skew {skew} s: a change before the ready marker is left out: {names:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_save_change_set_from_a_gnu_tar_node() {
     let node = SshNodeBuilder::new(NodeRoot::HostRoot)
@@ -494,6 +529,68 @@ async fn node_killed_mid_save_fails_and_says_so() {
     node.kill();
     let error = saving.await.unwrap().unwrap_err();
     assert!(error.to_string().contains("dropped"), "{error}");
+}
+
+/// A node that hangs or floods costs a bounded time and memory, says why, and leaves the
+/// connection usable: a command that never returns is abandoned at the command timeout, one that
+/// floods is stopped at the output limit, and a save whose tar goes silent mid-stream fails at the
+/// stall timeout (the reader ends with an error, never a clean end of file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_or_flooding_node_is_bounded_and_says_why() {
+    let node = SshNode::busybox().unwrap();
+    let mut config = config(&node, pinned(&node));
+    config.bounds = walt_operator::ssh::ExecBounds {
+        command_timeout: Duration::from_secs(1),
+        output_limit: 64 << 10,
+        stall_timeout: Duration::from_secs(1),
+    };
+    let client = NodeClient::connect(&target(&node), &config).await.unwrap();
+
+    let started = std::time::Instant::now();
+    let error = client.exec("sleep 3600").await.unwrap_err();
+    let took = started.elapsed();
+    assert!(matches!(error, SshError::CommandTimedOut { .. }), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("did not finish `sleep 3600` within 1 s"),
+        "{error}"
+    );
+    assert!(took < Duration::from_secs(3), "abandoned after {took:?}");
+
+    let error = client.exec("exec yes flooding").await.unwrap_err();
+    assert!(matches!(error, SshError::OutputTooLarge { .. }), "{error}");
+    assert!(error.to_string().contains("more than 65536 bytes"), "{error}");
+
+    // The connection is still good for the next command.
+    let output = client.exec("echo still-here").await.unwrap();
+    assert_eq!(output.stdout, b"still-here\n");
+
+    // A tar that sends a little, then nothing while its channel stays open.
+    let mut plan = export::plan(&client, &ExportOptions::default()).await.unwrap();
+    plan.command = "head -c 5000 /dev/zero; exec sleep 3600".into();
+    let progress = Arc::new(Progress::default());
+    let mut reader = export::start(&client, &plan, progress).await.unwrap();
+    let started = std::time::Instant::now();
+    let read = tokio::task::spawn_blocking(move || {
+        let mut sink = Vec::new();
+        reader.read_to_end(&mut sink).map(|_| sink.len())
+    })
+    .await
+    .unwrap();
+    let error = read.expect_err("a stalled transfer is an error, not an end of file");
+    assert!(
+        error
+            .to_string()
+            .contains("sent nothing for 1 s while sending its changes"),
+        "{error}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    client.close().await;
 }
 
 struct SlowReader<R> {

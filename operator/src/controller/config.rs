@@ -149,6 +149,23 @@ pub struct Args {
     /// Reconciles running at once, per kind (bounds memory and API load with thousands of objects).
     #[arg(long, env = "WALT_MAX_CONCURRENT_RECONCILES", default_value_t = 32)]
     pub max_concurrent_reconciles: u16,
+    /// How long one command on a node may run (a probe, a reboot, the plan of a save: its busybox
+    /// opaque-directory listing too), e.g. `30s`; past it the command is abandoned and the Node or
+    /// NodeSave says `CommandTimedOut`. A hung node then holds a worker for this long at most.
+    #[arg(long, env = "WALT_NODE_COMMAND_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
+    pub node_command_timeout: Duration,
+    /// How many bytes of output one such command may send (stdout and stderr together), e.g. `4Mi`;
+    /// past it the command is stopped and the Node or NodeSave says `OutputTooLarge`.
+    #[arg(long, env = "WALT_NODE_OUTPUT_LIMIT", default_value = "4Mi", value_parser = parse_size)]
+    pub node_output_limit: usize,
+    /// How long a node save may go without a byte from the node, e.g. `1m`; past it the save fails
+    /// (`NodeFailed`, "sent nothing for …") and frees its slot. Time spent pushing does not count.
+    #[arg(long, env = "WALT_NODE_STALL_TIMEOUT", default_value = "1m", value_parser = parse_positive_duration)]
+    pub node_stall_timeout: Duration,
+    /// Longest time one reconcile may take (an Image clone or squash runs inside one), e.g. `1h`;
+    /// past it the reconcile is abandoned, counted as `error="timeout"`, and tried again with backoff.
+    #[arg(long, env = "WALT_RECONCILE_TIMEOUT", default_value = "1h", value_parser = parse_positive_duration)]
+    pub reconcile_timeout: Duration,
     /// Layer cache of shell pods: `hostPath:/DIR` (shared per cluster node) or `emptyDir`.
     #[arg(long, env = "WALT_SHELL_CACHE", default_value = "hostPath:/var/lib/walt/cache", value_parser = parse_layer_cache)]
     pub shell_cache: LayerCache,
@@ -176,6 +193,47 @@ pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
         _ => return Err(format!("`{text}` has an unknown unit `{unit}`: use s, m, h or d")),
     };
     Ok(Duration::from_secs(number * seconds))
+}
+
+/// [`parse_duration`], refusing zero (a bound of nothing would fail everything at once).
+pub fn parse_positive_duration(text: &str) -> std::result::Result<Duration, String> {
+    let duration = parse_duration(text)?;
+    if duration.is_zero() {
+        return Err(format!("`{text}` is zero: a bound must be at least 1s"));
+    }
+    Ok(duration)
+}
+
+/// Parses a size: a number of bytes, or with `Ki`, `Mi` or `Gi` (powers of 1024).
+pub fn parse_size(text: &str) -> std::result::Result<usize, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: usize = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size: write e.g. 65536, 64Ki, 4Mi or 1Gi"))?;
+    let shift = match unit {
+        "" => 0,
+        "Ki" => 10,
+        "Mi" => 20,
+        "Gi" => 30,
+        _ => return Err(format!("`{text}` has an unknown unit `{unit}`: use Ki, Mi or Gi")),
+    };
+    number
+        .checked_mul(1 << shift)
+        .filter(|&bytes| bytes > 0)
+        .ok_or_else(|| format!("`{text}` is not a size between 1 byte and the machine's address space"))
+}
+
+impl Args {
+    /// The bounds of every command on a node and of a save's transfer (see [`crate::ssh::ExecBounds`]).
+    pub fn node_bounds(&self) -> crate::ssh::ExecBounds {
+        crate::ssh::ExecBounds {
+            command_timeout: self.node_command_timeout,
+            output_limit: self.node_output_limit,
+            stall_timeout: self.node_stall_timeout,
+        }
+    }
 }
 
 /// Parses `hostPath:/DIR` or `emptyDir`.
@@ -501,6 +559,17 @@ mod tests {
 
     #[test]
     fn durations() {
+        assert!(
+            parse_positive_duration("0s")
+                .expect_err("zero")
+                .contains("at least 1s")
+        );
+        assert_eq!(parse_positive_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_size("64Ki"), Ok(65536));
+        assert_eq!(parse_size("4Mi"), Ok(4 << 20));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("4MB").expect_err("unit").contains("Ki, Mi or Gi"));
         assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("10m"), Ok(Duration::from_mins(10)));
         assert_eq!(parse_duration("2h"), Ok(Duration::from_hours(2)));

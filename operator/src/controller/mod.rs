@@ -51,8 +51,9 @@ use walt_crds::{Device, Image, Node, NodeSave, ShellSession};
 use self::shared::context::{Context, MANAGED_BY, MANAGED_BY_LABEL, key_of};
 use self::shared::error::{Error, Result};
 
-/// Wraps a reconcile with metrics, structured logs (kind, namespace, name)
-/// and per-object backoff.
+/// Wraps a reconcile with metrics, structured logs (kind, namespace, name),
+/// a time bound (`--reconcile-timeout`: one stuck reconcile never holds a
+/// worker for ever) and per-object backoff.
 async fn instrumented<K, F, Fut>(
     kind: &'static str,
     guarded: Arc<DeserializeGuard<K>>,
@@ -74,7 +75,16 @@ where
     let key = key_of(&*object);
     let span = tracing::info_span!("reconcile", kind, namespace = %object.namespace().unwrap_or_default(), name = %object.name_any());
     let _timer = context.metrics.reconcile_started(kind);
-    let outcome = tracing::Instrument::instrument(reconcile(object, context.clone()), span.clone()).await;
+    let limit = context.config.args.reconcile_timeout;
+    let bounded = tokio::time::timeout(limit, reconcile(object, context.clone()));
+    let outcome = tracing::Instrument::instrument(bounded, span.clone())
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::TimedOut {
+                kind,
+                seconds: limit.as_secs(),
+            })
+        });
     match &outcome {
         Ok(_) => context.succeeded(&key),
         Err(error) => {

@@ -288,11 +288,14 @@ pub struct ClientConfig {
     pub keepalive_max: usize,
     /// How the node's SSH port is reached.
     pub transport: Transport,
+    /// How long, and how much output, one command run to completion ([`NodeClient::exec`]: a
+    /// probe, a reboot, a save's plan) and one streamed transfer may take.
+    pub bounds: ExecBounds,
 }
 
 impl ClientConfig {
     /// A configuration with the key and host key policy, 10 s connect timeout, keepalive every 5 s
-    /// (3 unanswered end the connection), TCP transport.
+    /// (3 unanswered end the connection), TCP transport, the default [`ExecBounds`].
     pub fn new(key: PrivateKey, host_key: HostKeyPolicy) -> Self {
         Self {
             key: Arc::new(key),
@@ -301,7 +304,60 @@ impl ClientConfig {
             keepalive_interval: Duration::from_secs(5),
             keepalive_max: 3,
             transport: Transport::Tcp,
+            bounds: ExecBounds::default(),
         }
+    }
+}
+
+/// The bounds every command on a node runs under, so a node that hangs or floods costs a known,
+/// small amount of time and memory and never holds the operator's workers for ever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecBounds {
+    /// How long one command run to completion ([`NodeClient::exec`]) may take, from opening its
+    /// channel to its exit; past it the command is abandoned (its channel closed).
+    pub command_timeout: Duration,
+    /// How many bytes of output (stdout and stderr together) one such command may send; past it
+    /// the command is stopped (its channel closed) and nothing it sent is kept.
+    pub output_limit: usize,
+    /// How long a streamed transfer from the node (a save's tar) may go without a byte from the
+    /// node; past it the transfer is abandoned. Time the operator spends pushing is not counted.
+    pub stall_timeout: Duration,
+}
+
+/// Default of [`ExecBounds::command_timeout`].
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default of [`ExecBounds::output_limit`] (4 MiB).
+pub const DEFAULT_OUTPUT_LIMIT: usize = 4 << 20;
+/// Default of [`ExecBounds::stall_timeout`].
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_mins(1);
+
+impl Default for ExecBounds {
+    fn default() -> Self {
+        Self {
+            command_timeout: DEFAULT_COMMAND_TIMEOUT,
+            output_limit: DEFAULT_OUTPUT_LIMIT,
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
+        }
+    }
+}
+
+/// How a command is named in messages (pure): its first line, at most 60 characters.
+pub fn command_summary(command: &str) -> String {
+    let first = command.lines().next().unwrap_or_default().trim();
+    let mut summary: String = first.chars().take(60).collect();
+    if summary.len() < first.len() || command.trim().lines().nth(1).is_some() {
+        summary.push('…');
+    }
+    summary
+}
+
+/// What a collected output may still take (pure): `Err` with the limit when `more` bytes on top
+/// of `held` would pass it.
+fn within_limit(held: usize, more: usize, limit: usize) -> Result<(), usize> {
+    if held.saturating_add(more) > limit {
+        Err(limit)
+    } else {
+        Ok(())
     }
 }
 
@@ -526,6 +582,7 @@ pub struct NodeClient {
     handle: client::Handle<NodeHandler>,
     target: NodeTarget,
     host_key: PublicKey,
+    bounds: ExecBounds,
 }
 
 impl fmt::Debug for NodeClient {
@@ -633,7 +690,13 @@ impl NodeClient {
             handle,
             target: target.clone(),
             host_key,
+            bounds: config.bounds,
         })
+    }
+
+    /// The bounds this client's commands and transfers run under.
+    pub fn bounds(&self) -> ExecBounds {
+        self.bounds
     }
 
     /// The node this client is connected to.
@@ -673,18 +736,68 @@ impl NodeClient {
             .map_err(|error| self.lost(&error))
     }
 
-    /// Runs a command to completion and collects its output (for short outputs).
+    /// Runs a command to completion and collects its output (for short outputs), within the
+    /// client's [`ExecBounds`]: a command that runs longer than `command_timeout` fails with
+    /// [`SshError::CommandTimedOut`], one that sends more than `output_limit` bytes with
+    /// [`SshError::OutputTooLarge`]; either way its channel is closed.
     pub async fn exec(&self, command: &str) -> Result<ExecOutput, SshError> {
-        let mut channel = self.open_session().await?;
+        let deadline = tokio::time::Instant::now() + self.bounds.command_timeout;
+        let timed_out = || SshError::CommandTimedOut {
+            target: self.target.clone(),
+            command: command_summary(command),
+            seconds: self.bounds.command_timeout.as_secs_f32(),
+        };
+        let mut channel = tokio::time::timeout_at(deadline, self.open_session())
+            .await
+            .map_err(|_| timed_out())??;
+        let outcome = match tokio::time::timeout_at(deadline, self.collect(&mut channel, command)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(timed_out()),
+        };
+        if outcome.is_err() {
+            // Stop the command on the node; a node that does not even take the close is left to
+            // the connection's end.
+            let _ = tokio::time::timeout(Duration::from_secs(1), channel.close()).await;
+        }
+        outcome
+    }
+
+    /// Starts `command` on an open channel and gathers what it says, up to the output limit.
+    async fn collect(
+        &self,
+        channel: &mut russh::Channel<client::Msg>,
+        command: &str,
+    ) -> Result<ExecOutput, SshError> {
         channel
             .exec(true, command)
             .await
             .map_err(|error| self.lost(&error))?;
         let mut output = ExecOutput::default();
+        let too_large = |limit: usize| SshError::OutputTooLarge {
+            target: self.target.clone(),
+            command: command_summary(command),
+            limit,
+        };
         while let Some(message) = channel.wait().await {
             match message {
-                ChannelMsg::Data { data } => output.stdout.extend_from_slice(&data),
-                ChannelMsg::ExtendedData { data, .. } => output.stderr.extend_from_slice(&data),
+                ChannelMsg::Data { data } => {
+                    within_limit(
+                        output.stdout.len() + output.stderr.len(),
+                        data.len(),
+                        self.bounds.output_limit,
+                    )
+                    .map_err(too_large)?;
+                    output.stdout.extend_from_slice(&data);
+                }
+                ChannelMsg::ExtendedData { data, .. } => {
+                    within_limit(
+                        output.stdout.len() + output.stderr.len(),
+                        data.len(),
+                        self.bounds.output_limit,
+                    )
+                    .map_err(too_large)?;
+                    output.stderr.extend_from_slice(&data);
+                }
                 ChannelMsg::ExitStatus { exit_status } => output.exit_status = Some(exit_status),
                 ChannelMsg::ExitSignal { signal_name, .. } => {
                     output.exit_signal = Some(format!("{signal_name:?}"));
@@ -692,7 +805,7 @@ impl NodeClient {
                 ChannelMsg::Failure => {
                     return Err(SshError::Remote {
                         target: self.target.clone(),
-                        reason: format!("the node refused to run `{command}`"),
+                        reason: format!("the node refused to run `{}`", command_summary(command)),
                     });
                 }
                 _ => {}
@@ -723,6 +836,17 @@ impl NodeClient {
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt as _;
+
+    #[test]
+    fn commands_are_named_by_their_first_line_and_output_is_bounded() {
+        assert_eq!(command_summary("cat /proc/uptime"), "cat /proc/uptime");
+        assert_eq!(command_summary("cd /x || exit 3\nfind ."), "cd /x || exit 3…");
+        let long = "x".repeat(100);
+        assert_eq!(command_summary(&long).chars().count(), 61);
+        assert_eq!(within_limit(10, 6, 16), Ok(()));
+        assert_eq!(within_limit(10, 7, 16), Err(16));
+        assert_eq!(within_limit(usize::MAX, 1, 16), Err(16));
+    }
 
     #[test]
     fn a_proxy_command_is_split_once_and_the_host_fills_one_argument() {

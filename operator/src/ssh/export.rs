@@ -273,11 +273,22 @@ pub async fn start(
     let (sender, receiver) = tokio::sync::mpsc::channel(32);
     let target = client.target().clone();
     let gnu = plan.tar == NodeTar::Gnu;
+    let stall = client.bounds().stall_timeout;
     tokio::spawn(async move {
         let mut stderr = Vec::new();
         let mut exit: Option<u32> = None;
         let mut signal: Option<String> = None;
-        while let Some(message) = channel.wait().await {
+        // Only the wait for the node counts: time the consumer (the push) takes is not a stall.
+        loop {
+            let message = match tokio::time::timeout(stall, channel.wait()).await {
+                Ok(Some(message)) => message,
+                Ok(None) => break,
+                Err(_) => {
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), channel.close()).await;
+                    let _ = sender.send(Piece::End(Err(stalled(&target, stall)))).await;
+                    return;
+                }
+            };
             match message {
                 ChannelMsg::Data { data } => {
                     let delivered = sender.send(Piece::Data(data)).await;
@@ -327,6 +338,15 @@ pub async fn start(
         finished: None,
         progress,
     })
+}
+
+/// What a transfer that stalled says (pure).
+fn stalled(target: &NodeTarget, stall: std::time::Duration) -> String {
+    format!(
+        "node {target} sent nothing for {} s while sending its changes: the transfer was abandoned (a hung \
+         node or a cut network?; the bound is the operator's --node-stall-timeout)",
+        stall.as_secs_f32()
+    )
 }
 
 /// What a change set holds.

@@ -18,7 +18,8 @@ pub mod save;
 pub mod vnode;
 
 pub use client::{
-    ClientConfig, HostKeyPolicy, NodeClient, NodeTarget, ProxyCommand, ProxyCommandError, Transport,
+    ClientConfig, ExecBounds, HostKeyPolicy, NodeClient, NodeTarget, ProxyCommand, ProxyCommandError,
+    Transport,
 };
 
 /// Everything that can go wrong talking SSH to nodes and users.
@@ -122,6 +123,32 @@ pub enum SshError {
         target: NodeTarget,
         /// What happened.
         reason: String,
+    },
+    /// A command on the node did not finish within the command timeout (the node hangs).
+    #[error(
+        "node {target} did not finish `{command}` within {seconds} s: the command was abandoned (a hung \
+         node: a stuck file system, device or process?; the bound is the operator's --node-command-timeout)"
+    )]
+    CommandTimedOut {
+        /// The node.
+        target: NodeTarget,
+        /// The command (its first line).
+        command: String,
+        /// The timeout, in seconds.
+        seconds: f32,
+    },
+    /// A command on the node sent more output than allowed (the node floods).
+    #[error(
+        "node {target} sent more than {limit} bytes of output for `{command}`: the command was stopped and its \
+         output dropped (a flooding node?; the bound is the operator's --node-output-limit)"
+    )]
+    OutputTooLarge {
+        /// The node.
+        target: NodeTarget,
+        /// The command (its first line).
+        command: String,
+        /// The limit, in bytes.
+        limit: usize,
     },
     /// The node sent something unsafe or malformed in its change set.
     #[error("refused the change set from node {target}: {reason}")]

@@ -54,23 +54,29 @@ fn failure_of(error: &SshError) -> SshFailure {
     }
 }
 
-/// Runs the probe command on a connected node and gathers what it says.
-async fn observe(client: &NodeClient, ssh_target: &NodeTarget, ready_marker: &str) -> Result<Reached> {
+/// Runs the probe command on a connected node and gathers what it says; `Ok(Err(…))` when the
+/// command could not run to its end (it hung past `--node-command-timeout`, flooded past
+/// `--node-output-limit`, or the connection dropped): the node is then not reachable for walt.
+async fn observe(
+    client: &NodeClient,
+    ssh_target: &NodeTarget,
+    ready_marker: &str,
+) -> Result<std::result::Result<Reached, SshError>> {
     let host_key = client
         .host_key()
         .to_openssh()
         .map_err(|error| Error::Ssh(format!("cannot encode the host key of {ssh_target}: {error}")))?;
-    let answer = client.exec(&probe_command(ready_marker)).await;
-    Ok(Reached {
+    let output = match client.exec(&probe_command(ready_marker)).await {
+        Ok(output) => output,
+        Err(error) => return Ok(Err(error)),
+    };
+    Ok(Ok(Reached {
         target: ssh_target.to_string(),
         host_key,
         fingerprint: crate::ssh::client::fingerprint(client.host_key()),
-        uptime: answer
-            .as_ref()
-            .ok()
-            .and_then(|output| parse_uptime(&output.stdout)),
-        booted: answer.as_ref().is_ok_and(|output| output.exit_status == Some(0)),
-    })
+        uptime: parse_uptime(&output.stdout),
+        booted: output.exit_status == Some(0),
+    }))
 }
 
 /// Probes a physical node, records what it found, reboots it when it must boot another image.
@@ -104,20 +110,15 @@ pub async fn reconcile_physical(
         }
     };
     let observed = observe(&client, &ssh_target, &node.spec.overlay.ready_marker).await;
-    let decision = match observed {
-        Ok(reached) => decide(
-            node,
-            status,
-            target.as_ref(),
-            &Probe::Reached(reached),
-            Timestamp::now(),
-            interval,
-        ),
+    let probe = match observed {
+        Ok(Ok(reached)) => Probe::Reached(reached),
+        Ok(Err(failed)) => Probe::Failed(failure_of(&failed)),
         Err(error) => {
             client.close().await;
             return Err(error);
         }
     };
+    let decision = decide(node, status, target.as_ref(), &probe, Timestamp::now(), interval);
     // The one place the connection ends, whatever the decision.
     let applied = apply(context, node, Some((&client, &ssh_target)), decision).await;
     client.close().await;

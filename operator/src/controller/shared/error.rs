@@ -53,6 +53,16 @@ pub enum Error {
     /// Leadership was lost or could not be kept.
     #[error("leader election: {0}")]
     Leadership(String),
+    /// A reconcile ran past `--reconcile-timeout` and was abandoned (it runs again with backoff).
+    #[error(
+        "the {kind} reconcile took longer than {seconds} s (--reconcile-timeout) and was abandoned; it runs again"
+    )]
+    TimedOut {
+        /// The kind reconciled.
+        kind: &'static str,
+        /// The timeout, in seconds.
+        seconds: u64,
+    },
 }
 
 impl Error {
@@ -82,6 +92,7 @@ impl Error {
             Error::Serialization { .. } => "serialization",
             Error::Config(_) => "config",
             Error::Leadership(_) => "leadership",
+            Error::TimedOut { .. } => "timeout",
         }
     }
 
@@ -134,6 +145,10 @@ mod tests {
             Error::Finalizer("x".into()),
             Error::Config("x".into()),
             Error::Leadership("x".into()),
+            Error::TimedOut {
+                kind: "Node",
+                seconds: 3600,
+            },
         ];
         let labels: std::collections::BTreeSet<_> = errors.iter().map(Error::metric_label).collect();
         assert_eq!(labels.len(), errors.len());

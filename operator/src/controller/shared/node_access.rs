@@ -296,6 +296,7 @@ pub fn client_config(context: &Context, node: &Node, device: Option<&Device>) ->
     let policy = host_key_policy(node, device).map_err(|error| Error::Invalid(error.to_string()))?;
     let mut config = ClientConfig::new(key, policy);
     config.connect_timeout = CONNECT_TIMEOUT;
+    config.bounds = context.config.args.node_bounds();
     config.transport = match (&node.spec.virtual_node, &context.config.args.node_proxy_command) {
         (None, Some(command)) => Transport::ProxyCommand(command.clone()),
         _ => Transport::Tcp,
@@ -343,6 +344,10 @@ pub const HOST_KEY_MISMATCH: &str = "HostKeyMismatch";
 pub const UNREACHABLE: &str = "Unreachable";
 /// Reason: any other SSH failure.
 pub const SSH_FAILED: &str = "SshFailed";
+/// Reason: a command on the node did not finish within `--node-command-timeout` (a hung node).
+pub const COMMAND_TIMED_OUT: &str = "CommandTimedOut";
+/// Reason: a command on the node sent more than `--node-output-limit` bytes (a flooding node).
+pub const OUTPUT_TOO_LARGE: &str = "OutputTooLarge";
 
 /// A short reason for an SSH failure (a condition reason and Event reason).
 pub fn ssh_reason(error: &SshError) -> &'static str {
@@ -356,6 +361,8 @@ pub fn ssh_reason_or(error: &SshError, other: &'static str) -> &'static str {
         SshError::Refused { .. } => CONNECTION_REFUSED,
         SshError::HostKeyMismatch { .. } => HOST_KEY_MISMATCH,
         SshError::Unreachable { .. } => UNREACHABLE,
+        SshError::CommandTimedOut { .. } => COMMAND_TIMED_OUT,
+        SshError::OutputTooLarge { .. } => OUTPUT_TOO_LARGE,
         _ => other,
     }
 }

@@ -389,11 +389,21 @@ async fn update(client: &Client, authorizations: &Authorizations, session: &Shel
             }
             authorizations.add(authorization);
         }
+        Err(error) if keeps_authorization(&error) => {
+            tracing::warn!(session = %id, %error, "gateway: cannot check the session now; its authorization stays until the API server answers");
+        }
         Err(error) => {
             tracing::warn!(session = %id, %error, "gateway: cannot authorize the session");
             revoke(authorizations, &id, &error.to_string());
         }
     }
+}
+
+/// Whether a session keeps the authorization it has when checking it again failed (pure): yes when
+/// the API server did not answer (restarting, overloaded: the open shells go on, and the next check
+/// decides; the session's expiry is enforced here either way), no when the answer says no.
+pub fn keeps_authorization(error: &GatewayError) -> bool {
+    matches!(error, GatewayError::Api(_))
 }
 
 fn revoke(authorizations: &Authorizations, id: &str, why: &str) {
@@ -509,6 +519,27 @@ mod tests {
     /// create, and no tenant role may write `shellsessions/status`: see the control-plane test
     /// `a_tenant_cannot_write_status_forge_running_or_extend_idle_time`); what the gateway reads
     /// is the phase alone, so anything short of `Running` is refused.
+    #[test]
+    fn an_api_server_that_does_not_answer_revokes_nothing_but_a_refusal_does() {
+        let blip = GatewayError::Api(Error::Kube {
+            action: "reading Node alice/rpi1".into(),
+            source: kube::Error::Service("connection refused".into()),
+        });
+        assert!(keeps_authorization(&blip));
+        let gone = GatewayError::NodeNotFound {
+            namespace: "alice".into(),
+            node: "rpi1".into(),
+        };
+        assert!(!keeps_authorization(&gone));
+        assert!(!keeps_authorization(&GatewayError::NoRoute(
+            NoRoute::DeviceNotLent {
+                node: "rpi1".into(),
+                device: "pi".into(),
+                namespace: "alice".into(),
+            }
+        )));
+    }
+
     #[test]
     fn only_the_running_phase_is_admitted() {
         for phase in [

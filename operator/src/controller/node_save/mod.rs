@@ -391,9 +391,10 @@ async fn run(context: &Arc<Context>, job: SaveJob, restarted: bool) {
 }
 
 /// Runs the save, and runs it again from the start (after [`retry_delay`]) while it fails in a
-/// way that may pass, up to `--save-retries`; each retry is an Event saying why. Blobs the
-/// registry already has are not sent again (the base's are mounted; the layer is pushed by
-/// digest). When the retries are used up, the failure names the registry's words and the attempts.
+/// way that may pass, up to `--save-retries`; each retry is an Event saying why. The base's blobs
+/// are mounted, never sent; the new layer is read from the node and uploaded again by each attempt
+/// (its digest is known only at its end). When the retries are used up, the failure names the
+/// registry's words and the attempts.
 async fn execute_with_retries(
     context: &Arc<Context>,
     job: &SaveJob,
@@ -430,17 +431,37 @@ async fn execute_with_retries(
     }
 }
 
-/// Writes the final status, retrying a little (the API server may blink):
+/// Writes the final status, retrying a little (the API server may be restarting):
 /// a save left `Running` would run again.
 async fn record_end(context: &Context, save: &NodeSave, status: &walt_crds::NodeSaveStatus) {
-    for attempt in 1..=5_u32 {
-        match write_status(context, save, status).await {
-            Ok(()) => return,
-            Err(error) if is_gone(&error) => return,
-            Err(error) => {
-                tracing::warn!(%error, attempt, "could not record the end of the save");
+    if let Err(error) = retry_api("recording the end of the save", || {
+        write_status(context, save, status)
+    })
+    .await
+        && !is_gone(&error)
+    {
+        tracing::warn!(%error, "could not record the end of the save");
+    }
+}
+
+/// How many times a write to the API server that must not be lost is tried.
+const API_ATTEMPTS: u32 = 6;
+
+/// Runs an API write, trying again while it fails (2, 4, 6, 8, 10 s apart: about 30 s in all, for
+/// an API server that restarts); an answer that the object is gone is final.
+async fn retry_api<T, Fut>(what: &str, mut write: impl FnMut() -> Fut) -> Result<T>
+where
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut attempt = 1;
+    loop {
+        match write().await {
+            Err(error) if attempt < API_ATTEMPTS && !is_gone(&error) => {
+                tracing::warn!(%error, attempt, what, "API write failed; trying again");
                 tokio::time::sleep(Duration::from_secs(u64::from(attempt) * 2)).await;
+                attempt += 1;
             }
+            outcome => return outcome,
         }
     }
 }
@@ -636,9 +657,13 @@ async fn publish(
     } else {
         0
     };
-    update_image(context, save, job, &saved.pushed.manifest_digest)
-        .await
-        .map_err(Failure::ImageUpdateFailed)?;
+    // The tag has moved: the Image must follow, even across an API server restart.
+    let current: &NodeSave = save;
+    retry_api("updating the Image", || {
+        update_image(context, current, job, &saved.pushed.manifest_digest)
+    })
+    .await
+    .map_err(Failure::ImageUpdateFailed)?;
     Ok((outcome_of(job, saved), rebooting))
 }
 

@@ -9,6 +9,13 @@
 //! naming the holder. (Creation times have one-second steps: without the
 //! "started first" rule, an object created in the same second as a running
 //! one but with a smaller name would take the image from it.)
+//!
+//! An image ShellSession with `spec.saveAs` naming another image claims that
+//! name too, as a claim that has not started: its save waits while a save
+//! or shell that has started holds the name, and a save of that name created
+//! after it waits for it. So two writers of one name (a NodeSave and a
+//! shell's `saveAs`, two shells saving as one new name) take turns, and the
+//! name ends at the digest of the last one.
 
 use k8s_openapi::jiff::Timestamp;
 use kube::{Api, ResourceExt};
@@ -82,12 +89,25 @@ pub fn claims_of(saves: &[NodeSave], sessions: &[ShellSession]) -> Vec<Claim> {
             }),
         })
     });
-    let sessions = sessions.iter().filter_map(|session| {
-        let finished = session
+    let unfinished = sessions.iter().filter(|session| {
+        !session
             .status
             .as_ref()
-            .is_some_and(|status| status.phase.is_finished());
-        (!finished).then_some(())?;
+            .is_some_and(|status| status.phase.is_finished())
+    });
+    let targets = unfinished.clone().filter_map(|session| {
+        let opened = image_object(session.spec.image.as_deref()?)?;
+        let target = image_object(session.spec.save_as.as_deref()?)?;
+        (target != opened).then_some(())?;
+        Some(Claim {
+            kind: "ShellSession",
+            name: session.name_any(),
+            image: target,
+            created: session.creation_timestamp()?.0,
+            started: false,
+        })
+    });
+    let sessions = unfinished.filter_map(|session| {
         Some(Claim {
             kind: "ShellSession",
             name: session.name_any(),
@@ -99,7 +119,7 @@ pub fn claims_of(saves: &[NodeSave], sessions: &[ShellSession]) -> Vec<Claim> {
                 .is_some_and(|status| status.phase != ShellSessionPhase::Pending),
         })
     });
-    saves.chain(sessions).collect()
+    saves.chain(sessions).chain(targets).collect()
 }
 
 /// The current claims of `namespace` (lists its NodeSaves and ShellSessions).
@@ -232,5 +252,32 @@ mod tests {
                 ("ShellSession/sh1".to_owned(), "debian".to_owned())
             ]
         );
+
+        // A shell saving as another name claims that name too, as not started: a running save of
+        // the name holds it from the shell; a save of the name not started yet waits for the shell.
+        let mut shell = session("sh4", Some("debian"), ShellSessionPhase::AwaitingDecision);
+        shell.spec.save_as = Some("debian:v2".into());
+        let claims = claims_of(
+            &[save("s1", "debian:v2", NodeSavePhase::Running)],
+            &[shell.clone()],
+        );
+        assert_eq!(
+            holder_other_than(&claims, "debian.v2", "ShellSession", "sh4").map(Claim::label),
+            Some("NodeSave/s1".into())
+        );
+        let mut later = save("s5", "debian:v2", NodeSavePhase::Pending);
+        later.metadata.creation_timestamp = Some(Time(Timestamp::from_second(8).expect("time")));
+        let claims = claims_of(&[later], &[shell.clone()]);
+        assert_eq!(
+            holder_other_than(&claims, "debian.v2", "NodeSave", "s5").map(Claim::label),
+            Some("ShellSession/sh4".into())
+        );
+        assert_eq!(
+            holder_other_than(&claims, "debian.v2", "ShellSession", "sh4"),
+            None
+        );
+        // Saving over the image it opened: one claim, the one it already has.
+        shell.spec.save_as = Some("debian".into());
+        assert_eq!(claims_of(&[], &[shell]).len(), 1);
     }
 }

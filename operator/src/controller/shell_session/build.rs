@@ -325,12 +325,31 @@ pub enum Step {
     Fail(String),
     /// Save the pushed digest as this image name.
     Save(String),
+    /// The user decided to save as `image`, which another shell or save holds: wait for it.
+    WaitForSaveTarget {
+        /// The name the changes are saved as.
+        image: String,
+        /// Who holds it.
+        holder: String,
+    },
     /// Drop the changes.
     Discard,
     /// TTL or decision timeout: end, keeping the digest and moving no tag.
     Expire(String),
     /// The session is over: make sure the pod is gone.
     Cleanup,
+}
+
+/// A decided save waits while another shell or save holds the name it writes (pure): `save_as_holder` is
+/// that holder (see [`crate::controller::shared::lock`]: a shell's `saveAs` name is claimed too).
+pub fn wait_for_save_target(step: Step, save_as_holder: Option<&str>) -> Step {
+    match (step, save_as_holder) {
+        (Step::Save(image), Some(holder)) => Step::WaitForSaveTarget {
+            image,
+            holder: holder.to_owned(),
+        },
+        (step, _) => step,
+    }
 }
 
 /// Decides the next step of an image shell (pure).
@@ -733,6 +752,21 @@ mod tests {
         s.spec.save_as = None;
         s.spec.discard = true;
         assert_eq!(next_step(&s, None, None, HOUR, HOUR, at(2_100)), Step::Discard);
+        assert_eq!(
+            wait_for_save_target(Step::Save("x".into()), Some("NodeSave/s1")),
+            Step::WaitForSaveTarget {
+                image: "x".into(),
+                holder: "NodeSave/s1".into()
+            }
+        );
+        assert_eq!(
+            wait_for_save_target(Step::Save("x".into()), None),
+            Step::Save("x".into())
+        );
+        assert_eq!(
+            wait_for_save_target(Step::Discard, Some("NodeSave/s1")),
+            Step::Discard
+        );
         s.status.as_mut().expect("status").phase = ShellSessionPhase::Saved;
         assert_eq!(next_step(&s, None, None, HOUR, HOUR, at(2_100)), Step::Cleanup);
     }

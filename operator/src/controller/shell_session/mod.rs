@@ -32,7 +32,7 @@ pub mod reasons;
 
 use self::build::{
     ShellOutcome, ShellPodInputs, Step, build_shell_pod, next_step, scratch_tag, shell_at_start,
-    shell_pod_name,
+    shell_pod_name, wait_for_save_target,
 };
 use crate::controller::shared::context::{Context, FIELD_MANAGER};
 use crate::controller::shared::error::{Error, KubeResultExt, Result};
@@ -307,13 +307,26 @@ async fn image_shell(
         .map(|n| n.object_name())
         .unwrap_or_default();
     let holder = holder_other_than(&claims, &object, "ShellSession", &name).map(Claim::label);
-    let step = next_step(
-        session,
-        pod.as_ref(),
-        holder.as_deref(),
-        ttl,
-        context.config.args.decision_timeout,
-        Timestamp::now(),
+    let save_as_object = session
+        .spec
+        .save_as
+        .as_deref()
+        .and_then(|save_as| ImageName::parse(save_as).ok())
+        .map(|save_as| save_as.object_name());
+    let save_as_holder = save_as_object
+        .as_deref()
+        .and_then(|object| holder_other_than(&claims, object, "ShellSession", &name))
+        .map(Claim::label);
+    let step = wait_for_save_target(
+        next_step(
+            session,
+            pod.as_ref(),
+            holder.as_deref(),
+            ttl,
+            context.config.args.decision_timeout,
+            Timestamp::now(),
+        ),
+        save_as_holder.as_deref(),
     );
     tracing::debug!(?step, "image shell step");
     match step {
@@ -324,6 +337,21 @@ async fn image_shell(
             status.phase = ShellSessionPhase::Pending;
             let message = format!(
                 "{holder} works on image {image_name} (one shell, copy or save at a time per image): this shell starts when it ends"
+            );
+            condition(
+                &mut status,
+                session,
+                READY,
+                ConditionStatus::False,
+                reasons::WAITING_FOR_IMAGE,
+                message,
+            );
+            write_status(context, session, status).await?;
+            Ok(Action::requeue(WAIT_RETRY))
+        }
+        Step::WaitForSaveTarget { image, holder } => {
+            let message = format!(
+                "{holder} works on image {image} (one shell, copy or save at a time per image): the changes are saved as {image} when it ends"
             );
             condition(
                 &mut status,

@@ -19,10 +19,17 @@ fn cluster() -> &'static Cluster {
     }
 }
 
-/// Installs the walt CRDs (idempotent) and waits until they are served.
+/// Installs the walt CRDs (once per control plane: the shared one, or a test's own) and waits
+/// until they are served.
 fn install_crds(cluster: &Cluster) {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
+    static INSTALLED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut installed = INSTALLED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if installed.iter().any(|server| server == cluster.server()) {
+        return;
+    }
+    {
         let path = std::env::temp_dir().join(format!("walt-crds-{}.yaml", std::process::id()));
         std::fs::write(&path, walt_crds::crds_yaml()).expect("write CRDs");
         cluster
@@ -38,7 +45,8 @@ fn install_crds(cluster: &Cluster) {
                 ])
                 .expect("CRD established");
         }
-    });
+    }
+    installed.push(cluster.server().to_owned());
 }
 
 /// A throwaway OpenSSH key pair made with ssh-keygen (an independent tool).
@@ -3188,4 +3196,554 @@ fn the_operator_issues_registry_tokens_and_a_namespace_gets_only_its_own_credent
         !other.status.success() && (refused.contains("unauthorized") || refused.contains("401")),
         "the namespace's credential read bob's image: {refused}"
     );
+}
+
+/// A proxy command reaching each of `nodes` at its own address from its own lab namespace: one
+/// operator, several sshd nodes. The address is `$0` of a fixed script, never executed.
+fn proxy_to(nodes: &[&walt_tests::sshnode::SshNode]) -> String {
+    let cases: String = nodes
+        .iter()
+        .map(|node| {
+            format!(
+                "{address}) exec ip netns exec {netns} socat - TCP:{address}:22;; ",
+                address = node.address(),
+                netns = node.lab_netns()
+            )
+        })
+        .collect();
+    format!("sh -c 'case \"$0\" in {cases}esac; exit 1' %h")
+}
+
+/// Replaces the program at `path` on the node with a shell script: a node whose `cat` or `tar`
+/// misbehaves (hangs on a stuck device, floods its output).
+fn replace_program(node: &walt_tests::sshnode::SshNode, path: &str, script: &str) {
+    node.run(&format!(
+        "cat > /tmp/walt-fake <<'EOF'\n{script}\nEOF\nchmod 755 /tmp/walt-fake && mv -f /tmp/walt-fake {path}"
+    ))
+    .unwrap_or_else(|e| panic!("replace {path} on the node: {e}"));
+}
+
+/// A `tar` that sends the start of the archive, then nothing, its output left open (a node stuck on
+/// a file mid-save).
+const STALLING_TAR: &str = "#!/bin/sh\ncase \" $* \" in\n  *\" -cf \"*) busybox tar \"$@\" | head -c 20000; exec sleep 3600 ;;\nesac\nexec busybox tar \"$@\"";
+
+/// A hung node (its probe command never returns), a flooding one (its probe writes without end) and
+/// one whose tar stalls mid-save sit beside a healthy node, with one reconcile worker per kind and
+/// one save slot: each bad node fails with its reason within its bound (`CommandTimedOut`,
+/// `OutputTooLarge`, a save `NodeFailed` "sent nothing for 3 s" that moved no tag), and the healthy
+/// node still becomes Ready and its save, queued behind the stalled one, succeeds.
+#[test]
+fn a_hung_or_flooding_node_fails_with_its_reason_and_never_stalls_the_others() {
+    use walt_tests::images::{Arch, OciLayout};
+    use walt_tests::sshnode::SshNode;
+    let cluster = cluster();
+    let start =
+        || SshNode::busybox().expect("start an sshd node (needs root, openssh-server, socat, iproute2)");
+    let (good, hung, flood, stalling) = (start(), start(), start(), start());
+    for bad in [&hung, &flood, &stalling] {
+        bad.authorize_key(good.client_public_key())
+            .expect("authorize the lab's node key");
+    }
+    replace_program(&hung, "/bin/cat", "#!/bin/sh\nexec sleep 3600");
+    replace_program(&flood, "/bin/cat", "#!/bin/sh\nexec yes walt-flood");
+    stalling
+        .run("mkdir -p /srv && head -c 1000000 /dev/urandom > /srv/blob")
+        .expect("write a file on the node");
+    replace_program(&stalling, "/bin/tar", STALLING_TAR);
+    good.run("mkdir -p /srv && echo saved > /srv/good")
+        .expect("change a file on the node");
+
+    let registry = walt_tests::registry::Registry::start().expect("start a docker-registry on loopback");
+    let namespace = tenant_with_key(cluster, "op-hang", &good.client_key());
+    let base = OciLayout::busybox(Arch::Amd64)
+        .expect("busybox image")
+        .push("base", &registry, &format!("lab/{namespace}/debian:latest"))
+        .expect("skopeo copy the base image to the registry");
+    let lab = format!("{}/lab", registry.host());
+    let proxy = proxy_to(&[&good, &hung, &flood, &stalling]);
+    let operator = start_operator(
+        cluster,
+        &namespace,
+        "hang",
+        &[
+            "--lab-registry",
+            &lab,
+            "--node-proxy-command",
+            &proxy,
+            "--probe-interval",
+            "2s",
+            "--node-command-timeout",
+            "2s",
+            "--node-output-limit",
+            "64Ki",
+            "--node-stall-timeout",
+            "3s",
+            "--max-concurrent-reconciles",
+            "1",
+            "--max-concurrent-saves",
+            "1",
+        ],
+    );
+    operator.wait_ready(Duration::from_mins(1));
+    // The bad nodes first: with one reconcile worker, the good node's probes queue behind theirs.
+    let mut objects =
+        "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {name: debian}\nspec: {}\n".to_owned();
+    for (name, node) in [
+        ("hung", &hung),
+        ("flood", &flood),
+        ("stalling", &stalling),
+        ("good", &good),
+    ] {
+        let device = lend_device(cluster, &namespace, name, &node.address().to_string(), None);
+        objects.push_str(&format!(
+            "---\napiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {{name: {name}}}\n\
+             spec: {{model: rpi-4-b, image: debian, device: {device}}}\n"
+        ));
+    }
+    let started = Instant::now();
+    apply(cluster, &namespace, &objects);
+    wait_node_booted(cluster, &namespace, "good", &base, &operator);
+    eprintln!(
+        "the good node was Ready {:.1} s after the Nodes were created",
+        started.elapsed().as_secs_f64()
+    );
+
+    let reachable = "{.status.conditions[?(@.type==\"Reachable\")].reason}";
+    let said = |node: &str| {
+        jsonpath(
+            cluster,
+            &namespace,
+            &format!("node.walt.dev/{node}"),
+            "{.status.phase}: {.status.conditions[?(@.type==\"Reachable\")].message}",
+        )
+    };
+    let within = Duration::from_mins(1);
+    wait_for(
+        cluster,
+        &namespace,
+        "node.walt.dev/hung",
+        reachable,
+        "CommandTimedOut",
+        within,
+        &operator,
+    );
+    let hung_says = said("hung");
+    assert!(
+        hung_says.starts_with("Unreachable: ")
+            && hung_says.contains("did not finish `cat /proc/uptime")
+            && hung_says.contains("within 2 s"),
+        "{hung_says}"
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "node.walt.dev/flood",
+        reachable,
+        "OutputTooLarge",
+        within,
+        &operator,
+    );
+    let flood_says = said("flood");
+    assert!(
+        flood_says.starts_with("Unreachable: ") && flood_says.contains("more than 65536 bytes of output"),
+        "{flood_says}"
+    );
+
+    // The stalled save holds the only slot; the good one waits for it, then runs.
+    wait_node_booted(cluster, &namespace, "stalling", &base, &operator);
+    let save = |name: &str, node: &str, image: &str| {
+        apply(
+            cluster,
+            &namespace,
+            &format!(
+                "apiVersion: walt.dev/v1alpha1\nkind: NodeSave\nmetadata: {{name: {name}}}\n\
+                 spec: {{node: {node}, image: \"{image}\"}}\n"
+            ),
+        );
+    };
+    save("stalled", "stalling", "stalled");
+    wait_for(
+        cluster,
+        &namespace,
+        "nodesave/stalled",
+        "{.status.phase}",
+        "Running",
+        within,
+        &operator,
+    );
+    save("healthy", "good", "debian:v2");
+    wait_for(
+        cluster,
+        &namespace,
+        "nodesave/healthy",
+        "{.status.phase}",
+        "Succeeded",
+        within,
+        &operator,
+    );
+    let complete = "{.status.phase} {.status.conditions[?(@.type==\"Complete\")].reason}: \
+                    {.status.conditions[?(@.type==\"Complete\")].message}";
+    let stalled_says = jsonpath(cluster, &namespace, "nodesave/stalled", complete);
+    assert!(
+        stalled_says.starts_with("Failed NodeFailed: ") && stalled_says.contains("sent nothing for 3 s"),
+        "{stalled_says}"
+    );
+    assert!(
+        event_reasons(cluster, &namespace, "healthy").contains("WaitingForSlot"),
+        "the healthy save queued behind the stalled one"
+    );
+    // Nothing half-published: no tag, no Image for the stalled save; the healthy one's tag is its digest.
+    assert!(
+        skopeo_digest(&registry.reference(&format!("lab/{namespace}/stalled:latest"))).is_err(),
+        "a stalled save moved a tag"
+    );
+    let images = kubectl(cluster, &namespace, &["get", "images", "-o", "name"]);
+    assert!(!images.contains("/stalled"), "{images}");
+    assert_eq!(
+        skopeo_digest(&registry.reference(&format!("lab/{namespace}/debian:v2"))),
+        Ok(jsonpath(
+            cluster,
+            &namespace,
+            "nodesave/healthy",
+            "{.status.result.digest}"
+        ))
+    );
+}
+
+/// The network between the operator and the node cut in the middle of a save (the node's end of its
+/// link down, like a pulled cable), then back: the save fails cleanly at the stall bound, saying the
+/// node went silent; the name it would have overwritten still points at the digest it had; once the
+/// link is back the node is Ready again and the next save succeeds.
+#[test]
+fn network_cut_mid_save_fails_cleanly_and_the_name_stays() {
+    let node = walt_tests::sshnode::SshNode::busybox()
+        .expect("start an sshd node (needs root, openssh-server, socat, iproute2)");
+    let lab = SaveLab::start_with("op-netcut", node, &["--node-stall-timeout", "5s"]);
+    lab.node
+        .run("mkdir -p /srv && head -c 134217728 /dev/urandom > /srv/big")
+        .expect("write a big file on the node");
+    lab.save("cut", "debian", ", overwrite: true");
+    lab.wait_progress("nodesave/cut");
+    lab.node.set_link(false).expect("cut the node's link");
+    let cut = Instant::now();
+    lab.wait(
+        "nodesave/cut",
+        "{.status.phase}",
+        "Failed",
+        Duration::from_mins(1),
+    );
+    eprintln!(
+        "the save failed {:.1} s after the cut",
+        cut.elapsed().as_secs_f64()
+    );
+    lab.node.set_link(true).expect("restore the node's link");
+    let says = lab.get(
+        "nodesave/cut",
+        "{.status.conditions[?(@.type==\"Complete\")].reason}: {.status.conditions[?(@.type==\"Complete\")].message}",
+    );
+    assert!(
+        says.starts_with("NodeFailed: ") && says.contains("sent nothing for 5 s"),
+        "{says}"
+    );
+    let latest = lab
+        .registry
+        .reference(&format!("lab/{}/debian:latest", lab.namespace));
+    assert_eq!(
+        skopeo_digest(&latest),
+        Ok(lab.base_digest.clone()),
+        "the name still points where it did"
+    );
+    assert_eq!(lab.get("image/debian", "{.status.digest}"), lab.base_digest);
+    lab.wait(
+        "node.walt.dev/rpi1",
+        "{.status.phase}",
+        "Ready",
+        Duration::from_mins(1),
+    );
+    lab.save("after", "debian:after", "");
+    lab.wait(
+        "nodesave/after",
+        "{.status.phase}",
+        "Succeeded",
+        Duration::from_mins(2),
+    );
+    let tag = lab
+        .registry
+        .reference(&format!("lab/{}/debian:after", lab.namespace));
+    assert_eq!(
+        skopeo_digest(&tag),
+        Ok(lab.get("nodesave/after", "{.status.result.digest}"))
+    );
+}
+
+/// Stops the API server, keeps it away for `down`, starts it again (etcd keeps everything).
+fn restart_api_server(cluster: &Cluster, down: Duration) {
+    let started = Instant::now();
+    cluster.stop_api_server();
+    std::thread::sleep(down);
+    let ready = cluster
+        .start_api_server()
+        .unwrap_or_else(|e| panic!("start kube-apiserver again: {e}"));
+    eprintln!(
+        "kube-apiserver was away {:.1} s (ready {:.1} s after it started again)",
+        started.elapsed().as_secs_f64(),
+        ready.as_secs_f64()
+    );
+}
+
+/// The API server restarted (etcd kept) while a node shell is open, while a node save runs and
+/// while the operator watches: the open shell goes on and the session stays Running; the save runs
+/// once to its end (no restart from scratch), its status and the new Image catch up; objects
+/// created after the restart are reconciled. The operator keeps its leadership through an outage
+/// shorter than its Lease.
+#[test]
+fn api_server_restarts_lose_nothing() {
+    use walt_tests::images::{Arch, OciLayout};
+    // A control plane of this test's own: the shared one serves the other tests meanwhile.
+    let cluster = Cluster::start(walt_tests::k8s::ClusterOptions::control_plane())
+        .expect("start a control plane for this test");
+    let cluster = &cluster;
+    let node = walt_tests::sshnode::SshNode::busybox()
+        .expect("start an sshd node (needs root, openssh-server, socat, iproute2)");
+    let registry = walt_tests::registry::Registry::start().expect("start a docker-registry on loopback");
+    let namespace = tenant_with_key(cluster, "op-apirestart", &node.client_key());
+    let base = OciLayout::busybox(Arch::Amd64)
+        .expect("busybox image")
+        .push("base", &registry, &format!("lab/{namespace}/debian:latest"))
+        .expect("skopeo copy the base image to the registry");
+    let lab = format!("{}/lab", registry.host());
+    let operator = operator_for_node(
+        cluster,
+        &namespace,
+        "apirestart",
+        &node,
+        &["--lab-registry", &lab, "--gateway-service-port", "2022"],
+    );
+    let device = lend_device(
+        cluster,
+        &namespace,
+        "rpi",
+        &node.address().to_string(),
+        Some(node.host_public_key().trim()),
+    );
+    apply(
+        cluster,
+        &namespace,
+        &format!(
+            "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: debian}}\nspec: {{}}\n---\n\
+             apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {{name: rpi1}}\n\
+             spec: {{model: rpi-4-b, image: debian, device: {device}}}\n"
+        ),
+    );
+    wait_node_booted(cluster, &namespace, "rpi1", &base, &operator);
+    let within = Duration::from_mins(1);
+
+    // 1. A node shell open through the gateway across the restart.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let user_key = walt_tests::sshnode::keygen(dir.path(), "user");
+    let public_key = std::fs::read_to_string(user_key.with_extension("pub")).expect("public key");
+    apply(
+        cluster,
+        &namespace,
+        &shell_session_yaml("shell", "rpi1", &public_key, "10m"),
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "shellsession/shell",
+        "{.status.phase}",
+        "Running",
+        within,
+        &operator,
+    );
+    let open = gateway_ssh(
+        &operator,
+        "shell",
+        &user_key,
+        "echo opened; sleep 12; echo survived",
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("run ssh");
+    std::thread::sleep(Duration::from_secs(2));
+    restart_api_server(cluster, Duration::from_secs(2));
+    let out = open.wait_with_output().expect("wait for ssh");
+    assert!(
+        out.status.success(),
+        "the open shell ended: {}\noperator log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        operator.log()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "opened\nsurvived\n");
+    assert_eq!(
+        jsonpath(cluster, &namespace, "shellsession/shell", "{.status.phase}"),
+        "Running"
+    );
+    let again = gateway_ssh(&operator, "shell", &user_key, "echo again")
+        .output()
+        .expect("run ssh");
+    assert_eq!(
+        String::from_utf8_lossy(&again.stdout),
+        "again\n",
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    // 2. A save running across the restart.
+    node.run("mkdir -p /srv && head -c 134217728 /dev/urandom > /srv/big")
+        .expect("write a big file on the node");
+    apply(
+        cluster,
+        &namespace,
+        "apiVersion: walt.dev/v1alpha1\nkind: NodeSave\nmetadata: {name: big}\nspec: {node: rpi1, image: \"debian:big\"}\n",
+    );
+    Wait::new("the save to report progress", within)
+        .every(Duration::from_millis(100))
+        .until(|| {
+            let bytes: u64 = jsonpath(cluster, &namespace, "nodesave/big", "{.status.progress.bytes}")
+                .parse()
+                .unwrap_or(0);
+            if bytes > 0 {
+                Poll::Ready(())
+            } else {
+                Poll::Pending(format!("{bytes} bytes"))
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}; operator log:\n{}", operator.log()));
+    restart_api_server(cluster, Duration::from_secs(3));
+    wait_for(
+        cluster,
+        &namespace,
+        "nodesave/big",
+        "{.status.phase}",
+        "Succeeded",
+        Duration::from_mins(4),
+        &operator,
+    );
+    let digest = jsonpath(cluster, &namespace, "nodesave/big", "{.status.result.digest}");
+    assert_eq!(
+        skopeo_digest(&registry.reference(&format!("lab/{namespace}/debian:big"))),
+        Ok(digest.clone())
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "image/debian.big",
+        "{.status.digest}",
+        &digest,
+        within,
+        &operator,
+    );
+    let bytes: u64 = jsonpath(cluster, &namespace, "nodesave/big", "{.status.progress.bytes}")
+        .parse()
+        .expect("progress bytes");
+    assert!(bytes > 128 << 20, "the progress caught up: {bytes}");
+    let reasons = event_reasons(cluster, &namespace, "big");
+    assert!(!reasons.contains("Restarted"), "the save ran once: {reasons}");
+    assert!(
+        !operator.log().contains("lost leadership"),
+        "the operator kept its leadership:\n{}",
+        operator.log()
+    );
+
+    // 3. The watches resumed: an object created after the restarts is reconciled.
+    apply(
+        cluster,
+        &namespace,
+        "apiVersion: walt.dev/v1alpha1\nkind: NodeSave\nmetadata: {name: after}\nspec: {node: rpi1, image: \"debian:after\"}\n",
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "nodesave/after",
+        "{.status.phase}",
+        "Succeeded",
+        Duration::from_mins(2),
+        &operator,
+    );
+    assert_eq!(
+        jsonpath(cluster, &namespace, "node.walt.dev/rpi1", "{.status.phase}"),
+        "Ready"
+    );
+}
+
+/// Two writers on one name: a NodeSave writing `x` (its node's tar stalls, so it runs a while) and an
+/// image shell whose user decided to save as `x`. The shell's save waits while the save holds the
+/// name (`Ready=False` `WaitingForImage` naming it, phase still `AwaitingDecision`); once the save has
+/// failed cleanly (no tag), the shell saves, and `x` ends at the shell's digest in the registry and in
+/// its Image. The test plays the kubelet: the shell pod's end is written into its status, with the
+/// digest a shell would have pushed (here the base's, already in the registry).
+#[test]
+fn a_save_and_a_shells_save_as_on_one_name_take_turns() {
+    let node = walt_tests::sshnode::SshNode::busybox()
+        .expect("start an sshd node (needs root, openssh-server, socat, iproute2)");
+    let lab = SaveLab::start_with("op-twowriters", node, &["--node-stall-timeout", "15s"]);
+    lab.node
+        .run("mkdir -p /srv && head -c 1000000 /dev/urandom > /srv/blob")
+        .expect("write a file on the node");
+    replace_program(&lab.node, "/bin/tar", STALLING_TAR);
+    let cluster = cluster();
+    let within = Duration::from_mins(1);
+    lab.save("writer", "x", "");
+    lab.wait("nodesave/writer", "{.status.phase}", "Running", within);
+    apply(
+        cluster,
+        &lab.namespace,
+        "apiVersion: walt.dev/v1alpha1\nkind: ShellSession\nmetadata: {name: sh}\n\
+         spec: {image: debian, saveAs: x, ttl: 10m}\n",
+    );
+    Wait::new("the shell pod to be created", within)
+        .every(Duration::from_millis(250))
+        .until(|| {
+            cluster
+                .kubectl_output(&["-n", &lab.namespace, "get", "pod/walt-shell-sh", "-o", "name"])
+                .is_ok()
+        })
+        .unwrap_or_else(|e| panic!("{e}; operator log:\n{}", lab.operator.log()));
+    let outcome = serde_json::json!({
+        "digest": lab.base_digest, "summary": {"added": 1, "modified": 0, "deleted": 0, "bytes": 6},
+        "emulated": false, "mode": "basic", "exitCode": 0,
+    });
+    let status = serde_json::json!({"status": {"phase": "Succeeded", "containerStatuses": [{
+        "name": "shell", "ready": false, "restartCount": 0, "image": "walt", "imageID": "walt",
+        "state": {"terminated": {"exitCode": 0, "reason": "Completed", "message": outcome.to_string()}},
+    }]}});
+    kubectl(
+        cluster,
+        &lab.namespace,
+        &[
+            "patch",
+            "pod/walt-shell-sh",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status.to_string(),
+        ],
+    );
+    lab.wait(
+        "shellsession/sh",
+        "{.status.phase} {.status.conditions[?(@.type==\"Ready\")].reason}",
+        "AwaitingDecision WaitingForImage",
+        within,
+    );
+    let says = lab.get(
+        "shellsession/sh",
+        "{.status.conditions[?(@.type==\"Ready\")].message}",
+    );
+    assert!(says.contains("NodeSave/writer works on image x"), "{says}");
+    assert_eq!(
+        lab.get("nodesave/writer", "{.status.phase}"),
+        "Running",
+        "the save still holds x"
+    );
+    lab.wait("nodesave/writer", "{.status.phase}", "Failed", within);
+    lab.wait("shellsession/sh", "{.status.phase}", "Saved", within);
+    let x = lab.registry.reference(&format!("lab/{}/x:latest", lab.namespace));
+    assert_eq!(
+        skopeo_digest(&x),
+        Ok(lab.base_digest.clone()),
+        "x is the shell's digest"
+    );
+    lab.wait("image/x", "{.status.digest}", &lab.base_digest, within);
 }

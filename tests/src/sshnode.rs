@@ -514,6 +514,28 @@ impl SshNode {
         }
     }
 
+    /// Cuts (`up: false`) or restores (`up: true`) the node's network: its end of the veth pair goes
+    /// down or up inside the node's namespace (the cable pulled and plugged back); its processes, files
+    /// and address stay. For tests of a network cut in the middle of a transfer.
+    pub fn set_link(&self, up: bool) -> Result<()> {
+        run(
+            if up {
+                "bring the node's link up"
+            } else {
+                "take the node's link down"
+            },
+            Command::new("ip").args([
+                "-n",
+                &self.node_netns.name,
+                "link",
+                "set",
+                "eth0",
+                if up { "up" } else { "down" },
+            ]),
+        )
+        .map(drop)
+    }
+
     /// Whether the node's processes still run.
     pub fn is_running(&mut self) -> bool {
         self.sshd

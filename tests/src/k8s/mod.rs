@@ -222,6 +222,8 @@ pub struct Cluster {
     node: Option<node::Node>,
     detached: bool,
     namespace_counter: std::sync::atomic::AtomicU32,
+    /// kube-apiserver's flags, to start it again ([`Cluster::start_api_server`]).
+    apiserver_args: Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -295,6 +297,7 @@ impl Cluster {
             node: None,
             detached: lifetime == Lifetime::Detached,
             namespace_counter: std::sync::atomic::AtomicU32::new(0),
+            apiserver_args: Mutex::new(Vec::new()),
         };
         // From here on, a failure drops `cluster`, which stops whatever already runs.
         if tier == Tier::Cluster {
@@ -381,44 +384,45 @@ impl Cluster {
         self.spawn("etcd", etcd, lifetime)?;
 
         let ca_path = ca.cert_path();
-        let mut apiserver = self.command(&self.binaries.kube_apiserver);
-        apiserver
-            .arg(format!("--etcd-servers={etcd_url}"))
-            .arg(format!("--secure-port={apiserver_port}"))
-            .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
-            .arg("--authorization-mode=Node,RBAC")
-            .arg("--allow-privileged=true")
-            .arg(format!("--client-ca-file={}", ca_path.display()))
-            .arg(format!("--tls-cert-file={}", serving.cert.display()))
-            .arg(format!("--tls-private-key-file={}", serving.key.display()))
-            .arg(format!(
-                "--kubelet-client-certificate={}",
-                kubelet_client.cert.display()
-            ))
-            .arg(format!("--kubelet-client-key={}", kubelet_client.key.display()))
-            .arg(format!("--kubelet-certificate-authority={}", ca_path.display()))
-            .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
-            .arg(format!("--service-account-key-file={}", sa_pub.display()))
-            .arg(format!("--service-account-signing-key-file={}", sa_key.display()))
-            .arg(format!("--cert-dir={}", pki_dir.display()))
-            .arg("--profiling=false")
-            .arg("--v=1");
+        let mut args: Vec<String> = vec![
+            format!("--etcd-servers={etcd_url}"),
+            format!("--secure-port={apiserver_port}"),
+            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+            "--authorization-mode=Node,RBAC".into(),
+            "--allow-privileged=true".into(),
+            format!("--client-ca-file={}", ca_path.display()),
+            format!("--tls-cert-file={}", serving.cert.display()),
+            format!("--tls-private-key-file={}", serving.key.display()),
+            format!("--kubelet-client-certificate={}", kubelet_client.cert.display()),
+            format!("--kubelet-client-key={}", kubelet_client.key.display()),
+            format!("--kubelet-certificate-authority={}", ca_path.display()),
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+            format!("--service-account-key-file={}", sa_pub.display()),
+            format!("--service-account-signing-key-file={}", sa_key.display()),
+            format!("--cert-dir={}", pki_dir.display()),
+            "--profiling=false".into(),
+            "--v=1".into(),
+        ];
         match node_ip {
             // Inside the node's namespace: pods reach the API server at the node address.
-            Some(ip) => {
-                apiserver
-                    .arg("--kubelet-preferred-address-types=InternalIP")
-                    .arg("--bind-address=0.0.0.0")
-                    .arg(format!("--advertise-address={ip}"));
-            }
+            Some(ip) => args.extend([
+                "--kubelet-preferred-address-types=InternalIP".into(),
+                "--bind-address=0.0.0.0".into(),
+                format!("--advertise-address={ip}"),
+            ]),
             // Loopback only; the `kubernetes` Service cannot point at a loopback address.
-            None => {
-                apiserver
-                    .arg("--bind-address=127.0.0.1")
-                    .arg("--advertise-address=127.0.0.1")
-                    .arg("--endpoint-reconciler-type=none");
-            }
+            None => args.extend([
+                "--bind-address=127.0.0.1".into(),
+                "--advertise-address=127.0.0.1".into(),
+                "--endpoint-reconciler-type=none".into(),
+            ]),
         }
+        let mut apiserver = self.command(&self.binaries.kube_apiserver);
+        apiserver.args(&args);
+        *self
+            .apiserver_args
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = args;
         self.spawn("kube-apiserver", apiserver, lifetime)?;
         if let Some(node) = &self.node {
             node.bridge_to_host(self, "apiserver-bridge", apiserver_port, lifetime)?;
@@ -492,6 +496,47 @@ impl Cluster {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(daemon);
         Ok(())
+    }
+
+    /// Stops kube-apiserver (`SIGTERM`, `SIGKILL` after 10 s) and leaves it down; etcd and the other
+    /// components keep running. For tests of what survives an API server restart: start it again
+    /// with [`Cluster::start_api_server`].
+    pub fn stop_api_server(&self) {
+        let daemon = {
+            let mut daemons = self
+                .daemons
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let at = daemons
+                .iter()
+                .position(|daemon| daemon.name() == "kube-apiserver");
+            at.map(|at| daemons.remove(at))
+        };
+        if let Some(mut daemon) = daemon {
+            daemon.stop(Duration::from_secs(10));
+        }
+    }
+
+    /// Starts kube-apiserver again with the flags it first had (same port, same etcd, same
+    /// certificates) and waits until it is ready; returns how long that took.
+    pub fn start_api_server(&self) -> Result<Duration, Error> {
+        let started = Instant::now();
+        let args = self
+            .apiserver_args
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let mut apiserver = self.command(&self.binaries.kube_apiserver);
+        apiserver.args(&args);
+        let lifetime = if self.detached {
+            Lifetime::Detached
+        } else {
+            Lifetime::Test
+        };
+        self.spawn("kube-apiserver", apiserver, lifetime)?;
+        self.wait_ready("kube-apiserver", Instant::now() + Duration::from_mins(2))?;
+        self.write_state()?;
+        Ok(started.elapsed())
     }
 
     /// Fails with the component's log if it has exited.

@@ -102,3 +102,24 @@ for i, s in enumerate(["rpi3-01,rpi3-02", "all", " a , a ,,b ", "vnode-1"]):
     write("seeds/node_set", f"set{i}", s.encode())
 for i, s in enumerate(["\n", "my-image\n", "rpi-debian\ny\n", "Bad Name\nok-name:v2\nyes\n", "", "bb\nn\nbb\ny\n"]):
     write("seeds/dialogue", f"answers{i}", s.encode())
+
+# Dockerfiles for `walt image build`: stages, directives, continuations, JSON and shell forms, flags,
+# variables, and what is refused (ONBUILD, heredocs, RUN --mount, ADD of URLs).
+dockerfiles = {
+    "simple": "FROM debian:bookworm\nRUN apt-get update && apt-get install -y curl\nCMD [\"bash\"]\n",
+    "multi-stage": "ARG BASE=busybox\nFROM ${BASE}:latest AS build\nWORKDIR /src\nCOPY --chmod=755 . .\n"
+                   "RUN make\n\nFROM --platform=linux/arm64 scratch\nCOPY --from=build /src/out /bin/app\n"
+                   "ENTRYPOINT [\"/bin/app\"]\n",
+    "escape-directive": "# escape=`\nFROM busybox\nRUN echo one `\n  # a comment inside\n  two\n"
+                        "ENV A=\"x y\" B=${A:-default} C=${A:+alt}\nLABEL walt.node.models=\"rpi-3-b,pc-x86-64\"\n",
+    "continuations": "FROM busybox\nRUN a \\\n\n  b \\\n  c\nUSER 1000:1000\nEXPOSE 22/tcp 80\n"
+                     "STOPSIGNAL SIGTERM\nVOLUME [\"/data\"]\nSHELL [\"/bin/sh\", \"-ec\"]\n",
+    "healthcheck": "FROM busybox\nHEALTHCHECK --interval=5m30s --timeout=3s --retries=2 CMD wget -q localhost\n"
+                   "HEALTHCHECK NONE\nARG A\nCOPY \"a b\" 'c' /dest/\nADD --chown=1:1 x.tar /\n",
+    "refused": "FROM busybox\nONBUILD RUN x\nRUN <<EOF\nhi\nEOF\nRUN --mount=type=cache,target=/x y\n"
+               "ADD https://example.org/x /x\n",
+    "no-from": "RUN echo before FROM\n",
+    "required-variable": "FROM busybox\nENV X=${MISSING:?set MISSING} Y=$A Z=\"${A}\\$literal\"\n",
+}
+for name, text in dockerfiles.items():
+    write("seeds/dockerfile", name, text.encode())

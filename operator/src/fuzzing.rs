@@ -25,6 +25,7 @@ pub const TARGETS: &[Target] = &[
     ("filter_change_set", filter_change_set_target),
     ("squash", squash_target),
     ("oci_manifest", oci_manifest_target),
+    ("dockerfile", dockerfile_target),
 ];
 
 /// Bound on a decompressed layer in [`unpack_layer_target`] (a tiny zstd frame can claim gigabytes).
@@ -231,6 +232,69 @@ pub fn oci_manifest_target(data: &[u8]) {
     for count in [0, 1, 2] {
         if let Ok((_, diff_ids, _)) = config_parts(data, count, "fuzz") {
             assert_eq!(diff_ids.len(), count);
+        }
+    }
+}
+
+/// The Dockerfile parser of `walt image build` (`build::dockerfile::parse`), and the word splitting and
+/// variable expansion the build applies to each instruction's words (`split_words`, `expand`).
+///
+/// Input: the Dockerfile's text (bytes that are not UTF-8 replaced).
+/// Invariants: every line a step, stage or error names is a line of the text (1 ≤ line ≤ the number of
+/// lines; an empty text's error is on line 1); an accepted file has a stage, the escape is `\` or `` ` ``,
+/// the steps of a stage come after its `FROM`; split words are non-empty; expanding a word (shell or JSON
+/// form) either gives a result or an error, never a panic.
+pub fn dockerfile_target(data: &[u8]) {
+    use crate::build::dockerfile::{expand, parse, split_words};
+    let text = String::from_utf8_lossy(data);
+    let lines = text.lines().count().max(1);
+    let dockerfile = match parse(&text) {
+        Ok(dockerfile) => dockerfile,
+        Err(error) => {
+            assert!(
+                (1..=lines).contains(&error.line),
+                "error on line {} of {lines}: {error}",
+                error.line
+            );
+            return;
+        }
+    };
+    assert!(!dockerfile.stages.is_empty(), "accepted without a stage");
+    assert!(
+        matches!(dockerfile.escape, '\\' | '`'),
+        "escape {:?}",
+        dockerfile.escape
+    );
+    let lookup = |name: &str| (name == "A").then(|| "value of A".to_owned());
+    let steps = dockerfile
+        .global_args
+        .iter()
+        .chain(dockerfile.stages.iter().flat_map(|stage| {
+            assert!(
+                (1..=lines).contains(&stage.line),
+                "FROM on line {} of {lines}",
+                stage.line
+            );
+            for step in &stage.steps {
+                assert!(
+                    step.line > stage.line,
+                    "step on line {} before its FROM on line {}",
+                    step.line,
+                    stage.line
+                );
+            }
+            &stage.steps
+        }));
+    for step in steps {
+        assert!(
+            (1..=lines).contains(&step.line),
+            "step on line {} of {lines}",
+            step.line
+        );
+        for word in split_words(&step.text, dockerfile.escape) {
+            assert!(!word.is_empty(), "an empty word in {:?}", step.text);
+            let _ = expand(&word, dockerfile.escape, false, &lookup);
+            let _ = expand(&word, dockerfile.escape, true, &lookup);
         }
     }
 }

@@ -3517,7 +3517,15 @@ fn api_server_restarts_lose_nothing() {
         &namespace,
         "apirestart",
         &node,
-        &["--lab-registry", &lab, "--gateway-service-port", "2022"],
+        &[
+            "--lab-registry",
+            &lab,
+            "--gateway-service-port",
+            "2022",
+            // Longer than the API server's restart on a loaded machine (renewal gaps included).
+            "--lease-duration",
+            "60s",
+        ],
     );
     let device = lend_device(
         cluster,

@@ -10,7 +10,7 @@ use tracing_subscriber::EnvFilter;
 
 use super::config::{Config, LogFormat};
 use super::http::{Health, serve};
-use super::leader::{LeaderElector, LeaseTiming};
+use super::leader::LeaderElector;
 use super::metrics::Metrics;
 use super::shared::context::Context;
 
@@ -102,7 +102,7 @@ async fn run_async(args: Args) -> Result<i32, Box<dyn std::error::Error + Send +
             &config.args.namespace,
             &config.args.lease_name,
             &config.identity,
-            LeaseTiming::default(),
+            config.args.lease_timing(),
         )
     });
     if let Some(elector) = elector.as_mut() {

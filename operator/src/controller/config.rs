@@ -109,6 +109,12 @@ pub struct Args {
     /// Name of the leader Lease.
     #[arg(long, env = "WALT_LEASE_NAME", default_value = "walt-operator")]
     pub lease_name: String,
+    /// How long the leader's Lease lasts without renewal, e.g. `15s`. The leader renews it every fifth
+    /// of that; it steps down (exit 1) when it could not renew it for that long minus one renewal (the
+    /// API server away, or unreachable from it), and another replica takes over after it. Raise it where
+    /// the API server restarts take longer (a single control-plane node), so saves are not run again.
+    #[arg(long, env = "WALT_LEASE_DURATION", default_value = "15s", value_parser = parse_positive_duration)]
+    pub lease_duration: Duration,
     /// This replica's identity in the Lease (default: $POD_NAME, else the host name).
     #[arg(long, env = "WALT_IDENTITY")]
     pub identity: Option<String>,
@@ -226,6 +232,14 @@ pub fn parse_size(text: &str) -> std::result::Result<usize, String> {
 }
 
 impl Args {
+    /// The leader election's timing: `--lease-duration`, renewed every fifth of it (at least 1 s).
+    pub fn lease_timing(&self) -> super::leader::LeaseTiming {
+        super::leader::LeaseTiming {
+            lease_duration: self.lease_duration,
+            retry_period: (self.lease_duration / 5).max(Duration::from_secs(1)),
+        }
+    }
+
     /// The bounds of every command on a node and of a save's transfer (see [`crate::ssh::ExecBounds`]).
     pub fn node_bounds(&self) -> crate::ssh::ExecBounds {
         crate::ssh::ExecBounds {

@@ -40,6 +40,13 @@ pub struct NodeArgs {
     /// Seconds to wait for the node's SSH session.
     #[arg(long, default_value_t = 10)]
     pub connect_timeout: u64,
+    /// Seconds one command on the node may run (the probe of its tar and ready marker, the busybox
+    /// opaque-directory listing); past it the command is abandoned.
+    #[arg(long, default_value_t = 30)]
+    pub command_timeout: u64,
+    /// Seconds the node's change set may stop flowing before the save is abandoned.
+    #[arg(long, default_value_t = 60)]
+    pub stall_timeout: u64,
 }
 
 impl NodeArgs {
@@ -64,6 +71,8 @@ impl NodeArgs {
     fn client_config(&self) -> Result<ClientConfig, SshError> {
         let mut config = ClientConfig::new(client::load_key_file(&self.identity)?, self.host_key_policy()?);
         config.connect_timeout = Duration::from_secs(self.connect_timeout);
+        config.bounds.command_timeout = Duration::from_secs(self.command_timeout.max(1));
+        config.bounds.stall_timeout = Duration::from_secs(self.stall_timeout.max(1));
         if let Some(command) = &self.proxy_command {
             config.transport = Transport::ProxyCommand(command.clone());
         }

@@ -344,7 +344,8 @@ pub async fn start(
 fn stalled(target: &NodeTarget, stall: std::time::Duration) -> String {
     format!(
         "node {target} sent nothing for {} s while sending its changes: the transfer was abandoned (a hung \
-         node or a cut network?; the bound is the operator's --node-stall-timeout)",
+         node or a cut network?; the bound is --node-stall-timeout of the operator, --stall-timeout of \
+         `walt-operator save`)",
         stall.as_secs_f32()
     )
 }

@@ -127,7 +127,8 @@ pub enum SshError {
     /// A command on the node did not finish within the command timeout (the node hangs).
     #[error(
         "node {target} did not finish `{command}` within {seconds} s: the command was abandoned (a hung \
-         node: a stuck file system, device or process?; the bound is the operator's --node-command-timeout)"
+         node: a stuck file system, device or process?; the bound is --node-command-timeout of the operator, \
+         --command-timeout of `walt-operator save`)"
     )]
     CommandTimedOut {
         /// The node.

@@ -3201,31 +3201,36 @@ fn the_operator_issues_registry_tokens_and_a_namespace_gets_only_its_own_credent
 /// A proxy command reaching each of `nodes` at its own address from its own lab namespace: one
 /// operator, several sshd nodes. The address is `$0` of a fixed script, never executed.
 fn proxy_to(nodes: &[&walt_tests::sshnode::SshNode]) -> String {
-    let cases: String = nodes
-        .iter()
-        .map(|node| {
-            format!(
-                "{address}) exec ip netns exec {netns} socat - TCP:{address}:22;; ",
-                address = node.address(),
-                netns = node.lab_netns()
-            )
-        })
-        .collect();
+    use std::fmt::Write as _;
+    let mut cases = String::new();
+    for node in nodes {
+        let _ = write!(
+            cases,
+            "{address}) exec ip netns exec {netns} socat - TCP:{address}:22;; ",
+            address = node.address(),
+            netns = node.lab_netns()
+        );
+    }
     format!("sh -c 'case \"$0\" in {cases}esac; exit 1' %h")
 }
 
-/// Replaces the program at `path` on the node with a shell script: a node whose `cat` or `tar`
-/// misbehaves (hangs on a stuck device, floods its output).
-fn replace_program(node: &walt_tests::sshnode::SshNode, path: &str, script: &str) {
-    node.run(&format!(
-        "cat > /tmp/walt-fake <<'EOF'\n{script}\nEOF\nchmod 755 /tmp/walt-fake && mv -f /tmp/walt-fake {path}"
-    ))
-    .unwrap_or_else(|e| panic!("replace {path} on the node: {e}"));
-}
+/// What a node stuck on a file mid-save runs for every command (see [`stall_tar`]): its `tar -cf`
+/// sends the start of the archive, then nothing, its output left open; anything else runs as asked.
+const STALLING_NODE: &str = r#"case "$SSH_ORIGINAL_COMMAND" in
+  *" -cf "*) sh -c "$SSH_ORIGINAL_COMMAND" | head -c 20000; exec sleep 3600 ;;
+esac
+exec sh -c "$SSH_ORIGINAL_COMMAND""#;
 
-/// A `tar` that sends the start of the archive, then nothing, its output left open (a node stuck on
-/// a file mid-save).
-const STALLING_TAR: &str = "#!/bin/sh\ncase \" $* \" in\n  *\" -cf \"*) busybox tar \"$@\" | head -c 20000; exec sleep 3600 ;;\nesac\nexec busybox tar \"$@\"";
+/// Makes the node's saves stall mid-archive ([`STALLING_NODE`], run by sshd for every command), with
+/// a megabyte to save.
+fn stall_tar(node: &walt_tests::sshnode::SshNode) {
+    node.run(&format!(
+        "mkdir -p /srv && head -c 1000000 /dev/urandom > /srv/blob && cat > /walt-stall <<'EOF'\n{STALLING_NODE}\nEOF"
+    ))
+    .expect("prepare the node");
+    node.force_command("exec /bin/sh /walt-stall")
+        .expect("wrap the node's commands");
+}
 
 /// A hung node (its probe command never returns), a flooding one (its probe writes without end) and
 /// one whose tar stalls mid-save sit beside a healthy node, with one reconcile worker per kind and
@@ -3234,6 +3239,7 @@ const STALLING_TAR: &str = "#!/bin/sh\ncase \" $* \" in\n  *\" -cf \"*) busybox 
 /// node still becomes Ready and its save, queued behind the stalled one, succeeds.
 #[test]
 fn a_hung_or_flooding_node_fails_with_its_reason_and_never_stalls_the_others() {
+    use std::fmt::Write as _;
     use walt_tests::images::{Arch, OciLayout};
     use walt_tests::sshnode::SshNode;
     let cluster = cluster();
@@ -3244,12 +3250,12 @@ fn a_hung_or_flooding_node_fails_with_its_reason_and_never_stalls_the_others() {
         bad.authorize_key(good.client_public_key())
             .expect("authorize the lab's node key");
     }
-    replace_program(&hung, "/bin/cat", "#!/bin/sh\nexec sleep 3600");
-    replace_program(&flood, "/bin/cat", "#!/bin/sh\nexec yes walt-flood");
-    stalling
-        .run("mkdir -p /srv && head -c 1000000 /dev/urandom > /srv/blob")
-        .expect("write a file on the node");
-    replace_program(&stalling, "/bin/tar", STALLING_TAR);
+    // Whatever the operator asks, the hung node never answers and the flooding one never stops.
+    hung.force_command("exec sleep 3600").expect("make the node hang");
+    flood
+        .force_command("exec yes walt-flood")
+        .expect("make the node flood");
+    stall_tar(&stalling);
     good.run("mkdir -p /srv && echo saved > /srv/good")
         .expect("change a file on the node");
 
@@ -3295,10 +3301,11 @@ fn a_hung_or_flooding_node_fails_with_its_reason_and_never_stalls_the_others() {
         ("good", &good),
     ] {
         let device = lend_device(cluster, &namespace, name, &node.address().to_string(), None);
-        objects.push_str(&format!(
+        let _ = write!(
+            objects,
             "---\napiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {{name: {name}}}\n\
              spec: {{model: rpi-4-b, image: debian, device: {device}}}\n"
-        ));
+        );
     }
     let started = Instant::now();
     apply(cluster, &namespace, &objects);
@@ -3686,11 +3693,8 @@ fn api_server_restarts_lose_nothing() {
 fn a_save_and_a_shells_save_as_on_one_name_take_turns() {
     let node = walt_tests::sshnode::SshNode::busybox()
         .expect("start an sshd node (needs root, openssh-server, socat, iproute2)");
-    let lab = SaveLab::start_with("op-twowriters", node, &["--node-stall-timeout", "15s"]);
-    lab.node
-        .run("mkdir -p /srv && head -c 1000000 /dev/urandom > /srv/blob")
-        .expect("write a file on the node");
-    replace_program(&lab.node, "/bin/tar", STALLING_TAR);
+    let lab = SaveLab::start_with("op-twowriters", node, &["--node-stall-timeout", "20s"]);
+    stall_tar(&lab.node);
     let cluster = cluster();
     let within = Duration::from_mins(1);
     lab.save("writer", "x", "");

@@ -406,6 +406,28 @@ impl SshNode {
         write(&path, &keys)
     }
 
+    /// Makes sshd run `command` for every session of every key authorized so far (OpenSSH's
+    /// `command="…"` option in authorized_keys), whatever the client asked for (that is in
+    /// `$SSH_ORIGINAL_COMMAND`): a node whose commands hang, flood or pass through a wrapper. The
+    /// command must not hold a double quote.
+    pub fn force_command(&self, command: &str) -> Result<()> {
+        if command.contains('"') {
+            return Err(setup_error(
+                "force a command",
+                format!("{command:?} holds a double quote: put it in a script on the node"),
+            ));
+        }
+        let path = self.dir.join("keys/authorized_keys");
+        let keys = fs::read_to_string(&path).map_err(|e| setup_error("read authorized_keys", e))?;
+        let forced: String = keys
+            .lines()
+            .map(str::trim)
+            .filter(|line| !line.is_empty())
+            .map(|line| format!("command=\"{command}\" {line}\n"))
+            .collect();
+        write(&path, &forced)
+    }
+
     /// What the node's boot script and sshd logged so far.
     pub fn log(&self) -> String {
         let boot = fs::read_to_string(self.dir.join("boot.log")).unwrap_or_default();

@@ -419,12 +419,14 @@ impl SshNode {
         }
         let path = self.dir.join("keys/authorized_keys");
         let keys = fs::read_to_string(&path).map_err(|e| setup_error("read authorized_keys", e))?;
-        let forced: String = keys
-            .lines()
-            .map(str::trim)
-            .filter(|line| !line.is_empty())
-            .map(|line| format!("command=\"{command}\" {line}\n"))
-            .collect();
+        let mut forced = String::new();
+        for line in keys.lines().map(str::trim).filter(|line| !line.is_empty()) {
+            forced.push_str("command=\"");
+            forced.push_str(command);
+            forced.push_str("\" ");
+            forced.push_str(line);
+            forced.push('\n');
+        }
         write(&path, &forced)
     }
 

@@ -411,7 +411,7 @@ mod tests {
     fn every_target_has_a_source_and_seeds() {
         let dir = fuzz_dir();
         let targets = targets().expect("fuzz/Cargo.toml");
-        assert_eq!(targets.len(), 7, "{targets:?}");
+        assert_eq!(targets.len(), 8, "{targets:?}");
         for target in &targets {
             assert!(
                 dir.join("fuzz_targets").join(format!("{target}.rs")).is_file(),

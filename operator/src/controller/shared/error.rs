@@ -68,7 +68,7 @@ pub enum Error {
 impl Error {
     /// Every value of [`Self::metric_label`], so the error counter starts at 0 for each instead
     /// of appearing at the first error (alerts on `rate()` then see the first one).
-    pub const METRIC_LABELS: [&'static str; 9] = [
+    pub const METRIC_LABELS: [&'static str; 10] = [
         "kube",
         "invalid",
         "missing",
@@ -78,6 +78,7 @@ impl Error {
         "serialization",
         "config",
         "leadership",
+        "timeout",
     ];
 
     /// Short, stable label of this error for metrics (`error="…"`).

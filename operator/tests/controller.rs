@@ -3759,3 +3759,85 @@ fn a_save_and_a_shells_save_as_on_one_name_take_turns() {
     );
     lab.wait("image/x", "{.status.digest}", &lab.base_digest, within);
 }
+
+/// A reconcile that never ends (an Image whose source registry accepts the connection and never says
+/// a word: the registry client waits for ever) is abandoned at `--reconcile-timeout`, counted as
+/// `error="timeout"` and said in the log; it does not keep the worker: with one Image worker, another
+/// Image is still resolved.
+#[test]
+fn a_reconcile_that_never_ends_is_abandoned_at_the_reconcile_timeout() {
+    use walt_tests::images::{Arch, OciLayout};
+    let cluster = cluster();
+    let (namespace, _dir) = tenant(cluster, "op-rtimeout");
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a silent registry");
+    let silent_address = silent.local_addr().expect("its address").to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in silent.incoming() {
+            held.push(stream);
+        }
+    });
+    let registry = walt_tests::registry::Registry::start().expect("start a docker-registry on loopback");
+    let base = OciLayout::busybox(Arch::Amd64)
+        .expect("busybox image")
+        .push("base", &registry, &format!("lab/{namespace}/debian:latest"))
+        .expect("skopeo copy the base image to the registry");
+    let lab = format!("{}/lab", registry.host());
+    let operator = start_operator(
+        cluster,
+        &namespace,
+        "rtimeout",
+        &[
+            "--lab-registry",
+            &lab,
+            "--plain-http-sources",
+            &silent_address,
+            "--reconcile-timeout",
+            "3s",
+            "--max-concurrent-reconciles",
+            "1",
+        ],
+    );
+    operator.wait_ready(Duration::from_mins(1));
+    apply(
+        cluster,
+        &namespace,
+        &format!(
+            "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: stuck}}\n\
+             spec: {{source: \"{silent_address}/walt/stuck:1\"}}\n---\n\
+             apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: debian}}\nspec: {{}}\n"
+        ),
+    );
+    let within = Duration::from_mins(1);
+    wait_for(
+        cluster,
+        &namespace,
+        "image/debian",
+        "{.status.digest}",
+        &base,
+        within,
+        &operator,
+    );
+    let counter = "walt_reconcile_errors_total{kind=\"Image\",error=\"timeout\"} ";
+    Wait::new("a timed-out Image reconcile counted in /metrics", within)
+        .every(Duration::from_millis(250))
+        .until(|| {
+            let metrics = operator.get("/metrics").map(|(_, body)| body).unwrap_or_default();
+            let count = metrics
+                .lines()
+                .find_map(|line| line.strip_prefix(counter))
+                .and_then(|value| value.trim().parse::<f64>().ok())
+                .unwrap_or(0.0);
+            if count >= 1.0 {
+                Poll::Ready(())
+            } else {
+                Poll::Pending(format!("{counter}{count}"))
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}; operator log:\n{}", operator.log()));
+    let log = operator.log();
+    assert!(
+        log.contains("the Image reconcile took longer than 3 s (--reconcile-timeout) and was abandoned"),
+        "{log}"
+    );
+}

@@ -67,6 +67,11 @@ async fn run_async(args: Args) -> Result<i32, Box<dyn std::error::Error + Send +
             "cannot reach the Kubernetes API ({error}): run in a pod with a ServiceAccount, or set KUBECONFIG"
         )
     })?;
+    let identity = super::config::identity(&args);
+    if let Err(error) = super::bootstrap::ensure(client.clone(), &args, &identity).await {
+        eprintln!("walt-operator run: {error}");
+        return Ok(2);
+    }
     let config = match Config::load(args, client.clone()).await {
         Ok(config) => Arc::new(config),
         Err(error) => {

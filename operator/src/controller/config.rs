@@ -76,6 +76,15 @@ pub struct Args {
     /// and the gateway use to log in to nodes as root. Never shown to users.
     #[arg(long, env = "WALT_NODE_KEY_SECRET")]
     pub node_key_secret: String,
+    /// Secret (in --namespace) holding the embedded registry's htpasswd. Given, the operator may create
+    /// it and the registry credentials when they are missing (see --create-missing-secrets).
+    #[arg(long, env = "WALT_REGISTRY_HTPASSWD_SECRET")]
+    pub registry_htpasswd_secret: Option<String>,
+    /// Create the Secrets named above when they are missing (never changing existing ones): a new node
+    /// key, and for the embedded registry random credentials and their htpasswd. Turn off when an admin
+    /// provides them (sealed-secrets, external-secrets): the operator then waits for them.
+    #[arg(long, env = "WALT_CREATE_MISSING_SECRETS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub create_missing_secrets: bool,
     /// Container image of shell pods and virtual node pods (the walt-operator image).
     #[arg(long, env = "WALT_SHELL_IMAGE")]
     pub shell_image: String,
@@ -434,16 +443,7 @@ impl Config {
         };
         let token_issuer =
             load_token_issuer(&secrets, &args, &registry_prefix, registry_credentials.as_ref()).await?;
-        let identity = args
-            .identity
-            .clone()
-            .or_else(|| std::env::var("POD_NAME").ok())
-            .or_else(|| {
-                std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .ok()
-                    .map(|h| h.trim().to_owned())
-            })
-            .unwrap_or_else(|| format!("walt-operator-{}", std::process::id()));
+        let identity = identity(&args);
         Ok(Self {
             args,
             registry_host,
@@ -527,6 +527,19 @@ async fn load_token_issuer(
     })
     .map_err(|error| Error::Config(format!("Secret {namespace}/{name}: {error}")))?;
     Ok(Some(std::sync::Arc::new(issuer)))
+}
+
+/// This replica's identity: --identity, else $POD_NAME, else the host name.
+pub fn identity(args: &Args) -> String {
+    args.identity
+        .clone()
+        .or_else(|| std::env::var("POD_NAME").ok())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_else(|| format!("walt-operator-{}", std::process::id()))
 }
 
 /// Reads a Secret, turning "not found" and "forbidden" into startup errors.

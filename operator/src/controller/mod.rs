@@ -16,10 +16,12 @@
 //! the I/O helpers beside it. What kinds share lives in [`shared`]; kind
 //! folders import `shared`, never each other.
 //!
-//! Operations: [`config`] (flags/env and the Secrets they name), [`leader`]
+//! Operations: [`config`] (flags/env and the Secrets they name), [`bootstrap`] (the Secrets it
+//! creates when missing), [`leader`]
 //! (Lease-based election), [`http`] (`/metrics`, `/healthz`, `/readyz`),
 //! [`metrics`].
 
+pub mod bootstrap;
 pub mod census;
 pub mod cli;
 pub mod config;

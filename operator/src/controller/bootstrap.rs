@@ -1,0 +1,494 @@
+//! The Secrets the operator creates when those its flags name are missing, so that an installation
+//! applied from git alone (Argo CD, Flux, `kubectl apply -k`) needs no secret in git: the lab's node key
+//! (`--node-key-secret`), and, for the embedded registry (`--registry-htpasswd-secret` given), the
+//! registry credentials (`--registry-credentials-secret`) and the registry's htpasswd made from them.
+//!
+//! Rules: a Secret that exists is never changed (only `create` is ever sent; a Secret another replica
+//! created in the meantime is taken as it is); each creation is logged and published as an Event on the
+//! Secret; everything happens in the operator's own namespace. Credentials for an external registry are
+//! never invented: without `--registry-htpasswd-secret` they must come from the admin (sealed-secrets,
+//! external-secrets, `kubectl create secret docker-registry`). `--create-missing-secrets=false` turns
+//! all of this off (the operator then waits for the admin's Secrets).
+//!
+//! [`plan`] is the pure decision (what exists → what to create next); [`ensure`] applies it one
+//! creation at a time, observing again after each, so two replicas starting together agree.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::PostParams;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Api, Client, Resource as _};
+use sha2::{Digest as _, Sha256};
+
+use super::config::{Args, secret_key, split_registry};
+use super::shared::error::{Error, Result};
+
+/// User name of the registry credentials the operator creates (the chart's default).
+pub const REGISTRY_USERNAME: &str = "walt";
+/// Annotation set on every Secret the operator created, naming it as their author.
+pub const CREATED_BY_ANNOTATION: &str = "walt.dev/created-by";
+/// Reason of the Event published when a Secret is created.
+pub const REASON_CREATED: &str = "SecretCreated";
+/// Creations in one run at most (three Secrets, plus re-observations after conflicts).
+const MAX_STEPS: usize = 8;
+
+/// What the operator found under one Secret name.
+#[derive(Clone, Copy, Debug)]
+pub enum Slot<'a> {
+    /// No flag names this Secret.
+    NotConfigured,
+    /// Named, and absent from the namespace.
+    Missing,
+    /// Named and present.
+    Present(&'a Secret),
+}
+
+impl Slot<'_> {
+    fn is_missing(self) -> bool {
+        matches!(self, Slot::Missing)
+    }
+}
+
+/// The Secrets the flags name, as found.
+#[derive(Clone, Copy, Debug)]
+pub struct Observed<'a> {
+    /// `--node-key-secret`.
+    pub node_key: Slot<'a>,
+    /// `--registry-credentials-secret`.
+    pub credentials: Slot<'a>,
+    /// `--registry-htpasswd-secret`.
+    pub htpasswd: Slot<'a>,
+}
+
+/// One Secret to create.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Creation {
+    /// A new node key.
+    NodeKey,
+    /// Registry credentials with this password (user [`REGISTRY_USERNAME`]).
+    RegistryCredentials {
+        /// The new password.
+        password: String,
+    },
+    /// The embedded registry's htpasswd for these credentials.
+    Htpasswd {
+        /// User name.
+        username: String,
+        /// Password.
+        password: String,
+    },
+}
+
+/// Why the operator will not create a missing Secret although it was asked to create missing ones.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The htpasswd exists, the credentials do not: new credentials would not match it.
+    #[error(
+        "the registry's htpasswd Secret exists but the registry credentials Secret is missing: new credentials would not match the htpasswd; delete the htpasswd Secret (both are then made again) or create the credentials Secret"
+    )]
+    HtpasswdWithoutCredentials,
+    /// The credentials exist but hold no username and password to make the htpasswd from.
+    #[error(
+        "the registry credentials Secret has no `username` and `password` keys to make the registry's htpasswd from: add them, or create the htpasswd Secret yourself"
+    )]
+    CredentialsUnreadable,
+}
+
+/// Decides the next Secret to create (at most one: the caller observes again after creating it).
+/// `fresh_password` is the password new registry credentials get. Nothing is created when
+/// `create_missing` is false, and nothing present is ever replaced. Registry credentials are made only
+/// together with the embedded registry's htpasswd (`htpasswd` configured): for an external registry
+/// they cannot be invented.
+pub fn plan(
+    observed: Observed<'_>,
+    create_missing: bool,
+    fresh_password: &str,
+) -> std::result::Result<Option<Creation>, Refusal> {
+    if !create_missing {
+        return Ok(None);
+    }
+    if observed.node_key.is_missing() {
+        return Ok(Some(Creation::NodeKey));
+    }
+    match (observed.credentials, observed.htpasswd) {
+        // Credentials first: the htpasswd is made from whatever credentials are stored.
+        (Slot::Missing, Slot::Missing) => Ok(Some(Creation::RegistryCredentials {
+            password: fresh_password.to_owned(),
+        })),
+        (Slot::Missing, Slot::Present(_)) => Err(Refusal::HtpasswdWithoutCredentials),
+        (Slot::Present(credentials), Slot::Missing) => {
+            let read = |key| secret_key(credentials, key).and_then(|bytes| String::from_utf8(bytes).ok());
+            match (read("username"), read("password")) {
+                (Some(username), Some(password)) if !username.is_empty() && !password.is_empty() => {
+                    Ok(Some(Creation::Htpasswd { username, password }))
+                }
+                _ => Err(Refusal::CredentialsUnreadable),
+            }
+        }
+        // Nothing missing, an external registry's credentials (the admin's), or an htpasswd alone.
+        _ => Ok(None),
+    }
+}
+
+fn metadata(name: &str, namespace: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: Some(namespace.to_owned()),
+        labels: Some(BTreeMap::from([
+            ("app.kubernetes.io/name".to_owned(), "walt".to_owned()),
+            ("app.kubernetes.io/part-of".to_owned(), "walt".to_owned()),
+        ])),
+        annotations: Some(BTreeMap::from([(
+            CREATED_BY_ANNOTATION.to_owned(),
+            "walt-operator".to_owned(),
+        )])),
+        ..ObjectMeta::default()
+    }
+}
+
+fn data(entries: &[(&str, &[u8])]) -> BTreeMap<String, ByteString> {
+    entries
+        .iter()
+        .map(|(key, value)| ((*key).to_owned(), ByteString(value.to_vec())))
+        .collect()
+}
+
+/// The node key Secret (type `kubernetes.io/ssh-auth`, key `ssh-privatekey`).
+pub fn node_key_secret(name: &str, namespace: &str, private_key: &str) -> Secret {
+    Secret {
+        metadata: metadata(name, namespace),
+        type_: Some("kubernetes.io/ssh-auth".into()),
+        data: Some(data(&[("ssh-privatekey", private_key.as_bytes())])),
+        ..Secret::default()
+    }
+}
+
+/// The registry credentials Secret, as the chart makes it: `.dockerconfigjson` for `host`, `username`,
+/// `password`.
+pub fn registry_credentials_secret(
+    name: &str,
+    namespace: &str,
+    host: &str,
+    username: &str,
+    password: &str,
+) -> Secret {
+    use base64::Engine as _;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
+    let document = serde_json::json!({
+        "auths": {host: {"username": username, "password": password, "auth": auth}}
+    })
+    .to_string();
+    Secret {
+        metadata: metadata(name, namespace),
+        type_: Some("kubernetes.io/dockerconfigjson".into()),
+        data: Some(data(&[
+            (".dockerconfigjson", document.as_bytes()),
+            ("username", username.as_bytes()),
+            ("password", password.as_bytes()),
+        ])),
+        ..Secret::default()
+    }
+}
+
+/// The embedded registry's htpasswd Secret, as the chart makes it: `htpasswd` (one `user:bcrypt` line)
+/// and `password-sha256` (so a Helm upgrade keeps it while the password is unchanged).
+pub fn htpasswd_secret(name: &str, namespace: &str, line: &str, password: &str) -> Secret {
+    let digest = hex::encode(Sha256::digest(password.as_bytes()));
+    Secret {
+        metadata: metadata(name, namespace),
+        type_: Some("Opaque".into()),
+        data: Some(data(&[
+            ("htpasswd", line.as_bytes()),
+            ("password-sha256", digest.as_bytes()),
+        ])),
+        ..Secret::default()
+    }
+}
+
+fn random_password() -> String {
+    use rand::RngExt as _;
+    rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(32)
+        .map(char::from)
+        .collect()
+}
+
+async fn observe(api: &Api<Secret>, name: Option<&str>) -> Result<Option<Secret>> {
+    match name {
+        None => Ok(None),
+        Some(name) => api
+            .get_opt(name)
+            .await
+            .map_err(|source| Error::kube(format!("reading Secret {name}"), source)),
+    }
+}
+
+fn slot<'a>(name: Option<&str>, found: &'a Option<Secret>) -> Slot<'a> {
+    match (name, found) {
+        (None, _) => Slot::NotConfigured,
+        (Some(_), None) => Slot::Missing,
+        (Some(_), Some(secret)) => Slot::Present(secret),
+    }
+}
+
+/// Builds the Secret of `creation` (generating the key or hashing the password) and what to say about it.
+fn materialize(args: &Args, creation: &Creation) -> Result<(Secret, String)> {
+    let namespace = &args.namespace;
+    match creation {
+        Creation::NodeKey => {
+            let key = russh::keys::PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519)
+                .map_err(|error| Error::Config(format!("generating a node key: {error}")))?;
+            let private = key
+                .to_openssh(russh::keys::ssh_key::LineEnding::LF)
+                .map_err(|error| Error::Config(format!("encoding the new node key: {error}")))?;
+            let public = key
+                .public_key()
+                .to_openssh()
+                .map_err(|error| Error::Config(format!("encoding the node public key: {error}")))?;
+            let note = format!(
+                "created the lab's node key (ed25519); physical nodes must accept its public half in root's authorized_keys: {public}"
+            );
+            Ok((node_key_secret(&args.node_key_secret, namespace, &private), note))
+        }
+        Creation::RegistryCredentials { password } => {
+            let name = args.registry_credentials_secret.as_deref().unwrap_or_default();
+            let (host, _) = split_registry(&args.lab_registry)?;
+            let note = format!(
+                "created credentials (user {REGISTRY_USERNAME}, random password) for the embedded registry {host}"
+            );
+            Ok((
+                registry_credentials_secret(name, namespace, &host, REGISTRY_USERNAME, password),
+                note,
+            ))
+        }
+        Creation::Htpasswd { username, password } => {
+            let name = args.registry_htpasswd_secret.as_deref().unwrap_or_default();
+            let hash = bcrypt::hash(password, bcrypt::DEFAULT_COST)
+                .map_err(|error| Error::Config(format!("hashing the registry password: {error}")))?;
+            let note = format!("created the embedded registry's htpasswd for user {username}");
+            Ok((
+                htpasswd_secret(name, namespace, &format!("{username}:{hash}\n"), password),
+                note,
+            ))
+        }
+    }
+}
+
+async fn announce(recorder: &Recorder, secret: &Secret, note: String) {
+    let name = secret.metadata.name.as_deref().unwrap_or_default();
+    let namespace = secret.metadata.namespace.as_deref().unwrap_or_default();
+    tracing::info!(secret = %format!("{namespace}/{name}"), "{note}");
+    let event = Event {
+        type_: EventType::Normal,
+        reason: REASON_CREATED.into(),
+        note: Some(note),
+        action: "Create".into(),
+        secondary: None,
+    };
+    if let Err(error) = recorder.publish(&event, &secret.object_ref(&())).await {
+        tracing::warn!(%error, "could not publish the Event about Secret {namespace}/{name}");
+    }
+}
+
+/// Creates the missing Secrets the flags name (see the module documentation); returns the names of
+/// those it created. Run before [`super::config::Config::load`] reads them.
+pub async fn ensure(client: Client, args: &Args, identity: &str) -> Result<Vec<String>> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), &args.namespace);
+    let recorder = Recorder::new(
+        client,
+        Reporter {
+            controller: super::shared::context::MANAGED_BY.into(),
+            instance: Some(identity.to_owned()),
+        },
+    );
+    let names = [
+        Some(args.node_key_secret.as_str()),
+        args.registry_credentials_secret.as_deref(),
+        args.registry_htpasswd_secret.as_deref(),
+    ];
+    let mut created = Vec::new();
+    for _ in 0..MAX_STEPS {
+        let node_key = observe(&api, names[0]).await?;
+        let credentials = observe(&api, names[1]).await?;
+        let htpasswd = observe(&api, names[2]).await?;
+        let observed = Observed {
+            node_key: slot(names[0], &node_key),
+            credentials: slot(names[1], &credentials),
+            htpasswd: slot(names[2], &htpasswd),
+        };
+        let next = plan(observed, args.create_missing_secrets, &random_password())
+            .map_err(|refusal| Error::Config(format!("in namespace {}: {refusal}", args.namespace)))?;
+        let Some(creation) = next else {
+            return Ok(created);
+        };
+        let (secret, note) = materialize(args, &creation)?;
+        let name = secret.metadata.name.clone().unwrap_or_default();
+        match api.create(&PostParams::default(), &secret).await {
+            Ok(stored) => {
+                announce(&recorder, &stored, note).await;
+                created.push(name);
+            }
+            // Another replica made it first: observe again and take theirs.
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            Err(kube::Error::Api(status)) if status.code == 403 => {
+                return Err(Error::Config(format!(
+                    "not allowed to create Secret {}/{name} ({}): grant the operator's ServiceAccount `create` on secrets in {}, or create it yourself",
+                    args.namespace, status.message, args.namespace
+                )));
+            }
+            Err(source) => {
+                return Err(Error::kube(
+                    format!("creating Secret {}/{name}", args.namespace),
+                    source,
+                ));
+            }
+        }
+    }
+    Err(Error::Config(format!(
+        "the Secrets of namespace {} kept changing while the operator created the missing ones: restart it",
+        args.namespace
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(entries: &[(&str, &str)]) -> Secret {
+        Secret {
+            data: Some(
+                entries
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec())))
+                    .collect(),
+            ),
+            ..Secret::default()
+        }
+    }
+
+    fn observed<'a>(node_key: Slot<'a>, credentials: Slot<'a>, htpasswd: Slot<'a>) -> Observed<'a> {
+        Observed {
+            node_key,
+            credentials,
+            htpasswd,
+        }
+    }
+
+    #[test]
+    fn nothing_is_created_when_everything_exists_or_creation_is_off() {
+        let secret = with(&[("username", "u"), ("password", "p")]);
+        let all = observed(
+            Slot::Present(&secret),
+            Slot::Present(&secret),
+            Slot::Present(&secret),
+        );
+        assert_eq!(plan(all, true, "pw"), Ok(None));
+        let none = observed(Slot::Missing, Slot::Missing, Slot::Missing);
+        assert_eq!(plan(none, false, "pw"), Ok(None));
+    }
+
+    #[test]
+    fn missing_secrets_are_created_one_at_a_time_node_key_then_credentials_then_htpasswd() {
+        let none = observed(Slot::Missing, Slot::Missing, Slot::Missing);
+        assert_eq!(plan(none, true, "pw"), Ok(Some(Creation::NodeKey)));
+        let key = with(&[("ssh-privatekey", "k")]);
+        let no_registry = observed(Slot::Present(&key), Slot::Missing, Slot::Missing);
+        assert_eq!(
+            plan(no_registry, true, "pw"),
+            Ok(Some(Creation::RegistryCredentials {
+                password: "pw".into()
+            }))
+        );
+        // The htpasswd is made from the stored credentials, not from the fresh password.
+        let stored = with(&[("username", "walt"), ("password", "stored")]);
+        let no_htpasswd = observed(Slot::Present(&key), Slot::Present(&stored), Slot::Missing);
+        assert_eq!(
+            plan(no_htpasswd, true, "pw"),
+            Ok(Some(Creation::Htpasswd {
+                username: "walt".into(),
+                password: "stored".into()
+            }))
+        );
+    }
+
+    #[test]
+    fn an_existing_secret_is_never_overwritten() {
+        // Whatever a present Secret holds (even nothing usable), no creation targets it.
+        let empty = Secret::default();
+        for present in [Slot::Present(&empty)] {
+            for other in [Slot::NotConfigured, Slot::Present(&empty)] {
+                let next = plan(observed(present, other, Slot::NotConfigured), true, "pw");
+                assert_eq!(next, Ok(None), "{present:?} {other:?}");
+            }
+        }
+        let key = with(&[("ssh-privatekey", "k")]);
+        let creds = with(&[("username", "u"), ("password", "p")]);
+        let next = plan(
+            observed(Slot::Present(&key), Slot::Present(&creds), Slot::Present(&empty)),
+            true,
+            "pw",
+        );
+        assert_eq!(next, Ok(None));
+    }
+
+    #[test]
+    fn external_registry_credentials_are_never_invented() {
+        let key = with(&[("ssh-privatekey", "k")]);
+        let external = observed(Slot::Present(&key), Slot::Missing, Slot::NotConfigured);
+        assert_eq!(plan(external, true, "pw"), Ok(None));
+        let anonymous = observed(Slot::Missing, Slot::NotConfigured, Slot::NotConfigured);
+        assert_eq!(plan(anonymous, true, "pw"), Ok(Some(Creation::NodeKey)));
+    }
+
+    #[test]
+    fn inconsistent_registry_secrets_are_refused_with_what_to_do() {
+        let key = with(&[("ssh-privatekey", "k")]);
+        let htpasswd = with(&[("htpasswd", "walt:$2y$...")]);
+        let orphan = observed(Slot::Present(&key), Slot::Missing, Slot::Present(&htpasswd));
+        let refusal = plan(orphan, true, "pw").unwrap_err();
+        assert_eq!(refusal, Refusal::HtpasswdWithoutCredentials);
+        assert!(refusal.to_string().contains("delete the htpasswd Secret"));
+        let docker_only = with(&[(".dockerconfigjson", "{}")]);
+        let unreadable = observed(Slot::Present(&key), Slot::Present(&docker_only), Slot::Missing);
+        assert_eq!(plan(unreadable, true, "pw"), Err(Refusal::CredentialsUnreadable));
+    }
+
+    #[test]
+    fn created_secrets_have_the_charts_shape() {
+        let secret = registry_credentials_secret("c", "ns", "reg:5000", "walt", "s3cret");
+        assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/dockerconfigjson"));
+        let document = secret_key(&secret, ".dockerconfigjson").expect("dockerconfigjson");
+        let found = super::super::config::credentials_from_docker_config(&document, "reg:5000")
+            .expect("parses")
+            .expect("has the host");
+        assert_eq!(
+            (found.username.as_str(), found.password.as_str()),
+            ("walt", "s3cret")
+        );
+        assert_eq!(secret_key(&secret, "password"), Some(b"s3cret".to_vec()));
+        let annotations = secret.metadata.annotations.expect("annotations");
+        assert_eq!(annotations[CREATED_BY_ANNOTATION], "walt-operator");
+
+        let key = node_key_secret("k", "ns", "PRIVATE");
+        assert_eq!(key.type_.as_deref(), Some("kubernetes.io/ssh-auth"));
+        assert_eq!(secret_key(&key, "ssh-privatekey"), Some(b"PRIVATE".to_vec()));
+
+        let htpasswd = htpasswd_secret("h", "ns", "walt:$2b$hash\n", "s3cret");
+        assert_eq!(
+            secret_key(&htpasswd, "password-sha256"),
+            Some(hex::encode(Sha256::digest(b"s3cret")).into_bytes())
+        );
+    }
+
+    #[test]
+    fn random_passwords_are_long_and_differ() {
+        let (a, b) = (random_password(), random_password());
+        assert_eq!(a.len(), 32);
+        assert!(a.chars().all(|c| c.is_ascii_alphanumeric()));
+        assert_ne!(a, b);
+    }
+}

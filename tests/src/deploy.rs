@@ -275,9 +275,9 @@ pub fn base_dir() -> PathBuf {
     repo_root().join("deploy").join("base")
 }
 
-/// The three kustomize files generated from the chart: `walt.yaml` (every object but CRDs and Secrets,
-/// which kustomize makes with a secretGenerator from files the installer writes, since kustomize cannot
-/// generate keys), `crds.yaml`, and `kustomization.yaml`.
+/// The three kustomize files generated from the chart: `walt.yaml` (every object but CRDs and Secrets:
+/// no secret is kept in git, the operator creates the missing ones, so the base renders from git alone),
+/// `crds.yaml`, and `kustomization.yaml`.
 #[derive(Debug, PartialEq, Eq)]
 pub struct GeneratedBase {
     /// Contents of `walt.yaml`.
@@ -332,28 +332,14 @@ pub fn generate_base(chart: &[Value]) -> Result<GeneratedBase, Error> {
         kustomization.push_str("  - crds.yaml\n");
     }
     kustomization.push_str("  - walt.yaml\n");
-    kustomization.push_str(
-        "# The chart generates these keys; kustomize cannot, so write the files first (see secrets/README.md).\n\
-         generatorOptions:\n  disableNameSuffixHash: true\n  labels:\n    app.kubernetes.io/name: walt\n    app.kubernetes.io/part-of: walt\n\
-         secretGenerator:\n",
-    );
-    for name in &secrets {
-        let entry = match name.strip_prefix(&format!("{DEFAULT_RELEASE}-")).unwrap_or(name) {
-            "node-key" => format!(
-                "  - name: {name}\n    type: kubernetes.io/ssh-auth\n    files:\n      - ssh-privatekey=secrets/node-key\n"
-            ),
-            "registry-credentials" => format!(
-                "  - name: {name}\n    type: kubernetes.io/dockerconfigjson\n    files:\n      - .dockerconfigjson=secrets/dockerconfig.json\n      - username=secrets/registry-username\n      - password=secrets/registry-password\n"
-            ),
-            "registry-token" => format!(
-                "  - name: {name}\n    files:\n      - tls.key=secrets/registry-token.key\n      - tls.crt=secrets/registry-token.crt\n      - tenant-secret=secrets/registry-tenant-secret\n"
-            ),
-            "registry-htpasswd" => {
-                format!("  - name: {name}\n    files:\n      - htpasswd=secrets/htpasswd\n")
-            }
-            other => format!("  - name: {name}\n    files:\n      - secrets/{other}\n"),
-        };
-        kustomization.push_str(&entry);
+    if !secrets.is_empty() {
+        let _ = write!(
+            kustomization,
+            "# No Secret is kept in git: the operator creates those it is told to use when they are missing,\n\
+             # never changing existing ones: {}.\n\
+             # To provide them yourself (sealed-secrets, external-secrets), see the README's GitOps section.\n",
+            secrets.join(", ")
+        );
     }
     Ok(GeneratedBase {
         objects: to_yaml_stream(&objects)?,
@@ -417,25 +403,6 @@ pub fn sync_base() -> Result<(), Error> {
     Ok(())
 }
 
-/// Writes placeholder secret files into a copy of `deploy/` so it renders (tests only compare objects).
-pub fn write_placeholder_secrets(deploy_copy: &Path) -> Result<(), Error> {
-    let secrets = deploy_copy.join("base").join("secrets");
-    for (name, content) in [
-        ("node-key", "placeholder"),
-        ("dockerconfig.json", "{\"auths\":{}}"),
-        ("registry-username", "walt"),
-        ("registry-password", "placeholder"),
-        ("htpasswd", "walt:placeholder"),
-        ("registry-token.key", "placeholder"),
-        ("registry-token.crt", "placeholder"),
-        ("registry-tenant-secret", "placeholder"),
-    ] {
-        let path = secrets.join(name);
-        std::fs::write(&path, content).map_err(io("writing", &path))?;
-    }
-    Ok(())
-}
-
 /// Copies a directory tree (regular files and directories).
 pub fn copy_tree(from: &Path, to: &Path) -> Result<(), Error> {
     std::fs::create_dir_all(to).map_err(io("creating", to))?;
@@ -449,4 +416,51 @@ pub fn copy_tree(from: &Path, to: &Path) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// The repository as a clean clone has it: the tracked files of HEAD (plus the uncommitted changes of
+/// tracked files, through `git stash create`, which changes nothing), exported with `git archive` into a
+/// temporary directory. Untracked and git-ignored files (generated secrets…) cannot help what renders there.
+pub fn clean_checkout() -> Result<tempfile::TempDir, Error> {
+    let root = repo_root();
+    let git = |args: &[&str]| run(Command::new("git").arg("-C").arg(&root).args(args));
+    let stash = git(&["stash", "create"])?;
+    let tree = match stash.trim() {
+        "" => "HEAD".to_owned(),
+        commit => commit.to_owned(),
+    };
+    let dir = tempfile::tempdir().map_err(io("creating a temporary dir in", &std::env::temp_dir()))?;
+    let archive = dir.path().join("head.tar");
+    run(Command::new("git")
+        .arg("-C")
+        .arg(&root)
+        .args(["archive", "--format=tar", "-o"])
+        .arg(&archive)
+        .args([tree.as_str(), "--"]))?;
+    run(Command::new("tar")
+        .arg("-xf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(dir.path()))?;
+    std::fs::remove_file(&archive).map_err(io("removing", &archive))?;
+    Ok(dir)
+}
+
+/// Every directory under `deploy` holding a `kustomization.yaml` (the base and each overlay), sorted.
+pub fn kustomizations(deploy: &Path) -> Result<Vec<PathBuf>, Error> {
+    let mut found = Vec::new();
+    let mut pending = vec![deploy.to_owned()];
+    while let Some(dir) = pending.pop() {
+        if dir.join("kustomization.yaml").is_file() {
+            found.push(dir.clone());
+        }
+        for entry in std::fs::read_dir(&dir).map_err(io("listing", &dir))? {
+            let path = entry.map_err(io("listing", &dir))?.path();
+            if path.is_dir() {
+                pending.push(path);
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
 }

@@ -1,7 +1,12 @@
 //! Control plane tier: a real etcd + kube-apiserver (+ controller manager, scheduler) started by
 //! the harness, checked with kubectl (an independent client) and kube-rs.
 
+use std::path::{Path, PathBuf};
+
+use walt_tests::deploy;
 use walt_tests::k8s::{Cluster, DEFAULT_USERS, run_kubectl, shared_control_plane};
+use walt_tests::operator::{OperatorProcess, operator_binary};
+use walt_tests::process::{Daemon, Lifetime};
 use walt_tests::wait::{Poll, wait_for};
 
 fn cluster() -> &'static Cluster {
@@ -659,4 +664,243 @@ fn the_charts_servicemonitor_alerts_and_dashboard_are_valid_for_the_prometheus_o
         "metrics missing from the README: {undocumented:?}"
     );
     let _ = cluster.kubectl_output(&["delete", "namespace", namespace, "--wait=false"]);
+}
+
+/// A stand-in for the Prometheus Operator's ServiceMonitor CRD (the monitoring overlay needs the kind).
+const SERVICE_MONITOR_CRD: &str = r"apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: servicemonitors.monitoring.coreos.com
+spec:
+  group: monitoring.coreos.com
+  scope: Namespaced
+  names: {plural: servicemonitors, singular: servicemonitor, kind: ServiceMonitor, listKind: ServiceMonitorList}
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema:
+        openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
+";
+
+/// A kubeconfig that authenticates as ServiceAccount `namespace/name` (a bound token), in `dir`.
+fn service_account_kubeconfig(cluster: &Cluster, namespace: &str, name: &str, dir: &Path) -> PathBuf {
+    let token = cluster
+        .kubectl_output(&["-n", namespace, "create", "token", name, "--duration=1h"])
+        .expect("kubectl create token");
+    let admin = cluster
+        .kubectl_output(&["config", "view", "--raw", "--minify", "-o", "json"])
+        .expect("kubectl config view");
+    let mut config: serde_json::Value = serde_json::from_str(&admin).expect("kubeconfig JSON");
+    config["users"][0]["user"] = serde_json::json!({"token": token.trim()});
+    let path = dir.join(format!("{name}.kubeconfig"));
+    std::fs::write(&path, config.to_string()).expect("write kubeconfig");
+    path
+}
+
+/// Name → value of the plain (`value:`) environment variables of the rendered operator Deployment.
+fn operator_env(docs: &[serde_yaml::Value]) -> Vec<(String, String)> {
+    let deployment = docs
+        .iter()
+        .find(|doc| {
+            let (kind, _, name) = deploy::object_id(doc);
+            kind == "Deployment" && name == "walt-operator"
+        })
+        .expect("the operator Deployment");
+    deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_sequence()
+        .expect("env")
+        .iter()
+        .filter_map(|var| {
+            Some((
+                var["name"].as_str()?.to_owned(),
+                var["value"].as_str()?.to_owned(),
+            ))
+        })
+        .collect()
+}
+
+fn secret_versions(cluster: &Cluster, names: &[&str]) -> Result<Vec<String>, String> {
+    names
+        .iter()
+        .map(|name| {
+            cluster
+                .kubectl_output(&[
+                    "-n",
+                    "walt-system",
+                    "get",
+                    "secret",
+                    name,
+                    "-o",
+                    "jsonpath={.metadata.resourceVersion}",
+                ])
+                .map_err(|e| e.to_string())
+        })
+        .collect()
+}
+
+/// Runs `walt-operator run` with the rendered Deployment's environment, as its ServiceAccount, until
+/// `done` answers; returns its log.
+fn run_operator_until(
+    env: &[(String, String)],
+    kubeconfig: &Path,
+    log: &Path,
+    what: &str,
+    done: impl FnMut() -> Poll<(), String>,
+) -> String {
+    let port = || walt_tests::k8s::free_port().expect("a free port");
+    let args = [
+        "--http-addr".to_owned(),
+        format!("127.0.0.1:{}", port()),
+        "--gateway-addr".to_owned(),
+        format!("127.0.0.1:{}", port()),
+    ];
+    let mut command = OperatorProcess::command(&operator_binary(), kubeconfig, None, &args);
+    command
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("WALT_NAMESPACE", "walt-system")
+        .env("POD_NAME", "gitops-test")
+        // Only its own namespace: the other tests' objects are not its business.
+        .env("WALT_WATCH_NAMESPACE", "walt-system");
+    let mut daemon =
+        Daemon::spawn("walt-operator", command, log, Lifetime::Test).expect("start walt-operator");
+    let waited = wait_for(what, std::time::Duration::from_mins(2), done);
+    daemon.stop(std::time::Duration::from_secs(10));
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    if let Err(error) = waited {
+        panic!("{error}\noperator log:\n{text}");
+    }
+    text
+}
+
+/// What the operator logs when it creates each of its Secrets.
+const CREATION_NOTES: [&str; 3] = [
+    "created the lab's node key",
+    "created credentials (user walt",
+    "created the embedded registry's htpasswd",
+];
+
+#[test]
+fn gitops_manifests_apply_from_git_alone_and_the_operator_creates_its_secrets() {
+    let cluster = cluster();
+    // What Argo CD or Flux sees: the tracked files only.
+    let checkout = deploy::clean_checkout().expect("a clean checkout");
+    let deploy_dir = checkout.path().join("deploy");
+    // The namespace, as Argo CD's CreateNamespace or the Flux example make it; the monitoring overlay's kind.
+    kubectl_stdin(
+        cluster,
+        &["apply", "--server-side", "-f", "-"],
+        &format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: walt-system\n---\n{SERVICE_MONITOR_CRD}"
+        ),
+    )
+    .expect("namespace and ServiceMonitor CRD");
+    cluster
+        .kubectl_output(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/servicemonitors.monitoring.coreos.com",
+            "--timeout=60s",
+        ])
+        .expect("ServiceMonitor CRD established");
+
+    // Every kustomization passes the API server's validation (server-side dry run).
+    for dir in deploy::kustomizations(&deploy_dir).expect("kustomizations") {
+        let dir = dir.to_string_lossy().into_owned();
+        cluster
+            .kubectl_output(&["apply", "--server-side", "--dry-run=server", "-k", &dir])
+            .unwrap_or_else(|e| panic!("kubectl apply --dry-run=server -k {dir}: {e}"));
+    }
+
+    // The base for real, then the operator as its ServiceAccount with the base's configuration.
+    let base = deploy_dir.join("base");
+    cluster
+        .kubectl_output(&["apply", "--server-side", "-k", &base.to_string_lossy()])
+        .expect("kubectl apply -k deploy/base");
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = service_account_kubeconfig(cluster, "walt-system", "walt-operator", scratch.path());
+    let env = operator_env(&deploy::kustomize(&base).expect("render deploy/base"));
+    let names = [
+        "walt-node-key",
+        "walt-registry-credentials",
+        "walt-registry-htpasswd",
+    ];
+    let log = run_operator_until(
+        &env,
+        &kubeconfig,
+        &scratch.path().join("first.log"),
+        "the operator to create its Secrets and start",
+        || match secret_versions(cluster, &names) {
+            Ok(_)
+                if std::fs::read_to_string(scratch.path().join("first.log"))
+                    .is_ok_and(|log| log.contains("SSH gateway ready")) =>
+            {
+                Poll::Ready(())
+            }
+            Ok(_) => Poll::Pending("Secrets exist, the operator has not started yet".into()),
+            Err(e) => Poll::Pending(e),
+        },
+    );
+    for note in CREATION_NOTES {
+        assert!(log.contains(note), "no `{note}` in the log:\n{log}");
+    }
+    let events = cluster
+        .kubectl_output(&[
+            "-n",
+            "walt-system",
+            "get",
+            "events.events.k8s.io",
+            "--field-selector",
+            "reason=SecretCreated",
+            "-o",
+            "jsonpath={range .items[*]}{.regarding.name}{\"\\n\"}{end}",
+        ])
+        .expect("events");
+    for name in names {
+        assert!(
+            events.lines().any(|l| l == name),
+            "no SecretCreated Event for {name}: {events}"
+        );
+    }
+    let types = cluster
+        .kubectl_output(&[
+            "-n",
+            "walt-system",
+            "get",
+            "secret",
+            "walt-node-key",
+            "walt-registry-credentials",
+            "-o",
+            "jsonpath={range .items[*]}{.type}{\"\\n\"}{end}",
+        ])
+        .expect("secret types");
+    assert_eq!(
+        types.trim(),
+        "kubernetes.io/ssh-auth\nkubernetes.io/dockerconfigjson"
+    );
+
+    // A second start changes nothing: existing Secrets are never overwritten.
+    let before = secret_versions(cluster, &names).expect("versions");
+    let second = run_operator_until(
+        &env,
+        &kubeconfig,
+        &scratch.path().join("second.log"),
+        "the operator to start again",
+        || {
+            if std::fs::read_to_string(scratch.path().join("second.log"))
+                .is_ok_and(|log| log.contains("SSH gateway ready"))
+            {
+                Poll::Ready(())
+            } else {
+                Poll::Pending("not started".into())
+            }
+        },
+    );
+    for note in CREATION_NOTES {
+        assert!(
+            !second.contains(note),
+            "the second start logged `{note}`:\n{second}"
+        );
+    }
+    assert_eq!(secret_versions(cluster, &names).expect("versions"), before);
 }

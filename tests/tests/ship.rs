@@ -462,20 +462,24 @@ fn kustomize_base_is_the_chart_defaults() {
         "deploy/base is out of date with charts/walt: run `cargo xtask deploy sync` and commit the result"
     );
 
-    // kubectl kustomize renders the same objects (kinds, namespaces, names) as helm template.
-    let copy = tempfile::tempdir().expect("tempdir");
-    deploy::copy_tree(&deploy::repo_root().join("deploy"), copy.path()).expect("copy deploy/");
-    deploy::write_placeholder_secrets(copy.path()).expect("secrets");
-    let base = deploy::kustomize(&copy.path().join("base")).expect("kubectl kustomize deploy/base");
+    // kubectl kustomize renders the same objects (kinds, namespaces, names) as helm template, but the
+    // Secrets: none is kept in git, the operator creates them when missing.
+    let copy = deploy::clean_checkout().expect("a clean checkout");
+    let copy = copy.path().join("deploy");
+    let without_secrets = |docs: &[Value]| {
+        let mut ids = object_ids(docs);
+        ids.retain(|(kind, _, _)| kind != "Secret");
+        ids
+    };
+    let base = deploy::kustomize(&copy.join("base")).expect("kubectl kustomize deploy/base");
     assert_eq!(
         object_ids(&base),
-        object_ids(&chart),
+        without_secrets(&chart),
         "kustomize base and chart defaults differ"
     );
 
     // Overlays render, and match the chart with the same options.
-    let external =
-        deploy::kustomize(&copy.path().join("overlays").join("external-registry")).expect("overlay");
+    let external = deploy::kustomize(&copy.join("overlays").join("external-registry")).expect("overlay");
     let chart_external = render_chart(&[
         "--set",
         "registry.embedded.enabled=false",
@@ -485,21 +489,114 @@ fn kustomize_base_is_the_chart_defaults() {
         "registry.credentials.existingSecret=walt-registry-credentials",
     ])
     .expect("helm template");
-    let mut expected = object_ids(&chart_external);
-    // The chart uses the existing Secret; the overlay still generates it from the files.
-    expected.insert((
-        "Secret".into(),
-        "walt-system".into(),
-        "walt-registry-credentials".into(),
-    ));
-    assert_eq!(object_ids(&external), expected, "external-registry overlay");
-    let monitoring = deploy::kustomize(&copy.path().join("overlays").join("monitoring")).expect("overlay");
+    assert_eq!(
+        object_ids(&external),
+        object_ids(&chart_external),
+        "external-registry overlay"
+    );
+    // The operator is told the same Secrets as by the chart: it creates no credentials for an external
+    // registry (no htpasswd Secret named), only the node key.
+    let env_names = |docs: &[Value]| -> BTreeSet<String> {
+        find(docs, "Deployment", "walt-operator")["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_sequence()
+            .expect("env")
+            .iter()
+            .filter_map(|e| e["name"].as_str().map(str::to_owned))
+            .collect()
+    };
+    assert_eq!(env_names(&external), env_names(&chart_external));
+    assert!(!env_names(&external).contains("WALT_REGISTRY_HTPASSWD_SECRET"));
+    assert!(env_names(&base).contains("WALT_REGISTRY_HTPASSWD_SECRET"));
+    let monitoring = deploy::kustomize(&copy.join("overlays").join("monitoring")).expect("overlay");
     let chart_monitoring = render_chart(&["--set", "serviceMonitor.enabled=true"]).expect("helm template");
     assert_eq!(
         object_ids(&monitoring),
         object_ids(&chart_monitoring),
         "monitoring overlay"
     );
+}
+
+#[test]
+fn every_kustomization_renders_from_a_clean_checkout() {
+    // What Argo CD or Flux sees: the tracked files only (git archive), no generated or git-ignored file.
+    let checkout = deploy::clean_checkout().expect("a clean checkout");
+    let deploy_dir = checkout.path().join("deploy");
+    let kustomizations = deploy::kustomizations(&deploy_dir).expect("list kustomizations");
+    let names: Vec<String> = kustomizations
+        .iter()
+        .filter_map(|dir| dir.strip_prefix(&deploy_dir).ok())
+        .map(|dir| dir.display().to_string())
+        .collect();
+    for expected in ["base", "overlays/external-registry", "overlays/monitoring"] {
+        assert!(names.iter().any(|n| n == expected), "no {expected} in {names:?}");
+    }
+    for dir in &kustomizations {
+        let docs = deploy::kustomize(dir)
+            .unwrap_or_else(|e| panic!("kubectl kustomize {} from a clean checkout: {e}", dir.display()));
+        let ids = object_ids(&docs);
+        assert!(
+            ids.iter()
+                .any(|(kind, _, name)| kind == "Deployment" && name == "walt-operator"),
+            "{} renders no operator",
+            dir.display()
+        );
+        assert!(
+            !ids.iter().any(|(kind, _, _)| kind == "Secret"),
+            "{} renders a Secret: secrets stay out of git",
+            dir.display()
+        );
+    }
+
+    // The GitOps examples point at a kustomization that exists in the repository.
+    let gitops = deploy_dir.join("examples").join("gitops");
+    let read = |name: &str| {
+        let path = gitops.join(name);
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        deploy::parse_documents(&text, name).expect("YAML")
+    };
+    let argo = read("argocd-application.yaml");
+    let application = find(&argo, "Application", "walt");
+    let path = application["spec"]["source"]["path"]
+        .as_str()
+        .expect("source.path");
+    assert!(
+        deploy_dir
+            .parent()
+            .expect("root")
+            .join(path)
+            .join("kustomization.yaml")
+            .is_file()
+    );
+    assert_eq!(
+        application["spec"]["destination"]["namespace"],
+        Value::from("walt-system")
+    );
+    let flux = read("flux.yaml");
+    let kustomization = find(&flux, "Kustomization", "walt");
+    assert_eq!(
+        kustomization["apiVersion"],
+        Value::from("kustomize.toolkit.fluxcd.io/v1")
+    );
+    let path = kustomization["spec"]["path"].as_str().expect("spec.path");
+    assert!(
+        deploy_dir
+            .parent()
+            .expect("root")
+            .join(path)
+            .join("kustomization.yaml")
+            .is_file()
+    );
+    let source = &kustomization["spec"]["sourceRef"];
+    let repository = find(
+        &flux,
+        "GitRepository",
+        source["name"].as_str().expect("sourceRef.name"),
+    );
+    assert_eq!(
+        repository["apiVersion"],
+        Value::from("source.toolkit.fluxcd.io/v1")
+    );
+    find(&flux, "Namespace", "walt-system");
 }
 
 /// A loopback Distribution registry (Debian's docker-registry), stopped by PID when dropped.

@@ -243,21 +243,27 @@ fn cross_cc(arch: Arch) -> Result<PathBuf, Error> {
 
 /// Cross-compiles the static `walt-operator` for `arch` (release, stripped); returns the binary's path.
 pub fn build_binary(arch: Arch) -> Result<PathBuf, Error> {
+    build_static(arch, "walt-operator", "walt-operator")
+}
+
+/// Cross-compiles binary `bin` of workspace package `package` for `arch` as a static musl executable
+/// (release, stripped, clang + Debian's musl); returns its path.
+pub fn build_static(arch: Arch, package: &str, bin: &str) -> Result<PathBuf, Error> {
     let target = arch.rust_target();
     ensure_rust_target(target)?;
     let cc = cross_cc(arch)?;
     let env_target = target.replace('-', "_");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("image: building walt-operator for {target} (release)");
+    eprintln!("build: {bin} for {target} (release, static)");
     let status = Command::new(cargo)
         .args([
             "build",
             "--release",
             "--locked",
             "-p",
-            "walt-operator",
+            package,
             "--bin",
-            "walt-operator",
+            bin,
             "--target",
             target,
         ])
@@ -273,12 +279,12 @@ pub fn build_binary(arch: Arch) -> Result<PathBuf, Error> {
         .map_err(spawn_error("cargo"))?;
     if !status.success() {
         return Err(Error::Usage(format!(
-            "cargo build for {target} failed ({status}); see its output above"
+            "cargo build of {bin} for {target} failed ({status}); see its output above"
         )));
     }
     let target_dir =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo_root().join("target"), PathBuf::from);
-    let binary = target_dir.join(target).join("release").join("walt-operator");
+    let binary = target_dir.join(target).join("release").join(bin);
     if !binary.is_file() {
         return Err(Error::Missing {
             what: "the built binary",

@@ -24,6 +24,7 @@ pub mod k8s;
 pub mod process;
 
 pub mod deploy;
+pub mod dist;
 pub mod fuzz;
 pub mod image_build;
 pub mod lab;

@@ -1,4 +1,4 @@
-//! The shipping tasks of `cargo xtask`: `image build`, `deploy sync`, `lab up|down`. The xtask binary
+//! The shipping tasks of `cargo xtask`: `image build`, `deploy sync`, `dist`, `lab up|down`. The xtask binary
 //! flattens [`Task`] into its own subcommands.
 
 use std::path::PathBuf;
@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::Subcommand;
 
 use crate::deploy;
+use crate::dist;
 use crate::image_build::{self, Arch, BuildOptions};
 use crate::lab;
 
@@ -24,6 +25,8 @@ pub enum Task {
         #[command(subcommand)]
         action: DeployAction,
     },
+    /// Release archives of kubectl-walt (static, amd64 and arm64), SHA256SUMS and a krew manifest.
+    Dist(DistArgs),
     /// The local lab: a cluster, a registry, walt installed, demo images and a virtual node.
     Lab {
         /// What to do.
@@ -59,6 +62,23 @@ pub enum DeployAction {
     Sync,
 }
 
+/// `cargo xtask dist`.
+#[derive(Debug, clap::Args)]
+pub struct DistArgs {
+    /// Output directory.
+    #[arg(long, default_value = "target/dist")]
+    pub out: PathBuf,
+    /// URL the archives are published under (the krew manifest's `uri`s); `{version}` is replaced.
+    #[arg(long, default_value = dist::DEFAULT_BASE_URL)]
+    pub base_url: String,
+    /// Version in the file names and the krew manifest (default: the workspace's).
+    #[arg(long)]
+    pub version: Option<String>,
+    /// Architectures (comma-separated).
+    #[arg(long, default_value = "amd64,arm64", value_delimiter = ',')]
+    pub arch: Vec<String>,
+}
+
 /// `cargo xtask lab …`.
 #[derive(Debug, Subcommand)]
 pub enum LabAction {
@@ -74,6 +94,7 @@ impl Task {
         matches!(
             self,
             Task::Image { .. }
+                | Task::Dist(_)
                 | Task::Lab {
                     action: LabAction::Up(_)
                 }
@@ -95,6 +116,7 @@ impl Task {
             Task::Deploy {
                 action: DeployAction::Sync,
             } => deploy::sync_base().map_err(|e| e.to_string()),
+            Task::Dist(args) => dist_command(args),
             Task::Lab {
                 action: LabAction::Up(options),
             } => lab::up(&options).map_err(|e| e.to_string()),
@@ -103,6 +125,40 @@ impl Task {
             } => lab::down().map_err(|e| e.to_string()),
         }
     }
+}
+
+fn dist_command(args: DistArgs) -> Result<(), String> {
+    let arches = args
+        .arch
+        .iter()
+        .map(|a| Arch::parse(a.trim()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let out_dir = if args.out.is_absolute() {
+        args.out
+    } else {
+        deploy::repo_root().join(args.out)
+    };
+    let options = dist::Options {
+        out_dir,
+        version: args
+            .version
+            .unwrap_or_else(|| dist::workspace_version().to_owned()),
+        base_url: args.base_url,
+        arches,
+    };
+    let made = dist::dist(&options).map_err(|e| e.to_string())?;
+    for archive in &made.archives {
+        println!(
+            "{}  {}  {}",
+            archive.path.display(),
+            image_build::human(archive.size),
+            archive.sha256
+        );
+    }
+    println!("{}", made.sums.display());
+    println!("{}", made.krew_manifest.display());
+    Ok(())
 }
 
 fn image_build_command(

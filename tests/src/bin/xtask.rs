@@ -5,7 +5,7 @@
 //! - `cargo xtask cluster up [--tier control-plane|cluster]`, `cluster kubeconfig USER`,
 //!   `cluster down`: a real Kubernetes for development (see `walt_tests::k8s`).
 //! - `cargo xtask k8s-binaries`: builds (or finds) the Kubernetes binaries, prints their directory.
-//! - `cargo xtask image build`, `deploy sync`, `lab up|down`: shipping (see `walt_tests::ship`).
+//! - `cargo xtask image build`, `deploy sync`, `dist`, `lab up|down`: shipping (see `walt_tests::ship`).
 //! - `cargo xtask fuzz [--seconds N] [TARGET…]`: the coverage-guided fuzz targets of `fuzz/` (see
 //!   `walt_tests::fuzz`; installs nightly Rust and cargo-fuzz with `.ci/install-deps --fuzz` when missing).
 
@@ -55,7 +55,7 @@ enum Task {
         /// Targets to run (default: all of them, the `[[bin]]`s of fuzz/Cargo.toml).
         targets: Vec<String>,
     },
-    /// Shipping: `image build`, `deploy sync`, `lab up|down` (see `walt_tests::ship`).
+    /// Shipping: `image build`, `deploy sync`, `dist`, `lab up|down` (see `walt_tests::ship`).
     #[command(flatten)]
     Ship(walt_tests::ship::Task),
 }

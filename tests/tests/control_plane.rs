@@ -746,7 +746,7 @@ fn run_operator_until(
     kubeconfig: &Path,
     log: &Path,
     what: &str,
-    done: impl FnMut() -> Poll<(), String>,
+    done: impl FnMut() -> Poll<()>,
 ) -> String {
     let port = || walt_tests::k8s::free_port().expect("a free port");
     let args = [

@@ -227,7 +227,7 @@ async fn observe(api: &Api<Secret>, name: Option<&str>) -> Result<Option<Secret>
     }
 }
 
-fn slot<'a>(name: Option<&str>, found: &'a Option<Secret>) -> Slot<'a> {
+fn slot<'a>(name: Option<&str>, found: Option<&'a Secret>) -> Slot<'a> {
     match (name, found) {
         (None, _) => Slot::NotConfigured,
         (Some(_), None) => Slot::Missing,
@@ -316,9 +316,9 @@ pub async fn ensure(client: Client, args: &Args, identity: &str) -> Result<Vec<S
         let credentials = observe(&api, names[1]).await?;
         let htpasswd = observe(&api, names[2]).await?;
         let observed = Observed {
-            node_key: slot(names[0], &node_key),
-            credentials: slot(names[1], &credentials),
-            htpasswd: slot(names[2], &htpasswd),
+            node_key: slot(names[0], node_key.as_ref()),
+            credentials: slot(names[1], credentials.as_ref()),
+            htpasswd: slot(names[2], htpasswd.as_ref()),
         };
         let next = plan(observed, args.create_missing_secrets, &random_password())
             .map_err(|refusal| Error::Config(format!("in namespace {}: {refusal}", args.namespace)))?;

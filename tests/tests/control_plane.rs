@@ -782,7 +782,11 @@ const CREATION_NOTES: [&str; 3] = [
 
 #[test]
 fn gitops_manifests_apply_from_git_alone_and_the_operator_creates_its_secrets() {
-    let cluster = cluster();
+    // A control plane of its own: the base installs cluster-wide objects (CRDs, the admission policy
+    // that refuses Nodes on devices not lent to their namespace) that the other tests must not see.
+    let owned = Cluster::start(walt_tests::k8s::ClusterOptions::control_plane())
+        .unwrap_or_else(|e| panic!("cannot start a control plane: {e}"));
+    let cluster = &owned;
     // What Argo CD or Flux sees: the tracked files only.
     let checkout = deploy::clean_checkout().expect("a clean checkout");
     let deploy_dir = checkout.path().join("deploy");

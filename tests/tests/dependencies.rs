@@ -40,7 +40,10 @@ fn no_denied_crate_is_locked() {
         );
     }
     let locked = locked_crates();
-    assert!(locked.contains("ring") && locked.contains("rustls"), "Cargo.lock not read: {locked:?}");
+    assert!(
+        locked.contains("ring") && locked.contains("rustls"),
+        "Cargo.lock not read: {locked:?}"
+    );
     let present: Vec<&String> = denied.iter().filter(|name| locked.contains(*name)).collect();
     assert!(
         present.is_empty(),

@@ -740,11 +740,13 @@ fn secret_versions(cluster: &Cluster, names: &[&str]) -> Result<Vec<String>, Str
 }
 
 /// Runs `walt-operator run` with the rendered Deployment's environment, as its ServiceAccount, until
-/// `done` answers; returns its log.
+/// `done` answers; returns its log. Its servers listen on loopback, the registry token endpoint on
+/// `token_port`.
 fn run_operator_until(
     env: &[(String, String)],
     kubeconfig: &Path,
     log: &Path,
+    token_port: u16,
     what: &str,
     done: impl FnMut() -> Poll<()>,
 ) -> String {
@@ -754,6 +756,8 @@ fn run_operator_until(
         format!("127.0.0.1:{}", port()),
         "--gateway-addr".to_owned(),
         format!("127.0.0.1:{}", port()),
+        "--registry-token-addr".to_owned(),
+        format!("127.0.0.1:{token_port}"),
     ];
     let mut command = OperatorProcess::command(&operator_binary(), kubeconfig, None, &args);
     command
@@ -776,9 +780,52 @@ fn run_operator_until(
 /// What the operator logs when it creates each of its Secrets.
 const CREATION_NOTES: [&str; 3] = [
     "created the lab's node key",
-    "created credentials (user walt",
-    "created the embedded registry's htpasswd",
+    "created the registry token key",
+    "created the lab registry credential (user walt",
 ];
+
+/// `GET /token` (a pull and push scope) of the operator's registry token endpoint on `port`, with
+/// basic credentials: the whole HTTP response.
+fn fetch_token(port: u16, user: &str, password: &str) -> Result<String, String> {
+    use base64::Engine as _;
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    write!(
+        stream,
+        "GET /token?service=walt-registry&scope=repository:walt/walt-system/x:pull,push HTTP/1.1\r\n\
+         Host: 127.0.0.1\r\nAuthorization: Basic {auth}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .map_err(|e| e.to_string())?;
+    Ok(response)
+}
+
+/// A key of Secret `walt-system/name`, decoded.
+fn secret_text(cluster: &Cluster, name: &str, key: &str) -> String {
+    use base64::Engine as _;
+    let encoded = cluster
+        .kubectl_output(&[
+            "-n",
+            "walt-system",
+            "get",
+            "secret",
+            name,
+            "-o",
+            &format!("jsonpath={{.data.{}}}", key.replace('.', "\\.")),
+        ])
+        .expect("read the Secret");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .expect("base64 Secret data");
+    String::from_utf8(bytes).expect("text")
+}
 
 #[test]
 fn gitops_manifests_apply_from_git_alone_and_the_operator_creates_its_secrets() {
@@ -826,13 +873,15 @@ fn gitops_manifests_apply_from_git_alone_and_the_operator_creates_its_secrets() 
     let env = operator_env(&deploy::kustomize(&base).expect("render deploy/base"));
     let names = [
         "walt-node-key",
+        "walt-registry-token",
         "walt-registry-credentials",
-        "walt-registry-htpasswd",
     ];
+    let token_port = walt_tests::k8s::free_port().expect("a free port");
     let log = run_operator_until(
         &env,
         &kubeconfig,
         &scratch.path().join("first.log"),
+        token_port,
         "the operator to create its Secrets and start",
         || match secret_versions(cluster, &names) {
             Ok(_)
@@ -845,6 +894,8 @@ fn gitops_manifests_apply_from_git_alone_and_the_operator_creates_its_secrets() 
             Err(e) => Poll::Pending(e),
         },
     );
+    // The created key and credential work together: the operator (restarted below) issues tokens
+    // to the created lab credential, and to nothing else.
     for note in CREATION_NOTES {
         assert!(log.contains(note), "no `{note}` in the log:\n{log}");
     }
@@ -873,6 +924,7 @@ fn gitops_manifests_apply_from_git_alone_and_the_operator_creates_its_secrets() 
             "get",
             "secret",
             "walt-node-key",
+            "walt-registry-token",
             "walt-registry-credentials",
             "-o",
             "jsonpath={range .items[*]}{.type}{\"\\n\"}{end}",
@@ -880,26 +932,47 @@ fn gitops_manifests_apply_from_git_alone_and_the_operator_creates_its_secrets() 
         .expect("secret types");
     assert_eq!(
         types.trim(),
-        "kubernetes.io/ssh-auth\nkubernetes.io/dockerconfigjson"
+        "kubernetes.io/ssh-auth\nOpaque\nkubernetes.io/dockerconfigjson"
     );
+    assert!(secret_text(cluster, "walt-registry-token", "tls.crt").starts_with("-----BEGIN CERTIFICATE-----"));
+    let user = secret_text(cluster, "walt-registry-credentials", "username");
+    let password = secret_text(cluster, "walt-registry-credentials", "password");
+    assert_eq!(user, "walt");
+    assert_eq!(password.len(), 32);
 
     // A second start changes nothing: existing Secrets are never overwritten.
     let before = secret_versions(cluster, &names).expect("versions");
+    let mut answers = (String::new(), String::new());
     let second = run_operator_until(
         &env,
         &kubeconfig,
         &scratch.path().join("second.log"),
-        "the operator to start again",
+        token_port,
+        "the operator to start again and answer GET /token",
         || {
-            if std::fs::read_to_string(scratch.path().join("second.log"))
+            if !std::fs::read_to_string(scratch.path().join("second.log"))
                 .is_ok_and(|log| log.contains("SSH gateway ready"))
             {
-                Poll::Ready(())
-            } else {
-                Poll::Pending("not started".into())
+                return Poll::Pending("not started".into());
+            }
+            match (
+                fetch_token(token_port, &user, &password),
+                fetch_token(token_port, &user, "not-the-password"),
+            ) {
+                (Ok(good), Ok(bad)) => {
+                    answers = (good, bad);
+                    Poll::Ready(())
+                }
+                (Err(e), _) | (_, Err(e)) => Poll::Pending(format!("GET /token: {e}")),
             }
         },
     );
+    let (good, bad) = answers;
+    assert!(
+        good.starts_with("HTTP/1.1 200") && good.contains("\"token\""),
+        "the created lab credential got no token:\n{good}"
+    );
+    assert!(bad.starts_with("HTTP/1.1 401"), "a wrong password got:\n{bad}");
     for note in CREATION_NOTES {
         assert!(
             !second.contains(note),

@@ -494,8 +494,9 @@ fn kustomize_base_is_the_chart_defaults() {
         without_secrets(&chart_external),
         "external-registry overlay"
     );
-    // The operator is told the same Secrets as by the chart: it creates no credentials for an external
-    // registry (no htpasswd Secret named), only the node key.
+    // The operator is told the same Secrets as by the chart: with token auth (the default, an external
+    // registry trusting walt's issuer too) the token Secret and no htpasswd; an htpasswd only for the
+    // embedded registry without token auth.
     let env_names = |docs: &[Value]| -> BTreeSet<String> {
         find(docs, "Deployment", "walt-operator")["spec"]["template"]["spec"]["containers"][0]["env"]
             .as_sequence()
@@ -505,8 +506,15 @@ fn kustomize_base_is_the_chart_defaults() {
             .collect()
     };
     assert_eq!(env_names(&external), env_names(&chart_external));
-    assert!(!env_names(&external).contains("WALT_REGISTRY_HTPASSWD_SECRET"));
-    assert!(env_names(&base).contains("WALT_REGISTRY_HTPASSWD_SECRET"));
+    for docs in [&base, &external] {
+        let names = env_names(docs);
+        assert!(names.contains("WALT_REGISTRY_TOKEN_SECRET"), "{names:?}");
+        assert!(!names.contains("WALT_REGISTRY_HTPASSWD_SECRET"), "{names:?}");
+    }
+    let htpasswd_only = render_chart(&["--set", "registry.tokenAuth.enabled=false"]).expect("helm template");
+    let names = env_names(&htpasswd_only);
+    assert!(names.contains("WALT_REGISTRY_HTPASSWD_SECRET"), "{names:?}");
+    assert!(!names.contains("WALT_REGISTRY_TOKEN_SECRET"), "{names:?}");
     let monitoring = deploy::kustomize(&copy.join("overlays").join("monitoring")).expect("overlay");
     let chart_monitoring = render_chart(&["--set", "serviceMonitor.enabled=true"]).expect("helm template");
     assert_eq!(

@@ -1,13 +1,15 @@
 //! The Secrets the operator creates when those its flags name are missing, so that an installation
 //! applied from git alone (Argo CD, Flux, `kubectl apply -k`) needs no secret in git: the lab's node key
-//! (`--node-key-secret`), and, for the embedded registry (`--registry-htpasswd-secret` given), the
-//! registry credentials (`--registry-credentials-secret`) and the registry's htpasswd made from them.
+//! (`--node-key-secret`), the registry token issuer's key, certificate and tenant secret
+//! (`--registry-token-secret`), the lab registry credential (`--registry-credentials-secret`) when walt
+//! itself checks it (its token issuer, or the embedded registry's htpasswd), and that htpasswd
+//! (`--registry-htpasswd-secret`, registry without token auth) made from the stored credential.
 //!
 //! Rules: a Secret that exists is never changed (only `create` is ever sent; a Secret another replica
 //! created in the meantime is taken as it is); each creation is logged and published as an Event on the
-//! Secret; everything happens in the operator's own namespace. Credentials for an external registry are
-//! never invented: without `--registry-htpasswd-secret` they must come from the admin (sealed-secrets,
-//! external-secrets, `kubectl create secret docker-registry`). `--create-missing-secrets=false` turns
+//! Secret; everything happens in the operator's own namespace. Credentials a registry checks by itself
+//! are never invented: without `--registry-token-secret` or `--registry-htpasswd-secret` they must come
+//! from the admin (sealed-secrets, external-secrets, `kubectl create secret docker-registry`). `--create-missing-secrets=false` turns
 //! all of this off (the operator then waits for the admin's Secrets).
 //!
 //! [`plan`] is the pure decision (what exists → what to create next); [`ensure`] applies it one
@@ -32,8 +34,12 @@ pub const REGISTRY_USERNAME: &str = "walt";
 pub const CREATED_BY_ANNOTATION: &str = "walt.dev/created-by";
 /// Reason of the Event published when a Secret is created.
 pub const REASON_CREATED: &str = "SecretCreated";
-/// Creations in one run at most (three Secrets, plus re-observations after conflicts).
-const MAX_STEPS: usize = 8;
+/// Creations in one run at most (four Secrets, plus re-observations after conflicts).
+const MAX_STEPS: usize = 10;
+/// Common name (and DNS name) of the certificate of a registry token key the operator creates.
+pub const TOKEN_CERT_NAME: &str = "walt-registry-token";
+/// Validity of that certificate, in days (the chart's: ten years).
+const TOKEN_CERT_DAYS: i64 = 3650;
 
 /// What the operator found under one Secret name.
 #[derive(Clone, Copy, Debug)]
@@ -50,6 +56,10 @@ impl Slot<'_> {
     fn is_missing(self) -> bool {
         matches!(self, Slot::Missing)
     }
+
+    fn is_configured(self) -> bool {
+        !matches!(self, Slot::NotConfigured)
+    }
 }
 
 /// The Secrets the flags name, as found.
@@ -57,6 +67,8 @@ impl Slot<'_> {
 pub struct Observed<'a> {
     /// `--node-key-secret`.
     pub node_key: Slot<'a>,
+    /// `--registry-token-secret`.
+    pub token: Slot<'a>,
     /// `--registry-credentials-secret`.
     pub credentials: Slot<'a>,
     /// `--registry-htpasswd-secret`.
@@ -68,6 +80,8 @@ pub struct Observed<'a> {
 pub enum Creation {
     /// A new node key.
     NodeKey,
+    /// A new registry token key (ECDSA P-256), its self-signed certificate and a new tenant secret.
+    RegistryToken,
     /// Registry credentials with this password (user [`REGISTRY_USERNAME`]).
     RegistryCredentials {
         /// The new password.
@@ -97,11 +111,11 @@ pub enum Refusal {
     CredentialsUnreadable,
 }
 
-/// Decides the next Secret to create (at most one: the caller observes again after creating it).
-/// `fresh_password` is the password new registry credentials get. Nothing is created when
-/// `create_missing` is false, and nothing present is ever replaced. Registry credentials are made only
-/// together with the embedded registry's htpasswd (`htpasswd` configured): for an external registry
-/// they cannot be invented.
+/// Decides the next Secret to create (at most one: the caller observes again after creating it), in
+/// the order node key, token key, credentials, htpasswd. `fresh_password` is the password new registry
+/// credentials get. Nothing is created when `create_missing` is false, and nothing present is ever
+/// replaced. Registry credentials are made only when walt itself checks them (`token` or `htpasswd`
+/// configured): those of a registry that checks them by itself cannot be invented.
 pub fn plan(
     observed: Observed<'_>,
     create_missing: bool,
@@ -113,12 +127,16 @@ pub fn plan(
     if observed.node_key.is_missing() {
         return Ok(Some(Creation::NodeKey));
     }
+    if observed.token.is_missing() {
+        return Ok(Some(Creation::RegistryToken));
+    }
+    let walt_checks_credentials = observed.token.is_configured() || observed.htpasswd.is_configured();
     match (observed.credentials, observed.htpasswd) {
+        (Slot::Missing, Slot::Present(_)) => Err(Refusal::HtpasswdWithoutCredentials),
         // Credentials first: the htpasswd is made from whatever credentials are stored.
-        (Slot::Missing, Slot::Missing) => Ok(Some(Creation::RegistryCredentials {
+        (Slot::Missing, _) if walt_checks_credentials => Ok(Some(Creation::RegistryCredentials {
             password: fresh_password.to_owned(),
         })),
-        (Slot::Missing, Slot::Present(_)) => Err(Refusal::HtpasswdWithoutCredentials),
         (Slot::Present(credentials), Slot::Missing) => {
             let read = |key| secret_key(credentials, key).and_then(|bytes| String::from_utf8(bytes).ok());
             match (read("username"), read("password")) {
@@ -128,7 +146,7 @@ pub fn plan(
                 _ => Err(Refusal::CredentialsUnreadable),
             }
         }
-        // Nothing missing, an external registry's credentials (the admin's), or an htpasswd alone.
+        // Nothing missing, credentials the registry checks itself (the admin's), or an htpasswd alone.
         _ => Ok(None),
     }
 }
@@ -208,13 +226,58 @@ pub fn htpasswd_secret(name: &str, namespace: &str, line: &str, password: &str) 
     }
 }
 
-fn random_password() -> String {
+/// The registry token Secret, as the chart makes it: `tls.key` (PEM), `tls.crt` (PEM, the registry's
+/// `rootcertbundle`), `tenant-secret`.
+pub fn registry_token_secret(
+    name: &str,
+    namespace: &str,
+    key_pem: &str,
+    cert_pem: &str,
+    tenant_secret: &str,
+) -> Secret {
+    Secret {
+        metadata: metadata(name, namespace),
+        type_: Some("Opaque".into()),
+        data: Some(data(&[
+            ("tls.key", key_pem.as_bytes()),
+            ("tls.crt", cert_pem.as_bytes()),
+            ("tenant-secret", tenant_secret.as_bytes()),
+        ])),
+        ..Secret::default()
+    }
+}
+
+/// A new ECDSA P-256 key (PKCS#8 PEM) and its self-signed certificate (PEM), named [`TOKEN_CERT_NAME`],
+/// valid from now for ten years.
+pub fn token_key_and_certificate() -> Result<(String, String)> {
+    let failed = |what: &str, error: rcgen::Error| Error::Config(format!("{what}: {error}"));
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| failed("generating the registry token key", e))?;
+    let mut params = rcgen::CertificateParams::new(vec![TOKEN_CERT_NAME.to_owned()])
+        .map_err(|e| failed("the registry token certificate", e))?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, TOKEN_CERT_NAME);
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::minutes(5);
+    params.not_after = now + time::Duration::days(TOKEN_CERT_DAYS);
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| failed("self-signing the registry token certificate", e))?;
+    Ok((key.serialize_pem(), cert.pem()))
+}
+
+fn random_text(length: usize) -> String {
     use rand::RngExt as _;
     rand::rng()
         .sample_iter(rand::distr::Alphanumeric)
-        .take(32)
+        .take(length)
         .map(char::from)
         .collect()
+}
+
+fn random_password() -> String {
+    random_text(32)
 }
 
 async fn observe(api: &Api<Secret>, name: Option<&str>) -> Result<Option<Secret>> {
@@ -254,11 +317,22 @@ fn materialize(args: &Args, creation: &Creation) -> Result<(Secret, String)> {
             );
             Ok((node_key_secret(&args.node_key_secret, namespace, &private), note))
         }
+        Creation::RegistryToken => {
+            let name = args.registry_token_secret.as_deref().unwrap_or_default();
+            let (key, cert) = token_key_and_certificate()?;
+            let note = format!(
+                "created the registry token key (ECDSA P-256), its certificate ({TOKEN_CERT_NAME}, the registry's rootcertbundle) and a new tenant secret"
+            );
+            Ok((
+                registry_token_secret(name, namespace, &key, &cert, &random_text(48)),
+                note,
+            ))
+        }
         Creation::RegistryCredentials { password } => {
             let name = args.registry_credentials_secret.as_deref().unwrap_or_default();
             let (host, _) = split_registry(&args.lab_registry)?;
             let note = format!(
-                "created credentials (user {REGISTRY_USERNAME}, random password) for the embedded registry {host}"
+                "created the lab registry credential (user {REGISTRY_USERNAME}, random password) for {host}"
             );
             Ok((
                 registry_credentials_secret(name, namespace, &host, REGISTRY_USERNAME, password),
@@ -307,18 +381,21 @@ pub async fn ensure(client: Client, args: &Args, identity: &str) -> Result<Vec<S
     );
     let names = [
         Some(args.node_key_secret.as_str()),
+        args.registry_token_secret.as_deref(),
         args.registry_credentials_secret.as_deref(),
         args.registry_htpasswd_secret.as_deref(),
     ];
     let mut created = Vec::new();
     for _ in 0..MAX_STEPS {
         let node_key = observe(&api, names[0]).await?;
-        let credentials = observe(&api, names[1]).await?;
-        let htpasswd = observe(&api, names[2]).await?;
+        let token = observe(&api, names[1]).await?;
+        let credentials = observe(&api, names[2]).await?;
+        let htpasswd = observe(&api, names[3]).await?;
         let observed = Observed {
             node_key: slot(names[0], node_key.as_ref()),
-            credentials: slot(names[1], credentials.as_ref()),
-            htpasswd: slot(names[2], htpasswd.as_ref()),
+            token: slot(names[1], token.as_ref()),
+            credentials: slot(names[2], credentials.as_ref()),
+            htpasswd: slot(names[3], htpasswd.as_ref()),
         };
         let next = plan(observed, args.create_missing_secrets, &random_password())
             .map_err(|refusal| Error::Config(format!("in namespace {}: {refusal}", args.namespace)))?;
@@ -370,12 +447,103 @@ mod tests {
         }
     }
 
+    /// Without token auth (the embedded registry checks an htpasswd, or an external one its own).
     fn observed<'a>(node_key: Slot<'a>, credentials: Slot<'a>, htpasswd: Slot<'a>) -> Observed<'a> {
         Observed {
             node_key,
+            token: Slot::NotConfigured,
             credentials,
             htpasswd,
         }
+    }
+
+    /// With token auth (the chart's default): no htpasswd named.
+    fn with_token<'a>(node_key: Slot<'a>, token: Slot<'a>, credentials: Slot<'a>) -> Observed<'a> {
+        Observed {
+            node_key,
+            token,
+            credentials,
+            htpasswd: Slot::NotConfigured,
+        }
+    }
+
+    #[test]
+    fn with_token_auth_the_node_key_then_the_token_key_then_the_lab_credential_are_created() {
+        let none = with_token(Slot::Missing, Slot::Missing, Slot::Missing);
+        assert_eq!(plan(none, true, "pw"), Ok(Some(Creation::NodeKey)));
+        let key = with(&[("ssh-privatekey", "k")]);
+        let no_token = with_token(Slot::Present(&key), Slot::Missing, Slot::Missing);
+        assert_eq!(plan(no_token, true, "pw"), Ok(Some(Creation::RegistryToken)));
+        // Only walt's token issuer checks the lab credential: it may be invented, for any registry
+        // that trusts the issuer.
+        let token = with(&[("tls.key", "k"), ("tls.crt", "c"), ("tenant-secret", "t")]);
+        let no_credentials = with_token(Slot::Present(&key), Slot::Present(&token), Slot::Missing);
+        assert_eq!(
+            plan(no_credentials, true, "pw"),
+            Ok(Some(Creation::RegistryCredentials {
+                password: "pw".into()
+            }))
+        );
+        let all = with_token(Slot::Present(&key), Slot::Present(&token), Slot::Present(&key));
+        assert_eq!(plan(all, true, "pw"), Ok(None));
+        // An admin's token Secret is kept whatever it holds; nothing is made with creation off.
+        let empty = Secret::default();
+        let admins = with_token(Slot::Present(&key), Slot::Present(&empty), Slot::Present(&key));
+        assert_eq!(plan(admins, true, "pw"), Ok(None));
+        let off = with_token(Slot::Missing, Slot::Missing, Slot::Missing);
+        assert_eq!(plan(off, false, "pw"), Ok(None));
+    }
+
+    /// The DER inside a PEM text.
+    fn pem_contents(text: &str) -> Vec<u8> {
+        use base64::Engine as _;
+        let body: String = text.lines().filter(|line| !line.starts_with("-----")).collect();
+        base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .expect("PEM base64")
+    }
+
+    #[test]
+    fn a_created_token_key_is_what_the_issuer_signs_with_and_its_certificate_carries() {
+        use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
+        let (key_pem, cert_pem) = token_key_and_certificate().expect("a token key");
+        assert!(key_pem.starts_with("-----BEGIN PRIVATE KEY-----"), "{key_pem}");
+        assert!(cert_pem.starts_with("-----BEGIN CERTIFICATE-----"), "{cert_pem}");
+        let pair = EcdsaKeyPair::from_pkcs8(
+            &ECDSA_P256_SHA256_FIXED_SIGNING,
+            &pem_contents(&key_pem),
+            &ring::rand::SystemRandom::new(),
+        )
+        .expect("a P-256 PKCS#8 key");
+        // The certificate (the registry's rootcertbundle) holds the key's public point and its name.
+        let cert = pem_contents(&cert_pem);
+        let public = pair.public_key().as_ref();
+        assert_eq!(public.len(), 65);
+        assert!(
+            cert.windows(public.len()).any(|w| w == public),
+            "public key not in the certificate"
+        );
+        assert!(
+            cert.windows(TOKEN_CERT_NAME.len())
+                .any(|w| w == TOKEN_CERT_NAME.as_bytes())
+        );
+        // The operator's token issuer starts from it, as from the chart's key.
+        let issuer = crate::oci::token_issuer::TokenIssuer::new(crate::oci::token_issuer::IssuerConfig {
+            key_pem: key_pem.clone(),
+            tenant_secret: random_text(48).into_bytes(),
+            issuer: "walt-operator".into(),
+            service: "walt-registry".into(),
+            lab_credential: None,
+            prefix: "walt".into(),
+            catalog_namespace: "walt-catalog".into(),
+            lifetime: std::time::Duration::from_secs(300),
+        });
+        assert!(issuer.is_ok(), "the issuer refused the created key");
+        // Two creations never share a key.
+        assert_ne!(token_key_and_certificate().expect("another").0, key_pem);
+        let secret = registry_token_secret("t", "ns", &key_pem, &cert_pem, &random_text(48));
+        assert_eq!(secret_key(&secret, "tls.key"), Some(key_pem.into_bytes()));
+        assert_eq!(secret_key(&secret, "tenant-secret").map(|t| t.len()), Some(48));
     }
 
     #[test]

@@ -76,12 +76,14 @@ pub struct Args {
     /// and the gateway use to log in to nodes as root. Never shown to users.
     #[arg(long, env = "WALT_NODE_KEY_SECRET")]
     pub node_key_secret: String,
-    /// Secret (in --namespace) holding the embedded registry's htpasswd. Given, the operator may create
-    /// it and the registry credentials when they are missing (see --create-missing-secrets).
+    /// Secret (in --namespace) holding the embedded registry's htpasswd (a registry without token auth).
+    /// Given, the operator may create it and the registry credentials when they are missing (see
+    /// --create-missing-secrets).
     #[arg(long, env = "WALT_REGISTRY_HTPASSWD_SECRET")]
     pub registry_htpasswd_secret: Option<String>,
     /// Create the Secrets named above when they are missing (never changing existing ones): a new node
-    /// key, and for the embedded registry random credentials and their htpasswd. Turn off when an admin
+    /// key, a new registry token key (certificate, tenant secret), random lab registry credentials when
+    /// walt checks them (token issuer or htpasswd given), and their htpasswd. Turn off when an admin
     /// provides them (sealed-secrets, external-secrets): the operator then waits for them.
     #[arg(long, env = "WALT_CREATE_MISSING_SECRETS", default_value_t = true, action = clap::ArgAction::Set)]
     pub create_missing_secrets: bool,

@@ -13,7 +13,7 @@ use serde_yaml::{Mapping, Value};
 use sha2::{Digest as _, Sha256};
 
 use crate::deploy::repo_root;
-use crate::image_build::{self, Arch};
+use crate::image_build::{self, Arch, BuildProfile};
 
 /// Name of the plugin binary (kubectl finds `kubectl-walt` on PATH as `kubectl walt`).
 pub const PLUGIN_BINARY: &str = "kubectl-walt";
@@ -71,6 +71,8 @@ pub struct Options {
     pub base_url: String,
     /// Architectures.
     pub arches: Vec<Arch>,
+    /// The cargo profile of the binaries: `release` ships; `dist-check` checks the packaging quickly.
+    pub profile: BuildProfile,
 }
 
 /// One archive made.
@@ -251,8 +253,8 @@ pub fn sha256_file(path: &Path) -> Result<(String, u64), Error> {
 }
 
 fn package(options: &Options, arch: Arch) -> Result<Archive, Error> {
-    let binary =
-        image_build::build_static(arch, PLUGIN_BINARY, PLUGIN_BINARY).map_err(|source| Error::Build {
+    let binary = image_build::build_static_with(arch, PLUGIN_BINARY, PLUGIN_BINARY, options.profile)
+        .map_err(|source| Error::Build {
             arch: arch.name(),
             source,
         })?;

@@ -246,19 +246,63 @@ pub fn build_binary(arch: Arch) -> Result<PathBuf, Error> {
     build_static(arch, "walt-operator", "walt-operator")
 }
 
+/// The cargo profile of a static build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BuildProfile {
+    /// `release`: optimized (thin LTO), what is shipped.
+    #[default]
+    Release,
+    /// `dist-check` (Cargo.toml): unoptimized, no debug info, many codegen units: the same binary
+    /// built in a fraction of the time, for tests of what is done with it (packaging, linking).
+    Check,
+}
+
+impl BuildProfile {
+    /// The profile's name, as `cargo build --profile` takes it and as it names the output directory.
+    pub fn name(self) -> &'static str {
+        match self {
+            BuildProfile::Release => "release",
+            BuildProfile::Check => "dist-check",
+        }
+    }
+
+    /// Parses `release` / `dist-check`.
+    pub fn parse(text: &str) -> Result<Self, Error> {
+        match text {
+            "release" => Ok(BuildProfile::Release),
+            "dist-check" => Ok(BuildProfile::Check),
+            other => Err(Error::Usage(format!(
+                "unknown build profile {other:?}: use release (what is shipped) or dist-check (tests)"
+            ))),
+        }
+    }
+}
+
 /// Cross-compiles binary `bin` of workspace package `package` for `arch` as a static musl executable
 /// (release, stripped, clang + Debian's musl); returns its path.
 pub fn build_static(arch: Arch, package: &str, bin: &str) -> Result<PathBuf, Error> {
+    build_static_with(arch, package, bin, BuildProfile::Release)
+}
+
+/// [`build_static`] with the cargo `profile` (stripped whichever it is).
+pub fn build_static_with(
+    arch: Arch,
+    package: &str,
+    bin: &str,
+    profile: BuildProfile,
+) -> Result<PathBuf, Error> {
     let target = arch.rust_target();
     ensure_rust_target(target)?;
     let cc = cross_cc(arch)?;
     let env_target = target.replace('-', "_");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("build: {bin} for {target} (release, static)");
+    let profile_name = profile.name();
+    eprintln!("build: {bin} for {target} ({profile_name}, static)");
     let status = Command::new(cargo)
         .args([
             "build",
-            "--release",
+            "--profile",
+            profile_name,
             "--locked",
             "-p",
             package,
@@ -273,7 +317,13 @@ pub fn build_static(arch: Arch, package: &str, bin: &str) -> Result<PathBuf, Err
             format!("AR_{env_target}"),
             which("llvm-ar").unwrap_or_else(|| "ar".into()),
         )
-        .env("CARGO_PROFILE_RELEASE_STRIP", "symbols")
+        .env(
+            format!(
+                "CARGO_PROFILE_{}_STRIP",
+                profile_name.replace('-', "_").to_uppercase()
+            ),
+            "symbols",
+        )
         .current_dir(repo_root())
         .status()
         .map_err(spawn_error("cargo"))?;
@@ -284,7 +334,7 @@ pub fn build_static(arch: Arch, package: &str, bin: &str) -> Result<PathBuf, Err
     }
     let target_dir =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo_root().join("target"), PathBuf::from);
-    let binary = target_dir.join(target).join("release").join(bin);
+    let binary = target_dir.join(target).join(profile_name).join(bin);
     if !binary.is_file() {
         return Err(Error::Missing {
             what: "the built binary",

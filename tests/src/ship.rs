@@ -77,6 +77,10 @@ pub struct DistArgs {
     /// Architectures (comma-separated).
     #[arg(long, default_value = "amd64,arm64", value_delimiter = ',')]
     pub arch: Vec<String>,
+    /// Cargo profile of the binaries: `release` (what is published) or `dist-check` (unoptimized, built in
+    /// a fraction of the time: to check the packaging, as the dist test does; never publish it).
+    #[arg(long, default_value = "release")]
+    pub profile: String,
 }
 
 /// `cargo xtask lab …`.
@@ -134,6 +138,7 @@ fn dist_command(args: DistArgs) -> Result<(), String> {
         .map(|a| Arch::parse(a.trim()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
+    let profile = image_build::BuildProfile::parse(&args.profile).map_err(|e| e.to_string())?;
     let out_dir = if args.out.is_absolute() {
         args.out
     } else {
@@ -146,8 +151,15 @@ fn dist_command(args: DistArgs) -> Result<(), String> {
             .unwrap_or_else(|| dist::workspace_version().to_owned()),
         base_url: args.base_url,
         arches,
+        profile,
     };
     let made = dist::dist(&options).map_err(|e| e.to_string())?;
+    if profile != image_build::BuildProfile::Release {
+        eprintln!(
+            "dist: built with the {} profile (unoptimized): to check the packaging, not to publish",
+            profile.name()
+        );
+    }
     for archive in &made.archives {
         println!(
             "{}  {}  {}",

@@ -102,7 +102,7 @@ pub fn crds_yaml() -> String {
     for crd in crds() {
         out.push_str("---\n");
         // A CRD built from our own types always serializes; a failure is a bug here.
-        out.push_str(&serde_yaml::to_string(&crd).expect("a CustomResourceDefinition serializes to YAML"));
+        out.push_str(&serde_saphyr::to_string(&crd).expect("a CustomResourceDefinition serializes to YAML"));
     }
     out
 }

@@ -243,7 +243,7 @@ fn cel_rules_compile_and_stay_cheap() {
 /// Reads a manifest as JSON.
 fn load(path: &Path) -> Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
-    serde_yaml::from_str(&text).unwrap_or_else(|error| panic!("{}: not YAML: {error}", path.display()))
+    serde_saphyr::from_str(&text).unwrap_or_else(|error| panic!("{}: not YAML: {error}", path.display()))
 }
 
 /// The OpenAPI schema of a kind, made strict the way `kubectl apply` (strict field

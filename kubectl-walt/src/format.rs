@@ -88,7 +88,7 @@ pub fn serialize_objects<T: Serialize>(objects: &[T], format: OutputFormat, sing
                 s
             })
             .map_err(|e| Error::Output(e.to_string())),
-        OutputFormat::Yaml => serde_yaml::to_string(&value).map_err(|e| Error::Output(e.to_string())),
+        OutputFormat::Yaml => serde_saphyr::to_string(&value).map_err(|e| Error::Output(e.to_string())),
         OutputFormat::Table | OutputFormat::Wide => Err(Error::Output("not a serialization format".into())),
     }
 }

@@ -5,9 +5,6 @@ use kubectl_walt::cli::Cli;
 
 fn main() {
     let cli = Cli::parse();
-    // A workspace build links both rustls crypto providers (ring for kube, aws-lc-rs through other
-    // crates' features), and rustls then refuses to pick one: choose ring, as kube is built with it.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -633,8 +633,8 @@ fn chart_monitoring_series() -> std::collections::BTreeSet<String> {
     for doc in &docs {
         match doc["kind"].as_str() {
             Some("PrometheusRule") => {
-                for group in doc["spec"]["groups"].as_sequence().into_iter().flatten() {
-                    for rule in group["rules"].as_sequence().into_iter().flatten() {
+                for group in doc["spec"]["groups"].as_array().into_iter().flatten() {
+                    for rule in group["rules"].as_array().into_iter().flatten() {
                         exprs.extend(rule["expr"].as_str().map(str::to_owned));
                     }
                 }
@@ -2558,11 +2558,11 @@ fn alice_cannot_reach_a_device_lent_to_bob() {
 }
 
 /// The objects of a `helm template` of the chart of these `kinds`, as one YAML stream.
-fn chart_objects(args: &[&str], kinds: &[&str], keep: impl Fn(&serde_yaml::Value) -> bool) -> String {
+fn chart_objects(args: &[&str], kinds: &[&str], keep: impl Fn(&serde_json::Value) -> bool) -> String {
     let docs = walt_tests::deploy::render_chart(args).expect("helm template");
     docs.iter()
         .filter(|doc| kinds.iter().any(|kind| doc["kind"].as_str() == Some(kind)) && keep(doc))
-        .map(|doc| serde_yaml::to_string(doc).expect("yaml"))
+        .map(|doc| serde_saphyr::to_string(doc).expect("yaml"))
         .collect::<Vec<_>>()
         .join("---\n")
 }

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use serde_yaml::Value;
+use serde_json::Value;
 
 /// Helm release pinned for tests and the lab (the Go module `helm.sh/helm/v3`).
 pub const HELM_VERSION: &str = "v3.22.0";
@@ -65,7 +65,16 @@ pub enum Error {
         what: String,
         /// The cause.
         #[source]
-        source: serde_yaml::Error,
+        source: serde_saphyr::Error,
+    },
+    /// Objects could not be written as YAML.
+    #[error("writing {what} as YAML: {source}")]
+    WriteYaml {
+        /// What was being written.
+        what: String,
+        /// The cause.
+        #[source]
+        source: serde_saphyr::SerializeError,
     },
     /// No kubectl found.
     #[error(
@@ -193,17 +202,11 @@ pub fn chart_dir() -> PathBuf {
 
 /// Splits a multi-document YAML stream into its non-empty documents.
 pub fn parse_documents(text: &str, what: &str) -> Result<Vec<Value>, Error> {
-    let mut docs = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(text) {
-        let value = serde::Deserialize::deserialize(doc).map_err(|source| Error::Yaml {
-            what: what.to_owned(),
-            source,
-        })?;
-        if !matches!(value, Value::Null) {
-            docs.push(value);
-        }
-    }
-    Ok(docs)
+    let docs: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|source| Error::Yaml {
+        what: what.to_owned(),
+        source,
+    })?;
+    Ok(docs.into_iter().filter(|doc| !doc.is_null()).collect())
 }
 
 /// `helm template` of the chart (CRDs included) with the default release name and namespace plus `args`.
@@ -253,10 +256,10 @@ const HELM_ONLY_LABELS: &[&str] = &["helm.sh/chart", "app.kubernetes.io/managed-
 
 fn strip_helm_labels(value: &mut Value) {
     match value {
-        Value::Mapping(map) => {
+        Value::Object(map) => {
             for (key, child) in map.iter_mut() {
-                if key.as_str() == Some("labels")
-                    && let Value::Mapping(labels) = child
+                if key == "labels"
+                    && let Value::Object(labels) = child
                 {
                     for label in HELM_ONLY_LABELS {
                         labels.remove(*label);
@@ -265,7 +268,7 @@ fn strip_helm_labels(value: &mut Value) {
                 strip_helm_labels(child);
             }
         }
-        Value::Sequence(items) => items.iter_mut().for_each(strip_helm_labels),
+        Value::Array(items) => items.iter_mut().for_each(strip_helm_labels),
         _ => {}
     }
 }
@@ -294,7 +297,7 @@ fn to_yaml_stream(docs: &[Value]) -> Result<String, Error> {
     let mut out = String::from(GENERATED_HEADER);
     for doc in docs {
         out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(doc).map_err(|source| Error::Yaml {
+        out.push_str(&serde_saphyr::to_string(doc).map_err(|source| Error::WriteYaml {
             what: "the base".into(),
             source,
         })?);
@@ -316,7 +319,7 @@ pub fn generate_base(chart: &[Value]) -> Result<GeneratedBase, Error> {
             "Secret" => secrets.push(name),
             _ => {
                 // kustomize's `namespace:` sets it; the base stays relocatable.
-                if let Some(Value::Mapping(metadata)) = doc.get_mut("metadata") {
+                if let Some(Value::Object(metadata)) = doc.get_mut("metadata") {
                     metadata.remove("namespace");
                 }
                 objects.push(doc);
@@ -463,4 +466,39 @@ pub fn kustomizations(deploy: &Path) -> Result<Vec<PathBuf>, Error> {
     }
     found.sort();
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_base_keeps_strings_that_go_yaml_would_retype_as_strings() {
+        // kubectl and kustomize read YAML 1.1 (Go): these must come out quoted, and read back unchanged.
+        let retyped = [
+            "on", "off", "y", "n", "yes", "No", "true", "null", "~", "0755", "5000", "1.0", "1e3", "0x1f",
+            "12:30", "",
+        ];
+        let mut data = serde_json::Map::new();
+        for (i, text) in retyped.iter().enumerate() {
+            data.insert(format!("k{i}"), Value::from(*text));
+        }
+        data.insert("script".into(), Value::from("line one\n  line two: x\n"));
+        data.insert("port".into(), Value::from(5000));
+        let doc = serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "data": data});
+        let text = to_yaml_stream(std::slice::from_ref(&doc)).expect("YAML");
+        for (i, value) in retyped.iter().enumerate() {
+            let line = text
+                .lines()
+                .find(|line| line.trim_start().starts_with(&format!("k{i}:")))
+                .unwrap_or_else(|| panic!("k{i} missing:\n{text}"));
+            let written = line.split_once(':').map(|(_, v)| v.trim()).unwrap_or_default();
+            assert!(
+                written.starts_with('"') || written.starts_with('\''),
+                "{value:?} written unquoted: {line}"
+            );
+        }
+        assert!(text.contains("port: 5000"), "{text}");
+        assert_eq!(parse_documents(&text, "the base").expect("parses"), [doc]);
+    }
 }

@@ -9,7 +9,7 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use serde_yaml::{Mapping, Value};
+use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
 use crate::deploy::repo_root;
@@ -49,7 +49,7 @@ pub enum Error {
     },
     /// The krew manifest could not be written as YAML.
     #[error("writing the krew manifest: {0}")]
-    Yaml(#[from] serde_yaml::Error),
+    Yaml(#[from] serde_saphyr::SerializeError),
     /// Bad options.
     #[error("{0}")]
     Usage(String),
@@ -140,79 +140,110 @@ pub fn sha256sums(archives: &[Archive]) -> String {
     lines.into_iter().map(|(_, line)| line).collect()
 }
 
-fn string(text: &str) -> Value {
-    Value::String(text.to_owned())
+/// A krew plugin manifest (krew.googlecontainertools.github.com/v1alpha2, kind Plugin), in krew's field order.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct KrewPlugin {
+    /// Always `krew.googlecontainertools.github.com/v1alpha2`.
+    api_version: &'static str,
+    /// Always `Plugin`.
+    kind: &'static str,
+    /// The plugin's name.
+    metadata: KrewMetadata,
+    /// Version, descriptions and one platform per archive.
+    spec: KrewSpec,
 }
 
-fn mapping(entries: Vec<(&str, Value)>) -> Value {
-    Value::Mapping(
-        entries
-            .into_iter()
-            .map(|(key, value)| (string(key), value))
-            .collect::<Mapping>(),
-    )
+/// `metadata` of a krew manifest.
+#[derive(Debug, Serialize)]
+struct KrewMetadata {
+    /// The name `kubectl krew install` takes.
+    name: &'static str,
 }
 
-fn krew_platform(archive: &Archive, base_url: &str) -> Value {
-    let file = |from: &str| mapping(vec![("from", string(from)), ("to", string("."))]);
-    mapping(vec![
-        (
-            "selector",
-            mapping(vec![(
-                "matchLabels",
-                mapping(vec![
-                    ("os", string("linux")),
-                    ("arch", string(archive.arch.name())),
-                ]),
-            )]),
-        ),
-        ("uri", string(&format!("{base_url}/{}", archive.name))),
-        ("sha256", string(&archive.sha256)),
-        ("bin", string(PLUGIN_BINARY)),
-        (
-            "files",
-            Value::Sequence(
-                std::iter::once(PLUGIN_BINARY)
-                    .chain(DOC_FILES)
-                    .map(file)
-                    .collect(),
-            ),
-        ),
-    ])
+/// `spec` of a krew manifest.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct KrewSpec {
+    /// `v` and the workspace version.
+    version: String,
+    /// The project's page.
+    homepage: &'static str,
+    /// One line for `kubectl krew search`.
+    short_description: &'static str,
+    /// What the plugin does.
+    description: &'static str,
+    /// One per archive.
+    platforms: Vec<KrewPlatform>,
+}
+
+/// A platform of a krew manifest: which machines it is for and where its archive is.
+#[derive(Debug, Serialize)]
+struct KrewPlatform {
+    /// `matchLabels` on `os` and `arch`.
+    selector: KrewSelector,
+    /// Where the archive is downloaded from.
+    uri: String,
+    /// The archive's sha256 (hex).
+    sha256: String,
+    /// The binary inside the archive kubectl runs.
+    bin: &'static str,
+    /// The files of the archive krew installs.
+    files: Vec<KrewFile>,
+}
+
+/// A label selector on `os` and `arch`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct KrewSelector {
+    /// `os` and `arch` labels.
+    match_labels: std::collections::BTreeMap<&'static str, &'static str>,
+}
+
+/// A file krew copies out of the archive.
+#[derive(Debug, Serialize)]
+struct KrewFile {
+    /// Path inside the archive.
+    from: &'static str,
+    /// Where it goes in the plugin's directory.
+    to: &'static str,
+}
+
+fn krew_platform(archive: &Archive, base_url: &str) -> KrewPlatform {
+    KrewPlatform {
+        selector: KrewSelector {
+            match_labels: [("os", "linux"), ("arch", archive.arch.name())]
+                .into_iter()
+                .collect(),
+        },
+        uri: format!("{base_url}/{}", archive.name),
+        sha256: archive.sha256.clone(),
+        bin: PLUGIN_BINARY,
+        files: std::iter::once(PLUGIN_BINARY)
+            .chain(DOC_FILES)
+            .map(|from| KrewFile { from, to: "." })
+            .collect(),
+    }
 }
 
 /// The krew plugin manifest (`apiVersion: krew.googlecontainertools.github.com/v1alpha2`, kind Plugin)
 /// naming each archive under `base_url` with its sha256.
 pub fn krew_manifest(version: &str, base_url: &str, archives: &[Archive]) -> Result<String, Error> {
-    let manifest = mapping(vec![
-        (
-            "apiVersion",
-            string("krew.googlecontainertools.github.com/v1alpha2"),
-        ),
-        ("kind", string("Plugin")),
-        ("metadata", mapping(vec![("name", string(KREW_NAME))])),
-        (
-            "spec",
-            mapping(vec![
-                ("version", string(&format!("v{version}"))),
-                ("homepage", string("https://github.com/walt-dev/walt")),
-                ("shortDescription", string("WalT testbed workflows on Kubernetes")),
-                (
-                    "description",
-                    string(
-                        "Drive the walt operator: open a root shell inside an OS image (arm64 too) and save\n\
-                         it as a new image, open an SSH shell on a lab node, save a running node's changes,\n\
-                         and list, clone and manage images and nodes.\n",
-                    ),
-                ),
-                (
-                    "platforms",
-                    Value::Sequence(archives.iter().map(|a| krew_platform(a, base_url)).collect()),
-                ),
-            ]),
-        ),
-    ]);
-    Ok(serde_yaml::to_string(&manifest)?)
+    let manifest = KrewPlugin {
+        api_version: "krew.googlecontainertools.github.com/v1alpha2",
+        kind: "Plugin",
+        metadata: KrewMetadata { name: KREW_NAME },
+        spec: KrewSpec {
+            version: format!("v{version}"),
+            homepage: "https://github.com/walt-dev/walt",
+            short_description: "WalT testbed workflows on Kubernetes",
+            description: "Drive the walt operator: open a root shell inside an OS image (arm64 too) and save\n\
+                          it as a new image, open an SSH shell on a lab node, save a running node's changes,\n\
+                          and list, clone and manage images and nodes.\n",
+            platforms: archives.iter().map(|a| krew_platform(a, base_url)).collect(),
+        },
+    };
+    Ok(serde_saphyr::to_string(&manifest)?)
 }
 
 fn mtime() -> u64 {
@@ -304,6 +335,11 @@ pub fn dist(options: &Options) -> Result<Dist, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
+
+    fn string(text: &str) -> Value {
+        Value::String(text.to_owned())
+    }
 
     fn archive(arch: Arch, sha: &str) -> Archive {
         Archive {
@@ -354,7 +390,7 @@ mod tests {
     fn the_krew_manifest_names_each_archive_with_its_sha256() {
         let archives = [archive(Arch::Amd64, "aa"), archive(Arch::Arm64, "bb")];
         let text = krew_manifest("1.2.3", "https://dl.example/v1.2.3", &archives).expect("yaml");
-        let manifest: Value = serde_yaml::from_str(&text).expect("parses");
+        let manifest: Value = serde_saphyr::from_str(&text).expect("parses");
         assert_eq!(
             manifest["apiVersion"],
             string("krew.googlecontainertools.github.com/v1alpha2")
@@ -362,7 +398,7 @@ mod tests {
         assert_eq!(manifest["kind"], string("Plugin"));
         assert_eq!(manifest["metadata"]["name"], string("walt"));
         assert_eq!(manifest["spec"]["version"], string("v1.2.3"));
-        let platforms = manifest["spec"]["platforms"].as_sequence().expect("platforms");
+        let platforms = manifest["spec"]["platforms"].as_array().expect("platforms");
         assert_eq!(platforms.len(), 2);
         for (platform, (arch, sha)) in platforms.iter().zip([("amd64", "aa"), ("arm64", "bb")]) {
             assert_eq!(platform["selector"]["matchLabels"]["os"], string("linux"));

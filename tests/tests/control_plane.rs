@@ -280,12 +280,12 @@ fn walt_crds_apply_and_the_api_server_validates_the_examples() {
 }
 
 /// The chart's objects of these `kinds` (`helm template` with `args`), as one YAML stream.
-fn chart_objects(args: &[&str], kinds: &[&str], keep: impl Fn(&serde_yaml::Value) -> bool) -> String {
+fn chart_objects(args: &[&str], kinds: &[&str], keep: impl Fn(&serde_json::Value) -> bool) -> String {
     walt_tests::deploy::render_chart(args)
         .expect("helm template")
         .iter()
         .filter(|doc| kinds.iter().any(|kind| doc["kind"].as_str() == Some(kind)) && keep(doc))
-        .map(|doc| serde_yaml::to_string(doc).expect("yaml"))
+        .map(|doc| serde_saphyr::to_string(doc).expect("yaml"))
         .collect::<Vec<_>>()
         .join("---\n")
 }
@@ -590,9 +590,9 @@ fn the_charts_servicemonitor_alerts_and_dashboard_are_valid_for_the_prometheus_o
     for doc in &mut docs {
         doc["metadata"]["namespace"] = namespace.into();
     }
-    let stream = |docs: &[serde_yaml::Value]| {
+    let stream = |docs: &[serde_json::Value]| {
         docs.iter()
-            .map(|doc| serde_yaml::to_string(doc).expect("yaml"))
+            .map(|doc| serde_saphyr::to_string(doc).expect("yaml"))
             .collect::<Vec<_>>()
             .join("---\n")
     };
@@ -620,7 +620,7 @@ fn the_charts_servicemonitor_alerts_and_dashboard_are_valid_for_the_prometheus_o
     let promtool = walt_tests::monitoring::promtool().expect("promtool");
     let dir = tempfile::tempdir().expect("tempdir");
     let rules = dir.path().join("walt-rules.yaml");
-    std::fs::write(&rules, serde_yaml::to_string(&rule["spec"]).expect("yaml")).expect("write the rules");
+    std::fs::write(&rules, serde_saphyr::to_string(&rule["spec"]).expect("yaml")).expect("write the rules");
     let checked = std::process::Command::new(&promtool)
         .args(["check", "rules"])
         .arg(&rules)
@@ -642,7 +642,7 @@ fn the_charts_servicemonitor_alerts_and_dashboard_are_valid_for_the_prometheus_o
     )
     .expect("the dashboard is JSON");
     let exprs = rule["spec"]["groups"][0]["rules"]
-        .as_sequence()
+        .as_array()
         .into_iter()
         .flatten()
         .filter_map(|rule| rule["expr"].as_str().map(str::to_owned))
@@ -699,7 +699,7 @@ fn service_account_kubeconfig(cluster: &Cluster, namespace: &str, name: &str, di
 }
 
 /// Name → value of the plain (`value:`) environment variables of the rendered operator Deployment.
-fn operator_env(docs: &[serde_yaml::Value]) -> Vec<(String, String)> {
+fn operator_env(docs: &[serde_json::Value]) -> Vec<(String, String)> {
     let deployment = docs
         .iter()
         .find(|doc| {
@@ -708,7 +708,7 @@ fn operator_env(docs: &[serde_yaml::Value]) -> Vec<(String, String)> {
         })
         .expect("the operator Deployment");
     deployment["spec"]["template"]["spec"]["containers"][0]["env"]
-        .as_sequence()
+        .as_array()
         .expect("env")
         .iter()
         .filter_map(|var| {
@@ -801,9 +801,7 @@ fn fetch_token(port: u16, user: &str, password: &str) -> Result<String, String> 
     )
     .map_err(|e| e.to_string())?;
     let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .map_err(|e| e.to_string())?;
+    stream.read_to_string(&mut response).map_err(|e| e.to_string())?;
     Ok(response)
 }
 
@@ -934,7 +932,9 @@ fn gitops_manifests_apply_from_git_alone_and_the_operator_creates_its_secrets() 
         types.trim(),
         "kubernetes.io/ssh-auth\nOpaque\nkubernetes.io/dockerconfigjson"
     );
-    assert!(secret_text(cluster, "walt-registry-token", "tls.crt").starts_with("-----BEGIN CERTIFICATE-----"));
+    assert!(
+        secret_text(cluster, "walt-registry-token", "tls.crt").starts_with("-----BEGIN CERTIFICATE-----")
+    );
     let user = secret_text(cluster, "walt-registry-credentials", "username");
     let password = secret_text(cluster, "walt-registry-credentials", "password");
     assert_eq!(user, "walt");

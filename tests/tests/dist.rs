@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use serde_yaml::Value;
+use serde_json::Value;
 use walt_tests::dist::{self, Options, archive_name};
 use walt_tests::image_build::{Arch, BuildProfile};
 
@@ -33,7 +33,11 @@ fn elf_machine_and_interpreter(binary: &Path) -> (u16, bool) {
     let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
     let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
     let machine = u16_at(18);
-    let (phoff, phentsize, phnum) = (u64_at(32) as usize, usize::from(u16_at(54)), usize::from(u16_at(56)));
+    let (phoff, phentsize, phnum) = (
+        u64_at(32) as usize,
+        usize::from(u16_at(54)),
+        usize::from(u16_at(56)),
+    );
     let interpreter = (0..phnum).any(|i| u32_at(phoff + i * phentsize) == PT_INTERP);
     (machine, interpreter)
 }
@@ -146,7 +150,10 @@ fn dist_archives_unpack_run_and_match_their_checksums_and_krew_manifest() {
         let binary = unpacked.join("kubectl-walt");
         let (found, interpreter) = elf_machine_and_interpreter(&binary);
         assert_eq!(found, machine, "{name}: CPU of the binary");
-        assert!(!interpreter, "{name}: the binary names a dynamic loader (not static)");
+        assert!(
+            !interpreter,
+            "{name}: the binary names a dynamic loader (not static)"
+        );
         // kubectl finds the plugin on PATH; the arm64 one runs through the kernel's qemu-aarch64 binfmt handler.
         let printed = kubectl_walt_version(&unpacked);
         assert_eq!(printed, format!("kubectl-walt {version}"), "{name}");
@@ -154,7 +161,7 @@ fn dist_archives_unpack_run_and_match_their_checksums_and_krew_manifest() {
 
     // The krew manifest parses and names both archives with their sha256.
     let text = std::fs::read_to_string(&made.krew_manifest).expect("read walt.yaml");
-    let manifest: Value = serde_yaml::from_str(&text).expect("walt.yaml is YAML");
+    let manifest: Value = serde_saphyr::from_str(&text).expect("walt.yaml is YAML");
     assert_eq!(
         manifest["apiVersion"],
         Value::from("krew.googlecontainertools.github.com/v1alpha2")
@@ -162,7 +169,7 @@ fn dist_archives_unpack_run_and_match_their_checksums_and_krew_manifest() {
     assert_eq!(manifest["kind"], Value::from("Plugin"));
     assert_eq!(manifest["metadata"]["name"], Value::from("walt"));
     assert_eq!(manifest["spec"]["version"], Value::from(format!("v{version}")));
-    let platforms = manifest["spec"]["platforms"].as_sequence().expect("platforms");
+    let platforms = manifest["spec"]["platforms"].as_array().expect("platforms");
     let mut seen = Vec::new();
     for platform in platforms {
         let arch = platform["selector"]["matchLabels"]["arch"]
@@ -181,7 +188,7 @@ fn dist_archives_unpack_run_and_match_their_checksums_and_krew_manifest() {
         );
         assert_eq!(platform["bin"], Value::from("kubectl-walt"));
         let files: Vec<(&str, &str)> = platform["files"]
-            .as_sequence()
+            .as_array()
             .expect("files")
             .iter()
             .filter_map(|file| Some((file["from"].as_str()?, file["to"].as_str()?)))

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::process::Command;
 
-use serde_yaml::Value;
+use serde_json::Value;
 use walt_tests::deploy::{self, object_ids, render_chart};
 
 fn ids(list: &[(&str, &str, &str)]) -> BTreeSet<(String, String, String)> {
@@ -116,7 +116,7 @@ fn chart_lints_and_renders_a_complete_installation() {
     );
     assert_eq!(pod["securityContext"]["runAsNonRoot"], Value::from(true));
     let env: Vec<&str> = container["env"]
-        .as_sequence()
+        .as_array()
         .expect("env")
         .iter()
         .filter_map(|e| e["name"].as_str())
@@ -156,18 +156,18 @@ fn chart_lints_and_renders_a_complete_installation() {
     }
     // The operator's cluster-wide rights: no wildcard, no cluster-wide list of Secrets.
     for rule in find(&docs, "ClusterRole", "walt-operator")["rules"]
-        .as_sequence()
+        .as_array()
         .expect("rules")
     {
         let verbs: Vec<&str> = rule["verbs"]
-            .as_sequence()
+            .as_array()
             .expect("verbs")
             .iter()
             .filter_map(Value::as_str)
             .collect();
         assert!(!verbs.contains(&"*"), "wildcard verb in {rule:?}");
         let resources: Vec<&str> = rule["resources"]
-            .as_sequence()
+            .as_array()
             .expect("resources")
             .iter()
             .filter_map(Value::as_str)
@@ -213,7 +213,7 @@ fn chart_lints_and_renders_a_complete_installation() {
             .any(|(_, _, name)| name == "walt-registry-htpasswd"),
         "an htpasswd Secret is rendered with token auth"
     );
-    let registry_config: Value = serde_yaml::from_str(
+    let registry_config: Value = serde_saphyr::from_str(
         find(&docs, "ConfigMap", "walt-registry")["data"]["config.yml"]
             .as_str()
             .expect("config.yml"),
@@ -249,7 +249,7 @@ fn chart_lints_and_renders_a_complete_installation() {
     assert_eq!(binfmt["image"], container["image"]);
     assert_eq!(binfmt["args"][0], Value::from("binfmt"));
     let args: Vec<&str> = binfmt["args"]
-        .as_sequence()
+        .as_array()
         .expect("args")
         .iter()
         .filter_map(Value::as_str)
@@ -279,17 +279,17 @@ fn no_user_role_writes_status() {
     let docs = render_chart(&[]).expect("helm template");
     for role in ["walt-view", "walt-edit", "walt-admin"] {
         let rules = find(&docs, "ClusterRole", role)["rules"]
-            .as_sequence()
+            .as_array()
             .expect("rules");
         for rule in rules {
             let status = rule["resources"]
-                .as_sequence()
+                .as_array()
                 .into_iter()
                 .flatten()
                 .filter_map(Value::as_str)
                 .any(|resource| resource.ends_with("/status") || resource == "*");
             let writes = rule["verbs"]
-                .as_sequence()
+                .as_array()
                 .into_iter()
                 .flatten()
                 .filter_map(Value::as_str)
@@ -324,20 +324,20 @@ fn operator_egress_and_session_ceilings_are_what_the_lab_lists() {
     let policy = &find(&docs, "NetworkPolicy", "walt-operator")["spec"];
     assert_eq!(
         policy["policyTypes"],
-        serde_yaml::from_str::<Value>("[Ingress, Egress]").expect("yaml")
+        serde_saphyr::from_str::<Value>("[Ingress, Egress]").expect("yaml")
     );
-    let egress = policy["egress"].as_sequence().expect("egress rules");
+    let egress = policy["egress"].as_array().expect("egress rules");
     let blocks: Vec<(String, Vec<u64>)> = egress
         .iter()
         .flat_map(|rule| {
             let ports: Vec<u64> = rule["ports"]
-                .as_sequence()
+                .as_array()
                 .into_iter()
                 .flatten()
                 .filter_map(|port| port["port"].as_u64())
                 .collect();
             rule["to"]
-                .as_sequence()
+                .as_array()
                 .into_iter()
                 .flatten()
                 .filter_map(|to| to["ipBlock"]["cidr"].as_str())
@@ -357,7 +357,7 @@ fn operator_egress_and_session_ceilings_are_what_the_lab_lists() {
         egress.iter().all(|rule| !rule["to"].is_null()),
         "an egress rule open to every address: {egress:?}"
     );
-    let dns = serde_yaml::to_string(egress).expect("yaml");
+    let dns = serde_saphyr::to_string(egress).expect("yaml");
     assert!(dns.contains("kube-system") && dns.contains("port: 53"), "{dns}");
     assert!(dns.contains("walt.dev/node"), "virtual node pods: {dns}");
 
@@ -365,7 +365,7 @@ fn operator_egress_and_session_ceilings_are_what_the_lab_lists() {
     assert_eq!(limits["data"]["maxTtl"], Value::from("4h"));
     assert_eq!(limits["data"]["maxIdleTimeout"], Value::from("30m"));
     let env = find(&docs, "Deployment", "walt-operator")["spec"]["template"]["spec"]["containers"][0]["env"]
-        .as_sequence()
+        .as_array()
         .expect("env")
         .clone();
     let value = |name: &str| {
@@ -416,7 +416,7 @@ fn chart_options_change_what_is_rendered() {
     )));
     let operator = find(&docs, "Deployment", "walt-operator");
     let env = operator["spec"]["template"]["spec"]["containers"][0]["env"]
-        .as_sequence()
+        .as_array()
         .expect("env");
     let registry = env
         .iter()
@@ -499,7 +499,7 @@ fn kustomize_base_is_the_chart_defaults() {
     // embedded registry without token auth.
     let env_names = |docs: &[Value]| -> BTreeSet<String> {
         find(docs, "Deployment", "walt-operator")["spec"]["template"]["spec"]["containers"][0]["env"]
-            .as_sequence()
+            .as_array()
             .expect("env")
             .iter()
             .filter_map(|e| e["name"].as_str().map(str::to_owned))

@@ -22,9 +22,6 @@ pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>>
     // Before any thread exists: node saves run in this process too, and their 1–2 MiB buffers must
     // not pile up in per-thread arenas (see `ssh::heap`).
     crate::ssh::heap::return_freed_memory_promptly();
-    // Several TLS backends are linked (kube uses ring, the registry client
-    // may bring another): pick ring for the process, once.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -236,9 +236,17 @@ const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_mins(5);
 /// How long connecting to a registry may take.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// TLS of the registry clients is rustls with ring, the workspace's one crypto provider: reqwest is
+/// built without a provider of its own (`rustls-no-provider`) and takes the process default, so ring is
+/// installed as that default here, unless one already is (kube, built with ring alone, picks it by itself).
+fn use_ring_for_tls() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 impl RegistryClient {
     /// A client; nothing is contacted until the first call.
     pub fn new(options: ClientOptions) -> Result<Self, Error> {
+        use_ring_for_tls();
         let protocol = if options.insecure_registries.is_empty() {
             oci_client::client::ClientProtocol::Https
         } else {

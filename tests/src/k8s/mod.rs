@@ -803,9 +803,6 @@ pub fn run_kubectl(mut command: Command, args: &[&str]) -> Result<String, Error>
 }
 
 async fn client_from(path: &Path) -> Result<kube::Client, Error> {
-    // The workspace links both rustls crypto providers (ring for kube, aws-lc-rs through other
-    // crates), so rustls cannot pick one by itself: choose ring, unless a provider is already set.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let fail = |message: String| Error::Client {
         kubeconfig: path.display().to_string(),
         message,

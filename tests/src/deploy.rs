@@ -63,9 +63,9 @@ pub enum Error {
     Yaml {
         /// Whose output.
         what: String,
-        /// The cause.
+        /// The cause (boxed: saphyr's errors carry the location and a snippet).
         #[source]
-        source: serde_saphyr::Error,
+        source: Box<serde_saphyr::Error>,
     },
     /// Objects could not be written as YAML.
     #[error("writing {what} as YAML: {source}")]
@@ -74,7 +74,7 @@ pub enum Error {
         what: String,
         /// The cause.
         #[source]
-        source: serde_saphyr::SerializeError,
+        source: Box<serde_saphyr::SerializeError>,
     },
     /// No kubectl found.
     #[error(
@@ -204,7 +204,7 @@ pub fn chart_dir() -> PathBuf {
 pub fn parse_documents(text: &str, what: &str) -> Result<Vec<Value>, Error> {
     let docs: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|source| Error::Yaml {
         what: what.to_owned(),
-        source,
+        source: Box::new(source),
     })?;
     Ok(docs.into_iter().filter(|doc| !doc.is_null()).collect())
 }
@@ -299,7 +299,7 @@ fn to_yaml_stream(docs: &[Value]) -> Result<String, Error> {
         out.push_str("---\n");
         out.push_str(&serde_saphyr::to_string(doc).map_err(|source| Error::WriteYaml {
             what: "the base".into(),
-            source,
+            source: Box::new(source),
         })?);
     }
     Ok(out)

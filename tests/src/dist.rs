@@ -49,7 +49,7 @@ pub enum Error {
     },
     /// The krew manifest could not be written as YAML.
     #[error("writing the krew manifest: {0}")]
-    Yaml(#[from] serde_saphyr::SerializeError),
+    Yaml(#[from] Box<serde_saphyr::SerializeError>),
     /// Bad options.
     #[error("{0}")]
     Usage(String),
@@ -243,7 +243,7 @@ pub fn krew_manifest(version: &str, base_url: &str, archives: &[Archive]) -> Res
             platforms: archives.iter().map(|a| krew_platform(a, base_url)).collect(),
         },
     };
-    Ok(serde_saphyr::to_string(&manifest)?)
+    serde_saphyr::to_string(&manifest).map_err(|e| Error::Yaml(Box::new(e)))
 }
 
 fn mtime() -> u64 {

@@ -536,7 +536,7 @@ mod tests {
             lab_credential: None,
             prefix: "walt".into(),
             catalog_namespace: "walt-catalog".into(),
-            lifetime: std::time::Duration::from_secs(300),
+            lifetime: std::time::Duration::from_mins(5),
         });
         assert!(issuer.is_ok(), "the issuer refused the created key");
         // Two creations never share a key.

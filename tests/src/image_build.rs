@@ -136,6 +136,8 @@ pub struct BuildOptions {
     pub layout_dir: PathBuf,
     /// Tag inside the layout.
     pub tag: String,
+    /// Cargo profile of the binaries (`release` ships; tests build `dist-check`).
+    pub profile: BuildProfile,
 }
 
 /// One built platform image.
@@ -241,9 +243,9 @@ fn cross_cc(arch: Arch) -> Result<PathBuf, Error> {
     Ok(wrapper)
 }
 
-/// Cross-compiles the static `walt-operator` for `arch` (release, stripped); returns the binary's path.
-pub fn build_binary(arch: Arch) -> Result<PathBuf, Error> {
-    build_static(arch, "walt-operator", "walt-operator")
+/// Cross-compiles the static `walt-operator` for `arch` (stripped); returns the binary's path.
+pub fn build_binary(arch: Arch, profile: BuildProfile) -> Result<PathBuf, Error> {
+    build_static_with(arch, "walt-operator", "walt-operator", profile)
 }
 
 /// The cargo profile of a static build.
@@ -253,7 +255,8 @@ pub enum BuildProfile {
     #[default]
     Release,
     /// `dist-check` (Cargo.toml): unoptimized, no debug info, many codegen units: the same binary
-    /// built in a fraction of the time, for tests of what is done with it (packaging, linking).
+    /// built in a fraction of the time, for tests of what is done with it (packaging, linking, the
+    /// images the test tiers install). Never published.
     Check,
 }
 
@@ -642,7 +645,7 @@ pub fn build(options: &BuildOptions) -> Result<Built, Error> {
     let mut platforms = Vec::new();
     let mut manifests = Vec::new();
     for &arch in &options.arches {
-        let binary = build_binary(arch)?;
+        let binary = build_binary(arch, options.profile)?;
         let image = build_platform(layout, arch, &binary)?;
         let manifest_path = layout
             .join("blobs")

@@ -59,6 +59,10 @@ pub struct UpOptions {
     /// Build the walt image for amd64 and arm64 (default: this machine's architecture only, faster).
     #[arg(long)]
     pub all_arches: bool,
+    /// Cargo profile of the walt image's binaries: `release` (optimized, what is published) or
+    /// `dist-check` (unoptimized, built in a fraction of the time; for trying a change quickly).
+    #[arg(long, default_value = "release")]
+    pub profile: String,
 }
 
 /// What `up` recorded for `down` and for the next `up`.
@@ -271,7 +275,11 @@ pub fn remote_digest(reference: &str, creds: Option<&str>) -> Option<String> {
 
 /// Builds the walt image and pushes it as `REGISTRY/walt/operator:lab` unless the registry already has
 /// that exact index; returns the index digest.
-pub fn ensure_walt_image(registry: &str, all_arches: bool) -> Result<String, Error> {
+pub fn ensure_walt_image(
+    registry: &str,
+    all_arches: bool,
+    profile: image_build::BuildProfile,
+) -> Result<String, Error> {
     let reference = format!("{registry}/walt/operator:lab");
     let arches = if all_arches {
         Arch::ALL.to_vec()
@@ -283,6 +291,7 @@ pub fn ensure_walt_image(registry: &str, all_arches: bool) -> Result<String, Err
         arches,
         layout_dir: layout.path().join("layout"),
         tag: "lab".into(),
+        profile,
     })?;
     if remote_digest(&reference, None).as_deref() == Some(built.index_digest.as_str()) {
         eprintln!("lab: {reference} is up to date ({})", built.index_digest);
@@ -858,7 +867,8 @@ pub fn up(options: &UpOptions) -> Result<(), Error> {
     state.image_registry = Some(image_registry.clone());
     save_state(&state)?;
     // 2. Images the node pulls: walt, and the registry.
-    let image_digest = ensure_walt_image(&image_registry, options.all_arches)?;
+    let profile = image_build::BuildProfile::parse(&options.profile)?;
+    let image_digest = ensure_walt_image(&image_registry, options.all_arches, profile)?;
     ensure_registry_image(&image_registry)?;
     // 3. The chart.
     let lab_registry = if state.started_cluster {

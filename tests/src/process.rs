@@ -322,3 +322,42 @@ pub fn default_sigint_in_child(command: &mut Command) {
         });
     }
 }
+
+/// Runs `command` to its end like [`Command::output`], but kills it after `limit`: a program that
+/// should exit (a startup error, a `--help`) and instead keeps running fails the test with what it
+/// printed, instead of hanging the test run.
+///
+/// # Errors
+/// It could not be started, or it was still running at `limit` (the message holds its output).
+pub fn output_within(command: &mut Command, limit: Duration) -> Result<std::process::Output, String> {
+    let program = command.get_program().to_string_lossy().into_owned();
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("starting {program}: {e}"))?;
+    let pid = child.id();
+    let (done, finished) = mpsc::channel::<()>();
+    let watchdog = thread::spawn(move || {
+        if finished.recv_timeout(limit) == Err(mpsc::RecvTimeoutError::Timeout) {
+            stop_pid(pid, Duration::from_secs(2));
+            true
+        } else {
+            false
+        }
+    });
+    let output = child.wait_with_output();
+    let _ = done.send(());
+    let killed = watchdog.join().unwrap_or(false);
+    let output = output.map_err(|e| format!("waiting for {program}: {e}"))?;
+    if killed {
+        return Err(format!(
+            "{program} was still running after {} s and was stopped; it printed:\n{}{}",
+            limit.as_secs(),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(output)
+}

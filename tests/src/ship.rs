@@ -52,6 +52,10 @@ pub enum ImageAction {
         /// Where to write the OCI image layout (default: in the walt cache).
         #[arg(long)]
         layout: Option<PathBuf>,
+        /// Cargo profile of the binaries: `release` (what is published) or `dist-check` (unoptimized,
+        /// built in a fraction of the time: what the tests install; never publish it).
+        #[arg(long, default_value = "release")]
+        profile: String,
     },
 }
 
@@ -115,8 +119,9 @@ impl Task {
                         arch,
                         insecure,
                         layout,
+                        profile,
                     },
-            } => image_build_command(push.as_deref(), &arch, insecure, layout),
+            } => image_build_command(push.as_deref(), &arch, insecure, layout, &profile),
             Task::Deploy {
                 action: DeployAction::Sync,
             } => deploy::sync_base().map_err(|e| e.to_string()),
@@ -178,7 +183,9 @@ fn image_build_command(
     arch: &[String],
     insecure: bool,
     layout: Option<PathBuf>,
+    profile: &str,
 ) -> Result<(), String> {
+    let profile = image_build::BuildProfile::parse(profile).map_err(|e| e.to_string())?;
     let arches = arch
         .iter()
         .map(|a| Arch::parse(a.trim()))
@@ -189,6 +196,7 @@ fn image_build_command(
         arches,
         layout_dir: layout.unwrap_or_else(|| deploy::cache_dir().join("image").join("layout")),
         tag,
+        profile,
     };
     let built = image_build::build(&options).map_err(|e| e.to_string())?;
     for platform in &built.platforms {

@@ -26,20 +26,6 @@ const NS: &str = "journey";
 #[derive(Debug)]
 struct Missing(String);
 
-/// The plugin binary (built from this workspace when missing).
-fn plugin() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| deploy::repo_root().join("target"), PathBuf::from);
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "-p", "kubectl-walt"])
-        .current_dir(deploy::repo_root())
-        .status()
-        .expect("run cargo build -p kubectl-walt");
-    assert!(status.success(), "cargo build -p kubectl-walt failed");
-    target.join("debug").join("kubectl-walt")
-}
-
 /// Whether the plugin has `words` as a command (its `--help` succeeds).
 fn plugin_has(plugin: &Path, words: &[&str]) -> Result<(), Missing> {
     let output = Command::new(plugin)
@@ -398,7 +384,12 @@ fn journey() {
     let lab_registry = LabRegistry::harness(&node_registry);
     // Install: the walt image where the node pulls from, then the chart.
     let started = Instant::now();
-    lab::ensure_walt_image(&node_registry, false).expect("build and push the walt image");
+    lab::ensure_walt_image(
+        &node_registry,
+        false,
+        walt_tests::image_build::BuildProfile::Check,
+    )
+    .expect("build and push the walt image");
     eprintln!(
         "journey: images built and pushed in {:.0} s",
         started.elapsed().as_secs_f64()
@@ -474,7 +465,7 @@ fn journey() {
         run(kube.kubectl().args(["create", "namespace", NS])).expect("namespace");
         let journey = Journey {
             kube: &kube,
-            plugin: plugin(),
+            plugin: walt_tests::operator::plugin_binary(),
         };
         match journey.product(&upstream) {
             Ok(()) => check_with_skopeo_and_umoci(&kube, &lab_registry),

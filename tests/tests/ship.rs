@@ -132,7 +132,7 @@ fn chart_lints_and_renders_a_complete_installation() {
         assert!(env.contains(&wanted), "operator env lacks {wanted}: {env:?}");
     }
     // Every WALT_ variable the chart sets is a flag `walt-operator run` really has.
-    let operator_binary = operator_binary();
+    let operator_binary = walt_tests::operator::operator_binary();
     let help = deploy::run(Command::new(&operator_binary).args(["run", "--help"]))
         .expect("walt-operator run --help");
     for name in env.iter().filter(|name| name.starts_with("WALT_")) {
@@ -257,20 +257,6 @@ fn chart_lints_and_renders_a_complete_installation() {
     let binfmt_help = deploy::run(Command::new(&operator_binary).args(&args).arg("--help"))
         .expect("walt-operator binfmt --help");
     assert!(binfmt_help.contains("--watch"), "{binfmt_help}");
-}
-
-/// The walt-operator binary of this workspace (built when needed).
-fn operator_binary() -> std::path::PathBuf {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "-p", "walt-operator", "--bin", "walt-operator"])
-        .current_dir(deploy::repo_root())
-        .status()
-        .expect("run cargo build -p walt-operator");
-    assert!(status.success(), "cargo build -p walt-operator failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| deploy::repo_root().join("target"), std::path::PathBuf::from);
-    target.join("debug").join("walt-operator")
 }
 
 /// Issue 15: no user role writes status (only the operator does, so the gateway can trust it).
@@ -691,7 +677,15 @@ fn image_is_a_multi_arch_index_of_static_binaries() {
     let registry = Registry::start();
     let reference = format!("{}/walt/operator:test", registry.address);
     let xtask = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .args(["xtask", "image", "build", "--push", &reference])
+        .args([
+            "xtask",
+            "image",
+            "build",
+            "--profile",
+            "dist-check",
+            "--push",
+            &reference,
+        ])
         .current_dir(deploy::repo_root())
         .output()
         .expect("run cargo xtask image build");

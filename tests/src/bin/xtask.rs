@@ -342,6 +342,21 @@ fn test(cargo_test_args: &[String]) -> Result<(), String> {
         .args(["test", "--workspace", "--no-fail-fast"])
         .args(cargo_test_args)
         .env("WALT_CLUSTER_TIER", &tier_env);
+    // `cargo test --workspace` builds both product binaries before it runs a test (the operator's and
+    // the plugin's own tests need them): tests of other packages use those instead of each running a
+    // `cargo build -p …` whose different feature set would compile the dependencies again.
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || walt_tests::deploy::repo_root().join("target"),
+        std::path::PathBuf::from,
+    );
+    for (env, binary) in [
+        ("WALT_OPERATOR_BIN", "walt-operator"),
+        ("KUBECTL_WALT_BIN", "kubectl-walt"),
+    ] {
+        if std::env::var_os(env).is_none() {
+            command.env(env, target.join("debug").join(binary));
+        }
+    }
     if let Ok(b) = &k8s {
         command.env(binaries::WALT_K8S_BIN, &b.dir);
     }

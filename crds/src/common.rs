@@ -58,6 +58,9 @@ pub mod condition_types {
     pub const REACHABLE: &str = "Reachable";
     /// Node: the node has booted its image (the ready marker exists).
     pub const BOOTED: &str = "Booted";
+    /// Node (network-booted devices): the digest walt's boot service mounted for the node is the one
+    /// the booted node reports; `False` says why not (`DigestMismatch`, `BootNotNotified`, …).
+    pub const IMAGE_VERIFIED: &str = "ImageVerified";
     /// Image: the last squash request (`kubectl walt image squash`) was carried out; `False` says why
     /// not (`SquashFailed`, `RegistryPathForbidden`: the image's reference is not the namespace's to write).
     pub const SQUASHED: &str = "Squashed";

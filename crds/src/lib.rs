@@ -26,7 +26,9 @@ pub use device::{Device, DeviceBinding, DeviceLoan, DeviceSpec, DeviceStatus, Fi
 pub use image::{CloneProgress, Image, ImageShellMode, ImageSpec, ImageStatus, Platform};
 pub use image_name::{ImageName, ImageNameError};
 pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-pub use node::{Architecture, BootMode, Node, NodeOverlay, NodePhase, NodeSpec, NodeStatus, VirtualNode};
+pub use node::{
+    Architecture, BootMode, Node, NodeBoot, NodeOverlay, NodePhase, NodeSpec, NodeStatus, VirtualNode,
+};
 pub use node_save::{
     Compression, NodeSave, NodeSavePhase, NodeSaveResult, NodeSaveSpec, NodeSaveStatus, Progress,
 };

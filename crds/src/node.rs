@@ -237,17 +237,42 @@ pub struct NodeStatus {
     /// Where the operator reaches the node (its Device's address, or the virtual node's pod).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
-    /// The image the node booted, and its digest then.
+    /// The image the node booted, and its digest then. For a Device walt network-boots, set only
+    /// once verified (condition `ImageVerified`): the digest the boot service mounted is the one the
+    /// booted node reports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub booted_image: Option<ImageDigestRef>,
+    /// What walt's boot service saw of the node's latest network boot (Devices it network-boots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<NodeBoot>,
     /// The node's SSH host key (pinned or first seen), enforced on every connection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_key: Option<String>,
     /// When the operator last reached the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<Time>,
-    /// Standard conditions: `Reachable`, `Booted`.
+    /// Standard conditions: `Reachable`, `Booted`, `ImageVerified` (network-booted Devices).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::schema::conditions")]
     pub conditions: Vec<Condition>,
+}
+
+/// What walt's boot service saw of a node's latest network boot, and the boot watchdog's count.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeBoot {
+    /// The digest whose root the boot service mounted for the node (its latest boot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 200))]
+    pub served: Option<String>,
+    /// The digest the booted node reported (its boot notification).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 200))]
+    pub reported: Option<String>,
+    /// When the boot the watchdog waits for started (the reboot sent, or the root mounted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    /// Retries of that boot so far (the watchdog gives up after 9, WalT's default).
+    #[serde(default)]
+    pub retries: u32,
 }

@@ -514,7 +514,7 @@ mod tests {
             values(&["node", "create-virtual", "x", "--image", "r"]).0,
             ["rpi-debian"]
         );
-        assert_eq!(values(&["help", "show", "node"]).0, ["node-save"]);
+        assert_eq!(values(&["help", "show", "node"]).0, ["node-save", "node-bootup"]);
     }
 
     #[test]

@@ -60,6 +60,28 @@ fn booted(node: &Node) -> String {
         )
 }
 
+/// What walt's boot service served the node (its latest network boot) and what was verified.
+fn served(node: &Node) -> String {
+    let status = node.status.as_ref();
+    let boot = status.and_then(|s| s.boot.as_ref());
+    let Some(served) = boot.and_then(|b| b.served.as_deref()) else {
+        return "-".into();
+    };
+    let verified = status
+        .and_then(|s| walt_crds::find_condition(&s.conditions, walt_crds::condition_types::IMAGE_VERIFIED))
+        .map_or_else(
+            || "not verified".to_string(),
+            |c| {
+                if c.status == "True" {
+                    "verified".to_string()
+                } else {
+                    format!("not verified: {}", c.reason)
+                }
+            },
+        );
+    format!("{} ({verified})", short_digest(served))
+}
+
 fn virtual_text(node: &Node) -> String {
     node.spec.virtual_node.as_ref().map_or_else(
         || "-".into(),
@@ -79,7 +101,7 @@ pub fn node_table(nodes: &[Node], format: OutputFormat) -> String {
     let wide = format == OutputFormat::Wide;
     let mut headers = vec!["NAME", "MODEL", "IMAGE", "PHASE", "AGE"];
     if wide {
-        headers.extend(["ADDRESS", "BOOTED", "BOOT-MODE", "VIRTUAL"]);
+        headers.extend(["ADDRESS", "BOOTED", "SERVED", "BOOT-MODE", "VIRTUAL"]);
     }
     let mut table = Table::new(headers);
     for node in nodes {
@@ -98,6 +120,7 @@ pub fn node_table(nodes: &[Node], format: OutputFormat) -> String {
                     .unwrap_or_else(|| "-".into()),
             );
             row.push(booted(node));
+            row.push(served(node));
             row.push(format!("{:?}", node.spec.boot_mode).to_lowercase());
             row.push(
                 node.spec
@@ -127,6 +150,7 @@ pub fn node_page(node: &Node, events: &[Event]) -> String {
     line(&mut out, "Model", node.spec.model.clone());
     line(&mut out, "Image", node_image(node));
     line(&mut out, "Booted", booted(node));
+    line(&mut out, "Served", served(node));
     line(&mut out, "Phase", node_phase(node));
     line(
         &mut out,
@@ -427,7 +451,35 @@ mod tests {
         assert_eq!(lines[0], "NAME     MODEL       IMAGE     PHASE   AGE");
         assert!(lines[1].starts_with("vnode1   pc-x86-64   pc-base   Ready   "));
         let wide = node_table(&[node()], OutputFormat::Wide);
-        assert!(wide.contains("10.1.2.3:22   pc-base@sha256:0123456789ab   volatile    amd64"));
+        assert!(wide.contains("10.1.2.3:22   pc-base@sha256:0123456789ab   -        volatile    amd64"));
+    }
+
+    #[test]
+    fn a_network_booted_node_shows_what_was_served_and_whether_it_is_verified() {
+        let mut n = node();
+        let status = n.status.get_or_insert_with(NodeStatus::default);
+        status.boot = Some(walt_crds::NodeBoot {
+            served: Some("sha256:0123456789abcdef0123456789".into()),
+            ..walt_crds::NodeBoot::default()
+        });
+        status.conditions.push(walt_crds::new_condition(
+            walt_crds::condition_types::IMAGE_VERIFIED,
+            walt_crds::ConditionStatus::False,
+            "DigestMismatch",
+            "served a, reports b",
+            None,
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        ));
+        let page = node_page(&n, &[]);
+        assert!(
+            page.contains("Served:      sha256:0123456789ab (not verified: DigestMismatch)\n"),
+            "{page}"
+        );
+        if let Some(condition) = n.status.as_mut().and_then(|s| s.conditions.first_mut()) {
+            condition.status = "True".into();
+        }
+        let wide = node_table(&[n], OutputFormat::Wide);
+        assert!(wide.contains("sha256:0123456789ab (verified)"), "{wide}");
     }
 
     #[test]
@@ -435,6 +487,7 @@ mod tests {
         let page = node_page(&node(), &[]);
         assert!(page.contains("Name:        vnode1\n"));
         assert!(page.contains("Booted:      pc-base@sha256:0123456789ab\n"));
+        assert!(page.contains("Served:      -\n"));
         assert!(page.contains("Virtual:     amd64, 512Mi memory, 1 cpu\n"));
         assert!(page.contains("Conditions:\n  <none>\nEvents:\n  <none>\n"));
     }

@@ -32,6 +32,11 @@ pub const TOPICS: &[Topic] = &[
         text: BOOT_MODES,
     },
     Topic {
+        name: "node-bootup",
+        summary: "how lab devices network-boot their image, and how walt checks what booted",
+        text: NODE_BOOTUP,
+    },
+    Topic {
         name: "images",
         summary: "images, names, registries, cloning, copying files, squashing",
         text: IMAGES,
@@ -155,6 +160,36 @@ Rebooting:
 `kubectl walt node wait NODES` returns once they are booted and reachable again.
 ";
 
+const NODE_BOOTUP: &str = "\
+NODE BOOTUP
+
+Lab devices (and VM nodes) boot over the network from walt's boot service, the way a WalT server
+boots them; WalT images boot unchanged.
+
+  1. The device powers on; its firmware (iPXE on PCs, the Raspberry Pi boot ROM, u-boot) asks DHCP.
+     The boot service knows it by the MAC of its Device (spec.mac, spec.firmware) and answers with
+     its address, the node name as host name, and where its boot files are.
+  2. The firmware loads the boot script and kernel from the image's /boot/<model>/ (TFTP or HTTP).
+  3. The kernel mounts the image read-only over NFSv3 (/var/lib/walt/nodes/<mac>/fs) and runs
+     /bin/walt-init. The boot service serves the image from its OCI layers, by digest, under a small
+     top layer of the node's own (never written into the image): walt-init and its helpers,
+     /bin/walt-env, /etc/walt/image-digest (the digest served), root's authorized_keys (the lab's key)
+     and the device's SSH host key.
+  4. walt-init stacks a RAM overlay over the image (your changes land in /run/walt/rootfs/mnt/fs_rw),
+     sets the clock from the boot service (port 12345), and starts /sbin/init.
+  5. Once sshd listens, the node writes /run/uptime-ready and notifies the boot service (port 12347),
+     saying which digest it booted; it keeps that connection open while it runs.
+
+What booted is checked, not assumed: the boot service records which digest it served to which MAC
+(DHCP, TFTP, HTTP, NFS mount), the node reports the digest it booted, and the operator sets the Node's
+bootedImage only when both agree (condition ImageVerified; DigestMismatch or BootNotNotified say why
+not). `kubectl walt node show NODE` shows the served and verified digests.
+
+A boot that sends no notification within 180 s is retried (a reboot, or an Event asking for a power
+cycle when the device does not answer), 9 times at most (WalT's defaults): then Booted=False with
+reason BootFailed. A device the boot service does not know gets nothing.
+";
+
 const IMAGES: &str = "\
 IMAGES
 
@@ -261,6 +296,7 @@ mod tests {
             "shells",
             "node-save",
             "boot-modes",
+            "node-bootup",
             "images",
             "virtual-nodes",
             "devices",

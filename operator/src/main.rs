@@ -52,6 +52,7 @@ fn main() {
         Command::Gateway(args) => ssh::cli::run_gateway(args),
         Command::Vnode(args) => ssh::vnode::run(args),
         Command::Binfmt(args) => binfmt::run(args),
+        Command::BootServer(args) if args.from_cluster => controller::boot_source::run(args),
         Command::BootServer(args) => boot::cli::run(args),
     };
     match outcome {

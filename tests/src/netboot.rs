@@ -238,9 +238,10 @@ pub fn initramfs(kernel: &DebianKernel) -> Result<Vec<u8>, FixtureError> {
     cpio.finish()
 }
 
-/// WalT's `walt-init` as the image runs it: a RAM overlay (upper dir at the WalT path
+/// A plain `walt-init` for the reference servers of the benchmarks (walt's boot service serves its
+/// own in the node's top layer; images carry none): a RAM overlay (upper dir at the WalT path
 /// `/run/walt/rootfs/mnt/fs_rw`) over the read-only NFS root, then `/sbin/init`.
-const WALT_INIT: &str = r"#!/bin/sh
+const PLAIN_WALT_INIT: &str = r"#!/bin/sh
 mount -t proc proc /proc
 mount -t tmpfs -o mode=755 tmpfs /run
 mkdir -p /run/walt/rootfs/mnt/fs_rw /run/walt/rootfs/mnt/fs_work
@@ -260,10 +261,11 @@ nfsroot=${next-server}:/var/lib/walt/nodes/${mac}/fs\n\
 initrd initrd.img\n\
 boot\n";
 
-/// Makes a WalT image root for VM nodes in `dest`: busybox, `walt-init`, an init that prints
-/// [`BOOTED_MARKER`] and writes `/run/uptime-ready` (the read-only NFS root stays visible at
-/// `/mnt`, under the overlay), and `/boot/<MODEL>/` with the kernel, the
-/// initramfs and `start.ipxe` (the kernel reached through a relative symlink, as WalT images do).
+/// Makes a WalT image root for VM nodes in `dest`: busybox, an init that prints [`BOOTED_MARKER`]
+/// (with the host name, the uptime and the digest in `/etc/walt/image-digest`) and writes
+/// `/run/uptime-ready`, and `/boot/<MODEL>/` with the kernel, the initramfs and `start.ipxe` (the
+/// kernel reached through a relative symlink, as WalT images do). Like a WalT image, it has no
+/// `walt-init`: the server adds it (see [`add_plain_walt_init`] for servers that do not).
 pub fn vm_image_root(dest: &Path, kernel: &DebianKernel) -> Result<(), FixtureError> {
     busybox_rootfs(Arch::Amd64, dest)?;
     let boot = dest.join("boot").join(MODEL);
@@ -285,7 +287,6 @@ pub fn vm_image_root(dest: &Path, kernel: &DebianKernel) -> Result<(), FixtureEr
         .map_err(io("linking the kernel"))?;
     write(boot.join("initrd.img"), &initramfs(kernel)?, 0o644)?;
     write(boot.join("start.ipxe"), START_IPXE.as_bytes(), 0o644)?;
-    write(dest.join("bin/walt-init"), WALT_INIT.as_bytes(), 0o755)?;
     write(
         dest.join("etc/inittab"),
         b"::sysinit:/etc/init.d/rcS\nttyS0::respawn:/bin/sh\n",
@@ -296,9 +297,18 @@ pub fn vm_image_root(dest: &Path, kernel: &DebianKernel) -> Result<(), FixtureEr
          mkdir -p /run/sshd /var/log\n\
          [ -x /usr/sbin/sshd ] && /usr/sbin/sshd -f /etc/ssh/sshd_config -E /run/sshd.log\n\
          echo booted > /run/uptime-ready\n\
-         echo \"{BOOTED_MARKER} $(hostname) $(cut -d' ' -f1 /proc/uptime) $(cat /etc/walt-image-id 2>/dev/null)\"\n"
+         echo \"{BOOTED_MARKER} $(hostname) $(cut -d' ' -f1 /proc/uptime) $(cat /etc/walt/image-digest 2>/dev/null)\"\n"
     );
     write(dest.join("etc/init.d/rcS"), rcs.as_bytes(), 0o755)
+}
+
+/// Adds [`PLAIN_WALT_INIT`] to an image root, for servers that do not add their own (the
+/// benchmarks' `dnsmasq` + `nfs-ganesha` reference).
+pub fn add_plain_walt_init(root: &Path) -> Result<(), FixtureError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = root.join("bin/walt-init");
+    std::fs::write(&path, PLAIN_WALT_INIT).map_err(io("writing walt-init"))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).map_err(io("chmod"))
 }
 
 /// A lab network: a network namespace the test creates, holding a bridge (`br0`, `10.123.N.1/24`,
@@ -380,6 +390,8 @@ impl VmNode {
             .args(["netns", "exec", &net.netns, "qemu-system-x86_64"])
             .args(["-machine", "q35", "-accel", "tcg", "-m", "512", "-smp", "1"])
             .args(["-display", "none", "-monitor", "none", "-no-reboot", "-boot", "n"])
+            // A clock far in the past: only the boot service's clock sync sets it right.
+            .args(["-rtc", "base=2001-01-01T00:00:00"])
             .arg("-serial")
             .arg(format!("file:{}", console.display()))
             .arg("-netdev")
@@ -437,9 +449,9 @@ impl VmNode {
 }
 
 /// Copies the host's OpenSSH server (Debian's `openssh-server`) and the libraries it links into an
-/// image root, with a host key, a configuration for root logins by key and `authorized_key` for
-/// root: the VM node serves SSH like a WalT node.
-pub fn install_host_sshd(dest: &Path, authorized_key: &str) -> Result<(), FixtureError> {
+/// image root, with a host key of its own, a configuration for root logins by key and, when given,
+/// `authorized_key` for root: the VM node serves SSH like a WalT node.
+pub fn install_host_sshd(dest: &Path, authorized_key: Option<&str>) -> Result<(), FixtureError> {
     require_tool("sshd", "openssh-server")?;
     require_tool("ssh-keygen", "openssh-client")?;
     require_tool("ldd", "libc-bin")?;
@@ -478,11 +490,10 @@ pub fn install_host_sshd(dest: &Path, authorized_key: &str) -> Result<(), Fixtur
          StrictModes no\nPidFile /run/sshd.pid\nAuthorizedKeysFile /root/.ssh/authorized_keys\n",
     )
     .map_err(io("writing sshd_config"))?;
-    std::fs::write(
-        dest.join("root/.ssh/authorized_keys"),
-        format!("{authorized_key}\n"),
-    )
-    .map_err(io("writing authorized_keys"))?;
+    if let Some(key) = authorized_key {
+        std::fs::write(dest.join("root/.ssh/authorized_keys"), format!("{key}\n"))
+            .map_err(io("writing authorized_keys"))?;
+    }
     let passwd = dest.join("etc/passwd");
     let mut users = std::fs::read_to_string(&passwd).map_err(io("reading passwd"))?;
     users.push_str("sshd:x:100:65534::/run/sshd:/usr/sbin/nologin\n");
@@ -502,17 +513,32 @@ impl BootServer {
     /// # Panics
     /// When it does not start (test helper).
     pub fn start(net: &LabNetwork, dir: &Path, registry: Option<&Registry>, extra: &[String]) -> BootServer {
+        let mut with_netns = vec!["--netns".to_string(), net.netns.clone()];
+        with_netns.extend_from_slice(extra);
+        Self::start_with(dir, registry, &with_netns, &[])
+    }
+
+    /// Starts `walt-operator boot-server` with `args` and `env` (no network namespace unless `args`
+    /// names one), its journal and cache in `dir`, and waits until it listens.
+    ///
+    /// # Panics
+    /// When it does not start (test helper).
+    pub fn start_with(
+        dir: &Path,
+        registry: Option<&Registry>,
+        args: &[String],
+        env: &[(&str, &Path)],
+    ) -> BootServer {
         let journal = dir.join("journal.jsonl");
         let mut command = Command::new(operator_binary());
+        command.envs(env.iter().map(|(k, v)| (*k, *v)));
         command
             .arg("boot-server")
-            .arg("--netns")
-            .arg(&net.netns)
             .arg("--journal")
             .arg(&journal)
             .arg("--cache-dir")
             .arg(dir.join("cache"))
-            .args(extra);
+            .args(args);
         if let Some(registry) = registry {
             command.arg("--insecure-registry").arg(registry.host());
         }

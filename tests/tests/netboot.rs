@@ -5,21 +5,28 @@
 //!    chain into `/boot/<model>/`) served over NFSv3 (checked with libnfs's `nfs-ls`/`nfs-cat`, a
 //!    client independent of ours, through the portmapper), TFTP (busybox `tftp` with `blksize`) and
 //!    HTTP (busybox `wget`), under the three export keys (MAC, address, host name); an unknown key is
-//!    refused; the journal records the image digest served at MOUNT, TFTP and HTTP time.
+//!    refused; the journal records the image digest served at MOUNT, TFTP and HTTP time. The node's
+//!    top layer (walt's scripts, `walt-env`, the digest) is served above the image; the node services
+//!    answer WalT's protocol (`socat` as the client): the clock, and boot notifications whose digest
+//!    the boot records judge (verified, or a mismatch).
 //! 2. A VM node (`qemu-system-x86_64 -accel tcg`, iPXE ROM) on a bridge in a lab namespace powers on,
 //!    gets its address and boot file from our authoritative DHCP, loads `start.ipxe`, the Debian
 //!    kernel and an initramfs over HTTP, mounts its root read-only over NFSv3 from our server,
-//!    `walt-init` stacks the RAM overlay, and init prints the booted marker on the serial console. The
-//!    figures (power-on → DHCP → kernel → NFS mount → booted) are printed. A VM whose MAC is not
-//!    registered gets no image.
+//!    walt's `walt-init` (from the node's top layer: the image has none) stacks the RAM overlay, sets
+//!    the clock from the boot service (the VM's starts in 2001), and notifies the boot with the
+//!    digest it booted; the boot records say verified. SSH logs in with the key the boot service was
+//!    given, to the device's host key (neither is in the image). The figures (power-on → DHCP →
+//!    kernel → NFS mount → booted) are printed. A change on the node (a new file, a deletion) is saved
+//!    with `walt-operator save`; a VM whose MAC is not registered gets no image; the node then boots
+//!    the saved image (verified: the saved digest) and finds its change.
 
 use std::process::Command;
 use std::time::Duration;
 
 use walt_tests::images::{Arch, OciLayout};
 use walt_tests::netboot::{
-    BOOTED_MARKER, BootServer, LabNetwork, MODEL, ReferenceServers, VmNode, debian_kernel, in_netns,
-    install_host_sshd, output, vm_image_root,
+    BOOTED_MARKER, BootServer, LabNetwork, MODEL, ReferenceServers, VmNode, add_plain_walt_init,
+    debian_kernel, in_netns, install_host_sshd, output, vm_image_root,
 };
 use walt_tests::registry::Registry;
 use walt_tests::{require_root, run};
@@ -29,6 +36,54 @@ fn entries<'a>(journal: &'a [serde_json::Value], protocol: &str) -> Vec<&'a serd
 }
 
 const MAC: &str = "52:54:00:aa:00:01";
+
+/// Where the boot server serves its boot records (inside the lab namespace).
+const STATUS: &str = "127.0.0.1:9470";
+
+/// The boot records (`GET /boots`), fetched inside the lab namespace with busybox `wget`.
+fn boots(net: &LabNetwork) -> Vec<serde_json::Value> {
+    let (ok, body) = output(
+        in_netns(net, "busybox")
+            .args(["wget", "-q", "-O", "-"])
+            .arg(format!("http://{STATUS}/boots")),
+    );
+    assert!(ok, "GET /boots: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET /boots is not JSON ({e}): {body}"))
+}
+
+/// The boot record of `mac`.
+fn boot_of(net: &LabNetwork, mac: &str) -> serde_json::Value {
+    boots(net)
+        .into_iter()
+        .find(|b| b["mac"] == mac)
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// Speaks WalT's line protocol to a node service with `socat` (not our code): `lines` sent, then
+/// what the service answered before closing.
+fn node_service(net: &LabNetwork, port: u16, lines: &str) -> String {
+    use std::io::Write as _;
+    let mut child = in_netns(net, "socat")
+        .args(["-t", "5", "-", &format!("TCP:127.0.0.1:{port}")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("socat");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(lines.as_bytes())
+        .expect("write to socat");
+    let out = child.wait_with_output().expect("socat");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
 
 #[test]
 fn boot_service_serves_an_oci_image_over_nfs_tftp_and_http() {
@@ -76,7 +131,7 @@ fn boot_service_serves_an_oci_image_over_nfs_tftp_and_http() {
         &net,
         scratch.path(),
         Some(&registry),
-        &["--device".into(), device],
+        &["--device".into(), device, "--status-listen".into(), STATUS.into()],
     );
 
     // NFS, through the portmapper, with libnfs (not our code).
@@ -106,6 +161,75 @@ fn boot_service_serves_an_oci_image_over_nfs_tftp_and_http() {
         "nfs-cat of a 3 MB file: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The node's top layer, above the image: the digest it boots, walt-env, walt's scripts.
+    let (ok, served_digest) = output(
+        in_netns(&net, "nfs-cat").arg("nfs://127.0.0.1/var/lib/walt/nodes/node1/fs/etc/walt/image-digest"),
+    );
+    assert!(
+        ok && served_digest == format!("{digest}\n"),
+        "image-digest: {served_digest}"
+    );
+    let (ok, env) =
+        output(in_netns(&net, "nfs-cat").arg("nfs://127.0.0.1/var/lib/walt/nodes/node1/fs/bin/walt-env"));
+    assert!(
+        ok && env.contains(&format!("export walt_image_id='{digest}'"))
+            && env.contains("export walt_server_notify_bootup_port='12347'"),
+        "walt-env: {env}"
+    );
+    let (ok, init) = output(
+        in_netns(&net, "nfs-ls").arg("nfs://127.0.0.1/var/lib/walt/nodes/node1/fs/bin/_walt_internal_"),
+    );
+    assert!(
+        ok && init.contains("walt-notify-bootup") && init.contains("walt-clock-sync"),
+        "walt's scripts: {init}"
+    );
+
+    // The node API (WalT's sync_clock) and boot notifications, spoken by socat.
+    let answer = node_service(
+        &net,
+        12345,
+        "REQ_API_SESSION\nNSAPI\n('API_CALL', 'sync_clock', (), {})\n",
+    );
+    let time: u64 = answer
+        .lines()
+        .nth(1)
+        .and_then(|l| l.strip_prefix("('RESULT', "))
+        .and_then(|l| l.strip_suffix(')'))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("sync_clock answer: {answer:?}"));
+    assert!(time.abs_diff(unix_now()) < 10, "sync_clock says {time}");
+    assert_eq!(
+        boot_of(&net, MAC)["verdict"]["reason"],
+        "BootNotNotified",
+        "mounted, not notified yet"
+    );
+    let ok = node_service(
+        &net,
+        12347,
+        &format!("REQ_NOTIFY_BOOTUP_STATUS\nwalt_image_id={digest}\n"),
+    );
+    assert_eq!(
+        ok, "OK\n",
+        "the notification is acknowledged like WalT's server does"
+    );
+    let record = boot_of(&net, MAC);
+    assert_eq!(record["verdict"]["reason"], "Verified", "{record}");
+    assert_eq!(record["verdict"]["digest"], digest.as_str(), "{record}");
+    let other = format!("sha256:{}", "0".repeat(64));
+    node_service(
+        &net,
+        12347,
+        &format!("REQ_NOTIFY_BOOTUP_STATUS\nwalt_image_id={other}\n"),
+    );
+    let record = boot_of(&net, MAC);
+    assert_eq!(record["verdict"]["reason"], "DigestMismatch", "{record}");
+    assert!(
+        record["verdict"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&other)),
+        "{record}"
+    );
+
     let (ok, refused) =
         output(in_netns(&net, "nfs-ls").arg("nfs://127.0.0.1/var/lib/walt/nodes/someone-else/fs/"));
     assert!(
@@ -167,8 +291,16 @@ fn vm_node_network_boots_its_image() {
         .args(["-q", "-t", "ed25519", "-N", "", "-f"])
         .arg(&client_key))
     .expect("client key");
-    let public = std::fs::read_to_string(client_key.with_extension("pub")).expect("public key");
-    install_host_sshd(&root, public.trim()).expect("sshd in the image");
+    // The image has its own host key and no authorized key: the boot service serves the device's.
+    install_host_sshd(&root, None).expect("sshd in the image");
+    std::fs::write(root.join("etc/delete-me"), "deleted on the node, then saved\n")
+        .expect("a file to delete");
+    let host_key = scratch.path().join("device_host_key");
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "vm1", "-f"])
+        .arg(&host_key))
+    .expect("device host key");
+    let host_public = std::fs::read_to_string(host_key.with_extension("pub")).expect("host public key");
     let registry = Registry::start().expect("registry");
     let layout = OciLayout::new().expect("layout");
     layout.new_image("empty", Arch::Amd64).expect("new image");
@@ -179,9 +311,10 @@ fn vm_node_network_boots_its_image() {
     let digest = layout.push("vm", &registry, "netboot/vm:latest").expect("push");
     let mut net = LabNetwork::create(202).expect("lab network");
     let device = format!(
-        "mac={MAC},ip={},name=vm1,model={MODEL},image={}",
+        "mac={MAC},ip={},name=vm1,model={MODEL},image={},host-key={}",
         net.device_ip(0),
-        registry.reference("netboot/vm:latest")
+        registry.reference("netboot/vm:latest"),
+        host_key.display()
     );
     let server = BootServer::start(
         &net,
@@ -196,8 +329,14 @@ fn vm_node_network_boots_its_image() {
             "authoritative".into(),
             "--dhcp-interface".into(),
             "br0".into(),
+            "--authorized-keys".into(),
+            client_key.with_extension("pub").display().to_string(),
+            "--status-listen".into(),
+            STATUS.into(),
         ],
     );
+    let known_hosts = scratch.path().join("known_hosts");
+    std::fs::write(&known_hosts, format!("{} {}", net.device_ip(0), host_public)).expect("known_hosts");
 
     let mut vm = VmNode::power_on(&mut net, MAC, scratch.path()).expect("power on");
     let booted = vm
@@ -213,6 +352,10 @@ fn vm_node_network_boots_its_image() {
         marker.contains("vm1"),
         "the host name is the node name from DHCP: {marker}"
     );
+    assert!(
+        marker.contains(&digest),
+        "the node reads the digest it booted from its top layer: {marker}"
+    );
 
     // SSH into the node: its root is the image over NFS, read-only, under a RAM overlay whose upper
     // dir is at the WalT path.
@@ -221,14 +364,9 @@ fn vm_node_network_boots_its_image() {
             in_netns(&net, "ssh")
                 .arg("-i")
                 .arg(&client_key)
-                .args([
-                    "-o",
-                    "StrictHostKeyChecking=no",
-                    "-o",
-                    "UserKnownHostsFile=/dev/null",
-                    "-o",
-                    "BatchMode=yes",
-                ])
+                .args(["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"])
+                .arg("-o")
+                .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
                 .args(["-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR"])
                 .arg(format!("root@{}", net.device_ip(0)))
                 .arg(command),
@@ -255,6 +393,27 @@ fn vm_node_network_boots_its_image() {
         mounts.contains("\nnote\n") && mounts.contains("booted"),
         "changes land in the upper dir at the WalT path: {mounts}"
     );
+    let (ok, clock) = ssh("date +%s");
+    let clock: u64 = clock
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("date: {clock} ({ok})"));
+    assert!(
+        clock.abs_diff(unix_now()) < 120,
+        "the clock (2001 at power-on) was set by the boot service: {clock}"
+    );
+
+    // The boot notification: the node says which digest it booted, and it is the one mounted.
+    let verified = walt_tests::wait::Wait::new("the boot notification", Duration::from_mins(1))
+        .every(Duration::from_millis(500))
+        .until(|| boot_of(&net, MAC)["verdict"]["reason"] == "Verified");
+    verified.unwrap_or_else(|e| panic!("{e}: {}", boot_of(&net, MAC)));
+    let record = boot_of(&net, MAC);
+    assert_eq!(record["verdict"]["digest"], digest.as_str(), "{record}");
+    assert_eq!(
+        record["up"], true,
+        "the notification connection is held: {record}"
+    );
 
     let journal = server.journal();
     let first = |protocol: &str, path: &str| {
@@ -269,6 +428,7 @@ fn vm_node_network_boots_its_image() {
         ("http", "vmlinuz"),
         ("http", "initrd.img"),
         ("nfs-mount", MAC),
+        ("boot-notification", "booted"),
     ] {
         let entry = first(protocol, path);
         assert_eq!(
@@ -279,22 +439,37 @@ fn vm_node_network_boots_its_image() {
         assert_eq!(entry["mac"], MAC, "{entry}");
     }
     let at = |protocol: &str, path: &str| first(protocol, path)["at_ms"].as_u64().unwrap_or_default();
+    assert_eq!(first("boot-notification", "booted")["reported"], digest.as_str());
+    assert!(
+        journal
+            .iter()
+            .any(|e| e["protocol"] == "node-api" && e["path"] == "sync_clock" && e["mac"] == MAC),
+        "the clock sync is journaled: {journal:?}"
+    );
     let dhcp = at("dhcp", "offer");
     let kernel_at = at("http", "vmlinuz");
     let mount = at("nfs-mount", MAC);
+    let notified = at("boot-notification", "booted");
     println!(
         "figures: power-on → booted marker {:.1} s, → SSH ready {:.1} s; DHCP offer → kernel request {:.1} s; kernel request → NFS mount {:.1} s; \
-         console marker: {marker}",
+         NFS mount → boot notification {:.1} s; console marker: {marker}",
         booted.as_secs_f64(),
         ssh_at.as_secs_f64(),
         (kernel_at.saturating_sub(dhcp)) as f64 / 1000.0,
         (mount.saturating_sub(kernel_at)) as f64 / 1000.0,
+        (notified.saturating_sub(mount)) as f64 / 1000.0,
     );
+
+    // A change on the node (a new file, a deleted one), saved as a new image over SSH.
+    let (ok, out) = ssh("echo kept > /root/saved-note && rm /etc/delete-me");
+    assert!(ok, "the change: {out}");
+    let saved = save_node(&net, &client_key, &host_key.with_extension("pub"), &registry);
+    assert_ne!(saved, digest);
     drop(vm);
 
     // A device nobody registered: DHCP records it and serves nothing.
     let stranger = "52:54:00:aa:00:99";
-    let _vm2 = VmNode::power_on(&mut net, stranger, scratch.path()).expect("power on");
+    let stranger_vm = VmNode::power_on(&mut net, stranger, scratch.path()).expect("power on");
     let refused = walt_tests::wait::Wait::new("the unknown device's DHCP request", Duration::from_secs(90))
         .every(Duration::from_millis(200))
         .until(|| {
@@ -313,6 +488,117 @@ fn vm_node_network_boots_its_image() {
             .any(|e| e["mac"] == stranger && e["digest"].is_string()),
         "nothing is served to an unknown device"
     );
+    drop(stranger_vm);
+    drop(server);
+
+    // The node boots the saved image (its binding moved to the saved tag: a new boot service): the
+    // verified digest is the saved one, and the node finds its change.
+    let second = scratch.path().join("second");
+    std::fs::create_dir_all(&second).expect("second dir");
+    let device = format!(
+        "mac={MAC},ip={},name=vm1,model={MODEL},image={},host-key={}",
+        net.device_ip(0),
+        registry.reference("netboot/vm:saved"),
+        host_key.display()
+    );
+    let _server = BootServer::start(
+        &net,
+        &second,
+        Some(&registry),
+        &[
+            "--device".into(),
+            device,
+            "--listen".into(),
+            net.server.to_string(),
+            "--dhcp".into(),
+            "authoritative".into(),
+            "--dhcp-interface".into(),
+            "br0".into(),
+            "--authorized-keys".into(),
+            client_key.with_extension("pub").display().to_string(),
+            "--status-listen".into(),
+            STATUS.into(),
+        ],
+    );
+    let mut vm = VmNode::power_on(&mut net, MAC, &second).expect("power on again");
+    let rebooted = vm
+        .wait_console(BOOTED_MARKER, Duration::from_mins(5))
+        .expect("the VM boots the saved image");
+    walt_tests::wait::Wait::new("the saved image's boot notification", Duration::from_mins(2))
+        .every(Duration::from_millis(500))
+        .until(|| boot_of(&net, MAC)["verdict"]["digest"] == saved.as_str())
+        .unwrap_or_else(|e| panic!("{e}: {}\n{}", boot_of(&net, MAC), vm.console()));
+    let (ok, found) = ssh_to(
+        &net,
+        &client_key,
+        &known_hosts,
+        "cat /root/saved-note /root/note; test -e /etc/delete-me && echo still-there || echo deleted; cat /etc/walt/image-digest",
+    );
+    assert!(ok, "ssh to the rebooted node: {found}");
+    assert_eq!(
+        found,
+        format!("kept\nchanged\ndeleted\n{saved}\n"),
+        "the node runs the saved image with the changes (deletion included)"
+    );
+    println!(
+        "figures: boot of the saved image: power-on → booted marker {:.1} s",
+        rebooted.as_secs_f64()
+    );
+}
+
+/// `ssh root@<device 0>` inside `net` with the client key, checking the device's host key.
+fn ssh_to(
+    net: &LabNetwork,
+    key: &std::path::Path,
+    known_hosts: &std::path::Path,
+    command: &str,
+) -> (bool, String) {
+    output(
+        in_netns(net, "ssh")
+            .arg("-i")
+            .arg(key)
+            .args(["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"])
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+            .args(["-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR"])
+            .arg(format!("root@{}", net.device_ip(0)))
+            .arg(command),
+    )
+}
+
+/// Saves the changes of the node at device 0 of `net` as `netboot/vm:saved` on top of
+/// `netboot/vm:latest` (`walt-operator save` over SSH through the lab namespace); the new digest.
+fn save_node(
+    net: &LabNetwork,
+    key: &std::path::Path,
+    host_key: &std::path::Path,
+    registry: &Registry,
+) -> String {
+    let out = Command::new(walt_tests::operator::operator_binary())
+        .args([
+            "save",
+            "--node",
+            &format!("root@{}", net.device_ip(0)),
+            "--identity",
+        ])
+        .arg(key)
+        .arg("--host-key")
+        .arg(host_key)
+        .args([
+            "--proxy-command",
+            &format!("ip netns exec {} socat - TCP:%h:%p", net.netns),
+        ])
+        .args(["--base", &registry.reference("netboot/vm:latest")])
+        .args(["--to", &registry.reference("netboot/vm:saved")])
+        .args(["--insecure-registry", &registry.host()])
+        .output()
+        .expect("walt-operator save");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "walt-operator save: {stderr}");
+    assert!(stderr.contains("1 deleted"), "the deletion is saved: {stderr}");
+    let digest = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(digest.starts_with("sha256:"), "save printed {digest:?}");
+    digest
 }
 
 /// Side by side, in one run (`cargo test -p walt-tests --test netboot bench_vm -- --ignored --nocapture`):
@@ -332,7 +618,7 @@ fn bench_vm_boot_vs_dnsmasq_and_ganesha() {
         .arg(&client_key))
     .expect("client key");
     let public = std::fs::read_to_string(client_key.with_extension("pub")).expect("public key");
-    install_host_sshd(&root, public.trim()).expect("sshd in the image");
+    install_host_sshd(&root, Some(public.trim())).expect("sshd in the image");
     let registry = Registry::start().expect("registry");
     let layout = OciLayout::new().expect("layout");
     layout.new_image("empty", Arch::Amd64).expect("new image");
@@ -340,6 +626,8 @@ fn bench_vm_boot_vs_dnsmasq_and_ganesha() {
         .add_layer_from_dir("empty", "vm", &root)
         .expect("image layer");
     layout.push("vm", &registry, "netboot/vm:latest").expect("push");
+    // The reference serves the root as it is: it needs the walt-init walt's boot service adds.
+    add_plain_walt_init(&root).expect("walt-init for the reference");
     // The reference's TFTP root: the same boot files, with the NFS root at the export's own path.
     let tftp = scratch.path().join("tftp");
     std::fs::create_dir_all(&tftp).expect("tftp root");
@@ -522,4 +810,206 @@ fn bench_nfs_reads_vs_ganesha() {
         ours.1,
         theirs.1
     );
+}
+
+/// Runs kubectl on the shared control plane with `input` on stdin.
+fn kubectl_stdin(cluster: &walt_tests::k8s::Cluster, args: &[&str], input: &str) -> String {
+    use std::io::Write as _;
+    let mut child = cluster
+        .kubectl()
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run kubectl");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write kubectl input");
+    let out = child.wait_with_output().expect("kubectl");
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Control plane tier: `walt-operator boot-server --from-cluster` takes its devices from a real API
+/// server. A Device (mac, firmware, address) bound to a Node whose Image is resolved is served that
+/// Image by digest under the Node's name; when the Image moves to another digest the boot service
+/// serves the new one; when the Device is unbound it serves nothing. Checked over NFS with libnfs's
+/// `nfs-cat` (the top layer's `/etc/walt/image-digest`) on host loopback with ports of its own.
+#[test]
+fn boot_server_takes_its_devices_from_the_cluster() {
+    use walt_tests::wait::Wait;
+    require_root().expect("root");
+    let cluster = walt_tests::k8s::shared_control_plane().unwrap_or_else(|e| panic!("control plane: {e}"));
+    kubectl_stdin(
+        cluster,
+        &["apply", "--server-side", "-f", "-"],
+        &walt_crds::crds_yaml(),
+    );
+    cluster
+        .kubectl_output(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/devices.walt.dev",
+            "crd/nodes.walt.dev",
+            "crd/images.walt.dev",
+        ])
+        .expect("CRDs established");
+    let scratch = tempfile::tempdir().expect("scratch dir");
+    let registry = Registry::start().expect("registry");
+    let layout = OciLayout::new().expect("layout");
+    layout.new_image("empty", Arch::Amd64).expect("new image");
+    let mut digests = Vec::new();
+    for version in ["v1", "v2"] {
+        layout
+            .add_layer("empty", version, |root| {
+                std::fs::create_dir_all(root.join(format!("boot/{MODEL}")))?;
+                std::fs::write(root.join(format!("boot/{MODEL}/kernel.img")), version)
+            })
+            .expect("layer");
+        digests.push(
+            layout
+                .push(version, &registry, &format!("netboot/cluster:{version}"))
+                .expect("push"),
+        );
+    }
+    let ns = cluster.create_namespace("boot").expect("namespace");
+    let device = format!("pc-{}", std::process::id());
+    let mac = "52:54:00:bb:00:01";
+    kubectl_stdin(
+        cluster,
+        &["apply", "-f", "-"],
+        &format!(
+            "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: os, namespace: {ns}}}\nspec: {{}}\n---\n\
+             apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {{name: node1, namespace: {ns}}}\n\
+             spec: {{model: {MODEL}, device: {device}, image: os}}\n---\n\
+             apiVersion: walt.dev/v1alpha1\nkind: Device\nmetadata: {{name: {device}}}\n\
+             spec: {{address: 127.0.0.1, model: {MODEL}, mac: '{mac}', firmware: ipxe, lentTo: {{namespace: {ns}}}}}\n"
+        ),
+    );
+    let set_image = |version: usize| {
+        let patch = serde_json::json!({"status": {
+            "digest": digests[version],
+            "reference": registry.reference(&format!("netboot/cluster:v{}", version + 1)),
+        }});
+        cluster
+            .kubectl_output(&[
+                "patch",
+                "-n",
+                &ns,
+                "images.walt.dev",
+                "os",
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &patch.to_string(),
+            ])
+            .expect("Image status");
+    };
+    set_image(0);
+    let uid = cluster
+        .kubectl_output(&[
+            "get",
+            "-n",
+            &ns,
+            "nodes.walt.dev",
+            "node1",
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ])
+        .expect("Node uid");
+    let bind = |bound: serde_json::Value| {
+        let patch = serde_json::json!({"status": {"boundTo": bound}});
+        cluster
+            .kubectl_output(&[
+                "patch",
+                "devices.walt.dev",
+                &device,
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &patch.to_string(),
+            ])
+            .expect("Device status");
+    };
+    bind(serde_json::json!({"namespace": ns, "node": "node1", "uid": uid.trim()}));
+
+    let port = |what| walt_tests::registry::free_port().unwrap_or_else(|e| panic!("{what} port: {e}"));
+    let (nfs, http, status) = (port("NFS"), port("HTTP"), port("status"));
+    let args: Vec<String> = [
+        "--from-cluster",
+        "--listen",
+        "127.0.0.1",
+        "--dhcp",
+        "off",
+        "--portmap-port",
+        "0",
+        "--tftp-port",
+        "0",
+        "--rpc-port",
+        "0",
+        "--notify-port",
+        "0",
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .chain([
+        "--nfs-port".into(),
+        nfs.to_string(),
+        "--http-port".into(),
+        http.to_string(),
+        "--status-listen".into(),
+        format!("127.0.0.1:{status}"),
+        "--insecure-registry".into(),
+        registry.host(),
+    ])
+    .collect();
+    let kubeconfig = cluster.kubeconfig();
+    let _server = BootServer::start_with(
+        scratch.path(),
+        None,
+        &args,
+        &[("KUBECONFIG", kubeconfig.as_path())],
+    );
+    let served_digest = || {
+        let out = Command::new("nfs-cat")
+            .arg(format!(
+                "nfs://127.0.0.1/var/lib/walt/nodes/node1/fs/etc/walt/image-digest?nfsport={nfs}&mountport={nfs}"
+            ))
+            .output()
+            .expect("nfs-cat");
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let serves = |what: &str, digest: Option<&str>| {
+        Wait::new(what, Duration::from_mins(1))
+            .every(Duration::from_millis(300))
+            .until(|| served_digest().as_deref() == digest)
+            .unwrap_or_else(|e| panic!("{e}: serves {:?}", served_digest()));
+    };
+    serves("the bound Node's image", Some(&digests[0]));
+    let kernel = Command::new("busybox")
+        .args([
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            &format!("http://127.0.0.1:{http}/boot/kernel.img"),
+        ])
+        .output()
+        .expect("busybox wget");
+    assert_eq!(kernel.stdout, b"v1", "the boot files are the image's");
+    set_image(1);
+    serves("the Image's new digest", Some(&digests[1]));
+    bind(serde_json::Value::Null);
+    serves("nothing once the Device is unbound", None);
 }

@@ -437,6 +437,109 @@ fn chart_options_change_what_is_rendered() {
     assert!(error.contains("imageTypo"), "{error}");
 }
 
+/// The boot service: off by default; on, one Deployment per lab network on the host network, fed from
+/// the cluster by a ServiceAccount that may only read Devices, Nodes and Images; the operator is told
+/// where each network's boot records are and may reach them.
+#[test]
+fn boot_service_runs_one_instance_per_lab_network() {
+    let defaults = object_ids(&render_chart(&[]).expect("helm template"));
+    assert!(
+        !defaults.iter().any(|(_, _, name)| name.starts_with("walt-boot")),
+        "the boot service is off by default: {defaults:?}"
+    );
+    let docs = render_chart(&[
+        "--set",
+        "bootService.enabled=true",
+        "--set",
+        "bootService.networks[0].name=default",
+        "--set",
+        "bootService.networks[0].listen=192.168.152.1",
+        "--set",
+        "bootService.networks[0].interface=eth1",
+        "--set",
+        "bootService.networks[0].nodeSelector.lab=gw",
+        "--set",
+        "bootService.networks[1].name=lab2",
+        "--set",
+        "bootService.networks[1].listen=10.9.0.1",
+        "--set",
+        "bootService.networks[1].dhcp=off",
+    ])
+    .expect("helm template");
+    let args_of = |name: &str| -> Vec<String> {
+        let spec = &find(&docs, "Deployment", name)["spec"];
+        assert_eq!(spec["replicas"], Value::from(1), "{name}: one active instance");
+        assert_eq!(
+            spec["template"]["spec"]["hostNetwork"],
+            Value::from(true),
+            "{name}"
+        );
+        spec["template"]["spec"]["containers"][0]["args"]
+            .as_sequence()
+            .expect("args")
+            .iter()
+            .filter_map(|a| a.as_str().map(str::to_owned))
+            .collect()
+    };
+    let first = args_of("walt-boot-default");
+    for arg in [
+        "boot-server",
+        "--from-cluster",
+        "--network=default",
+        "--listen=192.168.152.1",
+        "--dhcp=authoritative",
+        "--dhcp-interface=eth1",
+        "--status-listen=192.168.152.1:9470",
+    ] {
+        assert!(first.contains(&arg.to_owned()), "{arg} in {first:?}");
+    }
+    assert_eq!(
+        find(&docs, "Deployment", "walt-boot-default")["spec"]["template"]["spec"]["nodeSelector"]["lab"],
+        Value::from("gw")
+    );
+    let second = args_of("walt-boot-lab2");
+    assert!(second.contains(&"--dhcp=off".to_owned()), "{second:?}");
+    assert!(
+        !second.iter().any(|a| a.starts_with("--dhcp-interface")),
+        "{second:?}"
+    );
+    let rules = serde_yaml::to_string(&find(&docs, "ClusterRole", "walt-boot")["rules"]).expect("yaml");
+    assert!(
+        rules.contains("devices") && !rules.contains("create") && !rules.contains("secrets"),
+        "read-only on walt's objects: {rules}"
+    );
+    let env = find(&docs, "Deployment", "walt-operator")["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_sequence()
+        .expect("env")
+        .clone();
+    let urls = env
+        .iter()
+        .find(|e| e["name"] == "WALT_BOOT_STATUS_URL")
+        .map(|e| e["value"].clone());
+    assert_eq!(
+        urls,
+        Some(Value::from(
+            "default=http://192.168.152.1:9470,lab2=http://10.9.0.1:9470"
+        ))
+    );
+    let policy = serde_yaml::to_string(&find(&docs, "NetworkPolicy", "walt-operator")["spec"]["egress"])
+        .expect("yaml");
+    assert!(
+        policy.contains("192.168.152.1/32") && policy.contains("9470"),
+        "{policy}"
+    );
+
+    let error = helm_fails(&[
+        "--set",
+        "bootService.enabled=true",
+        "--set",
+        "bootService.networks[0].name=default",
+        "--set",
+        "bootService.networks[0].listen=lab-gw",
+    ]);
+    assert!(error.contains("listen"), "{error}");
+}
+
 #[test]
 fn kustomize_base_is_the_chart_defaults() {
     // The checked-in base is exactly what `cargo xtask deploy sync` generates from the chart.

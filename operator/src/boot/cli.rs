@@ -9,6 +9,7 @@ use tokio::net::{TcpListener, UdpSocket};
 
 use super::dhcp::{self, Mode, Network};
 use super::nfs::{self, Ports};
+use super::node_layer::{self, HostKey, NodeFacts};
 use super::state::{BadMac, Binding, BootState, Mac};
 use super::view::{ImageView, ViewError};
 use crate::oci::{LayerCache, Platform};
@@ -19,11 +20,47 @@ use crate::runtime::image::RegistryAccess;
 /// Arguments of `walt-operator boot-server`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A device to boot, `mac=…,ip=…,name=…,model=…,image=…` (repeat). `image` is a registry
-    /// reference (pulled by digest into the layer cache); `rootfs=DIR` serves an unpacked root
-    /// instead (for tests and debugging).
-    #[arg(long = "device", required = true)]
+    /// A device to boot, `mac=…,ip=…,name=…,model=…,image=…[,host-key=FILE]` (repeat). `image` is
+    /// a registry reference (pulled by digest into the layer cache); `rootfs=DIR` serves an unpacked
+    /// root instead (for tests and debugging). `host-key` is the device's SSH host key (OpenSSH
+    /// private key; its public key in `FILE.pub`), served in its top layer.
+    #[arg(long = "device", required_unless_present = "from_cluster")]
     pub devices: Vec<String>,
+    /// Take the devices from the cluster instead of `--device`: the Devices with `firmware` and
+    /// `mac` on `--network`, each serving the image (by digest) of the Node bound to it, kept up to
+    /// date by watching Devices, Nodes and Images.
+    #[arg(long, conflicts_with_all = ["devices", "netns"])]
+    pub from_cluster: bool,
+    /// The lab network served (`--from-cluster`): Devices whose `bootNetwork` is this name (`default`:
+    /// also the Devices with none).
+    #[arg(long, default_value = "default")]
+    pub network: String,
+    /// The namespace of the lab's catalog images (`--from-cluster`: a Node's image not in its own
+    /// namespace is looked for there).
+    #[arg(long, env = "WALT_CATALOG_NAMESPACE", default_value = "walt-catalog")]
+    pub catalog_namespace: String,
+    /// Devices' SSH host keys (`--from-cluster`): `DIR/<device>` (OpenSSH private key) and
+    /// `DIR/<device>.pub`, served in each device's top layer when present.
+    #[arg(long)]
+    pub host_key_dir: Option<PathBuf>,
+    /// Root's `authorized_keys` for every node (the lab's node key: the operator's public key),
+    /// served in each node's top layer. Unset: the image's own.
+    #[arg(long, conflicts_with = "node_key")]
+    pub authorized_keys: Option<PathBuf>,
+    /// The lab's node key (the operator's private key, OpenSSH or PEM): its public key is served as
+    /// root's `authorized_keys` (instead of `--authorized-keys`).
+    #[arg(long)]
+    pub node_key: Option<PathBuf>,
+    /// Node API port (WalT's 12345: `sync_clock`; 0: none).
+    #[arg(long, default_value_t = super::node_layer::RPC_PORT)]
+    pub rpc_port: u16,
+    /// Boot notification port (WalT's 12347; 0: none).
+    #[arg(long, default_value_t = super::node_layer::NOTIFY_PORT)]
+    pub notify_port: u16,
+    /// Where to serve the boot records (`GET /boots`: per device, the digest served, mounted and
+    /// reported, and the verdict), e.g. `127.0.0.1:9470`. Unset: not served.
+    #[arg(long)]
+    pub status_listen: Option<SocketAddr>,
     /// The address the service listens on (TFTP, HTTP, NFS) and gives as boot server: loopback, or
     /// the lab network address of this host (inside its network namespace).
     #[arg(long, default_value = "127.0.0.1")]
@@ -78,7 +115,9 @@ pub struct Args {
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     /// A `--device` value is malformed.
-    #[error("--device {0:?}: {1} (expected mac=…,ip=…,name=…,model=…,image=REF or rootfs=DIR)")]
+    #[error(
+        "--device {0:?}: {1} (expected mac=…,ip=…,name=…,model=…,image=REF or rootfs=DIR[,host-key=FILE])"
+    )]
     Device(String, String),
     /// A MAC address is malformed.
     #[error(transparent)]
@@ -89,6 +128,12 @@ pub enum BootError {
     /// An image could not be indexed.
     #[error("indexing {0}: {1}")]
     View(String, ViewError),
+    /// A node's top layer could not be made.
+    #[error("the top layer of {0}: {1}")]
+    TopLayer(String, String),
+    /// A key file could not be read.
+    #[error("reading {0}: {1}")]
+    KeyFile(PathBuf, std::io::Error),
     /// A socket could not be opened.
     #[error("listening on {0}: {1} (run inside the lab network namespace, as root for ports below 1024)")]
     Listen(String, std::io::Error),
@@ -110,10 +155,12 @@ pub struct DeviceArg {
     pub model: String,
     /// Where its image comes from.
     pub source: Source,
+    /// Its SSH host key (private key file; the public key beside it, `.pub`).
+    pub host_key: Option<PathBuf>,
 }
 
 /// An image source.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Source {
     /// A registry reference.
     Image(String),
@@ -123,12 +170,16 @@ pub enum Source {
 
 /// Parses `mac=…,ip=…,name=…,model=…,image=…|rootfs=…`.
 pub fn parse_device(text: &str) -> Result<DeviceArg, BootError> {
+    const KNOWN: [&str; 7] = ["mac", "ip", "name", "model", "image", "rootfs", "host-key"];
     let bad = |why: &str| BootError::Device(text.to_string(), why.to_string());
     let mut fields = std::collections::HashMap::new();
     for part in text.split(',') {
         let (key, value) = part
             .split_once('=')
             .ok_or_else(|| bad("a field is not key=value"))?;
+        if !KNOWN.contains(&key.trim()) {
+            return Err(bad(&format!("{key} is not a field")));
+        }
         if fields.insert(key.trim(), value.trim()).is_some() {
             return Err(bad(&format!("{key} given twice")));
         }
@@ -156,6 +207,7 @@ pub fn parse_device(text: &str) -> Result<DeviceArg, BootError> {
         name: name.to_string(),
         model: get("model")?.to_string(),
         source,
+        host_key: fields.get("host-key").map(PathBuf::from),
     })
 }
 
@@ -213,24 +265,113 @@ fn dhcp_socket(interface: &str, port: u16) -> Result<UdpSocket, BootError> {
     UdpSocket::from_std(socket).map_err(listen)
 }
 
-/// Pulls and indexes the devices' images.
+/// Root's `authorized_keys` for the nodes: `--authorized-keys`, or the public key of `--node-key`.
+fn authorized_keys(args: &Args) -> Result<Option<String>, BootError> {
+    if let Some(path) = &args.authorized_keys {
+        return read_key(path).map(Some);
+    }
+    let Some(path) = &args.node_key else {
+        return Ok(None);
+    };
+    let key = crate::ssh::client::load_key_file(path)
+        .map_err(|e| BootError::KeyFile(path.clone(), std::io::Error::other(e.to_string())))?;
+    let public = key
+        .public_key()
+        .to_openssh()
+        .map_err(|e| BootError::KeyFile(path.clone(), std::io::Error::other(e.to_string())))?;
+    Ok(Some(format!("{public} walt-node-key\n")))
+}
+
+fn read_key(path: &std::path::Path) -> Result<String, BootError> {
+    std::fs::read_to_string(path).map_err(|e| BootError::KeyFile(path.to_path_buf(), e))
+}
+
+/// The device's view: its image under its top layer (walt's node files, its keys, the digest).
+fn node_view(
+    device: &DeviceArg,
+    image: Arc<ImageView>,
+    args: &Args,
+    authorized_keys: Option<&str>,
+) -> Result<Arc<ImageView>, BootError> {
+    let host_key = device
+        .host_key
+        .as_ref()
+        .map(|path| {
+            Ok::<_, BootError>(HostKey {
+                private: read_key(path)?,
+                public: read_key(&path.with_extension("pub"))?,
+            })
+        })
+        .transpose()?;
+    let digest = image.digest().to_string();
+    let facts = NodeFacts {
+        server: args.listen,
+        hostname: &device.name,
+        mac: device.mac,
+        model: &device.model,
+        digest: &digest,
+        authorized_keys,
+        host_key: host_key.as_ref(),
+    };
+    let shown = device.name.clone();
+    let entries =
+        node_layer::entries(&facts).map_err(|e| BootError::TopLayer(shown.clone(), e.to_string()))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let view = ImageView::with_top_layer(image, &entries, &device.mac.to_string(), (now, 0))
+        .map_err(|e| BootError::TopLayer(shown, e.to_string()))?;
+    Ok(Arc::new(view))
+}
+
+/// Images indexed so far, by source: each image is pulled and indexed once while a device (or a
+/// node still running on it) uses it.
+#[derive(Debug, Default)]
+pub struct ImageCache {
+    images: std::collections::HashMap<Source, std::sync::Weak<ImageView>>,
+}
+
+impl ImageCache {
+    /// The view of `device`'s image, pulled and indexed unless a live one exists.
+    pub async fn image(&mut self, device: &DeviceArg, args: &Args) -> Result<Arc<ImageView>, BootError> {
+        if let Some(image) = self.images.get(&device.source).and_then(std::sync::Weak::upgrade) {
+            return Ok(image);
+        }
+        self.images.retain(|_, image| image.strong_count() > 0);
+        let image = load(device, args).await?;
+        tracing::info!(source = ?device.source, digest = image.digest(), inodes = image.len(), "image indexed");
+        self.images.insert(device.source.clone(), Arc::downgrade(&image));
+        Ok(image)
+    }
+}
+
+/// The binding of one device: its image (from `cache`) under its top layer.
+pub async fn bind(device: &DeviceArg, args: &Args, cache: &mut ImageCache) -> Result<Binding, BootError> {
+    let authorized_keys = authorized_keys(args)?;
+    let image = cache.image(device, args).await?;
+    let view = node_view(device, image, args, authorized_keys.as_deref())?;
+    tracing::info!(mac = %device.mac, name = %device.name, digest = view.digest(), "device bound");
+    Ok(Binding {
+        mac: device.mac,
+        ip: device.ip,
+        hostname: device.name.clone(),
+        model: device.model.clone(),
+        view,
+    })
+}
+
+/// Pulls and indexes the `--device`s' images (each image once), and gives each device its view: the
+/// image under its top layer.
 pub async fn load_bindings(args: &Args) -> Result<Vec<Binding>, BootError> {
     let devices: Vec<DeviceArg> = args
         .devices
         .iter()
         .map(|d| parse_device(d))
         .collect::<Result<_, _>>()?;
+    let mut cache = ImageCache::default();
     let mut bindings = Vec::new();
     for device in &devices {
-        let view = load(device, args).await?;
-        tracing::info!(mac = %device.mac, name = %device.name, digest = view.digest(), inodes = view.len(), "image indexed");
-        bindings.push(Binding {
-            mac: device.mac,
-            ip: device.ip,
-            hostname: device.name.clone(),
-            model: device.model.clone(),
-            view,
-        });
+        bindings.push(bind(device, args, &mut cache).await?);
     }
     Ok(bindings)
 }
@@ -271,6 +412,18 @@ pub async fn start(args: &Args, bindings: Vec<Binding>) -> Result<Arc<BootState>
         tokio::spawn(nfs::serve_tcp(tcp, state.clone(), ports));
         tokio::spawn(nfs::serve_udp(udp, state.clone(), ports));
     }
+    for port in [args.rpc_port, args.notify_port].into_iter().filter(|p| *p != 0) {
+        let listener = TcpListener::bind((ip, port))
+            .await
+            .map_err(listen("node services", port))?;
+        tokio::spawn(super::services::serve(listener, state.clone()));
+    }
+    if let Some(address) = args.status_listen {
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(|e| BootError::Listen(format!("status {address}"), e))?;
+        tokio::spawn(super::http::serve_status(listener, state.clone()));
+    }
     if args.tftp_port != 0 {
         let socket = UdpSocket::bind((ip, args.tftp_port))
             .await
@@ -302,8 +455,8 @@ pub async fn start(args: &Args, bindings: Vec<Binding>) -> Result<Arc<BootState>
     Ok(state)
 }
 
-/// Runs the boot service until SIGTERM or SIGINT.
-pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>> {
+/// Logs to stderr (`RUST_LOG`, default `info`).
+pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -311,6 +464,22 @@ pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>>
         )
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// Waits for SIGTERM or SIGINT.
+pub async fn terminated() -> Result<(), BootError> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(BootError::Runtime)?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    Ok(())
+}
+
+/// Runs the boot service until SIGTERM or SIGINT.
+pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>> {
+    init_tracing();
     let loader = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -328,13 +497,7 @@ pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>>
             state.bindings().len(),
             args.listen
         );
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(BootError::Runtime)?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        Ok::<_, BootError>(())
+        terminated().await
     })?;
     Ok(0)
 }

@@ -395,9 +395,9 @@ pub async fn serve(socket: UdpSocket, mode: Mode, network: Network, state: Arc<B
             continue;
         };
         let binding = state.by_mac(request.chaddr);
-        let mut served = state::served("dhcp", binding, from.ip(), "");
+        let mut served = state::served("dhcp", binding.as_ref(), from.ip(), "");
         served.mac = Some(request.chaddr.to_string());
-        match reply(mode, &network, &request, binding) {
+        match reply(mode, &network, &request, binding.as_ref()) {
             Ok(answer) => {
                 let kind = match answer.message_type() {
                     Some(2) => "offer",

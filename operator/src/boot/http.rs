@@ -13,7 +13,6 @@ use tokio::net::TcpListener;
 
 use super::state::{self, BootState};
 use super::tftp::boot_path;
-use super::view::Kind;
 
 /// Largest boot file served over HTTP (kernels and initramfs images are far smaller).
 pub const MAX_FILE: u64 = 1 << 30;
@@ -36,7 +35,7 @@ pub fn respond(state: &BootState, client: IpAddr, method: &Method, path: &str) -
         );
     };
     let binding = state.by_ip(client);
-    let mut served = state::served("http", binding, client, path);
+    let mut served = state::served("http", binding.as_ref(), client, path);
     let Some(binding) = binding else {
         served.refused = Some("unknown device".into());
         state.record(served);
@@ -49,8 +48,8 @@ pub fn respond(state: &BootState, client: IpAddr, method: &Method, path: &str) -
         .map_err(|e| e.to_string())
         .and_then(
             |id| match binding.view.inode(id).map(|i| (&i.kind, i.attr.size)) {
-                Some((Kind::File(_), size)) if size <= MAX_FILE => Ok((id, size)),
-                Some((Kind::File(_), _)) => Err("larger than 1 GiB".into()),
+                Some((kind, size)) if kind.is_file() && size <= MAX_FILE => Ok((id, size)),
+                Some((kind, _)) if kind.is_file() => Err("larger than 1 GiB".into()),
                 _ => Err("not a regular file".into()),
             },
         );
@@ -111,6 +110,63 @@ pub async fn serve(listener: TcpListener, state: Arc<BootState>) {
                 .await
             {
                 tracing::debug!(%error, "HTTP connection ended with an error");
+            }
+        });
+    }
+}
+
+/// One device in `GET /boots`: its boot record and the verdict on it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BootStatus {
+    /// What the boot service saw.
+    #[serde(flatten)]
+    pub record: super::state::BootRecord,
+    /// Whether the node booted what it was served.
+    pub verdict: super::verify::Verdict,
+}
+
+/// The body of `GET /boots` (pure).
+pub fn boots_json(state: &BootState) -> String {
+    let boots: Vec<BootStatus> = state
+        .records()
+        .into_iter()
+        .map(|record| BootStatus {
+            verdict: super::verify::verify(&record),
+            record,
+        })
+        .collect();
+    serde_json::to_string_pretty(&boots).unwrap_or_else(|_| "[]".into())
+}
+
+/// Serves the boot records (`GET /boots`, JSON) on `listener` until the task is dropped.
+pub async fn serve_status(listener: TcpListener, state: Arc<BootState>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let state = state.clone();
+                async move {
+                    let response = if request.method() == Method::GET && request.uri().path() == "/boots" {
+                        let mut response = Response::new(Full::new(Bytes::from(boots_json(&state))));
+                        response.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static("application/json"),
+                        );
+                        response
+                    } else {
+                        text(StatusCode::NOT_FOUND, "GET /boots".into())
+                    };
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            });
+            if let Err(error) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(%error, "status connection ended with an error");
             }
         });
     }

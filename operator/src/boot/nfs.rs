@@ -140,8 +140,11 @@ fn mount(state: &BootState, call: &Call, r: &mut Reader<'_>, client: IpAddr) -> 
             let path = r.string(1024).map_err(garbage)?;
             let path = String::from_utf8_lossy(path).into_owned();
             let found = state.by_export(&path);
-            let mut served = state::served("nfs-mount", found.map(|(b, _)| b), client, &path);
-            let root = found.map(|(b, inside)| (b, b.view.resolve(inside.as_bytes())));
+            let mut served = state::served("nfs-mount", found.as_ref().map(|(b, _)| b), client, &path);
+            let root = found.map(|(b, inside)| {
+                let resolved = b.view.resolve(inside.as_bytes());
+                (b, resolved)
+            });
             match root {
                 Some((b, Ok(id))) if matches!(b.view.inode(id).map(|i| &i.kind), Some(Kind::Dir(_))) => {
                     w.u32(status::OK).opaque(&handle(&b.view, id));
@@ -164,7 +167,7 @@ fn mount(state: &BootState, call: &Call, r: &mut Reader<'_>, client: IpAddr) -> 
             w.bool(false);
         }
         5 => {
-            for b in state.bindings() {
+            for b in state.bindings().iter() {
                 for key in [b.mac.to_string(), b.ip.to_string(), b.hostname.clone()] {
                     w.bool(true)
                         .opaque(format!("{}{key}/fs", state::NODES_DIR).as_bytes());
@@ -178,17 +181,18 @@ fn mount(state: &BootState, call: &Call, r: &mut Reader<'_>, client: IpAddr) -> 
     Ok(w)
 }
 
-/// Finds the inode of a handle; `Err(status)` when it is not one of ours or is stale.
-fn file<'a>(state: &'a BootState, fh: &[u8]) -> Result<(&'a Arc<ImageView>, u64, &'a Inode), u32> {
+/// Finds the view and inode number of a handle; `Err(status)` when it is not one of ours or is
+/// stale.
+fn file(state: &BootState, fh: &[u8]) -> Result<(Arc<ImageView>, u64), u32> {
     let (key, id) = parse_handle(fh).ok_or(status::BADHANDLE)?;
     let view = state.view(key).ok_or(status::STALE)?;
-    let inode = view.inode(id).ok_or(status::STALE)?;
-    Ok((view, id, inode))
+    view.inode(id).ok_or(status::STALE)?;
+    Ok((view, id))
 }
 
 fn ftype(kind: &Kind) -> u32 {
     match kind {
-        Kind::File(_) => 1,
+        Kind::File(_) | Kind::Data(_) => 1,
         Kind::Dir(_) => 2,
         Kind::Block => 3,
         Kind::Char => 4,
@@ -248,10 +252,15 @@ fn nfs(state: &BootState, call: &Call, r: &mut Reader<'_>) -> Result<Writer, Ref
         empty_wcc(&mut w);
         return Ok(w);
     }
-    let (view, id, inode) = match file(state, fh) {
-        Ok(found) => found,
+    let found = file(state, fh);
+    let found = found.as_ref().map(|(view, id)| (view, *id));
+    let (view, id, inode): (&ImageView, u64, &Inode) = match found {
+        Ok((view, id)) => match view.inode(id) {
+            Some(inode) => (&**view, id, inode),
+            None => return Err(Refusal::GarbageArgs),
+        },
         Err(code) => {
-            w.u32(code);
+            w.u32(*code);
             if procedure != 1 {
                 w.bool(false);
             }

@@ -5,7 +5,7 @@ use std::fmt;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use super::view::ImageView;
 
@@ -83,13 +83,86 @@ pub struct Served {
     /// Why nothing was served.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refused: Option<String>,
+    /// Boot notifications: the digest the node says it booted (`digest` is the one served to it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reported: Option<String>,
+}
+
+/// What the boot service knows of one device's latest boot: the digest it served, the one it
+/// mounted as the root, and the one the booted node reported.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BootRecord {
+    /// The device's MAC.
+    pub mac: String,
+    /// The digest last served to it (DHCP, TFTP, HTTP or NFS MOUNT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served: Option<String>,
+    /// When (Unix milliseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_at_ms: Option<u64>,
+    /// The digest whose root it last mounted over NFS (the start of a boot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mounted: Option<String>,
+    /// When.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mounted_at_ms: Option<u64>,
+    /// Whether the node notified its boot since that mount.
+    #[serde(default)]
+    pub notified: bool,
+    /// The digest it reported booting (since that mount; `None`: not reported, or said nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported: Option<String>,
+    /// When it notified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notified_at_ms: Option<u64>,
+    /// Whether its notification connection is open (the node runs).
+    #[serde(default)]
+    pub up: bool,
+}
+
+impl BootRecord {
+    /// Updates the record with one journal entry about this device (pure).
+    pub fn apply(&mut self, served: &Served) {
+        if served.refused.is_some() {
+            return;
+        }
+        match (served.protocol, served.path.as_str()) {
+            ("boot-notification", "booted") => {
+                self.notified = true;
+                self.reported.clone_from(&served.reported);
+                self.notified_at_ms = Some(served.at_ms);
+                self.up = true;
+            }
+            ("boot-notification", _) => self.up = false,
+            ("dhcp" | "tftp" | "http" | "nfs-mount", _) if served.digest.is_some() => {
+                self.served.clone_from(&served.digest);
+                self.served_at_ms = Some(served.at_ms);
+                if served.protocol == "nfs-mount" {
+                    // A new boot: what the node reported before is about the previous one.
+                    self.mounted.clone_from(&served.digest);
+                    self.mounted_at_ms = Some(served.at_ms);
+                    self.notified = false;
+                    self.reported = None;
+                    self.notified_at_ms = None;
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 /// The bindings and the journal, shared by all the protocols.
+///
+/// The bindings can be replaced while serving ([`BootState::set_bindings`]: the cluster changed); a
+/// view no binding serves any more stays served to the node that booted it (its file handles keep
+/// working) until that node mounts a root again.
 #[derive(Debug)]
 pub struct BootState {
-    bindings: Vec<Binding>,
+    bindings: RwLock<Arc<Vec<Binding>>>,
+    retired: Mutex<Vec<(Mac, Arc<ImageView>)>>,
     journal: Mutex<Journal>,
+    records: Mutex<std::collections::BTreeMap<String, BootRecord>>,
 }
 
 #[derive(Debug)]
@@ -108,50 +181,91 @@ impl BootState {
             .map(|path| std::fs::OpenOptions::new().create(true).append(true).open(path))
             .transpose()?;
         Ok(BootState {
-            bindings,
+            bindings: RwLock::new(Arc::new(bindings)),
+            retired: Mutex::new(Vec::new()),
             journal: Mutex::new(Journal {
                 file,
                 entries: Vec::new(),
             }),
+            records: Mutex::new(std::collections::BTreeMap::new()),
         })
     }
 
-    /// All bindings.
-    pub fn bindings(&self) -> &[Binding] {
-        &self.bindings
+    /// All bindings (a snapshot).
+    pub fn bindings(&self) -> Arc<Vec<Binding>> {
+        match self.bindings.read() {
+            Ok(bindings) => bindings.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the bindings. The views of the old bindings that the new ones do not serve are kept
+    /// for the devices that booted them, until each mounts a root again.
+    pub fn set_bindings(&self, bindings: Vec<Binding>) {
+        let old = self.bindings();
+        let kept: std::collections::HashSet<[u8; 8]> = bindings.iter().map(|b| b.view.key()).collect();
+        if let Ok(mut retired) = self.retired.lock() {
+            for binding in old.iter().filter(|b| !kept.contains(&b.view.key())) {
+                retired.push((binding.mac, binding.view.clone()));
+            }
+        }
+        let new = Arc::new(bindings);
+        match self.bindings.write() {
+            Ok(mut current) => *current = new,
+            Err(poisoned) => *poisoned.into_inner() = new,
+        }
+    }
+
+    /// The views kept for devices that booted them before their binding changed.
+    pub fn retired(&self) -> Vec<(Mac, Arc<ImageView>)> {
+        self.retired.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
     /// The binding of a MAC.
-    pub fn by_mac(&self, mac: Mac) -> Option<&Binding> {
-        self.bindings.iter().find(|b| b.mac == mac)
+    pub fn by_mac(&self, mac: Mac) -> Option<Binding> {
+        self.bindings().iter().find(|b| b.mac == mac).cloned()
     }
 
     /// The binding of an address.
-    pub fn by_ip(&self, ip: IpAddr) -> Option<&Binding> {
+    pub fn by_ip(&self, ip: IpAddr) -> Option<Binding> {
         let IpAddr::V4(ip) = ip else { return None };
-        self.bindings.iter().find(|b| b.ip == ip)
+        self.bindings().iter().find(|b| b.ip == ip).cloned()
     }
 
     /// The binding an export path names (`/var/lib/walt/nodes/<mac|ip|hostname>/fs`), and the path
     /// inside the image it asks for.
-    pub fn by_export<'a>(&self, path: &'a str) -> Option<(&Binding, &'a str)> {
+    pub fn by_export<'a>(&self, path: &'a str) -> Option<(Binding, &'a str)> {
         let (key, inside) = export_key(path)?;
         self.by_key(key).map(|b| (b, inside))
     }
 
-    fn by_key(&self, key: &str) -> Option<&Binding> {
+    fn by_key(&self, key: &str) -> Option<Binding> {
         if let Ok(mac) = key.parse::<Mac>() {
             return self.by_mac(mac);
         }
         if let Ok(ip) = key.parse::<Ipv4Addr>() {
             return self.by_ip(IpAddr::V4(ip));
         }
-        self.bindings.iter().find(|b| b.hostname == key)
+        self.bindings().iter().find(|b| b.hostname == key).cloned()
     }
 
-    /// The view whose handle key is `key`.
-    pub fn view(&self, key: [u8; 8]) -> Option<&Arc<ImageView>> {
-        self.bindings.iter().map(|b| &b.view).find(|v| v.key() == key)
+    /// The view whose handle key is `key` (served now, or kept for a node that booted it).
+    pub fn view(&self, key: [u8; 8]) -> Option<Arc<ImageView>> {
+        let current = self
+            .bindings()
+            .iter()
+            .map(|b| &b.view)
+            .find(|v| v.key() == key)
+            .cloned();
+        current.or_else(|| {
+            self.retired
+                .lock()
+                .ok()?
+                .iter()
+                .map(|(_, v)| v)
+                .find(|v| v.key() == key)
+                .cloned()
+        })
     }
 
     /// Records what was served (or refused).
@@ -168,6 +282,22 @@ impl BootState {
             refused = served.refused.as_deref().unwrap_or(""),
             "served"
         );
+        if served.protocol == "nfs-mount" && served.refused.is_none() {
+            // The device boots again: the views kept for its previous boot are done with.
+            let mac = served.mac.as_deref().and_then(|m| m.parse::<Mac>().ok());
+            if let (Some(mac), Ok(mut retired)) = (mac, self.retired.lock()) {
+                retired.retain(|(m, _)| *m != mac);
+            }
+        }
+        if let (Some(mac), Ok(mut records)) = (served.mac.as_ref(), self.records.lock()) {
+            records
+                .entry(mac.clone())
+                .or_insert_with(|| BootRecord {
+                    mac: mac.clone(),
+                    ..BootRecord::default()
+                })
+                .apply(&served);
+        }
         let Ok(mut journal) = self.journal.lock() else {
             return;
         };
@@ -178,6 +308,14 @@ impl BootState {
             journal.entries.remove(0);
         }
         journal.entries.push(served);
+    }
+
+    /// The boot records, by MAC.
+    pub fn records(&self) -> Vec<BootRecord> {
+        self.records
+            .lock()
+            .map(|r| r.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// The journal entries kept in memory.
@@ -208,6 +346,7 @@ pub fn served(protocol: &'static str, binding: Option<&Binding>, client: IpAddr,
         path: path.to_string(),
         digest: binding.map(|b| b.view.digest().to_string()),
         refused: None,
+        reported: None,
     }
 }
 
@@ -238,5 +377,49 @@ mod tests {
         assert_eq!(export_key("/var/lib/walt/nodes/vm1"), None);
         assert_eq!(export_key("/var/lib/walt/nodes//fs"), None);
         assert_eq!(export_key("/srv/vm1/fs"), None);
+    }
+
+    #[test]
+    fn a_view_replaced_in_the_bindings_stays_served_to_its_node_until_it_mounts_again() {
+        use crate::overlay::OpaqueXattr;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let view = |name: &str| {
+            let root = dir.path().join(name);
+            std::fs::create_dir_all(&root).expect("mkdir");
+            std::fs::write(root.join("file"), name).expect("write");
+            Arc::new(
+                ImageView::build(&[root], &format!("sha256:{name}"), OpaqueXattr::Trusted).expect("view"),
+            )
+        };
+        let (old, new) = (view("old"), view("new"));
+        let mac: Mac = "52:54:00:00:00:01".parse().expect("mac");
+        let binding = |view: &Arc<ImageView>| Binding {
+            mac,
+            ip: Ipv4Addr::new(10, 0, 0, 10),
+            hostname: "vm1".into(),
+            model: "pc-x86-64".into(),
+            view: view.clone(),
+        };
+        let state = BootState::new(vec![binding(&old)], None).expect("state");
+        state.set_bindings(vec![binding(&new)]);
+        assert_eq!(
+            state.by_mac(mac).map(|b| b.view.digest().to_string()).as_deref(),
+            Some("sha256:new")
+        );
+        assert!(state.view(old.key()).is_some(), "the running node keeps its root");
+        assert!(state.view(new.key()).is_some());
+        let mut mount = served(
+            "nfs-mount",
+            state.by_mac(mac).as_ref(),
+            IpAddr::V4(Ipv4Addr::new(10, 0, 0, 10)),
+            "/var/lib/walt/nodes/vm1/fs",
+        );
+        mount.at_ms = 1;
+        state.record(mount);
+        assert!(
+            state.view(old.key()).is_none(),
+            "dropped once the node mounts its new root"
+        );
+        assert_eq!(state.records()[0].mounted.as_deref(), Some("sha256:new"));
     }
 }

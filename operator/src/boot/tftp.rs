@@ -234,6 +234,43 @@ pub async fn serve(socket: UdpSocket, local: IpAddr, state: Arc<BootState>) {
     }
 }
 
+/// Where a served file's bytes are.
+enum Source {
+    /// A file of a layer.
+    Layer(std::path::PathBuf),
+    /// A file of the node's top layer.
+    Memory(Arc<[u8]>),
+}
+
+/// An open [`Source`].
+enum Opened {
+    Layer(std::fs::File),
+    Memory(Arc<[u8]>),
+}
+
+impl Source {
+    fn open(&self) -> std::io::Result<Opened> {
+        Ok(match self {
+            Source::Layer(path) => Opened::Layer(std::fs::File::open(path)?),
+            Source::Memory(data) => Opened::Memory(data.clone()),
+        })
+    }
+}
+
+impl Opened {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        match self {
+            Opened::Layer(file) => file.read_at(buf, offset),
+            Opened::Memory(data) => {
+                let start = usize::try_from(offset).unwrap_or(usize::MAX).min(data.len());
+                let n = buf.len().min(data.len() - start);
+                buf[..n].copy_from_slice(&data[start..start + n]);
+                Ok(n)
+            }
+        }
+    }
+}
+
 async fn read_request(
     socket: &UdpSocket,
     peer: SocketAddr,
@@ -242,7 +279,7 @@ async fn read_request(
     state: &BootState,
 ) -> std::io::Result<()> {
     let binding = state.by_ip(peer.ip());
-    let mut served = state::served("tftp", binding, peer.ip(), file);
+    let mut served = state::served("tftp", binding.as_ref(), peer.ip(), file);
     let found = match binding {
         None => Err((
             ErrorCode::Access,
@@ -252,7 +289,8 @@ async fn read_request(
             let path = boot_path(&b.model, file);
             match b.view.resolve(path.as_bytes()) {
                 Ok(id) => match b.view.inode(id).map(|i| (&i.kind, i.attr.size)) {
-                    Some((Kind::File(layer_path), size)) => Ok((layer_path.clone(), size)),
+                    Some((Kind::File(layer_path), size)) => Ok((Source::Layer(layer_path.clone()), size)),
+                    Some((Kind::Data(data), size)) => Ok((Source::Memory(data.clone()), size)),
                     _ => Err((ErrorCode::NotFound, format!("{path}: not a regular file"))),
                 },
                 Err(ResolveError::Loop) => Err((ErrorCode::NotFound, format!("{path}: symbolic link loop"))),
@@ -260,7 +298,7 @@ async fn read_request(
             }
         }
     };
-    let (layer_path, size) = match found {
+    let (source, size) = match found {
         Ok(found) => found,
         Err((code, message)) => {
             served.digest = None;
@@ -273,7 +311,7 @@ async fn read_request(
         }
     };
     state.record(served);
-    let data = std::fs::File::open(&layer_path)?;
+    let data = source.open()?;
     let granted = negotiate(options, size);
     if !granted.oack.is_empty() {
         send_until_acked(

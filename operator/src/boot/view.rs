@@ -12,6 +12,8 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use sha2::{Digest, Sha256};
 
 use crate::overlay::OpaqueXattr;
@@ -58,6 +60,8 @@ pub enum Kind {
     Dir(Vec<(Vec<u8>, u64)>),
     /// A regular file, read from this path of a layer.
     File(PathBuf),
+    /// A regular file held in memory (the per-node top layer: keys, `walt-env`, walt's scripts).
+    Data(Arc<[u8]>),
     /// A symbolic link and its target.
     Symlink(Vec<u8>),
     /// A character device.
@@ -169,12 +173,26 @@ pub fn merge_names<S: std::hash::BuildHasher>(
     out
 }
 
-/// A merged, indexed, read-only image root.
+impl Kind {
+    /// Whether this is a regular file (of a layer or in memory).
+    pub fn is_file(&self) -> bool {
+        matches!(self, Kind::File(_) | Kind::Data(_))
+    }
+}
+
+/// A merged, indexed, read-only image root; or a node's view of one: the image's view (shared by
+/// every node that boots it) under a small top layer of the node's own files, kept as inodes that
+/// replace or extend the image's ([`ImageView::with_top_layer`]).
 #[derive(Debug)]
 pub struct ImageView {
     key: [u8; 8],
     digest: String,
+    /// The image's inodes (no base), or the top layer's new inodes, numbered after the base's.
     inodes: Vec<Inode>,
+    /// The image's view under a node's top layer.
+    base: Option<Arc<ImageView>>,
+    /// Inodes of the base replaced by the top layer (its directories that gained entries).
+    replaced: HashMap<u64, Inode>,
 }
 
 fn attr_of(meta: &std::fs::Metadata) -> Attr {
@@ -242,6 +260,8 @@ impl ImageView {
                 ),
                 parent: ROOT_ID,
             }],
+            base: None,
+            replaced: HashMap::new(),
         };
         let mut queue = VecDeque::from([Pending {
             id: ROOT_ID,
@@ -366,17 +386,29 @@ impl ImageView {
 
     /// The number of inodes.
     pub fn len(&self) -> usize {
-        self.inodes.len()
+        self.base.as_ref().map_or(0, |b| b.len()) + self.inodes.len()
     }
 
     /// Whether the view is empty (never: the root is always there).
     pub fn is_empty(&self) -> bool {
-        self.inodes.is_empty()
+        self.len() == 0
+    }
+
+    /// The image view under the top layer, for a node's view.
+    pub fn base(&self) -> Option<&Arc<ImageView>> {
+        self.base.as_ref()
     }
 
     /// The inode with this number.
     pub fn inode(&self, id: u64) -> Option<&Inode> {
-        let index = usize::try_from(id.checked_sub(1)?).ok()?;
+        if let Some(inode) = self.replaced.get(&id) {
+            return Some(inode);
+        }
+        let own = self.base.as_ref().map_or(0, |b| b.len() as u64);
+        if id <= own {
+            return self.base.as_ref()?.inode(id);
+        }
+        let index = usize::try_from(id.checked_sub(own + 1)?).ok()?;
         self.inodes.get(index)
     }
 
@@ -399,12 +431,15 @@ impl ImageView {
     /// Reads up to `count` bytes at `offset` of a regular file; `(data, eof)`.
     pub fn read(&self, id: u64, offset: u64, count: u32) -> Result<(Vec<u8>, bool), ReadError> {
         let inode = self.inode(id).ok_or(ReadError::Stale)?;
-        let Kind::File(path) = &inode.kind else {
-            return Err(if matches!(inode.kind, Kind::Dir(_)) {
-                ReadError::IsDir
-            } else {
-                ReadError::Invalid
-            });
+        let path = match &inode.kind {
+            Kind::File(path) => path,
+            Kind::Data(data) => {
+                let start = usize::try_from(offset).unwrap_or(usize::MAX).min(data.len());
+                let end = start.saturating_add(count as usize).min(data.len());
+                return Ok((data[start..end].to_vec(), end == data.len()));
+            }
+            Kind::Dir(_) => return Err(ReadError::IsDir),
+            _ => return Err(ReadError::Invalid),
         };
         let size = inode.attr.size;
         let len = u64::from(count).min(size.saturating_sub(offset)) as usize;
@@ -466,6 +501,190 @@ impl ImageView {
             current = self.walk(current, target, hops, true)?;
         }
         Ok(current)
+    }
+}
+
+/// One entry of a node's top layer: a file (its content) or a directory, at an absolute path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopEntry {
+    /// Absolute path in the image (`/root/.ssh/authorized_keys`).
+    pub path: String,
+    /// Permission bits.
+    pub mode: u32,
+    /// The file's content; `None`: a directory.
+    pub data: Option<Vec<u8>>,
+}
+
+/// A top layer entry that cannot be placed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("placing {path} in the node's top layer: {why}")]
+pub struct TopLayerError {
+    /// The entry's path.
+    pub path: String,
+    /// Why.
+    pub why: &'static str,
+}
+
+impl ImageView {
+    /// A node's view of `base`: the image under `entries` (files replace the image's, directories
+    /// are created or merged; a symbolic link on the way is followed inside the image, or replaced
+    /// by a directory when it leads nowhere, as WalT does with `/etc/ssh`). `name` tells nodes'
+    /// views of one image apart in file handles. Nothing of the image is copied: the base is shared.
+    pub fn with_top_layer(
+        base: Arc<ImageView>,
+        entries: &[TopEntry],
+        name: &str,
+        mtime: (i64, u32),
+    ) -> Result<ImageView, TopLayerError> {
+        let mut hasher = Sha256::new();
+        hasher.update(base.key());
+        hasher.update(name.as_bytes());
+        for entry in entries {
+            hasher.update(entry.path.as_bytes());
+            hasher.update(entry.mode.to_be_bytes());
+            hasher.update(entry.data.as_deref().unwrap_or(&b"/"[..]));
+        }
+        let hash = hasher.finalize();
+        let mut key = [0; 8];
+        key.copy_from_slice(&hash[..8]);
+        let mut view = ImageView {
+            key,
+            digest: base.digest.clone(),
+            inodes: Vec::new(),
+            base: Some(base),
+            replaced: HashMap::new(),
+        };
+        for entry in entries {
+            view.place(entry, mtime)?;
+        }
+        Ok(view)
+    }
+
+    fn place(&mut self, entry: &TopEntry, mtime: (i64, u32)) -> Result<(), TopLayerError> {
+        let bad = |why| TopLayerError {
+            path: entry.path.clone(),
+            why,
+        };
+        let (dir, name) = entry
+            .path
+            .rsplit_once('/')
+            .filter(|(dir, _)| dir.is_empty() || dir.starts_with('/'))
+            .filter(|(_, name)| !name.is_empty() && *name != "." && *name != "..")
+            .ok_or_else(|| bad("not an absolute path to a file or directory"))?;
+        let parent = self.ensure_dir(dir.as_bytes(), mtime).map_err(bad)?;
+        let attr = Attr {
+            mode: entry.mode & 0o7777,
+            nlink: if entry.data.is_some() { 1 } else { 2 },
+            size: entry.data.as_ref().map_or(0, |d| d.len() as u64),
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            ..Attr::default()
+        };
+        let existing = self.lookup(parent, name.as_bytes());
+        let existing_dir =
+            existing.filter(|id| matches!(self.inode(*id).map(|i| &i.kind), Some(Kind::Dir(_))));
+        match (&entry.data, existing_dir) {
+            (None, Some(dir)) => {
+                if let Some(inode) = self.inode_mut(dir) {
+                    inode.attr.mode = attr.mode;
+                }
+            }
+            (data, _) => {
+                let kind = match data {
+                    Some(data) => Kind::Data(data.clone().into()),
+                    None => Kind::Dir(Vec::new()),
+                };
+                let id = self.add_inode(Inode { kind, attr, parent });
+                self.set_entry(parent, name.as_bytes(), id);
+            }
+        }
+        Ok(())
+    }
+
+    /// The directory at `path`, created (and its parents) when missing.
+    fn ensure_dir(&mut self, path: &[u8], mtime: (i64, u32)) -> Result<u64, &'static str> {
+        let mut current = ROOT_ID;
+        for part in path.split(|b| *b == b'/').filter(|p| !p.is_empty()) {
+            if part == b".." || part == b"." {
+                return Err("the path has . or .. in it");
+            }
+            let found = self.lookup(current, part);
+            let kind = found.and_then(|id| self.inode(id)).map(|i| i.kind.clone());
+            current = match (found, kind) {
+                (Some(id), Some(Kind::Dir(_))) => id,
+                (Some(_), Some(Kind::Symlink(target))) => {
+                    let mut hops = 0;
+                    let resolved = self
+                        .walk(current, &target, &mut hops, true)
+                        .ok()
+                        .filter(|id| matches!(self.inode(*id).map(|i| &i.kind), Some(Kind::Dir(_))));
+                    match resolved {
+                        Some(dir) => dir,
+                        None => self.new_dir(current, part, mtime),
+                    }
+                }
+                (Some(_), _) => return Err("a file of the image is in the way"),
+                (None, _) => self.new_dir(current, part, mtime),
+            };
+        }
+        Ok(current)
+    }
+
+    fn new_dir(&mut self, parent: u64, name: &[u8], mtime: (i64, u32)) -> u64 {
+        let id = self.add_inode(Inode {
+            kind: Kind::Dir(Vec::new()),
+            attr: Attr {
+                mode: 0o755,
+                nlink: 2,
+                atime: mtime,
+                mtime,
+                ctime: mtime,
+                ..Attr::default()
+            },
+            parent,
+        });
+        self.set_entry(parent, name, id);
+        id
+    }
+
+    fn add_inode(&mut self, inode: Inode) -> u64 {
+        self.inodes.push(inode);
+        self.len() as u64
+    }
+
+    /// Points `dir`'s entry `name` at `id` (added, or replacing the image's entry).
+    fn set_entry(&mut self, dir: u64, name: &[u8], id: u64) {
+        let subdir = matches!(self.inode(id).map(|i| &i.kind), Some(Kind::Dir(_)));
+        let Some(inode) = self.inode_mut(dir) else {
+            return;
+        };
+        let Kind::Dir(children) = &mut inode.kind else {
+            return;
+        };
+        match children.binary_search_by(|(n, _)| n.as_slice().cmp(name)) {
+            Ok(index) => children[index].1 = id,
+            Err(index) => {
+                children.insert(index, (name.to_vec(), id));
+                if subdir {
+                    inode.attr.nlink += 1;
+                }
+            }
+        }
+    }
+
+    /// The inode `id`, to change: a base inode is copied into this view first.
+    fn inode_mut(&mut self, id: u64) -> Option<&mut Inode> {
+        let own = self.base.as_ref().map_or(0, |b| b.len() as u64);
+        if id > own {
+            let index = usize::try_from(id - own - 1).ok()?;
+            return self.inodes.get_mut(index);
+        }
+        if !self.replaced.contains_key(&id) {
+            let copy = self.base.as_ref()?.inode(id)?.clone();
+            self.replaced.insert(id, copy);
+        }
+        self.replaced.get_mut(&id)
     }
 }
 
@@ -637,5 +856,64 @@ mod tests {
         assert_eq!(view.resolve(b"/../../etc/kept"), Ok(kept));
         assert_eq!(view.resolve(b"/boot/loop"), Err(ResolveError::Loop));
         assert_eq!(view.resolve(b"/etc/kept/x"), Err(ResolveError::NotDir));
+    }
+
+    #[test]
+    fn a_top_layer_adds_and_replaces_files_without_touching_the_image() {
+        let (_dir, dirs) = layers();
+        let base = Arc::new(ImageView::build(&dirs, "sha256:abc", OpaqueXattr::Trusted).expect("view"));
+        let entry = |path: &str, mode, data: Option<&str>| TopEntry {
+            path: path.into(),
+            mode,
+            data: data.map(|d| d.as_bytes().to_vec()),
+        };
+        let top = ImageView::with_top_layer(
+            base.clone(),
+            &[
+                entry("/etc/kept", 0o644, Some("replaced")),
+                entry("/root/.ssh", 0o700, None),
+                entry("/root/.ssh/authorized_keys", 0o600, Some("ssh-ed25519 AAAA")),
+                entry("/boot/rpi-3-b-plus/extra", 0o644, Some("through a link")),
+                entry("/boot/loop/x", 0o644, Some("the loop is replaced")),
+            ],
+            "node1",
+            (1, 0),
+        )
+        .expect("top layer");
+        assert_ne!(top.key(), base.key(), "a node's view has its own handles");
+        assert_eq!(top.digest(), "sha256:abc");
+        let kept = top.resolve(b"/etc/kept").expect("kept");
+        assert_eq!(top.read(kept, 0, 100).expect("read").0, b"replaced");
+        let base_kept = base.resolve(b"/etc/kept").expect("kept");
+        assert_eq!(
+            base.read(base_kept, 0, 100).expect("read").0,
+            b"kept",
+            "the image is untouched"
+        );
+        assert_eq!(
+            top.resolve(b"/etc/kept-link"),
+            Ok(base_kept),
+            "the other link still names the image's file"
+        );
+        let keys = top.resolve(b"/root/.ssh/authorized_keys").expect("keys");
+        assert_eq!(top.inode(keys).map(|i| i.attr.mode), Some(0o600));
+        let ssh = top.resolve(b"/root/.ssh").expect(".ssh");
+        assert_eq!(top.inode(ssh).map(|i| i.attr.mode), Some(0o700));
+        let extra = top
+            .resolve(b"/boot/rpi-3-b/extra")
+            .expect("placed in the link's target");
+        assert_eq!(top.read(extra, 5, 100).expect("read").0, b"gh a link");
+        assert!(top.resolve(b"/boot/loop/x").is_ok());
+        assert_eq!(base.resolve(b"/root"), Err(ResolveError::NotFound));
+        let kernel = base.resolve(b"/usr/lib/kernel.img").expect("kernel");
+        assert_eq!(
+            top.resolve(b"/boot/rpi-3-b/kernel.img"),
+            Ok(kernel),
+            "the image's files are shared"
+        );
+        let error =
+            ImageView::with_top_layer(base, &[entry("/etc/kept/x", 0o644, Some("no"))], "node1", (1, 0))
+                .expect_err("a file is in the way");
+        assert!(error.to_string().contains("/etc/kept/x"), "{error}");
     }
 }

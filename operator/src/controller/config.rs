@@ -135,6 +135,20 @@ pub struct Args {
     /// How often reachable physical nodes are probed over SSH, e.g. `1m`.
     #[arg(long, env = "WALT_PROBE_INTERVAL", default_value = "1m", value_parser = parse_duration)]
     pub probe_interval: Duration,
+    /// Where each lab network's boot service serves its boot records: `NETWORK=http://HOST:PORT` (its
+    /// `--status-listen`), or a bare URL for the `default` network; repeat, or separate with commas. A
+    /// Node on a Device walt network-boots (`firmware` set) gets `bootedImage` only when the digest the
+    /// boot service mounted is the one the node reports (condition `ImageVerified`). None for its
+    /// network: `ImageVerified=Unknown` (BootServiceUnreachable).
+    #[arg(long, env = "WALT_BOOT_STATUS_URL", value_delimiter = ',')]
+    pub boot_status_url: Vec<String>,
+    /// How long a network boot may take to send its boot notification before the watchdog retries it
+    /// (WalT's 180 s).
+    #[arg(long, env = "WALT_BOOT_TIMEOUT", default_value = "180s", value_parser = parse_duration)]
+    pub boot_timeout: Duration,
+    /// Retries of a network boot that sends no notification before giving up (WalT's 9).
+    #[arg(long, env = "WALT_BOOT_RETRIES", default_value_t = crate::controller::node::netboot::BOOT_RETRIES)]
+    pub boot_retries: u32,
     /// How long an image shell waits for the user's decision before keeping the digest and moving no tag.
     #[arg(long, env = "WALT_DECISION_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
     pub decision_timeout: Duration,

@@ -12,6 +12,7 @@ use walt_crds::{ConditionStatus, Image, ImageDigestRef, Node, NodePhase, NodeSta
 
 pub mod build;
 pub mod decide;
+pub mod netboot;
 pub mod probe;
 pub mod reasons;
 pub mod virtual_node;

@@ -13,7 +13,8 @@ use kube::{Api, ResourceExt};
 use walt_crds::{ConditionStatus, Device, DeviceBinding, Node, NodePhase, NodeStatus, condition_types};
 
 use super::decide::{Decision, Effect, Probe, Reached, SshFailure, decide};
-use super::{BootTarget, reasons};
+use super::{BootTarget, netboot, reasons};
+use crate::boot::state::BootRecord;
 use crate::controller::shared::context::Context;
 use crate::controller::shared::error::{Error, Result};
 use crate::controller::shared::node_access::{
@@ -101,11 +102,28 @@ pub async fn reconcile_physical(
     }
     let config = client_config(context, node, Some(&device))?;
     let interval = context.config.args.probe_interval;
+    // What the boot service saw of a device walt network-boots (before the probe: a boot it
+    // verified after the probe is seen next time).
+    let seen = match (&device.spec.firmware, &device.spec.mac) {
+        (Some(_), Some(mac)) => {
+            let network = crate::controller::boot_source::network_of(&device);
+            Some(boot_record(context, network, mac).await)
+        }
+        _ => None,
+    };
+    let watchdog = netboot::Watchdog {
+        timeout: context.config.args.boot_timeout,
+        retries: context.config.args.boot_retries,
+    };
     let client = match NodeClient::connect(&ssh_target, &config).await {
         Ok(client) => client,
         Err(error) => {
             let probe = Probe::Failed(failure_of(&error));
-            let decision = decide(node, status, target.as_ref(), &probe, Timestamp::now(), interval);
+            let now = Timestamp::now();
+            let mut decision = decide(node, status, target.as_ref(), &probe, now, interval);
+            if let Some(seen) = &seen {
+                netboot::judge(node, &mut decision, target.as_ref(), seen, false, now, watchdog);
+            }
             return apply(context, node, None, decision).await;
         }
     };
@@ -118,11 +136,40 @@ pub async fn reconcile_physical(
             return Err(error);
         }
     };
-    let decision = decide(node, status, target.as_ref(), &probe, Timestamp::now(), interval);
+    let now = Timestamp::now();
+    let mut decision = decide(node, status, target.as_ref(), &probe, now, interval);
+    if let Some(seen) = &seen {
+        let reached = matches!(probe, Probe::Reached(_));
+        netboot::judge(node, &mut decision, target.as_ref(), seen, reached, now, watchdog);
+    }
     // The one place the connection ends, whatever the decision.
     let applied = apply(context, node, Some((&client, &ssh_target)), decision).await;
     client.close().await;
     applied
+}
+
+/// Asks the boot service of `network` (`--boot-status-url`) what it saw of the device with this MAC.
+async fn boot_record(context: &Context, network: &str, mac: &str) -> netboot::Seen {
+    let Some(url) = netboot::status_url(&context.config.args.boot_status_url, network) else {
+        return netboot::Seen::Unreachable(format!(
+            "the operator has no --boot-status-url for the lab network {network}: it cannot verify what the device booted"
+        ));
+    };
+    let url = format!("{}/boots", url.trim_end_matches('/'));
+    let fetched = async {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| e.to_string())?;
+        let response = client.get(&url).send().await.map_err(|e| e.to_string())?;
+        let response = response.error_for_status().map_err(|e| e.to_string())?;
+        let body = response.bytes().await.map_err(|e| e.to_string())?;
+        serde_json::from_slice::<Vec<BootRecord>>(&body).map_err(|e| format!("not boot records: {e}"))
+    };
+    match fetched.await {
+        Ok(records) => netboot::Seen::Record(netboot::record_of(&records, mac)),
+        Err(error) => netboot::Seen::Unreachable(format!("asking the boot service ({url}): {error}")),
+    }
 }
 
 /// How soon a Node whose Device the operator may not reach is looked at again (a Device change

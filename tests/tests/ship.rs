@@ -475,7 +475,7 @@ fn boot_service_runs_one_instance_per_lab_network() {
             "{name}"
         );
         spec["template"]["spec"]["containers"][0]["args"]
-            .as_sequence()
+            .as_array()
             .expect("args")
             .iter()
             .filter_map(|a| a.as_str().map(str::to_owned))
@@ -503,13 +503,13 @@ fn boot_service_runs_one_instance_per_lab_network() {
         !second.iter().any(|a| a.starts_with("--dhcp-interface")),
         "{second:?}"
     );
-    let rules = serde_yaml::to_string(&find(&docs, "ClusterRole", "walt-boot")["rules"]).expect("yaml");
+    let rules = find(&docs, "ClusterRole", "walt-boot")["rules"].to_string();
     assert!(
         rules.contains("devices") && !rules.contains("create") && !rules.contains("secrets"),
         "read-only on walt's objects: {rules}"
     );
     let env = find(&docs, "Deployment", "walt-operator")["spec"]["template"]["spec"]["containers"][0]["env"]
-        .as_sequence()
+        .as_array()
         .expect("env")
         .clone();
     let urls = env
@@ -522,8 +522,7 @@ fn boot_service_runs_one_instance_per_lab_network() {
             "default=http://192.168.152.1:9470,lab2=http://10.9.0.1:9470"
         ))
     );
-    let policy = serde_yaml::to_string(&find(&docs, "NetworkPolicy", "walt-operator")["spec"]["egress"])
-        .expect("yaml");
+    let policy = find(&docs, "NetworkPolicy", "walt-operator")["spec"]["egress"].to_string();
     assert!(
         policy.contains("192.168.152.1/32") && policy.contains("9470"),
         "{policy}"

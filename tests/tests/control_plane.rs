@@ -723,20 +723,23 @@ fn operator_env(docs: &[serde_json::Value]) -> Vec<(String, String)> {
 fn secret_versions(cluster: &Cluster, names: &[&str]) -> Result<Vec<String>, String> {
     names
         .iter()
-        .map(|name| {
-            cluster
-                .kubectl_output(&[
-                    "-n",
-                    "walt-system",
-                    "get",
-                    "secret",
-                    name,
-                    "-o",
-                    "jsonpath={.metadata.resourceVersion}",
-                ])
-                .map_err(|e| e.to_string())
-        })
+        .map(|name| secret_field(cluster, name, "{.metadata.resourceVersion}"))
         .collect()
+}
+
+/// A field of Secret `walt-system/name`, by JSONPath.
+fn secret_field(cluster: &Cluster, name: &str, jsonpath: &str) -> Result<String, String> {
+    cluster
+        .kubectl_output(&[
+            "-n",
+            "walt-system",
+            "get",
+            "secret",
+            name,
+            "-o",
+            &format!("jsonpath={jsonpath}"),
+        ])
+        .map_err(|e| format!("reading Secret walt-system/{name} {jsonpath}: {e}"))
 }
 
 /// Runs `walt-operator run` with the rendered Deployment's environment, as its ServiceAccount, until
@@ -808,17 +811,8 @@ fn fetch_token(port: u16, user: &str, password: &str) -> Result<String, String> 
 /// A key of Secret `walt-system/name`, decoded.
 fn secret_text(cluster: &Cluster, name: &str, key: &str) -> String {
     use base64::Engine as _;
-    let encoded = cluster
-        .kubectl_output(&[
-            "-n",
-            "walt-system",
-            "get",
-            "secret",
-            name,
-            "-o",
-            &format!("jsonpath={{.data.{}}}", key.replace('.', "\\.")),
-        ])
-        .expect("read the Secret");
+    let encoded = secret_field(cluster, name, &format!("{{.data.{}}}", key.replace('.', "\\.")))
+        .unwrap_or_else(|e| panic!("{e}"));
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(encoded.trim())
         .expect("base64 Secret data");

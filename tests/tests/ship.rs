@@ -650,19 +650,20 @@ fn every_kustomization_renders_from_a_clean_checkout() {
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         deploy::parse_documents(&text, name).expect("YAML")
     };
-    let argo = read("argocd-application.yaml");
-    let application = find(&argo, "Application", "walt");
-    let path = application["spec"]["source"]["path"]
-        .as_str()
-        .expect("source.path");
-    assert!(
+    let is_a_kustomization = |path: &str| {
         deploy_dir
             .parent()
             .expect("root")
             .join(path)
             .join("kustomization.yaml")
             .is_file()
-    );
+    };
+    let argo = read("argocd-application.yaml");
+    let application = find(&argo, "Application", "walt");
+    let path = application["spec"]["source"]["path"]
+        .as_str()
+        .expect("source.path");
+    assert!(is_a_kustomization(path), "Argo CD's source.path {path}");
     assert_eq!(
         application["spec"]["destination"]["namespace"],
         Value::from("walt-system")
@@ -674,14 +675,7 @@ fn every_kustomization_renders_from_a_clean_checkout() {
         Value::from("kustomize.toolkit.fluxcd.io/v1")
     );
     let path = kustomization["spec"]["path"].as_str().expect("spec.path");
-    assert!(
-        deploy_dir
-            .parent()
-            .expect("root")
-            .join(path)
-            .join("kustomization.yaml")
-            .is_file()
-    );
+    assert!(is_a_kustomization(path), "Flux's spec.path {path}");
     let source = &kustomization["spec"]["sourceRef"];
     let repository = find(
         &flux,

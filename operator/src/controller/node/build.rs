@@ -31,7 +31,7 @@ use kube::{Resource, ResourceExt};
 use walt_crds::{BootMode, Node, NodePhase};
 
 use crate::controller::shared::context::{MANAGED_BY, MANAGED_BY_LABEL};
-use crate::controller::shared::pods::{binfmt_mount, binfmt_volume, vnode_object_name};
+use crate::controller::shared::pods::{binfmt_mount, binfmt_volume, prefer_architecture, vnode_object_name};
 use crate::controller::shared::registry::{registry_credentials_mount, registry_credentials_volume};
 
 /// Label naming the Node a pod, Service or claim belongs to.
@@ -193,6 +193,12 @@ pub fn build_vnode_pod(node: &Node, inputs: &VnodeInputs<'_>) -> Pod {
         spec: Some(PodSpec {
             hostname: Some(name.chars().take(63).collect()),
             restart_policy: Some("Always".into()),
+            affinity: prefer_architecture(
+                node.spec
+                    .virtual_node
+                    .as_ref()
+                    .map(|virtual_node| virtual_node.architecture.as_str()),
+            ),
             automount_service_account_token: Some(false),
             enable_service_links: Some(false),
             containers: vec![Container {
@@ -393,6 +399,11 @@ mod tests {
             .collect();
         assert_eq!(volumes, ["authorized-keys", "cache", "registry", "binfmt"]);
         assert_eq!(spec.automount_service_account_token, Some(false));
+        assert_eq!(
+            spec.affinity,
+            prefer_architecture(Some("amd64")),
+            "a virtual node prefers cluster nodes of its own CPU"
+        );
     }
 
     #[test]

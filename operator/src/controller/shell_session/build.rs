@@ -33,7 +33,7 @@ use walt_crds::{Changes, ImageShellMode, ShellMode, ShellSession, ShellSessionPh
 
 use crate::controller::config::LayerCache;
 use crate::controller::shared::context::{MANAGED_BY, MANAGED_BY_LABEL};
-use crate::controller::shared::pods::{binfmt_mount, binfmt_volume};
+use crate::controller::shared::pods::{binfmt_mount, binfmt_volume, prefer_architecture};
 use crate::controller::shared::registry::{registry_credentials_mount, registry_credentials_volume};
 
 /// Label naming the ShellSession a pod belongs to.
@@ -71,6 +71,8 @@ pub struct ShellPodInputs<'a> {
     pub cache: &'a LayerCache,
     /// Whether the namespace has the registry credentials Secret to mount.
     pub registry_credentials: bool,
+    /// The image's CPU (its platform), when known: the pod prefers cluster nodes of that CPU.
+    pub image_architecture: Option<&'a str>,
 }
 
 // Long by design: one Pod literal, read top to bottom as the pod is; splitting it would scatter
@@ -170,6 +172,7 @@ pub fn build_shell_pod(session: &ShellSession, inputs: &ShellPodInputs<'_>) -> P
         },
         spec: Some(PodSpec {
             restart_policy: Some("Never".into()),
+            affinity: prefer_architecture(inputs.image_architecture),
             host_users: inputs.user_namespaces.then_some(false),
             automount_service_account_token: Some(false),
             enable_service_links: Some(false),
@@ -573,6 +576,7 @@ mod tests {
             user_namespaces,
             cache,
             registry_credentials: false,
+            image_architecture: Some("arm64"),
         }
     }
 
@@ -600,6 +604,11 @@ mod tests {
         let spec = pod.spec.expect("spec");
         assert_eq!(spec.host_users, Some(false));
         assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+        assert_eq!(
+            spec.affinity,
+            prefer_architecture(Some("arm64")),
+            "an arm64 image's shell prefers arm64 cluster nodes"
+        );
         let container = &spec.containers[0];
         assert_eq!((container.tty, container.stdin), (Some(true), Some(true)));
         let security = container.security_context.clone().expect("security context");

@@ -593,6 +593,10 @@ async fn create_pod(
         user_namespaces: user_namespaces(context).await,
         cache: &context.config.args.shell_cache,
         registry_credentials,
+        image_architecture: image_status
+            .platform
+            .as_ref()
+            .map(|platform| platform.architecture.as_str()),
     };
     let pod = build_shell_pod(session, &inputs);
     let pods: Api<Pod> = Api::namespaced(context.client.clone(), &namespace);

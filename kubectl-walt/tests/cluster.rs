@@ -257,7 +257,8 @@ fn node_and_image_listing_and_show() {
     );
     let wide = walt.ok(&["node", "ls", "-o", "wide"]);
     assert!(
-        wide.contains("192.0.2.10:22   rpi-debian@sha256:222222222222   volatile"),
+        // SERVED: nothing served by a boot service for this node (it boots over SSH).
+        wide.contains("192.0.2.10:22   rpi-debian@sha256:222222222222   -        volatile"),
         "{wide}"
     );
     let json: serde_json::Value =

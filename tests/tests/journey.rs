@@ -9,16 +9,15 @@
 //! the product part with a printed `JOURNEY STOPPED` line naming it; the install and uninstall checks
 //! still run and assert.
 
-use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use walt_tests::deploy::{self, run};
 use walt_tests::image_build::Arch;
 use walt_tests::k8s::{Cluster, ClusterOptions, cluster_tier_skip_reason};
 use walt_tests::lab::{self, Kube, LabRegistry};
-use walt_tests::wait::{Poll, Wait, wait_for};
+use walt_tests::wait::{Poll, Wait};
 
 const NS: &str = "journey";
 
@@ -73,52 +72,35 @@ impl Journey<'_> {
     }
 
     /// Runs an interactive plugin command under a PTY (`script`), types `input`, returns everything shown.
-    fn walt_interactive(&self, args: &[&str], input: &str, timeout: Duration) -> String {
-        let mut line = shell_quote(&self.plugin.to_string_lossy());
-        for arg in ["--kubeconfig", &self.kube.kubeconfig.to_string_lossy(), "-n", NS]
-            .iter()
-            .chain(args)
-        {
-            line.push(' ');
-            line.push_str(&shell_quote(arg));
+    /// Runs the plugin on a terminal: types `input` line by line, as a person does, then, when
+    /// `answer` is given, waits until its question is shown before typing the reply (typed ahead,
+    /// the reply could reach the shell instead of the question).
+    fn walt_interactive(
+        &self,
+        args: &[&str],
+        input: &str,
+        answer: Option<(&str, &str)>,
+        timeout: Duration,
+    ) -> String {
+        let mut command = Command::new(&self.plugin);
+        command
+            .arg("--kubeconfig")
+            .arg(&self.kube.kubeconfig)
+            .args(["-n", NS])
+            .args(args);
+        let mut terminal = walt_tests::pty::Pty::spawn(&command);
+        // Type slowly, as a person does: the shell must be up before the first line matters.
+        for line in input.split_inclusive('\n') {
+            std::thread::sleep(Duration::from_millis(700));
+            terminal.send(line);
         }
-        let mut child = Command::new("script")
-            .args(["-qfec", &line, "/dev/null"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run script (util-linux)");
-        let mut stdin = child.stdin.take().expect("stdin");
-        let input = input.to_owned();
-        std::thread::spawn(move || {
-            // Type slowly, as a person does: the shell must be up before the first line matters.
-            for line in input.split_inclusive('\n') {
-                std::thread::sleep(Duration::from_millis(700));
-                if stdin.write_all(line.as_bytes()).is_err() {
-                    return;
-                }
-            }
-        });
-        let mut stdout = child.stdout.take().expect("stdout");
-        let reader = std::thread::spawn(move || {
-            let mut all = Vec::new();
-            let _ = stdout.read_to_end(&mut all);
-            all
-        });
-        let finished = wait_for(&format!("kubectl walt {args:?} to finish"), timeout, || {
-            child.try_wait().expect("wait")
-        });
-        if finished.is_err() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some((question, reply)) = answer {
+            terminal.expect_within(question, timeout);
+            terminal.send(reply);
         }
-        let out = String::from_utf8_lossy(&reader.join().unwrap_or_default()).into_owned();
-        match finished {
-            Ok(status) => assert!(status.success(), "kubectl walt {args:?} exited {status}:\n{out}"),
-            Err(e) => panic!("{e}:\n{out}"),
-        }
-        out
+        let (code, shown) = terminal.wait_within(timeout);
+        assert_eq!(code, 0, "kubectl walt {args:?} exited {code}:\n{shown}");
+        shown
     }
 
     fn wait_jsonpath(&self, resource: &str, path: &str, want: &str, timeout: Duration) {
@@ -176,7 +158,8 @@ impl Journey<'_> {
         plugin_has(&self.plugin, &["image", "shell"])?;
         let shown = self.walt_interactive(
             &["image", "shell", "base"],
-            "uname -m\necho shell-was-here > /etc/walt-journey\nrm /etc/motd\nmkdir -p /opt/journey && echo 1 > /opt/journey/one\nexit\nshelled\n",
+            "uname -m\necho shell-was-here > /etc/walt-journey\nrm /etc/motd\nmkdir -p /opt/journey && echo 1 > /opt/journey/one\nexit\n",
+            Some(("Save as a new image", "shelled\n")),
             Duration::from_mins(5),
         );
         assert!(
@@ -215,6 +198,7 @@ impl Journey<'_> {
         let shown = self.walt_interactive(
             &["node", "shell", "vnode1"],
             "cat /etc/walt-journey\necho node-was-here > /root/node-file\nrm -r /opt/journey\nrm /etc/hostname\nexit\n",
+            None,
             Duration::from_mins(3),
         );
         assert!(
@@ -287,10 +271,6 @@ impl Journey<'_> {
         }
         Ok(())
     }
-}
-
-fn shell_quote(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "'\\''"))
 }
 
 /// skopeo + umoci read the saved image and see the same files as the node.

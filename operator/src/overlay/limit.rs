@@ -8,6 +8,63 @@
 //! more than [`MAX_EXTENSION_SIZE`] before its data is read.
 
 use std::io::Read;
+use std::sync::{Arc, Mutex, PoisonError};
+
+/// The PAX records of the entry the `tar` crate has just handed out (see [`HeaderLimit::entry_pax`]).
+#[derive(Clone, Debug, Default)]
+pub struct EntryPax(Arc<Mutex<Option<Vec<u8>>>>);
+
+impl EntryPax {
+    /// The current entry's PAX extended header data, raw (`None` when it has none).
+    pub fn take(&self) -> Option<Vec<u8>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+
+    fn set(&self, data: Option<Vec<u8>>) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = data;
+    }
+}
+
+/// The records of PAX extended header data, `LEN KEY=VALUE\n` each, read by their length: a value may
+/// hold any byte, newlines included (binary xattrs such as `trusted.overlay.origin` or
+/// `security.capability` do). The `tar` crate's own reader splits records at newlines and refuses
+/// such a value as "malformed pax extension".
+///
+/// # Errors
+/// A record whose length is not a number, runs past the data, or lacks its `=` or final newline.
+pub fn pax_records(mut data: &[u8]) -> std::io::Result<Vec<(&[u8], &[u8])>> {
+    let malformed = |why: &str| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("malformed PAX record: {why}"),
+        )
+    };
+    let mut records = Vec::new();
+    while !data.is_empty() {
+        if data.iter().all(|b| *b == 0) {
+            break; // padding some writers leave after the last record
+        }
+        let space = data
+            .iter()
+            .position(|b| *b == b' ')
+            .ok_or_else(|| malformed("no length"))?;
+        let length: usize = std::str::from_utf8(&data[..space])
+            .ok()
+            .and_then(|text| text.parse().ok())
+            .ok_or_else(|| malformed("its length is not a number"))?;
+        if length <= space + 1 || length > data.len() || data[length - 1] != b'\n' {
+            return Err(malformed("its length does not end at a newline"));
+        }
+        let record = &data[space + 1..length - 1];
+        let equals = record
+            .iter()
+            .position(|b| *b == b'=')
+            .ok_or_else(|| malformed("no `=`"))?;
+        records.push((&record[..equals], &record[equals + 1..]));
+        data = &data[length..];
+    }
+    Ok(records)
+}
 
 /// The largest GNU long name / long link / PAX extended header accepted: 1 MiB, as Go's `archive/tar`
 /// (containerd, Docker) does.
@@ -38,6 +95,10 @@ pub struct HeaderLimit<R> {
     block: Vec<u8>,
     pax: Vec<u8>,
     pax_size: Option<u64>,
+    /// PAX data waiting for the entry it describes.
+    pending_pax: Option<Vec<u8>>,
+    /// The PAX data of the last entry header seen, for the reader of the `tar` crate's entries.
+    entry_pax: EntryPax,
     /// Data length (padded) of a GNU sparse entry, read after its extension blocks.
     sparse_data: u64,
 }
@@ -51,8 +112,17 @@ impl<R> HeaderLimit<R> {
             block: Vec::with_capacity(BLOCK),
             pax: Vec::new(),
             pax_size: None,
+            pending_pax: None,
+            entry_pax: EntryPax::default(),
             sparse_data: 0,
         }
+    }
+
+    /// A handle on the raw PAX records of the entry the `tar` crate has just handed out: it reads a
+    /// header, its extension headers and the entry's own header exactly, before handing the entry out,
+    /// so the last entry header this reader saw is that entry's. Read them with [`pax_records`].
+    pub fn entry_pax(&self) -> EntryPax {
+        self.entry_pax.clone()
     }
 
     /// The wrapped reader.
@@ -88,7 +158,7 @@ impl<R> HeaderLimit<R> {
                     if *remaining == 0 {
                         if *pax {
                             self.pax_size = pax_size(&self.pax);
-                            self.pax.clear();
+                            self.pending_pax = Some(std::mem::take(&mut self.pax));
                         }
                         self.state = State::Header;
                     }
@@ -128,6 +198,7 @@ impl<R> HeaderLimit<R> {
             if is_extension {
                 size
             } else {
+                self.entry_pax.set(self.pending_pax.take());
                 pax_size.unwrap_or(size)
             }
         };
@@ -178,6 +249,8 @@ fn data_state(padded: u64, pax: bool) -> State {
 /// The `size` record of PAX extended header data (which overrides the next entry's header size), parsed
 /// as the `tar` crate does (the first `size` record; an unparsable one is ignored).
 fn pax_size(data: &[u8]) -> Option<u64> {
+    // Exactly the `tar` crate's reading (not [`pax_records`]): the layout followed here must be the
+    // one the `tar` crate follows, or a header could pass unbounded.
     for extension in tar::PaxExtensions::new(data) {
         let extension = extension.ok()?;
         if extension.key() == Ok("size") {
@@ -212,7 +285,72 @@ fn too_large(header: &tar::Header, kind: tar::EntryType, size: u64) -> std::io::
 mod tests {
     use std::io::Read;
 
-    use super::{HeaderLimit, MAX_EXTENSION_SIZE};
+    use super::{HeaderLimit, MAX_EXTENSION_SIZE, pax_records};
+
+    /// A binary xattr value as overlayfs writes them (`trusted.overlay.origin` is a file handle): it
+    /// holds newline bytes.
+    const BINARY: &[u8] = b"\x00\xfb\n\x0a\x01bin\n";
+
+    #[test]
+    fn pax_records_are_read_by_their_length_so_values_may_hold_newlines() {
+        let mut builder = tar::Builder::new(Vec::new());
+        builder
+            .append_pax_extensions([
+                ("SCHILY.xattr.trusted.overlay.origin", BINARY),
+                ("path", &b"etc/x"[..]),
+            ])
+            .expect("pax");
+        let data = builder.into_inner().expect("tar")[512..].to_vec();
+        let records = pax_records(&data).expect("well-formed records");
+        assert_eq!(
+            records[..2],
+            [
+                (&b"SCHILY.xattr.trusted.overlay.origin"[..], BINARY),
+                (&b"path"[..], &b"etc/x"[..])
+            ]
+        );
+        assert!(
+            tar::PaxExtensions::new(&data).any(|record| record.is_err()),
+            "the tar crate's own reader refuses this (why walt reads the records itself)"
+        );
+        for malformed in [&b"9 a=b\n"[..], b"x a=b\n", b"6 ab\n", b"7 a=b\n"] {
+            assert!(pax_records(malformed).is_err(), "{malformed:?}");
+        }
+    }
+
+    #[test]
+    fn a_change_stream_with_a_binary_xattr_keeps_it() {
+        let mut builder = tar::Builder::new(Vec::new());
+        builder
+            .append_pax_extensions([("SCHILY.xattr.user.bin", BINARY)])
+            .expect("pax");
+        let mut header = tar::Header::new_ustar();
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_size(2);
+        header.set_mode(0o644);
+        header.set_mtime(1);
+        header.set_uid(0);
+        header.set_gid(0);
+        builder
+            .append_data(&mut header, "etc/file", &b"hi"[..])
+            .expect("file");
+        let stream = builder.into_inner().expect("tar");
+        let options = crate::overlay::LayerOptions::default();
+        let (layer, summary) = crate::overlay::write_layer_from_tar(&stream[..], &options, Vec::new())
+            .expect("a binary xattr is no reason to refuse a change set");
+        assert_eq!(summary.added + summary.modified, 1);
+        let mut archive = tar::Archive::new(&layer[..]);
+        let mut kept = None;
+        for entry in archive.entries().expect("layer") {
+            let mut entry = entry.expect("entry");
+            if entry.path_bytes().as_ref() == b"etc/file"
+                && let Some(data) = entry.pax_extensions().expect("pax")
+            {
+                kept = Some(data.count());
+            }
+        }
+        assert!(kept.is_some(), "the xattr is carried into the layer");
+    }
 
     /// A raw header block of `kind` named `name` claiming `size` bytes.
     fn header_block(name: &str, kind: tar::EntryType, size: u64) -> Vec<u8> {

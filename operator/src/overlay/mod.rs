@@ -18,7 +18,7 @@ mod limit;
 mod read;
 mod write;
 
-pub use limit::{HeaderLimit, MAX_EXTENSION_SIZE};
+pub use limit::{EntryPax, HeaderLimit, MAX_EXTENSION_SIZE, pax_records};
 pub use read::{UnpackOptions, apply_layer, unpack_layer};
 pub use write::{ChangeFilter, ChangeSummary, LayerOptions, write_layer_from_dir, write_layer_from_tar};
 

@@ -615,7 +615,9 @@ pub fn write_layer_from_tar<R: Read, W: Write>(
         lowers: options.lower_dirs.clone(),
         filter: &filter,
     };
-    let mut archive = tar::Archive::new(super::HeaderLimit::new(input));
+    let limited = super::HeaderLimit::new(input);
+    let entry_pax = limited.entry_pax();
+    let mut archive = tar::Archive::new(limited);
     let entries = archive.entries().map_err(|source| Error::Tar {
         context: "reading the change stream".into(),
         source,
@@ -648,11 +650,10 @@ pub fn write_layer_from_tar<R: Read, W: Write>(
             continue;
         }
         let mut xattrs = Vec::new();
-        if let Some(extensions) = entry.pax_extensions().map_err(tar_err)? {
-            for extension in extensions {
-                let extension = extension.map_err(tar_err)?;
-                if let Some(name) = extension.key_bytes().strip_prefix(b"SCHILY.xattr.") {
-                    xattrs.push((name.to_vec(), extension.value_bytes().to_vec()));
+        if let Some(data) = entry_pax.take() {
+            for (key, value) in super::pax_records(&data).map_err(tar_err)? {
+                if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                    xattrs.push((name.to_vec(), value.to_vec()));
                 }
             }
         }

@@ -454,12 +454,16 @@ pub fn filter_change_set<R: Read, W: Write>(
     target: &NodeTarget,
     progress: &Progress,
 ) -> io::Result<ChangeSummary> {
-    let mut archive = tar::Archive::new(crate::overlay::HeaderLimit::new(input));
+    let limited = crate::overlay::HeaderLimit::new(input);
+    let entry_pax = limited.entry_pax();
+    let mut archive = tar::Archive::new(limited);
     // busybox and GNU tar end with zero blocks; a stream cut short is caught by the reader's error.
     archive.set_ignore_zeros(false);
     let mut filter = ChangeSetFilter::new(output, plan, target, progress)?;
     for entry in archive.entries()? {
-        filter.entry(&mut entry?)?;
+        let mut entry = entry?;
+        let pax = entry_pax.take();
+        filter.entry(&mut entry, pax.as_deref())?;
     }
     filter.finish()
 }
@@ -471,30 +475,29 @@ struct EntryExtras {
     ctime: Option<i64>,
 }
 
-fn entry_extras<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<EntryExtras> {
+fn entry_extras(pax: Option<&[u8]>) -> io::Result<EntryExtras> {
     let mut extras = EntryExtras {
         pax: Vec::new(),
         ctime: None,
     };
-    let Some(extensions) = entry.pax_extensions()? else {
+    let Some(data) = pax else {
         return Ok(extras);
     };
-    for extension in extensions {
-        let extension = extension?;
-        let Ok(key) = extension.key() else { continue };
+    for (key, value) in crate::overlay::pax_records(data)? {
+        let Ok(key) = std::str::from_utf8(key) else {
+            continue;
+        };
         if key == "ctime" {
-            extras.ctime = std::str::from_utf8(extension.value_bytes())
+            extras.ctime = std::str::from_utf8(value)
                 .ok()
                 .and_then(|v| v.split('.').next())
                 .and_then(|v| v.parse().ok());
         } else if let Some(xattr) = key.strip_prefix("SCHILY.xattr.") {
             let overlay = xattr.starts_with("trusted.overlay.") || xattr.starts_with("user.overlay.");
-            if xattr.ends_with("overlay.opaque") && extension.value_bytes() == b"y" {
+            if xattr.ends_with("overlay.opaque") && value == b"y" {
                 extras.pax.push((OPAQUE_XATTR.into(), b"y".to_vec()));
             } else if !overlay {
-                extras
-                    .pax
-                    .push((key.to_owned(), extension.value_bytes().to_vec()));
+                extras.pax.push((key.to_owned(), value.to_vec()));
             }
         }
     }
@@ -560,12 +563,13 @@ impl<'a, W: Write> ChangeSetFilter<'a, W> {
     }
 
     /// Filters one entry of the node's tar.
-    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> io::Result<()> {
+    /// `pax` is the entry's raw PAX records ([`crate::overlay::EntryPax`]).
+    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, pax: Option<&[u8]>) -> io::Result<()> {
         let name = clean_name(&entry.path_bytes(), self.target)?;
         if name.is_empty() {
             return Ok(()); // the upper dir itself
         }
-        let extras = entry_extras(entry)?;
+        let extras = entry_extras(pax)?;
         let header = entry.header().clone();
         let mtime = header.mtime().unwrap_or(0) as i64;
         let fresh = self

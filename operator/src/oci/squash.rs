@@ -165,22 +165,21 @@ fn read_headers(tar: impl Read) -> std::io::Result<Vec<Seen>> {
 
 /// Copies the surviving entries of one layer's tar to `out` (headers, extended attributes, content).
 fn copy_survivors<W: Write>(tar: impl Read, keep: &[bool], out: &mut tar::Builder<W>) -> std::io::Result<()> {
-    let mut archive = tar::Archive::new(crate::overlay::HeaderLimit::new(tar));
+    let limited = crate::overlay::HeaderLimit::new(tar);
+    let entry_pax = limited.entry_pax();
+    let mut archive = tar::Archive::new(limited);
     for (at, entry) in archive.entries()?.enumerate() {
         let mut entry = entry?;
+        let pax = entry_pax.take();
         if !keep.get(at).copied().unwrap_or(false) {
             continue;
         }
         let path = normalize(&entry.path_bytes());
         let path = String::from_utf8_lossy(&path).into_owned();
         let mut xattrs = Vec::new();
-        if let Some(extensions) = entry.pax_extensions()? {
-            for extension in extensions {
-                let extension = extension?;
-                if extension.key_bytes().starts_with(b"SCHILY.xattr.") {
-                    let key = String::from_utf8_lossy(extension.key_bytes()).into_owned();
-                    xattrs.push((key, extension.value_bytes().to_vec()));
-                }
+        for (key, value) in crate::overlay::pax_records(pax.as_deref().unwrap_or_default())? {
+            if key.starts_with(b"SCHILY.xattr.") {
+                xattrs.push((String::from_utf8_lossy(key).into_owned(), value.to_vec()));
             }
         }
         if !xattrs.is_empty() {

@@ -64,7 +64,9 @@ fn unpack<R: Read>(
     options: UnpackOptions,
     mut flatten: Option<&mut HashSet<Vec<u8>>>,
 ) -> Result<(R, u64), Error> {
-    let mut archive = tar::Archive::new(HeaderLimit::new(input));
+    let limited = HeaderLimit::new(input);
+    let entry_pax = limited.entry_pax();
+    let mut archive = tar::Archive::new(limited);
     let mut dirs: Vec<DirTimes> = Vec::new();
     let mut count = 0u64;
     {
@@ -77,7 +79,15 @@ fn unpack<R: Read>(
                 context: "reading the layer".into(),
                 source,
             })?;
-            unpack_entry(&mut entry, dest, options, &mut dirs, flatten.as_deref_mut())?;
+            let pax = entry_pax.take();
+            unpack_entry(
+                &mut entry,
+                pax.as_deref(),
+                dest,
+                options,
+                &mut dirs,
+                flatten.as_deref_mut(),
+            )?;
             count += 1;
         }
     }
@@ -248,8 +258,10 @@ fn mknod(path: &Path, kind: nix::sys::stat::SFlag, mode: u32, major: u64, minor:
         .map_err(|e| Error::io("creating device node", path, std::io::Error::from(e)))
 }
 
+/// `pax`: the entry's raw PAX records ([`super::EntryPax`]).
 fn unpack_entry<R: Read>(
     entry: &mut tar::Entry<'_, R>,
+    pax: Option<&[u8]>,
     dest: &Path,
     options: UnpackOptions,
     dirs: &mut Vec<DirTimes>,
@@ -425,16 +437,15 @@ fn unpack_entry<R: Read>(
         std::os::unix::fs::lchown(&path, Some(uid), Some(gid))
             .map_err(|e| Error::io("setting owner of", &path, e))?;
     }
-    if let Some(extensions) = entry.pax_extensions().map_err(tar_err)? {
-        for extension in extensions {
-            let extension = extension.map_err(tar_err)?;
-            let Some(name) = extension.key_bytes().strip_prefix(b"SCHILY.xattr.") else {
+    if let Some(data) = pax {
+        for (key, value) in super::pax_records(data).map_err(tar_err)? {
+            let Some(name) = key.strip_prefix(b"SCHILY.xattr.") else {
                 continue;
             };
             if is_overlay_xattr(name) || is_symlink {
                 continue;
             }
-            xattr::set(&path, OsStr::from_bytes(name), extension.value_bytes())
+            xattr::set(&path, OsStr::from_bytes(name), value)
                 .map_err(|e| Error::io("setting xattrs of", &path, e))?;
         }
     }

@@ -1408,6 +1408,190 @@ fn registry_killed_mid_save_is_retried_and_a_registry_gone_fails_cleanly() {
     assert!(skopeo_digest(&late).is_err(), "a failed save moved a tag");
 }
 
+/// A registry that accepts connections and answers nothing (frozen with SIGSTOP while the save pushes:
+/// the kernel still takes connections and the first bytes of the upload) fails the save within a bound:
+/// the upload stops at `--registry-timeout` (3 s, a `Retrying` Event saying so), the one retry
+/// (`--save-retries 1`) meets the same silence reading the base, and the save is `Failed` naming the
+/// registry and the bound, no tag moved. Thawed, the registry takes the next save of 128 MiB, whose
+/// upload runs longer than the bound: the bound is on silence, not on the transfer.
+#[test]
+fn a_registry_that_answers_nothing_fails_the_save_at_the_registry_timeout() {
+    let node = walt_tests::sshnode::SshNode::busybox()
+        .expect("start an sshd node (needs root, openssh-server, socat, iproute2)");
+    let lab = SaveLab::start_with(
+        "op-regsilent",
+        node,
+        &[
+            "--registry-timeout",
+            "3s",
+            "--save-retries",
+            "1",
+            "--save-retry-delay",
+            "1s",
+        ],
+    );
+    let cluster = cluster();
+    lab.node
+        .run("mkdir -p /srv && head -c 134217728 /dev/urandom > /srv/big")
+        .expect("write a big file on the node");
+    lab.save("silent", "debian", ", overwrite: true");
+    lab.wait_progress("nodesave/silent");
+    lab.registry.freeze().expect("freeze the registry");
+    let frozen = Instant::now();
+    lab.wait(
+        "nodesave/silent",
+        "{.status.phase}",
+        "Failed",
+        Duration::from_mins(1),
+    );
+    let failed_after = frozen.elapsed();
+    lab.registry.thaw().expect("thaw the registry");
+    eprintln!(
+        "the save failed {:.1} s after the registry froze (--registry-timeout 3s, 1 retry after 1 s)",
+        failed_after.as_secs_f64()
+    );
+    wait_event(
+        cluster,
+        &lab.namespace,
+        "silent",
+        "Retrying",
+        "uploading the new layer failed: silent for 3 s (--registry-timeout)",
+        &lab.operator,
+    );
+    let says = lab.get(
+        "nodesave/silent",
+        "{.status.conditions[?(@.type==\"Complete\")].message}",
+    );
+    assert!(
+        says.contains(&format!("registry {}", lab.registry.host()))
+            && says.contains("silent for 3 s (--registry-timeout)")
+            && says.contains("gave up after 2 attempts"),
+        "the failure names the registry, the bound and the attempts: {says}"
+    );
+    // The upload flows on into the frozen registry's socket buffers (megabytes on loopback) until they
+    // are full, then 3 s; the retry, 1 s later, meets 3 s of silence reading the base. The first part
+    // is as slow as the compression of what fills the buffers (38.8 s measured with a load of 11 on 2
+    // cores); an unbounded client would wait for ever.
+    assert!(failed_after < Duration::from_mins(2), "{failed_after:?}");
+    let latest = lab
+        .registry
+        .reference(&format!("lab/{}/debian:latest", lab.namespace));
+    assert_eq!(
+        skopeo_digest(&latest),
+        Ok(lab.base_digest.clone()),
+        "the name still points where it did"
+    );
+    assert_eq!(lab.get("image/debian", "{.status.digest}"), lab.base_digest);
+
+    let started = Instant::now();
+    lab.save("after", "debian:after", "");
+    lab.wait(
+        "nodesave/after",
+        "{.status.phase}",
+        "Succeeded",
+        Duration::from_mins(5),
+    );
+    eprintln!(
+        "the next save (128 MiB) succeeded in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let tag = lab
+        .registry
+        .reference(&format!("lab/{}/debian:after", lab.namespace));
+    assert_eq!(
+        skopeo_digest(&tag),
+        Ok(lab.get("nodesave/after", "{.status.result.digest}"))
+    );
+}
+
+/// Fills `disk` with a file `filler` but for `left` bytes (zeros: a tmpfs keeps them all).
+fn fill_but(disk: &walt_tests::tmpfs::Tmpfs, left: u64) -> PathBuf {
+    let free = disk.free_bytes().expect("free bytes of the tmpfs");
+    let filler = disk.path().join("filler");
+    let file = std::fs::File::create(&filler).expect("create the filler");
+    let mut writer = std::io::BufWriter::new(file);
+    std::io::copy(
+        &mut std::io::Read::take(std::io::repeat(0), free.saturating_sub(left)),
+        &mut writer,
+    )
+    .expect("write the filler");
+    std::io::Write::flush(&mut writer).expect("flush the filler");
+    filler
+}
+
+/// The registry's disk full mid-save: its storage is a 48 MiB tmpfs, filled but for 8 MiB, and the node
+/// has 16 MiB (random) to save. The save fails (`PushFailed`), saying the registry's storage is full and
+/// where (Distribution's words name the upload file it could not write); no tag moved, the Image is
+/// where it was. Once the filler is removed, the same save made again succeeds.
+#[test]
+fn a_full_registry_disk_fails_the_save_cleanly_and_the_next_succeeds_once_freed() {
+    let node = walt_tests::sshnode::SshNode::busybox()
+        .expect("start an sshd node (needs root, openssh-server, socat, iproute2)");
+    let registry = walt_tests::registry::Registry::start_with_storage_limit(48 << 20)
+        .expect("start a docker-registry on a 48 MiB tmpfs (needs root)");
+    let lab = SaveLab::start_on(registry, "op-regfull", node, &["--save-retries", "0"]);
+    let disk = lab.registry.disk().expect("the registry's tmpfs");
+    let filler = fill_but(disk, 8 << 20);
+    lab.node
+        .run("mkdir -p /srv && head -c 16777216 /dev/urandom > /srv/big")
+        .expect("write 16 MiB on the node");
+    let started = Instant::now();
+    lab.save("full", "debian", ", overwrite: true");
+    lab.wait(
+        "nodesave/full",
+        "{.status.phase}",
+        "Failed",
+        Duration::from_mins(2),
+    );
+    eprintln!(
+        "the save failed {:.1} s after it was created",
+        started.elapsed().as_secs_f64()
+    );
+    let says = lab.get(
+        "nodesave/full",
+        "{.status.conditions[?(@.type==\"Complete\")].reason}: {.status.conditions[?(@.type==\"Complete\")].message}",
+    );
+    assert!(
+        says.starts_with("PushFailed: ")
+            && says.contains(&format!("registry {}", lab.registry.host()))
+            && says.contains("the registry's storage is full")
+            && says.contains("no space left on device")
+            && says.contains(&disk.path().display().to_string()),
+        "the failure says the registry's disk is full and where: {says}"
+    );
+    let latest = lab
+        .registry
+        .reference(&format!("lab/{}/debian:latest", lab.namespace));
+    assert_eq!(
+        skopeo_digest(&latest),
+        Ok(lab.base_digest.clone()),
+        "the name still points where it did"
+    );
+    assert_eq!(lab.get("image/debian", "{.status.digest}"), lab.base_digest);
+    eprintln!(
+        "free on the registry's disk after the failure: {} bytes (the failed upload stays in its _uploads until the registry purges it)",
+        disk.free_bytes().unwrap_or(0)
+    );
+
+    std::fs::remove_file(&filler).expect("free the registry's disk");
+    let started = Instant::now();
+    lab.save("freed", "debian", ", overwrite: true");
+    lab.wait(
+        "nodesave/freed",
+        "{.status.phase}",
+        "Succeeded",
+        Duration::from_mins(2),
+    );
+    eprintln!(
+        "once freed, the save succeeded in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        skopeo_digest(&latest),
+        Ok(lab.get("nodesave/freed", "{.status.result.digest}"))
+    );
+}
+
 /// Multi-tenancy is Kubernetes RBAC: alice, who may edit walt objects in her
 /// namespace only, cannot create a NodeSave in bob's namespace nor read his
 /// Nodes; the API server says so.

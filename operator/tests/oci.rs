@@ -727,6 +727,7 @@ fn index_resolution_auth_and_errors_name_the_registry() {
     let client = RegistryClient::new(ClientOptions {
         credentials,
         insecure_registries: vec![registry.host()],
+        timeout: None,
     })
     .expect("client");
     let arm = Platform::parse("linux/arm64").expect("platform");
@@ -1005,4 +1006,194 @@ fn cli_commit_upper_refuses_a_tag_or_digest_in_to() {
             "refused before any registry access: {stderr}"
         );
     }
+}
+
+/// A "registry" on a real socket that answers every connection one byte every 200 ms (a status line and
+/// headers that never end, as a registry behind a choking link); the listener's thread ends with the test.
+fn trickling_registry() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the trickling registry");
+    let address = listener.local_addr().expect("its address").to_string();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Slow: ";
+                for byte in answer.iter().chain(std::iter::repeat(&b'x')) {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    if stream.write_all(std::slice::from_ref(byte)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    address
+}
+
+/// A tar reader that hands out its bytes slowly: 256 KiB, then a pause, `pause` each time.
+struct SlowReader {
+    inner: std::io::Cursor<Vec<u8>>,
+    since_pause: usize,
+    pause: std::time::Duration,
+}
+
+impl std::io::Read for SlowReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.since_pause >= 256 << 10 {
+            std::thread::sleep(self.pause);
+            self.since_pause = 0;
+        }
+        let n = buf.len().min((256 << 10) - self.since_pause);
+        let n = self.inner.read(&mut buf[..n])?;
+        self.since_pause += n;
+        Ok(n)
+    }
+}
+
+/// The registry client's silence bound (`ClientOptions::timeout`, `--registry-timeout`): a registry
+/// that answers byte by byte (one every 200 ms) fails a resolve at the bound (1 s), the error naming the
+/// registry and the bound; an upload whose changes come slowly (4 MiB over about 3 s, the registry
+/// taking each piece at once) is no silence of the registry and succeeds, though it lasts longer than
+/// the bound.
+#[test]
+fn a_registry_answering_byte_by_byte_is_bounded_and_a_slow_upload_is_not() {
+    let rt = runtime();
+    let second = std::time::Duration::from_secs(1);
+    let trickling = trickling_registry();
+    let client = RegistryClient::new(ClientOptions {
+        timeout: Some(second),
+        ..ClientOptions::insecure([trickling.clone()])
+    })
+    .expect("client");
+    let started = std::time::Instant::now();
+    let error = rt
+        .block_on(client.resolve(&format!("{trickling}/lab/slow:1"), None))
+        .expect_err("a trickle never finishes");
+    let took = started.elapsed();
+    eprintln!(
+        "the byte-by-byte registry was given up after {:.1} s",
+        took.as_secs_f64()
+    );
+    let message = error.to_string();
+    assert!(
+        message.contains(&format!("registry {trickling}"))
+            && message.contains("silent for 1 s (--registry-timeout)"),
+        "{message}"
+    );
+    assert!(error.is_transient(), "a silent registry may come back: {message}");
+    assert!(took < std::time::Duration::from_secs(10), "{took:?}");
+
+    let registry = Registry::start().expect("registry");
+    OciLayout::busybox(Arch::Amd64)
+        .expect("busybox image")
+        .push("base", &registry, "lab/base:1")
+        .expect("push the base");
+    let client = RegistryClient::new(ClientOptions {
+        timeout: Some(second),
+        ..ClientOptions::insecure([registry.host()])
+    })
+    .expect("client");
+    let base = rt
+        .block_on(client.resolve(&registry.reference("lab/base:1"), None))
+        .expect("resolve the base");
+    let mut content = vec![0_u8; 4 << 20];
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    for byte in &mut content {
+        // xorshift: bytes gzip cannot shrink, so the upload is as long as the content.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        *byte = state.to_le_bytes()[0];
+    }
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(content.len() as u64);
+    header.set_mode(0o644);
+    header.set_mtime(1);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_entry_type(tar::EntryType::Regular);
+    tar.append_data(&mut header, "srv/slow", content.as_slice())
+        .expect("tar entry");
+    let stream = SlowReader {
+        inner: std::io::Cursor::new(tar.into_inner().expect("tar")),
+        since_pause: 0,
+        pause: std::time::Duration::from_millis(200),
+    };
+    let started = std::time::Instant::now();
+    let pushed = rt
+        .block_on(client.push_on_top(
+            &base,
+            &registry.reference("lab/slow"),
+            ChangeSource::TarStream(Box::new(stream)),
+            CommitOptions::new("walt node save"),
+        ))
+        .expect("a slow upload the registry takes at once is not silence");
+    let took = started.elapsed();
+    eprintln!("the slow upload took {:.1} s", took.as_secs_f64());
+    assert!(
+        took > 2 * second,
+        "the upload must outlast the bound to prove anything: {took:?}"
+    );
+    let check = tempfile::tempdir().expect("tempdir");
+    let rootfs = images::skopeo_umoci_unpack(
+        &registry,
+        &format!("lab/slow@{}", pushed.manifest_digest),
+        check.path(),
+    )
+    .expect("unpack the pushed image");
+    assert_eq!(std::fs::read(rootfs.join("srv/slow")).expect("srv/slow"), content);
+}
+
+/// The layer cache's disk full: a cache on an 8 MiB tmpfs, filled but for 256 KiB, fails a pull of
+/// busybox with an error naming the cache and its full disk, and leaves nothing in it (no staging dir,
+/// no layer); once the filler is removed, the same pull succeeds.
+#[test]
+fn a_full_layer_cache_fails_the_pull_cleanly_and_the_next_succeeds_once_freed() {
+    walt_tests::require_root().expect("root");
+    let registry = Registry::start().expect("registry");
+    OciLayout::busybox(Arch::Amd64)
+        .expect("busybox image")
+        .push("base", &registry, "lab/busybox:1")
+        .expect("push busybox");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = walt_tests::tmpfs::Tmpfs::mount(&dir.path().join("cache"), 8 << 20).expect("tmpfs");
+    let filler = disk.path().join("filler");
+    let free = disk.free_bytes().expect("free bytes");
+    std::fs::write(
+        &filler,
+        vec![0_u8; usize::try_from(free - (256 << 10)).expect("size")],
+    )
+    .expect("fill the cache's disk");
+    let cache = LayerCache::new(disk.path()).expect("layer cache");
+    let client = client_for(&registry);
+    let rt = runtime();
+    let reference = registry.reference("lab/busybox:1");
+    let error = rt
+        .block_on(client.pull_image(&cache, &reference, None))
+        .expect_err("busybox does not fit in 256 KiB");
+    let message = error.to_string();
+    assert!(
+        error.is_disk_full()
+            && message.contains(&format!("into the layer cache {}", disk.path().display()))
+            && message.contains("no space left on its disk"),
+        "{message}"
+    );
+    let left: Vec<_> = ["tmp", "sha256"]
+        .iter()
+        .flat_map(|sub| std::fs::read_dir(disk.path().join(sub)).expect("list the cache"))
+        .map(|entry| entry.expect("entry").path())
+        .collect();
+    assert!(left.is_empty(), "a failed pull left {left:?}");
+
+    std::fs::remove_file(&filler).expect("free the cache's disk");
+    let pulled = rt
+        .block_on(client.pull_image(&cache, &reference, None))
+        .expect("the pull succeeds once there is room");
+    assert!(
+        pulled
+            .lower_dirs
+            .iter()
+            .any(|dir| dir.join("bin/busybox").is_file())
+    );
 }

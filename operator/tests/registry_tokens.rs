@@ -59,6 +59,7 @@ fn client(host: &str, user: &str, password: &str) -> RegistryClient {
     RegistryClient::new(ClientOptions {
         credentials: Credentials::default().with_basic(host, user, password),
         insecure_registries: vec![host.to_owned()],
+        timeout: None,
     })
     .expect("a registry client")
 }

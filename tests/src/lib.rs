@@ -36,6 +36,7 @@ pub mod pty;
 pub mod registry;
 pub mod ship;
 pub mod sshnode;
+pub mod tmpfs;
 pub mod tree;
 pub mod wait;
 

@@ -37,6 +37,8 @@ pub struct Registry {
     dir: tempfile::TempDir,
     auth: Option<BasicAuth>,
     token_auth: bool,
+    /// The small tmpfs its storage lives on ([`Registry::start_with_storage_limit`]).
+    disk: Option<crate::tmpfs::Tmpfs>,
 }
 
 /// Distribution's token authentication: the registry trusts JWTs signed by the key of `root_cert_pem`
@@ -69,6 +71,13 @@ impl Registry {
     /// Starts an anonymous (no auth) registry and waits until `GET /v2/` answers 200.
     pub fn start() -> Result<Self, FixtureError> {
         Self::launch(None, false)
+    }
+
+    /// Starts an anonymous registry whose storage is a tmpfs of `bytes` bytes, mounted here and
+    /// unmounted when the registry is dropped (after it stopped): a registry whose disk fills up.
+    /// Needs root.
+    pub fn start_with_storage_limit(bytes: u64) -> Result<Self, FixtureError> {
+        Self::launch_on(None, false, None, Some(bytes))
     }
 
     /// Starts a registry with token authentication (and its access log on): `GET /v2/` without a
@@ -123,6 +132,15 @@ impl Registry {
         access_log: bool,
         token: Option<&TokenAuth>,
     ) -> Result<Self, FixtureError> {
+        Self::launch_on(auth, access_log, token, None)
+    }
+
+    fn launch_on(
+        auth: Option<BasicAuth>,
+        access_log: bool,
+        token: Option<&TokenAuth>,
+        storage_limit: Option<u64>,
+    ) -> Result<Self, FixtureError> {
         crate::require_tool("docker-registry", "docker-registry")?;
         let dir = tempfile::Builder::new()
             .prefix("walt-registry-")
@@ -131,6 +149,9 @@ impl Registry {
         let port = free_port()?;
         let storage = dir.path().join("data");
         std::fs::create_dir_all(&storage).map_err(|e| FixtureError::io("creating registry storage", e))?;
+        let disk = storage_limit
+            .map(|bytes| crate::tmpfs::Tmpfs::mount(&storage, bytes))
+            .transpose()?;
         let mut config = format!(
             "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: {}\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
             !access_log,
@@ -170,6 +191,7 @@ impl Registry {
             dir,
             auth,
             token_auth: token.is_some(),
+            disk,
         };
         registry.wait_ready()?;
         Ok(registry)
@@ -325,6 +347,34 @@ impl Registry {
         }
     }
 
+    /// Freezes the registry (SIGSTOP): the kernel still accepts connections to it and takes the first
+    /// bytes sent into its socket buffers, but it answers nothing, as a hung registry. [`Registry::thaw`]
+    /// lets it go on; stopping it thaws it first.
+    pub fn freeze(&self) -> Result<(), FixtureError> {
+        self.signal(nix::sys::signal::Signal::SIGSTOP)
+    }
+
+    /// Lets a frozen registry ([`Registry::freeze`]) go on (SIGCONT).
+    pub fn thaw(&self) -> Result<(), FixtureError> {
+        self.signal(nix::sys::signal::Signal::SIGCONT)
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) -> Result<(), FixtureError> {
+        let child = self
+            .child
+            .as_ref()
+            .ok_or_else(|| FixtureError::Failed("the registry is not running".to_owned()))?;
+        let pid = i32::try_from(child.id())
+            .map_err(|_| FixtureError::Failed(format!("pid {} out of range", child.id())))?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+            .map_err(|e| FixtureError::io(&format!("sending {signal} to the registry"), e.into()))
+    }
+
+    /// The tmpfs its storage lives on, when started with [`Registry::start_with_storage_limit`].
+    pub fn disk(&self) -> Option<&crate::tmpfs::Tmpfs> {
+        self.disk.as_ref()
+    }
+
     /// Starts the registry again (same config, port and storage) and waits until it serves.
     pub fn restart(&mut self) -> Result<(), FixtureError> {
         self.stop();
@@ -334,6 +384,8 @@ impl Registry {
 
     /// Stops the registry now (also done on drop).
     pub fn stop(&mut self) {
+        // A frozen registry would not see SIGTERM.
+        let _ = self.thaw();
         if let Some(mut child) = self.child.take() {
             crate::stop_child(&mut child);
         }
@@ -348,6 +400,10 @@ impl Registry {
 impl Drop for Registry {
     fn drop(&mut self) {
         self.stop();
+        // Unmounted (lazily) before the temporary directory is removed.
+        if let Some(disk) = &mut self.disk {
+            disk.unmount();
+        }
     }
 }
 

@@ -193,6 +193,12 @@ pub struct Args {
     /// (`NodeFailed`, "sent nothing for …") and frees its slot. Time spent pushing does not count.
     #[arg(long, env = "WALT_NODE_STALL_TIMEOUT", default_value = "1m", value_parser = parse_positive_duration)]
     pub node_stall_timeout: Duration,
+    /// How long a registry may stay silent, e.g. `1m`: no answer to a request within it (its status
+    /// and headers), no byte of an answer's body for it, or none of an upload taken for it; past it the
+    /// request fails naming the registry and this bound (a node save tries again, see --save-retries).
+    /// Time the registry spends receiving an upload that flows does not count.
+    #[arg(long, env = "WALT_REGISTRY_TIMEOUT", default_value = "5m", value_parser = parse_positive_duration)]
+    pub registry_timeout: Duration,
     /// Longest time one reconcile may take (an Image clone or squash runs inside one), e.g. `1h`;
     /// past it the reconcile is abandoned, counted as `error="timeout"`, and tried again with backoff.
     #[arg(long, env = "WALT_RECONCILE_TIMEOUT", default_value = "1h", value_parser = parse_positive_duration)]

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use super::Error;
 use super::image::{ChangeSource, CommitOptions, LayerDescriptor, ResolvedImage, oci_layer_media_type};
-use super::registry::{RegistryClient, parse_reference, registry_error};
+use super::registry::{RegistryClient, parse_reference};
 use crate::overlay::ChangeSummary;
 
 /// A layer blob uploaded by [`RegistryClient::push_layer_dir`].
@@ -63,7 +63,7 @@ impl RegistryClient {
         self.inner
             .blob_exists(&target, digest)
             .await
-            .map_err(|e| registry_error(&target, format!("checking blob {digest}"), &e))
+            .map_err(|e| self.error(&target, format!("checking blob {digest}"), &e))
     }
 
     /// Pushes, **by digest**, the image made of `base`'s layers (mounted or copied into

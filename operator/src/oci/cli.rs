@@ -26,6 +26,10 @@ struct Access {
     /// Docker `config.json` (or a dockerconfigjson Secret's content) with registry credentials.
     #[arg(long, value_name = "FILE", env = "WALT_DOCKER_CONFIG")]
     docker_config: Option<PathBuf>,
+    /// How long a registry may stay silent (no answer, no byte of it, none of an upload taken), e.g.
+    /// `1m`; past it the command fails naming the registry and this bound.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = crate::controller::config::parse_positive_duration)]
+    registry_timeout: std::time::Duration,
 }
 
 impl Access {
@@ -40,6 +44,7 @@ impl Access {
         Ok(RegistryClient::new(ClientOptions {
             credentials,
             insecure_registries: self.insecure_registries.clone(),
+            timeout: Some(self.registry_timeout),
         })?)
     }
 }

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use super::Error;
 use super::image::{LayerDescriptor, MANIFEST_TYPES, ResolvedImage, decompressor, sha256_digest};
-use super::registry::{RegistryClient, parse_reference, registry_error};
+use super::registry::{RegistryClient, parse_reference};
 
 /// How far an image copy is (blobs are copied one after the other, bottom layer first, config last).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -116,7 +116,7 @@ impl RegistryClient {
             .inner
             .pull_manifest_raw(&by_digest, &auth, MANIFEST_TYPES)
             .await
-            .map_err(|e| registry_error(repository, format!("fetching manifest {digest} {action}"), &e))?;
+            .map_err(|e| self.error(repository, format!("fetching manifest {digest} {action}"), &e))?;
         let actual = sha256_digest(&bytes);
         if actual != digest {
             return Err(Error::DigestMismatch {
@@ -180,7 +180,7 @@ impl RegistryClient {
             .push_manifest_raw(&target, manifest, content_type)
             .await
             .map_err(|e| {
-                registry_error(
+                self.error(
                     &target,
                     format!("pushing manifest {} as {}", source.digest, target.whole()),
                     &e,

@@ -98,6 +98,16 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A local disk filled up (`ENOSPC`): the layer cache, the target directory.
+    #[error("{action} {path}: no space left on its disk (free space there, then try again): {detail}")]
+    DiskFull {
+        /// What was being done.
+        action: String,
+        /// The directory whose disk is full.
+        path: std::path::PathBuf,
+        /// The error as it came (which file).
+        detail: String,
+    },
     /// A worker task died (panic or cancellation).
     #[error("internal: {0}")]
     Internal(String),
@@ -115,6 +125,11 @@ impl Error {
         matches!(self, Error::Registry { transient: true, .. })
     }
 
+    /// Whether a local disk is full somewhere in this error's chain (`ENOSPC`).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, Error::DiskFull { .. }) || chain_says_disk_full(self)
+    }
+
     pub(crate) fn io(
         action: impl Into<String>,
         path: impl Into<std::path::PathBuf>,
@@ -125,5 +140,44 @@ impl Error {
             path: path.into(),
             source,
         }
+    }
+}
+
+/// Whether `error` or one of its sources is an I/O error `ENOSPC` (pure); an I/O error's own payload is
+/// looked into too (`std::io::Error::source` skips it).
+fn chain_says_disk_full(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(current) = next {
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::StorageFull {
+                return true;
+            }
+            if io.get_ref().is_some_and(|inner| chain_says_disk_full(inner)) {
+                return true;
+            }
+        }
+        next = current.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_found_under_the_layer_error() {
+        let full = std::io::Error::from_raw_os_error(28);
+        let wrapped = std::io::Error::other(Error::io("writing", "/cache/tmp/x", full));
+        let layer = Error::Layer {
+            context: "layer 1".into(),
+            source: crate::overlay::Error::Tar {
+                context: "unpacking bin/busybox".into(),
+                source: wrapped,
+            },
+        };
+        assert!(layer.is_disk_full(), "{layer}");
+        let other = Error::io("writing", "/x", std::io::Error::from_raw_os_error(5));
+        assert!(!other.is_disk_full());
     }
 }

@@ -18,7 +18,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::Error;
 use super::compress::{Compression, Compressor, HashingWriter};
-use super::registry::{RegistryClient, parse_reference, registry_error};
+use super::registry::{RegistryClient, parse_reference};
 use crate::overlay::{self, ChangeSummary, LayerOptions, OpaqueXattr, UnpackOptions};
 
 const ZSTD_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
@@ -586,7 +586,7 @@ impl RegistryClient {
             .inner
             .pull_manifest_raw(&parsed, &auth, MANIFEST_TYPES)
             .await
-            .map_err(|e| registry_error(&parsed, format!("fetching manifest {shown}"), &e))?;
+            .map_err(|e| self.error(&parsed, format!("fetching manifest {shown}"), &e))?;
         let actual = sha256_digest(&bytes);
         if let Some(expected) = parsed.digest()
             && expected != actual
@@ -619,7 +619,7 @@ impl RegistryClient {
                 .pull_manifest_raw(&image_ref, &auth, MANIFEST_TYPES)
                 .await
                 .map_err(|e| {
-                    registry_error(
+                    self.error(
                         &parsed,
                         format!("fetching manifest {child_digest} for {wanted}"),
                         &e,
@@ -646,7 +646,7 @@ impl RegistryClient {
         self.inner
             .pull_blob(&image_ref, &config_desc.to_oci(), &mut config_bytes)
             .await
-            .map_err(|e| registry_error(&parsed, format!("fetching config {}", config_desc.digest), &e))?;
+            .map_err(|e| self.error(&parsed, format!("fetching config {}", config_desc.digest), &e))?;
         let actual = sha256_digest(&config_bytes);
         if actual != config_desc.digest {
             return Err(Error::DigestMismatch {
@@ -686,7 +686,7 @@ impl RegistryClient {
             .inner
             .pull_blob_stream(&reference, &layer.to_oci())
             .await
-            .map_err(|e| registry_error(&reference, format!("fetching layer {}", layer.digest), &e))?;
+            .map_err(|e| self.error(&reference, format!("fetching layer {}", layer.digest), &e))?;
         let (sender, receiver) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
         let feeder = async move {
             while let Some(chunk) = stream.stream.next().await {
@@ -792,13 +792,15 @@ impl RegistryClient {
                     .map_err(|e| Error::io("creating a staging dir in", cache.root(), e))?;
                 let unpacked = staging.path().join("root");
                 std::fs::create_dir(&unpacked).map_err(|e| Error::io("creating", &unpacked, e))?;
+                // On failure the staging dir goes with `staging`: nothing half unpacked stays.
                 self.unpack_blob(
                     &image,
                     index,
                     unpacked.clone(),
                     Placement::Overlay(cache.opaque_xattr),
                 )
-                .await?;
+                .await
+                .map_err(|error| disk_full_in(error, cache.root(), &image, index))?;
                 match std::fs::rename(&unpacked, &target) {
                     Ok(()) => {}
                     // Another pull placed the same layer first: keep theirs, drop ours.
@@ -858,7 +860,7 @@ impl RegistryClient {
             .inner
             .blob_exists(target, &layer.digest)
             .await
-            .map_err(|e| registry_error(target, format!("checking blob {}", layer.digest), &e))?;
+            .map_err(|e| self.error(target, format!("checking blob {}", layer.digest), &e))?;
         if exists {
             return Ok(());
         }
@@ -875,14 +877,14 @@ impl RegistryClient {
             .inner
             .pull_blob_stream(&source, &layer.to_oci())
             .await
-            .map_err(|e| registry_error(&source, format!("fetching blob {} to copy it", layer.digest), &e))?;
+            .map_err(|e| self.error(&source, format!("fetching blob {} to copy it", layer.digest), &e))?;
         let body = stream
             .stream
             .map(|chunk| chunk.map_err(oci_client::errors::OciDistributionError::from));
         self.inner
             .push_blob_stream(target, body, &layer.digest, Some(layer.size))
             .await
-            .map_err(|e| registry_error(target, format!("copying blob {}", layer.digest), &e))?;
+            .map_err(|e| self.error(target, format!("copying blob {}", layer.digest), &e))?;
         Ok(())
     }
 
@@ -956,11 +958,11 @@ impl RegistryClient {
             (Ok((diff_id, summary)), Ok(uploaded)) => Ok((uploaded.digest, uploaded.size, diff_id, summary)),
             // The upload failed first (the registry went away): the writer only saw it stop.
             (Err(error), Err(upload)) if stopped_by_upload(&error) => {
-                Err(registry_error(target, "uploading the new layer", &upload))
+                Err(self.error(target, "uploading the new layer", &upload))
             }
             // A bad change set aborts the upload: report the cause, not the aborted upload.
             (Err(error @ Error::Layer { .. }), _) | (Err(error), Ok(_)) => Err(error),
-            (_, Err(error)) => Err(registry_error(target, "uploading the new layer", &error)),
+            (_, Err(error)) => Err(self.error(target, "uploading the new layer", &error)),
         }
     }
 
@@ -1067,7 +1069,7 @@ impl RegistryClient {
         self.inner
             .push_blob(target, config_bytes.clone(), &config_digest)
             .await
-            .map_err(|e| registry_error(target, "uploading the new config", &e))?;
+            .map_err(|e| self.error(target, "uploading the new config", &e))?;
         let config_media_type = match base.manifest["config"]["mediaType"].as_str() {
             Some(IMAGE_DOCKER_CONFIG_MEDIA_TYPE) | None => IMAGE_CONFIG_MEDIA_TYPE,
             Some(other) => other,
@@ -1093,7 +1095,7 @@ impl RegistryClient {
                 http::HeaderValue::from_static(OCI_IMAGE_MEDIA_TYPE),
             )
             .await
-            .map_err(|e| registry_error(target, format!("pushing manifest {manifest_digest}"), &e))?;
+            .map_err(|e| self.error(target, format!("pushing manifest {manifest_digest}"), &e))?;
         Ok((manifest_digest, config_digest))
     }
 
@@ -1112,8 +1114,24 @@ impl RegistryClient {
         self.inner
             .push_manifest_raw(&tagged, bytes, content_type)
             .await
-            .map_err(|e| registry_error(&parsed, format!("setting tag {tag} to {digest}"), &e))?;
+            .map_err(|e| self.error(&parsed, format!("setting tag {tag} to {digest}"), &e))?;
         Ok(())
+    }
+}
+
+/// `error`, said as the layer cache's disk being full when it is `ENOSPC` (pure).
+fn disk_full_in(error: Error, cache: &Path, image: &ResolvedImage, index: usize) -> Error {
+    if !error.is_disk_full() || matches!(error, Error::DiskFull { .. }) {
+        return error;
+    }
+    Error::DiskFull {
+        action: format!(
+            "unpacking layer {} of {} into the layer cache",
+            index + 1,
+            image.pinned_reference()
+        ),
+        path: cache.to_owned(),
+        detail: error.to_string(),
     }
 }
 

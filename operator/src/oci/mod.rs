@@ -57,5 +57,5 @@ pub use image::{
     ChangeSource, CommitOptions, ConfigParts, LayerCache, LayerDescriptor, Platform, PulledImage,
     PushedImage, ResolvedImage, config_parts, decompressor, image_manifest_parts, index_child,
 };
-pub use registry::{ClientOptions, Credentials, RegistryClient};
+pub use registry::{ClientOptions, Credentials, DEFAULT_TIMEOUT, RegistryClient};
 pub use squash::squash_tars;

@@ -120,6 +120,10 @@ pub struct ClientOptions {
     pub credentials: Credentials,
     /// Registry hosts (`host:port`) reached over plain HTTP; all others use HTTPS.
     pub insecure_registries: Vec<String>,
+    /// How long a registry may stay silent (default [`DEFAULT_TIMEOUT`]): no answer to a request (its
+    /// status line and headers) within it, no byte of an answer's body for it, or none of an upload
+    /// taken for it, and the request fails, saying so (a registry error that may pass).
+    pub timeout: Option<std::time::Duration>,
 }
 
 impl ClientOptions {
@@ -128,6 +132,7 @@ impl ClientOptions {
         ClientOptions {
             credentials: Credentials::default(),
             insecure_registries: hosts.into_iter().map(Into::into).collect(),
+            timeout: None,
         }
     }
 }
@@ -142,6 +147,8 @@ pub struct RegistryClient {
     pub(crate) http: std::sync::OnceLock<reqwest::Client>,
     /// Registry hosts reached over plain HTTP.
     pub(crate) insecure_registries: Vec<String>,
+    /// How long a registry may stay silent ([`ClientOptions::timeout`]).
+    pub(crate) timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for RegistryClient {
@@ -205,6 +212,11 @@ pub(crate) fn registry_error(
         OciDistributionError::ImageManifestNotFoundError(_) => true,
         _ => false,
     };
+    let answer = if says_disk_full(&answer) {
+        format!("the registry's storage is full (free space there, then try again): {answer}")
+    } else {
+        answer
+    };
     Error::Registry {
         registry: reference.resolve_registry().to_owned(),
         repository: reference.repository().to_owned(),
@@ -213,6 +225,12 @@ pub(crate) fn registry_error(
         not_found,
         transient: is_transient(error),
     }
+}
+
+/// Whether a registry's answer says its disk is full (pure): Distribution passes the storage driver's
+/// error on, e.g. `write /var/lib/registry/…/_uploads/…/data: no space left on device`.
+pub(crate) fn says_disk_full(answer: &str) -> bool {
+    answer.to_ascii_lowercase().contains("no space left on device")
 }
 
 /// Whether a registry error may go away by itself (pure): no connection, a cut transfer, a 5xx
@@ -231,8 +249,18 @@ pub(crate) fn is_transient(error: &OciDistributionError) -> bool {
     }
 }
 
-/// How long a registry may stay silent in the middle of an answer.
-const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_mins(5);
+/// Whether a registry error is the registry's silence past the bound (pure): a request that timed
+/// out, or an upload it stopped taking (see `upload.rs`).
+pub(crate) fn timed_out(error: &OciDistributionError) -> bool {
+    match error {
+        OciDistributionError::RequestError(e) => e.is_timeout(),
+        OciDistributionError::IoError(e) => e.kind() == std::io::ErrorKind::TimedOut,
+        _ => false,
+    }
+}
+
+/// How long a registry may stay silent unless told otherwise ([`ClientOptions::timeout`]).
+pub const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_mins(5);
 /// How long connecting to a registry may take.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -252,9 +280,12 @@ impl RegistryClient {
         } else {
             oci_client::client::ClientProtocol::HttpsExcept(options.insecure_registries.clone())
         };
+        let timeout = options.timeout.unwrap_or(DEFAULT_TIMEOUT);
+        // reqwest's read timeout runs from the request's start to the answer's headers, then anew for
+        // every read of its body: it bounds oci-client's requests, whose bodies are small or chunked.
         let config = oci_client::client::ClientConfig {
             protocol,
-            read_timeout: Some(READ_TIMEOUT),
+            read_timeout: Some(timeout),
             connect_timeout: Some(CONNECT_TIMEOUT),
             ..Default::default()
         };
@@ -263,16 +294,36 @@ impl RegistryClient {
             credentials: options.credentials,
             http: std::sync::OnceLock::new(),
             insecure_registries: options.insecure_registries,
+            timeout,
         })
     }
 
-    /// The HTTP client for our own requests (same timeouts as oci-client's).
+    /// [`registry_error`], saying the bound when the registry stayed silent past it.
+    pub(crate) fn error(
+        &self,
+        reference: &Reference,
+        action: impl Into<String>,
+        error: &OciDistributionError,
+    ) -> Error {
+        let mut converted = registry_error(reference, action, error);
+        if timed_out(error)
+            && let Error::Registry { answer, .. } = &mut converted
+        {
+            *answer = format!(
+                "silent for {} s (--registry-timeout): {answer}",
+                self.timeout.as_secs_f64()
+            );
+        }
+        converted
+    }
+
+    /// The HTTP client for our own requests (connect timeout as oci-client's; the silence bound is
+    /// set per request, see `upload.rs`).
     pub(crate) fn http(&self) -> Result<&reqwest::Client, reqwest::Error> {
         if let Some(client) = self.http.get() {
             return Ok(client);
         }
         let client = reqwest::Client::builder()
-            .read_timeout(READ_TIMEOUT)
             .connect_timeout(CONNECT_TIMEOUT)
             .user_agent(concat!("walt-operator/", env!("CARGO_PKG_VERSION")))
             .build()?;
@@ -295,6 +346,6 @@ impl RegistryClient {
             .auth(reference, &auth, operation)
             .await
             .map(|_| ())
-            .map_err(|e| registry_error(reference, format!("authenticating for {operation:?}"), &e))
+            .map_err(|e| self.error(reference, format!("authenticating for {operation:?}"), &e))
     }
 }

@@ -160,6 +160,7 @@ pub fn registry_client_with(context: &Context, source_credentials: Credentials) 
     RegistryClient::new(ClientOptions {
         credentials,
         insecure_registries,
+        timeout: Some(context.config.args.registry_timeout),
     })
     .map_err(|error| Error::Registry(format!("creating the client of the lab registry {host}: {error}")))
 }

@@ -3882,6 +3882,113 @@ fn api_server_restarts_lose_nothing() {
     );
 }
 
+/// Plays the kubelet for an image shell of `lab`: waits until the operator created the pod of
+/// ShellSession `session`, then writes into its status the end of a shell whose user decided to save,
+/// with `digest` as what the shell pushed (it must be in the lab registry).
+fn end_shell_pod(lab: &SaveLab, session: &str, digest: &str) {
+    let cluster = cluster();
+    let pod = format!("pod/walt-shell-{session}");
+    Wait::new(&format!("{pod} to be created"), Duration::from_mins(1))
+        .every(Duration::from_millis(250))
+        .until(|| {
+            cluster
+                .kubectl_output(&["-n", &lab.namespace, "get", &pod, "-o", "name"])
+                .is_ok()
+        })
+        .unwrap_or_else(|e| panic!("{e}; operator log:\n{}", lab.operator.log()));
+    let outcome = serde_json::json!({
+        "digest": digest, "summary": {"added": 1, "modified": 0, "deleted": 0, "bytes": 6},
+        "emulated": false, "mode": "basic", "exitCode": 0,
+    });
+    let status = serde_json::json!({"status": {"phase": "Succeeded", "containerStatuses": [{
+        "name": "shell", "ready": false, "restartCount": 0, "image": "walt", "imageID": "walt",
+        "state": {"terminated": {"exitCode": 0, "reason": "Completed", "message": outcome.to_string()}},
+    }]}});
+    kubectl(
+        cluster,
+        &lab.namespace,
+        &[
+            "patch",
+            &pod,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status.to_string(),
+        ],
+    );
+}
+
+/// Two image shells whose users save as one new name `x`: the older shell holds the name (its
+/// `saveAs` claim), so the younger one, decided first, waits (`Ready=False` `WaitingForImage` naming
+/// `ShellSession/first`, phase still `AwaitingDecision`) until the older one has saved; then it saves,
+/// and `x` ends at the younger one's digest, the last writer's, in the registry and in its Image. The
+/// test plays the kubelet for both shell pods' ends (digests already in the registry: the images
+/// they opened, `debian` and `other`, the base relabelled).
+#[test]
+fn two_shells_saving_as_one_new_name_take_turns() {
+    use walt_tests::images::{Arch, OciLayout};
+    let node = walt_tests::sshnode::SshNode::busybox()
+        .expect("start an sshd node (needs root, openssh-server, socat, iproute2)");
+    let lab = SaveLab::start("op-twoshells", node);
+    let cluster = cluster();
+    let within = Duration::from_mins(1);
+    let layout = OciLayout::busybox(Arch::Amd64).expect("busybox image");
+    layout
+        .set_label("base", "walt.test", "second")
+        .expect("relabel the base");
+    let second = layout
+        .push(
+            "base",
+            &lab.registry,
+            &format!("lab/{}/other:latest", lab.namespace),
+        )
+        .expect("push the relabelled base");
+    assert_ne!(second, lab.base_digest);
+    // Each shell opens an image of its own (one shell at a time per opened image).
+    apply(
+        cluster,
+        &lab.namespace,
+        "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {name: other}\nspec: {}\n",
+    );
+    lab.wait("image/other", "{.status.digest}", &second, within);
+    for (name, image) in [("first", "debian"), ("second", "other")] {
+        apply(
+            cluster,
+            &lab.namespace,
+            &format!(
+                "apiVersion: walt.dev/v1alpha1\nkind: ShellSession\nmetadata: {{name: {name}}}\n\
+                 spec: {{image: {image}, saveAs: x, ttl: 10m}}\n"
+            ),
+        );
+    }
+    end_shell_pod(&lab, "second", &second);
+    lab.wait(
+        "shellsession/second",
+        "{.status.phase} {.status.conditions[?(@.type==\"Ready\")].reason}",
+        "AwaitingDecision WaitingForImage",
+        within,
+    );
+    let says = lab.get(
+        "shellsession/second",
+        "{.status.conditions[?(@.type==\"Ready\")].message}",
+    );
+    assert!(says.contains("ShellSession/first"), "{says}");
+    let x = lab.registry.reference(&format!("lab/{}/x:latest", lab.namespace));
+    assert!(
+        skopeo_digest(&x).is_err(),
+        "x was written while the older shell held it"
+    );
+    end_shell_pod(&lab, "first", &lab.base_digest);
+    lab.wait("shellsession/first", "{.status.phase}", "Saved", within);
+    lab.wait("shellsession/second", "{.status.phase}", "Saved", within);
+    assert_eq!(
+        skopeo_digest(&x),
+        Ok(second.clone()),
+        "x is the last writer's digest"
+    );
+    lab.wait("image/x", "{.status.digest}", &second, within);
+}
+
 /// Two writers on one name: a NodeSave writing `x` (its node's tar stalls, so it runs a while) and an
 /// image shell whose user decided to save as `x`. The shell's save waits while the save holds the
 /// name (`Ready=False` `WaitingForImage` naming it, phase still `AwaitingDecision`); once the save has
@@ -3904,34 +4011,7 @@ fn a_save_and_a_shells_save_as_on_one_name_take_turns() {
         "apiVersion: walt.dev/v1alpha1\nkind: ShellSession\nmetadata: {name: sh}\n\
          spec: {image: debian, saveAs: x, ttl: 10m}\n",
     );
-    Wait::new("the shell pod to be created", within)
-        .every(Duration::from_millis(250))
-        .until(|| {
-            cluster
-                .kubectl_output(&["-n", &lab.namespace, "get", "pod/walt-shell-sh", "-o", "name"])
-                .is_ok()
-        })
-        .unwrap_or_else(|e| panic!("{e}; operator log:\n{}", lab.operator.log()));
-    let outcome = serde_json::json!({
-        "digest": lab.base_digest, "summary": {"added": 1, "modified": 0, "deleted": 0, "bytes": 6},
-        "emulated": false, "mode": "basic", "exitCode": 0,
-    });
-    let status = serde_json::json!({"status": {"phase": "Succeeded", "containerStatuses": [{
-        "name": "shell", "ready": false, "restartCount": 0, "image": "walt", "imageID": "walt",
-        "state": {"terminated": {"exitCode": 0, "reason": "Completed", "message": outcome.to_string()}},
-    }]}});
-    kubectl(
-        cluster,
-        &lab.namespace,
-        &[
-            "patch",
-            "pod/walt-shell-sh",
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            &status.to_string(),
-        ],
-    );
+    end_shell_pod(&lab, "sh", &lab.base_digest);
     lab.wait(
         "shellsession/sh",
         "{.status.phase} {.status.conditions[?(@.type==\"Ready\")].reason}",

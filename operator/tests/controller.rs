@@ -2504,7 +2504,12 @@ struct ConnectionRecorder {
 
 impl ConnectionRecorder {
     fn start(ip: &str) -> Self {
-        let listener = std::net::TcpListener::bind((ip, 0)).expect("bind the recording listener");
+        Self::start_at(ip, 0)
+    }
+
+    /// On `ip:port` (0: a port chosen by the system).
+    fn start_at(ip: &str, port: u16) -> Self {
+        let listener = std::net::TcpListener::bind((ip, port)).expect("bind the recording listener");
         let address = listener.local_addr().expect("listener address");
         let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = accepted.clone();
@@ -2753,6 +2758,365 @@ fn alice_cannot_reach_a_device_lent_to_bob() {
         recorder.connections(),
         0,
         "the operator connected to bob's device"
+    );
+}
+
+/// Issue 15, a virtual node is reachable only by its own Node. Alice has no field to point a
+/// virtual Node at an address (the API server refuses `spec.address`), and a pod she made with the
+/// name of her virtual node's pod, whose IP is bob's virtual node, is never used, reached or
+/// replaced: her Node says why (`PodNotOurs`, a Warning Event), a node shell on it ends `Failed`
+/// saying why, a node save never starts, a shell naming bob's Node fails (`NodeNotFound`: names are
+/// of her namespace), and not one TCP connection reaches bob's node.
+#[test]
+fn alices_virtual_node_reaches_only_a_pod_it_owns_never_bobs() {
+    let started = Instant::now();
+    let cluster = cluster();
+    let (alice, dir) = tenant(cluster, "alice-vn");
+    // Bob's virtual node: the SSH port of its pod's IP, recording every connection.
+    let pid = std::process::id();
+    let bobs_ip = format!("127.{}.{}.23", 100 + pid % 100, (pid / 100) % 250);
+    let bobs_node = ConnectionRecorder::start_at(&bobs_ip, 22);
+    let operator = start_operator(cluster, &alice, "vn-squat", &[]);
+    operator.wait_ready(Duration::from_mins(1));
+    apply(
+        cluster,
+        &alice,
+        "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {name: debian}\nspec: {}\n",
+    );
+    set_image_digest(
+        cluster,
+        &alice,
+        "debian",
+        &format!("127.0.0.1:1/lab/{alice}/debian:latest"),
+        DIGEST_A,
+    );
+    // Her pod with her virtual node's pod name, running at bob's node's IP (the test plays the kubelet).
+    apply(
+        cluster,
+        &alice,
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: walt-node-steal}\n\
+         spec: {containers: [{name: node, image: busybox}]}\n",
+    );
+    let status = serde_json::json!({"status": {
+        "phase": "Running", "podIP": bobs_ip, "podIPs": [{"ip": bobs_ip}],
+        "containerStatuses": [{"name": "node", "ready": true, "restartCount": 0, "image": "busybox", "imageID": "busybox",
+                               "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}]}})
+    .to_string();
+    kubectl(
+        cluster,
+        &alice,
+        &[
+            "patch",
+            "pod/walt-node-steal",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status,
+        ],
+    );
+    apply(
+        cluster,
+        &alice,
+        "apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {name: steal}\n\
+         spec: {model: pc-x86-64, image: debian, virtual: {architecture: amd64}}\n",
+    );
+    let within = Duration::from_mins(1);
+    wait_for(
+        cluster,
+        &alice,
+        "node.walt.dev/steal",
+        "{.status.phase} {.status.conditions[?(@.type==\"Booted\")].reason}",
+        "Pending PodNotOurs",
+        within,
+        &operator,
+    );
+    wait_event(
+        cluster,
+        &alice,
+        "steal",
+        "PodNotOurs",
+        "a pod named walt-node-steal exists",
+        &operator,
+    );
+    assert_eq!(
+        jsonpath(
+            cluster,
+            &alice,
+            "pod/walt-node-steal",
+            "{.metadata.ownerReferences}"
+        ),
+        "",
+        "the operator took the pod over"
+    );
+    // A node shell and a node save on it.
+    let user_key = walt_tests::sshnode::keygen(dir.path(), "user");
+    let public_key = std::fs::read_to_string(user_key.with_extension("pub")).expect("public key");
+    apply(
+        cluster,
+        &alice,
+        &shell_session_yaml("peek", "steal", &public_key, "10m"),
+    );
+    apply(
+        cluster,
+        &alice,
+        "apiVersion: walt.dev/v1alpha1\nkind: NodeSave\nmetadata: {name: copy}\nspec: {node: steal, image: loot}\n",
+    );
+    wait_for(
+        cluster,
+        &alice,
+        "shellsession/peek",
+        "{.status.phase}",
+        "Failed",
+        within,
+        &operator,
+    );
+    let says = jsonpath(
+        cluster,
+        &alice,
+        "shellsession/peek",
+        "{.status.conditions[*].message}",
+    );
+    assert!(
+        says.contains("the pod walt-node-steal is not virtual node steal's"),
+        "{says}"
+    );
+    wait_event(
+        cluster,
+        &alice,
+        "peek",
+        "PodNotOurs",
+        "does not reach it",
+        &operator,
+    );
+    // A shell naming bob's virtual node reaches a Node of her own namespace or nothing.
+    let bob = cluster.create_namespace("bob-vn").expect("create namespace");
+    apply(
+        cluster,
+        &bob,
+        "apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {name: bobs-vn}\n\
+         spec: {model: pc-x86-64, image: debian, virtual: {architecture: amd64}}\n",
+    );
+    apply(
+        cluster,
+        &alice,
+        &shell_session_yaml("cross", "bobs-vn", &public_key, "10m"),
+    );
+    wait_for(
+        cluster,
+        &alice,
+        "shellsession/cross",
+        "{.status.phase} {.status.conditions[?(@.type==\"Ready\")].reason}",
+        "Failed NodeNotFound",
+        within,
+        &operator,
+    );
+    // The save waits for a Ready node, which this one never is.
+    std::thread::sleep(Duration::from_secs(3));
+    let save = jsonpath(cluster, &alice, "nodesave/copy", "{.status.phase}");
+    assert!(
+        save == "Pending" || save == "Failed" || save.is_empty(),
+        "the save on a pod that is not the node's: {save}"
+    );
+    // No address of her own: the field does not exist.
+    std::fs::write(
+        dir.path().join("address.yaml"),
+        format!(
+            "apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {{name: direct}}\n\
+             spec: {{model: pc-x86-64, address: {bobs_ip}, virtual: {{architecture: amd64}}}}\n"
+        ),
+    )
+    .expect("write manifest");
+    let refused = cluster
+        .kubectl_output(&[
+            "-n",
+            &alice,
+            "create",
+            "-f",
+            &dir.path().join("address.yaml").display().to_string(),
+        ])
+        .expect_err("a Node with spec.address must be refused")
+        .to_string();
+    assert!(refused.contains("spec.address"), "{refused}");
+    assert_eq!(
+        bobs_node.connections(),
+        0,
+        "the operator connected to bob's virtual node"
+    );
+    eprintln!(
+        "alices_virtual_node_reaches_only_a_pod_it_owns_never_bobs: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// The `{.status.boundTo}` of Device `device` as `namespace/node`, empty when unbound.
+fn bound_to(cluster: &Cluster, device: &str) -> String {
+    cluster
+        .kubectl_output(&[
+            "get",
+            &format!("device/{device}"),
+            "-o",
+            "jsonpath={.status.boundTo.namespace}{\"/\"}{.status.boundTo.node}",
+        ])
+        .expect("read the Device")
+        .trim()
+        .trim_matches('/')
+        .to_owned()
+}
+
+/// Waits until Device `device` is bound to `want` (`namespace/node`; empty: to nothing).
+fn wait_bound(cluster: &Cluster, device: &str, want: &str, operator: &Operator) {
+    Wait::new(
+        &format!("Device {device} bound to {want:?}"),
+        Duration::from_mins(1),
+    )
+    .every(Duration::from_millis(250))
+    .until(|| {
+        let bound = bound_to(cluster, device);
+        if bound == want {
+            Poll::Ready(())
+        } else {
+            Poll::Pending(format!("bound to {bound:?}"))
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}; operator log:\n{}", operator.log()));
+}
+
+/// The PersistentVolume rule for Devices: the lab admin's loan stays, a Node's claim lasts as long
+/// as the Node. A Device bound to a Node is released (`status.boundTo` cleared, Event `Released`)
+/// when the Node is released (`kubectl walt node release` deletes it), when it was deleted while no
+/// operator ran, and when its namespace is deleted; it is released (Event `TakenBack`) when the lab
+/// takes it back, and the former holder says `DeviceNotLent`. Each time another Node of the
+/// namespace it is lent to can then take it.
+#[test]
+fn a_device_is_released_when_its_node_goes_or_the_lab_takes_it_back() {
+    let started = Instant::now();
+    let cluster = cluster();
+    let (operator_ns, _key) = tenant(cluster, "dev-rel-op");
+    let alice = cluster.create_namespace("alice-rel").expect("create namespace");
+    let device = format!("{alice}-pi");
+    let lend = |namespace: &str| {
+        apply(
+            cluster,
+            &operator_ns,
+            &format!(
+                "apiVersion: walt.dev/v1alpha1\nkind: Device\nmetadata: {{name: {device}}}\n\
+                 spec: {{model: rpi-4-b, address: 127.0.0.1, sshPort: 1, lentTo: {{namespace: {namespace}}}}}\n"
+            ),
+        );
+    };
+    let node = |name: &str| {
+        apply(
+            cluster,
+            &alice,
+            &format!(
+                "apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {{name: {name}}}\nspec: {{model: rpi-4-b, device: {device}}}\n"
+            ),
+        );
+    };
+    // The operator's own namespace is not the tenant's, so deleting the tenant's leaves it running.
+    let mut args = operator_args(&operator_ns, "release", &["--probe-interval", "2s"]);
+    let watch = args
+        .iter()
+        .position(|arg| arg == "--watch-namespace")
+        .expect("--watch-namespace")
+        + 1;
+    args[watch].clone_from(&alice);
+    let start = || {
+        let log = std::env::temp_dir().join(format!("walt-operator-{alice}-release.log"));
+        let operator = Operator::start_binary(&operator_binary(), &cluster.kubeconfig(), None, &args, &log)
+            .expect("start walt-operator");
+        operator.wait_ready(Duration::from_mins(1));
+        operator
+    };
+    let mut operator = start();
+    let device_events = |reason: &str| {
+        cluster
+            .kubectl_output(&[
+                "get",
+                "events",
+                "-A",
+                "--field-selector",
+                &format!("involvedObject.name={device},reason={reason}"),
+                "-o",
+                "jsonpath={range .items[*]}{.message}{\"\\n\"}{end}",
+            ])
+            .expect("list the Device's Events")
+    };
+
+    // Bound, then released by `node release` (the Node deleted): the loan stays.
+    lend(&alice);
+    node("n1");
+    wait_bound(cluster, &device, &format!("{alice}/n1"), &operator);
+    kubectl(cluster, &alice, &["delete", "node.walt.dev/n1"]);
+    wait_bound(cluster, &device, "", &operator);
+    assert_eq!(
+        jsonpath(
+            cluster,
+            &alice,
+            &format!("device/{device}"),
+            "{.spec.lentTo.namespace}"
+        ),
+        alice,
+        "the loan is the admin's and stays"
+    );
+    let released = device_events("Released");
+    assert!(
+        released.contains(&format!(
+            "the Node {alice}/n1 bound to the Device {device} is gone"
+        )) && released.contains(&format!("still lent to the namespace {alice}")),
+        "{released:?}"
+    );
+
+    // Free for the next Node of the namespace; a Node deleted while no operator runs is released
+    // when one starts.
+    node("n2");
+    wait_bound(cluster, &device, &format!("{alice}/n2"), &operator);
+    operator.stop(Duration::from_secs(10));
+    kubectl(cluster, &alice, &["delete", "node.walt.dev/n2"]);
+    assert_eq!(bound_to(cluster, &device), format!("{alice}/n2"));
+    operator = start();
+    wait_bound(cluster, &device, "", &operator);
+
+    // Taken back by the lab: released, and the former holder says why it is no longer reached.
+    node("n3");
+    wait_bound(cluster, &device, &format!("{alice}/n3"), &operator);
+    lend("walt-nobody");
+    wait_bound(cluster, &device, "", &operator);
+    let taken = device_events("TakenBack");
+    assert!(
+        taken.contains(&format!(
+            "taken back from the namespace {alice}: the Node {alice}/n3 no longer holds it"
+        )),
+        "{taken:?}"
+    );
+    wait_for(
+        cluster,
+        &alice,
+        "node.walt.dev/n3",
+        "{.status.conditions[?(@.type==\"Reachable\")].reason}",
+        "DeviceNotLent",
+        Duration::from_mins(1),
+        &operator,
+    );
+    assert_eq!(
+        jsonpath(cluster, &alice, "node.walt.dev/n3", "{.status.device}"),
+        "",
+        "the former holder still names the device"
+    );
+
+    // Lent again; its namespace deleted with the Node in it: released.
+    lend(&alice);
+    wait_bound(cluster, &device, &format!("{alice}/n3"), &operator);
+    kubectl(
+        cluster,
+        &operator_ns,
+        &["delete", "namespace", &alice, "--wait=false"],
+    );
+    wait_bound(cluster, &device, "", &operator);
+    kubectl(cluster, &operator_ns, &["delete", &format!("device/{device}")]);
+    eprintln!(
+        "a_device_is_released_when_its_node_goes_or_the_lab_takes_it_back: {:.1} s",
+        started.elapsed().as_secs_f64()
     );
 }
 
@@ -3207,6 +3571,40 @@ fn alice_cannot_read_or_overwrite_bobs_images_or_the_catalog() {
         warnings(cluster, namespace, "over-catalog", "RegistryPathForbidden").contains("spec.image"),
         "no Warning Event for the refused save"
     );
+    // Nor by an image shell saved onto it, or onto her Image that points at bob's path: the shell
+    // ends Failed saying why (the test plays the kubelet for the shell pods' end).
+    for (session, target, says) in [
+        ("onto-catalog", "shared", "read-only to tenants"),
+        ("onto-bob", "plant", "outside the registry path"),
+    ] {
+        apply(
+            cluster,
+            namespace,
+            &format!(
+                "apiVersion: walt.dev/v1alpha1\nkind: ShellSession\nmetadata: {{name: {session}}}\n\
+                 spec: {{image: debian, saveAs: {target}, ttl: 10m}}\n"
+            ),
+        );
+        end_shell_pod(&lab, session, &lab.base_digest);
+        lab.wait(
+            &format!("shellsession/{session}"),
+            "{.status.phase}",
+            "Failed",
+            Duration::from_mins(1),
+        );
+        let condition = lab.get(
+            &format!("shellsession/{session}"),
+            "{.status.conditions[?(@.reason==\"RegistryPathForbidden\")].message}",
+        );
+        assert!(
+            condition.starts_with("spec.saveAs") && condition.contains(says),
+            "{session}: {condition:?}"
+        );
+        assert!(
+            warnings(cluster, namespace, session, "RegistryPathForbidden").contains(says),
+            "{session}: no Warning Event for the refused save"
+        );
+    }
     // Nothing reached bob's path; the catalog was only read.
     let to_bob = lab.registry.requests_to(&format!("lab/{bob}/"), mark);
     assert!(to_bob.is_empty(), "requests to bob's path: {to_bob:#?}");

@@ -545,6 +545,254 @@ fn alice_cannot_point_an_image_at_bobs_registry_path_or_write_the_catalog() {
     let _ = kubectl_stdin(cluster, &["delete", "-f", "-"], &policy);
 }
 
+/// Issue 15, saves confined, at admission: with the chart's `…-save-targets` policy on the real API
+/// server, alice (walt-edit) cannot point an image shell's `saveAs` or a NodeSave's `image` at an
+/// Image of hers whose reference is the catalog (which she may read) or bob's path (an Image made
+/// before the lab installed the policies), at creation or by a later change; each refusal says
+/// which Image, which path and what to do, and leaves nothing behind. Saves under her own path and
+/// under new names stay admitted.
+#[test]
+fn alice_cannot_save_a_shell_or_a_node_into_bobs_path_or_the_catalog() {
+    let started = std::time::Instant::now();
+    let cluster = cluster();
+    kubectl_stdin(
+        cluster,
+        &["apply", "--server-side", "-f", "-"],
+        &walt_crds::crds_yaml(),
+    )
+    .unwrap_or_else(|e| panic!("the API server refused the walt CRDs: {e}"));
+    for crd in ["images", "shellsessions", "nodesaves"] {
+        cluster
+            .kubectl_output(&[
+                "wait",
+                "--for=condition=Established",
+                &format!("crd/{crd}.walt.dev"),
+                "--timeout=60s",
+            ])
+            .expect("the walt CRDs are served");
+    }
+    let alice = cluster.create_namespace("alice-save").expect("namespace");
+    let bob = cluster.create_namespace("bob-save").expect("namespace");
+    let catalog = cluster.create_namespace("catalog-save").expect("namespace");
+    let lab = "registry.lab.test:5000";
+    let own = format!("{lab}/walt/{alice}/");
+    let bobs = format!("{lab}/walt/{bob}/secret:latest");
+    let shared = format!("{lab}/walt/{catalog}/debian:12");
+    // An Image on bob's path made before the lab installed walt's policies.
+    kubectl_stdin(
+        cluster,
+        &["create", "-f", "-"],
+        &format!(
+            "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: planted, namespace: {alice}}}\nspec: {{reference: {bobs}}}\n"
+        ),
+    )
+    .expect("create the planted Image");
+    let args = [
+        "--namespace",
+        alice.as_str(),
+        "--set",
+        &format!("fullnameOverride={alice}"),
+        "--set",
+        "registry.embedded.enabled=false",
+        "--set",
+        &format!("registry.external={lab}"),
+        "--set",
+        &format!("operator.catalogNamespace={catalog}"),
+    ];
+    let roles = chart_objects(&[], &["ClusterRole"], |doc| {
+        doc["metadata"]["name"]
+            .as_str()
+            .is_some_and(|name| ["walt-view", "walt-edit", "walt-admin"].contains(&name))
+    });
+    kubectl_stdin(cluster, &["apply", "--server-side", "-f", "-"], &roles).expect("the chart's user roles");
+    cluster
+        .kubectl_output(&[
+            "-n",
+            &alice,
+            "create",
+            "rolebinding",
+            "alice",
+            "--clusterrole=walt-edit",
+            "--user=alice",
+        ])
+        .expect("alice edits her namespace");
+    // The chart's policies, bound to alice's namespace only (other tests share the API server).
+    let names = [format!("{alice}-registry-paths"), format!("{alice}-save-targets")];
+    let mut policy = chart_objects(
+        &args,
+        &["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"],
+        |doc| {
+            doc["metadata"]["name"]
+                .as_str()
+                .is_some_and(|name| names.iter().any(|wanted| wanted == name))
+        },
+    );
+    assert_eq!(
+        policy.matches("kind: ValidatingAdmissionPolicyBinding").count(),
+        2,
+        "{policy}"
+    );
+    policy = policy.replace(
+        "  validationActions:",
+        &format!(
+            "  matchResources:\n    namespaceSelector:\n      matchLabels:\n        kubernetes.io/metadata.name: {alice}\n  validationActions:"
+        ),
+    );
+    policy.push_str("---\n");
+    policy.push_str(&chart_objects(&args, &["ConfigMap"], |doc| {
+        doc["metadata"]["name"].as_str() == Some(&format!("{alice}-registry-paths"))
+    }));
+    kubectl_stdin(cluster, &["apply", "-f", "-"], &policy).expect("apply the policies");
+
+    let as_alice = |verb: &[&str], yaml: &str| {
+        let mut all = vec!["-n", alice.as_str()];
+        all.extend_from_slice(verb);
+        all.extend_from_slice(&["-f", "-"]);
+        kubectl_as_stdin(cluster, "alice", &all, yaml)
+    };
+    let object = |kind: &str, name: &str, spec: &str| {
+        format!("apiVersion: walt.dev/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}}}\nspec: {spec}\n")
+    };
+    // Hers to read: the catalog; hers to write: her own path.
+    as_alice(
+        &["create"],
+        &object("Image", "shared", &format!("{{reference: {shared}}}")),
+    )
+    .expect("alice may read the catalog");
+    as_alice(
+        &["create"],
+        &object("Image", "mine", &format!("{{reference: {own}debian:12}}")),
+    )
+    .expect("alice may use her own path");
+    let onto_catalog = object("ShellSession", "onto-catalog", "{image: mine, saveAs: shared}");
+    let refused = wait_for(
+        "the save-targets policy to refuse a shell saved onto the catalog",
+        std::time::Duration::from_mins(1),
+        || match as_alice(&["create"], &onto_catalog) {
+            Err(refused) => Poll::Ready(refused),
+            Ok(out) => {
+                let _ = cluster.kubectl_output(&["-n", &alice, "delete", "shellsession", "onto-catalog"]);
+                Poll::Pending(out)
+            }
+        },
+    )
+    .unwrap();
+    assert!(
+        refused.contains(&format!(
+            "spec.saveAs shared names the Image shared, whose spec.reference {shared} is outside the registry path of namespace {alice}"
+        )) && refused.contains("is the lab's shared catalog, read-only to tenants")
+            && refused.contains(&format!("save under another image name (it goes to {own}NAME:TAG)")),
+        "{refused}"
+    );
+    let mut failures = Vec::new();
+    for (what, yaml, expect) in [
+        (
+            "a shell saved onto bob's path",
+            object("ShellSession", "onto-bob", "{image: mine, saveAs: planted}"),
+            format!("spec.saveAs planted names the Image planted, whose spec.reference {bobs} is outside"),
+        ),
+        (
+            "a shell saved onto the catalog with the tag written",
+            object(
+                "ShellSession",
+                "onto-catalog-tag",
+                "{image: mine, saveAs: \"shared:latest\"}",
+            ),
+            "names the Image shared".to_owned(),
+        ),
+        (
+            "a node save over the catalog",
+            object(
+                "NodeSave",
+                "over-catalog",
+                "{node: n1, image: shared, overwrite: true}",
+            ),
+            format!("spec.image shared names the Image shared, whose spec.reference {shared} is outside"),
+        ),
+        (
+            "a node save over bob's path",
+            object(
+                "NodeSave",
+                "over-bob",
+                "{node: n1, image: planted, overwrite: true}",
+            ),
+            format!("spec.image planted names the Image planted, whose spec.reference {bobs} is outside"),
+        ),
+    ] {
+        match as_alice(&["create"], &yaml) {
+            Ok(out) => failures.push(format!("{what} was admitted: {out}")),
+            Err(refused) if !refused.contains(&expect) => {
+                failures.push(format!("{what}: expected {expect:?}, got {refused}"));
+            }
+            Err(_) => {}
+        }
+    }
+    // A shell admitted without a decision cannot decide for the catalog later.
+    as_alice(&["create"], &object("ShellSession", "later", "{image: mine}")).expect("a shell on her image");
+    match kubectl_as_stdin(
+        cluster,
+        "alice",
+        &[
+            "-n",
+            &alice,
+            "patch",
+            "shellsession",
+            "later",
+            "--type=merge",
+            "-p",
+            "{\"spec\":{\"saveAs\":\"shared\"}}",
+        ],
+        "",
+    ) {
+        Ok(out) => failures.push(format!("deciding to save onto the catalog was admitted: {out}")),
+        Err(refused) if !refused.contains("names the Image shared") => {
+            failures.push(format!("deciding to save onto the catalog: {refused}"));
+        }
+        Err(_) => {}
+    }
+    // Hers to do: save under her own path, or under a new name.
+    for (what, yaml) in [
+        (
+            "a shell saved as her own image",
+            object("ShellSession", "own", "{image: shared, saveAs: mine}"),
+        ),
+        (
+            "a shell saved as a new name",
+            object("ShellSession", "fresh", "{image: mine, saveAs: \"fresh:v1\"}"),
+        ),
+        (
+            "a node save as a new name",
+            object("NodeSave", "copy", "{node: n1, image: \"mine:v2\"}"),
+        ),
+    ] {
+        if let Err(refused) = as_alice(&["create", "--dry-run=server"], &yaml) {
+            failures.push(format!("{what} was refused: {refused}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Nothing left behind: the one undecided shell.
+    let left = cluster
+        .kubectl_output(&[
+            "-n",
+            &alice,
+            "get",
+            "shellsessions,nodesaves",
+            "-o",
+            "jsonpath={range .items[*]}{.kind}/{.metadata.name}:{.spec.saveAs} {end}",
+        ])
+        .expect("list alice's sessions and saves");
+    assert_eq!(
+        left.trim(),
+        "ShellSession/later:",
+        "alice's objects after the attacks"
+    );
+    let _ = kubectl_stdin(cluster, &["delete", "-f", "-"], &policy);
+    eprintln!(
+        "alice_cannot_save_a_shell_or_a_node_into_bobs_path_or_the_catalog: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
 /// The chart's monitoring objects, checked by the Prometheus Operator's own CRDs on the real API
 /// server (a rule with a malformed `for` is refused: the check can fail) and by Prometheus's
 /// `promtool`; every metric they read is documented in the README.

@@ -10,7 +10,7 @@
 //! is skipped: it never stops the watch of the others.
 //!
 //! Layout: one folder per kind ([`node`], [`image`], [`node_save`],
-//! [`shell_session`]), each with the same shape: `mod.rs` holds the thin
+//! [`shell_session`], [`device`]), each with the same shape: `mod.rs` holds the thin
 //! `reconcile` (dereference → decide → apply → one status write), a pure
 //! `decide` (or `build`'s pure status/object builders) with unit tests, and
 //! the I/O helpers beside it. What kinds share lives in [`shared`]; kind
@@ -26,6 +26,7 @@ pub mod bootstrap;
 pub mod census;
 pub mod cli;
 pub mod config;
+pub mod device;
 pub mod gateway;
 pub mod http;
 pub mod image;
@@ -173,7 +174,7 @@ fn controller_config(context: &Context) -> kube::runtime::controller::Config {
         .concurrency(context.config.args.max_concurrent_reconciles.max(1))
 }
 
-// Long by design: the wiring of the four controllers side by side (what each watches), so one
+// Long by design: the wiring of the five controllers side by side (what each watches), so one
 // screen shows every watch the operator opens.
 /// Runs every controller until `shutdown` is cancelled, then lets running
 /// reconciles finish.
@@ -275,6 +276,28 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
             error_policy::<ShellSession>("ShellSession"),
             context.clone(),
         );
+    let devices = Controller::new(
+        Api::<DeserializeGuard<Device>>::all(context.client.clone()),
+        watcher::Config::default(),
+    )
+    // A Node changed or went away: wake the Device it names (its binding may be stale now).
+    .watches(
+        all::<DeserializeGuard<Node>>(&context),
+        watcher::Config::default(),
+        |node: DeserializeGuard<Node>| {
+            node.0
+                .ok()
+                .and_then(|node| node.spec.device)
+                .map(|device| ObjectRef::<DeserializeGuard<Device>>::new(&device))
+        },
+    )
+    .with_config(controller_config(&context))
+    .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+    .run(
+        |device, context| instrumented("Device", device, context, device::reconcile),
+        error_policy::<Device>("Device"),
+        context.clone(),
+    );
     let census = census::run(
         census::Caches {
             nodes: census_nodes,
@@ -289,6 +312,7 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
         drain("Node", nodes),
         drain("Image", images),
         drain("NodeSave", saves),
-        drain("ShellSession", shells)
+        drain("ShellSession", shells),
+        drain("Device", devices)
     );
 }

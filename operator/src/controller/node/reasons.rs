@@ -22,6 +22,9 @@ pub const IMAGE_NOT_READY: &str = "ImageNotReady";
 pub const POD_RUNNING: &str = "PodRunning";
 /// A virtual node's pod is starting.
 pub const POD_STARTING: &str = "PodStarting";
+/// `Booted=False`, `Reachable=False` and a Warning Event: a pod with the virtual node's pod name
+/// exists that the Node does not own; the operator neither uses nor replaces it.
+pub const POD_NOT_OURS: &str = "PodNotOurs";
 /// Event: a virtual node pod was started.
 pub const BOOTING: &str = "Booting";
 /// Event: the Node's Device was bound to it (`Device.status.boundTo`).

@@ -20,6 +20,7 @@ use super::build::{
 use super::{BootTarget, needs_reboot, pending_reboot_request, reasons};
 use crate::controller::shared::context::{Context, set_condition_at};
 use crate::controller::shared::error::{KubeResultExt, Result};
+use crate::controller::shared::node_access::owned_by;
 use crate::controller::shared::pods::vnode_object_name;
 use crate::controller::shared::registry::ensure_registry_secret;
 use crate::controller::shared::registry_paths::{Access, REGISTRY_PATH_FORBIDDEN};
@@ -31,6 +32,9 @@ pub enum PodStep {
     Keep,
     /// There is none: create it.
     Create,
+    /// A pod of that name exists that this Node does not own (someone else made it, or a former
+    /// Node of that name left it to the garbage collector): neither used, nor reached, nor replaced.
+    NotOurs,
     /// Delete it so it is created again (a reboot): `note` says why, `handled` is the reboot
     /// request to record as handled, if one asked for it.
     Recreate {
@@ -53,12 +57,16 @@ pub fn booted_by(pod: &Pod) -> ImageDigestRef {
     }
 }
 
-/// Decides what happens to a virtual node's pod (pure): a pending reboot request recreates it; so
-/// does a moved digest or another image, unless the Image asked not to reboot for it.
+/// Decides what happens to a virtual node's pod (pure): a pod the Node does not own (controller
+/// owner reference with its uid) is left alone; a pending reboot request recreates it; so does a
+/// moved digest or another image, unless the Image asked not to reboot for it.
 pub fn decide(node: &Node, target: &BootTarget, existing: Option<&Pod>) -> PodStep {
     let Some(pod) = existing else {
         return PodStep::Create;
     };
+    if !owned_by(pod, node) {
+        return PodStep::NotOurs;
+    }
     if let Some(requested) = pending_reboot_request(node) {
         return PodStep::Recreate {
             note: format!("reboot requested at {requested}: recreating the virtual node pod"),
@@ -150,6 +158,33 @@ pub fn path_forbidden(node: &Node, mut status: NodeStatus, message: String, now:
     status
 }
 
+/// The status of a virtual node whose pod name is taken by a pod it does not own (pure): pending,
+/// with what to do (also the message, for the Event).
+pub fn pod_not_ours(node: &Node, mut status: NodeStatus, now: Timestamp) -> (NodeStatus, String) {
+    let pod = vnode_object_name(&node.name_any());
+    status.phase = NodePhase::Pending;
+    status.address = None;
+    status.booted_image = None;
+    let message = format!(
+        "a pod named {pod} exists in the namespace {} that is not this Node's (no controller owner reference to it): \
+         the operator neither uses, reaches nor replaces it; delete that pod, or give the Node another name \
+         (a pod left by a former Node of this name goes by itself)",
+        node.namespace().unwrap_or_default()
+    );
+    for type_ in [condition_types::BOOTED, condition_types::REACHABLE] {
+        set_condition_at(
+            &mut status.conditions,
+            node,
+            type_,
+            ConditionStatus::False,
+            reasons::POD_NOT_OURS,
+            message.clone(),
+            now,
+        );
+    }
+    (status, message)
+}
+
 /// The status of a virtual node whose Image is not resolved yet (pure).
 pub fn waiting_for_image(node: &Node, mut status: NodeStatus, now: Timestamp) -> NodeStatus {
     status.phase = NodePhase::Pending;
@@ -191,22 +226,7 @@ pub async fn reconcile(
         &format!("image {}", target.name),
     ) {
         let status = path_forbidden(node, status, refusal.message.clone(), Timestamp::now());
-        let told = node
-            .status
-            .as_ref()
-            .is_some_and(|old| old.conditions == status.conditions);
-        context.apply_status(&nodes, &node.name_any(), &status).await?;
-        if !told {
-            context
-                .event(
-                    node,
-                    EventType::Warning,
-                    REGISTRY_PATH_FORBIDDEN,
-                    "Boot",
-                    refusal.message,
-                )
-                .await;
-        }
+        refuse(context, node, &status, REGISTRY_PATH_FORBIDDEN, refusal.message).await?;
         return Ok(Action::requeue(Duration::from_mins(10)));
     }
     let has_credentials = ensure_registry_secret(context, &namespace).await?;
@@ -218,6 +238,11 @@ pub async fn reconcile(
         .await
         .context(|| format!("reading Pod {pod_name}"))?;
     let pod = match decide(node, &target, existing.as_ref()) {
+        PodStep::NotOurs => {
+            let (status, message) = pod_not_ours(node, status, Timestamp::now());
+            refuse(context, node, &status, reasons::POD_NOT_OURS, message).await?;
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
         PodStep::Keep => existing,
         PodStep::Create => Some(create_pod(context, node, &target, has_credentials).await?),
         PodStep::Recreate { note, handled } => {
@@ -240,6 +265,29 @@ pub async fn reconcile(
     let (status, requeue) = status_of(node, status, pod.as_ref(), Timestamp::now());
     context.apply_status(&nodes, &node.name_any(), &status).await?;
     Ok(Action::requeue(requeue))
+}
+
+/// Writes the status of a virtual node the operator does not boot, and says why in a Warning Event
+/// the first time (while the conditions stay the same, the Event is not repeated).
+async fn refuse(
+    context: &Context,
+    node: &Node,
+    status: &NodeStatus,
+    reason: &str,
+    message: String,
+) -> Result<()> {
+    let told = node
+        .status
+        .as_ref()
+        .is_some_and(|old| old.conditions == status.conditions);
+    let nodes: Api<Node> = Api::namespaced(context.client.clone(), &node.namespace().unwrap_or_default());
+    context.apply_status(&nodes, &node.name_any(), status).await?;
+    if !told {
+        context
+            .event(node, EventType::Warning, reason, "Boot", message)
+            .await;
+    }
+    Ok(())
 }
 
 /// The node's `/persist` claim (persistent boot mode) and its SSH Service.
@@ -301,6 +349,7 @@ async fn create_pod(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
     use std::collections::BTreeMap;
     use walt_crds::{NodeSpec, VirtualNode};
 
@@ -314,6 +363,7 @@ mod tests {
             },
         );
         node.metadata.namespace = Some("lab".into());
+        node.metadata.uid = Some("uid-v1".into());
         node
     }
 
@@ -332,7 +382,50 @@ mod tests {
             (BOOTS_ANNOTATION.to_owned(), format!("r/debian@{digest}")),
             (BOOTS_IMAGE_ANNOTATION.to_owned(), "debian".to_owned()),
         ]));
+        pod.metadata.owner_references = Some(vec![OwnerReference {
+            api_version: "walt.dev/v1alpha1".into(),
+            kind: "Node".into(),
+            name: "v1".into(),
+            uid: "uid-v1".into(),
+            controller: Some(true),
+            ..OwnerReference::default()
+        }]);
         pod
+    }
+
+    #[test]
+    fn a_pod_of_the_name_the_node_does_not_own_is_left_alone_and_said() {
+        let mut squatter = pod_booting("sha256:a");
+        squatter.metadata.owner_references = None;
+        assert_eq!(
+            decide(&node(), &target("sha256:a"), Some(&squatter)),
+            PodStep::NotOurs
+        );
+        let mut former = pod_booting("sha256:a");
+        if let Some(owners) = former.metadata.owner_references.as_mut() {
+            owners[0].uid = "uid-of-a-deleted-v1".into();
+        }
+        assert_eq!(
+            decide(&node(), &target("sha256:b"), Some(&former)),
+            PodStep::NotOurs
+        );
+        let now = Timestamp::from_second(1_000).expect("time");
+        let (status, message) = pod_not_ours(&node(), NodeStatus::default(), now);
+        assert_eq!(status.phase, NodePhase::Pending);
+        assert!(status.address.is_none());
+        assert!(
+            message.contains("a pod named walt-node-v1 exists in the namespace lab that is not this Node's")
+                && message.contains("delete that pod"),
+            "{message}"
+        );
+        assert!(
+            status
+                .conditions
+                .iter()
+                .all(|condition| condition.reason == reasons::POD_NOT_OURS && condition.status == "False"),
+            "{:?}",
+            status.conditions
+        );
     }
 
     #[test]

@@ -28,6 +28,17 @@ pub enum NoRoute {
         /// The Node's name.
         node: String,
     },
+    /// A pod with the virtual node's pod name exists that the Node does not own (someone else made
+    /// it): the operator never reaches it.
+    #[error(
+        "the pod {pod} is not virtual node {node}'s (no controller owner reference to it): the operator does not reach it; delete that pod, or give the Node another name"
+    )]
+    PodNotOurs {
+        /// The Node's name.
+        node: String,
+        /// The pod's name.
+        pod: String,
+    },
     /// A Node that is neither physical nor virtual (written past the schema).
     #[error("Node {node} has neither spec.device nor spec.virtual")]
     NoDevice {
@@ -106,6 +117,7 @@ impl NoRoute {
     pub fn reason(&self) -> &'static str {
         match self {
             NoRoute::PodNotReady { .. } => "PodNotReady",
+            NoRoute::PodNotOurs { .. } => "PodNotOurs",
             NoRoute::NoDevice { .. } => "NoDevice",
             NoRoute::DeviceNotFound { .. } => "DeviceNotFound",
             NoRoute::DeviceNotLent { .. } => "DeviceNotLent",
@@ -204,8 +216,7 @@ pub fn binding_of(node: &Node) -> DeviceBinding {
 
 /// Where a node is reached (pure): a physical node at its Device's `address:sshPort`, only when
 /// [`lent_device`] allows it; a virtual node at its own pod's IP, port 22 (pod IPs work in every
-/// cluster, with or without DNS and kube-proxy). `vnode_pod` must come from [`vnode_pod`], which
-/// returns only the pod this Node owns.
+/// cluster, with or without DNS and kube-proxy), only when the Node owns that pod ([`owned_by`]).
 /// The address is checked with [`validate_address`] first: nothing connects to anything else.
 pub fn node_target(
     node: &Node,
@@ -228,8 +239,13 @@ fn unchecked_node_target(
 ) -> Result<NodeTarget, NoRoute> {
     let name = node.name_any();
     if node.spec.virtual_node.is_some() {
+        if let Some(pod) = vnode_pod.filter(|pod| !owned_by(pod, node)) {
+            return Err(NoRoute::PodNotOurs {
+                node: name,
+                pod: pod.name_any(),
+            });
+        }
         let ip = vnode_pod
-            .filter(|pod| owned_by(pod, node))
             .and_then(|pod| pod.status.as_ref())
             .and_then(|status| status.pod_ip.clone())
             .ok_or(NoRoute::PodNotReady { node: name })?;
@@ -316,8 +332,9 @@ pub async fn node_device(client: &Client, node: &Node) -> Result<Option<Device>>
         .map_err(|source| Error::kube(format!("reading the Device {name}"), source))
 }
 
-/// The pod of a virtual node: only the one this Node owns (see [`owned_by`]); none for a physical
-/// node, or while it does not exist.
+/// The pod named for a virtual node, whoever made it ([`node_target`] reaches it only when the Node
+/// owns it, see [`owned_by`], and says so otherwise); none for a physical node, or while it does not
+/// exist.
 pub async fn vnode_pod(client: &Client, node: &Node) -> Result<Option<Pod>> {
     if node.spec.virtual_node.is_none() {
         return Ok(None);
@@ -333,7 +350,6 @@ pub async fn vnode_pod(client: &Client, node: &Node) -> Result<Option<Pod>> {
                 source,
             )
         })
-        .map(|pod| pod.filter(|pod| owned_by(pod, node)))
 }
 
 /// Reason: the node refused the SSH connection.
@@ -580,11 +596,11 @@ mod tests {
         let node = vnode();
         for pod in [pod_owned_by("uid-of-bobs-node"), Pod::default()] {
             assert!(!owned_by(&pod, &node));
-            assert_eq!(
-                node_target(&node, Some(&pod), None)
-                    .expect_err("not its pod")
-                    .reason(),
-                "PodNotReady"
+            let refused = node_target(&node, Some(&pod), None).expect_err("not its pod");
+            assert_eq!(refused.reason(), "PodNotOurs");
+            assert!(
+                !refused.is_transient(),
+                "a shell or save on it must end, saying why"
             );
         }
     }

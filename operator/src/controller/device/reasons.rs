@@ -1,0 +1,8 @@
+//! The reasons of a Device's Events (one place; logic compares these constants, never message text).
+
+/// Event: the Node bound to the device is gone (deleted, released, its namespace deleted,
+/// recreated under another uid): `status.boundTo` is cleared, the loan stays.
+pub const RELEASED: &str = "Released";
+/// Event: the device was taken back from the namespace of the Node bound to it (`spec.lentTo`
+/// changed or removed): `status.boundTo` is cleared.
+pub const TAKEN_BACK: &str = "TakenBack";

@@ -793,6 +793,118 @@ fn alice_cannot_save_a_shell_or_a_node_into_bobs_path_or_the_catalog() {
     );
 }
 
+/// Issue 15, no credential for tenants to read: alice holds everything the README tells a lab to
+/// grant a tenant (`edit` in her namespace, which aggregates walt-edit; the gateway's port-forward
+/// Role in the release namespace; walt-device-viewer), and the API server still refuses her every
+/// Secret that holds a node or lab registry credential: the node key, the registry token key and the
+/// lab credential in the release namespace, bob's registry credential, any Secret listed across
+/// namespaces. (Her own namespace's `walt-registry-credentials` is hers to read: it holds only
+/// `tenant/<her namespace>`, see `the_operator_issues_registry_tokens_and_a_namespace_gets_only_its_own_credential`.)
+#[test]
+fn alice_reads_no_secret_with_a_registry_or_node_credential() {
+    let started = std::time::Instant::now();
+    let cluster = cluster();
+    let system = cluster.create_namespace("walt-sys-sec").expect("namespace");
+    let alice = cluster.create_namespace("alice-sec").expect("namespace");
+    let bob = cluster.create_namespace("bob-sec").expect("namespace");
+    let args = [
+        "--namespace",
+        system.as_str(),
+        "--set",
+        &format!("fullnameOverride={system}"),
+    ];
+    let gateway_role = format!("{system}-gateway-forward");
+    let roles = chart_objects(&args, &["ClusterRole", "Role"], |doc| {
+        doc["metadata"]["name"].as_str().is_some_and(|name| {
+            ["walt-view", "walt-edit", "walt-admin", "walt-device-viewer"].contains(&name) || name == gateway_role
+        })
+    });
+    assert_eq!(roles.matches("kind: Role\n").count(), 1, "{roles}");
+    kubectl_stdin(cluster, &["apply", "--server-side", "-f", "-"], &roles).expect("the chart's roles");
+    // The Secrets the operator keeps (or writes into a namespace), with stand-in contents.
+    let secrets = [
+        (system.as_str(), "walt-node-key".to_owned()),
+        (system.as_str(), format!("{system}-registry-token")),
+        (system.as_str(), "walt-registry-credentials".to_owned()),
+        (bob.as_str(), "walt-registry-credentials".to_owned()),
+    ];
+    for (namespace, name) in &secrets {
+        cluster
+            .kubectl_output(&[
+                "-n",
+                namespace,
+                "create",
+                "secret",
+                "generic",
+                name,
+                "--from-literal=password=do-not-leak",
+            ])
+            .expect("create a Secret");
+    }
+    for (namespace, binding) in [
+        (alice.as_str(), vec!["create", "rolebinding", "alice", "--clusterrole=edit", "--user=alice"]),
+        (
+            system.as_str(),
+            vec!["create", "rolebinding", "alice-gateway", "--role", gateway_role.as_str(), "--user=alice"],
+        ),
+    ] {
+        let mut all = vec!["-n", namespace];
+        all.extend(binding);
+        cluster.kubectl_output(&all).expect("bind alice");
+    }
+    let viewer = format!("alice-devices-{system}");
+    cluster
+        .kubectl_output(&[
+            "create",
+            "clusterrolebinding",
+            &viewer,
+            "--clusterrole=walt-device-viewer",
+            "--user=alice",
+        ])
+        .expect("alice sees the lab's devices");
+    let as_alice = |args: &[&str]| run_kubectl(cluster.kubectl_as("alice", groups("alice")).expect("kubeconfig"), args);
+    // What she was given works (the check can fail): her namespace, the gateway's pods.
+    as_alice(&["-n", &alice, "get", "secrets"]).expect("alice reads her own namespace's Secrets");
+    as_alice(&["-n", &system, "get", "pods"]).expect("alice finds the gateway's pods");
+    let mut leaks = Vec::new();
+    for (namespace, name) in &secrets {
+        match as_alice(&["-n", namespace, "get", "secret", name, "-o", "jsonpath={.data}"]) {
+            Ok(data) => leaks.push(format!("{namespace}/{name}: {data}")),
+            Err(refused) if !refused.to_string().contains("Forbidden") => {
+                leaks.push(format!("{namespace}/{name}: unexpected {refused}"));
+            }
+            Err(_) => {}
+        }
+    }
+    for args in [
+        vec!["get", "secrets", "--all-namespaces"],
+        vec!["-n", system.as_str(), "get", "secrets"],
+        vec!["-n", bob.as_str(), "get", "secrets"],
+    ] {
+        if let Ok(out) = as_alice(&args) {
+            leaks.push(format!("{args:?}: {out}"));
+        }
+    }
+    for (verb, resource, namespace) in [
+        ("get", "secrets", system.as_str()),
+        ("list", "secrets", system.as_str()),
+        ("watch", "secrets", system.as_str()),
+        ("create", "pods/exec", system.as_str()),
+        ("get", "secrets", bob.as_str()),
+    ] {
+        // `auth can-i` exits 0 for yes only.
+        if let Ok(answer) = as_alice(&["auth", "can-i", verb, resource, "-n", namespace]) {
+            leaks.push(format!("can-i {verb} {resource} -n {namespace}: {answer}"));
+        }
+    }
+    assert!(leaks.is_empty(), "alice reached credentials:\n{}", leaks.join("\n"));
+    let _ = cluster.kubectl_output(&["delete", "clusterrolebinding", &viewer]);
+    eprintln!(
+        "alice_reads_no_secret_with_a_registry_or_node_credential: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
 /// The chart's monitoring objects, checked by the Prometheus Operator's own CRDs on the real API
 /// server (a rule with a malformed `for` is refused: the check can fail) and by Prometheus's
 /// `promtool`; every metric they read is documented in the README.

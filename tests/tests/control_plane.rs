@@ -816,7 +816,8 @@ fn alice_reads_no_secret_with_a_registry_or_node_credential() {
     let gateway_role = format!("{system}-gateway-forward");
     let roles = chart_objects(&args, &["ClusterRole", "Role"], |doc| {
         doc["metadata"]["name"].as_str().is_some_and(|name| {
-            ["walt-view", "walt-edit", "walt-admin", "walt-device-viewer"].contains(&name) || name == gateway_role
+            ["walt-view", "walt-edit", "walt-admin", "walt-device-viewer"].contains(&name)
+                || name == gateway_role
         })
     });
     assert_eq!(roles.matches("kind: Role\n").count(), 1, "{roles}");
@@ -842,10 +843,26 @@ fn alice_reads_no_secret_with_a_registry_or_node_credential() {
             .expect("create a Secret");
     }
     for (namespace, binding) in [
-        (alice.as_str(), vec!["create", "rolebinding", "alice", "--clusterrole=edit", "--user=alice"]),
+        (
+            alice.as_str(),
+            vec![
+                "create",
+                "rolebinding",
+                "alice",
+                "--clusterrole=edit",
+                "--user=alice",
+            ],
+        ),
         (
             system.as_str(),
-            vec!["create", "rolebinding", "alice-gateway", "--role", gateway_role.as_str(), "--user=alice"],
+            vec![
+                "create",
+                "rolebinding",
+                "alice-gateway",
+                "--role",
+                gateway_role.as_str(),
+                "--user=alice",
+            ],
         ),
     ] {
         let mut all = vec!["-n", namespace];
@@ -862,7 +879,12 @@ fn alice_reads_no_secret_with_a_registry_or_node_credential() {
             "--user=alice",
         ])
         .expect("alice sees the lab's devices");
-    let as_alice = |args: &[&str]| run_kubectl(cluster.kubectl_as("alice", groups("alice")).expect("kubeconfig"), args);
+    let as_alice = |args: &[&str]| {
+        run_kubectl(
+            cluster.kubectl_as("alice", groups("alice")).expect("kubeconfig"),
+            args,
+        )
+    };
     // What she was given works (the check can fail): her namespace, the gateway's pods.
     as_alice(&["-n", &alice, "get", "secrets"]).expect("alice reads her own namespace's Secrets");
     as_alice(&["-n", &system, "get", "pods"]).expect("alice finds the gateway's pods");
@@ -897,7 +919,11 @@ fn alice_reads_no_secret_with_a_registry_or_node_credential() {
             leaks.push(format!("can-i {verb} {resource} -n {namespace}: {answer}"));
         }
     }
-    assert!(leaks.is_empty(), "alice reached credentials:\n{}", leaks.join("\n"));
+    assert!(
+        leaks.is_empty(),
+        "alice reached credentials:\n{}",
+        leaks.join("\n")
+    );
     let _ = cluster.kubectl_output(&["delete", "clusterrolebinding", &viewer]);
     eprintln!(
         "alice_reads_no_secret_with_a_registry_or_node_credential: {:.1} s",

@@ -96,6 +96,14 @@ pub fn repo_root() -> PathBuf {
         .map_or_else(|| PathBuf::from("."), Path::to_owned)
 }
 
+/// Cargo's target directory for this workspace: `CARGO_TARGET_DIR` when set (and not empty), else
+/// `target/` in the repository (where `cargo build` puts what the tests and tasks then run).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .filter(|dir| !dir.is_empty())
+        .map_or_else(|| repo_root().join("target"), PathBuf::from)
+}
+
 /// The walt cache (`WALT_CACHE`, else `$XDG_CACHE_HOME/walt`, else `~/.cache/walt`): tools built once
 /// (the harness's, shared).
 pub fn cache_dir() -> PathBuf {

@@ -335,9 +335,10 @@ pub fn build_static_with(
             "cargo build of {bin} for {target} failed ({status}); see its output above"
         )));
     }
-    let target_dir =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo_root().join("target"), PathBuf::from);
-    let binary = target_dir.join(target).join(profile_name).join(bin);
+    let binary = crate::deploy::target_dir()
+        .join(target)
+        .join(profile_name)
+        .join(bin);
     if !binary.is_file() {
         return Err(Error::Missing {
             what: "the built binary",

@@ -912,10 +912,7 @@ fn install_client_tools(kubectl: &Path) -> Result<PathBuf, Error> {
         "-p",
         "kubectl-walt",
     ]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .filter(|v| !v.is_empty())
-        .map_or_else(|| deploy::repo_root().join("target"), PathBuf::from);
-    let plugin = target.join("debug").join("kubectl-walt");
+    let plugin = deploy::target_dir().join("debug").join("kubectl-walt");
     let bin = cache_dir().join("bin");
     std::fs::create_dir_all(&bin).map_err(|e| Error::Step(format!("creating {}: {e}", bin.display())))?;
     for (name, to) in [("kubectl", kubectl), ("kubectl-walt", plugin.as_path())] {

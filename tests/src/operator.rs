@@ -21,8 +21,6 @@ pub fn workspace_binary(env: &str, package: &str, binary: &str) -> PathBuf {
     if let Some(path) = std::env::var_os(env) {
         return PathBuf::from(path);
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| deploy::repo_root().join("target"), PathBuf::from);
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
         .args(["build", "-p", package, "--bin", binary])
@@ -30,7 +28,7 @@ pub fn workspace_binary(env: &str, package: &str, binary: &str) -> PathBuf {
         .status()
         .expect("run cargo build");
     assert!(status.success(), "cargo build -p {package} failed");
-    target.join("debug").join(binary)
+    deploy::target_dir().join("debug").join(binary)
 }
 
 /// The operator binary (`$WALT_OPERATOR_BIN`, else built).

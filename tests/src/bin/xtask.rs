@@ -345,10 +345,7 @@ fn test(cargo_test_args: &[String]) -> Result<(), String> {
     // `cargo test --workspace` builds both product binaries before it runs a test (the operator's and
     // the plugin's own tests need them): tests of other packages use those instead of each running a
     // `cargo build -p …` whose different feature set would compile the dependencies again.
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
-        || walt_tests::deploy::repo_root().join("target"),
-        std::path::PathBuf::from,
-    );
+    let target = walt_tests::deploy::target_dir();
     for (env, binary) in [
         ("WALT_OPERATOR_BIN", "walt-operator"),
         ("KUBECTL_WALT_BIN", "kubectl-walt"),

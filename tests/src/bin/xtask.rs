@@ -345,12 +345,17 @@ fn test(cargo_test_args: &[String]) -> Result<(), String> {
     // `cargo test --workspace` builds both product binaries before it runs a test (the operator's and
     // the plugin's own tests need them): tests of other packages use those instead of each running a
     // `cargo build -p …` whose different feature set would compile the dependencies again.
+    // Only for the whole workspace: `cargo xtask test -p walt-tests` builds neither, and a file left by
+    // an older build would be tested instead.
     let target = walt_tests::deploy::target_dir();
+    let whole_workspace = cargo_test_args
+        .iter()
+        .all(|arg| arg != "-p" && !arg.starts_with("--package"));
     for (env, binary) in [
         ("WALT_OPERATOR_BIN", "walt-operator"),
         ("KUBECTL_WALT_BIN", "kubectl-walt"),
     ] {
-        if std::env::var_os(env).is_none() {
+        if whole_workspace && std::env::var_os(env).is_none() {
             command.env(env, target.join("debug").join(binary));
         }
     }

@@ -1361,3 +1361,44 @@ fn gitops_manifests_apply_from_git_alone_and_the_operator_creates_its_secrets() 
     }
     assert_eq!(secret_versions(cluster, &names).expect("versions"), before);
 }
+
+/// The operator's API-server egress in the chart's NetworkPolicy (`to` of its first egress rule).
+fn operator_api_egress(docs: &[serde_json::Value]) -> Option<Vec<String>> {
+    let policy = docs
+        .iter()
+        .find(|doc| doc["kind"] == "NetworkPolicy" && doc["metadata"]["name"] == "walt-operator")
+        .expect("the operator's NetworkPolicy");
+    let to = policy["spec"]["egress"][0]["to"].as_array()?;
+    Some(
+        to.iter()
+            .map(|peer| peer["ipBlock"]["cidr"].as_str().unwrap_or_default().to_owned())
+            .collect(),
+    )
+}
+
+#[test]
+fn the_operators_api_egress_is_the_api_servers_own_address_when_installed_on_a_cluster() {
+    let cluster = cluster();
+    // This tier's API server listens on loopback and publishes no endpoints
+    // (--endpoint-reconciler-type=none); the cluster tier's does, as every cluster's. Publish them
+    // as its reconciler would (two addresses, as an HA control plane has).
+    let slice = r#"{"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "kubernetes", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "kubernetes"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["192.0.2.10"]}, {"addresses": ["192.0.2.11"]}],
+        "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}]}"#;
+    kubectl_stdin(cluster, &["apply", "-f", "-"], slice).expect("the kubernetes EndpointSlice");
+    let expected = vec!["192.0.2.10/32".to_owned(), "192.0.2.11/32".to_owned()];
+    // What `helm install` renders: the chart looks the API server's endpoints up.
+    let kubeconfig = cluster.kubeconfig();
+    let kubeconfig = kubeconfig.to_str().expect("a UTF-8 kubeconfig path");
+    let installed =
+        deploy::render_chart(&["--dry-run=server", "--kubeconfig", kubeconfig]).expect("helm template");
+    assert_eq!(operator_api_egress(&installed), Some(expected));
+    // Rendered without a cluster (GitOps), nothing can be looked up: any address on the API ports,
+    // which the installation notes warn about.
+    let offline = deploy::render_chart(&[]).expect("helm template");
+    let _ = cluster.kubectl_output(&["delete", "endpointslice", "kubernetes", "-n", "default"]);
+    assert_eq!(operator_api_egress(&offline), None);
+}

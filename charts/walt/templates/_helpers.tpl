@@ -121,3 +121,24 @@ health:
 {{- define "walt.registryTokenRealm" -}}
 {{- printf "http://%s-registry-token.%s.svc:%v/token" (include "walt.fullname" .) .Release.Namespace .Values.registry.tokenAuth.port -}}
 {{- end -}}
+
+{{/*
+The API server's endpoint addresses the operator may reach, as a JSON array of CIDRs:
+networkPolicy.egress.apiServerCIDRs when set, else the addresses of the `kubernetes` EndpointSlice looked up in
+the cluster at install (helm install/upgrade, `helm template --dry-run=server`); empty when nothing can be
+looked up (`helm template` for GitOps), and the policy then allows any address on apiServerPorts.
+*/}}
+{{- define "walt.apiServerCIDRs" -}}
+{{- $cidrs := list }}
+{{- if .Values.networkPolicy.egress.apiServerCIDRs }}
+{{- $cidrs = .Values.networkPolicy.egress.apiServerCIDRs }}
+{{- else }}
+{{- $slice := lookup "discovery.k8s.io/v1" "EndpointSlice" "default" "kubernetes" }}
+{{- range (dig "endpoints" list $slice) }}
+{{- range .addresses }}
+{{- $cidrs = append $cidrs (printf "%s/%s" . (ternary "128" "32" (contains ":" .))) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- toJson $cidrs }}
+{{- end }}

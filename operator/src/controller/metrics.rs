@@ -37,7 +37,7 @@ pub const SAVE_RESULTS: [&str; 3] = ["succeeded", "failed", "cancelled"];
 /// Labels of per-kind metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
-    /// The reconciled kind: Image, Node, ShellSession, NodeSave.
+    /// The reconciled kind: Image, Node, ShellSession, NodeSave, ImageBuild.
     pub kind: &'static str,
 }
 

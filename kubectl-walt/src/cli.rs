@@ -618,10 +618,10 @@ Exit status: 0 when the image is built and tagged; 1 when the build failed (no t
         #[arg(long, value_name = "URL")]
         from_url: Option<String>,
         /// With --from-url: the branch, tag or commit to build (default: the remote's default branch).
-        #[arg(long = "ref", value_name = "REF", requires = "from_url")]
+        #[arg(long = "ref", value_name = "REF")]
         git_ref: Option<String>,
         /// With --from-url: the directory of the repository that is the context.
-        #[arg(long, value_name = "PATH", requires = "from_url")]
+        #[arg(long, value_name = "PATH")]
         sub_dir: Option<String>,
         /// The Dockerfile, relative to the context (default: Dockerfile, else Containerfile).
         #[arg(long, short = 'f', value_name = "FILE")]

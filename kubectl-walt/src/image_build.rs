@@ -218,6 +218,8 @@ pub struct Given<'a> {
     pub file: Option<&'a str>,
     /// `--sub-dir`.
     pub sub_dir: Option<&'a str>,
+    /// `--ref`.
+    pub git_ref: Option<&'a str>,
     /// `--build-arg`s.
     pub build_args: &'a [String],
     /// `--platform`.
@@ -251,6 +253,11 @@ pub fn preflight(given: &Given<'_>) -> Result<()> {
         }
     }
     if let Some(dir) = given.from_dir {
+        if given.git_ref.is_some() || given.sub_dir.is_some() {
+            return Err(Error::Invalid(
+                "--ref and --sub-dir go with --from-url (the git repository to clone); with --from-dir the directory itself is the context".into(),
+            ));
+        }
         if !dir.is_dir() {
             return Err(Error::Invalid(format!(
                 "--from-dir {}: not a directory (the build context is a directory holding the Dockerfile)",

@@ -154,7 +154,7 @@ fn image_build_refuses_bad_input_before_any_request() {
         "{}",
         text(&valid.stderr)
     );
-    // One source: a directory or a git URL, and --ref only with a URL.
+    // One source: a directory or a git URL; --ref and --sub-dir only with a URL.
     let both = walt(&[
         "image",
         "build",
@@ -166,7 +166,12 @@ fn image_build_refuses_bad_input_before_any_request() {
     ]);
     assert_eq!(both.status.code(), Some(2));
     let stray_ref = walt(&["image", "build", "--from-dir", &context, "--ref", "v1", "app"]);
-    assert_eq!(stray_ref.status.code(), Some(2));
+    assert_eq!(stray_ref.status.code(), Some(1));
+    assert!(
+        text(&stray_ref.stderr).contains("--ref and --sub-dir go with --from-url"),
+        "{}",
+        text(&stray_ref.stderr)
+    );
 }
 
 #[test]

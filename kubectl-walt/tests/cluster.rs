@@ -728,16 +728,34 @@ fn image_build_refuses_an_existing_image_and_ctrl_c_deletes_the_build() {
         })
     };
     let err = walt.fails(&["image", "build", "--from-dir", &context, "app"]);
-    assert!(err.contains("image app exists: add --overwrite to replace it"), "{err}");
+    assert!(
+        err.contains("image app exists: add --overwrite to replace it"),
+        "{err}"
+    );
     builds(0);
     // No operator here: the build waits for its pod until Ctrl-C, which deletes it.
-    let child = walt.spawn(&["image", "build", "--from-dir", &context, "--build-arg", "A=1", "fresh"]);
+    let child = walt.spawn(&[
+        "image",
+        "build",
+        "--from-dir",
+        &context,
+        "--build-arg",
+        "A=1",
+        "fresh",
+    ]);
     let created = builds(1);
     let spec = &created[0].spec;
-    assert_eq!((spec.image.as_str(), spec.build_args[0].name.as_str()), ("fresh", "A"));
+    assert_eq!(
+        (spec.image.as_str(), spec.build_args[0].name.as_str()),
+        ("fresh", "A")
+    );
     assert_eq!(spec.source.context, walt_crds::ContextSource::Upload);
     assert!(
-        created[0].metadata.name.as_deref().is_some_and(|n| n.starts_with("fresh-")),
+        created[0]
+            .metadata
+            .name
+            .as_deref()
+            .is_some_and(|n| n.starts_with("fresh-")),
         "named after the image"
     );
     nix::sys::signal::kill(
@@ -748,7 +766,10 @@ fn image_build_refuses_an_existing_image_and_ctrl_c_deletes_the_build() {
     let out = child.wait_with_output().expect("build");
     assert_eq!(out.status.code(), Some(130));
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("was deleted and its pod stopped; no tag moved"), "{stderr}");
+    assert!(
+        stderr.contains("was deleted and its pod stopped; no tag moved"),
+        "{stderr}"
+    );
     builds(0);
 }
 

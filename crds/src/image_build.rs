@@ -375,12 +375,13 @@ mod tests {
 
     #[test]
     fn a_log_gives_the_running_step_and_a_bounded_tail() {
+        use std::fmt::Write as _;
         let mut log = String::from("Build context received: 3 files, 120 bytes\nSTEP 1/3: FROM debian\n");
         assert!(!LogProgress::of("").context_received);
         assert!(LogProgress::of(&log).context_received);
         log.push_str("STEP 2/3: RUN make\n");
         for n in 0..40 {
-            log.push_str(&format!("cc -c file{n}.c\n"));
+            writeln!(log, "cc -c file{n}.c").expect("write to a String");
         }
         log.push_str(&"x".repeat(2000));
         let progress = LogProgress::of(&log);

@@ -553,20 +553,17 @@ async fn stream_build(ctx: &Ctx, pod: &str, archive: &[u8]) -> Result<()> {
     let print_stdout = async {
         let mut lines = tokio::io::BufReader::new(stdout).lines();
         while let Some(line) = lines.next_line().await? {
-            match StepLine::parse(&line) {
-                Some(step) => {
-                    let text = step_line(&step, started.elapsed());
-                    if terminal {
-                        eprintln!("\x1b[1m{text}\x1b[0m");
-                    } else {
-                        eprintln!("{text}");
-                    }
+            if let Some(step) = StepLine::parse(&line) {
+                let text = step_line(&step, started.elapsed());
+                if terminal {
+                    eprintln!("\x1b[1m{text}\x1b[0m");
+                } else {
+                    eprintln!("{text}");
                 }
-                None => {
-                    let mut out = std::io::stdout().lock();
-                    let _ = writeln!(out, "{line}");
-                    let _ = out.flush();
-                }
+            } else {
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{line}");
+                let _ = out.flush();
             }
         }
         Ok::<_, std::io::Error>(())

@@ -302,23 +302,30 @@ fn image_builds_on_the_cluster_tier() {
         ".dockerignore kept it on this machine"
     );
     assert!(rootfs.join("bin/busybox").exists(), "the base's files");
-    assert!(
-        kubectl(
-            &cluster,
-            &[
-                "-n",
-                &ns,
-                "get",
-                "pods",
-                "-l",
-                "walt.dev/image-build",
-                "-o",
-                "name"
-            ]
-        )
-        .is_empty(),
-        "no build pod is left"
-    );
+    // The operator deletes the pod once the Image is updated (its grace period runs after).
+    Wait::new("the build pod to be deleted", Duration::from_mins(1))
+        .every(Duration::from_millis(500))
+        .until(|| {
+            let left = kubectl(
+                &cluster,
+                &[
+                    "-n",
+                    &ns,
+                    "get",
+                    "pods",
+                    "-l",
+                    "walt.dev/image-build",
+                    "-o",
+                    "name",
+                ],
+            );
+            if left.trim().is_empty() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending(left)
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
 
     // 2. A failing RUN: the step and its output are said, the tag does not move.
     write(

@@ -138,7 +138,8 @@ fn image_builds_on_the_cluster_tier() {
     let for_pods = cluster.registry_for_pods().expect("node registry for pods");
     let netns = cluster.node_netns().expect("node network namespace").to_owned();
     let started = Instant::now();
-    walt_tests::lab::ensure_walt_image(&registry, false).expect("build and push the walt image");
+    walt_tests::lab::ensure_walt_image(&registry, false, walt_tests::image_build::BuildProfile::Check)
+        .expect("build and push the walt image");
     eprintln!("walt image ready in {:.0} s", started.elapsed().as_secs_f64());
     let work = tempfile::tempdir().expect("tempdir");
 

@@ -302,20 +302,23 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
     let builds = Controller::new(
         all::<DeserializeGuard<ImageBuild>>(&context),
         watcher::Config::default(),
-    )
-    .owns(all::<Pod>(&context), owned_objects())
-    .with_config(controller_config(&context))
-    .graceful_shutdown_on(shutdown.clone().cancelled_owned())
-    .run(
-        |build, context| instrumented("ImageBuild", build, context, image_build::reconcile),
-        error_policy::<ImageBuild>("ImageBuild"),
-        context.clone(),
     );
+    let census_builds = builds.store();
+    let builds = builds
+        .owns(all::<Pod>(&context), owned_objects())
+        .with_config(controller_config(&context))
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+        .run(
+            |build, context| instrumented("ImageBuild", build, context, image_build::reconcile),
+            error_policy::<ImageBuild>("ImageBuild"),
+            context.clone(),
+        );
     let census = census::run(
         census::Caches {
             nodes: census_nodes,
             sessions: census_sessions,
             saves: census_saves,
+            builds: census_builds,
         },
         context.metrics.clone(),
         shutdown,

@@ -28,6 +28,9 @@ pub const CONTEXT_RECEIVED: &str = "Build context received:";
 pub mod reasons {
     /// Event: the build pod was created.
     pub const POD_CREATED: &str = "PodCreated";
+    /// `Complete=False`: another writer (an image shell, a node save, another build) holds the
+    /// target image; the build pod starts when it ends (one writer at a time per image).
+    pub const IMAGE_BUSY: &str = "ImageBusy";
     /// `Complete=False`: the build pod waits for the context the client uploads.
     pub const WAITING_FOR_CONTEXT: &str = "WaitingForContext";
     /// `Complete=False`: the build runs (see `status.step`).

@@ -499,11 +499,17 @@ async fn wait_for_pod(ctx: &Ctx, build: &str) -> Result<String> {
             line.finish();
             return Ok(pod.clone());
         }
-        line.show(&format!(
-            "starting the build pod: {:?}  ({})",
-            status.phase,
-            clock(start.elapsed())
-        ));
+        // Another writer of the image (a shell, a save, a build) goes first: say who.
+        let busy = walt_crds::find_condition(&status.conditions, walt_crds::condition_types::COMPLETE)
+            .filter(|condition| condition.reason == walt_crds::image_build::reasons::IMAGE_BUSY);
+        line.show(&match busy {
+            Some(condition) => format!("waiting: {}  ({})", condition.message, clock(start.elapsed())),
+            None => format!(
+                "starting the build pod: {:?}  ({})",
+                status.phase,
+                clock(start.elapsed())
+            ),
+        });
         tick().await;
     }
 }

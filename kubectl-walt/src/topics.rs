@@ -252,6 +252,8 @@ The result, and what is never left half-done
   no tag moves. Ctrl-C deletes the build and kills its pod: no tag moves either.
   An existing NAME needs --overwrite; if nodes boot it, you are told how many reboot and asked
   (--yes to skip the question), as when an image shell overwrites an image.
+  One writer at a time per image: while an image shell, a node save or another build works on NAME,
+  the build waits (the plugin prints who holds it) and starts when it ends.
 
 Supported instructions
   FROM (any reference the lab may pull; multi-stage with COPY --from), RUN, COPY and ADD (--chown,

@@ -3852,8 +3852,9 @@ fn image_build_yaml(name: &str, image: &str, overwrite: bool) -> String {
 /// ImageBuilds against the real API server (no kubelet here: the test reports the build pod's end as
 /// the kubelet would): an existing image without `overwrite` is refused before any pod; a new one gets a
 /// build pod reading its context on stdin, pushing under a scratch tag of the tenant's own repository;
-/// a failed step fails the build with its message and moves no tag; a pushed result becomes the image
-/// (tag moved by the operator, Image created); deleting a running build deletes its pod.
+/// a second build of the same name waits for it (`ImageBusy`, no pod) and starts once it ended; a failed
+/// step fails the build with its message and moves no tag; a pushed result becomes the image (tag moved
+/// by the operator, Image created); deleting a running build deletes its pod.
 #[test]
 fn image_build_refuses_builds_runs_its_pod_tags_the_result_and_cleans_up() {
     use walt_tests::images::{Arch, OciLayout};
@@ -3947,6 +3948,31 @@ fn image_build_refuses_builds_runs_its_pod_tags_the_result_and_cleans_up() {
         ),
         "true//false"
     );
+    // A second build of the same name waits for the running one (one writer per image).
+    apply(cluster, &namespace, &image_build_yaml("good", "fresh", false));
+    wait_for(
+        cluster,
+        &namespace,
+        "imagebuild/good",
+        "{.status.conditions[?(@.type==\"Complete\")].reason}",
+        "ImageBusy",
+        within,
+        &operator,
+    );
+    let waiting = jsonpath(
+        cluster,
+        &namespace,
+        "imagebuild/good",
+        "{.status.phase}: {.status.conditions[0].message}",
+    );
+    assert!(
+        waiting.starts_with("Pending: ImageBuild/failing works on image fresh"),
+        "{waiting}"
+    );
+    assert!(
+        !kubectl(cluster, &namespace, &["get", "pods", "-o", "name"]).contains("walt-build-good"),
+        "no pod for a waiting build"
+    );
     end_build_pod(
         cluster,
         &namespace,
@@ -3995,8 +4021,8 @@ fn image_build_refuses_builds_runs_its_pod_tags_the_result_and_cleans_up() {
         "and moves no tag"
     );
 
-    // A pushed result (here pushed by the test under the scratch tag) becomes the image.
-    apply(cluster, &namespace, &image_build_yaml("good", "fresh", false));
+    // The waiting build starts once the failed one ended; its pushed result (here pushed by the
+    // test under the scratch tag) becomes the image.
     wait_for(
         cluster,
         &namespace,

@@ -22,6 +22,9 @@ pub struct Observed {
     pub pod: Option<PodState>,
     /// The end of the build pod's log, when it was read (running or ended pods).
     pub log: Option<LogProgress>,
+    /// Who else holds the target image (`Kind/name`), when looked up (a build about to start):
+    /// one writer at a time per image ([`crate::controller::shared::lock`]).
+    pub holder: Option<String>,
 }
 
 /// What the reconcile does next.
@@ -31,6 +34,8 @@ pub enum Step {
     Cleanup,
     /// Check the target, then create the build pod.
     Start,
+    /// Another writer holds the target image (`Kind/name`): the build starts after it.
+    WaitForImage(String),
     /// The pod starts: look again after this long.
     Wait(Duration),
     /// The build runs: report its progress (step, log tail), look again soon.
@@ -52,10 +57,12 @@ pub fn decide(build: &ImageBuild, observed: &Observed) -> Step {
         return Step::Cleanup;
     }
     let Some(pod) = &observed.pod else {
-        return if phase == ImageBuildPhase::Pending {
-            Step::Start
-        } else {
+        return if phase != ImageBuildPhase::Pending {
             Step::Fail(Failure::PodLost)
+        } else if let Some(holder) = &observed.holder {
+            Step::WaitForImage(holder.clone())
+        } else {
+            Step::Start
         };
     };
     match pod {
@@ -124,7 +131,24 @@ mod tests {
         Observed {
             pod,
             log: Some(LogProgress::of(log)),
+            holder: None,
         }
+    }
+
+    #[test]
+    fn a_new_build_waits_while_another_writer_holds_its_image() {
+        let busy = Observed {
+            holder: Some("NodeSave/s1".into()),
+            ..Observed::default()
+        };
+        assert!(matches!(
+            decide(&build(ImageBuildPhase::Pending), &busy),
+            Step::WaitForImage(holder) if holder == "NodeSave/s1"
+        ));
+        assert!(matches!(
+            decide(&build(ImageBuildPhase::Building), &busy),
+            Step::Fail(Failure::PodLost)
+        ));
     }
 
     #[test]

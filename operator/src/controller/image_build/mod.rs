@@ -14,6 +14,7 @@
 //! write and an Event. Failures are [`failure::Failure`]s (reason and retry).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -39,6 +40,7 @@ use self::failure::Failure;
 use crate::controller::shared::context::Context;
 use crate::controller::shared::error::{Error, KubeResultExt, Result};
 use crate::controller::shared::image_result;
+use crate::controller::shared::lock::{Claim, claims_in, holder_other_than};
 use crate::controller::shared::registry::{ensure_registry_secret, repository_of};
 use crate::controller::shared::registry_paths::Access;
 
@@ -48,6 +50,8 @@ pub const FINALIZER: &str = "walt.dev/image-build-cleanup";
 pub const BUILT_BY_ANNOTATION: &str = "walt.dev/built-by-image-build";
 /// How many lines of the build pod's log a reconcile reads.
 const LOG_LINES: i64 = 200;
+/// How often a build waiting for its image looks again (its holder ending does not wake it).
+const IMAGE_WAIT_RETRY: Duration = Duration::from_secs(3);
 
 /// Reconciles one ImageBuild.
 pub async fn reconcile(build: Arc<ImageBuild>, context: Arc<Context>) -> Result<Action> {
@@ -87,7 +91,17 @@ async fn apply(build: &ImageBuild, context: &Context) -> Result<Action> {
         }
         _ => None,
     };
-    let observed = Observed { pod: state, log };
+    // Only a build about to start looks for another writer of its image.
+    let holder = if pod.is_none() && status.phase == ImageBuildPhase::Pending {
+        image_holder(build, context).await?
+    } else {
+        None
+    };
+    let observed = Observed {
+        pod: state,
+        log,
+        holder,
+    };
     let step = decide(build, &observed);
     tracing::debug!(?step, "image build step");
     let log = observed.log.unwrap_or_default();
@@ -97,11 +111,45 @@ async fn apply(build: &ImageBuild, context: &Context) -> Result<Action> {
             Ok(Action::await_change())
         }
         Step::Start => start(build, context, status).await,
+        Step::WaitForImage(holder) => wait_for_image(build, context, status, &holder).await,
         Step::Wait(after) => Ok(Action::requeue(after)),
         Step::Progress => progress(build, context, status, &log).await,
         Step::Save(outcome) => save(build, context, status, &outcome, &log).await,
         Step::Fail(failure) => fail(build, context, status, &failure, &log).await,
     }
+}
+
+/// Who else holds the build's target image (`Kind/name`), if anyone (an invalid name holds
+/// nothing: [`start`] refuses it).
+async fn image_holder(build: &ImageBuild, context: &Context) -> Result<Option<String>> {
+    let Ok(target) = ImageName::parse(&build.spec.image) else {
+        return Ok(None);
+    };
+    let claims = claims_in(context, &build.namespace().unwrap_or_default()).await?;
+    Ok(holder_other_than(&claims, &target.object_name(), "ImageBuild", &build.name_any()).map(Claim::label))
+}
+
+/// Another writer holds the target image: say so once (condition and Event), look again soon.
+async fn wait_for_image(
+    build: &ImageBuild,
+    context: &Context,
+    mut status: ImageBuildStatus,
+    holder: &str,
+) -> Result<Action> {
+    let message = format!(
+        "{holder} works on image {} (one shell, save or build at a time per image): this build starts when it ends",
+        build.spec.image
+    );
+    let said = walt_crds::find_condition(&status.conditions, condition_types::COMPLETE)
+        .is_some_and(|condition| condition.reason == reasons::IMAGE_BUSY && condition.message == message);
+    if !said {
+        complete(&mut status, build, false, reasons::IMAGE_BUSY, message.clone());
+        write_status(context, build, status).await?;
+        context
+            .event(build, EventType::Normal, reasons::IMAGE_BUSY, "Wait", message)
+            .await;
+    }
+    Ok(Action::requeue(IMAGE_WAIT_RETRY))
 }
 
 /// The end of the build pod's log (`None` when it cannot be read: progress just shows later).

@@ -1,16 +1,19 @@
 //! The walt API: custom resources of group `walt.dev`, version `v1alpha1`.
 //!
-//! Four namespaced kinds: [`Image`], [`Node`], [`ShellSession`], [`NodeSave`]; and one
+//! Five namespaced kinds: [`Image`], [`Node`], [`ShellSession`], [`NodeSave`], [`ImageBuild`]; and one
 //! cluster-scoped kind written by lab admins only: [`Device`] (a physical device lent to a namespace).
 //! This crate holds the API types only (serde + schemars + kube derive), the CRD
 //! generation, and small pure helpers clients need to speak the API correctly
-//! ([`ImageName`], condition helpers, [`short_digest`]). No runtime code lives here.
+//! ([`ImageName`], condition helpers, [`short_digest`], build log progress, `.dockerignore`
+//! matching). No runtime code lives here.
 
 pub mod common;
 pub mod device;
+pub mod dockerignore;
 pub mod examples;
 pub mod fuzzing;
 pub mod image;
+pub mod image_build;
 pub mod image_name;
 pub mod node;
 pub mod node_save;
@@ -24,6 +27,10 @@ pub use common::{
 };
 pub use device::{Device, DeviceBinding, DeviceLoan, DeviceSpec, DeviceStatus, Firmware};
 pub use image::{CloneProgress, Image, ImageShellMode, ImageSpec, ImageStatus, Platform};
+pub use image_build::{
+    BuildArg, BuildSource, ContextSource, GitSource, ImageBuild, ImageBuildPhase, ImageBuildResult,
+    ImageBuildSpec, ImageBuildStatus,
+};
 pub use image_name::{ImageName, ImageNameError};
 pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 pub use node::{
@@ -47,7 +54,7 @@ pub const GROUP: &str = "walt.dev";
 /// The API version of every walt resource.
 pub const VERSION: &str = "v1alpha1";
 
-/// The five walt CustomResourceDefinitions (Image, Node, ShellSession, NodeSave, Device),
+/// The six walt CustomResourceDefinitions (Image, Node, ShellSession, NodeSave, ImageBuild, Device),
 /// as the API server should get them.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     let mut image = Image::crd();
@@ -64,6 +71,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         Node::crd(),
         ShellSession::crd(),
         NodeSave::crd(),
+        ImageBuild::crd(),
         Device::crd(),
     ]
 }

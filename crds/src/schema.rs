@@ -201,3 +201,74 @@ pub(crate) fn namespace_name(_: &mut SchemaGenerator) -> Schema {
         )],
     )
 }
+
+/// Longest path inside a build context (Dockerfile, git sub-directory).
+pub const CONTEXT_PATH_MAX_LENGTH: usize = 1024;
+
+/// Message of the context path rule.
+pub const CONTEXT_PATH_MESSAGE: &str = "must be a path relative to the build context, without '..' \
+     (e.g. 'docker/Dockerfile.arm64')";
+
+/// A path relative to a build context: not absolute, no `..` element.
+pub(crate) fn context_path(_: &mut SchemaGenerator) -> Schema {
+    with_rules(
+        json_schema!({ "type": "string", "minLength": 1, "maxLength": CONTEXT_PATH_MAX_LENGTH }),
+        vec![rule(
+            "!self.startsWith('/') && !self.matches('(^|/)[.][.](/|$)')",
+            CONTEXT_PATH_MESSAGE,
+        )],
+    )
+}
+
+/// CEL regular expression of a Dockerfile stage name (`FROM … AS name`) or `ARG` name.
+pub const STAGE_NAME_CEL_PATTERN: &str = "^[A-Za-z_][A-Za-z0-9_.-]*$";
+
+/// A Dockerfile stage name.
+pub(crate) fn stage_name(_: &mut SchemaGenerator) -> Schema {
+    with_rules(
+        json_schema!({ "type": "string", "maxLength": 128 }),
+        vec![rule(
+            &format!("self.matches('{STAGE_NAME_CEL_PATTERN}')"),
+            "must be the name of a stage of the Dockerfile (FROM … AS name): letters, digits, '_', '.' and '-', starting with a letter or '_'",
+        )],
+    )
+}
+
+/// CEL regular expression of an `ARG` name.
+pub const ARG_NAME_CEL_PATTERN: &str = "^[A-Za-z_][A-Za-z0-9_]*$";
+
+/// The name of a Dockerfile `ARG`.
+pub(crate) fn arg_name(_: &mut SchemaGenerator) -> Schema {
+    with_rules(
+        json_schema!({ "type": "string", "maxLength": 128 }),
+        vec![rule(
+            &format!("self.matches('{ARG_NAME_CEL_PATTERN}')"),
+            "must be the name of an ARG of the Dockerfile: letters, digits and '_', not starting with a digit",
+        )],
+    )
+}
+
+/// CEL regular expression of an OCI platform (`os/arch[/variant]`).
+pub const PLATFORM_CEL_PATTERN: &str = "^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$";
+
+/// An OCI platform as `docker build --platform` takes it.
+pub(crate) fn platform(_: &mut SchemaGenerator) -> Schema {
+    with_rules(
+        json_schema!({ "type": "string", "maxLength": 64 }),
+        vec![rule(
+            &format!("self.matches('{PLATFORM_CEL_PATTERN}')"),
+            "must be a platform OS/ARCH[/VARIANT], e.g. linux/arm64 or linux/arm/v7",
+        )],
+    )
+}
+
+/// A git commit (full SHA-1 or SHA-256 object name).
+pub(crate) fn commit(_: &mut SchemaGenerator) -> Schema {
+    with_rules(
+        json_schema!({ "type": "string", "maxLength": 64 }),
+        vec![rule(
+            "self.matches('^([0-9a-f]{40}|[0-9a-f]{64})$')",
+            "must be a full git commit id: 40 (SHA-1) or 64 (SHA-256) lower-case hex digits",
+        )],
+    )
+}

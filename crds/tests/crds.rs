@@ -34,7 +34,7 @@ fn committed_crd_yaml_matches_the_code() {
     }
 }
 
-/// The four CRDs as JSON, by kind.
+/// The CRDs as JSON, by kind.
 fn crds_by_kind() -> Vec<(String, Value)> {
     walt_crds::crds()
         .into_iter()
@@ -56,7 +56,7 @@ fn schema_of(kind: &str) -> Value {
 }
 
 #[test]
-fn five_kinds_with_names_columns_and_status() {
+fn six_kinds_with_names_columns_and_status() {
     let expected = [
         (
             "Image",
@@ -81,6 +81,12 @@ fn five_kinds_with_names_columns_and_status() {
             "nodesaves",
             vec!["wsave"],
             vec!["Node", "Image", "Phase", "Layer Size", "Duration", "Age"],
+        ),
+        (
+            "ImageBuild",
+            "imagebuilds",
+            vec!["wbuild"],
+            vec!["Image", "Phase", "Step", "Digest", "Age"],
         ),
         (
             "Device",
@@ -314,6 +320,7 @@ fn through_types(kind: &str, manifest: &Value) -> Value {
         "Node" => round_trip::<walt_crds::Node>(manifest),
         "ShellSession" => round_trip::<walt_crds::ShellSession>(manifest),
         "NodeSave" => round_trip::<walt_crds::NodeSave>(manifest),
+        "ImageBuild" => round_trip::<walt_crds::ImageBuild>(manifest),
         "Device" => round_trip::<walt_crds::Device>(manifest),
         other => panic!("unknown kind {other}"),
     }
@@ -325,11 +332,18 @@ fn every_valid_example_is_accepted() {
     let kinds: BTreeSet<String> = valid.iter().map(|path| kind_of(&load(path), path)).collect();
     assert_eq!(
         kinds.into_iter().collect::<Vec<_>>(),
-        ["Device", "Image", "Node", "NodeSave", "ShellSession"]
+        [
+            "Device",
+            "Image",
+            "ImageBuild",
+            "Node",
+            "NodeSave",
+            "ShellSession"
+        ]
     );
     assert!(
-        valid.len() >= 5,
-        "examples: a physical node, a virtual node, an image, a shell session, a node save"
+        valid.len() >= 6,
+        "examples: a physical node, a virtual node, an image, a shell session, a node save, a build"
     );
     for path in valid {
         let manifest = load(&path);

@@ -6,7 +6,7 @@ use crate::cli::{Cli, Command, DeviceCommand, HelpCommand, ImageCommand, NodeCom
 use crate::cluster::Ctx;
 use crate::complete::{self, Lookup, LookupContext};
 use crate::error::{Error, Result};
-use crate::{device_cmd, image_cmd, image_cp, image_shell, node_cmd, node_shell, topics};
+use crate::{device_cmd, image_build, image_cmd, image_cp, image_shell, node_cmd, node_shell, topics};
 
 /// Runs the command; returns the process exit status (errors are printed here).
 pub async fn run(cli: Cli) -> i32 {
@@ -82,6 +82,27 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                 // Refuse bad input before talking to the cluster.
                 image_cp::parse_location(src)?;
                 image_cp::parse_location(dst)?;
+            }
+            if let ImageCommand::Build {
+                from_dir,
+                file,
+                sub_dir,
+                git_ref,
+                build_args,
+                platform,
+                image,
+                ..
+            } = &cmd
+            {
+                image_build::preflight(&image_build::Given {
+                    from_dir: from_dir.as_deref(),
+                    file: file.as_deref(),
+                    sub_dir: sub_dir.as_deref(),
+                    git_ref: git_ref.as_deref(),
+                    build_args,
+                    platform: platform.as_deref(),
+                    image,
+                })?;
             }
             let ctx = Ctx::connect(&cli.global).await?;
             image(&ctx, cmd).await
@@ -191,6 +212,49 @@ async fn image(ctx: &Ctx, cmd: ImageCommand) -> Result<i32> {
         }
         ImageCommand::Squash { image, yes } => image_cmd::squash(ctx, &image, yes).await.map(|()| 0),
         ImageCommand::Cp { src, dst, yes } => image_cp::run(ctx, &src, &dst, yes).await,
+        ImageCommand::Build {
+            from_dir,
+            from_url,
+            git_ref,
+            sub_dir,
+            file,
+            build_args,
+            target,
+            platform,
+            overwrite,
+            yes,
+            no_cache,
+            image,
+        } => {
+            let from = match (from_dir, from_url) {
+                (Some(dir), _) => image_build::ContextFrom::Dir(dir),
+                (None, Some(url)) => image_build::ContextFrom::Url {
+                    url,
+                    reference: git_ref,
+                    sub_dir,
+                },
+                (None, None) => {
+                    return Err(Error::Invalid(
+                        "give the build context: --from-dir DIR or --from-url URL".into(),
+                    ));
+                }
+            };
+            image_build::run(
+                ctx,
+                &image_build::BuildOptions {
+                    from,
+                    file: file.as_deref(),
+                    build_args: &build_args,
+                    target: target.as_deref(),
+                    platform: platform.as_deref(),
+                    overwrite,
+                    yes,
+                    no_cache,
+                    image: &image,
+                },
+            )
+            .await
+        }
     }
 }
 

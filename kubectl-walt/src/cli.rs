@@ -83,7 +83,7 @@ pub enum Command {
     /// Manage lab nodes: list, shell, run, save, boot, reboot, virtual nodes.
     #[command(subcommand, after_help = EXAMPLES_NODE)]
     Node(NodeCommand),
-    /// Manage OS images: list, clone, shell, copy files, rename, remove.
+    /// Manage OS images: list, clone, build, shell, copy files, rename, remove.
     #[command(subcommand, after_help = EXAMPLES_IMAGE)]
     Image(ImageCommand),
     /// The lab's devices lent to your namespace (acquire one with `node acquire`).
@@ -113,6 +113,7 @@ Examples:
   kubectl walt image ls
   kubectl walt image clone docker.io/waltplatform/rpi-debian:latest
   kubectl walt image shell rpi-debian
+  kubectl walt image build --from-dir ./rpi-image rpi-debian:v2
   kubectl walt image cp ./config.txt rpi-debian:/boot/config.txt";
 
 const EXAMPLES_DEVICE: &str = "\
@@ -577,6 +578,75 @@ Examples:
         /// Do not ask before overwriting an image that nodes boot.
         #[arg(long, short = 'y')]
         yes: bool,
+    },
+    /// Build an image from a Dockerfile, on the cluster (RUN steps in the image's own CPU).
+    #[command(
+        long_about = "Build an image from a Dockerfile (or Containerfile), on the cluster.\n\n\
+        The build context (the files COPY and ADD read) is packed on this machine, leaving out what its\n\
+        .dockerignore excludes, and streamed into a build pod that walt's operator starts in your namespace:\n\
+        an ImageBuild resource (`kubectl get imagebuilds`, `kubectl explain imagebuild.spec`). Each RUN step\n\
+        runs in walt's runtime in the image's own CPU: an arm64 image on an amd64 cluster node runs through\n\
+        qemu-user emulation (slower, but the result is the same). Each step that changes files becomes a\n\
+        layer; unchanged steps come from the step cache, so a rebuild of the same Dockerfile and context\n\
+        takes seconds and pushes nothing new. The result is pushed by digest, then the operator makes it\n\
+        image NAME: a failed build, or Ctrl-C (which deletes the build and its pod), moves no tag.\n\n\
+        --from-url clones the repository with the `git` of THIS machine (shallow, the --ref asked for)\n\
+        into a temporary directory, then builds from it like --from-dir; the ImageBuild records the URL,\n\
+        ref and commit. The cluster never reaches the repository itself.\n\n\
+        Supported instructions: FROM (a reference the lab may pull; multi-stage, COPY --from), RUN, COPY\n\
+        and ADD (--chown, --chmod, globs, local archives), ENV, ARG, WORKDIR, USER, LABEL, CMD, ENTRYPOINT,\n\
+        SHELL, EXPOSE, VOLUME, STOPSIGNAL, HEALTHCHECK. Others are refused before the build starts, with\n\
+        their line. See `kubectl walt help show image-build`.",
+        after_help = "\
+Examples:
+  # from a directory with a Dockerfile
+  kubectl walt image build --from-dir ./rpi-image rpi-debian:v2
+  # from git (cloned on this machine), a sub-directory, another Dockerfile, build args
+  kubectl walt image build --from-url https://git.example.org/lab/images.git --ref v4 \\
+      --sub-dir rpi --file docker/Dockerfile.rpi --build-arg MIRROR=http://deb.debian.org/debian rpi-debian:v4
+  # replace an image that nodes boot (they reboot; you are asked first, or pass --yes)
+  kubectl walt image build --from-dir ./rpi-image --overwrite rpi-debian
+
+Exit status: 0 when the image is built and tagged; 1 when the build failed (no tag moved);
+130 on Ctrl-C (the build is deleted, no tag moved)."
+    )]
+    Build {
+        /// The build context: a local directory.
+        #[arg(long, value_name = "DIR", value_hint = clap::ValueHint::DirPath, required_unless_present = "from_url", conflicts_with = "from_url")]
+        from_dir: Option<PathBuf>,
+        /// The build context: a git repository, cloned on this machine with its `git`.
+        #[arg(long, value_name = "URL")]
+        from_url: Option<String>,
+        /// With --from-url: the branch, tag or commit to build (default: the remote's default branch).
+        #[arg(long = "ref", value_name = "REF")]
+        git_ref: Option<String>,
+        /// With --from-url: the directory of the repository that is the context.
+        #[arg(long, value_name = "PATH")]
+        sub_dir: Option<String>,
+        /// The Dockerfile, relative to the context (default: Dockerfile, else Containerfile).
+        #[arg(long, short = 'f', value_name = "FILE")]
+        file: Option<String>,
+        /// A value for an ARG of the Dockerfile (repeat).
+        #[arg(long = "build-arg", value_name = "NAME=VALUE")]
+        build_args: Vec<String>,
+        /// Build this stage (FROM … AS STAGE) instead of the last one.
+        #[arg(long, value_name = "STAGE")]
+        target: Option<String>,
+        /// Platform of base images that have several, and of FROM scratch (e.g. linux/arm64).
+        #[arg(long, value_name = "OS/ARCH")]
+        platform: Option<String>,
+        /// Replace NAME if it exists (the nodes that boot it reboot on the new version).
+        #[arg(long)]
+        overwrite: bool,
+        /// Do not ask before overwriting an image that nodes boot.
+        #[arg(long, short = 'y')]
+        yes: bool,
+        /// Run every step, ignoring the step cache.
+        #[arg(long)]
+        no_cache: bool,
+        /// The image to build (name[:tag]).
+        #[arg(value_name = "NAME")]
+        image: String,
     },
     /// Copy files into an image (as a new layer) or out of it.
     #[command(after_help = "\

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::api::{ListParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
-use walt_crds::{Image, Node, NodeSave, ShellSession};
+use walt_crds::{Image, ImageBuild, Node, NodeSave, ShellSession};
 
 use crate::cli::GlobalArgs;
 use crate::error::{Error, Op, Result};
@@ -93,6 +93,11 @@ impl Ctx {
 
     /// Node saves of the namespace.
     pub fn saves(&self) -> Api<NodeSave> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// Image builds of the namespace.
+    pub fn builds(&self) -> Api<ImageBuild> {
         Api::namespaced(self.client.clone(), &self.namespace)
     }
 

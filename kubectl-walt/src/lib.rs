@@ -14,6 +14,7 @@ pub mod error;
 pub mod format;
 pub mod fuzzing;
 pub mod gateway;
+pub mod image_build;
 pub mod image_cmd;
 pub mod image_cp;
 pub mod image_shell;

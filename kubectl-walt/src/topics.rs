@@ -42,6 +42,11 @@ pub const TOPICS: &[Topic] = &[
         text: IMAGES,
     },
     Topic {
+        name: "image-build",
+        summary: "building images from a Dockerfile on the cluster (RUN steps in the image's CPU)",
+        text: IMAGE_BUILD,
+    },
+    Topic {
         name: "devices",
         summary: "the lab's devices: lent to your namespace, acquire and release",
         text: DEVICES,
@@ -212,6 +217,52 @@ reserved.
 WalT labels are kept: walt.node.models, walt.image.preferred-name, walt.server.minversion.
 ";
 
+const IMAGE_BUILD: &str = "\
+IMAGE BUILD
+
+`kubectl walt image build` builds an image from a Dockerfile (or Containerfile), the way labs keep
+their images reproducible and in git. The build runs on the cluster, in your namespace:
+
+  kubectl walt image build --from-dir ./rpi-image rpi-debian:v2
+  kubectl walt image build --from-url https://git.example.org/lab/images.git --ref v4 \\
+      --sub-dir rpi --file docker/Dockerfile.rpi rpi-debian:v4
+
+Where it runs
+  The plugin packs the build context on your machine (what .dockerignore excludes never leaves it)
+  and streams it into a build pod that walt's operator starts for an ImageBuild resource. The pod
+  runs walt's runtime with the same isolation as image shells, and pulls and pushes with your
+  namespace's own registry credentials: it writes only under your namespace's registry path.
+  --from-url clones the repository with the git of YOUR machine (shallow, at --ref), then builds
+  from that clone like --from-dir; the ImageBuild records the URL, ref and commit it came from.
+
+RUN steps in the image's own CPU
+  Each RUN runs inside the image being built. An arm64 image (WalT's Raspberry Pi images) on an
+  amd64 cluster node runs through qemu-user emulation: slower, same result. Each step that changes
+  files is a layer; unchanged steps come from the step cache (a rebuild of the same Dockerfile and
+  context takes seconds and pushes nothing new).
+
+What you see
+  The build's own output, and a line per step: [3/9 ##--------] RUN apt-get install …  1m02s
+  `kubectl get imagebuilds` lists builds (phase, current step, digest); `kubectl describe
+  imagebuild NAME` shows the log tail and the operator's events. Builds are kept as a record.
+
+The result, and what is never left half-done
+  The image is pushed by digest; only then does the operator make it image NAME (its Image is
+  created or updated, like after an image shell). A failing RUN fails the build with its output, and
+  no tag moves. Ctrl-C deletes the build and kills its pod: no tag moves either.
+  An existing NAME needs --overwrite; if nodes boot it, you are told how many reboot and asked
+  (--yes to skip the question), as when an image shell overwrites an image.
+  One writer at a time per image: while an image shell, a node save or another build works on NAME,
+  the build waits (the plugin prints who holds it) and starts when it ends.
+
+Supported instructions
+  FROM (any reference the lab may pull; multi-stage with COPY --from), RUN, COPY and ADD (--chown,
+  --chmod, globs, local archives), ENV, ARG (--build-arg NAME=VALUE), WORKDIR, USER, LABEL (WalT's
+  walt.node.models is kept), CMD, ENTRYPOINT, SHELL, EXPOSE, VOLUME, STOPSIGNAL, HEALTHCHECK.
+  Others (ONBUILD, RUN --mount, heredocs, remote ADD) are refused before the build starts, with
+  their line. RUN steps reach the network the build pod has.
+";
+
 const VIRTUAL_NODES: &str = "\
 VIRTUAL NODES
 
@@ -298,6 +349,7 @@ mod tests {
             "boot-modes",
             "node-bootup",
             "images",
+            "image-build",
             "virtual-nodes",
             "devices",
             "troubleshooting",

@@ -97,6 +97,7 @@ fn help_topics() {
         "node-save",
         "boot-modes",
         "images",
+        "image-build",
         "virtual-nodes",
         "troubleshooting",
     ] {
@@ -111,6 +112,66 @@ fn help_topics() {
     let missing = walt(&["help", "show", "nope"]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(text(&missing.stderr).contains("no help topic \"nope\"; the topics are: shells, node-save"));
+}
+
+#[test]
+fn image_build_refuses_bad_input_before_any_request() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let context = dir.path().display().to_string();
+    let no_dockerfile = walt(&["image", "build", "--from-dir", &context, "app"]);
+    assert_eq!(no_dockerfile.status.code(), Some(1));
+    let stderr = text(&no_dockerfile.stderr);
+    assert!(
+        stderr.contains("has no Dockerfile (nor Containerfile): name yours with --file"),
+        "{stderr}"
+    );
+    std::fs::write(dir.path().join("Dockerfile"), "FROM scratch\n").expect("write");
+    for (args, expect) in [
+        (
+            vec!["--file", "../Dockerfile"],
+            "must be a path inside the build context",
+        ),
+        (vec!["--build-arg", "NOVALUE"], "expected NAME=VALUE"),
+        (vec!["--platform", "arm64"], "write OS/ARCH[/VARIANT]"),
+    ] {
+        let mut all = vec!["image", "build", "--from-dir", &context];
+        all.extend(args);
+        all.push("app");
+        let out = walt(&all);
+        assert_eq!(out.status.code(), Some(1), "{all:?}");
+        assert!(
+            text(&out.stderr).contains(expect),
+            "{all:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    let bad_name = walt(&["image", "build", "--from-dir", &context, "Bad_Name"]);
+    assert_eq!(bad_name.status.code(), Some(1));
+    // Valid input goes on to the cluster (absent here).
+    let valid = walt(&["image", "build", "--from-dir", &context, "app"]);
+    assert!(
+        text(&valid.stderr).contains("cannot connect to the cluster"),
+        "{}",
+        text(&valid.stderr)
+    );
+    // One source: a directory or a git URL; --ref and --sub-dir only with a URL.
+    let both = walt(&[
+        "image",
+        "build",
+        "--from-dir",
+        &context,
+        "--from-url",
+        "https://x/y.git",
+        "app",
+    ]);
+    assert_eq!(both.status.code(), Some(2));
+    let stray_ref = walt(&["image", "build", "--from-dir", &context, "--ref", "v1", "app"]);
+    assert_eq!(stray_ref.status.code(), Some(1));
+    assert!(
+        text(&stray_ref.stderr).contains("--ref and --sub-dir go with --from-url"),
+        "{}",
+        text(&stray_ref.stderr)
+    );
 }
 
 #[test]

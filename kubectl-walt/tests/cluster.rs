@@ -704,6 +704,76 @@ fn interrupted_save_deletes_what_it_created() {
 }
 
 #[test]
+fn image_build_refuses_an_existing_image_and_ctrl_c_deletes_the_build() {
+    use walt_crds::ImageBuild;
+    let (ns, walt) = setup("walt-build");
+    let rt = runtime();
+    rt.block_on(create_image(&ns, "app", true, "amd64"));
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(dir.path().join("Dockerfile"), "FROM scratch\n").expect("write");
+    let context = dir.path().display().to_string();
+    let builds = |want: usize| {
+        rt.block_on(async {
+            let api: Api<ImageBuild> = Api::namespaced(admin().await, &ns);
+            wait_for_async(
+                &format!("{want} ImageBuild"),
+                Duration::from_secs(30),
+                async || match api.list(&ListParams::default()).await.expect("list").items {
+                    items if items.len() == want => Poll::Ready(items),
+                    items => Poll::Pending(format!("{} ImageBuild", items.len())),
+                },
+            )
+            .await
+            .unwrap()
+        })
+    };
+    let err = walt.fails(&["image", "build", "--from-dir", &context, "app"]);
+    assert!(
+        err.contains("image app exists: add --overwrite to replace it"),
+        "{err}"
+    );
+    builds(0);
+    // No operator here: the build waits for its pod until Ctrl-C, which deletes it.
+    let child = walt.spawn(&[
+        "image",
+        "build",
+        "--from-dir",
+        &context,
+        "--build-arg",
+        "A=1",
+        "fresh",
+    ]);
+    let created = builds(1);
+    let spec = &created[0].spec;
+    assert_eq!(
+        (spec.image.as_str(), spec.build_args[0].name.as_str()),
+        ("fresh", "A")
+    );
+    assert_eq!(spec.source.context, walt_crds::ContextSource::Upload);
+    assert!(
+        created[0]
+            .metadata
+            .name
+            .as_deref()
+            .is_some_and(|n| n.starts_with("fresh-")),
+        "named after the image"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid")),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT");
+    let out = child.wait_with_output().expect("build");
+    assert_eq!(out.status.code(), Some(130));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("was deleted and its pod stopped; no tag moved"),
+        "{stderr}"
+    );
+    builds(0);
+}
+
+#[test]
 fn rbac_refusals_name_the_permission() {
     let (ns, _) = setup("walt-rbac");
     let cluster = cluster();

@@ -16,7 +16,7 @@ struct Cli {
 enum Command {
     /// Print the CustomResourceDefinitions (YAML) of the walt API.
     Crd,
-    /// Run the operator (reconcile Image, Node, ShellSession, NodeSave).
+    /// Run the operator (reconcile Image, Node, ShellSession, NodeSave, ImageBuild).
     Run(Box<controller::cli::Args>),
     /// OCI layer engine: commit an overlay upper dir, unpack an image.
     Oci(oci::cli::Args),

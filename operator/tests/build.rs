@@ -482,3 +482,82 @@ fn an_interrupted_build_moves_no_tag_and_leaves_nothing_running() {
         "the tag did not move"
     );
 }
+
+/// How a build pod gets its context: a tar archive on standard input (`--context-tar -`), written by
+/// GNU tar here. The stream is left open after the archive, as an attached client leaves it: the build
+/// reads to the archive's end, and its RUN steps get an empty input (a `cat` of stdin ends at once).
+#[test]
+fn the_context_arrives_as_a_tar_on_stdin() {
+    use std::io::Write as _;
+    require_root();
+    let registry = registry_with_base(Arch::Amd64);
+    let work = tempfile::tempdir().unwrap();
+    let context = work.path().join("context");
+    let base = registry.reference("lab/base:1");
+    write(
+        &context.join("Dockerfile"),
+        &format!("FROM {base}\nCOPY conf/ /etc/app/\nRUN cat > /stdin-seen && echo run-done\n"),
+        0o644,
+    );
+    write(&context.join("conf/app.conf"), "key=value\n", 0o600);
+    let archive = Command::new("tar")
+        .arg("-c")
+        .arg("-C")
+        .arg(&context)
+        .arg(".")
+        .output()
+        .unwrap();
+    assert!(archive.status.success());
+    let mut child = Command::new("timeout")
+        .arg("120")
+        .arg(bin())
+        .args(["build", "--context-tar", "-", "--to"])
+        .arg(registry.reference("lab/piped:1"))
+        .arg("--insecure-registry")
+        .arg(registry.host())
+        .arg("--cache-dir")
+        .arg(work.path().join("cache"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&archive.stdout).unwrap();
+    stdin.flush().unwrap();
+    // `stdin` stays open until the build is over.
+    let output = child.wait_with_output().unwrap();
+    drop(stdin);
+    let built = Build { output, seconds: 0.0 };
+    let text = built.text();
+    assert!(text.contains("Build context received: "), "{text}");
+    assert!(
+        text.contains("run-done"),
+        "the RUN step did not wait for input: {text}"
+    );
+    let result = built.result();
+    let rootfs = images::skopeo_umoci_unpack(&registry, "lab/piped:1", work.path()).unwrap();
+    assert_eq!(
+        fs::read_to_string(rootfs.join("etc/app/app.conf")).unwrap(),
+        "key=value\n"
+    );
+    assert_eq!(
+        fs::metadata(rootfs.join("etc/app/app.conf"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600,
+        "modes survive the archive"
+    );
+    assert_eq!(
+        fs::read(rootfs.join("stdin-seen")).unwrap(),
+        b"",
+        "RUN steps read an empty input"
+    );
+    assert!(
+        result["digest"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("sha256:"))
+    );
+}

@@ -35,7 +35,14 @@ fn install_crds(cluster: &Cluster) {
         cluster
             .kubectl_output(&["apply", "--server-side", "-f", &path.display().to_string()])
             .expect("apply the walt CRDs");
-        for crd in ["images", "nodes", "shellsessions", "nodesaves", "devices"] {
+        for crd in [
+            "images",
+            "nodes",
+            "shellsessions",
+            "nodesaves",
+            "imagebuilds",
+            "devices",
+        ] {
             cluster
                 .kubectl_output(&[
                     "wait",
@@ -3792,6 +3799,322 @@ fn the_operator_issues_registry_tokens_and_a_namespace_gets_only_its_own_credent
     assert!(
         !other.status.success() && (refused.contains("unauthorized") || refused.contains("401")),
         "the namespace's credential read bob's image: {refused}"
+    );
+}
+
+/// Waits until `pod` of `namespace` is gone.
+fn wait_pod_gone(cluster: &Cluster, namespace: &str, pod: &str, operator: &Operator) {
+    Wait::new(&format!("pod {pod} to be deleted"), Duration::from_mins(1))
+        .every(Duration::from_millis(250))
+        .until(|| {
+            let out = cluster
+                .kubectl_output(&["-n", namespace, "get", "pods", "-o", "name"])
+                .unwrap_or_default();
+            if out.contains(&format!("pod/{pod}\n")) || out.trim_end().ends_with(&format!("pod/{pod}")) {
+                Poll::Pending(out)
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}; operator log:\n{}", operator.log()));
+}
+
+/// Ends the build pod `pod` as the kubelet would report it: container terminated with `exit_code`
+/// and the termination message `message`.
+fn end_build_pod(cluster: &Cluster, namespace: &str, pod: &str, exit_code: i32, message: &str) {
+    let status = serde_json::json!({"status": {
+        "phase": if exit_code == 0 { "Succeeded" } else { "Failed" },
+        "containerStatuses": [{"name": "build", "ready": false, "restartCount": 0, "image": "walt", "imageID": "walt",
+            "state": {"terminated": {"exitCode": exit_code, "reason": if exit_code == 0 { "Completed" } else { "Error" },
+                                     "message": message}}}]}})
+    .to_string();
+    kubectl(
+        cluster,
+        namespace,
+        &[
+            "patch",
+            &format!("pod/{pod}"),
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status,
+        ],
+    );
+}
+
+fn image_build_yaml(name: &str, image: &str, overwrite: bool) -> String {
+    format!(
+        "apiVersion: walt.dev/v1alpha1\nkind: ImageBuild\nmetadata: {{name: {name}}}\n\
+         spec: {{image: \"{image}\", overwrite: {overwrite}, buildArgs: [{{name: GREETING, value: hi}}]}}\n"
+    )
+}
+
+/// ImageBuilds against the real API server (no kubelet here: the test reports the build pod's end as
+/// the kubelet would): an existing image without `overwrite` is refused before any pod; a new one gets a
+/// build pod reading its context on stdin, pushing under a scratch tag of the tenant's own repository;
+/// a second build of the same name waits for it (`ImageBusy`, no pod) and starts once it ended; a failed
+/// step fails the build with its message and moves no tag; a pushed result becomes the image (tag moved
+/// by the operator, Image created); deleting a running build deletes its pod.
+#[test]
+fn image_build_refuses_builds_runs_its_pod_tags_the_result_and_cleans_up() {
+    use walt_tests::images::{Arch, OciLayout};
+    use walt_tests::registry::Registry;
+    let cluster = cluster();
+    let (namespace, _dir) = tenant(cluster, "op-build");
+    let registry = Registry::start().expect("start a docker-registry on loopback");
+    let layout = OciLayout::walt_busybox(Arch::Amd64, "pc-x86-64").expect("busybox image");
+    let lab = format!("{}/lab", registry.host());
+    let operator = start_operator(cluster, &namespace, "build", &["--lab-registry", &lab]);
+    operator.wait_ready(Duration::from_mins(1));
+    let within = Duration::from_mins(1);
+
+    // An existing image is not replaced without overwrite: Failed before any pod.
+    apply(
+        cluster,
+        &namespace,
+        "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {name: app}\nspec: {}\n",
+    );
+    apply(cluster, &namespace, &image_build_yaml("exists", "app", false));
+    wait_for(
+        cluster,
+        &namespace,
+        "imagebuild/exists",
+        "{.status.phase}",
+        "Failed",
+        within,
+        &operator,
+    );
+    assert_eq!(
+        jsonpath(
+            cluster,
+            &namespace,
+            "imagebuild/exists",
+            "{.status.conditions[?(@.type==\"Complete\")].reason}"
+        ),
+        "ImageExists"
+    );
+    assert!(
+        jsonpath(
+            cluster,
+            &namespace,
+            "imagebuild/exists",
+            "{.status.conditions[0].message}"
+        )
+        .contains("--overwrite"),
+        "the message says what to do"
+    );
+    assert!(
+        kubectl(cluster, &namespace, &["get", "pods", "-o", "name"])
+            .trim()
+            .is_empty(),
+        "no build pod for a refused build"
+    );
+
+    // A new image: the build pod reads the context on stdin and pushes into the tenant's own path.
+    apply(cluster, &namespace, &image_build_yaml("failing", "fresh", false));
+    wait_for(
+        cluster,
+        &namespace,
+        "imagebuild/failing",
+        "{.status.phase}",
+        "Building",
+        within,
+        &operator,
+    );
+    assert_eq!(
+        jsonpath(cluster, &namespace, "imagebuild/failing", "{.status.pod}"),
+        "walt-build-failing"
+    );
+    let args = jsonpath(
+        cluster,
+        &namespace,
+        "pod/walt-build-failing",
+        "{.spec.containers[0].args}",
+    );
+    let scratch = format!("{}/lab/{namespace}/fresh:build-", registry.host());
+    assert!(
+        args.contains("\"build\",\"--context-tar\",\"-\",\"--to\"")
+            && args.contains(&scratch)
+            && args.contains("\"--build-arg\",\"GREETING=hi\""),
+        "{args}"
+    );
+    // Standard input open for the client's archive, no terminal (false is not stored), no token.
+    assert_eq!(
+        jsonpath(
+            cluster,
+            &namespace,
+            "pod/walt-build-failing",
+            "{.spec.containers[0].stdin}/{.spec.containers[0].tty}/{.spec.automountServiceAccountToken}"
+        ),
+        "true//false"
+    );
+    // A second build of the same name waits for the running one (one writer per image).
+    apply(cluster, &namespace, &image_build_yaml("good", "fresh", false));
+    wait_for(
+        cluster,
+        &namespace,
+        "imagebuild/good",
+        "{.status.conditions[?(@.type==\"Complete\")].reason}",
+        "ImageBusy",
+        within,
+        &operator,
+    );
+    let waiting = jsonpath(
+        cluster,
+        &namespace,
+        "imagebuild/good",
+        "{.status.phase}: {.status.conditions[0].message}",
+    );
+    assert!(
+        waiting.starts_with("Pending: ImageBuild/failing works on image fresh"),
+        "{waiting}"
+    );
+    assert!(
+        !kubectl(cluster, &namespace, &["get", "pods", "-o", "name"]).contains("walt-build-good"),
+        "no pod for a waiting build"
+    );
+    end_build_pod(
+        cluster,
+        &namespace,
+        "walt-build-failing",
+        1,
+        "walt-operator: step 2/2 (Dockerfile line 2) RUN echo boom; exit 3: the command exited with status 3 (its output is above)",
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "imagebuild/failing",
+        "{.status.phase}",
+        "Failed",
+        within,
+        &operator,
+    );
+    let message = jsonpath(
+        cluster,
+        &namespace,
+        "imagebuild/failing",
+        "{.status.conditions[0].message}",
+    );
+    assert!(
+        message.starts_with(
+            "step 2/2 (Dockerfile line 2) RUN echo boom; exit 3: the command exited with status 3"
+        ) && message.contains("no tag moved"),
+        "{message}"
+    );
+    wait_event(
+        cluster,
+        &namespace,
+        "failing",
+        "BuildFailed",
+        "step 2/2",
+        &operator,
+    );
+    wait_pod_gone(cluster, &namespace, "walt-build-failing", &operator);
+    assert!(
+        cluster
+            .kubectl_output(&["-n", &namespace, "get", "image/fresh"])
+            .is_err(),
+        "a failed build makes no Image"
+    );
+    assert!(
+        skopeo_digest(&registry.reference(&format!("lab/{namespace}/fresh:latest"))).is_err(),
+        "and moves no tag"
+    );
+
+    // The waiting build starts once the failed one ended; its pushed result (here pushed by the
+    // test under the scratch tag) becomes the image.
+    wait_for(
+        cluster,
+        &namespace,
+        "imagebuild/good",
+        "{.status.phase}",
+        "Building",
+        within,
+        &operator,
+    );
+    let args = jsonpath(
+        cluster,
+        &namespace,
+        "pod/walt-build-good",
+        "{.spec.containers[0].args}",
+    );
+    let push_to = args
+        .split('"')
+        .find(|arg| arg.contains(":build-"))
+        .expect("the scratch reference")
+        .to_owned();
+    let scratch_path = push_to
+        .trim_start_matches(&format!("{}/", registry.host()))
+        .to_owned();
+    let digest = layout
+        .push("base", &registry, &scratch_path)
+        .expect("push the build's result");
+    let result = serde_json::json!({"digest": digest, "reference": push_to, "architecture": "amd64",
+        "emulated": false, "steps": 3, "cached": 1, "layersPushed": 1, "pushed": true, "seconds": 1.0});
+    end_build_pod(cluster, &namespace, "walt-build-good", 0, &result.to_string());
+    wait_for(
+        cluster,
+        &namespace,
+        "imagebuild/good",
+        "{.status.phase}",
+        "Succeeded",
+        within,
+        &operator,
+    );
+    assert_eq!(
+        jsonpath(
+            cluster,
+            &namespace,
+            "imagebuild/good",
+            "{.status.result.digest} {.status.result.image}"
+        ),
+        format!("{digest} fresh")
+    );
+    assert_eq!(
+        skopeo_digest(&registry.reference(&format!("lab/{namespace}/fresh:latest"))),
+        Ok(digest.clone()),
+        "the operator moved the tag to the build's digest"
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "image/fresh",
+        "{.status.digest}",
+        &digest,
+        within,
+        &operator,
+    );
+    wait_pod_gone(cluster, &namespace, "walt-build-good", &operator);
+    let columns = kubectl(cluster, &namespace, &["get", "imagebuilds"]);
+    assert!(
+        columns.contains("Succeeded") && columns.contains(&digest["sha256:".len()..][..12]),
+        "{columns}"
+    );
+
+    // Deleting a running build deletes its pod (the finalizer), and the build goes.
+    apply(
+        cluster,
+        &namespace,
+        &image_build_yaml("cancelled", "other", false),
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "imagebuild/cancelled",
+        "{.status.pod}",
+        "walt-build-cancelled",
+        within,
+        &operator,
+    );
+    kubectl(
+        cluster,
+        &namespace,
+        &["delete", "imagebuild/cancelled", "--wait=true", "--timeout=60s"],
+    );
+    wait_pod_gone(cluster, &namespace, "walt-build-cancelled", &operator);
+    assert!(
+        skopeo_digest(&registry.reference(&format!("lab/{namespace}/other:latest"))).is_err(),
+        "no tag moved"
     );
 }
 

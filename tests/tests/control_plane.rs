@@ -187,7 +187,11 @@ fn kubectl_stdin(cluster: &Cluster, args: &[&str], input: &str) -> Result<String
 fn walt_crds_apply_and_the_api_server_validates_the_examples() {
     let cluster = cluster();
     let crds = walt_crds::crds();
-    assert_eq!(crds.len(), 5, "Image, Node, ShellSession, NodeSave, Device");
+    assert_eq!(
+        crds.len(),
+        6,
+        "Image, Node, ShellSession, NodeSave, ImageBuild, Device"
+    );
     kubectl_stdin(
         cluster,
         &["apply", "--server-side", "-f", "-"],

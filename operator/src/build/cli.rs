@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::executor::{BuildRequest, build};
 use crate::runtime::cli::NetworkChoice;
@@ -13,8 +13,13 @@ use crate::runtime::root::Network;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The build context: the directory `COPY` and `ADD` read from (`.dockerignore` honoured).
-    #[arg(long, value_name = "DIR")]
-    pub context: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "context_tar")]
+    pub context: Option<PathBuf>,
+    /// The build context as a tar archive instead: a file, or `-` for standard input (how build pods
+    /// get it from `kubectl walt image build`). It is unpacked under the cache directory; `RUN` steps
+    /// then get an empty standard input, as with `docker build`.
+    #[arg(long, value_name = "FILE|-", conflicts_with = "context")]
+    pub context_tar: Option<PathBuf>,
     /// The Dockerfile, relative to the context unless absolute (default: `Dockerfile`, else
     /// `Containerfile`).
     #[arg(long, short = 'f', value_name = "FILE")]
@@ -67,8 +72,9 @@ pub fn parse_build_args(values: &[String]) -> Result<BTreeMap<String, String>, S
 /// Runs `walt-operator build …`: prints the step log, then the result as one JSON line (also written to
 /// `/dev/termination-log` when present).
 pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>> {
+    let (context_dir, _unpacked) = context_dir(args)?;
     let request = BuildRequest {
-        context_dir: args.context.clone(),
+        context_dir,
         dockerfile: args.file.clone(),
         build_args: parse_build_args(&args.build_args)?,
         target: args.to.clone(),
@@ -85,21 +91,163 @@ pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>>
         },
         no_cache: args.no_cache,
     };
-    let result = build(&request)?;
+    let result = match build(&request) {
+        Ok(result) => result,
+        Err(error) => {
+            // The pod's termination message says why, whatever the log holds.
+            write_termination_message(&format!("walt-operator: {error}"));
+            return Err(error.into());
+        }
+    };
     let line = serde_json::to_string(&result)?;
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{line}")?;
     stdout.flush()?;
-    let termination_log = std::path::Path::new("/dev/termination-log");
-    if termination_log.exists() {
-        let _ = std::fs::write(termination_log, &line);
-    }
+    write_termination_message(&line);
     Ok(0)
+}
+
+/// Writes `text` to `/dev/termination-log` when it exists (in a pod: what its status reports).
+fn write_termination_message(text: &str) {
+    let termination_log = Path::new("/dev/termination-log");
+    if termination_log.exists() {
+        let _ = std::fs::write(termination_log, text);
+    }
+}
+
+/// Why a context archive could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ContextTarError {
+    /// Reading or unpacking failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// An entry would land outside the context directory.
+    #[error("the context archive holds {0:?}, which points outside the context: refused")]
+    Escapes(String),
+}
+
+/// The context directory: `--context`, or `--context-tar` unpacked into a temporary directory under
+/// the cache (removed when the returned guard drops).
+fn context_dir(args: &Args) -> Result<(PathBuf, Option<tempfile::TempDir>), ContextTarError> {
+    let Some(archive) = &args.context_tar else {
+        return Ok((args.context.clone().unwrap_or_default(), None));
+    };
+    let parent = args.cache_dir.join("build-contexts");
+    std::fs::create_dir_all(&parent).map_err(|source| ContextTarError::Io {
+        what: format!("creating {}", parent.display()),
+        source,
+    })?;
+    let dir = tempfile::Builder::new()
+        .prefix("context-")
+        .tempdir_in(&parent)
+        .map_err(|source| ContextTarError::Io {
+            what: format!("creating a directory in {}", parent.display()),
+            source,
+        })?;
+    let (files, bytes) = if archive.as_os_str() == "-" {
+        let counts = unpack_context(std::io::stdin().lock(), dir.path())?;
+        // What the client sent is read: RUN steps get an empty input, as with `docker build`.
+        let null = std::fs::File::open("/dev/null").map_err(|source| ContextTarError::Io {
+            what: "opening /dev/null".into(),
+            source,
+        })?;
+        nix::unistd::dup2_stdin(&null).map_err(|errno| ContextTarError::Io {
+            what: "closing the standard input".into(),
+            source: errno.into(),
+        })?;
+        counts
+    } else {
+        let file = std::fs::File::open(archive).map_err(|source| ContextTarError::Io {
+            what: format!("opening {}", archive.display()),
+            source,
+        })?;
+        unpack_context(std::io::BufReader::new(file), dir.path())?
+    };
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(
+        stdout,
+        "{} {files} files, {bytes} bytes",
+        walt_crds::image_build::CONTEXT_RECEIVED
+    );
+    let _ = stdout.flush();
+    Ok((dir.path().to_path_buf(), Some(dir)))
+}
+
+/// Unpacks a tar archive of a build context into `dir` (modes and times kept, owners not: `COPY
+/// --chown` decides those); returns the number of entries and the bytes of file content. The archive
+/// ends at its end-of-archive blocks: the writer need not close the stream.
+pub fn unpack_context(reader: impl std::io::Read, dir: &Path) -> Result<(u64, u64), ContextTarError> {
+    let mut archive = tar::Archive::new(reader);
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_mtime(true);
+    archive.set_overwrite(true);
+    let unreadable = |source| ContextTarError::Io {
+        what: "reading the context archive".into(),
+        source,
+    };
+    let (mut files, mut bytes) = (0, 0);
+    for entry in archive.entries().map_err(unreadable)? {
+        let mut entry = entry.map_err(unreadable)?;
+        let path = entry.path().map_err(unreadable)?.display().to_string();
+        let size = entry.size();
+        if !entry.unpack_in(dir).map_err(|source| ContextTarError::Io {
+            what: format!("unpacking {path} of the context archive"),
+            source,
+        })? {
+            return Err(ContextTarError::Escapes(path));
+        }
+        files += 1;
+        bytes += size;
+    }
+    Ok((files, bytes))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::parse_build_args;
+    use super::{ContextTarError, parse_build_args, unpack_context};
+
+    fn archive(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (path, data) in entries {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o640);
+            header.set_entry_type(tar::EntryType::Regular);
+            // `set_path` refuses `..`: write the name bytes as a hostile client would.
+            header.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+            header.set_cksum();
+            builder.append(&header, *data).unwrap();
+        }
+        builder.into_inner().unwrap()
+    }
+
+    #[test]
+    fn a_context_archive_is_unpacked_and_may_not_escape() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let mut bytes = archive(&[
+            ("Dockerfile", b"FROM scratch\n".as_slice()),
+            ("src/a.txt", b"a".as_slice()),
+        ]);
+        // Trailing data after the end-of-archive blocks is not read.
+        bytes.extend_from_slice(b"not read");
+        assert_eq!(unpack_context(bytes.as_slice(), dir.path()).unwrap(), (2, 14));
+        assert_eq!(std::fs::read(dir.path().join("src/a.txt")).unwrap(), b"a");
+        let mode = std::fs::metadata(dir.path().join("Dockerfile"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o640);
+        let hostile = archive(&[("../escape", b"x".as_slice())]);
+        let refused = unpack_context(hostile.as_slice(), dir.path());
+        assert!(matches!(refused, Err(ContextTarError::Escapes(_))), "{refused:?}");
+        assert!(!dir.path().parent().unwrap().join("escape").exists());
+    }
 
     #[test]
     fn build_args() {

@@ -13,7 +13,7 @@ use kube::core::DeserializeGuard;
 use kube::runtime::reflector::Store;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
-use walt_crds::{Node, NodeSave, ShellSession, ShellSessionPhase};
+use walt_crds::{ImageBuild, Node, NodeSave, ShellSession, ShellSessionPhase};
 
 use super::metrics::Metrics;
 
@@ -36,11 +36,12 @@ pub struct Census {
     pub stuck_shells: i64,
 }
 
-/// Counts `nodes`, `sessions` and `saves` as of `now`.
+/// Counts `nodes`, `sessions`, `saves` and `builds` as of `now`.
 pub fn count<'a>(
     nodes: impl IntoIterator<Item = &'a Node>,
     sessions: impl IntoIterator<Item = &'a ShellSession>,
     saves: impl IntoIterator<Item = &'a NodeSave>,
+    builds: impl IntoIterator<Item = &'a ImageBuild>,
     now: Timestamp,
 ) -> Census {
     let mut census = Census::default();
@@ -49,6 +50,9 @@ pub fn count<'a>(
     }
     for save in saves {
         census.add("NodeSave", save.status.as_ref().map(|status| status.phase));
+    }
+    for build in builds {
+        census.add("ImageBuild", build.status.as_ref().map(|status| status.phase));
     }
     for session in sessions {
         let phase = session
@@ -108,6 +112,8 @@ pub struct Caches {
     pub sessions: Store<DeserializeGuard<ShellSession>>,
     /// The NodeSave controller's cache.
     pub saves: Store<DeserializeGuard<NodeSave>>,
+    /// The ImageBuild controller's cache.
+    pub builds: Store<DeserializeGuard<ImageBuild>>,
 }
 
 /// Takes a census every [`CENSUS_INTERVAL`] until `shutdown`, and sets the gauges.
@@ -119,16 +125,18 @@ pub async fn run(caches: Caches, metrics: Arc<Metrics>, shutdown: CancellationTo
             () = shutdown.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        let (nodes, sessions, saves) = (
+        let (nodes, sessions, saves, builds) = (
             caches.nodes.state(),
             caches.sessions.state(),
             caches.saves.state(),
+            caches.builds.state(),
         );
         // Objects the cache could not decode are counted by nothing: their reconcile reports them.
         let census = count(
             nodes.iter().filter_map(|node| node.0.as_ref().ok()),
             sessions.iter().filter_map(|session| session.0.as_ref().ok()),
             saves.iter().filter_map(|save| save.0.as_ref().ok()),
+            builds.iter().filter_map(|build| build.0.as_ref().ok()),
             Timestamp::now(),
         );
         metrics.record_census(&census);
@@ -138,7 +146,10 @@ pub async fn run(caches: Caches, metrics: Arc<Metrics>, shutdown: CancellationTo
 #[cfg(test)]
 mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-    use walt_crds::{NodePhase, NodeSavePhase, NodeSaveSpec, NodeSpec, NodeStatus, ShellSessionSpec};
+    use walt_crds::{
+        ImageBuildPhase, ImageBuildSpec, NodePhase, NodeSavePhase, NodeSaveSpec, NodeSpec, NodeStatus,
+        ShellSessionSpec,
+    };
 
     use super::*;
 
@@ -177,8 +188,16 @@ mod tests {
             phase: NodeSavePhase::Failed,
             ..Default::default()
         });
-        let census = count(&nodes, [], [&save], at(0));
+        let mut build = ImageBuild::new("build", ImageBuildSpec::default());
+        build.status = Some(walt_crds::ImageBuildStatus {
+            phase: ImageBuildPhase::Building,
+            ..Default::default()
+        });
+        let fresh = ImageBuild::new("fresh", ImageBuildSpec::default());
+        let census = count(&nodes, [], [&save], [&build, &fresh], at(0));
         let expected: BTreeMap<_, _> = [
+            (("ImageBuild", "Building".to_owned()), 1),
+            (("ImageBuild", "Pending".to_owned()), 1),
             (("Node", "Pending".to_owned()), 1),
             (("Node", "Ready".to_owned()), 1),
             (("Node", "Unreachable".to_owned()), 1),
@@ -201,7 +220,7 @@ mod tests {
             session(ShellSessionPhase::AwaitingDecision, now),
             session(ShellSessionPhase::Saved, now - 10 * limit),
         ];
-        let census = count([], &sessions, [], at(now));
+        let census = count([], &sessions, [], [], at(now));
         assert_eq!(census.stuck_shells, 2);
         assert_eq!(census.active_shells, 4, "Starting (2), Running, AwaitingDecision");
         assert_eq!(

@@ -7,7 +7,7 @@
 //! | `walt_reconcile_duration_seconds` | histogram | `kind` |
 //! | `walt_saved_bytes_total` | counter | — (compressed layer bytes pushed by node saves) |
 //! | `walt_node_saves_total` | counter | `result`: succeeded, failed, cancelled (node saves run by this process) |
-//! | `walt_objects` | gauge | `kind` (Node, ShellSession, NodeSave), `phase` ([`census`](super::census)) |
+//! | `walt_objects` | gauge | `kind` (Node, ShellSession, NodeSave, ImageBuild), `phase` ([`census`](super::census)) |
 //! | `walt_active_shells` | gauge | — (ShellSessions in Starting, Running, Committing or AwaitingDecision) |
 //! | `walt_shells_stuck` | gauge | — (ShellSessions Pending or Starting for more than 5 minutes) |
 //! | `walt_running_saves` | gauge | — (node saves running in this process) |
@@ -29,7 +29,7 @@ use prometheus_client::registry::Registry;
 use super::shared::error::Error;
 
 /// The kinds the operator reconciles (the `kind` label).
-pub const KINDS: [&str; 4] = ["Node", "Image", "ShellSession", "NodeSave"];
+pub const KINDS: [&str; 5] = ["Node", "Image", "ShellSession", "NodeSave", "ImageBuild"];
 
 /// How a node save ends (the `result` label of `walt_node_saves_total`).
 pub const SAVE_RESULTS: [&str; 3] = ["succeeded", "failed", "cancelled"];
@@ -37,7 +37,7 @@ pub const SAVE_RESULTS: [&str; 3] = ["succeeded", "failed", "cancelled"];
 /// Labels of per-kind metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
-    /// The reconciled kind: Image, Node, ShellSession, NodeSave.
+    /// The reconciled kind: Image, Node, ShellSession, NodeSave, ImageBuild.
     pub kind: &'static str,
 }
 
@@ -60,7 +60,7 @@ pub struct ResultLabels {
 /// Labels of the object census gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabels {
-    /// The kind counted: Node, ShellSession, NodeSave.
+    /// The kind counted: Node, ShellSession, NodeSave, ImageBuild.
     pub kind: &'static str,
     /// The phase, as in the objects' `status.phase`.
     pub phase: String,

@@ -10,7 +10,7 @@
 //! is skipped: it never stops the watch of the others.
 //!
 //! Layout: one folder per kind ([`node`], [`image`], [`node_save`],
-//! [`shell_session`], [`device`]), each with the same shape: `mod.rs` holds the thin
+//! [`shell_session`], [`device`], [`image_build`]), each with the same shape: `mod.rs` holds the thin
 //! `reconcile` (dereference → decide → apply → one status write), a pure
 //! `decide` (or `build`'s pure status/object builders) with unit tests, and
 //! the I/O helpers beside it. What kinds share lives in [`shared`]; kind
@@ -30,6 +30,7 @@ pub mod device;
 pub mod gateway;
 pub mod http;
 pub mod image;
+pub mod image_build;
 pub mod leader;
 pub mod metrics;
 pub mod node;
@@ -50,7 +51,7 @@ use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
-use walt_crds::{Device, Image, Node, NodeSave, ShellSession};
+use walt_crds::{Device, Image, ImageBuild, Node, NodeSave, ShellSession};
 
 use self::shared::context::{Context, MANAGED_BY, MANAGED_BY_LABEL, key_of};
 use self::shared::error::{Error, Result};
@@ -298,11 +299,26 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
         error_policy::<Device>("Device"),
         context.clone(),
     );
+    let builds = Controller::new(
+        all::<DeserializeGuard<ImageBuild>>(&context),
+        watcher::Config::default(),
+    );
+    let census_builds = builds.store();
+    let builds = builds
+        .owns(all::<Pod>(&context), owned_objects())
+        .with_config(controller_config(&context))
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+        .run(
+            |build, context| instrumented("ImageBuild", build, context, image_build::reconcile),
+            error_policy::<ImageBuild>("ImageBuild"),
+            context.clone(),
+        );
     let census = census::run(
         census::Caches {
             nodes: census_nodes,
             sessions: census_sessions,
             saves: census_saves,
+            builds: census_builds,
         },
         context.metrics.clone(),
         shutdown,
@@ -313,6 +329,7 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
         drain("Image", images),
         drain("NodeSave", saves),
         drain("ShellSession", shells),
-        drain("Device", devices)
+        drain("Device", devices),
+        drain("ImageBuild", builds)
     );
 }

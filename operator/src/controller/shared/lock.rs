@@ -16,10 +16,16 @@
 //! after it waits for it. So two writers of one name (a NodeSave and a
 //! shell's `saveAs`, two shells saving as one new name) take turns, and the
 //! name ends at the digest of the last one.
+//!
+//! An unfinished ImageBuild claims the image it builds (`spec.image`), started
+//! once its build pod exists (`Building`): a build waits while another writer
+//! holds the name, and writers of the name created after it wait for it.
 
 use k8s_openapi::jiff::Timestamp;
 use kube::{Api, ResourceExt};
-use walt_crds::{ImageName, NodeSave, NodeSavePhase, ShellSession, ShellSessionPhase};
+use walt_crds::{
+    ImageBuild, ImageBuildPhase, ImageName, NodeSave, NodeSavePhase, ShellSession, ShellSessionPhase,
+};
 
 use super::context::Context;
 use super::error::{KubeResultExt, Result};
@@ -27,7 +33,7 @@ use super::error::{KubeResultExt, Result};
 /// One object that wants an image.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Claim {
-    /// `ShellSession` or `NodeSave`.
+    /// `ShellSession`, `NodeSave` or `ImageBuild`.
     pub kind: &'static str,
     /// Object name.
     pub name: String,
@@ -36,7 +42,8 @@ pub struct Claim {
     /// Its creation time.
     pub created: Timestamp,
     /// Whether it has started working on the image (a NodeSave Running or
-    /// Pushing, a ShellSession past Pending): it keeps the image until it ends.
+    /// Pushing, a ShellSession past Pending, an ImageBuild Building): it keeps
+    /// the image until it ends.
     pub started: bool,
 }
 
@@ -69,10 +76,11 @@ fn image_object(image_name: &str) -> Option<String> {
     ImageName::parse(image_name).ok().map(|name| name.object_name())
 }
 
-/// The claims of unfinished NodeSaves (on the image they write) and image
-/// ShellSessions (on the image they open) among `saves` and `sessions`,
-/// pure. Objects without a creation time (not stored yet) claim nothing.
-pub fn claims_of(saves: &[NodeSave], sessions: &[ShellSession]) -> Vec<Claim> {
+/// The claims of unfinished NodeSaves (on the image they write), image
+/// ShellSessions (on the image they open, and their `saveAs`) and ImageBuilds
+/// (on the image they build) among `saves`, `sessions` and `builds`, pure.
+/// Objects without a creation time (not stored yet) claim nothing.
+pub fn claims_of(saves: &[NodeSave], sessions: &[ShellSession], builds: &[ImageBuild]) -> Vec<Claim> {
     let saves = saves.iter().filter_map(|save| {
         let finished = save
             .status
@@ -119,10 +127,25 @@ pub fn claims_of(saves: &[NodeSave], sessions: &[ShellSession]) -> Vec<Claim> {
                 .is_some_and(|status| status.phase != ShellSessionPhase::Pending),
         })
     });
-    saves.chain(sessions).chain(targets).collect()
+    let builds = builds.iter().filter_map(|build| {
+        let phase = build
+            .status
+            .as_ref()
+            .map(|status| status.phase)
+            .unwrap_or_default();
+        (!phase.is_finished()).then_some(())?;
+        Some(Claim {
+            kind: "ImageBuild",
+            name: build.name_any(),
+            image: image_object(&build.spec.image)?,
+            created: build.creation_timestamp()?.0,
+            started: phase == ImageBuildPhase::Building,
+        })
+    });
+    saves.chain(sessions).chain(targets).chain(builds).collect()
 }
 
-/// The current claims of `namespace` (lists its NodeSaves and ShellSessions).
+/// The current claims of `namespace` (lists its NodeSaves, ShellSessions and ImageBuilds).
 pub async fn claims_in(context: &Context, namespace: &str) -> Result<Vec<Claim>> {
     let saves: Api<NodeSave> = Api::namespaced(context.client.clone(), namespace);
     let sessions: Api<ShellSession> = Api::namespaced(context.client.clone(), namespace);
@@ -135,7 +158,12 @@ pub async fn claims_in(context: &Context, namespace: &str) -> Result<Vec<Claim>>
         .list(&params)
         .await
         .context(|| format!("listing the ShellSessions of {namespace}"))?;
-    Ok(claims_of(&saves.items, &sessions.items))
+    let builds: Api<ImageBuild> = Api::namespaced(context.client.clone(), namespace);
+    let builds = builds
+        .list(&params)
+        .await
+        .context(|| format!("listing the ImageBuilds of {namespace}"))?;
+    Ok(claims_of(&saves.items, &sessions.items, &builds.items))
 }
 
 #[cfg(test)]
@@ -243,6 +271,7 @@ mod tests {
                 session("sh2", None, ShellSessionPhase::Running),
                 session("sh3", Some("debian"), ShellSessionPhase::Saved),
             ],
+            &[],
         );
         let labels: Vec<_> = claims.iter().map(|c| (c.label(), c.image.clone())).collect();
         assert_eq!(
@@ -260,6 +289,7 @@ mod tests {
         let claims = claims_of(
             &[save("s1", "debian:v2", NodeSavePhase::Running)],
             &[shell.clone()],
+            &[],
         );
         assert_eq!(
             holder_other_than(&claims, "debian.v2", "ShellSession", "sh4").map(Claim::label),
@@ -267,7 +297,7 @@ mod tests {
         );
         let mut later = save("s5", "debian:v2", NodeSavePhase::Pending);
         later.metadata.creation_timestamp = Some(Time(Timestamp::from_second(8).expect("time")));
-        let claims = claims_of(&[later], &[shell.clone()]);
+        let claims = claims_of(&[later], &[shell.clone()], &[]);
         assert_eq!(
             holder_other_than(&claims, "debian.v2", "NodeSave", "s5").map(Claim::label),
             Some("ShellSession/sh4".into())
@@ -278,6 +308,70 @@ mod tests {
         );
         // Saving over the image it opened: one claim, the one it already has.
         shell.spec.save_as = Some("debian".into());
-        assert_eq!(claims_of(&[], &[shell]).len(), 1);
+        assert_eq!(claims_of(&[], &[shell], &[]).len(), 1);
+    }
+
+    #[test]
+    fn a_build_and_a_save_of_one_name_take_turns() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        use walt_crds::{ImageBuildSpec, ImageBuildStatus, NodeSaveSpec, NodeSaveStatus};
+        let at = |second: i64| Some(Time(Timestamp::from_second(second).expect("time")));
+        let build = |name: &str, image: &str, phase: Option<ImageBuildPhase>, second: i64| {
+            let mut build = ImageBuild::new(
+                name,
+                ImageBuildSpec {
+                    image: image.into(),
+                    ..ImageBuildSpec::default()
+                },
+            );
+            build.metadata.creation_timestamp = at(second);
+            build.status = phase.map(|phase| ImageBuildStatus {
+                phase,
+                ..ImageBuildStatus::default()
+            });
+            build
+        };
+        let mut save = NodeSave::new(
+            "s1",
+            NodeSaveSpec {
+                node: "n".into(),
+                image: "app:v2".into(),
+                ..NodeSaveSpec::default()
+            },
+        );
+        save.metadata.creation_timestamp = at(5);
+        // An older build not started yet holds the name; the save waits for it.
+        let claims = claims_of(&[save.clone()], &[], &[build("b1", "app:v2", None, 1)]);
+        assert_eq!(
+            holder_other_than(&claims, "app.v2", "NodeSave", "s1").map(Claim::label),
+            Some("ImageBuild/b1".into())
+        );
+        assert_eq!(holder_other_than(&claims, "app.v2", "ImageBuild", "b1"), None);
+        // A running save keeps the name from a build created before it started.
+        save.status = Some(NodeSaveStatus {
+            phase: NodeSavePhase::Running,
+            ..NodeSaveStatus::default()
+        });
+        let claims = claims_of(&[save.clone()], &[], &[build("b1", "app:v2", None, 1)]);
+        assert_eq!(
+            holder_other_than(&claims, "app.v2", "ImageBuild", "b1").map(Claim::label),
+            Some("NodeSave/s1".into())
+        );
+        // A building build holds its name; finished builds and other names claim nothing here.
+        let claims = claims_of(
+            &[],
+            &[],
+            &[
+                build("b2", "app:v2", Some(ImageBuildPhase::Building), 9),
+                build("b3", "app:v2", Some(ImageBuildPhase::Pending), 2),
+                build("b4", "app:v2", Some(ImageBuildPhase::Failed), 1),
+                build("b5", "other", None, 1),
+            ],
+        );
+        assert_eq!(
+            holder_other_than(&claims, "app.v2", "ImageBuild", "b3").map(Claim::label),
+            Some("ImageBuild/b2".into())
+        );
+        assert_eq!(claims.len(), 3, "b4 ended");
     }
 }

@@ -2,11 +2,13 @@
 //! the [`context::Context`] (client, config, events, apply helpers), the one [`error::Error`], status
 //! conditions, which node addresses are acceptable ([`address`]), how to reach a node ([`node_access`]), the lab registry ([`registry`]), the image lock
 //! ([`lock`]), lookups ([`lookup`]), the running saves ([`save_tasks`]), session lifetimes
-//! ([`session`]) and pod pieces ([`pods`]). Nothing here imports a kind folder.
+//! ([`session`]), pod pieces and walt's runtime pods ([`pods`]), and how an image change becomes the
+//! image of a name ([`image_result`]). Nothing here imports a kind folder.
 
 pub mod address;
 pub mod context;
 pub mod error;
+pub mod image_result;
 pub mod lock;
 pub mod lookup;
 pub mod node_access;

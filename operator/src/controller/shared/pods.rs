@@ -1,13 +1,25 @@
 //! Pieces of the pods the operator runs (shell pods, virtual node pods) that more than one kind
 //! builds or reads.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::core::v1::{
-    Affinity, HostPathVolumeSource, NodeAffinity, NodeSelectorRequirement, NodeSelectorTerm,
-    PreferredSchedulingTerm, Volume, VolumeMount,
+    Affinity, Capabilities, Container, EmptyDirVolumeSource, EnvVar, HostPathVolumeSource, NodeAffinity,
+    NodeSelectorRequirement, NodeSelectorTerm, Pod, PodSpec, PreferredSchedulingTerm, SeccompProfile,
+    SecurityContext, Volume, VolumeMount,
 };
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::Api;
+use kube::api::ObjectMeta;
+
+use crate::controller::config::LayerCache;
+use crate::controller::shared::registry::{registry_credentials_mount, registry_credentials_volume};
 
 /// The well-known label of a cluster node's CPU (Go's GOARCH names, the same as OCI platforms use).
 pub const ARCH_LABEL: &str = "kubernetes.io/arch";
+
+/// Where the layer cache is mounted in walt's runtime pods (shells, builds).
+pub const CACHE_DIR: &str = "/var/cache/walt";
 
 /// Name of a virtual node's pod and Service.
 pub fn vnode_object_name(node: &str) -> String {
@@ -35,6 +47,189 @@ pub fn binfmt_mount() -> VolumeMount {
         mount_path: crate::runtime::emulation::POD_BINFMT_DIR.into(),
         read_only: Some(true),
         ..VolumeMount::default()
+    }
+}
+
+/// A pod running walt's runtime (`walt-operator shell`, `walt-operator build`): what differs per kind.
+/// Everything else (isolation, layer cache, binfmt view, registry credentials) is [`runtime_pod`]'s,
+/// the same for every kind.
+#[derive(Clone, Debug)]
+pub struct RuntimePod<'a> {
+    /// The pod's name.
+    pub name: String,
+    /// Its namespace (the owner's).
+    pub namespace: Option<String>,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// The object it belongs to (garbage-collected with it).
+    pub owner: Option<OwnerReference>,
+    /// The container's name.
+    pub container: &'a str,
+    /// `walt-operator` arguments.
+    pub args: Vec<String>,
+    /// A terminal (image shells) rather than plain standard streams (builds read a tar on stdin).
+    pub tty: bool,
+    /// Image of the pod (the walt-operator image).
+    pub runtime_image: &'a str,
+    /// Run in a user namespace (`hostUsers: false`) instead of privileged.
+    pub user_namespaces: bool,
+    /// Where the layer cache lives.
+    pub cache: &'a LayerCache,
+    /// Whether the namespace has the registry credentials Secret to mount.
+    pub registry_credentials: bool,
+    /// Scheduling preferences ([`prefer_architecture`]: the image's CPU first).
+    pub affinity: Option<Affinity>,
+}
+
+// Long by design: one Pod literal, read top to bottom as the pod is; splitting it would scatter
+// one object over helpers that each build a fragment.
+/// Builds a runtime pod (pure): user-namespaced with only the capabilities overlays and namespaces
+/// need where the cluster supports it, else privileged; never restarted; no service account token;
+/// standard input open once for the client that attaches; the result in the termination message.
+pub fn runtime_pod(shape: &RuntimePod<'_>) -> Pod {
+    let cache_volume = match shape.cache {
+        LayerCache::HostPath(path) => Volume {
+            name: "cache".into(),
+            host_path: Some(HostPathVolumeSource {
+                path: path.clone(),
+                type_: Some("DirectoryOrCreate".into()),
+            }),
+            ..Volume::default()
+        },
+        LayerCache::EmptyDir => Volume {
+            name: "cache".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+    };
+    let mut volumes = vec![cache_volume, binfmt_volume()];
+    let mut mounts = vec![
+        VolumeMount {
+            name: "cache".into(),
+            mount_path: CACHE_DIR.into(),
+            ..VolumeMount::default()
+        },
+        binfmt_mount(),
+    ];
+    let mut env = Vec::new();
+    if shape.registry_credentials {
+        volumes.push(registry_credentials_volume());
+        mounts.push(registry_credentials_mount());
+        env.push(EnvVar {
+            name: "DOCKER_CONFIG".into(),
+            value: Some("/etc/walt/registry".into()),
+            ..Default::default()
+        });
+    }
+    // Mounting overlays and making namespaces needs CAP_SYS_ADMIN: inside a
+    // user namespace it only covers the pod's own namespaces.
+    let security_context = if shape.user_namespaces {
+        SecurityContext {
+            capabilities: Some(Capabilities {
+                add: Some(
+                    ["SYS_ADMIN", "SYS_CHROOT", "SETUID", "SETGID", "MKNOD", "SETFCAP"]
+                        .map(str::to_owned)
+                        .to_vec(),
+                ),
+                ..Capabilities::default()
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "Unconfined".into(),
+                ..SeccompProfile::default()
+            }),
+            allow_privilege_escalation: Some(true),
+            ..SecurityContext::default()
+        }
+    } else {
+        SecurityContext {
+            privileged: Some(true),
+            ..SecurityContext::default()
+        }
+    };
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(shape.name.clone()),
+            namespace: shape.namespace.clone(),
+            labels: Some(shape.labels.clone()),
+            owner_references: shape.owner.clone().map(|owner| vec![owner]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            restart_policy: Some("Never".into()),
+            affinity: shape.affinity.clone(),
+            host_users: shape.user_namespaces.then_some(false),
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            containers: vec![Container {
+                name: shape.container.to_owned(),
+                image: Some(shape.runtime_image.to_owned()),
+                args: Some(shape.args.clone()),
+                env: (!env.is_empty()).then_some(env),
+                stdin: Some(true),
+                stdin_once: Some(true),
+                tty: Some(shape.tty),
+                termination_message_path: Some("/dev/termination-log".into()),
+                termination_message_policy: Some("File".into()),
+                security_context: Some(security_context),
+                volume_mounts: Some(mounts),
+                ..Container::default()
+            }],
+            volumes: Some(volumes),
+            ..PodSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// Whether the cluster's container runtimes run user-namespaced pods (pure): every Node reports a runtime
+/// handler with `features.userNamespaces: true` (kubelet 1.32+ publishes what the runtime says; containerd
+/// 1.x says nothing and cannot, so `hostUsers: false` pods would never start there).
+pub fn runtimes_support_user_namespaces(nodes: &[k8s_openapi::api::core::v1::Node]) -> bool {
+    !nodes.is_empty()
+        && nodes.iter().all(|node| {
+            node.status
+                .as_ref()
+                .and_then(|status| status.runtime_handlers.as_ref())
+                .is_some_and(|handlers| {
+                    handlers.iter().any(|handler| {
+                        handler
+                            .features
+                            .as_ref()
+                            .and_then(|features| features.user_namespaces)
+                            .unwrap_or(false)
+                    })
+                })
+        })
+}
+
+/// Whether runtime pods (shells, builds) run user-namespaced here. `Auto`: when the API server (1.33+) and every cluster
+/// node's container runtime support it; otherwise privileged, which every runtime runs.
+pub async fn user_namespaces(context: &crate::controller::shared::context::Context) -> bool {
+    use crate::controller::config::UserNamespaces;
+    match context.config.args.user_namespaces {
+        UserNamespaces::Always => true,
+        UserNamespaces::Never => false,
+        UserNamespaces::Auto => {
+            let api_supports = context.client.apiserver_version().await.is_ok_and(|info| {
+                info.major == "1"
+                    && info
+                        .minor
+                        .trim_end_matches('+')
+                        .parse::<u32>()
+                        .is_ok_and(|minor| minor >= 33)
+            });
+            if !api_supports {
+                return false;
+            }
+            let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(context.client.clone());
+            match nodes.list(&kube::api::ListParams::default()).await {
+                Ok(list) => runtimes_support_user_namespaces(&list.items),
+                Err(error) => {
+                    tracing::info!(%error, "cannot list cluster nodes to see whether their runtime supports user namespaces; runtime pods run privileged");
+                    false
+                }
+            }
+        }
     }
 }
 

@@ -21,25 +21,20 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, HostPathVolumeSource, Pod, PodSpec, SeccompProfile,
-    SecurityContext, Volume, VolumeMount,
-};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
 use serde::Deserialize;
 use walt_crds::{Changes, ImageShellMode, ShellMode, ShellSession, ShellSessionPhase};
 
 use crate::controller::config::LayerCache;
 use crate::controller::shared::context::{MANAGED_BY, MANAGED_BY_LABEL};
-use crate::controller::shared::pods::{binfmt_mount, binfmt_volume, prefer_architecture};
-use crate::controller::shared::registry::{registry_credentials_mount, registry_credentials_volume};
+pub use crate::controller::shared::pods::CACHE_DIR;
+pub use crate::controller::shared::pods::runtimes_support_user_namespaces;
+use crate::controller::shared::pods::{RuntimePod, prefer_architecture, runtime_pod};
 
 /// Label naming the ShellSession a pod belongs to.
 pub const SESSION_LABEL: &str = "walt.dev/shell-session";
-/// Where the layer cache is mounted in shell pods.
-pub const CACHE_DIR: &str = "/var/cache/walt";
 
 /// Name of the shell pod of a session.
 pub fn shell_pod_name(session: &str) -> String {
@@ -75,9 +70,8 @@ pub struct ShellPodInputs<'a> {
     pub image_architecture: Option<&'a str>,
 }
 
-// Long by design: one Pod literal, read top to bottom as the pod is; splitting it would scatter
-// one object over helpers that each build a fragment.
-/// Builds the shell pod of an image shell (pure).
+/// Builds the shell pod of an image shell (pure): walt's runtime pod ([`runtime_pod`]) running
+/// `walt-operator shell` on a TTY.
 pub fn build_shell_pod(session: &ShellSession, inputs: &ShellPodInputs<'_>) -> Pod {
     let name = session.name_any();
     let mode = match session.spec.mode {
@@ -99,102 +93,23 @@ pub fn build_shell_pod(session: &ShellSession, inputs: &ShellPodInputs<'_>) -> P
     if let Some(host) = inputs.insecure_registry {
         args.extend(["--insecure-registry".to_owned(), host.to_owned()]);
     }
-    let cache_volume = match inputs.cache {
-        LayerCache::HostPath(path) => Volume {
-            name: "cache".into(),
-            host_path: Some(HostPathVolumeSource {
-                path: path.clone(),
-                type_: Some("DirectoryOrCreate".into()),
-            }),
-            ..Volume::default()
-        },
-        LayerCache::EmptyDir => Volume {
-            name: "cache".into(),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
-            ..Volume::default()
-        },
-    };
-    let mut volumes = vec![cache_volume, binfmt_volume()];
-    let mut mounts = vec![
-        VolumeMount {
-            name: "cache".into(),
-            mount_path: CACHE_DIR.into(),
-            ..VolumeMount::default()
-        },
-        binfmt_mount(),
-    ];
-    let mut env = Vec::new();
-    if inputs.registry_credentials {
-        volumes.push(registry_credentials_volume());
-        mounts.push(registry_credentials_mount());
-        env.push(k8s_openapi::api::core::v1::EnvVar {
-            name: "DOCKER_CONFIG".into(),
-            value: Some("/etc/walt/registry".into()),
-            ..Default::default()
-        });
-    }
-    // Mounting overlays and making namespaces needs CAP_SYS_ADMIN: inside a
-    // user namespace it only covers the pod's own namespaces.
-    let security_context = if inputs.user_namespaces {
-        SecurityContext {
-            capabilities: Some(Capabilities {
-                add: Some(
-                    ["SYS_ADMIN", "SYS_CHROOT", "SETUID", "SETGID", "MKNOD", "SETFCAP"]
-                        .map(str::to_owned)
-                        .to_vec(),
-                ),
-                ..Capabilities::default()
-            }),
-            seccomp_profile: Some(SeccompProfile {
-                type_: "Unconfined".into(),
-                ..SeccompProfile::default()
-            }),
-            allow_privilege_escalation: Some(true),
-            ..SecurityContext::default()
-        }
-    } else {
-        SecurityContext {
-            privileged: Some(true),
-            ..SecurityContext::default()
-        }
-    };
-    let labels = BTreeMap::from([
-        (MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned()),
-        (SESSION_LABEL.to_owned(), name.clone()),
-    ]);
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(shell_pod_name(&name)),
-            namespace: session.namespace(),
-            labels: Some(labels),
-            owner_references: session.controller_owner_ref(&()).map(|owner| vec![owner]),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PodSpec {
-            restart_policy: Some("Never".into()),
-            affinity: prefer_architecture(inputs.image_architecture),
-            host_users: inputs.user_namespaces.then_some(false),
-            automount_service_account_token: Some(false),
-            enable_service_links: Some(false),
-            containers: vec![Container {
-                name: "shell".into(),
-                image: Some(inputs.runtime_image.to_owned()),
-                args: Some(args),
-                env: (!env.is_empty()).then_some(env),
-                stdin: Some(true),
-                stdin_once: Some(true),
-                tty: Some(true),
-                termination_message_path: Some("/dev/termination-log".into()),
-                termination_message_policy: Some("File".into()),
-                security_context: Some(security_context),
-                volume_mounts: Some(mounts),
-                ..Container::default()
-            }],
-            volumes: Some(volumes),
-            ..PodSpec::default()
-        }),
-        status: None,
-    }
+    runtime_pod(&RuntimePod {
+        name: shell_pod_name(&name),
+        namespace: session.namespace(),
+        labels: BTreeMap::from([
+            (MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned()),
+            (SESSION_LABEL.to_owned(), name),
+        ]),
+        owner: session.controller_owner_ref(&()),
+        container: "shell",
+        args,
+        tty: true,
+        runtime_image: inputs.runtime_image,
+        user_namespaces: inputs.user_namespaces,
+        cache: inputs.cache,
+        registry_credentials: inputs.registry_credentials,
+        affinity: prefer_architecture(inputs.image_architecture),
+    })
 }
 
 /// The shell runtime's result (its termination message, JSON).
@@ -426,27 +341,6 @@ pub fn next_step(
             PodEnd::Failed(message) => Step::Fail(message),
         },
     }
-}
-
-/// Whether the cluster's container runtimes run user-namespaced pods (pure): every Node reports a runtime
-/// handler with `features.userNamespaces: true` (kubelet 1.32+ publishes what the runtime says; containerd
-/// 1.x says nothing and cannot, so `hostUsers: false` pods would never start there).
-pub fn runtimes_support_user_namespaces(nodes: &[k8s_openapi::api::core::v1::Node]) -> bool {
-    !nodes.is_empty()
-        && nodes.iter().all(|node| {
-            node.status
-                .as_ref()
-                .and_then(|status| status.runtime_handlers.as_ref())
-                .is_some_and(|handlers| {
-                    handlers.iter().any(|handler| {
-                        handler
-                            .features
-                            .as_ref()
-                            .and_then(|features| features.user_namespaces)
-                            .unwrap_or(false)
-                    })
-                })
-        })
 }
 
 /// What a user is told when an image shell starts (pure): whether it runs emulated and which shell it is.

@@ -16,14 +16,14 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::DeleteParams;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Api, ResourceExt};
 use walt_crds::{
-    ConditionStatus, Image, ImageName, Node, ShellResult, ShellSession, ShellSessionPhase,
-    ShellSessionStatus, condition_types, short_digest,
+    ConditionStatus, ImageName, ShellResult, ShellSession, ShellSessionPhase, ShellSessionStatus,
+    condition_types, short_digest,
 };
 
 pub mod build;
@@ -34,14 +34,12 @@ use self::build::{
     ShellOutcome, ShellPodInputs, Step, build_shell_pod, next_step, scratch_tag, shell_at_start,
     shell_pod_name, wait_for_save_target,
 };
-use crate::controller::shared::context::{Context, FIELD_MANAGER};
+use crate::controller::shared::context::Context;
 use crate::controller::shared::error::{Error, KubeResultExt, Result};
+use crate::controller::shared::image_result;
 use crate::controller::shared::lock::{Claim, holder_other_than};
 use crate::controller::shared::lookup::find_image;
-use crate::controller::shared::registry::{
-    RESOLVE_ANNOTATION, ensure_registry_secret, lab_reference, pinned_reference_of, registry_client,
-    repository_of,
-};
+use crate::controller::shared::registry::{ensure_registry_secret, pinned_reference_of, repository_of};
 use crate::controller::shared::registry_paths::{Access, REGISTRY_PATH_FORBIDDEN};
 use crate::controller::shared::session::{Bounded, session_duration};
 use walt_crds::image::MAX_SHELL_LAYERS;
@@ -251,37 +249,6 @@ async fn scheduled_on(context: &Context, pod: Option<&Pod>) -> Option<k8s_openap
         Err(error) => {
             tracing::info!(%error, node = %node_name, "cannot read the cluster node of a shell pod: its architecture is unknown");
             None
-        }
-    }
-}
-
-/// Whether shell pods run user-namespaced here. `Auto`: when the API server (1.33+) and every cluster
-/// node's container runtime support it; otherwise privileged, which every runtime runs.
-async fn user_namespaces(context: &Context) -> bool {
-    use crate::controller::config::UserNamespaces;
-    match context.config.args.user_namespaces {
-        UserNamespaces::Always => true,
-        UserNamespaces::Never => false,
-        UserNamespaces::Auto => {
-            let api_supports = context.client.apiserver_version().await.is_ok_and(|info| {
-                info.major == "1"
-                    && info
-                        .minor
-                        .trim_end_matches('+')
-                        .parse::<u32>()
-                        .is_ok_and(|minor| minor >= 33)
-            });
-            if !api_supports {
-                return false;
-            }
-            let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(context.client.clone());
-            match nodes.list(&kube::api::ListParams::default()).await {
-                Ok(list) => build::runtimes_support_user_namespaces(&list.items),
-                Err(error) => {
-                    tracing::info!(%error, "cannot list cluster nodes to see whether their runtime supports user namespaces; shell pods run privileged");
-                    false
-                }
-            }
         }
     }
 }
@@ -590,7 +557,7 @@ async fn create_pod(
             .args
             .registry_plain_http
             .then_some(registry_host.as_str()),
-        user_namespaces: user_namespaces(context).await,
+        user_namespaces: crate::controller::shared::pods::user_namespaces(context).await,
         cache: &context.config.args.shell_cache,
         registry_credentials,
         image_architecture: image_status
@@ -706,8 +673,8 @@ async fn save(
             .await;
         }
     };
-    let target_reference = target_reference(session, context, &target_name).await?;
     let namespace_paths = context.config.lab_paths();
+    let (target_reference, _) = image_result::target_reference(context, &namespace, &target_name).await?;
     if let Err(refusal) = namespace_paths.check(&namespace, &target_reference, Access::Write, "spec.saveAs") {
         return end(
             context,
@@ -719,22 +686,22 @@ async fn save(
         )
         .await;
     }
-    copy_to_target(session, context, &digest, &target_reference).await?;
-    mark_image_saved(session, context, &digest, &target_name.object_name()).await?;
-    let rebooting = nodes_booting(context, &namespace, &target_name).await?;
+    let pushed = format!("{}@{digest}", source_repository(session, context).await?);
+    image_result::copy_pushed(context, &pushed, &target_reference).await?;
+    image_result::mark_image_updated(
+        context,
+        &namespace,
+        &target_name.object_name(),
+        &digest,
+        (SAVED_BY_ANNOTATION, &session.uid().unwrap_or_default()),
+    )
+    .await?;
+    let rebooting = image_result::nodes_booting(context, &namespace, &target_name).await?;
     status.result = Some(ShellResult {
         image: Some(target_name.to_string()),
         digest: Some(digest.clone()),
     });
-    let message = if rebooting.is_empty() {
-        format!("the changes are saved as image {target_name} ({digest})")
-    } else {
-        format!(
-            "the changes are saved as image {target_name} ({digest}); the {} node(s) that boot it reboot: {}",
-            rebooting.len(),
-            rebooting.join(", ")
-        )
-    };
+    let message = image_result::saved_message("the changes are", &target_name, &digest, &rebooting);
     end(
         context,
         session,
@@ -774,89 +741,6 @@ async fn source_repository(session: &ShellSession, context: &Context) -> Result<
         _ => None,
     };
     scratch_repository(context, &namespace, &source_name, own_pinned.as_deref())
-}
-
-/// Where image `target` of the session's namespace lives: its Image's reference, else the default.
-async fn target_reference(session: &ShellSession, context: &Context, target: &ImageName) -> Result<String> {
-    let namespace = session.namespace().unwrap_or_default();
-    let object = target.object_name();
-    let existing = Api::<Image>::namespaced(context.client.clone(), &namespace)
-        .get_opt(&object)
-        .await
-        .context(|| format!("reading Image {namespace}/{object}"))?;
-    match &existing {
-        Some(image) => lab_reference(image, &context.config.args.lab_registry),
-        None => Ok(target.default_reference(&context.config.args.lab_registry, &namespace)),
-    }
-}
-
-/// Copies the pushed manifest `digest` to `target_reference`.
-async fn copy_to_target(
-    session: &ShellSession,
-    context: &Context,
-    digest: &str,
-    target_reference: &str,
-) -> Result<()> {
-    let registry = registry_client(context)?;
-    let pushed = format!("{}@{digest}", source_repository(session, context).await?);
-    let resolved = registry
-        .resolve(&pushed, None)
-        .await
-        .map_err(|error| Error::Registry(format!("reading the pushed changes {pushed}: {error}")))?;
-    registry
-        .copy_image(&resolved, target_reference, |_| {})
-        .await
-        .map(|_| ())
-        .map_err(|error| Error::Registry(format!("saving {digest} as {target_reference}: {error}")))
-}
-
-/// Creates the Image `object`, or marks it updated: the Image controller resolves it again at
-/// once, and the Node controller then reboots the nodes that boot it (their image's digest moved).
-async fn mark_image_saved(
-    session: &ShellSession,
-    context: &Context,
-    digest: &str,
-    object: &str,
-) -> Result<()> {
-    let namespace = session.namespace().unwrap_or_default();
-    let body = serde_json::json!({
-        "apiVersion": "walt.dev/v1alpha1",
-        "kind": "Image",
-        "metadata": {"name": object, "annotations": {
-            RESOLVE_ANNOTATION: digest,
-            SAVED_BY_ANNOTATION: session.uid().unwrap_or_default(),
-        }},
-        "spec": {},
-    });
-    Api::<Image>::namespaced(context.client.clone(), &namespace)
-        .patch(
-            object,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&body),
-        )
-        .await
-        .context(|| format!("updating Image {namespace}/{object}"))?;
-    Ok(())
-}
-
-/// The Nodes of `namespace` that boot image `name`.
-async fn nodes_booting(context: &Context, namespace: &str, name: &ImageName) -> Result<Vec<String>> {
-    let nodes = Api::<Node>::namespaced(context.client.clone(), namespace)
-        .list(&ListParams::default())
-        .await
-        .context(|| format!("listing Nodes of {namespace}"))?;
-    Ok(nodes
-        .into_iter()
-        .filter(|node| {
-            node.spec
-                .image
-                .as_deref()
-                .and_then(|i| ImageName::parse(i).ok())
-                .as_ref()
-                == Some(name)
-        })
-        .map(|node| node.name_any())
-        .collect())
 }
 
 #[cfg(test)]

@@ -11,6 +11,8 @@
 //! 3. `--from-url` (a local git repository, cloned by the plugin with git) of an arm64 image that
 //!    installs a service, its `RUN` emulated through qemu-user: the result says emulated, the files are
 //!    arm64's, the ImageBuild records the commit.
+//! 4. `kubectl walt image shell` into that built arm64 image (emulated): the service it installed runs;
+//!    leaving it unchanged moves no tag.
 
 use std::path::Path;
 use std::process::Command;
@@ -19,6 +21,7 @@ use std::time::{Duration, Instant};
 use walt_tests::image_build::Arch;
 use walt_tests::k8s::{Cluster, ClusterOptions, cluster_tier_skip_reason};
 use walt_tests::operator::{OperatorProcess, plugin_binary};
+use walt_tests::pty::Pty;
 use walt_tests::wait::{Poll, Wait};
 
 fn kubectl(cluster: &Cluster, args: &[&str]) -> String {
@@ -411,5 +414,36 @@ fn image_builds_on_the_cluster_tier() {
     assert_eq!(
         recorded, commit,
         "the ImageBuild records the commit it was built from"
+    );
+
+    // 4. An image shell into the built arm64 image: the service is there and runs, emulated; a shell
+    // that changed nothing ends without the dialogue and moves no tag.
+    let before = digest_of(&format!("{registry}/lab/{ns}/built-arm:latest"));
+    let mut shell = Command::new(&plugin);
+    shell
+        .args(["-n", &ns, "image", "shell", "built-arm"])
+        .env("KUBECONFIG", cluster.kubeconfig());
+    let mut pty = Pty::spawn(&shell);
+    pty.expect_within("Type `exit` or Ctrl-D", Duration::from_mins(4));
+    std::thread::sleep(Duration::from_secs(2));
+    pty.send("/etc/init.d/S50hello; cat /etc/hello-arch; echo shell-on-$(uname -m)\n");
+    pty.expect_within("shell-on-aarch64", Duration::from_mins(1));
+    let shown = pty.text();
+    assert!(
+        shown.contains("hello service"),
+        "the built service runs:\n{shown}"
+    );
+    assert!(shown.contains("arch-aarch64"), "the build's file:\n{shown}");
+    pty.send("exit\n");
+    let (code, shown) = pty.wait_within(Duration::from_mins(2));
+    assert_eq!(code, 0, "{shown}");
+    assert!(
+        shown.contains("No changes: image built-arm was left as it was."),
+        "{shown}"
+    );
+    assert_eq!(
+        digest_of(&format!("{registry}/lab/{ns}/built-arm:latest")),
+        before,
+        "a shell that changed nothing moves no tag"
     );
 }

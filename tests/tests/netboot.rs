@@ -847,6 +847,21 @@ fn kubectl_stdin(cluster: &walt_tests::k8s::Cluster, args: &[&str], input: &str)
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A log line without its terminal colour sequences (`ESC [ … m`).
+fn without_colours(line: &str) -> String {
+    let mut out = String::new();
+    let mut in_escape = false;
+    for c in line.chars() {
+        match (in_escape, c) {
+            (false, '\u{1b}') => in_escape = true,
+            (false, c) => out.push(c),
+            (true, 'm') => in_escape = false,
+            (true, _) => {}
+        }
+    }
+    out.trim_end().to_string()
+}
+
 /// The shared control plane with walt's CRDs served.
 fn control_plane() -> &'static walt_tests::k8s::Cluster {
     let cluster = walt_tests::k8s::shared_control_plane().unwrap_or_else(|e| panic!("control plane: {e}"));
@@ -1053,15 +1068,18 @@ fn operator_verifies_the_image_a_vm_node_network_booted() {
     let host_key = keygen(&keys.join(&device), &device);
     let host_public = std::fs::read_to_string(host_key.with_extension("pub")).expect("host public key");
     let registry = Registry::start().expect("registry");
-    let (layout, digest) = push_vm_image(scratch.path(), &registry, "netboot/op:v1");
+    let mut net = LabNetwork::create(206).expect("lab network");
+    let ns = cluster.create_namespace("bootop").expect("namespace");
+    // Pushed where the operator looks for the namespace's Images `os` and `os2` by default.
+    let (layout, digest) = push_vm_image(scratch.path(), &registry, &format!("lab/{ns}/os:latest"));
     layout
         .add_layer("vm", "v2", |root| {
             std::fs::write(root.join("etc/second-image"), "v2\n")
         })
         .expect("second image layer");
-    let digest2 = layout.push("v2", &registry, "netboot/op:v2").expect("push v2");
-    let mut net = LabNetwork::create(206).expect("lab network");
-    let ns = cluster.create_namespace("bootop").expect("namespace");
+    let digest2 = layout
+        .push("v2", &registry, &format!("lab/{ns}/os2:latest"))
+        .expect("push v2");
     cluster
         .kubectl_output(&[
             "-n",
@@ -1079,17 +1097,13 @@ fn operator_verifies_the_image_a_vm_node_network_booted() {
         cluster,
         &["apply", "-f", "-"],
         &format!(
-            "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: os, namespace: {ns}}}\n\
-             spec: {{reference: '{}'}}\n---\n\
-             apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: os2, namespace: {ns}}}\n\
-             spec: {{reference: '{}'}}\n---\n\
+            "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: os, namespace: {ns}}}\nspec: {{}}\n---\n\
+             apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: os2, namespace: {ns}}}\nspec: {{}}\n---\n\
              apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {{name: vm1, namespace: {ns}}}\n\
              spec: {{model: {MODEL}, device: {device}, image: os}}\n---\n\
              apiVersion: walt.dev/v1alpha1\nkind: Device\nmetadata: {{name: {device}}}\n\
              spec: {{address: '{}', sshPort: 22, model: {MODEL}, mac: '{mac}', firmware: ipxe, \
              hostKey: '{}', lentTo: {{namespace: {ns}}}}}\n",
-            registry.reference("netboot/op:v1"),
-            registry.reference("netboot/op:v2"),
             net.device_ip(0),
             host_public.trim()
         ),
@@ -1185,6 +1199,24 @@ fn operator_verifies_the_image_a_vm_node_network_booted() {
     };
     let set_up = started.elapsed();
 
+    // The operator binds the Device to the Node and resolves the Image; then the boot service
+    // serves it (its boot records know the MAC once a binding names it).
+    Wait::new("the boot service to serve the Device", Duration::from_mins(2))
+        .every(Duration::from_millis(500))
+        .until(|| {
+            let log = std::fs::read_to_string(scratch.path().join("boot-server.log")).unwrap_or_default();
+            log.lines()
+                .rfind(|l| l.contains("bindings updated from the cluster"))
+                .is_some_and(|l| without_colours(l).ends_with("devices=1"))
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}: Image status {}",
+                cluster
+                    .kubectl_output(&["-n", &ns, "get", "images.walt.dev", "-o", "yaml"])
+                    .unwrap_or_default()
+            )
+        });
     let mut vm = VmNode::power_on_rebootable(&mut net, mac, scratch.path()).expect("power on");
     let booted = vm
         .wait_console(BOOTED_MARKER, Duration::from_mins(5))

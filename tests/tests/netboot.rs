@@ -1290,7 +1290,7 @@ fn operator_verifies_the_image_a_vm_node_network_booted() {
         set_up.as_secs_f64(),
         booted.as_secs_f64(),
         verified.as_secs_f64(),
-        (reverified - moved_at).as_secs_f64(),
+        reverified.saturating_sub(moved_at).as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
 }

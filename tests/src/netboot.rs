@@ -380,6 +380,16 @@ pub struct VmNode {
 impl VmNode {
     /// Powers on a VM with `mac` on a new tap of `net`; its console goes to `dir/console-<mac>.log`.
     pub fn power_on(net: &mut LabNetwork, mac: &str, dir: &Path) -> Result<Self, FixtureError> {
+        Self::start(net, mac, dir, false)
+    }
+
+    /// [`Self::power_on`], a VM that restarts when its system reboots (a reboot over SSH
+    /// network-boots it again, its console file goes on) instead of powering off.
+    pub fn power_on_rebootable(net: &mut LabNetwork, mac: &str, dir: &Path) -> Result<Self, FixtureError> {
+        Self::start(net, mac, dir, true)
+    }
+
+    fn start(net: &mut LabNetwork, mac: &str, dir: &Path, reboots: bool) -> Result<Self, FixtureError> {
         require_tool("qemu-system-x86_64", "qemu-system-x86")?;
         let tap = net.add_tap()?;
         let console = dir.join(format!("console-{}.log", mac.replace(':', "")));
@@ -389,7 +399,8 @@ impl VmNode {
         command
             .args(["netns", "exec", &net.netns, "qemu-system-x86_64"])
             .args(["-machine", "q35", "-accel", "tcg", "-m", "512", "-smp", "1"])
-            .args(["-display", "none", "-monitor", "none", "-no-reboot", "-boot", "n"])
+            .args(["-display", "none", "-monitor", "none", "-boot", "n"])
+            .args((!reboots).then_some("-no-reboot"))
             // A clock far in the past: only the boot service's clock sync sets it right.
             .args(["-rtc", "base=2001-01-01T00:00:00"])
             .arg("-serial")
@@ -529,8 +540,35 @@ impl BootServer {
         args: &[String],
         env: &[(&str, &Path)],
     ) -> BootServer {
+        Self::spawn(Command::new(operator_binary()), dir, registry, args, env)
+    }
+
+    /// [`Self::start_with`] run whole inside `net`'s namespace (`ip netns exec`), for
+    /// `--from-cluster`, which does not enter a namespace itself: the API server and the registry
+    /// are reached through [`Forward::into_netns`].
+    ///
+    /// # Panics
+    /// When it does not start (test helper).
+    pub fn start_in(
+        net: &LabNetwork,
+        dir: &Path,
+        registry: Option<&Registry>,
+        args: &[String],
+        env: &[(&str, &Path)],
+    ) -> BootServer {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &net.netns]).arg(operator_binary());
+        Self::spawn(command, dir, registry, args, env)
+    }
+
+    fn spawn(
+        mut command: Command,
+        dir: &Path,
+        registry: Option<&Registry>,
+        args: &[String],
+        env: &[(&str, &Path)],
+    ) -> BootServer {
         let journal = dir.join("journal.jsonl");
-        let mut command = Command::new(operator_binary());
         command.envs(env.iter().map(|(k, v)| (*k, *v)));
         command
             .arg("boot-server")
@@ -572,6 +610,76 @@ impl BootServer {
 impl Drop for BootServer {
     fn drop(&mut self) {
         self.daemon.stop(Duration::from_secs(5));
+    }
+}
+
+/// A TCP port forwarded across a network namespace boundary by `socat` (one connection per
+/// `socat` child, each entering the other namespace), stopped on drop.
+#[derive(Debug)]
+pub struct Forward {
+    _daemon: Daemon,
+}
+
+impl Forward {
+    /// Makes the host's loopback `port` reachable at `127.0.0.1:port` inside `net` (the API
+    /// server and the registry, for a process that runs whole in the lab namespace).
+    ///
+    /// # Errors
+    /// When `socat` or `nsenter` is missing or cannot start.
+    pub fn into_netns(net: &LabNetwork, port: u16, dir: &Path) -> Result<Self, FixtureError> {
+        let host = format!("/proc/{}/ns/net", std::process::id());
+        let inner = format!("exec nsenter --net={host} socat - TCP:127.0.0.1:{port}\n");
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &net.netns]);
+        Self::start(command, port, &inner, &format!("in-{port}"), dir)
+    }
+
+    /// Makes `port` of `net`'s loopback reachable at the host's `127.0.0.1:host_port` (the boot
+    /// records, for a process on the host).
+    ///
+    /// # Errors
+    /// When `socat` is missing or cannot start.
+    pub fn out_of_netns(
+        net: &LabNetwork,
+        port: u16,
+        host_port: u16,
+        dir: &Path,
+    ) -> Result<Self, FixtureError> {
+        let inner = format!("exec ip netns exec {} socat - TCP:127.0.0.1:{port}\n", net.netns);
+        Self::start(
+            Command::new("env"),
+            host_port,
+            &inner,
+            &format!("out-{port}"),
+            dir,
+        )
+    }
+
+    fn start(
+        mut command: Command,
+        listen: u16,
+        inner: &str,
+        name: &str,
+        dir: &Path,
+    ) -> Result<Self, FixtureError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        require_tool("socat", "socat")?;
+        require_tool("nsenter", "util-linux")?;
+        let script = dir.join(format!("forward-{name}.sh"));
+        std::fs::write(&script, format!("#!/bin/sh\n{inner}")).map_err(io("writing a forward script"))?;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).map_err(io("chmod"))?;
+        command
+            .arg("socat")
+            .arg(format!("TCP-LISTEN:{listen},bind=127.0.0.1,reuseaddr,fork"))
+            .arg(format!("EXEC:{}", script.display()));
+        let daemon = Daemon::spawn(
+            &format!("forward {name}"),
+            command,
+            &dir.join(format!("forward-{name}.log")),
+            Lifetime::Test,
+        )
+        .map_err(|e| FixtureError::Failed(e.to_string()))?;
+        Ok(Forward { _daemon: daemon })
     }
 }
 

@@ -4841,3 +4841,131 @@ fn a_reconcile_that_never_ends_is_abandoned_at_the_reconcile_timeout() {
         "{log}"
     );
 }
+
+/// The leader killed mid-clone without a chance to clean up (SIGKILL, as the OOM killer does): no tag
+/// in the lab registry until the whole image is there; the standby replica takes the Lease over once it
+/// expires and finishes the clone without sending again the blobs the first one had copied; the Image
+/// ends Ready at the source's digest.
+#[test]
+fn leader_killed_mid_clone_moves_no_tag_and_the_standby_finishes_it() {
+    use walt_tests::images::{Arch, OciLayout, skopeo_inspect_raw};
+    use walt_tests::registry::Registry;
+    let cluster = cluster();
+    let (namespace, _dir) = tenant(cluster, "op-clonekill");
+    let upstream = Registry::start().expect("start an upstream registry");
+    let lab_registry = Registry::start_recording_requests().expect("start the lab registry");
+    // Two layers of random data (they do not compress) above busybox: the kill falls in the second.
+    let layout = OciLayout::busybox(Arch::Amd64).expect("amd64 busybox image");
+    let data = tempfile::tempdir().expect("tempdir");
+    // The second is large so that the leader is still copying it when the test sees two blobs done.
+    for (layer, from, mib) in [("a", "base", 32), ("b", "a", 192)] {
+        let dir = data.path().join(layer);
+        std::fs::create_dir_all(&dir).expect("layer dir");
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "head -c {mib}M /dev/urandom > {}/big-{layer}",
+                dir.display()
+            ))
+            .status()
+            .expect("random data");
+        assert!(status.success());
+        layout.add_layer_from_dir(from, layer, &dir).expect("a big layer");
+    }
+    let source_digest = layout
+        .push("b", &upstream, "upstream/big:1")
+        .expect("push to the upstream registry");
+    let manifest = skopeo_inspect_raw(&upstream, "upstream/big:1").expect("the source manifest");
+    let first_big_layer = manifest["layers"][1]["digest"]
+        .as_str()
+        .expect("a layer digest")
+        .to_owned();
+    let lab = format!("{}/lab", lab_registry.host());
+    let args = ["--lab-registry", &lab, "--plain-http-sources", &upstream.host()];
+    let mut leader = start_operator(cluster, &namespace, "clone-a", &args);
+    leader.wait_ready(Duration::from_mins(1));
+    let standby = start_operator(cluster, &namespace, "clone-b", &args);
+    apply(
+        cluster,
+        &namespace,
+        &format!(
+            "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata:\n  name: big\nspec:\n  source: {}\n  platform:\n    architecture: amd64\n",
+            upstream.reference("upstream/big:1")
+        ),
+    );
+    // busybox and the first big layer copied: the second is on its way.
+    Wait::new("two blobs of the clone copied", Duration::from_mins(3))
+        .every(Duration::from_millis(100))
+        .until(|| {
+            let copied = kubectl(
+                cluster,
+                &namespace,
+                &["get", "image/big", "-o", "jsonpath={.status.clone.copiedBlobs}"],
+            );
+            Ok::<_, String>(if copied.trim().parse::<u32>().unwrap_or(0) >= 2 {
+                Poll::Ready(())
+            } else {
+                Poll::Pending(format!("copiedBlobs {copied:?}"))
+            })
+        })
+        .unwrap_or_else(|e| panic!("{e}; operator log:\n{}", leader.log()));
+    upstream.freeze().expect("freeze the upstream registry");
+    leader.kill();
+    let killed_at = lab_registry.log_mark();
+    let tag = format!("{lab}/{namespace}/big:latest");
+    assert!(
+        skopeo_digest(&tag).is_err(),
+        "a tag moved although the clone was interrupted"
+    );
+    upstream.thaw().expect("thaw the upstream registry");
+    wait_for(
+        cluster,
+        &namespace,
+        "image/big",
+        "{.status.conditions[?(@.type==\"Ready\")].status}",
+        "True",
+        Duration::from_mins(3),
+        &standby,
+    );
+    assert_eq!(skopeo_digest(&tag), Ok(source_digest.clone()));
+    assert_eq!(
+        kubectl(
+            cluster,
+            &namespace,
+            &["get", "image/big", "-o", "jsonpath={.status.digest}"]
+        )
+        .trim(),
+        source_digest
+    );
+    let holder = kubectl(
+        cluster,
+        &namespace,
+        &[
+            "get",
+            "lease",
+            "walt-operator",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ],
+    );
+    assert_eq!(holder.trim(), "clone-b", "the standby leads");
+    let after = lab_registry.requests_to(&format!("lab/{namespace}/big/blobs"), killed_at);
+    assert!(
+        after
+            .iter()
+            .any(|line| line.contains("HEAD") && line.contains(&first_big_layer) && line.contains("\" 200 ")),
+        "the standby found the leader's blob in the lab registry: {after:?}"
+    );
+    let resent: Vec<&String> = after
+        .iter()
+        .filter(|line| line.contains("PUT") && line.contains(&first_big_layer))
+        .collect();
+    assert!(
+        resent.is_empty(),
+        "the standby sent again a blob the leader had copied: {resent:?}"
+    );
+    assert!(
+        after.iter().any(|line| line.contains("PUT")),
+        "the standby copied the rest: {after:?}"
+    );
+}

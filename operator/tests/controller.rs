@@ -4969,3 +4969,54 @@ fn leader_killed_mid_clone_moves_no_tag_and_the_standby_finishes_it() {
         "the standby copied the rest: {after:?}"
     );
 }
+
+/// The operator killed (SIGKILL) while an image shell's pod commits the user's changes: the pod's
+/// result is not lost. The pod ends while no operator runs; the restarted operator reads the result
+/// from the pod, moves the `saveAs` name to the committed digest once, creates its Image and deletes
+/// the pod. The test plays the kubelet for the pod's end (a digest already in the registry).
+#[test]
+fn operator_killed_while_a_shell_commits_saves_the_result_after_restart() {
+    let node = walt_tests::sshnode::SshNode::busybox()
+        .expect("start an sshd node (needs root, openssh-server, socat, iproute2)");
+    let mut lab = SaveLab::start("op-commitkill", node);
+    let cluster = cluster();
+    let within = Duration::from_mins(1);
+    apply(
+        cluster,
+        &lab.namespace,
+        "apiVersion: walt.dev/v1alpha1\nkind: ShellSession\nmetadata: {name: sh}\n\
+         spec: {image: debian, saveAs: committed, ttl: 10m}\n",
+    );
+    let pod = "pod/walt-shell-sh";
+    Wait::new("the shell pod", within)
+        .every(Duration::from_millis(250))
+        .until(|| {
+            cluster
+                .kubectl_output(&["-n", &lab.namespace, "get", pod, "-o", "name"])
+                .is_ok()
+        })
+        .unwrap_or_else(|e| panic!("{e}; operator log:\n{}", lab.operator.log()));
+    lab.operator.kill();
+    end_shell_pod(&lab, "sh", &lab.base_digest);
+    let tag = lab
+        .registry
+        .reference(&format!("lab/{}/committed:latest", lab.namespace));
+    assert!(skopeo_digest(&tag).is_err(), "no operator ran to move the tag");
+    lab.operator.restart();
+    lab.wait(
+        "shellsession/sh",
+        "{.status.phase}",
+        "Saved",
+        Duration::from_mins(2),
+    );
+    assert_eq!(skopeo_digest(&tag), Ok(lab.base_digest.clone()));
+    lab.wait("image/committed", "{.status.digest}", &lab.base_digest, within);
+    Wait::new("the finished shell's pod to be deleted", within)
+        .every(Duration::from_millis(250))
+        .until(|| {
+            cluster
+                .kubectl_output(&["-n", &lab.namespace, "get", pod, "-o", "name"])
+                .is_err()
+        })
+        .unwrap_or_else(|e| panic!("{e}; operator log:\n{}", lab.operator.log()));
+}

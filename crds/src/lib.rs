@@ -18,6 +18,7 @@ pub mod image_name;
 pub mod node;
 pub mod node_save;
 pub mod request;
+pub mod runtime;
 pub mod schema;
 pub mod shell_session;
 
@@ -40,6 +41,7 @@ pub use node_save::{
     Compression, NodeSave, NodeSavePhase, NodeSaveResult, NodeSaveSpec, NodeSaveStatus, Progress,
 };
 pub use request::RequestAnnotation;
+pub use runtime::{is_runtime_namespace_name, runtime_namespace};
 pub use shell_session::{
     Gateway, ShellMode, ShellResult, ShellSession, ShellSessionPhase, ShellSessionSpec, ShellSessionStatus,
 };

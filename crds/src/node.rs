@@ -237,6 +237,11 @@ pub struct NodeStatus {
     /// Where the operator reaches the node (its Device's address, or the virtual node's pod).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+    /// Virtual nodes: the namespace of the node's pod, Service and `/persist` claim, the tenant's
+    /// walt runtime namespace (`walt-run-<namespace>`, see [`crate::runtime_namespace`]), which the
+    /// operator owns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_namespace: Option<String>,
     /// The image the node booted, and its digest then. For a Device walt network-boots, set only
     /// once verified (condition `ImageVerified`): the digest the boot service mounted is the one the
     /// booted node reports.

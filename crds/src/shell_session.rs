@@ -189,6 +189,11 @@ pub struct ShellSessionStatus {
     /// The shell pod (image shells).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
+    /// The namespace of the shell pod: the tenant's walt runtime namespace (`walt-run-<namespace>`,
+    /// see [`crate::runtime_namespace`]), which the operator owns; the tenant may attach to its own
+    /// sessions there and create nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_namespace: Option<String>,
     /// Which shell the user got in an image shell: `Init` or `Basic`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<ImageShellMode>,

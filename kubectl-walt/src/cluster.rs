@@ -106,6 +106,12 @@ impl Ctx {
         Api::namespaced(self.client.clone(), &self.namespace)
     }
 
+    /// Pods of `namespace`: walt's shell pods run in the tenant's runtime namespace
+    /// (`walt-run-<namespace>`, the session's `status.podNamespace`), never in the tenant's own.
+    pub fn pods_in(&self, namespace: &str) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+
     /// Events of the namespace.
     pub fn events(&self) -> Api<Event> {
         Api::namespaced(self.client.clone(), &self.namespace)
@@ -197,9 +203,13 @@ impl Ctx {
 
     /// Recent events about an object (by uid), oldest first; empty when events cannot be read.
     pub async fn events_for(&self, uid: &str) -> Vec<Event> {
+        self.events_in(&self.namespace, uid).await
+    }
+
+    /// Events about the object with `uid` in `namespace` (empty when they cannot be read).
+    pub async fn events_in(&self, namespace: &str, uid: &str) -> Vec<Event> {
         let params = ListParams::default().fields(&format!("involvedObject.uid={uid}"));
-        let mut events = self
-            .events()
+        let mut events = Api::<Event>::namespaced(self.client.clone(), namespace)
             .list(&params)
             .await
             .map(|l| l.items)

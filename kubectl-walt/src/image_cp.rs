@@ -156,7 +156,7 @@ pub async fn run(ctx: &Ctx, src: &str, dst: &str, yes: bool) -> Result<i32> {
     }
 }
 
-async fn start_session(ctx: &Ctx, image: &ImageName) -> Result<(Created, String)> {
+async fn start_session(ctx: &Ctx, image: &ImageName) -> Result<(Created, session::ShellPod)> {
     ctx.get_image(&image.object_name(), &image.to_string()).await?;
     let spec = ShellSessionSpec {
         image: Some(image.to_string()),
@@ -170,7 +170,16 @@ async fn start_session(ctx: &Ctx, image: &ImageName) -> Result<(Created, String)
         })
         .await;
     match started {
-        Ok(s) => Ok((created, s.status.and_then(|st| st.pod).unwrap_or_default())),
+        Ok(s) => {
+            if let Some(pod) = session::shell_pod(ctx, &s) {
+                Ok((created, pod))
+            } else {
+                created.delete(ctx).await;
+                Err(Error::Failed(
+                    "the shell session runs but names no shell pod".into(),
+                ))
+            }
+        }
         Err(e) => {
             created.delete(ctx).await;
             Err(e)
@@ -180,20 +189,24 @@ async fn start_session(ctx: &Ctx, image: &ImageName) -> Result<(Created, String)
 
 /// Sends `input` (then, if `eof`, an end-of-file on the TTY), and collects the output until the
 /// shell exits.
-async fn converse(ctx: &Ctx, pod: &str, script: &str, payload: Option<&str>) -> Result<String> {
+async fn converse(ctx: &Ctx, pod: &session::ShellPod, script: &str, payload: Option<&str>) -> Result<String> {
     let params = AttachParams::interactive_tty();
-    let mut attached = ctx.pods().attach(pod, &params).await.map_err(|e| {
-        Error::api(
-            Op::named(
-                "create",
-                "attachment to the shell pod",
-                "pods/attach",
-                pod,
-                &ctx.namespace,
-            ),
-            e,
-        )
-    })?;
+    let mut attached = ctx
+        .pods_in(&pod.namespace)
+        .attach(&pod.name, &params)
+        .await
+        .map_err(|e| {
+            Error::api(
+                Op::named(
+                    "create",
+                    "attachment to the shell pod",
+                    "pods/attach",
+                    &pod.name,
+                    &pod.namespace,
+                ),
+                e,
+            )
+        })?;
     let mut stdin = attached
         .stdin()
         .ok_or_else(|| Error::Failed("the shell pod gave no stdin".into()))?;

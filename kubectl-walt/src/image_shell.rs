@@ -69,7 +69,8 @@ async fn shell_and_decide(ctx: &Ctx, created: &Created, name: &ImageName) -> Res
         })
         .await?;
     let status = session.status.clone().unwrap_or_default();
-    let pod = status.pod.clone().unwrap_or_default();
+    let pod = session::shell_pod(ctx, &session)
+        .ok_or_else(|| Error::Failed("the shell session runs but names no shell pod".into()))?;
     if status.emulated == Some(true) {
         eprintln!(
             "Note: {name} is built for another CPU: it runs through qemu-user emulation (slower than native)."
@@ -203,20 +204,24 @@ async fn ask(ctx: &Ctx, name: &ImageName) -> Result<Decision> {
 }
 
 /// Attaches to the shell pod's TTY until the shell ends.
-async fn attach(ctx: &Ctx, pod: &str) -> Result<()> {
+async fn attach(ctx: &Ctx, pod: &session::ShellPod) -> Result<()> {
     let params = AttachParams::interactive_tty();
-    let mut attached = ctx.pods().attach(pod, &params).await.map_err(|e| {
-        Error::api(
-            Op::named(
-                "create",
-                "attachment to the shell pod",
-                "pods/attach",
-                pod,
-                &ctx.namespace,
-            ),
-            e,
-        )
-    })?;
+    let mut attached = ctx
+        .pods_in(&pod.namespace)
+        .attach(&pod.name, &params)
+        .await
+        .map_err(|e| {
+            Error::api(
+                Op::named(
+                    "create",
+                    "attachment to the shell pod",
+                    "pods/attach",
+                    &pod.name,
+                    &pod.namespace,
+                ),
+                e,
+            )
+        })?;
     let mut remote_in = attached
         .stdin()
         .ok_or_else(|| Error::Failed("the shell pod gave no stdin".into()))?;

@@ -148,24 +148,24 @@ impl Created {
                     failure_reason(&session)
                 )));
             }
-            // The operator's events (and the shell pod's) say what is happening right now.
-            let mut uids = vec![session.metadata.uid.clone().unwrap_or_default()];
-            if let Some(pod) = &status.pod
-                && let Ok(Some(p)) = ctx.pods().get_opt(pod).await
+            // The operator's events (and the shell pod's, in the runtime namespace) say what is
+            // happening right now.
+            let mut events = ctx
+                .events_for(&session.metadata.uid.clone().unwrap_or_default())
+                .await;
+            if let Some(pod) = shell_pod(ctx, &session)
+                && let Some(uid) = pod_uid(ctx, &pod).await
             {
-                uids.push(p.metadata.uid.unwrap_or_default());
+                events.extend(ctx.events_in(&pod.namespace, &uid).await);
             }
-            for uid in uids.iter().filter(|u| !u.is_empty()) {
-                let mut events = ctx.events_for(uid).await;
-                events.sort_by_key(event_time);
-                for event in events {
-                    let key = event.metadata.name.clone().unwrap_or_default()
-                        + &event.count.unwrap_or(1).to_string();
-                    if seen_events.insert(key)
-                        && let Some(message) = event.message.clone()
-                    {
-                        last_event = message;
-                    }
+            events.sort_by_key(event_time);
+            for event in events {
+                let key =
+                    event.metadata.name.clone().unwrap_or_default() + &event.count.unwrap_or(1).to_string();
+                if seen_events.insert(key)
+                    && let Some(message) = event.message.clone()
+                {
+                    last_event = message;
                 }
             }
             let phase = format!("{:?}", status.phase);
@@ -178,6 +178,39 @@ impl Created {
             tick().await;
         }
     }
+}
+
+/// Where a session's shell pod runs: its name and namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShellPod {
+    /// The pod's namespace: the tenant's runtime namespace (`walt-run-<namespace>`).
+    pub namespace: String,
+    /// The pod's name.
+    pub name: String,
+}
+
+/// The shell pod of a session, from its status (pure): `status.pod` in `status.podNamespace`, else
+/// (an operator from before runtime namespaces said none) in the tenant's runtime namespace.
+pub fn shell_pod(ctx: &Ctx, session: &ShellSession) -> Option<ShellPod> {
+    shell_pod_of(&ctx.namespace, session)
+}
+
+/// The uid of a shell pod, when it exists and can be read.
+async fn pod_uid(ctx: &Ctx, pod: &ShellPod) -> Option<String> {
+    let found = ctx.pods_in(&pod.namespace).get_opt(&pod.name).await.ok()??;
+    found.metadata.uid
+}
+
+/// [`shell_pod`] for the tenant namespace `namespace` (pure).
+pub fn shell_pod_of(namespace: &str, session: &ShellSession) -> Option<ShellPod> {
+    let status = session.status.as_ref()?;
+    Some(ShellPod {
+        name: status.pod.clone()?,
+        namespace: status
+            .pod_namespace
+            .clone()
+            .unwrap_or_else(|| walt_crds::runtime_namespace(namespace)),
+    })
 }
 
 /// The message of the latest condition that is not True, for failed sessions.
@@ -217,4 +250,41 @@ pub async fn sessions_on_image(ctx: &Ctx, image: &str) -> Vec<ShellSession> {
         .filter(|s| s.spec.image.as_deref() == Some(image))
         .filter(|s| s.status.as_ref().is_none_or(|st| !st.phase.is_finished()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use walt_crds::{ShellSessionSpec, ShellSessionStatus};
+
+    #[test]
+    fn the_shell_pod_is_in_the_runtime_namespace_the_status_names() {
+        let mut session = ShellSession::new("s1", ShellSessionSpec::default());
+        assert_eq!(shell_pod_of("alice", &session), None, "no status yet");
+        session.status = Some(ShellSessionStatus {
+            pod: Some("walt-shell-s1".into()),
+            pod_namespace: Some("walt-run-alice".into()),
+            ..ShellSessionStatus::default()
+        });
+        assert_eq!(
+            shell_pod_of("alice", &session),
+            Some(ShellPod {
+                namespace: "walt-run-alice".into(),
+                name: "walt-shell-s1".into()
+            })
+        );
+        if let Some(status) = session.status.as_mut() {
+            status.pod_namespace = None;
+        }
+        let pod = shell_pod_of(
+            "a-very-long-tenant-name-that-does-not-fit-the-prefix-of-63-char",
+            &session,
+        )
+        .expect("a pod");
+        assert_eq!(
+            pod.namespace,
+            walt_crds::runtime_namespace("a-very-long-tenant-name-that-does-not-fit-the-prefix-of-63-char")
+        );
+        assert_eq!(pod.namespace.len(), 63);
+    }
 }

@@ -356,6 +356,8 @@ fn virtual_node_gets_pod_service_claim_and_is_recreated_when_its_image_moves() {
     let cluster = cluster();
     let (namespace, _dir) = tenant(cluster, "op-vnode");
     let operator = start_operator(cluster, &namespace, "vnode-test", &[]);
+    // Its pod, Service and claim go to the tenant's runtime namespace, never the tenant's own.
+    let runtime = walt_crds::runtime_namespace(&namespace);
     operator.wait_ready(Duration::from_mins(1));
     let reference = format!("127.0.0.1:1/lab/{namespace}/debian:latest");
     apply(
@@ -375,7 +377,7 @@ fn virtual_node_gets_pod_service_claim_and_is_recreated_when_its_image_moves() {
     let pinned_a = format!("127.0.0.1:1/lab/{namespace}/debian@{DIGEST_A}");
     wait_for(
         cluster,
-        &namespace,
+        &runtime,
         "pod/walt-node-vn1",
         "{.metadata.annotations.walt\\.dev/boots}",
         &pinned_a,
@@ -384,7 +386,7 @@ fn virtual_node_gets_pod_service_claim_and_is_recreated_when_its_image_moves() {
     );
     let args = kubectl(
         cluster,
-        &namespace,
+        &runtime,
         &[
             "get",
             "pod/walt-node-vn1",
@@ -398,7 +400,7 @@ fn virtual_node_gets_pod_service_claim_and_is_recreated_when_its_image_moves() {
     );
     let limit = kubectl(
         cluster,
-        &namespace,
+        &runtime,
         &[
             "get",
             "pod/walt-node-vn1",
@@ -409,18 +411,25 @@ fn virtual_node_gets_pod_service_claim_and_is_recreated_when_its_image_moves() {
     assert_eq!(limit.trim(), "256Mi");
     let owner = kubectl(
         cluster,
-        &namespace,
+        &runtime,
         &[
             "get",
             "pod/walt-node-vn1",
             "-o",
-            "jsonpath={.metadata.ownerReferences[0].kind}/{.metadata.ownerReferences[0].name}",
+            "jsonpath={.metadata.labels.walt\\.dev/owner-kind}/{.metadata.labels.walt\\.dev/owner-namespace}/{.metadata.labels.walt\\.dev/owner-name}/{.metadata.labels.walt\\.dev/owner-uid}",
         ],
     );
-    assert_eq!(owner.trim(), "Node/vn1");
+    let node_uid = jsonpath(cluster, &namespace, "node.walt.dev/vn1", "{.metadata.uid}");
+    assert_eq!(owner.trim(), format!("Node/{namespace}/vn1/{node_uid}"));
+    assert!(
+        cluster
+            .kubectl_output(&["-n", &namespace, "get", "pod/walt-node-vn1"])
+            .is_err(),
+        "no pod in the tenant's namespace"
+    );
     wait_for(
         cluster,
-        &namespace,
+        &runtime,
         "service/walt-node-vn1",
         "{.spec.ports[0].port}",
         "22",
@@ -429,7 +438,7 @@ fn virtual_node_gets_pod_service_claim_and_is_recreated_when_its_image_moves() {
     );
     wait_for(
         cluster,
-        &namespace,
+        &runtime,
         "pvc/walt-node-vn1-persist",
         "{.spec.resources.requests.storage}",
         "1Gi",
@@ -441,7 +450,7 @@ fn virtual_node_gets_pod_service_claim_and_is_recreated_when_its_image_moves() {
         &namespace,
         "node.walt.dev/vn1",
         "{.status.address}",
-        &format!("walt-node-vn1.{namespace}.svc"),
+        &format!("walt-node-vn1.{runtime}.svc"),
         within,
         &operator,
     );
@@ -461,14 +470,14 @@ fn virtual_node_gets_pod_service_claim_and_is_recreated_when_its_image_moves() {
     // The image is overwritten (its digest moves): the virtual node reboots on it.
     let uid_before = kubectl(
         cluster,
-        &namespace,
+        &runtime,
         &["get", "pod/walt-node-vn1", "-o", "jsonpath={.metadata.uid}"],
     );
     set_image_digest(cluster, &namespace, "debian", &reference, DIGEST_B);
     let pinned_b = format!("127.0.0.1:1/lab/{namespace}/debian@{DIGEST_B}");
     wait_for(
         cluster,
-        &namespace,
+        &runtime,
         "pod/walt-node-vn1",
         "{.metadata.annotations.walt\\.dev/boots}",
         &pinned_b,
@@ -477,7 +486,7 @@ fn virtual_node_gets_pod_service_claim_and_is_recreated_when_its_image_moves() {
     );
     let uid_after = kubectl(
         cluster,
-        &namespace,
+        &runtime,
         &["get", "pod/walt-node-vn1", "-o", "jsonpath={.metadata.uid}"],
     );
     assert_ne!(uid_before.trim(), uid_after.trim(), "the pod was recreated");
@@ -505,7 +514,7 @@ fn virtual_node_gets_pod_service_claim_and_is_recreated_when_its_image_moves() {
     let uid_rebooted = Wait::new("the pod to be recreated (a new uid)", within)
         .every(Duration::from_millis(250))
         .until(|| {
-            let uid = jsonpath(cluster, &namespace, "pod/walt-node-vn1", "{.metadata.uid}");
+            let uid = jsonpath(cluster, &runtime, "pod/walt-node-vn1", "{.metadata.uid}");
             if !uid.is_empty() && uid != uid_after.trim() {
                 Poll::Ready(uid)
             } else {
@@ -516,7 +525,7 @@ fn virtual_node_gets_pod_service_claim_and_is_recreated_when_its_image_moves() {
     // Handled once: further reconciles keep this pod.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
-        jsonpath(cluster, &namespace, "pod/walt-node-vn1", "{.metadata.uid}"),
+        jsonpath(cluster, &runtime, "pod/walt-node-vn1", "{.metadata.uid}"),
         uid_rebooted,
         "one reboot per request"
     );
@@ -524,6 +533,233 @@ fn virtual_node_gets_pod_service_claim_and_is_recreated_when_its_image_moves() {
     assert!(
         metrics.contains("walt_reconciles_total{kind=\"Node\"}"),
         "{metrics}"
+    );
+    assert_eq!(
+        jsonpath(cluster, &namespace, "node.walt.dev/vn1", "{.status.podNamespace}"),
+        runtime
+    );
+    // Deleting the Node removes its pod, Service and claim (its finalizer: owner references cannot
+    // cross namespaces).
+    kubectl(
+        cluster,
+        &namespace,
+        &["delete", "node.walt.dev/vn1", "--wait=true", "--timeout=120s"],
+    );
+    for object in [
+        "pod/walt-node-vn1",
+        "service/walt-node-vn1",
+        "pvc/walt-node-vn1-persist",
+    ] {
+        Wait::new(&format!("{object} to go with its Node"), within)
+            .every(Duration::from_millis(250))
+            .until(|| {
+                let args = ["-n", runtime.as_str(), "get", object, "--ignore-not-found", "-o"];
+                match cluster.kubectl_output(
+                    &[
+                        &args[..],
+                        &["jsonpath={.metadata.name}/{.metadata.deletionTimestamp}"],
+                    ]
+                    .concat(),
+                ) {
+                    // Gone, or going (a claim waits for its pod to go first).
+                    Ok(out) if out.trim().is_empty() || !out.trim().ends_with('/') => Poll::Ready(()),
+                    Ok(out) => Poll::Pending(out),
+                    Err(error) => Poll::Pending(error.to_string()),
+                }
+            })
+            .unwrap_or_else(|e| panic!("{e}; log:\n{}", operator.log()));
+    }
+}
+
+/// Issue 15, no privileged pod for tenants: alice's image shell runs in her runtime namespace
+/// (`walt-run-<alice>`, Pod Security `privileged`, made by the operator), never in her own (which
+/// stays at `baseline`), labelled with its owner (kind, namespace, name, uid: owner references cannot
+/// cross namespaces); the session's status names the pod's namespace; deleting the session removes
+/// the pod; a pod there whose owner is gone is swept, one without owner labels is left alone; the
+/// namespace's attach RoleBinding follows the subjects of alice's RoleBindings to walt's tenant roles.
+/// The test plays the kubelet (none on this tier): the pod is only created and deleted.
+#[test]
+fn alices_shell_runs_in_her_runtime_namespace_and_goes_with_its_owner() {
+    let started = Instant::now();
+    let cluster = cluster();
+    let (alice, _dir) = tenant(cluster, "alice-rt");
+    kubectl(
+        cluster,
+        &alice,
+        &[
+            "label",
+            "namespace",
+            &alice,
+            "pod-security.kubernetes.io/enforce=baseline",
+        ],
+    );
+    kubectl(
+        cluster,
+        &alice,
+        &[
+            "create",
+            "rolebinding",
+            "alice-walt",
+            "--clusterrole=walt-edit",
+            "--user=alice",
+        ],
+    );
+    let operator = start_operator(cluster, &alice, "rt", &["--runtime-sweep-interval", "2s"]);
+    operator.wait_ready(Duration::from_mins(1));
+    apply(
+        cluster,
+        &alice,
+        "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {name: debian}\nspec: {}\n",
+    );
+    set_image_digest(
+        cluster,
+        &alice,
+        "debian",
+        &format!("127.0.0.1:1/lab/{alice}/debian:latest"),
+        DIGEST_A,
+    );
+    apply(
+        cluster,
+        &alice,
+        "apiVersion: walt.dev/v1alpha1\nkind: ShellSession\nmetadata: {name: s1}\nspec: {image: debian, ttl: 10m}\n",
+    );
+    let runtime = walt_crds::runtime_namespace(&alice);
+    let within = Duration::from_mins(1);
+    wait_for(
+        cluster,
+        &alice,
+        "shellsession/s1",
+        "{.status.pod} {.status.podNamespace}",
+        &format!("walt-shell-s1 {runtime}"),
+        within,
+        &operator,
+    );
+    let session_uid = jsonpath(cluster, &alice, "shellsession/s1", "{.metadata.uid}");
+    assert_eq!(
+        jsonpath(
+            cluster,
+            &runtime,
+            "pod/walt-shell-s1",
+            "{.metadata.labels.walt\\.dev/owner-kind}/{.metadata.labels.walt\\.dev/owner-namespace}/{.metadata.labels.walt\\.dev/owner-name}/{.metadata.labels.walt\\.dev/owner-uid}"
+        ),
+        format!("ShellSession/{alice}/s1/{session_uid}")
+    );
+    assert!(
+        cluster
+            .kubectl_output(&["-n", &alice, "get", "pod/walt-shell-s1"])
+            .is_err(),
+        "a shell pod in the tenant's namespace"
+    );
+    assert_eq!(
+        jsonpath(
+            cluster,
+            &runtime,
+            &format!("namespace/{runtime}"),
+            "{.metadata.labels.pod-security\\.kubernetes\\.io/enforce} {.metadata.labels.walt\\.dev/tenant}"
+        ),
+        format!("privileged {alice}")
+    );
+    // Alice's users may attach there: the RoleBinding names whoever alice's namespace binds to walt-edit.
+    wait_for(
+        cluster,
+        &runtime,
+        "rolebinding/walt-session-attach",
+        "{.roleRef.name} {.subjects[*].name}",
+        "walt-session-attach alice",
+        within,
+        &operator,
+    );
+    kubectl(
+        cluster,
+        &alice,
+        &[
+            "create",
+            "rolebinding",
+            "carol-walt",
+            "--clusterrole=edit",
+            "--user=carol",
+        ],
+    );
+    wait_for(
+        cluster,
+        &runtime,
+        "rolebinding/walt-session-attach",
+        "{.subjects[*].name}",
+        "alice carol",
+        within,
+        &operator,
+    );
+    kubectl(cluster, &alice, &["delete", "rolebinding", "carol-walt"]);
+    wait_for(
+        cluster,
+        &runtime,
+        "rolebinding/walt-session-attach",
+        "{.subjects[*].name}",
+        "alice",
+        within,
+        &operator,
+    );
+    // Deleting the session removes its pod (its finalizer).
+    kubectl(
+        cluster,
+        &alice,
+        &["delete", "shellsession/s1", "--wait=true", "--timeout=60s"],
+    );
+    Wait::new("the shell pod to go with its session", within)
+        .every(Duration::from_millis(250))
+        .until(|| {
+            match cluster.kubectl_output(&[
+                "-n",
+                &runtime,
+                "get",
+                "pod/walt-shell-s1",
+                "--ignore-not-found",
+                "-o",
+                "name",
+            ]) {
+                Ok(out) if out.trim().is_empty() => Poll::Ready(()),
+                Ok(out) => Poll::Pending(out),
+                Err(error) => Poll::Pending(error.to_string()),
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", operator.log()));
+    // A pod whose owner is gone (a session deleted while no operator ran) is swept; one without
+    // owner labels (not walt's) is left alone.
+    let orphan = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: walt-shell-gone\n  labels:\n    \
+         app.kubernetes.io/managed-by: walt-operator\n    walt.dev/owner-kind: ShellSession\n    \
+         walt.dev/owner-namespace: {alice}\n    walt.dev/owner-name: gone\n    walt.dev/owner-uid: 00000000-0000-0000-0000-000000000000\n\
+         spec: {{containers: [{{name: shell, image: busybox}}]}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: someone-elses}}\nspec: {{containers: [{{name: c, image: busybox}}]}}\n"
+    );
+    apply(cluster, &runtime, &orphan);
+    Wait::new("the orphan pod to be swept", within)
+        .every(Duration::from_millis(250))
+        .until(|| {
+            match cluster.kubectl_output(&[
+                "-n",
+                &runtime,
+                "get",
+                "pod/walt-shell-gone",
+                "--ignore-not-found",
+                "-o",
+                "name",
+            ]) {
+                Ok(out) if out.trim().is_empty() => Poll::Ready(()),
+                Ok(out) => Poll::Pending(out),
+                Err(error) => Poll::Pending(error.to_string()),
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", operator.log()));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        jsonpath(cluster, &runtime, "pod/someone-elses", "{.metadata.name}"),
+        "someone-elses",
+        "a pod without owner labels was swept"
+    );
+    eprintln!(
+        "alices_shell_runs_in_her_runtime_namespace_and_goes_with_its_owner: {:.1} s",
+        started.elapsed().as_secs_f64()
     );
 }
 
@@ -564,7 +800,12 @@ fn a_node_pointing_to_a_missing_image_says_so() {
     );
     assert!(
         cluster
-            .kubectl_output(&["-n", &namespace, "get", "pod/walt-node-vn2"])
+            .kubectl_output(&[
+                "-n",
+                &walt_crds::runtime_namespace(&namespace),
+                "get",
+                "pod/walt-node-vn2"
+            ])
             .is_err(),
         "no pod without an image"
     );
@@ -2396,10 +2637,11 @@ fn virtual_node_save_reaches_the_pod_by_its_ip() {
          spec: {model: pc-x86-64, image: debian, virtual: {architecture: amd64}}\n",
     );
     let within = Duration::from_mins(1);
+    let runtime = walt_crds::runtime_namespace(&namespace);
     let pinned = format!("{}/lab/{namespace}/debian@{base_digest}", registry.host());
     wait_for(
         cluster,
-        &namespace,
+        &runtime,
         "pod/walt-node-vn1",
         "{.metadata.annotations.walt\\.dev/boots}",
         &pinned,
@@ -2447,7 +2689,7 @@ fn virtual_node_save_reaches_the_pod_by_its_ip() {
     .to_string();
     kubectl(
         cluster,
-        &namespace,
+        &runtime,
         &[
             "patch",
             "pod/walt-node-vn1",
@@ -2797,10 +3039,27 @@ fn alices_virtual_node_reaches_only_a_pod_it_owns_never_bobs() {
         &format!("127.0.0.1:1/lab/{alice}/debian:latest"),
         DIGEST_A,
     );
-    // Her pod with her virtual node's pod name, running at bob's node's IP (the test plays the kubelet).
+    // A pod with her virtual node's pod name in her runtime namespace, running at bob's node's IP
+    // (the test plays the kubelet), that is not her Node's: no owner labels with its uid. Alice
+    // cannot make it (she may create nothing in walt-run-alice: the control plane test
+    // `alice_runs_no_privileged_pod_and_attaches_only_to_her_own_sessions`); here a cluster admin
+    // does, to show the operator still never reaches it.
+    let runtime = walt_crds::runtime_namespace(&alice);
+    cluster
+        .kubectl_output(&["create", "namespace", &runtime])
+        .expect("create the runtime namespace");
+    cluster
+        .kubectl_output(&[
+            "label",
+            "namespace",
+            &runtime,
+            "app.kubernetes.io/managed-by=walt-operator",
+            &format!("walt.dev/tenant={alice}"),
+        ])
+        .expect("label the runtime namespace");
     apply(
         cluster,
-        &alice,
+        &runtime,
         "apiVersion: v1\nkind: Pod\nmetadata: {name: walt-node-steal}\n\
          spec: {containers: [{name: node, image: busybox}]}\n",
     );
@@ -2811,7 +3070,7 @@ fn alices_virtual_node_reaches_only_a_pod_it_owns_never_bobs() {
     .to_string();
     kubectl(
         cluster,
-        &alice,
+        &runtime,
         &[
             "patch",
             "pod/walt-node-steal",
@@ -2848,9 +3107,9 @@ fn alices_virtual_node_reaches_only_a_pod_it_owns_never_bobs() {
     assert_eq!(
         jsonpath(
             cluster,
-            &alice,
+            &runtime,
             "pod/walt-node-steal",
-            "{.metadata.ownerReferences}"
+            "{.metadata.labels.walt\\.dev/owner-uid}"
         ),
         "",
         "the operator took the pod over"
@@ -3739,9 +3998,12 @@ fn the_operator_issues_registry_tokens_and_a_namespace_gets_only_its_own_credent
         Duration::from_mins(1),
         &operator,
     );
+    // Written into the tenant's runtime namespace, which its pods mount from and it cannot read;
+    // never into its own namespace.
+    let runtime = walt_crds::runtime_namespace(&namespace);
     wait_for(
         cluster,
-        &namespace,
+        &runtime,
         "secret/walt-registry-credentials",
         "{.type}",
         "kubernetes.io/dockerconfigjson",
@@ -3750,7 +4012,7 @@ fn the_operator_issues_registry_tokens_and_a_namespace_gets_only_its_own_credent
     );
     let document = kubectl(
         cluster,
-        &namespace,
+        &runtime,
         &[
             "get",
             "secret/walt-registry-credentials",
@@ -3774,6 +4036,12 @@ fn the_operator_issues_registry_tokens_and_a_namespace_gets_only_its_own_credent
     )
     .expect("utf8");
     assert!(creds.starts_with(&format!("tenant/{namespace}:")), "{creds}");
+    assert!(
+        cluster
+            .kubectl_output(&["-n", &namespace, "get", "secret/walt-registry-credentials"])
+            .is_err(),
+        "the credential was written into the tenant's namespace"
+    );
     assert!(
         !creds.contains("lab-password"),
         "the lab credential was copied into the namespace"
@@ -4609,11 +4877,12 @@ fn api_server_restarts_lose_nothing() {
 fn end_shell_pod(lab: &SaveLab, session: &str, digest: &str) {
     let cluster = cluster();
     let pod = format!("pod/walt-shell-{session}");
+    let runtime = walt_crds::runtime_namespace(&lab.namespace);
     Wait::new(&format!("{pod} to be created"), Duration::from_mins(1))
         .every(Duration::from_millis(250))
         .until(|| {
             cluster
-                .kubectl_output(&["-n", &lab.namespace, "get", &pod, "-o", "name"])
+                .kubectl_output(&["-n", &runtime, "get", &pod, "-o", "name"])
                 .is_ok()
         })
         .unwrap_or_else(|e| panic!("{e}; operator log:\n{}", lab.operator.log()));
@@ -4627,7 +4896,7 @@ fn end_shell_pod(lab: &SaveLab, session: &str, digest: &str) {
     }]}});
     kubectl(
         cluster,
-        &lab.namespace,
+        &runtime,
         &[
             "patch",
             &pod,

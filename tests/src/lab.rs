@@ -753,9 +753,14 @@ fn ensure_demo_images(kube: &Kube, lab_registry: &LabRegistry) -> Result<(), Err
     })
 }
 
-/// The lab's walt objects: two Images and one virtual Node.
+/// The lab's walt objects: the tenant namespace (Pod Security `baseline`, enforced: walt runs its
+/// shell and virtual node pods in the operator's runtime namespace `walt-run-lab`, never there), two
+/// Images and one virtual Node.
 pub fn lab_objects(cluster_registry: &str) -> String {
-    let mut yaml = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {LAB_NAMESPACE}\n");
+    let mut yaml = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {LAB_NAMESPACE}\n  labels:\n    \
+         pod-security.kubernetes.io/enforce: baseline\n"
+    );
     for arch in Arch::ALL {
         let _ = write!(
             yaml,

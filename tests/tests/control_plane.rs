@@ -802,8 +802,9 @@ fn alice_cannot_save_a_shell_or_a_node_into_bobs_path_or_the_catalog() {
 /// Role in the release namespace; walt-device-viewer), and the API server still refuses her every
 /// Secret that holds a node or lab registry credential: the node key, the registry token key and the
 /// lab credential in the release namespace, bob's registry credential, any Secret listed across
-/// namespaces. (Her own namespace's `walt-registry-credentials` is hers to read: it holds only
-/// `tenant/<her namespace>`, see `the_operator_issues_registry_tokens_and_a_namespace_gets_only_its_own_credential`.)
+/// namespaces. (Her pods' `walt-registry-credentials` is in her runtime namespace `walt-run-<her
+/// namespace>`, which she cannot read, and holds only `tenant/<her namespace>`, see
+/// `the_operator_issues_registry_tokens_and_a_namespace_gets_only_its_own_credential`.)
 #[test]
 fn alice_reads_no_secret_with_a_registry_or_node_credential() {
     let started = std::time::Instant::now();
@@ -931,6 +932,222 @@ fn alice_reads_no_secret_with_a_registry_or_node_credential() {
     let _ = cluster.kubectl_output(&["delete", "clusterrolebinding", &viewer]);
     eprintln!(
         "alice_reads_no_secret_with_a_registry_or_node_credential: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// A pod spec (as JSON) of one container `c` with `security` as its securityContext, `host_users` as
+/// `spec.hostUsers` when given.
+fn pod_json(name: &str, security: &serde_json::Value, host_users: Option<bool>) -> String {
+    let mut pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+        "spec": {"containers": [{"name": "c", "image": "busybox", "securityContext": security}]},
+    });
+    if let Some(host_users) = host_users {
+        pod["spec"]["hostUsers"] = serde_json::Value::Bool(host_users);
+    }
+    pod.to_string()
+}
+
+/// Issue 15, no privileged pods for tenants (design (b): walt's pods that need mount rights run in
+/// an operator-owned runtime namespace per tenant). With alice's namespace at Pod Security
+/// `baseline` (enforced) and the chart's roles on the real API server, alice (`edit`, which
+/// aggregates walt-edit, in her namespace): is refused a privileged pod there by Pod Security, and
+/// so is the user-namespaced pod design (a) would need (`hostUsers: false`, `SYS_ADMIN`, seccomp
+/// `Unconfined`); may create no pod at all in her runtime namespace `walt-run-<alice>` (the
+/// operator's, Pod Security `privileged`), nor exec into her shell pod there, nor read its Secrets;
+/// may attach to her own session's pod but not to bob's. The runtime namespaces and their attach
+/// RoleBinding are made here as the operator makes them (checked against the real operator by
+/// `controller::alices_shell_runs_in_her_runtime_namespace_and_goes_with_its_owner`).
+#[test]
+fn alice_runs_no_privileged_pod_and_attaches_only_to_her_own_sessions() {
+    let started = std::time::Instant::now();
+    let cluster = cluster();
+    let system = cluster.create_namespace("walt-sys-psa").expect("namespace");
+    let alice = cluster.create_namespace("alice-psa").expect("namespace");
+    let bob = cluster.create_namespace("bob-psa").expect("namespace");
+    let args = [
+        "--namespace",
+        system.as_str(),
+        "--set",
+        &format!("fullnameOverride={system}"),
+    ];
+    let attach_role = format!("{system}-session-attach");
+    let roles = chart_objects(&args, &["ClusterRole"], |doc| {
+        doc["metadata"]["name"].as_str().is_some_and(|name| {
+            ["walt-view", "walt-edit", "walt-admin"].contains(&name) || name == attach_role
+        })
+    });
+    assert_eq!(roles.matches("kind: ClusterRole\n").count(), 4, "{roles}");
+    kubectl_stdin(cluster, &["apply", "--server-side", "-f", "-"], &roles).expect("the chart's roles");
+    let mut tenants = Vec::new();
+    for (user, tenant) in [("alice", alice.as_str()), ("bob", bob.as_str())] {
+        cluster
+            .kubectl_output(&[
+                "label",
+                "namespace",
+                tenant,
+                "pod-security.kubernetes.io/enforce=baseline",
+            ])
+            .expect("baseline");
+        cluster
+            .kubectl_output(&[
+                "-n",
+                tenant,
+                "create",
+                "rolebinding",
+                user,
+                "--clusterrole=edit",
+                &format!("--user={user}"),
+            ])
+            .expect("bind the tenant");
+        // What the operator makes for a tenant (controller/shared/runtime.rs): its runtime namespace,
+        // the attach RoleBinding to the tenant's users, and a shell pod (privileged where the cluster
+        // has no user namespaces).
+        let runtime = walt_crds::runtime_namespace(tenant);
+        let objects = format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {runtime}\n  labels:\n    \
+             app.kubernetes.io/managed-by: walt-operator\n    walt.dev/tenant: {tenant}\n    \
+             pod-security.kubernetes.io/enforce: privileged\n---\n\
+             apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: walt-session-attach, namespace: {runtime}}}\n\
+             roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {attach_role}}}\n\
+             subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: User, name: {user}}}]\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata:\n  name: walt-shell-s1\n  namespace: {runtime}\n  labels:\n    \
+             app.kubernetes.io/managed-by: walt-operator\n    walt.dev/owner-kind: ShellSession\n    \
+             walt.dev/owner-namespace: {tenant}\n    walt.dev/owner-name: s1\n    walt.dev/owner-uid: u-{user}\n\
+             spec:\n  containers: [{{name: shell, image: busybox, stdin: true, tty: true, securityContext: {{privileged: true}}}}]\n"
+        );
+        kubectl_stdin(cluster, &["apply", "-f", "-"], &objects).expect("the operator's objects");
+        tenants.push(runtime);
+    }
+    let (alice_runtime, bob_runtime) = (tenants[0].clone(), tenants[1].clone());
+    let as_alice_stdin = |args: &[&str], input: &str| kubectl_as_stdin(cluster, "alice", args, input);
+    let mut wrong = Vec::new();
+    // Her namespace at baseline: an ordinary pod passes (dry run: the check can fail) ...
+    let plain = pod_json("plain", &serde_json::json!({}), None);
+    if let Err(refused) = as_alice_stdin(&["-n", &alice, "create", "--dry-run=server", "-f", "-"], &plain) {
+        wrong.push(format!(
+            "an ordinary pod was refused in alice's namespace: {refused}"
+        ));
+    }
+    // ... a privileged one, and the user-namespaced one of design (a), are refused by Pod Security.
+    let refusals = [
+        (
+            "privileged",
+            pod_json("root", &serde_json::json!({"privileged": true}), None),
+            "privileged (container \"c\" must not set securityContext.privileged=true)",
+        ),
+        (
+            "user-namespaced with SYS_ADMIN and seccomp Unconfined",
+            pod_json(
+                "userns",
+                &serde_json::json!({"capabilities": {"add": ["SYS_ADMIN"]}, "seccompProfile": {"type": "Unconfined"}}),
+                Some(false),
+            ),
+            "non-default capabilities (container \"c\" must not include \"SYS_ADMIN\" in securityContext.capabilities.add)",
+        ),
+    ];
+    for (what, pod, words) in &refusals {
+        match as_alice_stdin(&["-n", &alice, "create", "-f", "-"], pod) {
+            Ok(out) => wrong.push(format!("alice created a {what} pod in her namespace: {out}")),
+            Err(refused) => {
+                eprintln!("alice's {what} pod: {}", refused.trim());
+                if !(refused.contains("violates PodSecurity \"baseline:latest\"") && refused.contains(words))
+                {
+                    wrong.push(format!(
+                        "the {what} pod was refused, but not by Pod Security saying {words:?}: {refused}"
+                    ));
+                }
+            }
+        }
+    }
+    if let Err(refused) = as_alice_stdin(
+        &["-n", &alice, "create", "--dry-run=server", "-f", "-"],
+        &pod_json(
+            "unconfined",
+            &serde_json::json!({"seccompProfile": {"type": "Unconfined"}}),
+            None,
+        ),
+    ) {
+        eprintln!("alice's seccomp-Unconfined pod: {}", refused.trim());
+        if !refused.contains("seccompProfile (container \"c\" must not set securityContext.seccompProfile.type to \"Unconfined\")") {
+            wrong.push(format!("seccomp Unconfined refused, but not by Pod Security: {refused}"));
+        }
+    } else {
+        wrong.push("a seccomp-Unconfined pod passed baseline".to_owned());
+    }
+    // Her runtime namespace: no pod of her own, not even an ordinary one.
+    match as_alice_stdin(&["-n", &alice_runtime, "create", "-f", "-"], &plain) {
+        Ok(out) => wrong.push(format!("alice created a pod in her runtime namespace: {out}")),
+        Err(refused) => {
+            eprintln!("alice's pod in her runtime namespace: {}", refused.trim());
+            if !refused.contains(&format!(
+                "pods is forbidden: User \"alice\" cannot create resource \"pods\" in API group \"\" in the namespace \"{alice_runtime}\""
+            )) {
+                wrong.push(format!("refused, but not by RBAC: {refused}"));
+            }
+        }
+    }
+    // `auth can-i VERB pods/attach` would ask about a pod named `attach`: the subresource is a flag.
+    let can = |verb: &str, resource: &str, namespace: &str| {
+        let (resource, subresource) = resource.split_once('/').unwrap_or((resource, ""));
+        let subresource = format!("--subresource={subresource}");
+        let mut args = vec!["auth", "can-i", verb, resource, "-n", namespace];
+        if subresource.len() > "--subresource=".len() {
+            args.push(&subresource);
+        }
+        run_kubectl(
+            cluster.kubectl_as("alice", groups("alice")).expect("kubeconfig"),
+            &args,
+        )
+        .is_ok()
+    };
+    for (verb, resource, namespace, allowed) in [
+        ("create", "pods/attach", alice_runtime.as_str(), true),
+        ("get", "pods", alice_runtime.as_str(), true),
+        ("get", "pods/log", alice_runtime.as_str(), true),
+        ("create", "pods/exec", alice_runtime.as_str(), false),
+        ("create", "pods/portforward", alice_runtime.as_str(), false),
+        ("create", "pods", alice_runtime.as_str(), false),
+        ("delete", "pods", alice_runtime.as_str(), false),
+        ("patch", "pods", alice_runtime.as_str(), false),
+        ("get", "secrets", alice_runtime.as_str(), false),
+        ("create", "rolebindings", alice_runtime.as_str(), false),
+        ("create", "pods/attach", bob_runtime.as_str(), false),
+        ("get", "pods", bob_runtime.as_str(), false),
+    ] {
+        if can(verb, resource, namespace) != allowed {
+            wrong.push(format!(
+                "can-i {verb} {resource} -n {namespace}: expected {allowed}"
+            ));
+        }
+    }
+    let alice_kubectl = |args: &[&str]| {
+        run_kubectl(
+            cluster.kubectl_as("alice", groups("alice")).expect("kubeconfig"),
+            args,
+        )
+    };
+    match alice_kubectl(&["-n", &alice_runtime, "exec", "walt-shell-s1", "--", "true"]) {
+        Ok(out) => wrong.push(format!("alice exec'd into her shell pod: {out}")),
+        Err(refused)
+            if refused.to_string().contains("Forbidden") || refused.to_string().contains("forbidden") =>
+        {
+            eprintln!("alice's exec: {refused}");
+        }
+        Err(refused) => wrong.push(format!("exec refused, but not by RBAC: {refused}")),
+    }
+    if let Ok(out) = alice_kubectl(&["-n", &bob_runtime, "get", "pod", "walt-shell-s1"]) {
+        wrong.push(format!("alice sees bob's shell pod: {out}"));
+    }
+    alice_kubectl(&["-n", &alice_runtime, "get", "pod", "walt-shell-s1"])
+        .unwrap_or_else(|e| panic!("alice cannot see her own shell pod: {e}"));
+    for namespace in [&alice_runtime, &bob_runtime] {
+        let _ = cluster.kubectl_output(&["delete", "namespace", namespace, "--wait=false"]);
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    eprintln!(
+        "alice_runs_no_privileged_pod_and_attaches_only_to_her_own_sessions: {:.1} s",
         started.elapsed().as_secs_f64()
     );
 }

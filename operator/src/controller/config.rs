@@ -206,6 +206,24 @@ pub struct Args {
     /// Layer cache of shell pods: `hostPath:/DIR` (shared per cluster node) or `emptyDir`.
     #[arg(long, env = "WALT_SHELL_CACHE", default_value = "hostPath:/var/lib/walt/cache", value_parser = parse_layer_cache)]
     pub shell_cache: LayerCache,
+    /// The ClusterRoles that make a user a tenant of a namespace (RoleBindings there to one of them):
+    /// their subjects may attach to the namespace's shells in its runtime namespace (`walt-run-<ns>`).
+    #[arg(
+        long,
+        env = "WALT_TENANT_ROLES",
+        value_delimiter = ',',
+        default_value = "admin,edit,walt-admin,walt-edit"
+    )]
+    pub tenant_roles: Vec<String>,
+    /// The ClusterRole a runtime namespace's RoleBinding grants the tenant's users (get, list and
+    /// watch pods, attach, read logs and events; never exec nor create): the chart's
+    /// `<release>-session-attach`.
+    #[arg(long, env = "WALT_SESSION_ATTACH_ROLE", default_value = "walt-session-attach")]
+    pub session_attach_role: String,
+    /// How often each runtime namespace is swept of the pods, Services and claims whose ShellSession
+    /// or Node is gone (also at start, and whenever one of the tenant's ShellSessions or Nodes goes).
+    #[arg(long, env = "WALT_RUNTIME_SWEEP_INTERVAL", default_value = "5m", value_parser = parse_positive_duration)]
+    pub runtime_sweep_interval: Duration,
     /// User-namespaced shell pods (`hostUsers: false`).
     #[arg(long, env = "WALT_USER_NAMESPACES", value_enum, default_value = "auto")]
     pub user_namespaces: UserNamespaces,

@@ -419,7 +419,6 @@ mod tests {
     use crate::ssh::HostKeyPolicy;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use k8s_openapi::jiff::Timestamp;
-    use kube::Resource;
     use walt_crds::{
         DeviceLoan, DeviceSpec, DeviceStatus, NodeSpec, ShellSessionSpec, ShellSessionStatus, VirtualNode,
     };
@@ -597,7 +596,10 @@ mod tests {
         assert!(error.to_string().contains("no running pod"), "{error}");
         let pod = Pod {
             metadata: kube::api::ObjectMeta {
-                owner_references: virtual_node.controller_owner_ref(&()).map(|owner| vec![owner]),
+                labels: Some(crate::controller::shared::runtime::owner_labels(
+                    "Node",
+                    &virtual_node,
+                )),
                 ..Default::default()
             },
             status: Some(k8s_openapi::api::core::v1::PodStatus {

@@ -35,6 +35,7 @@ pub mod leader;
 pub mod metrics;
 pub mod node;
 pub mod node_save;
+pub mod runtime_namespace;
 pub mod shared;
 pub mod shell_session;
 
@@ -43,7 +44,8 @@ use std::future::Future;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
@@ -155,6 +157,37 @@ where
         .await;
 }
 
+/// Pods of the tenants' runtime namespaces (all of them, or the watched namespace's).
+fn runtime_pods(context: &Context) -> Api<Pod> {
+    match &context.config.args.watch_namespace {
+        Some(namespace) => Api::namespaced(context.client.clone(), &walt_crds::runtime_namespace(namespace)),
+        None => Api::all(context.client.clone()),
+    }
+}
+
+/// The object of kind `kind` an object in a runtime namespace belongs to, from its owner labels
+/// (pure; whether it really is that object's, by uid, each controller checks).
+fn owner_of<K: Resource<DynamicType = ()>>(object: &impl Resource, kind: &str) -> Option<ObjectRef<K>> {
+    use walt_crds::runtime::{OWNER_KIND_LABEL, OWNER_NAME_LABEL, OWNER_NAMESPACE_LABEL};
+    let labels = object.meta().labels.as_ref()?;
+    if labels.get(OWNER_KIND_LABEL).map(String::as_str) != Some(kind) {
+        return None;
+    }
+    let namespace = labels.get(OWNER_NAMESPACE_LABEL)?;
+    let name = labels.get(OWNER_NAME_LABEL)?;
+    Some(ObjectRef::new(name).within(namespace))
+}
+
+/// Watch configuration of the runtime namespaces (the operator's, for every tenant or the watched one).
+fn runtime_namespaces(context: &Context) -> watcher::Config {
+    let tenant = walt_crds::runtime::TENANT_LABEL;
+    let selector = match &context.config.args.watch_namespace {
+        Some(namespace) => format!("{MANAGED_BY_LABEL}={MANAGED_BY},{tenant}={namespace}"),
+        None => format!("{MANAGED_BY_LABEL}={MANAGED_BY},{tenant}"),
+    };
+    watcher::Config::default().labels(&selector)
+}
+
 fn all<K>(context: &Context) -> Api<K>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
@@ -184,7 +217,10 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
         all::<DeserializeGuard<Node>>(&context),
         watcher::Config::default(),
     )
-    .owns(all::<Pod>(&context), owned_objects());
+    // Its pod changed (in the tenant's runtime namespace: owner labels, not owner references).
+    .watches(runtime_pods(&context), owned_objects(), |pod: Pod| {
+        owner_of::<DeserializeGuard<Node>>(&pod, "Node")
+    });
     let node_store = nodes.store();
     let device_store = node_store.clone();
     let census_nodes = node_store.clone();
@@ -269,7 +305,9 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
     );
     let census_sessions = shells.store();
     let shells = shells
-        .owns(all::<Pod>(&context), owned_objects())
+        .watches(runtime_pods(&context), owned_objects(), |pod: Pod| {
+            owner_of::<DeserializeGuard<ShellSession>>(&pod, "ShellSession")
+        })
         .with_config(controller_config(&context))
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(
@@ -313,6 +351,37 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
             error_policy::<ImageBuild>("ImageBuild"),
             context.clone(),
         );
+    let runtimes = Controller::new(
+        Api::<DeserializeGuard<Namespace>>::all(context.client.clone()),
+        runtime_namespaces(&context),
+    )
+    // A RoleBinding of a tenant changed: its runtime namespace's attach binding follows.
+    .watches(
+        all::<RoleBinding>(&context),
+        watcher::Config::default(),
+        |binding: RoleBinding| {
+            binding
+                .namespace()
+                .filter(|namespace| !walt_crds::is_runtime_namespace_name(namespace))
+                .map(|namespace| {
+                    ObjectRef::<DeserializeGuard<Namespace>>::new(&walt_crds::runtime_namespace(&namespace))
+                })
+        },
+    )
+    .with_config(controller_config(&context))
+    .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+    .run(
+        |namespace, context| {
+            instrumented(
+                "RuntimeNamespace",
+                namespace,
+                context,
+                runtime_namespace::reconcile,
+            )
+        },
+        error_policy::<Namespace>("RuntimeNamespace"),
+        context.clone(),
+    );
     let census = census::run(
         census::Caches {
             nodes: census_nodes,
@@ -330,6 +399,7 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
         drain("NodeSave", saves),
         drain("ShellSession", shells),
         drain("Device", devices),
-        drain("ImageBuild", builds)
+        drain("ImageBuild", builds),
+        drain("RuntimeNamespace", runtimes)
     );
 }

@@ -13,8 +13,9 @@
 //!   when `bootMode: persistent`. The pod carries the digest it boots; when the
 //!   Image's digest moves (or `spec.image` changes) the pod is recreated.
 //!
-//! Everything here is owned by the Node (ownerReferences), so deleting a Node
-//! lets the garbage collector remove its pod, Service and claim.
+//! Everything here lives in the tenant's runtime namespace (`walt-run-<namespace>`) and carries
+//! the Node's owner labels (kind, namespace, name, uid): deleting a Node removes its pod, Service
+//! and claim (the Node's finalizer, and the runtime namespace's sweep for what is left).
 
 use std::collections::BTreeMap;
 
@@ -26,13 +27,14 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
 use kube::api::ObjectMeta;
-use kube::{Resource, ResourceExt};
-use walt_crds::{BootMode, Node, NodePhase};
+use walt_crds::{BootMode, Node, NodePhase, runtime_namespace};
 
 use crate::controller::shared::context::{MANAGED_BY, MANAGED_BY_LABEL};
 use crate::controller::shared::pods::{binfmt_mount, binfmt_volume, prefer_architecture, vnode_object_name};
 use crate::controller::shared::registry::{registry_credentials_mount, registry_credentials_volume};
+use crate::controller::shared::runtime::owner_labels;
 
 /// Label naming the Node a pod, Service or claim belongs to.
 pub const NODE_LABEL: &str = "walt.dev/node";
@@ -62,12 +64,15 @@ pub fn node_labels(node: &str) -> BTreeMap<String, String> {
     ])
 }
 
+/// Metadata of what is built for `node`: in the tenant's runtime namespace, with the owner labels
+/// (owner references cannot cross namespaces) and [`node_labels`] (the Service's selector).
 fn owned_meta(node: &Node, name: String) -> ObjectMeta {
+    let mut labels = owner_labels("Node", node);
+    labels.extend(node_labels(&node.name_any()));
     ObjectMeta {
         name: Some(name),
-        namespace: node.namespace(),
-        labels: Some(node_labels(&node.name_any())),
-        owner_references: node.controller_owner_ref(&()).map(|owner| vec![owner]),
+        namespace: node.namespace().map(|namespace| runtime_namespace(&namespace)),
+        labels: Some(labels),
         ..ObjectMeta::default()
     }
 }
@@ -358,12 +363,21 @@ mod tests {
         let node = virtual_node("vn1", BootMode::Volatile);
         let pod = build_vnode_pod(&node, &inputs());
         assert_eq!(pod.name_any(), "walt-node-vn1");
-        assert_eq!(pod.namespace().as_deref(), Some("alice"));
-        let owner = &pod.owner_references()[0];
         assert_eq!(
-            (owner.kind.as_str(), owner.name.as_str(), owner.controller),
-            ("Node", "vn1", Some(true))
+            pod.namespace().as_deref(),
+            Some("walt-run-alice"),
+            "in the tenant's runtime namespace, never the tenant's own"
         );
+        assert!(
+            pod.owner_references().is_empty(),
+            "no cross-namespace owner reference"
+        );
+        assert!(crate::controller::shared::runtime::owned_by(
+            &pod.metadata,
+            "Node",
+            &node
+        ));
+        assert_eq!(pod.labels()[NODE_LABEL], "vn1");
         assert_eq!(
             pod.annotations()[BOOTS_ANNOTATION],
             "reg.lab/alice/debian@sha256:abc"
@@ -410,6 +424,7 @@ mod tests {
     fn persistent_vnode_gets_a_claim() {
         let node = virtual_node("vn2", BootMode::Persistent);
         let pod = build_vnode_pod(&node, &inputs());
+        let pod_labels = pod.labels().clone();
         let spec = pod.spec.expect("spec");
         assert!(
             spec.containers[0]
@@ -431,7 +446,20 @@ mod tests {
         );
         let claim = build_persist_claim(&node);
         assert_eq!(claim.name_any(), "walt-node-vn2-persist");
-        assert_eq!(claim.owner_references()[0].name, "vn2");
+        assert_eq!(claim.namespace().as_deref(), Some("walt-run-alice"));
+        assert!(crate::controller::shared::runtime::owned_by(
+            &claim.metadata,
+            "Node",
+            &node
+        ));
+        let service = build_vnode_service(&node);
+        assert_eq!(service.namespace().as_deref(), Some("walt-run-alice"));
+        let selector = service.spec.and_then(|spec| spec.selector).expect("selector");
+        assert!(
+            selector
+                .iter()
+                .all(|(key, value)| pod_labels.get(key) == Some(value))
+        );
     }
 
     #[test]

@@ -6,7 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
 use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Api, ResourceExt};
 use walt_crds::{ConditionStatus, Image, ImageDigestRef, Node, NodePhase, NodeStatus, condition_types};
 
@@ -21,6 +23,7 @@ use crate::controller::shared::context::Context;
 use crate::controller::shared::error::{Error, Result};
 use crate::controller::shared::lookup::find_image;
 use crate::controller::shared::registry::{NO_REBOOT_ANNOTATION, pinned_reference_of};
+use crate::controller::shared::runtime::{delete, owned_by};
 
 /// The reboot request not handled yet, if any (pure).
 pub fn pending_reboot_request(node: &Node) -> Option<String> {
@@ -101,8 +104,63 @@ pub(super) fn condition(
     );
 }
 
-/// Reconciles one Node.
+/// Finalizer of virtual Nodes: their pod, Service and claim (in the tenant's runtime namespace, where
+/// owner references cannot point to the Node) are deleted before the Node goes.
+pub const FINALIZER: &str = "walt.dev/node-cleanup";
+
+/// Reconciles one Node: a virtual one through [`FINALIZER`].
 pub async fn reconcile(node: Arc<Node>, context: Arc<Context>) -> Result<Action> {
+    let has_finalizer = node.finalizers().iter().any(|finalizer| finalizer == FINALIZER);
+    if node.spec.virtual_node.is_none() && !has_finalizer {
+        return reconcile_node(node, context).await;
+    }
+    let api: Api<Node> = Api::namespaced(context.client.clone(), &node.namespace().unwrap_or_default());
+    finalizer(&api, FINALIZER, node, |event| async {
+        match event {
+            Finalizer::Apply(node) => reconcile_node(node, context.clone()).await,
+            Finalizer::Cleanup(node) => cleanup(&node, &context).await,
+        }
+    })
+    .await
+    .map_err(|error| match error {
+        kube::runtime::finalizer::Error::ApplyFailed(error)
+        | kube::runtime::finalizer::Error::CleanupFailed(error) => error,
+        other => Error::Finalizer(other.to_string()),
+    })
+}
+
+/// The Node is being deleted: what was made for it in the runtime namespace goes (only what its
+/// owner labels give to this very Node, by uid).
+async fn cleanup(node: &Node, context: &Context) -> Result<Action> {
+    let runtime = walt_crds::runtime_namespace(&node.namespace().unwrap_or_default());
+    let name = node.name_any();
+    let object = crate::controller::shared::pods::vnode_object_name(&name);
+    delete_owned::<Pod>(context, &runtime, &object, node).await?;
+    delete_owned::<Service>(context, &runtime, &object, node).await?;
+    delete_owned::<PersistentVolumeClaim>(context, &runtime, &build::persist_claim_name(&name), node).await?;
+    Ok(Action::await_change())
+}
+
+/// Deletes `name` of kind `K` in `namespace` when it is `node`'s.
+async fn delete_owned<K>(context: &Context, namespace: &str, name: &str, node: &Node) -> Result<()>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let existing = Api::<K>::namespaced(context.client.clone(), namespace)
+        .get_opt(name)
+        .await
+        .map_err(|source| Error::kube(format!("reading {} {namespace}/{name}", K::kind(&())), source))?;
+    match existing {
+        Some(object) if owned_by(object.meta(), "Node", node) => delete::<K>(context, namespace, name).await,
+        _ => Ok(()),
+    }
+}
+
+/// Reconciles one Node (its finalizer in place, for a virtual one).
+async fn reconcile_node(node: Arc<Node>, context: Arc<Context>) -> Result<Action> {
     let namespace = node.namespace().unwrap_or_default();
     let name = node.name_any();
     let nodes: Api<Node> = Api::namespaced(context.client.clone(), &namespace);

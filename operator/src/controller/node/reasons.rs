@@ -29,3 +29,6 @@ pub const POD_NOT_OURS: &str = "PodNotOurs";
 pub const BOOTING: &str = "Booting";
 /// Event: the Node's Device was bound to it (`Device.status.boundTo`).
 pub const DEVICE_BOUND: &str = "DeviceBound";
+/// `Booted=False` and a Warning Event: the tenant's runtime namespace cannot be used (the Node's
+/// namespace is named like one, or a namespace of that name exists that walt did not make for it).
+pub const RUNTIME_NAMESPACE_REFUSED: &str = "RuntimeNamespaceRefused";

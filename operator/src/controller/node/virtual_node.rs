@@ -11,7 +11,9 @@ use kube::api::DeleteParams;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
-use walt_crds::{ConditionStatus, ImageDigestRef, Node, NodePhase, NodeStatus, condition_types};
+use walt_crds::{
+    ConditionStatus, ImageDigestRef, Node, NodePhase, NodeStatus, condition_types, runtime_namespace,
+};
 
 use super::build::{
     BOOTS_ANNOTATION, BOOTS_IMAGE_ANNOTATION, VnodeInputs, build_persist_claim, build_vnode_pod,
@@ -20,10 +22,10 @@ use super::build::{
 use super::{BootTarget, needs_reboot, pending_reboot_request, reasons};
 use crate::controller::shared::context::{Context, set_condition_at};
 use crate::controller::shared::error::{KubeResultExt, Result};
-use crate::controller::shared::node_access::owned_by;
 use crate::controller::shared::pods::vnode_object_name;
 use crate::controller::shared::registry::ensure_registry_secret;
 use crate::controller::shared::registry_paths::{Access, REGISTRY_PATH_FORBIDDEN};
+use crate::controller::shared::runtime::{ensure_runtime_namespace, owned_by};
 
 /// What to do with a virtual node's pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,14 +59,14 @@ pub fn booted_by(pod: &Pod) -> ImageDigestRef {
     }
 }
 
-/// Decides what happens to a virtual node's pod (pure): a pod the Node does not own (controller
-/// owner reference with its uid) is left alone; a pending reboot request recreates it; so does a
+/// Decides what happens to a virtual node's pod (pure): a pod the Node does not own (owner labels
+/// with its uid) is left alone; a pending reboot request recreates it; so does a
 /// moved digest or another image, unless the Image asked not to reboot for it.
 pub fn decide(node: &Node, target: &BootTarget, existing: Option<&Pod>) -> PodStep {
     let Some(pod) = existing else {
         return PodStep::Create;
     };
-    if !owned_by(pod, node) {
+    if !owned_by(&pod.metadata, "Node", node) {
         return PodStep::NotOurs;
     }
     if let Some(requested) = pending_reboot_request(node) {
@@ -94,12 +96,13 @@ pub fn status_of(
     now: Timestamp,
 ) -> (NodeStatus, Duration) {
     let name = node.name_any();
-    let namespace = node.namespace().unwrap_or_default();
+    let runtime = runtime_namespace(&node.namespace().unwrap_or_default());
     let service = vnode_object_name(&name);
+    status.pod_namespace = Some(runtime.clone());
     match pod {
         Some(pod) => {
             status.phase = vnode_phase(Some(pod));
-            status.address = Some(format!("{service}.{namespace}.svc"));
+            status.address = Some(format!("{service}.{runtime}.svc"));
             status.booted_image = Some(booted_by(pod));
         }
         None => status.phase = NodePhase::Rebooting,
@@ -166,10 +169,10 @@ pub fn pod_not_ours(node: &Node, mut status: NodeStatus, now: Timestamp) -> (Nod
     status.address = None;
     status.booted_image = None;
     let message = format!(
-        "a pod named {pod} exists in the namespace {} that is not this Node's (no controller owner reference to it): \
-         the operator neither uses, reaches nor replaces it; delete that pod, or give the Node another name \
-         (a pod left by a former Node of this name goes by itself)",
-        node.namespace().unwrap_or_default()
+        "a pod named {pod} exists in the namespace {} that is not this Node's (its owner labels do not name this Node's uid): \
+         the operator neither uses, reaches nor replaces it; a pod left by a former Node of this name goes by itself \
+         (the runtime namespace's sweep), or give the Node another name",
+        runtime_namespace(&node.namespace().unwrap_or_default())
     );
     for type_ in [condition_types::BOOTED, condition_types::REACHABLE] {
         set_condition_at(
@@ -183,6 +186,21 @@ pub fn pod_not_ours(node: &Node, mut status: NodeStatus, now: Timestamp) -> (Nod
         );
     }
     (status, message)
+}
+
+/// The status of a virtual node whose runtime namespace cannot be used (pure).
+pub fn runtime_refused(node: &Node, mut status: NodeStatus, message: String, now: Timestamp) -> NodeStatus {
+    status.phase = NodePhase::Pending;
+    set_condition_at(
+        &mut status.conditions,
+        node,
+        condition_types::BOOTED,
+        ConditionStatus::False,
+        reasons::RUNTIME_NAMESPACE_REFUSED,
+        message,
+        now,
+    );
+    status
 }
 
 /// The status of a virtual node whose Image is not resolved yet (pure).
@@ -229,9 +247,25 @@ pub async fn reconcile(
         refuse(context, node, &status, REGISTRY_PATH_FORBIDDEN, refusal.message).await?;
         return Ok(Action::requeue(Duration::from_mins(10)));
     }
+    let runtime = match ensure_runtime_namespace(context, &namespace).await {
+        Ok(runtime) => runtime,
+        Err(crate::controller::shared::error::Error::Invalid(message)) => {
+            let status = runtime_refused(node, status, message.clone(), Timestamp::now());
+            refuse(
+                context,
+                node,
+                &status,
+                reasons::RUNTIME_NAMESPACE_REFUSED,
+                message,
+            )
+            .await?;
+            return Ok(Action::requeue(Duration::from_mins(10)));
+        }
+        Err(error) => return Err(error),
+    };
     let has_credentials = ensure_registry_secret(context, &namespace).await?;
-    apply_claim_and_service(context, node).await?;
-    let pods: Api<Pod> = Api::namespaced(context.client.clone(), &namespace);
+    apply_claim_and_service(context, node, &runtime).await?;
+    let pods: Api<Pod> = Api::namespaced(context.client.clone(), &runtime);
     let pod_name = vnode_object_name(&node.name_any());
     let existing = pods
         .get_opt(&pod_name)
@@ -291,19 +325,18 @@ async fn refuse(
 }
 
 /// The node's `/persist` claim (persistent boot mode) and its SSH Service.
-async fn apply_claim_and_service(context: &Context, node: &Node) -> Result<()> {
-    let namespace = node.namespace().unwrap_or_default();
+async fn apply_claim_and_service(context: &Context, node: &Node, runtime: &str) -> Result<()> {
     if node.spec.boot_mode == walt_crds::BootMode::Persistent {
         context
             .apply(
-                &Api::<PersistentVolumeClaim>::namespaced(context.client.clone(), &namespace),
+                &Api::<PersistentVolumeClaim>::namespaced(context.client.clone(), runtime),
                 &build_persist_claim(node),
             )
             .await?;
     }
     context
         .apply(
-            &Api::<Service>::namespaced(context.client.clone(), &namespace),
+            &Api::<Service>::namespaced(context.client.clone(), runtime),
             &build_vnode_service(node),
         )
         .await?;
@@ -318,7 +351,7 @@ async fn create_pod(
     target: &BootTarget,
     has_credentials: bool,
 ) -> Result<Pod> {
-    let namespace = node.namespace().unwrap_or_default();
+    let runtime = runtime_namespace(&node.namespace().unwrap_or_default());
     let registry_host = context.config.registry_host.clone();
     let inputs = VnodeInputs {
         runtime_image: &context.config.args.shell_image,
@@ -332,7 +365,7 @@ async fn create_pod(
             .registry_plain_http
             .then_some(registry_host.as_str()),
     };
-    let pods: Api<Pod> = Api::namespaced(context.client.clone(), &namespace);
+    let pods: Api<Pod> = Api::namespaced(context.client.clone(), &runtime);
     let created = context.apply(&pods, &build_vnode_pod(node, &inputs)).await?;
     let note = format!(
         "started virtual node pod {} booting {} ({})",
@@ -349,7 +382,6 @@ async fn create_pod(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
     use std::collections::BTreeMap;
     use walt_crds::{NodeSpec, VirtualNode};
 
@@ -382,28 +414,25 @@ mod tests {
             (BOOTS_ANNOTATION.to_owned(), format!("r/debian@{digest}")),
             (BOOTS_IMAGE_ANNOTATION.to_owned(), "debian".to_owned()),
         ]));
-        pod.metadata.owner_references = Some(vec![OwnerReference {
-            api_version: "walt.dev/v1alpha1".into(),
-            kind: "Node".into(),
-            name: "v1".into(),
-            uid: "uid-v1".into(),
-            controller: Some(true),
-            ..OwnerReference::default()
-        }]);
+        pod.metadata.namespace = Some("walt-run-lab".into());
+        pod.metadata.labels = Some(crate::controller::shared::runtime::owner_labels("Node", &node()));
         pod
     }
 
     #[test]
     fn a_pod_of_the_name_the_node_does_not_own_is_left_alone_and_said() {
         let mut squatter = pod_booting("sha256:a");
-        squatter.metadata.owner_references = None;
+        squatter.metadata.labels = None;
         assert_eq!(
             decide(&node(), &target("sha256:a"), Some(&squatter)),
             PodStep::NotOurs
         );
         let mut former = pod_booting("sha256:a");
-        if let Some(owners) = former.metadata.owner_references.as_mut() {
-            owners[0].uid = "uid-of-a-deleted-v1".into();
+        if let Some(labels) = former.metadata.labels.as_mut() {
+            labels.insert(
+                walt_crds::runtime::OWNER_UID_LABEL.into(),
+                "uid-of-a-deleted-v1".into(),
+            );
         }
         assert_eq!(
             decide(&node(), &target("sha256:b"), Some(&former)),
@@ -414,8 +443,9 @@ mod tests {
         assert_eq!(status.phase, NodePhase::Pending);
         assert!(status.address.is_none());
         assert!(
-            message.contains("a pod named walt-node-v1 exists in the namespace lab that is not this Node's")
-                && message.contains("delete that pod"),
+            message.contains(
+                "a pod named walt-node-v1 exists in the namespace walt-run-lab that is not this Node's"
+            ),
             "{message}"
         );
         assert!(
@@ -474,7 +504,7 @@ mod tests {
             Some(&pod_booting("sha256:a")),
             now,
         );
-        assert_eq!(status.address.as_deref(), Some("walt-node-v1.lab.svc"));
+        assert_eq!(status.address.as_deref(), Some("walt-node-v1.walt-run-lab.svc"));
         assert_eq!(
             status.booted_image.and_then(|booted| booted.digest).as_deref(),
             Some("sha256:a")

@@ -2,8 +2,9 @@
 //! the [`context::Context`] (client, config, events, apply helpers), the one [`error::Error`], status
 //! conditions, which node addresses are acceptable ([`address`]), how to reach a node ([`node_access`]), the lab registry ([`registry`]), the image lock
 //! ([`lock`]), lookups ([`lookup`]), the running saves ([`save_tasks`]), session lifetimes
-//! ([`session`]), pod pieces and walt's runtime pods ([`pods`]), and how an image change becomes the
-//! image of a name ([`image_result`]). Nothing here imports a kind folder.
+//! ([`session`]), pod pieces and walt's runtime pods ([`pods`]), the tenant's runtime namespace
+//! ([`runtime`]), and how an image change becomes the image of a name ([`image_result`]). Nothing here
+//! imports a kind folder.
 
 pub mod address;
 pub mod context;
@@ -15,5 +16,6 @@ pub mod node_access;
 pub mod pods;
 pub mod registry;
 pub mod registry_paths;
+pub mod runtime;
 pub mod save_tasks;
 pub mod session;

@@ -11,6 +11,7 @@ use super::address::{BadAddress, validate_address};
 use super::context::Context;
 use super::error::{Error, Result};
 use super::pods::vnode_object_name;
+use super::runtime::owned_by;
 use crate::ssh::{ClientConfig, HostKeyPolicy, NodeTarget, SshError, Transport};
 
 /// SSH port of virtual node pods.
@@ -31,7 +32,7 @@ pub enum NoRoute {
     /// A pod with the virtual node's pod name exists that the Node does not own (someone else made
     /// it): the operator never reaches it.
     #[error(
-        "the pod {pod} is not virtual node {node}'s (no controller owner reference to it): the operator does not reach it; delete that pod, or give the Node another name"
+        "the pod {pod} is not virtual node {node}'s (its owner labels do not name this Node's uid): the operator does not reach it; a pod left by a former Node of this name goes by itself, or give the Node another name"
     )]
     PodNotOurs {
         /// The Node's name.
@@ -216,7 +217,8 @@ pub fn binding_of(node: &Node) -> DeviceBinding {
 
 /// Where a node is reached (pure): a physical node at its Device's `address:sshPort`, only when
 /// [`lent_device`] allows it; a virtual node at its own pod's IP, port 22 (pod IPs work in every
-/// cluster, with or without DNS and kube-proxy), only when the Node owns that pod ([`owned_by`]).
+/// cluster, with or without DNS and kube-proxy), only when the Node owns that pod ([`owned_by`]:
+/// its owner labels name the Node's uid).
 /// The address is checked with [`validate_address`] first: nothing connects to anything else.
 pub fn node_target(
     node: &Node,
@@ -239,7 +241,7 @@ fn unchecked_node_target(
 ) -> Result<NodeTarget, NoRoute> {
     let name = node.name_any();
     if node.spec.virtual_node.is_some() {
-        if let Some(pod) = vnode_pod.filter(|pod| !owned_by(pod, node)) {
+        if let Some(pod) = vnode_pod.filter(|pod| !owned_by(&pod.metadata, "Node", node)) {
             return Err(NoRoute::PodNotOurs {
                 node: name,
                 pod: pod.name_any(),
@@ -265,15 +267,6 @@ fn unchecked_node_target(
         host: device.spec.address.clone(),
         port,
     })
-}
-
-/// Whether a pod is this virtual Node's own (pure): its controller owner reference is this Node
-/// (by uid). A pod of the same name made by anyone else is never reached.
-pub fn owned_by(pod: &Pod, node: &Node) -> bool {
-    let Some(uid) = node.uid() else { return false };
-    pod.owner_references()
-        .iter()
-        .any(|owner| owner.controller == Some(true) && owner.kind == "Node" && owner.uid == uid)
 }
 
 /// A node's pinned or recorded host key does not parse.
@@ -332,14 +325,14 @@ pub async fn node_device(client: &Client, node: &Node) -> Result<Option<Device>>
         .map_err(|source| Error::kube(format!("reading the Device {name}"), source))
 }
 
-/// The pod named for a virtual node, whoever made it ([`node_target`] reaches it only when the Node
-/// owns it, see [`owned_by`], and says so otherwise); none for a physical node, or while it does not
-/// exist.
+/// The pod named for a virtual node in its tenant's runtime namespace, whoever made it
+/// ([`node_target`] reaches it only when the Node owns it, see [`owned_by`], and says so otherwise);
+/// none for a physical node, or while it does not exist.
 pub async fn vnode_pod(client: &Client, node: &Node) -> Result<Option<Pod>> {
     if node.spec.virtual_node.is_none() {
         return Ok(None);
     }
-    let namespace = node.namespace().unwrap_or_default();
+    let namespace = walt_crds::runtime_namespace(&node.namespace().unwrap_or_default());
     let name = vnode_object_name(&node.name_any());
     Api::<Pod>::namespaced(client.clone(), &namespace)
         .get_opt(&name)
@@ -386,7 +379,6 @@ pub fn ssh_reason_or(error: &SshError, other: &'static str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
     use walt_crds::{DeviceLoan, DeviceSpec, DeviceStatus, NodeSpec, VirtualNode};
 
     fn physical(namespace: &str, name: &str, device: &str) -> Node {
@@ -559,16 +551,12 @@ mod tests {
     }
 
     fn pod_owned_by(uid: &str) -> Pod {
+        let mut owner = vnode();
+        owner.metadata.uid = Some(uid.into());
         Pod {
             metadata: kube::api::ObjectMeta {
-                owner_references: Some(vec![OwnerReference {
-                    api_version: "walt.dev/v1alpha1".into(),
-                    kind: "Node".into(),
-                    name: "v1".into(),
-                    uid: uid.into(),
-                    controller: Some(true),
-                    ..OwnerReference::default()
-                }]),
+                namespace: Some("walt-run-alice".into()),
+                labels: Some(crate::controller::shared::runtime::owner_labels("Node", &owner)),
                 ..Default::default()
             },
             status: Some(k8s_openapi::api::core::v1::PodStatus {
@@ -595,7 +583,7 @@ mod tests {
     fn a_pod_the_node_does_not_own_is_never_reached() {
         let node = vnode();
         for pod in [pod_owned_by("uid-of-bobs-node"), Pod::default()] {
-            assert!(!owned_by(&pod, &node));
+            assert!(!owned_by(&pod.metadata, "Node", &node));
             let refused = node_target(&node, Some(&pod), None).expect_err("not its pod");
             assert_eq!(refused.reason(), "PodNotOurs");
             assert!(

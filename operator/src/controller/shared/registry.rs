@@ -37,8 +37,8 @@ pub fn pinned_reference_of(image: &Image) -> Option<String> {
     Some(pinned_reference(reference, digest))
 }
 
-/// Name of the per-namespace Secret with that namespace's registry credential, which pods of the
-/// namespace mount (never the lab's: see [`ensure_registry_secret`]).
+/// Name of the per-tenant Secret with that tenant's registry credential, in its runtime namespace,
+/// which its shell and virtual node pods mount (never the lab's: see [`ensure_registry_secret`]).
 pub const REGISTRY_SECRET: &str = "walt-registry-credentials";
 
 /// The registry credentials volume (the namespace's copy of the lab Secret,
@@ -87,22 +87,26 @@ pub fn pinned_reference(reference: &str, digest: &str) -> String {
 /// reboot the nodes that boot it (a NodeSave with `rebootNodes: false`).
 pub const NO_REBOOT_ANNOTATION: &str = "walt.dev/no-reboot-digest";
 
-/// Writes the registry credential of `namespace` into it as [`REGISTRY_SECRET`], for its pods that
-/// pull from and push to the lab registry: user `tenant/<namespace>` and the password the token
-/// issuer derives for it, which gets tokens for `<prefix>/<namespace>/…` (pull, push) and the
-/// catalog (pull) only. Without a token issuer nothing is written (the lab credential never leaves
-/// the operator's namespace) and pods use the registry anonymously. Returns whether the namespace
-/// has a credential to mount.
-pub async fn ensure_registry_secret(context: &Context, namespace: &str) -> Result<bool> {
+/// Writes the registry credential of tenant namespace `tenant` as [`REGISTRY_SECRET`] into its
+/// runtime namespace (`walt-run-<tenant>`, where its shell and virtual node pods run and mount it;
+/// the tenant cannot read Secrets there): user `tenant/<tenant>` and the password the token issuer
+/// derives for it, which gets tokens for `<prefix>/<tenant>/…` (pull, push) and the catalog (pull)
+/// only. Without a token issuer nothing is written (the lab credential never leaves the operator's
+/// namespace) and pods use the registry anonymously. Returns whether there is a credential to mount.
+pub async fn ensure_registry_secret(context: &Context, tenant: &str) -> Result<bool> {
     let Some(issuer) = &context.config.token_issuer else {
         return Ok(false);
     };
-    let user = format!("{TENANT_USER_PREFIX}{namespace}");
-    let password = issuer.tenant_password(namespace);
-    let secret = tenant_registry_secret(&context.config.registry_host, namespace, &user, &password);
+    let user = format!("{TENANT_USER_PREFIX}{tenant}");
+    let password = issuer.tenant_password(tenant);
+    let runtime = walt_crds::runtime_namespace(tenant);
+    let mut secret = tenant_registry_secret(&context.config.registry_host, &runtime, &user, &password);
+    if let Some(labels) = secret.metadata.labels.as_mut() {
+        labels.insert(walt_crds::runtime::TENANT_LABEL.to_owned(), tenant.to_owned());
+    }
     context
         .apply(
-            &Api::<Secret>::namespaced(context.client.clone(), namespace),
+            &Api::<Secret>::namespaced(context.client.clone(), &runtime),
             &secret,
         )
         .await?;

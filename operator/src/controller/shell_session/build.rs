@@ -18,20 +18,20 @@
 //! The pure part is here: pod building, result parsing and [`next_step`],
 //! the state machine, all unit-tested.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
-use kube::{Resource, ResourceExt};
+use kube::ResourceExt;
 use serde::Deserialize;
-use walt_crds::{Changes, ImageShellMode, ShellMode, ShellSession, ShellSessionPhase};
+use walt_crds::runtime::OWNER_NAME_LABEL;
+use walt_crds::{Changes, ImageShellMode, ShellMode, ShellSession, ShellSessionPhase, runtime_namespace};
 
 use crate::controller::config::LayerCache;
-use crate::controller::shared::context::{MANAGED_BY, MANAGED_BY_LABEL};
 pub use crate::controller::shared::pods::CACHE_DIR;
 pub use crate::controller::shared::pods::runtimes_support_user_namespaces;
 use crate::controller::shared::pods::{RuntimePod, prefer_architecture, runtime_pod};
+use crate::controller::shared::runtime::owner_labels;
 
 /// Label naming the ShellSession a pod belongs to.
 pub const SESSION_LABEL: &str = "walt.dev/shell-session";
@@ -93,14 +93,15 @@ pub fn build_shell_pod(session: &ShellSession, inputs: &ShellPodInputs<'_>) -> P
     if let Some(host) = inputs.insecure_registry {
         args.extend(["--insecure-registry".to_owned(), host.to_owned()]);
     }
+    // In the tenant's runtime namespace, with the session's owner labels (owner references cannot
+    // cross namespaces).
+    let mut labels = owner_labels("ShellSession", session);
+    labels.insert(SESSION_LABEL.to_owned(), labels[OWNER_NAME_LABEL].clone());
     runtime_pod(&RuntimePod {
         name: shell_pod_name(&name),
-        namespace: session.namespace(),
-        labels: BTreeMap::from([
-            (MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned()),
-            (SESSION_LABEL.to_owned(), name),
-        ]),
-        owner: session.controller_owner_ref(&()),
+        namespace: session.namespace().map(|namespace| runtime_namespace(&namespace)),
+        labels,
+        owner: None,
         container: "shell",
         args,
         tty: true,
@@ -494,7 +495,18 @@ mod tests {
         let cache = LayerCache::HostPath("/var/lib/walt/cache".into());
         let pod = build_shell_pod(&session(), &inputs(&cache, true));
         assert_eq!(pod.name_any(), "walt-shell-s1");
-        assert_eq!(pod.owner_references()[0].kind, "ShellSession");
+        assert_eq!(
+            pod.namespace().as_deref(),
+            Some("walt-run-alice"),
+            "in the tenant's runtime namespace, never the tenant's own"
+        );
+        assert!(pod.owner_references().is_empty(), "no cross-namespace owner reference");
+        assert!(crate::controller::shared::runtime::owned_by(
+            &pod.metadata,
+            "ShellSession",
+            &session()
+        ));
+        assert_eq!(pod.labels()[SESSION_LABEL], "s1");
         let spec = pod.spec.expect("spec");
         assert_eq!(spec.host_users, Some(false));
         assert_eq!(spec.restart_policy.as_deref(), Some("Never"));

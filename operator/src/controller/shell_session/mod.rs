@@ -16,14 +16,13 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::DeleteParams;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Api, ResourceExt};
 use walt_crds::{
     ConditionStatus, ImageName, ShellResult, ShellSession, ShellSessionPhase, ShellSessionStatus,
-    condition_types, short_digest,
+    condition_types, runtime_namespace, short_digest,
 };
 
 pub mod build;
@@ -41,6 +40,7 @@ use crate::controller::shared::lock::{Claim, holder_other_than};
 use crate::controller::shared::lookup::find_image;
 use crate::controller::shared::registry::{ensure_registry_secret, pinned_reference_of, repository_of};
 use crate::controller::shared::registry_paths::{Access, REGISTRY_PATH_FORBIDDEN};
+use crate::controller::shared::runtime::{delete, ensure_runtime_namespace, owned_by};
 use crate::controller::shared::session::{Bounded, session_duration};
 use walt_crds::image::MAX_SHELL_LAYERS;
 
@@ -206,8 +206,7 @@ async fn end(
 /// The last lines the shell pod wrote (its runtime's errors), before it is
 /// deleted; None when there are none or they cannot be read.
 async fn pod_log_tail(context: &Context, session: &ShellSession) -> Option<String> {
-    let namespace = session.namespace().unwrap_or_default();
-    let pods: Api<Pod> = Api::namespaced(context.client.clone(), &namespace);
+    let pods: Api<Pod> = Api::namespaced(context.client.clone(), &pod_namespace(session));
     let params = kube::api::LogParams {
         tail_lines: Some(5),
         limit_bytes: Some(2048),
@@ -225,18 +224,15 @@ async fn pod_log_tail(context: &Context, session: &ShellSession) -> Option<Strin
     (!lines.is_empty()).then(|| lines.join(" | "))
 }
 
+/// The namespace of a session's shell pod: its tenant's runtime namespace (pure).
+fn pod_namespace(session: &ShellSession) -> String {
+    runtime_namespace(&session.namespace().unwrap_or_default())
+}
+
+/// Deletes the session's shell pod (in its runtime namespace; a pod of that name left by a former
+/// session of the same name is no one's, and goes too).
 async fn delete_pod(context: &Context, session: &ShellSession) -> Result<()> {
-    let namespace = session.namespace().unwrap_or_default();
-    let pods: Api<Pod> = Api::namespaced(context.client.clone(), &namespace);
-    let name = shell_pod_name(&session.name_any());
-    match pods.delete(&name, &DeleteParams::default()).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
-        Err(source) => Err(Error::kube(
-            format!("deleting the shell pod {namespace}/{name}"),
-            source,
-        )),
-    }
+    delete::<Pod>(context, &pod_namespace(session), &shell_pod_name(&session.name_any())).await
 }
 
 /// The cluster node a pod was scheduled on, for its architecture (`None` when unknown or unreadable:
@@ -264,11 +260,20 @@ async fn image_shell(
     let namespace = session.namespace().unwrap_or_default();
     let name = session.name_any();
     let image_name = session.spec.image.clone().unwrap_or_default();
-    let pods: Api<Pod> = Api::namespaced(context.client.clone(), &namespace);
+    let pods: Api<Pod> = Api::namespaced(context.client.clone(), &pod_namespace(session));
     let pod = pods
         .get_opt(&shell_pod_name(&name))
         .await
         .context(|| format!("reading the shell pod of {name}"))?;
+    // Only the pod made for this very session (owner labels, by uid) is read or attached to; one
+    // left by a former session of the same name goes first.
+    if pod
+        .as_ref()
+        .is_some_and(|pod| !owned_by(&pod.metadata, "ShellSession", session))
+    {
+        delete_pod(context, session).await?;
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
     let claims = crate::controller::shared::lock::claims_in(context, &namespace).await?;
     let object = ImageName::parse(&image_name)
         .map(|n| n.object_name())
@@ -431,9 +436,10 @@ async fn mark_running(
     status.emulated = start.emulated;
     status.mode = start.mode;
     let message = format!(
-        "the shell runs in pod {}{}: attach with `kubectl walt image shell` or `kubectl attach -it`",
-        shell_pod_name(&session.name_any()),
-        if start.emulated == Some(true) {
+        "the shell runs in pod {pod} of {runtime}{emulated}: attach with `kubectl walt image shell` or `kubectl attach -it -n {runtime} {pod}`",
+        pod = shell_pod_name(&session.name_any()),
+        runtime = pod_namespace(session),
+        emulated = if start.emulated == Some(true) {
             " (emulated: the image is built for another CPU)"
         } else {
             ""
@@ -546,6 +552,21 @@ async fn create_pod(
         )
         .await;
     }
+    let runtime = match ensure_runtime_namespace(context, &namespace).await {
+        Ok(runtime) => runtime,
+        Err(Error::Invalid(message)) => {
+            return end(
+                context,
+                session,
+                status,
+                ShellSessionPhase::Failed,
+                reasons::RUNTIME_NAMESPACE_REFUSED,
+                message,
+            )
+            .await;
+        }
+        Err(error) => return Err(error),
+    };
     let registry_credentials = ensure_registry_secret(context, &namespace).await?;
     let registry_host = context.config.registry_host.clone();
     let inputs = ShellPodInputs {
@@ -566,13 +587,14 @@ async fn create_pod(
             .map(|platform| platform.architecture.as_str()),
     };
     let pod = build_shell_pod(session, &inputs);
-    let pods: Api<Pod> = Api::namespaced(context.client.clone(), &namespace);
+    let pods: Api<Pod> = Api::namespaced(context.client.clone(), &runtime);
     context.apply(&pods, &pod).await?;
     let pod_name = pod.name_any();
     status.phase = ShellSessionPhase::Starting;
     status.pod = Some(pod_name.clone());
+    status.pod_namespace = Some(runtime.clone());
     let message = format!(
-        "starting shell pod {pod_name} on {image_name} ({}, {})",
+        "starting shell pod {pod_name} in {runtime} on {image_name} ({}, {})",
         short_digest(image_status.digest.as_deref().unwrap_or_default()),
         if inputs.user_namespaces {
             "user-namespaced"

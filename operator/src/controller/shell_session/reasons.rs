@@ -54,3 +54,6 @@ pub const NODE_NOT_REACHABLE: &str = "NodeNotReachable";
 pub const INVALID_HOST_KEY: &str = "InvalidHostKey";
 /// The gateway admits the key.
 pub const AUTHORIZED: &str = "Authorized";
+/// `Failed`: the tenant's runtime namespace cannot be used (the session's namespace is named like one,
+/// or a namespace of that name exists that walt did not make for it).
+pub const RUNTIME_NAMESPACE_REFUSED: &str = "RuntimeNamespaceRefused";

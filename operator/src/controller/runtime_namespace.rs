@@ -1,0 +1,131 @@
+//! Runtime namespace reconcile (leader only): for each tenant's runtime namespace (`walt-run-<ns>`,
+//! made by the ShellSession and Node controllers through
+//! [`crate::controller::shared::runtime::ensure_runtime_namespace`]):
+//!
+//! - the RoleBinding that lets the tenant's users attach to their sessions, kept equal to the
+//!   subjects of the tenant namespace's RoleBindings to walt's tenant roles (woken by any RoleBinding
+//!   change there);
+//! - the sweep: pods, Services and claims whose ShellSession or Node is gone are deleted (at start,
+//!   every `--runtime-sweep-interval`); the pure decision is
+//!   [`crate::controller::shared::runtime::orphans`].
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::rbac::v1::RoleBinding;
+use kube::api::ListParams;
+use kube::runtime::controller::Action;
+use kube::{Api, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use walt_crds::runtime::TENANT_LABEL;
+use walt_crds::{Node, ShellSession};
+
+use crate::controller::shared::context::{Context, MANAGED_BY, MANAGED_BY_LABEL};
+use crate::controller::shared::error::{KubeResultExt, Result};
+use crate::controller::shared::runtime::{
+    Made, attach_binding, attach_subjects, delete, is_runtime_namespace_of, orphans,
+};
+
+/// Reconciles one runtime namespace.
+pub async fn reconcile(namespace: Arc<Namespace>, context: Arc<Context>) -> Result<Action> {
+    let Some(tenant) = namespace.labels().get(TENANT_LABEL).cloned() else {
+        return Ok(Action::await_change());
+    };
+    if !is_runtime_namespace_of(&namespace, &tenant) || namespace.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let runtime = namespace.name_any();
+    sync_attach_binding(&context, &runtime, &tenant).await?;
+    sweep(&context, &runtime, &tenant).await?;
+    Ok(Action::requeue(context.config.args.runtime_sweep_interval))
+}
+
+/// Applies the RoleBinding that lets the tenant's users attach to their sessions.
+async fn sync_attach_binding(context: &Context, runtime: &str, tenant: &str) -> Result<()> {
+    let bindings = Api::<RoleBinding>::namespaced(context.client.clone(), tenant)
+        .list(&ListParams::default())
+        .await
+        .context(|| format!("listing the RoleBindings of {tenant}"))?;
+    let subjects = attach_subjects(&bindings.items, tenant, &context.config.args.tenant_roles);
+    let binding = attach_binding(
+        runtime,
+        tenant,
+        &context.config.args.session_attach_role,
+        subjects,
+    );
+    context
+        .apply(
+            &Api::<RoleBinding>::namespaced(context.client.clone(), runtime),
+            &binding,
+        )
+        .await?;
+    Ok(())
+}
+
+/// What the operator made in `runtime` of kind `K` (labelled as its).
+async fn made_of<K>(context: &Context, runtime: &str, kind: &'static str) -> Result<Vec<Made>>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let list = Api::<K>::namespaced(context.client.clone(), runtime)
+        .list(&ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")))
+        .await
+        .context(|| format!("listing the {kind}s of {runtime}"))?;
+    Ok(list
+        .items
+        .iter()
+        .filter(|object| object.meta().deletion_timestamp.is_none())
+        .map(|object| Made::of(kind, object.meta()))
+        .collect())
+}
+
+/// Kind and uid of the tenant's ShellSessions and Nodes.
+async fn live_owners(context: &Context, tenant: &str) -> Result<BTreeSet<(String, String)>> {
+    let sessions = Api::<ShellSession>::namespaced(context.client.clone(), tenant)
+        .list_metadata(&ListParams::default())
+        .await
+        .context(|| format!("listing the ShellSessions of {tenant}"))?;
+    let nodes = Api::<Node>::namespaced(context.client.clone(), tenant)
+        .list_metadata(&ListParams::default())
+        .await
+        .context(|| format!("listing the Nodes of {tenant}"))?;
+    let mut live = BTreeSet::new();
+    live.extend(
+        sessions
+            .items
+            .into_iter()
+            .filter_map(|object| object.metadata.uid)
+            .map(|uid| ("ShellSession".to_owned(), uid)),
+    );
+    live.extend(
+        nodes
+            .items
+            .into_iter()
+            .filter_map(|object| object.metadata.uid)
+            .map(|uid| ("Node".to_owned(), uid)),
+    );
+    Ok(live)
+}
+
+/// Deletes what no live ShellSession or Node of the tenant owns. The objects are listed before their
+/// owners: an owner exists before what is made for it, so nothing new is taken for an orphan.
+async fn sweep(context: &Context, runtime: &str, tenant: &str) -> Result<()> {
+    let mut made = made_of::<Pod>(context, runtime, "Pod").await?;
+    made.extend(made_of::<Service>(context, runtime, "Service").await?);
+    made.extend(made_of::<PersistentVolumeClaim>(context, runtime, "PersistentVolumeClaim").await?);
+    let live = live_owners(context, tenant).await?;
+    for orphan in orphans(&made, tenant, &live) {
+        tracing::info!(namespace = runtime, kind = orphan.kind, name = %orphan.name, owner = ?orphan.owner, "deleting what no live ShellSession or Node owns");
+        let deleted = match orphan.kind {
+            "Pod" => delete::<Pod>(context, runtime, &orphan.name).await,
+            "Service" => delete::<Service>(context, runtime, &orphan.name).await,
+            _ => delete::<PersistentVolumeClaim>(context, runtime, &orphan.name).await,
+        };
+        deleted?;
+    }
+    Ok(())
+}

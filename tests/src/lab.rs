@@ -969,14 +969,19 @@ pub fn down() -> Result<(), Error> {
     };
     let kube = Kube::new(kubeconfig)?;
     if kube.reachable() {
-        let _ = run(kube.kubectl().args([
-            "delete",
-            "namespace",
-            LAB_NAMESPACE,
-            "--ignore-not-found",
-            "--wait",
-            "--timeout=120s",
-        ]));
+        // The lab's namespace, then its runtime namespace (the operator never deletes one; its
+        // finalizers have emptied it once the lab's objects are gone).
+        let runtime = walt_crds::runtime_namespace(LAB_NAMESPACE);
+        for namespace in [LAB_NAMESPACE, runtime.as_str()] {
+            let _ = run(kube.kubectl().args([
+                "delete",
+                "namespace",
+                namespace,
+                "--ignore-not-found",
+                "--wait",
+                "--timeout=120s",
+            ]));
+        }
         let status = run(kube.helm()?.args(["status", RELEASE, "-n", SYSTEM_NAMESPACE]));
         if status.is_ok() {
             run(kube.helm()?.args([

@@ -327,21 +327,27 @@ fn leftovers(kube: &Kube) -> Vec<String> {
         .unwrap_or_else(|e| e.to_string());
         left.extend(out.lines().filter(|l| !l.trim().is_empty()).map(str::to_owned));
     }
-    // Pods, Services and claims the operator made for shells and nodes.
-    let out = run(kube.kubectl().args([
-        "get",
-        "pods,services,persistentvolumeclaims,secrets",
-        "-n",
-        NS,
-        "-o",
-        "name",
-    ]))
-    .unwrap_or_default();
-    left.extend(
-        out.lines()
-            .filter(|l| !l.trim().is_empty() && !l.contains("default-token") && !l.contains("kube-root-ca"))
-            .map(|l| format!("{NS}/{l}")),
-    );
+    // Pods, Services and claims the operator made for shells and nodes (in the tenant's runtime
+    // namespace; none in the tenant's own).
+    let runtime = walt_crds::runtime_namespace(NS);
+    for namespace in [NS, runtime.as_str()] {
+        let out = run(kube.kubectl().args([
+            "get",
+            "pods,services,persistentvolumeclaims,secrets",
+            "-n",
+            namespace,
+            "-o",
+            "name",
+        ]))
+        .unwrap_or_default();
+        left.extend(
+            out.lines()
+                .filter(|l| {
+                    !l.trim().is_empty() && !l.contains("default-token") && !l.contains("kube-root-ca")
+                })
+                .map(|l| format!("{namespace}/{l}")),
+        );
+    }
     left
 }
 
@@ -443,6 +449,15 @@ fn journey() {
             .map(|()| format!("{}/{catalog_image}", lab_registry.for_pods()))
             .expect("push the catalog's arm64 image");
         run(kube.kubectl().args(["create", "namespace", NS])).expect("namespace");
+        // A tenant's namespace at Pod Security baseline: walt's shell and virtual node pods run in the
+        // operator's runtime namespace walt-run-journey, and the journey works the same.
+        run(kube.kubectl().args([
+            "label",
+            "namespace",
+            NS,
+            "pod-security.kubernetes.io/enforce=baseline",
+        ]))
+        .expect("label the namespace baseline");
         let journey = Journey {
             kube: &kube,
             plugin: walt_tests::operator::plugin_binary(),

@@ -89,12 +89,13 @@ fn apply(cluster: &Cluster, ns: &str, yaml: &str, dir: &Path) {
     kubectl(cluster, &["-n", ns, "apply", "-f", &path.display().to_string()]);
 }
 
+/// The shell pods of tenant namespace `ns`'s sessions (in its runtime namespace, `walt-run-<ns>`).
 fn pods_of_sessions(cluster: &Cluster, ns: &str) -> String {
     kubectl(
         cluster,
         &[
             "-n",
-            ns,
+            &walt_crds::runtime_namespace(ns),
             "get",
             "pods",
             "-l",
@@ -179,6 +180,16 @@ fn image_shells_on_the_cluster_tier() {
         ],
     );
     let ns = cluster.create_namespace("shells").expect("namespace");
+    // A tenant's namespace at Pod Security baseline: the shell pods run in walt-run-<ns>.
+    kubectl(
+        &cluster,
+        &[
+            "label",
+            "namespace",
+            &ns,
+            "pod-security.kubernetes.io/enforce=baseline",
+        ],
+    );
     let key = walt_tests::sshnode::keygen(work.path(), "node_key");
     kubectl(
         &cluster,
@@ -401,7 +412,14 @@ fn image_shells_on_the_cluster_tier() {
     );
     kubectl(
         &cluster,
-        &["-n", &ns, "delete", "pod", "walt-shell-lost", "--wait=false"],
+        &[
+            "-n",
+            &walt_crds::runtime_namespace(&ns),
+            "delete",
+            "pod",
+            "walt-shell-lost",
+            "--wait=false",
+        ],
     );
     wait_jsonpath(
         &cluster,

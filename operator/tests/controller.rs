@@ -5257,11 +5257,12 @@ fn operator_killed_while_a_shell_commits_saves_the_result_after_restart() {
          spec: {image: debian, saveAs: committed, ttl: 10m}\n",
     );
     let pod = "pod/walt-shell-sh";
+    let runtime = walt_crds::runtime_namespace(&lab.namespace);
     Wait::new("the shell pod", within)
         .every(Duration::from_millis(250))
         .until(|| {
             cluster
-                .kubectl_output(&["-n", &lab.namespace, "get", pod, "-o", "name"])
+                .kubectl_output(&["-n", &runtime, "get", pod, "-o", "name"])
                 .is_ok()
         })
         .unwrap_or_else(|e| panic!("{e}; operator log:\n{}", lab.operator.log()));
@@ -5284,7 +5285,7 @@ fn operator_killed_while_a_shell_commits_saves_the_result_after_restart() {
         .every(Duration::from_millis(250))
         .until(|| {
             cluster
-                .kubectl_output(&["-n", &lab.namespace, "get", pod, "-o", "name"])
+                .kubectl_output(&["-n", &runtime, "get", pod, "-o", "name"])
                 .is_err()
         })
         .unwrap_or_else(|e| panic!("{e}; operator log:\n{}", lab.operator.log()));

@@ -254,7 +254,7 @@ async fn start(build: &ImageBuild, context: &Context, mut status: ImageBuildStat
             .then_some(registry_host.as_str()),
         user_namespaces: crate::controller::shared::pods::user_namespaces(context).await,
         cache: &context.config.args.shell_cache,
-        registry_credentials: ensure_registry_secret(context, &namespace).await?,
+        registry_credentials: ensure_registry_secret(context, &namespace, &namespace).await?,
     };
     let pod = build_pod(build, &inputs);
     let pods: Api<Pod> = Api::namespaced(context.client.clone(), &namespace);

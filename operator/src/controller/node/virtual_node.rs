@@ -263,7 +263,7 @@ pub async fn reconcile(
         }
         Err(error) => return Err(error),
     };
-    let has_credentials = ensure_registry_secret(context, &namespace).await?;
+    let has_credentials = ensure_registry_secret(context, &namespace, &runtime).await?;
     apply_claim_and_service(context, node, &runtime).await?;
     let pods: Api<Pod> = Api::namespaced(context.client.clone(), &runtime);
     let pod_name = vnode_object_name(&node.name_any());

@@ -87,28 +87,25 @@ pub fn pinned_reference(reference: &str, digest: &str) -> String {
 /// reboot the nodes that boot it (a NodeSave with `rebootNodes: false`).
 pub const NO_REBOOT_ANNOTATION: &str = "walt.dev/no-reboot-digest";
 
-/// Writes the registry credential of tenant namespace `tenant` as [`REGISTRY_SECRET`] into its
-/// runtime namespace (`walt-run-<tenant>`, where its shell and virtual node pods run and mount it;
-/// the tenant cannot read Secrets there): user `tenant/<tenant>` and the password the token issuer
-/// derives for it, which gets tokens for `<prefix>/<tenant>/…` (pull, push) and the catalog (pull)
-/// only. Without a token issuer nothing is written (the lab credential never leaves the operator's
-/// namespace) and pods use the registry anonymously. Returns whether there is a credential to mount.
-pub async fn ensure_registry_secret(context: &Context, tenant: &str) -> Result<bool> {
+/// Writes the registry credential of tenant namespace `tenant` as [`REGISTRY_SECRET`] into the
+/// namespace `into` where its pods run and mount it: its runtime namespace (`walt-run-<tenant>`, for
+/// shells and virtual nodes; the tenant cannot read Secrets there), or the tenant's own (image builds,
+/// whose pods still run there). User `tenant/<tenant>` and the password the token issuer derives for
+/// it, which gets tokens for `<prefix>/<tenant>/…` (pull, push) and the catalog (pull) only. Without a
+/// token issuer nothing is written (the lab credential never leaves the operator's namespace) and pods
+/// use the registry anonymously. Returns whether there is a credential to mount.
+pub async fn ensure_registry_secret(context: &Context, tenant: &str, into: &str) -> Result<bool> {
     let Some(issuer) = &context.config.token_issuer else {
         return Ok(false);
     };
     let user = format!("{TENANT_USER_PREFIX}{tenant}");
     let password = issuer.tenant_password(tenant);
-    let runtime = walt_crds::runtime_namespace(tenant);
-    let mut secret = tenant_registry_secret(&context.config.registry_host, &runtime, &user, &password);
+    let mut secret = tenant_registry_secret(&context.config.registry_host, into, &user, &password);
     if let Some(labels) = secret.metadata.labels.as_mut() {
         labels.insert(walt_crds::runtime::TENANT_LABEL.to_owned(), tenant.to_owned());
     }
     context
-        .apply(
-            &Api::<Secret>::namespaced(context.client.clone(), &runtime),
-            &secret,
-        )
+        .apply(&Api::<Secret>::namespaced(context.client.clone(), into), &secret)
         .await?;
     Ok(true)
 }

@@ -500,7 +500,10 @@ mod tests {
             Some("walt-run-alice"),
             "in the tenant's runtime namespace, never the tenant's own"
         );
-        assert!(pod.owner_references().is_empty(), "no cross-namespace owner reference");
+        assert!(
+            pod.owner_references().is_empty(),
+            "no cross-namespace owner reference"
+        );
         assert!(crate::controller::shared::runtime::owned_by(
             &pod.metadata,
             "ShellSession",

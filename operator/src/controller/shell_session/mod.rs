@@ -232,7 +232,12 @@ fn pod_namespace(session: &ShellSession) -> String {
 /// Deletes the session's shell pod (in its runtime namespace; a pod of that name left by a former
 /// session of the same name is no one's, and goes too).
 async fn delete_pod(context: &Context, session: &ShellSession) -> Result<()> {
-    delete::<Pod>(context, &pod_namespace(session), &shell_pod_name(&session.name_any())).await
+    delete::<Pod>(
+        context,
+        &pod_namespace(session),
+        &shell_pod_name(&session.name_any()),
+    )
+    .await
 }
 
 /// The cluster node a pod was scheduled on, for its architecture (`None` when unknown or unreadable:
@@ -567,7 +572,7 @@ async fn create_pod(
         }
         Err(error) => return Err(error),
     };
-    let registry_credentials = ensure_registry_secret(context, &namespace).await?;
+    let registry_credentials = ensure_registry_secret(context, &namespace, &runtime).await?;
     let registry_host = context.config.registry_host.clone();
     let inputs = ShellPodInputs {
         runtime_image: &context.config.args.shell_image,

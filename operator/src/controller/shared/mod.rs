@@ -6,6 +6,7 @@
 //! image of a name ([`image_result`]). Nothing here imports a kind folder.
 
 pub mod address;
+pub mod clock;
 pub mod context;
 pub mod error;
 pub mod image_result;

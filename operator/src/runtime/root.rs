@@ -37,6 +37,7 @@ use nix::sys::stat::Mode;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{Pid, chdir, dup2_stderr, dup2_stdin, dup2_stdout, execve, setsid};
 
+use super::privileges;
 use super::sys::{self, Forked};
 
 /// Errors of root preparation and of running processes in a container.
@@ -747,6 +748,9 @@ fn child_setup(
     if spec.scratch_tmpfs {
         mount_tmp_and_run(root)?;
     }
+    if spec.init_conventions {
+        mount_for_init(root)?;
+    }
     bind_files(spec, root, created)?;
     let console = console_of(init, root, &pts)?;
     enter_root(spec, root)?;
@@ -818,11 +822,16 @@ fn mount_overlay(plan: &Plan) -> ChildResult<()> {
     // The overlay.
     let root = &plan.root;
     chdir(&plan.links_dir).map_err(m(format!("chdir {}", plan.links_dir.display())))?;
+    // nodev: root keeps CAP_MKNOD (package scripts make device nodes), so a node of the host's
+    // disk made anywhere in the image must not open. nosuid: the image's processes run with
+    // no_new_privs, which already voids setuid bits and file capabilities; nosuid says the same
+    // on the mount (an image's su/sudo/ping for non-root users do not elevate; root shells, the
+    // init and the SSH sessions run as root and need none).
     mount(
         Some("overlay"),
         root,
         Some("overlay"),
-        MsFlags::empty(),
+        MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
         Some(plan.overlay_options.as_str()),
     )
     .map_err(|e| {
@@ -850,7 +859,76 @@ fn mount_proc(root: &Path) -> ChildResult<()> {
         None::<&str>,
     )
     .map_err(m("mount /proc".into()))?;
+    protect_paths(&at("proc"), &PROC_READ_ONLY, &PROC_MASKED)
+}
 
+/// `/proc` entries the image's processes may read but not write: they act on the host's kernel,
+/// not on the container's namespaces (a `kernel.core_pattern` or `kernel.modprobe` sysctl names a
+/// program the host then runs as root, `sysrq-trigger` reboots the host), and `/proc/sys` checks
+/// uid 0, not capabilities, so the bounded capability set alone does not stop a write. As Docker.
+const PROC_READ_ONLY: [&str; 5] = ["bus", "fs", "irq", "sys", "sysrq-trigger"];
+
+/// `/proc` entries hidden (an empty read-only tmpfs on directories, `/dev/null` on files): host-wide
+/// state that is no business of the image's (kernel memory, timers, keys, hardware). As Docker.
+const PROC_MASKED: [&str; 9] = [
+    "acpi",
+    "asound",
+    "kcore",
+    "keys",
+    "latency_stats",
+    "sched_debug",
+    "scsi",
+    "timer_list",
+    "timer_stats",
+];
+
+/// `/sys` entries hidden (firmware tables and variables, power counters), as Docker.
+const SYS_MASKED: [&str; 2] = ["firmware", "devices/virtual/powercap"];
+
+/// Makes each `read_only` entry under `base` a read-only bind of itself and hides each `masked`
+/// one; entries the kernel lacks are skipped. Runs before `pivot_root` (the host's `/dev/null`
+/// masks files).
+fn protect_paths(base: &Path, read_only: &[&str], masked: &[&str]) -> ChildResult<()> {
+    let m = |what: String| move |e: nix::Error| format!("{what}: {e}");
+    for entry in read_only {
+        let path = base.join(entry);
+        if fs::symlink_metadata(&path).is_err() {
+            continue;
+        }
+        mount(
+            Some(&path),
+            &path,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(m(format!("bind {} on itself", path.display())))?;
+        restrict_bind(&path, true).map_err(m(format!("remount {} read-only", path.display())))?;
+    }
+    for entry in masked {
+        let path = base.join(entry);
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            mount(
+                Some("tmpfs"),
+                &path,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some("size=0"),
+            )
+        } else {
+            mount(
+                Some("/dev/null"),
+                &path,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+        }
+        .map_err(m(format!("mask {}", path.display())))?;
+    }
     Ok(())
 }
 
@@ -860,12 +938,15 @@ fn mount_dev(root: &Path) -> ChildResult<PathBuf> {
     let m = |what: String| move |e: nix::Error| format!("{what}: {e}");
     let at = |p: &str| root.join(p);
     let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    // /dev: a tmpfs with the host's harmless devices bound in.
+    // /dev: a tmpfs with the host's harmless devices bound in. nodev: a node made here with
+    // mknod (of the host's disk, say) does not open; the bound devices are mounts of their own
+    // that keep the flags of the host's /dev, so they still work, and the devpts below is its own
+    // mount too (no mknod there).
     mount(
         Some("tmpfs"),
         &at("dev"),
         Some("tmpfs"),
-        MsFlags::MS_NOSUID,
+        nosuid_nodev,
         Some("mode=755,size=65536k"),
     )
     .map_err(m("mount a tmpfs on /dev".into()))?;
@@ -953,6 +1034,7 @@ fn mount_sys(root: &Path, plan: &Plan) -> ChildResult<()> {
         )
         .map_err(m("remount /sys read-only".into()))?;
     }
+    protect_paths(&at("sys"), &[], &SYS_MASKED)?;
     if let Some((mount_dir, name)) = &plan.cgroup {
         let cgroup = at("sys/fs/cgroup");
         mount(
@@ -1004,6 +1086,24 @@ fn mount_tmp_and_run(root: &Path) -> ChildResult<()> {
     Ok(())
 }
 
+/// What an init such as systemd would mount itself at boot, which it cannot do with the bounded
+/// capability set (no `CAP_SYS_ADMIN`): systemd skips what is already a mount point and stops when
+/// a mount it calls essential fails. `/proc`, `/sys`, `/dev`, `/dev/shm`, `/dev/pts`, `/run` and the
+/// cgroup are mounted for every container; here `/run/lock` (essential since systemd 251, as
+/// systemd mounts it: tmpfs, 5 MiB, world-writable with the sticky bit).
+fn mount_for_init(root: &Path) -> ChildResult<()> {
+    let lock = root.join("run/lock");
+    fs::create_dir_all(&lock).map_err(|e| format!("create /run/lock: {e}"))?;
+    mount(
+        Some("tmpfs"),
+        &lock,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=1777,size=5242880"),
+    )
+    .map_err(|e| format!("mount a tmpfs on /run/lock: {e}"))
+}
+
 /// Files bound in: resolv.conf, `/etc/cpuinfo` as `/proc/cpuinfo`, a transient machine-id, and
 /// the caller's binds.
 fn bind_files(spec: &RootSpec, root: &Path, created: &mut Vec<PathBuf>) -> ChildResult<()> {
@@ -1019,13 +1119,8 @@ fn bind_files(spec: &RootSpec, root: &Path, created: &mut Vec<PathBuf>) -> Child
             None::<&str>,
         )
         .map_err(m("bind /etc/resolv.conf".into()))?;
-        let _ = mount(
-            None::<&str>,
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-            None::<&str>,
-        );
+        // Best effort: a resolv.conf the image may write changes nothing outside it.
+        let _ = restrict_bind(&target, true);
     }
     if spec.bind_cpuinfo && at("etc/cpuinfo").is_file() {
         mount(
@@ -1066,19 +1161,47 @@ fn bind_files(spec: &RootSpec, root: &Path, created: &mut Vec<PathBuf>) -> Child
             bind.source.display(),
             bind.target.display()
         )))?;
-        if bind.read_only {
-            mount(
-                None::<&str>,
-                &target,
-                None::<&str>,
-                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                None::<&str>,
-            )
-            .map_err(m(format!("remount {} read-only", bind.target.display())))?;
-        }
+        // A host directory (`/persist`) the image writes: nodev and nosuid like the root.
+        restrict_bind(&target, bind.read_only)
+            .map_err(|e| format!("remount {} nodev,nosuid: {e}", bind.target.display()))?;
     }
 
     Ok(())
+}
+
+/// Remounts the bind mount at `target` `nodev` and `nosuid` (read-only when asked).
+fn restrict_bind(target: &Path, read_only: bool) -> nix::Result<()> {
+    let current = nix::sys::statvfs::statvfs(target)?.flags();
+    mount(
+        None::<&str>,
+        target,
+        None::<&str>,
+        bind_remount_flags(current, read_only),
+        None::<&str>,
+    )
+}
+
+/// The flags of a bind remount adding `nodev`, `nosuid` (and `ro` when asked) to a mount that has
+/// `current`: the flags it has are kept, since in a user namespace those of the source mount are
+/// locked and a remount that would clear one fails.
+fn bind_remount_flags(current: nix::sys::statvfs::FsFlags, read_only: bool) -> MsFlags {
+    use nix::sys::statvfs::FsFlags;
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
+    for (has, keep) in [
+        (FsFlags::ST_RDONLY, MsFlags::MS_RDONLY),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if current.contains(has) {
+            flags |= keep;
+        }
+    }
+    if read_only {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    flags
 }
 
 /// PID 1's console, from the container's own devpts (when its stdio is a PTY).
@@ -1200,6 +1323,9 @@ fn exec(
     cwd: &str,
     identity: Option<&Identity>,
 ) -> ChildResult<()> {
+    // Everything that needs more than the image's set (mounts, pivot_root, setns, the console)
+    // is done: from here on the process is the image's, bounded whatever the pod allows.
+    privileges::bound_current_process(privileges::default_mask()).map_err(|e| e.to_string())?;
     if let Some(identity) = identity {
         let groups: Vec<nix::unistd::Gid> = identity
             .groups
@@ -1403,4 +1529,28 @@ fn machine_id() -> String {
 /// Brings `lo` up in a new network namespace.
 fn bring_loopback_up() {
     sys::set_loopback_up();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::statvfs::FsFlags;
+
+    #[test]
+    fn a_bind_remount_adds_nodev_nosuid_and_keeps_the_locked_flags() {
+        let flags = bind_remount_flags(FsFlags::ST_NOEXEC | FsFlags::ST_RELATIME, false);
+        assert!(
+            flags.contains(MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_BIND | MsFlags::MS_REMOUNT)
+        );
+        assert!(
+            flags.contains(MsFlags::MS_NOEXEC | MsFlags::MS_RELATIME),
+            "{flags:?}"
+        );
+        assert!(!flags.contains(MsFlags::MS_RDONLY));
+        assert!(bind_remount_flags(FsFlags::empty(), true).contains(MsFlags::MS_RDONLY));
+        assert!(
+            bind_remount_flags(FsFlags::ST_RDONLY, false).contains(MsFlags::MS_RDONLY),
+            "never made writable"
+        );
+    }
 }

@@ -906,6 +906,22 @@ fn runs_inside_a_user_namespace_with_userxattr() {
     );
     session.expect("Note: this is a limited", Duration::from_secs(30));
     assert_eq!(session.run("hostname"), "image-shell");
+    // Bounded there too (the runtime holds every capability of its user namespace).
+    assert_bounded(
+        &session.run("cat /proc/$$/status"),
+        "the shell in a user namespace",
+    );
+    // /sys is the caller's, bound (sysfs cannot be mounted from a user namespace that does not own
+    // the network namespace): read-only, the caller's mounts below it (cgroups) included.
+    let writable = session.run("grep ' /sys' /proc/mounts | grep -v ' ro,'; true");
+    assert_eq!(writable, "", "writable mounts under /sys");
+    assert!(
+        session
+            .run("grep -c ' /sys/' /proc/mounts")
+            .parse::<u32>()
+            .unwrap()
+            > 0
+    );
     session.run("rm -r /var/lib/data && mkdir /var/lib/data && echo 3 > /var/lib/data/three");
     assert_eq!(
         session.run("ls /var/lib/data"),

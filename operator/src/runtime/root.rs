@@ -1033,6 +1033,12 @@ fn mount_sys(root: &Path, plan: &Plan) -> ChildResult<()> {
             None::<&str>,
         )
         .map_err(m("remount /sys read-only".into()))?;
+        // The caller's mounts under /sys (its cgroups, say) came along: read-only too.
+        let mountinfo =
+            fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("read the mount table: {e}"))?;
+        for below in submounts(&mountinfo, &at("sys")) {
+            restrict_bind(&below, true).map_err(m(format!("remount {} read-only", below.display())))?;
+        }
     }
     protect_paths(&at("sys"), &[], &SYS_MASKED)?;
     if let Some((mount_dir, name)) = &plan.cgroup {
@@ -1059,6 +1065,38 @@ fn mount_sys(root: &Path, plan: &Plan) -> ChildResult<()> {
     }
 
     Ok(())
+}
+
+/// The mount points strictly below `dir` in a `/proc/PID/mountinfo` text (octal escapes decoded),
+/// parents first.
+fn submounts(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|field| PathBuf::from(unescape_mount_path(field)))
+        .filter(|path| path != dir && path.starts_with(dir))
+        .collect()
+}
+
+/// A mount point as the kernel writes it in mountinfo (`\040` for a space, and so on), decoded.
+fn unescape_mount_path(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        let octal = bytes
+            .get(index + 1..index + 4)
+            .filter(|digits| bytes[index] == b'\\' && digits.iter().all(|d| (b'0'..=b'7').contains(d)))
+            .and_then(|digits| u8::from_str_radix(std::str::from_utf8(digits).ok()?, 8).ok());
+        if let Some(byte) = octal {
+            out.push(byte);
+            index += 4;
+        } else {
+            out.push(bytes[index]);
+            index += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Fresh tmpfs on `/tmp` and `/run`.
@@ -1535,6 +1573,22 @@ fn bring_loopback_up() {
 mod tests {
     use super::*;
     use nix::sys::statvfs::FsFlags;
+
+    #[test]
+    fn submounts_are_those_strictly_below_with_escapes_decoded() {
+        let mountinfo = "22 1 0:21 / /sys rw,nosuid shared:7 - sysfs sysfs rw\n\
+                         30 22 0:26 / /sys/fs/cgroup ro shared:9 - tmpfs tmpfs ro\n\
+                         31 30 0:27 / /sys/fs/cgroup/a\\040b rw - cgroup cgroup rw\n\
+                         40 1 0:30 / /system rw - tmpfs tmpfs rw\n";
+        assert_eq!(
+            submounts(mountinfo, Path::new("/sys")),
+            [
+                PathBuf::from("/sys/fs/cgroup"),
+                PathBuf::from("/sys/fs/cgroup/a b")
+            ]
+        );
+        assert_eq!(unescape_mount_path("x\\134y\\9"), "x\\y\\9");
+    }
 
     #[test]
     fn a_bind_remount_adds_nodev_nosuid_and_keeps_the_locked_flags() {

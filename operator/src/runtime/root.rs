@@ -443,22 +443,44 @@ impl Container {
     }
 
     fn cleanup(&mut self) {
-        for path in self.created_mount_points.drain(..).rev() {
-            let in_upper = self.upper_dir.join(path.strip_prefix("/").unwrap_or(&path));
-            match fs::symlink_metadata(&in_upper) {
-                Ok(meta) if meta.is_dir() => {
-                    let _ = fs::remove_dir(&in_upper);
-                }
-                Ok(meta) if meta.len() == 0 => {
-                    let _ = fs::remove_file(&in_upper);
-                }
-                _ => {}
-            }
-        }
+        remove_mount_points(&self.upper_dir, self.created_mount_points.drain(..).rev());
         if let Some(name) = self.cgroup_name.take() {
             remove_cgroup(&name);
         }
     }
+}
+
+/// Removes the mount points the runtime created (absolute paths inside the image) from the upper
+/// dir, when still an empty file or directory. The image ran as root in between and may have
+/// replaced a directory on the way by a symbolic link (`/etc` → a host directory): such a path is
+/// left alone, since the runtime, privileged on the host, would follow the link out of the upper
+/// dir.
+fn remove_mount_points(upper_dir: &Path, paths: impl Iterator<Item = PathBuf>) {
+    for path in paths {
+        let relative = path.strip_prefix("/").unwrap_or(&path);
+        if !parents_are_directories(upper_dir, relative) {
+            continue;
+        }
+        let in_upper = upper_dir.join(relative);
+        match fs::symlink_metadata(&in_upper) {
+            Ok(meta) if meta.is_dir() => {
+                let _ = fs::remove_dir(&in_upper);
+            }
+            Ok(meta) if meta.is_file() && meta.len() == 0 => {
+                let _ = fs::remove_file(&in_upper);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Whether every parent of `relative` under `base` is a real directory (not a symbolic link).
+fn parents_are_directories(base: &Path, relative: &Path) -> bool {
+    relative
+        .ancestors()
+        .skip(1)
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .all(|parent| fs::symlink_metadata(base.join(parent)).is_ok_and(|meta| meta.is_dir()))
 }
 
 impl Drop for Container {
@@ -1588,6 +1610,31 @@ mod tests {
             ]
         );
         assert_eq!(unescape_mount_path("x\\134y\\9"), "x\\y\\9");
+    }
+
+    #[test]
+    fn mount_point_cleanup_never_follows_a_link_the_image_made() {
+        let upper = tempfile::tempdir().unwrap();
+        let host = tempfile::tempdir().unwrap();
+        // The runtime created /etc/resolv.conf and /persist; the image then replaced /etc by a link
+        // to a host directory holding an empty resolv.conf.
+        fs::write(host.path().join("resolv.conf"), "").unwrap();
+        symlink(host.path(), upper.path().join("etc")).unwrap();
+        fs::create_dir(upper.path().join("persist")).unwrap();
+        fs::create_dir_all(upper.path().join("var/lib")).unwrap();
+        fs::write(upper.path().join("var/lib/empty"), "").unwrap();
+        remove_mount_points(
+            upper.path(),
+            ["/etc/resolv.conf", "/persist", "/var/lib/empty"]
+                .into_iter()
+                .map(PathBuf::from),
+        );
+        assert!(
+            host.path().join("resolv.conf").exists(),
+            "the host's file was removed"
+        );
+        assert!(!upper.path().join("persist").exists());
+        assert!(!upper.path().join("var/lib/empty").exists());
     }
 
     #[test]

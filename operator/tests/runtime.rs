@@ -519,16 +519,38 @@ fn image_shell_root_cannot_become_root_on_the_host() {
     );
     let cache = work.path().join("cache");
     let (major, minor) = host_block_device();
-    let mut session = Session::start(&[
-        "--rootfs",
-        rootfs.to_str().unwrap(),
-        "--cache-dir",
-        cache.to_str().unwrap(),
-    ]);
+    // The runtime is started holding a descriptor of the host's `/` (fd 7, not close-on-exec), as
+    // a careless caller could: it must not reach the image, where `cd /proc/$$/fd/7` would be a
+    // way out of the root.
+    let mut session = Session::start_with(
+        Command::new("sh")
+            .args(["-c", "exec 7</ && exec \"$0\" \"$@\""])
+            .arg(bin())
+            .args([
+                "shell",
+                "--rootfs",
+                rootfs.to_str().unwrap(),
+                "--cache-dir",
+                cache.to_str().unwrap(),
+            ]),
+    );
     session.expect("Note: this is a limited", Duration::from_secs(30));
     assert_eq!(session.run("id -u"), "0", "the shell is root in the image");
+    assert_eq!(
+        session.run("[ -e /proc/$$/fd/7 ] && ls /proc/$$/fd/7/ | head -3 || echo closed"),
+        "closed",
+        "the runtime's descriptor of the host's / reached the shell"
+    );
     assert_bounded(&session.run("cat /proc/$$/status"), "the shell");
     assert_bounded(&session.run("cat /proc/self/status"), "a program it runs");
+    // No descriptor of the runtime's (a directory of the host would be a way out): the terminal,
+    // and what the shell opened itself in the image's /dev.
+    let fds = session.run("for f in /proc/$$/fd/*; do readlink $f; done");
+    assert!(
+        fds.lines()
+            .all(|target| ["/dev/pts/0", "/dev/tty"].contains(&target)),
+        "the shell's descriptors: {fds:?}"
+    );
     // Mount: no CAP_SYS_ADMIN.
     let mounted = session.run("mkdir -p /tmp/m && mount -t tmpfs none /tmp/m 2>&1; echo rc=$?");
     assert!(

@@ -1401,8 +1401,36 @@ fn exec(
     if chdir(cwd).is_err() {
         let _ = chdir("/");
     }
+    close_inherited_descriptors()?;
     let error = execve(program, argv, envp).unwrap_err();
     Err(format!("cannot run {}: {error}", program.to_string_lossy()))
+}
+
+/// Makes sure the image's program gets standard streams only: every descriptor above 2 is closed
+/// at `execve`, whoever opened it (the runtime's caller included: a descriptor of a host
+/// directory would let the image `fchdir` out of its root).
+fn close_inherited_descriptors() -> ChildResult<()> {
+    match sys::cloexec_from(3) {
+        Ok(()) => Ok(()),
+        // Before Linux 5.11: one by one, from the container's /proc (the caller's process).
+        Err(nix::errno::Errno::ENOSYS | nix::errno::Errno::EINVAL) => {
+            let entries = fs::read_dir("/proc/self/fd").map_err(|e| format!("list /proc/self/fd: {e}"))?;
+            let fds: Vec<RawFd> = entries
+                .flatten()
+                .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+                .filter(|fd| *fd > 2)
+                .collect();
+            for fd in fds {
+                // The directory listed is closed by now: EBADF for its descriptor.
+                match sys::set_cloexec(fd) {
+                    Ok(()) | Err(nix::errno::Errno::EBADF) => {}
+                    Err(error) => return Err(format!("mark descriptor {fd} close-on-exec: {error}")),
+                }
+            }
+            Ok(())
+        }
+        Err(error) => Err(format!("mark the inherited descriptors close-on-exec: {error}")),
+    }
 }
 
 /// Creates `root/relative` as a directory when missing, recording it.

@@ -1302,3 +1302,57 @@ fn non_linux_image_is_refused() {
         "{stderr}"
     );
 }
+
+/// The disk of the shell's upper dir (on the layer cache's volume) fills while the user writes: the
+/// user's command fails with the kernel's own words, the shell goes on, and the changes that fit are
+/// committed and pushed (the commit streams the upper dir to the registry and needs no free space);
+/// nothing of the session is left mounted or running.
+#[test]
+fn a_full_upper_dir_fails_the_users_write_not_the_session_and_commits_what_fit() {
+    require_root();
+    let registry = Registry::start().unwrap();
+    OciLayout::busybox(Arch::Amd64)
+        .unwrap()
+        .push("base", &registry, "lab/full:1")
+        .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let disk = walt_tests::tmpfs::Tmpfs::mount(&work.path().join("cache"), 32 << 20).expect("a 32 MiB tmpfs");
+    let cache = disk.path().to_str().unwrap().to_string();
+    let base = registry.reference("lab/full:1");
+    let target = registry.reference("lab/full:2");
+    let args = [
+        "--image",
+        &base,
+        "--commit-to",
+        &target,
+        "--insecure-registry",
+        &registry.host(),
+        "--cache-dir",
+        &cache,
+    ];
+    let mut session = Session::start(&args);
+    session.expect("Note: this is a limited", Duration::from_mins(1));
+    session.run("echo kept > /etc/kept");
+    let said = session.run("dd if=/dev/zero of=/root/big bs=1M count=64; echo status=$?");
+    assert!(
+        said.contains("No space left on device") && said.contains("status=1"),
+        "the user's write fails with the kernel's words: {said}"
+    );
+    assert_eq!(session.run("cat /etc/kept"), "kept", "the shell goes on");
+    session.send("exit");
+    let (code, result, text) = session.finish();
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("Saved "), "{text}");
+    let check = tempfile::tempdir().unwrap();
+    let rootfs = images::skopeo_umoci_unpack(&registry, "lab/full:2", check.path()).unwrap();
+    assert_eq!(fs::read_to_string(rootfs.join("etc/kept")).unwrap(), "kept\n");
+    let big = fs::metadata(rootfs.join("root/big"))
+        .expect("the part of the file that fit")
+        .len();
+    assert!(
+        big > 0 && big < 32 << 20,
+        "the committed file holds what fit: {big} bytes; {result}"
+    );
+    // The test's own tmpfs is mounted at the cache dir: nothing may stay mounted below it.
+    assert_nothing_left(&format!("{cache}/"));
+}

@@ -7,8 +7,9 @@
 //!   The node address is 10.200.0.2 on a bridge device `walt0`, pods get 10.244.0.0/24 on `cni0`:
 //!   these addresses exist only inside the namespace, which has no default route: nothing in it
 //!   can send traffic elsewhere. The API server and the registry listen inside it (the registry on
-//!   every address of the namespace, so pods also reach it at the node address) and are bridged to the same port on the host's 127.0.0.1 (socat through a Unix
-//!   socket), so one URL works from the host and the node.
+//!   every address of the namespace, so pods also reach it at the node address) and are bridged
+//!   to the same port on the host's 127.0.0.1 (socat through a Unix socket), so one URL works from
+//!   the host and the node.
 //! - containerd, the kubelet and the pods' sandboxes share a private mount namespace (held by a
 //!   `sleep` process): their mounts (overlay roots, volumes, pod network namespace files, on a
 //!   tmpfs over `/run/netns`) never appear on the host and vanish with it. In it, the six kernel

@@ -5290,3 +5290,102 @@ fn operator_killed_while_a_shell_commits_saves_the_result_after_restart() {
         })
         .unwrap_or_else(|e| panic!("{e}; operator log:\n{}", lab.operator.log()));
 }
+
+/// The operator's host clock 10 minutes ahead of the API server's (libfaketime): session lifetimes
+/// follow the API server's clock. An image shell with a 5-minute ttl starts and runs instead of
+/// expiring at once (its age, read on the operator's clock, would be 10 minutes), the times the
+/// operator writes into its status are the API server's, and the operator says it saw the offset.
+#[test]
+fn an_operator_clock_ten_minutes_ahead_keeps_session_lifetimes_right() {
+    use walt_tests::images::{Arch, OciLayout};
+    use walt_tests::registry::Registry;
+    let cluster = cluster();
+    let (namespace, dir) = tenant(cluster, "op-skew");
+    let registry = Registry::start().expect("start the lab registry");
+    let digest = OciLayout::busybox(Arch::Amd64)
+        .expect("busybox image")
+        .push("base", &registry, &format!("lab/{namespace}/debian:latest"))
+        .expect("push the base image");
+    // The operator binary under libfaketime (CLOCK_REALTIME and the monotonic clock shifted alike).
+    let wrapper = dir.path().join("walt-operator-ahead");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec faketime -f +600s {} \"$@\"\n",
+            operator_binary().display()
+        ),
+    )
+    .expect("write the wrapper");
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("make the wrapper executable");
+    let lab = format!("{}/lab", registry.host());
+    let operator = Operator::start_binary(
+        &wrapper,
+        &cluster.kubeconfig(),
+        None,
+        &operator_args(&namespace, "skewed", &["--lab-registry", &lab]),
+        &std::env::temp_dir().join(format!("walt-operator-{namespace}-skewed.log")),
+    )
+    .expect("start walt-operator under faketime");
+    operator.wait_ready(Duration::from_mins(1));
+    apply(
+        cluster,
+        &namespace,
+        "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {name: debian}\nspec: {}\n---\n\
+         apiVersion: walt.dev/v1alpha1\nkind: ShellSession\nmetadata: {name: sh}\n\
+         spec: {image: debian, ttl: 5m}\n",
+    );
+    wait_for(
+        cluster,
+        &namespace,
+        "image/debian",
+        "{.status.digest}",
+        &digest,
+        Duration::from_mins(1),
+        &operator,
+    );
+    Wait::new("the shell pod", Duration::from_mins(1))
+        .every(Duration::from_millis(250))
+        .until(|| {
+            cluster
+                .kubectl_output(&["-n", &namespace, "get", "pod/walt-shell-sh", "-o", "name"])
+                .is_ok()
+        })
+        .unwrap_or_else(|e| panic!("{e}; operator log:\n{}", operator.log()));
+    std::thread::sleep(Duration::from_secs(3));
+    let times = kubectl(
+        cluster,
+        &namespace,
+        &[
+            "get",
+            "shellsession/sh",
+            "-o",
+            "jsonpath={.status.phase} {.metadata.creationTimestamp} {.status.startTime}",
+        ],
+    );
+    let fields: Vec<&str> = times.split_whitespace().collect();
+    assert!(
+        matches!(fields.first(), Some(&("Starting" | "Running"))),
+        "a 5-minute session lives although the operator's clock is 10 minutes ahead: {times}\n{}",
+        operator.log()
+    );
+    if let [_, created, started] = fields[..] {
+        let created: k8s_openapi::jiff::Timestamp = created.parse().expect("creationTimestamp");
+        let started: k8s_openapi::jiff::Timestamp = started.parse().expect("startTime");
+        let apart = started.duration_since(created).as_secs();
+        assert!(
+            (-5..=120).contains(&apart),
+            "startTime is on the API server's clock ({apart} s after creation, not 600): {times}"
+        );
+    }
+    assert!(
+        operator
+            .log()
+            .contains("the API server's clock is 600 s behind the operator's")
+            || operator
+                .log()
+                .contains("the API server's clock is 599 s behind the operator's"),
+        "the operator says what it measured:\n{}",
+        operator.log()
+    );
+}

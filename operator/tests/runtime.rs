@@ -444,6 +444,247 @@ fn basic_shell_amd64_namespaces_terminal_and_exit_status() {
     assert_nothing_left(cache.to_str().unwrap());
 }
 
+/// Docker's default capability set (14), as `/proc/PID/status` prints it: what the image's
+/// processes are bounded to.
+const BOUNDED_CAPS: &str = "00000000a80425fb";
+
+/// Checks the `CapBnd`, `CapEff`, `CapAmb` and `NoNewPrivs` lines of a `/proc/PID/status` text:
+/// the bounded set and `no_new_privs`.
+fn assert_bounded(status: &str, whose: &str) {
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+            .map_or_else(|| panic!("no {name} line for {whose} in:\n{status}"), str::trim)
+    };
+    assert_eq!(field("CapBnd"), BOUNDED_CAPS, "{whose}'s bounding set:\n{status}");
+    assert_eq!(
+        field("CapEff"),
+        BOUNDED_CAPS,
+        "{whose}'s effective set:\n{status}"
+    );
+    assert_eq!(
+        field("CapAmb"),
+        "0000000000000000",
+        "{whose}'s ambient set:\n{status}"
+    );
+    assert_eq!(field("NoNewPrivs"), "1", "{whose}'s no_new_privs:\n{status}");
+}
+
+/// Checks busybox `insmod`'s words: refused for want of `CAP_SYS_MODULE` (`EPERM`, checked before
+/// the module is read: without the bound the junk module would get "invalid module format"); on a
+/// kernel built without module support (`/proc/modules` absent, like this development VM's) every
+/// caller gets `ENOSYS` first, and the refusal is all that can be checked.
+fn assert_module_refused(insmod: &str) {
+    assert!(
+        insmod.contains("insmod: can't insert"),
+        "insmod must fail: {insmod}"
+    );
+    if Path::new("/proc/modules").exists() {
+        assert!(
+            insmod.contains("not permitted"),
+            "init_module must be refused (EPERM): {insmod}"
+        );
+    }
+}
+
+/// The block device holding the host's `/` (major, minor), or the first the kernel lists.
+fn host_block_device() -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt as _;
+    let root = fs::metadata("/").unwrap().dev();
+    let (major, minor) = (nix::sys::stat::major(root), nix::sys::stat::minor(root));
+    let listed: Vec<String> = fs::read_dir("/sys/dev/block")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if listed.contains(&format!("{major}:{minor}")) {
+        return (major, minor);
+    }
+    let first = listed.first().expect("the host has a block device");
+    let (major, minor) = first.split_once(':').unwrap();
+    (major.parse().unwrap(), minor.parse().unwrap())
+}
+
+#[test]
+fn image_shell_root_cannot_become_root_on_the_host() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let rootfs = work.path().join("rootfs");
+    busybox_rootfs("amd64", &rootfs);
+    add_script(
+        &rootfs,
+        "bin/try-node",
+        "#!/bin/sh\nmknod $1/node $2 $3 $4 && echo made\nhead -c 512 $1/node | wc -c\nrm -f $1/node\n",
+    );
+    let cache = work.path().join("cache");
+    let (major, minor) = host_block_device();
+    // The runtime is started holding a descriptor of the host's `/` (fd 7, not close-on-exec), as
+    // a careless caller could: it must not reach the image, where `cd /proc/$$/fd/7` would be a
+    // way out of the root.
+    let mut session = Session::start_with(
+        Command::new("sh")
+            .args(["-c", "exec 7</ && exec \"$0\" \"$@\""])
+            .arg(bin())
+            .args([
+                "shell",
+                "--rootfs",
+                rootfs.to_str().unwrap(),
+                "--cache-dir",
+                cache.to_str().unwrap(),
+            ]),
+    );
+    session.expect("Note: this is a limited", Duration::from_secs(30));
+    assert_eq!(session.run("id -u"), "0", "the shell is root in the image");
+    assert_eq!(
+        session.run("[ -e /proc/$$/fd/7 ] && ls /proc/$$/fd/7/ | head -3 || echo closed"),
+        "closed",
+        "the runtime's descriptor of the host's / reached the shell"
+    );
+    assert_bounded(&session.run("cat /proc/$$/status"), "the shell");
+    assert_bounded(&session.run("cat /proc/self/status"), "a program it runs");
+    // No descriptor of the runtime's (a directory of the host would be a way out): the terminal,
+    // and what the shell opened itself in the image's /dev.
+    let fds = session.run("for f in /proc/$$/fd/*; do readlink $f; done");
+    assert!(
+        fds.lines()
+            .all(|target| ["/dev/pts/0", "/dev/tty"].contains(&target)),
+        "the shell's descriptors: {fds:?}"
+    );
+    // Mount: no CAP_SYS_ADMIN.
+    let mounted = session.run("mkdir -p /tmp/m && mount -t tmpfs none /tmp/m 2>&1; echo rc=$?");
+    assert!(
+        mounted.ends_with("rc=255") || mounted.ends_with("rc=1"),
+        "mount must fail: {mounted}"
+    );
+    assert!(
+        mounted.contains("denied") || mounted.contains("not permitted"),
+        "{mounted}"
+    );
+    assert!(!session.run("cat /proc/mounts").contains(" /tmp/m "));
+    // Device nodes: mknod works (package scripts need it), opening what it made does not,
+    // wherever the image can write (the overlay root, /tmp, /run, /dev): the host's disk, and
+    // /dev/full's numbers, a device anyone may read, so that only `nodev` can be what stops it.
+    for dir in ["/root", "/tmp", "/run", "/dev"] {
+        for (kind, major, minor) in [("b", major, minor), ("c", 1, 7)] {
+            let read = session.run(&format!("/bin/try-node {dir} {kind} {major} {minor}"));
+            assert!(read.starts_with("made"), "mknod in {dir}: {read}");
+            assert!(
+                read.contains("Permission denied"),
+                "the node {kind} {major}:{minor} made in {dir} opened: {read}"
+            );
+            assert!(
+                read.ends_with('0'),
+                "nothing read through the node in {dir}: {read}"
+            );
+        }
+    }
+    assert_eq!(
+        session.run("head -c 512 /dev/full | wc -c"),
+        "512",
+        "the runtime's own /dev/full works"
+    );
+    // /dev is the runtime's own set: the harmless host devices, the console (the shell's own
+    // PTY), its devpts; no disk, no kmsg, no mem.
+    assert_eq!(
+        session.run("echo $(ls -A /dev)"),
+        "console core fd full null ptmx pts random shm stderr stdin stdout tty urandom zero",
+        "/dev holds only the runtime's devices"
+    );
+    assert!(
+        session
+            .run("echo $(ls /dev/pts)")
+            .split_whitespace()
+            .all(|n| n == "ptmx" || n.parse::<u32>().is_ok())
+    );
+    // Kernel memory and modules: no CAP_SYS_RAWIO, no CAP_SYS_MODULE.
+    // The host kernel's knobs in /proc (sysctls such as core_pattern or modprobe, which name a
+    // program the host runs as root) are read-only: /proc/sys checks uid 0, not capabilities. The
+    // write puts back the value read, so that nothing would change even if it went through.
+    let sysctl = session.run(
+        "cat /proc/sys/kernel/printk_ratelimit > /tmp/v; (cat /tmp/v > /proc/sys/kernel/printk_ratelimit) 2>&1",
+    );
+    assert!(sysctl.contains("Read-only file system"), "{sysctl}");
+    // Host-wide state in /proc is masked (timers of every process on the host, kernel memory).
+    assert_eq!(session.run("wc -c < /proc/timer_list"), "0");
+    // Modules: no CAP_SYS_MODULE.
+    assert_module_refused(&session.run("echo junk > /tmp/x.ko; insmod /tmp/x.ko 2>&1"));
+    session.send("exit");
+    let (code, result, text) = session.finish();
+    assert_eq!(code, 0, "{text}");
+    // The runtime's report says it too.
+    assert_eq!(result["privileges"]["capBnd"], BOUNDED_CAPS, "{result}");
+    assert_eq!(result["privileges"]["noNewPrivs"], true, "{result}");
+    assert_eq!(
+        result["privileges"]["capabilities"].as_array().map(Vec::len),
+        Some(14)
+    );
+    assert_eq!(result["summary"]["added"], 0, "{result}");
+    assert_nothing_left(cache.to_str().unwrap());
+}
+
+/// Writes an executable script at `relative` under `root`.
+fn add_script(root: &Path, relative: &str, text: &str) {
+    let path = root.join(relative);
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(&path, text).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// The classic chroot escape (perl, as Debian's minbase has it): chroot into a subdirectory while
+/// the working directory stays outside it, climb with `..` past the new root, chroot there. Says
+/// whether it left the jail (the image's `/etc` is seen again) and whether the host file `$1` is
+/// seen.
+const ESCAPE_SCRIPT: &str = r#"#!/usr/bin/perl
+mkdir "/jail";
+chroot "/jail" or die "chroot /jail: $!";
+chdir ".." for 1 .. 64;
+chroot "." or die "chroot .: $!";
+print -e "/etc/debian_version" ? "left-the-jail " : "in-the-jail ";
+print -e $ARGV[0] ? "host-visible\n" : "host-hidden\n";
+rmdir "/jail";
+"#;
+
+#[test]
+fn a_chroot_escape_from_an_image_shell_stays_in_the_image() {
+    require_root();
+    let debian = debian_systemd_rootfs("amd64");
+    let work = tempfile::tempdir().unwrap();
+    // A file outside the image root, on the host (the pod's root in a cluster).
+    let marker = work.path().join("outside-the-image");
+    fs::write(&marker, "host\n").unwrap();
+    let tools = work.path().join("tools");
+    add_script(&tools, "usr/local/bin/escape", ESCAPE_SCRIPT);
+    let cache = work.path().join("cache");
+    let mut session = Session::start(&[
+        "--rootfs",
+        tools.to_str().unwrap(),
+        "--rootfs",
+        debian.to_str().unwrap(),
+        "--mode",
+        "basic",
+        "--network",
+        "none",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ]);
+    session.expect("Note: this is a limited", Duration::from_mins(1));
+    session.expect("# ", Duration::from_mins(1));
+    assert_bounded(&session.run("cat /proc/$$/status"), "the Debian shell");
+    // The classic escape works (CAP_SYS_CHROOT is kept: it leaves the jail, back at the top of
+    // the image) and finds no way above the image root: pivot_root and the old root detached,
+    // nothing of the host left in the mount namespace.
+    assert_eq!(
+        session.run(&format!("/usr/local/bin/escape {}", marker.display())),
+        "left-the-jail host-hidden"
+    );
+    session.send("exit");
+    let (code, result, text) = session.finish();
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(result["privileges"]["capBnd"], BOUNDED_CAPS, "{result}");
+    assert_nothing_left(cache.to_str().unwrap());
+}
+
 #[test]
 fn arm64_image_runs_emulated_with_cpuinfo() {
     require_root();
@@ -466,6 +707,8 @@ fn arm64_image_runs_emulated_with_cpuinfo() {
     session.expect("Note: this is a limited", Duration::from_secs(30));
     assert_eq!(session.run("uname -m"), "aarch64");
     assert!(session.run("cat /proc/cpuinfo").contains("walt-test-cpu"));
+    assert_bounded(&session.run("cat /proc/$$/status"), "the emulated shell");
+    assert_module_refused(&session.run("echo junk > /tmp/x.ko; insmod /tmp/x.ko 2>&1"));
     session.send("exit");
     let (code, result, _) = session.finish();
     assert_eq!(code, 0);
@@ -509,6 +752,8 @@ fn init_mode_runs_start_script_as_pid1_and_shutdown_at_exit() {
     // (Under emulation the command line starts with qemu's binfmt interpreter.)
     let init = session.run("cat /proc/1/cmdline | tr '\\0' ' '");
     assert!(init.trim().ends_with("/sbin/init"), "PID 1 exec'd init: {init}");
+    assert_bounded(&session.run("cat /proc/1/status"), "init (PID 1)");
+    assert_bounded(&session.run("cat /proc/$$/status"), "the shell in init mode");
     assert_eq!(session.run("echo $container"), "walt");
     assert_eq!(session.run("uname -m"), "aarch64");
     session.send("exit");
@@ -683,6 +928,22 @@ fn runs_inside_a_user_namespace_with_userxattr() {
     );
     session.expect("Note: this is a limited", Duration::from_secs(30));
     assert_eq!(session.run("hostname"), "image-shell");
+    // Bounded there too (the runtime holds every capability of its user namespace).
+    assert_bounded(
+        &session.run("cat /proc/$$/status"),
+        "the shell in a user namespace",
+    );
+    // /sys is the caller's, bound (sysfs cannot be mounted from a user namespace that does not own
+    // the network namespace): read-only, the caller's mounts below it (cgroups) included.
+    let writable = session.run("grep ' /sys' /proc/mounts | grep -v ' ro,'; true");
+    assert_eq!(writable, "", "writable mounts under /sys");
+    assert!(
+        session
+            .run("grep -c ' /sys/' /proc/mounts")
+            .parse::<u32>()
+            .unwrap()
+            > 0
+    );
     session.run("rm -r /var/lib/data && mkdir /var/lib/data && echo 3 > /var/lib/data/three");
     assert_eq!(
         session.run("ls /var/lib/data"),
@@ -824,6 +1085,11 @@ fn systemd_image_boots_services(arch: &str) {
         fs::read_to_string(&console).unwrap_or_default()
     );
     assert_eq!(session.run("systemctl is-active ssh"), "active");
+    assert_bounded(&session.run("cat /proc/1/status"), "systemd (PID 1)");
+    assert_bounded(
+        &session.run("cat /proc/$(systemctl show -p MainPID --value ssh)/status"),
+        "sshd started by systemd",
+    );
     assert_eq!(session.run("echo $container"), "walt");
     assert_eq!(
         session.run("uname -m"),
@@ -1035,4 +1301,58 @@ fn non_linux_image_is_refused() {
         stderr.contains("the image is for the windows operating system"),
         "{stderr}"
     );
+}
+
+/// The disk of the shell's upper dir (on the layer cache's volume) fills while the user writes: the
+/// user's command fails with the kernel's own words, the shell goes on, and the changes that fit are
+/// committed and pushed (the commit streams the upper dir to the registry and needs no free space);
+/// nothing of the session is left mounted or running.
+#[test]
+fn a_full_upper_dir_fails_the_users_write_not_the_session_and_commits_what_fit() {
+    require_root();
+    let registry = Registry::start().unwrap();
+    OciLayout::busybox(Arch::Amd64)
+        .unwrap()
+        .push("base", &registry, "lab/full:1")
+        .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let disk = walt_tests::tmpfs::Tmpfs::mount(&work.path().join("cache"), 32 << 20).expect("a 32 MiB tmpfs");
+    let cache = disk.path().to_str().unwrap().to_string();
+    let base = registry.reference("lab/full:1");
+    let target = registry.reference("lab/full:2");
+    let args = [
+        "--image",
+        &base,
+        "--commit-to",
+        &target,
+        "--insecure-registry",
+        &registry.host(),
+        "--cache-dir",
+        &cache,
+    ];
+    let mut session = Session::start(&args);
+    session.expect("Note: this is a limited", Duration::from_mins(1));
+    session.run("echo kept > /etc/kept");
+    let said = session.run("dd if=/dev/zero of=/root/big bs=1M count=64; echo status=$?");
+    assert!(
+        said.contains("No space left on device") && said.contains("status=1"),
+        "the user's write fails with the kernel's words: {said}"
+    );
+    assert_eq!(session.run("cat /etc/kept"), "kept", "the shell goes on");
+    session.send("exit");
+    let (code, result, text) = session.finish();
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("Saved "), "{text}");
+    let check = tempfile::tempdir().unwrap();
+    let rootfs = images::skopeo_umoci_unpack(&registry, "lab/full:2", check.path()).unwrap();
+    assert_eq!(fs::read_to_string(rootfs.join("etc/kept")).unwrap(), "kept\n");
+    let big = fs::metadata(rootfs.join("root/big"))
+        .expect("the part of the file that fit")
+        .len();
+    assert!(
+        big > 0 && big < 32 << 20,
+        "the committed file holds what fit: {big} bytes; {result}"
+    );
+    // The test's own tmpfs is mounted at the cache dir: nothing may stay mounted below it.
+    assert_nothing_left(&format!("{cache}/"));
 }

@@ -836,6 +836,25 @@ impl Drop for Vnode {
     }
 }
 
+/// Checks that a `/proc/PID/status` text shows Docker's default capability set (14) as bounding
+/// and effective sets, no ambient capability, and `no_new_privs`.
+fn assert_bounded(status: &str, whose: &str) {
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+            .map_or_else(|| panic!("no {name} line for {whose} in:\n{status}"), str::trim)
+    };
+    for (name, expected) in [
+        ("CapBnd", "00000000a80425fb"),
+        ("CapEff", "00000000a80425fb"),
+        ("CapAmb", "0000000000000000"),
+        ("NoNewPrivs", "1"),
+    ] {
+        assert_eq!(field(name), expected, "{whose}'s {name}:\n{status}");
+    }
+}
+
 /// A user key pair in `work` (`user`, `user.pub`) authorized in `work/authorized_keys`.
 fn authorize_user(work: &Path) -> PathBuf {
     let key = keygen(work, "user");
@@ -884,6 +903,7 @@ fn arm64_vnode_serves_ssh_and_its_changes_save_into_a_new_image() {
 
     // Commands, output and exit codes, through OpenSSH.
     assert_eq!(node.run(work, "uname -m; hostname").trim(), "aarch64\nvn-arm");
+    assert_bounded(&node.run(work, "cat /proc/$$/status"), "the emulated SSH session");
     let output = run({
         let mut command = node.ssh(work);
         command.arg("echo out; echo err >&2; exit 3");
@@ -1197,6 +1217,32 @@ fn vnode_of_an_image_with_walt_init_scripts_runs_its_init() {
     assert_eq!(
         node.run(work, "tr '\\0' ' ' < /proc/1/cmdline | cut -d ' ' -f 1; hostname"),
         "init\nvn-init\n"
+    );
+    // Root over SSH is root in the node only: the bounded set and no_new_privs, for the session's
+    // shell and for the node's init; no mount, no module.
+    assert_bounded(&node.run(work, "cat /proc/$$/status"), "the SSH session's shell");
+    assert_bounded(&node.run(work, "cat /proc/1/status"), "the node's init");
+    let refused = node.run(
+        work,
+        "mkdir -p /tmp/m; mount -t tmpfs none /tmp/m 2>&1; echo junk > /tmp/x.ko; insmod /tmp/x.ko 2>&1; true",
+    );
+    assert!(
+        refused.contains("denied") || refused.contains("not permitted"),
+        "mount: {refused}"
+    );
+    // EPERM (no CAP_SYS_MODULE); a kernel without module support says ENOSYS to everyone first.
+    assert!(refused.contains("insmod: can't insert"), "{refused}");
+    if Path::new("/proc/modules").exists() {
+        assert!(
+            refused.contains("can't insert '/tmp/x.ko': Operation not permitted"),
+            "{refused}"
+        );
+    }
+    assert!(
+        node.log()
+            .contains("the image's processes run with capabilities CHOWN,"),
+        "{}",
+        node.log()
     );
     let status = node.stop();
     assert!(status.success(), "{status}\n{}", node.log());

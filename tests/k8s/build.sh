@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Builds the Kubernetes binaries the walt test harness runs, from the official Go modules pinned in
-# go.mod next to this script: kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl
-# (k8s.io/kubernetes) and etcd (go.etcd.io/etcd/server/v3, the version Kubernetes itself requires).
+# go.mod next to this script: kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy,
+# kubectl (k8s.io/kubernetes) and etcd (go.etcd.io/etcd/server/v3, the version Kubernetes itself requires);
+# and CoreDNS, the cluster tier's DNS, from its own module pinned in coredns/go.mod (only the plugins that
+# coredns/main.go names).
 #
 # Usage: tests/k8s/build.sh            # prints the bin directory on its last line
 # Output: ${WALT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/walt}/k8s/<version>/bin
-# Rebuilt only when go.mod, go.sum or this script change (a stamp file records their hash).
+# Rebuilt only when go.mod, go.sum, coredns/* or this script change (a stamp file records their hash).
 # Needs Go >= 1.24 and the Go module proxy (or a filled module cache). Cold build: see README.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -18,8 +20,8 @@ version="$(awk '$1 == "require" && $2 == "k8s.io/kubernetes" {print $3} $1 == "k
 minor="$(echo "$version" | cut -d. -f2)"
 cache="${WALT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/walt}"
 out="$cache/k8s/$version/bin"
-stamp_value="$(cat go.mod go.sum "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)"
-binaries=(etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl)
+stamp_value="$(cat go.mod go.sum coredns/go.mod coredns/go.sum coredns/main.go "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)"
+binaries=(etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl coredns)
 
 up_to_date() {
   [ -f "$out/.stamp" ] && [ "$(cat "$out/.stamp")" = "$stamp_value" ] || return 1
@@ -36,7 +38,7 @@ if up_to_date; then
   exit 0
 fi
 
-echo "build.sh: building Kubernetes $version and etcd into $out (first time: tens of minutes on 2 cores)" >&2
+echo "build.sh: building Kubernetes $version, etcd and CoreDNS into $out (first time: tens of minutes on 2 cores)" >&2
 start=$(date +%s)
 tmp="$cache/k8s/.build-$version.$$"
 rm -rf "$tmp"
@@ -54,10 +56,12 @@ CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$tmp/" \
   go.etcd.io/etcd/server/v3 \
   k8s.io/kubernetes/cmd/kube-apiserver \
   k8s.io/kubernetes/cmd/kube-controller-manager \
+  k8s.io/kubernetes/cmd/kube-proxy \
   k8s.io/kubernetes/cmd/kube-scheduler \
   k8s.io/kubernetes/cmd/kubelet \
   k8s.io/kubernetes/cmd/kubectl
 mv "$tmp/server" "$tmp/etcd"
+(cd coredns && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$tmp/coredns" .)
 mkdir -p "$out"
 for b in "${binaries[@]}"; do mv -f "$tmp/$b" "$out/$b"; done
 echo "$stamp_value" > "$out/.stamp"

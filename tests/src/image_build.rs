@@ -14,6 +14,7 @@ use std::process::Command;
 use sha2::{Digest as _, Sha256};
 
 use crate::deploy::{cache_dir, repo_root, run, which};
+use crate::registry_auth::{RegistryAuth, SkopeoSide};
 
 /// Errors of the image build.
 #[derive(Debug, thiserror::Error)]
@@ -710,7 +711,13 @@ pub fn push(built: &Built, reference: &str, insecure: bool) -> Result<(), Error>
             hint: "apt-get install skopeo",
         });
     }
-    push_layout(&built.layout_dir, &built.tag, reference, insecure, None)
+    push_layout(
+        &built.layout_dir,
+        &built.tag,
+        reference,
+        insecure,
+        &RegistryAuth::Anonymous,
+    )
 }
 
 /// The tag of a reference (`latest` when none).
@@ -783,16 +790,14 @@ pub fn push_layout(
     tag: &str,
     reference: &str,
     insecure: bool,
-    creds: Option<&str>,
+    auth: &RegistryAuth,
 ) -> Result<(), Error> {
     let mut command = Command::new("skopeo");
     command.args(["copy", "--all", "--preserve-digests", "--quiet"]);
     if insecure {
         command.arg("--dest-tls-verify=false");
     }
-    if let Some(creds) = creds {
-        command.arg(format!("--dest-creds={creds}"));
-    }
+    command.args(auth.skopeo_arg(SkopeoSide::Destination));
     command
         .arg(format!("oci:{}:{tag}", layout.display()))
         .arg(format!("docker://{reference}"));

@@ -3,8 +3,9 @@
 //! `up`: the cluster of the current kubeconfig when it answers, else the harness's single-node cluster
 //! (`cargo xtask cluster up --tier cluster`); the walt image (built here, no Docker engine) and an image of
 //! Debian's Distribution registry pushed where the cluster's node pulls from; the chart installed with its
-//! embedded registry; demo OS images for amd64 and arm64 made from Debian's busybox-static, pushed into the
-//! lab registry; Image objects for them and one virtual node. Every step first checks whether its result is
+//! defaults (the embedded registry, reached by pods at its Service name, on the harness's cluster too);
+//! demo OS images for amd64 and arm64 made from Debian's busybox-static, pushed into the lab registry;
+//! Image objects for them and one virtual node. Every step first checks whether its result is
 //! already there, so a second run is fast and changes nothing. `down` removes all of it (and the harness
 //! cluster when `up` started it).
 
@@ -18,6 +19,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::deploy::{self, cache_dir, chart_dir, run};
 use crate::image_build::{self, Arch, BuildOptions, Entry};
+use crate::registry_auth::{self, Challenge, RegistryAuth, ServiceUrl, SkopeoSide};
 use crate::wait::{Poll, Wait};
 
 /// Helm release and namespaces of the lab.
@@ -41,6 +43,9 @@ pub enum Error {
     /// No cluster could be had.
     #[error("no cluster: {0}")]
     Cluster(String),
+    /// Authenticating to the lab registry failed.
+    #[error(transparent)]
+    Auth(#[from] registry_auth::Error),
     /// A step failed.
     #[error("{0}")]
     Step(String),
@@ -260,12 +265,10 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// Digest of what `reference` points to in a registry, or None when it is not there.
-pub fn remote_digest(reference: &str, creds: Option<&str>) -> Option<String> {
+pub fn remote_digest(reference: &str, auth: &RegistryAuth) -> Option<String> {
     let mut command = Command::new("skopeo");
     command.args(["inspect", "--raw", "--tls-verify=false"]);
-    if let Some(creds) = creds {
-        command.arg(format!("--creds={creds}"));
-    }
+    command.args(auth.skopeo_arg(SkopeoSide::Only));
     let output = command.arg(format!("docker://{reference}")).output().ok()?;
     output
         .status
@@ -293,7 +296,7 @@ pub fn ensure_walt_image(
         tag: "lab".into(),
         profile,
     })?;
-    if remote_digest(&reference, None).as_deref() == Some(built.index_digest.as_str()) {
+    if remote_digest(&reference, &RegistryAuth::Anonymous).as_deref() == Some(built.index_digest.as_str()) {
         eprintln!("lab: {reference} is up to date ({})", built.index_digest);
     } else {
         eprintln!("lab: pushing {reference}");
@@ -359,11 +362,13 @@ pub fn ensure_registry_image(registry: &str) -> Result<(), Error> {
         "Distribution registry (Debian docker-registry), walt lab".into(),
     );
     let digest = write_registry_image(&layout, entries, &labels)?;
-    if remote_digest(&reference, None).is_some_and(|remote| manifest_matches(&layout, &remote, &digest)) {
+    if remote_digest(&reference, &RegistryAuth::Anonymous)
+        .is_some_and(|remote| manifest_matches(&layout, &remote, &digest))
+    {
         eprintln!("lab: {reference} is up to date");
     } else {
         eprintln!("lab: pushing {reference}");
-        image_build::push_layout(&layout, "lab", &reference, true, None)?;
+        image_build::push_layout(&layout, "lab", &reference, true, &RegistryAuth::Anonymous)?;
     }
     Ok(())
 }
@@ -394,37 +399,14 @@ fn manifest_matches(layout: &Path, remote: &str, manifest: &str) -> bool {
         .is_ok_and(|bytes| format!("sha256:{}", sha256_hex(&bytes)) == remote)
 }
 
-/// The values the lab (and the journey test) install the chart with; `api_server` (`HOST:PORT`) is where
-/// pods reach the API server when the cluster has no Service proxy (the harness's cluster).
-pub fn lab_values(
-    registry: &str,
-    lab_registry: &LabRegistry,
-    persistence: bool,
-    api_server: Option<&str>,
-) -> String {
-    let mut values = format!(
+/// The values the lab (and the journey test) install the chart with: the walt image and the embedded
+/// registry's image from `registry` (where the cluster's node pulls from), otherwise the chart's defaults.
+pub fn lab_values(registry: &str, persistence: bool) -> String {
+    format!(
         "image:\n  repository: {registry}/walt/operator\n  tag: lab\n  pullPolicy: Always\n{}\
          operator:\n  logLevel: info,walt_operator=debug\n",
-        lab_registry.values(registry, persistence)
-    );
-    if let Some((host, port)) = api_server.and_then(|address| address.rsplit_once(':')) {
-        let _ = write!(
-            values,
-            "  extraEnv:\n    - {{name: KUBERNETES_SERVICE_HOST, value: \"{host}\"}}\n    - {{name: KUBERNETES_SERVICE_PORT, value: \"{port}\"}}\n"
-        );
-    }
-    values
-}
-
-/// For the harness's cluster (no kube-proxy, so the `kubernetes` Service address leads nowhere): the
-/// node address and API server port pods use instead, from the kubeconfig's server URL.
-pub fn harness_api_server(kubeconfig: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(kubeconfig).ok()?;
-    let server = text
-        .lines()
-        .find_map(|line| line.trim().strip_prefix("server: "))?;
-    let port = server.trim().trim_end_matches('/').rsplit_once(':')?.1;
-    Some(format!("{}:{port}", crate::k8s::node::NODE_IP))
+        embedded_registry_values(registry, persistence)
+    )
 }
 
 /// Hash of every chart file plus the values: the release is up to date when it matches.
@@ -474,24 +456,8 @@ pub fn has_default_storage_class(kube: &Kube) -> bool {
 }
 
 /// Installs or upgrades the chart unless the same chart and values are already deployed.
-fn ensure_release(
-    kube: &Kube,
-    state: &mut State,
-    registry: &str,
-    lab_registry: &LabRegistry,
-    image_digest: &str,
-) -> Result<(), Error> {
-    let api_server = if state.started_cluster {
-        harness_api_server(&kube.kubeconfig)
-    } else {
-        None
-    };
-    let values = lab_values(
-        registry,
-        lab_registry,
-        has_default_storage_class(kube),
-        api_server.as_deref(),
-    );
+fn ensure_release(kube: &Kube, state: &mut State, registry: &str, image_digest: &str) -> Result<(), Error> {
+    let values = lab_values(registry, has_default_storage_class(kube));
     let hash = release_hash(&values, image_digest)?;
     let deployed = run(kube
         .helm()?
@@ -708,7 +674,7 @@ pub fn demo_reference(cluster_registry: &str, arch: Arch) -> String {
 }
 
 /// Pushes the demo image of `arch` to `reference` (a registry reached from here), unless it is there.
-pub fn push_demo_image(arch: Arch, reference: &str, creds: Option<&str>) -> Result<(), Error> {
+pub fn push_demo_image(arch: Arch, reference: &str, auth: &RegistryAuth) -> Result<(), Error> {
     let layout_dir = scratch()?;
     let layout = layout_dir.path().join("layout");
     let mut labels = serde_json::Map::new();
@@ -731,26 +697,26 @@ pub fn push_demo_image(arch: Arch, reference: &str, creds: Option<&str>) -> Resu
         &[],
         &["/bin/sh"],
     )?;
-    match remote_digest(reference, creds) {
+    match remote_digest(reference, auth) {
         Some(remote) if manifest_matches(&layout, &remote, &digest) => {
             eprintln!("lab: {reference} is up to date");
         }
         _ => {
             eprintln!("lab: pushing {reference}");
-            image_build::push_layout(&layout, "latest", reference, true, creds)?;
+            image_build::push_layout(&layout, "latest", reference, true, auth)?;
         }
     }
     Ok(())
 }
 
 /// Builds and pushes the demo images into the lab registry through a port-forward, when missing.
-fn ensure_demo_images(kube: &Kube, lab_registry: &LabRegistry) -> Result<(), Error> {
-    lab_registry.with_access(kube, |address, creds| {
-        for arch in Arch::ALL {
-            push_demo_image(arch, &demo_reference(address, arch), creds)?;
-        }
-        Ok(())
-    })
+fn ensure_demo_images(kube: &Kube) -> Result<(), Error> {
+    let registry = LabRegistry::open(kube)?;
+    for arch in Arch::ALL {
+        let reference = demo_reference(registry.address(), arch);
+        push_demo_image(arch, &reference, &registry.auth(&reference)?)?;
+    }
+    Ok(())
 }
 
 /// The lab's walt objects: the tenant namespace (Pod Security `baseline`, enforced: walt runs its
@@ -776,66 +742,140 @@ pub fn lab_objects(cluster_registry: &str) -> String {
     yaml
 }
 
-/// Where the lab keeps its OS images, as pods and as this machine reach it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LabRegistry {
-    /// The chart's embedded registry: pods use its Service name (cluster DNS), this machine a
-    /// port-forward and the generated credentials.
-    Embedded,
-    /// The harness cluster's node registry, anonymous: pods reach it at the node address (the harness
-    /// runs no cluster DNS), this machine on loopback.
-    HarnessNode {
-        /// `NODE_IP:PORT`.
-        for_pods: String,
-        /// `127.0.0.1:PORT`.
-        from_here: String,
+/// `HOST:PORT` of the lab registry as pods (the operator, shells, nodes) reach it: the embedded
+/// registry's Service name (cluster DNS), as on any cluster.
+pub fn lab_registry_for_pods() -> String {
+    format!("{RELEASE}-registry.{SYSTEM_NAMESPACE}.svc:5000")
+}
+
+/// The chart values of the embedded registry: its image from `image_registry`, and a volume only when
+/// the cluster can provide one (`persistence`).
+fn embedded_registry_values(image_registry: &str, persistence: bool) -> String {
+    format!(
+        "registry:\n  embedded:\n    image:\n      repository: {image_registry}/walt/registry\n      tag: lab\n      pullPolicy: Always\n    persistence:\n      enabled: {persistence}\n"
+    )
+}
+
+/// The lab registry as this machine reaches it: a port-forward to the embedded registry's Service, and
+/// what skopeo needs to authenticate there. With the chart's default token authentication the
+/// registry's token realm is a cluster Service name this machine cannot resolve, so a second
+/// port-forward reaches the token issuer's Service and the lab asks it for a token per repository
+/// with the lab credential (see [`crate::registry_auth`]).
+pub struct LabRegistry {
+    registry: PortForward,
+    login: Login,
+}
+
+/// How the lab registry wants to be authenticated to.
+enum Login {
+    Anonymous,
+    Basic(String),
+    Token {
+        /// The port-forward to the token issuer's Service.
+        issuer: PortForward,
+        /// The realm, as the registry named it.
+        realm: ServiceUrl,
+        /// The `service` tokens are for.
+        service: String,
+        /// The lab credential, `user:password`.
+        credential: String,
     },
 }
 
 impl LabRegistry {
-    /// The harness cluster's node registry (`127.0.0.1:PORT`, as `cargo xtask cluster up` prints it).
-    pub fn harness(node_registry: &str) -> Self {
-        LabRegistry::HarnessNode {
-            for_pods: crate::k8s::node::registry_for_pods(node_registry),
-            from_here: node_registry.to_owned(),
-        }
-    }
-
-    /// `HOST:PORT` of the lab registry as pods (the operator, shells, nodes) reach it.
-    pub fn for_pods(&self) -> String {
-        match self {
-            LabRegistry::Embedded => format!("{RELEASE}-registry.{SYSTEM_NAMESPACE}.svc:5000"),
-            LabRegistry::HarnessNode { for_pods, .. } => for_pods.clone(),
-        }
-    }
-
-    /// The chart values that point walt at this registry.
-    fn values(&self, image_registry: &str, persistence: bool) -> String {
-        match self {
-            LabRegistry::Embedded => format!(
-                "registry:\n  embedded:\n    image:\n      repository: {image_registry}/walt/registry\n      tag: lab\n      pullPolicy: Always\n    persistence:\n      enabled: {persistence}\n"
-            ),
-            LabRegistry::HarnessNode { for_pods, .. } => format!(
-                "registry:\n  embedded:\n    enabled: false\n  external: \"{for_pods}\"\n  insecure: true\n"
-            ),
-        }
-    }
-
-    /// Runs `push(registry address from here, credentials)` against the lab registry.
-    pub fn with_access<T>(
-        &self,
-        kube: &Kube,
-        push: impl FnOnce(&str, Option<&str>) -> Result<T, Error>,
-    ) -> Result<T, Error> {
-        match self {
-            LabRegistry::Embedded => {
-                let forward =
-                    PortForward::start(kube, SYSTEM_NAMESPACE, &format!("{RELEASE}-registry"), 5000)?;
-                let creds = registry_creds(kube)?;
-                push(&forward.address, Some(&creds))
+    /// Opens the port-forwards and learns how the registry authenticates (its answer to `GET /v2/`).
+    pub fn open(kube: &Kube) -> Result<Self, Error> {
+        let service = format!("{RELEASE}-registry");
+        let registry = PortForward::start(kube, SYSTEM_NAMESPACE, &service, 5000)?;
+        let answer = registry_auth::http_get(&registry.address, "/v2/", None).map_err(|error| {
+            Error::Step(format!(
+                "the lab registry (svc/{service} -n {SYSTEM_NAMESPACE}, through a port-forward) does not \
+                 answer: {error}; see its pod: kubectl -n {SYSTEM_NAMESPACE} get pods"
+            ))
+        })?;
+        let login = match registry_auth::challenge(answer.status, answer.www_authenticate.as_deref())? {
+            Challenge::Open => Login::Anonymous,
+            Challenge::Basic => Login::Basic(registry_creds(kube)?),
+            Challenge::Bearer { realm, service } => {
+                let realm = ServiceUrl::parse(&realm)?;
+                let issuer = PortForward::start(kube, &realm.namespace, &realm.name, realm.port)?;
+                Login::Token {
+                    issuer,
+                    realm,
+                    service,
+                    credential: registry_creds(kube)?,
+                }
             }
-            LabRegistry::HarnessNode { from_here, .. } => push(from_here, None),
+        };
+        Ok(LabRegistry { registry, login })
+    }
+
+    /// `127.0.0.1:PORT` of the registry's port-forward.
+    pub fn address(&self) -> &str {
+        &self.registry.address
+    }
+
+    /// How skopeo authenticates to pull and push `reference` (with token authentication: a token
+    /// for that repository, fresh from the issuer, so valid for the issuer's token lifetime).
+    pub fn auth(&self, reference: &str) -> Result<RegistryAuth, Error> {
+        match &self.login {
+            Login::Anonymous => Ok(RegistryAuth::Anonymous),
+            Login::Basic(credential) => Ok(RegistryAuth::Basic(credential.clone())),
+            Login::Token {
+                issuer,
+                realm,
+                service,
+                credential,
+            } => fetch_token(
+                issuer,
+                realm,
+                service,
+                credential,
+                registry_auth::repository_of(reference),
+            )
+            .map(RegistryAuth::Bearer),
         }
+    }
+}
+
+/// Asks the token issuer (through `issuer`'s port-forward) for pull and push on `repository`.
+fn fetch_token(
+    issuer: &PortForward,
+    realm: &ServiceUrl,
+    service: &str,
+    credential: &str,
+    repository: &str,
+) -> Result<String, Error> {
+    use base64::Engine as _;
+    let what = format!(
+        "the lab registry's token issuer (svc/{} -n {}, through a port-forward)",
+        realm.name, realm.namespace
+    );
+    let path = registry_auth::token_path(&realm.path, service, repository);
+    let basic = base64::engine::general_purpose::STANDARD.encode(credential);
+    let answer = registry_auth::http_get(&issuer.address, &path, Some(&format!("Basic {basic}"))).map_err(
+        |error| {
+            Error::Step(format!(
+                "{what} does not answer: {error}; the operator serves it: kubectl -n {ns} get pods; \
+                 kubectl -n {ns} logs deployment/{RELEASE}-operator",
+                ns = realm.namespace
+            ))
+        },
+    )?;
+    match answer.status {
+        200 => registry_auth::token_of(&answer.body)
+            .map_err(|problem| Error::Step(format!("{what} gave no token for {repository}: {problem}"))),
+        401 | 403 => Err(Error::Step(format!(
+            "{what} refused the lab credential of Secret {SYSTEM_NAMESPACE}/{RELEASE}-registry-credentials \
+             ({}: {}); the operator reads that Secret when it starts: kubectl -n {SYSTEM_NAMESPACE} \
+             rollout restart deployment/{RELEASE}-operator",
+            answer.status,
+            answer.body.trim()
+        ))),
+        status => Err(Error::Step(format!(
+            "{what} answered {status} for a token of {repository}: {}",
+            answer.body.trim()
+        ))),
     }
 }
 
@@ -876,15 +916,10 @@ pub fn up(options: &UpOptions) -> Result<(), Error> {
     let image_digest = ensure_walt_image(&image_registry, options.all_arches, profile)?;
     ensure_registry_image(&image_registry)?;
     // 3. The chart.
-    let lab_registry = if state.started_cluster {
-        LabRegistry::harness(&image_registry)
-    } else {
-        LabRegistry::Embedded
-    };
-    ensure_release(&kube, &mut state, &image_registry, &lab_registry, &image_digest)?;
+    ensure_release(&kube, &mut state, &image_registry, &image_digest)?;
     // 4. Demo images in the lab registry, Images and a virtual node.
-    ensure_demo_images(&kube, &lab_registry)?;
-    let applied = kube.apply(&lab_objects(&lab_registry.for_pods()))?;
+    ensure_demo_images(&kube)?;
+    let applied = kube.apply(&lab_objects(&lab_registry_for_pods()))?;
     for line in applied.lines() {
         eprintln!("lab: {line}");
     }

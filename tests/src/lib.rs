@@ -18,6 +18,8 @@
 //!   hand-made (even malicious) layers, and the independent checkers [`images::skopeo_umoci_unpack`],
 //!   [`images::skopeo_inspect_raw`], [`images::skopeo_inspect_config`].
 //! - [`tree`]: snapshot a directory tree (content, modes, owners, xattrs, hard links, devices) and compare two.
+//! - [`registry_auth`]: how skopeo authenticates to a registry from this machine, including a bearer token
+//!   fetched here from a token realm that only cluster DNS names (the lab's embedded registry).
 
 pub mod images;
 pub mod k8s;
@@ -34,6 +36,7 @@ pub mod netboot;
 pub mod operator;
 pub mod pty;
 pub mod registry;
+pub mod registry_auth;
 pub mod ship;
 pub mod sshnode;
 pub mod tmpfs;

@@ -99,7 +99,8 @@ fn unpack(reference: &str, dir: &Path) -> std::path::PathBuf {
 }
 
 fn digest_of(reference: &str) -> String {
-    walt_tests::lab::remote_digest(reference, None).unwrap_or_default()
+    walt_tests::lab::remote_digest(reference, &walt_tests::registry_auth::RegistryAuth::Anonymous)
+        .unwrap_or_default()
 }
 
 fn git(dir: &Path, args: &[&str]) -> String {
@@ -178,8 +179,12 @@ fn image_builds_on_the_cluster_tier() {
         ],
     );
     for (name, arch) in [("base", Arch::Amd64), ("base-arm", Arch::Arm64)] {
-        walt_tests::lab::push_demo_image(arch, &format!("{registry}/lab/{ns}/{name}:latest"), None)
-            .expect("push a demo image");
+        walt_tests::lab::push_demo_image(
+            arch,
+            &format!("{registry}/lab/{ns}/{name}:latest"),
+            &walt_tests::registry_auth::RegistryAuth::Anonymous,
+        )
+        .expect("push a demo image");
     }
     let args: Vec<String> = [
         "--namespace",

@@ -17,6 +17,7 @@ fn pod_yaml(name: &str, image: &str, script: &str) -> String {
 kind: Pod
 metadata:
   name: {name}
+  labels: {{app: {name}}}
 spec:
   terminationGracePeriodSeconds: 1
   containers:
@@ -205,4 +206,71 @@ fn single_node_cluster() {
         .kubectl_output(&["logs", "-n", &ns, "arm64"])
         .expect("kubectl logs");
     assert_eq!(logs.trim(), "started on aarch64");
+
+    services_by_name_and_cluster_ip(&cluster, &ns, &busybox);
+}
+
+/// The standard services (kube-proxy, cluster DNS) as a pod sees them: from another pod, the
+/// `kubernetes` Service and a Service of the test resolve by name, and a ClusterIP Service's port
+/// reaches the HTTP server pod behind it, by name and by address.
+fn services_by_name_and_cluster_ip(cluster: &Cluster, ns: &str, busybox: &str) {
+    let started = Instant::now();
+    apply(
+        cluster,
+        ns,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  selector: {app: busybox}\n  \
+         ports: [{port: 80, targetPort: 8080}]\n",
+    );
+    apply(cluster, ns, &pod_yaml("client", busybox, "exec sleep 3600"));
+    wait_ready(cluster, ns, "client");
+    let cluster_ip = cluster
+        .kubectl_output(&[
+            "get",
+            "service",
+            "-n",
+            ns,
+            "web",
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ])
+        .expect("the Service's ClusterIP");
+    assert!(cluster_ip.starts_with("10.96."), "ClusterIP {cluster_ip}");
+    let exec = |script: &str| {
+        cluster
+            .kubectl_output(&["exec", "-n", ns, "client", "--", "sh", "-c", script])
+            .unwrap_or_else(|e| panic!("`{script}` in the client pod: {e}"))
+    };
+
+    // The pod's resolver is the cluster DNS, with the cluster's search path.
+    let resolv = exec("cat /etc/resolv.conf");
+    assert!(resolv.contains("nameserver 10.96.0.10"), "resolv.conf: {resolv}");
+    assert!(
+        resolv.contains(&format!(
+            "search {ns}.svc.cluster.local svc.cluster.local cluster.local"
+        )),
+        "resolv.conf: {resolv}"
+    );
+    // Names resolve: the API server's Service and the test's Service (short name, via the search path).
+    let api = exec("nslookup kubernetes.default.svc.cluster.local");
+    assert!(api.contains("Address: 10.96.0.1\n"), "nslookup kubernetes: {api}");
+    let web = exec(&format!("nslookup web.{ns}.svc.cluster.local"));
+    assert!(
+        web.contains(&format!("Address: {cluster_ip}\n")),
+        "nslookup web: {web}"
+    );
+    // The ClusterIP routes to the server pod: by the short name (resolver search path), by the
+    // `kubernetes.default.svc`-style name and by address.
+    for url in [
+        "http://web/index.html".to_string(),
+        format!("http://web.{ns}.svc/index.html"),
+        format!("http://{cluster_ip}/index.html"),
+    ] {
+        let body = exec(&format!("timeout 20 wget -q -O - {url}"));
+        assert_eq!(body, "hello from walt\n", "GET {url}");
+    }
+    // The API server answers through its Service, by name, as in-cluster clients reach it.
+    let healthz =
+        exec("timeout 20 wget -q --no-check-certificate -O - https://kubernetes.default.svc/healthz");
+    assert_eq!(healthz, "ok", "GET https://kubernetes.default.svc/healthz");
+    eprintln!("services checked in {:.1} s", started.elapsed().as_secs_f64());
 }

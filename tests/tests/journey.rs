@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use walt_tests::deploy::{self, run};
 use walt_tests::image_build::Arch;
 use walt_tests::k8s::{Cluster, ClusterOptions, cluster_tier_skip_reason};
-use walt_tests::lab::{self, Kube, LabRegistry};
+use walt_tests::lab::{self, Kube};
+use walt_tests::registry_auth::SkopeoSide;
 use walt_tests::wait::{Poll, Wait};
 
 const NS: &str = "journey";
@@ -274,22 +275,20 @@ impl Journey<'_> {
 }
 
 /// skopeo + umoci read the saved image and see the same files as the node.
-fn check_with_skopeo_and_umoci(kube: &Kube, lab_registry: &LabRegistry) {
+fn check_with_skopeo_and_umoci(kube: &Kube) {
     let dir = tempfile::tempdir().expect("tempdir");
     let layout = dir.path().join("oci");
-    lab_registry
-        .with_access(kube, |address, creds| {
-            let mut copy = Command::new("skopeo");
-            copy.args(["copy", "--src-tls-verify=false"]);
-            if let Some(creds) = creds {
-                copy.arg(format!("--src-creds={creds}"));
-            }
-            run(copy
-                .arg(format!("docker://{address}/walt/{NS}/saved:latest"))
-                .arg(format!("oci:{}:saved", layout.display())))
-            .map_err(lab::Error::from)
-        })
-        .expect("skopeo copy of the saved image");
+    let registry = lab::LabRegistry::open(kube).expect("reach the lab registry");
+    let reference = format!("{}/walt/{NS}/saved:latest", registry.address());
+    let auth = registry
+        .auth(&reference)
+        .expect("a token to read the saved image");
+    run(Command::new("skopeo")
+        .args(["copy", "--src-tls-verify=false"])
+        .args(auth.skopeo_arg(SkopeoSide::Source))
+        .arg(format!("docker://{reference}"))
+        .arg(format!("oci:{}:saved", layout.display())))
+    .expect("skopeo copy of the saved image");
     let bundle = dir.path().join("bundle");
     run(Command::new("umoci")
         .args(["unpack", "--rootless", "--image"])
@@ -365,9 +364,6 @@ fn journey() {
     let node_registry = cluster.registry().expect("the cluster tier has a node registry");
     let kube = Kube::new(cluster.kubeconfig()).expect("kubectl");
 
-    // The lab registry is the node's registry (pods reach it at the node address: the harness runs no
-    // cluster DNS for the embedded registry's Service name).
-    let lab_registry = LabRegistry::harness(&node_registry);
     // Install: the walt image where the node pulls from, then the chart.
     let started = Instant::now();
     lab::ensure_walt_image(
@@ -376,21 +372,16 @@ fn journey() {
         walt_tests::image_build::BuildProfile::Check,
     )
     .expect("build and push the walt image");
+    lab::ensure_registry_image(&node_registry).expect("build and push the embedded registry's image");
     eprintln!(
         "journey: images built and pushed in {:.0} s",
         started.elapsed().as_secs_f64()
     );
     let values_dir = tempfile::tempdir().expect("tempdir");
     let values = values_dir.path().join("values.yaml");
-    let api_server = lab::harness_api_server(&kube.kubeconfig);
     std::fs::write(
         &values,
-        lab::lab_values(
-            &node_registry,
-            &lab_registry,
-            lab::has_default_storage_class(&kube),
-            api_server.as_deref(),
-        ),
+        lab::lab_values(&node_registry, lab::has_default_storage_class(&kube)),
     )
     .expect("values");
     // No --wait: each part is checked below, so a broken part is named instead of a bare timeout.
@@ -402,7 +393,7 @@ fn journey() {
         .args(["-n", lab::SYSTEM_NAMESPACE, "--create-namespace", "-f"])
         .arg(&values))
     .expect("helm install");
-    for workload in ["daemonset/walt-binfmt"] {
+    for workload in ["daemonset/walt-binfmt", "deployment/walt-registry"] {
         if let Err(error) = run(kube.kubectl().args([
             "rollout",
             "status",
@@ -442,12 +433,14 @@ fn journey() {
         // defaults): in the lab registry a tenant clones only from its own path and the catalog, and
         // the lab registry is the only one the pods reach here.
         let catalog_image = "walt/walt-catalog/busybox:arm64";
-        let upstream = lab_registry
-            .with_access(&kube, |address, creds| {
-                lab::push_demo_image(Arch::Arm64, &format!("{address}/{catalog_image}"), creds)
-            })
-            .map(|()| format!("{}/{catalog_image}", lab_registry.for_pods()))
+        let registry = lab::LabRegistry::open(&kube).expect("reach the lab registry");
+        let pushed = format!("{}/{catalog_image}", registry.address());
+        registry
+            .auth(&pushed)
+            .and_then(|auth| lab::push_demo_image(Arch::Arm64, &pushed, &auth))
             .expect("push the catalog's arm64 image");
+        drop(registry);
+        let upstream = format!("{}/{catalog_image}", lab::lab_registry_for_pods());
         run(kube.kubectl().args(["create", "namespace", NS])).expect("namespace");
         // A tenant's namespace at Pod Security baseline: walt's shell and virtual node pods run in the
         // operator's runtime namespace walt-run-journey, and the journey works the same.
@@ -463,7 +456,7 @@ fn journey() {
             plugin: walt_tests::operator::plugin_binary(),
         };
         match journey.product(&upstream) {
-            Ok(()) => check_with_skopeo_and_umoci(&kube, &lab_registry),
+            Ok(()) => check_with_skopeo_and_umoci(&kube),
             Err(Missing(what)) => eprintln!("JOURNEY STOPPED: {what}"),
         }
     }

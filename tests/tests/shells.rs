@@ -137,7 +137,8 @@ fn unpack(reference: &str, dir: &Path) -> std::path::PathBuf {
 }
 
 fn digest_of(reference: &str) -> String {
-    walt_tests::lab::remote_digest(reference, None).unwrap_or_default()
+    walt_tests::lab::remote_digest(reference, &walt_tests::registry_auth::RegistryAuth::Anonymous)
+        .unwrap_or_default()
 }
 
 #[test]
@@ -205,8 +206,12 @@ fn image_shells_on_the_cluster_tier() {
         ],
     );
     for (name, arch) in [("demo", Arch::Amd64), ("demo-arm", Arch::Arm64)] {
-        walt_tests::lab::push_demo_image(arch, &format!("{registry}/lab/{ns}/{name}:latest"), None)
-            .expect("push a demo image");
+        walt_tests::lab::push_demo_image(
+            arch,
+            &format!("{registry}/lab/{ns}/{name}:latest"),
+            &walt_tests::registry_auth::RegistryAuth::Anonymous,
+        )
+        .expect("push a demo image");
     }
 
     let args: Vec<String> = [

@@ -12,6 +12,7 @@ use super::config::{Config, LogFormat};
 use super::http::{Health, serve};
 use super::leader::LeaderElector;
 use super::metrics::Metrics;
+use super::shared::clock::ApiClock;
 use super::shared::context::Context;
 
 pub use super::config::Args;
@@ -92,10 +93,24 @@ async fn run_async(args: Args) -> Result<i32, Box<dyn std::error::Error + Send +
         tracing::info!(%bound, key_id = %issuer.key_id(), "serving registry tokens on GET /token");
     }
 
+    // Session lifetimes follow the API server's clock, whatever this host's says.
+    let clock = Arc::new(ApiClock::default());
+    super::shared::clock::update(&client, &clock).await;
+    tokio::spawn(super::shared::clock::track(
+        client.clone(),
+        clock.clone(),
+        shutdown.clone(),
+    ));
+
     // Every replica serves the gateway (its Service may route to any of them).
     let gateway_stop = shutdown.child_token();
-    let (gateway_addr, _authorizations) =
-        super::gateway::start(client.clone(), config.clone(), gateway_stop.clone()).await?;
+    let (gateway_addr, _authorizations) = super::gateway::start(
+        client.clone(),
+        config.clone(),
+        clock.clone(),
+        gateway_stop.clone(),
+    )
+    .await?;
     tracing::info!(%gateway_addr, "SSH gateway ready");
 
     let mut elector = config.args.leader_election.then(|| {
@@ -116,7 +131,7 @@ async fn run_async(args: Args) -> Result<i32, Box<dyn std::error::Error + Send +
     metrics.leader.set(1);
     health.set_ready(true);
 
-    let context = Arc::new(Context::new(client, config.clone(), metrics.clone()));
+    let context = Arc::new(Context::new(client, config.clone(), metrics.clone(), clock));
     let controllers_stop = shutdown.child_token();
     let controllers = tokio::spawn(super::run_controllers(context, controllers_stop.clone()));
     let mut exit_code = 0;

@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use walt_crds::{Device, Node, ShellSession, ShellSessionPhase};
 
 use super::config::Config;
+use super::shared::clock::ApiClock;
 use super::shared::error::{Error, KubeResultExt};
 use super::shared::node_access::{
     HostKeyError, NoRoute, host_key_policy, node_device, node_target, vnode_pod,
@@ -212,6 +213,7 @@ pub fn host_key(config: &Config) -> Result<PrivateKey, GatewayError> {
 pub async fn start(
     client: Client,
     config: Arc<Config>,
+    clock: Arc<ApiClock>,
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, Authorizations), GatewayError> {
     let node_key = crate::ssh::client::decode_key(config.node_key.as_bytes())
@@ -241,7 +243,7 @@ pub async fn start(
             () = serve_stop.cancelled() => {}
         }
     });
-    tokio::spawn(sync(client, config, authorizations.clone(), shutdown));
+    tokio::spawn(sync(client, config, clock, authorizations.clone(), shutdown));
     tracing::info!(%address, host_key = %fingerprint, "serving the SSH gateway");
     Ok((address, authorizations))
 }
@@ -250,6 +252,7 @@ pub async fn start(
 async fn sync(
     client: Client,
     config: Arc<Config>,
+    clock: Arc<ApiClock>,
     authorizations: Authorizations,
     shutdown: CancellationToken,
 ) {
@@ -271,14 +274,14 @@ async fn sync(
         let event = tokio::select! {
             event = events.next() => event,
             _ = publish.tick() => {
-                publish_activity(&client, &authorizations, &mut published).await;
+                publish_activity(&client, &clock, &authorizations, &mut published).await;
                 continue;
             }
             _ = recheck.tick() => {
                 // A Device taken back (or its binding moved) changes no ShellSession: look again
                 // at every admitted one, and revoke (closing its connections) what may no longer go.
                 for session in seen.values() {
-                    update(&client, &authorizations, session).await;
+                    update(&client, &clock, &authorizations, session).await;
                 }
                 continue;
             }
@@ -290,7 +293,7 @@ async fn sync(
                 if let Some(relisted) = relisted.as_mut() {
                     relisted.insert(session_key(&session));
                 }
-                update(&client, &authorizations, &session).await;
+                update(&client, &clock, &authorizations, &session).await;
                 if admits(&session) {
                     seen.insert(session_key(&session), session);
                 } else {
@@ -340,6 +343,7 @@ pub fn activity_patch(when: Timestamp) -> serde_json::Value {
 /// Writes the activity of the sessions served here to their `status.lastActivity`.
 async fn publish_activity(
     client: &Client,
+    clock: &ApiClock,
     authorizations: &Authorizations,
     published: &mut HashMap<String, SystemTime>,
 ) {
@@ -355,7 +359,11 @@ async fn publish_activity(
         let Some((namespace, name)) = id.split_once('/') else {
             continue;
         };
-        let Ok(when) = Timestamp::try_from(seen) else {
+        // The idle timer compares it with the API server's clock.
+        let Some(when) = Timestamp::try_from(seen)
+            .ok()
+            .and_then(|local| local.checked_add(clock.offset()).ok())
+        else {
             continue;
         };
         let sessions: Api<ShellSession> = Api::namespaced(client.clone(), namespace);
@@ -376,14 +384,17 @@ async fn publish_activity(
     }
 }
 
-async fn update(client: &Client, authorizations: &Authorizations, session: &ShellSession) {
+async fn update(client: &Client, clock: &ApiClock, authorizations: &Authorizations, session: &ShellSession) {
     let id = session_key(session);
     if !admits(session) {
         revoke(authorizations, &id, "the session is not running");
         return;
     }
     match resolve_authorization(client, session).await {
-        Ok(authorization) => {
+        Ok(mut authorization) => {
+            // The session's ttl counts from its creationTimestamp, on the API server's clock; the
+            // gateway checks expiry against this host's.
+            authorization.expires_at = clock.to_local(authorization.expires_at);
             if authorizations.get(&id).is_none() {
                 tracing::info!(session = %id, node = %authorization.node, "gateway: session authorized");
             }

@@ -95,6 +95,9 @@ pub struct ShellResult {
     pub mode: session::Mode,
     /// The shell's exit code.
     pub exit_code: i32,
+    /// The privileges the shell ran with: capability bounding set, effective set,
+    /// `no_new_privs` (see [`super::privileges`]).
+    pub privileges: Option<super::privileges::Bounds>,
 }
 
 /// Runs `walt-operator shell …`.
@@ -146,6 +149,7 @@ pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>>
         architecture: outcome.architecture.clone(),
         mode: outcome.mode,
         exit_code: outcome.exit_code,
+        privileges: outcome.bounds.clone(),
     };
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "\r\nChanges: {}", outcome.summary)?;

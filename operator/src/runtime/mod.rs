@@ -10,6 +10,8 @@
 //! - [`terminal`]: raw mode and the PTY relay.
 //! - [`changes`]: the change summary of an upper dir.
 //! - [`image`]: pull through the layer cache, commit through the OCI engine.
+//! - [`privileges`]: the bounded capability set and `no_new_privs` of the
+//!   image's processes.
 //! - [`node`]: run an image like a WalT node (the virtual node), with a
 //!   supervisor that starts processes in it for the SSH server.
 
@@ -18,6 +20,7 @@ pub mod cli;
 pub mod emulation;
 pub mod image;
 pub mod node;
+pub mod privileges;
 pub mod root;
 pub mod session;
 mod sys;

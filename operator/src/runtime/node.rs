@@ -445,8 +445,7 @@ fn supervise(spec: &NodeSpec, inspection: &Inspection, socket: &OwnedFd) -> i32 
     let init = container.init.pid;
     // The ready marker, in the node's own /run (reached through PID 1's root).
     let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
-    let marker = Path::new(&format!("/proc/{init}/root")).join(READY_MARKER.trim_start_matches('/'));
-    if let Err(error) = std::fs::write(&marker, uptime) {
+    if let Err(error) = write_ready_marker(Path::new(&format!("/proc/{init}/root")), &uptime) {
         report(
             &Report::BootFailed {
                 error: format!("write {READY_MARKER} in the node: {error}"),
@@ -559,6 +558,42 @@ fn supervise(spec: &NodeSpec, inspection: &Inspection, socket: &OwnedFd) -> i32 
     container.finish();
     report(&Report::Stopped, &[]);
     0
+}
+
+/// Writes `text` as [`READY_MARKER`] in the node whose root is `root` (`/proc/PID/root` of its
+/// PID 1). The supervisor writes from outside the node with every privilege of the pod, while the
+/// image already runs: nothing the image made may redirect the write. `/run` is the runtime's own
+/// tmpfs mount (the image cannot replace a mount point without `CAP_SYS_ADMIN`) and is opened
+/// without following a link; the marker is opened there without following a link either (a
+/// symbolic link planted by the image fails with `ELOOP` instead of sending the write to a host
+/// file; a hard link cannot cross into that tmpfs), without blocking (a FIFO fails with `ENXIO`),
+/// and must be a regular file.
+fn write_ready_marker(root: &Path, text: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let (dir, name) = READY_MARKER
+        .trim_start_matches('/')
+        .rsplit_once('/')
+        .unwrap_or(("", READY_MARKER));
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(root.join(dir))?;
+    let file = nix::fcntl::openat(
+        &dir,
+        name,
+        OFlag::O_WRONLY
+            | OFlag::O_CREAT
+            | OFlag::O_TRUNC
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_NONBLOCK
+            | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )?;
+    let mut file = std::fs::File::from(file);
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("it is not a regular file"));
+    }
+    file.write_all(text.as_bytes())
 }
 
 /// Stops the node: WalT's shutdown script first in init mode (up to
@@ -910,5 +945,42 @@ pub fn wait_supervisor(supervisor: Pid, timeout: Duration) {
     if super::root::wait_timeout(supervisor, timeout, &mut || {}).is_none() {
         let _ = nix::sys::signal::kill(supervisor, Signal::SIGKILL);
         let _ = waitpid(supervisor, None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ready_marker_is_written_in_the_node_and_never_through_a_link_it_planted() {
+        let node = tempfile::tempdir().unwrap();
+        let host = tempfile::tempdir().unwrap();
+        std::fs::create_dir(node.path().join("run")).unwrap();
+        write_ready_marker(node.path(), "12.5 3.0\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(node.path().join("run/uptime-ready")).unwrap(),
+            "12.5 3.0\n"
+        );
+        // A link to a host file: refused, the host file untouched.
+        let victim = host.path().join("passwd");
+        std::fs::write(&victim, "root:x:0:0\n").unwrap();
+        std::fs::remove_file(node.path().join("run/uptime-ready")).unwrap();
+        std::os::unix::fs::symlink(&victim, node.path().join("run/uptime-ready")).unwrap();
+        assert!(write_ready_marker(node.path(), "x").is_err());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "root:x:0:0\n");
+        // /run itself a link: refused too.
+        let other = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(host.path(), other.path().join("run")).unwrap();
+        assert!(write_ready_marker(other.path(), "x").is_err());
+        assert!(!host.path().join("uptime-ready").exists());
+        // A FIFO: refused at once, not a hung supervisor.
+        std::fs::remove_file(node.path().join("run/uptime-ready")).unwrap();
+        nix::unistd::mkfifo(
+            &node.path().join("run/uptime-ready"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        assert!(write_ready_marker(node.path(), "x").is_err());
     }
 }

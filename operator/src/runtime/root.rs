@@ -37,6 +37,7 @@ use nix::sys::stat::Mode;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{Pid, chdir, dup2_stderr, dup2_stdin, dup2_stdout, execve, setsid};
 
+use super::privileges;
 use super::sys::{self, Forked};
 
 /// Errors of root preparation and of running processes in a container.
@@ -442,22 +443,44 @@ impl Container {
     }
 
     fn cleanup(&mut self) {
-        for path in self.created_mount_points.drain(..).rev() {
-            let in_upper = self.upper_dir.join(path.strip_prefix("/").unwrap_or(&path));
-            match fs::symlink_metadata(&in_upper) {
-                Ok(meta) if meta.is_dir() => {
-                    let _ = fs::remove_dir(&in_upper);
-                }
-                Ok(meta) if meta.len() == 0 => {
-                    let _ = fs::remove_file(&in_upper);
-                }
-                _ => {}
-            }
-        }
+        remove_mount_points(&self.upper_dir, self.created_mount_points.drain(..).rev());
         if let Some(name) = self.cgroup_name.take() {
             remove_cgroup(&name);
         }
     }
+}
+
+/// Removes the mount points the runtime created (absolute paths inside the image) from the upper
+/// dir, when still an empty file or directory. The image ran as root in between and may have
+/// replaced a directory on the way by a symbolic link (`/etc` → a host directory): such a path is
+/// left alone, since the runtime, privileged on the host, would follow the link out of the upper
+/// dir.
+fn remove_mount_points(upper_dir: &Path, paths: impl Iterator<Item = PathBuf>) {
+    for path in paths {
+        let relative = path.strip_prefix("/").unwrap_or(&path);
+        if !parents_are_directories(upper_dir, relative) {
+            continue;
+        }
+        let in_upper = upper_dir.join(relative);
+        match fs::symlink_metadata(&in_upper) {
+            Ok(meta) if meta.is_dir() => {
+                let _ = fs::remove_dir(&in_upper);
+            }
+            Ok(meta) if meta.is_file() && meta.len() == 0 => {
+                let _ = fs::remove_file(&in_upper);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Whether every parent of `relative` under `base` is a real directory (not a symbolic link).
+fn parents_are_directories(base: &Path, relative: &Path) -> bool {
+    relative
+        .ancestors()
+        .skip(1)
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .all(|parent| fs::symlink_metadata(base.join(parent)).is_ok_and(|meta| meta.is_dir()))
 }
 
 impl Drop for Container {
@@ -747,6 +770,9 @@ fn child_setup(
     if spec.scratch_tmpfs {
         mount_tmp_and_run(root)?;
     }
+    if spec.init_conventions {
+        mount_for_init(root)?;
+    }
     bind_files(spec, root, created)?;
     let console = console_of(init, root, &pts)?;
     enter_root(spec, root)?;
@@ -818,11 +844,16 @@ fn mount_overlay(plan: &Plan) -> ChildResult<()> {
     // The overlay.
     let root = &plan.root;
     chdir(&plan.links_dir).map_err(m(format!("chdir {}", plan.links_dir.display())))?;
+    // nodev: root keeps CAP_MKNOD (package scripts make device nodes), so a node of the host's
+    // disk made anywhere in the image must not open. nosuid: the image's processes run with
+    // no_new_privs, which already voids setuid bits and file capabilities; nosuid says the same
+    // on the mount (an image's su/sudo/ping for non-root users do not elevate; root shells, the
+    // init and the SSH sessions run as root and need none).
     mount(
         Some("overlay"),
         root,
         Some("overlay"),
-        MsFlags::empty(),
+        MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
         Some(plan.overlay_options.as_str()),
     )
     .map_err(|e| {
@@ -850,7 +881,76 @@ fn mount_proc(root: &Path) -> ChildResult<()> {
         None::<&str>,
     )
     .map_err(m("mount /proc".into()))?;
+    protect_paths(&at("proc"), &PROC_READ_ONLY, &PROC_MASKED)
+}
 
+/// `/proc` entries the image's processes may read but not write: they act on the host's kernel,
+/// not on the container's namespaces (a `kernel.core_pattern` or `kernel.modprobe` sysctl names a
+/// program the host then runs as root, `sysrq-trigger` reboots the host), and `/proc/sys` checks
+/// uid 0, not capabilities, so the bounded capability set alone does not stop a write. As Docker.
+const PROC_READ_ONLY: [&str; 5] = ["bus", "fs", "irq", "sys", "sysrq-trigger"];
+
+/// `/proc` entries hidden (an empty read-only tmpfs on directories, `/dev/null` on files): host-wide
+/// state that is no business of the image's (kernel memory, timers, keys, hardware). As Docker.
+const PROC_MASKED: [&str; 9] = [
+    "acpi",
+    "asound",
+    "kcore",
+    "keys",
+    "latency_stats",
+    "sched_debug",
+    "scsi",
+    "timer_list",
+    "timer_stats",
+];
+
+/// `/sys` entries hidden (firmware tables and variables, power counters), as Docker.
+const SYS_MASKED: [&str; 2] = ["firmware", "devices/virtual/powercap"];
+
+/// Makes each `read_only` entry under `base` a read-only bind of itself and hides each `masked`
+/// one; entries the kernel lacks are skipped. Runs before `pivot_root` (the host's `/dev/null`
+/// masks files).
+fn protect_paths(base: &Path, read_only: &[&str], masked: &[&str]) -> ChildResult<()> {
+    let m = |what: String| move |e: nix::Error| format!("{what}: {e}");
+    for entry in read_only {
+        let path = base.join(entry);
+        if fs::symlink_metadata(&path).is_err() {
+            continue;
+        }
+        mount(
+            Some(&path),
+            &path,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(m(format!("bind {} on itself", path.display())))?;
+        restrict_bind(&path, true).map_err(m(format!("remount {} read-only", path.display())))?;
+    }
+    for entry in masked {
+        let path = base.join(entry);
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            mount(
+                Some("tmpfs"),
+                &path,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some("size=0"),
+            )
+        } else {
+            mount(
+                Some("/dev/null"),
+                &path,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+        }
+        .map_err(m(format!("mask {}", path.display())))?;
+    }
     Ok(())
 }
 
@@ -860,12 +960,15 @@ fn mount_dev(root: &Path) -> ChildResult<PathBuf> {
     let m = |what: String| move |e: nix::Error| format!("{what}: {e}");
     let at = |p: &str| root.join(p);
     let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    // /dev: a tmpfs with the host's harmless devices bound in.
+    // /dev: a tmpfs with the host's harmless devices bound in. nodev: a node made here with
+    // mknod (of the host's disk, say) does not open; the bound devices are mounts of their own
+    // that keep the flags of the host's /dev, so they still work, and the devpts below is its own
+    // mount too (no mknod there).
     mount(
         Some("tmpfs"),
         &at("dev"),
         Some("tmpfs"),
-        MsFlags::MS_NOSUID,
+        nosuid_nodev,
         Some("mode=755,size=65536k"),
     )
     .map_err(m("mount a tmpfs on /dev".into()))?;
@@ -952,7 +1055,14 @@ fn mount_sys(root: &Path, plan: &Plan) -> ChildResult<()> {
             None::<&str>,
         )
         .map_err(m("remount /sys read-only".into()))?;
+        // The caller's mounts under /sys (its cgroups, say) came along: read-only too.
+        let mountinfo =
+            fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("read the mount table: {e}"))?;
+        for below in submounts(&mountinfo, &at("sys")) {
+            restrict_bind(&below, true).map_err(m(format!("remount {} read-only", below.display())))?;
+        }
     }
+    protect_paths(&at("sys"), &[], &SYS_MASKED)?;
     if let Some((mount_dir, name)) = &plan.cgroup {
         let cgroup = at("sys/fs/cgroup");
         mount(
@@ -977,6 +1087,38 @@ fn mount_sys(root: &Path, plan: &Plan) -> ChildResult<()> {
     }
 
     Ok(())
+}
+
+/// The mount points strictly below `dir` in a `/proc/PID/mountinfo` text (octal escapes decoded),
+/// parents first.
+fn submounts(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|field| PathBuf::from(unescape_mount_path(field)))
+        .filter(|path| path != dir && path.starts_with(dir))
+        .collect()
+}
+
+/// A mount point as the kernel writes it in mountinfo (`\040` for a space, and so on), decoded.
+fn unescape_mount_path(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        let octal = bytes
+            .get(index + 1..index + 4)
+            .filter(|digits| bytes[index] == b'\\' && digits.iter().all(|d| (b'0'..=b'7').contains(d)))
+            .and_then(|digits| u8::from_str_radix(std::str::from_utf8(digits).ok()?, 8).ok());
+        if let Some(byte) = octal {
+            out.push(byte);
+            index += 4;
+        } else {
+            out.push(bytes[index]);
+            index += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Fresh tmpfs on `/tmp` and `/run`.
@@ -1004,6 +1146,24 @@ fn mount_tmp_and_run(root: &Path) -> ChildResult<()> {
     Ok(())
 }
 
+/// What an init such as systemd would mount itself at boot, which it cannot do with the bounded
+/// capability set (no `CAP_SYS_ADMIN`): systemd skips what is already a mount point and stops when
+/// a mount it calls essential fails. `/proc`, `/sys`, `/dev`, `/dev/shm`, `/dev/pts`, `/run` and the
+/// cgroup are mounted for every container; here `/run/lock` (essential since systemd 251, as
+/// systemd mounts it: tmpfs, 5 MiB, world-writable with the sticky bit).
+fn mount_for_init(root: &Path) -> ChildResult<()> {
+    let lock = root.join("run/lock");
+    fs::create_dir_all(&lock).map_err(|e| format!("create /run/lock: {e}"))?;
+    mount(
+        Some("tmpfs"),
+        &lock,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=1777,size=5242880"),
+    )
+    .map_err(|e| format!("mount a tmpfs on /run/lock: {e}"))
+}
+
 /// Files bound in: resolv.conf, `/etc/cpuinfo` as `/proc/cpuinfo`, a transient machine-id, and
 /// the caller's binds.
 fn bind_files(spec: &RootSpec, root: &Path, created: &mut Vec<PathBuf>) -> ChildResult<()> {
@@ -1019,13 +1179,8 @@ fn bind_files(spec: &RootSpec, root: &Path, created: &mut Vec<PathBuf>) -> Child
             None::<&str>,
         )
         .map_err(m("bind /etc/resolv.conf".into()))?;
-        let _ = mount(
-            None::<&str>,
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-            None::<&str>,
-        );
+        // Best effort: a resolv.conf the image may write changes nothing outside it.
+        let _ = restrict_bind(&target, true);
     }
     if spec.bind_cpuinfo && at("etc/cpuinfo").is_file() {
         mount(
@@ -1066,19 +1221,51 @@ fn bind_files(spec: &RootSpec, root: &Path, created: &mut Vec<PathBuf>) -> Child
             bind.source.display(),
             bind.target.display()
         )))?;
-        if bind.read_only {
-            mount(
-                None::<&str>,
-                &target,
-                None::<&str>,
-                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                None::<&str>,
-            )
-            .map_err(m(format!("remount {} read-only", bind.target.display())))?;
-        }
+        // A host directory (`/persist`) the image writes: nodev and nosuid like the root.
+        restrict_bind(&target, bind.read_only)
+            .map_err(|e| format!("remount {} nodev,nosuid: {e}", bind.target.display()))?;
     }
 
     Ok(())
+}
+
+/// Remounts the bind mount at `target` `nodev` and `nosuid` (read-only when asked).
+fn restrict_bind(target: &Path, read_only: bool) -> nix::Result<()> {
+    let current = nix::sys::statvfs::statvfs(target)?.flags();
+    mount(
+        None::<&str>,
+        target,
+        None::<&str>,
+        bind_remount_flags(current, read_only),
+        None::<&str>,
+    )
+}
+
+/// The kernel's `ST_RELATIME` statvfs flag (`linux/statfs.h`). nix names it only on glibc; musl's
+/// `statvfs` passes the kernel's flags through unchanged, so the static build reads the same bit.
+const ST_RELATIME: nix::sys::statvfs::FsFlags = nix::sys::statvfs::FsFlags::from_bits_retain(0x1000);
+
+/// The flags of a bind remount adding `nodev`, `nosuid` (and `ro` when asked) to a mount that has
+/// `current`: the flags it has are kept, since in a user namespace those of the source mount are
+/// locked and a remount that would clear one fails.
+fn bind_remount_flags(current: nix::sys::statvfs::FsFlags, read_only: bool) -> MsFlags {
+    use nix::sys::statvfs::FsFlags;
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
+    for (has, keep) in [
+        (FsFlags::ST_RDONLY, MsFlags::MS_RDONLY),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if current.contains(has) {
+            flags |= keep;
+        }
+    }
+    if read_only {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    flags
 }
 
 /// PID 1's console, from the container's own devpts (when its stdio is a PTY).
@@ -1200,6 +1387,9 @@ fn exec(
     cwd: &str,
     identity: Option<&Identity>,
 ) -> ChildResult<()> {
+    // Everything that needs more than the image's set (mounts, pivot_root, setns, the console)
+    // is done: from here on the process is the image's, bounded whatever the pod allows.
+    privileges::bound_current_process(privileges::default_mask()).map_err(|e| e.to_string())?;
     if let Some(identity) = identity {
         let groups: Vec<nix::unistd::Gid> = identity
             .groups
@@ -1215,8 +1405,36 @@ fn exec(
     if chdir(cwd).is_err() {
         let _ = chdir("/");
     }
+    close_inherited_descriptors()?;
     let error = execve(program, argv, envp).unwrap_err();
     Err(format!("cannot run {}: {error}", program.to_string_lossy()))
+}
+
+/// Makes sure the image's program gets standard streams only: every descriptor above 2 is closed
+/// at `execve`, whoever opened it (the runtime's caller included: a descriptor of a host
+/// directory would let the image `fchdir` out of its root).
+fn close_inherited_descriptors() -> ChildResult<()> {
+    match sys::cloexec_from(3) {
+        Ok(()) => Ok(()),
+        // Before Linux 5.11: one by one, from the container's /proc (the caller's process).
+        Err(nix::errno::Errno::ENOSYS | nix::errno::Errno::EINVAL) => {
+            let entries = fs::read_dir("/proc/self/fd").map_err(|e| format!("list /proc/self/fd: {e}"))?;
+            let fds: Vec<RawFd> = entries
+                .flatten()
+                .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+                .filter(|fd| *fd > 2)
+                .collect();
+            for fd in fds {
+                // The directory listed is closed by now: EBADF for its descriptor.
+                match sys::set_cloexec(fd) {
+                    Ok(()) | Err(nix::errno::Errno::EBADF) => {}
+                    Err(error) => return Err(format!("mark descriptor {fd} close-on-exec: {error}")),
+                }
+            }
+            Ok(())
+        }
+        Err(error) => Err(format!("mark the inherited descriptors close-on-exec: {error}")),
+    }
 }
 
 /// Creates `root/relative` as a directory when missing, recording it.
@@ -1403,4 +1621,69 @@ fn machine_id() -> String {
 /// Brings `lo` up in a new network namespace.
 fn bring_loopback_up() {
     sys::set_loopback_up();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::statvfs::FsFlags;
+
+    #[test]
+    fn submounts_are_those_strictly_below_with_escapes_decoded() {
+        let mountinfo = "22 1 0:21 / /sys rw,nosuid shared:7 - sysfs sysfs rw\n\
+                         30 22 0:26 / /sys/fs/cgroup ro shared:9 - tmpfs tmpfs ro\n\
+                         31 30 0:27 / /sys/fs/cgroup/a\\040b rw - cgroup cgroup rw\n\
+                         40 1 0:30 / /system rw - tmpfs tmpfs rw\n";
+        assert_eq!(
+            submounts(mountinfo, Path::new("/sys")),
+            [
+                PathBuf::from("/sys/fs/cgroup"),
+                PathBuf::from("/sys/fs/cgroup/a b")
+            ]
+        );
+        assert_eq!(unescape_mount_path("x\\134y\\9"), "x\\y\\9");
+    }
+
+    #[test]
+    fn mount_point_cleanup_never_follows_a_link_the_image_made() {
+        let upper = tempfile::tempdir().unwrap();
+        let host = tempfile::tempdir().unwrap();
+        // The runtime created /etc/resolv.conf and /persist; the image then replaced /etc by a link
+        // to a host directory holding an empty resolv.conf.
+        fs::write(host.path().join("resolv.conf"), "").unwrap();
+        symlink(host.path(), upper.path().join("etc")).unwrap();
+        fs::create_dir(upper.path().join("persist")).unwrap();
+        fs::create_dir_all(upper.path().join("var/lib")).unwrap();
+        fs::write(upper.path().join("var/lib/empty"), "").unwrap();
+        remove_mount_points(
+            upper.path(),
+            ["/etc/resolv.conf", "/persist", "/var/lib/empty"]
+                .into_iter()
+                .map(PathBuf::from),
+        );
+        assert!(
+            host.path().join("resolv.conf").exists(),
+            "the host's file was removed"
+        );
+        assert!(!upper.path().join("persist").exists());
+        assert!(!upper.path().join("var/lib/empty").exists());
+    }
+
+    #[test]
+    fn a_bind_remount_adds_nodev_nosuid_and_keeps_the_locked_flags() {
+        let flags = bind_remount_flags(FsFlags::ST_NOEXEC | ST_RELATIME, false);
+        assert!(
+            flags.contains(MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_BIND | MsFlags::MS_REMOUNT)
+        );
+        assert!(
+            flags.contains(MsFlags::MS_NOEXEC | MsFlags::MS_RELATIME),
+            "{flags:?}"
+        );
+        assert!(!flags.contains(MsFlags::MS_RDONLY));
+        assert!(bind_remount_flags(FsFlags::empty(), true).contains(MsFlags::MS_RDONLY));
+        assert!(
+            bind_remount_flags(FsFlags::ST_RDONLY, false).contains(MsFlags::MS_RDONLY),
+            "never made writable"
+        );
+    }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use super::changes::{self, ChangeSummary};
 use super::emulation::{self, EmulationError};
+use super::privileges;
 use super::root::{self, Command, Container, Network, RootError, RootSpec, Stdio};
 use super::terminal;
 
@@ -136,6 +137,8 @@ pub struct ShellOutcome {
     /// Whether the overlay used `userxattr` (tells which opaque attribute
     /// the upper dir carries).
     pub user_xattr: bool,
+    /// The privileges the shell ran with (read from its `/proc/PID/status` once started).
+    pub bounds: Option<privileges::Bounds>,
 }
 
 /// What the checks found out about an image before it is opened.
@@ -255,9 +258,11 @@ pub fn run(request: &ShellRequest, inspection: &Inspection) -> Result<ShellOutco
         None => Box::new(std::io::sink()),
     };
     let mut shell_command = Command::new(&inspection.shell, Stdio::Pty(size));
+    let bounds;
     let (mut container, shell, end) = match inspection.mode {
         Mode::Basic => {
             let container = Container::start(&spec, &shell_command)?;
+            bounds = privileges::observe(container.init.pid);
             let _ = stdout.write_all(BASIC_NOTE.as_bytes());
             let _ = stdout.write_all(b"\n");
             let _ = stdout.flush();
@@ -279,6 +284,7 @@ pub fn run(request: &ShellRequest, inspection: &Inspection) -> Result<ShellOutco
             let mut container = Container::start(&spec, &init)?;
             shell_command.env.push(format!("container={CONTAINER_NAME}"));
             let shell = container.exec(&shell_command)?;
+            bounds = privileges::observe(shell.pid);
             let _ = stdout.write_all(INIT_NOTE.as_bytes());
             let _ = stdout.write_all(b"\n");
             let _ = stdout.flush();
@@ -317,6 +323,7 @@ pub fn run(request: &ShellRequest, inspection: &Inspection) -> Result<ShellOutco
         summary,
         upper_dir: spec.upper_dir.clone(),
         user_xattr: spec.user_xattr,
+        bounds,
     })
 }
 

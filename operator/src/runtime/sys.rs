@@ -218,3 +218,112 @@ pub(crate) fn lgetxattr(path: &std::path::Path, name: &str, buffer: &mut [u8]) -
     };
     usize::try_from(size).ok()
 }
+
+/// `prctl(PR_CAPBSET_DROP, number)`: removes one capability from the calling thread's bounding
+/// set (`EINVAL` past the kernel's last capability).
+pub(crate) fn drop_bounding_capability(number: u8) -> nix::Result<()> {
+    // SAFETY: PR_CAPBSET_DROP takes one integer argument and no pointers.
+    let ret = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(number), 0, 0, 0) };
+    Errno::result(ret).map(drop)
+}
+
+/// `prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)`: empties the ambient set.
+pub(crate) fn clear_ambient_capabilities() -> nix::Result<()> {
+    // SAFETY: PR_CAP_AMBIENT_CLEAR_ALL takes integer arguments only (the unused ones must be 0).
+    let ret = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+    Errno::result(ret).map(drop)
+}
+
+/// `struct __user_cap_header_struct` of `linux/capability.h`.
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+/// `struct __user_cap_data_struct` of `linux/capability.h` (two of them: capabilities 0–31,
+/// then 32–63).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// `_LINUX_CAPABILITY_VERSION_3`: 64-bit sets in two [`CapData`].
+const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// The calling thread's capability sets (`capget`).
+pub(crate) fn capabilities() -> nix::Result<super::privileges::CapabilitySets> {
+    let mut header = CapHeader {
+        version: CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: version 3 makes the kernel write exactly two `CapData` into `data`, which lives on
+    // our stack for the whole call; the header is read (and its version possibly rewritten).
+    let ret = unsafe { libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) };
+    Errno::result(ret)?;
+    let join = |low: u32, high: u32| u64::from(low) | (u64::from(high) << 32);
+    Ok(super::privileges::CapabilitySets {
+        effective: join(data[0].effective, data[1].effective),
+        permitted: join(data[0].permitted, data[1].permitted),
+        inheritable: join(data[0].inheritable, data[1].inheritable),
+    })
+}
+
+/// Sets the calling thread's capability sets (`capset`).
+pub(crate) fn set_capabilities(sets: super::privileges::CapabilitySets) -> nix::Result<()> {
+    let mut header = CapHeader {
+        version: CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let split = |set: u64| (set as u32, (set >> 32) as u32);
+    let (effective, permitted, inheritable) = (
+        split(sets.effective),
+        split(sets.permitted),
+        split(sets.inheritable),
+    );
+    let data = [
+        CapData {
+            effective: effective.0,
+            permitted: permitted.0,
+            inheritable: inheritable.0,
+        },
+        CapData {
+            effective: effective.1,
+            permitted: permitted.1,
+            inheritable: inheritable.1,
+        },
+    ];
+    // SAFETY: version 3 makes the kernel read exactly two `CapData` from `data`, which outlives
+    // the call; pid 0 is the calling thread.
+    let ret = unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) };
+    Errno::result(ret).map(drop)
+}
+
+/// Marks every descriptor from `first` up close-on-exec (`close_range` with
+/// `CLOSE_RANGE_CLOEXEC`, Linux 5.11; `ENOSYS` before).
+pub(crate) fn cloexec_from(first: u32) -> nix::Result<()> {
+    // SAFETY: close_range takes integers only; with CLOSE_RANGE_CLOEXEC it closes nothing, so no
+    // descriptor owned by other code of this process becomes invalid: it only sets a flag.
+    let ret = unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) };
+    Errno::result(ret).map(drop)
+}
+
+/// Sets `FD_CLOEXEC` on descriptor `fd` (an error when it is not open).
+pub(crate) fn set_cloexec(fd: RawFd) -> nix::Result<()> {
+    // SAFETY: F_SETFD takes an integer argument; on a descriptor that is not open the kernel
+    // answers EBADF and nothing happens.
+    let ret = unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Errno::result(ret).map(drop)
+}

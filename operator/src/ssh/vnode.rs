@@ -150,6 +150,9 @@ pub fn run(args: &Args) -> Result<i32, CliError> {
         },
         booted.init
     );
+    if let Some(bounds) = crate::runtime::privileges::observe(booted.init) {
+        eprintln!("vnode {}: the image's processes run with {bounds}", args.name);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -1,7 +1,7 @@
 //! Where the Kubernetes binaries come from.
 //!
 //! In order: `WALT_K8S_BIN` (a directory with prebuilt etcd, kube-apiserver,
-//! kube-controller-manager, kube-scheduler, kubelet, kubectl), `KUBEBUILDER_ASSETS` (the envtest
+//! kube-controller-manager, kube-scheduler, kubelet, kube-proxy, kubectl and coredns), `KUBEBUILDER_ASSETS` (the envtest
 //! convention: etcd, kube-apiserver, kubectl; the others are used when present), else the pinned
 //! build `tests/k8s/build.sh`, cached under `${WALT_CACHE:-~/.cache/walt}/k8s/<version>/bin`.
 
@@ -36,6 +36,10 @@ pub struct K8sBinaries {
     pub kube_scheduler: Option<PathBuf>,
     /// kubelet (needed by the cluster tier only).
     pub kubelet: Option<PathBuf>,
+    /// kube-proxy (needed by the cluster tier only).
+    pub kube_proxy: Option<PathBuf>,
+    /// CoreDNS, the cluster DNS (needed by the cluster tier only; built from its own Go module).
+    pub coredns: Option<PathBuf>,
 }
 
 impl K8sBinaries {
@@ -62,6 +66,8 @@ impl K8sBinaries {
             kube_controller_manager: optional("kube-controller-manager"),
             kube_scheduler: optional("kube-scheduler"),
             kubelet: optional("kubelet"),
+            kube_proxy: optional("kube-proxy"),
+            coredns: optional("coredns"),
         })
     }
 

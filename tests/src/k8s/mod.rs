@@ -7,8 +7,9 @@
 //!   Ready in seconds once the binaries are built.
 //! - **cluster**: the same, plus one node: containerd + runc, the CNI bridge, host-local and
 //!   loopback plugins and a kubelet, all inside a network namespace created here (pod and node
-//!   addresses exist only there), a registry for the node's images inside that namespace, and
-//!   the pause image built locally. The API server and the registry are reachable from the host
+//!   addresses exist only there), a registry for the node's images inside that namespace, the
+//!   pause image built locally, and the standard services of any cluster: kube-proxy (ClusterIPs
+//!   route) and CoreDNS (Service names resolve in pods), see [`services`]. The API server and the registry are reachable from the host
 //!   on 127.0.0.1 through a bridge, at the same address as inside the namespace.
 //!
 //! # Using it in a test
@@ -43,6 +44,7 @@ pub mod images;
 pub mod kubeconfig;
 pub mod node;
 pub mod pki;
+pub mod services;
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, TcpListener};

@@ -1,5 +1,5 @@
-//! The cluster tier's node: containerd + runc, CNI (bridge, host-local, loopback), a registry and
-//! the kubelet, in a network namespace created here.
+//! The cluster tier's node: containerd + runc, CNI (bridge, host-local, loopback), a registry, the
+//! kubelet, kube-proxy and the cluster DNS ([`super::services`]), in a network namespace created here.
 //!
 //! Layout, and why:
 //! - `ip netns add walt-<pid>-<n>`: the node's network namespace. The control plane also runs in
@@ -7,9 +7,9 @@
 //!   The node address is 10.200.0.2 on a bridge device `walt0`, pods get 10.244.0.0/24 on `cni0`:
 //!   these addresses exist only inside the namespace, which has no default route: nothing in it
 //!   can send traffic elsewhere. The API server and the registry listen inside it (the registry on
-//!   every address of the namespace, so pods reach it at the node address: the harness runs no
-//!   cluster DNS) and are bridged to the same port on the host's 127.0.0.1 (socat through a Unix
-//!   socket), so one URL works from the host and the node.
+//!   every address of the namespace, so pods also reach it at the node address) and are bridged
+//!   to the same port on the host's 127.0.0.1 (socat through a Unix socket), so one URL works from
+//!   the host and the node.
 //! - containerd, the kubelet and the pods' sandboxes share a private mount namespace (held by a
 //!   `sleep` process): their mounts (overlay roots, volumes, pod network namespace files, on a
 //!   tmpfs over `/run/netns`) never appear on the host and vanish with it. In it, the six kernel
@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use super::{Cluster, Error, free_port, images};
+use super::{Cluster, Error, free_port, images, services};
 use crate::process::{Daemon, Lifetime, pid_alive, stop_pid};
 use crate::wait::Wait;
 
@@ -74,6 +74,9 @@ pub fn check_available() -> Result<(), Error> {
         "/usr/bin/nsenter",
         "/usr/bin/unshare",
         "/bin/busybox",
+        "/usr/sbin/iptables",
+        "/usr/sbin/iptables-save",
+        "/usr/sbin/iptables-restore",
     ] {
         if !Path::new(program).exists() {
             missing.push(program.to_string());
@@ -88,7 +91,7 @@ pub fn check_available() -> Result<(), Error> {
     if !missing.is_empty() {
         return Err(Error::Prerequisite(format!(
             "{} not found: install the Debian packages containerd runc containernetworking-plugins \
-             docker-registry skopeo socat busybox-static (.ci/install-deps)",
+             docker-registry skopeo socat busybox-static iptables (.ci/install-deps)",
             missing.join(", ")
         )));
     }
@@ -243,7 +246,7 @@ impl Node {
     }
 
     /// `NODE_IP:PORT`: the same registry as pods reach it (it listens on every address of the node's
-    /// namespace, which exist only there). The harness runs no cluster DNS, so pods use the address.
+    /// namespace, which exist only there).
     pub fn registry_for_pods(&self) -> String {
         registry_for_pods(&self.registry())
     }
@@ -252,7 +255,7 @@ impl Node {
         self.holder.as_ref().map_or(0, Daemon::pid)
     }
 
-    /// A command run in the node's network namespace (control plane, registry).
+    /// A command run in the node's network namespace (control plane, registry, CoreDNS).
     pub(crate) fn command(&self, program: &Path) -> Command {
         let mut command = Command::new("nsenter");
         command
@@ -263,7 +266,7 @@ impl Node {
     }
 
     /// A command run in the node's network and mount namespaces (containerd, kubelet).
-    fn node_command(&self, program: &str) -> Command {
+    pub(crate) fn node_command(&self, program: &str) -> Command {
         let pid = self.holder_pid();
         let mut command = Command::new("nsenter");
         command
@@ -470,7 +473,8 @@ failCgroupV1: false
 containerRuntimeEndpoint: unix://{socket}
 podCIDR: {POD_CIDR}
 podLogsDir: {pod_logs}
-clusterDomain: cluster.local
+clusterDomain: {cluster_domain}
+clusterDNS: [{cluster_dns}]
 resolvConf: ""
 oomScoreAdj: 0
 serializeImagePulls: false
@@ -486,6 +490,8 @@ registerNode: true
                 cgroup = self.netns,
                 socket = socket.display(),
                 pod_logs = self.dir.join("pod-logs").display(),
+                cluster_domain = services::CLUSTER_DOMAIN,
+                cluster_dns = services::CLUSTER_DNS_IP,
             ),
         )?;
         let kubelet_binary = cluster.binaries().kubelet.clone().ok_or_else(|| {
@@ -503,6 +509,17 @@ registerNode: true
             .arg(format!("--hostname-override={NODE_NAME}"))
             .arg(format!("--node-ip={NODE_IP}"))
             .arg("--v=1");
+        // The cluster DNS first: pods that start find Services by name. kube-proxy once the node
+        // exists (it reads its Node); no pod can start before the node is Ready anyway.
+        let services_dir = self.dir.join("services");
+        let services = services::ServiceContext {
+            cluster,
+            node: self,
+            dir: &services_dir,
+            lifetime,
+            deadline,
+        };
+        services::start_dns(&services)?;
         create_cgroups(&self.netns)?;
         cluster.spawn("kubelet", kubelet, lifetime)?;
         cluster.wait_for(
@@ -515,6 +532,7 @@ registerNode: true
                 "--timeout=5s",
             ],
         )?;
+        services::start_proxy(&services)?;
         Ok(())
     }
 

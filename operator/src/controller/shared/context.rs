@@ -41,6 +41,8 @@ pub struct Context {
     /// Image-shell mode per manifest digest (a digest's layers never change, and many Images share
     /// one digest: their layers are read once).
     pub shell_modes: Mutex<HashMap<String, walt_crds::ImageShellMode>>,
+    /// The API server's clock, which session lifetimes follow ([`super::clock`]).
+    pub clock: Arc<super::clock::ApiClock>,
     recorder: Recorder,
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -61,7 +63,12 @@ pub fn backoff(failures: u32, permanent: bool) -> Duration {
 
 impl Context {
     /// A context for `client` and `config`.
-    pub fn new(client: Client, config: Arc<Config>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        client: Client,
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        clock: Arc<super::clock::ApiClock>,
+    ) -> Self {
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -73,6 +80,7 @@ impl Context {
             saves: super::save_tasks::SaveTasks::new(config.args.max_concurrent_saves),
             lab_registry: std::sync::OnceLock::new(),
             shell_modes: Mutex::new(HashMap::new()),
+            clock,
             client,
             config,
             metrics,

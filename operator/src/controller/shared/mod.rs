@@ -7,6 +7,7 @@
 //! imports a kind folder.
 
 pub mod address;
+pub mod clock;
 pub mod context;
 pub mod error;
 pub mod image_result;

@@ -136,17 +136,18 @@ fn condition(
 }
 
 /// Moves a status to a finished phase (pure): `Complete=True` with the
-/// reason, `Ready=False`, the completion time.
+/// reason, `Ready=False`, the completion time `now`.
 pub fn finish(
     status: &mut ShellSessionStatus,
     session: &ShellSession,
     phase: ShellSessionPhase,
     reason: &str,
     message: &str,
+    now: Timestamp,
 ) {
     status.phase = phase;
     if status.completion_time.is_none() || phase != ShellSessionPhase::Expired {
-        status.completion_time = Some(Time(Timestamp::now()));
+        status.completion_time = Some(Time(now));
     }
     condition(status, session, READY, ConditionStatus::False, reason, message);
     condition(
@@ -190,7 +191,7 @@ async fn end(
     reason: &str,
     message: String,
 ) -> Result<Action> {
-    finish(&mut status, session, phase, reason, &message);
+    finish(&mut status, session, phase, reason, &message, context.clock.now());
     write_status(context, session, status).await?;
     let kind = if phase == ShellSessionPhase::Failed {
         EventType::Warning
@@ -301,7 +302,7 @@ async fn image_shell(
             holder.as_deref(),
             ttl,
             context.config.args.decision_timeout,
-            Timestamp::now(),
+            context.clock.now(),
         ),
         save_as_holder.as_deref(),
     );
@@ -437,7 +438,7 @@ async fn mark_running(
         scheduled_on(context, pod).await.as_ref(),
     );
     status.phase = ShellSessionPhase::Running;
-    status.start_time = Some(Time(Timestamp::now()));
+    status.start_time = Some(Time(context.clock.now()));
     status.emulated = start.emulated;
     status.mode = start.mode;
     let message = format!(
@@ -630,7 +631,7 @@ async fn record(
 ) -> Result<Action> {
     apply_outcome(&mut status, outcome);
     status.phase = ShellSessionPhase::AwaitingDecision;
-    status.completion_time = Some(Time(Timestamp::now()));
+    status.completion_time = Some(Time(context.clock.now()));
     let changes = &outcome.summary;
     let message = format!(
         "{} added, {} modified, {} deleted ({} bytes), pushed as {}; set spec.saveAs (an image name) or spec.discard: true (no decision within {}: the digest is kept, no tag moves)",
@@ -810,6 +811,7 @@ mod tests {
             ShellSessionPhase::Expired,
             "TTLExpired",
             "the session reached its ttl",
+            Timestamp::now(),
         );
         assert_eq!(status.phase, ShellSessionPhase::Expired);
         assert!(status.completion_time.is_some());

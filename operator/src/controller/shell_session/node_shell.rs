@@ -229,7 +229,7 @@ pub async fn reconcile(
         pod.as_ref(),
         device.as_ref(),
         lifetime,
-        Timestamp::now(),
+        context.clock.now(),
     ) {
         Step::End {
             phase,
@@ -276,7 +276,7 @@ async fn authorize(
     let node_name = session.spec.node.clone().unwrap_or_default();
     let was_running = status.phase == ShellSessionPhase::Running;
     status.phase = ShellSessionPhase::Running;
-    status.start_time = status.start_time.or_else(|| Some(Time(Timestamp::now())));
+    status.start_time = status.start_time.or_else(|| Some(Time(context.clock.now())));
     status.gateway = Some(Gateway {
         service: format!(
             "{}.{}",

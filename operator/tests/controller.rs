@@ -5348,7 +5348,14 @@ fn an_operator_clock_ten_minutes_ahead_keeps_session_lifetimes_right() {
         .every(Duration::from_millis(250))
         .until(|| {
             cluster
-                .kubectl_output(&["-n", &namespace, "get", "pod/walt-shell-sh", "-o", "name"])
+                .kubectl_output(&[
+                    "-n",
+                    &walt_crds::runtime_namespace(&namespace),
+                    "get",
+                    "pod/walt-shell-sh",
+                    "-o",
+                    "name",
+                ])
                 .is_ok()
         })
         .unwrap_or_else(|e| panic!("{e}; operator log:\n{}", operator.log()));

@@ -355,6 +355,16 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
         Api::<DeserializeGuard<Namespace>>::all(context.client.clone()),
         runtime_namespaces(&context),
     )
+    // A tenant's namespace changed (its deletion began, it went): its runtime namespace follows.
+    .watches(
+        Api::<Namespace>::all(context.client.clone()),
+        watcher::Config::default(),
+        |namespace: Namespace| {
+            let name = namespace.name_any();
+            (!walt_crds::is_runtime_namespace_name(&name))
+                .then(|| ObjectRef::<DeserializeGuard<Namespace>>::new(&walt_crds::runtime_namespace(&name)))
+        },
+    )
     // A RoleBinding of a tenant changed: its runtime namespace's attach binding follows.
     .watches(
         all::<RoleBinding>(&context),

@@ -5,6 +5,8 @@
 //! - the RoleBinding that lets the tenant's users attach to their sessions, kept equal to the
 //!   subjects of the tenant namespace's RoleBindings to walt's tenant roles (woken by any RoleBinding
 //!   change there);
+//! - the end: once the tenant's namespace is gone (deleted, or being deleted), the runtime namespace is
+//!   deleted too, with what the operator made there (woken by the tenant namespace's change);
 //! - the sweep: pods, Services and claims whose ShellSession or Node is gone are deleted (at start,
 //!   every `--runtime-sweep-interval`); the pure decision is
 //!   [`crate::controller::shared::runtime::orphans`].
@@ -36,9 +38,31 @@ pub async fn reconcile(namespace: Arc<Namespace>, context: Arc<Context>) -> Resu
         return Ok(Action::await_change());
     }
     let runtime = namespace.name_any();
+    let tenant_namespace = Api::<Namespace>::all(context.client.clone())
+        .get_opt(&tenant)
+        .await
+        .context(|| format!("reading the tenant namespace {tenant}"))?;
+    if tenant_gone(tenant_namespace.as_ref()) {
+        tracing::info!(namespace = %runtime, %tenant, "the tenant's namespace is gone: deleting its runtime namespace");
+        Api::<Namespace>::all(context.client.clone())
+            .delete(&runtime, &kube::api::DeleteParams::default())
+            .await
+            .map(|_| ())
+            .or_else(|error| match error {
+                kube::Error::Api(response) if response.code == 404 => Ok(()),
+                other => Err(other),
+            })
+            .context(|| format!("deleting the runtime namespace {runtime} of the gone tenant {tenant}"))?;
+        return Ok(Action::await_change());
+    }
     sync_attach_binding(&context, &runtime, &tenant).await?;
     sweep(&context, &runtime, &tenant).await?;
     Ok(Action::requeue(context.config.args.runtime_sweep_interval))
+}
+
+/// Whether a tenant's namespace is gone (pure): not found, or being deleted.
+fn tenant_gone(tenant: Option<&Namespace>) -> bool {
+    tenant.is_none_or(|namespace| namespace.metadata.deletion_timestamp.is_some())
 }
 
 /// Applies the RoleBinding that lets the tenant's users attach to their sessions.
@@ -128,4 +152,20 @@ async fn sweep(context: &Context, runtime: &str, tenant: &str) -> Result<()> {
         deleted?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tenant_is_gone_when_its_namespace_is_missing_or_being_deleted() {
+        assert!(tenant_gone(None));
+        let mut namespace = Namespace::default();
+        assert!(!tenant_gone(Some(&namespace)));
+        namespace.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+        ));
+        assert!(tenant_gone(Some(&namespace)));
+    }
 }

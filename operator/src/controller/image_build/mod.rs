@@ -67,11 +67,7 @@ pub async fn reconcile(build: Arc<ImageBuild>, context: Arc<Context>) -> Result<
         }
     })
     .await
-    .map_err(|error| match error {
-        kube::runtime::finalizer::Error::ApplyFailed(error)
-        | kube::runtime::finalizer::Error::CleanupFailed(error) => error,
-        other => Error::Finalizer(other.to_string()),
-    })
+    .map_err(Error::from)
 }
 
 async fn apply(build: &ImageBuild, context: &Context) -> Result<Action> {

@@ -122,11 +122,7 @@ pub async fn reconcile(node: Arc<Node>, context: Arc<Context>) -> Result<Action>
         }
     })
     .await
-    .map_err(|error| match error {
-        kube::runtime::finalizer::Error::ApplyFailed(error)
-        | kube::runtime::finalizer::Error::CleanupFailed(error) => error,
-        other => Error::Finalizer(other.to_string()),
-    })
+    .map_err(Error::from)
 }
 
 /// The Node is being deleted: what was made for it in the runtime namespace goes (only what its

@@ -65,6 +65,18 @@ pub enum Error {
     },
 }
 
+/// What a reconcile wrapped in [`kube::runtime::finalizer::finalizer`] returns: the reconcile's own
+/// error as it was, else the finalizer's (adding or removing it failed).
+impl From<kube::runtime::finalizer::Error<Error>> for Error {
+    fn from(error: kube::runtime::finalizer::Error<Error>) -> Self {
+        match error {
+            kube::runtime::finalizer::Error::ApplyFailed(error)
+            | kube::runtime::finalizer::Error::CleanupFailed(error) => error,
+            other => Error::Finalizer(other.to_string()),
+        }
+    }
+}
+
 impl Error {
     /// Every value of [`Self::metric_label`], so the error counter starts at 0 for each instead
     /// of appearing at the first error (alerts on `rate()` then see the first one).

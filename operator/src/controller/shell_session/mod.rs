@@ -66,11 +66,7 @@ pub async fn reconcile(session: Arc<ShellSession>, context: Arc<Context>) -> Res
         }
     })
     .await
-    .map_err(|error| match error {
-        kube::runtime::finalizer::Error::ApplyFailed(error)
-        | kube::runtime::finalizer::Error::CleanupFailed(error) => error,
-        other => Error::Finalizer(other.to_string()),
-    })
+    .map_err(Error::from)
 }
 
 /// The session is being deleted: its pod goes first (the gateway's watch

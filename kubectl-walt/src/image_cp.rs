@@ -10,12 +10,11 @@ use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
-use kube::api::AttachParams;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use walt_crds::{ImageName, ShellMode, ShellSessionPhase, ShellSessionSpec};
 
 use crate::cluster::Ctx;
-use crate::error::{Error, Op, Result};
+use crate::error::{Error, Result};
 use crate::resolve::image_name;
 use crate::session::{self, Created};
 use crate::watch::interruptible;
@@ -190,23 +189,7 @@ async fn start_session(ctx: &Ctx, image: &ImageName) -> Result<(Created, session
 /// Sends `input` (then, if `eof`, an end-of-file on the TTY), and collects the output until the
 /// shell exits.
 async fn converse(ctx: &Ctx, pod: &session::ShellPod, script: &str, payload: Option<&str>) -> Result<String> {
-    let params = AttachParams::interactive_tty();
-    let mut attached = ctx
-        .pods_in(&pod.namespace)
-        .attach(&pod.name, &params)
-        .await
-        .map_err(|e| {
-            Error::api(
-                Op::named(
-                    "create",
-                    "attachment to the shell pod",
-                    "pods/attach",
-                    &pod.name,
-                    &pod.namespace,
-                ),
-                e,
-            )
-        })?;
+    let mut attached = pod.attach_tty(ctx).await?;
     let mut stdin = attached
         .stdin()
         .ok_or_else(|| Error::Failed("the shell pod gave no stdin".into()))?;

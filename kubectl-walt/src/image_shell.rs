@@ -1,7 +1,6 @@
 //! `image shell IMAGE`: a ShellSession on the image, progress while its pod starts, the pod's TTY
 //! in raw mode (window resizes included), then WalT's exit dialogue.
 
-use kube::api::AttachParams;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::signal::unix::{SignalKind, signal};
 use walt_crds::{ImageName, ImageShellMode, ShellMode, ShellSession, ShellSessionPhase, ShellSessionSpec};
@@ -9,7 +8,7 @@ use walt_crds::{ImageName, ImageShellMode, ShellMode, ShellSession, ShellSession
 use crate::cli::ShellModeArg;
 use crate::cluster::Ctx;
 use crate::dialogue::{Decision, NameFacts, exit_dialogue};
-use crate::error::{Error, Op, Result};
+use crate::error::{Error, Result};
 use crate::format::{bytes, short_digest};
 use crate::resolve::{image_name, list_nodes, nodes_booting};
 use crate::session::{self, Created};
@@ -205,23 +204,7 @@ async fn ask(ctx: &Ctx, name: &ImageName) -> Result<Decision> {
 
 /// Attaches to the shell pod's TTY until the shell ends.
 async fn attach(ctx: &Ctx, pod: &session::ShellPod) -> Result<()> {
-    let params = AttachParams::interactive_tty();
-    let mut attached = ctx
-        .pods_in(&pod.namespace)
-        .attach(&pod.name, &params)
-        .await
-        .map_err(|e| {
-            Error::api(
-                Op::named(
-                    "create",
-                    "attachment to the shell pod",
-                    "pods/attach",
-                    &pod.name,
-                    &pod.namespace,
-                ),
-                e,
-            )
-        })?;
+    let mut attached = pod.attach_tty(ctx).await?;
     let mut remote_in = attached
         .stdin()
         .ok_or_else(|| Error::Failed("the shell pod gave no stdin".into()))?;

@@ -189,6 +189,27 @@ pub struct ShellPod {
     pub name: String,
 }
 
+impl ShellPod {
+    /// Attaches to the pod's TTY (its PID 1's terminal), in its own namespace.
+    pub async fn attach_tty(&self, ctx: &Ctx) -> Result<kube::api::AttachedProcess> {
+        ctx.pods_in(&self.namespace)
+            .attach(&self.name, &kube::api::AttachParams::interactive_tty())
+            .await
+            .map_err(|e| {
+                Error::api(
+                    Op::named(
+                        "create",
+                        "attachment to the shell pod",
+                        "pods/attach",
+                        &self.name,
+                        &self.namespace,
+                    ),
+                    e,
+                )
+            })
+    }
+}
+
 /// The shell pod of a session, from its status (pure): `status.pod` in `status.podNamespace`, else
 /// (an operator from before runtime namespaces said none) in the tenant's runtime namespace.
 pub fn shell_pod(ctx: &Ctx, session: &ShellSession) -> Option<ShellPod> {

@@ -1096,27 +1096,9 @@ fn a_registry_answering_byte_by_byte_is_bounded_and_a_slow_upload_is_not() {
     let base = rt
         .block_on(client.resolve(&registry.reference("lab/base:1"), None))
         .expect("resolve the base");
-    let mut content = vec![0_u8; 4 << 20];
-    let mut state = 0x2545_f491_4f6c_dd1d_u64;
-    for byte in &mut content {
-        // xorshift: bytes gzip cannot shrink, so the upload is as long as the content.
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        *byte = state.to_le_bytes()[0];
-    }
-    let mut tar = tar::Builder::new(Vec::new());
-    let mut header = tar::Header::new_gnu();
-    header.set_size(content.len() as u64);
-    header.set_mode(0o644);
-    header.set_mtime(1);
-    header.set_uid(0);
-    header.set_gid(0);
-    header.set_entry_type(tar::EntryType::Regular);
-    tar.append_data(&mut header, "srv/slow", content.as_slice())
-        .expect("tar entry");
+    let content = incompressible(4 << 20);
     let stream = SlowReader {
-        inner: std::io::Cursor::new(tar.into_inner().expect("tar")),
+        inner: std::io::Cursor::new(one_file_tar("srv/slow", &content)),
         since_pause: 0,
         pause: std::time::Duration::from_millis(200),
     };
@@ -1143,6 +1125,108 @@ fn a_registry_answering_byte_by_byte_is_bounded_and_a_slow_upload_is_not() {
     )
     .expect("unpack the pushed image");
     assert_eq!(std::fs::read(rootfs.join("srv/slow")).expect("srv/slow"), content);
+}
+
+/// `len` bytes gzip cannot shrink (xorshift), so an upload is as long as its content.
+fn incompressible(len: usize) -> Vec<u8> {
+    let mut content = vec![0_u8; len];
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    for byte in &mut content {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        *byte = state.to_le_bytes()[0];
+    }
+    content
+}
+
+/// A tar stream (as a node sends its changes) of one root-owned regular file.
+fn one_file_tar(path: &str, content: &[u8]) -> Vec<u8> {
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(content.len() as u64);
+    header.set_mode(0o644);
+    header.set_mtime(1);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_entry_type(tar::EntryType::Regular);
+    tar.append_data(&mut header, path, content).expect("tar entry");
+    tar.into_inner().expect("tar")
+}
+
+/// A change stream that gives `good` bytes, then fails as a node's stream does when the node goes away.
+struct FailingAfter {
+    inner: std::io::Cursor<Vec<u8>>,
+    good: u64,
+}
+
+impl std::io::Read for FailingAfter {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.good.saturating_sub(self.inner.position());
+        if left == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "the node dropped the connection",
+            ));
+        }
+        let take = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        std::io::Read::read(&mut self.inner, &mut buf[..take])
+    }
+}
+
+/// A change stream that fails mid-upload (the node went away) fails the push with the stream's words,
+/// publishes nothing, and leaves no upload open in the registry: the operator ends the body and cancels
+/// the upload instead of abandoning it to the registry's purge a week later.
+#[test]
+fn a_change_stream_failing_mid_upload_leaves_no_upload_in_the_registry() {
+    let rt = runtime();
+    let registry = Registry::start().expect("registry");
+    OciLayout::busybox(Arch::Amd64)
+        .expect("busybox image")
+        .push("base", &registry, "lab/base:1")
+        .expect("push the base");
+    let client = client_for(&registry);
+    let base = rt
+        .block_on(client.resolve(&registry.reference("lab/base:1"), None))
+        .expect("resolve the base");
+    let tar = one_file_tar("srv/big", &incompressible(24 << 20));
+    let failing = FailingAfter {
+        inner: std::io::Cursor::new(tar.clone()),
+        good: 12 << 20,
+    };
+    let error = rt
+        .block_on(client.push_on_top(
+            &base,
+            &registry.reference("lab/broken"),
+            ChangeSource::TarStream(Box::new(failing)),
+            CommitOptions::new("walt node save"),
+        ))
+        .expect_err("a stream that fails cannot be pushed");
+    assert!(
+        error.to_string().contains("the node dropped the connection"),
+        "the error says why: {error}"
+    );
+    assert_eq!(
+        registry.uploads_holding_data(),
+        Vec::<(String, u64)>::new(),
+        "no upload's data left in the registry"
+    );
+    assert_eq!(
+        registry.get_status("/v2/lab/broken/tags/list").expect("tags"),
+        404,
+        "nothing published"
+    );
+    // The same changes, whole, push fine afterwards.
+    let pushed = rt
+        .block_on(client.push_on_top(
+            &base,
+            &registry.reference("lab/broken"),
+            ChangeSource::TarStream(Box::new(std::io::Cursor::new(tar))),
+            CommitOptions::new("walt node save"),
+        ))
+        .expect("the whole stream pushes");
+    assert!(pushed.manifest_digest.starts_with("sha256:"));
+    assert_eq!(registry.uploads_holding_data(), Vec::<(String, u64)>::new());
 }
 
 /// The layer cache's disk full: a cache on an 8 MiB tmpfs, filled but for 256 KiB, fails a pull of

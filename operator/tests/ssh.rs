@@ -1187,6 +1187,11 @@ fn vnode_killed_mid_save_fails_the_save_and_leaves_the_tag_alone() {
         "the error says the node dropped: {stderr}"
     );
     assert_eq!(skopeo_digest(&target), before, "the target tag did not move");
+    assert_eq!(
+        registry.uploads_holding_data(),
+        Vec::<(String, u64)>::new(),
+        "the failed layer upload was cancelled, not left in the registry"
+    );
     // The killed runtime's node went with it.
     Wait::new("the node's PID 1 to be gone", Duration::from_secs(10))
         .every(Duration::from_millis(100))

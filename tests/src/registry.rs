@@ -267,6 +267,41 @@ impl Registry {
         self.dir.path().join("data")
     }
 
+    /// The uploads whose data the registry still holds (`<repository>/_uploads/<id>`, with its size): what a
+    /// failed push left behind until the registry purges it. Empty once every push finished or was
+    /// cancelled. (Distribution 2.8 writes a hash-state file of about 100 bytes back into a cancelled
+    /// upload's directory as it closes it: no data, so not counted.)
+    pub fn uploads_holding_data(&self) -> Vec<(String, u64)> {
+        let repositories = self.storage_dir().join("docker/registry/v2/repositories");
+        let mut held = Vec::new();
+        let mut pending = vec![repositories.clone()];
+        while let Some(dir) = pending.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if !path.is_dir() {
+                    continue;
+                }
+                if entry.file_name() == "_uploads" {
+                    for upload in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+                        let Ok(data) = std::fs::metadata(upload.path().join("data")) else {
+                            continue;
+                        };
+                        let name = upload.path();
+                        let name = name.strip_prefix(&repositories).unwrap_or(&name);
+                        held.push((name.display().to_string(), data.len()));
+                    }
+                } else if !entry.file_name().to_string_lossy().starts_with('_') {
+                    pending.push(path);
+                }
+            }
+        }
+        held.sort();
+        held
+    }
+
     /// Path of a blob's data file in the registry's storage (`sha256:…` digest).
     pub fn blob_path(&self, digest: &str) -> PathBuf {
         let hex = digest.strip_prefix("sha256:").unwrap_or(digest);

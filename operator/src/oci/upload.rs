@@ -18,6 +18,10 @@ use sha2::{Digest as _, Sha256};
 
 use super::registry::RegistryClient;
 
+/// How long a failed upload's cancellation may take: the registry may be the reason it failed, and the
+/// caller is waiting to report that failure.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A blob uploaded by [`RegistryClient::push_blob_streamed`].
 pub(super) struct StreamedBlob {
     /// `sha256:<hex>` of what was sent.
@@ -34,8 +38,13 @@ struct Tally {
 }
 
 impl RegistryClient {
-    /// Uploads `chunks` (an `Err` aborts the upload: the registry never gets a truncated blob) as one blob of
-    /// `target`'s repository and returns its digest and size.
+    /// Uploads `chunks` as one blob of `target`'s repository and returns its digest and size.
+    ///
+    /// An `Err` from `chunks` (the node went away, a bad change set) ends the body there and cancels the
+    /// upload: the registry never gets a truncated blob, and keeps no partial upload either. Any other
+    /// failure after the upload was opened cancels it too, where the registry still accepts that
+    /// (Distribution refuses to cancel an upload whose last write failed on its side: that one stays until
+    /// the registry purges old uploads).
     pub(super) async fn push_blob_streamed<S>(
         &self,
         target: &Reference,
@@ -54,21 +63,33 @@ impl RegistryClient {
             "{scheme}://{registry}/v2/{}/blobs/uploads/",
             target.repository()
         ))?;
-        let http = self.http()?;
         let authorization = self.authorization(target).await?;
-        let authorized = |request: reqwest::RequestBuilder| match &authorization {
-            Authorization::Bearer(token) => request.bearer_auth(token),
-            Authorization::Basic(user, password) => request.basic_auth(user, Some(password)),
-            Authorization::Anonymous => request,
-        };
-
-        let opened = authorized(http.post(start))
+        let opened = authorization
+            .apply(self.http()?.post(start))
             .timeout(self.timeout)
             .header(reqwest::header::CONTENT_LENGTH, 0)
             .send()
             .await?;
-        let location = upload_location(opened, StatusCode::ACCEPTED).await?;
+        let mut location = upload_location(opened, StatusCode::ACCEPTED).await?;
+        let outcome = self.fill_and_close(&authorization, &mut location, chunks).await;
+        if outcome.is_err() {
+            self.cancel_upload(&authorization, location).await;
+        }
+        outcome
+    }
 
+    /// Sends `chunks` to the open upload at `location` (moved to each next URL the registry gives) and
+    /// closes it with the digest of what was sent.
+    async fn fill_and_close<S>(
+        &self,
+        authorization: &Authorization,
+        location: &mut Url,
+        chunks: S,
+    ) -> Result<StreamedBlob, OciDistributionError>
+    where
+        S: Stream<Item = Result<Bytes, OciDistributionError>> + Send + 'static,
+    {
+        let http = self.http()?;
         let tally = Arc::new(Mutex::new(Tally::default()));
         let counted = Arc::clone(&tally);
         let body = chunks.map(move |chunk| {
@@ -81,18 +102,30 @@ impl RegistryClient {
             chunk
         });
         let watch = Arc::new(Mutex::new(Waiting::OnUs));
+        let source_failure = Arc::new(Mutex::new(None));
         let body = Watched {
             inner: Box::pin(body),
             watch: Arc::clone(&watch),
+            failure: Arc::clone(&source_failure),
         };
         // No reqwest timeout on this request: it would count the whole upload. The watch below bounds
         // only the registry's silence.
-        let sent = authorized(http.patch(location))
+        let sent = authorization
+            .apply(http.patch(location.clone()))
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
             .body(reqwest::Body::wrap_stream(body))
             .send();
-        let sent = watch_silence(sent, &watch, self.timeout).await?;
-        let mut location = upload_location(sent, StatusCode::ACCEPTED).await?;
+        let sent = watch_silence(sent, &watch, self.timeout).await;
+        // The source's failure first: the body ended early because of it, whatever the registry said.
+        if let Some(failure) = source_failure.lock().ok().and_then(|mut f| f.take()) {
+            if let Ok(answer) = sent
+                && let Ok(next) = upload_location(answer, StatusCode::ACCEPTED).await
+            {
+                *location = next;
+            }
+            return Err(failure);
+        }
+        *location = upload_location(sent?, StatusCode::ACCEPTED).await?;
 
         let Tally { hasher, size } = std::mem::take(
             &mut *tally
@@ -103,14 +136,43 @@ impl RegistryClient {
             return Err(OciDistributionError::PushNoDataError);
         }
         let digest = format!("sha256:{}", hex::encode(hasher.finalize()));
-        location.query_pairs_mut().append_pair("digest", &digest);
-        let closed = authorized(http.put(location))
+        let mut closing = location.clone();
+        closing.query_pairs_mut().append_pair("digest", &digest);
+        let closed = authorization
+            .apply(http.put(closing))
             .timeout(self.timeout)
             .header(reqwest::header::CONTENT_LENGTH, 0)
             .send()
             .await?;
         upload_location(closed, StatusCode::CREATED).await?;
         Ok(StreamedBlob { digest, size })
+    }
+
+    /// Cancels the upload at `location` (`DELETE`), so its partial data leaves the registry's storage
+    /// now rather than at the registry's next purge. Best effort: the upload failed already, and that
+    /// failure is what the caller reports.
+    async fn cancel_upload(&self, authorization: &Authorization, location: Url) {
+        let Ok(http) = self.http() else { return };
+        let cancelled = authorization
+            .apply(http.delete(location.clone()))
+            .timeout(self.timeout.min(CANCEL_TIMEOUT))
+            .send()
+            .await;
+        match cancelled {
+            Ok(answer) if answer.status().is_success() => {
+                tracing::debug!(upload = %location.path(), "failed upload cancelled");
+            }
+            Ok(answer) => tracing::info!(
+                upload = %location.path(),
+                status = answer.status().as_u16(),
+                "the registry kept a failed upload (it purges old uploads itself)"
+            ),
+            Err(error) => tracing::info!(
+                upload = %location.path(),
+                %error,
+                "could not cancel a failed upload (the registry purges old uploads itself)"
+            ),
+        }
     }
 
     /// How our own requests authenticate: the bearer token oci-client got for a push to `target` (it asks the
@@ -156,9 +218,13 @@ fn silent(waiting: Waiting, now: Instant, bound: Duration) -> Option<&'static st
 
 /// An upload body that records whom the upload waits for: the HTTP client asks for the next chunk
 /// only once the connection took the previous one.
+///
+/// An `Err` of the inner stream is kept in `failure` and ends the body cleanly instead of aborting the
+/// request: the registry then answers, and the upload can be cancelled at the URL it gives.
 struct Watched<S> {
     inner: std::pin::Pin<Box<S>>,
     watch: Arc<Mutex<Waiting>>,
+    failure: Arc<Mutex<Option<OciDistributionError>>>,
 }
 
 impl<S> Stream for Watched<S>
@@ -171,7 +237,15 @@ where
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
-        let polled = self.inner.as_mut().poll_next(cx);
+        let polled = match self.inner.as_mut().poll_next(cx) {
+            std::task::Poll::Ready(Some(Err(error))) => {
+                if let Ok(mut failure) = self.failure.lock() {
+                    *failure = Some(error);
+                }
+                std::task::Poll::Ready(None)
+            }
+            other => other,
+        };
         let now = match &polled {
             std::task::Poll::Pending => Waiting::OnUs,
             std::task::Poll::Ready(Some(_)) => Waiting::ToTake(Instant::now()),
@@ -217,6 +291,17 @@ enum Authorization {
     Bearer(String),
     Basic(String, String),
     Anonymous,
+}
+
+impl Authorization {
+    /// `request` with these credentials.
+    fn apply(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match self {
+            Authorization::Bearer(token) => request.bearer_auth(token),
+            Authorization::Basic(user, password) => request.basic_auth(user, Some(password)),
+            Authorization::Anonymous => request,
+        }
+    }
 }
 
 fn parse_url(text: &str) -> Result<Url, OciDistributionError> {

@@ -49,7 +49,7 @@ pub async fn run(ctx: &Ctx, image: &str, mode: ShellModeArg) -> Result<i32> {
         ..session::spec_defaults()
     };
     let created = session::create(ctx, &name.object_name(), spec).await?;
-    let outcome = interruptible(shell_and_decide(ctx, &created, &name)).await;
+    let outcome = interruptible(Box::pin(shell_and_decide(ctx, &created, &name))).await;
     if matches!(outcome, Err(Error::Interrupted)) {
         // Ctrl-C anywhere outside the shell itself discards, as WalT does.
         let _ = created
@@ -85,8 +85,7 @@ async fn shell_and_decide(ctx: &Ctx, created: &Created, name: &ImageName) -> Res
         None => {}
     }
     eprintln!("Type `exit` or Ctrl-D to leave; you will then choose what to do with your changes.");
-    attach(ctx, &pod).await?;
-    ensure_shell_ended(ctx, created).await?;
+    attach_until_the_shell_ends(ctx, created, &pod).await?;
 
     let session = created
         .follow(ctx, "saving your changes:", &|s| {
@@ -153,22 +152,132 @@ async fn shell_and_decide(ctx: &Ctx, created: &Created, name: &ImageName) -> Res
     }
 }
 
-/// After the attachment ends: either the shell ended (the session leaves Running soon), or the
-/// connection was lost while the shell still runs; then the session is given up (the caller
-/// deletes it) rather than left behind.
-async fn ensure_shell_ended(ctx: &Ctx, created: &Created) -> Result<()> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while std::time::Instant::now() < deadline {
-        let session = created.get(ctx).await?;
-        if !session::running(&session) {
-            return Ok(());
+/// Attaches to the shell pod until the shell ends. When the connection is lost while the shell still
+/// runs (an API server restart, a network blip), the shell goes on in its pod with the changes (a TTY
+/// pod keeps its stdin open between attachments): the plugin attaches again, for up to
+/// [`session::OUTAGE_GRACE`] without a connection; past it the session is given up (the caller deletes
+/// it) rather than left behind.
+async fn attach_until_the_shell_ends(ctx: &Ctx, created: &Created, pod: &session::ShellPod) -> Result<()> {
+    attach(ctx, pod).await?;
+    let mut detached_since = std::time::Instant::now();
+    let mut running_checks = 0;
+    let mut said_lost = false;
+    loop {
+        let session = created.get(ctx).await.ok();
+        let shell = match &session {
+            Some(session) if session::running(session) => shell_container(ctx, pod).await,
+            _ => ShellContainer::Unknown,
+        };
+        match after_attachment(session.as_ref().map(session::running), shell, running_checks) {
+            AfterAttachment::ShellEnded => return Ok(()),
+            AfterAttachment::CheckAgain => running_checks += 1,
+            AfterAttachment::Wait => {
+                running_checks = 0;
+                if session.is_none() && !said_lost {
+                    said_lost = true;
+                    eprintln!(
+                        "walt: lost the connection to the cluster; your shell goes on in its pod with your changes: waiting to attach again…"
+                    );
+                }
+            }
+            AfterAttachment::Reattach => {
+                running_checks = 0;
+                if !said_lost {
+                    said_lost = true;
+                    eprintln!(
+                        "walt: lost the connection to your shell; it goes on in its pod with your changes: attaching again…"
+                    );
+                }
+                let attached = std::time::Instant::now();
+                match attach_again(ctx, pod).await {
+                    Err(Error::Interrupted) => return Err(Error::Interrupted),
+                    // A connection that held a while counts as one: the next loss gets its own grace.
+                    Ok(()) if attached.elapsed() > HELD => {
+                        detached_since = std::time::Instant::now();
+                        said_lost = false;
+                    }
+                    Ok(()) | Err(_) => {}
+                }
+                continue;
+            }
+        }
+        if detached_since.elapsed() > session::OUTAGE_GRACE {
+            return Err(Error::Failed(format!(
+                "lost the connection to the shell for {} (session {} is still running): the session was deleted and the changes discarded",
+                crate::format::clock(detached_since.elapsed()),
+                created.name
+            )));
         }
         crate::cluster::tick().await;
     }
-    Err(Error::Failed(format!(
-        "lost the connection to the shell (session {} is still running): the session was deleted and the changes discarded",
-        created.name
-    )))
+}
+
+/// How long an attachment must have held to count as a connection (not a failed attempt).
+const HELD: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What the shell pod's container does, as far as the API says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ShellContainer {
+    Running,
+    Ended,
+    Unknown,
+}
+
+/// What to do once an attachment to the shell pod ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AfterAttachment {
+    /// The shell ended: go on to the changes.
+    ShellEnded,
+    /// The shell still runs: the connection was lost, attach again.
+    Reattach,
+    /// The container looks alive: look again once, since its end may not be in the API yet.
+    CheckAgain,
+    /// The API does not answer, or the operator has not caught up with the shell's end yet.
+    Wait,
+}
+
+/// Decides after an attachment ended (pure): `session_running` is `None` when the API did not answer;
+/// `running_checks` counts the looks in a row that found the container running.
+fn after_attachment(
+    session_running: Option<bool>,
+    shell: ShellContainer,
+    running_checks: u32,
+) -> AfterAttachment {
+    match (session_running, shell) {
+        (Some(false), _) => AfterAttachment::ShellEnded,
+        // A shell that just exited may show as running until the kubelet reports it: two looks.
+        (Some(true), ShellContainer::Running) if running_checks >= 1 => AfterAttachment::Reattach,
+        (Some(true), ShellContainer::Running) => AfterAttachment::CheckAgain,
+        // No answer, or a container that ended before the operator moved the session on.
+        (None, _) | (Some(true), ShellContainer::Ended | ShellContainer::Unknown) => AfterAttachment::Wait,
+    }
+}
+
+/// The shell pod's container state, from the API.
+async fn shell_container(ctx: &Ctx, pod: &session::ShellPod) -> ShellContainer {
+    let Ok(Some(found)) = ctx.pods_in(&pod.namespace).get_opt(&pod.name).await else {
+        return ShellContainer::Unknown;
+    };
+    let state = found
+        .status
+        .and_then(|status| status.container_statuses)
+        .and_then(|statuses| statuses.into_iter().next())
+        .and_then(|status| status.state);
+    match state {
+        Some(state) if state.running.is_some() => ShellContainer::Running,
+        Some(state) if state.terminated.is_some() => ShellContainer::Ended,
+        _ => ShellContainer::Unknown,
+    }
+}
+
+/// Attaches again after a lost connection, saying so in the terminal once attached.
+async fn attach_again(ctx: &Ctx, pod: &session::ShellPod) -> Result<()> {
+    attach_with(
+        ctx,
+        pod,
+        Some("walt: attached again to your shell (press Enter for a prompt)"),
+    )
+    .await
 }
 
 /// Runs the dialogue on the real terminal (a blocking thread; Ctrl-C is handled by the caller).
@@ -202,15 +311,30 @@ async fn ask(ctx: &Ctx, name: &ImageName) -> Result<Decision> {
     .map_err(Error::io("cannot read your answer"))
 }
 
-/// Attaches to the shell pod's TTY until the shell ends.
+/// Attaches to the shell pod's TTY until the shell ends or the connection is lost.
 async fn attach(ctx: &Ctx, pod: &session::ShellPod) -> Result<()> {
+    attach_with(ctx, pod, None).await
+}
+
+/// [`attach`], writing `greeting` to the terminal once attached.
+async fn attach_with(ctx: &Ctx, pod: &session::ShellPod, greeting: Option<&str>) -> Result<()> {
     let mut attached = pod.attach_tty(ctx).await?;
+    if let Some(greeting) = greeting {
+        eprintln!("{greeting}");
+    }
     let mut remote_in = attached
         .stdin()
         .ok_or_else(|| Error::Failed("the shell pod gave no stdin".into()))?;
     let mut remote_out = attached
         .stdout()
         .ok_or_else(|| Error::Failed("the shell pod gave no output stream".into()))?;
+    // Ends when the connection does: kube's message loop stops on a lost connection without ending the
+    // output stream (only its status sender goes), so the output alone would wait forever.
+    let mut connection_ended = std::pin::pin!(
+        attached
+            .take_status()
+            .ok_or_else(|| Error::Failed("the shell pod's attachment gave no status".into()))?
+    );
     let mut resize = attached.terminal_size();
     let send_size = |resize: &mut Option<futures::channel::mpsc::Sender<kube::api::TerminalSize>>| {
         let (width, height) = crate::terminal::size();
@@ -241,6 +365,11 @@ async fn attach(ctx: &Ctx, pod: &session::ShellPod) -> Result<()> {
             Some(()) = async { winch.as_mut()?.recv().await } => send_size(&mut resize),
             Some(()) = async { term.as_mut()?.recv().await } => break Err(Error::Interrupted),
             Some(()) = async { hup.as_mut()?.recv().await } => break Err(Error::Interrupted),
+            _ = &mut connection_ended => {
+                // What the shell printed last may still be in the stream (a shell that exited).
+                drain_output(&mut remote_out, &mut stdout).await;
+                break Ok(());
+            }
             read = remote_out.read(&mut buf) => match read {
                 Ok(0) | Err(_) => break Ok(()),
                 Ok(n) => {
@@ -257,4 +386,64 @@ async fn attach(ctx: &Ctx, pod: &session::ShellPod) -> Result<()> {
     attached.abort();
     println!();
     outcome
+}
+
+/// Copies what is left in `remote_out` to `stdout`, for a moment at most (the connection has ended).
+async fn drain_output(
+    remote_out: &mut (impl tokio::io::AsyncRead + Unpin),
+    stdout: &mut (impl tokio::io::AsyncWrite + Unpin),
+) {
+    let mut buf = vec![0u8; 32 * 1024];
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(300);
+    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, remote_out.read(&mut buf)).await {
+        if n == 0 || stdout.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = stdout.flush().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shell_that_ended_goes_on_to_the_changes_whatever_the_pod_says() {
+        for shell in [
+            ShellContainer::Running,
+            ShellContainer::Ended,
+            ShellContainer::Unknown,
+        ] {
+            assert_eq!(
+                after_attachment(Some(false), shell, 0),
+                AfterAttachment::ShellEnded
+            );
+        }
+    }
+
+    #[test]
+    fn a_shell_still_running_is_attached_again_after_a_second_look() {
+        assert_eq!(
+            after_attachment(Some(true), ShellContainer::Running, 0),
+            AfterAttachment::CheckAgain,
+            "its end may not be reported yet"
+        );
+        assert_eq!(
+            after_attachment(Some(true), ShellContainer::Running, 1),
+            AfterAttachment::Reattach
+        );
+    }
+
+    #[test]
+    fn an_api_that_does_not_answer_or_an_ended_container_is_waited_for() {
+        assert_eq!(
+            after_attachment(None, ShellContainer::Unknown, 3),
+            AfterAttachment::Wait
+        );
+        assert_eq!(
+            after_attachment(Some(true), ShellContainer::Ended, 1),
+            AfterAttachment::Wait,
+            "the operator has not caught up with the shell's end yet"
+        );
+    }
 }

@@ -2,7 +2,7 @@
 //! them (with the operator's events as progress), and cleanup on every exit path.
 
 use std::collections::HashSet;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use walt_crds::{ShellSession, ShellSessionPhase, ShellSessionSpec};
@@ -68,18 +68,43 @@ pub async fn create(ctx: &Ctx, target: &str, spec: ShellSessionSpec) -> Result<C
 impl Created {
     /// Reads the session.
     pub async fn get(&self, ctx: &Ctx) -> Result<ShellSession> {
-        ctx.sessions().get(&self.name).await.map_err(|e| {
-            Error::api(
-                Op::named(
-                    "get",
-                    "shell session",
-                    "shellsessions.walt.dev",
-                    &self.name,
-                    &self.namespace,
-                ),
-                e,
-            )
-        })
+        self.get_once(ctx).await.map_err(|e| self.get_error(e))
+    }
+
+    /// Reads the session, riding out an API server that does not answer (a restart, a network blip) for
+    /// up to [`OUTAGE_GRACE`], saying so on `line`; a refusal fails at once.
+    pub async fn get_through_outages(&self, ctx: &Ctx, line: &mut LiveLine) -> Result<ShellSession> {
+        let since = Instant::now();
+        loop {
+            match self.get_once(ctx).await {
+                Ok(session) => return Ok(session),
+                Err(error) if may_pass(&error) && since.elapsed() < OUTAGE_GRACE => {
+                    line.show(&format!(
+                        "the cluster's API server does not answer ({error}); trying again ({})",
+                        clock(since.elapsed())
+                    ));
+                    tick().await;
+                }
+                Err(error) => return Err(self.get_error(error)),
+            }
+        }
+    }
+
+    async fn get_once(&self, ctx: &Ctx) -> std::result::Result<ShellSession, kube::Error> {
+        ctx.sessions().get(&self.name).await
+    }
+
+    fn get_error(&self, e: kube::Error) -> Error {
+        Error::api(
+            Op::named(
+                "get",
+                "shell session",
+                "shellsessions.walt.dev",
+                &self.name,
+                &self.namespace,
+            ),
+            e,
+        )
     }
 
     /// Sets fields of the spec (`saveAs`, `discard`).
@@ -133,7 +158,7 @@ impl Created {
         let mut seen_events: HashSet<String> = HashSet::new();
         let mut last_event = String::new();
         loop {
-            let session = self.get(ctx).await?;
+            let session = self.get_through_outages(ctx, &mut line).await?;
             if done(&session) {
                 line.finish();
                 return Ok(session);
@@ -177,6 +202,20 @@ impl Created {
             line.show(&format!("{what} {phase}{detail}  ({})", clock(start.elapsed())));
             tick().await;
         }
+    }
+}
+
+/// How long the plugin rides out an API server that does not answer while a session goes on: longer than
+/// an API server's restart, short enough that a cluster gone for good is said.
+pub const OUTAGE_GRACE: Duration = Duration::from_mins(2);
+
+/// Whether an API error may pass by itself (pure): the API server unreachable, restarting, or answering
+/// 5xx/429. A refusal (another 4xx) or a malformed answer stays.
+pub fn may_pass(error: &kube::Error) -> bool {
+    match error {
+        kube::Error::Api(status) => status.code >= 500 || status.code == 429,
+        kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::UpgradeConnection(_) => true,
+        _ => false,
     }
 }
 

@@ -4,7 +4,8 @@
 //! The operator runs on this machine inside the node's network namespace (where the pods' addresses
 //! and the lab registry at the node address exist), with the harness's admin kubeconfig. One test,
 //! because one cluster start serves every step:
-//! 1. `kubectl walt image shell demo` (amd64): type commands, exit, answer the dialogue with a new
+//! 1. `kubectl walt image shell demo` (amd64): type commands, the API server restarts under the open
+//!    shell (the plugin attaches again and the shell goes on), exit, answer the dialogue with a new
 //!    name → the operator saves it (blobs mounted across repositories) → the new Image is Ready,
 //!    `skopeo` + `umoci` show the change, the shell pod is gone, the session is deleted.
 //! 2. Ctrl-D at the dialogue discards → the Image keeps its digest, the pod is gone.
@@ -316,6 +317,26 @@ fn image_shells_on_the_cluster_tier() {
     std::thread::sleep(Duration::from_secs(2));
     pty.send("echo shell-was-here > /etc/walt-shell; rm /etc/motd; echo in-$(uname -m)\n");
     pty.expect_within("in-x86_64", Duration::from_mins(1));
+    // The API server restarts under the open shell (the attachment goes through it): the plugin says
+    // so, attaches again, and the shell goes on with its change.
+    let outage = Instant::now();
+    cluster.stop_api_server();
+    std::thread::sleep(Duration::from_secs(3));
+    cluster
+        .start_api_server()
+        .unwrap_or_else(|e| panic!("start kube-apiserver again: {e}"));
+    pty.expect_within("attached again to your shell", Duration::from_mins(2));
+    eprintln!(
+        "the image shell was attached again {:.1} s after the API server stopped",
+        outage.elapsed().as_secs_f64()
+    );
+    assert!(
+        pty.text().contains("walt: lost the connection"),
+        "the user is told why the shell went quiet:\n{}",
+        pty.text()
+    );
+    pty.send("echo still-$(cat /etc/walt-shell)\n");
+    pty.expect_within("still-shell-was-here", Duration::from_mins(1));
     pty.send("exit\n");
     pty.expect_within("Your changes: ", Duration::from_mins(2));
     pty.expect("Save as a new image, or press Enter to overwrite demo:");

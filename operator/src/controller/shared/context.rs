@@ -53,6 +53,10 @@ impl std::fmt::Debug for Context {
     }
 }
 
+/// When a reconcile whose decision was stale ([`Error::Stale`]) runs again, unless the watch brings the
+/// object's new state sooner.
+const STALE_RETRY: Duration = Duration::from_secs(1);
+
 /// Retry delay after `failures` consecutive failures: 5 s doubling to 5 min
 /// (permanent errors start at 1 min, since only the user can fix them).
 pub fn backoff(failures: u32, permanent: bool) -> Duration {
@@ -121,6 +125,10 @@ impl Context {
     /// Records a failed reconcile of `key` and returns when to retry.
     pub fn failed(&self, kind: &'static str, key: &str, error: &Error) -> Action {
         self.metrics.reconcile_failed(kind, error);
+        if matches!(error, Error::Stale(_)) {
+            // Not a failure of the object: its newer state is already on its way (the watch).
+            return Action::requeue(STALE_RETRY);
+        }
         let count = self.failures.lock().map_or(1, |mut failures| {
             let count = failures.entry(key.to_owned()).or_insert(0);
             *count += 1;
@@ -143,6 +151,40 @@ impl Context {
         )
         .await
         .map_err(|source| Error::kube(format!("applying {} {name}", K::kind(&())), source))
+    }
+
+    /// Server-side applies a status decided on `object`, only if `object` is still the current version
+    /// (its resourceVersion is the apply's precondition): a decision made on a copy that another write
+    /// has overtaken (a watch lagging behind, after an API server restart) never overwrites the newer
+    /// state; [`Error::Stale`] instead, and the reconcile runs again on the new state.
+    pub async fn apply_status_of<K>(&self, api: &Api<K>, object: &K, status: &impl Serialize) -> Result<()>
+    where
+        K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug,
+    {
+        let name = object.name_any();
+        let body = serde_json::json!({
+            "apiVersion": K::api_version(&()),
+            "kind": K::kind(&()),
+            "metadata": {"resourceVersion": object.resource_version()},
+            "status": status,
+        });
+        match api
+            .patch_status(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&body),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(response)) if response.code == 409 => {
+                Err(Error::Stale(format!("{} {name}", K::kind(&()))))
+            }
+            Err(source) => Err(Error::kube(
+                format!("updating the status of {} {name}", K::kind(&())),
+                source,
+            )),
+        }
     }
 
     /// Server-side applies a status (`status` is the whole status object).

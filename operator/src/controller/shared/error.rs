@@ -53,6 +53,10 @@ pub enum Error {
     /// Leadership was lost or could not be kept.
     #[error("leader election: {0}")]
     Leadership(String),
+    /// The object changed while this reconcile decided on an older copy of it (a status write with its
+    /// resourceVersion was refused): nothing of the stale decision was written; it runs again on the new one.
+    #[error("{0} changed meanwhile: deciding again on its current state")]
+    Stale(String),
     /// A reconcile ran past `--reconcile-timeout` and was abandoned (it runs again with backoff).
     #[error(
         "the {kind} reconcile took longer than {seconds} s (--reconcile-timeout) and was abandoned; it runs again"
@@ -80,7 +84,7 @@ impl From<kube::runtime::finalizer::Error<Error>> for Error {
 impl Error {
     /// Every value of [`Self::metric_label`], so the error counter starts at 0 for each instead
     /// of appearing at the first error (alerts on `rate()` then see the first one).
-    pub const METRIC_LABELS: [&'static str; 10] = [
+    pub const METRIC_LABELS: [&'static str; 11] = [
         "kube",
         "invalid",
         "missing",
@@ -91,6 +95,7 @@ impl Error {
         "config",
         "leadership",
         "timeout",
+        "stale",
     ];
 
     /// Short, stable label of this error for metrics (`error="…"`).
@@ -106,6 +111,7 @@ impl Error {
             Error::Config(_) => "config",
             Error::Leadership(_) => "leadership",
             Error::TimedOut { .. } => "timeout",
+            Error::Stale(_) => "stale",
         }
     }
 

@@ -248,21 +248,18 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
             all::<DeserializeGuard<Image>>(&context),
             watcher::Config::default(),
             move |image: DeserializeGuard<Image>| {
-                let image_name = walt_crds::ImageName::from_object_name(&image.name_any()).ok();
-                let namespace = image.namespace();
+                let Ok(image_name) = walt_crds::ImageName::from_object_name(&image.name_any()) else {
+                    return Vec::new();
+                };
                 node_store
                     .state()
                     .into_iter()
-                    .filter(move |node| {
+                    .filter(|node| {
                         let Ok(node) = &node.0 else { return false };
-                        let boots = node
-                            .spec
+                        node.spec
                             .image
                             .as_deref()
-                            .and_then(|name| walt_crds::ImageName::parse(name).ok());
-                        boots.is_some()
-                            && boots == image_name
-                            && (node.namespace() == namespace || namespace.is_some())
+                            .is_some_and(|name| node::boots_image(name, &image_name))
                     })
                     .map(|node| ObjectRef::from_obj(&*node))
                     .collect::<Vec<_>>()

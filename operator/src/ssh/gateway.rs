@@ -159,6 +159,27 @@ impl Authorizations {
         found.next().is_none().then(|| first.clone())
     }
 
+    /// [`Self::find`], waiting up to `catch_up` for the authorization to appear: a session the API
+    /// already shows `Running` reaches this gateway through its own watch a moment later (more under
+    /// load), and a user who connects in between must not be refused.
+    pub async fn find_within(
+        &self,
+        user: &str,
+        key: &PublicKey,
+        catch_up: Duration,
+    ) -> Option<Authorization> {
+        let deadline = tokio::time::Instant::now() + catch_up;
+        loop {
+            if let Some(found) = self.find(user, key) {
+                return Some(found);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(AUTHORIZATION_POLL).await;
+        }
+    }
+
     /// The session ids present (expired ones included).
     pub fn session_ids(&self) -> Vec<String> {
         self.inner
@@ -167,6 +188,13 @@ impl Authorizations {
             .unwrap_or_default()
     }
 }
+
+/// How long a login waits for its session's authorization to reach this gateway (its watch of
+/// ShellSessions lags the API by a moment; a refused login costs about as much anyway).
+const AUTHORIZATION_CATCH_UP: Duration = Duration::from_secs(3);
+
+/// How often a waiting login looks again.
+const AUTHORIZATION_POLL: Duration = Duration::from_millis(100);
 
 /// The gateway's settings.
 #[derive(Debug, Clone)]
@@ -351,8 +379,11 @@ impl Drop for ConnectionHandler {
 }
 
 impl ConnectionHandler {
-    fn matching(&self, user: &str, key: &PublicKey) -> Option<Authorization> {
-        self.gateway.authorizations.find(user, key)
+    async fn matching(&self, user: &str, key: &PublicKey) -> Option<Authorization> {
+        self.gateway
+            .authorizations
+            .find_within(user, key, AUTHORIZATION_CATCH_UP)
+            .await
     }
 
     async fn node(&mut self) -> Result<Arc<NodeClient>, SshError> {
@@ -386,7 +417,7 @@ impl server::Handler for ConnectionHandler {
         user: &str,
         offer: PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
-        Ok(if self.matching(user, offer.public_key).is_some() {
+        Ok(if self.matching(user, offer.public_key).await.is_some() {
             Auth::Accept
         } else {
             Auth::reject()
@@ -394,7 +425,7 @@ impl server::Handler for ConnectionHandler {
     }
 
     async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
-        let Some(authorization) = self.matching(user, key.public_key) else {
+        let Some(authorization) = self.matching(user, key.public_key).await else {
             tracing::info!(target: "walt::audit", user, key = %fingerprint(key.public_key), peer = ?self.peer, "gateway login refused (no such running session, wrong key or expired)");
             return Ok(Auth::reject());
         };
@@ -698,6 +729,29 @@ mod tests {
             public_key: key(seed),
             expires_at: SystemTime::now() + Duration::from_mins(1),
         }
+    }
+
+    #[tokio::test]
+    async fn a_login_waits_a_moment_for_its_session_to_reach_the_gateway() {
+        let set = std::sync::Arc::new(Authorizations::new());
+        let late = set.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            late.add(authorization("alice/s1", 1, "root@10.0.0.1:22"));
+        });
+        let found = set
+            .find_within("s1", &key(1), Duration::from_secs(3))
+            .await
+            .expect("authorized within the catch-up");
+        assert_eq!(found.session_id, "alice/s1");
+        let started = tokio::time::Instant::now();
+        assert!(
+            set.find_within("s1", &key(2), Duration::from_millis(300))
+                .await
+                .is_none(),
+            "a wrong key is refused once the catch-up is over"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(300));
     }
 
     #[test]

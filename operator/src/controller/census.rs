@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use kube::core::DeserializeGuard;
 use kube::runtime::reflector::Store;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use walt_crds::{ImageBuild, Node, NodeSave, ShellSession, ShellSessionPhase};
 
 use super::metrics::Metrics;
+use super::shared::cached::Cached;
 
 /// How often the census is taken (a scrape sees counts at most this old).
 pub const CENSUS_INTERVAL: Duration = Duration::from_secs(15);
@@ -107,13 +107,13 @@ fn is_stuck(session: &ShellSession, phase: ShellSessionPhase, now: Timestamp) ->
 /// The controllers' caches the census reads.
 pub struct Caches {
     /// The Node controller's cache.
-    pub nodes: Store<DeserializeGuard<Node>>,
+    pub nodes: Store<Cached<Node>>,
     /// The ShellSession controller's cache.
-    pub sessions: Store<DeserializeGuard<ShellSession>>,
+    pub sessions: Store<Cached<ShellSession>>,
     /// The NodeSave controller's cache.
-    pub saves: Store<DeserializeGuard<NodeSave>>,
+    pub saves: Store<Cached<NodeSave>>,
     /// The ImageBuild controller's cache.
-    pub builds: Store<DeserializeGuard<ImageBuild>>,
+    pub builds: Store<Cached<ImageBuild>>,
 }
 
 /// Takes a census every [`CENSUS_INTERVAL`] until `shutdown`, and sets the gauges.

@@ -6,7 +6,7 @@
 //! apply is server-side apply with the field manager [`context::FIELD_MANAGER`];
 //! failures are retried with per-object backoff and counted in metrics by
 //! [`shared::error::Error::metric_label`]; an object that cannot even be decoded
-//! is watched through [`DeserializeGuard`], gets a Warning Event saying why and
+//! is watched through [`Cached`] (which also drops its `managedFields`), gets a Warning Event saying why and
 //! is skipped: it never stops the watch of the others.
 //!
 //! Layout: one folder per kind ([`node`], [`image`], [`node_save`],
@@ -46,7 +46,6 @@ use std::sync::Arc;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::rbac::v1::RoleBinding;
-use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -55,6 +54,7 @@ use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 use walt_crds::{Device, Image, ImageBuild, Node, NodeSave, ShellSession};
 
+use self::shared::cached::Cached;
 use self::shared::context::{Context, MANAGED_BY, MANAGED_BY_LABEL, key_of};
 use self::shared::error::{Error, Result};
 
@@ -63,7 +63,7 @@ use self::shared::error::{Error, Result};
 /// worker for ever) and per-object backoff.
 async fn instrumented<K, F, Fut>(
     kind: &'static str,
-    guarded: Arc<DeserializeGuard<K>>,
+    guarded: Arc<Cached<K>>,
     context: Arc<Context>,
     reconcile: F,
 ) -> Result<Action>
@@ -106,7 +106,7 @@ where
 /// once in a Warning Event on it and in the log, then left alone until it changes.
 async fn skip_invalid<K: Resource<DynamicType = ()>>(
     kind: &'static str,
-    object: &DeserializeGuard<K>,
+    object: &Cached<K>,
     error: &str,
     context: &Context,
 ) {
@@ -126,7 +126,7 @@ async fn skip_invalid<K: Resource<DynamicType = ()>>(
 /// The error policy shared by every controller: count, log, back off.
 fn error_policy<K: Resource<DynamicType = ()>>(
     kind: &'static str,
-) -> impl Fn(Arc<DeserializeGuard<K>>, &Error, Arc<Context>) -> Action {
+) -> impl Fn(Arc<Cached<K>>, &Error, Arc<Context>) -> Action {
     move |object, error, context| context.failed(kind, &key_of(&*object), error)
 }
 
@@ -213,23 +213,20 @@ fn controller_config(context: &Context) -> kube::runtime::controller::Config {
 /// Runs every controller until `shutdown` is cancelled, then lets running
 /// reconciles finish.
 pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken) {
-    let nodes = Controller::new(
-        all::<DeserializeGuard<Node>>(&context),
-        watcher::Config::default(),
-    )
-    // Its pod changed (in the tenant's runtime namespace: owner labels, not owner references).
-    .watches(runtime_pods(&context), owned_objects(), |pod: Pod| {
-        owner_of::<DeserializeGuard<Node>>(&pod, "Node")
-    });
+    let nodes = Controller::new(all::<Cached<Node>>(&context), watcher::Config::default())
+        // Its pod changed (in the tenant's runtime namespace: owner labels, not owner references).
+        .watches(runtime_pods(&context), owned_objects(), |pod: Pod| {
+            owner_of::<Cached<Node>>(&pod, "Node")
+        });
     let node_store = nodes.store();
     let device_store = node_store.clone();
     let census_nodes = node_store.clone();
     let nodes = nodes
         // A Device changed (lent, taken back, bound, unbound): wake the Nodes that name it.
         .watches(
-            Api::<DeserializeGuard<Device>>::all(context.client.clone()),
+            Api::<Cached<Device>>::all(context.client.clone()),
             watcher::Config::default(),
-            move |device: DeserializeGuard<Device>| {
+            move |device: Cached<Device>| {
                 let name = device.name_any();
                 device_store
                     .state()
@@ -245,9 +242,9 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
         )
         // An Image moved: wake the Nodes that boot it (any namespace: the catalog is shared).
         .watches(
-            all::<DeserializeGuard<Image>>(&context),
+            all::<Cached<Image>>(&context),
             watcher::Config::default(),
-            move |image: DeserializeGuard<Image>| {
+            move |image: Cached<Image>| {
                 let Ok(image_name) = walt_crds::ImageName::from_object_name(&image.name_any()) else {
                     return Vec::new();
                 };
@@ -272,21 +269,15 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
             error_policy::<Node>("Node"),
             context.clone(),
         );
-    let images = Controller::new(
-        all::<DeserializeGuard<Image>>(&context),
-        watcher::Config::default(),
-    )
-    .with_config(controller_config(&context))
-    .graceful_shutdown_on(shutdown.clone().cancelled_owned())
-    .run(
-        |image, context| instrumented("Image", image, context, image::reconcile),
-        error_policy::<Image>("Image"),
-        context.clone(),
-    );
-    let saves = Controller::new(
-        all::<DeserializeGuard<NodeSave>>(&context),
-        watcher::Config::default(),
-    );
+    let images = Controller::new(all::<Cached<Image>>(&context), watcher::Config::default())
+        .with_config(controller_config(&context))
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+        .run(
+            |image, context| instrumented("Image", image, context, image::reconcile),
+            error_policy::<Image>("Image"),
+            context.clone(),
+        );
+    let saves = Controller::new(all::<Cached<NodeSave>>(&context), watcher::Config::default());
     let census_saves = saves.store();
     let saves = saves
         .with_config(controller_config(&context))
@@ -296,14 +287,11 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
             error_policy::<NodeSave>("NodeSave"),
             context.clone(),
         );
-    let shells = Controller::new(
-        all::<DeserializeGuard<ShellSession>>(&context),
-        watcher::Config::default(),
-    );
+    let shells = Controller::new(all::<Cached<ShellSession>>(&context), watcher::Config::default());
     let census_sessions = shells.store();
     let shells = shells
         .watches(runtime_pods(&context), owned_objects(), |pod: Pod| {
-            owner_of::<DeserializeGuard<ShellSession>>(&pod, "ShellSession")
+            owner_of::<Cached<ShellSession>>(&pod, "ShellSession")
         })
         .with_config(controller_config(&context))
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
@@ -313,18 +301,18 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
             context.clone(),
         );
     let devices = Controller::new(
-        Api::<DeserializeGuard<Device>>::all(context.client.clone()),
+        Api::<Cached<Device>>::all(context.client.clone()),
         watcher::Config::default(),
     )
     // A Node changed or went away: wake the Device it names (its binding may be stale now).
     .watches(
-        all::<DeserializeGuard<Node>>(&context),
+        all::<Cached<Node>>(&context),
         watcher::Config::default(),
-        |node: DeserializeGuard<Node>| {
+        |node: Cached<Node>| {
             node.0
                 .ok()
                 .and_then(|node| node.spec.device)
-                .map(|device| ObjectRef::<DeserializeGuard<Device>>::new(&device))
+                .map(|device| ObjectRef::<Cached<Device>>::new(&device))
         },
     )
     .with_config(controller_config(&context))
@@ -334,10 +322,7 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
         error_policy::<Device>("Device"),
         context.clone(),
     );
-    let builds = Controller::new(
-        all::<DeserializeGuard<ImageBuild>>(&context),
-        watcher::Config::default(),
-    );
+    let builds = Controller::new(all::<Cached<ImageBuild>>(&context), watcher::Config::default());
     let census_builds = builds.store();
     let builds = builds
         .owns(all::<Pod>(&context), owned_objects())
@@ -349,7 +334,7 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
             context.clone(),
         );
     let runtimes = Controller::new(
-        Api::<DeserializeGuard<Namespace>>::all(context.client.clone()),
+        Api::<Cached<Namespace>>::all(context.client.clone()),
         runtime_namespaces(&context),
     )
     // A tenant's namespace changed (its deletion began, it went): its runtime namespace follows.
@@ -359,7 +344,7 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
         |namespace: Namespace| {
             let name = namespace.name_any();
             (!walt_crds::is_runtime_namespace_name(&name))
-                .then(|| ObjectRef::<DeserializeGuard<Namespace>>::new(&walt_crds::runtime_namespace(&name)))
+                .then(|| ObjectRef::<Cached<Namespace>>::new(&walt_crds::runtime_namespace(&name)))
         },
     )
     // A RoleBinding of a tenant changed: its runtime namespace's attach binding follows.
@@ -371,7 +356,7 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
                 .namespace()
                 .filter(|namespace| !walt_crds::is_runtime_namespace_name(namespace))
                 .map(|namespace| {
-                    ObjectRef::<DeserializeGuard<Namespace>>::new(&walt_crds::runtime_namespace(&namespace))
+                    ObjectRef::<Cached<Namespace>>::new(&walt_crds::runtime_namespace(&namespace))
                 })
         },
     )

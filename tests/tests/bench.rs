@@ -673,6 +673,26 @@ fn set_up(cluster: Cluster) -> Bench {
         ])),
         "the cluster DNS address",
     );
+    // The node's namespace has no default route, so its own programs cannot reach ClusterIPs (pods
+    // can: their traffic enters it): a route for the Service range lets kube-proxy's rules apply.
+    let routes = must(
+        run(Command::new("ip").args(["-n", &netns, "route"])),
+        "the node's routes",
+    );
+    if !routes.contains(walt_tests::k8s::SERVICE_CIDR) {
+        must(
+            run(Command::new("ip").args([
+                "-n",
+                &netns,
+                "route",
+                "add",
+                walt_tests::k8s::SERVICE_CIDR,
+                "dev",
+                "walt0",
+            ])),
+            "a route to the Services",
+        );
+    }
     let etc = PathBuf::from("/etc/netns").join(&netns);
     std::fs::create_dir_all(&etc).expect("/etc/netns dir");
     std::fs::write(

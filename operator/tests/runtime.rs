@@ -959,69 +959,14 @@ fn runs_inside_a_user_namespace_with_userxattr() {
     );
 }
 
-/// A Debian bookworm root (minbase + systemd, systemd-sysv, openssh-server)
-/// for `arch`, built with debootstrap once and cached as a tarball and as an
-/// unpacked directory (used read-only, as an overlay lower dir) under the walt
-/// cache dir. Cold: about 2.5 minutes (amd64) or 6 (arm64, under qemu).
+/// The Debian bookworm systemd root of `arch` (built once with debootstrap, cached: see
+/// `walt_tests::images::debian_systemd_rootfs`).
 fn debian_systemd_rootfs(arch: &str) -> PathBuf {
-    let dir = cache_dir().join("rootfs");
-    fs::create_dir_all(&dir).unwrap();
-    let name = format!("debian-bookworm-systemd-{arch}");
-    let unpacked = dir.join(&name);
-    if unpacked.join("usr/lib/systemd/systemd").exists() {
-        return unpacked;
-    }
-    let tarball = dir.join(format!("{name}.tar"));
-    if !tarball.exists() {
-        require_command("debootstrap", "debootstrap");
-        let build = tempfile::tempdir_in(&dir).unwrap();
-        let target = build.path().join("root");
-        run(Command::new("nice").args(["-n", "19", "debootstrap"]).args([
-            &format!("--arch={arch}"),
-            "--variant=minbase",
-            "--include=systemd,systemd-sysv,openssh-server",
-            "bookworm",
-            target.to_str().unwrap(),
-            &debian_mirror(),
-        ]));
-        let partial = build.path().join("rootfs.tar");
-        run(Command::new("tar")
-            .arg("--numeric-owner")
-            .arg("-C")
-            .arg(&target)
-            .arg("-cf")
-            .arg(&partial)
-            .arg("."));
-        fs::rename(&partial, &tarball).unwrap();
-    }
-    let staging = tempfile::tempdir_in(&dir).unwrap();
-    run(Command::new("tar")
-        .arg("--numeric-owner")
-        .arg("-C")
-        .arg(staging.path())
-        .arg("-xf")
-        .arg(&tarball));
-    let staged = staging.keep();
-    if fs::rename(&staged, &unpacked).is_err() {
-        // Another test unpacked it meanwhile.
-        let _ = fs::remove_dir_all(&staged);
-    }
-    unpacked
-}
-
-/// The Debian mirror apt uses on this machine (else deb.debian.org).
-fn debian_mirror() -> String {
-    let mut sources = String::new();
-    for file in ["/etc/apt/sources.list.d/debian.sources", "/etc/apt/sources.list"] {
-        sources.push_str(&fs::read_to_string(file).unwrap_or_default());
-    }
-    sources
-        .lines()
-        .filter(|l| !l.trim_start().starts_with('#'))
-        .flat_map(|l| l.split_whitespace())
-        .find(|word| word.starts_with("http") && word.ends_with("/debian"))
-        .unwrap_or("http://deb.debian.org/debian")
-        .to_string()
+    let arch = match arch {
+        "arm64" => walt_tests::images::Arch::Arm64,
+        _ => walt_tests::images::Arch::Amd64,
+    };
+    walt_tests::images::debian_systemd_rootfs(arch).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A top layer with WalT's init-mode scripts for a systemd image.

@@ -409,6 +409,55 @@ pub fn lab_values(registry: &str, persistence: bool) -> String {
     )
 }
 
+/// Installs walt for a test or a benchmark on the harness's cluster tier, as a user of any cluster
+/// does: the walt image (built with `profile`) and the embedded registry's image pushed to
+/// `node_registry` (where the node pulls from), `helm install` of the chart with [`lab_values`], then
+/// waits until the binfmt DaemonSet and the embedded registry roll out. No `--wait`: a part that does
+/// not become ready is named, with the cluster's pods. The operator's own readiness is the caller's to
+/// check (the journey reports it rather than failing).
+pub fn install_release(
+    kube: &Kube,
+    node_registry: &str,
+    profile: image_build::BuildProfile,
+) -> Result<(), Error> {
+    let started = Instant::now();
+    ensure_walt_image(node_registry, false, profile)?;
+    ensure_registry_image(node_registry)?;
+    eprintln!(
+        "lab: images built and pushed in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    let values_dir = scratch()?;
+    let values = values_dir.path().join("values.yaml");
+    std::fs::write(
+        &values,
+        lab_values(node_registry, has_default_storage_class(kube)),
+    )
+    .map_err(|e| Error::Step(format!("writing {}: {e}", values.display())))?;
+    run(kube
+        .helm()?
+        .args(["install", RELEASE])
+        .arg(chart_dir())
+        .args(["-n", SYSTEM_NAMESPACE, "--create-namespace", "-f"])
+        .arg(&values))?;
+    for workload in ["daemonset/walt-binfmt", "deployment/walt-registry"] {
+        if let Err(error) = run(kube.kubectl().args([
+            "rollout",
+            "status",
+            workload,
+            "-n",
+            SYSTEM_NAMESPACE,
+            "--timeout=300s",
+        ])) {
+            let pods = run(kube.kubectl().args(["get", "pods", "-A", "-o", "wide"])).unwrap_or_default();
+            return Err(Error::Step(format!(
+                "{workload} did not become ready: {error}\n{pods}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Hash of every chart file plus the values: the release is up to date when it matches.
 fn release_hash(values: &str, image_digest: &str) -> Result<String, Error> {
     let mut hasher = Sha256::new();

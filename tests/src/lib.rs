@@ -25,6 +25,7 @@ pub mod images;
 pub mod k8s;
 pub mod process;
 
+pub mod bench;
 pub mod deploy;
 pub mod dist;
 pub mod fuzz;

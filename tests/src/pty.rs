@@ -144,6 +144,17 @@ impl Pty {
         }
     }
 
+    /// The exit code when the program has exited (-1 for a signal), else None; does not wait.
+    ///
+    /// # Panics
+    /// When the child cannot be waited for.
+    pub fn try_wait(&mut self) -> Option<i32> {
+        self.child
+            .try_wait()
+            .expect("wait")
+            .map(|status| status.code().unwrap_or(-1))
+    }
+
     /// [`Pty::wait_within`] 30 s.
     pub fn wait(&mut self) -> (i32, String) {
         self.wait_within(Duration::from_secs(30))

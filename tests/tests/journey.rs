@@ -11,9 +11,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use walt_tests::deploy::{self, run};
+use walt_tests::deploy::run;
 use walt_tests::image_build::Arch;
 use walt_tests::k8s::{Cluster, ClusterOptions, cluster_tier_skip_reason};
 use walt_tests::lab::{self, Kube};
@@ -365,47 +365,12 @@ fn journey() {
     let kube = Kube::new(cluster.kubeconfig()).expect("kubectl");
 
     // Install: the walt image where the node pulls from, then the chart.
-    let started = Instant::now();
-    lab::ensure_walt_image(
+    lab::install_release(
+        &kube,
         &node_registry,
-        false,
         walt_tests::image_build::BuildProfile::Check,
     )
-    .expect("build and push the walt image");
-    lab::ensure_registry_image(&node_registry).expect("build and push the embedded registry's image");
-    eprintln!(
-        "journey: images built and pushed in {:.0} s",
-        started.elapsed().as_secs_f64()
-    );
-    let values_dir = tempfile::tempdir().expect("tempdir");
-    let values = values_dir.path().join("values.yaml");
-    std::fs::write(
-        &values,
-        lab::lab_values(&node_registry, lab::has_default_storage_class(&kube)),
-    )
-    .expect("values");
-    // No --wait: each part is checked below, so a broken part is named instead of a bare timeout.
-    run(kube
-        .helm()
-        .expect("helm")
-        .args(["install", "walt"])
-        .arg(deploy::chart_dir())
-        .args(["-n", lab::SYSTEM_NAMESPACE, "--create-namespace", "-f"])
-        .arg(&values))
-    .expect("helm install");
-    for workload in ["daemonset/walt-binfmt", "deployment/walt-registry"] {
-        if let Err(error) = run(kube.kubectl().args([
-            "rollout",
-            "status",
-            workload,
-            "-n",
-            lab::SYSTEM_NAMESPACE,
-            "--timeout=300s",
-        ])) {
-            let pods = run(kube.kubectl().args(["get", "pods", "-A", "-o", "wide"])).unwrap_or_default();
-            panic!("{workload} did not become ready: {error}\n{pods}");
-        }
-    }
+    .unwrap_or_else(|e| panic!("install walt: {e}"));
     let operator_ready = run(kube.kubectl().args([
         "rollout",
         "status",

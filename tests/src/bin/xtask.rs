@@ -6,6 +6,8 @@
 //!   `cluster down`: a real Kubernetes for development (see `walt_tests::k8s`).
 //! - `cargo xtask k8s-binaries`: builds (or finds) the Kubernetes binaries, prints their directory.
 //! - `cargo xtask image build`, `deploy sync`, `dist`, `lab up|down`: shipping (see `walt_tests::ship`).
+//! - `cargo xtask bench [--reps N]`: speed as users feel it on the cluster tier (the `#[ignore]`d test
+//!   `tests/tests/bench.rs`, printing a table; see `walt_tests::bench`). Not part of `cargo xtask test`.
 //! - `cargo xtask fuzz [--seconds N] [TARGET…]`: the coverage-guided fuzz targets of `fuzz/` (see
 //!   `walt_tests::fuzz`; installs nightly Rust and cargo-fuzz with `.ci/install-deps --fuzz` when missing).
 
@@ -55,6 +57,16 @@ enum Task {
         /// Targets to run (default: all of them, the `[[bin]]`s of fuzz/Cargo.toml).
         targets: Vec<String>,
     },
+    /// Speed as users feel it, on the cluster tier (the chart's operator, a Debian image of about 250 MB):
+    /// `kubectl walt image shell` cold and warm vs `kubectl run -it --rm`, `kubectl walt node shell` vs
+    /// `ssh`, `kubectl walt node save` of 256 MiB vs the bare `walt-operator save` and vs WalT's way
+    /// (ssh tar, podman build, podman push), side by side in one run; prints medians, ratios and the
+    /// operator's peak RSS. Runs the ignored test `tests/tests/bench.rs` (not part of `test`).
+    Bench {
+        /// Repetitions of each measurement (the table shows medians).
+        #[arg(long, default_value_t = walt_tests::bench::DEFAULT_REPS)]
+        reps: usize,
+    },
     /// Shipping: `image build`, `deploy sync`, `dist`, `lab up|down` (see `walt_tests::ship`).
     #[command(flatten)]
     Ship(walt_tests::ship::Task),
@@ -92,6 +104,7 @@ fn main() -> ExitCode {
     // Every task that builds images, starts a cluster or runs tests first makes sure the machine is set up.
     let needs_machine = match &cli.task {
         Task::Test { .. }
+        | Task::Bench { .. }
         | Task::Cluster {
             action: ClusterAction::Up { .. },
         } => true,
@@ -104,6 +117,7 @@ fn main() -> ExitCode {
     }
     let result = match cli.task {
         Task::Test { cargo_test_args } => test(&cargo_test_args),
+        Task::Bench { reps } => bench(reps),
         Task::Cluster { action } => match action {
             ClusterAction::Up { tier } => cluster_up(tier),
             ClusterAction::Kubeconfig { user, groups } => cluster_kubeconfig(&user, &groups),
@@ -215,6 +229,44 @@ fn cluster_down() -> Result<(), String> {
         None => eprintln!("cluster: nothing runs ({} has no state)", dir.display()),
     }
     Ok(())
+}
+
+/// `cargo xtask bench`: the Kubernetes binaries, then the ignored benchmark test with the cluster tier on.
+fn bench(reps: usize) -> Result<(), String> {
+    if reps == 0 {
+        return Err("--reps must be at least 1".into());
+    }
+    let k8s = K8sBinaries::ensure().map_err(|e| e.to_string())?;
+    if k8s.kubelet.is_none() {
+        return Err(format!(
+            "the benchmark needs the cluster tier, but {} has no kubelet",
+            k8s.dir.display()
+        ));
+    }
+    node::check_available().map_err(|e| format!("the benchmark needs the cluster tier: {e}"))?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args([
+            "test",
+            "-p",
+            "walt-tests",
+            "--test",
+            "bench",
+            "--",
+            "--ignored",
+            "--nocapture",
+        ])
+        .args(["--test-threads", "1", "user_felt_speed"])
+        .env(binaries::WALT_K8S_BIN, &k8s.dir)
+        .env("WALT_CLUSTER_TIER", "run")
+        .env(walt_tests::bench::REPS_ENV, reps.to_string())
+        .status()
+        .map_err(|e| format!("running cargo test: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("the benchmark failed ({status}); see its output above"))
+    }
 }
 
 /// One stage of `cargo xtask test`: its name, what happened, how long it took.

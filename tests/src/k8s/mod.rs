@@ -249,7 +249,8 @@ pub fn free_port() -> Result<u16, Error> {
         .map_err(|e| Error::io("read a bound port", e))
 }
 
-const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// The Services' ClusterIP range (kube-apiserver's `--service-cluster-ip-range`).
+pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 const KUBERNETES_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
 
 /// Users the harness knows by default: `alice` and `bob`, both in `walt-users`, each with a

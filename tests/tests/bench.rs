@@ -1,0 +1,829 @@
+//! Speed as users feel it (issue 20): `cargo xtask bench` runs this `#[ignore]`d test on the cluster
+//! tier and prints a table (see `walt_tests::bench`). Everything is the real product, installed by its
+//! chart with the lab's values (`walt_tests::lab::install_release`, as the journey does), and every
+//! reference runs in the same run, on the same cluster, against the same image and node:
+//!
+//! 1. `kubectl walt image shell debian` until the shell answers, vs `kubectl run -it --rm` of the same
+//!    image (a Debian bookworm of about 250 MB, the runtime tests' debootstrap root), pushed to the
+//!    node's registry for the kubelet: cold (the image neither in walt's layer cache on the node nor in
+//!    containerd) and warm.
+//! 2. `kubectl walt node shell` of a virtual node booted from that image vs `ssh` straight to it (from
+//!    the node's network namespace, with the node key).
+//! 3. A save of 256 MiB of new files (64 × 4 MiB from /dev/urandom, made anew before each save):
+//!    `kubectl walt node save` until the Image is Ready vs the bare `walt-operator save` (the same
+//!    binary as in the walt image, run here against the same node and registry) and vs WalT's way
+//!    (`ssh node tar > ar.tar`, `podman build` of `FROM base` + `ADD ar.tar /`, `podman push`).
+//!
+//! The operator's peak RSS is reset before and read after each of its saves (`/proc/PID/clear_refs`).
+//! `WALT_BENCH_REPS` sets the repetitions (default 3); orders alternate between repetitions.
+
+use std::cell::Cell;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use walt_tests::bench::{self, Row};
+use walt_tests::deploy::run;
+use walt_tests::image_build::{self, BuildProfile};
+use walt_tests::images::{self, Arch, OciLayout};
+use walt_tests::k8s::{Cluster, ClusterOptions, cluster_tier_skip_reason};
+use walt_tests::lab::{self, Kube};
+use walt_tests::registry_auth::RegistryAuth;
+use walt_tests::wait::{Poll, Wait};
+
+const NS: &str = "bench";
+const IMAGE: &str = "debian";
+const NODE: &str = "vbench";
+/// Where the chart's shell pods keep their layer cache on the node (`operator.shellCache`).
+const SHELL_CACHE: &str = "/var/lib/walt/cache/layers";
+/// The 256 MiB of changes a save carries, written anew before each save.
+const CHANGES: &str = "rm -rf /root/bench && mkdir /root/bench && for i in $(seq 1 64); do \
+                       head -c 4194304 /dev/urandom > /root/bench/f$i; done && sync";
+/// The node's overlay upper dir (what WalT's server tars).
+const UPPER_DIR: &str = "/run/walt/rootfs/mnt/fs_rw";
+
+/// `/etc/netns/<netns>/`: files `ip netns exec` shows in place of `/etc`'s, here a resolv.conf naming
+/// the cluster DNS so programs run in the node's namespace resolve Service names as pods do. Removed
+/// on drop.
+struct NetnsEtc(PathBuf);
+
+impl Drop for NetnsEtc {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Bench {
+    cluster: Cluster,
+    kube: Kube,
+    plugin: PathBuf,
+    netns: String,
+    work: tempfile::TempDir,
+    /// The image as the kubelet pulls it (the node registry).
+    run_image: String,
+    /// Blob digests of the image's layers (walt's layer cache names them so).
+    layers: Vec<String>,
+    /// The image's config digest (containerd names the image by it too).
+    config: String,
+    node_key: PathBuf,
+    auth_file: PathBuf,
+    node_address: String,
+    operator_bin: PathBuf,
+    podman: Podman,
+    counter: Cell<u32>,
+    _etc: NetnsEtc,
+}
+
+/// `image` in the lab registry, as pods (and programs in the node's namespace) reach it.
+fn lab_ref(image: &str) -> String {
+    format!("{}/walt/{NS}/{image}:latest", lab::lab_registry_for_pods())
+}
+
+fn must(result: Result<String, walt_tests::deploy::Error>, what: &str) -> String {
+    result.unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+impl Bench {
+    fn next(&self) -> u32 {
+        let n = self.counter.get() + 1;
+        self.counter.set(n);
+        n
+    }
+
+    fn kubectl(&self, args: &[&str]) -> String {
+        must(run(self.kube.kubectl().args(args)), &format!("kubectl {args:?}"))
+    }
+
+    fn walt(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(&self.plugin);
+        command
+            .arg("--kubeconfig")
+            .arg(&self.kube.kubeconfig)
+            .args(["-n", NS])
+            .args(args);
+        command
+    }
+
+    /// `program` run in the node's network namespace (pod and Service addresses, cluster DNS).
+    fn in_netns(&self, program: &str) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.netns, program]);
+        command
+    }
+
+    fn ssh(&self, tty: bool) -> Command {
+        let mut command = self.in_netns("ssh");
+        if tty {
+            command.arg("-tt");
+        }
+        command.arg("-i").arg(&self.node_key).args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            &format!("root@{}", self.node_address),
+        ]);
+        command
+    }
+
+    fn wait_gone(&self, what: &str, namespace: &str, selector: &[&str]) {
+        Wait::new(what, Duration::from_mins(2))
+            .every(Duration::from_millis(500))
+            .until(|| {
+                let mut args = vec!["get", "pods", "-n", namespace, "-o", "name", "--ignore-not-found"];
+                args.extend_from_slice(selector);
+                let left = run(self.kube.kubectl().args(&args)).unwrap_or_else(|e| e.to_string());
+                if left.trim().is_empty() {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending(left)
+                }
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Removes the image from walt's layer cache on the node (the shell pods' hostPath cache).
+    fn forget_in_walt_cache(&self) {
+        for layer in &self.layers {
+            let hex = layer.trim_start_matches("sha256:");
+            for sub in ["sha256", "sha256-userxattr"] {
+                let dir = Path::new(SHELL_CACHE).join(sub).join(hex);
+                if dir.exists() {
+                    std::fs::remove_dir_all(&dir)
+                        .unwrap_or_else(|e| panic!("removing {} from walt's cache: {e}", dir.display()));
+                }
+            }
+        }
+    }
+
+    /// Removes the image from the node's containerd (every name it has there), waiting for its
+    /// content to be collected.
+    fn forget_in_containerd(&self) {
+        let socket = self.cluster.dir().join("node/containerd/containerd.sock");
+        let ctr = |args: &[&str]| {
+            let mut command = Command::new("ctr");
+            command
+                .arg("--address")
+                .arg(&socket)
+                .args(["-n", "k8s.io"])
+                .args(args);
+            must(run(&mut command), &format!("ctr {args:?}"))
+        };
+        let names: Vec<String> = ctr(&["images", "ls", "-q"])
+            .lines()
+            .filter(|name| name.contains(&format!("/{NS}/{IMAGE}")) || name.contains(&self.config))
+            .map(str::to_owned)
+            .collect();
+        if !names.is_empty() {
+            let mut args = vec!["images", "rm", "--sync"];
+            args.extend(names.iter().map(String::as_str));
+            ctr(&args);
+        }
+        let left = ctr(&["images", "ls", "-q"]);
+        assert!(
+            !left.contains(&format!("/{NS}/{IMAGE}")),
+            "containerd still has the image:\n{left}"
+        );
+    }
+
+    /// `kubectl walt image shell`: time until the shell answers; then exit, discarding the session.
+    fn image_shell(&self, cold: bool) -> f64 {
+        if cold {
+            self.forget_in_walt_cache();
+        }
+        let (took, mut pty) =
+            bench::time_to_answer(&self.walt(&["image", "shell", IMAGE]), Duration::from_mins(5))
+                .unwrap_or_else(|e| panic!("{e}"));
+        pty.send("exit\n");
+        let ended = Wait::new("the image shell to end", Duration::from_mins(2))
+            .every(Duration::from_millis(100))
+            .until(|| {
+                if let Some(code) = pty.try_wait() {
+                    return Poll::Ready(code);
+                }
+                if pty.text().contains("Save as a new image") {
+                    pty.send("\x04");
+                    // Answered once: wait for the exit from now on.
+                    let (code, _) = pty.wait_within(Duration::from_mins(1));
+                    return Poll::Ready(code);
+                }
+                Poll::Pending("still running".to_owned())
+            })
+            .unwrap_or_else(|e| panic!("{e}:\n{}", pty.text()));
+        assert_eq!(ended, 0, "kubectl walt image shell:\n{}", pty.text());
+        self.wait_gone(
+            "the shell pod to be deleted",
+            &walt_crds::runtime_namespace(NS),
+            &["-l", "walt.dev/shell-session"],
+        );
+        took.as_secs_f64()
+    }
+
+    /// `kubectl run -it --rm` of the same image with bash: time until the shell answers.
+    fn kubectl_run(&self, cold: bool) -> f64 {
+        if cold {
+            self.forget_in_containerd();
+        }
+        let name = format!("bench-run-{}", self.next());
+        let mut command = self.kube.kubectl();
+        command.args([
+            "-n",
+            NS,
+            "run",
+            &name,
+            "-it",
+            "--rm",
+            "--restart=Never",
+            "--image",
+            &self.run_image,
+            "--command",
+            "--",
+            "bash",
+        ]);
+        let (took, mut pty) =
+            bench::time_to_answer(&command, Duration::from_mins(5)).unwrap_or_else(|e| panic!("{e}"));
+        pty.send("exit\n");
+        let (code, shown) = pty.wait_within(Duration::from_mins(2));
+        assert_eq!(code, 0, "kubectl run:\n{shown}");
+        let events = self.kubectl(&[
+            "get",
+            "events",
+            "-n",
+            NS,
+            "--field-selector",
+            &format!("involvedObject.name={name}"),
+            "-o",
+            "jsonpath={range .items[*]}{.reason}: {.message}{\"\\n\"}{end}",
+        ]);
+        let pulled = events
+            .lines()
+            .find(|l| l.starts_with("Pulled:"))
+            .unwrap_or("no Pulled event");
+        assert_eq!(
+            cold,
+            !pulled.contains("already present"),
+            "the kubelet pulled the image exactly when it was cold: {pulled}"
+        );
+        eprintln!(
+            "bench:   kubectl run ({}): {pulled}",
+            if cold { "cold" } else { "warm" }
+        );
+        self.wait_gone("the kubectl run pod to be deleted", NS, &[&name]);
+        took.as_secs_f64()
+    }
+
+    fn node_shell(&self) -> f64 {
+        let (took, mut pty) =
+            bench::time_to_answer(&self.walt(&["node", "shell", NODE]), Duration::from_mins(2))
+                .unwrap_or_else(|e| panic!("{e}"));
+        pty.send("exit\n");
+        let (code, shown) = pty.wait_within(Duration::from_mins(1));
+        assert_eq!(code, 0, "kubectl walt node shell:\n{shown}");
+        took.as_secs_f64()
+    }
+
+    fn ssh_shell(&self) -> f64 {
+        let (took, mut pty) =
+            bench::time_to_answer(&self.ssh(true), Duration::from_mins(2)).unwrap_or_else(|e| panic!("{e}"));
+        pty.send("exit\n");
+        let (code, shown) = pty.wait_within(Duration::from_mins(1));
+        assert_eq!(code, 0, "ssh:\n{shown}");
+        took.as_secs_f64()
+    }
+
+    /// New 256 MiB of changes on the node (not timed).
+    fn change_node(&self) {
+        let mut command = self.ssh(false);
+        command.arg(CHANGES);
+        must(run(&mut command), "writing 256 MiB on the node");
+    }
+
+    fn operators(&self) -> Vec<u32> {
+        let pids = bench::processes("walt-operator", "run", &self.netns);
+        assert!(
+            !pids.is_empty(),
+            "no walt-operator run process of this cluster found"
+        );
+        pids
+    }
+
+    /// `kubectl walt node save` until the Image is Ready; the operators' peak RSS meanwhile.
+    fn save_ours(&self) -> (f64, u64) {
+        let target = format!("save-ours-{}", self.next());
+        let operators = self.operators();
+        for pid in &operators {
+            bench::reset_peak_rss(*pid).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let started = Instant::now();
+        let output = self
+            .walt(&["node", "save", NODE, &target])
+            .output()
+            .expect("run kubectl walt node save");
+        assert!(
+            output.status.success(),
+            "kubectl walt node save: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        self.kubectl(&[
+            "wait",
+            "-n",
+            NS,
+            "--for=condition=Ready",
+            &format!("image.walt.dev/{target}"),
+            "--timeout=300s",
+        ]);
+        let took = started.elapsed().as_secs_f64();
+        let peak = operators
+            .iter()
+            .filter_map(|pid| bench::peak_rss_kib(*pid))
+            .max()
+            .unwrap_or_default();
+        let durations = self.kubectl(&[
+            "get",
+            "nodesaves",
+            "-n",
+            NS,
+            "-o",
+            "jsonpath={range .items[*]}{.spec.image}={.status.duration}{\" \"}{end}",
+        ]);
+        let inside = durations
+            .split_whitespace()
+            .find_map(|pair| pair.strip_prefix(&format!("{target}=")))
+            .unwrap_or("?")
+            .to_owned();
+        eprintln!("bench:   node save {target}: {took:.2} s to Ready, NodeSave duration {inside}");
+        (took, peak)
+    }
+
+    /// The bare `walt-operator save` against the same node and registry; its peak RSS (GNU time).
+    fn save_bare(&self) -> (f64, u64) {
+        let target = format!("save-bare-{}", self.next());
+        let mut command = self.in_netns("time");
+        command
+            .args(["-f", "peak-rss-kib %M"])
+            .arg(&self.operator_bin)
+            .args([
+                "save",
+                "--node",
+                &format!("root@{}:22", self.node_address),
+                "--identity",
+            ])
+            .arg(&self.node_key)
+            .args([
+                "--base",
+                &lab_ref(IMAGE),
+                "--to",
+                &lab_ref(&target),
+                "--insecure-registry",
+                &lab::lab_registry_for_pods(),
+            ])
+            .env("REGISTRY_AUTH_FILE", &self.auth_file);
+        let started = Instant::now();
+        let output = command.output().expect("run walt-operator save");
+        let took = started.elapsed().as_secs_f64();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "walt-operator save: {stderr}");
+        let peak = bench::time_peak_rss_kib(&stderr)
+            .unwrap_or_else(|| panic!("GNU time printed no peak RSS:\n{stderr}"));
+        eprintln!("bench:   walt-operator save {target}: {took:.2} s");
+        (took, peak)
+    }
+
+    /// WalT's way: `ssh node tar > ar.tar; podman build; podman push`.
+    fn save_podman(&self) -> f64 {
+        let n = self.next();
+        let context = self.work.path().join(format!("podman-{n}"));
+        std::fs::create_dir_all(&context).expect("podman context dir");
+        std::fs::write(
+            context.join("Containerfile"),
+            format!("FROM {}\nADD ar.tar /\n", lab_ref(IMAGE)),
+        )
+        .expect("Containerfile");
+        let tag = format!("localhost/walt-bench:{n}");
+        let started = Instant::now();
+        let mut tar = self.in_netns("sh");
+        // `ssh ARGS… 'tar …' > ar.tar`, the ssh arguments those of [`Bench::ssh`] (after `ip netns exec NS ssh`).
+        tar.arg("-c")
+            .arg(format!(
+                "ssh \"$@\" 'tar -C {UPPER_DIR} -cf - .' > {}",
+                context.join("ar.tar").display()
+            ))
+            .arg("sh")
+            .args(self.ssh(false).get_args().skip(4));
+        must(run(&mut tar), "ssh node tar > ar.tar");
+        let tarred = started.elapsed().as_secs_f64();
+        let mut build = self.podman.command(self);
+        build
+            .args(["build", "--pull=never", "-t", &tag, "-f"])
+            .arg(context.join("Containerfile"))
+            .arg(&context);
+        must(run(&mut build), "podman build");
+        let built = started.elapsed().as_secs_f64();
+        let mut push = self.podman.command(self);
+        push.args(["push", "--tls-verify=false", "--authfile"])
+            .arg(&self.auth_file)
+            .arg(&tag)
+            .arg(format!("docker://{}", lab_ref(&format!("save-podman-{n}"))));
+        must(run(&mut push), "podman push");
+        let took = started.elapsed().as_secs_f64();
+        eprintln!(
+            "bench:   WalT's way: ssh tar {tarred:.2} s, podman build {:.2} s, podman push {:.2} s",
+            built - tarred,
+            took - built
+        );
+        let mut rmi = self.podman.command(self);
+        rmi.args(["rmi", &tag]);
+        let _ = run(&mut rmi);
+        let _ = std::fs::remove_dir_all(&context);
+        took
+    }
+}
+
+impl Bench {
+    /// Saves what shows where the time went (the operators' logs, the events of the bench's
+    /// namespaces) under `$WALT_CACHE/bench/`, and says where.
+    fn keep_logs(&self) {
+        let dir = images::cache_dir().join("bench");
+        std::fs::create_dir_all(&dir).expect("bench log dir");
+        let runtime = walt_crds::runtime_namespace(NS);
+        let logs = [
+            (
+                "operator.log",
+                vec![
+                    "logs",
+                    "-n",
+                    lab::SYSTEM_NAMESPACE,
+                    "-l",
+                    "app.kubernetes.io/component=operator",
+                    "--prefix",
+                    "--tail=-1",
+                ],
+            ),
+            (
+                "events.txt",
+                vec!["get", "events", "-A", "--sort-by=.lastTimestamp"],
+            ),
+            (
+                "runtime-pods.txt",
+                vec!["get", "pods", "-n", &runtime, "-o", "wide"],
+            ),
+        ];
+        for (file, args) in logs {
+            let text = run(self.kube.kubectl().args(&args)).unwrap_or_else(|e| e.to_string());
+            std::fs::write(dir.join(file), text).expect("write a bench log");
+        }
+        eprintln!("bench: operator logs and events in {}", dir.display());
+    }
+}
+
+/// podman with its own storage and configuration (runc, no network, cgroupfs, file events).
+struct Podman {
+    dir: PathBuf,
+}
+
+impl Podman {
+    fn new(dir: PathBuf) -> Podman {
+        std::fs::create_dir_all(&dir).expect("podman dir");
+        std::fs::write(
+            dir.join("containers.conf"),
+            "[containers]\ndefault_ulimits = [\"nofile=20000:20000\", \"nproc=4096:4096\"]\nnetns = \"none\"\n\
+             [engine]\nruntime = \"runc\"\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n",
+        )
+        .expect("containers.conf");
+        Podman { dir }
+    }
+
+    /// podman in the node's network namespace (the lab registry's Service name resolves there).
+    fn command(&self, bench: &Bench) -> Command {
+        let mut command = bench.in_netns("podman");
+        command
+            .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
+            .arg("--root")
+            .arg(self.dir.join("root"))
+            .arg("--runroot")
+            .arg(self.dir.join("runroot"))
+            .args(["--storage-driver", "overlay"]);
+        command
+    }
+}
+
+/// The Debian image: the debootstrap root as one layer, labelled for the `pc-x86-64` model, bash as
+/// its command; returns the layout and the digests of its layers and config.
+fn debian_layout() -> (OciLayout, Vec<String>, String) {
+    let rootfs = images::debian_systemd_rootfs(Arch::Amd64).unwrap_or_else(|e| panic!("{e}"));
+    let layout = OciLayout::new().expect("layout");
+    layout.new_image("empty", Arch::Amd64).expect("umoci new");
+    layout
+        .add_layer_from_dir("empty", "base", &rootfs)
+        .expect("the Debian layer");
+    layout
+        .set_label("base", "walt.node.models", "pc-x86-64")
+        .expect("label");
+    layout
+        .configure("base", &["--config.cmd=/bin/bash"])
+        .expect("cmd");
+    let manifest = layout
+        .read_json_blob(&layout.digest("base").expect("digest"))
+        .expect("manifest");
+    let layers = manifest["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .filter_map(|l| l["digest"].as_str().map(str::to_owned))
+        .collect();
+    let config = manifest["config"]["digest"]
+        .as_str()
+        .expect("config digest")
+        .trim_start_matches("sha256:")
+        .to_owned();
+    (layout, layers, config)
+}
+
+fn set_up(cluster: Cluster) -> Bench {
+    let kube = Kube::new(cluster.kubeconfig()).expect("kubectl");
+    let node_registry = cluster.registry().expect("node registry");
+    let netns = cluster.node_netns().expect("node network namespace").to_owned();
+    lab::install_release(&kube, &node_registry, BuildProfile::Release)
+        .unwrap_or_else(|e| panic!("install walt: {e}"));
+    must(
+        run(kube.kubectl().args([
+            "rollout",
+            "status",
+            "deployment/walt-operator",
+            "-n",
+            lab::SYSTEM_NAMESPACE,
+            "--timeout=300s",
+        ])),
+        "the operator rolls out",
+    );
+    let work = tempfile::tempdir_in(images::cache_dir()).expect("work dir");
+
+    // The same image in the node registry (for the kubelet) and in the lab registry (for walt).
+    let started = Instant::now();
+    let (layout, layers, config) = debian_layout();
+    let run_image = format!("{node_registry}/{NS}/{IMAGE}:1");
+    image_build::push_layout(layout.path(), "base", &run_image, true, &RegistryAuth::Anonymous)
+        .unwrap_or_else(|e| panic!("push {run_image}: {e}"));
+    {
+        let registry = lab::LabRegistry::open(&kube).expect("reach the lab registry");
+        let reference = format!("{}/walt/{NS}/{IMAGE}:latest", registry.address());
+        let auth = registry.auth(&reference).expect("a token to push");
+        image_build::push_layout(layout.path(), "base", &reference, true, &auth)
+            .unwrap_or_else(|e| panic!("push {reference}: {e}"));
+    }
+    eprintln!(
+        "bench: Debian image built and pushed twice in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // The tenant: namespace, the Image, a virtual node booting it.
+    kube.apply(&format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NS}\n  labels:\n    pod-security.kubernetes.io/enforce: baseline\n\
+         ---\napiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: {IMAGE}, namespace: {NS}}}\nspec: {{}}\n\
+         ---\napiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {{name: {NODE}, namespace: {NS}}}\n\
+         spec:\n  model: pc-x86-64\n  image: {IMAGE}\n  bootMode: volatile\n  virtual: {{architecture: amd64, memory: 1Gi, cpu: 500m}}\n"
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    for (object, path, want) in [
+        (
+            format!("image.walt.dev/{IMAGE}"),
+            "{.status.conditions[?(@.type==\"Ready\")].status}",
+            "True",
+        ),
+        (format!("nodes.walt.dev/{NODE}"), "{.status.phase}", "Ready"),
+    ] {
+        Wait::new(&format!("{object} {path} to be {want}"), Duration::from_mins(5))
+            .every(Duration::from_secs(1))
+            .until(|| {
+                let now =
+                    run(kube
+                        .kubectl()
+                        .args(["get", &object, "-n", NS, "-o", &format!("jsonpath={path}")]))
+                    .unwrap_or_default();
+                if now == want {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending(now)
+                }
+            })
+            .unwrap_or_else(|e| {
+                let describe = run(kube.kubectl().args(["describe", &object, "-n", NS])).unwrap_or_default();
+                panic!("{e}\n{describe}")
+            });
+    }
+    let address = must(
+        run(kube.kubectl().args([
+            "get",
+            &format!("nodes.walt.dev/{NODE}"),
+            "-n",
+            NS,
+            "-o",
+            "jsonpath={.status.address}",
+        ])),
+        "the node's address",
+    );
+    let node_address = address
+        .rsplit_once(':')
+        .map_or(address.as_str(), |(host, _)| host)
+        .to_owned();
+
+    // The node key and the lab registry credential, for ssh, the bare save and podman.
+    let node_key = work.path().join("node_key");
+    let key = must(
+        run(kube.kubectl().args([
+            "get",
+            "secret",
+            "walt-node-key",
+            "-n",
+            lab::SYSTEM_NAMESPACE,
+            "-o",
+            "jsonpath={.data.ssh-privatekey}",
+        ])),
+        "the node key",
+    );
+    use base64::Engine as _;
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(key.trim())
+        .expect("base64 node key");
+    std::fs::write(&node_key, key).expect("write the node key");
+    std::fs::set_permissions(&node_key, std::fs::Permissions::from_mode(0o600)).expect("chmod the node key");
+    let credential = lab::registry_creds(&kube).expect("the lab registry credential");
+    let auth_file = work.path().join("auth.json");
+    std::fs::write(
+        &auth_file,
+        serde_json::json!({"auths": {lab::lab_registry_for_pods(): {
+            "auth": base64::engine::general_purpose::STANDARD.encode(credential)
+        }}})
+        .to_string(),
+    )
+    .expect("auth file");
+    let dns = must(
+        run(kube.kubectl().args([
+            "get",
+            "service",
+            "kube-dns",
+            "-n",
+            "kube-system",
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ])),
+        "the cluster DNS address",
+    );
+    // The node's namespace has no default route, so its own programs cannot reach ClusterIPs (pods
+    // can: their traffic enters it): a route for the Service range lets kube-proxy's rules apply.
+    let routes = must(
+        run(Command::new("ip").args(["-n", &netns, "route"])),
+        "the node's routes",
+    );
+    if !routes.contains(walt_tests::k8s::SERVICE_CIDR) {
+        must(
+            run(Command::new("ip").args([
+                "-n",
+                &netns,
+                "route",
+                "add",
+                walt_tests::k8s::SERVICE_CIDR,
+                "dev",
+                "walt0",
+            ])),
+            "a route to the Services",
+        );
+    }
+    let etc = PathBuf::from("/etc/netns").join(&netns);
+    std::fs::create_dir_all(&etc).expect("/etc/netns dir");
+    std::fs::write(
+        etc.join("resolv.conf"),
+        format!("nameserver {dns}\nsearch cluster.local\noptions ndots:5\n"),
+    )
+    .expect("resolv.conf");
+    let operator_bin = walt_tests::deploy::target_dir()
+        .join(image_build::Arch::host().rust_target())
+        .join("release/walt-operator");
+    assert!(operator_bin.is_file(), "{} is missing", operator_bin.display());
+    let podman = Podman::new(work.path().join("podman"));
+    let bench = Bench {
+        cluster,
+        kube,
+        plugin: walt_tests::operator::plugin_binary(),
+        netns,
+        work,
+        run_image,
+        layers,
+        config,
+        node_key,
+        auth_file,
+        node_address,
+        operator_bin,
+        podman,
+        counter: Cell::new(0),
+        _etc: NetnsEtc(etc),
+    };
+    // WalT's server keeps its images in podman's storage: the base is there before a save.
+    let mut pull = bench.podman.command(&bench);
+    pull.args(["pull", "--tls-verify=false", "--authfile"])
+        .arg(&bench.auth_file)
+        .arg(lab_ref(IMAGE));
+    must(run(&mut pull), "podman pull of the base");
+    bench
+}
+
+#[test]
+#[ignore = "benchmark: run with `cargo xtask bench`"]
+fn user_felt_speed() {
+    match cluster_tier_skip_reason() {
+        Ok(Some(reason)) => panic!("the benchmark needs the cluster tier: {reason}"),
+        Ok(None) => {}
+        Err(error) => panic!("cluster tier prerequisites: {error}"),
+    }
+    let reps =
+        bench::reps_from(std::env::var(bench::REPS_ENV).ok().as_deref()).unwrap_or_else(|e| panic!("{e}"));
+    let cluster = Cluster::start(ClusterOptions::cluster()).expect("start the cluster tier");
+    let bench = set_up(cluster);
+    let mut rows = vec![
+        Row {
+            what: "image shell, cold".into(),
+            reference: "kubectl run -it --rm, cold".into(),
+            goal: Some(1.0),
+            ..Row::default()
+        },
+        Row {
+            what: "image shell, warm".into(),
+            reference: "kubectl run -it --rm, warm".into(),
+            goal: Some(1.0),
+            ..Row::default()
+        },
+        Row {
+            what: "node shell".into(),
+            reference: "ssh to the node".into(),
+            ..Row::default()
+        },
+        Row {
+            what: "node save 256 MiB".into(),
+            reference: "walt-operator save (bare)".into(),
+            goal: Some(1.1),
+            ..Row::default()
+        },
+        Row {
+            what: "node save 256 MiB".into(),
+            reference: "WalT: ssh tar; podman build+push".into(),
+            ..Row::default()
+        },
+    ];
+    for rep in 0..reps {
+        eprintln!("bench: repetition {}/{reps}", rep + 1);
+        let ours_first = rep % 2 == 0;
+        for (row, cold) in [(0, true), (1, false)] {
+            let (ours, theirs) = if ours_first {
+                let ours = bench.image_shell(cold);
+                (ours, bench.kubectl_run(cold))
+            } else {
+                let theirs = bench.kubectl_run(cold);
+                (bench.image_shell(cold), theirs)
+            };
+            eprintln!("bench:   {}: {ours:.2} s vs {theirs:.2} s", rows[row].what);
+            rows[row].ours.push(ours);
+            rows[row].theirs.push(theirs);
+        }
+        let (ours, theirs) = if ours_first {
+            let ours = bench.node_shell();
+            (ours, bench.ssh_shell())
+        } else {
+            let theirs = bench.ssh_shell();
+            (bench.node_shell(), theirs)
+        };
+        eprintln!("bench:   node shell: {ours:.2} s vs ssh {theirs:.2} s");
+        rows[2].ours.push(ours);
+        rows[2].theirs.push(theirs);
+        let mut saves = |which: usize| match which {
+            0 => {
+                bench.change_node();
+                let (took, peak) = bench.save_ours();
+                rows[3].ours.push(took);
+                rows[4].ours.push(took);
+                for row in [3, 4] {
+                    rows[row].operator_rss_kib = rows[row].operator_rss_kib.max(Some(peak));
+                }
+            }
+            1 => {
+                bench.change_node();
+                let (took, peak) = bench.save_bare();
+                rows[3].theirs.push(took);
+                rows[3].reference_rss_kib = rows[3].reference_rss_kib.max(Some(peak));
+            }
+            _ => {
+                bench.change_node();
+                rows[4].theirs.push(bench.save_podman());
+            }
+        };
+        let order: [usize; 3] = if ours_first { [0, 1, 2] } else { [2, 1, 0] };
+        for which in order {
+            saves(which);
+        }
+    }
+    println!("\n{}", bench::render(&rows, reps));
+    bench.keep_logs();
+}

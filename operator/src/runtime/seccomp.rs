@@ -323,10 +323,12 @@ pub const RETURN: u16 = 0x06;
 
 /// `SECCOMP_RET_ALLOW`.
 pub const ALLOW: u32 = 0x7fff_0000;
-/// `SECCOMP_RET_ERRNO | EPERM`.
-pub const EPERM: u32 = 0x0005_0000 | 1;
-/// `SECCOMP_RET_ERRNO | ENOSYS`.
-pub const ENOSYS: u32 = 0x0005_0000 | 38;
+/// `SECCOMP_RET_ERRNO`: fail the call with the errno in the low 16 bits.
+const RET_ERRNO: u32 = 0x0005_0000;
+/// `SECCOMP_RET_ERRNO | EPERM` (1).
+pub const EPERM: u32 = RET_ERRNO + 1;
+/// `SECCOMP_RET_ERRNO | ENOSYS` (38 on every ABI covered).
+pub const ENOSYS: u32 = RET_ERRNO + 38;
 
 /// Offsets in `struct seccomp_data`: the call's number, the ABI, and the low 32 bits of an
 /// argument (every ABI covered is little-endian).
@@ -601,7 +603,7 @@ mod tests {
             for abi in abis {
                 let clone = abi.number(numbers_of("clone")).unwrap();
                 let unshare = abi.number(numbers_of("unshare")).unwrap();
-                assert_eq!(run(&program, call(abi, clone, new_user | 17)), EPERM);
+                assert_eq!(run(&program, call(abi, clone, new_user | 0x11)), EPERM);
                 assert_eq!(run(&program, call(abi, clone, 0x2000_0000)), EPERM, "NEWPID");
                 assert_eq!(run(&program, call(abi, clone, thread)), ALLOW);
                 assert_eq!(run(&program, call(abi, clone, fork)), ALLOW);

@@ -115,6 +115,7 @@ ADD data.tar.gz /data/
 COPY --from=build /artifact /usr/share/artifact
 COPY --chmod=0755 tool.sh /usr/local/bin/tool
 RUN echo 'walt:x:1001:1001::/home/walt:/bin/sh' >> /etc/passwd \
+ && (grep Seccomp: /proc/self/status; unshare -U true 2>&1; echo rc=$?) > /seccomp \
  && echo 'lab:x:1001:' >> /etc/group \
  && mkdir -p /home/walt && chown walt:lab /home/walt \
  && rm /etc/inittab \
@@ -266,6 +267,11 @@ fn every_instruction(arch: Arch) {
         format!("bonjour world {name} {machine}\n")
     );
     assert_eq!(read("home/walt/uid"), "1001\n", "RUN as USER walt");
+    assert_eq!(
+        read("seccomp"),
+        "Seccomp:\t2\nunshare: unshare(0x10000000): Operation not permitted\nrc=1\n",
+        "a RUN step runs under the seccomp filter: no user namespace"
+    );
     assert_eq!(meta("home/walt/uid").uid(), 1001);
     assert_eq!(read("home/walt/tool-out"), "tool-ran\n");
     assert!(read("etc/passwd").contains("walt:x:1001:1001:"));

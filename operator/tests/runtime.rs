@@ -448,8 +448,8 @@ fn basic_shell_amd64_namespaces_terminal_and_exit_status() {
 /// processes are bounded to.
 const BOUNDED_CAPS: &str = "00000000a80425fb";
 
-/// Checks the `CapBnd`, `CapEff`, `CapAmb` and `NoNewPrivs` lines of a `/proc/PID/status` text:
-/// the bounded set and `no_new_privs`.
+/// Checks the `CapBnd`, `CapEff`, `CapAmb`, `NoNewPrivs` and `Seccomp` lines of a
+/// `/proc/PID/status` text: the bounded set, `no_new_privs` and a seccomp filter (mode 2).
 fn assert_bounded(status: &str, whose: &str) {
     let field = |name: &str| {
         status
@@ -469,6 +469,17 @@ fn assert_bounded(status: &str, whose: &str) {
         "{whose}'s ambient set:\n{status}"
     );
     assert_eq!(field("NoNewPrivs"), "1", "{whose}'s no_new_privs:\n{status}");
+    assert_eq!(field("Seccomp"), "2", "{whose}'s seccomp filter:\n{status}");
+}
+
+/// Checks the words and status (`…; echo rc=$?`) of a command the seccomp filter refuses:
+/// `EPERM`, status 1. `unshare -U` (a user namespace, where the image's root would hold every
+/// capability) is one: without the filter it works, creating a user namespace needs no capability.
+fn assert_refused(output: &str, what: &str) {
+    assert!(
+        output.contains("Operation not permitted") && output.ends_with("rc=1"),
+        "{what} must be refused (EPERM): {output}"
+    );
 }
 
 /// Checks busybox `insmod`'s words: refused for want of `CAP_SYS_MODULE` (`EPERM`, checked before
@@ -609,12 +620,16 @@ fn image_shell_root_cannot_become_root_on_the_host() {
     assert_eq!(session.run("wc -c < /proc/timer_list"), "0");
     // Modules: no CAP_SYS_MODULE.
     assert_module_refused(&session.run("echo junk > /tmp/x.ko; insmod /tmp/x.ko 2>&1"));
+    // A user namespace (every capability inside it, and the kernel's namespace-only code): the
+    // seccomp filter.
+    assert_refused(&session.run("unshare -U true 2>&1; echo rc=$?"), "unshare -U");
     session.send("exit");
     let (code, result, text) = session.finish();
     assert_eq!(code, 0, "{text}");
     // The runtime's report says it too.
     assert_eq!(result["privileges"]["capBnd"], BOUNDED_CAPS, "{result}");
     assert_eq!(result["privileges"]["noNewPrivs"], true, "{result}");
+    assert_eq!(result["privileges"]["seccompFilter"], true, "{result}");
     assert_eq!(
         result["privileges"]["capabilities"].as_array().map(Vec::len),
         Some(14)
@@ -685,6 +700,136 @@ fn a_chroot_escape_from_an_image_shell_stays_in_the_image() {
     assert_nothing_left(cache.to_str().unwrap());
 }
 
+/// Makes each system call given as `name=number` with harmless arguments (a null pointer where one
+/// is read: the kernel would answer `EFAULT`, the filter answers first) and prints `name: ok` or
+/// `name: <the error's words>`. Perl as Debian's minbase has it.
+const SYSCALL_SCRIPT: &str = r#"#!/usr/bin/perl
+my %args = (
+    keyctl => [0, -3, 0],                # KEYCTL_GET_KEYRING_ID of the session keyring
+    add_key => ["user", "walt", "x", 1, -3],
+    bpf => [0, 0, 0],                    # BPF_MAP_CREATE
+    perf_event_open => [0, 0, -1, -1, 0],
+    userfaultfd => [1],                  # UFFD_USER_MODE_ONLY: allowed unprivileged by the kernel
+    io_uring_setup => [1, 0],
+    unshare => [0x10000000],             # CLONE_NEWUSER
+    setns => [-1, 0],
+    clone3 => [0, 0],
+    personality => [0x0040000],          # ADDR_NO_RANDOMIZE
+    kexec_load => [0, 0, 0, 0],
+    open_by_handle_at => [-1, 0, 0],
+);
+for (@ARGV) {
+    my ($name, $number) = split /=/;
+    my $ret = syscall($number, @{$args{$name}});
+    print "$name: ", ($ret == -1 ? "$!" : "ok"), "\n";
+}
+"#;
+
+/// The x86_64 numbers of the calls [`SYSCALL_SCRIPT`] makes (the kernel's `syscall_64.tbl`).
+const X86_64_CALLS: [(&str, u32); 12] = [
+    ("keyctl", 250),
+    ("add_key", 248),
+    ("bpf", 321),
+    ("perf_event_open", 298),
+    ("userfaultfd", 323),
+    ("io_uring_setup", 425),
+    ("unshare", 272),
+    ("setns", 308),
+    ("clone3", 435),
+    ("personality", 135),
+    ("kexec_load", 246),
+    ("open_by_handle_at", 304),
+];
+
+/// A Debian image's root meets walt's seccomp filter: keyrings, eBPF, perf events, userfaultfd,
+/// io_uring, namespaces, kexec, handles and unsafe personalities are refused with `EPERM`
+/// (`clone3` with `ENOSYS`), most of which the kernel would grant it or answer otherwise (`EFAULT`
+/// for the null pointers) without the filter; and ordinary work goes on: dpkg builds and installs
+/// a package (fork/exec of its helpers, threads of its xz compressor), files are copied, owned and
+/// removed, devices made, sort runs threads.
+#[test]
+fn image_shell_root_meets_the_seccomp_filter_and_ordinary_work_goes_on() {
+    require_root();
+    let debian = debian_systemd_rootfs("amd64");
+    let work = tempfile::tempdir().unwrap();
+    let tools = work.path().join("tools");
+    add_script(&tools, "usr/local/bin/syscalls", SYSCALL_SCRIPT);
+    let cache = work.path().join("cache");
+    let mut session = Session::start(&[
+        "--rootfs",
+        tools.to_str().unwrap(),
+        "--rootfs",
+        debian.to_str().unwrap(),
+        "--mode",
+        "basic",
+        "--network",
+        "none",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ]);
+    session.expect("Note: this is a limited", Duration::from_mins(1));
+    session.expect("# ", Duration::from_mins(1));
+    assert_bounded(&session.run("cat /proc/$$/status"), "the Debian shell");
+    let calls: Vec<String> = X86_64_CALLS
+        .iter()
+        .map(|(name, number)| format!("{name}={number}"))
+        .collect();
+    let answers = session.run(&format!("/usr/local/bin/syscalls {}", calls.join(" ")));
+    let expected: Vec<String> = X86_64_CALLS
+        .iter()
+        .map(|(name, _)| {
+            let words = if *name == "clone3" {
+                "Function not implemented"
+            } else {
+                "Operation not permitted"
+            };
+            format!("{name}: {words}")
+        })
+        .collect();
+    assert_eq!(answers, expected.join("\n"), "each call's answer");
+    // util-linux: a user namespace, and the namespaces it would open the way to.
+    assert_refused(&session.run("unshare -U true 2>&1; echo rc=$?"), "unshare -U");
+    assert_refused(
+        &session.run("unshare -U -r -m -p -f true 2>&1; echo rc=$?"),
+        "unshare -Urmpf",
+    );
+    // ASLR off (ADDR_NO_RANDOMIZE): an unsafe personality.
+    assert_refused(&session.run("setarch -R true 2>&1; echo rc=$?"), "setarch -R");
+    // Ordinary work: a package built and installed by dpkg (dpkg-deb compresses with xz threads,
+    // dpkg forks its maintainer scripts), files copied, owned, removed, a device made.
+    let dpkg = session.run(
+        "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+         && mkdir -p /tmp/p/DEBIAN /tmp/p/usr/share/walt-probe && echo probe > /tmp/p/usr/share/walt-probe/file \
+         && printf 'Package: walt-probe\\nVersion: 1\\nArchitecture: all\\nMaintainer: walt <walt@example.org>\\nDescription: probe\\n' > /tmp/p/DEBIAN/control \
+         && printf '#!/bin/sh\\necho postinst-ran > /tmp/postinst\\n' > /tmp/p/DEBIAN/postinst && chmod 755 /tmp/p/DEBIAN/postinst \
+         && dpkg-deb -Zxz -b /tmp/p /tmp/probe.deb >/dev/null && dpkg -i /tmp/probe.deb >/dev/null \
+         && dpkg-query -W -f '${Status}\\n' walt-probe && cat /tmp/postinst /usr/share/walt-probe/file \
+         && dpkg -r walt-probe >/dev/null && echo removed",
+    );
+    assert_eq!(
+        dpkg, "install ok installed\npostinst-ran\nprobe\nremoved",
+        "{dpkg}"
+    );
+    assert_eq!(
+        session.run(
+            "cp -a /usr/share/doc /tmp/doc && chown -R 1000:1000 /tmp/doc && chmod -R g+w /tmp/doc \
+             && mknod /tmp/null c 1 3 && rm -rf /tmp/doc /tmp/null && echo files-ok"
+        ),
+        "files-ok"
+    );
+    // Threads: coreutils' sort sorts in threads past 128k lines (glibc tries clone3 first, refused
+    // with ENOSYS, and falls back to clone).
+    assert_eq!(
+        session.run("seq 300000 | sort -n -r --parallel=4 -S 64M | head -1"),
+        "300000"
+    );
+    session.send("exit");
+    let (code, result, text) = session.finish();
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(result["privileges"]["seccompFilter"], true, "{result}");
+    assert_nothing_left(cache.to_str().unwrap());
+}
+
 #[test]
 fn arm64_image_runs_emulated_with_cpuinfo() {
     require_root();
@@ -709,6 +854,9 @@ fn arm64_image_runs_emulated_with_cpuinfo() {
     assert!(session.run("cat /proc/cpuinfo").contains("walt-test-cpu"));
     assert_bounded(&session.run("cat /proc/$$/status"), "the emulated shell");
     assert_module_refused(&session.run("echo junk > /tmp/x.ko; insmod /tmp/x.ko 2>&1"));
+    // qemu-user passes unshare to the host kernel, where the filter refuses it. qemu itself runs
+    // under the filter and works: its threads (created with clone3, refused, then clone) included.
+    assert_refused(&session.run("unshare -U true 2>&1; echo rc=$?"), "unshare -U");
     session.send("exit");
     let (code, result, _) = session.finish();
     assert_eq!(code, 0);

@@ -837,7 +837,7 @@ impl Drop for Vnode {
 }
 
 /// Checks that a `/proc/PID/status` text shows Docker's default capability set (14) as bounding
-/// and effective sets, no ambient capability, and `no_new_privs`.
+/// and effective sets, no ambient capability, `no_new_privs` and a seccomp filter.
 fn assert_bounded(status: &str, whose: &str) {
     let field = |name: &str| {
         status
@@ -850,6 +850,7 @@ fn assert_bounded(status: &str, whose: &str) {
         ("CapEff", "00000000a80425fb"),
         ("CapAmb", "0000000000000000"),
         ("NoNewPrivs", "1"),
+        ("Seccomp", "2"),
     ] {
         assert_eq!(field(name), expected, "{whose}'s {name}:\n{status}");
     }
@@ -1237,6 +1238,11 @@ fn vnode_of_an_image_with_walt_init_scripts_runs_its_init() {
     );
     // EPERM (no CAP_SYS_MODULE); a kernel without module support says ENOSYS to everyone first.
     assert!(refused.contains("insmod: can't insert"), "{refused}");
+    // A user namespace: the seccomp filter (no capability is needed to make one).
+    assert_eq!(
+        node.run(work, "unshare -U true 2>&1; echo rc=$?"),
+        "unshare: unshare(0x10000000): Operation not permitted\nrc=1\n"
+    );
     if Path::new("/proc/modules").exists() {
         assert!(
             refused.contains("can't insert '/tmp/x.ko': Operation not permitted"),
@@ -1245,7 +1251,8 @@ fn vnode_of_an_image_with_walt_init_scripts_runs_its_init() {
     }
     assert!(
         node.log()
-            .contains("the image's processes run with capabilities CHOWN,"),
+            .contains("the image's processes run with capabilities CHOWN,")
+            && node.log().contains("no_new_privs on, seccomp filter on (keyctl,"),
         "{}",
         node.log()
     );

@@ -10,8 +10,9 @@
 //! - [`terminal`]: raw mode and the PTY relay.
 //! - [`changes`]: the change summary of an upper dir.
 //! - [`image`]: pull through the layer cache, commit through the OCI engine.
-//! - [`privileges`]: the bounded capability set and `no_new_privs` of the
-//!   image's processes.
+//! - [`privileges`]: the bounded capability set, `no_new_privs` and the seccomp
+//!   filter of the image's processes.
+//! - [`seccomp`]: that filter's deny-list and its BPF program.
 //! - [`node`]: run an image like a WalT node (the virtual node), with a
 //!   supervisor that starts processes in it for the SSH server.
 
@@ -22,6 +23,7 @@ pub mod image;
 pub mod node;
 pub mod privileges;
 pub mod root;
+pub mod seccomp;
 pub mod session;
 mod sys;
 pub mod terminal;

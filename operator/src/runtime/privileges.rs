@@ -1,4 +1,5 @@
-//! The privileges the image's processes keep: a bounded capability set and `no_new_privs`.
+//! The privileges the image's processes keep: a bounded capability set, `no_new_privs` and a
+//! seccomp filter.
 //!
 //! Shell pods and virtual node pods are privileged (or user-namespaced) because the runtime needs
 //! to mount and create namespaces; what runs *inside* — the image shell, PID 1 (the image's init,
@@ -12,7 +13,10 @@
 //! - clears the **ambient** set and sets **effective, permitted and inheritable** to that set
 //!   (intersected with what the runtime itself holds: in a user-namespaced pod it may be less);
 //! - sets **`no_new_privs`**, so setuid/setgid bits and file capabilities grant nothing (an image
-//!   `su`/`sudo` run by a non-root user no longer elevates; root shells do not need them).
+//!   `su`/`sudo` run by a non-root user no longer elevates; root shells do not need them);
+//! - installs the **seccomp filter** of [`super::seccomp`]: `keyctl`, `bpf`, `perf_event_open`,
+//!   `userfaultfd`, `io_uring`, mounts, new namespaces (`unshare -U`, `clone(CLONE_NEWUSER)`),
+//!   modules, kexec, the clock, swap, reboot… answer `EPERM` (`clone3` `ENOSYS`).
 //!
 //! `CAP_MKNOD` stays (images create device nodes in package scripts, and overlay whiteouts are
 //! character devices): what keeps a created node harmless is that every filesystem the image can
@@ -155,6 +159,9 @@ pub enum PrivilegeError {
         /// The errno.
         source: nix::Error,
     },
+    /// No seccomp filter could be built for this host.
+    #[error("bounding the image's privileges: {0}")]
+    Filter(#[from] super::seccomp::FilterError),
 }
 
 /// The capability sets of a process (bit `n` = capability number `n`).
@@ -210,10 +217,18 @@ pub fn names(mask: u64) -> Vec<String> {
 }
 
 /// Bounds the calling process before it `execve`s an image program: bounding set to `keep`,
-/// ambient cleared, effective/permitted/inheritable narrowed to `keep`, `no_new_privs` set.
+/// ambient cleared, `no_new_privs` set, the seccomp filter installed, then
+/// effective/permitted/inheritable narrowed to `keep`.
 /// Call it after the last step that needs more (mounts, `pivot_root`, `setns`) and before
 /// switching to the image user (which needs `CAP_SETUID`/`CAP_SETGID`, kept).
+///
+/// The filter goes on while the process still holds more capabilities than the image's: until
+/// then an image process cannot `ptrace` it (a tracee may not hold capabilities its tracer lacks),
+/// so none can steer it past the filter. What the runtime does after it (`capset`, `setgroups`,
+/// `setgid`, `setuid`, `chdir`, `close_range` or `fcntl`, `execve`; `sendmsg` and `_exit` when it
+/// fails) is none of the calls the filter refuses.
 pub fn bound_current_process(keep: u64) -> Result<(), PrivilegeError> {
+    let filter = super::seccomp::program(super::seccomp::host_abis())?;
     let fail = |what: &str| {
         let what = what.to_owned();
         move |source| PrivilegeError::Sys { what, source }
@@ -231,9 +246,10 @@ pub fn bound_current_process(keep: u64) -> Result<(), PrivilegeError> {
         }
     }
     sys::clear_ambient_capabilities().map_err(fail("clear the ambient capabilities"))?;
+    nix::sys::prctl::set_no_new_privs().map_err(fail("set no_new_privs"))?;
+    sys::install_seccomp_filter(&filter).map_err(fail("install the seccomp filter"))?;
     let current = sys::capabilities().map_err(fail("read the capability sets"))?;
     sys::set_capabilities(narrowed(current, keep)).map_err(fail("set the capability sets"))?;
-    nix::sys::prctl::set_no_new_privs().map_err(fail("set no_new_privs"))?;
     Ok(())
 }
 
@@ -250,21 +266,30 @@ pub struct Bounds {
     pub cap_eff: String,
     /// Whether `no_new_privs` is set.
     pub no_new_privs: bool,
+    /// Whether a seccomp filter is on (`Seccomp: 2`; see [`super::seccomp`] for walt's).
+    pub seccomp_filter: bool,
 }
 
 impl std::fmt::Display for Bounds {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "capabilities {} (CapBnd {}), no_new_privs {}",
+            "capabilities {} (CapBnd {}), no_new_privs {}, seccomp filter {}",
             self.capabilities.join(","),
             self.cap_bnd,
-            if self.no_new_privs { "on" } else { "off" }
+            if self.no_new_privs { "on" } else { "off" },
+            if self.seccomp_filter {
+                "on (keyctl, bpf, perf_event_open, userfaultfd, io_uring, mounts, new namespaces, \
+                 modules, kexec, clock, swap, reboot refused)"
+            } else {
+                "off"
+            }
         )
     }
 }
 
-/// Parses the `CapBnd`, `CapEff` and `NoNewPrivs` lines of a `/proc/PID/status` text.
+/// Parses the `CapBnd`, `CapEff`, `NoNewPrivs` and `Seccomp` lines of a `/proc/PID/status` text
+/// (no `Seccomp` line: a kernel without seccomp, no filter).
 pub fn parse_status(status: &str) -> Option<Bounds> {
     let field = |name: &str| {
         status
@@ -280,6 +305,7 @@ pub fn parse_status(status: &str) -> Option<Bounds> {
         cap_bnd: format!("{bounding:016x}"),
         cap_eff: format!("{effective:016x}"),
         no_new_privs: field("NoNewPrivs")? == "1",
+        seccomp_filter: field("Seccomp") == Some("2"),
     })
 }
 
@@ -347,17 +373,24 @@ mod tests {
     fn status_lines_give_the_bounds_and_missing_ones_give_none() {
         let status = "Name:\tsh\nCapInh:\t0000000000000000\nCapPrm:\t00000000a80425fb\n\
                       CapEff:\t00000000a80425fb\nCapBnd:\t00000000a80425fb\nCapAmb:\t0000000000000000\n\
-                      NoNewPrivs:\t1\nSeccomp:\t0\n";
+                      NoNewPrivs:\t1\nSeccomp:\t2\nSeccomp_filters:\t1\n";
         let bounds = parse_status(status).unwrap();
         assert_eq!(bounds.cap_bnd, "00000000a80425fb");
         assert_eq!(bounds.cap_eff, "00000000a80425fb");
         assert!(bounds.no_new_privs);
         assert_eq!(bounds.capabilities[0], "CHOWN");
         assert!(bounds.to_string().contains("no_new_privs on"), "{bounds}");
+        assert!(bounds.seccomp_filter);
+        assert!(
+            bounds.to_string().contains("seccomp filter on (keyctl,"),
+            "{bounds}"
+        );
         assert_eq!(parse_status("Name:\tsh\nCapBnd:\t000001ffffffffff\n"), None);
         let host =
             parse_status("CapEff:\t000001ffffffffff\nCapBnd:\t000001ffffffffff\nNoNewPrivs:\t0\n").unwrap();
         assert!(!host.no_new_privs);
+        assert!(!host.seccomp_filter, "no Seccomp line: no filter");
+        assert!(host.to_string().ends_with("seccomp filter off"), "{host}");
         assert_eq!(host.capabilities.len(), 41);
         assert_eq!(names(1 << 45), ["45"]);
     }

@@ -2,8 +2,10 @@
 //!
 //! The build context is uploaded by the client (`kubectl walt image build`) into the build pod's
 //! standard input as a tar archive; a `git` record says where it came from. The operator runs the
-//! build pod, reads its progress, and once the image is pushed (by digest) moves the target image's
-//! tag and updates its Image, like every other image change.
+//! build pod in the tenant's runtime namespace (`walt-run-<namespace>`, [`crate::runtime_namespace`]:
+//! the tenant needs no pod rights, its own namespace stays at Pod Security `baseline`), reads its
+//! progress, and once the image is pushed (by digest) moves the target image's tag and updates its
+//! Image, like every other image change.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
@@ -50,6 +52,10 @@ pub mod reasons {
     pub const SAVE_FAILED: &str = "SaveFailed";
     /// `Complete=True`, failed: the target is outside the namespace's registry path.
     pub const REGISTRY_PATH_FORBIDDEN: &str = crate::image::reasons::REGISTRY_PATH_FORBIDDEN;
+    /// `Complete=True`, failed: the tenant's runtime namespace cannot be used (the build's namespace
+    /// is named like one, or a namespace of that name exists that walt did not make for it); no pod
+    /// was made.
+    pub const RUNTIME_NAMESPACE_REFUSED: &str = "RuntimeNamespaceRefused";
 }
 
 /// What to build (a Dockerfile and its context) and the image it becomes. Cannot change once created.
@@ -242,6 +248,11 @@ pub struct ImageBuildStatus {
     /// The build pod (it reads the context on its standard input).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
+    /// The namespace of the build pod: the tenant's walt runtime namespace (`walt-run-<namespace>`,
+    /// see [`crate::runtime_namespace`]), which the operator owns; the tenant may attach to its own
+    /// builds there and create nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_namespace: Option<String>,
     /// The step running, or the last one (`3/9 RUN apt-get install …`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 256))]

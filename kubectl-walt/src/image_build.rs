@@ -4,9 +4,10 @@
 //! The context is packed here as a tar archive (`.dockerignore` honoured, so excluded files never
 //! leave the machine); `--from-url` first clones the repository with the local `git` (shallow, the
 //! ref asked for) into a temporary directory. The plugin creates the ImageBuild, waits for its build
-//! pod, attaches to it, writes the archive on its standard input and prints what the build prints
-//! (the log, and a progress line per step); the operator tags the result as NAME. Ctrl-C deletes the
-//! ImageBuild: its pod is killed and no tag moves.
+//! pod (in the tenant's runtime namespace, `status.podNamespace`: the user needs no pod rights in
+//! their own namespace), attaches to it, writes the archive on its standard input and prints what the
+//! build prints (the log, and a progress line per step); the operator tags the result as NAME. Ctrl-C
+//! deletes the ImageBuild: its pod is killed and no tag moves.
 
 use std::io::{IsTerminal as _, Write as _};
 use std::path::{Path, PathBuf};
@@ -24,6 +25,7 @@ use crate::cluster::{Ctx, tick};
 use crate::error::{Error, Op, Result};
 use crate::format::{bytes, clock, short_digest};
 use crate::resolve::image_name;
+use crate::session::RuntimePod;
 use crate::watch::{LiveLine, interruptible};
 
 /// Where the context comes from.
@@ -340,10 +342,11 @@ fn build_name_prefix(name: &ImageName) -> String {
 pub async fn run(ctx: &Ctx, opts: &BuildOptions<'_>) -> Result<i32> {
     let name = image_name(opts.image)?;
     let build_args = parse_build_args(opts.build_args)?;
+    // Attaching to the build pod needs no right here: it runs in the tenant's runtime namespace,
+    // where the operator binds the attach role to whoever may use walt in this one.
     ctx.require(&[
         ("create", "walt.dev", "imagebuilds", None, &ctx.namespace),
         ("delete", "walt.dev", "imagebuilds", None, &ctx.namespace),
-        ("create", "", "pods", Some("attach"), &ctx.namespace),
     ])
     .await?;
     let checkout = tempfile::Builder::new()
@@ -481,8 +484,18 @@ async fn build_and_follow(ctx: &Ctx, build: &str, packed: &Packed) -> Result<Ima
     wait_for_verdict(ctx, build).await
 }
 
+/// The build pod of a build, from its status (pure): `status.pod` in `status.podNamespace`, else (an
+/// operator from before build pods moved to the runtime namespace said none) in the build's own
+/// namespace `namespace`.
+pub fn build_pod_of(namespace: &str, build: &ImageBuild) -> Option<RuntimePod> {
+    let status = build.status.as_ref()?;
+    RuntimePod::named(status.pod.as_ref(), status.pod_namespace.as_ref(), || {
+        namespace.to_owned()
+    })
+}
+
 /// Follows the ImageBuild until its build pod runs; a build that fails first is an error.
-async fn wait_for_pod(ctx: &Ctx, build: &str) -> Result<String> {
+async fn wait_for_pod(ctx: &Ctx, build: &str) -> Result<RuntimePod> {
     let start = Instant::now();
     let mut line = LiveLine::stderr();
     loop {
@@ -492,12 +505,11 @@ async fn wait_for_pod(ctx: &Ctx, build: &str) -> Result<String> {
             line.finish();
             return Err(Error::Failed(verdict_message(&object)));
         }
-        if let Some(pod) = &status.pod
-            && let Ok(Some(found)) = ctx.pods().get_opt(pod).await
-            && container_running(&found)
+        if let Some(pod) = build_pod_of(&ctx.namespace, &object)
+            && pod.get(ctx).await.as_ref().is_some_and(container_running)
         {
             line.finish();
-            return Ok(pod.clone());
+            return Ok(pod);
         }
         // Another writer of the image (a shell, a save, a build) goes first: say who.
         let busy = walt_crds::find_condition(&status.conditions, walt_crds::condition_types::COMPLETE)
@@ -525,20 +537,9 @@ fn container_running(pod: &Pod) -> bool {
 
 /// Attaches to the build pod: writes the archive on its standard input, prints its output (a
 /// progress line on stderr for each step) until it ends.
-async fn stream_build(ctx: &Ctx, pod: &str, archive: &[u8]) -> Result<()> {
+async fn stream_build(ctx: &Ctx, pod: &RuntimePod, archive: &[u8]) -> Result<()> {
     let params = AttachParams::default().stdin(true).stdout(true).stderr(true);
-    let mut attached = ctx.pods().attach(pod, &params).await.map_err(|e| {
-        Error::api(
-            Op::named(
-                "create",
-                "attachment to the build pod",
-                "pods/attach",
-                pod,
-                &ctx.namespace,
-            ),
-            e,
-        )
-    })?;
+    let mut attached = pod.attach(ctx, &params, "attachment to the build pod").await?;
     let mut stdin = attached
         .stdin()
         .ok_or_else(|| Error::Failed("the build pod gave no standard input".into()))?;
@@ -805,6 +806,32 @@ mod tests {
         );
         let missing = shallow_clone(&url, Some("no-such-ref"), &dir.path().join("x")).expect_err("no ref");
         assert!(missing.to_string().contains("no-such-ref"), "{missing}");
+    }
+
+    #[test]
+    fn the_build_pod_is_where_the_status_says() {
+        let mut build = ImageBuild::new("app-x1", ImageBuildSpec::default());
+        assert_eq!(build_pod_of("alice", &build), None, "no status yet");
+        build.status = Some(walt_crds::ImageBuildStatus {
+            pod: Some("walt-build-app-x1".into()),
+            pod_namespace: Some("walt-run-alice".into()),
+            ..walt_crds::ImageBuildStatus::default()
+        });
+        assert_eq!(
+            build_pod_of("alice", &build),
+            Some(RuntimePod {
+                namespace: "walt-run-alice".into(),
+                name: "walt-build-app-x1".into()
+            })
+        );
+        if let Some(status) = build.status.as_mut() {
+            status.pod_namespace = None;
+        }
+        assert_eq!(
+            build_pod_of("alice", &build).map(|pod| pod.namespace),
+            Some("alice".into()),
+            "an operator that names no namespace ran it in the build's own"
+        );
     }
 
     #[test]

@@ -155,7 +155,7 @@ pub async fn run(ctx: &Ctx, src: &str, dst: &str, yes: bool) -> Result<i32> {
     }
 }
 
-async fn start_session(ctx: &Ctx, image: &ImageName) -> Result<(Created, session::ShellPod)> {
+async fn start_session(ctx: &Ctx, image: &ImageName) -> Result<(Created, session::RuntimePod)> {
     ctx.get_image(&image.object_name(), &image.to_string()).await?;
     let spec = ShellSessionSpec {
         image: Some(image.to_string()),
@@ -188,7 +188,12 @@ async fn start_session(ctx: &Ctx, image: &ImageName) -> Result<(Created, session
 
 /// Sends `input` (then, if `eof`, an end-of-file on the TTY), and collects the output until the
 /// shell exits.
-async fn converse(ctx: &Ctx, pod: &session::ShellPod, script: &str, payload: Option<&str>) -> Result<String> {
+async fn converse(
+    ctx: &Ctx,
+    pod: &session::RuntimePod,
+    script: &str,
+    payload: Option<&str>,
+) -> Result<String> {
     let mut attached = pod.attach_tty(ctx).await?;
     let mut stdin = attached
         .stdin()

@@ -32,10 +32,11 @@ pub async fn run(ctx: &Ctx, image: &str, mode: ShellModeArg) -> Result<i32> {
             busy.metadata.name.clone().unwrap_or_default()
         );
     }
+    // Attaching to the shell pod needs no right here: it runs in the tenant's runtime namespace,
+    // where the operator binds the attach role to whoever may use walt in this one.
     ctx.require(&[
         ("create", "walt.dev", "shellsessions", None, &ctx.namespace),
         ("patch", "walt.dev", "shellsessions", None, &ctx.namespace),
-        ("create", "", "pods", Some("attach"), &ctx.namespace),
     ])
     .await?;
 
@@ -157,7 +158,7 @@ async fn shell_and_decide(ctx: &Ctx, created: &Created, name: &ImageName) -> Res
 /// pod keeps its stdin open between attachments): the plugin attaches again, for up to
 /// [`session::OUTAGE_GRACE`] without a connection; past it the session is given up (the caller deletes
 /// it) rather than left behind.
-async fn attach_until_the_shell_ends(ctx: &Ctx, created: &Created, pod: &session::ShellPod) -> Result<()> {
+async fn attach_until_the_shell_ends(ctx: &Ctx, created: &Created, pod: &session::RuntimePod) -> Result<()> {
     attach(ctx, pod).await?;
     let mut detached_since = std::time::Instant::now();
     let mut running_checks = 0;
@@ -254,8 +255,8 @@ fn after_attachment(
 }
 
 /// The shell pod's container state, from the API.
-async fn shell_container(ctx: &Ctx, pod: &session::ShellPod) -> ShellContainer {
-    let Ok(Some(found)) = ctx.pods_in(&pod.namespace).get_opt(&pod.name).await else {
+async fn shell_container(ctx: &Ctx, pod: &session::RuntimePod) -> ShellContainer {
+    let Some(found) = pod.get(ctx).await else {
         return ShellContainer::Unknown;
     };
     let state = found
@@ -271,7 +272,7 @@ async fn shell_container(ctx: &Ctx, pod: &session::ShellPod) -> ShellContainer {
 }
 
 /// Attaches again after a lost connection, saying so in the terminal once attached.
-async fn attach_again(ctx: &Ctx, pod: &session::ShellPod) -> Result<()> {
+async fn attach_again(ctx: &Ctx, pod: &session::RuntimePod) -> Result<()> {
     attach_with(
         ctx,
         pod,
@@ -312,12 +313,12 @@ async fn ask(ctx: &Ctx, name: &ImageName) -> Result<Decision> {
 }
 
 /// Attaches to the shell pod's TTY until the shell ends or the connection is lost.
-async fn attach(ctx: &Ctx, pod: &session::ShellPod) -> Result<()> {
+async fn attach(ctx: &Ctx, pod: &session::RuntimePod) -> Result<()> {
     attach_with(ctx, pod, None).await
 }
 
 /// [`attach`], writing `greeting` to the terminal once attached.
-async fn attach_with(ctx: &Ctx, pod: &session::ShellPod, greeting: Option<&str>) -> Result<()> {
+async fn attach_with(ctx: &Ctx, pod: &session::RuntimePod, greeting: Option<&str>) -> Result<()> {
     let mut attached = pod.attach_tty(ctx).await?;
     if let Some(greeting) = greeting {
         eprintln!("{greeting}");

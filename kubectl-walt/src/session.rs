@@ -219,57 +219,81 @@ pub fn may_pass(error: &kube::Error) -> bool {
     }
 }
 
-/// Where a session's shell pod runs: its name and namespace.
+/// A pod walt runs for the tenant (a shell pod, a build pod): its name and namespace, as the
+/// object's status names them.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ShellPod {
+pub struct RuntimePod {
     /// The pod's namespace: the tenant's runtime namespace (`walt-run-<namespace>`).
     pub namespace: String,
     /// The pod's name.
     pub name: String,
 }
 
-impl ShellPod {
-    /// Attaches to the pod's TTY (its PID 1's terminal), in its own namespace.
-    pub async fn attach_tty(&self, ctx: &Ctx) -> Result<kube::api::AttachedProcess> {
+impl RuntimePod {
+    /// The pod a status names (pure): `pod` in `pod_namespace`, else in `fallback` (where an
+    /// operator that wrote no `podNamespace` put it). `None` while the status names no pod.
+    pub fn named(
+        pod: Option<&String>,
+        pod_namespace: Option<&String>,
+        fallback: impl FnOnce() -> String,
+    ) -> Option<RuntimePod> {
+        Some(RuntimePod {
+            name: pod?.clone(),
+            namespace: pod_namespace.cloned().unwrap_or_else(fallback),
+        })
+    }
+
+    /// Attaches to the pod with `params`, in its own namespace; `what` names it in errors
+    /// (`attachment to the shell pod`).
+    pub async fn attach(
+        &self,
+        ctx: &Ctx,
+        params: &kube::api::AttachParams,
+        what: &'static str,
+    ) -> Result<kube::api::AttachedProcess> {
         ctx.pods_in(&self.namespace)
-            .attach(&self.name, &kube::api::AttachParams::interactive_tty())
+            .attach(&self.name, params)
             .await
             .map_err(|e| {
                 Error::api(
-                    Op::named(
-                        "create",
-                        "attachment to the shell pod",
-                        "pods/attach",
-                        &self.name,
-                        &self.namespace,
-                    ),
+                    Op::named("create", what, "pods/attach", &self.name, &self.namespace),
                     e,
                 )
             })
+    }
+
+    /// Attaches to the pod's TTY (its PID 1's terminal), in its own namespace.
+    pub async fn attach_tty(&self, ctx: &Ctx) -> Result<kube::api::AttachedProcess> {
+        self.attach(
+            ctx,
+            &kube::api::AttachParams::interactive_tty(),
+            "attachment to the shell pod",
+        )
+        .await
+    }
+
+    /// The pod, when it exists and can be read.
+    pub async fn get(&self, ctx: &Ctx) -> Option<k8s_openapi::api::core::v1::Pod> {
+        ctx.pods_in(&self.namespace).get_opt(&self.name).await.ok()?
     }
 }
 
 /// The shell pod of a session, from its status (pure): `status.pod` in `status.podNamespace`, else
 /// (an operator from before runtime namespaces said none) in the tenant's runtime namespace.
-pub fn shell_pod(ctx: &Ctx, session: &ShellSession) -> Option<ShellPod> {
+pub fn shell_pod(ctx: &Ctx, session: &ShellSession) -> Option<RuntimePod> {
     shell_pod_of(&ctx.namespace, session)
 }
 
 /// The uid of a shell pod, when it exists and can be read.
-async fn pod_uid(ctx: &Ctx, pod: &ShellPod) -> Option<String> {
-    let found = ctx.pods_in(&pod.namespace).get_opt(&pod.name).await.ok()??;
-    found.metadata.uid
+async fn pod_uid(ctx: &Ctx, pod: &RuntimePod) -> Option<String> {
+    pod.get(ctx).await?.metadata.uid
 }
 
 /// [`shell_pod`] for the tenant namespace `namespace` (pure).
-pub fn shell_pod_of(namespace: &str, session: &ShellSession) -> Option<ShellPod> {
+pub fn shell_pod_of(namespace: &str, session: &ShellSession) -> Option<RuntimePod> {
     let status = session.status.as_ref()?;
-    Some(ShellPod {
-        name: status.pod.clone()?,
-        namespace: status
-            .pod_namespace
-            .clone()
-            .unwrap_or_else(|| walt_crds::runtime_namespace(namespace)),
+    RuntimePod::named(status.pod.as_ref(), status.pod_namespace.as_ref(), || {
+        walt_crds::runtime_namespace(namespace)
     })
 }
 
@@ -328,7 +352,7 @@ mod tests {
         });
         assert_eq!(
             shell_pod_of("alice", &session),
-            Some(ShellPod {
+            Some(RuntimePod {
                 namespace: "walt-run-alice".into(),
                 name: "walt-shell-s1".into()
             })

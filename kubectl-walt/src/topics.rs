@@ -115,7 +115,9 @@ Node shell: `kubectl walt node shell NODE`
       ssh -o ProxyCommand='kubectl walt node proxy %h' root@NODE
 
 Who may do what is Kubernetes RBAC: to open a shell you need `create` on shellsessions.walt.dev
-in the namespace (and `create` on pods/attach or pods/portforward); ask your lab admin.
+in the namespace (walt-edit or edit gives it, and with it attaching to your image shells in
+walt-run-NAMESPACE); node shells also need port-forward to walt's gateway pods (the chart's
+gateway-forward Role); ask your lab admin.
 ";
 
 const NODE_SAVE: &str = "\
@@ -230,8 +232,10 @@ their images reproducible and in git. The build runs on the cluster, in your nam
 Where it runs
   The plugin packs the build context on your machine (what .dockerignore excludes never leaves it)
   and streams it into a build pod that walt's operator starts for an ImageBuild resource. The pod
-  runs walt's runtime with the same isolation as image shells, and pulls and pushes with your
-  namespace's own registry credentials: it writes only under your namespace's registry path.
+  runs walt's runtime with the same isolation as image shells, in your namespace's runtime namespace
+  walt-run-NAMESPACE (the operator's; you may attach to your builds there and create nothing), so you
+  need no pod rights and your namespace can stay at Pod Security baseline. It pulls and pushes with
+  your namespace's own registry credentials: it writes only under your namespace's registry path.
   --from-url clones the repository with the git of YOUR machine (shallow, at --ref), then builds
   from that clone like --from-dir; the ImageBuild records the URL, ref and commit it came from.
 

@@ -4135,6 +4135,8 @@ fn image_build_refuses_builds_runs_its_pod_tags_the_result_and_cleans_up() {
     let operator = start_operator(cluster, &namespace, "build", &["--lab-registry", &lab]);
     operator.wait_ready(Duration::from_mins(1));
     let within = Duration::from_mins(1);
+    // Build pods run in the tenant's runtime namespace.
+    let runtime = walt_crds::runtime_namespace(&namespace);
 
     // An existing image is not replaced without overwrite: Failed before any pod.
     apply(
@@ -4171,12 +4173,16 @@ fn image_build_refuses_builds_runs_its_pod_tags_the_result_and_cleans_up() {
         .contains("--overwrite"),
         "the message says what to do"
     );
-    assert!(
-        kubectl(cluster, &namespace, &["get", "pods", "-o", "name"])
-            .trim()
-            .is_empty(),
-        "no build pod for a refused build"
-    );
+    for pods_in in [&namespace, &runtime] {
+        assert!(
+            cluster
+                .kubectl_output(&["-n", pods_in, "get", "pods", "-o", "name"])
+                .unwrap_or_default()
+                .trim()
+                .is_empty(),
+            "no build pod for a refused build"
+        );
+    }
 
     // A new image: the build pod reads the context on stdin and pushes into the tenant's own path.
     apply(cluster, &namespace, &image_build_yaml("failing", "fresh", false));
@@ -4190,12 +4196,17 @@ fn image_build_refuses_builds_runs_its_pod_tags_the_result_and_cleans_up() {
         &operator,
     );
     assert_eq!(
-        jsonpath(cluster, &namespace, "imagebuild/failing", "{.status.pod}"),
-        "walt-build-failing"
+        jsonpath(
+            cluster,
+            &namespace,
+            "imagebuild/failing",
+            "{.status.pod} {.status.podNamespace}"
+        ),
+        format!("walt-build-failing {runtime}")
     );
     let args = jsonpath(
         cluster,
-        &namespace,
+        &runtime,
         "pod/walt-build-failing",
         "{.spec.containers[0].args}",
     );
@@ -4210,7 +4221,7 @@ fn image_build_refuses_builds_runs_its_pod_tags_the_result_and_cleans_up() {
     assert_eq!(
         jsonpath(
             cluster,
-            &namespace,
+            &runtime,
             "pod/walt-build-failing",
             "{.spec.containers[0].stdin}/{.spec.containers[0].tty}/{.spec.automountServiceAccountToken}"
         ),
@@ -4238,12 +4249,12 @@ fn image_build_refuses_builds_runs_its_pod_tags_the_result_and_cleans_up() {
         "{waiting}"
     );
     assert!(
-        !kubectl(cluster, &namespace, &["get", "pods", "-o", "name"]).contains("walt-build-good"),
+        !kubectl(cluster, &runtime, &["get", "pods", "-o", "name"]).contains("walt-build-good"),
         "no pod for a waiting build"
     );
     end_build_pod(
         cluster,
-        &namespace,
+        &runtime,
         "walt-build-failing",
         1,
         "walt-operator: step 2/2 (Dockerfile line 2) RUN echo boom; exit 3: the command exited with status 3 (its output is above)",
@@ -4277,7 +4288,7 @@ fn image_build_refuses_builds_runs_its_pod_tags_the_result_and_cleans_up() {
         "step 2/2",
         &operator,
     );
-    wait_pod_gone(cluster, &namespace, "walt-build-failing", &operator);
+    wait_pod_gone(cluster, &runtime, "walt-build-failing", &operator);
     assert!(
         cluster
             .kubectl_output(&["-n", &namespace, "get", "image/fresh"])
@@ -4302,7 +4313,7 @@ fn image_build_refuses_builds_runs_its_pod_tags_the_result_and_cleans_up() {
     );
     let args = jsonpath(
         cluster,
-        &namespace,
+        &runtime,
         "pod/walt-build-good",
         "{.spec.containers[0].args}",
     );
@@ -4319,7 +4330,7 @@ fn image_build_refuses_builds_runs_its_pod_tags_the_result_and_cleans_up() {
         .expect("push the build's result");
     let result = serde_json::json!({"digest": digest, "reference": push_to, "architecture": "amd64",
         "emulated": false, "steps": 3, "cached": 1, "layersPushed": 1, "pushed": true, "seconds": 1.0});
-    end_build_pod(cluster, &namespace, "walt-build-good", 0, &result.to_string());
+    end_build_pod(cluster, &runtime, "walt-build-good", 0, &result.to_string());
     wait_for(
         cluster,
         &namespace,
@@ -4352,7 +4363,7 @@ fn image_build_refuses_builds_runs_its_pod_tags_the_result_and_cleans_up() {
         within,
         &operator,
     );
-    wait_pod_gone(cluster, &namespace, "walt-build-good", &operator);
+    wait_pod_gone(cluster, &runtime, "walt-build-good", &operator);
     let columns = kubectl(cluster, &namespace, &["get", "imagebuilds"]);
     assert!(
         columns.contains("Succeeded") && columns.contains(&digest["sha256:".len()..][..12]),
@@ -4379,10 +4390,192 @@ fn image_build_refuses_builds_runs_its_pod_tags_the_result_and_cleans_up() {
         &namespace,
         &["delete", "imagebuild/cancelled", "--wait=true", "--timeout=60s"],
     );
-    wait_pod_gone(cluster, &namespace, "walt-build-cancelled", &operator);
+    wait_pod_gone(cluster, &runtime, "walt-build-cancelled", &operator);
     assert!(
         skopeo_digest(&registry.reference(&format!("lab/{namespace}/other:latest"))).is_err(),
         "no tag moved"
+    );
+}
+
+/// Waits until `object` of `namespace` is gone (`--ignore-not-found` answers nothing).
+fn wait_gone(cluster: &Cluster, namespace: &str, object: &str, what: &str, operator: &Operator) {
+    Wait::new(what, Duration::from_mins(1))
+        .every(Duration::from_millis(250))
+        .until(|| {
+            match cluster.kubectl_output(&[
+                "-n",
+                namespace,
+                "get",
+                object,
+                "--ignore-not-found",
+                "-o",
+                "name",
+            ]) {
+                Ok(out) if out.trim().is_empty() => Poll::Ready(()),
+                Ok(out) => Poll::Pending(out),
+                Err(error) => Poll::Pending(error.to_string()),
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", operator.log()));
+}
+
+/// Issues 15 and 19, no pod rights for builds: alice's ImageBuild runs its build pod in her runtime
+/// namespace (`walt-run-<alice>`, made by the operator), never in her own (at Pod Security
+/// `baseline`, which refuses the privileged build pod), labelled with its owner (kind, namespace,
+/// name, uid); the build's status names the pod's namespace; deleting the build removes the pod; a
+/// build pod there whose ImageBuild is gone is swept, a live build's is kept. A namespace of the
+/// runtime namespace's name that walt did not make is refused: the build fails
+/// `RuntimeNamespaceRefused` with a Warning Event saying what to do, and no pod is made anywhere.
+/// The test plays the kubelet (none on this tier): the pod is only created and deleted.
+#[test]
+fn alices_build_runs_in_her_runtime_namespace_and_goes_with_its_owner() {
+    let started = Instant::now();
+    let cluster = cluster();
+    let (alice, _dir) = tenant(cluster, "alice-bld");
+    kubectl(
+        cluster,
+        &alice,
+        &[
+            "label",
+            "namespace",
+            &alice,
+            "pod-security.kubernetes.io/enforce=baseline",
+        ],
+    );
+    // Someone else's namespace holds the runtime namespace's name before walt makes it.
+    let runtime = walt_crds::runtime_namespace(&alice);
+    cluster
+        .kubectl_output(&["create", "namespace", &runtime])
+        .expect("create the squatted namespace");
+    let operator = start_operator(cluster, &alice, "bld", &["--runtime-sweep-interval", "2s"]);
+    operator.wait_ready(Duration::from_mins(1));
+    let within = Duration::from_mins(1);
+    apply(cluster, &alice, &image_build_yaml("squatted", "app", false));
+    wait_for(
+        cluster,
+        &alice,
+        "imagebuild/squatted",
+        "{.status.phase} {.status.conditions[?(@.type==\"Complete\")].reason}",
+        "Failed RuntimeNamespaceRefused",
+        within,
+        &operator,
+    );
+    let message = jsonpath(
+        cluster,
+        &alice,
+        "imagebuild/squatted",
+        "{.status.conditions[0].message}",
+    );
+    assert!(
+        message.contains(&format!(
+            "the namespace {runtime} exists but is not walt's runtime namespace of {alice}"
+        )) && message.contains("a cluster admin deletes or renames it")
+            && message.ends_with("no build pod was made"),
+        "{message}"
+    );
+    wait_event(
+        cluster,
+        &alice,
+        "squatted",
+        "RuntimeNamespaceRefused",
+        "not walt's runtime namespace",
+        &operator,
+    );
+    for namespace in [&alice, &runtime] {
+        assert!(
+            kubectl(cluster, namespace, &["get", "pods", "-o", "name"])
+                .trim()
+                .is_empty(),
+            "a build pod in {namespace} though the runtime namespace was refused"
+        );
+    }
+    // Made walt's (as if the operator had made it): builds run there.
+    kubectl(
+        cluster,
+        &alice,
+        &[
+            "label",
+            "namespace",
+            &runtime,
+            "app.kubernetes.io/managed-by=walt-operator",
+            &format!("walt.dev/tenant={alice}"),
+            "pod-security.kubernetes.io/enforce=privileged",
+        ],
+    );
+    apply(cluster, &alice, &image_build_yaml("b1", "app", false));
+    wait_for(
+        cluster,
+        &alice,
+        "imagebuild/b1",
+        "{.status.phase} {.status.pod} {.status.podNamespace}",
+        &format!("Building walt-build-b1 {runtime}"),
+        within,
+        &operator,
+    );
+    let build_uid = jsonpath(cluster, &alice, "imagebuild/b1", "{.metadata.uid}");
+    assert_eq!(
+        jsonpath(
+            cluster,
+            &runtime,
+            "pod/walt-build-b1",
+            "{.metadata.labels.walt\\.dev/owner-kind}/{.metadata.labels.walt\\.dev/owner-namespace}/{.metadata.labels.walt\\.dev/owner-name}/{.metadata.labels.walt\\.dev/owner-uid}/{.metadata.labels.walt\\.dev/image-build}"
+        ),
+        format!("ImageBuild/{alice}/b1/{build_uid}/b1")
+    );
+    assert_eq!(
+        jsonpath(
+            cluster,
+            &runtime,
+            "pod/walt-build-b1",
+            "{.metadata.ownerReferences}"
+        ),
+        "",
+        "no cross-namespace owner reference"
+    );
+    assert!(
+        cluster
+            .kubectl_output(&["-n", &alice, "get", "pod/walt-build-b1"])
+            .is_err(),
+        "a build pod in the tenant's namespace"
+    );
+    // A build pod whose ImageBuild is gone (deleted while no operator ran) is swept; the live
+    // build's pod stays.
+    let orphan = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: walt-build-gone\n  labels:\n    \
+         app.kubernetes.io/managed-by: walt-operator\n    walt.dev/owner-kind: ImageBuild\n    \
+         walt.dev/owner-namespace: {alice}\n    walt.dev/owner-name: gone\n    walt.dev/owner-uid: 00000000-0000-0000-0000-000000000000\n\
+         spec: {{containers: [{{name: build, image: busybox}}]}}\n"
+    );
+    apply(cluster, &runtime, &orphan);
+    wait_gone(
+        cluster,
+        &runtime,
+        "pod/walt-build-gone",
+        "the orphan build pod to be swept",
+        &operator,
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        jsonpath(cluster, &runtime, "pod/walt-build-b1", "{.metadata.name}"),
+        "walt-build-b1",
+        "the live build's pod was swept"
+    );
+    // Deleting the build removes its pod (its finalizer).
+    kubectl(
+        cluster,
+        &alice,
+        &["delete", "imagebuild/b1", "--wait=true", "--timeout=60s"],
+    );
+    wait_gone(
+        cluster,
+        &runtime,
+        "pod/walt-build-b1",
+        "the build pod to go with its build",
+        &operator,
+    );
+    eprintln!(
+        "alices_build_runs_in_her_runtime_namespace_and_goes_with_its_owner: {:.1} s",
+        started.elapsed().as_secs_f64()
     );
 }
 

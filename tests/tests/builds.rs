@@ -2,6 +2,9 @@
 //! operator, the build running in a real build pod (kubelet + containerd + runc) of the walt image.
 //!
 //! One test, because one cluster start serves every step (the machine has 2 cores):
+//! The tenant's namespace is at Pod Security `baseline`: the build pods (privileged here, no user
+//! namespaces) run in its runtime namespace `walt-run-<ns>`, where the plugin attaches.
+//!
 //! 1. `--from-dir`, amd64: `COPY` of a context directory (`.dockerignore` honoured on the client) and
 //!    `RUN` steps; the plugin prints the step's output and a progress line per step; the operator tags
 //!    the result and creates the Image, whose digest is the registry's; skopeo + umoci show the files;
@@ -164,6 +167,17 @@ fn image_builds_on_the_cluster_tier() {
         ],
     );
     let ns = cluster.create_namespace("builds").expect("namespace");
+    // A tenant's namespace at Pod Security baseline: the build pods run in walt-run-<ns>.
+    kubectl(
+        &cluster,
+        &[
+            "label",
+            "namespace",
+            &ns,
+            "pod-security.kubernetes.io/enforce=baseline",
+        ],
+    );
+    let runtime = walt_crds::runtime_namespace(&ns);
     let key = walt_tests::sshnode::keygen(work.path(), "node_key");
     kubectl(
         &cluster,
@@ -296,9 +310,9 @@ fn image_builds_on_the_cluster_tier() {
             &cluster,
             &ns,
             &format!("imagebuild/{build_name}"),
-            "{.status.phase} {.status.result.digest}"
+            "{.status.phase} {.status.result.digest} {.status.podNamespace}"
         ),
-        format!("Succeeded {digest}")
+        format!("Succeeded {digest} {runtime}")
     );
     let rootfs = unpack(&reference, work.path());
     assert_eq!(
@@ -319,7 +333,7 @@ fn image_builds_on_the_cluster_tier() {
                 &cluster,
                 &[
                     "-n",
-                    &ns,
+                    &runtime,
                     "get",
                     "pods",
                     "-l",

@@ -956,7 +956,8 @@ fn pod_json(name: &str, security: &serde_json::Value, host_users: Option<bool>) 
 /// so is the user-namespaced pod design (a) would need (`hostUsers: false`, `SYS_ADMIN`, seccomp
 /// `Unconfined`); may create no pod at all in her runtime namespace `walt-run-<alice>` (the
 /// operator's, Pod Security `privileged`), nor exec into her shell pod there, nor read its Secrets;
-/// may attach to her own session's pod but not to bob's. The runtime namespaces and their attach
+/// may attach to her own session's pod but not to bob's; with walt-edit alone she has no pod right
+/// at all in a namespace (shells, builds and virtual nodes need none there). The runtime namespaces and their attach
 /// RoleBinding are made here as the operator makes them (checked against the real operator by
 /// `controller::alices_shell_runs_in_her_runtime_namespace_and_goes_with_its_owner`).
 #[test]
@@ -1119,6 +1120,48 @@ fn alice_runs_no_privileged_pod_and_attaches_only_to_her_own_sessions() {
         if can(verb, resource, namespace) != allowed {
             wrong.push(format!(
                 "can-i {verb} {resource} -n {namespace}: expected {allowed}"
+            ));
+        }
+    }
+    // walt-edit alone (what the chart aggregates into edit) grants no pod right in a tenant's
+    // namespace: shell, build and virtual node pods run in its runtime namespace.
+    let edit_only = cluster.create_namespace("alice-walt-edit").expect("namespace");
+    cluster
+        .kubectl_output(&[
+            "-n",
+            &edit_only,
+            "create",
+            "rolebinding",
+            "alice",
+            "--clusterrole=walt-edit",
+            "--user=alice",
+        ])
+        .expect("bind alice to walt-edit");
+    walt_tests::wait::Wait::new(
+        "alice's walt-edit binding to apply",
+        std::time::Duration::from_secs(20),
+    )
+    .every(std::time::Duration::from_millis(200))
+    .until(|| {
+        if can("create", "imagebuilds.walt.dev", &edit_only) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending("no".to_owned())
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    for (verb, resource, allowed) in [
+        ("create", "shellsessions.walt.dev", true),
+        ("get", "pods", false),
+        ("list", "pods", false),
+        ("create", "pods", false),
+        ("create", "pods/attach", false),
+        ("create", "pods/exec", false),
+        ("create", "pods/portforward", false),
+    ] {
+        if can(verb, resource, &edit_only) != allowed {
+            wrong.push(format!(
+                "with walt-edit only: can-i {verb} {resource} -n {edit_only}: expected {allowed}"
             ));
         }
     }

@@ -325,7 +325,10 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
     let builds = Controller::new(all::<Cached<ImageBuild>>(&context), watcher::Config::default());
     let census_builds = builds.store();
     let builds = builds
-        .owns(all::<Pod>(&context), owned_objects())
+        // Its pod changed (in the tenant's runtime namespace: owner labels, not owner references).
+        .watches(runtime_pods(&context), owned_objects(), |pod: Pod| {
+            owner_of::<Cached<ImageBuild>>(&pod, "ImageBuild")
+        })
         .with_config(controller_config(&context))
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(

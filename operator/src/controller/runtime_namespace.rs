@@ -1,5 +1,5 @@
 //! Runtime namespace reconcile (leader only): for each tenant's runtime namespace (`walt-run-<ns>`,
-//! made by the ShellSession and Node controllers through
+//! made by the ShellSession, ImageBuild and Node controllers through
 //! [`crate::controller::shared::runtime::ensure_runtime_namespace`]):
 //!
 //! - the RoleBinding that lets the tenant's users attach to their sessions, kept equal to the
@@ -7,7 +7,7 @@
 //!   change there);
 //! - the end: once the tenant's namespace is gone (deleted, or being deleted), the runtime namespace is
 //!   deleted too, with what the operator made there (woken by the tenant namespace's change);
-//! - the sweep: pods, Services and claims whose ShellSession or Node is gone are deleted (at start,
+//! - the sweep: pods, Services and claims whose ShellSession, ImageBuild or Node is gone are deleted (at start,
 //!   every `--runtime-sweep-interval`); the pure decision is
 //!   [`crate::controller::shared::runtime::orphans`].
 
@@ -21,7 +21,7 @@ use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use walt_crds::runtime::TENANT_LABEL;
-use walt_crds::{Node, ShellSession};
+use walt_crds::{ImageBuild, Node, ShellSession};
 
 use crate::controller::shared::context::{Context, MANAGED_BY, MANAGED_BY_LABEL};
 use crate::controller::shared::error::{KubeResultExt, Result};
@@ -107,43 +107,45 @@ where
         .collect())
 }
 
-/// Kind and uid of the tenant's ShellSessions and Nodes.
+/// Kind and uid of the tenant's objects of kind `K` (`kind`).
+async fn uids_of<K>(context: &Context, tenant: &str, kind: &'static str) -> Result<Vec<(String, String)>>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let list = Api::<K>::namespaced(context.client.clone(), tenant)
+        .list_metadata(&ListParams::default())
+        .await
+        .context(|| format!("listing the {kind}s of {tenant}"))?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter_map(|object| object.metadata.uid)
+        .map(|uid| (kind.to_owned(), uid))
+        .collect())
+}
+
+/// Kind and uid of the tenant's ShellSessions, ImageBuilds and Nodes.
 async fn live_owners(context: &Context, tenant: &str) -> Result<BTreeSet<(String, String)>> {
-    let sessions = Api::<ShellSession>::namespaced(context.client.clone(), tenant)
-        .list_metadata(&ListParams::default())
-        .await
-        .context(|| format!("listing the ShellSessions of {tenant}"))?;
-    let nodes = Api::<Node>::namespaced(context.client.clone(), tenant)
-        .list_metadata(&ListParams::default())
-        .await
-        .context(|| format!("listing the Nodes of {tenant}"))?;
     let mut live = BTreeSet::new();
-    live.extend(
-        sessions
-            .items
-            .into_iter()
-            .filter_map(|object| object.metadata.uid)
-            .map(|uid| ("ShellSession".to_owned(), uid)),
-    );
-    live.extend(
-        nodes
-            .items
-            .into_iter()
-            .filter_map(|object| object.metadata.uid)
-            .map(|uid| ("Node".to_owned(), uid)),
-    );
+    live.extend(uids_of::<ShellSession>(context, tenant, "ShellSession").await?);
+    live.extend(uids_of::<ImageBuild>(context, tenant, "ImageBuild").await?);
+    live.extend(uids_of::<Node>(context, tenant, "Node").await?);
     Ok(live)
 }
 
-/// Deletes what no live ShellSession or Node of the tenant owns. The objects are listed before their
-/// owners: an owner exists before what is made for it, so nothing new is taken for an orphan.
+/// Deletes what no live ShellSession, ImageBuild or Node of the tenant owns. The objects are listed
+/// before their owners: an owner exists before what is made for it, so nothing new is taken for an
+/// orphan.
 async fn sweep(context: &Context, runtime: &str, tenant: &str) -> Result<()> {
     let mut made = made_of::<Pod>(context, runtime, "Pod").await?;
     made.extend(made_of::<Service>(context, runtime, "Service").await?);
     made.extend(made_of::<PersistentVolumeClaim>(context, runtime, "PersistentVolumeClaim").await?);
     let live = live_owners(context, tenant).await?;
     for orphan in orphans(&made, tenant, &live) {
-        tracing::info!(namespace = runtime, kind = orphan.kind, name = %orphan.name, owner = ?orphan.owner, "deleting what no live ShellSession or Node owns");
+        tracing::info!(namespace = runtime, kind = orphan.kind, name = %orphan.name, owner = ?orphan.owner, "deleting what no live ShellSession, ImageBuild or Node owns");
         let deleted = match orphan.kind {
             "Pod" => delete::<Pod>(context, runtime, &orphan.name).await,
             "Service" => delete::<Service>(context, runtime, &orphan.name).await,

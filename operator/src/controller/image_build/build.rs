@@ -1,21 +1,24 @@
 //! The pure parts of the ImageBuild controller: the build pod (walt's runtime pod running
-//! `walt-operator build --context-tar -`), its scratch tag, and what its status says.
+//! `walt-operator build --context-tar -`, in the tenant's runtime namespace), its scratch tag, and
+//! what its status says.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
-use kube::{Resource, ResourceExt};
+use kube::ResourceExt;
 use serde::Deserialize;
-use walt_crds::ImageBuild;
+use walt_crds::runtime::OWNER_NAME_LABEL;
+use walt_crds::{ImageBuild, runtime_namespace};
 
 use crate::controller::config::LayerCache;
-use crate::controller::shared::context::{MANAGED_BY, MANAGED_BY_LABEL};
 use crate::controller::shared::pods::{CACHE_DIR, RuntimePod, prefer_architecture, runtime_pod};
+use crate::controller::shared::runtime::owner_labels;
 
 /// Label naming the ImageBuild a pod belongs to.
 pub const BUILD_LABEL: &str = "walt.dev/image-build";
+/// The owner kind of a build pod's owner labels.
+pub const OWNER_KIND: &str = "ImageBuild";
 
 /// Name of the build pod of a build.
 pub fn build_pod_name(build: &str) -> String {
@@ -83,17 +86,16 @@ pub fn build_args(build: &ImageBuild, inputs: &BuildPodInputs<'_>) -> Vec<String
 }
 
 /// Builds the build pod (pure): the same runtime pod as image shells, without a terminal (the client
-/// writes the context's tar archive on its standard input).
+/// writes the context's tar archive on its standard input), in the tenant's runtime namespace with
+/// the build's owner labels (owner references cannot cross namespaces).
 pub fn build_pod(build: &ImageBuild, inputs: &BuildPodInputs<'_>) -> Pod {
-    let name = build.name_any();
+    let mut labels = owner_labels(OWNER_KIND, build);
+    labels.insert(BUILD_LABEL.to_owned(), labels[OWNER_NAME_LABEL].clone());
     runtime_pod(&RuntimePod {
-        name: build_pod_name(&name),
-        namespace: build.namespace(),
-        labels: BTreeMap::from([
-            (MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned()),
-            (BUILD_LABEL.to_owned(), name),
-        ]),
-        owner: build.controller_owner_ref(&()),
+        name: build_pod_name(&build.name_any()),
+        namespace: build.namespace().map(|namespace| runtime_namespace(&namespace)),
+        labels,
+        owner: None,
         container: "build",
         args: build_args(build, inputs),
         tty: false,
@@ -258,7 +260,20 @@ mod tests {
         assert_eq!(scratch_tag(&build), "build-0a1b2c3d4e5f");
         let pod = build_pod(&build, &inputs(&cache));
         assert_eq!(pod.name_any(), "walt-build-app-v2");
-        assert_eq!(pod.owner_references()[0].kind, "ImageBuild");
+        assert_eq!(
+            pod.namespace().as_deref(),
+            Some("walt-run-alice"),
+            "in the tenant's runtime namespace, never the tenant's own"
+        );
+        assert!(
+            pod.owner_references().is_empty(),
+            "no cross-namespace owner reference"
+        );
+        assert!(crate::controller::shared::runtime::owned_by(
+            &pod.metadata,
+            "ImageBuild",
+            &build
+        ));
         assert_eq!(pod.labels()[BUILD_LABEL], "app-v2");
         let spec = pod.spec.expect("spec");
         assert_eq!(spec.host_users, Some(false), "isolated like shell pods");

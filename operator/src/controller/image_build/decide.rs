@@ -18,8 +18,11 @@ pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
 /// What one reconcile observed.
 #[derive(Clone, Debug, Default)]
 pub struct Observed {
-    /// The build pod's state (`None`: there is no pod).
+    /// The build pod's state (`None`: there is no pod of this build).
     pub pod: Option<PodState>,
+    /// A pod of the build pod's name exists that is not this build's (its owner labels name another
+    /// uid: left by a former build of the same name): never read nor attached to, it goes first.
+    pub stale_pod: bool,
     /// The end of the build pod's log, when it was read (running or ended pods).
     pub log: Option<LogProgress>,
     /// Who else holds the target image (`Kind/name`), when looked up (a build about to start):
@@ -32,6 +35,8 @@ pub struct Observed {
 pub enum Step {
     /// The build is over: make sure its pod is gone.
     Cleanup,
+    /// A pod of the build pod's name that is not this build's is in the way: delete it, look again.
+    RemoveStalePod,
     /// Check the target, then create the build pod.
     Start,
     /// Another writer holds the target image (`Kind/name`): the build starts after it.
@@ -55,6 +60,9 @@ pub fn decide(build: &ImageBuild, observed: &Observed) -> Step {
         .unwrap_or_default();
     if phase.is_finished() {
         return Step::Cleanup;
+    }
+    if observed.stale_pod {
+        return Step::RemoveStalePod;
     }
     let Some(pod) = &observed.pod else {
         return if phase != ImageBuildPhase::Pending {
@@ -131,8 +139,28 @@ mod tests {
         Observed {
             pod,
             log: Some(LogProgress::of(log)),
-            holder: None,
+            ..Observed::default()
         }
+    }
+
+    #[test]
+    fn a_pod_left_by_a_former_build_of_the_same_name_goes_first() {
+        let stale = Observed {
+            stale_pod: true,
+            ..Observed::default()
+        };
+        assert!(matches!(
+            decide(&build(ImageBuildPhase::Pending), &stale),
+            Step::RemoveStalePod
+        ));
+        assert!(matches!(
+            decide(&build(ImageBuildPhase::Building), &stale),
+            Step::RemoveStalePod
+        ));
+        assert!(matches!(
+            decide(&build(ImageBuildPhase::Failed), &stale),
+            Step::Cleanup
+        ));
     }
 
     #[test]

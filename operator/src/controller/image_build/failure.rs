@@ -25,6 +25,9 @@ pub enum Failure {
     /// The target is outside the namespace's registry path.
     #[error("{}", .0.message)]
     RegistryPathForbidden(crate::controller::shared::registry_paths::Refusal),
+    /// The tenant's runtime namespace, where build pods run, cannot be used: why, and what to do.
+    #[error("{0}; no build pod was made")]
+    RuntimeNamespaceRefused(String),
     /// A step (or the Dockerfile) failed: the build's own message, then the end of its output.
     #[error("{message}{}", output_suffix(.output))]
     BuildFailed {
@@ -69,6 +72,7 @@ impl Failure {
         match self {
             Failure::ImageExists { .. } => reasons::IMAGE_EXISTS,
             Failure::RegistryPathForbidden(_) => reasons::REGISTRY_PATH_FORBIDDEN,
+            Failure::RuntimeNamespaceRefused(_) => reasons::RUNTIME_NAMESPACE_REFUSED,
             Failure::BuildFailed { .. } => reasons::BUILD_FAILED,
             Failure::PodFailed(_) | Failure::PodLost | Failure::NoResult(_) => reasons::POD_FAILED,
             Failure::ContextNotUploaded(_) => reasons::CONTEXT_NOT_UPLOADED,
@@ -83,6 +87,7 @@ impl Failure {
             Failure::SaveFailed(_) => Some(SAVE_RETRY),
             Failure::ImageExists { .. }
             | Failure::RegistryPathForbidden(_)
+            | Failure::RuntimeNamespaceRefused(_)
             | Failure::BuildFailed { .. }
             | Failure::PodFailed(_)
             | Failure::PodLost
@@ -123,6 +128,12 @@ mod tests {
         assert!(
             std::error::Error::source(&save).is_some(),
             "the registry error is kept"
+        );
+        let refused =
+            Failure::RuntimeNamespaceRefused("the namespace walt-run-alice exists but is not walt's".into());
+        assert_eq!(
+            (refused.reason(), refused.retry()),
+            (reasons::RUNTIME_NAMESPACE_REFUSED, None)
         );
         let late = Failure::ContextNotUploaded(Duration::from_mins(5));
         assert_eq!(late.reason(), reasons::CONTEXT_NOT_UPLOADED);

@@ -3,8 +3,11 @@
 //!
 //! A build pod is walt's runtime pod ([`crate::controller::shared::pods::runtime_pod`], isolated like
 //! image shells, with the namespace's own registry credentials) running `walt-operator build
-//! --context-tar -`: the client (`kubectl walt image build`) attaches to it and writes the context as
-//! a tar archive on its standard input. The build pushes by digest under a scratch tag `build-<uid>`
+//! --context-tar -`, in the tenant's runtime namespace (`walt-run-<namespace>`,
+//! [`crate::controller::shared::runtime`]) with the build's owner labels, like shell pods: the tenant's
+//! namespace needs no pod rights and stays at Pod Security `baseline`. The client (`kubectl walt image
+//! build`) attaches to it there (`status.podNamespace`) and writes the context as a tar archive on its
+//! standard input. The build pushes by digest under a scratch tag `build-<uid>`
 //! of the target's repository (checked against the namespace's registry path first); the reconcile
 //! reads its progress from the pod's log into the status, and once it succeeded tags the result as
 //! `spec.image` and creates or updates the Image, like every other image change
@@ -19,7 +22,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, LogParams};
+use kube::api::LogParams;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -27,14 +30,16 @@ use kube::{Api, ResourceExt};
 use walt_crds::image_build::{LogProgress, reasons};
 use walt_crds::{
     ConditionStatus, ImageBuild, ImageBuildPhase, ImageBuildResult, ImageBuildStatus, ImageName,
-    condition_types, short_digest,
+    condition_types, runtime_namespace, short_digest,
 };
 
 pub mod build;
 pub mod decide;
 pub mod failure;
 
-use self::build::{BuildOutcome, BuildPodInputs, build_pod, build_pod_name, pod_state, scratch_tag};
+use self::build::{
+    BuildOutcome, BuildPodInputs, OWNER_KIND, build_pod, build_pod_name, pod_state, scratch_tag,
+};
 use self::decide::{Observed, PROGRESS_INTERVAL, Step, apply_progress, decide};
 use self::failure::Failure;
 use crate::controller::shared::context::Context;
@@ -43,6 +48,7 @@ use crate::controller::shared::image_result;
 use crate::controller::shared::lock::{Claim, claims_in, holder_other_than};
 use crate::controller::shared::registry::{ensure_registry_secret, repository_of};
 use crate::controller::shared::registry_paths::Access;
+use crate::controller::shared::runtime::{delete_within, ensure_runtime_namespace, owned_by};
 
 /// Finalizer of ImageBuilds: the build pod is deleted before the build goes.
 pub const FINALIZER: &str = "walt.dev/image-build-cleanup";
@@ -72,13 +78,18 @@ pub async fn reconcile(build: Arc<ImageBuild>, context: Arc<Context>) -> Result<
 
 async fn apply(build: &ImageBuild, context: &Context) -> Result<Action> {
     let status = build.status.clone().unwrap_or_default();
-    let pods: Api<Pod> = Api::namespaced(context.client.clone(), &build.namespace().unwrap_or_default());
-    let pod = if status.phase.is_finished() {
+    let pods: Api<Pod> = Api::namespaced(context.client.clone(), &pod_namespace(build));
+    let found = if status.phase.is_finished() {
         None
     } else {
         pods.get_opt(&build_pod_name(&build.name_any()))
             .await
             .context(|| format!("reading the build pod of {}", build.name_any()))?
+    };
+    // Only the pod made for this very build (owner labels, by uid) is read or attached to.
+    let (pod, stale_pod) = match found {
+        Some(pod) if !owned_by(&pod.metadata, OWNER_KIND, build) => (None, true),
+        found => (found, false),
     };
     let state = pod.as_ref().map(|pod| pod_state(pod, Timestamp::now()));
     let log = match &state {
@@ -95,6 +106,7 @@ async fn apply(build: &ImageBuild, context: &Context) -> Result<Action> {
     };
     let observed = Observed {
         pod: state,
+        stale_pod,
         log,
         holder,
     };
@@ -105,6 +117,10 @@ async fn apply(build: &ImageBuild, context: &Context) -> Result<Action> {
         Step::Cleanup => {
             delete_pod(context, build, None).await?;
             Ok(Action::await_change())
+        }
+        Step::RemoveStalePod => {
+            delete_pod(context, build, Some(1)).await?;
+            Ok(Action::requeue(Duration::from_secs(2)))
         }
         Step::Start => start(build, context, status).await,
         Step::WaitForImage(holder) => wait_for_image(build, context, status, &holder).await,
@@ -150,7 +166,7 @@ async fn wait_for_image(
 
 /// The end of the build pod's log (`None` when it cannot be read: progress just shows later).
 async fn read_log(context: &Context, build: &ImageBuild) -> Option<LogProgress> {
-    let pods: Api<Pod> = Api::namespaced(context.client.clone(), &build.namespace().unwrap_or_default());
+    let pods: Api<Pod> = Api::namespaced(context.client.clone(), &pod_namespace(build));
     let params = LogParams {
         tail_lines: Some(LOG_LINES),
         limit_bytes: Some(64 * 1024),
@@ -165,23 +181,22 @@ async fn read_log(context: &Context, build: &ImageBuild) -> Option<LogProgress> 
     }
 }
 
-/// Deletes the build pod (gone already is fine); `grace` seconds to stop, the pod's own when `None`.
+/// The namespace of a build's pod: its tenant's runtime namespace (pure).
+fn pod_namespace(build: &ImageBuild) -> String {
+    runtime_namespace(&build.namespace().unwrap_or_default())
+}
+
+/// Deletes the build pod (in the runtime namespace; gone already is fine; a pod of that name left by
+/// a former build of the same name is no one's, and goes too); `grace` seconds to stop, the pod's own
+/// when `None`.
 async fn delete_pod(context: &Context, build: &ImageBuild, grace: Option<u32>) -> Result<()> {
-    let namespace = build.namespace().unwrap_or_default();
-    let pods: Api<Pod> = Api::namespaced(context.client.clone(), &namespace);
-    let name = build_pod_name(&build.name_any());
-    let params = DeleteParams {
-        grace_period_seconds: grace,
-        ..DeleteParams::default()
-    };
-    match pods.delete(&name, &params).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
-        Err(source) => Err(Error::kube(
-            format!("deleting the build pod {namespace}/{name}"),
-            source,
-        )),
-    }
+    delete_within::<Pod>(
+        context,
+        &pod_namespace(build),
+        &build_pod_name(&build.name_any()),
+        grace,
+    )
+    .await
 }
 
 /// Sets the `Complete` condition, stamped with the build's generation and now.
@@ -239,6 +254,14 @@ async fn start(build: &ImageBuild, context: &Context, mut status: ImageBuildStat
         let failure = Failure::RegistryPathForbidden(refusal);
         return fail(build, context, status, &failure, &LogProgress::default()).await;
     }
+    let runtime = match ensure_runtime_namespace(context, &namespace).await {
+        Ok(runtime) => runtime,
+        Err(Error::Invalid(message)) => {
+            let failure = Failure::RuntimeNamespaceRefused(message);
+            return fail(build, context, status, &failure, &LogProgress::default()).await;
+        }
+        Err(error) => return Err(error),
+    };
     let registry_host = context.config.registry_host.clone();
     let inputs = BuildPodInputs {
         runtime_image: &context.config.args.shell_image,
@@ -250,17 +273,18 @@ async fn start(build: &ImageBuild, context: &Context, mut status: ImageBuildStat
             .then_some(registry_host.as_str()),
         user_namespaces: crate::controller::shared::pods::user_namespaces(context).await,
         cache: &context.config.args.shell_cache,
-        registry_credentials: ensure_registry_secret(context, &namespace, &namespace).await?,
+        registry_credentials: ensure_registry_secret(context, &namespace, &runtime).await?,
     };
     let pod = build_pod(build, &inputs);
-    let pods: Api<Pod> = Api::namespaced(context.client.clone(), &namespace);
+    let pods: Api<Pod> = Api::namespaced(context.client.clone(), &runtime);
     context.apply(&pods, &pod).await?;
     let pod_name = pod.name_any();
     status.phase = ImageBuildPhase::Building;
     status.pod = Some(pod_name.clone());
+    status.pod_namespace = Some(runtime.clone());
     status.start_time = Some(Time(Timestamp::now()));
     let message = format!(
-        "build pod {pod_name} ({}) waits for the build context on its standard input (`kubectl walt image build` sends it); the result becomes image {target}",
+        "build pod {pod_name} in {runtime} ({}) waits for the build context on its standard input (`kubectl walt image build` sends it); the result becomes image {target}",
         if inputs.user_namespaces {
             "user-namespaced"
         } else {
@@ -292,6 +316,7 @@ async fn progress(
     // The pod outlived a status write: it is this build's.
     status.phase = ImageBuildPhase::Building;
     status.pod = Some(build_pod_name(&build.name_any()));
+    status.pod_namespace = Some(pod_namespace(build));
     if log.context_received {
         let message = format!(
             "building image {}: step {}",

@@ -89,8 +89,7 @@ pub const NO_REBOOT_ANNOTATION: &str = "walt.dev/no-reboot-digest";
 
 /// Writes the registry credential of tenant namespace `tenant` as [`REGISTRY_SECRET`] into the
 /// namespace `into` where its pods run and mount it: its runtime namespace (`walt-run-<tenant>`, for
-/// shells and virtual nodes; the tenant cannot read Secrets there), or the tenant's own (image builds,
-/// whose pods still run there). User `tenant/<tenant>` and the password the token issuer derives for
+/// shells, builds and virtual nodes; the tenant cannot read Secrets there). User `tenant/<tenant>` and the password the token issuer derives for
 /// it, which gets tokens for `<prefix>/<tenant>/…` (pull, push) and the catalog (pull) only. Without a
 /// token issuer nothing is written (the lab credential never leaves the operator's namespace) and pods
 /// use the registry anonymously. Returns whether there is a credential to mount.

@@ -1,12 +1,12 @@
 //! The tenant's **runtime namespace** (`walt-run-<tenant>`, [`walt_crds::runtime_namespace`]): where
-//! the operator runs the pods that need mount rights (image shells, virtual nodes), their Services,
+//! the operator runs the pods that need mount rights (image shells, image builds, virtual nodes), their Services,
 //! claims and the Secrets they mount, so the tenant's own namespace can stay at Pod Security
 //! `baseline`. The operator creates it (labelled Pod Security `privileged`), owns everything in it,
 //! and keeps one RoleBinding there that lets the tenant's users attach to their sessions and create
 //! nothing.
 //!
 //! Owner references cannot cross namespaces: what the operator makes there carries owner labels
-//! ([`owner_labels`]): kind, namespace, name and uid of the ShellSession or Node it belongs to. Every
+//! ([`owner_labels`]): kind, namespace, name and uid of the ShellSession, ImageBuild or Node it belongs to. Every
 //! check that an object is someone's ([`owned_by`]) reads the uid label, and the runtime namespace
 //! controller removes what no live owner has.
 
@@ -114,8 +114,8 @@ pub fn is_runtime_namespace_of(namespace: &Namespace, tenant: &str) -> bool {
 pub fn refuse_tenant(tenant: &str) -> Option<String> {
     is_runtime_namespace_name(tenant).then(|| {
         format!(
-            "the namespace {tenant} is named like a walt runtime namespace (walt-run-…): walt runs no shell or \
-             virtual node for objects there; use a namespace whose name does not start with walt-run-"
+            "the namespace {tenant} is named like a walt runtime namespace (walt-run-…): walt runs no shell, \
+             build or virtual node for objects there; use a namespace whose name does not start with walt-run-"
         )
     })
 }
@@ -246,7 +246,7 @@ impl Made {
 }
 
 /// What the sweep removes from the runtime namespace of `tenant` (pure): every object with owner
-/// labels whose owner is not among `live` (kind and uid of the tenant's ShellSessions and Nodes,
+/// labels whose owner is not among `live` (kind and uid of the tenant's ShellSessions, ImageBuilds and Nodes,
 /// listed **after** the objects: an object's owner exists before it, so a fresh object is never
 /// taken for an orphan), or whose owner is not the tenant's. Objects without owner labels are left.
 pub fn orphans<'a>(made: &'a [Made], tenant: &str, live: &BTreeSet<(String, String)>) -> Vec<&'a Made> {
@@ -267,8 +267,29 @@ where
         + DeserializeOwned
         + std::fmt::Debug,
 {
+    delete_within::<K>(context, namespace, name, None).await
+}
+
+/// Deletes one object (already gone is fine), giving it `grace` seconds to stop (its own grace
+/// period when `None`).
+pub async fn delete_within<K>(
+    context: &Context,
+    namespace: &str,
+    name: &str,
+    grace: Option<u32>,
+) -> Result<()>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let params = DeleteParams {
+        grace_period_seconds: grace,
+        ..DeleteParams::default()
+    };
     match Api::<K>::namespaced(context.client.clone(), namespace)
-        .delete(name, &DeleteParams::default())
+        .delete(name, &params)
         .await
     {
         Ok(_) => Ok(()),
@@ -410,16 +431,22 @@ mod tests {
             made("walt-node-v1", Some(("Node", "alice", "u3"))),
             made("walt-node-kind", Some(("Node", "alice", "u1"))),
             made("bobs", Some(("ShellSession", "bob", "u1"))),
+            made("walt-build-live", Some(("ImageBuild", "alice", "u4"))),
+            made("walt-build-gone", Some(("ImageBuild", "alice", "u5"))),
             made("unlabelled", None),
         ];
         let live = BTreeSet::from([
             ("ShellSession".to_owned(), "u1".to_owned()),
             ("Node".to_owned(), "u3".to_owned()),
+            ("ImageBuild".to_owned(), "u4".to_owned()),
         ]);
         let gone: Vec<&str> = orphans(&objects, "alice", &live)
             .iter()
             .map(|object| object.name.as_str())
             .collect();
-        assert_eq!(gone, vec!["walt-shell-gone", "walt-node-kind", "bobs"]);
+        assert_eq!(
+            gone,
+            vec!["walt-shell-gone", "walt-node-kind", "bobs", "walt-build-gone"]
+        );
     }
 }

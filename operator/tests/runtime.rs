@@ -660,17 +660,13 @@ print -e $ARGV[0] ? "host-visible\n" : "host-hidden\n";
 rmdir "/jail";
 "#;
 
-#[test]
-fn a_chroot_escape_from_an_image_shell_stays_in_the_image() {
-    require_root();
+/// A basic shell (no network) in the Debian image with `script` at `path` in a layer on top, its cache in
+/// `work/cache`, at its prompt, its bounds checked.
+fn debian_shell_with_script(work: &Path, path: &str, script: &str) -> Session {
     let debian = debian_systemd_rootfs("amd64");
-    let work = tempfile::tempdir().unwrap();
-    // A file outside the image root, on the host (the pod's root in a cluster).
-    let marker = work.path().join("outside-the-image");
-    fs::write(&marker, "host\n").unwrap();
-    let tools = work.path().join("tools");
-    add_script(&tools, "usr/local/bin/escape", ESCAPE_SCRIPT);
-    let cache = work.path().join("cache");
+    let tools = work.join("tools");
+    add_script(&tools, path, script);
+    let cache = work.join("cache");
     let mut session = Session::start(&[
         "--rootfs",
         tools.to_str().unwrap(),
@@ -686,6 +682,18 @@ fn a_chroot_escape_from_an_image_shell_stays_in_the_image() {
     session.expect("Note: this is a limited", Duration::from_mins(1));
     session.expect("# ", Duration::from_mins(1));
     assert_bounded(&session.run("cat /proc/$$/status"), "the Debian shell");
+    session
+}
+
+#[test]
+fn a_chroot_escape_from_an_image_shell_stays_in_the_image() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    // A file outside the image root, on the host (the pod's root in a cluster).
+    let marker = work.path().join("outside-the-image");
+    fs::write(&marker, "host\n").unwrap();
+    let cache = work.path().join("cache");
+    let mut session = debian_shell_with_script(work.path(), "usr/local/bin/escape", ESCAPE_SCRIPT);
     // The classic escape works (CAP_SYS_CHROOT is kept: it leaves the jail, back at the top of
     // the image) and finds no way above the image root: pivot_root and the old root detached,
     // nothing of the host left in the mount namespace.
@@ -750,26 +758,9 @@ const X86_64_CALLS: [(&str, u32); 12] = [
 #[test]
 fn image_shell_root_meets_the_seccomp_filter_and_ordinary_work_goes_on() {
     require_root();
-    let debian = debian_systemd_rootfs("amd64");
     let work = tempfile::tempdir().unwrap();
-    let tools = work.path().join("tools");
-    add_script(&tools, "usr/local/bin/syscalls", SYSCALL_SCRIPT);
     let cache = work.path().join("cache");
-    let mut session = Session::start(&[
-        "--rootfs",
-        tools.to_str().unwrap(),
-        "--rootfs",
-        debian.to_str().unwrap(),
-        "--mode",
-        "basic",
-        "--network",
-        "none",
-        "--cache-dir",
-        cache.to_str().unwrap(),
-    ]);
-    session.expect("Note: this is a limited", Duration::from_mins(1));
-    session.expect("# ", Duration::from_mins(1));
-    assert_bounded(&session.run("cat /proc/$$/status"), "the Debian shell");
+    let mut session = debian_shell_with_script(work.path(), "usr/local/bin/syscalls", SYSCALL_SCRIPT);
     let calls: Vec<String> = X86_64_CALLS
         .iter()
         .map(|(name, number)| format!("{name}={number}"))

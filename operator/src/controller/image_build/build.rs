@@ -260,20 +260,12 @@ mod tests {
         assert_eq!(scratch_tag(&build), "build-0a1b2c3d4e5f");
         let pod = build_pod(&build, &inputs(&cache));
         assert_eq!(pod.name_any(), "walt-build-app-v2");
-        assert_eq!(
-            pod.namespace().as_deref(),
-            Some("walt-run-alice"),
-            "in the tenant's runtime namespace, never the tenant's own"
-        );
-        assert!(
-            pod.owner_references().is_empty(),
-            "no cross-namespace owner reference"
-        );
-        assert!(crate::controller::shared::runtime::owned_by(
+        crate::controller::shared::runtime::assert_placed_for(
             &pod.metadata,
+            "walt-run-alice",
             "ImageBuild",
-            &build
-        ));
+            &build,
+        );
         assert_eq!(pod.labels()[BUILD_LABEL], "app-v2");
         let spec = pod.spec.expect("spec");
         assert_eq!(spec.host_users, Some(false), "isolated like shell pods");

@@ -363,20 +363,7 @@ mod tests {
         let node = virtual_node("vn1", BootMode::Volatile);
         let pod = build_vnode_pod(&node, &inputs());
         assert_eq!(pod.name_any(), "walt-node-vn1");
-        assert_eq!(
-            pod.namespace().as_deref(),
-            Some("walt-run-alice"),
-            "in the tenant's runtime namespace, never the tenant's own"
-        );
-        assert!(
-            pod.owner_references().is_empty(),
-            "no cross-namespace owner reference"
-        );
-        assert!(crate::controller::shared::runtime::owned_by(
-            &pod.metadata,
-            "Node",
-            &node
-        ));
+        crate::controller::shared::runtime::assert_placed_for(&pod.metadata, "walt-run-alice", "Node", &node);
         assert_eq!(pod.labels()[NODE_LABEL], "vn1");
         assert_eq!(
             pod.annotations()[BOOTS_ANNOTATION],

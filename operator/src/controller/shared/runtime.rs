@@ -301,6 +301,27 @@ where
     }
 }
 
+/// Asserts what every object walt makes for a tenant shows (for the kinds' unit tests): it is in the
+/// tenant's runtime namespace `runtime`, never the tenant's own, with no owner reference (they cannot cross
+/// namespaces) and the owner labels of `owner` of kind `kind`.
+#[cfg(test)]
+pub fn assert_placed_for<K: Resource>(made: &ObjectMeta, runtime: &str, kind: &str, owner: &K) {
+    assert_eq!(
+        made.namespace.as_deref(),
+        Some(runtime),
+        "in the tenant's runtime namespace, never the tenant's own"
+    );
+    assert!(
+        made.owner_references.as_ref().is_none_or(Vec::is_empty),
+        "no cross-namespace owner reference"
+    );
+    assert!(
+        owned_by(made, kind, owner),
+        "owner labels of {kind}: {:?}",
+        made.labels
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -495,20 +495,12 @@ mod tests {
         let cache = LayerCache::HostPath("/var/lib/walt/cache".into());
         let pod = build_shell_pod(&session(), &inputs(&cache, true));
         assert_eq!(pod.name_any(), "walt-shell-s1");
-        assert_eq!(
-            pod.namespace().as_deref(),
-            Some("walt-run-alice"),
-            "in the tenant's runtime namespace, never the tenant's own"
-        );
-        assert!(
-            pod.owner_references().is_empty(),
-            "no cross-namespace owner reference"
-        );
-        assert!(crate::controller::shared::runtime::owned_by(
+        crate::controller::shared::runtime::assert_placed_for(
             &pod.metadata,
+            "walt-run-alice",
             "ShellSession",
-            &session()
-        ));
+            &session(),
+        );
         assert_eq!(pod.labels()[SESSION_LABEL], "s1");
         let spec = pod.spec.expect("spec");
         assert_eq!(spec.host_users, Some(false));

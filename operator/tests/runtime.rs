@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use walt_tests::bounds::{BOUNDED_CAPS, assert_bounded};
 use walt_tests::wait::{Wait, WaitError};
 
 /// The binary under test (`WALT_OPERATOR_BIN` overrides Cargo's, e.g. to
@@ -442,34 +443,6 @@ fn basic_shell_amd64_namespaces_terminal_and_exit_status() {
     );
     assert!(text.contains("Changes: 1 added, 0 modified, 0 deleted"), "{text}");
     assert_nothing_left(cache.to_str().unwrap());
-}
-
-/// Docker's default capability set (14), as `/proc/PID/status` prints it: what the image's
-/// processes are bounded to.
-const BOUNDED_CAPS: &str = "00000000a80425fb";
-
-/// Checks the `CapBnd`, `CapEff`, `CapAmb`, `NoNewPrivs` and `Seccomp` lines of a
-/// `/proc/PID/status` text: the bounded set, `no_new_privs` and a seccomp filter (mode 2).
-fn assert_bounded(status: &str, whose: &str) {
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
-            .map_or_else(|| panic!("no {name} line for {whose} in:\n{status}"), str::trim)
-    };
-    assert_eq!(field("CapBnd"), BOUNDED_CAPS, "{whose}'s bounding set:\n{status}");
-    assert_eq!(
-        field("CapEff"),
-        BOUNDED_CAPS,
-        "{whose}'s effective set:\n{status}"
-    );
-    assert_eq!(
-        field("CapAmb"),
-        "0000000000000000",
-        "{whose}'s ambient set:\n{status}"
-    );
-    assert_eq!(field("NoNewPrivs"), "1", "{whose}'s no_new_privs:\n{status}");
-    assert_eq!(field("Seccomp"), "2", "{whose}'s seccomp filter:\n{status}");
 }
 
 /// Checks the words and status (`…; echo rc=$?`) of a command the seccomp filter refuses:

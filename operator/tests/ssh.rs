@@ -18,6 +18,7 @@ use walt_operator::ssh::client::{
 };
 use walt_operator::ssh::export::{self, ExportOptions, Progress};
 use walt_operator::ssh::gateway::{Authorization, Authorizations, Gateway, GatewayConfig};
+use walt_tests::bounds::assert_bounded;
 use walt_tests::sshnode::{NodeRoot, SshNode, SshNodeBuilder, keygen};
 use walt_tests::wait::Wait;
 
@@ -833,26 +834,6 @@ impl Drop for Vnode {
         if self.child.try_wait().ok().flatten().is_none() {
             self.stop();
         }
-    }
-}
-
-/// Checks that a `/proc/PID/status` text shows Docker's default capability set (14) as bounding
-/// and effective sets, no ambient capability, `no_new_privs` and a seccomp filter.
-fn assert_bounded(status: &str, whose: &str) {
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
-            .map_or_else(|| panic!("no {name} line for {whose} in:\n{status}"), str::trim)
-    };
-    for (name, expected) in [
-        ("CapBnd", "00000000a80425fb"),
-        ("CapEff", "00000000a80425fb"),
-        ("CapAmb", "0000000000000000"),
-        ("NoNewPrivs", "1"),
-        ("Seccomp", "2"),
-    ] {
-        assert_eq!(field(name), expected, "{whose}'s {name}:\n{status}");
     }
 }
 

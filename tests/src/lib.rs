@@ -26,6 +26,7 @@ pub mod k8s;
 pub mod process;
 
 pub mod bench;
+pub mod bounds;
 pub mod deploy;
 pub mod dist;
 pub mod fuzz;

@@ -12,6 +12,9 @@ use crate::pty::Pty;
 
 /// Environment variable: how many times each measurement is repeated (default [`DEFAULT_REPS`]).
 pub const REPS_ENV: &str = "WALT_BENCH_REPS";
+/// Environment variable: the build profile of the walt image the benchmarks install (`release`, the
+/// default and what is shipped, or `dist-check`, built in a fraction of the time, for a quick look).
+pub const PROFILE_ENV: &str = "WALT_BENCH_PROFILE";
 /// Repetitions when [`REPS_ENV`] is not set.
 pub const DEFAULT_REPS: usize = 3;
 
@@ -42,6 +45,78 @@ pub fn median(samples: &[f64]) -> Option<f64> {
     } else {
         sorted[mid]
     })
+}
+
+/// The `q` quantile (0 < q <= 1) of `samples` by nearest rank (the smallest sample with at least
+/// `q` of them at or below it); None when empty.
+pub fn quantile(samples: &[f64], q: f64) -> Option<f64> {
+    if samples.is_empty() {
+        return None;
+    }
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    // Nearest rank: ceil(q·n), at least 1. Sample counts here are small (tens), exact in f64.
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    Some(sorted[rank - 1])
+}
+
+/// The cumulative buckets `(le, count)` of the Prometheus histogram `name` for `kind` in a
+/// `/metrics` text (`name_bucket{kind="…",le="…"} count`), in the order printed (increasing `le`).
+pub fn histogram_buckets(metrics: &str, name: &str, kind: &str) -> Vec<(f64, u64)> {
+    let prefix = format!("{name}_bucket{{");
+    let kind_label = format!("kind=\"{kind}\"");
+    metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix(&prefix))
+        .filter(|rest| {
+            rest.split('}')
+                .next()
+                .is_some_and(|labels| labels.split(',').any(|l| l == kind_label))
+        })
+        .filter_map(|rest| {
+            let (labels, value) = rest.split_once("} ")?;
+            let le = labels
+                .split(',')
+                .find_map(|label| label.strip_prefix("le=\""))?
+                .trim_end_matches('"');
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The `q` quantile of the observations a histogram gained between two scrapes (`before`, `after`:
+/// [`histogram_buckets`] of each), as the upper bound of the bucket it falls in (what a histogram can
+/// say); None when nothing was observed in between.
+pub fn histogram_quantile(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> Option<f64> {
+    let gained = |le: f64, count: u64| {
+        let earlier = before
+            .iter()
+            .find(|(b, _)| (*b - le).abs() < f64::EPSILON || (b.is_infinite() && le.is_infinite()))
+            .map_or(0, |(_, c)| *c);
+        count.saturating_sub(earlier)
+    };
+    let total = after.last().map(|(le, count)| gained(*le, *count))?;
+    if total == 0 {
+        return None;
+    }
+    // The smallest bucket holding at least q of the new observations.
+    #[allow(clippy::cast_precision_loss)]
+    let wanted = q * total as f64;
+    #[allow(clippy::cast_precision_loss)]
+    after
+        .iter()
+        .find(|(le, count)| gained(*le, *count) as f64 >= wanted)
+        .map(|(le, _)| *le)
 }
 
 /// One row of the table: walt's way and the reference way of doing the same thing.
@@ -82,7 +157,13 @@ fn seconds(value: Option<f64>) -> String {
 }
 
 fn mib(kib: Option<u64>) -> String {
-    kib.map_or_else(|| "-".to_owned(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
+    kib.map_or_else(|| "-".to_owned(), |k| format!("{:.1} MiB", kib_to_mib(k)))
+}
+
+/// KiB (as `/proc` and GNU time count) in MiB.
+#[allow(clippy::cast_precision_loss)] // memory sizes of processes: far below 2^52 KiB
+pub fn kib_to_mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
 }
 
 /// The table `cargo xtask bench` prints: one line per row with both medians, the ratio, the goal and
@@ -234,6 +315,48 @@ pub fn time_peak_rss_kib(stderr: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantiles_by_nearest_rank() {
+        let samples = [5.0, 1.0, 4.0, 2.0, 3.0];
+        assert_eq!(quantile(&samples, 0.5), Some(3.0));
+        assert_eq!(quantile(&samples, 0.99), Some(5.0));
+        assert_eq!(quantile(&samples, 0.2), Some(1.0));
+        assert_eq!(quantile(&[], 0.5), None);
+    }
+
+    #[test]
+    fn reconcile_latency_quantiles_come_from_the_buckets_gained_between_two_scrapes() {
+        let scrape = |fast: u64, slow: u64, other: u64| {
+            format!(
+                "# TYPE walt_reconcile_duration_seconds histogram\n\
+                 walt_reconcile_duration_seconds_bucket{{kind=\"Image\",le=\"0.005\"}} {other}\n\
+                 walt_reconcile_duration_seconds_bucket{{kind=\"ShellSession\",le=\"0.005\"}} 0\n\
+                 walt_reconcile_duration_seconds_bucket{{kind=\"ShellSession\",le=\"0.01\"}} {fast}\n\
+                 walt_reconcile_duration_seconds_bucket{{kind=\"ShellSession\",le=\"2.56\"}} {}\n\
+                 walt_reconcile_duration_seconds_bucket{{kind=\"ShellSession\",le=\"+Inf\"}} {}\n\
+                 walt_reconcile_duration_seconds_sum{{kind=\"ShellSession\"}} 1.0\n",
+                fast + slow,
+                fast + slow
+            )
+        };
+        let name = "walt_reconcile_duration_seconds";
+        let before = histogram_buckets(&scrape(10, 0, 7), name, "ShellSession");
+        assert_eq!(before.len(), 4, "{before:?}");
+        assert_eq!(
+            histogram_buckets(&scrape(10, 0, 7), name, "Image"),
+            vec![(0.005, 7)]
+        );
+        // 98 fast and 2 slow reconciles since `before`: p50 is fast, p99 slow.
+        let after = histogram_buckets(&scrape(108, 2, 9), name, "ShellSession");
+        assert_eq!(histogram_quantile(&before, &after, 0.5), Some(0.01));
+        assert_eq!(histogram_quantile(&before, &after, 0.99), Some(2.56));
+        assert_eq!(
+            histogram_quantile(&after, &after, 0.5),
+            None,
+            "nothing new observed"
+        );
+    }
 
     #[test]
     fn medians_of_odd_and_even_counts() {

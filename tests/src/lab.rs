@@ -131,6 +131,18 @@ impl Kube {
         command
     }
 
+    /// `kubectl walt -n <namespace> <args>` with this kubeconfig (the plugin built from this workspace,
+    /// [`crate::operator::plugin_binary`]).
+    pub fn walt(&self, namespace: &str, args: &[&str]) -> Command {
+        let mut command = Command::new(crate::operator::plugin_binary());
+        command
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(["-n", namespace])
+            .args(args);
+        command
+    }
+
     /// A helm command.
     pub fn helm(&self) -> Result<Command, Error> {
         let mut command = Command::new(deploy::helm()?);

@@ -29,6 +29,7 @@ use walt_tests::image_build::{self, BuildProfile};
 use walt_tests::images::{self, Arch, OciLayout};
 use walt_tests::k8s::{Cluster, ClusterOptions, cluster_tier_skip_reason};
 use walt_tests::lab::{self, Kube};
+use walt_tests::pty::Pty;
 use walt_tests::registry_auth::RegistryAuth;
 use walt_tests::wait::{Poll, Wait};
 
@@ -57,7 +58,6 @@ impl Drop for NetnsEtc {
 struct Bench {
     cluster: Cluster,
     kube: Kube,
-    plugin: PathBuf,
     netns: String,
     work: tempfile::TempDir,
     /// The image as the kubelet pulls it (the node registry).
@@ -96,13 +96,7 @@ impl Bench {
     }
 
     fn walt(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(&self.plugin);
-        command
-            .arg("--kubeconfig")
-            .arg(&self.kube.kubeconfig)
-            .args(["-n", NS])
-            .args(args);
-        command
+        self.kube.walt(NS, args)
     }
 
     /// `program` run in the node's network namespace (pod and Service addresses, cluster DNS).
@@ -543,12 +537,11 @@ fn debian_layout() -> (OciLayout, Vec<String>, String) {
     (layout, layers, config)
 }
 
-fn set_up(cluster: Cluster) -> Bench {
+fn set_up(cluster: Cluster, profile: BuildProfile) -> Bench {
     let kube = Kube::new(cluster.kubeconfig()).expect("kubectl");
     let node_registry = cluster.registry().expect("node registry");
     let netns = cluster.node_netns().expect("node network namespace").to_owned();
-    lab::install_release(&kube, &node_registry, BuildProfile::Release)
-        .unwrap_or_else(|e| panic!("install walt: {e}"));
+    lab::install_release(&kube, &node_registry, profile).unwrap_or_else(|e| panic!("install walt: {e}"));
     must(
         run(kube.kubectl().args([
             "rollout",
@@ -702,13 +695,13 @@ fn set_up(cluster: Cluster) -> Bench {
     .expect("resolv.conf");
     let operator_bin = walt_tests::deploy::target_dir()
         .join(image_build::Arch::host().rust_target())
-        .join("release/walt-operator");
+        .join(profile.name())
+        .join("walt-operator");
     assert!(operator_bin.is_file(), "{} is missing", operator_bin.display());
     let podman = Podman::new(work.path().join("podman"));
     let bench = Bench {
         cluster,
         kube,
-        plugin: walt_tests::operator::plugin_binary(),
         netns,
         work,
         run_image,
@@ -731,18 +724,31 @@ fn set_up(cluster: Cluster) -> Bench {
     bench
 }
 
-#[test]
-#[ignore = "benchmark: run with `cargo xtask bench`"]
-fn user_felt_speed() {
+/// The walt image's build profile ([`bench::PROFILE_ENV`]; default release, what is shipped).
+fn profile_from_env() -> BuildProfile {
+    std::env::var(bench::PROFILE_ENV)
+        .ok()
+        .filter(|text| !text.trim().is_empty())
+        .map_or(Ok(BuildProfile::Release), |text| BuildProfile::parse(text.trim()))
+        .unwrap_or_else(|e| panic!("{}: {e}", bench::PROFILE_ENV))
+}
+
+fn require_cluster_tier() {
     match cluster_tier_skip_reason() {
         Ok(Some(reason)) => panic!("the benchmark needs the cluster tier: {reason}"),
         Ok(None) => {}
         Err(error) => panic!("cluster tier prerequisites: {error}"),
     }
+}
+
+#[test]
+#[ignore = "benchmark: run with `cargo xtask bench`"]
+fn user_felt_speed() {
+    require_cluster_tier();
     let reps =
         bench::reps_from(std::env::var(bench::REPS_ENV).ok().as_deref()).unwrap_or_else(|e| panic!("{e}"));
     let cluster = Cluster::start(ClusterOptions::cluster()).expect("start the cluster tier");
-    let bench = set_up(cluster);
+    let bench = set_up(cluster, profile_from_env());
     let mut rows = vec![
         Row {
             what: "image shell, cold".into(),
@@ -825,5 +831,399 @@ fn user_felt_speed() {
         }
     }
     println!("\n{}", bench::render(&rows, reps));
+    bench.keep_logs();
+}
+
+/// Image shells opened at once by [`load_of_shells_and_saves`].
+const LOAD_SHELLS: usize = 20;
+/// Node saves started at once by [`load_of_shells_and_saves`] (one per virtual node).
+const LOAD_SAVES: usize = 10;
+/// What each loaded node writes before its save (a file of this many MiB).
+const LOAD_SAVE_MIB: usize = 16;
+/// The operator's reconcile-duration histogram (`/metrics`).
+const RECONCILE_HISTOGRAM: &str = "walt_reconcile_duration_seconds";
+
+/// What one user of the load saw: time to the prompt (or to the command's end) and the terminal.
+struct UserRun {
+    took: f64,
+    code: i32,
+    shown: String,
+}
+
+impl Bench {
+    /// The operators' `/metrics` text, scraped from their pods (in the node's network namespace).
+    fn metrics(&self) -> String {
+        let pods = self.kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            lab::SYSTEM_NAMESPACE,
+            "-l",
+            "app.kubernetes.io/component=operator",
+            "-o",
+            "jsonpath={range .items[*]}{.status.podIP}{\"\\n\"}{end}",
+        ]);
+        pods.lines()
+            .filter(|ip| !ip.trim().is_empty())
+            .map(|ip| {
+                let mut curl = self.in_netns("curl");
+                curl.args([
+                    "-sf",
+                    "--max-time",
+                    "10",
+                    &format!("http://{}:8080/metrics", ip.trim()),
+                ]);
+                must(run(&mut curl), "scraping the operator's /metrics")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Waits until every object of `kind` named in `names` has condition Ready=True, or panics with
+    /// what the objects say.
+    fn wait_ready(&self, kind: &str, names: &[String], within: Duration) {
+        let mut args = vec!["wait", "-n", NS, "--for=condition=Ready", "--timeout"];
+        let timeout = format!("{}s", within.as_secs());
+        args.push(&timeout);
+        let qualified: Vec<String> = names.iter().map(|n| format!("{kind}/{n}")).collect();
+        args.extend(qualified.iter().map(String::as_str));
+        if let Err(error) = run(self.kube.kubectl().args(&args)) {
+            let mut describe = vec!["describe", "-n", NS];
+            describe.extend(qualified.iter().map(String::as_str));
+            let said = run(self.kube.kubectl().args(&describe)).unwrap_or_default();
+            panic!("{kind} not all Ready: {error}\n{said}");
+        }
+    }
+
+    /// The tar listing of the top layer of `image` in the lab registry (what its last change wrote).
+    fn top_layer_listing(&self, image: &str) -> String {
+        let layout = OciLayout::new().expect("layout");
+        let mut copy = self.in_netns("skopeo");
+        copy.args(["copy", "--quiet", "--src-tls-verify=false", "--src-authfile"])
+            .arg(&self.auth_file)
+            .arg(format!("docker://{}", lab_ref(image)))
+            .arg(format!("oci:{}:top", layout.path().display()));
+        must(run(&mut copy), &format!("skopeo copy of {image}"));
+        let manifest = layout
+            .read_json_blob(&layout.digest("top").expect("digest"))
+            .expect("manifest");
+        let top = manifest["layers"]
+            .as_array()
+            .and_then(|layers| layers.last())
+            .and_then(|layer| layer["digest"].as_str())
+            .unwrap_or_else(|| panic!("{image} has no layer: {manifest}"))
+            .trim_start_matches("sha256:")
+            .to_owned();
+        must(
+            run(Command::new("tar")
+                .arg("-tf")
+                .arg(layout.path().join("blobs/sha256").join(top))),
+            &format!("listing the top layer of {image}"),
+        )
+    }
+
+    /// The time since `started` until every object of `kind` named in `names` is Ready.
+    fn ready_after(&self, kind: &str, names: &[String], started: Instant) -> f64 {
+        self.wait_ready(kind, names, Duration::from_mins(15));
+        started.elapsed().as_secs_f64()
+    }
+
+    /// Resets the operators' peak RSS; returns their PIDs.
+    fn reset_operators(&self) -> Vec<u32> {
+        let operators = self.operators();
+        for pid in &operators {
+            bench::reset_peak_rss(*pid).unwrap_or_else(|e| panic!("{e}"));
+        }
+        operators
+    }
+
+    /// Asserts nothing of the load is left behind: no shell pod, no unfinished ShellSession or
+    /// NodeSave (the per-image lock is computed from those).
+    fn assert_nothing_left(&self) {
+        self.wait_gone(
+            "every shell pod of the load to be deleted",
+            &walt_crds::runtime_namespace(NS),
+            &["-l", "walt.dev/shell-session"],
+        );
+        let sessions = self.kubectl(&[
+            "get",
+            "shellsessions",
+            "-n",
+            NS,
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name}={.status.phase}{\"\\n\"}{end}",
+        ]);
+        assert!(
+            sessions
+                .lines()
+                .all(|l| l.trim().is_empty() || l.ends_with("=Succeeded")),
+            "ShellSessions left unfinished:\n{sessions}"
+        );
+        let saves = self.kubectl(&[
+            "get",
+            "nodesaves",
+            "-n",
+            NS,
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name}={.status.phase}{\"\\n\"}{end}",
+        ]);
+        assert!(
+            saves
+                .lines()
+                .all(|l| l.trim().is_empty() || l.ends_with("=Succeeded")),
+            "NodeSaves left unfinished or failed:\n{saves}"
+        );
+    }
+}
+
+/// Opens an image shell of `image`, times it to the prompt, writes `/root/<marker>` and saves the
+/// session as `save_as` through the exit dialogue.
+fn shell_and_save(command: &Command, image: &str, marker: &str, save_as: &str) -> UserRun {
+    let (took, mut pty): (Duration, Pty) =
+        bench::time_to_answer(command, Duration::from_mins(10)).unwrap_or_else(|e| panic!("{image}: {e}"));
+    pty.send(&format!("echo {marker} > /root/{marker}; exit\n"));
+    pty.expect_within(
+        &format!("Save as a new image, or press Enter to overwrite {image}:"),
+        Duration::from_mins(5),
+    );
+    pty.send(&format!("{save_as}\n"));
+    let (code, shown) = pty.wait_within(Duration::from_mins(10));
+    UserRun {
+        took: took.as_secs_f64(),
+        code,
+        shown,
+    }
+}
+
+/// Runs `users` on threads started together; their results in order.
+fn all_at_once<F>(users: Vec<F>) -> Vec<UserRun>
+where
+    F: FnOnce() -> UserRun + Send + 'static,
+{
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(users.len()));
+    let handles: Vec<_> = users
+        .into_iter()
+        .map(|user| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                user()
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|handle| {
+            handle
+                .join()
+                .unwrap_or_else(|_| panic!("a user of the load panicked"))
+        })
+        .collect()
+}
+
+/// Prints one line of the load figures.
+fn report(
+    what: &str,
+    runs: &[f64],
+    last_done: f64,
+    peak_kib: u64,
+    before: &str,
+    after: &str,
+    kinds: &[&str],
+) {
+    let latency = kinds
+        .iter()
+        .map(|kind| {
+            let buckets = |text: &str| bench::histogram_buckets(text, RECONCILE_HISTOGRAM, kind);
+            let (b, a) = (buckets(before), buckets(after));
+            let at =
+                |q| bench::histogram_quantile(&b, &a, q).map_or_else(|| "-".to_owned(), |s| format!("≤{s}s"));
+            format!("{kind} p50 {} p99 {}", at(0.5), at(0.99))
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let at = |q| bench::quantile(runs, q).unwrap_or_default();
+    println!(
+        "load: {what}: each p50 {:.2} s, p99 {:.2} s, slowest {:.2} s; all done {last_done:.2} s; \
+         operator peak RSS {:.1} MiB; reconcile latency: {latency}",
+        at(0.5),
+        at(0.99),
+        at(1.0),
+        bench::kib_to_mib(peak_kib),
+    );
+}
+
+/// Issue 17's load figures (figures, not pass/fail; everything asserted is what must hold under load):
+/// [`LOAD_SHELLS`] users open `kubectl walt image shell` at once (each on its own image: one shell per
+/// image is WalT's rule), write a file and save it as a new image; then [`LOAD_SAVES`] virtual nodes are
+/// saved at once with `kubectl walt node save`. Printed: time to the prompt (p50, p99, the last),
+/// time until every result is Ready, the operator's peak RSS, its reconcile latency (p50/p99, from
+/// its own histogram between two scrapes). Asserted: every change is in its image's top layer, no shell
+/// pod or unfinished object is left. Run: `cargo xtask bench --load`.
+#[test]
+#[ignore = "benchmark: run with `cargo xtask bench --load`"]
+fn load_of_shells_and_saves() {
+    require_cluster_tier();
+    let cluster = Cluster::start(ClusterOptions::cluster()).expect("start the cluster tier");
+    let bench = set_up(cluster, profile_from_env());
+
+    // The shells' images: the Debian image under one name per user (tags of the same digest).
+    let registry = lab::LabRegistry::open(&bench.kube).expect("reach the lab registry");
+    let (layout, _, _) = debian_layout();
+    let shell_images: Vec<String> = (0..LOAD_SHELLS).map(|i| format!("load-{i}")).collect();
+    for image in &shell_images {
+        let reference = format!("{}/walt/{NS}/{image}:latest", registry.address());
+        let auth = registry.auth(&reference).expect("a token to push");
+        image_build::push_layout(layout.path(), "base", &reference, true, &auth)
+            .unwrap_or_else(|e| panic!("push {reference}: {e}"));
+    }
+    // The saved nodes: small virtual nodes booting the same image.
+    let nodes: Vec<String> = (0..LOAD_SAVES).map(|i| format!("vload-{i}")).collect();
+    let images = shell_images.iter().map(|image| {
+        format!("apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: {image}, namespace: {NS}}}\nspec: {{}}\n")
+    });
+    let virtual_nodes = nodes.iter().map(|node| {
+        format!(
+            "apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {{name: {node}, namespace: {NS}}}\n\
+             spec:\n  model: pc-x86-64\n  image: {IMAGE}\n  bootMode: volatile\n  virtual: {{architecture: amd64, memory: 256Mi, cpu: 50m}}\n"
+        )
+    });
+    let objects = images.chain(virtual_nodes).collect::<Vec<_>>().join("---\n");
+    bench.kube.apply(&objects).unwrap_or_else(|e| panic!("{e}"));
+    bench.wait_ready("image.walt.dev", &shell_images, Duration::from_mins(5));
+    // A first shell fills walt's layer cache on the node: the load measures shells, not one download.
+    bench.image_shell(false);
+
+    // 1. The shells, all at once.
+    let saved_shells: Vec<String> = (0..LOAD_SHELLS).map(|i| format!("load-{i}-saved")).collect();
+    let users = shell_images
+        .iter()
+        .zip(&saved_shells)
+        .map(|(image, save_as)| {
+            let command = bench.walt(&["image", "shell", image]);
+            let (image, save_as) = (image.clone(), save_as.clone());
+            move || shell_and_save(&command, &image, &format!("{image}-was-here"), &save_as)
+        })
+        .collect();
+    let operators = bench.reset_operators();
+    let before = bench.metrics();
+    let started = Instant::now();
+    let runs = all_at_once(users);
+    let saved = bench.ready_after("image.walt.dev", &saved_shells, started);
+    let peak = operators
+        .iter()
+        .filter_map(|pid| bench::peak_rss_kib(*pid))
+        .max()
+        .unwrap_or_default();
+    let after = bench.metrics();
+    for (run, image) in runs.iter().zip(&shell_images) {
+        assert_eq!(run.code, 0, "kubectl walt image shell {image}:\n{}", run.shown);
+    }
+    let prompts: Vec<f64> = runs.iter().map(|r| r.took).collect();
+    report(
+        &format!("{LOAD_SHELLS} image shells at once, to the prompt"),
+        &prompts,
+        saved,
+        peak,
+        &before,
+        &after,
+        &["ShellSession", "Image"],
+    );
+    for (image, save_as) in shell_images.iter().zip(&saved_shells) {
+        let listing = bench.top_layer_listing(save_as);
+        assert!(
+            listing
+                .lines()
+                .any(|l| l.trim_start_matches("./") == format!("root/{image}-was-here")),
+            "{save_as} lacks the file its shell wrote; its top layer:\n{listing}"
+        );
+    }
+
+    // 2. The node saves, all at once.
+    bench.wait_ready("nodes.walt.dev", &nodes, Duration::from_mins(10));
+    for node in &nodes {
+        let address = bench.kubectl(&[
+            "get",
+            &format!("nodes.walt.dev/{node}"),
+            "-n",
+            NS,
+            "-o",
+            "jsonpath={.status.address}",
+        ]);
+        let host = address.rsplit_once(':').map_or(address.as_str(), |(h, _)| h);
+        let mut write = bench.in_netns("ssh");
+        write
+            .arg("-i")
+            .arg(&bench.node_key)
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "LogLevel=ERROR",
+            ])
+            .arg(format!("root@{host}"))
+            .arg(format!(
+                "mkdir -p /root/load && head -c {} /dev/urandom > /root/load/{node} && sync",
+                LOAD_SAVE_MIB << 20
+            ));
+        must(run(&mut write), &format!("writing on {node}"));
+    }
+    let saved_nodes: Vec<String> = nodes.iter().map(|n| format!("{n}-saved")).collect();
+    let users = nodes
+        .iter()
+        .zip(&saved_nodes)
+        .map(|(node, target)| {
+            let mut command = bench.walt(&["node", "save", node, target]);
+            let started = Instant::now();
+            move || {
+                let output = command.output().expect("run kubectl walt node save");
+                UserRun {
+                    took: started.elapsed().as_secs_f64(),
+                    code: output.status.code().unwrap_or(-1),
+                    shown: format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&output.stdout),
+                        String::from_utf8_lossy(&output.stderr)
+                    ),
+                }
+            }
+        })
+        .collect();
+    let operators = bench.reset_operators();
+    let before = bench.metrics();
+    let started = Instant::now();
+    let runs = all_at_once(users);
+    let saved = bench.ready_after("image.walt.dev", &saved_nodes, started);
+    let peak = operators
+        .iter()
+        .filter_map(|pid| bench::peak_rss_kib(*pid))
+        .max()
+        .unwrap_or_default();
+    let after = bench.metrics();
+    for (run, node) in runs.iter().zip(&nodes) {
+        assert_eq!(run.code, 0, "kubectl walt node save {node}:\n{}", run.shown);
+    }
+    let commands: Vec<f64> = runs.iter().map(|r| r.took).collect();
+    report(
+        &format!("{LOAD_SAVES} node saves of {LOAD_SAVE_MIB} MiB at once, the command"),
+        &commands,
+        saved,
+        peak,
+        &before,
+        &after,
+        &["NodeSave", "Node", "Image"],
+    );
+    for (node, target) in nodes.iter().zip(&saved_nodes) {
+        let listing = bench.top_layer_listing(target);
+        assert!(
+            listing
+                .lines()
+                .any(|l| l.trim_start_matches("./") == format!("root/load/{node}")),
+            "{target} lacks the file written on {node}; its top layer:\n{listing}"
+        );
+    }
+    bench.assert_nothing_left();
     bench.keep_logs();
 }

@@ -51,13 +51,7 @@ struct Journey<'a> {
 
 impl Journey<'_> {
     fn walt(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(&self.plugin);
-        command
-            .arg("--kubeconfig")
-            .arg(&self.kube.kubeconfig)
-            .args(["-n", NS])
-            .args(args);
-        command
+        self.kube.walt(NS, args)
     }
 
     fn walt_ok(&self, args: &[&str]) -> String {
@@ -83,13 +77,7 @@ impl Journey<'_> {
         answer: Option<(&str, &str)>,
         timeout: Duration,
     ) -> String {
-        let mut command = Command::new(&self.plugin);
-        command
-            .arg("--kubeconfig")
-            .arg(&self.kube.kubeconfig)
-            .args(["-n", NS])
-            .args(args);
-        let mut terminal = walt_tests::pty::Pty::spawn(&command);
+        let mut terminal = walt_tests::pty::Pty::spawn(&self.walt(args));
         // Type slowly, as a person does: the shell must be up before the first line matters.
         for line in input.split_inclusive('\n') {
             std::thread::sleep(Duration::from_millis(700));

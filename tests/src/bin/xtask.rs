@@ -6,8 +6,10 @@
 //!   `cluster down`: a real Kubernetes for development (see `walt_tests::k8s`).
 //! - `cargo xtask k8s-binaries`: builds (or finds) the Kubernetes binaries, prints their directory.
 //! - `cargo xtask image build`, `deploy sync`, `dist`, `lab up|down`: shipping (see `walt_tests::ship`).
-//! - `cargo xtask bench [--reps N]`: speed as users feel it on the cluster tier (the `#[ignore]`d test
-//!   `tests/tests/bench.rs`, printing a table; see `walt_tests::bench`). Not part of `cargo xtask test`.
+//! - `cargo xtask bench [--reps N] [--load] [--profile P]`: speed as users feel it on the cluster tier
+//!   (the `#[ignore]`d tests of `tests/tests/bench.rs`, printing a table; see `walt_tests::bench`), or
+//!   with `--load` the load figures (20 image shells and 10 node saves at once). Not part of `cargo
+//!   xtask test`.
 //! - `cargo xtask fuzz [--seconds N] [TARGET…]`: the coverage-guided fuzz targets of `fuzz/` (see
 //!   `walt_tests::fuzz`; installs nightly Rust and cargo-fuzz with `.ci/install-deps --fuzz` when missing).
 
@@ -62,10 +64,21 @@ enum Task {
     /// `ssh`, `kubectl walt node save` of 256 MiB vs the bare `walt-operator save` and vs WalT's way
     /// (ssh tar, podman build, podman push), side by side in one run; prints medians, ratios and the
     /// operator's peak RSS. Runs the ignored test `tests/tests/bench.rs` (not part of `test`).
+    ///
+    /// With `--load`: the load figures instead (issue 17): 20 image shells opened at once, each saved
+    /// as a new image, then 10 virtual nodes saved at once; time to the prompt and to Ready (p50, p99,
+    /// last), the operator's peak RSS and reconcile latency; every change checked in its image.
     Bench {
-        /// Repetitions of each measurement (the table shows medians).
+        /// Repetitions of each measurement (the table shows medians; not used by --load).
         #[arg(long, default_value_t = walt_tests::bench::DEFAULT_REPS)]
         reps: usize,
+        /// Run the load figures (`load_of_shells_and_saves`) instead of the speed table.
+        #[arg(long)]
+        load: bool,
+        /// Build profile of the walt image installed: release (what is shipped) or dist-check (built
+        /// in a fraction of the time; its figures are not the product's).
+        #[arg(long, default_value = "release")]
+        profile: String,
     },
     /// Shipping: `image build`, `deploy sync`, `dist`, `lab up|down` (see `walt_tests::ship`).
     #[command(flatten)]
@@ -117,7 +130,7 @@ fn main() -> ExitCode {
     }
     let result = match cli.task {
         Task::Test { cargo_test_args } => test(&cargo_test_args),
-        Task::Bench { reps } => bench(reps),
+        Task::Bench { reps, load, profile } => bench(reps, load, &profile),
         Task::Cluster { action } => match action {
             ClusterAction::Up { tier } => cluster_up(tier),
             ClusterAction::Kubeconfig { user, groups } => cluster_kubeconfig(&user, &groups),
@@ -232,10 +245,16 @@ fn cluster_down() -> Result<(), String> {
 }
 
 /// `cargo xtask bench`: the Kubernetes binaries, then the ignored benchmark test with the cluster tier on.
-fn bench(reps: usize) -> Result<(), String> {
+fn bench(reps: usize, load: bool, profile: &str) -> Result<(), String> {
     if reps == 0 {
         return Err("--reps must be at least 1".into());
     }
+    walt_tests::image_build::BuildProfile::parse(profile).map_err(|e| e.to_string())?;
+    let test = if load {
+        "load_of_shells_and_saves"
+    } else {
+        "user_felt_speed"
+    };
     let k8s = K8sBinaries::ensure().map_err(|e| e.to_string())?;
     if k8s.kubelet.is_none() {
         return Err(format!(
@@ -256,10 +275,11 @@ fn bench(reps: usize) -> Result<(), String> {
             "--ignored",
             "--nocapture",
         ])
-        .args(["--test-threads", "1", "user_felt_speed"])
+        .args(["--test-threads", "1", "--exact", test])
         .env(binaries::WALT_K8S_BIN, &k8s.dir)
         .env("WALT_CLUSTER_TIER", "run")
         .env(walt_tests::bench::REPS_ENV, reps.to_string())
+        .env(walt_tests::bench::PROFILE_ENV, profile)
         .status()
         .map_err(|e| format!("running cargo test: {e}"))?;
     if status.success() {

@@ -540,8 +540,22 @@ impl SshNode {
 
     /// Cuts (`up: false`) or restores (`up: true`) the node's network: its end of the veth pair goes
     /// down or up inside the node's namespace (the cable pulled and plugged back); its processes, files
-    /// and address stay. For tests of a network cut in the middle of a transfer.
+    /// and address stay. For tests of a network cut in the middle of a transfer. A restored link is
+    /// back when this returns: its sshd accepts a connection from the lab namespace again (the kernel
+    /// brings a veth's carrier up asynchronously, and the peer's neighbour entry failed during the cut:
+    /// for a second or two after `ip link set up`, connecting still gets "No route to host").
     pub fn set_link(&self, up: bool) -> Result<()> {
+        self.switch_link(up)?;
+        if !up {
+            return Ok(());
+        }
+        Wait::new("the node to accept SSH connections again", Duration::from_secs(30))
+            .every(Duration::from_millis(100))
+            .until(|| Ok::<_, String>(self.connect().is_ok()))
+            .map_err(|e| setup_error("restore the node's link", e))
+    }
+
+    fn switch_link(&self, up: bool) -> Result<()> {
         run(
             if up {
                 "bring the node's link up"

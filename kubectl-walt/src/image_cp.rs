@@ -188,6 +188,28 @@ async fn start_session(ctx: &Ctx, image: &ImageName) -> Result<(Created, session
 
 /// Sends `input` (then, if `eof`, an end-of-file on the TTY), and collects the output until the
 /// shell exits.
+/// What the shell prints once it reads what is typed ([`READY_PROBE`] typed shows the quotes, so the
+/// typed line's own echo never matches).
+const READY_MARKER: &[u8] = b"__WALT_READY__";
+/// Typed until the shell answers [`READY_MARKER`].
+const READY_PROBE: &[u8] = b"echo __WALT_\"\"READY__\n";
+/// How often the probe is typed again, and for how long.
+const READY_PROBE_EVERY: std::time::Duration = std::time::Duration::from_millis(300);
+const READY_WITHIN: std::time::Duration = std::time::Duration::from_mins(2);
+
+/// Whether `out`, of which the last `new` bytes just arrived, now holds `marker` (only the new bytes
+/// and the marker's length before them are searched).
+fn newly_holds(out: &[u8], new: usize, marker: &[u8]) -> bool {
+    let from = out.len().saturating_sub(new + marker.len());
+    out[from..].windows(marker.len()).any(|window| window == marker)
+}
+
+/// Types `script` (then `payload`, in base64 lines ended by VEOF) into the shell of `pod` once the shell
+/// answers, and returns everything the terminal showed until the shell ended. What is typed before
+/// the image's shell reads its terminal can be lost (a TTY container attached before its process
+/// runs, a runtime that sets the terminal up): under load, the start of the script was, and the
+/// payload's lines and VEOF then went to the shell as commands (the copy "not confirmed"). So a
+/// probe is typed until the shell echoes its marker, and only then the script.
 async fn converse(
     ctx: &Ctx,
     pod: &session::RuntimePod,
@@ -201,7 +223,19 @@ async fn converse(
     let mut stdout = attached
         .stdout()
         .ok_or_else(|| Error::Failed("the shell pod gave no output".into()))?;
+    let (answered, mut ready) = tokio::sync::watch::channel(false);
     let writer = async {
+        let probing = async {
+            while !*ready.borrow_and_update() {
+                stdin.write_all(READY_PROBE).await?;
+                stdin.flush().await?;
+                let _ = tokio::time::timeout(READY_PROBE_EVERY, ready.changed()).await;
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        tokio::time::timeout(READY_WITHIN, probing).await.map_err(|_| {
+            std::io::Error::other(format!("the image shell did not answer within {READY_WITHIN:?}"))
+        })??;
         stdin.write_all(script.as_bytes()).await?;
         if let Some(data) = payload {
             for chunk in data.as_bytes().chunks(76) {
@@ -212,16 +246,24 @@ async fn converse(
             stdin.write_all(b"\x04").await?;
         }
         stdin.flush().await?;
-        Ok::<_, std::io::Error>(stdin)
+        Ok::<_, std::io::Error>(())
     };
     let reader = async {
         let mut out = Vec::new();
-        stdout.read_to_end(&mut out).await?;
-        Ok::<_, std::io::Error>(out)
+        let mut buffer = vec![0; 64 * 1024];
+        loop {
+            let read = stdout.read(&mut buffer).await?;
+            if read == 0 {
+                return Ok::<_, std::io::Error>(out);
+            }
+            out.extend_from_slice(&buffer[..read]);
+            if !*answered.borrow() && newly_holds(&out, read, READY_MARKER) {
+                answered.send_replace(true);
+            }
+        }
     };
-    let (written, read) = tokio::join!(writer, reader);
-    let _stdin = written.map_err(Error::io("sending to the image shell"))?;
-    let out = read.map_err(Error::io("reading from the image shell"))?;
+    // A writer that fails (the shell never answered) ends the conversation: its reader would wait.
+    let ((), out) = tokio::try_join!(writer, reader).map_err(Error::io("talking to the image shell"))?;
     attached.abort();
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
@@ -457,6 +499,18 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&out.stdout)
         );
+    }
+
+    #[test]
+    fn the_ready_marker_is_found_across_reads_and_never_in_the_typed_probe() {
+        let mut out = b"$ echo __WALT_\"\"READY__\r\n__WALT_RE".to_vec();
+        assert!(
+            !newly_holds(&out, out.len(), READY_MARKER),
+            "the probe's echo is not the answer"
+        );
+        out.extend_from_slice(b"ADY__\r\n$ ");
+        assert!(newly_holds(&out, 9, READY_MARKER), "split over two reads");
+        assert!(!newly_holds(b"READY", 5, READY_MARKER));
     }
 
     #[test]

@@ -549,10 +549,13 @@ impl SshNode {
         if !up {
             return Ok(());
         }
-        Wait::new("the node to accept SSH connections again", Duration::from_secs(30))
-            .every(Duration::from_millis(100))
-            .until(|| Ok::<_, String>(self.connect().is_ok()))
-            .map_err(|e| setup_error("restore the node's link", e))
+        Wait::new(
+            "the node to accept SSH connections again",
+            Duration::from_secs(30),
+        )
+        .every(Duration::from_millis(100))
+        .until(|| Ok::<_, String>(self.connect().is_ok()))
+        .map_err(|e| setup_error("restore the node's link", e))
     }
 
     fn switch_link(&self, up: bool) -> Result<()> {

@@ -171,6 +171,7 @@ fn cluster_up(tier: Tier) -> Result<(), String> {
         dir: Some(dir),
         lifetime: Lifetime::Detached,
         ready_timeout: Duration::from_mins(5),
+        second_node: None,
     })
     .map_err(|e| e.to_string())?;
     if let Some(registry) = cluster.registry() {

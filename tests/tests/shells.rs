@@ -24,22 +24,17 @@
 //! on the node of its CPU and says it runs natively; with the arm64 node cordoned, the arm64 shell
 //! runs emulated and says so (see the test's docs).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use walt_tests::image_build::Arch;
-use walt_tests::k8s::{Cluster, ClusterOptions, SecondNode, cluster_tier_skip_reason};
-use walt_tests::operator::{OperatorProcess, plugin_binary};
+use walt_tests::k8s::{Cluster, ClusterOptions, SecondNode};
+use walt_tests::operator::OperatorProcess;
+use walt_tests::operator_lab::{OperatorLab, kubectl};
 use walt_tests::pty::Pty;
 use walt_tests::wait::{Poll, Wait};
-
-fn kubectl(cluster: &Cluster, args: &[&str]) -> String {
-    cluster
-        .kubectl_output(args)
-        .unwrap_or_else(|error| panic!("kubectl {args:?}: {error}"))
-}
 
 fn jsonpath(cluster: &Cluster, ns: &str, object: &str, path: &str) -> String {
     cluster
@@ -155,199 +150,63 @@ fn one_cluster_at_a_time() -> MutexGuard<'static, ()> {
     ONE.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// A cluster-tier cluster with the walt API, a tenant namespace (Pod Security baseline, the node
-/// key), demo images Ready as Images in the lab registry, and the real operator running in the
-/// first node's network namespace. Fields drop in order: the operator stops before the cluster.
-struct ShellLab {
-    operator: OperatorProcess,
-    work: tempfile::TempDir,
-    ns: String,
-    registry: String,
-    plugin: PathBuf,
-    cluster: Cluster,
+/// An [`OperatorLab`] whose `images` are Ready as walt Images.
+fn shell_lab(options: ClusterOptions, images: &[(&str, Arch)]) -> Option<OperatorLab> {
+    let lab = OperatorLab::start(options, "shells", images)?;
+    for (name, _) in images {
+        apply(
+            &lab.cluster,
+            &lab.ns,
+            &format!("apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: {name}}}\nspec: {{}}\n"),
+            lab.work.path(),
+        );
+        wait_jsonpath(
+            &lab.cluster,
+            &lab.ns,
+            &format!("image.walt.dev/{name}"),
+            "{.status.conditions[?(@.type==\"Ready\")].status}",
+            "True",
+            &lab.operator,
+        );
+    }
+    Some(lab)
 }
 
-impl ShellLab {
-    /// Starts it all with `images` (name, CPU); `None` (the reason printed) when this machine cannot
-    /// run the cluster tier.
-    fn start(options: ClusterOptions, images: &[(&str, Arch)]) -> Option<ShellLab> {
-        match cluster_tier_skip_reason() {
-            Ok(Some(reason)) => {
-                eprintln!("SKIPPED image shells: the cluster tier cannot run on this machine: {reason}");
-                return None;
-            }
-            Ok(None) => {}
-            Err(error) => panic!("cluster tier prerequisites: {error}"),
-        }
-        walt_tests::k8s::images::ensure_arm64_emulation()
-            .unwrap_or_else(|e| panic!("cannot register qemu-aarch64 with binfmt_misc: {e}"));
-        let cluster = Cluster::start(options).expect("start the cluster tier");
-        let registry = cluster.registry().expect("node registry");
-        let for_pods = cluster.registry_for_pods().expect("node registry for pods");
-        let netns = cluster.node_netns().expect("node network namespace").to_owned();
-        let started = Instant::now();
-        walt_tests::lab::ensure_walt_image(&registry, false, walt_tests::image_build::BuildProfile::Check)
-            .expect("build and push the walt image");
-        eprintln!("walt image ready in {:.0} s", started.elapsed().as_secs_f64());
-        let work = tempfile::tempdir().expect("tempdir");
-        // The walt API, a tenant namespace with the node key, the images in the lab registry.
-        let crds = work.path().join("crds.yaml");
-        std::fs::write(&crds, walt_crds::crds_yaml()).expect("write CRDs");
-        kubectl(
-            &cluster,
-            &["apply", "--server-side", "-f", &crds.display().to_string()],
-        );
-        kubectl(
-            &cluster,
-            &[
-                "wait",
-                "--for=condition=Established",
-                "--timeout=60s",
-                "crd/shellsessions.walt.dev",
-                "crd/images.walt.dev",
-            ],
-        );
-        let ns = cluster.create_namespace("shells").expect("namespace");
-        // A tenant's namespace at Pod Security baseline: the shell pods run in walt-run-<ns>.
-        kubectl(
-            &cluster,
-            &[
-                "label",
-                "namespace",
-                &ns,
-                "pod-security.kubernetes.io/enforce=baseline",
-            ],
-        );
-        let key = walt_tests::sshnode::keygen(work.path(), "node_key");
-        kubectl(
-            &cluster,
-            &[
-                "-n",
-                &ns,
-                "create",
-                "secret",
-                "generic",
-                "walt-node-key",
-                "--type=kubernetes.io/ssh-auth",
-                &format!("--from-file=ssh-privatekey={}", key.display()),
-            ],
-        );
-        for (name, arch) in images {
-            walt_tests::lab::push_demo_image(
-                *arch,
-                &format!("{registry}/lab/{ns}/{name}:latest"),
-                &walt_tests::registry_auth::RegistryAuth::Anonymous,
-            )
-            .expect("push a demo image");
-        }
-
-        let args: Vec<String> = [
-            "--namespace",
-            &ns,
-            "--watch-namespace",
-            &ns,
-            "--leader-election",
-            "false",
-            "--lab-registry",
-            &format!("{for_pods}/lab"),
-            "--registry-plain-http",
-            "true",
-            "--node-key-secret",
-            "walt-node-key",
-            "--shell-image",
-            &format!("{registry}/walt/operator:lab"),
-            "--user-namespaces",
-            "never",
-            "--shell-cache",
-            "emptyDir",
-            "--catalog-namespace",
-            "walt-catalog-none",
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
-        let operator = OperatorProcess::start(
-            &cluster.kubeconfig(),
-            Some(&netns),
-            &args,
-            &work.path().join("operator.log"),
-        )
-        .expect("start walt-operator");
-        operator.wait_started(Duration::from_mins(1));
-        for (name, _) in images {
-            apply(
-                &cluster,
-                &ns,
-                &format!(
-                    "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: {name}}}\nspec: {{}}\n"
-                ),
-                work.path(),
-            );
-            wait_jsonpath(
-                &cluster,
-                &ns,
-                &format!("image.walt.dev/{name}"),
-                "{.status.conditions[?(@.type==\"Ready\")].status}",
-                "True",
-                &operator,
-            );
-        }
-        Some(ShellLab {
-            operator,
-            work,
-            ns,
-            registry,
-            plugin: plugin_binary(),
-            cluster,
-        })
-    }
-
-    /// `kubectl walt -n NS ARGS` as the admin.
-    fn walt(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(&self.plugin);
-        command
-            .args(["-n", &self.ns])
-            .args(args)
-            .env("KUBECONFIG", self.cluster.kubeconfig());
-        command
-    }
-
-    /// A shell on `image` (whose `uname -m` says `machine`): `while_open` looks at it once the
-    /// prompt is near, then it changes a file, and Ctrl-D at the dialogue discards: nothing is
-    /// saved, no tag moves, the pod goes.
-    fn discard_shell(&self, image: &str, machine: &str, while_open: impl FnOnce(&Pty)) {
-        let (cluster, registry, ns) = (&self.cluster, &self.registry, &self.ns);
-        let before = digest_of(&format!("{registry}/lab/{ns}/{image}:latest"));
-        let mut pty = Pty::spawn(&self.walt(&["image", "shell", image]));
-        pty.expect_within("Type `exit` or Ctrl-D", Duration::from_mins(4));
-        while_open(&pty);
-        std::thread::sleep(Duration::from_secs(2));
-        pty.send("touch /root/scratch; echo on-$(uname -m)\n");
-        pty.expect_within(&format!("on-{machine}"), Duration::from_mins(1));
-        pty.send("exit\n");
-        pty.expect_within("Save as a new image", Duration::from_mins(2));
-        pty.send("\x04");
-        let (code, shown) = pty.wait_within(Duration::from_mins(1));
-        assert_eq!(code, 0, "{shown}");
-        assert!(
-            shown.contains(&format!("Discarded: image {image} was left as it was")),
-            "{shown}"
-        );
-        assert_eq!(
-            digest_of(&format!("{registry}/lab/{ns}/{image}:latest")),
-            before,
-            "no tag moved"
-        );
-        wait_until("the discarded shell's pod is deleted", || {
-            pods_of_sessions(cluster, ns).is_empty()
-        });
-    }
+/// A shell on `image` (whose `uname -m` says `machine`): `while_open` looks at it once the prompt is
+/// near, then it changes a file, and Ctrl-D at the dialogue discards: nothing is saved, no tag moves,
+/// the pod goes.
+fn discard_shell(lab: &OperatorLab, image: &str, machine: &str, while_open: impl FnOnce(&Pty)) {
+    let (cluster, registry, ns) = (&lab.cluster, &lab.registry, &lab.ns);
+    let before = digest_of(&format!("{registry}/lab/{ns}/{image}:latest"));
+    let mut pty = Pty::spawn(&lab.walt(&["image", "shell", image]));
+    pty.expect_within("Type `exit` or Ctrl-D", Duration::from_mins(4));
+    while_open(&pty);
+    std::thread::sleep(Duration::from_secs(2));
+    pty.send("touch /root/scratch; echo on-$(uname -m)\n");
+    pty.expect_within(&format!("on-{machine}"), Duration::from_mins(1));
+    pty.send("exit\n");
+    pty.expect_within("Save as a new image", Duration::from_mins(2));
+    pty.send("\x04");
+    let (code, shown) = pty.wait_within(Duration::from_mins(1));
+    assert_eq!(code, 0, "{shown}");
+    assert!(
+        shown.contains(&format!("Discarded: image {image} was left as it was")),
+        "{shown}"
+    );
+    assert_eq!(
+        digest_of(&format!("{registry}/lab/{ns}/{image}:latest")),
+        before,
+        "no tag moved"
+    );
+    wait_until("the discarded shell's pod is deleted", || {
+        pods_of_sessions(cluster, ns).is_empty()
+    });
 }
 
 #[test]
 fn image_shells_on_the_cluster_tier() {
     let _one = one_cluster_at_a_time();
-    let Some(lab) = ShellLab::start(
+    let Some(lab) = shell_lab(
         ClusterOptions::cluster(),
         &[("demo", Arch::Amd64), ("demo-arm", Arch::Arm64)],
     ) else {
@@ -362,7 +221,7 @@ fn image_shells_on_the_cluster_tier() {
     let emulation_note =
         |image: &str| format!("Note: {image} is built for another CPU: it runs through qemu-user emulation");
     let discard_shell = |image: &str, machine: &str| {
-        lab.discard_shell(image, machine, |pty| {
+        discard_shell(&lab, image, machine, |pty| {
             // Told before the prompt, from the cluster node's CPU and the image's platform.
             assert_eq!(
                 pty.text().contains(&emulation_note(image)),
@@ -680,7 +539,7 @@ fn node_arch_label(cluster: &Cluster, node: &str) -> String {
 fn native_architecture_first_on_two_nodes() {
     let _one = one_cluster_at_a_time();
     let started = Instant::now();
-    let Some(lab) = ShellLab::start(
+    let Some(lab) = shell_lab(
         ClusterOptions::cluster().with_second_node(SecondNode::architecture("arm64")),
         &[("demo", Arch::Amd64), ("demo-arm", Arch::Arm64)],
     ) else {
@@ -715,31 +574,46 @@ fn native_architecture_first_on_two_nodes() {
     // One shell: on which node it lands, what the plugin says before the prompt, what the status says.
     let shell = |image: &str, on: &str, emulated: bool| {
         let started = Instant::now();
-        lab.discard_shell(image, if image == "demo" { "x86_64" } else { "aarch64" }, |pty| {
-            let (pod, node) = shell_pod_and_node(cluster, ns);
-            assert_eq!(node, on, "the shell pod {pod} of {image} runs on {on}");
-            let status = jsonpath(cluster, ns, "shellsessions", "{.items[0].status.emulated}");
-            assert_eq!(status, emulated.to_string(), "status.emulated of {image}'s shell on {on}");
-            let ready = jsonpath(
-                cluster,
-                ns,
-                "shellsessions",
-                "{.items[0].status.conditions[?(@.type==\"Ready\")].message}",
-            );
-            assert!(
-                ready.contains(&format!(" on cluster node {on} (")),
-                "the Ready message names the node: {ready}"
-            );
-            let arch = if image == "demo" { "amd64" } else { "arm64" };
-            let note = if emulated {
-                format!(
-                    "Note: {image} is built for another CPU: it runs through qemu-user emulation (slower than native; no {arch} cluster node could take it)."
-                )
-            } else {
-                format!("Note: {image} runs natively on a cluster node of its CPU ({arch}), no emulation.")
-            };
-            assert!(pty.text().contains(&note), "the user is told {note:?}:\n{}", pty.text());
-        });
+        discard_shell(
+            &lab,
+            image,
+            if image == "demo" { "x86_64" } else { "aarch64" },
+            |pty| {
+                let (pod, node) = shell_pod_and_node(cluster, ns);
+                assert_eq!(node, on, "the shell pod {pod} of {image} runs on {on}");
+                let status = jsonpath(cluster, ns, "shellsessions", "{.items[0].status.emulated}");
+                assert_eq!(
+                    status,
+                    emulated.to_string(),
+                    "status.emulated of {image}'s shell on {on}"
+                );
+                let ready = jsonpath(
+                    cluster,
+                    ns,
+                    "shellsessions",
+                    "{.items[0].status.conditions[?(@.type==\"Ready\")].message}",
+                );
+                assert!(
+                    ready.contains(&format!(" on cluster node {on} (")),
+                    "the Ready message names the node: {ready}"
+                );
+                let arch = if image == "demo" { "amd64" } else { "arm64" };
+                let note = if emulated {
+                    format!(
+                        "Note: {image} is built for another CPU: it runs through qemu-user emulation (slower than native; no {arch} cluster node could take it)."
+                    )
+                } else {
+                    format!(
+                        "Note: {image} runs natively on a cluster node of its CPU ({arch}), no emulation."
+                    )
+                };
+                assert!(
+                    pty.text().contains(&note),
+                    "the user is told {note:?}:\n{}",
+                    pty.text()
+                );
+            },
+        );
         eprintln!(
             "{image} shell on {on} ({}): {:.1} s from the command to the discarded session",
             if emulated { "emulated" } else { "native" },

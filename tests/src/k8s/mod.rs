@@ -393,11 +393,10 @@ impl Cluster {
         let place = node::Place::second(second.labels);
         // Kept in the cluster from here on: a failure stops it with the rest.
         self.second_node = Some(node::Node::prepare_joining(&self.dir, place, first, lifetime)?);
-        let mut node = self.second_node.take().expect("prepared above");
-        let first = self.node.as_ref().expect("checked above");
-        let result = node.start_joining(self, first, lifetime, timeout);
-        self.second_node = Some(node);
-        result
+        let (Some(first), Some(second)) = (&self.node, &self.second_node) else {
+            unreachable!("both nodes are there")
+        };
+        second.start_joining(self, first, lifetime, timeout)
     }
 
     fn start_control_plane(

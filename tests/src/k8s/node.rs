@@ -487,7 +487,7 @@ impl Node {
     /// Starts another node (prepared with [`Node::prepare_joining`]): containerd, the kubelet and
     /// kube-proxy, with the first node's registry and pause image, and waits for it to be Ready.
     pub(crate) fn start_joining(
-        &mut self,
+        &self,
         cluster: &Cluster,
         first: &Node,
         lifetime: Lifetime,

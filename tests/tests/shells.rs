@@ -30,6 +30,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use walt_tests::image_build::Arch;
+use walt_tests::k8s::images::Arch as NodeArch;
 use walt_tests::k8s::{Cluster, ClusterOptions, SecondNode};
 use walt_tests::operator::OperatorProcess;
 use walt_tests::operator_lab::{OperatorLab, kubectl};
@@ -540,7 +541,7 @@ fn native_architecture_first_on_two_nodes() {
     let _one = one_cluster_at_a_time();
     let started = Instant::now();
     let Some(lab) = shell_lab(
-        ClusterOptions::cluster().with_second_node(SecondNode::architecture("arm64")),
+        ClusterOptions::cluster().with_second_node(SecondNode::architecture(NodeArch::Arm64)),
         &[("demo", Arch::Amd64), ("demo-arm", Arch::Arm64)],
     ) else {
         return;

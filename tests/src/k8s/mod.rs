@@ -183,34 +183,26 @@ pub struct ClusterOptions {
 /// A second cluster node ([`ClusterOptions::with_second_node`]): its own containerd, kubelet and
 /// kube-proxy in its own network namespace on the first node's bridge (address
 /// [`node::SECOND_NODE_IP`], pods in [`node::SECOND_POD_CIDR`]), registered as
-/// [`node::SECOND_NODE_NAME`] with the labels asked for.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// [`node::SECOND_NODE_NAME`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SecondNode {
-    /// Labels its kubelet registers it with (`--node-labels`), over the kubelet's own defaults.
-    pub labels: std::collections::BTreeMap<String, String>,
+    /// The CPU the node says it is (`kubernetes.io/arch`, `status.nodeInfo.architecture`).
+    pub architecture: images::Arch,
 }
 
 impl SecondNode {
-    /// A node that says its CPU is `architecture` (`kubernetes.io/arch` and the older
-    /// `beta.kubernetes.io/arch`), whatever this machine's CPU is.
+    /// A node whose kubelet is built for `architecture`: on another CPU than this machine's, that
+    /// kubelet runs through qemu-user (binfmt_misc), see [`binaries::kubelet_for`].
     ///
-    /// Why through the kubelet's `--node-labels`: the kubelet accepts these two labels there
-    /// (they are among the labels a kubelet may set on its own Node), puts them over its defaults
-    /// (`runtime.GOARCH`) when it registers, and registers again with the same value after a
-    /// restart, so the label holds for the node's whole life. A label patched after registration
-    /// would be put back to GOARCH by the kubelet's next registration; an arm64 kubelet under
-    /// qemu-user would be one more Kubernetes build (for arm64) and a slow kubelet, and its pods
-    /// would still run on this machine's amd64 containerd. The node's `status.nodeInfo` keeps
-    /// saying the real CPU (the kubelet writes it at every status update): on this machine an
-    /// arm64 image's processes run through qemu-user on either node, and what a test on this
-    /// node proves is where walt places its pods and what it tells about it.
-    pub fn architecture(architecture: &str) -> SecondNode {
-        SecondNode {
-            labels: ["kubernetes.io/arch", "beta.kubernetes.io/arch"]
-                .into_iter()
-                .map(|key| (key.to_owned(), architecture.to_owned()))
-                .collect(),
-        }
+    /// Why a kubelet of that CPU: a node's CPU is what its kubelet says, from its own `GOARCH`: it
+    /// puts it in its Node's `kubernetes.io/arch` label at every status update (a label set with
+    /// `--node-labels` or patched by hand is back to `amd64` within seconds, tried) and in
+    /// `status.nodeInfo.architecture`. An arm64 kubelet says arm64 in both, by itself, as on a
+    /// Raspberry Pi. Its containerd stays this machine's (amd64): pods there run amd64 images
+    /// natively and an arm64 image's processes through qemu-user, as on the first node. What a test
+    /// on such a node proves is where walt places its pods and what it tells about it.
+    pub fn architecture(architecture: images::Arch) -> SecondNode {
+        SecondNode { architecture }
     }
 }
 
@@ -390,7 +382,7 @@ impl Cluster {
             .node
             .as_ref()
             .ok_or_else(|| Error::Unavailable("a second node needs the cluster tier's first node".into()))?;
-        let place = node::Place::second(second.labels);
+        let place = node::Place::second(second.architecture);
         // Kept in the cluster from here on: a failure stops it with the rest.
         self.second_node = Some(node::Node::prepare_joining(&self.dir, place, first, lifetime)?);
         let (Some(first), Some(second)) = (&self.node, &self.second_node) else {
@@ -1010,7 +1002,7 @@ impl Running {
             stop_pid(*pid, Duration::from_secs(10));
         }
         if let Some(netns) = &self.state.second_netns {
-            let place = node::Place::second(std::collections::BTreeMap::new());
+            let place = node::Place::second(images::Arch::host());
             node::cleanup_leftovers(&self.dir.join(node::node_dir_name(&place)), netns);
         }
         if let Some(netns) = &self.state.netns {

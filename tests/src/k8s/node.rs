@@ -159,8 +159,8 @@ pub(crate) struct Place {
     pub ip: Ipv4Addr,
     /// Its pods' network.
     pub pod_cidr: String,
-    /// Labels its kubelet registers it with (`--node-labels`), over the kubelet's defaults.
-    pub labels: std::collections::BTreeMap<String, String>,
+    /// The CPU its kubelet is built for (see [`super::SecondNode::architecture`]).
+    pub architecture: images::Arch,
 }
 
 impl Place {
@@ -170,17 +170,17 @@ impl Place {
             name: NODE_NAME.into(),
             ip: NODE_IP,
             pod_cidr: POD_CIDR.into(),
-            labels: std::collections::BTreeMap::new(),
+            architecture: images::Arch::host(),
         }
     }
 
-    /// The second node, with the labels the caller asks for.
-    pub fn second(labels: std::collections::BTreeMap<String, String>) -> Place {
+    /// The second node, of the CPU `architecture`.
+    pub fn second(architecture: images::Arch) -> Place {
         Place {
             name: SECOND_NODE_NAME.into(),
             ip: SECOND_NODE_IP,
             pod_cidr: SECOND_POD_CIDR.into(),
-            labels,
+            architecture,
         }
     }
 
@@ -197,14 +197,6 @@ impl Place {
         } else {
             format!("{base}-{}", self.name)
         }
-    }
-
-    /// The kubelet's `--node-labels` value, or `None` without labels.
-    pub fn node_labels_flag(&self) -> Option<String> {
-        (!self.labels.is_empty()).then(|| {
-            let pairs: Vec<String> = self.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            format!("--node-labels={}", pairs.join(","))
-        })
     }
 
     /// Where this node reaches what listens on the first node's namespace (API server, registry):
@@ -712,12 +704,16 @@ registerNode: true
                 cluster_dns = services::CLUSTER_DNS_IP,
             ),
         )?;
-        let kubelet_binary = cluster.binaries().kubelet.clone().ok_or_else(|| {
-            Error::Unavailable(format!(
-                "no kubelet in {}: build it with tests/k8s/build.sh or put it there",
-                cluster.binaries().dir.display()
-            ))
-        })?;
+        let kubelet_binary = if place.architecture == images::Arch::host() {
+            cluster.binaries().kubelet.clone().ok_or_else(|| {
+                Error::Unavailable(format!(
+                    "no kubelet in {}: build it with tests/k8s/build.sh or put it there",
+                    cluster.binaries().dir.display()
+                ))
+            })?
+        } else {
+            super::binaries::kubelet_for(place.architecture.oci_name())?
+        };
         let mut kubelet = self.node_command(&kubelet_binary.to_string_lossy());
         kubelet
             .arg(format!("--config={}", kubelet_config.display()))
@@ -726,7 +722,6 @@ registerNode: true
             .arg(format!("--cert-dir={}", kubelet_dir.join("pki").display()))
             .arg(format!("--hostname-override={}", place.name))
             .arg(format!("--node-ip={}", place.ip))
-            .args(place.node_labels_flag())
             .arg("--v=1");
         // The cluster DNS first: pods that start find Services by name. kube-proxy once the node
         // exists (it reads its Node); no pod can start before the node is Ready anyway.
@@ -966,7 +961,7 @@ mod tests {
 
     #[test]
     fn a_second_node_joins_the_bridge_with_routes_between_the_pod_networks() {
-        let place = Place::second(std::collections::BTreeMap::new());
+        let place = Place::second(images::Arch::Arm64);
         let commands = joined(&network_commands(&place, "walt-1-1", Some("walt-1-0")));
         for wanted in [
             "-n walt-1-0 link add walt-to-3 type veth peer name eth0 netns walt-1-1",
@@ -989,18 +984,13 @@ mod tests {
     #[test]
     fn only_other_nodes_rename_their_processes_and_reach_the_first_by_its_address() {
         let first = Place::first();
-        let second = Place::second(super::super::SecondNode::architecture("arm64").labels);
+        let second = Place::second(images::Arch::Arm64);
         assert_eq!(
             (first.component("kubelet"), second.component("kubelet")),
             ("kubelet".to_owned(), "kubelet-walt-node-2".to_owned())
         );
         assert_eq!(first.first_node_address(), Ipv4Addr::LOCALHOST);
         assert_eq!(second.first_node_address(), NODE_IP);
-        assert_eq!(first.node_labels_flag(), None);
-        assert_eq!(
-            second.node_labels_flag().as_deref(),
-            Some("--node-labels=beta.kubernetes.io/arch=arm64,kubernetes.io/arch=arm64")
-        );
         assert_eq!(
             (node_dir_name(&first), node_dir_name(&second)),
             ("node".to_owned(), "node-walt-node-2".to_owned())

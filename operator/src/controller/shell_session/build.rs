@@ -30,7 +30,7 @@ use walt_crds::{Changes, ImageShellMode, ShellMode, ShellSession, ShellSessionPh
 use crate::controller::config::LayerCache;
 pub use crate::controller::shared::pods::CACHE_DIR;
 pub use crate::controller::shared::pods::runtimes_support_user_namespaces;
-use crate::controller::shared::pods::{ARCH_LABEL, RuntimePod, prefer_architecture, runtime_pod};
+use crate::controller::shared::pods::{RuntimePod, prefer_architecture, runtime_pod};
 use crate::controller::shared::runtime::owner_labels;
 
 /// Label naming the ShellSession a pod belongs to.
@@ -377,26 +377,15 @@ pub fn shell_at_start(
     ShellAtStart { emulated, mode }
 }
 
-/// A cluster node's CPU, GOARCH names like OCI platforms: its `kubernetes.io/arch` label, the one
-/// the pods' scheduling preference ([`prefer_architecture`]) matches, so that what the user is told
-/// is what the scheduler went by; else `status.nodeInfo.architecture`. The kubelet sets both from
-/// its own CPU; only the label can be set otherwise (the kubelet's `--node-labels`).
+/// A cluster node's CPU, GOARCH names like OCI platforms: `status.nodeInfo.architecture`, which its
+/// kubelet writes from its own CPU (and copies to the `kubernetes.io/arch` label the pods' scheduling
+/// preference, [`prefer_architecture`], matches, at every status update).
 pub fn node_architecture(node: &k8s_openapi::api::core::v1::Node) -> Option<&str> {
-    let label = node
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|labels| labels.get(ARCH_LABEL))
-        .map(String::as_str);
-    let reported = node
-        .status
+    node.status
         .as_ref()
         .and_then(|status| status.node_info.as_ref())
-        .map(|info| info.architecture.as_str());
-    label
-        .into_iter()
-        .chain(reported)
-        .find(|architecture| !architecture.is_empty())
+        .map(|info| info.architecture.as_str())
+        .filter(|architecture| !architecture.is_empty())
 }
 
 #[cfg(test)]
@@ -449,17 +438,6 @@ mod tests {
                 emulated: Some(false),
                 mode: Some(ImageShellMode::Basic)
             }
-        );
-        // The node's label is what the scheduling preference matched: it decides.
-        let mut labelled_arm = cluster_node("amd64");
-        labelled_arm.metadata.labels = Some([("kubernetes.io/arch".to_owned(), "arm64".to_owned())].into());
-        assert_eq!(
-            shell_at_start(&ShellMode::Auto, Some(&arm), Some(&labelled_arm)).emulated,
-            Some(false)
-        );
-        assert_eq!(
-            shell_at_start(&ShellMode::Auto, Some(&native), Some(&labelled_arm)).emulated,
-            Some(true)
         );
         // Unknown either side: no claim either way.
         assert_eq!(shell_at_start(&ShellMode::Auto, Some(&arm), None).emulated, None);

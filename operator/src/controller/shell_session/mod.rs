@@ -863,7 +863,12 @@ mod tests {
     #[test]
     fn a_running_shell_says_on_which_cluster_node_and_whether_natively() {
         let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "pi-1", "labels": {"kubernetes.io/arch": "arm64"}}
+            "metadata": {"name": "pi-1"},
+            "status": {"nodeInfo": {
+                "architecture": "arm64", "bootID": "", "containerRuntimeVersion": "",
+                "kernelVersion": "", "kubeProxyVersion": "", "kubeletVersion": "", "machineID": "",
+                "operatingSystem": "linux", "osImage": "", "systemUUID": ""
+            }}
         }))
         .expect("node JSON");
         let native = running_message("walt-shell-s1", "walt-run-lab", Some(&node), Some(false));

@@ -318,6 +318,10 @@ impl Cluster {
             node::check_available()?;
         }
         let binaries = K8sBinaries::ensure()?;
+        if let Some(second) = second_node.filter(|s| s.architecture != images::Arch::host()) {
+            // Built (once, minutes) before any readiness deadline runs.
+            binaries::kubelet_for(second.architecture.oci_name())?;
+        }
         let (dir, remove_dir) = if let Some(dir) = dir {
             (dir, false)
         } else {

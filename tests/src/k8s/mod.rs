@@ -196,7 +196,7 @@ impl SecondNode {
     ///
     /// Why a kubelet of that CPU: a node's CPU is what its kubelet says, from its own `GOARCH`: it
     /// puts it in its Node's `kubernetes.io/arch` label at every status update (a label set with
-    /// `--node-labels` or patched by hand is back to `amd64` within seconds, tried) and in
+    /// `--node-labels` was back to `amd64` at the first one, tried; one set by hand would be too) and in
     /// `status.nodeInfo.architecture`. An arm64 kubelet says arm64 in both, by itself, as on a
     /// Raspberry Pi. Its containerd stays this machine's (amd64): pods there run amd64 images
     /// natively and an arm64 image's processes through qemu-user, as on the first node. What a test

@@ -50,7 +50,14 @@ pub async fn run(ctx: &Ctx, image: &str, mode: ShellModeArg) -> Result<i32> {
         ..session::spec_defaults()
     };
     let created = session::create(ctx, &name.object_name(), spec).await?;
-    let outcome = interruptible(Box::pin(shell_and_decide(ctx, &created, &name))).await;
+    let architecture = status.platform.as_ref().map(|p| p.architecture.clone());
+    let outcome = interruptible(Box::pin(shell_and_decide(
+        ctx,
+        &created,
+        &name,
+        architecture.as_deref(),
+    )))
+    .await;
     if matches!(outcome, Err(Error::Interrupted)) {
         // Ctrl-C anywhere outside the shell itself discards, as WalT does.
         let _ = created
@@ -62,7 +69,12 @@ pub async fn run(ctx: &Ctx, image: &str, mode: ShellModeArg) -> Result<i32> {
     outcome
 }
 
-async fn shell_and_decide(ctx: &Ctx, created: &Created, name: &ImageName) -> Result<i32> {
+async fn shell_and_decide(
+    ctx: &Ctx,
+    created: &Created,
+    name: &ImageName,
+    architecture: Option<&str>,
+) -> Result<i32> {
     let session = created
         .follow(ctx, &format!("starting a shell in {name}:"), &|s| {
             session::running(s) && s.status.as_ref().is_some_and(|st| st.pod.is_some())
@@ -71,10 +83,8 @@ async fn shell_and_decide(ctx: &Ctx, created: &Created, name: &ImageName) -> Res
     let status = session.status.clone().unwrap_or_default();
     let pod = session::shell_pod(ctx, &session)
         .ok_or_else(|| Error::Failed("the shell session runs but names no shell pod".into()))?;
-    if status.emulated == Some(true) {
-        eprintln!(
-            "Note: {name} is built for another CPU: it runs through qemu-user emulation (slower than native)."
-        );
+    if let Some(note) = cpu_note(name, architecture, status.emulated) {
+        eprintln!("{note}");
     }
     match status.mode {
         Some(ImageShellMode::Init) => {
@@ -404,9 +414,51 @@ async fn drain_output(
     let _ = stdout.flush().await;
 }
 
+/// What the user is told before the prompt about the CPU the shell runs on (pure): natively on a
+/// cluster node of the image's CPU (which walt's shell pods prefer), or through qemu-user where no
+/// such node could take it; nothing when the operator could not tell.
+fn cpu_note(name: &ImageName, architecture: Option<&str>, emulated: Option<bool>) -> Option<String> {
+    let architecture = architecture.filter(|a| !a.is_empty());
+    match (emulated?, architecture) {
+        (false, Some(architecture)) => Some(format!(
+            "Note: {name} runs natively on a cluster node of its CPU ({architecture}), no emulation."
+        )),
+        (false, None) => Some(format!(
+            "Note: {name} runs natively on its cluster node, no emulation."
+        )),
+        (true, Some(architecture)) => Some(format!(
+            "Note: {name} is built for another CPU: it runs through qemu-user emulation (slower than native; no {architecture} cluster node could take it)."
+        )),
+        (true, None) => Some(format!(
+            "Note: {name} is built for another CPU: it runs through qemu-user emulation (slower than native)."
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_user_is_told_whether_the_shell_runs_natively_or_emulated() {
+        let name = image_name("demo-arm64").expect("an image name");
+        assert_eq!(
+            cpu_note(&name, Some("arm64"), Some(false)).as_deref(),
+            Some("Note: demo-arm64 runs natively on a cluster node of its CPU (arm64), no emulation.")
+        );
+        let emulated = cpu_note(&name, Some("arm64"), Some(true)).expect("a note");
+        assert!(
+            emulated.starts_with(
+                "Note: demo-arm64 is built for another CPU: it runs through qemu-user emulation (slower than native; no arm64 cluster node"
+            ),
+            "{emulated}"
+        );
+        assert_eq!(
+            cpu_note(&name, Some("arm64"), None),
+            None,
+            "no claim when unknown"
+        );
+    }
 
     #[test]
     fn a_shell_that_ended_goes_on_to_the_changes_whatever_the_pod_says() {

@@ -85,9 +85,10 @@ SHELLS
 walt has two kinds of shells.
 
 Image shell: `kubectl walt image shell IMAGE`
-  You get a root shell inside the image itself, as if it were a container. It works for images
-  built for another CPU too (an arm64 image on an amd64 cluster runs through qemu-user emulation;
-  it is slower, and the plugin tells you when it is emulated).
+  You get a root shell inside the image itself, as if it were a container. The shell runs on a
+  cluster node of the image's CPU when the cluster has one (an arm64 image on a Raspberry Pi
+  worker: natively); elsewhere it runs through qemu-user emulation (slower). The plugin tells you
+  which before the prompt.
 
   If the image has /bin/walt-image-shell-start and /bin/walt-image-shell-shutdown, you get an
   \"init\" shell: the image's init runs as PID 1 and services start as on a node. Otherwise you get

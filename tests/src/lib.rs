@@ -36,6 +36,7 @@ pub mod machine;
 pub mod monitoring;
 pub mod netboot;
 pub mod operator;
+pub mod operator_lab;
 pub mod pty;
 pub mod registry;
 pub mod registry_auth;

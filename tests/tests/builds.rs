@@ -19,19 +19,14 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use walt_tests::image_build::Arch;
-use walt_tests::k8s::{Cluster, ClusterOptions, cluster_tier_skip_reason};
-use walt_tests::operator::{OperatorProcess, plugin_binary};
+use walt_tests::k8s::{Cluster, ClusterOptions};
+use walt_tests::operator::OperatorProcess;
+use walt_tests::operator_lab::{OperatorLab, kubectl};
 use walt_tests::pty::Pty;
 use walt_tests::wait::{Poll, Wait};
-
-fn kubectl(cluster: &Cluster, args: &[&str]) -> String {
-    cluster
-        .kubectl_output(args)
-        .unwrap_or_else(|error| panic!("kubectl {args:?}: {error}"))
-}
 
 fn jsonpath(cluster: &Cluster, ns: &str, object: &str, path: &str) -> String {
     cluster
@@ -130,113 +125,26 @@ fn git(dir: &Path, args: &[&str]) -> String {
 // Long by design: one cluster start serves the whole story (see the module docs).
 #[test]
 fn image_builds_on_the_cluster_tier() {
-    match cluster_tier_skip_reason() {
-        Ok(Some(reason)) => {
-            eprintln!("SKIPPED image builds: the cluster tier cannot run on this machine: {reason}");
-            return;
-        }
-        Ok(None) => {}
-        Err(error) => panic!("cluster tier prerequisites: {error}"),
-    }
-    walt_tests::k8s::images::ensure_arm64_emulation()
-        .unwrap_or_else(|e| panic!("cannot register qemu-aarch64 with binfmt_misc: {e}"));
-    let cluster = Cluster::start(ClusterOptions::cluster()).expect("start the cluster tier");
-    let registry = cluster.registry().expect("node registry");
-    let for_pods = cluster.registry_for_pods().expect("node registry for pods");
-    let netns = cluster.node_netns().expect("node network namespace").to_owned();
-    let started = Instant::now();
-    walt_tests::lab::ensure_walt_image(&registry, false, walt_tests::image_build::BuildProfile::Check)
-        .expect("build and push the walt image");
-    eprintln!("walt image ready in {:.0} s", started.elapsed().as_secs_f64());
-    let work = tempfile::tempdir().expect("tempdir");
-
-    let crds = work.path().join("crds.yaml");
-    std::fs::write(&crds, walt_crds::crds_yaml()).expect("write CRDs");
-    kubectl(
-        &cluster,
-        &["apply", "--server-side", "-f", &crds.display().to_string()],
+    let Some(lab) = OperatorLab::start(
+        ClusterOptions::cluster(),
+        "builds",
+        &[("base", Arch::Amd64), ("base-arm", Arch::Arm64)],
+    ) else {
+        return;
+    };
+    let (cluster, registry, for_pods, ns, work, operator, plugin) = (
+        &lab.cluster,
+        &lab.registry,
+        &lab.for_pods,
+        &lab.ns,
+        &lab.work,
+        &lab.operator,
+        &lab.plugin,
     );
-    kubectl(
-        &cluster,
-        &[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/imagebuilds.walt.dev",
-            "crd/images.walt.dev",
-        ],
-    );
-    let ns = cluster.create_namespace("builds").expect("namespace");
-    // A tenant's namespace at Pod Security baseline: the build pods run in walt-run-<ns>.
-    kubectl(
-        &cluster,
-        &[
-            "label",
-            "namespace",
-            &ns,
-            "pod-security.kubernetes.io/enforce=baseline",
-        ],
-    );
-    let runtime = walt_crds::runtime_namespace(&ns);
-    let key = walt_tests::sshnode::keygen(work.path(), "node_key");
-    kubectl(
-        &cluster,
-        &[
-            "-n",
-            &ns,
-            "create",
-            "secret",
-            "generic",
-            "walt-node-key",
-            "--type=kubernetes.io/ssh-auth",
-            &format!("--from-file=ssh-privatekey={}", key.display()),
-        ],
-    );
-    for (name, arch) in [("base", Arch::Amd64), ("base-arm", Arch::Arm64)] {
-        walt_tests::lab::push_demo_image(
-            arch,
-            &format!("{registry}/lab/{ns}/{name}:latest"),
-            &walt_tests::registry_auth::RegistryAuth::Anonymous,
-        )
-        .expect("push a demo image");
-    }
-    let args: Vec<String> = [
-        "--namespace",
-        &ns,
-        "--watch-namespace",
-        &ns,
-        "--leader-election",
-        "false",
-        "--lab-registry",
-        &format!("{for_pods}/lab"),
-        "--registry-plain-http",
-        "true",
-        "--node-key-secret",
-        "walt-node-key",
-        "--shell-image",
-        &format!("{registry}/walt/operator:lab"),
-        "--user-namespaces",
-        "never",
-        "--shell-cache",
-        "emptyDir",
-        "--catalog-namespace",
-        "walt-catalog-none",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
-    let operator = OperatorProcess::start(
-        &cluster.kubeconfig(),
-        Some(&netns),
-        &args,
-        &work.path().join("operator.log"),
-    )
-    .expect("start walt-operator");
-    operator.wait_started(Duration::from_mins(1));
-    let plugin = plugin_binary();
+    let runtime = walt_crds::runtime_namespace(ns);
     let walt = |args: &[&str]| {
-        let output = Command::new(&plugin)
-            .args(["-n", &ns])
+        let output = Command::new(plugin)
+            .args(["-n", ns])
             .args(args)
             .env("KUBECONFIG", cluster.kubeconfig())
             .output()
@@ -287,18 +195,18 @@ fn image_builds_on_the_cluster_tier() {
     let digest = digest_of(&reference);
     assert!(digest.starts_with("sha256:"), "the tag exists: {digest:?}");
     wait_jsonpath(
-        &cluster,
-        &ns,
+        cluster,
+        ns,
         "image.walt.dev/built",
         "{.status.digest}",
         &digest,
-        &operator,
+        operator,
     );
     let build_name = kubectl(
-        &cluster,
+        cluster,
         &[
             "-n",
-            &ns,
+            ns,
             "get",
             "imagebuilds",
             "-o",
@@ -307,8 +215,8 @@ fn image_builds_on_the_cluster_tier() {
     );
     assert_eq!(
         jsonpath(
-            &cluster,
-            &ns,
+            cluster,
+            ns,
             &format!("imagebuild/{build_name}"),
             "{.status.phase} {.status.result.digest} {.status.podNamespace}"
         ),
@@ -330,7 +238,7 @@ fn image_builds_on_the_cluster_tier() {
         .every(Duration::from_millis(500))
         .until(|| {
             let left = kubectl(
-                &cluster,
+                cluster,
                 &[
                     "-n",
                     &runtime,
@@ -420,10 +328,10 @@ fn image_builds_on_the_cluster_tier() {
     );
     assert_eq!(mode & 0o777, 0o755, "the service script is executable");
     let recorded = kubectl(
-        &cluster,
+        cluster,
         &[
             "-n",
-            &ns,
+            ns,
             "get",
             "imagebuilds",
             "-o",
@@ -438,9 +346,9 @@ fn image_builds_on_the_cluster_tier() {
     // 4. An image shell into the built arm64 image: the service is there and runs, emulated; a shell
     // that changed nothing ends without the dialogue and moves no tag.
     let before = digest_of(&format!("{registry}/lab/{ns}/built-arm:latest"));
-    let mut shell = Command::new(&plugin);
+    let mut shell = Command::new(plugin);
     shell
-        .args(["-n", &ns, "image", "shell", "built-arm"])
+        .args(["-n", ns, "image", "shell", "built-arm"])
         .env("KUBECONFIG", cluster.kubeconfig());
     let mut pty = Pty::spawn(&shell);
     pty.expect_within("Type `exit` or Ctrl-D", Duration::from_mins(4));

@@ -2,8 +2,10 @@
 //! image, started by the real operator, used through the real plugin in a PTY.
 //!
 //! The operator runs on this machine inside the node's network namespace (where the pods' addresses
-//! and the lab registry at the node address exist), with the harness's admin kubeconfig. One test,
-//! because one cluster start serves every step:
+//! and the lab registry at the node address exist), with the harness's admin kubeconfig. Two tests,
+//! one cluster each (one at a time), because one cluster start serves every step of a test.
+//!
+//! `image_shells_on_the_cluster_tier`, one node:
 //! 1. `kubectl walt image shell demo` (amd64): type commands, the API server restarts under the open
 //!    shell (the plugin attaches again and the shell goes on), exit, answer the dialogue with a new
 //!    name → the operator saves it (blobs mounted across repositories) → the new Image is Ready,
@@ -17,22 +19,23 @@
 //!    Ctrl-D discards.
 //! 6. `image cp` of a local directory into an image (new layer, tag moved, bytes checked with
 //!    skopeo + umoci) and of a file out of it.
+//!
+//! `native_architecture_first_on_two_nodes`: a second node labelled arm64; each image's shell lands
+//! on the node of its CPU and says it runs natively; with the arm64 node cordoned, the arm64 shell
+//! runs emulated and says so (see the test's docs).
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use walt_tests::image_build::Arch;
-use walt_tests::k8s::{Cluster, ClusterOptions, cluster_tier_skip_reason};
-use walt_tests::operator::{OperatorProcess, plugin_binary};
+use walt_tests::k8s::images::Arch as NodeArch;
+use walt_tests::k8s::{Cluster, ClusterOptions, SecondNode};
+use walt_tests::operator::OperatorProcess;
+use walt_tests::operator_lab::{OperatorLab, kubectl};
 use walt_tests::pty::Pty;
 use walt_tests::wait::{Poll, Wait};
-
-fn kubectl(cluster: &Cluster, args: &[&str]) -> String {
-    cluster
-        .kubectl_output(args)
-        .unwrap_or_else(|error| panic!("kubectl {args:?}: {error}"))
-}
 
 fn jsonpath(cluster: &Cluster, ns: &str, object: &str, path: &str) -> String {
     cluster
@@ -142,172 +145,91 @@ fn digest_of(reference: &str) -> String {
         .unwrap_or_default()
 }
 
-#[test]
-fn image_shells_on_the_cluster_tier() {
-    match cluster_tier_skip_reason() {
-        Ok(Some(reason)) => {
-            eprintln!("SKIPPED image shells: the cluster tier cannot run on this machine: {reason}");
-            return;
-        }
-        Ok(None) => {}
-        Err(error) => panic!("cluster tier prerequisites: {error}"),
-    }
-    walt_tests::k8s::images::ensure_arm64_emulation()
-        .unwrap_or_else(|e| panic!("cannot register qemu-aarch64 with binfmt_misc: {e}"));
-    let cluster = Cluster::start(ClusterOptions::cluster()).expect("start the cluster tier");
-    let registry = cluster.registry().expect("node registry");
-    let for_pods = cluster.registry_for_pods().expect("node registry for pods");
-    let netns = cluster.node_netns().expect("node network namespace").to_owned();
-    let started = Instant::now();
-    walt_tests::lab::ensure_walt_image(&registry, false, walt_tests::image_build::BuildProfile::Check)
-        .expect("build and push the walt image");
-    eprintln!("walt image ready in {:.0} s", started.elapsed().as_secs_f64());
-    let work = tempfile::tempdir().expect("tempdir");
+/// The tests here each start a cluster: one at a time (CI machines have few cores).
+fn one_cluster_at_a_time() -> MutexGuard<'static, ()> {
+    static ONE: Mutex<()> = Mutex::new(());
+    ONE.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
-    // The walt API, a tenant namespace with the node key, two images in the lab registry.
-    let crds = work.path().join("crds.yaml");
-    std::fs::write(&crds, walt_crds::crds_yaml()).expect("write CRDs");
-    kubectl(
-        &cluster,
-        &["apply", "--server-side", "-f", &crds.display().to_string()],
-    );
-    kubectl(
-        &cluster,
-        &[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/shellsessions.walt.dev",
-            "crd/images.walt.dev",
-        ],
-    );
-    let ns = cluster.create_namespace("shells").expect("namespace");
-    // A tenant's namespace at Pod Security baseline: the shell pods run in walt-run-<ns>.
-    kubectl(
-        &cluster,
-        &[
-            "label",
-            "namespace",
-            &ns,
-            "pod-security.kubernetes.io/enforce=baseline",
-        ],
-    );
-    let key = walt_tests::sshnode::keygen(work.path(), "node_key");
-    kubectl(
-        &cluster,
-        &[
-            "-n",
-            &ns,
-            "create",
-            "secret",
-            "generic",
-            "walt-node-key",
-            "--type=kubernetes.io/ssh-auth",
-            &format!("--from-file=ssh-privatekey={}", key.display()),
-        ],
-    );
-    for (name, arch) in [("demo", Arch::Amd64), ("demo-arm", Arch::Arm64)] {
-        walt_tests::lab::push_demo_image(
-            arch,
-            &format!("{registry}/lab/{ns}/{name}:latest"),
-            &walt_tests::registry_auth::RegistryAuth::Anonymous,
-        )
-        .expect("push a demo image");
-    }
-
-    let args: Vec<String> = [
-        "--namespace",
-        &ns,
-        "--watch-namespace",
-        &ns,
-        "--leader-election",
-        "false",
-        "--lab-registry",
-        &format!("{for_pods}/lab"),
-        "--registry-plain-http",
-        "true",
-        "--node-key-secret",
-        "walt-node-key",
-        "--shell-image",
-        &format!("{registry}/walt/operator:lab"),
-        "--user-namespaces",
-        "never",
-        "--shell-cache",
-        "emptyDir",
-        "--catalog-namespace",
-        "walt-catalog-none",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
-    let operator = OperatorProcess::start(
-        &cluster.kubeconfig(),
-        Some(&netns),
-        &args,
-        &work.path().join("operator.log"),
-    )
-    .expect("start walt-operator");
-    operator.wait_started(Duration::from_mins(1));
-    for name in ["demo", "demo-arm"] {
+/// An [`OperatorLab`] whose `images` are Ready as walt Images.
+fn shell_lab(options: ClusterOptions, images: &[(&str, Arch)]) -> Option<OperatorLab> {
+    let lab = OperatorLab::start(options, "shells", images)?;
+    for (name, _) in images {
         apply(
-            &cluster,
-            &ns,
+            &lab.cluster,
+            &lab.ns,
             &format!("apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: {name}}}\nspec: {{}}\n"),
-            work.path(),
+            lab.work.path(),
         );
         wait_jsonpath(
-            &cluster,
-            &ns,
+            &lab.cluster,
+            &lab.ns,
             &format!("image.walt.dev/{name}"),
             "{.status.conditions[?(@.type==\"Ready\")].status}",
             "True",
-            &operator,
+            &lab.operator,
         );
     }
-    let plugin = plugin_binary();
-    let walt = |args: &[&str]| {
-        let mut command = Command::new(&plugin);
-        command
-            .args(["-n", &ns])
-            .args(args)
-            .env("KUBECONFIG", cluster.kubeconfig());
-        command
+    Some(lab)
+}
+
+/// A shell on `image` (whose `uname -m` says `machine`): `while_open` looks at it once the prompt is
+/// near, then it changes a file, and Ctrl-D at the dialogue discards: nothing is saved, no tag moves,
+/// the pod goes.
+fn discard_shell(lab: &OperatorLab, image: &str, machine: &str, while_open: impl FnOnce(&Pty)) {
+    let (cluster, registry, ns) = (&lab.cluster, &lab.registry, &lab.ns);
+    let before = digest_of(&format!("{registry}/lab/{ns}/{image}:latest"));
+    let mut pty = Pty::spawn(&lab.walt(&["image", "shell", image]));
+    pty.expect_within("Type `exit` or Ctrl-D", Duration::from_mins(4));
+    while_open(&pty);
+    std::thread::sleep(Duration::from_secs(2));
+    pty.send("touch /root/scratch; echo on-$(uname -m)\n");
+    pty.expect_within(&format!("on-{machine}"), Duration::from_mins(1));
+    pty.send("exit\n");
+    pty.expect_within("Save as a new image", Duration::from_mins(2));
+    pty.send("\x04");
+    let (code, shown) = pty.wait_within(Duration::from_mins(1));
+    assert_eq!(code, 0, "{shown}");
+    assert!(
+        shown.contains(&format!("Discarded: image {image} was left as it was")),
+        "{shown}"
+    );
+    assert_eq!(
+        digest_of(&format!("{registry}/lab/{ns}/{image}:latest")),
+        before,
+        "no tag moved"
+    );
+    wait_until("the discarded shell's pod is deleted", || {
+        pods_of_sessions(cluster, ns).is_empty()
+    });
+}
+
+#[test]
+fn image_shells_on_the_cluster_tier() {
+    let _one = one_cluster_at_a_time();
+    let Some(lab) = shell_lab(
+        ClusterOptions::cluster(),
+        &[("demo", Arch::Amd64), ("demo-arm", Arch::Arm64)],
+    ) else {
+        return;
     };
+    let (cluster, registry, ns, work, operator) =
+        (&lab.cluster, &lab.registry, &lab.ns, &lab.work, &lab.operator);
+    let walt = |args: &[&str]| lab.walt(args);
 
     // A shell on `image` (whose `uname -m` says `machine`) that changes a file, then Ctrl-D at the
     // dialogue: nothing is saved, no tag moves, the pod goes.
     let emulation_note =
         |image: &str| format!("Note: {image} is built for another CPU: it runs through qemu-user emulation");
     let discard_shell = |image: &str, machine: &str| {
-        let before = digest_of(&format!("{registry}/lab/{ns}/{image}:latest"));
-        let mut pty = Pty::spawn(&walt(&["image", "shell", image]));
-        pty.expect_within("Type `exit` or Ctrl-D", Duration::from_mins(4));
-        // Told before the prompt, from the cluster node's CPU and the image's platform.
-        assert_eq!(
-            pty.text().contains(&emulation_note(image)),
-            machine != "x86_64",
-            "the emulation note is shown exactly when the image's CPU differs:\n{}",
-            pty.text()
-        );
-        std::thread::sleep(Duration::from_secs(2));
-        pty.send("touch /root/scratch; echo on-$(uname -m)\n");
-        pty.expect_within(&format!("on-{machine}"), Duration::from_mins(1));
-        pty.send("exit\n");
-        pty.expect_within("Save as a new image", Duration::from_mins(2));
-        pty.send("\x04");
-        let (code, shown) = pty.wait_within(Duration::from_mins(1));
-        assert_eq!(code, 0, "{shown}");
-        assert!(
-            shown.contains(&format!("Discarded: image {image} was left as it was")),
-            "{shown}"
-        );
-        assert_eq!(
-            digest_of(&format!("{registry}/lab/{ns}/{image}:latest")),
-            before,
-            "no tag moved"
-        );
-        wait_until("the discarded shell's pod is deleted", || {
-            pods_of_sessions(&cluster, &ns).is_empty()
+        discard_shell(&lab, image, machine, |pty| {
+            // Told before the prompt, from the cluster node's CPU and the image's platform.
+            assert_eq!(
+                pty.text().contains(&emulation_note(image)),
+                machine != "x86_64",
+                "the emulation note is shown exactly when the image's CPU differs:\n{}",
+                pty.text()
+            );
         });
     };
 
@@ -346,16 +268,16 @@ fn image_shells_on_the_cluster_tier() {
     assert!(shown.contains("Saved as demo-v2: "), "{shown}");
     assert!(pty.cooked(), "the terminal is restored");
     wait_jsonpath(
-        &cluster,
-        &ns,
+        cluster,
+        ns,
         "image.walt.dev/demo-v2",
         "{.status.conditions[?(@.type==\"Ready\")].status}",
         "True",
-        &operator,
+        operator,
     );
     let saved = format!("{registry}/lab/{ns}/demo-v2:latest");
     assert_eq!(
-        jsonpath(&cluster, &ns, "image.walt.dev/demo-v2", "{.status.digest}"),
+        jsonpath(cluster, ns, "image.walt.dev/demo-v2", "{.status.digest}"),
         digest_of(&saved),
         "the Image reports what the registry holds"
     );
@@ -370,17 +292,17 @@ fn image_shells_on_the_cluster_tier() {
     );
     assert!(rootfs.join("bin/busybox").exists(), "the base layer is there");
     wait_until("the shell pod is deleted", || {
-        pods_of_sessions(&cluster, &ns).is_empty()
+        pods_of_sessions(cluster, ns).is_empty()
     });
     wait_until("the session is deleted", || {
-        kubectl(&cluster, &["-n", &ns, "get", "shellsessions", "-o", "name"]).is_empty()
+        kubectl(cluster, &["-n", ns, "get", "shellsessions", "-o", "name"]).is_empty()
     });
 
     // 2. Discarded with Ctrl-D at the dialogue.
     discard_shell("demo", "x86_64");
 
     // 3. Enter overwrites the image itself: its digest moves to the saved one.
-    let before = jsonpath(&cluster, &ns, "image.walt.dev/demo", "{.status.digest}");
+    let before = jsonpath(cluster, ns, "image.walt.dev/demo", "{.status.digest}");
     let mut pty = Pty::spawn(&walt(&["image", "shell", "demo"]));
     pty.expect_within("Type `exit` or Ctrl-D", Duration::from_mins(4));
     std::thread::sleep(Duration::from_secs(2));
@@ -401,7 +323,7 @@ fn image_shells_on_the_cluster_tier() {
     )
     .every(Duration::from_millis(500))
     .until(|| {
-        let after = jsonpath(&cluster, &ns, "image.walt.dev/demo", "{.status.digest}");
+        let after = jsonpath(cluster, ns, "image.walt.dev/demo", "{.status.digest}");
         if after == before {
             Poll::Pending(format!("still {before}"))
         } else {
@@ -419,28 +341,28 @@ fn image_shells_on_the_cluster_tier() {
     // 4. The operator alone: a pod deleted under a running session fails it, saying so; deleting
     //    the session leaves nothing (its finalizer deletes the pod first).
     apply(
-        &cluster,
-        &ns,
+        cluster,
+        ns,
         "apiVersion: walt.dev/v1alpha1\nkind: ShellSession\nmetadata: {name: lost}\nspec: {image: demo-v2}\n",
         work.path(),
     );
     wait_jsonpath(
-        &cluster,
-        &ns,
+        cluster,
+        ns,
         "shellsession/lost",
         "{.status.phase}",
         "Running",
-        &operator,
+        operator,
     );
     assert_eq!(
-        jsonpath(&cluster, &ns, "shellsession/lost", "{.status.pod}"),
+        jsonpath(cluster, ns, "shellsession/lost", "{.status.pod}"),
         "walt-shell-lost"
     );
     kubectl(
-        &cluster,
+        cluster,
         &[
             "-n",
-            &walt_crds::runtime_namespace(&ns),
+            &walt_crds::runtime_namespace(ns),
             "delete",
             "pod",
             "walt-shell-lost",
@@ -448,40 +370,40 @@ fn image_shells_on_the_cluster_tier() {
         ],
     );
     wait_jsonpath(
-        &cluster,
-        &ns,
+        cluster,
+        ns,
         "shellsession/lost",
         "{.status.phase}",
         "Failed",
-        &operator,
+        operator,
     );
     let why = jsonpath(
-        &cluster,
-        &ns,
+        cluster,
+        ns,
         "shellsession/lost",
         "{.status.conditions[?(@.type==\"Complete\")].message}",
     );
     assert!(why.contains("shell pod"), "{why}");
     apply(
-        &cluster,
-        &ns,
+        cluster,
+        ns,
         "apiVersion: walt.dev/v1alpha1\nkind: ShellSession\nmetadata: {name: gone}\nspec: {image: demo-v2}\n",
         work.path(),
     );
     wait_jsonpath(
-        &cluster,
-        &ns,
+        cluster,
+        ns,
         "shellsession/gone",
         "{.status.phase}",
         "Running",
-        &operator,
+        operator,
     );
     kubectl(
-        &cluster,
-        &["-n", &ns, "delete", "shellsession/gone", "--timeout=120s"],
+        cluster,
+        &["-n", ns, "delete", "shellsession/gone", "--timeout=120s"],
     );
     wait_until("no shell pod is left", || {
-        pods_of_sessions(&cluster, &ns).is_empty()
+        pods_of_sessions(cluster, ns).is_empty()
     });
 
     // 5. Emulated arm64 (qemu-user through binfmt_misc), discarded with Ctrl-D at the dialogue.
@@ -556,6 +478,163 @@ fn image_shells_on_the_cluster_tier() {
         "copying out moves no tag"
     );
     wait_until("the copy sessions' pods are deleted", || {
-        pods_of_sessions(&cluster, &ns).is_empty()
+        pods_of_sessions(cluster, ns).is_empty()
     });
+}
+
+/// The shell pod of the one session of tenant namespace `ns`, and the cluster node it runs on.
+fn shell_pod_and_node(cluster: &Cluster, ns: &str) -> (String, String) {
+    let pod = kubectl(
+        cluster,
+        &[
+            "-n",
+            ns,
+            "get",
+            "shellsessions",
+            "-o",
+            "jsonpath={.items[0].status.pod}",
+        ],
+    );
+    let node = kubectl(
+        cluster,
+        &[
+            "-n",
+            &walt_crds::runtime_namespace(ns),
+            "get",
+            "pod",
+            pod.trim(),
+            "-o",
+            "jsonpath={.spec.nodeName}",
+        ],
+    );
+    (pod.trim().to_owned(), node.trim().to_owned())
+}
+
+/// A cluster node's CPU as the scheduler sees it: its `kubernetes.io/arch` label.
+fn node_arch_label(cluster: &Cluster, node: &str) -> String {
+    kubectl(
+        cluster,
+        &[
+            "get",
+            "node",
+            node,
+            "-o",
+            r"jsonpath={.metadata.labels.kubernetes\.io/arch}",
+        ],
+    )
+    .trim()
+    .to_owned()
+}
+
+/// Native architecture first, on a cluster of two nodes: `walt-node` (this machine's amd64) and a
+/// second node whose kubelet registers it as arm64 (see `walt_tests::k8s::SecondNode::architecture`:
+/// its processes still run on this amd64 CPU, so an arm64 image runs through qemu-user on either;
+/// what this checks is where walt puts the shell pod and what it tells the user).
+/// 1. The second node says arm64, and keeps saying it (the kubelet re-asserts its own labels).
+/// 2. An arm64 image's shell lands on the arm64 node: the plugin says it runs natively,
+///    `status.emulated` is false, the Ready message names the node.
+/// 3. An amd64 image's shell lands on the amd64 node, also native.
+/// 4. With the arm64 node cordoned, the arm64 shell falls back to the amd64 node, emulated, and
+///    the plugin and `status.emulated` say so.
+#[test]
+fn native_architecture_first_on_two_nodes() {
+    let _one = one_cluster_at_a_time();
+    let started = Instant::now();
+    let Some(lab) = shell_lab(
+        ClusterOptions::cluster().with_second_node(SecondNode::architecture(NodeArch::Arm64)),
+        &[("demo", Arch::Amd64), ("demo-arm", Arch::Arm64)],
+    ) else {
+        return;
+    };
+    eprintln!(
+        "two-node cluster, walt image and operator ready in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let (cluster, ns) = (&lab.cluster, lab.ns.as_str());
+    let amd_node = cluster.node_name().expect("the first node").to_owned();
+    let arm_node = cluster.second_node_name().expect("the second node").to_owned();
+
+    // 1. Both nodes Ready, each with its CPU label.
+    let nodes = kubectl(
+        cluster,
+        &[
+            "get",
+            "nodes",
+            "-o",
+            r#"jsonpath={range .items[*]}{.metadata.name}={.status.conditions[?(@.type=="Ready")].status}{" "}{end}"#,
+        ],
+    );
+    assert_eq!(
+        nodes.trim(),
+        format!("{amd_node}=True {arm_node}=True"),
+        "kubectl get nodes"
+    );
+    assert_eq!(node_arch_label(cluster, &amd_node), "amd64");
+    assert_eq!(node_arch_label(cluster, &arm_node), "arm64");
+
+    // One shell: on which node it lands, what the plugin says before the prompt, what the status says.
+    let shell = |image: &str, on: &str, emulated: bool| {
+        let started = Instant::now();
+        discard_shell(
+            &lab,
+            image,
+            if image == "demo" { "x86_64" } else { "aarch64" },
+            |pty| {
+                let (pod, node) = shell_pod_and_node(cluster, ns);
+                assert_eq!(node, on, "the shell pod {pod} of {image} runs on {on}");
+                let status = jsonpath(cluster, ns, "shellsessions", "{.items[0].status.emulated}");
+                assert_eq!(
+                    status,
+                    emulated.to_string(),
+                    "status.emulated of {image}'s shell on {on}"
+                );
+                let ready = jsonpath(
+                    cluster,
+                    ns,
+                    "shellsessions",
+                    "{.items[0].status.conditions[?(@.type==\"Ready\")].message}",
+                );
+                assert!(
+                    ready.contains(&format!(" on cluster node {on} (")),
+                    "the Ready message names the node: {ready}"
+                );
+                let arch = if image == "demo" { "amd64" } else { "arm64" };
+                let note = if emulated {
+                    format!(
+                        "Note: {image} is built for another CPU: it runs through qemu-user emulation (slower than native; no {arch} cluster node could take it)."
+                    )
+                } else {
+                    format!(
+                        "Note: {image} runs natively on a cluster node of its CPU ({arch}), no emulation."
+                    )
+                };
+                assert!(
+                    pty.text().contains(&note),
+                    "the user is told {note:?}:\n{}",
+                    pty.text()
+                );
+            },
+        );
+        eprintln!(
+            "{image} shell on {on} ({}): {:.1} s from the command to the discarded session",
+            if emulated { "emulated" } else { "native" },
+            started.elapsed().as_secs_f64()
+        );
+    };
+
+    // 2. and 3. Each image on the node of its CPU.
+    shell("demo-arm", &arm_node, false);
+    shell("demo", &amd_node, false);
+
+    // 4. No arm64 node to take it: emulated on the amd64 node, and said so.
+    kubectl(cluster, &["cordon", &arm_node]);
+    shell("demo-arm", &amd_node, true);
+    kubectl(cluster, &["uncordon", &arm_node]);
+
+    // The kubelet left the label as it registered it through all its status updates.
+    assert_eq!(node_arch_label(cluster, &arm_node), "arm64");
+    eprintln!(
+        "native architecture first: {:.1} s in all",
+        started.elapsed().as_secs_f64()
+    );
 }

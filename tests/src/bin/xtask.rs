@@ -184,6 +184,7 @@ fn cluster_up(tier: Tier) -> Result<(), String> {
         dir: Some(dir),
         lifetime: Lifetime::Detached,
         ready_timeout: Duration::from_mins(5),
+        second_node: None,
     })
     .map_err(|e| e.to_string())?;
     if let Some(registry) = cluster.registry() {
@@ -363,6 +364,13 @@ fn test(cargo_test_args: &[String]) -> Result<(), String> {
     banner(stages.len() + 1, total, "Kubernetes binaries");
     let stage_start = Instant::now();
     let k8s = K8sBinaries::ensure();
+    // The arm64 kubelet of the two-node test's second node (`SecondNode`), built here rather than
+    // inside that test; without it (no Go here) only that test fails, saying why.
+    if k8s.is_ok()
+        && let Err(error) = binaries::kubelet_for(walt_tests::k8s::images::Arch::Arm64.oci_name())
+    {
+        eprintln!("the arm64 kubelet could not be built: {error}");
+    }
     let outcome = match &k8s {
         Ok(b) => format!("ok ({})", b.dir.display()),
         Err(e) => {

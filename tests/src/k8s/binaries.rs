@@ -124,6 +124,70 @@ pub fn build() -> Result<PathBuf, Error> {
     Ok(PathBuf::from(dir))
 }
 
+/// The kubelet built for another CPU (`GOARCH` name, e.g. `arm64`), for a cluster node that is
+/// that CPU's ([`super::SecondNode`]); it runs here through qemu-user (binfmt_misc). Built from the
+/// same pinned module as the others with `go build` (the Go build cache makes later calls quick),
+/// cached under `${WALT_CACHE:-~/.cache/walt}/k8s/<version>/linux-<arch>/kubelet`.
+pub fn kubelet_for(architecture: &str) -> Result<PathBuf, Error> {
+    let out = super::images::cache_dir()
+        .join("k8s")
+        .join(PINNED_VERSION)
+        .join(format!("linux-{architecture}"));
+    let kubelet = out.join("kubelet");
+    if is_executable(&kubelet) {
+        return Ok(kubelet);
+    }
+    eprintln!("walt-tests: building the kubelet {PINNED_VERSION} for {architecture} (once; minutes)");
+    let started = std::time::Instant::now();
+    std::fs::create_dir_all(&out).map_err(|e| Error::Binaries(format!("create {}: {e}", out.display())))?;
+    let partial = out.join(format!("kubelet.{}", std::process::id()));
+    let output = Command::new("go")
+        .args(["build", "-trimpath", "-ldflags", &version_ldflags(), "-o"])
+        .arg(&partial)
+        .arg("k8s.io/kubernetes/cmd/kubelet")
+        .current_dir(build_script().parent().unwrap_or(Path::new(".")))
+        .env("PATH", go_path())
+        .env("CGO_ENABLED", "0")
+        .env("GOOS", "linux")
+        .env("GOARCH", architecture)
+        .output()
+        .map_err(|e| Error::Binaries(format!("cannot run go build (install Go >= 1.24): {e}")))?;
+    if !output.status.success() {
+        return Err(Error::Binaries(format!(
+            "go build of the kubelet for {architecture} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    std::fs::rename(&partial, &kubelet)
+        .map_err(|e| Error::Binaries(format!("move {} into place: {e}", partial.display())))?;
+    eprintln!(
+        "walt-tests: kubelet for {architecture} built in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(kubelet)
+}
+
+/// The version stamps Kubernetes' own build sets (as `tests/k8s/build.sh` does), so that the node
+/// reports the real release.
+fn version_ldflags() -> String {
+    let minor = PINNED_VERSION.split('.').nth(1).unwrap_or_default();
+    let stamps = ["k8s.io/component-base/version", "k8s.io/client-go/pkg/version"].map(|package| {
+        format!(
+            "-X {package}.gitVersion={PINNED_VERSION} -X {package}.gitMajor=1 -X {package}.gitMinor={minor} \
+             -X {package}.gitTreeState=clean -X {package}.buildDate=1970-01-01T00:00:00Z"
+        )
+    });
+    format!("-s -w {}", stamps.join(" "))
+}
+
+/// `PATH` with Go's usual install directory at the end (as `tests/k8s/build.sh` has it).
+fn go_path() -> std::ffi::OsString {
+    let mut path = std::env::var_os("PATH").unwrap_or_default();
+    path.push(":/usr/local/go/bin");
+    path
+}
+
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     path.metadata()

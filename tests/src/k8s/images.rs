@@ -25,6 +25,15 @@ pub enum Arch {
 }
 
 impl Arch {
+    /// This machine's CPU.
+    pub fn host() -> Arch {
+        if cfg!(target_arch = "aarch64") {
+            Arch::Arm64
+        } else {
+            Arch::Amd64
+        }
+    }
+
     /// The OCI name.
     pub fn oci_name(self) -> &'static str {
         match self {

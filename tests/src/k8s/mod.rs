@@ -5,7 +5,8 @@
 //!   127.0.0.1 (free ports), a CA and certificates generated here (rcgen), RBAC (and Node)
 //!   authorization, an admin kubeconfig and client-certificate kubeconfigs for ordinary users.
 //!   Ready in seconds once the binaries are built.
-//! - **cluster**: the same, plus one node: containerd + runc, the CNI bridge, host-local and
+//! - **cluster**: the same, plus one node (two with [`ClusterOptions::with_second_node`], see
+//!   [`SecondNode`]): containerd + runc, the CNI bridge, host-local and
 //!   loopback plugins and a kubelet, all inside a network namespace created here (pod and node
 //!   addresses exist only there), a registry for the node's images inside that namespace, the
 //!   pause image built locally, and the standard services of any cluster: kube-proxy (ClusterIPs
@@ -175,6 +176,34 @@ pub struct ClusterOptions {
     pub lifetime: Lifetime,
     /// How long to wait for readiness (default 180 s: the machine may be busy).
     pub ready_timeout: Duration,
+    /// A second cluster node (cluster tier only; default none).
+    pub second_node: Option<SecondNode>,
+}
+
+/// A second cluster node ([`ClusterOptions::with_second_node`]): its own containerd, kubelet and
+/// kube-proxy in its own network namespace on the first node's bridge (address
+/// [`node::SECOND_NODE_IP`], pods in [`node::SECOND_POD_CIDR`]), registered as
+/// [`node::SECOND_NODE_NAME`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SecondNode {
+    /// The CPU the node says it is (`kubernetes.io/arch`, `status.nodeInfo.architecture`).
+    pub architecture: images::Arch,
+}
+
+impl SecondNode {
+    /// A node whose kubelet is built for `architecture`: on another CPU than this machine's, that
+    /// kubelet runs through qemu-user (binfmt_misc), see [`binaries::kubelet_for`].
+    ///
+    /// Why a kubelet of that CPU: a node's CPU is what its kubelet says, from its own `GOARCH`: it
+    /// puts it in its Node's `kubernetes.io/arch` label at every status update (a label set with
+    /// `--node-labels` was back to `amd64` at the first one, tried; one set by hand would be too) and in
+    /// `status.nodeInfo.architecture`. An arm64 kubelet says arm64 in both, by itself, as on a
+    /// Raspberry Pi. Its containerd stays this machine's (amd64): pods there run amd64 images
+    /// natively and an arm64 image's processes through qemu-user, as on the first node. What a test
+    /// on such a node proves is where walt places its pods and what it tells about it.
+    pub fn architecture(architecture: images::Arch) -> SecondNode {
+        SecondNode { architecture }
+    }
 }
 
 impl ClusterOptions {
@@ -185,7 +214,16 @@ impl ClusterOptions {
             dir: None,
             lifetime: Lifetime::Test,
             ready_timeout: Duration::from_mins(3),
+            second_node: None,
         }
+    }
+
+    /// The same options with a second cluster node (the cluster tier; see [`SecondNode`]).
+    #[must_use]
+    pub fn with_second_node(mut self, second: SecondNode) -> ClusterOptions {
+        self.tier = Tier::Cluster;
+        self.second_node = Some(second);
+        self
     }
 
     /// The cluster tier (control plane and a node), owned by the caller.
@@ -211,6 +249,9 @@ pub struct State {
     pub netns: Option<String>,
     /// The registry (host:port) that serves the node's images (cluster tier).
     pub registry: Option<String>,
+    /// The second node's network namespace, when there is one (its state is in `node-<name>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub second_netns: Option<String>,
 }
 
 /// A running Kubernetes (see the module docs). Stops what it started when dropped.
@@ -222,6 +263,8 @@ pub struct Cluster {
     server: String,
     daemons: Mutex<Vec<Daemon>>,
     node: Option<node::Node>,
+    /// The second node ([`ClusterOptions::with_second_node`]).
+    second_node: Option<node::Node>,
     detached: bool,
     namespace_counter: std::sync::atomic::AtomicU32,
     /// kube-apiserver's flags, to start it again ([`Cluster::start_api_server`]).
@@ -268,12 +311,17 @@ impl Cluster {
             dir,
             lifetime,
             ready_timeout,
+            second_node,
         } = options;
         let started = Instant::now();
         if tier == Tier::Cluster {
             node::check_available()?;
         }
         let binaries = K8sBinaries::ensure()?;
+        if let Some(second) = second_node.filter(|s| s.architecture != images::Arch::host()) {
+            // Built (once, minutes) before any readiness deadline runs.
+            binaries::kubelet_for(second.architecture.oci_name())?;
+        }
         let (dir, remove_dir) = if let Some(dir) = dir {
             (dir, false)
         } else {
@@ -298,6 +346,7 @@ impl Cluster {
             server,
             daemons: Mutex::new(Vec::new()),
             node: None,
+            second_node: None,
             detached: lifetime == Lifetime::Detached,
             namespace_counter: std::sync::atomic::AtomicU32::new(0),
             apiserver_args: Mutex::new(Vec::new()),
@@ -312,6 +361,9 @@ impl Cluster {
             let result = node.start(&cluster, lifetime, ready_timeout);
             cluster.node = Some(node);
             result?;
+            if let Some(second) = second_node {
+                cluster.start_second_node(second, lifetime, ready_timeout)?;
+            }
         }
         cluster.write_state()?;
         eprintln!(
@@ -321,6 +373,26 @@ impl Cluster {
             cluster.dir.display()
         );
         Ok(cluster)
+    }
+
+    /// Prepares and starts the second node, joined to the first (already Ready).
+    fn start_second_node(
+        &mut self,
+        second: SecondNode,
+        lifetime: Lifetime,
+        timeout: Duration,
+    ) -> Result<(), Error> {
+        let first = self
+            .node
+            .as_ref()
+            .ok_or_else(|| Error::Unavailable("a second node needs the cluster tier's first node".into()))?;
+        let place = node::Place::second(second.architecture);
+        // Kept in the cluster from here on: a failure stops it with the rest.
+        self.second_node = Some(node::Node::prepare_joining(&self.dir, place, first, lifetime)?);
+        let (Some(first), Some(second)) = (&self.node, &self.second_node) else {
+            unreachable!("both nodes are there")
+        };
+        second.start_joining(self, first, lifetime, timeout)
     }
 
     fn start_control_plane(
@@ -612,6 +684,7 @@ impl Cluster {
                 .collect(),
             netns: self.node.as_ref().map(|n| n.netns().to_string()),
             registry: self.node.as_ref().map(node::Node::registry),
+            second_netns: self.second_node.as_ref().map(|n| n.netns().to_string()),
         };
         let path = self.dir.join("state.json");
         let text = serde_json::to_string_pretty(&state).expect("state serializes");
@@ -657,7 +730,12 @@ impl Cluster {
 
     /// The name of the node (cluster tier only).
     pub fn node_name(&self) -> Option<&str> {
-        self.node.as_ref().map(|_| node::NODE_NAME)
+        self.node.as_ref().map(node::Node::name)
+    }
+
+    /// The name of the second node, when the cluster has one ([`ClusterOptions::with_second_node`]).
+    pub fn second_node_name(&self) -> Option<&str> {
+        self.second_node.as_ref().map(node::Node::name)
     }
 
     fn kubeconfig_path(&self, name: &str) -> PathBuf {
@@ -727,7 +805,7 @@ impl Cluster {
         for daemon in daemons {
             daemon.keep_running();
         }
-        if let Some(node) = self.node.take() {
+        for node in [self.second_node.take(), self.node.take()].into_iter().flatten() {
             node.keep();
         }
         self.dir.clone()
@@ -747,7 +825,8 @@ impl Cluster {
         while let Some(mut daemon) = daemons.pop() {
             daemon.stop(Duration::from_secs(10));
         }
-        if let Some(node) = &self.node {
+        // The second node first: its namespace holds one end of the veth pair on the first's bridge.
+        for node in [&self.second_node, &self.node].into_iter().flatten() {
             node.cleanup();
         }
         let keep =
@@ -926,8 +1005,12 @@ impl Running {
         for (_, pid) in self.state.pids.iter().rev() {
             stop_pid(*pid, Duration::from_secs(10));
         }
+        if let Some(netns) = &self.state.second_netns {
+            let place = node::Place::second(images::Arch::host());
+            node::cleanup_leftovers(&self.dir.join(node::node_dir_name(&place)), netns);
+        }
         if let Some(netns) = &self.state.netns {
-            node::cleanup_leftovers(&self.dir, netns);
+            node::cleanup_leftovers(&self.dir.join(node::node_dir_name(&node::Place::first())), netns);
         }
         std::fs::remove_dir_all(&self.dir).map_err(|e| Error::io(format!("remove {}", self.dir.display()), e))
     }

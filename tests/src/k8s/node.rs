@@ -20,6 +20,12 @@
 //! - Images: a registry (Debian `docker-registry`) inside the namespace; the pause image is built
 //!   here from Debian's busybox-static ([`super::images`]) and pushed there, never pulled from
 //!   the internet.
+//! - A second node (opt-in, [`super::SecondNode`]) is the same parts again in a namespace of its
+//!   own, `walt-<pid>-<n>`, plugged into the first node's bridge `walt0` by a veth pair: address
+//!   10.200.0.3, pods 10.244.1.0/24, a route each way between the two pod networks. It runs no
+//!   control plane, registry or DNS: it reaches the first node's (API server, registry, CoreDNS
+//!   behind the `kube-dns` Service) at the first node's address, and its own kube-proxy routes
+//!   ClusterIPs for its pods.
 
 use std::net::Ipv4Addr;
 use std::os::unix::fs::MetadataExt;
@@ -37,6 +43,14 @@ pub const NODE_NAME: &str = "walt-node";
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
 /// The pod network (inside the node's network namespace only).
 pub const POD_CIDR: &str = "10.244.0.0/24";
+/// The second node's name in Kubernetes (opt-in, [`super::SecondNode`]).
+pub const SECOND_NODE_NAME: &str = "walt-node-2";
+/// The second node's address, on the first node's bridge.
+pub const SECOND_NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 3);
+/// The second node's pod network.
+pub const SECOND_POD_CIDR: &str = "10.244.1.0/24";
+/// The lab network's bridge, in the first node's namespace.
+const BRIDGE: &str = "walt0";
 /// Where Debian's containernetworking-plugins live.
 pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
 
@@ -136,45 +150,169 @@ fn write(path: &Path, contents: &str) -> Result<(), Error> {
     std::fs::write(path, contents).map_err(|e| Error::io(format!("write {}", path.display()), e))
 }
 
-/// The node of a cluster-tier [`Cluster`].
+/// Where a node sits on the lab network and what it registers as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Place {
+    /// Its name in Kubernetes.
+    pub name: String,
+    /// Its address.
+    pub ip: Ipv4Addr,
+    /// Its pods' network.
+    pub pod_cidr: String,
+    /// The CPU its kubelet is built for (see [`super::SecondNode::architecture`]).
+    pub architecture: images::Arch,
+}
+
+impl Place {
+    /// The first node: it hosts the control plane, the registry and the cluster DNS.
+    pub fn first() -> Place {
+        Place {
+            name: NODE_NAME.into(),
+            ip: NODE_IP,
+            pod_cidr: POD_CIDR.into(),
+            architecture: images::Arch::host(),
+        }
+    }
+
+    /// The second node, of the CPU `architecture`.
+    pub fn second(architecture: images::Arch) -> Place {
+        Place {
+            name: SECOND_NODE_NAME.into(),
+            ip: SECOND_NODE_IP,
+            pod_cidr: SECOND_POD_CIDR.into(),
+            architecture,
+        }
+    }
+
+    /// Whether this is the first node.
+    pub fn is_first(&self) -> bool {
+        self.name == NODE_NAME
+    }
+
+    /// The name of one of this node's processes (log file, process list): the first node's keep
+    /// their plain names, another node's carry its name.
+    pub fn component(&self, base: &str) -> String {
+        if self.is_first() {
+            base.to_owned()
+        } else {
+            format!("{base}-{}", self.name)
+        }
+    }
+
+    /// Where this node reaches what listens on the first node's namespace (API server, registry):
+    /// its loopback for the first node itself, the first node's address for another one.
+    pub fn first_node_address(&self) -> Ipv4Addr {
+        if self.is_first() {
+            Ipv4Addr::LOCALHOST
+        } else {
+            NODE_IP
+        }
+    }
+}
+
+/// The `ip` commands that give a node its network (pure): the first node gets the bridge and its
+/// address in `netns`; another node gets a veth pair from the first node's namespace `first`
+/// (one end on the bridge, the other its `eth0` with its address) and a route each way between
+/// the two pod networks.
+pub(crate) fn network_commands(place: &Place, netns: &str, first: Option<&str>) -> Vec<Vec<String>> {
+    let ip = format!("{}/24", place.ip);
+    let lines: Vec<String> = match first {
+        None => vec![
+            format!("-n {netns} link set lo up"),
+            format!("-n {netns} link add {BRIDGE} type bridge"),
+            format!("-n {netns} addr add {ip} dev {BRIDGE}"),
+            format!("-n {netns} link set {BRIDGE} up"),
+        ],
+        Some(first) => {
+            // Interface names have at most 15 bytes: named after the address's last byte.
+            let veth = format!("walt-to-{}", place.ip.octets()[3]);
+            vec![
+                format!("-n {netns} link set lo up"),
+                format!("-n {first} link add {veth} type veth peer name eth0 netns {netns}"),
+                format!("-n {first} link set {veth} master {BRIDGE}"),
+                format!("-n {first} link set {veth} up"),
+                format!("-n {netns} addr add {ip} dev eth0"),
+                format!("-n {netns} link set eth0 up"),
+                format!("-n {netns} route add {POD_CIDR} via {NODE_IP}"),
+                format!("-n {first} route add {} via {}", place.pod_cidr, place.ip),
+            ]
+        }
+    };
+    lines
+        .iter()
+        .map(|line| line.split(' ').map(str::to_owned).collect())
+        .collect()
+}
+
+/// A node of a cluster-tier [`Cluster`].
 #[derive(Debug)]
 pub struct Node {
+    place: Place,
     dir: PathBuf,
     netns: String,
+    /// The first node's registry port (every node pulls from it).
     registry_port: u16,
+    /// The pause image (pushed by the first node's start).
+    pause: Option<String>,
     /// Holds the node's mount namespace; stopped last.
     holder: Option<Daemon>,
     keep: bool,
 }
 
 impl Node {
-    /// Creates the network namespace and the mount namespace holder.
+    /// Creates the first node's network namespace and mount namespace holder.
     pub(crate) fn prepare(cluster_dir: &Path, lifetime: Lifetime) -> Result<Node, Error> {
+        Node::prepare_at(cluster_dir, Place::first(), None, lifetime)
+    }
+
+    /// Creates another node's network namespace, joined to `first`'s bridge, and its mount
+    /// namespace holder. It pulls from `first`'s registry.
+    pub(crate) fn prepare_joining(
+        cluster_dir: &Path,
+        place: Place,
+        first: &Node,
+        lifetime: Lifetime,
+    ) -> Result<Node, Error> {
+        Node::prepare_at(cluster_dir, place, Some(first), lifetime)
+    }
+
+    fn prepare_at(
+        cluster_dir: &Path,
+        place: Place,
+        first: Option<&Node>,
+        lifetime: Lifetime,
+    ) -> Result<Node, Error> {
         static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let netns = format!("walt-{}-{n}", std::process::id());
-        let dir = cluster_dir.join("node");
+        let dir = cluster_dir.join(node_dir_name(&place));
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        let registry_port = match first {
+            Some(first) => first.registry_port,
+            None => free_port()?,
+        };
         let mut node = Node {
             dir,
             netns: netns.clone(),
-            registry_port: free_port()?,
+            registry_port,
+            pause: None,
             holder: None,
             keep: false,
+            place,
         };
-        std::fs::write(cluster_dir.join("netns"), &netns)
+        std::fs::write(cluster_dir.join(node.place.component("netns")), &netns)
             .map_err(|e| Error::io("record the network namespace name", e))?;
         run("ip", &["netns", "add", &netns])?;
-        let ip = format!("{NODE_IP}/24");
-        for args in [
-            &["link", "set", "lo", "up"][..],
-            &["link", "add", "walt0", "type", "bridge"],
-            &["addr", "add", &ip, "dev", "walt0"],
-            &["link", "set", "walt0", "up"],
-        ] {
-            let mut full = vec!["-n", netns.as_str()];
-            full.extend_from_slice(args);
-            run("ip", &full)?;
+        for args in network_commands(&node.place, &netns, first.map(Node::netns)) {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run("ip", &args)?;
+        }
+        if let Some(first) = first {
+            // Traffic between the two pod networks crosses both namespaces (a pod's namespace
+            // sets forwarding only in its own node's, once its first pod starts).
+            for namespace in [first.netns(), netns.as_str()] {
+                enable_forwarding(namespace)?;
+            }
         }
         // The mount namespace holder (see module docs): private mounts, its own /run/netns,
         // and the sysctl values the kubelet checks.
@@ -203,10 +341,11 @@ impl Node {
             "-c",
             &script,
         ]);
-        let log = cluster_dir.join("logs/node-namespace.log");
+        let holder_name = node.place.component("node-namespace");
+        let log = cluster_dir.join("logs").join(format!("{holder_name}.log"));
         std::fs::create_dir_all(cluster_dir.join("logs"))
             .map_err(|e| Error::io(format!("create {}/logs", cluster_dir.display()), e))?;
-        let daemon = Daemon::spawn("node-namespace", holder, &log, lifetime)?;
+        let daemon = Daemon::spawn(&holder_name, holder, &log, lifetime)?;
         std::fs::write(node.dir.join("holder.pid"), daemon.pid().to_string())
             .map_err(|e| Error::io("record the namespace holder PID", e))?;
         node.holder = Some(daemon);
@@ -232,7 +371,23 @@ impl Node {
 
     /// The node address.
     pub fn ip(&self) -> Ipv4Addr {
-        NODE_IP
+        self.place.ip
+    }
+
+    /// The node's name in Kubernetes.
+    pub fn name(&self) -> &str {
+        &self.place.name
+    }
+
+    /// Where it sits on the lab network and what it registers as.
+    pub(crate) fn place(&self) -> &Place {
+        &self.place
+    }
+
+    /// The API server's URL as this node reaches it.
+    pub(crate) fn api_server(&self, cluster: &Cluster) -> String {
+        let port = cluster.server().rsplit_once(':').map_or("", |(_, port)| port);
+        format!("https://{}:{port}", self.place.first_node_address())
     }
 
     /// The network namespace name.
@@ -316,6 +471,38 @@ impl Node {
         timeout: Duration,
     ) -> Result<(), Error> {
         let deadline = Instant::now() + timeout;
+        let pause = self.start_registry(cluster, lifetime, deadline)?;
+        self.pause = Some(pause.clone());
+        self.start_kubelet(cluster, &pause, lifetime, deadline)
+    }
+
+    /// Starts another node (prepared with [`Node::prepare_joining`]): containerd, the kubelet and
+    /// kube-proxy, with the first node's registry and pause image, and waits for it to be Ready.
+    pub(crate) fn start_joining(
+        &self,
+        cluster: &Cluster,
+        first: &Node,
+        lifetime: Lifetime,
+        timeout: Duration,
+    ) -> Result<(), Error> {
+        let deadline = Instant::now() + timeout;
+        let pause = first.pause.clone().ok_or_else(|| {
+            cluster.not_ready(
+                &self.place.component("kubelet"),
+                "the first node has not pushed the pause image yet".into(),
+            )
+        })?;
+        self.start_kubelet(cluster, &pause, lifetime, deadline)
+    }
+
+    /// The registry in the node's namespace, bridged to the host; pushes the pause image and
+    /// returns its reference.
+    fn start_registry(
+        &self,
+        cluster: &Cluster,
+        lifetime: Lifetime,
+        deadline: Instant,
+    ) -> Result<String, Error> {
         // Registry, in the node's namespace, bridged to the host.
         let registry_config = self.dir.join("registry.yml");
         write(
@@ -340,7 +527,24 @@ impl Node {
             &["/bin/sleep", "2147483647"],
             &self.dir.join("images"),
         )?;
+        Ok(pause)
+    }
 
+    // Long by design: containerd's, the CNI's and the kubelet's configuration files written
+    // out in full, read top to bottom in the order the parts start.
+    /// containerd, the kubelet (the cluster DNS before it on the first node) and kube-proxy; waits
+    /// until the node is Ready.
+    fn start_kubelet(
+        &self,
+        cluster: &Cluster,
+        pause: &str,
+        lifetime: Lifetime,
+        deadline: Instant,
+    ) -> Result<(), Error> {
+        let place = &self.place;
+        let registry = self.registry();
+        // Where this node reaches the registry (the same images by the same names on every node).
+        let registry_endpoint = format!("{}:{}", place.first_node_address(), self.registry_port);
         // containerd with its own root, state and socket; CRI with cgroupfs and our CNI config.
         let containerd_dir = self.dir.join("containerd");
         let socket = containerd_dir.join("containerd.sock");
@@ -350,11 +554,12 @@ impl Node {
             &format!(
                 r#"{{"cniVersion": "1.0.0", "name": "walt", "plugins": [
   {{"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false, "hairpinMode": true,
-    "ipam": {{"type": "host-local", "ranges": [[{{"subnet": "{POD_CIDR}"}}]],
-              "routes": [{{"dst": "0.0.0.0/0"}}], "dataDir": "{}"}}}}
+    "ipam": {{"type": "host-local", "ranges": [[{{"subnet": "{pod_cidr}"}}]],
+              "routes": [{{"dst": "0.0.0.0/0"}}], "dataDir": "{ipam}"}}}}
 ]}}
 "#,
-                self.dir.join("cni/ipam").display()
+                pod_cidr = place.pod_cidr,
+                ipam = self.dir.join("cni/ipam").display()
             ),
         )?;
         let config = containerd_dir.join("config.toml");
@@ -392,7 +597,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
     bin_dir = "{cni_bin}"
     conf_dir = "{cni_conf}"
   [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{registry}"]
-    endpoint = ["http://{registry}"]
+    endpoint = ["http://{registry_endpoint}"]
 "#,
                 root = containerd_dir.join("root").display(),
                 state = containerd_dir.join("state").display(),
@@ -401,11 +606,13 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
                 cni_bin = CNI_BIN_DIR,
                 cni_conf = cni_conf_dir.display(),
                 registry = registry,
+                registry_endpoint = registry_endpoint,
             ),
         )?;
+        let containerd_name = place.component("containerd");
         let mut containerd = self.node_command("/usr/bin/containerd");
         containerd.arg("--config").arg(&config);
-        cluster.spawn("containerd", containerd, lifetime)?;
+        cluster.spawn(&containerd_name, containerd, lifetime)?;
         Wait::new(
             &format!("{} to appear", socket.display()),
             deadline.saturating_duration_since(Instant::now()),
@@ -415,26 +622,27 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             if socket.exists() {
                 return Ok(true);
             }
-            cluster.check_alive("containerd")?;
+            cluster.check_alive(&containerd_name)?;
             Ok(false)
         })
-        .map_err(|e| e.or_timed_out(|message| cluster.not_ready("containerd", message)))?;
+        .map_err(|e| e.or_timed_out(|message| cluster.not_ready(&containerd_name, message)))?;
 
         // kubelet: client certificate (Node authorizer), serving certificate from our CA.
         let ca = super::pki::Ca::load(&cluster.dir().join("pki"))?;
+        let node_user = format!("system:node:{}", place.name);
         let client = ca.issue(
-            "kubelet-client",
-            &format!("system:node:{NODE_NAME}"),
+            &place.component("kubelet-client"),
+            &node_user,
             &["system:nodes"],
             &[],
             &[],
         )?;
         let serving = ca.issue(
-            "kubelet-serving",
-            NODE_NAME,
+            &place.component("kubelet-serving"),
+            &place.name,
             &[],
-            &[NODE_NAME],
-            &[std::net::IpAddr::V4(NODE_IP)],
+            &[&place.name],
+            &[std::net::IpAddr::V4(place.ip)],
         )?;
         let kubelet_dir = self.dir.join("kubelet");
         let kubeconfig = kubelet_dir.join("kubelet.kubeconfig");
@@ -442,10 +650,10 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             .map_err(|e| Error::io(format!("create {}", kubelet_dir.display()), e))?;
         super::kubeconfig::write(
             &kubeconfig,
-            cluster.server(),
+            &self.api_server(cluster),
             &ca.cert_pem()?,
             &client,
-            &format!("system:node:{NODE_NAME}"),
+            &node_user,
         )?;
         let kubelet_config = kubelet_dir.join("config.yaml");
         write(
@@ -453,7 +661,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             &format!(
                 r#"apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
-address: {NODE_IP}
+address: {node_ip}
 port: 10250
 readOnlyPort: 0
 healthzPort: 0
@@ -471,7 +679,7 @@ enforceNodeAllocatable: [pods]
 failSwapOn: false
 failCgroupV1: false
 containerRuntimeEndpoint: unix://{socket}
-podCIDR: {POD_CIDR}
+podCIDR: {pod_cidr}
 podLogsDir: {pod_logs}
 clusterDomain: {cluster_domain}
 clusterDNS: [{cluster_dns}]
@@ -484,6 +692,8 @@ evictionHard: {{memory.available: "50Mi", nodefs.available: "1%", nodefs.inodesF
 maxPods: 50
 registerNode: true
 "#,
+                node_ip = place.ip,
+                pod_cidr = place.pod_cidr,
                 ca = ca.cert_path().display(),
                 tls_cert = serving.cert.display(),
                 tls_key = serving.key.display(),
@@ -494,20 +704,24 @@ registerNode: true
                 cluster_dns = services::CLUSTER_DNS_IP,
             ),
         )?;
-        let kubelet_binary = cluster.binaries().kubelet.clone().ok_or_else(|| {
-            Error::Unavailable(format!(
-                "no kubelet in {}: build it with tests/k8s/build.sh or put it there",
-                cluster.binaries().dir.display()
-            ))
-        })?;
+        let kubelet_binary = if place.architecture == images::Arch::host() {
+            cluster.binaries().kubelet.clone().ok_or_else(|| {
+                Error::Unavailable(format!(
+                    "no kubelet in {}: build it with tests/k8s/build.sh or put it there",
+                    cluster.binaries().dir.display()
+                ))
+            })?
+        } else {
+            super::binaries::kubelet_for(place.architecture.oci_name())?
+        };
         let mut kubelet = self.node_command(&kubelet_binary.to_string_lossy());
         kubelet
             .arg(format!("--config={}", kubelet_config.display()))
             .arg(format!("--kubeconfig={}", kubeconfig.display()))
             .arg(format!("--root-dir={}", kubelet_dir.join("root").display()))
             .arg(format!("--cert-dir={}", kubelet_dir.join("pki").display()))
-            .arg(format!("--hostname-override={NODE_NAME}"))
-            .arg(format!("--node-ip={NODE_IP}"))
+            .arg(format!("--hostname-override={}", place.name))
+            .arg(format!("--node-ip={}", place.ip))
             .arg("--v=1");
         // The cluster DNS first: pods that start find Services by name. kube-proxy once the node
         // exists (it reads its Node); no pod can start before the node is Ready anyway.
@@ -519,16 +733,20 @@ registerNode: true
             lifetime,
             deadline,
         };
-        services::start_dns(&services)?;
+        if place.is_first() {
+            // One cluster DNS: every node's pods reach it through the `kube-dns` Service.
+            services::start_dns(&services)?;
+        }
         create_cgroups(&self.netns)?;
-        cluster.spawn("kubelet", kubelet, lifetime)?;
+        let kubelet_name = place.component("kubelet");
+        cluster.spawn(&kubelet_name, kubelet, lifetime)?;
         cluster.wait_for(
-            "kubelet",
+            &kubelet_name,
             deadline,
             &[
                 "wait",
                 "--for=condition=Ready",
-                &format!("node/{NODE_NAME}"),
+                &format!("node/{}", place.name),
                 "--timeout=5s",
             ],
         )?;
@@ -550,7 +768,7 @@ registerNode: true
         if self.keep {
             return;
         }
-        cleanup_leftovers(self.dir.parent().unwrap_or(&self.dir), &self.netns);
+        cleanup_leftovers(&self.dir, &self.netns);
     }
 }
 
@@ -562,8 +780,8 @@ impl Drop for Node {
 
 /// Kills every process left in the node's network namespace, mount namespace and cgroups, then
 /// removes the cgroups and the network namespace. Safe to call more than once.
-pub(crate) fn cleanup_leftovers(cluster_dir: &Path, netns: &str) {
-    let holder = std::fs::read_to_string(cluster_dir.join("node/holder.pid"))
+pub(crate) fn cleanup_leftovers(node_dir: &Path, netns: &str) {
+    let holder = std::fs::read_to_string(node_dir.join("holder.pid"))
         .ok()
         .and_then(|p| p.trim().parse::<u32>().ok())
         .filter(|p| pid_alive(*p));
@@ -611,6 +829,30 @@ pub(crate) fn cleanup_leftovers(cluster_dir: &Path, netns: &str) {
     }
     remove_cgroups(netns);
     let _ = Command::new("ip").args(["netns", "delete", netns]).output();
+}
+
+/// The node's directory under the cluster's: `node` for the first, `node-<name>` for another.
+pub(crate) fn node_dir_name(place: &Place) -> String {
+    if place.is_first() {
+        "node".into()
+    } else {
+        format!("node-{}", place.name)
+    }
+}
+
+/// Turns IPv4 forwarding on in the network namespace `netns` (a per-namespace setting).
+fn enable_forwarding(netns: &str) -> Result<(), Error> {
+    run(
+        "nsenter",
+        &[
+            &format!("--net=/run/netns/{netns}"),
+            "--",
+            "sh",
+            "-c",
+            "echo 1 > /proc/sys/net/ipv4/ip_forward",
+        ],
+    )
+    .map(drop)
 }
 
 /// Creates the node's cgroup (`/<name>` in every hierarchy): the kubelet requires its cgroup
@@ -693,5 +935,65 @@ fn remove_cgroups(name: &str) {
         for dir in all.iter().rev() {
             let _ = std::fs::remove_dir(dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn joined(commands: &[Vec<String>]) -> Vec<String> {
+        commands.iter().map(|c| c.join(" ")).collect()
+    }
+
+    #[test]
+    fn the_first_node_gets_the_bridge_and_its_address() {
+        assert_eq!(
+            joined(&network_commands(&Place::first(), "walt-1-0", None)),
+            [
+                "-n walt-1-0 link set lo up",
+                "-n walt-1-0 link add walt0 type bridge",
+                "-n walt-1-0 addr add 10.200.0.2/24 dev walt0",
+                "-n walt-1-0 link set walt0 up",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_second_node_joins_the_bridge_with_routes_between_the_pod_networks() {
+        let place = Place::second(images::Arch::Arm64);
+        let commands = joined(&network_commands(&place, "walt-1-1", Some("walt-1-0")));
+        for wanted in [
+            "-n walt-1-0 link add walt-to-3 type veth peer name eth0 netns walt-1-1",
+            "-n walt-1-0 link set walt-to-3 master walt0",
+            "-n walt-1-1 addr add 10.200.0.3/24 dev eth0",
+            "-n walt-1-1 route add 10.244.0.0/24 via 10.200.0.2",
+            "-n walt-1-0 route add 10.244.1.0/24 via 10.200.0.3",
+        ] {
+            assert!(
+                commands.iter().any(|c| c == wanted),
+                "{wanted} missing from {commands:#?}"
+            );
+        }
+        assert!(
+            commands.iter().all(|c| c.split(' ').all(|word| word.len() <= 15)),
+            "interface names fit in 15 bytes: {commands:#?}"
+        );
+    }
+
+    #[test]
+    fn only_other_nodes_rename_their_processes_and_reach_the_first_by_its_address() {
+        let first = Place::first();
+        let second = Place::second(images::Arch::Arm64);
+        assert_eq!(
+            (first.component("kubelet"), second.component("kubelet")),
+            ("kubelet".to_owned(), "kubelet-walt-node-2".to_owned())
+        );
+        assert_eq!(first.first_node_address(), Ipv4Addr::LOCALHOST);
+        assert_eq!(second.first_node_address(), NODE_IP);
+        assert_eq!(
+            (node_dir_name(&first), node_dir_name(&second)),
+            ("node".to_owned(), "node-walt-node-2".to_owned())
+        );
     }
 }

@@ -161,11 +161,12 @@ impl ServiceContext<'_> {
         })
     }
 
-    fn plan(&self) -> Result<ServicePlan<'static>, Error> {
+    fn plan(&self) -> Result<ServicePlan<'_>, Error> {
+        let place = self.node.place();
         Ok(ServicePlan {
-            node_ip: self.node.ip(),
-            node_name: super::node::NODE_NAME,
-            pod_cidr: super::node::POD_CIDR,
+            node_ip: place.ip,
+            node_name: &place.name,
+            pod_cidr: &place.pod_cidr,
             dns_ready_port: free_port()?,
             proxy_health_port: free_port()?,
             proxy_metrics_port: free_port()?,
@@ -177,9 +178,10 @@ impl ServiceContext<'_> {
         std::fs::create_dir_all(self.dir)
             .map_err(|e| Error::io(format!("create {}", self.dir.display()), e))?;
         let ca = Ca::load(&self.cluster.dir().join("pki"))?;
-        let cert = ca.issue(name, user, &[], &[], &[])?;
+        let cert = ca.issue(&self.node.place().component(name), user, &[], &[], &[])?;
         let path = self.dir.join(format!("{name}.kubeconfig"));
-        kubeconfig::write(&path, self.cluster.server(), &ca.cert_pem()?, &cert, user)?;
+        let server = self.node.api_server(self.cluster);
+        kubeconfig::write(&path, &server, &ca.cert_pem()?, &cert, user)?;
         Ok(path)
     }
 }
@@ -217,12 +219,13 @@ pub(crate) fn start_proxy(context: &ServiceContext<'_>) -> Result<(), Error> {
     let kube_proxy = context.binary("kube-proxy", cluster.binaries().kube_proxy.as_ref())?;
     let plan = context.plan()?;
     let kubeconfig = context.kubeconfig("kube-proxy", KUBE_PROXY_USER)?;
+    let name = context.node.place().component("kube-proxy");
     let mut proxy = context.node.node_command(&kube_proxy.to_string_lossy());
     proxy.args(kube_proxy_args(&plan, &kubeconfig));
-    cluster.spawn("kube-proxy", proxy, context.lifetime)?;
-    wait_http_ok(context, "kube-proxy", plan.proxy_health_port, "/healthz")?;
+    cluster.spawn(&name, proxy, context.lifetime)?;
+    wait_http_ok(context, &name, plan.proxy_health_port, "/healthz")?;
     eprintln!(
-        "walt-tests: kube-proxy ready in {:.1} s",
+        "walt-tests: {name} ready in {:.1} s",
         started.elapsed().as_secs_f64()
     );
     Ok(())

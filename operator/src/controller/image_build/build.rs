@@ -283,6 +283,11 @@ mod tests {
         );
         let env = container.env.clone().expect("env");
         assert_eq!(env[0].name, "DOCKER_CONFIG", "the tenant's registry credentials");
+        assert_eq!(
+            spec.affinity,
+            prefer_architecture(Some("arm64")),
+            "a build for linux/arm64 prefers arm64 cluster nodes (RUN steps native there)"
+        );
     }
 
     fn pod_with(status: serde_json::Value) -> Pod {

@@ -356,7 +356,7 @@ pub struct ShellAtStart {
 }
 
 /// Compares the Image's platform with the architecture of the cluster node the shell pod runs on
-/// (`status.nodeInfo.architecture`, GOARCH names like OCI platforms) and resolves `mode: Auto`.
+/// ([`node_architecture`]) and resolves `mode: Auto`.
 pub fn shell_at_start(
     session_mode: &ShellMode,
     image: Option<&walt_crds::ImageStatus>,
@@ -366,13 +366,8 @@ pub fn shell_at_start(
         .and_then(|status| status.platform.as_ref())
         .map(|platform| platform.architecture.as_str())
         .filter(|architecture| !architecture.is_empty());
-    let node_architecture = cluster_node
-        .and_then(|node| node.status.as_ref())
-        .and_then(|status| status.node_info.as_ref())
-        .map(|info| info.architecture.as_str())
-        .filter(|architecture| !architecture.is_empty());
     let emulated = image_architecture
-        .zip(node_architecture)
+        .zip(cluster_node.and_then(node_architecture))
         .map(|(image, node)| image != node);
     let mode = match session_mode {
         ShellMode::Init => Some(ImageShellMode::Init),
@@ -380,6 +375,17 @@ pub fn shell_at_start(
         ShellMode::Auto => image.and_then(|status| status.shell_mode),
     };
     ShellAtStart { emulated, mode }
+}
+
+/// A cluster node's CPU, GOARCH names like OCI platforms: `status.nodeInfo.architecture`, which its
+/// kubelet writes from its own CPU (and copies to the `kubernetes.io/arch` label the pods' scheduling
+/// preference, [`prefer_architecture`], matches, at every status update).
+pub fn node_architecture(node: &k8s_openapi::api::core::v1::Node) -> Option<&str> {
+    node.status
+        .as_ref()
+        .and_then(|status| status.node_info.as_ref())
+        .map(|info| info.architecture.as_str())
+        .filter(|architecture| !architecture.is_empty())
 }
 
 #[cfg(test)]

@@ -30,8 +30,8 @@ pub mod node_shell;
 pub mod reasons;
 
 use self::build::{
-    ShellOutcome, ShellPodInputs, Step, build_shell_pod, next_step, scratch_tag, shell_at_start,
-    shell_pod_name, wait_for_save_target,
+    ShellOutcome, ShellPodInputs, Step, build_shell_pod, next_step, node_architecture, scratch_tag,
+    shell_at_start, shell_pod_name, wait_for_save_target,
 };
 use crate::controller::shared::context::Context;
 use crate::controller::shared::error::{Error, KubeResultExt, Result};
@@ -428,24 +428,17 @@ async fn mark_running(
     let image_status = find_image(context, &namespace, &image_name)
         .await?
         .and_then(|(image, _)| image.status);
-    let start = shell_at_start(
-        &session.spec.mode,
-        image_status.as_ref(),
-        scheduled_on(context, pod).await.as_ref(),
-    );
+    let cluster_node = scheduled_on(context, pod).await;
+    let start = shell_at_start(&session.spec.mode, image_status.as_ref(), cluster_node.as_ref());
     status.phase = ShellSessionPhase::Running;
     status.start_time = Some(Time(context.clock.now()));
     status.emulated = start.emulated;
     status.mode = start.mode;
-    let message = format!(
-        "the shell runs in pod {pod} of {runtime}{emulated}: attach with `kubectl walt image shell` or `kubectl attach -it -n {runtime} {pod}`",
-        pod = shell_pod_name(&session.name_any()),
-        runtime = pod_namespace(session),
-        emulated = if start.emulated == Some(true) {
-            " (emulated: the image is built for another CPU)"
-        } else {
-            ""
-        }
+    let message = running_message(
+        &shell_pod_name(&session.name_any()),
+        &pod_namespace(session),
+        cluster_node.as_ref(),
+        start.emulated,
     );
     condition(
         &mut status,
@@ -466,6 +459,30 @@ async fn mark_running(
         )
         .await;
     Ok(Action::requeue(Duration::from_mins(1)))
+}
+
+/// The Ready condition's message of a running shell (pure): where it runs (pod, cluster node and
+/// its CPU) and whether natively or through qemu-user.
+pub fn running_message(
+    pod: &str,
+    runtime: &str,
+    cluster_node: Option<&k8s_openapi::api::core::v1::Node>,
+    emulated: Option<bool>,
+) -> String {
+    let node = cluster_node
+        .map(|node| match node_architecture(node) {
+            Some(architecture) => format!(" on cluster node {} ({architecture})", node.name_any()),
+            None => format!(" on cluster node {}", node.name_any()),
+        })
+        .unwrap_or_default();
+    let how = match emulated {
+        Some(true) => ", emulated: the image is built for another CPU",
+        Some(false) => ", native: the image is built for this CPU",
+        None => "",
+    };
+    format!(
+        "the shell runs in pod {pod} of {runtime}{node}{how}: attach with `kubectl walt image shell` or `kubectl attach -it -n {runtime} {pod}`"
+    )
 }
 
 /// Copies what the shell runtime reported into the status (pure).
@@ -841,5 +858,34 @@ mod tests {
         assert_eq!(status.emulated, Some(true));
         assert_eq!(status.mode, Some(walt_crds::ImageShellMode::Init));
         assert_eq!(status.result.and_then(|r| r.digest), Some("sha256:d1".into()));
+    }
+
+    #[test]
+    fn a_running_shell_says_on_which_cluster_node_and_whether_natively() {
+        let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "pi-1"},
+            "status": {"nodeInfo": {
+                "architecture": "arm64", "bootID": "", "containerRuntimeVersion": "",
+                "kernelVersion": "", "kubeProxyVersion": "", "kubeletVersion": "", "machineID": "",
+                "operatingSystem": "linux", "osImage": "", "systemUUID": ""
+            }}
+        }))
+        .expect("node JSON");
+        let native = running_message("walt-shell-s1", "walt-run-lab", Some(&node), Some(false));
+        assert!(
+            native.starts_with(
+                "the shell runs in pod walt-shell-s1 of walt-run-lab on cluster node pi-1 (arm64), native: "
+            ),
+            "{native}"
+        );
+        let emulated = running_message("walt-shell-s1", "walt-run-lab", Some(&node), Some(true));
+        assert!(
+            emulated.contains("(arm64), emulated: the image is built for another CPU: attach with"),
+            "{emulated}"
+        );
+        assert!(
+            running_message("walt-shell-s1", "walt-run-lab", None, None)
+                .starts_with("the shell runs in pod walt-shell-s1 of walt-run-lab: attach with "),
+        );
     }
 }

@@ -36,7 +36,7 @@ pub use image_name::{ImageName, ImageNameError};
 pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 pub use node::{
     Architecture, BootMode, Node, NodeBoot, NodeOverlay, NodePhase, NodeSpec, NodeStatus, VirtualKind,
-    VirtualNode, is_vm,
+    VirtualNode, is_container_node, is_vm,
 };
 pub use node_save::{
     Compression, NodeSave, NodeSavePhase, NodeSaveResult, NodeSaveSpec, NodeSaveStatus, Progress,

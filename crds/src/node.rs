@@ -23,6 +23,15 @@ pub fn is_vm(node: &Node) -> bool {
         .is_some_and(|virtual_node| virtual_node.kind == VirtualKind::Vm)
 }
 
+/// Whether a Node is a container node (`spec.virtual` of kind `container`): reached at its own pod.
+/// Physical and VM nodes are reached at their Device.
+pub fn is_container_node(node: &Node) -> bool {
+    node.spec
+        .virtual_node
+        .as_ref()
+        .is_some_and(|virtual_node| virtual_node.kind == VirtualKind::Container)
+}
+
 /// Whether a reboot was asked for and the operator has not handled it yet.
 pub fn reboot_pending(node: &Node) -> bool {
     crate::request::REBOOT.pending(&node.metadata).is_some()
@@ -171,7 +180,10 @@ pub enum VirtualKind {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VirtualNode {
-    /// `container` (the default) or `vm`: see [`VirtualKind`].
+    /// What runs the node: `container` (the default: the image's files in a pod, with its init and
+    /// SSH, no kernel of its own) or `vm` (a virtual machine, qemu-system-x86_64, that network-boots
+    /// the image through the boot service as the Device `spec.device` names: its MAC, address and
+    /// boot network; `kubectl walt help show virtual-nodes`).
     #[serde(default)]
     pub kind: VirtualKind,
     /// CPU architecture of the node (emulated when it differs from the cluster node's). VM nodes:

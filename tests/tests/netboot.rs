@@ -1387,7 +1387,9 @@ fn operator_verifies_the_image_a_vm_node_network_booted() {
 }
 
 /// The pod of the VM node `vm1` in `runtime`, once the operator has made one other than `not`: its
-/// uid and its container's `walt-operator` arguments (the command must be `walt-operator`).
+/// uid and its container's `walt-operator` arguments (the command must be `walt-operator`). The test
+/// plays the kubelet: a pod being deleted is removed once its container stopped (the caller stops
+/// the VM first).
 fn vm_pod(lab: &OperatorLab, runtime: &str, not: Option<&str>) -> (String, Vec<String>) {
     use walt_tests::wait::{Poll, Wait};
     Wait::new("the operator to make the VM node's pod", Duration::from_mins(4))
@@ -1401,8 +1403,23 @@ fn vm_pod(lab: &OperatorLab, runtime: &str, not: Option<&str>) -> (String, Vec<S
                 return Poll::Pending(format!("no pod yet; Node status {}", lab.node("{.status}")));
             };
             let uid = pod["metadata"]["uid"].as_str().unwrap_or_default().to_owned();
-            if Some(uid.as_str()) == not || !pod["metadata"]["deletionTimestamp"].is_null() {
-                return Poll::Pending(format!("the old pod {uid} still there"));
+            if !pod["metadata"]["deletionTimestamp"].is_null() {
+                let _ = lab.cluster.kubectl_output(&[
+                    "-n",
+                    runtime,
+                    "delete",
+                    "pod",
+                    "walt-node-vm1",
+                    "--grace-period=0",
+                    "--force",
+                ]);
+                return Poll::Pending(format!("the pod {uid} being deleted"));
+            }
+            if Some(uid.as_str()) == not {
+                return Poll::Pending(format!(
+                    "the old pod {uid} still there; Node status {}",
+                    lab.node("{.status}")
+                ));
             }
             let container = &pod["spec"]["containers"][0];
             assert_eq!(
@@ -1458,7 +1475,6 @@ fn operator_powers_a_vm_node_and_power_cycles_it() {
         ),
         "the VM runner's arguments"
     );
-    assert_eq!(lab.node("{.status.podNamespace}"), runtime);
 
     // The first VM never boots (its pod is never run): the watchdog power-cycles it.
     let cycled_at = std::time::Instant::now();
@@ -1480,6 +1496,11 @@ fn operator_powers_a_vm_node_and_power_cycles_it() {
     );
     let verified = lab.verified_as(&vm, &lab.digest);
     lab.wait_ready();
+    assert_eq!(
+        lab.node("{.status.podNamespace}"),
+        runtime,
+        "where `node console` reads"
+    );
 
     // A reboot request: the VM is power-cycled (a new pod), whether it answers or not.
     let requested = "2030-01-01T00:00:00Z";

@@ -1316,7 +1316,7 @@ impl OperatorLab {
                 Poll::Pending(table)
             }
         })
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap_or_else(|e| panic!("{e}\nconditions: {}", self.node("{.status.conditions}")));
     }
 }
 
@@ -1491,8 +1491,10 @@ fn operator_powers_a_vm_node_and_power_cycles_it() {
         .unwrap_or_else(|e| panic!("{e}\nboot server: {:?}", lab.server.journal()));
     let console = vm.console();
     assert!(
-        console.contains("walt-operator vm: 52:54:00:cc:00:01 on br0") && console.contains("Linux version"),
-        "the console holds the runner's line and the kernel's boot lines: {console}"
+        console.contains("walt-operator vm: 52:54:00:cc:00:01 on br0")
+            && console
+                .contains("walt-initrd: mounting 10.123.207.1:/var/lib/walt/nodes/52:54:00:cc:00:01/fs"),
+        "the console holds the runner's line and the boot's (the kernel is `quiet`; its initramfs says what it mounts): {console}"
     );
     let verified = lab.verified_as(&vm, &lab.digest);
     lab.wait_ready();
@@ -1532,6 +1534,21 @@ fn operator_powers_a_vm_node_and_power_cycles_it() {
     let mut vm = VmNode::power_on_as_pod(&lab.net, &args, lab.scratch.path()).expect("power on again");
     vm.wait_console(BOOTED_MARKER, Duration::from_mins(5))
         .unwrap_or_else(|e| panic!("{e}\nboot server: {:?}", lab.server.journal()));
+    // The boot verified now is the new one: the boot service mounted the root and heard the
+    // notification a second time.
+    walt_tests::wait::Wait::new("the second boot's notification", Duration::from_mins(2))
+        .every(Duration::from_millis(500))
+        .until(|| {
+            let journal = lab.server.journal();
+            let of_vm = |protocol| {
+                entries(&journal, protocol)
+                    .iter()
+                    .filter(|e| e["mac"] == lab.mac)
+                    .count()
+            };
+            of_vm("nfs-mount") >= 2 && of_vm("boot-notification") >= 2
+        })
+        .unwrap_or_else(|e| panic!("{e}: {:?}", lab.server.journal()));
     lab.verified_as(&vm, &lab.digest);
     let reverified = asked.elapsed();
     let handled = lab.node(&format!(

@@ -35,7 +35,8 @@ pub use image_build::{
 pub use image_name::{ImageName, ImageNameError};
 pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 pub use node::{
-    Architecture, BootMode, Node, NodeBoot, NodeOverlay, NodePhase, NodeSpec, NodeStatus, VirtualNode,
+    Architecture, BootMode, Node, NodeBoot, NodeOverlay, NodePhase, NodeSpec, NodeStatus, VirtualKind,
+    VirtualNode, is_container_node, is_vm,
 };
 pub use node_save::{
     Compression, NodeSave, NodeSavePhase, NodeSaveResult, NodeSaveSpec, NodeSaveStatus, Progress,

@@ -15,6 +15,23 @@ pub const REBOOT_REQUESTED_ANNOTATION: &str = crate::request::REBOOT.requested;
 /// Annotation the operator sets to the reboot request it has handled (see [`crate::request::REBOOT`]).
 pub const REBOOT_HANDLED_ANNOTATION: &str = crate::request::REBOOT.handled;
 
+/// Whether a Node is a VM node (`spec.virtual.kind: vm`).
+pub fn is_vm(node: &Node) -> bool {
+    node.spec
+        .virtual_node
+        .as_ref()
+        .is_some_and(|virtual_node| virtual_node.kind == VirtualKind::Vm)
+}
+
+/// Whether a Node is a container node (`spec.virtual` of kind `container`): reached at its own pod.
+/// Physical and VM nodes are reached at their Device.
+pub fn is_container_node(node: &Node) -> bool {
+    node.spec
+        .virtual_node
+        .as_ref()
+        .is_some_and(|virtual_node| virtual_node.kind == VirtualKind::Container)
+}
+
 /// Whether a reboot was asked for and the operator has not handled it yet.
 pub fn reboot_pending(node: &Node) -> bool {
     crate::request::REBOOT.pending(&node.metadata).is_some()
@@ -53,8 +70,12 @@ pub const DEFAULT_READY_MARKER: &str = "/run/uptime-ready";
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {
-        "rule": "!(has(self.device) && has(self.virtual))",
-        "message": "a Node is either physical (spec.device) or virtual (spec.virtual), not both"
+        "rule": "!(has(self.device) && has(self.virtual)) || (has(self.virtual.kind) && self.virtual.kind == 'vm')",
+        "message": "a Node is either physical (spec.device) or virtual (spec.virtual), not both; only a VM node (spec.virtual.kind: vm) names the Device it runs as"
+    },
+    {
+        "rule": "!has(self.virtual) || !has(self.virtual.kind) || self.virtual.kind != 'vm' || has(self.device)",
+        "message": "a VM node (spec.virtual.kind: vm) runs as a Device of the lab: spec.device names a Device lent to your namespace with a locally administered MAC and firmware ipxe (its MAC, address and boot network are the VM's); `kubectl walt device ls`, then `kubectl walt node acquire DEVICE --vm`"
     },
     {
         "rule": "has(self.device) || has(self.virtual)",
@@ -137,19 +158,44 @@ impl Architecture {
     }
 }
 
-/// A virtual node: a pod that runs the image like a device (overlay with a RAM
-/// upper dir, init, SSH), through qemu-user when the architecture differs.
+/// What runs a virtual node.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VirtualKind {
+    /// A container: the image's files in an overlay with a RAM upper dir, its init and SSH, in a
+    /// pod (through qemu-user when the architecture differs). No kernel of the image's own.
+    #[default]
+    Container,
+    /// A virtual machine (`qemu-system-x86_64`, KVM when usable, else TCG) in a pod on the lab
+    /// network, that network-boots the image through the boot service exactly like a device
+    /// (its kernel, NFS root, `walt-init`): the Device `spec.device` names gives it its MAC,
+    /// address and boot network. Its serial console is the pod's log (`kubectl walt node
+    /// console`); a reboot powers it off and on again.
+    Vm,
+}
+
+/// A virtual node: a pod that runs the image like a device, as a container (overlay with a RAM
+/// upper dir, init, SSH, through qemu-user when the architecture differs) or as a VM that
+/// network-boots it (`kind: vm`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VirtualNode {
-    /// CPU architecture of the node (emulated when it differs from the cluster node's).
+    /// What runs the node: `container` (the default: the image's files in a pod, with its init and
+    /// SSH, no kernel of its own) or `vm` (a virtual machine, qemu-system-x86_64, that network-boots
+    /// the image through the boot service as the Device `spec.device` names: its MAC, address and
+    /// boot network; `kubectl walt help show virtual-nodes`).
+    #[serde(default)]
+    pub kind: VirtualKind,
+    /// CPU architecture of the node (emulated when it differs from the cluster node's). VM nodes:
+    /// amd64.
     #[serde(default)]
     pub architecture: Architecture,
-    /// Memory of the node (the pod's memory limit; the RAM overlay counts in it).
+    /// Memory of the node (the pod's memory limit; the RAM overlay counts in it). VM nodes: the
+    /// VM's memory (qemu `-m`, requested by the pod).
     #[serde(default = "default_memory")]
     #[schemars(schema_with = "crate::schema::quantity")]
     pub memory: Quantity,
-    /// CPUs of the node (the pod's CPU limit).
+    /// CPUs of the node (the pod's CPU limit). VM nodes: the VM's CPUs, rounded up (qemu `-smp`).
     #[serde(default = "default_cpu")]
     #[schemars(schema_with = "crate::schema::quantity")]
     pub cpu: Quantity,
@@ -166,6 +212,7 @@ fn default_cpu() -> Quantity {
 impl Default for VirtualNode {
     fn default() -> Self {
         Self {
+            kind: VirtualKind::default(),
             architecture: Architecture::default(),
             memory: default_memory(),
             cpu: default_cpu(),

@@ -167,9 +167,20 @@ async fn node(ctx: &Ctx, cmd: NodeCommand) -> Result<i32> {
             device,
             as_name,
             image,
-        } => device_cmd::acquire(ctx, &device, as_name.as_deref(), image.as_deref())
-            .await
-            .map(|()| 0),
+            vm,
+            memory,
+            cpu,
+        } => {
+            let vm = vm.then(|| node_cmd::vm_of(memory.as_deref(), cpu.as_deref()));
+            device_cmd::acquire(ctx, &device, as_name.as_deref(), image.as_deref(), vm)
+                .await
+                .map(|()| 0)
+        }
+        NodeCommand::Console {
+            node,
+            no_follow,
+            tail,
+        } => node_cmd::console(ctx, &node, !no_follow, tail).await.map(|()| 0),
         NodeCommand::Release { node } => device_cmd::release(ctx, &node).await.map(|()| 0),
         NodeCommand::Proxy {
             node,

@@ -343,7 +343,9 @@ Examples:
 Examples:
   kubectl walt node acquire rpi-07
   kubectl walt node acquire rpi-07 --as my-pi --image rpi-debian
-  kubectl walt node wait my-pi"
+  kubectl walt node wait my-pi
+  kubectl walt node acquire vm-01 --vm --memory 1Gi --image pc-x86-64-debian
+  kubectl walt node console vm-01"
     )]
     Acquire {
         /// The device (`kubectl walt device ls`).
@@ -355,6 +357,39 @@ Examples:
         /// The image the node boots (default: the model's default image).
         #[arg(long, value_name = "IMAGE")]
         image: Option<String>,
+        /// Run the device as a VM node: a VM slot of the lab (a Device with a locally administered MAC
+        /// and firmware ipxe) powered as qemu-system-x86_64 in a pod on the lab network, network-booting
+        /// like a PC (`help show node-bootup`).
+        #[arg(long)]
+        vm: bool,
+        /// With --vm: the VM's memory, a Kubernetes quantity (default 512Mi).
+        #[arg(long, value_name = "QUANTITY", requires = "vm")]
+        memory: Option<String>,
+        /// With --vm: the VM's CPUs, a Kubernetes quantity (default 1).
+        #[arg(long, value_name = "QUANTITY", requires = "vm")]
+        cpu: Option<String>,
+    },
+    /// Show the serial console of a VM node (kernel and boot messages), following it.
+    #[command(
+        long_about = "Print the serial console of NODE, a VM node (`node acquire DEVICE --vm`), since its\n\
+                      last power-on, and follow it until Ctrl-C: firmware, iPXE, the kernel's boot lines,\n\
+                      walt-init, the login prompt. A reboot powers the VM off and on again: the console\n\
+                      starts over.",
+        after_help = "\
+Examples:
+  kubectl walt node console vm-01
+  kubectl walt node console vm-01 --no-follow --tail 50"
+    )]
+    Console {
+        /// The node.
+        #[arg(value_name = "NODE")]
+        node: String,
+        /// Print what is there and return.
+        #[arg(long)]
+        no_follow: bool,
+        /// Only the last N lines.
+        #[arg(long, value_name = "N")]
+        tail: Option<i64>,
     },
     /// Give a device back: delete the node that holds it (WalT's `node release`).
     #[command(

@@ -82,17 +82,21 @@ fn served(node: &Node) -> String {
     format!("{} ({verified})", short_digest(served))
 }
 
+/// What runs a virtual node (pure): its architecture, `vm …` for a VM node.
+fn virtual_kind(node: &Node) -> String {
+    node.spec.virtual_node.as_ref().map_or_else(
+        || "-".into(),
+        |v| match v.kind {
+            walt_crds::VirtualKind::Container => v.architecture.as_str().into(),
+            walt_crds::VirtualKind::Vm => format!("vm {}", v.architecture.as_str()),
+        },
+    )
+}
+
 fn virtual_text(node: &Node) -> String {
     node.spec.virtual_node.as_ref().map_or_else(
         || "-".into(),
-        |v| {
-            format!(
-                "{}, {} memory, {} cpu",
-                v.architecture.as_str(),
-                v.memory.0,
-                v.cpu.0
-            )
-        },
+        |v| format!("{}, {} memory, {} cpu", virtual_kind(node), v.memory.0, v.cpu.0),
     )
 }
 
@@ -122,12 +126,7 @@ pub fn node_table(nodes: &[Node], format: OutputFormat) -> String {
             row.push(booted(node));
             row.push(served(node));
             row.push(format!("{:?}", node.spec.boot_mode).to_lowercase());
-            row.push(
-                node.spec
-                    .virtual_node
-                    .as_ref()
-                    .map_or_else(|| "-".into(), |v| v.architecture.as_str().into()),
-            );
+            row.push(virtual_kind(node));
         }
         table.row(row);
     }
@@ -452,6 +451,12 @@ mod tests {
         assert!(lines[1].starts_with("vnode1   pc-x86-64   pc-base   Ready   "));
         let wide = node_table(&[node()], OutputFormat::Wide);
         assert!(wide.contains("10.1.2.3:22   pc-base@sha256:0123456789ab   -        volatile    amd64"));
+        let mut vm = node();
+        if let Some(v) = vm.spec.virtual_node.as_mut() {
+            v.kind = walt_crds::VirtualKind::Vm;
+        }
+        assert!(node_table(&[vm.clone()], OutputFormat::Wide).contains("volatile    vm amd64"));
+        assert!(node_page(&vm, &[]).contains("Virtual:     vm amd64, 512Mi memory, 1 cpu\n"));
     }
 
     #[test]

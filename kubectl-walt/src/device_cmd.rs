@@ -65,14 +65,16 @@ pub fn lent_rows(devices: &[Device], namespace: &str, nodes: &[Node], all: bool)
 }
 
 /// The Node `node acquire` creates (pure): named `as_name` (default: the device's name), of the
-/// device's model, naming the device; refused with what to do when the device is not lent to
-/// `namespace` or a Node of the namespace already holds it.
+/// device's model, naming the device (run as a VM node, `spec.virtual.kind: vm`, when `vm` is
+/// given); refused with what to do when the device is not lent to `namespace` or a Node of the
+/// namespace already holds it.
 pub fn acquire_plan(
     device: &Device,
     namespace: &str,
     nodes: &[Node],
     as_name: Option<&str>,
     image: Option<&str>,
+    vm: Option<walt_crds::VirtualNode>,
 ) -> Result<Node> {
     let name = device.name_any();
     if device.lent_to() != Some(namespace) {
@@ -93,6 +95,7 @@ pub fn acquire_plan(
             model: device.spec.model.clone(),
             device: Some(name),
             image: image.map(str::to_owned),
+            virtual_node: vm,
             ..NodeSpec::default()
         },
     );
@@ -164,11 +167,18 @@ pub async fn ls(ctx: &Ctx, all: bool, format: OutputFormat) -> Result<()> {
     Ok(())
 }
 
-/// `node acquire DEVICE [--as NODE] [--image IMAGE]`
-pub async fn acquire(ctx: &Ctx, device: &str, as_name: Option<&str>, image: Option<&str>) -> Result<()> {
+/// `node acquire DEVICE [--as NODE] [--image IMAGE] [--vm [--memory Q] [--cpu Q]]`
+pub async fn acquire(
+    ctx: &Ctx,
+    device: &str,
+    as_name: Option<&str>,
+    image: Option<&str>,
+    vm: Option<walt_crds::VirtualNode>,
+) -> Result<()> {
     let device = get_device(ctx, device).await?;
     let nodes = list_nodes(ctx).await?;
-    let node = acquire_plan(&device, &ctx.namespace, &nodes, as_name, image)?;
+    let is_vm = vm.is_some();
+    let node = acquire_plan(&device, &ctx.namespace, &nodes, as_name, image, vm)?;
     let name = name_of(&node);
     ctx.nodes()
         .create(&PostParams::default(), &node)
@@ -180,10 +190,16 @@ pub async fn acquire(ctx: &Ctx, device: &str, as_name: Option<&str>, image: Opti
             )
         })?;
     println!(
-        "Node {name} created on the device {} ({}). Follow with `kubectl walt node wait {name}`; \
+        "Node {name} created on the device {} ({}{}). Follow with `kubectl walt node wait {name}`{}; \
          `kubectl walt node release {name}` gives the device back.",
         device.name_any(),
-        device.spec.model
+        device.spec.model,
+        if is_vm { ", run as a VM" } else { "" },
+        if is_vm {
+            format!(" and its boot with `kubectl walt node console {name}`")
+        } else {
+            String::new()
+        }
     );
     Ok(())
 }
@@ -251,6 +267,7 @@ mod tests {
             &[],
             Some("mine"),
             Some("rpi-debian"),
+            None,
         )
         .expect("acquire");
         assert_eq!(name_of(&node), "mine");
@@ -258,14 +275,23 @@ mod tests {
         assert_eq!(node.spec.model, "rpi-4-b");
         assert_eq!(node.spec.image.as_deref(), Some("rpi-debian"));
         let default_name =
-            acquire_plan(&device(Some("alice"), None), "alice", &[], None, None).expect("acquire");
+            acquire_plan(&device(Some("alice"), None), "alice", &[], None, None, None).expect("acquire");
         assert_eq!(name_of(&default_name), "pi1");
+        assert!(default_name.spec.virtual_node.is_none());
+        let vm = walt_crds::VirtualNode {
+            kind: walt_crds::VirtualKind::Vm,
+            ..walt_crds::VirtualNode::default()
+        };
+        let vm_node = acquire_plan(&device(Some("alice"), None), "alice", &[], None, None, Some(vm))
+            .expect("acquire as a VM");
+        assert!(walt_crds::is_vm(&vm_node));
+        assert_eq!(vm_node.spec.device.as_deref(), Some("pi1"));
     }
 
     #[test]
     fn acquire_refuses_devices_not_lent_here_or_held() {
         for not_lent in [device(Some("bob"), None), device(None, None)] {
-            let refused = acquire_plan(&not_lent, "alice", &[], None, None).expect_err("not lent");
+            let refused = acquire_plan(&not_lent, "alice", &[], None, None, None).expect_err("not lent");
             assert!(
                 refused.to_string().contains("not lent to the namespace alice"),
                 "{refused}"
@@ -277,6 +303,7 @@ mod tests {
             &[node("n1", "pi1")],
             None,
             None,
+            None,
         )
         .expect_err("held");
         assert!(
@@ -284,7 +311,17 @@ mod tests {
             "{held}"
         );
         // A stale binding (its Node is gone) does not hold the device.
-        assert!(acquire_plan(&device(Some("alice"), Some("gone")), "alice", &[], None, None).is_ok());
+        assert!(
+            acquire_plan(
+                &device(Some("alice"), Some("gone")),
+                "alice",
+                &[],
+                None,
+                None,
+                None
+            )
+            .is_ok()
+        );
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! `node ls|show|boot|reboot|create-virtual|remove|wait|save`.
+//! `node ls|show|boot|reboot|create-virtual|remove|wait|save|console`.
 
 use std::time::{Duration, Instant};
 
@@ -102,6 +102,89 @@ pub async fn reboot(ctx: &Ctx, set: &str) -> Result<()> {
         println!("{name}: reboot requested.");
     }
     println!("Follow with `kubectl walt node wait {set}`.");
+    Ok(())
+}
+
+/// The `spec.virtual` of a VM node (`node acquire --vm`) with these memory and CPUs (pure).
+pub fn vm_of(memory: Option<&str>, cpu: Option<&str>) -> VirtualNode {
+    let mut vm = VirtualNode {
+        kind: walt_crds::VirtualKind::Vm,
+        ..VirtualNode::default()
+    };
+    if let Some(memory) = memory {
+        vm.memory = Quantity(memory.to_owned());
+    }
+    if let Some(cpu) = cpu {
+        vm.cpu = Quantity(cpu.to_owned());
+    }
+    vm
+}
+
+/// The container of a VM node's pod that runs the VM (its log is the serial console).
+pub const VM_CONTAINER: &str = "vm";
+
+/// The pod whose log is the serial console of `node` (pure): a VM node's `walt-node-<node>` in its
+/// `status.podNamespace` (else the runtime namespace of `namespace`); a container node has none.
+pub fn console_pod(node: &walt_crds::Node, namespace: &str) -> Result<crate::session::RuntimePod> {
+    let name = name_of(node);
+    if !walt_crds::is_vm(node) {
+        return Err(Error::Invalid(format!(
+            "{name} is not a VM node: it has no serial console of its own (a container node runs no kernel; a device's console is on the device). \
+             `kubectl walt node shell {name}` opens a shell on it"
+        )));
+    }
+    let pod = format!("walt-node-{name}");
+    crate::session::RuntimePod::named(
+        Some(&pod),
+        node.status.as_ref().and_then(|s| s.pod_namespace.as_ref()),
+        || walt_crds::runtime_namespace(namespace),
+    )
+    .ok_or_else(|| Error::Invalid(format!("{name}: no pod")))
+}
+
+/// `node console NODE [--no-follow] [--tail N]`: the VM's serial console (its pod's log), from its
+/// last power-on.
+pub async fn console(ctx: &Ctx, name: &str, follow: bool, tail: Option<i64>) -> Result<()> {
+    use futures::AsyncBufReadExt as _;
+    use futures::TryStreamExt as _;
+    let node = ctx.get_node(name).await?;
+    let pod = console_pod(&node, &ctx.namespace)?;
+    let params = kube::api::LogParams {
+        container: Some(VM_CONTAINER.to_owned()),
+        follow,
+        tail_lines: tail,
+        ..kube::api::LogParams::default()
+    };
+    let stream = ctx
+        .pods_in(&pod.namespace)
+        .log_stream(&pod.name, &params)
+        .await
+        .map_err(|e| {
+            Error::api(
+                Op::named(
+                    "get",
+                    "VM console (pod log)",
+                    "pods/log",
+                    &pod.name,
+                    &pod.namespace,
+                ),
+                e,
+            )
+        })?;
+    eprintln!(
+        "--- serial console of the VM node {name} (pod {}/{}){} ---",
+        pod.namespace,
+        pod.name,
+        if follow { "; Ctrl-C to stop" } else { "" }
+    );
+    let mut lines = stream.lines();
+    while let Some(line) = lines
+        .try_next()
+        .await
+        .map_err(Error::io("reading the VM console"))?
+    {
+        println!("{line}");
+    }
     Ok(())
 }
 
@@ -479,5 +562,54 @@ async fn follow_save(ctx: &Ctx, save_name: &str, node: &str, image: &str) -> Res
             }
         }
         tick().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(vm: bool) -> walt_crds::Node {
+        let mut node = walt_crds::Node::new(
+            "vm-01",
+            NodeSpec {
+                model: "pc-x86-64".into(),
+                device: vm.then(|| "vm-01".to_owned()),
+                virtual_node: Some(if vm {
+                    vm_of(Some("1Gi"), None)
+                } else {
+                    VirtualNode::default()
+                }),
+                ..NodeSpec::default()
+            },
+        );
+        node.metadata.namespace = Some("alice".into());
+        node
+    }
+
+    #[test]
+    fn the_console_of_a_vm_node_is_its_pods_log_and_a_container_node_has_none() {
+        let pod = console_pod(&node(true), "alice").expect("a VM node");
+        assert_eq!(
+            (pod.namespace.as_str(), pod.name.as_str()),
+            ("walt-run-alice", "walt-node-vm-01")
+        );
+        let mut moved = node(true);
+        moved.status = Some(walt_crds::NodeStatus {
+            pod_namespace: Some("elsewhere".into()),
+            ..walt_crds::NodeStatus::default()
+        });
+        assert_eq!(
+            console_pod(&moved, "alice").expect("a VM node").namespace,
+            "elsewhere"
+        );
+        let refused = console_pod(&node(false), "alice").expect_err("a container node");
+        assert!(
+            refused.to_string().contains("vm-01 is not a VM node")
+                && refused.to_string().contains("kubectl walt node shell vm-01"),
+            "{refused}"
+        );
+        assert_eq!(vm_of(Some("1Gi"), Some("2")).memory.0, "1Gi");
+        assert_eq!(vm_of(None, None).cpu.0, "1");
     }
 }

@@ -161,7 +161,8 @@ persistent
   The overlay survives reboots (virtual nodes: a PersistentVolumeClaim holds /persist).
 
 Rebooting:
-  - `kubectl walt node reboot NODES` reboots nodes;
+  - `kubectl walt node reboot NODES` reboots nodes (devices over SSH; container nodes get a new
+    pod; VM nodes are powered off and on again, hung or not);
   - `kubectl walt node boot NODES IMAGE` makes them boot another image (they reboot);
   - overwriting an image (image shell + Enter, node save --overwrite, image cp into it) reboots
     the nodes that boot it; you are told how many first.
@@ -193,9 +194,16 @@ What booted is checked, not assumed: the boot service records which digest it se
 bootedImage only when both agree (condition ImageVerified; DigestMismatch or BootNotNotified say why
 not). `kubectl walt node show NODE` shows the served and verified digests.
 
-A boot that sends no notification within 180 s is retried (a reboot, or an Event asking for a power
-cycle when the device does not answer), 9 times at most (WalT's defaults): then Booted=False with
-reason BootFailed. A device the boot service does not know gets nothing.
+A boot that sends no notification within 180 s is retried (a reboot, a power cycle for a VM node,
+or an Event asking for a power cycle when a device does not answer), 9 times at most (WalT's
+defaults): then Booted=False with reason BootFailed. A device the boot service does not know gets
+nothing.
+
+VM nodes boot the same way: `kubectl walt node acquire vm-01 --vm` runs the Device vm-01 (a VM slot
+of the lab: a locally administered MAC, firmware ipxe) as a virtual machine (qemu-system-x86_64, KVM
+when the cluster node has it, else emulated) on the lab network; its NIC's iPXE ROM does steps 1-5.
+`kubectl walt node console vm-01` shows its serial console: the firmware, iPXE, the kernel's boot
+lines, walt-init. A reboot of a VM node is a power cycle: off and on again, console included.
 ";
 
 const IMAGES: &str = "\
@@ -283,6 +291,17 @@ tried without hardware, and arm64 images run on amd64 clusters through qemu-user
 
 --persistent keeps /persist on a PersistentVolumeClaim; --memory and --cpu set the pod's limits.
 Everything else works as with physical nodes: node shell, run, save, boot, reboot.
+
+Two kinds (spec.virtual.kind):
+  container (the default)  the image's files in a pod, with its init and SSH; no kernel of its own;
+                           any architecture (qemu-user).
+  vm                       a virtual machine (qemu-system-x86_64; KVM when usable, else emulated)
+                           that network-boots the image through the boot service exactly like a lab
+                           PC: its own kernel, NFS root, walt-init, verified booted digest. It runs as
+                           a VM slot Device of the lab (a lab admin registers its MAC and address):
+                             kubectl walt node acquire vm-01 --vm --memory 1Gi --image pc-x86-64-debian
+                             kubectl walt node console vm-01     # its serial console
+                           amd64 only; `help show node-bootup` tells the boot.
 ";
 
 const DEVICES: &str = "\

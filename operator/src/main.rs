@@ -31,6 +31,9 @@ enum Command {
     Gateway(ssh::cli::GatewayArgs),
     /// Run an OS image as a virtual WalT node that serves SSH.
     Vnode(Box<ssh::vnode::Args>),
+    /// Power a VM node: qemu-system on a tap of the lab network's bridge, network-booting like a
+    /// device; its serial console on standard input and output.
+    Vm(Box<runtime::vm::Args>),
     /// Register the image's qemu-user handlers in the kernel (binfmt_misc), once per cluster node.
     Binfmt(binfmt::Args),
     /// Serve network boot (DHCP, TFTP, HTTP, read-only NFSv3) to lab devices and VM nodes.
@@ -51,6 +54,7 @@ fn main() {
         Command::Save(args) => ssh::cli::run_save(args),
         Command::Gateway(args) => ssh::cli::run_gateway(args),
         Command::Vnode(args) => ssh::vnode::run(args),
+        Command::Vm(args) => runtime::vm::run(args),
         Command::Binfmt(args) => binfmt::run(args),
         Command::BootServer(args) if args.from_cluster => controller::boot_source::run(args),
         Command::BootServer(args) => boot::cli::run(args),

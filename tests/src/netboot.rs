@@ -4,7 +4,9 @@
 //! network namespace the test creates) and VM nodes (`qemu-system-x86_64 -accel tcg`) whose iPXE
 //! ROM boots from the network like a real device.
 //!
-//! Nothing here uses walt's code: the image is built with `umoci` ([`crate::images::OciLayout`]),
+//! The VMs are powered by walt's own `walt-operator vm` (what a VM node's pod runs: its tap on the
+//! bridge, qemu's command line), so every test that boots one proves the operator's VM boots.
+//! Nothing else here uses walt's code: the image is built with `umoci` ([`crate::images::OciLayout`]),
 //! the kernel is Debian's (`apt-get download`), the initramfs is a `newc` cpio written here.
 
 use std::io::Write as _;
@@ -311,16 +313,18 @@ pub fn add_plain_walt_init(root: &Path) -> Result<(), FixtureError> {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).map_err(io("chmod"))
 }
 
-/// A lab network: a network namespace the test creates, holding a bridge (`br0`, `10.123.N.1/24`,
-/// where the boot service listens) and taps for VM nodes. Deleted on drop.
+/// A lab network: a network namespace the test creates, holding a bridge ([`LAB_BRIDGE`],
+/// `10.123.N.1/24`, where the boot service listens) VM nodes plug their taps into. Deleted on drop.
 #[derive(Debug)]
 pub struct LabNetwork {
     /// The namespace name.
     pub netns: String,
     /// The boot server's address on the bridge.
     pub server: std::net::Ipv4Addr,
-    taps: usize,
 }
+
+/// The bridge of a [`LabNetwork`].
+pub const LAB_BRIDGE: &str = "br0";
 
 impl LabNetwork {
     /// Creates the namespace, the bridge and loopback.
@@ -329,11 +333,7 @@ impl LabNetwork {
         let netns = format!("wnb-{}-{index}", std::process::id());
         let server = std::net::Ipv4Addr::new(10, 123, index, 1);
         run(Command::new("ip").args(["netns", "add", &netns]))?;
-        let net = LabNetwork {
-            netns,
-            server,
-            taps: 0,
-        };
+        let net = LabNetwork { netns, server };
         net.ip(&["link", "set", "lo", "up"])?;
         net.ip(&["link", "add", "br0", "type", "bridge"])?;
         net.ip(&["addr", "add", &format!("{server}/24"), "dev", "br0"])?;
@@ -350,16 +350,6 @@ impl LabNetwork {
         let o = self.server.octets();
         std::net::Ipv4Addr::new(o[0], o[1], o[2], 10 + n)
     }
-
-    /// A new tap on the bridge, for a VM.
-    pub fn add_tap(&mut self) -> Result<String, FixtureError> {
-        let tap = format!("tap{}", self.taps);
-        self.taps += 1;
-        self.ip(&["tuntap", "add", &tap, "mode", "tap"])?;
-        self.ip(&["link", "set", &tap, "master", "br0"])?;
-        self.ip(&["link", "set", &tap, "up"])?;
-        Ok(tap)
-    }
 }
 
 impl Drop for LabNetwork {
@@ -368,8 +358,9 @@ impl Drop for LabNetwork {
     }
 }
 
-/// A VM node on a lab network: `qemu-system-x86_64 -accel tcg`, powered on to network boot (its
-/// NIC's iPXE ROM), serial console in a file. Powered off on drop.
+/// A VM node on a lab network: `walt-operator vm --accel tcg` (qemu-system-x86_64 on a tap of the
+/// lab bridge), powered on to network boot (its NIC's iPXE ROM), serial console (its standard
+/// output, as in a VM node pod's log) in a file. Powered off on drop.
 #[derive(Debug)]
 pub struct VmNode {
     daemon: Daemon,
@@ -378,45 +369,61 @@ pub struct VmNode {
 }
 
 impl VmNode {
-    /// Powers on a VM with `mac` on a new tap of `net`; its console goes to `dir/console-<mac>.log`.
-    pub fn power_on(net: &mut LabNetwork, mac: &str, dir: &Path) -> Result<Self, FixtureError> {
+    /// Powers on a VM with `mac` on `net`'s bridge; its console goes to `dir/console-<mac>.log`.
+    pub fn power_on(net: &LabNetwork, mac: &str, dir: &Path) -> Result<Self, FixtureError> {
         Self::start(net, mac, dir, false)
     }
 
     /// [`Self::power_on`], a VM that restarts when its system reboots (a reboot over SSH
     /// network-boots it again, its console file goes on) instead of powering off.
-    pub fn power_on_rebootable(net: &mut LabNetwork, mac: &str, dir: &Path) -> Result<Self, FixtureError> {
+    pub fn power_on_rebootable(net: &LabNetwork, mac: &str, dir: &Path) -> Result<Self, FixtureError> {
         Self::start(net, mac, dir, true)
     }
 
-    fn start(net: &mut LabNetwork, mac: &str, dir: &Path, reboots: bool) -> Result<Self, FixtureError> {
+    fn start(net: &LabNetwork, mac: &str, dir: &Path, reboots: bool) -> Result<Self, FixtureError> {
+        let mut args: Vec<String> = ["vm", "--mac", mac, "--bridge", LAB_BRIDGE]
+            .into_iter()
+            .chain(["--memory", "512Mi", "--cpus", "1", "--accel", "tcg"])
+            // A clock far in the past: only the boot service's clock sync sets it right.
+            .chain(["--rtc-base", "2001-01-01T00:00:00"])
+            .map(str::to_owned)
+            .collect();
+        if !reboots {
+            args.push("--exit-on-reboot".to_owned());
+        }
+        Self::run_operator_vm(net, &args, mac, dir)
+    }
+
+    /// Powers on the VM of a VM node pod: runs its `walt-operator` arguments (`vm --mac MAC
+    /// --bridge …`, as the operator wrote them) in `net`, as the kubelet would run the container on
+    /// the cluster node holding the lab bridge.
+    pub fn power_on_as_pod(net: &LabNetwork, pod_args: &[String], dir: &Path) -> Result<Self, FixtureError> {
+        let mac = pod_args
+            .iter()
+            .skip_while(|a| *a != "--mac")
+            .nth(1)
+            .ok_or_else(|| FixtureError::Failed(format!("no --mac in the pod's arguments {pod_args:?}")))?;
+        Self::run_operator_vm(net, pod_args, mac, dir)
+    }
+
+    fn run_operator_vm(
+        net: &LabNetwork,
+        args: &[String],
+        mac: &str,
+        dir: &Path,
+    ) -> Result<Self, FixtureError> {
         require_tool("qemu-system-x86_64", "qemu-system-x86")?;
-        let tap = net.add_tap()?;
         let console = dir.join(format!("console-{}.log", mac.replace(':', "")));
         // A new console for every power-on: an old marker must not count.
         let _ = std::fs::remove_file(&console);
         let mut command = Command::new("ip");
         command
-            .args(["netns", "exec", &net.netns, "qemu-system-x86_64"])
-            .args(["-machine", "q35", "-accel", "tcg", "-m", "512", "-smp", "1"])
-            .args(["-display", "none", "-monitor", "none", "-boot", "n"])
-            .args((!reboots).then_some("-no-reboot"))
-            // A clock far in the past: only the boot service's clock sync sets it right.
-            .args(["-rtc", "base=2001-01-01T00:00:00"])
-            .arg("-serial")
-            .arg(format!("file:{}", console.display()))
-            .arg("-netdev")
-            .arg(format!("tap,id=n0,ifname={tap},script=no,downscript=no"))
-            .arg("-device")
-            .arg(format!("virtio-net-pci,netdev=n0,mac={mac}"));
+            .args(["netns", "exec", &net.netns])
+            .arg(operator_binary())
+            .args(args);
         let powered_on = Instant::now();
-        let daemon = Daemon::spawn(
-            &format!("vm {mac}"),
-            command,
-            &dir.join(format!("qemu-{}.log", mac.replace(':', ""))),
-            Lifetime::Test,
-        )
-        .map_err(|e| FixtureError::Failed(e.to_string()))?;
+        let daemon = Daemon::spawn(&format!("vm {mac}"), command, &console, Lifetime::Test)
+            .map_err(|e| FixtureError::Failed(e.to_string()))?;
         Ok(VmNode {
             daemon,
             console,
@@ -438,7 +445,7 @@ impl VmNode {
             }
             if let Some(status) = self.daemon.exited() {
                 return Err(FixtureError::Failed(format!(
-                    "qemu exited ({status}) before {text:?}; console:\n{}\nqemu: {}",
+                    "the VM (walt-operator vm) exited ({status}) before {text:?}; console:\n{}\n{}",
                     self.console(),
                     self.daemon.log_tail(20)
                 )));

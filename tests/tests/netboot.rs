@@ -9,7 +9,8 @@
 //!    top layer (walt's scripts, `walt-env`, the digest) is served above the image; the node services
 //!    answer WalT's protocol (`socat` as the client): the clock, and boot notifications whose digest
 //!    the boot records judge (verified, or a mismatch).
-//! 2. A VM node (`qemu-system-x86_64 -accel tcg`, iPXE ROM) on a bridge in a lab namespace powers on,
+//! 2. A VM node (`walt-operator vm --accel tcg`, what a VM node pod runs: `qemu-system-x86_64`, iPXE
+//!    ROM, on a tap of a bridge in a lab namespace) powers on,
 //!    gets its address and boot file from our authoritative DHCP, loads `start.ipxe`, the Debian
 //!    kernel and an initramfs over HTTP, mounts its root read-only over NFSv3 from our server,
 //!    walt's `walt-init` (from the node's top layer: the image has none) stacks the RAM overlay, sets
@@ -19,6 +20,9 @@
 //!    kernel → NFS mount → booted) are printed. A change on the node (a new file, a deletion) is saved
 //!    with `walt-operator save`; a VM whose MAC is not registered gets no image; the node then boots
 //!    the saved image (verified: the saved digest) and finds its change.
+//! 3. Control plane tier: the boot service fed from the cluster; the operator verifying what a VM
+//!    booted; the operator powering a VM node (its pod's `walt-operator vm` run here as a kubelet
+//!    would), power-cycled by the boot watchdog and by a reboot request.
 
 use std::process::Command;
 use std::time::Duration;
@@ -325,7 +329,7 @@ fn vm_node_network_boots_its_image() {
     let host_public = std::fs::read_to_string(host_key.with_extension("pub")).expect("host public key");
     let registry = Registry::start().expect("registry");
     let (_, digest) = push_vm_image(scratch.path(), &registry, "netboot/vm:latest");
-    let mut net = LabNetwork::create(202).expect("lab network");
+    let net = LabNetwork::create(202).expect("lab network");
     let device = format!(
         "mac={MAC},ip={},name=vm1,model={MODEL},image={},host-key={}",
         net.device_ip(0),
@@ -354,7 +358,7 @@ fn vm_node_network_boots_its_image() {
     let known_hosts = scratch.path().join("known_hosts");
     std::fs::write(&known_hosts, format!("{} {}", net.device_ip(0), host_public)).expect("known_hosts");
 
-    let mut vm = VmNode::power_on(&mut net, MAC, scratch.path()).expect("power on");
+    let mut vm = VmNode::power_on(&net, MAC, scratch.path()).expect("power on");
     let booted = vm
         .wait_console(BOOTED_MARKER, Duration::from_mins(5))
         .expect("the VM boots");
@@ -485,7 +489,7 @@ fn vm_node_network_boots_its_image() {
 
     // A device nobody registered: DHCP records it and serves nothing.
     let stranger = "52:54:00:aa:00:99";
-    let stranger_vm = VmNode::power_on(&mut net, stranger, scratch.path()).expect("power on");
+    let stranger_vm = VmNode::power_on(&net, stranger, scratch.path()).expect("power on");
     let refused = walt_tests::wait::Wait::new("the unknown device's DHCP request", Duration::from_secs(90))
         .every(Duration::from_millis(200))
         .until(|| {
@@ -536,7 +540,7 @@ fn vm_node_network_boots_its_image() {
             STATUS.into(),
         ],
     );
-    let mut vm = VmNode::power_on(&mut net, MAC, &second).expect("power on again");
+    let mut vm = VmNode::power_on(&net, MAC, &second).expect("power on again");
     let rebooted = vm
         .wait_console(BOOTED_MARKER, Duration::from_mins(5))
         .expect("the VM boots the saved image");
@@ -655,7 +659,7 @@ fn bench_vm_boot_vs_dnsmasq_and_ganesha() {
     let script = script.replace("/var/lib/walt/nodes/${mac}/fs", &root.display().to_string());
     std::fs::write(tftp.join("start.ipxe"), script).expect("reference start.ipxe");
 
-    let mut net = LabNetwork::create(203).expect("lab network");
+    let net = LabNetwork::create(203).expect("lab network");
     let ip = net.device_ip(0);
     let ssh_ok = |net: &LabNetwork| {
         output(
@@ -676,7 +680,7 @@ fn bench_vm_boot_vs_dnsmasq_and_ganesha() {
         )
         .0
     };
-    let boot_once = |net: &mut LabNetwork, label: &str| {
+    let boot_once = |net: &LabNetwork, label: &str| {
         let mut vm = VmNode::power_on(net, MAC, scratch.path()).expect("power on");
         let booted = vm
             .wait_console(BOOTED_MARKER, Duration::from_mins(5))
@@ -716,13 +720,13 @@ fn bench_vm_boot_vs_dnsmasq_and_ganesha() {
                     "br0".into(),
                 ],
             );
-            walt.push(boot_once(&mut net, "walt"));
+            walt.push(boot_once(&net, "walt"));
         }
         {
             let _reference =
                 ReferenceServers::start(&net, scratch.path(), &root, Some((MAC, ip, "vm1", &tftp)))
                     .expect("dnsmasq + ganesha");
-            reference.push(boot_once(&mut net, "dnsmasq+ganesha"));
+            reference.push(boot_once(&net, "dnsmasq+ganesha"));
         }
     }
     let best = |runs: &[(Duration, Duration)]| {
@@ -1051,117 +1055,127 @@ fn boot_server_takes_its_devices_from_the_cluster() {
     serves("nothing once the Device is unbound", None);
 }
 
-/// Control plane tier, the whole path under the operator: a Device (MAC, iPXE firmware, address)
-/// lent to a namespace, a Node bound to it whose Image the operator resolves in a real registry,
-/// `walt-operator boot-server --from-cluster` (in the lab namespace, reaching the API server and
-/// the registry through forwarded ports) serving it with the public key of the node key Secret as
-/// `authorized_keys`, and `walt-operator run --boot-status-url` at its boot records. The VM with
-/// the Device's MAC powers on and network-boots; the Node's `status.bootedImage` becomes the
-/// Image's digest with `ImageVerified=True` (the operator logged in with the node key, to the
-/// Device's pinned host key, and the boot service verified the digest mounted = reported). The
-/// Node then moves to a second Image (`spec.image`): the operator reboots the device over SSH and
-/// the verified digest becomes the second image's.
-#[test]
-fn operator_verifies_the_image_a_vm_node_network_booted() {
-    use walt_tests::wait::{Poll, Wait};
-    require_root().expect("root");
-    let _vm = one_vm_at_a_time();
-    let started = std::time::Instant::now();
-    let cluster = control_plane();
-    let scratch = tempfile::tempdir().expect("scratch dir");
-    let node_key = keygen(&scratch.path().join("node_key"), "walt-node-key");
-    let device = format!("vm-{}", std::process::id());
-    let keys = scratch.path().join("host-keys");
-    std::fs::create_dir_all(&keys).expect("host key dir");
-    let host_key = keygen(&keys.join(&device), &device);
-    let host_public = std::fs::read_to_string(host_key.with_extension("pub")).expect("host public key");
-    let registry = Registry::start().expect("registry");
-    let mut net = LabNetwork::create(206).expect("lab network");
-    let ns = cluster.create_namespace("bootop").expect("namespace");
-    // Pushed where the operator looks for the namespace's Images `os` and `os2` by default.
-    let (layout, digest) = push_vm_image(scratch.path(), &registry, &format!("lab/{ns}/os:latest"));
-    layout
-        .add_layer("vm", "v2", |root| {
-            std::fs::write(root.join("etc/second-image"), "v2\n")
-        })
-        .expect("second image layer");
-    let digest2 = layout
-        .push("v2", &registry, &format!("lab/{ns}/os2:latest"))
-        .expect("push v2");
-    cluster
-        .kubectl_output(&[
-            "-n",
-            &ns,
-            "create",
-            "secret",
-            "generic",
-            "walt-node-key",
-            "--type=kubernetes.io/ssh-auth",
-            &format!("--from-file=ssh-privatekey={}", node_key.display()),
-        ])
-        .expect("node key Secret");
-    let mac = "52:54:00:cc:00:01";
-    kubectl_stdin(
-        cluster,
-        &["apply", "-f", "-"],
-        &format!(
-            "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: os, namespace: {ns}}}\nspec: {{}}\n---\n\
-             apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: os2, namespace: {ns}}}\nspec: {{}}\n---\n\
-             apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {{name: vm1, namespace: {ns}}}\n\
-             spec: {{model: {MODEL}, device: {device}, image: os}}\n---\n\
-             apiVersion: walt.dev/v1alpha1\nkind: Device\nmetadata: {{name: {device}}}\n\
-             spec: {{address: '{}', sshPort: 22, model: {MODEL}, mac: '{mac}', firmware: ipxe, \
-             hostKey: '{}', lentTo: {{namespace: {ns}}}}}\n",
-            net.device_ip(0),
-            host_public.trim()
-        ),
-    );
+/// A lab under the operator on the control plane tier: a Device (MAC, iPXE firmware, address,
+/// pinned host key) lent to a namespace, the Node `vm1` on it booting the Image `os` (and an Image
+/// `os2` of a second digest), both pushed to a real registry, the node key Secret;
+/// `walt-operator boot-server --from-cluster` (in the lab namespace, reaching the API server and the
+/// registry through forwarded ports) serving it with the public key of the node key as
+/// `authorized_keys`, and `walt-operator run --boot-status-url` at its boot records, reaching the
+/// device through the lab namespace.
+struct OperatorLab {
+    cluster: &'static walt_tests::k8s::Cluster,
+    scratch: tempfile::TempDir,
+    ns: String,
+    net: LabNetwork,
+    mac: &'static str,
+    device: String,
+    digest: String,
+    digest2: String,
+    server: BootServer,
+    operator: walt_tests::operator::OperatorProcess,
+    started: std::time::Instant,
+    _forwards: Vec<Forward>,
+    _registry: Registry,
+}
 
-    // The boot service runs whole in the lab namespace: the API server and the registry are
-    // forwarded into it, its boot records out of it.
-    let port_of = |url: &str| -> u16 {
-        url.rsplit(':')
-            .next()
-            .and_then(|p| p.trim_end_matches('/').parse().ok())
-            .unwrap_or_else(|| panic!("no port in {url}"))
-    };
-    let _api =
-        Forward::into_netns(&net, port_of(cluster.server()), scratch.path()).expect("forward the API server");
-    let _registry =
-        Forward::into_netns(&net, port_of(&registry.host()), scratch.path()).expect("forward the registry");
-    let status = walt_tests::registry::free_port().expect("status port");
-    let _status =
-        Forward::out_of_netns(&net, 9470, status, scratch.path()).expect("forward the boot records");
-    let kubeconfig = cluster.kubeconfig();
-    let args: Vec<String> = [
-        "--from-cluster",
-        "--listen",
-        &net.server.to_string(),
-        "--dhcp",
-        "authoritative",
-        "--dhcp-interface",
-        "br0",
-        "--node-key",
-        &node_key.display().to_string(),
-        "--host-key-dir",
-        &keys.display().to_string(),
-        "--status-listen",
-        STATUS,
-    ]
-    .iter()
-    .map(ToString::to_string)
-    .collect();
-    let server = BootServer::start_in(
-        &net,
-        scratch.path(),
-        Some(&registry),
-        &args,
-        &[("KUBECONFIG", kubeconfig.as_path())],
-    );
-    let operator = walt_tests::operator::OperatorProcess::start(
-        &kubeconfig,
-        None,
-        &[
+impl OperatorLab {
+    /// Sets it up on lab network `index`; the Node's spec gets `node_extra` (YAML flow entries,
+    /// e.g. `virtual: {kind: vm}`), the operator `operator_extra` arguments.
+    fn start(index: u8, node_extra: &str, operator_extra: &[&str]) -> Self {
+        let started = std::time::Instant::now();
+        let cluster = control_plane();
+        let scratch = tempfile::tempdir().expect("scratch dir");
+        let node_key = keygen(&scratch.path().join("node_key"), "walt-node-key");
+        let device = format!("vm-{}-{index}", std::process::id());
+        let keys = scratch.path().join("host-keys");
+        std::fs::create_dir_all(&keys).expect("host key dir");
+        let host_key = keygen(&keys.join(&device), &device);
+        let host_public = std::fs::read_to_string(host_key.with_extension("pub")).expect("host public key");
+        let registry = Registry::start().expect("registry");
+        let net = LabNetwork::create(index).expect("lab network");
+        let ns = cluster.create_namespace("bootop").expect("namespace");
+        // Pushed where the operator looks for the namespace's Images `os` and `os2` by default.
+        let (layout, digest) = push_vm_image(scratch.path(), &registry, &format!("lab/{ns}/os:latest"));
+        layout
+            .add_layer("vm", "v2", |root| {
+                std::fs::write(root.join("etc/second-image"), "v2\n")
+            })
+            .expect("second image layer");
+        let digest2 = layout
+            .push("v2", &registry, &format!("lab/{ns}/os2:latest"))
+            .expect("push v2");
+        cluster
+            .kubectl_output(&[
+                "-n",
+                &ns,
+                "create",
+                "secret",
+                "generic",
+                "walt-node-key",
+                "--type=kubernetes.io/ssh-auth",
+                &format!("--from-file=ssh-privatekey={}", node_key.display()),
+            ])
+            .expect("node key Secret");
+        let mac = "52:54:00:cc:00:01";
+        kubectl_stdin(
+            cluster,
+            &["apply", "-f", "-"],
+            &format!(
+                "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: os, namespace: {ns}}}\nspec: {{}}\n---\n\
+                 apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: os2, namespace: {ns}}}\nspec: {{}}\n---\n\
+                 apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {{name: vm1, namespace: {ns}}}\n\
+                 spec: {{model: {MODEL}, device: {device}, image: os{node_extra}}}\n---\n\
+                 apiVersion: walt.dev/v1alpha1\nkind: Device\nmetadata: {{name: {device}}}\n\
+                 spec: {{address: '{}', sshPort: 22, model: {MODEL}, mac: '{mac}', firmware: ipxe, \
+                 hostKey: '{}', lentTo: {{namespace: {ns}}}}}\n",
+                net.device_ip(0),
+                host_public.trim()
+            ),
+        );
+
+        // The boot service runs whole in the lab namespace: the API server and the registry are
+        // forwarded into it, its boot records out of it.
+        let port_of = |url: &str| -> u16 {
+            url.rsplit(':')
+                .next()
+                .and_then(|p| p.trim_end_matches('/').parse().ok())
+                .unwrap_or_else(|| panic!("no port in {url}"))
+        };
+        let status = walt_tests::registry::free_port().expect("status port");
+        let forwards = vec![
+            Forward::into_netns(&net, port_of(cluster.server()), scratch.path())
+                .expect("forward the API server"),
+            Forward::into_netns(&net, port_of(&registry.host()), scratch.path())
+                .expect("forward the registry"),
+            Forward::out_of_netns(&net, 9470, status, scratch.path()).expect("forward the boot records"),
+        ];
+        let kubeconfig = cluster.kubeconfig();
+        let args: Vec<String> = [
+            "--from-cluster",
+            "--listen",
+            &net.server.to_string(),
+            "--dhcp",
+            "authoritative",
+            "--dhcp-interface",
+            "br0",
+            "--node-key",
+            &node_key.display().to_string(),
+            "--host-key-dir",
+            &keys.display().to_string(),
+            "--status-listen",
+            STATUS,
+        ]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+        let server = BootServer::start_in(
+            &net,
+            scratch.path(),
+            Some(&registry),
+            &args,
+            &[("KUBECONFIG", kubeconfig.as_path())],
+        );
+        let mut operator_args: Vec<String> = [
             "--namespace",
             &ns,
             "--watch-namespace",
@@ -1185,16 +1199,40 @@ fn operator_verifies_the_image_a_vm_node_network_booted() {
             "--boot-status-url",
             &format!("http://127.0.0.1:{status}"),
         ]
-        .map(ToString::to_string),
-        &scratch.path().join("operator.log"),
-    )
-    .expect("start walt-operator");
-    operator.wait_ready(Duration::from_mins(1));
-    let node = |jsonpath: &str| {
-        cluster
+        .map(ToString::to_string)
+        .to_vec();
+        operator_args.extend(operator_extra.iter().map(ToString::to_string));
+        let operator = walt_tests::operator::OperatorProcess::start(
+            &kubeconfig,
+            None,
+            &operator_args,
+            &scratch.path().join("operator.log"),
+        )
+        .expect("start walt-operator");
+        operator.wait_ready(Duration::from_mins(1));
+        OperatorLab {
+            cluster,
+            scratch,
+            ns,
+            net,
+            mac,
+            device,
+            digest,
+            digest2,
+            server,
+            operator,
+            started,
+            _forwards: forwards,
+            _registry: registry,
+        }
+    }
+
+    /// `jsonpath` of the Node `vm1`.
+    fn node(&self, jsonpath: &str) -> String {
+        self.cluster
             .kubectl_output(&[
                 "-n",
-                &ns,
+                &self.ns,
                 "get",
                 "nodes.walt.dev",
                 "vm1",
@@ -1204,32 +1242,33 @@ fn operator_verifies_the_image_a_vm_node_network_booted() {
             .unwrap_or_default()
             .trim()
             .to_string()
-    };
-    let set_up = started.elapsed();
+    }
 
-    // The operator binds the Device to the Node and resolves the Image; then the boot service
-    // serves it (its boot records know the MAC once a binding names it).
-    Wait::new("the boot service to serve the Device", Duration::from_mins(2))
-        .every(Duration::from_millis(500))
-        .until(|| {
-            let log = std::fs::read_to_string(scratch.path().join("boot-server.log")).unwrap_or_default();
-            log.lines()
-                .rfind(|l| l.contains("bindings updated from the cluster"))
-                .is_some_and(|l| without_colours(l).ends_with("devices=1"))
-        })
-        .unwrap_or_else(|e| {
-            panic!(
-                "{e}: Image status {}",
-                cluster
-                    .kubectl_output(&["-n", &ns, "get", "images.walt.dev", "-o", "yaml"])
-                    .unwrap_or_default()
-            )
-        });
-    let mut vm = VmNode::power_on_rebootable(&mut net, mac, scratch.path()).expect("power on");
-    let booted = vm
-        .wait_console(BOOTED_MARKER, Duration::from_mins(5))
-        .unwrap_or_else(|e| panic!("{e}\nboot server: {:?}", server.journal()));
-    let verified_as = |vm: &VmNode, want: &str| {
+    /// Waits until the operator has bound the Device and resolved the Image, and the boot service
+    /// serves it (its boot records know the MAC once a binding names it).
+    fn wait_served(&self) {
+        walt_tests::wait::Wait::new("the boot service to serve the Device", Duration::from_mins(2))
+            .every(Duration::from_millis(500))
+            .until(|| {
+                let log =
+                    std::fs::read_to_string(self.scratch.path().join("boot-server.log")).unwrap_or_default();
+                log.lines()
+                    .rfind(|l| l.contains("bindings updated from the cluster"))
+                    .is_some_and(|l| without_colours(l).ends_with("devices=1"))
+            })
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{e}: Image status {}",
+                    self.cluster
+                        .kubectl_output(&["-n", &self.ns, "get", "images.walt.dev", "-o", "yaml"])
+                        .unwrap_or_default()
+                )
+            });
+    }
+
+    /// Waits until the Node's verified booted image is `want`; returns the time since `vm`'s power-on.
+    fn verified_as(&self, vm: &VmNode, want: &str) -> Duration {
+        use walt_tests::wait::{Poll, Wait};
         Wait::new(
             &format!("the Node's verified booted image {want}"),
             Duration::from_mins(4),
@@ -1237,8 +1276,8 @@ fn operator_verifies_the_image_a_vm_node_network_booted() {
         .every(Duration::from_millis(500))
         .until(|| {
             let (booted, verified) = (
-                node("{.status.bootedImage.digest}"),
-                node("{.status.conditions[?(@.type==\"ImageVerified\")].status}"),
+                self.node("{.status.bootedImage.digest}"),
+                self.node("{.status.conditions[?(@.type==\"ImageVerified\")].status}"),
             );
             if booted == want && verified == "True" {
                 Poll::Ready(())
@@ -1249,45 +1288,71 @@ fn operator_verifies_the_image_a_vm_node_network_booted() {
         .unwrap_or_else(|e| {
             panic!(
                 "{e}\nstatus: {}\noperator:\n{}\nconsole:\n{}",
-                node("{.status}"),
-                operator.log(),
+                self.node("{.status}"),
+                self.operator.log(),
                 vm.console()
             )
         });
         vm.since_power_on()
-    };
-    let verified = verified_as(&vm, &digest);
-    let status = node("{.status}");
+    }
+
+    /// Waits for `kubectl get nodes.walt.dev` to show the node Ready (the phase is the last probe's:
+    /// an SSH probe may time out on a loaded machine, it settles).
+    fn wait_ready(&self) {
+        use walt_tests::wait::{Poll, Wait};
+        Wait::new(
+            "kubectl get nodes.walt.dev to show the node Ready",
+            Duration::from_mins(1),
+        )
+        .every(Duration::from_millis(500))
+        .until(|| {
+            let table = self
+                .cluster
+                .kubectl_output(&["-n", &self.ns, "get", "nodes.walt.dev", "vm1"])
+                .unwrap_or_default();
+            if table.contains("Ready") {
+                Poll::Ready(())
+            } else {
+                Poll::Pending(table)
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}\nconditions: {}", self.node("{.status.conditions}")));
+    }
+}
+
+/// Control plane tier, the whole path under the operator ([`OperatorLab`]): the VM with the
+/// Device's MAC powers on and network-boots; the Node's `status.bootedImage` becomes the Image's
+/// digest with `ImageVerified=True` (the operator logged in with the node key, to the Device's
+/// pinned host key, and the boot service verified the digest mounted = reported). The Node then
+/// moves to a second Image (`spec.image`): the operator reboots the device over SSH and the
+/// verified digest becomes the second image's.
+#[test]
+fn operator_verifies_the_image_a_vm_node_network_booted() {
+    require_root().expect("root");
+    let _vm = one_vm_at_a_time();
+    let lab = OperatorLab::start(206, "", &[]);
+    let set_up = lab.started.elapsed();
+    lab.wait_served();
+    let mut vm = VmNode::power_on_rebootable(&lab.net, lab.mac, lab.scratch.path()).expect("power on");
+    let booted = vm
+        .wait_console(BOOTED_MARKER, Duration::from_mins(5))
+        .unwrap_or_else(|e| panic!("{e}\nboot server: {:?}", lab.server.journal()));
+    let verified = lab.verified_as(&vm, &lab.digest);
+    let status = lab.node("{.status}");
     assert!(
-        node("{.status.boot.served}") == digest && node("{.status.boot.reported}") == digest,
+        lab.node("{.status.boot.served}") == lab.digest && lab.node("{.status.boot.reported}") == lab.digest,
         "what the boot service served and the node reported: {status}"
     );
-    assert_eq!(node("{.status.device}"), device, "{status}");
-    // The phase is the last probe's (an SSH probe may time out on a loaded machine): it settles.
-    Wait::new(
-        "kubectl get nodes.walt.dev to show the node Ready",
-        Duration::from_mins(1),
-    )
-    .every(Duration::from_millis(500))
-    .until(|| {
-        let table = cluster
-            .kubectl_output(&["-n", &ns, "get", "nodes.walt.dev", "vm1"])
-            .unwrap_or_default();
-        if table.contains("Ready") {
-            Poll::Ready(())
-        } else {
-            Poll::Pending(table)
-        }
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(lab.node("{.status.device}"), lab.device, "{status}");
+    lab.wait_ready();
 
     // The Node moves to the second image: the operator reboots the device over SSH, it
     // network-boots the new digest, verified.
     let moved_at = vm.since_power_on();
-    cluster
+    lab.cluster
         .kubectl_output(&[
             "-n",
-            &ns,
+            &lab.ns,
             "patch",
             "nodes.walt.dev",
             "vm1",
@@ -1296,15 +1361,20 @@ fn operator_verifies_the_image_a_vm_node_network_booted() {
             r#"{"spec":{"image":"os2"}}"#,
         ])
         .expect("move the Node to os2");
-    let reverified = verified_as(&vm, &digest2);
+    let reverified = lab.verified_as(&vm, &lab.digest2);
     let console = vm.console();
     assert!(
         console
             .lines()
-            .any(|l| l.contains(BOOTED_MARKER) && l.contains(&digest2)),
+            .any(|l| l.contains(BOOTED_MARKER) && l.contains(&lab.digest2)),
         "the VM rebooted into the second image: {console}"
     );
-    assert_eq!(node("{.status.boot.reported}"), digest2, "{}", node("{.status}"));
+    assert_eq!(
+        lab.node("{.status.boot.reported}"),
+        lab.digest2,
+        "{}",
+        lab.node("{.status}")
+    );
     println!(
         "figures: operator path: set-up {:.1} s; power-on → booted marker {:.1} s, → Node bootedImage verified {:.1} s; \
          spec.image moved → second image verified {:.1} s; test {:.1} s",
@@ -1312,6 +1382,188 @@ fn operator_verifies_the_image_a_vm_node_network_booted() {
         booted.as_secs_f64(),
         verified.as_secs_f64(),
         reverified.saturating_sub(moved_at).as_secs_f64(),
-        started.elapsed().as_secs_f64()
+        lab.started.elapsed().as_secs_f64()
+    );
+}
+
+/// The pod of the VM node `vm1` in `runtime`, once the operator has made one other than `not`: its
+/// uid and its container's `walt-operator` arguments (the command must be `walt-operator`). The test
+/// plays the kubelet: a pod being deleted is removed once its container stopped (the caller stops
+/// the VM first).
+fn vm_pod(lab: &OperatorLab, runtime: &str, not: Option<&str>) -> (String, Vec<String>) {
+    use walt_tests::wait::{Poll, Wait};
+    Wait::new("the operator to make the VM node's pod", Duration::from_mins(4))
+        .every(Duration::from_millis(500))
+        .until(|| {
+            let json = lab
+                .cluster
+                .kubectl_output(&["-n", runtime, "get", "pod", "walt-node-vm1", "-o", "json"])
+                .unwrap_or_default();
+            let Ok(pod) = serde_json::from_str::<serde_json::Value>(&json) else {
+                return Poll::Pending(format!("no pod yet; Node status {}", lab.node("{.status}")));
+            };
+            let uid = pod["metadata"]["uid"].as_str().unwrap_or_default().to_owned();
+            if !pod["metadata"]["deletionTimestamp"].is_null() {
+                let _ = lab.cluster.kubectl_output(&[
+                    "-n",
+                    runtime,
+                    "delete",
+                    "pod",
+                    "walt-node-vm1",
+                    "--grace-period=0",
+                    "--force",
+                ]);
+                return Poll::Pending(format!("the pod {uid} being deleted"));
+            }
+            if Some(uid.as_str()) == not {
+                return Poll::Pending(format!(
+                    "the old pod {uid} still there; Node status {}",
+                    lab.node("{.status}")
+                ));
+            }
+            let container = &pod["spec"]["containers"][0];
+            assert_eq!(
+                container["command"],
+                serde_json::json!(["walt-operator"]),
+                "{pod}"
+            );
+            let args = container["args"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+                .unwrap_or_default();
+            Poll::Ready((uid, args))
+        })
+        .unwrap_or_else(|e| panic!("{e}\noperator:\n{}", lab.operator.log()))
+}
+
+/// Control plane tier, a **VM node** under the operator ([`OperatorLab`] with the Node `spec.virtual:
+/// {kind: vm}`, the operator given `--vm-image`, `--vm-network default=br0`, `--vm-accel tcg` and a
+/// 90 s boot watchdog). The operator makes the VM node pod `walt-node-vm1` in the runtime namespace;
+/// the test plays the kubelet of the cluster node holding the lab bridge: it runs the pod's
+/// `walt-operator` arguments in the lab namespace (no kubelet on this tier). That first pod is left
+/// unstarted (a VM that never boots): the boot watchdog power-cycles it (a new pod, `BootTimeout`
+/// "power-cycling the VM"). The new pod's VM network-boots through the boot service and the Node's
+/// booted image is verified; a reboot request (`kubectl walt node reboot`'s annotation) power-cycles
+/// it again (a new pod, Event `Reboot`), and the new VM boots, verified again.
+#[test]
+fn operator_powers_a_vm_node_and_power_cycles_it() {
+    require_root().expect("root");
+    let _vm = one_vm_at_a_time();
+    let lab = OperatorLab::start(
+        207,
+        ", virtual: {kind: vm, memory: 512Mi}",
+        &[
+            "--vm-image",
+            "127.0.0.1:1/walt/vm:test",
+            "--vm-network",
+            "default=br0",
+            "--vm-accel",
+            "tcg",
+            "--boot-timeout",
+            "90s",
+        ],
+    );
+    let set_up = lab.started.elapsed();
+    let runtime = format!("walt-run-{}", lab.ns);
+    lab.wait_served();
+    let (hung, args) = vm_pod(&lab, &runtime, None);
+    assert_eq!(
+        args.join(" "),
+        format!(
+            "vm --mac {} --bridge br0 --memory 512Mi --cpus 1 --accel tcg",
+            lab.mac
+        ),
+        "the VM runner's arguments"
+    );
+
+    // The first VM never boots (its pod is never run): the watchdog power-cycles it.
+    let cycled_at = std::time::Instant::now();
+    let (first, args) = vm_pod(&lab, &runtime, Some(&hung));
+    let watchdog = cycled_at.elapsed();
+    let booted_reason = lab.node("{.status.conditions[?(@.type==\"Booted\")].message}");
+    assert!(
+        booted_reason.contains("power-cycling the VM (retry 1 of 9)"),
+        "the watchdog's retry: {booted_reason}"
+    );
+    let mut vm = VmNode::power_on_as_pod(&lab.net, &args, lab.scratch.path()).expect("power on");
+    let booted = vm
+        .wait_console(BOOTED_MARKER, Duration::from_mins(5))
+        .unwrap_or_else(|e| panic!("{e}\nboot server: {:?}", lab.server.journal()));
+    let console = vm.console();
+    assert!(
+        console.contains("walt-operator vm: 52:54:00:cc:00:01 on br0")
+            && console
+                .contains("walt-initrd: mounting 10.123.207.1:/var/lib/walt/nodes/52:54:00:cc:00:01/fs"),
+        "the console holds the runner's line and the boot's (the kernel is `quiet`; its initramfs says what it mounts): {console}"
+    );
+    let verified = lab.verified_as(&vm, &lab.digest);
+    lab.wait_ready();
+    assert_eq!(
+        lab.node("{.status.podNamespace}"),
+        runtime,
+        "where `node console` reads"
+    );
+
+    // A reboot request: the VM is power-cycled (a new pod), whether it answers or not.
+    let requested = "2030-01-01T00:00:00Z";
+    lab.cluster
+        .kubectl_output(&[
+            "-n",
+            &lab.ns,
+            "annotate",
+            "nodes.walt.dev",
+            "vm1",
+            &format!("{}={requested}", walt_crds::request::REBOOT.requested),
+        ])
+        .expect("ask for a reboot");
+    let asked = std::time::Instant::now();
+    let (_second, args) = vm_pod(&lab, &runtime, Some(&first));
+    drop(vm); // the kubelet stops the deleted pod's container: the VM powers off
+    let events = lab
+        .cluster
+        .kubectl_output(&[
+            "-n",
+            &lab.ns,
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=vm1",
+        ])
+        .unwrap_or_default();
+    assert!(events.contains("power-cycling the VM"), "{events}");
+    let mut vm = VmNode::power_on_as_pod(&lab.net, &args, lab.scratch.path()).expect("power on again");
+    vm.wait_console(BOOTED_MARKER, Duration::from_mins(5))
+        .unwrap_or_else(|e| panic!("{e}\nboot server: {:?}", lab.server.journal()));
+    // The boot verified now is the new one: the boot service mounted the root and heard the
+    // notification a second time.
+    walt_tests::wait::Wait::new("the second boot's notification", Duration::from_mins(2))
+        .every(Duration::from_millis(500))
+        .until(|| {
+            let journal = lab.server.journal();
+            let of_vm = |protocol| {
+                entries(&journal, protocol)
+                    .iter()
+                    .filter(|e| e["mac"] == lab.mac)
+                    .count()
+            };
+            of_vm("nfs-mount") >= 2 && of_vm("boot-notification") >= 2
+        })
+        .unwrap_or_else(|e| panic!("{e}: {:?}", lab.server.journal()));
+    lab.verified_as(&vm, &lab.digest);
+    let reverified = asked.elapsed();
+    let handled = lab.node(&format!(
+        "{{.metadata.annotations.{}}}",
+        walt_crds::request::REBOOT.handled.replace('.', "\\.")
+    ));
+    assert_eq!(handled, requested, "the reboot request is handled");
+    println!(
+        "figures: VM node: set-up {:.1} s; watchdog power cycle after {:.1} s; power-on → booted marker {:.1} s, \
+         → Node bootedImage verified {:.1} s; reboot asked → VM verified again {:.1} s; test {:.1} s",
+        set_up.as_secs_f64(),
+        watchdog.as_secs_f64(),
+        booted.as_secs_f64(),
+        verified.as_secs_f64(),
+        reverified.as_secs_f64(),
+        lab.started.elapsed().as_secs_f64()
     );
 }

@@ -437,6 +437,59 @@ fn chart_options_change_what_is_rendered() {
     assert!(error.contains("imageTypo"), "{error}");
 }
 
+/// VM nodes: off unless `vmNodes.image` is set; then the operator is given their image, accelerator,
+/// and for each boot network its bridge (`bridge`, else `interface`) and cluster nodes.
+#[test]
+fn vm_nodes_run_on_each_boot_networks_bridge() {
+    let operator_env = |docs: &[Value]| -> Vec<Value> {
+        find(docs, "Deployment", "walt-operator")["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .expect("env")
+            .clone()
+    };
+    let value_of =
+        |env: &[Value], name: &str| env.iter().find(|e| e["name"] == name).map(|e| e["value"].clone());
+    let defaults = operator_env(&render_chart(&[]).expect("helm template"));
+    assert_eq!(
+        value_of(&defaults, "WALT_VM_IMAGE"),
+        None,
+        "no VM nodes by default"
+    );
+    let docs = render_chart(&[
+        "--set",
+        "vmNodes.image=registry.example.org/walt/vm:1",
+        "--set",
+        "bootService.enabled=true",
+        "--set",
+        "bootService.networks[0].name=default",
+        "--set",
+        "bootService.networks[0].listen=192.168.152.1",
+        "--set",
+        "bootService.networks[0].interface=br-lab",
+        "--set",
+        "bootService.networks[0].nodeSelector.lab=gw",
+        "--set",
+        "bootService.networks[1].name=lab2",
+        "--set",
+        "bootService.networks[1].listen=10.9.0.1",
+        "--set",
+        "bootService.networks[1].interface=eth2",
+        "--set",
+        "bootService.networks[1].bridge=br-lab2",
+    ])
+    .expect("helm template");
+    let env = operator_env(&docs);
+    assert_eq!(
+        value_of(&env, "WALT_VM_IMAGE"),
+        Some(Value::from("registry.example.org/walt/vm:1"))
+    );
+    assert_eq!(value_of(&env, "WALT_VM_ACCEL"), Some(Value::from("auto")));
+    assert_eq!(
+        value_of(&env, "WALT_VM_NETWORK"),
+        Some(Value::from("default=br-lab lab=gw,lab2=br-lab2"))
+    );
+}
+
 /// The boot service: off by default; on, one Deployment per lab network on the host network, fed from
 /// the cluster by a ServiceAccount that may only read Devices, Nodes and Images; the operator is told
 /// where each network's boot records are and may reach them.

@@ -149,6 +149,23 @@ pub struct Args {
     /// Retries of a network boot that sends no notification before giving up (WalT's 9).
     #[arg(long, env = "WALT_BOOT_RETRIES", default_value_t = crate::controller::node::netboot::BOOT_RETRIES)]
     pub boot_retries: u32,
+    /// The lab networks VM nodes (`spec.virtual.kind: vm`) run on: `NETWORK=BRIDGE`, then the labels
+    /// (`LABEL=VALUE`, separated by spaces) of the cluster nodes whose host network holds that
+    /// bridge (the one the network's boot service serves), e.g. `default=br-lab
+    /// kubernetes.io/hostname=lab-gw`; repeat, or separate networks with commas. A VM node's pod runs
+    /// there, its tap plugged into the bridge. None for its Device's boot network: the VM node is
+    /// refused (`VmNotConfigured`).
+    #[arg(long, env = "WALT_VM_NETWORK", value_delimiter = ',')]
+    pub vm_network: Vec<String>,
+    /// Container image of VM node pods: `walt-operator` (which runs as `walt-operator vm`) with
+    /// `qemu-system-x86_64` and its firmware (SeaBIOS, iPXE ROMs). None: VM nodes are refused
+    /// (`VmNotConfigured`).
+    #[arg(long, env = "WALT_VM_IMAGE")]
+    pub vm_image: Option<String>,
+    /// How VM nodes' CPUs run: `auto` (KVM where the cluster node's `/dev/kvm` opens, else TCG), `kvm`
+    /// or `tcg`.
+    #[arg(long, env = "WALT_VM_ACCEL", value_enum, default_value = "auto")]
+    pub vm_accel: crate::runtime::vm::AccelChoice,
     /// How long an image shell waits for the user's decision before keeping the digest and moving no tag.
     #[arg(long, env = "WALT_DECISION_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
     pub decision_timeout: Duration,

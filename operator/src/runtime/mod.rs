@@ -15,6 +15,8 @@
 //! - [`seccomp`]: that filter's deny-list and its BPF program.
 //! - [`node`]: run an image like a WalT node (the virtual node), with a
 //!   supervisor that starts processes in it for the SSH server.
+//! - [`vm`]: a VM node's machine (`qemu-system` on a tap of the lab bridge), what the VM node pod
+//!   runs.
 
 pub mod changes;
 pub mod cli;
@@ -27,3 +29,4 @@ pub mod seccomp;
 pub mod session;
 mod sys;
 pub mod terminal;
+pub mod vm;

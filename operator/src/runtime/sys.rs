@@ -161,43 +161,112 @@ pub(crate) fn pty_unlock_and_number(master: BorrowedFd<'_>) -> nix::Result<u32> 
 /// Sets `lo` up in the current network namespace (best effort: a namespace
 /// without loopback still works for everything but local sockets).
 pub(crate) fn set_loopback_up() {
-    let Ok(socket) = nix::sys::socket::socket(
+    let _ = set_interface_up("lo");
+}
+
+/// A socket to pass interface ioctls through.
+fn ioctl_socket() -> nix::Result<OwnedFd> {
+    nix::sys::socket::socket(
         nix::sys::socket::AddressFamily::Inet,
         nix::sys::socket::SockType::Datagram,
         nix::sys::socket::SockFlag::SOCK_CLOEXEC,
         None,
-    ) else {
-        return;
-    };
+    )
+}
+
+/// An `ifreq` naming interface `name` (the kernel's limit, `IFNAMSIZ` - 1 bytes, is checked by the
+/// callers' names: longer ones are cut and then not found).
+fn ifreq_named(name: &str) -> libc::ifreq {
     // SAFETY: `ifreq` is plain old data; all-zero is a valid value.
     let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (slot, byte) in request.ifr_name.iter_mut().zip(b"lo\0") {
-        *slot = *byte as libc::c_char;
+    let capacity = request.ifr_name.len() - 1;
+    for (slot, byte) in request.ifr_name.iter_mut().zip(name.bytes().take(capacity)) {
+        *slot = byte as libc::c_char;
     }
+    request
+}
+
+/// Sets interface `name` up in the current network namespace.
+pub(crate) fn set_interface_up(name: &str) -> nix::Result<()> {
+    let socket = ioctl_socket()?;
+    let mut request = ifreq_named(name);
     // SAFETY: SIOCGIFFLAGS fills the flags field of the `ifreq` we own.
-    if unsafe {
+    Errno::result(unsafe {
         libc::ioctl(
             socket.as_raw_fd(),
             libc::SIOCGIFFLAGS as libc::Ioctl,
             &raw mut request,
         )
-    } != 0
-    {
-        return;
-    }
+    })?;
     // SAFETY: reading and writing the `ifru_flags` member of the union that
     // SIOCGIFFLAGS just filled.
     unsafe {
         request.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
     }
     // SAFETY: SIOCSIFFLAGS reads the `ifreq` we own.
-    let _ = unsafe {
+    Errno::result(unsafe {
         libc::ioctl(
             socket.as_raw_fd(),
             libc::SIOCSIFFLAGS as libc::Ioctl,
             &raw mut request,
         )
-    };
+    })
+    .map(drop)
+}
+
+/// Opens a new tap interface `name` (`/dev/net/tun`, no packet information header): not
+/// persistent, it goes when the last holder of the returned descriptor closes it (qemu, when the
+/// VM powers off), so a killed VM leaves no interface behind.
+pub(crate) fn open_tap(name: &str) -> nix::Result<OwnedFd> {
+    let tun = nix::fcntl::open(
+        "/dev/net/tun",
+        nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let mut request = ifreq_named(name);
+    request.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+    // SAFETY: TUNSETIFF reads the `ifreq` we own (name and flags) and writes back the name.
+    Errno::result(unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF as libc::Ioctl, &raw mut request) })?;
+    Ok(tun)
+}
+
+/// `SIOCBRADDIF` (linux/sockios.h): add an interface to a bridge (what `brctl addif` does).
+const SIOCBRADDIF: libc::Ioctl = 0x89a2;
+
+/// Adds interface `port` to bridge `bridge` (both in the current network namespace).
+pub(crate) fn add_to_bridge(bridge: &str, port: &str) -> nix::Result<()> {
+    let port = std::ffi::CString::new(port).map_err(|_| Errno::EINVAL)?;
+    // SAFETY: `if_nametoindex` reads the NUL-terminated name we own.
+    let index = unsafe { libc::if_nametoindex(port.as_ptr()) };
+    if index == 0 {
+        return Err(Errno::last());
+    }
+    let socket = ioctl_socket()?;
+    let mut request = ifreq_named(bridge);
+    request.ifr_ifru.ifru_ifindex = index as libc::c_int;
+    // SAFETY: SIOCBRADDIF reads the bridge name and the port's index from the `ifreq` we own.
+    Errno::result(unsafe { libc::ioctl(socket.as_raw_fd(), SIOCBRADDIF, &raw mut request) }).map(drop)
+}
+
+/// Makes the program `command` starts die with this process (`PR_SET_PDEATHSIG`, SIGKILL): a VM's
+/// qemu never outlives the `walt-operator vm` that started it, even when that one is killed.
+pub(crate) fn die_with_parent(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: the closure runs between fork and exec; it only calls prctl(2), which is
+    // async-signal-safe, and touches no memory shared with other threads.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Lets `fd` be inherited by programs this process executes (qemu takes its tap this way).
+pub(crate) fn clear_cloexec(fd: BorrowedFd<'_>) -> nix::Result<()> {
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty())).map(drop)
 }
 
 /// Reads extended attribute `name` of `path` (not following a final symbolic

@@ -66,7 +66,7 @@ pub fn node_labels(node: &str) -> BTreeMap<String, String> {
 
 /// Metadata of what is built for `node`: in the tenant's runtime namespace, with the owner labels
 /// (owner references cannot cross namespaces) and [`node_labels`] (the Service's selector).
-fn owned_meta(node: &Node, name: String) -> ObjectMeta {
+pub(super) fn owned_meta(node: &Node, name: String) -> ObjectMeta {
     let mut labels = owner_labels("Node", node);
     labels.extend(node_labels(&node.name_any()));
     ObjectMeta {

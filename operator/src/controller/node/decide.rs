@@ -328,7 +328,7 @@ fn still_going_down(
 
 /// Marks the node rebooting: phase `Rebooting`, `Booted=False` since now (the time the restart is
 /// measured against: [`restarted_since`]).
-fn mark_rebooting(status: &mut NodeStatus, node: &Node, what: String, now: Timestamp) {
+pub(super) fn mark_rebooting(status: &mut NodeStatus, node: &Node, what: String, now: Timestamp) {
     status.phase = NodePhase::Rebooting;
     set(
         status,

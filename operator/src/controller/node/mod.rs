@@ -18,6 +18,7 @@ pub mod netboot;
 pub mod probe;
 pub mod reasons;
 pub mod virtual_node;
+pub mod vm_node;
 
 use crate::controller::shared::context::Context;
 use crate::controller::shared::error::{Error, Result};
@@ -191,7 +192,9 @@ async fn reconcile_node(node: Arc<Node>, context: Arc<Context>) -> Result<Action
         }
         Err(error) => return Err(error),
     };
-    if node.spec.virtual_node.is_some() {
+    if walt_crds::is_vm(&node) {
+        vm_node::reconcile(&node, &context, target, status).await
+    } else if node.spec.virtual_node.is_some() {
         virtual_node::reconcile(&node, &context, target, status).await
     } else {
         probe::reconcile_physical(&node, &context, target, status).await

@@ -147,8 +147,9 @@ fn booted_image(
 }
 
 /// Completes `decision` for a device walt network-boots (pure): the verdict on its latest boot,
-/// `bootedImage` from it, and the boot watchdog. `reachable`: the probe reached the node over SSH (a
-/// retry can then reboot it; else the Event asks for a power cycle).
+/// `bootedImage` from it, and the boot watchdog. `reachable`: a retry can restart the node (the
+/// probe reached it over SSH, or it is a VM node, power-cycled: [`super::probe::can_restart`]);
+/// else the Event asks for a power cycle.
 pub fn judge(
     node: &Node,
     decision: &mut Decision,
@@ -285,7 +286,10 @@ fn watch(
         Step::Retry(retry) => {
             boot.retries = retry;
             boot.started_at = Some(Time(now));
-            let what = if reachable {
+            let what = if reachable && walt_crds::is_vm(node) {
+                decision.effects.push(Effect::Reboot);
+                "power-cycling the VM"
+            } else if reachable {
                 decision.effects.push(Effect::Reboot);
                 "rebooting it"
             } else {
@@ -575,6 +579,37 @@ mod tests {
             .map(|c| c.message.clone())
             .unwrap_or_default();
         assert!(message.contains("power-cycle"), "{message}");
+    }
+
+    #[test]
+    fn a_hung_vm_node_is_power_cycled_by_the_watchdog() {
+        let mut vm = node();
+        vm.spec.virtual_node = Some(walt_crds::VirtualNode {
+            kind: walt_crds::VirtualKind::Vm,
+            ..walt_crds::VirtualNode::default()
+        });
+        // It does not answer over SSH, yet the operator can restart it: a power cycle.
+        let restart = super::super::probe::can_restart(&vm, false);
+        assert!(restart);
+        assert!(!super::super::probe::can_restart(&node(), false));
+        let mut d = decision(NodeStatus::default());
+        judge(
+            &vm,
+            &mut d,
+            None,
+            &record("sha256:a", 1000, None),
+            restart,
+            at(1200),
+            Watchdog::default(),
+        );
+        assert!(d.effects.contains(&Effect::Reboot));
+        let message = find_condition(&d.status.conditions, condition_types::BOOTED)
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        assert!(
+            message.contains("power-cycling the VM (retry 1 of 9)"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -80,6 +80,12 @@ async fn observe(
     }))
 }
 
+/// Whether the boot watchdog's retry can restart the node (pure): over SSH when the probe reached
+/// it; a VM node always, by a power cycle (its pod made again), hung or not.
+pub fn can_restart(node: &Node, reached: bool) -> bool {
+    reached || walt_crds::is_vm(node)
+}
+
 /// Probes a physical node, records what it found, reboots it when it must boot another image.
 pub async fn reconcile_physical(
     node: &Node,
@@ -122,7 +128,8 @@ pub async fn reconcile_physical(
             let now = Timestamp::now();
             let mut decision = decide(node, status, target.as_ref(), &probe, now, interval);
             if let Some(seen) = &seen {
-                netboot::judge(node, &mut decision, target.as_ref(), seen, false, now, watchdog);
+                let restart = can_restart(node, false);
+                netboot::judge(node, &mut decision, target.as_ref(), seen, restart, now, watchdog);
             }
             return apply(context, node, None, decision).await;
         }
@@ -139,8 +146,8 @@ pub async fn reconcile_physical(
     let now = Timestamp::now();
     let mut decision = decide(node, status, target.as_ref(), &probe, now, interval);
     if let Some(seen) = &seen {
-        let reached = matches!(probe, Probe::Reached(_));
-        netboot::judge(node, &mut decision, target.as_ref(), seen, reached, now, watchdog);
+        let restart = can_restart(node, matches!(probe, Probe::Reached(_)));
+        netboot::judge(node, &mut decision, target.as_ref(), seen, restart, now, watchdog);
     }
     // The one place the connection ends, whatever the decision.
     let applied = apply(context, node, Some((&client, &ssh_target)), decision).await;
@@ -196,7 +203,7 @@ async fn holder_alive(context: &Context, binding: &DeviceBinding) -> Result<bool
 /// The Device of a physical Node, bound to it now if [`claim`] allows (the binding is written with
 /// the Device's resourceVersion: of two Nodes claiming at once, one wins, the other retries and is
 /// refused); or why the operator must not reach it for this Node.
-async fn claim_device(context: &Context, node: &Node) -> Result<Result<Device, NoRoute>> {
+pub(super) async fn claim_device(context: &Context, node: &Node) -> Result<Result<Device, NoRoute>> {
     let device = node_device(&context.client, node).await?;
     let holder_alive = match device.as_ref().and_then(Device::bound_to) {
         Some(binding) if !binds(binding, node) => holder_alive(context, binding).await?,
@@ -241,7 +248,12 @@ async fn claim_device(context: &Context, node: &Node) -> Result<Result<Device, N
 /// A physical Node the operator does not reach (its Device is missing, not lent to its namespace or
 /// bound to another Node): no connection; `Reachable=False` with the reason and a Warning Event say
 /// why and what to do.
-async fn refuse(context: &Context, node: &Node, mut status: NodeStatus, refused: &NoRoute) -> Result<Action> {
+pub(super) async fn refuse(
+    context: &Context,
+    node: &Node,
+    mut status: NodeStatus,
+    refused: &NoRoute,
+) -> Result<Action> {
     status.device = None;
     status.address = None;
     status.phase = NodePhase::Unreachable;
@@ -280,7 +292,11 @@ async fn apply(
     connection: Option<(&NodeClient, &NodeTarget)>,
     decision: Decision,
 ) -> Result<Action> {
-    if decision.effects.contains(&Effect::Reboot) {
+    if decision.effects.contains(&Effect::Reboot) && walt_crds::is_vm(node) {
+        // A VM node's reboot is a power cycle, whether it answers or not.
+        let runtime = walt_crds::runtime_namespace(&node.namespace().unwrap_or_default());
+        super::vm_node::power_off(context, node, &runtime).await?;
+    } else if decision.effects.contains(&Effect::Reboot) {
         let (client, ssh_target) =
             connection.ok_or_else(|| Error::Ssh("a reboot was decided without a connection".into()))?;
         reboot(client, ssh_target).await?;

@@ -27,6 +27,12 @@ pub const POD_STARTING: &str = "PodStarting";
 pub const POD_NOT_OURS: &str = "PodNotOurs";
 /// Event: a virtual node pod was started.
 pub const BOOTING: &str = "Booting";
+/// `Booted=False` and a Warning Event: the lab runs no VM nodes there (no `--vm-image`, or no
+/// `--vm-network` for the Device's boot network).
+pub const VM_NOT_CONFIGURED: &str = "VmNotConfigured";
+/// `Booted=False` and a Warning Event: the Device of a VM node is not a VM slot (no locally
+/// administered MAC, not firmware ipxe) or the node is not amd64.
+pub const VM_DEVICE_REFUSED: &str = "VmDeviceRefused";
 /// Event: the Node's Device was bound to it (`Device.status.boundTo`).
 pub const DEVICE_BOUND: &str = "DeviceBound";
 /// `Booted=False` and a Warning Event: the tenant's runtime namespace cannot be used (the Node's

@@ -146,19 +146,31 @@ pub fn status_of(
     (status, requeue)
 }
 
-/// The status of a virtual node whose image is in a registry path its namespace may not read (pure).
-pub fn path_forbidden(node: &Node, mut status: NodeStatus, message: String, now: Timestamp) -> NodeStatus {
+/// The status of a virtual node that does not start (pure): pending, `Booted=False` with `reason`
+/// and `message`.
+pub fn pending_because(
+    node: &Node,
+    mut status: NodeStatus,
+    reason: &str,
+    message: String,
+    now: Timestamp,
+) -> NodeStatus {
     status.phase = NodePhase::Pending;
     set_condition_at(
         &mut status.conditions,
         node,
         condition_types::BOOTED,
         ConditionStatus::False,
-        REGISTRY_PATH_FORBIDDEN,
+        reason,
         message,
         now,
     );
     status
+}
+
+/// The status of a virtual node whose image is in a registry path its namespace may not read (pure).
+pub fn path_forbidden(node: &Node, status: NodeStatus, message: String, now: Timestamp) -> NodeStatus {
+    pending_because(node, status, REGISTRY_PATH_FORBIDDEN, message, now)
 }
 
 /// The status of a virtual node whose pod name is taken by a pod it does not own (pure): pending,
@@ -189,37 +201,17 @@ pub fn pod_not_ours(node: &Node, mut status: NodeStatus, now: Timestamp) -> (Nod
 }
 
 /// The status of a virtual node whose runtime namespace cannot be used (pure).
-pub fn runtime_refused(node: &Node, mut status: NodeStatus, message: String, now: Timestamp) -> NodeStatus {
-    status.phase = NodePhase::Pending;
-    set_condition_at(
-        &mut status.conditions,
-        node,
-        condition_types::BOOTED,
-        ConditionStatus::False,
-        reasons::RUNTIME_NAMESPACE_REFUSED,
-        message,
-        now,
-    );
-    status
+pub fn runtime_refused(node: &Node, status: NodeStatus, message: String, now: Timestamp) -> NodeStatus {
+    pending_because(node, status, reasons::RUNTIME_NAMESPACE_REFUSED, message, now)
 }
 
 /// The status of a virtual node whose Image is not resolved yet (pure).
-pub fn waiting_for_image(node: &Node, mut status: NodeStatus, now: Timestamp) -> NodeStatus {
-    status.phase = NodePhase::Pending;
+pub fn waiting_for_image(node: &Node, status: NodeStatus, now: Timestamp) -> NodeStatus {
     let message = format!(
         "image {} is not resolved yet (see its Ready condition); a virtual node needs spec.image",
         node.spec.image.as_deref().unwrap_or("(none)")
     );
-    set_condition_at(
-        &mut status.conditions,
-        node,
-        condition_types::BOOTED,
-        ConditionStatus::False,
-        reasons::IMAGE_NOT_READY,
-        message,
-        now,
-    );
-    status
+    pending_because(node, status, reasons::IMAGE_NOT_READY, message, now)
 }
 
 /// Reconciles a virtual node.
@@ -303,7 +295,7 @@ pub async fn reconcile(
 
 /// Writes the status of a virtual node the operator does not boot, and says why in a Warning Event
 /// the first time (while the conditions stay the same, the Event is not repeated).
-async fn refuse(
+pub(super) async fn refuse(
     context: &Context,
     node: &Node,
     status: &NodeStatus,

@@ -240,7 +240,8 @@ fn unchecked_node_target(
     device: Option<&Device>,
 ) -> Result<NodeTarget, NoRoute> {
     let name = node.name_any();
-    if node.spec.virtual_node.is_some() {
+    // A VM node is reached like a device: at its Device's address, through the lab network.
+    if walt_crds::is_container_node(node) {
         if let Some(pod) = vnode_pod.filter(|pod| !owned_by(&pod.metadata, "Node", node)) {
             return Err(NoRoute::PodNotOurs {
                 node: name,
@@ -306,8 +307,8 @@ pub fn client_config(context: &Context, node: &Node, device: Option<&Device>) ->
     let mut config = ClientConfig::new(key, policy);
     config.connect_timeout = CONNECT_TIMEOUT;
     config.bounds = context.config.args.node_bounds();
-    config.transport = match (&node.spec.virtual_node, &context.config.args.node_proxy_command) {
-        (None, Some(command)) => Transport::ProxyCommand(command.clone()),
+    config.transport = match &context.config.args.node_proxy_command {
+        Some(command) if !walt_crds::is_container_node(node) => Transport::ProxyCommand(command.clone()),
         _ => Transport::Tcp,
     };
     Ok(config)
@@ -329,7 +330,7 @@ pub async fn node_device(client: &Client, node: &Node) -> Result<Option<Device>>
 /// ([`node_target`] reaches it only when the Node owns it, see [`owned_by`], and says so otherwise);
 /// none for a physical node, or while it does not exist.
 pub async fn vnode_pod(client: &Client, node: &Node) -> Result<Option<Pod>> {
-    if node.spec.virtual_node.is_none() {
+    if !walt_crds::is_container_node(node) {
         return Ok(None);
     }
     let namespace = walt_crds::runtime_namespace(&node.namespace().unwrap_or_default());
@@ -577,6 +578,18 @@ mod tests {
             (target.host.as_str(), target.port),
             ("10.244.0.9", VNODE_SSH_PORT)
         );
+    }
+
+    #[test]
+    fn a_vm_node_is_reached_at_its_device_never_at_a_pod() {
+        let mut vm = physical("alice", "n1", "rpi1");
+        vm.spec.virtual_node = Some(VirtualNode {
+            kind: walt_crds::VirtualKind::Vm,
+            ..VirtualNode::default()
+        });
+        let lent = device(Some("alice"), Some(&vm));
+        let target = node_target(&vm, Some(&pod_owned_by("uid-alice-n1")), Some(&lent)).expect("its Device");
+        assert_eq!(target.host, lent.spec.address);
     }
 
     #[test]

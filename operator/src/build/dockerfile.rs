@@ -956,11 +956,11 @@ fn substitute(
             let result = if operation.is_empty() {
                 value.unwrap_or_default()
             } else {
-                let (op, argument) = if operation.starts_with(':') {
-                    operation.split_at(2.min(operation.len()))
-                } else {
-                    operation.split_at(1)
-                };
+                // The operator is one character, or `:` and one: counted in characters (a byte
+                // count split a multi-byte character after `${NAME`: found by fuzzing).
+                let op_chars = if operation.starts_with(':') { 2 } else { 1 };
+                let op_len = operation.chars().take(op_chars).map(char::len_utf8).sum();
+                let (op, argument) = operation.split_at(op_len);
                 let set = value.is_some();
                 let non_empty = value.as_deref().is_some_and(|v| !v.is_empty());
                 match op {
@@ -1293,6 +1293,20 @@ MAINTAINER lab@example.org
             ["a", "\"b c\"", "'d e'", "f\\ g"]
         );
         assert_eq!(split_words("  ", '\\'), Vec::<String>::new());
+    }
+
+    #[test]
+    fn an_operator_that_is_not_ascii_is_refused_not_split() {
+        // Found by fuzzing (`fuzz/regressions/dockerfile/multibyte-after-name`): `${NAME` followed by a
+        // multi-byte character panicked on a byte split inside it.
+        let lookup = vars(&[("A", "1")]);
+        for word in ["${MI\u{fffd}\u{fffd}}", "${A:\u{e9}x}", "${A\u{e9}}"] {
+            assert!(
+                matches!(expand(word, '\\', false, &lookup), Err(ExpandError::Bad(_))),
+                "{word:?}"
+            );
+        }
+        assert_eq!(expand("${A:-\u{e9}}", '\\', false, &lookup), Ok("1".to_owned()));
     }
 
     #[test]

@@ -107,6 +107,11 @@ impl Bench {
     }
 
     fn ssh(&self, tty: bool) -> Command {
+        self.ssh_to(&self.node_address, tty)
+    }
+
+    /// `ssh root@<host>` from the node's network namespace with the node key.
+    fn ssh_to(&self, host: &str, tty: bool) -> Command {
         let mut command = self.in_netns("ssh");
         if tty {
             command.arg("-tt");
@@ -118,7 +123,7 @@ impl Bench {
             "UserKnownHostsFile=/dev/null",
             "-o",
             "LogLevel=ERROR",
-            &format!("root@{}", self.node_address),
+            &format!("root@{host}"),
         ]);
         command
     }
@@ -1021,6 +1026,34 @@ where
         .collect()
 }
 
+/// One phase of the load: `users` started together, then until every Image of `results` (one per
+/// user, in order) is Ready; asserts each user's command succeeded and prints the figures.
+fn load_phase<F>(bench: &Bench, what: &str, users: Vec<F>, results: &[String], kinds: &[&str])
+where
+    F: FnOnce() -> UserRun + Send + 'static,
+{
+    let operators = bench.reset_operators();
+    let before = bench.metrics();
+    let started = Instant::now();
+    let runs = all_at_once(users);
+    let ready = bench.ready_after("image.walt.dev", results, started);
+    let peak = operators
+        .iter()
+        .filter_map(|pid| bench::peak_rss_kib(*pid))
+        .max()
+        .unwrap_or_default();
+    let after = bench.metrics();
+    for (run, result) in runs.iter().zip(results) {
+        assert_eq!(
+            run.code, 0,
+            "{what}: the user making {result} failed:\n{}",
+            run.shown
+        );
+    }
+    let times: Vec<f64> = runs.iter().map(|r| r.took).collect();
+    report(what, &times, ready, peak, &before, &after, kinds);
+}
+
 /// Prints one line of the load figures.
 fn report(
     what: &str,
@@ -1105,28 +1138,11 @@ fn load_of_shells_and_saves() {
             move || shell_and_save(&command, &image, &format!("{image}-was-here"), &save_as)
         })
         .collect();
-    let operators = bench.reset_operators();
-    let before = bench.metrics();
-    let started = Instant::now();
-    let runs = all_at_once(users);
-    let saved = bench.ready_after("image.walt.dev", &saved_shells, started);
-    let peak = operators
-        .iter()
-        .filter_map(|pid| bench::peak_rss_kib(*pid))
-        .max()
-        .unwrap_or_default();
-    let after = bench.metrics();
-    for (run, image) in runs.iter().zip(&shell_images) {
-        assert_eq!(run.code, 0, "kubectl walt image shell {image}:\n{}", run.shown);
-    }
-    let prompts: Vec<f64> = runs.iter().map(|r| r.took).collect();
-    report(
+    load_phase(
+        &bench,
         &format!("{LOAD_SHELLS} image shells at once, to the prompt"),
-        &prompts,
-        saved,
-        peak,
-        &before,
-        &after,
+        users,
+        &saved_shells,
         &["ShellSession", "Image"],
     );
     for (image, save_as) in shell_images.iter().zip(&saved_shells) {
@@ -1151,23 +1167,11 @@ fn load_of_shells_and_saves() {
             "jsonpath={.status.address}",
         ]);
         let host = address.rsplit_once(':').map_or(address.as_str(), |(h, _)| h);
-        let mut write = bench.in_netns("ssh");
-        write
-            .arg("-i")
-            .arg(&bench.node_key)
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "LogLevel=ERROR",
-            ])
-            .arg(format!("root@{host}"))
-            .arg(format!(
-                "mkdir -p /root/load && head -c {} /dev/urandom > /root/load/{node} && sync",
-                LOAD_SAVE_MIB << 20
-            ));
+        let mut write = bench.ssh_to(host, false);
+        write.arg(format!(
+            "mkdir -p /root/load && head -c {} /dev/urandom > /root/load/{node} && sync",
+            LOAD_SAVE_MIB << 20
+        ));
         must(run(&mut write), &format!("writing on {node}"));
     }
     let saved_nodes: Vec<String> = nodes.iter().map(|n| format!("{n}-saved")).collect();
@@ -1176,8 +1180,8 @@ fn load_of_shells_and_saves() {
         .zip(&saved_nodes)
         .map(|(node, target)| {
             let mut command = bench.walt(&["node", "save", node, target]);
-            let started = Instant::now();
             move || {
+                let started = Instant::now();
                 let output = command.output().expect("run kubectl walt node save");
                 UserRun {
                     took: started.elapsed().as_secs_f64(),
@@ -1191,28 +1195,11 @@ fn load_of_shells_and_saves() {
             }
         })
         .collect();
-    let operators = bench.reset_operators();
-    let before = bench.metrics();
-    let started = Instant::now();
-    let runs = all_at_once(users);
-    let saved = bench.ready_after("image.walt.dev", &saved_nodes, started);
-    let peak = operators
-        .iter()
-        .filter_map(|pid| bench::peak_rss_kib(*pid))
-        .max()
-        .unwrap_or_default();
-    let after = bench.metrics();
-    for (run, node) in runs.iter().zip(&nodes) {
-        assert_eq!(run.code, 0, "kubectl walt node save {node}:\n{}", run.shown);
-    }
-    let commands: Vec<f64> = runs.iter().map(|r| r.took).collect();
-    report(
+    load_phase(
+        &bench,
         &format!("{LOAD_SAVES} node saves of {LOAD_SAVE_MIB} MiB at once, the command"),
-        &commands,
-        saved,
-        peak,
-        &before,
-        &after,
+        users,
+        &saved_nodes,
         &["NodeSave", "Node", "Image"],
     );
     for (node, target) in nodes.iter().zip(&saved_nodes) {

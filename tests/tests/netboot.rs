@@ -1067,7 +1067,7 @@ struct OperatorLab {
     scratch: tempfile::TempDir,
     ns: String,
     net: LabNetwork,
-    mac: &'static str,
+    mac: String,
     device: String,
     digest: String,
     digest2: String,
@@ -1116,7 +1116,11 @@ impl OperatorLab {
                 &format!("--from-file=ssh-privatekey={}", node_key.display()),
             ])
             .expect("node key Secret");
-        let mac = "52:54:00:cc:00:01";
+        // One MAC per lab network: the control plane (and its Devices) outlive each test, and the
+        // boot service of a later test serving from the cluster would otherwise meet two Devices with
+        // the MAC and could take the earlier test's (its host key: "HOST KEY MISMATCH", seen when both
+        // VM tests ran in one process).
+        let mac = format!("52:54:00:cc:00:{index:02x}");
         kubectl_stdin(
             cluster,
             &["apply", "-f", "-"],
@@ -1333,7 +1337,7 @@ fn operator_verifies_the_image_a_vm_node_network_booted() {
     let lab = OperatorLab::start(206, "", &[]);
     let set_up = lab.started.elapsed();
     lab.wait_served();
-    let mut vm = VmNode::power_on_rebootable(&lab.net, lab.mac, lab.scratch.path()).expect("power on");
+    let mut vm = VmNode::power_on_rebootable(&lab.net, &lab.mac, lab.scratch.path()).expect("power on");
     let booted = vm
         .wait_console(BOOTED_MARKER, Duration::from_mins(5))
         .unwrap_or_else(|e| panic!("{e}\nboot server: {:?}", lab.server.journal()));
@@ -1491,9 +1495,11 @@ fn operator_powers_a_vm_node_and_power_cycles_it() {
         .unwrap_or_else(|e| panic!("{e}\nboot server: {:?}", lab.server.journal()));
     let console = vm.console();
     assert!(
-        console.contains("walt-operator vm: 52:54:00:cc:00:01 on br0")
-            && console
-                .contains("walt-initrd: mounting 10.123.207.1:/var/lib/walt/nodes/52:54:00:cc:00:01/fs"),
+        console.contains(&format!("walt-operator vm: {} on br0", lab.mac))
+            && console.contains(&format!(
+                "walt-initrd: mounting 10.123.207.1:/var/lib/walt/nodes/{}/fs",
+                lab.mac
+            )),
         "the console holds the runner's line and the boot's (the kernel is `quiet`; its initramfs says what it mounts): {console}"
     );
     let verified = lab.verified_as(&vm, &lab.digest);

@@ -148,19 +148,9 @@ fn main() {
     let namespace = cluster.create_namespace("scale").expect("namespace");
     let keys = tempfile::tempdir().expect("temp dir");
     let key = walt_tests::sshnode::keygen(keys.path(), "node_key");
-    kubectl(
-        &cluster,
-        &[
-            "-n",
-            &namespace,
-            "create",
-            "secret",
-            "generic",
-            "walt-node-key",
-            "--type=kubernetes.io/ssh-auth",
-            &format!("--from-file=ssh-privatekey={}", key.display()),
-        ],
-    );
+    cluster
+        .create_node_key_secret(&namespace, &key)
+        .unwrap_or_else(|error| panic!("the node key Secret in {namespace}: {error}"));
     let registry = walt_tests::registry::Registry::start().expect("start a docker-registry on loopback");
     let layout =
         walt_tests::images::OciLayout::busybox(walt_tests::images::Arch::Amd64).expect("busybox image");

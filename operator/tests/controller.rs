@@ -145,16 +145,7 @@ fn tenant_with_key(cluster: &Cluster, prefix: &str, key: &std::path::Path) -> St
     install_crds(cluster);
     let namespace = cluster.create_namespace(prefix).expect("create namespace");
     cluster
-        .kubectl_output(&[
-            "-n",
-            &namespace,
-            "create",
-            "secret",
-            "generic",
-            "walt-node-key",
-            "--type=kubernetes.io/ssh-auth",
-            &format!("--from-file=ssh-privatekey={}", key.display()),
-        ])
+        .create_node_key_secret(&namespace, key)
         .expect("create the node key Secret");
     namespace
 }
@@ -4807,8 +4798,9 @@ fn network_cut_mid_save_fails_cleanly_and_the_name_stays() {
     let node = walt_tests::sshnode::SshNode::busybox()
         .expect("start an sshd node (needs root, openssh-server, socat, iproute2)");
     let lab = SaveLab::start_with("op-netcut", node, &["--node-stall-timeout", "5s"]);
+    // 512 MiB: on an idle machine a 128 MiB save ended between its first progress and the cut.
     lab.node
-        .run("mkdir -p /srv && head -c 134217728 /dev/urandom > /srv/big")
+        .run("mkdir -p /srv && head -c 536870912 /dev/urandom > /srv/big")
         .expect("write a big file on the node");
     lab.save("cut", "debian", ", overwrite: true");
     lab.wait_progress("nodesave/cut");

@@ -130,19 +130,9 @@ fn tenant(cluster: &Cluster, work: &tempfile::TempDir, prefix: &str) -> String {
         ],
     );
     let key = crate::sshnode::keygen(work.path(), "node_key");
-    kubectl(
-        cluster,
-        &[
-            "-n",
-            &ns,
-            "create",
-            "secret",
-            "generic",
-            "walt-node-key",
-            "--type=kubernetes.io/ssh-auth",
-            &format!("--from-file=ssh-privatekey={}", key.display()),
-        ],
-    );
+    cluster
+        .create_node_key_secret(&ns, &key)
+        .unwrap_or_else(|error| panic!("the node key Secret in {ns}: {error}"));
     ns
 }
 

@@ -1105,16 +1105,7 @@ impl OperatorLab {
             .push("v2", &registry, &format!("lab/{ns}/os2:latest"))
             .expect("push v2");
         cluster
-            .kubectl_output(&[
-                "-n",
-                &ns,
-                "create",
-                "secret",
-                "generic",
-                "walt-node-key",
-                "--type=kubernetes.io/ssh-auth",
-                &format!("--from-file=ssh-privatekey={}", node_key.display()),
-            ])
+            .create_node_key_secret(&ns, &node_key)
             .expect("node key Secret");
         // One MAC per lab network: the control plane (and its Devices) outlive each test, and the
         // boot service of a later test serving from the cluster would otherwise meet two Devices with

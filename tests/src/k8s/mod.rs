@@ -773,6 +773,21 @@ impl Cluster {
         run_kubectl(self.kubectl(), args)
     }
 
+    /// Creates the Secret `walt-node-key` (type `kubernetes.io/ssh-auth`) in `namespace` from the
+    /// private key file `key`: the node key the operator logs in to nodes with.
+    pub fn create_node_key_secret(&self, namespace: &str, key: &std::path::Path) -> Result<String, Error> {
+        self.kubectl_output(&[
+            "-n",
+            namespace,
+            "create",
+            "secret",
+            "generic",
+            "walt-node-key",
+            "--type=kubernetes.io/ssh-auth",
+            &format!("--from-file=ssh-privatekey={}", key.display()),
+        ])
+    }
+
     /// A kube-rs client with admin rights.
     pub async fn client(&self) -> Result<kube::Client, Error> {
         client_from(&self.kubeconfig()).await

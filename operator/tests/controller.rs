@@ -140,6 +140,23 @@ fn tenant(cluster: &Cluster, prefix: &str) -> (String, tempfile::TempDir) {
     (tenant_with_key(cluster, prefix, &key), dir)
 }
 
+/// A tenant ([`tenant`]) whose namespace enforces Pod Security `baseline`, as a lab's tenants' do: walt's
+/// privileged pods must go to its runtime namespace.
+fn tenant_at_baseline(cluster: &Cluster, prefix: &str) -> (String, tempfile::TempDir) {
+    let (namespace, dir) = tenant(cluster, prefix);
+    kubectl(
+        cluster,
+        &namespace,
+        &[
+            "label",
+            "namespace",
+            &namespace,
+            "pod-security.kubernetes.io/enforce=baseline",
+        ],
+    );
+    (namespace, dir)
+}
+
 /// A namespace whose node key Secret holds `key`.
 fn tenant_with_key(cluster: &Cluster, prefix: &str, key: &std::path::Path) -> String {
     install_crds(cluster);
@@ -573,17 +590,7 @@ fn virtual_node_gets_pod_service_claim_and_is_recreated_when_its_image_moves() {
 fn alices_shell_runs_in_her_runtime_namespace_and_goes_with_its_owner() {
     let started = Instant::now();
     let cluster = cluster();
-    let (alice, _dir) = tenant(cluster, "alice-rt");
-    kubectl(
-        cluster,
-        &alice,
-        &[
-            "label",
-            "namespace",
-            &alice,
-            "pod-security.kubernetes.io/enforce=baseline",
-        ],
-    );
+    let (alice, _dir) = tenant_at_baseline(cluster, "alice-rt");
     kubectl(
         cluster,
         &alice,
@@ -4422,17 +4429,7 @@ fn wait_gone(cluster: &Cluster, namespace: &str, object: &str, what: &str, opera
 fn alices_build_runs_in_her_runtime_namespace_and_goes_with_its_owner() {
     let started = Instant::now();
     let cluster = cluster();
-    let (alice, _dir) = tenant(cluster, "alice-bld");
-    kubectl(
-        cluster,
-        &alice,
-        &[
-            "label",
-            "namespace",
-            &alice,
-            "pod-security.kubernetes.io/enforce=baseline",
-        ],
-    );
+    let (alice, _dir) = tenant_at_baseline(cluster, "alice-bld");
     // Someone else's namespace holds the runtime namespace's name before walt makes it.
     let runtime = walt_crds::runtime_namespace(&alice);
     cluster

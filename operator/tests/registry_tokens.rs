@@ -64,10 +64,9 @@ fn client(host: &str, user: &str, password: &str) -> RegistryClient {
     .expect("a registry client")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_namespace_token_reaches_its_own_path_and_pulls_the_catalog_and_nothing_of_bob() {
-    let (key_pem, cert_pem) = token_signing_key().expect("a token signing key");
-    let issuer = Arc::new(
+/// The lab's token issuer as the operator runs it (lab credential, `walt/` prefix, a catalog namespace).
+fn lab_issuer(key_pem: String) -> Arc<TokenIssuer> {
+    Arc::new(
         TokenIssuer::new(IssuerConfig {
             key_pem,
             tenant_secret: b"a tenant secret for the test only".to_vec(),
@@ -79,16 +78,12 @@ async fn a_namespace_token_reaches_its_own_path_and_pulls_the_catalog_and_nothin
             lifetime: Duration::from_mins(5),
         })
         .expect("the issuer accepts a PKCS#8 P-256 key"),
-    );
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let endpoint = serve(
-        "127.0.0.1:0".parse().expect("address"),
-        issuer.clone(),
-        shutdown.clone(),
     )
-    .await
-    .expect("serve the token endpoint on loopback");
-    let registry = tokio::task::spawn_blocking(move || {
+}
+
+/// A Distribution registry whose tokens come from `endpoint` (`GET /token`), signed by `cert_pem`'s key.
+async fn registry_with_tokens_from(endpoint: std::net::SocketAddr, cert_pem: String) -> Registry {
+    tokio::task::spawn_blocking(move || {
         Registry::start_with_token_auth(&TokenAuth {
             realm: format!("http://{endpoint}/token"),
             service: "walt-registry".into(),
@@ -98,7 +93,22 @@ async fn a_namespace_token_reaches_its_own_path_and_pulls_the_catalog_and_nothin
     })
     .await
     .expect("join")
-    .expect("start docker-registry with token auth");
+    .expect("start docker-registry with token auth")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_token_reaches_its_own_path_and_pulls_the_catalog_and_nothing_of_bob() {
+    let (key_pem, cert_pem) = token_signing_key().expect("a token signing key");
+    let issuer = lab_issuer(key_pem);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let endpoint = serve(
+        "127.0.0.1:0".parse().expect("address"),
+        issuer.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .expect("serve the token endpoint on loopback");
+    let registry = registry_with_tokens_from(endpoint, cert_pem).await;
     let host = registry.host();
     let lab = format!("{LAB_USER}:{LAB_PASSWORD}");
     let alice = format!("{TENANT_USER_PREFIX}alice:{}", issuer.tenant_password("alice"));
@@ -251,5 +261,76 @@ async fn a_namespace_token_reaches_its_own_path_and_pulls_the_catalog_and_nothin
     assert_eq!(bob_after, Ok(bob_digest), "bob's tag moved");
     assert_eq!(catalog_after, Ok(catalog_digest), "the catalog's tag moved");
     shutdown.cancel();
+    drop(registry);
+}
+
+/// Issue 17 (found by the load benchmark: after an operator restart every Image went `ResolveFailed`
+/// "unauthorized … check the credentials" for good): when the token service cannot be reached, the
+/// registry client says so, as a transient error (the controllers retry it), instead of sending the
+/// request without a token and reporting the registry's 401 as wrong credentials; once the token
+/// service is back, the same client resolves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_service_away_is_named_and_retried_not_taken_for_wrong_credentials() {
+    let (key_pem, cert_pem) = token_signing_key().expect("a token signing key");
+    let issuer = lab_issuer(key_pem);
+    let first_run = tokio_util::sync::CancellationToken::new();
+    let endpoint = serve(
+        "127.0.0.1:0".parse().expect("address"),
+        issuer.clone(),
+        first_run.clone(),
+    )
+    .await
+    .expect("serve the token endpoint on loopback");
+    let registry = registry_with_tokens_from(endpoint, cert_pem).await;
+    let host = registry.host();
+    let lab = format!("{LAB_USER}:{LAB_PASSWORD}");
+    let reference = format!("{host}/walt/alice/base:1");
+    let pushed_to = reference.clone();
+    let digest = tokio::task::spawn_blocking(move || {
+        let layout = OciLayout::busybox(Arch::Amd64).expect("busybox image");
+        skopeo_push(&layout, &pushed_to, &lab).expect("the lab pushes an image");
+        skopeo_digest(&pushed_to, &lab).expect("its digest")
+    })
+    .await
+    .expect("join");
+
+    // The token service goes away (as while the operator restarts); a client that has no token yet.
+    first_run.cancel();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let alice = client(
+        &host,
+        &format!("{TENANT_USER_PREFIX}alice"),
+        &issuer.tenant_password("alice"),
+    );
+    let error = alice
+        .resolve(&reference, None)
+        .await
+        .expect_err("resolved with no token service");
+    let said = error.to_string();
+    eprintln!("with the token service away: {said}");
+    assert!(
+        said.contains("authenticating") && said.contains(&format!("{endpoint}")),
+        "the error must name the token service that could not be reached: {said}"
+    );
+    assert!(
+        !said.contains("check the credentials"),
+        "a token service away is not a credential problem: {said}"
+    );
+    assert!(
+        error.is_transient(),
+        "must be retried, not failed for good: {said}"
+    );
+
+    // Back on the same address: the same client resolves.
+    let second_run = tokio_util::sync::CancellationToken::new();
+    serve(endpoint, issuer.clone(), second_run.clone())
+        .await
+        .expect("serve the token endpoint again on the same address");
+    let resolved = alice
+        .resolve(&reference, None)
+        .await
+        .expect("resolves once the token service is back");
+    assert_eq!(resolved.digest, digest);
+    second_run.cancel();
     drop(registry);
 }

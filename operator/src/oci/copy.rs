@@ -113,10 +113,13 @@ impl RegistryClient {
         );
         let auth = self.auth_for(repository);
         let (bytes, _) = self
-            .inner
-            .pull_manifest_raw(&by_digest, &auth, MANIFEST_TYPES)
-            .await
-            .map_err(|e| self.error(repository, format!("fetching manifest {digest} {action}"), &e))?;
+            .authorized(
+                repository,
+                RegistryOperation::Pull,
+                &format!("fetching manifest {digest} {action}"),
+                || self.inner.pull_manifest_raw(&by_digest, &auth, MANIFEST_TYPES),
+            )
+            .await?;
         let actual = sha256_digest(&bytes);
         if actual != digest {
             return Err(Error::DigestMismatch {

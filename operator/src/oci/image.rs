@@ -583,10 +583,13 @@ impl RegistryClient {
         let wanted = platform.cloned().unwrap_or_else(Platform::host);
         let shown = parsed.whole();
         let (bytes, digest) = self
-            .inner
-            .pull_manifest_raw(&parsed, &auth, MANIFEST_TYPES)
-            .await
-            .map_err(|e| self.error(&parsed, format!("fetching manifest {shown}"), &e))?;
+            .authorized(
+                &parsed,
+                RegistryOperation::Pull,
+                &format!("fetching manifest {shown}"),
+                || self.inner.pull_manifest_raw(&parsed, &auth, MANIFEST_TYPES),
+            )
+            .await?;
         let actual = sha256_digest(&bytes);
         if let Some(expected) = parsed.digest()
             && expected != actual
@@ -615,16 +618,13 @@ impl RegistryClient {
                 child_digest.clone(),
             );
             let (child, _) = self
-                .inner
-                .pull_manifest_raw(&image_ref, &auth, MANIFEST_TYPES)
-                .await
-                .map_err(|e| {
-                    self.error(
-                        &parsed,
-                        format!("fetching manifest {child_digest} for {wanted}"),
-                        &e,
-                    )
-                })?;
+                .authorized(
+                    &parsed,
+                    RegistryOperation::Pull,
+                    &format!("fetching manifest {child_digest} for {wanted}"),
+                    || self.inner.pull_manifest_raw(&image_ref, &auth, MANIFEST_TYPES),
+                )
+                .await?;
             let actual = sha256_digest(&child);
             if actual != child_digest {
                 return Err(Error::DigestMismatch {
@@ -642,11 +642,19 @@ impl RegistryClient {
             manifest_digest = child_digest;
         }
         let (config_desc, layers) = image_manifest_parts(&manifest, &shown)?;
-        let mut config_bytes = Vec::new();
-        self.inner
-            .pull_blob(&image_ref, &config_desc.to_oci(), &mut config_bytes)
-            .await
-            .map_err(|e| self.error(&parsed, format!("fetching config {}", config_desc.digest), &e))?;
+        let config_oci = config_desc.to_oci();
+        let config_bytes = self
+            .authorized(
+                &parsed,
+                RegistryOperation::Pull,
+                &format!("fetching config {}", config_desc.digest),
+                || async {
+                    let mut bytes = Vec::new();
+                    self.inner.pull_blob(&image_ref, &config_oci, &mut bytes).await?;
+                    Ok(bytes)
+                },
+            )
+            .await?;
         let actual = sha256_digest(&config_bytes);
         if actual != config_desc.digest {
             return Err(Error::DigestMismatch {
@@ -682,11 +690,15 @@ impl RegistryClient {
         consume: impl FnOnce(&mut (dyn Read + Send)) -> Result<T, Error> + Send + 'static,
     ) -> Result<T, Error> {
         let reference = image.repository_reference();
+        let layer_oci = layer.to_oci();
         let mut stream = self
-            .inner
-            .pull_blob_stream(&reference, &layer.to_oci())
-            .await
-            .map_err(|e| self.error(&reference, format!("fetching layer {}", layer.digest), &e))?;
+            .authorized(
+                &reference,
+                RegistryOperation::Pull,
+                &format!("fetching layer {}", layer.digest),
+                || self.inner.pull_blob_stream(&reference, &layer_oci),
+            )
+            .await?;
         let (sender, receiver) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
         let feeder = async move {
             while let Some(chunk) = stream.stream.next().await {
@@ -873,11 +885,15 @@ impl RegistryClient {
                 }
             }
         }
+        let layer_oci = layer.to_oci();
         let stream = self
-            .inner
-            .pull_blob_stream(&source, &layer.to_oci())
-            .await
-            .map_err(|e| self.error(&source, format!("fetching blob {} to copy it", layer.digest), &e))?;
+            .authorized(
+                &source,
+                RegistryOperation::Pull,
+                &format!("fetching blob {} to copy it", layer.digest),
+                || self.inner.pull_blob_stream(&source, &layer_oci),
+            )
+            .await?;
         let body = stream
             .stream
             .map(|chunk| chunk.map_err(oci_client::errors::OciDistributionError::from));

@@ -335,6 +335,33 @@ impl RegistryClient {
         self.credentials.for_host(reference.resolve_registry())
     }
 
+    /// Runs `request` (an oci-client call on `reference`), and when the registry answers 401, authenticates
+    /// explicitly and runs it once more. oci-client fetches a bearer token by itself before a request, but
+    /// when that fetch fails (the token service unreachable, restarting, or overloaded) it says nothing and
+    /// sends the request without a token: the registry's 401 then reads as "check the credentials", a
+    /// permanent failure, while the cause was a token service away for a moment. [`Self::login`] reports
+    /// the token service's own answer (a connection refused is transient and retried; a refused password
+    /// is not), and a token it gets is cached for the retry. `action` says what was being done.
+    pub(crate) async fn authorized<T, F, Fut>(
+        &self,
+        reference: &Reference,
+        operation: RegistryOperation,
+        action: &str,
+        request: F,
+    ) -> Result<T, Error>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, OciDistributionError>>,
+    {
+        match request().await {
+            Err(OciDistributionError::UnauthorizedError { .. }) => {
+                self.login(reference, operation).await?;
+                request().await.map_err(|e| self.error(reference, action, &e))
+            }
+            answered => answered.map_err(|e| self.error(reference, action, &e)),
+        }
+    }
+
     /// Authenticates for an operation on a repository (fetches a bearer token when the registry wants one).
     pub(crate) async fn login(
         &self,

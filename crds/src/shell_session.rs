@@ -200,6 +200,13 @@ pub struct ShellSessionStatus {
     /// Whether the image shell runs through qemu-user (the image's CPU differs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub emulated: Option<bool>,
+    /// The cluster node the image shell's pod runs on. The changes live in that node's walt cache: a
+    /// shell pod that is lost (evicted, deleted, killed) is made again there, and continues on them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_node: Option<String>,
+    /// How many times the image shell's pod was lost and made again on the same changes (at most 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_restarts: Option<u32>,
     /// How to reach a node shell through the gateway.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<Gateway>,

@@ -173,8 +173,17 @@ async fn attach_until_the_shell_ends(ctx: &Ctx, created: &Created, pod: &session
     let mut detached_since = std::time::Instant::now();
     let mut running_checks = 0;
     let mut said_lost = false;
+    let mut said_restart = None;
     loop {
         let session = created.get(ctx).await.ok();
+        // The operator makes a lost shell pod again on the kept changes: say so once per restart
+        // (what ran in the old shell is gone, the files are not).
+        if let Some(restart) = session.as_ref().and_then(pod_restart)
+            && said_restart.as_ref() != Some(&restart)
+        {
+            eprintln!("walt: {}", restart.1);
+            said_restart = Some(restart);
+        }
         let shell = match &session {
             Some(session) if session::running(session) => shell_container(ctx, pod).await,
             _ => ShellContainer::Unknown,
@@ -221,6 +230,13 @@ async fn attach_until_the_shell_ends(ctx: &Ctx, created: &Created, pod: &session
         }
         crate::cluster::tick().await;
     }
+}
+
+/// The session's shell pod restart in progress, if any (pure): how many so far and the operator's words.
+fn pod_restart(session: &walt_crds::ShellSession) -> Option<(u32, String)> {
+    let status = session.status.as_ref()?;
+    let ready = walt_crds::find_condition(&status.conditions, walt_crds::condition_types::READY)?;
+    (ready.reason == "ShellPodLost").then(|| (status.pod_restarts.unwrap_or(0), ready.message.clone()))
 }
 
 /// How long an attachment must have held to count as a connection (not a failed attempt).
@@ -472,6 +488,31 @@ mod tests {
                 AfterAttachment::ShellEnded
             );
         }
+    }
+
+    #[test]
+    fn a_shell_pod_made_again_is_said_with_the_operators_words() {
+        let mut session = walt_crds::ShellSession::new("s1", walt_crds::ShellSessionSpec::default());
+        assert_eq!(pod_restart(&session), None);
+        session.status = Some(walt_crds::ShellSessionStatus {
+            phase: walt_crds::ShellSessionPhase::Running,
+            pod_restarts: Some(1),
+            conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                type_: "Ready".into(),
+                status: "False".into(),
+                reason: "ShellPodLost".into(),
+                message: "the shell pod was evicted: a new shell pod continues".into(),
+                last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+                ),
+                observed_generation: None,
+            }],
+            ..walt_crds::ShellSessionStatus::default()
+        });
+        assert_eq!(
+            pod_restart(&session),
+            Some((1, "the shell pod was evicted: a new shell pod continues".into()))
+        );
     }
 
     #[test]

@@ -259,6 +259,34 @@ fn image_shells_on_the_cluster_tier() {
     );
     pty.send("echo still-$(cat /etc/walt-shell)\n");
     pty.expect_within("still-shell-was-here", Duration::from_mins(1));
+    // The shell pod is evicted (the Eviction API, as `kubectl drain` does): the changes are kept in
+    // the cluster node's walt cache; the operator makes the pod again there, the plugin says so and
+    // attaches to it, and the new shell finds the changes (the deletion too).
+    let (pod, cluster_node) = shell_pod_and_node(cluster, ns);
+    let evicted = Instant::now();
+    evict(cluster, &walt_crds::runtime_namespace(ns), &pod, work.path());
+    pty.expect_within(
+        "a new shell pod continues on the changes kept",
+        Duration::from_mins(2),
+    );
+    pty.expect_within("attached again to your shell", Duration::from_mins(3));
+    eprintln!(
+        "the image shell was attached again {:.1} s after its pod was evicted",
+        evicted.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        shell_pod_and_node(cluster, ns).1,
+        cluster_node,
+        "the new pod runs where the changes are"
+    );
+    assert_eq!(
+        jsonpath(cluster, ns, "shellsessions", "{.items[0].status.podRestarts}"),
+        "1"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    pty.send("echo kept-$(cat /etc/walt-shell); ls /etc/motd || echo motd-still-gone\n");
+    pty.expect_within("kept-shell-was-here", Duration::from_mins(1));
+    pty.expect_within("motd-still-gone", Duration::from_mins(1));
     pty.send("exit\n");
     pty.expect_within("Your changes: ", Duration::from_mins(2));
     pty.expect("Save as a new image, or press Enter to overwrite demo:");
@@ -338,8 +366,8 @@ fn image_shells_on_the_cluster_tier() {
         "overwritten\n"
     );
 
-    // 4. The operator alone: a pod deleted under a running session fails it, saying so; deleting
-    //    the session leaves nothing (its finalizer deletes the pod first).
+    // 4. The operator alone: a pod deleted under a running session is made again on the same changes,
+    //    saying why; deleting the session leaves nothing (its finalizer deletes the pod first).
     apply(
         cluster,
         ns,
@@ -373,17 +401,46 @@ fn image_shells_on_the_cluster_tier() {
         cluster,
         ns,
         "shellsession/lost",
-        "{.status.phase}",
-        "Failed",
+        "{.status.podRestarts}",
+        "1",
         operator,
     );
-    let why = jsonpath(
+    wait_jsonpath(
         cluster,
         ns,
         "shellsession/lost",
-        "{.status.conditions[?(@.type==\"Complete\")].message}",
+        "{.status.conditions[?(@.type==\"Ready\")].status}",
+        "True",
+        operator,
     );
-    assert!(why.contains("shell pod"), "{why}");
+    let said = jsonpath(
+        cluster,
+        ns,
+        "shellsession/lost",
+        "{.status.phase} {.status.conditions[?(@.type==\"Ready\")].message}",
+    );
+    assert!(
+        said.starts_with("Running on the changes kept from the lost pod"),
+        "{said}"
+    );
+    let events = kubectl(
+        cluster,
+        &[
+            "-n",
+            ns,
+            "get",
+            "events",
+            "--field-selector",
+            "reason=ShellPodLost",
+            "-o",
+            "name",
+        ],
+    );
+    assert!(!events.is_empty(), "the loss is an Event of the session");
+    kubectl(
+        cluster,
+        &["-n", ns, "delete", "shellsession/lost", "--timeout=120s"],
+    );
     apply(
         cluster,
         ns,
@@ -480,6 +537,32 @@ fn image_shells_on_the_cluster_tier() {
     wait_until("the copy sessions' pods are deleted", || {
         pods_of_sessions(cluster, ns).is_empty()
     });
+}
+
+/// Evicts pod `pod` of namespace `ns` through the Eviction API (what `kubectl drain` and the
+/// kubelet's API-initiated evictions use: the pod is deleted gracefully, its runtime gets SIGTERM).
+fn evict(cluster: &Cluster, ns: &str, pod: &str, dir: &Path) {
+    let body = dir.join("eviction.json");
+    std::fs::write(
+        &body,
+        serde_json::json!({
+            "apiVersion": "policy/v1",
+            "kind": "Eviction",
+            "metadata": {"name": pod, "namespace": ns},
+        })
+        .to_string(),
+    )
+    .expect("write the eviction");
+    kubectl(
+        cluster,
+        &[
+            "create",
+            "--raw",
+            &format!("/api/v1/namespaces/{ns}/pods/{pod}/eviction"),
+            "-f",
+            &body.display().to_string(),
+        ],
+    );
 }
 
 /// The shell pod of the one session of tenant namespace `ns`, and the cluster node it runs on.

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::changes::ChangeSummary;
 use super::image::{self, RegistryAccess};
+use super::kept::{self, KeptSession};
 use super::root::{self, Network};
 use super::session::{self, ModeChoice, ShellRequest};
 
@@ -57,6 +58,12 @@ pub struct Args {
     /// Seconds the shutdown script, then init, may take before being killed.
     #[arg(long, default_value_t = 30)]
     pub shutdown_timeout: u64,
+    /// Keep the changes in the cache as session ID (a shell pod passes its session's uid): when this
+    /// process is stopped (SIGTERM: the pod evicted or deleted) or killed, the changes stay in
+    /// `<cache>/sessions/kept-ID` and the next run with the same ID continues on them; nothing is
+    /// committed on a stop. Kept changes no run took for an hour are removed.
+    #[arg(long, value_name = "ID")]
+    pub keep_changes_as: Option<String>,
 }
 
 /// `--network` values.
@@ -98,12 +105,29 @@ pub struct ShellResult {
     /// The privileges the shell ran with: capability bounding set, effective set,
     /// `no_new_privs` (see [`super::privileges`]).
     pub privileges: Option<super::privileges::Bounds>,
+    /// The shell was stopped with `--keep-changes-as`: nothing was committed, the changes are kept
+    /// for the session's next shell pod.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub kept: bool,
 }
 
 /// Runs `walt-operator shell …`.
 pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>> {
-    let session_dir = new_session_dir(&args.cache_dir)?;
-    let guard = RemoveOnDrop(session_dir.clone());
+    let kept = args
+        .keep_changes_as
+        .as_deref()
+        .map(|id| KeptSession::open(&args.cache_dir, id, kept::TAKEOVER_WAIT))
+        .transpose()?;
+    let session_dir = match &kept {
+        Some(kept) => kept.dir.clone(),
+        None => new_session_dir(&args.cache_dir)?,
+    };
+    let mut guard = RemoveOnDrop(session_dir.clone());
+    if kept.as_ref().is_some_and(|kept| kept.resumed) {
+        println!(
+            "walt: continuing on the changes this session's earlier shell pod left (it was stopped or lost)\r"
+        );
+    }
     let access = RegistryAccess {
         insecure_registries: args.insecure_registry.clone(),
         auth_file: args.registry_auth_file.clone(),
@@ -150,10 +174,19 @@ pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>>
         mode: outcome.mode,
         exit_code: outcome.exit_code,
         privileges: outcome.bounds.clone(),
+        kept: false,
     };
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "\r\nChanges: {}", outcome.summary)?;
-    if let (Some(target), Some(pulled)) = (&args.commit_to, &pulled) {
+    result.kept = kept.is_some() && outcome.hung_up;
+    if result.kept {
+        // Stopped, not ended by the user: the session's next shell pod continues on the changes.
+        writeln!(
+            stdout,
+            "walt: this shell pod is being stopped; the changes stay on this cluster node for the session's next shell pod"
+        )?;
+        guard.keep();
+    } else if let (Some(target), Some(pulled)) = (&args.commit_to, &pulled) {
         writeln!(stdout, "Committing to {target}...")?;
         stdout.flush()?;
         let committed = image::commit(pulled, &outcome.upper_dir, target, &access)?;
@@ -203,11 +236,20 @@ fn remove_stale_sessions(sessions: &std::path::Path) {
     }
 }
 
-/// Removes the session directory (upper dir included) when the command ends.
+/// Removes the session directory (upper dir included) when the command ends, unless kept.
 pub(crate) struct RemoveOnDrop(pub(crate) PathBuf);
+
+impl RemoveOnDrop {
+    /// Leaves the directory where it is.
+    pub(crate) fn keep(&mut self) {
+        self.0 = PathBuf::new();
+    }
+}
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if !self.0.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }

@@ -10,6 +10,7 @@
 //! - [`terminal`]: raw mode and the PTY relay.
 //! - [`changes`]: the change summary of an upper dir.
 //! - [`image`]: pull through the layer cache, commit through the OCI engine.
+//! - [`kept`]: a session's changes kept on the cluster node across shell pods (eviction).
 //! - [`privileges`]: the bounded capability set, `no_new_privs` and the seccomp
 //!   filter of the image's processes.
 //! - [`seccomp`]: that filter's deny-list and its BPF program.
@@ -22,6 +23,7 @@ pub mod changes;
 pub mod cli;
 pub mod emulation;
 pub mod image;
+pub mod kept;
 pub mod node;
 pub mod privileges;
 pub mod root;

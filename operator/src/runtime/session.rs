@@ -139,6 +139,8 @@ pub struct ShellOutcome {
     pub user_xattr: bool,
     /// The privileges the shell ran with (read from its `/proc/PID/status` once started).
     pub bounds: Option<privileges::Bounds>,
+    /// The shell was hung up because the runtime was told to stop (see [`terminal::RelayEnd::hung_up`]).
+    pub hung_up: bool,
 }
 
 /// What the checks found out about an image before it is opened.
@@ -324,6 +326,7 @@ pub fn run(request: &ShellRequest, inspection: &Inspection) -> Result<ShellOutco
         upper_dir: spec.upper_dir.clone(),
         user_xattr: spec.user_xattr,
         bounds,
+        hung_up: end.hung_up,
     })
 }
 

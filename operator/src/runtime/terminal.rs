@@ -89,6 +89,9 @@ pub struct RelayEnd {
     pub shell_code: i32,
     /// PID 1's status, when it ended (and was reaped) during the relay.
     pub init_status: Option<WaitStatus>,
+    /// The shell was hung up by a termination signal to the runtime (`SIGTERM`, `SIGHUP`, `SIGQUIT`):
+    /// the pod is being stopped (evicted, deleted, its node drained), not ended by the user.
+    pub hung_up: bool,
 }
 
 /// Relays between the caller's stdin/stdout and the shell's PTY `master`
@@ -202,6 +205,7 @@ pub fn relay(
                     Ok(_) => {
                         // SIGTERM, SIGHUP, SIGQUIT: hang up the shell, as a
                         // closed terminal would; cleanup follows its exit.
+                        end.hung_up = true;
                         let _ = kill(shell, Signal::SIGHUP);
                         let _ = kill(shell, Signal::SIGCONT);
                     }

@@ -25,12 +25,16 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use serde::Deserialize;
 use walt_crds::runtime::OWNER_NAME_LABEL;
-use walt_crds::{Changes, ImageShellMode, ShellMode, ShellSession, ShellSessionPhase, runtime_namespace};
+use walt_crds::{
+    Changes, ImageShellMode, ShellMode, ShellSession, ShellSessionPhase, ShellSessionStatus,
+    runtime_namespace,
+};
 
+use super::{READY, reasons};
 use crate::controller::config::LayerCache;
 pub use crate::controller::shared::pods::CACHE_DIR;
 pub use crate::controller::shared::pods::runtimes_support_user_namespaces;
-use crate::controller::shared::pods::{RuntimePod, prefer_architecture, runtime_pod};
+use crate::controller::shared::pods::{RuntimePod, pinned_to, prefer_architecture, runtime_pod};
 use crate::controller::shared::runtime::owner_labels;
 
 /// Label naming the ShellSession a pod belongs to.
@@ -68,6 +72,8 @@ pub struct ShellPodInputs<'a> {
     pub registry_credentials: bool,
     /// The image's CPU (its platform), when known: the pod prefers cluster nodes of that CPU.
     pub image_architecture: Option<&'a str>,
+    /// The cluster node the pod must run on: a pod made again after a loss goes where the changes are.
+    pub cluster_node: Option<&'a str>,
 }
 
 /// Builds the shell pod of an image shell (pure): walt's runtime pod ([`runtime_pod`]) running
@@ -93,6 +99,11 @@ pub fn build_shell_pod(session: &ShellSession, inputs: &ShellPodInputs<'_>) -> P
     if let Some(host) = inputs.insecure_registry {
         args.extend(["--insecure-registry".to_owned(), host.to_owned()]);
     }
+    // A cache on the cluster node outlives the pod: the changes are kept there under the session's
+    // uid, for a pod made again after this one is lost.
+    if let (LayerCache::HostPath(_), Some(uid)) = (inputs.cache, session.uid()) {
+        args.extend(["--keep-changes-as".to_owned(), uid]);
+    }
     // In the tenant's runtime namespace, with the session's owner labels (owner references cannot
     // cross namespaces).
     let mut labels = owner_labels("ShellSession", session);
@@ -109,7 +120,10 @@ pub fn build_shell_pod(session: &ShellSession, inputs: &ShellPodInputs<'_>) -> P
         user_namespaces: inputs.user_namespaces,
         cache: inputs.cache,
         registry_credentials: inputs.registry_credentials,
-        affinity: prefer_architecture(inputs.image_architecture),
+        affinity: match inputs.cluster_node {
+            Some(node) => Some(pinned_to(node)),
+            None => prefer_architecture(inputs.image_architecture),
+        },
     })
 }
 
@@ -135,6 +149,10 @@ pub struct ShellOutcome {
     /// Exit code of the user's shell.
     #[serde(default)]
     pub exit_code: i32,
+    /// The runtime was stopped (the pod evicted or deleted) and kept the changes on the cluster node
+    /// for the session's next shell pod (`--keep-changes-as`): nothing was committed.
+    #[serde(default)]
+    pub kept: bool,
 }
 
 impl ShellOutcome {
@@ -159,7 +177,14 @@ pub enum PodEnd {
     Finished(ShellOutcome),
     /// The pod failed without a usable result: why.
     Failed(String),
+    /// The pod was stopped or killed under the shell (evicted, deleted, out of memory), not ended by
+    /// the user nor failed by the runtime: why. The changes may be kept (see [`recover_lost_pod`]).
+    Lost(String),
 }
+
+/// Exit code of a process killed by `SIGKILL` (an out-of-memory kill, a container stopped past its
+/// grace period).
+const KILLED: i32 = 128 + 9;
 
 /// Reads a shell pod's state (pure).
 pub fn pod_end(pod: &Pod) -> PodEnd {
@@ -175,7 +200,14 @@ pub fn pod_end(pod: &Pod) -> PodEnd {
             .rev()
             .find(|line| line.trim_start().starts_with('{'));
         return match last_line.map(serde_json::from_str::<ShellOutcome>) {
+            Some(Ok(outcome)) if outcome.kept => {
+                PodEnd::Lost("the shell pod was stopped (evicted or deleted)".into())
+            }
             Some(Ok(outcome)) => PodEnd::Finished(outcome),
+            _ if terminated.exit_code == KILLED => PodEnd::Lost(format!(
+                "the shell pod was killed ({})",
+                terminated.reason.clone().unwrap_or_else(|| "SIGKILL".into())
+            )),
             _ => PodEnd::Failed(format!(
                 "the shell pod ended (exit code {}, reason {}) without a result{}",
                 terminated.exit_code,
@@ -209,6 +241,11 @@ pub fn pod_end(pod: &Pod) -> PodEnd {
     }
     match status.phase.as_deref() {
         Some("Running") => PodEnd::Running,
+        // The kubelet evicts a pod under node pressure and keeps it, failed, with this reason.
+        Some("Failed") if status.reason.as_deref() == Some("Evicted") => PodEnd::Lost(format!(
+            "the shell pod was evicted: {}",
+            status.message.unwrap_or_default()
+        )),
         Some("Failed") => PodEnd::Failed(format!(
             "the shell pod failed: {}",
             status
@@ -242,6 +279,16 @@ pub enum Step {
     NothingChanged(ShellOutcome),
     /// The pod failed: Failed with this message, delete the pod.
     Fail(String),
+    /// The pod was lost under a running shell (evicted, deleted, killed): why
+    /// ([`recover_lost_pod`] decides what follows).
+    Lost(String),
+    /// Make the shell pod again on `cluster_node`, where the changes are kept, after losing it (why).
+    RestartPod {
+        /// The cluster node whose walt cache holds the changes.
+        cluster_node: String,
+        /// What happened to the pod before.
+        why: String,
+    },
     /// Save the pushed digest as this image name.
     Save(String),
     /// The user decided to save as `image`, which another shell or save holds: wait for it.
@@ -268,6 +315,34 @@ pub fn wait_for_save_target(step: Step, save_as_holder: Option<&str>) -> Step {
             holder: holder.to_owned(),
         },
         (step, _) => step,
+    }
+}
+
+/// How many times a session's shell pod is made again after being lost.
+pub const MAX_POD_RESTARTS: u32 = 3;
+
+/// What follows a shell pod lost under a running shell (pure): made again on the cluster node that
+/// keeps the changes, when the layer cache (where they are) outlives pods, the node is known and
+/// fewer than [`MAX_POD_RESTARTS`] were made; else `Failed`, saying what happened to the changes.
+pub fn recover_lost_pod(step: Step, status: &ShellSessionStatus, changes_outlive_pods: bool) -> Step {
+    let Step::Lost(why) = step else {
+        return step;
+    };
+    let restarts = status.pod_restarts.unwrap_or(0);
+    match &status.cluster_node {
+        Some(node) if changes_outlive_pods && restarts < MAX_POD_RESTARTS => Step::RestartPod {
+            cluster_node: node.clone(),
+            why,
+        },
+        Some(node) if changes_outlive_pods => Step::Fail(format!(
+            "{why}, after {restarts} restarts: the session gives up; its changes stay in the walt cache of cluster node {node} for an hour, not saved"
+        )),
+        _ if changes_outlive_pods => Step::Fail(format!(
+            "{why} before it ran anywhere known: the changes could not be found again"
+        )),
+        _ => Step::Fail(format!(
+            "{why}: the changes were in the pod's own layer cache (emptyDir, the operator's --shell-cache) and went with it"
+        )),
     }
 }
 
@@ -328,20 +403,30 @@ pub fn next_step(
                 },
                 None => Step::CreatePod,
             },
-            // The pod vanished under a running session (node lost, deleted by hand).
-            _ => Step::Fail("the shell pod disappeared before reporting a result".into()),
+            // The pod vanished under a running session (evicted, deleted, its node drained or lost).
+            _ => Step::Lost("the shell pod disappeared before reporting a result".into()),
         },
         Some(pod) => match pod_end(pod) {
             PodEnd::Starting => Step::Wait { recheck: until_ttl },
-            PodEnd::Running if status.phase == ShellSessionPhase::Running => {
+            // A pod made again after a loss reports Running once more (its Ready condition says so).
+            PodEnd::Running if status.phase == ShellSessionPhase::Running && !restarting(&status) => {
                 Step::Wait { recheck: until_ttl }
             }
             PodEnd::Running => Step::MarkRunning,
             PodEnd::Finished(outcome) if outcome.digest.is_none() => Step::NothingChanged(outcome),
             PodEnd::Finished(outcome) => Step::Record(outcome),
             PodEnd::Failed(message) => Step::Fail(message),
+            PodEnd::Lost(message) => Step::Lost(message),
         },
     }
+}
+
+/// Whether the session's shell pod is being made again after a loss (pure): its Ready condition.
+fn restarting(status: &ShellSessionStatus) -> bool {
+    status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == READY && c.reason == reasons::SHELL_POD_LOST)
 }
 
 /// What a user is told when an image shell starts (pure): whether it runs emulated and which shell it is.
@@ -478,6 +563,7 @@ mod tests {
             cache,
             registry_credentials: false,
             image_architecture: Some("arm64"),
+            cluster_node: None,
         }
     }
 
@@ -531,13 +617,30 @@ mod tests {
         assert_eq!(
             container.args.clone().expect("args").join(" "),
             "shell --image reg.lab/alice/debian@sha256:abc --mode auto --commit-to \
-             reg.lab/alice/debian:shell-0a1b2c3d4e5f --cache-dir /var/cache/walt"
+             reg.lab/alice/debian:shell-0a1b2c3d4e5f --cache-dir /var/cache/walt \
+             --keep-changes-as 0a1b2c3d-4e5f-6789-abcd-ef0123456789"
         );
         let volume = &spec.volumes.expect("volumes")[0];
         assert_eq!(
             volume.host_path.clone().expect("hostPath").path,
             "/var/lib/walt/cache"
         );
+    }
+
+    #[test]
+    fn a_pod_made_again_goes_to_the_node_that_keeps_the_changes() {
+        let cache = LayerCache::HostPath("/var/lib/walt/cache".into());
+        let mut again = inputs(&cache, true);
+        again.cluster_node = Some("worker-1");
+        let spec = build_shell_pod(&session(), &again).spec.expect("spec");
+        assert_eq!(spec.affinity, Some(pinned_to("worker-1")));
+        // With an emptyDir cache nothing outlives the pod: no changes are kept.
+        let cache = LayerCache::EmptyDir;
+        let spec = build_shell_pod(&session(), &inputs(&cache, true))
+            .spec
+            .expect("spec");
+        let args = spec.containers[0].args.clone().expect("args");
+        assert!(!args.contains(&"--keep-changes-as".to_owned()), "{args:?}");
     }
 
     #[test]
@@ -629,13 +732,87 @@ mod tests {
         ));
         assert!(matches!(
             next_step(&s, None, None, HOUR, HOUR, now),
-            Step::Fail(_)
+            Step::Lost(_)
         ));
         // Past the ttl.
         assert!(matches!(
             next_step(&s, Some(&running), None, HOUR, HOUR, at(1_000 + 3_600)),
             Step::Expire(_)
         ));
+    }
+
+    #[test]
+    fn a_pod_stopped_killed_or_evicted_under_the_shell_is_lost_not_failed() {
+        let kept = terminated(
+            r#"{"digest":null,"mode":"basic","exitCode":129,"kept":true}"#,
+            129,
+        );
+        assert!(matches!(pod_end(&kept), PodEnd::Lost(why) if why.contains("stopped")));
+        let killed = terminated("", 137);
+        assert!(matches!(pod_end(&killed), PodEnd::Lost(why) if why.contains("killed")));
+        let evicted = pod_with(serde_json::json!({"phase": "Failed", "reason": "Evicted",
+            "message": "The node was low on resource: ephemeral-storage."}));
+        assert!(
+            matches!(pod_end(&evicted), PodEnd::Lost(why) if why.contains("evicted") && why.contains("ephemeral"))
+        );
+        // A runtime that failed by itself (its own words, its own exit code) is not a loss.
+        let failed = terminated("walt-operator: registry unreachable", 1);
+        assert!(matches!(pod_end(&failed), PodEnd::Failed(_)));
+    }
+
+    #[test]
+    fn a_lost_pod_is_made_again_where_the_changes_are_until_the_limit() {
+        let lost = || Step::Lost("the shell pod was evicted".into());
+        let mut status = ShellSessionStatus {
+            phase: ShellSessionPhase::Running,
+            cluster_node: Some("worker-1".into()),
+            ..ShellSessionStatus::default()
+        };
+        assert_eq!(
+            recover_lost_pod(lost(), &status, true),
+            Step::RestartPod {
+                cluster_node: "worker-1".into(),
+                why: "the shell pod was evicted".into()
+            }
+        );
+        let Step::Fail(why) = recover_lost_pod(lost(), &status, false) else {
+            panic!("an emptyDir cache cannot give the changes back")
+        };
+        assert!(why.contains("emptyDir") && why.contains("went with it"), "{why}");
+        status.pod_restarts = Some(MAX_POD_RESTARTS);
+        let Step::Fail(why) = recover_lost_pod(lost(), &status, true) else {
+            panic!("no end to restarts")
+        };
+        assert!(
+            why.contains("worker-1") && why.contains("after 3 restarts"),
+            "{why}"
+        );
+        status.cluster_node = None;
+        assert!(matches!(recover_lost_pod(lost(), &status, true), Step::Fail(_)));
+        // Other steps pass through.
+        assert_eq!(recover_lost_pod(Step::CreatePod, &status, true), Step::CreatePod);
+    }
+
+    #[test]
+    fn a_pod_made_again_is_marked_running_again() {
+        let mut s = session();
+        let running = pod_with(serde_json::json!({"phase": "Running"}));
+        s.status = Some(ShellSessionStatus {
+            phase: ShellSessionPhase::Running,
+            conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                type_: READY.into(),
+                status: "False".into(),
+                reason: reasons::SHELL_POD_LOST.into(),
+                message: "evicted".into(),
+                last_transition_time: Time(at(1_000)),
+                observed_generation: None,
+            }],
+            ..ShellSessionStatus::default()
+        });
+        assert_eq!(
+            next_step(&s, Some(&running), None, HOUR, HOUR, at(1_100)),
+            Step::MarkRunning
+        );
     }
 
     #[test]

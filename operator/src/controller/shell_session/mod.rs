@@ -30,9 +30,10 @@ pub mod node_shell;
 pub mod reasons;
 
 use self::build::{
-    ShellOutcome, ShellPodInputs, Step, build_shell_pod, next_step, node_architecture, scratch_tag,
-    shell_at_start, shell_pod_name, wait_for_save_target,
+    MAX_POD_RESTARTS, ShellOutcome, ShellPodInputs, Step, build_shell_pod, next_step, node_architecture,
+    recover_lost_pod, scratch_tag, shell_at_start, shell_pod_name, wait_for_save_target,
 };
+use crate::controller::config::LayerCache;
 use crate::controller::shared::context::Context;
 use crate::controller::shared::error::{Error, KubeResultExt, Result};
 use crate::controller::shared::image_result;
@@ -291,16 +292,21 @@ async fn image_shell(
         .as_deref()
         .and_then(|object| holder_other_than(&claims, object, "ShellSession", &name))
         .map(Claim::label);
-    let step = wait_for_save_target(
-        next_step(
-            session,
-            pod.as_ref(),
-            holder.as_deref(),
-            ttl,
-            context.config.args.decision_timeout,
-            context.clock.now(),
+    let changes_outlive_pods = matches!(context.config.args.shell_cache, LayerCache::HostPath(_));
+    let step = recover_lost_pod(
+        wait_for_save_target(
+            next_step(
+                session,
+                pod.as_ref(),
+                holder.as_deref(),
+                ttl,
+                context.config.args.decision_timeout,
+                context.clock.now(),
+            ),
+            save_as_holder.as_deref(),
         ),
-        save_as_holder.as_deref(),
+        &status,
+        changes_outlive_pods,
     );
     tracing::debug!(?step, "image shell step");
     match step {
@@ -338,7 +344,24 @@ async fn image_shell(
             write_status(context, session, status).await?;
             Ok(Action::requeue(WAIT_RETRY))
         }
-        Step::CreatePod => create_pod(session, context, status, &image_name).await,
+        Step::CreatePod => create_pod(session, context, status, &image_name, None).await,
+        // The lost pod's object is still there (evicted, or ended keeping the changes): it goes
+        // first, the new one takes its name.
+        Step::RestartPod { .. }
+            if pod
+                .as_ref()
+                .is_some_and(|pod| pod.metadata.deletion_timestamp.is_some()) =>
+        {
+            Ok(Action::requeue(Duration::from_secs(2)))
+        }
+        Step::RestartPod { why, .. } if pod.is_some() => lost_pod_goes(context, session, status, &why).await,
+        Step::RestartPod { cluster_node, why } => {
+            let restart = Restart {
+                cluster_node: &cluster_node,
+                why: &why,
+            };
+            create_pod(session, context, status, &image_name, Some(restart)).await
+        }
         Step::MarkRunning => mark_running(session, context, status, pod.as_ref()).await,
         Step::Record(outcome) => record(session, context, status, &outcome).await,
         Step::NothingChanged(outcome) => {
@@ -357,7 +380,7 @@ async fn image_shell(
             )
             .await
         }
-        Step::Fail(message) => {
+        Step::Fail(message) | Step::Lost(message) => {
             let message = match pod_log_tail(context, session).await {
                 Some(tail) => format!("{message}; its last words: {tail}"),
                 None => message,
@@ -430,16 +453,25 @@ async fn mark_running(
         .and_then(|(image, _)| image.status);
     let cluster_node = scheduled_on(context, pod).await;
     let start = shell_at_start(&session.spec.mode, image_status.as_ref(), cluster_node.as_ref());
+    let again = status.phase == ShellSessionPhase::Running;
     status.phase = ShellSessionPhase::Running;
-    status.start_time = Some(Time(context.clock.now()));
+    status.start_time.get_or_insert_with(|| Time(context.clock.now()));
     status.emulated = start.emulated;
     status.mode = start.mode;
+    status.cluster_node = pod
+        .and_then(|pod| pod.spec.as_ref())
+        .and_then(|spec| spec.node_name.clone());
     let message = running_message(
         &shell_pod_name(&session.name_any()),
         &pod_namespace(session),
         cluster_node.as_ref(),
         start.emulated,
     );
+    let message = if again {
+        format!("on the changes kept from the lost pod, {message}")
+    } else {
+        message
+    };
     condition(
         &mut status,
         session,
@@ -507,6 +539,7 @@ async fn create_pod(
     context: &Context,
     mut status: ShellSessionStatus,
     image_name: &str,
+    restart: Option<Restart<'_>>,
 ) -> Result<Action> {
     let namespace = session.namespace().unwrap_or_default();
     let Some((image, from_catalog)) = find_image(context, &namespace, image_name).await? else {
@@ -604,11 +637,15 @@ async fn create_pod(
             .platform
             .as_ref()
             .map(|platform| platform.architecture.as_str()),
+        cluster_node: restart.as_ref().map(|restart| restart.cluster_node),
     };
     let pod = build_shell_pod(session, &inputs);
     let pods: Api<Pod> = Api::namespaced(context.client.clone(), &runtime);
     context.apply(&pods, &pod).await?;
     let pod_name = pod.name_any();
+    if let Some(restart) = restart {
+        return restarted(context, session, status, &restart).await;
+    }
     status.phase = ShellSessionPhase::Starting;
     status.pod = Some(pod_name.clone());
     status.pod_namespace = Some(runtime.clone());
@@ -634,6 +671,84 @@ async fn create_pod(
         .event(session, EventType::Normal, reasons::POD_CREATED, "Start", message)
         .await;
     Ok(Action::requeue(Duration::from_secs(30)))
+}
+
+/// A shell pod made again after a loss: where, and why.
+struct Restart<'a> {
+    /// The cluster node keeping the changes.
+    cluster_node: &'a str,
+    /// What happened to the pod before.
+    why: &'a str,
+}
+
+/// The message of a session whose shell pod is being made again (pure).
+pub fn restart_message(why: &str, cluster_node: &str, restart: u32) -> String {
+    format!(
+        "{why}: a new shell pod continues on the changes kept on cluster node {cluster_node} (restart {restart} of {MAX_POD_RESTARTS}); `kubectl walt image shell` attaches to it"
+    )
+}
+
+/// Records the loss of a shell pod whose object is still there, and deletes it (the next
+/// reconcile makes the new pod).
+async fn lost_pod_goes(
+    context: &Context,
+    session: &ShellSession,
+    mut status: ShellSessionStatus,
+    why: &str,
+) -> Result<Action> {
+    delete_pod(context, session).await?;
+    let message = format!("{why}: removing it to make a new one where the changes are");
+    condition(
+        &mut status,
+        session,
+        READY,
+        ConditionStatus::False,
+        reasons::SHELL_POD_LOST,
+        message.clone(),
+    );
+    write_status(context, session, status).await?;
+    context
+        .event(
+            session,
+            EventType::Warning,
+            reasons::SHELL_POD_LOST,
+            "Restart",
+            message,
+        )
+        .await;
+    Ok(Action::requeue(Duration::from_secs(2)))
+}
+
+/// Records that the shell pod was made again (the session stays `Running`: the user's plugin keeps
+/// waiting and attaches to the new pod).
+async fn restarted(
+    context: &Context,
+    session: &ShellSession,
+    mut status: ShellSessionStatus,
+    restart: &Restart<'_>,
+) -> Result<Action> {
+    let count = status.pod_restarts.unwrap_or(0) + 1;
+    status.pod_restarts = Some(count);
+    let message = restart_message(restart.why, restart.cluster_node, count);
+    condition(
+        &mut status,
+        session,
+        READY,
+        ConditionStatus::False,
+        reasons::SHELL_POD_LOST,
+        message.clone(),
+    );
+    write_status(context, session, status).await?;
+    context
+        .event(
+            session,
+            EventType::Warning,
+            reasons::SHELL_POD_LOST,
+            "Restart",
+            message,
+        )
+        .await;
+    Ok(Action::requeue(Duration::from_secs(10)))
 }
 
 async fn record(

@@ -57,3 +57,6 @@ pub const AUTHORIZED: &str = "Authorized";
 /// `Failed`: the tenant's runtime namespace cannot be used (the session's namespace is named like one,
 /// or a namespace of that name exists that walt did not make for it).
 pub const RUNTIME_NAMESPACE_REFUSED: &str = "RuntimeNamespaceRefused";
+/// The shell pod was lost under a running shell (evicted, deleted, killed); a new one continues on
+/// the changes kept on its cluster node.
+pub const SHELL_POD_LOST: &str = "ShellPodLost";

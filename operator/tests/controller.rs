@@ -1574,6 +1574,104 @@ fn operator_killed_mid_save_moves_no_tag_and_finishes_after_restart() {
     assert!(!images.contains("debian.gone"), "{images}");
 }
 
+/// A save's status writes are conditional on the version of the NodeSave they were decided on (issue
+/// #17). A label written mid-save (metadata, no decision) gets the operator's next write refused
+/// (409) and written again on the new version: the save goes on and succeeds. Another writer ending a
+/// running save, as a second replica that decided on its own copy would, gets the operator's next
+/// progress write refused; the operator reads the NodeSave again, stops its run and writes nothing
+/// more: the other writer's end stays, no tag moves, no Image is made. Without the precondition the
+/// operator overwrote that end with `Running`, then `Succeeded`, and moved the tag.
+#[test]
+fn a_save_ended_by_another_writer_mid_run_is_neither_overwritten_nor_published() {
+    let node = walt_tests::sshnode::SshNode::busybox()
+        .expect("start an sshd node (needs root, openssh-server, socat, iproute2)");
+    let lab = SaveLab::start("op-stale", node);
+    let cluster = cluster();
+    // Enough data that the saves are still running when the other writes land.
+    lab.node
+        .run("mkdir -p /srv && head -c 268435456 /dev/urandom > /srv/big")
+        .expect("write a big file on the node");
+
+    lab.save("labelled", "debian:labelled", "");
+    lab.wait_progress("nodesave/labelled");
+    kubectl(
+        cluster,
+        &lab.namespace,
+        &["label", "nodesave/labelled", "walt.dev/test=labelled"],
+    );
+    lab.wait(
+        "nodesave/labelled",
+        "{.status.phase}",
+        "Succeeded",
+        Duration::from_mins(4),
+    );
+    let tag = lab
+        .registry
+        .reference(&format!("lab/{}/debian:labelled", lab.namespace));
+    assert_eq!(
+        skopeo_digest(&tag),
+        Ok(lab.get("nodesave/labelled", "{.status.result.digest}"))
+    );
+    let log = lab.operator.log();
+    assert!(
+        log.contains("a save's status write was refused") && log.contains("WriteAgain"),
+        "the write after the label was refused and written again:\n{log}"
+    );
+
+    lab.save("ended", "debian:ended", "");
+    lab.wait_progress("nodesave/ended");
+    let ended = r#"{"status":{"phase":"Failed","conditions":[{"type":"Complete","status":"True","reason":"EndedElsewhere","message":"ended by another replica","lastTransitionTime":"2026-01-01T00:00:00Z"}]}}"#;
+    kubectl(
+        cluster,
+        &lab.namespace,
+        &[
+            "patch",
+            "nodesave/ended",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            ended,
+        ],
+    );
+    let stopped = Instant::now();
+    let says = "{.status.phase} {.status.conditions[?(@.type==\"Complete\")].reason}";
+    Wait::new("the operator to stop the save", Duration::from_mins(1))
+        .every(Duration::from_millis(250))
+        .until(|| {
+            let status = lab.get("nodesave/ended", says);
+            if status != "Failed EndedElsewhere" {
+                return Err(format!("the operator overwrote another writer's end: {status}"));
+            }
+            Ok(if lab.operator.log().contains("node save stopped") {
+                Poll::Ready(())
+            } else {
+                Poll::Pending(status)
+            })
+        })
+        .unwrap_or_else(|e| panic!("{e}; operator log:\n{}", lab.operator.log()));
+    eprintln!(
+        "the run stopped {:.1} s after the other writer's end",
+        stopped.elapsed().as_secs_f64()
+    );
+    let log = lab.operator.log();
+    assert!(
+        log.contains("another writer ended it meanwhile: Failed (EndedElsewhere: ended by another replica)"),
+        "the operator says why it stopped:\n{log}"
+    );
+    // Past two more progress intervals (3 s): nothing more written, nothing published.
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(lab.get("nodesave/ended", says), "Failed EndedElsewhere");
+    let tag = lab
+        .registry
+        .reference(&format!("lab/{}/debian:ended", lab.namespace));
+    assert!(
+        skopeo_digest(&tag).is_err(),
+        "a save another writer ended moved its tag"
+    );
+    let images = kubectl(cluster, &lab.namespace, &["get", "images", "-o", "name"]);
+    assert!(!images.contains("debian.ended"), "{images}");
+}
+
 /// The registry killed mid-push and restarted: the save is tried again (a `Retrying` Event) and
 /// succeeds, the tag moved once to the whole image. A registry gone for longer than the retries
 /// fails the save with the registry's words, and moves no tag.

@@ -195,7 +195,10 @@ impl Context {
 /// decision was made on (an own write is no news that calls for deciding again; any other write in
 /// between still makes the next write [`Error::Stale`]).
 pub fn follow_own_write<K: Resource>(object: &mut K, written: &K) {
-    object.meta_mut().resource_version = written.meta().resource_version.clone();
+    object
+        .meta_mut()
+        .resource_version
+        .clone_from(&written.meta().resource_version);
 }
 
 /// The `namespace/name` key of an object (for logs and backoff).

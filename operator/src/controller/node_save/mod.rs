@@ -696,12 +696,8 @@ async fn publish(
     save.status = Some(pushing.clone());
     match job.writes.write(context, &pushing, TaskWrite::Progress).await {
         Ok(()) => {}
-        Err(Refused::Overtaken(why)) => {
-            return Err(Failure::Overtaken(format!(
-                "{why}; {} stays untagged",
-                saved.pushed.reference
-            )));
-        }
+        // Before the tag moves: what was pushed by digest stays untagged.
+        Err(Refused::Overtaken(why)) => return Err(Failure::Overtaken(why)),
         Err(Refused::Api(error)) => tracing::warn!(%error, "could not record the Pushing phase"),
     }
     let note = format!(

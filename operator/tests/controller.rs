@@ -1372,6 +1372,30 @@ impl SaveLab {
         jsonpath(cluster(), &self.namespace, object, path)
     }
 
+    /// Writes `bytes` of random data (which does not compress) into `/srv/big` on the node.
+    fn write_random_file(&self, bytes: u64) {
+        self.node
+            .run(&format!(
+                "mkdir -p /srv && head -c {bytes} /dev/urandom > /srv/big"
+            ))
+            .unwrap_or_else(|error| panic!("write {bytes} random bytes on the node: {error}"));
+    }
+
+    /// Waits until NodeSave `save` succeeded, and checks that the lab registry's `image` (`name:tag`)
+    /// points at the digest its status names.
+    fn wait_saved(&self, save: &str, image: &str, within: Duration) {
+        let object = format!("nodesave/{save}");
+        self.wait(&object, "{.status.phase}", "Succeeded", within);
+        let tag = self
+            .registry
+            .reference(&format!("lab/{}/{image}", self.namespace));
+        assert_eq!(
+            skopeo_digest(&tag),
+            Ok(self.get(&object, "{.status.result.digest}")),
+            "{image} points at what {save} saved"
+        );
+    }
+
     /// Waits until a save runs and has read bytes from the node (fails if it finished first).
     fn wait_progress(&self, save: &str) {
         Wait::new(&format!("{save} to report progress"), Duration::from_mins(1))
@@ -1574,6 +1598,86 @@ fn operator_killed_mid_save_moves_no_tag_and_finishes_after_restart() {
     assert!(!images.contains("debian.gone"), "{images}");
 }
 
+/// A save's status writes are conditional on the version of the NodeSave they were decided on (issue
+/// #17). A label written mid-save (metadata, no decision) gets the operator's next write refused
+/// (409) and written again on the new version (the operator logs `WriteAgain`): the save goes on and
+/// succeeds. Another writer ending a running save, as a second replica that decided on its own copy
+/// would, gets the operator's next progress write refused; the operator reads the NodeSave again,
+/// stops its run and writes nothing more: the other writer's end stays, no tag moves, no Image is
+/// made. Without the precondition the operator overwrote that end (`Succeeded` 1.8 s after it) and
+/// moved the tag.
+#[test]
+fn a_save_ended_by_another_writer_mid_run_is_neither_overwritten_nor_published() {
+    let node = walt_tests::sshnode::SshNode::busybox()
+        .expect("start an sshd node (needs root, openssh-server, socat, iproute2)");
+    let lab = SaveLab::start("op-stale", node);
+    let cluster = cluster();
+    // Enough data that the saves are still running when the other writes land.
+    lab.write_random_file(256 << 20);
+
+    lab.save("labelled", "debian:labelled", "");
+    lab.wait_progress("nodesave/labelled");
+    kubectl(
+        cluster,
+        &lab.namespace,
+        &["label", "nodesave/labelled", "walt.dev/test=labelled"],
+    );
+    lab.wait_saved("labelled", "debian:labelled", Duration::from_mins(4));
+
+    lab.save("ended", "debian:ended", "");
+    lab.wait_progress("nodesave/ended");
+    let ended = r#"{"status":{"phase":"Failed","conditions":[{"type":"Complete","status":"True","reason":"EndedElsewhere","message":"ended by another replica","lastTransitionTime":"2026-01-01T00:00:00Z"}]}}"#;
+    kubectl(
+        cluster,
+        &lab.namespace,
+        &[
+            "patch",
+            "nodesave/ended",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            ended,
+        ],
+    );
+    let stopped = Instant::now();
+    let says = "{.status.phase} {.status.conditions[?(@.type==\"Complete\")].reason}";
+    Wait::new("the operator to stop the save", Duration::from_mins(1))
+        .every(Duration::from_millis(250))
+        .until(|| {
+            let status = lab.get("nodesave/ended", says);
+            if status != "Failed EndedElsewhere" {
+                return Err(format!("the operator overwrote another writer's end: {status}"));
+            }
+            Ok(if lab.operator.log().contains("node save stopped") {
+                Poll::Ready(())
+            } else {
+                Poll::Pending(status)
+            })
+        })
+        .unwrap_or_else(|e| panic!("{e}; operator log:\n{}", lab.operator.log()));
+    eprintln!(
+        "the run stopped {:.1} s after the other writer's end",
+        stopped.elapsed().as_secs_f64()
+    );
+    let log = lab.operator.log();
+    assert!(
+        log.contains("another writer ended it meanwhile: Failed (EndedElsewhere: ended by another replica)"),
+        "the operator says why it stopped:\n{log}"
+    );
+    // Past two more progress intervals (3 s): nothing more written, nothing published.
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(lab.get("nodesave/ended", says), "Failed EndedElsewhere");
+    let tag = lab
+        .registry
+        .reference(&format!("lab/{}/debian:ended", lab.namespace));
+    assert!(
+        skopeo_digest(&tag).is_err(),
+        "a save another writer ended moved its tag"
+    );
+    let images = kubectl(cluster, &lab.namespace, &["get", "images", "-o", "name"]);
+    assert!(!images.contains("debian.ended"), "{images}");
+}
+
 /// The registry killed mid-push and restarted: the save is tried again (a `Retrying` Event) and
 /// succeeds, the tag moved once to the whole image. A registry gone for longer than the retries
 /// fails the save with the registry's words, and moves no tag.
@@ -1588,9 +1692,7 @@ fn registry_killed_mid_save_is_retried_and_a_registry_gone_fails_cleanly() {
         &["--save-retries", "3", "--save-retry-delay", "3s"],
     );
     let cluster = cluster();
-    lab.node
-        .run("mkdir -p /srv && head -c 134217728 /dev/urandom > /srv/big")
-        .expect("write a big file on the node");
+    lab.write_random_file(128 << 20);
     lab.save("big", "debian:big", "");
     lab.wait_progress("nodesave/big");
     lab.registry.kill();
@@ -1610,19 +1712,7 @@ fn registry_killed_mid_save_is_retried_and_a_registry_gone_fails_cleanly() {
     lab.registry
         .restart()
         .expect("restart the registry on its port and storage");
-    lab.wait(
-        "nodesave/big",
-        "{.status.phase}",
-        "Succeeded",
-        Duration::from_mins(5),
-    );
-    let tag = lab
-        .registry
-        .reference(&format!("lab/{}/debian:big", lab.namespace));
-    assert_eq!(
-        skopeo_digest(&tag),
-        Ok(lab.get("nodesave/big", "{.status.result.digest}"))
-    );
+    lab.wait_saved("big", "debian:big", Duration::from_mins(5));
 
     // Gone for good: 3 retries (3, 6, 12 s), then Failed with what the registry (not) said.
     lab.registry.kill();
@@ -1677,9 +1767,7 @@ fn a_registry_that_answers_nothing_fails_the_save_at_the_registry_timeout() {
         ],
     );
     let cluster = cluster();
-    lab.node
-        .run("mkdir -p /srv && head -c 134217728 /dev/urandom > /srv/big")
-        .expect("write a big file on the node");
+    lab.write_random_file(128 << 20);
     lab.save("silent", "debian", ", overwrite: true");
     lab.wait_progress("nodesave/silent");
     lab.registry.freeze().expect("freeze the registry");
@@ -1731,22 +1819,10 @@ fn a_registry_that_answers_nothing_fails_the_save_at_the_registry_timeout() {
 
     let started = Instant::now();
     lab.save("after", "debian:after", "");
-    lab.wait(
-        "nodesave/after",
-        "{.status.phase}",
-        "Succeeded",
-        Duration::from_mins(5),
-    );
+    lab.wait_saved("after", "debian:after", Duration::from_mins(5));
     eprintln!(
         "the next save (128 MiB) succeeded in {:.1} s",
         started.elapsed().as_secs_f64()
-    );
-    let tag = lab
-        .registry
-        .reference(&format!("lab/{}/debian:after", lab.namespace));
-    assert_eq!(
-        skopeo_digest(&tag),
-        Ok(lab.get("nodesave/after", "{.status.result.digest}"))
     );
 }
 
@@ -1778,9 +1854,7 @@ fn a_full_registry_disk_fails_the_save_cleanly_and_the_next_succeeds_once_freed(
     let lab = SaveLab::start_on(registry, "op-regfull", node, &["--save-retries", "0"]);
     let disk = lab.registry.disk().expect("the registry's tmpfs");
     let filler = fill_but(disk, 8 << 20);
-    lab.node
-        .run("mkdir -p /srv && head -c 16777216 /dev/urandom > /srv/big")
-        .expect("write 16 MiB on the node");
+    lab.write_random_file(16 << 20);
     let started = Instant::now();
     lab.save("full", "debian", ", overwrite: true");
     lab.wait(
@@ -4796,9 +4870,7 @@ fn network_cut_mid_save_fails_cleanly_and_the_name_stays() {
         .expect("start an sshd node (needs root, openssh-server, socat, iproute2)");
     let lab = SaveLab::start_with("op-netcut", node, &["--node-stall-timeout", "5s"]);
     // 512 MiB: on an idle machine a 128 MiB save ended between its first progress and the cut.
-    lab.node
-        .run("mkdir -p /srv && head -c 536870912 /dev/urandom > /srv/big")
-        .expect("write a big file on the node");
+    lab.write_random_file(512 << 20);
     lab.save("cut", "debian", ", overwrite: true");
     lab.wait_progress("nodesave/cut");
     lab.node.set_link(false).expect("cut the node's link");
@@ -4838,19 +4910,7 @@ fn network_cut_mid_save_fails_cleanly_and_the_name_stays() {
         Duration::from_mins(3),
     );
     lab.save("after", "debian:after", "");
-    lab.wait(
-        "nodesave/after",
-        "{.status.phase}",
-        "Succeeded",
-        Duration::from_mins(5),
-    );
-    let tag = lab
-        .registry
-        .reference(&format!("lab/{}/debian:after", lab.namespace));
-    assert_eq!(
-        skopeo_digest(&tag),
-        Ok(lab.get("nodesave/after", "{.status.result.digest}"))
-    );
+    lab.wait_saved("after", "debian:after", Duration::from_mins(5));
 }
 
 /// Stops the API server, keeps it away for `down`, starts it again (etcd keeps everything).

@@ -6,6 +6,15 @@
 //!
 //! The registry is asked again every `--resolve-interval` (tags move); a
 //! failure keeps the last known facts and says why in `Ready=False`.
+//!
+//! Every status write is conditional on the version of the Image the decision was made on
+//! ([`Context::apply_status_of`]); a clone's progress writes go on from the version of the last one
+//! ([`follow_own_write`]), so they do not conflict with each other. An Image another write overtook
+//! meanwhile (a watch lagging behind, a second replica, a save or build updating it) gets
+//! [`Error::Stale`]: nothing of the stale decision is written and the reconcile decides again on the
+//! current state. Mid-clone, that stops the copy (no tag moved: the manifest goes last); the next
+//! clone finds the blobs already copied and does not send them again. After a squash, it leaves the
+//! request unmarked: the next reconcile squashes again, which finds one layer and moves nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,8 +37,8 @@ use self::build::{ImageFacts, cloning_status, failed_status, path_refusal, ready
 use self::decide::{Observed, Step, decide};
 use self::failure::Failure;
 use crate::controller::config::secret_key;
-use crate::controller::shared::context::Context;
-use crate::controller::shared::error::Result;
+use crate::controller::shared::context::{Context, follow_own_write};
+use crate::controller::shared::error::{Error, Result};
 use crate::controller::shared::lock::claims_in;
 use crate::controller::shared::registry::{lab_reference, registry_client, registry_client_with};
 use crate::controller::shared::registry_paths::{Access, REGISTRY_PATH_FORBIDDEN};
@@ -116,24 +125,27 @@ const CLONE_PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
 
 // A little long: one clone, its progress reporter and its Events, kept together so the order
 // of what the user sees (Cloning, progress, Cloned or the failure) reads in one place.
-/// Copies `source` into `reference`, writing progress into the status while it runs.
+/// Copies `source` into `reference`, writing progress into the status while it runs; each write is
+/// conditional on the version the last one left (`image`'s resourceVersion follows them). An Image
+/// written by anyone else meanwhile stops the copy: [`Error::Stale`] (the outer error).
 async fn clone_source(
-    image: &Image,
+    image: &mut Image,
     context: &Context,
     client: &RegistryClient,
     source: &str,
     reference: &str,
-) -> std::result::Result<CloneProgress, Failure> {
+) -> Result<std::result::Result<CloneProgress, Failure>> {
     let namespace = image.namespace().unwrap_or_default();
-    let name = image.name_any();
     let images: Api<Image> = Api::namespaced(context.client.clone(), &namespace);
-    let resolved = client
-        .resolve(source, wanted_platform(image).as_ref())
-        .await
-        .map_err(|error| Failure::SourceFailed {
-            upstream: source.to_owned(),
-            source: error,
-        })?;
+    let resolved = match client.resolve(source, wanted_platform(image).as_ref()).await {
+        Ok(resolved) => resolved,
+        Err(error) => {
+            return Ok(Err(Failure::SourceFailed {
+                upstream: source.to_owned(),
+                source: error,
+            }));
+        }
+    };
     context
         .event(
             image,
@@ -171,19 +183,27 @@ async fn clone_source(
                 if receiver.has_changed().unwrap_or(false) {
                     let progress = to_status(*receiver.borrow_and_update());
                     let status = cloning_status(image, reference, source, &progress, Timestamp::now());
-                    if let Err(error) = context.apply_status(&images, &name, &status).await {
+                    match context.apply_status_of(&images, image, &status).await {
+                        Ok(written) => follow_own_write(image, &written),
+                        // Dropping the copy abandons it before its manifest: no tag moved.
+                        Err(stale @ Error::Stale(_)) => return Err(stale),
                         // Progress is informative: the copy goes on.
-                        tracing::info!(%error, "writing clone progress");
+                        Err(error) => tracing::info!(%error, "writing clone progress"),
                     }
                 }
             }
         }
     };
-    let digest = outcome.map_err(|error| Failure::CloneFailed {
-        upstream: source.to_owned(),
-        reference: reference.to_owned(),
-        source: error,
-    })?;
+    let digest = match outcome {
+        Ok(digest) => digest,
+        Err(error) => {
+            return Ok(Err(Failure::CloneFailed {
+                upstream: source.to_owned(),
+                reference: reference.to_owned(),
+                source: error,
+            }));
+        }
+    };
     let total = to_status(*receiver.borrow());
     context
         .event(
@@ -198,11 +218,11 @@ async fn clone_source(
             ),
         )
         .await;
-    Ok(CloneProgress {
+    Ok(Ok(CloneProgress {
         copied_bytes: total.total_bytes,
         copied_blobs: total.total_blobs,
         ..total
-    })
+    }))
 }
 
 /// Writes the `Ready=False` status of `failure` (with a Warning Event the first time this message
@@ -229,7 +249,7 @@ async fn report_failure(
             .await;
     }
     if !same_status(image.status.as_ref(), &status) {
-        context.apply_status(&images, &image.name_any(), &status).await?;
+        context.apply_status_of(&images, image, &status).await?;
     }
     Ok(Action::requeue(
         failure.retry(context.config.args.resolve_interval),
@@ -337,7 +357,6 @@ async fn squash(
     reference: &str,
     request: &str,
 ) -> Result<()> {
-    let name = image.name_any();
     let namespace = image.namespace().unwrap_or_default();
     let allowed =
         context
@@ -359,11 +378,12 @@ async fn squash(
         Timestamp::now(),
     );
     let images: Api<Image> = Api::namespaced(context.client.clone(), &namespace);
-    context.apply_status(&images, &name, &status).await?;
+    context.apply_status_of(&images, image, &status).await?;
     context.event(image, event_type, reason, "Squash", message).await;
     context
         .mark_handled(image, walt_crds::request::SQUASH, request)
-        .await
+        .await?;
+    Ok(())
 }
 
 /// Who holds the image (a shell, copy or save of its namespace), if anyone.
@@ -392,7 +412,7 @@ async fn wait_for_holder(image: &Image, context: &Context, holder: &str) -> Acti
 
 /// Reconciles one Image: dereference (the lab reference, the pull credentials) → [`decide`] →
 /// perform the step, until a step ends the reconcile with its one status write.
-pub async fn reconcile(image: Arc<Image>, context: Arc<Context>) -> Result<Action> {
+pub async fn reconcile(mut image: Arc<Image>, context: Arc<Context>) -> Result<Action> {
     let reference = match lab_reference(&image, &context.config.args.lab_registry) {
         Ok(reference) => reference,
         Err(error) => return report_failure(&image, &context, None, &Failure::InvalidReference(error)).await,
@@ -418,7 +438,12 @@ pub async fn reconcile(image: Arc<Image>, context: Arc<Context>) -> Result<Actio
                 observed.lookup = Some(client.resolve(&reference, platform.as_ref()).await.into());
             }
             Step::Clone(source) => {
-                match clone_source(&image, &context, &client, source, &reference).await {
+                let source = source.to_owned();
+                // The decision stays the one made on `image`; its version follows the clone's writes.
+                let mut version = Image::clone(&image);
+                let cloned_now = clone_source(&mut version, &context, &client, &source, &reference).await?;
+                image = Arc::new(version);
+                match cloned_now {
                     Ok(record) => cloned = Some(record),
                     Err(failure) => {
                         return report_failure(&image, &context, Some(&reference), &failure).await;
@@ -470,7 +495,7 @@ async fn record_ready(
         return Ok(());
     }
     let images: Api<Image> = Api::namespaced(context.client.clone(), &image.namespace().unwrap_or_default());
-    context.apply_status(&images, &image.name_any(), &status).await?;
+    context.apply_status_of(&images, image, &status).await?;
     if image.status.as_ref().and_then(|old| old.digest.as_deref()) != Some(facts.digest.as_str()) {
         let note = format!("{reference} is {}", facts.digest);
         context

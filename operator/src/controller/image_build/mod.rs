@@ -217,7 +217,12 @@ fn complete(
     );
 }
 
-/// Writes the status when it changed.
+/// Writes the status when it changed, only onto the version of the build it was decided on (one
+/// write per reconcile): a build another write overtook meanwhile (another replica, a watch lagging
+/// behind) gets [`Error::Stale`], nothing of this decision is written and the reconcile decides again
+/// on its current state. Of a finished build, a Stale after the tag moved means the next reconcile
+/// finds the Image it wrote (`walt.dev/built-by`) and records the same result: the same digest, tagged
+/// once more, never another one.
 async fn write_status(context: &Context, build: &ImageBuild, mut status: ImageBuildStatus) -> Result<()> {
     status.observed_generation = build.metadata.generation;
     if build.status.as_ref() == Some(&status) {
@@ -225,7 +230,8 @@ async fn write_status(context: &Context, build: &ImageBuild, mut status: ImageBu
     }
     let api: Api<ImageBuild> =
         Api::namespaced(context.client.clone(), &build.namespace().unwrap_or_default());
-    context.apply_status(&api, &build.name_any(), &status).await
+    context.apply_status_of(&api, build, &status).await?;
+    Ok(())
 }
 
 /// The target image name (the schema already checked it).

@@ -341,6 +341,21 @@ pub(super) fn mark_rebooting(status: &mut NodeStatus, node: &Node, what: String,
     );
 }
 
+/// The facts of a reboot (or power cycle) already made, recorded on the Node's current status (pure):
+/// phase `Rebooting`, the image it boots now, the `Booted` condition and the boot watchdog's start, as
+/// `decided`; the rest of `current` is kept. What is written when the decision's own status write
+/// found the Node overtaken ([`crate::controller::shared::error::Error::Stale`]): the stale decision
+/// is not written, but a reboot done must stay recorded, or the next decision would reboot again.
+pub fn reboot_recorded(mut current: NodeStatus, decided: &NodeStatus) -> NodeStatus {
+    current.phase = decided.phase;
+    current.booted_image.clone_from(&decided.booted_image);
+    current.boot.clone_from(&decided.boot);
+    if let Some(booted) = walt_crds::find_condition(&decided.conditions, condition_types::BOOTED) {
+        walt_crds::set_condition(&mut current.conditions, booted.clone());
+    }
+    current
+}
+
 fn rebooting_event(note: String) -> Effect {
     Effect::Event {
         type_: EventType::Normal,
@@ -474,6 +489,42 @@ mod tests {
         assert_eq!(decision.effects[0], Effect::Reboot);
         assert_eq!(decision.effects[1], Effect::MarkRebootHandled("t1".into()));
         assert_eq!(decision.status.phase, NodePhase::Rebooting);
+    }
+
+    #[test]
+    fn a_reboot_done_is_recorded_on_the_newer_status_and_nothing_else_of_the_stale_decision() {
+        let stale = NodeStatus {
+            phase: NodePhase::Ready,
+            host_key: Some("ssh-ed25519 AAAA".into()),
+            booted_image: Some(booted(&target("sha256:a"))),
+            address: Some("10.0.0.1".into()),
+            ..NodeStatus::default()
+        };
+        let decision = decide(
+            &node(),
+            stale,
+            Some(&target("sha256:b")),
+            &reached(600, true),
+            at(1000),
+            MINUTE,
+        );
+        assert_eq!(decision.effects.first(), Some(&Effect::Reboot));
+        // Another write changed the address meanwhile: kept; the reboot is recorded on top of it.
+        let newer = NodeStatus {
+            phase: NodePhase::Ready,
+            booted_image: Some(booted(&target("sha256:a"))),
+            address: Some("10.0.0.2".into()),
+            ..NodeStatus::default()
+        };
+        let recorded = reboot_recorded(newer, &decision.status);
+        assert_eq!(recorded.phase, NodePhase::Rebooting);
+        assert_eq!(recorded.booted_image, Some(booted(&target("sha256:b"))));
+        assert_eq!(recorded.address.as_deref(), Some("10.0.0.2"));
+        assert_eq!(
+            reboot_sent_at(&recorded),
+            Some(at(1000)),
+            "the restart is measured from it"
+        );
     }
 
     #[test]

@@ -1,7 +1,11 @@
 //! Node reconcile: dereference (the Image it boots: [`BootTarget`]) → then, for a physical node,
 //! [`probe`] gathers facts over SSH and the pure [`decide::decide`] judges them; for a virtual node,
 //! [`virtual_node`] decides the pod's fate purely and applies what [`build`] builds. One status
-//! write either way; [`reasons`] names every condition and Event reason.
+//! write either way, conditional on the version of the Node the decision was made on
+//! ([`Context::apply_status_of`]): a Node another write overtook meanwhile (a watch lagging behind,
+//! a second replica) gets [`Error::Stale`], nothing of the stale decision is written and the Node is
+//! decided again on its current state; but a reboot already made stays recorded ([`record_reboot`]).
+//! [`reasons`] names every condition and Event reason.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -115,6 +119,30 @@ pub(super) fn condition(
     );
 }
 
+/// Writes the status of a decision whose reboot (or VM power cycle) is already made, conditional on
+/// the version of `node` it was decided on. A reboot done is a fact: when that version was overtaken
+/// ([`Error::Stale`]), the Node is read again and the reboot's facts alone
+/// ([`decide::reboot_recorded`]) are written onto its current version (without it the next decision
+/// would reboot the node again); the rest of the stale decision is not written.
+pub(super) async fn record_reboot(context: &Context, node: &Node, status: &NodeStatus) -> Result<()> {
+    let namespace = node.namespace().unwrap_or_default();
+    let nodes: Api<Node> = Api::namespaced(context.client.clone(), &namespace);
+    match context.apply_status_of(&nodes, node, status).await {
+        Err(Error::Stale(what)) => tracing::info!(%what, "recording a reboot on a Node overtaken meanwhile"),
+        written => return written.map(drop),
+    }
+    let name = node.name_any();
+    let current = nodes
+        .get(&name)
+        .await
+        .map_err(|source| Error::kube(format!("reading Node {namespace}/{name} again"), source))?;
+    let recorded = decide::reboot_recorded(current.status.clone().unwrap_or_default(), status);
+    context
+        .apply_status_of(&nodes, &current, &recorded)
+        .await
+        .map(drop)
+}
+
 /// Finalizer of virtual Nodes: their pod, Service and claim (in the tenant's runtime namespace, where
 /// owner references cannot point to the Node) are deleted before the Node goes.
 pub const FINALIZER: &str = "walt.dev/node-cleanup";
@@ -169,7 +197,6 @@ where
 /// Reconciles one Node (its finalizer in place, for a virtual one).
 async fn reconcile_node(node: Arc<Node>, context: Arc<Context>) -> Result<Action> {
     let namespace = node.namespace().unwrap_or_default();
-    let name = node.name_any();
     let nodes: Api<Node> = Api::namespaced(context.client.clone(), &namespace);
     let mut status = node.status.clone().unwrap_or_default();
     status.observed_generation = node.metadata.generation;
@@ -187,7 +214,7 @@ async fn reconcile_node(node: Arc<Node>, context: Arc<Context>) -> Result<Action
             if status.phase == NodePhase::Pending || node.spec.virtual_node.is_some() {
                 status.phase = NodePhase::Pending;
             }
-            context.apply_status(&nodes, &name, &status).await?;
+            context.apply_status_of(&nodes, &*node, &status).await?;
             return Ok(Action::requeue(Duration::from_mins(1)));
         }
         Err(error) => return Err(error),

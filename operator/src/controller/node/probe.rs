@@ -266,7 +266,7 @@ pub(super) async fn refuse(
         refused.to_string(),
     );
     let nodes: Api<Node> = Api::namespaced(context.client.clone(), &node.namespace().unwrap_or_default());
-    context.apply_status(&nodes, &node.name_any(), &status).await?;
+    context.apply_status_of(&nodes, node, &status).await?;
     context
         .event(
             node,
@@ -285,7 +285,8 @@ pub(super) async fn refuse(
 }
 
 /// Carries out a decision: the reboot first (nothing is recorded if it fails), then the one status
-/// write, then the handled request and the Events.
+/// write (of a reboot made, through [`super::record_reboot`]: recorded even on a Node overtaken
+/// meanwhile), then the handled request and the Events.
 async fn apply(
     context: &Context,
     node: &Node,
@@ -301,10 +302,12 @@ async fn apply(
             connection.ok_or_else(|| Error::Ssh("a reboot was decided without a connection".into()))?;
         reboot(client, ssh_target).await?;
     }
-    let nodes: Api<Node> = Api::namespaced(context.client.clone(), &node.namespace().unwrap_or_default());
-    context
-        .apply_status(&nodes, &node.name_any(), &decision.status)
-        .await?;
+    if decision.effects.contains(&Effect::Reboot) {
+        super::record_reboot(context, node, &decision.status).await?;
+    } else {
+        let nodes: Api<Node> = Api::namespaced(context.client.clone(), &node.namespace().unwrap_or_default());
+        context.apply_status_of(&nodes, node, &decision.status).await?;
+    }
     for effect in decision.effects {
         match effect {
             Effect::Reboot => {}

@@ -225,7 +225,7 @@ pub async fn reconcile(
     let nodes: Api<Node> = Api::namespaced(context.client.clone(), &namespace);
     let Some(target) = target else {
         let status = waiting_for_image(node, status, Timestamp::now());
-        context.apply_status(&nodes, &node.name_any(), &status).await?;
+        context.apply_status_of(&nodes, node, &status).await?;
         return Ok(Action::requeue(Duration::from_mins(1)));
     };
     // Registry paths are per tenant: the pod pulls only the namespace's own or the catalog's images.
@@ -263,6 +263,9 @@ pub async fn reconcile(
         .get_opt(&pod_name)
         .await
         .context(|| format!("reading Pod {pod_name}"))?;
+    // The Node as this reconcile's own write of it left it (the reboot request marked handled): the
+    // status write goes on from that version, with the decision made on `node`.
+    let mut marked = None;
     let pod = match decide(node, &target, existing.as_ref()) {
         PodStep::NotOurs => {
             let (status, message) = pod_not_ours(node, status, Timestamp::now());
@@ -281,15 +284,19 @@ pub async fn reconcile(
                     .await;
             }
             if let Some(requested) = &handled {
-                context
-                    .mark_handled(node, walt_crds::request::REBOOT, requested)
-                    .await?;
+                marked = Some(
+                    context
+                        .mark_handled(node, walt_crds::request::REBOOT, requested)
+                        .await?,
+                );
             }
             None
         }
     };
     let (status, requeue) = status_of(node, status, pod.as_ref(), Timestamp::now());
-    context.apply_status(&nodes, &node.name_any(), &status).await?;
+    context
+        .apply_status_of(&nodes, marked.as_ref().unwrap_or(node), &status)
+        .await?;
     Ok(Action::requeue(requeue))
 }
 
@@ -307,7 +314,7 @@ pub(super) async fn refuse(
         .as_ref()
         .is_some_and(|old| old.conditions == status.conditions);
     let nodes: Api<Node> = Api::namespaced(context.client.clone(), &node.namespace().unwrap_or_default());
-    context.apply_status(&nodes, &node.name_any(), status).await?;
+    context.apply_status_of(&nodes, node, status).await?;
     if !told {
         context
             .event(node, EventType::Warning, reason, "Boot", message)

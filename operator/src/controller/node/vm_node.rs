@@ -415,8 +415,7 @@ pub async fn reconcile(
                 )
                 .await;
             let status = power_cycled(node, status, &note, Timestamp::now());
-            let nodes: Api<Node> = Api::namespaced(context.client.clone(), &namespace);
-            context.apply_status(&nodes, &node.name_any(), &status).await?;
+            super::record_reboot(context, node, &status).await?;
             if let Some(requested) = &handled {
                 context
                     .mark_handled(node, walt_crds::request::REBOOT, requested)

@@ -131,6 +131,10 @@ pub enum Failure {
     /// The NodeSave was deleted meanwhile (what was left behind is said).
     #[error("the NodeSave was deleted {0}")]
     Cancelled(String),
+    /// Another writer decided about the NodeSave while this run went on (it ended it, or another run
+    /// took it over: [`super::decide::after_refusal`]): this run stops, having moved no tag.
+    #[error("this run of the save stopped ({0}); it moved no tag")]
+    Overtaken(String),
     /// A retryable failure, retried until the budget ran out.
     #[error("{last} (gave up after {attempts} attempts)")]
     GaveUp {
@@ -172,7 +176,7 @@ impl Failure {
             },
             Failure::TagFailed { .. } => reasons::TAG_FAILED,
             Failure::ImageUpdateFailed(_) => reasons::IMAGE_UPDATE_FAILED,
-            Failure::Cancelled(_) => reasons::CANCELLED,
+            Failure::Cancelled(_) | Failure::Overtaken(_) => reasons::CANCELLED,
             Failure::GaveUp { last, .. } => last.reason(),
         }
     }

@@ -8,6 +8,17 @@
 //! is simply run again from the start: the tag only moves at the very end,
 //! so an interrupted save never moved one, and pushing by digest is
 //! idempotent.
+//!
+//! Every status write is conditional on the version of the NodeSave it was decided on. The
+//! reconcile's (waiting, failing, `Running` at the start) on the version it read: refused
+//! ([`Error::Stale`]), nothing is written, no task starts, and the NodeSave is decided again on its
+//! current state. The task's (progress, `Pushing`, its end) on the version its own last write left
+//! ([`writes::StatusWrites`]): another write in between gets the task's next write refused, the
+//! NodeSave is read again and [`decide::after_refusal`] decides. A progress or `Pushing` write that
+//! finds the save ended or taken over by another writer stops the task before its tag moves
+//! ([`Failure::Overtaken`]: nothing more written, its slot freed; the reconcile, woken by that other
+//! write, sees a task no more and decides on what it finds); one that finds only metadata changed
+//! writes again. The end of a run is written onto any unfinished status, never over another end.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,13 +34,15 @@ pub mod build;
 pub mod decide;
 pub mod failure;
 pub mod reasons;
+pub mod writes;
 
 use self::build::{
     PROGRESS_INTERVAL, SaveOutcome, SaveTarget, failed_status, milestone_crossed, nodes_booting,
     pending_status, pushing_status, running_status, same_wait, succeeded_status,
 };
-use self::decide::{Step, decide};
+use self::decide::{Step, TaskWrite, decide};
 use self::failure::Failure;
+use self::writes::{Refused, StatusWrites};
 use crate::controller::shared::context::{Context, FIELD_MANAGER};
 use crate::controller::shared::error::{Error, KubeResultExt, Result};
 use crate::controller::shared::lock::{Claim, claims_in};
@@ -68,11 +81,19 @@ struct SaveJob {
     export: ExportOptions,
     /// The nodes of the namespace (to count those that reboot).
     nodes: Vec<Node>,
+    /// The task's status writes, going on from the version its `Running` went onto ([`start`]).
+    writes: Arc<StatusWrites>,
 }
 
-async fn write_status(context: &Context, save: &NodeSave, status: &walt_crds::NodeSaveStatus) -> Result<()> {
+/// Writes a status the reconcile decided on `save`, only onto that version of it ([`Error::Stale`]
+/// otherwise); returns the NodeSave as written.
+async fn write_status(
+    context: &Context,
+    save: &NodeSave,
+    status: &walt_crds::NodeSaveStatus,
+) -> Result<NodeSave> {
     let api: Api<NodeSave> = Api::namespaced(context.client.clone(), &save.namespace().unwrap_or_default());
-    context.apply_status(&api, &save.name_any(), status).await
+    context.apply_status_of(&api, save, status).await
 }
 
 /// Writes a waiting status (only when it says something new).
@@ -232,7 +253,8 @@ async fn start(
     // Running is recorded before the task starts: from now on this save holds
     // its image (see lock.rs), whatever other saves are reconciled meanwhile.
     let started = running_status(save, &job.target, Progress::default(), Timestamp::now());
-    write_status(context, save, &started).await?;
+    let written = write_status(context, save, &started).await?;
+    job.writes = Arc::new(StatusWrites::new(written));
     job.save.status = Some(started);
     let task_context = context.clone();
     tokio::spawn(async move {
@@ -320,6 +342,8 @@ async fn prepare(
         ssh_config,
         export,
         nodes,
+        // Replaced once `Running` is written (the chain starts from that write).
+        writes: Arc::new(StatusWrites::new(save.clone())),
     })
 }
 
@@ -362,7 +386,7 @@ async fn run(context: &Arc<Context>, job: SaveJob, restarted: bool) {
                     String::new()
                 }
             );
-            record_end(context, &save, &status).await;
+            record_end(context, &job, &status).await;
             context
                 .event(&save, EventType::Normal, reasons::SAVED, "Save", message)
                 .await;
@@ -371,12 +395,17 @@ async fn run(context: &Arc<Context>, job: SaveJob, restarted: bool) {
             tracing::info!(message = %cancelled, "node save cancelled");
             context.metrics.node_save_ended("cancelled");
         }
+        Err(overtaken @ Failure::Overtaken(_)) => {
+            // Nothing written: the status is the other writer's; the reconcile it woke decides.
+            tracing::warn!(why = %overtaken, "node save stopped");
+            context.metrics.node_save_ended("cancelled");
+        }
         Err(failure) => {
             let (reason, message) = (failure.reason(), failure.to_string());
             tracing::warn!(reason, %message, "node save failed");
             context.metrics.node_save_ended("failed");
             let status = failed_status(&save, reason, &message, Timestamp::now());
-            record_end(context, &save, &status).await;
+            record_end(context, &job, &status).await;
             context
                 .event(
                     &save,
@@ -432,15 +461,21 @@ async fn execute_with_retries(
 }
 
 /// Writes the final status, retrying a little (the API server may be restarting):
-/// a save left `Running` would run again.
-async fn record_end(context: &Context, save: &NodeSave, status: &walt_crds::NodeSaveStatus) {
-    if let Err(error) = retry_api("recording the end of the save", || {
-        write_status(context, save, status)
+/// a save left `Running` would run again. Never over another writer's end ([`TaskWrite::End`]).
+async fn record_end(context: &Context, job: &SaveJob, status: &walt_crds::NodeSaveStatus) {
+    let written = retry_api("recording the end of the save", || async {
+        match job.writes.write(context, status, TaskWrite::End).await {
+            Ok(()) => Ok(None),
+            Err(Refused::Overtaken(why)) => Ok(Some(why)),
+            Err(Refused::Api(error)) => Err(error),
+        }
     })
-    .await
-        && !is_gone(&error)
-    {
-        tracing::warn!(%error, "could not record the end of the save");
+    .await;
+    match written {
+        Ok(None) => {}
+        Ok(Some(why)) => tracing::warn!(%why, "the end of this run of the save is not recorded"),
+        Err(error) if is_gone(&error) => {}
+        Err(error) => tracing::warn!(%error, "could not record the end of the save"),
     }
 }
 
@@ -532,13 +567,18 @@ async fn transfer(
     // Progress goes through a watch channel to a reporter that writes the
     // status at most every PROGRESS_INTERVAL (throttled patches).
     let (sender, receiver) = tokio::sync::watch::channel(SaveProgress::default());
-    let deleted = tokio_util::sync::CancellationToken::new();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let done = tokio_util::sync::CancellationToken::new();
     let reporter = tokio::spawn(report_progress(
         context.clone(),
-        save.clone(),
-        job.target.clone(),
+        Reporter {
+            save: save.clone(),
+            target: job.target.clone(),
+            writes: job.writes.clone(),
+        },
         receiver,
-        deleted.clone(),
+        stop.clone(),
+        done.clone(),
     ));
     let push = push_node_changes(client, &plan, &registry, &base, &options, |progress| {
         sender.send_if_modified(|current| {
@@ -547,15 +587,20 @@ async fn transfer(
             changed
         });
     });
-    // A NodeSave deleted while it runs (`kubectl walt node save` interrupted)
-    // stops the transfer: dropping the push abandons the upload.
+    // A NodeSave deleted while it runs (`kubectl walt node save` interrupted), or ended or taken
+    // over by another writer, stops the transfer: dropping the push abandons the upload.
     let pushed = tokio::select! {
         pushed = push => Some(pushed),
-        () = deleted.cancelled() => None,
+        () = stop.cancelled() => None,
     };
-    reporter.abort();
+    // The reporter ends between two writes (never amid one: the next write goes on from its answer).
+    done.cancel();
+    let stopped = reporter.await.ok().flatten();
     let Some(pushed) = pushed else {
-        return Err(Failure::Cancelled("while it ran".into()));
+        return Err(match stopped {
+            Some(Refused::Overtaken(why)) => Failure::Overtaken(why),
+            _ => Failure::Cancelled("while it ran".into()),
+        });
     };
     let saved = pushed.map_err(|error| Failure::Transfer(Box::new(error)))?;
     Ok((registry, saved))
@@ -574,27 +619,44 @@ fn save_options(spec: &walt_crds::NodeSaveSpec, repository: &str) -> SaveOptions
     }
 }
 
-/// Writes the save's progress to its status (throttled) and an Event at each milestone; cancels
-/// `deleted` when the NodeSave is gone.
-async fn report_progress(
-    context: Arc<Context>,
+/// What the progress reporter writes about.
+struct Reporter {
     save: NodeSave,
     target: SaveTarget,
+    writes: Arc<StatusWrites>,
+}
+
+/// Writes the save's progress to its status (throttled) and an Event at each milestone, until `done`
+/// (checked between writes, never amid one). Cancels `stop` and returns why when the NodeSave is gone
+/// or another writer decided about it ([`Refused::Overtaken`]).
+async fn report_progress(
+    context: Arc<Context>,
+    reporter: Reporter,
     mut receiver: tokio::sync::watch::Receiver<SaveProgress>,
-    deleted: tokio_util::sync::CancellationToken,
-) {
+    stop: tokio_util::sync::CancellationToken,
+    done: tokio_util::sync::CancellationToken,
+) -> Option<Refused> {
+    let Reporter { save, target, writes } = reporter;
     let mut last_bytes = 0;
-    while receiver.changed().await.is_ok() {
+    loop {
+        tokio::select! {
+            changed = receiver.changed() => if changed.is_err() { return None },
+            () = done.cancelled() => return None,
+        }
         let now = *receiver.borrow_and_update();
         let progress = Progress {
             bytes: now.bytes,
             files: now.files,
         };
         let status = running_status(&save, &target, progress, Timestamp::now());
-        match write_status(&context, &save, &status).await {
-            Err(error) if is_gone(&error) => {
-                deleted.cancel();
-                return;
+        match writes.write(&context, &status, TaskWrite::Progress).await {
+            Err(Refused::Api(error)) if is_gone(&error) => {
+                stop.cancel();
+                return Some(Refused::Api(error));
+            }
+            Err(overtaken @ Refused::Overtaken(_)) => {
+                stop.cancel();
+                return Some(overtaken);
             }
             Err(error) => tracing::debug!(%error, "could not write the save's progress"),
             Ok(()) => {}
@@ -610,7 +672,10 @@ async fn report_progress(
                 .await;
         }
         last_bytes = now.bytes;
-        tokio::time::sleep(PROGRESS_INTERVAL).await;
+        tokio::select! {
+            () = tokio::time::sleep(PROGRESS_INTERVAL) => {}
+            () = done.cancelled() => return None,
+        }
     }
 }
 
@@ -629,8 +694,11 @@ async fn publish(
     };
     let pushing = pushing_status(save, progress, Timestamp::now());
     save.status = Some(pushing.clone());
-    if let Err(error) = write_status(context, save, &pushing).await {
-        tracing::warn!(%error, "could not record the Pushing phase");
+    match job.writes.write(context, &pushing, TaskWrite::Progress).await {
+        Ok(()) => {}
+        // Before the tag moves: what was pushed by digest stays untagged.
+        Err(Refused::Overtaken(why)) => return Err(Failure::Overtaken(why)),
+        Err(Refused::Api(error)) => tracing::warn!(%error, "could not record the Pushing phase"),
     }
     let note = format!(
         "read {} bytes, {} entries from the node; pushed {} by digest; moving tag {}",

@@ -155,9 +155,11 @@ impl Context {
 
     /// Server-side applies a status decided on `object`, only if `object` is still the current version
     /// (its resourceVersion is the apply's precondition): a decision made on a copy that another write
-    /// has overtaken (a watch lagging behind, after an API server restart) never overwrites the newer
-    /// state; [`Error::Stale`] instead, and the reconcile runs again on the new state.
-    pub async fn apply_status_of<K>(&self, api: &Api<K>, object: &K, status: &impl Serialize) -> Result<()>
+    /// has overtaken (a watch lagging behind, after an API server restart, or a second replica taking
+    /// over) never overwrites the newer state; [`Error::Stale`] instead, and the reconcile runs again on
+    /// the new state. Returns the object as written: a chain of the operator's own writes goes on from
+    /// its resourceVersion ([`follow_own_write`]), so it does not conflict with itself.
+    pub async fn apply_status_of<K>(&self, api: &Api<K>, object: &K, status: &impl Serialize) -> Result<K>
     where
         K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug,
     {
@@ -176,7 +178,7 @@ impl Context {
             )
             .await
         {
-            Ok(_) => Ok(()),
+            Ok(written) => Ok(written),
             Err(kube::Error::Api(response)) if response.code == 409 => {
                 Err(Error::Stale(format!("{} {name}", K::kind(&()))))
             }
@@ -186,26 +188,17 @@ impl Context {
             )),
         }
     }
+}
 
-    /// Server-side applies a status (`status` is the whole status object).
-    pub async fn apply_status<K>(&self, api: &Api<K>, name: &str, status: &impl Serialize) -> Result<()>
-    where
-        K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug,
-    {
-        let body = serde_json::json!({
-            "apiVersion": K::api_version(&()),
-            "kind": K::kind(&()),
-            "status": status,
-        });
-        api.patch_status(
-            name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&body),
-        )
-        .await
-        .map(|_| ())
-        .map_err(|source| Error::kube(format!("updating the status of {} {name}", K::kind(&())), source))
-    }
+/// Moves `object`'s resourceVersion to that of `written`, the operator's own write of it: the next
+/// [`Context::apply_status_of`] is conditional on that version, while `object` keeps the state its
+/// decision was made on (an own write is no news that calls for deciding again; any other write in
+/// between still makes the next write [`Error::Stale`]).
+pub fn follow_own_write<K: Resource>(object: &mut K, written: &K) {
+    object
+        .meta_mut()
+        .resource_version
+        .clone_from(&written.meta().resource_version);
 }
 
 /// The `namespace/name` key of an object (for logs and backoff).
@@ -220,13 +213,14 @@ pub fn key_of<K: Resource<DynamicType = ()>>(object: &K) -> String {
 
 impl Context {
     /// Records that `request`'s value `value` was handled on `object` (a merge patch of one
-    /// annotation: the user's own request annotation is left as it is).
+    /// annotation: the user's own request annotation is left as it is). Returns the object as written
+    /// (a status write after it goes on from its version: [`follow_own_write`]).
     pub async fn mark_handled<K>(
         &self,
         object: &K,
         request: walt_crds::RequestAnnotation,
         value: &str,
-    ) -> Result<()>
+    ) -> Result<K>
     where
         K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
             + Clone
@@ -242,7 +236,6 @@ impl Context {
                 &Patch::Merge(&request.handled_patch(value)),
             )
             .await
-            .map(|_| ())
             .map_err(|source| {
                 Error::kube(
                     format!(

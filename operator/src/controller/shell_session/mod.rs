@@ -163,7 +163,8 @@ async fn write_status(context: &Context, session: &ShellSession, status: ShellSe
     };
     let api: Api<ShellSession> =
         Api::namespaced(context.client.clone(), &session.namespace().unwrap_or_default());
-    context.apply_status_of(&api, session, &status).await
+    context.apply_status_of(&api, session, &status).await?;
+    Ok(())
 }
 
 /// The status the controller applies, or `None` when nothing changed (pure): stamped with the

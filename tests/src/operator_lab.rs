@@ -146,6 +146,9 @@ fn start_operator(
     for_pods: &str,
 ) -> OperatorProcess {
     let netns = cluster.node_netns().expect("node network namespace");
+    // The shell pods' layer cache on the cluster node, as in the chart (a hostPath): a session's
+    // changes outlive its pod there (the eviction step of the shells test); under this lab's work dir.
+    let shell_cache = format!("hostPath:{}", work.path().join("shell-cache").display());
     let args: Vec<String> = [
         "--namespace",
         ns,
@@ -164,7 +167,7 @@ fn start_operator(
         "--user-namespaces",
         "never",
         "--shell-cache",
-        "emptyDir",
+        &shell_cache,
         "--catalog-namespace",
         "walt-catalog-none",
     ]

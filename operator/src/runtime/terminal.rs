@@ -206,8 +206,16 @@ pub fn relay(
                         // SIGTERM, SIGHUP, SIGQUIT: hang up the shell, as a
                         // closed terminal would; cleanup follows its exit.
                         end.hung_up = true;
-                        let _ = kill(shell, Signal::SIGHUP);
-                        let _ = kill(shell, Signal::SIGCONT);
+                        if shell == init {
+                            // A basic shell is its PID namespace's init, and the kernel
+                            // drops signals from outside the namespace that its init does
+                            // not handle (a shell ignores SIGHUP there): only SIGKILL ends
+                            // it. What it wrote is in the upper dir already.
+                            let _ = kill(shell, Signal::SIGKILL);
+                        } else {
+                            let _ = kill(shell, Signal::SIGHUP);
+                            let _ = kill(shell, Signal::SIGCONT);
+                        }
                     }
                 }
             }

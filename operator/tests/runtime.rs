@@ -986,6 +986,66 @@ fn refusals_say_what_is_wrong() {
     );
 }
 
+/// Issue 17, a shell pod evicted: `--keep-changes-as ID` keeps the changes when the runtime is
+/// stopped (SIGTERM, what the kubelet sends a pod being deleted), promptly even though a basic shell
+/// (its PID namespace's init) ignores the hang-up; the result line says `kept` and nothing is
+/// committed; the next run with the same ID continues on the changes, deletions included.
+#[test]
+fn a_stopped_runtime_keeps_the_changes_for_the_next_one() {
+    require_root();
+    require_command("dpkg-deb", "dpkg");
+    let work = tempfile::tempdir().unwrap();
+    let rootfs = work.path().join("rootfs");
+    busybox_rootfs("amd64", &rootfs);
+    let cache = work.path().join("cache");
+    let args = [
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--keep-changes-as",
+        "0a1b2c3d-session",
+    ];
+    let mut session = Session::start(&args);
+    session.expect("Note: this is a limited", Duration::from_secs(30));
+    session.run("echo kept > /root/kept; rm /etc/passwd");
+    let stopped = std::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(session.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    session.expect("the changes stay on this cluster node", Duration::from_secs(10));
+    let status = session.child.wait().expect("the runtime ends");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "a stop must not wait for a shell that ignores the hang-up ({:?})",
+        stopped.elapsed()
+    );
+    assert_ne!(status.code(), Some(0), "{status}");
+    assert!(session.text().contains("\"kept\":true"), "{}", session.text());
+    assert!(
+        cache
+            .join("sessions/kept-0a1b2c3d-session/upper/root/kept")
+            .exists(),
+        "the upper dir stays in the cache"
+    );
+
+    let mut again = Session::start(&args);
+    again.expect("continuing on the changes", Duration::from_secs(30));
+    again.expect("Note: this is a limited", Duration::from_secs(30));
+    assert_eq!(again.run("cat /root/kept"), "kept");
+    assert_eq!(again.run("test -e /etc/passwd || echo gone"), "gone");
+    again.send("exit");
+    let status = again.child.wait().expect("the runtime ends");
+    assert!(status.success(), "{status}\n{}", again.text());
+    assert!(!again.text().contains("\"kept\":true"), "an exit is not a stop");
+    assert!(
+        !cache.join("sessions/kept-0a1b2c3d-session").exists(),
+        "a session the user ended leaves no directory behind"
+    );
+}
+
 #[test]
 fn killed_runtime_leaves_nothing_behind() {
     require_root();

@@ -361,6 +361,10 @@ async fn image_shell(
                 cluster_node: &cluster_node,
                 why: &why,
             };
+            // The status first, on the version the loss was seen on: a decision made on a copy a
+            // watch lagged behind (the shell had ended and been recorded) is refused there, before
+            // any pod is made.
+            let status = restarting_status(context, session, status, &restart).await?;
             create_pod(session, context, status, &image_name, Some(restart)).await
         }
         Step::MarkRunning => mark_running(session, context, status, pod.as_ref()).await,
@@ -644,8 +648,8 @@ async fn create_pod(
     let pods: Api<Pod> = Api::namespaced(context.client.clone(), &runtime);
     context.apply(&pods, &pod).await?;
     let pod_name = pod.name_any();
-    if let Some(restart) = restart {
-        return restarted(context, session, status, &restart).await;
+    if restart.is_some() {
+        return Ok(Action::requeue(Duration::from_secs(10)));
     }
     status.phase = ShellSessionPhase::Starting;
     status.pod = Some(pod_name.clone());
@@ -697,7 +701,6 @@ async fn lost_pod_goes(
     mut status: ShellSessionStatus,
     why: &str,
 ) -> Result<Action> {
-    delete_pod(context, session).await?;
     let message = format!("{why}: removing it to make a new one where the changes are");
     condition(
         &mut status,
@@ -708,6 +711,7 @@ async fn lost_pod_goes(
         message.clone(),
     );
     write_status(context, session, status).await?;
+    delete_pod(context, session).await?;
     context
         .event(
             session,
@@ -720,14 +724,14 @@ async fn lost_pod_goes(
     Ok(Action::requeue(Duration::from_secs(2)))
 }
 
-/// Records that the shell pod was made again (the session stays `Running`: the user's plugin keeps
-/// waiting and attaches to the new pod).
-async fn restarted(
+/// Records that the shell pod is being made again (the session stays `Running`: the user's plugin
+/// keeps waiting and attaches to the new pod); the status as written.
+async fn restarting_status(
     context: &Context,
     session: &ShellSession,
     mut status: ShellSessionStatus,
     restart: &Restart<'_>,
-) -> Result<Action> {
+) -> Result<ShellSessionStatus> {
     let count = status.pod_restarts.unwrap_or(0) + 1;
     status.pod_restarts = Some(count);
     let message = restart_message(restart.why, restart.cluster_node, count);
@@ -739,7 +743,7 @@ async fn restarted(
         reasons::SHELL_POD_LOST,
         message.clone(),
     );
-    write_status(context, session, status).await?;
+    write_status(context, session, status.clone()).await?;
     context
         .event(
             session,
@@ -749,7 +753,7 @@ async fn restarted(
             message,
         )
         .await;
-    Ok(Action::requeue(Duration::from_secs(10)))
+    Ok(status)
 }
 
 async fn record(

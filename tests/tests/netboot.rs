@@ -1055,6 +1055,259 @@ fn boot_server_takes_its_devices_from_the_cluster() {
     serves("nothing once the Device is unbound", None);
 }
 
+/// A DHCP client on `net` with `mac` (busybox `udhcpc` on a veth plugged into the lab bridge, the
+/// vendor class `vendor`): the address it was given, or `None` when no server answered (3 tries, 1 s
+/// apart).
+fn dhcp_lease(net: &LabNetwork, mac: &str, vendor: &str) -> Option<String> {
+    let link = |args: &[&str]| {
+        let (ok, out) = output(Command::new("ip").args(["-n", &net.netns, "link"]).args(args));
+        assert!(ok, "ip link {args:?}: {out}");
+    };
+    if !output(Command::new("ip").args(["-n", &net.netns, "link", "show", "dhcp-c"])).0 {
+        link(&["add", "dhcp-c", "type", "veth", "peer", "name", "dhcp-b"]);
+        link(&["set", "dhcp-b", "master", "br0", "up"]);
+    }
+    link(&["set", "dhcp-c", "down"]);
+    link(&["set", "dhcp-c", "address", mac]);
+    link(&["set", "dhcp-c", "up"]);
+    let (_, out) = output(in_netns(net, "busybox").args([
+        "udhcpc", "-i", "dhcp-c", "-f", "-q", "-n", "-t", "3", "-T", "1", "-A", "1", "-s", "/bin/true", "-V",
+        vendor,
+    ]));
+    out.lines()
+        .find_map(|l| l.split("lease of ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(str::to_owned)
+}
+
+/// Control plane tier: the boot service fed from the cluster refuses a MAC two Devices claim and
+/// records a MAC no Device claims. Real DHCP (busybox `udhcpc`) in a lab namespace against
+/// `boot-server --from-cluster --dhcp authoritative` run there: a Device bound to a Node gets its
+/// address; a second Device with its MAC (a typo) makes the service answer neither, say why in its
+/// journal and set `MacConflict=True` naming both on both Devices; deleting the typo serves the MAC
+/// again (`MacConflict=False`). A Raspberry Pi ROM's request from an unknown MAC gets no address and
+/// is recorded as the unregistered Device `unknown-<mac>` (firmware, network, no address, lent to
+/// nobody); with `--max-unknown-devices 1`, a second unknown MAC is not recorded and the log says so.
+#[test]
+fn boot_server_refuses_a_shared_mac_and_records_unknown_devices() {
+    use walt_tests::wait::Wait;
+    require_root().expect("root");
+    let started = std::time::Instant::now();
+    let cluster = control_plane();
+    let scratch = tempfile::tempdir().expect("scratch dir");
+    let registry = Registry::start().expect("registry");
+    let layout = OciLayout::new().expect("layout");
+    layout.new_image("empty", Arch::Amd64).expect("new image");
+    layout
+        .add_layer("empty", "v1", |root| {
+            std::fs::create_dir_all(root.join(format!("boot/{MODEL}")))?;
+            std::fs::write(root.join(format!("boot/{MODEL}/kernel.img")), "v1")
+        })
+        .expect("layer");
+    let digest = layout.push("v1", &registry, "netboot/claims:v1").expect("push");
+    let net = LabNetwork::create(208).expect("lab network");
+    let ns = cluster.create_namespace("claims").expect("namespace");
+    // A boot network of this test's own: Devices other tests leave on the control plane are not ours.
+    let network = format!("claims-{}", std::process::id());
+    let (mac, unknown, unknown2) = ("52:54:00:dd:00:01", "52:54:00:dd:00:02", "52:54:00:dd:00:03");
+    let device_yaml = |name: &str, address: &str| {
+        format!(
+            "apiVersion: walt.dev/v1alpha1\nkind: Device\nmetadata: {{name: {name}}}\n\
+             spec: {{address: '{address}', model: {MODEL}, mac: '{mac}', firmware: ipxe, bootNetwork: {network}, \
+             lentTo: {{namespace: {ns}}}}}\n"
+        )
+    };
+    let pc_a = format!("pc-a-{}", std::process::id());
+    let pc_b = format!("pc-b-{}", std::process::id());
+    kubectl_stdin(
+        cluster,
+        &["apply", "-f", "-"],
+        &format!(
+            "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: os, namespace: {ns}}}\nspec: {{}}\n---\n\
+             apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {{name: node1, namespace: {ns}}}\n\
+             spec: {{model: {MODEL}, device: {pc_a}, image: os}}\n---\n{}",
+            device_yaml(&pc_a, &net.device_ip(1).to_string())
+        ),
+    );
+    let patch_status = |args: &[&str], patch: serde_json::Value| {
+        cluster
+            .kubectl_output(
+                &[args, &["--subresource=status", "--type=merge", "-p", &patch.to_string()]].concat(),
+            )
+            .expect("status patch");
+    };
+    patch_status(
+        &["patch", "-n", &ns, "images.walt.dev", "os"],
+        serde_json::json!({"status": {"digest": digest, "reference": registry.reference("netboot/claims:v1")}}),
+    );
+    let uid = cluster
+        .kubectl_output(&["get", "-n", &ns, "nodes.walt.dev", "node1", "-o", "jsonpath={.metadata.uid}"])
+        .expect("Node uid");
+    patch_status(
+        &["patch", "devices.walt.dev", &pc_a],
+        serde_json::json!({"status": {"boundTo": {"namespace": ns, "node": "node1", "uid": uid.trim()}}}),
+    );
+
+    let port_of = |url: &str| -> u16 {
+        url.rsplit(':')
+            .next()
+            .and_then(|p| p.trim_end_matches('/').parse().ok())
+            .unwrap_or_else(|| panic!("no port in {url}"))
+    };
+    let _forwards = [
+        Forward::into_netns(&net, port_of(cluster.server()), scratch.path()).expect("forward the API server"),
+        Forward::into_netns(&net, port_of(&registry.host()), scratch.path()).expect("forward the registry"),
+    ];
+    let args: Vec<String> = [
+        "--from-cluster",
+        "--network",
+        &network,
+        "--listen",
+        &net.server.to_string(),
+        "--dhcp",
+        "authoritative",
+        "--dhcp-interface",
+        "br0",
+        "--max-unknown-devices",
+        "1",
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    let kubeconfig = cluster.kubeconfig();
+    let server = BootServer::start_in(
+        &net,
+        scratch.path(),
+        Some(&registry),
+        &args,
+        &[("KUBECONFIG", kubeconfig.as_path())],
+    );
+    let ipxe = "iPXE";
+    let rpi = "PXEClient:Arch:00000:UNDI:002001";
+    let leases = |what: &str, wanted: Option<&str>| {
+        let mut last = None;
+        Wait::new(what, Duration::from_mins(2))
+            .every(Duration::from_millis(500))
+            .until(|| {
+                last = dhcp_lease(&net, mac, ipxe);
+                last.as_deref() == wanted
+            })
+            .unwrap_or_else(|e| panic!("{e}: lease {last:?}\n{}", server.log()));
+    };
+    let a_address = net.device_ip(1).to_string();
+    leases("the Device's address", Some(&a_address));
+    let served_at = started.elapsed();
+
+    // A second Device with the same MAC: neither is served, both say why.
+    kubectl_stdin(cluster, &["apply", "-f", "-"], &device_yaml(&pc_b, &net.device_ip(2).to_string()));
+    leases("no answer while two Devices claim the MAC", None);
+    let refused_at = started.elapsed();
+    let condition = |device: &str| {
+        cluster
+            .kubectl_output(&[
+                "get",
+                "devices.walt.dev",
+                device,
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"MacConflict\")].status} {.status.conditions[?(@.type==\"MacConflict\")].message}",
+            ])
+            .unwrap_or_default()
+    };
+    for device in [&pc_a, &pc_b] {
+        let mut last = String::new();
+        Wait::new("MacConflict=True", Duration::from_secs(30))
+            .every(Duration::from_millis(300))
+            .until(|| {
+                last = condition(device);
+                last.starts_with("True ") && last.contains(&format!("the Devices {pc_a}, {pc_b}"))
+            })
+            .unwrap_or_else(|e| panic!("{e}: {device}: {last:?}"));
+    }
+    let refusal = server
+        .journal()
+        .into_iter()
+        .rev()
+        .find(|e| e["protocol"] == "dhcp" && e["mac"] == mac)
+        .expect("a DHCP journal entry");
+    let why = refusal["refused"].as_str().unwrap_or_default();
+    assert!(
+        why.contains(&format!("claimed by the Devices {pc_a}, {pc_b}")),
+        "the journal says why: {refusal}"
+    );
+    assert!(
+        server.log().contains("MAC address shared: not served"),
+        "logged:\n{}",
+        server.log()
+    );
+
+    // The typo fixed: the MAC is served again, the condition cleared.
+    cluster
+        .kubectl_output(&["delete", "devices.walt.dev", &pc_b])
+        .expect("delete the typo");
+    leases("the Device's address again", Some(&a_address));
+    let served_again_at = started.elapsed();
+    let mut last = String::new();
+    Wait::new("MacConflict=False", Duration::from_secs(30))
+        .every(Duration::from_millis(300))
+        .until(|| {
+            last = condition(&pc_a);
+            last.starts_with("False ")
+        })
+        .unwrap_or_else(|e| panic!("{e}: {last:?}"));
+
+    // An unknown device: no address, recorded for the lab admin.
+    assert_eq!(dhcp_lease(&net, unknown, rpi), None, "an unknown device gets no address");
+    let recorded = "unknown-525400dd0002";
+    let mut seen = serde_json::Value::Null;
+    Wait::new("the unknown device recorded", Duration::from_secs(30))
+        .every(Duration::from_millis(300))
+        .until(|| {
+            seen = cluster
+                .kubectl_output(&["get", "devices.walt.dev", recorded, "-o", "json"])
+                .ok()
+                .and_then(|out| serde_json::from_str(&out).ok())
+                .unwrap_or_default();
+            seen["status"]["discovered"]["firmware"] == "rpi"
+        })
+        .unwrap_or_else(|e| panic!("{e}: {seen}\n{}", server.log()));
+    let recorded_at = started.elapsed();
+    assert_eq!(seen["spec"]["mac"], unknown);
+    assert_eq!(seen["spec"]["firmware"], "rpi");
+    assert_eq!(seen["spec"]["bootNetwork"], network.as_str());
+    assert_eq!(seen["spec"]["model"], "unknown");
+    assert!(
+        seen["spec"]["address"].is_null() && seen["spec"]["lentTo"].is_null(),
+        "unregistered, lent to nobody: {seen}"
+    );
+    assert_eq!(seen["metadata"]["labels"]["walt.dev/discovered"], "true");
+    assert_eq!(seen["status"]["discovered"]["network"], network.as_str());
+    assert_eq!(seen["status"]["discovered"]["vendorClass"], rpi);
+    assert!(seen["status"]["discovered"]["firstSeen"].is_string(), "{seen}");
+    assert_eq!(dhcp_lease(&net, unknown, rpi), None, "recorded, still booted into nothing");
+
+    // The cap (1): a second unknown MAC is logged, not recorded.
+    assert_eq!(dhcp_lease(&net, unknown2, rpi), None);
+    Wait::new("the cap logged", Duration::from_secs(30))
+        .every(Duration::from_millis(300))
+        .until(|| server.log().contains("unknown devices not recorded"))
+        .unwrap_or_else(|e| panic!("{e}:\n{}", server.log()));
+    assert!(
+        cluster
+            .kubectl_output(&["get", "devices.walt.dev", "unknown-525400dd0003"])
+            .is_err(),
+        "past the cap, nothing is created"
+    );
+    let _ = cluster.kubectl_output(&["delete", "devices.walt.dev", recorded, &pc_a]);
+    eprintln!(
+        "claims: served {:.1} s, refused after the typo {:.1} s, served again {:.1} s, recorded {:.1} s, test {:.1} s",
+        served_at.as_secs_f64(),
+        refused_at.as_secs_f64(),
+        served_again_at.as_secs_f64(),
+        recorded_at.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
 /// A lab under the operator on the control plane tier: a Device (MAC, iPXE firmware, address,
 /// pinned host key) lent to a namespace, the Node `vm1` on it booting the Image `os` (and an Image
 /// `os2` of a second digest), both pushed to a real registry, the node key Secret;

@@ -213,9 +213,12 @@ impl Device {
 
     /// The device's `MacConflict` condition, if any.
     pub fn mac_conflict(&self) -> Option<&Condition> {
-        self.status
-            .as_ref()
-            .and_then(|status| status.conditions.iter().find(|c| c.type_ == MAC_CONFLICT_CONDITION))
+        self.status.as_ref().and_then(|status| {
+            status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == MAC_CONFLICT_CONDITION)
+        })
     }
 
     /// The Node bound to the device, if any (stale or not).

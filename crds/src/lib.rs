@@ -38,8 +38,8 @@ pub use image_build::{
 pub use image_name::{ImageName, ImageNameError};
 pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 pub use node::{
-    Architecture, BootMode, DEFAULT_SSH_PORT, Node, NodeBoot, NodeOverlay, NodePhase, NodeSpec, NodeStatus, VirtualKind,
-    VirtualNode, is_container_node, is_vm,
+    Architecture, BootMode, DEFAULT_SSH_PORT, Node, NodeBoot, NodeOverlay, NodePhase, NodeSpec, NodeStatus,
+    VirtualKind, VirtualNode, is_container_node, is_vm,
 };
 pub use node_save::{
     Compression, NodeSave, NodeSavePhase, NodeSaveResult, NodeSaveSpec, NodeSaveStatus, Progress,

@@ -70,7 +70,13 @@ pub fn lent_rows(devices: &[Device], namespace: &str, nodes: &[Node], all: bool)
 /// --unregistered` shows them (pure): what their requests said, where and when.
 pub fn unregistered_rows(devices: &[Device]) -> String {
     let mut table = Table::new(vec![
-        "NAME", "MAC", "FIRMWARE", "MODEL", "NETWORK", "FIRST SEEN", "LAST SEEN",
+        "NAME",
+        "MAC",
+        "FIRMWARE",
+        "MODEL",
+        "NETWORK",
+        "FIRST SEEN",
+        "LAST SEEN",
     ]);
     for device in devices.iter().filter(|d| !d.is_registered()) {
         let seen = device.status.as_ref().and_then(|s| s.discovered.as_ref());
@@ -127,7 +133,10 @@ pub fn register_plan(recorded: &Device, registration: &Registration) -> Result<(
     let mut spec = recorded.spec.clone();
     spec.address = Some(registration.address.clone());
     spec.model = model;
-    spec.lent_to = registration.lend.clone().map(|namespace| DeviceLoan { namespace });
+    spec.lent_to = registration
+        .lend
+        .clone()
+        .map(|namespace| DeviceLoan { namespace });
     let mut device = Device::new(&new_name, spec);
     let mut labels = recorded.labels().clone();
     labels.remove(DISCOVERED_LABEL);
@@ -266,11 +275,19 @@ pub async fn register(ctx: &Ctx, name: &str, registration: &Registration) -> Res
     if delete.is_none() {
         api.replace(&new_name, &PostParams::default(), &device)
             .await
-            .map_err(|e| Error::api(Op::named("replace", "device", "devices.walt.dev", &new_name, ""), e))?;
+            .map_err(|e| {
+                Error::api(
+                    Op::named("replace", "device", "devices.walt.dev", &new_name, ""),
+                    e,
+                )
+            })?;
     } else {
-        api.create(&PostParams::default(), &device)
-            .await
-            .map_err(|e| Error::api(Op::named("create", "device", "devices.walt.dev", &new_name, ""), e))?;
+        api.create(&PostParams::default(), &device).await.map_err(|e| {
+            Error::api(
+                Op::named("create", "device", "devices.walt.dev", &new_name, ""),
+                e,
+            )
+        })?;
         api.delete(name, &DeleteParams::default())
             .await
             .map_err(|e| Error::api(Op::named("delete", "device", "devices.walt.dev", name, ""), e))?;
@@ -284,9 +301,13 @@ pub async fn register(ctx: &Ctx, name: &str, registration: &Registration) -> Res
             .map(|ns| format!(", lent to {ns}"))
             .unwrap_or_default(),
         if device.lent_to().is_some() {
-            format!(" A Node of that namespace boots it once it acquires it (`kubectl walt node acquire {new_name}`).")
+            format!(
+                " A Node of that namespace boots it once it acquires it (`kubectl walt node acquire {new_name}`)."
+            )
         } else {
-            format!(" Lend it to a namespace: `kubectl patch devices.walt.dev {new_name} --type=merge -p '{{\"spec\":{{\"lentTo\":{{\"namespace\":\"NS\"}}}}}}'`.")
+            format!(
+                " Lend it to a namespace: `kubectl patch devices.walt.dev {new_name} --type=merge -p '{{\"spec\":{{\"lentTo\":{{\"namespace\":\"NS\"}}}}}}'`."
+            )
         }
     );
     Ok(())
@@ -499,9 +520,7 @@ mod tests {
                 ..DeviceSpec::default()
             },
         );
-        device
-            .labels_mut()
-            .insert(DISCOVERED_LABEL.into(), "true".into());
+        device.labels_mut().insert(DISCOVERED_LABEL.into(), "true".into());
         device.metadata.resource_version = Some("42".into());
         device.status = Some(DeviceStatus {
             discovered: Some(walt_crds::DeviceDiscovery {
@@ -525,7 +544,10 @@ mod tests {
                 && table.contains("lab2"),
             "{table}"
         );
-        assert!(!table.contains("pi1"), "registered devices are not listed: {table}");
+        assert!(
+            !table.contains("pi1"),
+            "registered devices are not listed: {table}"
+        );
         let all = lent_rows(&devices, "alice", &[], true);
         assert!(all.contains("(unregistered)"), "{all}");
     }
@@ -577,7 +599,10 @@ mod tests {
         };
         let refused = register_plan(&recorded("unknown"), &no_model).expect_err("model unknown");
         assert!(refused.to_string().contains("--model"), "{refused}");
-        assert!(register_plan(&recorded("pc-x86-64"), &no_model).is_ok(), "a model its request named");
+        assert!(
+            register_plan(&recorded("pc-x86-64"), &no_model).is_ok(),
+            "a model its request named"
+        );
         let refused = register_plan(&device, &no_model).expect_err("registered already");
         assert!(refused.to_string().contains("registered already"), "{refused}");
     }

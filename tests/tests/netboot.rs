@@ -834,6 +834,21 @@ fn bench_nfs_reads_vs_ganesha() {
 
 /// Runs kubectl on the shared control plane with `input` on stdin.
 fn kubectl_stdin(cluster: &walt_tests::k8s::Cluster, args: &[&str], input: &str) -> String {
+    let out = kubectl_with_input(cluster, args, input);
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `kubectl ARGS` with `input` on its standard input, succeeding or not.
+fn kubectl_with_input(
+    cluster: &walt_tests::k8s::Cluster,
+    args: &[&str],
+    input: &str,
+) -> std::process::Output {
     use std::io::Write as _;
     let mut child = cluster
         .kubectl()
@@ -849,13 +864,7 @@ fn kubectl_stdin(cluster: &walt_tests::k8s::Cluster, args: &[&str], input: &str)
         .expect("stdin")
         .write_all(input.as_bytes())
         .expect("write kubectl input");
-    let out = child.wait_with_output().expect("kubectl");
-    assert!(
-        out.status.success(),
-        "kubectl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    child.wait_with_output().expect("kubectl")
 }
 
 /// A log line without its terminal colour sequences (`ESC [ … m`).
@@ -956,32 +965,7 @@ fn boot_server_takes_its_devices_from_the_cluster() {
             .expect("Image status");
     };
     set_image(0);
-    let uid = cluster
-        .kubectl_output(&[
-            "get",
-            "-n",
-            &ns,
-            "nodes.walt.dev",
-            "node1",
-            "-o",
-            "jsonpath={.metadata.uid}",
-        ])
-        .expect("Node uid");
-    let bind = |bound: serde_json::Value| {
-        let patch = serde_json::json!({"status": {"boundTo": bound}});
-        cluster
-            .kubectl_output(&[
-                "patch",
-                "devices.walt.dev",
-                &device,
-                "--subresource=status",
-                "--type=merge",
-                "-p",
-                &patch.to_string(),
-            ])
-            .expect("Device status");
-    };
-    bind(serde_json::json!({"namespace": ns, "node": "node1", "uid": uid.trim()}));
+    bind_device(cluster, &device, Some((&ns, "node1")));
 
     let port = |what| walt_tests::registry::free_port().unwrap_or_else(|e| panic!("{what} port: {e}"));
     let (nfs, http, status) = (port("NFS"), port("HTTP"), port("status"));
@@ -1051,8 +1035,47 @@ fn boot_server_takes_its_devices_from_the_cluster() {
     assert_eq!(kernel.stdout, b"v1", "the boot files are the image's");
     set_image(1);
     serves("the Image's new digest", Some(&digests[1]));
-    bind(serde_json::Value::Null);
+    bind_device(cluster, &device, None);
     serves("nothing once the Device is unbound", None);
+}
+
+/// Binds `device` to the Node `(namespace, name)` (its uid read) as the operator's Node controller
+/// does, or unbinds it (`None`).
+fn bind_device(cluster: &walt_tests::k8s::Cluster, device: &str, node: Option<(&str, &str)>) {
+    let bound = node.map_or(serde_json::Value::Null, |(namespace, name)| {
+        let uid = cluster
+            .kubectl_output(&[
+                "get",
+                "-n",
+                namespace,
+                "nodes.walt.dev",
+                name,
+                "-o",
+                "jsonpath={.metadata.uid}",
+            ])
+            .expect("Node uid");
+        serde_json::json!({"namespace": namespace, "node": name, "uid": uid.trim()})
+    });
+    let patch = serde_json::json!({"status": {"boundTo": bound}});
+    cluster
+        .kubectl_output(&[
+            "patch",
+            "devices.walt.dev",
+            device,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &patch.to_string(),
+        ])
+        .expect("Device status");
+}
+
+/// The port of a `scheme://host:port` URL (test helper).
+fn port_of(url: &str) -> u16 {
+    url.rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .unwrap_or_else(|| panic!("no port in {url}"))
 }
 
 /// A DHCP client on `net` with `mac` (busybox `udhcpc` on a veth plugged into the lab bridge, the
@@ -1071,7 +1094,21 @@ fn dhcp_lease(net: &LabNetwork, mac: &str, vendor: &str) -> Option<String> {
     link(&["set", "dhcp-c", "address", mac]);
     link(&["set", "dhcp-c", "up"]);
     let (_, out) = output(in_netns(net, "busybox").args([
-        "udhcpc", "-i", "dhcp-c", "-f", "-q", "-n", "-t", "3", "-T", "1", "-A", "1", "-s", "/bin/true", "-V",
+        "udhcpc",
+        "-i",
+        "dhcp-c",
+        "-f",
+        "-q",
+        "-n",
+        "-t",
+        "3",
+        "-T",
+        "1",
+        "-A",
+        "1",
+        "-s",
+        "/bin/true",
+        "-V",
         vendor,
     ]));
     out.lines()
@@ -1085,7 +1122,8 @@ fn dhcp_lease(net: &LabNetwork, mac: &str, vendor: &str) -> Option<String> {
 /// `boot-server --from-cluster --dhcp authoritative` run there: a Device bound to a Node gets its
 /// address; a second Device with its MAC (a typo) makes the service answer neither, say why in its
 /// journal and set `MacConflict=True` naming both on both Devices; deleting the typo serves the MAC
-/// again (`MacConflict=False`). A Raspberry Pi ROM's request from an unknown MAC gets no address and
+/// again (`MacConflict=False`); with the chart's admission policies applied, writing the typo again
+/// is refused by the API server (`walt-device-mac-unique`). A Raspberry Pi ROM's request from an unknown MAC gets no address and
 /// is recorded as the unregistered Device `unknown-<mac>` (firmware, network, no address, lent to
 /// nobody); with `--max-unknown-devices 1`, a second unknown MAC is not recorded and the log says so.
 #[test]
@@ -1132,7 +1170,11 @@ fn boot_server_refuses_a_shared_mac_and_records_unknown_devices() {
     let patch_status = |args: &[&str], patch: serde_json::Value| {
         cluster
             .kubectl_output(
-                &[args, &["--subresource=status", "--type=merge", "-p", &patch.to_string()]].concat(),
+                &[
+                    args,
+                    &["--subresource=status", "--type=merge", "-p", &patch.to_string()],
+                ]
+                .concat(),
             )
             .expect("status patch");
     };
@@ -1140,20 +1182,8 @@ fn boot_server_refuses_a_shared_mac_and_records_unknown_devices() {
         &["patch", "-n", &ns, "images.walt.dev", "os"],
         serde_json::json!({"status": {"digest": digest, "reference": registry.reference("netboot/claims:v1")}}),
     );
-    let uid = cluster
-        .kubectl_output(&["get", "-n", &ns, "nodes.walt.dev", "node1", "-o", "jsonpath={.metadata.uid}"])
-        .expect("Node uid");
-    patch_status(
-        &["patch", "devices.walt.dev", &pc_a],
-        serde_json::json!({"status": {"boundTo": {"namespace": ns, "node": "node1", "uid": uid.trim()}}}),
-    );
+    bind_device(cluster, &pc_a, Some((&ns, "node1")));
 
-    let port_of = |url: &str| -> u16 {
-        url.rsplit(':')
-            .next()
-            .and_then(|p| p.trim_end_matches('/').parse().ok())
-            .unwrap_or_else(|| panic!("no port in {url}"))
-    };
     let _forwards = [
         Forward::into_netns(&net, port_of(cluster.server()), scratch.path()).expect("forward the API server"),
         Forward::into_netns(&net, port_of(&registry.host()), scratch.path()).expect("forward the registry"),
@@ -1197,9 +1227,19 @@ fn boot_server_refuses_a_shared_mac_and_records_unknown_devices() {
     let a_address = net.device_ip(1).to_string();
     leases("the Device's address", Some(&a_address));
     let served_at = started.elapsed();
+    assert!(
+        cluster
+            .kubectl_output(&["get", "devices.walt.dev", "unknown-525400dd0001"])
+            .is_err(),
+        "a registered device asking before the service has read the Devices is not recorded as unknown"
+    );
 
     // A second Device with the same MAC: neither is served, both say why.
-    kubectl_stdin(cluster, &["apply", "-f", "-"], &device_yaml(&pc_b, &net.device_ip(2).to_string()));
+    kubectl_stdin(
+        cluster,
+        &["apply", "-f", "-"],
+        &device_yaml(&pc_b, &net.device_ip(2).to_string()),
+    );
     leases("no answer while two Devices claim the MAC", None);
     let refused_at = started.elapsed();
     let condition = |device: &str| {
@@ -1255,8 +1295,42 @@ fn boot_server_refuses_a_shared_mac_and_records_unknown_devices() {
         })
         .unwrap_or_else(|e| panic!("{e}: {last:?}"));
 
+    // With the chart's admission policies, the typo is refused when written (the condition above
+    // stays for what admission cannot see: conflicts made before, or by two writes at once).
+    let policies =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/walt/files/admission.yaml");
+    cluster
+        .kubectl_output(&["apply", "-f", &policies.display().to_string()])
+        .expect("apply the chart's admission policies");
+    let mut refused = String::new();
+    Wait::new("admission to refuse the typo", Duration::from_mins(1))
+        .every(Duration::from_millis(500))
+        .until(|| {
+            let out = kubectl_with_input(
+                cluster,
+                &["create", "-f", "-"],
+                &device_yaml(&pc_b, &net.device_ip(2).to_string()),
+            );
+            if out.status.success() {
+                let _ = cluster.kubectl_output(&["delete", "devices.walt.dev", &pc_b]);
+            }
+            refused = String::from_utf8_lossy(&out.stderr).into_owned();
+            refused.contains("walt-device-mac-unique")
+        })
+        .unwrap_or_else(|e| panic!("{e}: {refused}"));
+    assert!(
+        refused.contains(&format!(
+            "the MAC address {mac} is claimed by the Device {pc_a} already"
+        )),
+        "{refused}"
+    );
+
     // An unknown device: no address, recorded for the lab admin.
-    assert_eq!(dhcp_lease(&net, unknown, rpi), None, "an unknown device gets no address");
+    assert_eq!(
+        dhcp_lease(&net, unknown, rpi),
+        None,
+        "an unknown device gets no address"
+    );
     let recorded = "unknown-525400dd0002";
     let mut seen = serde_json::Value::Null;
     Wait::new("the unknown device recorded", Duration::from_secs(30))
@@ -1283,7 +1357,11 @@ fn boot_server_refuses_a_shared_mac_and_records_unknown_devices() {
     assert_eq!(seen["status"]["discovered"]["network"], network.as_str());
     assert_eq!(seen["status"]["discovered"]["vendorClass"], rpi);
     assert!(seen["status"]["discovered"]["firstSeen"].is_string(), "{seen}");
-    assert_eq!(dhcp_lease(&net, unknown, rpi), None, "recorded, still booted into nothing");
+    assert_eq!(
+        dhcp_lease(&net, unknown, rpi),
+        None,
+        "recorded, still booted into nothing"
+    );
 
     // The cap (1): a second unknown MAC is logged, not recorded.
     assert_eq!(dhcp_lease(&net, unknown2, rpi), None);
@@ -1383,12 +1461,6 @@ impl OperatorLab {
 
         // The boot service runs whole in the lab namespace: the API server and the registry are
         // forwarded into it, its boot records out of it.
-        let port_of = |url: &str| -> u16 {
-            url.rsplit(':')
-                .next()
-                .and_then(|p| p.trim_end_matches('/').parse().ok())
-                .unwrap_or_else(|| panic!("no port in {url}"))
-        };
         let status = walt_tests::registry::free_port().expect("status port");
         let forwards = vec![
             Forward::into_netns(&net, port_of(cluster.server()), scratch.path())

@@ -562,7 +562,11 @@ fn boot_service_runs_one_instance_per_lab_network() {
         .clone();
     let writes: Vec<String> = rules
         .iter()
-        .filter(|r| r["verbs"].as_array().is_some_and(|v| v.iter().any(|v| v != "get" && v != "list" && v != "watch")))
+        .filter(|r| {
+            r["verbs"]
+                .as_array()
+                .is_some_and(|v| v.iter().any(|v| v != "get" && v != "list" && v != "watch"))
+        })
         .map(|r| format!("{} {}", r["resources"], r["verbs"]))
         .collect();
     assert_eq!(

@@ -609,22 +609,37 @@ mod tests {
 
     #[test]
     fn a_request_from_an_unserved_mac_is_a_sighting_when_worth_recording() {
-        let rpi = Packet::decode(&request_bytes(1, &[(60, b"PXEClient:Arch:00000:UNDI:002001")])).expect("decodes");
+        let rpi =
+            Packet::decode(&request_bytes(1, &[(60, b"PXEClient:Arch:00000:UNDI:002001")])).expect("decodes");
         let seen = sighting(Mode::Authoritative, &rpi).expect("recorded");
         assert_eq!(seen.mac, Mac(MAC));
         assert_eq!(seen.firmware, Firmware::Rpi);
-        assert_eq!(seen.vendor_class.as_deref(), Some("PXEClient:Arch:00000:UNDI:002001"));
+        assert_eq!(
+            seen.vendor_class.as_deref(),
+            Some("PXEClient:Arch:00000:UNDI:002001")
+        );
         assert_eq!(seen.user_class, None);
         let ipxe = Packet::decode(&request_bytes(3, &[(77, b"walt.node.rpi-3-b")])).expect("decodes");
         let seen = sighting(Mode::Proxy, &ipxe).expect("a proxy records boot firmware");
         assert_eq!(seen.firmware, Firmware::Ipxe(Some("rpi-3-b".into())));
         assert_eq!(seen.user_class.as_deref(), Some("walt.node.rpi-3-b"));
         let os = Packet::decode(&request_bytes(1, &[])).expect("decodes");
-        assert!(sighting(Mode::Authoritative, &os).is_some(), "authoritative: every client");
-        assert_eq!(sighting(Mode::Proxy, &os), None, "proxy: the lab's computers are not ours");
+        assert!(
+            sighting(Mode::Authoritative, &os).is_some(),
+            "authoritative: every client"
+        );
+        assert_eq!(
+            sighting(Mode::Proxy, &os),
+            None,
+            "proxy: the lab's computers are not ours"
+        );
         assert_eq!(sighting(Mode::Off, &rpi), None);
         let release = Packet::decode(&request_bytes(7, &[])).expect("decodes");
-        assert_eq!(sighting(Mode::Authoritative, &release), None, "only DISCOVER and REQUEST");
+        assert_eq!(
+            sighting(Mode::Authoritative, &release),
+            None,
+            "only DISCOVER and REQUEST"
+        );
     }
 
     #[test]

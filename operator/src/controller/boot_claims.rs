@@ -77,7 +77,11 @@ pub fn conflicts(devices: &[Device]) -> Vec<Conflict> {
 
 /// The `MacConflict` conditions to write (pure): `True` on each Device of a conflict, `False` on a
 /// Device whose condition says `True` but that no longer shares its MAC; only those that change.
-pub fn conflict_conditions(devices: &[Device], conflicts: &[Conflict], now: Timestamp) -> Vec<(String, Condition)> {
+pub fn conflict_conditions(
+    devices: &[Device],
+    conflicts: &[Conflict],
+    now: Timestamp,
+) -> Vec<(String, Condition)> {
     let mut writes = Vec::new();
     for device in devices {
         let name = device.name_any();
@@ -137,8 +141,7 @@ pub enum Record {
 /// The name of the Device recorded for a MAC: `unknown-` and its twelve hex digits (one Device per
 /// MAC, whatever the number of requests).
 pub fn recorded_name(mac: Mac) -> String {
-    let hex: String = mac.0.iter().map(|b| format!("{b:02x}")).collect();
-    format!("unknown-{hex}")
+    format!("unknown-{}", mac.to_string().replace(':', ""))
 }
 
 /// Whether a Device is one the boot service recorded and the lab admin has not registered yet.
@@ -281,7 +284,9 @@ mod tests {
             }]
         );
         assert!(
-            found[0].reason().contains("52:54:00:aa:00:01 is claimed by the Devices pc-a, pc-b"),
+            found[0]
+                .reason()
+                .contains("52:54:00:aa:00:01 is claimed by the Devices pc-a, pc-b"),
             "{}",
             found[0].reason()
         );
@@ -313,7 +318,10 @@ mod tests {
         devices.pop();
         let cleared = conflict_conditions(&devices, &conflicts(&devices), at(10));
         assert_eq!(cleared.len(), 1);
-        assert_eq!((cleared[0].0.as_str(), cleared[0].1.status.as_str()), ("pc-a", "False"));
+        assert_eq!(
+            (cleared[0].0.as_str(), cleared[0].1.status.as_str()),
+            ("pc-a", "False")
+        );
         assert_eq!(cleared[0].1.reason, UNIQUE_MAC);
         assert_eq!(
             conflict_conditions(&[registered("pc-c", mac(3))], &[], at(0)),
@@ -362,10 +370,18 @@ mod tests {
         ) else {
             panic!("created");
         };
-        assert_eq!(ipxe.spec.model, "pc-x86-64", "the iPXE user class names the model");
+        assert_eq!(
+            ipxe.spec.model, "pc-x86-64",
+            "the iPXE user class names the model"
+        );
         assert_eq!(ipxe.spec.boot_network, None, "the default network");
-        let Record::Create(os) = record(&sighting(mac(9), dhcp::Firmware::Other), &[], "default", 10, at(0))
-        else {
+        let Record::Create(os) = record(
+            &sighting(mac(9), dhcp::Firmware::Other),
+            &[],
+            "default",
+            10,
+            at(0),
+        ) else {
             panic!("created");
         };
         assert_eq!(os.spec.firmware, None, "not a firmware walt boots");
@@ -373,7 +389,8 @@ mod tests {
 
     #[test]
     fn a_recorded_device_is_touched_at_most_once_a_minute_and_a_registered_one_never() {
-        let Record::Create(device) = record(&sighting(mac(7), dhcp::Firmware::Rpi), &[], "default", 10, at(0))
+        let Record::Create(device) =
+            record(&sighting(mac(7), dhcp::Firmware::Rpi), &[], "default", 10, at(0))
         else {
             panic!("created");
         };
@@ -403,13 +420,25 @@ mod tests {
     fn recording_stops_at_the_cap_and_resumes_when_the_admin_registers_one() {
         let mut devices = Vec::new();
         for last in 0..3 {
-            match record(&sighting(mac(last), dhcp::Firmware::Rpi), &devices, "default", 3, at(0)) {
+            match record(
+                &sighting(mac(last), dhcp::Firmware::Rpi),
+                &devices,
+                "default",
+                3,
+                at(0),
+            ) {
                 Record::Create(device) => devices.push(*device),
                 other => panic!("{other:?}"),
             }
         }
         assert_eq!(
-            record(&sighting(mac(50), dhcp::Firmware::Rpi), &devices, "default", 3, at(0)),
+            record(
+                &sighting(mac(50), dhcp::Firmware::Rpi),
+                &devices,
+                "default",
+                3,
+                at(0)
+            ),
             Record::Full { cap: 3 }
         );
         assert_eq!(
@@ -419,7 +448,13 @@ mod tests {
         );
         devices[0].spec.address = Some("10.0.0.30".into());
         assert!(matches!(
-            record(&sighting(mac(50), dhcp::Firmware::Rpi), &devices, "default", 3, at(0)),
+            record(
+                &sighting(mac(50), dhcp::Firmware::Rpi),
+                &devices,
+                "default",
+                3,
+                at(0)
+            ),
             Record::Create(_)
         ));
     }

@@ -200,12 +200,9 @@ async fn feed(
     )
     .touched_objects()
     .map(|r| r.map(|_| ()).map_err(|e| e.to_string()));
-    let image_events = reflector(
-        image_writer,
-        watcher(Api::<Image>::all(client.clone()), config),
-    )
-    .touched_objects()
-    .map(|r| r.map(|_| ()).map_err(|e| e.to_string()));
+    let image_events = reflector(image_writer, watcher(Api::<Image>::all(client.clone()), config))
+        .touched_objects()
+        .map(|r| r.map(|_| ()).map_err(|e| e.to_string()));
     let mut events =
         futures::stream::select_all([device_events.boxed(), node_events.boxed(), image_events.boxed()]);
     let device_api = Api::<Device>::all(client);
@@ -269,7 +266,11 @@ async fn feed(
 async fn write_conflict_conditions(api: &Api<Device>, devices: &[Device], conflicts: &[Conflict]) {
     for (name, condition) in conflict_conditions(devices, conflicts, Timestamp::now()) {
         if condition.status == ConditionStatus::True.as_str() {
-            tracing::warn!(device = name, why = condition.message, "MAC address shared: not served");
+            tracing::warn!(
+                device = name,
+                why = condition.message,
+                "MAC address shared: not served"
+            );
         } else {
             tracing::info!(device = name, "MAC address no longer shared: served again");
         }
@@ -303,6 +304,11 @@ async fn record_unknown(
     // twice.
     let mut created: Vec<Device> = Vec::new();
     let mut full = Throttle::new(Duration::from_mins(1));
+    // Not before the Devices are known: a device that asks while the watch is still listing them is
+    // registered, not unknown (seen: a registered device recorded as unknown at start).
+    if devices.wait_until_ready().await.is_err() {
+        return;
+    }
     while let Some(sighting) = sightings.recv().await {
         let mut lab = all(&devices);
         created.retain(|c| !lab.iter().any(|d| d.name_any() == c.name_any()));
@@ -383,7 +389,10 @@ impl Throttle {
     /// last one told, this one included), else `None` (held back).
     pub fn hit(&mut self, now: std::time::Instant) -> Option<u64> {
         self.held += 1;
-        if self.last.is_some_and(|last| now.duration_since(last) < self.every) {
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < self.every)
+        {
             return None;
         }
         self.last = Some(now);
@@ -565,7 +574,12 @@ mod tests {
         let mut unregistered = device("pc1", None, Some(("lab", "n1", "u1")));
         unregistered.spec.address = None;
         assert!(
-            why(&[unregistered], std::slice::from_ref(&n), std::slice::from_ref(&i)).contains("not registered")
+            why(
+                &[unregistered],
+                std::slice::from_ref(&n),
+                std::slice::from_ref(&i)
+            )
+            .contains("not registered")
         );
         let Wanted { serve, skipped, .. } = wanted(
             &[device("pc1", Some("lab2"), Some(("lab", "n1", "u1")))],
@@ -598,7 +612,11 @@ mod tests {
         assert!(serve.is_empty(), "neither is served: {serve:?}");
         assert_eq!(skipped.len(), 2);
         for skip in &skipped {
-            assert!(skip.why.contains("claimed by the Devices pc1, pc2"), "{}", skip.why);
+            assert!(
+                skip.why.contains("claimed by the Devices pc1, pc2"),
+                "{}",
+                skip.why
+            );
         }
         assert_eq!(conflicts.len(), 1);
         assert_eq!(conflicts[0].mac.to_string(), "52:54:00:00:00:01");

@@ -1386,6 +1386,128 @@ fn boot_server_refuses_a_shared_mac_and_records_unknown_devices() {
     );
 }
 
+/// Control plane tier: what the chart lets the boot service write, enforced by a real API server.
+/// The chart's boot ServiceAccount, ClusterRole(Binding) and `walt-boot-records-only` policy
+/// (rendered with `helm template`) applied; as that ServiceAccount (impersonated), creating a
+/// recorded Device (no address, lent to nobody, labelled) and patching its status succeed; a Device
+/// with an address, a pinned host key or without the label is refused by the policy, a delete by
+/// RBAC.
+#[test]
+fn the_boot_service_may_only_record_unregistered_devices() {
+    use walt_tests::wait::Wait;
+    let cluster = control_plane();
+    let docs = walt_tests::deploy::render_chart(&[
+        "--set",
+        "bootService.enabled=true",
+        "--set",
+        "bootService.networks[0].name=default",
+        "--set",
+        "bootService.networks[0].listen=192.0.2.1",
+        "--set",
+        "bootService.networks[0].interface=eth1",
+    ])
+    .expect("helm template");
+    let wanted = [
+        ("ServiceAccount", "walt-boot"),
+        ("ClusterRole", "walt-boot"),
+        ("ClusterRoleBinding", "walt-boot"),
+        ("ValidatingAdmissionPolicy", "walt-boot-records-only"),
+        ("ValidatingAdmissionPolicyBinding", "walt-boot-records-only"),
+    ];
+    let items: Vec<serde_json::Value> = docs
+        .into_iter()
+        .filter(|doc| {
+            let (kind, _, name) = walt_tests::deploy::object_id(doc);
+            wanted.iter().any(|(k, n)| *k == kind && *n == name)
+        })
+        .collect();
+    assert_eq!(items.len(), wanted.len(), "the chart renders them all");
+    let _ = cluster.kubectl_output(&["create", "namespace", "walt-system"]);
+    kubectl_stdin(
+        cluster,
+        &["apply", "-f", "-"],
+        &serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string(),
+    );
+    let boot = "--as=system:serviceaccount:walt-system:walt-boot";
+    let pid = std::process::id();
+    let device = |name: &str, extra: &str, label: bool| {
+        let labels = if label {
+            "labels: {walt.dev/discovered: 'true'}, "
+        } else {
+            ""
+        };
+        format!(
+            "apiVersion: walt.dev/v1alpha1\nkind: Device\nmetadata: {{{labels}name: {name}-{pid}}}\n\
+             spec: {{model: unknown, mac: 'dc:a6:32:00:00:01', firmware: rpi{extra}}}\n"
+        )
+    };
+    let as_boot = |yaml: &str| kubectl_with_input(cluster, &[boot, "create", "-f", "-"], yaml);
+    // The policy takes effect a moment after it is created: until then, try again.
+    let mut refused = String::new();
+    Wait::new("the policy to refuse an address", Duration::from_mins(1))
+        .every(Duration::from_millis(500))
+        .until(|| {
+            let out = as_boot(&device("addressed", ", address: 192.0.2.31", true));
+            if out.status.success() {
+                let _ = cluster.kubectl_output(&["delete", "devices.walt.dev", &format!("addressed-{pid}")]);
+            }
+            refused = String::from_utf8_lossy(&out.stderr).into_owned();
+            refused.contains("walt-boot-records-only")
+        })
+        .unwrap_or_else(|e| panic!("{e}: {refused}"));
+    assert!(
+        refused.contains("the boot service only records unknown devices"),
+        "{refused}"
+    );
+    for (what, yaml) in [
+        (
+            "a pinned host key",
+            device(
+                "keyed",
+                ", hostKey: 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl'",
+                true,
+            ),
+        ),
+        ("no discovered label", device("unlabelled", "", false)),
+    ] {
+        let out = as_boot(&yaml);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("walt-boot-records-only"),
+            "{what}: {stderr}"
+        );
+    }
+    let out = as_boot(&device("unknown", "", true));
+    assert!(
+        out.status.success(),
+        "a record is created: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let name = format!("unknown-{pid}");
+    cluster
+        .kubectl_output(&[
+            boot,
+            "patch",
+            "devices.walt.dev",
+            &name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"discovered":{"firmware":"rpi","network":"default"}}}"#,
+        ])
+        .expect("the boot service writes a Device's status");
+    let deleted = cluster.kubectl_output(&[boot, "delete", "devices.walt.dev", &name]);
+    assert!(
+        deleted
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("forbidden")),
+        "RBAC: no delete: {deleted:?}"
+    );
+    cluster
+        .kubectl_output(&["delete", "devices.walt.dev", &name])
+        .expect("clean up");
+}
+
 /// A lab under the operator on the control plane tier: a Device (MAC, iPXE firmware, address,
 /// pinned host key) lent to a namespace, the Node `vm1` on it booting the Image `os` (and an Image
 /// `os2` of a second digest), both pushed to a real registry, the node key Secret;

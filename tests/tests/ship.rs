@@ -571,7 +571,7 @@ fn boot_service_runs_one_instance_per_lab_network() {
         .collect();
     assert_eq!(
         writes,
-        ["[\"devices\"] [\"create\"]", "[\"devices/status\"] [\"patch\"]"],
+        ["[\"devices\"] [\"create\"]", "[\"devices/status\"] [\"get\",\"patch\"]"],
         "reads walt's objects; writes only unknown devices' records and Device status"
     );
     assert!(!Value::from(rules).to_string().contains("secrets"));

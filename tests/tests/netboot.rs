@@ -1121,11 +1121,13 @@ fn dhcp_lease(net: &LabNetwork, mac: &str, vendor: &str) -> Option<String> {
 /// records a MAC no Device claims. Real DHCP (busybox `udhcpc`) in a lab namespace against
 /// `boot-server --from-cluster --dhcp authoritative` run there: a Device bound to a Node gets its
 /// address; a second Device with its MAC (a typo) makes the service answer neither, say why in its
-/// journal and set `MacConflict=True` naming both on both Devices; deleting the typo serves the MAC
-/// again (`MacConflict=False`); with the chart's admission policies applied, writing the typo again
-/// is refused by the API server (`walt-device-mac-unique`). A Raspberry Pi ROM's request from an unknown MAC gets no address and
-/// is recorded as the unregistered Device `unknown-<mac>` (firmware, network, no address, lent to
-/// nobody); with `--max-unknown-devices 1`, a second unknown MAC is not recorded and the log says so.
+/// journal and set `MacConflict=True` naming both on both Devices (with a Warning Event); deleting
+/// the typo serves the MAC again (`MacConflict=False`); with the chart's admission policies
+/// applied, writing the typo again is refused by the API server (`walt-device-mac-unique`). A
+/// Raspberry Pi ROM's request from an unknown MAC gets no address and is recorded as the
+/// unregistered Device `unknown-<mac>` (firmware, network, no address, lent to nobody; Event
+/// `Recorded`); with `--max-unknown-devices 1`, a second unknown MAC is not recorded and the log
+/// says so.
 #[test]
 fn boot_server_refuses_a_shared_mac_and_records_unknown_devices() {
     use walt_tests::wait::Wait;
@@ -1279,6 +1281,25 @@ fn boot_server_refuses_a_shared_mac_and_records_unknown_devices() {
         "logged:\n{}",
         server.log()
     );
+    let reasons = |object: &str| {
+        cluster
+            .kubectl_output(&[
+                "get",
+                "events",
+                "-A",
+                "--field-selector",
+                &format!("involvedObject.name={object}"),
+                "-o",
+                "jsonpath={.items[*].reason}",
+            ])
+            .unwrap_or_default()
+    };
+    for device in [&pc_a, &pc_b] {
+        Wait::new("a MacConflict Event", Duration::from_secs(30))
+            .every(Duration::from_millis(300))
+            .until(|| reasons(device).contains("MacConflict"))
+            .unwrap_or_else(|e| panic!("{e}: {device}: {:?}", reasons(device)));
+    }
 
     // The typo fixed: the MAC is served again, the condition cleared.
     cluster
@@ -1357,6 +1378,10 @@ fn boot_server_refuses_a_shared_mac_and_records_unknown_devices() {
     assert_eq!(seen["status"]["discovered"]["network"], network.as_str());
     assert_eq!(seen["status"]["discovered"]["vendorClass"], rpi);
     assert!(seen["status"]["discovered"]["firstSeen"].is_string(), "{seen}");
+    Wait::new("a Recorded Event", Duration::from_secs(30))
+        .every(Duration::from_millis(300))
+        .until(|| reasons(recorded).contains("Recorded"))
+        .unwrap_or_else(|e| panic!("{e}: {:?}", reasons(recorded)));
     assert_eq!(
         dhcp_lease(&net, unknown, rpi),
         None,

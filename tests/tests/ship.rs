@@ -571,8 +571,12 @@ fn boot_service_runs_one_instance_per_lab_network() {
         .collect();
     assert_eq!(
         writes,
-        ["[\"devices\"] [\"create\"]", "[\"devices/status\"] [\"get\",\"patch\"]"],
-        "reads walt's objects; writes only unknown devices' records and Device status"
+        [
+            "[\"devices\"] [\"create\"]",
+            "[\"devices/status\"] [\"get\",\"patch\"]",
+            "[\"events\"] [\"create\",\"patch\"]"
+        ],
+        "reads walt's objects; writes only unknown devices' records, Device status and Events"
     );
     assert!(!Value::from(rules).to_string().contains("secrets"));
     let records_only = find(&docs, "ValidatingAdmissionPolicy", "walt-boot-records-only");

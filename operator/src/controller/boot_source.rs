@@ -15,10 +15,11 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
-use kube::{Api, ResourceExt};
+use kube::{Api, Resource, ResourceExt};
 use tokio::sync::mpsc;
-use walt_crds::{ConditionStatus, Device, Image, ImageName, Node};
+use walt_crds::{ConditionStatus, Device, Image, ImageName, MAC_CONFLICT_CONDITION, Node};
 
 use crate::boot::cli::{self, Args, BootError, DeviceArg, ImageCache, Source};
 use crate::boot::dhcp::Sighting;
@@ -30,6 +31,11 @@ use crate::controller::shared::registry::pinned_reference_of;
 pub fn network_of(device: &Device) -> &str {
     device.spec.boot_network.as_deref().unwrap_or("default")
 }
+
+/// Event: an unknown device asked for a boot and was recorded as an unregistered Device.
+pub const RECORDED: &str = "Recorded";
+/// Event: a Device's MAC is claimed by it alone again (the Warning before is `MacConflict`).
+pub const MAC_CONFLICT_RESOLVED: &str = "MacConflictResolved";
 
 /// A Device the boot service serves nothing, and why (logged).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -205,9 +211,17 @@ async fn feed(
         .map(|r| r.map(|_| ()).map_err(|e| e.to_string()));
     let mut events =
         futures::stream::select_all([device_events.boxed(), node_events.boxed(), image_events.boxed()]);
-    let device_api = Api::<Device>::all(client);
+    let device_api = Api::<Device>::all(client.clone());
+    let publisher = Recorder::new(
+        client,
+        Reporter {
+            controller: "walt-boot-server".into(),
+            instance: Some(args.network.clone()),
+        },
+    );
     let recorder = record_unknown(
         device_api.clone(),
+        &publisher,
         devices.clone(),
         sightings,
         args.network.clone(),
@@ -237,7 +251,7 @@ async fn feed(
                 &args.catalog_namespace,
             );
             state.set_refusals(conflicts.iter().map(|c| (c.mac, c.reason())).collect());
-            write_conflict_conditions(&device_api, &lab, &conflicts).await;
+            write_conflict_conditions(&device_api, &publisher, &lab, &conflicts).await;
             let want: BTreeMap<String, DeviceArg> =
                 serve.into_iter().map(|arg| (arg.mac.to_string(), arg)).collect();
             if want == served && !first {
@@ -261,11 +275,21 @@ async fn feed(
     Ok(())
 }
 
-/// Writes the `MacConflict` conditions that change ([`conflict_conditions`]); a conflict appearing
-/// is logged as a warning. A failed write is logged and tried again at the next change.
-async fn write_conflict_conditions(api: &Api<Device>, devices: &[Device], conflicts: &[Conflict]) {
+/// Writes the `MacConflict` conditions that change ([`conflict_conditions`]), each with an Event on
+/// the Device (Warning `MacConflict`, then Normal `MacConflictResolved`) and a log line. A failed
+/// write is logged and tried again at the next change.
+async fn write_conflict_conditions(
+    api: &Api<Device>,
+    events: &Recorder,
+    devices: &[Device],
+    conflicts: &[Conflict],
+) {
     for (name, condition) in conflict_conditions(devices, conflicts, Timestamp::now()) {
-        if condition.status == ConditionStatus::True.as_str() {
+        let Some(device) = devices.iter().find(|d| d.name_any() == name) else {
+            continue;
+        };
+        let shared = condition.status == ConditionStatus::True.as_str();
+        if shared {
             tracing::warn!(
                 device = name,
                 why = condition.message,
@@ -274,10 +298,15 @@ async fn write_conflict_conditions(api: &Api<Device>, devices: &[Device], confli
         } else {
             tracing::info!(device = name, "MAC address no longer shared: served again");
         }
-        let mut list = devices
-            .iter()
-            .find(|d| d.name_any() == name)
-            .and_then(|d| d.status.as_ref())
+        let (type_, reason) = if shared {
+            (EventType::Warning, MAC_CONFLICT_CONDITION)
+        } else {
+            (EventType::Normal, MAC_CONFLICT_RESOLVED)
+        };
+        publish(events, device, type_, reason, condition.message.clone()).await;
+        let mut list = device
+            .status
+            .as_ref()
             .map(|s| s.conditions.clone())
             .unwrap_or_default();
         walt_crds::set_condition(&mut list, condition);
@@ -291,10 +320,26 @@ async fn write_conflict_conditions(api: &Api<Device>, devices: &[Device], confli
     }
 }
 
+/// Publishes an Event on a Device (a failure is logged: Events are a courtesy, the condition and
+/// the records are the state).
+async fn publish(events: &Recorder, device: &Device, type_: EventType, reason: &str, note: String) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Boot".into(),
+        secondary: None,
+    };
+    if let Err(error) = events.publish(&event, &device.object_ref(&())).await {
+        tracing::warn!(%error, reason, "could not publish an Event");
+    }
+}
+
 /// Records the unknown devices `sightings` brings as unregistered Devices ([`record`] decides),
-/// until the channel closes.
+/// each with a Normal Event `Recorded`, until the channel closes.
 async fn record_unknown(
     api: Api<Device>,
+    events: &Recorder,
     devices: reflector::Store<Device>,
     mut sightings: mpsc::Receiver<Sighting>,
     network: String,
@@ -327,13 +372,22 @@ async fn record_unknown(
                 }
             }
             Record::Create(device) => match create_recorded(&api, &device).await {
-                Ok(()) => {
+                Ok(made) => {
                     tracing::info!(
                         device = device.name_any(),
                         mac = %sighting.mac,
                         firmware = ?sighting.firmware,
                         "unknown device recorded (unregistered: it boots nothing)"
                     );
+                    if let Some(made) = made {
+                        let note = format!(
+                            "a device with the MAC address {} asked for a network boot on the lab network {network}: \
+                             recorded unregistered (it boots nothing); register it with `kubectl walt device register {}`",
+                            sighting.mac,
+                            made.name_any()
+                        );
+                        publish(events, &made, EventType::Normal, RECORDED, note).await;
+                    }
                     created.push(*device);
                 }
                 Err(error) => tracing::warn!(mac = %sighting.mac, %error, "recording an unknown device"),
@@ -351,20 +405,20 @@ async fn record_unknown(
     }
 }
 
-/// Creates a recorded Device, then its `status.discovered` (a create ignores the status). Another
-/// boot service that created it first is no error.
-async fn create_recorded(api: &Api<Device>, device: &Device) -> Result<(), kube::Error> {
+/// Creates a recorded Device, then its `status.discovered` (a create ignores the status); the
+/// Device made, or `None` when another boot service created it first (no error).
+async fn create_recorded(api: &Api<Device>, device: &Device) -> Result<Option<Device>, kube::Error> {
     let name = device.name_any();
     match api.create(&PostParams::default(), device).await {
         Ok(_) => {}
-        Err(kube::Error::Api(status)) if status.code == 409 => return Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 409 => return Ok(None),
         Err(error) => return Err(error),
     }
     let discovered = device.status.as_ref().and_then(|s| s.discovered.as_ref());
     let patch = serde_json::json!({"status": {"discovered": discovered}});
     api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
-        .map(|_| ())
+        .map(Some)
 }
 
 /// Lets a repeated warning out at most once per period, with the count of the ones held back.

@@ -1281,24 +1281,15 @@ fn boot_server_refuses_a_shared_mac_and_records_unknown_devices() {
         "logged:\n{}",
         server.log()
     );
-    let reasons = |object: &str| {
-        cluster
-            .kubectl_output(&[
-                "get",
-                "events",
-                "-A",
-                "--field-selector",
-                &format!("involvedObject.name={object}"),
-                "-o",
-                "jsonpath={.items[*].reason}",
-            ])
-            .unwrap_or_default()
-    };
     for device in [&pc_a, &pc_b] {
         Wait::new("a MacConflict Event", Duration::from_secs(30))
             .every(Duration::from_millis(300))
-            .until(|| reasons(device).contains("MacConflict"))
-            .unwrap_or_else(|e| panic!("{e}: {device}: {:?}", reasons(device)));
+            .until(|| {
+                cluster
+                    .event_messages(device, "MacConflict")
+                    .is_ok_and(|m| m.contains("is claimed by the Devices"))
+            })
+            .unwrap_or_else(|e| panic!("{e}: {device}"));
     }
 
     // The typo fixed: the MAC is served again, the condition cleared.
@@ -1380,8 +1371,12 @@ fn boot_server_refuses_a_shared_mac_and_records_unknown_devices() {
     assert!(seen["status"]["discovered"]["firstSeen"].is_string(), "{seen}");
     Wait::new("a Recorded Event", Duration::from_secs(30))
         .every(Duration::from_millis(300))
-        .until(|| reasons(recorded).contains("Recorded"))
-        .unwrap_or_else(|e| panic!("{e}: {:?}", reasons(recorded)));
+        .until(|| {
+            cluster
+                .event_messages(recorded, "Recorded")
+                .is_ok_and(|m| m.contains("kubectl walt device register"))
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         dhcp_lease(&net, unknown, rpi),
         None,

@@ -1127,7 +1127,8 @@ fn dhcp_lease(net: &LabNetwork, mac: &str, vendor: &str) -> Option<String> {
 /// Raspberry Pi ROM's request from an unknown MAC gets no address and is recorded as the
 /// unregistered Device `unknown-<mac>` (firmware, network, no address, lent to nobody; Event
 /// `Recorded`); with `--max-unknown-devices 1`, a second unknown MAC is not recorded and the log
-/// says so.
+/// says so. The lab admin lists it (`kubectl walt device ls --unregistered`) and registers it
+/// (`kubectl walt device register … --as … --address … --model … --lend …`).
 #[test]
 fn boot_server_refuses_a_shared_mac_and_records_unknown_devices() {
     use walt_tests::wait::Wait;
@@ -1395,7 +1396,72 @@ fn boot_server_refuses_a_shared_mac_and_records_unknown_devices() {
             .is_err(),
         "past the cap, nothing is created"
     );
-    let _ = cluster.kubectl_output(&["delete", "devices.walt.dev", recorded, &pc_a]);
+    // The lab admin sees it and registers it with the plugin (a new name, an address, a model, lent).
+    let plugin = |args: &[&str]| {
+        let out = Command::new(walt_tests::operator::plugin_binary())
+            .env("KUBECONFIG", &kubeconfig)
+            .args(["-n", &ns])
+            .args(args)
+            .output()
+            .expect("kubectl-walt");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "kubectl walt {args:?}: {text}");
+        text
+    };
+    let listed = plugin(&["device", "ls", "--unregistered"]);
+    let row = listed
+        .lines()
+        .find(|l| l.starts_with(recorded))
+        .unwrap_or_else(|| panic!("{recorded} listed:\n{listed}"));
+    assert!(
+        row.contains(unknown) && row.contains("rpi") && row.contains(&network) && row.contains("ago"),
+        "{listed}"
+    );
+    let pc_c = format!("pc-c-{}", std::process::id());
+    let c_address = net.device_ip(3).to_string();
+    plugin(&[
+        "device",
+        "register",
+        recorded,
+        "--as",
+        &pc_c,
+        "--address",
+        &c_address,
+        "--model",
+        "rpi-3-b",
+        "--lend",
+        &ns,
+    ]);
+    let registered: serde_json::Value = serde_json::from_str(
+        &cluster
+            .kubectl_output(&["get", "devices.walt.dev", &pc_c, "-o", "json"])
+            .expect("the registered Device"),
+    )
+    .expect("json");
+    assert_eq!(
+        (
+            &registered["spec"]["address"],
+            &registered["spec"]["mac"],
+            &registered["spec"]["model"],
+            &registered["spec"]["firmware"],
+            &registered["spec"]["lentTo"]["namespace"]
+        ),
+        (
+            &serde_json::Value::from(c_address.as_str()),
+            &serde_json::Value::from(unknown),
+            &serde_json::Value::from("rpi-3-b"),
+            &serde_json::Value::from("rpi"),
+            &serde_json::Value::from(ns.as_str())
+        )
+    );
+    assert!(
+        cluster
+            .kubectl_output(&["get", "devices.walt.dev", recorded])
+            .is_err(),
+        "the record is replaced"
+    );
+    assert!(plugin(&["device", "ls", "--all"]).contains(&format!("{c_address}:22")));
+    let _ = cluster.kubectl_output(&["delete", "devices.walt.dev", &pc_c, &pc_a]);
     eprintln!(
         "claims: served {:.1} s, refused after the typo {:.1} s, served again {:.1} s, recorded {:.1} s, test {:.1} s",
         served_at.as_secs_f64(),

@@ -5,7 +5,12 @@
 //! Tenants never type a network address: only a Device says where a physical node is, and only lab
 //! admins write Devices (RBAC). The operator reaches a device only for the one Node bound to it, in
 //! the namespace it is lent to (`Device.status.boundTo`).
+//!
+//! A device the lab does not know yet that asks walt's boot service for a network boot is recorded
+//! as a Device without `spec.address` (labelled [`DISCOVERED_LABEL`], `status.discovered`): the lab
+//! admin sees it, registers it (gives it an address) and lends it; until then it boots nothing.
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -27,9 +32,12 @@ use crate::node::DEFAULT_SSH_PORT;
     category = "walt",
     doc = "A physical device of the lab (cluster-scoped, written by lab admins only): its address, model \
            and host key. spec.lentTo lends it to one namespace; a Node of that namespace naming it in \
-           spec.device is bound to it (status.boundTo), one Node at a time.",
+           spec.device is bound to it (status.boundTo), one Node at a time. A device that asked the boot \
+           service for a boot while unknown is recorded without spec.address (unregistered, \
+           status.discovered): set spec.address to register it.",
     printcolumn = r#"{"name": "Model", "type": "string", "jsonPath": ".spec.model", "description": "Node model"}"#,
-    printcolumn = r#"{"name": "Address", "type": "string", "jsonPath": ".spec.address", "description": "Where the operator reaches the device"}"#,
+    printcolumn = r#"{"name": "Address", "type": "string", "jsonPath": ".spec.address", "description": "Where the operator reaches the device (empty: unregistered)"}"#,
+    printcolumn = r#"{"name": "MAC", "type": "string", "jsonPath": ".spec.mac", "description": "MAC address of the boot interface", "priority": 1}"#,
     printcolumn = r#"{"name": "Lent To", "type": "string", "jsonPath": ".spec.lentTo.namespace", "description": "The namespace the device is lent to"}"#,
     printcolumn = r#"{"name": "Bound To", "type": "string", "jsonPath": ".status.boundTo.node", "description": "The Node bound to the device"}"#,
     printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
@@ -39,12 +47,20 @@ use crate::node::DEFAULT_SSH_PORT;
     {
         "rule": "!has(self.firmware) || has(self.mac)",
         "message": "spec.firmware needs spec.mac: the boot service knows a device by the MAC address of its boot interface"
+    },
+    {
+        "rule": "!has(self.lentTo) || has(self.address)",
+        "message": "an unregistered device (no spec.address) cannot be lent: register it first by setting spec.address (`kubectl walt device register`)"
     }
 ]))]
 pub struct DeviceSpec {
-    /// Host name or IP address the operator reaches the device at (no port: see `sshPort`).
+    /// Host name or IP address the operator reaches the device at (no port: see `sshPort`); the
+    /// boot service gives it at DHCP time when it is an IPv4 address. Unset: the device is not
+    /// registered yet (recorded by the boot service when it asked for a boot): it cannot be lent
+    /// and boots nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "crate::schema::host")]
-    pub address: String,
+    pub address: Option<String>,
     /// SSH port of the device.
     #[serde(default = "default_ssh_port")]
     #[schemars(schema_with = "crate::schema::tcp_port")]
@@ -111,7 +127,16 @@ pub struct DeviceLoan {
     pub namespace: String,
 }
 
-/// The observed state of a Device: the Node bound to it.
+/// The label of the Devices the boot service recorded (value `true`): `kubectl get devices -l
+/// walt.dev/discovered` lists them.
+pub const DISCOVERED_LABEL: &str = "walt.dev/discovered";
+
+/// The condition a boot service sets on the Devices that claim the same MAC address: `True` while
+/// another Device claims it (the boot service serves that MAC nothing), `False` once it is the
+/// only one.
+pub const MAC_CONFLICT_CONDITION: &str = "MacConflict";
+
+/// The observed state of a Device: the Node bound to it, and what the boot service saw of it.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceStatus {
@@ -120,6 +145,43 @@ pub struct DeviceStatus {
     /// operator clears it, and a Node of the lent namespace may take it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bound_to: Option<DeviceBinding>,
+    /// What the boot service saw when this device asked for a boot while unknown (Devices it
+    /// recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovered: Option<DeviceDiscovery>,
+    /// Standard conditions: `MacConflict` (written by the boot service: another Device claims the
+    /// same MAC address, so neither is served).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::schema::conditions")]
+    pub conditions: Vec<Condition>,
+}
+
+/// What the boot service saw of an unknown device's DHCP requests.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceDiscovery {
+    /// The firmware its request showed: `ipxe` (iPXE: option 175 or user class), `rpi` (the
+    /// Raspberry Pi boot ROM's vendor class), `u-boot`, `pxe` (another PXE ROM) or `other` (an
+    /// operating system's DHCP client).
+    #[schemars(length(max = 16))]
+    pub firmware: String,
+    /// Its DHCP vendor class (option 60), as sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 255))]
+    pub vendor_class: Option<String>,
+    /// Its DHCP user class (option 77), as sent (iPXE: `walt.node.<model>` names its model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 255))]
+    pub user_class: Option<String>,
+    /// The lab network (boot service) it asked on.
+    #[schemars(length(max = 63))]
+    pub network: String,
+    /// Its first request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_seen: Option<Time>,
+    /// Its latest request (updated at most once a minute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<Time>,
 }
 
 /// The Node bound to a device.
@@ -141,6 +203,22 @@ impl Device {
     /// The namespace the device is lent to, if any.
     pub fn lent_to(&self) -> Option<&str> {
         self.spec.lent_to.as_ref().map(|loan| loan.namespace.as_str())
+    }
+
+    /// Whether the device is registered (has `spec.address`): one the boot service recorded is not
+    /// until a lab admin gives it an address.
+    pub fn is_registered(&self) -> bool {
+        self.spec.address.is_some()
+    }
+
+    /// The device's `MacConflict` condition, if any.
+    pub fn mac_conflict(&self) -> Option<&Condition> {
+        self.status.as_ref().and_then(|status| {
+            status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == MAC_CONFLICT_CONDITION)
+        })
     }
 
     /// The Node bound to the device, if any (stale or not).

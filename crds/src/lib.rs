@@ -26,7 +26,10 @@ pub use common::{
     Changes, ConditionStatus, ImageDigestRef, SecretReference, condition_types, find_condition,
     format_duration, is_condition_true, new_condition, remove_condition, set_condition, short_digest,
 };
-pub use device::{Device, DeviceBinding, DeviceLoan, DeviceSpec, DeviceStatus, Firmware};
+pub use device::{
+    DISCOVERED_LABEL, Device, DeviceBinding, DeviceDiscovery, DeviceLoan, DeviceSpec, DeviceStatus, Firmware,
+    MAC_CONFLICT_CONDITION,
+};
 pub use image::{CloneProgress, Image, ImageShellMode, ImageSpec, ImageStatus, Platform};
 pub use image_build::{
     BuildArg, BuildSource, ContextSource, GitSource, ImageBuild, ImageBuildPhase, ImageBuildResult,
@@ -35,8 +38,8 @@ pub use image_build::{
 pub use image_name::{ImageName, ImageNameError};
 pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 pub use node::{
-    Architecture, BootMode, Node, NodeBoot, NodeOverlay, NodePhase, NodeSpec, NodeStatus, VirtualKind,
-    VirtualNode, is_container_node, is_vm,
+    Architecture, BootMode, DEFAULT_SSH_PORT, Node, NodeBoot, NodeOverlay, NodePhase, NodeSpec, NodeStatus,
+    VirtualKind, VirtualNode, is_container_node, is_vm,
 };
 pub use node_save::{
     Compression, NodeSave, NodeSavePhase, NodeSaveResult, NodeSaveSpec, NodeSaveStatus, Progress,

@@ -92,7 +92,7 @@ fn six_kinds_with_names_columns_and_status() {
             "Device",
             "devices",
             vec!["wdev"],
-            vec!["Model", "Address", "Lent To", "Bound To", "Age"],
+            vec!["Model", "Address", "MAC", "Lent To", "Bound To", "Age"],
         ),
     ];
     let crds = crds_by_kind();

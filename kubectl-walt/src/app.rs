@@ -73,9 +73,33 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             let ctx = Ctx::connect(&cli.global).await?;
             node(&ctx, cmd).await
         }
-        Command::Device(DeviceCommand::Ls { all, output }) => {
+        Command::Device(DeviceCommand::Ls {
+            all,
+            unregistered,
+            output,
+        }) => {
             let ctx = Ctx::connect(&cli.global).await?;
-            device_cmd::ls(&ctx, all, output.format).await.map(|()| 0)
+            device_cmd::ls(&ctx, all, unregistered, output.format)
+                .await
+                .map(|()| 0)
+        }
+        Command::Device(DeviceCommand::Register {
+            device,
+            address,
+            as_name,
+            model,
+            lend,
+        }) => {
+            let ctx = Ctx::connect(&cli.global).await?;
+            let registration = device_cmd::Registration {
+                name: as_name,
+                address,
+                model,
+                lend,
+            };
+            device_cmd::register(&ctx, &device, &registration)
+                .await
+                .map(|()| 0)
         }
         Command::Image(cmd) => {
             if let ImageCommand::Cp { src, dst, .. } = &cmd {

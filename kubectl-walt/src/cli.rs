@@ -142,8 +142,42 @@ Examples:
         /// Every device of the lab, with the namespace it is lent to.
         #[arg(long)]
         all: bool,
+        /// Lab admins: the devices the boot service recorded when they asked for a network boot
+        /// while unknown (no address yet: they boot nothing), with what their requests said.
+        #[arg(long, conflicts_with = "all")]
+        unregistered: bool,
         #[command(flatten)]
         output: OutputArgs,
+    },
+    /// Lab admins: register a device the boot service recorded (give it an address, a model, a name,
+    /// and lend it).
+    #[command(
+        long_about = "Register DEVICE, a device the boot service recorded when it asked for a network boot\n\
+                      while no Device had its MAC address (`kubectl walt device ls --unregistered`): it keeps\n\
+                      its MAC, firmware and boot network, and gets the address the operator reaches it at, its\n\
+                      model and, with --lend, the namespace it is lent to. With --as it gets a new name (the\n\
+                      recorded Device is replaced by a new one). Needs the lab admin's rights on Devices.",
+        after_help = "\
+Examples:
+  kubectl walt device ls --unregistered
+  kubectl walt device register unknown-dca632010203 --as rpi3-01 --address 192.168.152.31 --model rpi-3-b --lend alice"
+    )]
+    Register {
+        /// The recorded device (`unknown-<mac>`).
+        device: String,
+        /// Host name or IP address the operator reaches it at (an IPv4 address: the boot service gives
+        /// it at DHCP time).
+        #[arg(long)]
+        address: String,
+        /// Its new name (default: keep the recorded one).
+        #[arg(long = "as", value_name = "NAME")]
+        as_name: Option<String>,
+        /// Its model, e.g. rpi-3-b (default: the one its boot request named; required when unknown).
+        #[arg(long)]
+        model: Option<String>,
+        /// Lend it to this namespace.
+        #[arg(long, value_name = "NAMESPACE")]
+        lend: Option<String>,
     },
 }
 

@@ -1,5 +1,7 @@
 //! `device ls`, `node acquire DEVICE [--as NODE]`, `node release NODE` (WalT's `node acquire` and
-//! `node release`): the lab's devices lent to the namespace, and the Nodes that hold them.
+//! `node release`): the lab's devices lent to the namespace, and the Nodes that hold them; for lab
+//! admins, `device ls --unregistered` and `device register` (the devices the boot service recorded
+//! when they asked for a boot while unknown).
 //!
 //! Devices are cluster-scoped and written by lab admins only; a tenant reads them
 //! (`walt-device-viewer`) and claims one by creating a Node naming it (`spec.device`). The decisions
@@ -7,7 +9,7 @@
 
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, ResourceExt};
-use walt_crds::{Device, Node, NodeSpec};
+use walt_crds::{DISCOVERED_LABEL, Device, DeviceLoan, Node, NodeSpec};
 
 use crate::cli::OutputFormat;
 use crate::cluster::Ctx;
@@ -49,12 +51,12 @@ pub fn lent_rows(devices: &[Device], namespace: &str, nodes: &[Node], all: bool)
         } else {
             "-".into()
         };
-        let mut row = vec![
-            device.name_any(),
-            device.spec.model.clone(),
-            format!("{}:{}", device.spec.address, device.spec.ssh_port),
-            node,
-        ];
+        let address = match (&device.spec.address, device.mac_conflict()) {
+            (None, _) => "(unregistered)".to_owned(),
+            (Some(_), Some(conflict)) if conflict.status == "True" => "(MAC shared: not booted)".to_owned(),
+            (Some(address), _) => format!("{address}:{}", device.spec.ssh_port),
+        };
+        let mut row = vec![device.name_any(), device.spec.model.clone(), address, node];
         if all {
             row.push(device.lent_to().unwrap_or("-").to_owned());
         }
@@ -62,6 +64,91 @@ pub fn lent_rows(devices: &[Device], namespace: &str, nodes: &[Node], all: bool)
         table.row(row);
     }
     table.render()
+}
+
+/// The devices the boot service recorded and no lab admin registered yet, as `device ls
+/// --unregistered` shows them (pure): what their requests said, where and when.
+pub fn unregistered_rows(devices: &[Device]) -> String {
+    let mut table = Table::new(vec![
+        "NAME",
+        "MAC",
+        "FIRMWARE",
+        "MODEL",
+        "NETWORK",
+        "FIRST SEEN",
+        "LAST SEEN",
+    ]);
+    for device in devices.iter().filter(|d| !d.is_registered()) {
+        let seen = device.status.as_ref().and_then(|s| s.discovered.as_ref());
+        let ago = |time: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>| {
+            time.map_or_else(|| "-".to_owned(), |t| format!("{} ago", age_since(Some(t))))
+        };
+        table.row(vec![
+            device.name_any(),
+            device.spec.mac.clone().unwrap_or_else(|| "-".into()),
+            seen.map_or_else(|| "-".into(), |s| s.firmware.clone()),
+            device.spec.model.clone(),
+            seen.map_or_else(|| "-".into(), |s| s.network.clone()),
+            ago(seen.and_then(|s| s.first_seen.as_ref())),
+            ago(seen.and_then(|s| s.last_seen.as_ref())),
+        ]);
+    }
+    table.render()
+}
+
+/// What `device register` asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Registration {
+    /// The device's new name (`--as`; default: its recorded name).
+    pub name: Option<String>,
+    /// Where the operator reaches it (`--address`).
+    pub address: String,
+    /// Its model (`--model`; default: the recorded one, which must then be known).
+    pub model: Option<String>,
+    /// The namespace to lend it to (`--lend`).
+    pub lend: Option<String>,
+}
+
+/// What `device register` writes (pure): the registered Device (the recorded one's MAC, firmware
+/// and boot network, the admin's address, model and loan), and the recorded Device to delete when
+/// it gets another name (else the recorded one is replaced in place). Refused with what to do when
+/// the device is registered already or its model is still unknown.
+pub fn register_plan(recorded: &Device, registration: &Registration) -> Result<(Device, Option<String>)> {
+    let name = recorded.name_any();
+    if recorded.is_registered() {
+        return Err(Error::Invalid(format!(
+            "the device {name} is registered already (spec.address is set): edit it with `kubectl edit devices.walt.dev {name}`"
+        )));
+    }
+    let model = registration
+        .model
+        .clone()
+        .unwrap_or_else(|| recorded.spec.model.clone());
+    if model == "unknown" {
+        return Err(Error::Invalid(format!(
+            "the model of {name} is unknown (its boot request did not name it): give it with --model, e.g. --model rpi-3-b"
+        )));
+    }
+    let new_name = registration.name.clone().unwrap_or_else(|| name.clone());
+    let mut spec = recorded.spec.clone();
+    spec.address = Some(registration.address.clone());
+    spec.model = model;
+    spec.lent_to = registration
+        .lend
+        .clone()
+        .map(|namespace| DeviceLoan { namespace });
+    let mut device = Device::new(&new_name, spec);
+    let mut labels = recorded.labels().clone();
+    labels.remove(DISCOVERED_LABEL);
+    if !labels.is_empty() {
+        device.metadata.labels = Some(labels);
+    }
+    if new_name == name {
+        // Replaced in place: the write names the version read (a concurrent change is refused).
+        device.metadata.resource_version = recorded.resource_version();
+        return Ok((device, None));
+    }
+    Ok((device, Some(name)))
 }
 
 /// The Node `node acquire` creates (pure): named `as_name` (default: the device's name), of the
@@ -132,13 +219,25 @@ async fn get_device(ctx: &Ctx, name: &str) -> Result<Device> {
         })
 }
 
-/// `device ls [--all]`
-pub async fn ls(ctx: &Ctx, all: bool, format: OutputFormat) -> Result<()> {
+/// `device ls [--all | --unregistered]`
+pub async fn ls(ctx: &Ctx, all: bool, unregistered: bool, format: OutputFormat) -> Result<()> {
     let list = devices(ctx)
         .list(&ListParams::default())
         .await
         .map_err(|e| Error::api(Op::named("list", "device", "devices.walt.dev", "", ""), e))?
         .items;
+    if unregistered {
+        let shown: Vec<Device> = list.into_iter().filter(|d| !d.is_registered()).collect();
+        match format {
+            OutputFormat::Table | OutputFormat::Wide if shown.is_empty() => eprintln!(
+                "No unregistered device: the boot service records a device here when it asks for a network boot \
+                 while no Device has its MAC address."
+            ),
+            OutputFormat::Table | OutputFormat::Wide => print!("{}", unregistered_rows(&shown)),
+            _ => print!("{}", serialize_objects(&shown, format, false)?),
+        }
+        return Ok(());
+    }
     let nodes = list_nodes(ctx).await?;
     match format {
         OutputFormat::Table | OutputFormat::Wide => {
@@ -164,6 +263,53 @@ pub async fn ls(ctx: &Ctx, all: bool, format: OutputFormat) -> Result<()> {
             print!("{}", serialize_objects(&shown, format, false)?);
         }
     }
+    Ok(())
+}
+
+/// `device register DEVICE --address ADDRESS [--as NAME] [--model MODEL] [--lend NAMESPACE]`
+pub async fn register(ctx: &Ctx, name: &str, registration: &Registration) -> Result<()> {
+    let recorded = get_device(ctx, name).await?;
+    let (device, delete) = register_plan(&recorded, registration)?;
+    let new_name = device.name_any();
+    let api = devices(ctx);
+    if delete.is_none() {
+        api.replace(&new_name, &PostParams::default(), &device)
+            .await
+            .map_err(|e| {
+                Error::api(
+                    Op::named("replace", "device", "devices.walt.dev", &new_name, ""),
+                    e,
+                )
+            })?;
+    } else {
+        api.create(&PostParams::default(), &device).await.map_err(|e| {
+            Error::api(
+                Op::named("create", "device", "devices.walt.dev", &new_name, ""),
+                e,
+            )
+        })?;
+        api.delete(name, &DeleteParams::default())
+            .await
+            .map_err(|e| Error::api(Op::named("delete", "device", "devices.walt.dev", name, ""), e))?;
+    }
+    println!(
+        "Device {new_name} registered ({}, {}{}).{}",
+        registration.address,
+        device.spec.model,
+        device
+            .lent_to()
+            .map(|ns| format!(", lent to {ns}"))
+            .unwrap_or_default(),
+        if device.lent_to().is_some() {
+            format!(
+                " A Node of that namespace boots it once it acquires it (`kubectl walt node acquire {new_name}`)."
+            )
+        } else {
+            format!(
+                " Lend it to a namespace: `kubectl patch devices.walt.dev {new_name} --type=merge -p '{{\"spec\":{{\"lentTo\":{{\"namespace\":\"NS\"}}}}}}'`."
+            )
+        }
+    );
     Ok(())
 }
 
@@ -230,7 +376,7 @@ mod tests {
         let mut device = Device::new(
             "pi1",
             DeviceSpec {
-                address: "192.0.2.11".into(),
+                address: Some("192.0.2.11".into()),
                 ssh_port: 22,
                 model: "rpi-4-b".into(),
                 lent_to: lent_to.map(|namespace| DeviceLoan {
@@ -245,6 +391,7 @@ mod tests {
                 node: node.into(),
                 uid: "u".into(),
             }),
+            ..DeviceStatus::default()
         });
         device
     }
@@ -360,5 +507,103 @@ mod tests {
             all.contains("pi2") && all.contains("bob") && all.contains("(available)"),
             "{all}"
         );
+    }
+
+    fn recorded(model: &str) -> Device {
+        let mut device = Device::new(
+            "unknown-525400aa0007",
+            DeviceSpec {
+                model: model.into(),
+                mac: Some("52:54:00:aa:00:07".into()),
+                firmware: Some(walt_crds::Firmware::Rpi),
+                boot_network: Some("lab2".into()),
+                ..DeviceSpec::default()
+            },
+        );
+        device.labels_mut().insert(DISCOVERED_LABEL.into(), "true".into());
+        device.metadata.resource_version = Some("42".into());
+        device.status = Some(DeviceStatus {
+            discovered: Some(walt_crds::DeviceDiscovery {
+                firmware: "rpi".into(),
+                network: "lab2".into(),
+                ..walt_crds::DeviceDiscovery::default()
+            }),
+            ..DeviceStatus::default()
+        });
+        device
+    }
+
+    #[test]
+    fn unregistered_devices_are_listed_apart_and_shown_unregistered_to_all() {
+        let devices = [device(Some("alice"), None), recorded("unknown")];
+        let table = unregistered_rows(&devices);
+        assert!(
+            table.contains("unknown-525400aa0007")
+                && table.contains("52:54:00:aa:00:07")
+                && table.contains("rpi")
+                && table.contains("lab2"),
+            "{table}"
+        );
+        assert!(
+            !table.contains("pi1"),
+            "registered devices are not listed: {table}"
+        );
+        let all = lent_rows(&devices, "alice", &[], true);
+        assert!(all.contains("(unregistered)"), "{all}");
+    }
+
+    #[test]
+    fn a_device_whose_mac_is_shared_says_it_is_not_booted() {
+        let mut shared = device(Some("alice"), None);
+        shared.status.get_or_insert_with(Default::default).conditions = vec![walt_crds::new_condition(
+            walt_crds::MAC_CONFLICT_CONDITION,
+            walt_crds::ConditionStatus::True,
+            "SharedMac",
+            "shared",
+            None,
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        )];
+        let table = lent_rows(&[shared], "alice", &[], false);
+        assert!(table.contains("(MAC shared: not booted)"), "{table}");
+    }
+
+    #[test]
+    fn register_gives_the_recorded_device_an_address_in_place_or_under_a_new_name() {
+        let registration = Registration {
+            address: "10.0.0.31".into(),
+            model: Some("rpi-3-b".into()),
+            lend: Some("alice".into()),
+            ..Registration::default()
+        };
+        let (device, delete) = register_plan(&recorded("unknown"), &registration).expect("registered");
+        assert_eq!(delete, None, "replaced in place");
+        assert_eq!(device.name_any(), "unknown-525400aa0007");
+        assert_eq!(device.metadata.resource_version.as_deref(), Some("42"));
+        assert_eq!(device.spec.address.as_deref(), Some("10.0.0.31"));
+        assert_eq!(device.spec.mac.as_deref(), Some("52:54:00:aa:00:07"));
+        assert_eq!(device.spec.firmware, Some(walt_crds::Firmware::Rpi));
+        assert_eq!(device.spec.boot_network.as_deref(), Some("lab2"));
+        assert_eq!(device.lent_to(), Some("alice"));
+        assert!(!device.labels().contains_key(DISCOVERED_LABEL));
+        let renamed = Registration {
+            name: Some("rpi3-01".into()),
+            ..registration.clone()
+        };
+        let (device, delete) = register_plan(&recorded("unknown"), &renamed).expect("registered");
+        assert_eq!(device.name_any(), "rpi3-01");
+        assert_eq!(device.metadata.resource_version, None);
+        assert_eq!(delete.as_deref(), Some("unknown-525400aa0007"));
+        let no_model = Registration {
+            model: None,
+            ..registration
+        };
+        let refused = register_plan(&recorded("unknown"), &no_model).expect_err("model unknown");
+        assert!(refused.to_string().contains("--model"), "{refused}");
+        assert!(
+            register_plan(&recorded("pc-x86-64"), &no_model).is_ok(),
+            "a model its request named"
+        );
+        let refused = register_plan(&device, &no_model).expect_err("registered already");
+        assert!(refused.to_string().contains("registered already"), "{refused}");
     }
 }

@@ -324,6 +324,21 @@ refused with the same words.
 
 With plain kubectl: a Node with spec.device names the device (spec.address does not exist); the API
 server refuses a Node naming a device not lent to your namespace.
+
+For lab admins: a device that asks walt's boot service for a network boot while no Device has its
+MAC address is recorded as an unregistered Device `unknown-<mac>` (its MAC, the firmware its
+request showed, its boot network, first and last seen; no address, lent to nobody: it boots
+nothing), as a WalT server registers new devices. At most bootService.maxUnknownDevices (64) are
+kept; past that, requests are only logged by the boot service.
+
+  kubectl walt device ls --unregistered       # what asked to boot, when, with which firmware
+  kubectl walt device register unknown-dca632010203 --as rpi3-01 --address 192.168.152.31 \\
+      --model rpi-3-b --lend alice             # give it an address, a model, a name; lend it
+  kubectl delete devices.walt.dev unknown-dca632010203   # not ours: forget it (recorded again if it asks again)
+
+Two Devices with the same MAC address (a typo) are served nothing: the boot service cannot tell
+which one asks. Both get the condition MacConflict=True naming the Devices, `device ls` shows
+\"(MAC shared: not booted)\"; fix spec.mac and the device boots again.
 ";
 
 const TROUBLESHOOTING: &str = "\

@@ -166,7 +166,7 @@ impl Lab {
                     &Device::new(
                         &device_name,
                         DeviceSpec {
-                            address: node.address().to_string(),
+                            address: Some(node.address().to_string()),
                             ssh_port: 22,
                             model: "pc-x86-64".into(),
                             host_key: Some(node.host_public_key().trim().to_owned()),

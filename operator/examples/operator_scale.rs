@@ -187,7 +187,7 @@ fn main() {
             let device = Device::new(
                 &format!("{namespace}-d-{i}"),
                 DeviceSpec {
-                    address: format!("127.0.0.{}", 2 + i % 250),
+                    address: Some(format!("127.0.0.{}", 2 + i % 250)),
                     ssh_port: i32::from(DEAD_PORT),
                     model: "pc-x86-64".into(),
                     lent_to: Some(DeviceLoan {

@@ -3369,15 +3369,7 @@ fn a_device_is_released_when_its_node_goes_or_the_lab_takes_it_back() {
     let mut operator = start();
     let device_events = |reason: &str| {
         cluster
-            .kubectl_output(&[
-                "get",
-                "events",
-                "-A",
-                "--field-selector",
-                &format!("involvedObject.name={device},reason={reason}"),
-                "-o",
-                "jsonpath={range .items[*]}{.message}{\"\\n\"}{end}",
-            ])
+            .event_messages(&device, reason)
             .expect("list the Device's Events")
     };
 

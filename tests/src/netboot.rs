@@ -604,6 +604,11 @@ impl BootServer {
         BootServer { daemon, journal }
     }
 
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.daemon.log()).unwrap_or_default()
+    }
+
     /// The journal entries (JSON lines).
     pub fn journal(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(&self.journal)

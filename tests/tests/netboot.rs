@@ -834,6 +834,21 @@ fn bench_nfs_reads_vs_ganesha() {
 
 /// Runs kubectl on the shared control plane with `input` on stdin.
 fn kubectl_stdin(cluster: &walt_tests::k8s::Cluster, args: &[&str], input: &str) -> String {
+    let out = kubectl_with_input(cluster, args, input);
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `kubectl ARGS` with `input` on its standard input, succeeding or not.
+fn kubectl_with_input(
+    cluster: &walt_tests::k8s::Cluster,
+    args: &[&str],
+    input: &str,
+) -> std::process::Output {
     use std::io::Write as _;
     let mut child = cluster
         .kubectl()
@@ -849,13 +864,7 @@ fn kubectl_stdin(cluster: &walt_tests::k8s::Cluster, args: &[&str], input: &str)
         .expect("stdin")
         .write_all(input.as_bytes())
         .expect("write kubectl input");
-    let out = child.wait_with_output().expect("kubectl");
-    assert!(
-        out.status.success(),
-        "kubectl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    child.wait_with_output().expect("kubectl")
 }
 
 /// A log line without its terminal colour sequences (`ESC [ … m`).
@@ -956,32 +965,7 @@ fn boot_server_takes_its_devices_from_the_cluster() {
             .expect("Image status");
     };
     set_image(0);
-    let uid = cluster
-        .kubectl_output(&[
-            "get",
-            "-n",
-            &ns,
-            "nodes.walt.dev",
-            "node1",
-            "-o",
-            "jsonpath={.metadata.uid}",
-        ])
-        .expect("Node uid");
-    let bind = |bound: serde_json::Value| {
-        let patch = serde_json::json!({"status": {"boundTo": bound}});
-        cluster
-            .kubectl_output(&[
-                "patch",
-                "devices.walt.dev",
-                &device,
-                "--subresource=status",
-                "--type=merge",
-                "-p",
-                &patch.to_string(),
-            ])
-            .expect("Device status");
-    };
-    bind(serde_json::json!({"namespace": ns, "node": "node1", "uid": uid.trim()}));
+    bind_device(cluster, &device, Some((&ns, "node1")));
 
     let port = |what| walt_tests::registry::free_port().unwrap_or_else(|e| panic!("{what} port: {e}"));
     let (nfs, http, status) = (port("NFS"), port("HTTP"), port("status"));
@@ -1051,8 +1035,563 @@ fn boot_server_takes_its_devices_from_the_cluster() {
     assert_eq!(kernel.stdout, b"v1", "the boot files are the image's");
     set_image(1);
     serves("the Image's new digest", Some(&digests[1]));
-    bind(serde_json::Value::Null);
+    bind_device(cluster, &device, None);
     serves("nothing once the Device is unbound", None);
+}
+
+/// Binds `device` to the Node `(namespace, name)` (its uid read) as the operator's Node controller
+/// does, or unbinds it (`None`).
+fn bind_device(cluster: &walt_tests::k8s::Cluster, device: &str, node: Option<(&str, &str)>) {
+    let bound = node.map_or(serde_json::Value::Null, |(namespace, name)| {
+        let uid = cluster
+            .kubectl_output(&[
+                "get",
+                "-n",
+                namespace,
+                "nodes.walt.dev",
+                name,
+                "-o",
+                "jsonpath={.metadata.uid}",
+            ])
+            .expect("Node uid");
+        serde_json::json!({"namespace": namespace, "node": name, "uid": uid.trim()})
+    });
+    let patch = serde_json::json!({"status": {"boundTo": bound}});
+    cluster
+        .kubectl_output(&[
+            "patch",
+            "devices.walt.dev",
+            device,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &patch.to_string(),
+        ])
+        .expect("Device status");
+}
+
+/// The port of a `scheme://host:port` URL (test helper).
+fn port_of(url: &str) -> u16 {
+    url.rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .unwrap_or_else(|| panic!("no port in {url}"))
+}
+
+/// A DHCP client on `net` with `mac` (busybox `udhcpc` on a veth plugged into the lab bridge, the
+/// vendor class `vendor`): the address it was given, or `None` when no server answered (3 tries, 1 s
+/// apart).
+fn dhcp_lease(net: &LabNetwork, mac: &str, vendor: &str) -> Option<String> {
+    let link = |args: &[&str]| {
+        let (ok, out) = output(Command::new("ip").args(["-n", &net.netns, "link"]).args(args));
+        assert!(ok, "ip link {args:?}: {out}");
+    };
+    if !output(Command::new("ip").args(["-n", &net.netns, "link", "show", "dhcp-c"])).0 {
+        link(&["add", "dhcp-c", "type", "veth", "peer", "name", "dhcp-b"]);
+        link(&["set", "dhcp-b", "master", "br0", "up"]);
+    }
+    link(&["set", "dhcp-c", "down"]);
+    link(&["set", "dhcp-c", "address", mac]);
+    link(&["set", "dhcp-c", "up"]);
+    let (_, out) = output(in_netns(net, "busybox").args([
+        "udhcpc",
+        "-i",
+        "dhcp-c",
+        "-f",
+        "-q",
+        "-n",
+        "-t",
+        "3",
+        "-T",
+        "1",
+        "-A",
+        "1",
+        "-s",
+        "/bin/true",
+        "-V",
+        vendor,
+    ]));
+    out.lines()
+        .find_map(|l| l.split("lease of ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(str::to_owned)
+}
+
+/// Control plane tier: the boot service fed from the cluster refuses a MAC two Devices claim and
+/// records a MAC no Device claims. Real DHCP (busybox `udhcpc`) in a lab namespace against
+/// `boot-server --from-cluster --dhcp authoritative` run there: a Device bound to a Node gets its
+/// address; a second Device with its MAC (a typo) makes the service answer neither, say why in its
+/// journal and set `MacConflict=True` naming both on both Devices (with a Warning Event); deleting
+/// the typo serves the MAC again (`MacConflict=False`); with the chart's admission policies
+/// applied, writing the typo again is refused by the API server (`walt-device-mac-unique`). A
+/// Raspberry Pi ROM's request from an unknown MAC gets no address and is recorded as the
+/// unregistered Device `unknown-<mac>` (firmware, network, no address, lent to nobody; Event
+/// `Recorded`); with `--max-unknown-devices 1`, a second unknown MAC is not recorded and the log
+/// says so. The lab admin lists it (`kubectl walt device ls --unregistered`) and registers it
+/// (`kubectl walt device register … --as … --address … --model … --lend …`).
+#[test]
+fn boot_server_refuses_a_shared_mac_and_records_unknown_devices() {
+    use walt_tests::wait::Wait;
+    require_root().expect("root");
+    let started = std::time::Instant::now();
+    let cluster = control_plane();
+    let scratch = tempfile::tempdir().expect("scratch dir");
+    let registry = Registry::start().expect("registry");
+    let layout = OciLayout::new().expect("layout");
+    layout.new_image("empty", Arch::Amd64).expect("new image");
+    layout
+        .add_layer("empty", "v1", |root| {
+            std::fs::create_dir_all(root.join(format!("boot/{MODEL}")))?;
+            std::fs::write(root.join(format!("boot/{MODEL}/kernel.img")), "v1")
+        })
+        .expect("layer");
+    let digest = layout.push("v1", &registry, "netboot/claims:v1").expect("push");
+    let net = LabNetwork::create(208).expect("lab network");
+    let ns = cluster.create_namespace("claims").expect("namespace");
+    // A boot network of this test's own: Devices other tests leave on the control plane are not ours.
+    let network = format!("claims-{}", std::process::id());
+    let (mac, unknown, unknown2) = ("52:54:00:dd:00:01", "52:54:00:dd:00:02", "52:54:00:dd:00:03");
+    let device_yaml = |name: &str, address: &str| {
+        format!(
+            "apiVersion: walt.dev/v1alpha1\nkind: Device\nmetadata: {{name: {name}}}\n\
+             spec: {{address: '{address}', model: {MODEL}, mac: '{mac}', firmware: ipxe, bootNetwork: {network}, \
+             lentTo: {{namespace: {ns}}}}}\n"
+        )
+    };
+    let pc_a = format!("pc-a-{}", std::process::id());
+    let pc_b = format!("pc-b-{}", std::process::id());
+    kubectl_stdin(
+        cluster,
+        &["apply", "-f", "-"],
+        &format!(
+            "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: os, namespace: {ns}}}\nspec: {{}}\n---\n\
+             apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {{name: node1, namespace: {ns}}}\n\
+             spec: {{model: {MODEL}, device: {pc_a}, image: os}}\n---\n{}",
+            device_yaml(&pc_a, &net.device_ip(1).to_string())
+        ),
+    );
+    let patch_status = |args: &[&str], patch: serde_json::Value| {
+        cluster
+            .kubectl_output(
+                &[
+                    args,
+                    &["--subresource=status", "--type=merge", "-p", &patch.to_string()],
+                ]
+                .concat(),
+            )
+            .expect("status patch");
+    };
+    patch_status(
+        &["patch", "-n", &ns, "images.walt.dev", "os"],
+        serde_json::json!({"status": {"digest": digest, "reference": registry.reference("netboot/claims:v1")}}),
+    );
+    bind_device(cluster, &pc_a, Some((&ns, "node1")));
+
+    let _forwards = [
+        Forward::into_netns(&net, port_of(cluster.server()), scratch.path()).expect("forward the API server"),
+        Forward::into_netns(&net, port_of(&registry.host()), scratch.path()).expect("forward the registry"),
+    ];
+    let args: Vec<String> = [
+        "--from-cluster",
+        "--network",
+        &network,
+        "--listen",
+        &net.server.to_string(),
+        "--dhcp",
+        "authoritative",
+        "--dhcp-interface",
+        "br0",
+        "--max-unknown-devices",
+        "1",
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    let kubeconfig = cluster.kubeconfig();
+    let server = BootServer::start_in(
+        &net,
+        scratch.path(),
+        Some(&registry),
+        &args,
+        &[("KUBECONFIG", kubeconfig.as_path())],
+    );
+    let ipxe = "iPXE";
+    let rpi = "PXEClient:Arch:00000:UNDI:002001";
+    let leases = |what: &str, wanted: Option<&str>| {
+        let mut last = None;
+        Wait::new(what, Duration::from_mins(2))
+            .every(Duration::from_millis(500))
+            .until(|| {
+                last = dhcp_lease(&net, mac, ipxe);
+                last.as_deref() == wanted
+            })
+            .unwrap_or_else(|e| panic!("{e}: lease {last:?}\n{}", server.log()));
+    };
+    let a_address = net.device_ip(1).to_string();
+    leases("the Device's address", Some(&a_address));
+    let served_at = started.elapsed();
+    assert!(
+        cluster
+            .kubectl_output(&["get", "devices.walt.dev", "unknown-525400dd0001"])
+            .is_err(),
+        "a registered device asking before the service has read the Devices is not recorded as unknown"
+    );
+
+    // A second Device with the same MAC: neither is served, both say why.
+    kubectl_stdin(
+        cluster,
+        &["apply", "-f", "-"],
+        &device_yaml(&pc_b, &net.device_ip(2).to_string()),
+    );
+    leases("no answer while two Devices claim the MAC", None);
+    let refused_at = started.elapsed();
+    let condition = |device: &str| {
+        cluster
+            .kubectl_output(&[
+                "get",
+                "devices.walt.dev",
+                device,
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"MacConflict\")].status} {.status.conditions[?(@.type==\"MacConflict\")].message}",
+            ])
+            .unwrap_or_default()
+    };
+    for device in [&pc_a, &pc_b] {
+        let mut last = String::new();
+        Wait::new("MacConflict=True", Duration::from_secs(30))
+            .every(Duration::from_millis(300))
+            .until(|| {
+                last = condition(device);
+                last.starts_with("True ") && last.contains(&format!("the Devices {pc_a}, {pc_b}"))
+            })
+            .unwrap_or_else(|e| panic!("{e}: {device}: {last:?}"));
+    }
+    let refusal = server
+        .journal()
+        .into_iter()
+        .rev()
+        .find(|e| e["protocol"] == "dhcp" && e["mac"] == mac)
+        .expect("a DHCP journal entry");
+    let why = refusal["refused"].as_str().unwrap_or_default();
+    assert!(
+        why.contains(&format!("claimed by the Devices {pc_a}, {pc_b}")),
+        "the journal says why: {refusal}"
+    );
+    assert!(
+        server.log().contains("MAC address shared: not served"),
+        "logged:\n{}",
+        server.log()
+    );
+    for device in [&pc_a, &pc_b] {
+        Wait::new("a MacConflict Event", Duration::from_secs(30))
+            .every(Duration::from_millis(300))
+            .until(|| {
+                cluster
+                    .event_messages(device, "MacConflict")
+                    .is_ok_and(|m| m.contains("is claimed by the Devices"))
+            })
+            .unwrap_or_else(|e| panic!("{e}: {device}"));
+    }
+
+    // The typo fixed: the MAC is served again, the condition cleared.
+    cluster
+        .kubectl_output(&["delete", "devices.walt.dev", &pc_b])
+        .expect("delete the typo");
+    leases("the Device's address again", Some(&a_address));
+    let served_again_at = started.elapsed();
+    let mut last = String::new();
+    Wait::new("MacConflict=False", Duration::from_secs(30))
+        .every(Duration::from_millis(300))
+        .until(|| {
+            last = condition(&pc_a);
+            last.starts_with("False ")
+        })
+        .unwrap_or_else(|e| panic!("{e}: {last:?}"));
+
+    // With the chart's admission policies, the typo is refused when written (the condition above
+    // stays for what admission cannot see: conflicts made before, or by two writes at once).
+    let policies =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/walt/files/admission.yaml");
+    cluster
+        .kubectl_output(&["apply", "-f", &policies.display().to_string()])
+        .expect("apply the chart's admission policies");
+    let mut refused = String::new();
+    Wait::new("admission to refuse the typo", Duration::from_mins(1))
+        .every(Duration::from_millis(500))
+        .until(|| {
+            let out = kubectl_with_input(
+                cluster,
+                &["create", "-f", "-"],
+                &device_yaml(&pc_b, &net.device_ip(2).to_string()),
+            );
+            if out.status.success() {
+                let _ = cluster.kubectl_output(&["delete", "devices.walt.dev", &pc_b]);
+            }
+            refused = String::from_utf8_lossy(&out.stderr).into_owned();
+            refused.contains("walt-device-mac-unique")
+        })
+        .unwrap_or_else(|e| panic!("{e}: {refused}"));
+    assert!(
+        refused.contains(&format!(
+            "the MAC address {mac} is claimed by the Device {pc_a} already"
+        )),
+        "{refused}"
+    );
+
+    // An unknown device: no address, recorded for the lab admin.
+    assert_eq!(
+        dhcp_lease(&net, unknown, rpi),
+        None,
+        "an unknown device gets no address"
+    );
+    let recorded = "unknown-525400dd0002";
+    let mut seen = serde_json::Value::Null;
+    Wait::new("the unknown device recorded", Duration::from_secs(30))
+        .every(Duration::from_millis(300))
+        .until(|| {
+            seen = cluster
+                .kubectl_output(&["get", "devices.walt.dev", recorded, "-o", "json"])
+                .ok()
+                .and_then(|out| serde_json::from_str(&out).ok())
+                .unwrap_or_default();
+            seen["status"]["discovered"]["firmware"] == "rpi"
+        })
+        .unwrap_or_else(|e| panic!("{e}: {seen}\n{}", server.log()));
+    let recorded_at = started.elapsed();
+    assert_eq!(seen["spec"]["mac"], unknown);
+    assert_eq!(seen["spec"]["firmware"], "rpi");
+    assert_eq!(seen["spec"]["bootNetwork"], network.as_str());
+    assert_eq!(seen["spec"]["model"], "unknown");
+    assert!(
+        seen["spec"]["address"].is_null() && seen["spec"]["lentTo"].is_null(),
+        "unregistered, lent to nobody: {seen}"
+    );
+    assert_eq!(seen["metadata"]["labels"]["walt.dev/discovered"], "true");
+    assert_eq!(seen["status"]["discovered"]["network"], network.as_str());
+    assert_eq!(seen["status"]["discovered"]["vendorClass"], rpi);
+    assert!(seen["status"]["discovered"]["firstSeen"].is_string(), "{seen}");
+    Wait::new("a Recorded Event", Duration::from_secs(30))
+        .every(Duration::from_millis(300))
+        .until(|| {
+            cluster
+                .event_messages(recorded, "Recorded")
+                .is_ok_and(|m| m.contains("kubectl walt device register"))
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        dhcp_lease(&net, unknown, rpi),
+        None,
+        "recorded, still booted into nothing"
+    );
+
+    // The cap (1): a second unknown MAC is logged, not recorded.
+    assert_eq!(dhcp_lease(&net, unknown2, rpi), None);
+    Wait::new("the cap logged", Duration::from_secs(30))
+        .every(Duration::from_millis(300))
+        .until(|| server.log().contains("unknown devices not recorded"))
+        .unwrap_or_else(|e| panic!("{e}:\n{}", server.log()));
+    assert!(
+        cluster
+            .kubectl_output(&["get", "devices.walt.dev", "unknown-525400dd0003"])
+            .is_err(),
+        "past the cap, nothing is created"
+    );
+    // The lab admin sees it and registers it with the plugin (a new name, an address, a model, lent).
+    let plugin = |args: &[&str]| {
+        let out = Command::new(walt_tests::operator::plugin_binary())
+            .env("KUBECONFIG", &kubeconfig)
+            .args(["-n", &ns])
+            .args(args)
+            .output()
+            .expect("kubectl-walt");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "kubectl walt {args:?}: {text}");
+        text
+    };
+    let listed = plugin(&["device", "ls", "--unregistered"]);
+    let row = listed
+        .lines()
+        .find(|l| l.starts_with(recorded))
+        .unwrap_or_else(|| panic!("{recorded} listed:\n{listed}"));
+    assert!(
+        row.contains(unknown) && row.contains("rpi") && row.contains(&network) && row.contains("ago"),
+        "{listed}"
+    );
+    let pc_c = format!("pc-c-{}", std::process::id());
+    let c_address = net.device_ip(3).to_string();
+    plugin(&[
+        "device",
+        "register",
+        recorded,
+        "--as",
+        &pc_c,
+        "--address",
+        &c_address,
+        "--model",
+        "rpi-3-b",
+        "--lend",
+        &ns,
+    ]);
+    let registered: serde_json::Value = serde_json::from_str(
+        &cluster
+            .kubectl_output(&["get", "devices.walt.dev", &pc_c, "-o", "json"])
+            .expect("the registered Device"),
+    )
+    .expect("json");
+    assert_eq!(
+        (
+            &registered["spec"]["address"],
+            &registered["spec"]["mac"],
+            &registered["spec"]["model"],
+            &registered["spec"]["firmware"],
+            &registered["spec"]["lentTo"]["namespace"]
+        ),
+        (
+            &serde_json::Value::from(c_address.as_str()),
+            &serde_json::Value::from(unknown),
+            &serde_json::Value::from("rpi-3-b"),
+            &serde_json::Value::from("rpi"),
+            &serde_json::Value::from(ns.as_str())
+        )
+    );
+    assert!(
+        cluster
+            .kubectl_output(&["get", "devices.walt.dev", recorded])
+            .is_err(),
+        "the record is replaced"
+    );
+    assert!(plugin(&["device", "ls", "--all"]).contains(&format!("{c_address}:22")));
+    let _ = cluster.kubectl_output(&["delete", "devices.walt.dev", &pc_c, &pc_a]);
+    eprintln!(
+        "claims: served {:.1} s, refused after the typo {:.1} s, served again {:.1} s, recorded {:.1} s, test {:.1} s",
+        served_at.as_secs_f64(),
+        refused_at.as_secs_f64(),
+        served_again_at.as_secs_f64(),
+        recorded_at.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// Control plane tier: what the chart lets the boot service write, enforced by a real API server.
+/// The chart's boot ServiceAccount, ClusterRole(Binding) and `walt-boot-records-only` policy
+/// (rendered with `helm template`) applied; as that ServiceAccount (impersonated), creating a
+/// recorded Device (no address, lent to nobody, labelled) and patching its status succeed; a Device
+/// with an address, a pinned host key or without the label is refused by the policy, a delete by
+/// RBAC.
+#[test]
+fn the_boot_service_may_only_record_unregistered_devices() {
+    use walt_tests::wait::Wait;
+    let cluster = control_plane();
+    let docs = walt_tests::deploy::render_chart(&[
+        "--set",
+        "bootService.enabled=true",
+        "--set",
+        "bootService.networks[0].name=default",
+        "--set",
+        "bootService.networks[0].listen=192.0.2.1",
+        "--set",
+        "bootService.networks[0].interface=eth1",
+    ])
+    .expect("helm template");
+    let wanted = [
+        ("ServiceAccount", "walt-boot"),
+        ("ClusterRole", "walt-boot"),
+        ("ClusterRoleBinding", "walt-boot"),
+        ("ValidatingAdmissionPolicy", "walt-boot-records-only"),
+        ("ValidatingAdmissionPolicyBinding", "walt-boot-records-only"),
+    ];
+    let items: Vec<serde_json::Value> = docs
+        .into_iter()
+        .filter(|doc| {
+            let (kind, _, name) = walt_tests::deploy::object_id(doc);
+            wanted.iter().any(|(k, n)| *k == kind && *n == name)
+        })
+        .collect();
+    assert_eq!(items.len(), wanted.len(), "the chart renders them all");
+    let _ = cluster.kubectl_output(&["create", "namespace", "walt-system"]);
+    kubectl_stdin(
+        cluster,
+        &["apply", "-f", "-"],
+        &serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string(),
+    );
+    let boot = "--as=system:serviceaccount:walt-system:walt-boot";
+    let pid = std::process::id();
+    let device = |name: &str, extra: &str, label: bool| {
+        let labels = if label {
+            "labels: {walt.dev/discovered: 'true'}, "
+        } else {
+            ""
+        };
+        format!(
+            "apiVersion: walt.dev/v1alpha1\nkind: Device\nmetadata: {{{labels}name: {name}-{pid}}}\n\
+             spec: {{model: unknown, mac: 'dc:a6:32:00:00:01', firmware: rpi{extra}}}\n"
+        )
+    };
+    let as_boot = |yaml: &str| kubectl_with_input(cluster, &[boot, "create", "-f", "-"], yaml);
+    // The policy takes effect a moment after it is created: until then, try again.
+    let mut refused = String::new();
+    Wait::new("the policy to refuse an address", Duration::from_mins(1))
+        .every(Duration::from_millis(500))
+        .until(|| {
+            let out = as_boot(&device("addressed", ", address: 192.0.2.31", true));
+            if out.status.success() {
+                let _ = cluster.kubectl_output(&["delete", "devices.walt.dev", &format!("addressed-{pid}")]);
+            }
+            refused = String::from_utf8_lossy(&out.stderr).into_owned();
+            refused.contains("walt-boot-records-only")
+        })
+        .unwrap_or_else(|e| panic!("{e}: {refused}"));
+    assert!(
+        refused.contains("the boot service only records unknown devices"),
+        "{refused}"
+    );
+    for (what, yaml) in [
+        (
+            "a pinned host key",
+            device(
+                "keyed",
+                ", hostKey: 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl'",
+                true,
+            ),
+        ),
+        ("no discovered label", device("unlabelled", "", false)),
+    ] {
+        let out = as_boot(&yaml);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("walt-boot-records-only"),
+            "{what}: {stderr}"
+        );
+    }
+    let out = as_boot(&device("unknown", "", true));
+    assert!(
+        out.status.success(),
+        "a record is created: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let name = format!("unknown-{pid}");
+    cluster
+        .kubectl_output(&[
+            boot,
+            "patch",
+            "devices.walt.dev",
+            &name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"discovered":{"firmware":"rpi","network":"default"}}}"#,
+        ])
+        .expect("the boot service writes a Device's status");
+    let deleted = cluster.kubectl_output(&[boot, "delete", "devices.walt.dev", &name]);
+    assert!(
+        deleted
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("forbidden")),
+        "RBAC: no delete: {deleted:?}"
+    );
+    cluster
+        .kubectl_output(&["delete", "devices.walt.dev", &name])
+        .expect("clean up");
 }
 
 /// A lab under the operator on the control plane tier: a Device (MAC, iPXE firmware, address,
@@ -1130,12 +1669,6 @@ impl OperatorLab {
 
         // The boot service runs whole in the lab namespace: the API server and the registry are
         // forwarded into it, its boot records out of it.
-        let port_of = |url: &str| -> u16 {
-            url.rsplit(':')
-                .next()
-                .and_then(|p| p.trim_end_matches('/').parse().ok())
-                .unwrap_or_else(|| panic!("no port in {url}"))
-        };
         let status = walt_tests::registry::free_port().expect("status port");
         let forwards = vec![
             Forward::into_netns(&net, port_of(cluster.server()), scratch.path())

@@ -556,10 +556,38 @@ fn boot_service_runs_one_instance_per_lab_network() {
         !second.iter().any(|a| a.starts_with("--dhcp-interface")),
         "{second:?}"
     );
-    let rules = find(&docs, "ClusterRole", "walt-boot")["rules"].to_string();
+    let rules = find(&docs, "ClusterRole", "walt-boot")["rules"]
+        .as_array()
+        .expect("rules")
+        .clone();
+    let writes: Vec<String> = rules
+        .iter()
+        .filter(|r| {
+            r["verbs"]
+                .as_array()
+                .is_some_and(|v| v.iter().any(|v| v != "get" && v != "list" && v != "watch"))
+        })
+        .map(|r| format!("{} {}", r["resources"], r["verbs"]))
+        .collect();
+    assert_eq!(
+        writes,
+        [
+            "[\"devices\"] [\"create\"]",
+            "[\"devices/status\"] [\"get\",\"patch\"]",
+            "[\"events\"] [\"create\",\"patch\"]"
+        ],
+        "reads walt's objects; writes only unknown devices' records, Device status and Events"
+    );
+    assert!(!Value::from(rules).to_string().contains("secrets"));
+    let records_only = find(&docs, "ValidatingAdmissionPolicy", "walt-boot-records-only");
+    assert_eq!(
+        records_only["spec"]["matchConditions"][0]["expression"],
+        "request.userInfo.username == 'system:serviceaccount:walt-system:walt-boot'"
+    );
     assert!(
-        rules.contains("devices") && !rules.contains("create") && !rules.contains("secrets"),
-        "read-only on walt's objects: {rules}"
+        args_of("walt-boot-default").contains(&"--max-unknown-devices=64".to_string()),
+        "{:?}",
+        args_of("walt-boot-default")
     );
     let env = find(&docs, "Deployment", "walt-operator")["spec"]["template"]["spec"]["containers"][0]["env"]
         .as_array()

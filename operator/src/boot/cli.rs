@@ -35,6 +35,11 @@ pub struct Args {
     /// also the Devices with none).
     #[arg(long, default_value = "default")]
     pub network: String,
+    /// The most unregistered Devices the lab keeps (`--from-cluster`): a DHCP request from a MAC no
+    /// Device claims is recorded as one (`unknown-<mac>`, no address, lent to nobody: it boots
+    /// nothing) until this many exist; past it, requests are logged, not recorded (0: never record).
+    #[arg(long, default_value_t = 64)]
+    pub max_unknown_devices: usize,
     /// The namespace of the lab's catalog images (`--from-cluster`: a Node's image not in its own
     /// namespace is looked for there).
     #[arg(long, env = "WALT_CATALOG_NAMESPACE", default_value = "walt-catalog")]

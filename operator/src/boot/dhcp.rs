@@ -230,6 +230,46 @@ pub fn firmware(request: &Packet) -> Firmware {
     }
 }
 
+/// A DHCP request from a MAC the service does not serve: what a lab admin needs to register the
+/// device (its firmware and the classes that told it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sighting {
+    /// The device's MAC.
+    pub mac: Mac,
+    /// Its firmware, told by the request.
+    pub firmware: Firmware,
+    /// Option 60, as sent (lossy UTF-8).
+    pub vendor_class: Option<String>,
+    /// Option 77, as sent (lossy UTF-8).
+    pub user_class: Option<String>,
+}
+
+/// The sighting a request from an unserved MAC is (pure): `None` when it is not worth recording.
+/// Authoritative DHCP hears every client of the lab network, as a WalT server does, and records
+/// them all; a proxy shares its network with the lab's own DHCP and its computers, so it records
+/// only the boot firmware it answers (PXE, iPXE, the Raspberry Pi ROM).
+pub fn sighting(mode: Mode, request: &Packet) -> Option<Sighting> {
+    let asks = request.op == 1 && matches!(request.message_type(), Some(1 | 3));
+    let firmware = firmware(request);
+    let boot_firmware = matches!(firmware, Firmware::Ipxe(_) | Firmware::Rpi | Firmware::Pxe);
+    let worth = match mode {
+        Mode::Authoritative => true,
+        Mode::Proxy => boot_firmware,
+        Mode::Off => false,
+    };
+    let text = |code| {
+        request
+            .option(code)
+            .map(|v| String::from_utf8_lossy(v).chars().take(255).collect())
+    };
+    (asks && worth).then(|| Sighting {
+        mac: request.chaddr,
+        firmware,
+        vendor_class: text(opt::VENDOR_CLASS),
+        user_class: text(opt::USER_CLASS),
+    })
+}
+
 /// How the service answers DHCP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -397,7 +437,19 @@ pub async fn serve(socket: UdpSocket, mode: Mode, network: Network, state: Arc<B
         let binding = state.by_mac(request.chaddr);
         let mut served = state::served("dhcp", binding.as_ref(), from.ip(), "");
         served.mac = Some(request.chaddr.to_string());
-        match reply(mode, &network, &request, binding.as_ref()) {
+        // A MAC the service refuses (several Devices claim it) says why, rather than "unknown".
+        let refusal = binding.is_none().then(|| state.refusal(request.chaddr)).flatten();
+        let answer = match &refusal {
+            Some(why) => Err(why.as_str()),
+            None => reply(mode, &network, &request, binding.as_ref()),
+        };
+        if binding.is_none()
+            && refusal.is_none()
+            && let Some(sighting) = sighting(mode, &request)
+        {
+            state.sighted(sighting);
+        }
+        match answer {
             Ok(answer) => {
                 let kind = match answer.message_type() {
                     Some(2) => "offer",
@@ -553,6 +605,41 @@ mod tests {
         let uboot = Packet::decode(&request_bytes(1, &[(60, b"U-Boot.armv8")])).expect("decodes");
         let offer = reply(Mode::Authoritative, &network(), &uboot, Some(&binding())).expect("offer");
         assert_eq!(offer.file, "start.uboot");
+    }
+
+    #[test]
+    fn a_request_from_an_unserved_mac_is_a_sighting_when_worth_recording() {
+        let rpi =
+            Packet::decode(&request_bytes(1, &[(60, b"PXEClient:Arch:00000:UNDI:002001")])).expect("decodes");
+        let seen = sighting(Mode::Authoritative, &rpi).expect("recorded");
+        assert_eq!(seen.mac, Mac(MAC));
+        assert_eq!(seen.firmware, Firmware::Rpi);
+        assert_eq!(
+            seen.vendor_class.as_deref(),
+            Some("PXEClient:Arch:00000:UNDI:002001")
+        );
+        assert_eq!(seen.user_class, None);
+        let ipxe = Packet::decode(&request_bytes(3, &[(77, b"walt.node.rpi-3-b")])).expect("decodes");
+        let seen = sighting(Mode::Proxy, &ipxe).expect("a proxy records boot firmware");
+        assert_eq!(seen.firmware, Firmware::Ipxe(Some("rpi-3-b".into())));
+        assert_eq!(seen.user_class.as_deref(), Some("walt.node.rpi-3-b"));
+        let os = Packet::decode(&request_bytes(1, &[])).expect("decodes");
+        assert!(
+            sighting(Mode::Authoritative, &os).is_some(),
+            "authoritative: every client"
+        );
+        assert_eq!(
+            sighting(Mode::Proxy, &os),
+            None,
+            "proxy: the lab's computers are not ours"
+        );
+        assert_eq!(sighting(Mode::Off, &rpi), None);
+        let release = Packet::decode(&request_bytes(7, &[])).expect("decodes");
+        assert_eq!(
+            sighting(Mode::Authoritative, &release),
+            None,
+            "only DISCOVER and REQUEST"
+        );
     }
 
     #[test]

@@ -160,6 +160,8 @@ impl BootRecord {
 #[derive(Debug)]
 pub struct BootState {
     bindings: RwLock<Arc<Vec<Binding>>>,
+    refusals: RwLock<Arc<std::collections::HashMap<Mac, String>>>,
+    sightings: std::sync::OnceLock<tokio::sync::mpsc::Sender<super::dhcp::Sighting>>,
     retired: Mutex<Vec<(Mac, Arc<ImageView>)>>,
     journal: Mutex<Journal>,
     records: Mutex<std::collections::BTreeMap<String, BootRecord>>,
@@ -182,6 +184,8 @@ impl BootState {
             .transpose()?;
         Ok(BootState {
             bindings: RwLock::new(Arc::new(bindings)),
+            refusals: RwLock::new(Arc::default()),
+            sightings: std::sync::OnceLock::new(),
             retired: Mutex::new(Vec::new()),
             journal: Mutex::new(Journal {
                 file,
@@ -213,6 +217,37 @@ impl BootState {
         match self.bindings.write() {
             Ok(mut current) => *current = new,
             Err(poisoned) => *poisoned.into_inner() = new,
+        }
+    }
+
+    /// Replaces the MACs served nothing on purpose, each with the reason its requests are told
+    /// (journal, logs).
+    pub fn set_refusals(&self, refusals: std::collections::HashMap<Mac, String>) {
+        let new = Arc::new(refusals);
+        match self.refusals.write() {
+            Ok(mut current) => *current = new,
+            Err(poisoned) => *poisoned.into_inner() = new,
+        }
+    }
+
+    /// Why a MAC is served nothing on purpose, if it is.
+    pub fn refusal(&self, mac: Mac) -> Option<String> {
+        match self.refusals.read() {
+            Ok(refusals) => refusals.get(&mac).cloned(),
+            Err(poisoned) => poisoned.into_inner().get(&mac).cloned(),
+        }
+    }
+
+    /// Sends the requests of unserved MACs to `sink` (set once: the cluster feed records them).
+    pub fn record_sightings(&self, sink: tokio::sync::mpsc::Sender<super::dhcp::Sighting>) {
+        let _ = self.sightings.set(sink);
+    }
+
+    /// A request from an unserved MAC: passed on when a sink is set and has room (a flood of
+    /// requests is dropped here rather than queued without bound).
+    pub fn sighted(&self, sighting: super::dhcp::Sighting) {
+        if let Some(sink) = self.sightings.get() {
+            let _ = sink.try_send(sighting);
         }
     }
 

@@ -2,7 +2,9 @@
 //! Devices, Nodes and Images; each Device of its lab network that walt network-boots (`firmware`,
 //! `mac`) and that a Node is bound to serves that Node's image, by digest ([`wanted`], pure); a
 //! change swaps the bindings while serving (a node running on the image it booted keeps it until it
-//! mounts again: [`crate::boot::state::BootState::set_bindings`]).
+//! mounts again: [`crate::boot::state::BootState::set_bindings`]). A MAC several Devices claim is
+//! served nothing (`MacConflict` on them); a MAC no Device claims that asks for a boot is recorded
+//! as an unregistered Device for the lab admin ([`super::boot_claims`] decides both).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -11,18 +13,29 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
-use kube::{Api, ResourceExt};
-use walt_crds::{Device, Image, ImageName, Node};
+use kube::{Api, Resource, ResourceExt};
+use tokio::sync::mpsc;
+use walt_crds::{ConditionStatus, Device, Image, ImageName, MAC_CONFLICT_CONDITION, Node};
 
 use crate::boot::cli::{self, Args, BootError, DeviceArg, ImageCache, Source};
+use crate::boot::dhcp::Sighting;
 use crate::boot::state::{BootState, Mac};
+use crate::controller::boot_claims::{Conflict, Record, conflict_conditions, conflicts, mac_of, record};
 use crate::controller::shared::registry::pinned_reference_of;
 
 /// The lab network of a Device (`default` when it names none).
 pub fn network_of(device: &Device) -> &str {
     device.spec.boot_network.as_deref().unwrap_or("default")
 }
+
+/// Event: an unknown device asked for a boot and was recorded as an unregistered Device.
+pub const RECORDED: &str = "Recorded";
+/// Event: a Device's MAC is claimed by it alone again (the Warning before is `MacConflict`).
+pub const MAC_CONFLICT_RESOLVED: &str = "MacConflictResolved";
 
 /// A Device the boot service serves nothing, and why (logged).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,23 +46,41 @@ pub struct Skipped {
     pub why: String,
 }
 
+/// What the boot service serves on its network, decided by [`wanted`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Wanted {
+    /// The devices served.
+    pub serve: Vec<DeviceArg>,
+    /// The Devices of the network served nothing, and why.
+    pub skipped: Vec<Skipped>,
+    /// The MACs several registered Devices claim (the whole lab's): served nothing.
+    pub conflicts: Vec<Conflict>,
+}
+
 /// What the boot service should serve on `network` (pure): for each network-booted Device there,
 /// bound to a Node whose Image is resolved, the Node's image by digest under the Node's name; the
-/// Devices it cannot serve, with the reason.
+/// Devices it cannot serve, with the reason. A MAC two registered Devices claim is served to
+/// neither (taking one of them would boot the image of a Node that may not be on that device).
 pub fn wanted(
     devices: &[Device],
     nodes: &[Node],
     images: &[Image],
     network: &str,
     catalog_namespace: &str,
-) -> (Vec<DeviceArg>, Vec<Skipped>) {
+) -> Wanted {
+    let conflicts = conflicts(devices);
     let mut serve = Vec::new();
     let mut skipped = Vec::new();
     for device in devices
         .iter()
         .filter(|d| d.spec.firmware.is_some() && network_of(d) == network)
     {
-        match wanted_one(device, nodes, images, catalog_namespace) {
+        let conflict = mac_of(device).and_then(|mac| conflicts.iter().find(|c| c.mac == mac));
+        let one = match conflict {
+            Some(conflict) if device.is_registered() => Err(conflict.reason()),
+            _ => wanted_one(device, nodes, images, catalog_namespace),
+        };
+        match one {
             Ok(arg) => serve.push(arg),
             Err(why) => skipped.push(Skipped {
                 device: device.name_any(),
@@ -57,7 +88,11 @@ pub fn wanted(
             }),
         }
     }
-    (serve, skipped)
+    Wanted {
+        serve,
+        skipped,
+        conflicts,
+    }
 }
 
 fn wanted_one(
@@ -73,11 +108,13 @@ fn wanted_one(
         .ok_or("no spec.mac")?
         .parse()
         .map_err(|e: crate::boot::state::BadMac| e.to_string())?;
-    let ip: Ipv4Addr = device.spec.address.parse().map_err(|_| {
-        format!(
-            "spec.address {:?} is not an IPv4 address (the boot service tells the device's requests by it)",
-            device.spec.address
-        )
+    let address = device
+        .spec
+        .address
+        .as_deref()
+        .ok_or("not registered (no spec.address): boots nothing until a lab admin registers it")?;
+    let ip: Ipv4Addr = address.parse().map_err(|_| {
+        format!("spec.address {address:?} is not an IPv4 address (the boot service tells the device's requests by it)")
     })?;
     let binding = device.bound_to().ok_or("bound to no Node")?;
     let node = nodes
@@ -145,8 +182,14 @@ async fn bindings(
     out
 }
 
-/// Watches the cluster and keeps `state`'s bindings what [`wanted`] says.
-async fn feed(client: kube::Client, args: &Args, state: Arc<BootState>) -> Result<(), BootError> {
+/// Watches the cluster and keeps `state`'s bindings what [`wanted`] says, the refused MACs and their
+/// Devices' `MacConflict` conditions with them; records the unknown devices `sightings` brings.
+async fn feed(
+    client: kube::Client,
+    args: &Args,
+    state: Arc<BootState>,
+    sightings: mpsc::Receiver<Sighting>,
+) -> Result<(), BootError> {
     let config = watcher::Config::default();
     let (devices, device_writer) = reflector::store::<Device>();
     let (nodes, node_writer) = reflector::store::<Node>();
@@ -163,47 +206,252 @@ async fn feed(client: kube::Client, args: &Args, state: Arc<BootState>) -> Resul
     )
     .touched_objects()
     .map(|r| r.map(|_| ()).map_err(|e| e.to_string()));
-    let image_events = reflector(image_writer, watcher(Api::<Image>::all(client), config))
+    let image_events = reflector(image_writer, watcher(Api::<Image>::all(client.clone()), config))
         .touched_objects()
         .map(|r| r.map(|_| ()).map_err(|e| e.to_string()));
     let mut events =
         futures::stream::select_all([device_events.boxed(), node_events.boxed(), image_events.boxed()]);
-    let mut cache = ImageCache::default();
-    let mut served: BTreeMap<String, DeviceArg> = BTreeMap::new();
-    let mut first = true;
-    while let Some(event) = events.next().await {
-        if let Err(error) = event {
-            tracing::warn!(%error, "watching the cluster");
+    let device_api = Api::<Device>::all(client.clone());
+    let publisher = Recorder::new(
+        client,
+        Reporter {
+            controller: "walt-boot-server".into(),
+            instance: Some(args.network.clone()),
+        },
+    );
+    let recorder = record_unknown(
+        device_api.clone(),
+        &publisher,
+        devices.clone(),
+        sightings,
+        args.network.clone(),
+        args.max_unknown_devices,
+    );
+    let watch = async {
+        let mut cache = ImageCache::default();
+        let mut served: BTreeMap<String, DeviceArg> = BTreeMap::new();
+        let mut first = true;
+        while let Some(event) = events.next().await {
+            if let Err(error) = event {
+                tracing::warn!(%error, "watching the cluster");
+            }
+            // Let a burst of changes settle, then look once.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            while let Some(Some(_)) = events.next().now_or_never() {}
+            let lab = all(&devices);
+            let Wanted {
+                serve,
+                skipped,
+                conflicts,
+            } = wanted(
+                &lab,
+                &all(&nodes),
+                &all(&images),
+                &args.network,
+                &args.catalog_namespace,
+            );
+            state.set_refusals(conflicts.iter().map(|c| (c.mac, c.reason())).collect());
+            write_conflict_conditions(&device_api, &publisher, &lab, &conflicts).await;
+            let want: BTreeMap<String, DeviceArg> =
+                serve.into_iter().map(|arg| (arg.mac.to_string(), arg)).collect();
+            if want == served && !first {
+                continue;
+            }
+            for skip in &skipped {
+                tracing::info!(device = skip.device, why = skip.why, "not served");
+            }
+            let names: Vec<(String, DeviceArg)> = want
+                .values()
+                .map(|arg| (device_name(&lab, arg.mac), arg.clone()))
+                .collect();
+            let new = bindings(&names, args, &mut cache).await;
+            tracing::info!(devices = new.len(), "bindings updated from the cluster");
+            state.set_bindings(new);
+            served = want;
+            first = false;
         }
-        // Let a burst of changes settle, then look once.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        while let Some(Some(_)) = events.next().now_or_never() {}
-        let (want, skipped) = wanted(
-            &all(&devices),
-            &all(&nodes),
-            &all(&images),
-            &args.network,
-            &args.catalog_namespace,
-        );
-        let want: BTreeMap<String, DeviceArg> =
-            want.into_iter().map(|arg| (arg.mac.to_string(), arg)).collect();
-        if want == served && !first {
-            continue;
-        }
-        for skip in &skipped {
-            tracing::info!(device = skip.device, why = skip.why, "not served");
-        }
-        let names: Vec<(String, DeviceArg)> = want
-            .values()
-            .map(|arg| (device_name(&all(&devices), arg.mac), arg.clone()))
-            .collect();
-        let new = bindings(&names, args, &mut cache).await;
-        tracing::info!(devices = new.len(), "bindings updated from the cluster");
-        state.set_bindings(new);
-        served = want;
-        first = false;
-    }
+    };
+    tokio::join!(watch, recorder);
     Ok(())
+}
+
+/// Writes the `MacConflict` conditions that change ([`conflict_conditions`]), each with an Event on
+/// the Device (Warning `MacConflict`, then Normal `MacConflictResolved`) and a log line. A failed
+/// write is logged and tried again at the next change.
+async fn write_conflict_conditions(
+    api: &Api<Device>,
+    events: &Recorder,
+    devices: &[Device],
+    conflicts: &[Conflict],
+) {
+    for (name, condition) in conflict_conditions(devices, conflicts, Timestamp::now()) {
+        let Some(device) = devices.iter().find(|d| d.name_any() == name) else {
+            continue;
+        };
+        let shared = condition.status == ConditionStatus::True.as_str();
+        if shared {
+            tracing::warn!(
+                device = name,
+                why = condition.message,
+                "MAC address shared: not served"
+            );
+        } else {
+            tracing::info!(device = name, "MAC address no longer shared: served again");
+        }
+        let (type_, reason) = if shared {
+            (EventType::Warning, MAC_CONFLICT_CONDITION)
+        } else {
+            (EventType::Normal, MAC_CONFLICT_RESOLVED)
+        };
+        publish(events, device, type_, reason, condition.message.clone()).await;
+        let mut list = device
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default();
+        walt_crds::set_condition(&mut list, condition);
+        let patch = serde_json::json!({"status": {"conditions": list}});
+        if let Err(error) = api
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            tracing::warn!(device = name, %error, "writing the MacConflict condition");
+        }
+    }
+}
+
+/// Publishes an Event on a Device (a failure is logged: Events are a courtesy, the condition and
+/// the records are the state).
+async fn publish(events: &Recorder, device: &Device, type_: EventType, reason: &str, note: String) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Boot".into(),
+        secondary: None,
+    };
+    if let Err(error) = events.publish(&event, &device.object_ref(&())).await {
+        tracing::warn!(%error, reason, "could not publish an Event");
+    }
+}
+
+/// Records the unknown devices `sightings` brings as unregistered Devices ([`record`] decides),
+/// each with a Normal Event `Recorded`, until the channel closes.
+async fn record_unknown(
+    api: Api<Device>,
+    events: &Recorder,
+    devices: reflector::Store<Device>,
+    mut sightings: mpsc::Receiver<Sighting>,
+    network: String,
+    cap: usize,
+) {
+    // Devices created here that the watch has not shown yet: counted against the cap, not created
+    // twice.
+    let mut created: Vec<Device> = Vec::new();
+    let mut full = Throttle::new(Duration::from_mins(1));
+    // Not before the Devices are known: a device that asks while the watch is still listing them is
+    // registered, not unknown (seen: a registered device recorded as unknown at start).
+    if devices.wait_until_ready().await.is_err() {
+        return;
+    }
+    while let Some(sighting) = sightings.recv().await {
+        let mut lab = all(&devices);
+        created.retain(|c| !lab.iter().any(|d| d.name_any() == c.name_any()));
+        lab.extend(created.iter().cloned());
+        match record(&sighting, &lab, &network, cap, Timestamp::now()) {
+            Record::Known => {}
+            Record::Full { cap } => {
+                if let Some(dropped) = full.hit(std::time::Instant::now()) {
+                    tracing::warn!(
+                        mac = %sighting.mac,
+                        cap,
+                        not_recorded = dropped,
+                        "unknown devices not recorded: {cap} unregistered Devices exist \
+                         (--max-unknown-devices); register or delete them"
+                    );
+                }
+            }
+            Record::Create(device) => match create_recorded(&api, &device).await {
+                Ok(made) => {
+                    tracing::info!(
+                        device = device.name_any(),
+                        mac = %sighting.mac,
+                        firmware = ?sighting.firmware,
+                        "unknown device recorded (unregistered: it boots nothing)"
+                    );
+                    if let Some(made) = made {
+                        let note = format!(
+                            "a device with the MAC address {} asked for a network boot on the lab network {network}: \
+                             recorded unregistered (it boots nothing); register it with `kubectl walt device register {}`",
+                            sighting.mac,
+                            made.name_any()
+                        );
+                        publish(events, &made, EventType::Normal, RECORDED, note).await;
+                    }
+                    created.push(*device);
+                }
+                Err(error) => tracing::warn!(mac = %sighting.mac, %error, "recording an unknown device"),
+            },
+            Record::Touch { device, discovered } => {
+                let patch = serde_json::json!({"status": {"discovered": discovered}});
+                if let Err(error) = api
+                    .patch_status(&device, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                {
+                    tracing::warn!(device, %error, "updating a recorded device's lastSeen");
+                }
+            }
+        }
+    }
+}
+
+/// Creates a recorded Device, then its `status.discovered` (a create ignores the status); the
+/// Device made, or `None` when another boot service created it first (no error).
+async fn create_recorded(api: &Api<Device>, device: &Device) -> Result<Option<Device>, kube::Error> {
+    let name = device.name_any();
+    match api.create(&PostParams::default(), device).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 409 => return Ok(None),
+        Err(error) => return Err(error),
+    }
+    let discovered = device.status.as_ref().and_then(|s| s.discovered.as_ref());
+    let patch = serde_json::json!({"status": {"discovered": discovered}});
+    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(Some)
+}
+
+/// Lets a repeated warning out at most once per period, with the count of the ones held back.
+#[derive(Debug)]
+pub struct Throttle {
+    every: Duration,
+    last: Option<std::time::Instant>,
+    held: u64,
+}
+
+impl Throttle {
+    /// Once per `every`.
+    pub fn new(every: Duration) -> Self {
+        Throttle {
+            every,
+            last: None,
+            held: 0,
+        }
+    }
+
+    /// One more occurrence at `now`: `Some(n)` when it is to be told (`n` occurrences since the
+    /// last one told, this one included), else `None` (held back).
+    pub fn hit(&mut self, now: std::time::Instant) -> Option<u64> {
+        self.held += 1;
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < self.every)
+        {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.held))
+    }
 }
 
 /// Everything a reflector holds.
@@ -234,12 +482,15 @@ pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>>
             .await
             .map_err(|e| format!("connecting to the cluster (kubeconfig or in-cluster config): {e}"))?;
         let state = cli::start(args, Vec::new()).await?;
+        // Bounded: a flood of requests from made-up MACs is dropped at the DHCP socket.
+        let (sink, sightings) = mpsc::channel(64);
+        state.record_sightings(sink);
         println!(
             "walt boot server ready: devices of the lab network {} from the cluster, on {}",
             args.network, args.listen
         );
         tokio::select! {
-            fed = feed(client, args, state) => fed?,
+            fed = feed(client, args, state, sightings) => fed?,
             done = cli::terminated() => done?,
         }
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
@@ -256,7 +507,7 @@ mod tests {
         let mut d = Device::new(
             name,
             DeviceSpec {
-                address: "10.0.0.11".into(),
+                address: Some("10.0.0.11".into()),
                 model: "pc-x86-64".into(),
                 mac: Some("52:54:00:00:00:01".into()),
                 firmware: Some(Firmware::Ipxe),
@@ -270,6 +521,7 @@ mod tests {
                 node: node.into(),
                 uid: uid.into(),
             }),
+            ..DeviceStatus::default()
         });
         d
     }
@@ -302,7 +554,7 @@ mod tests {
 
     #[test]
     fn a_bound_device_serves_its_nodes_image_by_digest() {
-        let (serve, skipped) = wanted(
+        let Wanted { serve, skipped, .. } = wanted(
             &[device("pc1", None, Some(("lab", "n1", "u1")))],
             &[node("lab", "n1", "u1", Some("debian"))],
             &[image("lab", "debian", Some("sha256:aa"))],
@@ -322,7 +574,7 @@ mod tests {
 
     #[test]
     fn the_catalog_serves_images_a_namespace_does_not_have() {
-        let (serve, _) = wanted(
+        let Wanted { serve, .. } = wanted(
             &[device("pc1", None, Some(("lab", "n1", "u1")))],
             &[node("lab", "n1", "u1", Some("debian"))],
             &[image("walt-catalog", "debian", Some("sha256:cc"))],
@@ -338,7 +590,7 @@ mod tests {
     #[test]
     fn devices_that_cannot_be_served_say_why() {
         let why = |devices: &[Device], nodes: &[Node], images: &[Image]| {
-            let (serve, skipped) = wanted(devices, nodes, images, "default", "walt-catalog");
+            let Wanted { serve, skipped, .. } = wanted(devices, nodes, images, "default", "walt-catalog");
             assert!(serve.is_empty());
             skipped.into_iter().map(|s| s.why).collect::<Vec<_>>().join("; ")
         };
@@ -369,11 +621,21 @@ mod tests {
             .contains("not resolved yet")
         );
         let mut bad = device("pc1", None, Some(("lab", "n1", "u1")));
-        bad.spec.address = "pc1.lab".into();
+        bad.spec.address = Some("pc1.lab".into());
         assert!(
             why(&[bad], std::slice::from_ref(&n), std::slice::from_ref(&i)).contains("not an IPv4 address")
         );
-        let (serve, skipped) = wanted(
+        let mut unregistered = device("pc1", None, Some(("lab", "n1", "u1")));
+        unregistered.spec.address = None;
+        assert!(
+            why(
+                &[unregistered],
+                std::slice::from_ref(&n),
+                std::slice::from_ref(&i)
+            )
+            .contains("not registered")
+        );
+        let Wanted { serve, skipped, .. } = wanted(
             &[device("pc1", Some("lab2"), Some(("lab", "n1", "u1")))],
             &[n],
             &[i],
@@ -384,5 +646,46 @@ mod tests {
             serve.is_empty() && skipped.is_empty(),
             "another network's device is not ours"
         );
+    }
+
+    #[test]
+    fn a_mac_two_devices_claim_is_served_to_neither_until_one_is_gone() {
+        let mut typo = device("pc2", None, Some(("lab", "n2", "u2")));
+        typo.spec.address = Some("10.0.0.12".into());
+        let nodes = [
+            node("lab", "n1", "u1", Some("debian")),
+            node("lab", "n2", "u2", Some("debian")),
+        ];
+        let images = [image("lab", "debian", Some("sha256:aa"))];
+        let both = [device("pc1", None, Some(("lab", "n1", "u1"))), typo];
+        let Wanted {
+            serve,
+            skipped,
+            conflicts,
+        } = wanted(&both, &nodes, &images, "default", "walt-catalog");
+        assert!(serve.is_empty(), "neither is served: {serve:?}");
+        assert_eq!(skipped.len(), 2);
+        for skip in &skipped {
+            assert!(
+                skip.why.contains("claimed by the Devices pc1, pc2"),
+                "{}",
+                skip.why
+            );
+        }
+        assert_eq!(conflicts.len(), 1);
+        assert_eq!(conflicts[0].mac.to_string(), "52:54:00:00:00:01");
+        let Wanted { serve, conflicts, .. } = wanted(&both[..1], &nodes, &images, "default", "walt-catalog");
+        assert_eq!(serve.len(), 1, "served again once the conflict is gone");
+        assert!(conflicts.is_empty());
+    }
+
+    #[test]
+    fn a_repeated_warning_is_told_once_a_minute_with_the_count_held_back() {
+        let start = std::time::Instant::now();
+        let mut throttle = Throttle::new(Duration::from_mins(1));
+        assert_eq!(throttle.hit(start), Some(1));
+        assert_eq!(throttle.hit(start + Duration::from_secs(10)), None);
+        assert_eq!(throttle.hit(start + Duration::from_secs(20)), None);
+        assert_eq!(throttle.hit(start + Duration::from_secs(61)), Some(3));
     }
 }

@@ -475,7 +475,7 @@ mod tests {
         let mut device = Device::new(
             "pi",
             DeviceSpec {
-                address: "192.168.152.10".into(),
+                address: Some("192.168.152.10".into()),
                 ssh_port: 2022,
                 model: "rpi-4-b".into(),
                 lent_to: Some(DeviceLoan {
@@ -486,6 +486,7 @@ mod tests {
         );
         device.status = Some(DeviceStatus {
             bound_to: Some(binding_of(node)),
+            ..DeviceStatus::default()
         });
         device
     }

@@ -21,6 +21,7 @@
 //! (Lease-based election), [`http`] (`/metrics`, `/healthz`, `/readyz`),
 //! [`metrics`].
 
+pub mod boot_claims;
 pub mod boot_source;
 pub mod bootstrap;
 pub mod census;

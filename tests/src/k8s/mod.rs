@@ -773,6 +773,20 @@ impl Cluster {
         run_kubectl(self.kubectl(), args)
     }
 
+    /// The messages of the Events (any namespace: those of a cluster-scoped object are in `default`)
+    /// about objects named `object` with this `reason`, one a line.
+    pub fn event_messages(&self, object: &str, reason: &str) -> Result<String, Error> {
+        self.kubectl_output(&[
+            "get",
+            "events",
+            "-A",
+            "--field-selector",
+            &format!("involvedObject.name={object},reason={reason}"),
+            "-o",
+            "jsonpath={range .items[*]}{.message}{\"\\n\"}{end}",
+        ])
+    }
+
     /// Creates the Secret `walt-node-key` (type `kubernetes.io/ssh-auth`) in `namespace` from the
     /// private key file `key`: the node key the operator logs in to nodes with.
     pub fn create_node_key_secret(&self, namespace: &str, key: &std::path::Path) -> Result<String, Error> {

@@ -134,7 +134,7 @@ mod tests {
         let mut device = Device::new(
             "pi1",
             DeviceSpec {
-                address: "192.0.2.11".into(),
+                address: Some("192.0.2.11".into()),
                 ssh_port: 22,
                 model: "rpi-4-b".into(),
                 lent_to: lent_to.map(|namespace| DeviceLoan {
@@ -149,6 +149,7 @@ mod tests {
                 node: node.into(),
                 uid: uid.into(),
             }),
+            ..DeviceStatus::default()
         });
         device
     }

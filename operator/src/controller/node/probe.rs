@@ -238,7 +238,10 @@ pub(super) async fn claim_device(context: &Context, node: &Node) -> Result<Resul
                 EventType::Normal,
                 reasons::DEVICE_BOUND,
                 "Bind",
-                format!("bound to the Device {name} ({})", device.spec.address),
+                format!(
+                    "bound to the Device {name} ({})",
+                    device.spec.address.as_deref().unwrap_or("unregistered")
+                ),
             )
             .await;
     }

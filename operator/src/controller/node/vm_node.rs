@@ -461,7 +461,7 @@ mod tests {
         Device::new(
             "vm-01",
             DeviceSpec {
-                address: "10.123.0.10".into(),
+                address: Some("10.123.0.10".into()),
                 ssh_port: 22,
                 model: "pc-x86-64".into(),
                 host_key: None,

@@ -97,6 +97,15 @@ pub enum NoRoute {
         /// The Device it names.
         device: String,
     },
+    /// The Device has no `spec.address`: it is not registered (the boot service recorded it), and
+    /// the API server refuses lending it; reached only past that rule.
+    #[error(
+        "the Device {device} is not registered (no spec.address): a lab admin registers it (`kubectl walt device register {device} …`)"
+    )]
+    DeviceUnregistered {
+        /// The Device.
+        device: String,
+    },
     /// The Device's `spec.sshPort` is not a TCP port.
     #[error("spec.sshPort {port} of Device {device} is not a TCP port")]
     BadPort {
@@ -124,6 +133,7 @@ impl NoRoute {
             NoRoute::DeviceNotLent { .. } => "DeviceNotLent",
             NoRoute::DeviceTaken { .. } => "DeviceTaken",
             NoRoute::DeviceNotBound { .. } => "DeviceNotBound",
+            NoRoute::DeviceUnregistered { .. } => "DeviceUnregistered",
             NoRoute::BadPort { .. } => "BadPort",
             NoRoute::BadAddress { .. } => "BadAddress",
         }
@@ -263,9 +273,16 @@ fn unchecked_node_target(
         device: device.name_any(),
         port: device.spec.ssh_port,
     })?;
+    let host = device
+        .spec
+        .address
+        .clone()
+        .ok_or_else(|| NoRoute::DeviceUnregistered {
+            device: device.name_any(),
+        })?;
     Ok(NodeTarget {
         user: "root".into(),
-        host: device.spec.address.clone(),
+        host,
         port,
     })
 }
@@ -399,7 +416,7 @@ mod tests {
         let mut device = Device::new(
             "rpi1",
             DeviceSpec {
-                address: "10.0.0.5".into(),
+                address: Some("10.0.0.5".into()),
                 ssh_port: 2222,
                 model: "rpi-4-b".into(),
                 lent_to: lent_to.map(|namespace| DeviceLoan {
@@ -410,6 +427,7 @@ mod tests {
         );
         device.status = Some(DeviceStatus {
             bound_to: bound.map(binding_of),
+            ..DeviceStatus::default()
         });
         device
     }
@@ -468,7 +486,7 @@ mod tests {
         // A Device written past its schema (its CEL rule refuses this address at admission).
         let node = physical("alice", "n1", "rpi1");
         let mut hostile = device(Some("alice"), Some(&node));
-        hostile.spec.address = "x; touch /tmp/pwned".into();
+        hostile.spec.address = Some("x; touch /tmp/pwned".into());
         let refused = node_target(&node, None, Some(&hostile)).expect_err("refused");
         assert!(!refused.is_transient());
         assert!(
@@ -589,7 +607,7 @@ mod tests {
         });
         let lent = device(Some("alice"), Some(&vm));
         let target = node_target(&vm, Some(&pod_owned_by("uid-alice-n1")), Some(&lent)).expect("its Device");
-        assert_eq!(target.host, lent.spec.address);
+        assert_eq!(Some(target.host), lent.spec.address);
     }
 
     #[test]

@@ -361,7 +361,7 @@ mod tests {
         let mut device = Device::new(
             "pi",
             DeviceSpec {
-                address: "10.0.0.5".into(),
+                address: Some("10.0.0.5".into()),
                 ssh_port: 22,
                 model: "rpi-4-b".into(),
                 lent_to: Some(DeviceLoan {
@@ -372,6 +372,7 @@ mod tests {
         );
         device.status = Some(DeviceStatus {
             bound_to: bound.map(binding_of),
+            ..DeviceStatus::default()
         });
         device
     }

@@ -1,0 +1,461 @@
+//! Who a MAC address belongs to, for the boot service fed from the cluster (pure decisions, I/O in
+//! [`super::boot_source`]):
+//! - [`conflicts`]: registered Devices claiming the same MAC (a lab admin's typo). The boot service
+//!   serves such a MAC nothing, rather than one of them at random, and says which Devices claim it
+//!   ([`conflict_conditions`]: the `MacConflict` condition on each, cleared once the conflict is
+//!   gone). The API server cannot refuse the second Device: an admission rule (CEL, a
+//!   ValidatingAdmissionPolicy) sees one object, never the others, so the condition is the place.
+//! - [`record`]: a MAC no Device claims, asking for a boot, is recorded for the lab admin as an
+//!   unregistered Device (WalT registers new devices the same way), within a cap, and boots nothing.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::ResourceExt;
+use walt_crds::{
+    ConditionStatus, DISCOVERED_LABEL, Device, DeviceDiscovery, DeviceSpec, DeviceStatus, Firmware,
+    MAC_CONFLICT_CONDITION, new_condition,
+};
+
+use crate::boot::dhcp::{self, Sighting};
+use crate::boot::state::Mac;
+
+/// Reason of `MacConflict=True`.
+pub const SHARED_MAC: &str = "SharedMac";
+/// Reason of `MacConflict=False` (the conflict is gone).
+pub const UNIQUE_MAC: &str = "UniqueMac";
+/// The model of a recorded device whose request does not name one (WalT's name for it).
+pub const UNKNOWN_MODEL: &str = "unknown";
+/// A recorded device's `status.discovered.lastSeen` is written at most this often.
+pub const TOUCH_EVERY: SignedDuration = SignedDuration::from_mins(1);
+
+/// Registered Devices that claim one MAC address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conflict {
+    /// The MAC address.
+    pub mac: Mac,
+    /// The Devices claiming it, by name, sorted.
+    pub devices: Vec<String>,
+}
+
+impl Conflict {
+    /// Why the MAC is served nothing (journal, logs, conditions).
+    pub fn reason(&self) -> String {
+        format!(
+            "the MAC address {} is claimed by the Devices {}: the boot service serves it nothing until one Device \
+             alone claims it (fix spec.mac)",
+            self.mac,
+            self.devices.join(", ")
+        )
+    }
+}
+
+/// The MAC a Device claims, if it names one that parses.
+pub fn mac_of(device: &Device) -> Option<Mac> {
+    device.spec.mac.as_deref().and_then(|mac| mac.parse().ok())
+}
+
+/// The MACs claimed by more than one registered Device (pure). A Device the boot service recorded
+/// (unregistered) yields to a registered one with its MAC: that is the lab admin registering it.
+pub fn conflicts(devices: &[Device]) -> Vec<Conflict> {
+    let mut claims: BTreeMap<Mac, Vec<String>> = BTreeMap::new();
+    for device in devices.iter().filter(|d| d.is_registered()) {
+        if let Some(mac) = mac_of(device) {
+            claims.entry(mac).or_default().push(device.name_any());
+        }
+    }
+    claims
+        .into_iter()
+        .filter(|(_, devices)| devices.len() > 1)
+        .map(|(mac, mut devices)| {
+            devices.sort();
+            Conflict { mac, devices }
+        })
+        .collect()
+}
+
+/// The `MacConflict` conditions to write (pure): `True` on each Device of a conflict, `False` on a
+/// Device whose condition says `True` but that no longer shares its MAC; only those that change.
+pub fn conflict_conditions(
+    devices: &[Device],
+    conflicts: &[Conflict],
+    now: Timestamp,
+) -> Vec<(String, Condition)> {
+    let mut writes = Vec::new();
+    for device in devices {
+        let name = device.name_any();
+        let conflict = conflicts.iter().find(|c| c.devices.contains(&name));
+        let current = device.mac_conflict();
+        let wanted = match (conflict, current) {
+            (Some(conflict), _) => new_condition(
+                MAC_CONFLICT_CONDITION,
+                ConditionStatus::True,
+                SHARED_MAC,
+                conflict.reason(),
+                device.metadata.generation,
+                Time(now),
+            ),
+            (None, Some(current)) if current.status == ConditionStatus::True.as_str() => new_condition(
+                MAC_CONFLICT_CONDITION,
+                ConditionStatus::False,
+                UNIQUE_MAC,
+                "no other Device claims its MAC address: the boot service serves it again",
+                device.metadata.generation,
+                Time(now),
+            ),
+            (None, _) => continue,
+        };
+        let same = current.is_some_and(|c| {
+            c.status == wanted.status && c.reason == wanted.reason && c.message == wanted.message
+        });
+        if !same {
+            writes.push((name, wanted));
+        }
+    }
+    writes
+}
+
+/// What to do with a DHCP request from a MAC the boot service does not serve.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Record {
+    /// Create this unregistered Device (its `status.discovered` written once it exists).
+    Create(Box<Device>),
+    /// Refresh the recorded Device's `status.discovered` (its latest request).
+    Touch {
+        /// The Device.
+        device: String,
+        /// Its new `status.discovered`.
+        discovered: DeviceDiscovery,
+    },
+    /// A Device claims the MAC (registered, or recorded and seen within [`TOUCH_EVERY`]): nothing.
+    Known,
+    /// `cap` unregistered Devices exist already: not recorded (a flood of made-up MACs cannot
+    /// create objects without bound).
+    Full {
+        /// The cap.
+        cap: usize,
+    },
+}
+
+/// The name of the Device recorded for a MAC: `unknown-` and its twelve hex digits (one Device per
+/// MAC, whatever the number of requests).
+pub fn recorded_name(mac: Mac) -> String {
+    format!("unknown-{}", mac.to_string().replace(':', ""))
+}
+
+/// Whether a Device is one the boot service recorded and the lab admin has not registered yet.
+pub fn is_recorded(device: &Device) -> bool {
+    !device.is_registered() && device.labels().get(DISCOVERED_LABEL).is_some_and(|v| v == "true")
+}
+
+/// The firmware a request shows, as `status.discovered.firmware` and `spec.firmware` say it.
+fn firmware_names(firmware: &dhcp::Firmware) -> (&'static str, Option<Firmware>) {
+    match firmware {
+        dhcp::Firmware::Ipxe(_) => ("ipxe", Some(Firmware::Ipxe)),
+        dhcp::Firmware::Rpi => ("rpi", Some(Firmware::Rpi)),
+        dhcp::Firmware::Uboot => ("u-boot", Some(Firmware::UBoot)),
+        dhcp::Firmware::Pxe => ("pxe", None),
+        dhcp::Firmware::Other => ("other", None),
+    }
+}
+
+/// Decides what a request from an unserved MAC records (pure): `devices` are the lab's Devices (and
+/// those this service created that its watch has not shown yet), `network` the boot service's,
+/// `cap` the most unregistered Devices the lab keeps (0: record nothing).
+pub fn record(sighting: &Sighting, devices: &[Device], network: &str, cap: usize, now: Timestamp) -> Record {
+    let (firmware_name, firmware) = firmware_names(&sighting.firmware);
+    let discovered = |first_seen: Option<Time>| DeviceDiscovery {
+        firmware: firmware_name.to_owned(),
+        vendor_class: sighting.vendor_class.clone(),
+        user_class: sighting.user_class.clone(),
+        network: network.to_owned(),
+        first_seen: first_seen.or(Some(Time(now))),
+        last_seen: Some(Time(now)),
+    };
+    if let Some(device) = devices.iter().find(|d| mac_of(d) == Some(sighting.mac)) {
+        let last = device.status.as_ref().and_then(|s| s.discovered.as_ref());
+        let stale = last
+            .and_then(|d| d.last_seen.as_ref())
+            .is_none_or(|seen| now.duration_since(seen.0) >= TOUCH_EVERY);
+        if !is_recorded(device) || !stale {
+            return Record::Known;
+        }
+        return Record::Touch {
+            device: device.name_any(),
+            discovered: discovered(last.and_then(|d| d.first_seen.clone())),
+        };
+    }
+    let recorded = devices.iter().filter(|d| is_recorded(d)).count();
+    if recorded >= cap {
+        return Record::Full { cap };
+    }
+    let model = match &sighting.firmware {
+        dhcp::Firmware::Ipxe(Some(model)) if valid_model(model) => model.clone(),
+        _ => UNKNOWN_MODEL.to_owned(),
+    };
+    let mut device = Device::new(
+        &recorded_name(sighting.mac),
+        DeviceSpec {
+            address: None,
+            ssh_port: walt_crds::DEFAULT_SSH_PORT,
+            model,
+            mac: Some(sighting.mac.to_string()),
+            firmware,
+            boot_network: (network != "default").then(|| network.to_owned()),
+            ..DeviceSpec::default()
+        },
+    );
+    device
+        .labels_mut()
+        .insert(DISCOVERED_LABEL.to_owned(), "true".to_owned());
+    device.status = Some(DeviceStatus {
+        discovered: Some(discovered(None)),
+        ..DeviceStatus::default()
+    });
+    Record::Create(Box::new(device))
+}
+
+/// Whether a model named by a request fits `spec.model` (1 to 63 characters of a host name label):
+/// the request is the device's word, anything else is recorded as [`UNKNOWN_MODEL`].
+fn valid_model(model: &str) -> bool {
+    (1..=63).contains(&model.len())
+        && model
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use walt_crds::DeviceLoan;
+
+    fn mac(last: u8) -> Mac {
+        Mac([0x52, 0x54, 0, 0xaa, 0, last])
+    }
+
+    fn registered(name: &str, mac: Mac) -> Device {
+        Device::new(
+            name,
+            DeviceSpec {
+                address: Some("10.0.0.11".into()),
+                model: "pc-x86-64".into(),
+                mac: Some(mac.to_string()),
+                firmware: Some(Firmware::Ipxe),
+                lent_to: Some(DeviceLoan {
+                    namespace: "lab".into(),
+                }),
+                ..DeviceSpec::default()
+            },
+        )
+    }
+
+    fn sighting(mac: Mac, firmware: dhcp::Firmware) -> Sighting {
+        Sighting {
+            mac,
+            firmware,
+            vendor_class: Some("PXEClient:Arch:00000:UNDI:002001".into()),
+            user_class: None,
+        }
+    }
+
+    fn at(seconds: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + seconds).expect("time")
+    }
+
+    #[test]
+    fn two_registered_devices_with_one_mac_conflict_and_a_recorded_one_yields() {
+        let recorded = match record(&sighting(mac(1), dhcp::Firmware::Rpi), &[], "default", 10, at(0)) {
+            Record::Create(device) => *device,
+            other => panic!("{other:?}"),
+        };
+        let devices = [
+            registered("pc-b", mac(1)),
+            registered("pc-a", mac(1)),
+            registered("pc-c", mac(2)),
+            recorded.clone(),
+        ];
+        let found = conflicts(&devices);
+        assert_eq!(
+            found,
+            vec![Conflict {
+                mac: mac(1),
+                devices: vec!["pc-a".into(), "pc-b".into()]
+            }]
+        );
+        assert!(
+            found[0]
+                .reason()
+                .contains("52:54:00:aa:00:01 is claimed by the Devices pc-a, pc-b"),
+            "{}",
+            found[0].reason()
+        );
+        assert_eq!(
+            conflicts(&[registered("pc-a", mac(1)), recorded]),
+            vec![],
+            "registering a recorded device is no conflict"
+        );
+    }
+
+    #[test]
+    fn conflict_conditions_are_set_on_both_then_cleared_and_not_rewritten() {
+        let mut devices = vec![registered("pc-a", mac(1)), registered("pc-b", mac(1))];
+        let writes = conflict_conditions(&devices, &conflicts(&devices), at(0));
+        assert_eq!(writes.len(), 2);
+        for (name, condition) in &writes {
+            assert_eq!(condition.status, "True", "{name}");
+            assert_eq!(condition.reason, SHARED_MAC);
+            assert!(condition.message.contains("pc-a, pc-b"), "{}", condition.message);
+        }
+        for (device, (_, condition)) in devices.iter_mut().zip(writes) {
+            device.status.get_or_insert_with(Default::default).conditions = vec![condition];
+        }
+        assert_eq!(
+            conflict_conditions(&devices, &conflicts(&devices), at(5)),
+            vec![],
+            "written once"
+        );
+        devices.pop();
+        let cleared = conflict_conditions(&devices, &conflicts(&devices), at(10));
+        assert_eq!(cleared.len(), 1);
+        assert_eq!(
+            (cleared[0].0.as_str(), cleared[0].1.status.as_str()),
+            ("pc-a", "False")
+        );
+        assert_eq!(cleared[0].1.reason, UNIQUE_MAC);
+        assert_eq!(
+            conflict_conditions(&[registered("pc-c", mac(3))], &[], at(0)),
+            vec![],
+            "no condition on a Device that never conflicted"
+        );
+    }
+
+    #[test]
+    fn an_unknown_mac_is_recorded_as_an_unregistered_device_that_boots_nothing() {
+        let Record::Create(device) = record(
+            &sighting(mac(7), dhcp::Firmware::Rpi),
+            &[registered("pc-a", mac(1))],
+            "lab2",
+            10,
+            at(0),
+        ) else {
+            panic!("created");
+        };
+        assert_eq!(device.name_any(), "unknown-525400aa0007");
+        assert!(is_recorded(&device) && !device.is_registered());
+        assert_eq!(device.spec.mac.as_deref(), Some("52:54:00:aa:00:07"));
+        assert_eq!(device.spec.firmware, Some(Firmware::Rpi));
+        assert_eq!(device.spec.boot_network.as_deref(), Some("lab2"));
+        assert_eq!(device.spec.model, UNKNOWN_MODEL);
+        assert_eq!(device.lent_to(), None, "lent to nobody: nothing boots it");
+        let discovered = device
+            .status
+            .as_ref()
+            .and_then(|s| s.discovered.clone())
+            .expect("discovered");
+        assert_eq!(discovered.firmware, "rpi");
+        assert_eq!(discovered.network, "lab2");
+        assert_eq!(discovered.first_seen, Some(Time(at(0))));
+        let Record::Create(ipxe) = record(
+            &Sighting {
+                mac: mac(8),
+                firmware: dhcp::Firmware::Ipxe(Some("pc-x86-64".into())),
+                vendor_class: None,
+                user_class: Some("walt.node.pc-x86-64".into()),
+            },
+            &[],
+            "default",
+            10,
+            at(0),
+        ) else {
+            panic!("created");
+        };
+        assert_eq!(
+            ipxe.spec.model, "pc-x86-64",
+            "the iPXE user class names the model"
+        );
+        assert_eq!(ipxe.spec.boot_network, None, "the default network");
+        let Record::Create(os) = record(
+            &sighting(mac(9), dhcp::Firmware::Other),
+            &[],
+            "default",
+            10,
+            at(0),
+        ) else {
+            panic!("created");
+        };
+        assert_eq!(os.spec.firmware, None, "not a firmware walt boots");
+    }
+
+    #[test]
+    fn a_recorded_device_is_touched_at_most_once_a_minute_and_a_registered_one_never() {
+        let Record::Create(device) =
+            record(&sighting(mac(7), dhcp::Firmware::Rpi), &[], "default", 10, at(0))
+        else {
+            panic!("created");
+        };
+        let devices = [*device];
+        let again = sighting(mac(7), dhcp::Firmware::Rpi);
+        assert_eq!(record(&again, &devices, "default", 10, at(30)), Record::Known);
+        let Record::Touch { device, discovered } = record(&again, &devices, "default", 10, at(60)) else {
+            panic!("touched");
+        };
+        assert_eq!(device, "unknown-525400aa0007");
+        assert_eq!(discovered.first_seen, Some(Time(at(0))), "first seen kept");
+        assert_eq!(discovered.last_seen, Some(Time(at(60))));
+        assert_eq!(
+            record(
+                &sighting(mac(1), dhcp::Firmware::Rpi),
+                &[registered("pc-a", mac(1))],
+                "default",
+                10,
+                at(0)
+            ),
+            Record::Known,
+            "a registered device (not served: unbound, or its MAC shared) is not recorded"
+        );
+    }
+
+    #[test]
+    fn recording_stops_at_the_cap_and_resumes_when_the_admin_registers_one() {
+        let mut devices = Vec::new();
+        for last in 0..3 {
+            match record(
+                &sighting(mac(last), dhcp::Firmware::Rpi),
+                &devices,
+                "default",
+                3,
+                at(0),
+            ) {
+                Record::Create(device) => devices.push(*device),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(
+            record(
+                &sighting(mac(50), dhcp::Firmware::Rpi),
+                &devices,
+                "default",
+                3,
+                at(0)
+            ),
+            Record::Full { cap: 3 }
+        );
+        assert_eq!(
+            record(&sighting(mac(51), dhcp::Firmware::Rpi), &[], "default", 0, at(0)),
+            Record::Full { cap: 0 },
+            "cap 0: nothing recorded"
+        );
+        devices[0].spec.address = Some("10.0.0.30".into());
+        assert!(matches!(
+            record(
+                &sighting(mac(50), dhcp::Firmware::Rpi),
+                &devices,
+                "default",
+                3,
+                at(0)
+            ),
+            Record::Create(_)
+        ));
+    }
+}

@@ -698,29 +698,12 @@ pub fn restart_message(why: &str, cluster_node: &str, restart: u32) -> String {
 async fn lost_pod_goes(
     context: &Context,
     session: &ShellSession,
-    mut status: ShellSessionStatus,
+    status: ShellSessionStatus,
     why: &str,
 ) -> Result<Action> {
     let message = format!("{why}: removing it to make a new one where the changes are");
-    condition(
-        &mut status,
-        session,
-        READY,
-        ConditionStatus::False,
-        reasons::SHELL_POD_LOST,
-        message.clone(),
-    );
-    write_status(context, session, status).await?;
+    record_loss(context, session, status, message).await?;
     delete_pod(context, session).await?;
-    context
-        .event(
-            session,
-            EventType::Warning,
-            reasons::SHELL_POD_LOST,
-            "Restart",
-            message,
-        )
-        .await;
     Ok(Action::requeue(Duration::from_secs(2)))
 }
 
@@ -735,6 +718,17 @@ async fn restarting_status(
     let count = status.pod_restarts.unwrap_or(0) + 1;
     status.pod_restarts = Some(count);
     let message = restart_message(restart.why, restart.cluster_node, count);
+    record_loss(context, session, status, message).await
+}
+
+/// Writes `Ready=False` reason `ShellPodLost` with `message` (on the version decided on), then the
+/// Warning Event; the status as written.
+async fn record_loss(
+    context: &Context,
+    session: &ShellSession,
+    mut status: ShellSessionStatus,
+    message: String,
+) -> Result<ShellSessionStatus> {
     condition(
         &mut status,
         session,

@@ -119,6 +119,23 @@ pub fn histogram_quantile(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -
         .map(|(le, _)| *le)
 }
 
+/// How a [`histogram_quantile`] reads (pure): `≤B s` for a bucket's upper bound `B`, `> L s` when it
+/// fell in the `+Inf` bucket (`L` the largest finite bound of `buckets`), `-` when nothing was observed.
+pub fn quantile_text(quantile: Option<f64>, buckets: &[(f64, u64)]) -> String {
+    match quantile {
+        None => "-".to_owned(),
+        Some(bound) if bound.is_infinite() => {
+            let largest = buckets
+                .iter()
+                .map(|(le, _)| *le)
+                .filter(|le| le.is_finite())
+                .fold(0.0_f64, f64::max);
+            format!("> {largest}s")
+        }
+        Some(bound) => format!("≤{bound}s"),
+    }
+}
+
 /// One row of the table: walt's way and the reference way of doing the same thing.
 #[derive(Debug, Clone, Default)]
 pub struct Row {
@@ -356,6 +373,14 @@ mod tests {
             None,
             "nothing new observed"
         );
+    }
+
+    #[test]
+    fn a_quantile_past_the_largest_bucket_says_so() {
+        let buckets = [(0.5, 1), (40.96, 2), (f64::INFINITY, 3)];
+        assert_eq!(quantile_text(Some(f64::INFINITY), &buckets), "> 40.96s");
+        assert_eq!(quantile_text(Some(0.5), &buckets), "≤0.5s");
+        assert_eq!(quantile_text(None, &buckets), "-");
     }
 
     #[test]

@@ -884,10 +884,15 @@ impl Bench {
             .join("\n")
     }
 
-    /// Waits until every object of `kind` named in `names` has condition Ready=True, or panics with
-    /// what the objects say.
+    /// Waits until every object of `kind` named in `names` is ready (`--for` of `kubectl wait`: an Image
+    /// has condition Ready=True, a Node phase Ready), or panics with what the objects say.
     fn wait_ready(&self, kind: &str, names: &[String], within: Duration) {
-        let mut args = vec!["wait", "-n", NS, "--for=condition=Ready", "--timeout"];
+        let ready = if kind.starts_with("nodes.") {
+            "--for=jsonpath={.status.phase}=Ready"
+        } else {
+            "--for=condition=Ready"
+        };
+        let mut args = vec!["wait", "-n", NS, ready, "--timeout"];
         let timeout = format!("{}s", within.as_secs());
         args.push(&timeout);
         let qualified: Vec<String> = names.iter().map(|n| format!("{kind}/{n}")).collect();
@@ -1069,8 +1074,7 @@ fn report(
         .map(|kind| {
             let buckets = |text: &str| bench::histogram_buckets(text, RECONCILE_HISTOGRAM, kind);
             let (b, a) = (buckets(before), buckets(after));
-            let at =
-                |q| bench::histogram_quantile(&b, &a, q).map_or_else(|| "-".to_owned(), |s| format!("≤{s}s"));
+            let at = |q| bench::quantile_text(bench::histogram_quantile(&b, &a, q), &a);
             format!("{kind} p50 {} p99 {}", at(0.5), at(0.99))
         })
         .collect::<Vec<_>>()

@@ -3,8 +3,9 @@
 //! - [`conflicts`]: registered Devices claiming the same MAC (a lab admin's typo). The boot service
 //!   serves such a MAC nothing, rather than one of them at random, and says which Devices claim it
 //!   ([`conflict_conditions`]: the `MacConflict` condition on each, cleared once the conflict is
-//!   gone). The API server cannot refuse the second Device: an admission rule (CEL, a
-//!   ValidatingAdmissionPolicy) sees one object, never the others, so the condition is the place.
+//!   gone). The API server refuses most such typos first (the admission policy
+//!   `walt-device-mac-unique` gets every Device as its parameters), but not two writes at once, a
+//!   pair made before the policy, or a cluster without it: the condition covers those.
 //! - [`record`]: a MAC no Device claims, asking for a boot, is recorded for the lab admin as an
 //!   unregistered Device (WalT registers new devices the same way), within a cap, and boots nothing.
 

@@ -560,17 +560,21 @@ impl Bench {
         (took, peak)
     }
 
-    /// `buildah bud --layers` + `buildah push` of the case's context to `image` in the lab registry,
-    /// in the node's network namespace (the lab registry by its Service name, over plain HTTP, with the
+    /// `buildah bud --layers --isolation chroot` + `buildah push` of the case's context to `image` in
+    /// the lab registry, in the node's network namespace (the lab registry by its Service name, over plain HTTP, with the
     /// lab credential; the base pulled from there), with `storage`'s storage (empty for a cold build):
     /// the time of both, and the larger peak RSS (GNU time).
     fn build_buildah(&self, case: &BuildCase, storage: &Podman, image: &str) -> (f64, u64) {
         let tag = format!("localhost/walt-bench-{}", case.arch.name());
         let timed = ["time", "-f", "peak-rss-kib %M", "buildah"];
         let mut bud = storage.tool(self, &timed);
+        // chroot isolation: runc finds no cgroup mount in the node's network namespace (`ip netns
+        // exec` mounts a sysfs of its own, without /sys/fs/cgroup).
         bud.args([
             "bud",
             "--layers",
+            "--isolation",
+            "chroot",
             "--network",
             "none",
             "--tls-verify=false",

@@ -550,12 +550,16 @@ impl Bench {
             .filter_map(|pid| bench::peak_rss_kib(*pid))
             .max()
             .unwrap_or_default();
+        // The plugin's own line adds the build's time as the ImageBuild records it (pod to result).
+        let line = stdout
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("Built "))
+            .unwrap_or_default();
         eprintln!(
-            "bench:   kubectl walt image build {image} ({}, {}): {took:.2} s, {} cached, {} layers pushed",
+            "bench:   kubectl walt image build ({}, {}): {took:.2} s; {line}",
             case.label(),
             if cold { "cold" } else { "warm" },
-            built.cached,
-            built.layers_pushed
         );
         (took, peak)
     }

@@ -564,21 +564,29 @@ impl Bench {
         (took, peak)
     }
 
-    /// `buildah bud --layers --isolation chroot` + `buildah push` of the case's context to `image` in
+    /// `buildah bud --layers` (runc, no network) + `buildah push` of the case's context to `image` in
     /// the lab registry, in the node's network namespace (the lab registry by its Service name, over plain HTTP, with the
     /// lab credential; the base pulled from there), with `storage`'s storage (empty for a cold build):
     /// the time of both, and the larger peak RSS (GNU time).
     fn build_buildah(&self, case: &BuildCase, storage: &Podman, image: &str) -> (f64, u64) {
         let tag = format!("localhost/walt-bench-{}", case.arch.name());
-        let timed = ["time", "-f", "peak-rss-kib %M", "buildah"];
+        // `ip netns exec` mounts a sysfs of its own, without /sys/fs/cgroup, where runc looks for
+        // cgroups: the cgroup2 hierarchy is mounted there first (in that command's own mount
+        // namespace, gone with it).
+        let timed = [
+            "sh",
+            "-c",
+            "mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec \"$@\"",
+            "sh",
+            "time",
+            "-f",
+            "peak-rss-kib %M",
+            "buildah",
+        ];
         let mut bud = storage.tool(self, &timed);
-        // chroot isolation: runc finds no cgroup mount in the node's network namespace (`ip netns
-        // exec` mounts a sysfs of its own, without /sys/fs/cgroup).
         bud.args([
             "bud",
             "--layers",
-            "--isolation",
-            "chroot",
             "--network",
             "none",
             "--tls-verify=false",

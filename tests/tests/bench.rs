@@ -14,7 +14,13 @@
 //!    binary as in the walt image, run here against the same node and registry) and vs WalT's way
 //!    (`ssh node tar > ar.tar`, `podman build` of `FROM base` + `ADD ar.tar /`, `podman push`).
 //!
-//! The operator's peak RSS is reset before and read after each of its saves (`/proc/PID/clear_refs`).
+//! 4. `kubectl walt image build --from-dir` of the build benchmark's context (`walt_tests::build_bench`:
+//!    a Debian base, `dpkg -i` of a .deb from the context, `COPY` of 10,000 files, two `RUN`s), amd64 and
+//!    arm64 (emulated), cold (a new image, the base out of walt's layer cache) and warm (an unchanged
+//!    rebuild, which must push nothing), vs `buildah bud --layers` + `buildah push` of the same context
+//!    to the same lab registry (cold: an empty storage); the compressed size of both results.
+//!
+//! The operator's peak RSS is reset before and read after each of its saves and builds (`/proc/PID/clear_refs`).
 //! `WALT_BENCH_REPS` sets the repetitions (default 3); orders alternate between repetitions.
 
 use std::cell::Cell;

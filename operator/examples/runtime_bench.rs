@@ -572,51 +572,12 @@ fn debian_rootfs_of(arch: &str) -> PathBuf {
     dir
 }
 
-/// A build context: a Dockerfile on `base`, a small .deb, 10,000 files.
-fn build_context(dir: &Path, base: &str) {
-    let package = dir.join("pkg");
-    fs::create_dir_all(package.join("DEBIAN")).unwrap();
-    fs::create_dir_all(package.join("usr/share/walt-bench")).unwrap();
-    fs::write(
-        package.join("DEBIAN/control"),
-        "Package: walt-bench\nVersion: 1.0\nArchitecture: all\nMaintainer: walt <walt@example.org>\nDescription: walt build benchmark\n",
-    )
-    .unwrap();
-    fs::write(package.join("usr/share/walt-bench/hello.txt"), "hello\n").unwrap();
-    run(Command::new("dpkg-deb")
-        .args(["--build", "--root-owner-group"])
-        .arg(&package)
-        .arg(dir.join("walt-bench.deb")));
-    fs::remove_dir_all(&package).unwrap();
-    for d in 0..100 {
-        let sub = dir.join(format!("files/{d:03}"));
-        fs::create_dir_all(&sub).unwrap();
-        for f in 0..100 {
-            fs::write(sub.join(format!("{f:03}.txt")), format!("file {d} {f}\n")).unwrap();
-        }
-    }
-    fs::write(
-        dir.join("Dockerfile"),
-        format!(
-            "FROM {base}\nCOPY walt-bench.deb /tmp/\nRUN dpkg -i /tmp/walt-bench.deb && rm /tmp/walt-bench.deb\n\
-             COPY files/ /opt/files/\nRUN echo built > /etc/walt-bench && find /opt/files -type f | wc -l > /opt/count\n"
-        ),
-    )
-    .unwrap();
-}
-
 /// Compressed size of an image's layers (from its manifest).
 fn layers_size(reference: &str) -> u64 {
     let raw = run(Command::new("skopeo")
         .args(["inspect", "--raw", "--tls-verify=false"])
         .arg(format!("docker://{reference}")));
-    let manifest: serde_json::Value = serde_json::from_str(&raw).unwrap();
-    manifest["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|l| l["size"].as_u64())
-        .sum()
+    walt_tests::build_bench::layers_bytes(&raw).unwrap()
 }
 
 fn build() {
@@ -635,7 +596,7 @@ fn build() {
         let base = registry.reference(&format!("lab/debian-{name}:1"));
         let work = tempfile::tempdir().unwrap();
         let context = work.path().join("context");
-        build_context(&context, &base);
+        walt_tests::build_bench::write_context(&context, &base).unwrap();
         let cache = work.path().join("cache");
         let walt_target = registry.reference(&format!("lab/walt-{name}:1"));
         let walt_build = || {

@@ -153,6 +153,9 @@ pub struct Row {
     pub reference_rss_kib: Option<u64>,
     /// The goal from the issue: walt's median at most this many times the reference's.
     pub goal: Option<f64>,
+    /// The compressed size (bytes, the sum of its layers) of walt's result and of the reference's,
+    /// where the row makes an image.
+    pub result_bytes: Option<(u64, u64)>,
 }
 
 impl Row {
@@ -229,6 +232,25 @@ pub fn render(rows: &[Row], reps: usize) -> String {
             row.reference,
             list(&row.theirs)
         );
+    }
+    let sized: Vec<&Row> = rows.iter().filter(|row| row.result_bytes.is_some()).collect();
+    if !sized.is_empty() {
+        let _ = writeln!(out, "result sizes (compressed layers, bytes):");
+    }
+    for row in sized {
+        if let Some((ours, theirs)) = row.result_bytes {
+            #[allow(clippy::cast_precision_loss)] // image sizes: far below 2^52 bytes
+            let ratio = if theirs > 0 {
+                format!("{:.3}x", ours as f64 / theirs as f64)
+            } else {
+                "-".to_owned()
+            };
+            let _ = writeln!(
+                out,
+                "  {}: walt {ours} vs {} {theirs} ({ratio})",
+                row.what, row.reference
+            );
+        }
     }
     out
 }
@@ -414,6 +436,27 @@ mod tests {
         assert!(table.contains("<=1.0x MISS"), "{table}");
         assert!(
             table.contains("walt [1.00 1.20 5.00] vs kubectl run -it --rm [1.00 0.90 1.10]"),
+            "{table}"
+        );
+        assert!(!table.contains("result sizes"), "no row made an image:\n{table}");
+    }
+
+    #[test]
+    fn rows_that_make_images_show_both_sizes() {
+        let row = Row {
+            what: "image build amd64, cold".into(),
+            reference: "buildah bud --layers + push".into(),
+            ours: vec![10.0],
+            theirs: vec![20.0],
+            result_bytes: Some((122_700_320, 122_578_243)),
+            ..Row::default()
+        };
+        let table = render(&[row], 1);
+        assert!(
+            table.contains(
+                "result sizes (compressed layers, bytes):\n  image build amd64, cold: walt 122700320 vs \
+                 buildah bud --layers + push 122578243 (1.001x)"
+            ),
             "{table}"
         );
     }

@@ -27,6 +27,7 @@ pub mod process;
 
 pub mod bench;
 pub mod bounds;
+pub mod build_bench;
 pub mod deploy;
 pub mod dist;
 pub mod fuzz;

@@ -1428,12 +1428,22 @@ fn load_of_shells_and_saves() {
             "jsonpath={.status.address}",
         ]);
         let host = address.rsplit_once(':').map_or(address.as_str(), |(h, _)| h);
-        let mut write = bench.ssh_to(host, false);
-        write.arg(format!(
-            "mkdir -p /root/load && head -c {} /dev/urandom > /root/load/{node} && sync",
-            LOAD_SAVE_MIB << 20
-        ));
-        must(run(&mut write), &format!("writing on {node}"));
+        // A Node turns Ready when the operator reaches it; its Service's endpoints may reach the
+        // node's network namespace a moment later (seen: "Connection refused" right after Ready).
+        Wait::new(&format!("writing on {node}"), Duration::from_mins(1))
+            .every(Duration::from_secs(2))
+            .until(|| {
+                let mut write = bench.ssh_to(host, false);
+                write.arg(format!(
+                    "mkdir -p /root/load && head -c {} /dev/urandom > /root/load/{node} && sync",
+                    LOAD_SAVE_MIB << 20
+                ));
+                match run(&mut write) {
+                    Ok(_) => Poll::Ready(()),
+                    Err(error) => Poll::Pending(error.to_string()),
+                }
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
     }
     let saved_nodes: Vec<String> = nodes.iter().map(|n| format!("{n}-saved")).collect();
     let users = nodes

@@ -1375,7 +1375,7 @@ fn load_of_shells_and_saves() {
     let virtual_nodes = nodes.iter().map(|node| {
         format!(
             "apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {{name: {node}, namespace: {NS}}}\n\
-             spec:\n  model: pc-x86-64\n  image: {IMAGE}\n  bootMode: volatile\n  virtual: {{architecture: amd64, memory: 256Mi, cpu: 50m}}\n"
+             spec:\n  model: pc-x86-64\n  image: {IMAGE}\n  bootMode: volatile\n  virtual: {{architecture: amd64, memory: 256Mi, cpu: 250m}}\n"
         )
     });
     // The virtual nodes are made after the shells' phase: ten images unpacking and booting at once
@@ -1428,9 +1428,10 @@ fn load_of_shells_and_saves() {
             "jsonpath={.status.address}",
         ]);
         let host = address.rsplit_once(':').map_or(address.as_str(), |(h, _)| h);
-        // A Node turns Ready when the operator reaches it; its Service's endpoints may reach the
-        // node's network namespace a moment later (seen: "Connection refused" right after Ready).
-        Wait::new(&format!("writing on {node}"), Duration::from_mins(1))
+        // A virtual Node turns Ready when its pod runs; its SSH server (the pod's readiness, the
+        // Service's endpoint) comes once the image is unpacked and booted: with `cpu: 50m` (a limit)
+        // not within minutes ("Connection refused" from the Service).
+        Wait::new(&format!("writing on {node}"), Duration::from_mins(5))
             .every(Duration::from_secs(2))
             .until(|| {
                 let mut write = bench.ssh_to(host, false);

@@ -1143,15 +1143,10 @@ impl Bench {
             .join("\n")
     }
 
-    /// Waits until every object of `kind` named in `names` is ready (`--for` of `kubectl wait`: an Image
-    /// has condition Ready=True, a Node phase Ready), or panics with what the objects say.
+    /// Waits until every object of `kind` named in `names` has condition Ready=True, or panics with
+    /// what the objects say.
     fn wait_ready(&self, kind: &str, names: &[String], within: Duration) {
-        let ready = if kind.starts_with("nodes.") {
-            "--for=jsonpath={.status.phase}=Ready"
-        } else {
-            "--for=condition=Ready"
-        };
-        let mut args = vec!["wait", "-n", NS, ready, "--timeout"];
+        let mut args = vec!["wait", "-n", NS, "--for=condition=Ready", "--timeout"];
         let timeout = format!("{}s", within.as_secs());
         args.push(&timeout);
         let qualified: Vec<String> = names.iter().map(|n| format!("{kind}/{n}")).collect();
@@ -1417,7 +1412,29 @@ fn load_of_shells_and_saves() {
     // 2. The node saves, all at once.
     let virtual_nodes = virtual_nodes.collect::<Vec<_>>().join("---\n");
     bench.kube.apply(&virtual_nodes).unwrap_or_else(|e| panic!("{e}"));
-    bench.wait_ready("nodes.walt.dev", &nodes, Duration::from_mins(10));
+    // Polled: a `kubectl wait --for=jsonpath=…` on the ten Nodes kept waiting after all were Ready.
+    Wait::new("the load's virtual Nodes to be Ready", Duration::from_mins(10))
+        .every(Duration::from_secs(2))
+        .until(|| {
+            let phases = bench.kubectl(&[
+                "get",
+                "nodes.walt.dev",
+                "-n",
+                NS,
+                "-o",
+                "jsonpath={range .items[*]}{.metadata.name}={.status.phase}{\"\\n\"}{end}",
+            ]);
+            let waiting: Vec<&String> = nodes
+                .iter()
+                .filter(|node| !phases.lines().any(|line| line == format!("{node}=Ready")))
+                .collect();
+            if waiting.is_empty() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending(phases.clone())
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
     for node in &nodes {
         let address = bench.kubectl(&[
             "get",

@@ -329,6 +329,12 @@ fn every_instruction(arch: Arch) {
     assert_eq!(again["pushed"], false, "{}", second.text());
     assert_eq!(again["layersPushed"], 0);
     assert_eq!(again["cached"], result["layersPushed"], "{}", second.text());
+    assert_eq!(
+        again["emulated"],
+        result["emulated"],
+        "a fully cached rebuild says how its RUN steps ran, as the first build did: {}",
+        second.text()
+    );
     assert_eq!(storage_snapshot(&registry), before, "the registry is untouched");
     eprintln!("{name}: rebuild with the cache {:.1} s", second.seconds);
 

@@ -110,7 +110,7 @@ pub struct BuildResult {
     pub reference: String,
     /// The image's architecture.
     pub architecture: String,
-    /// Whether `RUN` steps went through qemu-user.
+    /// Whether `RUN` steps went through qemu-user (cached ones included: they were built that way).
     pub emulated: bool,
     /// Steps in all stages (`FROM` included).
     pub steps: usize,
@@ -832,6 +832,12 @@ fn filesystem_step(
         && let Some(entry) = cached(request, &key, repository, &cache)
     {
         say(" ---> Using cache");
+        // A cached RUN was run through qemu-user when the stage's CPU is not this node's: the
+        // result says so on a fully cached rebuild too (it said ", emulated" on the first build).
+        if matches!(work, FsWork::Run { .. }) {
+            let host = crate::runtime::emulation::host_architecture();
+            tally.emulated |= !crate::runtime::emulation::runs_natively(&state.architecture, &host);
+        }
         apply_result(state, entry.layer, entry.history, &cache);
         state.key = key;
         tally.cached += 1;

@@ -426,7 +426,8 @@ pub async fn run(ctx: &Ctx, opts: &BuildOptions<'_>) -> Result<i32> {
         })?;
     let build_name = created.metadata.name.clone().unwrap_or_default();
     println!("imagebuild.walt.dev/{build_name} created for image {name}");
-    let outcome = interruptible(build_and_follow(ctx, &build_name, &packed)).await;
+    let mut times = BuildTimes::default();
+    let outcome = interruptible(build_and_follow(ctx, &build_name, &packed, &mut times)).await;
     if matches!(outcome, Err(Error::Interrupted)) {
         let _ = ctx.builds().delete(&build_name, &DeleteParams::default()).await;
         eprintln!(
@@ -435,6 +436,7 @@ pub async fn run(ctx: &Ctx, opts: &BuildOptions<'_>) -> Result<i32> {
     }
     let done = outcome?;
     print_result(&done, &name, &booted_by);
+    eprintln!("{}", times.line(packed.bytes));
     Ok(0)
 }
 
@@ -469,19 +471,96 @@ async fn confirm_target(ctx: &Ctx, name: &ImageName, opts: &BuildOptions<'_>) ->
     crate::image_cmd::confirm_overwrite(ctx, name, opts.yes, "not built").await
 }
 
-/// Waits for the build pod, sends the context, streams the build, waits for the operator's verdict.
-async fn build_and_follow(ctx: &Ctx, build: &str, packed: &Packed) -> Result<ImageBuild> {
+/// Where a build's time went, as the plugin saw it: each phase's end since the ImageBuild was
+/// created (`None`: not reached).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct BuildTimes {
+    /// The ImageBuild created (the origin).
+    pub created: Option<Instant>,
+    /// The build pod's container running (the operator made the pod, the kubelet started it).
+    pub pod_running: Option<Instant>,
+    /// Attached to the pod.
+    pub attached: Option<Instant>,
+    /// The whole context written on the pod's standard input.
+    pub context_sent: Option<Instant>,
+    /// The pod's output ended: the build ran and pushed its layers.
+    pub built: Option<Instant>,
+    /// The operator's verdict seen (it read the result, tagged it and made the Image).
+    pub verdict: Option<Instant>,
+}
+
+impl BuildTimes {
+    /// The phases' durations, in order (pure): the name and the time from the previous phase's end.
+    pub fn phases(&self) -> Vec<(&'static str, Duration)> {
+        let marks = [
+            ("pod start", self.pod_running),
+            ("attach", self.attached),
+            ("context upload", self.context_sent),
+            ("build and push", self.built),
+            ("tag and Image", self.verdict),
+        ];
+        let mut previous = self.created;
+        let mut phases = Vec::new();
+        for (name, mark) in marks {
+            if let (Some(from), Some(to)) = (previous, mark) {
+                phases.push((name, to.saturating_duration_since(from)));
+            }
+            previous = mark.or(previous);
+        }
+        phases
+    }
+
+    /// The line the plugin prints after a build (pure): where the time went, `context_bytes` the
+    /// archive's size.
+    pub fn line(&self, context_bytes: u64) -> String {
+        let total = self
+            .created
+            .zip(self.verdict.or(self.built))
+            .map(|(from, to)| to.saturating_duration_since(from));
+        let parts: Vec<String> = self
+            .phases()
+            .into_iter()
+            .map(|(name, took)| {
+                let size = if name == "context upload" {
+                    format!(" ({})", bytes(context_bytes))
+                } else {
+                    String::new()
+                };
+                format!("{name} {:.1} s{size}", took.as_secs_f64())
+            })
+            .collect();
+        format!(
+            "Time: {:.1} s ({})",
+            total.unwrap_or_default().as_secs_f64(),
+            parts.join(", ")
+        )
+    }
+}
+
+/// Waits for the build pod, sends the context, streams the build, waits for the operator's verdict;
+/// `times` records when each phase ended.
+async fn build_and_follow(
+    ctx: &Ctx,
+    build: &str,
+    packed: &Packed,
+    times: &mut BuildTimes,
+) -> Result<ImageBuild> {
+    times.created = Some(Instant::now());
     let pod = wait_for_pod(ctx, build).await?;
+    times.pod_running = Some(Instant::now());
     eprintln!(
         "Sending the build context: {} entries, {}…",
         packed.entries,
         bytes(packed.bytes)
     );
-    if let Err(error) = stream_build(ctx, &pod, &packed.archive).await {
+    if let Err(error) = stream_build(ctx, &pod, &packed.archive, times).await {
         // The verdict still comes from the ImageBuild; say why the live log stopped.
         eprintln!("(the build log stopped: {error}; following the build's status)");
     }
-    wait_for_verdict(ctx, build).await
+    times.built = Some(Instant::now());
+    let verdict = wait_for_verdict(ctx, build).await;
+    times.verdict = Some(Instant::now());
+    verdict
 }
 
 /// The build pod of a build, from its status (pure): `status.pod` in `status.podNamespace`, else (an
@@ -537,9 +616,10 @@ fn container_running(pod: &Pod) -> bool {
 
 /// Attaches to the build pod: writes the archive on its standard input, prints its output (a
 /// progress line on stderr for each step) until it ends.
-async fn stream_build(ctx: &Ctx, pod: &RuntimePod, archive: &[u8]) -> Result<()> {
+async fn stream_build(ctx: &Ctx, pod: &RuntimePod, archive: &[u8], times: &mut BuildTimes) -> Result<()> {
     let params = AttachParams::default().stdin(true).stdout(true).stderr(true);
     let mut attached = pod.attach(ctx, &params, "attachment to the build pod").await?;
+    times.attached = Some(Instant::now());
     let mut stdin = attached
         .stdin()
         .ok_or_else(|| Error::Failed("the build pod gave no standard input".into()))?;
@@ -553,7 +633,7 @@ async fn stream_build(ctx: &Ctx, pod: &RuntimePod, archive: &[u8]) -> Result<()>
         stdin.write_all(archive).await?;
         stdin.flush().await?;
         // The archive ends with its end-of-archive blocks: the build reads no further.
-        Ok::<_, std::io::Error>(stdin)
+        Ok::<_, std::io::Error>((stdin, Instant::now()))
     };
     let started = Instant::now();
     let terminal = std::io::stderr().is_terminal();
@@ -583,7 +663,8 @@ async fn stream_build(ctx: &Ctx, pod: &RuntimePod, archive: &[u8]) -> Result<()>
         Ok::<_, std::io::Error>(())
     };
     let (written, out, err) = tokio::join!(writer, print_stdout, print_stderr);
-    let _stdin = written.map_err(Error::io("sending the build context"))?;
+    let (_stdin, sent) = written.map_err(Error::io("sending the build context"))?;
+    times.context_sent = Some(sent);
     out.map_err(Error::io("reading the build log"))?;
     err.map_err(Error::io("reading the build log"))?;
     attached.abort();
@@ -674,6 +755,39 @@ fn print_result(build: &ImageBuild, name: &ImageName, booted_by: &[String]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_time_line_splits_the_build_into_its_phases() {
+        let start = Instant::now();
+        let at = |millis| Some(start + Duration::from_millis(millis));
+        let times = BuildTimes {
+            created: at(0),
+            pod_running: at(3_100),
+            attached: at(3_300),
+            context_sent: at(3_600),
+            built: at(8_300),
+            verdict: at(9_600),
+        };
+        assert_eq!(
+            times.line(1_200_000),
+            "Time: 9.6 s (pod start 3.1 s, attach 0.2 s, context upload 0.3 s (1.1MiB), \
+             build and push 4.7 s, tag and Image 1.3 s)"
+        );
+        // A log that stopped early (no attach): the phases reached, each from the last mark.
+        let partial = BuildTimes {
+            attached: None,
+            context_sent: None,
+            ..times
+        };
+        assert_eq!(
+            partial.phases(),
+            vec![
+                ("pod start", Duration::from_millis(3_100)),
+                ("build and push", Duration::from_millis(5_200)),
+                ("tag and Image", Duration::from_millis(1_300)),
+            ]
+        );
+    }
 
     #[test]
     fn build_args_parse_and_the_last_value_wins() {

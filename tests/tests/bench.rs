@@ -556,14 +556,21 @@ impl Bench {
             .filter_map(|pid| bench::peak_rss_kib(*pid))
             .max()
             .unwrap_or_default();
-        // The plugin's own line adds the build's time as the ImageBuild records it (pod to result).
+        // The plugin's own lines add the build's time as the ImageBuild records it (pod to result)
+        // and where the time went as the plugin saw it (pod start, attach, upload, build, tagging).
         let line = stdout
             .lines()
             .rev()
             .find(|l| l.starts_with("Built "))
             .unwrap_or_default();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let split = stderr
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("Time: "))
+            .unwrap_or("(no Time line)");
         eprintln!(
-            "bench:   kubectl walt image build ({}, {}): {took:.2} s; {line}",
+            "bench:   kubectl walt image build ({}, {}): {took:.2} s; {line}; {split}",
             case.label(),
             if cold { "cold" } else { "warm" },
         );

@@ -59,6 +59,9 @@ use self::shared::cached::Cached;
 use self::shared::context::{Context, MANAGED_BY, MANAGED_BY_LABEL, key_of};
 use self::shared::error::{Error, Result};
 
+/// A reconcile this long is logged (with its object) as slow.
+const SLOW_RECONCILE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Wraps a reconcile with metrics, structured logs (kind, namespace, name),
 /// a time bound (`--reconcile-timeout`: one stuck reconcile never holds a
 /// worker for ever) and per-object backoff.
@@ -84,6 +87,7 @@ where
     let span = tracing::info_span!("reconcile", kind, namespace = %object.namespace().unwrap_or_default(), name = %object.name_any());
     let _timer = context.metrics.reconcile_started(kind);
     let limit = context.config.args.reconcile_timeout;
+    let started = std::time::Instant::now();
     let bounded = tokio::time::timeout(limit, reconcile(object, context.clone()));
     let outcome = tracing::Instrument::instrument(bounded, span.clone())
         .await
@@ -93,6 +97,13 @@ where
                 seconds: limit.as_secs(),
             })
         });
+    let took = started.elapsed();
+    if took >= SLOW_RECONCILE {
+        // The histogram says that some reconciles are slow; this line says which object's, and
+        // the step it logged before (at debug) says what it was doing.
+        let _entered = span.enter();
+        tracing::info!(seconds = took.as_secs_f64(), "slow reconcile");
+    }
     match &outcome {
         Ok(_) => context.succeeded(&key),
         Err(error) => {

@@ -433,7 +433,9 @@ pub async fn reconcile(mut image: Arc<Image>, context: Arc<Context>) -> Result<A
     let mut observed = Observed::default();
     let mut cloned = None;
     loop {
-        match decide(&image, &observed) {
+        let step = decide(&image, &observed);
+        tracing::debug!(?step, "image step");
+        match step {
             Step::Resolve => {
                 observed.lookup = Some(client.resolve(&reference, platform.as_ref()).await.into());
             }

@@ -182,6 +182,12 @@ pub struct DeviceDiscovery {
     /// Its latest request (updated at most once a minute).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<Time>,
+    /// The address the boot service lent it while it is unregistered (from its network's
+    /// `unregisteredAddresses`), to boot the lab's default image of its model; none when the
+    /// network lends none (it then boots nothing until a lab admin registers it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 15))]
+    pub address: Option<String>,
 }
 
 /// The Node bound to a device.

@@ -75,6 +75,7 @@ pub fn unregistered_rows(devices: &[Device]) -> String {
         "FIRMWARE",
         "MODEL",
         "NETWORK",
+        "LENT ADDRESS",
         "FIRST SEEN",
         "LAST SEEN",
     ]);
@@ -89,6 +90,8 @@ pub fn unregistered_rows(devices: &[Device]) -> String {
             seen.map_or_else(|| "-".into(), |s| s.firmware.clone()),
             device.spec.model.clone(),
             seen.map_or_else(|| "-".into(), |s| s.network.clone()),
+            // Where it boots the lab's default image of its model, when its network lends addresses.
+            seen.and_then(|s| s.address.clone()).unwrap_or_else(|| "-".into()),
             ago(seen.and_then(|s| s.first_seen.as_ref())),
             ago(seen.and_then(|s| s.last_seen.as_ref())),
         ]);
@@ -526,6 +529,7 @@ mod tests {
             discovered: Some(walt_crds::DeviceDiscovery {
                 firmware: "rpi".into(),
                 network: "lab2".into(),
+                address: Some("10.0.2.200".into()),
                 ..walt_crds::DeviceDiscovery::default()
             }),
             ..DeviceStatus::default()
@@ -541,7 +545,8 @@ mod tests {
             table.contains("unknown-525400aa0007")
                 && table.contains("52:54:00:aa:00:07")
                 && table.contains("rpi")
-                && table.contains("lab2"),
+                && table.contains("lab2")
+                && table.contains("10.0.2.200"),
             "{table}"
         );
         assert!(

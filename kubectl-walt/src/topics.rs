@@ -329,7 +329,10 @@ For lab admins: a device that asks walt's boot service for a network boot while 
 MAC address is recorded as an unregistered Device `unknown-<mac>` (its MAC, the firmware its
 request showed, its boot network, first and last seen; no address, lent to nobody: it boots
 nothing), as a WalT server registers new devices. At most bootService.maxUnknownDevices (64) are
-kept; past that, requests are only logged by the boot service.
+kept; past that, requests are only logged by the boot service. Where the lab sets a default image
+per model (bootService.defaultImages) and a network's pool of addresses
+(bootService.networks[].unregisteredAddresses), a recorded device of such a model is lent an
+address of the pool and boots that catalog image, as on a WalT server (LENT ADDRESS below).
 
   kubectl walt device ls --unregistered       # what asked to boot, when, with which firmware
   kubectl walt device register unknown-dca632010203 --as rpi3-01 --address 192.168.152.31 \\

@@ -1082,6 +1082,12 @@ fn port_of(url: &str) -> u16 {
 /// vendor class `vendor`): the address it was given, or `None` when no server answered (3 tries, 1 s
 /// apart).
 fn dhcp_lease(net: &LabNetwork, mac: &str, vendor: &str) -> Option<String> {
+    dhcp_lease_as(net, mac, vendor, None)
+}
+
+/// [`dhcp_lease`] with a DHCP user class (option 77, as iPXE sends it: `walt.node.<model>` names
+/// the device's model).
+fn dhcp_lease_as(net: &LabNetwork, mac: &str, vendor: &str, user_class: Option<&str>) -> Option<String> {
     let link = |args: &[&str]| {
         let (ok, out) = output(Command::new("ip").args(["-n", &net.netns, "link"]).args(args));
         assert!(ok, "ip link {args:?}: {out}");
@@ -1093,28 +1099,198 @@ fn dhcp_lease(net: &LabNetwork, mac: &str, vendor: &str) -> Option<String> {
     link(&["set", "dhcp-c", "down"]);
     link(&["set", "dhcp-c", "address", mac]);
     link(&["set", "dhcp-c", "up"]);
-    let (_, out) = output(in_netns(net, "busybox").args([
-        "udhcpc",
-        "-i",
-        "dhcp-c",
-        "-f",
-        "-q",
-        "-n",
-        "-t",
-        "3",
-        "-T",
-        "1",
-        "-A",
-        "1",
-        "-s",
-        "/bin/true",
-        "-V",
-        vendor,
-    ]));
+    let (_, out) = output(
+        in_netns(net, "busybox")
+            .args([
+                "udhcpc",
+                "-i",
+                "dhcp-c",
+                "-f",
+                "-q",
+                "-n",
+                "-t",
+                "3",
+                "-T",
+                "1",
+                "-A",
+                "1",
+                "-s",
+                "/bin/true",
+                "-V",
+                vendor,
+            ])
+            .args(
+                user_class
+                    .map(|class| {
+                        let hex = class.bytes().fold(String::new(), |mut hex, b| {
+                            use std::fmt::Write as _;
+                            let _ = write!(hex, "{b:02x}");
+                            hex
+                        });
+                        ["-x".to_owned(), format!("0x4d:{hex}")]
+                    })
+                    .into_iter()
+                    .flatten(),
+            ),
+    );
     out.lines()
         .find_map(|l| l.split("lease of ").nth(1))
         .and_then(|rest| rest.split_whitespace().next())
         .map(str::to_owned)
+}
+
+/// Control plane tier: a device nobody registered boots the lab's default image of its model, as on
+/// a WalT server, once the lab says which image that is (`--default-image MODEL=IMAGE`, a catalog
+/// Image) and which addresses its network lends (`--unregistered-addresses FIRST-LAST`). Real DHCP
+/// (busybox `udhcpc` with iPXE's user class `walt.node.<model>`) against `boot-server --from-cluster`:
+/// the first request records the device (`unknown-<mac>`, unregistered, lent to nobody) with the
+/// first address of the pool in `status.discovered.address`, and an Event saying what it boots; the
+/// next one gets that address, and the boot journal shows the default image's digest served to it.
+/// A second device of a model without a default image is recorded with no address and gets none.
+#[test]
+fn an_unregistered_device_boots_the_labs_default_image_of_its_model() {
+    use walt_tests::wait::Wait;
+    require_root().expect("root");
+    let started = std::time::Instant::now();
+    let cluster = control_plane();
+    let scratch = tempfile::tempdir().expect("scratch dir");
+    let registry = Registry::start().expect("registry");
+    let layout = OciLayout::new().expect("layout");
+    layout.new_image("empty", Arch::Amd64).expect("new image");
+    layout
+        .add_layer("empty", "v1", |root| {
+            std::fs::create_dir_all(root.join(format!("boot/{MODEL}")))?;
+            std::fs::write(root.join(format!("boot/{MODEL}/kernel.img")), "default")
+        })
+        .expect("layer");
+    let digest = layout.push("v1", &registry, "netboot/default:v1").expect("push");
+    let net = LabNetwork::create(209).expect("lab network");
+    let catalog = cluster.create_namespace("default-catalog").expect("namespace");
+    let network = format!("defaults-{}", std::process::id());
+    kubectl_stdin(
+        cluster,
+        &["apply", "-f", "-"],
+        &format!(
+            "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: pc-default, namespace: {catalog}}}\nspec: {{}}\n"
+        ),
+    );
+    cluster
+        .kubectl_output(&[
+            "patch",
+            "-n",
+            &catalog,
+            "images.walt.dev",
+            "pc-default",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &serde_json::json!({"status": {"digest": digest, "reference": registry.reference("netboot/default:v1")}})
+                .to_string(),
+        ])
+        .expect("status patch");
+    let _forwards = [
+        Forward::into_netns(&net, port_of(cluster.server()), scratch.path()).expect("forward the API server"),
+        Forward::into_netns(&net, port_of(&registry.host()), scratch.path()).expect("forward the registry"),
+    ];
+    let (first, last) = (net.device_ip(190), net.device_ip(191));
+    let args: Vec<String> = [
+        "--from-cluster",
+        "--network",
+        &network,
+        "--listen",
+        &net.server.to_string(),
+        "--dhcp",
+        "authoritative",
+        "--dhcp-interface",
+        "br0",
+        "--catalog-namespace",
+        &catalog,
+        "--default-image",
+        &format!("{MODEL}=pc-default"),
+        "--unregistered-addresses",
+        &format!("{first}-{last}"),
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    let kubeconfig = cluster.kubeconfig();
+    let server = BootServer::start_in(
+        &net,
+        scratch.path(),
+        Some(&registry),
+        &args,
+        &[("KUBECONFIG", kubeconfig.as_path())],
+    );
+    let (mac, other) = ("52:54:00:de:00:01", "52:54:00:de:00:02");
+    let user_class = format!("walt.node.{MODEL}");
+    let mut lease = None;
+    Wait::new("the default image's lease", Duration::from_mins(2))
+        .every(Duration::from_millis(500))
+        .until(|| {
+            lease = dhcp_lease_as(&net, mac, "iPXE", Some(&user_class));
+            lease.is_some()
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", server.log()));
+    let served_at = started.elapsed();
+    assert_eq!(lease, Some(first.to_string()), "the pool's first address");
+    let recorded = "unknown-525400de0001";
+    let seen: serde_json::Value = serde_json::from_str(
+        &cluster
+            .kubectl_output(&["get", "devices.walt.dev", recorded, "-o", "json"])
+            .expect("the recorded Device"),
+    )
+    .expect("json");
+    assert_eq!(seen["spec"]["model"], MODEL, "told by its user class");
+    assert!(
+        seen["spec"]["address"].is_null() && seen["spec"]["lentTo"].is_null(),
+        "still unregistered, lent to nobody: {seen}"
+    );
+    assert_eq!(seen["status"]["discovered"]["address"], first.to_string());
+    let offer = server
+        .journal()
+        .into_iter()
+        .rev()
+        .find(|e| e["protocol"] == "dhcp" && e["mac"] == mac && e["digest"].is_string())
+        .unwrap_or_else(|| panic!("a DHCP journal entry serving {mac}: {:?}", server.journal()));
+    assert_eq!(
+        offer["digest"],
+        digest.as_str(),
+        "the default image, by digest: {offer}"
+    );
+    Wait::new("a Recorded Event saying what it boots", Duration::from_secs(30))
+        .every(Duration::from_millis(300))
+        .until(|| {
+            cluster
+                .event_messages(recorded, "Recorded")
+                .is_ok_and(|m| m.contains(&format!("it boots the lab's default image pc-default at {first}")))
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // A model the lab has no default image for: recorded, no address spent on it, nothing served.
+    assert_eq!(dhcp_lease_as(&net, other, "iPXE", Some("walt.node.rpi-9")), None);
+    let mut other_seen = serde_json::Value::Null;
+    Wait::new("the second device recorded", Duration::from_secs(30))
+        .every(Duration::from_millis(300))
+        .until(|| {
+            other_seen = cluster
+                .kubectl_output(&["get", "devices.walt.dev", "unknown-525400de0002", "-o", "json"])
+                .ok()
+                .and_then(|out| serde_json::from_str(&out).ok())
+                .unwrap_or_default();
+            other_seen["spec"]["model"] == "rpi-9"
+        })
+        .unwrap_or_else(|e| panic!("{e}: {other_seen}\n{}", server.log()));
+    assert!(
+        other_seen["status"]["discovered"]["address"].is_null(),
+        "{other_seen}"
+    );
+    assert_eq!(dhcp_lease_as(&net, other, "iPXE", Some("walt.node.rpi-9")), None);
+    let _ = cluster.kubectl_output(&["delete", "devices.walt.dev", recorded, "unknown-525400de0002"]);
+    eprintln!(
+        "defaults: the unknown device served its model's default image {:.1} s after the start, test {:.1} s",
+        served_at.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
 }
 
 /// Control plane tier: the boot service fed from the cluster refuses a MAC two Devices claim and

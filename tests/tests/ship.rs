@@ -469,6 +469,10 @@ fn vm_nodes_run_on_each_boot_networks_bridge() {
         "--set",
         "bootService.networks[0].nodeSelector.lab=gw",
         "--set",
+        "bootService.networks[0].unregisteredAddresses=192.168.152.200-192.168.152.249",
+        "--set",
+        "bootService.defaultImages.pc-x86-64=pc-default",
+        "--set",
         "bootService.networks[1].name=lab2",
         "--set",
         "bootService.networks[1].listen=10.9.0.1",
@@ -512,6 +516,10 @@ fn boot_service_runs_one_instance_per_lab_network() {
         "--set",
         "bootService.networks[0].nodeSelector.lab=gw",
         "--set",
+        "bootService.networks[0].unregisteredAddresses=192.168.152.200-192.168.152.249",
+        "--set",
+        "bootService.defaultImages.pc-x86-64=pc-default",
+        "--set",
         "bootService.networks[1].name=lab2",
         "--set",
         "bootService.networks[1].listen=10.9.0.1",
@@ -543,6 +551,8 @@ fn boot_service_runs_one_instance_per_lab_network() {
         "--dhcp=authoritative",
         "--dhcp-interface=eth1",
         "--status-listen=192.168.152.1:9470",
+        "--default-image=pc-x86-64=pc-default",
+        "--unregistered-addresses=192.168.152.200-192.168.152.249",
     ] {
         assert!(first.contains(&arg.to_owned()), "{arg} in {first:?}");
     }
@@ -552,6 +562,10 @@ fn boot_service_runs_one_instance_per_lab_network() {
     );
     let second = args_of("walt-boot-lab2");
     assert!(second.contains(&"--dhcp=off".to_owned()), "{second:?}");
+    assert!(
+        !second.iter().any(|a| a.starts_with("--unregistered-addresses")),
+        "a network lends addresses only when told: {second:?}"
+    );
     assert!(
         !second.iter().any(|a| a.starts_with("--dhcp-interface")),
         "{second:?}"

@@ -44,6 +44,18 @@ pub struct Args {
     /// namespace is looked for there).
     #[arg(long, env = "WALT_CATALOG_NAMESPACE", default_value = "walt-catalog")]
     pub catalog_namespace: String,
+    /// The lab's default image of a model, `MODEL=IMAGE` (repeat; `--from-cluster`): a device nobody
+    /// registered whose model is MODEL (its iPXE user class `walt.node.MODEL` says it, or a lab admin
+    /// wrote it in the recorded Device's `spec.model`) boots the catalog Image IMAGE, as on a WalT
+    /// server, at an address of `--unregistered-addresses`.
+    #[arg(long = "default-image", value_name = "MODEL=IMAGE", value_parser = crate::controller::boot_defaults::DefaultImages::parse_one)]
+    pub default_images: Vec<(String, String)>,
+    /// Addresses of this lab network lent to devices nobody registered, `FIRST-LAST` (`--from-cluster`;
+    /// at most 4096): each recorded device gets one (`status.discovered.address`, kept until it is
+    /// registered) and boots the default image of its model (`--default-image`). Unset: unregistered
+    /// devices boot nothing.
+    #[arg(long, value_name = "FIRST-LAST")]
+    pub unregistered_addresses: Option<crate::controller::boot_defaults::AddressPool>,
     /// Devices' SSH host keys (`--from-cluster`): `DIR/<device>` (OpenSSH private key) and
     /// `DIR/<device>.pub`, served in each device's top layer when present.
     #[arg(long)]

@@ -19,6 +19,7 @@ use walt_crds::{
     MAC_CONFLICT_CONDITION, new_condition,
 };
 
+use super::boot_defaults::{Unregistered, lend, lent_address};
 use crate::boot::dhcp::{self, Sighting};
 use crate::boot::state::Mac;
 
@@ -164,27 +165,48 @@ fn firmware_names(firmware: &dhcp::Firmware) -> (&'static str, Option<Firmware>)
 /// Decides what a request from an unserved MAC records (pure): `devices` are the lab's Devices (and
 /// those this service created that its watch has not shown yet), `network` the boot service's,
 /// `cap` the most unregistered Devices the lab keeps (0: record nothing).
-pub fn record(sighting: &Sighting, devices: &[Device], network: &str, cap: usize, now: Timestamp) -> Record {
+pub fn record(
+    sighting: &Sighting,
+    devices: &[Device],
+    network: &str,
+    cap: usize,
+    unregistered: &Unregistered,
+    now: Timestamp,
+) -> Record {
     let (firmware_name, firmware) = firmware_names(&sighting.firmware);
-    let discovered = |first_seen: Option<Time>| DeviceDiscovery {
+    let discovered = |first_seen: Option<Time>, address: Option<String>| DeviceDiscovery {
         firmware: firmware_name.to_owned(),
         vendor_class: sighting.vendor_class.clone(),
         user_class: sighting.user_class.clone(),
         network: network.to_owned(),
         first_seen: first_seen.or(Some(Time(now))),
         last_seen: Some(Time(now)),
+        address,
+    };
+    // The address lent to a recorded device whose model has a default image (it boots that): kept
+    // while it is still in the pool, else the lowest free one.
+    let lent = |device: Option<&Device>, model: &str| {
+        let pool = unregistered.pool.as_ref()?;
+        unregistered.images.of(model)?;
+        device
+            .and_then(lent_address)
+            .filter(|address| pool.contains(*address))
+            .or_else(|| lend(pool, devices, network))
+            .map(|address| address.to_string())
     };
     if let Some(device) = devices.iter().find(|d| mac_of(d) == Some(sighting.mac)) {
         let last = device.status.as_ref().and_then(|s| s.discovered.as_ref());
         let stale = last
             .and_then(|d| d.last_seen.as_ref())
             .is_none_or(|seen| now.duration_since(seen.0) >= TOUCH_EVERY);
-        if !is_recorded(device) || !stale {
+        let address = lent(Some(device), &device.spec.model);
+        let lends_anew = address.is_some() && address != last.and_then(|d| d.address.clone());
+        if !is_recorded(device) || !(stale || lends_anew) {
             return Record::Known;
         }
         return Record::Touch {
             device: device.name_any(),
-            discovered: discovered(last.and_then(|d| d.first_seen.clone())),
+            discovered: discovered(last.and_then(|d| d.first_seen.clone()), address),
         };
     }
     let recorded = devices.iter().filter(|d| is_recorded(d)).count();
@@ -195,6 +217,7 @@ pub fn record(sighting: &Sighting, devices: &[Device], network: &str, cap: usize
         dhcp::Firmware::Ipxe(Some(model)) if valid_model(model) => model.clone(),
         _ => UNKNOWN_MODEL.to_owned(),
     };
+    let address = lent(None, &model);
     let mut device = Device::new(
         &recorded_name(sighting.mac),
         DeviceSpec {
@@ -211,7 +234,7 @@ pub fn record(sighting: &Sighting, devices: &[Device], network: &str, cap: usize
         .labels_mut()
         .insert(DISCOVERED_LABEL.to_owned(), "true".to_owned());
     device.status = Some(DeviceStatus {
-        discovered: Some(discovered(None)),
+        discovered: Some(discovered(None, address)),
         ..DeviceStatus::default()
     });
     Record::Create(Box::new(device))
@@ -228,6 +251,7 @@ fn valid_model(model: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::super::boot_defaults::DefaultImages;
     use super::*;
     use walt_crds::DeviceLoan;
 
@@ -266,7 +290,14 @@ mod tests {
 
     #[test]
     fn two_registered_devices_with_one_mac_conflict_and_a_recorded_one_yields() {
-        let recorded = match record(&sighting(mac(1), dhcp::Firmware::Rpi), &[], "default", 10, at(0)) {
+        let recorded = match record(
+            &sighting(mac(1), dhcp::Firmware::Rpi),
+            &[],
+            "default",
+            10,
+            &Unregistered::default(),
+            at(0),
+        ) {
             Record::Create(device) => *device,
             other => panic!("{other:?}"),
         };
@@ -338,6 +369,7 @@ mod tests {
             &[registered("pc-a", mac(1))],
             "lab2",
             10,
+            &Unregistered::default(),
             at(0),
         ) else {
             panic!("created");
@@ -367,6 +399,7 @@ mod tests {
             &[],
             "default",
             10,
+            &Unregistered::default(),
             at(0),
         ) else {
             panic!("created");
@@ -381,6 +414,7 @@ mod tests {
             &[],
             "default",
             10,
+            &Unregistered::default(),
             at(0),
         ) else {
             panic!("created");
@@ -390,15 +424,25 @@ mod tests {
 
     #[test]
     fn a_recorded_device_is_touched_at_most_once_a_minute_and_a_registered_one_never() {
-        let Record::Create(device) =
-            record(&sighting(mac(7), dhcp::Firmware::Rpi), &[], "default", 10, at(0))
-        else {
+        let Record::Create(device) = record(
+            &sighting(mac(7), dhcp::Firmware::Rpi),
+            &[],
+            "default",
+            10,
+            &Unregistered::default(),
+            at(0),
+        ) else {
             panic!("created");
         };
         let devices = [*device];
         let again = sighting(mac(7), dhcp::Firmware::Rpi);
-        assert_eq!(record(&again, &devices, "default", 10, at(30)), Record::Known);
-        let Record::Touch { device, discovered } = record(&again, &devices, "default", 10, at(60)) else {
+        assert_eq!(
+            record(&again, &devices, "default", 10, &Unregistered::default(), at(30)),
+            Record::Known
+        );
+        let Record::Touch { device, discovered } =
+            record(&again, &devices, "default", 10, &Unregistered::default(), at(60))
+        else {
             panic!("touched");
         };
         assert_eq!(device, "unknown-525400aa0007");
@@ -410,6 +454,7 @@ mod tests {
                 &[registered("pc-a", mac(1))],
                 "default",
                 10,
+                &Unregistered::default(),
                 at(0)
             ),
             Record::Known,
@@ -426,6 +471,7 @@ mod tests {
                 &devices,
                 "default",
                 3,
+                &Unregistered::default(),
                 at(0),
             ) {
                 Record::Create(device) => devices.push(*device),
@@ -438,12 +484,20 @@ mod tests {
                 &devices,
                 "default",
                 3,
+                &Unregistered::default(),
                 at(0)
             ),
             Record::Full { cap: 3 }
         );
         assert_eq!(
-            record(&sighting(mac(51), dhcp::Firmware::Rpi), &[], "default", 0, at(0)),
+            record(
+                &sighting(mac(51), dhcp::Firmware::Rpi),
+                &[],
+                "default",
+                0,
+                &Unregistered::default(),
+                at(0)
+            ),
             Record::Full { cap: 0 },
             "cap 0: nothing recorded"
         );
@@ -454,9 +508,75 @@ mod tests {
                 &devices,
                 "default",
                 3,
+                &Unregistered::default(),
                 at(0)
             ),
             Record::Create(_)
         ));
+    }
+
+    #[test]
+    fn a_recorded_device_is_lent_the_lowest_free_address_and_keeps_it() {
+        let lending = Unregistered {
+            images: DefaultImages::new(&[("pc-x86-64".into(), "pc-default".into())]),
+            pool: Some("10.0.0.200-10.0.0.201".parse().expect("pool")),
+        };
+        let lent = |record: Record| match record {
+            Record::Create(device) => device.status.and_then(|s| s.discovered).and_then(|d| d.address),
+            Record::Touch { discovered, .. } => discovered.address,
+            other => panic!("{other:?}"),
+        };
+        let ask = |last: u8| sighting(mac(last), dhcp::Firmware::Ipxe(Some("pc-x86-64".into())));
+        let first = record(&ask(60), &[], "default", 10, &lending, at(0));
+        let Record::Create(first_device) = first.clone() else {
+            panic!("created")
+        };
+        assert_eq!(lent(first), Some("10.0.0.200".into()));
+        let devices = [*first_device.clone()];
+        assert_eq!(
+            lent(record(&ask(61), &devices, "default", 10, &lending, at(0))),
+            Some("10.0.0.201".into()),
+            "the next one"
+        );
+        // Seen again: it keeps its address (nothing to write within a minute).
+        assert_eq!(
+            record(&ask(60), &devices, "default", 10, &lending, at(30)),
+            Record::Known
+        );
+        // Recorded before the network lent addresses: lent one at its next request, at once.
+        let Record::Create(older) = record(&ask(62), &[], "default", 10, &Unregistered::default(), at(0))
+        else {
+            panic!("created")
+        };
+        assert_eq!(
+            lent(record(&ask(62), &[*older], "default", 10, &lending, at(10))),
+            Some("10.0.0.200".into())
+        );
+        // A model without a default image boots nothing: no address is spent on it.
+        let rpi = record(
+            &sighting(mac(64), dhcp::Firmware::Rpi),
+            &[],
+            "default",
+            10,
+            &lending,
+            at(0),
+        );
+        assert_eq!(lent(rpi), None);
+        // All lent: recorded without one.
+        let third = record(
+            &ask(63),
+            &[*first_device, registered_at("pc", mac(9), "10.0.0.201")],
+            "default",
+            10,
+            &lending,
+            at(0),
+        );
+        assert_eq!(lent(third), None);
+    }
+
+    fn registered_at(name: &str, mac: Mac, address: &str) -> Device {
+        let mut device = registered(name, mac);
+        device.spec.address = Some(address.into());
+        device
     }
 }

@@ -25,6 +25,7 @@ use crate::boot::cli::{self, Args, BootError, DeviceArg, ImageCache, Source};
 use crate::boot::dhcp::Sighting;
 use crate::boot::state::{BootState, Mac};
 use crate::controller::boot_claims::{Conflict, Record, conflict_conditions, conflicts, mac_of, record};
+use crate::controller::boot_defaults::{DefaultImages, Unregistered, default_boot};
 use crate::controller::shared::registry::pinned_reference_of;
 
 /// The lab network of a Device (`default` when it names none).
@@ -67,6 +68,7 @@ pub fn wanted(
     images: &[Image],
     network: &str,
     catalog_namespace: &str,
+    unregistered: &Unregistered,
 ) -> Wanted {
     let conflicts = conflicts(devices);
     let mut serve = Vec::new();
@@ -76,8 +78,22 @@ pub fn wanted(
         .filter(|d| d.spec.firmware.is_some() && network_of(d) == network)
     {
         let conflict = mac_of(device).and_then(|mac| conflicts.iter().find(|c| c.mac == mac));
+        // A recorded device the lab admin has since registered under another name: that one serves it.
+        let registered_as = mac_of(device).and_then(|mac| {
+            devices
+                .iter()
+                .find(|d| d.is_registered() && mac_of(d) == Some(mac))
+                .map(ResourceExt::name_any)
+        });
         let one = match conflict {
             Some(conflict) if device.is_registered() => Err(conflict.reason()),
+            _ if !device.is_registered() && registered_as.is_some() => Err(format!(
+                "registered as the Device {}: served under that name",
+                registered_as.unwrap_or_default()
+            )),
+            _ if !device.is_registered() => {
+                wanted_unregistered(device, devices, images, network, catalog_namespace, unregistered)
+            }
             _ => wanted_one(device, nodes, images, catalog_namespace),
         };
         match one {
@@ -95,19 +111,64 @@ pub fn wanted(
     }
 }
 
+/// What a Device nobody registered boots: the lab's default image of its model at the address its
+/// network lent it ([`default_boot`] decides), under the Device's own name.
+fn wanted_unregistered(
+    device: &Device,
+    devices: &[Device],
+    images: &[Image],
+    network: &str,
+    catalog_namespace: &str,
+    unregistered: &Unregistered,
+) -> Result<DeviceArg, String> {
+    let mac = device_mac(device)?;
+    let (image_name, ip) = default_boot(device, devices, network, unregistered)?;
+    let image = catalog_image(images, &[catalog_namespace], image_name).ok_or_else(|| {
+        format!("the lab's default image {image_name} is not in the catalog ({catalog_namespace})")
+    })??;
+    Ok(DeviceArg {
+        mac,
+        ip,
+        name: device.name_any(),
+        model: device.spec.model.clone(),
+        source: Source::Image(image),
+        host_key: None,
+    })
+}
+
+/// The MAC a network-booted Device claims.
+fn device_mac(device: &Device) -> Result<Mac, String> {
+    device
+        .spec
+        .mac
+        .as_deref()
+        .ok_or("no spec.mac")?
+        .parse()
+        .map_err(|e: crate::boot::state::BadMac| e.to_string())
+}
+
+/// The pinned reference of the Image `image_name` in the first of `namespaces` that has it (pure):
+/// `None` when none has it, an error when it is not resolved yet.
+fn catalog_image(images: &[Image], namespaces: &[&str], image_name: &str) -> Option<Result<String, String>> {
+    let object = ImageName::parse(image_name).ok()?.object_name();
+    let image = namespaces.iter().find_map(|namespace| {
+        images
+            .iter()
+            .find(|i| i.namespace().as_deref() == Some(*namespace) && i.name_any() == object)
+    })?;
+    Some(
+        pinned_reference_of(image)
+            .ok_or_else(|| format!("the Image {image_name} is not resolved yet (no digest)")),
+    )
+}
+
 fn wanted_one(
     device: &Device,
     nodes: &[Node],
     images: &[Image],
     catalog_namespace: &str,
 ) -> Result<DeviceArg, String> {
-    let mac: Mac = device
-        .spec
-        .mac
-        .as_deref()
-        .ok_or("no spec.mac")?
-        .parse()
-        .map_err(|e: crate::boot::state::BadMac| e.to_string())?;
+    let mac = device_mac(device)?;
     let address = device
         .spec
         .address
@@ -130,24 +191,14 @@ fn wanted_one(
         .image
         .as_deref()
         .ok_or_else(|| format!("Node {}/{} has no spec.image", binding.namespace, binding.node))?;
-    let object = ImageName::parse(image_name)
-        .map_err(|e| e.to_string())?
-        .object_name();
-    let find = |namespace: &str| {
-        images
-            .iter()
-            .find(|i| i.namespace().as_deref() == Some(namespace) && i.name_any() == object)
-    };
-    let image = find(&binding.namespace)
-        .or_else(|| find(catalog_namespace))
-        .ok_or_else(|| {
+    ImageName::parse(image_name).map_err(|e| e.to_string())?;
+    let pinned =
+        catalog_image(images, &[&binding.namespace, catalog_namespace], image_name).ok_or_else(|| {
             format!(
                 "the Image {image_name} of Node {}/{} does not exist",
                 binding.namespace, binding.node
             )
-        })?;
-    let pinned = pinned_reference_of(image)
-        .ok_or_else(|| format!("the Image {image_name} is not resolved yet (no digest)"))?;
+        })??;
     Ok(DeviceArg {
         mac,
         ip,
@@ -219,13 +270,17 @@ async fn feed(
             instance: Some(args.network.clone()),
         },
     );
+    let unregistered = Unregistered {
+        images: DefaultImages::new(&args.default_images),
+        pool: args.unregistered_addresses,
+    };
     let recorder = record_unknown(
         device_api.clone(),
         &publisher,
         devices.clone(),
         sightings,
-        args.network.clone(),
-        args.max_unknown_devices,
+        args,
+        &unregistered,
     );
     let watch = async {
         let mut cache = ImageCache::default();
@@ -249,6 +304,7 @@ async fn feed(
                 &all(&images),
                 &args.network,
                 &args.catalog_namespace,
+                &unregistered,
             );
             state.set_refusals(conflicts.iter().map(|c| (c.mac, c.reason())).collect());
             write_conflict_conditions(&device_api, &publisher, &lab, &conflicts).await;
@@ -342,12 +398,13 @@ async fn record_unknown(
     events: &Recorder,
     devices: reflector::Store<Device>,
     mut sightings: mpsc::Receiver<Sighting>,
-    network: String,
-    cap: usize,
+    args: &Args,
+    unregistered: &Unregistered,
 ) {
-    // Devices created here that the watch has not shown yet: counted against the cap, not created
-    // twice.
-    let mut created: Vec<Device> = Vec::new();
+    let (network, cap) = (args.network.as_str(), args.max_unknown_devices);
+    // Devices written here as the watch has not shown them yet: counted against the cap, not
+    // created twice, their lent addresses not lent again.
+    let mut written: Vec<Device> = Vec::new();
     let mut full = Throttle::new(Duration::from_mins(1));
     // Not before the Devices are known: a device that asks while the watch is still listing them is
     // registered, not unknown (seen: a registered device recorded as unknown at start).
@@ -356,9 +413,13 @@ async fn record_unknown(
     }
     while let Some(sighting) = sightings.recv().await {
         let mut lab = all(&devices);
-        created.retain(|c| !lab.iter().any(|d| d.name_any() == c.name_any()));
-        lab.extend(created.iter().cloned());
-        match record(&sighting, &lab, &network, cap, Timestamp::now()) {
+        written.retain(|w| {
+            !lab.iter()
+                .any(|d| d.name_any() == w.name_any() && discovery(d) == discovery(w))
+        });
+        lab.retain(|d| !written.iter().any(|w| w.name_any() == d.name_any()));
+        lab.extend(written.iter().cloned());
+        match record(&sighting, &lab, network, cap, unregistered, Timestamp::now()) {
             Record::Known => {}
             Record::Full { cap } => {
                 if let Some(dropped) = full.hit(std::time::Instant::now()) {
@@ -373,35 +434,51 @@ async fn record_unknown(
             }
             Record::Create(device) => match create_recorded(&api, &device).await {
                 Ok(made) => {
+                    let boots = what_it_boots(&device, &lab, network, unregistered);
                     tracing::info!(
                         device = device.name_any(),
                         mac = %sighting.mac,
                         firmware = ?sighting.firmware,
-                        "unknown device recorded (unregistered: it boots nothing)"
+                        boots,
+                        "unknown device recorded (unregistered)"
                     );
                     if let Some(made) = made {
                         let note = format!(
                             "a device with the MAC address {} asked for a network boot on the lab network {network}: \
-                             recorded unregistered (it boots nothing); register it with `kubectl walt device register {}`",
+                             recorded unregistered ({boots}); register it with `kubectl walt device register {}`",
                             sighting.mac,
                             made.name_any()
                         );
                         publish(events, &made, EventType::Normal, RECORDED, note).await;
                     }
-                    created.push(*device);
+                    written.push(*device);
                 }
                 Err(error) => tracing::warn!(mac = %sighting.mac, %error, "recording an unknown device"),
             },
             Record::Touch { device, discovered } => {
                 let patch = serde_json::json!({"status": {"discovered": discovered}});
-                if let Err(error) = api
+                match api
                     .patch_status(&device, &PatchParams::default(), &Patch::Merge(&patch))
                     .await
                 {
-                    tracing::warn!(device, %error, "updating a recorded device's lastSeen");
+                    Ok(patched) => written.push(patched),
+                    Err(error) => tracing::warn!(device, %error, "updating a recorded device's discovery"),
                 }
             }
         }
+    }
+}
+
+/// A Device's `status.discovered`, if any.
+fn discovery(device: &Device) -> Option<&walt_crds::DeviceDiscovery> {
+    device.status.as_ref()?.discovered.as_ref()
+}
+
+/// What a recorded device boots, in words (pure; the Event and the log say it).
+fn what_it_boots(device: &Device, lab: &[Device], network: &str, unregistered: &Unregistered) -> String {
+    match default_boot(device, lab, network, unregistered) {
+        Ok((image, address)) => format!("it boots the lab's default image {image} at {address}"),
+        Err(_) => "it boots nothing".to_owned(),
     }
 }
 
@@ -560,6 +637,7 @@ mod tests {
             &[image("lab", "debian", Some("sha256:aa"))],
             "default",
             "walt-catalog",
+            &Unregistered::default(),
         );
         assert_eq!(skipped, vec![]);
         assert_eq!(serve.len(), 1);
@@ -573,6 +651,88 @@ mod tests {
     }
 
     #[test]
+    fn an_unregistered_device_boots_the_default_image_of_its_model_at_its_lent_address() {
+        let mut recorded = device("unknown-525400000001", None, None);
+        recorded.spec.address = None;
+        recorded.status = Some(DeviceStatus {
+            discovered: Some(walt_crds::DeviceDiscovery {
+                address: Some("10.0.0.200".into()),
+                ..walt_crds::DeviceDiscovery::default()
+            }),
+            ..DeviceStatus::default()
+        });
+        let unregistered = Unregistered {
+            images: DefaultImages::new(&[("pc-x86-64".into(), "pc-default".into())]),
+            pool: Some("10.0.0.200-10.0.0.209".parse().expect("pool")),
+        };
+        let catalog = [image("walt-catalog", "pc-default", Some("sha256:dd"))];
+        let Wanted { serve, skipped, .. } = wanted(
+            std::slice::from_ref(&recorded),
+            &[],
+            &catalog,
+            "default",
+            "walt-catalog",
+            &unregistered,
+        );
+        assert_eq!(skipped, vec![]);
+        assert_eq!(serve.len(), 1);
+        assert_eq!(
+            serve[0].name, "unknown-525400000001",
+            "the host name is the Device's"
+        );
+        assert_eq!(serve[0].ip, Ipv4Addr::new(10, 0, 0, 200));
+        assert_eq!(
+            serve[0].source,
+            Source::Image("registry:5000/walt-catalog/pc-default@sha256:dd".into())
+        );
+
+        // Without the lab's settings it boots nothing, and the reason names them.
+        let Wanted { serve, skipped, .. } = wanted(
+            std::slice::from_ref(&recorded),
+            &[],
+            &catalog,
+            "default",
+            "walt-catalog",
+            &Unregistered::default(),
+        );
+        assert!(serve.is_empty());
+        assert!(skipped[0].why.contains("--unregistered-addresses"), "{skipped:?}");
+
+        // A default image missing from the catalog is named.
+        let Wanted { skipped, .. } = wanted(
+            std::slice::from_ref(&recorded),
+            &[],
+            &[],
+            "default",
+            "walt-catalog",
+            &unregistered,
+        );
+        assert!(
+            skipped[0]
+                .why
+                .contains("default image pc-default is not in the catalog"),
+            "{skipped:?}"
+        );
+
+        // Registered since under another name (the same MAC): that Device serves it, not the record.
+        let admin = device("pc1", None, Some(("lab", "n1", "u1")));
+        let Wanted { serve, skipped, .. } = wanted(
+            &[recorded, admin],
+            &[node("lab", "n1", "u1", Some("debian"))],
+            &[image("lab", "debian", Some("sha256:aa")), catalog[0].clone()],
+            "default",
+            "walt-catalog",
+            &unregistered,
+        );
+        assert_eq!(serve.len(), 1);
+        assert_eq!(serve[0].name, "n1");
+        assert!(
+            skipped[0].why.contains("registered as the Device pc1"),
+            "{skipped:?}"
+        );
+    }
+
+    #[test]
     fn the_catalog_serves_images_a_namespace_does_not_have() {
         let Wanted { serve, .. } = wanted(
             &[device("pc1", None, Some(("lab", "n1", "u1")))],
@@ -580,6 +740,7 @@ mod tests {
             &[image("walt-catalog", "debian", Some("sha256:cc"))],
             "default",
             "walt-catalog",
+            &Unregistered::default(),
         );
         assert_eq!(
             serve[0].source,
@@ -590,7 +751,14 @@ mod tests {
     #[test]
     fn devices_that_cannot_be_served_say_why() {
         let why = |devices: &[Device], nodes: &[Node], images: &[Image]| {
-            let Wanted { serve, skipped, .. } = wanted(devices, nodes, images, "default", "walt-catalog");
+            let Wanted { serve, skipped, .. } = wanted(
+                devices,
+                nodes,
+                images,
+                "default",
+                "walt-catalog",
+                &Unregistered::default(),
+            );
             assert!(serve.is_empty());
             skipped.into_iter().map(|s| s.why).collect::<Vec<_>>().join("; ")
         };
@@ -641,6 +809,7 @@ mod tests {
             &[i],
             "default",
             "walt-catalog",
+            &Unregistered::default(),
         );
         assert!(
             serve.is_empty() && skipped.is_empty(),
@@ -662,7 +831,14 @@ mod tests {
             serve,
             skipped,
             conflicts,
-        } = wanted(&both, &nodes, &images, "default", "walt-catalog");
+        } = wanted(
+            &both,
+            &nodes,
+            &images,
+            "default",
+            "walt-catalog",
+            &Unregistered::default(),
+        );
         assert!(serve.is_empty(), "neither is served: {serve:?}");
         assert_eq!(skipped.len(), 2);
         for skip in &skipped {
@@ -674,7 +850,14 @@ mod tests {
         }
         assert_eq!(conflicts.len(), 1);
         assert_eq!(conflicts[0].mac.to_string(), "52:54:00:00:00:01");
-        let Wanted { serve, conflicts, .. } = wanted(&both[..1], &nodes, &images, "default", "walt-catalog");
+        let Wanted { serve, conflicts, .. } = wanted(
+            &both[..1],
+            &nodes,
+            &images,
+            "default",
+            "walt-catalog",
+            &Unregistered::default(),
+        );
         assert_eq!(serve.len(), 1, "served again once the conflict is gone");
         assert!(conflicts.is_empty());
     }

@@ -22,6 +22,7 @@
 //! [`metrics`].
 
 pub mod boot_claims;
+pub mod boot_defaults;
 pub mod boot_source;
 pub mod bootstrap;
 pub mod census;

@@ -137,11 +137,24 @@ fn boot_service_serves_an_oci_image_over_nfs_tftp_and_http() {
         "mac={MAC},ip=127.0.0.1,name=node1,model={MODEL},image={}",
         registry.reference("netboot/files:v2")
     );
+    // Another device, elsewhere on the lab network, booting the same image: its root is its own.
+    let neighbour = format!(
+        "mac=52:54:00:12:34:99,ip={},name=node2,model={MODEL},image={}",
+        net.device_ip(50),
+        registry.reference("netboot/files:v2")
+    );
     let server = BootServer::start(
         &net,
         scratch.path(),
         Some(&registry),
-        &["--device".into(), device, "--status-listen".into(), STATUS.into()],
+        &[
+            "--device".into(),
+            device,
+            "--device".into(),
+            neighbour,
+            "--status-listen".into(),
+            STATUS.into(),
+        ],
     );
 
     // NFS, through the portmapper, with libnfs (not our code).
@@ -245,6 +258,23 @@ fn boot_service_serves_an_oci_image_over_nfs_tftp_and_http() {
     assert!(
         !ok && refused.contains("MNT3ERR_NOENT"),
         "an unknown export is refused: {refused}"
+    );
+    // Another device's root (its per-node layer holds its SSH host key) is refused to this one,
+    // under each of its three keys, and the journal says why.
+    for key in ["node2", "52:54:00:12:34:99", &net.device_ip(50).to_string()] {
+        let (ok, refused) =
+            output(in_netns(&net, "nfs-ls").arg(format!("nfs://127.0.0.1/var/lib/walt/nodes/{key}/fs/etc")));
+        assert!(
+            !ok && refused.contains("MNT3ERR_ACCES"),
+            "another device's root, by {key}: {refused}"
+        );
+    }
+    assert!(
+        server.journal().iter().any(|e| e["protocol"] == "nfs-mount"
+            && e["refused"]
+                .as_str()
+                .is_some_and(|why| why.contains("only the device at"))),
+        "the journal says why"
     );
 
     // TFTP with blksize, through the model dir's symlink chain.

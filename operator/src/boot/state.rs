@@ -152,6 +152,14 @@ impl BootRecord {
     }
 }
 
+/// A view no binding serves any more, kept for the device that booted it.
+#[derive(Debug, Clone)]
+struct Retired {
+    mac: Mac,
+    ip: Ipv4Addr,
+    view: Arc<ImageView>,
+}
+
 /// The bindings and the journal, shared by all the protocols.
 ///
 /// The bindings can be replaced while serving ([`BootState::set_bindings`]: the cluster changed); a
@@ -162,7 +170,7 @@ pub struct BootState {
     bindings: RwLock<Arc<Vec<Binding>>>,
     refusals: RwLock<Arc<std::collections::HashMap<Mac, String>>>,
     sightings: std::sync::OnceLock<tokio::sync::mpsc::Sender<super::dhcp::Sighting>>,
-    retired: Mutex<Vec<(Mac, Arc<ImageView>)>>,
+    retired: Mutex<Vec<Retired>>,
     journal: Mutex<Journal>,
     records: Mutex<std::collections::BTreeMap<String, BootRecord>>,
 }
@@ -210,7 +218,11 @@ impl BootState {
         let kept: std::collections::HashSet<[u8; 8]> = bindings.iter().map(|b| b.view.key()).collect();
         if let Ok(mut retired) = self.retired.lock() {
             for binding in old.iter().filter(|b| !kept.contains(&b.view.key())) {
-                retired.push((binding.mac, binding.view.clone()));
+                retired.push(Retired {
+                    mac: binding.mac,
+                    ip: binding.ip,
+                    view: binding.view.clone(),
+                });
             }
         }
         let new = Arc::new(bindings);
@@ -253,7 +265,10 @@ impl BootState {
 
     /// The views kept for devices that booted them before their binding changed.
     pub fn retired(&self) -> Vec<(Mac, Arc<ImageView>)> {
-        self.retired.lock().map(|r| r.clone()).unwrap_or_default()
+        self.retired
+            .lock()
+            .map(|r| r.iter().map(|kept| (kept.mac, kept.view.clone())).collect())
+            .unwrap_or_default()
     }
 
     /// The binding of a MAC.
@@ -297,9 +312,31 @@ impl BootState {
                 .lock()
                 .ok()?
                 .iter()
-                .map(|(_, v)| v)
+                .map(|kept| &kept.view)
                 .find(|v| v.key() == key)
                 .cloned()
+        })
+    }
+
+    /// The view whose handle key is `key`, if `client` may read it: the device at that address is
+    /// bound to it, or booted it before its binding changed. One device never reads another's root
+    /// (its per-node layer holds that device's SSH host key), whatever handle it makes up.
+    pub fn view_for(&self, client: IpAddr, key: [u8; 8]) -> Option<Arc<ImageView>> {
+        let IpAddr::V4(client) = client else {
+            return None;
+        };
+        let current = self
+            .bindings()
+            .iter()
+            .find(|b| b.ip == client && b.view.key() == key)
+            .map(|b| b.view.clone());
+        current.or_else(|| {
+            self.retired
+                .lock()
+                .ok()?
+                .iter()
+                .find(|kept| kept.ip == client && kept.view.key() == key)
+                .map(|kept| kept.view.clone())
         })
     }
 
@@ -321,7 +358,7 @@ impl BootState {
             // The device boots again: the views kept for its previous boot are done with.
             let mac = served.mac.as_deref().and_then(|m| m.parse::<Mac>().ok());
             if let (Some(mac), Ok(mut retired)) = (mac, self.retired.lock()) {
-                retired.retain(|(m, _)| *m != mac);
+                retired.retain(|kept| kept.mac != mac);
             }
         }
         if let (Some(mac), Ok(mut records)) = (served.mac.as_ref(), self.records.lock()) {
@@ -456,5 +493,44 @@ mod tests {
             "dropped once the node mounts its new root"
         );
         assert_eq!(state.records()[0].mounted.as_deref(), Some("sha256:new"));
+    }
+
+    #[test]
+    fn a_device_reads_only_its_own_root_whatever_handle_it_makes_up() {
+        use crate::overlay::OpaqueXattr;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let view = |name: &str| {
+            let root = dir.path().join(name);
+            std::fs::create_dir_all(&root).expect("mkdir");
+            Arc::new(
+                ImageView::build(&[root], &format!("sha256:{name}"), OpaqueXattr::Trusted).expect("view"),
+            )
+        };
+        let binding = |last: u8, view: &Arc<ImageView>| Binding {
+            mac: Mac([0x52, 0x54, 0, 0, 0, last]),
+            ip: Ipv4Addr::new(10, 0, 0, last),
+            hostname: format!("vm{last}"),
+            model: "pc-x86-64".into(),
+            view: view.clone(),
+        };
+        let (alice, bob, alice_next) = (view("alice"), view("bob"), view("alice-next"));
+        let state = BootState::new(vec![binding(1, &alice), binding(2, &bob)], None).expect("state");
+        let (one, two) = (
+            IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+            IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)),
+        );
+        assert!(state.view_for(one, alice.key()).is_some());
+        assert!(
+            state.view_for(one, bob.key()).is_none(),
+            "bob's root, from alice's device"
+        );
+        assert!(state.view_for(two, alice.key()).is_none());
+        // A new image for alice: her running node keeps its old root; bob still reads neither.
+        state.set_bindings(vec![binding(1, &alice_next), binding(2, &bob)]);
+        assert!(
+            state.view_for(one, alice.key()).is_some(),
+            "kept for the node that booted it"
+        );
+        assert!(state.view_for(two, alice.key()).is_none());
     }
 }

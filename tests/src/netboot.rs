@@ -604,6 +604,11 @@ impl BootServer {
         BootServer { daemon, journal }
     }
 
+    /// Its process ID (`walt-operator` itself: `--netns` enters the namespace in-process).
+    pub fn pid(&self) -> u32 {
+        self.daemon.pid()
+    }
+
     /// What it logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.daemon.log()).unwrap_or_default()

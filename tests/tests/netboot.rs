@@ -778,6 +778,178 @@ fn bench_vm_boot_vs_dnsmasq_and_ganesha() {
 /// NFS reads with libnfs's `nfs-cat` of a 1 GiB file and a walk (`nfs-ls -R`) of 10,000 small files,
 /// the same directory served by walt's boot service and by `nfs-ganesha`, each in a fresh namespace
 /// (`cargo test -p walt-tests --test netboot bench_nfs -- --ignored --nocapture`).
+/// A simulated lab device booting: in its own network namespace, a veth plugged into the lab
+/// bridge with its MAC, it asks DHCP for its address (busybox `udhcpc`, iPXE's user class), fetches
+/// its boot file over TFTP (`tftp -b 1468`, the Raspberry Pi and U-Boot way) and its boot script over
+/// HTTP (the iPXE way), mounts its root over NFS and walks it and reads what a boot reads (libnfs's
+/// `nfs-ls -R` and `nfs-cat`). Exits 0 when every step worked; says which one did not otherwise.
+const DEVICE_BOOT: &str = r#"set -e
+server="$1"; files="$2"
+cat > /tmp/udhcpc-$$.sh <<'SCRIPT'
+#!/bin/sh
+[ "$1" = bound ] && ip addr add "$ip/$mask" dev "$interface"
+exit 0
+SCRIPT
+chmod +x /tmp/udhcpc-$$.sh
+ip link set lo up
+busybox udhcpc -i eth0 -f -q -n -t 10 -T 2 -A 1 -s /tmp/udhcpc-$$.sh -V iPXE -x 0x4d:77616c742e6e6f64652e70632d7838362d3634 >/dev/null 2>&1 || { echo "dhcp: no lease"; exit 1; }
+rm -f /tmp/udhcpc-$$.sh
+ip=$(ip -4 -o addr show dev eth0 | awk '{print $4}' | cut -d/ -f1)
+busybox tftp -g -b 1468 -r kernel.img -l /dev/null "$server" || { echo "tftp kernel.img failed"; exit 1; }
+busybox wget -q -O /dev/null "http://$server/boot/start.ipxe" || { echo "http start.ipxe failed"; exit 1; }
+root="nfs://$server/var/lib/walt/nodes/$ip/fs"
+n=$(nfs-ls -R "$root/usr/lib/walt-bench" | wc -l)
+[ "$n" -ge "$files" ] || { echo "nfs-ls -R listed $n entries"; exit 1; }
+for f in 000 050 100 150; do nfs-cat "$root/usr/lib/walt-bench/f$f" > /dev/null || { echo "nfs-cat f$f failed"; exit 1; }; done
+nfs-cat "$root/etc/walt/image-digest" > /dev/null || { echo "nfs-cat image-digest failed"; exit 1; }
+"#;
+
+/// Benchmark: 100 devices booting at once from one boot service (issue 16). Each simulated device
+/// ([`DEVICE_BOOT`]) runs the network part of a boot; the boot service serves the same image to
+/// all, each with its own per-node layer. Prints the time from the first request until the last
+/// device is done, each phase's slowest device, the boot service's peak RSS, and checks that no
+/// device was refused anything (every device done, no `refused` in the journal).
+#[test]
+#[ignore = "benchmark: run with --ignored"]
+fn bench_hundred_devices_boot_at_once() {
+    use std::time::Instant;
+    const DEVICES: u8 = 100;
+    const FILES: usize = 200;
+    require_root().expect("root");
+    let scratch = tempfile::tempdir().expect("scratch dir");
+    let registry = Registry::start().expect("registry");
+    let layout = OciLayout::new().expect("layout");
+    layout.new_image("empty", Arch::Amd64).expect("new image");
+    layout
+        .add_layer("empty", "v1", |root| {
+            let boot = root.join(format!("boot/{MODEL}"));
+            std::fs::create_dir_all(&boot)?;
+            let kernel: Vec<u8> = (0..8u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+            std::fs::write(boot.join("kernel.img"), kernel)?;
+            std::fs::write(boot.join("start.ipxe"), "#!ipxe\nkernel vmlinuz\nboot\n")?;
+            let lib = root.join("usr/lib/walt-bench");
+            std::fs::create_dir_all(&lib)?;
+            for i in 0..FILES {
+                std::fs::write(lib.join(format!("f{i:03}")), format!("file {i}\n").repeat(2000))?;
+            }
+            Ok(())
+        })
+        .expect("layer");
+    layout.push("v1", &registry, "netboot/hundred:v1").expect("push");
+    let net = LabNetwork::create(210).expect("lab network");
+    let mut args: Vec<String> = [
+        "--listen",
+        &net.server.to_string(),
+        "--dhcp",
+        "authoritative",
+        "--dhcp-interface",
+        "br0",
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    let mac = |i: u8| format!("52:54:00:bb:00:{i:02x}");
+    for i in 0..DEVICES {
+        args.push("--device".into());
+        args.push(format!(
+            "mac={},ip={},name=d{i:03},model={MODEL},image={}",
+            mac(i),
+            net.device_ip(100 + i),
+            registry.reference("netboot/hundred:v1")
+        ));
+    }
+    let prepared = Instant::now();
+    let server = BootServer::start(&net, scratch.path(), Some(&registry), &args);
+    let ready = prepared.elapsed().as_secs_f64();
+    // Each device's namespace and veth, made before the clock starts.
+    let namespaces: Vec<String> = (0..DEVICES)
+        .map(|i| {
+            let ns = format!("{}-d{i}", net.netns);
+            let host_end = format!("d{i}b");
+            run(Command::new("ip").args(["netns", "add", &ns])).expect("netns");
+            run(Command::new("ip").args([
+                "-n", &net.netns, "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns",
+                &ns,
+            ]))
+            .expect("veth");
+            run(Command::new("ip").args(["-n", &ns, "link", "set", "eth0", "address", &mac(i), "up"]))
+                .expect("mac");
+            run(Command::new("ip").args(["-n", &net.netns, "link", "set", &host_end, "master", "br0", "up"]))
+                .expect("plug");
+            ns
+        })
+        .collect();
+    let started = Instant::now();
+    let children: Vec<_> = namespaces
+        .iter()
+        .map(|ns| {
+            Command::new("ip")
+                .args(["netns", "exec", ns, "sh", "-c", DEVICE_BOOT, "device"])
+                .arg(net.server.to_string())
+                .arg(FILES.to_string())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("a device")
+        })
+        .collect();
+    let mut done = Vec::new();
+    let mut failed = Vec::new();
+    for (i, child) in children.into_iter().enumerate() {
+        let out = child.wait_with_output().expect("wait");
+        if out.status.success() {
+            done.push(started.elapsed().as_secs_f64());
+        } else {
+            failed.push(format!(
+                "d{i:03}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    let all = started.elapsed().as_secs_f64();
+    let peak_kib = walt_tests::bench::peak_rss_kib(server.pid()).unwrap_or_default();
+    for ns in &namespaces {
+        let _ = Command::new("ip").args(["netns", "del", ns]).status();
+    }
+    let journal = server.journal();
+    let refused: Vec<&serde_json::Value> = journal.iter().filter(|e| e["refused"].is_string()).collect();
+    // Which phase each device reached when: the journal's first DHCP answer, TFTP, HTTP and MOUNT.
+    let first_at = journal
+        .iter()
+        .filter_map(|e| e["at_ms"].as_u64())
+        .min()
+        .unwrap_or_default();
+    let last_of = |protocol: &str| {
+        journal
+            .iter()
+            .filter(|e| e["protocol"] == protocol && e["digest"].is_string())
+            .filter_map(|e| e["at_ms"].as_u64())
+            .max()
+            .map_or(f64::NAN, |at| at.saturating_sub(first_at) as f64 / 1000.0)
+    };
+    println!(
+        "figures: {DEVICES} devices booting at once ({FILES} files walked, 5 read, an 8 MiB boot file over TFTP each): \
+         all served in {all:.2} s (the last DHCP answer at {:.2} s, TFTP {:.2} s, HTTP {:.2} s, NFS MOUNT {:.2} s after \
+         the first request), {} done, {} failed, {} refused; boot service peak RSS {:.1} MiB (ready {ready:.1} s after \
+         it started with {DEVICES} devices)",
+        last_of("dhcp"),
+        last_of("tftp"),
+        last_of("http"),
+        last_of("nfs-mount"),
+        done.len(),
+        failed.len(),
+        refused.len(),
+        peak_kib as f64 / 1024.0,
+    );
+    assert!(
+        failed.is_empty(),
+        "devices that did not boot: {failed:#?}\n{}",
+        server.log()
+    );
+    assert!(refused.is_empty(), "refused: {refused:#?}");
+}
+
 #[test]
 #[ignore = "benchmark: run with --ignored"]
 fn bench_nfs_reads_vs_ganesha() {

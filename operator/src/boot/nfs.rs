@@ -494,7 +494,11 @@ async fn connection(
     let read = async move {
         let slots = Arc::new(tokio::sync::Semaphore::new(CALLS_IN_FLIGHT));
         while let Some(record) = rpc::read_record(&mut reader).await? {
-            let slot = slots.clone().acquire_owned().await.map_err(std::io::Error::other)?;
+            let slot = slots
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(std::io::Error::other)?;
             let (state, replies) = (state.clone(), replies.clone());
             tokio::task::spawn_blocking(move || {
                 if let Some(reply) = dispatch(&state, ports, peer.ip(), &record) {

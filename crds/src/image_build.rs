@@ -112,6 +112,13 @@ pub struct ImageBuildSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "crate::schema::platform")]
     pub platform: Option<String>,
+    /// The base image (`FROM`) of the stage built, as `kubectl walt image build` read it from the
+    /// Dockerfile, for scheduling only: when it is an Image of the namespace or the catalog (its
+    /// `status.reference`), the build pod prefers cluster nodes of that Image's CPU, so `RUN` steps run
+    /// natively where the cluster has one. The build itself reads the Dockerfile. Unset: unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    pub base_image: Option<String>,
     /// Replace `image` if it exists (otherwise the build fails rather than overwrite it).
     #[serde(default)]
     pub overwrite: bool,
@@ -224,7 +231,8 @@ pub struct ImageBuildResult {
     /// CPU architecture of the built image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub architecture: Option<String>,
-    /// Whether `RUN` steps went through qemu-user (the image's CPU differs from the cluster node's).
+    /// Whether `RUN` steps went through qemu-user: the image's CPU differs from that of the cluster
+    /// node the build ran on (`clusterNode`, its `nodeInfo.architecture`).
     #[serde(default)]
     pub emulated: bool,
     /// Layer steps reused from the step cache.
@@ -267,6 +275,9 @@ pub struct ImageBuildStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20), inner(length(max = 512)))]
     pub log_tail: Vec<String>,
+    /// The cluster node the build pod runs (or ran) on, once scheduled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_node: Option<String>,
     /// The built image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<ImageBuildResult>,

@@ -289,6 +289,15 @@ pub struct NodeStatus {
     /// operator owns.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_namespace: Option<String>,
+    /// Virtual nodes (`kind: container`): the cluster node the node's pod runs on, once scheduled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_node: Option<String>,
+    /// Virtual nodes (`kind: container`): whether the node runs through qemu-user emulation, its
+    /// `virtual.architecture` differing from the CPU of `clusterNode` (its `nodeInfo.architecture`);
+    /// `false`: natively. Its pod prefers cluster nodes of the node's CPU; emulation is the fallback.
+    /// Unset while unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emulated: Option<bool>,
     /// The image the node booted, and its digest then. For a Device walt network-boots, set only
     /// once verified (condition `ImageVerified`): the digest the boot service mounted is the one the
     /// booted node reports.

@@ -351,7 +351,8 @@ Examples:
         /// The image it boots.
         #[arg(long, value_name = "IMAGE")]
         image: String,
-        /// CPU architecture to emulate (default: the cluster node's own).
+        /// CPU architecture of the node (default: the cluster node's own): its pod prefers cluster
+        /// nodes of that CPU, else runs emulated.
         #[arg(long, value_enum)]
         arch: Option<Architecture>,
         /// Node model (default: derived from the architecture: pc-x86-64 or qemu-arm64).
@@ -654,10 +655,12 @@ Examples:
         The build context (the files COPY and ADD read) is packed on this machine, leaving out what its\n\
         .dockerignore excludes, and streamed into a build pod that walt's operator starts in your namespace:\n\
         an ImageBuild resource (`kubectl get imagebuilds`, `kubectl explain imagebuild.spec`). Each RUN step\n\
-        runs in walt's runtime in the image's own CPU: an arm64 image on an amd64 cluster node runs through\n\
-        qemu-user emulation (slower, but the result is the same). Each step that changes files becomes a\n\
-        layer; unchanged steps come from the step cache, so a rebuild of the same Dockerfile and context\n\
-        takes seconds and pushes nothing new. The result is pushed by digest, then the operator makes it\n\
+        runs in walt's runtime in the image's own CPU: the build pod prefers a cluster node of that CPU\n\
+        (--platform's, else that of the walt image the Dockerfile's FROM names), where it runs natively;\n\
+        an arm64 image on an amd64 cluster node runs through qemu-user emulation (slower, but the result\n\
+        is the same). The Built line says which, and on what cluster node. Each step that changes files\n\
+        becomes a layer; unchanged steps come from the step cache, so a rebuild of the same Dockerfile and\n\
+        context takes seconds and pushes nothing new. The result is pushed by digest, then the operator makes it\n\
         image NAME: a failed build, or Ctrl-C (which deletes the build and its pod), moves no tag.\n\n\
         --from-url clones the repository with the `git` of THIS machine (shallow, the --ref asked for)\n\
         into a temporary directory, then builds from it like --from-dir; the ImageBuild records the URL,\n\

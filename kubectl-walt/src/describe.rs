@@ -100,6 +100,19 @@ fn virtual_text(node: &Node) -> String {
     )
 }
 
+/// Where a virtual node's pod runs and whether natively (pure): its cluster node, and whether the
+/// node's CPU is that cluster node's or emulated (qemu-user).
+fn runs_on(status: &walt_crds::NodeStatus) -> String {
+    let Some(cluster_node) = &status.cluster_node else {
+        return "-".into();
+    };
+    match status.emulated {
+        Some(true) => format!("cluster node {cluster_node}, emulated (qemu-user: another CPU)"),
+        Some(false) => format!("cluster node {cluster_node}, native (no emulation)"),
+        None => format!("cluster node {cluster_node}"),
+    }
+}
+
 /// `node ls` as a table.
 pub fn node_table(nodes: &[Node], format: OutputFormat) -> String {
     let wide = format == OutputFormat::Wide;
@@ -167,6 +180,9 @@ pub fn node_page(node: &Node, events: &[Event]) -> String {
         format!("{:?}", node.spec.boot_mode).to_lowercase(),
     );
     line(&mut out, "Virtual", virtual_text(node));
+    if node.spec.virtual_node.is_some() {
+        line(&mut out, "Runs on", runs_on(&status));
+    }
     line(
         &mut out,
         "Host key",
@@ -494,7 +510,24 @@ mod tests {
         assert!(page.contains("Booted:      pc-base@sha256:0123456789ab\n"));
         assert!(page.contains("Served:      -\n"));
         assert!(page.contains("Virtual:     amd64, 512Mi memory, 1 cpu\n"));
+        assert!(page.contains("Runs on:     -\n"), "not scheduled yet:\n{page}");
         assert!(page.contains("Conditions:\n  <none>\nEvents:\n  <none>\n"));
+        let mut placed = node();
+        let status = placed.status.get_or_insert_with(Default::default);
+        status.cluster_node = Some("pi-1".into());
+        status.emulated = Some(false);
+        assert!(
+            node_page(&placed, &[]).contains("Runs on:     cluster node pi-1, native (no emulation)\n"),
+            "{}",
+            node_page(&placed, &[])
+        );
+        if let Some(status) = placed.status.as_mut() {
+            status.emulated = Some(true);
+        }
+        assert!(
+            node_page(&placed, &[])
+                .contains("Runs on:     cluster node pi-1, emulated (qemu-user: another CPU)\n")
+        );
     }
 
     #[test]

@@ -211,6 +211,61 @@ pub fn find_dockerfile(dir: &Path, file: Option<&str>) -> Result<String> {
         })
 }
 
+/// The base image (`FROM`) of the stage a Dockerfile builds (pure): `target`'s, else the last stage's,
+/// through the stages it is `FROM` (`FROM build AS runtime`). Only a hint for where the build pod
+/// runs (the operator prefers cluster nodes of that image's CPU), so anything unclear gives `None`
+/// rather than a guess: a reference made of `ARG`s, `FROM scratch`, a target no stage names. The
+/// build itself reads the Dockerfile with the full parser.
+pub fn base_image(dockerfile: &str, target: Option<&str>) -> Option<String> {
+    // (base, stage name) of each stage, in order.
+    let mut stages: Vec<(String, Option<String>)> = Vec::new();
+    let mut logical = String::new();
+    for line in dockerfile.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('#') {
+            continue;
+        }
+        if let Some(continued) = trimmed.strip_suffix('\\') {
+            logical.push_str(continued);
+            logical.push(' ');
+            continue;
+        }
+        logical.push_str(trimmed);
+        let mut words = logical.split_whitespace();
+        if words.next().is_some_and(|word| word.eq_ignore_ascii_case("FROM")) {
+            let mut words = words.skip_while(|word| word.starts_with("--"));
+            if let Some(base) = words.next() {
+                let name = match (words.next(), words.next()) {
+                    (Some(as_), Some(name)) if as_.eq_ignore_ascii_case("AS") => {
+                        Some(name.to_ascii_lowercase())
+                    }
+                    _ => None,
+                };
+                stages.push((base.to_owned(), name));
+            }
+        }
+        logical.clear();
+    }
+    let named = |name: &str| {
+        stages
+            .iter()
+            .position(|(_, stage)| stage.as_deref() == Some(name.to_ascii_lowercase().as_str()))
+    };
+    let mut index = match target {
+        Some(target) => named(target)?,
+        None => stages.len().checked_sub(1)?,
+    };
+    // A stage is FROM an earlier stage only; each step goes back, so this ends.
+    loop {
+        let base = &stages[index].0;
+        match named(base).filter(|&earlier| earlier < index) {
+            Some(earlier) => index = earlier,
+            None if base.contains('$') || base.eq_ignore_ascii_case("scratch") => return None,
+            None => return Some(base.clone()),
+        }
+    }
+}
+
 /// The command line as given, checked before anything talks to the cluster.
 #[derive(Debug, Clone, Copy)]
 pub struct Given<'a> {
@@ -398,6 +453,10 @@ pub async fn run(ctx: &Ctx, opts: &BuildOptions<'_>) -> Result<i32> {
     let dockerfile = find_dockerfile(&context_dir, opts.file)?;
     let booted_by = confirm_target(ctx, &name, opts).await?;
     let packed = pack_context(&context_dir, &dockerfile, &skip)?;
+    // Unreadable here: no hint; the build pod reads it and says what is wrong.
+    let base = std::fs::read_to_string(context_dir.join(&dockerfile))
+        .ok()
+        .and_then(|text| base_image(&text, opts.target));
     let spec = ImageBuildSpec {
         image: name.to_string(),
         source: BuildSource {
@@ -408,6 +467,7 @@ pub async fn run(ctx: &Ctx, opts: &BuildOptions<'_>) -> Result<i32> {
         build_args,
         target: opts.target.map(str::to_owned),
         platform: opts.platform.map(str::to_owned),
+        base_image: base,
         overwrite: opts.overwrite,
         no_cache: opts.no_cache,
     };
@@ -726,23 +786,32 @@ fn verdict_message(build: &ImageBuild) -> String {
         )
 }
 
-fn print_result(build: &ImageBuild, name: &ImageName, booted_by: &[String]) {
+/// What a finished build says (pure): the digest, the image's CPU and whether its `RUN` steps were
+/// emulated, the steps, and the cluster node it ran on.
+fn built_line(build: &ImageBuild, name: &ImageName) -> String {
     let status = build.status.clone().unwrap_or_default();
     let result = status.result.clone().unwrap_or_default();
     let took = status
         .start_time
         .zip(status.completion_time)
         .map(|(start, end)| end.0.duration_since(start.0).unsigned_abs());
-    println!(
-        "Built {name}: {} ({}{}, {} steps, {} cached, {} layers pushed{})",
+    format!(
+        "Built {name}: {} ({}{}, {} steps, {} cached, {} layers pushed{}){}",
         short_digest(result.digest.as_deref().unwrap_or_default()),
         result.architecture.as_deref().unwrap_or("?"),
         if result.emulated { ", emulated" } else { "" },
         status.steps_total.unwrap_or_default(),
         result.cached_steps,
         result.layers_pushed,
-        took.map_or_else(String::new, |d| format!(", in {}", clock(d)))
-    );
+        took.map_or_else(String::new, |d| format!(", in {}", clock(d))),
+        status
+            .cluster_node
+            .map_or_else(String::new, |node| format!(" on cluster node {node}"))
+    )
+}
+
+fn print_result(build: &ImageBuild, name: &ImageName, booted_by: &[String]) {
+    println!("{}", built_line(build, name));
     if !booted_by.is_empty() {
         println!(
             "{} node(s) reboot on the new version: {}.",
@@ -786,6 +855,74 @@ mod tests {
                 ("build and push", Duration::from_millis(5_200)),
                 ("tag and Image", Duration::from_millis(1_300)),
             ]
+        );
+    }
+
+    #[test]
+    fn the_base_image_is_the_built_stages_from() {
+        let multi = "# syntax=docker/dockerfile:1\nARG BASE=debian\n\
+            FROM --platform=linux/arm64 reg.lab/lab/alice/tools:v1 AS build\n\
+            RUN make\n\
+            from \\\n  reg.lab/lab/alice/base-arm:latest \\\n  as Runtime\n\
+            COPY --from=build /out /\n\
+            FROM runtime AS final\n\
+            FROM ${BASE} AS from-arg\n\
+            FROM scratch AS empty\n";
+        assert_eq!(
+            base_image(multi, Some("build")).as_deref(),
+            Some("reg.lab/lab/alice/tools:v1")
+        );
+        assert_eq!(
+            base_image(multi, Some("runtime")).as_deref(),
+            Some("reg.lab/lab/alice/base-arm:latest"),
+            "continued lines, any case"
+        );
+        assert_eq!(
+            base_image(multi, Some("final")).as_deref(),
+            Some("reg.lab/lab/alice/base-arm:latest"),
+            "through the stage it is from"
+        );
+        // Unclear: no hint rather than a guess.
+        assert_eq!(base_image(multi, Some("from-arg")), None);
+        assert_eq!(base_image(multi, None), None, "the last stage is FROM scratch");
+        assert_eq!(base_image(multi, Some("nowhere")), None);
+        assert_eq!(base_image("RUN true\n", None), None);
+        assert_eq!(
+            base_image("FROM debian\nRUN true\n", None).as_deref(),
+            Some("debian")
+        );
+        assert_eq!(
+            base_image("FROM a AS x\nFROM x AS y\nFROM y\n", None).as_deref(),
+            Some("a")
+        );
+    }
+
+    #[test]
+    fn a_built_line_says_the_cpu_whether_emulated_and_where() {
+        let name = image_name("app").expect("name");
+        let mut build = ImageBuild::new("app-x", ImageBuildSpec::default());
+        build.status = Some(walt_crds::ImageBuildStatus {
+            steps_total: Some(3),
+            cluster_node: Some("pi-1".into()),
+            result: Some(walt_crds::ImageBuildResult {
+                digest: Some("sha256:0123456789abcdef".into()),
+                architecture: Some("arm64".into()),
+                layers_pushed: 2,
+                ..walt_crds::ImageBuildResult::default()
+            }),
+            ..walt_crds::ImageBuildStatus::default()
+        });
+        assert_eq!(
+            built_line(&build, &name),
+            "Built app: sha256:0123456789ab (arm64, 3 steps, 0 cached, 2 layers pushed) on cluster node pi-1"
+        );
+        if let Some(result) = build.status.as_mut().and_then(|s| s.result.as_mut()) {
+            result.emulated = true;
+        }
+        assert!(
+            built_line(&build, &name).contains("(arm64, emulated, 3 steps"),
+            "{}",
+            built_line(&build, &name)
         );
     }
 

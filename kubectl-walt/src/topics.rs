@@ -249,10 +249,12 @@ Where it runs
   from that clone like --from-dir; the ImageBuild records the URL, ref and commit it came from.
 
 RUN steps in the image's own CPU
-  Each RUN runs inside the image being built. An arm64 image (WalT's Raspberry Pi images) on an
-  amd64 cluster node runs through qemu-user emulation: slower, same result. Each step that changes
-  files is a layer; unchanged steps come from the step cache (a rebuild of the same Dockerfile and
-  context takes seconds and pushes nothing new).
+  Each RUN runs inside the image being built. The build pod prefers a cluster node of the image's
+  CPU (--platform's, else that of the walt image your Dockerfile's FROM names): natively there. An
+  arm64 image (WalT's Raspberry Pi images) on an amd64 cluster node runs through qemu-user
+  emulation: slower, same result. The Built line says which, and on what cluster node. Each step
+  that changes files is a layer; unchanged steps come from the step cache (a rebuild of the same
+  Dockerfile and context takes seconds and pushes nothing new).
 
 What you see
   The build's own output, and a line per step: [3/9 ##--------] RUN apt-get install …  1m02s
@@ -294,7 +296,8 @@ Everything else works as with physical nodes: node shell, run, save, boot, reboo
 
 Two kinds (spec.virtual.kind):
   container (the default)  the image's files in a pod, with its init and SSH; no kernel of its own;
-                           any architecture (qemu-user).
+                           any architecture: on a cluster node of that CPU when there is one
+                           (natively), else through qemu-user; `node show` says which (Runs on:).
   vm                       a virtual machine (qemu-system-x86_64; KVM when usable, else emulated)
                            that network-boots the image through the boot service exactly like a lab
                            PC: its own kernel, NFS root, walt-init, verified booted digest. It runs as

@@ -22,7 +22,8 @@
 //!
 //! `native_architecture_first_on_two_nodes`: a second node labelled arm64; each image's shell lands
 //! on the node of its CPU and says it runs natively; with the arm64 node cordoned, the arm64 shell
-//! runs emulated and says so (see the test's docs).
+//! runs emulated and says so; the same for an arm64 `kubectl walt image build`; an arm64 virtual
+//! node's pod lands on the arm64 node and `kubectl walt node show` says native (see the test's docs).
 
 use std::path::Path;
 use std::process::Command;
@@ -619,6 +620,16 @@ fn node_arch_label(cluster: &Cluster, node: &str) -> String {
 /// 3. An amd64 image's shell lands on the amd64 node, also native.
 /// 4. With the arm64 node cordoned, the arm64 shell falls back to the amd64 node, emulated, and
 ///    the plugin and `status.emulated` say so.
+/// 5. `kubectl walt image build --from-dir` of a Dockerfile `FROM` the arm64 image with a `RUN`: the
+///    build pod runs on the arm64 node (the plugin sent the base it read, the operator preferred that
+///    Image's CPU), the plugin's `Built …` line says `(arm64, …)` without `emulated` and names the
+///    node, the ImageBuild's `status.clusterNode` and `status.result.emulated` say the same.
+/// 6. The same build with the arm64 node cordoned: on the amd64 node, `(arm64, emulated, …)`. And
+///    the same build `FROM` the amd64 image: on the amd64 node, `(amd64, …)`, native (without the
+///    preference the scheduler put pods on the arm64 node, seen with shells).
+/// 7. `kubectl walt node create-virtual --arch arm64`: the virtual node's pod runs on the arm64 node,
+///    the Node's `status.clusterNode` and `status.emulated` (false) say so, and so does
+///    `kubectl walt node show` ("Runs on: cluster node … native").
 #[test]
 fn native_architecture_first_on_two_nodes() {
     let _one = one_cluster_at_a_time();
@@ -714,10 +725,149 @@ fn native_architecture_first_on_two_nodes() {
     shell("demo-arm", &amd_node, true);
     kubectl(cluster, &["uncordon", &arm_node]);
 
+    // 5. and 6. An arm64 build: native on the arm64 node; with that node cordoned, emulated. An
+    // amd64 build: native on the amd64 node.
+    build(&lab, "built-arm", "demo-arm", &arm_node, false);
+    kubectl(cluster, &["cordon", &arm_node]);
+    build(&lab, "built-arm-fallback", "demo-arm", &amd_node, true);
+    kubectl(cluster, &["uncordon", &arm_node]);
+    build(&lab, "built-amd", "demo", &amd_node, false);
+
+    // 7. An arm64 virtual node: its pod on the arm64 node, native, and said so.
+    let started_node = Instant::now();
+    let output = lab
+        .walt(&[
+            "node",
+            "create-virtual",
+            "vnode-arm",
+            "--image",
+            "demo-arm",
+            "--arch",
+            "arm64",
+            "--cpu",
+            "300m",
+        ])
+        .output()
+        .expect("run kubectl walt node create-virtual");
+    assert!(
+        output.status.success(),
+        "node create-virtual: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    wait_jsonpath(
+        cluster,
+        ns,
+        "nodes.walt.dev/vnode-arm",
+        "{.status.clusterNode}",
+        &arm_node,
+        &lab.operator,
+    );
+    let pod_node = kubectl(
+        cluster,
+        &[
+            "-n",
+            &walt_crds::runtime_namespace(ns),
+            "get",
+            "pod",
+            "walt-node-vnode-arm",
+            "-o",
+            "jsonpath={.spec.nodeName}",
+        ],
+    );
+    assert_eq!(
+        pod_node.trim(),
+        arm_node,
+        "the virtual node's pod runs on the arm64 node"
+    );
+    assert_eq!(
+        jsonpath(cluster, ns, "nodes.walt.dev/vnode-arm", "{.status.emulated}"),
+        "false"
+    );
+    let show = lab
+        .walt(&["node", "show", "vnode-arm"])
+        .output()
+        .expect("run kubectl walt node show");
+    let shown = String::from_utf8_lossy(&show.stdout);
+    let runs_on = format!("Runs on:     cluster node {arm_node}, native (no emulation)");
+    assert!(shown.contains(&runs_on), "node show says {runs_on:?}:\n{shown}");
+    eprintln!(
+        "arm64 virtual node on {arm_node} (native): {:.1} s from create-virtual to its status saying so",
+        started_node.elapsed().as_secs_f64()
+    );
+
     // The kubelet left the label as it registered it through all its status updates.
     assert_eq!(node_arch_label(cluster, &arm_node), "arm64");
     eprintln!(
         "native architecture first: {:.1} s in all",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// `kubectl walt image build --from-dir` of an image `name` `FROM` the lab's Image `base` (`demo` is
+/// amd64, `demo-arm` arm64) with a `RUN` step, no step cache (every build runs it): it runs on
+/// cluster node `on`, and the plugin's `Built …` line and the ImageBuild's status say so and whether
+/// emulated.
+fn build(lab: &OperatorLab, name: &str, base: &str, on: &str, emulated: bool) {
+    let (cluster, ns) = (&lab.cluster, lab.ns.as_str());
+    let arch = if base == "demo" { "amd64" } else { "arm64" };
+    let context = lab.work.path().join(format!("context-{name}"));
+    std::fs::create_dir_all(&context).expect("make the build context");
+    let from = format!("{}/lab/{ns}/{base}:latest", lab.for_pods);
+    std::fs::write(
+        context.join("Dockerfile"),
+        format!("FROM {from}\nRUN echo built-on-$(uname -m) > /etc/built\n"),
+    )
+    .expect("write the Dockerfile");
+    let started = Instant::now();
+    let output = lab
+        .walt(&[
+            "image",
+            "build",
+            "--from-dir",
+            &context.display().to_string(),
+            "--no-cache",
+            name,
+        ])
+        .output()
+        .expect("run kubectl walt image build");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(
+        output.status.success(),
+        "image build {name}:\n{stdout}\n{stderr}\noperator:\n{}",
+        tail(&lab.operator.log(), 60)
+    );
+    let built = stdout
+        .lines()
+        .find(|line| line.starts_with(&format!("Built {name}: ")))
+        .unwrap_or_else(|| panic!("no Built line:\n{stdout}"));
+    assert!(
+        built.ends_with(&format!(" on cluster node {on}")),
+        "the build ran on {on}: {built}"
+    );
+    if emulated {
+        assert!(built.contains(&format!("({arch}, emulated, ")), "{built}");
+    } else {
+        assert!(
+            built.contains(&format!("({arch}, ")) && !built.contains("emulated"),
+            "{built}"
+        );
+    }
+    let of_build = |field: &str| {
+        jsonpath(
+            cluster,
+            ns,
+            "imagebuilds",
+            &format!("{{.items[?(@.spec.image==\"{name}\")].{field}}}"),
+        )
+    };
+    assert_eq!(of_build("spec.baseImage"), from, "the base the plugin read");
+    assert_eq!(of_build("status.clusterNode"), on);
+    assert_eq!(of_build("status.result.emulated"), emulated.to_string());
+    eprintln!(
+        "{built} ({:.1} s from the command to its end)",
         started.elapsed().as_secs_f64()
     );
 }

@@ -2,6 +2,7 @@
 //! `walt-operator build --context-tar -`, in the tenant's runtime namespace), its scratch tag, and
 //! what its status says.
 
+use std::str::FromStr;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -9,10 +10,10 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use serde::Deserialize;
 use walt_crds::runtime::OWNER_NAME_LABEL;
-use walt_crds::{ImageBuild, runtime_namespace};
+use walt_crds::{Image, ImageBuild, runtime_namespace};
 
 use crate::controller::config::LayerCache;
-use crate::controller::shared::pods::{CACHE_DIR, RuntimePod, prefer_architecture, runtime_pod};
+use crate::controller::shared::pods::{CACHE_DIR, RuntimePod, emulated_on, prefer_architecture, runtime_pod};
 use crate::controller::shared::runtime::owner_labels;
 
 /// Label naming the ImageBuild a pod belongs to.
@@ -48,6 +49,54 @@ pub struct BuildPodInputs<'a> {
     pub cache: &'a LayerCache,
     /// Whether the namespace has the registry credentials Secret to mount.
     pub registry_credentials: bool,
+    /// The CPU the built image is for, when known before the build runs ([`build_architecture`]):
+    /// the pod prefers cluster nodes of that CPU.
+    pub architecture: Option<&'a str>,
+}
+
+/// The CPU a build's image is for, as far as the operator knows before the build runs (pure): the
+/// architecture of `spec.platform`, else that of the Image whose `status.reference` is
+/// `spec.baseImage` (the `FROM` the client read), among `images` (the namespace's and the catalog's).
+/// `None`: unknown (a base outside them, a multi-platform one, `FROM scratch`); the pod then goes
+/// wherever the scheduler puts it, and a multi-platform base resolves to that node's CPU.
+pub fn build_architecture<'a>(spec: &'a walt_crds::ImageBuildSpec, images: &'a [Image]) -> Option<&'a str> {
+    if let Some(platform) = &spec.platform {
+        return platform.split('/').nth(1).filter(|a| !a.is_empty());
+    }
+    let base = comparable_reference(spec.base_image.as_deref()?)?;
+    images
+        .iter()
+        .filter_map(|image| image.status.as_ref())
+        .find(|status| {
+            status
+                .reference
+                .as_deref()
+                .and_then(comparable_reference)
+                .as_ref()
+                == Some(&base)
+        })
+        .and_then(|status| status.platform.as_ref())
+        .map(|platform| platform.architecture.as_str())
+        .filter(|a| !a.is_empty())
+}
+
+/// A reference as the registry reads it (`debian` is `docker.io/library/debian:latest`), to compare
+/// two spellings of one; `None` when it is not a reference.
+fn comparable_reference(reference: &str) -> Option<String> {
+    oci_client::Reference::from_str(reference.trim())
+        .ok()
+        .map(|parsed| parsed.whole())
+}
+
+/// Whether a finished build's `RUN` steps were emulated, as walt reports it (pure): the build runtime
+/// says whether it ran any through qemu-user, and the cluster node its pod ran on is the CPU walt
+/// places pods by (its kubelet's word, the `kubernetes.io/arch` the pod preferred): on a node of the
+/// image's CPU the build is native. Unknown node: the runtime's word alone.
+pub fn build_emulated(
+    outcome: &BuildOutcome,
+    cluster_node: Option<&k8s_openapi::api::core::v1::Node>,
+) -> bool {
+    outcome.emulated && emulated_on(Some(&outcome.architecture), cluster_node) != Some(false)
 }
 
 /// The `walt-operator build` arguments of a build (pure).
@@ -103,15 +152,9 @@ pub fn build_pod(build: &ImageBuild, inputs: &BuildPodInputs<'_>) -> Pod {
         user_namespaces: inputs.user_namespaces,
         cache: inputs.cache,
         registry_credentials: inputs.registry_credentials,
-        // A platform asked for (`linux/arm64`): its RUN steps run natively on a node of that CPU
-        // where the cluster has one, emulated elsewhere.
-        affinity: prefer_architecture(
-            build
-                .spec
-                .platform
-                .as_deref()
-                .and_then(|platform| platform.split('/').nth(1)),
-        ),
+        // The image's CPU, when known: its RUN steps run natively on a node of that CPU where the
+        // cluster has one, emulated elsewhere.
+        affinity: prefer_architecture(inputs.architecture),
     })
 }
 
@@ -250,6 +293,7 @@ mod tests {
             user_namespaces: true,
             cache,
             registry_credentials: true,
+            architecture: Some("arm64"),
         }
     }
 
@@ -286,7 +330,96 @@ mod tests {
         assert_eq!(
             spec.affinity,
             prefer_architecture(Some("arm64")),
-            "a build for linux/arm64 prefers arm64 cluster nodes (RUN steps native there)"
+            "a build for arm64 prefers arm64 cluster nodes (RUN steps native there)"
+        );
+        let unknown = build_pod(
+            &build,
+            &BuildPodInputs {
+                architecture: None,
+                ..inputs(&cache)
+            },
+        );
+        assert_eq!(
+            unknown.spec.expect("spec").affinity,
+            None,
+            "no CPU known: no preference"
+        );
+    }
+
+    fn image_at(reference: &str, architecture: &str) -> Image {
+        let mut image = Image::new("base", walt_crds::ImageSpec::default());
+        image.status = Some(walt_crds::ImageStatus {
+            reference: Some(reference.into()),
+            platform: Some(walt_crds::Platform {
+                os: "linux".into(),
+                architecture: architecture.into(),
+                variant: None,
+            }),
+            ..walt_crds::ImageStatus::default()
+        });
+        image
+    }
+
+    #[test]
+    fn a_builds_cpu_is_its_platform_else_that_of_the_image_it_is_from() {
+        let images = [
+            image_at("reg.lab/lab/alice/base:latest", "amd64"),
+            image_at("reg.lab/lab/alice/base-arm:latest", "arm64"),
+            image_at("docker.io/library/debian:latest", "riscv64"),
+        ];
+        let from = |base: Option<&str>, platform: Option<&str>| ImageBuildSpec {
+            image: "app".into(),
+            base_image: base.map(str::to_owned),
+            platform: platform.map(str::to_owned),
+            ..ImageBuildSpec::default()
+        };
+        let cases = [
+            (
+                from(Some("reg.lab/lab/alice/base-arm:latest"), None),
+                Some("arm64"),
+            ),
+            // The tag left out is `latest`; Docker Hub's short names are the registry's long ones.
+            (from(Some("reg.lab/lab/alice/base-arm"), None), Some("arm64")),
+            (from(Some("debian"), None), Some("riscv64")),
+            (from(Some("reg.lab/lab/alice/base:latest"), None), Some("amd64")),
+            // A platform asked for wins: multi-platform bases resolve to it.
+            (
+                from(Some("reg.lab/lab/alice/base:latest"), Some("linux/arm64")),
+                Some("arm64"),
+            ),
+            (from(None, Some("linux/arm/v7")), Some("arm")),
+            // A base that is no Image here, another tag, none read, not a reference: unknown.
+            (from(Some("reg.lab/lab/alice/other:latest"), None), None),
+            (from(Some("reg.lab/lab/alice/base-arm:v2"), None), None),
+            (from(None, None), None),
+            (from(Some("Not A Reference"), None), None),
+        ];
+        for (spec, want) in cases {
+            assert_eq!(build_architecture(&spec, &images), want, "{spec:?}");
+        }
+    }
+
+    #[test]
+    fn a_build_is_emulated_when_its_cluster_node_is_of_another_cpu() {
+        use crate::controller::shared::pods::cluster_node_of;
+        let outcome = |emulated| BuildOutcome {
+            architecture: "arm64".into(),
+            emulated,
+            ..BuildOutcome::default()
+        };
+        let (arm, amd) = (cluster_node_of("pi-1", "arm64"), cluster_node_of("pc-1", "amd64"));
+        assert!(build_emulated(&outcome(true), Some(&amd)));
+        assert!(
+            !build_emulated(&outcome(true), Some(&arm)),
+            "on a node of the image's CPU, native (what the pod was placed for)"
+        );
+        assert!(
+            !build_emulated(&outcome(false), Some(&amd)),
+            "no RUN step ran through qemu-user (a build of COPY steps only)"
+        );
+        assert!(
+            build_emulated(&outcome(true), None),
+            "node unknown: the runtime's word"
         );
     }
 

@@ -38,7 +38,8 @@ pub mod decide;
 pub mod failure;
 
 use self::build::{
-    BuildOutcome, BuildPodInputs, OWNER_KIND, build_pod, build_pod_name, pod_state, scratch_tag,
+    BuildOutcome, BuildPodInputs, OWNER_KIND, build_architecture, build_emulated, build_pod, build_pod_name,
+    pod_state, scratch_tag,
 };
 use self::decide::{Observed, PROGRESS_INTERVAL, Step, apply_progress, decide};
 use self::failure::Failure;
@@ -46,6 +47,8 @@ use crate::controller::shared::context::Context;
 use crate::controller::shared::error::{Error, KubeResultExt, Result};
 use crate::controller::shared::image_result;
 use crate::controller::shared::lock::{Claim, claims_in, holder_other_than};
+use crate::controller::shared::lookup::images_for;
+use crate::controller::shared::pods::scheduled_on;
 use crate::controller::shared::registry::{ensure_registry_secret, repository_of};
 use crate::controller::shared::registry_paths::Access;
 use crate::controller::shared::runtime::{delete_within, ensure_runtime_namespace, owned_by};
@@ -125,8 +128,8 @@ async fn apply(build: &ImageBuild, context: &Context) -> Result<Action> {
         Step::Start => start(build, context, status).await,
         Step::WaitForImage(holder) => wait_for_image(build, context, status, &holder).await,
         Step::Wait(after) => Ok(Action::requeue(after)),
-        Step::Progress => progress(build, context, status, &log).await,
-        Step::Save(outcome) => save(build, context, status, &outcome, &log).await,
+        Step::Progress => progress(build, context, status, &log, pod.as_ref()).await,
+        Step::Save(outcome) => save(build, context, status, &outcome, &log, pod.as_ref()).await,
         Step::Fail(failure) => fail(build, context, status, &failure, &log).await,
     }
 }
@@ -179,6 +182,11 @@ async fn read_log(context: &Context, build: &ImageBuild) -> Option<LogProgress> 
             None
         }
     }
+}
+
+/// The cluster node `pod` is scheduled on.
+fn node_name(pod: Option<&Pod>) -> Option<String> {
+    pod?.spec.as_ref()?.node_name.clone()
 }
 
 /// The namespace of a build's pod: its tenant's runtime namespace (pure).
@@ -269,6 +277,12 @@ async fn start(build: &ImageBuild, context: &Context, mut status: ImageBuildStat
         Err(error) => return Err(error),
     };
     let registry_host = context.config.registry_host.clone();
+    // The Images the Dockerfile's base may be, for the CPU the pod prefers (none read without one).
+    let images = if build.spec.base_image.is_some() && build.spec.platform.is_none() {
+        images_for(context, &namespace).await?
+    } else {
+        Vec::new()
+    };
     let inputs = BuildPodInputs {
         runtime_image: &context.config.args.shell_image,
         push_to: &push_to,
@@ -280,6 +294,7 @@ async fn start(build: &ImageBuild, context: &Context, mut status: ImageBuildStat
         user_namespaces: crate::controller::shared::pods::user_namespaces(context).await,
         cache: &context.config.args.shell_cache,
         registry_credentials: ensure_registry_secret(context, &namespace, &runtime).await?,
+        architecture: build_architecture(&build.spec, &images),
     };
     let pod = build_pod(build, &inputs);
     let pods: Api<Pod> = Api::namespaced(context.client.clone(), &runtime);
@@ -311,14 +326,18 @@ async fn start(build: &ImageBuild, context: &Context, mut status: ImageBuildStat
     Ok(Action::requeue(PROGRESS_INTERVAL))
 }
 
-/// The build runs: what its log says goes into the status.
+/// The build runs: what its log says goes into the status, and the cluster node its pod runs on.
 async fn progress(
     build: &ImageBuild,
     context: &Context,
     mut status: ImageBuildStatus,
     log: &LogProgress,
+    pod: Option<&Pod>,
 ) -> Result<Action> {
     apply_progress(&mut status, log);
+    if let Some(node) = node_name(pod) {
+        status.cluster_node = Some(node);
+    }
     // The pod outlived a status write: it is this build's.
     status.phase = ImageBuildPhase::Building;
     status.pod = Some(build_pod_name(&build.name_any()));
@@ -343,6 +362,7 @@ async fn save(
     mut status: ImageBuildStatus,
     outcome: &BuildOutcome,
     log: &LogProgress,
+    pod: Option<&Pod>,
 ) -> Result<Action> {
     let namespace = build.namespace().unwrap_or_default();
     let target = target_name(build)?;
@@ -391,6 +411,10 @@ async fn save(
         Ok(rebooting) => rebooting,
         Err(error) => return fail(build, context, status, &Failure::SaveFailed(error), log).await,
     };
+    let cluster_node = scheduled_on(context, pod).await;
+    if let Some(node) = node_name(pod) {
+        status.cluster_node = Some(node);
+    }
     status.phase = ImageBuildPhase::Succeeded;
     status.completion_time = Some(Time(Timestamp::now()));
     status.steps_done = Some(outcome.steps);
@@ -400,7 +424,7 @@ async fn save(
         digest: Some(outcome.digest.clone()),
         short_digest: Some(short_digest(&outcome.digest).to_owned()),
         architecture: Some(outcome.architecture.clone()).filter(|a| !a.is_empty()),
-        emulated: outcome.emulated,
+        emulated: build_emulated(outcome, cluster_node.as_ref()),
         cached_steps: outcome.cached,
         layers_pushed: outcome.layers_pushed,
     });

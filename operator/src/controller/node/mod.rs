@@ -222,7 +222,8 @@ async fn reconcile_node(node: Arc<Node>, context: Arc<Context>) -> Result<Action
     if walt_crds::is_vm(&node) {
         vm_node::reconcile(&node, &context, target, status).await
     } else if node.spec.virtual_node.is_some() {
-        virtual_node::reconcile(&node, &context, target, status).await
+        // Boxed: its state (the pod, the cluster node it runs on) would make every Node's future large.
+        Box::pin(virtual_node::reconcile(&node, &context, target, status)).await
     } else {
         probe::reconcile_physical(&node, &context, target, status).await
     }

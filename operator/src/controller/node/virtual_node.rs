@@ -22,7 +22,7 @@ use super::build::{
 use super::{BootTarget, needs_reboot, pending_reboot_request, reasons};
 use crate::controller::shared::context::{Context, set_condition_at};
 use crate::controller::shared::error::{KubeResultExt, Result};
-use crate::controller::shared::pods::vnode_object_name;
+use crate::controller::shared::pods::{emulated_on, on_cluster_node, scheduled_on, vnode_object_name};
 use crate::controller::shared::registry::ensure_registry_secret;
 use crate::controller::shared::registry_paths::{Access, REGISTRY_PATH_FORBIDDEN};
 use crate::controller::shared::runtime::{ensure_runtime_namespace, owned_by};
@@ -87,12 +87,13 @@ pub fn decide(node: &Node, target: &BootTarget, existing: Option<&Pod>) -> PodSt
     PodStep::Keep
 }
 
-/// The status of a virtual node given its pod after this reconcile (none while it is recreated),
-/// and when to look again (pure).
+/// The status of a virtual node given its pod after this reconcile (none while it is recreated) and
+/// the cluster node that pod is scheduled on, and when to look again (pure).
 pub fn status_of(
     node: &Node,
     mut status: NodeStatus,
     pod: Option<&Pod>,
+    cluster_node: Option<&k8s_openapi::api::core::v1::Node>,
     now: Timestamp,
 ) -> (NodeStatus, Duration) {
     let name = node.name_any();
@@ -107,6 +108,19 @@ pub fn status_of(
         }
         None => status.phase = NodePhase::Rebooting,
     }
+    // Native CPU first: the pod preferred cluster nodes of the node's CPU; say which it got.
+    status.cluster_node = pod
+        .and_then(|pod| pod.spec.as_ref())
+        .and_then(|spec| spec.node_name.clone());
+    let architecture = node.spec.virtual_node.as_ref().map(|v| v.architecture.as_str());
+    let cluster_node = cluster_node.filter(|_| status.cluster_node.is_some());
+    status.emulated = emulated_on(architecture, cluster_node);
+    let how = match status.emulated {
+        Some(true) => ", emulated: the node's CPU is another (qemu-user)",
+        Some(false) => ", native: the node's CPU is this one",
+        None => "",
+    };
+    let placed = format!("{}{how}", on_cluster_node(cluster_node));
     let ready = status.phase == NodePhase::Ready;
     let reason = if ready {
         reasons::POD_RUNNING
@@ -117,7 +131,7 @@ pub fn status_of(
     for (type_, message) in [
         (
             condition_types::BOOTED,
-            format!("virtual node pod {service}: {phase:?}"),
+            format!("virtual node pod {service}: {phase:?}{placed}"),
         ),
         (
             condition_types::REACHABLE,
@@ -293,7 +307,14 @@ pub async fn reconcile(
             None
         }
     };
-    let (status, requeue) = status_of(node, status, pod.as_ref(), Timestamp::now());
+    let cluster_node = scheduled_on(context, pod.as_ref()).await;
+    let (status, requeue) = status_of(
+        node,
+        status,
+        pod.as_ref(),
+        cluster_node.as_ref(),
+        Timestamp::now(),
+    );
     context
         .apply_status_of(&nodes, marked.as_ref().unwrap_or(node), &status)
         .await?;
@@ -494,14 +515,20 @@ mod tests {
     #[test]
     fn the_status_follows_the_pod() {
         let now = Timestamp::from_second(1_000).expect("time");
-        let (status, requeue) = status_of(&node(), NodeStatus::default(), None, now);
+        let (status, requeue) = status_of(&node(), NodeStatus::default(), None, None, now);
         assert_eq!(status.phase, NodePhase::Rebooting);
         assert_eq!(requeue, Duration::from_secs(30));
         let (status, _) = status_of(
             &node(),
             NodeStatus::default(),
             Some(&pod_booting("sha256:a")),
+            None,
             now,
+        );
+        assert_eq!(
+            (status.cluster_node, status.emulated),
+            (None, None),
+            "not scheduled yet"
         );
         assert_eq!(status.address.as_deref(), Some("walt-node-v1.walt-run-lab.svc"));
         assert_eq!(
@@ -510,5 +537,48 @@ mod tests {
         );
         let waiting = waiting_for_image(&node(), NodeStatus::default(), now);
         assert_eq!(waiting.phase, NodePhase::Pending);
+    }
+
+    #[test]
+    fn a_virtual_node_says_on_which_cluster_node_and_whether_natively() {
+        use crate::controller::shared::pods::cluster_node_of;
+        let now = Timestamp::from_second(1_000).expect("time");
+        let mut arm = node();
+        if let Some(virtual_node) = arm.spec.virtual_node.as_mut() {
+            virtual_node.architecture = walt_crds::Architecture::Arm64;
+        }
+        let mut pod = pod_booting("sha256:a");
+        pod.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+            node_name: Some("pi-1".into()),
+            ..k8s_openapi::api::core::v1::PodSpec::default()
+        });
+        let booted_message = |status: &NodeStatus| {
+            walt_crds::find_condition(&status.conditions, condition_types::BOOTED)
+                .map(|c| c.message.clone())
+                .unwrap_or_default()
+        };
+        let pi = cluster_node_of("pi-1", "arm64");
+        let (native, _) = status_of(&arm, NodeStatus::default(), Some(&pod), Some(&pi), now);
+        assert_eq!(
+            (native.cluster_node.as_deref(), native.emulated),
+            (Some("pi-1"), Some(false))
+        );
+        assert!(
+            booted_message(&native)
+                .ends_with(" on cluster node pi-1 (arm64), native: the node's CPU is this one"),
+            "{}",
+            booted_message(&native)
+        );
+        let pc = cluster_node_of("pi-1", "amd64");
+        let (emulated, _) = status_of(&arm, NodeStatus::default(), Some(&pod), Some(&pc), now);
+        assert_eq!(emulated.emulated, Some(true));
+        assert!(
+            booted_message(&emulated).contains("(amd64), emulated"),
+            "{}",
+            booted_message(&emulated)
+        );
+        // The pod went (a reboot): where it ran is no longer where the node runs.
+        let (rebooting, _) = status_of(&arm, emulated, None, Some(&pc), now);
+        assert_eq!((rebooting.cluster_node, rebooting.emulated), (None, None));
     }
 }

@@ -41,3 +41,31 @@ pub async fn find_image(
         )),
     }
 }
+
+/// The Images objects of `namespace` may name: that namespace's and the shared catalog's (as
+/// [`find_image`] looks them up, one by one).
+pub async fn images_for(context: &Context, namespace: &str) -> Result<Vec<walt_crds::Image>> {
+    let params = kube::api::ListParams::default();
+    let local: Api<walt_crds::Image> = Api::namespaced(context.client.clone(), namespace);
+    let mut images = local
+        .list(&params)
+        .await
+        .map_err(|source| Error::kube(format!("listing the Images of {namespace}"), source))?
+        .items;
+    let catalog_namespace = &context.config.args.catalog_namespace;
+    if catalog_namespace != namespace {
+        let catalog: Api<walt_crds::Image> = Api::namespaced(context.client.clone(), catalog_namespace);
+        match catalog.list(&params).await {
+            Ok(found) => images.extend(found.items),
+            // No catalog namespace, or no right to read it: no catalog Images.
+            Err(kube::Error::Api(status)) if status.code == 403 || status.code == 404 => {}
+            Err(source) => {
+                return Err(Error::kube(
+                    format!("listing the Images of {catalog_namespace}"),
+                    source,
+                ));
+            }
+        }
+    }
+    Ok(images)
+}

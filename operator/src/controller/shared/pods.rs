@@ -258,6 +258,59 @@ pub fn prefer_architecture(architecture: Option<&str>) -> Option<Affinity> {
     })
 }
 
+/// A cluster node's CPU, GOARCH names like OCI platforms: `status.nodeInfo.architecture`, which its
+/// kubelet writes from its own CPU (and copies to the `kubernetes.io/arch` label the pods' scheduling
+/// preference, [`prefer_architecture`], matches, at every status update).
+pub fn node_architecture(node: &k8s_openapi::api::core::v1::Node) -> Option<&str> {
+    node.status
+        .as_ref()
+        .and_then(|status| status.node_info.as_ref())
+        .map(|info| info.architecture.as_str())
+        .filter(|architecture| !architecture.is_empty())
+}
+
+/// Whether an image of CPU `architecture` runs through qemu-user on `cluster_node` (pure): the two
+/// differ. `None` when either is unknown (not scheduled yet, an unreadable node, an image without a
+/// platform). What walt tells users (shells, builds, virtual nodes) is this comparison, with the CPU
+/// the cluster node's kubelet reports, the same the pods' scheduling preference matches.
+pub fn emulated_on(
+    architecture: Option<&str>,
+    cluster_node: Option<&k8s_openapi::api::core::v1::Node>,
+) -> Option<bool> {
+    let architecture = architecture.filter(|a| !a.is_empty())?;
+    cluster_node
+        .and_then(node_architecture)
+        .map(|node| node != architecture)
+}
+
+/// Where a pod runs, as walt says it (pure): ` on cluster node NAME (CPU)`, empty when not known.
+pub fn on_cluster_node(cluster_node: Option<&k8s_openapi::api::core::v1::Node>) -> String {
+    use kube::ResourceExt;
+    cluster_node
+        .map(|node| match node_architecture(node) {
+            Some(architecture) => format!(" on cluster node {} ({architecture})", node.name_any()),
+            None => format!(" on cluster node {}", node.name_any()),
+        })
+        .unwrap_or_default()
+}
+
+/// The cluster node `pod` was scheduled on, for its architecture (`None` when not scheduled yet, or
+/// unreadable: the pod still runs, the user is just not told whether it is emulated).
+pub async fn scheduled_on(
+    context: &crate::controller::shared::context::Context,
+    pod: Option<&Pod>,
+) -> Option<k8s_openapi::api::core::v1::Node> {
+    let node_name = pod?.spec.as_ref()?.node_name.clone()?;
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(context.client.clone());
+    match nodes.get_opt(&node_name).await {
+        Ok(node) => node,
+        Err(error) => {
+            tracing::info!(%error, node = %node_name, "cannot read the cluster node of a pod: its architecture is unknown");
+            None
+        }
+    }
+}
+
 /// Requires the cluster node named `node` (its `metadata.name`, not a label a node could change): a
 /// pod whose work is in that node's walt cache (a shell made again after its pod was lost).
 pub fn pinned_to(node: &str) -> Affinity {
@@ -279,9 +332,35 @@ pub fn pinned_to(node: &str) -> Affinity {
     }
 }
 
+/// A cluster node named `name` whose kubelet reports CPU `architecture` (unit tests' input).
+#[cfg(test)]
+pub fn cluster_node_of(name: &str, architecture: &str) -> k8s_openapi::api::core::v1::Node {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "status": {"nodeInfo": {
+            "architecture": architecture, "bootID": "", "containerRuntimeVersion": "",
+            "kernelVersion": "", "kubeProxyVersion": "", "kubeletVersion": "", "machineID": "",
+            "operatingSystem": "linux", "osImage": "", "systemUUID": ""
+        }}
+    }))
+    .expect("node JSON")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn emulated_means_the_image_and_the_cluster_node_differ_in_cpu() {
+        let arm = cluster_node_of("pi-1", "arm64");
+        assert_eq!(emulated_on(Some("arm64"), Some(&arm)), Some(false));
+        assert_eq!(emulated_on(Some("amd64"), Some(&arm)), Some(true));
+        // Unknown either side (not scheduled, an image without a platform): no claim either way.
+        assert_eq!(emulated_on(Some("arm64"), None), None);
+        assert_eq!(emulated_on(None, Some(&arm)), None);
+        assert_eq!(emulated_on(Some(""), Some(&arm)), None);
+        assert_eq!(emulated_on(Some("arm64"), Some(&cluster_node_of("n", ""))), None);
+    }
 
     #[test]
     fn pods_prefer_nodes_of_the_images_cpu_and_never_require_them() {

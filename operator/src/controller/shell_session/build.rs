@@ -34,7 +34,7 @@ use super::{READY, reasons};
 use crate::controller::config::LayerCache;
 pub use crate::controller::shared::pods::CACHE_DIR;
 pub use crate::controller::shared::pods::runtimes_support_user_namespaces;
-use crate::controller::shared::pods::{RuntimePod, pinned_to, prefer_architecture, runtime_pod};
+use crate::controller::shared::pods::{RuntimePod, emulated_on, pinned_to, prefer_architecture, runtime_pod};
 use crate::controller::shared::runtime::owner_labels;
 
 /// Label naming the ShellSession a pod belongs to.
@@ -441,7 +441,7 @@ pub struct ShellAtStart {
 }
 
 /// Compares the Image's platform with the architecture of the cluster node the shell pod runs on
-/// ([`node_architecture`]) and resolves `mode: Auto`.
+/// ([`emulated_on`]) and resolves `mode: Auto`.
 pub fn shell_at_start(
     session_mode: &ShellMode,
     image: Option<&walt_crds::ImageStatus>,
@@ -451,9 +451,7 @@ pub fn shell_at_start(
         .and_then(|status| status.platform.as_ref())
         .map(|platform| platform.architecture.as_str())
         .filter(|architecture| !architecture.is_empty());
-    let emulated = image_architecture
-        .zip(cluster_node.and_then(node_architecture))
-        .map(|(image, node)| image != node);
+    let emulated = emulated_on(image_architecture, cluster_node);
     let mode = match session_mode {
         ShellMode::Init => Some(ImageShellMode::Init),
         ShellMode::Basic => Some(ImageShellMode::Basic),
@@ -462,36 +460,14 @@ pub fn shell_at_start(
     ShellAtStart { emulated, mode }
 }
 
-/// A cluster node's CPU, GOARCH names like OCI platforms: `status.nodeInfo.architecture`, which its
-/// kubelet writes from its own CPU (and copies to the `kubernetes.io/arch` label the pods' scheduling
-/// preference, [`prefer_architecture`], matches, at every status update).
-pub fn node_architecture(node: &k8s_openapi::api::core::v1::Node) -> Option<&str> {
-    node.status
-        .as_ref()
-        .and_then(|status| status.node_info.as_ref())
-        .map(|info| info.architecture.as_str())
-        .filter(|architecture| !architecture.is_empty())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::shared::pods::cluster_node_of;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use walt_crds::{ShellResult, ShellSessionSpec, ShellSessionStatus};
 
     const HOUR: Duration = Duration::from_hours(1);
-
-    fn cluster_node(architecture: &str) -> k8s_openapi::api::core::v1::Node {
-        serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "n1"},
-            "status": {"nodeInfo": {
-                "architecture": architecture, "bootID": "", "containerRuntimeVersion": "",
-                "kernelVersion": "", "kubeProxyVersion": "", "kubeletVersion": "", "machineID": "",
-                "operatingSystem": "linux", "osImage": "", "systemUUID": ""
-            }}
-        }))
-        .expect("node JSON")
-    }
 
     fn image_status(architecture: &str, mode: Option<ImageShellMode>) -> walt_crds::ImageStatus {
         walt_crds::ImageStatus {
@@ -508,7 +484,7 @@ mod tests {
     #[test]
     fn the_start_of_a_shell_says_whether_it_is_emulated_and_which_shell() {
         let arm = image_status("arm64", Some(ImageShellMode::Init));
-        let amd = cluster_node("amd64");
+        let amd = cluster_node_of("n1", "amd64");
         assert_eq!(
             shell_at_start(&ShellMode::Auto, Some(&arm), Some(&amd)),
             ShellAtStart {

@@ -30,8 +30,8 @@ pub mod node_shell;
 pub mod reasons;
 
 use self::build::{
-    MAX_POD_RESTARTS, ShellOutcome, ShellPodInputs, Step, build_shell_pod, next_step, node_architecture,
-    recover_lost_pod, scratch_tag, shell_at_start, shell_pod_name, wait_for_save_target,
+    MAX_POD_RESTARTS, ShellOutcome, ShellPodInputs, Step, build_shell_pod, next_step, recover_lost_pod,
+    scratch_tag, shell_at_start, shell_pod_name, wait_for_save_target,
 };
 use crate::controller::config::LayerCache;
 use crate::controller::shared::context::Context;
@@ -39,6 +39,7 @@ use crate::controller::shared::error::{Error, KubeResultExt, Result};
 use crate::controller::shared::image_result;
 use crate::controller::shared::lock::{Claim, holder_other_than};
 use crate::controller::shared::lookup::find_image;
+use crate::controller::shared::pods::{on_cluster_node, scheduled_on};
 use crate::controller::shared::registry::{ensure_registry_secret, pinned_reference_of, repository_of};
 use crate::controller::shared::registry_paths::{Access, REGISTRY_PATH_FORBIDDEN};
 use crate::controller::shared::runtime::{delete, ensure_runtime_namespace, owned_by};
@@ -237,20 +238,6 @@ async fn delete_pod(context: &Context, session: &ShellSession) -> Result<()> {
         &shell_pod_name(&session.name_any()),
     )
     .await
-}
-
-/// The cluster node a pod was scheduled on, for its architecture (`None` when unknown or unreadable:
-/// the shell still runs, the user is just not told up front whether it is emulated).
-async fn scheduled_on(context: &Context, pod: Option<&Pod>) -> Option<k8s_openapi::api::core::v1::Node> {
-    let node_name = pod?.spec.as_ref()?.node_name.clone()?;
-    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(context.client.clone());
-    match nodes.get_opt(&node_name).await {
-        Ok(node) => node,
-        Err(error) => {
-            tracing::info!(%error, node = %node_name, "cannot read the cluster node of a shell pod: its architecture is unknown");
-            None
-        }
-    }
 }
 
 // Long by design: a dispatcher, one short arm per [`Step`] of the pure `next_step`; the decision
@@ -506,12 +493,7 @@ pub fn running_message(
     cluster_node: Option<&k8s_openapi::api::core::v1::Node>,
     emulated: Option<bool>,
 ) -> String {
-    let node = cluster_node
-        .map(|node| match node_architecture(node) {
-            Some(architecture) => format!(" on cluster node {} ({architecture})", node.name_any()),
-            None => format!(" on cluster node {}", node.name_any()),
-        })
-        .unwrap_or_default();
+    let node = on_cluster_node(cluster_node);
     let how = match emulated {
         Some(true) => ", emulated: the image is built for another CPU",
         Some(false) => ", native: the image is built for this CPU",
@@ -976,15 +958,7 @@ mod tests {
 
     #[test]
     fn a_running_shell_says_on_which_cluster_node_and_whether_natively() {
-        let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "pi-1"},
-            "status": {"nodeInfo": {
-                "architecture": "arm64", "bootID": "", "containerRuntimeVersion": "",
-                "kernelVersion": "", "kubeProxyVersion": "", "kubeletVersion": "", "machineID": "",
-                "operatingSystem": "linux", "osImage": "", "systemUUID": ""
-            }}
-        }))
-        .expect("node JSON");
+        let node = crate::controller::shared::pods::cluster_node_of("pi-1", "arm64");
         let native = running_message("walt-shell-s1", "walt-run-lab", Some(&node), Some(false));
         assert!(
             native.starts_with(

@@ -48,7 +48,15 @@ fn normalized(path: &str) -> &str {
 }
 
 /// Records what one layer's tar says about the helper paths still undecided (pure over the entries).
+#[cfg(test)]
 fn scan_layer(tar: impl Read, seen: &mut BTreeMap<String, Seen>) -> std::io::Result<()> {
+    shadow(seen, &layer_says(tar)?);
+    Ok(())
+}
+
+/// What one layer says about the helper paths, whatever the layers above say (pure over the
+/// entries): a layer's answer depends on its bytes alone, so it is kept by layer digest.
+fn layer_says(tar: impl Read) -> std::io::Result<BTreeMap<String, Seen>> {
     let mut archive = tar::Archive::new(crate::overlay::HeaderLimit::new(tar));
     let mut in_this_layer = BTreeMap::new();
     for entry in archive.entries()? {
@@ -64,9 +72,6 @@ fn scan_layer(tar: impl Read, seen: &mut BTreeMap<String, Seen>) -> std::io::Res
             continue;
         }
         let key = format!("{dir}/{file}");
-        if seen.contains_key(&key) {
-            continue;
-        }
         let header = entry.header();
         let state = if whiteout {
             Seen::Unusable
@@ -78,13 +83,46 @@ fn scan_layer(tar: impl Read, seen: &mut BTreeMap<String, Seen>) -> std::io::Res
         } else {
             Seen::Unusable
         };
+        // A later entry of a path in one layer replaces the earlier one, as unpacking does.
         in_this_layer.insert(key, state);
     }
-    // Entries of one layer do not shadow each other; layers above shadow layers below.
-    for (key, state) in in_this_layer {
-        seen.entry(key).or_insert(state);
+    Ok(in_this_layer)
+}
+
+/// Adds what a layer below says to what the layers above said (they shadow it).
+fn shadow(seen: &mut BTreeMap<String, Seen>, below: &BTreeMap<String, Seen>) {
+    for (key, state) in below {
+        seen.entry(key.clone()).or_insert(*state);
     }
-    Ok(())
+}
+
+/// What each layer read so far says about the shell helpers, by layer digest, shared by every
+/// reconcile. Images made from one base (the saved images of many shells) share its big bottom
+/// layer: it is read once, and reconciles asking at the same time wait for that one reading
+/// (seen under load: 20 new Images each streaming the same 120 MB base, 126 s per reconcile).
+#[derive(Debug, Default)]
+pub struct ShellHelperLayers {
+    layers: std::sync::Mutex<std::collections::HashMap<String, LayerAnswer>>,
+}
+
+/// One layer's answer, read by the first reconcile that needs it (the others wait for it).
+type LayerAnswer = std::sync::Arc<tokio::sync::OnceCell<BTreeMap<String, Seen>>>;
+
+/// Layers whose answer is kept (each a few bytes; past this, the map starts again).
+const SHELL_HELPER_LAYERS_KEPT: usize = 4096;
+
+impl ShellHelperLayers {
+    /// The cell of `digest` (made empty when new).
+    fn cell(&self, digest: &str) -> LayerAnswer {
+        let mut layers = match self.layers.lock() {
+            Ok(layers) => layers,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if layers.len() >= SHELL_HELPER_LAYERS_KEPT && !layers.contains_key(digest) {
+            layers.clear();
+        }
+        layers.entry(digest.to_owned()).or_default().clone()
+    }
 }
 
 /// Whether the paths seen (top layer first) give WalT's init mode: both helpers executable in the same
@@ -196,35 +234,46 @@ impl RegistryClient {
     /// `/bin/walt-image-shell-start` and `/bin/walt-image-shell-shutdown` (or in `/usr/bin` behind a
     /// merged-usr `/bin`). Reads the layers' tar headers top layer first (digests checked), stopping as
     /// soon as both are decided; nothing is written to disk.
-    pub async fn has_init_shell_mode(&self, image: &ResolvedImage) -> Result<bool, Error> {
+    pub async fn has_init_shell_mode(
+        &self,
+        image: &ResolvedImage,
+        known: &ShellHelperLayers,
+    ) -> Result<bool, Error> {
         let mut seen = BTreeMap::new();
         for layer in image.layers.iter().rev() {
             let decided = SHELL_HELPER_DIRS.len() * 2;
             if seen.len() == decided {
                 break;
             }
-            let shown = image.pinned_reference();
-            let descriptor = layer.clone();
-            let media_type = layer.media_type.clone();
-            let mut layer_seen = seen.clone();
-            seen = self
-                .with_blob(image, &descriptor, move |blob| {
-                    let reader = decompressor(&media_type, Box::new(blob)).ok_or_else(|| {
-                        Error::UnsupportedMediaType {
-                            reference: shown.clone(),
-                            what: "layer".into(),
-                            media_type: media_type.clone(),
-                        }
-                    })?;
-                    let reader =
-                        reader.map_err(|e| Error::Internal(format!("{shown}: opening a layer: {e}")))?;
-                    scan_layer(reader, &mut layer_seen)
-                        .map_err(|e| Error::Internal(format!("{shown}: reading a layer's tar: {e}")))?;
-                    Ok(layer_seen)
-                })
-                .await?;
+            let says = known
+                .cell(&layer.digest)
+                .get_or_try_init(|| self.read_layer_says(image, layer))
+                .await?
+                .clone();
+            shadow(&mut seen, &says);
         }
         Ok(has_init_helpers(&seen))
+    }
+
+    /// Streams one layer of `image` and reads what it says about the shell helpers.
+    async fn read_layer_says(
+        &self,
+        image: &ResolvedImage,
+        layer: &LayerDescriptor,
+    ) -> Result<BTreeMap<String, Seen>, Error> {
+        let shown = image.pinned_reference();
+        let media_type = layer.media_type.clone();
+        self.with_blob(image, layer, move |blob| {
+            let reader =
+                decompressor(&media_type, Box::new(blob)).ok_or_else(|| Error::UnsupportedMediaType {
+                    reference: shown.clone(),
+                    what: "layer".into(),
+                    media_type: media_type.clone(),
+                })?;
+            let reader = reader.map_err(|e| Error::Internal(format!("{shown}: opening a layer: {e}")))?;
+            layer_says(reader).map_err(|e| Error::Internal(format!("{shown}: reading a layer's tar: {e}")))
+        })
+        .await
     }
 }
 
@@ -244,6 +293,30 @@ mod tests {
                 .expect("append");
         }
         builder.into_inner().expect("finish")
+    }
+
+    #[test]
+    fn a_layer_is_read_once_for_every_image_that_has_it() {
+        let known = ShellHelperLayers::default();
+        let base = known.cell("sha256:base");
+        assert!(
+            std::sync::Arc::ptr_eq(&base, &known.cell("sha256:base")),
+            "one answer per layer"
+        );
+        assert!(!std::sync::Arc::ptr_eq(&base, &known.cell("sha256:top")));
+        let says = layer_says(
+            layer(&[
+                ("bin/walt-image-shell-start", 0o755),
+                ("bin/walt-image-shell-start", 0o644),
+            ])
+            .as_slice(),
+        )
+        .expect("read");
+        assert_eq!(
+            says.get("bin/walt-image-shell-start"),
+            Some(&Seen::Unusable),
+            "the last entry of a path in a layer counts, as unpacking it would"
+        );
     }
 
     fn scan(layers_top_first: &[Vec<u8>]) -> bool {

@@ -66,6 +66,22 @@ pub enum Step<'a> {
     RecordReady(&'a ResolvedImage),
 }
 
+impl Step<'_> {
+    /// The step's name and the digest it is about, for the log (a resolved image's whole
+    /// manifest and config do not belong in every line).
+    pub fn summary(&self) -> String {
+        match self {
+            Step::Resolve => "Resolve".into(),
+            Step::Clone(source) => format!("Clone from {source}"),
+            Step::ReportResolveFailure(error) => format!("ReportResolveFailure: {error}"),
+            Step::FindHolder => "FindHolder".into(),
+            Step::WaitForHolder(holder) => format!("WaitForHolder {holder}"),
+            Step::Squash { resolved, .. } => format!("Squash {}", resolved.digest),
+            Step::RecordReady(resolved) => format!("RecordReady {}", resolved.digest),
+        }
+    }
+}
+
 /// Decides the next step of `image`'s reconcile (pure).
 pub fn decide<'a>(image: &'a Image, observed: &'a Observed) -> Step<'a> {
     let resolved = match &observed.lookup {

@@ -284,7 +284,10 @@ async fn shell_mode(
     if remembered.is_some() {
         return remembered;
     }
-    let mode = match client.has_init_shell_mode(resolved).await {
+    let mode = match client
+        .has_init_shell_mode(resolved, &context.shell_helper_layers)
+        .await
+    {
         Ok(true) => ImageShellMode::Init,
         Ok(false) => ImageShellMode::Basic,
         Err(error) => {
@@ -434,7 +437,7 @@ pub async fn reconcile(mut image: Arc<Image>, context: Arc<Context>) -> Result<A
     let mut cloned = None;
     loop {
         let step = decide(&image, &observed);
-        tracing::debug!(?step, "image step");
+        tracing::debug!(step = step.summary(), "image step");
         match step {
             Step::Resolve => {
                 observed.lookup = Some(client.resolve(&reference, platform.as_ref()).await.into());

@@ -41,6 +41,9 @@ pub struct Context {
     /// Image-shell mode per manifest digest (a digest's layers never change, and many Images share
     /// one digest: their layers are read once).
     pub shell_modes: Mutex<HashMap<String, walt_crds::ImageShellMode>>,
+    /// What each layer says about the image-shell helpers, by layer digest (images of one base
+    /// read it once).
+    pub shell_helper_layers: crate::oci::ShellHelperLayers,
     /// The API server's clock, which session lifetimes follow ([`super::clock`]).
     pub clock: Arc<super::clock::ApiClock>,
     recorder: Recorder,
@@ -84,6 +87,7 @@ impl Context {
             saves: super::save_tasks::SaveTasks::new(config.args.max_concurrent_saves),
             lab_registry: std::sync::OnceLock::new(),
             shell_modes: Mutex::new(HashMap::new()),
+            shell_helper_layers: crate::oci::ShellHelperLayers::default(),
             clock,
             client,
             config,

@@ -218,6 +218,27 @@ async fn a_namespace_token_reaches_its_own_path_and_pulls_the_catalog_and_nothin
         !error.is_not_found(),
         "bob's image must be refused, not hidden: {error}"
     );
+    // A copy of the catalog image into her path mounts its blobs (a token for both repositories),
+    // nothing is uploaded again.
+    let before_copy = registry.log_mark();
+    let copied = alice_client
+        .copy_image(&catalog, &format!("{host}/walt/alice/from-catalog:1"), |_| {})
+        .await
+        .expect("alice copies the catalog image into her path");
+    assert_eq!(copied, catalog_digest);
+    let requests = registry.requests_to("walt/alice/from-catalog/blobs/uploads", before_copy);
+    let mounted = requests
+        .iter()
+        .filter(|line| line.contains("mount=") && line.contains("\" 201 "))
+        .count();
+    let uploaded: Vec<&String> = requests
+        .iter()
+        .filter(|line| line.contains("\"PATCH ") || line.contains("\"PUT "))
+        .collect();
+    assert!(
+        mounted >= 1 && uploaded.is_empty(),
+        "every blob mounted, none uploaded: {requests:#?}"
+    );
     let copy = alice_client
         .copy_image(&catalog, &format!("{host}/walt/bob/secret:1"), |_| {})
         .await;

@@ -878,10 +878,13 @@ impl RegistryClient {
         }
         let source = base.repository_reference();
         if source.resolve_registry() == target.resolve_registry() {
-            match self.inner.mount_blob(target, &source, &layer.digest).await {
-                Ok(()) => return Ok(()),
+            match self.mount_across(target, &source, &layer.digest).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {
+                    tracing::info!(digest = %layer.digest, "blob mount refused; copying the blob");
+                }
                 Err(e) => {
-                    tracing::info!(digest = %layer.digest, error = %e, "blob mount refused; copying the blob");
+                    tracing::info!(digest = %layer.digest, error = %e, "blob mount failed; copying the blob");
                 }
             }
         }

@@ -229,14 +229,14 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
             watcher::Config::default(),
             move |device: Cached<Device>| {
                 let name = device.name_any();
+                // Filtered under the store's lock: no copy of the whole store per event.
                 device_store
-                    .state()
-                    .into_iter()
-                    .filter(move |node| {
+                    .state_filter(|node| {
                         node.0
                             .as_ref()
                             .is_ok_and(|node| node.spec.device.as_deref() == Some(name.as_str()))
                     })
+                    .into_iter()
                     .map(|node| ObjectRef::from_obj(&*node))
                     .collect::<Vec<_>>()
             },
@@ -250,15 +250,14 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
                     return Vec::new();
                 };
                 node_store
-                    .state()
-                    .into_iter()
-                    .filter(|node| {
+                    .state_filter(|node| {
                         let Ok(node) = &node.0 else { return false };
                         node.spec
                             .image
                             .as_deref()
                             .is_some_and(|name| node::boots_image(name, &image_name))
                     })
+                    .into_iter()
                     .map(|node| ObjectRef::from_obj(&*node))
                     .collect::<Vec<_>>()
             },
@@ -270,7 +269,9 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
             error_policy::<Node>("Node"),
             context.clone(),
         );
-    let images = Controller::new(all::<Cached<Image>>(&context), watcher::Config::default())
+    let images = Controller::new(all::<Cached<Image>>(&context), watcher::Config::default());
+    let image_store = images.store();
+    let images = images
         .with_config(controller_config(&context))
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(
@@ -304,25 +305,40 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
     let devices = Controller::new(
         Api::<Cached<Device>>::all(context.client.clone()),
         watcher::Config::default(),
-    )
-    // A Node changed or went away: wake the Device it names (its binding may be stale now).
-    .watches(
-        all::<Cached<Node>>(&context),
-        watcher::Config::default(),
-        |node: Cached<Node>| {
-            node.0
-                .ok()
-                .and_then(|node| node.spec.device)
-                .map(|device| ObjectRef::<Cached<Device>>::new(&device))
-        },
-    )
-    .with_config(controller_config(&context))
-    .graceful_shutdown_on(shutdown.clone().cancelled_owned())
-    .run(
-        |device, context| instrumented("Device", device, context, device::reconcile),
-        error_policy::<Device>("Device"),
-        context.clone(),
     );
+    // The reconciles read these three kinds from the stores the controllers keep anyway, once each has
+    // its first full list (until then from the API server). One Context per run of the controllers
+    // (`cli.rs` makes a new one each time).
+    let caches = shared::caches::Caches {
+        nodes: census_nodes.clone(),
+        images: image_store,
+        devices: devices.store(),
+        scope: context.config.args.watch_namespace.clone(),
+    };
+    let share_caches = async {
+        if caches.ready().await && context.caches.set(caches).is_err() {
+            tracing::warn!("controllers started twice on one context: reads go on from the first caches");
+        }
+    };
+    let devices = devices
+        // A Node changed or went away: wake the Device it names (its binding may be stale now).
+        .watches(
+            all::<Cached<Node>>(&context),
+            watcher::Config::default(),
+            |node: Cached<Node>| {
+                node.0
+                    .ok()
+                    .and_then(|node| node.spec.device)
+                    .map(|device| ObjectRef::<Cached<Device>>::new(&device))
+            },
+        )
+        .with_config(controller_config(&context))
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+        .run(
+            |device, context| instrumented("Device", device, context, device::reconcile),
+            error_policy::<Device>("Device"),
+            context.clone(),
+        );
     let builds = Controller::new(all::<Cached<ImageBuild>>(&context), watcher::Config::default());
     let census_builds = builds.store();
     let builds = builds
@@ -389,6 +405,7 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
         shutdown,
     );
     futures::join!(
+        share_caches,
         census,
         drain("Node", nodes),
         drain("Image", images),

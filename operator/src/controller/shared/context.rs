@@ -43,6 +43,9 @@ pub struct Context {
     pub shell_modes: Mutex<HashMap<String, walt_crds::ImageShellMode>>,
     /// The API server's clock, which session lifetimes follow ([`super::clock`]).
     pub clock: Arc<super::clock::ApiClock>,
+    /// The controllers' watch caches, once they run (until then, and in a context without
+    /// controllers, reads go to the API server).
+    pub caches: std::sync::OnceLock<super::caches::Caches>,
     recorder: Recorder,
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -84,6 +87,7 @@ impl Context {
             saves: super::save_tasks::SaveTasks::new(config.args.max_concurrent_saves),
             lab_registry: std::sync::OnceLock::new(),
             shell_modes: Mutex::new(HashMap::new()),
+            caches: std::sync::OnceLock::new(),
             clock,
             client,
             config,

@@ -6,7 +6,7 @@
 //! - its peak RSS (`VmHWM` of `/proc/PID/status`); issue 17's goal at 10,000 + 10,000 (release build):
 //!   ≤ 120 s and ≤ 256 MiB;
 //! - until then, the API requests of walt's kinds and Events (the API server's `apiserver_request_total`)
-//!   and the CPU seconds of kube-apiserver, etcd and the operator: where the start-up's time goes;
+//!   and the CPU seconds of kube-apiserver, etcd, the registry and the operator: where the start-up's time goes;
 //! - reconciles per minute once idle (from `/metrics`), next to what the requeue intervals predict
 //!   (Nodes every `--probe-interval`, Images every `--resolve-interval`): more would be a hot loop.
 //!
@@ -126,9 +126,9 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0
 }
 
-/// The processes of this cluster named `name` (their command lines name files in its directory).
-fn cluster_pids(cluster: &Cluster, name: &str) -> Vec<u32> {
-    let dir = cluster.dir().display().to_string();
+/// The processes named `name` whose command lines name files in `dir` (this cluster's, this registry's).
+fn pids_of(dir: &std::path::Path, name: &str) -> Vec<u32> {
+    let dir = dir.display().to_string();
     std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
@@ -369,10 +369,13 @@ fn main() {
     // writes at 10,000 + 10,000 (two answers of about 30 MB each, per poll).
     let node_cache = watched(&runtime, nodes.clone());
     let image_cache = watched(&runtime, images.clone());
-    let control_plane: Vec<(&str, Vec<u32>)> = ["kube-apiserver", "etcd"]
-        .into_iter()
-        .map(|name| (name, cluster_pids(&cluster, name)))
-        .collect();
+    let registry_dir = registry.storage_dir();
+    let registry_dir = registry_dir.parent().unwrap_or(&registry_dir);
+    let control_plane: Vec<(&str, Vec<u32>)> = vec![
+        ("kube-apiserver", pids_of(cluster.dir(), "kube-apiserver")),
+        ("etcd", pids_of(cluster.dir(), "etcd")),
+        ("docker-registry", pids_of(registry_dir, "docker-registry")),
+    ];
     let control_plane_cpu = |pids: &[u32]| pids.iter().copied().map(cpu_seconds).sum::<f64>();
     let cpu_before: Vec<f64> = control_plane
         .iter()

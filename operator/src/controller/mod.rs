@@ -214,6 +214,17 @@ fn controller_config(context: &Context) -> kube::runtime::controller::Config {
 /// Runs every controller until `shutdown` is cancelled, then lets running
 /// reconciles finish.
 pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken) {
+    // The Image and Device controllers' stores are the caches Node reconciles read; the watches that wake
+    // those reconciles note what they saw ahead of them (`shared::caches`).
+    let ahead = Arc::new(shared::caches::Ahead::default());
+    let images = Controller::new(all::<Cached<Image>>(&context), watcher::Config::default());
+    let image_store = images.store();
+    let image_cache = image_store.clone();
+    let devices = Controller::new(
+        Api::<Cached<Device>>::all(context.client.clone()),
+        watcher::Config::default(),
+    );
+    let device_cache = devices.store();
     let nodes = Controller::new(all::<Cached<Node>>(&context), watcher::Config::default())
         // Its pod changed (in the tenant's runtime namespace: owner labels, not owner references).
         .watches(runtime_pods(&context), owned_objects(), |pod: Pod| {
@@ -222,12 +233,16 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
     let node_store = nodes.store();
     let device_store = node_store.clone();
     let census_nodes = node_store.clone();
+    let node_cache = node_store.clone();
+    let (device_ahead, image_ahead, node_ahead) = (ahead.clone(), ahead.clone(), ahead.clone());
+    let devices_seen = device_cache.clone();
     let nodes = nodes
         // A Device changed (lent, taken back, bound, unbound): wake the Nodes that name it.
         .watches(
             Api::<Cached<Device>>::all(context.client.clone()),
             watcher::Config::default(),
             move |device: Cached<Device>| {
+                shared::caches::note_seen(&device_ahead, &devices_seen, &device);
                 let name = device.name_any();
                 // Filtered under the store's lock: no copy of the whole store per event.
                 device_store
@@ -246,6 +261,7 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
             all::<Cached<Image>>(&context),
             watcher::Config::default(),
             move |image: Cached<Image>| {
+                shared::caches::note_seen(&image_ahead, &image_cache, &image);
                 let Ok(image_name) = walt_crds::ImageName::from_object_name(&image.name_any()) else {
                     return Vec::new();
                 };
@@ -269,8 +285,6 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
             error_policy::<Node>("Node"),
             context.clone(),
         );
-    let images = Controller::new(all::<Cached<Image>>(&context), watcher::Config::default());
-    let image_store = images.store();
     let images = images
         .with_config(controller_config(&context))
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
@@ -302,18 +316,15 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
             error_policy::<ShellSession>("ShellSession"),
             context.clone(),
         );
-    let devices = Controller::new(
-        Api::<Cached<Device>>::all(context.client.clone()),
-        watcher::Config::default(),
-    );
     // The reconciles read these three kinds from the stores the controllers keep anyway, once each has
     // its first full list (until then from the API server). One Context per run of the controllers
     // (`cli.rs` makes a new one each time).
     let caches = shared::caches::Caches {
         nodes: census_nodes.clone(),
         images: image_store,
-        devices: devices.store(),
+        devices: device_cache,
         scope: context.config.args.watch_namespace.clone(),
+        ahead,
     };
     let share_caches = async {
         if caches.ready().await && context.caches.set(caches).is_err() {
@@ -325,7 +336,8 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
         .watches(
             all::<Cached<Node>>(&context),
             watcher::Config::default(),
-            |node: Cached<Node>| {
+            move |node: Cached<Node>| {
+                shared::caches::note_seen(&node_ahead, &node_cache, &node);
                 node.0
                     .ok()
                     .and_then(|node| node.spec.device)

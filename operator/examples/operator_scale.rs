@@ -5,6 +5,8 @@
 //! - time from its start until every Node has a phase and every Image is `Ready=True`;
 //! - its peak RSS (`VmHWM` of `/proc/PID/status`); issue 17's goal at 10,000 + 10,000 (release build):
 //!   ≤ 120 s and ≤ 256 MiB;
+//! - until then, the API requests of walt's kinds and Events (the API server's `apiserver_request_total`)
+//!   and the CPU seconds of kube-apiserver, etcd, the registry and the operator: where the start-up's time goes;
 //! - reconciles per minute once idle (from `/metrics`), next to what the requeue intervals predict
 //!   (Nodes every `--probe-interval`, Images every `--resolve-interval`): more would be a hot loop.
 //!
@@ -28,7 +30,8 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use futures::StreamExt as _;
 use kube::Api;
-use kube::api::{ListParams, PostParams};
+use kube::api::PostParams;
+use kube::runtime::{WatchStreamExt as _, reflector, watcher};
 use walt_crds::{
     Device, DeviceLoan, DeviceSpec, Image, ImageSpec, Node, NodeSpec, condition_types, find_condition,
 };
@@ -106,6 +109,111 @@ fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .find_map(|line| line.strip_prefix(field))
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// CPU seconds a process has used (user + system, from `/proc/PID/stat`; 0 when it is gone).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |both| {
+        both.iter().filter_map(|field| field.parse::<f64>().ok()).sum()
+    });
+    // The kernel's clock ticks per second (USER_HZ) is 100 on Linux.
+    ticks / 100.0
+}
+
+/// The processes named `name` whose command lines name files in `dir` (this cluster's, this registry's).
+fn pids_of(dir: &std::path::Path, name: &str) -> Vec<u32> {
+    let dir = dir.display().to_string();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            let program = cmdline.split('\0').next().unwrap_or_default();
+            program.ends_with(name) && cmdline.contains(&dir)
+        })
+        .collect()
+}
+
+/// The API server's request counts of walt's kinds and Events, by verb and resource
+/// (`apiserver_request_total` of its `/metrics`, all response codes together).
+fn api_requests(cluster: &Cluster) -> BTreeMap<String, f64> {
+    let metrics = cluster
+        .kubectl_output(&["get", "--raw", "/metrics"])
+        .unwrap_or_default();
+    let mut counts = BTreeMap::new();
+    for line in metrics
+        .lines()
+        .filter(|line| line.starts_with("apiserver_request_total{"))
+    {
+        let Some((labels, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let label = |name: &str| {
+            labels
+                .split_once(&format!("{name}=\""))
+                .and_then(|(_, rest)| rest.split_once('"'))
+                .map_or("", |(value, _)| value)
+        };
+        let resource = label("resource");
+        if !["nodes", "images", "devices", "events"].contains(&resource) {
+            continue;
+        }
+        let subresource = label("subresource");
+        let key = if subresource.is_empty() {
+            format!("{} {resource}", label("verb"))
+        } else {
+            format!("{} {resource}/{subresource}", label("verb"))
+        };
+        *counts.entry(key).or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
+    }
+    counts
+}
+
+/// A store of every `K` of `api`, kept up to date by a watch running on `runtime` (returned once it
+/// has its first full list).
+fn watched<K>(runtime: &tokio::runtime::Runtime, api: Api<K>) -> reflector::Store<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let stream = reflector::reflector(
+        writer,
+        watcher::watcher(api, watcher::Config::default()).default_backoff(),
+    );
+    runtime.spawn(stream.for_each(|_| async {}));
+    runtime
+        .block_on(store.wait_until_ready())
+        .expect("the watch of the benchmark's objects");
+    store
+}
+
+/// Whether the operator has reconciled a Node (its status has conditions).
+fn node_done(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .is_some_and(|status| !status.conditions.is_empty())
+}
+
+/// Whether an Image is `Ready=True`.
+fn image_ready(image: &Image) -> bool {
+    image.status.as_ref().is_some_and(|status| {
+        find_condition(&status.conditions, condition_types::READY).is_some_and(|ready| ready.status == "True")
+    })
 }
 
 fn main() {
@@ -256,36 +364,36 @@ fn main() {
             std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
         );
     println!("operator log: {}", log.display());
+    // What is done is counted from watches of the Nodes and Images, opened (and listed once) before the
+    // operator starts: a LIST of everything every 2 s cost the API server as much as the operator's own
+    // writes at 10,000 + 10,000 (two answers of about 30 MB each, per poll).
+    let node_cache = watched(&runtime, nodes.clone());
+    let image_cache = watched(&runtime, images.clone());
+    let registry_dir = registry.storage_dir();
+    let registry_dir = registry_dir.parent().unwrap_or(&registry_dir);
+    let control_plane: Vec<(&str, Vec<u32>)> = vec![
+        ("kube-apiserver", pids_of(cluster.dir(), "kube-apiserver")),
+        ("etcd", pids_of(cluster.dir(), "etcd")),
+        ("docker-registry", pids_of(registry_dir, "docker-registry")),
+    ];
+    let control_plane_cpu = |pids: &[u32]| pids.iter().copied().map(cpu_seconds).sum::<f64>();
+    let cpu_before: Vec<f64> = control_plane
+        .iter()
+        .map(|(_, pids)| control_plane_cpu(pids))
+        .collect();
+    let requests_before = api_requests(&cluster);
     let started = Instant::now();
     let operator = Daemon::spawn("walt-operator", command, &log, Lifetime::Test).expect("start the operator");
     let pid = operator.pid();
     let mut peak_sampled = 0;
     let all_reconciled = loop {
         peak_sampled = peak_sampled.max(proc_status_kib(pid, "VmRSS:"));
-        let (nodes_done, images_done) = runtime.block_on(async {
-            let node_list = nodes.list(&ListParams::default()).await.expect("list Nodes");
-            let image_list = images.list(&ListParams::default()).await.expect("list Images");
-            let nodes_done = node_list
-                .items
-                .iter()
-                .filter(|node| {
-                    node.status
-                        .as_ref()
-                        .is_some_and(|status| !status.conditions.is_empty())
-                })
-                .count();
-            let images_done = image_list
-                .items
-                .iter()
-                .filter(|image| {
-                    image.status.as_ref().is_some_and(|status| {
-                        find_condition(&status.conditions, condition_types::READY)
-                            .is_some_and(|ready| ready.status == "True")
-                    })
-                })
-                .count();
-            (nodes_done, images_done)
-        });
+        let nodes_done = node_cache.state().iter().filter(|node| node_done(node)).count();
+        let images_done = image_cache
+            .state()
+            .iter()
+            .filter(|image| image_ready(image))
+            .count();
         let elapsed = started.elapsed();
         println!(
             "  {:>5.1} s: {nodes_done}/{} Nodes, {images_done}/{} Images, RSS {} MiB",
@@ -304,6 +412,14 @@ fn main() {
         );
         std::thread::sleep(Duration::from_secs(2));
     };
+    // Where the start-up's work went: the API requests it took and the CPU each process spent.
+    let requests_after = api_requests(&cluster);
+    let startup_cpu: Vec<(&str, f64)> = control_plane
+        .iter()
+        .zip(&cpu_before)
+        .map(|((name, pids), before)| (*name, control_plane_cpu(pids) - before))
+        .chain(std::iter::once(("walt-operator", cpu_seconds(pid))))
+        .collect();
     // Idle: reconciles per window, so a slow tail of startup work shows apart from the steady state.
     let sum = |values: &BTreeMap<String, f64>| values.values().sum::<f64>();
     let first = metrics(http);
@@ -339,6 +455,19 @@ fn main() {
         "  operator peak RSS: {:.1} MiB (goal at 10,000 + 10,000: 256 MiB)",
         peak as f64 / 1024.0
     );
+    println!("  until all reconciled, CPU seconds:");
+    for (name, seconds) in &startup_cpu {
+        println!("    {name}: {seconds:.1}");
+    }
+    println!(
+        "  until all reconciled, API requests (walt's kinds and Events; the benchmark's own polls are the LISTs):"
+    );
+    for (key, after) in &requests_after {
+        let count = after - requests_before.get(key).copied().unwrap_or(0.0);
+        if count > 0.0 {
+            println!("    {key}: {count:.0}");
+        }
+    }
     let mut total = 0.0;
     for (name, value) in &after {
         let rate = (value - before.get(name).copied().unwrap_or(0.0)) / minutes;

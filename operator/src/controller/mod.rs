@@ -226,6 +226,17 @@ fn controller_config(context: &Context) -> kube::runtime::controller::Config {
 /// Runs every controller until `shutdown` is cancelled, then lets running
 /// reconciles finish.
 pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken) {
+    // The Image and Device controllers' stores are the caches Node reconciles read; the watches that wake
+    // those reconciles note what they saw ahead of them (`shared::caches`).
+    let ahead = Arc::new(shared::caches::Ahead::default());
+    let images = Controller::new(all::<Cached<Image>>(&context), watcher::Config::default());
+    let image_store = images.store();
+    let image_cache = image_store.clone();
+    let devices = Controller::new(
+        Api::<Cached<Device>>::all(context.client.clone()),
+        watcher::Config::default(),
+    );
+    let device_cache = devices.store();
     let nodes = Controller::new(all::<Cached<Node>>(&context), watcher::Config::default())
         // Its pod changed (in the tenant's runtime namespace: owner labels, not owner references).
         .watches(runtime_pods(&context), owned_objects(), |pod: Pod| {
@@ -234,21 +245,25 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
     let node_store = nodes.store();
     let device_store = node_store.clone();
     let census_nodes = node_store.clone();
+    let node_cache = node_store.clone();
+    let (device_ahead, image_ahead, node_ahead) = (ahead.clone(), ahead.clone(), ahead.clone());
+    let devices_seen = device_cache.clone();
     let nodes = nodes
         // A Device changed (lent, taken back, bound, unbound): wake the Nodes that name it.
         .watches(
             Api::<Cached<Device>>::all(context.client.clone()),
             watcher::Config::default(),
             move |device: Cached<Device>| {
+                shared::caches::note_seen(&device_ahead, &devices_seen, &device);
                 let name = device.name_any();
+                // Filtered under the store's lock: no copy of the whole store per event.
                 device_store
-                    .state()
-                    .into_iter()
-                    .filter(move |node| {
+                    .state_filter(|node| {
                         node.0
                             .as_ref()
                             .is_ok_and(|node| node.spec.device.as_deref() == Some(name.as_str()))
                     })
+                    .into_iter()
                     .map(|node| ObjectRef::from_obj(&*node))
                     .collect::<Vec<_>>()
             },
@@ -258,19 +273,19 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
             all::<Cached<Image>>(&context),
             watcher::Config::default(),
             move |image: Cached<Image>| {
+                shared::caches::note_seen(&image_ahead, &image_cache, &image);
                 let Ok(image_name) = walt_crds::ImageName::from_object_name(&image.name_any()) else {
                     return Vec::new();
                 };
                 node_store
-                    .state()
-                    .into_iter()
-                    .filter(|node| {
+                    .state_filter(|node| {
                         let Ok(node) = &node.0 else { return false };
                         node.spec
                             .image
                             .as_deref()
                             .is_some_and(|name| node::boots_image(name, &image_name))
                     })
+                    .into_iter()
                     .map(|node| ObjectRef::from_obj(&*node))
                     .collect::<Vec<_>>()
             },
@@ -282,7 +297,7 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
             error_policy::<Node>("Node"),
             context.clone(),
         );
-    let images = Controller::new(all::<Cached<Image>>(&context), watcher::Config::default())
+    let images = images
         .with_config(controller_config(&context))
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(
@@ -313,28 +328,41 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
             error_policy::<ShellSession>("ShellSession"),
             context.clone(),
         );
-    let devices = Controller::new(
-        Api::<Cached<Device>>::all(context.client.clone()),
-        watcher::Config::default(),
-    )
-    // A Node changed or went away: wake the Device it names (its binding may be stale now).
-    .watches(
-        all::<Cached<Node>>(&context),
-        watcher::Config::default(),
-        |node: Cached<Node>| {
-            node.0
-                .ok()
-                .and_then(|node| node.spec.device)
-                .map(|device| ObjectRef::<Cached<Device>>::new(&device))
-        },
-    )
-    .with_config(controller_config(&context))
-    .graceful_shutdown_on(shutdown.clone().cancelled_owned())
-    .run(
-        |device, context| instrumented("Device", device, context, device::reconcile),
-        error_policy::<Device>("Device"),
-        context.clone(),
-    );
+    // The reconciles read these three kinds from the stores the controllers keep anyway, once each has
+    // its first full list (until then from the API server). One Context per run of the controllers
+    // (`cli.rs` makes a new one each time).
+    let caches = shared::caches::Caches {
+        nodes: census_nodes.clone(),
+        images: image_store,
+        devices: device_cache,
+        scope: context.config.args.watch_namespace.clone(),
+        ahead,
+    };
+    let share_caches = async {
+        if caches.ready().await && context.caches.set(caches).is_err() {
+            tracing::warn!("controllers started twice on one context: reads go on from the first caches");
+        }
+    };
+    let devices = devices
+        // A Node changed or went away: wake the Device it names (its binding may be stale now).
+        .watches(
+            all::<Cached<Node>>(&context),
+            watcher::Config::default(),
+            move |node: Cached<Node>| {
+                shared::caches::note_seen(&node_ahead, &node_cache, &node);
+                node.0
+                    .ok()
+                    .and_then(|node| node.spec.device)
+                    .map(|device| ObjectRef::<Cached<Device>>::new(&device))
+            },
+        )
+        .with_config(controller_config(&context))
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+        .run(
+            |device, context| instrumented("Device", device, context, device::reconcile),
+            error_policy::<Device>("Device"),
+            context.clone(),
+        );
     let builds = Controller::new(all::<Cached<ImageBuild>>(&context), watcher::Config::default());
     let census_builds = builds.store();
     let builds = builds
@@ -401,6 +429,7 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
         shutdown,
     );
     futures::join!(
+        share_caches,
         census,
         drain("Node", nodes),
         drain("Image", images),

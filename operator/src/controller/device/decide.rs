@@ -77,6 +77,14 @@ pub fn decide(device: &Device, holder: Option<&Node>) -> Step {
     }
 }
 
+/// Whether the watch cache's copy of the Node a binding names (`cached`, `None` when the cache does not
+/// have it) is enough to keep the binding (pure): only a [`Step::Keep`] is taken from the cache. A cache
+/// may lag behind the API server (a Node just created, bound and not seen yet), so a release is decided
+/// on the API server's answer alone.
+pub fn kept_by_cache(device: &Device, cached: Option<&Node>) -> bool {
+    cached.is_some() && decide(device, cached) == Step::Keep
+}
+
 /// How the Node a binding names relates to it.
 enum Holds {
     /// It is the bound Node, alive, naming the device.
@@ -168,6 +176,20 @@ mod tests {
         assert_eq!(decide(&bound, Some(&n1)), Step::Keep);
         assert_eq!(decide(&device(Some("alice"), None), None), Step::Keep);
         assert_eq!(decide(&device(None, None), None), Step::Keep);
+    }
+
+    #[test]
+    fn only_a_binding_the_cached_node_holds_is_decided_from_the_cache() {
+        let bound = device(Some("alice"), Some(("alice", "n1", "u1")));
+        assert!(kept_by_cache(&bound, Some(&node("alice", "n1", "u1", "pi1"))));
+        assert!(
+            !kept_by_cache(&bound, None),
+            "not in the cache: the API server is asked"
+        );
+        assert!(
+            !kept_by_cache(&bound, Some(&node("alice", "n1", "u2", "pi1"))),
+            "a release is the API server's answer"
+        );
     }
 
     #[test]

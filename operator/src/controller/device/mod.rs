@@ -18,19 +18,28 @@ use walt_crds::{Device, Node};
 pub mod decide;
 pub mod reasons;
 
-use self::decide::{Release, Step, binding_in_scope, decide};
+use self::decide::{Release, Step, binding_in_scope, decide, kept_by_cache};
 use crate::controller::shared::context::Context;
 use crate::controller::shared::error::{Error, Result};
 
 /// How often a Device whose binding holds is looked at again (Node events wake it sooner).
 const RECHECK: Duration = Duration::from_mins(10);
 
-/// Reconciles one Device.
+/// Reconciles one Device. The Node its binding names is read from the watch cache
+/// ([`crate::controller::shared::caches`]; a Node change reaches this reconcile on every Node write): a
+/// binding the cached Node holds is kept without asking the API server; a release is decided only on
+/// the API server's answer (a cache behind a new Node never releases its binding).
 pub async fn reconcile(device: Arc<Device>, context: Arc<Context>) -> Result<Action> {
     let scope = context.config.args.watch_namespace.as_deref();
     let Some(binding) = binding_in_scope(&device, scope) else {
         return Ok(Action::await_change());
     };
+    if let Some(caches) = context.caches.get() {
+        let cached = caches.node(&binding.namespace, &binding.node);
+        if kept_by_cache(&device, cached.as_ref()) {
+            return Ok(Action::requeue(RECHECK));
+        }
+    }
     let holder = Api::<Node>::namespaced(context.client.clone(), &binding.namespace)
         .get_opt(&binding.node)
         .await

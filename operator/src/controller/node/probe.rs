@@ -18,7 +18,7 @@ use crate::boot::state::BootRecord;
 use crate::controller::shared::context::Context;
 use crate::controller::shared::error::{Error, Result};
 use crate::controller::shared::node_access::{
-    Claim, NoRoute, binds, claim, client_config, node_device, node_target, ssh_reason,
+    Claim, NoRoute, binds, claim, client_config, node_device_cached, node_target, ssh_reason,
 };
 use crate::ssh::{NodeClient, NodeTarget, SshError};
 
@@ -204,7 +204,7 @@ async fn holder_alive(context: &Context, binding: &DeviceBinding) -> Result<bool
 /// the Device's resourceVersion: of two Nodes claiming at once, one wins, the other retries and is
 /// refused); or why the operator must not reach it for this Node.
 pub(super) async fn claim_device(context: &Context, node: &Node) -> Result<Result<Device, NoRoute>> {
-    let device = node_device(&context.client, node).await?;
+    let device = node_device_cached(context, node).await?;
     let holder_alive = match device.as_ref().and_then(Device::bound_to) {
         Some(binding) if !binds(binding, node) => holder_alive(context, binding).await?,
         _ => false,
@@ -226,11 +226,14 @@ pub(super) async fn claim_device(context: &Context, node: &Node) -> Result<Resul
         device = Api::<Device>::all(context.client.clone())
             .replace_status(&name, &PostParams::default(), &device)
             .await
-            .map_err(|source| {
-                Error::kube(
+            .map_err(|source| match source {
+                // The Device changed since it was read (another Node bound it, or the cache was
+                // behind): decided again on its current version.
+                kube::Error::Api(response) if response.code == 409 => Error::Stale(format!("Device {name}")),
+                source => Error::kube(
                     format!("binding the Device {name} to Node {}", node.name_any()),
                     source,
-                )
+                ),
             })?;
         context
             .event(
@@ -268,8 +271,7 @@ pub(super) async fn refuse(
         refused.reason(),
         refused.to_string(),
     );
-    let nodes: Api<Node> = Api::namespaced(context.client.clone(), &node.namespace().unwrap_or_default());
-    context.apply_status_of(&nodes, node, &status).await?;
+    super::write_status(context, node, &status).await?;
     context
         .event(
             node,
@@ -308,8 +310,7 @@ async fn apply(
     if decision.effects.contains(&Effect::Reboot) {
         super::record_reboot(context, node, &decision.status).await?;
     } else {
-        let nodes: Api<Node> = Api::namespaced(context.client.clone(), &node.namespace().unwrap_or_default());
-        context.apply_status_of(&nodes, node, &decision.status).await?;
+        super::write_status(context, node, &decision.status).await?;
     }
     for effect in decision.effects {
         match effect {

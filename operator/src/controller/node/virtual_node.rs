@@ -236,10 +236,9 @@ pub async fn reconcile(
     status: NodeStatus,
 ) -> Result<Action> {
     let namespace = node.namespace().unwrap_or_default();
-    let nodes: Api<Node> = Api::namespaced(context.client.clone(), &namespace);
     let Some(target) = target else {
         let status = waiting_for_image(node, status, Timestamp::now());
-        context.apply_status_of(&nodes, node, &status).await?;
+        super::write_status(context, node, &status).await?;
         return Ok(Action::requeue(Duration::from_mins(1)));
     };
     // Registry paths are per tenant: the pod pulls only the namespace's own or the catalog's images.
@@ -315,9 +314,7 @@ pub async fn reconcile(
         cluster_node.as_ref(),
         Timestamp::now(),
     );
-    context
-        .apply_status_of(&nodes, marked.as_ref().unwrap_or(node), &status)
-        .await?;
+    super::write_status(context, marked.as_ref().unwrap_or(node), &status).await?;
     Ok(Action::requeue(requeue))
 }
 
@@ -334,8 +331,7 @@ pub(super) async fn refuse(
         .status
         .as_ref()
         .is_some_and(|old| old.conditions == status.conditions);
-    let nodes: Api<Node> = Api::namespaced(context.client.clone(), &node.namespace().unwrap_or_default());
-    context.apply_status_of(&nodes, node, status).await?;
+    super::write_status(context, node, status).await?;
     if !told {
         context
             .event(node, EventType::Warning, reason, "Boot", message)

@@ -46,6 +46,9 @@ pub struct Context {
     pub shell_helper_layers: crate::oci::ShellHelperLayers,
     /// The API server's clock, which session lifetimes follow ([`super::clock`]).
     pub clock: Arc<super::clock::ApiClock>,
+    /// The controllers' watch caches, once they run (until then, and in a context without
+    /// controllers, reads go to the API server).
+    pub caches: std::sync::OnceLock<super::caches::Caches>,
     recorder: Recorder,
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -88,6 +91,7 @@ impl Context {
             lab_registry: std::sync::OnceLock::new(),
             shell_modes: Mutex::new(HashMap::new()),
             shell_helper_layers: crate::oci::ShellHelperLayers::default(),
+            caches: std::sync::OnceLock::new(),
             clock,
             client,
             config,

@@ -6,6 +6,31 @@ use kube::Api;
 use super::context::Context;
 use super::error::{Error, Result};
 
+/// [`find_image`], read from the watch cache first ([`super::caches`]): what the cache has is the
+/// answer; what it does not have (an Image not created yet, or in a namespace this operator does not
+/// watch) is asked from the API server. For the Node controller, which reads an Image on every probe.
+pub async fn find_image_cached(
+    context: &Context,
+    namespace: &str,
+    image_name: &str,
+) -> Result<Option<(walt_crds::Image, bool)>> {
+    if let Some(caches) = context.caches.get() {
+        let object = walt_crds::ImageName::parse(image_name)
+            .map_err(|error| Error::Invalid(error.to_string()))?
+            .object_name();
+        if let Some(image) = caches.image(namespace, &object) {
+            return Ok(Some((image, false)));
+        }
+        let catalog_namespace = &context.config.args.catalog_namespace;
+        if catalog_namespace != namespace
+            && let Some(image) = caches.image(catalog_namespace, &object)
+        {
+            return Ok(Some((image, true)));
+        }
+    }
+    find_image(context, namespace, image_name).await
+}
+
 /// Finds the Image an image name (`name[:tag]`) means for objects of
 /// `namespace`: that namespace's Image first, else the shared catalog's
 /// (read-only: the operator never writes catalog Images on a tenant's

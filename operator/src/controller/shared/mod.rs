@@ -1,5 +1,5 @@
 //! What every kind folder shares, and the only module they import from each other's neighbourhood:
-//! how watched objects are cached ([`cached`]), the [`context::Context`] (client, config, events, apply helpers), the one [`error::Error`], status
+//! how watched objects are cached ([`cached`]) and read back ([`caches`]), the [`context::Context`] (client, config, events, apply helpers), the one [`error::Error`], status
 //! conditions, which node addresses are acceptable ([`address`]), how to reach a node ([`node_access`]), the lab registry ([`registry`]), the image lock
 //! ([`lock`]), lookups ([`lookup`]), the running saves ([`save_tasks`]), session lifetimes
 //! ([`session`]), pod pieces and walt's runtime pods ([`pods`]), the tenant's runtime namespace
@@ -8,6 +8,7 @@
 
 pub mod address;
 pub mod cached;
+pub mod caches;
 pub mod clock;
 pub mod context;
 pub mod error;

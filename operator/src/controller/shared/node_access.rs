@@ -343,6 +343,21 @@ pub async fn node_device(client: &Client, node: &Node) -> Result<Option<Device>>
         .map_err(|source| Error::kube(format!("reading the Device {name}"), source))
 }
 
+/// [`node_device`], read from the watch cache first ([`super::caches`]; a Device it does not have is
+/// asked from the API server): for the probe, which runs for every physical Node every
+/// `--probe-interval`. A binding written on what the cache had is conditional on its version.
+pub async fn node_device_cached(context: &Context, node: &Node) -> Result<Option<Device>> {
+    let Some(name) = node.spec.device.as_deref() else {
+        return Ok(None);
+    };
+    if let Some(caches) = context.caches.get()
+        && let Some(device) = caches.device(name)
+    {
+        return Ok(Some(device));
+    }
+    node_device(&context.client, node).await
+}
+
 /// The pod named for a virtual node in its tenant's runtime namespace, whoever made it
 /// ([`node_target`] reaches it only when the Node owns it, see [`owned_by`], and says so otherwise);
 /// none for a physical node, or while it does not exist.

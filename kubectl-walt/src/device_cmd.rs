@@ -571,18 +571,25 @@ mod tests {
     }
 
     #[test]
-    fn a_device_whose_mac_is_shared_says_it_is_not_booted() {
-        let mut shared = device(Some("alice"), None);
-        shared.status.get_or_insert_with(Default::default).conditions = vec![walt_crds::new_condition(
-            walt_crds::MAC_CONFLICT_CONDITION,
-            walt_crds::ConditionStatus::True,
-            "SharedMac",
-            "shared",
-            None,
-            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
-        )];
-        let table = lent_rows(&[shared], "alice", &[], false);
+    fn a_device_whose_mac_or_address_is_shared_says_it_is_not_booted() {
+        let shared = |type_: &str| {
+            let mut shared = device(Some("alice"), None);
+            shared.status.get_or_insert_with(Default::default).conditions = vec![walt_crds::new_condition(
+                type_,
+                walt_crds::ConditionStatus::True,
+                "Shared",
+                "shared",
+                None,
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+                ),
+            )];
+            lent_rows(&[shared], "alice", &[], false)
+        };
+        let table = shared(walt_crds::MAC_CONFLICT_CONDITION);
         assert!(table.contains("(MAC shared: not booted)"), "{table}");
+        let table = shared(walt_crds::ADDRESS_CONFLICT_CONDITION);
+        assert!(table.contains("(address shared: not booted)"), "{table}");
     }
 
     #[test]

@@ -1600,6 +1600,8 @@ fn the_boot_service_may_only_record_unregistered_devices() {
         ("ClusterRoleBinding", "walt-boot"),
         ("ValidatingAdmissionPolicy", "walt-boot-records-only"),
         ("ValidatingAdmissionPolicyBinding", "walt-boot-records-only"),
+        ("Role", "walt-boot-host-keys"),
+        ("RoleBinding", "walt-boot-host-keys"),
     ];
     let items: Vec<serde_json::Value> = docs
         .into_iter()
@@ -1693,6 +1695,29 @@ fn the_boot_service_may_only_record_unregistered_devices() {
     cluster
         .kubectl_output(&["delete", "devices.walt.dev", &name])
         .expect("clean up");
+    // The Devices' host keys: Secrets read in the release namespace, written nowhere, read nowhere
+    // else.
+    let can = |args: &[&str]| {
+        let out = cluster
+            .kubectl()
+            .args(["auth", "can-i", boot])
+            .args(args)
+            .output()
+            .expect("kubectl auth can-i");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    for verb in ["get", "list", "watch"] {
+        assert_eq!(can(&[verb, "secrets", "-n", "walt-system"]), "yes", "{verb}");
+    }
+    for args in [
+        &["create", "secrets", "-n", "walt-system"][..],
+        &["patch", "secrets", "-n", "walt-system"],
+        &["delete", "secrets", "-n", "walt-system"],
+        &["list", "secrets", "-n", "default"],
+        &["get", "secrets", "-A"],
+    ] {
+        assert_eq!(can(args), "no", "{args:?}");
+    }
 }
 
 /// Where the device's SSH host key comes from in an [`OperatorLab`].

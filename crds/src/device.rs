@@ -136,6 +136,24 @@ pub const DISCOVERED_LABEL: &str = "walt.dev/discovered";
 /// only one.
 pub const MAC_CONFLICT_CONDITION: &str = "MacConflict";
 
+/// The label of the Secrets holding the SSH host keys walt made for network-booted Devices (value
+/// `true`), in the operator's namespace; each is owned by its Device (owner reference: name and uid).
+pub const HOST_KEY_LABEL: &str = "walt.dev/device-host-key";
+
+/// Longest name of a Kubernetes object such as a Secret (a DNS subdomain).
+const MAX_OBJECT_NAME_LEN: usize = 253;
+
+/// The name of the Secret holding the SSH host key walt made for the Device `device` (pure):
+/// `walt-hostkey-<device>`, shortened with a hash when longer than an object name may be.
+pub fn host_key_secret_name(device: &str) -> String {
+    crate::runtime::prefixed_within("walt-hostkey-", device, MAX_OBJECT_NAME_LEN)
+}
+
+/// The condition a boot service sets on the network-booted Devices of its lab network that claim
+/// the same address: `True` while another Device there claims it (the boot service serves neither),
+/// `False` once it is the only one.
+pub const ADDRESS_CONFLICT_CONDITION: &str = "AddressConflict";
+
 /// The observed state of a Device: the Node bound to it, and what the boot service saw of it.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -149,8 +167,17 @@ pub struct DeviceStatus {
     /// recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub discovered: Option<DeviceDiscovery>,
+    /// The SSH host key walt made for this network-booted device (one OpenSSH public key line,
+    /// written by the operator): its private half is in the Secret `walt-hostkey-<device>` of the
+    /// operator's namespace, and the boot service serves both in the device's top layer
+    /// (`/etc/ssh/ssh_host_ed25519_key`), so the device answers with it and the operator enforces it
+    /// on every connection. Unset when `spec.hostKey` pins another key (the device keeps its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::schema::public_key")]
+    pub host_key: Option<String>,
     /// Standard conditions: `MacConflict` (written by the boot service: another Device claims the
-    /// same MAC address, so neither is served).
+    /// same MAC address, so neither is served), `AddressConflict` (another network-booted Device of
+    /// the same boot network claims the same address, so neither is served).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::schema::conditions")]
     pub conditions: Vec<Condition>,
@@ -217,14 +244,30 @@ impl Device {
         self.spec.address.is_some()
     }
 
+    /// The device's condition of type `type_`, if any.
+    pub fn condition(&self, type_: &str) -> Option<&Condition> {
+        self.status
+            .as_ref()
+            .and_then(|status| status.conditions.iter().find(|c| c.type_ == type_))
+    }
+
     /// The device's `MacConflict` condition, if any.
     pub fn mac_conflict(&self) -> Option<&Condition> {
-        self.status.as_ref().and_then(|status| {
-            status
-                .conditions
-                .iter()
-                .find(|c| c.type_ == MAC_CONFLICT_CONDITION)
-        })
+        self.condition(MAC_CONFLICT_CONDITION)
+    }
+
+    /// The device's `AddressConflict` condition, if any.
+    pub fn address_conflict(&self) -> Option<&Condition> {
+        self.condition(ADDRESS_CONFLICT_CONDITION)
+    }
+
+    /// The host key the operator enforces on the device (pure): the one a lab admin pinned
+    /// (`spec.hostKey`), else the one walt made for it and serves it at boot (`status.hostKey`).
+    pub fn enforced_host_key(&self) -> Option<&str> {
+        self.spec
+            .host_key
+            .as_deref()
+            .or_else(|| self.status.as_ref().and_then(|s| s.host_key.as_deref()))
     }
 
     /// The Node bound to the device, if any (stale or not).

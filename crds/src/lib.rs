@@ -27,8 +27,8 @@ pub use common::{
     format_duration, is_condition_true, new_condition, remove_condition, set_condition, short_digest,
 };
 pub use device::{
-    DISCOVERED_LABEL, Device, DeviceBinding, DeviceDiscovery, DeviceLoan, DeviceSpec, DeviceStatus, Firmware,
-    MAC_CONFLICT_CONDITION,
+    ADDRESS_CONFLICT_CONDITION, DISCOVERED_LABEL, Device, DeviceBinding, DeviceDiscovery, DeviceLoan,
+    DeviceSpec, DeviceStatus, Firmware, HOST_KEY_LABEL, MAC_CONFLICT_CONDITION, host_key_secret_name,
 };
 pub use image::{CloneProgress, Image, ImageShellMode, ImageSpec, ImageStatus, Platform};
 pub use image_build::{

@@ -34,11 +34,18 @@ const HASH_LEN: usize = 10;
 /// digits of the SHA-256 of the whole tenant name (two tenants then share a runtime namespace only
 /// if they share those characters and 40 bits of hash).
 pub fn runtime_namespace(tenant: &str) -> String {
-    let whole = format!("{RUNTIME_NAMESPACE_PREFIX}{tenant}");
-    if whole.len() <= MAX_NAMESPACE_LEN {
+    prefixed_within(RUNTIME_NAMESPACE_PREFIX, tenant, MAX_NAMESPACE_LEN)
+}
+
+/// `<prefix><name>` when it fits in `max` characters; else the prefix, the name's first
+/// characters, `-` and the first 10 hex digits of the SHA-256 of the whole name, `max` long (pure:
+/// two names then share the result only if they share those characters and 40 bits of hash).
+pub(crate) fn prefixed_within(prefix: &str, name: &str, max: usize) -> String {
+    let whole = format!("{prefix}{name}");
+    if whole.len() <= max {
         return whole;
     }
-    let hash = Sha256::digest(tenant.as_bytes());
+    let hash = Sha256::digest(name.as_bytes());
     let hex = hash
         .iter()
         .take(HASH_LEN / 2)
@@ -46,10 +53,11 @@ pub fn runtime_namespace(tenant: &str) -> String {
             let _ = write!(hex, "{byte:02x}");
             hex
         });
-    let keep = MAX_NAMESPACE_LEN - RUNTIME_NAMESPACE_PREFIX.len() - 1 - HASH_LEN;
-    // Namespace names are ASCII: byte and character counts agree.
-    let head: String = tenant.chars().take(keep).collect();
-    format!("{RUNTIME_NAMESPACE_PREFIX}{head}-{hex}")
+    let keep = max.saturating_sub(prefix.len() + 1 + HASH_LEN);
+    // Object names are ASCII: byte and character counts agree. A cut ending on `.` would start a
+    // DNS label with `-`: the dots are dropped (namespace names have none, so theirs never change).
+    let head: String = name.chars().take(keep).collect();
+    format!("{prefix}{}-{hex}", head.trim_end_matches('.'))
 }
 
 /// Whether `namespace` is named like a runtime namespace (pure). walt serves no tenant there: a
@@ -95,6 +103,16 @@ mod tests {
                 "{namespace} is not an RFC 1123 label"
             );
         }
+    }
+
+    #[test]
+    fn a_long_device_name_gives_a_secret_name_that_is_a_dns_subdomain() {
+        assert_eq!(crate::host_key_secret_name("pc-01"), "walt-hostkey-pc-01");
+        let long = format!("{}.{}", "a".repeat(228), "b".repeat(30));
+        let name = crate::host_key_secret_name(&long);
+        assert_eq!(name.len(), 253 - 1, "{name}: the cut's dot dropped");
+        assert!(!name.contains(".-"), "{name}");
+        assert_eq!(name, crate::host_key_secret_name(&long), "stable");
     }
 
     #[test]

@@ -83,6 +83,10 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                 .await
                 .map(|()| 0)
         }
+        Command::Device(DeviceCommand::Show { device, output }) => {
+            let ctx = Ctx::connect(&cli.global).await?;
+            device_cmd::show(&ctx, &device, output.format).await.map(|()| 0)
+        }
         Command::Device(DeviceCommand::Register {
             device,
             address,

@@ -149,6 +149,24 @@ Examples:
         #[command(flatten)]
         output: OutputArgs,
     },
+    /// Show a device: address, MAC, firmware, boot network, loan, binding, the fingerprint of the
+    /// host key the operator enforces, conditions and Events.
+    #[command(
+        long_about = "Show DEVICE: where it is (address, MAC, firmware, boot network), whom it is lent to and\n\
+                      the node bound to it, the SSH host key the operator enforces on it (its SHA256 fingerprint,\n\
+                      as `ssh-keygen -lf` prints it; a network-booted device gets one walt makes and serves it at\n\
+                      every boot), its conditions (MacConflict, AddressConflict) and its Events.",
+        after_help = "\
+Examples:
+  kubectl walt device show rpi3-01
+  kubectl walt device show rpi3-01 -o yaml"
+    )]
+    Show {
+        /// The device.
+        device: String,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
     /// Lab admins: register a device the boot service recorded (give it an address, a model, a name,
     /// and lend it).
     #[command(

@@ -1,9 +1,9 @@
-//! Tables and `show` pages for nodes and images (pure: objects in, text out).
+//! Tables and `show` pages for nodes, images and devices (pure: objects in, text out).
 
 use std::fmt::Write as _;
 
 use k8s_openapi::api::core::v1::Event;
-use walt_crds::{Condition, Image, ImageShellMode, Node, NodePhase};
+use walt_crds::{Condition, Device, Image, ImageShellMode, Node, NodePhase};
 
 use crate::cli::OutputFormat;
 use crate::format::{Table, age_since, bytes, short_digest};
@@ -209,6 +209,92 @@ pub fn node_page(node: &Node, events: &[Event]) -> String {
     out
 }
 
+/// The SHA-256 fingerprint of an OpenSSH public key line, as OpenSSH prints it (`SHA256:…`); the
+/// line shortened when it does not parse.
+pub fn key_fingerprint(line: &str) -> String {
+    russh::keys::PublicKey::from_openssh(line.trim()).map_or_else(
+        |_| abbreviate_key(line),
+        |key| key.fingerprint(russh::keys::HashAlg::Sha256).to_string(),
+    )
+}
+
+/// The host key the operator enforces on a device, as `device show` says it (pure): its
+/// fingerprint and where it comes from.
+pub fn device_host_key(device: &Device) -> String {
+    let made = device.status.as_ref().and_then(|s| s.host_key.as_deref());
+    match (device.spec.host_key.as_deref(), made) {
+        (Some(pinned), _) => format!("{} (pinned by the lab: spec.hostKey)", key_fingerprint(pinned)),
+        (None, Some(made)) => format!(
+            "{} (made by walt, served at every network boot: Secret {} in the operator's namespace)",
+            key_fingerprint(made),
+            walt_crds::host_key_secret_name(&name_of(device))
+        ),
+        (None, None) if device.spec.firmware.is_some() => {
+            "- (not made yet: the operator makes one for a network-booted device)".into()
+        }
+        (None, None) => "- (none pinned: the first key seen is recorded on the Node)".into(),
+    }
+}
+
+/// `device show` as a page.
+pub fn device_page(device: &Device, events: &[Event]) -> String {
+    let mut out = String::new();
+    let status = device.status.clone().unwrap_or_default();
+    let line = |out: &mut String, key: &str, value: String| {
+        let _ = writeln!(out, "{:<14}{value}", format!("{key}:"));
+    };
+    let or_dash = |value: Option<String>| value.unwrap_or_else(|| "-".into());
+    line(&mut out, "Name", name_of(device));
+    line(&mut out, "Model", device.spec.model.clone());
+    line(
+        &mut out,
+        "Address",
+        device.spec.address.as_ref().map_or_else(
+            || "(unregistered)".into(),
+            |address| format!("{address}:{}", device.spec.ssh_port),
+        ),
+    );
+    line(&mut out, "MAC", or_dash(device.spec.mac.clone()));
+    line(
+        &mut out,
+        "Firmware",
+        or_dash(device.spec.firmware.and_then(|f| {
+            serde_json::to_value(f)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+        })),
+    );
+    line(
+        &mut out,
+        "Boot network",
+        device
+            .spec
+            .boot_network
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+    );
+    line(&mut out, "Lent to", or_dash(device.lent_to().map(str::to_owned)));
+    line(
+        &mut out,
+        "Bound to",
+        or_dash(
+            status
+                .bound_to
+                .as_ref()
+                .map(|b| format!("{}/{}", b.namespace, b.node)),
+        ),
+    );
+    line(&mut out, "Host key", device_host_key(device));
+    line(
+        &mut out,
+        "Age",
+        age_since(device.metadata.creation_timestamp.as_ref()),
+    );
+    conditions_section(&mut out, &status.conditions);
+    events_section(&mut out, events);
+    out
+}
+
 /// `image ls` as a table. `usage` gives the number of nodes booting each image.
 pub fn image_table(images: &[Image], usage: &dyn Fn(&Image) -> usize, format: OutputFormat) -> String {
     let wide = format == OutputFormat::Wide;
@@ -405,6 +491,44 @@ fn abbreviate_key(key: &str) -> String {
 mod tests {
     use super::*;
     use walt_crds::{ImageDigestRef, ImageSpec, ImageStatus, NodeSpec, NodeStatus, Platform, VirtualNode};
+
+    #[test]
+    fn device_show_names_the_enforced_host_key_by_fingerprint_and_origin() {
+        let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3aLq454yWBdwLWbieU1ebz9/cu7/QEXn9OIeZJ pc1";
+        let mut device = Device::new(
+            "pc1",
+            walt_crds::DeviceSpec {
+                address: Some("10.0.0.11".into()),
+                ssh_port: 22,
+                model: "pc-x86-64".into(),
+                mac: Some("52:54:00:00:00:01".into()),
+                firmware: Some(walt_crds::Firmware::Ipxe),
+                ..walt_crds::DeviceSpec::default()
+            },
+        );
+        assert!(device_host_key(&device).contains("not made yet"));
+        device.status = Some(walt_crds::DeviceStatus {
+            host_key: Some(key.into()),
+            ..walt_crds::DeviceStatus::default()
+        });
+        let page = device_page(&device, &[]);
+        let fingerprint = key_fingerprint(key);
+        assert!(
+            fingerprint.starts_with("SHA256:") && fingerprint.len() > 40,
+            "{fingerprint}"
+        );
+        assert!(
+            page.contains(&format!("Host key:     {fingerprint} (made by walt"))
+                && page.contains("walt-hostkey-pc1"),
+            "{page}"
+        );
+        assert!(
+            page.contains("Firmware:     ipxe") && page.contains("Boot network: default"),
+            "{page}"
+        );
+        device.spec.host_key = Some(key.into());
+        assert!(device_host_key(&device).ends_with("(pinned by the lab: spec.hostKey)"));
+    }
 
     #[test]
     fn a_node_is_ready_once_the_operator_acted_on_what_was_asked() {

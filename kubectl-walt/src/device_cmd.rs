@@ -51,10 +51,12 @@ pub fn lent_rows(devices: &[Device], namespace: &str, nodes: &[Node], all: bool)
         } else {
             "-".into()
         };
-        let address = match (&device.spec.address, device.mac_conflict()) {
-            (None, _) => "(unregistered)".to_owned(),
-            (Some(_), Some(conflict)) if conflict.status == "True" => "(MAC shared: not booted)".to_owned(),
-            (Some(address), _) => format!("{address}:{}", device.spec.ssh_port),
+        let shared = |condition: Option<&walt_crds::Condition>| condition.is_some_and(|c| c.status == "True");
+        let address = match &device.spec.address {
+            None => "(unregistered)".to_owned(),
+            Some(_) if shared(device.mac_conflict()) => "(MAC shared: not booted)".to_owned(),
+            Some(_) if shared(device.address_conflict()) => "(address shared: not booted)".to_owned(),
+            Some(address) => format!("{address}:{}", device.spec.ssh_port),
         };
         let mut row = vec![device.name_any(), device.spec.model.clone(), address, node];
         if all {
@@ -265,6 +267,22 @@ pub async fn ls(ctx: &Ctx, all: bool, unregistered: bool, format: OutputFormat) 
                 .collect();
             print!("{}", serialize_objects(&shown, format, false)?);
         }
+    }
+    Ok(())
+}
+
+/// `device show DEVICE`: what the lab says of it, the host key the operator enforces (fingerprint),
+/// its conditions and Events.
+pub async fn show(ctx: &Ctx, name: &str, format: OutputFormat) -> Result<()> {
+    let device = get_device(ctx, name).await?;
+    match format {
+        OutputFormat::Table | OutputFormat::Wide => {
+            let uid = device.metadata.uid.clone().unwrap_or_default();
+            // A cluster-scoped object's Events are in the namespace `default`.
+            let events = ctx.events_in("default", &uid).await;
+            print!("{}", crate::describe::device_page(&device, &events));
+        }
+        _ => print!("{}", serialize_objects(&[device], format, true)?),
     }
     Ok(())
 }
@@ -558,18 +576,25 @@ mod tests {
     }
 
     #[test]
-    fn a_device_whose_mac_is_shared_says_it_is_not_booted() {
-        let mut shared = device(Some("alice"), None);
-        shared.status.get_or_insert_with(Default::default).conditions = vec![walt_crds::new_condition(
-            walt_crds::MAC_CONFLICT_CONDITION,
-            walt_crds::ConditionStatus::True,
-            "SharedMac",
-            "shared",
-            None,
-            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
-        )];
-        let table = lent_rows(&[shared], "alice", &[], false);
+    fn a_device_whose_mac_or_address_is_shared_says_it_is_not_booted() {
+        let shared = |type_: &str| {
+            let mut shared = device(Some("alice"), None);
+            shared.status.get_or_insert_with(Default::default).conditions = vec![walt_crds::new_condition(
+                type_,
+                walt_crds::ConditionStatus::True,
+                "Shared",
+                "shared",
+                None,
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+                ),
+            )];
+            lent_rows(&[shared], "alice", &[], false)
+        };
+        let table = shared(walt_crds::MAC_CONFLICT_CONDITION);
         assert!(table.contains("(MAC shared: not booted)"), "{table}");
+        let table = shared(walt_crds::ADDRESS_CONFLICT_CONDITION);
+        assert!(table.contains("(address shared: not booted)"), "{table}");
     }
 
     #[test]

@@ -315,6 +315,7 @@ The physical devices (Raspberry Pis, PCs…) are the lab's. Lab admins register 
 type an address: you use a device lent to your namespace by acquiring it, which makes a node of it.
 
   kubectl walt device ls                      # the devices lent to your namespace, and who holds each
+  kubectl walt device show rpi-07             # one device: MAC, firmware, host key fingerprint, conditions
   kubectl walt node acquire rpi-07            # a node named rpi-07 on the device rpi-07
   kubectl walt node acquire rpi-07 --as my-pi --image rpi-debian
   kubectl walt node wait my-pi
@@ -344,7 +345,15 @@ address of the pool and boots that catalog image, as on a WalT server (LENT ADDR
 
 Two Devices with the same MAC address (a typo) are served nothing: the boot service cannot tell
 which one asks. Both get the condition MacConflict=True naming the Devices, `device ls` shows
-\"(MAC shared: not booted)\"; fix spec.mac and the device boots again.
+\"(MAC shared: not booted)\"; fix spec.mac and the device boots again. The same for two
+network-booted Devices of one boot network with the same address (DHCP would lease it to both):
+AddressConflict=True, \"(address shared: not booted)\"; fix spec.address.
+
+Host keys: the operator makes each network-booted Device an SSH host key of its own (a Secret in its
+namespace), the boot service serves it at every boot, and the operator accepts no other key from the
+device: nobody trusts a key on first use. `kubectl walt device show DEVICE` prints its fingerprint;
+compare it with `ssh-keyscan ADDRESS | ssh-keygen -lf -`. A device answering with another key is
+refused (the node's Reachable condition says HostKeyMismatch, and what to do).
 ";
 
 const TROUBLESHOOTING: &str = "\

@@ -1500,8 +1500,11 @@ fn an_unregistered_device_boots_the_labs_default_image_of_its_model() {
 /// `boot-server --from-cluster --dhcp authoritative` run there: a Device bound to a Node gets its
 /// address; a second Device with its MAC (a typo) makes the service answer neither, say why in its
 /// journal and set `MacConflict=True` naming both on both Devices (with a Warning Event); deleting
-/// the typo serves the MAC again (`MacConflict=False`); with the chart's admission policies
-/// applied, writing the typo again is refused by the API server (`walt-device-mac-unique`). A
+/// the typo serves the MAC again (`MacConflict=False`); a Device of the network with another MAC
+/// and the first one's address makes the service answer neither too (`AddressConflict=True` naming
+/// both, Event, journal, `device ls` saying `(address shared: not booted)`), until it is deleted
+/// (`AddressConflict=False`); with the chart's admission policies applied, writing either typo again
+/// is refused by the API server (`walt-device-mac-unique`, `walt-device-address-unique`). A
 /// Raspberry Pi ROM's request from an unknown MAC gets no address and is recorded as the
 /// unregistered Device `unknown-<mac>` (firmware, network, no address, lent to nobody; Event
 /// `Recorded`); with `--max-unknown-devices 1`, a second unknown MAC is not recorded and the log
@@ -1529,13 +1532,16 @@ fn boot_server_refuses_a_shared_mac_and_records_unknown_devices() {
     // A boot network of this test's own: Devices other tests leave on the control plane are not ours.
     let network = format!("claims-{}", std::process::id());
     let (mac, unknown, unknown2) = ("52:54:00:dd:00:01", "52:54:00:dd:00:02", "52:54:00:dd:00:03");
-    let device_yaml = |name: &str, address: &str| {
+    let device_with_mac = |name: &str, address: &str, mac: &str| {
         format!(
             "apiVersion: walt.dev/v1alpha1\nkind: Device\nmetadata: {{name: {name}}}\n\
              spec: {{address: '{address}', model: {MODEL}, mac: '{mac}', firmware: ipxe, bootNetwork: {network}, \
              lentTo: {{namespace: {ns}}}}}\n"
         )
     };
+    let device_yaml = |name: &str, address: &str| device_with_mac(name, address, mac);
+    // A second device (its own MAC) given the first one's address by mistake.
+    let other_mac = "52:54:00:dd:00:04";
     let pc_a = format!("pc-a-{}", std::process::id());
     let pc_b = format!("pc-b-{}", std::process::id());
     kubectl_stdin(
@@ -1623,17 +1629,21 @@ fn boot_server_refuses_a_shared_mac_and_records_unknown_devices() {
     );
     leases("no answer while two Devices claim the MAC", None);
     let refused_at = started.elapsed();
-    let condition = |device: &str| {
+    let condition_of = |device: &str, type_: &str| {
         cluster
             .kubectl_output(&[
                 "get",
                 "devices.walt.dev",
                 device,
                 "-o",
-                "jsonpath={.status.conditions[?(@.type==\"MacConflict\")].status} {.status.conditions[?(@.type==\"MacConflict\")].message}",
+                &format!(
+                    "jsonpath={{.status.conditions[?(@.type==\"{type_}\")].status}} \
+                     {{.status.conditions[?(@.type==\"{type_}\")].message}}"
+                ),
             ])
             .unwrap_or_default()
     };
+    let condition = |device: &str| condition_of(device, "MacConflict");
     for device in [&pc_a, &pc_b] {
         let mut last = String::new();
         Wait::new("MacConflict=True", Duration::from_secs(30))
@@ -1644,16 +1654,20 @@ fn boot_server_refuses_a_shared_mac_and_records_unknown_devices() {
             })
             .unwrap_or_else(|e| panic!("{e}: {device}: {last:?}"));
     }
-    let refusal = server
-        .journal()
-        .into_iter()
-        .rev()
-        .find(|e| e["protocol"] == "dhcp" && e["mac"] == mac)
-        .expect("a DHCP journal entry");
-    let why = refusal["refused"].as_str().unwrap_or_default();
+    // The latest DHCP request of the MAC in the journal, and why it was refused.
+    let refusal = || {
+        let entry = server
+            .journal()
+            .into_iter()
+            .rev()
+            .find(|e| e["protocol"] == "dhcp" && e["mac"] == mac)
+            .expect("a DHCP journal entry");
+        (entry["refused"].as_str().unwrap_or_default().to_owned(), entry)
+    };
+    let (why, entry) = refusal();
     assert!(
         why.contains(&format!("claimed by the Devices {pc_a}, {pc_b}")),
-        "the journal says why: {refusal}"
+        "the journal says why: {entry}"
     );
     assert!(
         server.log().contains("MAC address shared: not served"),
@@ -1686,6 +1700,74 @@ fn boot_server_refuses_a_shared_mac_and_records_unknown_devices() {
         })
         .unwrap_or_else(|e| panic!("{e}: {last:?}"));
 
+    // A second Device of the network given the first one's address (its own MAC): neither is
+    // served, both say why.
+    let pc_d = format!("pc-d-{}", std::process::id());
+    kubectl_stdin(
+        cluster,
+        &["apply", "-f", "-"],
+        &device_with_mac(&pc_d, &a_address, other_mac),
+    );
+    leases("no answer while two Devices claim the address", None);
+    let address_refused_at = started.elapsed();
+    for device in [&pc_a, &pc_d] {
+        let mut last = String::new();
+        Wait::new("AddressConflict=True", Duration::from_secs(30))
+            .every(Duration::from_millis(300))
+            .until(|| {
+                last = condition_of(device, "AddressConflict");
+                last.starts_with("True ")
+                    && last.contains(&format!(
+                        "the address {a_address} is claimed by the Devices {pc_a}, {pc_d} on the boot network {network}"
+                    ))
+            })
+            .unwrap_or_else(|e| panic!("{e}: {device}: {last:?}"));
+        Wait::new("an AddressConflict Event", Duration::from_secs(30))
+            .every(Duration::from_millis(300))
+            .until(|| {
+                cluster
+                    .event_messages(device, "AddressConflict")
+                    .is_ok_and(|m| m.contains(&format!("the address {a_address} is claimed")))
+            })
+            .unwrap_or_else(|e| panic!("{e}: {device}"));
+    }
+    let (why, entry) = refusal();
+    assert!(
+        why.contains(&format!(
+            "the address {a_address} is claimed by the Devices {pc_a}, {pc_d}"
+        )),
+        "the journal says why: {entry}"
+    );
+    assert!(
+        server.log().contains("address shared: not served"),
+        "logged:\n{}",
+        server.log()
+    );
+    let listed = Command::new(walt_tests::operator::plugin_binary())
+        .env("KUBECONFIG", cluster.kubeconfig())
+        .args(["-n", &ns, "device", "ls"])
+        .output()
+        .expect("kubectl-walt");
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with(pc_a.as_str()) && l.contains("(address shared: not booted)")),
+        "{listed}"
+    );
+    cluster
+        .kubectl_output(&["delete", "devices.walt.dev", &pc_d])
+        .expect("delete the typo");
+    leases("the Device's address once it is its own again", Some(&a_address));
+    let address_served_again_at = started.elapsed();
+    Wait::new("AddressConflict=False", Duration::from_secs(30))
+        .every(Duration::from_millis(300))
+        .until(|| {
+            last = condition_of(&pc_a, "AddressConflict");
+            last.starts_with("False ")
+        })
+        .unwrap_or_else(|e| panic!("{e}: {last:?}"));
+
     // With the chart's admission policies, the typo is refused when written (the condition above
     // stays for what admission cannot see: conflicts made before, or by two writes at once).
     let policies =
@@ -1713,6 +1795,22 @@ fn boot_server_refuses_a_shared_mac_and_records_unknown_devices() {
         refused.contains(&format!(
             "the MAC address {mac} is claimed by the Device {pc_a} already"
         )),
+        "{refused}"
+    );
+    let out = kubectl_with_input(
+        cluster,
+        &["create", "-f", "-"],
+        &device_with_mac(&pc_d, &a_address, other_mac),
+    );
+    if out.status.success() {
+        let _ = cluster.kubectl_output(&["delete", "devices.walt.dev", &pc_d]);
+    }
+    let refused = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        refused.contains("walt-device-address-unique")
+            && refused.contains(&format!(
+                "the address {a_address} is claimed by the Device {pc_a} already on the boot network {network}"
+            )),
         "{refused}"
     );
 
@@ -1841,10 +1939,13 @@ fn boot_server_refuses_a_shared_mac_and_records_unknown_devices() {
     assert!(plugin(&["device", "ls", "--all"]).contains(&format!("{c_address}:22")));
     let _ = cluster.kubectl_output(&["delete", "devices.walt.dev", &pc_c, &pc_a]);
     eprintln!(
-        "claims: served {:.1} s, refused after the typo {:.1} s, served again {:.1} s, recorded {:.1} s, test {:.1} s",
+        "claims: served {:.1} s, refused after the typo {:.1} s, served again {:.1} s, shared address refused {:.1} s, \
+         served again {:.1} s, recorded {:.1} s, test {:.1} s",
         served_at.as_secs_f64(),
         refused_at.as_secs_f64(),
         served_again_at.as_secs_f64(),
+        address_refused_at.as_secs_f64(),
+        address_served_again_at.as_secs_f64(),
         recorded_at.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
@@ -1877,6 +1978,8 @@ fn the_boot_service_may_only_record_unregistered_devices() {
         ("ClusterRoleBinding", "walt-boot"),
         ("ValidatingAdmissionPolicy", "walt-boot-records-only"),
         ("ValidatingAdmissionPolicyBinding", "walt-boot-records-only"),
+        ("Role", "walt-boot-host-keys"),
+        ("RoleBinding", "walt-boot-host-keys"),
     ];
     let items: Vec<serde_json::Value> = docs
         .into_iter()
@@ -1970,15 +2073,49 @@ fn the_boot_service_may_only_record_unregistered_devices() {
     cluster
         .kubectl_output(&["delete", "devices.walt.dev", &name])
         .expect("clean up");
+    // The Devices' host keys: Secrets read in the release namespace, written nowhere, read nowhere
+    // else.
+    let can = |args: &[&str]| {
+        let out = cluster
+            .kubectl()
+            .args(["auth", "can-i", boot])
+            .args(args)
+            .output()
+            .expect("kubectl auth can-i");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    for verb in ["get", "list", "watch"] {
+        assert_eq!(can(&[verb, "secrets", "-n", "walt-system"]), "yes", "{verb}");
+    }
+    for args in [
+        &["create", "secrets", "-n", "walt-system"][..],
+        &["patch", "secrets", "-n", "walt-system"],
+        &["delete", "secrets", "-n", "walt-system"],
+        &["list", "secrets", "-n", "default"],
+        &["get", "secrets", "-A"],
+    ] {
+        assert_eq!(can(args), "no", "{args:?}");
+    }
 }
 
-/// A lab under the operator on the control plane tier: a Device (MAC, iPXE firmware, address,
-/// pinned host key) lent to a namespace, the Node `vm1` on it booting the Image `os` (and an Image
-/// `os2` of a second digest), both pushed to a real registry, the node key Secret;
-/// `walt-operator boot-server --from-cluster` (in the lab namespace, reaching the API server and the
-/// registry through forwarded ports) serving it with the public key of the node key as
-/// `authorized_keys`, and `walt-operator run --boot-status-url` at its boot records, reaching the
-/// device through the lab namespace.
+/// Where the device's SSH host key comes from in an [`OperatorLab`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum HostKeys {
+    /// The operator makes it (a Secret in its namespace, `status.hostKey`); the boot service
+    /// watches the Secrets (`--host-key-namespace`).
+    MadeByWalt,
+    /// The lab admin's: pinned in `spec.hostKey`, its files given to the boot service
+    /// (`--host-key-dir`).
+    Pinned,
+}
+
+/// A lab under the operator on the control plane tier: a Device (MAC, iPXE firmware, address; a
+/// pinned host key or one walt makes, see [`HostKeys`]) lent to a namespace, the Node `vm1` on it
+/// booting the Image `os` (and an Image `os2` of a second digest), both pushed to a real registry,
+/// the node key Secret; `walt-operator boot-server --from-cluster` (in the lab namespace, reaching
+/// the API server and the registry through forwarded ports) serving it with the public key of the
+/// node key as `authorized_keys`, and `walt-operator run --boot-status-url` at its boot records,
+/// reaching the device through the lab namespace.
 struct OperatorLab {
     cluster: &'static walt_tests::k8s::Cluster,
     scratch: tempfile::TempDir,
@@ -1998,7 +2135,7 @@ struct OperatorLab {
 impl OperatorLab {
     /// Sets it up on lab network `index`; the Node's spec gets `node_extra` (YAML flow entries,
     /// e.g. `virtual: {kind: vm}`), the operator `operator_extra` arguments.
-    fn start(index: u8, node_extra: &str, operator_extra: &[&str]) -> Self {
+    fn start(index: u8, host_keys: HostKeys, node_extra: &str, operator_extra: &[&str]) -> Self {
         let started = std::time::Instant::now();
         let cluster = control_plane();
         let scratch = tempfile::tempdir().expect("scratch dir");
@@ -2039,9 +2176,12 @@ impl OperatorLab {
                  spec: {{model: {MODEL}, device: {device}, image: os{node_extra}}}\n---\n\
                  apiVersion: walt.dev/v1alpha1\nkind: Device\nmetadata: {{name: {device}}}\n\
                  spec: {{address: '{}', sshPort: 22, model: {MODEL}, mac: '{mac}', firmware: ipxe, \
-                 hostKey: '{}', lentTo: {{namespace: {ns}}}}}\n",
+                 {}lentTo: {{namespace: {ns}}}}}\n",
                 net.device_ip(0),
-                host_public.trim()
+                match host_keys {
+                    HostKeys::Pinned => format!("hostKey: '{}', ", host_public.trim()),
+                    HostKeys::MadeByWalt => String::new(),
+                }
             ),
         );
 
@@ -2056,6 +2196,12 @@ impl OperatorLab {
             Forward::out_of_netns(&net, 9470, status, scratch.path()).expect("forward the boot records"),
         ];
         let kubeconfig = cluster.kubeconfig();
+        let keys = keys.display().to_string();
+        let host_key_args = match host_keys {
+            HostKeys::Pinned => ["--host-key-dir", keys.as_str()],
+            // The operator's namespace (its --namespace below).
+            HostKeys::MadeByWalt => ["--host-key-namespace", ns.as_str()],
+        };
         let args: Vec<String> = [
             "--from-cluster",
             "--listen",
@@ -2066,8 +2212,8 @@ impl OperatorLab {
             "br0",
             "--node-key",
             &node_key.display().to_string(),
-            "--host-key-dir",
-            &keys.display().to_string(),
+            host_key_args[0],
+            host_key_args[1],
             "--status-listen",
             STATUS,
         ]
@@ -2150,7 +2296,59 @@ impl OperatorLab {
             .to_string()
     }
 
+    /// `jsonpath` of the Device.
+    fn device(&self, jsonpath: &str) -> String {
+        self.cluster
+            .kubectl_output(&[
+                "get",
+                "devices.walt.dev",
+                &self.device,
+                "-o",
+                &format!("jsonpath={jsonpath}"),
+            ])
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    }
+
+    /// Waits until the operator recorded a host key in the Device's status other than `not`, and the
+    /// boot service binds the device with it (its log names the key's fingerprint); the key's
+    /// public line.
+    fn wait_host_key_served(&self, not: Option<&str>) -> String {
+        use walt_tests::wait::{Poll, Wait};
+        let key = Wait::new(
+            "the operator to record the Device's host key",
+            Duration::from_mins(1),
+        )
+        .every(Duration::from_millis(300))
+        .until(|| {
+            let key = self.device("{.status.hostKey}");
+            if key.starts_with("ssh-ed25519 ") && Some(key.as_str()) != not {
+                Poll::Ready(key)
+            } else {
+                Poll::Pending(format!("status.hostKey {key:?}"))
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}\noperator:\n{}", self.operator.log()));
+        let fingerprint = ssh_fingerprint(&key, self.scratch.path());
+        Wait::new(
+            "the boot service to serve the Device's host key",
+            Duration::from_mins(1),
+        )
+        .every(Duration::from_millis(300))
+        .until(|| {
+            let log =
+                std::fs::read_to_string(self.scratch.path().join("boot-server.log")).unwrap_or_default();
+            log.lines()
+                .rfind(|l| l.contains("device bound"))
+                .is_some_and(|l| l.contains(&fingerprint))
+        })
+        .unwrap_or_else(|e| panic!("{e}: {fingerprint}"));
+        key
+    }
+
     /// Waits until the operator has bound the Device and resolved the Image, and the boot service
+    /// serves it (its boot records know the MAC once a binding names it).    /// Waits until the operator has bound the Device and resolved the Image, and the boot service
     /// serves it (its boot records know the MAC once a binding names it).
     fn wait_served(&self) {
         walt_tests::wait::Wait::new("the boot service to serve the Device", Duration::from_mins(2))
@@ -2226,18 +2424,43 @@ impl OperatorLab {
     }
 }
 
-/// Control plane tier, the whole path under the operator ([`OperatorLab`]): the VM with the
-/// Device's MAC powers on and network-boots; the Node's `status.bootedImage` becomes the Image's
-/// digest with `ImageVerified=True` (the operator logged in with the node key, to the Device's
-/// pinned host key, and the boot service verified the digest mounted = reported). The Node then
-/// moves to a second Image (`spec.image`): the operator reboots the device over SSH and the
-/// verified digest becomes the second image's.
+/// Control plane tier, the whole path under the operator ([`OperatorLab`]): the operator makes the
+/// Device its SSH host key (a Secret it owns, the public key in `status.hostKey`) and the boot
+/// service serves it. The VM with the Device's MAC powers on and network-boots; the Node's
+/// `status.bootedImage` becomes the Image's digest with `ImageVerified=True` (the operator logged in
+/// with the node key, to that host key, and the boot service verified the digest mounted =
+/// reported). OpenSSH checks the key independently: `ssh-keyscan` gets the Device's key from the
+/// VM, and `ssh` with `StrictHostKeyChecking=yes` and a known_hosts made of the Device's status logs
+/// in; `kubectl walt device show` prints its fingerprint as `ssh-keygen -lf` does. The Node then
+/// moves to a second Image (`spec.image`): the operator reboots the device over SSH and the verified
+/// digest becomes the second image's. Last, the key is made again (its Secret deleted): the VM,
+/// booted with the former key, is refused (`Reachable=False HostKeyMismatch`, saying whose key is
+/// expected and what to do).
 #[test]
 fn operator_verifies_the_image_a_vm_node_network_booted() {
     require_root().expect("root");
     let _vm = one_vm_at_a_time();
-    let lab = OperatorLab::start(206, "", &[]);
+    let lab = OperatorLab::start(206, HostKeys::MadeByWalt, "", &[]);
     let set_up = lab.started.elapsed();
+    let host_key = lab.wait_host_key_served(None);
+    let secret = format!("walt-hostkey-{}", lab.device);
+    let owner = lab
+        .cluster
+        .kubectl_output(&[
+            "-n",
+            &lab.ns,
+            "get",
+            "secret",
+            &secret,
+            "-o",
+            "jsonpath={.metadata.ownerReferences[0].kind}/{.metadata.ownerReferences[0].name}",
+        ])
+        .expect("the host key Secret");
+    assert_eq!(
+        owner.trim(),
+        format!("Device/{}", lab.device),
+        "owned by the Device"
+    );
     lab.wait_served();
     let mut vm = VmNode::power_on_rebootable(&lab.net, &lab.mac, lab.scratch.path()).expect("power on");
     let booted = vm
@@ -2251,6 +2474,39 @@ fn operator_verifies_the_image_a_vm_node_network_booted() {
     );
     assert_eq!(lab.node("{.status.device}"), lab.device, "{status}");
     lab.wait_ready();
+
+    // OpenSSH sees the key walt made: ssh-keyscan, then ssh trusting only the Device's status.
+    let ip = lab.net.device_ip(0).to_string();
+    let (_, scanned) = output(in_netns(&lab.net, "ssh-keyscan").args(["-T", "10", "-t", "ed25519", &ip]));
+    let answered = scanned
+        .lines()
+        .find(|l| l.starts_with(&ip))
+        .unwrap_or_else(|| panic!("ssh-keyscan {ip}: {scanned}"));
+    assert_eq!(
+        key_fields(answered.trim_start_matches(&ip)),
+        key_fields(&host_key),
+        "the VM answers with the Device's key"
+    );
+    let known_hosts = lab.scratch.path().join("known_hosts");
+    std::fs::write(&known_hosts, format!("{ip} {host_key}\n")).expect("known_hosts");
+    let (ok, out) = ssh_to(
+        &lab.net,
+        &lab.scratch.path().join("node_key"),
+        &known_hosts,
+        "cat /etc/ssh/ssh_host_ed25519_key.pub",
+    );
+    assert!(ok && key_fields(&out) == key_fields(&host_key), "ssh: {out}");
+    let fingerprint = ssh_fingerprint(&host_key, lab.scratch.path());
+    let shown = Command::new(walt_tests::operator::plugin_binary())
+        .env("KUBECONFIG", lab.cluster.kubeconfig())
+        .args(["device", "show", &lab.device])
+        .output()
+        .expect("kubectl-walt");
+    let shown = String::from_utf8_lossy(&shown.stdout).into_owned() + &String::from_utf8_lossy(&shown.stderr);
+    assert!(
+        shown.contains(&format!("Host key:     {fingerprint} (made by walt")),
+        "device show: {shown}"
+    );
 
     // The Node moves to the second image: the operator reboots the device over SSH, it
     // network-boots the new digest, verified.
@@ -2281,15 +2537,63 @@ fn operator_verifies_the_image_a_vm_node_network_booted() {
         "{}",
         lab.node("{.status}")
     );
+
+    // A new key (its Secret deleted: the operator makes another, never reusing the name's old
+    // content): the VM still answers with the one it booted with, and the operator refuses it.
+    let rotated_at = std::time::Instant::now();
+    lab.cluster
+        .kubectl_output(&["-n", &lab.ns, "delete", "secret", &secret])
+        .expect("delete the host key Secret");
+    let new_key = lab.wait_host_key_served(Some(&host_key));
+    assert_ne!(key_fields(&new_key), key_fields(&host_key));
+    let mut reachable = String::new();
+    walt_tests::wait::Wait::new("the operator to refuse the former key", Duration::from_mins(1))
+        .every(Duration::from_millis(500))
+        .until(|| {
+            reachable = lab.node(
+                "{.status.conditions[?(@.type==\"Reachable\")].status} \
+                 {.status.conditions[?(@.type==\"Reachable\")].reason} \
+                 {.status.conditions[?(@.type==\"Reachable\")].message}",
+            );
+            reachable.starts_with("False HostKeyMismatch ")
+        })
+        .unwrap_or_else(|e| panic!("{e}: {reachable}\noperator:\n{}", lab.operator.log()));
+    assert!(
+        reachable.contains(&ssh_fingerprint(&new_key, lab.scratch.path()))
+            && reachable.contains(&fingerprint)
+            && reachable.contains(&format!("the one walt made for the Device {}", lab.device))
+            && reachable.contains("power-cycle the device"),
+        "the condition says which key was expected, which one answered, and what to do: {reachable}"
+    );
+    let refused = rotated_at.elapsed();
     println!(
         "figures: operator path: set-up {:.1} s; power-on → booted marker {:.1} s, → Node bootedImage verified {:.1} s; \
-         spec.image moved → second image verified {:.1} s; test {:.1} s",
+         spec.image moved → second image verified {:.1} s; key made again → former key refused {:.1} s; test {:.1} s",
         set_up.as_secs_f64(),
         booted.as_secs_f64(),
         verified.as_secs_f64(),
         reverified.saturating_sub(moved_at).as_secs_f64(),
+        refused.as_secs_f64(),
         lab.started.elapsed().as_secs_f64()
     );
+}
+
+/// The SHA256 fingerprint of a public key line, as OpenSSH's `ssh-keygen -lf` prints it.
+fn ssh_fingerprint(public: &str, scratch: &std::path::Path) -> String {
+    let file = scratch.join("fingerprint.pub");
+    std::fs::write(&file, format!("{public}\n")).expect("write the public key");
+    let (ok, out) = output(Command::new("ssh-keygen").arg("-lf").arg(&file));
+    assert!(ok, "ssh-keygen -lf: {out}");
+    out.split_whitespace()
+        .nth(1)
+        .filter(|f| f.starts_with("SHA256:"))
+        .unwrap_or_else(|| panic!("a fingerprint in {out:?}"))
+        .to_owned()
+}
+
+/// The type and key of an OpenSSH public key line (its comment left out).
+fn key_fields(line: &str) -> String {
+    line.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
 }
 
 /// The pod of the VM node `vm1` in `runtime`, once the operator has made one other than `not`: its
@@ -2357,6 +2661,7 @@ fn operator_powers_a_vm_node_and_power_cycles_it() {
     let _vm = one_vm_at_a_time();
     let lab = OperatorLab::start(
         207,
+        HostKeys::Pinned,
         ", virtual: {kind: vm, memory: 512Mi}",
         &[
             "--vm-image",

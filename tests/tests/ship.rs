@@ -593,6 +593,21 @@ fn boot_service_runs_one_instance_per_lab_network() {
         "reads walt's objects; writes only unknown devices' records, Device status and Events"
     );
     assert!(!Value::from(rules).to_string().contains("secrets"));
+    // The Devices' host keys: Secrets read in the release namespace only, never written.
+    let host_keys = find(&docs, "Role", "walt-boot-host-keys");
+    assert_eq!(host_keys["metadata"]["namespace"], Value::from("walt-system"));
+    assert_eq!(
+        host_keys["rules"],
+        serde_json::json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch"]}])
+    );
+    assert_eq!(
+        find(&docs, "RoleBinding", "walt-boot-host-keys")["subjects"][0]["name"],
+        Value::from("walt-boot")
+    );
+    assert!(
+        first.contains(&"--host-key-namespace=walt-system".to_owned()),
+        "{first:?}"
+    );
     let records_only = find(&docs, "ValidatingAdmissionPolicy", "walt-boot-records-only");
     assert_eq!(
         records_only["spec"]["matchConditions"][0]["expression"],

@@ -57,9 +57,15 @@ pub struct Args {
     #[arg(long, value_name = "FIRST-LAST")]
     pub unregistered_addresses: Option<crate::controller::boot_defaults::AddressPool>,
     /// Devices' SSH host keys (`--from-cluster`): `DIR/<device>` (OpenSSH private key) and
-    /// `DIR/<device>.pub`, served in each device's top layer when present.
+    /// `DIR/<device>.pub`, served in each device's top layer when present and walt made the device
+    /// no key of its own (see `--host-key-namespace`): a key a lab admin pinned in `spec.hostKey`.
     #[arg(long)]
     pub host_key_dir: Option<PathBuf>,
+    /// The namespace of the Devices' host key Secrets (`--from-cluster`: the operator's, where it
+    /// makes `walt-hostkey-<device>` for each network-booted Device): watched, each device served
+    /// its own key. Unset: only `--host-key-dir`.
+    #[arg(long, env = "WALT_HOST_KEY_NAMESPACE")]
+    pub host_key_namespace: Option<String>,
     /// Root's `authorized_keys` for every node (the lab's node key: the operator's public key),
     /// served in each node's top layer. Unset: the image's own.
     #[arg(long, conflicts_with = "node_key")]
@@ -172,8 +178,17 @@ pub struct DeviceArg {
     pub model: String,
     /// Where its image comes from.
     pub source: Source,
-    /// Its SSH host key (private key file; the public key beside it, `.pub`).
-    pub host_key: Option<PathBuf>,
+    /// Its SSH host key.
+    pub host_key: Option<HostKeySource>,
+}
+
+/// Where a device's SSH host key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostKeySource {
+    /// An OpenSSH private key file, its public key beside it (`FILE.pub`).
+    File(PathBuf),
+    /// The key itself (from the cluster: the Device's host key Secret).
+    Key(HostKey),
 }
 
 /// An image source.
@@ -224,7 +239,9 @@ pub fn parse_device(text: &str) -> Result<DeviceArg, BootError> {
         name: name.to_string(),
         model: get("model")?.to_string(),
         source,
-        host_key: fields.get("host-key").map(PathBuf::from),
+        host_key: fields
+            .get("host-key")
+            .map(|file| HostKeySource::File(PathBuf::from(file))),
     })
 }
 
@@ -310,16 +327,14 @@ fn node_view(
     args: &Args,
     authorized_keys: Option<&str>,
 ) -> Result<Arc<ImageView>, BootError> {
-    let host_key = device
-        .host_key
-        .as_ref()
-        .map(|path| {
-            Ok::<_, BootError>(HostKey {
-                private: read_key(path)?,
-                public: read_key(&path.with_extension("pub"))?,
-            })
-        })
-        .transpose()?;
+    let host_key = match &device.host_key {
+        None => None,
+        Some(HostKeySource::Key(key)) => Some(key.clone()),
+        Some(HostKeySource::File(path)) => Some(HostKey {
+            private: read_key(path)?,
+            public: read_key(&path.with_extension("pub"))?,
+        }),
+    };
     let digest = image.digest().to_string();
     let facts = NodeFacts {
         server: args.listen,
@@ -362,12 +377,31 @@ impl ImageCache {
     }
 }
 
+/// The host key a device is served, as logged: the key's fingerprint, the file, or none (the
+/// image's own).
+fn host_key_shown(key: Option<&HostKeySource>) -> String {
+    match key {
+        None => "none (the image's own)".into(),
+        Some(HostKeySource::File(path)) => path.display().to_string(),
+        Some(HostKeySource::Key(key)) => crate::ssh::client::parse_public_key(&key.public).map_or_else(
+            |e| e.to_string(),
+            |public| crate::ssh::client::fingerprint(&public),
+        ),
+    }
+}
+
 /// The binding of one device: its image (from `cache`) under its top layer.
 pub async fn bind(device: &DeviceArg, args: &Args, cache: &mut ImageCache) -> Result<Binding, BootError> {
     let authorized_keys = authorized_keys(args)?;
     let image = cache.image(device, args).await?;
     let view = node_view(device, image, args, authorized_keys.as_deref())?;
-    tracing::info!(mac = %device.mac, name = %device.name, digest = view.digest(), "device bound");
+    tracing::info!(
+        mac = %device.mac,
+        name = %device.name,
+        digest = view.digest(),
+        host_key = host_key_shown(device.host_key.as_ref()),
+        "device bound"
+    );
     Ok(Binding {
         mac: device.mac,
         ip: device.ip,

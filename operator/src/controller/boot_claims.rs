@@ -1,22 +1,25 @@
-//! Who a MAC address belongs to, for the boot service fed from the cluster (pure decisions, I/O in
-//! [`super::boot_source`]):
-//! - [`conflicts`]: registered Devices claiming the same MAC (a lab admin's typo). The boot service
-//!   serves such a MAC nothing, rather than one of them at random, and says which Devices claim it
-//!   ([`conflict_conditions`]: the `MacConflict` condition on each, cleared once the conflict is
-//!   gone). The API server refuses most such typos first (the admission policy
-//!   `walt-device-mac-unique` gets every Device as its parameters), but not two writes at once, a
-//!   pair made before the policy, or a cluster without it: the condition covers those.
+//! Who a MAC address and an address belong to, for the boot service fed from the cluster (pure
+//! decisions, I/O in [`super::boot_source`]):
+//! - [`conflicts`]: registered Devices claiming the same MAC (a lab admin's typo), and
+//!   [`address_conflicts`]: network-booted Devices of one boot network claiming the same address
+//!   (DHCP would lease it to two devices). The boot service serves such devices nothing, rather
+//!   than one of them at random, and says which Devices share what ([`conflict_conditions`]: the
+//!   `MacConflict` or `AddressConflict` condition on each, cleared once the conflict is gone). The
+//!   API server refuses most such typos first (the admission policies `walt-device-mac-unique` and
+//!   `walt-device-address-unique` get every Device as their parameters), but not two writes at
+//!   once, a pair made before the policy, or a cluster without it: the conditions cover those.
 //! - [`record`]: a MAC no Device claims, asking for a boot, is recorded for the lab admin as an
 //!   unregistered Device (WalT registers new devices the same way), within a cap, and boots nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 use walt_crds::{
-    ConditionStatus, DISCOVERED_LABEL, Device, DeviceDiscovery, DeviceSpec, DeviceStatus, Firmware,
-    MAC_CONFLICT_CONDITION, new_condition,
+    ADDRESS_CONFLICT_CONDITION, ConditionStatus, DISCOVERED_LABEL, Device, DeviceDiscovery, DeviceSpec,
+    DeviceStatus, Firmware, MAC_CONFLICT_CONDITION, new_condition,
 };
 
 use super::boot_defaults::{Unregistered, lend, lent_address};
@@ -27,35 +30,122 @@ use crate::boot::state::Mac;
 pub const SHARED_MAC: &str = "SharedMac";
 /// Reason of `MacConflict=False` (the conflict is gone).
 pub const UNIQUE_MAC: &str = "UniqueMac";
+/// Reason of `AddressConflict=True`.
+pub const SHARED_ADDRESS: &str = "SharedAddress";
+/// Reason of `AddressConflict=False` (the conflict is gone).
+pub const UNIQUE_ADDRESS: &str = "UniqueAddress";
 /// The model of a recorded device whose request does not name one (WalT's name for it).
 pub const UNKNOWN_MODEL: &str = "unknown";
 /// A recorded device's `status.discovered.lastSeen` is written at most this often.
 pub const TOUCH_EVERY: SignedDuration = SignedDuration::from_mins(1);
 
-/// Registered Devices that claim one MAC address.
+/// What several Devices claim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// A MAC address (lab-wide: one MAC is one network interface).
+    Mac(Mac),
+    /// An address on a boot network (what authoritative DHCP leases to the device).
+    Address {
+        /// The address.
+        ip: Ipv4Addr,
+        /// The boot network.
+        network: String,
+    },
+}
+
+/// The kinds of claims, each with its condition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClaimKind {
+    /// MAC addresses: `MacConflict`.
+    Mac,
+    /// Addresses: `AddressConflict`.
+    Address,
+}
+
+impl ClaimKind {
+    /// The condition type (also the Warning Event's reason).
+    pub fn condition(self) -> &'static str {
+        match self {
+            ClaimKind::Mac => MAC_CONFLICT_CONDITION,
+            ClaimKind::Address => ADDRESS_CONFLICT_CONDITION,
+        }
+    }
+
+    fn shared(self) -> &'static str {
+        match self {
+            ClaimKind::Mac => SHARED_MAC,
+            ClaimKind::Address => SHARED_ADDRESS,
+        }
+    }
+
+    fn unique(self) -> (&'static str, &'static str) {
+        match self {
+            ClaimKind::Mac => (
+                UNIQUE_MAC,
+                "no other Device claims its MAC address: the boot service serves it again",
+            ),
+            ClaimKind::Address => (
+                UNIQUE_ADDRESS,
+                "no other Device of its boot network claims its address: the boot service serves it again",
+            ),
+        }
+    }
+}
+
+impl Claim {
+    /// Its kind.
+    pub fn kind(&self) -> ClaimKind {
+        match self {
+            Claim::Mac(_) => ClaimKind::Mac,
+            Claim::Address { .. } => ClaimKind::Address,
+        }
+    }
+}
+
+/// Devices that claim one MAC address, or one address on a boot network.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Conflict {
-    /// The MAC address.
-    pub mac: Mac,
+    /// What they claim.
+    pub claim: Claim,
     /// The Devices claiming it, by name, sorted.
     pub devices: Vec<String>,
 }
 
 impl Conflict {
-    /// Why the MAC is served nothing (journal, logs, conditions).
+    /// Why the Devices are served nothing (journal, logs, conditions).
     pub fn reason(&self) -> String {
-        format!(
-            "the MAC address {} is claimed by the Devices {}: the boot service serves it nothing until one Device \
-             alone claims it (fix spec.mac)",
-            self.mac,
-            self.devices.join(", ")
-        )
+        let devices = self.devices.join(", ");
+        match &self.claim {
+            Claim::Mac(mac) => format!(
+                "the MAC address {mac} is claimed by the Devices {devices}: the boot service serves it nothing until \
+                 one Device alone claims it (fix spec.mac)"
+            ),
+            Claim::Address { ip, network } => format!(
+                "the address {ip} is claimed by the Devices {devices} on the boot network {network}: the boot service \
+                 serves neither until one Device alone claims it (fix spec.address)"
+            ),
+        }
     }
 }
 
 /// The MAC a Device claims, if it names one that parses.
 pub fn mac_of(device: &Device) -> Option<Mac> {
     device.spec.mac.as_deref().and_then(|mac| mac.parse().ok())
+}
+
+/// The Conflicts of the claims gathered (those more than one Device makes), devices sorted.
+fn shared<K: Ord>(claims: BTreeMap<K, Vec<String>>, claim: impl Fn(K) -> Claim) -> Vec<Conflict> {
+    claims
+        .into_iter()
+        .filter(|(_, devices)| devices.len() > 1)
+        .map(|(key, mut devices)| {
+            devices.sort();
+            Conflict {
+                claim: claim(key),
+                devices,
+            }
+        })
+        .collect()
 }
 
 /// The MACs claimed by more than one registered Device (pure). A Device the boot service recorded
@@ -67,45 +157,95 @@ pub fn conflicts(devices: &[Device]) -> Vec<Conflict> {
             claims.entry(mac).or_default().push(device.name_any());
         }
     }
-    claims
-        .into_iter()
-        .filter(|(_, devices)| devices.len() > 1)
-        .map(|(mac, mut devices)| {
-            devices.sort();
-            Conflict { mac, devices }
-        })
-        .collect()
+    shared(claims, Claim::Mac)
 }
 
-/// The `MacConflict` conditions to write (pure): `True` on each Device of a conflict, `False` on a
-/// Device whose condition says `True` but that no longer shares its MAC; only those that change.
+/// The IPv4 addresses claimed by more than one network-booted Device (`firmware`) of the boot
+/// network `network` (pure; `of_network` tells a Device's network). Devices walt does not network-boot
+/// may share an address (devices behind one jump host, told apart by their SSH port).
+pub fn address_conflicts(
+    devices: &[Device],
+    network: &str,
+    of_network: impl Fn(&Device) -> &str,
+) -> Vec<Conflict> {
+    let mut claims: BTreeMap<Ipv4Addr, Vec<String>> = BTreeMap::new();
+    for device in devices
+        .iter()
+        .filter(|d| d.spec.firmware.is_some() && of_network(d) == network)
+    {
+        if let Some(ip) = device.spec.address.as_deref().and_then(|a| a.parse().ok()) {
+            claims.entry(ip).or_default().push(device.name_any());
+        }
+    }
+    shared(claims, |ip| Claim::Address {
+        ip,
+        network: network.to_owned(),
+    })
+}
+
+/// The MACs the boot service answers nothing, and why (pure): each shared MAC, and the MAC of each
+/// Device sharing an address (a MAC conflict's words first).
+pub fn refusals(devices: &[Device], conflicts: &[Conflict]) -> HashMap<Mac, String> {
+    let mut out = HashMap::new();
+    for conflict in conflicts {
+        let macs: Vec<Mac> = match &conflict.claim {
+            Claim::Mac(mac) => vec![*mac],
+            Claim::Address { .. } => devices
+                .iter()
+                .filter(|d| conflict.devices.contains(&d.name_any()))
+                .filter_map(mac_of)
+                .collect(),
+        };
+        for mac in macs {
+            let reason = conflict.reason();
+            out.entry(mac)
+                .and_modify(|why: &mut String| {
+                    if conflict.claim.kind() == ClaimKind::Mac {
+                        why.clone_from(&reason);
+                    }
+                })
+                .or_insert(reason);
+        }
+    }
+    out
+}
+
+/// The conditions of `kind` (`MacConflict` or `AddressConflict`) to write (pure): `True` on each
+/// Device of a conflict of that kind, `False` on a Device whose condition says `True` but that no
+/// longer shares what it claims; only those that change.
 pub fn conflict_conditions(
     devices: &[Device],
     conflicts: &[Conflict],
+    kind: ClaimKind,
     now: Timestamp,
 ) -> Vec<(String, Condition)> {
     let mut writes = Vec::new();
     for device in devices {
         let name = device.name_any();
-        let conflict = conflicts.iter().find(|c| c.devices.contains(&name));
-        let current = device.mac_conflict();
+        let conflict = conflicts
+            .iter()
+            .find(|c| c.claim.kind() == kind && c.devices.contains(&name));
+        let current = device.condition(kind.condition());
         let wanted = match (conflict, current) {
             (Some(conflict), _) => new_condition(
-                MAC_CONFLICT_CONDITION,
+                kind.condition(),
                 ConditionStatus::True,
-                SHARED_MAC,
+                kind.shared(),
                 conflict.reason(),
                 device.metadata.generation,
                 Time(now),
             ),
-            (None, Some(current)) if current.status == ConditionStatus::True.as_str() => new_condition(
-                MAC_CONFLICT_CONDITION,
-                ConditionStatus::False,
-                UNIQUE_MAC,
-                "no other Device claims its MAC address: the boot service serves it again",
-                device.metadata.generation,
-                Time(now),
-            ),
+            (None, Some(current)) if current.status == ConditionStatus::True.as_str() => {
+                let (reason, message) = kind.unique();
+                new_condition(
+                    kind.condition(),
+                    ConditionStatus::False,
+                    reason,
+                    message,
+                    device.metadata.generation,
+                    Time(now),
+                )
+            }
             (None, _) => continue,
         };
         let same = current.is_some_and(|c| {
@@ -311,7 +451,7 @@ mod tests {
         assert_eq!(
             found,
             vec![Conflict {
-                mac: mac(1),
+                claim: Claim::Mac(mac(1)),
                 devices: vec!["pc-a".into(), "pc-b".into()]
             }]
         );
@@ -332,7 +472,7 @@ mod tests {
     #[test]
     fn conflict_conditions_are_set_on_both_then_cleared_and_not_rewritten() {
         let mut devices = vec![registered("pc-a", mac(1)), registered("pc-b", mac(1))];
-        let writes = conflict_conditions(&devices, &conflicts(&devices), at(0));
+        let writes = conflict_conditions(&devices, &conflicts(&devices), ClaimKind::Mac, at(0));
         assert_eq!(writes.len(), 2);
         for (name, condition) in &writes {
             assert_eq!(condition.status, "True", "{name}");
@@ -343,12 +483,12 @@ mod tests {
             device.status.get_or_insert_with(Default::default).conditions = vec![condition];
         }
         assert_eq!(
-            conflict_conditions(&devices, &conflicts(&devices), at(5)),
+            conflict_conditions(&devices, &conflicts(&devices), ClaimKind::Mac, at(5)),
             vec![],
             "written once"
         );
         devices.pop();
-        let cleared = conflict_conditions(&devices, &conflicts(&devices), at(10));
+        let cleared = conflict_conditions(&devices, &conflicts(&devices), ClaimKind::Mac, at(10));
         assert_eq!(cleared.len(), 1);
         assert_eq!(
             (cleared[0].0.as_str(), cleared[0].1.status.as_str()),
@@ -356,9 +496,102 @@ mod tests {
         );
         assert_eq!(cleared[0].1.reason, UNIQUE_MAC);
         assert_eq!(
-            conflict_conditions(&[registered("pc-c", mac(3))], &[], at(0)),
+            conflict_conditions(&[registered("pc-c", mac(3))], &[], ClaimKind::Mac, at(0)),
             vec![],
             "no condition on a Device that never conflicted"
+        );
+    }
+
+    fn at_address(name: &str, last: u8, address: &str, network: Option<&str>) -> Device {
+        let mut device = registered(name, mac(last));
+        device.spec.address = Some(address.into());
+        device.spec.boot_network = network.map(str::to_owned);
+        device
+    }
+
+    fn network(device: &Device) -> &str {
+        device.spec.boot_network.as_deref().unwrap_or("default")
+    }
+
+    #[test]
+    fn two_network_booted_devices_with_one_address_on_one_network_conflict() {
+        let mut plain = at_address("ssh-only", 9, "10.0.0.5", None);
+        plain.spec.firmware = None;
+        let devices = [
+            at_address("pc-b", 1, "10.0.0.5", None),
+            at_address("pc-a", 2, "10.0.0.5", Some("default")),
+            at_address("pc-c", 3, "10.0.0.6", None),
+            at_address("lab2-a", 4, "10.0.0.5", Some("lab2")),
+            plain,
+        ];
+        let found = address_conflicts(&devices, "default", network);
+        assert_eq!(
+            found,
+            vec![Conflict {
+                claim: Claim::Address {
+                    ip: Ipv4Addr::new(10, 0, 0, 5),
+                    network: "default".into()
+                },
+                devices: vec!["pc-a".into(), "pc-b".into()]
+            }],
+            "another network's device, and one walt does not network-boot, are no conflict"
+        );
+        assert!(
+            found[0].reason().contains(
+                "the address 10.0.0.5 is claimed by the Devices pc-a, pc-b on the boot network default"
+            ),
+            "{}",
+            found[0].reason()
+        );
+        assert_eq!(address_conflicts(&devices, "lab2", network), vec![]);
+        let refused = refusals(&devices, &found);
+        assert_eq!(refused.len(), 2, "both MACs answered nothing: {refused:?}");
+        assert!(refused[&mac(1)].contains("pc-a, pc-b"));
+        assert!(!refused.contains_key(&mac(3)));
+        let mut both = found.clone();
+        both.extend(conflicts(&[registered("x", mac(1)), registered("y", mac(1))]));
+        assert!(
+            refusals(&devices, &both)[&mac(1)].contains("the MAC address"),
+            "a shared MAC is said first"
+        );
+    }
+
+    #[test]
+    fn address_conditions_are_set_on_both_then_cleared_and_mac_conditions_left_alone() {
+        let mut devices = vec![
+            at_address("pc-a", 1, "10.0.0.5", None),
+            at_address("pc-b", 2, "10.0.0.5", None),
+        ];
+        let found = address_conflicts(&devices, "default", network);
+        assert_eq!(
+            conflict_conditions(&devices, &found, ClaimKind::Mac, at(0)),
+            vec![],
+            "no MAC condition for a shared address"
+        );
+        let writes = conflict_conditions(&devices, &found, ClaimKind::Address, at(0));
+        assert_eq!(writes.len(), 2);
+        for (name, condition) in &writes {
+            assert_eq!(
+                (
+                    condition.type_.as_str(),
+                    condition.status.as_str(),
+                    condition.reason.as_str()
+                ),
+                (ADDRESS_CONFLICT_CONDITION, "True", SHARED_ADDRESS),
+                "{name}"
+            );
+        }
+        for (device, (_, condition)) in devices.iter_mut().zip(writes) {
+            device.status.get_or_insert_with(Default::default).conditions = vec![condition];
+        }
+        devices[1].spec.address = Some("10.0.0.7".into());
+        let found = address_conflicts(&devices, "default", network);
+        let cleared = conflict_conditions(&devices, &found, ClaimKind::Address, at(10));
+        assert_eq!(cleared.len(), 2, "both cleared once one address changed");
+        assert!(
+            cleared
+                .iter()
+                .all(|(_, c)| c.status == "False" && c.reason == UNIQUE_ADDRESS)
         );
     }
 

@@ -2,9 +2,12 @@
 //! Devices, Nodes and Images; each Device of its lab network that walt network-boots (`firmware`,
 //! `mac`) and that a Node is bound to serves that Node's image, by digest ([`wanted`], pure); a
 //! change swaps the bindings while serving (a node running on the image it booted keeps it until it
-//! mounts again: [`crate::boot::state::BootState::set_bindings`]). A MAC several Devices claim is
-//! served nothing (`MacConflict` on them); a MAC no Device claims that asks for a boot is recorded
-//! as an unregistered Device for the lab admin ([`super::boot_claims`] decides both).
+//! mounts again: [`crate::boot::state::BootState::set_bindings`]). Each device is served its own
+//! SSH host key, from the Secret the operator made for it ([`super::device::host_key`]), watched in
+//! `--host-key-namespace`. A MAC several Devices claim, or an address several Devices of the network
+//! claim, is served nothing (`MacConflict`, `AddressConflict` on them); a MAC no Device claims that
+//! asks for a boot is recorded as an unregistered Device for the lab admin ([`super::boot_claims`]
+//! decides both).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -13,19 +16,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Resource, ResourceExt};
 use tokio::sync::mpsc;
-use walt_crds::{ConditionStatus, Device, Image, ImageName, MAC_CONFLICT_CONDITION, Node};
+use walt_crds::{ConditionStatus, Device, HOST_KEY_LABEL, Image, ImageName, Node, host_key_secret_name};
 
-use crate::boot::cli::{self, Args, BootError, DeviceArg, ImageCache, Source};
+use crate::boot::cli::{self, Args, BootError, DeviceArg, HostKeySource, ImageCache, Source};
 use crate::boot::dhcp::Sighting;
 use crate::boot::state::{BootState, Mac};
-use crate::controller::boot_claims::{Conflict, Record, conflict_conditions, conflicts, mac_of, record};
+use crate::controller::boot_claims::{
+    ClaimKind, Conflict, Record, address_conflicts, conflict_conditions, conflicts, mac_of, record, refusals,
+};
 use crate::controller::boot_defaults::{DefaultImages, Unregistered, default_boot};
+use crate::controller::device::host_key::served_key;
 use crate::controller::shared::registry::pinned_reference_of;
 
 /// The lab network of a Device (`default` when it names none).
@@ -37,6 +44,8 @@ pub fn network_of(device: &Device) -> &str {
 pub const RECORDED: &str = "Recorded";
 /// Event: a Device's MAC is claimed by it alone again (the Warning before is `MacConflict`).
 pub const MAC_CONFLICT_RESOLVED: &str = "MacConflictResolved";
+/// Event: a Device's address is claimed by it alone again (the Warning before is `AddressConflict`).
+pub const ADDRESS_CONFLICT_RESOLVED: &str = "AddressConflictResolved";
 
 /// A Device the boot service serves nothing, and why (logged).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,30 +63,38 @@ pub struct Wanted {
     pub serve: Vec<DeviceArg>,
     /// The Devices of the network served nothing, and why.
     pub skipped: Vec<Skipped>,
-    /// The MACs several registered Devices claim (the whole lab's): served nothing.
+    /// The MACs several registered Devices claim (the whole lab's), and the addresses several
+    /// network-booted Devices of the network claim: served nothing.
     pub conflicts: Vec<Conflict>,
 }
 
 /// What the boot service should serve on `network` (pure): for each network-booted Device there,
-/// bound to a Node whose Image is resolved, the Node's image by digest under the Node's name; the
-/// Devices it cannot serve, with the reason. A MAC two registered Devices claim is served to
-/// neither (taking one of them would boot the image of a Node that may not be on that device).
+/// bound to a Node whose Image is resolved, the Node's image by digest under the Node's name, with
+/// the host key walt made for the Device (from `secrets`, the host key Secrets); the Devices it
+/// cannot serve, with the reason. A MAC two registered Devices claim, or an address two Devices of
+/// the network claim, is served to neither (taking one of them would boot the image of a Node that
+/// may not be on that device, or lease one address to two devices).
 pub fn wanted(
     devices: &[Device],
     nodes: &[Node],
     images: &[Image],
+    secrets: &[Secret],
     network: &str,
     catalog_namespace: &str,
     unregistered: &Unregistered,
 ) -> Wanted {
-    let conflicts = conflicts(devices);
+    let mut conflicts = conflicts(devices);
+    conflicts.extend(address_conflicts(devices, network, network_of));
     let mut serve = Vec::new();
     let mut skipped = Vec::new();
     for device in devices
         .iter()
         .filter(|d| d.spec.firmware.is_some() && network_of(d) == network)
     {
-        let conflict = mac_of(device).and_then(|mac| conflicts.iter().find(|c| c.mac == mac));
+        let name = device.name_any();
+        let conflict = conflicts
+            .iter()
+            .find(|c| device.is_registered() && c.devices.contains(&name));
         // A recorded device the lab admin has since registered under another name: that one serves it.
         let registered_as = mac_of(device).and_then(|mac| {
             devices
@@ -86,15 +103,24 @@ pub fn wanted(
                 .map(ResourceExt::name_any)
         });
         let one = match conflict {
-            Some(conflict) if device.is_registered() => Err(conflict.reason()),
-            _ if !device.is_registered() && registered_as.is_some() => Err(format!(
-                "registered as the Device {}: served under that name",
-                registered_as.unwrap_or_default()
-            )),
-            _ if !device.is_registered() => {
-                wanted_unregistered(device, devices, images, network, catalog_namespace, unregistered)
-            }
-            _ => wanted_one(device, nodes, images, catalog_namespace),
+            Some(conflict) => Err(conflict.reason()),
+            None if !device.is_registered() => match registered_as {
+                Some(other) => Err(format!(
+                    "registered as the Device {other}: served under that name"
+                )),
+                None => {
+                    wanted_unregistered(device, devices, images, network, catalog_namespace, unregistered)
+                }
+            },
+            None => wanted_one(device, nodes, images, catalog_namespace).map(|mut arg| {
+                let secret_name = host_key_secret_name(&name);
+                arg.host_key = secrets
+                    .iter()
+                    .find(|s| s.name_any() == secret_name)
+                    .and_then(|s| served_key(device, s))
+                    .map(HostKeySource::Key);
+                arg
+            }),
         };
         match one {
             Ok(arg) => serve.push(arg),
@@ -215,7 +241,8 @@ fn host_key_of(dir: Option<&Path>, device: &str) -> Option<std::path::PathBuf> {
     (path.is_file() && path.with_extension("pub").is_file()).then_some(path)
 }
 
-/// Builds the bindings of `wanted` (a device whose image cannot be pulled is logged and left out).
+/// Builds the bindings of `wanted` (a device whose image cannot be pulled is logged and left out); a
+/// device walt made no key for is served its `--host-key-dir` files, when there.
 async fn bindings(
     wanted: &[(String, DeviceArg)],
     args: &Args,
@@ -224,7 +251,9 @@ async fn bindings(
     let mut out = Vec::new();
     for (device, arg) in wanted {
         let mut arg = arg.clone();
-        arg.host_key = host_key_of(args.host_key_dir.as_deref(), device);
+        if arg.host_key.is_none() {
+            arg.host_key = host_key_of(args.host_key_dir.as_deref(), device).map(HostKeySource::File);
+        }
         match cli::bind(&arg, args, cache).await {
             Ok(binding) => out.push(binding),
             Err(error) => tracing::warn!(device, %error, "not served"),
@@ -260,8 +289,23 @@ async fn feed(
     let image_events = reflector(image_writer, watcher(Api::<Image>::all(client.clone()), config))
         .touched_objects()
         .map(|r| r.map(|_| ()).map_err(|e| e.to_string()));
-    let mut events =
-        futures::stream::select_all([device_events.boxed(), node_events.boxed(), image_events.boxed()]);
+    let (secrets, secret_writer) = reflector::store::<Secret>();
+    let mut streams = vec![device_events.boxed(), node_events.boxed(), image_events.boxed()];
+    if let Some(namespace) = &args.host_key_namespace {
+        // The host key Secrets only (label selector): RBAC cannot narrow a list to a label.
+        let secret_config = watcher::Config::default().labels(&format!("{HOST_KEY_LABEL}=true"));
+        let secret_events = reflector(
+            secret_writer,
+            watcher(
+                Api::<Secret>::namespaced(client.clone(), namespace),
+                secret_config,
+            ),
+        )
+        .touched_objects()
+        .map(|r| r.map(|_| ()).map_err(|e| e.to_string()));
+        streams.push(secret_events.boxed());
+    }
+    let mut events = futures::stream::select_all(streams);
     let device_api = Api::<Device>::all(client.clone());
     let publisher = Recorder::new(
         client,
@@ -302,12 +346,20 @@ async fn feed(
                 &lab,
                 &all(&nodes),
                 &all(&images),
+                &all(&secrets),
                 &args.network,
                 &args.catalog_namespace,
                 &unregistered,
             );
-            state.set_refusals(conflicts.iter().map(|c| (c.mac, c.reason())).collect());
-            write_conflict_conditions(&device_api, &publisher, &lab, &conflicts).await;
+            state.set_refusals(refusals(&lab, &conflicts));
+            write_conflict_conditions(&device_api, &publisher, &lab, &conflicts, ClaimKind::Mac).await;
+            // Addresses are the network's: this service speaks only for its network's Devices.
+            let ours: Vec<Device> = lab
+                .iter()
+                .filter(|d| network_of(d) == args.network)
+                .cloned()
+                .collect();
+            write_conflict_conditions(&device_api, &publisher, &ours, &conflicts, ClaimKind::Address).await;
             let want: BTreeMap<String, DeviceArg> =
                 serve.into_iter().map(|arg| (arg.mac.to_string(), arg)).collect();
             if want == served && !first {
@@ -331,33 +383,39 @@ async fn feed(
     Ok(())
 }
 
-/// Writes the `MacConflict` conditions that change ([`conflict_conditions`]), each with an Event on
-/// the Device (Warning `MacConflict`, then Normal `MacConflictResolved`) and a log line. A failed
-/// write is logged and tried again at the next change.
+/// Writes the `MacConflict` or `AddressConflict` conditions that change ([`conflict_conditions`]),
+/// each with an Event on the Device (Warning `MacConflict`, then Normal `MacConflictResolved`;
+/// `AddressConflict`, `AddressConflictResolved`) and a log line. A failed write is logged and tried
+/// again at the next change.
 async fn write_conflict_conditions(
     api: &Api<Device>,
     events: &Recorder,
     devices: &[Device],
     conflicts: &[Conflict],
+    kind: ClaimKind,
 ) {
-    for (name, condition) in conflict_conditions(devices, conflicts, Timestamp::now()) {
+    for (name, condition) in conflict_conditions(devices, conflicts, kind, Timestamp::now()) {
         let Some(device) = devices.iter().find(|d| d.name_any() == name) else {
             continue;
         };
         let shared = condition.status == ConditionStatus::True.as_str();
+        let what = match kind {
+            ClaimKind::Mac => "MAC address",
+            ClaimKind::Address => "address",
+        };
         if shared {
             tracing::warn!(
                 device = name,
                 why = condition.message,
-                "MAC address shared: not served"
+                "{what} shared: not served"
             );
         } else {
-            tracing::info!(device = name, "MAC address no longer shared: served again");
+            tracing::info!(device = name, "{what} no longer shared: served again");
         }
-        let (type_, reason) = if shared {
-            (EventType::Warning, MAC_CONFLICT_CONDITION)
-        } else {
-            (EventType::Normal, MAC_CONFLICT_RESOLVED)
+        let (type_, reason) = match (shared, kind) {
+            (true, kind) => (EventType::Warning, kind.condition()),
+            (false, ClaimKind::Mac) => (EventType::Normal, MAC_CONFLICT_RESOLVED),
+            (false, ClaimKind::Address) => (EventType::Normal, ADDRESS_CONFLICT_RESOLVED),
         };
         publish(events, device, type_, reason, condition.message.clone()).await;
         let mut list = device
@@ -371,7 +429,7 @@ async fn write_conflict_conditions(
             .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
-            tracing::warn!(device = name, %error, "writing the MacConflict condition");
+            tracing::warn!(device = name, %error, condition = kind.condition(), "writing the condition");
         }
     }
 }
@@ -635,6 +693,7 @@ mod tests {
             &[device("pc1", None, Some(("lab", "n1", "u1")))],
             &[node("lab", "n1", "u1", Some("debian"))],
             &[image("lab", "debian", Some("sha256:aa"))],
+            &[],
             "default",
             "walt-catalog",
             &Unregistered::default(),
@@ -670,6 +729,7 @@ mod tests {
             std::slice::from_ref(&recorded),
             &[],
             &catalog,
+            &[],
             "default",
             "walt-catalog",
             &unregistered,
@@ -691,6 +751,7 @@ mod tests {
             std::slice::from_ref(&recorded),
             &[],
             &catalog,
+            &[],
             "default",
             "walt-catalog",
             &Unregistered::default(),
@@ -701,6 +762,7 @@ mod tests {
         // A default image missing from the catalog is named.
         let Wanted { skipped, .. } = wanted(
             std::slice::from_ref(&recorded),
+            &[],
             &[],
             &[],
             "default",
@@ -720,6 +782,7 @@ mod tests {
             &[recorded, admin],
             &[node("lab", "n1", "u1", Some("debian"))],
             &[image("lab", "debian", Some("sha256:aa")), catalog[0].clone()],
+            &[],
             "default",
             "walt-catalog",
             &unregistered,
@@ -738,6 +801,7 @@ mod tests {
             &[device("pc1", None, Some(("lab", "n1", "u1")))],
             &[node("lab", "n1", "u1", Some("debian"))],
             &[image("walt-catalog", "debian", Some("sha256:cc"))],
+            &[],
             "default",
             "walt-catalog",
             &Unregistered::default(),
@@ -755,6 +819,7 @@ mod tests {
                 devices,
                 nodes,
                 images,
+                &[],
                 "default",
                 "walt-catalog",
                 &Unregistered::default(),
@@ -807,6 +872,7 @@ mod tests {
             &[device("pc1", Some("lab2"), Some(("lab", "n1", "u1")))],
             &[n],
             &[i],
+            &[],
             "default",
             "walt-catalog",
             &Unregistered::default(),
@@ -817,16 +883,24 @@ mod tests {
         );
     }
 
+    /// `pc1` bound to `n1`, and `pc2` (as `change` makes it from a copy of `pc1`) bound to `n2`, both
+    /// Nodes booting a resolved Image.
+    fn two_devices(change: impl FnOnce(&mut Device)) -> ([Device; 2], [Node; 2], [Image; 1]) {
+        let mut second = device("pc2", None, Some(("lab", "n2", "u2")));
+        change(&mut second);
+        (
+            [device("pc1", None, Some(("lab", "n1", "u1"))), second],
+            [
+                node("lab", "n1", "u1", Some("debian")),
+                node("lab", "n2", "u2", Some("debian")),
+            ],
+            [image("lab", "debian", Some("sha256:aa"))],
+        )
+    }
+
     #[test]
     fn a_mac_two_devices_claim_is_served_to_neither_until_one_is_gone() {
-        let mut typo = device("pc2", None, Some(("lab", "n2", "u2")));
-        typo.spec.address = Some("10.0.0.12".into());
-        let nodes = [
-            node("lab", "n1", "u1", Some("debian")),
-            node("lab", "n2", "u2", Some("debian")),
-        ];
-        let images = [image("lab", "debian", Some("sha256:aa"))];
-        let both = [device("pc1", None, Some(("lab", "n1", "u1"))), typo];
+        let (both, nodes, images) = two_devices(|typo| typo.spec.address = Some("10.0.0.12".into()));
         let Wanted {
             serve,
             skipped,
@@ -835,6 +909,7 @@ mod tests {
             &both,
             &nodes,
             &images,
+            &[],
             "default",
             "walt-catalog",
             &Unregistered::default(),
@@ -849,17 +924,97 @@ mod tests {
             );
         }
         assert_eq!(conflicts.len(), 1);
-        assert_eq!(conflicts[0].mac.to_string(), "52:54:00:00:00:01");
+        assert_eq!(
+            conflicts[0].claim,
+            crate::controller::boot_claims::Claim::Mac("52:54:00:00:00:01".parse().expect("mac"))
+        );
         let Wanted { serve, conflicts, .. } = wanted(
             &both[..1],
             &nodes,
             &images,
+            &[],
             "default",
             "walt-catalog",
             &Unregistered::default(),
         );
         assert_eq!(serve.len(), 1, "served again once the conflict is gone");
         assert!(conflicts.is_empty());
+    }
+
+    #[test]
+    fn an_address_two_devices_of_the_network_claim_is_served_to_neither() {
+        let (both, nodes, images) = two_devices(|other| other.spec.mac = Some("52:54:00:00:00:02".into()));
+        let mut other = both[1].clone();
+        let Wanted {
+            serve,
+            skipped,
+            conflicts,
+        } = wanted(
+            &both,
+            &nodes,
+            &images,
+            &[],
+            "default",
+            "walt-catalog",
+            &Unregistered::default(),
+        );
+        assert!(serve.is_empty(), "neither is served: {serve:?}");
+        assert!(
+            skipped.iter().all(|s| s
+                .why
+                .contains("the address 10.0.0.11 is claimed by the Devices pc1, pc2")),
+            "{skipped:?}"
+        );
+        assert_eq!(conflicts.len(), 1);
+        other.spec.boot_network = Some("lab2".into());
+        let Wanted { serve, conflicts, .. } = wanted(
+            &[both[0].clone(), other],
+            &nodes,
+            &images,
+            &[],
+            "default",
+            "walt-catalog",
+            &Unregistered::default(),
+        );
+        assert_eq!(serve.len(), 1, "one address on two networks is no conflict");
+        assert!(conflicts.is_empty());
+    }
+
+    #[test]
+    fn a_device_is_served_the_host_key_walt_made_for_it() {
+        let mut pc = device("pc1", None, Some(("lab", "n1", "u1")));
+        pc.metadata.uid = Some("device-uid".into());
+        let secret = crate::controller::device::host_key::new_secret(&pc, "walt-system").expect("key");
+        let key = crate::controller::device::host_key::host_key_of(&secret).expect("readable");
+        let nodes = [node("lab", "n1", "u1", Some("debian"))];
+        let images = [image("lab", "debian", Some("sha256:aa"))];
+        let served = |device: &Device, secrets: &[Secret]| {
+            wanted(
+                std::slice::from_ref(device),
+                &nodes,
+                &images,
+                secrets,
+                "default",
+                "walt-catalog",
+                &Unregistered::default(),
+            )
+            .serve
+            .remove(0)
+            .host_key
+        };
+        assert_eq!(
+            served(&pc, std::slice::from_ref(&secret)),
+            Some(HostKeySource::Key(key)),
+            "its own key"
+        );
+        assert_eq!(served(&pc, &[]), None, "no Secret yet: none (the image's own)");
+        let mut recreated = pc.clone();
+        recreated.metadata.uid = Some("another-uid".into());
+        assert_eq!(
+            served(&recreated, std::slice::from_ref(&secret)),
+            None,
+            "a former Device's key is not served"
+        );
     }
 
     #[test]

@@ -356,6 +356,23 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
                     .map(|device| ObjectRef::<Cached<Device>>::new(&device))
             },
         )
+        // A Device's host key Secret changed or went away (deleted: a new key is made).
+        .watches(
+            Api::<k8s_openapi::api::core::v1::Secret>::namespaced(
+                context.client.clone(),
+                &context.config.args.namespace,
+            ),
+            watcher::Config::default().labels(&format!("{}=true", walt_crds::HOST_KEY_LABEL)),
+            |secret| {
+                secret
+                    .metadata
+                    .owner_references
+                    .unwrap_or_default()
+                    .into_iter()
+                    .find(|owner| owner.kind == "Device")
+                    .map(|owner| ObjectRef::<Cached<Device>>::new(&owner.name))
+            },
+        )
         .with_config(controller_config(&context))
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(

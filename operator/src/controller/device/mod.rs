@@ -1,4 +1,5 @@
-//! Device reconcile: dereference (the Node `status.boundTo` names) → the pure [`decide::decide`]
+//! Device reconcile: the network-booted Device's SSH host key first ([`host_key::ensure`]: its
+//! Secret made when missing, `status.hostKey` kept), then its binding. Binding: dereference (the Node `status.boundTo` names) → the pure [`decide::decide`]
 //! (does the binding still hold?) → one status write clearing a stale binding, with an Event on the
 //! Device. Binding is the Node controller's (it claims a lent, free device); releasing is this
 //! one's, so a Device never keeps pointing at a Node that is gone or at a namespace it was taken
@@ -16,6 +17,7 @@ use kube::{Api, ResourceExt};
 use walt_crds::{Device, Node};
 
 pub mod decide;
+pub mod host_key;
 pub mod reasons;
 
 use self::decide::{Release, Step, binding_in_scope, decide, kept_by_cache};
@@ -31,6 +33,11 @@ const RECHECK: Duration = Duration::from_mins(10);
 /// the API server's answer (a cache behind a new Node never releases its binding).
 pub async fn reconcile(device: Arc<Device>, context: Arc<Context>) -> Result<Action> {
     let scope = context.config.args.watch_namespace.as_deref();
+    // An operator watching one namespace keys only the devices lent there (the others are other
+    // operators' to key, or the lab-wide one's).
+    if scope.is_none_or(|scope| device.lent_to() == Some(scope)) {
+        host_key::ensure(&context, &device).await?;
+    }
     let Some(binding) = binding_in_scope(&device, scope) else {
         return Ok(Action::await_change());
     };

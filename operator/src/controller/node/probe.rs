@@ -18,7 +18,7 @@ use crate::boot::state::BootRecord;
 use crate::controller::shared::context::Context;
 use crate::controller::shared::error::{Error, Result};
 use crate::controller::shared::node_access::{
-    Claim, NoRoute, binds, claim, client_config, node_device_cached, node_target, ssh_reason,
+    Claim, NoRoute, binds, claim, client_config, mismatch_advice, node_device_cached, node_target, ssh_reason,
 };
 use crate::ssh::{NodeClient, NodeTarget, SshError};
 
@@ -47,11 +47,18 @@ fn parse_uptime(stdout: &[u8]) -> Option<Duration> {
     Duration::try_from_secs_f64(seconds).ok()
 }
 
-fn failure_of(error: &SshError) -> SshFailure {
+/// The probe's failure; a host key mismatch says where the expected key comes from and what to do
+/// (`advice`, [`mismatch_advice`]).
+fn failure_of(error: &SshError, advice: Option<&str>) -> SshFailure {
+    let host_key_mismatch = matches!(error, SshError::HostKeyMismatch { .. });
+    let message = match advice {
+        Some(advice) if host_key_mismatch => format!("{error} ({advice})"),
+        _ => error.to_string(),
+    };
     SshFailure {
         reason: ssh_reason(error),
-        message: error.to_string(),
-        host_key_mismatch: matches!(error, SshError::HostKeyMismatch { .. }),
+        message,
+        host_key_mismatch,
     }
 }
 
@@ -103,9 +110,10 @@ pub async fn reconcile_physical(
     };
     status.device = Some(device.name_any());
     status.address = Some(ssh_target.host.clone());
-    if let Some(pinned) = &device.spec.host_key {
-        status.host_key = Some(pinned.clone());
+    if let Some(enforced) = device.enforced_host_key() {
+        status.host_key = Some(enforced.to_owned());
     }
+    let advice = mismatch_advice(&device, &context.config.args.namespace);
     let config = client_config(context, node, Some(&device))?;
     let interval = context.config.args.probe_interval;
     // What the boot service saw of a device walt network-boots (before the probe: a boot it
@@ -124,7 +132,7 @@ pub async fn reconcile_physical(
     let client = match NodeClient::connect(&ssh_target, &config).await {
         Ok(client) => client,
         Err(error) => {
-            let probe = Probe::Failed(failure_of(&error));
+            let probe = Probe::Failed(failure_of(&error, advice.as_deref()));
             let now = Timestamp::now();
             let mut decision = decide(node, status, target.as_ref(), &probe, now, interval);
             if let Some(seen) = &seen {
@@ -137,7 +145,7 @@ pub async fn reconcile_physical(
     let observed = observe(&client, &ssh_target, &node.spec.overlay.ready_marker).await;
     let probe = match observed {
         Ok(Ok(reached)) => Probe::Reached(reached),
-        Ok(Err(failed)) => Probe::Failed(failure_of(&failed)),
+        Ok(Err(failed)) => Probe::Failed(failure_of(&failed, advice.as_deref())),
         Err(error) => {
             client.close().await;
             return Err(error);

@@ -297,11 +297,12 @@ pub struct HostKeyError {
     pub source: Box<SshError>,
 }
 
-/// How a node's host key is checked (pure): pinned by its Device, else the one the operator
-/// recorded in the Node's status, else trust on first use.
+/// How a node's host key is checked (pure): the one its Device enforces (pinned by a lab admin, else
+/// the one walt made for it and serves it at boot), else the one the operator recorded in the Node's
+/// status, else trust on first use.
 pub fn host_key_policy(node: &Node, device: Option<&Device>) -> Result<HostKeyPolicy, HostKeyError> {
     let pinned = device
-        .and_then(|device| device.spec.host_key.as_deref())
+        .and_then(Device::enforced_host_key)
         .or_else(|| node.status.as_ref().and_then(|status| status.host_key.as_deref()));
     match pinned {
         Some(line) => crate::ssh::client::parse_public_key(line)
@@ -312,6 +313,26 @@ pub fn host_key_policy(node: &Node, device: Option<&Device>) -> Result<HostKeyPo
             }),
         None => Ok(HostKeyPolicy::TrustOnFirstUse),
     }
+}
+
+/// What a host key mismatch on `device` means and what to do (pure), after where its enforced key
+/// comes from; `None` when the Device enforces none (the key is the Node's recorded one).
+pub fn mismatch_advice(device: &Device, operator_namespace: &str) -> Option<String> {
+    let name = device.name_any();
+    if device.spec.host_key.is_some() {
+        return Some(format!(
+            "the expected key is the one a lab admin pinned in the Device {name}'s spec.hostKey: update it if the \
+             device was reinstalled, else another machine answers at its address"
+        ));
+    }
+    device.status.as_ref().and_then(|s| s.host_key.as_ref())?;
+    Some(format!(
+        "the expected key is the one walt made for the Device {name} (Secret {operator_namespace}/{}, its \
+         status.hostKey), which the boot service serves it at every boot: a device answering with another key booted \
+         before that key existed or not from walt's boot service, or another machine answers at its address; \
+         power-cycle the device so it boots with its key",
+        walt_crds::host_key_secret_name(&name)
+    ))
 }
 
 /// The SSH client configuration for a node: the lab's node key, [`host_key_policy`], and the
@@ -569,6 +590,43 @@ mod tests {
             host_key_policy(&alice, Some(&lent)),
             Ok(HostKeyPolicy::Pinned(_))
         ));
+        assert!(
+            mismatch_advice(&lent, "walt-system")
+                .is_some_and(|a| a.contains("pinned in the Device rpi1's spec.hostKey")),
+            "{:?}",
+            mismatch_advice(&lent, "walt-system")
+        );
+    }
+
+    #[test]
+    fn the_key_walt_made_for_a_device_is_enforced_over_the_nodes_first_seen_one() {
+        let served = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3aLq454yWBdwLWbieU1ebz9/cu7/QEXn9OIeZJ";
+        let first_seen = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDVyM7T7Fy8w7L0iYGJm8Hfy7QnSS5n2A4rsdKXxBFH7";
+        let mut alice = physical("alice", "n1", "rpi1");
+        alice.status = Some(walt_crds::NodeStatus {
+            host_key: Some(first_seen.into()),
+            ..walt_crds::NodeStatus::default()
+        });
+        let mut lent = device(Some("alice"), Some(&alice));
+        assert_eq!(
+            mismatch_advice(&lent, "walt-system"),
+            None,
+            "no key of the Device's"
+        );
+        lent.status.get_or_insert_with(DeviceStatus::default).host_key = Some(served.into());
+        let Ok(HostKeyPolicy::Pinned(pinned)) = host_key_policy(&alice, Some(&lent)) else {
+            panic!("pinned");
+        };
+        assert_eq!(
+            pinned.to_openssh().ok().as_deref(),
+            Some(served),
+            "the Device's key, not the first seen"
+        );
+        let advice = mismatch_advice(&lent, "walt-system").unwrap_or_default();
+        assert!(
+            advice.contains("Secret walt-system/walt-hostkey-rpi1") && advice.contains("power-cycle"),
+            "{advice}"
+        );
     }
 
     fn vnode() -> Node {

@@ -53,16 +53,7 @@ impl RegistryClient {
     where
         S: Stream<Item = Result<Bytes, OciDistributionError>> + Send + 'static,
     {
-        let registry = target.resolve_registry();
-        let scheme = if self.insecure_registries.iter().any(|host| host == registry) {
-            "http"
-        } else {
-            "https"
-        };
-        let start = parse_url(&format!(
-            "{scheme}://{registry}/v2/{}/blobs/uploads/",
-            target.repository()
-        ))?;
+        let start = parse_url(&self.uploads_url(target))?;
         let authorization = self.authorization(target).await?;
         let opened = authorization
             .apply(self.http()?.post(start))
@@ -191,15 +182,9 @@ impl RegistryClient {
         source: &Reference,
         digest: &str,
     ) -> Result<bool, OciDistributionError> {
-        let registry = target.resolve_registry();
-        let scheme = if self.insecure_registries.iter().any(|host| host == registry) {
-            "http"
-        } else {
-            "https"
-        };
         let url = parse_url(&format!(
-            "{scheme}://{registry}/v2/{}/blobs/uploads/?mount={digest}&from={}",
-            target.repository(),
+            "{}?mount={digest}&from={}",
+            self.uploads_url(target),
             source.repository()
         ))?;
         let credentials = self.auth_for(target);
@@ -280,6 +265,17 @@ impl RegistryClient {
                 url,
                 message: body.to_string(),
             })
+    }
+
+    /// Where uploads to `target`'s repository start (plain HTTP for the insecure registries).
+    fn uploads_url(&self, target: &Reference) -> String {
+        let registry = target.resolve_registry();
+        let scheme = if self.insecure_registries.iter().any(|host| host == registry) {
+            "http"
+        } else {
+            "https"
+        };
+        format!("{scheme}://{registry}/v2/{}/blobs/uploads/", target.repository())
     }
 
     async fn authorization(&self, target: &Reference) -> Result<Authorization, OciDistributionError> {

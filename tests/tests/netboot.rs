@@ -1341,6 +1341,74 @@ fn dhcp_lease_as(net: &LabNetwork, mac: &str, vendor: &str, user_class: Option<&
         .map(str::to_owned)
 }
 
+/// A new registry holding one image with WalT's boot layout for [`MODEL`] (its `kernel.img` says
+/// `kernel`), pushed as `repository`: the registry and the image's digest.
+fn registry_with_boot_image(repository: &str, kernel: &str) -> (Registry, String) {
+    let registry = Registry::start().expect("registry");
+    let layout = OciLayout::new().expect("layout");
+    layout.new_image("empty", Arch::Amd64).expect("new image");
+    let kernel = kernel.to_owned();
+    layout
+        .add_layer("empty", "v1", move |root| {
+            std::fs::create_dir_all(root.join(format!("boot/{MODEL}")))?;
+            std::fs::write(root.join(format!("boot/{MODEL}/kernel.img")), &kernel)
+        })
+        .expect("layer");
+    let digest = layout.push("v1", &registry, repository).expect("push");
+    (registry, digest)
+}
+
+/// A boot service fed from the cluster, run in a lab network, and the forwards it reaches the API
+/// server and the registry through.
+struct ClusterBootServer {
+    server: BootServer,
+    _forwards: [Forward; 2],
+}
+
+/// Starts `boot-server --from-cluster --network NETWORK --dhcp authoritative` on `net`'s bridge,
+/// with `extra` arguments, reaching `cluster` and `registry` through forwards into the namespace.
+fn cluster_boot_server(
+    cluster: &walt_tests::k8s::Cluster,
+    net: &LabNetwork,
+    scratch: &std::path::Path,
+    registry: &Registry,
+    network: &str,
+    extra: &[&str],
+) -> ClusterBootServer {
+    let forwards = [
+        Forward::into_netns(net, port_of(cluster.server()), scratch).expect("forward the API server"),
+        Forward::into_netns(net, port_of(&registry.host()), scratch).expect("forward the registry"),
+    ];
+    let listen = net.server.to_string();
+    let args: Vec<String> = [
+        "--from-cluster",
+        "--network",
+        network,
+        "--listen",
+        &listen,
+        "--dhcp",
+        "authoritative",
+        "--dhcp-interface",
+        "br0",
+    ]
+    .iter()
+    .chain(extra)
+    .map(ToString::to_string)
+    .collect();
+    let kubeconfig = cluster.kubeconfig();
+    let server = BootServer::start_in(
+        net,
+        scratch,
+        Some(registry),
+        &args,
+        &[("KUBECONFIG", kubeconfig.as_path())],
+    );
+    ClusterBootServer {
+        server,
+        _forwards: forwards,
+    }
+}
+
 /// Control plane tier: a device nobody registered boots the lab's default image of its model, as on
 /// a WalT server, once the lab says which image that is (`--default-image MODEL=IMAGE`, a catalog
 /// Image) and which addresses its network lends (`--unregistered-addresses FIRST-LAST`). Real DHCP
@@ -1356,16 +1424,7 @@ fn an_unregistered_device_boots_the_labs_default_image_of_its_model() {
     let started = std::time::Instant::now();
     let cluster = control_plane();
     let scratch = tempfile::tempdir().expect("scratch dir");
-    let registry = Registry::start().expect("registry");
-    let layout = OciLayout::new().expect("layout");
-    layout.new_image("empty", Arch::Amd64).expect("new image");
-    layout
-        .add_layer("empty", "v1", |root| {
-            std::fs::create_dir_all(root.join(format!("boot/{MODEL}")))?;
-            std::fs::write(root.join(format!("boot/{MODEL}/kernel.img")), "default")
-        })
-        .expect("layer");
-    let digest = layout.push("v1", &registry, "netboot/default:v1").expect("push");
+    let (registry, digest) = registry_with_boot_image("netboot/default:v1", "default");
     let net = LabNetwork::create(209).expect("lab network");
     let catalog = cluster.create_namespace("default-catalog").expect("namespace");
     let network = format!("defaults-{}", std::process::id());
@@ -1390,38 +1449,23 @@ fn an_unregistered_device_boots_the_labs_default_image_of_its_model() {
                 .to_string(),
         ])
         .expect("status patch");
-    let _forwards = [
-        Forward::into_netns(&net, port_of(cluster.server()), scratch.path()).expect("forward the API server"),
-        Forward::into_netns(&net, port_of(&registry.host()), scratch.path()).expect("forward the registry"),
-    ];
     let (first, last) = (net.device_ip(190), net.device_ip(191));
-    let args: Vec<String> = [
-        "--from-cluster",
-        "--network",
-        &network,
-        "--listen",
-        &net.server.to_string(),
-        "--dhcp",
-        "authoritative",
-        "--dhcp-interface",
-        "br0",
-        "--catalog-namespace",
-        &catalog,
-        "--default-image",
-        &format!("{MODEL}=pc-default"),
-        "--unregistered-addresses",
-        &format!("{first}-{last}"),
-    ]
-    .iter()
-    .map(ToString::to_string)
-    .collect();
-    let kubeconfig = cluster.kubeconfig();
-    let server = BootServer::start_in(
+    let default_image = format!("{MODEL}=pc-default");
+    let pool = format!("{first}-{last}");
+    let ClusterBootServer { server, .. } = &cluster_boot_server(
+        cluster,
         &net,
         scratch.path(),
-        Some(&registry),
-        &args,
-        &[("KUBECONFIG", kubeconfig.as_path())],
+        &registry,
+        &network,
+        &[
+            "--catalog-namespace",
+            &catalog,
+            "--default-image",
+            &default_image,
+            "--unregistered-addresses",
+            &pool,
+        ],
     );
     let (mac, other) = ("52:54:00:de:00:01", "52:54:00:de:00:02");
     let user_class = format!("walt.node.{MODEL}");
@@ -1517,16 +1561,7 @@ fn boot_server_refuses_a_shared_mac_and_records_unknown_devices() {
     let started = std::time::Instant::now();
     let cluster = control_plane();
     let scratch = tempfile::tempdir().expect("scratch dir");
-    let registry = Registry::start().expect("registry");
-    let layout = OciLayout::new().expect("layout");
-    layout.new_image("empty", Arch::Amd64).expect("new image");
-    layout
-        .add_layer("empty", "v1", |root| {
-            std::fs::create_dir_all(root.join(format!("boot/{MODEL}")))?;
-            std::fs::write(root.join(format!("boot/{MODEL}/kernel.img")), "v1")
-        })
-        .expect("layer");
-    let digest = layout.push("v1", &registry, "netboot/claims:v1").expect("push");
+    let (registry, digest) = registry_with_boot_image("netboot/claims:v1", "v1");
     let net = LabNetwork::create(208).expect("lab network");
     let ns = cluster.create_namespace("claims").expect("namespace");
     // A boot network of this test's own: Devices other tests leave on the control plane are not ours.
@@ -1571,34 +1606,15 @@ fn boot_server_refuses_a_shared_mac_and_records_unknown_devices() {
     );
     bind_device(cluster, &pc_a, Some((&ns, "node1")));
 
-    let _forwards = [
-        Forward::into_netns(&net, port_of(cluster.server()), scratch.path()).expect("forward the API server"),
-        Forward::into_netns(&net, port_of(&registry.host()), scratch.path()).expect("forward the registry"),
-    ];
-    let args: Vec<String> = [
-        "--from-cluster",
-        "--network",
-        &network,
-        "--listen",
-        &net.server.to_string(),
-        "--dhcp",
-        "authoritative",
-        "--dhcp-interface",
-        "br0",
-        "--max-unknown-devices",
-        "1",
-    ]
-    .iter()
-    .map(ToString::to_string)
-    .collect();
-    let kubeconfig = cluster.kubeconfig();
-    let server = BootServer::start_in(
+    let ClusterBootServer { server, .. } = &cluster_boot_server(
+        cluster,
         &net,
         scratch.path(),
-        Some(&registry),
-        &args,
-        &[("KUBECONFIG", kubeconfig.as_path())],
+        &registry,
+        &network,
+        &["--max-unknown-devices", "1"],
     );
+    let kubeconfig = cluster.kubeconfig();
     let ipxe = "iPXE";
     let rpi = "PXEClient:Arch:00000:UNDI:002001";
     let leases = |what: &str, wanted: Option<&str>| {

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use futures::stream::BoxStream;
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
 };
@@ -235,4 +236,31 @@ pub fn event_time(event: &Event) -> Option<k8s_openapi::jiff::Timestamp> {
 /// loops simple and survive API server restarts without extra code).
 pub async fn tick() {
     tokio::time::sleep(Duration::from_millis(500)).await;
+}
+
+/// A wake-up at each change of the object `name` of `api` (a watch), so a wait answers as soon as
+/// the operator writes rather than at the next poll (half a poll sooner on average at each step,
+/// measured on shell sessions by `cargo xtask bench`).
+pub fn changes_of<K>(api: Api<K>, name: &str) -> BoxStream<'static, ()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    use futures::StreamExt as _;
+    use kube::runtime::{WatchStreamExt as _, watcher};
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    watcher(api, config).default_backoff().map(|_| ()).boxed()
+}
+
+/// Waits for the next change [`changes_of`] brings, or one poll ([`tick`]) at most: a watch refused
+/// (by RBAC) or ended leaves the wait polling.
+pub async fn next_change(changes: &mut BoxStream<'static, ()>) {
+    use futures::StreamExt as _;
+    tokio::select! {
+        woke = changes.next() => {
+            if woke.is_none() {
+                tick().await;
+            }
+        }
+        () = tick() => {}
+    }
 }

@@ -21,7 +21,7 @@ use walt_crds::dockerignore::Ignore;
 use walt_crds::image_build::StepLine;
 use walt_crds::{BuildArg, BuildSource, GitSource, ImageBuild, ImageBuildPhase, ImageBuildSpec, ImageName};
 
-use crate::cluster::{Ctx, tick};
+use crate::cluster::Ctx;
 use crate::error::{Error, Op, Result};
 use crate::format::{bytes, clock, short_digest};
 use crate::resolve::image_name;
@@ -637,6 +637,7 @@ pub fn build_pod_of(namespace: &str, build: &ImageBuild) -> Option<RuntimePod> {
 async fn wait_for_pod(ctx: &Ctx, build: &str) -> Result<RuntimePod> {
     let start = Instant::now();
     let mut line = LiveLine::stderr();
+    let mut changes = crate::cluster::changes_of(ctx.builds(), build);
     loop {
         let object = get_build(ctx, build).await?;
         let status = object.status.clone().unwrap_or_default();
@@ -661,7 +662,7 @@ async fn wait_for_pod(ctx: &Ctx, build: &str) -> Result<RuntimePod> {
                 clock(start.elapsed())
             ),
         });
-        tick().await;
+        crate::cluster::next_change(&mut changes).await;
     }
 }
 
@@ -735,6 +736,7 @@ async fn stream_build(ctx: &Ctx, pod: &RuntimePod, archive: &[u8], times: &mut B
 async fn wait_for_verdict(ctx: &Ctx, build: &str) -> Result<ImageBuild> {
     let start = Instant::now();
     let mut line = LiveLine::stderr();
+    let mut changes = crate::cluster::changes_of(ctx.builds(), build);
     loop {
         let object = get_build(ctx, build).await?;
         let status = object.status.clone().unwrap_or_default();
@@ -754,7 +756,7 @@ async fn wait_for_verdict(ctx: &Ctx, build: &str) -> Result<ImageBuild> {
             status.step.as_deref().unwrap_or("waiting for the build pod"),
             clock(start.elapsed())
         ));
-        tick().await;
+        crate::cluster::next_change(&mut changes).await;
     }
 }
 

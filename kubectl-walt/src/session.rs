@@ -4,11 +4,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt as _;
-use futures::stream::BoxStream;
-use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::{WatchStreamExt as _, watcher};
 use walt_crds::{ShellSession, ShellSessionPhase, ShellSessionSpec};
 
 use crate::cluster::{Ctx, event_time, tick};
@@ -161,7 +157,7 @@ impl Created {
         let mut line = LiveLine::stderr();
         let mut seen_events: HashSet<String> = HashSet::new();
         let mut last_event = String::new();
-        let mut changes = changes_of(ctx.sessions(), &self.name);
+        let mut changes = crate::cluster::changes_of(ctx.sessions(), &self.name);
         loop {
             let session = self.get_through_outages(ctx, &mut line).await?;
             if done(&session) {
@@ -205,29 +201,8 @@ impl Created {
                 format!(": {last_event}")
             };
             line.show(&format!("{what} {phase}{detail}  ({})", clock(start.elapsed())));
-            next_change(&mut changes).await;
+            crate::cluster::next_change(&mut changes).await;
         }
-    }
-}
-
-/// A wake-up at each change of the session `name` (a watch), so a wait answers as soon as the
-/// operator writes rather than at the next poll (half a poll sooner on average at each step of a
-/// shell's start, measured by `cargo xtask bench`).
-fn changes_of(api: Api<ShellSession>, name: &str) -> BoxStream<'static, ()> {
-    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    watcher(api, config).default_backoff().map(|_| ()).boxed()
-}
-
-/// Waits for the next change of the session, or one poll ([`tick`]) at most: a watch refused (by
-/// RBAC) or ended leaves the wait polling as before.
-async fn next_change(changes: &mut BoxStream<'static, ()>) {
-    tokio::select! {
-        woke = changes.next() => {
-            if woke.is_none() {
-                tick().await;
-            }
-        }
-        () = tick() => {}
     }
 }
 

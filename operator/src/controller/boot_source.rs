@@ -638,6 +638,20 @@ mod tests {
     use super::*;
     use walt_crds::{DeviceBinding, DeviceSpec, DeviceStatus, Firmware, ImageSpec, ImageStatus, NodeSpec};
 
+    /// [`wanted`] on the `default` network with the `walt-catalog` catalog, no host key Secrets and
+    /// no default images for unregistered devices.
+    fn wanted_plain(devices: &[Device], nodes: &[Node], images: &[Image]) -> Wanted {
+        wanted(
+            devices,
+            nodes,
+            images,
+            &[],
+            "default",
+            "walt-catalog",
+            &Unregistered::default(),
+        )
+    }
+
     fn device(name: &str, network: Option<&str>, bound: Option<(&str, &str, &str)>) -> Device {
         let mut d = Device::new(
             name,
@@ -689,14 +703,10 @@ mod tests {
 
     #[test]
     fn a_bound_device_serves_its_nodes_image_by_digest() {
-        let Wanted { serve, skipped, .. } = wanted(
+        let Wanted { serve, skipped, .. } = wanted_plain(
             &[device("pc1", None, Some(("lab", "n1", "u1")))],
             &[node("lab", "n1", "u1", Some("debian"))],
             &[image("lab", "debian", Some("sha256:aa"))],
-            &[],
-            "default",
-            "walt-catalog",
-            &Unregistered::default(),
         );
         assert_eq!(skipped, vec![]);
         assert_eq!(serve.len(), 1);
@@ -747,15 +757,7 @@ mod tests {
         );
 
         // Without the lab's settings it boots nothing, and the reason names them.
-        let Wanted { serve, skipped, .. } = wanted(
-            std::slice::from_ref(&recorded),
-            &[],
-            &catalog,
-            &[],
-            "default",
-            "walt-catalog",
-            &Unregistered::default(),
-        );
+        let Wanted { serve, skipped, .. } = wanted_plain(std::slice::from_ref(&recorded), &[], &catalog);
         assert!(serve.is_empty());
         assert!(skipped[0].why.contains("--unregistered-addresses"), "{skipped:?}");
 
@@ -797,14 +799,10 @@ mod tests {
 
     #[test]
     fn the_catalog_serves_images_a_namespace_does_not_have() {
-        let Wanted { serve, .. } = wanted(
+        let Wanted { serve, .. } = wanted_plain(
             &[device("pc1", None, Some(("lab", "n1", "u1")))],
             &[node("lab", "n1", "u1", Some("debian"))],
             &[image("walt-catalog", "debian", Some("sha256:cc"))],
-            &[],
-            "default",
-            "walt-catalog",
-            &Unregistered::default(),
         );
         assert_eq!(
             serve[0].source,
@@ -815,15 +813,7 @@ mod tests {
     #[test]
     fn devices_that_cannot_be_served_say_why() {
         let why = |devices: &[Device], nodes: &[Node], images: &[Image]| {
-            let Wanted { serve, skipped, .. } = wanted(
-                devices,
-                nodes,
-                images,
-                &[],
-                "default",
-                "walt-catalog",
-                &Unregistered::default(),
-            );
+            let Wanted { serve, skipped, .. } = wanted_plain(devices, nodes, images);
             assert!(serve.is_empty());
             skipped.into_iter().map(|s| s.why).collect::<Vec<_>>().join("; ")
         };
@@ -868,14 +858,10 @@ mod tests {
             )
             .contains("not registered")
         );
-        let Wanted { serve, skipped, .. } = wanted(
+        let Wanted { serve, skipped, .. } = wanted_plain(
             &[device("pc1", Some("lab2"), Some(("lab", "n1", "u1")))],
             &[n],
             &[i],
-            &[],
-            "default",
-            "walt-catalog",
-            &Unregistered::default(),
         );
         assert!(
             serve.is_empty() && skipped.is_empty(),
@@ -905,15 +891,7 @@ mod tests {
             serve,
             skipped,
             conflicts,
-        } = wanted(
-            &both,
-            &nodes,
-            &images,
-            &[],
-            "default",
-            "walt-catalog",
-            &Unregistered::default(),
-        );
+        } = wanted_plain(&both, &nodes, &images);
         assert!(serve.is_empty(), "neither is served: {serve:?}");
         assert_eq!(skipped.len(), 2);
         for skip in &skipped {
@@ -928,15 +906,7 @@ mod tests {
             conflicts[0].claim,
             crate::controller::boot_claims::Claim::Mac("52:54:00:00:00:01".parse().expect("mac"))
         );
-        let Wanted { serve, conflicts, .. } = wanted(
-            &both[..1],
-            &nodes,
-            &images,
-            &[],
-            "default",
-            "walt-catalog",
-            &Unregistered::default(),
-        );
+        let Wanted { serve, conflicts, .. } = wanted_plain(&both[..1], &nodes, &images);
         assert_eq!(serve.len(), 1, "served again once the conflict is gone");
         assert!(conflicts.is_empty());
     }
@@ -949,15 +919,7 @@ mod tests {
             serve,
             skipped,
             conflicts,
-        } = wanted(
-            &both,
-            &nodes,
-            &images,
-            &[],
-            "default",
-            "walt-catalog",
-            &Unregistered::default(),
-        );
+        } = wanted_plain(&both, &nodes, &images);
         assert!(serve.is_empty(), "neither is served: {serve:?}");
         assert!(
             skipped.iter().all(|s| s
@@ -967,15 +929,7 @@ mod tests {
         );
         assert_eq!(conflicts.len(), 1);
         other.spec.boot_network = Some("lab2".into());
-        let Wanted { serve, conflicts, .. } = wanted(
-            &[both[0].clone(), other],
-            &nodes,
-            &images,
-            &[],
-            "default",
-            "walt-catalog",
-            &Unregistered::default(),
-        );
+        let Wanted { serve, conflicts, .. } = wanted_plain(&[both[0].clone(), other], &nodes, &images);
         assert_eq!(serve.len(), 1, "one address on two networks is no conflict");
         assert!(conflicts.is_empty());
     }

@@ -2295,6 +2295,21 @@ impl OperatorLab {
         }
     }
 
+    /// The Events of the lab's namespace, oldest first (for failure messages).
+    fn events(&self) -> String {
+        self.cluster
+            .kubectl_output(&[
+                "-n",
+                &self.ns,
+                "get",
+                "events",
+                "--sort-by=.metadata.creationTimestamp",
+                "-o",
+                "custom-columns=TIME:.metadata.creationTimestamp,REASON:.reason,OBJECT:.involvedObject.name,MESSAGE:.message",
+            ])
+            .unwrap_or_else(|e| format!("(no Events: {e})"))
+    }
+
     /// `jsonpath` of the Node `vm1`.
     fn node(&self, jsonpath: &str) -> String {
         self.cluster
@@ -2364,7 +2379,6 @@ impl OperatorLab {
     }
 
     /// Waits until the operator has bound the Device and resolved the Image, and the boot service
-    /// serves it (its boot records know the MAC once a binding names it).    /// Waits until the operator has bound the Device and resolved the Image, and the boot service
     /// serves it (its boot records know the MAC once a binding names it).
     fn wait_served(&self) {
         walt_tests::wait::Wait::new("the boot service to serve the Device", Duration::from_mins(2))
@@ -2573,7 +2587,14 @@ fn operator_verifies_the_image_a_vm_node_network_booted() {
             );
             reachable.starts_with("False HostKeyMismatch ")
         })
-        .unwrap_or_else(|e| panic!("{e}: {reachable}\noperator:\n{}", lab.operator.log()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}: {reachable}\nevents:\n{}\noperator:\n{}\nconsole:\n{}",
+                lab.events(),
+                lab.operator.log(),
+                vm.console()
+            )
+        });
     assert!(
         reachable.contains(&ssh_fingerprint(&new_key, lab.scratch.path()))
             && reachable.contains(&fingerprint)
@@ -2582,6 +2603,11 @@ fn operator_verifies_the_image_a_vm_node_network_booted() {
         "the condition says which key was expected, which one answered, and what to do: {reachable}"
     );
     let refused = rotated_at.elapsed();
+    // One boot at power-on, one for the move: the operator judged the new boot on its own record
+    // (seen: judged on the record of the boot it left, it rebooted the VM a second time).
+    let console = vm.console();
+    let boots = console.lines().filter(|l| l.contains(BOOTED_MARKER)).count();
+    assert_eq!(boots, 2, "the VM booted twice, no more: {console}");
     println!(
         "figures: operator path: set-up {:.1} s; power-on → booted marker {:.1} s, → Node bootedImage verified {:.1} s; \
          spec.image moved → second image verified {:.1} s; key made again → former key refused {:.1} s; test {:.1} s",

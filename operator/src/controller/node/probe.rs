@@ -116,15 +116,6 @@ pub async fn reconcile_physical(
     let advice = mismatch_advice(&device, &context.config.args.namespace);
     let config = client_config(context, node, Some(&device))?;
     let interval = context.config.args.probe_interval;
-    // What the boot service saw of a device walt network-boots (before the probe: a boot it
-    // verified after the probe is seen next time).
-    let seen = match (&device.spec.firmware, &device.spec.mac) {
-        (Some(_), Some(mac)) => {
-            let network = crate::controller::boot_source::network_of(&device);
-            Some(boot_record(context, network, mac).await)
-        }
-        _ => None,
-    };
     let watchdog = netboot::Watchdog {
         timeout: context.config.args.boot_timeout,
         retries: context.config.args.boot_retries,
@@ -133,6 +124,7 @@ pub async fn reconcile_physical(
         Ok(client) => client,
         Err(error) => {
             let probe = Probe::Failed(failure_of(&error, advice.as_deref()));
+            let seen = boot_seen(context, &device).await;
             let now = Timestamp::now();
             let mut decision = decide(node, status, target.as_ref(), &probe, now, interval);
             if let Some(seen) = &seen {
@@ -151,6 +143,7 @@ pub async fn reconcile_physical(
             return Err(error);
         }
     };
+    let seen = boot_seen(context, &device).await;
     let now = Timestamp::now();
     let mut decision = decide(node, status, target.as_ref(), &probe, now, interval);
     if let Some(seen) = &seen {
@@ -161,6 +154,18 @@ pub async fn reconcile_physical(
     let applied = apply(context, node, Some((&client, &ssh_target)), decision).await;
     client.close().await;
     applied
+}
+
+/// What the boot service saw of a device walt network-boots (none for another device). Asked after
+/// the probe, never before: a node that rebooted while the probe waited for its SSH (up to
+/// `CONNECT_TIMEOUT`) must not be judged on the record of its former boot (seen: the record of the
+/// image it left, verified, read as the new boot's, and the node rebooted a second time).
+async fn boot_seen(context: &Context, device: &Device) -> Option<netboot::Seen> {
+    let (Some(_), Some(mac)) = (&device.spec.firmware, &device.spec.mac) else {
+        return None;
+    };
+    let network = crate::controller::boot_source::network_of(device);
+    Some(boot_record(context, network, mac).await)
 }
 
 /// Asks the boot service of `network` (`--boot-status-url`) what it saw of the device with this MAC.

@@ -45,12 +45,12 @@ use std::fmt::Debug;
 use std::future::Future;
 use std::sync::Arc;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
@@ -237,15 +237,26 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
         watcher::Config::default(),
     );
     let device_cache = devices.store();
-    let nodes = Controller::new(all::<Cached<Node>>(&context), watcher::Config::default())
+    // The Node controller's watch, through a reflector of ours: its events also keep the index the
+    // Device and Image mappers read (`shared::node_index`).
+    let (node_reader, node_writer) = reflector::store();
+    let node_index = Arc::new(shared::node_index::NodeIndex::default());
+    let indexing = node_index.clone();
+    let node_events = reflector::reflector(
+        node_writer,
+        watcher::watcher(all::<Cached<Node>>(&context), watcher::Config::default()),
+    )
+    .inspect_ok(move |event| indexing.apply(event))
+    .applied_objects();
+    let nodes = Controller::for_stream(node_events, node_reader)
         // Its pod changed (in the tenant's runtime namespace: owner labels, not owner references).
         .watches(runtime_pods(&context), owned_objects(), |pod: Pod| {
             owner_of::<Cached<Node>>(&pod, "Node")
         });
     let node_store = nodes.store();
-    let device_store = node_store.clone();
     let census_nodes = node_store.clone();
     let node_cache = node_store.clone();
+    let (device_index, image_index) = (node_index.clone(), node_index);
     let (device_ahead, image_ahead, node_ahead) = (ahead.clone(), ahead.clone(), ahead.clone());
     let devices_seen = device_cache.clone();
     let nodes = nodes
@@ -255,17 +266,7 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
             watcher::Config::default(),
             move |device: Cached<Device>| {
                 shared::caches::note_seen(&device_ahead, &devices_seen, &device);
-                let name = device.name_any();
-                // Filtered under the store's lock: no copy of the whole store per event.
-                device_store
-                    .state_filter(|node| {
-                        node.0
-                            .as_ref()
-                            .is_ok_and(|node| node.spec.device.as_deref() == Some(name.as_str()))
-                    })
-                    .into_iter()
-                    .map(|node| ObjectRef::from_obj(&*node))
-                    .collect::<Vec<_>>()
+                device_index.naming_device(&device.name_any())
             },
         )
         // An Image moved: wake the Nodes that boot it (any namespace: the catalog is shared).
@@ -274,20 +275,9 @@ pub async fn run_controllers(context: Arc<Context>, shutdown: CancellationToken)
             watcher::Config::default(),
             move |image: Cached<Image>| {
                 shared::caches::note_seen(&image_ahead, &image_cache, &image);
-                let Ok(image_name) = walt_crds::ImageName::from_object_name(&image.name_any()) else {
-                    return Vec::new();
-                };
-                node_store
-                    .state_filter(|node| {
-                        let Ok(node) = &node.0 else { return false };
-                        node.spec
-                            .image
-                            .as_deref()
-                            .is_some_and(|name| node::boots_image(name, &image_name))
-                    })
-                    .into_iter()
-                    .map(|node| ObjectRef::from_obj(&*node))
-                    .collect::<Vec<_>>()
+                walt_crds::ImageName::from_object_name(&image.name_any())
+                    .map(|image_name| image_index.booting(&image_name))
+                    .unwrap_or_default()
             },
         )
         .with_config(controller_config(&context))

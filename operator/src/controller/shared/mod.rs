@@ -16,6 +16,7 @@ pub mod image_result;
 pub mod lock;
 pub mod lookup;
 pub mod node_access;
+pub mod node_index;
 pub mod pods;
 pub mod registry;
 pub mod registry_paths;

@@ -22,6 +22,17 @@ use super::cached::Cached;
 /// A Node as the controller's store names it.
 pub type NodeRef = ObjectRef<Cached<Node>>;
 
+/// The reference of `node` by namespace and name alone (pure): what the controller queues, without the
+/// version and uid `ObjectRef::from_obj` would copy into each of the index's three places.
+fn node_ref(node: &Cached<Node>) -> NodeRef {
+    let meta = kube::Resource::meta(node);
+    let reference = ObjectRef::new(meta.name.as_deref().unwrap_or_default());
+    match &meta.namespace {
+        Some(namespace) => reference.within(namespace),
+        None => reference,
+    }
+}
+
 /// What the index keeps of one Node: the Device and the Image it names.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Names {
@@ -111,12 +122,12 @@ impl NodeIndex {
     pub fn apply(&self, event: &Event<Cached<Node>>) {
         let Ok(mut state) = self.0.lock() else { return };
         match event {
-            Event::Apply(node) => state.current.insert(ObjectRef::from_obj(node), Names::of(node)),
-            Event::Delete(node) => state.current.remove(&ObjectRef::from_obj(node)),
+            Event::Apply(node) => state.current.insert(node_ref(node), Names::of(node)),
+            Event::Delete(node) => state.current.remove(&node_ref(node)),
             Event::Init => state.listing = Some(Entries::default()),
             Event::InitApply(node) => {
                 let entries = state.listing.get_or_insert_with(Entries::default);
-                entries.insert(ObjectRef::from_obj(node), Names::of(node));
+                entries.insert(node_ref(node), Names::of(node));
             }
             Event::InitDone => {
                 if let Some(listed) = state.listing.take() {

@@ -232,6 +232,64 @@ fn wait_for(
         .unwrap_or_else(|e| panic!("{e}; operator log:\n{}", operator.log()));
 }
 
+/// The operator's Event publisher on a real API server: the same occurrence repeated is one Event
+/// whose series counts it; another note on the same object and reason is an Event of its own (kube's
+/// recorder counted it on the first, whose note users then read).
+#[test]
+fn a_repeated_event_is_counted_and_another_note_is_its_own_event() {
+    use walt_operator::controller::shared::events::EventPublisher;
+    let cluster = cluster();
+    let (namespace, _dir) = tenant(cluster, "events");
+    kubectl(cluster, &namespace, &["create", "configmap", "regarded"]);
+    let uid = kubectl(
+        cluster,
+        &namespace,
+        &["get", "configmap", "regarded", "-o", "jsonpath={.metadata.uid}"],
+    );
+    let regarding = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("ConfigMap".into()),
+        namespace: Some(namespace.clone()),
+        name: Some("regarded".into()),
+        uid: Some(uid.trim().to_owned()),
+        ..Default::default()
+    };
+    let event = |note: &str| kube::runtime::events::Event {
+        type_: kube::runtime::events::EventType::Warning,
+        reason: "Unreachable".into(),
+        note: Some(note.into()),
+        action: "Probe".into(),
+        secondary: None,
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    runtime.block_on(async {
+        let client = cluster.client().await.expect("a client");
+        let publisher = EventPublisher::new(client, "walt-operator", "events-test");
+        for note in ["no answer from 10.0.0.1", "no answer from 10.0.0.1", "no answer from 10.0.0.2"] {
+            publisher
+                .publish(&event(note), &regarding)
+                .await
+                .expect("the API server takes the Event");
+        }
+    });
+    let shown = kubectl(
+        cluster,
+        &namespace,
+        &[
+            "get",
+            "events.events.k8s.io",
+            "--sort-by=.eventTime",
+            "-o",
+            "jsonpath={range .items[*]}{.reason}|{.note}|{.series.count}|{.reportingInstance}{\"\\n\"}{end}",
+        ],
+    );
+    assert_eq!(
+        shown.trim(),
+        "Unreachable|no answer from 10.0.0.1|2|events-test\nUnreachable|no answer from 10.0.0.2||events-test",
+        "one Event counted twice, one Event of its own"
+    );
+}
+
 #[test]
 fn startup_errors_name_the_missing_secret_and_the_fix() {
     let cluster = cluster();

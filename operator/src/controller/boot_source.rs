@@ -19,7 +19,7 @@ use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams, PostParams};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Resource, ResourceExt};
 use tokio::sync::mpsc;
@@ -33,6 +33,7 @@ use crate::controller::boot_claims::{
 };
 use crate::controller::boot_defaults::{DefaultImages, Unregistered, default_boot};
 use crate::controller::device::host_key::served_key;
+use crate::controller::shared::events::EventPublisher;
 use crate::controller::shared::registry::pinned_reference_of;
 
 /// The lab network of a Device (`default` when it names none).
@@ -307,13 +308,7 @@ async fn feed(
     }
     let mut events = futures::stream::select_all(streams);
     let device_api = Api::<Device>::all(client.clone());
-    let publisher = Recorder::new(
-        client,
-        Reporter {
-            controller: "walt-boot-server".into(),
-            instance: Some(args.network.clone()),
-        },
-    );
+    let publisher = EventPublisher::new(client, "walt-boot-server", &args.network);
     let unregistered = Unregistered {
         images: DefaultImages::new(&args.default_images),
         pool: args.unregistered_addresses,
@@ -389,7 +384,7 @@ async fn feed(
 /// again at the next change.
 async fn write_conflict_conditions(
     api: &Api<Device>,
-    events: &Recorder,
+    events: &EventPublisher,
     devices: &[Device],
     conflicts: &[Conflict],
     kind: ClaimKind,
@@ -436,7 +431,7 @@ async fn write_conflict_conditions(
 
 /// Publishes an Event on a Device (a failure is logged: Events are a courtesy, the condition and
 /// the records are the state).
-async fn publish(events: &Recorder, device: &Device, type_: EventType, reason: &str, note: String) {
+async fn publish(events: &EventPublisher, device: &Device, type_: EventType, reason: &str, note: String) {
     let event = Event {
         type_,
         reason: reason.into(),
@@ -453,7 +448,7 @@ async fn publish(events: &Recorder, device: &Device, type_: EventType, reason: &
 /// each with a Normal Event `Recorded`, until the channel closes.
 async fn record_unknown(
     api: Api<Device>,
-    events: &Recorder,
+    events: &EventPublisher,
     devices: reflector::Store<Device>,
     mut sightings: mpsc::Receiver<Sighting>,
     args: &Args,

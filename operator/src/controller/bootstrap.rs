@@ -21,12 +21,13 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::PostParams;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType};
 use kube::{Api, Client, Resource as _};
 use sha2::{Digest as _, Sha256};
 
 use super::config::{Args, secret_key, split_registry};
 use super::shared::error::{Error, Result};
+use super::shared::events::EventPublisher;
 
 /// User name of the registry credentials the operator creates (the chart's default).
 pub const REGISTRY_USERNAME: &str = "walt";
@@ -352,7 +353,7 @@ fn materialize(args: &Args, creation: &Creation) -> Result<(Secret, String)> {
     }
 }
 
-async fn announce(recorder: &Recorder, secret: &Secret, note: String) {
+async fn announce(recorder: &EventPublisher, secret: &Secret, note: String) {
     let name = secret.metadata.name.as_deref().unwrap_or_default();
     let namespace = secret.metadata.namespace.as_deref().unwrap_or_default();
     tracing::info!(secret = %format!("{namespace}/{name}"), "{note}");
@@ -372,13 +373,7 @@ async fn announce(recorder: &Recorder, secret: &Secret, note: String) {
 /// those it created. Run before [`super::config::Config::load`] reads them.
 pub async fn ensure(client: Client, args: &Args, identity: &str) -> Result<Vec<String>> {
     let api: Api<Secret> = Api::namespaced(client.clone(), &args.namespace);
-    let recorder = Recorder::new(
-        client,
-        Reporter {
-            controller: super::shared::context::MANAGED_BY.into(),
-            instance: Some(identity.to_owned()),
-        },
-    );
+    let recorder = EventPublisher::new(client, super::shared::context::MANAGED_BY, identity);
     let names = [
         Some(args.node_key_secret.as_str()),
         args.registry_token_secret.as_deref(),

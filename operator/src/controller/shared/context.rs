@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -49,7 +49,7 @@ pub struct Context {
     /// The controllers' watch caches, once they run (until then, and in a context without
     /// controllers, reads go to the API server).
     pub caches: std::sync::OnceLock<super::caches::Caches>,
-    recorder: Recorder,
+    recorder: super::events::EventPublisher,
     failures: Mutex<HashMap<String, u32>>,
 }
 
@@ -79,13 +79,7 @@ impl Context {
         metrics: Arc<Metrics>,
         clock: Arc<super::clock::ApiClock>,
     ) -> Self {
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: MANAGED_BY.into(),
-                instance: Some(config.identity.clone()),
-            },
-        );
+        let recorder = super::events::EventPublisher::new(client.clone(), MANAGED_BY, &config.identity);
         Self {
             saves: super::save_tasks::SaveTasks::new(config.args.max_concurrent_saves),
             lab_registry: std::sync::OnceLock::new(),

@@ -12,6 +12,7 @@ pub mod caches;
 pub mod clock;
 pub mod context;
 pub mod error;
+pub mod events;
 pub mod image_result;
 pub mod lock;
 pub mod lookup;

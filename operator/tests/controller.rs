@@ -265,7 +265,11 @@ fn a_repeated_event_is_counted_and_another_note_is_its_own_event() {
     runtime.block_on(async {
         let client = cluster.client().await.expect("a client");
         let publisher = EventPublisher::new(client, "walt-operator", "events-test");
-        for note in ["no answer from 10.0.0.1", "no answer from 10.0.0.1", "no answer from 10.0.0.2"] {
+        for note in [
+            "no answer from 10.0.0.1",
+            "no answer from 10.0.0.1",
+            "no answer from 10.0.0.2",
+        ] {
             publisher
                 .publish(&event(note), &regarding)
                 .await

@@ -60,9 +60,9 @@ pub fn needs_reboot(booted: Option<&ImageDigestRef>, wanted: &BootTarget) -> boo
     }
 }
 
-/// Whether a Node whose `spec.image` is `node_image` boots the image named `image` (pure). Run for every
-/// Node on every Image change, so the cheap test comes first: a name that does not even start with the
-/// image's name is not parsed (at 10,000 Nodes and Images, parsing each pair was most of the start-up).
+/// Whether a Node whose `spec.image` is `node_image` boots the image named `image` (pure). Run on every
+/// Image change for the Nodes the index finds under the image's name ([`crate::controller::shared::node_index`]),
+/// so the cheap test still comes first: a name that does not even start with the image's name is not parsed.
 /// Tags compare with the default filled in: `debian:latest` boots `debian`.
 pub fn boots_image(node_image: &str, image: &walt_crds::ImageName) -> bool {
     node_image.starts_with(image.name())

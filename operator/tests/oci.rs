@@ -1281,3 +1281,47 @@ fn a_full_layer_cache_fails_the_pull_cleanly_and_the_next_succeeds_once_freed() 
             .any(|dir| dir.join("bin/busybox").is_file())
     );
 }
+
+/// A config is read once per repository: resolving an Image again (as the operator does every
+/// `--resolve-interval`) asks the registry for its manifest (the tag may have moved), not its config;
+/// another repository holding the same config is asked for it (never answered from another's).
+#[test]
+fn resolving_again_reads_the_manifest_not_the_config() {
+    let registry = Registry::start_recording_requests().expect("registry");
+    let layout = OciLayout::busybox(Arch::Amd64).expect("busybox layout");
+    layout.push("base", &registry, "lab/cfg-a:1").expect("push a");
+    layout.push("base", &registry, "lab/cfg-b:1").expect("push b");
+    let client = client_for(&registry);
+    let rt = runtime();
+    let config_reads =
+        |repository: &str, mark: usize| registry.requests_to(&format!("{repository}/blobs/"), mark).len();
+    let manifest_reads = |repository: &str, mark: usize| {
+        registry
+            .requests_to(&format!("{repository}/manifests/"), mark)
+            .len()
+    };
+    let mark = registry.log_mark();
+    let first = rt
+        .block_on(client.resolve(&registry.reference("lab/cfg-a:1"), None))
+        .expect("resolve a");
+    assert_eq!(config_reads("lab/cfg-a", mark), 1, "{}", registry.log());
+    let mark = registry.log_mark();
+    let again = rt
+        .block_on(client.resolve(&registry.reference("lab/cfg-a:1"), None))
+        .expect("resolve a again");
+    assert_eq!(again.config, first.config);
+    assert_eq!(again.config_digest, first.config_digest);
+    assert_eq!(manifest_reads("lab/cfg-a", mark), 1, "the manifest is read again");
+    assert_eq!(
+        config_reads("lab/cfg-a", mark),
+        0,
+        "the config is not: {}",
+        registry.log()
+    );
+    let mark = registry.log_mark();
+    let other = rt
+        .block_on(client.resolve(&registry.reference("lab/cfg-b:1"), None))
+        .expect("resolve b");
+    assert_eq!(other.config_digest, first.config_digest, "the same config");
+    assert_eq!(config_reads("lab/cfg-b", mark), 1, "read from its own repository");
+}

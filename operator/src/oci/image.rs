@@ -642,28 +642,7 @@ impl RegistryClient {
             manifest_digest = child_digest;
         }
         let (config_desc, layers) = image_manifest_parts(&manifest, &shown)?;
-        let config_oci = config_desc.to_oci();
-        let config_bytes = self
-            .authorized(
-                &parsed,
-                RegistryOperation::Pull,
-                &format!("fetching config {}", config_desc.digest),
-                || async {
-                    let mut bytes = Vec::new();
-                    self.inner.pull_blob(&image_ref, &config_oci, &mut bytes).await?;
-                    Ok(bytes)
-                },
-            )
-            .await?;
-        let actual = sha256_digest(&config_bytes);
-        if actual != config_desc.digest {
-            return Err(Error::DigestMismatch {
-                reference: shown,
-                what: "config".into(),
-                expected: config_desc.digest,
-                actual,
-            });
-        }
+        let config_bytes = self.config_of(&parsed, &image_ref, &config_desc, &shown).await?;
         let (config, diff_ids, labels) = config_parts(&config_bytes, layers.len(), &shown)?;
         let size = config_desc.size + layers.iter().map(|l| l.size).sum::<u64>();
         Ok(ResolvedImage {
@@ -680,6 +659,45 @@ impl RegistryClient {
             config_digest: config_desc.digest,
             manifest,
         })
+    }
+
+    /// The config blob `config` of an image of `parsed`'s repository (`image_ref`: by digest), checked
+    /// against its digest; read from the registry once per repository ([`super::registry::ConfigCache`]).
+    async fn config_of(
+        &self,
+        parsed: &Reference,
+        image_ref: &Reference,
+        config: &LayerDescriptor,
+        shown: &str,
+    ) -> Result<Vec<u8>, Error> {
+        let (registry, repository) = (parsed.resolve_registry(), parsed.repository());
+        if let Some(kept) = self.configs.get(registry, repository, &config.digest) {
+            return Ok(kept.to_vec());
+        }
+        let config_oci = config.to_oci();
+        let fetched = self
+            .authorized(
+                parsed,
+                RegistryOperation::Pull,
+                &format!("fetching config {}", config.digest),
+                || async {
+                    let mut bytes = Vec::new();
+                    self.inner.pull_blob(image_ref, &config_oci, &mut bytes).await?;
+                    Ok(bytes)
+                },
+            )
+            .await?;
+        let actual = sha256_digest(&fetched);
+        if actual != config.digest {
+            return Err(Error::DigestMismatch {
+                reference: shown.to_owned(),
+                what: "config".into(),
+                expected: config.digest.clone(),
+                actual,
+            });
+        }
+        self.configs.keep(registry, repository, &config.digest, &fetched);
+        Ok(fetched)
     }
 
     /// Streams a blob through `consume` (run on a blocking thread) while checking its digest.

@@ -149,6 +149,47 @@ pub struct RegistryClient {
     pub(crate) insecure_registries: Vec<String>,
     /// How long a registry may stay silent ([`ClientOptions::timeout`]).
     pub(crate) timeout: std::time::Duration,
+    /// Image configs read, by repository and digest (shared by the clones of this client).
+    pub(crate) configs: std::sync::Arc<ConfigCache>,
+}
+
+/// Image configs already read and checked, by registry, repository and digest: a config is
+/// content-addressed, so an Image resolved again (every `--resolve-interval`) or many Images of one
+/// repository sharing a config read it once. Keyed by repository too, never by digest alone: a
+/// manifest naming another repository's config digest must not be answered from it.
+#[derive(Debug, Default)]
+pub struct ConfigCache(std::sync::Mutex<std::collections::HashMap<String, bytes::Bytes>>);
+
+/// Configs kept (past this the cache starts again), and the largest one kept: at most 16 MiB.
+const CONFIGS_KEPT: usize = 1024;
+const CONFIG_KEPT_BYTES: usize = 16 * 1024;
+
+impl ConfigCache {
+    /// The key of a config (pure).
+    fn key(registry: &str, repository: &str, digest: &str) -> String {
+        format!("{registry}/{repository}@{digest}")
+    }
+
+    /// The config of `repository` at `registry` with `digest`, if read before.
+    pub fn get(&self, registry: &str, repository: &str, digest: &str) -> Option<bytes::Bytes> {
+        let configs = self.0.lock().ok()?;
+        configs.get(&Self::key(registry, repository, digest)).cloned()
+    }
+
+    /// Keeps a config read and checked against its digest (a large one is not kept).
+    pub fn keep(&self, registry: &str, repository: &str, digest: &str, config: &[u8]) {
+        if config.len() > CONFIG_KEPT_BYTES {
+            return;
+        }
+        let Ok(mut configs) = self.0.lock() else { return };
+        if configs.len() >= CONFIGS_KEPT {
+            configs.clear();
+        }
+        configs.insert(
+            Self::key(registry, repository, digest),
+            bytes::Bytes::copy_from_slice(config),
+        );
+    }
 }
 
 impl std::fmt::Debug for RegistryClient {
@@ -295,6 +336,7 @@ impl RegistryClient {
             http: std::sync::OnceLock::new(),
             insecure_registries: options.insecure_registries,
             timeout,
+            configs: std::sync::Arc::default(),
         })
     }
 

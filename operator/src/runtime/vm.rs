@@ -232,8 +232,15 @@ pub fn tap_name(mac: Mac) -> String {
     format!("wvm{}", mac.to_string().replace(':', ""))
 }
 
+/// How long a VM whose network boot found nothing waits before it tries again (SeaBIOS's
+/// `reboot-timeout`), as a device's firmware retries: powered on before the boot service serves it
+/// (its Device just bound), it would otherwise halt at "No bootable device" until the boot watchdog
+/// power-cycles it (seen: 265 s to the first boot instead of 70 s on the cluster tier).
+pub const BOOT_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// qemu's command line for `machine`, whose NIC is the open tap `tap_fd` (pure). A q35 PC that
-/// boots from its virtio NIC (iPXE ROM) only; no display, no monitor; the serial console on
+/// boots from its virtio NIC (iPXE ROM) only, and tries again every [`BOOT_RETRY`] until it boots
+/// (with `exit_on_reboot`, qemu exits instead); no display, no monitor; the serial console on
 /// standard input and output (Ctrl-C goes to the guest, not to qemu).
 pub fn qemu_args(machine: &Machine, tap_fd: i32) -> Vec<String> {
     let mut args: Vec<String> = [
@@ -250,7 +257,7 @@ pub fn qemu_args(machine: &Machine, tap_fd: i32) -> Vec<String> {
         "-monitor",
         "none",
         "-boot",
-        "n",
+        &format!("order=n,strict=on,reboot-timeout={}", BOOT_RETRY.as_millis()),
         "-rtc",
         &format!("base={}", machine.rtc_base),
         "-chardev",
@@ -400,7 +407,8 @@ mod tests {
         let line = qemu_args(&machine, 7).join(" ");
         assert_eq!(
             line,
-            "-machine q35 -accel tcg -m 512 -smp 1 -display none -monitor none -boot n -rtc base=utc \
+            "-machine q35 -accel tcg -m 512 -smp 1 -display none -monitor none \
+             -boot order=n,strict=on,reboot-timeout=5000 -rtc base=utc \
              -chardev stdio,id=console,signal=off -serial chardev:console -netdev tap,id=n0,fd=7 \
              -device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56"
         );

@@ -466,16 +466,12 @@ impl VmNode {
     }
 }
 
-/// Copies the host's OpenSSH server (Debian's `openssh-server`) and the libraries it links into an
-/// image root, with a host key of its own, a configuration for root logins by key and, when given,
-/// `authorized_key` for root: the VM node serves SSH like a WalT node.
-pub fn install_host_sshd(dest: &Path, authorized_key: Option<&str>) -> Result<(), FixtureError> {
-    require_tool("sshd", "openssh-server")?;
-    require_tool("ssh-keygen", "openssh-client")?;
+/// A host executable and the shared libraries it links (`ldd`), the dynamic loader included: what
+/// an image needs to run a copy of it.
+pub fn with_libraries(binary: &Path) -> Result<Vec<PathBuf>, FixtureError> {
     require_tool("ldd", "libc-bin")?;
-    let sshd = PathBuf::from("/usr/sbin/sshd");
-    let libraries = run_stdout(Command::new("ldd").arg(&sshd))?;
-    let mut files = vec![sshd];
+    let libraries = run_stdout(Command::new("ldd").arg(binary))?;
+    let mut files = vec![binary.to_path_buf()];
     for line in libraries.lines() {
         let path = line
             .split("=>")
@@ -488,7 +484,16 @@ pub fn install_host_sshd(dest: &Path, authorized_key: Option<&str>) -> Result<()
             files.push(PathBuf::from(path));
         }
     }
-    for file in files {
+    Ok(files)
+}
+
+/// Copies the host's OpenSSH server (Debian's `openssh-server`) and the libraries it links into an
+/// image root, with a host key of its own, a configuration for root logins by key and, when given,
+/// `authorized_key` for root: the VM node serves SSH like a WalT node.
+pub fn install_host_sshd(dest: &Path, authorized_key: Option<&str>) -> Result<(), FixtureError> {
+    require_tool("sshd", "openssh-server")?;
+    require_tool("ssh-keygen", "openssh-client")?;
+    for file in with_libraries(Path::new("/usr/sbin/sshd"))? {
         let target = dest.join(file.strip_prefix("/").unwrap_or(&file));
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent).map_err(io("creating a library dir"))?;
@@ -812,4 +817,85 @@ impl Drop for ReferenceServers {
             daemon.stop(Duration::from_secs(5));
         }
     }
+}
+
+/// The files of the cluster tier's VM node image ([`crate::lab::ensure_vm_node_image`]): the
+/// static `walt-operator` at `/usr/bin` (a VM node pod runs `walt-operator vm`) and the host's
+/// Debian `qemu-system-x86_64` with what it loads at run time: its shared libraries, its TCG
+/// accelerator module, and its firmware directories as `qemu-system-x86_64 -L help` lists them
+/// (the BIOS, the NICs' iPXE option ROMs; symbolic links followed, as Debian links them across
+/// packages). Paths are the host's, so qemu finds everything where it was built to look.
+pub fn vm_node_image_files(operator: &Path) -> Result<Vec<crate::image_build::Entry>, FixtureError> {
+    use crate::image_build::Entry;
+    require_tool(QEMU_SYSTEM, "qemu-system-x86")?;
+    let qemu = which(QEMU_SYSTEM)?;
+    let mut files: Vec<(PathBuf, u32)> = with_libraries(&qemu)?.into_iter().map(|f| (f, 0o755)).collect();
+    for module in QEMU_MODULES {
+        for file in with_libraries(&Path::new(QEMU_MODULE_DIR).join(module))? {
+            if !files.iter().any(|(f, _)| *f == file) {
+                files.push((file, 0o755));
+            }
+        }
+    }
+    let data_dirs = run_stdout(Command::new(&qemu).args(["-L", "help"]))?;
+    for dir in data_dirs.lines().map(str::trim).filter(|l| l.starts_with('/')) {
+        let dir = std::fs::canonicalize(dir).map_err(io("resolving a qemu data directory"))?;
+        for file in files_under(&dir)? {
+            files.push((file, 0o644));
+        }
+    }
+    let mut entries = vec![Entry::dir("tmp", 0o1777)];
+    let mut dirs = std::collections::BTreeSet::new();
+    for path in
+        std::iter::once(Path::new("/usr/bin/walt-operator")).chain(files.iter().map(|(f, _)| f.as_path()))
+    {
+        dirs.extend(
+            path.ancestors()
+                .skip(1)
+                .filter(|d| *d != Path::new("/"))
+                .map(Path::to_path_buf),
+        );
+    }
+    entries.extend(dirs.iter().map(|d| Entry::dir(&relative(d), 0o755)));
+    let read = |path: &Path| std::fs::read(path).map_err(io("reading a file of the VM node image"));
+    entries.push(Entry::file("usr/bin/walt-operator", 0o755, read(operator)?));
+    for (file, mode) in &files {
+        entries.push(Entry::file(&relative(file), *mode, read(file)?));
+    }
+    Ok(entries)
+}
+
+/// The qemu VM nodes run.
+const QEMU_SYSTEM: &str = "qemu-system-x86_64";
+/// Where Debian's qemu loads its modules from.
+const QEMU_MODULE_DIR: &str = "/usr/lib/x86_64-linux-gnu/qemu";
+/// The modules a VM node's qemu loads: TCG (KVM is built in) is one in Debian's build.
+const QEMU_MODULES: [&str; 1] = ["accel-tcg-x86_64.so"];
+
+fn relative(path: &Path) -> String {
+    path.strip_prefix("/").unwrap_or(path).display().to_string()
+}
+
+/// `program`'s path on `PATH`.
+fn which(program: &str) -> Result<PathBuf, FixtureError> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(program))
+        .find(|path| path.is_file())
+        .ok_or_else(|| FixtureError::Failed(format!("{program} is not on PATH")))
+}
+
+/// The files under `dir`, recursively, symbolic links followed.
+fn files_under(dir: &Path) -> Result<Vec<PathBuf>, FixtureError> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io("listing a qemu data directory"))? {
+        let path = entry.map_err(io("listing a qemu data directory"))?.path();
+        if path.is_dir() {
+            out.extend(files_under(&path)?);
+        } else if path.is_file() {
+            out.push(path);
+        }
+    }
+    Ok(out)
 }

@@ -187,7 +187,7 @@ impl Cpio {
 }
 
 /// The initramfs `/init`: loads the modules, configures `eth0` from the kernel's `ip=` (iPXE fills
-/// it from its DHCP lease), mounts `nfsroot=` read-only over NFSv3/TCP (through the server's
+/// it from its DHCP lease; a default route when the lease names a router), mounts `nfsroot=` read-only over NFSv3/TCP (through the server's
 /// portmapper, like WalT nodes do) and hands over to the image's `/bin/walt-init`.
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -200,10 +200,13 @@ for arg in $(cat /proc/cmdline); do
   case "$arg" in ip=*) ipcfg="${arg#ip=}";; nfsroot=*) nfsroot="${arg#nfsroot=}";; esac
 done
 client=$(echo "$ipcfg" | cut -d: -f1); server=$(echo "$ipcfg" | cut -d: -f2)
+gateway=$(echo "$ipcfg" | cut -d: -f3)
 mask=$(echo "$ipcfg" | cut -d: -f4); host=$(echo "$ipcfg" | cut -d: -f5)
 for i in $(seq 1 50); do [ -e /sys/class/net/eth0 ] && break; sleep 0.1; done
 ifconfig lo 127.0.0.1 up
 ifconfig eth0 "$client" netmask "$mask" up
+# The lab network's router, when its DHCP names one (the way back to the cluster's pods).
+[ -n "$gateway" ] && route add default gw "$gateway"
 hostname "$host"
 echo "walt-initrd: mounting $nfsroot"
 if ! mount -t nfs -o ro,vers=3,proto=tcp,mountproto=tcp,nolock,addr=$server,mountaddr=$server "$nfsroot" /newroot; then
@@ -321,6 +324,9 @@ pub struct LabNetwork {
     pub netns: String,
     /// The boot server's address on the bridge.
     pub server: std::net::Ipv4Addr,
+    /// Whether the namespace is this network's (deleted on drop) or a cluster node's (only the
+    /// bridge is deleted).
+    owns_netns: bool,
 }
 
 /// The bridge of a [`LabNetwork`].
@@ -333,12 +339,34 @@ impl LabNetwork {
         let netns = format!("wnb-{}-{index}", std::process::id());
         let server = std::net::Ipv4Addr::new(10, 123, index, 1);
         run(Command::new("ip").args(["netns", "add", &netns]))?;
-        let net = LabNetwork { netns, server };
+        let net = LabNetwork {
+            netns,
+            server,
+            owns_netns: true,
+        };
         net.ip(&["link", "set", "lo", "up"])?;
-        net.ip(&["link", "add", "br0", "type", "bridge"])?;
-        net.ip(&["addr", "add", &format!("{server}/24"), "dev", "br0"])?;
-        net.ip(&["link", "set", "br0", "up"])?;
+        net.add_bridge()?;
         Ok(net)
+    }
+
+    /// A lab network attached to a cluster-tier node: the bridge in the node's network namespace
+    /// `netns` ([`crate::k8s::Cluster::node_netns`]), so that the node's host-network pods (the boot
+    /// service, VM nodes) are on it, and the node routes between it and the pod network.
+    pub fn on_cluster_node(netns: &str, index: u8) -> Result<Self, FixtureError> {
+        require_tool("ip", "iproute2")?;
+        let net = LabNetwork {
+            netns: netns.to_owned(),
+            server: std::net::Ipv4Addr::new(10, 123, index, 1),
+            owns_netns: false,
+        };
+        net.add_bridge()?;
+        Ok(net)
+    }
+
+    fn add_bridge(&self) -> Result<(), FixtureError> {
+        self.ip(&["link", "add", LAB_BRIDGE, "type", "bridge"])?;
+        self.ip(&["addr", "add", &format!("{}/24", self.server), "dev", LAB_BRIDGE])?;
+        self.ip(&["link", "set", LAB_BRIDGE, "up"])
     }
 
     fn ip(&self, args: &[&str]) -> Result<(), FixtureError> {
@@ -354,7 +382,12 @@ impl LabNetwork {
 
 impl Drop for LabNetwork {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
+        let args = if self.owns_netns {
+            vec!["netns", "del", &self.netns]
+        } else {
+            vec!["-n", &self.netns, "link", "del", LAB_BRIDGE]
+        };
+        let _ = Command::new("ip").args(args).status();
     }
 }
 

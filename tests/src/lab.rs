@@ -476,6 +476,17 @@ pub fn install_release(
     node_registry: &str,
     profile: image_build::BuildProfile,
 ) -> Result<(), Error> {
+    install_release_with(kube, node_registry, profile, "")
+}
+
+/// [`install_release`] with `extra_values` (chart values YAML, e.g. `bootService:`) on top of
+/// [`lab_values`] (a second `-f`: Helm merges it over the first).
+pub fn install_release_with(
+    kube: &Kube,
+    node_registry: &str,
+    profile: image_build::BuildProfile,
+    extra_values: &str,
+) -> Result<(), Error> {
     let started = Instant::now();
     ensure_walt_image(node_registry, false, profile)?;
     ensure_registry_image(node_registry)?;
@@ -490,12 +501,17 @@ pub fn install_release(
         lab_values(node_registry, has_default_storage_class(kube)),
     )
     .map_err(|e| Error::Step(format!("writing {}: {e}", values.display())))?;
+    let extra = values_dir.path().join("extra-values.yaml");
+    std::fs::write(&extra, extra_values)
+        .map_err(|e| Error::Step(format!("writing {}: {e}", extra.display())))?;
     run(kube
         .helm()?
         .args(["install", RELEASE])
         .arg(chart_dir())
         .args(["-n", SYSTEM_NAMESPACE, "--create-namespace", "-f"])
-        .arg(&values))?;
+        .arg(&values)
+        .arg("-f")
+        .arg(&extra))?;
     for workload in ["daemonset/walt-binfmt", "deployment/walt-registry"] {
         if let Err(error) = run(kube.kubectl().args([
             "rollout",

@@ -307,6 +307,25 @@ pub fn vm_image_root(dest: &Path, kernel: &DebianKernel) -> Result<(), FixtureEr
     write(dest.join("etc/init.d/rcS"), rcs.as_bytes(), 0o755)
 }
 
+/// Makes the VM nodes' image root in `root`: [`vm_image_root`] with Debian's current kernel and the
+/// host's `sshd` ([`install_host_sshd`]) with a host key of its own and no authorized key (the boot
+/// service serves the device's).
+pub fn vm_node_os_root(root: &Path) -> Result<(), FixtureError> {
+    let kernel = debian_kernel()?;
+    vm_image_root(root, &kernel)?;
+    install_host_sshd(root, None)
+}
+
+/// An OCI layout holding `root` as the one-layer image `vm`, labelled for [`MODEL`] (what a lab
+/// image says it boots on).
+pub fn vm_node_os_image(root: &Path) -> Result<crate::images::OciLayout, FixtureError> {
+    let layout = crate::images::OciLayout::new()?;
+    layout.new_image("empty", Arch::Amd64)?;
+    layout.add_layer_from_dir("empty", "vm", root)?;
+    layout.set_label("vm", "walt.node.models", MODEL)?;
+    Ok(layout)
+}
+
 /// Adds [`PLAIN_WALT_INIT`] to an image root, for servers that do not add their own (the
 /// benchmarks' `dnsmasq` + `nfs-ganesha` reference).
 pub fn add_plain_walt_init(root: &Path) -> Result<(), FixtureError> {

@@ -368,21 +368,65 @@ pub fn ensure_registry_image(registry: &str) -> Result<(), Error> {
     ];
     let layout_dir = scratch()?;
     let layout = layout_dir.path().join("layout");
-    let mut labels = serde_json::Map::new();
-    labels.insert(
-        "org.opencontainers.image.title".into(),
-        "Distribution registry (Debian docker-registry), walt lab".into(),
-    );
+    let labels = titled("Distribution registry (Debian docker-registry), walt lab");
     let digest = write_registry_image(&layout, entries, &labels)?;
-    if remote_digest(&reference, &RegistryAuth::Anonymous)
-        .is_some_and(|remote| manifest_matches(&layout, &remote, &digest))
+    push_unless_there(&layout, &digest, &reference)
+}
+
+/// An image config's labels: its title.
+fn titled(title: &str) -> serde_json::Map<String, serde_json::Value> {
+    let mut labels = serde_json::Map::new();
+    labels.insert("org.opencontainers.image.title".into(), title.into());
+    labels
+}
+
+/// Pushes the image `lab` of `layout` (manifest `digest`) to `reference` unless the registry has it
+/// there already.
+fn push_unless_there(layout: &Path, digest: &str, reference: &str) -> Result<(), Error> {
+    if remote_digest(reference, &RegistryAuth::Anonymous)
+        .is_some_and(|remote| manifest_matches(layout, &remote, digest))
     {
         eprintln!("lab: {reference} is up to date");
+        Ok(())
     } else {
         eprintln!("lab: pushing {reference}");
-        image_build::push_layout(&layout, "lab", &reference, true, &RegistryAuth::Anonymous)?;
+        Ok(image_build::push_layout(
+            layout,
+            "lab",
+            reference,
+            true,
+            &RegistryAuth::Anonymous,
+        )?)
     }
-    Ok(())
+}
+
+/// Builds the image of VM node pods (the chart's `vmNodes.image`) and pushes it as
+/// `REGISTRY/walt/vm-node:lab` unless the registry has it already: the static `walt-operator`
+/// (built with `profile`) and the host's Debian `qemu-system-x86_64` with what it loads at run time
+/// ([`crate::netboot::vm_node_image_files`]); no Docker, like the walt image. Returns the reference.
+pub fn ensure_vm_node_image(registry: &str, profile: image_build::BuildProfile) -> Result<String, Error> {
+    let reference = format!("{registry}/walt/vm-node:lab");
+    if Arch::host() != Arch::Amd64 {
+        return Err(Error::Step(
+            "the VM node image is made from the host's qemu-system-x86_64 on amd64".into(),
+        ));
+    }
+    let operator = image_build::build_binary(Arch::Amd64, profile)?;
+    let entries = crate::netboot::vm_node_image_files(&operator)
+        .map_err(|e| Error::Step(format!("collecting the VM node image's files: {e}")))?;
+    let layout_dir = scratch()?;
+    let layout = layout_dir.path().join("layout");
+    let digest = image_build::write_simple_image(
+        &layout,
+        "lab",
+        Arch::Amd64,
+        entries,
+        &titled("walt VM node (walt-operator vm + Debian qemu-system-x86), walt lab"),
+        &["/usr/bin/walt-operator"],
+        &[],
+    )?;
+    push_unless_there(&layout, &digest, &reference)?;
+    Ok(reference)
 }
 
 fn write_registry_image(
@@ -432,6 +476,17 @@ pub fn install_release(
     node_registry: &str,
     profile: image_build::BuildProfile,
 ) -> Result<(), Error> {
+    install_release_with(kube, node_registry, profile, "")
+}
+
+/// [`install_release`] with `extra_values` (chart values YAML, e.g. `bootService:`) on top of
+/// [`lab_values`] (a second `-f`: Helm merges it over the first).
+pub fn install_release_with(
+    kube: &Kube,
+    node_registry: &str,
+    profile: image_build::BuildProfile,
+    extra_values: &str,
+) -> Result<(), Error> {
     let started = Instant::now();
     ensure_walt_image(node_registry, false, profile)?;
     ensure_registry_image(node_registry)?;
@@ -446,12 +501,17 @@ pub fn install_release(
         lab_values(node_registry, has_default_storage_class(kube)),
     )
     .map_err(|e| Error::Step(format!("writing {}: {e}", values.display())))?;
+    let extra = values_dir.path().join("extra-values.yaml");
+    std::fs::write(&extra, extra_values)
+        .map_err(|e| Error::Step(format!("writing {}: {e}", extra.display())))?;
     run(kube
         .helm()?
         .args(["install", RELEASE])
         .arg(chart_dir())
         .args(["-n", SYSTEM_NAMESPACE, "--create-namespace", "-f"])
-        .arg(&values))?;
+        .arg(&values)
+        .arg("-f")
+        .arg(&extra))?;
     for workload in ["daemonset/walt-binfmt", "deployment/walt-registry"] {
         if let Err(error) = run(kube.kubectl().args([
             "rollout",

@@ -187,7 +187,7 @@ impl Cpio {
 }
 
 /// The initramfs `/init`: loads the modules, configures `eth0` from the kernel's `ip=` (iPXE fills
-/// it from its DHCP lease), mounts `nfsroot=` read-only over NFSv3/TCP (through the server's
+/// it from its DHCP lease; a default route when the lease names a router), mounts `nfsroot=` read-only over NFSv3/TCP (through the server's
 /// portmapper, like WalT nodes do) and hands over to the image's `/bin/walt-init`.
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -200,10 +200,13 @@ for arg in $(cat /proc/cmdline); do
   case "$arg" in ip=*) ipcfg="${arg#ip=}";; nfsroot=*) nfsroot="${arg#nfsroot=}";; esac
 done
 client=$(echo "$ipcfg" | cut -d: -f1); server=$(echo "$ipcfg" | cut -d: -f2)
+gateway=$(echo "$ipcfg" | cut -d: -f3)
 mask=$(echo "$ipcfg" | cut -d: -f4); host=$(echo "$ipcfg" | cut -d: -f5)
 for i in $(seq 1 50); do [ -e /sys/class/net/eth0 ] && break; sleep 0.1; done
 ifconfig lo 127.0.0.1 up
 ifconfig eth0 "$client" netmask "$mask" up
+# The lab network's router, when its DHCP names one (the way back to the cluster's pods).
+[ -n "$gateway" ] && route add default gw "$gateway"
 hostname "$host"
 echo "walt-initrd: mounting $nfsroot"
 if ! mount -t nfs -o ro,vers=3,proto=tcp,mountproto=tcp,nolock,addr=$server,mountaddr=$server "$nfsroot" /newroot; then
@@ -304,6 +307,25 @@ pub fn vm_image_root(dest: &Path, kernel: &DebianKernel) -> Result<(), FixtureEr
     write(dest.join("etc/init.d/rcS"), rcs.as_bytes(), 0o755)
 }
 
+/// Makes the VM nodes' image root in `root`: [`vm_image_root`] with Debian's current kernel and the
+/// host's `sshd` ([`install_host_sshd`]) with a host key of its own and no authorized key (the boot
+/// service serves the device's).
+pub fn vm_node_os_root(root: &Path) -> Result<(), FixtureError> {
+    let kernel = debian_kernel()?;
+    vm_image_root(root, &kernel)?;
+    install_host_sshd(root, None)
+}
+
+/// An OCI layout holding `root` as the one-layer image `vm`, labelled for [`MODEL`] (what a lab
+/// image says it boots on).
+pub fn vm_node_os_image(root: &Path) -> Result<crate::images::OciLayout, FixtureError> {
+    let layout = crate::images::OciLayout::new()?;
+    layout.new_image("empty", Arch::Amd64)?;
+    layout.add_layer_from_dir("empty", "vm", root)?;
+    layout.set_label("vm", "walt.node.models", MODEL)?;
+    Ok(layout)
+}
+
 /// Adds [`PLAIN_WALT_INIT`] to an image root, for servers that do not add their own (the
 /// benchmarks' `dnsmasq` + `nfs-ganesha` reference).
 pub fn add_plain_walt_init(root: &Path) -> Result<(), FixtureError> {
@@ -321,6 +343,9 @@ pub struct LabNetwork {
     pub netns: String,
     /// The boot server's address on the bridge.
     pub server: std::net::Ipv4Addr,
+    /// Whether the namespace is this network's (deleted on drop) or a cluster node's (only the
+    /// bridge is deleted).
+    owns_netns: bool,
 }
 
 /// The bridge of a [`LabNetwork`].
@@ -333,12 +358,34 @@ impl LabNetwork {
         let netns = format!("wnb-{}-{index}", std::process::id());
         let server = std::net::Ipv4Addr::new(10, 123, index, 1);
         run(Command::new("ip").args(["netns", "add", &netns]))?;
-        let net = LabNetwork { netns, server };
+        let net = LabNetwork {
+            netns,
+            server,
+            owns_netns: true,
+        };
         net.ip(&["link", "set", "lo", "up"])?;
-        net.ip(&["link", "add", "br0", "type", "bridge"])?;
-        net.ip(&["addr", "add", &format!("{server}/24"), "dev", "br0"])?;
-        net.ip(&["link", "set", "br0", "up"])?;
+        net.add_bridge()?;
         Ok(net)
+    }
+
+    /// A lab network attached to a cluster-tier node: the bridge in the node's network namespace
+    /// `netns` ([`crate::k8s::Cluster::node_netns`]), so that the node's host-network pods (the boot
+    /// service, VM nodes) are on it, and the node routes between it and the pod network.
+    pub fn on_cluster_node(netns: &str, index: u8) -> Result<Self, FixtureError> {
+        require_tool("ip", "iproute2")?;
+        let net = LabNetwork {
+            netns: netns.to_owned(),
+            server: std::net::Ipv4Addr::new(10, 123, index, 1),
+            owns_netns: false,
+        };
+        net.add_bridge()?;
+        Ok(net)
+    }
+
+    fn add_bridge(&self) -> Result<(), FixtureError> {
+        self.ip(&["link", "add", LAB_BRIDGE, "type", "bridge"])?;
+        self.ip(&["addr", "add", &format!("{}/24", self.server), "dev", LAB_BRIDGE])?;
+        self.ip(&["link", "set", LAB_BRIDGE, "up"])
     }
 
     fn ip(&self, args: &[&str]) -> Result<(), FixtureError> {
@@ -354,7 +401,12 @@ impl LabNetwork {
 
 impl Drop for LabNetwork {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
+        let args = if self.owns_netns {
+            vec!["netns", "del", &self.netns]
+        } else {
+            vec!["-n", &self.netns, "link", "del", LAB_BRIDGE]
+        };
+        let _ = Command::new("ip").args(args).status();
     }
 }
 
@@ -466,16 +518,12 @@ impl VmNode {
     }
 }
 
-/// Copies the host's OpenSSH server (Debian's `openssh-server`) and the libraries it links into an
-/// image root, with a host key of its own, a configuration for root logins by key and, when given,
-/// `authorized_key` for root: the VM node serves SSH like a WalT node.
-pub fn install_host_sshd(dest: &Path, authorized_key: Option<&str>) -> Result<(), FixtureError> {
-    require_tool("sshd", "openssh-server")?;
-    require_tool("ssh-keygen", "openssh-client")?;
+/// A host executable and the shared libraries it links (`ldd`), the dynamic loader included: what
+/// an image needs to run a copy of it.
+pub fn with_libraries(binary: &Path) -> Result<Vec<PathBuf>, FixtureError> {
     require_tool("ldd", "libc-bin")?;
-    let sshd = PathBuf::from("/usr/sbin/sshd");
-    let libraries = run_stdout(Command::new("ldd").arg(&sshd))?;
-    let mut files = vec![sshd];
+    let libraries = run_stdout(Command::new("ldd").arg(binary))?;
+    let mut files = vec![binary.to_path_buf()];
     for line in libraries.lines() {
         let path = line
             .split("=>")
@@ -488,7 +536,16 @@ pub fn install_host_sshd(dest: &Path, authorized_key: Option<&str>) -> Result<()
             files.push(PathBuf::from(path));
         }
     }
-    for file in files {
+    Ok(files)
+}
+
+/// Copies the host's OpenSSH server (Debian's `openssh-server`) and the libraries it links into an
+/// image root, with a host key of its own, a configuration for root logins by key and, when given,
+/// `authorized_key` for root: the VM node serves SSH like a WalT node.
+pub fn install_host_sshd(dest: &Path, authorized_key: Option<&str>) -> Result<(), FixtureError> {
+    require_tool("sshd", "openssh-server")?;
+    require_tool("ssh-keygen", "openssh-client")?;
+    for file in with_libraries(Path::new("/usr/sbin/sshd"))? {
         let target = dest.join(file.strip_prefix("/").unwrap_or(&file));
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent).map_err(io("creating a library dir"))?;
@@ -812,4 +869,85 @@ impl Drop for ReferenceServers {
             daemon.stop(Duration::from_secs(5));
         }
     }
+}
+
+/// The files of the cluster tier's VM node image ([`crate::lab::ensure_vm_node_image`]): the
+/// static `walt-operator` at `/usr/bin` (a VM node pod runs `walt-operator vm`) and the host's
+/// Debian `qemu-system-x86_64` with what it loads at run time: its shared libraries, its TCG
+/// accelerator module, and its firmware directories as `qemu-system-x86_64 -L help` lists them
+/// (the BIOS, the NICs' iPXE option ROMs; symbolic links followed, as Debian links them across
+/// packages). Paths are the host's, so qemu finds everything where it was built to look.
+pub fn vm_node_image_files(operator: &Path) -> Result<Vec<crate::image_build::Entry>, FixtureError> {
+    use crate::image_build::Entry;
+    require_tool(QEMU_SYSTEM, "qemu-system-x86")?;
+    let qemu = which(QEMU_SYSTEM)?;
+    let mut files: Vec<(PathBuf, u32)> = with_libraries(&qemu)?.into_iter().map(|f| (f, 0o755)).collect();
+    for module in QEMU_MODULES {
+        for file in with_libraries(&Path::new(QEMU_MODULE_DIR).join(module))? {
+            if !files.iter().any(|(f, _)| *f == file) {
+                files.push((file, 0o755));
+            }
+        }
+    }
+    let data_dirs = run_stdout(Command::new(&qemu).args(["-L", "help"]))?;
+    for dir in data_dirs.lines().map(str::trim).filter(|l| l.starts_with('/')) {
+        let dir = std::fs::canonicalize(dir).map_err(io("resolving a qemu data directory"))?;
+        for file in files_under(&dir)? {
+            files.push((file, 0o644));
+        }
+    }
+    let mut entries = vec![Entry::dir("tmp", 0o1777)];
+    let mut dirs = std::collections::BTreeSet::new();
+    for path in
+        std::iter::once(Path::new("/usr/bin/walt-operator")).chain(files.iter().map(|(f, _)| f.as_path()))
+    {
+        dirs.extend(
+            path.ancestors()
+                .skip(1)
+                .filter(|d| *d != Path::new("/"))
+                .map(Path::to_path_buf),
+        );
+    }
+    entries.extend(dirs.iter().map(|d| Entry::dir(&relative(d), 0o755)));
+    let read = |path: &Path| std::fs::read(path).map_err(io("reading a file of the VM node image"));
+    entries.push(Entry::file("usr/bin/walt-operator", 0o755, read(operator)?));
+    for (file, mode) in &files {
+        entries.push(Entry::file(&relative(file), *mode, read(file)?));
+    }
+    Ok(entries)
+}
+
+/// The qemu VM nodes run.
+const QEMU_SYSTEM: &str = "qemu-system-x86_64";
+/// Where Debian's qemu loads its modules from.
+const QEMU_MODULE_DIR: &str = "/usr/lib/x86_64-linux-gnu/qemu";
+/// The modules a VM node's qemu loads: TCG (KVM is built in) is one in Debian's build.
+const QEMU_MODULES: [&str; 1] = ["accel-tcg-x86_64.so"];
+
+fn relative(path: &Path) -> String {
+    path.strip_prefix("/").unwrap_or(path).display().to_string()
+}
+
+/// `program`'s path on `PATH`.
+fn which(program: &str) -> Result<PathBuf, FixtureError> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(program))
+        .find(|path| path.is_file())
+        .ok_or_else(|| FixtureError::Failed(format!("{program} is not on PATH")))
+}
+
+/// The files under `dir`, recursively, symbolic links followed.
+fn files_under(dir: &Path) -> Result<Vec<PathBuf>, FixtureError> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io("listing a qemu data directory"))? {
+        let path = entry.map_err(io("listing a qemu data directory"))?.path();
+        if path.is_dir() {
+            out.extend(files_under(&path)?);
+        } else if path.is_file() {
+            out.push(path);
+        }
+    }
+    Ok(out)
 }

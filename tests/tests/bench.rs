@@ -922,26 +922,7 @@ fn set_up(cluster: Cluster, profile: BuildProfile) -> Bench {
         ])),
         "the cluster DNS address",
     );
-    // The node's namespace has no default route, so its own programs cannot reach ClusterIPs (pods
-    // can: their traffic enters it): a route for the Service range lets kube-proxy's rules apply.
-    let routes = must(
-        run(Command::new("ip").args(["-n", &netns, "route"])),
-        "the node's routes",
-    );
-    if !routes.contains(walt_tests::k8s::SERVICE_CIDR) {
-        must(
-            run(Command::new("ip").args([
-                "-n",
-                &netns,
-                "route",
-                "add",
-                walt_tests::k8s::SERVICE_CIDR,
-                "dev",
-                "walt0",
-            ])),
-            "a route to the Services",
-        );
-    }
+    // Its own programs reach ClusterIPs: the harness routes the Service range in the node's namespace.
     let etc = PathBuf::from("/etc/netns").join(&netns);
     std::fs::create_dir_all(&etc).expect("/etc/netns dir");
     std::fs::write(

@@ -30,7 +30,7 @@ use std::time::Duration;
 use walt_tests::images::{Arch, OciLayout};
 use walt_tests::netboot::{
     BOOTED_MARKER, BootServer, Forward, LabNetwork, MODEL, ReferenceServers, VmNode, add_plain_walt_init,
-    debian_kernel, in_netns, install_host_sshd, output, vm_image_root,
+    debian_kernel, in_netns, install_host_sshd, output, vm_image_root, vm_node_os_image, vm_node_os_root,
 };
 use walt_tests::registry::Registry;
 use walt_tests::{require_root, run};
@@ -333,18 +333,11 @@ fn keygen(path: &std::path::Path, comment: &str) -> std::path::PathBuf {
 /// own and no authorized key (the boot service serves the device's), no `walt-init`, and
 /// `/etc/delete-me` for a node to delete; its layout (image `vm`) and digest.
 fn push_vm_image(scratch: &std::path::Path, registry: &Registry, reference: &str) -> (OciLayout, String) {
-    let kernel = debian_kernel().expect("Debian kernel");
     let root = scratch.join("image-root");
-    vm_image_root(&root, &kernel).expect("image root");
-    install_host_sshd(&root, None).expect("sshd in the image");
+    vm_node_os_root(&root).expect("image root");
     std::fs::write(root.join("etc/delete-me"), "deleted on the node, then saved\n")
         .expect("a file to delete");
-    let layout = OciLayout::new().expect("layout");
-    layout.new_image("empty", Arch::Amd64).expect("new image");
-    layout
-        .add_layer_from_dir("empty", "vm", &root)
-        .expect("image layer");
-    layout.set_label("vm", "walt.node.models", MODEL).expect("label");
+    let layout = vm_node_os_image(&root).expect("image layout");
     let digest = layout.push("vm", registry, reference).expect("push");
     (layout, digest)
 }

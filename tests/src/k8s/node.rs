@@ -6,7 +6,8 @@
 //!   it (the API server must reach the kubelet at the node address, pods must reach the API server).
 //!   The node address is 10.200.0.2 on a bridge device `walt0`, pods get 10.244.0.0/24 on `cni0`:
 //!   these addresses exist only inside the namespace, which has no default route: nothing in it
-//!   can send traffic elsewhere. The API server and the registry listen inside it (the registry on
+//!   can send traffic elsewhere (its one other route, the Services' ClusterIPs onto the bridge, is
+//!   there for host-network pods: kube-proxy translates those addresses to the node's own). The API server and the registry listen inside it (the registry on
 //!   every address of the namespace, so pods also reach it at the node address) and are bridged
 //!   to the same port on the host's 127.0.0.1 (socat through a Unix socket), so one URL works from
 //!   the host and the node.
@@ -33,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use super::{Cluster, Error, free_port, images, services};
+use super::{Cluster, Error, SERVICE_CIDR, free_port, images, services};
 use crate::process::{Daemon, Lifetime, pid_alive, stop_pid};
 use crate::wait::Wait;
 
@@ -213,7 +214,10 @@ impl Place {
 /// The `ip` commands that give a node its network (pure): the first node gets the bridge and its
 /// address in `netns`; another node gets a veth pair from the first node's namespace `first`
 /// (one end on the bridge, the other its `eth0` with its address) and a route each way between
-/// the two pod networks.
+/// the two pod networks. Each gets a route for the Services' ClusterIPs onto its link: the
+/// namespace has no default route, and a connection from the node's own network (a host-network
+/// pod's, such as the boot service's to the API server's ClusterIP) is refused by the route lookup
+/// ("Network is unreachable") before kube-proxy's rules could translate its destination.
 pub(crate) fn network_commands(place: &Place, netns: &str, first: Option<&str>) -> Vec<Vec<String>> {
     let ip = format!("{}/24", place.ip);
     let lines: Vec<String> = match first {
@@ -222,6 +226,7 @@ pub(crate) fn network_commands(place: &Place, netns: &str, first: Option<&str>) 
             format!("-n {netns} link add {BRIDGE} type bridge"),
             format!("-n {netns} addr add {ip} dev {BRIDGE}"),
             format!("-n {netns} link set {BRIDGE} up"),
+            format!("-n {netns} route add {SERVICE_CIDR} dev {BRIDGE}"),
         ],
         Some(first) => {
             // Interface names have at most 15 bytes: named after the address's last byte.
@@ -235,6 +240,7 @@ pub(crate) fn network_commands(place: &Place, netns: &str, first: Option<&str>) 
                 format!("-n {netns} link set eth0 up"),
                 format!("-n {netns} route add {POD_CIDR} via {NODE_IP}"),
                 format!("-n {first} route add {} via {}", place.pod_cidr, place.ip),
+                format!("-n {netns} route add {SERVICE_CIDR} dev eth0"),
             ]
         }
     };
@@ -955,6 +961,7 @@ mod tests {
                 "-n walt-1-0 link add walt0 type bridge",
                 "-n walt-1-0 addr add 10.200.0.2/24 dev walt0",
                 "-n walt-1-0 link set walt0 up",
+                "-n walt-1-0 route add 10.96.0.0/16 dev walt0",
             ]
         );
     }
@@ -969,6 +976,7 @@ mod tests {
             "-n walt-1-1 addr add 10.200.0.3/24 dev eth0",
             "-n walt-1-1 route add 10.244.0.0/24 via 10.200.0.2",
             "-n walt-1-0 route add 10.244.1.0/24 via 10.200.0.3",
+            "-n walt-1-1 route add 10.96.0.0/16 dev eth0",
         ] {
             assert!(
                 commands.iter().any(|c| c == wanted),

@@ -170,7 +170,8 @@ impl Ctx {
     }
 
     /// Checks permissions up front, so a workflow fails before it creates anything, naming the
-    /// first permission missing. Each item: (verb, group, resource, subresource, namespace).
+    /// first permission missing (in the order given). Each item: (verb, group, resource,
+    /// subresource, namespace).
     pub async fn require(
         &self,
         needs: &[(
@@ -181,8 +182,14 @@ impl Ctx {
             &str,
         )],
     ) -> Result<()> {
-        for (verb, group, resource, sub, namespace) in needs {
-            if !self.can_i(verb, group, resource, *sub, namespace).await {
+        // Asked at once (one round trip's time for all), judged in order.
+        let answers =
+            futures::future::join_all(needs.iter().map(|(verb, group, resource, sub, namespace)| {
+                self.can_i(verb, group, resource, *sub, namespace)
+            }))
+            .await;
+        for ((verb, group, resource, sub, namespace), allowed) in needs.iter().zip(answers) {
+            if !allowed {
                 let mut full = if group.is_empty() {
                     (*resource).to_string()
                 } else {

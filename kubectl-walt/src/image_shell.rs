@@ -19,26 +19,34 @@ use walt_crds::image::MAX_SHELL_LAYERS;
 /// `image shell IMAGE`
 pub async fn run(ctx: &Ctx, image: &str, mode: ShellModeArg) -> Result<i32> {
     let name = image_name(image)?;
-    let object = ctx.get_image(&name.object_name(), &name.to_string()).await?;
-    let status = object.status.clone().unwrap_or_default();
+    // The image, a shell already on it and the rights are asked at once (three round trips to the API
+    // server in the time of one, before the prompt), then judged in this order.
+    // Attaching to the shell pod needs no right here: it runs in the tenant's runtime namespace,
+    // where the operator binds the attach role to whoever may use walt in this one.
+    let (object_name, image_text) = (name.object_name(), name.to_string());
+    let namespace = ctx.namespace.as_str();
+    let needs = [
+        ("create", "walt.dev", "shellsessions", None, namespace),
+        ("patch", "walt.dev", "shellsessions", None, namespace),
+    ];
+    let (object, busy, allowed) = tokio::join!(
+        ctx.get_image(&object_name, &image_text),
+        session::sessions_on_image(ctx, &image_text),
+        ctx.require(&needs),
+    );
+    let status = object?.status.unwrap_or_default();
     if let Some(layers) = status.layers.filter(|l| *l >= MAX_SHELL_LAYERS) {
         return Err(Error::Invalid(format!(
             "image {name} has {layers} layers: an image shell needs fewer than {MAX_SHELL_LAYERS}; squash it first (`kubectl walt image squash {name}`)"
         )));
     }
-    if let Some(busy) = session::sessions_on_image(ctx, &name.to_string()).await.first() {
+    if let Some(busy) = busy.first() {
         eprintln!(
             "Note: image {name} already has a shell session ({}); only one runs at a time, yours starts when it ends.",
             busy.metadata.name.clone().unwrap_or_default()
         );
     }
-    // Attaching to the shell pod needs no right here: it runs in the tenant's runtime namespace,
-    // where the operator binds the attach role to whoever may use walt in this one.
-    ctx.require(&[
-        ("create", "walt.dev", "shellsessions", None, &ctx.namespace),
-        ("patch", "walt.dev", "shellsessions", None, &ctx.namespace),
-    ])
-    .await?;
+    allowed?;
 
     let spec = ShellSessionSpec {
         image: Some(name.to_string()),

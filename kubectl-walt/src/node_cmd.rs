@@ -4,14 +4,14 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use walt_crds::{BootMode, NodeSave, NodeSavePhase, NodeSaveSpec, NodeSpec, VirtualNode};
+use walt_crds::{BootMode, Image, ImageName, NodeSave, NodeSavePhase, NodeSaveSpec, NodeSpec, VirtualNode};
 
 use crate::cli::{Architecture, Compression, OutputFormat};
 use crate::cluster::{Ctx, tick};
 use crate::describe::{node_page, node_phase, node_ready, node_table, node_waiting_for};
 use crate::dialogue::{confirm, overwrite_question};
 use crate::error::{Error, Op, Result};
-use crate::format::{bytes, serialize_objects, short_digest};
+use crate::format::{bytes, clock, serialize_objects, short_digest};
 use crate::progress::{Progress, Sample};
 use crate::resolve::{ALL_NODES, image_name, list_nodes, name_of, node_set, nodes_booting};
 use crate::watch::{LiveLine, interruptible};
@@ -372,7 +372,10 @@ pub struct SaveOptions<'a> {
 /// `node save NODE IMAGE`
 pub async fn save(ctx: &Ctx, opts: &SaveOptions<'_>) -> Result<()> {
     let target = image_name(opts.image)?;
-    let node = ctx.get_node(opts.node).await?;
+    // The node and the target image are read at once (one round trip's time), judged in this order.
+    let (object_name, images) = (target.object_name(), ctx.images());
+    let (node, existing) = tokio::join!(ctx.get_node(opts.node), images.get_opt(&object_name));
+    let node = node?;
     if !node_ready(&node) {
         return Err(Error::NotReady {
             node: opts.node.to_string(),
@@ -384,15 +387,7 @@ pub async fn save(ctx: &Ctx, opts: &SaveOptions<'_>) -> Result<()> {
         });
     }
     let mut overwrite = opts.overwrite;
-    if ctx
-        .images()
-        .get_opt(&target.object_name())
-        .await
-        .ok()
-        .flatten()
-        .is_some()
-        && !overwrite
-    {
+    if existing.ok().flatten().is_some() && !overwrite {
         let nodes = list_nodes(ctx).await?;
         let booted_by = nodes_booting(&nodes, &target);
         if crate::terminal::interactive() {
@@ -458,7 +453,7 @@ pub async fn save(ctx: &Ctx, opts: &SaveOptions<'_>) -> Result<()> {
         println!("nodesave.walt.dev/{save_name} created: follow with `kubectl get nodesave {save_name} -w`.");
         return Ok(());
     }
-    let result = interruptible(follow_save(ctx, &save_name, opts.node, &target.to_string())).await;
+    let result = interruptible(follow_save(ctx, &save_name, opts.node, &target)).await;
     if matches!(result, Err(Error::Interrupted)) {
         let _ = ctx.saves().delete(&save_name, &DeleteParams::default()).await;
         eprintln!(
@@ -468,11 +463,15 @@ pub async fn save(ctx: &Ctx, opts: &SaveOptions<'_>) -> Result<()> {
     result
 }
 
-async fn follow_save(ctx: &Ctx, save_name: &str, node: &str, image: &str) -> Result<()> {
+/// Follows the NodeSave to its end, showing its progress; wakes at each write of the operator (a
+/// watch), not at a poll.
+async fn follow_save(ctx: &Ctx, save_name: &str, node: &str, target: &ImageName) -> Result<()> {
+    let image = target.to_string();
     let start = Instant::now();
     let mut progress = Progress::new(format!("saving {node}"), None);
     let mut line = LiveLine::stderr();
     let mut last_phase = None;
+    let mut changes = crate::cluster::changes_of(ctx.saves(), save_name);
     loop {
         let save = ctx.saves().get(save_name).await.map_err(|e| {
             Error::api(
@@ -505,8 +504,19 @@ async fn follow_save(ctx: &Ctx, save_name: &str, node: &str, image: &str) -> Res
         }
         match status.phase {
             NodeSavePhase::Succeeded => {
-                line.finish();
                 let result = status.result.clone().unwrap_or_default();
+                // "Saved" means usable: the Image shows the saved digest Ready (a node can boot it).
+                let shown = match result.digest.as_deref() {
+                    Some(digest) => wait_image_shows(ctx, target, digest, &mut line).await,
+                    None => true,
+                };
+                line.finish();
+                if !shown {
+                    eprintln!(
+                        "Note: image {image} does not show the saved digest Ready yet (after {}s): `kubectl walt image show {image}` says why.",
+                        IMAGE_READY_WAIT.as_secs()
+                    );
+                }
                 let changes = status.changes.clone().unwrap_or_default();
                 println!(
                     "Saved {node} as {image}: {}",
@@ -561,7 +571,44 @@ async fn follow_save(ctx: &Ctx, save_name: &str, node: &str, image: &str) -> Res
                 }
             }
         }
-        tick().await;
+        crate::cluster::next_change(&mut changes).await;
+    }
+}
+
+/// How long `node save` waits, after the save, for the Image to show the saved digest Ready: the
+/// operator's Image controller resolves it within milliseconds of the save's end; past this the save
+/// is still reported, with where to look.
+const IMAGE_READY_WAIT: Duration = Duration::from_secs(30);
+
+/// Whether `image` shows `digest` Ready (pure): from then on it is the saved image, usable.
+fn shows_saved(image: &Image, digest: &str) -> bool {
+    image.status.as_ref().is_some_and(|status| {
+        status.digest.as_deref() == Some(digest)
+            && walt_crds::is_condition_true(&status.conditions, walt_crds::condition_types::READY)
+    })
+}
+
+/// Waits until Image `target` shows `digest` Ready, waking at each change of it (a watch), for
+/// [`IMAGE_READY_WAIT`] at most; false when it did not in time (the save itself is done).
+async fn wait_image_shows(ctx: &Ctx, target: &ImageName, digest: &str, line: &mut LiveLine) -> bool {
+    let object = target.object_name();
+    let start = Instant::now();
+    let mut changes = crate::cluster::changes_of(ctx.images(), &object);
+    loop {
+        // An error reading it is waited out like an Image not updated yet: the wait is bounded.
+        if let Ok(Some(image)) = ctx.images().get_opt(&object).await
+            && shows_saved(&image, digest)
+        {
+            return true;
+        }
+        if start.elapsed() >= IMAGE_READY_WAIT {
+            return false;
+        }
+        line.show(&format!(
+            "saved; waiting for image {target} to show it Ready  ({})",
+            clock(start.elapsed())
+        ));
+        crate::cluster::next_change(&mut changes).await;
     }
 }
 
@@ -611,5 +658,46 @@ mod tests {
         );
         assert_eq!(vm_of(Some("1Gi"), Some("2")).memory.0, "1Gi");
         assert_eq!(vm_of(None, None).cpu.0, "1");
+    }
+
+    #[test]
+    fn a_saved_image_is_shown_once_its_image_is_ready_with_the_saved_digest() {
+        let image = |digest: Option<&str>, ready: Option<bool>| {
+            let mut image = Image::new("tuned", walt_crds::ImageSpec::default());
+            image.status = Some(walt_crds::ImageStatus {
+                digest: digest.map(str::to_owned),
+                conditions: ready
+                    .map(|ready| {
+                        walt_crds::new_condition(
+                            walt_crds::condition_types::READY,
+                            ready.into(),
+                            "Resolved",
+                            "",
+                            None,
+                            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+                            ),
+                        )
+                    })
+                    .into_iter()
+                    .collect(),
+                ..walt_crds::ImageStatus::default()
+            });
+            image
+        };
+        assert!(shows_saved(&image(Some("sha256:new"), Some(true)), "sha256:new"));
+        assert!(
+            !shows_saved(&image(Some("sha256:old"), Some(true)), "sha256:new"),
+            "an overwritten image still Ready with its previous digest"
+        );
+        assert!(!shows_saved(
+            &image(Some("sha256:new"), Some(false)),
+            "sha256:new"
+        ));
+        assert!(!shows_saved(&image(Some("sha256:new"), None), "sha256:new"));
+        assert!(!shows_saved(
+            &Image::new("tuned", walt_crds::ImageSpec::default()),
+            "sha256:new"
+        ));
     }
 }

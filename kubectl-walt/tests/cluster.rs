@@ -591,7 +591,7 @@ fn node_save_shows_progress_digest_and_summary() {
         "{err}"
     );
 
-    let child = walt.spawn(&["node", "save", "rpi3-01", "tuned", "--exclude", "/var/cache/"]);
+    let mut child = walt.spawn(&["node", "save", "rpi3-01", "tuned", "--exclude", "/var/cache/"]);
     let save_name = rt.block_on(async {
         let api: Api<NodeSave> = Api::namespaced(admin().await, &ns);
         let save = wait_for_async("a NodeSave to be created", Duration::from_secs(30), async || {
@@ -610,6 +610,8 @@ fn node_save_shows_progress_digest_and_summary() {
             set_status::<NodeSave>(&ns, &name, serde_json::json!({"phase": "Running", "progress": {"bytes": bytes, "files": files}})).await;
             tokio::time::sleep(Duration::from_millis(2500)).await;
         }
+        // The operator creates (here: finds Ready with an older digest) the Image before the save ends.
+        create_image(&ns, "tuned", true, "arm64").await;
         set_status::<NodeSave>(&ns, &name, serde_json::json!({
             "phase": "Succeeded",
             "baseImage": {"name": "rpi-debian", "digest": "sha256:2222222222222222222222222222222222222222222222222222222222222222"},
@@ -621,6 +623,19 @@ fn node_save_shows_progress_digest_and_summary() {
         .await;
         name
     });
+    // "Saved" only once the Image shows the saved digest Ready: a node can boot it from then on.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        child.try_wait().expect("the save's state").is_none(),
+        "the save was reported before its Image showed the saved digest"
+    );
+    rt.block_on(set_status::<Image>(
+        &ns,
+        "tuned",
+        serde_json::json!({
+            "digest": "sha256:3333333333333333333333333333333333333333333333333333333333333333"
+        }),
+    ));
     let out = child.wait_with_output().expect("save");
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(out.status.success(), "{stderr}");

@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::process::{Daemon, Lifetime};
@@ -31,14 +32,22 @@ pub fn workspace_binary(env: &str, package: &str, binary: &str) -> PathBuf {
     deploy::target_dir().join("debug").join(binary)
 }
 
-/// The operator binary (`$WALT_OPERATOR_BIN`, else built).
+/// The operator binary (`$WALT_OPERATOR_BIN`, else built, once per test process).
 pub fn operator_binary() -> PathBuf {
-    workspace_binary("WALT_OPERATOR_BIN", "walt-operator", "walt-operator")
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY
+        .get_or_init(|| workspace_binary("WALT_OPERATOR_BIN", "walt-operator", "walt-operator"))
+        .clone()
 }
 
-/// The plugin binary (`$KUBECTL_WALT_BIN`, else built).
+/// The plugin binary (`$KUBECTL_WALT_BIN`, else built, once per test process): each `kubectl walt`
+/// command of a test is a [`crate::lab::Kube::walt`], and a `cargo build` per command (0.3–0.9 s even
+/// with nothing to build, on the 2-core development VM) was timed as the plugin's by `cargo xtask bench`.
 pub fn plugin_binary() -> PathBuf {
-    workspace_binary("KUBECTL_WALT_BIN", "kubectl-walt", "kubectl-walt")
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY
+        .get_or_init(|| workspace_binary("KUBECTL_WALT_BIN", "kubectl-walt", "kubectl-walt"))
+        .clone()
 }
 
 /// A running `walt-operator run`, stopped when dropped.

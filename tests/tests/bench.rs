@@ -338,33 +338,41 @@ impl Bench {
         pids
     }
 
-    /// `kubectl walt node save` until the Image is Ready; the operators' peak RSS meanwhile.
+    /// `kubectl walt node save` until the Image is Ready (the plugin says `Saved` only once its Image
+    /// shows the saved digest Ready: checked after the timing); the operators' peak RSS meanwhile.
     fn save_ours(&self) -> (f64, u64) {
         let target = format!("save-ours-{}", self.next());
         let operators = self.operators();
         for pid in &operators {
             bench::reset_peak_rss(*pid).unwrap_or_else(|e| panic!("{e}"));
         }
+        let mut command = self.walt(&["node", "save", NODE, &target]);
         let started = Instant::now();
-        let output = self
-            .walt(&["node", "save", NODE, &target])
-            .output()
-            .expect("run kubectl walt node save");
+        let output = command.output().expect("run kubectl walt node save");
+        let took = started.elapsed().as_secs_f64();
+        let said = String::from_utf8_lossy(&output.stdout);
         assert!(
             output.status.success(),
-            "kubectl walt node save: {}{}",
-            String::from_utf8_lossy(&output.stdout),
+            "kubectl walt node save: {said}{}",
             String::from_utf8_lossy(&output.stderr)
         );
-        self.kubectl(&[
-            "wait",
+        let digest = said
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("Saved {NODE} as {target}: ")))
+            .unwrap_or_else(|| panic!("no Saved line: {said}"));
+        let image = self.kubectl(&[
+            "get",
             "-n",
             NS,
-            "--for=condition=Ready",
             &format!("image.walt.dev/{target}"),
-            "--timeout=300s",
+            "-o",
+            "jsonpath={.status.digest} {.status.conditions[?(@.type==\"Ready\")].status}",
         ]);
-        let took = started.elapsed().as_secs_f64();
+        assert_eq!(
+            image,
+            format!("{digest} True"),
+            "the Image when kubectl walt node save said: {said}"
+        );
         let peak = operators
             .iter()
             .filter_map(|pid| bench::peak_rss_kib(*pid))
@@ -520,8 +528,9 @@ impl Bench {
         }
         args.push(image);
         let operators = self.reset_operators();
+        let mut command = self.walt(&args);
         let started = Instant::now();
-        let output = self.walt(&args).output().expect("run kubectl walt image build");
+        let output = command.output().expect("run kubectl walt image build");
         let took = started.elapsed().as_secs_f64();
         let stdout = String::from_utf8_lossy(&output.stdout);
         let said = || format!("{stdout}{}", String::from_utf8_lossy(&output.stderr));

@@ -35,7 +35,7 @@ const SHELL_HELPER_DIRS: [&str; 2] = ["bin", "usr/bin"];
 
 /// The last word a layer says about a path, read top layer first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Seen {
+pub enum Seen {
     /// An executable file (or a symlink, which the shell resolves at run time).
     Executable,
     /// A file that is not executable, or deleted by a whiteout.
@@ -54,39 +54,69 @@ fn scan_layer(tar: impl Read, seen: &mut BTreeMap<String, Seen>) -> std::io::Res
     Ok(())
 }
 
+/// What one layer entry (its path as in the tar, its type and mode) says about a helper path, if it
+/// names one (pure): the helper's index in [`ShellHelpersSaid`] and the word.
+fn helper_entry(path: &str, kind: tar::EntryType, mode: u32) -> Option<(usize, Seen)> {
+    let path = normalized(path);
+    let (dir, file) = path.rsplit_once('/').unwrap_or(("", path));
+    let (file, whiteout) = match file.strip_prefix(".wh.") {
+        Some(deleted) => (deleted, true),
+        None => (file, false),
+    };
+    let dir_index = SHELL_HELPER_DIRS.iter().position(|known| *known == dir)?;
+    let file_index = [SHELL_START, SHELL_SHUTDOWN]
+        .iter()
+        .position(|known| *known == file)?;
+    let state = if whiteout {
+        Seen::Unusable
+    } else if kind.is_symlink() || kind.is_hard_link() || mode & 0o111 != 0 {
+        Seen::Executable
+    } else {
+        Seen::Unusable
+    };
+    Some((dir_index * 2 + file_index, state))
+}
+
+/// What one layer says about each helper path ([`SHELL_HELPER_DIRS`] × [`SHELL_START`],
+/// [`SHELL_SHUTDOWN`]), gathered entry by entry: by the layer writer as it writes a layer (so that
+/// whoever pushes it can tell [`ShellHelperLayers`], and the layer is not streamed back to learn it),
+/// or by [`layer_says`] reading one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShellHelpersSaid([Option<Seen>; 4]);
+
+impl ShellHelpersSaid {
+    /// Takes one entry of the layer into account (a later entry of a path replaces the earlier one, as
+    /// unpacking does): `path` as the tar names it, its entry type and mode.
+    pub fn entry(&mut self, path: &str, kind: tar::EntryType, mode: u32) {
+        if let Some((index, state)) = helper_entry(path, kind, mode) {
+            self.0[index] = Some(state);
+        }
+    }
+
+    /// The words by helper path (`bin/walt-image-shell-start`, …), the form [`ShellHelperLayers`] keeps.
+    fn by_path(self) -> BTreeMap<String, Seen> {
+        let paths = SHELL_HELPER_DIRS
+            .iter()
+            .flat_map(|dir| [SHELL_START, SHELL_SHUTDOWN].map(|file| format!("{dir}/{file}")));
+        paths
+            .zip(self.0)
+            .filter_map(|(path, state)| Some((path, state?)))
+            .collect()
+    }
+}
+
 /// What one layer says about the helper paths, whatever the layers above say (pure over the
 /// entries): a layer's answer depends on its bytes alone, so it is kept by layer digest.
 fn layer_says(tar: impl Read) -> std::io::Result<BTreeMap<String, Seen>> {
     let mut archive = tar::Archive::new(crate::overlay::HeaderLimit::new(tar));
-    let mut in_this_layer = BTreeMap::new();
+    let mut said = ShellHelpersSaid::default();
     for entry in archive.entries()? {
         let entry = entry?;
         let path = entry.path()?.to_string_lossy().into_owned();
-        let path = normalized(&path);
-        let (dir, file) = path.rsplit_once('/').unwrap_or(("", path));
-        let (file, whiteout) = match file.strip_prefix(".wh.") {
-            Some(deleted) => (deleted, true),
-            None => (file, false),
-        };
-        if !SHELL_HELPER_DIRS.contains(&dir) || !(file == SHELL_START || file == SHELL_SHUTDOWN) {
-            continue;
-        }
-        let key = format!("{dir}/{file}");
         let header = entry.header();
-        let state = if whiteout {
-            Seen::Unusable
-        } else if header.entry_type().is_symlink()
-            || header.entry_type().is_hard_link()
-            || header.mode().is_ok_and(|mode| mode & 0o111 != 0)
-        {
-            Seen::Executable
-        } else {
-            Seen::Unusable
-        };
-        // A later entry of a path in one layer replaces the earlier one, as unpacking does.
-        in_this_layer.insert(key, state);
+        said.entry(&path, header.entry_type(), header.mode().unwrap_or(0));
     }
-    Ok(in_this_layer)
+    Ok(said.by_path())
 }
 
 /// Adds what a layer below says to what the layers above said (they shadow it).
@@ -112,6 +142,12 @@ type LayerAnswer = std::sync::Arc<tokio::sync::OnceCell<BTreeMap<String, Seen>>>
 const SHELL_HELPER_LAYERS_KEPT: usize = 4096;
 
 impl ShellHelperLayers {
+    /// Records what the layer `digest` says, known by whoever wrote it (a node save): no reconcile
+    /// reads that layer back for it. An answer already there stays (the same bytes say the same).
+    pub fn record(&self, digest: &str, said: ShellHelpersSaid) {
+        let _ = self.cell(digest).set(said.by_path());
+    }
+
     /// The cell of `digest` (made empty when new).
     fn cell(&self, digest: &str) -> LayerAnswer {
         let mut layers = match self.layers.lock() {
@@ -281,18 +317,13 @@ impl RegistryClient {
 mod tests {
     use super::*;
 
+    /// A layer of regular files: `(path, mode)`.
     fn layer(entries: &[(&str, u32)]) -> Vec<u8> {
-        let mut builder = tar::Builder::new(Vec::new());
-        for (path, mode) in entries {
-            let mut header = tar::Header::new_gnu();
-            header.set_size(0);
-            header.set_mode(*mode);
-            header.set_entry_type(tar::EntryType::Regular);
-            builder
-                .append_data(&mut header, path, std::io::empty())
-                .expect("append");
-        }
-        builder.into_inner().expect("finish")
+        let regular: Vec<_> = entries
+            .iter()
+            .map(|(path, mode)| (*path, tar::EntryType::Regular, *mode))
+            .collect();
+        change_stream(&regular)
     }
 
     #[test]
@@ -317,6 +348,67 @@ mod tests {
             Some(&Seen::Unusable),
             "the last entry of a path in a layer counts, as unpacking it would"
         );
+    }
+
+    /// An overlay upper dir's change stream: `(path, type, mode)`; a whiteout is a char device 0:0.
+    fn change_stream(entries: &[(&str, tar::EntryType, u32)]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (path, kind, mode) in entries {
+            let mut header = tar::Header::new_ustar();
+            header.set_entry_type(*kind);
+            header.set_size(0);
+            header.set_mode(*mode);
+            header.set_mtime(1);
+            header.set_uid(0);
+            header.set_gid(0);
+            if kind.is_symlink() {
+                header.set_link_name("busybox").expect("link name");
+            }
+            if *kind == tar::EntryType::Char {
+                header.set_device_major(0).expect("major");
+                header.set_device_minor(0).expect("minor");
+            }
+            builder
+                .append_data(&mut header, path, std::io::empty())
+                .expect("append");
+        }
+        builder.into_inner().expect("finish")
+    }
+
+    #[test]
+    fn the_layer_writer_tells_what_reading_its_layer_back_would() {
+        use tar::EntryType::{Char, Directory, Regular, Symlink};
+        let stream = change_stream(&[
+            ("bin", Directory, 0o755),
+            ("bin/walt-image-shell-start", Regular, 0o755),
+            ("bin/walt-image-shell-shutdown", Char, 0o644),
+            ("etc/motd", Regular, 0o644),
+            ("usr/bin/walt-image-shell-start", Symlink, 0o777),
+            ("usr/bin/walt-image-shell-shutdown", Regular, 0o644),
+        ]);
+        let (layer, summary) = crate::overlay::write_layer_from_tar(
+            &stream[..],
+            &crate::overlay::LayerOptions::default(),
+            Vec::new(),
+        )
+        .expect("write the layer");
+        let read_back = layer_says(&layer[..]).expect("read the layer");
+        assert_eq!(summary.shell_helpers.by_path(), read_back);
+        assert_eq!(
+            read_back,
+            BTreeMap::from([
+                ("bin/walt-image-shell-start".to_owned(), Seen::Executable),
+                ("bin/walt-image-shell-shutdown".to_owned(), Seen::Unusable),
+                ("usr/bin/walt-image-shell-start".to_owned(), Seen::Executable),
+                ("usr/bin/walt-image-shell-shutdown".to_owned(), Seen::Unusable),
+            ]),
+            "a whiteout and a file not executable are unusable, a symlink is taken as executable"
+        );
+        // Recorded under the pushed layer's digest, it is the answer a reconcile finds (no reading).
+        let known = ShellHelperLayers::default();
+        known.record("sha256:saved", summary.shell_helpers);
+        assert_eq!(known.cell("sha256:saved").get(), Some(&read_back));
+        assert!(known.cell("sha256:other").get().is_none());
     }
 
     fn scan(layers_top_first: &[Vec<u8>]) -> bool {

@@ -51,7 +51,7 @@ mod upload;
 
 pub use build::UploadedLayer;
 pub use compress::{Compression, Compressor, HashingWriter, ParallelGzip};
-pub use copy::{CopyProgress, ShellHelperLayers};
+pub use copy::{CopyProgress, Seen, ShellHelperLayers, ShellHelpersSaid};
 pub use error::Error;
 pub use image::{
     ChangeSource, CommitOptions, ConfigParts, LayerCache, LayerDescriptor, Platform, PulledImage,

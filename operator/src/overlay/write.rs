@@ -105,6 +105,10 @@ pub struct ChangeSummary {
     pub bytes: u64,
     /// Tar entries written (directories, files, links, devices, whiteouts, opaque markers).
     pub entries: u64,
+    /// What the layer says about the image-shell helpers (read by the Image controller to tell an
+    /// image's shell mode): known here as the entries are written.
+    #[serde(skip)]
+    pub shell_helpers: crate::oci::ShellHelpersSaid,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -334,6 +338,11 @@ impl<W: Write> Emitter<'_, W> {
         }
         header.set_size(size);
         header.set_cksum();
+        self.summary.shell_helpers.entry(
+            &String::from_utf8_lossy(&name),
+            header.entry_type(),
+            meta.mode & 0o7777,
+        );
         if !pax.is_empty() {
             self.builder
                 .append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))

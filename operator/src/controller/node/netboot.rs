@@ -9,7 +9,9 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::EventType;
-use walt_crds::{ConditionStatus, ImageDigestRef, Node, NodeBoot, condition_types, find_condition};
+use walt_crds::{
+    ConditionStatus, ImageDigestRef, Node, NodeBoot, NodePhase, condition_types, find_condition,
+};
 
 use super::BootTarget;
 use super::decide::{Decision, Effect};
@@ -192,6 +194,11 @@ pub fn judge(
     };
     let verdict = verify::verify(record);
     let rebooting = decision.effects.contains(&Effect::Reboot);
+    // A reboot the operator sent and the probe has not seen happen yet: the record may still be the
+    // former boot's, so it says nothing of the boot to come (seen: a probe failing while the node went
+    // down read the record of the image it was leaving, verified, as its booted image, and the next
+    // reconcile rebooted the node a second time).
+    let awaiting_restart = decision.status.phase == NodePhase::Rebooting;
     let before = decision.status.boot.clone().unwrap_or_default();
     let mounted_at = record.mounted_at_ms.and_then(millis);
     let mut boot = NodeBoot {
@@ -210,8 +217,15 @@ pub fn judge(
         // The device booted by itself (power on, its own reboot): watched from its mount.
         boot.started_at = Some(Time(mounted));
     }
-    set_verdict(node, decision, &verdict, target, rebooting, now);
-    let notified = record.notified && !rebooting;
+    set_verdict(
+        node,
+        decision,
+        &verdict,
+        target,
+        rebooting || awaiting_restart,
+        now,
+    );
+    let notified = record.notified && !rebooting && !awaiting_restart;
     let step = watchdog_step(
         boot.started_at.as_ref().map(|t| t.0),
         notified,
@@ -492,6 +506,56 @@ mod tests {
             Watchdog::default(),
         );
         assert!(events(&again).is_empty(), "the mismatch Event is published once");
+    }
+
+    #[test]
+    fn the_former_boots_record_is_not_taken_for_the_boot_a_reboot_awaits() {
+        // Rebooted to boot sha256:new; the probe failed while the node went down, and the boot service
+        // still has the record of the boot it left (sha256:old, verified).
+        let status = NodeStatus {
+            phase: NodePhase::Rebooting,
+            boot: Some(NodeBoot {
+                started_at: Some(Time(at(2000))),
+                ..NodeBoot::default()
+            }),
+            ..NodeStatus::default()
+        };
+        let mut d = decision(status);
+        judge(
+            &node(),
+            &mut d,
+            Some(&target("sha256:new")),
+            &record("sha256:old", 1000, Some("sha256:old")),
+            true,
+            at(2005),
+            Watchdog::default(),
+        );
+        assert_eq!(
+            d.status.booted_image, None,
+            "not the old digest: it would reboot the node again"
+        );
+        assert_eq!(
+            condition(&d, condition_types::IMAGE_VERIFIED),
+            ("False", verify::NOT_NOTIFIED)
+        );
+        assert!(!d.effects.contains(&Effect::Reboot));
+        // Once the probe has seen the node restarted (phase no longer Rebooting), its new boot counts.
+        let mut status = d.status;
+        status.phase = NodePhase::Ready;
+        let mut d = decision(status);
+        judge(
+            &node(),
+            &mut d,
+            Some(&target("sha256:new")),
+            &record("sha256:new", 2010, Some("sha256:new")),
+            true,
+            at(2020),
+            Watchdog::default(),
+        );
+        assert_eq!(
+            d.status.booted_image.and_then(|b| b.digest),
+            Some("sha256:new".to_owned())
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::image_build::{Arch, BuildProfile};
-use crate::k8s::{Cluster, ClusterOptions, cluster_tier_skip_reason};
+use crate::k8s::{Cluster, ClusterOptions};
 use crate::operator::{OperatorProcess, plugin_binary};
 use crate::registry_auth::RegistryAuth;
 
@@ -39,13 +39,8 @@ impl OperatorLab {
     /// # Panics
     /// When a part does not start (test helper).
     pub fn start(options: ClusterOptions, prefix: &str, images: &[(&str, Arch)]) -> Option<OperatorLab> {
-        match cluster_tier_skip_reason() {
-            Ok(Some(reason)) => {
-                eprintln!("SKIPPED {prefix}: the cluster tier cannot run on this machine: {reason}");
-                return None;
-            }
-            Ok(None) => {}
-            Err(error) => panic!("cluster tier prerequisites: {error}"),
+        if !crate::k8s::cluster_tier_runs(prefix) {
+            return None;
         }
         crate::k8s::images::ensure_arm64_emulation()
             .unwrap_or_else(|e| panic!("cannot register qemu-aarch64 with binfmt_misc: {e}"));

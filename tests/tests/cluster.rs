@@ -1,7 +1,7 @@
 //! Cluster tier: a real single-node cluster (kubelet + containerd + runc + CNI in a network
 //! namespace) started by the harness. One test, because one node start serves every check; each
 //! step says what it checks. Skipped (with the reason printed) only on a machine that cannot run
-//! a kubelet; see `walt_tests::k8s::cluster_tier_skip_reason`.
+//! a kubelet; see `walt_tests::k8s::cluster_tier_runs`.
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::TcpStream;
@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use walt_tests::k8s::images::{self, Arch};
-use walt_tests::k8s::{Cluster, ClusterOptions, cluster_tier_skip_reason};
+use walt_tests::k8s::{Cluster, ClusterOptions};
 
 fn pod_yaml(name: &str, image: &str, script: &str) -> String {
     format!(
@@ -105,13 +105,8 @@ fn http_get_through_port_forward(cluster: &Cluster, ns: &str, pod: &str) -> Stri
 
 #[test]
 fn single_node_cluster() {
-    match cluster_tier_skip_reason() {
-        Ok(Some(reason)) => {
-            eprintln!("SKIPPED: the cluster tier cannot run on this machine: {reason}");
-            return;
-        }
-        Ok(None) => {}
-        Err(e) => panic!("cluster tier prerequisites: {e}"),
+    if !walt_tests::k8s::cluster_tier_runs("single_node_cluster") {
+        return;
     }
     images::ensure_arm64_emulation()
         .unwrap_or_else(|e| panic!("cannot register qemu-aarch64 with binfmt_misc: {e}"));

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use walt_tests::deploy::run;
 use walt_tests::image_build::Arch;
-use walt_tests::k8s::{Cluster, ClusterOptions, cluster_tier_skip_reason};
+use walt_tests::k8s::{Cluster, ClusterOptions};
 use walt_tests::lab::{self, Kube};
 use walt_tests::registry_auth::SkopeoSide;
 use walt_tests::wait::{Poll, Wait};
@@ -340,13 +340,8 @@ fn leftovers(kube: &Kube) -> Vec<String> {
 
 #[test]
 fn journey() {
-    match cluster_tier_skip_reason() {
-        Ok(Some(reason)) => {
-            eprintln!("SKIPPED journey: the cluster tier cannot run on this machine: {reason}");
-            return;
-        }
-        Ok(None) => {}
-        Err(error) => panic!("cluster tier prerequisites: {error}"),
+    if !walt_tests::k8s::cluster_tier_runs("journey") {
+        return;
     }
     let cluster = Cluster::start(ClusterOptions::cluster()).expect("start the cluster tier");
     let node_registry = cluster.registry().expect("the cluster tier has a node registry");

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use walt_tests::deploy::run;
 use walt_tests::image_build::{self, BuildProfile};
-use walt_tests::k8s::{Cluster, ClusterOptions, cluster_tier_skip_reason};
+use walt_tests::k8s::{Cluster, ClusterOptions};
 use walt_tests::lab::{self, Kube};
 use walt_tests::netboot::{
     BOOTED_MARKER, LabNetwork, MODEL, debian_kernel, vm_node_os_image, vm_node_os_root,
@@ -176,13 +176,8 @@ fn console_when_booted(kube: &Kube, within: Duration) -> String {
 
 #[test]
 fn a_vm_node_pod_network_boots_from_the_boot_service_pod() {
-    match cluster_tier_skip_reason() {
-        Ok(Some(reason)) => {
-            eprintln!("SKIPPED: the cluster tier cannot run on this machine: {reason}");
-            return;
-        }
-        Ok(None) => {}
-        Err(error) => panic!("cluster tier prerequisites: {error}"),
+    if !walt_tests::k8s::cluster_tier_runs("a_vm_node_pod_network_boots_from_the_boot_service_pod") {
+        return;
     }
     let started = Instant::now();
     let cluster = Cluster::start(ClusterOptions::cluster()).expect("start the cluster tier");

@@ -956,6 +956,22 @@ pub fn shared_control_plane() -> Result<&'static Cluster, Error> {
 /// cannot run the cluster tier.
 pub const WALT_CLUSTER_TIER: &str = "WALT_CLUSTER_TIER";
 
+/// Whether the cluster-tier test `test` runs here: `false` (printed: `SKIPPED test: …`) when this
+/// machine cannot run the tier. The one prologue of every cluster-tier test.
+///
+/// # Panics
+/// When a prerequisite is missing (the test fails with what to install).
+pub fn cluster_tier_runs(test: &str) -> bool {
+    match cluster_tier_skip_reason() {
+        Ok(Some(reason)) => {
+            eprintln!("SKIPPED {test}: the cluster tier cannot run on this machine: {reason}");
+            false
+        }
+        Ok(None) => true,
+        Err(error) => panic!("cluster tier prerequisites: {error}"),
+    }
+}
+
 /// `Ok(Some(reason))` when cluster-tier tests must be skipped on this machine (printed by the
 /// caller), `Ok(None)` when they run, `Err` when a prerequisite is missing (tests then fail with
 /// what to install).

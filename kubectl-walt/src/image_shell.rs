@@ -85,7 +85,7 @@ async fn shell_and_decide(
 ) -> Result<i32> {
     let session = created
         .follow(ctx, &format!("starting a shell in {name}:"), &|s| {
-            session::running(s) && s.status.as_ref().is_some_and(|st| st.pod.is_some())
+            session::attachable(s)
         })
         .await?;
     let status = session.status.clone().unwrap_or_default();
@@ -177,7 +177,7 @@ async fn shell_and_decide(
 /// [`session::OUTAGE_GRACE`] without a connection; past it the session is given up (the caller deletes
 /// it) rather than left behind.
 async fn attach_until_the_shell_ends(ctx: &Ctx, created: &Created, pod: &session::RuntimePod) -> Result<()> {
-    attach(ctx, pod).await?;
+    pump(attach_once_started(ctx, created, pod).await?, None).await?;
     let mut detached_since = std::time::Instant::now();
     let mut running_checks = 0;
     let mut said_lost = false;
@@ -193,10 +193,10 @@ async fn attach_until_the_shell_ends(ctx: &Ctx, created: &Created, pod: &session
             said_restart = Some(restart);
         }
         let shell = match &session {
-            Some(session) if session::running(session) => shell_container(ctx, pod).await,
+            Some(session) if session::attachable(session) => shell_container(ctx, pod).await,
             _ => ShellContainer::Unknown,
         };
-        match after_attachment(session.as_ref().map(session::running), shell, running_checks) {
+        match after_attachment(session.as_ref().map(session::attachable), shell, running_checks) {
             AfterAttachment::ShellEnded => return Ok(()),
             AfterAttachment::CheckAgain => running_checks += 1,
             AfterAttachment::Wait => {
@@ -346,14 +346,95 @@ async fn ask(ctx: &Ctx, name: &ImageName) -> Result<Decision> {
     .map_err(Error::io("cannot read your answer"))
 }
 
-/// Attaches to the shell pod's TTY until the shell ends or the connection is lost.
-async fn attach(ctx: &Ctx, pod: &session::RuntimePod) -> Result<()> {
-    attach_with(ctx, pod, None).await
+/// How often the first attachment is tried while the shell pod's container starts.
+const ATTACH_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
+/// How many failed attachments pass between two looks at the session (is it still starting?).
+const ATTACHES_PER_LOOK: u32 = 10;
+/// How many looks at a session that says its pod runs, the attachment still refused, before giving up
+/// (2 s: a kubelet that answers late, not a container that never will).
+const LOOKS_ONCE_RUNNING: u32 = 4;
+
+/// The first attachment to the shell pod, tried from the moment it is scheduled: the container takes
+/// it as soon as it runs, where `kubectl run -it` waits for the kubelet to report the pod running (up
+/// to a second later). Until then the API server or the kubelet refuses it (no such container yet),
+/// so it is tried again every [`ATTACH_RETRY`], looking at the session now and then: a session that
+/// ended (its pod failed) says why, a refusal of the user's rights stops at once.
+async fn attach_once_started(
+    ctx: &Ctx,
+    created: &Created,
+    pod: &session::RuntimePod,
+) -> Result<kube::api::AttachedProcess> {
+    let mut failures = 0u32;
+    let mut looks_while_running = 0u32;
+    loop {
+        let error = match pod.attach_tty(ctx).await {
+            Ok(attached) => return Ok(attached),
+            Err(error) => error,
+        };
+        failures += 1;
+        if failures.is_multiple_of(ATTACHES_PER_LOOK) {
+            let session = created.get(ctx).await?;
+            match attach_retry(&error, &session, looks_while_running) {
+                AttachRetry::Again { running } => looks_while_running += u32::from(running),
+                AttachRetry::GiveUp => return Err(error),
+                AttachRetry::Ended => {
+                    return Err(Error::Failed(format!(
+                        "the shell session {} ended before its shell ran: {}",
+                        created.name,
+                        session::failure_reason(&session)
+                    )));
+                }
+            }
+        } else if !attach_may_succeed_later(&error) {
+            return Err(error);
+        }
+        tokio::time::sleep(ATTACH_RETRY).await;
+    }
 }
 
-/// [`attach`], writing `greeting` to the terminal once attached.
+/// Whether a refused attachment may succeed once the container runs (pure): not when the user may
+/// not attach or the cluster cannot be reached at all.
+fn attach_may_succeed_later(error: &Error) -> bool {
+    !matches!(error, Error::Forbidden { .. } | Error::Kubeconfig(_))
+}
+
+/// What follows a refused first attachment, given the session as it is now.
+#[derive(Debug, PartialEq, Eq)]
+enum AttachRetry {
+    /// Try again (`running`: the session says its pod runs, which counts toward giving up).
+    Again { running: bool },
+    /// The session ended: say why.
+    Ended,
+    /// The refusal is for good: say it.
+    GiveUp,
+}
+
+/// Decides after a refused first attachment (pure): again while the pod starts; a bounded number of
+/// times once the session says it runs (a kubelet that answers late); never past a refusal for
+/// good or an ended session.
+fn attach_retry(error: &Error, session: &walt_crds::ShellSession, looks_while_running: u32) -> AttachRetry {
+    let status = session.status.clone().unwrap_or_default();
+    if status.phase.is_finished() {
+        return AttachRetry::Ended;
+    }
+    if !attach_may_succeed_later(error) {
+        return AttachRetry::GiveUp;
+    }
+    let running = session::running(session);
+    if running && looks_while_running >= LOOKS_ONCE_RUNNING {
+        return AttachRetry::GiveUp;
+    }
+    AttachRetry::Again { running }
+}
+
+/// Attaches to the shell pod's TTY until the shell ends or the connection is lost, writing
+/// `greeting` to the terminal once attached.
 async fn attach_with(ctx: &Ctx, pod: &session::RuntimePod, greeting: Option<&str>) -> Result<()> {
-    let mut attached = pod.attach_tty(ctx).await?;
+    pump(pod.attach_tty(ctx).await?, greeting).await
+}
+
+/// Connects the terminal to an attachment until the shell ends or the connection is lost.
+async fn pump(mut attached: kube::api::AttachedProcess, greeting: Option<&str>) -> Result<()> {
     if let Some(greeting) = greeting {
         eprintln!("{greeting}");
     }
@@ -546,6 +627,60 @@ mod tests {
             after_attachment(Some(true), ShellContainer::Ended, 1),
             AfterAttachment::Wait,
             "the operator has not caught up with the shell's end yet"
+        );
+    }
+
+    fn session_in(phase: walt_crds::ShellSessionPhase) -> walt_crds::ShellSession {
+        let mut session = walt_crds::ShellSession::new("s1", walt_crds::ShellSessionSpec::default());
+        session.status = Some(walt_crds::ShellSessionStatus {
+            phase,
+            pod: Some("walt-shell-s1".into()),
+            ..walt_crds::ShellSessionStatus::default()
+        });
+        session
+    }
+
+    #[test]
+    fn a_shell_pod_is_attached_to_once_scheduled_not_once_reported_running() {
+        use walt_crds::ShellSessionPhase::{Pending, Running, Starting};
+        let mut starting = session_in(Starting);
+        assert!(!session::attachable(&starting), "not scheduled yet");
+        if let Some(status) = starting.status.as_mut() {
+            status.cluster_node = Some("worker-1".into());
+        }
+        assert!(session::attachable(&starting));
+        assert!(session::attachable(&session_in(Running)));
+        assert!(!session::attachable(&session_in(Pending)));
+    }
+
+    #[test]
+    fn a_refused_first_attachment_is_tried_again_while_the_pod_starts_and_not_forever() {
+        use walt_crds::ShellSessionPhase::{Failed, Running, Starting};
+        let not_yet = Error::Failed("container not found (\"shell\")".into());
+        assert_eq!(
+            attach_retry(&not_yet, &session_in(Starting), 0),
+            AttachRetry::Again { running: false }
+        );
+        assert_eq!(
+            attach_retry(&not_yet, &session_in(Running), LOOKS_ONCE_RUNNING - 1),
+            AttachRetry::Again { running: true },
+            "a kubelet that answers late"
+        );
+        assert_eq!(
+            attach_retry(&not_yet, &session_in(Running), LOOKS_ONCE_RUNNING),
+            AttachRetry::GiveUp
+        );
+        assert_eq!(attach_retry(&not_yet, &session_in(Failed), 0), AttachRetry::Ended);
+        let forbidden = Error::Forbidden {
+            verb: "create".into(),
+            resource: "pods/attach".into(),
+            namespace: "walt-run-lab".into(),
+            message: "no".into(),
+        };
+        assert!(!attach_may_succeed_later(&forbidden));
+        assert_eq!(
+            attach_retry(&forbidden, &session_in(Starting), 0),
+            AttachRetry::GiveUp
         );
     }
 }

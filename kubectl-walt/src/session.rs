@@ -323,6 +323,18 @@ pub fn running(session: &ShellSession) -> bool {
         .is_some_and(|s| s.phase == ShellSessionPhase::Running)
 }
 
+/// Whether an image shell's pod may be attached to (pure): the session runs, or its pod is scheduled
+/// and starting. The operator records where a pod was scheduled before the kubelet reports its
+/// container running (the kubelet sees a started container on its next look, up to a second later),
+/// so the plugin tries to attach from then on and the prompt comes as soon as the shell runs.
+pub fn attachable(session: &ShellSession) -> bool {
+    session.status.as_ref().is_some_and(|s| {
+        s.pod.is_some()
+            && (s.phase == ShellSessionPhase::Running
+                || (s.phase == ShellSessionPhase::Starting && s.cluster_node.is_some()))
+    })
+}
+
 /// Sessions made by the plugin for a target, oldest first (for messages about busy images).
 pub async fn sessions_on_image(ctx: &Ctx, image: &str) -> Vec<ShellSession> {
     let list = ctx

@@ -17,6 +17,39 @@ pub const REPS_ENV: &str = "WALT_BENCH_REPS";
 pub const PROFILE_ENV: &str = "WALT_BENCH_PROFILE";
 /// Repetitions when [`REPS_ENV`] is not set.
 pub const DEFAULT_REPS: usize = 3;
+/// Environment variable: which groups of rows to measure (comma-separated [`GROUPS`]; all when unset).
+pub const ONLY_ENV: &str = "WALT_BENCH_ONLY";
+/// The groups of rows of the speed table, as `cargo xtask bench --only` names them.
+pub const GROUPS: [&str; 4] = ["image-shell", "node-shell", "node-save", "image-build"];
+
+/// The groups of rows asked for in `value` (of [`ONLY_ENV`]): all [`GROUPS`] when unset or empty; an
+/// unknown name is an error naming the known ones.
+pub fn groups_from(value: Option<&str>) -> Result<Vec<&'static str>, String> {
+    let asked: Vec<&str> = value
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .collect();
+    if asked.is_empty() {
+        return Ok(GROUPS.to_vec());
+    }
+    asked
+        .into_iter()
+        .map(|name| {
+            GROUPS
+                .iter()
+                .copied()
+                .find(|group| *group == name)
+                .ok_or_else(|| {
+                    format!(
+                        "{ONLY_ENV}: no group of rows is called {name:?}: choose among {}",
+                        GROUPS.join(", ")
+                    )
+                })
+        })
+        .collect()
+}
 
 /// The number of repetitions asked for in `value` (of [`REPS_ENV`]): a positive integer, else the
 /// default; an unreadable value is an error naming it.
@@ -195,7 +228,11 @@ pub fn render(rows: &[Row], reps: usize) -> String {
         "{:<34} {:>9}  {:<32} {:>9} {:>7} {:>12} {:>13} {:>13}",
         "walt", "median", "reference", "median", "ratio", "goal", "operator RSS", "reference RSS"
     );
-    for row in rows {
+    let rows: Vec<&Row> = rows
+        .iter()
+        .filter(|row| !row.ours.is_empty() || !row.theirs.is_empty())
+        .collect();
+    for row in &rows {
         let goal = match (row.goal, row.meets_goal()) {
             (Some(goal), Some(true)) => format!("<={goal:.1}x ok"),
             (Some(goal), Some(false)) => format!("<={goal:.1}x MISS"),
@@ -216,7 +253,7 @@ pub fn render(rows: &[Row], reps: usize) -> String {
         );
     }
     let _ = writeln!(out, "samples ({reps} repetitions, seconds):");
-    for row in rows {
+    for row in &rows {
         let list = |samples: &[f64]| {
             samples
                 .iter()
@@ -233,7 +270,7 @@ pub fn render(rows: &[Row], reps: usize) -> String {
             list(&row.theirs)
         );
     }
-    let sized: Vec<&Row> = rows.iter().filter(|row| row.result_bytes.is_some()).collect();
+    let sized: Vec<&&Row> = rows.iter().filter(|row| row.result_bytes.is_some()).collect();
     if !sized.is_empty() {
         let _ = writeln!(out, "result sizes (compressed layers, bytes):");
     }
@@ -458,6 +495,21 @@ mod tests {
                  buildah bud --layers + push 122578243 (1.001x)"
             ),
             "{table}"
+        );
+    }
+
+    #[test]
+    fn groups_of_rows_from_the_environment() {
+        assert_eq!(groups_from(None), Ok(GROUPS.to_vec()));
+        assert_eq!(groups_from(Some(" ")), Ok(GROUPS.to_vec()));
+        assert_eq!(
+            groups_from(Some("image-shell, node-save")),
+            Ok(vec!["image-shell", "node-save"])
+        );
+        let error = groups_from(Some("shells")).expect_err("not a group");
+        assert!(
+            error.contains("\"shells\"") && error.contains("image-shell, node-shell"),
+            "{error}"
         );
     }
 

@@ -993,6 +993,9 @@ fn user_felt_speed() {
     require_cluster_tier();
     let reps =
         bench::reps_from(std::env::var(bench::REPS_ENV).ok().as_deref()).unwrap_or_else(|e| panic!("{e}"));
+    let groups =
+        bench::groups_from(std::env::var(bench::ONLY_ENV).ok().as_deref()).unwrap_or_else(|e| panic!("{e}"));
+    let measures = |group: &str| groups.contains(&group);
     let cluster = Cluster::start(ClusterOptions::cluster()).expect("start the cluster tier");
     let bench = set_up(cluster, profile_from_env());
     let mut rows = vec![
@@ -1039,7 +1042,10 @@ fn user_felt_speed() {
     for rep in 0..reps {
         eprintln!("bench: repetition {}/{reps}", rep + 1);
         let ours_first = rep % 2 == 0;
-        for (row, cold) in [(0, true), (1, false)] {
+        for (row, cold) in [(0, true), (1, false)]
+            .into_iter()
+            .filter(|_| measures("image-shell"))
+        {
             let (ours, theirs) = if ours_first {
                 let ours = bench.image_shell(cold);
                 (ours, bench.kubectl_run(cold))
@@ -1051,16 +1057,18 @@ fn user_felt_speed() {
             rows[row].ours.push(ours);
             rows[row].theirs.push(theirs);
         }
-        let (ours, theirs) = if ours_first {
-            let ours = bench.node_shell();
-            (ours, bench.ssh_shell())
-        } else {
-            let theirs = bench.ssh_shell();
-            (bench.node_shell(), theirs)
-        };
-        eprintln!("bench:   node shell: {ours:.2} s vs ssh {theirs:.2} s");
-        rows[2].ours.push(ours);
-        rows[2].theirs.push(theirs);
+        if measures("node-shell") {
+            let (ours, theirs) = if ours_first {
+                let ours = bench.node_shell();
+                (ours, bench.ssh_shell())
+            } else {
+                let theirs = bench.ssh_shell();
+                (bench.node_shell(), theirs)
+            };
+            eprintln!("bench:   node shell: {ours:.2} s vs ssh {theirs:.2} s");
+            rows[2].ours.push(ours);
+            rows[2].theirs.push(theirs);
+        }
         let mut saves = |which: usize| match which {
             0 => {
                 bench.change_node();
@@ -1083,10 +1091,10 @@ fn user_felt_speed() {
             }
         };
         let order: [usize; 3] = if ours_first { [0, 1, 2] } else { [2, 1, 0] };
-        for which in order {
+        for which in order.into_iter().filter(|_| measures("node-save")) {
             saves(which);
         }
-        for (i, case) in cases.iter().enumerate() {
+        for (i, case) in cases.iter().enumerate().filter(|_| measures("image-build")) {
             let cold = 5 + 2 * i;
             bench.build_rows(case, &mut rows, (cold, cold + 1), ours_first);
         }

@@ -79,6 +79,10 @@ enum Task {
         /// in a fraction of the time; its figures are not the product's).
         #[arg(long, default_value = "release")]
         profile: String,
+        /// Measure only these groups of rows (repeatable): image-shell, node-shell, node-save,
+        /// image-build; all by default.
+        #[arg(long, value_name = "GROUP")]
+        only: Vec<String>,
     },
     /// Shipping: `image build`, `deploy sync`, `dist`, `lab up|down` (see `walt_tests::ship`).
     #[command(flatten)]
@@ -130,7 +134,12 @@ fn main() -> ExitCode {
     }
     let result = match cli.task {
         Task::Test { cargo_test_args } => test(&cargo_test_args),
-        Task::Bench { reps, load, profile } => bench(reps, load, &profile),
+        Task::Bench {
+            reps,
+            load,
+            profile,
+            only,
+        } => bench(reps, load, &profile, &only.join(",")),
         Task::Cluster { action } => match action {
             ClusterAction::Up { tier } => cluster_up(tier),
             ClusterAction::Kubeconfig { user, groups } => cluster_kubeconfig(&user, &groups),
@@ -246,10 +255,12 @@ fn cluster_down() -> Result<(), String> {
 }
 
 /// `cargo xtask bench`: the Kubernetes binaries, then the ignored benchmark test with the cluster tier on.
-fn bench(reps: usize, load: bool, profile: &str) -> Result<(), String> {
+fn bench(reps: usize, load: bool, profile: &str, only: &str) -> Result<(), String> {
     if reps == 0 {
         return Err("--reps must be at least 1".into());
     }
+    walt_tests::bench::groups_from(Some(only))
+        .map_err(|e| e.replace(walt_tests::bench::ONLY_ENV, "--only"))?;
     walt_tests::image_build::BuildProfile::parse(profile).map_err(|e| e.to_string())?;
     let test = if load {
         "load_of_shells_and_saves"
@@ -281,6 +292,7 @@ fn bench(reps: usize, load: bool, profile: &str) -> Result<(), String> {
         .env("WALT_CLUSTER_TIER", "run")
         .env(walt_tests::bench::REPS_ENV, reps.to_string())
         .env(walt_tests::bench::PROFILE_ENV, profile)
+        .env(walt_tests::bench::ONLY_ENV, only)
         .status()
         .map_err(|e| format!("running cargo test: {e}"))?;
     if status.success() {

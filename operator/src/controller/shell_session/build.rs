@@ -271,6 +271,10 @@ pub enum Step {
     },
     /// Create the shell pod.
     CreatePod,
+    /// The pod is scheduled but not running yet: record where, and whether emulated, so the plugin
+    /// tells the user and attaches as soon as the container runs (the kubelet reports it running
+    /// only on its next look at its containers, up to a second later).
+    MarkScheduled,
     /// The pod runs: report Running.
     MarkRunning,
     /// The shell ended: record the outcome, delete the pod, await the decision.
@@ -407,6 +411,7 @@ pub fn next_step(
             _ => Step::Lost("the shell pod disappeared before reporting a result".into()),
         },
         Some(pod) => match pod_end(pod) {
+            PodEnd::Starting if status.cluster_node.is_none() && scheduled(pod) => Step::MarkScheduled,
             PodEnd::Starting => Step::Wait { recheck: until_ttl },
             // A pod made again after a loss reports Running once more (its Ready condition says so).
             PodEnd::Running if status.phase == ShellSessionPhase::Running && !restarting(&status) => {
@@ -419,6 +424,14 @@ pub fn next_step(
             PodEnd::Lost(message) => Step::Lost(message),
         },
     }
+}
+
+/// Whether the scheduler placed the pod on a cluster node (pure).
+fn scheduled(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|spec| spec.node_name.as_deref())
+        .is_some_and(|node| !node.is_empty())
 }
 
 /// Whether the session's shell pod is being made again after a loss (pure): its Ready condition.
@@ -715,6 +728,46 @@ mod tests {
             next_step(&s, Some(&running), None, HOUR, HOUR, at(1_000 + 3_600)),
             Step::Expire(_)
         ));
+    }
+
+    #[test]
+    fn a_scheduled_pod_is_recorded_once_before_it_runs() {
+        let mut s = session();
+        s.status = Some(ShellSessionStatus {
+            phase: ShellSessionPhase::Starting,
+            pod: Some("walt-shell-s".into()),
+            ..ShellSessionStatus::default()
+        });
+        let now = at(1_100);
+        let pending = pod_with(serde_json::json!({"phase": "Pending"}));
+        assert!(
+            matches!(
+                next_step(&s, Some(&pending), None, HOUR, HOUR, now),
+                Step::Wait { .. }
+            ),
+            "not scheduled yet: nothing to say"
+        );
+        let mut scheduled = pending.clone();
+        scheduled.spec.get_or_insert_default().node_name = Some("worker-1".into());
+        assert_eq!(
+            next_step(&s, Some(&scheduled), None, HOUR, HOUR, now),
+            Step::MarkScheduled
+        );
+        if let Some(status) = s.status.as_mut() {
+            status.cluster_node = Some("worker-1".into());
+        }
+        assert!(
+            matches!(
+                next_step(&s, Some(&scheduled), None, HOUR, HOUR, now),
+                Step::Wait { .. }
+            ),
+            "recorded: the kubelet's report of the running container is next"
+        );
+        let running = pod_with(serde_json::json!({"phase": "Running"}));
+        assert_eq!(
+            next_step(&s, Some(&running), None, HOUR, HOUR, now),
+            Step::MarkRunning
+        );
     }
 
     #[test]

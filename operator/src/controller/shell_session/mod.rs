@@ -30,8 +30,8 @@ pub mod node_shell;
 pub mod reasons;
 
 use self::build::{
-    MAX_POD_RESTARTS, ShellOutcome, ShellPodInputs, Step, build_shell_pod, next_step, recover_lost_pod,
-    scratch_tag, shell_at_start, shell_pod_name, wait_for_save_target,
+    MAX_POD_RESTARTS, ShellAtStart, ShellOutcome, ShellPodInputs, Step, build_shell_pod, next_step,
+    recover_lost_pod, scratch_tag, shell_at_start, shell_pod_name, wait_for_save_target,
 };
 use crate::controller::config::LayerCache;
 use crate::controller::shared::context::Context;
@@ -354,6 +354,7 @@ async fn image_shell(
             let status = restarting_status(context, session, status, &restart).await?;
             create_pod(session, context, status, &image_name, Some(restart)).await
         }
+        Step::MarkScheduled => mark_scheduled(session, context, status, pod.as_ref()).await,
         Step::MarkRunning => mark_running(session, context, status, pod.as_ref()).await,
         Step::Record(outcome) => record(session, context, status, &outcome).await,
         Step::NothingChanged(outcome) => {
@@ -431,13 +432,14 @@ async fn end_with_pod(
     end(context, session, status, phase, reason, message).await
 }
 
-/// The shell pod runs: `Running`, with the mode the user got and whether it is emulated.
-async fn mark_running(
+/// Where the shell pod was scheduled, the mode the user gets and whether it is emulated, into the
+/// status; the cluster node, when it can be read.
+async fn record_start(
     session: &ShellSession,
     context: &Context,
-    mut status: ShellSessionStatus,
+    status: &mut ShellSessionStatus,
     pod: Option<&Pod>,
-) -> Result<Action> {
+) -> Result<(ShellAtStart, Option<k8s_openapi::api::core::v1::Node>)> {
     let namespace = session.namespace().unwrap_or_default();
     let image_name = session.spec.image.clone().unwrap_or_default();
     let image_status = find_image(context, &namespace, &image_name)
@@ -445,14 +447,53 @@ async fn mark_running(
         .and_then(|(image, _)| image.status);
     let cluster_node = scheduled_on(context, pod).await;
     let start = shell_at_start(&session.spec.mode, image_status.as_ref(), cluster_node.as_ref());
-    let again = status.phase == ShellSessionPhase::Running;
-    status.phase = ShellSessionPhase::Running;
-    status.start_time.get_or_insert_with(|| Time(context.clock.now()));
     status.emulated = start.emulated;
     status.mode = start.mode;
     status.cluster_node = pod
         .and_then(|pod| pod.spec.as_ref())
         .and_then(|spec| spec.node_name.clone());
+    Ok((start, cluster_node))
+}
+
+/// The shell pod is scheduled and starting: where, and how, so the plugin can say it and attach as
+/// soon as the container runs (the phase stays `Starting` until the kubelet reports it running).
+async fn mark_scheduled(
+    session: &ShellSession,
+    context: &Context,
+    mut status: ShellSessionStatus,
+    pod: Option<&Pod>,
+) -> Result<Action> {
+    let (start, cluster_node) = record_start(session, context, &mut status, pod).await?;
+    let message = format!(
+        "shell pod {} of {} scheduled{}{}: starting",
+        shell_pod_name(&session.name_any()),
+        pod_namespace(session),
+        on_cluster_node(cluster_node.as_ref()),
+        emulation_note(start.emulated),
+    );
+    condition(
+        &mut status,
+        session,
+        READY,
+        ConditionStatus::False,
+        reasons::POD_STARTING,
+        message,
+    );
+    write_status(context, session, status).await?;
+    Ok(Action::requeue(Duration::from_secs(30)))
+}
+
+/// The shell pod runs: `Running`, with the mode the user got and whether it is emulated.
+async fn mark_running(
+    session: &ShellSession,
+    context: &Context,
+    mut status: ShellSessionStatus,
+    pod: Option<&Pod>,
+) -> Result<Action> {
+    let (start, cluster_node) = record_start(session, context, &mut status, pod).await?;
+    let again = status.phase == ShellSessionPhase::Running;
+    status.phase = ShellSessionPhase::Running;
+    status.start_time.get_or_insert_with(|| Time(context.clock.now()));
     let message = running_message(
         &shell_pod_name(&session.name_any()),
         &pod_namespace(session),
@@ -494,14 +535,19 @@ pub fn running_message(
     emulated: Option<bool>,
 ) -> String {
     let node = on_cluster_node(cluster_node);
-    let how = match emulated {
-        Some(true) => ", emulated: the image is built for another CPU",
-        Some(false) => ", native: the image is built for this CPU",
-        None => "",
-    };
+    let how = emulation_note(emulated);
     format!(
         "the shell runs in pod {pod} of {runtime}{node}{how}: attach with `kubectl walt image shell` or `kubectl attach -it -n {runtime} {pod}`"
     )
+}
+
+/// Whether the shell runs natively or through qemu-user, as the status messages say it (pure).
+fn emulation_note(emulated: Option<bool>) -> &'static str {
+    match emulated {
+        Some(true) => ", emulated: the image is built for another CPU",
+        Some(false) => ", native: the image is built for this CPU",
+        None => "",
+    }
 }
 
 /// Copies what the shell runtime reported into the status (pure).

@@ -14,6 +14,7 @@ use crate::resolve::{image_name, list_nodes, nodes_booting};
 use crate::session::{self, Created};
 use crate::terminal::{RawMode, StdinPump};
 use crate::watch::interruptible;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Status;
 use walt_crds::image::MAX_SHELL_LAYERS;
 
 /// `image shell IMAGE`
@@ -177,7 +178,9 @@ async fn shell_and_decide(
 /// [`session::OUTAGE_GRACE`] without a connection; past it the session is given up (the caller deletes
 /// it) rather than left behind.
 async fn attach_until_the_shell_ends(ctx: &Ctx, created: &Created, pod: &session::RuntimePod) -> Result<()> {
-    pump(attach_once_started(ctx, created, pod).await?, None).await?;
+    if attach_once_started(ctx, created, pod).await? == Attachment::Exited {
+        return Ok(());
+    }
     let mut detached_since = std::time::Instant::now();
     let mut running_checks = 0;
     let mut said_lost = false;
@@ -219,12 +222,13 @@ async fn attach_until_the_shell_ends(ctx: &Ctx, created: &Created, pod: &session
                 let attached = std::time::Instant::now();
                 match attach_again(ctx, pod).await {
                     Err(Error::Interrupted) => return Err(Error::Interrupted),
+                    Ok(Attachment::Exited) => return Ok(()),
                     // A connection that held a while counts as one: the next loss gets its own grace.
-                    Ok(()) if attached.elapsed() > HELD => {
+                    Ok(_) if attached.elapsed() > HELD => {
                         detached_since = std::time::Instant::now();
                         said_lost = false;
                     }
-                    Ok(()) | Err(_) => {}
+                    Ok(_) | Err(_) => {}
                 }
                 continue;
             }
@@ -306,7 +310,7 @@ async fn shell_container(ctx: &Ctx, pod: &session::RuntimePod) -> ShellContainer
 }
 
 /// Attaches again after a lost connection, saying so in the terminal once attached.
-async fn attach_again(ctx: &Ctx, pod: &session::RuntimePod) -> Result<()> {
+async fn attach_again(ctx: &Ctx, pod: &session::RuntimePod) -> Result<Attachment> {
     attach_with(
         ctx,
         pod,
@@ -356,19 +360,36 @@ const LOOKS_ONCE_RUNNING: u32 = 4;
 
 /// The first attachment to the shell pod, tried from the moment it is scheduled: the container takes
 /// it as soon as it runs, where `kubectl run -it` waits for the kubelet to report the pod running (up
-/// to a second later). Until then the API server or the kubelet refuses it (no such container yet),
-/// so it is tried again every [`ATTACH_RETRY`], looking at the session now and then: a session that
-/// ended (its pod failed) says why, a refusal of the user's rights stops at once.
-async fn attach_once_started(
+/// to a second later). Until then the attachment is refused (no such container yet: the API server
+/// says so at once, or accepts it and ends it with that error), so it is tried again every
+/// [`ATTACH_RETRY`], looking at the session now and then: a session that ended (its pod failed) says
+/// why, a refusal of the user's rights stops at once. The terminal stays raw and its input read
+/// throughout, so what the user types meanwhile reaches the shell.
+async fn attach_once_started(ctx: &Ctx, created: &Created, pod: &session::RuntimePod) -> Result<Attachment> {
+    let mut terminal = Terminal::enter()?;
+    let outcome = attach_in(ctx, created, pod, &mut terminal).await;
+    terminal.leave();
+    outcome
+}
+
+/// [`attach_once_started`] on a terminal already set up.
+async fn attach_in(
     ctx: &Ctx,
     created: &Created,
     pod: &session::RuntimePod,
-) -> Result<kube::api::AttachedProcess> {
+    terminal: &mut Terminal,
+) -> Result<Attachment> {
     let mut failures = 0u32;
     let mut looks_while_running = 0u32;
     loop {
         let error = match pod.attach_tty(ctx).await {
-            Ok(attached) => return Ok(attached),
+            Ok(attached) => match pump(attached, terminal).await? {
+                Attachment::Refused(why) => Error::Failed(format!(
+                    "the shell pod {} refused the attachment: {why}",
+                    pod.name
+                )),
+                used => return Ok(used),
+            },
             Err(error) => error,
         };
         failures += 1;
@@ -429,15 +450,75 @@ fn attach_retry(error: &Error, session: &walt_crds::ShellSession, looks_while_ru
 
 /// Attaches to the shell pod's TTY until the shell ends or the connection is lost, writing
 /// `greeting` to the terminal once attached.
-async fn attach_with(ctx: &Ctx, pod: &session::RuntimePod, greeting: Option<&str>) -> Result<()> {
-    pump(pod.attach_tty(ctx).await?, greeting).await
-}
-
-/// Connects the terminal to an attachment until the shell ends or the connection is lost.
-async fn pump(mut attached: kube::api::AttachedProcess, greeting: Option<&str>) -> Result<()> {
+async fn attach_with(ctx: &Ctx, pod: &session::RuntimePod, greeting: Option<&str>) -> Result<Attachment> {
+    let attached = pod.attach_tty(ctx).await?;
     if let Some(greeting) = greeting {
         eprintln!("{greeting}");
     }
+    let mut terminal = Terminal::enter()?;
+    let outcome = pump(attached, &mut terminal).await;
+    terminal.leave();
+    outcome
+}
+
+/// The user's terminal while attached: raw, its input read on a thread of its own.
+struct Terminal {
+    raw: RawMode,
+    _pump: StdinPump,
+    input: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    input_open: bool,
+}
+
+impl Terminal {
+    fn enter() -> Result<Terminal> {
+        let raw = RawMode::enter()?;
+        let (pump, input) = StdinPump::start();
+        Ok(Terminal {
+            raw,
+            _pump: pump,
+            input,
+            input_open: true,
+        })
+    }
+
+    /// Back to the terminal as it was, on a new line.
+    fn leave(mut self) {
+        self.raw.restore();
+        println!();
+    }
+}
+
+/// How an attachment ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Attachment {
+    /// The shell's terminal closed: the shell ended (with any status).
+    Exited,
+    /// The connection ended without saying the shell did (a lost connection, an API server restart).
+    Lost,
+    /// The attachment was accepted and then refused before anything came from the shell (the
+    /// container does not run yet): why.
+    Refused(String),
+}
+
+/// How an attachment ended, from the status that closed it (pure): a success, or the shell's own
+/// non-zero exit, is the shell's end; a failure before the shell sent anything is a refusal (the
+/// API server accepts the attachment, then says it found no running container); anything else, or
+/// no status, a lost connection.
+fn attachment_end(status: Option<&Status>, output_seen: bool) -> Attachment {
+    let Some(status) = status else {
+        return Attachment::Lost;
+    };
+    let shell_exit = status.reason.as_deref() == Some("NonZeroExitCode");
+    match status.status.as_deref() {
+        Some("Success") => Attachment::Exited,
+        Some("Failure") if shell_exit => Attachment::Exited,
+        Some("Failure") if !output_seen => Attachment::Refused(status.message.clone().unwrap_or_default()),
+        _ => Attachment::Lost,
+    }
+}
+
+/// Connects the terminal to an attachment until the shell ends or the connection is lost.
+async fn pump(mut attached: kube::api::AttachedProcess, terminal: &mut Terminal) -> Result<Attachment> {
     let mut remote_in = attached
         .stdin()
         .ok_or_else(|| Error::Failed("the shell pod gave no stdin".into()))?;
@@ -460,49 +541,56 @@ async fn pump(mut attached: kube::api::AttachedProcess, greeting: Option<&str>) 
     };
     send_size(&mut resize);
 
-    let mut raw = RawMode::enter()?;
-    let (_pump, mut input) = StdinPump::start();
     let mut winch = signal(SignalKind::window_change()).ok();
     let mut term = signal(SignalKind::terminate()).ok();
     let mut hup = signal(SignalKind::hangup()).ok();
     let mut stdout = tokio::io::stdout();
     let mut buf = vec![0u8; 32 * 1024];
-    let mut input_open = true;
+    let mut output_seen = false;
     let outcome = loop {
         tokio::select! {
-            chunk = input.recv(), if input_open => if let Some(bytes) = chunk {
+            chunk = terminal.input.recv(), if terminal.input_open => if let Some(bytes) = chunk {
                 if remote_in.write_all(&bytes).await.is_err() {
-                    break Ok(());
+                    break Ok(Attachment::Lost);
                 }
             } else {
-                input_open = false;
+                terminal.input_open = false;
                 let _ = remote_in.shutdown().await;
             },
             Some(()) = async { winch.as_mut()?.recv().await } => send_size(&mut resize),
             Some(()) = async { term.as_mut()?.recv().await } => break Err(Error::Interrupted),
             Some(()) = async { hup.as_mut()?.recv().await } => break Err(Error::Interrupted),
-            _ = &mut connection_ended => {
-                // What the shell printed last may still be in the stream (a shell that exited).
-                drain_output(&mut remote_out, &mut stdout).await;
-                break Ok(());
+            status = &mut connection_ended => {
+                let end = attachment_end(status.as_ref(), output_seen);
+                if !matches!(end, Attachment::Refused(_)) {
+                    // What the shell printed last may still be in the stream (a shell that exited).
+                    drain_output(&mut remote_out, &mut stdout).await;
+                }
+                break Ok(end);
             }
             read = remote_out.read(&mut buf) => match read {
-                Ok(0) | Err(_) => break Ok(()),
+                // The output ended: the status, which follows, says how.
+                Ok(0) | Err(_) => {
+                    let status = tokio::time::timeout(STATUS_AFTER_OUTPUT, &mut connection_ended).await;
+                    break Ok(attachment_end(status.ok().flatten().as_ref(), output_seen));
+                }
                 Ok(n) => {
+                    output_seen = true;
                     if stdout.write_all(&buf[..n]).await.is_err() {
-                        break Ok(());
+                        break Ok(Attachment::Lost);
                     }
                     let _ = stdout.flush().await;
                 }
             },
         }
     };
-    raw.restore();
     drop(remote_in);
     attached.abort();
-    println!();
     outcome
 }
+
+/// How long the status of an attachment whose output ended is waited for (it follows at once).
+const STATUS_AFTER_OUTPUT: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// Copies what is left in `remote_out` to `stdout`, for a moment at most (the connection has ended).
 async fn drain_output(
@@ -682,5 +770,43 @@ mod tests {
             attach_retry(&forbidden, &session_in(Starting), 0),
             AttachRetry::GiveUp
         );
+    }
+
+    fn status(outcome: &str, reason: Option<&str>, message: &str) -> Status {
+        Status {
+            status: Some(outcome.into()),
+            reason: reason.map(str::to_owned),
+            message: Some(message.into()),
+            ..Status::default()
+        }
+    }
+
+    #[test]
+    fn an_attachment_refused_before_the_container_runs_is_told_from_a_shell_that_ended() {
+        let not_running = status(
+            "Failure",
+            Some("InternalError"),
+            "unable to upgrade connection: container shell not found in pod p_ns",
+        );
+        assert_eq!(
+            attachment_end(Some(&not_running), false),
+            Attachment::Refused("unable to upgrade connection: container shell not found in pod p_ns".into())
+        );
+        assert_eq!(
+            attachment_end(Some(&not_running), true),
+            Attachment::Lost,
+            "the shell had answered: a failure now is a lost connection, not a refusal"
+        );
+        assert_eq!(
+            attachment_end(Some(&status("Success", None, "")), true),
+            Attachment::Exited
+        );
+        assert_eq!(
+            attachment_end(Some(&status("Failure", Some("NonZeroExitCode"), "exit 1")), true),
+            Attachment::Exited,
+            "the shell's own non-zero exit is its end"
+        );
+        assert_eq!(attachment_end(None, true), Attachment::Lost);
+        assert_eq!(attachment_end(None, false), Attachment::Lost);
     }
 }

@@ -194,14 +194,18 @@ pub struct ShellSessionStatus {
     /// sessions there and create nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_namespace: Option<String>,
-    /// Which shell the user got in an image shell: `Init` or `Basic`.
+    /// Which shell the user got in an image shell: `Init` or `Basic` (set once its pod is
+    /// scheduled, while still `Starting`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<ImageShellMode>,
-    /// Whether the image shell runs through qemu-user (the image's CPU differs).
+    /// Whether the image shell runs through qemu-user (the image's CPU differs from its cluster
+    /// node's; set once its pod is scheduled).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub emulated: Option<bool>,
-    /// The cluster node the image shell's pod runs on. The changes live in that node's walt cache: a
-    /// shell pod that is lost (evicted, deleted, killed) is made again there, and continues on them.
+    /// The cluster node the image shell's pod runs on, set once the pod is scheduled (while
+    /// `Starting`: `kubectl walt image shell` then attaches as soon as the shell runs). The changes
+    /// live in that node's walt cache: a shell pod that is lost (evicted, deleted, killed) is made
+    /// again there, and continues on them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_node: Option<String>,
     /// How many times the image shell's pod was lost and made again on the same changes (at most 3).

@@ -21,6 +21,7 @@ pub struct NfsClient {
 
 /// An XDR buffer being written.
 #[derive(Debug, Default)]
+#[must_use]
 pub struct Args(pub Vec<u8>);
 
 impl Args {
@@ -89,7 +90,9 @@ impl Reply {
         let start = self.at;
         self.at += 84;
         let b = &self.bytes[start + 52..start + 60];
-        Some(u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+        Some(u64::from_be_bytes([
+            b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+        ]))
     }
 }
 
@@ -104,8 +107,8 @@ impl NfsClient {
         let stream = std::thread::spawn(move || {
             let file = std::fs::File::open(&netns).expect("the lab namespace");
             nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-                .expect("socket");
+            let socket =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
             socket
                 .bind(&SocketAddr::new(source.into(), 0).into())
                 .expect("bind the source address");
@@ -122,7 +125,7 @@ impl NfsClient {
     ///
     /// # Panics
     /// When the call is not accepted (test helper).
-    pub fn call(&mut self, program: u32, procedure: u32, args: Args) -> Reply {
+    pub fn call(&mut self, program: u32, procedure: u32, args: &Args) -> Reply {
         self.xid += 1;
         let mut cred = Args::default().u32(0).bytes(b"test").u32(0).u32(0).u32(0);
         let mut msg = Args::default()
@@ -145,7 +148,9 @@ impl NfsClient {
             let word = u32::from_be_bytes(header);
             let start = record.len();
             record.resize(start + (word & 0x7fff_ffff) as usize, 0);
-            self.stream.read_exact(&mut record[start..]).expect("read the reply");
+            self.stream
+                .read_exact(&mut record[start..])
+                .expect("read the reply");
             if word & 0x8000_0000 != 0 {
                 break;
             }
@@ -162,7 +167,7 @@ impl NfsClient {
 
     /// MOUNT `path`: the root handle, or the MOUNT status.
     pub fn mount(&mut self, path: &str) -> Result<Vec<u8>, u32> {
-        let mut reply = self.call(MOUNT, 1, Args::default().bytes(path.as_bytes()));
+        let mut reply = self.call(MOUNT, 1, &Args::default().bytes(path.as_bytes()));
         match reply.u32() {
             0 => Ok(reply.bytes()),
             status => Err(status),
@@ -171,7 +176,7 @@ impl NfsClient {
 
     /// LOOKUP `name` in `dir`: the handle and the file id, or the status.
     pub fn lookup(&mut self, dir: &[u8], name: &[u8]) -> Result<(Vec<u8>, u64), u32> {
-        let mut reply = self.call(NFS, 3, Args::default().bytes(dir).bytes(name));
+        let mut reply = self.call(NFS, 3, &Args::default().bytes(dir).bytes(name));
         match reply.u32() {
             0 => {
                 let fh = reply.bytes();
@@ -184,7 +189,7 @@ impl NfsClient {
 
     /// GETATTR: the status and, when it is 0, the file id.
     pub fn getattr(&mut self, fh: &[u8]) -> Result<u64, u32> {
-        let mut reply = self.call(NFS, 1, Args::default().bytes(fh));
+        let mut reply = self.call(NFS, 1, &Args::default().bytes(fh));
         match reply.u32() {
             0 => {
                 // type, mode, nlink, uid, gid, size, used, rdev, fsid: then the file id.
@@ -197,7 +202,7 @@ impl NfsClient {
 
     /// MKDIR `name` in `dir`: the new handle, or the status.
     pub fn mkdir(&mut self, dir: &[u8], name: &[u8]) -> Result<Vec<u8>, u32> {
-        let mut reply = self.call(NFS, 9, Args::default().bytes(dir).bytes(name).no_attrs());
+        let mut reply = self.call(NFS, 9, &Args::default().bytes(dir).bytes(name).no_attrs());
         match reply.u32() {
             0 => {
                 assert_eq!(reply.u32(), 1, "a handle follows");
@@ -209,7 +214,7 @@ impl NfsClient {
 
     /// CREATE (UNCHECKED) `name` in `dir`: the status.
     pub fn create(&mut self, dir: &[u8], name: &[u8]) -> u32 {
-        self.call(NFS, 8, Args::default().bytes(dir).bytes(name).u32(0).no_attrs())
+        self.call(NFS, 8, &Args::default().bytes(dir).bytes(name).u32(0).no_attrs())
             .u32()
     }
 
@@ -218,23 +223,19 @@ impl NfsClient {
         self.call(
             NFS,
             10,
-            Args::default().bytes(dir).bytes(name).no_attrs().bytes(target),
+            &Args::default().bytes(dir).bytes(name).no_attrs().bytes(target),
         )
         .u32()
     }
 
     /// REMOVE `name` from `dir`: the status.
     pub fn remove(&mut self, dir: &[u8], name: &[u8]) -> u32 {
-        self.call(NFS, 12, Args::default().bytes(dir).bytes(name)).u32()
+        self.call(NFS, 12, &Args::default().bytes(dir).bytes(name)).u32()
     }
 
     /// READDIR of `dir` (first 64 KiB): the names, or the status.
     pub fn readdir(&mut self, dir: &[u8]) -> Result<Vec<String>, u32> {
-        let mut reply = self.call(
-            NFS,
-            16,
-            Args::default().bytes(dir).u64(0).u64(0).u32(65_536),
-        );
+        let mut reply = self.call(NFS, 16, &Args::default().bytes(dir).u64(0).u64(0).u32(65_536));
         let status = reply.u32();
         if status != 0 {
             return Err(status);

@@ -221,7 +221,9 @@ pub enum Source {
 
 /// Parses `mac=…,ip=…,name=…,model=…,image=…|rootfs=…`.
 pub fn parse_device(text: &str) -> Result<DeviceArg, BootError> {
-    const KNOWN: [&str; 8] = ["mac", "ip", "name", "model", "image", "rootfs", "host-key", "tenant"];
+    const KNOWN: [&str; 8] = [
+        "mac", "ip", "name", "model", "image", "rootfs", "host-key", "tenant",
+    ];
     let bad = |why: &str| BootError::Device(text.to_string(), why.to_string());
     let mut fields = std::collections::HashMap::new();
     for part in text.split(',') {
@@ -625,6 +627,9 @@ mod tests {
         assert_eq!(d.persist.map(|p| p.tenant).as_deref(), Some("alice"));
         let err = parse_device("mac=52:54:00:00:00:01,ip=10.0.0.1,name=vm1,model=pc,rootfs=/r,tenant=..")
             .expect_err("bad tenant");
-        assert!(err.to_string().contains("cannot name a persistent directory"), "{err}");
+        assert!(
+            err.to_string().contains("cannot name a persistent directory"),
+            "{err}"
+        );
     }
 }

@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, UdpSocket};
 
 use super::persist;
 use super::rpc::{self, Call, MOUNT, NFS, PORTMAP, Refusal};
-use super::state::{self, BootState};
+use super::state::{self, Binding, BootState};
 use super::view::{Attr, ImageView, Inode, Kind, ReadError};
 use super::xdr::{Reader, Writer, XdrError};
 
@@ -191,9 +191,8 @@ fn mount(state: &BootState, call: &Call, r: &mut Reader<'_>, client: IpAddr) -> 
                         .opaque(format!("{}{key}/fs", state::NODES_DIR).as_bytes());
                     w.bool(false); // no groups: any client
                     if b.persist.is_some() {
-                        w.bool(true).opaque(
-                            format!("{}{key}/{}", state::NODES_DIR, persist::EXPORT_NAME).as_bytes(),
-                        );
+                        w.bool(true)
+                            .opaque(format!("{}{key}/{}", state::NODES_DIR, persist::EXPORT_NAME).as_bytes());
                         w.bool(false);
                     }
                 }
@@ -205,51 +204,53 @@ fn mount(state: &BootState, call: &Call, r: &mut Reader<'_>, client: IpAddr) -> 
     Ok(w)
 }
 
-/// MOUNT of a device's `/persist` export: its persistent directory, to the device alone.
+/// MOUNT of a device's `/persist` export: its persistent directory (or the directory `inside` it:
+/// clients such as libnfs mount the directory of a file), to the device alone.
 fn mount_persist(state: &BootState, w: &mut Writer, client: IpAddr, (key, inside): (&str, &str), path: &str) {
     let binding = state.by_key(key);
     let mut served = state::served("nfs-mount-persist", binding.as_ref(), client, path);
     served.digest = None;
-    match binding {
-        Some(b) if client != IpAddr::V4(b.ip) => {
-            served.refused = Some(format!(
-                "mounted from {client}: only the device at {} mounts its /persist",
-                b.ip
-            ));
-            w.u32(status::ACCES);
+    match persist_root(binding.as_ref(), client, inside) {
+        Ok((fh, tenant)) => {
+            served.tenant = Some(tenant);
+            w.u32(status::OK).opaque(&fh);
+            w.u32(1).u32(1); // auth flavors: AUTH_UNIX
         }
-        Some(b) => match &b.persist {
-            Some(dir) => {
-                served.tenant = Some(dir.owner().tenant.clone());
-                // A directory inside (clients such as libnfs mount the directory of a file).
-                match dir.resolve_dir(inside) {
-                    Ok(fh) => {
-                        w.u32(status::OK).opaque(&fh);
-                        w.u32(1).u32(1); // auth flavors: AUTH_UNIX
-                    }
-                    Err(e) => {
-                        served.refused = Some(format!("{inside} inside /persist: {e}"));
-                        w.u32(if e == nix::errno::Errno::ENOTDIR {
-                            status::NOTDIR
-                        } else {
-                            status::NOENT
-                        });
-                    }
-                }
-            }
-            None => {
-                served.refused = Some(
-                    "no persistent directory for this device (--persist-dir unset, or lent to no tenant)".into(),
-                );
-                w.u32(status::NOENT);
-            }
-        },
-        None => {
-            served.refused = Some("no device boots from this export".into());
-            w.u32(status::NOENT);
+        Err((code, why)) => {
+            served.refused = Some(why);
+            w.u32(code);
         }
     }
     state.record(served);
+}
+
+/// The handle a `/persist` MOUNT answers and the tenant served, or the MOUNT status and why not.
+fn persist_root(
+    binding: Option<&Binding>,
+    client: IpAddr,
+    inside: &str,
+) -> Result<(Vec<u8>, String), (u32, String)> {
+    let b = binding.ok_or((status::NOENT, "no device boots from this export".to_string()))?;
+    if client != IpAddr::V4(b.ip) {
+        let why = format!(
+            "mounted from {client}: only the device at {} mounts its /persist",
+            b.ip
+        );
+        return Err((status::ACCES, why));
+    }
+    let dir = b.persist.as_ref().ok_or((
+        status::NOENT,
+        "no persistent directory for this device (--persist-dir unset, or lent to no tenant)".to_string(),
+    ))?;
+    let fh = dir.resolve_dir(inside).map_err(|e| {
+        let code = if e == nix::errno::Errno::ENOTDIR {
+            status::NOTDIR
+        } else {
+            status::NOENT
+        };
+        (code, format!("{inside} inside /persist: {e}"))
+    })?;
+    Ok((fh, dir.owner().tenant.clone()))
 }
 
 /// Answers an NFS call on a persistent directory's handle: only the device at `client` reaches its

@@ -49,7 +49,9 @@ pub const MAX_WRITE: u32 = super::nfs::MAX_READ;
 #[derive(Debug, thiserror::Error)]
 pub enum PersistError {
     /// A device or tenant name cannot name a directory.
-    #[error("{what} {name:?} cannot name a persistent directory (letters, digits, '.', '-', '_'; not . or ..)")]
+    #[error(
+        "{what} {name:?} cannot name a persistent directory (letters, digits, '.', '-', '_'; not . or ..)"
+    )]
     BadName {
         /// `device` or `tenant`.
         what: &'static str,
@@ -297,7 +299,8 @@ fn fattr(w: &mut Writer, fsid: u64, st: &FileStat) {
         .u32(st.st_nlink.min(u64::from(u32::MAX)) as u32)
         .u32(st.st_uid)
         .u32(st.st_gid);
-    w.u64(st.st_size.max(0) as u64).u64(st.st_blocks.max(0) as u64 * 512);
+    w.u64(st.st_size.max(0) as u64)
+        .u64(st.st_blocks.max(0) as u64 * 512);
     w.u32(libc::major(st.st_rdev)).u32(libc::minor(st.st_rdev));
     w.u64(fsid).u64(st.st_ino);
     for (secs, nanos) in [
@@ -524,7 +527,9 @@ impl PersistDir {
 
     /// The parent directory of `ino` (the root is its own).
     fn parent_of(&self, ino: u64) -> u64 {
-        self.names().get(&ino).map_or(self.root_ino, |(parent, _)| *parent)
+        self.names()
+            .get(&ino)
+            .map_or(self.root_ino, |(parent, _)| *parent)
     }
 
     /// Looks `name` up in `dir` without following it; remembers where it is.
@@ -558,7 +563,10 @@ impl PersistDir {
 
     /// The bytes of regular files (counted once, then kept up to date by the calls that change it).
     fn usage(&self) -> u64 {
-        let mut used = self.used.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut used = self
+            .used
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(bytes) = *used {
             return bytes;
         }
@@ -588,7 +596,10 @@ impl PersistDir {
         if self.quota.is_none() {
             return;
         }
-        let mut used = self.used.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut used = self
+            .used
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(bytes) = used.as_mut() {
             *bytes = bytes.saturating_add(after).saturating_sub(before);
         }
@@ -632,7 +643,11 @@ impl PersistDir {
                     self.set_attr(&found, &attr)?;
                     Ok(found)
                 });
-                self.status_wcc(w, result, |e| if e == Errno::EAGAIN { 10008 } else { nfs_status(e) });
+                self.status_wcc(
+                    w,
+                    result,
+                    |e| if e == Errno::EAGAIN { 10008 } else { nfs_status(e) },
+                );
             }
             3 => self.lookup(ino, r, w)?,
             4 => {
@@ -650,19 +665,17 @@ impl PersistDir {
                 }
             }
             5 => match self.find(ino) {
-                Ok(found) if is(&found.st, SFlag::S_IFLNK) => {
-                    match nix::fcntl::readlinkat(&found.fd, "") {
-                        Ok(target) => {
-                            w.u32(status::OK);
-                            self.post_op(w, Some(&found.st));
-                            w.opaque(target.as_bytes());
-                        }
-                        Err(e) => {
-                            w.u32(nfs_status(e));
-                            self.post_op(w, Some(&found.st));
-                        }
+                Ok(found) if is(&found.st, SFlag::S_IFLNK) => match nix::fcntl::readlinkat(&found.fd, "") {
+                    Ok(target) => {
+                        w.u32(status::OK);
+                        self.post_op(w, Some(&found.st));
+                        w.opaque(target.as_bytes());
                     }
-                }
+                    Err(e) => {
+                        w.u32(nfs_status(e));
+                        self.post_op(w, Some(&found.st));
+                    }
+                },
                 Ok(found) => {
                     w.u32(status::INVAL);
                     self.post_op(w, Some(&found.st));
@@ -902,12 +915,11 @@ impl PersistDir {
                 }
                 self.account(before, end.max(before));
                 // UNSTABLE writes reach the disk at COMMIT; DATA_SYNC and FILE_SYNC now.
-                let committed = match stable {
-                    0 => 0,
-                    _ => {
-                        nix::unistd::fsync(&found.fd)?;
-                        2
-                    }
+                let committed = if stable == 0 {
+                    0
+                } else {
+                    nix::unistd::fsync(&found.fd)?;
+                    2
                 };
                 Ok((found, committed))
             });
@@ -938,7 +950,10 @@ impl PersistDir {
         // What to make: a file (mode: UNCHECKED, GUARDED or EXCLUSIVE with its verifier), a
         // directory, a symlink (its target), or a special file (refused).
         enum What<'a> {
-            File { exclusive: Option<[u8; 8]>, guarded: bool },
+            File {
+                exclusive: Option<[u8; 8]>,
+                guarded: bool,
+            },
             Dir,
             Symlink(&'a [u8]),
             Special,
@@ -985,9 +1000,8 @@ impl PersistDir {
                 return Ok(());
             }
         };
-        let mode = |default: u32| {
-            Mode::from_bits_truncate(attr.and_then(|a| a.mode).unwrap_or(default) & 0o7777)
-        };
+        let mode =
+            |default: u32| Mode::from_bits_truncate(attr.and_then(|a| a.mode).unwrap_or(default) & 0o7777);
         let made: Result<(), Errno> = match what {
             What::File { exclusive, guarded } => {
                 let mut flags = OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_NONBLOCK;
@@ -1104,7 +1118,9 @@ impl PersistDir {
                 return Ok(());
             }
         };
-        let dirs = self.find_dir(ino).and_then(|from| Ok((from, self.find_dir(to_ino)?)));
+        let dirs = self
+            .find_dir(ino)
+            .and_then(|from| Ok((from, self.find_dir(to_ino)?)));
         let (from, to) = match dirs {
             Ok(dirs) => dirs,
             Err(e) => {
@@ -1155,7 +1171,9 @@ impl PersistDir {
                 return Ok(());
             }
         };
-        let found = self.find(ino).and_then(|file| Ok((file, self.find_dir(dir_ino)?)));
+        let found = self
+            .find(ino)
+            .and_then(|file| Ok((file, self.find_dir(dir_ino)?)));
         let (file, dir) = match found {
             Ok(found) => found,
             Err(e) => {
@@ -1204,7 +1222,8 @@ impl PersistDir {
         let listed = self
             .open_ino(ino, OFlag::O_RDONLY | OFlag::O_DIRECTORY)
             .and_then(|dir| {
-                let listing = nix::fcntl::openat(&dir.fd, ".", OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty())?;
+                let listing =
+                    nix::fcntl::openat(&dir.fd, ".", OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty())?;
                 let mut names: Vec<(Vec<u8>, u64)> = nix::dir::Dir::from_fd(listing)?
                     .into_iter()
                     .flatten()
@@ -1221,7 +1240,10 @@ impl PersistDir {
                 return Ok(());
             }
         };
-        let mut entries: Vec<(Vec<u8>, u64)> = vec![(b".".to_vec(), dir.ino), (b"..".to_vec(), self.parent_of(dir.ino))];
+        let mut entries: Vec<(Vec<u8>, u64)> = vec![
+            (b".".to_vec(), dir.ino),
+            (b"..".to_vec(), self.parent_of(dir.ino)),
+        ];
         entries.extend(names);
         let start = usize::try_from(cookie).unwrap_or(usize::MAX);
         if start > entries.len() {
@@ -1289,7 +1311,9 @@ impl PersistDir {
                     total = total.min(quota);
                 }
                 w.u64(total).u64(free).u64(free);
-                w.u64(vfs.files()).u64(vfs.files_available()).u64(vfs.files_available());
+                w.u64(vfs.files())
+                    .u64(vfs.files_available())
+                    .u64(vfs.files_available());
                 w.u32(0);
             }
             Err(e) => {
@@ -1345,15 +1369,28 @@ mod tests {
         assert_eq!(alice.dir(base), Path::new("/var/lib/walt/persist/rpi-12/alice"));
         assert_ne!(alice.key(), bob.key(), "another tenant of the device");
         assert_ne!(alice.key(), other.key(), "another device of the tenant");
-        assert_eq!(alice.key(), PersistOwner::new("rpi-12", "alice").expect("valid").key(), "stable");
+        assert_eq!(
+            alice.key(),
+            PersistOwner::new("rpi-12", "alice").expect("valid").key(),
+            "stable"
+        );
         // "a-b" + "c" and "a" + "b-c" must not meet.
         assert_ne!(
             PersistOwner::new("a-b", "c").expect("valid").key(),
             PersistOwner::new("a", "b-c").expect("valid").key()
         );
-        for (device, tenant) in [("..", "alice"), ("rpi", "."), ("rpi/x", "a"), ("rpi", ""), ("rpi", "a b")] {
+        for (device, tenant) in [
+            ("..", "alice"),
+            ("rpi", "."),
+            ("rpi/x", "a"),
+            ("rpi", ""),
+            ("rpi", "a b"),
+        ] {
             let error = PersistOwner::new(device, tenant).expect_err("refused");
-            assert!(error.to_string().contains("cannot name a persistent directory"), "{error}");
+            assert!(
+                error.to_string().contains("cannot name a persistent directory"),
+                "{error}"
+            );
         }
     }
 
@@ -1371,7 +1408,13 @@ mod tests {
     #[test]
     fn sattr_decodes_what_is_set() {
         let mut w = Writer::new();
-        w.bool(true).u32(0o600).bool(false).bool(true).u32(100).bool(true).u64(4096);
+        w.bool(true)
+            .u32(0o600)
+            .bool(false)
+            .bool(true)
+            .u32(100)
+            .bool(true)
+            .u64(4096);
         w.u32(1).u32(2).u32(10).u32(20);
         let attr = SetAttr::decode(&mut Reader::new(&w.bytes)).expect("decodes");
         assert_eq!(
@@ -1388,7 +1431,11 @@ mod tests {
         assert!(!attr.is_empty());
         let mut w = Writer::new();
         w.bool(false).bool(false).bool(false).bool(false).u32(0).u32(0);
-        assert!(SetAttr::decode(&mut Reader::new(&w.bytes)).expect("decodes").is_empty());
+        assert!(
+            SetAttr::decode(&mut Reader::new(&w.bytes))
+                .expect("decodes")
+                .is_empty()
+        );
     }
 
     #[test]
@@ -1418,7 +1465,9 @@ mod tests {
         // Not seen yet (as after a restart): found by walking the directory.
         let found = dir.find(file_ino).expect("found by a walk");
         assert_eq!(found.st.st_size, 4);
-        let escape = std::fs::symlink_metadata(root.join("escape")).expect("stat").ino();
+        let escape = std::fs::symlink_metadata(root.join("escape"))
+            .expect("stat")
+            .ino();
         assert_eq!(
             dir.open_ino(escape, OFlag::O_RDONLY).err(),
             Some(Errno::ELOOP),
@@ -1428,6 +1477,10 @@ mod tests {
         assert!(open_beneath(&dir.root, Path::new("escape/secret"), OFlag::O_RDONLY).is_err());
         assert!(open_beneath(&dir.root, Path::new("../../outside/secret"), OFlag::O_RDONLY).is_err());
         let secret = std::fs::metadata(outside.join("secret")).expect("stat").ino();
-        assert_eq!(dir.find(secret).err(), Some(Errno::ESTALE), "an inode outside is not found");
+        assert_eq!(
+            dir.find(secret).err(),
+            Some(Errno::ESTALE),
+            "an inode outside is not found"
+        );
     }
 }

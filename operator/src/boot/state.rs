@@ -497,7 +497,10 @@ mod tests {
 
     #[test]
     fn persist_export_paths_name_a_key() {
-        assert_eq!(persist_export_key("/var/lib/walt/nodes/vm1/persist"), Some(("vm1", "/")));
+        assert_eq!(
+            persist_export_key("/var/lib/walt/nodes/vm1/persist"),
+            Some(("vm1", "/"))
+        );
         assert_eq!(
             persist_export_key("/var/lib/walt/nodes/52:54:00:ab:cd:01/persist/"),
             Some(("52:54:00:ab:cd:01", "/"))

@@ -728,7 +728,10 @@ mod tests {
             &[node("other", "n2", "u2", Some("debian"))],
             &[image("other", "debian", Some("sha256:aa"))],
         );
-        assert_eq!(serve[0].persist, Some(PersistOwner::new("pc1", "other").expect("owner")));
+        assert_eq!(
+            serve[0].persist,
+            Some(PersistOwner::new("pc1", "other").expect("owner"))
+        );
     }
 
     #[test]

@@ -904,12 +904,14 @@ fn vm_node_network_boots_its_image() {
 
     // The device lent to tenant bob (a new binding: the boot service restarted): the handles of
     // alice's directory are refused, and the device mounting /persist again finds bob's, empty.
+    // The same layer cache (the node's root handles name its paths: they stay valid), the former
+    // log moved aside (readiness is read from the new one).
     drop(server);
-    let third = scratch.path().join("third");
-    std::fs::create_dir_all(&third).expect("third dir");
+    std::fs::rename(second.join("boot-server.log"), second.join("boot-server.before-bob.log"))
+        .expect("move the log aside");
     let _server = BootServer::start(
         &net,
-        &third,
+        &second,
         Some(&registry),
         &[
             "--device".into(),

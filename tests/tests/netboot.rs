@@ -907,8 +907,11 @@ fn vm_node_network_boots_its_image() {
     // The same layer cache (the node's root handles name its paths: they stay valid), the former
     // log moved aside (readiness is read from the new one).
     drop(server);
-    std::fs::rename(second.join("boot-server.log"), second.join("boot-server.before-bob.log"))
-        .expect("move the log aside");
+    std::fs::rename(
+        second.join("boot-server.log"),
+        second.join("boot-server.before-bob.log"),
+    )
+    .expect("move the log aside");
     let _server = BootServer::start(
         &net,
         &second,

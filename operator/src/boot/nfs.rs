@@ -661,4 +661,54 @@ mod tests {
         assert_eq!(parse_handle(&fh[..19]), None);
         assert_eq!(parse_handle(&[b"xxxx".as_slice(), &fh[4..]].concat()), None);
     }
+
+    #[test]
+    fn only_the_device_mounts_its_persist_and_only_inside_it() {
+        use crate::boot::persist::{PersistDir, PersistOwner};
+        use crate::boot::state::Mac;
+        use crate::overlay::OpaqueXattr;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let view = ImageView::build(&[], "sha256:feed", OpaqueXattr::Trusted).expect("view");
+        let owner = PersistOwner::new("rpi-1", "alice").expect("owner");
+        let persist = PersistDir::open(dir.path(), owner, None).expect("persist dir");
+        std::fs::create_dir(dir.path().join("rpi-1/alice/sub")).expect("mkdir");
+        std::fs::write(dir.path().join("rpi-1/alice/file"), "x").expect("write");
+        let mut binding = Binding {
+            mac: Mac([0x52, 0x54, 0, 0, 0, 1]),
+            ip: std::net::Ipv4Addr::new(10, 0, 0, 1),
+            hostname: "rpi-1".into(),
+            model: "rpi-3-b".into(),
+            view: Arc::new(view),
+            persist: Some(Arc::new(persist)),
+        };
+        let device = IpAddr::V4(binding.ip);
+        let (fh, tenant) = persist_root(Some(&binding), device, "/").expect("the device mounts it");
+        assert_eq!(tenant, "alice");
+        assert!(persist::is_handle(&fh));
+        assert!(
+            persist_root(Some(&binding), device, "/sub").is_ok(),
+            "a directory inside"
+        );
+        let code = |inside: &str, client: IpAddr, b: Option<&Binding>| {
+            persist_root(b, client, inside).map(|_| ()).map_err(|(c, _)| c)
+        };
+        assert_eq!(code("/file", device, Some(&binding)), Err(status::NOTDIR));
+        assert_eq!(
+            code("/../..", device, Some(&binding)),
+            Err(status::NOENT),
+            "no way up"
+        );
+        assert_eq!(code("/sub/../..", device, Some(&binding)), Err(status::NOENT));
+        let neighbour = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
+        assert_eq!(
+            code("/", neighbour, Some(&binding)),
+            Err(status::ACCES),
+            "another address"
+        );
+        assert_eq!(code("/", device, None), Err(status::NOENT), "no such device");
+        binding.persist = None;
+        let refused = persist_root(Some(&binding), device, "/").expect_err("none served");
+        assert_eq!(refused.0, status::NOENT);
+        assert!(refused.1.contains("--persist-dir unset"), "{}", refused.1);
+    }
 }

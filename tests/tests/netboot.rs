@@ -1563,6 +1563,8 @@ fn boot_server_takes_its_devices_from_the_cluster() {
         format!("127.0.0.1:{status}"),
         "--insecure-registry".into(),
         registry.host(),
+        "--persist-dir".into(),
+        scratch.path().join("persist").display().to_string(),
     ])
     .collect();
     let kubeconfig = cluster.kubeconfig();
@@ -1590,6 +1592,27 @@ fn boot_server_takes_its_devices_from_the_cluster() {
             .unwrap_or_else(|e| panic!("{e}: serves {:?}", served_digest()));
     };
     serves("the bound Node's image", Some(&digests[0]));
+    // Its /persist is the Device's directory for the tenant it is lent to: the Node's namespace.
+    let note = scratch.path().join("note");
+    std::fs::write(&note, "from node1\n").expect("a local file");
+    let (ok, out) = output(Command::new("nfs-cp").arg(&note).arg(format!(
+        "nfs://127.0.0.1/var/lib/walt/nodes/node1/persist/note?nfsport={nfs}&mountport={nfs}"
+    )));
+    assert!(ok, "nfs-cp into the bound device's /persist: {out}");
+    assert_eq!(
+        std::fs::read_to_string(
+            scratch
+                .path()
+                .join("persist")
+                .join(&device)
+                .join(&ns)
+                .join("note")
+        )
+        .ok()
+        .as_deref(),
+        Some("from node1\n"),
+        "--persist-dir/<Device>/<Node's namespace>"
+    );
     let kernel = Command::new("busybox")
         .args([
             "wget",

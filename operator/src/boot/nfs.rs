@@ -267,7 +267,7 @@ fn nfs_persist(
         None => Some(status::BADHANDLE),
         Some((key, ino)) => match state.persist_for(client, key) {
             Some(dir) => {
-                dir.call(call.procedure, ino, r, &mut w, call.cred)?;
+                dir.call(call.procedure, ino, r, &mut w, call.cred.as_ref())?;
                 None
             }
             None if state.persist_known(key) => Some(status::ACCES),

@@ -487,8 +487,17 @@ impl PersistDir {
                     break;
                 }
                 found.insert(entry.ino(), (dir_ino, name.to_vec()));
-                if entry.file_type() == Some(nix::dir::Type::Directory) {
-                    queue.push_back((entry.ino(), path.join(OsStr::from_bytes(name))));
+                let child = path.join(OsStr::from_bytes(name));
+                // A filesystem that does not say the type in its listing: asked, never followed.
+                let is_dir = entry.file_type().map_or_else(
+                    || {
+                        nix::sys::stat::fstatat(&self.root, &child, AtFlags::AT_SYMLINK_NOFOLLOW)
+                            .is_ok_and(|st| is(&st, SFlag::S_IFDIR))
+                    },
+                    |kind| kind == nix::dir::Type::Directory,
+                );
+                if is_dir {
+                    queue.push_back((entry.ino(), child));
                 }
             }
         }
@@ -613,7 +622,7 @@ impl PersistDir {
         ino: u64,
         r: &mut Reader<'_>,
         w: &mut Writer,
-        cred: Option<UnixCred>,
+        cred: Option<&UnixCred>,
     ) -> Result<(), Refusal> {
         let garbage = |_| Refusal::GarbageArgs;
         match procedure {
@@ -654,10 +663,11 @@ impl PersistDir {
                 let asked = r.u32().map_err(garbage)?;
                 match self.find(ino) {
                     Ok(found) => {
-                        // The node's users are all the tenant's: its kernel checks the mode bits.
+                        // What the mode bits grant the caller: the node's kernel asks before it lets
+                        // one of its users open or change a file.
                         w.u32(status::OK);
                         self.post_op(w, Some(&found.st));
-                        w.u32(asked & 0x3f);
+                        w.u32(access_granted(asked, cred, &found.st));
                     }
                     Err(e) => {
                         w.u32(nfs_status(e)).bool(false);
@@ -943,7 +953,7 @@ impl PersistDir {
         ino: u64,
         r: &mut Reader<'_>,
         w: &mut Writer,
-        cred: Option<UnixCred>,
+        cred: Option<&UnixCred>,
     ) -> Result<(), Refusal> {
         let garbage = |_| Refusal::GarbageArgs;
         let name = r.string(4096).map_err(garbage)?;
@@ -1002,17 +1012,27 @@ impl PersistDir {
         };
         let mode =
             |default: u32| Mode::from_bits_truncate(attr.and_then(|a| a.mode).unwrap_or(default) & 0o7777);
+        // Whether the call made the entry (an UNCHECKED CREATE may open an existing file: its owner
+        // stays).
+        let mut created = true;
         let made: Result<(), Errno> = match what {
             What::File { exclusive, guarded } => {
-                let mut flags = OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_NONBLOCK;
-                if guarded {
-                    flags |= OFlag::O_EXCL;
-                }
+                let flags = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NONBLOCK;
                 let how = OpenHow::new()
                     .flags(flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
                     .mode(mode(0o644))
                     .resolve(resolve_flags());
                 match nix::fcntl::openat2(&dir.fd, name, how) {
+                    Err(Errno::EEXIST) if !guarded => {
+                        created = false;
+                        nix::sys::stat::fstatat(&dir.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW).and_then(|st| {
+                            if is(&st, SFlag::S_IFREG) {
+                                Ok(())
+                            } else {
+                                Err(Errno::EEXIST)
+                            }
+                        })
+                    }
                     Ok(fd) => exclusive.map_or(Ok(()), |verf| {
                         // The verifier is kept in the times, so that a retransmitted EXCLUSIVE
                         // CREATE finds its own file (as RFC 1813 suggests).
@@ -1047,7 +1067,7 @@ impl PersistDir {
             let (child, _) = self.child(&dir, name)?;
             let found = self.find(child)?;
             // Owned by the caller (the node's user), then what the client asked beyond the mode.
-            if let Some(cred) = cred {
+            if let Some(cred) = cred.filter(|_| created) {
                 nix::unistd::fchownat(
                     &found.fd,
                     "",
@@ -1251,7 +1271,7 @@ impl PersistDir {
             self.post_op(w, Some(&dir.st));
             return Ok(());
         }
-        let limit = (maxcount.min(count.max(maxcount)) as usize).saturating_sub(200);
+        let limit = (maxcount as usize).saturating_sub(200);
         let mut body = Writer::new();
         let mut eof = true;
         let mut emitted = 0;
@@ -1321,6 +1341,42 @@ impl PersistDir {
             }
         }
     }
+}
+
+/// ACCESS bits (RFC 1813): READ, LOOKUP, MODIFY, EXTEND, DELETE, EXECUTE.
+const ACCESS_READ: u32 = 0x01;
+const ACCESS_LOOKUP: u32 = 0x02;
+const ACCESS_MODIFY: u32 = 0x04;
+const ACCESS_EXTEND: u32 = 0x08;
+const ACCESS_DELETE: u32 = 0x10;
+const ACCESS_EXECUTE: u32 = 0x20;
+
+/// What of `asked` the mode bits of `st` grant `cred` (pure): root everything (execute only where
+/// some execute bit is set, as on Linux), the owner the owner bits, a member of the file's group the
+/// group bits, others the other bits. No credential: the other bits.
+pub fn access_granted(asked: u32, cred: Option<&UnixCred>, st: &FileStat) -> u32 {
+    let dir = is(st, SFlag::S_IFDIR);
+    let mode = st.st_mode;
+    let bits = match cred {
+        Some(c) if c.uid == 0 => {
+            let any_x = dir || mode & 0o111 != 0;
+            0o6 | if any_x { 0o1 } else { 0 }
+        }
+        Some(c) if c.uid == st.st_uid => (mode >> 6) & 0o7,
+        Some(c) if c.gid == st.st_gid || c.gids.contains(&st.st_gid) => (mode >> 3) & 0o7,
+        _ => mode & 0o7,
+    };
+    let mut granted = 0;
+    if bits & 0o4 != 0 {
+        granted |= ACCESS_READ;
+    }
+    if bits & 0o2 != 0 {
+        granted |= ACCESS_MODIFY | ACCESS_EXTEND | if dir { ACCESS_DELETE } else { 0 };
+    }
+    if bits & 0o1 != 0 {
+        granted |= if dir { ACCESS_LOOKUP } else { ACCESS_EXECUTE };
+    }
+    asked & granted
 }
 
 /// The times that carry an EXCLUSIVE CREATE's verifier.
@@ -1435,6 +1491,61 @@ mod tests {
             SetAttr::decode(&mut Reader::new(&w.bytes))
                 .expect("decodes")
                 .is_empty()
+        );
+    }
+
+    #[test]
+    fn access_follows_the_mode_bits_of_the_caller() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("f");
+        std::fs::write(&file, "x").expect("write");
+        let mut st = nix::sys::stat::stat(&file).expect("stat");
+        st.st_mode = SFlag::S_IFREG.bits() | 0o640;
+        st.st_uid = 1000;
+        st.st_gid = 100;
+        let cred = |uid, gid, gids: &[u32]| UnixCred {
+            uid,
+            gid,
+            gids: gids.to_vec(),
+        };
+        let all = 0x3f;
+        let rw = ACCESS_READ | ACCESS_MODIFY | ACCESS_EXTEND;
+        assert_eq!(
+            access_granted(all, Some(&cred(1000, 1000, &[])), &st),
+            rw,
+            "the owner"
+        );
+        assert_eq!(
+            access_granted(all, Some(&cred(1001, 100, &[])), &st),
+            ACCESS_READ,
+            "the group"
+        );
+        assert_eq!(
+            access_granted(all, Some(&cred(1001, 5, &[7, 100])), &st),
+            ACCESS_READ,
+            "a supplementary group"
+        );
+        assert_eq!(access_granted(all, Some(&cred(1001, 5, &[])), &st), 0, "others");
+        assert_eq!(access_granted(all, None, &st), 0, "no credential: others");
+        assert_eq!(
+            access_granted(all, Some(&cred(0, 0, &[])), &st),
+            rw,
+            "root, no execute bit"
+        );
+        assert_eq!(
+            access_granted(ACCESS_READ, Some(&cred(1000, 1, &[])), &st),
+            ACCESS_READ,
+            "only what is asked"
+        );
+        st.st_mode = SFlag::S_IFDIR.bits() | 0o755;
+        assert_eq!(
+            access_granted(all, Some(&cred(1001, 5, &[])), &st),
+            ACCESS_READ | ACCESS_LOOKUP,
+            "a directory others may list and cross"
+        );
+        assert_eq!(
+            access_granted(all, Some(&cred(1000, 5, &[])), &st),
+            ACCESS_READ | ACCESS_LOOKUP | ACCESS_MODIFY | ACCESS_EXTEND | ACCESS_DELETE
         );
     }
 

@@ -29,12 +29,14 @@ pub struct Call {
 
 /// An `AUTH_UNIX` (`AUTH_SYS`) credential: who the caller says it is on its own machine (the
 /// owner given to the files it creates on a writable export).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnixCred {
     /// User id.
     pub uid: u32,
     /// Primary group id.
     pub gid: u32,
+    /// Supplementary groups (at most 16, as RFC 5531 allows).
+    pub gids: Vec<u32>,
 }
 
 /// The `AUTH_UNIX` flavor number.
@@ -45,10 +47,13 @@ fn unix_cred(body: &[u8]) -> Option<UnixCred> {
     let mut r = Reader::new(body);
     let _stamp = r.u32().ok()?;
     r.string(255).ok()?;
-    Some(UnixCred {
-        uid: r.u32().ok()?,
-        gid: r.u32().ok()?,
-    })
+    let (uid, gid) = (r.u32().ok()?, r.u32().ok()?);
+    let count = r.u32().ok()?;
+    if count > 16 {
+        return None;
+    }
+    let gids = (0..count).map(|_| r.u32().ok()).collect::<Option<Vec<u32>>>()?;
+    Some(UnixCred { uid, gid, gids })
 }
 
 /// How a call is answered when it is not a procedure's own result.
@@ -192,7 +197,11 @@ mod tests {
                 program: NFS,
                 version: 3,
                 procedure: 1,
-                cred: Some(UnixCred { uid: 1000, gid: 100 }),
+                cred: Some(UnixCred {
+                    uid: 1000,
+                    gid: 100,
+                    gids: vec![100]
+                }),
             }
         );
         assert_eq!(r.u32(), Ok(99));

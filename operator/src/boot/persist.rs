@@ -1360,7 +1360,7 @@ pub fn access_granted(asked: u32, cred: Option<&UnixCred>, st: &FileStat) -> u32
     let bits = match cred {
         Some(c) if c.uid == 0 => {
             let any_x = dir || mode & 0o111 != 0;
-            0o6 | if any_x { 0o1 } else { 0 }
+            0o6 | u32::from(any_x)
         }
         Some(c) if c.uid == st.st_uid => (mode >> 6) & 0o7,
         Some(c) if c.gid == st.st_gid || c.gids.contains(&st.st_gid) => (mode >> 3) & 0o7,

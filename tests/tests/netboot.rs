@@ -2893,6 +2893,12 @@ fn operator_verifies_the_image_a_vm_node_network_booted() {
     let booted = vm
         .wait_console(BOOTED_MARKER, Duration::from_mins(5))
         .unwrap_or_else(|e| panic!("{e}\nboot server: {:?}", lab.server.journal()));
+    // This boot service has no --persist-dir: walt-init says so on the console, and the boot goes on.
+    assert!(
+        vm.console().contains("walt-init: /persist is not mounted"),
+        "{}",
+        vm.console()
+    );
     let verified = lab.verified_as(&vm, &lab.digest);
     let status = lab.node("{.status}");
     assert!(

@@ -635,65 +635,17 @@ impl PersistDir {
                     w.u32(nfs_status(e));
                 }
             },
-            2 => {
-                let attr = SetAttr::decode(r).map_err(garbage)?;
-                let guard = if r.bool().map_err(garbage)? {
-                    Some((r.u32().map_err(garbage)?, r.u32().map_err(garbage)?))
-                } else {
-                    None
-                };
-                let result = self.find(ino).and_then(|found| {
-                    if let Some((secs, nanos)) = guard {
-                        let ctime = (clamp_secs(found.st.st_ctime), found.st.st_ctime_nsec as u32);
-                        if ctime != (secs, nanos) {
-                            return Err(Errno::EAGAIN);
-                        }
-                    }
-                    self.set_attr(&found, &attr)?;
-                    Ok(found)
-                });
-                self.status_wcc(
-                    w,
-                    result,
-                    |e| if e == Errno::EAGAIN { 10008 } else { nfs_status(e) },
-                );
-            }
+            2 => self.setattr(ino, r, w)?,
             3 => self.lookup(ino, r, w)?,
             4 => {
                 let asked = r.u32().map_err(garbage)?;
-                match self.find(ino) {
-                    Ok(found) => {
-                        // What the mode bits grant the caller: the node's kernel asks before it lets
-                        // one of its users open or change a file.
-                        w.u32(status::OK);
-                        self.post_op(w, Some(&found.st));
-                        w.u32(access_granted(asked, cred, &found.st));
-                    }
-                    Err(e) => {
-                        w.u32(nfs_status(e)).bool(false);
-                    }
-                }
+                // What the mode bits grant the caller: the node's kernel asks before it lets one of
+                // its users open or change a file.
+                self.attrs_then(ino, w, |st, w| {
+                    w.u32(access_granted(asked, cred, st));
+                });
             }
-            5 => match self.find(ino) {
-                Ok(found) if is(&found.st, SFlag::S_IFLNK) => match nix::fcntl::readlinkat(&found.fd, "") {
-                    Ok(target) => {
-                        w.u32(status::OK);
-                        self.post_op(w, Some(&found.st));
-                        w.opaque(target.as_bytes());
-                    }
-                    Err(e) => {
-                        w.u32(nfs_status(e));
-                        self.post_op(w, Some(&found.st));
-                    }
-                },
-                Ok(found) => {
-                    w.u32(status::INVAL);
-                    self.post_op(w, Some(&found.st));
-                }
-                Err(e) => {
-                    w.u32(nfs_status(e)).bool(false);
-                }
-            },
+            5 => self.readlink(ino, w),
             6 => {
                 let offset = r.u64().map_err(garbage)?;
                 let count = r.u32().map_err(garbage)?.min(super::nfs::MAX_READ);
@@ -718,54 +670,110 @@ impl PersistDir {
             15 => self.link(ino, r, w)?,
             16 | 17 => self.readdir(ino, r, w, procedure == 17)?,
             18 => self.fsstat(ino, w),
-            19 => match self.find(ino) {
-                Ok(found) => {
-                    w.u32(status::OK);
-                    self.post_op(w, Some(&found.st));
-                    w.u32(super::nfs::MAX_READ).u32(super::nfs::MAX_READ).u32(4096);
-                    w.u32(MAX_WRITE).u32(MAX_WRITE).u32(4096);
-                    w.u32(64 * 1024).u64(u64::MAX).u32(0).u32(1);
-                    // LINK | SYMLINK | HOMOGENEOUS | CANSETTIME
-                    w.u32(0x01 | 0x02 | 0x08 | 0x10);
-                }
-                Err(e) => {
-                    w.u32(nfs_status(e)).bool(false);
-                }
-            },
-            20 => match self.find(ino) {
-                Ok(found) => {
-                    w.u32(status::OK);
-                    self.post_op(w, Some(&found.st));
-                    w.u32(65_000)
-                        .u32(NAME_MAX as u32)
-                        .bool(true)
-                        .bool(true)
-                        .bool(false)
-                        .bool(true);
-                }
-                Err(e) => {
-                    w.u32(nfs_status(e)).bool(false);
-                }
-            },
-            21 => {
-                let result = self
-                    .open_ino(ino, OFlag::O_RDONLY | OFlag::O_NONBLOCK)
-                    .and_then(|found| nix::unistd::fsync(&found.fd).map(|()| found));
-                match result {
-                    Ok(found) => {
-                        w.u32(status::OK).bool(false);
-                        let st = nix::sys::stat::fstat(&found.fd).ok();
-                        self.post_op(w, st.as_ref());
-                        w.fixed(&write_verifier());
-                    }
-                    Err(e) => {
-                        w.u32(nfs_status(e)).bool(false).bool(false);
-                    }
-                }
-            }
+            19 => self.attrs_then(ino, w, |_, w| {
+                w.u32(super::nfs::MAX_READ).u32(super::nfs::MAX_READ).u32(4096);
+                w.u32(MAX_WRITE).u32(MAX_WRITE).u32(4096);
+                w.u32(64 * 1024).u64(u64::MAX).u32(0).u32(1);
+                // LINK | SYMLINK | HOMOGENEOUS | CANSETTIME
+                w.u32(0x01 | 0x02 | 0x08 | 0x10);
+            }),
+            20 => self.attrs_then(ino, w, |_, w| {
+                w.u32(65_000)
+                    .u32(NAME_MAX as u32)
+                    .bool(true)
+                    .bool(true)
+                    .bool(false)
+                    .bool(true);
+            }),
+            21 => self.commit(ino, w),
             _ => return Err(Refusal::ProcUnavail),
         }
         Ok(())
+    }
+
+    /// A reply of a status, the post-operation attributes, then what `results` writes (ACCESS,
+    /// FSINFO, PATHCONF).
+    fn attrs_then(&self, ino: u64, w: &mut Writer, results: impl FnOnce(&FileStat, &mut Writer)) {
+        match self.find(ino) {
+            Ok(found) => {
+                w.u32(status::OK);
+                self.post_op(w, Some(&found.st));
+                results(&found.st, w);
+            }
+            Err(e) => {
+                w.u32(nfs_status(e)).bool(false);
+            }
+        }
+    }
+
+    /// SETATTR, with its guard (the ctime the client last saw).
+    fn setattr(&self, ino: u64, r: &mut Reader<'_>, w: &mut Writer) -> Result<(), Refusal> {
+        let garbage = |_| Refusal::GarbageArgs;
+        let attr = SetAttr::decode(r).map_err(garbage)?;
+        let guard = if r.bool().map_err(garbage)? {
+            Some((r.u32().map_err(garbage)?, r.u32().map_err(garbage)?))
+        } else {
+            None
+        };
+        let result = self.find(ino).and_then(|found| {
+            let ctime = (clamp_secs(found.st.st_ctime), found.st.st_ctime_nsec as u32);
+            if guard.is_some_and(|seen| seen != ctime) {
+                return Err(Errno::EAGAIN);
+            }
+            self.set_attr(&found, &attr)?;
+            Ok(found)
+        });
+        // EAGAIN stands for NFS3ERR_NOT_SYNC: the guard did not match.
+        self.status_wcc(
+            w,
+            result,
+            |e| if e == Errno::EAGAIN { 10008 } else { nfs_status(e) },
+        );
+        Ok(())
+    }
+
+    fn readlink(&self, ino: u64, w: &mut Writer) {
+        let found = match self.find(ino) {
+            Ok(found) => found,
+            Err(e) => {
+                w.u32(nfs_status(e)).bool(false);
+                return;
+            }
+        };
+        let target = if is(&found.st, SFlag::S_IFLNK) {
+            nix::fcntl::readlinkat(&found.fd, "")
+        } else {
+            Err(Errno::EINVAL)
+        };
+        match target {
+            Ok(target) => {
+                w.u32(status::OK);
+                self.post_op(w, Some(&found.st));
+                w.opaque(target.as_bytes());
+            }
+            Err(e) => {
+                w.u32(nfs_status(e));
+                self.post_op(w, Some(&found.st));
+            }
+        }
+    }
+
+    /// COMMIT: the file's writes to disk (`fsync`), and this run's write verifier.
+    fn commit(&self, ino: u64, w: &mut Writer) {
+        let result = self
+            .open_ino(ino, OFlag::O_RDONLY | OFlag::O_NONBLOCK)
+            .and_then(|found| nix::unistd::fsync(&found.fd).map(|()| found));
+        match result {
+            Ok(found) => {
+                w.u32(status::OK).bool(false);
+                let st = nix::sys::stat::fstat(&found.fd).ok();
+                self.post_op(w, st.as_ref());
+                w.fixed(&write_verifier());
+            }
+            Err(e) => {
+                w.u32(nfs_status(e)).bool(false).bool(false);
+            }
+        }
     }
 
     /// A status and the `wcc_data` of what `result` found (none on an error before it was found).
@@ -955,46 +963,8 @@ impl PersistDir {
         w: &mut Writer,
         cred: Option<&UnixCred>,
     ) -> Result<(), Refusal> {
-        let garbage = |_| Refusal::GarbageArgs;
-        let name = r.string(4096).map_err(garbage)?;
-        // What to make: a file (mode: UNCHECKED, GUARDED or EXCLUSIVE with its verifier), a
-        // directory, a symlink (its target), or a special file (refused).
-        enum What<'a> {
-            File {
-                exclusive: Option<[u8; 8]>,
-                guarded: bool,
-            },
-            Dir,
-            Symlink(&'a [u8]),
-            Special,
-        }
-        let (what, attr) = match procedure {
-            8 => match r.u32().map_err(garbage)? {
-                2 => {
-                    let mut verf = [0; 8];
-                    verf.copy_from_slice(r.fixed(8).map_err(garbage)?);
-                    let what = What::File {
-                        exclusive: Some(verf),
-                        guarded: true,
-                    };
-                    (what, None)
-                }
-                how => {
-                    let attr = SetAttr::decode(r).map_err(garbage)?;
-                    let what = What::File {
-                        exclusive: None,
-                        guarded: how == 1,
-                    };
-                    (what, Some(attr))
-                }
-            },
-            9 => (What::Dir, Some(SetAttr::decode(r).map_err(garbage)?)),
-            10 => {
-                let attr = SetAttr::decode(r).map_err(garbage)?;
-                (What::Symlink(r.string(4096).map_err(garbage)?), Some(attr))
-            }
-            _ => (What::Special, None),
-        };
+        let name = r.string(4096).map_err(|_| Refusal::GarbageArgs)?;
+        let (what, attr) = What::decode(procedure, r).map_err(|_| Refusal::GarbageArgs)?;
         let dir = match self.find_dir(ino) {
             Ok(dir) => dir,
             Err(e) => {
@@ -1010,60 +980,8 @@ impl PersistDir {
                 return Ok(());
             }
         };
-        let mode =
-            |default: u32| Mode::from_bits_truncate(attr.and_then(|a| a.mode).unwrap_or(default) & 0o7777);
-        // Whether the call made the entry (an UNCHECKED CREATE may open an existing file: its owner
-        // stays).
-        let mut created = true;
-        let made: Result<(), Errno> = match what {
-            What::File { exclusive, guarded } => {
-                let flags = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NONBLOCK;
-                let how = OpenHow::new()
-                    .flags(flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
-                    .mode(mode(0o644))
-                    .resolve(resolve_flags());
-                match nix::fcntl::openat2(&dir.fd, name, how) {
-                    Err(Errno::EEXIST) if !guarded => {
-                        created = false;
-                        nix::sys::stat::fstatat(&dir.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW).and_then(|st| {
-                            if is(&st, SFlag::S_IFREG) {
-                                Ok(())
-                            } else {
-                                Err(Errno::EEXIST)
-                            }
-                        })
-                    }
-                    Ok(fd) => exclusive.map_or(Ok(()), |verf| {
-                        // The verifier is kept in the times, so that a retransmitted EXCLUSIVE
-                        // CREATE finds its own file (as RFC 1813 suggests).
-                        let (a, m) = verifier_times(verf);
-                        nix::sys::stat::futimens(&fd, &a, &m)
-                    }),
-                    Err(Errno::EEXIST) if exclusive.is_some() => {
-                        nix::sys::stat::fstatat(&dir.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW).and_then(|st| {
-                            let (a, m) = verifier_times(exclusive.unwrap_or_default());
-                            let same = st.st_atime == a.tv_sec()
-                                && st.st_atime_nsec == a.tv_nsec()
-                                && st.st_mtime == m.tv_sec()
-                                && st.st_mtime_nsec == m.tv_nsec();
-                            if same { Ok(()) } else { Err(Errno::EEXIST) }
-                        })
-                    }
-                    Err(e) => Err(e),
-                }
-            }
-            What::Dir => nix::sys::stat::mkdirat(&dir.fd, name, mode(0o755)),
-            What::Symlink(target) => {
-                // The target is only text here: it is never followed on this side.
-                if target.contains(&0) {
-                    Err(Errno::EINVAL)
-                } else {
-                    nix::unistd::symlinkat(OsStr::from_bytes(target), &dir.fd, name)
-                }
-            }
-            What::Special => Err(Errno::EOPNOTSUPP),
-        };
-        let result = made.and_then(|()| {
+        let mode = attr.and_then(|a| a.mode);
+        let result = Self::create_entry(&dir, name, &what, mode).and_then(|created| {
             let (child, _) = self.child(&dir, name)?;
             let found = self.find(child)?;
             // Owned by the caller (the node's user), then what the client asked beyond the mode.
@@ -1076,11 +994,9 @@ impl PersistDir {
                     AtFlags::AT_EMPTY_PATH | AtFlags::AT_SYMLINK_NOFOLLOW,
                 )?;
             }
-            if let Some(attr) = attr {
-                let rest = SetAttr { mode: None, ..attr };
-                if !rest.is_empty() {
-                    self.set_attr(&found, &rest)?;
-                }
+            let rest = attr.map(|attr| SetAttr { mode: None, ..attr });
+            if let Some(rest) = rest.filter(|rest| !rest.is_empty()) {
+                self.set_attr(&found, &rest)?;
             }
             Ok(child)
         });
@@ -1089,14 +1005,61 @@ impl PersistDir {
                 let st = self.find(child).ok().map(|f| f.st);
                 w.u32(status::OK).bool(true).opaque(&handle(self.key, child));
                 self.post_op(w, st.as_ref());
-                self.wcc(w, &dir);
             }
             Err(e) => {
                 w.u32(nfs_status(e));
-                self.wcc(w, &dir);
             }
         }
+        self.wcc(w, &dir);
         Ok(())
+    }
+
+    /// Makes `name` in `dir` (relative to its descriptor, never through a link); whether it was
+    /// made now (an UNCHECKED CREATE may open an existing file, whose owner then stays).
+    fn create_entry(dir: &Found, name: &OsStr, what: &What<'_>, mode: Option<u32>) -> Result<bool, Errno> {
+        let mode = |default: u32| Mode::from_bits_truncate(mode.unwrap_or(default) & 0o7777);
+        match *what {
+            What::File { exclusive, guarded } => {
+                let flags = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NONBLOCK;
+                let how = OpenHow::new()
+                    .flags(flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+                    .mode(mode(0o644))
+                    .resolve(resolve_flags());
+                match nix::fcntl::openat2(&dir.fd, name, how) {
+                    Ok(fd) => {
+                        if let Some(verf) = exclusive {
+                            // The verifier is kept in the times, so that a retransmitted EXCLUSIVE
+                            // CREATE finds its own file (as RFC 1813 suggests).
+                            let (a, m) = verifier_times(verf);
+                            nix::sys::stat::futimens(&fd, &a, &m)?;
+                        }
+                        Ok(true)
+                    }
+                    Err(Errno::EEXIST) if !guarded || exclusive.is_some() => {
+                        let st = nix::sys::stat::fstatat(&dir.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW)?;
+                        let ours = match exclusive {
+                            Some(verf) => {
+                                let (a, m) = verifier_times(verf);
+                                st.st_atime == a.tv_sec()
+                                    && st.st_atime_nsec == a.tv_nsec()
+                                    && st.st_mtime == m.tv_sec()
+                                    && st.st_mtime_nsec == m.tv_nsec()
+                            }
+                            None => is(&st, SFlag::S_IFREG),
+                        };
+                        if ours { Ok(false) } else { Err(Errno::EEXIST) }
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            What::Dir => nix::sys::stat::mkdirat(&dir.fd, name, mode(0o755)).map(|()| true),
+            // The target is only text here: it is never followed on this side.
+            What::Symlink(target) if target.contains(&0) => Err(Errno::EINVAL),
+            What::Symlink(target) => {
+                nix::unistd::symlinkat(OsStr::from_bytes(target), &dir.fd, name).map(|()| true)
+            }
+            What::Special => Err(Errno::EOPNOTSUPP),
+        }
     }
 
     fn remove(&self, dir: &Found, name: &[u8], directory: bool) -> Result<(), Errno> {
@@ -1340,6 +1303,56 @@ impl PersistDir {
                 w.u32(nfs_status(e)).bool(false);
             }
         }
+    }
+}
+
+/// What a CREATE, MKDIR, SYMLINK or MKNOD makes.
+enum What<'a> {
+    /// A regular file: UNCHECKED, GUARDED, or EXCLUSIVE with its verifier.
+    File {
+        /// EXCLUSIVE's verifier.
+        exclusive: Option<[u8; 8]>,
+        /// An existing entry is an error.
+        guarded: bool,
+    },
+    /// A directory.
+    Dir,
+    /// A symbolic link to this target.
+    Symlink(&'a [u8]),
+    /// A device, FIFO or socket (refused).
+    Special,
+}
+
+impl<'a> What<'a> {
+    /// Decodes what follows the name in the arguments of `procedure`, and the attributes asked.
+    fn decode(procedure: u32, r: &mut Reader<'a>) -> Result<(Self, Option<SetAttr>), XdrError> {
+        Ok(match procedure {
+            8 => match r.u32()? {
+                2 => {
+                    let mut verf = [0; 8];
+                    verf.copy_from_slice(r.fixed(8)?);
+                    let what = What::File {
+                        exclusive: Some(verf),
+                        guarded: true,
+                    };
+                    (what, None)
+                }
+                how => {
+                    let attr = SetAttr::decode(r)?;
+                    let what = What::File {
+                        exclusive: None,
+                        guarded: how == 1,
+                    };
+                    (what, Some(attr))
+                }
+            },
+            9 => (What::Dir, Some(SetAttr::decode(r)?)),
+            10 => {
+                let attr = SetAttr::decode(r)?;
+                (What::Symlink(r.string(4096)?), Some(attr))
+            }
+            _ => (What::Special, None),
+        })
     }
 }
 

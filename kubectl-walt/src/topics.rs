@@ -160,6 +160,12 @@ volatile (the default)
 persistent
   The overlay survives reboots (virtual nodes: a PersistentVolumeClaim holds /persist).
 
+/persist
+  Kept across reboots in both modes. On a network-booted device it is a directory of the boot
+  service's host (read-write over NFS) that belongs to the device while it is lent to your
+  namespace: another tenant later lent the same device gets its own, empty, and never sees yours.
+  It is not part of the image: a node save does not carry it.
+
 Rebooting:
   - `kubectl walt node reboot NODES` reboots nodes (devices over SSH; container nodes get a new
     pod; VM nodes are powered off and on again, hung or not);
@@ -185,7 +191,9 @@ boots them; WalT images boot unchanged.
      /bin/walt-env, /etc/walt/image-digest (the digest served), root's authorized_keys (the lab's key)
      and the device's SSH host key.
   4. walt-init stacks a RAM overlay over the image (your changes land in /run/walt/rootfs/mnt/fs_rw),
-     sets the clock from the boot service (port 12345), and starts /sbin/init.
+     mounts the device's /persist read-write over NFSv3 (/var/lib/walt/nodes/<mac>/persist: this
+     device's directory for your namespace; if it cannot, it says so on the console and the boot
+     goes on), sets the clock from the boot service (port 12345), and starts /sbin/init.
   5. Once sshd listens, the node writes /run/uptime-ready and notifies the boot service (port 12347),
      saying which digest it booted; it keeps that connection open while it runs.
 

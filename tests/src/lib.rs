@@ -36,6 +36,7 @@ pub mod lab;
 pub mod machine;
 pub mod monitoring;
 pub mod netboot;
+pub mod nfs_client;
 pub mod operator;
 pub mod operator_lab;
 pub mod pty;

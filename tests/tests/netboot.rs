@@ -319,6 +319,271 @@ fn boot_service_serves_an_oci_image_over_nfs_tftp_and_http() {
     );
 }
 
+/// NFS status codes the `/persist` checks expect (RFC 1813).
+const NFS3ERR_ACCES: u32 = 13;
+const NFS3ERR_STALE: u32 = 70;
+
+/// A boot service serving `/persist` from `persist` to node1 (at 127.0.0.1, where libnfs and the
+/// raw client connect from) for `tenant`, and to node2 (127.0.0.2, for tenant alice), both on an
+/// unpacked root; a 3 MiB quota.
+fn persist_server(
+    net: &LabNetwork,
+    dir: &std::path::Path,
+    root: &std::path::Path,
+    persist: &std::path::Path,
+    tenant: &str,
+) -> BootServer {
+    std::fs::create_dir_all(dir).expect("server dir");
+    BootServer::start(
+        net,
+        dir,
+        None,
+        &[
+            "--device".into(),
+            format!(
+                "mac={MAC},ip=127.0.0.1,name=node1,model={MODEL},rootfs={},tenant={tenant}",
+                root.display()
+            ),
+            "--device".into(),
+            format!(
+                "mac=52:54:00:12:34:99,ip=127.0.0.2,name=node2,model={MODEL},rootfs={},tenant=alice",
+                root.display()
+            ),
+            "--persist-dir".into(),
+            persist.display().to_string(),
+            "--persist-quota".into(),
+            (3 << 20).to_string(),
+        ],
+    )
+}
+
+/// `/persist` on the component tier, with clients independent of walt's code: libnfs's `nfs-cp`
+/// writes 1 MiB and `nfs-cat` reads it back (both timed), `nfs-ls` lists; a raw NFSv3 client
+/// written from the RFC (`walt_tests::nfs_client`) makes what libnfs cannot: a directory (a file
+/// copied into it mounts it as a subdirectory), symlinks pointing out (never followed: reading
+/// through them fails, and the host file they name stays untouched), names with `..` or `/`
+/// (refused), a removal. Another address (node2's) cannot mount node1's `/persist` nor use its
+/// handles; a write past the quota fails. Restarted with node1 lent to tenant bob, node1's
+/// `/persist` is empty and alice's handles are refused; lent back to alice, her files and her
+/// handles (kept across the restarts) work again. On the host, each (device, tenant) has its own
+/// directory under `--persist-dir`.
+#[test]
+fn boot_service_serves_each_devices_persist_read_write() {
+    use walt_tests::nfs_client::NfsClient;
+    require_root().expect("root");
+    let scratch = tempfile::tempdir().expect("scratch dir");
+    let root = scratch.path().join("rootfs");
+    std::fs::create_dir_all(root.join("etc")).expect("rootfs");
+    std::fs::write(root.join("etc/hostname"), "image\n").expect("rootfs");
+    let persist = scratch.path().join("persist");
+    let outside = scratch.path().join("outside");
+    std::fs::write(&outside, "the host's, not the node's\n").expect("a host file");
+    let net = LabNetwork::create(211).expect("lab network");
+    let server = persist_server(&net, &scratch.path().join("s1"), &root, &persist, "alice");
+    let export = "/var/lib/walt/nodes/node1/persist";
+    let url = |path: &str| format!("nfs://127.0.0.1{export}{path}");
+
+    // 1 MiB written and read back with libnfs, timed.
+    let data: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let local = scratch.path().join("data.bin");
+    std::fs::write(&local, &data).expect("local file");
+    let started = std::time::Instant::now();
+    let (ok, out) = output(in_netns(&net, "nfs-cp").arg(&local).arg(url("/data.bin")));
+    let write = started.elapsed();
+    assert!(ok, "nfs-cp to /persist: {out}");
+    let started = std::time::Instant::now();
+    let read = in_netns(&net, "nfs-cat")
+        .arg(url("/data.bin"))
+        .output()
+        .expect("nfs-cat");
+    let read_time = started.elapsed();
+    assert!(
+        read.status.success() && read.stdout == data,
+        "nfs-cat of what was written: {}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    let on_host = persist.join("node1/alice");
+    assert_eq!(
+        std::fs::read(on_host.join("data.bin")).expect("on the host"),
+        data,
+        "kept in --persist-dir/<device>/<tenant>"
+    );
+
+    // The raw client, from node1's address: a directory, then libnfs copies into it.
+    let server_addr: std::net::SocketAddr = "127.0.0.1:2049".parse().expect("address");
+    let mut node1 = NfsClient::connect_in(&net.netns, std::net::Ipv4Addr::LOCALHOST, server_addr);
+    let top = node1.mount(export).expect("node1 mounts its /persist");
+    let sub = node1.mkdir(&top, b"sub").expect("mkdir");
+    let (ok, out) = output(in_netns(&net, "nfs-cp").arg(&outside).arg(url("/sub/note")));
+    assert!(ok, "nfs-cp into a directory made over NFS: {out}");
+    let (ok, listing) = output(in_netns(&net, "nfs-ls").arg(url("")));
+    assert!(
+        ok && listing.contains("data.bin") && listing.contains("sub"),
+        "nfs-ls: {listing}"
+    );
+    assert!(on_host.join("sub/note").is_file(), "on the host");
+
+    // Escapes: links pointing out are made (their text is the node's business) but never followed
+    // on the server; `..` stays at the top; names with `..` or `/` are refused.
+    assert_eq!(node1.symlink(&top, b"up", b"../../../outside"), 0, "SYMLINK");
+    assert_eq!(
+        node1.symlink(&top, b"abs", outside.to_str().expect("path").as_bytes()),
+        0,
+        "SYMLINK"
+    );
+    let (ok, out) = output(in_netns(&net, "nfs-cat").arg(url("/up")));
+    assert!(
+        !ok && !out.contains("the host's"),
+        "reading through a link that points out: {out}"
+    );
+    let (ok, out) = output(in_netns(&net, "nfs-cat").arg(url("/abs")));
+    assert!(
+        !ok && !out.contains("the host's"),
+        "reading through an absolute link: {out}"
+    );
+    let (ok, out) = output(in_netns(&net, "nfs-cp").arg(&local).arg(url("/up")));
+    assert!(!ok, "writing through a link that points out: {out}");
+    assert_eq!(
+        std::fs::read_to_string(&outside).expect("host file"),
+        "the host's, not the node's\n",
+        "untouched"
+    );
+    let (_, up_id) = node1.lookup(&top, b"up").expect("the link itself");
+    let link = node1.lookup(&top, b"up").expect("link").0;
+    assert_ne!(
+        node1.readdir(&link).err(),
+        None,
+        "a link is not listed as a directory"
+    );
+    let top_id = node1.getattr(&top).expect("getattr");
+    assert_eq!(
+        node1.lookup(&top, b"..").map(|(_, id)| id),
+        Ok(top_id),
+        "`..` of the top is the top"
+    );
+    assert_ne!(up_id, top_id);
+    assert_eq!(node1.create(&top, b"../escaped"), NFS3ERR_ACCES, "a name with ..");
+    assert_eq!(node1.create(&top, b"a/b"), NFS3ERR_ACCES, "a name with /");
+    assert_eq!(node1.mkdir(&top, b"..").err(), Some(NFS3ERR_ACCES));
+    assert!(
+        node1.mount(&format!("{export}/../fs")).is_err(),
+        "MOUNT of a path going up"
+    );
+    assert!(!scratch.path().join("escaped").exists() && !persist.join("node1/escaped").exists());
+
+    // Another device (node2, at 127.0.0.2): node1's /persist is refused, by MOUNT and by handle.
+    let mut node2 = NfsClient::connect_in(&net.netns, std::net::Ipv4Addr::new(127, 0, 0, 2), server_addr);
+    assert_eq!(node2.mount(export).err(), Some(NFS3ERR_ACCES), "MNT3ERR_ACCES");
+    assert_eq!(
+        node2.getattr(&top).err(),
+        Some(NFS3ERR_ACCES),
+        "node1's handle from node2"
+    );
+    assert_eq!(node2.create(&sub, b"planted"), NFS3ERR_ACCES);
+    assert_eq!(node2.readdir(&top).err(), Some(NFS3ERR_ACCES));
+    let own = node2
+        .mount("/var/lib/walt/nodes/node2/persist")
+        .expect("node2's own");
+    assert_eq!(
+        node2.readdir(&own).expect("listed"),
+        [".", ".."],
+        "node2's is its own, empty"
+    );
+    let (ok, refused) =
+        output(in_netns(&net, "nfs-ls").arg("nfs://127.0.0.1/var/lib/walt/nodes/node2/persist"));
+    assert!(
+        !ok && refused.contains("MNT3ERR_ACCES"),
+        "node2's /persist from node1's address: {refused}"
+    );
+    assert!(
+        server
+            .journal()
+            .iter()
+            .any(|e| e["protocol"] == "nfs-mount-persist"
+                && e["refused"]
+                    .as_str()
+                    .is_some_and(|why| why.contains("only the device at 127.0.0.2"))),
+        "the journal says why"
+    );
+
+    // The quota (3 MiB, 1 MiB used): a 4 MiB copy fails, the directory stays within it.
+    let big = scratch.path().join("big.bin");
+    std::fs::write(&big, vec![7u8; 4 << 20]).expect("big file");
+    let (ok, out) = output(in_netns(&net, "nfs-cp").arg(&big).arg(url("/big.bin")));
+    assert!(!ok, "a copy past the quota fails: {out}");
+    let size = std::fs::metadata(on_host.join("big.bin")).map_or(0, |m| m.len());
+    assert!(
+        size + data.len() as u64 <= 3 << 20,
+        "within the quota: {size} bytes"
+    );
+    assert_eq!(node1.remove(&top, b"big.bin"), 0, "REMOVE");
+    assert!(!on_host.join("big.bin").exists(), "removed on the host");
+    drop(node1);
+    drop(node2);
+    drop(server);
+
+    // Lent to bob: node1's /persist is bob's, empty; alice's handles are refused.
+    let server = persist_server(&net, &scratch.path().join("s2"), &root, &persist, "bob");
+    let mut node1 = NfsClient::connect_in(&net.netns, std::net::Ipv4Addr::LOCALHOST, server_addr);
+    let bobs = node1.mount(export).expect("bob's /persist");
+    assert_eq!(
+        node1.readdir(&bobs).expect("listed"),
+        [".", ".."],
+        "another tenant finds it empty"
+    );
+    assert_eq!(
+        node1.getattr(&sub).err(),
+        Some(NFS3ERR_STALE),
+        "alice's handle, under bob"
+    );
+    let (ok, out) = output(in_netns(&net, "nfs-cat").arg(url("/data.bin")));
+    assert!(!ok, "alice's file under bob: {out}");
+    assert!(
+        persist.join("node1/bob").is_dir() && on_host.join("data.bin").is_file(),
+        "alice's is kept"
+    );
+    assert!(
+        server
+            .journal()
+            .iter()
+            .any(|e| e["protocol"] == "nfs-mount-persist" && e["tenant"] == "bob")
+    );
+    drop(node1);
+    drop(server);
+
+    // Lent back to alice: her files, and her handles from before the restarts (found again by
+    // inode), work.
+    let _server = persist_server(&net, &scratch.path().join("s3"), &root, &persist, "alice");
+    let mut node1 = NfsClient::connect_in(&net.netns, std::net::Ipv4Addr::LOCALHOST, server_addr);
+    let note_id = std::fs::metadata(on_host.join("sub"))
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .expect("sub");
+    assert_eq!(
+        node1.getattr(&sub),
+        Ok(note_id),
+        "a handle from before two restarts"
+    );
+    assert_eq!(node1.readdir(&sub).expect("listed"), [".", "..", "note"]);
+    let read = in_netns(&net, "nfs-cat")
+        .arg(url("/data.bin"))
+        .output()
+        .expect("nfs-cat");
+    assert!(
+        read.status.success() && read.stdout == data,
+        "alice's data is back"
+    );
+    let mib = |d: Duration| 1.0 / d.as_secs_f64();
+    println!(
+        "figures: /persist over libnfs: 1 MiB written (nfs-cp) in {:.3} s ({:.1} MiB/s), read (nfs-cat) in {:.3} s ({:.1} MiB/s)",
+        write.as_secs_f64(),
+        mib(write),
+        read_time.as_secs_f64(),
+        mib(read_time)
+    );
+}
+
 /// A new ed25519 key pair at `path` (`path.pub` beside it), made with `ssh-keygen`; `path`.
 fn keygen(path: &std::path::Path, comment: &str) -> std::path::PathBuf {
     run(Command::new("ssh-keygen")
@@ -353,8 +618,9 @@ fn vm_node_network_boots_its_image() {
     let registry = Registry::start().expect("registry");
     let (_, digest) = push_vm_image(scratch.path(), &registry, "netboot/vm:latest");
     let net = LabNetwork::create(202).expect("lab network");
+    let persist = scratch.path().join("persist");
     let device = format!(
-        "mac={MAC},ip={},name=vm1,model={MODEL},image={},host-key={}",
+        "mac={MAC},ip={},name=vm1,model={MODEL},image={},host-key={},tenant=alice",
         net.device_ip(0),
         registry.reference("netboot/vm:latest"),
         host_key.display()
@@ -366,6 +632,8 @@ fn vm_node_network_boots_its_image() {
         &[
             "--device".into(),
             device,
+            "--persist-dir".into(),
+            persist.display().to_string(),
             "--listen".into(),
             net.server.to_string(),
             "--dhcp".into(),
@@ -436,6 +704,40 @@ fn vm_node_network_boots_its_image() {
         mounts.contains("\nnote\n") && mounts.contains("booted"),
         "changes land in the upper dir at the WalT path: {mounts}"
     );
+    // /persist: the device's directory for its tenant, read-write over NFS; what the Linux client
+    // does there (create, write, rename, hard and symbolic links, remove, a directory) lands on
+    // the boot service's host, and a 1 MiB write and read are timed on the node.
+    assert!(
+        mounts.contains(&format!("/var/lib/walt/nodes/{MAC}/persist /persist nfs rw,")),
+        "/persist is mounted read-write over NFS: {mounts}"
+    );
+    let (ok, out) = ssh(
+        "cd /persist && echo kept-across-boots > note && mkdir d && echo x > d/f && mv d/f d/g && ln d/g d/h \
+         && ln -s note link && rm d/h && chmod 600 note && ls -l && \
+         dd if=/dev/urandom of=/root/mib bs=1024 count=1024 2>/dev/null && \
+         a=$(cut -d' ' -f1 /proc/uptime) && cp /root/mib mib && sync && b=$(cut -d' ' -f1 /proc/uptime) && \
+         echo 3 > /proc/sys/vm/drop_caches && cmp /root/mib mib && c=$(cut -d' ' -f1 /proc/uptime) && \
+         echo \"uptimes $a $b $c\" && rm mib",
+    );
+    assert!(ok, "working in /persist: {out}");
+    let on_host = persist.join("vm1/alice");
+    assert_eq!(
+        std::fs::read_to_string(on_host.join("note")).expect("the note on the host"),
+        "kept-across-boots\n"
+    );
+    assert!(on_host.join("d/g").is_file() && !on_host.join("d/h").exists() && !on_host.join("mib").exists());
+    assert_eq!(
+        std::fs::read_link(on_host.join("link")).expect("a symlink on the host"),
+        std::path::Path::new("note")
+    );
+    // The node's uptime (10 ms steps) before the write, after it, after the read.
+    let uptimes: Vec<f64> = out
+        .lines()
+        .find_map(|l| l.strip_prefix("uptimes "))
+        .map(|l| l.split_whitespace().filter_map(|t| t.parse().ok()).collect())
+        .unwrap_or_default();
+    assert_eq!(uptimes.len(), 3, "{out}");
+    let (persist_write, persist_read) = (uptimes[1] - uptimes[0], uptimes[2] - uptimes[1]);
     let (ok, clock) = ssh("date +%s");
     let clock: u64 = clock
         .trim()
@@ -495,7 +797,8 @@ fn vm_node_network_boots_its_image() {
     let notified = at("boot-notification", "booted");
     println!(
         "figures: power-on → booted marker {:.1} s, → SSH ready {:.1} s; DHCP offer → kernel request {:.1} s; kernel request → NFS mount {:.1} s; \
-         NFS mount → boot notification {:.1} s; console marker: {marker}",
+         NFS mount → boot notification {:.1} s; /persist on the node (TCG): 1 MiB written + synced in {persist_write:.3} s, \
+         read back (caches dropped) in {persist_read:.3} s; console marker: {marker}",
         booted.as_secs_f64(),
         ssh_at.as_secs_f64(),
         (kernel_at.saturating_sub(dhcp)) as f64 / 1000.0,
@@ -538,19 +841,23 @@ fn vm_node_network_boots_its_image() {
     // verified digest is the saved one, and the node finds its change.
     let second = scratch.path().join("second");
     std::fs::create_dir_all(&second).expect("second dir");
-    let device = format!(
-        "mac={MAC},ip={},name=vm1,model={MODEL},image={},host-key={}",
-        net.device_ip(0),
-        registry.reference("netboot/vm:saved"),
-        host_key.display()
-    );
-    let _server = BootServer::start(
+    let device = |tenant: &str| {
+        format!(
+            "mac={MAC},ip={},name=vm1,model={MODEL},image={},host-key={},tenant={tenant}",
+            net.device_ip(0),
+            registry.reference("netboot/vm:saved"),
+            host_key.display()
+        )
+    };
+    let server = BootServer::start(
         &net,
         &second,
         Some(&registry),
         &[
             "--device".into(),
-            device,
+            device("alice"),
+            "--persist-dir".into(),
+            persist.display().to_string(),
             "--listen".into(),
             net.server.to_string(),
             "--dhcp".into(),
@@ -583,6 +890,72 @@ fn vm_node_network_boots_its_image() {
         format!("kept\nchanged\ndeleted\n{saved}\n"),
         "the node runs the saved image with the changes (deletion included)"
     );
+    let (ok, found) = ssh_to(
+        &net,
+        &client_key,
+        &known_hosts,
+        "cat /persist/note; ls /persist/d",
+    );
+    assert_eq!(
+        (ok, found.as_str()),
+        (true, "kept-across-boots\ng\n"),
+        "/persist is kept across the power cycle (and out of the saved image's RAM overlay)"
+    );
+
+    // The device lent to tenant bob (a new binding: the boot service restarted): the handles of
+    // alice's directory are refused, and the device mounting /persist again finds bob's, empty.
+    // The same layer cache (the node's root handles name its paths: they stay valid), the former
+    // log moved aside (readiness is read from the new one).
+    drop(server);
+    std::fs::rename(
+        second.join("boot-server.log"),
+        second.join("boot-server.before-bob.log"),
+    )
+    .expect("move the log aside");
+    let _server = BootServer::start(
+        &net,
+        &second,
+        Some(&registry),
+        &[
+            "--device".into(),
+            device("bob"),
+            "--persist-dir".into(),
+            persist.display().to_string(),
+            "--listen".into(),
+            net.server.to_string(),
+            "--authorized-keys".into(),
+            client_key.with_extension("pub").display().to_string(),
+        ],
+    );
+    let server_ip = net.server;
+    let (ok, found) = ssh_to(
+        &net,
+        &client_key,
+        &known_hosts,
+        &format!(
+            "cat /persist/note 2>&1; umount /persist && \
+             mount -t nfs -o rw,vers=3,proto=tcp,mountproto=tcp,nolock,addr={server_ip},mountaddr={server_ip} \
+             {server_ip}:/var/lib/walt/nodes/{MAC}/persist /persist && echo mounted && ls -A /persist && echo bobs > /persist/bob-note"
+        ),
+    );
+    assert!(ok, "remounting /persist as bob's: {found}");
+    let mut lines = found.lines();
+    assert!(
+        lines
+            .next()
+            .is_some_and(|l| l.contains("Stale file handle") || l.contains("Permission denied")),
+        "alice's handles are refused once the device is bob's: {found}"
+    );
+    assert_eq!(
+        lines.collect::<Vec<_>>(),
+        ["mounted"],
+        "bob's /persist is empty: {found}"
+    );
+    assert!(
+        persist.join("vm1/bob/bob-note").is_file(),
+        "bob's directory on the host"
+    );
+    assert!(on_host.join("note").is_file(), "alice's is kept for her");
     println!(
         "figures: boot of the saved image: power-on → booted marker {:.1} s",
         rebooted.as_secs_f64()
@@ -1190,6 +1563,8 @@ fn boot_server_takes_its_devices_from_the_cluster() {
         format!("127.0.0.1:{status}"),
         "--insecure-registry".into(),
         registry.host(),
+        "--persist-dir".into(),
+        scratch.path().join("persist").display().to_string(),
     ])
     .collect();
     let kubeconfig = cluster.kubeconfig();
@@ -1217,6 +1592,27 @@ fn boot_server_takes_its_devices_from_the_cluster() {
             .unwrap_or_else(|e| panic!("{e}: serves {:?}", served_digest()));
     };
     serves("the bound Node's image", Some(&digests[0]));
+    // Its /persist is the Device's directory for the tenant it is lent to: the Node's namespace.
+    let note = scratch.path().join("note");
+    std::fs::write(&note, "from node1\n").expect("a local file");
+    let (ok, out) = output(Command::new("nfs-cp").arg(&note).arg(format!(
+        "nfs://127.0.0.1/var/lib/walt/nodes/node1/persist/note?nfsport={nfs}&mountport={nfs}"
+    )));
+    assert!(ok, "nfs-cp into the bound device's /persist: {out}");
+    assert_eq!(
+        std::fs::read_to_string(
+            scratch
+                .path()
+                .join("persist")
+                .join(&device)
+                .join(&ns)
+                .join("note")
+        )
+        .ok()
+        .as_deref(),
+        Some("from node1\n"),
+        "--persist-dir/<Device>/<Node's namespace>"
+    );
     let kernel = Command::new("busybox")
         .args([
             "wget",
@@ -2497,6 +2893,12 @@ fn operator_verifies_the_image_a_vm_node_network_booted() {
     let booted = vm
         .wait_console(BOOTED_MARKER, Duration::from_mins(5))
         .unwrap_or_else(|e| panic!("{e}\nboot server: {:?}", lab.server.journal()));
+    // This boot service has no --persist-dir: walt-init says so on the console, and the boot goes on.
+    assert!(
+        vm.console().contains("walt-init: /persist is not mounted"),
+        "{}",
+        vm.console()
+    );
     let verified = lab.verified_as(&vm, &lab.digest);
     let status = lab.node("{.status}");
     assert!(

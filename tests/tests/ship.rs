@@ -560,6 +560,25 @@ fn boot_service_runs_one_instance_per_lab_network() {
         find(&docs, "Deployment", "walt-boot-default")["spec"]["template"]["spec"]["nodeSelector"]["lab"],
         Value::from("gw")
     );
+    // /persist: one directory per (device, tenant) under a host directory of the lab's data.
+    assert!(
+        first.contains(&"--persist-dir=/var/lib/walt/persist".to_owned())
+            && !first.iter().any(|a| a.starts_with("--persist-quota")),
+        "{first:?}"
+    );
+    let pod = &find(&docs, "Deployment", "walt-boot-default")["spec"]["template"]["spec"];
+    let volume = pod["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == "persist"))
+        .expect("a persist volume");
+    assert_eq!(volume["hostPath"]["path"], Value::from("/var/lib/walt/persist"));
+    assert!(
+        pod["containers"][0]["volumeMounts"]
+            .to_string()
+            .contains("/var/lib/walt/persist"),
+        "{}",
+        pod["containers"][0]["volumeMounts"]
+    );
     let second = args_of("walt-boot-lab2");
     assert!(second.contains(&"--dhcp=off".to_owned()), "{second:?}");
     assert!(
@@ -636,6 +655,35 @@ fn boot_service_runs_one_instance_per_lab_network() {
     assert!(
         policy.contains("192.168.152.1/32") && policy.contains("9470"),
         "{policy}"
+    );
+
+    // No /persist when turned off; a quota when given.
+    let boot_args = |extra: &[&str]| -> Vec<String> {
+        let mut args = vec![
+            "--set",
+            "bootService.enabled=true",
+            "--set",
+            "bootService.networks[0].name=default",
+            "--set",
+            "bootService.networks[0].listen=192.168.152.1",
+            "--set",
+            "bootService.networks[0].dhcp=off",
+        ];
+        args.extend_from_slice(extra);
+        let docs = render_chart(&args).expect("helm template");
+        find(&docs, "Deployment", "walt-boot-default")["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .expect("args")
+            .iter()
+            .filter_map(|a| a.as_str().map(str::to_owned))
+            .collect()
+    };
+    let off = boot_args(&["--set", "bootService.persist="]);
+    assert!(!off.iter().any(|a| a.starts_with("--persist")), "{off:?}");
+    let quota = boot_args(&["--set-string", "bootService.persistQuota=1073741824"]);
+    assert!(
+        quota.contains(&"--persist-quota=1073741824".to_owned()),
+        "{quota:?}"
     );
 
     let error = helm_fails(&[

@@ -10,6 +10,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use super::dhcp::{self, Mode, Network};
 use super::nfs::{self, Ports};
 use super::node_layer::{self, HostKey, NodeFacts};
+use super::persist::{PersistDir, PersistError, PersistOwner};
 use super::state::{BadMac, Binding, BootState, Mac};
 use super::view::{ImageView, ViewError};
 use crate::oci::{LayerCache, Platform};
@@ -20,10 +21,11 @@ use crate::runtime::image::RegistryAccess;
 /// Arguments of `walt-operator boot-server`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A device to boot, `mac=…,ip=…,name=…,model=…,image=…[,host-key=FILE]` (repeat). `image` is
-    /// a registry reference (pulled by digest into the layer cache); `rootfs=DIR` serves an unpacked
-    /// root instead (for tests and debugging). `host-key` is the device's SSH host key (OpenSSH
-    /// private key; its public key in `FILE.pub`), served in its top layer.
+    /// A device to boot, `mac=…,ip=…,name=…,model=…,image=…[,host-key=FILE][,tenant=T]` (repeat).
+    /// `image` is a registry reference (pulled by digest into the layer cache); `rootfs=DIR` serves
+    /// an unpacked root instead (for tests and debugging). `host-key` is the device's SSH host key
+    /// (OpenSSH private key; its public key in `FILE.pub`), served in its top layer. `tenant` names
+    /// whose `/persist` the device gets (`--persist-dir DIR/<name>/<tenant>`; default `default`).
     #[arg(long = "device", required_unless_present = "from_cluster")]
     pub devices: Vec<String>,
     /// Take the devices from the cluster instead of `--device`: the Devices with `firmware` and
@@ -129,6 +131,17 @@ pub struct Args {
     /// network.
     #[arg(long)]
     pub netns: Option<PathBuf>,
+    /// Serve each device a read-write `/persist` (WalT's persistent directory, kept across
+    /// reboots): `DIR/<device>/<tenant>`, exported to the device alone at
+    /// `/var/lib/walt/nodes/<mac|ip|hostname>/persist` (the tenant is the bound Node's namespace with
+    /// `--from-cluster`; a device lent to another tenant gets that tenant's directory). Unset: no
+    /// `/persist` (the node boots without it).
+    #[arg(long, value_name = "DIR")]
+    pub persist_dir: Option<PathBuf>,
+    /// The most bytes of regular files one (device, tenant)'s `/persist` holds (writes past it get
+    /// "quota exceeded"). Unset: the host filesystem's room.
+    #[arg(long, value_name = "BYTES")]
+    pub persist_quota: Option<u64>,
     /// The walt cache (layer cache).
     #[arg(long, env = "WALT_CACHE", default_value_os_t = default_cache_dir())]
     pub cache_dir: PathBuf,
@@ -157,6 +170,9 @@ pub enum BootError {
     /// A key file could not be read.
     #[error("reading {0}: {1}")]
     KeyFile(PathBuf, std::io::Error),
+    /// A persistent directory could not be prepared.
+    #[error("the /persist of {0}: {1}")]
+    Persist(String, PersistError),
     /// A socket could not be opened.
     #[error("listening on {0}: {1} (run inside the lab network namespace, as root for ports below 1024)")]
     Listen(String, std::io::Error),
@@ -180,6 +196,9 @@ pub struct DeviceArg {
     pub source: Source,
     /// Its SSH host key.
     pub host_key: Option<HostKeySource>,
+    /// Whose `/persist` it gets: the device, while lent to a tenant (`None`: lent to nobody, no
+    /// `/persist`).
+    pub persist: Option<PersistOwner>,
 }
 
 /// Where a device's SSH host key comes from.
@@ -202,7 +221,9 @@ pub enum Source {
 
 /// Parses `mac=…,ip=…,name=…,model=…,image=…|rootfs=…`.
 pub fn parse_device(text: &str) -> Result<DeviceArg, BootError> {
-    const KNOWN: [&str; 7] = ["mac", "ip", "name", "model", "image", "rootfs", "host-key"];
+    const KNOWN: [&str; 8] = [
+        "mac", "ip", "name", "model", "image", "rootfs", "host-key", "tenant",
+    ];
     let bad = |why: &str| BootError::Device(text.to_string(), why.to_string());
     let mut fields = std::collections::HashMap::new();
     for part in text.split(',') {
@@ -233,6 +254,8 @@ pub fn parse_device(text: &str) -> Result<DeviceArg, BootError> {
     if !valid_name {
         return Err(bad("name must be a host name (letters, digits, -)"));
     }
+    let tenant = fields.get("tenant").copied().unwrap_or(DEFAULT_TENANT);
+    let persist = PersistOwner::new(name, tenant).map_err(|e| bad(&e.to_string()))?;
     Ok(DeviceArg {
         mac: get("mac")?.parse()?,
         ip: get("ip")?.parse().map_err(|_| bad("ip is not an IPv4 address"))?,
@@ -242,8 +265,12 @@ pub fn parse_device(text: &str) -> Result<DeviceArg, BootError> {
         host_key: fields
             .get("host-key")
             .map(|file| HostKeySource::File(PathBuf::from(file))),
+        persist: Some(persist),
     })
 }
+
+/// The tenant of a `--device` without `tenant=`.
+pub const DEFAULT_TENANT: &str = "default";
 
 async fn load(device: &DeviceArg, args: &Args) -> Result<Arc<ImageView>, BootError> {
     match &device.source {
@@ -390,16 +417,28 @@ fn host_key_shown(key: Option<&HostKeySource>) -> String {
     }
 }
 
+/// The device's persistent directory under `--persist-dir` (made when missing), when both are set.
+fn persist_dir(device: &DeviceArg, args: &Args) -> Result<Option<Arc<PersistDir>>, BootError> {
+    let (Some(base), Some(owner)) = (&args.persist_dir, &device.persist) else {
+        return Ok(None);
+    };
+    PersistDir::open(base, owner.clone(), args.persist_quota)
+        .map(|dir| Some(Arc::new(dir)))
+        .map_err(|e| BootError::Persist(device.name.clone(), e))
+}
+
 /// The binding of one device: its image (from `cache`) under its top layer.
 pub async fn bind(device: &DeviceArg, args: &Args, cache: &mut ImageCache) -> Result<Binding, BootError> {
     let authorized_keys = authorized_keys(args)?;
     let image = cache.image(device, args).await?;
     let view = node_view(device, image, args, authorized_keys.as_deref())?;
+    let persist = persist_dir(device, args)?;
     tracing::info!(
         mac = %device.mac,
         name = %device.name,
         digest = view.digest(),
         host_key = host_key_shown(device.host_key.as_ref()),
+        persist = persist.as_ref().map_or("none".into(), |p| format!("{}/{}", p.owner().device, p.owner().tenant)),
         "device bound"
     );
     Ok(Binding {
@@ -408,6 +447,7 @@ pub async fn bind(device: &DeviceArg, args: &Args, cache: &mut ImageCache) -> Re
         hostname: device.name.clone(),
         model: device.model.clone(),
         view,
+        persist,
     })
 }
 
@@ -577,5 +617,19 @@ mod tests {
         let err = parse_device("mac=52:54:00:00:00:01,ip=10.0.0.1,name=a_b,model=pc,rootfs=/r")
             .expect_err("bad name");
         assert!(err.to_string().contains("host name"), "{err}");
+        assert_eq!(
+            d.persist,
+            Some(PersistOwner::new("vm1", "default").expect("owner")),
+            "a device's own /persist, for the default tenant"
+        );
+        let d = parse_device("mac=52:54:00:00:00:01,ip=10.0.0.1,name=vm1,model=pc,rootfs=/r,tenant=alice")
+            .expect("parses");
+        assert_eq!(d.persist.map(|p| p.tenant).as_deref(), Some("alice"));
+        let err = parse_device("mac=52:54:00:00:00:01,ip=10.0.0.1,name=vm1,model=pc,rootfs=/r,tenant=..")
+            .expect_err("bad tenant");
+        assert!(
+            err.to_string().contains("cannot name a persistent directory"),
+            "{err}"
+        );
     }
 }

@@ -507,6 +507,7 @@ mod tests {
             hostname: "vm1".into(),
             model: "pc-x86-64".into(),
             view: Arc::new(view),
+            persist: None,
         }
     }
 

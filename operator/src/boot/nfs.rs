@@ -1,8 +1,10 @@
-//! A read-only NFSv3 server (RFC 1813) with its MOUNT (v3) and portmapper (v2, RFC 1833) programs,
-//! over TCP and UDP, serving [`ImageView`]s under `/var/lib/walt/nodes/<mac|ip|hostname>/fs`.
+//! An NFSv3 server (RFC 1813) with its MOUNT (v3) and portmapper (v2, RFC 1833) programs, over TCP
+//! and UDP, serving [`ImageView`]s read-only under `/var/lib/walt/nodes/<mac|ip|hostname>/fs`, and
+//! each device's persistent directory read-write under `/var/lib/walt/nodes/<…>/persist`
+//! ([`super::persist`]).
 //!
 //! Every program is served on every port the service listens on; the portmapper answers that NFS and
-//! MOUNT are on the NFS port. Anything that would write gets `NFS3ERR_ROFS`.
+//! MOUNT are on the NFS port. Anything that would write to a root gets `NFS3ERR_ROFS`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -10,13 +12,15 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, UdpSocket};
 
+use super::persist;
 use super::rpc::{self, Call, MOUNT, NFS, PORTMAP, Refusal};
-use super::state::{self, BootState};
+use super::state::{self, Binding, BootState};
 use super::view::{Attr, ImageView, Inode, Kind, ReadError};
 use super::xdr::{Reader, Writer, XdrError};
 
 /// NFS status codes used here.
-mod status {
+pub mod status {
+    #![allow(missing_docs)]
     pub const OK: u32 = 0;
     pub const NOENT: u32 = 2;
     pub const ACCES: u32 = 13;
@@ -140,6 +144,10 @@ fn mount(state: &BootState, call: &Call, r: &mut Reader<'_>, client: IpAddr) -> 
         1 => {
             let path = r.string(1024).map_err(garbage)?;
             let path = String::from_utf8_lossy(path).into_owned();
+            if let Some((key, inside)) = state::persist_export_key(&path) {
+                mount_persist(state, &mut w, client, (key, inside), &path);
+                return Ok(w);
+            }
             let found = state.by_export(&path);
             let mut served = state::served("nfs-mount", found.as_ref().map(|(b, _)| b), client, &path);
             let root = found.map(|(b, inside)| {
@@ -182,6 +190,11 @@ fn mount(state: &BootState, call: &Call, r: &mut Reader<'_>, client: IpAddr) -> 
                     w.bool(true)
                         .opaque(format!("{}{key}/fs", state::NODES_DIR).as_bytes());
                     w.bool(false); // no groups: any client
+                    if b.persist.is_some() {
+                        w.bool(true)
+                            .opaque(format!("{}{key}/{}", state::NODES_DIR, persist::EXPORT_NAME).as_bytes());
+                        w.bool(false);
+                    }
                 }
             }
             w.bool(false);
@@ -189,6 +202,106 @@ fn mount(state: &BootState, call: &Call, r: &mut Reader<'_>, client: IpAddr) -> 
         _ => return Err(Refusal::ProcUnavail),
     }
     Ok(w)
+}
+
+/// MOUNT of a device's `/persist` export: its persistent directory (or the directory `inside` it:
+/// clients such as libnfs mount the directory of a file), to the device alone.
+fn mount_persist(state: &BootState, w: &mut Writer, client: IpAddr, (key, inside): (&str, &str), path: &str) {
+    let binding = state.by_key(key);
+    let mut served = state::served("nfs-mount-persist", binding.as_ref(), client, path);
+    served.digest = None;
+    match persist_root(binding.as_ref(), client, inside) {
+        Ok((fh, tenant)) => {
+            served.tenant = Some(tenant);
+            w.u32(status::OK).opaque(&fh);
+            w.u32(1).u32(1); // auth flavors: AUTH_UNIX
+        }
+        Err((code, why)) => {
+            served.refused = Some(why);
+            w.u32(code);
+        }
+    }
+    state.record(served);
+}
+
+/// The handle a `/persist` MOUNT answers and the tenant served, or the MOUNT status and why not.
+fn persist_root(
+    binding: Option<&Binding>,
+    client: IpAddr,
+    inside: &str,
+) -> Result<(Vec<u8>, String), (u32, String)> {
+    let b = binding.ok_or((status::NOENT, "no device boots from this export".to_string()))?;
+    if client != IpAddr::V4(b.ip) {
+        let why = format!(
+            "mounted from {client}: only the device at {} mounts its /persist",
+            b.ip
+        );
+        return Err((status::ACCES, why));
+    }
+    let dir = b.persist.as_ref().ok_or((
+        status::NOENT,
+        "no persistent directory for this device (--persist-dir unset, or lent to no tenant)".to_string(),
+    ))?;
+    let fh = dir.resolve_dir(inside).map_err(|e| {
+        let code = if e == nix::errno::Errno::ENOTDIR {
+            status::NOTDIR
+        } else {
+            status::NOENT
+        };
+        (code, format!("{inside} inside /persist: {e}"))
+    })?;
+    Ok((fh, dir.owner().tenant.clone()))
+}
+
+/// Answers an NFS call on a persistent directory's handle: only the device at `client` reaches its
+/// own (current tenant's) directory; another device's, or a former tenant's, gets `ACCES`.
+fn nfs_persist(
+    state: &BootState,
+    call: &Call,
+    fh: &[u8],
+    r: &mut Reader<'_>,
+    client: IpAddr,
+) -> Result<Writer, Refusal> {
+    let mut w = rpc::success(call.xid);
+    let refused = match persist::parse_handle(fh) {
+        None => Some(status::BADHANDLE),
+        Some((key, ino)) => match state.persist_for(client, key) {
+            Some(dir) => {
+                dir.call(call.procedure, ino, r, &mut w, call.cred.as_ref())?;
+                None
+            }
+            None if state.persist_known(key) => Some(status::ACCES),
+            None => Some(status::STALE),
+        },
+    };
+    if let Some(code) = refused {
+        w.u32(code);
+        persist_failure_body(&mut w, call.procedure);
+    }
+    Ok(w)
+}
+
+/// What follows the status of a failed call (RFC 1813's `…resfail`), every optional part absent.
+fn persist_failure_body(w: &mut Writer, procedure: u32) {
+    match procedure {
+        // GETATTR: nothing.
+        1 => {}
+        // SETATTR, WRITE, CREATE, MKDIR, SYMLINK, MKNOD, REMOVE, RMDIR, COMMIT: wcc_data.
+        2 | 7..=13 | 21 => empty_wcc(w),
+        // RENAME: two wcc_data; LINK: post_op_attr and wcc_data.
+        14 => {
+            empty_wcc(w);
+            empty_wcc(w);
+        }
+        15 => {
+            w.bool(false);
+            empty_wcc(w);
+        }
+        // The others: post_op_attr.
+        _ => {
+            w.bool(false);
+        }
+    }
 }
 
 /// Finds the view and inode number of a handle; `Err(status)` when it is not one of ours, is
@@ -251,6 +364,9 @@ fn nfs(state: &BootState, call: &Call, r: &mut Reader<'_>, client: IpAddr) -> Re
         return Err(Refusal::ProcUnavail);
     }
     let fh = r.opaque(64).map_err(garbage)?;
+    if persist::is_handle(fh) {
+        return nfs_persist(state, call, fh, r, client);
+    }
     if matches!(procedure, 2 | 7..=14 | 21) {
         // SETATTR, WRITE, CREATE, MKDIR, SYMLINK, MKNOD, REMOVE, RMDIR, RENAME, COMMIT: read-only.
         w.u32(status::ROFS);
@@ -544,5 +660,55 @@ mod tests {
         assert_eq!(parse_handle(&fh), Some(([7; 8], 42)));
         assert_eq!(parse_handle(&fh[..19]), None);
         assert_eq!(parse_handle(&[b"xxxx".as_slice(), &fh[4..]].concat()), None);
+    }
+
+    #[test]
+    fn only_the_device_mounts_its_persist_and_only_inside_it() {
+        use crate::boot::persist::{PersistDir, PersistOwner};
+        use crate::boot::state::Mac;
+        use crate::overlay::OpaqueXattr;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let view = ImageView::build(&[], "sha256:feed", OpaqueXattr::Trusted).expect("view");
+        let owner = PersistOwner::new("rpi-1", "alice").expect("owner");
+        let persist = PersistDir::open(dir.path(), owner, None).expect("persist dir");
+        std::fs::create_dir(dir.path().join("rpi-1/alice/sub")).expect("mkdir");
+        std::fs::write(dir.path().join("rpi-1/alice/file"), "x").expect("write");
+        let mut binding = Binding {
+            mac: Mac([0x52, 0x54, 0, 0, 0, 1]),
+            ip: std::net::Ipv4Addr::new(10, 0, 0, 1),
+            hostname: "rpi-1".into(),
+            model: "rpi-3-b".into(),
+            view: Arc::new(view),
+            persist: Some(Arc::new(persist)),
+        };
+        let device = IpAddr::V4(binding.ip);
+        let (fh, tenant) = persist_root(Some(&binding), device, "/").expect("the device mounts it");
+        assert_eq!(tenant, "alice");
+        assert!(persist::is_handle(&fh));
+        assert!(
+            persist_root(Some(&binding), device, "/sub").is_ok(),
+            "a directory inside"
+        );
+        let code = |inside: &str, client: IpAddr, b: Option<&Binding>| {
+            persist_root(b, client, inside).map(|_| ()).map_err(|(c, _)| c)
+        };
+        assert_eq!(code("/file", device, Some(&binding)), Err(status::NOTDIR));
+        assert_eq!(
+            code("/../..", device, Some(&binding)),
+            Err(status::NOENT),
+            "no way up"
+        );
+        assert_eq!(code("/sub/../..", device, Some(&binding)), Err(status::NOENT));
+        let neighbour = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
+        assert_eq!(
+            code("/", neighbour, Some(&binding)),
+            Err(status::ACCES),
+            "another address"
+        );
+        assert_eq!(code("/", device, None), Err(status::NOENT), "no such device");
+        binding.persist = None;
+        let refused = persist_root(Some(&binding), device, "/").expect_err("none served");
+        assert_eq!(refused.0, status::NOENT);
+        assert!(refused.1.contains("--persist-dir unset"), "{}", refused.1);
     }
 }

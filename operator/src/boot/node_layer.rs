@@ -18,6 +18,9 @@ pub const RPC_PORT: u16 = 12345;
 /// WalT's stream port (boot notification: `REQ_NOTIFY_BOOTUP_STATUS`).
 pub const NOTIFY_PORT: u16 = 12347;
 
+/// Where a booted node finds its persistent directory (WalT's `/persist`).
+pub const PERSIST_MOUNT_POINT: &str = "/persist";
+
 /// Where a booted node finds the digest of the image it booted.
 pub const IMAGE_DIGEST_FILE: &str = "/etc/walt/image-digest";
 
@@ -129,6 +132,9 @@ fn dir(path: &str, mode: u32) -> TopEntry {
 pub fn entries(facts: &NodeFacts<'_>) -> Result<Vec<TopEntry>, BadHostKey> {
     let mut out = vec![
         dir("/mnt", 0o755),
+        // The mount point of the node's persistent directory (walt-init mounts it): in the image's
+        // view, so that nothing lands in the node's RAM overlay (a node save keeps no trace of it).
+        dir(PERSIST_MOUNT_POINT, 0o755),
         file("/bin/walt-env", 0o755, walt_env(facts)),
         file("/bin/walt-init", 0o755, WALT_INIT),
         dir("/bin/_walt_internal_", 0o755),
@@ -203,6 +209,7 @@ mod tests {
                 .unwrap_or_else(|| panic!("{path} in the layer"))
         };
         assert_eq!(find("/root/.ssh").mode, 0o700);
+        assert!(find("/persist").data.is_none(), "the mount point of /persist");
         assert_eq!(find("/root/.ssh/authorized_keys").mode, 0o600);
         assert_eq!(find("/etc/ssh/ssh_host_ed25519_key").mode, 0o600);
         assert_eq!(

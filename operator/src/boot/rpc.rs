@@ -23,6 +23,37 @@ pub struct Call {
     pub version: u32,
     /// Procedure number.
     pub procedure: u32,
+    /// The caller's `AUTH_UNIX` credential (`None`: another flavor, or a malformed one).
+    pub cred: Option<UnixCred>,
+}
+
+/// An `AUTH_UNIX` (`AUTH_SYS`) credential: who the caller says it is on its own machine (the
+/// owner given to the files it creates on a writable export).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixCred {
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+    /// Supplementary groups (at most 16, as RFC 5531 allows).
+    pub gids: Vec<u32>,
+}
+
+/// The `AUTH_UNIX` flavor number.
+const AUTH_UNIX: u32 = 1;
+
+/// Decodes an `AUTH_UNIX` credential body (stamp, machine name, uid, gid, groups).
+fn unix_cred(body: &[u8]) -> Option<UnixCred> {
+    let mut r = Reader::new(body);
+    let _stamp = r.u32().ok()?;
+    r.string(255).ok()?;
+    let (uid, gid) = (r.u32().ok()?, r.u32().ok()?);
+    let count = r.u32().ok()?;
+    if count > 16 {
+        return None;
+    }
+    let gids = (0..count).map(|_| r.u32().ok()).collect::<Option<Vec<u32>>>()?;
+    Some(UnixCred { uid, gid, gids })
 }
 
 /// How a call is answered when it is not a procedure's own result.
@@ -49,15 +80,19 @@ pub fn decode_call(r: &mut Reader<'_>) -> Result<Call, (XdrError, Option<u32>)> 
             return Err(XdrError("not a call"));
         }
         let rpcvers = r.u32()?;
-        let call = Call {
+        let mut call = Call {
             xid,
             program: r.u32()?,
             version: r.u32()?,
             procedure: r.u32()?,
+            cred: None,
         };
-        for _ in 0..2 {
-            let _flavor = r.u32()?;
-            r.opaque(400)?;
+        for verifier in [false, true] {
+            let flavor = r.u32()?;
+            let body = r.opaque(400)?;
+            if !verifier && flavor == AUTH_UNIX {
+                call.cred = unix_cred(body);
+            }
         }
         Ok((rpcvers, call))
     })();
@@ -143,7 +178,9 @@ mod tests {
     fn call_bytes(rpcvers: u32) -> Vec<u8> {
         let mut w = Writer::new();
         w.u32(42).u32(0).u32(rpcvers).u32(NFS).u32(3).u32(1);
-        w.u32(1).opaque(&[0; 20]).u32(0).opaque(&[]);
+        let mut cred = Writer::new();
+        cred.u32(7).opaque(b"node1").u32(1000).u32(100).u32(1).u32(100);
+        w.u32(1).opaque(&cred.bytes).u32(0).opaque(&[]);
         w.u32(99);
         w.bytes
     }
@@ -159,7 +196,12 @@ mod tests {
                 xid: 42,
                 program: NFS,
                 version: 3,
-                procedure: 1
+                procedure: 1,
+                cred: Some(UnixCred {
+                    uid: 1000,
+                    gid: 100,
+                    gids: vec![100]
+                }),
             }
         );
         assert_eq!(r.u32(), Ok(99));

@@ -7,6 +7,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
+use super::persist::PersistDir;
 use super::view::ImageView;
 
 /// Where WalT images look for their NFS root: `/var/lib/walt/nodes/<mac|ip|hostname>/fs`.
@@ -63,6 +64,8 @@ pub struct Binding {
     pub model: String,
     /// The image it boots.
     pub view: Arc<ImageView>,
+    /// Its persistent directory (`/persist`), for the tenant it is lent to (`None`: none served).
+    pub persist: Option<Arc<PersistDir>>,
 }
 
 /// One thing served, for the journal.
@@ -86,6 +89,9 @@ pub struct Served {
     /// Boot notifications: the digest the node says it booted (`digest` is the one served to it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reported: Option<String>,
+    /// `/persist` mounts: the tenant whose directory was served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// What the boot service knows of one device's latest boot: the digest it served, the one it
@@ -289,7 +295,8 @@ impl BootState {
         self.by_key(key).map(|b| (b, inside))
     }
 
-    fn by_key(&self, key: &str) -> Option<Binding> {
+    /// The binding of an export key: a MAC, an address or a host name.
+    pub fn by_key(&self, key: &str) -> Option<Binding> {
         if let Ok(mac) = key.parse::<Mac>() {
             return self.by_mac(mac);
         }
@@ -338,6 +345,29 @@ impl BootState {
                 .find(|kept| kept.ip == client && kept.view.key() == key)
                 .map(|kept| kept.view.clone())
         })
+    }
+
+    /// The persistent directory whose handle key is `key`, if `client` may use it: the device at
+    /// that address is bound to it now (a device lent to another tenant has that tenant's
+    /// directory; the former tenant's handles are refused from then on).
+    pub fn persist_for(&self, client: IpAddr, key: [u8; 8]) -> Option<Arc<PersistDir>> {
+        let IpAddr::V4(client) = client else {
+            return None;
+        };
+        self.bindings()
+            .iter()
+            .filter(|b| b.ip == client)
+            .filter_map(|b| b.persist.as_ref())
+            .find(|dir| dir.key() == key)
+            .cloned()
+    }
+
+    /// Whether a binding serves the persistent directory whose handle key is `key` (to anyone).
+    pub fn persist_known(&self, key: [u8; 8]) -> bool {
+        self.bindings()
+            .iter()
+            .filter_map(|b| b.persist.as_ref())
+            .any(|dir| dir.key() == key)
     }
 
     /// Records what was served (or refused).
@@ -408,6 +438,18 @@ pub fn export_key(path: &str) -> Option<(&str, &str)> {
     Some((key, if inside.is_empty() { "/" } else { inside }))
 }
 
+/// The `<key>` of `/var/lib/walt/nodes/<key>/persist[/<path inside>]`, the export of a device's
+/// persistent directory, and the path inside (`/` for the export itself).
+pub fn persist_export_key(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix(NODES_DIR)?;
+    let (key, rest) = rest.split_once('/')?;
+    let inside = rest.strip_prefix(super::persist::EXPORT_NAME)?;
+    if key.is_empty() || !(inside.is_empty() || inside.starts_with('/')) {
+        return None;
+    }
+    Some((key, if inside.is_empty() { "/" } else { inside }))
+}
+
 /// A journal entry (time filled in by [`BootState::record`]).
 pub fn served(protocol: &'static str, binding: Option<&Binding>, client: IpAddr, path: &str) -> Served {
     Served {
@@ -419,6 +461,7 @@ pub fn served(protocol: &'static str, binding: Option<&Binding>, client: IpAddr,
         digest: binding.map(|b| b.view.digest().to_string()),
         refused: None,
         reported: None,
+        tenant: None,
     }
 }
 
@@ -449,6 +492,26 @@ mod tests {
         assert_eq!(export_key("/var/lib/walt/nodes/vm1"), None);
         assert_eq!(export_key("/var/lib/walt/nodes//fs"), None);
         assert_eq!(export_key("/srv/vm1/fs"), None);
+        assert_eq!(export_key("/var/lib/walt/nodes/vm1/persist"), None, "not a root");
+    }
+
+    #[test]
+    fn persist_export_paths_name_a_key() {
+        assert_eq!(
+            persist_export_key("/var/lib/walt/nodes/vm1/persist"),
+            Some(("vm1", "/"))
+        );
+        assert_eq!(
+            persist_export_key("/var/lib/walt/nodes/52:54:00:ab:cd:01/persist/"),
+            Some(("52:54:00:ab:cd:01", "/"))
+        );
+        assert_eq!(
+            persist_export_key("/var/lib/walt/nodes/vm1/persist/sub"),
+            Some(("vm1", "/sub"))
+        );
+        assert_eq!(persist_export_key("/var/lib/walt/nodes/vm1/persistx"), None);
+        assert_eq!(persist_export_key("/var/lib/walt/nodes/vm1/fs"), None);
+        assert_eq!(persist_export_key("/var/lib/walt/nodes//persist"), None);
     }
 
     #[test]
@@ -471,6 +534,7 @@ mod tests {
             hostname: "vm1".into(),
             model: "pc-x86-64".into(),
             view: view.clone(),
+            persist: None,
         };
         let state = BootState::new(vec![binding(&old)], None).expect("state");
         state.set_bindings(vec![binding(&new)]);
@@ -512,6 +576,7 @@ mod tests {
             hostname: format!("vm{last}"),
             model: "pc-x86-64".into(),
             view: view.clone(),
+            persist: None,
         };
         let (alice, bob, alice_next) = (view("alice"), view("bob"), view("alice-next"));
         let state = BootState::new(vec![binding(1, &alice), binding(2, &bob)], None).expect("state");

@@ -127,6 +127,7 @@ mod tests {
                 digest: Some(digest.into()),
                 refused: None,
                 reported: reported.map(str::to_string),
+                tenant: None,
             };
         let mut record = BootRecord::default();
         record.apply(&entry(

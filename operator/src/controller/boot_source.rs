@@ -27,6 +27,7 @@ use walt_crds::{ConditionStatus, Device, HOST_KEY_LABEL, Image, ImageName, Node,
 
 use crate::boot::cli::{self, Args, BootError, DeviceArg, HostKeySource, ImageCache, Source};
 use crate::boot::dhcp::Sighting;
+use crate::boot::persist::PersistOwner;
 use crate::boot::state::{BootState, Mac};
 use crate::controller::boot_claims::{
     ClaimKind, Conflict, Record, address_conflicts, conflict_conditions, conflicts, mac_of, record, refusals,
@@ -160,6 +161,8 @@ fn wanted_unregistered(
         model: device.spec.model.clone(),
         source: Source::Image(image),
         host_key: None,
+        // Lent to no tenant: no `/persist` (whose would it be?).
+        persist: None,
     })
 }
 
@@ -233,6 +236,8 @@ fn wanted_one(
         model: device.spec.model.clone(),
         source: Source::Image(pinned),
         host_key: None,
+        // The device's `/persist` while lent to this tenant: another tenant gets its own.
+        persist: Some(PersistOwner::new(&device.name_any(), &binding.namespace).map_err(|e| e.to_string())?),
     })
 }
 
@@ -712,6 +717,21 @@ mod tests {
             Source::Image("registry:5000/lab/debian@sha256:aa".into()),
             "pulled by digest"
         );
+        assert_eq!(
+            serve[0].persist,
+            Some(PersistOwner::new("pc1", "lab").expect("owner")),
+            "its /persist is the Device's, for the Node's namespace"
+        );
+        // Lent to another tenant: that tenant's /persist, not the former one's.
+        let Wanted { serve, .. } = wanted_plain(
+            &[device("pc1", None, Some(("other", "n2", "u2")))],
+            &[node("other", "n2", "u2", Some("debian"))],
+            &[image("other", "debian", Some("sha256:aa"))],
+        );
+        assert_eq!(
+            serve[0].persist,
+            Some(PersistOwner::new("pc1", "other").expect("owner"))
+        );
     }
 
     #[test]
@@ -750,6 +770,7 @@ mod tests {
             serve[0].source,
             Source::Image("registry:5000/walt-catalog/pc-default@sha256:dd".into())
         );
+        assert_eq!(serve[0].persist, None, "lent to nobody: no /persist");
 
         // Without the lab's settings it boots nothing, and the reason names them.
         let Wanted { serve, skipped, .. } = wanted_plain(std::slice::from_ref(&recorded), &[], &catalog);

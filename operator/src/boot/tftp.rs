@@ -500,9 +500,19 @@ mod tests {
             .map(|(_, size)| size)
             .expect_err("no vmlinuz");
         assert_eq!(missing.0, ErrorCode::NotFound);
-        assert!(missing.1.starts_with("/boot/qemu-arm-64/vmlinuz"), "{}", missing.1);
-        let none = find_boot_file(&base, &paths).map(|(_, size)| size).expect_err("neither");
-        assert!(none.1.starts_with("/boot/qemu-arm-64/boot.scr.uimg"), "{}", none.1);
+        assert!(
+            missing.1.starts_with("/boot/qemu-arm-64/vmlinuz"),
+            "{}",
+            missing.1
+        );
+        let none = find_boot_file(&base, &paths)
+            .map(|(_, size)| size)
+            .expect_err("neither");
+        assert!(
+            none.1.starts_with("/boot/qemu-arm-64/boot.scr.uimg"),
+            "{}",
+            none.1
+        );
     }
 
     #[test]

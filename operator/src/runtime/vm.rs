@@ -306,7 +306,12 @@ pub fn qemu_args(machine: &Machine, tap_fd: i32) -> Vec<String> {
         VmArch::Arm64 => "virt,gic-version=max",
     };
     push(&["-machine", board, "-accel", machine.accel.as_str()]);
-    push(&["-m", &machine.memory_mib.to_string(), "-smp", &machine.cpus.to_string()]);
+    push(&[
+        "-m",
+        &machine.memory_mib.to_string(),
+        "-smp",
+        &machine.cpus.to_string(),
+    ]);
     push(&["-display", "none", "-monitor", "none"]);
     match machine.arch {
         VmArch::Amd64 => push(&[
@@ -316,9 +321,17 @@ pub fn qemu_args(machine: &Machine, tap_fd: i32) -> Vec<String> {
         VmArch::Arm64 => push(&["-bios", &machine.uboot]),
     }
     push(&["-rtc", &format!("base={}", machine.rtc_base)]);
-    push(&["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"]);
+    push(&[
+        "-chardev",
+        "stdio,id=console,signal=off",
+        "-serial",
+        "chardev:console",
+    ]);
     push(&["-netdev", &format!("tap,id=n0,fd={tap_fd}")]);
-    push(&["-device", &format!("virtio-net-pci,netdev=n0,mac={}", machine.mac)]);
+    push(&[
+        "-device",
+        &format!("virtio-net-pci,netdev=n0,mac={}", machine.mac),
+    ]);
     match (machine.accel, machine.arch) {
         (Accel::Kvm, _) => push(&["-cpu", "host"]),
         (Accel::Tcg, VmArch::Arm64) => push(&["-cpu", "cortex-a57"]),
@@ -334,10 +347,10 @@ pub fn qemu_args(machine: &Machine, tap_fd: i32) -> Vec<String> {
 fn kvm_usable(arch: VmArch) -> bool {
     std::env::consts::ARCH == arch.rust_arch()
         && std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok()
 }
 
 /// Opens the VM's tap, plugs it into `bridge` and sets it up.
@@ -442,7 +455,9 @@ mod tests {
             arch: VmArch::Arm64,
             ..kvm
         };
-        let refused = machine(&arm_kvm, false).map(|_| ()).expect_err("no KVM for arm64 here");
+        let refused = machine(&arm_kvm, false)
+            .map(|_| ())
+            .expect_err("no KVM for arm64 here");
         assert!(refused.to_string().contains("cannot run arm64 VMs"), "{refused}");
     }
 

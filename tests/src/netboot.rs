@@ -46,8 +46,16 @@ fn console_of(arch: Arch) -> &'static str {
 /// kernel's uptime).
 pub const BOOTED_MARKER: &str = "WALT-NODE-BOOTED";
 
-/// Kernel modules the initramfs loads (with their dependencies): the NIC, the NFS client, overlay.
-const MODULES: [&str; 4] = ["virtio_pci", "virtio_net", "nfsv3", "overlay"];
+/// Kernel modules the initramfs loads (with their dependencies): the NIC's bus (PCI on the PC,
+/// virtio-mmio on the arm64 `virt` board, where `walt-operator vm` plugs it), the NIC, the NFS
+/// client, overlay.
+fn modules_of(arch: Arch) -> [&'static str; 4] {
+    let bus = match arch {
+        Arch::Amd64 => "virtio_pci",
+        Arch::Arm64 => "virtio_mmio",
+    };
+    [bus, "virtio_net", "nfsv3", "overlay"]
+}
 
 fn io(what: &str) -> impl FnOnce(std::io::Error) -> FixtureError + '_ {
     move |e| FixtureError::io(what, e)
@@ -270,7 +278,7 @@ pub fn initramfs(kernel: &DebianKernel) -> Result<Vec<u8>, FixtureError> {
     cpio.file("bin/busybox", 0o755, &busybox);
     cpio.file("init", 0o755, INIT.as_bytes());
     let mut order = String::new();
-    for module in kernel.modules(&MODULES)? {
+    for module in kernel.modules(&modules_of(kernel.arch))? {
         let name = module
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())

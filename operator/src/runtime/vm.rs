@@ -293,11 +293,13 @@ pub const BOOT_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 /// qemu's command line for `machine`, whose NIC is the open tap `tap_fd` (pure). The board comes
 /// from the architecture: amd64, a q35 PC that boots from its NIC's iPXE ROM only and tries again
 /// every [`BOOT_RETRY`] until it boots; arm64, qemu's `virt` board (GICv3 where it can: more than 8
-/// CPUs) with U-Boot as its firmware, whose default boot ends with DHCP (retried until answered)
-/// and a boot script over TFTP. Both: a virtio NIC with the Device's MAC; no display, no monitor;
-/// the serial console on standard input and output (Ctrl-C goes to the guest, not to qemu); the
-/// host's CPU under KVM (under TCG an arm64 VM is a Cortex-A57: no pointer authentication to
-/// emulate); with `exit_on_reboot`, qemu exits on a guest reboot.
+/// CPUs) with U-Boot as its firmware, whose default boot ends with DHCP (U-Boot asks for about a
+/// minute, then stops at its prompt, where the boot watchdog finds it) and a boot script over TFTP.
+/// Both: a virtio NIC with the Device's MAC (arm64: on the board's virtio-mmio bus, as U-Boot
+/// 2023.01's virtio PCI driver reads the MAC wrong, `52:52:52:52:52:52` for `52:54:00:…`); no
+/// display, no monitor; the serial console on standard input and output (Ctrl-C goes to the guest,
+/// not to qemu); the host's CPU under KVM (under TCG an arm64 VM is a Cortex-A57: no pointer
+/// authentication to emulate); with `exit_on_reboot`, qemu exits on a guest reboot.
 pub fn qemu_args(machine: &Machine, tap_fd: i32) -> Vec<String> {
     let mut args: Vec<String> = Vec::new();
     let mut push = |words: &[&str]| args.extend(words.iter().map(|w| (*w).to_owned()));
@@ -328,10 +330,11 @@ pub fn qemu_args(machine: &Machine, tap_fd: i32) -> Vec<String> {
         "chardev:console",
     ]);
     push(&["-netdev", &format!("tap,id=n0,fd={tap_fd}")]);
-    push(&[
-        "-device",
-        &format!("virtio-net-pci,netdev=n0,mac={}", machine.mac),
-    ]);
+    let nic = match machine.arch {
+        VmArch::Amd64 => "virtio-net-pci",
+        VmArch::Arm64 => "virtio-net-device",
+    };
+    push(&["-device", &format!("{nic},netdev=n0,mac={}", machine.mac)]);
     match (machine.accel, machine.arch) {
         (Accel::Kvm, _) => push(&["-cpu", "host"]),
         (Accel::Tcg, VmArch::Arm64) => push(&["-cpu", "cortex-a57"]),
@@ -513,7 +516,7 @@ mod tests {
             "-machine virt,gic-version=max -accel tcg -m 512 -smp 1 -display none -monitor none \
              -bios /usr/lib/u-boot/qemu_arm64/u-boot.bin -rtc base=utc \
              -chardev stdio,id=console,signal=off -serial chardev:console -netdev tap,id=n0,fd=7 \
-             -device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56 -cpu cortex-a57"
+             -device virtio-net-device,netdev=n0,mac=52:54:00:12:34:56 -cpu cortex-a57"
         );
         assert!(!line.contains(" -boot "), "U-Boot retries DHCP itself: {line}");
         let kvm = Machine {

@@ -20,9 +20,14 @@
 //!    kernel → NFS mount → booted) are printed. A change on the node (a new file, a deletion) is saved
 //!    with `walt-operator save`; a VM whose MAC is not registered gets no image; the node then boots
 //!    the saved image (verified: the saved digest) and finds its change.
+//!    An arm64 VM node (`walt-operator vm --arch arm64`: `qemu-system-aarch64 -machine virt` with
+//!    Debian's U-Boot) boots an image of Debian's arm64 kernel, busybox and OpenSSH the same way: DHCP,
+//!    then `boot.scr.uimg` over TFTP, answered with the image's `start.uboot`, kernel and initramfs over
+//!    TFTP; verified, SSH to the device's host key.
 //! 3. Control plane tier: the boot service fed from the cluster; the operator verifying what a VM
 //!    booted; the operator powering a VM node (its pod's `walt-operator vm` run here as a kubelet
-//!    would), power-cycled by the boot watchdog and by a reboot request.
+//!    would), power-cycled by the boot watchdog and by a reboot request; an arm64 VM node from a
+//!    `u-boot` VM slot.
 
 use std::process::Command;
 use std::time::Duration;
@@ -765,6 +770,62 @@ fn the_vm_node_image_holds_the_amd64_and_the_arm64_machines() {
     assert!(
         paths.iter().any(|p| p.ends_with("efi-virtio.rom")),
         "the virtio NIC's iPXE ROM: {paths:?}"
+    );
+}
+
+/// Control plane tier: the operator powers an **arm64 VM node** from a `u-boot` VM slot Device
+/// (model `qemu-arm-64`) for a Node `virtual: {kind: vm, architecture: arm64}`: its pod's arguments
+/// add `--arch arm64`; run as the kubelet would, the VM (qemu-system-aarch64, U-Boot) network-boots
+/// the arm64 image from the boot service fed by the cluster, and the Node's booted image is verified
+/// and Ready.
+#[test]
+fn operator_powers_an_arm64_vm_node_from_a_u_boot_slot() {
+    require_root().expect("root");
+    let _vm = one_vm_at_a_time();
+    let lab = OperatorLab::start_arch(
+        212,
+        HostKeys::Pinned,
+        ", virtual: {kind: vm, architecture: arm64, memory: 512Mi}",
+        &[
+            "--vm-image",
+            "127.0.0.1:1/walt/vm:test",
+            "--vm-network",
+            "default=br0",
+            "--vm-accel",
+            "tcg",
+        ],
+        Arch::Arm64,
+    );
+    let set_up = lab.started.elapsed();
+    let runtime = format!("walt-run-{}", lab.ns);
+    lab.wait_served();
+    let (_pod, args) = vm_pod(&lab, &runtime, None);
+    assert_eq!(
+        args.join(" "),
+        format!(
+            "vm --mac {} --bridge br0 --memory 512Mi --cpus 1 --accel tcg --arch arm64",
+            lab.mac
+        ),
+        "the VM runner's arguments"
+    );
+    let mut vm = VmNode::power_on_as_pod(&lab.net, &args, lab.scratch.path()).expect("power on");
+    let booted = vm
+        .wait_console(BOOTED_MARKER, Duration::from_mins(5))
+        .unwrap_or_else(|e| panic!("{e}\nboot server: {:?}", lab.server.journal()));
+    let console = vm.console();
+    assert!(
+        console.contains(&format!("walt-operator vm: {} on br0", lab.mac))
+            && console.contains("arm64")
+            && console.contains("U-Boot"),
+        "U-Boot on an arm64 VM booted it: {console}"
+    );
+    let verified = lab.verified_as(&vm, &lab.digest);
+    lab.wait_ready();
+    println!(
+        "figures (arm64 VM node under the operator, TCG): set-up {:.1} s; power-on → booted marker {:.1} s, → bootedImage verified {:.1} s",
+        set_up.as_secs_f64(),
+        booted.as_secs_f64(),
+        verified.as_secs_f64(),
     );
 }
 
@@ -2332,6 +2393,22 @@ impl OperatorLab {
     /// Sets it up on lab network `index`; the Node's spec gets `node_extra` (YAML flow entries,
     /// e.g. `virtual: {kind: vm}`), the operator `operator_extra` arguments.
     fn start(index: u8, host_keys: HostKeys, node_extra: &str, operator_extra: &[&str]) -> Self {
+        Self::start_arch(index, host_keys, node_extra, operator_extra, Arch::Amd64)
+    }
+
+    /// [`Self::start`] with an image and a Device of `arch`: an amd64 one (model `pc-x86-64`,
+    /// firmware `ipxe`) or an arm64 one (model `qemu-arm-64`, firmware `u-boot`).
+    fn start_arch(
+        index: u8,
+        host_keys: HostKeys,
+        node_extra: &str,
+        operator_extra: &[&str],
+        arch: Arch,
+    ) -> Self {
+        let (model, firmware) = match arch {
+            Arch::Amd64 => (MODEL, "ipxe"),
+            Arch::Arm64 => (MODEL_ARM64, "u-boot"),
+        };
         let started = std::time::Instant::now();
         let cluster = control_plane();
         let scratch = tempfile::tempdir().expect("scratch dir");
@@ -2345,7 +2422,8 @@ impl OperatorLab {
         let net = LabNetwork::create(index).expect("lab network");
         let ns = cluster.create_namespace("bootop").expect("namespace");
         // Pushed where the operator looks for the namespace's Images `os` and `os2` by default.
-        let (layout, digest) = push_vm_image(scratch.path(), &registry, &format!("lab/{ns}/os:latest"));
+        let (layout, digest) =
+            push_vm_image_for(scratch.path(), &registry, &format!("lab/{ns}/os:latest"), arch);
         layout
             .add_layer("vm", "v2", |root| {
                 std::fs::write(root.join("etc/second-image"), "v2\n")
@@ -2369,9 +2447,9 @@ impl OperatorLab {
                 "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: os, namespace: {ns}}}\nspec: {{}}\n---\n\
                  apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: os2, namespace: {ns}}}\nspec: {{}}\n---\n\
                  apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {{name: vm1, namespace: {ns}}}\n\
-                 spec: {{model: {MODEL}, device: {device}, image: os{node_extra}}}\n---\n\
+                 spec: {{model: {model}, device: {device}, image: os{node_extra}}}\n---\n\
                  apiVersion: walt.dev/v1alpha1\nkind: Device\nmetadata: {{name: {device}}}\n\
-                 spec: {{address: '{}', sshPort: 22, model: {MODEL}, mac: '{mac}', firmware: ipxe, \
+                 spec: {{address: '{}', sshPort: 22, model: {model}, mac: '{mac}', firmware: {firmware}, \
                  {}lentTo: {{namespace: {ns}}}}}\n",
                 net.device_ip(0),
                 match host_keys {

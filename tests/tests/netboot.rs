@@ -773,6 +773,17 @@ fn the_vm_node_image_holds_the_amd64_and_the_arm64_machines() {
     );
 }
 
+/// The operator's VM node flags of the control plane tests: an image no kubelet pulls (the test runs
+/// the pod's arguments itself), the lab bridge of the test's network, TCG.
+const VM_OPERATOR_ARGS: [&str; 6] = [
+    "--vm-image",
+    "127.0.0.1:1/walt/vm:test",
+    "--vm-network",
+    "default=br0",
+    "--vm-accel",
+    "tcg",
+];
+
 /// Control plane tier: the operator powers an **arm64 VM node** from a `u-boot` VM slot Device
 /// (model `qemu-arm-64`) for a Node `virtual: {kind: vm, architecture: arm64}`: its pod's arguments
 /// add `--arch arm64`; run as the kubelet would, the VM (qemu-system-aarch64, U-Boot) network-boots
@@ -786,14 +797,7 @@ fn operator_powers_an_arm64_vm_node_from_a_u_boot_slot() {
         212,
         HostKeys::Pinned,
         ", virtual: {kind: vm, architecture: arm64, memory: 512Mi}",
-        &[
-            "--vm-image",
-            "127.0.0.1:1/walt/vm:test",
-            "--vm-network",
-            "default=br0",
-            "--vm-accel",
-            "tcg",
-        ],
+        &VM_OPERATOR_ARGS,
         Arch::Arm64,
     );
     let set_up = lab.started.elapsed();
@@ -2963,16 +2967,7 @@ fn operator_powers_a_vm_node_and_power_cycles_it() {
         207,
         HostKeys::Pinned,
         ", virtual: {kind: vm, memory: 512Mi}",
-        &[
-            "--vm-image",
-            "127.0.0.1:1/walt/vm:test",
-            "--vm-network",
-            "default=br0",
-            "--vm-accel",
-            "tcg",
-            "--boot-timeout",
-            "90s",
-        ],
+        &[&VM_OPERATOR_ARGS[..], &["--boot-timeout", "90s"]].concat(),
     );
     let set_up = lab.started.elapsed();
     let runtime = format!("walt-run-{}", lab.ns);

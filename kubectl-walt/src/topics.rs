@@ -178,7 +178,8 @@ boots them; WalT images boot unchanged.
   1. The device powers on; its firmware (iPXE on PCs, the Raspberry Pi boot ROM, u-boot) asks DHCP.
      The boot service knows it by the MAC of its Device (spec.mac, spec.firmware) and answers with
      its address, the node name as host name, and where its boot files are.
-  2. The firmware loads the boot script and kernel from the image's /boot/<model>/ (TFTP or HTTP).
+  2. The firmware loads the boot script and kernel from the image's /boot/<model>/ (TFTP or HTTP):
+     start.ipxe for iPXE, start.uboot for u-boot (also what a stock U-Boot asking boot.scr.uimg gets).
   3. The kernel mounts the image read-only over NFSv3 (/var/lib/walt/nodes/<mac>/fs) and runs
      /bin/walt-init. The boot service serves the image from its OCI layers, by digest, under a small
      top layer of the node's own (never written into the image): walt-init and its helpers,

@@ -97,10 +97,10 @@ pub struct DeviceSpec {
     pub lent_to: Option<DeviceLoan>,
 }
 
-/// The firmware that network-boots the device: `ipxe` (PCs and VM nodes: DHCP, then
+/// The firmware that network-boots the device: `ipxe` (PCs and amd64 VM nodes: DHCP, then
 /// `http://SERVER/boot/start.ipxe` and the kernel over HTTP), `rpi` (the Raspberry Pi boot ROM:
-/// DHCP option 43 "Raspberry Pi Boot", then TFTP) or `u-boot` (`start.uboot` over TFTP). Unset: walt
-/// does not network-boot the device. Needs `mac`.
+/// DHCP option 43 "Raspberry Pi Boot", then TFTP) or `u-boot` (boards and arm64 VM nodes:
+/// `start.uboot` over TFTP). Unset: walt does not network-boot the device. Needs `mac`.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum Firmware {
     /// iPXE (PCs, VM nodes): DHCP, then `start.ipxe` and the kernel over HTTP.
@@ -112,6 +112,18 @@ pub enum Firmware {
     /// U-Boot: DHCP, then `start.uboot` over TFTP.
     #[serde(rename = "u-boot")]
     UBoot,
+}
+
+impl Firmware {
+    /// The CPU of the VM a VM slot Device with this firmware is: `ipxe` a PC (amd64), `u-boot` an
+    /// arm64 board (qemu's `virt` with U-Boot); `rpi` none (no VM has the Raspberry Pi ROM).
+    pub fn vm_architecture(self) -> Option<crate::node::Architecture> {
+        match self {
+            Self::Ipxe => Some(crate::node::Architecture::Amd64),
+            Self::UBoot => Some(crate::node::Architecture::Arm64),
+            Self::Rpi => None,
+        }
+    }
 }
 
 fn default_ssh_port() -> i32 {

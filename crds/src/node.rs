@@ -166,8 +166,9 @@ pub enum VirtualKind {
     /// pod (through qemu-user when the architecture differs). No kernel of the image's own.
     #[default]
     Container,
-    /// A virtual machine (`qemu-system-x86_64`, KVM when usable, else TCG) in a pod on the lab
-    /// network, that network-boots the image through the boot service exactly like a device
+    /// A virtual machine (`qemu-system-x86_64` for amd64, `qemu-system-aarch64` with U-Boot for
+    /// arm64; KVM when usable, else TCG) in a pod on the lab network, that network-boots the image
+    /// through the boot service exactly like a device
     /// (its kernel, NFS root, `walt-init`): the Device `spec.device` names gives it its MAC,
     /// address and boot network. Its serial console is the pod's log (`kubectl walt node
     /// console`); a reboot powers it off and on again.
@@ -181,13 +182,13 @@ pub enum VirtualKind {
 #[serde(rename_all = "camelCase")]
 pub struct VirtualNode {
     /// What runs the node: `container` (the default: the image's files in a pod, with its init and
-    /// SSH, no kernel of its own) or `vm` (a virtual machine, qemu-system-x86_64, that network-boots
+    /// SSH, no kernel of its own) or `vm` (a virtual machine, qemu-system, that network-boots
     /// the image through the boot service as the Device `spec.device` names: its MAC, address and
     /// boot network; `kubectl walt help show virtual-nodes`).
     #[serde(default)]
     pub kind: VirtualKind,
     /// CPU architecture of the node (emulated when it differs from the cluster node's). VM nodes:
-    /// amd64.
+    /// the Device's (amd64 for a VM slot with firmware `ipxe`, arm64 for one with `u-boot`).
     #[serde(default)]
     pub architecture: Architecture,
     /// Memory of the node (the pod's memory limit; the RAM overlay counts in it). VM nodes: the

@@ -411,8 +411,9 @@ Examples:
         #[arg(long, value_name = "IMAGE")]
         image: Option<String>,
         /// Run the device as a VM node: a VM slot of the lab (a Device with a locally administered MAC
-        /// and firmware ipxe) powered as qemu-system-x86_64 in a pod on the lab network, network-booting
-        /// like a PC (`help show node-bootup`).
+        /// and firmware ipxe or u-boot) powered as qemu-system-x86_64 (ipxe: a PC) or
+        /// qemu-system-aarch64 (u-boot: an arm64 board) in a pod on the lab network, network-booting
+        /// like a device (`help show node-bootup`).
         #[arg(long)]
         vm: bool,
         /// With --vm: the VM's memory, a Kubernetes quantity (default 512Mi).

@@ -158,7 +158,7 @@ pub fn register_plan(recorded: &Device, registration: &Registration) -> Result<(
 
 /// The Node `node acquire` creates (pure): named `as_name` (default: the device's name), of the
 /// device's model, naming the device (run as a VM node, `spec.virtual.kind: vm`, when `vm` is
-/// given); refused with what to do when the device is not lent to `namespace` or a Node of the
+/// given, of the CPU the device's firmware boots: arm64 for `u-boot`); refused with what to do when the device is not lent to `namespace` or a Node of the
 /// namespace already holds it.
 pub fn acquire_plan(
     device: &Device,
@@ -181,6 +181,16 @@ pub fn acquire_plan(
         )));
     }
     let node_name = as_name.map_or_else(|| name.clone(), str::to_owned);
+    let vm = vm.map(|mut vm| {
+        if let Some(architecture) = device
+            .spec
+            .firmware
+            .and_then(walt_crds::Firmware::vm_architecture)
+        {
+            vm.architecture = architecture;
+        }
+        vm
+    });
     let mut node = Node::new(
         &node_name,
         NodeSpec {
@@ -450,10 +460,31 @@ mod tests {
             kind: walt_crds::VirtualKind::Vm,
             ..walt_crds::VirtualNode::default()
         };
-        let vm_node = acquire_plan(&device(Some("alice"), None), "alice", &[], None, None, Some(vm))
-            .expect("acquire as a VM");
+        let vm_node = acquire_plan(
+            &device(Some("alice"), None),
+            "alice",
+            &[],
+            None,
+            None,
+            Some(vm.clone()),
+        )
+        .expect("acquire as a VM");
         assert!(walt_crds::is_vm(&vm_node));
         assert_eq!(vm_node.spec.device.as_deref(), Some("pi1"));
+        let mut arm_slot = device(Some("alice"), None);
+        arm_slot.spec.firmware = Some(walt_crds::Firmware::UBoot);
+        let arm = acquire_plan(&arm_slot, "alice", &[], None, None, Some(vm.clone())).expect("acquire");
+        assert_eq!(
+            arm.spec.virtual_node.map(|v| v.architecture),
+            Some(walt_crds::Architecture::Arm64),
+            "a U-Boot VM slot is an arm64 VM"
+        );
+        arm_slot.spec.firmware = Some(walt_crds::Firmware::Ipxe);
+        let pc = acquire_plan(&arm_slot, "alice", &[], None, None, Some(vm)).expect("acquire");
+        assert_eq!(
+            pc.spec.virtual_node.map(|v| v.architecture),
+            Some(walt_crds::Architecture::Amd64)
+        );
     }
 
     #[test]

@@ -184,7 +184,8 @@ boots them; WalT images boot unchanged.
   1. The device powers on; its firmware (iPXE on PCs, the Raspberry Pi boot ROM, u-boot) asks DHCP.
      The boot service knows it by the MAC of its Device (spec.mac, spec.firmware) and answers with
      its address, the node name as host name, and where its boot files are.
-  2. The firmware loads the boot script and kernel from the image's /boot/<model>/ (TFTP or HTTP).
+  2. The firmware loads the boot script and kernel from the image's /boot/<model>/ (TFTP or HTTP):
+     start.ipxe for iPXE, start.uboot for u-boot (also what a stock U-Boot asking boot.scr.uimg gets).
   3. The kernel mounts the image read-only over NFSv3 (/var/lib/walt/nodes/<mac>/fs) and runs
      /bin/walt-init. The boot service serves the image from its OCI layers, by digest, under a small
      top layer of the node's own (never written into the image): walt-init and its helpers,
@@ -208,10 +209,14 @@ defaults): then Booted=False with reason BootFailed. A device the boot service d
 nothing.
 
 VM nodes boot the same way: `kubectl walt node acquire vm-01 --vm` runs the Device vm-01 (a VM slot
-of the lab: a locally administered MAC, firmware ipxe) as a virtual machine (qemu-system-x86_64, KVM
-when the cluster node has it, else emulated) on the lab network; its NIC's iPXE ROM does steps 1-5.
-`kubectl walt node console vm-01` shows its serial console: the firmware, iPXE, the kernel's boot
-lines, walt-init. A reboot of a VM node is a power cycle: off and on again, console included.
+of the lab: a locally administered MAC, firmware ipxe or u-boot) as a virtual machine on the lab
+network (KVM when the cluster node has it, else emulated). A slot with firmware ipxe is a PC
+(qemu-system-x86_64): its NIC's iPXE ROM does steps 1-5. One with firmware u-boot is an arm64
+board (qemu-system-aarch64, model qemu-arm-64): U-Boot asks DHCP, then boot.scr.uimg over TFTP,
+which the boot service answers with the image's /boot/<model>/start.uboot (WalT's U-Boot script)
+when the image has no boot.scr.uimg. `kubectl walt node console vm-01` shows its serial console: the
+firmware, iPXE or U-Boot, the kernel's boot lines, walt-init. A reboot of a VM node is a power cycle:
+off and on again, console included.
 ";
 
 const IMAGES: &str = "\
@@ -306,9 +311,10 @@ Two kinds (spec.virtual.kind):
   container (the default)  the image's files in a pod, with its init and SSH; no kernel of its own;
                            any architecture: on a cluster node of that CPU when there is one
                            (natively), else through qemu-user; `node show` says which (Runs on:).
-  vm                       a virtual machine (qemu-system-x86_64; KVM when usable, else emulated)
-                           that network-boots the image through the boot service exactly like a lab
-                           PC: its own kernel, NFS root, walt-init, verified booted digest. It runs as
+  vm                       a virtual machine (qemu-system-x86_64, or qemu-system-aarch64 with U-Boot
+                           for an arm64 slot; KVM when usable, else emulated) that network-boots the
+                           image through the boot service exactly like a lab device: its own kernel,
+                           NFS root, walt-init, verified booted digest. It runs as
                            a VM slot Device of the lab (a lab admin registers its MAC and address):
                              kubectl walt node acquire vm-01 --vm --memory 1Gi --image pc-x86-64-debian
                              kubectl walt node console vm-01     # its serial console

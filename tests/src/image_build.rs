@@ -415,6 +415,11 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// Its path (relative, no leading slash).
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
     /// A directory (`path` relative, no leading slash).
     pub fn dir(path: &str, mode: u32) -> Self {
         Entry {

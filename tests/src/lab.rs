@@ -402,8 +402,9 @@ fn push_unless_there(layout: &Path, digest: &str, reference: &str) -> Result<(),
 
 /// Builds the image of VM node pods (the chart's `vmNodes.image`) and pushes it as
 /// `REGISTRY/walt/vm-node:lab` unless the registry has it already: the static `walt-operator`
-/// (built with `profile`) and the host's Debian `qemu-system-x86_64` with what it loads at run time
-/// ([`crate::netboot::vm_node_image_files`]); no Docker, like the walt image. Returns the reference.
+/// (built with `profile`) and the host's Debian `qemu-system-x86_64` and `qemu-system-aarch64` (with
+/// U-Boot) with what they load at run time ([`crate::netboot::vm_node_image_files`]); no Docker, like
+/// the walt image. Returns the reference.
 pub fn ensure_vm_node_image(registry: &str, profile: image_build::BuildProfile) -> Result<String, Error> {
     let reference = format!("{registry}/walt/vm-node:lab");
     if Arch::host() != Arch::Amd64 {
@@ -421,7 +422,9 @@ pub fn ensure_vm_node_image(registry: &str, profile: image_build::BuildProfile) 
         "lab",
         Arch::Amd64,
         entries,
-        &titled("walt VM node (walt-operator vm + Debian qemu-system-x86), walt lab"),
+        &titled(
+            "walt VM node (walt-operator vm + Debian qemu-system-x86, qemu-system-arm, U-Boot), walt lab",
+        ),
         &["/usr/bin/walt-operator"],
         &[],
     )?;

@@ -1,8 +1,9 @@
 //! Network boot fixtures: a Debian kernel and an initramfs that mounts its root over NFSv3, a WalT
-//! image with the boot layout (`/boot/<model>/` with `start.ipxe`, the kernel and the initramfs;
-//! `/bin/walt-init` stacking the RAM overlay at the WalT path), a lab network (a bridge and a tap in a
-//! network namespace the test creates) and VM nodes (`qemu-system-x86_64 -accel tcg`) whose iPXE
-//! ROM boots from the network like a real device.
+//! image with the boot layout (`/boot/<model>/` with `start.ipxe` for PCs or `start.uboot` for arm64
+//! boards, the kernel and the initramfs; `/bin/walt-init` stacking the RAM overlay at the WalT path),
+//! a lab network (a bridge and a tap in a network namespace the test creates) and VM nodes
+//! (`qemu-system-x86_64 -accel tcg` whose iPXE ROM, or `qemu-system-aarch64 -accel tcg` whose U-Boot,
+//! boots from the network like a real device).
 //!
 //! The VMs are powered by walt's own `walt-operator vm` (what a VM node's pod runs: its tap on the
 //! bridge, qemu's command line), so every test that boots one proves the operator's VM boots.
@@ -22,13 +23,39 @@ use crate::{FixtureError, require_tool, run, run_stdout};
 
 /// The model of the VM nodes (WalT's name for PCs).
 pub const MODEL: &str = "pc-x86-64";
+/// The model of the arm64 VM nodes (WalT's name for 64-bit ARM qemu VMs).
+pub const MODEL_ARM64: &str = "qemu-arm-64";
+
+/// The model of the VM nodes of `arch`.
+pub fn model_of(arch: Arch) -> &'static str {
+    match arch {
+        Arch::Amd64 => MODEL,
+        Arch::Arm64 => MODEL_ARM64,
+    }
+}
+
+/// The serial console the kernel of a VM of `arch` writes to (the PC's UART, the `virt` board's PL011).
+fn console_of(arch: Arch) -> &'static str {
+    match arch {
+        Arch::Amd64 => "ttyS0",
+        Arch::Arm64 => "ttyAMA0",
+    }
+}
 
 /// What the image prints on the serial console once it has booted (then the host name, the
 /// kernel's uptime).
 pub const BOOTED_MARKER: &str = "WALT-NODE-BOOTED";
 
-/// Kernel modules the initramfs loads (with their dependencies): the NIC, the NFS client, overlay.
-const MODULES: [&str; 4] = ["virtio_pci", "virtio_net", "nfsv3", "overlay"];
+/// Kernel modules the initramfs loads (with their dependencies): the NIC's bus (PCI on the PC,
+/// virtio-mmio on the arm64 `virt` board, where `walt-operator vm` plugs it), the NIC, the NFS
+/// client, overlay.
+fn modules_of(arch: Arch) -> [&'static str; 4] {
+    let bus = match arch {
+        Arch::Amd64 => "virtio_pci",
+        Arch::Arm64 => "virtio_mmio",
+    };
+    [bus, "virtio_net", "nfsv3", "overlay"]
+}
 
 fn io(what: &str) -> impl FnOnce(std::io::Error) -> FixtureError + '_ {
     move |e| FixtureError::io(what, e)
@@ -37,6 +64,8 @@ fn io(what: &str) -> impl FnOnce(std::io::Error) -> FixtureError + '_ {
 /// A Debian kernel package, unpacked (cached under [`cache_dir`]`/netboot/`).
 #[derive(Debug, Clone)]
 pub struct DebianKernel {
+    /// Its CPU.
+    pub arch: Arch,
     /// The kernel release (`6.1.0-57-amd64`).
     pub release: String,
     /// The unpacked package.
@@ -73,22 +102,29 @@ impl DebianKernel {
     }
 }
 
-/// Debian's current amd64 kernel (`linux-image-amd64`'s dependency), downloaded and unpacked once;
-/// `depmod` is run on it so that the module dependencies are known.
+/// Debian's current amd64 kernel ([`debian_kernel_for`]).
 pub fn debian_kernel() -> Result<DebianKernel, FixtureError> {
+    debian_kernel_for(Arch::Amd64)
+}
+
+/// Debian's current kernel of `arch` (`linux-image-<arch>`'s dependency), downloaded and unpacked
+/// once; `depmod` is run on it so that the module dependencies are known.
+pub fn debian_kernel_for(arch: Arch) -> Result<DebianKernel, FixtureError> {
     require_tool("apt-get", "apt")?;
     require_tool("dpkg-deb", "dpkg")?;
     require_tool("depmod", "kmod")?;
-    let depends = run_stdout(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))?;
+    let meta = format!("linux-image-{0}:{0}", arch.name());
+    let depends = run_stdout(Command::new("apt-cache").args(["depends", &meta]))?;
     let package = depends
         .lines()
         .filter_map(|l| l.trim().strip_prefix("Depends: "))
         .find(|p| p.starts_with("linux-image-"))
         .ok_or_else(|| {
-            FixtureError::Failed(format!(
-                "apt-cache depends linux-image-amd64 names no kernel: {depends}"
-            ))
-        })?
+            FixtureError::Failed(format!("apt-cache depends {meta} names no kernel: {depends}"))
+        })?;
+    let package = package
+        .strip_suffix(&format!(":{}", arch.name()))
+        .unwrap_or(package)
         .to_string();
     let release = package.trim_start_matches("linux-image-").to_string();
     let dir = cache_dir().join("netboot").join(&package);
@@ -101,7 +137,7 @@ pub fn debian_kernel() -> Result<DebianKernel, FixtureError> {
     {
         std::fs::create_dir_all(&dir).map_err(io("creating the kernel cache dir"))?;
         run(Command::new("apt-get")
-            .args(["download", &package])
+            .args(["download", &format!("{package}:{}", arch.name())])
             .current_dir(&dir))?;
         let deb = std::fs::read_dir(&dir)
             .map_err(io("listing the kernel cache dir"))?
@@ -116,7 +152,7 @@ pub fn debian_kernel() -> Result<DebianKernel, FixtureError> {
         let _ = std::fs::remove_file(&deb);
         std::fs::rename(&staging, &root).map_err(io("placing the unpacked kernel"))?;
     }
-    Ok(DebianKernel { release, root })
+    Ok(DebianKernel { arch, release, root })
 }
 
 /// A `newc` cpio archive (the initramfs format), written entry by entry.
@@ -217,10 +253,23 @@ umount /proc /sys
 exec switch_root /newroot /bin/walt-init
 "#;
 
-/// Builds the initramfs of [`INIT`] with the host's static busybox and the kernel's modules.
+/// Debian's static busybox of `arch`: the host's for amd64, else from `busybox-static:<arch>`.
+fn busybox_binary(arch: Arch) -> Result<Vec<u8>, FixtureError> {
+    if arch == Arch::Amd64 {
+        require_tool("busybox", "busybox-static")?;
+        return std::fs::read("/bin/busybox").map_err(io("reading /bin/busybox"));
+    }
+    let unpacked = tempfile::tempdir().map_err(io("creating a dir for busybox"))?;
+    run(Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(crate::images::busybox_deb(arch)?)
+        .arg(unpacked.path()))?;
+    std::fs::read(unpacked.path().join("bin/busybox")).map_err(io("reading busybox"))
+}
+
+/// Builds the initramfs of [`INIT`] with Debian's static busybox and the kernel's modules.
 pub fn initramfs(kernel: &DebianKernel) -> Result<Vec<u8>, FixtureError> {
-    require_tool("busybox", "busybox-static")?;
-    let busybox = std::fs::read("/bin/busybox").map_err(io("reading /bin/busybox"))?;
+    let busybox = busybox_binary(kernel.arch)?;
     let mut cpio = Cpio::default();
     for dir in ["bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules"] {
         cpio.dir(dir);
@@ -229,7 +278,7 @@ pub fn initramfs(kernel: &DebianKernel) -> Result<Vec<u8>, FixtureError> {
     cpio.file("bin/busybox", 0o755, &busybox);
     cpio.file("init", 0o755, INIT.as_bytes());
     let mut order = String::new();
-    for module in kernel.modules(&MODULES)? {
+    for module in kernel.modules(&modules_of(kernel.arch))? {
         let name = module
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -259,6 +308,43 @@ pivot_root . mnt
 exec chroot . /sbin/init
 ";
 
+/// The arm64 image's boot script (U-Boot fills in the variables from its DHCP lease: `hostname`,
+/// `ethaddr` the MAC, `gatewayip` when the lease names a router), made a uImage script with
+/// `mkimage`. The kernel is Debian's uncompressed arm64 `Image`; `booti` takes the initramfs's
+/// address and size and the device tree qemu gave U-Boot.
+const START_UBOOT: &str = "\
+setenv bootargs \"console=ttyAMA0 quiet ip=${ipaddr}:${serverip}:${gatewayip}:${netmask}:${hostname}:eth0:off \
+nfsroot=${serverip}:/var/lib/walt/nodes/${ethaddr}/fs\"
+tftpboot ${kernel_addr_r} vmlinuz
+tftpboot ${ramdisk_addr_r} initrd.img
+booti ${kernel_addr_r} ${ramdisk_addr_r}:${filesize} ${fdtcontroladdr}
+";
+
+/// `script` as a uImage script (what U-Boot's `source` runs), made with U-Boot's `mkimage`.
+fn uboot_script(script: &str) -> Result<Vec<u8>, FixtureError> {
+    require_tool("mkimage", "u-boot-tools")?;
+    let dir = tempfile::tempdir().map_err(io("creating a dir for mkimage"))?;
+    let (text, image) = (dir.path().join("script"), dir.path().join("script.uimg"));
+    std::fs::write(&text, script).map_err(io("writing the boot script"))?;
+    run(Command::new("mkimage")
+        .args([
+            "-A",
+            "arm64",
+            "-O",
+            "linux",
+            "-T",
+            "script",
+            "-C",
+            "none",
+            "-n",
+            "walt boot",
+        ])
+        .arg("-d")
+        .arg(&text)
+        .arg(&image))?;
+    std::fs::read(&image).map_err(io("reading the uImage script"))
+}
+
 /// The image's boot script (iPXE fills in the variables from its DHCP lease).
 const START_IPXE: &str = "#!ipxe\n\
 kernel vmlinuz console=ttyS0 quiet ip=${ip}:${next-server}:${gateway}:${netmask}:${hostname}:eth0:off \
@@ -266,14 +352,16 @@ nfsroot=${next-server}:/var/lib/walt/nodes/${mac}/fs\n\
 initrd initrd.img\n\
 boot\n";
 
-/// Makes a WalT image root for VM nodes in `dest`: busybox, an init that prints [`BOOTED_MARKER`]
-/// (with the host name, the uptime and the digest in `/etc/walt/image-digest`) and writes
-/// `/run/uptime-ready`, and `/boot/<MODEL>/` with the kernel, the initramfs and `start.ipxe` (the
-/// kernel reached through a relative symlink, as WalT images do). Like a WalT image, it has no
-/// `walt-init`: the server adds it (see [`add_plain_walt_init`] for servers that do not).
+/// Makes a WalT image root for VM nodes of the kernel's CPU in `dest`: busybox, an init that prints
+/// [`BOOTED_MARKER`] (with the host name, the uptime and the digest in `/etc/walt/image-digest`) and
+/// writes `/run/uptime-ready`, and `/boot/<model>/` ([`model_of`]) with the kernel, the initramfs and
+/// the boot script, `start.ipxe` (amd64) or `start.uboot` (arm64), the kernel reached through a
+/// relative symlink, as WalT images do. Like a WalT image, it has no `walt-init`: the server adds it
+/// (see [`add_plain_walt_init`] for servers that do not).
 pub fn vm_image_root(dest: &Path, kernel: &DebianKernel) -> Result<(), FixtureError> {
-    busybox_rootfs(Arch::Amd64, dest)?;
-    let boot = dest.join("boot").join(MODEL);
+    let arch = kernel.arch;
+    busybox_rootfs(arch, dest)?;
+    let boot = dest.join("boot").join(model_of(arch));
     for dir in [boot.as_path(), &dest.join("mnt"), &dest.join("etc/init.d")] {
         std::fs::create_dir_all(dir).map_err(io("creating image dirs"))?;
     }
@@ -291,10 +379,17 @@ pub fn vm_image_root(dest: &Path, kernel: &DebianKernel) -> Result<(), FixtureEr
     std::os::unix::fs::symlink(format!("../vmlinuz-{}", kernel.release), boot.join("vmlinuz"))
         .map_err(io("linking the kernel"))?;
     write(boot.join("initrd.img"), &initramfs(kernel)?, 0o644)?;
-    write(boot.join("start.ipxe"), START_IPXE.as_bytes(), 0o644)?;
+    match arch {
+        Arch::Amd64 => write(boot.join("start.ipxe"), START_IPXE.as_bytes(), 0o644)?,
+        Arch::Arm64 => write(boot.join("start.uboot"), &uboot_script(START_UBOOT)?, 0o644)?,
+    }
     write(
         dest.join("etc/inittab"),
-        b"::sysinit:/etc/init.d/rcS\nttyS0::respawn:/bin/sh\n",
+        format!(
+            "::sysinit:/etc/init.d/rcS\n{}::respawn:/bin/sh\n",
+            console_of(arch)
+        )
+        .as_bytes(),
         0o644,
     )?;
     let rcs = format!(
@@ -311,18 +406,29 @@ pub fn vm_image_root(dest: &Path, kernel: &DebianKernel) -> Result<(), FixtureEr
 /// host's `sshd` ([`install_host_sshd`]) with a host key of its own and no authorized key (the boot
 /// service serves the device's).
 pub fn vm_node_os_root(root: &Path) -> Result<(), FixtureError> {
-    let kernel = debian_kernel()?;
+    vm_node_os_root_for(root, Arch::Amd64)
+}
+
+/// [`vm_node_os_root`] for VM nodes of `arch`: Debian's kernel and OpenSSH server of that CPU
+/// ([`install_sshd`]).
+pub fn vm_node_os_root_for(root: &Path, arch: Arch) -> Result<(), FixtureError> {
+    let kernel = debian_kernel_for(arch)?;
     vm_image_root(root, &kernel)?;
-    install_host_sshd(root, None)
+    install_sshd(root, arch, None)
 }
 
 /// An OCI layout holding `root` as the one-layer image `vm`, labelled for [`MODEL`] (what a lab
 /// image says it boots on).
 pub fn vm_node_os_image(root: &Path) -> Result<crate::images::OciLayout, FixtureError> {
+    vm_node_os_image_for(root, Arch::Amd64)
+}
+
+/// [`vm_node_os_image`] of `arch`, labelled for its model ([`model_of`]).
+pub fn vm_node_os_image_for(root: &Path, arch: Arch) -> Result<crate::images::OciLayout, FixtureError> {
     let layout = crate::images::OciLayout::new()?;
-    layout.new_image("empty", Arch::Amd64)?;
+    layout.new_image("empty", arch)?;
     layout.add_layer_from_dir("empty", "vm", root)?;
-    layout.set_label("vm", "walt.node.models", MODEL)?;
+    layout.set_label("vm", "walt.node.models", model_of(arch))?;
     Ok(layout)
 }
 
@@ -410,9 +516,10 @@ impl Drop for LabNetwork {
     }
 }
 
-/// A VM node on a lab network: `walt-operator vm --accel tcg` (qemu-system-x86_64 on a tap of the
-/// lab bridge), powered on to network boot (its NIC's iPXE ROM), serial console (its standard
-/// output, as in a VM node pod's log) in a file. Powered off on drop.
+/// A VM node on a lab network: `walt-operator vm --accel tcg` (qemu-system-x86_64, or
+/// qemu-system-aarch64 with `--arch arm64`, on a tap of the lab bridge), powered on to network boot
+/// (its NIC's iPXE ROM, or U-Boot), serial console (its standard output, as in a VM node pod's log)
+/// in a file. Powered off on drop.
 #[derive(Debug)]
 pub struct VmNode {
     daemon: Daemon,
@@ -423,19 +530,31 @@ pub struct VmNode {
 impl VmNode {
     /// Powers on a VM with `mac` on `net`'s bridge; its console goes to `dir/console-<mac>.log`.
     pub fn power_on(net: &LabNetwork, mac: &str, dir: &Path) -> Result<Self, FixtureError> {
-        Self::start(net, mac, dir, false)
+        Self::start(net, mac, dir, false, Arch::Amd64)
+    }
+
+    /// [`Self::power_on`], a VM of `arch` (`walt-operator vm --arch`).
+    pub fn power_on_arch(net: &LabNetwork, mac: &str, dir: &Path, arch: Arch) -> Result<Self, FixtureError> {
+        Self::start(net, mac, dir, false, arch)
     }
 
     /// [`Self::power_on`], a VM that restarts when its system reboots (a reboot over SSH
     /// network-boots it again, its console file goes on) instead of powering off.
     pub fn power_on_rebootable(net: &LabNetwork, mac: &str, dir: &Path) -> Result<Self, FixtureError> {
-        Self::start(net, mac, dir, true)
+        Self::start(net, mac, dir, true, Arch::Amd64)
     }
 
-    fn start(net: &LabNetwork, mac: &str, dir: &Path, reboots: bool) -> Result<Self, FixtureError> {
+    fn start(
+        net: &LabNetwork,
+        mac: &str,
+        dir: &Path,
+        reboots: bool,
+        arch: Arch,
+    ) -> Result<Self, FixtureError> {
         let mut args: Vec<String> = ["vm", "--mac", mac, "--bridge", LAB_BRIDGE]
             .into_iter()
             .chain(["--memory", "512Mi", "--cpus", "1", "--accel", "tcg"])
+            .chain(["--arch", arch.name()])
             // A clock far in the past: only the boot service's clock sync sets it right.
             .chain(["--rtc-base", "2001-01-01T00:00:00"])
             .map(str::to_owned)
@@ -464,7 +583,16 @@ impl VmNode {
         mac: &str,
         dir: &Path,
     ) -> Result<Self, FixtureError> {
-        require_tool("qemu-system-x86_64", "qemu-system-x86")?;
+        if args.windows(2).any(|pair| pair == ["--arch", "arm64"]) {
+            require_tool("qemu-system-aarch64", "qemu-system-arm")?;
+            if !Path::new(UBOOT_ARM64).is_file() {
+                return Err(FixtureError::Failed(format!(
+                    "{UBOOT_ARM64} is missing: apt-get install u-boot-qemu"
+                )));
+            }
+        } else {
+            require_tool("qemu-system-x86_64", "qemu-system-x86")?;
+        }
         let console = dir.join(format!("console-{}.log", mac.replace(':', "")));
         // A new console for every power-on: an old marker must not count.
         let _ = std::fs::remove_file(&console);
@@ -543,14 +671,50 @@ pub fn with_libraries(binary: &Path) -> Result<Vec<PathBuf>, FixtureError> {
 /// image root, with a host key of its own, a configuration for root logins by key and, when given,
 /// `authorized_key` for root: the VM node serves SSH like a WalT node.
 pub fn install_host_sshd(dest: &Path, authorized_key: Option<&str>) -> Result<(), FixtureError> {
+    install_sshd(dest, Arch::Amd64, authorized_key)
+}
+
+/// The Debian packages holding the host's `sshd` and the libraries it links (`dpkg -S` of each
+/// file `ldd` names, under `/usr` too: Debian 12 registers some libraries there only).
+fn sshd_packages() -> Result<Vec<String>, FixtureError> {
+    let mut packages = vec!["openssh-server".to_owned()];
+    for file in with_libraries(Path::new("/usr/sbin/sshd"))?.iter().skip(1) {
+        let usr = Path::new("/usr").join(file.strip_prefix("/").unwrap_or(file));
+        let owner = [file.as_path(), usr.as_path()].into_iter().find_map(|path| {
+            run_stdout(Command::new("dpkg").arg("-S").arg(path))
+                .ok()
+                .and_then(|out| out.split(':').next().map(str::trim).map(str::to_owned))
+        });
+        let owner = owner.ok_or_else(|| {
+            FixtureError::Failed(format!("dpkg -S names no package holding {}", file.display()))
+        })?;
+        if !packages.contains(&owner) {
+            packages.push(owner);
+        }
+    }
+    Ok(packages)
+}
+
+/// Installs Debian's OpenSSH server of `arch` in an image root, as [`install_host_sshd`] does: for
+/// amd64 the host's `sshd` and its libraries, for another CPU Debian's `openssh-server` of that CPU
+/// and the packages of the libraries the host's links (the same Debian release links the same ones),
+/// downloaded with `apt-get download` ([`crate::images::debian_deb`]) and unpacked.
+pub fn install_sshd(dest: &Path, arch: Arch, authorized_key: Option<&str>) -> Result<(), FixtureError> {
     require_tool("sshd", "openssh-server")?;
     require_tool("ssh-keygen", "openssh-client")?;
-    for file in with_libraries(Path::new("/usr/sbin/sshd"))? {
-        let target = dest.join(file.strip_prefix("/").unwrap_or(&file));
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).map_err(io("creating a library dir"))?;
+    if arch == Arch::Amd64 {
+        for file in with_libraries(Path::new("/usr/sbin/sshd"))? {
+            let target = dest.join(file.strip_prefix("/").unwrap_or(&file));
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent).map_err(io("creating a library dir"))?;
+            }
+            std::fs::copy(&file, &target).map_err(io("copying sshd or a library"))?;
         }
-        std::fs::copy(&file, &target).map_err(io("copying sshd or a library"))?;
+    } else {
+        for package in sshd_packages()? {
+            let deb = crate::images::debian_deb(&package, arch)?;
+            run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(dest))?;
+        }
     }
     for dir in ["etc/ssh", "root/.ssh", "var/empty", "lib64"] {
         std::fs::create_dir_all(dest.join(dir)).map_err(io("creating ssh dirs"))?;
@@ -873,29 +1037,44 @@ impl Drop for ReferenceServers {
 
 /// The files of the cluster tier's VM node image ([`crate::lab::ensure_vm_node_image`]): the
 /// static `walt-operator` at `/usr/bin` (a VM node pod runs `walt-operator vm`) and the host's
-/// Debian `qemu-system-x86_64` with what it loads at run time: its shared libraries, its TCG
-/// accelerator module, and its firmware directories as `qemu-system-x86_64 -L help` lists them
-/// (the BIOS, the NICs' iPXE option ROMs; symbolic links followed, as Debian links them across
-/// packages). Paths are the host's, so qemu finds everything where it was built to look.
+/// Debian `qemu-system-x86_64` (amd64 VM nodes) and `qemu-system-aarch64` (arm64 VM nodes) with what
+/// they load at run time: their shared libraries, the x86 TCG accelerator module, their firmware
+/// directories as `qemu-system-* -L help` lists them (the BIOS, the NICs' iPXE option ROMs; symbolic
+/// links followed, as Debian links them across packages) and U-Boot for the arm64 board. Paths are
+/// the host's, so qemu finds everything where it was built to look.
 pub fn vm_node_image_files(operator: &Path) -> Result<Vec<crate::image_build::Entry>, FixtureError> {
     use crate::image_build::Entry;
-    require_tool(QEMU_SYSTEM, "qemu-system-x86")?;
-    let qemu = which(QEMU_SYSTEM)?;
-    let mut files: Vec<(PathBuf, u32)> = with_libraries(&qemu)?.into_iter().map(|f| (f, 0o755)).collect();
-    for module in QEMU_MODULES {
-        for file in with_libraries(&Path::new(QEMU_MODULE_DIR).join(module))? {
-            if !files.iter().any(|(f, _)| *f == file) {
-                files.push((file, 0o755));
+    let mut files: Vec<(PathBuf, u32)> = Vec::new();
+    let mut add = |file: PathBuf, mode: u32| {
+        if !files.iter().any(|(f, _)| *f == file) {
+            files.push((file, mode));
+        }
+    };
+    for (program, package, modules) in QEMU_SYSTEMS {
+        require_tool(program, package)?;
+        let qemu = which(program)?;
+        for file in with_libraries(&qemu)? {
+            add(file, 0o755);
+        }
+        for module in modules {
+            for file in with_libraries(&Path::new(QEMU_MODULE_DIR).join(module))? {
+                add(file, 0o755);
+            }
+        }
+        let data_dirs = run_stdout(Command::new(&qemu).args(["-L", "help"]))?;
+        for dir in data_dirs.lines().map(str::trim).filter(|l| l.starts_with('/')) {
+            let dir = std::fs::canonicalize(dir).map_err(io("resolving a qemu data directory"))?;
+            for file in files_under(&dir)? {
+                add(file, 0o644);
             }
         }
     }
-    let data_dirs = run_stdout(Command::new(&qemu).args(["-L", "help"]))?;
-    for dir in data_dirs.lines().map(str::trim).filter(|l| l.starts_with('/')) {
-        let dir = std::fs::canonicalize(dir).map_err(io("resolving a qemu data directory"))?;
-        for file in files_under(&dir)? {
-            files.push((file, 0o644));
-        }
+    if !Path::new(UBOOT_ARM64).is_file() {
+        return Err(FixtureError::Failed(format!(
+            "{UBOOT_ARM64} is missing: apt-get install u-boot-qemu"
+        )));
     }
+    add(PathBuf::from(UBOOT_ARM64), 0o644);
     let mut entries = vec![Entry::dir("tmp", 0o1777)];
     let mut dirs = std::collections::BTreeSet::new();
     for path in
@@ -917,12 +1096,16 @@ pub fn vm_node_image_files(operator: &Path) -> Result<Vec<crate::image_build::En
     Ok(entries)
 }
 
-/// The qemu VM nodes run.
-const QEMU_SYSTEM: &str = "qemu-system-x86_64";
+/// The qemu programs VM nodes run, their Debian packages, and the modules each loads: Debian builds
+/// x86's TCG as a module (KVM is built in); aarch64's TCG is built in.
+const QEMU_SYSTEMS: [(&str, &str, &[&str]); 2] = [
+    ("qemu-system-x86_64", "qemu-system-x86", &["accel-tcg-x86_64.so"]),
+    ("qemu-system-aarch64", "qemu-system-arm", &[]),
+];
+/// Debian's U-Boot for qemu's arm64 `virt` board (`u-boot-qemu`), arm64 VM nodes' firmware.
+pub const UBOOT_ARM64: &str = "/usr/lib/u-boot/qemu_arm64/u-boot.bin";
 /// Where Debian's qemu loads its modules from.
 const QEMU_MODULE_DIR: &str = "/usr/lib/x86_64-linux-gnu/qemu";
-/// The modules a VM node's qemu loads: TCG (KVM is built in) is one in Debian's build.
-const QEMU_MODULES: [&str; 1] = ["accel-tcg-x86_64.so"];
 
 fn relative(path: &Path) -> String {
     path.strip_prefix("/").unwrap_or(path).display().to_string()

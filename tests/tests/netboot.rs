@@ -20,17 +20,23 @@
 //!    kernel → NFS mount → booted) are printed. A change on the node (a new file, a deletion) is saved
 //!    with `walt-operator save`; a VM whose MAC is not registered gets no image; the node then boots
 //!    the saved image (verified: the saved digest) and finds its change.
+//!    An arm64 VM node (`walt-operator vm --arch arm64`: `qemu-system-aarch64 -machine virt` with
+//!    Debian's U-Boot) boots an image of Debian's arm64 kernel, busybox and OpenSSH the same way: DHCP,
+//!    then `boot.scr.uimg` over TFTP, answered with the image's `start.uboot`, kernel and initramfs over
+//!    TFTP; verified, SSH to the device's host key.
 //! 3. Control plane tier: the boot service fed from the cluster; the operator verifying what a VM
 //!    booted; the operator powering a VM node (its pod's `walt-operator vm` run here as a kubelet
-//!    would), power-cycled by the boot watchdog and by a reboot request.
+//!    would), power-cycled by the boot watchdog and by a reboot request; an arm64 VM node from a
+//!    `u-boot` VM slot.
 
 use std::process::Command;
 use std::time::Duration;
 
 use walt_tests::images::{Arch, OciLayout};
 use walt_tests::netboot::{
-    BOOTED_MARKER, BootServer, Forward, LabNetwork, MODEL, ReferenceServers, VmNode, add_plain_walt_init,
-    debian_kernel, in_netns, install_host_sshd, output, vm_image_root, vm_node_os_image, vm_node_os_root,
+    BOOTED_MARKER, BootServer, Forward, LabNetwork, MODEL, MODEL_ARM64, ReferenceServers, VmNode,
+    add_plain_walt_init, debian_kernel, in_netns, install_host_sshd, output, vm_image_root,
+    vm_node_os_image_for, vm_node_os_root_for,
 };
 use walt_tests::registry::Registry;
 use walt_tests::{require_root, run};
@@ -598,11 +604,22 @@ fn keygen(path: &std::path::Path, comment: &str) -> std::path::PathBuf {
 /// own and no authorized key (the boot service serves the device's), no `walt-init`, and
 /// `/etc/delete-me` for a node to delete; its layout (image `vm`) and digest.
 fn push_vm_image(scratch: &std::path::Path, registry: &Registry, reference: &str) -> (OciLayout, String) {
+    push_vm_image_for(scratch, registry, reference, Arch::Amd64)
+}
+
+/// [`push_vm_image`] for VM nodes of `arch` (arm64: Debian's arm64 kernel, busybox and OpenSSH,
+/// `/boot/qemu-arm-64/start.uboot`).
+fn push_vm_image_for(
+    scratch: &std::path::Path,
+    registry: &Registry,
+    reference: &str,
+    arch: Arch,
+) -> (OciLayout, String) {
     let root = scratch.join("image-root");
-    vm_node_os_root(&root).expect("image root");
+    vm_node_os_root_for(&root, arch).expect("image root");
     std::fs::write(root.join("etc/delete-me"), "deleted on the node, then saved\n")
         .expect("a file to delete");
-    let layout = vm_node_os_image(&root).expect("image layout");
+    let layout = vm_node_os_image_for(&root, arch).expect("image layout");
     let digest = layout.push("vm", registry, reference).expect("push");
     (layout, digest)
 }
@@ -959,6 +976,233 @@ fn vm_node_network_boots_its_image() {
     println!(
         "figures: boot of the saved image: power-on → booted marker {:.1} s",
         rebooted.as_secs_f64()
+    );
+}
+
+/// An arm64 VM node network-boots like a U-Boot board: `walt-operator vm --arch arm64 --accel tcg`
+/// (`qemu-system-aarch64 -machine virt`, Debian's U-Boot as its firmware) on the lab bridge; U-Boot's
+/// default boot asks DHCP (vendor class `U-Boot.armv8`), then `boot.scr.uimg` over TFTP, which the
+/// boot service answers with the image's `/boot/qemu-arm-64/start.uboot` (a uImage script made with
+/// `mkimage`); that script loads Debian's arm64 kernel and the initramfs over TFTP and boots them;
+/// the initramfs mounts the root over NFSv3, walt's `walt-init` notifies the boot. Checked like the
+/// amd64 VM: the booted marker with the digest, SSH to the device's host key (Debian's arm64 OpenSSH
+/// answering `uname -m` aarch64), the boot record verified, the journal naming the pushed digest for
+/// DHCP, the TFTP files and the NFS mount. Prints power-on → verified.
+#[test]
+fn arm64_vm_node_network_boots_its_image_through_u_boot() {
+    require_root().expect("root");
+    let _vm = one_vm_at_a_time();
+    let scratch = tempfile::tempdir().expect("scratch dir");
+    let client_key = keygen(&scratch.path().join("id_ed25519"), "client");
+    let host_key = keygen(&scratch.path().join("device_host_key"), "arm1");
+    let host_public = std::fs::read_to_string(host_key.with_extension("pub")).expect("host public key");
+    let registry = Registry::start().expect("registry");
+    let (_, digest) = push_vm_image_for(scratch.path(), &registry, "netboot/arm:latest", Arch::Arm64);
+    let net = LabNetwork::create(211).expect("lab network");
+    let mac = "52:54:00:aa:64:01";
+    let device = format!(
+        "mac={mac},ip={},name=arm1,model={MODEL_ARM64},image={},host-key={}",
+        net.device_ip(0),
+        registry.reference("netboot/arm:latest"),
+        host_key.display()
+    );
+    let server = BootServer::start(
+        &net,
+        scratch.path(),
+        Some(&registry),
+        &[
+            "--device".into(),
+            device,
+            "--listen".into(),
+            net.server.to_string(),
+            "--dhcp".into(),
+            "authoritative".into(),
+            "--dhcp-interface".into(),
+            "br0".into(),
+            "--authorized-keys".into(),
+            client_key.with_extension("pub").display().to_string(),
+            "--status-listen".into(),
+            STATUS.into(),
+        ],
+    );
+    let known_hosts = scratch.path().join("known_hosts");
+    std::fs::write(&known_hosts, format!("{} {}", net.device_ip(0), host_public)).expect("known_hosts");
+
+    let mut vm = VmNode::power_on_arch(&net, mac, scratch.path(), Arch::Arm64).expect("power on");
+    let booted = vm
+        .wait_console(BOOTED_MARKER, Duration::from_mins(5))
+        .expect("the arm64 VM boots");
+    let console = vm.console();
+    assert!(
+        console.contains("U-Boot") && console.contains("boot.scr.uimg"),
+        "U-Boot booted it, asking its distro script: {console}"
+    );
+    let marker = console
+        .lines()
+        .find(|l| l.contains(BOOTED_MARKER))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        marker.contains("arm1") && marker.contains(&digest),
+        "the host name from DHCP, the digest from the top layer: {marker}"
+    );
+    let verified = walt_tests::wait::Wait::new("the boot notification", Duration::from_mins(2))
+        .every(Duration::from_millis(250))
+        .until(|| boot_of(&net, mac)["verdict"]["reason"] == "Verified");
+    verified.unwrap_or_else(|e| panic!("{e}: {}", boot_of(&net, mac)));
+    let verified_at = vm.since_power_on();
+    let record = boot_of(&net, mac);
+    assert_eq!(record["verdict"]["digest"], digest.as_str(), "{record}");
+
+    let ssh_ready = walt_tests::wait::Wait::new("sshd on the arm64 VM node", Duration::from_mins(2))
+        .every(Duration::from_millis(250))
+        .until(|| ssh_to(&net, &client_key, &known_hosts, "true").0);
+    ssh_ready.unwrap_or_else(|e| panic!("{e}: {}", vm.console()));
+    let ssh_at = vm.since_power_on();
+    let (ok, out) = ssh_to(
+        &net,
+        &client_key,
+        &known_hosts,
+        "uname -m; cat /proc/mounts; cat /etc/walt/image-digest",
+    );
+    assert!(ok, "ssh: {out}");
+    assert!(out.starts_with("aarch64\n"), "an arm64 kernel runs it: {out}");
+    assert!(
+        out.contains("overlay / overlay")
+            && out.contains(&format!("/var/lib/walt/nodes/{mac}/fs"))
+            && out.contains(" nfs ro,"),
+        "the RAM overlay over the read-only NFS root: {out}"
+    );
+    assert!(out.trim_end().ends_with(&digest), "{out}");
+
+    let journal = server.journal();
+    let first = |protocol: &str, path: &str| {
+        journal
+            .iter()
+            .find(|e| {
+                e["protocol"] == protocol
+                    && e["refused"].is_null()
+                    && e["path"].as_str().is_some_and(|p| p.contains(path))
+            })
+            .unwrap_or_else(|| panic!("no {protocol} {path} in the journal: {journal:?}"))
+    };
+    for (protocol, path) in [
+        ("dhcp", "start.uboot"),
+        ("tftp", "boot.scr.uimg"),
+        ("tftp", "vmlinuz"),
+        ("tftp", "initrd.img"),
+        ("nfs-mount", mac),
+        ("boot-notification", "booted"),
+    ] {
+        let entry = first(protocol, path);
+        assert_eq!(entry["digest"], digest.as_str(), "{protocol} {path}: {entry}");
+        assert_eq!(entry["mac"], mac, "{entry}");
+    }
+    let at = |protocol: &str, path: &str| first(protocol, path)["at_ms"].as_u64().unwrap_or_default();
+    let (dhcp, script, kernel, mount, notified) = (
+        at("dhcp", "start.uboot"),
+        at("tftp", "boot.scr.uimg"),
+        at("tftp", "vmlinuz"),
+        at("nfs-mount", mac),
+        at("boot-notification", "booted"),
+    );
+    let secs = |from: u64, to: u64| to.saturating_sub(from) as f64 / 1000.0;
+    println!(
+        "figures (arm64, TCG): power-on → booted marker {:.1} s, → verified {:.1} s, → SSH ready {:.1} s; \
+         DHCP offer → boot script {:.1} s → kernel request {:.1} s → NFS mount {:.1} s → boot notification {:.1} s; {marker}",
+        booted.as_secs_f64(),
+        verified_at.as_secs_f64(),
+        ssh_at.as_secs_f64(),
+        secs(dhcp, script),
+        secs(script, kernel),
+        secs(kernel, mount),
+        secs(mount, notified),
+    );
+}
+
+/// The cluster tier's VM node image (what the chart's `vmNodes.image` runs) powers both machines:
+/// `qemu-system-x86_64` with its TCG module and the iPXE ROMs, `qemu-system-aarch64` and Debian's
+/// U-Boot for the arm64 `virt` board, beside the static `walt-operator`.
+#[test]
+fn the_vm_node_image_holds_the_amd64_and_the_arm64_machines() {
+    let files = walt_tests::netboot::vm_node_image_files(&walt_tests::operator::operator_binary())
+        .expect("the VM node image's files");
+    let paths: Vec<&str> = files.iter().map(walt_tests::image_build::Entry::path).collect();
+    for wanted in [
+        "usr/bin/walt-operator",
+        "usr/bin/qemu-system-x86_64",
+        "usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so",
+        "usr/bin/qemu-system-aarch64",
+        "usr/lib/u-boot/qemu_arm64/u-boot.bin",
+    ] {
+        assert!(
+            paths.contains(&wanted),
+            "{wanted} in the VM node image: {paths:?}"
+        );
+    }
+    assert!(
+        paths.iter().any(|p| p.ends_with("efi-virtio.rom")),
+        "the virtio NIC's iPXE ROM: {paths:?}"
+    );
+}
+
+/// The operator's VM node flags of the control plane tests: an image no kubelet pulls (the test runs
+/// the pod's arguments itself), the lab bridge of the test's network, TCG.
+const VM_OPERATOR_ARGS: [&str; 6] = [
+    "--vm-image",
+    "127.0.0.1:1/walt/vm:test",
+    "--vm-network",
+    "default=br0",
+    "--vm-accel",
+    "tcg",
+];
+
+/// Control plane tier: the operator powers an **arm64 VM node** from a `u-boot` VM slot Device
+/// (model `qemu-arm-64`) for a Node `virtual: {kind: vm, architecture: arm64}`: its pod's arguments
+/// add `--arch arm64`; run as the kubelet would, the VM (qemu-system-aarch64, U-Boot) network-boots
+/// the arm64 image from the boot service fed by the cluster, and the Node's booted image is verified
+/// and Ready.
+#[test]
+fn operator_powers_an_arm64_vm_node_from_a_u_boot_slot() {
+    require_root().expect("root");
+    let _vm = one_vm_at_a_time();
+    let lab = OperatorLab::start_arch(
+        212,
+        HostKeys::Pinned,
+        ", virtual: {kind: vm, architecture: arm64, memory: 512Mi}",
+        &VM_OPERATOR_ARGS,
+        Arch::Arm64,
+    );
+    let set_up = lab.started.elapsed();
+    let runtime = format!("walt-run-{}", lab.ns);
+    lab.wait_served();
+    let (_pod, args) = vm_pod(&lab, &runtime, None);
+    assert_eq!(
+        args.join(" "),
+        format!(
+            "vm --mac {} --bridge br0 --memory 512Mi --cpus 1 --accel tcg --arch arm64",
+            lab.mac
+        ),
+        "the VM runner's arguments"
+    );
+    let mut vm = VmNode::power_on_as_pod(&lab.net, &args, lab.scratch.path()).expect("power on");
+    let booted = vm
+        .wait_console(BOOTED_MARKER, Duration::from_mins(5))
+        .unwrap_or_else(|e| panic!("{e}\nboot server: {:?}", lab.server.journal()));
+    let console = vm.console();
+    assert!(
+        console.contains(&format!("walt-operator vm: {} on br0", lab.mac))
+            && console.contains("arm64")
+            && console.contains("U-Boot"),
+        "U-Boot on an arm64 VM booted it: {console}"
+    );
+    let verified = lab.verified_as(&vm, &lab.digest);
+    lab.wait_ready();
+    println!(
+        "figures (arm64 VM node under the operator, TCG): set-up {:.1} s; power-on → booted marker {:.1} s, → bootedImage verified {:.1} s",
+        set_up.as_secs_f64(),
+        booted.as_secs_f64(),
+        verified.as_secs_f64(),
     );
 }
 
@@ -2549,6 +2793,22 @@ impl OperatorLab {
     /// Sets it up on lab network `index`; the Node's spec gets `node_extra` (YAML flow entries,
     /// e.g. `virtual: {kind: vm}`), the operator `operator_extra` arguments.
     fn start(index: u8, host_keys: HostKeys, node_extra: &str, operator_extra: &[&str]) -> Self {
+        Self::start_arch(index, host_keys, node_extra, operator_extra, Arch::Amd64)
+    }
+
+    /// [`Self::start`] with an image and a Device of `arch`: an amd64 one (model `pc-x86-64`,
+    /// firmware `ipxe`) or an arm64 one (model `qemu-arm-64`, firmware `u-boot`).
+    fn start_arch(
+        index: u8,
+        host_keys: HostKeys,
+        node_extra: &str,
+        operator_extra: &[&str],
+        arch: Arch,
+    ) -> Self {
+        let (model, firmware) = match arch {
+            Arch::Amd64 => (MODEL, "ipxe"),
+            Arch::Arm64 => (MODEL_ARM64, "u-boot"),
+        };
         let started = std::time::Instant::now();
         let cluster = control_plane();
         let scratch = tempfile::tempdir().expect("scratch dir");
@@ -2562,7 +2822,8 @@ impl OperatorLab {
         let net = LabNetwork::create(index).expect("lab network");
         let ns = cluster.create_namespace("bootop").expect("namespace");
         // Pushed where the operator looks for the namespace's Images `os` and `os2` by default.
-        let (layout, digest) = push_vm_image(scratch.path(), &registry, &format!("lab/{ns}/os:latest"));
+        let (layout, digest) =
+            push_vm_image_for(scratch.path(), &registry, &format!("lab/{ns}/os:latest"), arch);
         layout
             .add_layer("vm", "v2", |root| {
                 std::fs::write(root.join("etc/second-image"), "v2\n")
@@ -2586,9 +2847,9 @@ impl OperatorLab {
                 "apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: os, namespace: {ns}}}\nspec: {{}}\n---\n\
                  apiVersion: walt.dev/v1alpha1\nkind: Image\nmetadata: {{name: os2, namespace: {ns}}}\nspec: {{}}\n---\n\
                  apiVersion: walt.dev/v1alpha1\nkind: Node\nmetadata: {{name: vm1, namespace: {ns}}}\n\
-                 spec: {{model: {MODEL}, device: {device}, image: os{node_extra}}}\n---\n\
+                 spec: {{model: {model}, device: {device}, image: os{node_extra}}}\n---\n\
                  apiVersion: walt.dev/v1alpha1\nkind: Device\nmetadata: {{name: {device}}}\n\
-                 spec: {{address: '{}', sshPort: 22, model: {MODEL}, mac: '{mac}', firmware: ipxe, \
+                 spec: {{address: '{}', sshPort: 22, model: {model}, mac: '{mac}', firmware: {firmware}, \
                  {}lentTo: {{namespace: {ns}}}}}\n",
                 net.device_ip(0),
                 match host_keys {
@@ -3108,16 +3369,7 @@ fn operator_powers_a_vm_node_and_power_cycles_it() {
         207,
         HostKeys::Pinned,
         ", virtual: {kind: vm, memory: 512Mi}",
-        &[
-            "--vm-image",
-            "127.0.0.1:1/walt/vm:test",
-            "--vm-network",
-            "default=br0",
-            "--vm-accel",
-            "tcg",
-            "--boot-timeout",
-            "90s",
-        ],
+        &[&VM_OPERATOR_ARGS[..], &["--boot-timeout", "90s"]].concat(),
     );
     let set_up = lab.started.elapsed();
     let runtime = format!("walt-run-{}", lab.ns);

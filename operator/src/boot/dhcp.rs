@@ -300,7 +300,7 @@ pub fn boot_file(firmware: &Firmware, server: Ipv4Addr) -> Option<String> {
     match firmware {
         Firmware::Ipxe(_) => Some(format!("http://{server}/boot/start.ipxe")),
         Firmware::Pxe => Some("undionly.kpxe".into()),
-        Firmware::Uboot => Some("start.uboot".into()),
+        Firmware::Uboot => Some(super::tftp::UBOOT_WALT_SCRIPT.into()),
         Firmware::Rpi | Firmware::Other => None,
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::net::UdpSocket;
 
 use super::state::{self, BootState};
-use super::view::{Kind, ResolveError};
+use super::view::{ImageView, Kind, ResolveError};
 
 /// Default and limits of the block size.
 pub const DEFAULT_BLKSIZE: usize = 512;
@@ -205,6 +205,50 @@ pub fn boot_path(model: &str, file: &str) -> String {
     format!("/boot/{model}/{file}")
 }
 
+/// The boot script a stock U-Boot asks for over TFTP after its DHCP (its default boot,
+/// `distro_bootcmd`), then runs.
+pub const UBOOT_DISTRO_SCRIPT: &str = "boot.scr.uimg";
+/// The boot script of WalT images for U-Boot boards (a uImage script), which WalT's first stage on a
+/// board's SD card loads over TFTP and runs; DHCP names it as U-Boot's boot file.
+pub const UBOOT_WALT_SCRIPT: &str = "start.uboot";
+
+/// The image paths that may answer a TFTP request for `file`, the first that exists wins (pure):
+/// [`boot_path`], and for [`UBOOT_DISTRO_SCRIPT`] then the image's [`UBOOT_WALT_SCRIPT`]. A stock
+/// U-Boot (an arm64 VM node's, a board without WalT's SD card) so runs WalT's boot script as WalT's
+/// first stage would; an image that has its own `boot.scr.uimg` is served that.
+pub fn boot_paths(model: &str, file: &str) -> Vec<String> {
+    let asked = boot_path(model, file);
+    let mut paths = vec![asked.clone()];
+    if asked == boot_path(model, UBOOT_DISTRO_SCRIPT) {
+        paths.push(boot_path(model, UBOOT_WALT_SCRIPT));
+    }
+    paths
+}
+
+/// The file of `view` at the first of `paths` that is one (its bytes and size), else why the first
+/// is not.
+fn find_boot_file(view: &ImageView, paths: &[String]) -> Result<(Source, u64), (ErrorCode, String)> {
+    let mut first_refusal = None;
+    for path in paths {
+        let found = match view.resolve(path.as_bytes()) {
+            Ok(id) => match view.inode(id).map(|i| (&i.kind, i.attr.size)) {
+                Some((Kind::File(layer_path), size)) => Ok((Source::Layer(layer_path.clone()), size)),
+                Some((Kind::Data(data), size)) => Ok((Source::Memory(data.clone()), size)),
+                _ => Err((ErrorCode::NotFound, format!("{path}: not a regular file"))),
+            },
+            Err(ResolveError::Loop) => Err((ErrorCode::NotFound, format!("{path}: symbolic link loop"))),
+            Err(e) => Err((ErrorCode::NotFound, format!("{path}: {e}"))),
+        };
+        match found {
+            Ok(found) => return Ok(found),
+            Err(refusal) => {
+                first_refusal.get_or_insert(refusal);
+            }
+        }
+    }
+    Err(first_refusal.unwrap_or((ErrorCode::NotFound, "no file asked".into())))
+}
+
 /// Serves TFTP on `socket`; transfers run from new sockets bound to `local` (port 0).
 pub async fn serve(socket: UdpSocket, local: IpAddr, state: Arc<BootState>) {
     let mut buf = vec![0; 2048];
@@ -285,18 +329,7 @@ async fn read_request(
             ErrorCode::Access,
             "unknown device: no image is served to this address".to_string(),
         )),
-        Some(b) => {
-            let path = boot_path(&b.model, file);
-            match b.view.resolve(path.as_bytes()) {
-                Ok(id) => match b.view.inode(id).map(|i| (&i.kind, i.attr.size)) {
-                    Some((Kind::File(layer_path), size)) => Ok((Source::Layer(layer_path.clone()), size)),
-                    Some((Kind::Data(data), size)) => Ok((Source::Memory(data.clone()), size)),
-                    _ => Err((ErrorCode::NotFound, format!("{path}: not a regular file"))),
-                },
-                Err(ResolveError::Loop) => Err((ErrorCode::NotFound, format!("{path}: symbolic link loop"))),
-                Err(e) => Err((ErrorCode::NotFound, format!("{path}: {e}"))),
-            }
-        }
+        Some(b) => find_boot_file(&b.view, &boot_paths(&b.model, file)),
     };
     let (source, size) = match found {
         Ok(found) => found,
@@ -432,6 +465,53 @@ mod tests {
         assert_eq!(
             negotiate(&[("blksize".into(), "4".into())], 1).blksize,
             DEFAULT_BLKSIZE
+        );
+    }
+
+    #[test]
+    fn u_boots_distro_script_is_the_images_own_else_its_walt_boot_script() {
+        assert_eq!(
+            boot_paths("qemu-arm-64", "boot.scr.uimg"),
+            ["/boot/qemu-arm-64/boot.scr.uimg", "/boot/qemu-arm-64/start.uboot"]
+        );
+        assert_eq!(
+            boot_paths("qemu-arm-64", "/start.uboot"),
+            ["/boot/qemu-arm-64/start.uboot"]
+        );
+        assert_eq!(boot_paths("rpi-3-b", "kernel"), ["/boot/rpi-3-b/kernel"]);
+    }
+
+    #[test]
+    fn a_missing_file_is_refused_by_its_own_path_and_a_fallback_serves() {
+        use crate::boot::view::{ImageView, TopEntry};
+        use crate::overlay::OpaqueXattr;
+        let base = Arc::new(ImageView::build(&[], "sha256:feed", OpaqueXattr::Trusted).expect("empty view"));
+        let script = TopEntry {
+            path: "/boot/qemu-arm-64/start.uboot".into(),
+            mode: 0o644,
+            data: Some(b"script".to_vec()),
+        };
+        let view = ImageView::with_top_layer(base.clone(), &[script], "vm1", (0, 0))
+            .expect("a view with start.uboot");
+        let paths = boot_paths("qemu-arm-64", "boot.scr.uimg");
+        let found = find_boot_file(&view, &paths).map(|(_, size)| size);
+        assert_eq!(found, Ok(6), "start.uboot answers boot.scr.uimg");
+        let missing = find_boot_file(&view, &boot_paths("qemu-arm-64", "vmlinuz"))
+            .map(|(_, size)| size)
+            .expect_err("no vmlinuz");
+        assert_eq!(missing.0, ErrorCode::NotFound);
+        assert!(
+            missing.1.starts_with("/boot/qemu-arm-64/vmlinuz"),
+            "{}",
+            missing.1
+        );
+        let none = find_boot_file(&base, &paths)
+            .map(|(_, size)| size)
+            .expect_err("neither");
+        assert!(
+            none.1.starts_with("/boot/qemu-arm-64/boot.scr.uimg"),
+            "{}",
+            none.1
         );
     }
 

@@ -1,6 +1,8 @@
 //! `walt-operator vm`: a VM node's machine, what the VM node pod runs as its first process. It
-//! plugs a tap into the lab network's bridge, then runs `qemu-system-x86_64` on it, whose NIC's iPXE
-//! ROM network-boots from the boot service exactly like a lab PC (the VM's MAC is its Device's).
+//! plugs a tap into the lab network's bridge, then runs qemu on it: an amd64 VM is a PC
+//! (`qemu-system-x86_64`) whose NIC's iPXE ROM network-boots from the boot service exactly like a lab
+//! PC; an arm64 VM is a board (`qemu-system-aarch64 -machine virt`) whose U-Boot network-boots like a
+//! lab board (the VM's MAC is its Device's).
 //! The serial console is qemu's standard input and output: the pod's log (`kubectl walt node
 //! console`), and typed input through an attach. The pure half ([`machine`], [`qemu_args`],
 //! [`tap_name`], the quantity conversions) is what the tests and the operator share; the I/O half
@@ -11,8 +13,45 @@ use std::process::ExitStatus;
 
 use crate::boot::state::Mac;
 
-/// The qemu program VM nodes run (amd64 first).
-pub const QEMU: &str = "qemu-system-x86_64";
+/// Where Debian's `u-boot-qemu` puts the U-Boot of qemu's arm64 `virt` machine (arm64 VMs' firmware).
+pub const UBOOT_ARM64: &str = "/usr/lib/u-boot/qemu_arm64/u-boot.bin";
+
+/// What machine a VM is: the CPU of the images it boots, which decides its qemu and its firmware.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum VmArch {
+    /// A PC: `qemu-system-x86_64 -machine q35`, network-booted by its NIC's iPXE ROM.
+    #[default]
+    Amd64,
+    /// An arm64 board: `qemu-system-aarch64 -machine virt`, network-booted by U-Boot
+    /// ([`UBOOT_ARM64`], qemu's `-bios`): DHCP, then its boot script over TFTP.
+    Arm64,
+}
+
+impl VmArch {
+    /// The OCI name (`amd64`, `arm64`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Amd64 => "amd64",
+            Self::Arm64 => "arm64",
+        }
+    }
+
+    /// The qemu program that runs this machine.
+    pub fn qemu(self) -> &'static str {
+        match self {
+            Self::Amd64 => "qemu-system-x86_64",
+            Self::Arm64 => "qemu-system-aarch64",
+        }
+    }
+
+    /// Rust's name of this CPU (`std::env::consts::ARCH`): KVM runs only a VM of the host's CPU.
+    fn rust_arch(self) -> &'static str {
+        match self {
+            Self::Amd64 => "x86_64",
+            Self::Arm64 => "aarch64",
+        }
+    }
+}
 
 /// How the VM's CPU runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -59,9 +98,12 @@ pub struct Args {
     /// CPUs of the VM, a Kubernetes quantity (`1`, `1500m`: rounded up to whole CPUs).
     #[arg(long, default_value = "1")]
     pub cpus: String,
-    /// `auto`: KVM when `/dev/kvm` can be opened, else TCG.
+    /// `auto`: KVM when `/dev/kvm` can be opened and the VM's CPU is the host's, else TCG.
     #[arg(long, value_enum, default_value = "auto")]
     pub accel: AccelChoice,
+    /// The VM's CPU: `amd64` (a PC, iPXE) or `arm64` (qemu's `virt` board, U-Boot).
+    #[arg(long, value_enum, default_value = "amd64")]
+    pub arch: VmArch,
     /// Power off when the guest reboots (qemu `-no-reboot`) instead of resetting and network-booting
     /// again like a device.
     #[arg(long)]
@@ -70,9 +112,12 @@ pub struct Args {
     /// `2001-01-01T00:00:00`).
     #[arg(long, default_value = "utc")]
     pub rtc_base: String,
-    /// The qemu program.
-    #[arg(long, default_value = QEMU)]
-    pub qemu: String,
+    /// The qemu program (default: `qemu-system-x86_64` for amd64, `qemu-system-aarch64` for arm64).
+    #[arg(long)]
+    pub qemu: Option<String>,
+    /// arm64: the U-Boot qemu loads as the board's firmware (`-bios`).
+    #[arg(long, default_value = UBOOT_ARM64)]
+    pub uboot: String,
 }
 
 /// Why a VM cannot be powered on.
@@ -97,8 +142,8 @@ pub enum VmError {
         reason: &'static str,
     },
     /// KVM was required and cannot be used here.
-    #[error("--accel kvm: /dev/kvm cannot be opened here (use --accel auto or tcg)")]
-    NoKvm,
+    #[error("--accel kvm: KVM cannot run {arch} VMs here (no /dev/kvm, or another CPU): use --accel auto or tcg", arch = .0.as_str())]
+    NoKvm(VmArch),
     /// A system call setting up the network failed.
     #[error("{what}: {source}")]
     Network {
@@ -120,6 +165,8 @@ pub enum VmError {
 /// The machine a VM node is (pure description; [`qemu_args`] turns it into qemu's command line).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Machine {
+    /// The CPU, hence the board and its firmware.
+    pub arch: VmArch,
     /// The NIC's MAC address.
     pub mac: Mac,
     /// Memory, MiB.
@@ -132,26 +179,31 @@ pub struct Machine {
     pub exit_on_reboot: bool,
     /// qemu's `-rtc base=`.
     pub rtc_base: String,
+    /// arm64: U-Boot, qemu's `-bios`.
+    pub uboot: String,
 }
 
-/// The machine `args` describe (pure): `kvm_usable` says whether `/dev/kvm` opens here.
+/// The machine `args` describe (pure): `kvm_usable` says whether KVM can run a VM of `args.arch`
+/// here (`/dev/kvm` opens and the host has that CPU).
 pub fn machine(args: &Args, kvm_usable: bool) -> Result<Machine, VmError> {
     let mac = args.mac.parse::<Mac>().map_err(|e| VmError::Mac {
         mac: args.mac.clone(),
         reason: e.to_string(),
     })?;
     let accel = match (args.accel, kvm_usable) {
-        (AccelChoice::Kvm, false) => return Err(VmError::NoKvm),
+        (AccelChoice::Kvm, false) => return Err(VmError::NoKvm(args.arch)),
         (AccelChoice::Kvm | AccelChoice::Auto, true) => Accel::Kvm,
         (AccelChoice::Tcg, _) | (AccelChoice::Auto, false) => Accel::Tcg,
     };
     Ok(Machine {
+        arch: args.arch,
         mac,
         memory_mib: mib_of(&args.memory)?,
         cpus: cpus_of(&args.cpus)?,
         accel,
         exit_on_reboot: args.exit_on_reboot,
         rtc_base: args.rtc_base.clone(),
+        uboot: args.uboot.clone(),
     })
 }
 
@@ -238,55 +290,70 @@ pub fn tap_name(mac: Mac) -> String {
 /// power-cycles it (seen: 265 s to the first boot instead of 70 s on the cluster tier).
 pub const BOOT_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// qemu's command line for `machine`, whose NIC is the open tap `tap_fd` (pure). A q35 PC that
-/// boots from its virtio NIC (iPXE ROM) only, and tries again every [`BOOT_RETRY`] until it boots
-/// (with `exit_on_reboot`, qemu exits instead); no display, no monitor; the serial console on
-/// standard input and output (Ctrl-C goes to the guest, not to qemu).
+/// qemu's command line for `machine`, whose NIC is the open tap `tap_fd` (pure). The board comes
+/// from the architecture: amd64, a q35 PC that boots from its NIC's iPXE ROM only and tries again
+/// every [`BOOT_RETRY`] until it boots; arm64, qemu's `virt` board (GICv3 where it can: more than 8
+/// CPUs) with U-Boot as its firmware, whose default boot ends with DHCP (U-Boot asks for about a
+/// minute, then stops at its prompt, where the boot watchdog finds it) and a boot script over TFTP.
+/// Both: a virtio NIC with the Device's MAC (arm64: on the board's virtio-mmio bus, as U-Boot
+/// 2023.01's virtio PCI driver reads the MAC wrong, `52:52:52:52:52:52` for `52:54:00:…`); no
+/// display, no monitor; the serial console on standard input and output (Ctrl-C goes to the guest,
+/// not to qemu); the host's CPU under KVM (under TCG an arm64 VM is a Cortex-A57: no pointer
+/// authentication to emulate); with `exit_on_reboot`, qemu exits on a guest reboot.
 pub fn qemu_args(machine: &Machine, tap_fd: i32) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "-machine",
-        "q35",
-        "-accel",
-        machine.accel.as_str(),
+    let mut args: Vec<String> = Vec::new();
+    let mut push = |words: &[&str]| args.extend(words.iter().map(|w| (*w).to_owned()));
+    let board = match machine.arch {
+        VmArch::Amd64 => "q35",
+        VmArch::Arm64 => "virt,gic-version=max",
+    };
+    push(&["-machine", board, "-accel", machine.accel.as_str()]);
+    push(&[
         "-m",
         &machine.memory_mib.to_string(),
         "-smp",
         &machine.cpus.to_string(),
-        "-display",
-        "none",
-        "-monitor",
-        "none",
-        "-boot",
-        &format!("order=n,strict=on,reboot-timeout={}", BOOT_RETRY.as_millis()),
-        "-rtc",
-        &format!("base={}", machine.rtc_base),
+    ]);
+    push(&["-display", "none", "-monitor", "none"]);
+    match machine.arch {
+        VmArch::Amd64 => push(&[
+            "-boot",
+            &format!("order=n,strict=on,reboot-timeout={}", BOOT_RETRY.as_millis()),
+        ]),
+        VmArch::Arm64 => push(&["-bios", &machine.uboot]),
+    }
+    push(&["-rtc", &format!("base={}", machine.rtc_base)]);
+    push(&[
         "-chardev",
         "stdio,id=console,signal=off",
         "-serial",
         "chardev:console",
-        "-netdev",
-        &format!("tap,id=n0,fd={tap_fd}"),
-        "-device",
-        &format!("virtio-net-pci,netdev=n0,mac={}", machine.mac),
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    if machine.accel == Accel::Kvm {
-        args.extend(["-cpu", "host"].map(str::to_owned));
+    ]);
+    push(&["-netdev", &format!("tap,id=n0,fd={tap_fd}")]);
+    let nic = match machine.arch {
+        VmArch::Amd64 => "virtio-net-pci",
+        VmArch::Arm64 => "virtio-net-device",
+    };
+    push(&["-device", &format!("{nic},netdev=n0,mac={}", machine.mac)]);
+    match (machine.accel, machine.arch) {
+        (Accel::Kvm, _) => push(&["-cpu", "host"]),
+        (Accel::Tcg, VmArch::Arm64) => push(&["-cpu", "cortex-a57"]),
+        (Accel::Tcg, VmArch::Amd64) => {}
     }
     if machine.exit_on_reboot {
-        args.push("-no-reboot".to_owned());
+        push(&["-no-reboot"]);
     }
     args
 }
 
-/// Whether `/dev/kvm` can be opened here.
-fn kvm_usable() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
+/// Whether KVM can run a VM of `arch` here: `/dev/kvm` opens and the host's CPU is `arch`.
+fn kvm_usable(arch: VmArch) -> bool {
+    std::env::consts::ARCH == arch.rust_arch()
+        && std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok()
 }
 
 /// Opens the VM's tap, plugs it into `bridge` and sets it up.
@@ -303,14 +370,15 @@ fn plug(tap: &str, bridge: &str) -> Result<OwnedFd, VmError> {
 /// Powers the VM on and runs it until it powers off; a SIGTERM or SIGINT (the pod deleted) is
 /// passed to qemu, which powers the VM off. Returns qemu's exit code.
 pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>> {
-    let machine = machine(args, kvm_usable())?;
+    let machine = machine(args, kvm_usable(args.arch))?;
     let tap = tap_name(machine.mac);
     let fd = plug(&tap, &args.bridge)?;
     // The first console line says what powered on (the pod's log starts with it).
     eprintln!(
-        "walt-operator vm: {} on {} (tap {tap}), {} MiB, {} CPU, {}",
+        "walt-operator vm: {} on {} (tap {tap}), {}, {} MiB, {} CPU, {}",
         machine.mac,
         args.bridge,
+        machine.arch.as_str(),
         machine.memory_mib,
         machine.cpus,
         machine.accel.as_str()
@@ -318,7 +386,8 @@ pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>>
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let status = runtime.block_on(supervise(&args.qemu, &qemu_args(&machine, fd.as_raw_fd())))?;
+    let qemu = args.qemu.as_deref().unwrap_or(machine.arch.qemu());
+    let status = runtime.block_on(supervise(qemu, &qemu_args(&machine, fd.as_raw_fd())))?;
     drop(fd);
     Ok(status.code().unwrap_or(1))
 }
@@ -365,7 +434,9 @@ mod tests {
             accel: AccelChoice::Auto,
             exit_on_reboot: false,
             rtc_base: "utc".into(),
-            qemu: QEMU.into(),
+            arch: VmArch::Amd64,
+            qemu: None,
+            uboot: UBOOT_ARM64.into(),
         }
     }
 
@@ -382,7 +453,15 @@ mod tests {
             accel: AccelChoice::Kvm,
             ..args()
         };
-        assert!(matches!(machine(&kvm, false), Err(VmError::NoKvm)));
+        assert!(matches!(machine(&kvm, false), Err(VmError::NoKvm(VmArch::Amd64))));
+        let arm_kvm = Args {
+            arch: VmArch::Arm64,
+            ..kvm
+        };
+        let refused = machine(&arm_kvm, false)
+            .map(|_| ())
+            .expect_err("no KVM for arm64 here");
+        assert!(refused.to_string().contains("cannot run arm64 VMs"), "{refused}");
     }
 
     #[test]
@@ -422,6 +501,35 @@ mod tests {
             line.contains("-accel kvm") && line.ends_with("-cpu host -no-reboot"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn an_arm64_vm_is_a_virt_board_whose_u_boot_network_boots_from_its_nic() {
+        let arm = Args {
+            arch: VmArch::Arm64,
+            ..args()
+        };
+        let machine = machine(&arm, false).expect("a machine");
+        let line = qemu_args(&machine, 7).join(" ");
+        assert_eq!(
+            line,
+            "-machine virt,gic-version=max -accel tcg -m 512 -smp 1 -display none -monitor none \
+             -bios /usr/lib/u-boot/qemu_arm64/u-boot.bin -rtc base=utc \
+             -chardev stdio,id=console,signal=off -serial chardev:console -netdev tap,id=n0,fd=7 \
+             -device virtio-net-device,netdev=n0,mac=52:54:00:12:34:56 -cpu cortex-a57"
+        );
+        assert!(!line.contains(" -boot "), "U-Boot retries DHCP itself: {line}");
+        let kvm = Machine {
+            accel: Accel::Kvm,
+            exit_on_reboot: true,
+            ..machine
+        };
+        assert!(
+            qemu_args(&kvm, 7).join(" ").ends_with("-cpu host -no-reboot"),
+            "KVM runs the host's CPU"
+        );
+        assert_eq!(VmArch::Arm64.qemu(), "qemu-system-aarch64");
+        assert_eq!(VmArch::Amd64.qemu(), "qemu-system-x86_64");
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::controller::shared::context::Context;
 use crate::controller::shared::error::{Error, KubeResultExt, Result};
 use crate::controller::shared::pods::vnode_object_name;
 use crate::controller::shared::runtime::{delete, ensure_runtime_namespace, owned_by};
-use crate::runtime::vm::AccelChoice;
+use crate::runtime::vm::{AccelChoice, VmArch};
 
 /// Annotation of a VM node pod: the MAC its VM has (its Device's when it was made).
 pub const VM_MAC_ANNOTATION: &str = "walt.dev/vm-mac";
@@ -95,6 +95,8 @@ pub struct VmPlan<'a> {
     pub network: &'a VmNetwork,
     /// The VM's MAC (its Device's).
     pub mac: Mac,
+    /// Its CPU, hence its board and firmware (its Device's firmware tells).
+    pub arch: VmArch,
     /// How its CPU runs.
     pub accel: AccelChoice,
 }
@@ -116,8 +118,9 @@ pub fn locally_administered(mac: Mac) -> bool {
 
 /// Whether `device` may run as `node`'s VM, and on what (pure). The Device must be a VM slot: a
 /// locally administered MAC (a tenant holding a real device cannot make a VM answer in its place),
-/// firmware `ipxe` (the VM's NIC ROM); its boot network must be one of `--vm-network`; the operator
-/// needs `--vm-image`; VM nodes are amd64.
+/// firmware `ipxe` (an amd64 VM: its NIC's iPXE ROM) or `u-boot` (an arm64 VM: U-Boot), the Node's
+/// `spec.virtual.architecture` that CPU; its boot network must be one of `--vm-network`; the
+/// operator needs `--vm-image`.
 pub fn plan<'a>(
     node: &Node,
     device: &Device,
@@ -131,13 +134,6 @@ pub fn plan<'a>(
             "this lab runs no VM nodes: the operator has no --vm-image (a lab admin sets vmNodes in the chart)".into(),
         );
     };
-    let architecture = node.spec.virtual_node.as_ref().map(|v| v.architecture);
-    if architecture.is_some_and(|a| a != Architecture::Amd64) {
-        return refuse(
-            reasons::VM_DEVICE_REFUSED,
-            "VM nodes are amd64 (qemu-system-x86_64): remove spec.virtual.architecture".into(),
-        );
-    }
     let mac = match device.spec.mac.as_deref().map(str::parse::<Mac>) {
         Some(Ok(mac)) if locally_administered(mac) => mac,
         Some(Ok(mac)) => {
@@ -157,11 +153,30 @@ pub fn plan<'a>(
             );
         }
     };
-    if device.spec.firmware != Some(Firmware::Ipxe) {
+    let arch = match device.spec.firmware.and_then(Firmware::vm_architecture) {
+        Some(Architecture::Amd64) => VmArch::Amd64,
+        Some(Architecture::Arm64) => VmArch::Arm64,
+        _ => {
+            return refuse(
+                reasons::VM_DEVICE_REFUSED,
+                format!(
+                    "the Device {name} is not network-booted with firmware ipxe (an amd64 VM's NIC ROM) or u-boot (an arm64 VM's firmware): it is not a VM slot"
+                ),
+            );
+        }
+    };
+    let architecture = node
+        .spec
+        .virtual_node
+        .as_ref()
+        .map_or(Architecture::Amd64, |v| v.architecture);
+    if architecture.as_str() != arch.as_str() {
         return refuse(
             reasons::VM_DEVICE_REFUSED,
             format!(
-                "the Device {name} is not network-booted with firmware ipxe: a VM boots from its NIC's iPXE ROM"
+                "the Device {name} is an {arch} VM slot (its firmware boots {arch}), the Node's spec.virtual.architecture is {architecture}: set it to {arch} (`kubectl walt node acquire --vm` takes it from the Device)",
+                arch = arch.as_str(),
+                architecture = architecture.as_str()
             ),
         );
     }
@@ -178,6 +193,7 @@ pub fn plan<'a>(
         image,
         network,
         mac,
+        arch,
         accel: settings.accel,
     })
 }
@@ -204,7 +220,7 @@ pub fn build_vm_pod(node: &Node, plan: &VmPlan<'_>) -> Pod {
         VM_MAC_ANNOTATION.to_owned(),
         plan.mac.to_string(),
     )]));
-    let args = [
+    let mut args = [
         "vm",
         "--mac",
         &plan.mac.to_string(),
@@ -219,6 +235,10 @@ pub fn build_vm_pod(node: &Node, plan: &VmPlan<'_>) -> Pod {
     ]
     .map(str::to_owned)
     .to_vec();
+    // amd64 is the runner's default: amd64 pods keep the arguments they always had.
+    if plan.arch != VmArch::Amd64 {
+        args.extend(["--arch".to_owned(), plan.arch.as_str().to_owned()]);
+    }
     Pod {
         metadata,
         spec: Some(PodSpec {
@@ -531,7 +551,11 @@ mod tests {
         assert_eq!(real.reason, reasons::VM_DEVICE_REFUSED);
         assert!(real.message.contains("of a real NIC"), "{}", real.message);
         let rpi = refused(&device("52:54:00:12:34:56", Some(Firmware::Rpi), None), &settings);
-        assert!(rpi.message.contains("firmware ipxe"), "{}", rpi.message);
+        assert!(
+            rpi.message.contains("firmware ipxe") && rpi.message.contains("or u-boot"),
+            "{}",
+            rpi.message
+        );
         let elsewhere = refused(
             &device("52:54:00:12:34:56", Some(Firmware::Ipxe), Some("c")),
             &settings,
@@ -608,7 +632,13 @@ mod tests {
                 .and_then(|r| r.limits.as_ref())
                 .is_none()
         );
-        // The arguments are the VM runner's: it parses them.
+        let machine = crate::runtime::vm::machine(&runner_args(&command), false).expect("a machine");
+        assert_eq!((machine.memory_mib, machine.cpus), (1024, 1));
+        assert_eq!(machine.arch, VmArch::Amd64);
+    }
+
+    /// The pod's command line as the VM runner parses it (`walt-operator vm …`).
+    fn runner_args(command: &[String]) -> crate::runtime::vm::Args {
         #[derive(clap::Parser)]
         struct Cli {
             #[command(subcommand)]
@@ -618,10 +648,61 @@ mod tests {
         enum Sub {
             Vm(crate::runtime::vm::Args),
         }
-        let parsed = <Cli as clap::Parser>::try_parse_from(&command).expect("walt-operator vm parses them");
+        let parsed = <Cli as clap::Parser>::try_parse_from(command).expect("walt-operator vm parses them");
         let Sub::Vm(args) = parsed.command;
-        let machine = crate::runtime::vm::machine(&args, false).expect("a machine");
-        assert_eq!((machine.memory_mib, machine.cpus), (1024, 1));
+        args
+    }
+
+    fn command_of(pod: &Pod) -> Vec<String> {
+        let container = &pod.spec.as_ref().expect("spec").containers[0];
+        container
+            .command
+            .iter()
+            .flatten()
+            .chain(container.args.iter().flatten())
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn a_u_boot_vm_slot_runs_as_an_arm64_vm_for_an_arm64_node() {
+        let networks = networks();
+        let settings = settings(&networks);
+        let slot = device("52:54:00:12:34:57", Some(Firmware::UBoot), None);
+        let amd64 = plan(&node(), &slot, &settings).expect_err("the Node says amd64");
+        assert_eq!(amd64.reason, reasons::VM_DEVICE_REFUSED);
+        assert!(
+            amd64.message.contains("is an arm64 VM slot") && amd64.message.contains("set it to arm64"),
+            "{}",
+            amd64.message
+        );
+        let mut arm = node();
+        if let Some(v) = arm.spec.virtual_node.as_mut() {
+            v.architecture = Architecture::Arm64;
+        }
+        let plan = plan(&arm, &slot, &settings).expect("an arm64 VM");
+        assert_eq!(plan.arch, VmArch::Arm64);
+        let command = command_of(&build_vm_pod(&arm, &plan));
+        assert_eq!(
+            command.join(" "),
+            "walt-operator vm --mac 52:54:00:12:34:57 --bridge br-lab --memory 1Gi --cpus 1 --accel auto --arch arm64"
+        );
+        let machine = crate::runtime::vm::machine(&runner_args(&command), false).expect("a machine");
+        assert_eq!(machine.arch, VmArch::Arm64);
+        let qemu = crate::runtime::vm::qemu_args(&machine, 3).join(" ");
+        assert!(
+            qemu.contains("-machine virt") && qemu.contains("-bios /usr/lib/u-boot/qemu_arm64/u-boot.bin"),
+            "{qemu}"
+        );
+        let riscv = {
+            let mut n = arm.clone();
+            if let Some(v) = n.spec.virtual_node.as_mut() {
+                v.architecture = Architecture::Riscv64;
+            }
+            n
+        };
+        let refused = super::plan(&riscv, &slot, &settings).expect_err("no riscv64 VM");
+        assert!(refused.message.contains("set it to arm64"), "{}", refused.message);
     }
 
     fn pod(mac: &str, phase: Option<&str>) -> Pod {

@@ -66,12 +66,17 @@ fn forget_layers(layers: &[String]) {
     }
 }
 
-/// Writes out what removing an image left to the disk (`sync`), before a cold start is timed: a
-/// user's cold start does not follow the deletion of 250 MB, and on this shared disk the timed run
-/// paid for it (walt's cold shells took 1.7 s on a cache that had nothing to delete, then 5.2 s and
-/// 8.7 s right after its layer's removal).
-fn settle_disk() {
+/// Makes the next start cold for its whole path (both sides): what removing an image left is written
+/// out (`sync`) and the page cache dropped (`/proc/sys/vm/drop_caches`), so the registry's blob is
+/// read from disk too. Without it, on the development VM, unpacking the same 250 MB again grew
+/// slower with each repetition whoever did it (walt's shell pull and unpack on a host 1.7, 4.2,
+/// 6.4, 7.5 s; `tar -xzf` of the blob 1.4, 3.1, 4.8 s; after a drop 1.9–2.2 s and 1.55 s, steady),
+/// which made the cold rows measure the machine's memory rather than the start.
+fn settle_caches() {
     must(run(&mut Command::new("sync")), "sync");
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap_or_else(|e| {
+        panic!("dropping the page cache (/proc/sys/vm/drop_caches; the bench runs as root): {e}")
+    });
 }
 
 /// Runs `command` (under GNU time's `-f 'peak-rss-kib %M'`) to success: its time and peak RSS.
@@ -193,7 +198,7 @@ impl Bench {
     /// Removes the image from walt's layer cache on the node (the shell pods' hostPath cache).
     fn forget_in_walt_cache(&self) {
         forget_layers(&self.layers);
-        settle_disk();
+        settle_caches();
     }
 
     /// Removes the image from the node's containerd (every name it has there), waiting for its
@@ -250,7 +255,7 @@ impl Bench {
             kept.is_empty(),
             "containerd still holds the layers {kept:?} (a container or a lease keeps them): the cold reference would not pull"
         );
-        settle_disk();
+        settle_caches();
     }
 
     /// `kubectl walt image shell`: time until the shell answers; then exit, discarding the session.
@@ -556,6 +561,7 @@ impl Bench {
     fn build_ours(&self, case: &BuildCase, image: &str, cold: bool) -> (f64, u64) {
         if cold {
             forget_layers(&case.base_layers);
+            settle_caches();
         }
         let context = case.context.display().to_string();
         let mut args = vec!["image", "build", "--from-dir", &context];
@@ -693,6 +699,9 @@ impl Bench {
         let buildah_side = |rows: &mut [Row]| {
             let storage = Podman::new(self.work.path().join(format!("buildah-{n}")));
             for row in [cold, warm] {
+                if row == cold {
+                    settle_caches();
+                }
                 let (took, peak) = self.build_buildah(case, &storage, &theirs);
                 rows[row].theirs.push(took);
                 rows[row].reference_rss_kib = rows[row].reference_rss_kib.max(Some(peak));

@@ -960,6 +960,25 @@ impl LabRegistry {
             .map(RegistryAuth::Bearer),
         }
     }
+
+    /// Independent checker of what walt pushed: `skopeo copy` of `reference` (a reference at
+    /// [`LabRegistry::address`]) into an OCI layout under `dir`, then `umoci unpack --rootless`;
+    /// the unpacked root filesystem (whiteouts applied, so a deleted file is absent).
+    pub fn unpack(&self, reference: &str, dir: &Path) -> Result<PathBuf, Error> {
+        let layout = dir.join("oci");
+        let auth = self.auth(reference)?;
+        run(Command::new("skopeo")
+            .args(["copy", "--src-tls-verify=false"])
+            .args(auth.skopeo_arg(SkopeoSide::Source))
+            .arg(format!("docker://{reference}"))
+            .arg(format!("oci:{}:checked", layout.display())))?;
+        let bundle = dir.join("bundle");
+        run(Command::new("umoci")
+            .args(["unpack", "--rootless", "--image"])
+            .arg(format!("{}:checked", layout.display()))
+            .arg(&bundle))?;
+        Ok(bundle.join("rootfs"))
+    }
 }
 
 /// Asks the token issuer (through `issuer`'s port-forward) for pull and push on `repository`.

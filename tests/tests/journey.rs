@@ -17,7 +17,6 @@ use walt_tests::deploy::run;
 use walt_tests::image_build::Arch;
 use walt_tests::k8s::{Cluster, ClusterOptions};
 use walt_tests::lab::{self, Kube};
-use walt_tests::registry_auth::SkopeoSide;
 use walt_tests::wait::{Poll, Wait};
 
 const NS: &str = "journey";
@@ -265,25 +264,11 @@ impl Journey<'_> {
 /// skopeo + umoci read the saved image and see the same files as the node.
 fn check_with_skopeo_and_umoci(kube: &Kube) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let layout = dir.path().join("oci");
     let registry = lab::LabRegistry::open(kube).expect("reach the lab registry");
     let reference = format!("{}/walt/{NS}/saved:latest", registry.address());
-    let auth = registry
-        .auth(&reference)
-        .expect("a token to read the saved image");
-    run(Command::new("skopeo")
-        .args(["copy", "--src-tls-verify=false"])
-        .args(auth.skopeo_arg(SkopeoSide::Source))
-        .arg(format!("docker://{reference}"))
-        .arg(format!("oci:{}:saved", layout.display())))
-    .expect("skopeo copy of the saved image");
-    let bundle = dir.path().join("bundle");
-    run(Command::new("umoci")
-        .args(["unpack", "--rootless", "--image"])
-        .arg(format!("{}:saved", layout.display()))
-        .arg(&bundle))
-    .expect("umoci unpack");
-    let rootfs = bundle.join("rootfs");
+    let rootfs = registry
+        .unpack(&reference, dir.path())
+        .expect("skopeo copy + umoci unpack of the saved image");
     assert_eq!(
         std::fs::read_to_string(rootfs.join("etc/walt-journey")).expect("walt-journey"),
         "shell-was-here\n"

@@ -13,7 +13,12 @@
 //! node pod Running, the Node's booted image verified (`ImageVerified=True`, the pushed digest),
 //! `kubectl walt node console` showing the boot, `kubectl walt node shell -- uname -r` answering
 //! from the network-booted kernel, and `kubectl walt node reboot` power-cycling the VM (a new
-//! pod) into a boot verified again.
+//! pod) into a boot verified again. Then the user changes the node over `kubectl walt node shell`
+//! (a new file, a file of the image deleted) and runs `kubectl walt node save vm1 saved`: the
+//! operator saves the changes over SSH on top of the node's verified booted digest (the NodeSave's
+//! base), and skopeo + umoci show the new file and not the deleted one. `kubectl walt node boot vm1
+//! saved` power-cycles the VM (a new pod) into a boot verified with the saved digest, where
+//! `node shell` finds the changes, the deletion included.
 
 use std::time::{Duration, Instant};
 
@@ -35,6 +40,12 @@ const NODE: &str = "vm1";
 const MAC: &str = "52:54:00:dd:00:01";
 /// The lab network's third byte (10.123.1.0/24).
 const LAB_NET: u8 = 1;
+/// The file of the image the node deletes, the file it adds and what it writes there, and the image
+/// it saves its changes as.
+const DELETED: &str = "/etc/delete-me";
+const NEW_FILE: &str = "/root/saved-note";
+const NEW_CONTENT: &str = "kept";
+const SAVED: &str = "saved";
 /// The boot service Deployment of the network `default` (release `walt`).
 const BOOT_DEPLOYMENT: &str = "deployment/walt-boot-default";
 
@@ -214,6 +225,11 @@ fn a_vm_node_pod_network_boots_from_the_boot_service_pod() {
     let scratch = tempfile::tempdir().expect("scratch dir");
     let root = scratch.path().join("image-root");
     vm_node_os_root(&root).expect("the image root");
+    std::fs::write(
+        root.join(DELETED.trim_start_matches('/')),
+        "deleted on the node, then saved\n",
+    )
+    .expect("the file the node deletes");
     let layout = vm_node_os_image(&root).expect("the image layout");
     let registry = lab::LabRegistry::open(&kube).expect("reach the lab registry");
     let pushed = format!("{}/walt/{NS}/os:latest", registry.address());
@@ -282,7 +298,7 @@ fn a_vm_node_pod_network_boots_from_the_boot_service_pod() {
     // A reboot power-cycles the VM: a new pod, a new boot, verified again.
     let reboot_asked = Instant::now();
     walt_ok(&kube, &["node", "reboot", NODE]);
-    vm_pod_running(&kube, Some(&pod), Duration::from_mins(3));
+    let pod = vm_pod_running(&kube, Some(&pod), Duration::from_mins(3));
     let console = console_when_booted(&kube, Duration::from_mins(6));
     assert_eq!(
         console.matches(BOOTED_MARKER).count(),
@@ -291,10 +307,102 @@ fn a_vm_node_pod_network_boots_from_the_boot_service_pod() {
     );
     wait_verified(&kube, &digest, Duration::from_mins(3));
     let reverified = reboot_asked.elapsed();
+
+    // A change on the node (a new file, a file of the image deleted), saved as a new image by the
+    // operator over SSH to the network-booted node, on top of its verified booted image.
+    walt_ok(
+        &kube,
+        &[
+            "node",
+            "shell",
+            NODE,
+            "--",
+            "sh",
+            "-c",
+            &format!("echo {NEW_CONTENT} > {NEW_FILE} && rm {DELETED} && sync"),
+        ],
+    );
+    let save_started = Instant::now();
+    walt_ok(&kube, &["node", "save", NODE, SAVED]);
+    let saved_in = save_started.elapsed();
+    let saves = run(kube.kubectl().args([
+        "-n",
+        NS,
+        "get",
+        "nodesaves.walt.dev",
+        "-o",
+        "jsonpath={range .items[*]}{.status.phase} {.status.baseImage.digest} {.status.result.digest}{\"\\n\"}{end}",
+    ]))
+    .unwrap_or_else(|e| panic!("the NodeSaves: {e}"));
+    let saved = match saves.split_whitespace().collect::<Vec<_>>().as_slice() {
+        ["Succeeded", base, saved] => {
+            assert_eq!(
+                *base, digest,
+                "the save's base is the node's verified booted image"
+            );
+            (*saved).to_owned()
+        }
+        _ => panic!("one NodeSave, succeeded, with its base and result: {saves}"),
+    };
+    assert_ne!(saved, digest, "the saved image is a new one");
+    let registry = lab::LabRegistry::open(&kube).expect("reach the lab registry");
+    let saved_reference = format!("{}/walt/{NS}/{SAVED}:latest", registry.address());
+    let auth = registry.auth(&saved_reference).expect("lab registry credentials");
+    assert_eq!(
+        lab::remote_digest(&saved_reference, &auth).as_deref(),
+        Some(saved.as_str()),
+        "the registry serves the saved digest"
+    );
+    let unpacked = scratch.path().join("saved");
+    std::fs::create_dir_all(&unpacked).expect("the unpack dir");
+    let rootfs = registry
+        .unpack(&saved_reference, &unpacked)
+        .expect("skopeo copy + umoci unpack of the saved image");
+    drop(registry);
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join(NEW_FILE.trim_start_matches('/'))).ok(),
+        Some(format!("{NEW_CONTENT}\n")),
+        "umoci shows the new file"
+    );
+    assert!(
+        !rootfs.join(DELETED.trim_start_matches('/')).exists(),
+        "umoci shows no {DELETED}: the whiteout of the deletion"
+    );
+    assert!(
+        rootfs.join("etc/init.d/rcS").exists(),
+        "umoci shows the base image's files under the change"
+    );
+
+    // The node boots the saved image: a power cycle (a new pod) into a boot verified with the saved
+    // digest, where the changes are, the deletion included.
+    let boot_asked = Instant::now();
+    walt_ok(&kube, &["node", "boot", NODE, SAVED]);
+    vm_pod_running(&kube, Some(&pod), Duration::from_mins(3));
+    wait_verified(&kube, &saved, Duration::from_mins(6));
+    let saved_verified = boot_asked.elapsed();
+    let found = walt_ok(
+        &kube,
+        &[
+            "node",
+            "shell",
+            NODE,
+            "--",
+            "sh",
+            "-c",
+            &format!(
+                "cat {NEW_FILE}; test -e {DELETED} && echo still-there || echo deleted; cat /etc/walt/image-digest"
+            ),
+        ],
+    );
+    assert_eq!(
+        found,
+        format!("{NEW_CONTENT}\ndeleted\n{saved}\n"),
+        "the node runs the saved image with the changes (deletion included)"
+    );
     println!(
         "figures: cluster tier VM node: cluster up + images + helm install {:.1} s; node acquire → VM pod Running {:.1} s, \
          → bootedImage verified {:.1} s (power-on → verified {:.1} s, {} watchdog power cycles); node shell {:.1} s; node reboot → verified again {:.1} s; \
-         test {:.1} s",
+         node save {:.1} s; node boot of the saved image → verified {:.1} s; test {:.1} s",
         installed.as_secs_f64(),
         running.as_secs_f64(),
         verified.as_secs_f64(),
@@ -302,6 +410,8 @@ fn a_vm_node_pod_network_boots_from_the_boot_service_pod() {
         watchdog_cycles,
         shell.as_secs_f64(),
         reverified.as_secs_f64(),
+        saved_in.as_secs_f64(),
+        saved_verified.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
 }

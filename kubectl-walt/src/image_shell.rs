@@ -364,7 +364,8 @@ const LOOKS_ONCE_RUNNING: u32 = 4;
 /// says so at once, or accepts it and ends it with that error), so it is tried again every
 /// [`ATTACH_RETRY`], looking at the session now and then: a session that ended (its pod failed) says
 /// why, a refusal of the user's rights stops at once. The terminal stays raw and its input read
-/// throughout, so what the user types meanwhile reaches the shell.
+/// throughout, so what the user types meanwhile waits for the shell (but for what reaches a refused
+/// attachment in the milliseconds it lives).
 async fn attach_once_started(ctx: &Ctx, created: &Created, pod: &session::RuntimePod) -> Result<Attachment> {
     let mut terminal = Terminal::enter()?;
     let outcome = attach_in(ctx, created, pod, &mut terminal).await;

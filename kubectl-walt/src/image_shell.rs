@@ -178,9 +178,7 @@ async fn shell_and_decide(
 /// [`session::OUTAGE_GRACE`] without a connection; past it the session is given up (the caller deletes
 /// it) rather than left behind.
 async fn attach_until_the_shell_ends(ctx: &Ctx, created: &Created, pod: &session::RuntimePod) -> Result<()> {
-    if attach_once_started(ctx, created, pod).await? == Attachment::Exited {
-        return Ok(());
-    }
+    let mut said_ended = attach_once_started(ctx, created, pod).await? == Attachment::Exited;
     let mut detached_since = std::time::Instant::now();
     let mut running_checks = 0;
     let mut said_lost = false;
@@ -199,7 +197,12 @@ async fn attach_until_the_shell_ends(ctx: &Ctx, created: &Created, pod: &session
             Some(session) if session::attachable(session) => shell_container(ctx, pod).await,
             _ => ShellContainer::Unknown,
         };
-        match after_attachment(session.as_ref().map(session::attachable), shell, running_checks) {
+        match after_attachment(
+            session.as_ref().map(session::attachable),
+            shell,
+            running_checks,
+            said_ended,
+        ) {
             AfterAttachment::ShellEnded => return Ok(()),
             AfterAttachment::CheckAgain => running_checks += 1,
             AfterAttachment::Wait => {
@@ -213,16 +216,19 @@ async fn attach_until_the_shell_ends(ctx: &Ctx, created: &Created, pod: &session
             }
             AfterAttachment::Reattach => {
                 running_checks = 0;
-                if !said_lost {
+                // A shell that said it ended is followed silently (its pod still pushes, or was made
+                // again after an eviction, which the operator's words above say).
+                if !said_lost && !said_ended {
                     said_lost = true;
                     eprintln!(
                         "walt: lost the connection to your shell; it goes on in its pod with your changes: attaching again…"
                     );
                 }
                 let attached = std::time::Instant::now();
-                match attach_again(ctx, pod).await {
+                let again = attach_again(ctx, pod).await;
+                said_ended = matches!(again, Ok(Attachment::Exited));
+                match again {
                     Err(Error::Interrupted) => return Err(Error::Interrupted),
-                    Ok(Attachment::Exited) => return Ok(()),
                     // A connection that held a while counts as one: the next loss gets its own grace.
                     Ok(_) if attached.elapsed() > HELD => {
                         detached_since = std::time::Instant::now();
@@ -275,17 +281,31 @@ enum AfterAttachment {
     Wait,
 }
 
+/// Looks that must find the container running before attaching again: after a lost connection, and
+/// after an attachment closed as the shell's end (the kubelet reports a container's end up to a
+/// second late, and a shell pod still pushes the changes after its shell; an evicted pod's runtime
+/// also closes it so, and is made again).
+const RUNNING_LOOKS_AFTER_LOSS: u32 = 1;
+const RUNNING_LOOKS_AFTER_END: u32 = 4;
+
 /// Decides after an attachment ended (pure): `session_running` is `None` when the API did not answer;
-/// `running_checks` counts the looks in a row that found the container running.
+/// `running_checks` counts the looks in a row that found the container running; `said_ended`: the
+/// attachment closed as the shell's end ([`Attachment::Exited`]).
 fn after_attachment(
     session_running: Option<bool>,
     shell: ShellContainer,
     running_checks: u32,
+    said_ended: bool,
 ) -> AfterAttachment {
+    let looks = if said_ended {
+        RUNNING_LOOKS_AFTER_END
+    } else {
+        RUNNING_LOOKS_AFTER_LOSS
+    };
     match (session_running, shell) {
         (Some(false), _) => AfterAttachment::ShellEnded,
-        // A shell that just exited may show as running until the kubelet reports it: two looks.
-        (Some(true), ShellContainer::Running) if running_checks >= 1 => AfterAttachment::Reattach,
+        // A shell that just exited may show as running until the kubelet reports it: more looks.
+        (Some(true), ShellContainer::Running) if running_checks >= looks => AfterAttachment::Reattach,
         (Some(true), ShellContainer::Running) => AfterAttachment::CheckAgain,
         // No answer, or a container that ended before the operator moved the session on.
         (None, _) | (Some(true), ShellContainer::Ended | ShellContainer::Unknown) => AfterAttachment::Wait,
@@ -662,7 +682,7 @@ mod tests {
             ShellContainer::Unknown,
         ] {
             assert_eq!(
-                after_attachment(Some(false), shell, 0),
+                after_attachment(Some(false), shell, 0, false),
                 AfterAttachment::ShellEnded
             );
         }
@@ -696,12 +716,12 @@ mod tests {
     #[test]
     fn a_shell_still_running_is_attached_again_after_a_second_look() {
         assert_eq!(
-            after_attachment(Some(true), ShellContainer::Running, 0),
+            after_attachment(Some(true), ShellContainer::Running, 0, false),
             AfterAttachment::CheckAgain,
             "its end may not be reported yet"
         );
         assert_eq!(
-            after_attachment(Some(true), ShellContainer::Running, 1),
+            after_attachment(Some(true), ShellContainer::Running, 1, false),
             AfterAttachment::Reattach
         );
     }
@@ -709,11 +729,11 @@ mod tests {
     #[test]
     fn an_api_that_does_not_answer_or_an_ended_container_is_waited_for() {
         assert_eq!(
-            after_attachment(None, ShellContainer::Unknown, 3),
+            after_attachment(None, ShellContainer::Unknown, 3, false),
             AfterAttachment::Wait
         );
         assert_eq!(
-            after_attachment(Some(true), ShellContainer::Ended, 1),
+            after_attachment(Some(true), ShellContainer::Ended, 1, false),
             AfterAttachment::Wait,
             "the operator has not caught up with the shell's end yet"
         );

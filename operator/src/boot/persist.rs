@@ -296,7 +296,7 @@ fn clamp_secs(secs: i64) -> u32 {
 fn fattr(w: &mut Writer, fsid: u64, st: &FileStat) {
     w.u32(ftype(st.st_mode))
         .u32(st.st_mode & 0o7777)
-        .u32(st.st_nlink.min(u64::from(u32::MAX)) as u32)
+        .u32(u32::try_from(st.st_nlink).unwrap_or(u32::MAX))
         .u32(st.st_uid)
         .u32(st.st_gid);
     w.u64(st.st_size.max(0) as u64)

@@ -270,8 +270,12 @@ fn reached_node(
         }
         Some(target) => {
             status.phase = NodePhase::Ready;
-            // First contact: it boots what the lab serves for it now.
-            status.booted_image.get_or_insert_with(|| booted(target));
+            // First contact: it boots what the lab serves for it now; a digest verified before the
+            // target was known is the target's (needs_reboot said so): it gets the target's name.
+            let image = status.booted_image.get_or_insert_with(|| booted(target));
+            if image.name.is_none() {
+                image.name = Some(target.name.clone());
+            }
         }
         None => status.phase = NodePhase::Ready,
     }

@@ -48,13 +48,18 @@ pub struct BootTarget {
     pub no_reboot: bool,
 }
 
-/// Whether a node booting `booted` must reboot to boot `wanted` (pure).
+/// Whether a node booting `booted` must reboot to boot `wanted` (pure). A booted image of no known
+/// name (a network-booted digest verified while the Node's target was not known yet) is the target
+/// when it is the target's digest, and an unknown image to leave otherwise.
 pub fn needs_reboot(booted: Option<&ImageDigestRef>, wanted: &BootTarget) -> bool {
     match booted {
         None => false,
         Some(booted) => {
-            let name_changed = booted.name.as_deref() != Some(wanted.name.as_str());
             let digest_moved = booted.digest.as_deref() != Some(wanted.digest.as_str());
+            let name_changed = match booted.name.as_deref() {
+                Some(name) => name != wanted.name,
+                None => digest_moved,
+            };
             name_changed || (digest_moved && !wanted.no_reboot)
         }
     }
@@ -333,6 +338,25 @@ mod tests {
         ));
         assert!(needs_reboot(
             Some(&booted("alpine", "sha256:b")),
+            &target("sha256:b", true)
+        ));
+        // A digest verified while the target was unknown has no name: it is the target when the
+        // digests agree (seen in CI: an arm64 VM node verified, then rebooted "to boot os" into the
+        // very digest it ran), another image otherwise, even for a digest that asks for no reboot.
+        let nameless = |digest: &str| ImageDigestRef {
+            name: None,
+            digest: Some(digest.into()),
+        };
+        assert!(!needs_reboot(
+            Some(&nameless("sha256:a")),
+            &target("sha256:a", false)
+        ));
+        assert!(needs_reboot(
+            Some(&nameless("sha256:a")),
+            &target("sha256:b", false)
+        ));
+        assert!(needs_reboot(
+            Some(&nameless("sha256:a")),
             &target("sha256:b", true)
         ));
     }

@@ -42,16 +42,26 @@ const HANDLE_MAGIC: &[u8; 4] = b"wnb1";
 
 /// A file handle: magic, the view's key, the inode number (20 bytes, stable across restarts).
 pub fn handle(view: &ImageView, id: u64) -> Vec<u8> {
-    let mut fh = Vec::with_capacity(20);
-    fh.extend_from_slice(HANDLE_MAGIC);
-    fh.extend_from_slice(&view.key());
-    fh.extend_from_slice(&id.to_be_bytes());
-    fh
+    encode_handle(*HANDLE_MAGIC, view.key(), id)
 }
 
 /// The view key and inode number of a handle.
 pub fn parse_handle(fh: &[u8]) -> Option<([u8; 8], u64)> {
-    if fh.len() != 20 || &fh[..4] != HANDLE_MAGIC {
+    decode_handle(*HANDLE_MAGIC, fh)
+}
+
+/// The 20 bytes of a handle of the boot service's exports: `magic`, an export's key, an inode number.
+pub(super) fn encode_handle(magic: [u8; 4], key: [u8; 8], id: u64) -> Vec<u8> {
+    let mut fh = Vec::with_capacity(20);
+    fh.extend_from_slice(&magic);
+    fh.extend_from_slice(&key);
+    fh.extend_from_slice(&id.to_be_bytes());
+    fh
+}
+
+/// The export key and inode number of a handle made by [`encode_handle`] with `magic` (pure).
+pub(super) fn decode_handle(magic: [u8; 4], fh: &[u8]) -> Option<([u8; 8], u64)> {
+    if fh.len() != 20 || fh[..4] != magic {
         return None;
     }
     let mut key = [0; 8];

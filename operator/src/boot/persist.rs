@@ -130,23 +130,12 @@ impl PersistOwner {
 
 /// A file handle of a persistent directory: magic, the directory's key, the inode number.
 pub fn handle(key: [u8; 8], ino: u64) -> Vec<u8> {
-    let mut fh = Vec::with_capacity(20);
-    fh.extend_from_slice(HANDLE_MAGIC);
-    fh.extend_from_slice(&key);
-    fh.extend_from_slice(&ino.to_be_bytes());
-    fh
+    super::nfs::encode_handle(*HANDLE_MAGIC, key, ino)
 }
 
 /// The directory key and inode number of a persistent directory's handle.
 pub fn parse_handle(fh: &[u8]) -> Option<([u8; 8], u64)> {
-    if fh.len() != 20 || &fh[..4] != HANDLE_MAGIC {
-        return None;
-    }
-    let mut key = [0; 8];
-    key.copy_from_slice(&fh[4..12]);
-    let mut ino = [0; 8];
-    ino.copy_from_slice(&fh[12..20]);
-    Some((key, u64::from_be_bytes(ino)))
+    super::nfs::decode_handle(*HANDLE_MAGIC, fh)
 }
 
 /// Whether a handle is a persistent directory's (its magic), whatever else it says.

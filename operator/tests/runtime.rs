@@ -242,6 +242,9 @@ impl Session {
 
     /// Waits until `pattern` appears after what earlier expects consumed.
     fn expect(&mut self, pattern: &str, timeout: Duration) -> String {
+        // The reader thread may not have taken the runtime's last words from the terminal yet
+        // when its exit is seen: an exit fails the wait only once they had time to arrive.
+        let mut exit_seen: Option<std::time::Instant> = None;
         let found = Wait::new(&format!("{pattern:?} to be printed"), timeout)
             .every(Duration::from_millis(20))
             .until(|| {
@@ -253,7 +256,14 @@ impl Session {
                     return Ok(Some(chunk));
                 }
                 match self.child.try_wait() {
-                    Ok(Some(status)) => Err(format!("the runtime exited ({status})")),
+                    Ok(Some(status)) => {
+                        let seen = *exit_seen.get_or_insert_with(std::time::Instant::now);
+                        if seen.elapsed() < Duration::from_millis(500) {
+                            Ok(None)
+                        } else {
+                            Err(format!("the runtime exited ({status})"))
+                        }
+                    }
                     _ => Ok(None),
                 }
             });

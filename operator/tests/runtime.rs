@@ -174,6 +174,8 @@ struct Session {
     master: fs::File,
     slave_path: PathBuf,
     output: Arc<Mutex<Vec<u8>>>,
+    /// Set by the reader thread once the terminal has nothing more to give (every writer gone).
+    drained: Arc<std::sync::atomic::AtomicBool>,
     child: Child,
     seen: usize,
 }
@@ -207,6 +209,8 @@ impl Session {
         let reader = master.try_clone().unwrap();
         let mut terminal = master.try_clone().unwrap();
         let sink = Arc::clone(&output);
+        let drained = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = Arc::clone(&drained);
         std::thread::spawn(move || {
             let mut reader = reader;
             let mut buffer = [0u8; 8192];
@@ -226,11 +230,13 @@ impl Session {
                 }
                 answered = asked;
             }
+            done.store(true, std::sync::atomic::Ordering::Release);
         });
         Self {
             master,
             slave_path,
             output,
+            drained,
             child,
             seen: 0,
         }
@@ -243,7 +249,7 @@ impl Session {
     /// Waits until `pattern` appears after what earlier expects consumed.
     fn expect(&mut self, pattern: &str, timeout: Duration) -> String {
         // The reader thread may not have taken the runtime's last words from the terminal yet
-        // when its exit is seen: an exit fails the wait only once they had time to arrive.
+        // when its exit is seen: an exit fails the wait only once they were read.
         let mut exit_seen: Option<std::time::Instant> = None;
         let found = Wait::new(&format!("{pattern:?} to be printed"), timeout)
             .every(Duration::from_millis(20))
@@ -258,10 +264,10 @@ impl Session {
                 match self.child.try_wait() {
                     Ok(Some(status)) => {
                         let seen = *exit_seen.get_or_insert_with(std::time::Instant::now);
-                        if seen.elapsed() < Duration::from_millis(500) {
-                            Ok(None)
-                        } else {
+                        if self.last_words_read(seen) {
                             Err(format!("the runtime exited ({status})"))
+                        } else {
+                            Ok(None)
                         }
                     }
                     _ => Ok(None),
@@ -274,6 +280,13 @@ impl Session {
             }
             panic!("{e}; output:\n{}", self.text())
         })
+    }
+
+    /// Whether everything the exited runtime wrote has been read: the terminal was drained, or 2 s
+    /// went by since the exit was seen (a process left holding the terminal keeps it open).
+    fn last_words_read(&self, exit_seen: std::time::Instant) -> bool {
+        self.drained.load(std::sync::atomic::Ordering::Acquire)
+            || exit_seen.elapsed() > Duration::from_secs(2)
     }
 
     fn send(&mut self, line: &str) {
@@ -302,7 +315,10 @@ impl Session {
             .every(Duration::from_millis(50))
             .until(|| self.child.try_wait().unwrap())
             .unwrap_or_else(|e| panic!("{e}; output:\n{}", self.text()));
-        std::thread::sleep(Duration::from_millis(200));
+        let exited = std::time::Instant::now();
+        while !self.last_words_read(exited) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let text = self.text();
         let line = text
             .lines()

@@ -4,8 +4,9 @@
 use std::io::{Read as _, Write as _};
 use std::os::fd::OwnedFd;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::wait::Wait;
 
@@ -15,6 +16,8 @@ pub struct Pty {
     master: OwnedFd,
     child: Child,
     output: Arc<Mutex<Vec<u8>>>,
+    /// Set by the reader thread once the terminal has nothing more to give (every writer gone).
+    drained: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Pty {
@@ -65,6 +68,8 @@ impl Pty {
         let output = Arc::new(Mutex::new(Vec::new()));
         let reader_fd = pty.master.try_clone().expect("dup pty");
         let sink = output.clone();
+        let drained = Arc::new(AtomicBool::new(false));
+        let done = drained.clone();
         std::thread::spawn(move || {
             let mut file = std::fs::File::from(reader_fd);
             let mut buf = [0u8; 4096];
@@ -76,11 +81,13 @@ impl Pty {
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .extend_from_slice(&buf[..n]);
             }
+            done.store(true, Ordering::Release);
         });
         Pty {
             master: pty.master,
             child,
             output,
+            drained,
         }
     }
 
@@ -133,7 +140,7 @@ impl Pty {
             .until(|| self.child.try_wait().expect("wait"));
         match exited {
             Ok(status) => {
-                std::thread::sleep(Duration::from_millis(200));
+                self.read_last_words();
                 (status.code().unwrap_or(-1), self.text())
             }
             Err(e) => {
@@ -141,6 +148,15 @@ impl Pty {
                 let _ = self.child.wait();
                 panic!("{e} (killed it):\n{}", self.text());
             }
+        }
+    }
+
+    /// Waits until what the exited program wrote last has been read: until the terminal is drained,
+    /// at most 2 s (a process left holding the terminal keeps it open).
+    fn read_last_words(&self) {
+        let exited = Instant::now();
+        while !self.drained.load(Ordering::Acquire) && exited.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

@@ -1104,6 +1104,78 @@ fn killed_runtime_leaves_nothing_behind() {
     .unwrap();
 }
 
+/// A runtime killed in a pod (PID 1 of its PID namespace, as every runtime there) leaves its session
+/// directory on the cluster node's cache: the next runtime removes it, since its lock is free, though
+/// PID 1 runs.
+#[test]
+fn a_runtime_killed_as_pid_1_leaves_a_directory_the_next_one_removes() {
+    require_root();
+    require_command("unshare", "util-linux");
+    let work = tempfile::tempdir().unwrap();
+    let rootfs = work.path().join("rootfs");
+    busybox_rootfs("amd64", &rootfs);
+    let cache = work.path().join("cache");
+    let sessions = cache.join("sessions");
+    let mut killed = Session::start_with(
+        Command::new("unshare")
+            .args(["--pid", "--fork", "--kill-child", "--"])
+            .arg(bin())
+            .args(["shell", "--rootfs", rootfs.to_str().unwrap()])
+            .args(["--cache-dir", cache.to_str().unwrap()]),
+    );
+    killed.expect("Note: this is a limited", Duration::from_secs(30));
+    killed.run("echo changed > /root/changed");
+    // unshare's child gets SIGKILL when unshare dies (--kill-child): nothing runs its cleanup.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(killed.child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let _ = killed.child.wait();
+    let left_by_pid_1 = || -> Vec<String> {
+        fs::read_dir(&sessions)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                    .filter(|name| name.starts_with("1-"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    Wait::new("the killed runtime to be gone", Duration::from_secs(10))
+        .every(Duration::from_millis(100))
+        .until(|| std::panic::catch_unwind(|| assert_nothing_left(rootfs.to_str().unwrap())).is_ok())
+        .unwrap();
+    let left = left_by_pid_1();
+    assert_eq!(left.len(), 2, "its directory and lock file stay: {left:?}");
+
+    let mut next = Session::start(&[
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ]);
+    next.expect("Note: this is a limited", Duration::from_secs(30));
+    assert_eq!(
+        left_by_pid_1(),
+        Vec::<String>::new(),
+        "the next runtime removed them"
+    );
+    next.send("exit");
+    let (code, _, text) = next.finish();
+    assert_eq!(code, 0, "{text}");
+    let rest: Vec<_> = fs::read_dir(&sessions)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        rest.is_empty(),
+        "a runtime that ends leaves nothing in the cache's sessions: {rest:?}"
+    );
+}
+
 #[test]
 fn runs_inside_a_user_namespace_with_userxattr() {
     require_root();

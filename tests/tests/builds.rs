@@ -191,6 +191,10 @@ fn image_builds_on_the_cluster_tier() {
         "a progress line per step:\n{stderr}"
     );
     assert!(stdout.contains("Built built: sha256:"), "{stdout}");
+    assert!(
+        !stdout.contains("\"layersPushed\""),
+        "the build's JSON result is for the operator, not the terminal:\n{stdout}"
+    );
     let reference = format!("{registry}/lab/{ns}/built:latest");
     let digest = digest_of(&reference);
     assert!(digest.starts_with("sha256:"), "the tag exists: {digest:?}");

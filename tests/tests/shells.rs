@@ -195,6 +195,10 @@ fn discard_shell(lab: &OperatorLab, image: &str, machine: &str, while_open: impl
         shown.contains(&format!("Discarded: image {image} was left as it was")),
         "{shown}"
     );
+    assert!(
+        !shown.contains("\"exitCode\""),
+        "the runtime's JSON result is for the operator, not the terminal:\n{shown}"
+    );
     assert_eq!(
         digest_of(&format!("{registry}/lab/{ns}/{image}:latest")),
         before,

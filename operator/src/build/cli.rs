@@ -5,7 +5,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use super::executor::{BuildRequest, build};
-use crate::runtime::cli::NetworkChoice;
+use crate::runtime::cli::{NetworkChoice, TERMINATION_LOG, report_result};
 use crate::runtime::image::RegistryAccess;
 use crate::runtime::root::Network;
 
@@ -69,8 +69,8 @@ pub fn parse_build_args(values: &[String]) -> Result<BTreeMap<String, String>, S
     Ok(args)
 }
 
-/// Runs `walt-operator build …`: prints the step log, then the result as one JSON line (also written to
-/// `/dev/termination-log` when present).
+/// Runs `walt-operator build …`: prints the step log, then reports the result as one JSON line (in a
+/// pod, in its termination log; see [`report_result`]).
 pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>> {
     let (context_dir, _unpacked) = context_dir(args)?;
     let request = BuildRequest {
@@ -99,17 +99,13 @@ pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>>
             return Err(error.into());
         }
     };
-    let line = serde_json::to_string(&result)?;
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{line}")?;
-    stdout.flush()?;
-    write_termination_message(&line);
+    report_result(&serde_json::to_string(&result)?, &mut std::io::stdout().lock())?;
     Ok(0)
 }
 
-/// Writes `text` to `/dev/termination-log` when it exists (in a pod: what its status reports).
+/// Writes `text` to the termination log when it exists (in a pod: what its status reports).
 fn write_termination_message(text: &str) {
-    let termination_log = Path::new("/dev/termination-log");
+    let termination_log = Path::new(TERMINATION_LOG);
     if termination_log.exists() {
         let _ = std::fs::write(termination_log, text);
     }

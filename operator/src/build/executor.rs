@@ -36,6 +36,7 @@ use crate::oci::{CommitOptions, LayerCache, LayerDescriptor, Platform, ResolvedI
 use crate::overlay::{LayerOptions, OpaqueXattr};
 use crate::runtime::image::{RegistryAccess, block_on, split_target};
 use crate::runtime::root::{self, Network, RootSpec};
+use crate::runtime::session_dir::SessionDir;
 
 /// Errors of a build; each names the step (number, Dockerfile line, instruction) when it is about one.
 #[derive(Debug, thiserror::Error)]
@@ -843,13 +844,12 @@ fn filesystem_step(
         tally.cached += 1;
         return Ok(());
     }
-    let session =
-        crate::runtime::cli::new_session_dir(&request.cache_dir).map_err(|source| BuildError::Io {
-            what: "creating a session directory in",
-            path: request.cache_dir.clone(),
-            source,
-        })?;
-    let guard = crate::runtime::cli::RemoveOnDrop(session.clone());
+    let guard = SessionDir::create(&request.cache_dir).map_err(|source| BuildError::Io {
+        what: "creating a session directory in",
+        path: request.cache_dir.clone(),
+        source,
+    })?;
+    let session = guard.path().to_path_buf();
     let mut spec = RootSpec::new(state.lower_dirs(), &session);
     spec.hostname = "walt-build".into();
     spec.network = request.network;

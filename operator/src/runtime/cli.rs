@@ -9,6 +9,7 @@ use super::image::{self, RegistryAccess};
 use super::kept::{self, KeptSession};
 use super::root::{self, Network};
 use super::session::{self, ModeChoice, ShellRequest};
+use super::session_dir::SessionDir;
 
 /// Arguments of `walt-operator shell`.
 #[derive(Debug, clap::Args)]
@@ -84,7 +85,8 @@ pub fn default_cache_dir() -> PathBuf {
     PathBuf::from("/var/cache/walt")
 }
 
-/// The result line: the last line of stdout and `/dev/termination-log`.
+/// The result line: in a pod, its termination log; elsewhere, the last line of stdout (see
+/// [`report_result`]).
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ShellResult {
@@ -118,11 +120,17 @@ pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>>
         .as_deref()
         .map(|id| KeptSession::open(&args.cache_dir, id, kept::TAKEOVER_WAIT))
         .transpose()?;
-    let session_dir = match &kept {
-        Some(kept) => kept.dir.clone(),
-        None => new_session_dir(&args.cache_dir)?,
+    // Dropped before `kept`: the directory goes before its lock is let go.
+    let mut workdir = match &kept {
+        Some(kept) => SessionDir::of_kept(kept.dir.clone()),
+        None => SessionDir::create(&args.cache_dir).map_err(|error| {
+            format!(
+                "creating a session directory under {}: {error}",
+                args.cache_dir.display()
+            )
+        })?,
     };
-    let mut guard = RemoveOnDrop(session_dir.clone());
+    let session_dir = workdir.path().to_path_buf();
     if kept.as_ref().is_some_and(|kept| kept.resumed) {
         println!(
             "walt: continuing on the changes this session's earlier shell pod left (it was stopped or lost)\r"
@@ -185,7 +193,7 @@ pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>>
             stdout,
             "walt: this shell pod is being stopped; the changes stay on this cluster node for the session's next shell pod"
         )?;
-        guard.keep();
+        workdir.keep();
     } else if let (Some(target), Some(pulled)) = (&args.commit_to, &pulled) {
         writeln!(stdout, "Committing to {target}...")?;
         stdout.flush()?;
@@ -194,62 +202,23 @@ pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>>
         result.digest = Some(committed.digest);
         result.reference = Some(target.clone());
     }
-    let line = serde_json::to_string(&result)?;
-    writeln!(stdout, "{line}")?;
-    stdout.flush()?;
-    let termination_log = std::path::Path::new("/dev/termination-log");
-    if termination_log.exists() {
-        let _ = std::fs::write(termination_log, &line);
-    }
-    drop(guard);
+    report_result(&serde_json::to_string(&result)?, &mut stdout)?;
+    drop(workdir);
     Ok(outcome.exit_code)
 }
 
-pub(crate) fn new_session_dir(cache_dir: &std::path::Path) -> std::io::Result<PathBuf> {
-    let sessions = cache_dir.join("sessions");
-    std::fs::create_dir_all(&sessions)?;
-    remove_stale_sessions(&sessions);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or_default();
-    let dir = sessions.join(format!("{}-{nanos:x}", std::process::id()));
-    std::fs::create_dir(&dir)?;
-    Ok(dir)
-}
+/// Where a pod's status reads what its container said last (the kubelet's default
+/// `terminationMessagePath`; it exists in every container of a pod).
+pub(crate) const TERMINATION_LOG: &str = "/dev/termination-log";
 
-/// Removes session directories left by runtimes that were killed (named
-/// `<pid>-…`, that PID no longer running). Their mounts went with their mount
-/// namespace; only the directories remain.
-fn remove_stale_sessions(sessions: &std::path::Path) {
-    let Ok(entries) = std::fs::read_dir(sessions) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.split('-').next().and_then(|pid| pid.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
+/// Reports a result line (JSON). In a pod it goes to its termination log, which the operator reads
+/// from the pod's status; the person at the attached terminal already saw it said in words. Run
+/// elsewhere (by hand, by a script), it is the last line of stdout.
+pub(crate) fn report_result(line: &str, stdout: &mut impl Write) -> std::io::Result<()> {
+    let termination_log = std::path::Path::new(TERMINATION_LOG);
+    if termination_log.exists() {
+        return std::fs::write(termination_log, line);
     }
-}
-
-/// Removes the session directory (upper dir included) when the command ends, unless kept.
-pub(crate) struct RemoveOnDrop(pub(crate) PathBuf);
-
-impl RemoveOnDrop {
-    /// Leaves the directory where it is.
-    pub(crate) fn keep(&mut self) {
-        self.0 = PathBuf::new();
-    }
-}
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        if !self.0.as_os_str().is_empty() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    writeln!(stdout, "{line}")?;
+    stdout.flush()
 }

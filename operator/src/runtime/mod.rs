@@ -11,6 +11,7 @@
 //! - [`changes`]: the change summary of an upper dir.
 //! - [`image`]: pull through the layer cache, commit through the OCI engine.
 //! - [`kept`]: a session's changes kept on the cluster node across shell pods (eviction).
+//! - [`session_dir`]: a runtime's own working directory in the cache, removed after a kill too.
 //! - [`privileges`]: the bounded capability set, `no_new_privs` and the seccomp
 //!   filter of the image's processes.
 //! - [`seccomp`]: that filter's deny-list and its BPF program.
@@ -29,6 +30,7 @@ pub mod privileges;
 pub mod root;
 pub mod seccomp;
 pub mod session;
+pub mod session_dir;
 mod sys;
 pub mod terminal;
 pub mod vm;

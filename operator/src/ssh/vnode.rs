@@ -27,11 +27,11 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use super::SshError;
 use super::client::{self, fingerprint};
 use super::gateway::SAFE_ENV;
-use crate::runtime::cli::{RemoveOnDrop, new_session_dir};
 use crate::runtime::image::{self, RegistryAccess};
 use crate::runtime::node::{self, ExecRequest, NodeExec, NodeSpec, ProcessEnd, StartedIo, WindowSize};
 use crate::runtime::root;
 use crate::runtime::session::ModeChoice;
+use crate::runtime::session_dir::SessionDir;
 
 type CliError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -99,13 +99,13 @@ pub fn run(args: &Args) -> Result<i32, CliError> {
             args.cache_dir.display()
         )
     })?;
-    let session_dir = new_session_dir(&args.cache_dir).map_err(|error| {
+    let state = SessionDir::create(&args.cache_dir).map_err(|error| {
         format!(
             "creating the node's state directory under {}: {error}",
             args.cache_dir.display()
         )
     })?;
-    let _remove_state = RemoveOnDrop(session_dir.clone());
+    let session_dir = state.path().to_path_buf();
     let access = RegistryAccess {
         insecure_registries: args.insecure_registry.clone(),
         auth_file: None,

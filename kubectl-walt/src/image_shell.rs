@@ -187,10 +187,10 @@ async fn attach_until_the_shell_ends(ctx: &Ctx, created: &Created, pod: &session
         let session = created.get(ctx).await.ok();
         // The operator makes a lost shell pod again on the kept changes: say so once per restart
         // (what ran in the old shell is gone, the files are not).
-        if let Some(restart) = session.as_ref().and_then(pod_restart)
-            && said_restart.as_ref() != Some(&restart)
+        if let Some((restart, words)) = session.as_ref().and_then(pod_restart)
+            && said_restart != Some(restart)
         {
-            eprintln!("walt: {}", restart.1);
+            eprintln!("walt: {words}");
             said_restart = Some(restart);
         }
         let shell = match &session {
@@ -250,11 +250,21 @@ async fn attach_until_the_shell_ends(ctx: &Ctx, created: &Created, pod: &session
     }
 }
 
-/// The session's shell pod restart in progress, if any (pure): how many so far and the operator's words.
+/// The session's last shell pod restart, if any (pure): how many so far, and what to say. The
+/// operator's words while it makes the pod again; once the new pod runs (a restart is quick, and can
+/// happen between two looks) its condition says that, so the words come from the restart count.
 fn pod_restart(session: &walt_crds::ShellSession) -> Option<(u32, String)> {
     let status = session.status.as_ref()?;
-    let ready = walt_crds::find_condition(&status.conditions, walt_crds::condition_types::READY)?;
-    (ready.reason == "ShellPodLost").then(|| (status.pod_restarts.unwrap_or(0), ready.message.clone()))
+    let restarts = status.pod_restarts.filter(|restarts| *restarts > 0)?;
+    let ready = walt_crds::find_condition(&status.conditions, walt_crds::condition_types::READY);
+    let words = match ready {
+        Some(ready) if ready.reason == "ShellPodLost" => ready.message.clone(),
+        _ => format!(
+            "the shell pod was lost (evicted, deleted or killed): a new shell pod continues on the changes kept on cluster node {} (restart {restarts})",
+            status.cluster_node.as_deref().unwrap_or("?")
+        ),
+    };
+    Some((restarts, words))
 }
 
 /// How long an attachment must have held to count as a connection (not a failed attempt).
@@ -710,6 +720,17 @@ mod tests {
         assert_eq!(
             pod_restart(&session),
             Some((1, "the shell pod was evicted: a new shell pod continues".into()))
+        );
+        // Looked at only once the new pod runs: said from the count.
+        let status = session.status.as_mut().expect("status");
+        status.conditions[0].reason = "ShellRunning".into();
+        status.conditions[0].message = "on the changes kept from the lost pod, the shell runs".into();
+        status.cluster_node = Some("worker-1".into());
+        let (restarts, words) = pod_restart(&session).expect("a restart");
+        assert_eq!(restarts, 1);
+        assert!(
+            words.contains("a new shell pod continues on the changes kept on cluster node worker-1"),
+            "{words}"
         );
     }
 

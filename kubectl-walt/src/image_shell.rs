@@ -185,13 +185,8 @@ async fn attach_until_the_shell_ends(ctx: &Ctx, created: &Created, pod: &session
     let mut said_restart = None;
     loop {
         let session = created.get(ctx).await.ok();
-        // The operator makes a lost shell pod again on the kept changes: say so once per restart
-        // (what ran in the old shell is gone, the files are not).
-        if let Some((restart, words)) = session.as_ref().and_then(pod_restart)
-            && said_restart != Some(restart)
-        {
-            eprintln!("walt: {words}");
-            said_restart = Some(restart);
+        if let Some(session) = &session {
+            say_restart(session, &mut said_restart);
         }
         let shell = match &session {
             Some(session) if session::attachable(session) => shell_container(ctx, pod).await,
@@ -225,7 +220,7 @@ async fn attach_until_the_shell_ends(ctx: &Ctx, created: &Created, pod: &session
                     );
                 }
                 let attached = std::time::Instant::now();
-                let again = attach_again(ctx, pod).await;
+                let again = attach_again(ctx, created, pod, &mut said_restart).await;
                 said_ended = matches!(again, Ok(Attachment::Exited));
                 match again {
                     Err(Error::Interrupted) => return Err(Error::Interrupted),
@@ -339,14 +334,35 @@ async fn shell_container(ctx: &Ctx, pod: &session::RuntimePod) -> ShellContainer
     }
 }
 
-/// Attaches again after a lost connection, saying so in the terminal once attached.
-async fn attach_again(ctx: &Ctx, pod: &session::RuntimePod) -> Result<Attachment> {
-    attach_with(
-        ctx,
-        pod,
-        Some("walt: attached again to your shell (press Enter for a prompt)"),
-    )
-    .await
+/// Attaches again after a lost connection, saying so in the terminal once attached. The pod may be
+/// one the operator made again since the last look at the session (a restart takes about a second):
+/// the restart is said first.
+async fn attach_again(
+    ctx: &Ctx,
+    created: &Created,
+    pod: &session::RuntimePod,
+    said_restart: &mut Option<u32>,
+) -> Result<Attachment> {
+    let attached = pod.attach_tty(ctx).await?;
+    if let Ok(session) = created.get(ctx).await {
+        say_restart(&session, said_restart);
+    }
+    eprintln!("walt: attached again to your shell (press Enter for a prompt)");
+    let mut terminal = Terminal::enter()?;
+    let outcome = pump(attached, &mut terminal).await;
+    terminal.leave();
+    outcome
+}
+
+/// The operator makes a lost shell pod again on the kept changes: says so once per restart (what
+/// ran in the old shell is gone, the files are not). `said` is the last restart said.
+fn say_restart(session: &walt_crds::ShellSession, said: &mut Option<u32>) {
+    if let Some((restart, words)) = pod_restart(session)
+        && *said != Some(restart)
+    {
+        eprintln!("walt: {words}");
+        *said = Some(restart);
+    }
 }
 
 /// Runs the dialogue on the real terminal (a blocking thread; Ctrl-C is handled by the caller).
@@ -477,19 +493,6 @@ fn attach_retry(error: &Error, session: &walt_crds::ShellSession, looks_while_ru
         return AttachRetry::GiveUp;
     }
     AttachRetry::Again { running }
-}
-
-/// Attaches to the shell pod's TTY until the shell ends or the connection is lost, writing
-/// `greeting` to the terminal once attached.
-async fn attach_with(ctx: &Ctx, pod: &session::RuntimePod, greeting: Option<&str>) -> Result<Attachment> {
-    let attached = pod.attach_tty(ctx).await?;
-    if let Some(greeting) = greeting {
-        eprintln!("{greeting}");
-    }
-    let mut terminal = Terminal::enter()?;
-    let outcome = pump(attached, &mut terminal).await;
-    terminal.leave();
-    outcome
 }
 
 /// The user's terminal while attached: raw, its input read on a thread of its own.

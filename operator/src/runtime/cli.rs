@@ -213,11 +213,15 @@ pub(crate) const TERMINATION_LOG: &str = "/dev/termination-log";
 
 /// Reports a result line (JSON). In a pod it goes to its termination log, which the operator reads
 /// from the pod's status; the person at the attached terminal already saw it said in words. Run
-/// elsewhere (by hand, by a script), it is the last line of stdout.
+/// elsewhere (by hand, by a script), or when the termination log cannot be written (then said on
+/// stderr), it is the last line of stdout.
 pub(crate) fn report_result(line: &str, stdout: &mut impl Write) -> std::io::Result<()> {
     let termination_log = std::path::Path::new(TERMINATION_LOG);
     if termination_log.exists() {
-        return std::fs::write(termination_log, line);
+        match std::fs::write(termination_log, line) {
+            Ok(()) => return Ok(()),
+            Err(error) => eprintln!("walt: could not write the result to {TERMINATION_LOG}: {error}"),
+        }
     }
     writeln!(stdout, "{line}")?;
     stdout.flush()

@@ -185,8 +185,11 @@ async fn attach_until_the_shell_ends(ctx: &Ctx, created: &Created, pod: &session
     let mut said_restart = None;
     loop {
         let session = created.get(ctx).await.ok();
-        if let Some(session) = &session {
-            say_restart(session, &mut said_restart);
+        if let Some(words) = session
+            .as_ref()
+            .and_then(|session| restart_to_say(session, &mut said_restart))
+        {
+            eprintln!("walt: {words}");
         }
         let shell = match &session {
             Some(session) if session::attachable(session) => shell_container(ctx, pod).await,
@@ -335,8 +338,9 @@ async fn shell_container(ctx: &Ctx, pod: &session::RuntimePod) -> ShellContainer
 }
 
 /// Attaches again after a lost connection, saying so in the terminal once attached. The pod may be
-/// one the operator made again since the last look at the session (a restart takes about a second):
-/// the restart is said first.
+/// one the operator makes again meanwhile: the API server accepts an attachment before it reaches
+/// the kubelet, so one asked for while the old pod goes can land in the new pod's shell as it
+/// starts. The session is followed while attached, and such a restart said when it shows.
 async fn attach_again(
     ctx: &Ctx,
     created: &Created,
@@ -344,25 +348,66 @@ async fn attach_again(
     said_restart: &mut Option<u32>,
 ) -> Result<Attachment> {
     let attached = pod.attach_tty(ctx).await?;
-    if let Ok(session) = created.get(ctx).await {
-        say_restart(&session, said_restart);
+    if let Some(words) = created
+        .get(ctx)
+        .await
+        .ok()
+        .and_then(|session| restart_to_say(&session, said_restart))
+    {
+        eprintln!("walt: {words}");
     }
     eprintln!("walt: attached again to your shell (press Enter for a prompt)");
     let mut terminal = Terminal::enter()?;
-    let outcome = pump(attached, &mut terminal).await;
+    let outcome = tokio::select! {
+        outcome = pump(attached, &mut terminal) => outcome,
+        never = say_restarts_while_attached(ctx, created, said_restart) => match never {},
+    };
     terminal.leave();
     outcome
 }
 
-/// The operator makes a lost shell pod again on the kept changes: says so once per restart (what
-/// ran in the old shell is gone, the files are not). `said` is the last restart said.
-fn say_restart(session: &walt_crds::ShellSession, said: &mut Option<u32>) {
-    if let Some((restart, words)) = pod_restart(session)
-        && *said != Some(restart)
-    {
-        eprintln!("walt: {words}");
-        *said = Some(restart);
+/// How often an attached shell's session is looked at when its watch brings nothing.
+const RESTART_LOOK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Says each restart of the shell pod while the terminal is attached (raw: a line of its own);
+/// runs until dropped.
+async fn say_restarts_while_attached(
+    ctx: &Ctx,
+    created: &Created,
+    said_restart: &mut Option<u32>,
+) -> std::convert::Infallible {
+    use futures::StreamExt as _;
+    let mut changes = crate::cluster::changes_of(ctx.sessions(), &created.name);
+    loop {
+        tokio::select! {
+            woke = changes.next() => {
+                if woke.is_none() {
+                    // The watch ended (refused): look now and then only.
+                    tokio::time::sleep(RESTART_LOOK).await;
+                }
+            }
+            () = tokio::time::sleep(RESTART_LOOK) => {}
+        }
+        if let Some(words) = created
+            .get(ctx)
+            .await
+            .ok()
+            .and_then(|session| restart_to_say(&session, said_restart))
+        {
+            eprint!("\r\nwalt: {words}\r\n");
+        }
     }
+}
+
+/// What to say of the session's shell pod restarts (pure): the words of a restart not said yet
+/// (what ran in the old shell is gone, the files are not), recorded in `said`.
+fn restart_to_say(session: &walt_crds::ShellSession, said: &mut Option<u32>) -> Option<String> {
+    let (restart, words) = pod_restart(session)?;
+    if *said == Some(restart) {
+        return None;
+    }
+    *said = Some(restart);
+    Some(words)
 }
 
 /// Runs the dialogue on the real terminal (a blocking thread; Ctrl-C is handled by the caller).
@@ -735,6 +780,12 @@ mod tests {
             words.contains("a new shell pod continues on the changes kept on cluster node worker-1"),
             "{words}"
         );
+        // Said once per restart, wherever it is seen first.
+        let mut said = None;
+        assert!(restart_to_say(&session, &mut said).is_some());
+        assert_eq!(restart_to_say(&session, &mut said), None);
+        session.status.as_mut().expect("status").pod_restarts = Some(2);
+        assert!(restart_to_say(&session, &mut said).is_some());
     }
 
     #[test]

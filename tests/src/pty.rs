@@ -124,9 +124,18 @@ impl Pty {
     /// # Panics
     /// When it is not shown in time, with everything shown.
     pub fn expect_within(&self, needle: &str, within: Duration) {
-        Wait::new(&format!("{needle:?} to be shown"), within)
+        self.expect_times_within(needle, 1, within);
+    }
+
+    /// Waits until `needle` has been shown `times` times in all (a message said again for a second
+    /// event), at most `within`.
+    ///
+    /// # Panics
+    /// When it is not shown so often in time, with everything shown.
+    pub fn expect_times_within(&self, needle: &str, times: usize, within: Duration) {
+        Wait::new(&format!("{needle:?} to be shown {times} time(s)"), within)
             .every(Duration::from_millis(50))
-            .until(|| self.text().contains(needle))
+            .until(|| self.text().matches(needle).count() >= times)
             .unwrap_or_else(|e| panic!("{e}; got:\n{}", self.text()));
     }
 

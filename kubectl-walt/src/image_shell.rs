@@ -348,12 +348,7 @@ async fn attach_again(
     said_restart: &mut Option<u32>,
 ) -> Result<Attachment> {
     let attached = pod.attach_tty(ctx).await?;
-    if let Some(words) = created
-        .get(ctx)
-        .await
-        .ok()
-        .and_then(|session| restart_to_say(&session, said_restart))
-    {
+    if let Some(words) = new_restart(ctx, created, said_restart).await {
         eprintln!("walt: {words}");
     }
     eprintln!("walt: attached again to your shell (press Enter for a prompt)");
@@ -388,15 +383,16 @@ async fn say_restarts_while_attached(
             }
             () = tokio::time::sleep(RESTART_LOOK) => {}
         }
-        if let Some(words) = created
-            .get(ctx)
-            .await
-            .ok()
-            .and_then(|session| restart_to_say(&session, said_restart))
-        {
+        if let Some(words) = new_restart(ctx, created, said_restart).await {
             eprint!("\r\nwalt: {words}\r\n");
         }
     }
+}
+
+/// Reads the session: the words of a shell pod restart not said yet (see [`restart_to_say`]).
+async fn new_restart(ctx: &Ctx, created: &Created, said_restart: &mut Option<u32>) -> Option<String> {
+    let session = created.get(ctx).await.ok()?;
+    restart_to_say(&session, said_restart)
 }
 
 /// What to say of the session's shell pod restarts (pure): the words of a restart not said yet

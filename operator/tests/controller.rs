@@ -1808,7 +1808,8 @@ fn registry_killed_mid_save_is_retried_and_a_registry_gone_fails_cleanly() {
 
 /// A registry that accepts connections and answers nothing (frozen with SIGSTOP while the save pushes:
 /// the kernel still takes connections and the first bytes of the upload) fails the save within a bound:
-/// the upload stops at `--registry-timeout` (3 s, a `Retrying` Event saying so), the one retry
+/// the step it is in (the upload, or the check of the base's blobs right after it) stops at
+/// `--registry-timeout` (3 s, a `Retrying` Event naming the step and the bound), the one retry
 /// (`--save-retries 1`) meets the same silence reading the base, and the save is `Failed` naming the
 /// registry and the bound, no tag moved. Thawed, the registry takes the next save of 128 MiB, whose
 /// upload runs longer than the bound: the bound is on silence, not on the transfer.
@@ -1846,12 +1847,15 @@ fn a_registry_that_answers_nothing_fails_the_save_at_the_registry_timeout() {
         "the save failed {:.1} s after the registry froze (--registry-timeout 3s, 1 retry after 1 s)",
         failed_after.as_secs_f64()
     );
+    // Which step meets the silence depends on how far the upload got before the freeze landed: the
+    // new layer's upload (most runs), or, when it had just finished, the check of the base's blobs
+    // that follows it. Either is bounded by the same timeout, and the Event names the step.
     wait_event(
         cluster,
         &lab.namespace,
         "silent",
         "Retrying",
-        "uploading the new layer failed: silent for 3 s (--registry-timeout)",
+        "failed: silent for 3 s (--registry-timeout)",
         &lab.operator,
     );
     let says = lab.get(
@@ -1864,8 +1868,8 @@ fn a_registry_that_answers_nothing_fails_the_save_at_the_registry_timeout() {
             && says.contains("gave up after 2 attempts"),
         "the failure names the registry, the bound and the attempts: {says}"
     );
-    // The upload flows on into the frozen registry's socket buffers (megabytes on loopback) until they
-    // are full, then 3 s; the retry, 1 s later, meets 3 s of silence reading the base. The first part
+    // The upload (when the freeze lands in it) flows on into the frozen registry's socket buffers
+    // (megabytes on loopback) until they are full, then 3 s; the retry, 1 s later, meets 3 s of silence reading the base. The first part
     // is as slow as the compression of what fills the buffers (38.8 s measured with a load of 11 on 2
     // cores); an unbounded client would wait for ever.
     assert!(failed_after < Duration::from_mins(2), "{failed_after:?}");

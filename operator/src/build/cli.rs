@@ -5,7 +5,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use super::executor::{BuildRequest, build};
-use crate::runtime::cli::{NetworkChoice, TERMINATION_LOG, report_result};
+use crate::runtime::cli::{NetworkChoice, report_result, write_termination_log};
 use crate::runtime::image::RegistryAccess;
 use crate::runtime::root::Network;
 
@@ -94,21 +94,14 @@ pub fn run(args: &Args) -> Result<i32, Box<dyn std::error::Error + Send + Sync>>
     let result = match build(&request) {
         Ok(result) => result,
         Err(error) => {
-            // The pod's termination message says why, whatever the log holds.
-            write_termination_message(&format!("walt-operator: {error}"));
+            // The pod's termination message says why, whatever the log holds (the error itself is
+            // said on stderr by the caller, so a failed write here adds nothing to say).
+            let _ = write_termination_log(&format!("walt-operator: {error}"));
             return Err(error.into());
         }
     };
     report_result(&serde_json::to_string(&result)?, &mut std::io::stdout().lock())?;
     Ok(0)
-}
-
-/// Writes `text` to the termination log when it exists (in a pod: what its status reports).
-fn write_termination_message(text: &str) {
-    let termination_log = Path::new(TERMINATION_LOG);
-    if termination_log.exists() {
-        let _ = std::fs::write(termination_log, text);
-    }
 }
 
 /// Why a context archive could not be read.

@@ -216,13 +216,20 @@ pub(crate) const TERMINATION_LOG: &str = "/dev/termination-log";
 /// elsewhere (by hand, by a script), or when the termination log cannot be written (then said on
 /// stderr), it is the last line of stdout.
 pub(crate) fn report_result(line: &str, stdout: &mut impl Write) -> std::io::Result<()> {
-    let termination_log = std::path::Path::new(TERMINATION_LOG);
-    if termination_log.exists() {
-        match std::fs::write(termination_log, line) {
-            Ok(()) => return Ok(()),
-            Err(error) => eprintln!("walt: could not write the result to {TERMINATION_LOG}: {error}"),
-        }
+    match write_termination_log(line) {
+        Some(Ok(())) => return Ok(()),
+        Some(Err(error)) => eprintln!("walt: could not write the result to {TERMINATION_LOG}: {error}"),
+        None => {}
     }
     writeln!(stdout, "{line}")?;
     stdout.flush()
+}
+
+/// Writes `text` as the pod's termination message: `None` when not run in a pod (no termination log
+/// to write), else how the write went.
+pub(crate) fn write_termination_log(text: &str) -> Option<std::io::Result<()>> {
+    let termination_log = std::path::Path::new(TERMINATION_LOG);
+    termination_log
+        .exists()
+        .then(|| std::fs::write(termination_log, text))
 }

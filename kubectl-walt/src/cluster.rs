@@ -242,8 +242,11 @@ pub fn event_time(event: &Event) -> Option<k8s_openapi::jiff::Timestamp> {
 /// Sleeps between polls of a status (watches are used where they matter; polls keep simple
 /// loops simple and survive API server restarts without extra code).
 pub async fn tick() {
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(POLL).await;
 }
+
+/// The time between two polls ([`tick`]).
+const POLL: Duration = Duration::from_millis(500);
 
 /// A wake-up at each change of the object `name` of `api` (a watch), so a wait answers as soon as
 /// the operator writes rather than at the next poll (half a poll sooner on average at each step,
@@ -261,13 +264,19 @@ where
 /// Waits for the next change [`changes_of`] brings, or one poll ([`tick`]) at most: a watch refused
 /// (by RBAC) or ended leaves the wait polling.
 pub async fn next_change(changes: &mut BoxStream<'static, ()>) {
+    next_change_within(changes, POLL).await;
+}
+
+/// Waits for the next change [`changes_of`] brings, or `at_most`: a watch refused (by RBAC) or
+/// ended leaves the wait looking every `at_most`.
+pub async fn next_change_within(changes: &mut BoxStream<'static, ()>, at_most: Duration) {
     use futures::StreamExt as _;
     tokio::select! {
         woke = changes.next() => {
             if woke.is_none() {
-                tick().await;
+                tokio::time::sleep(at_most).await;
             }
         }
-        () = tick() => {}
+        () = tokio::time::sleep(at_most) => {}
     }
 }

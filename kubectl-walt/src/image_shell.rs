@@ -371,18 +371,9 @@ async fn say_restarts_while_attached(
     created: &Created,
     said_restart: &mut Option<u32>,
 ) -> std::convert::Infallible {
-    use futures::StreamExt as _;
     let mut changes = crate::cluster::changes_of(ctx.sessions(), &created.name);
     loop {
-        tokio::select! {
-            woke = changes.next() => {
-                if woke.is_none() {
-                    // The watch ended (refused): look now and then only.
-                    tokio::time::sleep(RESTART_LOOK).await;
-                }
-            }
-            () = tokio::time::sleep(RESTART_LOOK) => {}
-        }
+        crate::cluster::next_change_within(&mut changes, RESTART_LOOK).await;
         if let Some(words) = new_restart(ctx, created, said_restart).await {
             eprint!("\r\nwalt: {words}\r\n");
         }

@@ -1869,9 +1869,9 @@ fn a_registry_that_answers_nothing_fails_the_save_at_the_registry_timeout() {
         "the failure names the registry, the bound and the attempts: {says}"
     );
     // The upload (when the freeze lands in it) flows on into the frozen registry's socket buffers
-    // (megabytes on loopback) until they are full, then 3 s; the retry, 1 s later, meets 3 s of silence reading the base. The first part
-    // is as slow as the compression of what fills the buffers (38.8 s measured with a load of 11 on 2
-    // cores); an unbounded client would wait for ever.
+    // (megabytes on loopback) until they are full, then 3 s; the retry, 1 s later, meets 3 s of
+    // silence reading the base. The first part is as slow as the compression of what fills the
+    // buffers (38.8 s measured with a load of 11 on 2 cores); an unbounded client would wait for ever.
     assert!(failed_after < Duration::from_mins(2), "{failed_after:?}");
     let latest = lab
         .registry
